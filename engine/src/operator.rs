@@ -1,0 +1,110 @@
+//! The traits operators, sources and sinks implement, and what the runtime promises them.
+//!
+//! An [`Operator`] is driven by one subtask thread. The runtime calls, in input order:
+//! [`process_batch`](Operator::process_batch) for every batch, [`on_watermark`](Operator::on_watermark)
+//! whenever the subtask's combined watermark advances (after every batch that preceded the
+//! watermark on every input), and [`on_end_of_input`](Operator::on_end_of_input) once, after every
+//! input finished. Only `process_batch` is required. Watermarks are forwarded downstream by the
+//! runtime after `on_watermark` returns, so rows emitted there precede the watermark.
+//!
+//! Sinks are operators without outputs: they write in `process_batch` and flush in
+//! `on_end_of_input`.
+//!
+//! A [`Source`] is polled by its subtask thread; it emits batches that carry the
+//! [`TIME_COLUMN`](crate::TIME_COLUMN), and the runtime derives watermarks from them
+//! (see [`crate::task::WatermarkGenerator`]).
+use arrow::record_batch::RecordBatch;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::SubtaskMetrics;
+use crate::{KeyGroupRange, Result, Watermark};
+
+/// Output port of the main stream.
+pub const MAIN_PORT: usize = 0;
+
+/// Identity of a running subtask, handed to its operators.
+#[derive(Debug, Clone)]
+pub struct SubtaskInfo {
+    /// Job name.
+    pub job: String,
+    /// Name of the vertex (chain) this subtask runs.
+    pub vertex: String,
+    /// Index of this subtask, `0..parallelism`.
+    pub index: u32,
+    /// Parallelism of the vertex.
+    pub parallelism: u32,
+    /// Number of key groups of the job.
+    pub max_parallelism: u32,
+}
+
+impl SubtaskInfo {
+    /// The key groups whose state this subtask owns.
+    pub fn key_groups(&self) -> KeyGroupRange {
+        KeyGroupRange::for_subtask(self.max_parallelism, self.parallelism, self.index)
+    }
+}
+
+/// What an operator may look at while processing.
+#[derive(Debug)]
+pub struct OperatorContext<'a> {
+    /// Who is running.
+    pub subtask: &'a SubtaskInfo,
+    /// The watermark of the input the current batch arrived on. Decisions about a record (is it
+    /// late? has its state expired?) are made against this, so they do not depend on how fast
+    /// other inputs happen to be.
+    pub record_watermark: Watermark,
+    /// The subtask's combined watermark (minimum over inputs); timers fire against this.
+    pub current_watermark: Watermark,
+    /// The subtask's counters.
+    pub metrics: &'a Arc<SubtaskMetrics>,
+}
+
+/// Where an operator puts its results.
+pub trait Output {
+    /// Emits a batch on output `port` ([`MAIN_PORT`] or a side output such as late data).
+    fn emit(&mut self, port: usize, batch: RecordBatch);
+}
+
+/// A stream operator. See the module documentation for the calling contract.
+pub trait Operator: Send {
+    /// Processes one batch that arrived on logical input `input` (0, or 1 for the right side of
+    /// a two-input operator).
+    fn process_batch(&mut self, input: usize, batch: RecordBatch, ctx: &OperatorContext<'_>, out: &mut dyn Output)
+    -> Result<()>;
+
+    /// The combined watermark advanced to `wm`: fire timers (windows, TTL cleanup) up to it.
+    fn on_watermark(&mut self, _wm: Watermark, _ctx: &OperatorContext<'_>, _out: &mut dyn Output) -> Result<()> {
+        Ok(())
+    }
+
+    /// Every input finished: flush what is left. Called once.
+    fn on_end_of_input(&mut self, _ctx: &OperatorContext<'_>, _out: &mut dyn Output) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What a source reports after a poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceStatus {
+    /// More data may be available right away: poll again.
+    Ready,
+    /// Nothing now (a followed file did not grow, a rate limit): poll again after the duration.
+    Pending(Duration),
+    /// Bounded input exhausted; the runtime emits the final watermark and end-of-input.
+    Finished,
+}
+
+/// Where a source puts what it read.
+pub trait SourceOutput {
+    /// Emits records on the main output; the batch must carry the time column.
+    fn emit(&mut self, batch: RecordBatch);
+    /// Emits records on a side output (dead letters).
+    fn emit_side(&mut self, port: usize, batch: RecordBatch);
+}
+
+/// A source subtask. It owns its share of the input (its split), decided when it is created.
+pub trait Source: Send {
+    /// Reads the next chunk of input into `out`.
+    fn poll(&mut self, ctx: &OperatorContext<'_>, out: &mut dyn SourceOutput) -> Result<SourceStatus>;
+}

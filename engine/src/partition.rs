@@ -1,0 +1,192 @@
+//! Edge strategies: how an upstream subtask's output is spread over the downstream subtasks.
+//!
+//! - `Forward`: one-to-one, upstream subtask `i` to downstream subtask `i` (same parallelism). The
+//!   planner chains such edges into one thread where it can.
+//! - `Rebalance`: whole batches round-robin over all downstream subtasks.
+//! - `Broadcast`: every batch to every downstream subtask.
+//! - `Hash`: each row goes to the subtask owning its key's key group. Keys are encoded and hashed
+//!   for the whole batch, rows are grouped by target and cut out with Arrow's `take`; there is no
+//!   per-row channel send.
+//!
+//! Watermarks, idle markers and end-of-input always go to every downstream subtask.
+use arrow::array::{ArrayRef, UInt32Array};
+use arrow::compute::take_record_batch;
+use arrow::record_batch::RecordBatch;
+
+use crate::channel::ChannelSender;
+use crate::keys::{EncodedKeys, KeyEncoder, key_group, subtask_for_key_group};
+use crate::{Element, EngineError, Result};
+
+/// How an edge distributes batches over its target subtasks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Partitioning {
+    /// Upstream subtask `i` sends only to downstream subtask `i`.
+    Forward,
+    /// Batches go round-robin to all downstream subtasks.
+    Rebalance,
+    /// Every batch goes to every downstream subtask.
+    Broadcast,
+    /// Rows go to the subtask owning the key group of their key.
+    Hash {
+        /// Names of the key columns.
+        key_columns: Vec<String>,
+        /// Number of key groups.
+        max_parallelism: u32,
+    },
+}
+
+impl std::fmt::Display for Partitioning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Partitioning::Forward => f.write_str("forward"),
+            Partitioning::Rebalance => f.write_str("rebalance"),
+            Partitioning::Broadcast => f.write_str("broadcast"),
+            Partitioning::Hash { key_columns, .. } => write!(f, "hash({})", key_columns.join(", ")),
+        }
+    }
+}
+
+/// Writes one upstream subtask's output onto the channels of one edge.
+#[derive(Debug)]
+pub struct EdgeWriter {
+    partitioning: Partitioning,
+    targets: Vec<ChannelSender>,
+    next: usize,
+    hash: Option<HashState>,
+}
+
+#[derive(Debug)]
+struct HashState {
+    columns: Vec<usize>,
+    encoder: KeyEncoder,
+    keys: EncodedKeys,
+    per_target: Vec<Vec<u32>>,
+}
+
+impl EdgeWriter {
+    /// A writer over `targets` (for `Forward`, exactly one: the matching downstream subtask).
+    pub fn new(partitioning: Partitioning, targets: Vec<ChannelSender>) -> Self {
+        EdgeWriter { partitioning, targets, next: 0, hash: None }
+    }
+
+    /// The senders of this edge (to bind them to a subtask's cancel token and metrics).
+    pub fn targets_mut(&mut self) -> &mut [ChannelSender] {
+        &mut self.targets
+    }
+
+    /// Sends a batch according to the edge's partitioning.
+    pub fn send_batch(&mut self, batch: RecordBatch) -> Result<()> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        match &self.partitioning {
+            Partitioning::Forward => self.targets[0].send(Element::Batch(batch)),
+            Partitioning::Rebalance => {
+                let t = self.next % self.targets.len();
+                self.next = self.next.wrapping_add(1);
+                self.targets[t].send(Element::Batch(batch))
+            }
+            Partitioning::Broadcast => {
+                for t in &self.targets {
+                    t.send(Element::Batch(batch.clone()))?;
+                }
+                Ok(())
+            }
+            Partitioning::Hash { key_columns, max_parallelism } => {
+                let max_parallelism = *max_parallelism;
+                if self.targets.len() == 1 {
+                    return self.targets[0].send(Element::Batch(batch));
+                }
+                if self.hash.is_none() {
+                    self.hash = Some(HashState::new(key_columns, &batch, self.targets.len())?);
+                }
+                let h = self.hash.as_mut().expect("initialised above");
+                let columns: Vec<ArrayRef> = h.columns.iter().map(|i| batch.column(*i).clone()).collect();
+                h.encoder.encode(&columns, batch.num_rows(), &mut h.keys)?;
+                let parallelism = self.targets.len() as u32;
+                for v in h.per_target.iter_mut() {
+                    v.clear();
+                }
+                for (row, hash) in h.keys.hashes().enumerate() {
+                    let t = subtask_for_key_group(key_group(hash, max_parallelism), max_parallelism, parallelism);
+                    h.per_target[t as usize].push(row as u32);
+                }
+                let n = batch.num_rows();
+                for (t, rows) in h.per_target.iter().enumerate() {
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let part = if rows.len() == n {
+                        batch.clone()
+                    } else {
+                        take_record_batch(&batch, &UInt32Array::from(rows.clone()))?
+                    };
+                    self.targets[t].send(Element::Batch(part))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends a control element (watermark, idle, end-of-input) to every target.
+    pub fn broadcast(&mut self, e: &Element) -> Result<()> {
+        for t in &self.targets {
+            t.send(e.clone())?;
+        }
+        Ok(())
+    }
+}
+
+impl HashState {
+    fn new(key_columns: &[String], batch: &RecordBatch, targets: usize) -> Result<Self> {
+        let schema = batch.schema();
+        let mut columns = Vec::with_capacity(key_columns.len());
+        let mut types = Vec::with_capacity(key_columns.len());
+        for name in key_columns {
+            let i = schema
+                .index_of(name)
+                .map_err(|_| EngineError::Operator(format!("key column '{name}' is not in the stream")))?;
+            columns.push(i);
+            types.push(schema.field(i).data_type().clone());
+        }
+        Ok(HashState { columns, encoder: KeyEncoder::new(&types)?, keys: EncodedKeys::default(), per_target: vec![Vec::new(); targets] })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::bounded;
+    use crate::keys::KeyGroupRange;
+    use arrow::array::{AsArray, Int64Array};
+    use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn hash_routes_every_row_to_the_owner_of_its_key_group() {
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..1000))]).unwrap();
+        let (mut txs, mut rxs) = (vec![], vec![]);
+        for _ in 0..3 {
+            let (t, r) = bounded(8);
+            txs.push(t);
+            rxs.push(r);
+        }
+        let mut w = EdgeWriter::new(Partitioning::Hash { key_columns: vec!["k".into()], max_parallelism: 16 }, txs);
+        w.send_batch(batch).unwrap();
+        let enc = KeyEncoder::new(&[DataType::Int64]).unwrap();
+        let mut total = 0;
+        for (i, r) in rxs.iter().enumerate() {
+            let range = KeyGroupRange::for_subtask(16, 3, i as u32);
+            while let Some(Element::Batch(b)) = r.recv_timeout(Duration::from_millis(10)).unwrap() {
+                for v in b.column(0).as_primitive::<Int64Type>().values() {
+                    let key = enc.encode_row(&[Arc::new(Int64Array::from(vec![*v]))], 0).unwrap();
+                    assert!(range.contains(key_group(crate::keys::hash_key(&key), 16)));
+                    total += 1;
+                }
+            }
+        }
+        assert_eq!(total, 1000);
+    }
+}

@@ -1,0 +1,328 @@
+//! Keyed state: the one interface every stateful operator keeps its state in.
+//!
+//! A [`KeyedTable<V>`] holds values of type `V` per *(key, namespace)*: the key is the encoded key
+//! of the record ([`crate::keys::KeyEncoder`]), the namespace an `i64` the operator chooses (the
+//! start of a window slice, a record timestamp, or `0` for plain value state). That one shape
+//! covers value state (one namespace), list state (`V = Vec<T>`) and map state (many namespaces,
+//! ordered, range-scannable).
+//!
+//! **TTL.** A table may have an event-time time-to-live: every [`update`](KeyedTable::update)
+//! touches the key with the event time of the record that caused it, and once the watermark
+//! reaches `touched + ttl` the whole key is expired. Expired keys are invisible to reads
+//! immediately ([`get`](KeyedTable::get) checks), and are deleted by [`expire`](KeyedTable::expire),
+//! which operators call when the watermark advances; the cost is amortised (a key is looked at
+//! again only when its previous deadline passes).
+//!
+//! The backend is in memory. Checkpointing will snapshot tables by key group (keys carry their
+//! key group, see [`KeyedTable::key_groups_of`]) and a RocksDB backend will implement the same
+//! methods; operators do not change.
+use hashbrown::HashMap;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::cmp::Reverse;
+use std::ops::RangeBounds;
+use std::time::Duration;
+
+use crate::Watermark;
+
+/// Values per (key, namespace), with an optional event-time TTL per key.
+#[derive(Debug)]
+pub struct KeyedTable<V> {
+    name: String,
+    ttl: Option<i64>,
+    keys: HashMap<Box<[u8]>, Slot<V>>,
+    deadlines: BinaryHeap<Reverse<(i64, Box<[u8]>)>>,
+    entries: usize,
+}
+
+#[derive(Debug)]
+struct Slot<V> {
+    touched: i64,
+    values: BTreeMap<i64, V>,
+}
+
+impl<V> KeyedTable<V> {
+    /// A table called `name` (used in errors and metrics) with an optional TTL.
+    pub fn new(name: impl Into<String>, ttl: Option<Duration>) -> Self {
+        KeyedTable {
+            name: name.into(),
+            ttl: ttl.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
+            keys: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            entries: 0,
+        }
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of (key, namespace) entries.
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    /// True if the table holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Number of distinct keys.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn expired(&self, slot: &Slot<V>, clock: Watermark) -> bool {
+        match self.ttl {
+            Some(ttl) => clock.0 >= slot.touched.saturating_add(ttl),
+            None => false,
+        }
+    }
+
+    /// The value at (key, ns), unless absent or expired as of `clock`.
+    pub fn get(&self, key: &[u8], ns: i64, clock: Watermark) -> Option<&V> {
+        let slot = self.keys.get(key)?;
+        if self.expired(slot, clock) {
+            return None;
+        }
+        slot.values.get(&ns)
+    }
+
+    /// Whether the key has any live value as of `clock`.
+    pub fn contains_key(&self, key: &[u8], clock: Watermark) -> bool {
+        self.keys.get(key).is_some_and(|s| !self.expired(s, clock) && !s.values.is_empty())
+    }
+
+    /// Applies `f` to the value at (key, ns), creating it with `init` if absent; touches the key
+    /// at event time `now` for TTL. A key that had expired as of `clock` starts over empty.
+    pub fn update<R>(
+        &mut self,
+        key: &[u8],
+        ns: i64,
+        now: i64,
+        clock: Watermark,
+        init: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> R {
+        let ttl = self.ttl;
+        let slot = match self.keys.get_mut(key) {
+            Some(slot) => slot,
+            None => {
+                let boxed: Box<[u8]> = key.into();
+                if let Some(ttl) = ttl {
+                    self.deadlines.push(Reverse((now.saturating_add(ttl), boxed.clone())));
+                }
+                self.keys.entry(boxed).or_insert(Slot { touched: now, values: BTreeMap::new() })
+            }
+        };
+        if let Some(ttl) = ttl {
+            if clock.0 >= slot.touched.saturating_add(ttl) {
+                self.entries -= slot.values.len();
+                slot.values.clear();
+            }
+        }
+        slot.touched = slot.touched.max(now);
+        let entries = &mut self.entries;
+        let v = slot.values.entry(ns).or_insert_with(|| {
+            *entries += 1;
+            init()
+        });
+        f(v)
+    }
+
+    /// Removes the value at (key, ns); drops the key when it has no values left.
+    pub fn remove(&mut self, key: &[u8], ns: i64) -> Option<V> {
+        let slot = self.keys.get_mut(key)?;
+        let v = slot.values.remove(&ns);
+        if v.is_some() {
+            self.entries -= 1;
+        }
+        if slot.values.is_empty() {
+            self.keys.remove(key);
+        }
+        v
+    }
+
+    /// Removes every value of a key.
+    pub fn remove_key(&mut self, key: &[u8]) {
+        if let Some(slot) = self.keys.remove(key) {
+            self.entries -= slot.values.len();
+        }
+    }
+
+    /// The live values of a key with namespaces in `range`, in namespace order.
+    pub fn range<'a>(
+        &'a self,
+        key: &[u8],
+        range: impl RangeBounds<i64>,
+        clock: Watermark,
+    ) -> impl Iterator<Item = (i64, &'a V)> + 'a {
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        let slot = self.keys.get(key).filter(|s| !self.expired(s, clock));
+        slot.into_iter().flat_map(move |s| s.values.range(bounds).map(|(k, v)| (*k, v)))
+    }
+
+    /// Mutable access to the values of a key with namespaces in `range`.
+    pub fn range_mut<'a>(&'a mut self, key: &[u8], range: impl RangeBounds<i64>) -> impl Iterator<Item = (i64, &'a mut V)> + 'a {
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.keys.get_mut(key).into_iter().flat_map(move |s| s.values.range_mut(bounds).map(|(k, v)| (*k, v)))
+    }
+
+    /// Removes and returns the values of a key with namespaces in `range`.
+    pub fn drain_range(&mut self, key: &[u8], range: impl RangeBounds<i64>) -> Vec<(i64, V)> {
+        let Some(slot) = self.keys.get_mut(key) else { return Vec::new() };
+        let nss: Vec<i64> = slot.values.range((range.start_bound().cloned(), range.end_bound().cloned())).map(|(k, _)| *k).collect();
+        let out: Vec<(i64, V)> = nss.into_iter().filter_map(|ns| slot.values.remove(&ns).map(|v| (ns, v))).collect();
+        self.entries -= out.len();
+        if slot.values.is_empty() {
+            self.keys.remove(key);
+        }
+        out
+    }
+
+    /// Deletes keys whose TTL passed as of `clock`; returns how many keys were deleted, with the
+    /// values they held (operators that must report expiring state, such as unmatched join rows,
+    /// use them; others drop them).
+    pub fn expire(&mut self, clock: Watermark) -> Vec<(Box<[u8]>, BTreeMap<i64, V>)> {
+        let Some(ttl) = self.ttl else { return Vec::new() };
+        let mut expired = Vec::new();
+        while let Some(Reverse((deadline, _))) = self.deadlines.peek() {
+            if *deadline > clock.0 {
+                break;
+            }
+            let Reverse((_, key)) = self.deadlines.pop().expect("peeked");
+            let Some(slot) = self.keys.get(&key) else { continue };
+            let due = slot.touched.saturating_add(ttl);
+            if due <= clock.0 {
+                let slot = self.keys.remove(&key).expect("present");
+                self.entries -= slot.values.len();
+                expired.push((key, slot.values));
+            } else {
+                self.deadlines.push(Reverse((due, key)));
+            }
+        }
+        expired
+    }
+
+    /// Every key with its values (for end-of-input flushes and snapshots), in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &BTreeMap<i64, V>)> {
+        self.keys.iter().map(|(k, s)| (k.as_ref(), &s.values))
+    }
+
+    /// The key-group function keys of this table are partitioned by (for snapshots by key group).
+    pub fn key_groups_of(key: &[u8], max_parallelism: u32) -> crate::KeyGroup {
+        crate::keys::key_group(crate::keys::hash_key(key), max_parallelism)
+    }
+}
+
+/// Event-time timers per (time, key): "call me back for this key when the watermark reaches t".
+///
+/// Registering the same (time, key) twice keeps one timer. Timers are state too and will be
+/// checkpointed with the operator's tables.
+#[derive(Debug, Default)]
+pub struct Timers {
+    by_time: BTreeMap<i64, hashbrown::HashSet<Box<[u8]>>>,
+}
+
+impl Timers {
+    /// No timers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a timer for `key` at event time `t`.
+    pub fn register(&mut self, t: i64, key: &[u8]) {
+        let set = self.by_time.entry(t).or_default();
+        if !set.contains(key) {
+            set.insert(key.into());
+        }
+    }
+
+    /// Removes and returns, in time order, every timer at or before `wm`.
+    pub fn due(&mut self, wm: Watermark) -> Vec<(i64, Vec<Box<[u8]>>)> {
+        let mut out = Vec::new();
+        while let Some(entry) = self.by_time.first_entry() {
+            if *entry.key() > wm.0 {
+                break;
+            }
+            let (t, keys) = entry.remove_entry();
+            let mut keys: Vec<Box<[u8]>> = keys.into_iter().collect();
+            keys.sort_unstable(); // deterministic firing order
+            out.push((t, keys));
+        }
+        out
+    }
+
+    /// Number of pending timers.
+    pub fn len(&self) -> usize {
+        self.by_time.values().map(|s| s.len()).sum()
+    }
+
+    /// True if no timer is pending.
+    pub fn is_empty(&self) -> bool {
+        self.by_time.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_hides_then_deletes_and_touch_extends() {
+        let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(100)));
+        t.update(b"a", 0, 1000, Watermark::MIN, || 0, |v| *v += 1);
+        t.update(b"b", 0, 1000, Watermark::MIN, || 0, |v| *v += 1);
+        // b is touched again later: its deadline moves
+        t.update(b"b", 0, 1050, Watermark(1000), || 0, |v| *v += 1);
+        assert_eq!(t.get(b"a", 0, Watermark(1099)), Some(&1));
+        assert_eq!(t.get(b"a", 0, Watermark(1100)), None, "expired at touched + ttl");
+        let gone = t.expire(Watermark(1100));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(&*gone[0].0, b"a");
+        assert_eq!(t.get(b"b", 0, Watermark(1100)), Some(&2));
+        assert_eq!(t.expire(Watermark(1149)).len(), 0);
+        assert_eq!(t.expire(Watermark(1150)).len(), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn expired_key_starts_over_on_update() {
+        let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(10)));
+        t.update(b"k", 0, 0, Watermark::MIN, || 0, |v| *v += 5);
+        let v = t.update(b"k", 0, 20, Watermark(15), || 0, |v| {
+            *v += 1;
+            *v
+        });
+        assert_eq!(v, 1);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn namespaces_range_and_drain() {
+        let mut t: KeyedTable<&str> = KeyedTable::new("t", None);
+        for ns in [30, 10, 20] {
+            t.update(b"k", ns, 0, Watermark::MIN, || "x", |_| ());
+        }
+        let got: Vec<i64> = t.range(b"k", 10..30, Watermark::MIN).map(|(ns, _)| ns).collect();
+        assert_eq!(got, vec![10, 20]);
+        assert_eq!(t.drain_range(b"k", ..=20).len(), 2);
+        assert_eq!(t.len(), 1);
+        t.remove(b"k", 30);
+        assert_eq!(t.key_count(), 0);
+    }
+
+    #[test]
+    fn timers_fire_in_order_once() {
+        let mut timers = Timers::new();
+        timers.register(20, b"b");
+        timers.register(10, b"a");
+        timers.register(10, b"a");
+        assert_eq!(timers.len(), 2);
+        let due = timers.due(Watermark(15));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].1.len(), 1);
+        assert_eq!(timers.due(Watermark(25))[0].0, 20);
+        assert!(timers.is_empty());
+    }
+}

@@ -1,0 +1,186 @@
+//! Reading a job file: YAML, then `--set` overrides, then typed fields, then validation.
+//!
+//! Overrides are applied to the YAML tree before it is typed, so `--set` can change any field
+//! (`--set sources.clicks.connector.path=/data/clicks.jsonl`, `--set parallelism=4`). The value is
+//! read as YAML, so numbers, booleans and lists work (`--set transforms.w.key_by=[a,b]`).
+use serde_yaml::Value;
+use std::path::Path;
+use thiserror::Error;
+
+use crate::{JobSpec, Problems};
+
+/// Why a job file could not be loaded.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read job file {path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid YAML.
+    #[error("{path}: not valid YAML: {message}")]
+    Syntax {
+        /// The file (or `<inline>`).
+        path: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A `--set` argument could not be applied.
+    #[error("--set {arg}: {message}")]
+    Override {
+        /// The argument.
+        arg: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A field has the wrong shape or type.
+    #[error("{file}: {path}: {message}")]
+    Field {
+        /// The file.
+        file: String,
+        /// Dotted path of the field.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The job is well-formed but inconsistent.
+    #[error("{0}")]
+    Invalid(Problems),
+}
+
+/// Loads, overrides and validates a job file.
+pub fn load_job(path: &Path, overrides: &[String]) -> Result<JobSpec, LoadError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.display().to_string(), source })?;
+    parse_job(&text, &path.display().to_string(), overrides)
+}
+
+/// Parses, overrides and validates a job document.
+pub fn parse_job(text: &str, origin: &str, overrides: &[String]) -> Result<JobSpec, LoadError> {
+    let mut tree: Value =
+        serde_yaml::from_str(text).map_err(|e| LoadError::Syntax { path: origin.to_string(), message: e.to_string() })?;
+    for arg in overrides {
+        apply_override(&mut tree, arg)?;
+    }
+    let spec: JobSpec = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let path = e.path().to_string();
+        LoadError::Field { file: origin.to_string(), path: if path == "." { "(top level)".into() } else { path }, message: explain(e.inner()) }
+    })?;
+    crate::validate::validate(&spec).map_err(LoadError::Invalid)?;
+    Ok(spec)
+}
+
+fn explain(e: &serde_yaml::Error) -> String {
+    let msg = e.to_string();
+    if let Some(rest) = msg.strip_prefix("unknown field ") {
+        return format!("unknown field {rest}; check the spelling against `freshet schema`");
+    }
+    if msg.starts_with("missing field") {
+        return format!("{msg}; it is required here");
+    }
+    msg
+}
+
+/// Applies one `path=value` override to a YAML tree.
+pub fn apply_override(tree: &mut Value, arg: &str) -> Result<(), LoadError> {
+    let fail = |m: &str| LoadError::Override { arg: arg.to_string(), message: m.to_string() };
+    let (path, raw) = arg.split_once('=').ok_or_else(|| fail("expected path.to.field=value"))?;
+    let value: Value = serde_yaml::from_str(raw).map_err(|e| fail(&format!("value is not valid YAML: {e}")))?;
+    let parts: Vec<&str> = path.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(fail("empty path segment"));
+    }
+    let mut node = tree;
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        node = match node {
+            Value::Mapping(m) => {
+                let key = Value::String(part.to_string());
+                if last {
+                    m.insert(key, value);
+                    return Ok(());
+                }
+                m.entry(key).or_insert_with(|| Value::Mapping(Default::default()))
+            }
+            Value::Sequence(s) => {
+                let idx: usize = part.parse().map_err(|_| fail(&format!("'{part}' indexes a list; use a number")))?;
+                let len = s.len();
+                let slot = s.get_mut(idx).ok_or_else(|| fail(&format!("index {idx} is past the end of a list of {len}")))?;
+                if last {
+                    *slot = value;
+                    return Ok(());
+                }
+                slot
+            }
+            Value::Null => {
+                *node = Value::Mapping(Default::default());
+                let Value::Mapping(m) = node else { unreachable!("just set") };
+                let key = Value::String(part.to_string());
+                if last {
+                    m.insert(key, value);
+                    return Ok(());
+                }
+                m.entry(key).or_insert_with(|| Value::Mapping(Default::default()))
+            }
+            _ => return Err(fail(&format!("'{}' is not a mapping", parts[..i].join(".")))),
+        };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str = r#"
+version: 1
+name: t
+sources:
+  s:
+    connector: {type: file, path: in.jsonl, format: jsonl}
+    schema: {a: int}
+sinks:
+  out:
+    input: s
+    connector: {type: file, path: out.jsonl}
+"#;
+
+    #[test]
+    fn overrides_reach_any_field() {
+        let spec = parse_job(
+            JOB,
+            "job.yaml",
+            &["sources.s.connector.path=/data/x.jsonl".into(), "parallelism=4".into(), "sinks.out.connector.path=/tmp/o.jsonl".into()],
+        )
+        .unwrap();
+        assert_eq!(spec.parallelism, 4);
+        assert_eq!(spec.sinks["out"].connector, crate::SinkConnector::File { path: "/tmp/o.jsonl".into() });
+        match &spec.sources["s"].connector {
+            crate::SourceConnector::File { path, .. } => assert_eq!(path, "/data/x.jsonl"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn field_errors_name_the_path() {
+        let bad = JOB.replace("format: jsonl", "format: xml");
+        let err = parse_job(&bad, "job.yaml", &[]).unwrap_err().to_string();
+        assert!(err.contains("sources.s.connector"), "{err}");
+        assert!(err.contains("xml"), "{err}");
+        let bad = JOB.replace("schema: {a: int}", "schema: {a: int}\n    shema: {}");
+        let err = parse_job(&bad, "job.yaml", &[]).unwrap_err().to_string();
+        assert!(err.contains("sources.s") && err.contains("shema"), "{err}");
+    }
+
+    #[test]
+    fn bad_override_is_explained() {
+        let err = parse_job(JOB, "job.yaml", &["name".into()]).unwrap_err().to_string();
+        assert!(err.contains("path.to.field=value"), "{err}");
+        let err = parse_job(JOB, "job.yaml", &["name.x=1".into()]).unwrap_err().to_string();
+        assert!(err.contains("not a mapping"), "{err}");
+    }
+}

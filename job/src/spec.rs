@@ -1,0 +1,495 @@
+//! The job definition types.
+//!
+//! Sources, transforms and sinks are maps keyed by name, so every field has a stable path
+//! (`sources.clicks.connector.path`) for error messages and `--set` overrides. Transforms and
+//! sinks name their input by the name of a source or transform; a side output is named
+//! `<transform>.<port>`, e.g. `visitors.late` or `clicks.dead_letter`.
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::{DurationSpec, SignedDurationSpec};
+
+/// The only version of the job format this release reads.
+pub const JOB_FORMAT_VERSION: u32 = 1;
+
+/// A streaming job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Version of the job format; must be 1.
+    pub version: u32,
+    /// Job name: lowercase letters, digits and dashes.
+    pub name: String,
+    /// Default parallelism of every source, transform and sink.
+    #[serde(default = "default_parallelism")]
+    pub parallelism: u32,
+    /// Number of key groups: the upper bound on any keyed operator's parallelism. Changing it
+    /// makes existing keyed state unusable, so pick it once (a power of two well above the
+    /// largest parallelism you expect).
+    #[serde(default = "default_max_parallelism")]
+    pub max_parallelism: u32,
+    /// Data-plane tuning.
+    #[serde(default)]
+    pub pipeline: PipelineSpec,
+    /// Named sources.
+    pub sources: IndexMap<String, SourceSpec>,
+    /// Named transforms, in any order; the graph is given by their inputs.
+    #[serde(default)]
+    pub transforms: IndexMap<String, TransformSpec>,
+    /// Named sinks.
+    pub sinks: IndexMap<String, SinkSpec>,
+    /// Where records that cannot be processed go (malformed input, bad fields, unmatched join
+    /// rows) when the job does not route a `dead_letter` output itself. Defaults to the JSON
+    /// Lines file `dead-letter.jsonl` beside the job file, created on the first such record.
+    #[serde(default)]
+    pub dead_letter: Option<SinkConnector>,
+}
+
+fn default_parallelism() -> u32 {
+    1
+}
+fn default_max_parallelism() -> u32 {
+    128
+}
+
+/// Data-plane settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    /// Largest number of records a source puts in one batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Batches buffered per channel between two subtasks before the sender blocks.
+    #[serde(default = "default_channel_capacity")]
+    pub channel_capacity: usize,
+}
+
+impl Default for PipelineSpec {
+    fn default() -> Self {
+        PipelineSpec { batch_size: default_batch_size(), channel_capacity: default_channel_capacity() }
+    }
+}
+fn default_batch_size() -> usize {
+    4096
+}
+fn default_channel_capacity() -> usize {
+    8
+}
+
+/// A named source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Where the records come from.
+    pub connector: SourceConnector,
+    /// Fields of each record and their types, in order (file sources; the generators have a
+    /// fixed or declared schema).
+    #[serde(default)]
+    pub schema: IndexMap<String, FieldType>,
+    /// SQL expression giving each record's event time (a `timestamp` field, or an integer of
+    /// epoch milliseconds). Without it, records carry event time 0 and windows are meaningless.
+    #[serde(default)]
+    pub event_time: Option<String>,
+    /// Watermark generation.
+    #[serde(default)]
+    pub watermark: WatermarkSpec,
+    /// Parallelism of this source (defaults to the job's).
+    #[serde(default)]
+    pub parallelism: Option<u32>,
+}
+
+/// The type of a record field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    /// UTF-8 text.
+    String,
+    /// 64-bit signed integer.
+    Int,
+    /// 64-bit float.
+    Float,
+    /// true / false.
+    Bool,
+    /// A point in time: RFC 3339 text (`2024-05-01T10:00:00Z`) or epoch milliseconds.
+    Timestamp,
+}
+
+/// How a source derives watermarks from event time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WatermarkSpec {
+    /// How far out of order records may arrive: watermark = max event time seen - this - 1ms.
+    #[serde(default)]
+    pub max_out_of_orderness: DurationSpec,
+    /// A watermark is emitted when it has advanced by at least this much event time.
+    #[serde(default = "default_wm_interval")]
+    pub interval: DurationSpec,
+    /// After this long without records (wall-clock), the source stops holding back watermarks
+    /// downstream until it produces again. Unset: never idle.
+    #[serde(default)]
+    pub idle_timeout: Option<DurationSpec>,
+}
+
+impl Default for WatermarkSpec {
+    fn default() -> Self {
+        WatermarkSpec { max_out_of_orderness: DurationSpec::default(), interval: default_wm_interval(), idle_timeout: None }
+    }
+}
+fn default_wm_interval() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_millis(200))
+}
+
+/// A source connector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConnector {
+    /// Files of JSON Lines or CSV. Bounded, or followed as they grow.
+    File {
+        /// File path; relative paths are resolved against the job file's directory. A directory
+        /// reads every file in it, in name order, each as one split.
+        path: String,
+        /// Record format.
+        format: FileFormat,
+        /// Keep reading as the file grows instead of stopping at its end.
+        #[serde(default)]
+        follow: bool,
+        /// CSV options.
+        #[serde(default)]
+        csv: CsvOptions,
+    },
+    /// Rows computed from a sequence number `seq` by SQL expressions, optionally rate-limited.
+    Generator {
+        /// Rows to produce (unbounded if unset).
+        #[serde(default)]
+        count: Option<u64>,
+        /// Upper bound on rows per second across all subtasks (unlimited if unset).
+        #[serde(default)]
+        rows_per_second: Option<f64>,
+        /// Output fields: name -> SQL expression over `seq` (BIGINT, 0-based).
+        fields: IndexMap<String, String>,
+    },
+    /// The Nexmark bid stream (deterministic from the seed).
+    Nexmark {
+        /// Number of bids.
+        events: u64,
+        /// Generator seed.
+        #[serde(default = "default_seed")]
+        seed: u64,
+        /// Events per millisecond of event time.
+        #[serde(default = "default_epm")]
+        events_per_ms: u64,
+    },
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn default_epm() -> u64 {
+    100
+}
+
+/// File record formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    /// One JSON object per line.
+    Jsonl,
+    /// Comma-separated values.
+    Csv,
+}
+
+/// CSV options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CsvOptions {
+    /// The first line names the columns (matched to the schema by name).
+    #[serde(default = "default_true")]
+    pub header: bool,
+    /// Field delimiter, one character.
+    #[serde(default = "default_delimiter")]
+    pub delimiter: char,
+}
+
+impl Default for CsvOptions {
+    fn default() -> Self {
+        CsvOptions { header: true, delimiter: ',' }
+    }
+}
+fn default_true() -> bool {
+    true
+}
+fn default_delimiter() -> char {
+    ','
+}
+
+/// A named transform.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TransformSpec {
+    /// Keeps the records for which a SQL predicate is true.
+    Filter {
+        /// Input stream.
+        input: String,
+        /// SQL predicate.
+        #[serde(rename = "where")]
+        predicate: String,
+        /// Parallelism (defaults to the job's).
+        #[serde(default)]
+        parallelism: Option<u32>,
+    },
+    /// Computes new columns: each entry is `expression [AS name]`.
+    #[serde(alias = "map")]
+    Project {
+        /// Input stream.
+        input: String,
+        /// Output columns, as SQL select items (`price * quantity AS revenue`, `*`).
+        select: Vec<String>,
+        /// Parallelism.
+        #[serde(default)]
+        parallelism: Option<u32>,
+    },
+    /// Repartitions the stream by key (hash into key groups).
+    KeyBy {
+        /// Input stream.
+        input: String,
+        /// Key columns.
+        key: Vec<String>,
+        /// Parallelism.
+        #[serde(default)]
+        parallelism: Option<u32>,
+    },
+    /// Event-time windows per key with aggregates.
+    Window(WindowTransform),
+    /// Drops records whose key was already seen (within a TTL), or keeps the newest per key.
+    Deduplicate(DeduplicateTransform),
+    /// Event-time interval join of two streams.
+    IntervalJoin(IntervalJoinTransform),
+    /// Emits a row when N records matching a predicate arrive for a key within a time span.
+    Pattern(PatternTransform),
+}
+
+/// Window transform settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WindowTransform {
+    /// Input stream.
+    pub input: String,
+    /// Key columns; empty for one global window (which then runs at parallelism 1).
+    #[serde(default)]
+    pub key_by: Vec<String>,
+    /// Window shape.
+    pub window: WindowSpec,
+    /// Aggregates as SQL: `count(*) AS n`, `count(DISTINCT user_id) AS visitors`,
+    /// `sum(price * quantity) AS revenue`, `min(x)`, `max(x)`, `avg(x)`, `top_n(x, 3)`;
+    /// `FILTER (WHERE ...)` restricts an aggregate to some rows.
+    pub aggregates: Vec<String>,
+    /// How long after a window fired late records still update it (each update is emitted as a
+    /// new version of the same row). Later records go to the `late` output.
+    #[serde(default)]
+    pub allowed_lateness: DurationSpec,
+    /// SQL predicate over the output row; rows for which it is false are not emitted.
+    #[serde(default)]
+    pub having: Option<String>,
+    /// Parallelism.
+    #[serde(default)]
+    pub parallelism: Option<u32>,
+}
+
+/// Window shapes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WindowSpec {
+    /// Fixed, non-overlapping windows aligned to the epoch.
+    Tumbling {
+        /// Window length.
+        size: DurationSpec,
+    },
+    /// Windows of `size` starting every `slide` (hopping).
+    Sliding {
+        /// Window length.
+        size: DurationSpec,
+        /// Distance between window starts.
+        slide: DurationSpec,
+    },
+    /// Per-key windows that close after `gap` without records.
+    Session {
+        /// Inactivity gap.
+        gap: DurationSpec,
+    },
+}
+
+/// Deduplication settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeduplicateTransform {
+    /// Input stream.
+    pub input: String,
+    /// Key columns that identify duplicates.
+    pub key: Vec<String>,
+    /// Which record of a key to keep.
+    #[serde(default)]
+    pub keep: DedupKeep,
+    /// With `keep: latest`: SQL expression ordering versions of a key (a sequence number, an
+    /// LSN); a record is emitted only if it is newer than every earlier one.
+    #[serde(default)]
+    pub order_by: Option<String>,
+    /// How long (event time, from the key's last record) a key is remembered. Unset: forever.
+    #[serde(default)]
+    pub ttl: Option<DurationSpec>,
+    /// Parallelism.
+    #[serde(default)]
+    pub parallelism: Option<u32>,
+}
+
+/// Which record of a key deduplication keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DedupKeep {
+    /// The first record of each key; later ones are dropped.
+    #[default]
+    First,
+    /// The newest record by `order_by`; older or equal ones are dropped.
+    Latest,
+}
+
+/// Interval join settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IntervalJoinTransform {
+    /// Left input stream.
+    pub left: String,
+    /// Right input stream.
+    pub right: String,
+    /// Key columns of the left input.
+    pub left_key: Vec<String>,
+    /// Key columns of the right input (same count and types as `left_key`).
+    pub right_key: Vec<String>,
+    /// A pair matches when `left.time + lower_bound <= right.time <= left.time + upper_bound`.
+    pub lower_bound: SignedDurationSpec,
+    /// See `lower_bound`.
+    pub upper_bound: SignedDurationSpec,
+    /// Extra SQL condition a matching pair must satisfy (columns qualified by input name).
+    #[serde(default, rename = "where")]
+    pub predicate: Option<String>,
+    /// Output columns over the pair, e.g. `orders.order_id`, `payments.amount AS paid`.
+    pub select: Vec<String>,
+    /// Parallelism.
+    #[serde(default)]
+    pub parallelism: Option<u32>,
+}
+
+/// Pattern settings: "`count` records matching `where` for a key within `within`".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatternTransform {
+    /// Input stream.
+    pub input: String,
+    /// Key columns.
+    pub key_by: Vec<String>,
+    /// SQL predicate selecting the records that count.
+    #[serde(rename = "where")]
+    pub predicate: String,
+    /// How many matching records make a match.
+    pub count: u32,
+    /// The span (event time) the matching records must fall within.
+    pub within: DurationSpec,
+    /// Per-key state is dropped after this long without records (event time). Defaults to `within`.
+    #[serde(default)]
+    pub ttl: Option<DurationSpec>,
+    /// Parallelism.
+    #[serde(default)]
+    pub parallelism: Option<u32>,
+}
+
+/// A named sink.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSpec {
+    /// The stream to write: a source or transform name, or `<name>.<side output>`.
+    pub input: String,
+    /// Where it goes.
+    pub connector: SinkConnector,
+    /// Parallelism (defaults to 1 for file, table and stdout sinks, else the job's).
+    #[serde(default)]
+    pub parallelism: Option<u32>,
+}
+
+/// A sink connector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConnector {
+    /// Appends every row to a JSON Lines file (a changelog, for upsert streams).
+    File {
+        /// Output path (relative: to the job file's directory).
+        path: String,
+    },
+    /// A file-backed table: rows are upserted (and deleted) by key; the file holds the current
+    /// table as JSON Lines, sorted by key, replaced atomically.
+    Table {
+        /// Output path.
+        path: String,
+        /// Key columns (default: the stream's upsert key, e.g. window key + window bounds).
+        #[serde(default)]
+        key: Option<Vec<String>>,
+        /// SQL predicate: rows for which it is true delete their key instead of upserting it.
+        #[serde(default)]
+        delete_when: Option<String>,
+    },
+    /// Prints rows as JSON Lines on standard output.
+    Stdout,
+    /// Discards rows, counting them and summing the given SQL expressions (wrapping 64-bit).
+    Blackhole {
+        /// Expressions whose wrapping sums are reported (checksums).
+        #[serde(default)]
+        checksums: Vec<String>,
+    },
+}
+
+impl SinkConnector {
+    /// Whether this sink writes one ordered destination and so defaults to parallelism 1.
+    pub fn is_single_writer(&self) -> bool {
+        matches!(self, SinkConnector::File { .. } | SinkConnector::Table { .. } | SinkConnector::Stdout)
+    }
+}
+
+impl TransformSpec {
+    /// The names of the streams this transform reads, with the field each comes from.
+    pub fn inputs(&self) -> Vec<(&'static str, &str)> {
+        match self {
+            TransformSpec::Filter { input, .. } | TransformSpec::Project { input, .. } | TransformSpec::KeyBy { input, .. } => {
+                vec![("input", input)]
+            }
+            TransformSpec::Window(w) => vec![("input", &w.input)],
+            TransformSpec::Deduplicate(d) => vec![("input", &d.input)],
+            TransformSpec::Pattern(p) => vec![("input", &p.input)],
+            TransformSpec::IntervalJoin(j) => vec![("left", &j.left), ("right", &j.right)],
+        }
+    }
+
+    /// The explicit parallelism, if any.
+    pub fn parallelism(&self) -> Option<u32> {
+        match self {
+            TransformSpec::Filter { parallelism, .. }
+            | TransformSpec::Project { parallelism, .. }
+            | TransformSpec::KeyBy { parallelism, .. } => *parallelism,
+            TransformSpec::Window(w) => w.parallelism,
+            TransformSpec::Deduplicate(d) => d.parallelism,
+            TransformSpec::Pattern(p) => p.parallelism,
+            TransformSpec::IntervalJoin(j) => j.parallelism,
+        }
+    }
+
+    /// The transform's type as written in the job file.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TransformSpec::Filter { .. } => "filter",
+            TransformSpec::Project { .. } => "project",
+            TransformSpec::KeyBy { .. } => "key_by",
+            TransformSpec::Window(_) => "window",
+            TransformSpec::Deduplicate(_) => "deduplicate",
+            TransformSpec::IntervalJoin(_) => "interval_join",
+            TransformSpec::Pattern(_) => "pattern",
+        }
+    }
+}
