@@ -409,6 +409,6 @@ mod tests {
         let key = enc.encode_row(&[col], 0).unwrap();
         assert_eq!(key, vec![1, 0x80, 0, 0, 0, 0, 0, 0, 42]);
         assert_eq!(hash_key(&key), 6_626_882_167_836_958_474);
-        assert_eq!(key_group(hash_key(&key), 128), KeyGroup(6_626_882_167_836_958_474 % 128));
+        assert_eq!(key_group(hash_key(&key), 128), KeyGroup((6_626_882_167_836_958_474u64 % 128) as u32));
     }
 }
