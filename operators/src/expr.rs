@@ -134,6 +134,8 @@ enum Func {
     Abs,
     Coalesce,
     Concat,
+    /// `a || b`: NULL if either side is NULL.
+    ConcatOp,
 }
 
 /// The result of evaluating an expression: a column, or one value that stands for every row.
@@ -199,8 +201,8 @@ impl Expr {
         let a = self.evaluate(batch)?;
         let b = a.as_boolean();
         Ok(match b.nulls() {
-            Some(_) => boolean::and(b, &boolean::is_not_null(b)?)?,
-            None => b.clone(),
+            Some(nulls) if nulls.null_count() > 0 => BooleanArray::new(b.values() & nulls.inner(), None),
+            _ => b.clone(),
         })
     }
 
@@ -336,6 +338,10 @@ fn eval_func(f: Func, args: &[ArrayRef], n: usize, ty: &DataType) -> Result<Arra
             }
             out
         }
+        Func::ConcatOp => Arc::new(arrow::compute::kernels::concat_elements::concat_elements_utf8(
+            args[0].as_string::<i32>(),
+            args[1].as_string::<i32>(),
+        )?),
         Func::Concat => {
             let mut out: ArrayRef = Arc::new(StringArray::from(vec![""; n]));
             for a in args {
@@ -359,6 +365,13 @@ fn column(schema: &Schema, name: &str) -> Result<Expr, ExprError> {
         let lower = name.to_lowercase();
         let hits: Vec<usize> =
             schema.fields().iter().enumerate().filter(|(_, f)| f.name().to_lowercase() == lower).map(|(i, _)| i).collect();
+        if hits.len() == 1 {
+            return Some(hits[0]);
+        }
+        // an unqualified name matches a qualified column (`amount` for `orders.amount`) if unique
+        let suffix = format!(".{lower}");
+        let hits: Vec<usize> =
+            schema.fields().iter().enumerate().filter(|(_, f)| f.name().to_lowercase().ends_with(&suffix)).map(|(i, _)| i).collect();
         if hits.len() == 1 { Some(hits[0]) } else { None }
     });
     let Some(i) = idx else {
@@ -610,7 +623,7 @@ fn binary(l: Expr, op: &BinaryOperator, r: Expr) -> Result<Expr, ExprError> {
         B::StringConcat => {
             let l = coerce(l, &DataType::Utf8)?;
             let r = coerce(r, &DataType::Utf8)?;
-            Expr { node: Node::Func(Func::Concat, vec![l, r]), data_type: DataType::Utf8 }
+            Expr { node: Node::Func(Func::ConcatOp, vec![l, r]), data_type: DataType::Utf8 }
         }
         other => return err(format!("operator {other} is not supported")),
     })

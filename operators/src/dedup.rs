@@ -1,0 +1,203 @@
+//! Deduplication by key.
+//!
+//! - `keep: first`: the first record of each key passes; later records with the same key are
+//!   dropped while the key is remembered.
+//! - `keep: latest`: a record passes only if its `order_by` value is greater than that of every
+//!   earlier record of its key (newer versions of a row, e.g. by LSN); stale or repeated versions
+//!   are dropped. The output is an upsert stream keyed by the dedup key.
+//!
+//! **State:** per key, the largest `order_by` value seen (`latest`) or a marker (`first`).
+//! **Cleared:** with a `ttl`, once the watermark passes the key's last accepted record's event
+//! time plus the TTL; without one, never. A record already older than the TTL horizon when it
+//! arrives (`event time + ttl <= watermark`) cannot be checked reliably and goes to the `late`
+//! output.
+use arrow::array::{ArrayRef, AsArray, BooleanArray, UInt32Array};
+use arrow::compute::{filter_record_batch, take_record_batch};
+use arrow::datatypes::{Int64Type, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use std::time::Duration;
+
+use freshet_engine::keys::{EncodedKeys, KeyEncoder};
+use freshet_engine::metrics::SubtaskMetrics;
+use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
+use freshet_engine::state::KeyedTable;
+use freshet_engine::{Result, Watermark};
+use freshet_job::DedupKeep;
+
+use crate::expr::Expr;
+use crate::values::{ColumnReader, Scalar};
+
+/// Side output for records too old to deduplicate.
+pub const LATE_PORT: usize = 1;
+
+/// A compiled deduplication.
+#[derive(Clone)]
+pub struct DedupPlan {
+    key_columns: Vec<usize>,
+    encoder: KeyEncoder,
+    keep: DedupKeep,
+    order_by: Option<Expr>,
+    ttl: Option<Duration>,
+    input: SchemaRef,
+}
+
+impl DedupPlan {
+    /// Compiles against the input schema. Errors name the field (`key[0]`, `order_by`).
+    pub fn compile(
+        input: &SchemaRef,
+        key: &[String],
+        keep: DedupKeep,
+        order_by: Option<&str>,
+        ttl: Option<Duration>,
+    ) -> Result<DedupPlan, (String, String)> {
+        let (key_columns, encoder) = key_columns(input, key, "key")?;
+        let order_by = match (keep, order_by) {
+            (DedupKeep::Latest, Some(o)) => Some(Expr::compile(o, input).map_err(|e| ("order_by".to_string(), e.message))?),
+            (DedupKeep::First, Some(_)) => return Err(("order_by".into(), "order_by only applies to keep: latest".into())),
+            _ => None,
+        };
+        Ok(DedupPlan { key_columns, encoder, keep, order_by, ttl, input: input.clone() })
+    }
+
+    /// The input schema (also the schema of the output and of the late output).
+    pub fn input_schema(&self) -> SchemaRef {
+        self.input.clone()
+    }
+
+    /// The operator of one subtask.
+    pub fn instantiate(&self) -> DedupOperator {
+        DedupOperator { plan: self.clone(), seen: KeyedTable::new("dedup", self.ttl), keys: EncodedKeys::default() }
+    }
+}
+
+/// Resolves key column names into indexes and an encoder; errors name `field[i]`.
+pub fn key_columns(input: &Schema, key: &[String], field: &str) -> Result<(Vec<usize>, KeyEncoder), (String, String)> {
+    let mut idx = Vec::new();
+    let mut types = Vec::new();
+    for (i, k) in key.iter().enumerate() {
+        let c = input.index_of(k).map_err(|_| {
+            let names: Vec<&str> = input.fields().iter().map(|f| f.name().as_str()).filter(|n| *n != freshet_engine::TIME_COLUMN).collect();
+            (format!("{field}[{i}]"), format!("unknown column '{k}'; the input has: {}", names.join(", ")))
+        })?;
+        idx.push(c);
+        types.push(input.field(c).data_type().clone());
+    }
+    let enc = KeyEncoder::new(&types).map_err(|e| (field.to_string(), e.to_string()))?;
+    Ok((idx, enc))
+}
+
+/// The deduplication operator of one subtask.
+pub struct DedupOperator {
+    plan: DedupPlan,
+    seen: KeyedTable<Option<Scalar>>,
+    keys: EncodedKeys,
+}
+
+impl Operator for DedupOperator {
+    fn process_batch(&mut self, _: usize, batch: RecordBatch, ctx: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
+        let cols: Vec<ArrayRef> = self.plan.key_columns.iter().map(|i| batch.column(*i).clone()).collect();
+        self.plan.encoder.encode(&cols, batch.num_rows(), &mut self.keys)?;
+        let order = self.plan.order_by.as_ref().map(|o| o.evaluate(&batch)).transpose()?;
+        let order = order.as_ref().map(ColumnReader::new).transpose()?;
+        let times = batch.column(batch.num_columns() - 1).as_primitive::<Int64Type>().values().clone();
+        let rw = ctx.record_watermark;
+        let ttl = self.plan.ttl.map(|t| t.as_millis() as i64);
+        let mut keep = Vec::with_capacity(batch.num_rows());
+        let mut late = Vec::new();
+        for (row, &t) in times.iter().enumerate() {
+            if ttl.is_some_and(|ttl| rw.0 >= t.saturating_add(ttl)) {
+                late.push(row as u32);
+                keep.push(false);
+                continue;
+            }
+            let key = self.keys.row(row);
+            let pass = match self.plan.keep {
+                DedupKeep::First => {
+                    let fresh = !self.seen.contains_key(key, rw);
+                    if fresh {
+                        self.seen.update(key, 0, t, rw, || None, |_| ());
+                    }
+                    fresh
+                }
+                DedupKeep::Latest => {
+                    let v = order.as_ref().and_then(|o| o.get(row));
+                    let newer = match self.seen.get(key, 0, rw) {
+                        None => true,
+                        Some(prev) => v > *prev,
+                    };
+                    if newer {
+                        self.seen.update(key, 0, t, rw, || None, |s| *s = v);
+                    }
+                    newer
+                }
+            };
+            keep.push(pass);
+        }
+        if !late.is_empty() {
+            SubtaskMetrics::add(&ctx.metrics.late_records, late.len() as u64);
+            out.emit(LATE_PORT, take_record_batch(&batch, &UInt32Array::from(late))?);
+        }
+        let mask = BooleanArray::from(keep);
+        if mask.true_count() == batch.num_rows() {
+            out.emit(MAIN_PORT, batch);
+        } else if mask.true_count() > 0 {
+            out.emit(MAIN_PORT, filter_record_batch(&batch, &mask)?);
+        }
+        Ok(())
+    }
+
+    fn on_watermark(&mut self, wm: Watermark, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
+        self.seen.expire(wm);
+        Ok(())
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Harness, batch, schema};
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field};
+    use std::sync::Arc;
+
+    fn input(s: &SchemaRef, rows: &[(&str, i64, i64)]) -> RecordBatch {
+        batch(
+            s,
+            vec![
+                Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
+                Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+            ],
+            &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+        )
+    }
+
+    fn s() -> SchemaRef {
+        schema(vec![Field::new("id", DataType::Utf8, true), Field::new("v", DataType::Int64, true)])
+    }
+
+    #[test]
+    fn first_within_ttl_then_forgets_and_late_is_separated() {
+        let s = s();
+        let plan = DedupPlan::compile(&s, &["id".into()], DedupKeep::First, None, Some(Duration::from_millis(100))).unwrap();
+        let mut h = Harness::new(plan.instantiate());
+        h.push(0, input(&s, &[("a", 1, 10), ("a", 2, 20), ("b", 3, 30)]));
+        assert_eq!(h.take(0), vec![r#"{"id":"a","v":1}"#, r#"{"id":"b","v":3}"#]);
+        h.watermark(109); // a remembered until 10 + 100
+        h.push(0, input(&s, &[("a", 4, 150)]));
+        assert!(h.take(0).is_empty());
+        h.watermark(110);
+        h.push(0, input(&s, &[("a", 5, 160), ("z", 6, 10)]));
+        assert_eq!(h.take(0), vec![r#"{"id":"a","v":5}"#], "a expired, passes again");
+        assert_eq!(h.take(1), vec![r#"{"id":"z","v":6}"#], "10 + ttl <= watermark: too old to check");
+    }
+
+    #[test]
+    fn latest_keeps_only_newer_versions() {
+        let s = s();
+        let plan = DedupPlan::compile(&s, &["id".into()], DedupKeep::Latest, Some("v"), None).unwrap();
+        let mut h = Harness::new(plan.instantiate());
+        h.push(0, input(&s, &[("a", 5, 0), ("a", 3, 0), ("a", 5, 0), ("a", 7, 0), ("b", 1, 0)]));
+        assert_eq!(h.take(0), vec![r#"{"id":"a","v":5}"#, r#"{"id":"a","v":7}"#, r#"{"id":"b","v":1}"#]);
+    }
+}

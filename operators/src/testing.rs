@@ -1,0 +1,82 @@
+//! Test fixtures: drive one operator by hand with batches and watermarks.
+use arrow::array::{ArrayRef, Int64Array, RecordBatch};
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use std::sync::Arc;
+
+use freshet_engine::metrics::SubtaskMetrics;
+use freshet_engine::operator::{Operator, OperatorContext, Output, SubtaskInfo};
+use freshet_engine::{TIME_COLUMN, Watermark};
+
+/// Collected output of an operator.
+#[derive(Default)]
+pub struct Sink(pub Vec<(usize, RecordBatch)>);
+
+impl Output for Sink {
+    fn emit(&mut self, port: usize, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
+            self.0.push((port, batch));
+        }
+    }
+}
+
+/// Drives an operator: every batch is judged against the watermark last given.
+pub struct Harness<O: Operator> {
+    pub op: O,
+    pub info: SubtaskInfo,
+    pub metrics: Arc<SubtaskMetrics>,
+    pub wm: Watermark,
+    pub out: Sink,
+}
+
+impl<O: Operator> Harness<O> {
+    pub fn new(op: O) -> Self {
+        Harness {
+            op,
+            info: SubtaskInfo { job: "test".into(), vertex: "v".into(), index: 0, parallelism: 1, max_parallelism: 128 },
+            metrics: Arc::new(SubtaskMetrics::default()),
+            wm: Watermark::MIN,
+            out: Sink::default(),
+        }
+    }
+
+    pub fn push(&mut self, input: usize, batch: RecordBatch) {
+        let ctx = OperatorContext { subtask: &self.info, record_watermark: self.wm, current_watermark: self.wm, metrics: &self.metrics };
+        self.op.process_batch(input, batch, &ctx, &mut self.out).unwrap();
+    }
+
+    pub fn watermark(&mut self, wm: i64) {
+        self.wm = Watermark(wm);
+        let ctx = OperatorContext { subtask: &self.info, record_watermark: self.wm, current_watermark: self.wm, metrics: &self.metrics };
+        self.op.on_watermark(self.wm, &ctx, &mut self.out).unwrap();
+    }
+
+    /// Everything emitted on `port` so far, as JSON lines, and clears it.
+    pub fn take(&mut self, port: usize) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut keep = Vec::new();
+        for (p, b) in std::mem::take(&mut self.out.0) {
+            if p == port {
+                let mut buf = Vec::new();
+                crate::json::write_rows(&b, &mut buf).unwrap();
+                lines.extend(String::from_utf8(buf).unwrap().lines().map(str::to_string));
+            } else {
+                keep.push((p, b));
+            }
+        }
+        self.out.0 = keep;
+        lines
+    }
+}
+
+/// A schema with the given fields plus the time column.
+pub fn schema(fields: Vec<Field>) -> SchemaRef {
+    let mut fields = fields;
+    fields.push(Field::new(TIME_COLUMN, arrow::datatypes::DataType::Int64, false));
+    Arc::new(Schema::new(fields))
+}
+
+/// A batch of `columns` plus the time column from `times`.
+pub fn batch(schema: &SchemaRef, mut columns: Vec<ArrayRef>, times: &[i64]) -> RecordBatch {
+    columns.push(Arc::new(Int64Array::from(times.to_vec())));
+    RecordBatch::try_new(schema.clone(), columns).unwrap()
+}

@@ -1,0 +1,389 @@
+//! Aggregate functions of windows: parsing, accumulators, merging and output.
+//!
+//! Every accumulator is mergeable, which is what lets sliding windows keep one accumulator per
+//! slice (the slide) and combine slices when a window fires, instead of updating every
+//! overlapping window per record.
+use arrow::array::{ArrayRef, BooleanArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use std::collections::HashSet;
+
+use freshet_engine::Result;
+
+use crate::expr::{self, Expr, ExprError};
+use crate::values::{ColumnReader, Scalar, build_column, build_list_column};
+
+/// Which aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggKind {
+    /// `count(*)` or `count(x)` (non-null x).
+    Count,
+    /// `count(DISTINCT x)`.
+    CountDistinct,
+    /// `sum(x)`.
+    Sum,
+    /// `min(x)`.
+    Min,
+    /// `max(x)`.
+    Max,
+    /// `avg(x)`.
+    Avg,
+    /// `top_n(x, n)`: the n largest values, largest first.
+    TopN(usize),
+}
+
+/// One compiled aggregate of a window.
+#[derive(Debug, Clone)]
+pub struct AggDef {
+    /// Which function.
+    pub kind: AggKind,
+    /// Its argument (`None` for `count(*)`).
+    pub arg: Option<Expr>,
+    /// `FILTER (WHERE ...)`.
+    pub filter: Option<Expr>,
+    /// Output column name.
+    pub name: String,
+    /// Output column type.
+    pub output_type: DataType,
+}
+
+impl AggDef {
+    /// Parses `count(DISTINCT user_id) AS visitors` and friends against the input schema.
+    pub fn compile(text: &str, input: &Schema) -> Result<AggDef, ExprError> {
+        let (e, alias) = expr::parse_select_item(text)?;
+        let Some(sqlparser::ast::Expr::Function(f)) = e else {
+            return Err(ExprError {
+                message: format!("'{text}' is not an aggregate; use count, sum, min, max, avg or top_n, e.g. count(*) AS n"),
+            });
+        };
+        let name = expr::function_name(&f);
+        let (args, distinct) = expr::function_args(&f)?;
+        let filter = f.filter.as_ref().map(|w| expr::compile(w, input)).transpose()?;
+        if let Some(fl) = &filter {
+            if fl.data_type() != &DataType::Boolean {
+                return Err(ExprError { message: "FILTER (WHERE ...) needs a BOOLEAN condition".into() });
+            }
+        }
+        let one_arg = |args: &[Option<sqlparser::ast::Expr>]| -> Result<Expr, ExprError> {
+            match args {
+                [Some(a)] => expr::compile(a, input),
+                _ => Err(ExprError { message: format!("{name}() takes one argument") }),
+            }
+        };
+        let numeric = |e: &Expr| -> Result<(), ExprError> {
+            if matches!(e.data_type(), DataType::Int64 | DataType::Float64) {
+                Ok(())
+            } else {
+                Err(ExprError { message: format!("{name}() needs a number, got {}", expr::type_name(e.data_type())) })
+            }
+        };
+        let (kind, arg, output_type) = match (name.as_str(), distinct) {
+            ("count", false) => match args.as_slice() {
+                [None] | [] => (AggKind::Count, None, DataType::Int64),
+                _ => (AggKind::Count, Some(one_arg(&args)?), DataType::Int64),
+            },
+            ("count", true) => (AggKind::CountDistinct, Some(one_arg(&args)?), DataType::Int64),
+            ("sum", false) => {
+                let a = one_arg(&args)?;
+                numeric(&a)?;
+                let t = a.data_type().clone();
+                (AggKind::Sum, Some(a), t)
+            }
+            ("avg", false) => {
+                let a = one_arg(&args)?;
+                numeric(&a)?;
+                (AggKind::Avg, Some(a), DataType::Float64)
+            }
+            ("min" | "max", false) => {
+                let a = one_arg(&args)?;
+                let t = a.data_type().clone();
+                (if name == "min" { AggKind::Min } else { AggKind::Max }, Some(a), t)
+            }
+            ("top_n", false) => {
+                let (Some(Some(a)), Some(Some(n))) = (args.first(), args.get(1)) else {
+                    return Err(ExprError { message: "top_n(x, n) takes an expression and a count, e.g. top_n(price, 3)".into() });
+                };
+                let n: usize = n
+                    .to_string()
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| ExprError { message: format!("top_n(): the count must be a positive integer, got {n}") })?;
+                let a = expr::compile(a, input)?;
+                let t = DataType::List(std::sync::Arc::new(Field::new("item", a.data_type().clone(), true)));
+                (AggKind::TopN(n), Some(a), t)
+            }
+            (other, true) => {
+                return Err(ExprError { message: format!("{other}(DISTINCT ...) is not supported; only count(DISTINCT x) is") });
+            }
+            (other, false) => {
+                return Err(ExprError {
+                    message: format!("unknown aggregate {other}(); use count, sum, min, max, avg or top_n"),
+                });
+            }
+        };
+        let name = alias.unwrap_or_else(|| name.to_string());
+        Ok(AggDef { kind, arg, filter, name, output_type })
+    }
+
+    /// A fresh accumulator.
+    pub fn new_acc(&self) -> Acc {
+        match self.kind {
+            AggKind::Count => Acc::Count(0),
+            AggKind::CountDistinct => Acc::Distinct(HashSet::new()),
+            AggKind::Sum if self.output_type == DataType::Float64 => Acc::SumFloat(0.0, false),
+            AggKind::Sum => Acc::SumInt(0, false),
+            AggKind::Min => Acc::Min(None),
+            AggKind::Max => Acc::Max(None),
+            AggKind::Avg => Acc::Avg(0.0, 0),
+            AggKind::TopN(_) => Acc::TopN(Vec::new()),
+        }
+    }
+}
+
+/// An accumulator: the state of one aggregate over some rows.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Acc {
+    /// Row count.
+    Count(i64),
+    /// Distinct values seen.
+    Distinct(HashSet<Scalar>),
+    /// Integer sum (wrapping) and whether any value was added.
+    SumInt(i64, bool),
+    /// Float sum and whether any value was added.
+    SumFloat(f64, bool),
+    /// Smallest value.
+    Min(Option<Scalar>),
+    /// Largest value.
+    Max(Option<Scalar>),
+    /// Sum and count.
+    Avg(f64, i64),
+    /// The largest values, kept sorted descending and capped at n.
+    TopN(Vec<Scalar>),
+}
+
+/// The per-batch inputs of every aggregate: evaluated argument columns and filter masks.
+pub struct AggInputs {
+    args: Vec<Option<ArrayRef>>,
+    filters: Vec<Option<BooleanArray>>,
+}
+
+impl AggInputs {
+    /// Evaluates every aggregate's argument and filter over `batch` once.
+    pub fn evaluate(defs: &[AggDef], batch: &RecordBatch) -> Result<AggInputs> {
+        let mut args = Vec::with_capacity(defs.len());
+        let mut filters = Vec::with_capacity(defs.len());
+        for d in defs {
+            args.push(d.arg.as_ref().map(|a| a.evaluate(batch)).transpose()?);
+            filters.push(d.filter.as_ref().map(|f| f.evaluate_predicate(batch)).transpose()?);
+        }
+        Ok(AggInputs { args, filters })
+    }
+
+    /// Readers over the argument columns (borrowing this).
+    pub fn readers(&self) -> Result<Vec<Option<ColumnReader<'_>>>> {
+        self.args.iter().map(|a| a.as_ref().map(ColumnReader::new).transpose()).collect()
+    }
+
+    /// Whether aggregate `i` counts row `row` (its filter passes).
+    #[inline]
+    pub fn selected(&self, i: usize, row: usize) -> bool {
+        self.filters[i].as_ref().is_none_or(|f| f.value(row))
+    }
+
+    /// Whether any aggregate counts row `row`.
+    pub fn any_selected(&self, row: usize) -> bool {
+        (0..self.filters.len()).any(|i| self.selected(i, row))
+    }
+}
+
+/// Adds row `row` to the accumulators `accs` (one per definition).
+#[inline]
+pub fn update(defs: &[AggDef], accs: &mut [Acc], inputs: &AggInputs, readers: &[Option<ColumnReader<'_>>], row: usize) {
+    for (i, (d, acc)) in defs.iter().zip(accs.iter_mut()).enumerate() {
+        if !inputs.selected(i, row) {
+            continue;
+        }
+        let v = match &readers[i] {
+            Some(r) => match r.get(row) {
+                Some(v) => Some(v),
+                None => continue, // aggregates skip nulls
+            },
+            None => None,
+        };
+        match (acc, v) {
+            (Acc::Count(n), _) => *n += 1,
+            (Acc::Distinct(set), Some(v)) => {
+                set.insert(v);
+            }
+            (Acc::SumInt(s, any), Some(Scalar::Int(v))) => {
+                *s = s.wrapping_add(v);
+                *any = true;
+            }
+            (Acc::SumFloat(s, any), Some(v)) => {
+                *s += v.as_f64().unwrap_or(0.0);
+                *any = true;
+            }
+            (Acc::Min(m), Some(v)) => {
+                if m.as_ref().is_none_or(|m| v < *m) {
+                    *m = Some(v);
+                }
+            }
+            (Acc::Max(m), Some(v)) => {
+                if m.as_ref().is_none_or(|m| v > *m) {
+                    *m = Some(v);
+                }
+            }
+            (Acc::Avg(s, n), Some(v)) => {
+                *s += v.as_f64().unwrap_or(0.0);
+                *n += 1;
+            }
+            (Acc::TopN(top), Some(v)) => {
+                let AggKind::TopN(n) = d.kind else { continue };
+                push_top(top, v, n);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn push_top(top: &mut Vec<Scalar>, v: Scalar, n: usize) {
+    let pos = top.partition_point(|x| *x >= v);
+    if pos < n {
+        top.insert(pos, v);
+        top.truncate(n);
+    }
+}
+
+/// Merges `other` into `acc` (same aggregate).
+pub fn merge(def: &AggDef, acc: &mut Acc, other: &Acc) {
+    match (acc, other) {
+        (Acc::Count(a), Acc::Count(b)) => *a += b,
+        (Acc::Distinct(a), Acc::Distinct(b)) => a.extend(b.iter().cloned()),
+        (Acc::SumInt(a, x), Acc::SumInt(b, y)) => {
+            *a = a.wrapping_add(*b);
+            *x |= *y;
+        }
+        (Acc::SumFloat(a, x), Acc::SumFloat(b, y)) => {
+            *a += b;
+            *x |= *y;
+        }
+        (Acc::Min(a), Acc::Min(Some(b))) => {
+            if a.as_ref().is_none_or(|a| b < a) {
+                *a = Some(b.clone());
+            }
+        }
+        (Acc::Max(a), Acc::Max(Some(b))) => {
+            if a.as_ref().is_none_or(|a| b > a) {
+                *a = Some(b.clone());
+            }
+        }
+        (Acc::Avg(a, n), Acc::Avg(b, m)) => {
+            *a += b;
+            *n += m;
+        }
+        (Acc::TopN(a), Acc::TopN(b)) => {
+            let AggKind::TopN(n) = def.kind else { return };
+            for v in b {
+                push_top(a, v.clone(), n);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Builds the output column of aggregate `def` from the final accumulators of several rows.
+pub fn output_column(def: &AggDef, accs: &[&Acc]) -> Result<ArrayRef> {
+    match def.kind {
+        AggKind::TopN(_) => {
+            let DataType::List(item) = &def.output_type else { unreachable!("top_n outputs a list") };
+            let lists: Vec<&[Scalar]> = accs.iter().map(|a| if let Acc::TopN(v) = a { v.as_slice() } else { &[] }).collect();
+            build_list_column(item.data_type(), lists.into_iter())
+        }
+        _ => {
+            let values: Vec<Option<Scalar>> = accs
+                .iter()
+                .map(|a| match a {
+                    Acc::Count(n) => Some(Scalar::Int(*n)),
+                    Acc::Distinct(s) => Some(Scalar::Int(s.len() as i64)),
+                    Acc::SumInt(s, any) => any.then_some(Scalar::Int(*s)),
+                    Acc::SumFloat(s, any) => any.then_some(Scalar::Float(*s)),
+                    Acc::Min(m) | Acc::Max(m) => m.clone(),
+                    Acc::Avg(s, n) => (*n > 0).then(|| Scalar::Float(*s / *n as f64)),
+                    Acc::TopN(_) => None,
+                })
+                .collect();
+            build_column(&def.output_type, values.iter().map(|v| v.as_ref()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{AsArray, Int64Array, StringArray};
+    use arrow::datatypes::Int64Type;
+    use std::sync::Arc;
+
+    fn input() -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true), Field::new("u", DataType::Utf8, true)]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(vec![Some(5), None, Some(9), Some(1), Some(9)])),
+                Arc::new(StringArray::from(vec!["a", "b", "a", "c", "b"])),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn run(text: &str, split_at: usize) -> ArrayRef {
+        let b = input();
+        let def = AggDef::compile(text, &b.schema()).unwrap();
+        let defs = vec![def.clone()];
+        // two partial accumulators merged, as slices are
+        let mut parts = [def.new_acc(), def.new_acc()];
+        let inputs = AggInputs::evaluate(&defs, &b).unwrap();
+        let readers = inputs.readers().unwrap();
+        for row in 0..b.num_rows() {
+            let p = usize::from(row >= split_at);
+            update(&defs, std::slice::from_mut(&mut parts[p]), &inputs, &readers, row);
+        }
+        let [mut a, b2] = parts;
+        merge(&def, &mut a, &b2);
+        output_column(&def, &[&a]).unwrap()
+    }
+
+    #[test]
+    fn aggregates_merge_like_one_pass() {
+        let int = |a: ArrayRef| a.as_primitive::<Int64Type>().value(0);
+        for split in 0..=5 {
+            assert_eq!(int(run("count(*)", split)), 5);
+            assert_eq!(int(run("count(v) AS n", split)), 4);
+            assert_eq!(int(run("count(DISTINCT u)", split)), 3);
+            assert_eq!(int(run("sum(v)", split)), 24);
+            assert_eq!(int(run("min(v)", split)), 1);
+            assert_eq!(int(run("max(v)", split)), 9);
+            assert_eq!(int(run("count(*) FILTER (WHERE u = 'a')", split)), 2);
+            assert_eq!(run("avg(v)", split).as_primitive::<arrow::datatypes::Float64Type>().value(0), 6.0);
+            let top = run("top_n(v, 2)", split);
+            let l = top.as_list::<i32>().value(0);
+            assert_eq!(l.as_primitive::<Int64Type>().values().to_vec(), vec![9, 9]);
+        }
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_do() {
+        let s = input().schema();
+        for (text, needle) in [
+            ("v + 1", "not an aggregate"),
+            ("median(v)", "unknown aggregate"),
+            ("sum(u)", "needs a number"),
+            ("sum(DISTINCT v)", "only count(DISTINCT"),
+            ("top_n(v, 0)", "positive integer"),
+        ] {
+            let e = AggDef::compile(text, &s).unwrap_err().message;
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+}

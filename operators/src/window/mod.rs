@@ -1,0 +1,382 @@
+//! Event-time windows per key: tumbling, sliding and session, with allowed lateness.
+//!
+//! **State.** Tumbling and sliding windows keep one accumulator set per *(key, slice)*, where a
+//! slice is one `slide` of event time (tumbling: slide = size). A window is the merge of the
+//! `size / slide` slices it covers, computed when it fires; so a record updates one slice, not
+//! every window it belongs to. Session windows keep one accumulator set per *(key, session)*,
+//! merging sessions a record bridges. State lives in the keyed-state interface.
+//!
+//! **Firing.** A window `[start, end)` fires when the watermark reaches `end - 1`; its row is
+//! `key columns, window_start, window_end, aggregates`, with event time `end - 1`.
+//!
+//! **Lateness.** A record that arrives after its window fired but before the watermark reaches
+//! `end - 1 + allowed_lateness` updates the window, and the window's row is emitted again with
+//! the new values: rows are upserts keyed by *(key, window_start, window_end)*. A record too late
+//! for every window it belongs to goes to the `late` side output (port 1) and is counted. Whether a
+//! record is late is judged against the watermark of the input it arrived on.
+//!
+//! **Cleanup.** A slice is deleted when the watermark passes the lateness bound of the last
+//! window that covers it; a session when it passes its own. Nothing else is kept.
+pub mod aggregate;
+
+use arrow::array::{ArrayRef, AsArray, Int64Array, TimestampMillisecondArray, UInt32Array};
+use arrow::compute::{filter_record_batch, take_record_batch};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use freshet_engine::keys::{EncodedKeys, KeyEncoder};
+use freshet_engine::metrics::SubtaskMetrics;
+use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
+use freshet_engine::state::{KeyedTable, Timers};
+use freshet_engine::{Result, TIME_COLUMN, Watermark};
+
+use crate::expr::{Expr, ExprError, timestamp_type};
+use aggregate::{Acc, AggDef, AggInputs};
+
+/// Side output port of records too late for every window.
+pub const LATE_PORT: usize = 1;
+
+/// The shape of the windows, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    /// Tumbling (`slide == size`) or sliding windows; `size` is a multiple of `slide`.
+    Sliced {
+        /// Window length.
+        size: i64,
+        /// Distance between window starts.
+        slide: i64,
+    },
+    /// Session windows with an inactivity gap.
+    Session {
+        /// The gap.
+        gap: i64,
+    },
+}
+
+/// A compiled window transform, shared by all its subtasks.
+#[derive(Debug, Clone)]
+pub struct WindowPlan {
+    kind: WindowKind,
+    lateness: i64,
+    key_columns: Vec<usize>,
+    encoder: KeyEncoder,
+    aggs: Vec<AggDef>,
+    having: Option<Expr>,
+    output: SchemaRef,
+}
+
+/// Where a compile problem is: the key column, aggregate or `having` at an index.
+#[derive(Debug)]
+pub enum WindowError {
+    /// A key column.
+    Key(usize, String),
+    /// An aggregate.
+    Aggregate(usize, ExprError),
+    /// The `having` clause.
+    Having(ExprError),
+}
+
+impl WindowPlan {
+    /// Compiles a window over `input`.
+    pub fn compile(
+        input: &Schema,
+        key_by: &[String],
+        kind: WindowKind,
+        lateness: i64,
+        aggregates: &[String],
+        having: Option<&str>,
+    ) -> Result<WindowPlan, WindowError> {
+        let mut key_columns = Vec::new();
+        let mut key_types = Vec::new();
+        for (i, k) in key_by.iter().enumerate() {
+            let idx = input.index_of(k).map_err(|_| {
+                let names: Vec<&str> = input.fields().iter().map(|f| f.name().as_str()).filter(|n| *n != TIME_COLUMN).collect();
+                WindowError::Key(i, format!("unknown column '{k}'; the input has: {}", names.join(", ")))
+            })?;
+            key_columns.push(idx);
+            key_types.push(input.field(idx).data_type().clone());
+        }
+        let encoder = KeyEncoder::new(&key_types).map_err(|e| WindowError::Key(0, e.to_string()))?;
+        let aggs: Vec<AggDef> =
+            aggregates.iter().enumerate().map(|(i, a)| AggDef::compile(a, input).map_err(|e| WindowError::Aggregate(i, e))).collect::<Result<_, _>>()?;
+        let mut fields: Vec<Field> = key_by
+            .iter()
+            .zip(encoder.key_types())
+            .map(|(name, t)| Field::new(name, t.data_type(), true))
+            .collect();
+        fields.push(Field::new("window_start", timestamp_type(), false));
+        fields.push(Field::new("window_end", timestamp_type(), false));
+        for a in &aggs {
+            if fields.iter().any(|f| f.name() == &a.name) {
+                return Err(WindowError::Aggregate(0, ExprError { message: format!("output column '{}' appears twice; name aggregates with AS", a.name) }));
+            }
+            fields.push(Field::new(&a.name, a.output_type.clone(), true));
+        }
+        fields.push(Field::new(TIME_COLUMN, DataType::Int64, false));
+        let output = Arc::new(Schema::new(fields));
+        let having = having
+            .map(|h| {
+                let e = Expr::compile(h, &output).map_err(WindowError::Having)?;
+                if e.data_type() != &DataType::Boolean {
+                    return Err(WindowError::Having(ExprError { message: "having must be a BOOLEAN condition".into() }));
+                }
+                Ok(e)
+            })
+            .transpose()?;
+        Ok(WindowPlan { kind, lateness, key_columns, encoder, aggs, having, output })
+    }
+
+    /// Output schema of the main output.
+    pub fn output_schema(&self) -> SchemaRef {
+        self.output.clone()
+    }
+
+    /// Creates the operator for one subtask.
+    pub fn instantiate(&self) -> WindowOperator {
+        WindowOperator {
+            plan: self.clone(),
+            slices: KeyedTable::new("window-slices", None),
+            sessions: KeyedTable::new("window-sessions", None),
+            fire: Timers::new(),
+            cleanup: Timers::new(),
+            keys: EncodedKeys::default(),
+        }
+    }
+}
+
+/// Accumulators of one session.
+#[derive(Debug, Clone)]
+struct Session {
+    end: i64,
+    accs: Vec<Acc>,
+}
+
+/// The window operator of one subtask. See the module documentation.
+pub struct WindowOperator {
+    plan: WindowPlan,
+    slices: KeyedTable<Vec<Acc>>,
+    sessions: KeyedTable<Session>,
+    fire: Timers,
+    cleanup: Timers,
+    keys: EncodedKeys,
+}
+
+/// A window result before it becomes a row.
+struct Fired {
+    key: Box<[u8]>,
+    start: i64,
+    end: i64,
+    accs: Vec<Acc>,
+}
+
+impl WindowOperator {
+    fn new_accs(&self) -> Vec<Acc> {
+        self.plan.aggs.iter().map(AggDef::new_acc).collect()
+    }
+
+    /// The merged accumulators of window `[start, end)` for `key` (sliced windows).
+    fn window_accs(&self, key: &[u8], start: i64, end: i64) -> Option<Vec<Acc>> {
+        let mut out: Option<Vec<Acc>> = None;
+        for (_, accs) in self.slices.range(key, start..end, Watermark::MIN) {
+            match &mut out {
+                None => out = Some(accs.clone()),
+                Some(o) => {
+                    for ((d, a), b) in self.plan.aggs.iter().zip(o.iter_mut()).zip(accs) {
+                        aggregate::merge(d, a, b);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn emit_rows(&self, rows: Vec<Fired>, out: &mut dyn Output) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut cols: Vec<ArrayRef> = self.plan.encoder.decode(rows.iter().map(|r| r.key.as_ref()))?;
+        cols.push(Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.start))));
+        cols.push(Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.end))));
+        for (i, d) in self.plan.aggs.iter().enumerate() {
+            let accs: Vec<&Acc> = rows.iter().map(|r| &r.accs[i]).collect();
+            cols.push(aggregate::output_column(d, &accs)?);
+        }
+        cols.push(Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.end - 1))));
+        let batch = RecordBatch::try_new(self.plan.output.clone(), cols)?;
+        let batch = match &self.plan.having {
+            Some(h) => filter_record_batch(&batch, &h.evaluate_predicate(&batch)?)?,
+            None => batch,
+        };
+        out.emit(MAIN_PORT, batch);
+        Ok(())
+    }
+
+    fn process_sliced(&mut self, size: i64, slide: i64, batch: &RecordBatch, ctx: &OperatorContext<'_>) -> Result<(Vec<u32>, Vec<Fired>)> {
+        let lateness = self.plan.lateness;
+        let (rw, w) = (ctx.record_watermark.0, ctx.current_watermark.0);
+        let times = batch.column(batch.num_columns() - 1).as_primitive::<Int64Type>().values().clone();
+        let inputs = AggInputs::evaluate(&self.plan.aggs, batch)?;
+        let readers = inputs.readers()?;
+        let mut late = Vec::new();
+        let mut updated: HashSet<(Box<[u8]>, i64)> = HashSet::new();
+        let aggs = &self.plan.aggs;
+        for (row, &t) in times.iter().enumerate() {
+            let slice = t - t.rem_euclid(slide);
+            let last_end = slice + size;
+            if rw >= (last_end - 1).saturating_add(lateness) {
+                late.push(row as u32);
+                continue;
+            }
+            if !inputs.any_selected(row) && !aggs.is_empty() {
+                continue;
+            }
+            let key = self.keys.row(row);
+            let mut created = false;
+            let new_accs = || {
+                created = true;
+                aggs.iter().map(AggDef::new_acc).collect::<Vec<_>>()
+            };
+            self.slices.update(key, slice, t, Watermark::MIN, new_accs, |accs| aggregate::update(aggs, accs, &inputs, &readers, row));
+            let mut end = slice + slide;
+            while end <= last_end {
+                if w >= end - 1 {
+                    // the window already fired: this is a late update if it is still open for this record
+                    if rw < (end - 1).saturating_add(lateness) {
+                        updated.insert((key.into(), end));
+                    }
+                } else if created {
+                    self.fire.register(end - 1, key);
+                }
+                end += slide;
+            }
+            if created {
+                self.cleanup.register((last_end - 1).saturating_add(lateness), key);
+            }
+        }
+        let mut updated: Vec<(Box<[u8]>, i64)> = updated.into_iter().collect();
+        updated.sort_unstable();
+        let fired = updated
+            .into_iter()
+            .filter_map(|(key, end)| self.window_accs(&key, end - size, end).map(|accs| Fired { key, start: end - size, end, accs }))
+            .collect();
+        Ok((late, fired))
+    }
+
+    fn process_sessions(&mut self, gap: i64, batch: &RecordBatch, ctx: &OperatorContext<'_>) -> Result<(Vec<u32>, Vec<Fired>)> {
+        let lateness = self.plan.lateness;
+        let (rw, w) = (ctx.record_watermark.0, ctx.current_watermark.0);
+        let times = batch.column(batch.num_columns() - 1).as_primitive::<Int64Type>().values().clone();
+        let inputs = AggInputs::evaluate(&self.plan.aggs, batch)?;
+        let readers = inputs.readers()?;
+        let mut late = Vec::new();
+        let mut updated: Vec<(Box<[u8]>, i64)> = Vec::new();
+        for (row, &t) in times.iter().enumerate() {
+            if rw >= (t + gap - 1).saturating_add(lateness) {
+                late.push(row as u32);
+                continue;
+            }
+            let key: Box<[u8]> = self.keys.row(row).into();
+            // Sessions this record touches: start < t + gap and end > t.
+            let touching: Vec<i64> =
+                self.sessions.range(&key, ..t + gap, Watermark::MIN).filter(|(_, s)| s.end > t).map(|(start, _)| start).collect();
+            let mut start = t;
+            let mut session = Session { end: t + gap, accs: self.new_accs() };
+            aggregate::update(&self.plan.aggs, &mut session.accs, &inputs, &readers, row);
+            for s in touching {
+                let old = self.sessions.remove(&key, s).expect("listed above");
+                start = start.min(s);
+                session.end = session.end.max(old.end);
+                for ((d, a), b) in self.plan.aggs.iter().zip(session.accs.iter_mut()).zip(&old.accs) {
+                    aggregate::merge(d, a, b);
+                }
+            }
+            let end = session.end;
+            self.sessions.update(&key, start, t, Watermark::MIN, || session, |_| ());
+            if w >= end - 1 {
+                updated.push((key.clone(), start));
+            } else {
+                self.fire.register(end - 1, &key);
+            }
+            self.cleanup.register((end - 1).saturating_add(lateness), &key);
+        }
+        updated.sort_unstable();
+        updated.dedup();
+        let fired = updated
+            .into_iter()
+            .filter_map(|(key, start)| {
+                let s = self.sessions.get(&key, start, Watermark::MIN)?.clone();
+                Some(Fired { key, start, end: s.end, accs: s.accs })
+            })
+            .collect();
+        Ok((late, fired))
+    }
+}
+
+impl Operator for WindowOperator {
+    fn process_batch(&mut self, _: usize, batch: RecordBatch, ctx: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
+        let key_cols: Vec<ArrayRef> = self.plan.key_columns.iter().map(|i| batch.column(*i).clone()).collect();
+        self.plan.encoder.encode(&key_cols, batch.num_rows(), &mut self.keys)?;
+        let (late, fired) = match self.plan.kind {
+            WindowKind::Sliced { size, slide } => self.process_sliced(size, slide, &batch, ctx)?,
+            WindowKind::Session { gap } => self.process_sessions(gap, &batch, ctx)?,
+        };
+        if !late.is_empty() {
+            SubtaskMetrics::add(&ctx.metrics.late_records, late.len() as u64);
+            out.emit(LATE_PORT, take_record_batch(&batch, &UInt32Array::from(late))?);
+        }
+        self.emit_rows(fired, out)
+    }
+
+    fn on_watermark(&mut self, wm: Watermark, _: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
+        let mut rows = Vec::new();
+        for (t, keys) in self.fire.due(wm) {
+            let end = t + 1;
+            for key in keys {
+                match self.plan.kind {
+                    WindowKind::Sliced { size, .. } => {
+                        if let Some(accs) = self.window_accs(&key, end - size, end) {
+                            rows.push(Fired { key, start: end - size, end, accs });
+                        }
+                    }
+                    WindowKind::Session { .. } => {
+                        // the session that ends here, if it was not merged into a longer one
+                        let hit = self.sessions.range(&key, .., Watermark::MIN).find(|(_, s)| s.end == end).map(|(st, s)| (st, s.accs.clone()));
+                        if let Some((start, accs)) = hit {
+                            rows.push(Fired { key, start, end, accs });
+                        }
+                    }
+                }
+            }
+        }
+        self.emit_rows(rows, out)?;
+        let lateness = self.plan.lateness;
+        for (t, keys) in self.cleanup.due(wm) {
+            for key in keys {
+                match self.plan.kind {
+                    WindowKind::Sliced { size, .. } => {
+                        // slices whose last window's lateness bound is t: start <= t + 1 - lateness - size
+                        let last_start = (t + 1).saturating_sub(lateness) - size;
+                        self.slices.drain_range(&key, ..=last_start);
+                    }
+                    WindowKind::Session { .. } => {
+                        let done: Vec<i64> = self
+                            .sessions
+                            .range(&key, .., Watermark::MIN)
+                            .filter(|(_, s)| (s.end - 1).saturating_add(lateness) <= t)
+                            .map(|(st, _)| st)
+                            .collect();
+                        for st in done {
+                            self.sessions.remove(&key, st);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,110 @@
+use super::*;
+use crate::testing::{Harness, batch, schema};
+use arrow::array::StringArray;
+
+const MIN: i64 = 60_000;
+
+fn harness(kind: WindowKind, lateness: i64, aggs: &[&str]) -> (Harness<WindowOperator>, SchemaRef) {
+    let s = schema(vec![Field::new("k", DataType::Utf8, true), Field::new("u", DataType::Utf8, true)]);
+    let aggs: Vec<String> = aggs.iter().map(|a| a.to_string()).collect();
+    let plan = WindowPlan::compile(&s, &["k".into()], kind, lateness, &aggs, None).unwrap();
+    (Harness::new(plan.instantiate()), s)
+}
+
+fn rows(s: &SchemaRef, rows: &[(&str, &str, i64)]) -> RecordBatch {
+    batch(
+        s,
+        vec![
+            Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
+            Arc::new(StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+        ],
+        &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+    )
+}
+
+#[test]
+fn tumbling_fires_at_end_minus_one_and_record_at_end_starts_next_window() {
+    let (mut h, s) = harness(WindowKind::Sliced { size: 5 * MIN, slide: 5 * MIN }, 0, &["count(*) AS n"]);
+    h.push(0, rows(&s, &[("a", "x", 0), ("a", "y", 5 * MIN - 1), ("a", "z", 5 * MIN)]));
+    h.watermark(5 * MIN - 2);
+    assert!(h.take(0).is_empty(), "not yet");
+    h.watermark(5 * MIN - 1);
+    assert_eq!(
+        h.take(0),
+        vec![r#"{"k":"a","window_start":"1970-01-01T00:00:00.000Z","window_end":"1970-01-01T00:05:00.000Z","n":2}"#]
+    );
+    h.watermark(i64::MAX);
+    assert_eq!(h.take(0).len(), 1, "the record exactly at the end belongs to the next window");
+}
+
+#[test]
+fn lateness_updates_then_drops_at_the_bound() {
+    let (mut h, s) = harness(WindowKind::Sliced { size: 5 * MIN, slide: 5 * MIN }, MIN, &["count(DISTINCT u) AS users"]);
+    h.push(0, rows(&s, &[("a", "x", MIN)]));
+    h.watermark(5 * MIN - 1);
+    assert_eq!(h.take(0).len(), 1);
+    // late but allowed: the row is emitted again with the new value
+    h.watermark(6 * MIN - 2);
+    h.push(0, rows(&s, &[("a", "y", 2 * MIN), ("a", "x", 3 * MIN)]));
+    let updated = h.take(0);
+    assert_eq!(updated.len(), 1, "one update per window per batch");
+    assert!(updated[0].contains(r#""users":2"#), "{updated:?}");
+    assert!(h.take(1).is_empty());
+    // exactly at the lateness bound (end - 1 + lateness): too late, goes to the late output
+    h.watermark(6 * MIN - 1);
+    h.push(0, rows(&s, &[("a", "z", 4 * MIN)]));
+    assert!(h.take(0).is_empty());
+    assert_eq!(h.take(1), vec![r#"{"k":"a","u":"z"}"#]);
+    assert_eq!(h.metrics.snapshot().late_records, 1);
+}
+
+#[test]
+fn sliding_windows_merge_slices_and_clean_up() {
+    let (mut h, s) = harness(WindowKind::Sliced { size: 2 * MIN, slide: MIN }, 0, &["count(*) AS n"]);
+    h.push(0, rows(&s, &[("a", "x", 30_000), ("a", "x", 90_000), ("b", "x", 90_000)]));
+    h.watermark(i64::MAX);
+    let mut out = h.take(0);
+    out.sort();
+    let expect = [
+        // a: windows ending 1m (1 row), 2m (2 rows), 3m (1 row); b: 2m and 3m
+        ("a", "00:01:00", 1),
+        ("a", "00:02:00", 2),
+        ("a", "00:03:00", 1),
+        ("b", "00:02:00", 1),
+        ("b", "00:03:00", 1),
+    ];
+    assert_eq!(out.len(), expect.len(), "{out:?}");
+    for (k, end, n) in expect {
+        assert!(
+            out.iter().any(|l| l.contains(&format!(r#""k":"{k}""#)) && l.contains(&format!("T{end}.000Z\",\"n\":{n}"))),
+            "missing {k} {end} {n} in {out:?}"
+        );
+    }
+    assert!(h.op.slices.is_empty() && h.op.fire.is_empty() && h.op.cleanup.is_empty(), "all state released");
+}
+
+#[test]
+fn sessions_merge_when_a_record_bridges_them() {
+    let (mut h, s) = harness(WindowKind::Session { gap: MIN }, 0, &["count(*) AS n"]);
+    h.push(0, rows(&s, &[("a", "x", 0), ("a", "x", 100_000)]));
+    h.push(0, rows(&s, &[("a", "x", 50_000)]));
+    h.push(0, rows(&s, &[("b", "x", 0)]));
+    h.watermark(i64::MAX);
+    let mut out = h.take(0);
+    out.sort();
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out[0].contains(r#""window_end":"1970-01-01T00:02:40.000Z","n":3"#), "{out:?}");
+    assert!(out[1].contains(r#""k":"b""#) && out[1].contains(r#""n":1"#));
+}
+
+#[test]
+fn key_seen_once_and_empty_input() {
+    let (mut h, s) = harness(WindowKind::Sliced { size: MIN, slide: MIN }, 0, &["count(*) AS n", "min(u)", "top_n(u, 2)"]);
+    h.push(0, rows(&s, &[]));
+    h.watermark(i64::MAX);
+    assert!(h.take(0).is_empty());
+    let (mut h, s) = harness(WindowKind::Sliced { size: MIN, slide: MIN }, 0, &["count(*) AS n", "min(u)", "top_n(u, 2)"]);
+    h.push(0, rows(&s, &[("solo", "x", 10)]));
+    h.watermark(i64::MAX);
+    assert_eq!(h.take(0), vec![r#"{"k":"solo","window_start":"1970-01-01T00:00:00.000Z","window_end":"1970-01-01T00:01:00.000Z","n":1,"min":"x","top_n":["x"]}"#]);
+}
