@@ -82,6 +82,12 @@ pub trait Operator: Send {
     fn on_end_of_input(&mut self, _ctx: &OperatorContext<'_>, _out: &mut dyn Output) -> Result<()> {
         Ok(())
     }
+
+    /// Named totals this subtask reports when it finishes (row counts, checksums). The
+    /// JobManager adds up values of the same name across subtasks (wrapping).
+    fn accumulators(&self) -> Vec<(String, i64)> {
+        Vec::new()
+    }
 }
 
 /// What a source reports after a poll.

@@ -263,8 +263,17 @@ impl Chain {
     }
 }
 
-/// Runs a subtask to completion on the calling thread. Returns its final counters.
-pub fn run_subtask(spec: SubtaskSpec) -> Result<MetricsSnapshot> {
+/// What a subtask reports when it finishes.
+#[derive(Debug, Clone, Default)]
+pub struct SubtaskResult {
+    /// Final counters.
+    pub metrics: MetricsSnapshot,
+    /// Accumulators of its operators (see [`Operator::accumulators`]).
+    pub accumulators: Vec<(String, i64)>,
+}
+
+/// Runs a subtask to completion on the calling thread.
+pub fn run_subtask(spec: SubtaskSpec) -> Result<SubtaskResult> {
     let span = info_span!("subtask", job = %spec.info.job, vertex = %spec.info.vertex, index = spec.info.index);
     let _enter = span.enter();
     let SubtaskSpec { info, input, mut chain, cancel, metrics } = spec;
@@ -291,7 +300,8 @@ pub fn run_subtask(spec: SubtaskSpec) -> Result<MetricsSnapshot> {
         TaskInput::Channels(inputs) => run_channels(inputs, &mut chain, &cancel)?,
     }
     debug!(elapsed = ?started.elapsed(), "subtask finished");
-    Ok(metrics.snapshot())
+    let accumulators = chain.ops.iter().flat_map(|op| op.operator.accumulators()).collect();
+    Ok(SubtaskResult { metrics: metrics.snapshot(), accumulators })
 }
 
 fn run_source(

@@ -1,0 +1,232 @@
+//! File source: JSON Lines or CSV, read line by line, bounded or followed as the file grows.
+//!
+//! Splits are whole files: a path naming a directory reads every regular file in it in name
+//! order, and subtask `i` of `p` reads files `i, i + p, ...`; a subtask with no file finishes at
+//! once (so it does not hold back watermarks). A line that cannot be decoded goes to the
+//! `dead_letter` output with the file, line number and reason; the job goes on. In follow mode the
+//! source never finishes: at the end of the file it waits for more, and an incomplete last line
+//! is held until its newline arrives. CSV records are one per line (quoted newlines are not
+//! supported).
+use arrow::record_batch::RecordBatch;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use freshet_engine::operator::{OperatorContext, Source, SourceOutput, SourceStatus};
+use freshet_engine::{EngineError, Result};
+use freshet_job::{FieldType, FileFormat};
+use freshet_operators::dead_letter::DeadLetters;
+
+use crate::decode::RowDecoder;
+use crate::event_time::EventTime;
+
+/// Settings shared by the subtasks of one file source.
+#[derive(Clone)]
+pub struct FileSourceConfig {
+    /// Source name (origin of dead letters).
+    pub name: String,
+    /// The file or directory.
+    pub path: PathBuf,
+    /// Record format.
+    pub format: FileFormat,
+    /// Keep reading as files grow.
+    pub follow: bool,
+    /// CSV: first line is a header.
+    pub header: bool,
+    /// CSV: delimiter.
+    pub delimiter: u8,
+    /// Declared fields.
+    pub fields: Vec<(String, FieldType)>,
+    /// Event time assignment.
+    pub event_time: EventTime,
+    /// Largest batch.
+    pub batch_size: usize,
+}
+
+/// The files a path names, in order.
+pub fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(path).map_err(|e| EngineError::io(format!("file source {}", path.display()), e))?;
+    if meta.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| EngineError::io(format!("file source {}", path.display()), e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+struct OpenFile {
+    path: PathBuf,
+    reader: BufReader<File>,
+    line_no: u64,
+    partial: String,
+    /// CSV: position of each declared field in a record.
+    columns: Option<Vec<Option<usize>>>,
+}
+
+/// One subtask of a file source.
+pub struct FileSource {
+    config: FileSourceConfig,
+    files: Vec<PathBuf>,
+    next_file: usize,
+    open: Option<OpenFile>,
+    decoder: RowDecoder,
+    positions: Vec<u64>,
+    dead: DeadLetters,
+    csv: csv::ReaderBuilder,
+}
+
+impl FileSource {
+    /// The subtask `index` of `parallelism`.
+    pub fn new(config: FileSourceConfig, index: u32, parallelism: u32) -> Result<Self> {
+        let all = list_files(&config.path)?;
+        let files = all.into_iter().enumerate().filter(|(i, _)| *i as u32 % parallelism == index).map(|(_, f)| f).collect();
+        let mut csv = csv::ReaderBuilder::new();
+        csv.has_headers(false).delimiter(config.delimiter).flexible(true);
+        Ok(FileSource {
+            decoder: RowDecoder::new(config.fields.clone()),
+            config,
+            files,
+            next_file: 0,
+            open: None,
+            positions: Vec::new(),
+            dead: DeadLetters::default(),
+            csv,
+        })
+    }
+
+    fn open_next(&mut self) -> Result<bool> {
+        let Some(path) = self.files.get(self.next_file).cloned() else { return Ok(false) };
+        self.next_file += 1;
+        let f = File::open(&path).map_err(|e| EngineError::io(format!("opening {}", path.display()), e))?;
+        self.open = Some(OpenFile { path, reader: BufReader::with_capacity(1 << 16, f), line_no: 0, partial: String::new(), columns: None });
+        Ok(true)
+    }
+
+    fn split_csv(&self, line: &str) -> std::result::Result<Vec<String>, String> {
+        let mut r = self.csv.from_reader(line.as_bytes());
+        let mut rec = csv::StringRecord::new();
+        match r.read_record(&mut rec) {
+            Ok(true) => Ok(rec.iter().map(str::to_string).collect()),
+            Ok(false) => Ok(Vec::new()),
+            Err(e) => Err(format!("malformed CSV: {e}")),
+        }
+    }
+
+    /// Decodes one complete line.
+    fn decode_line(&mut self, line: &str, line_no: u64) -> Result<()> {
+        let text = line.trim_end_matches(['\n', '\r']);
+        if text.trim().is_empty() {
+            return Ok(());
+        }
+        let result = match self.config.format {
+            FileFormat::Jsonl => self.decoder.push_json(text),
+            FileFormat::Csv => {
+                if self.open.as_ref().is_some_and(|o| o.columns.is_none()) {
+                    let names: Vec<String> = if self.config.header {
+                        match self.split_csv(text) {
+                            Ok(h) => h.into_iter().map(|s| s.trim().to_string()).collect(),
+                            Err(e) => {
+                                let path = self.open.as_ref().map(|o| o.path.display().to_string()).unwrap_or_default();
+                                return Err(EngineError::Operator(format!("{path}: header: {e}")));
+                            }
+                        }
+                    } else {
+                        self.config.fields.iter().map(|(n, _)| n.clone()).collect()
+                    };
+                    let open = self.open.as_mut().expect("a file is open");
+                    open.columns = Some(self.config.fields.iter().map(|(n, _)| names.iter().position(|h| h == n)).collect());
+                    if self.config.header {
+                        return Ok(());
+                    }
+                }
+                match self.split_csv(text) {
+                    Err(e) => Err(e),
+                    Ok(cells) => {
+                        let cols = self.open.as_ref().and_then(|o| o.columns.clone()).expect("set above");
+                        let picked: Vec<Option<&str>> = cols.iter().map(|c| c.and_then(|i| cells.get(i).map(String::as_str))).collect();
+                        self.decoder.push_text(&picked)
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(()) => self.positions.push(line_no),
+            Err(reason) => {
+                let path = self.open.as_ref().map(|o| o.path.display().to_string()).unwrap_or_default();
+                self.dead.push(&self.config.name, Some(format!("{path}:{line_no}")), reason, Some(text.to_string()), 0);
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, out: &mut dyn SourceOutput) -> Result<()> {
+        if self.decoder.rows() > 0 {
+            let rows = self.decoder.rows();
+            let cols = self.decoder.finish();
+            let (batch, null_time): (RecordBatch, Vec<usize>) = self.config.event_time.apply(cols, rows)?;
+            let path = self.open.as_ref().map(|o| o.path.display().to_string()).unwrap_or_default();
+            for i in null_time {
+                self.dead.push(&self.config.name, Some(format!("{path}:{}", self.positions[i])), "event time is null".into(), None, 0);
+            }
+            out.emit(batch);
+        }
+        self.positions.clear();
+        if !self.dead.is_empty() {
+            out.emit_side(1, self.dead.take_batch());
+        }
+        Ok(())
+    }
+}
+
+impl Source for FileSource {
+    fn poll(&mut self, _: &OperatorContext<'_>, out: &mut dyn SourceOutput) -> Result<SourceStatus> {
+        if self.open.is_none() && !self.open_next()? {
+            return Ok(SourceStatus::Finished);
+        }
+        let mut line = String::new();
+        while self.decoder.rows() < self.config.batch_size {
+            line.clear();
+            let open = self.open.as_mut().expect("opened above");
+            let n = open.reader.read_line(&mut line).map_err(|e| EngineError::io(format!("reading {}", open.path.display()), e))?;
+            if n == 0 {
+                // the end of the file as it is now
+                if self.config.follow && self.next_file >= self.files.len() {
+                    self.flush(out)?;
+                    return Ok(SourceStatus::Pending(Duration::from_millis(100)));
+                }
+                // bounded: an unterminated last line is still a line
+                if !open.partial.is_empty() {
+                    let text = std::mem::take(&mut open.partial);
+                    open.line_no += 1;
+                    let no = open.line_no;
+                    self.decode_line(&text, no)?;
+                }
+                self.flush(out)?;
+                self.open = None;
+                return Ok(if self.open_next()? { SourceStatus::Ready } else { SourceStatus::Finished });
+            }
+            if !line.ends_with('\n') {
+                // incomplete: keep it until the rest arrives or the file ends
+                open.partial.push_str(&line);
+                continue;
+            }
+            let full = if open.partial.is_empty() {
+                std::mem::take(&mut line)
+            } else {
+                let mut p = std::mem::take(&mut open.partial);
+                p.push_str(&line);
+                p
+            };
+            open.line_no += 1;
+            let no = open.line_no;
+            self.decode_line(&full, no)?;
+        }
+        self.flush(out)?;
+        Ok(SourceStatus::Ready)
+    }
+}

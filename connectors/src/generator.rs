@@ -1,0 +1,84 @@
+//! Generator source: rows computed by SQL expressions from a sequence number `seq`, bounded by a
+//! count or unbounded, optionally rate-limited. Subtask `i` of `p` produces `seq = i, i + p, ...`,
+//! so the rows are the same at any parallelism.
+use arrow::array::{ArrayRef, Int64Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use freshet_engine::operator::{OperatorContext, Source, SourceOutput, SourceStatus};
+use freshet_engine::Result;
+
+use crate::event_time::EventTime;
+use freshet_operators::expr::Expr;
+
+/// The schema generator expressions are compiled against.
+pub fn seq_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("seq", DataType::Int64, false)]))
+}
+
+/// Settings shared by the subtasks of one generator.
+#[derive(Clone)]
+pub struct GeneratorConfig {
+    /// Output fields.
+    pub fields: Vec<(String, Expr)>,
+    /// Total rows (all subtasks), unbounded if `None`.
+    pub count: Option<u64>,
+    /// Total rows per second (all subtasks).
+    pub rows_per_second: Option<f64>,
+    /// Event time.
+    pub event_time: EventTime,
+    /// Largest batch.
+    pub batch_size: usize,
+}
+
+/// One generator subtask.
+pub struct GeneratorSource {
+    config: GeneratorConfig,
+    index: u64,
+    parallelism: u64,
+    produced: u64,
+    started: Option<Instant>,
+}
+
+impl GeneratorSource {
+    /// Subtask `index` of `parallelism`.
+    pub fn new(config: GeneratorConfig, index: u32, parallelism: u32) -> Self {
+        GeneratorSource { config, index: index as u64, parallelism: parallelism as u64, produced: 0, started: None }
+    }
+
+    fn my_total(&self) -> Option<u64> {
+        self.config.count.map(|n| (n + self.parallelism - 1 - self.index) / self.parallelism)
+    }
+}
+
+impl Source for GeneratorSource {
+    fn poll(&mut self, _: &OperatorContext<'_>, out: &mut dyn SourceOutput) -> Result<SourceStatus> {
+        let started = *self.started.get_or_insert_with(Instant::now);
+        let mut n = self.config.batch_size as u64;
+        if let Some(total) = self.my_total() {
+            if self.produced >= total {
+                return Ok(SourceStatus::Finished);
+            }
+            n = n.min(total - self.produced);
+        }
+        if let Some(rate) = self.config.rows_per_second {
+            let mine = rate / self.parallelism as f64;
+            let allowed = (started.elapsed().as_secs_f64() * mine) as u64;
+            if allowed <= self.produced {
+                let wait = Duration::from_secs_f64(((self.produced + 1) as f64 / mine - started.elapsed().as_secs_f64()).max(0.001));
+                return Ok(SourceStatus::Pending(wait));
+            }
+            n = n.min(allowed - self.produced);
+        }
+        let seq: ArrayRef =
+            Arc::new(Int64Array::from_iter_values((self.produced..self.produced + n).map(|k| (k * self.parallelism + self.index) as i64)));
+        let input = RecordBatch::try_new(seq_schema(), vec![seq])?;
+        let cols: Vec<ArrayRef> = self.config.fields.iter().map(|(_, e)| e.evaluate(&input)).collect::<Result<_>>()?;
+        let (batch, _) = self.config.event_time.apply(cols, n as usize)?;
+        out.emit(batch);
+        self.produced += n;
+        Ok(SourceStatus::Ready)
+    }
+}
