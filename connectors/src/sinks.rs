@@ -158,7 +158,8 @@ impl Operator for StdoutSink {
     }
 }
 
-/// Discards rows, counting them and summing 64-bit checksum expressions (wrapping).
+/// Discards rows, counting them and summing 64-bit checksum expressions (wrapping). Reports the
+/// accumulators `<sink>.rows` and `<sink>.sum1`, `<sink>.sum2`, ... in the order of the checksums.
 pub struct BlackholeSink {
     name: String,
     checksums: Vec<(String, Expr)>,
@@ -192,8 +193,8 @@ impl Operator for BlackholeSink {
 
     fn accumulators(&self) -> Vec<(String, i64)> {
         let mut out = vec![(format!("{}.rows", self.name), self.rows)];
-        for ((label, _), s) in self.checksums.iter().zip(&self.sums) {
-            out.push((format!("{}.{label}", self.name), *s));
+        for (i, s) in self.sums.iter().enumerate() {
+            out.push((format!("{}.sum{}", self.name, i + 1), *s));
         }
         out
     }

@@ -67,3 +67,37 @@ impl DeadLetters {
         RecordBatch::try_new(schema(), cols).expect("columns match the dead-letter schema")
     }
 }
+
+/// Turns rows of any stream into dead-letter records (the row as JSON), so that a side output
+/// nobody consumes still ends up somewhere visible instead of being dropped.
+pub struct ToDeadLetter {
+    origin: String,
+    reason: String,
+}
+
+impl ToDeadLetter {
+    /// Records from `origin` with `reason`.
+    pub fn new(origin: impl Into<String>, reason: impl Into<String>) -> Self {
+        ToDeadLetter { origin: origin.into(), reason: reason.into() }
+    }
+}
+
+impl freshet_engine::operator::Operator for ToDeadLetter {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        ctx: &freshet_engine::operator::OperatorContext<'_>,
+        out: &mut dyn freshet_engine::operator::Output,
+    ) -> freshet_engine::Result<()> {
+        use arrow::array::AsArray;
+        let times = batch.column(batch.num_columns() - 1).as_primitive::<arrow::datatypes::Int64Type>().clone();
+        let mut dl = DeadLetters::default();
+        for row in 0..batch.num_rows() {
+            dl.push(&self.origin, None, self.reason.clone(), Some(crate::json::row_to_string(&batch, row)?), times.value(row));
+        }
+        freshet_engine::metrics::SubtaskMetrics::add(&ctx.metrics.dead_letters, dl.len() as u64);
+        out.emit(freshet_engine::operator::MAIN_PORT, dl.take_batch());
+        Ok(())
+    }
+}

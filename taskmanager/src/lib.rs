@@ -1,1 +1,14 @@
-//! placeholder
+//! The TaskManager: runs deployed subtasks in its slots and moves data between them.
+//!
+//! - [`taskmanager`]: deployment (planning the job, instantiating the chain's operators, wiring
+//!   channels), one thread per subtask, cancellation and live counters.
+//! - [`shuffle`]: channels between subtasks, named by edge and subtask pair.
+//! - [`local`]: a JobManager with TaskManagers in one process (the local mode of `freshet run`),
+//!   using exactly the same JobManager and TaskManager code as a cluster.
+#![warn(missing_docs)]
+
+pub mod local;
+pub mod shuffle;
+pub mod taskmanager;
+
+pub use taskmanager::TaskManager;

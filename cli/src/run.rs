@@ -1,0 +1,213 @@
+//! `freshet run`, `validate` and `explain`.
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use freshet_engine::metrics::MetricsSnapshot;
+use freshet_engine::time::format_millis;
+use freshet_job::{JobSpec, LoadError, load_job};
+use freshet_jobmanager::plan::NodeKind;
+use freshet_jobmanager::{JobHandle, JobPlan, JobState, SubmitError, plan};
+use freshet_taskmanager::local::local_cluster;
+
+/// Loads a job file, printing every problem. `None` when the job is refused.
+fn load(path: &Path, overrides: &[String]) -> Option<(JobSpec, PathBuf)> {
+    match load_job(path, overrides) {
+        Ok(spec) => Some((spec, base_dir(path))),
+        Err(LoadError::Invalid(problems)) => {
+            eprint!("{}: {problems}", path.display());
+            None
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            None
+        }
+    }
+}
+
+fn base_dir(job: &Path) -> PathBuf {
+    let dir = job.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir }
+}
+
+fn planned(path: &Path, overrides: &[String]) -> Option<(JobSpec, PathBuf, JobPlan)> {
+    let (spec, base) = load(path, overrides)?;
+    match plan(&spec, &base) {
+        Ok(p) => Some((spec, base, p)),
+        Err(problems) => {
+            eprint!("{}: {problems}", path.display());
+            None
+        }
+    }
+}
+
+pub fn validate(path: &Path, overrides: &[String]) -> Result<i32> {
+    let Some((spec, _, plan)) = planned(path, overrides) else { return Ok(1) };
+    println!(
+        "{}: ok: job {} with {} source(s), {} transform(s), {} sink(s); {} subtasks in {} vertices",
+        path.display(),
+        spec.name,
+        spec.sources.len(),
+        spec.transforms.len(),
+        spec.sinks.len(),
+        plan.subtask_count(),
+        plan.vertices.len()
+    );
+    Ok(0)
+}
+
+pub fn explain(path: &Path, overrides: &[String]) -> Result<i32> {
+    let Some((_, _, plan)) = planned(path, overrides) else { return Ok(1) };
+    print!("{}", plan.explain());
+    Ok(0)
+}
+
+pub fn run(path: &Path, overrides: &[String], taskmanagers: u32) -> Result<i32> {
+    let Some((spec, base, plan)) = planned(path, overrides) else { return Ok(1) };
+    let slots = plan.slots_needed().div_ceil(taskmanagers.max(1));
+    let jm = local_cluster(taskmanagers, slots);
+    let job = match jm.submit(spec, base) {
+        Ok(j) => j,
+        Err(SubmitError::Invalid(p)) => {
+            eprint!("{}: {p}", path.display());
+            return Ok(1);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let job = job.clone();
+        let flag = interrupted.clone();
+        ctrlc::set_handler(move || {
+            flag.store(true, Ordering::SeqCst);
+            job.cancel();
+        })?;
+    }
+    let live = std::io::stderr().is_terminal();
+    let mut progress = Progress::new(&job);
+    let status = loop {
+        let s = job.wait_timeout(Duration::from_millis(if live { 1000 } else { 5000 }));
+        if s.state != JobState::Running {
+            break s;
+        }
+        if live {
+            eprint!("\r\x1b[2K{}", progress.line(&job));
+        }
+    };
+    if live {
+        eprint!("\r\x1b[2K");
+    }
+    print_summary(&job, &status.accumulators, status.duration);
+    Ok(match status.state {
+        JobState::Finished => 0,
+        JobState::Cancelled if interrupted.load(Ordering::SeqCst) => {
+            eprintln!("stopped by Ctrl-C");
+            130
+        }
+        JobState::Cancelled => 130,
+        JobState::Failed(e) => {
+            eprintln!("job failed: {e}");
+            1
+        }
+        JobState::Running => unreachable!("loop exits when not running"),
+    })
+}
+
+/// Sums counters per vertex.
+fn per_vertex(job: &JobHandle) -> BTreeMap<usize, MetricsSnapshot> {
+    let mut out: BTreeMap<usize, MetricsSnapshot> = BTreeMap::new();
+    for ((v, _), m) in job.metrics() {
+        let e = out.entry(v).or_insert(MetricsSnapshot { watermark: i64::MAX, ..Default::default() });
+        e.records_in += m.records_in;
+        e.records_out += m.records_out;
+        e.late_records += m.late_records;
+        e.dead_letters += m.dead_letters;
+        e.backpressured_ns += m.backpressured_ns;
+        e.watermark = e.watermark.min(m.watermark);
+    }
+    out
+}
+
+fn is_source(plan: &JobPlan, v: usize) -> bool {
+    matches!(plan.nodes[plan.vertices[v].nodes[0]].kind, NodeKind::Source { .. })
+}
+
+fn is_sink(plan: &JobPlan, v: usize) -> bool {
+    plan.vertices[v].nodes.last().is_some_and(|n| plan.nodes[*n].is_sink)
+}
+
+struct Progress {
+    last: Instant,
+    last_in: u64,
+    last_out: u64,
+}
+
+impl Progress {
+    fn new(_: &JobHandle) -> Self {
+        Progress { last: Instant::now(), last_in: 0, last_out: 0 }
+    }
+
+    fn line(&mut self, job: &JobHandle) -> String {
+        let plan = job.plan();
+        let m = per_vertex(job);
+        let input: u64 = m.iter().filter(|(v, _)| is_source(plan, **v)).map(|(_, s)| s.records_in).sum();
+        let output: u64 = m.iter().filter(|(v, _)| is_sink(plan, **v)).map(|(_, s)| s.records_in).sum();
+        let wm = m.iter().filter(|(v, _)| !is_source(plan, **v)).map(|(_, s)| s.watermark).min().unwrap_or(i64::MIN);
+        let dt = self.last.elapsed().as_secs_f64().max(1e-3);
+        let line = format!(
+            "{:>8.1}s  in {} ({}/s)  out {} ({}/s)  watermark {}",
+            job.status().duration.as_secs_f64(),
+            input,
+            ((input - self.last_in) as f64 / dt) as u64,
+            output,
+            ((output - self.last_out) as f64 / dt) as u64,
+            watermark(wm)
+        );
+        (self.last, self.last_in, self.last_out) = (Instant::now(), input, output);
+        line
+    }
+}
+
+fn watermark(ms: i64) -> String {
+    match ms {
+        i64::MIN => "-".into(),
+        i64::MAX => "end".into(),
+        ms => format_millis(ms),
+    }
+}
+
+fn print_summary(job: &JobHandle, accumulators: &BTreeMap<String, i64>, duration: Duration) {
+    let plan = job.plan();
+    let m = per_vertex(job);
+    eprintln!("job {} in {:.2}s", job.id, duration.as_secs_f64());
+    eprintln!("  {:<44} {:>5} {:>12} {:>12} {:>8} {:>8}", "vertex", "par", "records in", "records out", "late", "dead");
+    for (v, vertex) in plan.vertices.iter().enumerate() {
+        let s = m.get(&v).copied().unwrap_or_default();
+        let mut name = vertex.name.clone();
+        if name.len() > 44 {
+            name.truncate(41);
+            name.push_str("...");
+        }
+        eprintln!(
+            "  {:<44} {:>5} {:>12} {:>12} {:>8} {:>8}",
+            name, vertex.parallelism, s.records_in, s.records_out, s.late_records, s.dead_letters
+        );
+    }
+    let dead: u64 = plan
+        .vertices
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.name.ends_with("sink:dead_letter"))
+        .map(|(i, _)| m.get(&i).map_or(0, |s| s.records_in))
+        .sum();
+    if dead > 0 {
+        eprintln!("  {dead} record(s) went to the dead-letter output");
+    }
+    for (k, v) in accumulators {
+        eprintln!("  {k} = {v}");
+    }
+}

@@ -1,0 +1,95 @@
+//! The messages between the JobManager and TaskManagers. In one process they travel over
+//! channels; between processes the same messages travel over the control-plane RPC.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use freshet_engine::metrics::MetricsSnapshot;
+use freshet_job::JobSpec;
+
+/// Identifies a submitted job.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct JobId(pub String);
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// "Run subtask `subtask` of vertex `vertex` of this job."
+#[derive(Debug, Clone)]
+pub struct TaskDeployment {
+    /// The job.
+    pub job: JobId,
+    /// Execution attempt (restarts increment it; channels of different attempts never mix).
+    pub attempt: u32,
+    /// The job definition (TaskManagers plan it themselves; planning is deterministic).
+    pub spec: Arc<JobSpec>,
+    /// Directory relative paths in the definition are resolved against.
+    pub base_dir: PathBuf,
+    /// Vertex index in the plan.
+    pub vertex: usize,
+    /// Subtask index.
+    pub subtask: u32,
+}
+
+/// Where a subtask is in its life.
+#[derive(Debug, Clone)]
+pub enum TaskState {
+    /// Deployed and running.
+    Running,
+    /// Finished: its inputs ended and everything was flushed.
+    Finished {
+        /// Final counters.
+        metrics: MetricsSnapshot,
+        /// Accumulators of its operators.
+        accumulators: Vec<(String, i64)>,
+    },
+    /// Failed with an error.
+    Failed {
+        /// What went wrong, with the subtask named.
+        error: String,
+    },
+    /// Stopped because the job was cancelled.
+    Cancelled,
+}
+
+/// A TaskManager's report about one subtask.
+#[derive(Debug, Clone)]
+pub struct TaskEvent {
+    /// The job.
+    pub job: JobId,
+    /// Attempt.
+    pub attempt: u32,
+    /// Vertex index.
+    pub vertex: usize,
+    /// Subtask index.
+    pub subtask: u32,
+    /// New state.
+    pub state: TaskState,
+}
+
+/// Live counters of one running subtask.
+#[derive(Debug, Clone)]
+pub struct SubtaskStatus {
+    /// Vertex index.
+    pub vertex: usize,
+    /// Subtask index.
+    pub subtask: u32,
+    /// Counters.
+    pub metrics: MetricsSnapshot,
+}
+
+/// What the JobManager needs from a TaskManager.
+pub trait TaskManagerGateway: Send + Sync {
+    /// Its id.
+    fn id(&self) -> &str;
+    /// Number of slots it offers.
+    fn slots(&self) -> u32;
+    /// Starts a subtask. Progress is reported as [`TaskEvent`]s.
+    fn deploy(&self, deployment: TaskDeployment) -> Result<(), String>;
+    /// Cancels every subtask of a job.
+    fn cancel(&self, job: &JobId);
+    /// Counters of a job's subtasks running here.
+    fn metrics(&self, job: &JobId) -> Vec<SubtaskStatus>;
+}

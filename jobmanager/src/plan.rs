@@ -1,0 +1,500 @@
+//! Planning: from a job definition to the graph the cluster runs.
+//!
+//! 1. **Logical graph.** Every source, transform and sink becomes a node; each node's output
+//!    schemas are type-checked against its inputs (the operators and connectors do the checking
+//!    and say which field is wrong). Side outputs nobody reads (bad source lines, late records,
+//!    unmatched join rows) are routed to the job's dead-letter sink, through an adapter that turns
+//!    rows into dead-letter records where needed, so nothing is dropped unseen.
+//! 2. **Edges.** Each input of a node gets a partitioning: hash by key for keyed operators, all to
+//!    one subtask for global windows, forward between equal parallelism, rebalance otherwise.
+//! 3. **Chains.** A node joins its producer's chain (one thread, no channel) when the edge is a
+//!    forward edge, the producer's main output feeds only it, and it has one input. Each chain is
+//!    a **vertex** with one subtask per parallel instance.
+//!
+//! Planning is deterministic: the JobManager and every TaskManager plan the same definition into
+//! the same graph, so a deployment only has to name a vertex and a subtask.
+use arrow::datatypes::SchemaRef;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use freshet_connectors::{SourceFactory, SourcePlan, dead_letter_sink, plan_sink, plan_source};
+use freshet_engine::partition::Partitioning;
+use freshet_engine::task::WatermarkConfig;
+use freshet_job::validate::{side_outputs_of, side_outputs_of_source};
+use freshet_job::{JobSpec, Problem, Problems, TransformSpec};
+use freshet_operators::{InputKeying, OperatorFactory, dead_letter, plan_transform};
+
+/// Index of a node in the logical graph.
+pub type NodeId = usize;
+
+/// What a node does.
+#[derive(Clone)]
+pub enum NodeKind {
+    /// Reads input.
+    Source {
+        /// Creates a subtask's source.
+        factory: SourceFactory,
+        /// Watermark generation.
+        watermarks: WatermarkConfig,
+        /// Whether it ends by itself.
+        bounded: bool,
+    },
+    /// Transforms or writes.
+    Operator {
+        /// Creates a subtask's operator.
+        factory: OperatorFactory,
+    },
+}
+
+/// One input of a node.
+#[derive(Debug, Clone)]
+pub struct NodeInput {
+    /// Producer.
+    pub node: NodeId,
+    /// Producer's output port.
+    pub port: usize,
+    /// How the input must be partitioned.
+    pub keying: InputKeying,
+}
+
+/// A node of the logical graph.
+#[derive(Clone)]
+pub struct Node {
+    /// Display name: `clicks`, `visitors`, `sink:late_clicks`.
+    pub name: String,
+    /// What it does.
+    pub kind: NodeKind,
+    /// Parallelism.
+    pub parallelism: u32,
+    /// Inputs, in logical input order.
+    pub inputs: Vec<NodeInput>,
+    /// Output schemas per port.
+    pub outputs: Vec<SchemaRef>,
+    /// Names of the output ports.
+    pub port_names: Vec<&'static str>,
+    /// Whether this node is a sink.
+    pub is_sink: bool,
+}
+
+/// A connection between two vertices.
+#[derive(Debug, Clone)]
+pub struct Edge {
+    /// Producer node and port.
+    pub from: (NodeId, usize),
+    /// Consumer node (the head of its vertex) and its logical input.
+    pub to: (NodeId, usize),
+    /// Producer vertex.
+    pub from_vertex: usize,
+    /// Consumer vertex.
+    pub to_vertex: usize,
+    /// How batches are spread.
+    pub partitioning: Partitioning,
+}
+
+/// A chain of nodes run by one thread per subtask.
+#[derive(Debug, Clone)]
+pub struct Vertex {
+    /// Name (the chained node names).
+    pub name: String,
+    /// Nodes in chain order.
+    pub nodes: Vec<NodeId>,
+    /// Parallelism.
+    pub parallelism: u32,
+}
+
+/// A planned job: nodes, vertices and the edges between vertices.
+#[derive(Clone)]
+pub struct JobPlan {
+    /// The definition it came from.
+    pub spec: Arc<JobSpec>,
+    /// Directory relative paths are resolved against.
+    pub base_dir: PathBuf,
+    /// Logical nodes.
+    pub nodes: Vec<Node>,
+    /// Vertices (chains).
+    pub vertices: Vec<Vertex>,
+    /// Edges between vertices.
+    pub edges: Vec<Edge>,
+    /// Vertex of each node.
+    pub vertex_of: Vec<usize>,
+}
+
+struct Builder<'a> {
+    job: &'a JobSpec,
+    base: &'a Path,
+    nodes: Vec<Node>,
+    by_stream: HashMap<String, NodeId>,
+    upsert: HashMap<NodeId, Vec<String>>,
+    problems: Problems,
+}
+
+impl Builder<'_> {
+    fn resolve(&self, stream: &str) -> Option<(NodeId, usize)> {
+        let (base, port) = stream.split_once('.').map_or((stream, None), |(b, p)| (b, Some(p)));
+        let node = *self.by_stream.get(base)?;
+        let port = match port {
+            None => 0,
+            Some(p) => {
+                if self.job.sources.contains_key(base) {
+                    side_outputs_of_source().iter().find(|s| s.0 == p)?.1
+                } else {
+                    side_outputs_of(self.job.transforms.get(base)?).iter().find(|s| s.0 == p)?.1
+                }
+            }
+        };
+        Some((node, port))
+    }
+
+    fn add(&mut self, node: Node) -> NodeId {
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+}
+
+/// Plans a validated job definition. Every problem found is reported.
+pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
+    let mut b = Builder { job, base: base_dir, nodes: Vec::new(), by_stream: HashMap::new(), upsert: HashMap::new(), problems: Problems::default() };
+
+    for (name, s) in &job.sources {
+        match plan_source(name, s, base_dir, job.pipeline.batch_size) {
+            Ok(SourcePlan { outputs, watermarks, bounded, factory }) => {
+                let id = b.add(Node {
+                    name: name.clone(),
+                    kind: NodeKind::Source { factory, watermarks, bounded },
+                    parallelism: s.parallelism.unwrap_or(job.parallelism),
+                    inputs: Vec::new(),
+                    outputs,
+                    port_names: vec!["main", "dead_letter"],
+                    is_sink: false,
+                });
+                b.by_stream.insert(name.clone(), id);
+            }
+            Err(p) => b.problems.0.extend(p.0),
+        }
+    }
+
+    // Transforms in dependency order (validation already refused cycles).
+    let mut pending: Vec<(&String, &TransformSpec)> = job.transforms.iter().collect();
+    while !pending.is_empty() {
+        let before = pending.len();
+        let mut next = Vec::new();
+        for (name, t) in pending {
+            let ready = t.inputs().iter().all(|(_, i)| b.by_stream.contains_key(i.split('.').next().unwrap_or(i)));
+            if !ready {
+                next.push((name, t));
+                continue;
+            }
+            let mut inputs = Vec::new();
+            for (_, i) in t.inputs() {
+                match b.resolve(i) {
+                    Some(x) => inputs.push(x),
+                    None => b.problems.push(Problem::new(format!("transforms.{name}"), format!("cannot resolve input '{i}'"))),
+                }
+            }
+            if inputs.len() != t.inputs().len() {
+                continue;
+            }
+            let schemas: Vec<SchemaRef> = inputs.iter().map(|(n, p)| b.nodes[*n].outputs[*p].clone()).collect();
+            match plan_transform(name, t, &schemas) {
+                Ok(tp) => {
+                    let global = tp.inputs.iter().any(|k| *k == InputKeying::Global);
+                    let parallelism = if global { 1 } else { t.parallelism().unwrap_or(job.parallelism) };
+                    let mut ports = vec!["main"];
+                    ports.extend(side_outputs_of(t).iter().map(|s| s.0));
+                    let id = b.add(Node {
+                        name: name.clone(),
+                        kind: NodeKind::Operator { factory: tp.factory },
+                        parallelism,
+                        inputs: inputs.iter().zip(tp.inputs).map(|((n, p), k)| NodeInput { node: *n, port: *p, keying: k }).collect(),
+                        outputs: tp.outputs,
+                        port_names: ports,
+                        is_sink: false,
+                    });
+                    if let Some(k) = tp.upsert_key {
+                        b.upsert.insert(id, k);
+                    }
+                    b.by_stream.insert(name.clone(), id);
+                }
+                Err(p) => {
+                    b.problems.0.extend(p.0);
+                    // keep going so that later problems are reported too; dependants are skipped
+                }
+            }
+        }
+        if next.len() == before {
+            break; // inputs failed to plan: their problems are already listed
+        }
+        pending = next;
+    }
+
+    for (name, s) in &job.sinks {
+        let Some((node, port)) = b.resolve(&s.input) else { continue };
+        let schema = b.nodes[node].outputs[port].clone();
+        let upsert = if port == 0 { b.upsert.get(&node).cloned() } else { None };
+        match plan_sink(&format!("sinks.{name}.connector"), name, &s.connector, &schema, upsert.as_deref(), base_dir) {
+            Ok(sp) => {
+                let parallelism = if s.connector.is_single_writer() { 1 } else { s.parallelism.unwrap_or(job.parallelism) };
+                b.add(Node {
+                    name: format!("sink:{name}"),
+                    kind: NodeKind::Operator { factory: sp.factory },
+                    parallelism,
+                    inputs: vec![NodeInput { node, port, keying: InputKeying::Any }],
+                    outputs: Vec::new(),
+                    port_names: Vec::new(),
+                    is_sink: true,
+                });
+            }
+            Err(p) => b.problems.0.extend(p.0),
+        }
+    }
+    if !b.problems.is_empty() {
+        return Err(b.problems);
+    }
+    route_unread_side_outputs(&mut b)?;
+    Ok(chain(job, base_dir, b.nodes))
+}
+
+/// Sends every side output nobody reads to the dead-letter sink.
+fn route_unread_side_outputs(b: &mut Builder<'_>) -> Result<(), Problems> {
+    let read: std::collections::HashSet<(NodeId, usize)> =
+        b.nodes.iter().flat_map(|n| n.inputs.iter().map(|i| (i.node, i.port))).collect();
+    let mut unread = Vec::new();
+    for (id, n) in b.nodes.iter().enumerate() {
+        for port in 1..n.outputs.len() {
+            if !read.contains(&(id, port)) {
+                unread.push((id, port));
+            }
+        }
+    }
+    if unread.is_empty() {
+        return Ok(());
+    }
+    let sink = dead_letter_sink(b.job.dead_letter.as_ref(), b.base)?;
+    let dl_schema = dead_letter::schema();
+    let mut feeds = Vec::new();
+    for (id, port) in unread {
+        let n = &b.nodes[id];
+        if n.outputs[port] == dl_schema {
+            feeds.push((id, port));
+        } else {
+            let (origin, reason) = (n.name.clone(), format!("{} output not routed by the job", n.port_names[port]));
+            let adapter = Node {
+                name: format!("{}.{}", n.name, n.port_names[port]),
+                kind: NodeKind::Operator {
+                    factory: Arc::new(move |_| Box::new(dead_letter::ToDeadLetter::new(origin.clone(), reason.clone()))),
+                },
+                parallelism: n.parallelism,
+                inputs: vec![NodeInput { node: id, port, keying: InputKeying::Any }],
+                outputs: vec![dl_schema.clone()],
+                port_names: vec!["main"],
+                is_sink: false,
+            };
+            let a = b.add(adapter);
+            feeds.push((a, 0));
+        }
+    }
+    b.nodes.push(Node {
+        name: "sink:dead_letter".into(),
+        kind: NodeKind::Operator { factory: sink.factory },
+        parallelism: 1,
+        inputs: feeds.into_iter().map(|(node, port)| NodeInput { node, port, keying: InputKeying::Any }).collect(),
+        outputs: Vec::new(),
+        port_names: Vec::new(),
+        is_sink: true,
+    });
+    Ok(())
+}
+
+fn partitioning(job: &JobSpec, from: &Node, to: &Node, keying: &InputKeying) -> Partitioning {
+    match keying {
+        InputKeying::Keyed(_) | InputKeying::Global if from.parallelism == 1 && to.parallelism == 1 => Partitioning::Forward,
+        InputKeying::Keyed(k) => Partitioning::Hash { key_columns: k.clone(), max_parallelism: job.max_parallelism },
+        InputKeying::Global => Partitioning::Rebalance,
+        InputKeying::Any if from.parallelism == to.parallelism => Partitioning::Forward,
+        InputKeying::Any => Partitioning::Rebalance,
+    }
+}
+
+fn chain(job: &JobSpec, base: &Path, nodes: Vec<Node>) -> JobPlan {
+    let n = nodes.len();
+    let mut consumers: HashMap<(NodeId, usize), Vec<NodeId>> = HashMap::new();
+    for (id, node) in nodes.iter().enumerate() {
+        for i in &node.inputs {
+            consumers.entry((i.node, i.port)).or_default().push(id);
+        }
+    }
+    // chained_to[b] = a when b runs in a's thread right after it
+    let mut chained_to: Vec<Option<NodeId>> = vec![None; n];
+    for (id, node) in nodes.iter().enumerate() {
+        if node.inputs.len() != 1 {
+            continue;
+        }
+        let input = &node.inputs[0];
+        let from = &nodes[input.node];
+        let forward = partitioning(job, from, node, &input.keying) == Partitioning::Forward;
+        let sole = consumers.get(&(input.node, 0)).is_some_and(|c| c.len() == 1);
+        if input.port == 0 && forward && sole && from.parallelism == node.parallelism {
+            chained_to[id] = Some(input.node);
+        }
+    }
+    let mut vertex_of = vec![usize::MAX; n];
+    let mut vertices = Vec::new();
+    for head in 0..n {
+        if chained_to[head].is_some() {
+            continue;
+        }
+        let mut members = vec![head];
+        let mut cur = head;
+        while let Some(next) = (0..n).find(|x| chained_to[*x] == Some(cur)) {
+            members.push(next);
+            cur = next;
+        }
+        let v = vertices.len();
+        for m in &members {
+            vertex_of[*m] = v;
+        }
+        vertices.push(Vertex {
+            name: members.iter().map(|m| nodes[*m].name.as_str()).collect::<Vec<_>>().join(" -> "),
+            parallelism: nodes[head].parallelism,
+            nodes: members,
+        });
+    }
+    let mut edges = Vec::new();
+    for (id, node) in nodes.iter().enumerate() {
+        if chained_to[id].is_some() {
+            continue;
+        }
+        for (k, i) in node.inputs.iter().enumerate() {
+            edges.push(Edge {
+                from: (i.node, i.port),
+                to: (id, k),
+                from_vertex: vertex_of[i.node],
+                to_vertex: vertex_of[id],
+                partitioning: partitioning(job, &nodes[i.node], node, &i.keying),
+            });
+        }
+    }
+    JobPlan { spec: Arc::new(job.clone()), base_dir: base.to_path_buf(), nodes, vertices, edges, vertex_of }
+}
+
+impl JobPlan {
+    /// Total number of subtasks.
+    pub fn subtask_count(&self) -> u32 {
+        self.vertices.iter().map(|v| v.parallelism).sum()
+    }
+
+    /// Slots needed with slot sharing (one subtask of every vertex per slot).
+    pub fn slots_needed(&self) -> u32 {
+        self.vertices.iter().map(|v| v.parallelism).max().unwrap_or(0)
+    }
+
+    /// A human-readable description of the planned graph.
+    pub fn explain(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "job {} (max parallelism {}, {} vertices, {} subtasks, {} slots)",
+            self.spec.name,
+            self.spec.max_parallelism,
+            self.vertices.len(),
+            self.subtask_count(),
+            self.slots_needed()
+        );
+        for (vi, v) in self.vertices.iter().enumerate() {
+            let _ = writeln!(s, "\nvertex {vi}: {} [parallelism {}]", v.name, v.parallelism);
+            for (k, m) in v.nodes.iter().enumerate() {
+                let node = &self.nodes[*m];
+                let role = match (&node.kind, node.is_sink) {
+                    (NodeKind::Source { .. }, _) => "source",
+                    (_, true) => "sink",
+                    _ => "operator",
+                };
+                let chained = if k == 0 { "" } else { "  (chained)" };
+                let _ = writeln!(s, "  {role} {}{chained}", node.name);
+                for (p, schema) in node.outputs.iter().enumerate() {
+                    let cols: Vec<String> = schema
+                        .fields()
+                        .iter()
+                        .filter(|f| f.name() != freshet_engine::TIME_COLUMN)
+                        .map(|f| format!("{}: {}", f.name(), freshet_operators::expr::type_name(f.data_type()).to_lowercase()))
+                        .collect();
+                    let _ = writeln!(s, "    {} -> ({})", node.port_names[p], cols.join(", "));
+                }
+            }
+            for e in self.edges.iter().filter(|e| e.to_vertex == vi) {
+                let from = &self.nodes[e.from.0];
+                let port = if e.from.1 == 0 { String::new() } else { format!(".{}", from.port_names[e.from.1]) };
+                let _ = writeln!(s, "  <- {}{port} [{}] from vertex {}", from.name, e.partitioning, e.from_vertex);
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(extra: &str) -> JobSpec {
+        let dir = std::env::temp_dir();
+        let path = dir.join("freshet-plan-test.jsonl");
+        std::fs::write(&path, "").unwrap();
+        let text = format!(
+            r#"
+version: 1
+name: t
+parallelism: 4
+sources:
+  s:
+    connector: {{type: file, path: {}, format: jsonl}}
+    schema: {{k: string, v: int, ts: timestamp}}
+    event_time: ts
+{extra}
+"#,
+            path.display()
+        );
+        freshet_job::parse_job(&text, "t.yaml", &[]).unwrap()
+    }
+
+    #[test]
+    fn chains_forward_edges_and_hashes_keyed_inputs() {
+        let j = job(
+            r#"
+transforms:
+  f: {type: filter, input: s, where: "v > 0"}
+  w: {type: window, input: f, key_by: [k], window: {type: tumbling, size: 1m}, aggregates: ["count(*) AS n"]}
+sinks:
+  out: {input: w, connector: {type: blackhole}}
+"#,
+        );
+        let p = plan(&j, Path::new("/")).unwrap();
+        let names: Vec<&str> = p.vertices.iter().map(|v| v.name.as_str()).collect();
+        // source and filter chain; the window is keyed; the dead-letter and late outputs are routed
+        assert!(names.contains(&"s -> f"), "{names:?}");
+        assert!(names.contains(&"w -> sink:out"), "{names:?}");
+        assert!(names.iter().any(|n| n.starts_with("sink:dead_letter")), "{names:?}");
+        let hash = p.edges.iter().find(|e| p.vertices[e.to_vertex].name.starts_with("w")).unwrap();
+        assert!(matches!(hash.partitioning, Partitioning::Hash { .. }));
+        let explain = p.explain();
+        assert!(explain.contains("hash(k)"), "{explain}");
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let j = job(
+            r#"
+transforms:
+  f: {type: filter, input: s, where: "v + 1"}
+  w: {type: window, input: s, key_by: [nope], window: {type: tumbling, size: 1m}, aggregates: ["count(*) AS n"]}
+sinks:
+  out: {input: f, connector: {type: table, path: x.jsonl}}
+"#,
+        );
+        let err = plan(&j, Path::new("/")).err().unwrap().to_string();
+        assert!(err.contains("transforms.f.where: must be a BOOLEAN"), "{err}");
+        assert!(err.contains("transforms.w.key_by[0]: unknown column 'nope'"), "{err}");
+        assert!(err.contains("sinks.out.connector.key"), "{err}");
+    }
+}

@@ -1,0 +1,184 @@
+//! The TaskManager: offers slots, runs the subtasks deployed to it (one thread each), wires their
+//! channels, and reports their state to the JobManager.
+use crossbeam_channel::Sender;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tracing::{debug, info_span};
+
+use freshet_engine::channel::CancelToken;
+use freshet_engine::metrics::SubtaskMetrics;
+use freshet_engine::operator::SubtaskInfo;
+use freshet_engine::partition::{EdgeWriter, Partitioning};
+use freshet_engine::task::{ChainedOperator, SubtaskSpec, TaskInput, run_subtask};
+use freshet_engine::{EngineError, Result};
+use freshet_jobmanager::messages::SubtaskStatus;
+use freshet_jobmanager::plan::{JobPlan, NodeKind};
+use freshet_jobmanager::{JobId, TaskDeployment, TaskEvent, TaskManagerGateway, TaskState, plan};
+
+use crate::shuffle::{ChannelKey, LocalShuffle};
+
+struct Running {
+    cancel: CancelToken,
+    metrics: Arc<SubtaskMetrics>,
+}
+
+/// A TaskManager.
+pub struct TaskManager {
+    id: String,
+    slots: u32,
+    shuffle: Arc<LocalShuffle>,
+    events: Sender<TaskEvent>,
+    plans: Mutex<HashMap<(JobId, u32), Arc<JobPlan>>>,
+    running: Arc<Mutex<HashMap<(JobId, usize, u32), Running>>>,
+}
+
+impl TaskManager {
+    /// A TaskManager offering `slots`, exchanging data through `shuffle` and reporting on `events`.
+    pub fn new(id: impl Into<String>, slots: u32, shuffle: Arc<LocalShuffle>, events: Sender<TaskEvent>) -> Self {
+        TaskManager {
+            id: id.into(),
+            slots,
+            shuffle,
+            events,
+            plans: Mutex::new(HashMap::new()),
+            running: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn plan_for(&self, d: &TaskDeployment) -> std::result::Result<Arc<JobPlan>, String> {
+        let mut plans = self.plans.lock().expect("plans lock");
+        if let Some(p) = plans.get(&(d.job.clone(), d.attempt)) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(plan(&d.spec, &d.base_dir).map_err(|p| p.to_string())?);
+        plans.insert((d.job.clone(), d.attempt), p.clone());
+        Ok(p)
+    }
+
+    /// Builds the runnable subtask of a deployment.
+    fn build(&self, d: &TaskDeployment, plan: &JobPlan, cancel: CancelToken, metrics: Arc<SubtaskMetrics>) -> Result<SubtaskSpec> {
+        let vertex = &plan.vertices[d.vertex];
+        let capacity = plan.spec.pipeline.channel_capacity;
+        let info = SubtaskInfo {
+            job: plan.spec.name.clone(),
+            vertex: vertex.name.clone(),
+            index: d.subtask,
+            parallelism: vertex.parallelism,
+            max_parallelism: plan.spec.max_parallelism,
+        };
+        let key = |edge: usize, from: u32, to: u32| ChannelKey { job: d.job.clone(), attempt: d.attempt, edge, from, to };
+        // Writers for everything leaving (node, port) towards other vertices.
+        let writers = |node: usize, port: usize| -> Vec<EdgeWriter> {
+            plan.edges
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.from == (node, port))
+                .map(|(ei, e)| {
+                    let downstream = plan.vertices[e.to_vertex].parallelism;
+                    let targets = match e.partitioning {
+                        Partitioning::Forward => vec![self.shuffle.sender(key(ei, d.subtask, d.subtask), capacity)],
+                        _ => (0..downstream).map(|j| self.shuffle.sender(key(ei, d.subtask, j), capacity)).collect(),
+                    };
+                    EdgeWriter::new(e.partitioning.clone(), targets)
+                })
+                .collect()
+        };
+        let head = vertex.nodes[0];
+        let (input, rest) = match &plan.nodes[head].kind {
+            NodeKind::Source { factory, watermarks, .. } => {
+                let source = factory(&info)?;
+                let only = vertex.nodes.len() == 1;
+                let main_outputs = if only { writers(head, 0) } else { Vec::new() };
+                let side_outputs = (1..plan.nodes[head].outputs.len()).map(|p| writers(head, p)).collect();
+                (TaskInput::Source { source, watermarks: *watermarks, main_outputs, side_outputs }, &vertex.nodes[1..])
+            }
+            NodeKind::Operator { .. } => {
+                let mut inputs = Vec::new();
+                for (ei, e) in plan.edges.iter().enumerate().filter(|(_, e)| e.to_vertex == d.vertex) {
+                    let upstream = plan.vertices[e.from_vertex].parallelism;
+                    match e.partitioning {
+                        Partitioning::Forward => inputs.push((self.shuffle.receiver(key(ei, d.subtask, d.subtask), capacity), e.to.1)),
+                        _ => {
+                            for u in 0..upstream {
+                                inputs.push((self.shuffle.receiver(key(ei, u, d.subtask), capacity), e.to.1));
+                            }
+                        }
+                    }
+                }
+                (TaskInput::Channels(inputs), &vertex.nodes[..])
+            }
+        };
+        let mut chain = Vec::new();
+        for (k, node) in rest.iter().enumerate() {
+            let n = &plan.nodes[*node];
+            let NodeKind::Operator { factory } = &n.kind else {
+                return Err(EngineError::Operator(format!("source {} cannot be chained", n.name)));
+            };
+            let last = k + 1 == rest.len();
+            let mut outputs: Vec<Vec<EdgeWriter>> = Vec::new();
+            for port in 0..n.outputs.len().max(1) {
+                outputs.push(if port == 0 && !last { Vec::new() } else { writers(*node, port) });
+            }
+            chain.push(ChainedOperator { name: n.name.clone(), operator: factory(&info), outputs });
+        }
+        Ok(SubtaskSpec { info, input, chain, cancel, metrics })
+    }
+}
+
+impl TaskManagerGateway for TaskManager {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    fn deploy(&self, d: TaskDeployment) -> std::result::Result<(), String> {
+        let plan = self.plan_for(&d)?;
+        let cancel = CancelToken::new();
+        let metrics = Arc::new(SubtaskMetrics::default());
+        let spec = self.build(&d, &plan, cancel.clone(), metrics.clone()).map_err(|e| e.to_string())?;
+        let task = (d.job.clone(), d.vertex, d.subtask);
+        self.running.lock().expect("running lock").insert(task.clone(), Running { cancel: cancel.clone(), metrics });
+        let events = self.events.clone();
+        let running = self.running.clone();
+        let thread_name = format!("{}#{}", plan.vertices[d.vertex].name, d.subtask);
+        let span = info_span!("task", taskmanager = %self.id, job = %d.job, task = %thread_name);
+        std::thread::Builder::new()
+            .name(thread_name.chars().take(15).collect())
+            .spawn(move || {
+                let _enter = span.enter();
+                let state = match run_subtask(spec) {
+                    Ok(r) => TaskState::Finished { metrics: r.metrics, accumulators: r.accumulators },
+                    Err(EngineError::Cancelled) => TaskState::Cancelled,
+                    Err(_) if cancel.is_cancelled() => TaskState::Cancelled,
+                    Err(e) => TaskState::Failed { error: e.to_string() },
+                };
+                debug!(?state, "subtask ended");
+                running.lock().expect("running lock").remove(&task);
+                let _ = events.send(TaskEvent { job: d.job, attempt: d.attempt, vertex: d.vertex, subtask: d.subtask, state });
+            })
+            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        Ok(())
+    }
+
+    fn cancel(&self, job: &JobId) {
+        for ((j, _, _), r) in self.running.lock().expect("running lock").iter() {
+            if j == job {
+                r.cancel.cancel();
+            }
+        }
+        self.shuffle.release(job);
+    }
+
+    fn metrics(&self, job: &JobId) -> Vec<SubtaskStatus> {
+        self.running
+            .lock()
+            .expect("running lock")
+            .iter()
+            .filter(|((j, _, _), _)| j == job)
+            .map(|((_, v, s), r)| SubtaskStatus { vertex: *v, subtask: *s, metrics: r.metrics.snapshot() })
+            .collect()
+    }
+}
