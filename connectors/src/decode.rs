@@ -22,12 +22,26 @@ pub fn arrow_type(t: FieldType) -> DataType {
         FieldType::Float => DataType::Float64,
         FieldType::Bool => DataType::Boolean,
         FieldType::Timestamp => timestamp_type(),
+        FieldType::Json => DataType::Utf8,
     }
 }
 
-/// The Arrow schema of declared fields (without the time column).
+/// The Arrow schema of declared fields (without the time column). `json` fields are text columns
+/// marked with [`freshet_operators::json::JSON_METADATA`], so writers emit them as JSON again.
 pub fn schema_of(fields: &[(String, FieldType)]) -> SchemaRef {
-    Arc::new(Schema::new(fields.iter().map(|(n, t)| Field::new(n, arrow_type(*t), true)).collect::<Vec<_>>()))
+    Arc::new(Schema::new(
+        fields
+            .iter()
+            .map(|(n, t)| {
+                let f = Field::new(n, arrow_type(*t), true);
+                if *t == FieldType::Json {
+                    f.with_metadata(std::collections::HashMap::from([(freshet_operators::json::JSON_METADATA.to_string(), "true".to_string())]))
+                } else {
+                    f
+                }
+            })
+            .collect::<Vec<_>>(),
+    ))
 }
 
 /// Parses RFC 3339 text into epoch milliseconds.
@@ -146,6 +160,7 @@ fn new_builder(t: FieldType) -> Builder {
         FieldType::Float => Builder::Float(Float64Builder::new()),
         FieldType::Bool => Builder::Bool(BooleanBuilder::new()),
         FieldType::Timestamp => Builder::Ts(TimestampMillisecondBuilder::new()),
+        FieldType::Json => Builder::Str(StringBuilder::new()),
     }
 }
 
@@ -180,16 +195,21 @@ fn from_json(name: &str, t: FieldType, v: &serde_json::Value) -> Result<Parsed, 
             Parsed::Ts(n.as_i64().ok_or_else(|| format!("field '{name}': {n} is not epoch milliseconds"))?)
         }
         (FieldType::Timestamp, _) => return Err(wrong("a timestamp")),
+        (FieldType::Json, v) => Parsed::Str(v.to_string()),
     })
 }
 
 fn from_text(name: &str, t: FieldType, cell: &str) -> Result<Parsed, String> {
-    if cell.is_empty() && t != FieldType::String {
+    if cell.is_empty() && t != FieldType::String && t != FieldType::Json {
         return Ok(Parsed::Null);
     }
     let bad = |want: &str| format!("field '{name}': '{cell}' is not {want}");
     Ok(match t {
         FieldType::String => Parsed::Str(cell.to_string()),
+        FieldType::Json => {
+            serde_json::from_str::<serde_json::Value>(cell).map_err(|_| bad("JSON"))?;
+            Parsed::Str(cell.to_string())
+        }
         FieldType::Int => Parsed::Int(cell.trim().parse().map_err(|_| bad("an integer"))?),
         FieldType::Float => Parsed::Float(cell.trim().parse().map_err(|_| bad("a number"))?),
         FieldType::Bool => match cell.trim().to_ascii_lowercase().as_str() {

@@ -28,6 +28,9 @@ pub struct FileSourceConfig {
     pub name: String,
     /// The file or directory.
     pub path: PathBuf,
+    /// The path as written in the job (positions in dead letters use it, so they do not depend
+    /// on where the job runs).
+    pub display_path: String,
     /// Record format.
     pub format: FileFormat,
     /// Keep reading as files grow.
@@ -61,6 +64,8 @@ pub fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
 
 struct OpenFile {
     path: PathBuf,
+    /// How positions name this file.
+    name: String,
     reader: BufReader<File>,
     line_no: u64,
     partial: String,
@@ -103,7 +108,13 @@ impl FileSource {
         let Some(path) = self.files.get(self.next_file).cloned() else { return Ok(false) };
         self.next_file += 1;
         let f = File::open(&path).map_err(|e| EngineError::io(format!("opening {}", path.display()), e))?;
-        self.open = Some(OpenFile { path, reader: BufReader::with_capacity(1 << 16, f), line_no: 0, partial: String::new(), columns: None });
+        let name = if self.config.path.is_dir() {
+            let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            format!("{}/{file}", self.config.display_path.trim_end_matches('/'))
+        } else {
+            self.config.display_path.clone()
+        };
+        self.open = Some(OpenFile { path, name, reader: BufReader::with_capacity(1 << 16, f), line_no: 0, partial: String::new(), columns: None });
         Ok(true)
     }
 
@@ -157,8 +168,8 @@ impl FileSource {
         match result {
             Ok(()) => self.positions.push(line_no),
             Err(reason) => {
-                let path = self.open.as_ref().map(|o| o.path.display().to_string()).unwrap_or_default();
-                self.dead.push(&self.config.name, Some(format!("{path}:{line_no}")), reason, Some(text.to_string()), 0);
+                let name = self.open.as_ref().map(|o| o.name.clone()).unwrap_or_default();
+                self.dead.push(&self.config.name, Some(format!("{name}:{line_no}")), reason, Some(text.to_string()), 0);
             }
         }
         Ok(())
@@ -169,9 +180,9 @@ impl FileSource {
             let rows = self.decoder.rows();
             let cols = self.decoder.finish();
             let (batch, null_time): (RecordBatch, Vec<usize>) = self.config.event_time.apply(cols, rows)?;
-            let path = self.open.as_ref().map(|o| o.path.display().to_string()).unwrap_or_default();
+            let name = self.open.as_ref().map(|o| o.name.clone()).unwrap_or_default();
             for i in null_time {
-                self.dead.push(&self.config.name, Some(format!("{path}:{}", self.positions[i])), "event time is null".into(), None, 0);
+                self.dead.push(&self.config.name, Some(format!("{name}:{}", self.positions[i])), "event time is null".into(), None, 0);
             }
             out.emit(batch);
         }

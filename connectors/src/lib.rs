@@ -37,6 +37,9 @@ pub struct SourcePlan {
     pub watermarks: WatermarkConfig,
     /// Whether the source ends by itself.
     pub bounded: bool,
+    /// The most subtasks that can have work (a file source has one split per file); more would
+    /// only idle.
+    pub max_parallelism: Option<u32>,
     /// Creates a subtask's source.
     pub factory: SourceFactory,
 }
@@ -63,11 +66,14 @@ pub fn plan_source(name: &str, spec: &SourceSpec, base: &Path, batch_size: usize
         idle_timeout: spec.watermark.idle_timeout.map(|d| d.0),
     };
     let fields: Vec<(String, freshet_job::FieldType)> = spec.schema.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let mut max_parallelism = None;
     let (schema, bounded, factory): (SchemaRef, bool, SourceFactory) = match &spec.connector {
         SourceConnector::File { path: file, format, follow, csv } => {
             let full = resolve(base, file);
-            if !full.exists() {
-                return Err(problem("connector.path", format!("{} does not exist", full.display())));
+            match file_source::list_files(&full) {
+                Ok(files) if !files.is_empty() => max_parallelism = Some(files.len() as u32),
+                Ok(_) => return Err(problem("connector.path", format!("{} contains no files", full.display()))),
+                Err(_) => return Err(problem("connector.path", format!("{} does not exist", full.display()))),
             }
             let decoded = decode::schema_of(&fields);
             let event_time = event_time::EventTime::compile(spec.event_time.as_deref(), &decoded).map_err(|e| problem("event_time", e.message))?;
@@ -77,6 +83,7 @@ pub fn plan_source(name: &str, spec: &SourceSpec, base: &Path, batch_size: usize
             let config = file_source::FileSourceConfig {
                 name: name.to_string(),
                 path: full,
+                display_path: file.clone(),
                 format: *format,
                 follow: *follow,
                 header: csv.header,
@@ -138,7 +145,7 @@ pub fn plan_source(name: &str, spec: &SourceSpec, base: &Path, batch_size: usize
             )
         }
     };
-    Ok(SourcePlan { outputs: vec![schema, dead_letter::schema()], watermarks, bounded, factory })
+    Ok(SourcePlan { outputs: vec![schema, dead_letter::schema()], watermarks, bounded, max_parallelism, factory })
 }
 
 /// Checks a sink against the stream it writes and prepares its factory. `path` is the field path

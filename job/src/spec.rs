@@ -113,6 +113,8 @@ pub enum FieldType {
     Bool,
     /// A point in time: RFC 3339 text (`2024-05-01T10:00:00Z`) or epoch milliseconds.
     Timestamp,
+    /// Any JSON value, kept as its JSON text and written back as JSON (nested objects, arrays).
+    Json,
 }
 
 /// How a source derives watermarks from event time.

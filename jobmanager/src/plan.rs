@@ -159,11 +159,13 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
 
     for (name, s) in &job.sources {
         match plan_source(name, s, base_dir, job.pipeline.batch_size) {
-            Ok(SourcePlan { outputs, watermarks, bounded, factory }) => {
+            Ok(SourcePlan { outputs, watermarks, bounded, max_parallelism, factory }) => {
+                // a subtask without a split would only idle (and hold back nothing useful)
+                let parallelism = s.parallelism.unwrap_or(job.parallelism).min(max_parallelism.unwrap_or(u32::MAX));
                 let id = b.add(Node {
                     name: name.clone(),
                     kind: NodeKind::Source { factory, watermarks, bounded },
-                    parallelism: s.parallelism.unwrap_or(job.parallelism),
+                    parallelism,
                     inputs: Vec::new(),
                     outputs,
                     port_names: vec!["main", "dead_letter"],

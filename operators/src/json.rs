@@ -9,16 +9,24 @@ use std::io::Write;
 use freshet_engine::time::format_millis;
 use freshet_engine::{EngineError, Result, TIME_COLUMN};
 
-/// Appends one JSON object per row of `batch` to `out`, each followed by a newline.
-pub fn write_rows(batch: &RecordBatch, out: &mut Vec<u8>) -> Result<()> {
-    let schema = batch.schema();
-    let cols: Vec<(String, &ArrayRef)> = schema
+/// Field metadata marking a text column that holds JSON, written back as JSON rather than text.
+pub const JSON_METADATA: &str = "freshet.json";
+
+/// The columns to write: quoted name, column, whether it holds raw JSON.
+fn columns(batch: &RecordBatch) -> Vec<(String, &ArrayRef, bool)> {
+    batch
+        .schema_ref()
         .fields()
         .iter()
         .zip(batch.columns())
         .filter(|(f, _)| f.name() != TIME_COLUMN)
-        .map(|(f, c)| (serde_json::to_string(f.name()).expect("string serialises"), c))
-        .collect();
+        .map(|(f, c)| (serde_json::to_string(f.name()).expect("string serialises"), c, f.metadata().contains_key(JSON_METADATA)))
+        .collect()
+}
+
+/// Appends one JSON object per row of `batch` to `out`, each followed by a newline.
+pub fn write_rows(batch: &RecordBatch, out: &mut Vec<u8>) -> Result<()> {
+    let cols = columns(batch);
     for row in 0..batch.num_rows() {
         write_row(&cols, row, out)?;
         out.push(b'\n');
@@ -28,28 +36,25 @@ pub fn write_rows(batch: &RecordBatch, out: &mut Vec<u8>) -> Result<()> {
 
 /// One row as a JSON object text.
 pub fn row_to_string(batch: &RecordBatch, row: usize) -> Result<String> {
-    let schema = batch.schema();
-    let cols: Vec<(String, &ArrayRef)> = schema
-        .fields()
-        .iter()
-        .zip(batch.columns())
-        .filter(|(f, _)| f.name() != TIME_COLUMN)
-        .map(|(f, c)| (serde_json::to_string(f.name()).expect("string serialises"), c))
-        .collect();
+    let cols = columns(batch);
     let mut out = Vec::new();
     write_row(&cols, row, &mut out)?;
     String::from_utf8(out).map_err(|e| EngineError::Operator(e.to_string()))
 }
 
-fn write_row(cols: &[(String, &ArrayRef)], row: usize, out: &mut Vec<u8>) -> Result<()> {
+fn write_row(cols: &[(String, &ArrayRef, bool)], row: usize, out: &mut Vec<u8>) -> Result<()> {
     out.push(b'{');
-    for (i, (name, col)) in cols.iter().enumerate() {
+    for (i, (name, col, raw)) in cols.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         out.extend_from_slice(name.as_bytes());
         out.push(b':');
-        write_value(col.as_ref(), row, out)?;
+        if *raw && col.is_valid(row) {
+            out.extend_from_slice(col.as_string::<i32>().value(row).as_bytes());
+        } else {
+            write_value(col.as_ref(), row, out)?;
+        }
     }
     out.push(b'}');
     Ok(())
