@@ -3,7 +3,9 @@
 //! **State.** Tumbling and sliding windows keep one accumulator set per *(key, slice)*, where a
 //! slice is one `slide` of event time (tumbling: slide = size). A window is the merge of the
 //! `size / slide` slices it covers, computed when it fires; so a record updates one slice, not
-//! every window it belongs to. Session windows keep one accumulator set per *(key, session)*,
+//! every window it belongs to. A record that is too late for the earliest windows of its slice
+//! but not for the later ones is kept apart in the slice, tagged with the first window it counts
+//! for, so it never reaches a window it was too late for, whatever the order of arrival. Session windows keep one accumulator set per *(key, session)*,
 //! merging sessions a record bridges. State lives in the keyed-state interface.
 //!
 //! **Firing.** A window `[start, end)` fires when the watermark reaches `end - 1`; its row is
@@ -156,7 +158,9 @@ struct Session {
 /// The window operator of one subtask. See the module documentation.
 pub struct WindowOperator {
     plan: WindowPlan,
-    slices: KeyedTable<Vec<Acc>>,
+    /// Per (key, slice start): accumulators tagged with the end of the first window they count
+    /// for (one entry unless late records arrived), sorted by that end.
+    slices: KeyedTable<Vec<(i64, Vec<Acc>)>>,
     sessions: KeyedTable<Session>,
     fire: Timers,
     cleanup: Timers,
@@ -179,7 +183,8 @@ impl WindowOperator {
     /// The merged accumulators of window `[start, end)` for `key` (sliced windows).
     fn window_accs(&self, key: &[u8], start: i64, end: i64) -> Option<Vec<Acc>> {
         let mut out: Option<Vec<Acc>> = None;
-        for (_, accs) in self.slices.range(key, start..end, Watermark::MIN) {
+        let parts = self.slices.range(key, start..end, Watermark::MIN).flat_map(|(_, parts)| parts.iter());
+        for (_, accs) in parts.filter(|(first_end, _)| *first_end <= end) {
             match &mut out {
                 None => out = Some(accs.clone()),
                 Some(o) => {
@@ -232,20 +237,29 @@ impl WindowOperator {
             if !inputs.any_selected(row) && !aggs.is_empty() {
                 continue;
             }
+            // the first window of this slice the record is not too late for
+            let mut first_end = slice + slide;
+            while rw >= (first_end - 1).saturating_add(lateness) {
+                first_end += slide;
+            }
             let key = self.keys.row(row);
             let mut created = false;
-            let new_accs = || {
-                created = true;
-                aggs.iter().map(AggDef::new_acc).collect::<Vec<_>>()
-            };
-            self.slices.update(key, slice, t, Watermark::MIN, new_accs, |accs| aggregate::update(aggs, accs, &inputs, &readers, row));
-            let mut end = slice + slide;
+            self.slices.update(key, slice, t, Watermark::MIN, Vec::new, |parts| {
+                let i = match parts.binary_search_by_key(&first_end, |(e, _)| *e) {
+                    Ok(i) => i,
+                    Err(i) => {
+                        created = true;
+                        parts.insert(i, (first_end, aggs.iter().map(AggDef::new_acc).collect()));
+                        i
+                    }
+                };
+                aggregate::update(aggs, &mut parts[i].1, &inputs, &readers, row);
+            });
+            let mut end = first_end;
             while end <= last_end {
                 if w >= end - 1 {
-                    // the window already fired: this is a late update if it is still open for this record
-                    if rw < (end - 1).saturating_add(lateness) {
-                        updated.insert((key.into(), end));
-                    }
+                    // the window already fired: emit it again with this record
+                    updated.insert((key.into(), end));
                 } else if created {
                     self.fire.register(end - 1, key);
                 }

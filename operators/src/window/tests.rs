@@ -108,3 +108,30 @@ fn key_seen_once_and_empty_input() {
     h.watermark(i64::MAX);
     assert_eq!(h.take(0), vec![r#"{"k":"solo","window_start":"1970-01-01T00:00:00.000Z","window_end":"1970-01-01T00:01:00.000Z","n":1,"min":"x","top_n":["x"]}"#]);
 }
+
+#[test]
+fn sliding_record_too_late_for_early_windows_counts_only_for_later_ones() {
+    let (mut h, s) = harness(WindowKind::Sliced { size: 3 * MIN, slide: MIN }, 0, &["count(*) AS n"]);
+    h.push(0, rows(&s, &[("a", "x", 30_000)]));
+    // the window [-2m, 1m) fired; the record at 0:40 is too late for it but counts in [-1m, 2m)
+    // and [0, 3m). The operator's own watermark is held back (as if another input lagged), so
+    // nothing has fired yet when it arrives.
+    h.wm = Watermark(MIN);
+    let ctx_wm = Watermark(-1);
+    {
+        let ctx = OperatorContext { subtask: &h.info, record_watermark: Watermark(MIN), current_watermark: ctx_wm, metrics: &h.metrics };
+        h.op.process_batch(0, rows(&s, &[("a", "y", 40_000)]), &ctx, &mut h.out).unwrap();
+    }
+    h.watermark(i64::MAX);
+    let mut out = h.take(0);
+    out.sort();
+    let ends: Vec<(String, i64)> = out
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["window_end"].as_str().unwrap()[11..16].to_string(), v["n"].as_i64().unwrap())
+        })
+        .collect();
+    let expect = [("00:01", 1), ("00:02", 2), ("00:03", 2)].map(|(e, n)| (e.to_string(), n));
+    assert_eq!(ends, expect, "{out:?}");
+}
