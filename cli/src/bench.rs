@@ -41,7 +41,10 @@ pub fn nexmark_job(query: &str, events: u64, parallelism: u32, seed: u64) -> Res
             "  q:\n    type: project\n    input: bids\n    select: [auction, bidder, \"price * 0.908 AS price\", channel, url, extra, date_time]\n",
             "[\"CAST(price AS BIGINT)\", auction]",
         ),
-        "q2" => ("  q:\n    type: filter\n    input: bids\n    where: \"auction % 123 = 0\"\n", "[price, auction]"),
+        "q2" => (
+            "  q:\n    type: filter\n    input: bids\n    where: \"auction % 123 = 0\"\n",
+            "[price, auction]",
+        ),
         "q5" => (
             "  q:\n    type: window\n    input: bids\n    key_by: [auction]\n    window: {type: sliding, size: 10s, slide: 2s}\n    aggregates: [\"count(*) AS count\"]\n",
             "[count, \"count * auction + epoch_ms(window_end)\"]",
@@ -60,7 +63,11 @@ pub fn nexmark_job(query: &str, events: u64, parallelism: u32, seed: u64) -> Res
     Ok(format!(
         "version: 1\nname: nexmark-{query}\nparallelism: {parallelism}\nsources:\n  bids:\n    connector: {{type: nexmark, events: {events}, seed: {seed}}}\n    \
          watermark: {{max_out_of_orderness: 1s, interval: 200ms}}\n{}sinks:\n  out:\n    input: {input}\n    connector: {{type: blackhole, checksums: {checksums}}}\n",
-        if transform.is_empty() { String::new() } else { format!("transforms:\n{transform}") }
+        if transform.is_empty() {
+            String::new()
+        } else {
+            format!("transforms:\n{transform}")
+        }
     ))
 }
 
@@ -73,13 +80,20 @@ fn cpu_seconds() -> f64 {
 }
 
 pub fn run(cmd: BenchCommand) -> Result<i32> {
-    let BenchCommand::Nexmark { query, events, parallelism, seed, print_job } = cmd;
+    let BenchCommand::Nexmark {
+        query,
+        events,
+        parallelism,
+        seed,
+        print_job,
+    } = cmd;
     let text = nexmark_job(&query, events, parallelism, seed)?;
     if print_job {
         print!("{text}");
         return Ok(0);
     }
-    let spec = parse_job(&text, &format!("nexmark-{query}"), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec =
+        parse_job(&text, &format!("nexmark-{query}"), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
     let events = events - events % parallelism as u64;
     let jm = local_cluster(1, parallelism);
     let (cpu0, t0) = (cpu_seconds(), Instant::now());

@@ -62,7 +62,8 @@ enum Command {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FRESHET_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("FRESHET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -86,9 +87,18 @@ fn overrides(set: Vec<String>, parallelism: Option<u32>) -> Vec<String> {
 
 fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::Run { job, set, parallelism, taskmanagers } => run::run(&job, &overrides(set, parallelism), taskmanagers),
+        Command::Run {
+            job,
+            set,
+            parallelism,
+            taskmanagers,
+        } => run::run(&job, &overrides(set, parallelism), taskmanagers),
         Command::Validate { job, set } => run::validate(&job, &set),
-        Command::Explain { job, set, parallelism } => run::explain(&job, &overrides(set, parallelism)),
+        Command::Explain {
+            job,
+            set,
+            parallelism,
+        } => run::explain(&job, &overrides(set, parallelism)),
         Command::Schema => {
             println!("{}", serde_json::to_string_pretty(&freshet_job::schema())?);
             Ok(0)

@@ -31,7 +31,11 @@ fn load(path: &Path, overrides: &[String]) -> Option<(JobSpec, PathBuf)> {
 
 fn base_dir(job: &Path) -> PathBuf {
     let dir = job.parent().map(Path::to_path_buf).unwrap_or_default();
-    if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir }
+    if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir
+    }
 }
 
 fn planned(path: &Path, overrides: &[String]) -> Option<(JobSpec, PathBuf, JobPlan)> {
@@ -46,7 +50,9 @@ fn planned(path: &Path, overrides: &[String]) -> Option<(JobSpec, PathBuf, JobPl
 }
 
 pub fn validate(path: &Path, overrides: &[String]) -> Result<i32> {
-    let Some((spec, _, plan)) = planned(path, overrides) else { return Ok(1) };
+    let Some((spec, _, plan)) = planned(path, overrides) else {
+        return Ok(1);
+    };
     println!(
         "{}: ok: job {} with {} source(s), {} transform(s), {} sink(s); {} subtasks in {} vertices",
         path.display(),
@@ -61,13 +67,17 @@ pub fn validate(path: &Path, overrides: &[String]) -> Result<i32> {
 }
 
 pub fn explain(path: &Path, overrides: &[String]) -> Result<i32> {
-    let Some((_, _, plan)) = planned(path, overrides) else { return Ok(1) };
+    let Some((_, _, plan)) = planned(path, overrides) else {
+        return Ok(1);
+    };
     print!("{}", plan.explain());
     Ok(0)
 }
 
 pub fn run(path: &Path, overrides: &[String], taskmanagers: u32) -> Result<i32> {
-    let Some((spec, base, plan)) = planned(path, overrides) else { return Ok(1) };
+    let Some((spec, base, plan)) = planned(path, overrides) else {
+        return Ok(1);
+    };
     let slots = plan.slots_needed().div_ceil(taskmanagers.max(1));
     let jm = local_cluster(taskmanagers, slots);
     let job = match jm.submit(spec, base) {
@@ -121,7 +131,10 @@ pub fn run(path: &Path, overrides: &[String], taskmanagers: u32) -> Result<i32> 
 fn per_vertex(job: &JobHandle) -> BTreeMap<usize, MetricsSnapshot> {
     let mut out: BTreeMap<usize, MetricsSnapshot> = BTreeMap::new();
     for ((v, _), m) in job.metrics() {
-        let e = out.entry(v).or_insert(MetricsSnapshot { watermark: i64::MAX, ..Default::default() });
+        let e = out.entry(v).or_insert(MetricsSnapshot {
+            watermark: i64::MAX,
+            ..Default::default()
+        });
         e.records_in += m.records_in;
         e.records_out += m.records_out;
         e.late_records += m.late_records;
@@ -133,11 +146,17 @@ fn per_vertex(job: &JobHandle) -> BTreeMap<usize, MetricsSnapshot> {
 }
 
 fn is_source(plan: &JobPlan, v: usize) -> bool {
-    matches!(plan.nodes[plan.vertices[v].nodes[0]].kind, NodeKind::Source { .. })
+    matches!(
+        plan.nodes[plan.vertices[v].nodes[0]].kind,
+        NodeKind::Source { .. }
+    )
 }
 
 fn is_sink(plan: &JobPlan, v: usize) -> bool {
-    plan.vertices[v].nodes.last().is_some_and(|n| plan.nodes[*n].is_sink)
+    plan.vertices[v]
+        .nodes
+        .last()
+        .is_some_and(|n| plan.nodes[*n].is_sink)
 }
 
 struct Progress {
@@ -148,15 +167,32 @@ struct Progress {
 
 impl Progress {
     fn new(_: &JobHandle) -> Self {
-        Progress { last: Instant::now(), last_in: 0, last_out: 0 }
+        Progress {
+            last: Instant::now(),
+            last_in: 0,
+            last_out: 0,
+        }
     }
 
     fn line(&mut self, job: &JobHandle) -> String {
         let plan = job.plan();
         let m = per_vertex(job);
-        let input: u64 = m.iter().filter(|(v, _)| is_source(plan, **v)).map(|(_, s)| s.records_in).sum();
-        let output: u64 = m.iter().filter(|(v, _)| is_sink(plan, **v)).map(|(_, s)| s.records_in).sum();
-        let wm = m.iter().filter(|(v, _)| !is_source(plan, **v)).map(|(_, s)| s.watermark).min().unwrap_or(i64::MIN);
+        let input: u64 = m
+            .iter()
+            .filter(|(v, _)| is_source(plan, **v))
+            .map(|(_, s)| s.records_in)
+            .sum();
+        let output: u64 = m
+            .iter()
+            .filter(|(v, _)| is_sink(plan, **v))
+            .map(|(_, s)| s.records_in)
+            .sum();
+        let wm = m
+            .iter()
+            .filter(|(v, _)| !is_source(plan, **v))
+            .map(|(_, s)| s.watermark)
+            .min()
+            .unwrap_or(i64::MIN);
         let dt = self.last.elapsed().as_secs_f64().max(1e-3);
         let line = format!(
             "{:>8.1}s  in {} ({}/s)  out {} ({}/s)  watermark {}",
@@ -184,7 +220,10 @@ fn print_summary(job: &JobHandle, accumulators: &BTreeMap<String, i64>, duration
     let plan = job.plan();
     let m = per_vertex(job);
     eprintln!("job {} in {:.2}s", job.id, duration.as_secs_f64());
-    eprintln!("  {:<44} {:>5} {:>12} {:>12} {:>8} {:>8}", "vertex", "par", "records in", "records out", "late", "dead");
+    eprintln!(
+        "  {:<44} {:>5} {:>12} {:>12} {:>8} {:>8}",
+        "vertex", "par", "records in", "records out", "late", "dead"
+    );
     for (v, vertex) in plan.vertices.iter().enumerate() {
         let s = m.get(&v).copied().unwrap_or_default();
         let mut name = vertex.name.clone();

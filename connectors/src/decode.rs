@@ -6,7 +6,8 @@
 //! Timestamps are RFC 3339 text (`2024-05-01T10:00:00Z`, offsets allowed) or integer epoch
 //! milliseconds.
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder,
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder,
+    TimestampMillisecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use std::sync::Arc;
@@ -35,7 +36,10 @@ pub fn schema_of(fields: &[(String, FieldType)]) -> SchemaRef {
             .map(|(n, t)| {
                 let f = Field::new(n, arrow_type(*t), true);
                 if *t == FieldType::Json {
-                    f.with_metadata(std::collections::HashMap::from([(freshet_operators::json::JSON_METADATA.to_string(), "true".to_string())]))
+                    f.with_metadata(std::collections::HashMap::from([(
+                        freshet_operators::json::JSON_METADATA.to_string(),
+                        "true".to_string(),
+                    )]))
                 } else {
                     f
                 }
@@ -46,7 +50,9 @@ pub fn schema_of(fields: &[(String, FieldType)]) -> SchemaRef {
 
 /// Parses RFC 3339 text into epoch milliseconds.
 pub fn parse_timestamp(s: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(s.trim()).ok().map(|d| d.timestamp_millis())
+    chrono::DateTime::parse_from_rfc3339(s.trim())
+        .ok()
+        .map(|d| d.timestamp_millis())
 }
 
 enum Builder {
@@ -80,7 +86,12 @@ impl RowDecoder {
     /// A decoder for the declared fields.
     pub fn new(fields: Vec<(String, FieldType)>) -> Self {
         let builders = fields.iter().map(|(_, t)| new_builder(*t)).collect();
-        RowDecoder { fields, builders, row: Vec::new(), rows: 0 }
+        RowDecoder {
+            fields,
+            builders,
+            row: Vec::new(),
+            rows: 0,
+        }
     }
 
     /// Field names, in order.
@@ -95,11 +106,16 @@ impl RowDecoder {
 
     /// Decodes one JSON Lines record. On error nothing is added and the reason is returned.
     pub fn push_json(&mut self, line: &str) -> Result<(), String> {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
-        let serde_json::Value::Object(obj) = v else { return Err("a JSON object was expected".into()) };
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+        let serde_json::Value::Object(obj) = v else {
+            return Err("a JSON object was expected".into());
+        };
         self.row.clear();
         for (name, t) in &self.fields {
-            let Some(v) = obj.get(name) else { return Err(format!("missing field '{name}'")) };
+            let Some(v) = obj.get(name) else {
+                return Err(format!("missing field '{name}'"));
+            };
             self.row.push(from_json(name, *t, v)?);
         }
         self.commit();
@@ -110,7 +126,9 @@ impl RowDecoder {
     pub fn push_text(&mut self, cells: &[Option<&str>]) -> Result<(), String> {
         self.row.clear();
         for ((name, t), cell) in self.fields.iter().zip(cells) {
-            let Some(cell) = cell else { return Err(format!("missing field '{name}'")) };
+            let Some(cell) = cell else {
+                return Err(format!("missing field '{name}'"));
+            };
             self.row.push(from_text(name, *t, cell)?);
         }
         self.commit();
@@ -182,18 +200,25 @@ fn from_json(name: &str, t: FieldType, v: &serde_json::Value) -> Result<Parsed, 
         (_, V::Null) => Parsed::Null,
         (FieldType::String, V::String(s)) => Parsed::Str(s.clone()),
         (FieldType::String, _) => return Err(wrong("a string")),
-        (FieldType::Int, V::Number(n)) => Parsed::Int(n.as_i64().ok_or_else(|| format!("field '{name}' should be an integer, got {n}"))?),
+        (FieldType::Int, V::Number(n)) => Parsed::Int(
+            n.as_i64()
+                .ok_or_else(|| format!("field '{name}' should be an integer, got {n}"))?,
+        ),
         (FieldType::Int, _) => return Err(wrong("an integer")),
-        (FieldType::Float, V::Number(n)) => Parsed::Float(n.as_f64().ok_or_else(|| wrong("a number"))?),
+        (FieldType::Float, V::Number(n)) => {
+            Parsed::Float(n.as_f64().ok_or_else(|| wrong("a number"))?)
+        }
         (FieldType::Float, _) => return Err(wrong("a number")),
         (FieldType::Bool, V::Bool(b)) => Parsed::Bool(*b),
         (FieldType::Bool, _) => return Err(wrong("a boolean")),
-        (FieldType::Timestamp, V::String(s)) => {
-            Parsed::Ts(parse_timestamp(s).ok_or_else(|| format!("field '{name}': '{s}' is not an RFC 3339 timestamp"))?)
-        }
-        (FieldType::Timestamp, V::Number(n)) => {
-            Parsed::Ts(n.as_i64().ok_or_else(|| format!("field '{name}': {n} is not epoch milliseconds"))?)
-        }
+        (FieldType::Timestamp, V::String(s)) => Parsed::Ts(
+            parse_timestamp(s)
+                .ok_or_else(|| format!("field '{name}': '{s}' is not an RFC 3339 timestamp"))?,
+        ),
+        (FieldType::Timestamp, V::Number(n)) => Parsed::Ts(
+            n.as_i64()
+                .ok_or_else(|| format!("field '{name}': {n} is not epoch milliseconds"))?,
+        ),
         (FieldType::Timestamp, _) => return Err(wrong("a timestamp")),
         (FieldType::Json, v) => Parsed::Str(v.to_string()),
     })
@@ -219,7 +244,9 @@ fn from_text(name: &str, t: FieldType, cell: &str) -> Result<Parsed, String> {
         },
         FieldType::Timestamp => match cell.trim().parse::<i64>() {
             Ok(ms) => Parsed::Ts(ms),
-            Err(_) => Parsed::Ts(parse_timestamp(cell).ok_or_else(|| bad("an RFC 3339 timestamp"))?),
+            Err(_) => {
+                Parsed::Ts(parse_timestamp(cell).ok_or_else(|| bad("an RFC 3339 timestamp"))?)
+            }
         },
     })
 }
@@ -232,19 +259,49 @@ mod tests {
 
     #[test]
     fn bad_lines_are_rejected_alone() {
-        let mut d = RowDecoder::new(vec![("id".into(), FieldType::Int), ("ts".into(), FieldType::Timestamp), ("s".into(), FieldType::String)]);
-        d.push_json(r#"{"id": 1, "ts": "2024-01-01T00:00:00Z", "s": "a"}"#).unwrap();
-        assert!(d.push_json(r#"{"id": 1, "ts": "2024-01-01T00:00:00Z""#).unwrap_err().contains("malformed JSON"));
-        assert!(d.push_json(r#"{"id": "x", "ts": 0, "s": "a"}"#).unwrap_err().contains("field 'id' should be an integer"));
-        assert!(d.push_json(r#"{"id": 2, "s": "a"}"#).unwrap_err().contains("missing field 'ts'"));
-        assert!(d.push_json(r#"{"id": 2, "ts": "yesterday", "s": "a"}"#).unwrap_err().contains("not an RFC 3339"));
-        d.push_json(r#"{"id": null, "ts": 5, "s": "b", "extra": true}"#).unwrap();
-        d.push_text(&[Some("7"), Some("2024-01-01T00:00:01+01:00"), Some("c")]).unwrap();
-        assert!(d.push_text(&[Some("7.5"), Some("0"), Some("c")]).unwrap_err().contains("not an integer"));
+        let mut d = RowDecoder::new(vec![
+            ("id".into(), FieldType::Int),
+            ("ts".into(), FieldType::Timestamp),
+            ("s".into(), FieldType::String),
+        ]);
+        d.push_json(r#"{"id": 1, "ts": "2024-01-01T00:00:00Z", "s": "a"}"#)
+            .unwrap();
+        assert!(
+            d.push_json(r#"{"id": 1, "ts": "2024-01-01T00:00:00Z""#)
+                .unwrap_err()
+                .contains("malformed JSON")
+        );
+        assert!(
+            d.push_json(r#"{"id": "x", "ts": 0, "s": "a"}"#)
+                .unwrap_err()
+                .contains("field 'id' should be an integer")
+        );
+        assert!(
+            d.push_json(r#"{"id": 2, "s": "a"}"#)
+                .unwrap_err()
+                .contains("missing field 'ts'")
+        );
+        assert!(
+            d.push_json(r#"{"id": 2, "ts": "yesterday", "s": "a"}"#)
+                .unwrap_err()
+                .contains("not an RFC 3339")
+        );
+        d.push_json(r#"{"id": null, "ts": 5, "s": "b", "extra": true}"#)
+            .unwrap();
+        d.push_text(&[Some("7"), Some("2024-01-01T00:00:01+01:00"), Some("c")])
+            .unwrap();
+        assert!(
+            d.push_text(&[Some("7.5"), Some("0"), Some("c")])
+                .unwrap_err()
+                .contains("not an integer")
+        );
         let cols = d.finish();
         assert_eq!(cols[0].len(), 3);
         assert!(cols[0].is_null(1));
         assert_eq!(cols[0].as_primitive::<Int64Type>().value(2), 7);
-        assert_eq!(cols[1].as_primitive::<TimestampMillisecondType>().value(2), 1_704_063_601_000);
+        assert_eq!(
+            cols[1].as_primitive::<TimestampMillisecondType>().value(2),
+            1_704_063_601_000
+        );
     }
 }

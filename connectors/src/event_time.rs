@@ -21,19 +21,26 @@ impl EventTime {
     /// Compiles `event_time` (or none: every record gets time 0) against the decoded schema.
     pub fn compile(text: Option<&str>, decoded: &Schema) -> Result<Self, ExprError> {
         let expr = text.map(|t| Expr::compile(t, decoded)).transpose()?;
-        if let Some(e) = &expr {
-            if !matches!(e.data_type(), DataType::Timestamp(..) | DataType::Int64) {
-                return Err(ExprError {
-                    message: format!(
-                        "event_time must be a TIMESTAMP or BIGINT epoch milliseconds, got {}",
-                        type_name(e.data_type())
-                    ),
-                });
-            }
+        if let Some(e) = &expr
+            && !matches!(e.data_type(), DataType::Timestamp(..) | DataType::Int64)
+        {
+            return Err(ExprError {
+                message: format!(
+                    "event_time must be a TIMESTAMP or BIGINT epoch milliseconds, got {}",
+                    type_name(e.data_type())
+                ),
+            });
         }
-        let mut fields: Vec<Field> = decoded.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut fields: Vec<Field> = decoded
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
         fields.push(Field::new(TIME_COLUMN, DataType::Int64, false));
-        Ok(EventTime { expr, output: Arc::new(Schema::new(fields)) })
+        Ok(EventTime {
+            expr,
+            output: Arc::new(Schema::new(fields)),
+        })
     }
 
     /// The schema of the batches a source emits (decoded columns plus the time column).
@@ -45,7 +52,9 @@ impl EventTime {
     /// (into `columns`) of rows whose time was null.
     pub fn apply(&self, columns: Vec<ArrayRef>, rows: usize) -> Result<(RecordBatch, Vec<usize>)> {
         let decoded = RecordBatch::try_new_with_options(
-            Arc::new(Schema::new(self.output.fields()[..self.output.fields().len() - 1].to_vec())),
+            Arc::new(Schema::new(
+                self.output.fields()[..self.output.fields().len() - 1].to_vec(),
+            )),
             columns.clone(),
             &arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows)),
         )?;
@@ -63,7 +72,9 @@ impl EventTime {
         let keep = BooleanArray::from((0..rows).map(|i| time.is_valid(i)).collect::<Vec<_>>());
         let batch = filter_record_batch(&batch, &keep)?;
         // the filtered time column still carries a validity buffer; drop it (no nulls remain)
-        let t = batch.column(batch.num_columns() - 1).as_primitive::<arrow::datatypes::Int64Type>();
+        let t = batch
+            .column(batch.num_columns() - 1)
+            .as_primitive::<arrow::datatypes::Int64Type>();
         let t: ArrayRef = Arc::new(Int64Array::new(t.values().clone(), None));
         let mut cols = batch.columns().to_vec();
         *cols.last_mut().expect("has a time column") = t;

@@ -49,7 +49,8 @@ pub struct FileSourceConfig {
 
 /// The files a path names, in order.
 pub fn list_files(path: &Path) -> Result<Vec<PathBuf>> {
-    let meta = std::fs::metadata(path).map_err(|e| EngineError::io(format!("file source {}", path.display()), e))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| EngineError::io(format!("file source {}", path.display()), e))?;
     if meta.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
@@ -89,9 +90,16 @@ impl FileSource {
     /// The subtask `index` of `parallelism`.
     pub fn new(config: FileSourceConfig, index: u32, parallelism: u32) -> Result<Self> {
         let all = list_files(&config.path)?;
-        let files = all.into_iter().enumerate().filter(|(i, _)| *i as u32 % parallelism == index).map(|(_, f)| f).collect();
+        let files = all
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u32 % parallelism == index)
+            .map(|(_, f)| f)
+            .collect();
         let mut csv = csv::ReaderBuilder::new();
-        csv.has_headers(false).delimiter(config.delimiter).flexible(true);
+        csv.has_headers(false)
+            .delimiter(config.delimiter)
+            .flexible(true);
         Ok(FileSource {
             decoder: RowDecoder::new(config.fields.clone()),
             config,
@@ -105,16 +113,29 @@ impl FileSource {
     }
 
     fn open_next(&mut self) -> Result<bool> {
-        let Some(path) = self.files.get(self.next_file).cloned() else { return Ok(false) };
+        let Some(path) = self.files.get(self.next_file).cloned() else {
+            return Ok(false);
+        };
         self.next_file += 1;
-        let f = File::open(&path).map_err(|e| EngineError::io(format!("opening {}", path.display()), e))?;
+        let f = File::open(&path)
+            .map_err(|e| EngineError::io(format!("opening {}", path.display()), e))?;
         let name = if self.config.path.is_dir() {
-            let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let file = path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
             format!("{}/{file}", self.config.display_path.trim_end_matches('/'))
         } else {
             self.config.display_path.clone()
         };
-        self.open = Some(OpenFile { path, name, reader: BufReader::with_capacity(1 << 16, f), line_no: 0, partial: String::new(), columns: None });
+        self.open = Some(OpenFile {
+            path,
+            name,
+            reader: BufReader::with_capacity(1 << 16, f),
+            line_no: 0,
+            partial: String::new(),
+            columns: None,
+        });
         Ok(true)
     }
 
@@ -142,7 +163,11 @@ impl FileSource {
                         match self.split_csv(text) {
                             Ok(h) => h.into_iter().map(|s| s.trim().to_string()).collect(),
                             Err(e) => {
-                                let path = self.open.as_ref().map(|o| o.path.display().to_string()).unwrap_or_default();
+                                let path = self
+                                    .open
+                                    .as_ref()
+                                    .map(|o| o.path.display().to_string())
+                                    .unwrap_or_default();
                                 return Err(EngineError::Operator(format!("{path}: header: {e}")));
                             }
                         }
@@ -150,7 +175,13 @@ impl FileSource {
                         self.config.fields.iter().map(|(n, _)| n.clone()).collect()
                     };
                     let open = self.open.as_mut().expect("a file is open");
-                    open.columns = Some(self.config.fields.iter().map(|(n, _)| names.iter().position(|h| h == n)).collect());
+                    open.columns = Some(
+                        self.config
+                            .fields
+                            .iter()
+                            .map(|(n, _)| names.iter().position(|h| h == n))
+                            .collect(),
+                    );
                     if self.config.header {
                         return Ok(());
                     }
@@ -158,8 +189,15 @@ impl FileSource {
                 match self.split_csv(text) {
                     Err(e) => Err(e),
                     Ok(cells) => {
-                        let cols = self.open.as_ref().and_then(|o| o.columns.clone()).expect("set above");
-                        let picked: Vec<Option<&str>> = cols.iter().map(|c| c.and_then(|i| cells.get(i).map(String::as_str))).collect();
+                        let cols = self
+                            .open
+                            .as_ref()
+                            .and_then(|o| o.columns.clone())
+                            .expect("set above");
+                        let picked: Vec<Option<&str>> = cols
+                            .iter()
+                            .map(|c| c.and_then(|i| cells.get(i).map(String::as_str)))
+                            .collect();
                         self.decoder.push_text(&picked)
                     }
                 }
@@ -168,8 +206,18 @@ impl FileSource {
         match result {
             Ok(()) => self.positions.push(line_no),
             Err(reason) => {
-                let name = self.open.as_ref().map(|o| o.name.clone()).unwrap_or_default();
-                self.dead.push(&self.config.name, Some(format!("{name}:{line_no}")), reason, Some(text.to_string()), 0);
+                let name = self
+                    .open
+                    .as_ref()
+                    .map(|o| o.name.clone())
+                    .unwrap_or_default();
+                self.dead.push(
+                    &self.config.name,
+                    Some(format!("{name}:{line_no}")),
+                    reason,
+                    Some(text.to_string()),
+                    0,
+                );
             }
         }
         Ok(())
@@ -179,10 +227,21 @@ impl FileSource {
         if self.decoder.rows() > 0 {
             let rows = self.decoder.rows();
             let cols = self.decoder.finish();
-            let (batch, null_time): (RecordBatch, Vec<usize>) = self.config.event_time.apply(cols, rows)?;
-            let name = self.open.as_ref().map(|o| o.name.clone()).unwrap_or_default();
+            let (batch, null_time): (RecordBatch, Vec<usize>) =
+                self.config.event_time.apply(cols, rows)?;
+            let name = self
+                .open
+                .as_ref()
+                .map(|o| o.name.clone())
+                .unwrap_or_default();
             for i in null_time {
-                self.dead.push(&self.config.name, Some(format!("{name}:{}", self.positions[i])), "event time is null".into(), None, 0);
+                self.dead.push(
+                    &self.config.name,
+                    Some(format!("{name}:{}", self.positions[i])),
+                    "event time is null".into(),
+                    None,
+                    0,
+                );
             }
             out.emit(batch);
         }
@@ -195,7 +254,11 @@ impl FileSource {
 }
 
 impl Source for FileSource {
-    fn poll(&mut self, _: &OperatorContext<'_>, out: &mut dyn SourceOutput) -> Result<SourceStatus> {
+    fn poll(
+        &mut self,
+        _: &OperatorContext<'_>,
+        out: &mut dyn SourceOutput,
+    ) -> Result<SourceStatus> {
         if self.open.is_none() && !self.open_next()? {
             return Ok(SourceStatus::Finished);
         }
@@ -203,7 +266,10 @@ impl Source for FileSource {
         while self.decoder.rows() < self.config.batch_size {
             line.clear();
             let open = self.open.as_mut().expect("opened above");
-            let n = open.reader.read_line(&mut line).map_err(|e| EngineError::io(format!("reading {}", open.path.display()), e))?;
+            let n = open
+                .reader
+                .read_line(&mut line)
+                .map_err(|e| EngineError::io(format!("reading {}", open.path.display()), e))?;
             if n == 0 {
                 // the end of the file as it is now
                 if self.config.follow && self.next_file >= self.files.len() {
@@ -219,7 +285,11 @@ impl Source for FileSource {
                 }
                 self.flush(out)?;
                 self.open = None;
-                return Ok(if self.open_next()? { SourceStatus::Ready } else { SourceStatus::Finished });
+                return Ok(if self.open_next()? {
+                    SourceStatus::Ready
+                } else {
+                    SourceStatus::Finished
+                });
             }
             if !line.ends_with('\n') {
                 // incomplete: keep it until the rest arrives or the file ends

@@ -7,8 +7,8 @@ use arrow::record_batch::RecordBatch;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use freshet_engine::operator::{OperatorContext, Source, SourceOutput, SourceStatus};
 use freshet_engine::Result;
+use freshet_engine::operator::{OperatorContext, Source, SourceOutput, SourceStatus};
 
 use crate::event_time::EventTime;
 use freshet_operators::expr::Expr;
@@ -45,16 +45,28 @@ pub struct GeneratorSource {
 impl GeneratorSource {
     /// Subtask `index` of `parallelism`.
     pub fn new(config: GeneratorConfig, index: u32, parallelism: u32) -> Self {
-        GeneratorSource { config, index: index as u64, parallelism: parallelism as u64, produced: 0, started: None }
+        GeneratorSource {
+            config,
+            index: index as u64,
+            parallelism: parallelism as u64,
+            produced: 0,
+            started: None,
+        }
     }
 
     fn my_total(&self) -> Option<u64> {
-        self.config.count.map(|n| (n + self.parallelism - 1 - self.index) / self.parallelism)
+        self.config
+            .count
+            .map(|n| (n + self.parallelism - 1 - self.index) / self.parallelism)
     }
 }
 
 impl Source for GeneratorSource {
-    fn poll(&mut self, _: &OperatorContext<'_>, out: &mut dyn SourceOutput) -> Result<SourceStatus> {
+    fn poll(
+        &mut self,
+        _: &OperatorContext<'_>,
+        out: &mut dyn SourceOutput,
+    ) -> Result<SourceStatus> {
         let started = *self.started.get_or_insert_with(Instant::now);
         let mut n = self.config.batch_size as u64;
         if let Some(total) = self.my_total() {
@@ -67,15 +79,24 @@ impl Source for GeneratorSource {
             let mine = rate / self.parallelism as f64;
             let allowed = (started.elapsed().as_secs_f64() * mine) as u64;
             if allowed <= self.produced {
-                let wait = Duration::from_secs_f64(((self.produced + 1) as f64 / mine - started.elapsed().as_secs_f64()).max(0.001));
+                let wait = Duration::from_secs_f64(
+                    ((self.produced + 1) as f64 / mine - started.elapsed().as_secs_f64())
+                        .max(0.001),
+                );
                 return Ok(SourceStatus::Pending(wait));
             }
             n = n.min(allowed - self.produced);
         }
-        let seq: ArrayRef =
-            Arc::new(Int64Array::from_iter_values((self.produced..self.produced + n).map(|k| (k * self.parallelism + self.index) as i64)));
+        let seq: ArrayRef = Arc::new(Int64Array::from_iter_values(
+            (self.produced..self.produced + n).map(|k| (k * self.parallelism + self.index) as i64),
+        ));
         let input = RecordBatch::try_new(seq_schema(), vec![seq])?;
-        let cols: Vec<ArrayRef> = self.config.fields.iter().map(|(_, e)| e.evaluate(&input)).collect::<Result<_>>()?;
+        let cols: Vec<ArrayRef> = self
+            .config
+            .fields
+            .iter()
+            .map(|(_, e)| e.evaluate(&input))
+            .collect::<Result<_>>()?;
         let (batch, _) = self.config.event_time.apply(cols, n as usize)?;
         out.emit(batch);
         self.produced += n;

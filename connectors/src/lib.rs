@@ -19,9 +19,9 @@ use arrow::datatypes::SchemaRef;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use freshet_engine::Result;
 use freshet_engine::operator::{Source, SubtaskInfo};
 use freshet_engine::task::WatermarkConfig;
-use freshet_engine::Result;
 use freshet_job::{Problem, Problems, SinkConnector, SourceConnector, SourceSpec};
 use freshet_operators::expr::Expr;
 use freshet_operators::{OperatorFactory, dead_letter};
@@ -53,32 +53,62 @@ pub struct SinkPlan {
 /// Resolves a path from the job file against the job file's directory.
 pub fn resolve(base: &Path, path: &str) -> PathBuf {
     let p = Path::new(path);
-    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
 }
 
 /// Checks a source and prepares its factory.
-pub fn plan_source(name: &str, spec: &SourceSpec, base: &Path, batch_size: usize) -> Result<SourcePlan, Problems> {
+pub fn plan_source(
+    name: &str,
+    spec: &SourceSpec,
+    base: &Path,
+    batch_size: usize,
+) -> Result<SourcePlan, Problems> {
     let path = format!("sources.{name}");
-    let problem = |field: &str, m: String| Problems(vec![Problem::new(format!("{path}.{field}"), m)]);
+    let problem =
+        |field: &str, m: String| Problems(vec![Problem::new(format!("{path}.{field}"), m)]);
     let watermarks = WatermarkConfig {
         max_out_of_orderness: spec.watermark.max_out_of_orderness.0,
         interval: spec.watermark.interval.0,
         idle_timeout: spec.watermark.idle_timeout.map(|d| d.0),
     };
-    let fields: Vec<(String, freshet_job::FieldType)> = spec.schema.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let fields: Vec<(String, freshet_job::FieldType)> =
+        spec.schema.iter().map(|(k, v)| (k.clone(), *v)).collect();
     let mut max_parallelism = None;
     let (schema, bounded, factory): (SchemaRef, bool, SourceFactory) = match &spec.connector {
-        SourceConnector::File { path: file, format, follow, csv } => {
+        SourceConnector::File {
+            path: file,
+            format,
+            follow,
+            csv,
+        } => {
             let full = resolve(base, file);
             match file_source::list_files(&full) {
                 Ok(files) if !files.is_empty() => max_parallelism = Some(files.len() as u32),
-                Ok(_) => return Err(problem("connector.path", format!("{} contains no files", full.display()))),
-                Err(_) => return Err(problem("connector.path", format!("{} does not exist", full.display()))),
+                Ok(_) => {
+                    return Err(problem(
+                        "connector.path",
+                        format!("{} contains no files", full.display()),
+                    ));
+                }
+                Err(_) => {
+                    return Err(problem(
+                        "connector.path",
+                        format!("{} does not exist", full.display()),
+                    ));
+                }
             }
             let decoded = decode::schema_of(&fields);
-            let event_time = event_time::EventTime::compile(spec.event_time.as_deref(), &decoded).map_err(|e| problem("event_time", e.message))?;
+            let event_time = event_time::EventTime::compile(spec.event_time.as_deref(), &decoded)
+                .map_err(|e| problem("event_time", e.message))?;
             if !csv.delimiter.is_ascii() {
-                return Err(problem("connector.csv.delimiter", "must be a single ASCII character".into()));
+                return Err(problem(
+                    "connector.csv.delimiter",
+                    "must be a single ASCII character".into(),
+                ));
             }
             let config = file_source::FileSourceConfig {
                 name: name.to_string(),
@@ -96,26 +126,48 @@ pub fn plan_source(name: &str, spec: &SourceSpec, base: &Path, batch_size: usize
                 event_time.output_schema(),
                 !follow,
                 Arc::new(move |info: &SubtaskInfo| -> Result<Box<dyn Source>> {
-                    Ok(Box::new(file_source::FileSource::new(config.clone(), info.index, info.parallelism)?))
+                    Ok(Box::new(file_source::FileSource::new(
+                        config.clone(),
+                        info.index,
+                        info.parallelism,
+                    )?))
                 }),
             )
         }
-        SourceConnector::Generator { count, rows_per_second, fields: exprs } => {
+        SourceConnector::Generator {
+            count,
+            rows_per_second,
+            fields: exprs,
+        } => {
             if !spec.schema.is_empty() {
-                return Err(problem("schema", "a generator's schema comes from its fields; remove schema".into()));
+                return Err(problem(
+                    "schema",
+                    "a generator's schema comes from its fields; remove schema".into(),
+                ));
             }
             if rows_per_second.is_some_and(|r| r <= 0.0 || !r.is_finite()) {
-                return Err(problem("connector.rows_per_second", "must be a positive number".into()));
+                return Err(problem(
+                    "connector.rows_per_second",
+                    "must be a positive number".into(),
+                ));
             }
             let seq = generator::seq_schema();
             let mut compiled = Vec::new();
             for (n, e) in exprs {
-                compiled.push((n.clone(), Expr::compile(e, &seq).map_err(|e| problem(&format!("connector.fields.{n}"), e.message))?));
+                compiled.push((
+                    n.clone(),
+                    Expr::compile(e, &seq)
+                        .map_err(|e| problem(&format!("connector.fields.{n}"), e.message))?,
+                ));
             }
             let decoded = Arc::new(arrow::datatypes::Schema::new(
-                compiled.iter().map(|(n, e)| arrow::datatypes::Field::new(n, e.data_type().clone(), true)).collect::<Vec<_>>(),
+                compiled
+                    .iter()
+                    .map(|(n, e)| arrow::datatypes::Field::new(n, e.data_type().clone(), true))
+                    .collect::<Vec<_>>(),
             ));
-            let event_time = event_time::EventTime::compile(spec.event_time.as_deref(), &decoded).map_err(|e| problem("event_time", e.message))?;
+            let event_time = event_time::EventTime::compile(spec.event_time.as_deref(), &decoded)
+                .map_err(|e| problem("event_time", e.message))?;
             let config = generator::GeneratorConfig {
                 fields: compiled,
                 count: *count,
@@ -127,25 +179,51 @@ pub fn plan_source(name: &str, spec: &SourceSpec, base: &Path, batch_size: usize
                 event_time.output_schema(),
                 count.is_some(),
                 Arc::new(move |info: &SubtaskInfo| -> Result<Box<dyn Source>> {
-                    Ok(Box::new(generator::GeneratorSource::new(config.clone(), info.index, info.parallelism)))
+                    Ok(Box::new(generator::GeneratorSource::new(
+                        config.clone(),
+                        info.index,
+                        info.parallelism,
+                    )))
                 }),
             )
         }
-        SourceConnector::Nexmark { events, seed, events_per_ms } => {
-            if !spec.schema.is_empty() || spec.event_time.as_deref().is_some_and(|e| e != "date_time") {
-                return Err(problem("event_time", "the Nexmark source has a fixed schema with event time date_time".into()));
+        SourceConnector::Nexmark {
+            events,
+            seed,
+            events_per_ms,
+        } => {
+            if !spec.schema.is_empty()
+                || spec.event_time.as_deref().is_some_and(|e| e != "date_time")
+            {
+                return Err(problem(
+                    "event_time",
+                    "the Nexmark source has a fixed schema with event time date_time".into(),
+                ));
             }
             let (events, seed, epm) = (*events, *seed, *events_per_ms);
             (
                 nexmark::schema(),
                 true,
                 Arc::new(move |info: &SubtaskInfo| -> Result<Box<dyn Source>> {
-                    Ok(Box::new(nexmark::NexmarkSource::new(events, seed, epm, info.index, info.parallelism, batch_size)))
+                    Ok(Box::new(nexmark::NexmarkSource::new(
+                        events,
+                        seed,
+                        epm,
+                        info.index,
+                        info.parallelism,
+                        batch_size,
+                    )))
                 }),
             )
         }
     };
-    Ok(SourcePlan { outputs: vec![schema, dead_letter::schema()], watermarks, bounded, max_parallelism, factory })
+    Ok(SourcePlan {
+        outputs: vec![schema, dead_letter::schema()],
+        watermarks,
+        bounded,
+        max_parallelism,
+        factory,
+    })
 }
 
 /// Checks a sink against the stream it writes and prepares its factory. `path` is the field path
@@ -158,34 +236,59 @@ pub fn plan_sink(
     upsert_key: Option<&[String]>,
     base: &Path,
 ) -> Result<SinkPlan, Problems> {
-    let problem = |field: &str, m: String| Problems(vec![Problem::new(format!("{path}.{field}"), m)]);
+    let problem =
+        |field: &str, m: String| Problems(vec![Problem::new(format!("{path}.{field}"), m)]);
     let factory: OperatorFactory = match connector {
         SinkConnector::File { path: file } => {
             let full = resolve(base, file);
             Arc::new(move |_| Box::new(sinks::FileSink::new(full.clone(), true)))
         }
-        SinkConnector::Table { path: file, key, delete_when } => {
+        SinkConnector::Table {
+            path: file,
+            key,
+            delete_when,
+        } => {
             let key: Vec<String> = match (key, upsert_key) {
                 (Some(k), _) => k.clone(),
                 (None, Some(k)) => k.to_vec(),
                 (None, None) => {
-                    return Err(Problems(vec![Problem::new(format!("{path}.key"), "the input is not an upsert stream, so the table needs a key")
-                        .hint("add key: [column, ...]")]));
+                    return Err(Problems(vec![
+                        Problem::new(
+                            format!("{path}.key"),
+                            "the input is not an upsert stream, so the table needs a key",
+                        )
+                        .hint("add key: [column, ...]"),
+                    ]));
                 }
             };
             let mut cols = Vec::new();
             for (i, k) in key.iter().enumerate() {
-                cols.push(input.index_of(k).map_err(|_| problem(&format!("key[{i}]"), format!("unknown column '{k}'")))?);
+                cols.push(
+                    input.index_of(k).map_err(|_| {
+                        problem(&format!("key[{i}]"), format!("unknown column '{k}'"))
+                    })?,
+                );
             }
-            let delete = delete_when.as_deref().map(|d| Expr::compile(d, input)).transpose().map_err(|e| problem("delete_when", e.message))?;
+            let delete = delete_when
+                .as_deref()
+                .map(|d| Expr::compile(d, input))
+                .transpose()
+                .map_err(|e| problem("delete_when", e.message))?;
             let full = resolve(base, file);
-            Arc::new(move |_| Box::new(sinks::TableSink::new(full.clone(), cols.clone(), delete.clone())))
+            Arc::new(move |_| {
+                Box::new(sinks::TableSink::new(
+                    full.clone(),
+                    cols.clone(),
+                    delete.clone(),
+                ))
+            })
         }
         SinkConnector::Stdout => Arc::new(|_| Box::new(sinks::StdoutSink)),
         SinkConnector::Blackhole { checksums } => {
             let mut compiled = Vec::new();
             for (i, c) in checksums.iter().enumerate() {
-                let e = Expr::compile(c, input).map_err(|e| problem(&format!("checksums[{i}]"), e.message))?;
+                let e = Expr::compile(c, input)
+                    .map_err(|e| problem(&format!("checksums[{i}]"), e.message))?;
                 sinks::check_checksum(&e).map_err(|m| problem(&format!("checksums[{i}]"), m))?;
                 compiled.push((c.clone(), e));
             }
@@ -198,12 +301,24 @@ pub fn plan_sink(
 
 /// The sink for dead letters a job does not route itself: the job's `dead_letter` connector, or
 /// `dead-letter.jsonl` beside the job file, created only when a record arrives.
-pub fn dead_letter_sink(connector: Option<&SinkConnector>, base: &Path) -> Result<SinkPlan, Problems> {
+pub fn dead_letter_sink(
+    connector: Option<&SinkConnector>,
+    base: &Path,
+) -> Result<SinkPlan, Problems> {
     match connector {
-        Some(c) => plan_sink("dead_letter", "dead_letter", c, &dead_letter::schema(), None, base),
+        Some(c) => plan_sink(
+            "dead_letter",
+            "dead_letter",
+            c,
+            &dead_letter::schema(),
+            None,
+            base,
+        ),
         None => {
             let full = resolve(base, "dead-letter.jsonl");
-            Ok(SinkPlan { factory: Arc::new(move |_| Box::new(sinks::FileSink::new(full.clone(), false))) })
+            Ok(SinkPlan {
+                factory: Arc::new(move |_| Box::new(sinks::FileSink::new(full.clone(), false))),
+            })
         }
     }
 }

@@ -6,7 +6,9 @@
 //! multiple of `p`), so event time advances together on every subtask. Columns: `auction`,
 //! `bidder`, `price` (BIGINT), `channel`, `url`, `extra` (dictionary-encoded strings: there are 4,
 //! 4 and 8 distinct values) and `date_time` (TIMESTAMP), which is also the event time.
-use arrow::array::{ArrayRef, DictionaryArray, Int64Array, StringArray, TimestampMillisecondArray, UInt8Array};
+use arrow::array::{
+    ArrayRef, DictionaryArray, Int64Array, StringArray, TimestampMillisecondArray, UInt8Array,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt8Type};
 use arrow::record_batch::RecordBatch;
 use std::sync::{Arc, OnceLock};
@@ -48,7 +50,11 @@ pub struct Bid {
 pub fn bid(seed: u64, i: u64, events_per_ms: u64) -> Bid {
     let a = mix64(seed.wrapping_add((2 * i + 1).wrapping_mul(GAMMA))) >> 1;
     let b = mix64(seed.wrapping_add((2 * i + 2).wrapping_mul(GAMMA))) >> 1;
-    let auction = if a & 1 == 0 { 1000 + ((a >> 1) % 100) } else { 1000 + ((a >> 1) % 10_000) };
+    let auction = if a & 1 == 0 {
+        1000 + ((a >> 1) % 100)
+    } else {
+        1000 + ((a >> 1) % 10_000)
+    };
     Bid {
         auction: auction as i64,
         bidder: (1000 + ((b >> 8) % 100_000)) as i64,
@@ -88,10 +94,12 @@ fn dictionaries() -> &'static Dictionaries {
     static D: OnceLock<Dictionaries> = OnceLock::new();
     D.get_or_init(|| Dictionaries {
         channels: Arc::new(StringArray::from(CHANNELS.to_vec())),
-        urls: Arc::new(StringArray::from_iter_values(
-            (0..4).map(|c| format!("https://www.nexmark.com/item.htm?query=1&channel_id={c}")),
+        urls: Arc::new(StringArray::from_iter_values((0..4).map(|c| {
+            format!("https://www.nexmark.com/item.htm?query=1&channel_id={c}")
+        }))),
+        extras: Arc::new(StringArray::from_iter_values(
+            (0..8).map(|k| "x".repeat(8 * k)),
         )),
-        extras: Arc::new(StringArray::from_iter_values((0..8).map(|k| "x".repeat(8 * k)))),
     })
 }
 
@@ -108,22 +116,53 @@ pub struct NexmarkSource {
 
 impl NexmarkSource {
     /// Subtask `index` of `parallelism` of a stream of `events` bids.
-    pub fn new(events: u64, seed: u64, events_per_ms: u64, index: u32, parallelism: u32, batch_size: usize) -> Self {
+    pub fn new(
+        events: u64,
+        seed: u64,
+        events_per_ms: u64,
+        index: u32,
+        parallelism: u32,
+        batch_size: usize,
+    ) -> Self {
         let p = parallelism as u64;
-        NexmarkSource { seed, events_per_ms: events_per_ms.max(1), index: index as u64, parallelism: p, per_subtask: events / p, next: 0, batch_size }
+        NexmarkSource {
+            seed,
+            events_per_ms: events_per_ms.max(1),
+            index: index as u64,
+            parallelism: p,
+            per_subtask: events / p,
+            next: 0,
+            batch_size,
+        }
     }
 }
 
 impl Source for NexmarkSource {
-    fn poll(&mut self, _: &OperatorContext<'_>, out: &mut dyn SourceOutput) -> Result<SourceStatus> {
+    fn poll(
+        &mut self,
+        _: &OperatorContext<'_>,
+        out: &mut dyn SourceOutput,
+    ) -> Result<SourceStatus> {
         if self.next >= self.per_subtask {
             return Ok(SourceStatus::Finished);
         }
         let n = (self.batch_size as u64).min(self.per_subtask - self.next) as usize;
-        let (mut auction, mut bidder, mut price) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut channel, mut extra, mut time) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut auction, mut bidder, mut price) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut channel, mut extra, mut time) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for k in self.next..self.next + n as u64 {
-            let b = bid(self.seed, k * self.parallelism + self.index, self.events_per_ms);
+            let b = bid(
+                self.seed,
+                k * self.parallelism + self.index,
+                self.events_per_ms,
+            );
             auction.push(b.auction);
             bidder.push(b.bidder);
             price.push(b.price);
@@ -135,7 +174,10 @@ impl Source for NexmarkSource {
         let d = dictionaries();
         let channel = UInt8Array::from(channel);
         let dict = |keys: &UInt8Array, values: &ArrayRef| -> Result<ArrayRef> {
-            Ok(Arc::new(DictionaryArray::<UInt8Type>::try_new(keys.clone(), values.clone())?))
+            Ok(Arc::new(DictionaryArray::<UInt8Type>::try_new(
+                keys.clone(),
+                values.clone(),
+            )?))
         };
         let times = Int64Array::from(time);
         let cols: Vec<ArrayRef> = vec![
@@ -161,8 +203,28 @@ mod tests {
     fn matches_the_reference_generator() {
         // bid 0 and 1 as published with the reference benchmark
         let b0 = bid(42, 0, 100);
-        assert_eq!((b0.auction, b0.bidder, b0.price, b0.channel, b0.extra, b0.date_time), (1053, 86336, 4954, 1, 0, 1_699_999_999_926));
+        assert_eq!(
+            (
+                b0.auction,
+                b0.bidder,
+                b0.price,
+                b0.channel,
+                b0.extra,
+                b0.date_time
+            ),
+            (1053, 86336, 4954, 1, 0, 1_699_999_999_926)
+        );
         let b1 = bid(42, 1, 100);
-        assert_eq!((b1.auction, b1.bidder, b1.price, b1.channel, b1.extra * 8, b1.date_time), (1964, 42905, 3936, 2, 16, 1_699_999_999_718));
+        assert_eq!(
+            (
+                b1.auction,
+                b1.bidder,
+                b1.price,
+                b1.channel,
+                b1.extra * 8,
+                b1.date_time
+            ),
+            (1964, 42905, 3936, 2, 16, 1_699_999_999_718)
+        );
     }
 }

@@ -21,7 +21,8 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 fn create(path: &Path) -> Result<File> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
     }
     File::create(path).map_err(|e| EngineError::io(format!("creating {}", path.display()), e))
 }
@@ -40,7 +41,13 @@ impl FileSink {
     /// A sink writing `path`; with `create_if_empty` false the file is only created once a row
     /// arrives (used for dead letters).
     pub fn new(path: PathBuf, create_if_empty: bool) -> Self {
-        FileSink { path, writer: None, create_if_empty, buf: Vec::new(), last_flush: Instant::now() }
+        FileSink {
+            path,
+            writer: None,
+            create_if_empty,
+            buf: Vec::new(),
+            last_flush: Instant::now(),
+        }
     }
 
     fn writer(&mut self) -> Result<&mut BufWriter<File>> {
@@ -53,7 +60,8 @@ impl FileSink {
     fn flush(&mut self) -> Result<()> {
         let path = self.path.display().to_string();
         if let Some(w) = self.writer.as_mut() {
-            w.flush().map_err(|e| EngineError::io(format!("writing {path}"), e))?;
+            w.flush()
+                .map_err(|e| EngineError::io(format!("writing {path}"), e))?;
         }
         self.last_flush = Instant::now();
         Ok(())
@@ -61,18 +69,35 @@ impl FileSink {
 }
 
 impl Operator for FileSink {
-    fn process_batch(&mut self, _: usize, batch: RecordBatch, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        _: &OperatorContext<'_>,
+        _: &mut dyn Output,
+    ) -> Result<()> {
         self.buf.clear();
         json::write_rows(&batch, &mut self.buf)?;
         let buf = std::mem::take(&mut self.buf);
         let path = self.path.display().to_string();
-        self.writer()?.write_all(&buf).map_err(|e| EngineError::io(format!("writing {path}"), e))?;
+        self.writer()?
+            .write_all(&buf)
+            .map_err(|e| EngineError::io(format!("writing {path}"), e))?;
         self.buf = buf;
         Ok(())
     }
 
-    fn on_watermark(&mut self, _: Watermark, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
-        if self.last_flush.elapsed() >= FLUSH_EVERY { self.flush() } else { Ok(()) }
+    fn on_watermark(
+        &mut self,
+        _: Watermark,
+        _: &OperatorContext<'_>,
+        _: &mut dyn Output,
+    ) -> Result<()> {
+        if self.last_flush.elapsed() >= FLUSH_EVERY {
+            self.flush()
+        } else {
+            Ok(())
+        }
     }
 
     fn on_end_of_input(&mut self, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
@@ -98,7 +123,14 @@ pub struct TableSink {
 impl TableSink {
     /// A table at `path` keyed by the given input columns.
     pub fn new(path: PathBuf, key_columns: Vec<usize>, delete_when: Option<Expr>) -> Self {
-        TableSink { path, key_columns, delete_when, rows: BTreeMap::new(), dirty: true, last_write: Instant::now() }
+        TableSink {
+            path,
+            key_columns,
+            delete_when,
+            rows: BTreeMap::new(),
+            dirty: true,
+            last_write: Instant::now(),
+        }
     }
 
     fn write(&mut self) -> Result<()> {
@@ -111,7 +143,8 @@ impl TableSink {
         }
         w.flush().map_err(io)?;
         drop(w);
-        std::fs::rename(&tmp, &self.path).map_err(|e| EngineError::io(format!("replacing {}", self.path.display()), e))?;
+        std::fs::rename(&tmp, &self.path)
+            .map_err(|e| EngineError::io(format!("replacing {}", self.path.display()), e))?;
         self.dirty = false;
         self.last_write = Instant::now();
         Ok(())
@@ -119,10 +152,25 @@ impl TableSink {
 }
 
 impl Operator for TableSink {
-    fn process_batch(&mut self, _: usize, batch: RecordBatch, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
-        let keys: Vec<ArrayRef> = self.key_columns.iter().map(|i| batch.column(*i).clone()).collect();
-        let readers: Vec<ColumnReader<'_>> = keys.iter().map(ColumnReader::new).collect::<Result<_>>()?;
-        let deletes = self.delete_when.as_ref().map(|d| d.evaluate_predicate(&batch)).transpose()?;
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        _: &OperatorContext<'_>,
+        _: &mut dyn Output,
+    ) -> Result<()> {
+        let keys: Vec<ArrayRef> = self
+            .key_columns
+            .iter()
+            .map(|i| batch.column(*i).clone())
+            .collect();
+        let readers: Vec<ColumnReader<'_>> =
+            keys.iter().map(ColumnReader::new).collect::<Result<_>>()?;
+        let deletes = self
+            .delete_when
+            .as_ref()
+            .map(|d| d.evaluate_predicate(&batch))
+            .transpose()?;
         let mut buf = Vec::new();
         json::write_rows(&batch, &mut buf)?;
         let text = String::from_utf8(buf).map_err(|e| EngineError::Operator(e.to_string()))?;
@@ -138,8 +186,17 @@ impl Operator for TableSink {
         Ok(())
     }
 
-    fn on_watermark(&mut self, _: Watermark, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
-        if self.dirty && self.last_write.elapsed() >= FLUSH_EVERY { self.write() } else { Ok(()) }
+    fn on_watermark(
+        &mut self,
+        _: Watermark,
+        _: &OperatorContext<'_>,
+        _: &mut dyn Output,
+    ) -> Result<()> {
+        if self.dirty && self.last_write.elapsed() >= FLUSH_EVERY {
+            self.write()
+        } else {
+            Ok(())
+        }
     }
 
     fn on_end_of_input(&mut self, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
@@ -151,10 +208,19 @@ impl Operator for TableSink {
 pub struct StdoutSink;
 
 impl Operator for StdoutSink {
-    fn process_batch(&mut self, _: usize, batch: RecordBatch, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        _: &OperatorContext<'_>,
+        _: &mut dyn Output,
+    ) -> Result<()> {
         let mut buf = Vec::new();
         json::write_rows(&batch, &mut buf)?;
-        std::io::stdout().lock().write_all(&buf).map_err(|e| EngineError::io("writing stdout", e))
+        std::io::stdout()
+            .lock()
+            .write_all(&buf)
+            .map_err(|e| EngineError::io("writing stdout", e))
     }
 }
 
@@ -171,12 +237,23 @@ impl BlackholeSink {
     /// A blackhole reporting as `name`.
     pub fn new(name: String, checksums: Vec<(String, Expr)>) -> Self {
         let n = checksums.len();
-        BlackholeSink { name, checksums, rows: 0, sums: vec![0; n] }
+        BlackholeSink {
+            name,
+            checksums,
+            rows: 0,
+            sums: vec![0; n],
+        }
     }
 }
 
 impl Operator for BlackholeSink {
-    fn process_batch(&mut self, _: usize, batch: RecordBatch, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        _: &OperatorContext<'_>,
+        _: &mut dyn Output,
+    ) -> Result<()> {
         self.rows += batch.num_rows() as i64;
         for ((_, e), sum) in self.checksums.iter().zip(self.sums.iter_mut()) {
             let a = e.evaluate(&batch)?;
@@ -205,6 +282,9 @@ pub fn check_checksum(e: &Expr) -> std::result::Result<(), String> {
     if e.data_type() == &DataType::Int64 {
         Ok(())
     } else {
-        Err(format!("a checksum must be BIGINT, got {}; CAST it", freshet_operators::expr::type_name(e.data_type())))
+        Err(format!(
+            "a checksum must be BIGINT, got {}; CAST it",
+            freshet_operators::expr::type_name(e.data_type())
+        ))
     }
 }

@@ -37,7 +37,14 @@ impl CancelToken {
 /// Creates a bounded channel of `capacity` elements.
 pub fn bounded(capacity: usize) -> (ChannelSender, ChannelReceiver) {
     let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
-    (ChannelSender { tx, cancel: None, metrics: None }, ChannelReceiver { rx })
+    (
+        ChannelSender {
+            tx,
+            cancel: None,
+            metrics: None,
+        },
+        ChannelReceiver { rx },
+    )
 }
 
 /// The sending end of a channel.
@@ -97,7 +104,9 @@ impl ChannelReceiver {
         match self.rx.recv_timeout(timeout) {
             Ok(e) => Ok(Some(e)),
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(EngineError::ChannelClosed),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                Err(EngineError::ChannelClosed)
+            }
         }
     }
 }

@@ -33,7 +33,10 @@ pub enum EngineError {
 impl EngineError {
     /// An I/O error with the context it happened in.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        EngineError::Io { context: context.into(), source }
+        EngineError::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// True when restarting the task may succeed (external systems), false for deterministic

@@ -8,7 +8,10 @@
 //! key groups and never splits one. The encoding and the hash must never change: persisted state
 //! and the routing of records depend on them.
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, StringArray};
-use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, Int8Type, TimeUnit, TimestampMillisecondType, UInt8Type};
+use arrow::datatypes::{
+    DataType, Float64Type, Int8Type, Int32Type, Int64Type, TimeUnit, TimestampMillisecondType,
+    UInt8Type,
+};
 use std::sync::Arc;
 
 use crate::{EngineError, Result};
@@ -32,7 +35,10 @@ impl KeyGroupRange {
         let (m, p, i) = (max_parallelism as u64, parallelism as u64, subtask as u64);
         let start = (i * m).div_ceil(p);
         let end = ((i + 1) * m - 1) / p;
-        KeyGroupRange { start: start as u32, end: end as u32 }
+        KeyGroupRange {
+            start: start as u32,
+            end: end as u32,
+        }
     }
 
     /// Whether `kg` lies in this range.
@@ -121,7 +127,11 @@ impl KeyType {
             DataType::Boolean => KeyType::Bool,
             DataType::Utf8 => KeyType::String,
             DataType::Dictionary(_, v) if **v == DataType::Utf8 => KeyType::String,
-            other => return Err(EngineError::Operator(format!("a column of type {other} cannot be used as a key"))),
+            other => {
+                return Err(EngineError::Operator(format!(
+                    "a column of type {other} cannot be used as a key"
+                )));
+            }
         })
     }
 
@@ -140,7 +150,9 @@ impl KeyType {
 impl KeyEncoder {
     /// An encoder for key columns of the given Arrow types.
     pub fn new(types: &[DataType]) -> Result<Self> {
-        Ok(KeyEncoder { types: types.iter().map(KeyType::of).collect::<Result<_>>()? })
+        Ok(KeyEncoder {
+            types: types.iter().map(KeyType::of).collect::<Result<_>>()?,
+        })
     }
 
     /// The key column types, as decoded.
@@ -158,7 +170,10 @@ impl KeyEncoder {
             out.offsets.resize(rows + 1, 0);
             return Ok(());
         }
-        let cols: Vec<ColumnView<'_>> = columns.iter().map(|c| ColumnView::new(c.as_ref())).collect::<Result<_>>()?;
+        let cols: Vec<ColumnView<'_>> = columns
+            .iter()
+            .map(|c| ColumnView::new(c.as_ref()))
+            .collect::<Result<_>>()?;
         for row in 0..rows {
             for c in &cols {
                 c.encode(row, &mut out.data);
@@ -178,9 +193,16 @@ impl KeyEncoder {
     }
 
     /// Decodes encoded keys back into one column per key column.
-    pub fn decode<'a>(&self, keys: impl ExactSizeIterator<Item = &'a [u8]>) -> Result<Vec<ArrayRef>> {
+    pub fn decode<'a>(
+        &self,
+        keys: impl ExactSizeIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<ArrayRef>> {
         let n = keys.len();
-        let mut builders: Vec<ColumnBuilder> = self.types.iter().map(|t| ColumnBuilder::new(*t, n)).collect();
+        let mut builders: Vec<ColumnBuilder> = self
+            .types
+            .iter()
+            .map(|t| ColumnBuilder::new(*t, n))
+            .collect();
         for key in keys {
             let mut pos = 0usize;
             for b in builders.iter_mut() {
@@ -203,12 +225,36 @@ impl<'a> ColumnView<'a> {
     fn new(a: &'a dyn Array) -> Result<Self> {
         Ok(match a.data_type() {
             DataType::Int64 => ColumnView::Int(a, a.as_primitive::<Int64Type>().values().to_vec()),
-            DataType::Int32 => ColumnView::Int(a, a.as_primitive::<Int32Type>().values().iter().map(|v| *v as i64).collect()),
-            DataType::Int8 => ColumnView::Int(a, a.as_primitive::<Int8Type>().values().iter().map(|v| *v as i64).collect()),
-            DataType::UInt8 => ColumnView::Int(a, a.as_primitive::<UInt8Type>().values().iter().map(|v| *v as i64).collect()),
-            DataType::Timestamp(TimeUnit::Millisecond, _) => {
-                ColumnView::Int(a, a.as_primitive::<TimestampMillisecondType>().values().to_vec())
-            }
+            DataType::Int32 => ColumnView::Int(
+                a,
+                a.as_primitive::<Int32Type>()
+                    .values()
+                    .iter()
+                    .map(|v| *v as i64)
+                    .collect(),
+            ),
+            DataType::Int8 => ColumnView::Int(
+                a,
+                a.as_primitive::<Int8Type>()
+                    .values()
+                    .iter()
+                    .map(|v| *v as i64)
+                    .collect(),
+            ),
+            DataType::UInt8 => ColumnView::Int(
+                a,
+                a.as_primitive::<UInt8Type>()
+                    .values()
+                    .iter()
+                    .map(|v| *v as i64)
+                    .collect(),
+            ),
+            DataType::Timestamp(TimeUnit::Millisecond, _) => ColumnView::Int(
+                a,
+                a.as_primitive::<TimestampMillisecondType>()
+                    .values()
+                    .to_vec(),
+            ),
             DataType::Float64 => ColumnView::Float(a.as_primitive::<Float64Type>()),
             DataType::Boolean => ColumnView::Bool(a.as_boolean()),
             DataType::Utf8 => ColumnView::Str(a.as_string::<i32>()),
@@ -216,17 +262,31 @@ impl<'a> ColumnView<'a> {
                 let (keys, values): (Vec<Option<usize>>, &StringArray) = match **k {
                     DataType::UInt8 => {
                         let d = a.as_dictionary::<UInt8Type>();
-                        (d.keys().iter().map(|k| k.map(|k| k as usize)).collect(), d.values().as_string::<i32>())
+                        (
+                            d.keys().iter().map(|k| k.map(|k| k as usize)).collect(),
+                            d.values().as_string::<i32>(),
+                        )
                     }
                     DataType::Int32 => {
                         let d = a.as_dictionary::<Int32Type>();
-                        (d.keys().iter().map(|k| k.map(|k| k as usize)).collect(), d.values().as_string::<i32>())
+                        (
+                            d.keys().iter().map(|k| k.map(|k| k as usize)).collect(),
+                            d.values().as_string::<i32>(),
+                        )
                     }
-                    ref other => return Err(EngineError::Operator(format!("unsupported dictionary key type {other}"))),
+                    ref other => {
+                        return Err(EngineError::Operator(format!(
+                            "unsupported dictionary key type {other}"
+                        )));
+                    }
                 };
                 ColumnView::DictStr(keys, values)
             }
-            other => return Err(EngineError::Operator(format!("a column of type {other} cannot be used as a key"))),
+            other => {
+                return Err(EngineError::Operator(format!(
+                    "a column of type {other} cannot be used as a key"
+                )));
+            }
         })
     }
 
@@ -302,7 +362,11 @@ impl ColumnBuilder {
         let corrupt = || EngineError::Operator("corrupt encoded key".into());
         let marker = *key.get(pos).ok_or_else(corrupt)?;
         let pos = pos + 1;
-        let take8 = |p: usize| -> Result<[u8; 8]> { key.get(p..p + 8).and_then(|s| s.try_into().ok()).ok_or_else(corrupt) };
+        let take8 = |p: usize| -> Result<[u8; 8]> {
+            key.get(p..p + 8)
+                .and_then(|s| s.try_into().ok())
+                .ok_or_else(corrupt)
+        };
         Ok(match self {
             ColumnBuilder::Int(v, _) => {
                 if marker == 0 {
@@ -336,7 +400,11 @@ impl ColumnBuilder {
                     v.push(None);
                     pos
                 } else {
-                    let len = u32::from_be_bytes(key.get(pos..pos + 4).and_then(|s| s.try_into().ok()).ok_or_else(corrupt)?) as usize;
+                    let len = u32::from_be_bytes(
+                        key.get(pos..pos + 4)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or_else(corrupt)?,
+                    ) as usize;
                     let s = key.get(pos + 4..pos + 4 + len).ok_or_else(corrupt)?;
                     v.push(Some(String::from_utf8(s.to_vec()).map_err(|_| corrupt())?));
                     pos + 4 + len
@@ -348,7 +416,9 @@ impl ColumnBuilder {
     fn finish(self) -> ArrayRef {
         match self {
             ColumnBuilder::Int(v, false) => Arc::new(Int64Array::from(v)),
-            ColumnBuilder::Int(v, true) => Arc::new(arrow::array::TimestampMillisecondArray::from(v)),
+            ColumnBuilder::Int(v, true) => {
+                Arc::new(arrow::array::TimestampMillisecondArray::from(v))
+            }
             ColumnBuilder::Float(v) => Arc::new(Float64Array::from(v)),
             ColumnBuilder::Bool(v) => Arc::new(BooleanArray::from(v)),
             ColumnBuilder::Str(v) => Arc::new(StringArray::from(v)),
@@ -382,7 +452,8 @@ mod tests {
         let strs: ArrayRef = Arc::new(StringArray::from(vec![Some("a"), Some(""), None]));
         let enc = KeyEncoder::new(&[DataType::Int64, DataType::Utf8]).unwrap();
         let mut keys = EncodedKeys::default();
-        enc.encode(&[ints.clone(), strs.clone()], 3, &mut keys).unwrap();
+        enc.encode(&[ints.clone(), strs.clone()], 3, &mut keys)
+            .unwrap();
         assert_eq!(keys.len(), 3);
         let back = enc.decode((0..3).map(|i| keys.row(i))).unwrap();
         assert_eq!(back[0].as_ref(), ints.as_ref());
@@ -398,7 +469,10 @@ mod tests {
         let plain: ArrayRef = Arc::new(StringArray::from(vec!["y", "x"]));
         let e1 = KeyEncoder::new(&[dict.data_type().clone()]).unwrap();
         let e2 = KeyEncoder::new(&[DataType::Utf8]).unwrap();
-        assert_eq!(e1.encode_row(&[dict.clone()], 0).unwrap(), e2.encode_row(&[plain.clone()], 0).unwrap());
+        assert_eq!(
+            e1.encode_row(std::slice::from_ref(&dict), 0).unwrap(),
+            e2.encode_row(std::slice::from_ref(&plain), 0).unwrap()
+        );
     }
 
     #[test]
@@ -409,6 +483,9 @@ mod tests {
         let key = enc.encode_row(&[col], 0).unwrap();
         assert_eq!(key, vec![1, 0x80, 0, 0, 0, 0, 0, 0, 42]);
         assert_eq!(hash_key(&key), 6_626_882_167_836_958_474);
-        assert_eq!(key_group(hash_key(&key), 128), KeyGroup((6_626_882_167_836_958_474u64 % 128) as u32));
+        assert_eq!(
+            key_group(hash_key(&key), 128),
+            KeyGroup((6_626_882_167_836_958_474u64 % 128) as u32)
+        );
     }
 }

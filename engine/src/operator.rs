@@ -70,11 +70,21 @@ pub trait Output {
 pub trait Operator: Send {
     /// Processes one batch that arrived on logical input `input` (0, or 1 for the right side of
     /// a two-input operator).
-    fn process_batch(&mut self, input: usize, batch: RecordBatch, ctx: &OperatorContext<'_>, out: &mut dyn Output)
-    -> Result<()>;
+    fn process_batch(
+        &mut self,
+        input: usize,
+        batch: RecordBatch,
+        ctx: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()>;
 
     /// The combined watermark advanced to `wm`: fire timers (windows, TTL cleanup) up to it.
-    fn on_watermark(&mut self, _wm: Watermark, _ctx: &OperatorContext<'_>, _out: &mut dyn Output) -> Result<()> {
+    fn on_watermark(
+        &mut self,
+        _wm: Watermark,
+        _ctx: &OperatorContext<'_>,
+        _out: &mut dyn Output,
+    ) -> Result<()> {
         Ok(())
     }
 
@@ -112,5 +122,9 @@ pub trait SourceOutput {
 /// A source subtask. It owns its share of the input (its split), decided when it is created.
 pub trait Source: Send {
     /// Reads the next chunk of input into `out`.
-    fn poll(&mut self, ctx: &OperatorContext<'_>, out: &mut dyn SourceOutput) -> Result<SourceStatus>;
+    fn poll(
+        &mut self,
+        ctx: &OperatorContext<'_>,
+        out: &mut dyn SourceOutput,
+    ) -> Result<SourceStatus>;
 }

@@ -66,7 +66,12 @@ struct HashState {
 impl EdgeWriter {
     /// A writer over `targets` (for `Forward`, exactly one: the matching downstream subtask).
     pub fn new(partitioning: Partitioning, targets: Vec<ChannelSender>) -> Self {
-        EdgeWriter { partitioning, targets, next: 0, hash: None }
+        EdgeWriter {
+            partitioning,
+            targets,
+            next: 0,
+            hash: None,
+        }
     }
 
     /// The senders of this edge (to bind them to a subtask's cancel token and metrics).
@@ -92,7 +97,10 @@ impl EdgeWriter {
                 }
                 Ok(())
             }
-            Partitioning::Hash { key_columns, max_parallelism } => {
+            Partitioning::Hash {
+                key_columns,
+                max_parallelism,
+            } => {
                 let max_parallelism = *max_parallelism;
                 if self.targets.len() == 1 {
                     return self.targets[0].send(Element::Batch(batch));
@@ -101,14 +109,19 @@ impl EdgeWriter {
                     self.hash = Some(HashState::new(key_columns, &batch, self.targets.len())?);
                 }
                 let h = self.hash.as_mut().expect("initialised above");
-                let columns: Vec<ArrayRef> = h.columns.iter().map(|i| batch.column(*i).clone()).collect();
+                let columns: Vec<ArrayRef> =
+                    h.columns.iter().map(|i| batch.column(*i).clone()).collect();
                 h.encoder.encode(&columns, batch.num_rows(), &mut h.keys)?;
                 let parallelism = self.targets.len() as u32;
                 for v in h.per_target.iter_mut() {
                     v.clear();
                 }
                 for (row, hash) in h.keys.hashes().enumerate() {
-                    let t = subtask_for_key_group(key_group(hash, max_parallelism), max_parallelism, parallelism);
+                    let t = subtask_for_key_group(
+                        key_group(hash, max_parallelism),
+                        max_parallelism,
+                        parallelism,
+                    );
                     h.per_target[t as usize].push(row as u32);
                 }
                 let n = batch.num_rows();
@@ -143,13 +156,18 @@ impl HashState {
         let mut columns = Vec::with_capacity(key_columns.len());
         let mut types = Vec::with_capacity(key_columns.len());
         for name in key_columns {
-            let i = schema
-                .index_of(name)
-                .map_err(|_| EngineError::Operator(format!("key column '{name}' is not in the stream")))?;
+            let i = schema.index_of(name).map_err(|_| {
+                EngineError::Operator(format!("key column '{name}' is not in the stream"))
+            })?;
             columns.push(i);
             types.push(schema.field(i).data_type().clone());
         }
-        Ok(HashState { columns, encoder: KeyEncoder::new(&types)?, keys: EncodedKeys::default(), per_target: vec![Vec::new(); targets] })
+        Ok(HashState {
+            columns,
+            encoder: KeyEncoder::new(&types)?,
+            keys: EncodedKeys::default(),
+            per_target: vec![Vec::new(); targets],
+        })
     }
 }
 
@@ -166,14 +184,24 @@ mod tests {
     #[test]
     fn hash_routes_every_row_to_the_owner_of_its_key_group() {
         let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
-        let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..1000))]).unwrap();
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![Arc::new(Int64Array::from_iter_values(0..1000))],
+        )
+        .unwrap();
         let (mut txs, mut rxs) = (vec![], vec![]);
         for _ in 0..3 {
             let (t, r) = bounded(8);
             txs.push(t);
             rxs.push(r);
         }
-        let mut w = EdgeWriter::new(Partitioning::Hash { key_columns: vec!["k".into()], max_parallelism: 16 }, txs);
+        let mut w = EdgeWriter::new(
+            Partitioning::Hash {
+                key_columns: vec!["k".into()],
+                max_parallelism: 16,
+            },
+            txs,
+        );
         w.send_batch(batch).unwrap();
         let enc = KeyEncoder::new(&[DataType::Int64]).unwrap();
         let mut total = 0;
@@ -181,7 +209,9 @@ mod tests {
             let range = KeyGroupRange::for_subtask(16, 3, i as u32);
             while let Some(Element::Batch(b)) = r.recv_timeout(Duration::from_millis(10)).unwrap() {
                 for v in b.column(0).as_primitive::<Int64Type>().values() {
-                    let key = enc.encode_row(&[Arc::new(Int64Array::from(vec![*v]))], 0).unwrap();
+                    let key = enc
+                        .encode_row(&[Arc::new(Int64Array::from(vec![*v]))], 0)
+                        .unwrap();
                     assert!(range.contains(key_group(crate::keys::hash_key(&key), 16)));
                     total += 1;
                 }

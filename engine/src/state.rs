@@ -17,12 +17,15 @@
 //! key group, see [`KeyedTable::key_groups_of`]) and a RocksDB backend will implement the same
 //! methods; operators do not change.
 use hashbrown::HashMap;
-use std::collections::{BTreeMap, BinaryHeap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::ops::RangeBounds;
 use std::time::Duration;
 
 use crate::Watermark;
+
+/// A key deleted by TTL, with the values it held.
+pub type Expired<V> = (Box<[u8]>, BTreeMap<i64, V>);
 
 /// Values per (key, namespace), with an optional event-time TTL per key.
 #[derive(Debug)]
@@ -90,7 +93,9 @@ impl<V> KeyedTable<V> {
 
     /// Whether the key has any live value as of `clock`.
     pub fn contains_key(&self, key: &[u8], clock: Watermark) -> bool {
-        self.keys.get(key).is_some_and(|s| !self.expired(s, clock) && !s.values.is_empty())
+        self.keys
+            .get(key)
+            .is_some_and(|s| !self.expired(s, clock) && !s.values.is_empty())
     }
 
     /// Applies `f` to the value at (key, ns), creating it with `init` if absent; touches the key
@@ -110,16 +115,20 @@ impl<V> KeyedTable<V> {
             None => {
                 let boxed: Box<[u8]> = key.into();
                 if let Some(ttl) = ttl {
-                    self.deadlines.push(Reverse((now.saturating_add(ttl), boxed.clone())));
+                    self.deadlines
+                        .push(Reverse((now.saturating_add(ttl), boxed.clone())));
                 }
-                self.keys.entry(boxed).or_insert(Slot { touched: now, values: BTreeMap::new() })
+                self.keys.entry(boxed).or_insert(Slot {
+                    touched: now,
+                    values: BTreeMap::new(),
+                })
             }
         };
-        if let Some(ttl) = ttl {
-            if clock.0 >= slot.touched.saturating_add(ttl) {
-                self.entries -= slot.values.len();
-                slot.values.clear();
-            }
+        if let Some(ttl) = ttl
+            && clock.0 >= slot.touched.saturating_add(ttl)
+        {
+            self.entries -= slot.values.len();
+            slot.values.clear();
         }
         slot.touched = slot.touched.max(now);
         let entries = &mut self.entries;
@@ -159,20 +168,37 @@ impl<V> KeyedTable<V> {
     ) -> impl Iterator<Item = (i64, &'a V)> + 'a {
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
         let slot = self.keys.get(key).filter(|s| !self.expired(s, clock));
-        slot.into_iter().flat_map(move |s| s.values.range(bounds).map(|(k, v)| (*k, v)))
+        slot.into_iter()
+            .flat_map(move |s| s.values.range(bounds).map(|(k, v)| (*k, v)))
     }
 
     /// Mutable access to the values of a key with namespaces in `range`.
-    pub fn range_mut<'a>(&'a mut self, key: &[u8], range: impl RangeBounds<i64>) -> impl Iterator<Item = (i64, &'a mut V)> + 'a {
+    pub fn range_mut<'a>(
+        &'a mut self,
+        key: &[u8],
+        range: impl RangeBounds<i64>,
+    ) -> impl Iterator<Item = (i64, &'a mut V)> + 'a {
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
-        self.keys.get_mut(key).into_iter().flat_map(move |s| s.values.range_mut(bounds).map(|(k, v)| (*k, v)))
+        self.keys
+            .get_mut(key)
+            .into_iter()
+            .flat_map(move |s| s.values.range_mut(bounds).map(|(k, v)| (*k, v)))
     }
 
     /// Removes and returns the values of a key with namespaces in `range`.
     pub fn drain_range(&mut self, key: &[u8], range: impl RangeBounds<i64>) -> Vec<(i64, V)> {
-        let Some(slot) = self.keys.get_mut(key) else { return Vec::new() };
-        let nss: Vec<i64> = slot.values.range((range.start_bound().cloned(), range.end_bound().cloned())).map(|(k, _)| *k).collect();
-        let out: Vec<(i64, V)> = nss.into_iter().filter_map(|ns| slot.values.remove(&ns).map(|v| (ns, v))).collect();
+        let Some(slot) = self.keys.get_mut(key) else {
+            return Vec::new();
+        };
+        let nss: Vec<i64> = slot
+            .values
+            .range((range.start_bound().cloned(), range.end_bound().cloned()))
+            .map(|(k, _)| *k)
+            .collect();
+        let out: Vec<(i64, V)> = nss
+            .into_iter()
+            .filter_map(|ns| slot.values.remove(&ns).map(|v| (ns, v)))
+            .collect();
         self.entries -= out.len();
         if slot.values.is_empty() {
             self.keys.remove(key);
@@ -183,15 +209,19 @@ impl<V> KeyedTable<V> {
     /// Deletes keys whose TTL passed as of `clock`; returns how many keys were deleted, with the
     /// values they held (operators that must report expiring state, such as unmatched join rows,
     /// use them; others drop them).
-    pub fn expire(&mut self, clock: Watermark) -> Vec<(Box<[u8]>, BTreeMap<i64, V>)> {
-        let Some(ttl) = self.ttl else { return Vec::new() };
+    pub fn expire(&mut self, clock: Watermark) -> Vec<Expired<V>> {
+        let Some(ttl) = self.ttl else {
+            return Vec::new();
+        };
         let mut expired = Vec::new();
         while let Some(Reverse((deadline, _))) = self.deadlines.peek() {
             if *deadline > clock.0 {
                 break;
             }
             let Reverse((_, key)) = self.deadlines.pop().expect("peeked");
-            let Some(slot) = self.keys.get(&key) else { continue };
+            let Some(slot) = self.keys.get(&key) else {
+                continue;
+            };
             let due = slot.touched.saturating_add(ttl);
             if due <= clock.0 {
                 let slot = self.keys.remove(&key).expect("present");
@@ -276,7 +306,11 @@ mod tests {
         // b is touched again later: its deadline moves
         t.update(b"b", 0, 1050, Watermark(1000), || 0, |v| *v += 1);
         assert_eq!(t.get(b"a", 0, Watermark(1099)), Some(&1));
-        assert_eq!(t.get(b"a", 0, Watermark(1100)), None, "expired at touched + ttl");
+        assert_eq!(
+            t.get(b"a", 0, Watermark(1100)),
+            None,
+            "expired at touched + ttl"
+        );
         let gone = t.expire(Watermark(1100));
         assert_eq!(gone.len(), 1);
         assert_eq!(&*gone[0].0, b"a");
@@ -290,10 +324,17 @@ mod tests {
     fn expired_key_starts_over_on_update() {
         let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(10)));
         t.update(b"k", 0, 0, Watermark::MIN, || 0, |v| *v += 5);
-        let v = t.update(b"k", 0, 20, Watermark(15), || 0, |v| {
-            *v += 1;
-            *v
-        });
+        let v = t.update(
+            b"k",
+            0,
+            20,
+            Watermark(15),
+            || 0,
+            |v| {
+                *v += 1;
+                *v
+            },
+        );
         assert_eq!(v, 1);
         assert_eq!(t.len(), 1);
     }
@@ -304,7 +345,10 @@ mod tests {
         for ns in [30, 10, 20] {
             t.update(b"k", ns, 0, Watermark::MIN, || "x", |_| ());
         }
-        let got: Vec<i64> = t.range(b"k", 10..30, Watermark::MIN).map(|(ns, _)| ns).collect();
+        let got: Vec<i64> = t
+            .range(b"k", 10..30, Watermark::MIN)
+            .map(|(ns, _)| ns)
+            .collect();
         assert_eq!(got, vec![10, 20]);
         assert_eq!(t.drain_range(b"k", ..=20).len(), 2);
         assert_eq!(t.len(), 1);

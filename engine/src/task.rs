@@ -18,7 +18,9 @@ use tracing::{debug, info_span};
 
 use crate::channel::{CancelToken, ChannelReceiver};
 use crate::metrics::{MetricsSnapshot, SubtaskMetrics};
-use crate::operator::{MAIN_PORT, Operator, OperatorContext, Output, Source, SourceOutput, SourceStatus, SubtaskInfo};
+use crate::operator::{
+    MAIN_PORT, Operator, OperatorContext, Output, Source, SourceOutput, SourceStatus, SubtaskInfo,
+};
 use crate::partition::EdgeWriter;
 use crate::time::WatermarkTracker;
 use crate::{Element, EngineError, Result, Watermark};
@@ -37,7 +39,11 @@ pub struct WatermarkConfig {
 
 impl Default for WatermarkConfig {
     fn default() -> Self {
-        WatermarkConfig { max_out_of_orderness: Duration::ZERO, interval: Duration::from_millis(200), idle_timeout: None }
+        WatermarkConfig {
+            max_out_of_orderness: Duration::ZERO,
+            interval: Duration::from_millis(200),
+            idle_timeout: None,
+        }
     }
 }
 
@@ -74,7 +80,10 @@ impl WatermarkGenerator {
     /// the watermark to emit after it (if any).
     pub fn split(&mut self, batch: &RecordBatch) -> Vec<(RecordBatch, Option<Watermark>)> {
         let n = batch.num_rows();
-        let times = batch.column(batch.num_columns() - 1).as_primitive::<Int64Type>().values();
+        let times = batch
+            .column(batch.num_columns() - 1)
+            .as_primitive::<Int64Type>()
+            .values();
         let mut out = Vec::new();
         let mut start = 0;
         for (i, &t) in times.iter().enumerate() {
@@ -83,8 +92,13 @@ impl WatermarkGenerator {
             }
             self.max_ts = t;
             let candidate = t.saturating_sub(self.bound).saturating_sub(1);
-            if self.emitted == Watermark::MIN || candidate >= self.emitted.0.saturating_add(self.interval) {
-                out.push((batch.slice(start, i + 1 - start), Some(Watermark(candidate))));
+            if self.emitted == Watermark::MIN
+                || candidate >= self.emitted.0.saturating_add(self.interval)
+            {
+                out.push((
+                    batch.slice(start, i + 1 - start),
+                    Some(Watermark(candidate)),
+                ));
                 self.emitted = Watermark(candidate);
                 start = i + 1;
             }
@@ -178,7 +192,13 @@ impl Chain {
     }
 
     /// Pushes a batch into operator `i` (or onto the main edges when `i` is past the chain).
-    fn push_batch(&mut self, i: usize, input: usize, batch: RecordBatch, record_wm: Watermark) -> Result<()> {
+    fn push_batch(
+        &mut self,
+        i: usize,
+        input: usize,
+        batch: RecordBatch,
+        record_wm: Watermark,
+    ) -> Result<()> {
         if i == self.ops.len() {
             SubtaskMetrics::add(&self.metrics.records_out, batch.num_rows() as u64);
             for w in self.main_writers().iter_mut() {
@@ -194,7 +214,9 @@ impl Chain {
                 current_watermark: self.watermarks[i],
                 metrics: &self.metrics,
             };
-            self.ops[i].operator.process_batch(input, batch, &ctx, &mut out)?;
+            self.ops[i]
+                .operator
+                .process_batch(input, batch, &ctx, &mut out)?;
         }
         self.route(i, out)
     }
@@ -202,12 +224,19 @@ impl Chain {
     fn route(&mut self, i: usize, out: Collected) -> Result<()> {
         for (port, batch) in out.0 {
             if port == MAIN_PORT {
-                let wm = self.watermarks.get(i + 1).copied().unwrap_or(Watermark::MIN);
+                let wm = self
+                    .watermarks
+                    .get(i + 1)
+                    .copied()
+                    .unwrap_or(Watermark::MIN);
                 self.push_batch(i + 1, 0, batch, wm)?;
             } else {
                 let op = &mut self.ops[i];
                 let Some(writers) = op.outputs.get_mut(port) else {
-                    return Err(EngineError::Operator(format!("operator {} emitted on unknown port {port}", op.name)));
+                    return Err(EngineError::Operator(format!(
+                        "operator {} emitted on unknown port {port}",
+                        op.name
+                    )));
                 };
                 for w in writers.iter_mut() {
                     w.send_batch(batch.clone())?;
@@ -219,12 +248,20 @@ impl Chain {
 
     fn push_watermark(&mut self, i: usize, wm: Watermark) -> Result<()> {
         if i == self.ops.len() {
-            return self.main_writers().iter_mut().try_for_each(|w| w.broadcast(&Element::Watermark(wm)));
+            return self
+                .main_writers()
+                .iter_mut()
+                .try_for_each(|w| w.broadcast(&Element::Watermark(wm)));
         }
         self.watermarks[i] = wm;
         let mut out = Collected::default();
         {
-            let ctx = OperatorContext { subtask: &self.info, record_watermark: wm, current_watermark: wm, metrics: &self.metrics };
+            let ctx = OperatorContext {
+                subtask: &self.info,
+                record_watermark: wm,
+                current_watermark: wm,
+                metrics: &self.metrics,
+            };
             self.ops[i].operator.on_watermark(wm, &ctx, &mut out)?;
         }
         self.route(i, out)?;
@@ -245,7 +282,9 @@ impl Chain {
         for i in 0..self.ops.len() {
             self.broadcast_side(i, e)?;
         }
-        self.main_writers().iter_mut().try_for_each(|w| w.broadcast(e))
+        self.main_writers()
+            .iter_mut()
+            .try_for_each(|w| w.broadcast(e))
     }
 
     fn end_of_input(&mut self) -> Result<()> {
@@ -253,13 +292,20 @@ impl Chain {
             let mut out = Collected::default();
             {
                 let wm = self.watermarks[i];
-                let ctx = OperatorContext { subtask: &self.info, record_watermark: wm, current_watermark: wm, metrics: &self.metrics };
+                let ctx = OperatorContext {
+                    subtask: &self.info,
+                    record_watermark: wm,
+                    current_watermark: wm,
+                    metrics: &self.metrics,
+                };
                 self.ops[i].operator.on_end_of_input(&ctx, &mut out)?;
             }
             self.route(i, out)?;
             self.broadcast_side(i, &Element::EndOfInput)?;
         }
-        self.main_writers().iter_mut().try_for_each(|w| w.broadcast(&Element::EndOfInput))
+        self.main_writers()
+            .iter_mut()
+            .try_for_each(|w| w.broadcast(&Element::EndOfInput))
     }
 }
 
@@ -276,7 +322,13 @@ pub struct SubtaskResult {
 pub fn run_subtask(spec: SubtaskSpec) -> Result<SubtaskResult> {
     let span = info_span!("subtask", job = %spec.info.job, vertex = %spec.info.vertex, index = spec.info.index);
     let _enter = span.enter();
-    let SubtaskSpec { info, input, mut chain, cancel, metrics } = spec;
+    let SubtaskSpec {
+        info,
+        input,
+        mut chain,
+        cancel,
+        metrics,
+    } = spec;
     for op in chain.iter_mut() {
         for w in op.outputs.iter_mut().flatten() {
             for t in w.targets_mut() {
@@ -285,11 +337,25 @@ pub fn run_subtask(spec: SubtaskSpec) -> Result<SubtaskResult> {
         }
     }
     let n = chain.len();
-    let mut chain = Chain { ops: chain, watermarks: vec![Watermark::MIN; n], head_outputs: Vec::new(), info, metrics: metrics.clone() };
+    let mut chain = Chain {
+        ops: chain,
+        watermarks: vec![Watermark::MIN; n],
+        head_outputs: Vec::new(),
+        info,
+        metrics: metrics.clone(),
+    };
     let started = Instant::now();
     match input {
-        TaskInput::Source { source, watermarks, mut main_outputs, mut side_outputs } => {
-            for w in main_outputs.iter_mut().chain(side_outputs.iter_mut().flatten()) {
+        TaskInput::Source {
+            source,
+            watermarks,
+            mut main_outputs,
+            mut side_outputs,
+        } => {
+            for w in main_outputs
+                .iter_mut()
+                .chain(side_outputs.iter_mut().flatten())
+            {
                 for t in w.targets_mut() {
                     t.bind(cancel.clone(), metrics.clone());
                 }
@@ -300,8 +366,15 @@ pub fn run_subtask(spec: SubtaskSpec) -> Result<SubtaskResult> {
         TaskInput::Channels(inputs) => run_channels(inputs, &mut chain, &cancel)?,
     }
     debug!(elapsed = ?started.elapsed(), "subtask finished");
-    let accumulators = chain.ops.iter().flat_map(|op| op.operator.accumulators()).collect();
-    Ok(SubtaskResult { metrics: metrics.snapshot(), accumulators })
+    let accumulators = chain
+        .ops
+        .iter()
+        .flat_map(|op| op.operator.accumulators())
+        .collect();
+    Ok(SubtaskResult {
+        metrics: metrics.snapshot(),
+        accumulators,
+    })
 }
 
 fn run_source(
@@ -336,17 +409,30 @@ fn run_source(
             if port == MAIN_PORT {
                 SubtaskMetrics::add(&chain.metrics.records_in, batch.num_rows() as u64);
                 for (piece, wm) in generator.split(&batch) {
-                    let record_wm = chain.watermarks.first().copied().unwrap_or(generator.emitted());
-                    let record_wm = if chain.ops.is_empty() { generator.emitted() } else { record_wm };
+                    let record_wm = chain
+                        .watermarks
+                        .first()
+                        .copied()
+                        .unwrap_or(generator.emitted());
+                    let record_wm = if chain.ops.is_empty() {
+                        generator.emitted()
+                    } else {
+                        record_wm
+                    };
                     chain.push_batch(0, 0, piece, record_wm)?;
                     if let Some(wm) = wm {
-                        chain.metrics.watermark.store(wm.0, std::sync::atomic::Ordering::Relaxed);
+                        chain
+                            .metrics
+                            .watermark
+                            .store(wm.0, std::sync::atomic::Ordering::Relaxed);
                         chain.push_watermark(0, wm)?;
                     }
                 }
             } else {
                 let Some(writers) = side_outputs.get_mut(port - 1) else {
-                    return Err(EngineError::Operator(format!("source emitted on unknown port {port}")));
+                    return Err(EngineError::Operator(format!(
+                        "source emitted on unknown port {port}"
+                    )));
                 };
                 for w in writers.iter_mut() {
                     w.send_batch(batch.clone())?;
@@ -356,13 +442,14 @@ fn run_source(
         match status {
             SourceStatus::Ready => {}
             SourceStatus::Pending(wait) => {
-                if let Some(timeout) = config.idle_timeout {
-                    if !idle && last_data.elapsed() >= timeout {
-                        idle = true;
-                        chain.broadcast_all(&Element::Idle)?;
-                        for w in side_outputs.iter_mut().flatten() {
-                            w.broadcast(&Element::Idle)?;
-                        }
+                if let Some(timeout) = config.idle_timeout
+                    && !idle
+                    && last_data.elapsed() >= timeout
+                {
+                    idle = true;
+                    chain.broadcast_all(&Element::Idle)?;
+                    for w in side_outputs.iter_mut().flatten() {
+                        w.broadcast(&Element::Idle)?;
                     }
                 }
                 std::thread::sleep(wait.min(Duration::from_millis(100)));
@@ -370,7 +457,10 @@ fn run_source(
             SourceStatus::Finished => break,
         }
     }
-    chain.metrics.watermark.store(i64::MAX, std::sync::atomic::Ordering::Relaxed);
+    chain
+        .metrics
+        .watermark
+        .store(i64::MAX, std::sync::atomic::Ordering::Relaxed);
     chain.push_watermark(0, Watermark::MAX)?;
     for w in side_outputs.iter_mut().flatten() {
         w.broadcast(&Element::Watermark(Watermark::MAX))?;
@@ -382,7 +472,11 @@ fn run_source(
     Ok(())
 }
 
-fn run_channels(inputs: Vec<(ChannelReceiver, usize)>, chain: &mut Chain, cancel: &CancelToken) -> Result<()> {
+fn run_channels(
+    inputs: Vec<(ChannelReceiver, usize)>,
+    chain: &mut Chain,
+    cancel: &CancelToken,
+) -> Result<()> {
     let mut tracker = WatermarkTracker::new(inputs.len());
     let mut open: Vec<bool> = vec![true; inputs.len()];
     let mut remaining = inputs.len();
@@ -403,7 +497,9 @@ fn run_channels(inputs: Vec<(ChannelReceiver, usize)>, chain: &mut Chain, cancel
             Err(_) => continue,
         };
         let ch = index[op.index()];
-        let element = op.recv(&inputs[ch].0.rx).map_err(|_| EngineError::ChannelClosed)?;
+        let element = op
+            .recv(&inputs[ch].0.rx)
+            .map_err(|_| EngineError::ChannelClosed)?;
         match element {
             Element::Batch(batch) => {
                 tracker.mark_active(ch);
@@ -412,7 +508,10 @@ fn run_channels(inputs: Vec<(ChannelReceiver, usize)>, chain: &mut Chain, cancel
             }
             Element::Watermark(wm) => {
                 if let Some(new) = tracker.update(ch, wm) {
-                    chain.metrics.watermark.store(new.0, std::sync::atomic::Ordering::Relaxed);
+                    chain
+                        .metrics
+                        .watermark
+                        .store(new.0, std::sync::atomic::Ordering::Relaxed);
                     chain.push_watermark(0, new)?;
                 }
             }
@@ -425,7 +524,10 @@ fn run_channels(inputs: Vec<(ChannelReceiver, usize)>, chain: &mut Chain, cancel
                 open[ch] = false;
                 remaining -= 1;
                 if let Some(new) = tracker.finish(ch) {
-                    chain.metrics.watermark.store(new.0, std::sync::atomic::Ordering::Relaxed);
+                    chain
+                        .metrics
+                        .watermark
+                        .store(new.0, std::sync::atomic::Ordering::Relaxed);
                     chain.push_watermark(0, new)?;
                 }
             }
@@ -441,30 +543,57 @@ mod tests {
     use arrow::datatypes::{DataType, Field, Schema};
 
     fn batch(times: &[i64]) -> RecordBatch {
-        let schema = Arc::new(Schema::new(vec![Field::new(crate::TIME_COLUMN, DataType::Int64, false)]));
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            crate::TIME_COLUMN,
+            DataType::Int64,
+            false,
+        )]));
         RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(times.to_vec()))]).unwrap()
     }
 
     fn pieces(g: &mut WatermarkGenerator, times: &[i64]) -> Vec<(usize, Option<i64>)> {
-        g.split(&batch(times)).into_iter().map(|(b, w)| (b.num_rows(), w.map(|w| w.0))).collect()
+        g.split(&batch(times))
+            .into_iter()
+            .map(|(b, w)| (b.num_rows(), w.map(|w| w.0)))
+            .collect()
     }
 
     #[test]
     fn watermarks_follow_the_data_not_the_batching() {
-        let config = WatermarkConfig { max_out_of_orderness: Duration::from_millis(10), interval: Duration::from_millis(1), idle_timeout: None };
+        let config = WatermarkConfig {
+            max_out_of_orderness: Duration::from_millis(10),
+            interval: Duration::from_millis(1),
+            idle_timeout: None,
+        };
         let mut a = WatermarkGenerator::new(&config);
         let whole = pieces(&mut a, &[100, 105, 103, 120, 90]);
-        assert_eq!(whole, vec![(1, Some(89)), (1, Some(94)), (2, Some(109)), (1, None)]);
+        assert_eq!(
+            whole,
+            vec![(1, Some(89)), (1, Some(94)), (2, Some(109)), (1, None)]
+        );
         // the same records in two batches give the same watermarks at the same records
         let mut b = WatermarkGenerator::new(&config);
         let mut split = pieces(&mut b, &[100, 105, 103]);
         split.extend(pieces(&mut b, &[120, 90]));
-        assert_eq!(split, vec![(1, Some(89)), (1, Some(94)), (1, None), (1, Some(109)), (1, None)]);
+        assert_eq!(
+            split,
+            vec![
+                (1, Some(89)),
+                (1, Some(94)),
+                (1, None),
+                (1, Some(109)),
+                (1, None)
+            ]
+        );
     }
 
     #[test]
     fn interval_coarsens_watermarks() {
-        let config = WatermarkConfig { max_out_of_orderness: Duration::ZERO, interval: Duration::from_millis(50), idle_timeout: None };
+        let config = WatermarkConfig {
+            max_out_of_orderness: Duration::ZERO,
+            interval: Duration::from_millis(50),
+            idle_timeout: None,
+        };
         let mut g = WatermarkGenerator::new(&config);
         let p = pieces(&mut g, &[0, 10, 49, 50, 99, 100]);
         assert_eq!(p, vec![(1, Some(-1)), (3, Some(49)), (2, Some(99))]);

@@ -11,7 +11,9 @@
 //! goes backwards.
 
 /// A watermark: no more records at or before this event time (ms) are expected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Watermark(pub i64);
 
 impl Watermark {
@@ -91,7 +93,10 @@ pub struct WatermarkTracker {
 impl WatermarkTracker {
     /// A tracker for `channels` inputs, all active and at [`Watermark::MIN`].
     pub fn new(channels: usize) -> Self {
-        WatermarkTracker { channels: vec![(Watermark::MIN, ChannelStatus::Active); channels], combined: Watermark::MIN }
+        WatermarkTracker {
+            channels: vec![(Watermark::MIN, ChannelStatus::Active); channels],
+            combined: Watermark::MIN,
+        }
     }
 
     /// The current combined watermark.
@@ -144,12 +149,22 @@ impl WatermarkTracker {
     }
 
     fn recompute(&mut self) -> Option<Watermark> {
-        let active = self.channels.iter().filter(|c| c.1 == ChannelStatus::Active).map(|c| c.0).min();
+        let active = self
+            .channels
+            .iter()
+            .filter(|c| c.1 == ChannelStatus::Active)
+            .map(|c| c.0)
+            .min();
         let candidate = match active {
             Some(w) => w,
             None if self.channels.iter().all(|c| c.1 == ChannelStatus::Finished) => {
                 // Every input finished: whatever they last said is final.
-                self.channels.iter().map(|c| c.0).max().unwrap_or(Watermark::MIN).max(self.combined)
+                self.channels
+                    .iter()
+                    .map(|c| c.0)
+                    .max()
+                    .unwrap_or(Watermark::MIN)
+                    .max(self.combined)
             }
             None => return None, // all idle (or idle + finished): hold
         };
@@ -171,7 +186,11 @@ mod tests {
         let mut t = WatermarkTracker::new(2);
         assert_eq!(t.update(0, Watermark(10)), None, "channel 1 still at MIN");
         assert_eq!(t.update(1, Watermark(5)), Some(Watermark(5)));
-        assert_eq!(t.update(1, Watermark(3)), None, "a lower watermark is ignored");
+        assert_eq!(
+            t.update(1, Watermark(3)),
+            None,
+            "a lower watermark is ignored"
+        );
         assert_eq!(t.channel(1), Watermark(5));
         assert_eq!(t.update(1, Watermark(20)), Some(Watermark(10)));
     }

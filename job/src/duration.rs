@@ -15,14 +15,17 @@ impl DurationSpec {
 }
 
 fn parse(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("'{s}' is not a duration ({e}); write it like 500ms, 10s, 5m or 1h 30m"))
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("'{s}' is not a duration ({e}); write it like 500ms, 10s, 5m or 1h 30m")
+    })
 }
 
 impl<'de> Deserialize<'de> for DurationSpec {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse(&s).map(DurationSpec).map_err(serde::de::Error::custom)
+        parse(&s)
+            .map(DurationSpec)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -71,7 +74,8 @@ impl<'de> Deserialize<'de> for SignedDurationSpec {
 
 impl Serialize for SignedDurationSpec {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let d = humantime::format_duration(Duration::from_millis(self.0.unsigned_abs())).to_string();
+        let d =
+            humantime::format_duration(Duration::from_millis(self.0.unsigned_abs())).to_string();
         s.serialize_str(&if self.0 < 0 { format!("-{d}") } else { d })
     }
 }
@@ -98,7 +102,9 @@ mod tests {
         assert_eq!(d.millis(), 90_000);
         let s: SignedDurationSpec = serde_yaml::from_str("-5m").unwrap();
         assert_eq!(s.millis(), -300_000);
-        let err = serde_yaml::from_str::<DurationSpec>("five minutes").unwrap_err().to_string();
+        let err = serde_yaml::from_str::<DurationSpec>("five minutes")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("write it like"), "{err}");
     }
 }

@@ -54,21 +54,33 @@ pub enum LoadError {
 
 /// Loads, overrides and validates a job file.
 pub fn load_job(path: &Path, overrides: &[String]) -> Result<JobSpec, LoadError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.display().to_string(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
     parse_job(&text, &path.display().to_string(), overrides)
 }
 
 /// Parses, overrides and validates a job document.
 pub fn parse_job(text: &str, origin: &str, overrides: &[String]) -> Result<JobSpec, LoadError> {
-    let mut tree: Value =
-        serde_yaml::from_str(text).map_err(|e| LoadError::Syntax { path: origin.to_string(), message: e.to_string() })?;
+    let mut tree: Value = serde_yaml::from_str(text).map_err(|e| LoadError::Syntax {
+        path: origin.to_string(),
+        message: e.to_string(),
+    })?;
     for arg in overrides {
         apply_override(&mut tree, arg)?;
     }
     let spec: JobSpec = serde_path_to_error::deserialize(tree).map_err(|e| {
         let path = e.path().to_string();
-        LoadError::Field { file: origin.to_string(), path: if path == "." { "(top level)".into() } else { path }, message: explain(e.inner()) }
+        LoadError::Field {
+            file: origin.to_string(),
+            path: if path == "." {
+                "(top level)".into()
+            } else {
+                path
+            },
+            message: explain(e.inner()),
+        }
     })?;
     crate::validate::validate(&spec).map_err(LoadError::Invalid)?;
     Ok(spec)
@@ -87,9 +99,15 @@ fn explain(e: &serde_yaml::Error) -> String {
 
 /// Applies one `path=value` override to a YAML tree.
 pub fn apply_override(tree: &mut Value, arg: &str) -> Result<(), LoadError> {
-    let fail = |m: &str| LoadError::Override { arg: arg.to_string(), message: m.to_string() };
-    let (path, raw) = arg.split_once('=').ok_or_else(|| fail("expected path.to.field=value"))?;
-    let value: Value = serde_yaml::from_str(raw).map_err(|e| fail(&format!("value is not valid YAML: {e}")))?;
+    let fail = |m: &str| LoadError::Override {
+        arg: arg.to_string(),
+        message: m.to_string(),
+    };
+    let (path, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| fail("expected path.to.field=value"))?;
+    let value: Value =
+        serde_yaml::from_str(raw).map_err(|e| fail(&format!("value is not valid YAML: {e}")))?;
     let parts: Vec<&str> = path.split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
         return Err(fail("empty path segment"));
@@ -104,12 +122,17 @@ pub fn apply_override(tree: &mut Value, arg: &str) -> Result<(), LoadError> {
                     m.insert(key, value);
                     return Ok(());
                 }
-                m.entry(key).or_insert_with(|| Value::Mapping(Default::default()))
+                m.entry(key)
+                    .or_insert_with(|| Value::Mapping(Default::default()))
             }
             Value::Sequence(s) => {
-                let idx: usize = part.parse().map_err(|_| fail(&format!("'{part}' indexes a list; use a number")))?;
+                let idx: usize = part
+                    .parse()
+                    .map_err(|_| fail(&format!("'{part}' indexes a list; use a number")))?;
                 let len = s.len();
-                let slot = s.get_mut(idx).ok_or_else(|| fail(&format!("index {idx} is past the end of a list of {len}")))?;
+                let slot = s.get_mut(idx).ok_or_else(|| {
+                    fail(&format!("index {idx} is past the end of a list of {len}"))
+                })?;
                 if last {
                     *slot = value;
                     return Ok(());
@@ -118,15 +141,23 @@ pub fn apply_override(tree: &mut Value, arg: &str) -> Result<(), LoadError> {
             }
             Value::Null => {
                 *node = Value::Mapping(Default::default());
-                let Value::Mapping(m) = node else { unreachable!("just set") };
+                let Value::Mapping(m) = node else {
+                    unreachable!("just set")
+                };
                 let key = Value::String(part.to_string());
                 if last {
                     m.insert(key, value);
                     return Ok(());
                 }
-                m.entry(key).or_insert_with(|| Value::Mapping(Default::default()))
+                m.entry(key)
+                    .or_insert_with(|| Value::Mapping(Default::default()))
             }
-            _ => return Err(fail(&format!("'{}' is not a mapping", parts[..i].join(".")))),
+            _ => {
+                return Err(fail(&format!(
+                    "'{}' is not a mapping",
+                    parts[..i].join(".")
+                )));
+            }
         };
     }
     Ok(())
@@ -154,11 +185,20 @@ sinks:
         let spec = parse_job(
             JOB,
             "job.yaml",
-            &["sources.s.connector.path=/data/x.jsonl".into(), "parallelism=4".into(), "sinks.out.connector.path=/tmp/o.jsonl".into()],
+            &[
+                "sources.s.connector.path=/data/x.jsonl".into(),
+                "parallelism=4".into(),
+                "sinks.out.connector.path=/tmp/o.jsonl".into(),
+            ],
         )
         .unwrap();
         assert_eq!(spec.parallelism, 4);
-        assert_eq!(spec.sinks["out"].connector, crate::SinkConnector::File { path: "/tmp/o.jsonl".into() });
+        assert_eq!(
+            spec.sinks["out"].connector,
+            crate::SinkConnector::File {
+                path: "/tmp/o.jsonl".into()
+            }
+        );
         match &spec.sources["s"].connector {
             crate::SourceConnector::File { path, .. } => assert_eq!(path, "/data/x.jsonl"),
             other => panic!("{other:?}"),
@@ -178,9 +218,13 @@ sinks:
 
     #[test]
     fn bad_override_is_explained() {
-        let err = parse_job(JOB, "job.yaml", &["name".into()]).unwrap_err().to_string();
+        let err = parse_job(JOB, "job.yaml", &["name".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("path.to.field=value"), "{err}");
-        let err = parse_job(JOB, "job.yaml", &["name.x=1".into()]).unwrap_err().to_string();
+        let err = parse_job(JOB, "job.yaml", &["name.x=1".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a mapping"), "{err}");
     }
 }

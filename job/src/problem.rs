@@ -14,7 +14,11 @@ pub struct Problem {
 impl Problem {
     /// A problem at `path`.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Problem { path: path.into(), message: message.into(), hint: None }
+        Problem {
+            path: path.into(),
+            message: message.into(),
+            hint: None,
+        }
     }
 
     /// Adds a hint on how to fix it.

@@ -67,7 +67,10 @@ pub struct PipelineSpec {
 
 impl Default for PipelineSpec {
     fn default() -> Self {
-        PipelineSpec { batch_size: default_batch_size(), channel_capacity: default_channel_capacity() }
+        PipelineSpec {
+            batch_size: default_batch_size(),
+            channel_capacity: default_channel_capacity(),
+        }
     }
 }
 fn default_batch_size() -> usize {
@@ -135,7 +138,11 @@ pub struct WatermarkSpec {
 
 impl Default for WatermarkSpec {
     fn default() -> Self {
-        WatermarkSpec { max_out_of_orderness: DurationSpec::default(), interval: default_wm_interval(), idle_timeout: None }
+        WatermarkSpec {
+            max_out_of_orderness: DurationSpec::default(),
+            interval: default_wm_interval(),
+            idle_timeout: None,
+        }
     }
 }
 fn default_wm_interval() -> DurationSpec {
@@ -215,7 +222,10 @@ pub struct CsvOptions {
 
 impl Default for CsvOptions {
     fn default() -> Self {
-        CsvOptions { header: true, delimiter: ',' }
+        CsvOptions {
+            header: true,
+            delimiter: ',',
+        }
     }
 }
 fn default_true() -> bool {
@@ -451,7 +461,10 @@ pub enum SinkConnector {
 impl SinkConnector {
     /// Whether this sink writes one ordered destination and so defaults to parallelism 1.
     pub fn is_single_writer(&self) -> bool {
-        matches!(self, SinkConnector::File { .. } | SinkConnector::Table { .. } | SinkConnector::Stdout)
+        matches!(
+            self,
+            SinkConnector::File { .. } | SinkConnector::Table { .. } | SinkConnector::Stdout
+        )
     }
 }
 
@@ -459,7 +472,9 @@ impl TransformSpec {
     /// The names of the streams this transform reads, with the field each comes from.
     pub fn inputs(&self) -> Vec<(&'static str, &str)> {
         match self {
-            TransformSpec::Filter { input, .. } | TransformSpec::Project { input, .. } | TransformSpec::KeyBy { input, .. } => {
+            TransformSpec::Filter { input, .. }
+            | TransformSpec::Project { input, .. }
+            | TransformSpec::KeyBy { input, .. } => {
                 vec![("input", input)]
             }
             TransformSpec::Window(w) => vec![("input", &w.input)],

@@ -2,7 +2,9 @@
 //! reported, not just the first. Expression and type checks happen at planning time.
 use std::collections::{HashMap, HashSet};
 
-use crate::{JOB_FORMAT_VERSION, JobSpec, Problem, Problems, SinkConnector, TransformSpec, WindowSpec};
+use crate::{
+    JOB_FORMAT_VERSION, JobSpec, Problem, Problems, SinkConnector, TransformSpec, WindowSpec,
+};
 
 /// Side outputs each kind of node has, by name, with their port numbers.
 pub fn side_outputs_of_source() -> &'static [(&'static str, usize)] {
@@ -15,13 +17,16 @@ pub fn side_outputs_of(t: &TransformSpec) -> &'static [(&'static str, usize)] {
         TransformSpec::Window(_) => &[("late", 1)],
         TransformSpec::IntervalJoin(_) => &[("unmatched", 1), ("late", 2)],
         TransformSpec::Deduplicate(_) | TransformSpec::Pattern(_) => &[("late", 1)],
-        TransformSpec::Filter { .. } | TransformSpec::Project { .. } | TransformSpec::KeyBy { .. } => &[],
+        TransformSpec::Filter { .. }
+        | TransformSpec::Project { .. }
+        | TransformSpec::KeyBy { .. } => &[],
     }
 }
 
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
-        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
         && n.chars().next().is_some_and(|c| c.is_ascii_lowercase())
 }
 
@@ -29,16 +34,31 @@ fn valid_name(n: &str) -> bool {
 pub fn validate(job: &JobSpec) -> Result<(), Problems> {
     let mut p = Problems::default();
     if job.version != JOB_FORMAT_VERSION {
-        p.push(Problem::new("version", format!("unsupported job format version {}", job.version)).hint("use version: 1"));
+        p.push(
+            Problem::new(
+                "version",
+                format!("unsupported job format version {}", job.version),
+            )
+            .hint("use version: 1"),
+        );
     }
     if !valid_name(&job.name) {
-        p.push(Problem::new("name", format!("'{}' is not a valid job name", job.name)).hint("use lowercase letters, digits, '-' and '_', starting with a letter"));
+        p.push(
+            Problem::new("name", format!("'{}' is not a valid job name", job.name))
+                .hint("use lowercase letters, digits, '-' and '_', starting with a letter"),
+        );
     }
     if job.parallelism == 0 {
         p.push(Problem::new("parallelism", "must be at least 1"));
     }
     if job.max_parallelism == 0 || job.max_parallelism > 32_768 {
-        p.push(Problem::new("max_parallelism", format!("{} is out of range", job.max_parallelism)).hint("use a value between 1 and 32768, e.g. 128"));
+        p.push(
+            Problem::new(
+                "max_parallelism",
+                format!("{} is out of range", job.max_parallelism),
+            )
+            .hint("use a value between 1 and 32768, e.g. 128"),
+        );
     }
     if job.pipeline.batch_size == 0 {
         p.push(Problem::new("pipeline.batch_size", "must be at least 1"));
@@ -47,23 +67,38 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
         p.push(Problem::new("sources", "a job needs at least one source"));
     }
     if job.sinks.is_empty() {
-        p.push(Problem::new("sinks", "a job needs at least one sink").hint("add a sink such as {input: <stream>, connector: {type: stdout}}"));
+        p.push(
+            Problem::new("sinks", "a job needs at least one sink")
+                .hint("add a sink such as {input: <stream>, connector: {type: stdout}}"),
+        );
     }
 
     // Streams: name -> side outputs.
     let mut streams: HashMap<&str, Vec<&str>> = HashMap::new();
     for name in job.sources.keys() {
         if !valid_name(name) {
-            p.push(Problem::new(format!("sources.{name}"), "invalid name").hint("use lowercase letters, digits, '-' and '_'"));
+            p.push(
+                Problem::new(format!("sources.{name}"), "invalid name")
+                    .hint("use lowercase letters, digits, '-' and '_'"),
+            );
         }
         streams.insert(name, side_outputs_of_source().iter().map(|s| s.0).collect());
     }
     for (name, t) in &job.transforms {
         if !valid_name(name) {
-            p.push(Problem::new(format!("transforms.{name}"), "invalid name").hint("use lowercase letters, digits, '-' and '_'"));
+            p.push(
+                Problem::new(format!("transforms.{name}"), "invalid name")
+                    .hint("use lowercase letters, digits, '-' and '_'"),
+            );
         }
         if streams.contains_key(name.as_str()) {
-            p.push(Problem::new(format!("transforms.{name}"), "a source already has this name").hint("source and transform names must be distinct"));
+            p.push(
+                Problem::new(
+                    format!("transforms.{name}"),
+                    "a source already has this name",
+                )
+                .hint("source and transform names must be distinct"),
+            );
         }
         streams.insert(name, side_outputs_of(t).iter().map(|s| s.0).collect());
     }
@@ -72,7 +107,13 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
             if n == 0 {
                 p.push(Problem::new(path, "must be at least 1"));
             } else if n > job.max_parallelism {
-                p.push(Problem::new(path, format!("{n} exceeds max_parallelism {}", job.max_parallelism)).hint("raise max_parallelism or lower the parallelism"));
+                p.push(
+                    Problem::new(
+                        path,
+                        format!("{n} exceeds max_parallelism {}", job.max_parallelism),
+                    )
+                    .hint("raise max_parallelism or lower the parallelism"),
+                );
             }
         }
     };
@@ -85,82 +126,157 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
             None => {
                 let mut known: Vec<&str> = streams.keys().copied().collect();
                 known.sort_unstable();
-                p.push(Problem::new(path, format!("unknown stream '{base}'")).hint(format!("use one of: {}", known.join(", "))));
+                p.push(
+                    Problem::new(path, format!("unknown stream '{base}'"))
+                        .hint(format!("use one of: {}", known.join(", "))),
+                );
             }
             Some(sides) => {
-                if let Some(port) = port {
-                    if !sides.contains(&port) {
-                        let hint = if sides.is_empty() { format!("'{base}' has no side outputs") } else { format!("'{base}' has: {}", sides.join(", ")) };
-                        p.push(Problem::new(path, format!("'{base}' has no side output '{port}'")).hint(hint));
-                    }
+                if let Some(port) = port
+                    && !sides.contains(&port)
+                {
+                    let hint = if sides.is_empty() {
+                        format!("'{base}' has no side outputs")
+                    } else {
+                        format!("'{base}' has: {}", sides.join(", "))
+                    };
+                    p.push(
+                        Problem::new(path, format!("'{base}' has no side output '{port}'"))
+                            .hint(hint),
+                    );
                 }
             }
         }
     };
     for (name, s) in &job.sources {
         check_par(&mut p, format!("sources.{name}.parallelism"), s.parallelism);
-        if let crate::SourceConnector::File { .. } = s.connector {
-            if s.schema.is_empty() {
-                p.push(Problem::new(format!("sources.{name}.schema"), "a file source needs a schema").hint("list the fields, e.g. schema: {id: string, ts: timestamp}"));
-            }
+        if let crate::SourceConnector::File { .. } = s.connector
+            && s.schema.is_empty()
+        {
+            p.push(
+                Problem::new(
+                    format!("sources.{name}.schema"),
+                    "a file source needs a schema",
+                )
+                .hint("list the fields, e.g. schema: {id: string, ts: timestamp}"),
+            );
         }
     }
     for (name, t) in &job.transforms {
         for (field, input) in t.inputs() {
             check_ref(&mut p, format!("transforms.{name}.{field}"), input);
         }
-        check_par(&mut p, format!("transforms.{name}.parallelism"), t.parallelism());
+        check_par(
+            &mut p,
+            format!("transforms.{name}.parallelism"),
+            t.parallelism(),
+        );
         match t {
             TransformSpec::Window(w) => {
                 let base = format!("transforms.{name}.window");
                 match &w.window {
-                    WindowSpec::Tumbling { size } if size.millis() == 0 => p.push(Problem::new(format!("{base}.size"), "must be positive")),
+                    WindowSpec::Tumbling { size } if size.millis() == 0 => {
+                        p.push(Problem::new(format!("{base}.size"), "must be positive"))
+                    }
                     WindowSpec::Sliding { size, slide } => {
                         if slide.millis() == 0 || size.millis() == 0 {
-                            p.push(Problem::new(base.clone(), "size and slide must be positive"));
+                            p.push(Problem::new(
+                                base.clone(),
+                                "size and slide must be positive",
+                            ));
                         } else if size.millis() % slide.millis() != 0 {
-                            p.push(Problem::new(format!("{base}.slide"), "size must be a multiple of slide").hint("e.g. size 60m with slide 5m"));
+                            p.push(
+                                Problem::new(
+                                    format!("{base}.slide"),
+                                    "size must be a multiple of slide",
+                                )
+                                .hint("e.g. size 60m with slide 5m"),
+                            );
                         }
                     }
-                    WindowSpec::Session { gap } if gap.millis() == 0 => p.push(Problem::new(format!("{base}.gap"), "must be positive")),
+                    WindowSpec::Session { gap } if gap.millis() == 0 => {
+                        p.push(Problem::new(format!("{base}.gap"), "must be positive"))
+                    }
                     _ => {}
                 }
                 if w.aggregates.is_empty() {
-                    p.push(Problem::new(format!("transforms.{name}.aggregates"), "a window needs at least one aggregate").hint("e.g. aggregates: [\"count(*) AS n\"]"));
+                    p.push(
+                        Problem::new(
+                            format!("transforms.{name}.aggregates"),
+                            "a window needs at least one aggregate",
+                        )
+                        .hint("e.g. aggregates: [\"count(*) AS n\"]"),
+                    );
                 }
                 if w.key_by.is_empty() && w.parallelism.is_some_and(|n| n > 1) {
-                    p.push(Problem::new(format!("transforms.{name}.parallelism"), "a window without key_by is global and runs at parallelism 1").hint("remove parallelism or add key_by"));
+                    p.push(
+                        Problem::new(
+                            format!("transforms.{name}.parallelism"),
+                            "a window without key_by is global and runs at parallelism 1",
+                        )
+                        .hint("remove parallelism or add key_by"),
+                    );
                 }
             }
             TransformSpec::Deduplicate(d) => {
                 if d.key.is_empty() {
-                    p.push(Problem::new(format!("transforms.{name}.key"), "needs at least one key column"));
+                    p.push(Problem::new(
+                        format!("transforms.{name}.key"),
+                        "needs at least one key column",
+                    ));
                 }
                 if d.keep == crate::DedupKeep::Latest && d.order_by.is_none() {
-                    p.push(Problem::new(format!("transforms.{name}.order_by"), "keep: latest needs order_by").hint("e.g. order_by: lsn"));
+                    p.push(
+                        Problem::new(
+                            format!("transforms.{name}.order_by"),
+                            "keep: latest needs order_by",
+                        )
+                        .hint("e.g. order_by: lsn"),
+                    );
                 }
             }
             TransformSpec::IntervalJoin(j) => {
                 if j.left_key.is_empty() || j.left_key.len() != j.right_key.len() {
-                    p.push(Problem::new(format!("transforms.{name}.right_key"), "left_key and right_key must be non-empty and of the same length"));
+                    p.push(Problem::new(
+                        format!("transforms.{name}.right_key"),
+                        "left_key and right_key must be non-empty and of the same length",
+                    ));
                 }
                 if j.lower_bound > j.upper_bound {
-                    p.push(Problem::new(format!("transforms.{name}.lower_bound"), "lower_bound is after upper_bound"));
+                    p.push(Problem::new(
+                        format!("transforms.{name}.lower_bound"),
+                        "lower_bound is after upper_bound",
+                    ));
                 }
                 if j.left.split('.').next() == j.right.split('.').next() {
-                    p.push(Problem::new(format!("transforms.{name}.right"), "a stream cannot be joined with itself here").hint("project it under another name first"));
+                    p.push(
+                        Problem::new(
+                            format!("transforms.{name}.right"),
+                            "a stream cannot be joined with itself here",
+                        )
+                        .hint("project it under another name first"),
+                    );
                 }
             }
             TransformSpec::Pattern(pt) => {
                 if pt.count == 0 {
-                    p.push(Problem::new(format!("transforms.{name}.count"), "must be at least 1"));
+                    p.push(Problem::new(
+                        format!("transforms.{name}.count"),
+                        "must be at least 1",
+                    ));
                 }
                 if pt.key_by.is_empty() {
-                    p.push(Problem::new(format!("transforms.{name}.key_by"), "needs at least one key column"));
+                    p.push(Problem::new(
+                        format!("transforms.{name}.key_by"),
+                        "needs at least one key column",
+                    ));
                 }
             }
             TransformSpec::KeyBy { key, .. } if key.is_empty() => {
-                p.push(Problem::new(format!("transforms.{name}.key"), "needs at least one key column"));
+                p.push(Problem::new(
+                    format!("transforms.{name}.key"),
+                    "needs at least one key column",
+                ));
             }
             _ => {}
         }
@@ -169,22 +285,40 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
         check_ref(&mut p, format!("sinks.{name}.input"), &s.input);
         check_par(&mut p, format!("sinks.{name}.parallelism"), s.parallelism);
         if s.connector.is_single_writer() && s.parallelism.is_some_and(|n| n > 1) {
-            p.push(Problem::new(format!("sinks.{name}.parallelism"), "this sink writes one file and runs at parallelism 1").hint("remove parallelism"));
+            p.push(
+                Problem::new(
+                    format!("sinks.{name}.parallelism"),
+                    "this sink writes one file and runs at parallelism 1",
+                )
+                .hint("remove parallelism"),
+            );
         }
-        if let SinkConnector::Table { key: Some(k), .. } = &s.connector {
-            if k.is_empty() {
-                p.push(Problem::new(format!("sinks.{name}.connector.key"), "needs at least one key column"));
-            }
+        if let SinkConnector::Table { key: Some(k), .. } = &s.connector
+            && k.is_empty()
+        {
+            p.push(Problem::new(
+                format!("sinks.{name}.connector.key"),
+                "needs at least one key column",
+            ));
         }
     }
     // Cycles among transforms.
     let mut state: HashMap<&str, u8> = HashMap::new();
-    fn visit<'a>(job: &'a JobSpec, n: &'a str, state: &mut HashMap<&'a str, u8>, p: &mut Problems, seen: &mut HashSet<&'a str>) {
+    fn visit<'a>(
+        job: &'a JobSpec,
+        n: &'a str,
+        state: &mut HashMap<&'a str, u8>,
+        p: &mut Problems,
+        seen: &mut HashSet<&'a str>,
+    ) {
         match state.get(n) {
             Some(2) => return,
             Some(1) => {
                 if seen.insert(n) {
-                    p.push(Problem::new(format!("transforms.{n}"), "is part of a cycle").hint("a transform cannot read, directly or not, its own output"));
+                    p.push(
+                        Problem::new(format!("transforms.{n}"), "is part of a cycle")
+                            .hint("a transform cannot read, directly or not, its own output"),
+                    );
                 }
                 return;
             }

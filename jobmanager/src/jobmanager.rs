@@ -26,7 +26,9 @@ pub enum SubmitError {
     #[error("{0}")]
     Invalid(Problems),
     /// Not enough slots.
-    #[error("job {job} needs {needed} slots but the cluster offers {available}; add TaskManagers or slots, or lower the parallelism")]
+    #[error(
+        "job {job} needs {needed} slots but the cluster offers {available}; add TaskManagers or slots, or lower the parallelism"
+    )]
     NotEnoughSlots {
         /// Job name.
         job: String,
@@ -110,7 +112,11 @@ impl JobHandle {
     /// Waits until the job is no longer running, or the timeout passes.
     pub fn wait_timeout(&self, timeout: Duration) -> JobStatus {
         let guard = self.entry.status.lock().expect("status lock");
-        let (guard, _) = self.entry.done.wait_timeout_while(guard, timeout, |s| s.state == JobState::Running).expect("status lock");
+        let (guard, _) = self
+            .entry
+            .done
+            .wait_timeout_while(guard, timeout, |s| s.state == JobState::Running)
+            .expect("status lock");
         drop(guard);
         self.status()
     }
@@ -118,7 +124,11 @@ impl JobHandle {
     /// Waits until the job is no longer running.
     pub fn wait(&self) -> JobStatus {
         let guard = self.entry.status.lock().expect("status lock");
-        let guard = self.entry.done.wait_while(guard, |s| s.state == JobState::Running).expect("status lock");
+        let guard = self
+            .entry
+            .done
+            .wait_while(guard, |s| s.state == JobState::Running)
+            .expect("status lock");
         drop(guard);
         self.status()
     }
@@ -172,8 +182,14 @@ impl JobManager {
     }
 
     /// Starts a JobManager over registered TaskManagers.
-    pub fn start(taskmanagers: Vec<Arc<dyn TaskManagerGateway>>, events: (Sender<TaskEvent>, Receiver<TaskEvent>)) -> Self {
-        let inner = Arc::new(Inner { taskmanagers, jobs: Mutex::new(HashMap::new()) });
+    pub fn start(
+        taskmanagers: Vec<Arc<dyn TaskManagerGateway>>,
+        events: (Sender<TaskEvent>, Receiver<TaskEvent>),
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            taskmanagers,
+            jobs: Mutex::new(HashMap::new()),
+        });
         let (tx, rx) = events;
         let dispatcher = inner.clone();
         std::thread::Builder::new()
@@ -194,9 +210,17 @@ impl JobManager {
         let needed = plan.slots_needed();
         let available: u32 = self.inner.taskmanagers.iter().map(|t| t.slots()).sum();
         if needed > available {
-            return Err(SubmitError::NotEnoughSlots { job: spec.name.clone(), needed, available });
+            return Err(SubmitError::NotEnoughSlots {
+                job: spec.name.clone(),
+                needed,
+                available,
+            });
         }
-        let id = JobId(format!("{}-{}", spec.name, JOB_COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let id = JobId(format!(
+            "{}-{}",
+            spec.name,
+            JOB_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         let span = info_span!("job", job = %id);
         let _enter = span.enter();
         let entry = Arc::new(JobEntry {
@@ -212,8 +236,16 @@ impl JobManager {
             done: Condvar::new(),
             remaining: Mutex::new(plan.subtask_count() as usize),
         });
-        self.inner.jobs.lock().expect("jobs lock").insert(id.clone(), entry.clone());
-        let handle = JobHandle { id: id.clone(), entry: entry.clone(), jm: self.inner.clone() };
+        self.inner
+            .jobs
+            .lock()
+            .expect("jobs lock")
+            .insert(id.clone(), entry.clone());
+        let handle = JobHandle {
+            id: id.clone(),
+            entry: entry.clone(),
+            jm: self.inner.clone(),
+        };
         let spec = Arc::new(spec);
         let tms = &self.inner.taskmanagers;
         // slot k hosts subtask k of every vertex; slots are spread over TaskManagers
@@ -228,7 +260,12 @@ impl JobManager {
                 }
             }
         }
-        info!(vertices = plan.vertices.len(), subtasks = plan.subtask_count(), slots = needed, "deploying");
+        info!(
+            vertices = plan.vertices.len(),
+            subtasks = plan.subtask_count(),
+            slots = needed,
+            "deploying"
+        );
         for (v, vertex) in plan.vertices.iter().enumerate() {
             for i in 0..vertex.parallelism {
                 let tm = &tms[slot_owner[i as usize]];
@@ -242,7 +279,11 @@ impl JobManager {
                 };
                 if let Err(error) = tm.deploy(d) {
                     handle.cancel();
-                    return Err(SubmitError::Deploy { task: format!("{}#{i}", vertex.name), taskmanager: tm.id().to_string(), error });
+                    return Err(SubmitError::Deploy {
+                        task: format!("{}#{i}", vertex.name),
+                        taskmanager: tm.id().to_string(),
+                        error,
+                    });
                 }
             }
         }
@@ -252,14 +293,24 @@ impl JobManager {
 
 fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
     for ev in rx {
-        let Some(entry) = jm.jobs.lock().expect("jobs lock").get(&ev.job).cloned() else { continue };
+        let Some(entry) = jm.jobs.lock().expect("jobs lock").get(&ev.job).cloned() else {
+            continue;
+        };
         if ev.attempt != entry.attempt {
             continue;
         }
-        let name = entry.plan.vertices.get(ev.vertex).map(|v| v.name.clone()).unwrap_or_default();
+        let name = entry
+            .plan
+            .vertices
+            .get(ev.vertex)
+            .map(|v| v.name.clone())
+            .unwrap_or_default();
         match ev.state {
             TaskState::Running => {}
-            TaskState::Finished { metrics, accumulators } => {
+            TaskState::Finished {
+                metrics,
+                accumulators,
+            } => {
                 let mut s = entry.status.lock().expect("status lock");
                 s.finished.insert((ev.vertex, ev.subtask), metrics);
                 for (k, v) in accumulators {

@@ -7,7 +7,9 @@ use freshet_engine::metrics::MetricsSnapshot;
 use freshet_job::JobSpec;
 
 /// Identifies a submitted job.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct JobId(pub String);
 
 impl std::fmt::Display for JobId {

@@ -132,7 +132,9 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn resolve(&self, stream: &str) -> Option<(NodeId, usize)> {
-        let (base, port) = stream.split_once('.').map_or((stream, None), |(b, p)| (b, Some(p)));
+        let (base, port) = stream
+            .split_once('.')
+            .map_or((stream, None), |(b, p)| (b, Some(p)));
         let node = *self.by_stream.get(base)?;
         let port = match port {
             None => 0,
@@ -140,7 +142,10 @@ impl Builder<'_> {
                 if self.job.sources.contains_key(base) {
                     side_outputs_of_source().iter().find(|s| s.0 == p)?.1
                 } else {
-                    side_outputs_of(self.job.transforms.get(base)?).iter().find(|s| s.0 == p)?.1
+                    side_outputs_of(self.job.transforms.get(base)?)
+                        .iter()
+                        .find(|s| s.0 == p)?
+                        .1
                 }
             }
         };
@@ -155,16 +160,36 @@ impl Builder<'_> {
 
 /// Plans a validated job definition. Every problem found is reported.
 pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
-    let mut b = Builder { job, base: base_dir, nodes: Vec::new(), by_stream: HashMap::new(), upsert: HashMap::new(), problems: Problems::default() };
+    let mut b = Builder {
+        job,
+        base: base_dir,
+        nodes: Vec::new(),
+        by_stream: HashMap::new(),
+        upsert: HashMap::new(),
+        problems: Problems::default(),
+    };
 
     for (name, s) in &job.sources {
         match plan_source(name, s, base_dir, job.pipeline.batch_size) {
-            Ok(SourcePlan { outputs, watermarks, bounded, max_parallelism, factory }) => {
+            Ok(SourcePlan {
+                outputs,
+                watermarks,
+                bounded,
+                max_parallelism,
+                factory,
+            }) => {
                 // a subtask without a split would only idle (and hold back nothing useful)
-                let parallelism = s.parallelism.unwrap_or(job.parallelism).min(max_parallelism.unwrap_or(u32::MAX));
+                let parallelism = s
+                    .parallelism
+                    .unwrap_or(job.parallelism)
+                    .min(max_parallelism.unwrap_or(u32::MAX));
                 let id = b.add(Node {
                     name: name.clone(),
-                    kind: NodeKind::Source { factory, watermarks, bounded },
+                    kind: NodeKind::Source {
+                        factory,
+                        watermarks,
+                        bounded,
+                    },
                     parallelism,
                     inputs: Vec::new(),
                     outputs,
@@ -183,7 +208,10 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
         let before = pending.len();
         let mut next = Vec::new();
         for (name, t) in pending {
-            let ready = t.inputs().iter().all(|(_, i)| b.by_stream.contains_key(i.split('.').next().unwrap_or(i)));
+            let ready = t
+                .inputs()
+                .iter()
+                .all(|(_, i)| b.by_stream.contains_key(i.split('.').next().unwrap_or(i)));
             if !ready {
                 next.push((name, t));
                 continue;
@@ -192,24 +220,44 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
             for (_, i) in t.inputs() {
                 match b.resolve(i) {
                     Some(x) => inputs.push(x),
-                    None => b.problems.push(Problem::new(format!("transforms.{name}"), format!("cannot resolve input '{i}'"))),
+                    None => b.problems.push(Problem::new(
+                        format!("transforms.{name}"),
+                        format!("cannot resolve input '{i}'"),
+                    )),
                 }
             }
             if inputs.len() != t.inputs().len() {
                 continue;
             }
-            let schemas: Vec<SchemaRef> = inputs.iter().map(|(n, p)| b.nodes[*n].outputs[*p].clone()).collect();
+            let schemas: Vec<SchemaRef> = inputs
+                .iter()
+                .map(|(n, p)| b.nodes[*n].outputs[*p].clone())
+                .collect();
             match plan_transform(name, t, &schemas) {
                 Ok(tp) => {
-                    let global = tp.inputs.iter().any(|k| *k == InputKeying::Global);
-                    let parallelism = if global { 1 } else { t.parallelism().unwrap_or(job.parallelism) };
+                    let global = tp.inputs.contains(&InputKeying::Global);
+                    let parallelism = if global {
+                        1
+                    } else {
+                        t.parallelism().unwrap_or(job.parallelism)
+                    };
                     let mut ports = vec!["main"];
                     ports.extend(side_outputs_of(t).iter().map(|s| s.0));
                     let id = b.add(Node {
                         name: name.clone(),
-                        kind: NodeKind::Operator { factory: tp.factory },
+                        kind: NodeKind::Operator {
+                            factory: tp.factory,
+                        },
                         parallelism,
-                        inputs: inputs.iter().zip(tp.inputs).map(|((n, p), k)| NodeInput { node: *n, port: *p, keying: k }).collect(),
+                        inputs: inputs
+                            .iter()
+                            .zip(tp.inputs)
+                            .map(|((n, p), k)| NodeInput {
+                                node: *n,
+                                port: *p,
+                                keying: k,
+                            })
+                            .collect(),
                         outputs: tp.outputs,
                         port_names: ports,
                         is_sink: false,
@@ -232,17 +280,40 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
     }
 
     for (name, s) in &job.sinks {
-        let Some((node, port)) = b.resolve(&s.input) else { continue };
+        let Some((node, port)) = b.resolve(&s.input) else {
+            continue;
+        };
         let schema = b.nodes[node].outputs[port].clone();
-        let upsert = if port == 0 { b.upsert.get(&node).cloned() } else { None };
-        match plan_sink(&format!("sinks.{name}.connector"), name, &s.connector, &schema, upsert.as_deref(), base_dir) {
+        let upsert = if port == 0 {
+            b.upsert.get(&node).cloned()
+        } else {
+            None
+        };
+        match plan_sink(
+            &format!("sinks.{name}.connector"),
+            name,
+            &s.connector,
+            &schema,
+            upsert.as_deref(),
+            base_dir,
+        ) {
             Ok(sp) => {
-                let parallelism = if s.connector.is_single_writer() { 1 } else { s.parallelism.unwrap_or(job.parallelism) };
+                let parallelism = if s.connector.is_single_writer() {
+                    1
+                } else {
+                    s.parallelism.unwrap_or(job.parallelism)
+                };
                 b.add(Node {
                     name: format!("sink:{name}"),
-                    kind: NodeKind::Operator { factory: sp.factory },
+                    kind: NodeKind::Operator {
+                        factory: sp.factory,
+                    },
                     parallelism,
-                    inputs: vec![NodeInput { node, port, keying: InputKeying::Any }],
+                    inputs: vec![NodeInput {
+                        node,
+                        port,
+                        keying: InputKeying::Any,
+                    }],
                     outputs: Vec::new(),
                     port_names: Vec::new(),
                     is_sink: true,
@@ -260,8 +331,11 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
 
 /// Sends every side output nobody reads to the dead-letter sink.
 fn route_unread_side_outputs(b: &mut Builder<'_>) -> Result<(), Problems> {
-    let read: std::collections::HashSet<(NodeId, usize)> =
-        b.nodes.iter().flat_map(|n| n.inputs.iter().map(|i| (i.node, i.port))).collect();
+    let read: std::collections::HashSet<(NodeId, usize)> = b
+        .nodes
+        .iter()
+        .flat_map(|n| n.inputs.iter().map(|i| (i.node, i.port)))
+        .collect();
     let mut unread = Vec::new();
     for (id, n) in b.nodes.iter().enumerate() {
         for port in 1..n.outputs.len() {
@@ -281,14 +355,26 @@ fn route_unread_side_outputs(b: &mut Builder<'_>) -> Result<(), Problems> {
         if n.outputs[port] == dl_schema {
             feeds.push((id, port));
         } else {
-            let (origin, reason) = (n.name.clone(), format!("{} output not routed by the job", n.port_names[port]));
+            let (origin, reason) = (
+                n.name.clone(),
+                format!("{} output not routed by the job", n.port_names[port]),
+            );
             let adapter = Node {
                 name: format!("{}.{}", n.name, n.port_names[port]),
                 kind: NodeKind::Operator {
-                    factory: Arc::new(move |_| Box::new(dead_letter::ToDeadLetter::new(origin.clone(), reason.clone()))),
+                    factory: Arc::new(move |_| {
+                        Box::new(dead_letter::ToDeadLetter::new(
+                            origin.clone(),
+                            reason.clone(),
+                        ))
+                    }),
                 },
                 parallelism: n.parallelism,
-                inputs: vec![NodeInput { node: id, port, keying: InputKeying::Any }],
+                inputs: vec![NodeInput {
+                    node: id,
+                    port,
+                    keying: InputKeying::Any,
+                }],
                 outputs: vec![dl_schema.clone()],
                 port_names: vec!["main"],
                 is_sink: false,
@@ -299,9 +385,18 @@ fn route_unread_side_outputs(b: &mut Builder<'_>) -> Result<(), Problems> {
     }
     b.nodes.push(Node {
         name: "sink:dead_letter".into(),
-        kind: NodeKind::Operator { factory: sink.factory },
+        kind: NodeKind::Operator {
+            factory: sink.factory,
+        },
         parallelism: 1,
-        inputs: feeds.into_iter().map(|(node, port)| NodeInput { node, port, keying: InputKeying::Any }).collect(),
+        inputs: feeds
+            .into_iter()
+            .map(|(node, port)| NodeInput {
+                node,
+                port,
+                keying: InputKeying::Any,
+            })
+            .collect(),
         outputs: Vec::new(),
         port_names: Vec::new(),
         is_sink: true,
@@ -311,8 +406,15 @@ fn route_unread_side_outputs(b: &mut Builder<'_>) -> Result<(), Problems> {
 
 fn partitioning(job: &JobSpec, from: &Node, to: &Node, keying: &InputKeying) -> Partitioning {
     match keying {
-        InputKeying::Keyed(_) | InputKeying::Global if from.parallelism == 1 && to.parallelism == 1 => Partitioning::Forward,
-        InputKeying::Keyed(k) => Partitioning::Hash { key_columns: k.clone(), max_parallelism: job.max_parallelism },
+        InputKeying::Keyed(_) | InputKeying::Global
+            if from.parallelism == 1 && to.parallelism == 1 =>
+        {
+            Partitioning::Forward
+        }
+        InputKeying::Keyed(k) => Partitioning::Hash {
+            key_columns: k.clone(),
+            max_parallelism: job.max_parallelism,
+        },
         InputKeying::Global => Partitioning::Rebalance,
         InputKeying::Any if from.parallelism == to.parallelism => Partitioning::Forward,
         InputKeying::Any => Partitioning::Rebalance,
@@ -336,7 +438,9 @@ fn chain(job: &JobSpec, base: &Path, nodes: Vec<Node>) -> JobPlan {
         let input = &node.inputs[0];
         let from = &nodes[input.node];
         let forward = partitioning(job, from, node, &input.keying) == Partitioning::Forward;
-        let sole = consumers.get(&(input.node, 0)).is_some_and(|c| c.len() == 1);
+        let sole = consumers
+            .get(&(input.node, 0))
+            .is_some_and(|c| c.len() == 1);
         if input.port == 0 && forward && sole && from.parallelism == node.parallelism {
             chained_to[id] = Some(input.node);
         }
@@ -358,7 +462,11 @@ fn chain(job: &JobSpec, base: &Path, nodes: Vec<Node>) -> JobPlan {
             vertex_of[*m] = v;
         }
         vertices.push(Vertex {
-            name: members.iter().map(|m| nodes[*m].name.as_str()).collect::<Vec<_>>().join(" -> "),
+            name: members
+                .iter()
+                .map(|m| nodes[*m].name.as_str())
+                .collect::<Vec<_>>()
+                .join(" -> "),
             parallelism: nodes[head].parallelism,
             nodes: members,
         });
@@ -378,7 +486,14 @@ fn chain(job: &JobSpec, base: &Path, nodes: Vec<Node>) -> JobPlan {
             });
         }
     }
-    JobPlan { spec: Arc::new(job.clone()), base_dir: base.to_path_buf(), nodes, vertices, edges, vertex_of }
+    JobPlan {
+        spec: Arc::new(job.clone()),
+        base_dir: base.to_path_buf(),
+        nodes,
+        vertices,
+        edges,
+        vertex_of,
+    }
 }
 
 impl JobPlan {
@@ -389,7 +504,11 @@ impl JobPlan {
 
     /// Slots needed with slot sharing (one subtask of every vertex per slot).
     pub fn slots_needed(&self) -> u32 {
-        self.vertices.iter().map(|v| v.parallelism).max().unwrap_or(0)
+        self.vertices
+            .iter()
+            .map(|v| v.parallelism)
+            .max()
+            .unwrap_or(0)
     }
 
     /// A human-readable description of the planned graph.
@@ -405,7 +524,11 @@ impl JobPlan {
             self.slots_needed()
         );
         for (vi, v) in self.vertices.iter().enumerate() {
-            let _ = writeln!(s, "\nvertex {vi}: {} [parallelism {}]", v.name, v.parallelism);
+            let _ = writeln!(
+                s,
+                "\nvertex {vi}: {} [parallelism {}]",
+                v.name, v.parallelism
+            );
             for (k, m) in v.nodes.iter().enumerate() {
                 let node = &self.nodes[*m];
                 let role = match (&node.kind, node.is_sink) {
@@ -420,15 +543,29 @@ impl JobPlan {
                         .fields()
                         .iter()
                         .filter(|f| f.name() != freshet_engine::TIME_COLUMN)
-                        .map(|f| format!("{}: {}", f.name(), freshet_operators::expr::type_name(f.data_type()).to_lowercase()))
+                        .map(|f| {
+                            format!(
+                                "{}: {}",
+                                f.name(),
+                                freshet_operators::expr::type_name(f.data_type()).to_lowercase()
+                            )
+                        })
                         .collect();
                     let _ = writeln!(s, "    {} -> ({})", node.port_names[p], cols.join(", "));
                 }
             }
             for e in self.edges.iter().filter(|e| e.to_vertex == vi) {
                 let from = &self.nodes[e.from.0];
-                let port = if e.from.1 == 0 { String::new() } else { format!(".{}", from.port_names[e.from.1]) };
-                let _ = writeln!(s, "  <- {}{port} [{}] from vertex {}", from.name, e.partitioning, e.from_vertex);
+                let port = if e.from.1 == 0 {
+                    String::new()
+                } else {
+                    format!(".{}", from.port_names[e.from.1])
+                };
+                let _ = writeln!(
+                    s,
+                    "  <- {}{port} [{}] from vertex {}",
+                    from.name, e.partitioning, e.from_vertex
+                );
             }
         }
         s
@@ -462,22 +599,27 @@ sources:
 
     #[test]
     fn chains_forward_edges_and_hashes_keyed_inputs() {
-        let j = job(
-            r#"
+        let j = job(r#"
 transforms:
   f: {type: filter, input: s, where: "v > 0"}
   w: {type: window, input: f, key_by: [k], window: {type: tumbling, size: 1m}, aggregates: ["count(*) AS n"]}
 sinks:
   out: {input: w, connector: {type: blackhole}}
-"#,
-        );
+"#);
         let p = plan(&j, Path::new("/")).unwrap();
         let names: Vec<&str> = p.vertices.iter().map(|v| v.name.as_str()).collect();
         // source and filter chain; the window is keyed; the dead-letter and late outputs are routed
         assert!(names.contains(&"s -> f"), "{names:?}");
         assert!(names.contains(&"w -> sink:out"), "{names:?}");
-        assert!(names.iter().any(|n| n.starts_with("sink:dead_letter")), "{names:?}");
-        let hash = p.edges.iter().find(|e| p.vertices[e.to_vertex].name.starts_with("w")).unwrap();
+        assert!(
+            names.iter().any(|n| n.starts_with("sink:dead_letter")),
+            "{names:?}"
+        );
+        let hash = p
+            .edges
+            .iter()
+            .find(|e| p.vertices[e.to_vertex].name.starts_with("w"))
+            .unwrap();
         assert!(matches!(hash.partitioning, Partitioning::Hash { .. }));
         let explain = p.explain();
         assert!(explain.contains("hash(k)"), "{explain}");
@@ -485,18 +627,22 @@ sinks:
 
     #[test]
     fn type_errors_name_the_field() {
-        let j = job(
-            r#"
+        let j = job(r#"
 transforms:
   f: {type: filter, input: s, where: "v + 1"}
   w: {type: window, input: s, key_by: [nope], window: {type: tumbling, size: 1m}, aggregates: ["count(*) AS n"]}
 sinks:
   out: {input: f, connector: {type: table, path: x.jsonl}}
-"#,
-        );
+"#);
         let err = plan(&j, Path::new("/")).err().unwrap().to_string();
-        assert!(err.contains("transforms.f.where: must be a BOOLEAN"), "{err}");
-        assert!(err.contains("transforms.w.key_by[0]: unknown column 'nope'"), "{err}");
+        assert!(
+            err.contains("transforms.f.where: must be a BOOLEAN"),
+            "{err}"
+        );
+        assert!(
+            err.contains("transforms.w.key_by[0]: unknown column 'nope'"),
+            "{err}"
+        );
         assert!(err.contains("sinks.out.connector.key"), "{err}");
     }
 }

@@ -37,7 +37,14 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     /// Adds one record.
-    pub fn push(&mut self, origin: &str, position: Option<String>, reason: String, record: Option<String>, time: i64) {
+    pub fn push(
+        &mut self,
+        origin: &str,
+        position: Option<String>,
+        reason: String,
+        record: Option<String>,
+        time: i64,
+    ) {
         self.origin.push(origin.to_string());
         self.position.push(position);
         self.reason.push(reason);
@@ -78,7 +85,10 @@ pub struct ToDeadLetter {
 impl ToDeadLetter {
     /// Records from `origin` with `reason`.
     pub fn new(origin: impl Into<String>, reason: impl Into<String>) -> Self {
-        ToDeadLetter { origin: origin.into(), reason: reason.into() }
+        ToDeadLetter {
+            origin: origin.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -91,10 +101,19 @@ impl freshet_engine::operator::Operator for ToDeadLetter {
         out: &mut dyn freshet_engine::operator::Output,
     ) -> freshet_engine::Result<()> {
         use arrow::array::AsArray;
-        let times = batch.column(batch.num_columns() - 1).as_primitive::<arrow::datatypes::Int64Type>().clone();
+        let times = batch
+            .column(batch.num_columns() - 1)
+            .as_primitive::<arrow::datatypes::Int64Type>()
+            .clone();
         let mut dl = DeadLetters::default();
         for row in 0..batch.num_rows() {
-            dl.push(&self.origin, None, self.reason.clone(), Some(crate::json::row_to_string(&batch, row)?), times.value(row));
+            dl.push(
+                &self.origin,
+                None,
+                self.reason.clone(),
+                Some(crate::json::row_to_string(&batch, row)?),
+                times.value(row),
+            );
         }
         freshet_engine::metrics::SubtaskMetrics::add(&ctx.metrics.dead_letters, dl.len() as u64);
         out.emit(freshet_engine::operator::MAIN_PORT, dl.take_batch());

@@ -52,11 +52,25 @@ impl DedupPlan {
     ) -> Result<DedupPlan, (String, String)> {
         let (key_columns, encoder) = key_columns(input, key, "key")?;
         let order_by = match (keep, order_by) {
-            (DedupKeep::Latest, Some(o)) => Some(Expr::compile(o, input).map_err(|e| ("order_by".to_string(), e.message))?),
-            (DedupKeep::First, Some(_)) => return Err(("order_by".into(), "order_by only applies to keep: latest".into())),
+            (DedupKeep::Latest, Some(o)) => {
+                Some(Expr::compile(o, input).map_err(|e| ("order_by".to_string(), e.message))?)
+            }
+            (DedupKeep::First, Some(_)) => {
+                return Err((
+                    "order_by".into(),
+                    "order_by only applies to keep: latest".into(),
+                ));
+            }
             _ => None,
         };
-        Ok(DedupPlan { key_columns, encoder, keep, order_by, ttl, input: input.clone() })
+        Ok(DedupPlan {
+            key_columns,
+            encoder,
+            keep,
+            order_by,
+            ttl,
+            input: input.clone(),
+        })
     }
 
     /// The input schema (also the schema of the output and of the late output).
@@ -66,18 +80,34 @@ impl DedupPlan {
 
     /// The operator of one subtask.
     pub fn instantiate(&self) -> DedupOperator {
-        DedupOperator { plan: self.clone(), seen: KeyedTable::new("dedup", self.ttl), keys: EncodedKeys::default() }
+        DedupOperator {
+            plan: self.clone(),
+            seen: KeyedTable::new("dedup", self.ttl),
+            keys: EncodedKeys::default(),
+        }
     }
 }
 
 /// Resolves key column names into indexes and an encoder; errors name `field[i]`.
-pub fn key_columns(input: &Schema, key: &[String], field: &str) -> Result<(Vec<usize>, KeyEncoder), (String, String)> {
+pub fn key_columns(
+    input: &Schema,
+    key: &[String],
+    field: &str,
+) -> Result<(Vec<usize>, KeyEncoder), (String, String)> {
     let mut idx = Vec::new();
     let mut types = Vec::new();
     for (i, k) in key.iter().enumerate() {
         let c = input.index_of(k).map_err(|_| {
-            let names: Vec<&str> = input.fields().iter().map(|f| f.name().as_str()).filter(|n| *n != freshet_engine::TIME_COLUMN).collect();
-            (format!("{field}[{i}]"), format!("unknown column '{k}'; the input has: {}", names.join(", ")))
+            let names: Vec<&str> = input
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .filter(|n| *n != freshet_engine::TIME_COLUMN)
+                .collect();
+            (
+                format!("{field}[{i}]"),
+                format!("unknown column '{k}'; the input has: {}", names.join(", ")),
+            )
         })?;
         idx.push(c);
         types.push(input.field(c).data_type().clone());
@@ -94,12 +124,34 @@ pub struct DedupOperator {
 }
 
 impl Operator for DedupOperator {
-    fn process_batch(&mut self, _: usize, batch: RecordBatch, ctx: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
-        let cols: Vec<ArrayRef> = self.plan.key_columns.iter().map(|i| batch.column(*i).clone()).collect();
-        self.plan.encoder.encode(&cols, batch.num_rows(), &mut self.keys)?;
-        let order = self.plan.order_by.as_ref().map(|o| o.evaluate(&batch)).transpose()?;
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        ctx: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
+        let cols: Vec<ArrayRef> = self
+            .plan
+            .key_columns
+            .iter()
+            .map(|i| batch.column(*i).clone())
+            .collect();
+        self.plan
+            .encoder
+            .encode(&cols, batch.num_rows(), &mut self.keys)?;
+        let order = self
+            .plan
+            .order_by
+            .as_ref()
+            .map(|o| o.evaluate(&batch))
+            .transpose()?;
         let order = order.as_ref().map(ColumnReader::new).transpose()?;
-        let times = batch.column(batch.num_columns() - 1).as_primitive::<Int64Type>().values().clone();
+        let times = batch
+            .column(batch.num_columns() - 1)
+            .as_primitive::<Int64Type>()
+            .values()
+            .clone();
         let rw = ctx.record_watermark;
         let ttl = self.plan.ttl.map(|t| t.as_millis() as i64);
         let mut keep = Vec::with_capacity(batch.num_rows());
@@ -135,7 +187,10 @@ impl Operator for DedupOperator {
         }
         if !late.is_empty() {
             SubtaskMetrics::add(&ctx.metrics.late_records, late.len() as u64);
-            out.emit(LATE_PORT, take_record_batch(&batch, &UInt32Array::from(late))?);
+            out.emit(
+                LATE_PORT,
+                take_record_batch(&batch, &UInt32Array::from(late))?,
+            );
         }
         let mask = BooleanArray::from(keep);
         if mask.true_count() == batch.num_rows() {
@@ -146,12 +201,16 @@ impl Operator for DedupOperator {
         Ok(())
     }
 
-    fn on_watermark(&mut self, wm: Watermark, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
+    fn on_watermark(
+        &mut self,
+        wm: Watermark,
+        _: &OperatorContext<'_>,
+        _: &mut dyn Output,
+    ) -> Result<()> {
         self.seen.expire(wm);
         Ok(())
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -165,39 +224,84 @@ mod tests {
         batch(
             s,
             vec![
-                Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
-                Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                )),
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )),
             ],
             &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
         )
     }
 
     fn s() -> SchemaRef {
-        schema(vec![Field::new("id", DataType::Utf8, true), Field::new("v", DataType::Int64, true)])
+        schema(vec![
+            Field::new("id", DataType::Utf8, true),
+            Field::new("v", DataType::Int64, true),
+        ])
     }
 
     #[test]
     fn first_within_ttl_then_forgets_and_late_is_separated() {
         let s = s();
-        let plan = DedupPlan::compile(&s, &["id".into()], DedupKeep::First, None, Some(Duration::from_millis(100))).unwrap();
+        let plan = DedupPlan::compile(
+            &s,
+            &["id".into()],
+            DedupKeep::First,
+            None,
+            Some(Duration::from_millis(100)),
+        )
+        .unwrap();
         let mut h = Harness::new(plan.instantiate());
         h.push(0, input(&s, &[("a", 1, 10), ("a", 2, 20), ("b", 3, 30)]));
-        assert_eq!(h.take(0), vec![r#"{"id":"a","v":1}"#, r#"{"id":"b","v":3}"#]);
+        assert_eq!(
+            h.take(0),
+            vec![r#"{"id":"a","v":1}"#, r#"{"id":"b","v":3}"#]
+        );
         h.watermark(109); // a remembered until 10 + 100
         h.push(0, input(&s, &[("a", 4, 150)]));
         assert!(h.take(0).is_empty());
         h.watermark(110);
         h.push(0, input(&s, &[("a", 5, 160), ("z", 6, 10)]));
-        assert_eq!(h.take(0), vec![r#"{"id":"a","v":5}"#], "a expired, passes again");
-        assert_eq!(h.take(1), vec![r#"{"id":"z","v":6}"#], "10 + ttl <= watermark: too old to check");
+        assert_eq!(
+            h.take(0),
+            vec![r#"{"id":"a","v":5}"#],
+            "a expired, passes again"
+        );
+        assert_eq!(
+            h.take(1),
+            vec![r#"{"id":"z","v":6}"#],
+            "10 + ttl <= watermark: too old to check"
+        );
     }
 
     #[test]
     fn latest_keeps_only_newer_versions() {
         let s = s();
-        let plan = DedupPlan::compile(&s, &["id".into()], DedupKeep::Latest, Some("v"), None).unwrap();
+        let plan =
+            DedupPlan::compile(&s, &["id".into()], DedupKeep::Latest, Some("v"), None).unwrap();
         let mut h = Harness::new(plan.instantiate());
-        h.push(0, input(&s, &[("a", 5, 0), ("a", 3, 0), ("a", 5, 0), ("a", 7, 0), ("b", 1, 0)]));
-        assert_eq!(h.take(0), vec![r#"{"id":"a","v":5}"#, r#"{"id":"a","v":7}"#, r#"{"id":"b","v":1}"#]);
+        h.push(
+            0,
+            input(
+                &s,
+                &[
+                    ("a", 5, 0),
+                    ("a", 3, 0),
+                    ("a", 5, 0),
+                    ("a", 7, 0),
+                    ("b", 1, 0),
+                ],
+            ),
+        );
+        assert_eq!(
+            h.take(0),
+            vec![
+                r#"{"id":"a","v":5}"#,
+                r#"{"id":"a","v":7}"#,
+                r#"{"id":"b","v":1}"#
+            ]
+        );
     }
 }

@@ -11,12 +11,18 @@
 //! comparisons, `AND OR NOT`, `||`, `IS [NOT] NULL`, `[NOT] IN (...)`, `BETWEEN`, `[I]LIKE`,
 //! `CASE WHEN`, `CAST(x AS t)` and the functions `lower`, `upper`, `length`, `abs`, `coalesce`,
 //! `concat`, `epoch_ms`.
-use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Datum, Int64Array, NullArray, Scalar, StringArray, UInt32Array};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Datum, Int64Array, NullArray, Scalar, StringArray,
+    UInt32Array,
+};
 use arrow::compute::kernels::{boolean, cmp, comparison, numeric};
 use arrow::compute::{cast, take};
 use arrow::datatypes::{DataType, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
-use sqlparser::ast::{self as sql, BinaryOperator, FunctionArg, FunctionArgExpr, FunctionArguments, SelectItem, UnaryOperator};
+use sqlparser::ast::{
+    self as sql, BinaryOperator, FunctionArg, FunctionArgExpr, FunctionArguments, SelectItem,
+    UnaryOperator,
+};
 use sqlparser::dialect::GenericDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::Token;
@@ -33,7 +39,9 @@ pub struct ExprError {
 }
 
 fn err<T>(message: impl Into<String>) -> Result<T, ExprError> {
-    Err(ExprError { message: message.into() })
+    Err(ExprError {
+        message: message.into(),
+    })
 }
 
 /// The timestamp type used for event-time columns.
@@ -45,8 +53,12 @@ pub fn timestamp_type() -> DataType {
 pub fn parse_expr(text: &str) -> Result<sql::Expr, ExprError> {
     let mut p = Parser::new(&GenericDialect {})
         .try_with_sql(text)
-        .map_err(|e| ExprError { message: format!("cannot parse '{text}': {e}") })?;
-    let e = p.parse_expr().map_err(|e| ExprError { message: format!("cannot parse '{text}': {e}") })?;
+        .map_err(|e| ExprError {
+            message: format!("cannot parse '{text}': {e}"),
+        })?;
+    let e = p.parse_expr().map_err(|e| ExprError {
+        message: format!("cannot parse '{text}': {e}"),
+    })?;
     expect_end(&mut p, text)?;
     Ok(e)
 }
@@ -54,7 +66,10 @@ pub fn parse_expr(text: &str) -> Result<sql::Expr, ExprError> {
 fn expect_end(p: &mut Parser<'_>, text: &str) -> Result<(), ExprError> {
     let t = p.peek_token();
     if t.token != Token::EOF {
-        return err(format!("cannot parse '{text}': unexpected '{}' after the expression", t.token));
+        return err(format!(
+            "cannot parse '{text}': unexpected '{}' after the expression",
+            t.token
+        ));
     }
     Ok(())
 }
@@ -63,14 +78,20 @@ fn expect_end(p: &mut Parser<'_>, text: &str) -> Result<(), ExprError> {
 pub fn parse_select_item(text: &str) -> Result<(Option<sql::Expr>, Option<String>), ExprError> {
     let mut p = Parser::new(&GenericDialect {})
         .try_with_sql(text)
-        .map_err(|e| ExprError { message: format!("cannot parse '{text}': {e}") })?;
-    let item = p.parse_select_item().map_err(|e| ExprError { message: format!("cannot parse '{text}': {e}") })?;
+        .map_err(|e| ExprError {
+            message: format!("cannot parse '{text}': {e}"),
+        })?;
+    let item = p.parse_select_item().map_err(|e| ExprError {
+        message: format!("cannot parse '{text}': {e}"),
+    })?;
     expect_end(&mut p, text)?;
     match item {
         SelectItem::UnnamedExpr(e) => Ok((Some(e), None)),
         SelectItem::ExprWithAlias { expr, alias } => Ok((Some(expr), Some(alias.value))),
         SelectItem::Wildcard(_) => Ok((None, None)),
-        _ => err(format!("'{text}' is not supported here; write `expression [AS name]` or `*`")),
+        _ => err(format!(
+            "'{text}' is not supported here; write `expression [AS name]` or `*`"
+        )),
     }
 }
 
@@ -78,7 +99,9 @@ pub fn parse_select_item(text: &str) -> Result<(Option<sql::Expr>, Option<String
 pub fn default_name(e: &sql::Expr) -> String {
     match e {
         sql::Expr::Identifier(i) => i.value.clone(),
-        sql::Expr::CompoundIdentifier(parts) => parts.last().map(|i| i.value.clone()).unwrap_or_default(),
+        sql::Expr::CompoundIdentifier(parts) => {
+            parts.last().map(|i| i.value.clone()).unwrap_or_default()
+        }
         other => other.to_string(),
     }
 }
@@ -103,7 +126,12 @@ enum Node {
     IsNull(Box<Expr>, bool),
     Cast(Box<Expr>),
     Case(Vec<(Expr, Expr)>, Option<Box<Expr>>),
-    Like { expr: Box<Expr>, pattern: Box<Expr>, negated: bool, insensitive: bool },
+    Like {
+        expr: Box<Expr>,
+        pattern: Box<Expr>,
+        negated: bool,
+        insensitive: bool,
+    },
     Func(Func, Vec<Expr>),
 }
 
@@ -155,7 +183,11 @@ impl Value {
     fn into_array(self, rows: usize) -> Result<ArrayRef, EngineError> {
         match self {
             Value::Array(a) => Ok(a),
-            Value::Scalar(s) => Ok(take(s.as_ref(), &UInt32Array::from(vec![0u32; rows]), None)?),
+            Value::Scalar(s) => Ok(take(
+                s.as_ref(),
+                &UInt32Array::from(vec![0u32; rows]),
+                None,
+            )?),
         }
     }
 
@@ -164,12 +196,20 @@ impl Value {
     }
 
     fn wrap(&self, a: ArrayRef) -> Value {
-        if self.is_scalar() { Value::Scalar(a) } else { Value::Array(a) }
+        if self.is_scalar() {
+            Value::Scalar(a)
+        } else {
+            Value::Array(a)
+        }
     }
 }
 
 fn both(l: &Value, r: &Value, a: ArrayRef) -> Value {
-    if l.is_scalar() && r.is_scalar() { Value::Scalar(a) } else { Value::Array(a) }
+    if l.is_scalar() && r.is_scalar() {
+        Value::Scalar(a)
+    } else {
+        Value::Array(a)
+    }
 }
 
 impl Expr {
@@ -201,7 +241,9 @@ impl Expr {
         let a = self.evaluate(batch)?;
         let b = a.as_boolean();
         Ok(match b.nulls() {
-            Some(nulls) if nulls.null_count() > 0 => BooleanArray::new(b.values() & nulls.inner(), None),
+            Some(nulls) if nulls.null_count() > 0 => {
+                BooleanArray::new(b.values() & nulls.inner(), None)
+            }
             _ => b.clone(),
         })
     }
@@ -239,19 +281,33 @@ impl Expr {
                 let (lv, rv) = (l.eval(batch)?, r.eval(batch)?);
                 let scalar = lv.is_scalar() && rv.is_scalar();
                 let n = if scalar { 1 } else { batch.num_rows() };
-                let la = if scalar { lv.into_array(1)? } else { lv.into_array(n)? };
-                let ra = if scalar { rv.into_array(1)? } else { rv.into_array(n)? };
+                let la = if scalar {
+                    lv.into_array(1)?
+                } else {
+                    lv.into_array(n)?
+                };
+                let ra = if scalar {
+                    rv.into_array(1)?
+                } else {
+                    rv.into_array(n)?
+                };
                 let out = if matches!(self.node, Node::And(..)) {
                     boolean::and_kleene(la.as_boolean(), ra.as_boolean())?
                 } else {
                     boolean::or_kleene(la.as_boolean(), ra.as_boolean())?
                 };
-                if scalar { Value::Scalar(Arc::new(out)) } else { Value::Array(Arc::new(out)) }
+                if scalar {
+                    Value::Scalar(Arc::new(out))
+                } else {
+                    Value::Array(Arc::new(out))
+                }
             }
             Node::Not(e) => {
                 let v = e.eval(batch)?;
                 let a = match &v {
-                    Value::Array(a) | Value::Scalar(a) => Arc::new(boolean::not(a.as_boolean())?) as ArrayRef,
+                    Value::Array(a) | Value::Scalar(a) => {
+                        Arc::new(boolean::not(a.as_boolean())?) as ArrayRef
+                    }
                 };
                 v.wrap(a)
             }
@@ -266,7 +322,11 @@ impl Expr {
                 let v = e.eval(batch)?;
                 let a = match &v {
                     Value::Array(a) | Value::Scalar(a) => {
-                        if *negated { boolean::is_not_null(a.as_ref())? } else { boolean::is_null(a.as_ref())? }
+                        if *negated {
+                            boolean::is_not_null(a.as_ref())?
+                        } else {
+                            boolean::is_null(a.as_ref())?
+                        }
                     }
                 };
                 v.wrap(Arc::new(a))
@@ -293,7 +353,12 @@ impl Expr {
                 }
                 Value::Array(result)
             }
-            Node::Like { expr, pattern, negated, insensitive } => {
+            Node::Like {
+                expr,
+                pattern,
+                negated,
+                insensitive,
+            } => {
                 let (lv, rv) = (expr.eval(batch)?, pattern.eval(batch)?);
                 let (ld, rd) = (lv.datum(), rv.datum());
                 let b = match (negated, insensitive) {
@@ -306,7 +371,10 @@ impl Expr {
             }
             Node::Func(f, args) => {
                 let n = batch.num_rows();
-                let vals: Vec<ArrayRef> = args.iter().map(|a| a.evaluate(batch)).collect::<Result<_, _>>()?;
+                let vals: Vec<ArrayRef> = args
+                    .iter()
+                    .map(|a| a.evaluate(batch))
+                    .collect::<Result<_, _>>()?;
                 Value::Array(eval_func(*f, &vals, n, &self.data_type)?)
             }
         })
@@ -319,11 +387,22 @@ fn eval_func(f: Func, args: &[ArrayRef], n: usize, ty: &DataType) -> Result<Arra
             let s = args[0].as_string::<i32>();
             let out: StringArray = s
                 .iter()
-                .map(|v| v.map(|v| if matches!(f, Func::Lower) { v.to_lowercase() } else { v.to_uppercase() }))
+                .map(|v| {
+                    v.map(|v| {
+                        if matches!(f, Func::Lower) {
+                            v.to_lowercase()
+                        } else {
+                            v.to_uppercase()
+                        }
+                    })
+                })
                 .collect();
             Arc::new(out)
         }
-        Func::Length => cast(&arrow::compute::kernels::length::length(args[0].as_ref())?, &DataType::Int64)?,
+        Func::Length => cast(
+            &arrow::compute::kernels::length::length(args[0].as_ref())?,
+            &DataType::Int64,
+        )?,
         Func::Abs => {
             let zero: ArrayRef = cast(&Int64Array::from(vec![0]), ty)?;
             let neg = cmp::lt(&args[0], &Scalar::new(zero))?;
@@ -338,10 +417,12 @@ fn eval_func(f: Func, args: &[ArrayRef], n: usize, ty: &DataType) -> Result<Arra
             }
             out
         }
-        Func::ConcatOp => Arc::new(arrow::compute::kernels::concat_elements::concat_elements_utf8(
-            args[0].as_string::<i32>(),
-            args[1].as_string::<i32>(),
-        )?),
+        Func::ConcatOp => Arc::new(
+            arrow::compute::kernels::concat_elements::concat_elements_utf8(
+                args[0].as_string::<i32>(),
+                args[1].as_string::<i32>(),
+            )?,
+        ),
         Func::Concat => {
             let mut out: ArrayRef = Arc::new(StringArray::from(vec![""; n]));
             for a in args {
@@ -350,10 +431,12 @@ fn eval_func(f: Func, args: &[ArrayRef], n: usize, ty: &DataType) -> Result<Arra
                 let empty: ArrayRef = Arc::new(StringArray::from(vec![""]));
                 let present = boolean::is_not_null(s.as_ref())?;
                 let s = arrow::compute::kernels::zip::zip(&present, &s, &Scalar::new(empty))?;
-                out = Arc::new(arrow::compute::kernels::concat_elements::concat_elements_utf8(
-                    out.as_string::<i32>(),
-                    s.as_string::<i32>(),
-                )?);
+                out = Arc::new(
+                    arrow::compute::kernels::concat_elements::concat_elements_utf8(
+                        out.as_string::<i32>(),
+                        s.as_string::<i32>(),
+                    )?,
+                );
             }
             out
         }
@@ -363,28 +446,58 @@ fn eval_func(f: Func, args: &[ArrayRef], n: usize, ty: &DataType) -> Result<Arra
 fn column(schema: &Schema, name: &str) -> Result<Expr, ExprError> {
     let idx = schema.index_of(name).ok().or_else(|| {
         let lower = name.to_lowercase();
-        let hits: Vec<usize> =
-            schema.fields().iter().enumerate().filter(|(_, f)| f.name().to_lowercase() == lower).map(|(i, _)| i).collect();
+        let hits: Vec<usize> = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.name().to_lowercase() == lower)
+            .map(|(i, _)| i)
+            .collect();
         if hits.len() == 1 {
             return Some(hits[0]);
         }
         // an unqualified name matches a qualified column (`amount` for `orders.amount`) if unique
         let suffix = format!(".{lower}");
-        let hits: Vec<usize> =
-            schema.fields().iter().enumerate().filter(|(_, f)| f.name().to_lowercase().ends_with(&suffix)).map(|(i, _)| i).collect();
+        let hits: Vec<usize> = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.name().to_lowercase().ends_with(&suffix))
+            .map(|(i, _)| i)
+            .collect();
         if hits.len() == 1 { Some(hits[0]) } else { None }
     });
     let Some(i) = idx else {
-        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).filter(|n| *n != TIME_COLUMN).collect();
-        return err(format!("unknown column '{name}'; the input has: {}", names.join(", ")));
+        let names: Vec<&str> = schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .filter(|n| *n != TIME_COLUMN)
+            .collect();
+        return err(format!(
+            "unknown column '{name}'; the input has: {}",
+            names.join(", ")
+        ));
     };
     let dt = schema.field(i).data_type().clone();
-    let col = Expr { node: Node::Column(i), data_type: dt.clone() };
+    let col = Expr {
+        node: Node::Column(i),
+        data_type: dt.clone(),
+    };
     Ok(match dt {
-        DataType::Dictionary(_, v) => Expr { node: Node::Cast(Box::new(col)), data_type: *v },
-        DataType::Int32 | DataType::Int8 | DataType::UInt8 | DataType::Int16 | DataType::UInt16 | DataType::UInt32 => {
-            Expr { node: Node::Cast(Box::new(col)), data_type: DataType::Int64 }
-        }
+        DataType::Dictionary(_, v) => Expr {
+            node: Node::Cast(Box::new(col)),
+            data_type: *v,
+        },
+        DataType::Int32
+        | DataType::Int8
+        | DataType::UInt8
+        | DataType::Int16
+        | DataType::UInt16
+        | DataType::UInt32 => Expr {
+            node: Node::Cast(Box::new(col)),
+            data_type: DataType::Int64,
+        },
         _ => col,
     })
 }
@@ -394,18 +507,25 @@ fn literal(v: &sql::Value) -> Result<Expr, ExprError> {
         sql::Value::Number(s, _) => match s.parse::<i64>() {
             Ok(i) => (Arc::new(Int64Array::from(vec![i])), DataType::Int64),
             Err(_) => match s.parse::<f64>() {
-                Ok(f) => (Arc::new(arrow::array::Float64Array::from(vec![f])), DataType::Float64),
+                Ok(f) => (
+                    Arc::new(arrow::array::Float64Array::from(vec![f])),
+                    DataType::Float64,
+                ),
                 Err(_) => return err(format!("'{s}' is not a number")),
             },
         },
-        sql::Value::SingleQuotedString(s) | sql::Value::DoubleQuotedString(s) => {
-            (Arc::new(StringArray::from(vec![s.as_str()])), DataType::Utf8)
-        }
+        sql::Value::SingleQuotedString(s) | sql::Value::DoubleQuotedString(s) => (
+            Arc::new(StringArray::from(vec![s.as_str()])),
+            DataType::Utf8,
+        ),
         sql::Value::Boolean(b) => (Arc::new(BooleanArray::from(vec![*b])), DataType::Boolean),
         sql::Value::Null => (Arc::new(NullArray::new(1)), DataType::Null),
         other => return err(format!("literal {other} is not supported")),
     };
-    Ok(Expr { node: Node::Literal(a), data_type: dt })
+    Ok(Expr {
+        node: Node::Literal(a),
+        data_type: dt,
+    })
 }
 
 fn is_numeric(t: &DataType) -> bool {
@@ -418,13 +538,21 @@ fn coerce(e: Expr, to: &DataType) -> Result<Expr, ExprError> {
         return Ok(e);
     }
     if let Node::Literal(a) = &e.node {
-        let c = cast(a.as_ref(), to).map_err(|x| ExprError { message: format!("cannot convert literal to {to}: {x}") })?;
+        let c = cast(a.as_ref(), to).map_err(|x| ExprError {
+            message: format!("cannot convert literal to {to}: {x}"),
+        })?;
         if c.null_count() > a.null_count() {
             return err(format!("the literal cannot be read as {}", type_name(to)));
         }
-        return Ok(Expr { node: Node::Literal(c), data_type: to.clone() });
+        return Ok(Expr {
+            node: Node::Literal(c),
+            data_type: to.clone(),
+        });
     }
-    Ok(Expr { node: Node::Cast(Box::new(e)), data_type: to.clone() })
+    Ok(Expr {
+        node: Node::Cast(Box::new(e)),
+        data_type: to.clone(),
+    })
 }
 
 /// Human name of a type as written in job files and SQL.
@@ -454,18 +582,29 @@ fn unify(l: Expr, r: Expr, what: &str) -> Result<(Expr, Expr), ExprError> {
         return Ok((l, coerce(r, &lt)?));
     }
     if is_numeric(&lt) && is_numeric(&rt) {
-        return Ok((coerce(l, &DataType::Float64)?, coerce(r, &DataType::Float64)?));
+        return Ok((
+            coerce(l, &DataType::Float64)?,
+            coerce(r, &DataType::Float64)?,
+        ));
     }
     let l_lit = matches!(l.node, Node::Literal(_));
     let r_lit = matches!(r.node, Node::Literal(_));
     match (&lt, &rt) {
-        (DataType::Timestamp(..), DataType::Utf8 | DataType::Int64) if r_lit => return Ok((l, coerce(r, &lt)?)),
-        (DataType::Utf8 | DataType::Int64, DataType::Timestamp(..)) if l_lit => return Ok((coerce(l, &rt)?, r)),
+        (DataType::Timestamp(..), DataType::Utf8 | DataType::Int64) if r_lit => {
+            return Ok((l, coerce(r, &lt)?));
+        }
+        (DataType::Utf8 | DataType::Int64, DataType::Timestamp(..)) if l_lit => {
+            return Ok((coerce(l, &rt)?, r));
+        }
         (DataType::Timestamp(..), DataType::Int64) => return Ok((coerce(l, &DataType::Int64)?, r)),
         (DataType::Int64, DataType::Timestamp(..)) => return Ok((l, coerce(r, &DataType::Int64)?)),
         _ => {}
     }
-    err(format!("cannot {what} {} and {}", type_name(&lt), type_name(&rt)))
+    err(format!(
+        "cannot {what} {} and {}",
+        type_name(&lt),
+        type_name(&rt)
+    ))
 }
 
 fn boolean_operand(e: Expr, ctx: &str) -> Result<Expr, ExprError> {
@@ -482,7 +621,11 @@ pub fn compile(e: &sql::Expr, schema: &Schema) -> Result<Expr, ExprError> {
     Ok(match e {
         E::Identifier(i) => column(schema, &i.value)?,
         E::CompoundIdentifier(parts) => {
-            let joined = parts.iter().map(|p| p.value.as_str()).collect::<Vec<_>>().join(".");
+            let joined = parts
+                .iter()
+                .map(|p| p.value.as_str())
+                .collect::<Vec<_>>()
+                .join(".");
             column(schema, &joined)?
         }
         E::Value(v) => literal(&v.value)?,
@@ -494,67 +637,153 @@ pub fn compile(e: &sql::Expr, schema: &Schema) -> Result<Expr, ExprError> {
         E::UnaryOp { op, expr } => {
             let x = compile(expr, schema)?;
             match op {
-                UnaryOperator::Not => Expr { node: Node::Not(Box::new(boolean_operand(x, "NOT")?)), data_type: DataType::Boolean },
+                UnaryOperator::Not => Expr {
+                    node: Node::Not(Box::new(boolean_operand(x, "NOT")?)),
+                    data_type: DataType::Boolean,
+                },
                 UnaryOperator::Minus if is_numeric(&x.data_type) => {
                     let dt = x.data_type.clone();
-                    Expr { node: Node::Neg(Box::new(x)), data_type: dt }
+                    Expr {
+                        node: Node::Neg(Box::new(x)),
+                        data_type: dt,
+                    }
                 }
                 UnaryOperator::Plus if is_numeric(&x.data_type) => x,
-                other => return err(format!("unary {other} is not supported on {}", type_name(&x.data_type))),
+                other => {
+                    return err(format!(
+                        "unary {other} is not supported on {}",
+                        type_name(&x.data_type)
+                    ));
+                }
             }
         }
-        E::IsNull(x) | E::IsNotNull(x) => {
-            Expr { node: Node::IsNull(Box::new(compile(x, schema)?), matches!(e, E::IsNotNull(_))), data_type: DataType::Boolean }
-        }
+        E::IsNull(x) | E::IsNotNull(x) => Expr {
+            node: Node::IsNull(Box::new(compile(x, schema)?), matches!(e, E::IsNotNull(_))),
+            data_type: DataType::Boolean,
+        },
         E::IsTrue(x) | E::IsFalse(x) => {
             let x = boolean_operand(compile(x, schema)?, "IS TRUE")?;
-            let lit = Expr { node: Node::Literal(Arc::new(BooleanArray::from(vec![matches!(e, E::IsTrue(_))]))), data_type: DataType::Boolean };
-            let eq = Expr { node: Node::Cmp(CmpOp::Eq, Box::new(x.clone()), Box::new(lit)), data_type: DataType::Boolean };
-            let not_null = Expr { node: Node::IsNull(Box::new(x), true), data_type: DataType::Boolean };
-            Expr { node: Node::And(Box::new(not_null), Box::new(eq)), data_type: DataType::Boolean }
+            let lit = Expr {
+                node: Node::Literal(Arc::new(BooleanArray::from(vec![matches!(
+                    e,
+                    E::IsTrue(_)
+                )]))),
+                data_type: DataType::Boolean,
+            };
+            let eq = Expr {
+                node: Node::Cmp(CmpOp::Eq, Box::new(x.clone()), Box::new(lit)),
+                data_type: DataType::Boolean,
+            };
+            let not_null = Expr {
+                node: Node::IsNull(Box::new(x), true),
+                data_type: DataType::Boolean,
+            };
+            Expr {
+                node: Node::And(Box::new(not_null), Box::new(eq)),
+                data_type: DataType::Boolean,
+            }
         }
-        E::Cast { expr, data_type, .. } => {
+        E::Cast {
+            expr, data_type, ..
+        } => {
             let to = sql_type(data_type)?;
             let x = compile(expr, schema)?;
             coerce(x, &to)?
         }
-        E::InList { expr, list, negated } => {
+        E::InList {
+            expr,
+            list,
+            negated,
+        } => {
             let x = compile(expr, schema)?;
             let mut acc: Option<Expr> = None;
             for item in list {
                 let eq = binary(x.clone(), &BinaryOperator::Eq, compile(item, schema)?)?;
                 acc = Some(match acc {
                     None => eq,
-                    Some(a) => Expr { node: Node::Or(Box::new(a), Box::new(eq)), data_type: DataType::Boolean },
+                    Some(a) => Expr {
+                        node: Node::Or(Box::new(a), Box::new(eq)),
+                        data_type: DataType::Boolean,
+                    },
                 });
             }
-            let Some(any) = acc else { return err("IN () needs at least one value") };
-            if *negated { Expr { node: Node::Not(Box::new(any)), data_type: DataType::Boolean } } else { any }
+            let Some(any) = acc else {
+                return err("IN () needs at least one value");
+            };
+            if *negated {
+                Expr {
+                    node: Node::Not(Box::new(any)),
+                    data_type: DataType::Boolean,
+                }
+            } else {
+                any
+            }
         }
-        E::Between { expr, negated, low, high } => {
+        E::Between {
+            expr,
+            negated,
+            low,
+            high,
+        } => {
             let x = compile(expr, schema)?;
             let ge = binary(x.clone(), &BinaryOperator::GtEq, compile(low, schema)?)?;
             let le = binary(x, &BinaryOperator::LtEq, compile(high, schema)?)?;
-            let within = Expr { node: Node::And(Box::new(ge), Box::new(le)), data_type: DataType::Boolean };
-            if *negated { Expr { node: Node::Not(Box::new(within)), data_type: DataType::Boolean } } else { within }
+            let within = Expr {
+                node: Node::And(Box::new(ge), Box::new(le)),
+                data_type: DataType::Boolean,
+            };
+            if *negated {
+                Expr {
+                    node: Node::Not(Box::new(within)),
+                    data_type: DataType::Boolean,
+                }
+            } else {
+                within
+            }
         }
-        E::Like { negated, expr, pattern, escape_char: None, any: false }
-        | E::ILike { negated, expr, pattern, escape_char: None, any: false } => {
+        E::Like {
+            negated,
+            expr,
+            pattern,
+            escape_char: None,
+            any: false,
+        }
+        | E::ILike {
+            negated,
+            expr,
+            pattern,
+            escape_char: None,
+            any: false,
+        } => {
             let x = coerce(compile(expr, schema)?, &DataType::Utf8)?;
             let p = coerce(compile(pattern, schema)?, &DataType::Utf8)?;
             Expr {
-                node: Node::Like { expr: Box::new(x), pattern: Box::new(p), negated: *negated, insensitive: matches!(e, E::ILike { .. }) },
+                node: Node::Like {
+                    expr: Box::new(x),
+                    pattern: Box::new(p),
+                    negated: *negated,
+                    insensitive: matches!(e, E::ILike { .. }),
+                },
                 data_type: DataType::Boolean,
             }
         }
-        E::Case { operand, conditions, else_result, .. } => {
+        E::Case {
+            operand,
+            conditions,
+            else_result,
+            ..
+        } => {
             let operand = operand.as_ref().map(|o| compile(o, schema)).transpose()?;
             let mut whens = Vec::new();
             let mut ty: Option<DataType> = None;
             let mut results = Vec::new();
             for cw in conditions {
                 let cond = match &operand {
-                    Some(o) => binary(o.clone(), &BinaryOperator::Eq, compile(&cw.condition, schema)?)?,
+                    Some(o) => binary(
+                        o.clone(),
+                        &BinaryOperator::Eq,
+                        compile(&cw.condition, schema)?,
+                    )?,
                     None => boolean_operand(compile(&cw.condition, schema)?, "WHEN")?,
                 };
                 let r = compile(&cw.result, schema)?;
@@ -562,14 +791,24 @@ pub fn compile(e: &sql::Expr, schema: &Schema) -> Result<Expr, ExprError> {
                 whens.push(cond);
                 results.push(r);
             }
-            let otherwise = else_result.as_ref().map(|x| compile(x, schema)).transpose()?;
+            let otherwise = else_result
+                .as_ref()
+                .map(|x| compile(x, schema))
+                .transpose()?;
             if let Some(o) = &otherwise {
                 ty = Some(result_type(ty, &o.data_type)?);
             }
             let ty = ty.unwrap_or(DataType::Null);
-            let whens = whens.into_iter().zip(results).map(|(c, r)| Ok((c, coerce(r, &ty)?))).collect::<Result<Vec<_>, ExprError>>()?;
+            let whens = whens
+                .into_iter()
+                .zip(results)
+                .map(|(c, r)| Ok((c, coerce(r, &ty)?)))
+                .collect::<Result<Vec<_>, ExprError>>()?;
             let otherwise = otherwise.map(|o| coerce(o, &ty)).transpose()?.map(Box::new);
-            Expr { node: Node::Case(whens, otherwise), data_type: ty }
+            Expr {
+                node: Node::Case(whens, otherwise),
+                data_type: ty,
+            }
         }
         E::Function(f) => function(f, schema)?,
         other => return err(format!("'{other}' is not supported in expressions")),
@@ -582,23 +821,41 @@ fn result_type(acc: Option<DataType>, next: &DataType) -> Result<DataType, ExprE
         Some(a) if a == *next || *next == DataType::Null => a,
         Some(DataType::Null) => next.clone(),
         Some(a) if is_numeric(&a) && is_numeric(next) => DataType::Float64,
-        Some(a) => return err(format!("CASE branches have different types: {} and {}", type_name(&a), type_name(next))),
+        Some(a) => {
+            return err(format!(
+                "CASE branches have different types: {} and {}",
+                type_name(&a),
+                type_name(next)
+            ));
+        }
     })
 }
 
 fn binary(l: Expr, op: &BinaryOperator, r: Expr) -> Result<Expr, ExprError> {
     use BinaryOperator as B;
     let arith = |a: Arith, l: Expr, r: Expr| -> Result<Expr, ExprError> {
-        if !is_numeric(&l.data_type) && l.data_type != DataType::Null || !is_numeric(&r.data_type) && r.data_type != DataType::Null {
-            return err(format!("arithmetic needs numbers, got {} and {}", type_name(&l.data_type), type_name(&r.data_type)));
+        if !is_numeric(&l.data_type) && l.data_type != DataType::Null
+            || !is_numeric(&r.data_type) && r.data_type != DataType::Null
+        {
+            return err(format!(
+                "arithmetic needs numbers, got {} and {}",
+                type_name(&l.data_type),
+                type_name(&r.data_type)
+            ));
         }
         let (l, r) = unify(l, r, "combine")?;
         let dt = l.data_type.clone();
-        Ok(Expr { node: Node::Arith(a, Box::new(l), Box::new(r)), data_type: dt })
+        Ok(Expr {
+            node: Node::Arith(a, Box::new(l), Box::new(r)),
+            data_type: dt,
+        })
     };
     let compare = |c: CmpOp, l: Expr, r: Expr| -> Result<Expr, ExprError> {
         let (l, r) = unify(l, r, "compare")?;
-        Ok(Expr { node: Node::Cmp(c, Box::new(l), Box::new(r)), data_type: DataType::Boolean })
+        Ok(Expr {
+            node: Node::Cmp(c, Box::new(l), Box::new(r)),
+            data_type: DataType::Boolean,
+        })
     };
     Ok(match op {
         B::Plus => arith(Arith::Add, l, r)?,
@@ -613,17 +870,26 @@ fn binary(l: Expr, op: &BinaryOperator, r: Expr) -> Result<Expr, ExprError> {
         B::Gt => compare(CmpOp::Gt, l, r)?,
         B::GtEq => compare(CmpOp::GtEq, l, r)?,
         B::And => Expr {
-            node: Node::And(Box::new(boolean_operand(l, "AND")?), Box::new(boolean_operand(r, "AND")?)),
+            node: Node::And(
+                Box::new(boolean_operand(l, "AND")?),
+                Box::new(boolean_operand(r, "AND")?),
+            ),
             data_type: DataType::Boolean,
         },
         B::Or => Expr {
-            node: Node::Or(Box::new(boolean_operand(l, "OR")?), Box::new(boolean_operand(r, "OR")?)),
+            node: Node::Or(
+                Box::new(boolean_operand(l, "OR")?),
+                Box::new(boolean_operand(r, "OR")?),
+            ),
             data_type: DataType::Boolean,
         },
         B::StringConcat => {
             let l = coerce(l, &DataType::Utf8)?;
             let r = coerce(r, &DataType::Utf8)?;
-            Expr { node: Node::Func(Func::ConcatOp, vec![l, r]), data_type: DataType::Utf8 }
+            Expr {
+                node: Node::Func(Func::ConcatOp, vec![l, r]),
+                data_type: DataType::Utf8,
+            }
         }
         other => return err(format!("operator {other} is not supported")),
     })
@@ -637,7 +903,11 @@ fn sql_type(t: &sql::DataType) -> Result<DataType, ExprError> {
         T::Varchar(_) | T::Text | T::String(_) | T::Char(_) => DataType::Utf8,
         T::Boolean | T::Bool => DataType::Boolean,
         T::Timestamp(..) => timestamp_type(),
-        other => return err(format!("CAST to {other} is not supported; use BIGINT, DOUBLE, VARCHAR, BOOLEAN or TIMESTAMP")),
+        other => {
+            return err(format!(
+                "CAST to {other} is not supported; use BIGINT, DOUBLE, VARCHAR, BOOLEAN or TIMESTAMP"
+            ));
+        }
     })
 }
 
@@ -651,7 +921,10 @@ pub fn function_args(f: &sql::Function) -> Result<(Vec<Option<sql::Expr>>, bool)
     match &f.args {
         FunctionArguments::None => Ok((Vec::new(), false)),
         FunctionArguments::List(list) => {
-            let distinct = matches!(list.duplicate_treatment, Some(sql::DuplicateTreatment::Distinct));
+            let distinct = matches!(
+                list.duplicate_treatment,
+                Some(sql::DuplicateTreatment::Distinct)
+            );
             let mut out = Vec::new();
             for a in &list.args {
                 match a {
@@ -661,7 +934,9 @@ pub fn function_args(f: &sql::Function) -> Result<(Vec<Option<sql::Expr>>, bool)
                 }
             }
             if !list.clauses.is_empty() {
-                return err(format!("'{f}': clauses inside the argument list are not supported"));
+                return err(format!(
+                    "'{f}': clauses inside the argument list are not supported"
+                ));
             }
             Ok((out, distinct))
         }
@@ -675,7 +950,9 @@ pub const AGGREGATES: &[&str] = &["count", "sum", "min", "max", "avg", "top_n"];
 fn function(f: &sql::Function, schema: &Schema) -> Result<Expr, ExprError> {
     let name = function_name(f);
     if AGGREGATES.contains(&name.as_str()) {
-        return err(format!("{name}() is an aggregate; use it in a window's aggregates"));
+        return err(format!(
+            "{name}() is an aggregate; use it in a window's aggregates"
+        ));
     }
     if f.over.is_some() || f.filter.is_some() {
         return err(format!("{name}(): OVER and FILTER are not supported here"));
@@ -692,27 +969,53 @@ fn function(f: &sql::Function, schema: &Schema) -> Result<Expr, ExprError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let arity = |n: usize| -> Result<(), ExprError> {
-        if args.len() != n { err(format!("{name}() takes {n} argument(s), got {}", args.len())) } else { Ok(()) }
+        if args.len() != n {
+            err(format!(
+                "{name}() takes {n} argument(s), got {}",
+                args.len()
+            ))
+        } else {
+            Ok(())
+        }
     };
     Ok(match name.as_str() {
         "lower" | "upper" => {
             arity(1)?;
             let a = coerce(args.into_iter().next().expect("arity"), &DataType::Utf8)?;
-            Expr { node: Node::Func(if name == "lower" { Func::Lower } else { Func::Upper }, vec![a]), data_type: DataType::Utf8 }
+            Expr {
+                node: Node::Func(
+                    if name == "lower" {
+                        Func::Lower
+                    } else {
+                        Func::Upper
+                    },
+                    vec![a],
+                ),
+                data_type: DataType::Utf8,
+            }
         }
         "length" | "char_length" => {
             arity(1)?;
             let a = coerce(args.into_iter().next().expect("arity"), &DataType::Utf8)?;
-            Expr { node: Node::Func(Func::Length, vec![a]), data_type: DataType::Int64 }
+            Expr {
+                node: Node::Func(Func::Length, vec![a]),
+                data_type: DataType::Int64,
+            }
         }
         "abs" => {
             arity(1)?;
             let a = args.into_iter().next().expect("arity");
             if !is_numeric(&a.data_type) {
-                return err(format!("abs() needs a number, got {}", type_name(&a.data_type)));
+                return err(format!(
+                    "abs() needs a number, got {}",
+                    type_name(&a.data_type)
+                ));
             }
             let dt = a.data_type.clone();
-            Expr { node: Node::Func(Func::Abs, vec![a]), data_type: dt }
+            Expr {
+                node: Node::Func(Func::Abs, vec![a]),
+                data_type: dt,
+            }
         }
         "coalesce" => {
             if args.is_empty() {
@@ -723,15 +1026,27 @@ fn function(f: &sql::Function, schema: &Schema) -> Result<Expr, ExprError> {
                 ty = Some(result_type(ty, &a.data_type)?);
             }
             let ty = ty.expect("non-empty");
-            let args = args.into_iter().map(|a| coerce(a, &ty)).collect::<Result<Vec<_>, _>>()?;
-            Expr { node: Node::Func(Func::Coalesce, args), data_type: ty }
+            let args = args
+                .into_iter()
+                .map(|a| coerce(a, &ty))
+                .collect::<Result<Vec<_>, _>>()?;
+            Expr {
+                node: Node::Func(Func::Coalesce, args),
+                data_type: ty,
+            }
         }
-        "concat" => Expr { node: Node::Func(Func::Concat, args), data_type: DataType::Utf8 },
+        "concat" => Expr {
+            node: Node::Func(Func::Concat, args),
+            data_type: DataType::Utf8,
+        },
         "epoch_ms" => {
             arity(1)?;
             let a = args.into_iter().next().expect("arity");
             if !matches!(a.data_type, DataType::Timestamp(..)) {
-                return err(format!("epoch_ms() needs a TIMESTAMP, got {}", type_name(&a.data_type)));
+                return err(format!(
+                    "epoch_ms() needs a TIMESTAMP, got {}",
+                    type_name(&a.data_type)
+                ));
             }
             coerce(a, &DataType::Int64)?
         }
@@ -773,7 +1088,10 @@ mod tests {
 
     fn eval(sql: &str) -> ArrayRef {
         let b = batch();
-        Expr::compile(sql, &b.schema()).unwrap_or_else(|e| panic!("{sql}: {e}")).evaluate(&b).unwrap()
+        Expr::compile(sql, &b.schema())
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .evaluate(&b)
+            .unwrap()
     }
 
     fn bools(sql: &str) -> Vec<Option<bool>> {
@@ -785,7 +1103,10 @@ mod tests {
         let v = eval("a * 2 + f");
         assert_eq!(v.data_type(), &DataType::Float64);
         let v = eval("CAST(f * 3 AS BIGINT)");
-        assert_eq!(v.as_primitive::<Int64Type>().iter().collect::<Vec<_>>(), vec![Some(1), Some(4), Some(7)]);
+        assert_eq!(
+            v.as_primitive::<Int64Type>().iter().collect::<Vec<_>>(),
+            vec![Some(1), Some(4), Some(7)]
+        );
         assert_eq!(eval("a % 2").as_primitive::<Int64Type>().value(0), 1);
     }
 
@@ -794,14 +1115,29 @@ mod tests {
         assert_eq!(bools("a > 0"), vec![Some(true), Some(false), None]);
         assert_eq!(bools("a > 0 OR ok"), vec![Some(true), Some(false), None]);
         assert_eq!(bools("NOT ok"), vec![Some(false), Some(true), None]);
-        assert_eq!(bools("s IS NULL"), vec![Some(false), Some(false), Some(true)]);
+        assert_eq!(
+            bools("s IS NULL"),
+            vec![Some(false), Some(false), Some(true)]
+        );
         assert_eq!(bools("a IN (1, 3)"), vec![Some(true), Some(false), None]);
-        assert_eq!(bools("a BETWEEN -2 AND 0"), vec![Some(false), Some(true), None]);
+        assert_eq!(
+            bools("a BETWEEN -2 AND 0"),
+            vec![Some(false), Some(true), None]
+        );
         assert_eq!(bools("s LIKE 'A%'"), vec![Some(true), Some(false), None]);
-        assert_eq!(bools("ts >= '1970-01-01T00:01:00Z'"), vec![Some(false), Some(true), Some(true)]);
+        assert_eq!(
+            bools("ts >= '1970-01-01T00:01:00Z'"),
+            vec![Some(false), Some(true), Some(true)]
+        );
         let b = batch();
-        let p = Expr::compile("a > 0 OR ok", &b.schema()).unwrap().evaluate_predicate(&b).unwrap();
-        assert_eq!(p.iter().collect::<Vec<_>>(), vec![Some(true), Some(false), Some(false)]);
+        let p = Expr::compile("a > 0 OR ok", &b.schema())
+            .unwrap()
+            .evaluate_predicate(&b)
+            .unwrap();
+        assert_eq!(
+            p.iter().collect::<Vec<_>>(),
+            vec![Some(true), Some(false), Some(false)]
+        );
     }
 
     #[test]
@@ -810,12 +1146,24 @@ mod tests {
         assert_eq!(v.as_string::<i32>().value(0), "ab-1");
         assert!(v.is_null(2));
         let v = eval("concat(s, a)");
-        assert_eq!(v.as_string::<i32>().iter().collect::<Vec<_>>(), vec![Some("Ab1"), Some("cd-2"), Some("")]);
+        assert_eq!(
+            v.as_string::<i32>().iter().collect::<Vec<_>>(),
+            vec![Some("Ab1"), Some("cd-2"), Some("")]
+        );
         let v = eval("CASE WHEN a > 0 THEN 'pos' WHEN a < 0 THEN 'neg' ELSE 'none' END");
-        assert_eq!(v.as_string::<i32>().iter().collect::<Vec<_>>(), vec![Some("pos"), Some("neg"), Some("none")]);
+        assert_eq!(
+            v.as_string::<i32>().iter().collect::<Vec<_>>(),
+            vec![Some("pos"), Some("neg"), Some("none")]
+        );
         assert_eq!(eval("abs(a)").as_primitive::<Int64Type>().value(1), 2);
-        assert_eq!(eval("coalesce(a, 0)").as_primitive::<Int64Type>().value(2), 0);
-        assert_eq!(eval("epoch_ms(ts)").as_primitive::<Int64Type>().value(1), 60_000);
+        assert_eq!(
+            eval("coalesce(a, 0)").as_primitive::<Int64Type>().value(2),
+            0
+        );
+        assert_eq!(
+            eval("epoch_ms(ts)").as_primitive::<Int64Type>().value(1),
+            60_000
+        );
         assert_eq!(eval("length(s)").as_primitive::<Int64Type>().value(0), 2);
     }
 
@@ -823,7 +1171,10 @@ mod tests {
     fn helpful_errors() {
         let s = batch().schema();
         let e = Expr::compile("usr_id = 1", &s).unwrap_err().message;
-        assert!(e.contains("unknown column 'usr_id'") && e.contains("a, f, s"), "{e}");
+        assert!(
+            e.contains("unknown column 'usr_id'") && e.contains("a, f, s"),
+            "{e}"
+        );
         let e = Expr::compile("s + 1", &s).unwrap_err().message;
         assert!(e.contains("arithmetic needs numbers"), "{e}");
         let e = Expr::compile("count(*)", &s).unwrap_err().message;

@@ -84,7 +84,12 @@ pub struct JoinPlan {
     projection: Projection,
 }
 
-fn side(name: &str, schema: &SchemaRef, key: &[String], field: &str) -> Result<Side, (String, String)> {
+fn side(
+    name: &str,
+    schema: &SchemaRef,
+    key: &[String],
+    field: &str,
+) -> Result<Side, (String, String)> {
     let (key_columns, encoder) = key_columns(schema, key, field)?;
     let columns = schema
         .fields()
@@ -93,7 +98,12 @@ fn side(name: &str, schema: &SchemaRef, key: &[String], field: &str) -> Result<S
         .filter(|(_, f)| f.name() != TIME_COLUMN)
         .map(|(i, f)| (i, f.data_type().clone(), f.name().clone()))
         .collect();
-    Ok(Side { name: name.to_string(), key_columns, encoder, columns })
+    Ok(Side {
+        name: name.to_string(),
+        key_columns,
+        encoder,
+        columns,
+    })
 }
 
 impl JoinPlan {
@@ -102,11 +112,22 @@ impl JoinPlan {
         let left = side(&c.left_name, c.left, c.left_key, "left_key")?;
         let right = side(&c.right_name, c.right, c.right_key, "right_key")?;
         if left.encoder.key_types() != right.encoder.key_types() {
-            return Err(("right_key".into(), "left_key and right_key columns must have the same types".into()));
+            return Err((
+                "right_key".into(),
+                "left_key and right_key columns must have the same types".into(),
+            ));
         }
         for (i, (_, dt, _)) in left.columns.iter().chain(&right.columns).enumerate() {
             if matches!(dt, DataType::Dictionary(..) | DataType::List(_)) {
-                return Err((if i < left.columns.len() { "left" } else { "right" }.into(), format!("columns of type {dt} cannot be joined yet")));
+                return Err((
+                    if i < left.columns.len() {
+                        "left"
+                    } else {
+                        "right"
+                    }
+                    .into(),
+                    format!("columns of type {dt} cannot be joined yet"),
+                ));
             }
         }
         let mut fields: Vec<Field> = Vec::new();
@@ -120,15 +141,28 @@ impl JoinPlan {
         let predicate = c
             .predicate
             .map(|p| {
-                let e = Expr::compile(p, &pair_schema).map_err(|e| ("where".to_string(), e.message))?;
+                let e =
+                    Expr::compile(p, &pair_schema).map_err(|e| ("where".to_string(), e.message))?;
                 if e.data_type() != &DataType::Boolean {
-                    return Err(("where".to_string(), "must be a BOOLEAN condition".to_string()));
+                    return Err((
+                        "where".to_string(),
+                        "must be a BOOLEAN condition".to_string(),
+                    ));
                 }
                 Ok(e)
             })
             .transpose()?;
-        let projection = Projection::compile(c.select, &pair_schema).map_err(|(i, e)| (format!("select[{i}]"), e.message))?;
-        Ok(JoinPlan { name: c.name, sides: [left, right], lower: c.lower, upper: c.upper, pair_schema, predicate, projection })
+        let projection = Projection::compile(c.select, &pair_schema)
+            .map_err(|(i, e)| (format!("select[{i}]"), e.message))?;
+        Ok(JoinPlan {
+            name: c.name,
+            sides: [left, right],
+            lower: c.lower,
+            upper: c.upper,
+            pair_schema,
+            predicate,
+            projection,
+        })
     }
 
     /// Schema of the joined rows.
@@ -140,7 +174,10 @@ impl JoinPlan {
     pub fn instantiate(&self) -> JoinOperator {
         JoinOperator {
             plan: self.clone(),
-            buffers: [KeyedTable::new("join-left", None), KeyedTable::new("join-right", None)],
+            buffers: [
+                KeyedTable::new("join-left", None),
+                KeyedTable::new("join-right", None),
+            ],
             cleanup: [Timers::new(), Timers::new()],
             keys: EncodedKeys::default(),
         }
@@ -167,43 +204,87 @@ pub struct JoinOperator {
 impl JoinOperator {
     /// The interval of the other side's timestamps that can match a row of `side` at `t`.
     fn partner_range(&self, side: usize, t: i64) -> (i64, i64) {
-        if side == 0 { (t + self.plan.lower, t + self.plan.upper) } else { (t - self.plan.upper, t - self.plan.lower) }
+        if side == 0 {
+            (t + self.plan.lower, t + self.plan.upper)
+        } else {
+            (t - self.plan.upper, t - self.plan.lower)
+        }
     }
 
     /// When a row of `side` at `t` can no longer match anything.
     fn expiry(&self, side: usize, t: i64) -> i64 {
-        if side == 0 { t + self.plan.upper } else { t - self.plan.lower }
+        if side == 0 {
+            t + self.plan.upper
+        } else {
+            t - self.plan.lower
+        }
     }
 
-    fn dead_letter(&self, side: usize, values: &[Option<Scalar>], t: i64, reason: String, out: &mut DeadLetters) {
+    fn dead_letter(
+        &self,
+        side: usize,
+        values: &[Option<Scalar>],
+        t: i64,
+        reason: String,
+        out: &mut DeadLetters,
+    ) {
         let s = &self.plan.sides[side];
         let mut obj = serde_json::Map::new();
         for ((_, dt, name), v) in s.columns.iter().zip(values) {
             let j = match (v, dt) {
                 (None, _) => serde_json::Value::Null,
-                (Some(Scalar::Int(ms)), DataType::Timestamp(..)) => serde_json::Value::String(format_millis(*ms)),
+                (Some(Scalar::Int(ms)), DataType::Timestamp(..)) => {
+                    serde_json::Value::String(format_millis(*ms))
+                }
                 (Some(Scalar::Int(i)), _) => (*i).into(),
-                (Some(Scalar::Float(f)), _) => serde_json::Number::from_f64(*f).map(Into::into).unwrap_or(serde_json::Value::Null),
+                (Some(Scalar::Float(f)), _) => serde_json::Number::from_f64(*f)
+                    .map(Into::into)
+                    .unwrap_or(serde_json::Value::Null),
                 (Some(Scalar::Str(x)), _) => serde_json::Value::String(x.to_string()),
                 (Some(Scalar::Bool(b)), _) => (*b).into(),
             };
             obj.insert(name.clone(), j);
         }
-        out.push(&self.plan.name, Some(format!("{} row", s.name)), reason, Some(serde_json::Value::Object(obj).to_string()), t);
+        out.push(
+            &self.plan.name,
+            Some(format!("{} row", s.name)),
+            reason,
+            Some(serde_json::Value::Object(obj).to_string()),
+            t,
+        );
     }
 }
 
 impl Operator for JoinOperator {
-    fn process_batch(&mut self, input: usize, batch: RecordBatch, ctx: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
+    fn process_batch(
+        &mut self,
+        input: usize,
+        batch: RecordBatch,
+        ctx: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
         let side = input.min(1);
         let other = 1 - side;
         let n = batch.num_rows();
         let layout = self.plan.sides[side].clone();
-        let cols: Vec<ArrayRef> = layout.key_columns.iter().map(|i| batch.column(*i).clone()).collect();
+        let cols: Vec<ArrayRef> = layout
+            .key_columns
+            .iter()
+            .map(|i| batch.column(*i).clone())
+            .collect();
         layout.encoder.encode(&cols, n, &mut self.keys)?;
-        let times = batch.column(batch.num_columns() - 1).as_primitive::<Int64Type>().values().clone();
-        let data: Vec<ArrayRef> = layout.columns.iter().map(|(i, _, _)| batch.column(*i).clone()).collect();
-        let readers: Vec<ColumnReader<'_>> = data.iter().map(ColumnReader::new).collect::<Result<_>>()?;
+        let times = batch
+            .column(batch.num_columns() - 1)
+            .as_primitive::<Int64Type>()
+            .values()
+            .clone();
+        let data: Vec<ArrayRef> = layout
+            .columns
+            .iter()
+            .map(|(i, _, _)| batch.column(*i).clone())
+            .collect();
+        let readers: Vec<ColumnReader<'_>> =
+            data.iter().map(ColumnReader::new).collect::<Result<_>>()?;
         let rw = ctx.record_watermark.0;
 
         // 1. Probe the other side's buffer for candidate pairs.
@@ -215,12 +296,19 @@ impl Operator for JoinOperator {
         for (row, &t) in times.iter().enumerate() {
             if t <= rw {
                 let values: Vec<Option<Scalar>> = readers.iter().map(|r| r.get(row)).collect();
-                self.dead_letter(side, &values, t, "arrived behind the watermark; too late to join".into(), &mut late);
+                self.dead_letter(
+                    side,
+                    &values,
+                    t,
+                    "arrived behind the watermark; too late to join".into(),
+                    &mut late,
+                );
                 continue;
             }
             live[row] = true;
             let (lo, hi) = self.partner_range(side, t);
-            for (pt, rows) in self.buffers[other].range(self.keys.row(row), lo..=hi, Watermark::MIN) {
+            for (pt, rows) in self.buffers[other].range(self.keys.row(row), lo..=hi, Watermark::MIN)
+            {
                 for (idx, b) in rows.iter().enumerate() {
                     pair_rows.push(row as u32);
                     pair_partners.push((pt, idx));
@@ -238,15 +326,26 @@ impl Operator for JoinOperator {
         let mut candidate_rows = vec![false; n];
         if !pair_rows.is_empty() {
             let idx = UInt32Array::from(pair_rows.clone());
-            let mine: Vec<ArrayRef> = data.iter().map(|c| take(c.as_ref(), &idx, None)).collect::<Result<_, _>>()?;
+            let mine: Vec<ArrayRef> = data
+                .iter()
+                .map(|c| take(c.as_ref(), &idx, None))
+                .collect::<Result<_, _>>()?;
             let theirs: Vec<ArrayRef> = self.plan.sides[other]
                 .columns
                 .iter()
                 .enumerate()
                 .map(|(j, (_, dt, _))| build_column(dt, pair_values.iter().map(|v| v[j].as_ref())))
                 .collect::<Result<_>>()?;
-            let mut cols = if side == 0 { [mine, theirs].concat() } else { [theirs, mine].concat() };
-            let time: Vec<i64> = pair_rows.iter().zip(&pair_partners).map(|(r, (pt, _))| times[*r as usize].max(*pt)).collect();
+            let mut cols = if side == 0 {
+                [mine, theirs].concat()
+            } else {
+                [theirs, mine].concat()
+            };
+            let time: Vec<i64> = pair_rows
+                .iter()
+                .zip(&pair_partners)
+                .map(|(r, (pt, _))| times[*r as usize].max(*pt))
+                .collect();
             cols.push(Arc::new(Int64Array::from(time)));
             let pairs = RecordBatch::try_new(self.plan.pair_schema.clone(), cols)?;
             let mask = match &self.plan.predicate {
@@ -284,7 +383,11 @@ impl Operator for JoinOperator {
                 continue;
             }
             let values: Vec<Option<Scalar>> = readers.iter().map(|r| r.get(row)).collect();
-            let b = Buffered { values, matched: matched_rows[row], candidate: candidate_rows[row] };
+            let b = Buffered {
+                values,
+                matched: matched_rows[row],
+                candidate: candidate_rows[row],
+            };
             let key = self.keys.row(row);
             self.buffers[side].update(key, t, t, Watermark::MIN, Vec::new, |v| v.push(b));
             let expiry = self.expiry(side, t);
@@ -293,17 +396,27 @@ impl Operator for JoinOperator {
         Ok(())
     }
 
-    fn on_watermark(&mut self, wm: Watermark, _: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
+    fn on_watermark(
+        &mut self,
+        wm: Watermark,
+        _: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
         let mut unmatched = DeadLetters::default();
         for side in 0..2 {
             for (t, keys) in self.cleanup[side].due(wm) {
                 // rows of this side whose expiry is t: time = t - upper (left) or t + lower (right)
-                let row_time = if side == 0 { t - self.plan.upper } else { t + self.plan.lower };
+                let row_time = if side == 0 {
+                    t - self.plan.upper
+                } else {
+                    t + self.plan.lower
+                };
                 for key in keys {
                     for (rt, rows) in self.buffers[side].drain_range(&key, ..=row_time) {
                         for b in rows.into_iter().filter(|b| !b.matched) {
                             let reason = if b.candidate {
-                                "rows in the interval did not satisfy the join condition".to_string()
+                                "rows in the interval did not satisfy the join condition"
+                                    .to_string()
                             } else {
                                 "no matching row within the interval".to_string()
                             };
@@ -328,8 +441,14 @@ mod tests {
 
     #[test]
     fn matches_within_interval_condition_and_reports_unmatched() {
-        let orders = schema(vec![Field::new("order_id", DataType::Utf8, true), Field::new("amount", DataType::Int64, true)]);
-        let payments = schema(vec![Field::new("order_id", DataType::Utf8, true), Field::new("amount", DataType::Int64, true)]);
+        let orders = schema(vec![
+            Field::new("order_id", DataType::Utf8, true),
+            Field::new("amount", DataType::Int64, true),
+        ]);
+        let payments = schema(vec![
+            Field::new("order_id", DataType::Utf8, true),
+            Field::new("amount", DataType::Int64, true),
+        ]);
         let plan = JoinPlan::compile(JoinConfig {
             name: "paid".into(),
             left_name: "orders".into(),
@@ -349,24 +468,49 @@ mod tests {
             batch(
                 s,
                 vec![
-                    Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
-                    Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+                    Arc::new(StringArray::from(
+                        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                    )),
+                    Arc::new(Int64Array::from(
+                        rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                    )),
                 ],
                 &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
             )
         };
-        h.push(0, mk(&orders, &[("o1", 10, 0), ("o2", 20, 0), ("o3", 30, 0), ("o4", 40, 0)]));
+        h.push(
+            0,
+            mk(
+                &orders,
+                &[("o1", 10, 0), ("o2", 20, 0), ("o3", 30, 0), ("o4", 40, 0)],
+            ),
+        );
         // payment before the order (right arrives first) for o4 is outside [0, 100] => no match
-        h.push(1, mk(&payments, &[("o1", 10, 50), ("o2", 99, 60), ("o3", 30, 101)]));
+        h.push(
+            1,
+            mk(
+                &payments,
+                &[("o1", 10, 50), ("o2", 99, 60), ("o3", 30, 101)],
+            ),
+        );
         assert_eq!(h.take(0), vec![r#"{"order_id":"o1","paid":10}"#]);
         h.watermark(1000);
         let dl = h.take(1);
         assert_eq!(dl.len(), 5, "{dl:?}");
-        assert!(dl.iter().any(|l| l.contains(r#"\"order_id\":\"o2\""#) && l.contains("did not satisfy")), "{dl:?}");
-        assert!(dl.iter().any(|l| l.contains(r#"\"order_id\":\"o3\""#) && l.contains("orders row") && l.contains("no matching row")));
+        assert!(
+            dl.iter()
+                .any(|l| l.contains(r#"\"order_id\":\"o2\""#) && l.contains("did not satisfy")),
+            "{dl:?}"
+        );
+        assert!(dl.iter().any(|l| l.contains(r#"\"order_id\":\"o3\""#)
+            && l.contains("orders row")
+            && l.contains("no matching row")));
         // a late row goes to the late output
         h.push(1, mk(&payments, &[("o9", 1, 500)]));
         assert_eq!(h.take(2).len(), 1);
-        assert!(h.op.buffers[0].is_empty() && h.op.buffers[1].is_empty(), "state is bounded by the interval");
+        assert!(
+            h.op.buffers[0].is_empty() && h.op.buffers[1].is_empty(),
+            "state is bounded by the interval"
+        );
     }
 }

@@ -2,7 +2,9 @@
 //! intermediate value per row. Timestamps are written as RFC 3339 text in UTC with milliseconds;
 //! the event-time column is left out.
 use arrow::array::{Array, ArrayRef, AsArray};
-use arrow::datatypes::{DataType, Float64Type, Int64Type, TimeUnit, TimestampMillisecondType, UInt8Type, Int32Type};
+use arrow::datatypes::{
+    DataType, Float64Type, Int32Type, Int64Type, TimeUnit, TimestampMillisecondType, UInt8Type,
+};
 use arrow::record_batch::RecordBatch;
 use std::io::Write;
 
@@ -20,7 +22,13 @@ fn columns(batch: &RecordBatch) -> Vec<(String, &ArrayRef, bool)> {
         .iter()
         .zip(batch.columns())
         .filter(|(f, _)| f.name() != TIME_COLUMN)
-        .map(|(f, c)| (serde_json::to_string(f.name()).expect("string serialises"), c, f.metadata().contains_key(JSON_METADATA)))
+        .map(|(f, c)| {
+            (
+                serde_json::to_string(f.name()).expect("string serialises"),
+                c,
+                f.metadata().contains_key(JSON_METADATA),
+            )
+        })
         .collect()
 }
 
@@ -67,16 +75,23 @@ fn write_value(a: &dyn Array, row: usize, out: &mut Vec<u8>) -> Result<()> {
     }
     let io = |e: std::io::Error| EngineError::Operator(e.to_string());
     match a.data_type() {
-        DataType::Int64 => write!(out, "{}", a.as_primitive::<Int64Type>().value(row)).map_err(io)?,
+        DataType::Int64 => {
+            write!(out, "{}", a.as_primitive::<Int64Type>().value(row)).map_err(io)?
+        }
         DataType::Float64 => {
             let v = a.as_primitive::<Float64Type>().value(row);
             if v.is_finite() {
-                serde_json::to_writer(&mut *out, &v).map_err(|e| EngineError::Operator(e.to_string()))?;
+                serde_json::to_writer(&mut *out, &v)
+                    .map_err(|e| EngineError::Operator(e.to_string()))?;
             } else {
                 out.extend_from_slice(b"null");
             }
         }
-        DataType::Boolean => out.extend_from_slice(if a.as_boolean().value(row) { b"true" } else { b"false" }),
+        DataType::Boolean => out.extend_from_slice(if a.as_boolean().value(row) {
+            b"true"
+        } else {
+            b"false"
+        }),
         DataType::Utf8 => serde_json::to_writer(&mut *out, a.as_string::<i32>().value(row))
             .map_err(|e| EngineError::Operator(e.to_string()))?,
         DataType::Timestamp(TimeUnit::Millisecond, _) => {
@@ -93,7 +108,11 @@ fn write_value(a: &dyn Array, row: usize, out: &mut Vec<u8>) -> Result<()> {
                     let d = a.as_dictionary::<Int32Type>();
                     (d.keys().value(row) as usize, d.values().clone())
                 }
-                ref other => return Err(EngineError::Operator(format!("cannot write dictionary keyed by {other}"))),
+                ref other => {
+                    return Err(EngineError::Operator(format!(
+                        "cannot write dictionary keyed by {other}"
+                    )));
+                }
             };
             write_value(values.as_ref(), key, out)?;
         }
@@ -109,7 +128,11 @@ fn write_value(a: &dyn Array, row: usize, out: &mut Vec<u8>) -> Result<()> {
             }
             out.push(b']');
         }
-        other => return Err(EngineError::Operator(format!("cannot write a {other} column as JSON"))),
+        other => {
+            return Err(EngineError::Operator(format!(
+                "cannot write a {other} column as JSON"
+            )));
+        }
     }
     Ok(())
 }

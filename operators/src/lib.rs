@@ -68,14 +68,25 @@ fn at(path: &str, field: impl std::fmt::Display, e: impl std::fmt::Display) -> P
 
 /// Type-checks a transform against its input schemas (one per input, in the order of
 /// `TransformSpec::inputs`).
-pub fn plan_transform(name: &str, spec: &TransformSpec, inputs: &[SchemaRef]) -> Result<TransformPlan, Problems> {
+pub fn plan_transform(
+    name: &str,
+    spec: &TransformSpec,
+    inputs: &[SchemaRef],
+) -> Result<TransformPlan, Problems> {
     let path = format!("transforms.{name}");
     let input = inputs[0].clone();
     Ok(match spec {
         TransformSpec::Filter { predicate, .. } => {
             let e = expr::Expr::compile(predicate, &input).map_err(|e| at(&path, "where", e))?;
             if e.data_type() != &arrow::datatypes::DataType::Boolean {
-                return Err(at(&path, "where", format!("must be a BOOLEAN condition, got {}", expr::type_name(e.data_type()))));
+                return Err(at(
+                    &path,
+                    "where",
+                    format!(
+                        "must be a BOOLEAN condition, got {}",
+                        expr::type_name(e.data_type())
+                    ),
+                ));
             }
             TransformPlan {
                 outputs: vec![input],
@@ -85,7 +96,8 @@ pub fn plan_transform(name: &str, spec: &TransformSpec, inputs: &[SchemaRef]) ->
             }
         }
         TransformSpec::Project { select, .. } => {
-            let p = stateless::Projection::compile(select, &input).map_err(|(i, e)| at(&path, format!("select[{i}]"), e))?;
+            let p = stateless::Projection::compile(select, &input)
+                .map_err(|(i, e)| at(&path, format!("select[{i}]"), e))?;
             TransformPlan {
                 outputs: vec![p.schema()],
                 inputs: vec![InputKeying::Any],
@@ -96,7 +108,11 @@ pub fn plan_transform(name: &str, spec: &TransformSpec, inputs: &[SchemaRef]) ->
         TransformSpec::KeyBy { key, .. } => {
             for (i, k) in key.iter().enumerate() {
                 if input.index_of(k).is_err() {
-                    return Err(at(&path, format!("key[{i}]"), format!("unknown column '{k}'")));
+                    return Err(at(
+                        &path,
+                        format!("key[{i}]"),
+                        format!("unknown column '{k}'"),
+                    ));
                 }
             }
             TransformPlan {
@@ -108,28 +124,51 @@ pub fn plan_transform(name: &str, spec: &TransformSpec, inputs: &[SchemaRef]) ->
         }
         TransformSpec::Window(w) => {
             let kind = match w.window {
-                WindowSpec::Tumbling { size } => window::WindowKind::Sliced { size: size.millis(), slide: size.millis() },
-                WindowSpec::Sliding { size, slide } => window::WindowKind::Sliced { size: size.millis(), slide: slide.millis() },
+                WindowSpec::Tumbling { size } => window::WindowKind::Sliced {
+                    size: size.millis(),
+                    slide: size.millis(),
+                },
+                WindowSpec::Sliding { size, slide } => window::WindowKind::Sliced {
+                    size: size.millis(),
+                    slide: slide.millis(),
+                },
                 WindowSpec::Session { gap } => window::WindowKind::Session { gap: gap.millis() },
             };
-            let plan = window::WindowPlan::compile(&input, &w.key_by, kind, w.allowed_lateness.millis(), &w.aggregates, w.having.as_deref())
-                .map_err(|e| match e {
-                    window::WindowError::Key(i, m) => at(&path, format!("key_by[{i}]"), m),
-                    window::WindowError::Aggregate(i, m) => at(&path, format!("aggregates[{i}]"), m),
-                    window::WindowError::Having(m) => at(&path, "having", m),
-                })?;
+            let plan = window::WindowPlan::compile(
+                &input,
+                &w.key_by,
+                kind,
+                w.allowed_lateness.millis(),
+                &w.aggregates,
+                w.having.as_deref(),
+            )
+            .map_err(|e| match e {
+                window::WindowError::Key(i, m) => at(&path, format!("key_by[{i}]"), m),
+                window::WindowError::Aggregate(i, m) => at(&path, format!("aggregates[{i}]"), m),
+                window::WindowError::Having(m) => at(&path, "having", m),
+            })?;
             let mut upsert_key = w.key_by.clone();
             upsert_key.extend(["window_start".to_string(), "window_end".to_string()]);
             TransformPlan {
                 outputs: vec![plan.output_schema(), input],
-                inputs: vec![if w.key_by.is_empty() { InputKeying::Global } else { InputKeying::Keyed(w.key_by.clone()) }],
+                inputs: vec![if w.key_by.is_empty() {
+                    InputKeying::Global
+                } else {
+                    InputKeying::Keyed(w.key_by.clone())
+                }],
                 upsert_key: Some(upsert_key),
                 factory: Arc::new(move |_| Box::new(plan.instantiate())),
             }
         }
         TransformSpec::Deduplicate(d) => {
-            let plan = dedup::DedupPlan::compile(&input, &d.key, d.keep, d.order_by.as_deref(), d.ttl.map(|t| t.0))
-                .map_err(|(field, m)| at(&path, field, m))?;
+            let plan = dedup::DedupPlan::compile(
+                &input,
+                &d.key,
+                d.keep,
+                d.order_by.as_deref(),
+                d.ttl.map(|t| t.0),
+            )
+            .map_err(|(field, m)| at(&path, field, m))?;
             TransformPlan {
                 outputs: vec![input, plan.input_schema()],
                 inputs: vec![InputKeying::Keyed(d.key.clone())],
@@ -155,15 +194,29 @@ pub fn plan_transform(name: &str, spec: &TransformSpec, inputs: &[SchemaRef]) ->
             })
             .map_err(|(field, m)| at(&path, field, m))?;
             TransformPlan {
-                outputs: vec![plan.output_schema(), dead_letter::schema(), dead_letter::schema()],
-                inputs: vec![InputKeying::Keyed(j.left_key.clone()), InputKeying::Keyed(j.right_key.clone())],
+                outputs: vec![
+                    plan.output_schema(),
+                    dead_letter::schema(),
+                    dead_letter::schema(),
+                ],
+                inputs: vec![
+                    InputKeying::Keyed(j.left_key.clone()),
+                    InputKeying::Keyed(j.right_key.clone()),
+                ],
                 upsert_key: None,
                 factory: Arc::new(move |_| Box::new(plan.instantiate())),
             }
         }
         TransformSpec::Pattern(p) => {
-            let plan = pattern::PatternPlan::compile(&input, &p.key_by, &p.predicate, p.count, p.within.millis(), p.ttl.map(|t| t.millis()))
-                .map_err(|(field, m)| at(&path, field, m))?;
+            let plan = pattern::PatternPlan::compile(
+                &input,
+                &p.key_by,
+                &p.predicate,
+                p.count,
+                p.within.millis(),
+                p.ttl.map(|t| t.millis()),
+            )
+            .map_err(|(field, m)| at(&path, field, m))?;
             TransformPlan {
                 outputs: vec![plan.output_schema(), input],
                 inputs: vec![InputKeying::Keyed(p.key_by.clone())],

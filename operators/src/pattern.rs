@@ -53,12 +53,16 @@ impl PatternPlan {
         ttl: Option<i64>,
     ) -> Result<PatternPlan, (String, String)> {
         let (key_columns, encoder) = key_columns(input, key_by, "key_by")?;
-        let predicate = Expr::compile(predicate, input).map_err(|e| ("where".to_string(), e.message))?;
+        let predicate =
+            Expr::compile(predicate, input).map_err(|e| ("where".to_string(), e.message))?;
         if predicate.data_type() != &DataType::Boolean {
             return Err(("where".into(), "must be a BOOLEAN condition".into()));
         }
-        let mut fields: Vec<Field> =
-            key_by.iter().zip(encoder.key_types()).map(|(n, t)| Field::new(n, t.data_type(), true)).collect();
+        let mut fields: Vec<Field> = key_by
+            .iter()
+            .zip(encoder.key_types())
+            .map(|(n, t)| Field::new(n, t.data_type(), true))
+            .collect();
         fields.push(Field::new("match_start", timestamp_type(), false));
         fields.push(Field::new("match_end", timestamp_type(), false));
         fields.push(Field::new(TIME_COLUMN, DataType::Int64, false));
@@ -83,7 +87,10 @@ impl PatternPlan {
         PatternOperator {
             plan: self.clone(),
             pending: KeyedTable::new("pattern-pending", None),
-            runs: KeyedTable::new("pattern-runs", Some(Duration::from_millis(self.ttl.max(0) as u64))),
+            runs: KeyedTable::new(
+                "pattern-runs",
+                Some(Duration::from_millis(self.ttl.max(0) as u64)),
+            ),
             timers: Timers::new(),
             keys: EncodedKeys::default(),
         }
@@ -102,14 +109,31 @@ pub struct PatternOperator {
 }
 
 impl Operator for PatternOperator {
-    fn process_batch(&mut self, _: usize, batch: RecordBatch, ctx: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        ctx: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
         let mask = self.plan.predicate.evaluate_predicate(&batch)?;
         if mask.true_count() == 0 {
             return Ok(());
         }
-        let cols: Vec<ArrayRef> = self.plan.key_columns.iter().map(|i| batch.column(*i).clone()).collect();
-        self.plan.encoder.encode(&cols, batch.num_rows(), &mut self.keys)?;
-        let times = batch.column(batch.num_columns() - 1).as_primitive::<Int64Type>().values().clone();
+        let cols: Vec<ArrayRef> = self
+            .plan
+            .key_columns
+            .iter()
+            .map(|i| batch.column(*i).clone())
+            .collect();
+        self.plan
+            .encoder
+            .encode(&cols, batch.num_rows(), &mut self.keys)?;
+        let times = batch
+            .column(batch.num_columns() - 1)
+            .as_primitive::<Int64Type>()
+            .values()
+            .clone();
         let mut late = Vec::new();
         for (row, &t) in times.iter().enumerate() {
             if !mask.value(row) {
@@ -120,18 +144,32 @@ impl Operator for PatternOperator {
                 continue;
             }
             let key = self.keys.row(row);
-            self.pending.update(key, t, t, Watermark::MIN, || 0, |n| *n += 1);
+            self.pending
+                .update(key, t, t, Watermark::MIN, || 0, |n| *n += 1);
             self.timers.register(t, key);
         }
         if !late.is_empty() {
             SubtaskMetrics::add(&ctx.metrics.late_records, late.len() as u64);
-            out.emit(LATE_PORT, take_record_batch(&batch, &UInt32Array::from(late))?);
+            out.emit(
+                LATE_PORT,
+                take_record_batch(&batch, &UInt32Array::from(late))?,
+            );
         }
         Ok(())
     }
 
-    fn on_watermark(&mut self, wm: Watermark, _: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
-        let mut keys: Vec<Box<[u8]>> = self.timers.due(wm).into_iter().flat_map(|(_, k)| k).collect();
+    fn on_watermark(
+        &mut self,
+        wm: Watermark,
+        _: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
+        let mut keys: Vec<Box<[u8]>> = self
+            .timers
+            .due(wm)
+            .into_iter()
+            .flat_map(|(_, k)| k)
+            .collect();
         keys.sort_unstable();
         keys.dedup();
         let (mut mkeys, mut starts, mut ends) = (Vec::new(), Vec::new(), Vec::new());
@@ -168,7 +206,10 @@ impl Operator for PatternOperator {
         cols.push(Arc::new(TimestampMillisecondArray::from(starts)));
         cols.push(Arc::new(TimestampMillisecondArray::from(ends.clone())));
         cols.push(Arc::new(Int64Array::from(ends)));
-        out.emit(MAIN_PORT, RecordBatch::try_new(self.plan.output.clone(), cols)?);
+        out.emit(
+            MAIN_PORT,
+            RecordBatch::try_new(self.plan.output.clone(), cols)?,
+        );
         Ok(())
     }
 }
@@ -181,7 +222,10 @@ mod tests {
 
     #[test]
     fn counts_in_event_time_order_within_span() {
-        let s = schema(vec![Field::new("user", DataType::Utf8, true), Field::new("ok", DataType::Boolean, true)]);
+        let s = schema(vec![
+            Field::new("user", DataType::Utf8, true),
+            Field::new("ok", DataType::Boolean, true),
+        ]);
         let plan = PatternPlan::compile(&s, &["user".into()], "NOT ok", 3, 120_000, None).unwrap();
         let mut h = Harness::new(plan.instantiate());
         let rows = |r: &[(&str, bool, i64)]| {
@@ -189,18 +233,37 @@ mod tests {
                 &s,
                 vec![
                     Arc::new(StringArray::from(r.iter().map(|x| x.0).collect::<Vec<_>>())),
-                    Arc::new(BooleanArray::from(r.iter().map(|x| x.1).collect::<Vec<_>>())),
+                    Arc::new(BooleanArray::from(
+                        r.iter().map(|x| x.1).collect::<Vec<_>>(),
+                    )),
                 ],
                 &r.iter().map(|x| x.2).collect::<Vec<_>>(),
             )
         };
         // out of order arrival; u1 fails at 0, 60s, 110s (within 2m) -> match; u2 spread too far apart
-        h.push(0, rows(&[("u1", false, 110_000), ("u1", false, 0), ("u2", false, 0), ("u1", true, 5)]));
-        h.push(0, rows(&[("u1", false, 60_000), ("u2", false, 130_000), ("u2", false, 140_000)]));
+        h.push(
+            0,
+            rows(&[
+                ("u1", false, 110_000),
+                ("u1", false, 0),
+                ("u2", false, 0),
+                ("u1", true, 5),
+            ]),
+        );
+        h.push(
+            0,
+            rows(&[
+                ("u1", false, 60_000),
+                ("u2", false, 130_000),
+                ("u2", false, 140_000),
+            ]),
+        );
         h.watermark(200_000);
         assert_eq!(
             h.take(0),
-            vec![r#"{"user":"u1","match_start":"1970-01-01T00:00:00.000Z","match_end":"1970-01-01T00:01:50.000Z"}"#]
+            vec![
+                r#"{"user":"u1","match_start":"1970-01-01T00:00:00.000Z","match_end":"1970-01-01T00:01:50.000Z"}"#
+            ]
         );
         h.push(0, rows(&[("u1", false, 150_000)]));
         assert_eq!(h.take(1).len(), 1, "behind the watermark: late");

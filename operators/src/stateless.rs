@@ -24,7 +24,13 @@ impl Filter {
 }
 
 impl Operator for Filter {
-    fn process_batch(&mut self, _: usize, batch: RecordBatch, _: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        _: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
         let mask = self.predicate.evaluate_predicate(&batch)?;
         if mask.true_count() == batch.num_rows() {
             out.emit(MAIN_PORT, batch);
@@ -39,7 +45,13 @@ impl Operator for Filter {
 pub struct Identity;
 
 impl Operator for Identity {
-    fn process_batch(&mut self, _: usize, batch: RecordBatch, _: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        _: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
         out.emit(MAIN_PORT, batch);
         Ok(())
     }
@@ -67,7 +79,9 @@ impl Projection {
                             continue;
                         }
                         let c = expr::compile(
-                            &sqlparser::ast::Expr::Identifier(sqlparser::ast::Ident::new(f.name().clone())),
+                            &sqlparser::ast::Expr::Identifier(sqlparser::ast::Ident::new(
+                                f.name().clone(),
+                            )),
                             input,
                         )
                         .map_err(|e| (i, e))?;
@@ -80,15 +94,29 @@ impl Projection {
                     let name = alias.unwrap_or_else(|| expr::default_name(&e));
                     let c = expr::compile(&e, input).map_err(|e| (i, e))?;
                     if fields.iter().any(|f| f.name() == &name) {
-                        return Err((i, ExprError { message: format!("column '{name}' is selected twice; add `AS other_name`") }));
+                        return Err((
+                            i,
+                            ExprError {
+                                message: format!(
+                                    "column '{name}' is selected twice; add `AS other_name`"
+                                ),
+                            },
+                        ));
                     }
                     fields.push(Field::new(&name, c.data_type().clone(), true));
                     columns.push(c);
                 }
             }
         }
-        fields.push(Field::new(TIME_COLUMN, arrow::datatypes::DataType::Int64, false));
-        Ok(Projection { columns, schema: Arc::new(Schema::new(fields)) })
+        fields.push(Field::new(
+            TIME_COLUMN,
+            arrow::datatypes::DataType::Int64,
+            false,
+        ));
+        Ok(Projection {
+            columns,
+            schema: Arc::new(Schema::new(fields)),
+        })
     }
 
     /// The output schema (with the event-time column last).
@@ -98,7 +126,11 @@ impl Projection {
 
     /// Computes the output columns for `batch`, with `time` as the event-time column.
     pub fn apply(&self, batch: &RecordBatch, time: ArrayRef) -> Result<RecordBatch> {
-        let mut cols: Vec<ArrayRef> = self.columns.iter().map(|c| c.evaluate(batch)).collect::<Result<_>>()?;
+        let mut cols: Vec<ArrayRef> = self
+            .columns
+            .iter()
+            .map(|c| c.evaluate(batch))
+            .collect::<Result<_>>()?;
         cols.push(time);
         Ok(RecordBatch::try_new(self.schema.clone(), cols)?)
     }
@@ -117,7 +149,13 @@ impl Project {
 }
 
 impl Operator for Project {
-    fn process_batch(&mut self, _: usize, batch: RecordBatch, _: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        _: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
         let time = batch.column(batch.num_columns() - 1).clone();
         out.emit(MAIN_PORT, self.projection.apply(&batch, time)?);
         Ok(())

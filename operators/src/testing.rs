@@ -32,7 +32,13 @@ impl<O: Operator> Harness<O> {
     pub fn new(op: O) -> Self {
         Harness {
             op,
-            info: SubtaskInfo { job: "test".into(), vertex: "v".into(), index: 0, parallelism: 1, max_parallelism: 128 },
+            info: SubtaskInfo {
+                job: "test".into(),
+                vertex: "v".into(),
+                index: 0,
+                parallelism: 1,
+                max_parallelism: 128,
+            },
             metrics: Arc::new(SubtaskMetrics::default()),
             wm: Watermark::MIN,
             out: Sink::default(),
@@ -40,13 +46,25 @@ impl<O: Operator> Harness<O> {
     }
 
     pub fn push(&mut self, input: usize, batch: RecordBatch) {
-        let ctx = OperatorContext { subtask: &self.info, record_watermark: self.wm, current_watermark: self.wm, metrics: &self.metrics };
-        self.op.process_batch(input, batch, &ctx, &mut self.out).unwrap();
+        let ctx = OperatorContext {
+            subtask: &self.info,
+            record_watermark: self.wm,
+            current_watermark: self.wm,
+            metrics: &self.metrics,
+        };
+        self.op
+            .process_batch(input, batch, &ctx, &mut self.out)
+            .unwrap();
     }
 
     pub fn watermark(&mut self, wm: i64) {
         self.wm = Watermark(wm);
-        let ctx = OperatorContext { subtask: &self.info, record_watermark: self.wm, current_watermark: self.wm, metrics: &self.metrics };
+        let ctx = OperatorContext {
+            subtask: &self.info,
+            record_watermark: self.wm,
+            current_watermark: self.wm,
+            metrics: &self.metrics,
+        };
         self.op.on_watermark(self.wm, &ctx, &mut self.out).unwrap();
     }
 
@@ -71,7 +89,11 @@ impl<O: Operator> Harness<O> {
 /// A schema with the given fields plus the time column.
 pub fn schema(fields: Vec<Field>) -> SchemaRef {
     let mut fields = fields;
-    fields.push(Field::new(TIME_COLUMN, arrow::datatypes::DataType::Int64, false));
+    fields.push(Field::new(
+        TIME_COLUMN,
+        arrow::datatypes::DataType::Int64,
+        false,
+    ));
     Arc::new(Schema::new(fields))
 }
 

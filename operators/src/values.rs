@@ -1,8 +1,8 @@
 //! Single values taken out of Arrow columns, for state that outlives a batch (window
 //! accumulators, buffered join rows), and the way back into columns.
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
-    TimestampMillisecondBuilder,
+    Array, ArrayRef, AsArray, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder,
+    StringBuilder, TimestampMillisecondBuilder,
 };
 use arrow::datatypes::{DataType, Float64Type, Int64Type, TimeUnit, TimestampMillisecondType};
 use std::cmp::Ordering;
@@ -96,14 +96,23 @@ impl<'a> ColumnReader<'a> {
     /// A reader over `a`, which must be Int64, Float64, Utf8, Boolean or Timestamp(ms).
     pub fn new(a: &'a ArrayRef) -> Result<Self> {
         Ok(match a.data_type() {
-            DataType::Int64 => ColumnReader::Int(a.as_ref(), a.as_primitive::<Int64Type>().values()),
-            DataType::Timestamp(TimeUnit::Millisecond, _) => {
-                ColumnReader::Int(a.as_ref(), a.as_primitive::<TimestampMillisecondType>().values())
+            DataType::Int64 => {
+                ColumnReader::Int(a.as_ref(), a.as_primitive::<Int64Type>().values())
             }
-            DataType::Float64 => ColumnReader::Float(a.as_ref(), a.as_primitive::<Float64Type>().values()),
+            DataType::Timestamp(TimeUnit::Millisecond, _) => ColumnReader::Int(
+                a.as_ref(),
+                a.as_primitive::<TimestampMillisecondType>().values(),
+            ),
+            DataType::Float64 => {
+                ColumnReader::Float(a.as_ref(), a.as_primitive::<Float64Type>().values())
+            }
             DataType::Utf8 => ColumnReader::Str(a.as_string::<i32>()),
             DataType::Boolean => ColumnReader::Bool(a.as_boolean()),
-            other => return Err(EngineError::Operator(format!("unsupported column type {other}"))),
+            other => {
+                return Err(EngineError::Operator(format!(
+                    "unsupported column type {other}"
+                )));
+            }
         })
     }
 
@@ -120,7 +129,10 @@ impl<'a> ColumnReader<'a> {
 }
 
 /// Builds a column of type `dt` from values (`None` = null). Numbers convert where needed.
-pub fn build_column<'a>(dt: &DataType, values: impl Iterator<Item = Option<&'a Scalar>>) -> Result<ArrayRef> {
+pub fn build_column<'a>(
+    dt: &DataType,
+    values: impl Iterator<Item = Option<&'a Scalar>>,
+) -> Result<ArrayRef> {
     let bad = |v: &Scalar| EngineError::Operator(format!("value {v:?} does not fit a {dt} column"));
     Ok(match dt {
         DataType::Int64 => {
@@ -178,12 +190,19 @@ pub fn build_column<'a>(dt: &DataType, values: impl Iterator<Item = Option<&'a S
             }
             Arc::new(b.finish())
         }
-        other => return Err(EngineError::Operator(format!("cannot build a {other} column"))),
+        other => {
+            return Err(EngineError::Operator(format!(
+                "cannot build a {other} column"
+            )));
+        }
     })
 }
 
 /// Builds a list column (element type `item`) from lists of values.
-pub fn build_list_column<'a>(item: &DataType, lists: impl Iterator<Item = &'a [Scalar]>) -> Result<ArrayRef> {
+pub fn build_list_column<'a>(
+    item: &DataType,
+    lists: impl Iterator<Item = &'a [Scalar]>,
+) -> Result<ArrayRef> {
     macro_rules! lists {
         ($builder:expr, $push:expr) => {{
             let mut b = ListBuilder::new($builder);
@@ -196,35 +215,52 @@ pub fn build_list_column<'a>(item: &DataType, lists: impl Iterator<Item = &'a [S
             Arc::new(b.finish()) as ArrayRef
         }};
     }
-    let bad = |v: &Scalar| EngineError::Operator(format!("value {v:?} does not fit a list of {item}"));
+    let bad =
+        |v: &Scalar| EngineError::Operator(format!("value {v:?} does not fit a list of {item}"));
     Ok(match item {
-        DataType::Int64 => lists!(Int64Builder::new(), |b: &mut Int64Builder, v: &Scalar| match v {
-            Scalar::Int(i) => {
-                b.append_value(*i);
-                Ok(())
-            }
-            o => Err(bad(o)),
-        }),
-        DataType::Float64 => lists!(Float64Builder::new(), |b: &mut Float64Builder, v: &Scalar| {
-            b.append_value(v.as_f64().ok_or_else(|| bad(v))?);
-            Ok::<(), EngineError>(())
-        }),
-        DataType::Utf8 => lists!(StringBuilder::new(), |b: &mut StringBuilder, v: &Scalar| match v {
-            Scalar::Str(s) => {
-                b.append_value(s);
-                Ok(())
-            }
-            o => Err(bad(o)),
-        }),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => {
-            lists!(TimestampMillisecondBuilder::new(), |b: &mut TimestampMillisecondBuilder, v: &Scalar| match v {
+        DataType::Int64 => lists!(
+            Int64Builder::new(),
+            |b: &mut Int64Builder, v: &Scalar| match v {
                 Scalar::Int(i) => {
                     b.append_value(*i);
                     Ok(())
                 }
                 o => Err(bad(o)),
-            })
+            }
+        ),
+        DataType::Float64 => lists!(
+            Float64Builder::new(),
+            |b: &mut Float64Builder, v: &Scalar| {
+                b.append_value(v.as_f64().ok_or_else(|| bad(v))?);
+                Ok::<(), EngineError>(())
+            }
+        ),
+        DataType::Utf8 => lists!(
+            StringBuilder::new(),
+            |b: &mut StringBuilder, v: &Scalar| match v {
+                Scalar::Str(s) => {
+                    b.append_value(s);
+                    Ok(())
+                }
+                o => Err(bad(o)),
+            }
+        ),
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            lists!(
+                TimestampMillisecondBuilder::new(),
+                |b: &mut TimestampMillisecondBuilder, v: &Scalar| match v {
+                    Scalar::Int(i) => {
+                        b.append_value(*i);
+                        Ok(())
+                    }
+                    o => Err(bad(o)),
+                }
+            )
         }
-        other => return Err(EngineError::Operator(format!("top_n over {other} is not supported"))),
+        other => {
+            return Err(EngineError::Operator(format!(
+                "top_n over {other} is not supported"
+            )));
+        }
     })
 }

@@ -12,7 +12,14 @@ pub fn local_cluster(taskmanagers: u32, slots: u32) -> JobManager {
     let events = JobManager::events();
     let shuffle = Arc::new(LocalShuffle::new());
     let tms: Vec<Arc<dyn TaskManagerGateway>> = (0..taskmanagers.max(1))
-        .map(|i| Arc::new(TaskManager::new(format!("taskmanager-{i}"), slots, shuffle.clone(), events.0.clone())) as Arc<dyn TaskManagerGateway>)
+        .map(|i| {
+            Arc::new(TaskManager::new(
+                format!("taskmanager-{i}"),
+                slots,
+                shuffle.clone(),
+                events.0.clone(),
+            )) as Arc<dyn TaskManagerGateway>
+        })
         .collect();
     JobManager::start(tms, events)
 }

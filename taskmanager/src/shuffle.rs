@@ -44,11 +44,20 @@ impl LocalShuffle {
         Self::default()
     }
 
-    fn take<T>(&self, key: ChannelKey, capacity: usize, pick: impl FnOnce(&mut Pair) -> Option<T>) -> T {
+    fn take<T>(
+        &self,
+        key: ChannelKey,
+        capacity: usize,
+        pick: impl FnOnce(&mut Pair) -> Option<T>,
+    ) -> T {
         let mut map = self.channels.lock().expect("shuffle lock");
         let pair = map.entry(key.clone()).or_insert_with(|| {
             let (tx, rx) = bounded(capacity);
-            Pair { tx: Some(tx), rx: Some(rx), taken: 0 }
+            Pair {
+                tx: Some(tx),
+                rx: Some(rx),
+                taken: 0,
+            }
         });
         let end = pick(pair).expect("each end of a channel is taken once");
         pair.taken += 1;
@@ -70,6 +79,9 @@ impl LocalShuffle {
 
     /// Forgets the channels of a job attempt whose other end will never be taken.
     pub fn release(&self, job: &JobId) {
-        self.channels.lock().expect("shuffle lock").retain(|k, _| &k.job != job);
+        self.channels
+            .lock()
+            .expect("shuffle lock")
+            .retain(|k, _| &k.job != job);
     }
 }

@@ -17,6 +17,9 @@ use freshet_jobmanager::{JobId, TaskDeployment, TaskEvent, TaskManagerGateway, T
 
 use crate::shuffle::{ChannelKey, LocalShuffle};
 
+/// A running subtask: (job, vertex, subtask).
+type TaskKey = (JobId, usize, u32);
+
 struct Running {
     cancel: CancelToken,
     metrics: Arc<SubtaskMetrics>,
@@ -29,12 +32,17 @@ pub struct TaskManager {
     shuffle: Arc<LocalShuffle>,
     events: Sender<TaskEvent>,
     plans: Mutex<HashMap<(JobId, u32), Arc<JobPlan>>>,
-    running: Arc<Mutex<HashMap<(JobId, usize, u32), Running>>>,
+    running: Arc<Mutex<HashMap<TaskKey, Running>>>,
 }
 
 impl TaskManager {
     /// A TaskManager offering `slots`, exchanging data through `shuffle` and reporting on `events`.
-    pub fn new(id: impl Into<String>, slots: u32, shuffle: Arc<LocalShuffle>, events: Sender<TaskEvent>) -> Self {
+    pub fn new(
+        id: impl Into<String>,
+        slots: u32,
+        shuffle: Arc<LocalShuffle>,
+        events: Sender<TaskEvent>,
+    ) -> Self {
         TaskManager {
             id: id.into(),
             slots,
@@ -56,7 +64,13 @@ impl TaskManager {
     }
 
     /// Builds the runnable subtask of a deployment.
-    fn build(&self, d: &TaskDeployment, plan: &JobPlan, cancel: CancelToken, metrics: Arc<SubtaskMetrics>) -> Result<SubtaskSpec> {
+    fn build(
+        &self,
+        d: &TaskDeployment,
+        plan: &JobPlan,
+        cancel: CancelToken,
+        metrics: Arc<SubtaskMetrics>,
+    ) -> Result<SubtaskSpec> {
         let vertex = &plan.vertices[d.vertex];
         let capacity = plan.spec.pipeline.channel_capacity;
         let info = SubtaskInfo {
@@ -66,7 +80,13 @@ impl TaskManager {
             parallelism: vertex.parallelism,
             max_parallelism: plan.spec.max_parallelism,
         };
-        let key = |edge: usize, from: u32, to: u32| ChannelKey { job: d.job.clone(), attempt: d.attempt, edge, from, to };
+        let key = |edge: usize, from: u32, to: u32| ChannelKey {
+            job: d.job.clone(),
+            attempt: d.attempt,
+            edge,
+            from,
+            to,
+        };
         // Writers for everything leaving (node, port) towards other vertices.
         let writers = |node: usize, port: usize| -> Vec<EdgeWriter> {
             plan.edges
@@ -76,8 +96,12 @@ impl TaskManager {
                 .map(|(ei, e)| {
                     let downstream = plan.vertices[e.to_vertex].parallelism;
                     let targets = match e.partitioning {
-                        Partitioning::Forward => vec![self.shuffle.sender(key(ei, d.subtask, d.subtask), capacity)],
-                        _ => (0..downstream).map(|j| self.shuffle.sender(key(ei, d.subtask, j), capacity)).collect(),
+                        Partitioning::Forward => {
+                            vec![self.shuffle.sender(key(ei, d.subtask, d.subtask), capacity)]
+                        }
+                        _ => (0..downstream)
+                            .map(|j| self.shuffle.sender(key(ei, d.subtask, j), capacity))
+                            .collect(),
                     };
                     EdgeWriter::new(e.partitioning.clone(), targets)
                 })
@@ -85,22 +109,48 @@ impl TaskManager {
         };
         let head = vertex.nodes[0];
         let (input, rest) = match &plan.nodes[head].kind {
-            NodeKind::Source { factory, watermarks, .. } => {
+            NodeKind::Source {
+                factory,
+                watermarks,
+                ..
+            } => {
                 let source = factory(&info)?;
                 let only = vertex.nodes.len() == 1;
                 let main_outputs = if only { writers(head, 0) } else { Vec::new() };
-                let side_outputs = (1..plan.nodes[head].outputs.len()).map(|p| writers(head, p)).collect();
-                (TaskInput::Source { source, watermarks: *watermarks, main_outputs, side_outputs }, &vertex.nodes[1..])
+                let side_outputs = (1..plan.nodes[head].outputs.len())
+                    .map(|p| writers(head, p))
+                    .collect();
+                (
+                    TaskInput::Source {
+                        source,
+                        watermarks: *watermarks,
+                        main_outputs,
+                        side_outputs,
+                    },
+                    &vertex.nodes[1..],
+                )
             }
             NodeKind::Operator { .. } => {
                 let mut inputs = Vec::new();
-                for (ei, e) in plan.edges.iter().enumerate().filter(|(_, e)| e.to_vertex == d.vertex) {
+                for (ei, e) in plan
+                    .edges
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.to_vertex == d.vertex)
+                {
                     let upstream = plan.vertices[e.from_vertex].parallelism;
                     match e.partitioning {
-                        Partitioning::Forward => inputs.push((self.shuffle.receiver(key(ei, d.subtask, d.subtask), capacity), e.to.1)),
+                        Partitioning::Forward => inputs.push((
+                            self.shuffle
+                                .receiver(key(ei, d.subtask, d.subtask), capacity),
+                            e.to.1,
+                        )),
                         _ => {
                             for u in 0..upstream {
-                                inputs.push((self.shuffle.receiver(key(ei, u, d.subtask), capacity), e.to.1));
+                                inputs.push((
+                                    self.shuffle.receiver(key(ei, u, d.subtask), capacity),
+                                    e.to.1,
+                                ));
                             }
                         }
                     }
@@ -112,16 +162,33 @@ impl TaskManager {
         for (k, node) in rest.iter().enumerate() {
             let n = &plan.nodes[*node];
             let NodeKind::Operator { factory } = &n.kind else {
-                return Err(EngineError::Operator(format!("source {} cannot be chained", n.name)));
+                return Err(EngineError::Operator(format!(
+                    "source {} cannot be chained",
+                    n.name
+                )));
             };
             let last = k + 1 == rest.len();
             let mut outputs: Vec<Vec<EdgeWriter>> = Vec::new();
             for port in 0..n.outputs.len().max(1) {
-                outputs.push(if port == 0 && !last { Vec::new() } else { writers(*node, port) });
+                outputs.push(if port == 0 && !last {
+                    Vec::new()
+                } else {
+                    writers(*node, port)
+                });
             }
-            chain.push(ChainedOperator { name: n.name.clone(), operator: factory(&info), outputs });
+            chain.push(ChainedOperator {
+                name: n.name.clone(),
+                operator: factory(&info),
+                outputs,
+            });
         }
-        Ok(SubtaskSpec { info, input, chain, cancel, metrics })
+        Ok(SubtaskSpec {
+            info,
+            input,
+            chain,
+            cancel,
+            metrics,
+        })
     }
 }
 
@@ -138,9 +205,17 @@ impl TaskManagerGateway for TaskManager {
         let plan = self.plan_for(&d)?;
         let cancel = CancelToken::new();
         let metrics = Arc::new(SubtaskMetrics::default());
-        let spec = self.build(&d, &plan, cancel.clone(), metrics.clone()).map_err(|e| e.to_string())?;
+        let spec = self
+            .build(&d, &plan, cancel.clone(), metrics.clone())
+            .map_err(|e| e.to_string())?;
         let task = (d.job.clone(), d.vertex, d.subtask);
-        self.running.lock().expect("running lock").insert(task.clone(), Running { cancel: cancel.clone(), metrics });
+        self.running.lock().expect("running lock").insert(
+            task.clone(),
+            Running {
+                cancel: cancel.clone(),
+                metrics,
+            },
+        );
         let events = self.events.clone();
         let running = self.running.clone();
         let thread_name = format!("{}#{}", plan.vertices[d.vertex].name, d.subtask);
@@ -150,14 +225,25 @@ impl TaskManagerGateway for TaskManager {
             .spawn(move || {
                 let _enter = span.enter();
                 let state = match run_subtask(spec) {
-                    Ok(r) => TaskState::Finished { metrics: r.metrics, accumulators: r.accumulators },
+                    Ok(r) => TaskState::Finished {
+                        metrics: r.metrics,
+                        accumulators: r.accumulators,
+                    },
                     Err(EngineError::Cancelled) => TaskState::Cancelled,
                     Err(_) if cancel.is_cancelled() => TaskState::Cancelled,
-                    Err(e) => TaskState::Failed { error: e.to_string() },
+                    Err(e) => TaskState::Failed {
+                        error: e.to_string(),
+                    },
                 };
                 debug!(?state, "subtask ended");
                 running.lock().expect("running lock").remove(&task);
-                let _ = events.send(TaskEvent { job: d.job, attempt: d.attempt, vertex: d.vertex, subtask: d.subtask, state });
+                let _ = events.send(TaskEvent {
+                    job: d.job,
+                    attempt: d.attempt,
+                    vertex: d.vertex,
+                    subtask: d.subtask,
+                    state,
+                });
             })
             .map_err(|e| format!("cannot start a thread: {e}"))?;
         Ok(())
@@ -178,7 +264,11 @@ impl TaskManagerGateway for TaskManager {
             .expect("running lock")
             .iter()
             .filter(|((j, _, _), _)| j == job)
-            .map(|((_, v, s), r)| SubtaskStatus { vertex: *v, subtask: *s, metrics: r.metrics.snapshot() })
+            .map(|((_, v, s), r)| SubtaskStatus {
+                vertex: *v,
+                subtask: *s,
+                metrics: r.metrics.snapshot(),
+            })
             .collect()
     }
 }

@@ -10,7 +10,10 @@ use freshet_taskmanager::local::local_cluster;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the repository").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the repository")
+        .to_path_buf()
 }
 
 /// Runs `examples/<name>/job.yaml` at `parallelism` with every file and table sink (and the
@@ -23,17 +26,27 @@ pub fn run_example(name: &str, parallelism: u32, out: &Path) -> freshet_jobmanag
     for (sink, s) in &spec.sinks {
         if let SinkConnector::File { path } | SinkConnector::Table { path, .. } = &s.connector {
             let file = Path::new(path).file_name().expect("file name");
-            overrides.push(format!("sinks.{sink}.connector.path={}", out.join(file).display()));
+            overrides.push(format!(
+                "sinks.{sink}.connector.path={}",
+                out.join(file).display()
+            ));
         }
     }
     overrides.push("dead_letter.type=file".into());
-    overrides.push(format!("dead_letter.path={}", out.join("unrouted.jsonl").display()));
+    overrides.push(format!(
+        "dead_letter.path={}",
+        out.join("unrouted.jsonl").display()
+    ));
     let spec = load_job(&job, &overrides).expect("overrides apply");
     let slots = plan(&spec, &dir).expect("example plans").slots_needed();
     let jm = local_cluster(1, slots);
     let handle = jm.submit(spec, dir).expect("submits");
     let status = handle.wait_timeout(Duration::from_secs(120));
-    assert_eq!(status.state, JobState::Finished, "example {name} at parallelism {parallelism}");
+    assert_eq!(
+        status.state,
+        JobState::Finished,
+        "example {name} at parallelism {parallelism}"
+    );
     status
 }
 
@@ -43,13 +56,14 @@ pub fn read_rows(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.lines()
         .map(|l| {
-            let mut v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display()));
+            let mut v: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display()));
             if let Value::Object(m) = &mut v {
                 for f in m.values_mut() {
-                    if let Value::String(s) = f {
-                        if let Ok(o @ Value::Object(_)) = serde_json::from_str::<Value>(s) {
-                            *f = o;
-                        }
+                    if let Value::String(s) = f
+                        && let Ok(o @ Value::Object(_)) = serde_json::from_str::<Value>(s)
+                    {
+                        *f = o;
                     }
                 }
             }
@@ -61,20 +75,29 @@ pub fn read_rows(path: &Path) -> Vec<Value> {
 /// Drops from each actual row the fields the expected rows do not specify (a dead letter's
 /// `reason` text is checked by unit tests, not here), then sorts both sides.
 pub fn comparable(expected: Vec<Value>, actual: Vec<Value>) -> (Vec<String>, Vec<String>) {
-    let keys: Option<Vec<String>> = expected.first().and_then(|v| v.as_object()).map(|m| m.keys().cloned().collect());
+    let keys: Option<Vec<String>> = expected
+        .first()
+        .and_then(|v| v.as_object())
+        .map(|m| m.keys().cloned().collect());
     let project = |v: Value| -> String {
         match (&keys, v) {
-            (Some(keys), Value::Object(m)) if !m.contains_key("reason") || keys.iter().any(|k| k == "reason") => {
+            (Some(keys), Value::Object(m))
+                if !m.contains_key("reason") || keys.iter().any(|k| k == "reason") =>
+            {
                 serde_json::to_string(&Value::Object(m)).expect("serialises")
             }
             (Some(keys), Value::Object(m)) => {
-                let kept: serde_json::Map<String, Value> = m.into_iter().filter(|(k, _)| keys.contains(k)).collect();
+                let kept: serde_json::Map<String, Value> =
+                    m.into_iter().filter(|(k, _)| keys.contains(k)).collect();
                 serde_json::to_string(&Value::Object(kept)).expect("serialises")
             }
             (_, v) => serde_json::to_string(&v).expect("serialises"),
         }
     };
-    let mut e: Vec<String> = expected.into_iter().map(|v| serde_json::to_string(&v).expect("serialises")).collect();
+    let mut e: Vec<String> = expected
+        .into_iter()
+        .map(|v| serde_json::to_string(&v).expect("serialises"))
+        .collect();
     let mut a: Vec<String> = actual.into_iter().map(project).collect();
     e.sort();
     a.sort();

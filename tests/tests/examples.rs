@@ -9,27 +9,44 @@ fn check(name: &str) {
     for (parallelism, round) in [(1, 0), (4, 0), (4, 1)] {
         let out = tempfile::tempdir().expect("temp dir");
         run_example(name, parallelism, out.path());
-        let mut files: Vec<_> = std::fs::read_dir(&expected_dir).expect("expected dir").map(|e| e.expect("entry").path()).collect();
+        let mut files: Vec<_> = std::fs::read_dir(&expected_dir)
+            .expect("expected dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
         files.sort();
         let mut outputs = Vec::new();
         for exp in &files {
             let file = exp.file_name().expect("name");
             let actual = out.path().join(file);
             let (e, a) = comparable(read_rows(exp), read_rows(&actual));
-            assert_eq!(a, e, "{name} at parallelism {parallelism}: {} differs from the expected output", file.to_string_lossy());
+            assert_eq!(
+                a,
+                e,
+                "{name} at parallelism {parallelism}: {} differs from the expected output",
+                file.to_string_lossy()
+            );
             let text = std::fs::read_to_string(&actual).expect("read");
             let mut lines: Vec<&str> = text.lines().collect();
             lines.sort_unstable();
-            outputs.push((file.to_string_lossy().into_owned(), lines.join("\n").into_bytes()));
+            outputs.push((
+                file.to_string_lossy().into_owned(),
+                lines.join("\n").into_bytes(),
+            ));
         }
         let unrouted = out.path().join("unrouted.jsonl");
         let unrouted = std::fs::read_to_string(&unrouted).unwrap_or_default();
-        assert!(unrouted.is_empty(), "{name}: records reached the default dead-letter sink:\n{unrouted}");
+        assert!(
+            unrouted.is_empty(),
+            "{name}: records reached the default dead-letter sink:\n{unrouted}"
+        );
         // Table files are written sorted by key, so they must be byte-identical between runs;
         // append-only files are compared as sorted lines (subtasks interleave at parallelism > 1).
         match &first {
             None => first = Some(outputs),
-            Some(f) => assert_eq!(f, &outputs, "{name}: output differs between runs (round {round})"),
+            Some(f) => assert_eq!(
+                f, &outputs,
+                "{name}: output differs between runs (round {round})"
+            ),
         }
     }
 }

@@ -53,28 +53,43 @@ impl AggDef {
         let (e, alias) = expr::parse_select_item(text)?;
         let Some(sqlparser::ast::Expr::Function(f)) = e else {
             return Err(ExprError {
-                message: format!("'{text}' is not an aggregate; use count, sum, min, max, avg or top_n, e.g. count(*) AS n"),
+                message: format!(
+                    "'{text}' is not an aggregate; use count, sum, min, max, avg or top_n, e.g. count(*) AS n"
+                ),
             });
         };
         let name = expr::function_name(&f);
         let (args, distinct) = expr::function_args(&f)?;
-        let filter = f.filter.as_ref().map(|w| expr::compile(w, input)).transpose()?;
-        if let Some(fl) = &filter {
-            if fl.data_type() != &DataType::Boolean {
-                return Err(ExprError { message: "FILTER (WHERE ...) needs a BOOLEAN condition".into() });
-            }
+        let filter = f
+            .filter
+            .as_ref()
+            .map(|w| expr::compile(w, input))
+            .transpose()?;
+        if let Some(fl) = &filter
+            && fl.data_type() != &DataType::Boolean
+        {
+            return Err(ExprError {
+                message: "FILTER (WHERE ...) needs a BOOLEAN condition".into(),
+            });
         }
         let one_arg = |args: &[Option<sqlparser::ast::Expr>]| -> Result<Expr, ExprError> {
             match args {
                 [Some(a)] => expr::compile(a, input),
-                _ => Err(ExprError { message: format!("{name}() takes one argument") }),
+                _ => Err(ExprError {
+                    message: format!("{name}() takes one argument"),
+                }),
             }
         };
         let numeric = |e: &Expr| -> Result<(), ExprError> {
             if matches!(e.data_type(), DataType::Int64 | DataType::Float64) {
                 Ok(())
             } else {
-                Err(ExprError { message: format!("{name}() needs a number, got {}", expr::type_name(e.data_type())) })
+                Err(ExprError {
+                    message: format!(
+                        "{name}() needs a number, got {}",
+                        expr::type_name(e.data_type())
+                    ),
+                })
             }
         };
         let (kind, arg, output_type) = match (name.as_str(), distinct) {
@@ -82,7 +97,11 @@ impl AggDef {
                 [None] | [] => (AggKind::Count, None, DataType::Int64),
                 _ => (AggKind::Count, Some(one_arg(&args)?), DataType::Int64),
             },
-            ("count", true) => (AggKind::CountDistinct, Some(one_arg(&args)?), DataType::Int64),
+            ("count", true) => (
+                AggKind::CountDistinct,
+                Some(one_arg(&args)?),
+                DataType::Int64,
+            ),
             ("sum", false) => {
                 let a = one_arg(&args)?;
                 numeric(&a)?;
@@ -97,33 +116,63 @@ impl AggDef {
             ("min" | "max", false) => {
                 let a = one_arg(&args)?;
                 let t = a.data_type().clone();
-                (if name == "min" { AggKind::Min } else { AggKind::Max }, Some(a), t)
+                (
+                    if name == "min" {
+                        AggKind::Min
+                    } else {
+                        AggKind::Max
+                    },
+                    Some(a),
+                    t,
+                )
             }
             ("top_n", false) => {
                 let (Some(Some(a)), Some(Some(n))) = (args.first(), args.get(1)) else {
-                    return Err(ExprError { message: "top_n(x, n) takes an expression and a count, e.g. top_n(price, 3)".into() });
+                    return Err(ExprError {
+                        message:
+                            "top_n(x, n) takes an expression and a count, e.g. top_n(price, 3)"
+                                .into(),
+                    });
                 };
                 let n: usize = n
                     .to_string()
                     .parse()
                     .ok()
                     .filter(|n| *n > 0)
-                    .ok_or_else(|| ExprError { message: format!("top_n(): the count must be a positive integer, got {n}") })?;
+                    .ok_or_else(|| ExprError {
+                        message: format!("top_n(): the count must be a positive integer, got {n}"),
+                    })?;
                 let a = expr::compile(a, input)?;
-                let t = DataType::List(std::sync::Arc::new(Field::new("item", a.data_type().clone(), true)));
+                let t = DataType::List(std::sync::Arc::new(Field::new(
+                    "item",
+                    a.data_type().clone(),
+                    true,
+                )));
                 (AggKind::TopN(n), Some(a), t)
             }
             (other, true) => {
-                return Err(ExprError { message: format!("{other}(DISTINCT ...) is not supported; only count(DISTINCT x) is") });
+                return Err(ExprError {
+                    message: format!(
+                        "{other}(DISTINCT ...) is not supported; only count(DISTINCT x) is"
+                    ),
+                });
             }
             (other, false) => {
                 return Err(ExprError {
-                    message: format!("unknown aggregate {other}(); use count, sum, min, max, avg or top_n"),
+                    message: format!(
+                        "unknown aggregate {other}(); use count, sum, min, max, avg or top_n"
+                    ),
                 });
             }
         };
         let name = alias.unwrap_or_else(|| name.to_string());
-        Ok(AggDef { kind, arg, filter, name, output_type })
+        Ok(AggDef {
+            kind,
+            arg,
+            filter,
+            name,
+            output_type,
+        })
     }
 
     /// A fresh accumulator.
@@ -175,14 +224,22 @@ impl AggInputs {
         let mut filters = Vec::with_capacity(defs.len());
         for d in defs {
             args.push(d.arg.as_ref().map(|a| a.evaluate(batch)).transpose()?);
-            filters.push(d.filter.as_ref().map(|f| f.evaluate_predicate(batch)).transpose()?);
+            filters.push(
+                d.filter
+                    .as_ref()
+                    .map(|f| f.evaluate_predicate(batch))
+                    .transpose()?,
+            );
         }
         Ok(AggInputs { args, filters })
     }
 
     /// Readers over the argument columns (borrowing this).
     pub fn readers(&self) -> Result<Vec<Option<ColumnReader<'_>>>> {
-        self.args.iter().map(|a| a.as_ref().map(ColumnReader::new).transpose()).collect()
+        self.args
+            .iter()
+            .map(|a| a.as_ref().map(ColumnReader::new).transpose())
+            .collect()
     }
 
     /// Whether aggregate `i` counts row `row` (its filter passes).
@@ -199,7 +256,13 @@ impl AggInputs {
 
 /// Adds row `row` to the accumulators `accs` (one per definition).
 #[inline]
-pub fn update(defs: &[AggDef], accs: &mut [Acc], inputs: &AggInputs, readers: &[Option<ColumnReader<'_>>], row: usize) {
+pub fn update(
+    defs: &[AggDef],
+    accs: &mut [Acc],
+    inputs: &AggInputs,
+    readers: &[Option<ColumnReader<'_>>],
+    row: usize,
+) {
     for (i, (d, acc)) in defs.iter().zip(accs.iter_mut()).enumerate() {
         if !inputs.selected(i, row) {
             continue;
@@ -224,15 +287,11 @@ pub fn update(defs: &[AggDef], accs: &mut [Acc], inputs: &AggInputs, readers: &[
                 *s += v.as_f64().unwrap_or(0.0);
                 *any = true;
             }
-            (Acc::Min(m), Some(v)) => {
-                if m.as_ref().is_none_or(|m| v < *m) {
-                    *m = Some(v);
-                }
+            (Acc::Min(m), Some(v)) if m.as_ref().is_none_or(|m| v < *m) => {
+                *m = Some(v);
             }
-            (Acc::Max(m), Some(v)) => {
-                if m.as_ref().is_none_or(|m| v > *m) {
-                    *m = Some(v);
-                }
+            (Acc::Max(m), Some(v)) if m.as_ref().is_none_or(|m| v > *m) => {
+                *m = Some(v);
             }
             (Acc::Avg(s, n), Some(v)) => {
                 *s += v.as_f64().unwrap_or(0.0);
@@ -268,15 +327,11 @@ pub fn merge(def: &AggDef, acc: &mut Acc, other: &Acc) {
             *a += b;
             *x |= *y;
         }
-        (Acc::Min(a), Acc::Min(Some(b))) => {
-            if a.as_ref().is_none_or(|a| b < a) {
-                *a = Some(b.clone());
-            }
+        (Acc::Min(a), Acc::Min(Some(b))) if a.as_ref().is_none_or(|a| b < a) => {
+            *a = Some(b.clone());
         }
-        (Acc::Max(a), Acc::Max(Some(b))) => {
-            if a.as_ref().is_none_or(|a| b > a) {
-                *a = Some(b.clone());
-            }
+        (Acc::Max(a), Acc::Max(Some(b))) if a.as_ref().is_none_or(|a| b > a) => {
+            *a = Some(b.clone());
         }
         (Acc::Avg(a, n), Acc::Avg(b, m)) => {
             *a += b;
@@ -296,8 +351,19 @@ pub fn merge(def: &AggDef, acc: &mut Acc, other: &Acc) {
 pub fn output_column(def: &AggDef, accs: &[&Acc]) -> Result<ArrayRef> {
     match def.kind {
         AggKind::TopN(_) => {
-            let DataType::List(item) = &def.output_type else { unreachable!("top_n outputs a list") };
-            let lists: Vec<&[Scalar]> = accs.iter().map(|a| if let Acc::TopN(v) = a { v.as_slice() } else { &[] }).collect();
+            let DataType::List(item) = &def.output_type else {
+                unreachable!("top_n outputs a list")
+            };
+            let lists: Vec<&[Scalar]> = accs
+                .iter()
+                .map(|a| {
+                    if let Acc::TopN(v) = a {
+                        v.as_slice()
+                    } else {
+                        &[]
+                    }
+                })
+                .collect();
             build_list_column(item.data_type(), lists.into_iter())
         }
         _ => {
@@ -326,11 +392,20 @@ mod tests {
     use std::sync::Arc;
 
     fn input() -> RecordBatch {
-        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true), Field::new("u", DataType::Utf8, true)]));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("v", DataType::Int64, true),
+            Field::new("u", DataType::Utf8, true),
+        ]));
         RecordBatch::try_new(
             schema,
             vec![
-                Arc::new(Int64Array::from(vec![Some(5), None, Some(9), Some(1), Some(9)])),
+                Arc::new(Int64Array::from(vec![
+                    Some(5),
+                    None,
+                    Some(9),
+                    Some(1),
+                    Some(9),
+                ])),
                 Arc::new(StringArray::from(vec!["a", "b", "a", "c", "b"])),
             ],
         )
@@ -347,7 +422,13 @@ mod tests {
         let readers = inputs.readers().unwrap();
         for row in 0..b.num_rows() {
             let p = usize::from(row >= split_at);
-            update(&defs, std::slice::from_mut(&mut parts[p]), &inputs, &readers, row);
+            update(
+                &defs,
+                std::slice::from_mut(&mut parts[p]),
+                &inputs,
+                &readers,
+                row,
+            );
         }
         let [mut a, b2] = parts;
         merge(&def, &mut a, &b2);
@@ -365,7 +446,12 @@ mod tests {
             assert_eq!(int(run("min(v)", split)), 1);
             assert_eq!(int(run("max(v)", split)), 9);
             assert_eq!(int(run("count(*) FILTER (WHERE u = 'a')", split)), 2);
-            assert_eq!(run("avg(v)", split).as_primitive::<arrow::datatypes::Float64Type>().value(0), 6.0);
+            assert_eq!(
+                run("avg(v)", split)
+                    .as_primitive::<arrow::datatypes::Float64Type>()
+                    .value(0),
+                6.0
+            );
             let top = run("top_n(v, 2)", split);
             let l = top.as_list::<i32>().value(0);
             assert_eq!(l.as_primitive::<Int64Type>().values().to_vec(), vec![9, 9]);

@@ -94,15 +94,27 @@ impl WindowPlan {
         let mut key_types = Vec::new();
         for (i, k) in key_by.iter().enumerate() {
             let idx = input.index_of(k).map_err(|_| {
-                let names: Vec<&str> = input.fields().iter().map(|f| f.name().as_str()).filter(|n| *n != TIME_COLUMN).collect();
-                WindowError::Key(i, format!("unknown column '{k}'; the input has: {}", names.join(", ")))
+                let names: Vec<&str> = input
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .filter(|n| *n != TIME_COLUMN)
+                    .collect();
+                WindowError::Key(
+                    i,
+                    format!("unknown column '{k}'; the input has: {}", names.join(", ")),
+                )
             })?;
             key_columns.push(idx);
             key_types.push(input.field(idx).data_type().clone());
         }
-        let encoder = KeyEncoder::new(&key_types).map_err(|e| WindowError::Key(0, e.to_string()))?;
-        let aggs: Vec<AggDef> =
-            aggregates.iter().enumerate().map(|(i, a)| AggDef::compile(a, input).map_err(|e| WindowError::Aggregate(i, e))).collect::<Result<_, _>>()?;
+        let encoder =
+            KeyEncoder::new(&key_types).map_err(|e| WindowError::Key(0, e.to_string()))?;
+        let aggs: Vec<AggDef> = aggregates
+            .iter()
+            .enumerate()
+            .map(|(i, a)| AggDef::compile(a, input).map_err(|e| WindowError::Aggregate(i, e)))
+            .collect::<Result<_, _>>()?;
         let mut fields: Vec<Field> = key_by
             .iter()
             .zip(encoder.key_types())
@@ -112,7 +124,15 @@ impl WindowPlan {
         fields.push(Field::new("window_end", timestamp_type(), false));
         for a in &aggs {
             if fields.iter().any(|f| f.name() == &a.name) {
-                return Err(WindowError::Aggregate(0, ExprError { message: format!("output column '{}' appears twice; name aggregates with AS", a.name) }));
+                return Err(WindowError::Aggregate(
+                    0,
+                    ExprError {
+                        message: format!(
+                            "output column '{}' appears twice; name aggregates with AS",
+                            a.name
+                        ),
+                    },
+                ));
             }
             fields.push(Field::new(&a.name, a.output_type.clone(), true));
         }
@@ -122,12 +142,22 @@ impl WindowPlan {
             .map(|h| {
                 let e = Expr::compile(h, &output).map_err(WindowError::Having)?;
                 if e.data_type() != &DataType::Boolean {
-                    return Err(WindowError::Having(ExprError { message: "having must be a BOOLEAN condition".into() }));
+                    return Err(WindowError::Having(ExprError {
+                        message: "having must be a BOOLEAN condition".into(),
+                    }));
                 }
                 Ok(e)
             })
             .transpose()?;
-        Ok(WindowPlan { kind, lateness, key_columns, encoder, aggs, having, output })
+        Ok(WindowPlan {
+            kind,
+            lateness,
+            key_columns,
+            encoder,
+            aggs,
+            having,
+            output,
+        })
     }
 
     /// Output schema of the main output.
@@ -183,7 +213,10 @@ impl WindowOperator {
     /// The merged accumulators of window `[start, end)` for `key` (sliced windows).
     fn window_accs(&self, key: &[u8], start: i64, end: i64) -> Option<Vec<Acc>> {
         let mut out: Option<Vec<Acc>> = None;
-        let parts = self.slices.range(key, start..end, Watermark::MIN).flat_map(|(_, parts)| parts.iter());
+        let parts = self
+            .slices
+            .range(key, start..end, Watermark::MIN)
+            .flat_map(|(_, parts)| parts.iter());
         for (_, accs) in parts.filter(|(first_end, _)| *first_end <= end) {
             match &mut out {
                 None => out = Some(accs.clone()),
@@ -201,14 +234,23 @@ impl WindowOperator {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut cols: Vec<ArrayRef> = self.plan.encoder.decode(rows.iter().map(|r| r.key.as_ref()))?;
-        cols.push(Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.start))));
-        cols.push(Arc::new(TimestampMillisecondArray::from_iter_values(rows.iter().map(|r| r.end))));
+        let mut cols: Vec<ArrayRef> = self
+            .plan
+            .encoder
+            .decode(rows.iter().map(|r| r.key.as_ref()))?;
+        cols.push(Arc::new(TimestampMillisecondArray::from_iter_values(
+            rows.iter().map(|r| r.start),
+        )));
+        cols.push(Arc::new(TimestampMillisecondArray::from_iter_values(
+            rows.iter().map(|r| r.end),
+        )));
         for (i, d) in self.plan.aggs.iter().enumerate() {
             let accs: Vec<&Acc> = rows.iter().map(|r| &r.accs[i]).collect();
             cols.push(aggregate::output_column(d, &accs)?);
         }
-        cols.push(Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.end - 1))));
+        cols.push(Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|r| r.end - 1),
+        )));
         let batch = RecordBatch::try_new(self.plan.output.clone(), cols)?;
         let batch = match &self.plan.having {
             Some(h) => filter_record_batch(&batch, &h.evaluate_predicate(&batch)?)?,
@@ -218,10 +260,20 @@ impl WindowOperator {
         Ok(())
     }
 
-    fn process_sliced(&mut self, size: i64, slide: i64, batch: &RecordBatch, ctx: &OperatorContext<'_>) -> Result<(Vec<u32>, Vec<Fired>)> {
+    fn process_sliced(
+        &mut self,
+        size: i64,
+        slide: i64,
+        batch: &RecordBatch,
+        ctx: &OperatorContext<'_>,
+    ) -> Result<(Vec<u32>, Vec<Fired>)> {
         let lateness = self.plan.lateness;
         let (rw, w) = (ctx.record_watermark.0, ctx.current_watermark.0);
-        let times = batch.column(batch.num_columns() - 1).as_primitive::<Int64Type>().values().clone();
+        let times = batch
+            .column(batch.num_columns() - 1)
+            .as_primitive::<Int64Type>()
+            .values()
+            .clone();
         let inputs = AggInputs::evaluate(&self.plan.aggs, batch)?;
         let readers = inputs.readers()?;
         let mut late = Vec::new();
@@ -244,17 +296,19 @@ impl WindowOperator {
             }
             let key = self.keys.row(row);
             let mut created = false;
-            self.slices.update(key, slice, t, Watermark::MIN, Vec::new, |parts| {
-                let i = match parts.binary_search_by_key(&first_end, |(e, _)| *e) {
-                    Ok(i) => i,
-                    Err(i) => {
-                        created = true;
-                        parts.insert(i, (first_end, aggs.iter().map(AggDef::new_acc).collect()));
-                        i
-                    }
-                };
-                aggregate::update(aggs, &mut parts[i].1, &inputs, &readers, row);
-            });
+            self.slices
+                .update(key, slice, t, Watermark::MIN, Vec::new, |parts| {
+                    let i = match parts.binary_search_by_key(&first_end, |(e, _)| *e) {
+                        Ok(i) => i,
+                        Err(i) => {
+                            created = true;
+                            parts
+                                .insert(i, (first_end, aggs.iter().map(AggDef::new_acc).collect()));
+                            i
+                        }
+                    };
+                    aggregate::update(aggs, &mut parts[i].1, &inputs, &readers, row);
+                });
             let mut end = first_end;
             while end <= last_end {
                 if w >= end - 1 {
@@ -266,22 +320,39 @@ impl WindowOperator {
                 end += slide;
             }
             if created {
-                self.cleanup.register((last_end - 1).saturating_add(lateness), key);
+                self.cleanup
+                    .register((last_end - 1).saturating_add(lateness), key);
             }
         }
         let mut updated: Vec<(Box<[u8]>, i64)> = updated.into_iter().collect();
         updated.sort_unstable();
         let fired = updated
             .into_iter()
-            .filter_map(|(key, end)| self.window_accs(&key, end - size, end).map(|accs| Fired { key, start: end - size, end, accs }))
+            .filter_map(|(key, end)| {
+                self.window_accs(&key, end - size, end).map(|accs| Fired {
+                    key,
+                    start: end - size,
+                    end,
+                    accs,
+                })
+            })
             .collect();
         Ok((late, fired))
     }
 
-    fn process_sessions(&mut self, gap: i64, batch: &RecordBatch, ctx: &OperatorContext<'_>) -> Result<(Vec<u32>, Vec<Fired>)> {
+    fn process_sessions(
+        &mut self,
+        gap: i64,
+        batch: &RecordBatch,
+        ctx: &OperatorContext<'_>,
+    ) -> Result<(Vec<u32>, Vec<Fired>)> {
         let lateness = self.plan.lateness;
         let (rw, w) = (ctx.record_watermark.0, ctx.current_watermark.0);
-        let times = batch.column(batch.num_columns() - 1).as_primitive::<Int64Type>().values().clone();
+        let times = batch
+            .column(batch.num_columns() - 1)
+            .as_primitive::<Int64Type>()
+            .values()
+            .clone();
         let inputs = AggInputs::evaluate(&self.plan.aggs, batch)?;
         let readers = inputs.readers()?;
         let mut late = Vec::new();
@@ -293,27 +364,42 @@ impl WindowOperator {
             }
             let key: Box<[u8]> = self.keys.row(row).into();
             // Sessions this record touches: start < t + gap and end > t.
-            let touching: Vec<i64> =
-                self.sessions.range(&key, ..t + gap, Watermark::MIN).filter(|(_, s)| s.end > t).map(|(start, _)| start).collect();
+            let touching: Vec<i64> = self
+                .sessions
+                .range(&key, ..t + gap, Watermark::MIN)
+                .filter(|(_, s)| s.end > t)
+                .map(|(start, _)| start)
+                .collect();
             let mut start = t;
-            let mut session = Session { end: t + gap, accs: self.new_accs() };
+            let mut session = Session {
+                end: t + gap,
+                accs: self.new_accs(),
+            };
             aggregate::update(&self.plan.aggs, &mut session.accs, &inputs, &readers, row);
             for s in touching {
                 let old = self.sessions.remove(&key, s).expect("listed above");
                 start = start.min(s);
                 session.end = session.end.max(old.end);
-                for ((d, a), b) in self.plan.aggs.iter().zip(session.accs.iter_mut()).zip(&old.accs) {
+                for ((d, a), b) in self
+                    .plan
+                    .aggs
+                    .iter()
+                    .zip(session.accs.iter_mut())
+                    .zip(&old.accs)
+                {
                     aggregate::merge(d, a, b);
                 }
             }
             let end = session.end;
-            self.sessions.update(&key, start, t, Watermark::MIN, || session, |_| ());
+            self.sessions
+                .update(&key, start, t, Watermark::MIN, || session, |_| ());
             if w >= end - 1 {
                 updated.push((key.clone(), start));
             } else {
                 self.fire.register(end - 1, &key);
             }
-            self.cleanup.register((end - 1).saturating_add(lateness), &key);
+            self.cleanup
+                .register((end - 1).saturating_add(lateness), &key);
         }
         updated.sort_unstable();
         updated.dedup();
@@ -321,7 +407,12 @@ impl WindowOperator {
             .into_iter()
             .filter_map(|(key, start)| {
                 let s = self.sessions.get(&key, start, Watermark::MIN)?.clone();
-                Some(Fired { key, start, end: s.end, accs: s.accs })
+                Some(Fired {
+                    key,
+                    start,
+                    end: s.end,
+                    accs: s.accs,
+                })
             })
             .collect();
         Ok((late, fired))
@@ -329,21 +420,42 @@ impl WindowOperator {
 }
 
 impl Operator for WindowOperator {
-    fn process_batch(&mut self, _: usize, batch: RecordBatch, ctx: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
-        let key_cols: Vec<ArrayRef> = self.plan.key_columns.iter().map(|i| batch.column(*i).clone()).collect();
-        self.plan.encoder.encode(&key_cols, batch.num_rows(), &mut self.keys)?;
+    fn process_batch(
+        &mut self,
+        _: usize,
+        batch: RecordBatch,
+        ctx: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
+        let key_cols: Vec<ArrayRef> = self
+            .plan
+            .key_columns
+            .iter()
+            .map(|i| batch.column(*i).clone())
+            .collect();
+        self.plan
+            .encoder
+            .encode(&key_cols, batch.num_rows(), &mut self.keys)?;
         let (late, fired) = match self.plan.kind {
             WindowKind::Sliced { size, slide } => self.process_sliced(size, slide, &batch, ctx)?,
             WindowKind::Session { gap } => self.process_sessions(gap, &batch, ctx)?,
         };
         if !late.is_empty() {
             SubtaskMetrics::add(&ctx.metrics.late_records, late.len() as u64);
-            out.emit(LATE_PORT, take_record_batch(&batch, &UInt32Array::from(late))?);
+            out.emit(
+                LATE_PORT,
+                take_record_batch(&batch, &UInt32Array::from(late))?,
+            );
         }
         self.emit_rows(fired, out)
     }
 
-    fn on_watermark(&mut self, wm: Watermark, _: &OperatorContext<'_>, out: &mut dyn Output) -> Result<()> {
+    fn on_watermark(
+        &mut self,
+        wm: Watermark,
+        _: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
         let mut rows = Vec::new();
         for (t, keys) in self.fire.due(wm) {
             let end = t + 1;
@@ -351,14 +463,28 @@ impl Operator for WindowOperator {
                 match self.plan.kind {
                     WindowKind::Sliced { size, .. } => {
                         if let Some(accs) = self.window_accs(&key, end - size, end) {
-                            rows.push(Fired { key, start: end - size, end, accs });
+                            rows.push(Fired {
+                                key,
+                                start: end - size,
+                                end,
+                                accs,
+                            });
                         }
                     }
                     WindowKind::Session { .. } => {
                         // the session that ends here, if it was not merged into a longer one
-                        let hit = self.sessions.range(&key, .., Watermark::MIN).find(|(_, s)| s.end == end).map(|(st, s)| (st, s.accs.clone()));
+                        let hit = self
+                            .sessions
+                            .range(&key, .., Watermark::MIN)
+                            .find(|(_, s)| s.end == end)
+                            .map(|(st, s)| (st, s.accs.clone()));
                         if let Some((start, accs)) = hit {
-                            rows.push(Fired { key, start, end, accs });
+                            rows.push(Fired {
+                                key,
+                                start,
+                                end,
+                                accs,
+                            });
                         }
                     }
                 }

@@ -5,7 +5,10 @@ use arrow::array::StringArray;
 const MIN: i64 = 60_000;
 
 fn harness(kind: WindowKind, lateness: i64, aggs: &[&str]) -> (Harness<WindowOperator>, SchemaRef) {
-    let s = schema(vec![Field::new("k", DataType::Utf8, true), Field::new("u", DataType::Utf8, true)]);
+    let s = schema(vec![
+        Field::new("k", DataType::Utf8, true),
+        Field::new("u", DataType::Utf8, true),
+    ]);
     let aggs: Vec<String> = aggs.iter().map(|a| a.to_string()).collect();
     let plan = WindowPlan::compile(&s, &["k".into()], kind, lateness, &aggs, None).unwrap();
     (Harness::new(plan.instantiate()), s)
@@ -15,8 +18,12 @@ fn rows(s: &SchemaRef, rows: &[(&str, &str, i64)]) -> RecordBatch {
     batch(
         s,
         vec![
-            Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
-            Arc::new(StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            )),
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
         ],
         &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
     )
@@ -24,22 +31,48 @@ fn rows(s: &SchemaRef, rows: &[(&str, &str, i64)]) -> RecordBatch {
 
 #[test]
 fn tumbling_fires_at_end_minus_one_and_record_at_end_starts_next_window() {
-    let (mut h, s) = harness(WindowKind::Sliced { size: 5 * MIN, slide: 5 * MIN }, 0, &["count(*) AS n"]);
-    h.push(0, rows(&s, &[("a", "x", 0), ("a", "y", 5 * MIN - 1), ("a", "z", 5 * MIN)]));
+    let (mut h, s) = harness(
+        WindowKind::Sliced {
+            size: 5 * MIN,
+            slide: 5 * MIN,
+        },
+        0,
+        &["count(*) AS n"],
+    );
+    h.push(
+        0,
+        rows(
+            &s,
+            &[("a", "x", 0), ("a", "y", 5 * MIN - 1), ("a", "z", 5 * MIN)],
+        ),
+    );
     h.watermark(5 * MIN - 2);
     assert!(h.take(0).is_empty(), "not yet");
     h.watermark(5 * MIN - 1);
     assert_eq!(
         h.take(0),
-        vec![r#"{"k":"a","window_start":"1970-01-01T00:00:00.000Z","window_end":"1970-01-01T00:05:00.000Z","n":2}"#]
+        vec![
+            r#"{"k":"a","window_start":"1970-01-01T00:00:00.000Z","window_end":"1970-01-01T00:05:00.000Z","n":2}"#
+        ]
     );
     h.watermark(i64::MAX);
-    assert_eq!(h.take(0).len(), 1, "the record exactly at the end belongs to the next window");
+    assert_eq!(
+        h.take(0).len(),
+        1,
+        "the record exactly at the end belongs to the next window"
+    );
 }
 
 #[test]
 fn lateness_updates_then_drops_at_the_bound() {
-    let (mut h, s) = harness(WindowKind::Sliced { size: 5 * MIN, slide: 5 * MIN }, MIN, &["count(DISTINCT u) AS users"]);
+    let (mut h, s) = harness(
+        WindowKind::Sliced {
+            size: 5 * MIN,
+            slide: 5 * MIN,
+        },
+        MIN,
+        &["count(DISTINCT u) AS users"],
+    );
     h.push(0, rows(&s, &[("a", "x", MIN)]));
     h.watermark(5 * MIN - 1);
     assert_eq!(h.take(0).len(), 1);
@@ -60,8 +93,21 @@ fn lateness_updates_then_drops_at_the_bound() {
 
 #[test]
 fn sliding_windows_merge_slices_and_clean_up() {
-    let (mut h, s) = harness(WindowKind::Sliced { size: 2 * MIN, slide: MIN }, 0, &["count(*) AS n"]);
-    h.push(0, rows(&s, &[("a", "x", 30_000), ("a", "x", 90_000), ("b", "x", 90_000)]));
+    let (mut h, s) = harness(
+        WindowKind::Sliced {
+            size: 2 * MIN,
+            slide: MIN,
+        },
+        0,
+        &["count(*) AS n"],
+    );
+    h.push(
+        0,
+        rows(
+            &s,
+            &[("a", "x", 30_000), ("a", "x", 90_000), ("b", "x", 90_000)],
+        ),
+    );
     h.watermark(i64::MAX);
     let mut out = h.take(0);
     out.sort();
@@ -76,11 +122,15 @@ fn sliding_windows_merge_slices_and_clean_up() {
     assert_eq!(out.len(), expect.len(), "{out:?}");
     for (k, end, n) in expect {
         assert!(
-            out.iter().any(|l| l.contains(&format!(r#""k":"{k}""#)) && l.contains(&format!("T{end}.000Z\",\"n\":{n}"))),
+            out.iter().any(|l| l.contains(&format!(r#""k":"{k}""#))
+                && l.contains(&format!("T{end}.000Z\",\"n\":{n}"))),
             "missing {k} {end} {n} in {out:?}"
         );
     }
-    assert!(h.op.slices.is_empty() && h.op.fire.is_empty() && h.op.cleanup.is_empty(), "all state released");
+    assert!(
+        h.op.slices.is_empty() && h.op.fire.is_empty() && h.op.cleanup.is_empty(),
+        "all state released"
+    );
 }
 
 #[test]
@@ -93,25 +143,54 @@ fn sessions_merge_when_a_record_bridges_them() {
     let mut out = h.take(0);
     out.sort();
     assert_eq!(out.len(), 2, "{out:?}");
-    assert!(out[0].contains(r#""window_end":"1970-01-01T00:02:40.000Z","n":3"#), "{out:?}");
+    assert!(
+        out[0].contains(r#""window_end":"1970-01-01T00:02:40.000Z","n":3"#),
+        "{out:?}"
+    );
     assert!(out[1].contains(r#""k":"b""#) && out[1].contains(r#""n":1"#));
 }
 
 #[test]
 fn key_seen_once_and_empty_input() {
-    let (mut h, s) = harness(WindowKind::Sliced { size: MIN, slide: MIN }, 0, &["count(*) AS n", "min(u)", "top_n(u, 2)"]);
+    let (mut h, s) = harness(
+        WindowKind::Sliced {
+            size: MIN,
+            slide: MIN,
+        },
+        0,
+        &["count(*) AS n", "min(u)", "top_n(u, 2)"],
+    );
     h.push(0, rows(&s, &[]));
     h.watermark(i64::MAX);
     assert!(h.take(0).is_empty());
-    let (mut h, s) = harness(WindowKind::Sliced { size: MIN, slide: MIN }, 0, &["count(*) AS n", "min(u)", "top_n(u, 2)"]);
+    let (mut h, s) = harness(
+        WindowKind::Sliced {
+            size: MIN,
+            slide: MIN,
+        },
+        0,
+        &["count(*) AS n", "min(u)", "top_n(u, 2)"],
+    );
     h.push(0, rows(&s, &[("solo", "x", 10)]));
     h.watermark(i64::MAX);
-    assert_eq!(h.take(0), vec![r#"{"k":"solo","window_start":"1970-01-01T00:00:00.000Z","window_end":"1970-01-01T00:01:00.000Z","n":1,"min":"x","top_n":["x"]}"#]);
+    assert_eq!(
+        h.take(0),
+        vec![
+            r#"{"k":"solo","window_start":"1970-01-01T00:00:00.000Z","window_end":"1970-01-01T00:01:00.000Z","n":1,"min":"x","top_n":["x"]}"#
+        ]
+    );
 }
 
 #[test]
 fn sliding_record_too_late_for_early_windows_counts_only_for_later_ones() {
-    let (mut h, s) = harness(WindowKind::Sliced { size: 3 * MIN, slide: MIN }, 0, &["count(*) AS n"]);
+    let (mut h, s) = harness(
+        WindowKind::Sliced {
+            size: 3 * MIN,
+            slide: MIN,
+        },
+        0,
+        &["count(*) AS n"],
+    );
     h.push(0, rows(&s, &[("a", "x", 30_000)]));
     // the window [-2m, 1m) fired; the record at 0:40 is too late for it but counts in [-1m, 2m)
     // and [0, 3m). The operator's own watermark is held back (as if another input lagged), so
@@ -119,8 +198,14 @@ fn sliding_record_too_late_for_early_windows_counts_only_for_later_ones() {
     h.wm = Watermark(MIN);
     let ctx_wm = Watermark(-1);
     {
-        let ctx = OperatorContext { subtask: &h.info, record_watermark: Watermark(MIN), current_watermark: ctx_wm, metrics: &h.metrics };
-        h.op.process_batch(0, rows(&s, &[("a", "y", 40_000)]), &ctx, &mut h.out).unwrap();
+        let ctx = OperatorContext {
+            subtask: &h.info,
+            record_watermark: Watermark(MIN),
+            current_watermark: ctx_wm,
+            metrics: &h.metrics,
+        };
+        h.op.process_batch(0, rows(&s, &[("a", "y", 40_000)]), &ctx, &mut h.out)
+            .unwrap();
     }
     h.watermark(i64::MAX);
     let mut out = h.take(0);
@@ -129,7 +214,10 @@ fn sliding_record_too_late_for_early_windows_counts_only_for_later_ones() {
         .iter()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["window_end"].as_str().unwrap()[11..16].to_string(), v["n"].as_i64().unwrap())
+            (
+                v["window_end"].as_str().unwrap()[11..16].to_string(),
+                v["n"].as_i64().unwrap(),
+            )
         })
         .collect();
     let expect = [("00:01", 1), ("00:02", 2), ("00:03", 2)].map(|(e, n)| (e.to_string(), n));
