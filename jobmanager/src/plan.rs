@@ -601,14 +601,15 @@ sources:
     fn chains_forward_edges_and_hashes_keyed_inputs() {
         let j = job(r#"
 transforms:
-  f: {type: filter, input: s, where: "v > 0"}
+  f: {type: filter, input: s, where: "v > 0", parallelism: 1}
   w: {type: window, input: f, key_by: [k], window: {type: tumbling, size: 1m}, aggregates: ["count(*) AS n"]}
 sinks:
   out: {input: w, connector: {type: blackhole}}
 "#);
         let p = plan(&j, Path::new("/")).unwrap();
         let names: Vec<&str> = p.vertices.iter().map(|v| v.name.as_str()).collect();
-        // source and filter chain; the window is keyed; the dead-letter and late outputs are routed
+        // a one-file source runs one subtask, and the filter at parallelism 1 chains to it; the
+        // window is keyed; the unread dead-letter and late outputs are routed to the dead letters
         assert!(names.contains(&"s -> f"), "{names:?}");
         assert!(names.contains(&"w -> sink:out"), "{names:?}");
         assert!(
@@ -631,8 +632,9 @@ sinks:
 transforms:
   f: {type: filter, input: s, where: "v + 1"}
   w: {type: window, input: s, key_by: [nope], window: {type: tumbling, size: 1m}, aggregates: ["count(*) AS n"]}
+  g: {type: filter, input: s, where: "v > 0"}
 sinks:
-  out: {input: f, connector: {type: table, path: x.jsonl}}
+  out: {input: g, connector: {type: table, path: x.jsonl}}
 "#);
         let err = plan(&j, Path::new("/")).err().unwrap().to_string();
         assert!(
