@@ -100,6 +100,10 @@ impl Operator for FileSink {
         }
     }
 
+    fn on_idle(&mut self, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
+        self.flush()
+    }
+
     fn on_end_of_input(&mut self, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
         if self.create_if_empty {
             self.writer()?;
@@ -109,8 +113,8 @@ impl Operator for FileSink {
 }
 
 /// A file-backed table: upserts and deletes by key; the file holds the current rows as JSON
-/// Lines sorted by key, replaced atomically (write, then rename) at most once a second and at
-/// the end.
+/// Lines sorted by key, replaced atomically (write, then rename) at most once a second while
+/// input flows, when input goes quiet, and at the end.
 pub struct TableSink {
     path: PathBuf,
     key_columns: Vec<usize>,
@@ -197,6 +201,10 @@ impl Operator for TableSink {
         } else {
             Ok(())
         }
+    }
+
+    fn on_idle(&mut self, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
+        if self.dirty { self.write() } else { Ok(()) }
     }
 
     fn on_end_of_input(&mut self, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {

@@ -4,7 +4,8 @@
 //! [`process_batch`](Operator::process_batch) for every batch, [`on_watermark`](Operator::on_watermark)
 //! whenever the subtask's combined watermark advances (after every batch that preceded the
 //! watermark on every input), and [`on_end_of_input`](Operator::on_end_of_input) once, after every
-//! input finished. Only `process_batch` is required. Watermarks are forwarded downstream by the
+//! input finished. [`on_idle`](Operator::on_idle) is called when input has been quiet for a
+//! while. Only `process_batch` is required. Watermarks are forwarded downstream by the
 //! runtime after `on_watermark` returns, so rows emitted there precede the watermark.
 //!
 //! Sinks are operators without outputs: they write in `process_batch` and flush in
@@ -85,6 +86,13 @@ pub trait Operator: Send {
         _ctx: &OperatorContext<'_>,
         _out: &mut dyn Output,
     ) -> Result<()> {
+        Ok(())
+    }
+
+    /// The input has been quiet for a while (about 100 ms of wall-clock time): a chance to flush
+    /// buffered output so results of an unbounded job become visible without waiting for more
+    /// input. Called on the subtask's thread between the other calls.
+    fn on_idle(&mut self, _ctx: &OperatorContext<'_>, _out: &mut dyn Output) -> Result<()> {
         Ok(())
     }
 

@@ -287,6 +287,25 @@ impl Chain {
             .try_for_each(|w| w.broadcast(e))
     }
 
+    /// Tells every operator that input is quiet.
+    fn idle(&mut self) -> Result<()> {
+        for i in 0..self.ops.len() {
+            let mut out = Collected::default();
+            {
+                let wm = self.watermarks[i];
+                let ctx = OperatorContext {
+                    subtask: &self.info,
+                    record_watermark: wm,
+                    current_watermark: wm,
+                    metrics: &self.metrics,
+                };
+                self.ops[i].operator.on_idle(&ctx, &mut out)?;
+            }
+            self.route(i, out)?;
+        }
+        Ok(())
+    }
+
     fn end_of_input(&mut self) -> Result<()> {
         for i in 0..self.ops.len() {
             let mut out = Collected::default();
@@ -452,6 +471,7 @@ fn run_source(
                         w.broadcast(&Element::Idle)?;
                     }
                 }
+                chain.idle()?;
                 std::thread::sleep(wait.min(Duration::from_millis(100)));
             }
             SourceStatus::Finished => break,
@@ -494,7 +514,10 @@ fn run_channels(
         }
         let op = match sel.select_timeout(Duration::from_millis(100)) {
             Ok(op) => op,
-            Err(_) => continue,
+            Err(_) => {
+                chain.idle()?;
+                continue;
+            }
         };
         let ch = index[op.index()];
         let element = op

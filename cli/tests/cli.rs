@@ -1,0 +1,206 @@
+//! The `freshet` binary as a user runs it.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn freshet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_freshet"))
+}
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+        .join("job.yaml")
+}
+
+#[test]
+fn run_prints_a_summary_and_writes_the_table() {
+    let out = tempfile::tempdir().unwrap();
+    let table = out.path().join("uv.jsonl");
+    let o = freshet()
+        .arg("run")
+        .arg(example("unique-visitors"))
+        .args([
+            "--set",
+            &format!("sinks.unique_visitors.connector.path={}", table.display()),
+        ])
+        .args([
+            "--set",
+            &format!(
+                "sinks.late_clicks.connector.path={}",
+                out.path().join("late.jsonl").display()
+            ),
+        ])
+        .args([
+            "--set",
+            &format!(
+                "sinks.bad_records.connector.path={}",
+                out.path().join("bad.jsonl").display()
+            ),
+        ])
+        .args(["--parallelism", "2"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("clicks") && stderr.contains("visitors"),
+        "{stderr}"
+    );
+    let rows = std::fs::read_to_string(&table).unwrap();
+    assert_eq!(rows.lines().count(), 6, "{rows}");
+    assert!(rows.contains(r#""page_id":"home","window_start":"2024-05-01T10:00:00.000Z","window_end":"2024-05-01T10:05:00.000Z","unique_visitors":4"#));
+}
+
+#[test]
+fn invalid_job_is_refused_with_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("bad.yaml");
+    std::fs::write(dir.path().join("in.jsonl"), "").unwrap();
+    std::fs::write(
+        &job,
+        r#"
+version: 1
+name: bad
+sources:
+  s:
+    connector: {type: file, path: in.jsonl, format: jsonl}
+    schema: {k: string, n: int}
+transforms:
+  w: {type: window, input: s, key_by: [kk], window: {type: tumbling, size: 1m}, aggregates: ["sum(k) AS x"]}
+  f: {type: filter, input: s, where: "n >"}
+sinks:
+  o: {input: missing, connector: {type: stdout}}
+"#,
+    )
+    .unwrap();
+    let o = freshet().arg("validate").arg(&job).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("sinks.o.input: unknown stream 'missing'"),
+        "{stderr}"
+    );
+    // structural problems are reported first; fix them and the type problems are all listed
+    let fixed = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("input: missing", "input: s");
+    std::fs::write(&job, fixed).unwrap();
+    let o = freshet().arg("validate").arg(&job).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("transforms.w.key_by[0]: unknown column 'kk'"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("transforms.f.where: cannot parse"),
+        "{stderr}"
+    );
+    let o = freshet().arg("run").arg(&job).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "a refused job does not run");
+}
+
+#[test]
+fn explain_shows_chains_and_edges() {
+    let o = freshet()
+        .arg("explain")
+        .arg(example("revenue-per-store"))
+        .args(["--parallelism", "4"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        text.contains("unique_sales [parallelism 4]") || text.contains("unique_sales"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hash(event_id)") && text.contains("hash(store_id)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn follow_mode_tails_a_growing_file_until_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let output = dir.path().join("counts.jsonl");
+    std::fs::write(&input, "").unwrap();
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            r#"
+version: 1
+name: tail
+sources:
+  events:
+    connector: {{type: file, path: events.jsonl, format: jsonl, follow: true}}
+    schema: {{k: string, t: int}}
+    event_time: t
+transforms:
+  counts: {{type: window, input: events, key_by: [k], window: {{type: tumbling, size: 10s}}, aggregates: ["count(*) AS n"]}}
+sinks:
+  out: {{input: counts, connector: {{type: table, path: {}}}}}
+"#,
+            output.display()
+        ),
+    )
+    .unwrap();
+    let child = freshet()
+        .arg("run")
+        .arg(&job)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&input)
+        .unwrap();
+    writeln!(f, r#"{{"k": "a", "t": 1000}}"#).unwrap();
+    writeln!(f, r#"{{"k": "a", "t": 2000}}"#).unwrap();
+    // an incomplete line is held until its newline arrives
+    write!(f, r#"{{"k": "b", "t": 15"#).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    writeln!(f, r#"000}}"#).unwrap();
+    writeln!(f, r#"{{"k": "a", "t": 25000}}"#).unwrap();
+    f.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let want = r#""k":"a","window_start":"1970-01-01T00:00:00.000Z","window_end":"1970-01-01T00:00:10.000Z","n":2"#;
+    loop {
+        let text = std::fs::read_to_string(&output).unwrap_or_default();
+        if text.contains(want) && text.contains(r#""k":"b""#) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "windows did not fire while following: {text:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc_kill(child.0.id() as i32, 2) };
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+}
+
+/// Kills the child if the test fails before it is stopped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
