@@ -8,13 +8,15 @@ every record judged against the watermark emitted before it; windows fire at end
 later than end - 1 + allowed lateness for every window they belong to go to the late output;
 deduplication, CDC upserts and the interval join as documented. It shares no code with the engine.
 
-    python3 examples/reference.py          # rewrites examples/*/expected/*.jsonl
+    python3 examples/reference.py              # rewrites examples/*/expected/*.jsonl
+    python3 examples/reference.py --out DIR    # writes DIR/<example>/*.jsonl instead
 """
 import json
 import os
 from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = None  # set by --out
 MIN, MAX = float("-inf"), float("inf")
 
 
@@ -163,7 +165,7 @@ def fmt(rec, schema):
 
 
 def write(example, name, rows):
-    d = os.path.join(HERE, example, "expected")
+    d = os.path.join(OUT, example) if OUT else os.path.join(HERE, example, "expected")
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, name), "w") as f:
         for r in rows:
@@ -285,6 +287,9 @@ def orders_paid():
 
 
 if __name__ == "__main__":
+    import sys
+    if len(sys.argv) == 3 and sys.argv[1] == "--out":
+        OUT = sys.argv[2]
     for f in (unique_visitors, failed_logins, cdc, revenue_per_store, rolling_revenue, orders_paid):
         f()
     print("expected outputs written")

@@ -236,15 +236,13 @@ fn print_summary(job: &JobHandle, accumulators: &BTreeMap<String, i64>, duration
             name, vertex.parallelism, s.records_in, s.records_out, s.late_records, s.dead_letters
         );
     }
-    let dead: u64 = plan
-        .vertices
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| v.name.ends_with("sink:dead_letter"))
-        .map(|(i, _)| m.get(&i).map_or(0, |s| s.records_in))
-        .sum();
+    let dead: u64 = m.values().map(|s| s.dead_letters).sum();
+    let late: u64 = m.values().map(|s| s.late_records).sum();
     if dead > 0 {
-        eprintln!("  {dead} record(s) went to the dead-letter output");
+        eprintln!("  {dead} record(s) could not be processed and went to a dead-letter output");
+    }
+    if late > 0 {
+        eprintln!("  {late} record(s) arrived too late and went to a late output");
     }
     for (k, v) in accumulators {
         eprintln!("  {k} = {v}");

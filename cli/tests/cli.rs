@@ -204,3 +204,111 @@ unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+#[test]
+fn csv_source_with_header_bad_rows_and_broadcast() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("sales.csv"),
+        "store,amount,at\nberlin,10,2024-05-01T10:00:00Z\nparis,x,2024-05-01T10:01:00Z\nberlin,5,2024-05-01T10:02:00Z\n\"paris\",7,2024-05-01T10:03:00Z\n",
+    )
+    .unwrap();
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        r#"
+version: 1
+name: csv
+parallelism: 2
+sources:
+  sales:
+    connector: {type: file, path: sales.csv, format: csv}
+    schema: {at: timestamp, store: string, amount: int}
+    event_time: at
+transforms:
+  everywhere: {type: broadcast, input: sales}
+  totals: {type: window, input: sales, key_by: [store], window: {type: tumbling, size: 1h}, aggregates: ["sum(amount) AS total", "count(*) AS n"]}
+sinks:
+  out: {input: totals, connector: {type: table, path: out.jsonl}}
+  copies: {input: everywhere, connector: {type: file, path: copies.jsonl}}
+  bad: {input: sales.dead_letter, connector: {type: file, path: bad.jsonl}}
+"#,
+    )
+    .unwrap();
+    let o = freshet().arg("run").arg(&job).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    let expected = [
+        r#"{"store":"berlin","window_start":"2024-05-01T10:00:00.000Z","window_end":"2024-05-01T11:00:00.000Z","total":15,"n":2}"#,
+        r#"{"store":"paris","window_start":"2024-05-01T10:00:00.000Z","window_end":"2024-05-01T11:00:00.000Z","total":7,"n":1}"#,
+    ];
+    assert_eq!(out.lines().collect::<Vec<_>>(), expected);
+    // broadcast: both subtasks of `everywhere` see every valid row
+    let copies = std::fs::read_to_string(dir.path().join("copies.jsonl")).unwrap();
+    assert_eq!(copies.lines().count(), 6, "{copies}");
+    assert_eq!(
+        copies
+            .lines()
+            .filter(|l| l.contains(r#""amount":7"#))
+            .count(),
+        2,
+        "{copies}"
+    );
+    let bad = std::fs::read_to_string(dir.path().join("bad.jsonl")).unwrap();
+    assert!(
+        bad.contains(r#""position":"sales.csv:3""#)
+            && bad.contains("field 'amount': 'x' is not an integer"),
+        "{bad}"
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("1 record(s) could not be processed"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn generator_is_deterministic_and_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        r#"
+version: 1
+name: gen
+sources:
+  g:
+    connector:
+      type: generator
+      count: 40
+      rows_per_second: 100
+      fields: {id: seq, user: "concat('u', seq % 3)", ts: "seq * 1000"}
+    event_time: ts
+transforms:
+  per_user: {type: window, input: g, key_by: [user], window: {type: tumbling, size: 10s}, aggregates: ["count(*) AS n", "max(id) AS last"]}
+sinks:
+  out: {input: per_user, connector: {type: table, path: out.jsonl}}
+"#,
+    )
+    .unwrap();
+    let mut tables = Vec::new();
+    for p in ["1", "3"] {
+        let start = Instant::now();
+        let o = freshet()
+            .arg("run")
+            .arg(&job)
+            .args(["--parallelism", p])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // 40 rows at 100 rows/s cannot take less than about 0.4 s (a lower bound only)
+        assert!(
+            start.elapsed() >= Duration::from_millis(350),
+            "the rate limit was not applied"
+        );
+        tables.push(std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap());
+    }
+    assert_eq!(tables[0], tables[1], "same rows at parallelism 1 and 3");
+    assert_eq!(tables[0].lines().count(), 12, "{}", tables[0]);
+    assert!(tables[0].contains(r#""user":"u0","window_start":"1970-01-01T00:00:00.000Z","window_end":"1970-01-01T00:00:10.000Z","n":4,"last":9"#), "{}", tables[0]);
+}

@@ -453,6 +453,8 @@ fn run_source(
                         "source emitted on unknown port {port}"
                     )));
                 };
+                // a source's side outputs carry input it could not read
+                SubtaskMetrics::add(&chain.metrics.dead_letters, batch.num_rows() as u64);
                 for w in writers.iter_mut() {
                     w.send_batch(batch.clone())?;
                 }

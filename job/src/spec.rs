@@ -271,6 +271,22 @@ pub enum TransformSpec {
         #[serde(default)]
         parallelism: Option<u32>,
     },
+    /// Spreads batches round-robin over the next operator's subtasks (to even out skew).
+    Rebalance {
+        /// Input stream.
+        input: String,
+        /// Parallelism.
+        #[serde(default)]
+        parallelism: Option<u32>,
+    },
+    /// Sends every record to every subtask of the next operator.
+    Broadcast {
+        /// Input stream.
+        input: String,
+        /// Parallelism.
+        #[serde(default)]
+        parallelism: Option<u32>,
+    },
     /// Event-time windows per key with aggregates.
     Window(WindowTransform),
     /// Drops records whose key was already seen (within a TTL), or keeps the newest per key.
@@ -474,9 +490,9 @@ impl TransformSpec {
         match self {
             TransformSpec::Filter { input, .. }
             | TransformSpec::Project { input, .. }
-            | TransformSpec::KeyBy { input, .. } => {
-                vec![("input", input)]
-            }
+            | TransformSpec::KeyBy { input, .. }
+            | TransformSpec::Rebalance { input, .. }
+            | TransformSpec::Broadcast { input, .. } => vec![("input", input)],
             TransformSpec::Window(w) => vec![("input", &w.input)],
             TransformSpec::Deduplicate(d) => vec![("input", &d.input)],
             TransformSpec::Pattern(p) => vec![("input", &p.input)],
@@ -489,7 +505,9 @@ impl TransformSpec {
         match self {
             TransformSpec::Filter { parallelism, .. }
             | TransformSpec::Project { parallelism, .. }
-            | TransformSpec::KeyBy { parallelism, .. } => *parallelism,
+            | TransformSpec::KeyBy { parallelism, .. }
+            | TransformSpec::Rebalance { parallelism, .. }
+            | TransformSpec::Broadcast { parallelism, .. } => *parallelism,
             TransformSpec::Window(w) => w.parallelism,
             TransformSpec::Deduplicate(d) => d.parallelism,
             TransformSpec::Pattern(p) => p.parallelism,
@@ -503,6 +521,8 @@ impl TransformSpec {
             TransformSpec::Filter { .. } => "filter",
             TransformSpec::Project { .. } => "project",
             TransformSpec::KeyBy { .. } => "key_by",
+            TransformSpec::Rebalance { .. } => "rebalance",
+            TransformSpec::Broadcast { .. } => "broadcast",
             TransformSpec::Window(_) => "window",
             TransformSpec::Deduplicate(_) => "deduplicate",
             TransformSpec::IntervalJoin(_) => "interval_join",

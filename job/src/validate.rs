@@ -19,7 +19,9 @@ pub fn side_outputs_of(t: &TransformSpec) -> &'static [(&'static str, usize)] {
         TransformSpec::Deduplicate(_) | TransformSpec::Pattern(_) => &[("late", 1)],
         TransformSpec::Filter { .. }
         | TransformSpec::Project { .. }
-        | TransformSpec::KeyBy { .. } => &[],
+        | TransformSpec::KeyBy { .. }
+        | TransformSpec::Rebalance { .. }
+        | TransformSpec::Broadcast { .. } => &[],
     }
 }
 

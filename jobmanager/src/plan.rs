@@ -415,7 +415,8 @@ fn partitioning(job: &JobSpec, from: &Node, to: &Node, keying: &InputKeying) -> 
             key_columns: k.clone(),
             max_parallelism: job.max_parallelism,
         },
-        InputKeying::Global => Partitioning::Rebalance,
+        InputKeying::Global | InputKeying::Rebalance => Partitioning::Rebalance,
+        InputKeying::Broadcast => Partitioning::Broadcast,
         InputKeying::Any if from.parallelism == to.parallelism => Partitioning::Forward,
         InputKeying::Any => Partitioning::Rebalance,
     }

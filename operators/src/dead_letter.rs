@@ -97,9 +97,10 @@ impl freshet_engine::operator::Operator for ToDeadLetter {
         &mut self,
         _: usize,
         batch: RecordBatch,
-        ctx: &freshet_engine::operator::OperatorContext<'_>,
+        _: &freshet_engine::operator::OperatorContext<'_>,
         out: &mut dyn freshet_engine::operator::Output,
     ) -> freshet_engine::Result<()> {
+        // the rows were already counted where they were diverted (as late records)
         use arrow::array::AsArray;
         let times = batch
             .column(batch.num_columns() - 1)
@@ -115,7 +116,6 @@ impl freshet_engine::operator::Operator for ToDeadLetter {
                 times.value(row),
             );
         }
-        freshet_engine::metrics::SubtaskMetrics::add(&ctx.metrics.dead_letters, dl.len() as u64);
         out.emit(freshet_engine::operator::MAIN_PORT, dl.take_batch());
         Ok(())
     }

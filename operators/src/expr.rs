@@ -615,6 +615,24 @@ fn boolean_operand(e: Expr, ctx: &str) -> Result<Expr, ExprError> {
     }
 }
 
+/// Compiles an expression that is only a column reference to that column as it is (dictionary
+/// encoding and all), so projections pass columns through without converting them. Other
+/// expressions compile as usual.
+pub fn compile_passthrough(e: &sql::Expr, schema: &Schema) -> Result<Expr, ExprError> {
+    let c = compile(e, schema)?;
+    Ok(match &c.node {
+        Node::Cast(inner)
+            if matches!(
+                e,
+                sql::Expr::Identifier(_) | sql::Expr::CompoundIdentifier(_)
+            ) =>
+        {
+            (**inner).clone()
+        }
+        _ => c,
+    })
+}
+
 /// Compiles a parsed expression against `schema`.
 pub fn compile(e: &sql::Expr, schema: &Schema) -> Result<Expr, ExprError> {
     use sql::Expr as E;

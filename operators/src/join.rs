@@ -399,7 +399,7 @@ impl Operator for JoinOperator {
     fn on_watermark(
         &mut self,
         wm: Watermark,
-        _: &OperatorContext<'_>,
+        ctx: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()> {
         let mut unmatched = DeadLetters::default();
@@ -427,6 +427,7 @@ impl Operator for JoinOperator {
             }
         }
         if !unmatched.is_empty() {
+            SubtaskMetrics::add(&ctx.metrics.dead_letters, unmatched.len() as u64);
             out.emit(UNMATCHED_PORT, unmatched.take_batch());
         }
         Ok(())

@@ -47,6 +47,10 @@ pub enum InputKeying {
     Keyed(Vec<String>),
     /// Everything to one subtask (a global window).
     Global,
+    /// Round-robin over all subtasks.
+    Rebalance,
+    /// Every record to every subtask.
+    Broadcast,
 }
 
 /// A type-checked transform, ready to be instantiated per subtask.
@@ -122,6 +126,16 @@ pub fn plan_transform(
                 factory: Arc::new(|_| Box::new(stateless::Identity)),
             }
         }
+        TransformSpec::Rebalance { .. } | TransformSpec::Broadcast { .. } => TransformPlan {
+            outputs: vec![input],
+            inputs: vec![if matches!(spec, TransformSpec::Broadcast { .. }) {
+                InputKeying::Broadcast
+            } else {
+                InputKeying::Rebalance
+            }],
+            upsert_key: None,
+            factory: Arc::new(|_| Box::new(stateless::Identity)),
+        },
         TransformSpec::Window(w) => {
             let kind = match w.window {
                 WindowSpec::Tumbling { size } => window::WindowKind::Sliced {

@@ -78,7 +78,7 @@ impl Projection {
                         if f.name() == TIME_COLUMN {
                             continue;
                         }
-                        let c = expr::compile(
+                        let c = expr::compile_passthrough(
                             &sqlparser::ast::Expr::Identifier(sqlparser::ast::Ident::new(
                                 f.name().clone(),
                             )),
@@ -92,7 +92,7 @@ impl Projection {
                 }
                 Some(e) => {
                     let name = alias.unwrap_or_else(|| expr::default_name(&e));
-                    let c = expr::compile(&e, input).map_err(|e| (i, e))?;
+                    let c = expr::compile_passthrough(&e, input).map_err(|e| (i, e))?;
                     if fields.iter().any(|f| f.name() == &name) {
                         return Err((
                             i,

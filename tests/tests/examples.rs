@@ -80,3 +80,40 @@ fn orders_paid() {
 fn rolling_revenue() {
     check("rolling-revenue");
 }
+
+/// The committed expected outputs are exactly what the reference model computes from the
+/// committed inputs (so neither can drift from the other unnoticed).
+#[test]
+fn expected_outputs_come_from_the_reference_model() {
+    let out = tempfile::tempdir().expect("temp dir");
+    let status = std::process::Command::new("python3")
+        .arg(repo().join("examples/reference.py"))
+        .arg("--out")
+        .arg(out.path())
+        .status()
+        .expect("python3 runs the reference model");
+    assert!(status.success());
+    for example in [
+        "unique-visitors",
+        "failed-logins",
+        "cdc-dedup",
+        "revenue-per-store",
+        "orders-paid",
+        "rolling-revenue",
+    ] {
+        let committed = repo().join("examples").join(example).join("expected");
+        for entry in std::fs::read_dir(&committed).expect("expected dir") {
+            let path = entry.expect("entry").path();
+            let fresh = out
+                .path()
+                .join(example)
+                .join(path.file_name().expect("name"));
+            assert_eq!(
+                std::fs::read_to_string(&path).expect("committed"),
+                std::fs::read_to_string(&fresh).expect("recomputed"),
+                "{} is not what examples/reference.py computes",
+                path.display()
+            );
+        }
+    }
+}
