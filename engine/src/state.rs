@@ -19,13 +19,14 @@
 use hashbrown::HashMap;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
+use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::time::Duration;
 
 use crate::Watermark;
 
 /// A key deleted by TTL, with the values it held.
-pub type Expired<V> = (Box<[u8]>, BTreeMap<i64, V>);
+pub type Expired<V> = (Box<[u8]>, Vec<(i64, V)>);
 
 /// Values per (key, namespace), with an optional event-time TTL per key.
 #[derive(Debug)]
@@ -40,7 +41,68 @@ pub struct KeyedTable<V> {
 #[derive(Debug)]
 struct Slot<V> {
     touched: i64,
-    values: BTreeMap<i64, V>,
+    values: Namespaces<V>,
+}
+
+/// The values of one key, sorted by namespace. A key has few namespaces (a window's slices, a
+/// join's timestamps within its interval), so a sorted vector beats a tree: one allocation,
+/// binary search, contiguous range scans.
+#[derive(Debug)]
+struct Namespaces<V>(Vec<(i64, V)>);
+
+impl<V> Namespaces<V> {
+    fn new() -> Self {
+        Namespaces(Vec::new())
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    fn find(&self, ns: i64) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&ns, |(k, _)| *k)
+    }
+
+    fn get(&self, ns: i64) -> Option<&V> {
+        self.find(ns).ok().map(|i| &self.0[i].1)
+    }
+
+    /// The value at `ns`, inserted with `init` if absent; and whether it was inserted.
+    fn get_or_insert(&mut self, ns: i64, init: impl FnOnce() -> V) -> (&mut V, bool) {
+        match self.find(ns) {
+            Ok(i) => (&mut self.0[i].1, false),
+            Err(i) => {
+                self.0.insert(i, (ns, init()));
+                (&mut self.0[i].1, true)
+            }
+        }
+    }
+
+    fn remove(&mut self, ns: i64) -> Option<V> {
+        self.find(ns).ok().map(|i| self.0.remove(i).1)
+    }
+
+    fn bounds(&self, (lo, hi): (Bound<i64>, Bound<i64>)) -> std::ops::Range<usize> {
+        let start = match lo {
+            Bound::Included(x) => self.0.partition_point(|(k, _)| *k < x),
+            Bound::Excluded(x) => self.0.partition_point(|(k, _)| *k <= x),
+            Bound::Unbounded => 0,
+        };
+        let end = match hi {
+            Bound::Included(x) => self.0.partition_point(|(k, _)| *k <= x),
+            Bound::Excluded(x) => self.0.partition_point(|(k, _)| *k < x),
+            Bound::Unbounded => self.0.len(),
+        };
+        start..end.max(start)
+    }
 }
 
 impl<V> KeyedTable<V> {
@@ -88,7 +150,7 @@ impl<V> KeyedTable<V> {
         if self.expired(slot, clock) {
             return None;
         }
-        slot.values.get(&ns)
+        slot.values.get(ns)
     }
 
     /// Whether the key has any live value as of `clock`.
@@ -120,7 +182,7 @@ impl<V> KeyedTable<V> {
                 }
                 self.keys.entry(boxed).or_insert(Slot {
                     touched: now,
-                    values: BTreeMap::new(),
+                    values: Namespaces::new(),
                 })
             }
         };
@@ -131,18 +193,17 @@ impl<V> KeyedTable<V> {
             slot.values.clear();
         }
         slot.touched = slot.touched.max(now);
-        let entries = &mut self.entries;
-        let v = slot.values.entry(ns).or_insert_with(|| {
-            *entries += 1;
-            init()
-        });
+        let (v, inserted) = slot.values.get_or_insert(ns, init);
+        if inserted {
+            self.entries += 1;
+        }
         f(v)
     }
 
     /// Removes the value at (key, ns); drops the key when it has no values left.
     pub fn remove(&mut self, key: &[u8], ns: i64) -> Option<V> {
         let slot = self.keys.get_mut(key)?;
-        let v = slot.values.remove(&ns);
+        let v = slot.values.remove(ns);
         if v.is_some() {
             self.entries -= 1;
         }
@@ -168,8 +229,11 @@ impl<V> KeyedTable<V> {
     ) -> impl Iterator<Item = (i64, &'a V)> + 'a {
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
         let slot = self.keys.get(key).filter(|s| !self.expired(s, clock));
-        slot.into_iter()
-            .flat_map(move |s| s.values.range(bounds).map(|(k, v)| (*k, v)))
+        slot.into_iter().flat_map(move |s| {
+            s.values.0[s.values.bounds(bounds)]
+                .iter()
+                .map(|(k, v)| (*k, v))
+        })
     }
 
     /// Mutable access to the values of a key with namespaces in `range`.
@@ -179,10 +243,10 @@ impl<V> KeyedTable<V> {
         range: impl RangeBounds<i64>,
     ) -> impl Iterator<Item = (i64, &'a mut V)> + 'a {
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
-        self.keys
-            .get_mut(key)
-            .into_iter()
-            .flat_map(move |s| s.values.range_mut(bounds).map(|(k, v)| (*k, v)))
+        self.keys.get_mut(key).into_iter().flat_map(move |s| {
+            let r = s.values.bounds(bounds);
+            s.values.0[r].iter_mut().map(|(k, v)| (*k, v))
+        })
     }
 
     /// Removes and returns the values of a key with namespaces in `range`.
@@ -190,15 +254,10 @@ impl<V> KeyedTable<V> {
         let Some(slot) = self.keys.get_mut(key) else {
             return Vec::new();
         };
-        let nss: Vec<i64> = slot
+        let r = slot
             .values
-            .range((range.start_bound().cloned(), range.end_bound().cloned()))
-            .map(|(k, _)| *k)
-            .collect();
-        let out: Vec<(i64, V)> = nss
-            .into_iter()
-            .filter_map(|ns| slot.values.remove(&ns).map(|v| (ns, v)))
-            .collect();
+            .bounds((range.start_bound().cloned(), range.end_bound().cloned()));
+        let out: Vec<(i64, V)> = slot.values.0.drain(r).collect();
         self.entries -= out.len();
         if slot.values.is_empty() {
             self.keys.remove(key);
@@ -226,7 +285,7 @@ impl<V> KeyedTable<V> {
             if due <= clock.0 {
                 let slot = self.keys.remove(&key).expect("present");
                 self.entries -= slot.values.len();
-                expired.push((key, slot.values));
+                expired.push((key, slot.values.0));
             } else {
                 self.deadlines.push(Reverse((due, key)));
             }
@@ -235,8 +294,10 @@ impl<V> KeyedTable<V> {
     }
 
     /// Every key with its values (for end-of-input flushes and snapshots), in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &BTreeMap<i64, V>)> {
-        self.keys.iter().map(|(k, s)| (k.as_ref(), &s.values))
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[(i64, V)])> {
+        self.keys
+            .iter()
+            .map(|(k, s)| (k.as_ref(), s.values.0.as_slice()))
     }
 
     /// The key-group function keys of this table are partitioned by (for snapshots by key group).

@@ -218,10 +218,40 @@ impl WindowOperator {
             .range(key, start..end, Watermark::MIN)
             .flat_map(|(_, parts)| parts.iter());
         for (_, accs) in parts.filter(|(first_end, _)| *first_end <= end) {
+            self.merge_into(&mut out, accs);
+        }
+        out
+    }
+
+    fn merge_into(&self, out: &mut Option<Vec<Acc>>, accs: &[Acc]) {
+        match out {
+            None => *out = Some(accs.to_vec()),
+            Some(o) => {
+                for ((d, a), b) in self.plan.aggs.iter().zip(o.iter_mut()).zip(accs) {
+                    aggregate::merge(d, a, b);
+                }
+            }
+        }
+    }
+
+    /// Fires window `[end - size, end)` of `key`. Without lateness, the window's first slice is
+    /// covered by no later window, so it is taken out of state instead of copied.
+    fn fire_sliced(&mut self, key: &[u8], size: i64, slide: i64, end: i64) -> Option<Vec<Acc>> {
+        let start = end - size;
+        if self.plan.lateness > 0 {
+            return self.window_accs(key, start, end);
+        }
+        let first = self.slices.remove(key, start);
+        let mut out = if size > slide {
+            self.window_accs(key, start + slide, end)
+        } else {
+            None
+        };
+        for (_, accs) in first.into_iter().flatten() {
             match &mut out {
-                None => out = Some(accs.clone()),
+                None => out = Some(accs),
                 Some(o) => {
-                    for ((d, a), b) in self.plan.aggs.iter().zip(o.iter_mut()).zip(accs) {
+                    for ((d, a), b) in self.plan.aggs.iter().zip(o.iter_mut()).zip(&accs) {
                         aggregate::merge(d, a, b);
                     }
                 }
@@ -319,7 +349,8 @@ impl WindowOperator {
                 }
                 end += slide;
             }
-            if created {
+            // without lateness a slice is released when its last window fires
+            if created && lateness > 0 {
                 self.cleanup
                     .register((last_end - 1).saturating_add(lateness), key);
             }
@@ -461,8 +492,8 @@ impl Operator for WindowOperator {
             let end = t + 1;
             for key in keys {
                 match self.plan.kind {
-                    WindowKind::Sliced { size, .. } => {
-                        if let Some(accs) = self.window_accs(&key, end - size, end) {
+                    WindowKind::Sliced { size, slide } => {
+                        if let Some(accs) = self.fire_sliced(&key, size, slide, end) {
                             rows.push(Fired {
                                 key,
                                 start: end - size,
