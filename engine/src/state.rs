@@ -16,7 +16,8 @@
 //! The backend is in memory. Checkpointing will snapshot tables by key group (keys carry their
 //! key group, see [`KeyedTable::key_groups_of`]) and a RocksDB backend will implement the same
 //! methods; operators do not change.
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
+use smallvec::SmallVec;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::ops::Bound;
@@ -26,15 +27,23 @@ use std::time::Duration;
 use crate::Watermark;
 
 /// A key deleted by TTL, with the values it held.
-pub type Expired<V> = (Box<[u8]>, Vec<(i64, V)>);
+pub type Expired<V> = (StateKey, Vec<(i64, V)>);
+
+/// An encoded key as state stores it: keys of up to 24 bytes (any one or two numbers, short
+/// strings) are kept inline, without a heap allocation or a pointer to follow.
+pub type StateKey = SmallVec<[u8; 24]>;
+
+/// The hasher of state tables and timers: fixed, so that iteration order depends only on what was
+/// inserted, and runs over the same input visit keys in the same order.
+type Fixed = foldhash::fast::FixedState;
 
 /// Values per (key, namespace), with an optional event-time TTL per key.
 #[derive(Debug)]
 pub struct KeyedTable<V> {
     name: String,
     ttl: Option<i64>,
-    keys: HashMap<Box<[u8]>, Slot<V>>,
-    deadlines: BinaryHeap<Reverse<(i64, Box<[u8]>)>>,
+    keys: HashMap<StateKey, Slot<V>, Fixed>,
+    deadlines: BinaryHeap<Reverse<(i64, StateKey)>>,
     entries: usize,
 }
 
@@ -48,11 +57,11 @@ struct Slot<V> {
 /// join's timestamps within its interval), so a sorted vector beats a tree: one allocation,
 /// binary search, contiguous range scans.
 #[derive(Debug)]
-struct Namespaces<V>(Vec<(i64, V)>);
+struct Namespaces<V>(SmallVec<[(i64, V); 1]>);
 
 impl<V> Namespaces<V> {
     fn new() -> Self {
-        Namespaces(Vec::new())
+        Namespaces(SmallVec::new())
     }
 
     fn len(&self) -> usize {
@@ -111,7 +120,7 @@ impl<V> KeyedTable<V> {
         KeyedTable {
             name: name.into(),
             ttl: ttl.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
-            keys: HashMap::new(),
+            keys: HashMap::with_hasher(Fixed::default()),
             deadlines: BinaryHeap::new(),
             entries: 0,
         }
@@ -175,7 +184,7 @@ impl<V> KeyedTable<V> {
         let slot = match self.keys.get_mut(key) {
             Some(slot) => slot,
             None => {
-                let boxed: Box<[u8]> = key.into();
+                let boxed: StateKey = key.into();
                 if let Some(ttl) = ttl {
                     self.deadlines
                         .push(Reverse((now.saturating_add(ttl), boxed.clone())));
@@ -285,7 +294,7 @@ impl<V> KeyedTable<V> {
             if due <= clock.0 {
                 let slot = self.keys.remove(&key).expect("present");
                 self.entries -= slot.values.len();
-                expired.push((key, slot.values.0));
+                expired.push((key, slot.values.0.into_vec()));
             } else {
                 self.deadlines.push(Reverse((due, key)));
             }
@@ -308,11 +317,12 @@ impl<V> KeyedTable<V> {
 
 /// Event-time timers per (time, key): "call me back for this key when the watermark reaches t".
 ///
-/// Registering the same (time, key) twice keeps one timer. Timers are state too and will be
-/// checkpointed with the operator's tables.
+/// Registering the same (time, key) twice keeps one timer. Timers due at the same time fire in an
+/// order that depends only on the sequence of registrations, so a rerun fires them alike. Timers
+/// are state too and will be checkpointed with the operator's tables.
 #[derive(Debug, Default)]
 pub struct Timers {
-    by_time: BTreeMap<i64, hashbrown::HashSet<Box<[u8]>>>,
+    by_time: BTreeMap<i64, HashSet<StateKey, Fixed>>,
 }
 
 impl Timers {
@@ -330,16 +340,15 @@ impl Timers {
     }
 
     /// Removes and returns, in time order, every timer at or before `wm`.
-    pub fn due(&mut self, wm: Watermark) -> Vec<(i64, Vec<Box<[u8]>>)> {
+    pub fn due(&mut self, wm: Watermark) -> Vec<(i64, Vec<StateKey>)> {
         let mut out = Vec::new();
         while let Some(entry) = self.by_time.first_entry() {
             if *entry.key() > wm.0 {
                 break;
             }
             let (t, keys) = entry.remove_entry();
-            let mut keys: Vec<Box<[u8]>> = keys.into_iter().collect();
-            keys.sort_unstable(); // deterministic firing order
-            out.push((t, keys));
+            // the fixed hasher makes this order a function of the registrations alone
+            out.push((t, keys.into_iter().collect()));
         }
         out
     }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use freshet_engine::keys::{EncodedKeys, KeyEncoder};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
-use freshet_engine::state::{KeyedTable, Timers};
+use freshet_engine::state::{KeyedTable, StateKey, Timers};
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
 
 use crate::dedup::key_columns;
@@ -164,7 +164,7 @@ impl Operator for PatternOperator {
         _: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()> {
-        let mut keys: Vec<Box<[u8]>> = self
+        let mut keys: Vec<StateKey> = self
             .timers
             .due(wm)
             .into_iter()

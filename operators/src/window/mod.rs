@@ -31,8 +31,9 @@ use std::sync::Arc;
 use freshet_engine::keys::{EncodedKeys, KeyEncoder};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
-use freshet_engine::state::{KeyedTable, Timers};
+use freshet_engine::state::{KeyedTable, StateKey, Timers};
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
+use smallvec::SmallVec;
 
 use crate::expr::{Expr, ExprError, timestamp_type};
 use aggregate::{Acc, AggDef, AggInputs};
@@ -190,7 +191,7 @@ pub struct WindowOperator {
     plan: WindowPlan,
     /// Per (key, slice start): accumulators tagged with the end of the first window they count
     /// for (one entry unless late records arrived), sorted by that end.
-    slices: KeyedTable<Vec<(i64, Vec<Acc>)>>,
+    slices: KeyedTable<SmallVec<[(i64, Vec<Acc>); 1]>>,
     sessions: KeyedTable<Session>,
     fire: Timers,
     cleanup: Timers,
@@ -199,7 +200,7 @@ pub struct WindowOperator {
 
 /// A window result before it becomes a row.
 struct Fired {
-    key: Box<[u8]>,
+    key: StateKey,
     start: i64,
     end: i64,
     accs: Vec<Acc>,
@@ -307,7 +308,7 @@ impl WindowOperator {
         let inputs = AggInputs::evaluate(&self.plan.aggs, batch)?;
         let readers = inputs.readers()?;
         let mut late = Vec::new();
-        let mut updated: HashSet<(Box<[u8]>, i64)> = HashSet::new();
+        let mut updated: HashSet<(StateKey, i64)> = HashSet::new();
         let aggs = &self.plan.aggs;
         for (row, &t) in times.iter().enumerate() {
             let slice = t - t.rem_euclid(slide);
@@ -327,7 +328,7 @@ impl WindowOperator {
             let key = self.keys.row(row);
             let mut created = false;
             self.slices
-                .update(key, slice, t, Watermark::MIN, Vec::new, |parts| {
+                .update(key, slice, t, Watermark::MIN, SmallVec::new, |parts| {
                     let i = match parts.binary_search_by_key(&first_end, |(e, _)| *e) {
                         Ok(i) => i,
                         Err(i) => {
@@ -355,7 +356,7 @@ impl WindowOperator {
                     .register((last_end - 1).saturating_add(lateness), key);
             }
         }
-        let mut updated: Vec<(Box<[u8]>, i64)> = updated.into_iter().collect();
+        let mut updated: Vec<(StateKey, i64)> = updated.into_iter().collect();
         updated.sort_unstable();
         let fired = updated
             .into_iter()
@@ -387,13 +388,13 @@ impl WindowOperator {
         let inputs = AggInputs::evaluate(&self.plan.aggs, batch)?;
         let readers = inputs.readers()?;
         let mut late = Vec::new();
-        let mut updated: Vec<(Box<[u8]>, i64)> = Vec::new();
+        let mut updated: Vec<(StateKey, i64)> = Vec::new();
         for (row, &t) in times.iter().enumerate() {
             if rw >= (t + gap - 1).saturating_add(lateness) {
                 late.push(row as u32);
                 continue;
             }
-            let key: Box<[u8]> = self.keys.row(row).into();
+            let key: StateKey = self.keys.row(row).into();
             // Sessions this record touches: start < t + gap and end > t.
             let touching: Vec<i64> = self
                 .sessions
