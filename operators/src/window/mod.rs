@@ -179,6 +179,10 @@ impl WindowPlan {
     }
 }
 
+/// The accumulators of one (key, slice), tagged with the end of the first window they count for;
+/// one entry unless records arrived too late for some of the slice's windows.
+type SliceParts = SmallVec<[(i64, Vec<Acc>); 1]>;
+
 /// Accumulators of one session.
 #[derive(Debug, Clone)]
 struct Session {
@@ -191,7 +195,7 @@ pub struct WindowOperator {
     plan: WindowPlan,
     /// Per (key, slice start): accumulators tagged with the end of the first window they count
     /// for (one entry unless late records arrived), sorted by that end.
-    slices: KeyedTable<SmallVec<[(i64, Vec<Acc>); 1]>>,
+    slices: KeyedTable<SliceParts>,
     sessions: KeyedTable<Session>,
     fire: Timers,
     cleanup: Timers,
