@@ -137,6 +137,7 @@ fn per_vertex(job: &JobHandle) -> BTreeMap<usize, MetricsSnapshot> {
         });
         e.records_in += m.records_in;
         e.records_out += m.records_out;
+        e.records_written += m.records_written;
         e.late_records += m.late_records;
         e.dead_letters += m.dead_letters;
         e.backpressured_ns += m.backpressured_ns;
@@ -150,13 +151,6 @@ fn is_source(plan: &JobPlan, v: usize) -> bool {
         plan.nodes[plan.vertices[v].nodes[0]].kind,
         NodeKind::Source { .. }
     )
-}
-
-fn is_sink(plan: &JobPlan, v: usize) -> bool {
-    plan.vertices[v]
-        .nodes
-        .last()
-        .is_some_and(|n| plan.nodes[*n].is_sink)
 }
 
 struct Progress {
@@ -182,17 +176,8 @@ impl Progress {
             .filter(|(v, _)| is_source(plan, **v))
             .map(|(_, s)| s.records_in)
             .sum();
-        let output: u64 = m
-            .iter()
-            .filter(|(v, _)| is_sink(plan, **v))
-            .map(|(_, s)| s.records_in)
-            .sum();
-        let wm = m
-            .iter()
-            .filter(|(v, _)| !is_source(plan, **v))
-            .map(|(_, s)| s.watermark)
-            .min()
-            .unwrap_or(i64::MIN);
+        let output: u64 = m.values().map(|s| s.records_written).sum();
+        let wm = m.values().map(|s| s.watermark).min().unwrap_or(i64::MIN);
         let dt = self.last.elapsed().as_secs_f64().max(1e-3);
         let line = format!(
             "{:>8.1}s  in {} ({}/s)  out {} ({}/s)  watermark {}",
@@ -221,8 +206,8 @@ fn print_summary(job: &JobHandle, accumulators: &BTreeMap<String, i64>, duration
     let m = per_vertex(job);
     eprintln!("job {} in {:.2}s", job.id, duration.as_secs_f64());
     eprintln!(
-        "  {:<44} {:>5} {:>12} {:>12} {:>8} {:>8}",
-        "vertex", "par", "records in", "records out", "late", "dead"
+        "  {:<44} {:>5} {:>12} {:>12} {:>10} {:>8} {:>8}",
+        "vertex", "par", "records in", "records out", "written", "late", "dead"
     );
     for (v, vertex) in plan.vertices.iter().enumerate() {
         let s = m.get(&v).copied().unwrap_or_default();
@@ -232,8 +217,14 @@ fn print_summary(job: &JobHandle, accumulators: &BTreeMap<String, i64>, duration
             name.push_str("...");
         }
         eprintln!(
-            "  {:<44} {:>5} {:>12} {:>12} {:>8} {:>8}",
-            name, vertex.parallelism, s.records_in, s.records_out, s.late_records, s.dead_letters
+            "  {:<44} {:>5} {:>12} {:>12} {:>10} {:>8} {:>8}",
+            name,
+            vertex.parallelism,
+            s.records_in,
+            s.records_out,
+            s.records_written,
+            s.late_records,
+            s.dead_letters
         );
     }
     let dead: u64 = m.values().map(|s| s.dead_letters).sum();

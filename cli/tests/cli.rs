@@ -312,3 +312,75 @@ sinks:
     assert_eq!(tables[0].lines().count(), 12, "{}", tables[0]);
     assert!(tables[0].contains(r#""user":"u0","window_start":"1970-01-01T00:00:00.000Z","window_end":"1970-01-01T00:00:10.000Z","n":4,"last":9"#), "{}", tables[0]);
 }
+
+#[test]
+fn an_idle_input_stops_holding_back_the_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("orders.jsonl"), "").unwrap();
+    std::fs::write(dir.path().join("payments.jsonl"), "").unwrap();
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        r#"
+version: 1
+name: idle
+sources:
+  orders:
+    connector: {type: file, path: orders.jsonl, format: jsonl, follow: true}
+    schema: {id: string, t: int}
+    event_time: t
+  payments:
+    connector: {type: file, path: payments.jsonl, format: jsonl, follow: true}
+    schema: {id: string, t: int}
+    event_time: t
+    watermark: {idle_timeout: 300ms}
+transforms:
+  paid:
+    type: interval_join
+    left: orders
+    right: payments
+    left_key: [id]
+    right_key: [id]
+    lower_bound: 0s
+    upper_bound: 10s
+    select: [orders.id]
+sinks:
+  paid: {input: paid, connector: {type: file, path: paid.jsonl}}
+  unpaid: {input: paid.unmatched, connector: {type: file, path: unpaid.jsonl}}
+"#,
+    )
+    .unwrap();
+    let child = freshet()
+        .arg("run")
+        .arg(&job)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("orders.jsonl"))
+        .unwrap();
+    writeln!(f, r#"{{"id": "o1", "t": 1000}}"#).unwrap();
+    writeln!(f, r#"{{"id": "o2", "t": 60000}}"#).unwrap();
+    f.flush().unwrap();
+    // payments never produce anything: once they are idle, the join's watermark follows the
+    // orders alone, o1's interval closes (watermark 59999 >= 1000 + 10s) and o1 is reported unpaid
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(dir.path().join("unpaid.jsonl")).unwrap_or_default();
+        if text.contains(r#"\"id\":\"o1\""#) {
+            assert!(!text.contains("o2"), "o2's interval is still open: {text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle input still holds back the watermark"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc_kill(child.0.id() as i32, 2) };
+    assert_eq!(child.0.wait().unwrap().code(), Some(130));
+}

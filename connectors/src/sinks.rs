@@ -11,6 +11,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{Operator, OperatorContext, Output};
 use freshet_engine::{EngineError, Result, Watermark};
 use freshet_operators::expr::Expr;
@@ -73,9 +74,10 @@ impl Operator for FileSink {
         &mut self,
         _: usize,
         batch: RecordBatch,
-        _: &OperatorContext<'_>,
+        ctx: &OperatorContext<'_>,
         _: &mut dyn Output,
     ) -> Result<()> {
+        SubtaskMetrics::add(&ctx.metrics.records_written, batch.num_rows() as u64);
         self.buf.clear();
         json::write_rows(&batch, &mut self.buf)?;
         let buf = std::mem::take(&mut self.buf);
@@ -160,9 +162,10 @@ impl Operator for TableSink {
         &mut self,
         _: usize,
         batch: RecordBatch,
-        _: &OperatorContext<'_>,
+        ctx: &OperatorContext<'_>,
         _: &mut dyn Output,
     ) -> Result<()> {
+        SubtaskMetrics::add(&ctx.metrics.records_written, batch.num_rows() as u64);
         let keys: Vec<ArrayRef> = self
             .key_columns
             .iter()
@@ -220,9 +223,10 @@ impl Operator for StdoutSink {
         &mut self,
         _: usize,
         batch: RecordBatch,
-        _: &OperatorContext<'_>,
+        ctx: &OperatorContext<'_>,
         _: &mut dyn Output,
     ) -> Result<()> {
+        SubtaskMetrics::add(&ctx.metrics.records_written, batch.num_rows() as u64);
         let mut buf = Vec::new();
         json::write_rows(&batch, &mut buf)?;
         std::io::stdout()
@@ -259,9 +263,10 @@ impl Operator for BlackholeSink {
         &mut self,
         _: usize,
         batch: RecordBatch,
-        _: &OperatorContext<'_>,
+        ctx: &OperatorContext<'_>,
         _: &mut dyn Output,
     ) -> Result<()> {
+        SubtaskMetrics::add(&ctx.metrics.records_written, batch.num_rows() as u64);
         self.rows += batch.num_rows() as i64;
         for ((_, e), sum) in self.checksums.iter().zip(self.sums.iter_mut()) {
             let a = e.evaluate(&batch)?;

@@ -8,6 +8,8 @@ pub struct SubtaskMetrics {
     pub records_in: AtomicU64,
     /// Records sent on the main output.
     pub records_out: AtomicU64,
+    /// Records written by sinks.
+    pub records_written: AtomicU64,
     /// Records routed to a late-data side output.
     pub late_records: AtomicU64,
     /// Records routed to a dead-letter output (bad input, unmatched join rows).
@@ -23,6 +25,7 @@ impl Default for SubtaskMetrics {
         SubtaskMetrics {
             records_in: AtomicU64::new(0),
             records_out: AtomicU64::new(0),
+            records_written: AtomicU64::new(0),
             late_records: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
             backpressured_ns: AtomicU64::new(0),
@@ -42,6 +45,7 @@ impl SubtaskMetrics {
         MetricsSnapshot {
             records_in: self.records_in.load(Ordering::Relaxed),
             records_out: self.records_out.load(Ordering::Relaxed),
+            records_written: self.records_written.load(Ordering::Relaxed),
             late_records: self.late_records.load(Ordering::Relaxed),
             dead_letters: self.dead_letters.load(Ordering::Relaxed),
             backpressured_ns: self.backpressured_ns.load(Ordering::Relaxed),
@@ -57,6 +61,8 @@ pub struct MetricsSnapshot {
     pub records_in: u64,
     /// See [`SubtaskMetrics::records_out`].
     pub records_out: u64,
+    /// See [`SubtaskMetrics::records_written`].
+    pub records_written: u64,
     /// See [`SubtaskMetrics::late_records`].
     pub late_records: u64,
     /// See [`SubtaskMetrics::dead_letters`].
