@@ -57,6 +57,66 @@ pub fn subtask_for_key_group(kg: KeyGroup, max_parallelism: u32, parallelism: u3
     ((kg.0 as u64 * parallelism as u64) / max_parallelism as u64) as u32
 }
 
+/// Key columns of a stream, resolved against its schema once, with their encoder: what every
+/// keyed operator and the hash partitioner use to turn a batch into encoded keys.
+#[derive(Debug, Clone)]
+pub struct KeyColumns {
+    indices: Vec<usize>,
+    encoder: KeyEncoder,
+}
+
+impl KeyColumns {
+    /// Resolves `names` in `schema`. On error, returns the position of the offending name and a
+    /// message that lists the columns there are.
+    pub fn resolve(
+        schema: &arrow::datatypes::Schema,
+        names: &[String],
+    ) -> std::result::Result<Self, (usize, String)> {
+        let mut indices = Vec::with_capacity(names.len());
+        let mut types = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            let idx = schema.index_of(name).map_err(|_| {
+                let have: Vec<&str> = schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .filter(|n| *n != crate::TIME_COLUMN)
+                    .collect();
+                (
+                    i,
+                    format!(
+                        "unknown column '{name}'; the input has: {}",
+                        have.join(", ")
+                    ),
+                )
+            })?;
+            indices.push(idx);
+            types.push(schema.field(idx).data_type().clone());
+        }
+        let encoder = KeyEncoder::new(&types).map_err(|e| (0, e.to_string()))?;
+        Ok(KeyColumns { indices, encoder })
+    }
+
+    /// The encoder (its key types say what decoding produces).
+    pub fn encoder(&self) -> &KeyEncoder {
+        &self.encoder
+    }
+
+    /// Encodes the key of every row of `batch` into `out`.
+    pub fn encode(
+        &self,
+        batch: &arrow::record_batch::RecordBatch,
+        out: &mut EncodedKeys,
+    ) -> Result<()> {
+        let columns: Vec<ArrayRef> = self
+            .indices
+            .iter()
+            .map(|i| batch.column(*i).clone())
+            .collect();
+        self.encoder.encode(&columns, batch.num_rows(), out)
+    }
+}
+
 /// The hash of an encoded key.
 pub fn hash_key(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)

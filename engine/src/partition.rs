@@ -9,12 +9,12 @@
 //!   per-row channel send.
 //!
 //! Watermarks, idle markers and end-of-input always go to every downstream subtask.
-use arrow::array::{ArrayRef, UInt32Array};
+use arrow::array::UInt32Array;
 use arrow::compute::take_record_batch;
 use arrow::record_batch::RecordBatch;
 
 use crate::channel::ChannelSender;
-use crate::keys::{EncodedKeys, KeyEncoder, key_group, subtask_for_key_group};
+use crate::keys::{EncodedKeys, KeyColumns, key_group, subtask_for_key_group};
 use crate::{Element, EngineError, Result};
 
 /// How an edge distributes batches over its target subtasks.
@@ -57,9 +57,8 @@ pub struct EdgeWriter {
 
 #[derive(Debug)]
 struct HashState {
-    columns: Vec<usize>,
-    encoder: KeyEncoder,
-    keys: EncodedKeys,
+    keys: KeyColumns,
+    encoded: EncodedKeys,
     per_target: Vec<Vec<u32>>,
 }
 
@@ -109,14 +108,12 @@ impl EdgeWriter {
                     self.hash = Some(HashState::new(key_columns, &batch, self.targets.len())?);
                 }
                 let h = self.hash.as_mut().expect("initialised above");
-                let columns: Vec<ArrayRef> =
-                    h.columns.iter().map(|i| batch.column(*i).clone()).collect();
-                h.encoder.encode(&columns, batch.num_rows(), &mut h.keys)?;
+                h.keys.encode(&batch, &mut h.encoded)?;
                 let parallelism = self.targets.len() as u32;
                 for v in h.per_target.iter_mut() {
                     v.clear();
                 }
-                for (row, hash) in h.keys.hashes().enumerate() {
+                for (row, hash) in h.encoded.hashes().enumerate() {
                     let t = subtask_for_key_group(
                         key_group(hash, max_parallelism),
                         max_parallelism,
@@ -152,20 +149,11 @@ impl EdgeWriter {
 
 impl HashState {
     fn new(key_columns: &[String], batch: &RecordBatch, targets: usize) -> Result<Self> {
-        let schema = batch.schema();
-        let mut columns = Vec::with_capacity(key_columns.len());
-        let mut types = Vec::with_capacity(key_columns.len());
-        for name in key_columns {
-            let i = schema.index_of(name).map_err(|_| {
-                EngineError::Operator(format!("key column '{name}' is not in the stream"))
-            })?;
-            columns.push(i);
-            types.push(schema.field(i).data_type().clone());
-        }
+        let keys = KeyColumns::resolve(&batch.schema(), key_columns)
+            .map_err(|(_, m)| EngineError::Operator(m))?;
         Ok(HashState {
-            columns,
-            encoder: KeyEncoder::new(&types)?,
-            keys: EncodedKeys::default(),
+            keys,
+            encoded: EncodedKeys::default(),
             per_target: vec![Vec::new(); targets],
         })
     }
@@ -175,7 +163,7 @@ impl HashState {
 mod tests {
     use super::*;
     use crate::channel::bounded;
-    use crate::keys::KeyGroupRange;
+    use crate::keys::{KeyEncoder, KeyGroupRange};
     use arrow::array::{AsArray, Int64Array};
     use arrow::datatypes::{DataType, Field, Int64Type, Schema};
     use std::sync::Arc;

@@ -11,13 +11,13 @@
 //! time plus the TTL; without one, never. A record already older than the TTL horizon when it
 //! arrives (`event time + ttl <= watermark`) cannot be checked reliably and goes to the `late`
 //! output.
-use arrow::array::{ArrayRef, AsArray, BooleanArray, UInt32Array};
+use arrow::array::{AsArray, BooleanArray, UInt32Array};
 use arrow::compute::{filter_record_batch, take_record_batch};
-use arrow::datatypes::{Int64Type, Schema, SchemaRef};
+use arrow::datatypes::{Int64Type, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use std::time::Duration;
 
-use freshet_engine::keys::{EncodedKeys, KeyEncoder};
+use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::KeyedTable;
@@ -33,8 +33,7 @@ pub const LATE_PORT: usize = 1;
 /// A compiled deduplication.
 #[derive(Clone)]
 pub struct DedupPlan {
-    key_columns: Vec<usize>,
-    encoder: KeyEncoder,
+    keys: KeyColumns,
     keep: DedupKeep,
     order_by: Option<Expr>,
     ttl: Option<Duration>,
@@ -50,7 +49,7 @@ impl DedupPlan {
         order_by: Option<&str>,
         ttl: Option<Duration>,
     ) -> Result<DedupPlan, (String, String)> {
-        let (key_columns, encoder) = key_columns(input, key, "key")?;
+        let keys = crate::resolve_keys(input, key, "key")?;
         let order_by = match (keep, order_by) {
             (DedupKeep::Latest, Some(o)) => {
                 Some(Expr::compile(o, input).map_err(|e| ("order_by".to_string(), e.message))?)
@@ -64,8 +63,7 @@ impl DedupPlan {
             _ => None,
         };
         Ok(DedupPlan {
-            key_columns,
-            encoder,
+            keys,
             keep,
             order_by,
             ttl,
@@ -88,34 +86,6 @@ impl DedupPlan {
     }
 }
 
-/// Resolves key column names into indexes and an encoder; errors name `field[i]`.
-pub fn key_columns(
-    input: &Schema,
-    key: &[String],
-    field: &str,
-) -> Result<(Vec<usize>, KeyEncoder), (String, String)> {
-    let mut idx = Vec::new();
-    let mut types = Vec::new();
-    for (i, k) in key.iter().enumerate() {
-        let c = input.index_of(k).map_err(|_| {
-            let names: Vec<&str> = input
-                .fields()
-                .iter()
-                .map(|f| f.name().as_str())
-                .filter(|n| *n != freshet_engine::TIME_COLUMN)
-                .collect();
-            (
-                format!("{field}[{i}]"),
-                format!("unknown column '{k}'; the input has: {}", names.join(", ")),
-            )
-        })?;
-        idx.push(c);
-        types.push(input.field(c).data_type().clone());
-    }
-    let enc = KeyEncoder::new(&types).map_err(|e| (field.to_string(), e.to_string()))?;
-    Ok((idx, enc))
-}
-
 /// The deduplication operator of one subtask.
 pub struct DedupOperator {
     plan: DedupPlan,
@@ -131,15 +101,7 @@ impl Operator for DedupOperator {
         ctx: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()> {
-        let cols: Vec<ArrayRef> = self
-            .plan
-            .key_columns
-            .iter()
-            .map(|i| batch.column(*i).clone())
-            .collect();
-        self.plan
-            .encoder
-            .encode(&cols, batch.num_rows(), &mut self.keys)?;
+        self.plan.keys.encode(&batch, &mut self.keys)?;
         let order = self
             .plan
             .order_by

@@ -18,7 +18,7 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use std::sync::Arc;
 
-use freshet_engine::keys::{EncodedKeys, KeyEncoder};
+use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::{KeyedTable, Timers};
@@ -26,7 +26,6 @@ use freshet_engine::time::format_millis;
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
 
 use crate::dead_letter::DeadLetters;
-use crate::dedup::key_columns;
 use crate::expr::Expr;
 use crate::stateless::Projection;
 use crate::values::{ColumnReader, Scalar, build_column};
@@ -66,8 +65,7 @@ pub struct JoinConfig<'a> {
 #[derive(Clone)]
 struct Side {
     name: String,
-    key_columns: Vec<usize>,
-    encoder: KeyEncoder,
+    keys: KeyColumns,
     /// Data columns (all but the time column), with their types and names.
     columns: Vec<(usize, DataType, String)>,
 }
@@ -90,7 +88,7 @@ fn side(
     key: &[String],
     field: &str,
 ) -> Result<Side, (String, String)> {
-    let (key_columns, encoder) = key_columns(schema, key, field)?;
+    let keys = crate::resolve_keys(schema, key, field)?;
     let columns = schema
         .fields()
         .iter()
@@ -100,8 +98,7 @@ fn side(
         .collect();
     Ok(Side {
         name: name.to_string(),
-        key_columns,
-        encoder,
+        keys,
         columns,
     })
 }
@@ -111,7 +108,7 @@ impl JoinPlan {
     pub fn compile(c: JoinConfig<'_>) -> Result<JoinPlan, (String, String)> {
         let left = side(&c.left_name, c.left, c.left_key, "left_key")?;
         let right = side(&c.right_name, c.right, c.right_key, "right_key")?;
-        if left.encoder.key_types() != right.encoder.key_types() {
+        if left.keys.encoder().key_types() != right.keys.encoder().key_types() {
             return Err((
                 "right_key".into(),
                 "left_key and right_key columns must have the same types".into(),
@@ -267,12 +264,7 @@ impl Operator for JoinOperator {
         let other = 1 - side;
         let n = batch.num_rows();
         let layout = self.plan.sides[side].clone();
-        let cols: Vec<ArrayRef> = layout
-            .key_columns
-            .iter()
-            .map(|i| batch.column(*i).clone())
-            .collect();
-        layout.encoder.encode(&cols, n, &mut self.keys)?;
+        layout.keys.encode(&batch, &mut self.keys)?;
         let times = batch
             .column(batch.num_columns() - 1)
             .as_primitive::<Int64Type>()

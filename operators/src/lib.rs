@@ -66,6 +66,16 @@ pub struct TransformPlan {
     pub factory: OperatorFactory,
 }
 
+/// Resolves key columns for an operator; a problem names `field[i]`.
+pub(crate) fn resolve_keys(
+    schema: &arrow::datatypes::Schema,
+    names: &[String],
+    field: &str,
+) -> Result<freshet_engine::keys::KeyColumns, (String, String)> {
+    freshet_engine::keys::KeyColumns::resolve(schema, names)
+        .map_err(|(i, m)| (format!("{field}[{i}]"), m))
+}
+
 fn at(path: &str, field: impl std::fmt::Display, e: impl std::fmt::Display) -> Problems {
     Problems(vec![Problem::new(format!("{path}.{field}"), e.to_string())])
 }

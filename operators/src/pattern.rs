@@ -11,20 +11,19 @@
 //! are dropped as the run advances; a key's run is dropped entirely once the watermark passes its
 //! last record plus the TTL (default: `within`). Matching records at or behind their input's
 //! watermark cannot be ordered and go to the `late` output (port 1).
-use arrow::array::{ArrayRef, AsArray, Int64Array, TimestampMillisecondArray, UInt32Array};
+use arrow::array::{AsArray, Int64Array, TimestampMillisecondArray, UInt32Array};
 use arrow::compute::take_record_batch;
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use freshet_engine::keys::{EncodedKeys, KeyEncoder};
+use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::{KeyedTable, StateKey, Timers};
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
 
-use crate::dedup::key_columns;
 use crate::expr::{Expr, timestamp_type};
 
 /// Side output of matching records that arrived too late to be ordered.
@@ -33,8 +32,7 @@ pub const LATE_PORT: usize = 1;
 /// A compiled pattern.
 #[derive(Clone)]
 pub struct PatternPlan {
-    key_columns: Vec<usize>,
-    encoder: KeyEncoder,
+    keys: KeyColumns,
     predicate: Expr,
     count: usize,
     within: i64,
@@ -52,7 +50,7 @@ impl PatternPlan {
         within: i64,
         ttl: Option<i64>,
     ) -> Result<PatternPlan, (String, String)> {
-        let (key_columns, encoder) = key_columns(input, key_by, "key_by")?;
+        let keys = crate::resolve_keys(input, key_by, "key_by")?;
         let predicate =
             Expr::compile(predicate, input).map_err(|e| ("where".to_string(), e.message))?;
         if predicate.data_type() != &DataType::Boolean {
@@ -60,15 +58,14 @@ impl PatternPlan {
         }
         let mut fields: Vec<Field> = key_by
             .iter()
-            .zip(encoder.key_types())
+            .zip(keys.encoder().key_types())
             .map(|(n, t)| Field::new(n, t.data_type(), true))
             .collect();
         fields.push(Field::new("match_start", timestamp_type(), false));
         fields.push(Field::new("match_end", timestamp_type(), false));
         fields.push(Field::new(TIME_COLUMN, DataType::Int64, false));
         Ok(PatternPlan {
-            key_columns,
-            encoder,
+            keys,
             predicate,
             count: count as usize,
             within,
@@ -120,15 +117,7 @@ impl Operator for PatternOperator {
         if mask.true_count() == 0 {
             return Ok(());
         }
-        let cols: Vec<ArrayRef> = self
-            .plan
-            .key_columns
-            .iter()
-            .map(|i| batch.column(*i).clone())
-            .collect();
-        self.plan
-            .encoder
-            .encode(&cols, batch.num_rows(), &mut self.keys)?;
+        self.plan.keys.encode(&batch, &mut self.keys)?;
         let times = batch
             .column(batch.num_columns() - 1)
             .as_primitive::<Int64Type>()
@@ -202,7 +191,11 @@ impl Operator for PatternOperator {
         if mkeys.is_empty() {
             return Ok(());
         }
-        let mut cols = self.plan.encoder.decode(mkeys.iter().map(|k| k.as_ref()))?;
+        let mut cols = self
+            .plan
+            .keys
+            .encoder()
+            .decode(mkeys.iter().map(|k| k.as_ref()))?;
         cols.push(Arc::new(TimestampMillisecondArray::from(starts)));
         cols.push(Arc::new(TimestampMillisecondArray::from(ends.clone())));
         cols.push(Arc::new(Int64Array::from(ends)));

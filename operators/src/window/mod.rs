@@ -28,7 +28,7 @@ use arrow::record_batch::RecordBatch;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use freshet_engine::keys::{EncodedKeys, KeyEncoder};
+use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::{KeyedTable, StateKey, Timers};
@@ -63,8 +63,7 @@ pub enum WindowKind {
 pub struct WindowPlan {
     kind: WindowKind,
     lateness: i64,
-    key_columns: Vec<usize>,
-    encoder: KeyEncoder,
+    keys: KeyColumns,
     aggs: Vec<AggDef>,
     having: Option<Expr>,
     output: SchemaRef,
@@ -91,26 +90,7 @@ impl WindowPlan {
         aggregates: &[String],
         having: Option<&str>,
     ) -> Result<WindowPlan, WindowError> {
-        let mut key_columns = Vec::new();
-        let mut key_types = Vec::new();
-        for (i, k) in key_by.iter().enumerate() {
-            let idx = input.index_of(k).map_err(|_| {
-                let names: Vec<&str> = input
-                    .fields()
-                    .iter()
-                    .map(|f| f.name().as_str())
-                    .filter(|n| *n != TIME_COLUMN)
-                    .collect();
-                WindowError::Key(
-                    i,
-                    format!("unknown column '{k}'; the input has: {}", names.join(", ")),
-                )
-            })?;
-            key_columns.push(idx);
-            key_types.push(input.field(idx).data_type().clone());
-        }
-        let encoder =
-            KeyEncoder::new(&key_types).map_err(|e| WindowError::Key(0, e.to_string()))?;
+        let keys = KeyColumns::resolve(input, key_by).map_err(|(i, m)| WindowError::Key(i, m))?;
         let aggs: Vec<AggDef> = aggregates
             .iter()
             .enumerate()
@@ -118,7 +98,7 @@ impl WindowPlan {
             .collect::<Result<_, _>>()?;
         let mut fields: Vec<Field> = key_by
             .iter()
-            .zip(encoder.key_types())
+            .zip(keys.encoder().key_types())
             .map(|(name, t)| Field::new(name, t.data_type(), true))
             .collect();
         fields.push(Field::new("window_start", timestamp_type(), false));
@@ -153,8 +133,7 @@ impl WindowPlan {
         Ok(WindowPlan {
             kind,
             lateness,
-            key_columns,
-            encoder,
+            keys,
             aggs,
             having,
             output,
@@ -271,7 +250,8 @@ impl WindowOperator {
         }
         let mut cols: Vec<ArrayRef> = self
             .plan
-            .encoder
+            .keys
+            .encoder()
             .decode(rows.iter().map(|r| r.key.as_ref()))?;
         cols.push(Arc::new(TimestampMillisecondArray::from_iter_values(
             rows.iter().map(|r| r.start),
@@ -463,15 +443,7 @@ impl Operator for WindowOperator {
         ctx: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()> {
-        let key_cols: Vec<ArrayRef> = self
-            .plan
-            .key_columns
-            .iter()
-            .map(|i| batch.column(*i).clone())
-            .collect();
-        self.plan
-            .encoder
-            .encode(&key_cols, batch.num_rows(), &mut self.keys)?;
+        self.plan.keys.encode(&batch, &mut self.keys)?;
         let (late, fired) = match self.plan.kind {
             WindowKind::Sliced { size, slide } => self.process_sliced(size, slide, &batch, ctx)?,
             WindowKind::Session { gap } => self.process_sessions(gap, &batch, ctx)?,
