@@ -206,6 +206,19 @@ impl Chain {
             }
             return Ok(());
         }
+        self.call(i, record_wm, |op, ctx, out| {
+            op.process_batch(input, batch, ctx, out)
+        })
+    }
+
+    /// Calls operator `i` (its record watermark given, its current watermark the last one it
+    /// received) and routes what it emits.
+    fn call(
+        &mut self,
+        i: usize,
+        record_wm: Watermark,
+        f: impl FnOnce(&mut dyn Operator, &OperatorContext<'_>, &mut dyn Output) -> Result<()>,
+    ) -> Result<()> {
         let mut out = Collected::default();
         {
             let ctx = OperatorContext {
@@ -214,9 +227,7 @@ impl Chain {
                 current_watermark: self.watermarks[i],
                 metrics: &self.metrics,
             };
-            self.ops[i]
-                .operator
-                .process_batch(input, batch, &ctx, &mut out)?;
+            f(self.ops[i].operator.as_mut(), &ctx, &mut out)?;
         }
         self.route(i, out)
     }
@@ -254,17 +265,7 @@ impl Chain {
                 .try_for_each(|w| w.broadcast(&Element::Watermark(wm)));
         }
         self.watermarks[i] = wm;
-        let mut out = Collected::default();
-        {
-            let ctx = OperatorContext {
-                subtask: &self.info,
-                record_watermark: wm,
-                current_watermark: wm,
-                metrics: &self.metrics,
-            };
-            self.ops[i].operator.on_watermark(wm, &ctx, &mut out)?;
-        }
-        self.route(i, out)?;
+        self.call(i, wm, |op, ctx, out| op.on_watermark(wm, ctx, out))?;
         self.broadcast_side(i, &Element::Watermark(wm))?;
         self.push_watermark(i + 1, wm)
     }
@@ -290,36 +291,16 @@ impl Chain {
     /// Tells every operator that input is quiet.
     fn idle(&mut self) -> Result<()> {
         for i in 0..self.ops.len() {
-            let mut out = Collected::default();
-            {
-                let wm = self.watermarks[i];
-                let ctx = OperatorContext {
-                    subtask: &self.info,
-                    record_watermark: wm,
-                    current_watermark: wm,
-                    metrics: &self.metrics,
-                };
-                self.ops[i].operator.on_idle(&ctx, &mut out)?;
-            }
-            self.route(i, out)?;
+            self.call(i, self.watermarks[i], |op, ctx, out| op.on_idle(ctx, out))?;
         }
         Ok(())
     }
 
     fn end_of_input(&mut self) -> Result<()> {
         for i in 0..self.ops.len() {
-            let mut out = Collected::default();
-            {
-                let wm = self.watermarks[i];
-                let ctx = OperatorContext {
-                    subtask: &self.info,
-                    record_watermark: wm,
-                    current_watermark: wm,
-                    metrics: &self.metrics,
-                };
-                self.ops[i].operator.on_end_of_input(&ctx, &mut out)?;
-            }
-            self.route(i, out)?;
+            self.call(i, self.watermarks[i], |op, ctx, out| {
+                op.on_end_of_input(ctx, out)
+            })?;
             self.broadcast_side(i, &Element::EndOfInput)?;
         }
         self.main_writers()
