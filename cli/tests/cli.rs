@@ -335,10 +335,11 @@ sources:
     event_time: t
     watermark: {idle_timeout: 300ms}
 transforms:
+  spread: {type: rebalance, input: payments, parallelism: 2}
   paid:
     type: interval_join
     left: orders
-    right: payments
+    right: spread
     left_key: [id]
     right_key: [id]
     lower_bound: 0s
@@ -365,8 +366,9 @@ sinks:
     writeln!(f, r#"{{"id": "o1", "t": 1000}}"#).unwrap();
     writeln!(f, r#"{{"id": "o2", "t": 60000}}"#).unwrap();
     f.flush().unwrap();
-    // payments never produce anything: once they are idle, the join's watermark follows the
-    // orders alone, o1's interval closes (watermark 59999 >= 1000 + 10s) and o1 is reported unpaid
+    // payments never produce anything: once they are idle (and the rebalancing stage between
+    // them and the join passes that on), the join's watermark follows the orders alone, o1's
+    // interval closes (watermark 59999 >= 1000 + 10s) and o1 is reported unpaid
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = std::fs::read_to_string(dir.path().join("unpaid.jsonl")).unwrap_or_default();

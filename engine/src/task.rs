@@ -525,6 +525,11 @@ fn run_channels(
                 if let Some(new) = tracker.mark_idle(ch) {
                     chain.push_watermark(0, new)?;
                 }
+                // with every input idle this subtask is idle too: say so downstream, or it
+                // would hold back its consumers' watermarks in turn
+                if tracker.all_idle() {
+                    chain.broadcast_all(&Element::Idle)?;
+                }
             }
             Element::EndOfInput => {
                 open[ch] = false;

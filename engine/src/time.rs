@@ -143,6 +143,13 @@ impl WatermarkTracker {
         self.recompute()
     }
 
+    /// True when no channel is active and at least one is idle: the subtask itself is idle and
+    /// should say so downstream.
+    pub fn all_idle(&self) -> bool {
+        self.channels.iter().all(|c| c.1 != ChannelStatus::Active)
+            && self.channels.iter().any(|c| c.1 == ChannelStatus::Idle)
+    }
+
     /// True when every channel has finished.
     pub fn all_finished(&self) -> bool {
         self.channels.iter().all(|c| c.1 == ChannelStatus::Finished)
@@ -222,8 +229,10 @@ mod tests {
     fn all_idle_holds() {
         let mut t = WatermarkTracker::new(1);
         t.update(0, Watermark(5));
+        assert!(!t.all_idle());
         assert_eq!(t.mark_idle(0), None);
         assert_eq!(t.combined(), Watermark(5));
+        assert!(t.all_idle(), "an idle subtask reports idle downstream");
     }
 
     #[test]
