@@ -97,9 +97,8 @@ pub struct ChannelReceiver {
 }
 
 impl ChannelReceiver {
-    /// Receives the next element, waiting at most `timeout`. `None` on timeout; a closed channel
-    /// without an end-of-input marker reads as [`Element::EndOfInput`] only if the sender finished
-    /// cleanly, otherwise as an error.
+    /// Receives the next element, waiting at most `timeout`: `None` on timeout, an error if the
+    /// sender went away without sending end-of-input (it failed or was cancelled).
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Element>> {
         match self.rx.recv_timeout(timeout) {
             Ok(e) => Ok(Some(e)),
