@@ -409,17 +409,8 @@ fn run_source(
             if port == MAIN_PORT {
                 SubtaskMetrics::add(&chain.metrics.records_in, batch.num_rows() as u64);
                 for (piece, wm) in generator.split(&batch) {
-                    let record_wm = chain
-                        .watermarks
-                        .first()
-                        .copied()
-                        .unwrap_or(generator.emitted());
-                    let record_wm = if chain.ops.is_empty() {
-                        generator.emitted()
-                    } else {
-                        record_wm
-                    };
-                    chain.push_batch(0, 0, piece, record_wm)?;
+                    // every record is judged against the watermark emitted before it
+                    chain.push_batch(0, 0, piece, generator.emitted())?;
                     if let Some(wm) = wm {
                         chain
                             .metrics
