@@ -408,10 +408,13 @@ fn run_source(
         for (port, batch) in out.0 {
             if port == MAIN_PORT {
                 SubtaskMetrics::add(&chain.metrics.records_in, batch.num_rows() as u64);
+                // every record is judged against the watermark emitted before it (`split` has
+                // already advanced the generator past the whole batch)
+                let mut before = generator.emitted();
                 for (piece, wm) in generator.split(&batch) {
-                    // every record is judged against the watermark emitted before it
-                    chain.push_batch(0, 0, piece, generator.emitted())?;
+                    chain.push_batch(0, 0, piece, before)?;
                     if let Some(wm) = wm {
+                        before = wm;
                         chain
                             .metrics
                             .watermark
