@@ -190,6 +190,10 @@ impl AggDef {
     }
 }
 
+/// The accumulators of one window or slice, one per aggregate; up to two are stored inline, so
+/// the common case needs no allocation and no pointer to follow.
+pub type Accs = smallvec::SmallVec<[Acc; 2]>;
+
 /// An accumulator: the state of one aggregate over some rows.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Acc {

@@ -36,7 +36,7 @@ use freshet_engine::{Result, TIME_COLUMN, Watermark};
 use smallvec::SmallVec;
 
 use crate::expr::{Expr, ExprError, timestamp_type};
-use aggregate::{Acc, AggDef, AggInputs};
+use aggregate::{Acc, Accs, AggDef, AggInputs};
 
 /// Side output port of records too late for every window.
 pub const LATE_PORT: usize = 1;
@@ -160,13 +160,13 @@ impl WindowPlan {
 
 /// The accumulators of one (key, slice), tagged with the end of the first window they count for;
 /// one entry unless records arrived too late for some of the slice's windows.
-type SliceParts = SmallVec<[(i64, Vec<Acc>); 1]>;
+type SliceParts = SmallVec<[(i64, Accs); 1]>;
 
 /// Accumulators of one session.
 #[derive(Debug, Clone)]
 struct Session {
     end: i64,
-    accs: Vec<Acc>,
+    accs: Accs,
 }
 
 /// The window operator of one subtask. See the module documentation.
@@ -186,17 +186,17 @@ struct Fired {
     key: StateKey,
     start: i64,
     end: i64,
-    accs: Vec<Acc>,
+    accs: Accs,
 }
 
 impl WindowOperator {
-    fn new_accs(&self) -> Vec<Acc> {
+    fn new_accs(&self) -> Accs {
         self.plan.aggs.iter().map(AggDef::new_acc).collect()
     }
 
     /// The merged accumulators of window `[start, end)` for `key` (sliced windows).
-    fn window_accs(&self, key: &[u8], start: i64, end: i64) -> Option<Vec<Acc>> {
-        let mut out: Option<Vec<Acc>> = None;
+    fn window_accs(&self, key: &[u8], start: i64, end: i64) -> Option<Accs> {
+        let mut out: Option<Accs> = None;
         let parts = self
             .slices
             .range(key, start..end, Watermark::MIN)
@@ -207,9 +207,9 @@ impl WindowOperator {
         out
     }
 
-    fn merge_into(&self, out: &mut Option<Vec<Acc>>, accs: &[Acc]) {
+    fn merge_into(&self, out: &mut Option<Accs>, accs: &[Acc]) {
         match out {
-            None => *out = Some(accs.to_vec()),
+            None => *out = Some(accs.iter().cloned().collect()),
             Some(o) => {
                 for ((d, a), b) in self.plan.aggs.iter().zip(o.iter_mut()).zip(accs) {
                     aggregate::merge(d, a, b);
@@ -220,7 +220,7 @@ impl WindowOperator {
 
     /// Fires window `[end - size, end)` of `key`. Without lateness, the window's first slice is
     /// covered by no later window, so it is taken out of state instead of copied.
-    fn fire_sliced(&mut self, key: &[u8], size: i64, slide: i64, end: i64) -> Option<Vec<Acc>> {
+    fn fire_sliced(&mut self, key: &[u8], size: i64, slide: i64, end: i64) -> Option<Accs> {
         let start = end - size;
         if self.plan.lateness > 0 {
             return self.window_accs(key, start, end);
