@@ -206,8 +206,8 @@ fn print_summary(job: &JobHandle, accumulators: &BTreeMap<String, i64>, duration
     let m = per_vertex(job);
     eprintln!("job {} in {:.2}s", job.id, duration.as_secs_f64());
     eprintln!(
-        "  {:<44} {:>5} {:>12} {:>12} {:>10} {:>8} {:>8}",
-        "vertex", "par", "records in", "records out", "written", "late", "dead"
+        "  {:<44} {:>5} {:>12} {:>12} {:>10} {:>8} {:>8} {:>9}",
+        "vertex", "par", "records in", "records out", "written", "late", "dead", "blocked"
     );
     for (v, vertex) in plan.vertices.iter().enumerate() {
         let s = m.get(&v).copied().unwrap_or_default();
@@ -217,14 +217,16 @@ fn print_summary(job: &JobHandle, accumulators: &BTreeMap<String, i64>, duration
             name.push_str("...");
         }
         eprintln!(
-            "  {:<44} {:>5} {:>12} {:>12} {:>10} {:>8} {:>8}",
+            "  {:<44} {:>5} {:>12} {:>12} {:>10} {:>8} {:>8} {:>8.1}s",
             name,
             vertex.parallelism,
             s.records_in,
             s.records_out,
             s.records_written,
             s.late_records,
-            s.dead_letters
+            s.dead_letters,
+            // time its subtasks spent waiting for room in full downstream channels
+            s.backpressured_ns as f64 / 1e9
         );
     }
     let dead: u64 = m.values().map(|s| s.dead_letters).sum();

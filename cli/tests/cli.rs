@@ -386,3 +386,28 @@ sinks:
     unsafe { libc_kill(child.0.id() as i32, 2) };
     assert_eq!(child.0.wait().unwrap().code(), Some(130));
 }
+
+#[test]
+fn a_sink_that_cannot_write_fails_the_job_and_names_the_file() {
+    let o = freshet()
+        .arg("run")
+        .arg(example("revenue-per-store"))
+        .args(["--parallelism", "2"])
+        .args([
+            "--set",
+            "sinks.late_sales.connector.path=/proc/freshet-no-such-dir/late.jsonl",
+        ])
+        .args([
+            "--set",
+            "sinks.revenue.connector.path=/dev/null/revenue.jsonl",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("job failed: sink:"), "{stderr}");
+    assert!(
+        stderr.contains("/proc/freshet-no-such-dir") || stderr.contains("/dev/null"),
+        "{stderr}"
+    );
+}

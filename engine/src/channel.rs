@@ -109,3 +109,58 @@ impl ChannelReceiver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_channel_blocks_the_sender_and_counts_the_time() {
+        let (mut tx, rx) = bounded(1);
+        let metrics = Arc::new(SubtaskMetrics::default());
+        tx.bind(CancelToken::new(), metrics.clone());
+        let consumer = std::thread::spawn(move || {
+            let mut got = 0;
+            while got < 4 {
+                std::thread::sleep(Duration::from_millis(30));
+                if let Some(Element::Watermark(_)) =
+                    rx.recv_timeout(Duration::from_secs(5)).unwrap()
+                {
+                    got += 1;
+                }
+            }
+        });
+        let start = Instant::now();
+        for i in 0..4 {
+            tx.send(Element::Watermark(crate::Watermark(i))).unwrap();
+        }
+        // the sender could only run ahead by the channel's capacity
+        assert!(
+            start.elapsed() >= Duration::from_millis(60),
+            "sends did not wait for the consumer"
+        );
+        assert!(
+            metrics.snapshot().backpressured_ns >= 50_000_000,
+            "{:?}",
+            metrics.snapshot()
+        );
+        consumer.join().unwrap();
+    }
+
+    #[test]
+    fn cancellation_wakes_a_blocked_sender() {
+        let (mut tx, _rx) = bounded(1);
+        let cancel = CancelToken::new();
+        tx.bind(cancel.clone(), Arc::new(SubtaskMetrics::default()));
+        tx.send(Element::Idle).unwrap();
+        let c = cancel.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            c.cancel();
+        });
+        assert!(matches!(
+            tx.send(Element::Idle),
+            Err(EngineError::Cancelled)
+        ));
+    }
+}
