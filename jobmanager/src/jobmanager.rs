@@ -75,6 +75,9 @@ pub struct JobStatus {
     pub finished: BTreeMap<(usize, u32), MetricsSnapshot>,
     /// Accumulators summed over subtasks (wrapping).
     pub accumulators: BTreeMap<String, i64>,
+    /// The error the job failed with, and whether it is a root cause (rather than a subtask
+    /// failing because another one went away).
+    failure: Option<(String, bool)>,
 }
 
 struct JobEntry {
@@ -232,6 +235,7 @@ impl JobManager {
                 duration: Duration::ZERO,
                 finished: BTreeMap::new(),
                 accumulators: BTreeMap::new(),
+                failure: None,
             }),
             done: Condvar::new(),
             remaining: Mutex::new(plan.subtask_count() as usize),
@@ -305,45 +309,52 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
             .get(ev.vertex)
             .map(|v| v.name.clone())
             .unwrap_or_default();
+        let task = format!("{name}#{}", ev.subtask);
+        let mut s = entry.status.lock().expect("status lock");
         match ev.state {
-            TaskState::Running => {}
+            TaskState::Running => continue,
             TaskState::Finished {
                 metrics,
                 accumulators,
             } => {
-                let mut s = entry.status.lock().expect("status lock");
                 s.finished.insert((ev.vertex, ev.subtask), metrics);
                 for (k, v) in accumulators {
                     let e = s.accumulators.entry(k).or_insert(0);
                     *e = e.wrapping_add(v);
                 }
-                drop(s);
-                let mut left = entry.remaining.lock().expect("remaining lock");
-                *left -= 1;
-                if *left == 0 {
-                    let mut s = entry.status.lock().expect("status lock");
-                    if s.state == JobState::Running {
-                        s.state = JobState::Finished;
-                        s.duration = s.started.elapsed();
-                        info!(job = %ev.job, duration = ?s.duration, "job finished");
-                    }
-                    entry.done.notify_all();
-                }
             }
-            TaskState::Failed { error } => {
-                let mut s = entry.status.lock().expect("status lock");
-                if s.state == JobState::Running {
-                    warn!(job = %ev.job, task = %format!("{name}#{}", ev.subtask), %error, "subtask failed; cancelling the job");
-                    s.state = JobState::Failed(format!("{name}#{}: {error}", ev.subtask));
-                    s.duration = s.started.elapsed();
+            TaskState::Failed { error, root_cause } => {
+                let first = s.failure.is_none();
+                // a subtask that failed because its consumer went away reports a consequence;
+                // the consumer's own error, when it arrives, is the one to report
+                if first || (root_cause && !s.failure.as_ref().is_some_and(|f| f.1)) {
+                    s.failure = Some((format!("{task}: {error}"), root_cause));
+                }
+                if first {
+                    warn!(job = %ev.job, %task, %error, "subtask failed; cancelling the job");
                     drop(s);
                     for tm in &jm.taskmanagers {
                         tm.cancel(&ev.job);
                     }
-                    entry.done.notify_all();
+                    s = entry.status.lock().expect("status lock");
                 }
             }
             TaskState::Cancelled => {}
+        }
+        // the job's fate is decided once every subtask has ended, so the reported cause is the
+        // root cause and not whichever consequence arrived first
+        let mut left = entry.remaining.lock().expect("remaining lock");
+        *left -= 1;
+        if *left == 0 {
+            if s.state == JobState::Running {
+                s.state = match &s.failure {
+                    Some((msg, _)) => JobState::Failed(msg.clone()),
+                    None => JobState::Finished,
+                };
+                s.duration = s.started.elapsed();
+                info!(job = %ev.job, state = ?s.state, duration = ?s.duration, "job ended");
+            }
+            entry.done.notify_all();
         }
     }
 }

@@ -49,8 +49,10 @@ pub enum TaskState {
     },
     /// Failed with an error.
     Failed {
-        /// What went wrong, with the subtask named.
+        /// What went wrong.
         error: String,
+        /// False when the subtask failed only because a subtask it sends to went away.
+        root_cause: bool,
     },
     /// Stopped because the job was cancelled.
     Cancelled,

@@ -232,6 +232,7 @@ impl TaskManagerGateway for TaskManager {
                     Err(EngineError::Cancelled) => TaskState::Cancelled,
                     Err(_) if cancel.is_cancelled() => TaskState::Cancelled,
                     Err(e) => TaskState::Failed {
+                        root_cause: !matches!(e, EngineError::ChannelClosed),
                         error: e.to_string(),
                     },
                 };
