@@ -150,14 +150,7 @@ sinks:
         ),
     )
     .unwrap();
-    let child = freshet()
-        .arg("run")
-        .arg(&job)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+    let job_run = Background::run(&job);
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&input)
@@ -171,29 +164,37 @@ sinks:
     writeln!(f, r#"000}}"#).unwrap();
     writeln!(f, r#"{{"k": "a", "t": 25000}}"#).unwrap();
     f.flush().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
     let want = r#""k":"a","window_start":"1970-01-01T00:00:00.000Z","window_end":"1970-01-01T00:00:10.000Z","n":2"#;
-    loop {
-        let text = std::fs::read_to_string(&output).unwrap_or_default();
-        if text.contains(want) && text.contains(r#""k":"b""#) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "windows did not fire while following: {text:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // SAFETY: sending SIGINT to our own child process.
-    unsafe { libc_kill(child.0.id() as i32, 2) };
-    let status = child.0.wait().unwrap();
-    assert_eq!(status.code(), Some(130));
+    wait_for(&output, "windows to fire while following", |text| {
+        text.contains(want) && text.contains(r#""k":"b""#)
+    });
+    assert_eq!(job_run.interrupt(), Some(130));
 }
 
-/// Kills the child if the test fails before it is stopped.
-struct KillOnDrop(std::process::Child);
+/// A `freshet run` in the background, killed if the test ends before stopping it.
+struct Background(std::process::Child);
 
-impl Drop for KillOnDrop {
+impl Background {
+    fn run(job: &Path) -> Self {
+        let child = freshet()
+            .arg("run")
+            .arg(job)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Background(child)
+    }
+
+    /// Sends Ctrl-C (SIGINT) and returns the exit code.
+    fn interrupt(mut self) -> Option<i32> {
+        // SAFETY: sending SIGINT to our own child process.
+        unsafe { kill(self.0.id() as i32, 2) };
+        self.0.wait().unwrap().code()
+    }
+}
+
+impl Drop for Background {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -201,8 +202,23 @@ impl Drop for KillOnDrop {
 }
 
 unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Waits (at most 20 s) until `path` holds text satisfying `done`.
+fn wait_for(path: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {text:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -351,14 +367,7 @@ sinks:
 "#,
     )
     .unwrap();
-    let child = freshet()
-        .arg("run")
-        .arg(&job)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+    let job_run = Background::run(&job);
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(dir.path().join("orders.jsonl"))
@@ -369,22 +378,13 @@ sinks:
     // payments never produce anything: once they are idle (and the rebalancing stage between
     // them and the join passes that on), the join's watermark follows the orders alone, o1's
     // interval closes (watermark 59999 >= 1000 + 10s) and o1 is reported unpaid
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(dir.path().join("unpaid.jsonl")).unwrap_or_default();
-        if text.contains(r#"\"id\":\"o1\""#) {
-            assert!(!text.contains("o2"), "o2's interval is still open: {text}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the idle input still holds back the watermark"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // SAFETY: sending SIGINT to our own child process.
-    unsafe { libc_kill(child.0.id() as i32, 2) };
-    assert_eq!(child.0.wait().unwrap().code(), Some(130));
+    let text = wait_for(
+        &dir.path().join("unpaid.jsonl"),
+        "o1 to be reported unpaid",
+        |t| t.contains(r#"\"id\":\"o1\""#),
+    );
+    assert!(!text.contains("o2"), "o2's interval is still open: {text}");
+    assert_eq!(job_run.interrupt(), Some(130));
 }
 
 #[test]

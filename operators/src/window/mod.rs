@@ -181,6 +181,13 @@ pub struct WindowOperator {
     keys: EncodedKeys,
 }
 
+/// What a batch gives the window, computed once per batch: event times, aggregate arguments.
+struct Rows<'a> {
+    times: &'a [i64],
+    inputs: &'a AggInputs,
+    readers: &'a [Option<crate::values::ColumnReader<'a>>],
+}
+
 /// A window result before it becomes a row.
 struct Fired {
     key: StateKey,
@@ -279,18 +286,16 @@ impl WindowOperator {
         &mut self,
         size: i64,
         slide: i64,
-        batch: &RecordBatch,
+        rows: Rows<'_>,
         ctx: &OperatorContext<'_>,
     ) -> Result<(Vec<u32>, Vec<Fired>)> {
         let lateness = self.plan.lateness;
         let (rw, w) = (ctx.record_watermark.0, ctx.current_watermark.0);
-        let times = batch
-            .column(batch.num_columns() - 1)
-            .as_primitive::<Int64Type>()
-            .values()
-            .clone();
-        let inputs = AggInputs::evaluate(&self.plan.aggs, batch)?;
-        let readers = inputs.readers()?;
+        let Rows {
+            times,
+            inputs,
+            readers,
+        } = rows;
         let mut late = Vec::new();
         let mut updated: HashSet<(StateKey, i64)> = HashSet::new();
         let aggs = &self.plan.aggs;
@@ -322,7 +327,7 @@ impl WindowOperator {
                             i
                         }
                     };
-                    aggregate::update(aggs, &mut parts[i].1, &inputs, &readers, row);
+                    aggregate::update(aggs, &mut parts[i].1, inputs, readers, row);
                 });
             let mut end = first_end;
             while end <= last_end {
@@ -359,18 +364,16 @@ impl WindowOperator {
     fn process_sessions(
         &mut self,
         gap: i64,
-        batch: &RecordBatch,
+        rows: Rows<'_>,
         ctx: &OperatorContext<'_>,
     ) -> Result<(Vec<u32>, Vec<Fired>)> {
         let lateness = self.plan.lateness;
         let (rw, w) = (ctx.record_watermark.0, ctx.current_watermark.0);
-        let times = batch
-            .column(batch.num_columns() - 1)
-            .as_primitive::<Int64Type>()
-            .values()
-            .clone();
-        let inputs = AggInputs::evaluate(&self.plan.aggs, batch)?;
-        let readers = inputs.readers()?;
+        let Rows {
+            times,
+            inputs,
+            readers,
+        } = rows;
         let mut late = Vec::new();
         let mut updated: Vec<(StateKey, i64)> = Vec::new();
         for (row, &t) in times.iter().enumerate() {
@@ -391,7 +394,7 @@ impl WindowOperator {
                 end: t + gap,
                 accs: self.new_accs(),
             };
-            aggregate::update(&self.plan.aggs, &mut session.accs, &inputs, &readers, row);
+            aggregate::update(&self.plan.aggs, &mut session.accs, inputs, readers, row);
             for s in touching {
                 let old = self.sessions.remove(&key, s).expect("listed above");
                 start = start.min(s);
@@ -444,9 +447,20 @@ impl Operator for WindowOperator {
         out: &mut dyn Output,
     ) -> Result<()> {
         self.plan.keys.encode(&batch, &mut self.keys)?;
+        let times = batch
+            .column(batch.num_columns() - 1)
+            .as_primitive::<Int64Type>()
+            .values();
+        let inputs = AggInputs::evaluate(&self.plan.aggs, &batch)?;
+        let readers = inputs.readers()?;
+        let rows = Rows {
+            times,
+            inputs: &inputs,
+            readers: &readers,
+        };
         let (late, fired) = match self.plan.kind {
-            WindowKind::Sliced { size, slide } => self.process_sliced(size, slide, &batch, ctx)?,
-            WindowKind::Session { gap } => self.process_sessions(gap, &batch, ctx)?,
+            WindowKind::Sliced { size, slide } => self.process_sliced(size, slide, rows, ctx)?,
+            WindowKind::Session { gap } => self.process_sessions(gap, rows, ctx)?,
         };
         if !late.is_empty() {
             SubtaskMetrics::add(&ctx.metrics.late_records, late.len() as u64);
