@@ -1,12 +1,17 @@
 //! `freshet bench nexmark`: the Nexmark queries of the side-by-side benchmark, run through the
 //! normal job path (planning, JobManager, TaskManager, subtasks), printing throughput, CPU time
 //! and the checksums that must match the reference implementation.
+//!
+//! `freshet bench checkpoints`: what checkpoints cost. Nexmark q5 with checkpoints every second
+//! against the same run without, alternating, with the ratio; then a job with large keyed state
+//! whose keys change slowly, printing each checkpoint's full and uploaded (incremental) size.
 use anyhow::{Result, bail};
 use clap::Subcommand;
 use std::time::Instant;
 
 use freshet_job::parse_job;
 use freshet_jobmanager::JobState;
+use freshet_jobmanager::checkpoints::CheckpointStatus;
 use freshet_taskmanager::local::local_cluster;
 
 /// Benchmarks.
@@ -30,6 +35,21 @@ pub enum BenchCommand {
         /// Print the job definition instead of running it.
         #[arg(long)]
         print_job: bool,
+        /// Take checkpoints at this interval (into a temporary directory), e.g. `1s`.
+        #[arg(long)]
+        checkpoint_interval: Option<String>,
+    },
+    /// The cost of checkpoints: q5 with and without, and incremental checkpoint sizes.
+    Checkpoints {
+        /// Bids per q5 run.
+        #[arg(long, default_value_t = 20_000_000)]
+        events: u64,
+        /// Runs of each variant (alternating).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Keys of the large-state job.
+        #[arg(long, default_value_t = 2_000_000)]
+        keys: u64,
     },
 }
 
@@ -80,20 +100,67 @@ fn cpu_seconds() -> f64 {
 }
 
 pub fn run(cmd: BenchCommand) -> Result<i32> {
-    let BenchCommand::Nexmark {
-        query,
-        events,
-        parallelism,
-        seed,
-        print_job,
-    } = cmd;
-    let text = nexmark_job(&query, events, parallelism, seed)?;
-    if print_job {
-        print!("{text}");
-        return Ok(0);
+    match cmd {
+        BenchCommand::Nexmark {
+            query,
+            events,
+            parallelism,
+            seed,
+            print_job,
+            checkpoint_interval,
+        } => {
+            let mut text = nexmark_job(&query, events, parallelism, seed)?;
+            if print_job {
+                print!("{text}");
+                return Ok(0);
+            }
+            let dir = tempfile::tempdir()?;
+            if let Some(i) = &checkpoint_interval {
+                text.push_str(&checkpointing(i, dir.path()));
+            }
+            let r = run_nexmark(&query, &text, events, parallelism)?;
+            println!(
+                "RESULT engine=freshet query={query} p={parallelism} events={} checkpoints={} wall_s={:.3} eps={:.0} cpu_s={:.2} eps_per_cpu_s={:.0} rows={} sum1={} sum2={}",
+                r.events,
+                r.checkpoints,
+                r.wall,
+                r.events as f64 / r.wall,
+                r.cpu,
+                r.events as f64 / r.cpu.max(1e-9),
+                r.rows,
+                r.sum1,
+                r.sum2
+            );
+            Ok(0)
+        }
+        BenchCommand::Checkpoints {
+            events,
+            rounds,
+            keys,
+        } => bench_checkpoints(events, rounds, keys),
     }
+}
+
+fn checkpointing(interval: &str, dir: &std::path::Path) -> String {
+    format!(
+        "checkpointing:\n  interval: {interval}\n  dir: {}\n",
+        dir.display()
+    )
+}
+
+struct Measured {
+    events: u64,
+    wall: f64,
+    cpu: f64,
+    rows: i64,
+    sum1: i64,
+    sum2: i64,
+    checkpoints: usize,
+}
+
+fn run_nexmark(query: &str, text: &str, events: u64, parallelism: u32) -> Result<Measured> {
     let spec =
-        parse_job(&text, &format!("nexmark-{query}"), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+        parse_job(text, &format!("nexmark-{query}"), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
     let events = events - events % parallelism as u64;
     let jm = local_cluster(1, parallelism);
     let (cpu0, t0) = (cpu_seconds(), Instant::now());
@@ -104,13 +171,88 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
         bail!("benchmark job failed: {e}");
     }
     let get = |k: &str| status.accumulators.get(k).copied().unwrap_or(0);
+    let checkpoints = job
+        .checkpoints()
+        .iter()
+        .filter(|c| c.status == CheckpointStatus::Completed)
+        .count();
+    Ok(Measured {
+        events,
+        wall,
+        cpu,
+        rows: get("out.rows"),
+        sum1: get("out.sum1"),
+        sum2: get("out.sum2"),
+        checkpoints,
+    })
+}
+
+fn bench_checkpoints(events: u64, rounds: u32, keys: u64) -> Result<i32> {
+    // 1. q5 with 1-second checkpoints against none, alternating so drift hits both alike
+    let plain = nexmark_job("q5", events, 1, 42)?;
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    for round in 0..rounds {
+        let dir = tempfile::tempdir()?;
+        let a = run_nexmark("q5", &plain, events, 1)?;
+        let b = run_nexmark(
+            "q5",
+            &format!("{plain}{}", checkpointing("1s", dir.path())),
+            events,
+            1,
+        )?;
+        if (a.rows, a.sum1, a.sum2) != (b.rows, b.sum1, b.sum2) {
+            bail!("q5 results differ with checkpoints: {:?} vs {:?}", (a.rows, a.sum1, a.sum2), (b.rows, b.sum1, b.sum2));
+        }
+        println!(
+            "q5 round {round}: no checkpoints {:.0} events/s, 1s checkpoints {:.0} events/s ({} checkpoints)",
+            a.events as f64 / a.wall,
+            b.events as f64 / b.wall,
+            b.checkpoints
+        );
+        without.push(a.events as f64 / a.wall);
+        with.push(b.events as f64 / b.wall);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (w, wo) = (median(&mut with), median(&mut without));
     println!(
-        "RESULT engine=freshet query={query} p={parallelism} events={events} wall_s={wall:.3} eps={:.0} cpu_s={cpu:.2} eps_per_cpu_s={:.0} rows={} sum1={} sum2={}",
-        events as f64 / wall,
-        events as f64 / cpu.max(1e-9),
-        get("out.rows"),
-        get("out.sum1"),
-        get("out.sum2")
+        "RESULT bench=checkpoint-cost query=q5 events={events} no_checkpoints_eps={wo:.0} checkpoints_1s_eps={w:.0} ratio={:.3} slowdown_pct={:.1}",
+        w / wo,
+        (1.0 - w / wo) * 100.0
     );
+
+    // 2. large state, slowly changing keys: every key is written once, then a small set of keys
+    //    keeps changing; later checkpoints upload only the new files
+    let hot = (keys / 100).max(1);
+    let total = keys * 2;
+    let dir = tempfile::tempdir()?;
+    let text = format!(
+        "version: 1\nname: large-state\nsources:\n  gen:\n    connector:\n      type: generator\n      count: {total}\n      rows_per_second: {rate}\n      fields:\n        k: \"CASE WHEN seq < {keys} THEN seq ELSE seq % {hot} END\"\n        v: seq\n        ts: \"seq\"\n    event_time: ts\n    watermark: {{max_out_of_orderness: 1s}}\ntransforms:\n  latest:\n    type: deduplicate\n    input: gen\n    key: [k]\n    keep: latest\n    order_by: v\n    ttl: 1000d\nsinks:\n  out:\n    input: latest\n    connector: {{type: blackhole}}\n{}",
+        checkpointing("1s", dir.path()),
+        rate = total / 8,
+    );
+    let spec = parse_job(&text, "large-state", &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let jm = local_cluster(1, 1);
+    let job = jm.submit(spec, std::env::current_dir()?)?;
+    let status = job.wait();
+    if let JobState::Failed(e) = &status.state {
+        bail!("large-state job failed: {e}");
+    }
+    println!("large state: {keys} keys written once, then {hot} keys updated; per checkpoint:");
+    for c in job.checkpoints() {
+        if c.status != CheckpointStatus::Completed {
+            continue;
+        }
+        println!(
+            "RESULT bench=incremental checkpoint={} full_bytes={} uploaded_bytes={} uploaded_pct={:.1}",
+            c.id,
+            c.full_bytes,
+            c.uploaded_bytes,
+            100.0 * c.uploaded_bytes as f64 / c.full_bytes.max(1) as f64
+        );
+    }
     Ok(0)
 }

@@ -1,5 +1,6 @@
 //! `freshet`: run a job locally, check it, explain its plan, benchmark the engine.
 mod bench;
+mod client;
 mod run;
 
 use anyhow::Result;
@@ -30,6 +31,62 @@ enum Command {
         /// Number of TaskManagers to spread the slots over.
         #[arg(long, default_value_t = 1)]
         taskmanagers: u32,
+        /// Start from this checkpoint (`.../chk-N`) or savepoint directory. Without it, a job
+        /// with checkpointing resumes from the latest completed checkpoint in its checkpoint
+        /// directory.
+        #[arg(long, value_name = "PATH")]
+        restore: Option<String>,
+        /// Start with empty state even if completed checkpoints exist.
+        #[arg(long, conflicts_with = "restore")]
+        fresh: bool,
+        /// Restore even if the snapshot has state of operators the job no longer has (that
+        /// state is dropped).
+        #[arg(long)]
+        allow_non_restored_state: bool,
+        /// Address of the JobManager's HTTP API (`freshet savepoint`, `stop`, `checkpoints`
+        /// talk to it); `off` to serve none.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        http: String,
+    },
+    /// Take a savepoint of a running job; prints its location.
+    Savepoint {
+        /// Job id or name.
+        job: String,
+        /// Directory to create the savepoint in (default: the job's
+        /// `checkpointing.savepoint_dir`).
+        #[arg(long)]
+        dir: Option<String>,
+        /// The JobManager's HTTP API.
+        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
+        jobmanager: String,
+    },
+    /// Stop a running job: with `--savepoint`, after taking one (prints its location).
+    Stop {
+        /// Job id or name.
+        job: String,
+        /// Take a savepoint, then stop exactly there.
+        #[arg(long)]
+        savepoint: bool,
+        /// Directory to create the savepoint in.
+        #[arg(long, requires = "savepoint")]
+        dir: Option<String>,
+        /// The JobManager's HTTP API.
+        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
+        jobmanager: String,
+    },
+    /// Show a job's checkpoints and savepoints: id, status, timing, full and uploaded size.
+    Checkpoints {
+        /// Job id or name.
+        job: String,
+        /// The JobManager's HTTP API.
+        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
+        jobmanager: String,
+    },
+    /// List the jobs of a JobManager.
+    List {
+        /// The JobManager's HTTP API.
+        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
+        jobmanager: String,
     },
     /// Check a job file (format, references, expressions, types) without running it.
     Validate {
@@ -92,7 +149,34 @@ fn dispatch(cli: Cli) -> Result<i32> {
             set,
             parallelism,
             taskmanagers,
-        } => run::run(&job, &overrides(set, parallelism), taskmanagers),
+            restore,
+            fresh,
+            allow_non_restored_state,
+            http,
+        } => run::run(
+            &job,
+            &overrides(set, parallelism),
+            taskmanagers,
+            freshet_jobmanager::SubmitOptions {
+                restore,
+                ignore_checkpoints: fresh,
+                allow_non_restored_state,
+            },
+            &http,
+        ),
+        Command::Savepoint {
+            job,
+            dir,
+            jobmanager,
+        } => client::savepoint(&jobmanager, &job, dir),
+        Command::Stop {
+            job,
+            savepoint,
+            dir,
+            jobmanager,
+        } => client::stop(&jobmanager, &job, savepoint, dir),
+        Command::Checkpoints { job, jobmanager } => client::checkpoints(&jobmanager, &job),
+        Command::List { jobmanager } => client::list(&jobmanager),
         Command::Validate { job, set } => run::validate(&job, &set),
         Command::Explain {
             job,

@@ -11,7 +11,7 @@ use freshet_engine::metrics::MetricsSnapshot;
 use freshet_engine::time::format_millis;
 use freshet_job::{JobSpec, LoadError, load_job};
 use freshet_jobmanager::plan::NodeKind;
-use freshet_jobmanager::{JobHandle, JobPlan, JobState, SubmitError, plan};
+use freshet_jobmanager::{JobHandle, JobPlan, JobState, SubmitError, SubmitOptions, plan};
 use freshet_taskmanager::local::local_cluster;
 
 /// Loads a job file, printing every problem. `None` when the job is refused.
@@ -74,20 +74,41 @@ pub fn explain(path: &Path, overrides: &[String]) -> Result<i32> {
     Ok(0)
 }
 
-pub fn run(path: &Path, overrides: &[String], taskmanagers: u32) -> Result<i32> {
+pub fn run(
+    path: &Path,
+    overrides: &[String],
+    taskmanagers: u32,
+    options: SubmitOptions,
+    http: &str,
+) -> Result<i32> {
     let Some((spec, base, plan)) = planned(path, overrides) else {
         return Ok(1);
     };
     let slots = plan.slots_needed().div_ceil(taskmanagers.max(1));
     let jm = local_cluster(taskmanagers, slots);
-    let job = match jm.submit(spec, base) {
+    if http != "off" {
+        match freshet_jobmanager::http::serve(jm.clone(), http) {
+            Ok(addr) => eprintln!("JobManager API on http://{addr}"),
+            Err(e) => eprintln!(
+                "warning: JobManager API not started on {http}: {e} (pick another address with --http)"
+            ),
+        }
+    }
+    let job = match jm.submit_with(spec, base, options) {
         Ok(j) => j,
         Err(SubmitError::Invalid(p)) => {
             eprint!("{}: {p}", path.display());
             return Ok(1);
         }
+        Err(SubmitError::State(e)) => {
+            eprintln!("{}: {e}", path.display());
+            return Ok(1);
+        }
         Err(e) => return Err(e.into()),
     };
+    if let Some(from) = job.restored_from() {
+        eprintln!("restoring from {from}");
+    }
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let job = job.clone();

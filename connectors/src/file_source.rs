@@ -7,12 +7,17 @@
 //! source never finishes: at the end of the file it waits for more, and an incomplete last line
 //! is held until its newline arrives. CSV records are one per line (quoted newlines are not
 //! supported).
+//!
+//! Snapshots record, per file, the byte offset and line number after the last emitted line (or
+//! that the file is done), so a restored source resumes exactly there, also at another parallelism.
 use arrow::record_batch::RecordBatch;
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::operator::{OperatorContext, Source, SourceOutput, SourceStatus};
 use freshet_engine::{EngineError, Result};
 use freshet_job::{FieldType, FileFormat};
@@ -45,6 +50,8 @@ pub struct FileSourceConfig {
     pub event_time: EventTime,
     /// Largest batch.
     pub batch_size: usize,
+    /// Records per second per subtask, unlimited if `None`.
+    pub rows_per_second: Option<f64>,
 }
 
 /// The files a path names, in order.
@@ -68,6 +75,8 @@ struct OpenFile {
     /// How positions name this file.
     name: String,
     reader: BufReader<File>,
+    /// Bytes read from the file so far.
+    consumed: u64,
     line_no: u64,
     partial: String,
     /// CSV: position of each declared field in a record.
@@ -84,7 +93,25 @@ pub struct FileSource {
     positions: Vec<u64>,
     dead: DeadLetters,
     csv: csv::ReaderBuilder,
+    /// Restored positions by file name.
+    resume: HashMap<String, FilePosition>,
+    /// Rate limit: when reading started and records read since.
+    paced: Option<(std::time::Instant, u64)>,
 }
+
+/// Where reading of one file stands.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct FilePosition {
+    file: String,
+    /// Byte offset after the last emitted line.
+    offset: u64,
+    /// Lines read up to there.
+    line: u64,
+    /// Read to the end (bounded).
+    done: bool,
+}
+
+const POSITIONS: &str = "files";
 
 impl FileSource {
     /// The subtask `index` of `parallelism`.
@@ -109,17 +136,14 @@ impl FileSource {
             positions: Vec::new(),
             dead: DeadLetters::default(),
             csv,
+            resume: HashMap::new(),
+            paced: None,
         })
     }
 
-    fn open_next(&mut self) -> Result<bool> {
-        let Some(path) = self.files.get(self.next_file).cloned() else {
-            return Ok(false);
-        };
-        self.next_file += 1;
-        let f = File::open(&path)
-            .map_err(|e| EngineError::io(format!("opening {}", path.display()), e))?;
-        let name = if self.config.path.is_dir() {
+    /// How positions and dead letters name a file.
+    fn name_of(&self, path: &Path) -> String {
+        if self.config.path.is_dir() {
             let file = path
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
@@ -127,16 +151,65 @@ impl FileSource {
             format!("{}/{file}", self.config.display_path.trim_end_matches('/'))
         } else {
             self.config.display_path.clone()
-        };
-        self.open = Some(OpenFile {
-            path,
-            name,
-            reader: BufReader::with_capacity(1 << 16, f),
-            line_no: 0,
-            partial: String::new(),
-            columns: None,
-        });
-        Ok(true)
+        }
+    }
+
+    fn open_next(&mut self) -> Result<bool> {
+        loop {
+            let Some(path) = self.files.get(self.next_file).cloned() else {
+                return Ok(false);
+            };
+            self.next_file += 1;
+            let name = self.name_of(&path);
+            let resume = self.resume.get(&name).cloned();
+            if resume.as_ref().is_some_and(|r| r.done) {
+                continue;
+            }
+            let f = File::open(&path)
+                .map_err(|e| EngineError::io(format!("opening {}", path.display()), e))?;
+            self.open = Some(OpenFile {
+                path: path.clone(),
+                name,
+                reader: BufReader::with_capacity(1 << 16, f),
+                consumed: 0,
+                line_no: 0,
+                partial: String::new(),
+                columns: None,
+            });
+            if let Some(r) = resume.filter(|r| r.offset > 0) {
+                self.seek(&path, &r)?;
+            }
+            return Ok(true);
+        }
+    }
+
+    /// Moves the open file to a restored position (a CSV header is read first, for the columns).
+    fn seek(&mut self, path: &Path, r: &FilePosition) -> Result<()> {
+        let len = std::fs::metadata(path)
+            .map_err(|e| EngineError::io(format!("opening {}", path.display()), e))?
+            .len();
+        if len < r.offset {
+            return Err(EngineError::Operator(format!(
+                "{}: the file is shorter ({len} bytes) than the restored position ({} bytes); it was changed since the snapshot",
+                path.display(),
+                r.offset
+            )));
+        }
+        if matches!(self.config.format, FileFormat::Csv) && self.config.header {
+            let mut first = String::new();
+            let open = self.open.as_mut().expect("just opened");
+            open.reader
+                .read_line(&mut first)
+                .map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
+            self.decode_line(&first, 1)?;
+        }
+        let open = self.open.as_mut().expect("just opened");
+        open.reader
+            .seek(SeekFrom::Start(r.offset))
+            .map_err(|e| EngineError::io(format!("seeking in {}", path.display()), e))?;
+        open.consumed = r.offset;
+        open.line_no = r.line;
+        Ok(())
     }
 
     fn split_csv(&self, line: &str) -> std::result::Result<Vec<String>, String> {
@@ -262,14 +335,26 @@ impl Source for FileSource {
         if self.open.is_none() && !self.open_next()? {
             return Ok(SourceStatus::Finished);
         }
+        let mut limit = self.config.batch_size;
+        if let Some(rate) = self.config.rows_per_second {
+            let (since, read) = *self.paced.get_or_insert((std::time::Instant::now(), 0));
+            let allowed = (since.elapsed().as_secs_f64() * rate) as u64;
+            if allowed <= read {
+                let wait = ((read + 1) as f64 / rate - since.elapsed().as_secs_f64()).max(0.001);
+                return Ok(SourceStatus::Pending(Duration::from_secs_f64(wait)));
+            }
+            limit = limit.min((allowed - read) as usize);
+        }
         let mut line = String::new();
-        while self.decoder.rows() < self.config.batch_size {
+        let mut lines = 0;
+        while self.decoder.rows() < self.config.batch_size && lines < limit {
             line.clear();
             let open = self.open.as_mut().expect("opened above");
             let n = open
                 .reader
                 .read_line(&mut line)
                 .map_err(|e| EngineError::io(format!("reading {}", open.path.display()), e))?;
+            open.consumed += n as u64;
             if n == 0 {
                 // the end of the file as it is now
                 if self.config.follow && self.next_file >= self.files.len() {
@@ -306,8 +391,49 @@ impl Source for FileSource {
             open.line_no += 1;
             let no = open.line_no;
             self.decode_line(&full, no)?;
+            lines += 1;
+            if let Some((_, read)) = self.paced.as_mut() {
+                *read += 1;
+            }
         }
         self.flush(out)?;
         Ok(SourceStatus::Ready)
+    }
+
+    fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
+        for (_, _, data) in state.operator_state(POSITIONS) {
+            let positions: Vec<FilePosition> = serde_json::from_slice(data)
+                .map_err(|e| EngineError::State(format!("file source positions: {e}")))?;
+            for p in positions {
+                self.resume.insert(p.file.clone(), p);
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
+        let mut positions = Vec::new();
+        for (i, path) in self.files.iter().enumerate().take(self.next_file) {
+            let file = self.name_of(path);
+            positions.push(match &self.open {
+                Some(o) if o.path == *path => FilePosition {
+                    file,
+                    // a partial line was not emitted: it is read again after a restore
+                    offset: o.consumed - o.partial.len() as u64,
+                    line: o.line_no,
+                    done: false,
+                },
+                _ => FilePosition {
+                    file,
+                    offset: 0,
+                    line: 0,
+                    done: i < self.next_file,
+                },
+            });
+        }
+        let data = serde_json::to_vec(&positions)
+            .map_err(|e| EngineError::State(format!("file source positions: {e}")))?;
+        snap.put(POSITIONS, data);
+        Ok(())
     }
 }

@@ -7,8 +7,9 @@ use arrow::record_batch::RecordBatch;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use freshet_engine::Result;
+use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::operator::{OperatorContext, Source, SourceOutput, SourceStatus};
+use freshet_engine::{EngineError, Result};
 
 use crate::event_time::EventTime;
 use freshet_operators::expr::Expr;
@@ -39,7 +40,36 @@ pub struct GeneratorSource {
     index: u64,
     parallelism: u64,
     produced: u64,
+    /// Rows produced before this run started (restored), not counted against the rate limit.
+    resumed_at: u64,
     started: Option<Instant>,
+}
+
+/// Name of a sequence source's position in snapshots.
+pub(crate) const POSITION: &str = "position";
+
+/// Restores the position of a subtask of a source that splits a sequence by subtask index: the
+/// former subtask with the same index at the same parallelism.
+pub(crate) fn restore_position(state: &StateContext<'_>, what: &str) -> Result<Option<u64>> {
+    let saved = state.operator_state(POSITION);
+    if saved.is_empty() {
+        return Ok(None);
+    }
+    let me = state.subtask();
+    let Some((_, _, data)) = saved
+        .iter()
+        .find(|(i, p, _)| *i == me.index && *p == me.parallelism)
+    else {
+        let old = saved[0].1;
+        return Err(EngineError::State(format!(
+            "{what} ran at parallelism {old} when the snapshot was taken and cannot resume at {}; restore it at parallelism {old}",
+            me.parallelism
+        )));
+    };
+    let bytes: [u8; 8] = (*data)
+        .try_into()
+        .map_err(|_| EngineError::State(format!("{what}: position has the wrong size")))?;
+    Ok(Some(u64::from_be_bytes(bytes)))
 }
 
 impl GeneratorSource {
@@ -50,6 +80,7 @@ impl GeneratorSource {
             index: index as u64,
             parallelism: parallelism as u64,
             produced: 0,
+            resumed_at: 0,
             started: None,
         }
     }
@@ -77,15 +108,15 @@ impl Source for GeneratorSource {
         }
         if let Some(rate) = self.config.rows_per_second {
             let mine = rate / self.parallelism as f64;
+            let done = self.produced - self.resumed_at;
             let allowed = (started.elapsed().as_secs_f64() * mine) as u64;
-            if allowed <= self.produced {
+            if allowed <= done {
                 let wait = Duration::from_secs_f64(
-                    ((self.produced + 1) as f64 / mine - started.elapsed().as_secs_f64())
-                        .max(0.001),
+                    ((done + 1) as f64 / mine - started.elapsed().as_secs_f64()).max(0.001),
                 );
                 return Ok(SourceStatus::Pending(wait));
             }
-            n = n.min(allowed - self.produced);
+            n = n.min(allowed - done);
         }
         let seq: ArrayRef = Arc::new(Int64Array::from_iter_values(
             (self.produced..self.produced + n).map(|k| (k * self.parallelism + self.index) as i64),
@@ -101,5 +132,18 @@ impl Source for GeneratorSource {
         out.emit(batch);
         self.produced += n;
         Ok(SourceStatus::Ready)
+    }
+
+    fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
+        if let Some(p) = restore_position(state, "a generator source")? {
+            self.produced = p;
+            self.resumed_at = p;
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
+        snap.put(POSITION, self.produced.to_be_bytes().to_vec());
+        Ok(())
     }
 }

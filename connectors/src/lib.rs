@@ -83,6 +83,7 @@ pub fn plan_source(
             path: file,
             format,
             follow,
+            rows_per_second,
             csv,
         } => {
             let full = resolve(base, file);
@@ -121,6 +122,7 @@ pub fn plan_source(
                 fields,
                 event_time: event_time.clone(),
                 batch_size,
+                rows_per_second: *rows_per_second,
             };
             (
                 event_time.output_schema(),

@@ -138,6 +138,18 @@ impl NexmarkSource {
 }
 
 impl Source for NexmarkSource {
+    fn open(&mut self, state: &mut freshet_engine::checkpoint::StateContext<'_>) -> Result<()> {
+        if let Some(p) = crate::generator::restore_position(state, "a Nexmark source")? {
+            self.next = p;
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self, snap: &mut freshet_engine::checkpoint::SnapshotContext<'_>) -> Result<()> {
+        snap.put(crate::generator::POSITION, self.next.to_be_bytes().to_vec());
+        Ok(())
+    }
+
     fn poll(
         &mut self,
         _: &OperatorContext<'_>,

@@ -1,11 +1,11 @@
 //! What travels on a channel between two subtasks.
 //!
 //! Data and control share one ordered stream per channel: a watermark or end-of-input marker is
-//! seen by the receiver exactly after the batches sent before it. Checkpoint barriers will travel
-//! the same way.
+//! seen by the receiver exactly after the batches sent before it, and so is a checkpoint barrier.
 use arrow::record_batch::RecordBatch;
 
 use crate::Watermark;
+use crate::checkpoint::Barrier;
 
 /// One item on a channel.
 #[derive(Debug, Clone)]
@@ -19,4 +19,8 @@ pub enum Element {
     Idle,
     /// The sender is done; nothing follows on this channel.
     EndOfInput,
+    /// A checkpoint barrier: everything before it is covered by the snapshot, nothing after.
+    Barrier(Barrier),
+    /// The job stops at a savepoint: end without flushing (windows stay open in the savepoint).
+    Suspend,
 }

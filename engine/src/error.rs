@@ -28,6 +28,12 @@ pub enum EngineError {
     /// An operator rejected its input or configuration.
     #[error("{0}")]
     Operator(String),
+    /// Keyed state or a snapshot could not be read or written.
+    #[error("state: {0}")]
+    State(String),
+    /// Object storage (checkpoints, savepoints) failed.
+    #[error("object storage: {0}")]
+    Storage(String),
 }
 
 impl EngineError {
@@ -42,6 +48,9 @@ impl EngineError {
     /// True when restarting the task may succeed (external systems), false for deterministic
     /// failures that would repeat (type errors, invalid operator configuration).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, EngineError::Io { .. } | EngineError::ChannelClosed)
+        matches!(
+            self,
+            EngineError::Io { .. } | EngineError::ChannelClosed | EngineError::Storage(_)
+        )
     }
 }

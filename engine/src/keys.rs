@@ -21,7 +21,7 @@ use crate::{EngineError, Result};
 pub struct KeyGroup(pub u32);
 
 /// A contiguous, inclusive range of key groups owned by one subtask.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeyGroupRange {
     /// First key group (inclusive).
     pub start: u32,
@@ -44,6 +44,11 @@ impl KeyGroupRange {
     /// Whether `kg` lies in this range.
     pub fn contains(&self, kg: KeyGroup) -> bool {
         kg.0 >= self.start && kg.0 <= self.end
+    }
+
+    /// Whether the two ranges share a key group.
+    pub fn intersects(&self, other: &KeyGroupRange) -> bool {
+        self.start.max(other.start) <= self.end.min(other.end)
     }
 }
 

@@ -12,7 +12,8 @@
 //! - [`operator`]: the [`Operator`](operator::Operator), [`Source`](operator::Source) and
 //!   [`Sink`](operator::Sink) traits every operator implements, with their contracts.
 //! - [`state`]: the keyed-state interface (value/list/map tables with event-time TTL) all stateful
-//!   operators use, backed in memory for now.
+//!   operators use, held in RocksDB behind a write-back cache.
+//! - [`checkpoint`]: barriers, snapshots, their upload to object storage and restore.
 //! - [`task`]: the subtask runner: input gate, operator chain and output writers on one thread.
 //!
 //! What it does not own: the job description format (`freshet-job`), concrete operators
@@ -21,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod channel;
+pub mod checkpoint;
 pub mod element;
 pub mod error;
 pub mod keys;

@@ -9,7 +9,12 @@
 //! runtime after `on_watermark` returns, so rows emitted there precede the watermark.
 //!
 //! Sinks are operators without outputs: they write in `process_batch` and flush in
-//! `on_end_of_input`.
+//! `on_end_of_input`. With checkpoints on, a sink is two-phase: it stages what arrives between
+//! two barriers and commits it in [`checkpoint_complete`](Operator::checkpoint_complete).
+//!
+//! State: [`open`](Operator::open) runs first and attaches keyed tables to the subtask's RocksDB
+//! backend or restores from a snapshot; [`snapshot`](Operator::snapshot) runs when a checkpoint
+//! barrier passes the operator.
 //!
 //! A [`Source`] is polled by its subtask thread; it emits batches that carry the
 //! [`TIME_COLUMN`](crate::TIME_COLUMN), and the runtime derives watermarks from them
@@ -18,6 +23,7 @@ use arrow::record_batch::RecordBatch;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::checkpoint::{CheckpointId, SnapshotContext, StateContext};
 use crate::metrics::SubtaskMetrics;
 use crate::{KeyGroupRange, Result, Watermark};
 
@@ -106,6 +112,25 @@ pub trait Operator: Send {
     fn accumulators(&self) -> Vec<(String, i64)> {
         Vec::new()
     }
+
+    /// Called once before anything else, on the subtask's thread: attach keyed tables to the
+    /// backend ([`StateContext::attach`]) and restore non-keyed state from a checkpoint or
+    /// savepoint, if the job starts from one.
+    fn open(&mut self, _state: &mut StateContext<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// A checkpoint barrier passed: write what a restart needs into `snap` (flush keyed tables,
+    /// save timers, put non-keyed state). Runs on the subtask thread, so keep it short; uploading
+    /// happens afterwards on another thread.
+    fn snapshot(&mut self, _snap: &mut SnapshotContext<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Checkpoint `id` completed: make the effects it covers visible (a two-phase sink commits).
+    fn checkpoint_complete(&mut self, _id: CheckpointId) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What a source reports after a poll.
@@ -135,4 +160,15 @@ pub trait Source: Send {
         ctx: &OperatorContext<'_>,
         out: &mut dyn SourceOutput,
     ) -> Result<SourceStatus>;
+
+    /// Called once before the first poll: restore the read position from a checkpoint or
+    /// savepoint ([`StateContext::operator_state`]).
+    fn open(&mut self, _state: &mut StateContext<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Save the read position: everything emitted so far is before the barrier.
+    fn snapshot(&mut self, _snap: &mut SnapshotContext<'_>) -> Result<()> {
+        Ok(())
+    }
 }

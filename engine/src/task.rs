@@ -12,11 +12,17 @@
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::Int64Type;
 use crossbeam_channel::Select;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info_span};
 
 use crate::channel::{CancelToken, ChannelReceiver};
+use crate::checkpoint::upload::{OperatorState, SyncTimes, Taken, bookkeep, upload};
+use crate::checkpoint::{
+    Barrier, CheckpointHooks, LocalState, RestoreSource, SnapshotContext, StateContext,
+    SubtaskCommand, SubtaskReport,
+};
 use crate::metrics::{MetricsSnapshot, SubtaskMetrics};
 use crate::operator::{
     MAIN_PORT, Operator, OperatorContext, Output, Source, SourceOutput, SourceStatus, SubtaskInfo,
@@ -76,6 +82,21 @@ impl WatermarkGenerator {
         self.emitted
     }
 
+    /// Its state, for a snapshot.
+    pub fn save(&self) -> Vec<u8> {
+        [self.max_ts.to_be_bytes(), self.emitted.0.to_be_bytes()].concat()
+    }
+
+    /// Restores a state from [`save`](Self::save).
+    pub fn restore(&mut self, data: &[u8]) -> Result<()> {
+        if data.len() != 16 {
+            return Err(EngineError::State("watermark state has the wrong size".into()));
+        }
+        self.max_ts = i64::from_be_bytes(data[..8].try_into().expect("8 bytes"));
+        self.emitted = Watermark(i64::from_be_bytes(data[8..].try_into().expect("8 bytes")));
+        Ok(())
+    }
+
     /// Splits `batch` at the points where the watermark advances: returns the pieces, each with
     /// the watermark to emit after it (if any).
     pub fn split(&mut self, batch: &RecordBatch) -> Vec<(RecordBatch, Option<Watermark>)> {
@@ -125,6 +146,8 @@ pub struct ChainedOperator {
 pub enum TaskInput {
     /// A source and its watermark settings; `side_outputs[p]` are the edges of source port `p + 1`.
     Source {
+        /// Stable operator id of the source (its state is stored under it).
+        uid: String,
         /// The source.
         source: Box<dyn Source>,
         /// Watermark generation.
@@ -150,6 +173,14 @@ pub struct SubtaskSpec {
     pub cancel: CancelToken,
     /// Counters.
     pub metrics: Arc<SubtaskMetrics>,
+    /// Local working directory and keyed-state settings.
+    pub local: LocalState,
+    /// Commands from the JobManager (checkpoint trigger, completion, ...).
+    pub commands: crossbeam_channel::Receiver<SubtaskCommand>,
+    /// Checkpoint storage and reporting; `None` when the job takes no checkpoints.
+    pub checkpoints: Option<CheckpointHooks>,
+    /// The checkpoint or savepoint the job starts from.
+    pub restore: Option<Arc<RestoreSource>>,
 }
 
 /// Collects an operator's output during one call.
@@ -175,6 +206,8 @@ impl SourceOutput for Collected {
 
 struct Chain {
     ops: Vec<ChainedOperator>,
+    /// State records of the operators, in chain order.
+    states: Vec<OperatorState>,
     /// Last watermark delivered to each operator.
     watermarks: Vec<Watermark>,
     /// Main-output edges when the chain is empty (a source writing straight to the network).
@@ -309,6 +342,89 @@ impl Chain {
     }
 }
 
+
+impl Chain {
+    /// Takes the synchronous part of a snapshot of the chain's operators, after `head` (the
+    /// source, if any) was snapshotted into `taken`.
+    fn snapshot(&mut self, id: u64, local: &Path, mut taken: Vec<Taken>) -> Result<Vec<Taken>> {
+        for (op, st) in self.ops.iter_mut().zip(&self.states) {
+            let mut snap = SnapshotContext::new(id, st.backend.as_ref());
+            op.operator.snapshot(&mut snap)?;
+            taken.push(st.take(id, &self.info, snap.into_state(), local)?);
+        }
+        Ok(taken)
+    }
+
+    /// Handles a completion or abort for the chain.
+    fn command(&mut self, cmd: &SubtaskCommand) -> Result<()> {
+        bookkeep(&self.states, cmd);
+        if let SubtaskCommand::Complete(id) = cmd {
+            for op in self.ops.iter_mut() {
+                op.operator.checkpoint_complete(*id)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the snapshot of a subtask at `barrier` and starts its upload; a failure declines the
+/// checkpoint instead of failing the subtask.
+fn checkpoint(
+    chain: &mut Chain,
+    hooks: &CheckpointHooks,
+    local: &Path,
+    barrier: &Barrier,
+    head: Option<(&mut dyn Source, &OperatorState, &WatermarkGenerator)>,
+    alignment_ms: u64,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut taken = Vec::new();
+    let result = (|| {
+        if let Some((source, st, generator)) = head {
+            let mut snap = SnapshotContext::new(barrier.id, st.backend.as_ref());
+            source.snapshot(&mut snap)?;
+            snap.put(WATERMARK_STATE, generator.save());
+            taken.push(st.take(barrier.id, &chain.info, snap.into_state(), local)?);
+        }
+        chain.snapshot(barrier.id, local, taken)
+    })();
+    match result {
+        Ok(taken) => upload(
+            hooks,
+            barrier,
+            &chain.info,
+            taken,
+            SyncTimes {
+                alignment_ms,
+                sync_ms: started.elapsed().as_millis() as u64,
+            },
+        ),
+        Err(e) => (hooks.report)(SubtaskReport::Decline {
+            checkpoint: barrier.id,
+            reason: format!("{}#{}: {e}", chain.info.vertex, chain.info.index),
+        }),
+    }
+    chain.broadcast_all(&Element::Barrier(barrier.clone()))
+}
+
+/// Name of the source's watermark state.
+const WATERMARK_STATE: &str = "watermark";
+
+/// Opens one operator: gives it its state context, returns its state record.
+fn open_state(
+    info: &SubtaskInfo,
+    uid: &str,
+    local: &LocalState,
+    restore: Option<&RestoreSource>,
+    checkpointing: bool,
+    open: impl FnOnce(&mut StateContext<'_>) -> Result<()>,
+) -> Result<OperatorState> {
+    let mut ctx = StateContext::new(info, uid, &local.config, &local.dir, restore, checkpointing);
+    open(&mut ctx)?;
+    let (backend, seeded) = ctx.finish();
+    Ok(OperatorState::new(uid.to_string(), backend, info, seeded))
+}
+
 /// What a subtask reports when it finishes.
 #[derive(Debug, Clone, Default)]
 pub struct SubtaskResult {
@@ -322,12 +438,24 @@ pub struct SubtaskResult {
 pub fn run_subtask(spec: SubtaskSpec) -> Result<SubtaskResult> {
     let span = info_span!("subtask", job = %spec.info.job, vertex = %spec.info.vertex, index = spec.info.index);
     let _enter = span.enter();
+    let local_dir = spec.local.dir.clone();
+    let result = run_subtask_inner(spec);
+    // keyed backends were dropped with the chain; remove what is left of the working directory
+    let _ = std::fs::remove_dir_all(&local_dir);
+    result
+}
+
+fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
     let SubtaskSpec {
         info,
         input,
         mut chain,
         cancel,
         metrics,
+        local,
+        commands,
+        checkpoints,
+        restore,
     } = spec;
     for op in chain.iter_mut() {
         for w in op.outputs.iter_mut().flatten() {
@@ -336,18 +464,34 @@ pub fn run_subtask(spec: SubtaskSpec) -> Result<SubtaskResult> {
             }
         }
     }
+    let checkpointing = checkpoints.is_some();
+    let restore = restore.as_deref();
+    let mut states = Vec::with_capacity(chain.len());
+    for op in chain.iter_mut() {
+        states.push(open_state(&info, &op.name, &local, restore, checkpointing, |ctx| {
+            op.operator.open(ctx)
+        })?);
+    }
     let n = chain.len();
     let mut chain = Chain {
         ops: chain,
+        states,
         watermarks: vec![Watermark::MIN; n],
         head_outputs: Vec::new(),
         info,
         metrics: metrics.clone(),
     };
+    let ctl = Control {
+        commands,
+        hooks: checkpoints,
+        local,
+        cancel,
+    };
     let started = Instant::now();
     match input {
         TaskInput::Source {
-            source,
+            uid,
+            mut source,
             watermarks,
             mut main_outputs,
             mut side_outputs,
@@ -357,13 +501,25 @@ pub fn run_subtask(spec: SubtaskSpec) -> Result<SubtaskResult> {
                 .chain(side_outputs.iter_mut().flatten())
             {
                 for t in w.targets_mut() {
-                    t.bind(cancel.clone(), metrics.clone());
+                    t.bind(ctl.cancel.clone(), metrics.clone());
                 }
             }
             chain.head_outputs = main_outputs;
-            run_source(source, watermarks, side_outputs, &mut chain, &cancel)?;
+            let mut generator = WatermarkGenerator::new(&watermarks);
+            let state = open_state(&chain.info, &uid, &ctl.local, restore, checkpointing, |ctx| {
+                restore_watermark(ctx, &mut generator)?;
+                source.open(ctx)
+            })?;
+            let head = SourceHead {
+                source,
+                state,
+                generator,
+                config: watermarks,
+                side_outputs,
+            };
+            run_source(head, &mut chain, &ctl)?;
         }
-        TaskInput::Channels(inputs) => run_channels(inputs, &mut chain, &cancel)?,
+        TaskInput::Channels(inputs) => run_channels(inputs, &mut chain, &ctl)?,
     }
     debug!(elapsed = ?started.elapsed(), "subtask finished");
     let accumulators = chain
@@ -377,29 +533,146 @@ pub fn run_subtask(spec: SubtaskSpec) -> Result<SubtaskResult> {
     })
 }
 
-fn run_source(
-    mut source: Box<dyn Source>,
+/// A restored source starts from the watermark it had emitted: its own former subtask's, or
+/// with a different parallelism the smallest of all (never ahead of any restored split).
+fn restore_watermark(ctx: &StateContext<'_>, generator: &mut WatermarkGenerator) -> Result<()> {
+    let saved = ctx.operator_state(WATERMARK_STATE);
+    let me = ctx.subtask();
+    let own = saved
+        .iter()
+        .find(|(i, p, _)| *i == me.index && *p == me.parallelism);
+    if let Some((_, _, data)) = own {
+        return generator.restore(data);
+    }
+    let mut lowest: Option<WatermarkGenerator> = None;
+    for (_, _, data) in saved {
+        let mut g = generator.clone();
+        g.restore(data)?;
+        if lowest.as_ref().is_none_or(|l| g.emitted < l.emitted) {
+            lowest = Some(g);
+        }
+    }
+    if let Some(l) = lowest {
+        *generator = l;
+    }
+    Ok(())
+}
+
+/// How a subtask hears from the JobManager, and where its snapshots go.
+struct Control {
+    commands: crossbeam_channel::Receiver<SubtaskCommand>,
+    hooks: Option<CheckpointHooks>,
+    local: LocalState,
+    cancel: CancelToken,
+}
+
+/// A source subtask's head: the source with its state record and watermark generator.
+struct SourceHead {
+    source: Box<dyn Source>,
+    state: OperatorState,
+    generator: WatermarkGenerator,
     config: WatermarkConfig,
-    mut side_outputs: Vec<Vec<EdgeWriter>>,
+    side_outputs: Vec<Vec<EdgeWriter>>,
+}
+
+impl SourceHead {
+    fn broadcast_side(&mut self, e: &Element) -> Result<()> {
+        for w in self.side_outputs.iter_mut().flatten() {
+            w.broadcast(e)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a source does after a command.
+enum SourceNext {
+    Continue,
+    /// Hold: a stop-with-savepoint barrier went out; wait for Suspend or Abort.
+    Hold,
+    Finish,
+    Suspend,
+}
+
+/// Handles one command at a source subtask.
+fn source_command(
+    cmd: SubtaskCommand,
+    head: &mut SourceHead,
     chain: &mut Chain,
-    cancel: &CancelToken,
-) -> Result<()> {
-    let mut generator = WatermarkGenerator::new(&config);
+    ctl: &Control,
+) -> Result<SourceNext> {
+    match cmd {
+        SubtaskCommand::Trigger(barrier) => {
+            let Some(hooks) = &ctl.hooks else {
+                return Ok(SourceNext::Continue);
+            };
+            checkpoint(
+                chain,
+                hooks,
+                &ctl.local.dir,
+                &barrier,
+                Some((head.source.as_mut(), &head.state, &head.generator)),
+                0,
+            )?;
+            head.broadcast_side(&Element::Barrier(barrier.clone()))?;
+            Ok(if barrier.stop {
+                SourceNext::Hold
+            } else {
+                SourceNext::Continue
+            })
+        }
+        SubtaskCommand::Complete(_) | SubtaskCommand::Abort(_) => {
+            bookkeep(std::slice::from_ref(&head.state), &cmd);
+            chain.command(&cmd)?;
+            Ok(SourceNext::Continue)
+        }
+        SubtaskCommand::Finish => Ok(SourceNext::Finish),
+        SubtaskCommand::Suspend => Ok(SourceNext::Suspend),
+    }
+}
+
+fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<()> {
     let mut last_data = Instant::now();
     let mut idle = false;
-    loop {
-        if cancel.is_cancelled() {
+    let restored = head.generator.emitted();
+    if restored != Watermark::MIN {
+        // a restored source first tells downstream where it was
+        chain.push_watermark(0, restored)?;
+        head.broadcast_side(&Element::Watermark(restored))?;
+    }
+    let mut holding = false;
+    let ended = loop {
+        if ctl.cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
+        }
+        // commands first: a trigger is answered between two polls
+        let next = if holding {
+            match ctl.commands.recv_timeout(Duration::from_millis(100)) {
+                Ok(cmd) => Some(cmd),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(_) => return Err(EngineError::Cancelled),
+            }
+        } else {
+            ctl.commands.try_recv().ok()
+        };
+        if let Some(cmd) = next {
+            let aborted = matches!(cmd, SubtaskCommand::Abort(_));
+            match source_command(cmd, &mut head, chain, ctl)? {
+                SourceNext::Continue => holding &= !aborted,
+                SourceNext::Hold => holding = true,
+                SourceNext::Finish => break SourceNext::Finish,
+                SourceNext::Suspend => break SourceNext::Suspend,
+            }
+            continue;
         }
         let mut out = Collected::default();
         let status = {
             let ctx = OperatorContext {
                 subtask: &chain.info,
-                record_watermark: generator.emitted(),
-                current_watermark: generator.emitted(),
+                record_watermark: head.generator.emitted(),
+                current_watermark: head.generator.emitted(),
                 metrics: &chain.metrics,
             };
-            source.poll(&ctx, &mut out)?
+            head.source.poll(&ctx, &mut out)?
         };
         if !out.0.is_empty() {
             last_data = Instant::now();
@@ -410,8 +683,8 @@ fn run_source(
                 SubtaskMetrics::add(&chain.metrics.records_in, batch.num_rows() as u64);
                 // every record is judged against the watermark emitted before it (`split` has
                 // already advanced the generator past the whole batch)
-                let mut before = generator.emitted();
-                for (piece, wm) in generator.split(&batch) {
+                let mut before = head.generator.emitted();
+                for (piece, wm) in head.generator.split(&batch) {
                     chain.push_batch(0, 0, piece, before)?;
                     if let Some(wm) = wm {
                         before = wm;
@@ -423,7 +696,7 @@ fn run_source(
                     }
                 }
             } else {
-                let Some(writers) = side_outputs.get_mut(port - 1) else {
+                let Some(writers) = head.side_outputs.get_mut(port - 1) else {
                     return Err(EngineError::Operator(format!(
                         "source emitted on unknown port {port}"
                     )));
@@ -438,57 +711,95 @@ fn run_source(
         match status {
             SourceStatus::Ready => {}
             SourceStatus::Pending(wait) => {
-                if let Some(timeout) = config.idle_timeout
+                if let Some(timeout) = head.config.idle_timeout
                     && !idle
                     && last_data.elapsed() >= timeout
                 {
                     idle = true;
                     chain.broadcast_all(&Element::Idle)?;
-                    for w in side_outputs.iter_mut().flatten() {
-                        w.broadcast(&Element::Idle)?;
-                    }
+                    head.broadcast_side(&Element::Idle)?;
                 }
                 chain.idle()?;
-                std::thread::sleep(wait.min(Duration::from_millis(100)));
+                // wake early for a command
+                if let Ok(cmd) = ctl
+                    .commands
+                    .recv_timeout(wait.min(Duration::from_millis(100)))
+                {
+                    match source_command(cmd, &mut head, chain, ctl)? {
+                        SourceNext::Continue => {}
+                        SourceNext::Hold => holding = true,
+                        SourceNext::Finish => break SourceNext::Finish,
+                        SourceNext::Suspend => break SourceNext::Suspend,
+                    }
+                }
             }
-            SourceStatus::Finished => break,
+            SourceStatus::Finished => break SourceNext::Continue,
+        }
+    };
+    if matches!(ended, SourceNext::Suspend) {
+        chain.broadcast_all(&Element::Suspend)?;
+        return head.broadcast_side(&Element::Suspend);
+    }
+    if !matches!(ended, SourceNext::Finish) {
+        chain
+            .metrics
+            .watermark
+            .store(i64::MAX, std::sync::atomic::Ordering::Relaxed);
+        chain.push_watermark(0, Watermark::MAX)?;
+        head.broadcast_side(&Element::Watermark(Watermark::MAX))?;
+        if let Some(hooks) = &ctl.hooks {
+            // with checkpoints, the input ends only after a final checkpoint covers all output
+            (hooks.report)(SubtaskReport::SourceFinished);
+            loop {
+                if ctl.cancel.is_cancelled() {
+                    return Err(EngineError::Cancelled);
+                }
+                let cmd = match ctl.commands.recv_timeout(Duration::from_millis(100)) {
+                    Ok(cmd) => cmd,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                    Err(_) => return Err(EngineError::Cancelled),
+                };
+                match source_command(cmd, &mut head, chain, ctl)? {
+                    SourceNext::Continue | SourceNext::Hold => {}
+                    SourceNext::Finish => break,
+                    SourceNext::Suspend => {
+                        chain.broadcast_all(&Element::Suspend)?;
+                        return head.broadcast_side(&Element::Suspend);
+                    }
+                }
+            }
         }
     }
-    chain
-        .metrics
-        .watermark
-        .store(i64::MAX, std::sync::atomic::Ordering::Relaxed);
-    chain.push_watermark(0, Watermark::MAX)?;
-    for w in side_outputs.iter_mut().flatten() {
-        w.broadcast(&Element::Watermark(Watermark::MAX))?;
-    }
     chain.end_of_input()?;
-    for w in side_outputs.iter_mut().flatten() {
-        w.broadcast(&Element::EndOfInput)?;
-    }
-    Ok(())
+    head.broadcast_side(&Element::EndOfInput)
 }
 
 fn run_channels(
     inputs: Vec<(ChannelReceiver, usize)>,
     chain: &mut Chain,
-    cancel: &CancelToken,
+    ctl: &Control,
 ) -> Result<()> {
     let mut tracker = WatermarkTracker::new(inputs.len());
     let mut open: Vec<bool> = vec![true; inputs.len()];
     let mut remaining = inputs.len();
+    // barrier alignment: channels that delivered the pending barrier are not read until it
+    // arrived on every open channel
+    let mut blocked: Vec<bool> = vec![false; inputs.len()];
+    let mut aligning: Option<(Barrier, Instant)> = None;
+    let mut suspended = false;
     while remaining > 0 {
-        if cancel.is_cancelled() {
+        if ctl.cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
         let mut sel = Select::new();
         let mut index = Vec::with_capacity(remaining);
         for (ch, (rx, _)) in inputs.iter().enumerate() {
-            if open[ch] {
+            if open[ch] && !blocked[ch] {
                 sel.recv(&rx.rx);
                 index.push(ch);
             }
         }
+        let commands = sel.recv(&ctl.commands);
         let op = match sel.select_timeout(Duration::from_millis(100)) {
             Ok(op) => op,
             Err(_) => {
@@ -496,6 +807,13 @@ fn run_channels(
                 continue;
             }
         };
+        if op.index() == commands {
+            match op.recv(&ctl.commands) {
+                Ok(cmd) => chain.command(&cmd)?,
+                Err(_) => return Err(EngineError::Cancelled),
+            }
+            continue;
+        }
         let ch = index[op.index()];
         let element = op
             .recv(&inputs[ch].0.rx)
@@ -525,7 +843,14 @@ fn run_channels(
                     chain.broadcast_all(&Element::Idle)?;
                 }
             }
-            Element::EndOfInput => {
+            Element::Barrier(barrier) => {
+                blocked[ch] = true;
+                if aligning.is_none() {
+                    aligning = Some((barrier, Instant::now()));
+                }
+            }
+            Element::EndOfInput | Element::Suspend => {
+                suspended |= matches!(element, Element::Suspend);
                 open[ch] = false;
                 remaining -= 1;
                 if let Some(new) = tracker.finish(ch) {
@@ -537,6 +862,25 @@ fn run_channels(
                 }
             }
         }
+        if aligning.is_some() && (0..inputs.len()).all(|c| !open[c] || blocked[c]) {
+            let (barrier, since) = aligning.take().expect("aligning");
+            if let Some(hooks) = &ctl.hooks {
+                let alignment_ms = since.elapsed().as_millis() as u64;
+                checkpoint(chain, hooks, &ctl.local.dir, &barrier, None, alignment_ms)?;
+            }
+            blocked.iter_mut().for_each(|b| *b = false);
+        }
+    }
+    if suspended {
+        // a stop-with-savepoint: pending commits arrive as commands before the sources suspend
+        while let Ok(cmd) = ctl.commands.try_recv() {
+            chain.command(&cmd)?;
+        }
+        return chain.broadcast_all(&Element::Suspend);
+    }
+    // a completion sent before the end of input is handled before it (sinks commit first)
+    while let Ok(cmd) = ctl.commands.try_recv() {
+        chain.command(&cmd)?;
     }
     chain.end_of_input()
 }

@@ -32,6 +32,13 @@ pub struct JobSpec {
     /// Data-plane tuning.
     #[serde(default)]
     pub pipeline: PipelineSpec,
+    /// Periodic checkpoints; without this section the job takes none (and a failure loses its
+    /// progress). With it, sinks commit output only when a checkpoint completes (exactly once).
+    #[serde(default)]
+    pub checkpointing: Option<CheckpointingSpec>,
+    /// Keyed state (RocksDB) settings.
+    #[serde(default)]
+    pub state: StateSpec,
     /// Named sources.
     pub sources: IndexMap<String, SourceSpec>,
     /// Named transforms, in any order; the graph is given by their inputs.
@@ -78,6 +85,109 @@ fn default_batch_size() -> usize {
 }
 fn default_channel_capacity() -> usize {
     8
+}
+
+/// Checkpoint settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointingSpec {
+    /// Time between two checkpoint triggers.
+    pub interval: DurationSpec,
+    /// A checkpoint not complete after this long is aborted.
+    #[serde(default = "default_cp_timeout")]
+    pub timeout: DurationSpec,
+    /// Least time between the end of one checkpoint and the start of the next.
+    #[serde(default)]
+    pub min_pause: DurationSpec,
+    /// Most checkpoints in progress at once.
+    #[serde(default = "default_one")]
+    pub max_concurrent: u32,
+    /// Completed checkpoints kept; older ones are deleted with the files only they use.
+    #[serde(default = "default_retain")]
+    pub retain: u32,
+    /// Where checkpoints go: a directory (relative to the job file) or `s3://bucket/prefix`.
+    /// The job's checkpoints live in `<dir>/<job name>/`.
+    #[serde(default = "default_cp_dir")]
+    pub dir: String,
+    /// Default directory for savepoints (`freshet savepoint` without `--dir`).
+    #[serde(default = "default_sp_dir")]
+    pub savepoint_dir: String,
+    /// S3 connection settings; each overrides the matching `AWS_*` environment variable.
+    #[serde(default)]
+    pub s3: S3Spec,
+}
+
+fn default_cp_timeout() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(600))
+}
+fn default_one() -> u32 {
+    1
+}
+fn default_retain() -> u32 {
+    3
+}
+fn default_cp_dir() -> String {
+    "checkpoints".into()
+}
+fn default_sp_dir() -> String {
+    "savepoints".into()
+}
+
+/// S3 connection settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct S3Spec {
+    /// Endpoint of an S3-compatible server (`http://127.0.0.1:9000`); `AWS_ENDPOINT_URL`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Region; `AWS_REGION`.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Access key id; `AWS_ACCESS_KEY_ID`.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// Secret access key; `AWS_SECRET_ACCESS_KEY` (prefer the variable to writing it here).
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+}
+
+/// Keyed-state settings. Every stateful operator subtask has its own RocksDB instance; the
+/// sizes below apply to each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateSpec {
+    /// Working directory of the RocksDB instances (default: the system temporary directory).
+    #[serde(default)]
+    pub local_dir: Option<String>,
+    /// Keys per state table cached in memory, decoded, in front of RocksDB.
+    #[serde(default = "default_cache_keys")]
+    pub cache_keys: usize,
+    /// RocksDB block cache, MiB.
+    #[serde(default = "default_block_cache")]
+    pub block_cache_mb: usize,
+    /// RocksDB write buffer (memtable), MiB; at most two exist at once.
+    #[serde(default = "default_write_buffer")]
+    pub write_buffer_mb: usize,
+}
+
+impl Default for StateSpec {
+    fn default() -> Self {
+        StateSpec {
+            local_dir: None,
+            cache_keys: default_cache_keys(),
+            block_cache_mb: default_block_cache(),
+            write_buffer_mb: default_write_buffer(),
+        }
+    }
+}
+fn default_cache_keys() -> usize {
+    200_000
+}
+fn default_block_cache() -> usize {
+    32
+}
+fn default_write_buffer() -> usize {
+    16
 }
 
 /// A named source.
@@ -166,6 +276,10 @@ pub enum SourceConnector {
         /// CSV options.
         #[serde(default)]
         csv: CsvOptions,
+        /// Upper bound on records read per second by each subtask (unlimited if unset): replay
+        /// recorded input at a controlled pace.
+        #[serde(default)]
+        rows_per_second: Option<f64>,
     },
     /// Rows computed from a sequence number `seq` by SQL expressions, optionally rate-limited.
     Generator {

@@ -62,6 +62,29 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
             .hint("use a value between 1 and 32768, e.g. 128"),
         );
     }
+    if let Some(c) = &job.checkpointing {
+        if c.interval.0 < std::time::Duration::from_millis(10) {
+            p.push(Problem::new("checkpointing.interval", "must be at least 10ms"));
+        }
+        if c.timeout.0.is_zero() {
+            p.push(Problem::new("checkpointing.timeout", "must be more than 0"));
+        }
+        if c.max_concurrent == 0 {
+            p.push(Problem::new("checkpointing.max_concurrent", "must be at least 1"));
+        }
+        if c.retain == 0 {
+            p.push(Problem::new("checkpointing.retain", "must be at least 1"));
+        }
+        if c.dir.trim().is_empty() {
+            p.push(Problem::new("checkpointing.dir", "must not be empty"));
+        }
+    }
+    if job.state.cache_keys == 0 {
+        p.push(Problem::new("state.cache_keys", "must be at least 1"));
+    }
+    if job.state.write_buffer_mb == 0 {
+        p.push(Problem::new("state.write_buffer_mb", "must be at least 1"));
+    }
     if job.pipeline.batch_size == 0 {
         p.push(Problem::new("pipeline.batch_size", "must be at least 1"));
     }

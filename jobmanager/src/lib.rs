@@ -6,12 +6,17 @@
 //! - [`messages`]: what the JobManager and TaskManagers say to each other, and the
 //!   [`TaskManagerGateway`](messages::TaskManagerGateway) a TaskManager is reached through.
 //! - [`jobmanager`]: submission, slot-sharing scheduling, job status and cancellation.
+//! - [`checkpoints`]: the checkpoint coordinator: triggers, acknowledgements, metadata,
+//!   retention and cleanup of checkpoint storage.
+//! - [`http`]: the JSON API (jobs, checkpoints, savepoints, stop) the CLI talks to.
 #![warn(missing_docs)]
 
+pub mod checkpoints;
+pub mod http;
 pub mod jobmanager;
 pub mod messages;
 pub mod plan;
 
-pub use jobmanager::{JobHandle, JobManager, JobState, JobStatus, SubmitError};
+pub use jobmanager::{JobHandle, JobManager, JobState, JobStatus, SubmitError, SubmitOptions};
 pub use messages::{JobId, TaskDeployment, TaskEvent, TaskManagerGateway, TaskState};
 pub use plan::{JobPlan, plan};

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use freshet_engine::checkpoint::{RestoreSource, S3Options, Storage, SubtaskCommand, SubtaskReport};
 use freshet_engine::metrics::MetricsSnapshot;
+use freshet_engine::state::StateConfig;
 use freshet_job::JobSpec;
 
 /// Identifies a submitted job.
@@ -33,6 +35,21 @@ pub struct TaskDeployment {
     pub vertex: usize,
     /// Subtask index.
     pub subtask: u32,
+    /// Keyed-state settings; `local_dir` is the job attempt's working directory.
+    pub state: StateConfig,
+    /// Where checkpoints go; `None` when the job takes none.
+    pub checkpoints: Option<CheckpointSetup>,
+    /// The checkpoint or savepoint the job starts from.
+    pub restore: Option<Arc<RestoreSource>>,
+}
+
+/// The checkpoint storage of a job.
+#[derive(Debug, Clone)]
+pub struct CheckpointSetup {
+    /// The job's checkpoint root.
+    pub storage: Storage,
+    /// S3 settings for savepoint targets.
+    pub s3: S3Options,
 }
 
 /// Where a subtask is in its life.
@@ -56,6 +73,9 @@ pub enum TaskState {
     },
     /// Stopped because the job was cancelled.
     Cancelled,
+    /// Not a change of state: a report about a checkpoint (acknowledgement, decline, or a
+    /// source that reached the end of its input).
+    Checkpoint(SubtaskReport),
 }
 
 /// A TaskManager's report about one subtask.
@@ -94,6 +114,8 @@ pub trait TaskManagerGateway: Send + Sync {
     fn deploy(&self, deployment: TaskDeployment) -> Result<(), String>;
     /// Cancels every subtask of a job.
     fn cancel(&self, job: &JobId);
+    /// Passes a command to a running subtask (false if it is not running here).
+    fn command(&self, job: &JobId, vertex: usize, subtask: u32, cmd: SubtaskCommand) -> bool;
     /// Counters of a job's subtasks running here.
     fn metrics(&self, job: &JobId) -> Vec<SubtaskStatus>;
 }

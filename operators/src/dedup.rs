@@ -21,6 +21,7 @@ use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::KeyedTable;
+use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::{Result, Watermark};
 use freshet_job::DedupKeep;
 
@@ -94,6 +95,14 @@ pub struct DedupOperator {
 }
 
 impl Operator for DedupOperator {
+    fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
+        state.attach(&mut self.seen)
+    }
+
+    fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
+        snap.flush(&mut self.seen)
+    }
+
     fn process_batch(
         &mut self,
         _: usize,

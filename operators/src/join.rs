@@ -22,6 +22,7 @@ use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::{KeyedTable, Timers};
+use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::time::format_millis;
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
 
@@ -182,7 +183,7 @@ impl JoinPlan {
 }
 
 /// A buffered row.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Buffered {
     values: Vec<Option<Scalar>>,
     matched: bool,
@@ -253,6 +254,22 @@ impl JoinOperator {
 }
 
 impl Operator for JoinOperator {
+    fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
+        for b in self.buffers.iter_mut() {
+            state.attach(b)?;
+        }
+        self.cleanup = [state.timers("cleanup-left")?, state.timers("cleanup-right")?];
+        Ok(())
+    }
+
+    fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
+        for b in self.buffers.iter_mut() {
+            snap.flush(b)?;
+        }
+        snap.save_timers("cleanup-left", &self.cleanup[0])?;
+        snap.save_timers("cleanup-right", &self.cleanup[1])
+    }
+
     fn process_batch(
         &mut self,
         input: usize,

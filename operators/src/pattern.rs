@@ -22,6 +22,7 @@ use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::{KeyedTable, StateKey, Timers};
+use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
 
 use crate::expr::{Expr, timestamp_type};
@@ -106,6 +107,19 @@ pub struct PatternOperator {
 }
 
 impl Operator for PatternOperator {
+    fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
+        state.attach(&mut self.pending)?;
+        state.attach(&mut self.runs)?;
+        self.timers = state.timers("evaluate")?;
+        Ok(())
+    }
+
+    fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
+        snap.flush(&mut self.pending)?;
+        snap.flush(&mut self.runs)?;
+        snap.save_timers("evaluate", &self.timers)
+    }
+
     fn process_batch(
         &mut self,
         _: usize,

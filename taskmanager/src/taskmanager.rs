@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use tracing::{debug, info_span};
 
 use freshet_engine::channel::CancelToken;
+use freshet_engine::checkpoint::{CheckpointHooks, LocalState, SubtaskCommand, SubtaskReport};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::SubtaskInfo;
 use freshet_engine::partition::{EdgeWriter, Partitioning};
@@ -23,6 +24,7 @@ type TaskKey = (JobId, usize, u32);
 struct Running {
     cancel: CancelToken,
     metrics: Arc<SubtaskMetrics>,
+    commands: crossbeam_channel::Sender<SubtaskCommand>,
 }
 
 /// A TaskManager.
@@ -70,6 +72,7 @@ impl TaskManager {
         plan: &JobPlan,
         cancel: CancelToken,
         metrics: Arc<SubtaskMetrics>,
+        commands: crossbeam_channel::Receiver<SubtaskCommand>,
     ) -> Result<SubtaskSpec> {
         let vertex = &plan.vertices[d.vertex];
         let capacity = plan.spec.pipeline.channel_capacity;
@@ -122,6 +125,7 @@ impl TaskManager {
                     .collect();
                 (
                     TaskInput::Source {
+                        uid: plan.nodes[head].name.clone(),
                         source,
                         watermarks: *watermarks,
                         main_outputs,
@@ -182,12 +186,36 @@ impl TaskManager {
                 outputs,
             });
         }
+        let events = self.events.clone();
+        let (job, attempt, vertex, subtask) = (d.job.clone(), d.attempt, d.vertex, d.subtask);
+        let checkpoints = d.checkpoints.as_ref().map(|c| CheckpointHooks {
+            storage: c.storage.clone(),
+            s3: c.s3.clone(),
+            report: Arc::new(move |report: SubtaskReport| {
+                let _ = events.send(TaskEvent {
+                    job: job.clone(),
+                    attempt,
+                    vertex,
+                    subtask,
+                    state: TaskState::Checkpoint(report),
+                });
+            }),
+        });
+        let mut config = d.state.clone();
+        config.local_dir = config.local_dir.join(format!("{}-{}", d.vertex, d.subtask));
         Ok(SubtaskSpec {
             info,
             input,
             chain,
             cancel,
             metrics,
+            local: LocalState {
+                dir: config.local_dir.clone(),
+                config,
+            },
+            commands,
+            checkpoints,
+            restore: d.restore.clone(),
         })
     }
 }
@@ -205,8 +233,9 @@ impl TaskManagerGateway for TaskManager {
         let plan = self.plan_for(&d)?;
         let cancel = CancelToken::new();
         let metrics = Arc::new(SubtaskMetrics::default());
+        let (commands_tx, commands) = crossbeam_channel::unbounded();
         let spec = self
-            .build(&d, &plan, cancel.clone(), metrics.clone())
+            .build(&d, &plan, cancel.clone(), metrics.clone(), commands)
             .map_err(|e| e.to_string())?;
         let task = (d.job.clone(), d.vertex, d.subtask);
         self.running.lock().expect("running lock").insert(
@@ -214,6 +243,7 @@ impl TaskManagerGateway for TaskManager {
             Running {
                 cancel: cancel.clone(),
                 metrics,
+                commands: commands_tx,
             },
         );
         let events = self.events.clone();
@@ -224,7 +254,17 @@ impl TaskManagerGateway for TaskManager {
             .name(thread_name.chars().take(15).collect())
             .spawn(move || {
                 let _enter = span.enter();
-                let state = match run_subtask(spec) {
+                // a panic in an operator fails the subtask like an error does
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_subtask(spec)))
+                    .unwrap_or_else(|panic| {
+                        let msg = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(EngineError::Operator(format!("panicked: {msg}")))
+                    });
+                let state = match outcome {
                     Ok(r) => TaskState::Finished {
                         metrics: r.metrics,
                         accumulators: r.accumulators,
@@ -257,6 +297,14 @@ impl TaskManagerGateway for TaskManager {
             }
         }
         self.shuffle.release(job);
+    }
+
+    fn command(&self, job: &JobId, vertex: usize, subtask: u32, cmd: SubtaskCommand) -> bool {
+        let running = self.running.lock().expect("running lock");
+        match running.get(&(job.clone(), vertex, subtask)) {
+            Some(r) => r.commands.send(cmd).is_ok(),
+            None => false,
+        }
     }
 
     fn metrics(&self, job: &JobId) -> Vec<SubtaskStatus> {

@@ -32,6 +32,7 @@ use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::{KeyedTable, StateKey, Timers};
+use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
 use smallvec::SmallVec;
 
@@ -163,7 +164,7 @@ impl WindowPlan {
 type SliceParts = SmallVec<[(i64, Accs); 1]>;
 
 /// Accumulators of one session.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Session {
     end: i64,
     accs: Accs,
@@ -196,33 +197,34 @@ struct Fired {
     accs: Accs,
 }
 
+fn merge_into(aggs: &[AggDef], out: &mut Option<Accs>, accs: &[Acc]) {
+    match out {
+        None => *out = Some(accs.iter().cloned().collect()),
+        Some(o) => {
+            for ((d, a), b) in aggs.iter().zip(o.iter_mut()).zip(accs) {
+                aggregate::merge(d, a, b);
+            }
+        }
+    }
+}
+
 impl WindowOperator {
     fn new_accs(&self) -> Accs {
         self.plan.aggs.iter().map(AggDef::new_acc).collect()
     }
 
     /// The merged accumulators of window `[start, end)` for `key` (sliced windows).
-    fn window_accs(&self, key: &[u8], start: i64, end: i64) -> Option<Accs> {
+    fn window_accs(&mut self, key: &[u8], start: i64, end: i64) -> Option<Accs> {
         let mut out: Option<Accs> = None;
+        let aggs = &self.plan.aggs;
         let parts = self
             .slices
             .range(key, start..end, Watermark::MIN)
             .flat_map(|(_, parts)| parts.iter());
         for (_, accs) in parts.filter(|(first_end, _)| *first_end <= end) {
-            self.merge_into(&mut out, accs);
+            merge_into(aggs, &mut out, accs);
         }
         out
-    }
-
-    fn merge_into(&self, out: &mut Option<Accs>, accs: &[Acc]) {
-        match out {
-            None => *out = Some(accs.iter().cloned().collect()),
-            Some(o) => {
-                for ((d, a), b) in self.plan.aggs.iter().zip(o.iter_mut()).zip(accs) {
-                    aggregate::merge(d, a, b);
-                }
-            }
-        }
     }
 
     /// Fires window `[end - size, end)` of `key`. Without lateness, the window's first slice is
@@ -439,6 +441,21 @@ impl WindowOperator {
 }
 
 impl Operator for WindowOperator {
+    fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
+        state.attach(&mut self.slices)?;
+        state.attach(&mut self.sessions)?;
+        self.fire = state.timers("fire")?;
+        self.cleanup = state.timers("cleanup")?;
+        Ok(())
+    }
+
+    fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
+        snap.flush(&mut self.slices)?;
+        snap.flush(&mut self.sessions)?;
+        snap.save_timers("fire", &self.fire)?;
+        snap.save_timers("cleanup", &self.cleanup)
+    }
+
     fn process_batch(
         &mut self,
         _: usize,

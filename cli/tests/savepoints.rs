@@ -1,0 +1,179 @@
+//! Savepoints through the CLI and the JobManager's HTTP API: a job runs at parallelism 2, is
+//! stopped with a savepoint (`freshet stop --savepoint`), the savepoint directory is moved
+//! elsewhere, and the job is restored from the moved copy at parallelism 1 and at 3 (key groups
+//! redistributed). Each restored run's final output must equal the expected output computed by
+//! `examples/reference.py`. A job whose graph changed is refused unless told to drop the
+//! unmatched state.
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{args, check_output, freshet};
+
+/// A `freshet run` in the background whose stderr is read line by line.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(args: &[String]) -> Running {
+        let mut child = freshet()
+            .args(args)
+            .args(["--http", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// The API address it printed.
+    fn api(&self) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(20))
+                .expect("the run prints its API address");
+            if let Some(addr) = line.strip_prefix("JobManager API on ") {
+                return addr.to_string();
+            }
+        }
+    }
+
+    fn wait(mut self) -> (bool, String) {
+        let ok = self.child.wait().unwrap().success();
+        let rest: Vec<String> = self.lines.try_iter().collect();
+        (ok, rest.join("\n"))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// Runs the example at parallelism 2 until stopped with a savepoint; returns the savepoint's
+/// location and the output directory as it was at the stop.
+fn stop_with_savepoint(name: &str, work: &Path) -> (String, PathBuf) {
+    let out = work.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let chk = work.join("checkpoints").display().to_string();
+    let run = Running::start(&args(name, 2, &out, &chk, 8));
+    let api = run.api();
+    std::thread::sleep(Duration::from_millis(1200));
+    let o = freshet()
+        .args(["stop", name, "--savepoint", "--dir"])
+        .arg(work.join("savepoints"))
+        .args(["--jobmanager", &api])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "stop --savepoint: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let path = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let (ok, log) = run.wait();
+    assert!(ok, "the stopped job should end cleanly: {log}");
+    assert!(
+        Path::new(&path).join("_metadata").exists(),
+        "savepoint {path} has metadata"
+    );
+    (path, out)
+}
+
+#[test]
+fn savepoint_is_relocatable_and_rescales() {
+    let name = "revenue-per-store";
+    let work = tempfile::tempdir().unwrap();
+    let (savepoint, out) = stop_with_savepoint(name, work.path());
+    // the savepoint is self-contained: move it, and delete the checkpoints it came from
+    let moved = work.path().join("moved-savepoint");
+    std::fs::rename(&savepoint, &moved).unwrap();
+    std::fs::remove_dir_all(work.path().join("checkpoints")).unwrap();
+    for parallelism in [1, 3] {
+        let copy = work.path().join(format!("out-{parallelism}"));
+        copy_dir(&out, &copy);
+        let chk = work.path().join(format!("chk-{parallelism}"));
+        let mut a = args(name, parallelism, &copy, &chk.display().to_string(), 1000);
+        a.push("--restore".into());
+        a.push(moved.display().to_string());
+        let o = freshet().args(&a).args(["--http", "off"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "restore at {parallelism}: {stderr}");
+        assert!(stderr.contains("restoring from"), "{stderr}");
+        check_output(
+            name,
+            &copy,
+            &format!("{name} stopped at parallelism 2, restored at {parallelism}"),
+        );
+    }
+}
+
+#[test]
+fn changed_graph_is_refused_unless_state_may_be_dropped() {
+    let name = "revenue-per-store";
+    let work = tempfile::tempdir().unwrap();
+    let (savepoint, out) = stop_with_savepoint(name, work.path());
+    // the same job with the window renamed: its state has no operator to go to
+    let original = common::repo().join("examples").join(name);
+    let changed = work.path().join("changed");
+    copy_dir(&original, &changed);
+    let job = changed.join("job.yaml");
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(
+        &job,
+        text.replace("  revenue:\n    type: window", "  revenue_v2:\n    type: window")
+            .replace("input: revenue\n", "input: revenue_v2\n")
+            .replace("input: revenue.late", "input: revenue_v2.late"),
+    )
+    .unwrap();
+    let mut a = args(name, 2, &out, &work.path().join("c2").display().to_string(), 1000);
+    a[1] = job.display().to_string();
+    a.push("--restore".into());
+    a.push(savepoint.clone());
+    let o = freshet().args(&a).args(["--http", "off"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("'revenue'") && stderr.contains("--allow-non-restored-state"),
+        "{stderr}"
+    );
+    let o = freshet()
+        .args(&a)
+        .args(["--http", "off", "--allow-non-restored-state"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

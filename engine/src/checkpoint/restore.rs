@@ -1,0 +1,213 @@
+//! Reading a checkpoint or savepoint back: what an operator gets in `open`.
+//!
+//! Keyed state is matched by key group: a subtask downloads the RocksDB directories of the former
+//! subtasks whose key groups overlap its own and keeps only its rows (or, when one former subtask
+//! had exactly its key groups, uses that directory as it is). Non-keyed state is handed out whole:
+//! every subtask sees the pieces of every former subtask and picks its own (a source picks the
+//! positions of the splits it now reads).
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::upload::segment;
+use super::{CheckpointMetadata, FileRef, METADATA, OperatorSnapshot, S3Options, SnapshotKind, Storage};
+use crate::operator::SubtaskInfo;
+use crate::state::{KeyedBackend, KeyedTable, StateConfig, StateValue, Timers};
+use crate::{EngineError, Result};
+
+/// A checkpoint or savepoint to start from.
+#[derive(Debug, Clone)]
+pub struct RestoreSource {
+    /// The root its file paths are relative to.
+    pub root: Storage,
+    /// Where its metadata was read from.
+    pub location: String,
+    /// Its metadata.
+    pub metadata: CheckpointMetadata,
+    /// True when the restored files live in the job's own checkpoint storage, so new
+    /// checkpoints may reference them instead of uploading them again.
+    pub shared_with_job: bool,
+}
+
+/// The parent of a location (`s3://b/p/chk-1` → `s3://b/p`).
+fn parent(location: &str) -> String {
+    let t = location.trim_end_matches('/');
+    match t.rsplit_once('/') {
+        Some((p, _)) if !p.is_empty() && !p.ends_with(':') && !p.ends_with("s3:/") => p.to_string(),
+        _ => ".".to_string(),
+    }
+}
+
+impl RestoreSource {
+    /// Reads the metadata at `location` (a checkpoint directory `.../chk-N` or a savepoint
+    /// directory).
+    pub fn load(location: &str, base: &Path, s3: &S3Options) -> Result<RestoreSource> {
+        let dir = Storage::open(location, base, s3)?;
+        let bytes = dir.get(METADATA)?.ok_or_else(|| {
+            EngineError::Storage(format!(
+                "{}: no {METADATA}: not a completed checkpoint or savepoint",
+                dir.url()
+            ))
+        })?;
+        let metadata: CheckpointMetadata = serde_json::from_slice(&bytes)
+            .map_err(|e| EngineError::Storage(format!("{}/{METADATA}: {e}", dir.url())))?;
+        let root = match metadata.kind {
+            SnapshotKind::Savepoint => dir.clone(),
+            // checkpoint files are relative to the job's checkpoint root, the parent directory
+            SnapshotKind::Checkpoint => Storage::open(&parent(dir.url()), base, s3)?,
+        };
+        Ok(RestoreSource {
+            root,
+            location: dir.url().to_string(),
+            metadata,
+            shared_with_job: false,
+        })
+    }
+
+    /// The snapshots of operator `uid`, one per former subtask.
+    pub fn operator(&self, uid: &str) -> &[OperatorSnapshot] {
+        self.metadata
+            .operators
+            .get(uid)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+}
+
+/// What an operator can restore from in `open`, and where it gets its keyed state.
+pub struct StateContext<'a> {
+    info: &'a SubtaskInfo,
+    uid: &'a str,
+    config: &'a StateConfig,
+    dir: PathBuf,
+    restore: Option<&'a RestoreSource>,
+    backend: Option<Arc<KeyedBackend>>,
+    seeded: Vec<FileRef>,
+    checkpointing: bool,
+}
+
+impl<'a> StateContext<'a> {
+    pub(crate) fn new(
+        info: &'a SubtaskInfo,
+        uid: &'a str,
+        config: &'a StateConfig,
+        local_dir: &Path,
+        restore: Option<&'a RestoreSource>,
+        checkpointing: bool,
+    ) -> Self {
+        StateContext {
+            info,
+            uid,
+            config,
+            dir: local_dir.join(segment(uid)),
+            restore,
+            backend: None,
+            seeded: Vec::new(),
+            checkpointing,
+        }
+    }
+
+    /// True when the job takes checkpoints: sinks then stage output and commit it when a
+    /// checkpoint completes, instead of writing it straight away.
+    pub fn checkpointing(&self) -> bool {
+        self.checkpointing
+    }
+
+    /// Who is running.
+    pub fn subtask(&self) -> &SubtaskInfo {
+        self.info
+    }
+
+    /// True when the job starts from a checkpoint or savepoint that has state of this operator.
+    pub fn is_restored(&self) -> bool {
+        self.restore.is_some_and(|r| !r.operator(self.uid).is_empty())
+    }
+
+    /// The operator's keyed-state backend, opened (and filled from the restored snapshot) on
+    /// first use.
+    pub fn keyed(&mut self) -> Result<Arc<KeyedBackend>> {
+        if let Some(b) = &self.backend {
+            return Ok(b.clone());
+        }
+        let range = self.info.key_groups();
+        let mp = self.info.max_parallelism;
+        let olds: Vec<&OperatorSnapshot> = self
+            .restore
+            .map(|r| r.operator(self.uid))
+            .unwrap_or(&[])
+            .iter()
+            .filter(|s| !s.files.is_empty() && s.key_groups.intersects(&range))
+            .collect();
+        let backend = if let Some(r) = self.restore.filter(|_| !olds.is_empty()) {
+            if r.metadata.max_parallelism != mp {
+                return Err(EngineError::State(format!(
+                    "{} was taken with max_parallelism {} but the job has {mp}; keyed state cannot be redistributed across a different number of key groups",
+                    r.location, r.metadata.max_parallelism
+                )));
+            }
+            let mut parts = Vec::new();
+            for (i, old) in olds.iter().enumerate() {
+                let dir = self.dir.with_extension(format!("restore-{i}"));
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir)
+                        .map_err(|e| EngineError::io(format!("clearing {}", dir.display()), e))?;
+                }
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
+                for f in &old.files {
+                    r.root.get_file(&f.path, &dir.join(&f.name))?;
+                }
+                parts.push((dir, old.key_groups));
+            }
+            if let [only] = olds.as_slice()
+                && only.key_groups == range
+                && r.shared_with_job
+            {
+                self.seeded = only
+                    .files
+                    .iter()
+                    .filter(|f| f.name.ends_with(".sst"))
+                    .cloned()
+                    .collect();
+            }
+            KeyedBackend::restore(&self.dir, self.config, range, mp, parts)?
+        } else {
+            KeyedBackend::open(&self.dir, self.config, range, mp)?
+        };
+        let backend = Arc::new(backend);
+        self.backend = Some(backend.clone());
+        Ok(backend)
+    }
+
+    /// Moves `table` into the operator's backend (see [`KeyedTable::attach`]).
+    pub fn attach<V: StateValue>(&mut self, table: &mut KeyedTable<V>) -> Result<()> {
+        let b = self.keyed()?;
+        table.attach(&b)
+    }
+
+    /// The timers saved as `name` (empty when not restored).
+    pub fn timers(&mut self, name: &str) -> Result<Timers> {
+        let b = self.keyed()?;
+        Timers::restore(name, &b)
+    }
+
+    /// The pieces of non-keyed state saved as `name` by every former subtask, with the former
+    /// subtask's index and parallelism.
+    pub fn operator_state(&self, name: &str) -> Vec<(u32, u32, &'a [u8])> {
+        let Some(r) = self.restore else {
+            return Vec::new();
+        };
+        r.operator(self.uid)
+            .iter()
+            .flat_map(|s| {
+                s.state
+                    .iter()
+                    .filter(|n| n.name == name)
+                    .map(|n| (s.subtask, s.parallelism, n.data.as_slice()))
+            })
+            .collect()
+    }
+
+    pub(crate) fn finish(self) -> (Option<Arc<KeyedBackend>>, Vec<FileRef>) {
+        (self.backend, self.seeded)
+    }
+}

@@ -1,0 +1,251 @@
+//! Object storage for checkpoints and savepoints: a local directory (the default) or S3.
+//!
+//! [`Storage`] is a directory-like view (a store plus a prefix) with blocking methods, so subtask
+//! threads and the checkpoint coordinator can call it directly; the calls run on a small shared
+//! async runtime. Locations are `/`-separated paths relative to the view.
+//!
+//! A location is given as a path (`/var/lib/freshet/checkpoints`, `checkpoints`) or a URL
+//! (`file:///...`, `s3://bucket/prefix`). For S3, credentials, region and endpoint come from the
+//! standard `AWS_*` environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+//! `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`), overridden by [`S3Options`].
+//! [`Storage::put_if_absent`] is a conditional write (`If-None-Match: *` on S3, a hard link on a
+//! local disk): of two writers of the same location, exactly one succeeds.
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use crate::{EngineError, Result};
+
+/// S3 settings given in a job (each overrides the matching `AWS_*` variable).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Options {
+    /// Endpoint URL of an S3-compatible server, e.g. `http://127.0.0.1:9000`.
+    pub endpoint: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<String>,
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("freshet-storage")
+            .enable_all()
+            .build()
+            .expect("starting the storage runtime")
+    })
+}
+
+fn err(context: impl std::fmt::Display, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Storage(format!("{context}: {e}"))
+}
+
+/// A directory-like view of an object store.
+#[derive(Clone)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    url: String,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+impl std::fmt::Display for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+impl Storage {
+    /// Opens `location`: a URL (`s3://bucket/prefix`, `file:///dir`) or a path, resolved against
+    /// `base` when relative.
+    pub fn open(location: &str, base: &Path, s3: &S3Options) -> Result<Storage> {
+        if let Some(rest) = location.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(EngineError::Storage(format!(
+                    "{location}: an S3 location needs a bucket: s3://BUCKET/PREFIX"
+                )));
+            }
+            let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            if let Some(e) = s3
+                .endpoint
+                .clone()
+                .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            {
+                b = b
+                    .with_allow_http(e.starts_with("http://"))
+                    .with_endpoint(e);
+            }
+            if let Some(r) = &s3.region {
+                b = b.with_region(r);
+            }
+            if let Some(k) = &s3.access_key_id {
+                b = b.with_access_key_id(k);
+            }
+            if let Some(k) = &s3.secret_access_key {
+                b = b.with_secret_access_key(k);
+            }
+            let store = b.build().map_err(|e| err(location, e))?;
+            return Ok(Storage {
+                store: Arc::new(store),
+                prefix: prefix.trim_matches('/').to_string(),
+                url: location.trim_end_matches('/').to_string(),
+            });
+        }
+        let path = location.strip_prefix("file://").unwrap_or(location);
+        let dir: PathBuf = if Path::new(path).is_absolute() {
+            PathBuf::from(path)
+        } else {
+            base.join(path)
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| EngineError::io(format!("resolving {}", dir.display()), e))?;
+        let store = LocalFileSystem::new_with_prefix(&dir)
+            .map_err(|e| err(dir.display(), e))?
+            .with_automatic_cleanup(true);
+        Ok(Storage {
+            store: Arc::new(store),
+            prefix: String::new(),
+            url: dir.display().to_string(),
+        })
+    }
+
+    /// The view of the sub-directory `dir`.
+    pub fn child(&self, dir: &str) -> Storage {
+        let dir = dir.trim_matches('/');
+        Storage {
+            store: self.store.clone(),
+            prefix: self.join(dir),
+            url: format!("{}/{dir}", self.url),
+        }
+    }
+
+    /// Where the view points, as a path or URL a user can pass back to [`Storage::open`].
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn join(&self, rel: &str) -> String {
+        let rel = rel.trim_matches('/');
+        match (self.prefix.is_empty(), rel.is_empty()) {
+            (true, _) => rel.to_string(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}/{rel}", self.prefix),
+        }
+    }
+
+    fn path(&self, rel: &str) -> ObjectPath {
+        ObjectPath::from(self.join(rel))
+    }
+
+    /// Writes `data` at `rel`, replacing what was there.
+    pub fn put(&self, rel: &str, data: Bytes) -> Result<()> {
+        let p = self.path(rel);
+        runtime()
+            .block_on(self.store.put(&p, PutPayload::from(data)))
+            .map_err(|e| err(format!("writing {}/{rel}", self.url), e))?;
+        Ok(())
+    }
+
+    /// Writes `data` at `rel` only if nothing is there; false if something was.
+    pub fn put_if_absent(&self, rel: &str, data: Bytes) -> Result<bool> {
+        let p = self.path(rel);
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match runtime().block_on(self.store.put_opts(&p, PutPayload::from(data), opts)) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(err(format!("writing {}/{rel}", self.url), e)),
+        }
+    }
+
+    /// Uploads the local file `file` to `rel`.
+    pub fn put_file(&self, rel: &str, file: &Path) -> Result<u64> {
+        let data = std::fs::read(file)
+            .map_err(|e| EngineError::io(format!("reading {}", file.display()), e))?;
+        let n = data.len() as u64;
+        self.put(rel, Bytes::from(data))?;
+        Ok(n)
+    }
+
+    /// Reads `rel`; `None` if it does not exist.
+    pub fn get(&self, rel: &str) -> Result<Option<Bytes>> {
+        let p = self.path(rel);
+        runtime().block_on(async {
+            match self.store.get(&p).await {
+                Ok(r) => r.bytes().await.map(Some),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .map_err(|e| err(format!("reading {}/{rel}", self.url), e))
+    }
+
+    /// Downloads `rel` into the local file `file`.
+    pub fn get_file(&self, rel: &str, file: &Path) -> Result<()> {
+        let data = self.get(rel)?.ok_or_else(|| {
+            EngineError::Storage(format!("{}/{rel} does not exist", self.url))
+        })?;
+        std::fs::write(file, &data)
+            .map_err(|e| EngineError::io(format!("writing {}", file.display()), e))
+    }
+
+    /// Every object under `rel`, as paths relative to this view.
+    pub fn list(&self, rel: &str) -> Result<Vec<String>> {
+        let p = self.path(rel);
+        let items: Vec<_> = runtime()
+            .block_on(self.store.list(Some(&p)).try_collect())
+            .map_err(|e| err(format!("listing {}/{rel}", self.url), e))?;
+        let base = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let mut out: Vec<String> = items
+            .into_iter()
+            .map(|m| {
+                let s = m.location.to_string();
+                s.strip_prefix(&base).unwrap_or(&s).to_string()
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes `rel`; deleting what does not exist is not an error.
+    pub fn delete(&self, rel: &str) -> Result<()> {
+        let p = self.path(rel);
+        match runtime().block_on(self.store.delete(&p)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(err(format!("deleting {}/{rel}", self.url), e)),
+        }
+    }
+
+    /// Deletes everything under `rel`.
+    pub fn delete_dir(&self, rel: &str) -> Result<()> {
+        for item in self.list(rel)? {
+            self.delete(&item)?;
+        }
+        Ok(())
+    }
+}

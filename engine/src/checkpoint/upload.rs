@@ -1,0 +1,381 @@
+//! Taking a subtask's snapshot: the synchronous part on the subtask thread, the upload on another.
+//!
+//! **Incremental checkpoints.** RocksDB never changes an SST file once written, and a file's name
+//! is unique for the life of an instance. Each operator instance remembers which of its SST files
+//! are already stored, under `shared/<operator>/<instance>-<file>`; a checkpoint uploads only the
+//! SST files it has not stored yet and references the others. A file counts as stored only once
+//! a checkpoint that referenced it completed ([`SubtaskCommand::Complete`]), so a file uploaded
+//! for an abandoned checkpoint is uploaded again rather than trusted. The small, changing files
+//! of a RocksDB directory (`MANIFEST-*`, `CURRENT`, `OPTIONS-*`) go to the checkpoint's own
+//! directory. **Savepoints** upload every file into the savepoint directory, so a savepoint
+//! never references anything outside itself.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tracing::{debug, info_span, warn};
+
+use super::{
+    Barrier, CheckpointId, FileRef, NamedState, OperatorSnapshot, S3Options, SnapshotKind,
+    Storage, SubtaskAck, SubtaskCommand, SubtaskReport, checkpoint_dir,
+};
+use crate::operator::SubtaskInfo;
+use crate::state::{KeyedBackend, KeyedTable, StateConfig, StateValue, Timers};
+use crate::{EngineError, KeyGroupRange, Result};
+
+/// Where a subtask's snapshots go and how it talks to the checkpoint coordinator.
+#[derive(Clone)]
+pub struct CheckpointHooks {
+    /// The job's checkpoint root.
+    pub storage: Storage,
+    /// S3 settings for savepoint locations.
+    pub s3: S3Options,
+    /// Sends a report to the coordinator.
+    pub report: Arc<dyn Fn(SubtaskReport) + Send + Sync>,
+}
+
+/// What an operator writes into a snapshot (see [`crate::operator::Operator::snapshot`]).
+pub struct SnapshotContext<'a> {
+    id: CheckpointId,
+    backend: Option<&'a Arc<KeyedBackend>>,
+    state: Vec<NamedState>,
+}
+
+impl<'a> SnapshotContext<'a> {
+    pub(crate) fn new(id: CheckpointId, backend: Option<&'a Arc<KeyedBackend>>) -> Self {
+        SnapshotContext {
+            id,
+            backend,
+            state: Vec::new(),
+        }
+    }
+
+    /// The checkpoint being taken.
+    pub fn id(&self) -> CheckpointId {
+        self.id
+    }
+
+    /// Writes a keyed table's pending changes into the backend, so the snapshot includes them.
+    pub fn flush<V: StateValue>(&mut self, table: &mut KeyedTable<V>) -> Result<()> {
+        table.flush()
+    }
+
+    /// Saves timers under `name`.
+    pub fn save_timers(&mut self, name: &str, timers: &Timers) -> Result<()> {
+        match self.backend {
+            Some(b) => timers.save(name, b),
+            None => Err(EngineError::State(format!(
+                "timers {name} saved by an operator without keyed state; attach a table first"
+            ))),
+        }
+    }
+
+    /// Stores a piece of non-keyed state. On restore every subtask sees the pieces of every
+    /// former subtask, so it can pick the ones it is now responsible for.
+    pub fn put(&mut self, name: impl Into<String>, data: Vec<u8>) {
+        self.state.push(NamedState {
+            name: name.into(),
+            data,
+        });
+    }
+
+    pub(crate) fn into_state(self) -> Vec<NamedState> {
+        self.state
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Stored {
+    path: String,
+    size: u64,
+    /// The checkpoint it was last uploaded for.
+    checkpoint: CheckpointId,
+    /// True once a checkpoint referencing it completed.
+    confirmed: bool,
+}
+
+/// The runtime's record of one operator's state in one subtask: its backend and which of its
+/// files are stored.
+pub struct OperatorState {
+    /// Stable operator id.
+    pub uid: String,
+    /// Its keyed state, once the operator attached a table.
+    pub backend: Option<Arc<KeyedBackend>>,
+    instance: String,
+    stored: Arc<Mutex<HashMap<String, Stored>>>,
+}
+
+/// A snapshot whose synchronous part is done.
+pub(crate) struct Taken {
+    uid: String,
+    dir: Option<PathBuf>,
+    files: Vec<(String, u64)>,
+    key_groups: KeyGroupRange,
+    state: Vec<NamedState>,
+    instance: String,
+    stored: Arc<Mutex<HashMap<String, Stored>>>,
+}
+
+/// A path segment for an operator id.
+pub(crate) fn segment(uid: &str) -> String {
+    uid.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl OperatorState {
+    /// The record of operator `uid`; `seeded` are files of a restored checkpoint already stored.
+    pub(crate) fn new(
+        uid: String,
+        backend: Option<Arc<KeyedBackend>>,
+        info: &SubtaskInfo,
+        seeded: Vec<FileRef>,
+    ) -> Self {
+        let instance = format!(
+            "{:016x}",
+            xxhash_rust::xxh3::xxh3_64(
+                format!(
+                    "{}/{}/{}/{}/{:?}",
+                    std::process::id(),
+                    info.job,
+                    uid,
+                    info.index,
+                    std::time::SystemTime::now()
+                )
+                .as_bytes()
+            )
+        );
+        let stored = seeded
+            .into_iter()
+            .map(|f| {
+                (
+                    f.name,
+                    Stored {
+                        path: f.path,
+                        size: f.size,
+                        checkpoint: 0,
+                        confirmed: true,
+                    },
+                )
+            })
+            .collect();
+        OperatorState {
+            uid,
+            backend,
+            instance,
+            stored: Arc::new(Mutex::new(stored)),
+        }
+    }
+
+    /// The synchronous part: links the backend's files into a local directory.
+    pub(crate) fn take(
+        &self,
+        id: CheckpointId,
+        info: &SubtaskInfo,
+        state: Vec<NamedState>,
+        local_dir: &Path,
+    ) -> Result<Taken> {
+        let (dir, files) = match &self.backend {
+            Some(b) => {
+                let dir = local_dir.join(format!("snapshot-{id}-{}", segment(&self.uid)));
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir)
+                        .map_err(|e| EngineError::io(format!("clearing {}", dir.display()), e))?;
+                }
+                let files = b.checkpoint(&dir)?;
+                (Some(dir), files)
+            }
+            None => (None, Vec::new()),
+        };
+        Ok(Taken {
+            uid: self.uid.clone(),
+            dir,
+            files,
+            key_groups: info.key_groups(),
+            state,
+            instance: self.instance.clone(),
+            stored: self.stored.clone(),
+        })
+    }
+
+    /// A checkpoint completed: files uploaded for it or before are stored for good.
+    pub(crate) fn complete(&self, id: CheckpointId) {
+        for s in self.stored.lock().expect("stored lock").values_mut() {
+            if s.checkpoint <= id {
+                s.confirmed = true;
+            }
+        }
+    }
+
+    /// A checkpoint was abandoned: forget files only it uploaded.
+    pub(crate) fn abort(&self, id: CheckpointId) {
+        self.stored
+            .lock()
+            .expect("stored lock")
+            .retain(|_, s| s.confirmed || s.checkpoint != id);
+    }
+}
+
+/// Dispatches a command to the operators' records (completion and abort bookkeeping).
+pub(crate) fn bookkeep(ops: &[OperatorState], cmd: &SubtaskCommand) {
+    match cmd {
+        SubtaskCommand::Complete(id) => ops.iter().for_each(|o| o.complete(*id)),
+        SubtaskCommand::Abort(id) => ops.iter().for_each(|o| o.abort(*id)),
+        _ => {}
+    }
+}
+
+/// Timings of the synchronous part.
+pub(crate) struct SyncTimes {
+    pub alignment_ms: u64,
+    pub sync_ms: u64,
+}
+
+/// The asynchronous part: uploads on a thread of its own and reports.
+pub(crate) fn upload(
+    hooks: &CheckpointHooks,
+    barrier: &Barrier,
+    info: &SubtaskInfo,
+    taken: Vec<Taken>,
+    times: SyncTimes,
+) {
+    let hooks = hooks.clone();
+    let report_to = hooks.report.clone();
+    let id = barrier.id;
+    let barrier = barrier.clone();
+    let info = info.clone();
+    let span = info_span!("checkpoint-upload", checkpoint = barrier.id, vertex = %info.vertex, subtask = info.index);
+    let spawned = std::thread::Builder::new()
+        .name(format!("upload-{}", info.index))
+        .spawn(move || {
+            let _enter = span.enter();
+            let started = Instant::now();
+            let report = match upload_all(&hooks, &barrier, &info, &taken) {
+                Ok((operators, full, uploaded)) => {
+                    debug!(full, uploaded, "snapshot uploaded");
+                    SubtaskReport::Ack(Box::new(SubtaskAck {
+                        checkpoint: barrier.id,
+                        operators,
+                        full_bytes: full,
+                        uploaded_bytes: uploaded,
+                        alignment_ms: times.alignment_ms,
+                        sync_ms: times.sync_ms,
+                        async_ms: started.elapsed().as_millis() as u64,
+                    }))
+                }
+                Err(e) => {
+                    warn!(error = %e, "snapshot upload failed");
+                    SubtaskReport::Decline {
+                        checkpoint: barrier.id,
+                        reason: format!("{}#{}: {e}", info.vertex, info.index),
+                    }
+                }
+            };
+            for t in &taken {
+                if let Some(dir) = &t.dir {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
+            (hooks.report)(report);
+        });
+    if let Err(e) = spawned {
+        (report_to)(SubtaskReport::Decline {
+            checkpoint: id,
+            reason: format!("cannot start an upload thread: {e}"),
+        });
+    }
+}
+
+type Uploaded = (BTreeMap<String, OperatorSnapshot>, u64, u64);
+
+fn upload_all(
+    hooks: &CheckpointHooks,
+    barrier: &Barrier,
+    info: &SubtaskInfo,
+    taken: &[Taken],
+) -> Result<Uploaded> {
+    let savepoint = match (&barrier.kind, &barrier.target) {
+        (SnapshotKind::Savepoint, Some(target)) => {
+            Some(Storage::open(target, Path::new("."), &hooks.s3)?)
+        }
+        (SnapshotKind::Savepoint, None) => {
+            return Err(EngineError::Storage("a savepoint needs a target directory".into()));
+        }
+        _ => None,
+    };
+    let mut operators = BTreeMap::new();
+    let (mut full, mut uploaded) = (0, 0);
+    for t in taken {
+        let seg = segment(&t.uid);
+        let mut files = Vec::new();
+        for (name, size) in &t.files {
+            full += size;
+            let local = t.dir.as_ref().expect("files come from a directory").join(name);
+            let path = if let Some(sp) = &savepoint {
+                let path = format!("{seg}/{}/{name}", info.index);
+                uploaded += sp.put_file(&path, &local)?;
+                path
+            } else if name.ends_with(".sst") {
+                let known = t
+                    .stored
+                    .lock()
+                    .expect("stored lock")
+                    .get(name)
+                    .filter(|s| s.confirmed)
+                    .map(|s| (s.path.clone(), s.size));
+                match known {
+                    Some((path, _)) => path,
+                    None => {
+                        let path = format!("shared/{seg}/{}-{name}", t.instance);
+                        uploaded += hooks.storage.put_file(&path, &local)?;
+                        t.stored.lock().expect("stored lock").insert(
+                            name.clone(),
+                            Stored {
+                                path: path.clone(),
+                                size: *size,
+                                checkpoint: barrier.id,
+                                confirmed: false,
+                            },
+                        );
+                        path
+                    }
+                }
+            } else {
+                let path = format!("{}/{seg}/{}/{name}", checkpoint_dir(barrier.id), info.index);
+                uploaded += hooks.storage.put_file(&path, &local)?;
+                path
+            };
+            files.push(FileRef {
+                name: name.clone(),
+                path,
+                size: *size,
+            });
+        }
+        operators.insert(
+            t.uid.clone(),
+            OperatorSnapshot {
+                subtask: info.index,
+                parallelism: info.parallelism,
+                key_groups: t.key_groups,
+                files,
+                state: t.state.clone(),
+            },
+        );
+    }
+    Ok((operators, full, uploaded))
+}
+
+/// A pointer to the configured local state directory and settings of one subtask.
+#[derive(Debug, Clone)]
+pub struct LocalState {
+    /// This subtask's working directory (removed when the subtask ends).
+    pub dir: PathBuf,
+    /// Backend settings.
+    pub config: StateConfig,
+}

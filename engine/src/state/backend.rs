@@ -1,0 +1,339 @@
+//! The RocksDB instance that holds the keyed state of one operator in one subtask.
+//!
+//! Every table of the operator shares the instance. A row's key is
+//! `[key group: u16 BE][table: u32 BE][encoded key]`, so the rows of a key-group range are one
+//! contiguous key range: a snapshot taken at one parallelism can be cut into the ranges of
+//! another. A row's value starts with a 16-byte header, `[deadline: i64 BE][touched: i64 BE]`,
+//! followed by the table's values; the deadline (`touched + ttl`, or `i64::MAX`) lets a
+//! compaction filter drop expired rows without knowing the table's value type.
+//!
+//! Writes skip the write-ahead log: durability comes from checkpoints, which flush the memtables
+//! and link the SST files ([`KeyedBackend::checkpoint`]). Memory is bounded by the configured block
+//! cache and write buffers.
+use rocksdb::{
+    BlockBasedOptions, Cache, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteOptions, checkpoint::Checkpoint, compaction_filter::Decision,
+};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use crate::{EngineError, KeyGroup, KeyGroupRange, Result};
+
+/// Bytes before the table values in a row.
+pub(crate) const HEADER: usize = 16;
+
+/// Keyed-state settings, per stateful operator subtask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateConfig {
+    /// Where RocksDB instances live while a job runs.
+    pub local_dir: PathBuf,
+    /// Keys per table kept in memory, decoded, in front of RocksDB. Beyond this, clean keys are
+    /// evicted (after writing dirty ones); a larger cache trades memory for fewer RocksDB reads.
+    pub cache_keys: usize,
+    /// RocksDB block cache, bytes.
+    pub block_cache_bytes: usize,
+    /// RocksDB write buffer (memtable) size, bytes; at most two are kept.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            local_dir: std::env::temp_dir().join("freshet-state"),
+            cache_keys: 200_000,
+            block_cache_bytes: 32 << 20,
+            write_buffer_bytes: 16 << 20,
+        }
+    }
+}
+
+fn db_err(context: impl std::fmt::Display, e: rocksdb::Error) -> EngineError {
+    EngineError::State(format!("{context}: {e}"))
+}
+
+fn io_err(context: impl std::fmt::Display, e: std::io::Error) -> EngineError {
+    EngineError::io(context.to_string(), e)
+}
+
+/// The id of a table inside its operator's instance: a hash of its name.
+pub(crate) fn table_id(name: &str) -> [u8; 4] {
+    (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) as u32).to_be_bytes()
+}
+
+/// The RocksDB key of `key` in table `table`.
+pub(crate) fn row_key(kg: KeyGroup, table: [u8; 4], key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(6 + key.len());
+    k.extend_from_slice(&(kg.0 as u16).to_be_bytes());
+    k.extend_from_slice(&table);
+    k.extend_from_slice(key);
+    k
+}
+
+fn kg_prefix(kg: u32) -> [u8; 2] {
+    (kg as u16).to_be_bytes()
+}
+
+/// One operator's keyed state in one subtask.
+pub struct KeyedBackend {
+    /// Always `Some` until dropped (the directory is removed after the instance closes).
+    db: Option<DB>,
+    dir: PathBuf,
+    range: KeyGroupRange,
+    max_parallelism: u32,
+    cache_keys: usize,
+    /// Event-time clock of the compaction filter: rows whose deadline is at or before it go.
+    clock: Arc<AtomicI64>,
+    /// Whether the instance may hold rows no in-memory cache has seen (restored state).
+    restored: bool,
+}
+
+impl std::fmt::Debug for KeyedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedBackend")
+            .field("dir", &self.dir)
+            .field("range", &self.range)
+            .finish()
+    }
+}
+
+fn options(config: &StateConfig, clock: Arc<AtomicI64>) -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.set_write_buffer_size(config.write_buffer_bytes);
+    opts.set_max_write_buffer_number(2);
+    opts.set_max_open_files(256);
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts.set_max_background_jobs(1);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&Cache::new_lru_cache(config.block_cache_bytes));
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    opts.set_block_based_table_factory(&table);
+    opts.set_compaction_filter("freshet-ttl", move |_level, _key, value: &[u8]| {
+        if value.len() >= 8 {
+            let deadline = i64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
+            if deadline <= clock.load(Ordering::Relaxed) {
+                return Decision::Remove;
+            }
+        }
+        Decision::Keep
+    });
+    opts
+}
+
+impl KeyedBackend {
+    fn db(&self) -> &DB {
+        self.db.as_ref().expect("open until dropped")
+    }
+
+    /// An empty instance in `dir` (anything there is removed) for the key groups `range`.
+    pub fn open(
+        dir: &Path,
+        config: &StateConfig,
+        range: KeyGroupRange,
+        max_parallelism: u32,
+    ) -> Result<Self> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| io_err(format!("clearing {}", dir.display()), e))?;
+        }
+        Self::open_existing(dir, config, range, max_parallelism, false)
+    }
+
+    fn open_existing(
+        dir: &Path,
+        config: &StateConfig,
+        range: KeyGroupRange,
+        max_parallelism: u32,
+        restored: bool,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(format!("creating {}", dir.display()), e))?;
+        let clock = Arc::new(AtomicI64::new(i64::MIN));
+        let db = DB::open(&options(config, clock.clone()), dir)
+            .map_err(|e| db_err(format!("opening state in {}", dir.display()), e))?;
+        Ok(KeyedBackend {
+            db: Some(db),
+            dir: dir.to_path_buf(),
+            range,
+            max_parallelism,
+            cache_keys: config.cache_keys.max(1),
+            clock,
+            restored,
+        })
+    }
+
+    /// An instance in `dir` for the key groups `range`, filled from earlier snapshots: `parts`
+    /// are directories holding a downloaded snapshot each, with the key groups it covered. A
+    /// single part covering exactly `range` becomes the instance as it is; otherwise the rows of
+    /// `range` are copied out of every part. The parts are removed.
+    pub fn restore(
+        dir: &Path,
+        config: &StateConfig,
+        range: KeyGroupRange,
+        max_parallelism: u32,
+        parts: Vec<(PathBuf, KeyGroupRange)>,
+    ) -> Result<Self> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| io_err(format!("clearing {}", dir.display()), e))?;
+        }
+        if let [(only, r)] = parts.as_slice()
+            && *r == range
+        {
+            if let Some(parent) = dir.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| io_err(format!("creating {}", parent.display()), e))?;
+            }
+            std::fs::rename(only, dir)
+                .map_err(|e| io_err(format!("moving {} into place", only.display()), e))?;
+            return Self::open_existing(dir, config, range, max_parallelism, true);
+        }
+        let backend = Self::open_existing(dir, config, range, max_parallelism, true)?;
+        for (part, r) in parts {
+            if r.intersects(&range) {
+                backend.import(&part, config)?;
+            }
+            std::fs::remove_dir_all(&part)
+                .map_err(|e| io_err(format!("removing {}", part.display()), e))?;
+        }
+        Ok(backend)
+    }
+
+    /// Copies the rows of this instance's key groups out of the snapshot in `part`.
+    fn import(&self, part: &Path, config: &StateConfig) -> Result<()> {
+        let clock = Arc::new(AtomicI64::new(i64::MIN));
+        let src = DB::open_for_read_only(&options(config, clock), part, false)
+            .map_err(|e| db_err(format!("reading snapshot {}", part.display()), e))?;
+        let lo = kg_prefix(self.range.start);
+        let mut ro = ReadOptions::default();
+        if self.range.end + 1 < 1 << 16 {
+            ro.set_iterate_upper_bound(kg_prefix(self.range.end + 1).to_vec());
+        }
+        let mut batch = WriteBatch::default();
+        for item in src.iterator_opt(IteratorMode::From(&lo, Direction::Forward), ro) {
+            let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
+            batch.put(&k, &v);
+            if batch.len() >= 4096 {
+                self.write(std::mem::take(&mut batch))?;
+            }
+        }
+        self.write(batch)
+    }
+
+    /// The key groups this instance owns.
+    pub fn range(&self) -> KeyGroupRange {
+        self.range
+    }
+
+    /// Number of key groups of the job.
+    pub fn max_parallelism(&self) -> u32 {
+        self.max_parallelism
+    }
+
+    /// Keys per table to keep in memory.
+    pub fn cache_keys(&self) -> usize {
+        self.cache_keys
+    }
+
+    /// True when the instance was filled from a snapshot.
+    pub fn restored(&self) -> bool {
+        self.restored
+    }
+
+    /// Advances the compaction filter's clock (the operator's watermark).
+    pub fn advance_clock(&self, wm: i64) {
+        self.clock.fetch_max(wm, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db().get(key).map_err(|e| db_err("reading state", e))
+    }
+
+    pub(crate) fn write(&self, batch: WriteBatch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db()
+            .write_opt(batch, &wo)
+            .map_err(|e| db_err("writing state", e))
+    }
+
+    /// Rows of `table` in the owned key groups, as (key group, encoded key, value).
+    pub(crate) fn scan(&self, table: [u8; 4]) -> Result<Vec<(KeyGroup, Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for kg in self.range.start..=self.range.end {
+            let mut prefix = kg_prefix(kg).to_vec();
+            prefix.extend_from_slice(&table);
+            let mut ro = ReadOptions::default();
+            ro.set_prefix_same_as_start(false);
+            let mut upper = prefix.clone();
+            increment(&mut upper);
+            ro.set_iterate_upper_bound(upper);
+            for item in self
+                .db()
+                .iterator_opt(IteratorMode::From(&prefix, Direction::Forward), ro)
+            {
+                let (k, v) = item.map_err(|e| db_err("reading state", e))?;
+                out.push((KeyGroup(kg), k[6..].to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every row of `table`.
+    pub(crate) fn clear_table(&self, table: [u8; 4]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for kg in self.range.start..=self.range.end {
+            let mut from = kg_prefix(kg).to_vec();
+            from.extend_from_slice(&table);
+            let mut to = from.clone();
+            increment(&mut to);
+            batch.delete_range(&from, &to);
+        }
+        self.write(batch)
+    }
+
+    /// Flushes the memtables and links a consistent copy of the instance into `into` (which
+    /// must not exist). Returns the files of the copy with their sizes.
+    pub fn checkpoint(&self, into: &Path) -> Result<Vec<(String, u64)>> {
+        self.db().flush().map_err(|e| db_err("flushing state", e))?;
+        Checkpoint::new(self.db())
+            .and_then(|c| c.create_checkpoint(into))
+            .map_err(|e| db_err(format!("snapshotting state into {}", into.display()), e))?;
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(into).map_err(|e| io_err(format!("listing {}", into.display()), e))? {
+            let entry = entry.map_err(|e| io_err("listing snapshot", e))?;
+            let meta = entry.metadata().map_err(|e| io_err("listing snapshot", e))?;
+            if meta.is_file() {
+                files.push((entry.file_name().to_string_lossy().into_owned(), meta.len()));
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    /// Directory of the instance.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// The smallest byte string greater than every string starting with `prefix`.
+fn increment(prefix: &mut Vec<u8>) {
+    while let Some(last) = prefix.last_mut() {
+        if *last < 0xff {
+            *last += 1;
+            return;
+        }
+        prefix.pop();
+    }
+}
+
+impl Drop for KeyedBackend {
+    fn drop(&mut self) {
+        // the instance is a working copy (snapshots live in object storage): close, then remove
+        drop(self.db.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

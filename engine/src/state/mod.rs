@@ -1,0 +1,869 @@
+//! Keyed state: the one interface every stateful operator keeps its state in.
+//!
+//! A [`KeyedTable<V>`] holds values of type `V` per *(key, namespace)*: the key is the encoded key
+//! of the record ([`crate::keys::KeyEncoder`]), the namespace an `i64` the operator chooses (the
+//! start of a window slice, a record timestamp, or `0` for plain value state). That one shape
+//! covers value state (one namespace), list state (`V = Vec<T>`) and map state (many namespaces,
+//! ordered, range-scannable).
+//!
+//! **Storage.** A table starts in memory. Once an operator [attaches](KeyedTable::attach) it to
+//! its [`KeyedBackend`] (every operator run by the runtime does, in `open`), RocksDB holds the
+//! table and memory holds a bounded write-back cache of decoded keys in front of it: reads that
+//! miss the cache load the key's row, writes mark it dirty, dirty rows are written when the cache
+//! must evict and at every checkpoint ([`KeyedTable::flush`]). One row holds all namespaces of a
+//! key, so a key costs at most one RocksDB read however many namespaces an operator touches.
+//!
+//! **TTL.** A table may have an event-time time-to-live: every [`update`](KeyedTable::update)
+//! touches the key with the event time of the record that caused it, and once the watermark
+//! reaches `touched + ttl` the whole key is expired. Expired keys are invisible to reads
+//! immediately ([`get`](KeyedTable::get) checks), and are deleted by [`expire`](KeyedTable::expire),
+//! which operators call when the watermark advances; the cost is amortised (a key is looked at
+//! again only when its previous deadline passes). Rows RocksDB holds carry their deadline, and its
+//! compaction drops expired ones even if nothing reads them again.
+use hashbrown::{HashMap, HashSet};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use smallvec::SmallVec;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::ops::Bound;
+use std::ops::RangeBounds;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::keys::{hash_key, key_group};
+use crate::{EngineError, KeyGroup, Result, Watermark};
+
+pub mod backend;
+
+pub use backend::{KeyedBackend, StateConfig};
+
+/// What a table can hold: anything serde can write and read back.
+pub trait StateValue: Serialize + DeserializeOwned + Send + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + 'static> StateValue for T {}
+
+/// A key deleted by TTL, with the values it held.
+pub type Expired<V> = (StateKey, Vec<(i64, V)>);
+
+/// An encoded key as state stores it: keys of up to 24 bytes (any one or two numbers, short
+/// strings) are kept inline, without a heap allocation or a pointer to follow.
+pub type StateKey = SmallVec<[u8; 24]>;
+
+/// The hasher of state tables and timers: fixed, so that iteration order depends only on what was
+/// inserted, and runs over the same input visit keys in the same order.
+type Fixed = foldhash::fast::FixedState;
+
+/// Values per (key, namespace), with an optional event-time TTL per key.
+#[derive(Debug)]
+pub struct KeyedTable<V> {
+    name: String,
+    ttl: Option<i64>,
+    keys: HashMap<StateKey, Slot<V>, Fixed>,
+    deadlines: BinaryHeap<Reverse<(i64, StateKey)>>,
+    entries: usize,
+    backing: Option<Backing>,
+}
+
+/// Where an attached table's rows live, and what the cache owes them.
+#[derive(Debug)]
+struct Backing {
+    backend: Arc<KeyedBackend>,
+    table: [u8; 4],
+    /// Keys written or removed since the last flush (a key may appear more than once).
+    dirty: Vec<StateKey>,
+    /// True while the cache holds every key of the table (nothing evicted, nothing restored):
+    /// a miss then needs no RocksDB read.
+    complete: bool,
+}
+
+#[derive(Debug)]
+struct Slot<V> {
+    touched: i64,
+    values: Namespaces<V>,
+    dirty: bool,
+}
+/// The values of one key, sorted by namespace. A key has few namespaces (a window's slices, a
+/// join's timestamps within its interval), so a sorted vector beats a tree: one allocation,
+/// binary search, contiguous range scans.
+#[derive(Debug)]
+struct Namespaces<V>(SmallVec<[(i64, V); 1]>);
+
+impl<V> Namespaces<V> {
+    fn new() -> Self {
+        Namespaces(SmallVec::new())
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    fn find(&self, ns: i64) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&ns, |(k, _)| *k)
+    }
+
+    fn get(&self, ns: i64) -> Option<&V> {
+        self.find(ns).ok().map(|i| &self.0[i].1)
+    }
+
+    /// The value at `ns`, inserted with `init` if absent; and whether it was inserted.
+    fn get_or_insert(&mut self, ns: i64, init: impl FnOnce() -> V) -> (&mut V, bool) {
+        match self.find(ns) {
+            Ok(i) => (&mut self.0[i].1, false),
+            Err(i) => {
+                self.0.insert(i, (ns, init()));
+                (&mut self.0[i].1, true)
+            }
+        }
+    }
+
+    fn remove(&mut self, ns: i64) -> Option<V> {
+        self.find(ns).ok().map(|i| self.0.remove(i).1)
+    }
+
+    fn bounds(&self, (lo, hi): (Bound<i64>, Bound<i64>)) -> std::ops::Range<usize> {
+        let start = match lo {
+            Bound::Included(x) => self.0.partition_point(|(k, _)| *k < x),
+            Bound::Excluded(x) => self.0.partition_point(|(k, _)| *k <= x),
+            Bound::Unbounded => 0,
+        };
+        let end = match hi {
+            Bound::Included(x) => self.0.partition_point(|(k, _)| *k <= x),
+            Bound::Excluded(x) => self.0.partition_point(|(k, _)| *k < x),
+            Bound::Unbounded => self.0.len(),
+        };
+        start..end.max(start)
+    }
+}
+
+impl<V: StateValue> KeyedTable<V> {
+    /// A table called `name` (used in errors and metrics) with an optional TTL, in memory until
+    /// [attached](Self::attach).
+    pub fn new(name: impl Into<String>, ttl: Option<Duration>) -> Self {
+        KeyedTable {
+            name: name.into(),
+            ttl: ttl.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
+            keys: HashMap::with_hasher(Fixed::default()),
+            deadlines: BinaryHeap::new(),
+            entries: 0,
+            backing: None,
+        }
+    }
+
+    /// Moves the table into `backend`: from now on RocksDB holds it and memory caches it. If the
+    /// backend was restored from a snapshot, the table's rows are there; TTL deadlines of restored
+    /// keys are re-registered.
+    pub fn attach(&mut self, backend: &Arc<KeyedBackend>) -> Result<()> {
+        let table = backend::table_id(&self.name);
+        let mut backing = Backing {
+            backend: backend.clone(),
+            table,
+            dirty: Vec::new(),
+            complete: !backend.restored(),
+        };
+        // whatever was in memory before attaching goes to the backend at the next flush
+        for (k, slot) in self.keys.iter_mut() {
+            slot.dirty = true;
+            backing.dirty.push(k.clone());
+        }
+        if backend.restored()
+            && let Some(ttl) = self.ttl
+        {
+            for (_, key, value) in backend.scan(table)? {
+                let touched = decode_touched(&value);
+                self.deadlines
+                    .push(Reverse((touched.saturating_add(ttl), key.into())));
+            }
+        }
+        self.backing = Some(backing);
+        Ok(())
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of (key, namespace) entries in memory.
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    /// True if memory holds nothing of the table.
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Number of distinct keys in memory.
+    pub fn key_count(&self) -> usize {
+        self.keys.values().filter(|s| !s.values.is_empty()).count()
+    }
+
+    fn expired_at(ttl: Option<i64>, slot: &Slot<V>, clock: Watermark) -> bool {
+        match ttl {
+            Some(ttl) => clock.0 >= slot.touched.saturating_add(ttl),
+            None => false,
+        }
+    }
+
+    /// Brings `key` into the cache if RocksDB may hold it; true if the cache now has it.
+    fn load(&mut self, key: &[u8]) -> bool {
+        if self.keys.contains_key(key) {
+            return true;
+        }
+        let Some(b) = self.backing.as_ref() else {
+            return false;
+        };
+        if b.complete {
+            return false;
+        }
+        let kg = key_group(hash_key(key), b.backend.max_parallelism());
+        let row = match b.backend.get(&backend::row_key(kg, b.table, key)) {
+            Ok(Some(row)) => row,
+            Ok(None) => return false,
+            Err(e) => panic!("{}: {e}", self.name),
+        };
+        let slot = match decode_row::<V>(&row) {
+            Ok(s) => s,
+            Err(e) => panic!("{}: {e}", self.name),
+        };
+        self.evict_if_full();
+        self.entries += slot.values.len();
+        self.keys.insert(key.into(), slot);
+        true
+    }
+
+    fn mark_dirty(backing: &mut Option<Backing>, slot: &mut Slot<V>, key: &[u8]) {
+        if let Some(b) = backing
+            && !slot.dirty
+        {
+            slot.dirty = true;
+            b.dirty.push(key.into());
+        }
+    }
+
+    /// The value at (key, ns), unless absent or expired as of `clock`.
+    pub fn get(&mut self, key: &[u8], ns: i64, clock: Watermark) -> Option<&V> {
+        self.load(key);
+        let slot = self.keys.get(key)?;
+        if Self::expired_at(self.ttl, slot, clock) {
+            return None;
+        }
+        slot.values.get(ns)
+    }
+
+    /// Whether the key has any live value as of `clock`.
+    pub fn contains_key(&mut self, key: &[u8], clock: Watermark) -> bool {
+        self.load(key);
+        self.keys
+            .get(key)
+            .is_some_and(|s| !Self::expired_at(self.ttl, s, clock) && !s.values.is_empty())
+    }
+
+    /// Applies `f` to the value at (key, ns), creating it with `init` if absent; touches the key
+    /// at event time `now` for TTL. A key that had expired as of `clock` starts over empty.
+    pub fn update<R>(
+        &mut self,
+        key: &[u8],
+        ns: i64,
+        now: i64,
+        clock: Watermark,
+        init: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> R {
+        let ttl = self.ttl;
+        let fresh = !self.load(key);
+        if fresh {
+            self.evict_if_full();
+            self.keys.insert(
+                key.into(),
+                Slot {
+                    touched: now,
+                    values: Namespaces::new(),
+                    dirty: false,
+                },
+            );
+        }
+        let slot = self.keys.get_mut(key).expect("present");
+        if fresh || slot.values.is_empty() {
+            slot.touched = now;
+            if let Some(ttl) = ttl {
+                self.deadlines
+                    .push(Reverse((now.saturating_add(ttl), key.into())));
+            }
+        }
+        if let Some(ttl) = ttl
+            && clock.0 >= slot.touched.saturating_add(ttl)
+        {
+            self.entries -= slot.values.len();
+            slot.values.clear();
+        }
+        slot.touched = slot.touched.max(now);
+        Self::mark_dirty(&mut self.backing, slot, key);
+        let (v, inserted) = slot.values.get_or_insert(ns, init);
+        if inserted {
+            self.entries += 1;
+        }
+        let r = f(v);
+        self.bound_dirty();
+        r
+    }
+
+    /// Drops a key from memory once it holds nothing; an attached table remembers to delete its
+    /// row at the next flush.
+    fn drop_if_empty(&mut self, key: &[u8]) {
+        let Some(slot) = self.keys.get_mut(key) else {
+            return;
+        };
+        if !slot.values.is_empty() {
+            return;
+        }
+        if let Some(b) = self.backing.as_mut()
+            && !slot.dirty
+        {
+            b.dirty.push(key.into());
+        }
+        self.keys.remove(key);
+    }
+
+    /// Removes the value at (key, ns); drops the key when it has no values left.
+    pub fn remove(&mut self, key: &[u8], ns: i64) -> Option<V> {
+        self.load(key);
+        let slot = self.keys.get_mut(key)?;
+        let v = slot.values.remove(ns);
+        if v.is_some() {
+            self.entries -= 1;
+            Self::mark_dirty(&mut self.backing, slot, key);
+        }
+        self.drop_if_empty(key);
+        self.bound_dirty();
+        v
+    }
+
+    /// Removes every value of a key.
+    pub fn remove_key(&mut self, key: &[u8]) {
+        self.load(key);
+        if let Some(slot) = self.keys.get_mut(key) {
+            self.entries -= slot.values.len();
+            slot.values.clear();
+            self.drop_if_empty(key);
+        }
+        self.bound_dirty();
+    }
+
+    /// The live values of a key with namespaces in `range`, in namespace order.
+    pub fn range<'a>(
+        &'a mut self,
+        key: &[u8],
+        range: impl RangeBounds<i64>,
+        clock: Watermark,
+    ) -> impl Iterator<Item = (i64, &'a V)> + 'a {
+        self.load(key);
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        let ttl = self.ttl;
+        let slot = self
+            .keys
+            .get(key)
+            .filter(|s| !Self::expired_at(ttl, s, clock));
+        slot.into_iter().flat_map(move |s| {
+            s.values.0[s.values.bounds(bounds)]
+                .iter()
+                .map(|(k, v)| (*k, v))
+        })
+    }
+
+    /// Mutable access to the values of a key with namespaces in `range`.
+    pub fn range_mut<'a>(
+        &'a mut self,
+        key: &[u8],
+        range: impl RangeBounds<i64>,
+    ) -> impl Iterator<Item = (i64, &'a mut V)> + 'a {
+        self.load(key);
+        if let Some(s) = self.keys.get_mut(key) {
+            Self::mark_dirty(&mut self.backing, s, key);
+        }
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.keys.get_mut(key).into_iter().flat_map(move |s| {
+            let r = s.values.bounds(bounds);
+            s.values.0[r].iter_mut().map(|(k, v)| (*k, v))
+        })
+    }
+
+    /// Removes and returns the values of a key with namespaces in `range`.
+    pub fn drain_range(&mut self, key: &[u8], range: impl RangeBounds<i64>) -> Vec<(i64, V)> {
+        self.load(key);
+        let Some(slot) = self.keys.get_mut(key) else {
+            return Vec::new();
+        };
+        let r = slot
+            .values
+            .bounds((range.start_bound().cloned(), range.end_bound().cloned()));
+        let out: Vec<(i64, V)> = slot.values.0.drain(r).collect();
+        if !out.is_empty() {
+            self.entries -= out.len();
+            Self::mark_dirty(&mut self.backing, slot, key);
+        }
+        self.drop_if_empty(key);
+        self.bound_dirty();
+        out
+    }
+
+    /// Deletes keys whose TTL passed as of `clock`; returns how many keys were deleted, with the
+    /// values they held (operators that must report expiring state, such as unmatched join rows,
+    /// use them; others drop them).
+    pub fn expire(&mut self, clock: Watermark) -> Vec<Expired<V>> {
+        if let Some(b) = &self.backing {
+            b.backend.advance_clock(clock.0);
+        }
+        let Some(ttl) = self.ttl else {
+            return Vec::new();
+        };
+        let mut expired = Vec::new();
+        while let Some(Reverse((deadline, _))) = self.deadlines.peek() {
+            if *deadline > clock.0 {
+                break;
+            }
+            let Reverse((_, key)) = self.deadlines.pop().expect("peeked");
+            if !self.load(&key) {
+                continue;
+            }
+            let slot = self.keys.get_mut(&key).expect("loaded");
+            if slot.values.is_empty() {
+                continue;
+            }
+            let due = slot.touched.saturating_add(ttl);
+            if due <= clock.0 {
+                self.entries -= slot.values.len();
+                let values = std::mem::replace(&mut slot.values, Namespaces::new());
+                Self::mark_dirty(&mut self.backing, slot, &key);
+                self.drop_if_empty(&key);
+                expired.push((key, values.0.into_vec()));
+            } else {
+                self.deadlines.push(Reverse((due, key)));
+            }
+        }
+        self.bound_dirty();
+        expired
+    }
+
+    /// Writes every dirty key to the backend (called before a snapshot and when evicting).
+    /// A table in memory has nothing to write.
+    pub fn flush(&mut self) -> Result<()> {
+        let Some(b) = self.backing.as_mut() else {
+            return Ok(());
+        };
+        let mut batch = rocksdb::WriteBatch::default();
+        let mp = b.backend.max_parallelism();
+        let ttl = self.ttl;
+        let mut buf = Vec::new();
+        for key in b.dirty.drain(..) {
+            let kg = key_group(hash_key(&key), mp);
+            let row = backend::row_key(kg, b.table, &key);
+            match self.keys.get_mut(&key) {
+                Some(slot) if slot.dirty => {
+                    slot.dirty = false;
+                    if slot.values.is_empty() {
+                        batch.delete(&row);
+                    } else {
+                        buf.clear();
+                        encode_row(slot, ttl, &mut buf)
+                            .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
+                        batch.put(&row, &buf);
+                    }
+                }
+                // clean: written by an earlier entry of the dirty list
+                Some(_) => {}
+                None => batch.delete(&row),
+            }
+        }
+        b.backend.write(batch)
+    }
+
+    /// Keeps the list of dirty keys bounded: once it holds twice the cache size, writes them
+    /// (a job without checkpoints still spills to RocksDB, and memory stays bounded).
+    fn bound_dirty(&mut self) {
+        if let Some(b) = &self.backing
+            && b.dirty.len() > 2 * b.backend.cache_keys()
+            && let Err(e) = self.flush()
+        {
+            panic!("{e}");
+        }
+    }
+
+    /// Before a new key enters a full cache: writes dirty keys, then drops a quarter of the cache.
+    fn evict_if_full(&mut self) {
+        let Some(b) = self.backing.as_ref() else {
+            return;
+        };
+        let cap = b.backend.cache_keys();
+        if self.keys.len() < cap {
+            return;
+        }
+        if let Err(e) = self.flush() {
+            panic!("{e}");
+        }
+        let mut drop_n = self.keys.len() - cap * 3 / 4;
+        let mut dropped_entries = 0;
+        self.keys.retain(|_, s| {
+            if drop_n > 0 && !s.dirty {
+                drop_n -= 1;
+                dropped_entries += s.values.len();
+                false
+            } else {
+                true
+            }
+        });
+        self.entries -= dropped_entries;
+        if let Some(b) = self.backing.as_mut() {
+            b.complete = false;
+        }
+    }
+
+    /// Every key in memory with its values, in no particular order (tests and diagnostics).
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[(i64, V)])> {
+        self.keys
+            .iter()
+            .filter(|(_, s)| !s.values.is_empty())
+            .map(|(k, s)| (k.as_ref(), s.values.0.as_slice()))
+    }
+
+    /// The key group a key of this table belongs to.
+    pub fn key_groups_of(key: &[u8], max_parallelism: u32) -> KeyGroup {
+        key_group(hash_key(key), max_parallelism)
+    }
+}
+
+fn decode_touched(row: &[u8]) -> i64 {
+    row.get(8..16)
+        .map(|b| i64::from_be_bytes(b.try_into().expect("8 bytes")))
+        .unwrap_or(i64::MIN)
+}
+
+fn encode_row<V: StateValue>(
+    slot: &Slot<V>,
+    ttl: Option<i64>,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), postcard::Error> {
+    let deadline = ttl.map_or(i64::MAX, |t| slot.touched.saturating_add(t));
+    out.extend_from_slice(&deadline.to_be_bytes());
+    out.extend_from_slice(&slot.touched.to_be_bytes());
+    let bytes = postcard::to_extend(slot.values.0.as_slice(), std::mem::take(out))?;
+    *out = bytes;
+    Ok(())
+}
+
+fn decode_row<V: StateValue>(row: &[u8]) -> std::result::Result<Slot<V>, String> {
+    if row.len() < backend::HEADER {
+        return Err("state row shorter than its header".into());
+    }
+    let values: Vec<(i64, V)> = postcard::from_bytes(&row[backend::HEADER..])
+        .map_err(|e| format!("decoding a state row: {e}"))?;
+    Ok(Slot {
+        touched: decode_touched(row),
+        values: Namespaces(values.into()),
+        dirty: false,
+    })
+}
+
+/// Event-time timers per (time, key): "call me back for this key when the watermark reaches t".
+///
+/// Registering the same (time, key) twice keeps one timer. Timers due at the same time fire in key
+/// order, so a rerun, or a run restored from a snapshot, fires them alike. Timers are kept in
+/// memory and written to the operator's backend at every snapshot ([`Timers::save`]), by key group.
+#[derive(Debug, Default)]
+pub struct Timers {
+    by_time: BTreeMap<i64, HashSet<StateKey, Fixed>>,
+}
+
+impl Timers {
+    /// No timers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a timer for `key` at event time `t`.
+    pub fn register(&mut self, t: i64, key: &[u8]) {
+        let set = self.by_time.entry(t).or_default();
+        if !set.contains(key) {
+            set.insert(key.into());
+        }
+    }
+
+    /// Removes and returns, in time order, every timer at or before `wm`.
+    pub fn due(&mut self, wm: Watermark) -> Vec<(i64, Vec<StateKey>)> {
+        let mut out = Vec::new();
+        while let Some(entry) = self.by_time.first_entry() {
+            if *entry.key() > wm.0 {
+                break;
+            }
+            let (t, keys) = entry.remove_entry();
+            // sorted, so the order does not depend on how the timers were registered (a restored
+            // operator registers them in key-group order)
+            let mut keys: Vec<StateKey> = keys.into_iter().collect();
+            keys.sort_unstable();
+            out.push((t, keys));
+        }
+        out
+    }
+
+    /// Writes every pending timer into `backend` as table `timers/<name>`, replacing what an
+    /// earlier snapshot wrote there (called before a snapshot).
+    pub fn save(&self, name: &str, backend: &KeyedBackend) -> Result<()> {
+        let table = backend::table_id(&format!("timers/{name}"));
+        backend.clear_table(table)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        let mp = backend.max_parallelism();
+        let header = [i64::MAX.to_be_bytes(), i64::MIN.to_be_bytes()].concat();
+        for (t, keys) in &self.by_time {
+            for key in keys {
+                let mut k = ((*t as u64) ^ (1 << 63)).to_be_bytes().to_vec();
+                k.extend_from_slice(key);
+                batch.put(backend::row_key(key_group(hash_key(key), mp), table, &k), &header);
+            }
+        }
+        backend.write(batch)
+    }
+
+    /// The timers saved as `name` in a restored `backend`, for its key groups.
+    pub fn restore(name: &str, backend: &KeyedBackend) -> Result<Timers> {
+        let mut timers = Timers::new();
+        if !backend.restored() {
+            return Ok(timers);
+        }
+        let table = backend::table_id(&format!("timers/{name}"));
+        for (_, k, _) in backend.scan(table)? {
+            if k.len() < 8 {
+                return Err(EngineError::State(format!("timer row of {name} is too short")));
+            }
+            let t = (u64::from_be_bytes(k[..8].try_into().expect("8 bytes")) ^ (1 << 63)) as i64;
+            timers.register(t, &k[8..]);
+        }
+        Ok(timers)
+    }
+
+    /// Number of pending timers.
+    pub fn len(&self) -> usize {
+        self.by_time.values().map(|s| s.len()).sum()
+    }
+
+    /// True if no timer is pending.
+    pub fn is_empty(&self) -> bool {
+        self.by_time.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_hides_then_deletes_and_touch_extends() {
+        let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(100)));
+        t.update(b"a", 0, 1000, Watermark::MIN, || 0, |v| *v += 1);
+        t.update(b"b", 0, 1000, Watermark::MIN, || 0, |v| *v += 1);
+        // b is touched again later: its deadline moves
+        t.update(b"b", 0, 1050, Watermark(1000), || 0, |v| *v += 1);
+        assert_eq!(t.get(b"a", 0, Watermark(1099)), Some(&1));
+        assert_eq!(
+            t.get(b"a", 0, Watermark(1100)),
+            None,
+            "expired at touched + ttl"
+        );
+        let gone = t.expire(Watermark(1100));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(&*gone[0].0, b"a");
+        assert_eq!(t.get(b"b", 0, Watermark(1100)), Some(&2));
+        assert_eq!(t.expire(Watermark(1149)).len(), 0);
+        assert_eq!(t.expire(Watermark(1150)).len(), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn expired_key_starts_over_on_update() {
+        let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(10)));
+        t.update(b"k", 0, 0, Watermark::MIN, || 0, |v| *v += 5);
+        let v = t.update(
+            b"k",
+            0,
+            20,
+            Watermark(15),
+            || 0,
+            |v| {
+                *v += 1;
+                *v
+            },
+        );
+        assert_eq!(v, 1);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn namespaces_range_and_drain() {
+        let mut t: KeyedTable<String> = KeyedTable::new("t", None);
+        for ns in [30, 10, 20] {
+            t.update(b"k", ns, 0, Watermark::MIN, || "x".into(), |_| ());
+        }
+        let got: Vec<i64> = t
+            .range(b"k", 10..30, Watermark::MIN)
+            .map(|(ns, _)| ns)
+            .collect();
+        assert_eq!(got, vec![10, 20]);
+        assert_eq!(t.drain_range(b"k", ..=20).len(), 2);
+        assert_eq!(t.len(), 1);
+        t.remove(b"k", 30);
+        assert_eq!(t.key_count(), 0);
+    }
+
+    #[test]
+    fn timers_fire_in_order_once() {
+        let mut timers = Timers::new();
+        timers.register(20, b"b");
+        timers.register(10, b"a");
+        timers.register(10, b"a");
+        assert_eq!(timers.len(), 2);
+        let due = timers.due(Watermark(15));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].1.len(), 1);
+        assert_eq!(timers.due(Watermark(25))[0].0, 20);
+        assert!(timers.is_empty());
+    }
+
+    fn config(dir: &std::path::Path, cache_keys: usize) -> StateConfig {
+        StateConfig {
+            local_dir: dir.to_path_buf(),
+            cache_keys,
+            block_cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+        }
+    }
+
+    fn key(i: u32) -> Vec<u8> {
+        format!("key-{i}").into_bytes()
+    }
+
+    #[test]
+    fn rocksdb_table_evicts_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend =
+            Arc::new(KeyedBackend::open(&dir.path().join("db"), &config(dir.path(), 10), range, 128).unwrap());
+        let mut t: KeyedTable<Vec<i64>> = KeyedTable::new("t", None);
+        t.attach(&backend).unwrap();
+        for i in 0..100u32 {
+            for ns in 0..3 {
+                t.update(&key(i), ns, 0, Watermark::MIN, Vec::new, |v| v.push(i as i64));
+            }
+        }
+        assert!(t.keys.len() <= 10, "the cache stays bounded: {}", t.keys.len());
+        for i in 0..100u32 {
+            let got: Vec<(i64, Vec<i64>)> = t
+                .range(&key(i), .., Watermark::MIN)
+                .map(|(ns, v)| (ns, v.clone()))
+                .collect();
+            assert_eq!(got, (0..3).map(|ns| (ns, vec![i as i64])).collect::<Vec<_>>());
+        }
+        // removals reach RocksDB too
+        t.remove_key(&key(7));
+        t.flush().unwrap();
+        assert!(t.get(&key(7), 0, Watermark::MIN).is_none());
+        assert_eq!(t.get(&key(8), 2, Watermark::MIN), Some(&vec![8]));
+    }
+
+    #[test]
+    fn snapshots_restore_by_key_group_at_another_parallelism() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1000);
+        // two subtasks write their halves and snapshot them
+        let mut parts = Vec::new();
+        let mut timers_expected = 0;
+        for sub in 0..2 {
+            let range = crate::KeyGroupRange::for_subtask(128, 2, sub);
+            let backend = Arc::new(
+                KeyedBackend::open(&dir.path().join(format!("db{sub}")), &cfg, range, 128).unwrap(),
+            );
+            let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
+            t.attach(&backend).unwrap();
+            let mut timers = Timers::new();
+            for i in 0..200u32 {
+                let k = key(i);
+                if range.contains(KeyedTable::<u64>::key_groups_of(&k, 128)) {
+                    t.update(&k, 0, 0, Watermark::MIN, || 0, |v| *v = i as u64);
+                    timers.register(i as i64, &k);
+                    timers_expected += 1;
+                }
+            }
+            t.flush().unwrap();
+            timers.save("fire", &backend).unwrap();
+            let snap = dir.path().join(format!("snap{sub}"));
+            backend.checkpoint(&snap).unwrap();
+            parts.push((snap, range));
+        }
+        // three subtasks restore and together see every key exactly once
+        let mut seen = 0;
+        let mut timers_seen = 0;
+        for sub in 0..3 {
+            let range = crate::KeyGroupRange::for_subtask(128, 3, sub);
+            let copies: Vec<_> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, (p, r))| {
+                    let c = dir.path().join(format!("copy{sub}-{i}"));
+                    std::fs::create_dir_all(&c).unwrap();
+                    for f in std::fs::read_dir(p).unwrap() {
+                        let f = f.unwrap();
+                        std::fs::copy(f.path(), c.join(f.file_name())).unwrap();
+                    }
+                    (c, *r)
+                })
+                .collect();
+            let backend = Arc::new(
+                KeyedBackend::restore(&dir.path().join(format!("new{sub}")), &cfg, range, 128, copies)
+                    .unwrap(),
+            );
+            let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
+            t.attach(&backend).unwrap();
+            for i in 0..200u32 {
+                let k = key(i);
+                let mine = range.contains(KeyedTable::<u64>::key_groups_of(&k, 128));
+                let got = t.get(&k, 0, Watermark::MIN).copied();
+                assert_eq!(got, mine.then_some(i as u64), "key {i} in subtask {sub}");
+                seen += mine as u32;
+            }
+            timers_seen += Timers::restore("fire", &backend).unwrap().len();
+        }
+        assert_eq!(seen, 200);
+        assert_eq!(timers_seen, timers_expected);
+    }
+
+    #[test]
+    fn ttl_survives_a_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1000);
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend = Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
+        let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(100)));
+        t.attach(&backend).unwrap();
+        t.update(b"a", 0, 1000, Watermark::MIN, || 1, |_| ());
+        t.update(b"b", 0, 1050, Watermark::MIN, || 2, |_| ());
+        t.flush().unwrap();
+        let snap = dir.path().join("snap");
+        backend.checkpoint(&snap).unwrap();
+        let restored = Arc::new(
+            KeyedBackend::restore(&dir.path().join("db2"), &cfg, range, 128, vec![(snap, range)]).unwrap(),
+        );
+        let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(100)));
+        t.attach(&restored).unwrap();
+        assert_eq!(t.get(b"a", 0, Watermark(1099)), Some(&1));
+        assert_eq!(t.get(b"a", 0, Watermark(1100)), None, "expired on read");
+        let gone = t.expire(Watermark(1100));
+        assert_eq!(gone.len(), 1, "restored deadlines fire");
+        assert_eq!(t.get(b"b", 0, Watermark(1100)), Some(&2));
+    }
+}

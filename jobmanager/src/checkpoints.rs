@@ -1,0 +1,632 @@
+//! The checkpoint coordinator of one job: triggers checkpoints and savepoints, collects
+//! acknowledgements, writes metadata, retains and cleans up.
+//!
+//! **Layout** under the job's checkpoint root (`<dir>/<job name>/`):
+//! - `generations/<g>`: one marker per run of the job, written with a conditional put. A run
+//!   takes the next free generation; before completing a checkpoint it checks that no newer
+//!   generation exists, so a stale run (an old JobManager still alive) can never complete a
+//!   checkpoint after a newer run started.
+//! - `chk-<id>/_metadata`: written last, with a conditional put, so a checkpoint exists only once
+//!   complete and two writers cannot both complete the same id. Its private files sit beside it.
+//! - `shared/...`: RocksDB SST files, referenced by any number of checkpoints.
+//!
+//! **Retention.** The newest `retain` completed checkpoints are kept. When one falls out, its
+//! directory is deleted; shared files that no retained checkpoint references are deleted when no
+//! checkpoint is in progress (a listing of `shared/` against the retained metadata), which also
+//! removes files uploaded for abandoned checkpoints.
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::{info, info_span, warn};
+
+use freshet_engine::checkpoint::{
+    Barrier, CheckpointId, CheckpointMetadata, METADATA, S3Options, SnapshotKind, Storage, SubtaskAck,
+    SubtaskCommand, SubtaskReport, checkpoint_dir,
+};
+use freshet_job::CheckpointingSpec;
+
+/// Sends a command to subtask (vertex, index).
+pub type CommandSender = Arc<dyn Fn(usize, u32, SubtaskCommand) + Send + Sync>;
+
+/// Status of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointStatus {
+    /// Waiting for acknowledgements.
+    InProgress,
+    /// Metadata written.
+    Completed,
+    /// Declined, timed out, or fenced.
+    Failed,
+}
+
+/// What is known about one checkpoint or savepoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointStats {
+    /// Id.
+    pub id: CheckpointId,
+    /// Checkpoint or savepoint.
+    pub kind: SnapshotKind,
+    /// Status.
+    pub status: CheckpointStatus,
+    /// Trigger time, milliseconds since the epoch.
+    pub trigger_time_ms: i64,
+    /// From trigger to completion (or now), milliseconds.
+    pub duration_ms: u64,
+    /// Longest barrier alignment of any subtask, milliseconds.
+    pub alignment_ms: u64,
+    /// Longest synchronous snapshot part of any subtask, milliseconds.
+    pub sync_ms: u64,
+    /// Size of the whole state it covers.
+    pub full_bytes: u64,
+    /// Bytes uploaded for it.
+    pub uploaded_bytes: u64,
+    /// Subtasks acknowledged / expected.
+    pub acknowledged: usize,
+    /// Subtasks expected.
+    pub expected: usize,
+    /// Where it is stored (completed only).
+    pub path: Option<String>,
+    /// Why it failed.
+    pub failure: Option<String>,
+}
+
+/// Settings of a coordinator.
+#[derive(Debug, Clone)]
+pub struct CoordinatorSettings {
+    /// Checkpoint settings of the job.
+    pub spec: CheckpointingSpec,
+    /// Job name.
+    pub job: String,
+    /// Key groups of the job.
+    pub max_parallelism: u32,
+    /// Every subtask (vertex, index), and which of them are sources.
+    pub subtasks: Vec<(usize, u32, bool)>,
+    /// S3 settings for savepoint targets.
+    pub s3: S3Options,
+}
+
+/// A waiter for a savepoint's outcome: its path or the failure.
+type Waiter = crossbeam_channel::Sender<Result<String, String>>;
+
+struct Pending {
+    barrier: Barrier,
+    trigger_time_ms: i64,
+    started: Instant,
+    acks: BTreeMap<(usize, u32), SubtaskAck>,
+    final_checkpoint: bool,
+    waiter: Option<Waiter>,
+}
+
+struct Retained {
+    id: CheckpointId,
+    files: HashSet<String>,
+}
+
+struct State {
+    next_id: CheckpointId,
+    pending: BTreeMap<CheckpointId, Pending>,
+    retained: VecDeque<Retained>,
+    history: VecDeque<CheckpointStats>,
+    last_trigger: Instant,
+    last_completion: Option<Instant>,
+    sources_finished: BTreeSet<(usize, u32)>,
+    finishing: bool,
+    stopped: bool,
+    gc_needed: bool,
+    /// Set when the coordinator must stop the job (fenced by a newer run).
+    fatal: Option<String>,
+    latest: Option<String>,
+}
+
+/// The coordinator. Call [`Coordinator::start`]; reports go to [`Coordinator::report`].
+pub struct Coordinator {
+    settings: CoordinatorSettings,
+    storage: Storage,
+    generation: u64,
+    send: CommandSender,
+    on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+const HISTORY: usize = 100;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The checkpoints completed in a job's checkpoint root, oldest first, with their metadata.
+pub fn completed_checkpoints(storage: &Storage) -> Result<Vec<CheckpointMetadata>, String> {
+    let mut out = Vec::new();
+    for path in storage.list("").map_err(|e| e.to_string())? {
+        let Some(dir) = path.strip_suffix(&format!("/{METADATA}")) else {
+            continue;
+        };
+        if !dir.starts_with("chk-") || dir.contains('/') {
+            continue;
+        }
+        let bytes = storage
+            .get(&path)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{path} vanished"))?;
+        let m: CheckpointMetadata =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}/{path}: {e}", storage.url()))?;
+        out.push(m);
+    }
+    out.sort_by_key(|m| m.id);
+    Ok(out)
+}
+
+/// Takes the next generation of the job in `storage`: a conditional write of a marker, retried
+/// if another run took the same number first.
+pub fn acquire_generation(storage: &Storage) -> Result<u64, String> {
+    for _ in 0..16 {
+        let newest = newest_generation(storage)?;
+        let g = newest + 1;
+        if storage
+            .put_if_absent(&format!("generations/{g:010}"), now_ms().to_string().into())
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(g);
+        }
+    }
+    Err("could not take a job generation: other runs of the job keep starting".into())
+}
+
+fn newest_generation(storage: &Storage) -> Result<u64, String> {
+    Ok(storage
+        .list("generations")
+        .map_err(|e| e.to_string())?
+        .iter()
+        .filter_map(|p| p.rsplit('/').next()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0))
+}
+
+impl Coordinator {
+    /// A coordinator for a job run of `generation`, whose retained checkpoints are `existing`
+    /// (oldest first); new ids continue after `last_id`.
+    pub fn new(
+        settings: CoordinatorSettings,
+        storage: Storage,
+        generation: u64,
+        existing: &[CheckpointMetadata],
+        last_id: CheckpointId,
+        send: CommandSender,
+        on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+    ) -> Arc<Self> {
+        let retained = existing
+            .iter()
+            .map(|m| Retained {
+                id: m.id,
+                files: m.files().map(|f| f.path.clone()).collect(),
+            })
+            .collect();
+        Arc::new(Coordinator {
+            settings,
+            storage,
+            generation,
+            send,
+            on_fatal,
+            state: Mutex::new(State {
+                next_id: last_id + 1,
+                pending: BTreeMap::new(),
+                retained,
+                history: VecDeque::new(),
+                last_trigger: Instant::now(),
+                last_completion: None,
+                sources_finished: BTreeSet::new(),
+                finishing: false,
+                stopped: false,
+                gc_needed: true,
+                fatal: None,
+                latest: None,
+            }),
+            wake: Condvar::new(),
+        })
+    }
+
+    /// Starts the periodic trigger thread; it ends when [`Coordinator::stop`] is called.
+    pub fn start(self: &Arc<Self>) {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("checkpoints".into())
+            .spawn(move || me.run())
+            .expect("starting the checkpoint coordinator");
+    }
+
+    /// Stops triggering (the job ended).
+    pub fn stop(&self) {
+        let mut s = self.state.lock().expect("coordinator lock");
+        s.stopped = true;
+        for (_, p) in std::mem::take(&mut s.pending) {
+            if let Some(w) = p.waiter {
+                let _ = w.send(Err("the job ended before the savepoint completed".into()));
+            }
+        }
+        self.wake.notify_all();
+    }
+
+    /// A fatal condition the job must fail with (the run was fenced by a newer one).
+    pub fn fatal(&self) -> Option<String> {
+        self.state.lock().expect("coordinator lock").fatal.clone()
+    }
+
+    /// The checkpoint history, newest last.
+    pub fn history(&self) -> Vec<CheckpointStats> {
+        let s = self.state.lock().expect("coordinator lock");
+        let mut out: Vec<CheckpointStats> = s.history.iter().cloned().collect();
+        for p in s.pending.values() {
+            out.push(self.stats(p, CheckpointStatus::InProgress, None, None));
+        }
+        out.sort_by_key(|c| c.id);
+        out
+    }
+
+    /// Path of the latest completed checkpoint of this run.
+    pub fn latest(&self) -> Option<String> {
+        self.state.lock().expect("coordinator lock").latest.clone()
+    }
+
+    fn run(self: Arc<Self>) {
+        let interval = self.settings.spec.interval.0;
+        let mut s = self.state.lock().expect("coordinator lock");
+        loop {
+            if s.stopped {
+                return;
+            }
+            let now = Instant::now();
+            // timeouts
+            let timeout = self.settings.spec.timeout.0;
+            let expired: Vec<CheckpointId> = s
+                .pending
+                .iter()
+                .filter(|(_, p)| now.duration_since(p.started) >= timeout)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                self.fail(&mut s, id, format!("timed out after {timeout:?}"));
+            }
+            let paused = s.last_completion.is_some_and(|t| {
+                now.duration_since(t) < self.settings.spec.min_pause.0
+            });
+            let periodic = s
+                .pending
+                .values()
+                .filter(|p| p.barrier.kind == SnapshotKind::Checkpoint)
+                .count();
+            if !s.finishing
+                && now.duration_since(s.last_trigger) >= interval
+                && periodic < self.settings.spec.max_concurrent as usize
+                && !paused
+            {
+                self.trigger(&mut s, SnapshotKind::Checkpoint, None, false, false, None);
+            }
+            if s.pending.is_empty() && s.gc_needed {
+                s.gc_needed = false;
+                let live: HashSet<String> = s
+                    .retained
+                    .iter()
+                    .flat_map(|r| r.files.iter().cloned())
+                    .collect();
+                drop(s);
+                self.collect_garbage(&live);
+                s = self.state.lock().expect("coordinator lock");
+                continue;
+            }
+            let wait = interval
+                .saturating_sub(now.duration_since(s.last_trigger))
+                .clamp(Duration::from_millis(5), Duration::from_millis(100));
+            s = self.wake.wait_timeout(s, wait).expect("coordinator lock").0;
+        }
+    }
+
+    /// Triggers a checkpoint or savepoint at every source subtask.
+    fn trigger(
+        &self,
+        s: &mut State,
+        kind: SnapshotKind,
+        target: Option<String>,
+        stop: bool,
+        final_checkpoint: bool,
+        waiter: Option<Waiter>,
+    ) -> CheckpointId {
+        let id = s.next_id;
+        s.next_id += 1;
+        s.last_trigger = Instant::now();
+        let barrier = Barrier {
+            id,
+            kind,
+            target,
+            stop,
+        };
+        let _span = info_span!("checkpoint", job = %self.settings.job, checkpoint = id).entered();
+        tracing::debug!(?kind, stop, final_checkpoint, "triggering");
+        s.pending.insert(
+            id,
+            Pending {
+                barrier: barrier.clone(),
+                trigger_time_ms: now_ms(),
+                started: Instant::now(),
+                acks: BTreeMap::new(),
+                final_checkpoint,
+                waiter,
+            },
+        );
+        for (v, i, source) in &self.settings.subtasks {
+            if *source {
+                (self.send)(*v, *i, SubtaskCommand::Trigger(barrier.clone()));
+            }
+        }
+        id
+    }
+
+    /// Triggers a savepoint into `target`; with `stop`, the job stops once it completes. The
+    /// returned channel yields the savepoint's path or why it failed.
+    pub fn savepoint(
+        &self,
+        target: String,
+        stop: bool,
+    ) -> Result<crossbeam_channel::Receiver<Result<String, String>>, String> {
+        let mut s = self.state.lock().expect("coordinator lock");
+        if s.stopped {
+            return Err("the job is not running".into());
+        }
+        if s.finishing {
+            return Err("the job is finishing its input; no savepoint can be taken".into());
+        }
+        if stop && s.pending.values().any(|p| p.barrier.stop) {
+            return Err("a stop-with-savepoint is already in progress".into());
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.trigger(&mut s, SnapshotKind::Savepoint, Some(target), stop, false, Some(tx));
+        self.wake.notify_all();
+        Ok(rx)
+    }
+
+    /// Handles a subtask's report.
+    pub fn report(&self, vertex: usize, subtask: u32, report: SubtaskReport) {
+        let mut s = self.state.lock().expect("coordinator lock");
+        if s.stopped {
+            return;
+        }
+        match report {
+            SubtaskReport::Ack(ack) => {
+                let id = ack.checkpoint;
+                let Some(p) = s.pending.get_mut(&id) else {
+                    return;
+                };
+                p.acks.insert((vertex, subtask), *ack);
+                if p.acks.len() == self.settings.subtasks.len() {
+                    self.complete(&mut s, id);
+                }
+            }
+            SubtaskReport::Decline { checkpoint, reason } => {
+                self.fail(&mut s, checkpoint, reason);
+            }
+            SubtaskReport::SourceFinished => {
+                s.sources_finished.insert((vertex, subtask));
+                let sources = self.settings.subtasks.iter().filter(|t| t.2).count();
+                if s.sources_finished.len() == sources && !s.finishing {
+                    s.finishing = true;
+                    info!(job = %self.settings.job, "every source finished; taking the final checkpoint");
+                    self.trigger(&mut s, SnapshotKind::Checkpoint, None, false, true, None);
+                }
+            }
+        }
+        self.wake.notify_all();
+    }
+
+    fn stats(
+        &self,
+        p: &Pending,
+        status: CheckpointStatus,
+        path: Option<String>,
+        failure: Option<String>,
+    ) -> CheckpointStats {
+        CheckpointStats {
+            id: p.barrier.id,
+            kind: p.barrier.kind,
+            status,
+            trigger_time_ms: p.trigger_time_ms,
+            duration_ms: p.started.elapsed().as_millis() as u64,
+            alignment_ms: p.acks.values().map(|a| a.alignment_ms).max().unwrap_or(0),
+            sync_ms: p.acks.values().map(|a| a.sync_ms).max().unwrap_or(0),
+            full_bytes: p.acks.values().map(|a| a.full_bytes).sum(),
+            uploaded_bytes: p.acks.values().map(|a| a.uploaded_bytes).sum(),
+            acknowledged: p.acks.len(),
+            expected: self.settings.subtasks.len(),
+            path,
+            failure,
+        }
+    }
+
+    fn record(&self, s: &mut State, stats: CheckpointStats) {
+        s.history.push_back(stats);
+        while s.history.len() > HISTORY {
+            s.history.pop_front();
+        }
+    }
+
+    fn fail(&self, s: &mut State, id: CheckpointId, reason: String) {
+        let Some(p) = s.pending.remove(&id) else {
+            return;
+        };
+        warn!(job = %self.settings.job, checkpoint = id, %reason, "checkpoint failed");
+        for (v, i, _) in &self.settings.subtasks {
+            (self.send)(*v, *i, SubtaskCommand::Abort(id));
+        }
+        let stats = self.stats(&p, CheckpointStatus::Failed, None, Some(reason.clone()));
+        self.record(s, stats);
+        match p.barrier.kind {
+            SnapshotKind::Checkpoint => {
+                let _ = self.storage.delete_dir(&checkpoint_dir(id));
+            }
+            SnapshotKind::Savepoint => {
+                if let Some(t) = &p.barrier.target
+                    && let Ok(dir) = Storage::open(t, std::path::Path::new("."), &self.settings.s3)
+                {
+                    let _ = dir.delete_dir("");
+                }
+            }
+        }
+        s.gc_needed = true;
+        if let Some(w) = p.waiter {
+            let _ = w.send(Err(reason));
+        }
+        if p.final_checkpoint {
+            // the input has ended; the job can only finish through a final checkpoint
+            self.trigger(s, SnapshotKind::Checkpoint, None, false, true, None);
+        }
+    }
+
+    fn complete(&self, s: &mut State, id: CheckpointId) {
+        let p = s.pending.remove(&id).expect("pending");
+        let _span = info_span!("checkpoint", job = %self.settings.job, checkpoint = id).entered();
+        let mut operators: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        for ack in p.acks.values() {
+            for (uid, snap) in &ack.operators {
+                operators.entry(uid.clone()).or_default().push(snap.clone());
+            }
+        }
+        for snaps in operators.values_mut() {
+            snaps.sort_by_key(|s| s.subtask);
+        }
+        let metadata = CheckpointMetadata {
+            format: 1,
+            job: self.settings.job.clone(),
+            generation: self.generation,
+            id,
+            kind: p.barrier.kind,
+            trigger_time_ms: p.trigger_time_ms,
+            max_parallelism: self.settings.max_parallelism,
+            operators,
+        };
+        let written = self.write_metadata(s, &p, &metadata);
+        let path = match written {
+            Ok(path) => path,
+            Err(reason) => {
+                s.pending.insert(id, p);
+                self.fail(s, id, reason);
+                return;
+            }
+        };
+        // committed: tell every subtask (two-phase sinks commit now)
+        for (v, i, _) in &self.settings.subtasks {
+            (self.send)(*v, *i, SubtaskCommand::Complete(id));
+        }
+        let stats = self.stats(&p, CheckpointStatus::Completed, Some(path.clone()), None);
+        info!(
+            kind = ?p.barrier.kind,
+            duration_ms = stats.duration_ms,
+            full_bytes = stats.full_bytes,
+            uploaded_bytes = stats.uploaded_bytes,
+            %path,
+            "checkpoint completed"
+        );
+        self.record(s, stats);
+        s.last_completion = Some(Instant::now());
+        if p.barrier.kind == SnapshotKind::Checkpoint {
+            s.latest = Some(path.clone());
+            s.retained.push_back(Retained {
+                id,
+                files: metadata.files().map(|f| f.path.clone()).collect(),
+            });
+            while s.retained.len() > self.settings.spec.retain as usize {
+                let old = s.retained.pop_front().expect("non-empty");
+                if let Err(e) = self.storage.delete_dir(&checkpoint_dir(old.id)) {
+                    warn!(checkpoint = old.id, error = %e, "cannot delete a subsumed checkpoint");
+                }
+                s.gc_needed = true;
+            }
+        }
+        if let Some(w) = p.waiter {
+            let _ = w.send(Ok(path));
+        }
+        let sources = self.settings.subtasks.iter().filter(|t| t.2);
+        if p.final_checkpoint {
+            for (v, i, _) in sources {
+                (self.send)(*v, *i, SubtaskCommand::Finish);
+            }
+        } else if p.barrier.stop {
+            for (v, i, _) in sources {
+                (self.send)(*v, *i, SubtaskCommand::Suspend);
+            }
+        }
+    }
+
+    /// Writes the metadata with a conditional put, after checking no newer run took over.
+    fn write_metadata(
+        &self,
+        s: &mut State,
+        p: &Pending,
+        m: &CheckpointMetadata,
+    ) -> Result<String, String> {
+        let newest = newest_generation(&self.storage)?;
+        if newest > self.generation {
+            let msg = format!(
+                "a newer run of the job (generation {newest}) owns {}; this run (generation {}) stops",
+                self.storage.url(),
+                self.generation
+            );
+            s.fatal = Some(msg.clone());
+            s.stopped = true;
+            // not under the lock: failing the job stops this coordinator
+            let on_fatal = self.on_fatal.clone();
+            let m = msg.clone();
+            std::thread::spawn(move || on_fatal(m));
+            return Err(msg);
+        }
+        let body = serde_json::to_vec_pretty(m).map_err(|e| e.to_string())?;
+        let (dir, rel) = match (&p.barrier.kind, &p.barrier.target) {
+            (SnapshotKind::Savepoint, Some(t)) => (
+                Storage::open(t, std::path::Path::new("."), &self.settings.s3)
+                    .map_err(|e| e.to_string())?,
+                METADATA.to_string(),
+            ),
+            _ => (
+                self.storage.clone(),
+                format!("{}/{METADATA}", checkpoint_dir(m.id)),
+            ),
+        };
+        if !dir.put_if_absent(&rel, body.into()).map_err(|e| e.to_string())? {
+            return Err(format!(
+                "{}/{rel} already exists: another writer completed this checkpoint",
+                dir.url()
+            ));
+        }
+        Ok(match p.barrier.kind {
+            SnapshotKind::Savepoint => dir.url().to_string(),
+            SnapshotKind::Checkpoint => format!("{}/{}", dir.url(), checkpoint_dir(m.id)),
+        })
+    }
+
+    /// Deletes shared files no retained checkpoint references.
+    fn collect_garbage(&self, live: &HashSet<String>) {
+        let files = match self.storage.list("shared") {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %e, "cannot list shared checkpoint files");
+                return;
+            }
+        };
+        let mut deleted = 0;
+        for f in files {
+            if !live.contains(&f) {
+                if let Err(e) = self.storage.delete(&f) {
+                    warn!(file = %f, error = %e, "cannot delete an unused checkpoint file");
+                } else {
+                    deleted += 1;
+                }
+            }
+        }
+        if deleted > 0 {
+            tracing::debug!(deleted, "deleted unused shared files");
+        }
+    }
+}

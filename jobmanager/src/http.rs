@@ -1,0 +1,202 @@
+//! The JobManager's HTTP API (JSON).
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | `/jobs` | every job: id, name, state, duration |
+//! | GET | `/jobs/{job}` | one job: state, vertices with counters, accumulators, restore source |
+//! | GET | `/jobs/{job}/checkpoints` | checkpoint and savepoint history, newest last |
+//! | POST | `/jobs/{job}/savepoints` | take a savepoint (`{"dir": ...}` optional); waits, returns `{"path"}` |
+//! | POST | `/jobs/{job}/stop` | stop with a savepoint; returns `{"path"}` |
+//! | POST | `/jobs/{job}/cancel` | cancel without a savepoint |
+//!
+//! `{job}` is a job id or the name of a job (the newest with that name). Errors are
+//! `{"error": "..."}` with a 4xx/5xx status.
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::net::SocketAddr;
+
+use crate::checkpoints::CheckpointStats;
+use crate::{JobHandle, JobManager, JobState};
+
+fn state_name(s: &JobState) -> (&'static str, Option<String>) {
+    match s {
+        JobState::Running => ("running", None),
+        JobState::Finished => ("finished", None),
+        JobState::Failed(e) => ("failed", Some(e.clone())),
+        JobState::Cancelled => ("cancelled", None),
+    }
+}
+
+#[derive(Serialize)]
+struct JobSummary {
+    id: String,
+    name: String,
+    state: &'static str,
+    duration_ms: u64,
+}
+
+fn summary(j: &JobHandle) -> JobSummary {
+    let s = j.status();
+    JobSummary {
+        id: j.id.0.clone(),
+        name: j.plan().spec.name.clone(),
+        state: state_name(&s.state).0,
+        duration_ms: s.duration.as_millis() as u64,
+    }
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+fn find(jm: &JobManager, job: &str) -> Result<JobHandle, Response> {
+    jm.job(job)
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no job {job}")))
+}
+
+async fn list(State(jm): State<JobManager>) -> Json<Vec<JobSummary>> {
+    Json(jm.jobs().iter().map(summary).collect())
+}
+
+async fn job(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
+    let j = match find(&jm, &job) {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    let status = j.status();
+    let metrics = j.metrics();
+    let vertices: Vec<_> = j
+        .plan()
+        .vertices
+        .iter()
+        .enumerate()
+        .map(|(v, vx)| {
+            let subtasks: Vec<_> = metrics
+                .iter()
+                .filter(|((mv, _), _)| *mv == v)
+                .map(|((_, i), m)| json!({ "subtask": i, "metrics": m }))
+                .collect();
+            json!({ "name": vx.name, "parallelism": vx.parallelism, "subtasks": subtasks })
+        })
+        .collect();
+    let (state, failure) = state_name(&status.state);
+    Json(json!({
+        "id": j.id.0,
+        "name": j.plan().spec.name,
+        "state": state,
+        "failure": failure,
+        "duration_ms": status.duration.as_millis() as u64,
+        "restored_from": j.restored_from(),
+        "vertices": vertices,
+        "accumulators": status.accumulators,
+    }))
+    .into_response()
+}
+
+#[derive(Serialize)]
+struct Checkpoints {
+    job: String,
+    history: Vec<CheckpointStats>,
+}
+
+async fn checkpoints(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
+    match find(&jm, &job) {
+        Ok(j) => Json(Checkpoints {
+            job: j.id.0.clone(),
+            history: j.checkpoints(),
+        })
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+/// Body of a savepoint or stop request.
+#[derive(Debug, Default, Deserialize)]
+pub struct SavepointRequest {
+    /// Directory to create the savepoint in (default: the job's `checkpointing.savepoint_dir`).
+    #[serde(default)]
+    pub dir: Option<String>,
+}
+
+async fn take_savepoint(jm: JobManager, job: String, body: Option<Json<SavepointRequest>>, stop: bool) -> Response {
+    let j = match find(&jm, &job) {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    if j.status().state != JobState::Running {
+        return error(StatusCode::CONFLICT, format!("job {} is not running", j.id));
+    }
+    let dir = body.and_then(|b| b.0.dir);
+    let result = tokio::task::spawn_blocking(move || j.savepoint(dir.as_deref(), stop)).await;
+    match result {
+        Ok(Ok(path)) => Json(json!({ "path": path })).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn savepoint(
+    State(jm): State<JobManager>,
+    Path(job): Path<String>,
+    body: Option<Json<SavepointRequest>>,
+) -> Response {
+    take_savepoint(jm, job, body, false).await
+}
+
+async fn stop(
+    State(jm): State<JobManager>,
+    Path(job): Path<String>,
+    body: Option<Json<SavepointRequest>>,
+) -> Response {
+    take_savepoint(jm, job, body, true).await
+}
+
+async fn cancel(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
+    match find(&jm, &job) {
+        Ok(j) => {
+            j.cancel();
+            Json(json!({ "cancelled": j.id.0 })).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+/// The API's routes.
+pub fn router(jm: JobManager) -> Router {
+    Router::new()
+        .route("/jobs", get(list))
+        .route("/jobs/{job}", get(job))
+        .route("/jobs/{job}/checkpoints", get(checkpoints))
+        .route("/jobs/{job}/savepoints", post(savepoint))
+        .route("/jobs/{job}/stop", post(stop))
+        .route("/jobs/{job}/cancel", post(cancel))
+        .with_state(jm)
+}
+
+/// Serves the API on `addr` from a thread of its own; returns the bound address.
+pub fn serve(jm: JobManager, addr: &str) -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("jobmanager-http".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("starting the HTTP runtime");
+            rt.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("listener for tokio");
+                if let Err(e) = axum::serve(listener, router(jm)).await {
+                    tracing::warn!(error = %e, "the HTTP API stopped");
+                }
+            });
+        })?;
+    Ok(local)
+}
