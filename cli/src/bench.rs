@@ -202,7 +202,11 @@ fn bench_checkpoints(events: u64, rounds: u32, keys: u64) -> Result<i32> {
             1,
         )?;
         if (a.rows, a.sum1, a.sum2) != (b.rows, b.sum1, b.sum2) {
-            bail!("q5 results differ with checkpoints: {:?} vs {:?}", (a.rows, a.sum1, a.sum2), (b.rows, b.sum1, b.sum2));
+            bail!(
+                "q5 results differ with checkpoints: {:?} vs {:?}",
+                (a.rows, a.sum1, a.sum2),
+                (b.rows, b.sum1, b.sum2)
+            );
         }
         println!(
             "q5 round {round}: no checkpoints {:.0} events/s, 1s checkpoints {:.0} events/s ({} checkpoints)",

@@ -49,14 +49,22 @@ fn post(jobmanager: &str, path: &str, body: Value) -> Result<Value> {
 }
 
 pub fn savepoint(jobmanager: &str, job: &str, dir: Option<String>) -> Result<i32> {
-    let r = post(jobmanager, &format!("/jobs/{job}/savepoints"), json!({ "dir": dir }))?;
+    let r = post(
+        jobmanager,
+        &format!("/jobs/{job}/savepoints"),
+        json!({ "dir": dir }),
+    )?;
     println!("{}", r["path"].as_str().unwrap_or_default());
     Ok(0)
 }
 
 pub fn stop(jobmanager: &str, job: &str, savepoint: bool, dir: Option<String>) -> Result<i32> {
     if savepoint {
-        let r = post(jobmanager, &format!("/jobs/{job}/stop"), json!({ "dir": dir }))?;
+        let r = post(
+            jobmanager,
+            &format!("/jobs/{job}/stop"),
+            json!({ "dir": dir }),
+        )?;
         println!("{}", r["path"].as_str().unwrap_or_default());
     } else {
         post(jobmanager, &format!("/jobs/{job}/cancel"), json!({}))?;
@@ -67,7 +75,10 @@ pub fn stop(jobmanager: &str, job: &str, savepoint: bool, dir: Option<String>) -
 
 pub fn list(jobmanager: &str) -> Result<i32> {
     let jobs = get(jobmanager, "/jobs")?;
-    println!("{:<32} {:<24} {:<10} {:>10}", "id", "name", "state", "duration");
+    println!(
+        "{:<32} {:<24} {:<10} {:>10}",
+        "id", "name", "state", "duration"
+    );
     for j in jobs.as_array().into_iter().flatten() {
         println!(
             "{:<32} {:<24} {:<10} {:>9.1}s",

@@ -85,7 +85,7 @@ fn stop_with_savepoint(name: &str, work: &Path) -> (String, PathBuf) {
     let out = work.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let chk = work.join("checkpoints").display().to_string();
-    let run = Running::start(&args(name, 2, &out, &chk, 8));
+    let run = Running::start(&args(name, 2, &out, &chk, 4.0));
     let api = run.api();
     std::thread::sleep(Duration::from_millis(1200));
     let o = freshet()
@@ -122,7 +122,7 @@ fn savepoint_is_relocatable_and_rescales() {
         let copy = work.path().join(format!("out-{parallelism}"));
         copy_dir(&out, &copy);
         let chk = work.path().join(format!("chk-{parallelism}"));
-        let mut a = args(name, parallelism, &copy, &chk.display().to_string(), 1000);
+        let mut a = args(name, parallelism, &copy, &chk.display().to_string(), 0.01);
         a.push("--restore".into());
         a.push(moved.display().to_string());
         let o = freshet().args(&a).args(["--http", "off"]).output().unwrap();
@@ -150,12 +150,21 @@ fn changed_graph_is_refused_unless_state_may_be_dropped() {
     let text = std::fs::read_to_string(&job).unwrap();
     std::fs::write(
         &job,
-        text.replace("  revenue:\n    type: window", "  revenue_v2:\n    type: window")
-            .replace("input: revenue\n", "input: revenue_v2\n")
-            .replace("input: revenue.late", "input: revenue_v2.late"),
+        text.replace(
+            "  revenue:\n    type: window",
+            "  revenue_v2:\n    type: window",
+        )
+        .replace("input: revenue\n", "input: revenue_v2\n")
+        .replace("input: revenue.late", "input: revenue_v2.late"),
     )
     .unwrap();
-    let mut a = args(name, 2, &out, &work.path().join("c2").display().to_string(), 1000);
+    let mut a = args(
+        name,
+        2,
+        &out,
+        &work.path().join("c2").display().to_string(),
+        0.01,
+    );
     a[1] = job.display().to_string();
     a.push("--restore".into());
     a.push(savepoint.clone());
@@ -171,9 +180,5 @@ fn changed_graph_is_refused_unless_state_may_be_dropped() {
         .args(["--http", "off", "--allow-non-restored-state"])
         .output()
         .unwrap();
-    assert!(
-        o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -145,7 +145,10 @@ impl Source for NexmarkSource {
         Ok(())
     }
 
-    fn snapshot(&mut self, snap: &mut freshet_engine::checkpoint::SnapshotContext<'_>) -> Result<()> {
+    fn snapshot(
+        &mut self,
+        snap: &mut freshet_engine::checkpoint::SnapshotContext<'_>,
+    ) -> Result<()> {
         snap.put(crate::generator::POSITION, self.next.to_be_bytes().to_vec());
         Ok(())
     }

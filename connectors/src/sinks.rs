@@ -245,7 +245,10 @@ impl Operator for FileSink {
                         .write(true)
                         .open(&self.path)
                         .map_err(io(format!("opening {}", self.path.display())))?;
-                    let len = f.metadata().map_err(io(format!("reading {}", self.path.display())))?.len();
+                    let len = f
+                        .metadata()
+                        .map_err(io(format!("reading {}", self.path.display())))?
+                        .len();
                     if len < st.committed_len {
                         return Err(EngineError::State(format!(
                             "{} is {len} bytes, shorter than the {} committed bytes; the file was changed outside the job",
@@ -422,8 +425,9 @@ impl TableSink {
             }
             let newest = dir.join(newest);
             if newest.exists() {
-                std::fs::rename(&newest, &self.path)
-                    .map_err(|e| EngineError::io(format!("replacing {}", self.path.display()), e))?;
+                std::fs::rename(&newest, &self.path).map_err(|e| {
+                    EngineError::io(format!("replacing {}", self.path.display()), e)
+                })?;
             }
         }
         Ok(())

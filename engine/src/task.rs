@@ -90,7 +90,9 @@ impl WatermarkGenerator {
     /// Restores a state from [`save`](Self::save).
     pub fn restore(&mut self, data: &[u8]) -> Result<()> {
         if data.len() != 16 {
-            return Err(EngineError::State("watermark state has the wrong size".into()));
+            return Err(EngineError::State(
+                "watermark state has the wrong size".into(),
+            ));
         }
         self.max_ts = i64::from_be_bytes(data[..8].try_into().expect("8 bytes"));
         self.emitted = Watermark(i64::from_be_bytes(data[8..].try_into().expect("8 bytes")));
@@ -342,7 +344,6 @@ impl Chain {
     }
 }
 
-
 impl Chain {
     /// Takes the synchronous part of a snapshot of the chain's operators, after `head` (the
     /// source, if any) was snapshotted into `taken`.
@@ -468,9 +469,14 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
     let restore = restore.as_deref();
     let mut states = Vec::with_capacity(chain.len());
     for op in chain.iter_mut() {
-        states.push(open_state(&info, &op.name, &local, restore, checkpointing, |ctx| {
-            op.operator.open(ctx)
-        })?);
+        states.push(open_state(
+            &info,
+            &op.name,
+            &local,
+            restore,
+            checkpointing,
+            |ctx| op.operator.open(ctx),
+        )?);
     }
     let n = chain.len();
     let mut chain = Chain {
@@ -506,10 +512,17 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
             }
             chain.head_outputs = main_outputs;
             let mut generator = WatermarkGenerator::new(&watermarks);
-            let state = open_state(&chain.info, &uid, &ctl.local, restore, checkpointing, |ctx| {
-                restore_watermark(ctx, &mut generator)?;
-                source.open(ctx)
-            })?;
+            let state = open_state(
+                &chain.info,
+                &uid,
+                &ctl.local,
+                restore,
+                checkpointing,
+                |ctx| {
+                    restore_watermark(ctx, &mut generator)?;
+                    source.open(ctx)
+                },
+            )?;
             let head = SourceHead {
                 source,
                 state,

@@ -64,13 +64,19 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
     }
     if let Some(c) = &job.checkpointing {
         if c.interval.0 < std::time::Duration::from_millis(10) {
-            p.push(Problem::new("checkpointing.interval", "must be at least 10ms"));
+            p.push(Problem::new(
+                "checkpointing.interval",
+                "must be at least 10ms",
+            ));
         }
         if c.timeout.0.is_zero() {
             p.push(Problem::new("checkpointing.timeout", "must be more than 0"));
         }
         if c.max_concurrent == 0 {
-            p.push(Problem::new("checkpointing.max_concurrent", "must be at least 1"));
+            p.push(Problem::new(
+                "checkpointing.max_concurrent",
+                "must be at least 1",
+            ));
         }
         if c.retain == 0 {
             p.push(Problem::new("checkpointing.retain", "must be at least 1"));

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{info, info_span, warn};
 
 use freshet_engine::checkpoint::{
-    Barrier, CheckpointId, CheckpointMetadata, METADATA, S3Options, SnapshotKind, Storage, SubtaskAck,
-    SubtaskCommand, SubtaskReport, checkpoint_dir,
+    Barrier, CheckpointId, CheckpointMetadata, METADATA, S3Options, SnapshotKind, Storage,
+    SubtaskAck, SubtaskCommand, SubtaskReport, checkpoint_dir,
 };
 use freshet_job::CheckpointingSpec;
 
@@ -292,9 +292,9 @@ impl Coordinator {
             for id in expired {
                 self.fail(&mut s, id, format!("timed out after {timeout:?}"));
             }
-            let paused = s.last_completion.is_some_and(|t| {
-                now.duration_since(t) < self.settings.spec.min_pause.0
-            });
+            let paused = s
+                .last_completion
+                .is_some_and(|t| now.duration_since(t) < self.settings.spec.min_pause.0);
             let periodic = s
                 .pending
                 .values()
@@ -384,7 +384,14 @@ impl Coordinator {
             return Err("a stop-with-savepoint is already in progress".into());
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.trigger(&mut s, SnapshotKind::Savepoint, Some(target), stop, false, Some(tx));
+        self.trigger(
+            &mut s,
+            SnapshotKind::Savepoint,
+            Some(target),
+            stop,
+            false,
+            Some(tx),
+        );
         self.wake.notify_all();
         Ok(rx)
     }
@@ -594,7 +601,10 @@ impl Coordinator {
                 format!("{}/{METADATA}", checkpoint_dir(m.id)),
             ),
         };
-        if !dir.put_if_absent(&rel, body.into()).map_err(|e| e.to_string())? {
+        if !dir
+            .put_if_absent(&rel, body.into())
+            .map_err(|e| e.to_string())?
+        {
             return Err(format!(
                 "{}/{rel} already exists: another writer completed this checkpoint",
                 dir.url()

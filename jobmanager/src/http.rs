@@ -54,9 +54,8 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({ "error": msg.into() }))).into_response()
 }
 
-fn find(jm: &JobManager, job: &str) -> Result<JobHandle, Response> {
-    jm.job(job)
-        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no job {job}")))
+fn not_found(job: &str) -> Response {
+    error(StatusCode::NOT_FOUND, format!("no job {job}"))
 }
 
 async fn list(State(jm): State<JobManager>) -> Json<Vec<JobSummary>> {
@@ -64,9 +63,8 @@ async fn list(State(jm): State<JobManager>) -> Json<Vec<JobSummary>> {
 }
 
 async fn job(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
-    let j = match find(&jm, &job) {
-        Ok(j) => j,
-        Err(r) => return r,
+    let Some(j) = jm.job(&job) else {
+        return not_found(&job);
     };
     let status = j.status();
     let metrics = j.metrics();
@@ -105,13 +103,13 @@ struct Checkpoints {
 }
 
 async fn checkpoints(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
-    match find(&jm, &job) {
-        Ok(j) => Json(Checkpoints {
+    match jm.job(&job) {
+        Some(j) => Json(Checkpoints {
             job: j.id.0.clone(),
             history: j.checkpoints(),
         })
         .into_response(),
-        Err(r) => r,
+        None => not_found(&job),
     }
 }
 
@@ -123,10 +121,14 @@ pub struct SavepointRequest {
     pub dir: Option<String>,
 }
 
-async fn take_savepoint(jm: JobManager, job: String, body: Option<Json<SavepointRequest>>, stop: bool) -> Response {
-    let j = match find(&jm, &job) {
-        Ok(j) => j,
-        Err(r) => return r,
+async fn take_savepoint(
+    jm: JobManager,
+    job: String,
+    body: Option<Json<SavepointRequest>>,
+    stop: bool,
+) -> Response {
+    let Some(j) = jm.job(&job) else {
+        return not_found(&job);
     };
     if j.status().state != JobState::Running {
         return error(StatusCode::CONFLICT, format!("job {} is not running", j.id));
@@ -157,12 +159,12 @@ async fn stop(
 }
 
 async fn cancel(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
-    match find(&jm, &job) {
-        Ok(j) => {
+    match jm.job(&job) {
+        Some(j) => {
             j.cancel();
             Json(json!({ "cancelled": j.id.0 })).into_response()
         }
-        Err(r) => r,
+        None => not_found(&job),
     }
 }
 

@@ -388,7 +388,8 @@ impl JobManager {
                     .iter()
                     .enumerate()
                     .flat_map(|(v, vx)| {
-                        let source = matches!(plan.nodes[vx.nodes[0]].kind, NodeKind::Source { .. });
+                        let source =
+                            matches!(plan.nodes[vx.nodes[0]].kind, NodeKind::Source { .. });
                         (0..vx.parallelism).map(move |i| (v, i, source))
                     })
                     .collect(),
@@ -417,7 +418,9 @@ impl JobManager {
                 send,
                 on_fatal,
             );
-            Arc::get_mut(&mut entry).expect("not shared yet").coordinator = Some(coordinator);
+            Arc::get_mut(&mut entry)
+                .expect("not shared yet")
+                .coordinator = Some(coordinator);
         }
         self.inner
             .jobs
@@ -483,7 +486,12 @@ impl JobManager {
 /// What a job starts with: its checkpoint storage (with the run's generation, the retained
 /// checkpoints and the last id used) and the snapshot to restore.
 struct Startup {
-    checkpoints: Option<(CheckpointSetup, u64, Vec<freshet_engine::checkpoint::CheckpointMetadata>, u64)>,
+    checkpoints: Option<(
+        CheckpointSetup,
+        u64,
+        Vec<freshet_engine::checkpoint::CheckpointMetadata>,
+        u64,
+    )>,
     restore: Option<Arc<RestoreSource>>,
 }
 
@@ -519,7 +527,9 @@ fn prepare_state(plan: &JobPlan, options: &SubmitOptions) -> Result<Startup, Sub
             .iter()
             .map(|m| freshet_engine::checkpoint::checkpoint_dir(m.id))
             .collect();
-        let entries = storage.list("").map_err(|e| SubmitError::State(e.to_string()))?;
+        let entries = storage
+            .list("")
+            .map_err(|e| SubmitError::State(e.to_string()))?;
         let mut stale: Vec<String> = entries
             .iter()
             .filter_map(|p| p.split('/').next())
@@ -527,7 +537,9 @@ fn prepare_state(plan: &JobPlan, options: &SubmitOptions) -> Result<Startup, Sub
             .map(str::to_string)
             .collect();
         while existing.len() > c.retain as usize {
-            stale.push(freshet_engine::checkpoint::checkpoint_dir(existing.remove(0).id));
+            stale.push(freshet_engine::checkpoint::checkpoint_dir(
+                existing.remove(0).id,
+            ));
         }
         stale.sort();
         stale.dedup();
@@ -535,9 +547,13 @@ fn prepare_state(plan: &JobPlan, options: &SubmitOptions) -> Result<Startup, Sub
             let _ = storage.delete_dir(&d);
         }
         let last_id = existing.last().map(|m| m.id).unwrap_or(0);
-        latest = existing
-            .last()
-            .map(|m| format!("{}/{}", storage.url(), freshet_engine::checkpoint::checkpoint_dir(m.id)));
+        latest = existing.last().map(|m| {
+            format!(
+                "{}/{}",
+                storage.url(),
+                freshet_engine::checkpoint::checkpoint_dir(m.id)
+            )
+        });
         checkpoints = Some((
             CheckpointSetup {
                 storage,
@@ -568,7 +584,9 @@ fn prepare_state(plan: &JobPlan, options: &SubmitOptions) -> Result<Startup, Sub
                 .iter()
                 .filter(|(uid, snaps)| {
                     !uids.contains(uid.as_str())
-                        && snaps.iter().any(|s| !s.files.is_empty() || !s.state.is_empty())
+                        && snaps
+                            .iter()
+                            .any(|s| !s.files.is_empty() || !s.state.is_empty())
                 })
                 .map(|(uid, _)| uid)
                 .collect();

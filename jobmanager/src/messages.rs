@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use freshet_engine::checkpoint::{RestoreSource, S3Options, Storage, SubtaskCommand, SubtaskReport};
+use freshet_engine::checkpoint::{
+    RestoreSource, S3Options, Storage, SubtaskCommand, SubtaskReport,
+};
 use freshet_engine::metrics::MetricsSnapshot;
 use freshet_engine::state::StateConfig;
 use freshet_job::JobSpec;

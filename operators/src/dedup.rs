@@ -17,11 +17,11 @@ use arrow::datatypes::{Int64Type, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use std::time::Duration;
 
+use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::KeyedTable;
-use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::{Result, Watermark};
 use freshet_job::DedupKeep;
 

@@ -18,11 +18,11 @@ use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use std::sync::Arc;
 
+use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::{KeyedTable, Timers};
-use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::time::format_millis;
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
 
@@ -258,7 +258,10 @@ impl Operator for JoinOperator {
         for b in self.buffers.iter_mut() {
             state.attach(b)?;
         }
-        self.cleanup = [state.timers("cleanup-left")?, state.timers("cleanup-right")?];
+        self.cleanup = [
+            state.timers("cleanup-left")?,
+            state.timers("cleanup-right")?,
+        ];
         Ok(())
     }
 

@@ -18,11 +18,11 @@ use arrow::record_batch::RecordBatch;
 use std::sync::Arc;
 use std::time::Duration;
 
+use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::{KeyedTable, StateKey, Timers};
-use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
 
 use crate::expr::{Expr, timestamp_type};

@@ -255,15 +255,16 @@ impl TaskManagerGateway for TaskManager {
             .spawn(move || {
                 let _enter = span.enter();
                 // a panic in an operator fails the subtask like an error does
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_subtask(spec)))
-                    .unwrap_or_else(|panic| {
-                        let msg = panic
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "unknown panic".into());
-                        Err(EngineError::Operator(format!("panicked: {msg}")))
-                    });
+                let outcome =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_subtask(spec)))
+                        .unwrap_or_else(|panic| {
+                            let msg = panic
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_else(|| "unknown panic".into());
+                            Err(EngineError::Operator(format!("panicked: {msg}")))
+                        });
                 let state = match outcome {
                     Ok(r) => TaskState::Finished {
                         metrics: r.metrics,

@@ -87,9 +87,16 @@ impl Drop for S3Server {
 }
 
 /// Arguments that send every sink of an example into `out` and checkpoints into `checkpoints`,
-/// and slow its sources down to `rate` records per second so a run takes a few seconds.
-pub fn args(name: &str, parallelism: u32, out: &Path, checkpoints: &str, rate: u32) -> Vec<String> {
-    let job = repo().join("examples").join(name).join("job.yaml");
+/// and pace each file source so that reading it takes about `seconds`.
+pub fn args(
+    name: &str,
+    parallelism: u32,
+    out: &Path,
+    checkpoints: &str,
+    seconds: f64,
+) -> Vec<String> {
+    let dir = repo().join("examples").join(name);
+    let job = dir.join("job.yaml");
     let spec = freshet_job::load_job(&job, &[]).unwrap();
     let mut a = vec![
         "run".to_string(),
@@ -102,18 +109,31 @@ pub fn args(name: &str, parallelism: u32, out: &Path, checkpoints: &str, rate: u
         a.push(s);
     };
     for (sink, s) in &spec.sinks {
-        if let freshet_job::SinkConnector::File { path } | freshet_job::SinkConnector::Table { path, .. } =
-            &s.connector
+        if let freshet_job::SinkConnector::File { path }
+        | freshet_job::SinkConnector::Table { path, .. } = &s.connector
         {
             let file = Path::new(path).file_name().unwrap();
-            set(format!("sinks.{sink}.connector.path={}", out.join(file).display()));
+            set(format!(
+                "sinks.{sink}.connector.path={}",
+                out.join(file).display()
+            ));
         }
     }
-    for source in spec.sources.keys() {
-        set(format!("sources.{source}.connector.rows_per_second={rate}"));
+    for (source, s) in &spec.sources {
+        if let freshet_job::SourceConnector::File { path, .. } = &s.connector {
+            let lines = std::fs::read_to_string(dir.join(path))
+                .unwrap()
+                .lines()
+                .count();
+            let rate = (lines as f64 / seconds).max(1.0);
+            set(format!("sources.{source}.connector.rows_per_second={rate}"));
+        }
     }
     set("dead_letter.type=file".into());
-    set(format!("dead_letter.path={}", out.join("unrouted.jsonl").display()));
+    set(format!(
+        "dead_letter.path={}",
+        out.join("unrouted.jsonl").display()
+    ));
     set("checkpointing.interval=100ms".into());
     set(format!("checkpointing.dir={checkpoints}"));
     a
@@ -133,7 +153,10 @@ pub fn check_output(name: &str, out: &Path, context: &str) {
         );
     }
     let unrouted = std::fs::read_to_string(out.join("unrouted.jsonl")).unwrap_or_default();
-    assert!(unrouted.is_empty(), "{context}: unrouted records:\n{unrouted}");
+    assert!(
+        unrouted.is_empty(),
+        "{context}: unrouted records:\n{unrouted}"
+    );
 }
 
 /// Points a `freshet` command at the S3 server, if any.

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::upload::segment;
-use super::{CheckpointMetadata, FileRef, METADATA, OperatorSnapshot, S3Options, SnapshotKind, Storage};
+use super::{
+    CheckpointMetadata, FileRef, METADATA, OperatorSnapshot, S3Options, SnapshotKind, Storage,
+};
 use crate::operator::SubtaskInfo;
 use crate::state::{KeyedBackend, KeyedTable, StateConfig, StateValue, Timers};
 use crate::{EngineError, Result};
@@ -119,7 +121,8 @@ impl<'a> StateContext<'a> {
 
     /// True when the job starts from a checkpoint or savepoint that has state of this operator.
     pub fn is_restored(&self) -> bool {
-        self.restore.is_some_and(|r| !r.operator(self.uid).is_empty())
+        self.restore
+            .is_some_and(|r| !r.operator(self.uid).is_empty())
     }
 
     /// The operator's keyed-state backend, opened (and filled from the restored snapshot) on

@@ -87,9 +87,7 @@ impl Storage {
                 .clone()
                 .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
             {
-                b = b
-                    .with_allow_http(e.starts_with("http://"))
-                    .with_endpoint(e);
+                b = b.with_allow_http(e.starts_with("http://")).with_endpoint(e);
             }
             if let Some(r) = &s3.region {
                 b = b.with_region(r);
@@ -191,21 +189,22 @@ impl Storage {
     /// Reads `rel`; `None` if it does not exist.
     pub fn get(&self, rel: &str) -> Result<Option<Bytes>> {
         let p = self.path(rel);
-        runtime().block_on(async {
-            match self.store.get(&p).await {
-                Ok(r) => r.bytes().await.map(Some),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
-        })
-        .map_err(|e| err(format!("reading {}/{rel}", self.url), e))
+        runtime()
+            .block_on(async {
+                match self.store.get(&p).await {
+                    Ok(r) => r.bytes().await.map(Some),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .map_err(|e| err(format!("reading {}/{rel}", self.url), e))
     }
 
     /// Downloads `rel` into the local file `file`.
     pub fn get_file(&self, rel: &str, file: &Path) -> Result<()> {
-        let data = self.get(rel)?.ok_or_else(|| {
-            EngineError::Storage(format!("{}/{rel} does not exist", self.url))
-        })?;
+        let data = self
+            .get(rel)?
+            .ok_or_else(|| EngineError::Storage(format!("{}/{rel} does not exist", self.url)))?;
         std::fs::write(file, &data)
             .map_err(|e| EngineError::io(format!("writing {}", file.display()), e))
     }

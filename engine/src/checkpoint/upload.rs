@@ -16,8 +16,8 @@ use std::time::Instant;
 use tracing::{debug, info_span, warn};
 
 use super::{
-    Barrier, CheckpointId, FileRef, NamedState, OperatorSnapshot, S3Options, SnapshotKind,
-    Storage, SubtaskAck, SubtaskCommand, SubtaskReport, checkpoint_dir,
+    Barrier, CheckpointId, FileRef, NamedState, OperatorSnapshot, S3Options, SnapshotKind, Storage,
+    SubtaskAck, SubtaskCommand, SubtaskReport, checkpoint_dir,
 };
 use crate::operator::SubtaskInfo;
 use crate::state::{KeyedBackend, KeyedTable, StateConfig, StateValue, Timers};
@@ -305,7 +305,9 @@ fn upload_all(
             Some(Storage::open(target, Path::new("."), &hooks.s3)?)
         }
         (SnapshotKind::Savepoint, None) => {
-            return Err(EngineError::Storage("a savepoint needs a target directory".into()));
+            return Err(EngineError::Storage(
+                "a savepoint needs a target directory".into(),
+            ));
         }
         _ => None,
     };
@@ -316,7 +318,11 @@ fn upload_all(
         let mut files = Vec::new();
         for (name, size) in &t.files {
             full += size;
-            let local = t.dir.as_ref().expect("files come from a directory").join(name);
+            let local = t
+                .dir
+                .as_ref()
+                .expect("files come from a directory")
+                .join(name);
             let path = if let Some(sp) = &savepoint {
                 let path = format!("{seg}/{}/{name}", info.index);
                 uploaded += sp.put_file(&path, &local)?;

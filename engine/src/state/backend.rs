@@ -135,7 +135,8 @@ impl KeyedBackend {
         max_parallelism: u32,
     ) -> Result<Self> {
         if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| io_err(format!("clearing {}", dir.display()), e))?;
+            std::fs::remove_dir_all(dir)
+                .map_err(|e| io_err(format!("clearing {}", dir.display()), e))?;
         }
         Self::open_existing(dir, config, range, max_parallelism, false)
     }
@@ -147,7 +148,8 @@ impl KeyedBackend {
         max_parallelism: u32,
         restored: bool,
     ) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| io_err(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io_err(format!("creating {}", dir.display()), e))?;
         let clock = Arc::new(AtomicI64::new(i64::MIN));
         let db = DB::open(&options(config, clock.clone()), dir)
             .map_err(|e| db_err(format!("opening state in {}", dir.display()), e))?;
@@ -174,7 +176,8 @@ impl KeyedBackend {
         parts: Vec<(PathBuf, KeyGroupRange)>,
     ) -> Result<Self> {
         if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| io_err(format!("clearing {}", dir.display()), e))?;
+            std::fs::remove_dir_all(dir)
+                .map_err(|e| io_err(format!("clearing {}", dir.display()), e))?;
         }
         if let [(only, r)] = parts.as_slice()
             && *r == range
@@ -259,8 +262,8 @@ impl KeyedBackend {
             .map_err(|e| db_err("writing state", e))
     }
 
-    /// Rows of `table` in the owned key groups, as (key group, encoded key, value).
-    pub(crate) fn scan(&self, table: [u8; 4]) -> Result<Vec<(KeyGroup, Vec<u8>, Vec<u8>)>> {
+    /// Rows of `table` in the owned key groups, as (encoded key, value).
+    pub(crate) fn scan(&self, table: [u8; 4]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         for kg in self.range.start..=self.range.end {
             let mut prefix = kg_prefix(kg).to_vec();
@@ -275,7 +278,7 @@ impl KeyedBackend {
                 .iterator_opt(IteratorMode::From(&prefix, Direction::Forward), ro)
             {
                 let (k, v) = item.map_err(|e| db_err("reading state", e))?;
-                out.push((KeyGroup(kg), k[6..].to_vec(), v.to_vec()));
+                out.push((k[6..].to_vec(), v.to_vec()));
             }
         }
         Ok(out)
@@ -302,9 +305,13 @@ impl KeyedBackend {
             .and_then(|c| c.create_checkpoint(into))
             .map_err(|e| db_err(format!("snapshotting state into {}", into.display()), e))?;
         let mut files = Vec::new();
-        for entry in std::fs::read_dir(into).map_err(|e| io_err(format!("listing {}", into.display()), e))? {
+        for entry in
+            std::fs::read_dir(into).map_err(|e| io_err(format!("listing {}", into.display()), e))?
+        {
             let entry = entry.map_err(|e| io_err("listing snapshot", e))?;
-            let meta = entry.metadata().map_err(|e| io_err("listing snapshot", e))?;
+            let meta = entry
+                .metadata()
+                .map_err(|e| io_err("listing snapshot", e))?;
             if meta.is_file() {
                 files.push((entry.file_name().to_string_lossy().into_owned(), meta.len()));
             }

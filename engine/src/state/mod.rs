@@ -176,7 +176,7 @@ impl<V: StateValue> KeyedTable<V> {
         if backend.restored()
             && let Some(ttl) = self.ttl
         {
-            for (_, key, value) in backend.scan(table)? {
+            for (key, value) in backend.scan(table)? {
                 let touched = decode_touched(&value);
                 self.deadlines
                     .push(Reverse((touched.saturating_add(ttl), key.into())));
@@ -625,7 +625,10 @@ impl Timers {
             for key in keys {
                 let mut k = ((*t as u64) ^ (1 << 63)).to_be_bytes().to_vec();
                 k.extend_from_slice(key);
-                batch.put(backend::row_key(key_group(hash_key(key), mp), table, &k), &header);
+                batch.put(
+                    backend::row_key(key_group(hash_key(key), mp), table, &k),
+                    &header,
+                );
             }
         }
         backend.write(batch)
@@ -638,9 +641,11 @@ impl Timers {
             return Ok(timers);
         }
         let table = backend::table_id(&format!("timers/{name}"));
-        for (_, k, _) in backend.scan(table)? {
+        for (k, _) in backend.scan(table)? {
             if k.len() < 8 {
-                return Err(EngineError::State(format!("timer row of {name} is too short")));
+                return Err(EngineError::State(format!(
+                    "timer row of {name} is too short"
+                )));
             }
             let t = (u64::from_be_bytes(k[..8].try_into().expect("8 bytes")) ^ (1 << 63)) as i64;
             timers.register(t, &k[8..]);
@@ -752,22 +757,33 @@ mod tests {
     fn rocksdb_table_evicts_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend =
-            Arc::new(KeyedBackend::open(&dir.path().join("db"), &config(dir.path(), 10), range, 128).unwrap());
+        let backend = Arc::new(
+            KeyedBackend::open(&dir.path().join("db"), &config(dir.path(), 10), range, 128)
+                .unwrap(),
+        );
         let mut t: KeyedTable<Vec<i64>> = KeyedTable::new("t", None);
         t.attach(&backend).unwrap();
         for i in 0..100u32 {
             for ns in 0..3 {
-                t.update(&key(i), ns, 0, Watermark::MIN, Vec::new, |v| v.push(i as i64));
+                t.update(&key(i), ns, 0, Watermark::MIN, Vec::new, |v| {
+                    v.push(i as i64)
+                });
             }
         }
-        assert!(t.keys.len() <= 10, "the cache stays bounded: {}", t.keys.len());
+        assert!(
+            t.keys.len() <= 10,
+            "the cache stays bounded: {}",
+            t.keys.len()
+        );
         for i in 0..100u32 {
             let got: Vec<(i64, Vec<i64>)> = t
                 .range(&key(i), .., Watermark::MIN)
                 .map(|(ns, v)| (ns, v.clone()))
                 .collect();
-            assert_eq!(got, (0..3).map(|ns| (ns, vec![i as i64])).collect::<Vec<_>>());
+            assert_eq!(
+                got,
+                (0..3).map(|ns| (ns, vec![i as i64])).collect::<Vec<_>>()
+            );
         }
         // removals reach RocksDB too
         t.remove_key(&key(7));
@@ -824,8 +840,14 @@ mod tests {
                 })
                 .collect();
             let backend = Arc::new(
-                KeyedBackend::restore(&dir.path().join(format!("new{sub}")), &cfg, range, 128, copies)
-                    .unwrap(),
+                KeyedBackend::restore(
+                    &dir.path().join(format!("new{sub}")),
+                    &cfg,
+                    range,
+                    128,
+                    copies,
+                )
+                .unwrap(),
             );
             let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
             t.attach(&backend).unwrap();
@@ -847,7 +869,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path(), 1000);
         let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend = Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
+        let backend =
+            Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
         let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(100)));
         t.attach(&backend).unwrap();
         t.update(b"a", 0, 1000, Watermark::MIN, || 1, |_| ());
@@ -856,7 +879,14 @@ mod tests {
         let snap = dir.path().join("snap");
         backend.checkpoint(&snap).unwrap();
         let restored = Arc::new(
-            KeyedBackend::restore(&dir.path().join("db2"), &cfg, range, 128, vec![(snap, range)]).unwrap(),
+            KeyedBackend::restore(
+                &dir.path().join("db2"),
+                &cfg,
+                range,
+                128,
+                vec![(snap, range)],
+            )
+            .unwrap(),
         );
         let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(100)));
         t.attach(&restored).unwrap();

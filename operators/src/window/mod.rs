@@ -28,11 +28,11 @@ use arrow::record_batch::RecordBatch;
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::{KeyedTable, StateKey, Timers};
-use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
 use smallvec::SmallVec;
 
