@@ -352,6 +352,10 @@ impl Operator for FileSink {
             if self.create_if_empty && !self.path.exists() {
                 create(&self.path)?;
             }
+            // the staging directory goes once no subtask has anything left in it
+            if let Some(st) = &self.staging {
+                let _ = std::fs::remove_dir(&st.dir);
+            }
             return Ok(());
         }
         if self.create_if_empty {

@@ -88,14 +88,22 @@ pub struct FileRef {
     pub size: u64,
 }
 
-/// A named piece of non-keyed operator state (a source position, pending sink commits).
+/// A named piece of non-keyed operator state (a source position, pending sink commits). Small
+/// pieces are kept in the metadata; larger ones ([`INLINE_STATE_LIMIT`]) in a file of their own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamedState {
     /// Name chosen by the operator.
     pub name: String,
-    /// Its bytes.
+    /// Its bytes (empty in stored metadata when `path` is set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<u8>,
+    /// Where the bytes are stored, relative to the root, when they are not inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
+
+/// Non-keyed state larger than this is stored in a file instead of inline in the metadata.
+pub const INLINE_STATE_LIMIT: usize = 16 << 10;
 
 /// The state of one operator in one subtask.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

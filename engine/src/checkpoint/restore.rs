@@ -57,6 +57,20 @@ impl RestoreSource {
             // checkpoint files are relative to the job's checkpoint root, the parent directory
             SnapshotKind::Checkpoint => Storage::open(&parent(dir.url()), base, s3)?,
         };
+        let mut metadata = metadata;
+        // non-keyed state stored in files is read once, here
+        for snap in metadata.operators.values_mut().flatten() {
+            for n in snap.state.iter_mut() {
+                if let Some(path) = n.path.take() {
+                    n.data = root
+                        .get(&path)?
+                        .ok_or_else(|| {
+                            EngineError::Storage(format!("{}/{path} is missing", root.url()))
+                        })?
+                        .to_vec();
+                }
+            }
+        }
         Ok(RestoreSource {
             root,
             location: dir.url().to_string(),

@@ -16,8 +16,8 @@ use std::time::Instant;
 use tracing::{debug, info_span, warn};
 
 use super::{
-    Barrier, CheckpointId, FileRef, NamedState, OperatorSnapshot, S3Options, SnapshotKind, Storage,
-    SubtaskAck, SubtaskCommand, SubtaskReport, checkpoint_dir,
+    Barrier, CheckpointId, FileRef, INLINE_STATE_LIMIT, NamedState, OperatorSnapshot, S3Options,
+    SnapshotKind, Storage, SubtaskAck, SubtaskCommand, SubtaskReport, checkpoint_dir,
 };
 use crate::operator::SubtaskInfo;
 use crate::state::{KeyedBackend, KeyedTable, StateConfig, StateValue, Timers};
@@ -76,6 +76,7 @@ impl<'a> SnapshotContext<'a> {
         self.state.push(NamedState {
             name: name.into(),
             data,
+            path: None,
         });
     }
 
@@ -363,6 +364,32 @@ fn upload_all(
                 size: *size,
             });
         }
+        let mut state = Vec::with_capacity(t.state.len());
+        for (i, n) in t.state.iter().enumerate() {
+            if n.data.len() <= INLINE_STATE_LIMIT {
+                state.push(n.clone());
+                continue;
+            }
+            let (store, path) = match &savepoint {
+                Some(sp) => (sp, format!("{seg}/{}/state-{i}", info.index)),
+                None => (
+                    &hooks.storage,
+                    format!(
+                        "{}/{seg}/{}/state-{i}",
+                        checkpoint_dir(barrier.id),
+                        info.index
+                    ),
+                ),
+            };
+            store.put(&path, bytes::Bytes::from(n.data.clone()))?;
+            full += n.data.len() as u64;
+            uploaded += n.data.len() as u64;
+            state.push(NamedState {
+                name: n.name.clone(),
+                data: Vec::new(),
+                path: Some(path),
+            });
+        }
         operators.insert(
             t.uid.clone(),
             OperatorSnapshot {
@@ -370,7 +397,7 @@ fn upload_all(
                 parallelism: info.parallelism,
                 key_groups: t.key_groups,
                 files,
-                state: t.state.clone(),
+                state,
             },
         );
     }
@@ -384,4 +411,75 @@ pub struct LocalState {
     pub dir: PathBuf,
     /// Backend settings.
     pub config: StateConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{CheckpointMetadata, METADATA, RestoreSource};
+
+    #[test]
+    fn large_operator_state_goes_to_a_file_and_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Storage::open(
+            dir.path().to_str().unwrap(),
+            Path::new("."),
+            &S3Options::default(),
+        )
+        .unwrap();
+        let info = SubtaskInfo {
+            job: "j".into(),
+            vertex: "v".into(),
+            index: 0,
+            parallelism: 1,
+            max_parallelism: 128,
+        };
+        let hooks = CheckpointHooks {
+            storage: root.clone(),
+            s3: S3Options::default(),
+            report: Arc::new(|_| {}),
+        };
+        let big: Vec<u8> = (0..INLINE_STATE_LIMIT * 3).map(|i| i as u8).collect();
+        let state = vec![
+            NamedState {
+                name: "small".into(),
+                data: vec![1, 2, 3],
+                path: None,
+            },
+            NamedState {
+                name: "big".into(),
+                data: big.clone(),
+                path: None,
+            },
+        ];
+        let op = OperatorState::new("sink:t".into(), None, &info, Vec::new());
+        let taken = op.take(7, &info, state, dir.path()).unwrap();
+        let barrier = Barrier {
+            id: 7,
+            kind: SnapshotKind::Checkpoint,
+            target: None,
+            stop: false,
+        };
+        let (operators, full, uploaded) = upload_all(&hooks, &barrier, &info, &[taken]).unwrap();
+        assert_eq!((full, uploaded), (big.len() as u64, big.len() as u64));
+        let stored = &operators["sink:t"].state;
+        assert_eq!(stored[0].data, vec![1, 2, 3], "small state stays inline");
+        assert!(stored[1].data.is_empty() && stored[1].path.is_some());
+        let metadata = CheckpointMetadata {
+            format: 1,
+            job: "j".into(),
+            generation: 1,
+            id: 7,
+            kind: SnapshotKind::Checkpoint,
+            trigger_time_ms: 0,
+            max_parallelism: 128,
+            operators: operators.into_iter().map(|(k, v)| (k, vec![v])).collect(),
+        };
+        let chk = root.child(&checkpoint_dir(7));
+        chk.put(METADATA, serde_json::to_vec(&metadata).unwrap().into())
+            .unwrap();
+        let restored =
+            RestoreSource::load(chk.url(), Path::new("."), &S3Options::default()).unwrap();
+        assert_eq!(restored.operator("sink:t")[0].state[1].data, big);
+    }
 }

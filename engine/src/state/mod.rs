@@ -316,8 +316,9 @@ impl<V: StateValue> KeyedTable<V> {
         r
     }
 
-    /// Drops a key from memory once it holds nothing; an attached table remembers to delete its
-    /// row at the next flush.
+    /// Drops a key from memory once it holds nothing. An attached table keeps the empty slot as
+    /// a tombstone until the next flush deletes the row, so a read in between does not load the
+    /// old row back from RocksDB.
     fn drop_if_empty(&mut self, key: &[u8]) {
         let Some(slot) = self.keys.get_mut(key) else {
             return;
@@ -325,12 +326,11 @@ impl<V: StateValue> KeyedTable<V> {
         if !slot.values.is_empty() {
             return;
         }
-        if let Some(b) = self.backing.as_mut()
-            && !slot.dirty
-        {
-            b.dirty.push(key.into());
+        if self.backing.is_some() {
+            Self::mark_dirty(&mut self.backing, slot, key);
+        } else {
+            self.keys.remove(key);
         }
-        self.keys.remove(key);
     }
 
     /// Removes the value at (key, ns); drops the key when it has no values left.
@@ -463,6 +463,7 @@ impl<V: StateValue> KeyedTable<V> {
         let mp = b.backend.max_parallelism();
         let ttl = self.ttl;
         let mut buf = Vec::new();
+        let mut tombstones = Vec::new();
         for key in b.dirty.drain(..) {
             let kg = key_group(hash_key(&key), mp);
             let row = backend::row_key(kg, b.table, &key);
@@ -471,6 +472,7 @@ impl<V: StateValue> KeyedTable<V> {
                     slot.dirty = false;
                     if slot.values.is_empty() {
                         batch.delete(&row);
+                        tombstones.push(key);
                     } else {
                         buf.clear();
                         encode_row(slot, ttl, &mut buf)
@@ -483,7 +485,11 @@ impl<V: StateValue> KeyedTable<V> {
                 None => batch.delete(&row),
             }
         }
-        b.backend.write(batch)
+        b.backend.write(batch)?;
+        for key in tombstones {
+            self.keys.remove(&key);
+        }
+        Ok(())
     }
 
     /// Keeps the list of dirty keys bounded: once it holds twice the cache size, writes them
@@ -785,8 +791,17 @@ mod tests {
                 (0..3).map(|ns| (ns, vec![i as i64])).collect::<Vec<_>>()
             );
         }
-        // removals reach RocksDB too
+        // removals reach RocksDB too; a key removed and written again before the flush starts
+        // empty rather than with its old row
         t.remove_key(&key(7));
+        assert!(t.get(&key(7), 0, Watermark::MIN).is_none());
+        t.remove_key(&key(9));
+        t.update(&key(9), 5, 0, Watermark::MIN, Vec::new, |v| v.push(-1));
+        let nine: Vec<i64> = t
+            .range(&key(9), .., Watermark::MIN)
+            .map(|(ns, _)| ns)
+            .collect();
+        assert_eq!(nine, vec![5], "no namespace of the removed row comes back");
         t.flush().unwrap();
         assert!(t.get(&key(7), 0, Watermark::MIN).is_none());
         assert_eq!(t.get(&key(8), 2, Watermark::MIN), Some(&vec![8]));
