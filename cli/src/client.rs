@@ -113,7 +113,7 @@ pub fn checkpoints(jobmanager: &str, job: &str) -> Result<i32> {
             .unwrap_or_default();
         println!(
             "{:>6} {:<10} {:<11} {:<24} {:>7}ms {:>7}ms {:>10} {:>10}  {}",
-            c["id"],
+            c["id"].as_u64().unwrap_or(0),
             c["kind"].as_str().unwrap_or_default(),
             c["status"].as_str().unwrap_or_default(),
             when,
