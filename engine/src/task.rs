@@ -348,9 +348,11 @@ impl Chain {
     /// Takes the synchronous part of a snapshot of the chain's operators, after `head` (the
     /// source, if any) was snapshotted into `taken`.
     fn snapshot(&mut self, id: u64, local: &Path, mut taken: Vec<Taken>) -> Result<Vec<Taken>> {
-        for (op, st) in self.ops.iter_mut().zip(&self.states) {
+        for ((op, st), wm) in self.ops.iter_mut().zip(&self.states).zip(&self.watermarks) {
             let mut snap = SnapshotContext::new(id, st.backend.as_ref());
             op.operator.snapshot(&mut snap)?;
+            // the operator's watermark: what "already fired" and "late" meant at the barrier
+            snap.put(OPERATOR_WATERMARK, wm.0.to_be_bytes().to_vec());
             taken.push(st.take(id, &self.info, snap.into_state(), local)?);
         }
         Ok(taken)
@@ -411,6 +413,20 @@ fn checkpoint(
 /// Name of the source's watermark state.
 const WATERMARK_STATE: &str = "watermark";
 
+/// Name of a chained operator's watermark in its state.
+const OPERATOR_WATERMARK: &str = "operator-watermark";
+
+/// The watermark a restored operator starts with: the smallest its former subtasks had (at an
+/// aligned barrier they all had seen the same watermarks from the sources).
+fn restored_operator_watermark(ctx: &StateContext<'_>) -> Watermark {
+    ctx.operator_state(OPERATOR_WATERMARK)
+        .iter()
+        .filter_map(|(_, _, d)| <[u8; 8]>::try_from(*d).ok())
+        .map(|b| Watermark(i64::from_be_bytes(b)))
+        .min()
+        .unwrap_or(Watermark::MIN)
+}
+
 /// Opens one operator: gives it its state context, returns its state record.
 fn open_state(
     info: &SubtaskInfo,
@@ -468,6 +484,7 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
     let checkpointing = checkpoints.is_some();
     let restore = restore.as_deref();
     let mut states = Vec::with_capacity(chain.len());
+    let mut watermarks = Vec::with_capacity(chain.len());
     for op in chain.iter_mut() {
         states.push(open_state(
             &info,
@@ -475,14 +492,16 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
             &local,
             restore,
             checkpointing,
-            |ctx| op.operator.open(ctx),
+            |ctx| {
+                watermarks.push(restored_operator_watermark(ctx));
+                op.operator.open(ctx)
+            },
         )?);
     }
-    let n = chain.len();
     let mut chain = Chain {
         ops: chain,
         states,
-        watermarks: vec![Watermark::MIN; n],
+        watermarks,
         head_outputs: Vec::new(),
         info,
         metrics: metrics.clone(),
