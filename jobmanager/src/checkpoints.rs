@@ -314,9 +314,8 @@ impl Coordinator {
                     .iter()
                     .flat_map(|r| r.files.iter().cloned())
                     .collect();
-                drop(s);
+                // under the lock: no checkpoint may start (and upload) while files are deleted
                 self.collect_garbage(&live);
-                s = self.state.lock().expect("coordinator lock");
                 continue;
             }
             let wait = interval
