@@ -37,7 +37,7 @@ fn create(path: &Path) -> Result<File> {
 /// written as a changelog: a later row with the same key replaces an earlier one.
 ///
 /// **Exactly once** (when the job takes checkpoints): rows are staged in
-/// `.<file>.staging/<subtask>-<n>.part` beside the file; a barrier closes the staged part of its
+/// `.<file>.staging/<subtask>-<run>-<n>.part` beside the file; a barrier closes the staged part of its
 /// checkpoint, and when that checkpoint completes the part is appended to the file and deleted.
 /// The snapshot records the file's committed length and the parts awaiting commit, so a restore
 /// finishes the commits of the restored checkpoint (a part already appended is recognised by
@@ -55,6 +55,9 @@ pub struct FileSink {
 struct Staging {
     dir: PathBuf,
     subtask: u32,
+    /// Unique to this run of the subtask, so a part of an earlier run that a restored checkpoint
+    /// names is never confused with a part this run writes.
+    run: String,
     /// Sequence number of the next part.
     next_part: u64,
     /// The part being written: file name and bytes so far.
@@ -104,7 +107,7 @@ impl FileSink {
         if self.writer.is_none() {
             let file = match self.staging.as_mut() {
                 Some(st) => {
-                    let name = format!("{}-{}.part", st.subtask, st.next_part);
+                    let name = format!("{}-{}-{}.part", st.subtask, st.run, st.next_part);
                     st.next_part += 1;
                     st.current = Some((name.clone(), 0));
                     create(&st.dir.join(name))?
@@ -224,9 +227,14 @@ impl Operator for FileSink {
                     .map_err(|e| EngineError::State(format!("file sink state: {e}")))
             })
             .transpose()?;
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         let mut st = Staging {
             dir: dir.clone(),
             subtask,
+            run: format!("{:x}{started:x}", std::process::id()),
             next_part: 0,
             current: None,
             pending: Vec::new(),
