@@ -81,6 +81,8 @@ struct Slot<V> {
     touched: i64,
     values: Namespaces<V>,
     dirty: bool,
+    /// RocksDB holds a row for the key (it was read from there or written there).
+    persisted: bool,
 }
 /// The values of one key, sorted by namespace. A key has few namespaces (a window's slices, a
 /// join's timestamps within its interval), so a sorted vector beats a tree: one allocation,
@@ -213,21 +215,19 @@ impl<V: StateValue> KeyedTable<V> {
         }
     }
 
-    /// Brings `key` into the cache if RocksDB may hold it; true if the cache now has it.
-    fn load(&mut self, key: &[u8]) -> bool {
-        if self.keys.contains_key(key) {
-            return true;
-        }
+    /// Brings `key` into the cache if RocksDB may hold a row the cache lacks. Free (no lookup)
+    /// while the cache holds the whole table.
+    fn load(&mut self, key: &[u8]) {
         let Some(b) = self.backing.as_ref() else {
-            return false;
+            return;
         };
-        if b.complete {
-            return false;
+        if b.complete || self.keys.contains_key(key) {
+            return;
         }
         let kg = key_group(hash_key(key), b.backend.max_parallelism());
         let row = match b.backend.get(&backend::row_key(kg, b.table, key)) {
             Ok(Some(row)) => row,
-            Ok(None) => return false,
+            Ok(None) => return,
             Err(e) => panic!("{}: {e}", self.name),
         };
         let slot = match decode_row::<V>(&row) {
@@ -237,7 +237,6 @@ impl<V: StateValue> KeyedTable<V> {
         self.evict_if_full();
         self.entries += slot.values.len();
         self.keys.insert(key.into(), slot);
-        true
     }
 
     fn mark_dirty(backing: &mut Option<Backing>, slot: &mut Slot<V>, key: &[u8]) {
@@ -279,19 +278,20 @@ impl<V: StateValue> KeyedTable<V> {
         f: impl FnOnce(&mut V) -> R,
     ) -> R {
         let ttl = self.ttl;
-        let fresh = !self.load(key);
-        if fresh {
-            self.evict_if_full();
-            self.keys.insert(
-                key.into(),
-                Slot {
+        self.load(key);
+        // one lookup finds the key or makes room for it
+        let (slot, fresh) = match self.keys.entry_ref(key) {
+            hashbrown::hash_map::EntryRef::Occupied(e) => (e.into_mut(), false),
+            hashbrown::hash_map::EntryRef::Vacant(e) => (
+                e.insert(Slot {
                     touched: now,
                     values: Namespaces::new(),
                     dirty: false,
-                },
-            );
-        }
-        let slot = self.keys.get_mut(key).expect("present");
+                    persisted: false,
+                }),
+                true,
+            ),
+        };
         if fresh || slot.values.is_empty() {
             slot.touched = now;
             if let Some(ttl) = ttl {
@@ -312,13 +312,17 @@ impl<V: StateValue> KeyedTable<V> {
             self.entries += 1;
         }
         let r = f(v);
+        if fresh {
+            // after the write, so eviction (which flushes first) cannot lose it
+            self.evict_if_full();
+        }
         self.bound_dirty();
         r
     }
 
-    /// Drops a key from memory once it holds nothing. An attached table keeps the empty slot as
-    /// a tombstone until the next flush deletes the row, so a read in between does not load the
-    /// old row back from RocksDB.
+    /// Drops a key from memory once it holds nothing. If RocksDB holds a row for it, the empty
+    /// slot stays as a tombstone until the next flush deletes the row, so a read in between does
+    /// not load the old row back.
     fn drop_if_empty(&mut self, key: &[u8]) {
         let Some(slot) = self.keys.get_mut(key) else {
             return;
@@ -326,7 +330,7 @@ impl<V: StateValue> KeyedTable<V> {
         if !slot.values.is_empty() {
             return;
         }
-        if self.backing.is_some() {
+        if slot.persisted {
             Self::mark_dirty(&mut self.backing, slot, key);
         } else {
             self.keys.remove(key);
@@ -431,10 +435,10 @@ impl<V: StateValue> KeyedTable<V> {
                 break;
             }
             let Reverse((_, key)) = self.deadlines.pop().expect("peeked");
-            if !self.load(&key) {
+            self.load(&key);
+            let Some(slot) = self.keys.get_mut(&key) else {
                 continue;
-            }
-            let slot = self.keys.get_mut(&key).expect("loaded");
+            };
             if slot.values.is_empty() {
                 continue;
             }
@@ -474,6 +478,7 @@ impl<V: StateValue> KeyedTable<V> {
                         batch.delete(&row);
                         tombstones.push(key);
                     } else {
+                        slot.persisted = true;
                         buf.clear();
                         encode_row(slot, ttl, &mut buf)
                             .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
@@ -482,7 +487,8 @@ impl<V: StateValue> KeyedTable<V> {
                 }
                 // clean: written by an earlier entry of the dirty list
                 Some(_) => {}
-                None => batch.delete(&row),
+                // created and removed since the last flush: RocksDB never had it
+                None => {}
             }
         }
         b.backend.write(batch)?;
@@ -503,7 +509,7 @@ impl<V: StateValue> KeyedTable<V> {
         }
     }
 
-    /// Before a new key enters a full cache: writes dirty keys, then drops a quarter of the cache.
+    /// When a new key filled the cache: writes dirty keys, then drops a quarter of the cache.
     fn evict_if_full(&mut self) {
         let Some(b) = self.backing.as_ref() else {
             return;
@@ -575,6 +581,7 @@ fn decode_row<V: StateValue>(row: &[u8]) -> std::result::Result<Slot<V>, String>
         touched: decode_touched(row),
         values: Namespaces(values.into()),
         dirty: false,
+        persisted: true,
     })
 }
 
@@ -805,6 +812,34 @@ mod tests {
         t.flush().unwrap();
         assert!(t.get(&key(7), 0, Watermark::MIN).is_none());
         assert_eq!(t.get(&key(8), 2, Watermark::MIN), Some(&vec![8]));
+    }
+
+    #[test]
+    fn keys_rocksdb_never_saw_leave_no_tombstones() {
+        let dir = tempfile::tempdir().unwrap();
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend = Arc::new(
+            KeyedBackend::open(
+                &dir.path().join("db"),
+                &config(dir.path(), 1000),
+                range,
+                128,
+            )
+            .unwrap(),
+        );
+        let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
+        t.attach(&backend).unwrap();
+        for i in 0..500u32 {
+            t.update(&key(i), 0, 0, Watermark::MIN, || 0, |v| *v += 1);
+            t.remove_key(&key(i));
+        }
+        assert_eq!(
+            t.keys.len(),
+            0,
+            "transient keys leave nothing behind in memory"
+        );
+        t.flush().unwrap();
+        assert!(backend.scan(backend::table_id("t")).unwrap().is_empty());
     }
 
     #[test]
