@@ -67,6 +67,61 @@ fn kill_and_restart(name: &str, parallelism: u32, s3: Option<&S3Server>, rng: &m
     );
     assert!(restored > 0, "{context}: no run restored from a checkpoint");
     check_output(name, &out, &context);
+    if s3.is_none() {
+        check_retention(&work.path().join("checkpoints").join(name), &context);
+    }
+}
+
+/// At most `retain` (3) completed checkpoints are left, every file they reference exists, and
+/// every shared file is referenced by one of them (files of subsumed checkpoints were deleted).
+fn check_retention(root: &std::path::Path, context: &str) {
+    let mut referenced = std::collections::HashSet::new();
+    let mut kept = 0;
+    for e in std::fs::read_dir(root).unwrap() {
+        let dir = e.unwrap().path();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        // a directory without metadata is an unfinished checkpoint whose upload was still
+        // running when the job ended; the next start removes it
+        if !name.starts_with("chk-") || !dir.join("_metadata").exists() {
+            continue;
+        }
+        kept += 1;
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("_metadata")).unwrap()).unwrap();
+        for snaps in m["operators"].as_object().unwrap().values() {
+            for snap in snaps.as_array().unwrap() {
+                for f in snap["files"].as_array().unwrap() {
+                    let path = f["path"].as_str().unwrap().to_string();
+                    assert!(
+                        root.join(&path).exists(),
+                        "{context}: {path} is referenced but missing"
+                    );
+                    referenced.insert(path);
+                }
+            }
+        }
+    }
+    assert!(
+        (1..=3).contains(&kept),
+        "{context}: {kept} checkpoints kept, retain is 3"
+    );
+    let shared = root.join("shared");
+    let mut stack = vec![shared.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !p.to_string_lossy().contains('#') {
+                // (`name#n` is the local store's temporary file of a write a kill interrupted)
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                assert!(
+                    referenced.contains(&rel),
+                    "{context}: {rel} is kept but unreferenced"
+                );
+            }
+        }
+    }
 }
 
 fn cases(name: &str) {

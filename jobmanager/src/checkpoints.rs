@@ -243,13 +243,38 @@ impl Coordinator {
     /// Stops triggering (the job ended).
     pub fn stop(&self) {
         let mut s = self.state.lock().expect("coordinator lock");
+        if s.stopped {
+            return;
+        }
         s.stopped = true;
-        for (_, p) in std::mem::take(&mut s.pending) {
+        let pending = std::mem::take(&mut s.pending);
+        // the job ended: checkpoints still in flight will never complete; what they and the
+        // subsumed checkpoints leave behind is deleted now (a fenced run touches nothing)
+        if s.fatal.is_none() {
+            for p in pending.values() {
+                if p.barrier.kind == SnapshotKind::Checkpoint {
+                    let _ = self.storage.delete_dir(&checkpoint_dir(p.barrier.id));
+                }
+            }
+            if s.gc_needed || !pending.is_empty() {
+                s.gc_needed = false;
+                let live = Self::live_files(&s);
+                self.collect_garbage(&live);
+            }
+        }
+        for (_, p) in pending {
             if let Some(w) = p.waiter {
                 let _ = w.send(Err("the job ended before the savepoint completed".into()));
             }
         }
         self.wake.notify_all();
+    }
+
+    fn live_files(s: &State) -> HashSet<String> {
+        s.retained
+            .iter()
+            .flat_map(|r| r.files.iter().cloned())
+            .collect()
     }
 
     /// A fatal condition the job must fail with (the run was fenced by a newer one).
@@ -309,11 +334,7 @@ impl Coordinator {
             }
             if s.pending.is_empty() && s.gc_needed {
                 s.gc_needed = false;
-                let live: HashSet<String> = s
-                    .retained
-                    .iter()
-                    .flat_map(|r| r.files.iter().cloned())
-                    .collect();
+                let live = Self::live_files(&s);
                 // under the lock: no checkpoint may start (and upload) while files are deleted
                 self.collect_garbage(&live);
                 continue;

@@ -432,13 +432,14 @@ impl JobManager {
             entry: entry.clone(),
             jm: self.inner.clone(),
         };
-        let local_dir = spec
+        let state_root = spec
             .state
             .local_dir
             .as_ref()
             .map(|d| base_dir.join(d))
-            .unwrap_or_else(|| std::env::temp_dir().join("freshet-state"))
-            .join(format!("{id}-{}-{}", entry.attempt, std::process::id()));
+            .unwrap_or_else(|| std::env::temp_dir().join("freshet-state"));
+        remove_dead_working_dirs(&state_root);
+        let local_dir = state_root.join(format!("{id}-{}-{}", entry.attempt, std::process::id()));
         let state = StateConfig {
             local_dir,
             cache_keys: spec.state.cache_keys,
@@ -613,6 +614,24 @@ fn prepare_state(plan: &JobPlan, options: &SubmitOptions) -> Result<Startup, Sub
         checkpoints,
         restore,
     })
+}
+
+/// Removes working directories (`<job>-<attempt>-<pid>`) left by processes that are gone, e.g.
+/// killed ones: their state lives on in checkpoints, the local copies are only clutter.
+fn remove_dead_working_dirs(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && std::path::Path::new("/proc/self").exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Fails a running job with `msg` (a condition outside any subtask, such as being fenced).
