@@ -51,6 +51,17 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2_000_000)]
         keys: u64,
     },
+    /// Network shuffle: a keyed aggregation (Nexmark qw, tumbling count per bidder) at
+    /// parallelism 2 in one process, and across two TaskManager processes (one slot each, so
+    /// half of every keyed exchange crosses the network).
+    Shuffle {
+        /// Bids per run.
+        #[arg(long, default_value_t = 20_000_000)]
+        events: u64,
+        /// Runs of each variant (alternating).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
 }
 
 /// The job definition of a Nexmark query.
@@ -138,7 +149,51 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             rounds,
             keys,
         } => bench_checkpoints(events, rounds, keys),
+        BenchCommand::Shuffle { events, rounds } => bench_shuffle(events, rounds),
     }
+}
+
+fn bench_shuffle(events: u64, rounds: u32) -> Result<i32> {
+    let text = nexmark_job("qw", events, 2, 42)?;
+    let dir = tempfile::tempdir()?;
+    let job = dir.path().join("shuffle.yaml");
+    std::fs::write(&job, &text)?;
+    let (_children, address) = crate::cluster::start_processes(2, 1)?;
+    let mut local = Vec::new();
+    let mut remote = Vec::new();
+    for round in 0..rounds {
+        let a = run_nexmark("qw", &text, events, 2)?;
+        let t0 = Instant::now();
+        let info = crate::client::submit_job(&address, &job, &[], &Default::default())?;
+        let end = crate::cluster::wait_for_end(&address, &info.id)?;
+        let wall = t0.elapsed().as_secs_f64();
+        if end.state != "finished" {
+            bail!("the two-process run {}: {}", end.state, end.message);
+        }
+        let get = |k: &str| end.accumulators.get(k).copied().unwrap_or(0);
+        let same = (get("out.rows"), get("out.sum1"), get("out.sum2")) == (a.rows, a.sum1, a.sum2);
+        println!(
+            "RESULT bench=shuffle round={round} one_process_eps={:.0} two_processes_eps={:.0} same_result={same}",
+            a.events as f64 / a.wall,
+            a.events as f64 / wall
+        );
+        if !same {
+            bail!("the two runs disagree: rows/checksums differ");
+        }
+        local.push(a.events as f64 / a.wall);
+        remote.push(a.events as f64 / wall);
+    }
+    let (l, r) = (median(&mut local), median(&mut remote));
+    println!(
+        "RESULT bench=shuffle events={events} p=2 one_process_median_eps={l:.0} two_processes_median_eps={r:.0} ratio={:.2}",
+        r / l
+    );
+    Ok(0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 fn checkpointing(interval: &str, dir: &std::path::Path) -> String {
@@ -217,10 +272,6 @@ fn bench_checkpoints(events: u64, rounds: u32, keys: u64) -> Result<i32> {
         without.push(a.events as f64 / a.wall);
         with.push(b.events as f64 / b.wall);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
     let (w, wo) = (median(&mut with), median(&mut without));
     println!(
         "RESULT bench=checkpoint-cost query=q5 events={events} no_checkpoints_eps={wo:.0} checkpoints_1s_eps={w:.0} ratio={:.3} slowdown_pct={:.1}",

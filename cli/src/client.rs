@@ -1,91 +1,153 @@
-//! `freshet savepoint`, `stop`, `checkpoints` and `list`: calls to a running JobManager's HTTP API.
+//! Client commands against a running JobManager (`freshet run`, or `freshet jobmanager`) over
+//! its gRPC control plane: `submit`, `list`, `cancel`, `savepoint`, `stop`, `checkpoints`.
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
 
-/// Where `freshet run` serves the API unless told otherwise.
-pub const DEFAULT_JOBMANAGER: &str = "http://127.0.0.1:8081";
+use freshet_proto as pb;
+use freshet_proto::job_manager_client::JobManagerClient;
+use tonic::transport::Channel;
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
+/// Where `freshet run` and `freshet jobmanager` listen unless told otherwise.
+pub const DEFAULT_JOBMANAGER: &str = "127.0.0.1:6123";
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
-fn base(jobmanager: &str) -> String {
-    let j = jobmanager.trim_end_matches('/');
-    if j.starts_with("http://") || j.starts_with("https://") {
-        j.to_string()
+/// Connects to the JobManager at `addr` and makes one call.
+pub fn call<T, F, Fut>(addr: &str, f: F) -> Result<T>
+where
+    F: FnOnce(JobManagerClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let rt = runtime()?;
+    rt.block_on(async {
+        let client = connect(addr).await?;
+        match f(client).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => bail!("{}", s.message()),
+        }
+    })
+}
+
+/// A client of the JobManager at `addr` (`host:port`).
+pub async fn connect(addr: &str) -> Result<JobManagerClient<Channel>> {
+    let url = if addr.contains("://") {
+        addr.to_string()
     } else {
-        format!("http://{j}")
-    }
+        format!("http://{addr}")
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .with_context(|| format!("bad JobManager address {addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the JobManager at {addr}"))?;
+    Ok(JobManagerClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
-fn answer(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>, url: &str) -> Result<Value> {
-    let mut resp = resp.with_context(|| format!("cannot reach the JobManager at {url}"))?;
-    let status = resp.status();
-    let body: Value = resp
-        .body_mut()
-        .read_json()
-        .with_context(|| format!("{url}: the answer is not JSON"))?;
-    if !status.is_success() {
-        let msg = body
-            .get("error")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown error");
-        bail!("{msg}");
-    }
-    Ok(body)
-}
-
-fn get(jobmanager: &str, path: &str) -> Result<Value> {
-    let url = format!("{}{path}", base(jobmanager));
-    answer(agent().get(&url).call(), &url)
-}
-
-fn post(jobmanager: &str, path: &str, body: Value) -> Result<Value> {
-    let url = format!("{}{path}", base(jobmanager));
-    answer(agent().post(&url).send_json(body), &url)
+/// Submits a job file; returns the accepted job.
+pub fn submit_job(
+    jobmanager: &str,
+    job: &Path,
+    overrides: &[String],
+    options: &freshet_jobmanager::SubmitOptions,
+) -> Result<pb::JobInfo> {
+    let definition = std::fs::read_to_string(job)
+        .with_context(|| format!("reading {}", job.display()))?;
+    // relative paths in the job resolve against its directory, on the cluster's machines
+    let dir = job.parent().filter(|p| !p.as_os_str().is_empty());
+    let base = std::fs::canonicalize(dir.unwrap_or(Path::new(".")))?;
+    let request = pb::SubmitJobRequest {
+        definition,
+        overrides: overrides.to_vec(),
+        base_dir: base.to_string_lossy().into_owned(),
+        restore: options.restore.clone().unwrap_or_default(),
+        fresh: options.ignore_checkpoints,
+        allow_non_restored_state: options.allow_non_restored_state,
+    };
+    call(jobmanager, |mut c| async move { c.submit_job(request).await })
 }
 
 pub fn savepoint(jobmanager: &str, job: &str, dir: Option<String>) -> Result<i32> {
-    let r = post(
-        jobmanager,
-        &format!("/jobs/{job}/savepoints"),
-        json!({ "dir": dir }),
-    )?;
-    println!("{}", r["path"].as_str().unwrap_or_default());
+    stop_or_savepoint(jobmanager, job, dir, false)
+}
+
+fn stop_or_savepoint(jobmanager: &str, job: &str, dir: Option<String>, stop: bool) -> Result<i32> {
+    let r = call(jobmanager, |mut c| async move {
+        c.trigger_savepoint(pb::SavepointRequest {
+            job: job.into(),
+            directory: dir.unwrap_or_default(),
+            stop,
+        })
+        .await
+    })?;
+    println!("{}", r.location);
     Ok(0)
 }
 
 pub fn stop(jobmanager: &str, job: &str, savepoint: bool, dir: Option<String>) -> Result<i32> {
     if savepoint {
-        let r = post(
-            jobmanager,
-            &format!("/jobs/{job}/stop"),
-            json!({ "dir": dir }),
-        )?;
-        println!("{}", r["path"].as_str().unwrap_or_default());
+        stop_or_savepoint(jobmanager, job, dir, true)
     } else {
-        post(jobmanager, &format!("/jobs/{job}/cancel"), json!({}))?;
-        eprintln!("cancelled {job} (no savepoint)");
+        cancel(jobmanager, job)
     }
+}
+
+pub fn cancel(jobmanager: &str, job: &str) -> Result<i32> {
+    let j = call(jobmanager, |mut c| async move {
+        c.cancel_job(pb::JobRef { job: job.into() }).await
+    })?;
+    eprintln!("{} is {} (no savepoint)", j.id, j.state);
+    Ok(0)
+}
+
+pub fn status(jobmanager: &str, job: &str) -> Result<i32> {
+    let j = call(jobmanager, |mut c| async move {
+        c.get_job(pb::JobRef { job: job.into() }).await
+    })?;
+    let vertices: Vec<Value> = j
+        .vertices
+        .iter()
+        .map(|v| {
+            serde_json::json!({
+                "name": v.name,
+                "parallelism": v.parallelism,
+                "metrics": serde_json::from_slice::<Value>(&v.metrics).unwrap_or(Value::Null),
+            })
+        })
+        .collect();
+    let out = serde_json::json!({
+        "id": j.id,
+        "name": j.name,
+        "state": j.state,
+        "message": j.message,
+        "attempt": j.attempt,
+        "restarts": j.restarts,
+        "duration_seconds": j.duration_seconds,
+        "restored_from": j.restored_from,
+        "vertices": vertices,
+        "accumulators": j.accumulators,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(0)
 }
 
 pub fn list(jobmanager: &str) -> Result<i32> {
-    let jobs = get(jobmanager, "/jobs")?;
+    let jobs = call(jobmanager, |mut c| async move { c.list_jobs(pb::Empty {}).await })?;
     println!(
-        "{:<32} {:<24} {:<10} {:>10}",
-        "id", "name", "state", "duration"
+        "{:<32} {:<24} {:<10} {:>8} {:>10}",
+        "id", "name", "state", "restarts", "duration"
     );
-    for j in jobs.as_array().into_iter().flatten() {
+    for j in jobs.jobs {
         println!(
-            "{:<32} {:<24} {:<10} {:>9.1}s",
-            j["id"].as_str().unwrap_or_default(),
-            j["name"].as_str().unwrap_or_default(),
-            j["state"].as_str().unwrap_or_default(),
-            j["duration_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+            "{:<32} {:<24} {:<10} {:>8} {:>9.1}s",
+            j.id, j.name, j.state, j.restarts, j.duration_seconds
         );
     }
     Ok(0)
@@ -101,12 +163,15 @@ fn size(bytes: u64) -> String {
 }
 
 pub fn checkpoints(jobmanager: &str, job: &str) -> Result<i32> {
-    let r = get(jobmanager, &format!("/jobs/{job}/checkpoints"))?;
+    let list = call(jobmanager, |mut c| async move {
+        c.list_checkpoints(pb::JobRef { job: job.into() }).await
+    })?;
     println!(
         "{:>6} {:<10} {:<11} {:<24} {:>9} {:>9} {:>10} {:>10}  path / failure",
         "id", "kind", "status", "triggered", "duration", "aligned", "full", "uploaded"
     );
-    for c in r["history"].as_array().into_iter().flatten() {
+    for raw in list.checkpoints {
+        let c: Value = serde_json::from_slice(&raw)?;
         let at = c["trigger_time_ms"].as_i64().unwrap_or(0);
         let when = chrono::DateTime::from_timestamp_millis(at)
             .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())

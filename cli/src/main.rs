@@ -1,6 +1,8 @@
-//! `freshet`: run a job locally, check it, explain its plan, benchmark the engine.
+//! `freshet`: run a job locally, run a cluster's JobManager and TaskManagers, submit and manage
+//! jobs, check a job, explain its plan, benchmark the engine.
 mod bench;
 mod client;
+mod cluster;
 mod run;
 
 use anyhow::Result;
@@ -31,6 +33,10 @@ enum Command {
         /// Number of TaskManagers to spread the slots over.
         #[arg(long, default_value_t = 1)]
         taskmanagers: u32,
+        /// Run the JobManager and each TaskManager as processes of their own on loopback,
+        /// exchanging data over the network (the distributed path, on one machine).
+        #[arg(long)]
+        processes: bool,
         /// Start from this checkpoint (`.../chk-N`) or savepoint directory. Without it, a job
         /// with checkpointing resumes from the latest completed checkpoint in its checkpoint
         /// directory.
@@ -43,10 +49,59 @@ enum Command {
         /// state is dropped).
         #[arg(long)]
         allow_non_restored_state: bool,
-        /// Address of the JobManager's HTTP API (`freshet savepoint`, `stop`, `checkpoints`
-        /// talk to it); `off` to serve none.
-        #[arg(long, default_value = "127.0.0.1:8081")]
+        /// Address of the JobManager's control plane (`freshet savepoint`, `stop`,
+        /// `checkpoints`, `list` talk to it); `off` to serve none.
+        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
+        listen: String,
+        /// Address of the JobManager's HTTP API (JSON, for dashboards); `off` for none.
+        #[arg(long, default_value = "off")]
         http: String,
+    },
+    /// Run a JobManager: accepts jobs and TaskManagers, schedules, checkpoints, restarts.
+    Jobmanager(cluster::JobManagerArgs),
+    /// Run a TaskManager: offers slots to a JobManager and runs the subtasks it deploys.
+    Taskmanager(cluster::TaskManagerArgs),
+    /// Submit a job to a running JobManager; prints its id.
+    Submit {
+        /// The job file (relative paths in it must resolve on the cluster's machines).
+        job: PathBuf,
+        /// Overrides, as for `run`.
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        set: Vec<String>,
+        /// Default parallelism.
+        #[arg(long)]
+        parallelism: Option<u32>,
+        /// Start from this checkpoint or savepoint.
+        #[arg(long, value_name = "PATH")]
+        restore: Option<String>,
+        /// Start with empty state even if completed checkpoints exist.
+        #[arg(long, conflicts_with = "restore")]
+        fresh: bool,
+        /// Restore even if the snapshot has state of operators the job no longer has.
+        #[arg(long)]
+        allow_non_restored_state: bool,
+        /// Follow the job until it ends; exit with its outcome.
+        #[arg(long)]
+        wait: bool,
+        /// The JobManager.
+        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
+        jobmanager: String,
+    },
+    /// Print a job's state and counters per vertex as JSON.
+    Status {
+        /// Job id or name.
+        job: String,
+        /// The JobManager.
+        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
+        jobmanager: String,
+    },
+    /// Cancel a running job without a savepoint.
+    Cancel {
+        /// Job id or name.
+        job: String,
+        /// The JobManager.
+        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
+        jobmanager: String,
     },
     /// Take a savepoint of a running job; prints its location.
     Savepoint {
@@ -56,7 +111,7 @@ enum Command {
         /// `checkpointing.savepoint_dir`).
         #[arg(long)]
         dir: Option<String>,
-        /// The JobManager's HTTP API.
+        /// The JobManager.
         #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
         jobmanager: String,
     },
@@ -70,7 +125,7 @@ enum Command {
         /// Directory to create the savepoint in.
         #[arg(long, requires = "savepoint")]
         dir: Option<String>,
-        /// The JobManager's HTTP API.
+        /// The JobManager.
         #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
         jobmanager: String,
     },
@@ -78,13 +133,13 @@ enum Command {
     Checkpoints {
         /// Job id or name.
         job: String,
-        /// The JobManager's HTTP API.
+        /// The JobManager.
         #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
         jobmanager: String,
     },
     /// List the jobs of a JobManager.
     List {
-        /// The JobManager's HTTP API.
+        /// The JobManager.
         #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
         jobmanager: String,
     },
@@ -149,21 +204,49 @@ fn dispatch(cli: Cli) -> Result<i32> {
             set,
             parallelism,
             taskmanagers,
+            processes,
             restore,
             fresh,
             allow_non_restored_state,
+            listen,
             http,
-        } => run::run(
+        } => {
+            let options = freshet_jobmanager::SubmitOptions {
+                restore,
+                ignore_checkpoints: fresh,
+                allow_non_restored_state,
+            };
+            let overrides = overrides(set, parallelism);
+            if processes {
+                cluster::run_processes(&job, &overrides, taskmanagers, options)
+            } else {
+                run::run(&job, &overrides, taskmanagers, options, &listen, &http)
+            }
+        }
+        Command::Jobmanager(args) => cluster::jobmanager(args),
+        Command::Taskmanager(args) => cluster::taskmanager(args),
+        Command::Submit {
+            job,
+            set,
+            parallelism,
+            restore,
+            fresh,
+            allow_non_restored_state,
+            wait,
+            jobmanager,
+        } => cluster::submit(
+            &jobmanager,
             &job,
             &overrides(set, parallelism),
-            taskmanagers,
             freshet_jobmanager::SubmitOptions {
                 restore,
                 ignore_checkpoints: fresh,
                 allow_non_restored_state,
             },
-            &http,
+            wait,
         ),
+        Command::Cancel { job, jobmanager } => client::cancel(&jobmanager, &job),
+        Command::Status { job, jobmanager } => client::status(&jobmanager, &job),
         Command::Savepoint {
             job,
             dir,

@@ -38,7 +38,7 @@ fn base_dir(job: &Path) -> PathBuf {
     }
 }
 
-fn planned(path: &Path, overrides: &[String]) -> Option<(JobSpec, PathBuf, JobPlan)> {
+pub fn planned(path: &Path, overrides: &[String]) -> Option<(JobSpec, PathBuf, JobPlan)> {
     let (spec, base) = load(path, overrides)?;
     match plan(&spec, &base) {
         Ok(p) => Some((spec, base, p)),
@@ -79,6 +79,7 @@ pub fn run(
     overrides: &[String],
     taskmanagers: u32,
     options: SubmitOptions,
+    listen: &str,
     http: &str,
 ) -> Result<i32> {
     let Some((spec, base, plan)) = planned(path, overrides) else {
@@ -86,6 +87,24 @@ pub fn run(
     };
     let slots = plan.slots_needed().div_ceil(taskmanagers.max(1));
     let jm = local_cluster(taskmanagers, slots);
+    // the control plane, so `freshet savepoint`, `stop` and `list` reach this job
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    if listen != "off" {
+        match freshet_jobmanager::rpc::JobManagerService::serve(
+            jm.clone(),
+            listen,
+            Default::default(),
+            runtime.handle(),
+        ) {
+            Ok(addr) => eprintln!("JobManager listening on {addr}"),
+            Err(e) => eprintln!(
+                "warning: JobManager not listening on {listen}: {e} (pick another address with --listen)"
+            ),
+        }
+    }
     if http != "off" {
         match freshet_jobmanager::http::serve(jm.clone(), http) {
             Ok(addr) => eprintln!("JobManager API on http://{addr}"),
@@ -104,7 +123,6 @@ pub fn run(
             eprintln!("{}: {e}", path.display());
             return Ok(1);
         }
-        Err(e) => return Err(e.into()),
     };
     if let Some(from) = job.restored_from() {
         eprintln!("restoring from {from}");
@@ -122,7 +140,7 @@ pub fn run(
     let mut progress = Progress::new(&job);
     let status = loop {
         let s = job.wait_timeout(Duration::from_millis(if live { 1000 } else { 5000 }));
-        if s.state != JobState::Running {
+        if s.state.is_terminal() {
             break s;
         }
         if live {
@@ -132,20 +150,43 @@ pub fn run(
     if live {
         eprint!("\r\x1b[2K");
     }
-    print_summary(&job, &status.accumulators, status.duration);
-    Ok(match status.state {
-        JobState::Finished => 0,
-        JobState::Cancelled if interrupted.load(Ordering::SeqCst) => {
+    let m = per_vertex(&job);
+    let vertices: Vec<VertexLine> = job
+        .plan()
+        .vertices
+        .iter()
+        .enumerate()
+        .map(|(v, vx)| VertexLine {
+            name: vx.name.clone(),
+            parallelism: vx.parallelism,
+            metrics: m.get(&v).copied().unwrap_or_default(),
+        })
+        .collect();
+    print_summary(&job.id.0, &vertices, &status.accumulators, status.duration);
+    Ok(exit_code(
+        status.state.name(),
+        match &status.state {
+            JobState::Failed(e) => e,
+            _ => "",
+        },
+        interrupted.load(Ordering::SeqCst),
+    ))
+}
+
+/// The exit code for a job's final state, saying why on stderr.
+pub fn exit_code(state: &str, error: &str, interrupted: bool) -> i32 {
+    match state {
+        "finished" => 0,
+        "cancelled" if interrupted => {
             eprintln!("stopped by Ctrl-C");
             130
         }
-        JobState::Cancelled => 130,
-        JobState::Failed(e) => {
-            eprintln!("job failed: {e}");
+        "cancelled" => 130,
+        _ => {
+            eprintln!("job failed: {error}");
             1
         }
-        JobState::Running => unreachable!("loop exits when not running"),
-    })
+    }
 }
 
 /// Sums counters per vertex.
@@ -222,16 +263,30 @@ fn watermark(ms: i64) -> String {
     }
 }
 
-fn print_summary(job: &JobHandle, accumulators: &BTreeMap<String, i64>, duration: Duration) {
-    let plan = job.plan();
-    let m = per_vertex(job);
-    eprintln!("job {} in {:.2}s", job.id, duration.as_secs_f64());
+/// One vertex of a job summary.
+pub struct VertexLine {
+    /// Its name.
+    pub name: String,
+    /// Its parallelism.
+    pub parallelism: u32,
+    /// Counters summed over its subtasks.
+    pub metrics: MetricsSnapshot,
+}
+
+/// Prints what a job did, vertex by vertex.
+pub fn print_summary(
+    id: &str,
+    vertices: &[VertexLine],
+    accumulators: &BTreeMap<String, i64>,
+    duration: Duration,
+) {
+    eprintln!("job {id} in {:.2}s", duration.as_secs_f64());
     eprintln!(
         "  {:<44} {:>5} {:>12} {:>12} {:>10} {:>8} {:>8} {:>9}",
         "vertex", "par", "records in", "records out", "written", "late", "dead", "blocked"
     );
-    for (v, vertex) in plan.vertices.iter().enumerate() {
-        let s = m.get(&v).copied().unwrap_or_default();
+    for vertex in vertices {
+        let s = vertex.metrics;
         let mut name = vertex.name.clone();
         if name.len() > 44 {
             name.truncate(41);
@@ -250,8 +305,8 @@ fn print_summary(job: &JobHandle, accumulators: &BTreeMap<String, i64>, duration
             s.backpressured_ns as f64 / 1e9
         );
     }
-    let dead: u64 = m.values().map(|s| s.dead_letters).sum();
-    let late: u64 = m.values().map(|s| s.late_records).sum();
+    let dead: u64 = vertices.iter().map(|v| v.metrics.dead_letters).sum();
+    let late: u64 = vertices.iter().map(|v| v.metrics.late_records).sum();
     if dead > 0 {
         eprintln!("  {dead} record(s) could not be processed and went to a dead-letter output");
     }

@@ -286,7 +286,14 @@ pub fn plan_sink(
             })
         }
         SinkConnector::Stdout => Arc::new(|_| Box::new(sinks::StdoutSink)),
-        SinkConnector::Blackhole { checksums } => {
+        SinkConnector::Blackhole {
+            checksums,
+            rows_per_second,
+        } => {
+            if rows_per_second.is_some_and(|r| !(r > 0.0)) {
+                return Err(problem("rows_per_second", "must be positive".into()));
+            }
+            let rate = *rows_per_second;
             let mut compiled = Vec::new();
             for (i, c) in checksums.iter().enumerate() {
                 let e = Expr::compile(c, input)
@@ -295,7 +302,13 @@ pub fn plan_sink(
                 compiled.push((c.clone(), e));
             }
             let name = name.to_string();
-            Arc::new(move |_| Box::new(sinks::BlackholeSink::new(name.clone(), compiled.clone())))
+            Arc::new(move |_| {
+                Box::new(sinks::BlackholeSink::new(
+                    name.clone(),
+                    compiled.clone(),
+                    rate,
+                ))
+            })
         }
     };
     Ok(SinkPlan { factory })

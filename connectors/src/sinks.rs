@@ -608,17 +608,20 @@ pub struct BlackholeSink {
     checksums: Vec<(String, Expr)>,
     rows: i64,
     sums: Vec<i64>,
+    /// Rows per second it takes at most, and the pacing clock.
+    pace: Option<(f64, std::time::Instant, u64)>,
 }
 
 impl BlackholeSink {
-    /// A blackhole reporting as `name`.
-    pub fn new(name: String, checksums: Vec<(String, Expr)>) -> Self {
+    /// A blackhole reporting as `name`, taking at most `rows_per_second` if given.
+    pub fn new(name: String, checksums: Vec<(String, Expr)>, rows_per_second: Option<f64>) -> Self {
         let n = checksums.len();
         BlackholeSink {
             name,
             checksums,
             rows: 0,
             sums: vec![0; n],
+            pace: rows_per_second.map(|r| (r, std::time::Instant::now(), 0)),
         }
     }
 }
@@ -631,6 +634,14 @@ impl Operator for BlackholeSink {
         ctx: &OperatorContext<'_>,
         _: &mut dyn Output,
     ) -> Result<()> {
+        if let Some((rate, start, taken)) = &mut self.pace {
+            // a slow destination: hold the subtask until the batch is due
+            *taken += batch.num_rows() as u64;
+            let due = std::time::Duration::from_secs_f64(*taken as f64 / *rate);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
         SubtaskMetrics::add(&ctx.metrics.records_written, batch.num_rows() as u64);
         self.rows += batch.num_rows() as i64;
         for ((_, e), sum) in self.checksums.iter().zip(self.sums.iter_mut()) {

@@ -850,6 +850,7 @@ fn run_channels(
         let element = op
             .recv(&inputs[ch].0.rx)
             .map_err(|_| EngineError::ChannelClosed)?;
+        inputs[ch].0.taken();
         match element {
             Element::Batch(batch) => {
                 tracker.mark_active(ch);

@@ -39,6 +39,11 @@ pub struct JobSpec {
     /// Keyed state (RocksDB) settings.
     #[serde(default)]
     pub state: StateSpec,
+    /// What happens when a subtask fails or a TaskManager is lost. Default: with checkpointing,
+    /// three restarts one second apart from the latest completed checkpoint; without it, none
+    /// (a restart would start from scratch and repeat output).
+    #[serde(default)]
+    pub restart: Option<RestartSpec>,
     /// Named sources.
     pub sources: IndexMap<String, SourceSpec>,
     /// Named transforms, in any order; the graph is given by their inputs.
@@ -131,6 +136,88 @@ fn default_cp_dir() -> String {
 }
 fn default_sp_dir() -> String {
     "savepoints".into()
+}
+
+/// Restart strategy. Restarts redeploy the whole job from its latest completed checkpoint.
+/// Failures that would repeat (a bad expression, an operator rejecting its configuration) fail
+/// the job without restarting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "strategy", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum RestartSpec {
+    /// Fail the job at the first failure.
+    None,
+    /// Restart after a fixed delay, at most `attempts` times.
+    FixedDelay {
+        /// Most restarts over the job's life.
+        attempts: u32,
+        /// Wait before each restart.
+        #[serde(default = "default_restart_delay")]
+        delay: DurationSpec,
+    },
+    /// Restart after a delay that grows by `multiplier` with each restart, up to `max_delay`.
+    ExponentialBackoff {
+        /// Most restarts over the job's life.
+        attempts: u32,
+        /// Wait before the first restart.
+        #[serde(default = "default_restart_delay")]
+        initial_delay: DurationSpec,
+        /// Longest wait.
+        #[serde(default = "default_max_restart_delay")]
+        max_delay: DurationSpec,
+        /// Growth of the wait per restart.
+        #[serde(default = "default_multiplier")]
+        multiplier: f64,
+    },
+}
+
+impl RestartSpec {
+    /// The strategy a job uses when it names none.
+    pub fn default_for(checkpointing: bool) -> RestartSpec {
+        if checkpointing {
+            RestartSpec::FixedDelay {
+                attempts: 3,
+                delay: default_restart_delay(),
+            }
+        } else {
+            RestartSpec::None
+        }
+    }
+
+    /// The wait before restart number `n` (0-based), or `None` when no restart is left.
+    pub fn delay(&self, n: u32) -> Option<std::time::Duration> {
+        match self {
+            RestartSpec::None => None,
+            RestartSpec::FixedDelay { attempts, delay } => (n < *attempts).then_some(delay.0),
+            RestartSpec::ExponentialBackoff {
+                attempts,
+                initial_delay,
+                max_delay,
+                multiplier,
+            } => (n < *attempts).then(|| {
+                let d = initial_delay.0.as_secs_f64() * multiplier.max(1.0).powi(n as i32);
+                std::time::Duration::from_secs_f64(d.min(max_delay.0.as_secs_f64()))
+            }),
+        }
+    }
+
+    /// Most restarts.
+    pub fn attempts(&self) -> u32 {
+        match self {
+            RestartSpec::None => 0,
+            RestartSpec::FixedDelay { attempts, .. }
+            | RestartSpec::ExponentialBackoff { attempts, .. } => *attempts,
+        }
+    }
+}
+
+fn default_restart_delay() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(1))
+}
+fn default_max_restart_delay() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(60))
+}
+fn default_multiplier() -> f64 {
+    2.0
 }
 
 /// S3 connection settings.
@@ -585,6 +672,10 @@ pub enum SinkConnector {
         /// Expressions whose wrapping sums are reported (checksums).
         #[serde(default)]
         checksums: Vec<String>,
+        /// Most rows per second each subtask takes (a slow destination, for testing
+        /// backpressure); unlimited if unset.
+        #[serde(default)]
+        rows_per_second: Option<f64>,
     },
 }
 

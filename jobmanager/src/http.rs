@@ -25,10 +25,8 @@ use crate::{JobHandle, JobManager, JobState};
 
 fn state_name(s: &JobState) -> (&'static str, Option<String>) {
     match s {
-        JobState::Running => ("running", None),
-        JobState::Finished => ("finished", None),
         JobState::Failed(e) => ("failed", Some(e.clone())),
-        JobState::Cancelled => ("cancelled", None),
+        s => (s.name(), None),
     }
 }
 

@@ -1,30 +1,43 @@
 //! The JobManager: accepts jobs, schedules their subtasks into TaskManager slots, follows their
-//! progress and decides the job's fate.
+//! progress, restarts them after failures and decides their fate.
 //!
-//! Scheduling uses slot sharing: slot `k` hosts subtask `k` of every vertex, so a job needs as
-//! many slots as its largest parallelism, and slots are spread over TaskManagers round-robin.
-//! A job finishes when every subtask finished; if one fails, the others are cancelled and the job
-//! fails with the first error (restart strategies come with checkpoints).
+//! - **Scheduling** uses slot sharing: slot `k` hosts subtask `k` of every vertex, so a job needs
+//!   as many slots as its largest parallelism. Slots are taken round-robin over the TaskManagers
+//!   with free slots, so a job spreads over the cluster. A job that does not fit waits (state
+//!   `created`, with a message saying how many slots it needs and how many are free) and is
+//!   deployed as soon as TaskManagers offer enough.
+//! - **Attempts.** Each deployment of a job is an attempt; its subtasks, channels and checkpoint
+//!   coordinator belong to it, and reports of older attempts are ignored.
+//! - **Failover.** When a subtask fails or its TaskManager is lost, the attempt's other subtasks
+//!   are cancelled. Once all have ended, the job's restart strategy decides: restart (after a
+//!   delay, from the latest checkpoint this job completed) or fail. Failures that would repeat
+//!   fail the job at once.
+//! - **TaskManagers** register and unregister at any time ([`JobManager::register`]); a
+//!   TaskManager whose gateway reports it [lost](TaskManagerGateway::lost) is removed and its
+//!   subtasks count as failed.
+//! - **Durability.** With a [`JobStore`], every job's definition and outcome is kept in object
+//!   storage, so a JobManager that takes over (see [`crate::leader`]) resumes the running jobs.
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tracing::{info, info_span, warn};
 
 use freshet_engine::checkpoint::{RestoreSource, S3Options, Storage, SubtaskCommand};
 use freshet_engine::metrics::MetricsSnapshot;
 use freshet_engine::state::StateConfig;
-use freshet_job::{JobSpec, Problems};
+use freshet_job::{JobSpec, Problems, RestartSpec};
 
 use crate::checkpoints::{
     CheckpointStats, Coordinator, CoordinatorSettings, acquire_generation, completed_checkpoints,
 };
 use crate::messages::{
-    CheckpointSetup, JobId, TaskDeployment, TaskEvent, TaskManagerGateway, TaskState,
+    CheckpointSetup, JobId, Placement, SubtaskLocation, TaskDeployment, TaskEvent,
+    TaskManagerGateway, TaskState,
 };
 use crate::plan::{JobPlan, NodeKind, plan};
+use crate::store::{JobRecord, JobStore};
 
 /// Why a job could not be submitted.
 #[derive(Debug, thiserror::Error)]
@@ -32,44 +45,48 @@ pub enum SubmitError {
     /// The definition has problems.
     #[error("{0}")]
     Invalid(Problems),
-    /// Not enough slots.
-    #[error(
-        "job {job} needs {needed} slots but the cluster offers {available}; add TaskManagers or slots, or lower the parallelism"
-    )]
-    NotEnoughSlots {
-        /// Job name.
-        job: String,
-        /// Slots needed.
-        needed: u32,
-        /// Slots offered.
-        available: u32,
-    },
     /// The checkpoint storage or the state to restore cannot be used.
     #[error("{0}")]
     State(String),
-    /// A TaskManager refused a deployment.
-    #[error("deploying {task} on TaskManager {taskmanager}: {error}")]
-    Deploy {
-        /// Which subtask.
-        task: String,
-        /// Which TaskManager.
-        taskmanager: String,
-        /// Why.
-        error: String,
-    },
 }
 
-/// The outcome of a job.
+/// The state of a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobState {
+    /// Accepted, waiting for slots.
+    Created,
     /// Subtasks are running.
     Running,
+    /// An attempt failed; the next one starts after the restart delay.
+    Restarting,
     /// Every subtask finished.
     Finished,
-    /// A subtask failed.
+    /// Failed for good.
     Failed(String),
     /// Cancelled by request.
     Cancelled,
+}
+
+impl JobState {
+    /// Whether the job can no longer change state.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            JobState::Finished | JobState::Failed(_) | JobState::Cancelled
+        )
+    }
+
+    /// Its lowercase name (`running`, `failed`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobState::Created => "created",
+            JobState::Running => "running",
+            JobState::Restarting => "restarting",
+            JobState::Finished => "finished",
+            JobState::Failed(_) => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// What is known about a job.
@@ -77,21 +94,24 @@ pub enum JobState {
 pub struct JobStatus {
     /// Its state.
     pub state: JobState,
+    /// Why it waits, or why it restarts.
+    pub message: Option<String>,
     /// When it was submitted.
     pub started: Instant,
     /// How long it ran (so far).
     pub duration: Duration,
-    /// Final counters of finished subtasks per (vertex, subtask).
+    /// Current (or last) attempt.
+    pub attempt: u32,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Final counters of finished subtasks of the current attempt per (vertex, subtask).
     pub finished: BTreeMap<(usize, u32), MetricsSnapshot>,
-    /// Accumulators summed over subtasks (wrapping).
+    /// Accumulators summed over the current attempt's subtasks (wrapping).
     pub accumulators: BTreeMap<String, i64>,
-    /// The error the job failed with, and whether it is a root cause (rather than a subtask
-    /// failing because another one went away).
-    failure: Option<(String, bool)>,
 }
 
 /// How to start a job.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct SubmitOptions {
     /// Start from this checkpoint or savepoint (a directory with `_metadata`). Without it, a job
     /// with checkpoints starts from the latest completed checkpoint in its checkpoint directory.
@@ -103,15 +123,59 @@ pub struct SubmitOptions {
     pub allow_non_restored_state: bool,
 }
 
-struct JobEntry {
-    plan: Arc<JobPlan>,
-    attempt: u32,
+/// Where an attempt starts from.
+#[derive(Debug, Clone)]
+enum Start {
+    /// The latest completed checkpoint in the checkpoint directory, if any.
+    Latest,
+    /// Nothing.
+    Fresh,
+    /// This checkpoint or savepoint.
+    From(String),
+    /// The latest checkpoint of generation `since` or later (this job's own), else `or`.
+    OwnLatest { since: u64, or: Option<String> },
+}
+
+/// One deployment of a job.
+struct Attempt {
+    number: u32,
+    placement: Arc<Placement>,
     coordinator: Option<Arc<Coordinator>>,
+    total: usize,
+    ended: HashSet<(usize, u32)>,
+    /// First failure: message, root cause, retryable.
+    failure: Option<(String, bool, bool)>,
+    /// TaskManagers it runs on.
+    taskmanagers: Vec<Arc<dyn TaskManagerGateway>>,
+}
+
+struct Runtime {
+    status: JobStatus,
+    attempt: Option<Attempt>,
+    /// Earliest start of the next attempt (while created or restarting).
+    next_start: Instant,
+    cancel_requested: bool,
+    /// Generation of the job's first attempt: checkpoints of this generation or later are its
+    /// own (restarts resume from them).
+    first_generation: Option<u64>,
     restored_from: Option<String>,
-    savepoint_dir: Option<String>,
-    status: Mutex<JobStatus>,
-    done: Condvar,
-    remaining: Mutex<usize>,
+    /// The waiting message last logged, so it is logged once.
+    logged_wait: Option<String>,
+}
+
+struct JobEntry {
+    id: JobId,
+    plan: Arc<JobPlan>,
+    options: SubmitOptions,
+    restart: RestartSpec,
+    rt: Mutex<Runtime>,
+    changed: Condvar,
+}
+
+impl JobEntry {
+    fn rt(&self) -> MutexGuard<'_, Runtime> {
+        self.rt.lock().expect("job lock")
+    }
 }
 
 /// A handle on a submitted job.
@@ -131,91 +195,96 @@ impl JobHandle {
 
     /// Current status.
     pub fn status(&self) -> JobStatus {
-        let mut s = self.entry.status.lock().expect("status lock").clone();
-        if s.state == JobState::Running {
+        let mut s = self.entry.rt().status.clone();
+        if !s.state.is_terminal() {
             s.duration = s.started.elapsed();
         }
         s
     }
 
-    /// Waits until the job is no longer running, or the timeout passes.
+    /// Waits until the job ended, or the timeout passes.
     pub fn wait_timeout(&self, timeout: Duration) -> JobStatus {
-        let guard = self.entry.status.lock().expect("status lock");
+        let guard = self.entry.rt();
         let (guard, _) = self
             .entry
-            .done
-            .wait_timeout_while(guard, timeout, |s| s.state == JobState::Running)
-            .expect("status lock");
+            .changed
+            .wait_timeout_while(guard, timeout, |r| !r.status.state.is_terminal())
+            .expect("job lock");
         drop(guard);
         self.status()
     }
 
-    /// Waits until the job is no longer running.
+    /// Waits until the job ended.
     pub fn wait(&self) -> JobStatus {
-        let guard = self.entry.status.lock().expect("status lock");
+        let guard = self.entry.rt();
         let guard = self
             .entry
-            .done
-            .wait_while(guard, |s| s.state == JobState::Running)
-            .expect("status lock");
+            .changed
+            .wait_while(guard, |r| !r.status.state.is_terminal())
+            .expect("job lock");
         drop(guard);
         self.status()
     }
 
-    /// Cancels the job.
+    /// Cancels the job: its subtasks are cancelled, and the job is cancelled once they ended.
     pub fn cancel(&self) {
-        self.end(JobState::Cancelled);
-    }
-
-    fn end(&self, state: JobState) {
-        {
-            let mut s = self.entry.status.lock().expect("status lock");
-            if s.state != JobState::Running {
-                return;
+        let mut rt = self.entry.rt();
+        if rt.status.state.is_terminal() {
+            return;
+        }
+        rt.cancel_requested = true;
+        match &rt.attempt {
+            Some(a) => {
+                let tms = a.taskmanagers.clone();
+                drop(rt);
+                for tm in tms {
+                    tm.cancel(&self.id);
+                }
             }
-            s.state = state;
-            s.duration = s.started.elapsed();
+            None => {
+                end_job(&self.jm, &self.entry, &mut rt, JobState::Cancelled);
+            }
         }
-        if let Some(c) = &self.entry.coordinator {
-            c.stop();
-        }
-        for tm in &self.jm.taskmanagers {
-            tm.cancel(&self.id);
-        }
-        self.entry.done.notify_all();
     }
 
-    /// The checkpoint history (empty when the job takes no checkpoints).
-    pub fn checkpoints(&self) -> Vec<CheckpointStats> {
+    fn coordinator(&self) -> Option<Arc<Coordinator>> {
         self.entry
-            .coordinator
+            .rt()
+            .attempt
             .as_ref()
-            .map(|c| c.history())
-            .unwrap_or_default()
+            .and_then(|a| a.coordinator.clone())
     }
 
-    /// The checkpoint or savepoint the job started from.
-    pub fn restored_from(&self) -> Option<&str> {
-        self.entry.restored_from.as_deref()
+    /// The checkpoint history of the current attempt (empty when the job takes no checkpoints).
+    pub fn checkpoints(&self) -> Vec<CheckpointStats> {
+        self.coordinator().map(|c| c.history()).unwrap_or_default()
+    }
+
+    /// The checkpoint or savepoint the current attempt started from.
+    pub fn restored_from(&self) -> Option<String> {
+        self.entry.rt().restored_from.clone()
     }
 
     /// Triggers a savepoint into a new directory under `dir` (default: the job's
     /// `checkpointing.savepoint_dir`); with `stop`, the job stops once it completes. Waits for the
     /// outcome and returns the savepoint's location.
     pub fn savepoint(&self, dir: Option<&str>, stop: bool) -> Result<String, String> {
-        let Some(c) = &self.entry.coordinator else {
+        let spec = &self.entry.plan.spec;
+        let Some(cp) = &spec.checkpointing else {
             return Err("the job has no checkpointing section; savepoints need one".into());
         };
-        let dir = dir
-            .map(str::to_string)
-            .or_else(|| self.entry.savepoint_dir.clone())
-            .ok_or("no savepoint directory")?;
+        let Some(c) = self.coordinator() else {
+            return Err(format!(
+                "the job is {}; savepoints need it running",
+                self.status().state.name()
+            ));
+        };
+        let dir = dir.unwrap_or(&cp.savepoint_dir);
         let base = &self.entry.plan.base_dir;
-        let s3 = s3_options(&self.entry.plan.spec);
-        let parent = Storage::open(&dir, base, &s3).map_err(|e| e.to_string())?;
+        let parent = Storage::open(dir, base, &s3_options(spec)).map_err(|e| e.to_string())?;
         let name = format!(
             "savepoint-{}-{}",
-            self.entry.plan.spec.name,
+            spec.name,
             chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ")
         );
         let target = parent.child(&name).url().to_string();
@@ -226,8 +295,16 @@ impl JobHandle {
 
     /// Live counters of every running subtask, plus final counters of finished ones.
     pub fn metrics(&self) -> BTreeMap<(usize, u32), MetricsSnapshot> {
-        let mut out = self.status().finished;
-        for tm in &self.jm.taskmanagers {
+        let (mut out, tms) = {
+            let rt = self.entry.rt();
+            let tms = rt
+                .attempt
+                .as_ref()
+                .map(|a| a.taskmanagers.clone())
+                .unwrap_or_default();
+            (rt.status.finished.clone(), tms)
+        };
+        for tm in tms {
             for s in tm.metrics(&self.id) {
                 out.entry((s.vertex, s.subtask)).or_insert(s.metrics);
             }
@@ -237,56 +314,116 @@ impl JobHandle {
 }
 
 struct Inner {
-    taskmanagers: Vec<Arc<dyn TaskManagerGateway>>,
+    /// Leader epoch: sent with every request to TaskManagers, which refuse older epochs.
+    epoch: u64,
+    taskmanagers: Mutex<Vec<Arc<dyn TaskManagerGateway>>>,
     jobs: Mutex<HashMap<JobId, Arc<JobEntry>>>,
+    store: Option<JobStore>,
+    events: Sender<TaskEvent>,
+    /// Slots each job's running attempt holds, per TaskManager id.
+    allocations: Mutex<HashMap<JobId, HashMap<String, usize>>>,
+    /// Wakes the scheduler (a TaskManager registered, a job is waiting).
+    wake: (Mutex<bool>, Condvar),
+}
+
+impl Inner {
+    fn wake(&self) {
+        *self.wake.0.lock().expect("wake lock") = true;
+        self.wake.1.notify_all();
+    }
+
+    fn taskmanagers(&self) -> Vec<Arc<dyn TaskManagerGateway>> {
+        self.taskmanagers.lock().expect("taskmanagers lock").clone()
+    }
 }
 
 /// The JobManager.
 #[derive(Clone)]
 pub struct JobManager {
     inner: Arc<Inner>,
-    events: Sender<TaskEvent>,
 }
 
-static JOB_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 impl JobManager {
-    /// A JobManager with the channel its TaskManagers report on. Call [`JobManager::start`] with
-    /// the TaskManagers once they are created with the sender from [`JobManager::events`].
-    pub fn events() -> (Sender<TaskEvent>, Receiver<TaskEvent>) {
-        crossbeam_channel::unbounded()
-    }
-
-    /// Starts a JobManager over registered TaskManagers.
-    pub fn start(
-        taskmanagers: Vec<Arc<dyn TaskManagerGateway>>,
-        events: (Sender<TaskEvent>, Receiver<TaskEvent>),
-    ) -> Self {
+    /// A JobManager with leader epoch `epoch` (0 when it is the only one), keeping jobs in
+    /// `store` when given. TaskManagers join with [`JobManager::register`] and report on
+    /// [`JobManager::event_sender`].
+    pub fn new(epoch: u64, store: Option<JobStore>) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
         let inner = Arc::new(Inner {
-            taskmanagers,
+            epoch,
+            taskmanagers: Mutex::new(Vec::new()),
             jobs: Mutex::new(HashMap::new()),
+            store,
+            events: tx,
+            allocations: Mutex::new(HashMap::new()),
+            wake: (Mutex::new(false), Condvar::new()),
         });
-        let (tx, rx) = events;
         let dispatcher = inner.clone();
         std::thread::Builder::new()
             .name("jobmanager-events".into())
             .spawn(move || dispatch(dispatcher, rx))
             .expect("spawning the JobManager event thread");
-        JobManager { inner, events: tx }
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("jobmanager-scheduler".into())
+            .spawn(move || schedule_loop(weak))
+            .expect("spawning the JobManager scheduler");
+        JobManager { inner }
+    }
+
+    /// The leader epoch.
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
     }
 
     /// The sender TaskManagers report on.
     pub fn event_sender(&self) -> Sender<TaskEvent> {
-        self.events.clone()
+        self.inner.events.clone()
+    }
+
+    /// Adds a TaskManager (replacing one with the same id, whose subtasks are then lost).
+    pub fn register(&self, tm: Arc<dyn TaskManagerGateway>) {
+        let old = {
+            let mut tms = self.inner.taskmanagers.lock().expect("taskmanagers lock");
+            let old = tms
+                .iter()
+                .position(|t| t.id() == tm.id())
+                .map(|i| tms.remove(i));
+            info!(taskmanager = tm.id(), slots = tm.slots(), "TaskManager registered");
+            tms.push(tm.clone());
+            old
+        };
+        if let Some(old) = old {
+            lose_taskmanager(&self.inner, &old, "it registered again (restarted)");
+        }
+        self.inner.wake();
+    }
+
+    /// Removes a TaskManager; its subtasks count as failed with `reason`.
+    pub fn unregister(&self, id: &str, reason: &str) {
+        let old = {
+            let mut tms = self.inner.taskmanagers.lock().expect("taskmanagers lock");
+            tms.iter()
+                .position(|t| t.id() == id)
+                .map(|i| tms.remove(i))
+        };
+        if let Some(old) = old {
+            lose_taskmanager(&self.inner, &old, reason);
+        }
+    }
+
+    /// The registered TaskManagers.
+    pub fn taskmanagers(&self) -> Vec<Arc<dyn TaskManagerGateway>> {
+        self.inner.taskmanagers()
     }
 
     /// Every job this JobManager knows, oldest first.
     pub fn jobs(&self) -> Vec<JobHandle> {
         let jobs = self.inner.jobs.lock().expect("jobs lock");
         let mut out: Vec<JobHandle> = jobs
-            .iter()
-            .map(|(id, entry)| JobHandle {
-                id: id.clone(),
+            .values()
+            .map(|entry| JobHandle {
+                id: entry.id.clone(),
                 entry: entry.clone(),
                 jm: self.inner.clone(),
             })
@@ -308,195 +445,608 @@ impl JobManager {
             .cloned()
     }
 
-    /// Plans and deploys a job.
+    /// Plans a job and schedules it.
     pub fn submit(&self, spec: JobSpec, base_dir: PathBuf) -> Result<JobHandle, SubmitError> {
         self.submit_with(spec, base_dir, SubmitOptions::default())
     }
 
-    /// Plans and deploys a job, from a snapshot if asked or if its checkpoints hold one.
+    /// Plans a job and schedules it, from a snapshot if asked or if its checkpoints hold one.
+    /// The snapshot to restore is checked now, so a bad one is refused instead of failing later.
     pub fn submit_with(
         &self,
         spec: JobSpec,
         base_dir: PathBuf,
         options: SubmitOptions,
     ) -> Result<JobHandle, SubmitError> {
-        let plan = Arc::new(plan(&spec, &base_dir).map_err(SubmitError::Invalid)?);
-        let needed = plan.slots_needed();
-        let available: u32 = self.inner.taskmanagers.iter().map(|t| t.slots()).sum();
-        if needed > available {
-            return Err(SubmitError::NotEnoughSlots {
-                job: spec.name.clone(),
-                needed,
-                available,
-            });
-        }
-        let id = JobId(format!(
-            "{}-{}",
-            spec.name,
-            JOB_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let span = info_span!("job", job = %id);
-        let _enter = span.enter();
-        let startup = prepare_state(&plan, &options)?;
-        let entry = Arc::new(JobEntry {
-            plan: plan.clone(),
-            attempt: 0,
-            coordinator: None,
-            restored_from: startup.restore.as_ref().map(|r| r.location.clone()),
-            savepoint_dir: spec.checkpointing.as_ref().map(|c| c.savepoint_dir.clone()),
-            status: Mutex::new(JobStatus {
-                state: JobState::Running,
-                started: Instant::now(),
-                duration: Duration::ZERO,
-                finished: BTreeMap::new(),
-                accumulators: BTreeMap::new(),
-                failure: None,
-            }),
-            done: Condvar::new(),
-            remaining: Mutex::new(plan.subtask_count() as usize),
-        });
-        let spec = Arc::new(spec);
-        let tms = &self.inner.taskmanagers;
-        // slot k hosts subtask k of every vertex; slots are spread over TaskManagers
-        let mut slot_owner = Vec::new();
-        'fill: while slot_owner.len() < needed as usize {
-            for (t, tm) in tms.iter().enumerate() {
-                if slot_owner.iter().filter(|o| **o == t).count() < tm.slots() as usize {
-                    slot_owner.push(t);
-                    if slot_owner.len() == needed as usize {
-                        break 'fill;
-                    }
+        let id = self.new_id(&spec.name);
+        self.add(id, spec, base_dir, options, None)
+    }
+
+    /// Resumes the unfinished jobs of the job store (after this JobManager took over).
+    pub fn resume_stored(&self) -> Result<usize, String> {
+        let Some(store) = &self.inner.store else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for record in store.list()? {
+            if record.ended {
+                continue;
+            }
+            let id = JobId(record.id.clone());
+            info!(job = %id, "resuming a job the previous JobManager ran");
+            match self.add(
+                id.clone(),
+                record.spec,
+                PathBuf::from(&record.base_dir),
+                record.options,
+                Some(record.first_generation),
+            ) {
+                Ok(_) => n += 1,
+                Err(e) => {
+                    warn!(job = %id, error = %e, "cannot resume the job; marking it failed");
+                    let _ = store.mark_ended(&id.0, &format!("failed: {e}"));
                 }
             }
         }
-        let placement: HashMap<(usize, u32), usize> = plan
-            .vertices
-            .iter()
-            .enumerate()
-            .flat_map(|(v, vx)| (0..vx.parallelism).map(move |i| (v, i)))
-            .map(|(v, i)| ((v, i), slot_owner[i as usize]))
+        Ok(n)
+    }
+
+    fn new_id(&self, name: &str) -> JobId {
+        let jobs = self.inner.jobs.lock().expect("jobs lock");
+        let stored: HashSet<String> = self
+            .inner
+            .store
+            .as_ref()
+            .and_then(|s| s.list().ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.id)
             .collect();
-        let mut entry = entry;
-        if let Some((setup, generation, existing, last_id)) = &startup.checkpoints {
-            let c = spec.checkpointing.clone().expect("checkpointing section");
-            let settings = CoordinatorSettings {
-                spec: c,
-                job: spec.name.clone(),
-                max_parallelism: spec.max_parallelism,
-                subtasks: plan
-                    .vertices
-                    .iter()
-                    .enumerate()
-                    .flat_map(|(v, vx)| {
-                        let source =
-                            matches!(plan.nodes[vx.nodes[0]].kind, NodeKind::Source { .. });
-                        (0..vx.parallelism).map(move |i| (v, i, source))
-                    })
-                    .collect(),
-                s3: setup.s3.clone(),
+        (0u64..)
+            .map(|n| JobId(format!("{name}-{n}")))
+            .find(|id| !jobs.contains_key(id) && !stored.contains(&id.0))
+            .expect("a free id")
+    }
+
+    fn add(
+        &self,
+        id: JobId,
+        spec: JobSpec,
+        base_dir: PathBuf,
+        options: SubmitOptions,
+        first_generation: Option<u64>,
+    ) -> Result<JobHandle, SubmitError> {
+        let plan = Arc::new(plan(&spec, &base_dir).map_err(SubmitError::Invalid)?);
+        // check the snapshot to restore now: a bad one is the submitter's problem
+        if first_generation.is_none()
+            && let Some(r) = &options.restore
+        {
+            load_restore(&plan, r, &options)?;
+        }
+        let restart = spec
+            .restart
+            .clone()
+            .unwrap_or_else(|| RestartSpec::default_for(spec.checkpointing.is_some()));
+        let entry = Arc::new(JobEntry {
+            id: id.clone(),
+            plan: plan.clone(),
+            options: options.clone(),
+            restart,
+            rt: Mutex::new(Runtime {
+                status: JobStatus {
+                    state: JobState::Created,
+                    message: None,
+                    started: Instant::now(),
+                    duration: Duration::ZERO,
+                    attempt: 0,
+                    restarts: 0,
+                    finished: BTreeMap::new(),
+                    accumulators: BTreeMap::new(),
+                },
+                attempt: None,
+                next_start: Instant::now(),
+                cancel_requested: false,
+                first_generation,
+                restored_from: None,
+                logged_wait: None,
+            }),
+            changed: Condvar::new(),
+        });
+        if let Some(store) = &self.inner.store {
+            let record = JobRecord {
+                id: id.0.clone(),
+                spec: spec.clone(),
+                base_dir: base_dir.to_string_lossy().into_owned(),
+                options,
+                first_generation: first_generation.unwrap_or(0),
+                ended: false,
+                outcome: None,
             };
-            let tms = tms.clone();
-            let job = id.clone();
-            let send = Arc::new(move |v: usize, i: u32, cmd: SubtaskCommand| {
-                if let Some(t) = placement.get(&(v, i)) {
-                    tms[*t].command(&job, v, i, cmd);
-                }
-            });
-            let inner = Arc::downgrade(&self.inner);
-            let job = id.clone();
-            let on_fatal = Arc::new(move |msg: String| {
-                if let Some(inner) = inner.upgrade() {
-                    fail_job(&inner, &job, msg);
-                }
-            });
-            let coordinator = Coordinator::new(
-                settings,
-                setup.storage.clone(),
-                *generation,
-                existing,
-                *last_id,
-                send,
-                on_fatal,
-            );
-            Arc::get_mut(&mut entry)
-                .expect("not shared yet")
-                .coordinator = Some(coordinator);
+            store.put(&record).map_err(SubmitError::State)?;
         }
         self.inner
             .jobs
             .lock()
             .expect("jobs lock")
             .insert(id.clone(), entry.clone());
-        let handle = JobHandle {
-            id: id.clone(),
-            entry: entry.clone(),
+        info!(job = %id, slots = plan.slots_needed(), "job accepted");
+        // deploy now if the slots are there, so `submit` returns a running job when it can
+        try_start(&self.inner, &entry);
+        Ok(JobHandle {
+            id,
+            entry,
             jm: self.inner.clone(),
-        };
-        let state_root = spec
-            .state
-            .local_dir
-            .as_ref()
-            .map(|d| base_dir.join(d))
-            .unwrap_or_else(|| std::env::temp_dir().join("freshet-state"));
-        remove_dead_working_dirs(&state_root);
-        let local_dir = state_root.join(format!("{id}-{}-{}", entry.attempt, std::process::id()));
-        let state = StateConfig {
-            local_dir,
-            cache_keys: spec.state.cache_keys,
-            block_cache_bytes: spec.state.block_cache_mb << 20,
-            write_buffer_bytes: spec.state.write_buffer_mb << 20,
-        };
-        info!(
-            vertices = plan.vertices.len(),
-            subtasks = plan.subtask_count(),
-            slots = needed,
-            restored_from = entry.restored_from.as_deref().unwrap_or("-"),
-            "deploying"
-        );
-        for (v, vertex) in plan.vertices.iter().enumerate() {
-            for i in 0..vertex.parallelism {
-                let tm = &tms[slot_owner[i as usize]];
-                let d = TaskDeployment {
-                    job: id.clone(),
-                    attempt: entry.attempt,
-                    spec: spec.clone(),
-                    base_dir: base_dir.clone(),
-                    vertex: v,
-                    subtask: i,
-                    state: state.clone(),
-                    checkpoints: startup.checkpoints.as_ref().map(|c| c.0.clone()),
-                    restore: startup.restore.clone(),
-                };
-                if let Err(error) = tm.deploy(d) {
-                    handle.cancel();
-                    return Err(SubmitError::Deploy {
-                        task: format!("{}#{i}", vertex.name),
-                        taskmanager: tm.id().to_string(),
-                        error,
-                    });
-                }
-            }
-        }
-        if let Some(c) = &entry.coordinator {
-            c.start();
-        }
-        Ok(handle)
+        })
     }
 }
 
-/// What a job starts with: its checkpoint storage (with the run's generation, the retained
-/// checkpoints and the last id used) and the snapshot to restore.
+/// Starts the next attempt of a waiting job if its time has come and the slots are free.
+fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
+    let mut rt = entry.rt();
+    if rt.attempt.is_some()
+        || rt.status.state.is_terminal()
+        || Instant::now() < rt.next_start
+    {
+        return;
+    }
+    if rt.cancel_requested {
+        end_job(inner, entry, &mut rt, JobState::Cancelled);
+        return;
+    }
+    let plan = &entry.plan;
+    let needed = plan.slots_needed() as usize;
+    // free slots per TaskManager: offered minus those used by other jobs' attempts
+    let tms: Vec<_> = inner
+        .taskmanagers()
+        .into_iter()
+        .filter(|t| t.lost().is_none())
+        .collect();
+    let mut used: HashMap<String, usize> = HashMap::new();
+    for (job, slots) in inner.allocations.lock().expect("allocations lock").iter() {
+        if *job != entry.id {
+            for (tm, n) in slots {
+                *used.entry(tm.clone()).or_default() += n;
+            }
+        }
+    }
+    let free: Vec<usize> = tms
+        .iter()
+        .map(|t| (t.slots() as usize).saturating_sub(used.get(t.id()).copied().unwrap_or(0)))
+        .collect();
+    let available: usize = free.iter().sum();
+    if available < needed {
+        let msg = format!(
+            "waiting for {needed} free slots; {} TaskManager(s) offer {available} free",
+            tms.len()
+        );
+        if rt.logged_wait.as_deref() != Some(&msg) {
+            info!(job = %entry.id, "{msg}");
+            rt.logged_wait = Some(msg.clone());
+        }
+        rt.status.message = Some(msg);
+        entry.changed.notify_all();
+        return;
+    }
+    // slot k hosts subtask k of every vertex; slots are taken round-robin over TaskManagers
+    let mut owner = Vec::with_capacity(needed);
+    let mut left = free.clone();
+    while owner.len() < needed {
+        for (t, l) in left.iter_mut().enumerate() {
+            if *l > 0 && owner.len() < needed {
+                *l -= 1;
+                owner.push(t);
+            }
+        }
+    }
+    let number = rt.status.attempt;
+    let start = match (number, rt.first_generation) {
+        (0, None) => match (&entry.options.restore, entry.options.ignore_checkpoints) {
+            (Some(l), _) => Start::From(l.clone()),
+            (None, false) => Start::Latest,
+            (None, true) => Start::Fresh,
+        },
+        (_, since) => Start::OwnLatest {
+            since: since.unwrap_or(0),
+            or: rt.restored_from.clone().or(entry.options.restore.clone()),
+        },
+    };
+    let span = info_span!("job", job = %entry.id, attempt = number);
+    let _enter = span.enter();
+    let startup = match prepare_state(plan, &start, entry.options.allow_non_restored_state) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("preparing state: {e}");
+            warn!("{msg}");
+            end_job(inner, entry, &mut rt, JobState::Failed(msg));
+            return;
+        }
+    };
+    if rt.first_generation.is_none() {
+        rt.first_generation = startup.checkpoints.as_ref().map(|c| c.1);
+        if let (Some(store), Some(g)) = (&inner.store, rt.first_generation)
+            && let Err(e) = store.set_first_generation(&entry.id.0, g)
+        {
+            warn!(error = %e, "cannot record the job's first generation");
+        }
+    }
+    rt.restored_from = startup.restore.as_ref().map(|r| r.location.clone());
+    let placement: Arc<Placement> = Arc::new(
+        plan.vertices
+            .iter()
+            .enumerate()
+            .flat_map(|(v, vx)| (0..vx.parallelism).map(move |i| (v, i)))
+            .map(|(v, i)| {
+                let tm = &tms[owner[i as usize]];
+                (
+                    (v, i),
+                    SubtaskLocation {
+                        taskmanager: tm.id().to_string(),
+                        data_address: tm.data_address(),
+                    },
+                )
+            })
+            .collect(),
+    );
+    let by_id: HashMap<String, Arc<dyn TaskManagerGateway>> =
+        tms.iter().map(|t| (t.id().to_string(), t.clone())).collect();
+    let spec = plan.spec.clone();
+    let coordinator = startup.checkpoints.as_ref().map(|(setup, generation, existing, last_id)| {
+        let c = spec.checkpointing.clone().expect("checkpointing section");
+        let settings = CoordinatorSettings {
+            spec: c,
+            job: spec.name.clone(),
+            max_parallelism: spec.max_parallelism,
+            subtasks: plan
+                .vertices
+                .iter()
+                .enumerate()
+                .flat_map(|(v, vx)| {
+                    let source = matches!(plan.nodes[vx.nodes[0]].kind, NodeKind::Source { .. });
+                    (0..vx.parallelism).map(move |i| (v, i, source))
+                })
+                .collect(),
+            s3: setup.s3.clone(),
+        };
+        let job = entry.id.clone();
+        let placement = placement.clone();
+        let by_id = by_id.clone();
+        let send = Arc::new(move |v: usize, i: u32, cmd: SubtaskCommand| {
+            if let Some(tm) = placement.get(&(v, i)).and_then(|l| by_id.get(&l.taskmanager)) {
+                tm.command(&job, v, i, cmd);
+            }
+        });
+        let weak = Arc::downgrade(inner);
+        let job = entry.id.clone();
+        let on_fatal = Arc::new(move |msg: String| {
+            if let Some(inner) = weak.upgrade() {
+                fail_job(&inner, &job, msg);
+            }
+        });
+        Coordinator::new(
+            settings,
+            setup.storage.clone(),
+            *generation,
+            existing,
+            *last_id,
+            send,
+            on_fatal,
+        )
+    });
+    let spec_state = &spec.state;
+    let state_root = spec_state
+        .local_dir
+        .as_ref()
+        .map(|d| plan.base_dir.join(d))
+        .unwrap_or_else(|| std::env::temp_dir().join("freshet-state"));
+    let state = StateConfig {
+        local_dir: state_root,
+        cache_keys: spec_state.cache_keys,
+        block_cache_bytes: spec_state.block_cache_mb << 20,
+        write_buffer_bytes: spec_state.write_buffer_mb << 20,
+    };
+    let mut used_tms: Vec<Arc<dyn TaskManagerGateway>> = Vec::new();
+    for t in &owner {
+        if !used_tms.iter().any(|u| u.id() == tms[*t].id()) {
+            used_tms.push(tms[*t].clone());
+        }
+    }
+    inner
+        .allocations
+        .lock()
+        .expect("allocations lock")
+        .insert(entry.id.clone(), slots_per_taskmanager(&placement));
+    rt.attempt = Some(Attempt {
+        number,
+        placement: placement.clone(),
+        coordinator: coordinator.clone(),
+        total: plan.subtask_count() as usize,
+        ended: HashSet::new(),
+        failure: None,
+        taskmanagers: used_tms,
+    });
+    rt.status.state = JobState::Running;
+    rt.status.message = None;
+    rt.logged_wait = None;
+    rt.status.finished.clear();
+    rt.status.accumulators.clear();
+    entry.changed.notify_all();
+    info!(
+        vertices = plan.vertices.len(),
+        subtasks = plan.subtask_count(),
+        slots = needed,
+        restored_from = rt.restored_from.as_deref().unwrap_or("-"),
+        "deploying"
+    );
+    drop(rt);
+    for (v, vertex) in plan.vertices.iter().enumerate() {
+        for i in 0..vertex.parallelism {
+            let tm = &tms[owner[i as usize]];
+            let d = TaskDeployment {
+                job: entry.id.clone(),
+                attempt: number,
+                spec: spec.clone(),
+                base_dir: plan.base_dir.clone(),
+                vertex: v,
+                subtask: i,
+                state: state.clone(),
+                checkpoints: startup.checkpoints.as_ref().map(|c| c.0.clone()),
+                restore: startup.restore.clone(),
+                placement: placement.clone(),
+            };
+            if let Err(error) = tm.deploy(d) {
+                let _ = inner.events.send(TaskEvent {
+                    job: entry.id.clone(),
+                    attempt: number,
+                    vertex: v,
+                    subtask: i,
+                    state: TaskState::Failed {
+                        error: format!("deploying on TaskManager {}: {error}", tm.id()),
+                        root_cause: true,
+                        retryable: true,
+                    },
+                });
+            }
+        }
+    }
+    if let Some(c) = coordinator {
+        c.start();
+    }
+}
+
+fn slots_per_taskmanager(p: &Placement) -> HashMap<String, usize> {
+    let mut slots: HashMap<String, HashSet<u32>> = HashMap::new();
+    for ((_, i), l) in p {
+        slots.entry(l.taskmanager.clone()).or_default().insert(*i);
+    }
+    slots.into_iter().map(|(k, v)| (k, v.len())).collect()
+}
+
+/// Ends a job for good.
+fn end_job(inner: &Inner, entry: &JobEntry, rt: &mut Runtime, state: JobState) {
+    if rt.status.state.is_terminal() {
+        return;
+    }
+    rt.status.duration = rt.status.started.elapsed();
+    info!(job = %entry.id, state = ?state, duration = ?rt.status.duration, "job ended");
+    if let Some(store) = &inner.store {
+        let outcome = match &state {
+            JobState::Failed(e) => format!("failed: {e}"),
+            s => s.name().to_string(),
+        };
+        if let Err(e) = store.mark_ended(&entry.id.0, &outcome) {
+            warn!(job = %entry.id, error = %e, "cannot record the job's end");
+        }
+    }
+    rt.status.state = state;
+    rt.status.message = None;
+    entry.changed.notify_all();
+}
+
+/// The scheduler: starts waiting jobs, notices lost TaskManagers.
+fn schedule_loop(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(inner) = inner.upgrade() else { return };
+        for tm in inner.taskmanagers() {
+            if let Some(reason) = tm.lost() {
+                let removed = {
+                    let mut tms = inner.taskmanagers.lock().expect("taskmanagers lock");
+                    let before = tms.len();
+                    tms.retain(|t| !Arc::ptr_eq(t, &tm));
+                    before != tms.len()
+                };
+                if removed {
+                    lose_taskmanager(&inner, &tm, &reason);
+                }
+            }
+        }
+        let jobs: Vec<_> = inner.jobs.lock().expect("jobs lock").values().cloned().collect();
+        for entry in jobs {
+            try_start(&inner, &entry);
+        }
+        let (lock, cv) = &inner.wake;
+        let mut woken = lock.lock().expect("wake lock");
+        if !*woken {
+            woken = cv
+                .wait_timeout(woken, Duration::from_millis(200))
+                .expect("wake lock")
+                .0;
+        }
+        *woken = false;
+    }
+}
+
+/// A TaskManager is gone: every subtask it ran counts as failed.
+fn lose_taskmanager(inner: &Inner, tm: &Arc<dyn TaskManagerGateway>, reason: &str) {
+    warn!(taskmanager = tm.id(), reason, "TaskManager lost");
+    let jobs: Vec<_> = inner.jobs.lock().expect("jobs lock").values().cloned().collect();
+    for entry in jobs {
+        let rt = entry.rt();
+        let Some(a) = &rt.attempt else { continue };
+        for ((v, i), l) in a.placement.iter() {
+            if l.taskmanager == tm.id() && !a.ended.contains(&(*v, *i)) {
+                let _ = inner.events.send(TaskEvent {
+                    job: entry.id.clone(),
+                    attempt: a.number,
+                    vertex: *v,
+                    subtask: *i,
+                    state: TaskState::Failed {
+                        error: format!("TaskManager {} lost: {reason}", tm.id()),
+                        root_cause: true,
+                        retryable: true,
+                    },
+                });
+            }
+        }
+    }
+}
+
+/// Fails a running attempt with `msg` (a condition outside any subtask, such as being fenced),
+/// without restarting.
+fn fail_job(inner: &Arc<Inner>, job: &JobId, msg: String) {
+    let Some(entry) = inner.jobs.lock().expect("jobs lock").get(job).cloned() else {
+        return;
+    };
+    let tms = {
+        let mut rt = entry.rt();
+        let Some(a) = rt.attempt.as_mut() else { return };
+        if a.failure.as_ref().is_none_or(|f| f.2) {
+            a.failure = Some((msg, true, false));
+        }
+        a.taskmanagers.clone()
+    };
+    for tm in tms {
+        tm.cancel(job);
+    }
+}
+
+fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
+    for ev in rx {
+        let Some(entry) = jm.jobs.lock().expect("jobs lock").get(&ev.job).cloned() else {
+            continue;
+        };
+        let mut rt = entry.rt();
+        let Some(a) = rt.attempt.as_mut() else {
+            continue;
+        };
+        if ev.attempt != a.number {
+            continue;
+        }
+        if let TaskState::Checkpoint(report) = ev.state {
+            if let Some(c) = a.coordinator.clone() {
+                drop(rt);
+                c.report(ev.vertex, ev.subtask, report);
+            }
+            continue;
+        }
+        if matches!(ev.state, TaskState::Running) || !a.ended.insert((ev.vertex, ev.subtask)) {
+            continue;
+        }
+        let name = entry
+            .plan
+            .vertices
+            .get(ev.vertex)
+            .map(|v| v.name.clone())
+            .unwrap_or_default();
+        let task = format!("{name}#{}", ev.subtask);
+        match ev.state {
+            TaskState::Running | TaskState::Checkpoint(_) | TaskState::Cancelled => {}
+            TaskState::Finished {
+                metrics,
+                accumulators,
+            } => {
+                rt.status.finished.insert((ev.vertex, ev.subtask), metrics);
+                for (k, v) in accumulators {
+                    let e = rt.status.accumulators.entry(k).or_insert(0);
+                    *e = e.wrapping_add(v);
+                }
+            }
+            TaskState::Failed {
+                error,
+                root_cause,
+                retryable,
+            } => {
+                let a = rt.attempt.as_mut().expect("attempt");
+                let first = a.failure.is_none();
+                // a subtask that failed because its consumer went away reports a consequence;
+                // the consumer's own error, when it arrives, is the one to report
+                if first || (root_cause && !a.failure.as_ref().is_some_and(|f| f.1)) {
+                    a.failure = Some((format!("{task}: {error}"), root_cause, retryable));
+                }
+                if first {
+                    warn!(job = %ev.job, %task, %error, "subtask failed; cancelling the attempt");
+                    let tms = a.taskmanagers.clone();
+                    drop(rt);
+                    for tm in tms {
+                        tm.cancel(&ev.job);
+                    }
+                    rt = entry.rt();
+                }
+            }
+        }
+        // the attempt's fate is decided once every subtask has ended, so the reported cause is
+        // the root cause and not whichever consequence arrived first
+        let a = rt.attempt.as_ref().expect("attempt");
+        if a.ended.len() < a.total {
+            continue;
+        }
+        let a = rt.attempt.take().expect("attempt");
+        if let Some(c) = &a.coordinator {
+            c.stop();
+        }
+        jm.allocations
+            .lock()
+            .expect("allocations lock")
+            .remove(&entry.id);
+        jm.wake();
+        let restarts = rt.status.restarts;
+        match a.failure {
+            _ if rt.cancel_requested => end_job(&jm, &entry, &mut rt, JobState::Cancelled),
+            None => end_job(&jm, &entry, &mut rt, JobState::Finished),
+            Some((msg, _, retryable)) => match entry.restart.delay(restarts) {
+                Some(delay) if retryable => {
+                    let attempts = entry.restart.attempts();
+                    warn!(
+                        job = %ev.job,
+                        error = %msg,
+                        restart = restarts + 1,
+                        of = attempts,
+                        delay = ?delay,
+                        "attempt failed; restarting from the latest checkpoint"
+                    );
+                    rt.status.state = JobState::Restarting;
+                    rt.status.message = Some(format!(
+                        "restart {} of {attempts} after: {msg}",
+                        restarts + 1
+                    ));
+                    rt.status.restarts += 1;
+                    rt.status.attempt += 1;
+                    rt.next_start = Instant::now() + delay;
+                    entry.changed.notify_all();
+                    drop(rt);
+                    jm.wake();
+                }
+                _ => {
+                    let msg = if retryable && entry.restart.attempts() > 0 {
+                        format!("{msg} (after {restarts} restart(s), the most the restart strategy allows)")
+                    } else {
+                        msg
+                    };
+                    end_job(&jm, &entry, &mut rt, JobState::Failed(msg))
+                }
+            },
+        }
+    }
+}
+
+/// What an attempt starts with: its checkpoint storage (with the attempt's generation, the
+/// retained checkpoints and the last id used) and the snapshot to restore.
 struct Startup {
-    checkpoints: Option<(
-        CheckpointSetup,
-        u64,
-        Vec<freshet_engine::checkpoint::CheckpointMetadata>,
-        u64,
-    )>,
+    checkpoints: Option<(CheckpointSetup, u64, Vec<freshet_engine::checkpoint::CheckpointMetadata>, u64)>,
     restore: Option<Arc<RestoreSource>>,
 }
 
-fn s3_options(spec: &JobSpec) -> S3Options {
+/// The S3 settings of a job's checkpointing section.
+pub fn s3_options(spec: &JobSpec) -> S3Options {
     let s3 = spec
         .checkpointing
         .as_ref()
@@ -510,14 +1060,55 @@ fn s3_options(spec: &JobSpec) -> S3Options {
     }
 }
 
-fn prepare_state(plan: &JobPlan, options: &SubmitOptions) -> Result<Startup, SubmitError> {
+/// Loads a snapshot to restore and checks that the job can take its state.
+fn load_restore(
+    plan: &JobPlan,
+    location: &str,
+    options: &SubmitOptions,
+) -> Result<RestoreSource, SubmitError> {
     let spec = &plan.spec;
-    let base = &plan.base_dir;
+    let r = RestoreSource::load(location, &plan.base_dir, &s3_options(spec))
+        .map_err(|e| SubmitError::State(format!("restoring {location}: {e}")))?;
+    if r.metadata.job != spec.name {
+        warn!(snapshot_job = %r.metadata.job, job = %spec.name, "restoring a snapshot of another job");
+    }
+    let uids: HashSet<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+    let unmatched: Vec<&String> = r
+        .metadata
+        .operators
+        .iter()
+        .filter(|(uid, snaps)| {
+            !uids.contains(uid.as_str())
+                && snaps
+                    .iter()
+                    .any(|s| !s.files.is_empty() || !s.state.is_empty())
+        })
+        .map(|(uid, _)| uid)
+        .collect();
+    if !unmatched.is_empty() && !options.allow_non_restored_state {
+        return Err(SubmitError::State(format!(
+            "{location} has state of operator(s) {} that the job no longer has; rename them back, or allow dropping that state (--allow-non-restored-state)",
+            unmatched
+                .iter()
+                .map(|u| format!("'{u}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(r)
+}
+
+fn prepare_state(
+    plan: &JobPlan,
+    start: &Start,
+    allow_non_restored_state: bool,
+) -> Result<Startup, SubmitError> {
+    let spec = &plan.spec;
     let s3 = s3_options(spec);
     let mut checkpoints = None;
     let mut latest = None;
     if let Some(c) = &spec.checkpointing {
-        let storage = Storage::open(&c.dir, base, &s3)
+        let storage = Storage::open(&c.dir, &plan.base_dir, &s3)
             .map_err(|e| SubmitError::State(format!("checkpointing.dir: {e}")))?
             .child(&spec.name);
         let generation = acquire_generation(&storage).map_err(SubmitError::State)?;
@@ -548,7 +1139,11 @@ fn prepare_state(plan: &JobPlan, options: &SubmitOptions) -> Result<Startup, Sub
             let _ = storage.delete_dir(&d);
         }
         let last_id = existing.last().map(|m| m.id).unwrap_or(0);
-        latest = existing.last().map(|m| {
+        let since = match start {
+            Start::OwnLatest { since, .. } => *since,
+            _ => 0,
+        };
+        latest = existing.iter().rev().find(|m| m.generation >= since).map(|m| {
             format!(
                 "{}/{}",
                 storage.url(),
@@ -565,42 +1160,20 @@ fn prepare_state(plan: &JobPlan, options: &SubmitOptions) -> Result<Startup, Sub
             last_id,
         ));
     }
-    let location = match (&options.restore, options.ignore_checkpoints) {
-        (Some(l), _) => Some(l.clone()),
-        (None, false) => latest,
-        (None, true) => None,
+    let location = match start {
+        Start::From(l) => Some(l.clone()),
+        Start::Latest => latest,
+        Start::Fresh => None,
+        Start::OwnLatest { or, .. } => latest.or(or.clone()),
     };
     let restore = match location {
         None => None,
         Some(l) => {
-            let mut r = RestoreSource::load(&l, base, &s3)
-                .map_err(|e| SubmitError::State(format!("restoring {l}: {e}")))?;
-            if r.metadata.job != spec.name {
-                warn!(snapshot_job = %r.metadata.job, job = %spec.name, "restoring a snapshot of another job");
-            }
-            let uids: HashSet<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
-            let unmatched: Vec<&String> = r
-                .metadata
-                .operators
-                .iter()
-                .filter(|(uid, snaps)| {
-                    !uids.contains(uid.as_str())
-                        && snaps
-                            .iter()
-                            .any(|s| !s.files.is_empty() || !s.state.is_empty())
-                })
-                .map(|(uid, _)| uid)
-                .collect();
-            if !unmatched.is_empty() && !options.allow_non_restored_state {
-                return Err(SubmitError::State(format!(
-                    "{l} has state of operator(s) {} that the job no longer has; rename them back, or allow dropping that state (--allow-non-restored-state)",
-                    unmatched
-                        .iter()
-                        .map(|u| format!("'{u}'"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
+            let options = SubmitOptions {
+                allow_non_restored_state,
+                ..Default::default()
+            };
+            let mut r = load_restore(plan, &l, &options)?;
             if let Some((setup, _, _, last_id)) = checkpoints.as_mut() {
                 r.shared_with_job = r.metadata.kind
                     == freshet_engine::checkpoint::SnapshotKind::Checkpoint
@@ -614,111 +1187,4 @@ fn prepare_state(plan: &JobPlan, options: &SubmitOptions) -> Result<Startup, Sub
         checkpoints,
         restore,
     })
-}
-
-/// Removes working directories (`<job>-<attempt>-<pid>`) left by processes that are gone, e.g.
-/// killed ones: their state lives on in checkpoints, the local copies are only clutter.
-fn remove_dead_working_dirs(root: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-        if !alive && std::path::Path::new("/proc/self").exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-/// Fails a running job with `msg` (a condition outside any subtask, such as being fenced).
-fn fail_job(inner: &Arc<Inner>, job: &JobId, msg: String) {
-    let Some(entry) = inner.jobs.lock().expect("jobs lock").get(job).cloned() else {
-        return;
-    };
-    {
-        let mut s = entry.status.lock().expect("status lock");
-        if s.failure.is_none() {
-            s.failure = Some((msg, true));
-        }
-    }
-    for tm in &inner.taskmanagers {
-        tm.cancel(job);
-    }
-}
-
-fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
-    for ev in rx {
-        let Some(entry) = jm.jobs.lock().expect("jobs lock").get(&ev.job).cloned() else {
-            continue;
-        };
-        if ev.attempt != entry.attempt {
-            continue;
-        }
-        let name = entry
-            .plan
-            .vertices
-            .get(ev.vertex)
-            .map(|v| v.name.clone())
-            .unwrap_or_default();
-        let task = format!("{name}#{}", ev.subtask);
-        if let TaskState::Checkpoint(report) = ev.state {
-            if let Some(c) = &entry.coordinator {
-                c.report(ev.vertex, ev.subtask, report);
-            }
-            continue;
-        }
-        let mut s = entry.status.lock().expect("status lock");
-        match ev.state {
-            TaskState::Running | TaskState::Checkpoint(_) => continue,
-            TaskState::Finished {
-                metrics,
-                accumulators,
-            } => {
-                s.finished.insert((ev.vertex, ev.subtask), metrics);
-                for (k, v) in accumulators {
-                    let e = s.accumulators.entry(k).or_insert(0);
-                    *e = e.wrapping_add(v);
-                }
-            }
-            TaskState::Failed { error, root_cause } => {
-                let first = s.failure.is_none();
-                // a subtask that failed because its consumer went away reports a consequence;
-                // the consumer's own error, when it arrives, is the one to report
-                if first || (root_cause && !s.failure.as_ref().is_some_and(|f| f.1)) {
-                    s.failure = Some((format!("{task}: {error}"), root_cause));
-                }
-                if first {
-                    warn!(job = %ev.job, %task, %error, "subtask failed; cancelling the job");
-                    drop(s);
-                    for tm in &jm.taskmanagers {
-                        tm.cancel(&ev.job);
-                    }
-                    s = entry.status.lock().expect("status lock");
-                }
-            }
-            TaskState::Cancelled => {}
-        }
-        // the job's fate is decided once every subtask has ended, so the reported cause is the
-        // root cause and not whichever consequence arrived first
-        let mut left = entry.remaining.lock().expect("remaining lock");
-        *left -= 1;
-        if *left == 0 {
-            if let Some(c) = &entry.coordinator {
-                c.stop();
-            }
-            if s.state == JobState::Running {
-                s.state = match &s.failure {
-                    Some((msg, _)) => JobState::Failed(msg.clone()),
-                    None => JobState::Finished,
-                };
-                s.duration = s.started.elapsed();
-                info!(job = %ev.job, state = ?s.state, duration = ?s.duration, "job ended");
-            }
-            entry.done.notify_all();
-        }
-    }
 }

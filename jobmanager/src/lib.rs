@@ -8,15 +8,24 @@
 //! - [`jobmanager`]: submission, slot-sharing scheduling, job status and cancellation.
 //! - [`checkpoints`]: the checkpoint coordinator: triggers, acknowledgements, metadata,
 //!   retention and cleanup of checkpoint storage.
-//! - [`http`]: the JSON API (jobs, checkpoints, savepoints, stop) the CLI talks to.
+//! - [`http`]: the JSON API (jobs, checkpoints, savepoints, stop) for dashboards and probes.
+//! - [`rpc`]: the gRPC control plane: the JobManager service TaskManagers and clients call, and
+//!   the gateway to TaskManagers in other processes.
+//! - [`store`]: jobs kept in object storage, so another JobManager can resume them.
+//! - [`leader`]: leader election with a fencing epoch between JobManagers.
 #![warn(missing_docs)]
 
 pub mod checkpoints;
 pub mod http;
 pub mod jobmanager;
+pub mod leader;
 pub mod messages;
 pub mod plan;
+pub mod rpc;
+pub mod store;
 
-pub use jobmanager::{JobHandle, JobManager, JobState, JobStatus, SubmitError, SubmitOptions};
+pub use jobmanager::{
+    JobHandle, JobManager, JobState, JobStatus, SubmitError, SubmitOptions, s3_options,
+};
 pub use messages::{JobId, TaskDeployment, TaskEvent, TaskManagerGateway, TaskState};
 pub use plan::{JobPlan, plan};

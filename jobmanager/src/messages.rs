@@ -1,5 +1,6 @@
 //! The messages between the JobManager and TaskManagers. In one process they travel over
 //! channels; between processes the same messages travel over the control-plane RPC.
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -37,13 +38,29 @@ pub struct TaskDeployment {
     pub vertex: usize,
     /// Subtask index.
     pub subtask: u32,
-    /// Keyed-state settings; `local_dir` is the job attempt's working directory.
+    /// Keyed-state settings; `local_dir` is the root under which the TaskManager makes the
+    /// attempt's working directory.
     pub state: StateConfig,
     /// Where checkpoints go; `None` when the job takes none.
     pub checkpoints: Option<CheckpointSetup>,
     /// The checkpoint or savepoint the job starts from.
     pub restore: Option<Arc<RestoreSource>>,
+    /// Where every subtask of the attempt runs.
+    pub placement: Arc<Placement>,
 }
+
+/// Where a subtask runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubtaskLocation {
+    /// TaskManager id.
+    pub taskmanager: String,
+    /// Its data-plane address (`None` for TaskManagers in the JobManager's process, which share
+    /// in-memory channels).
+    pub data_address: Option<String>,
+}
+
+/// Where every subtask of a job attempt runs, by (vertex, subtask).
+pub type Placement = HashMap<(usize, u32), SubtaskLocation>;
 
 /// The checkpoint storage of a job.
 #[derive(Debug, Clone)]
@@ -72,6 +89,8 @@ pub enum TaskState {
         error: String,
         /// False when the subtask failed only because a subtask it sends to went away.
         root_cause: bool,
+        /// Whether a restart may succeed (false for failures that would repeat).
+        retryable: bool,
     },
     /// Stopped because the job was cancelled.
     Cancelled,
@@ -120,4 +139,12 @@ pub trait TaskManagerGateway: Send + Sync {
     fn command(&self, job: &JobId, vertex: usize, subtask: u32, cmd: SubtaskCommand) -> bool;
     /// Counters of a job's subtasks running here.
     fn metrics(&self, job: &JobId) -> Vec<SubtaskStatus>;
+    /// Its data-plane address, for TaskManagers in other processes.
+    fn data_address(&self) -> Option<String> {
+        None
+    }
+    /// Why it is lost (missed heartbeats, unreachable), once it is.
+    fn lost(&self) -> Option<String> {
+        None
+    }
 }

@@ -3,11 +3,16 @@
 //! - [`taskmanager`]: deployment (planning the job, instantiating the chain's operators, wiring
 //!   channels), one thread per subtask, cancellation and live counters.
 //! - [`shuffle`]: channels between subtasks, named by edge and subtask pair.
+//! - [`network`]: channels to subtasks in other TaskManager processes, over TCP with
+//!   credit-based flow control.
+//! - [`service`]: the TaskManager process: its gRPC service, registration and heartbeats.
 //! - [`local`]: a JobManager with TaskManagers in one process (the local mode of `freshet run`),
 //!   using exactly the same JobManager and TaskManager code as a cluster.
 #![warn(missing_docs)]
 
 pub mod local;
+pub mod network;
+pub mod service;
 pub mod shuffle;
 pub mod taskmanager;
 

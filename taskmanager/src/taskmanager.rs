@@ -16,12 +16,14 @@ use freshet_jobmanager::messages::SubtaskStatus;
 use freshet_jobmanager::plan::{JobPlan, NodeKind};
 use freshet_jobmanager::{JobId, TaskDeployment, TaskEvent, TaskManagerGateway, TaskState, plan};
 
+use crate::network::Network;
 use crate::shuffle::{ChannelKey, LocalShuffle};
 
 /// A running subtask: (job, vertex, subtask).
 type TaskKey = (JobId, usize, u32);
 
 struct Running {
+    attempt: u32,
     cancel: CancelToken,
     metrics: Arc<SubtaskMetrics>,
     commands: crossbeam_channel::Sender<SubtaskCommand>,
@@ -32,6 +34,7 @@ pub struct TaskManager {
     id: String,
     slots: u32,
     shuffle: Arc<LocalShuffle>,
+    network: Option<Arc<Network>>,
     events: Sender<TaskEvent>,
     plans: Mutex<HashMap<(JobId, u32), Arc<JobPlan>>>,
     running: Arc<Mutex<HashMap<TaskKey, Running>>>,
@@ -39,16 +42,20 @@ pub struct TaskManager {
 
 impl TaskManager {
     /// A TaskManager offering `slots`, exchanging data through `shuffle` and reporting on `events`.
+    /// With a `network`, channels to subtasks placed on other TaskManagers go over it; without
+    /// one, every TaskManager of the job shares `shuffle` (one process).
     pub fn new(
         id: impl Into<String>,
         slots: u32,
         shuffle: Arc<LocalShuffle>,
+        network: Option<Arc<Network>>,
         events: Sender<TaskEvent>,
     ) -> Self {
         TaskManager {
             id: id.into(),
             slots,
             shuffle,
+            network,
             events,
             plans: Mutex::new(HashMap::new()),
             running: Arc::new(Mutex::new(HashMap::new())),
@@ -61,6 +68,9 @@ impl TaskManager {
             return Ok(p.clone());
         }
         let p = Arc::new(plan(&d.spec, &d.base_dir).map_err(|p| p.to_string())?);
+        // a new attempt: clear working directories that killed processes left behind
+        remove_dead_working_dirs(&d.state.local_dir);
+        plans.retain(|(j, _), _| *j != d.job);
         plans.insert((d.job.clone(), d.attempt), p.clone());
         Ok(p)
     }
@@ -91,24 +101,24 @@ impl TaskManager {
             to,
         };
         // Writers for everything leaving (node, port) towards other vertices.
-        let writers = |node: usize, port: usize| -> Vec<EdgeWriter> {
+        let writers = |node: usize, port: usize| -> Result<Vec<EdgeWriter>> {
             plan.edges
                 .iter()
                 .enumerate()
                 .filter(|(_, e)| e.from == (node, port))
                 .map(|(ei, e)| {
                     let downstream = plan.vertices[e.to_vertex].parallelism;
-                    let targets = match e.partitioning {
-                        Partitioning::Forward => {
-                            vec![self.shuffle.sender(key(ei, d.subtask, d.subtask), capacity)]
-                        }
-                        _ => (0..downstream)
-                            .map(|j| self.shuffle.sender(key(ei, d.subtask, j), capacity))
-                            .collect(),
+                    let to: Vec<u32> = match e.partitioning {
+                        Partitioning::Forward => vec![d.subtask],
+                        _ => (0..downstream).collect(),
                     };
-                    EdgeWriter::new(e.partitioning.clone(), targets)
+                    let targets = to
+                        .into_iter()
+                        .map(|j| self.sender(d, e.to_vertex, key(ei, d.subtask, j), capacity))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(EdgeWriter::new(e.partitioning.clone(), targets))
                 })
-                .collect()
+                .collect::<Result<Vec<_>>>()
         };
         let head = vertex.nodes[0];
         let (input, rest) = match &plan.nodes[head].kind {
@@ -119,10 +129,10 @@ impl TaskManager {
             } => {
                 let source = factory(&info)?;
                 let only = vertex.nodes.len() == 1;
-                let main_outputs = if only { writers(head, 0) } else { Vec::new() };
+                let main_outputs = if only { writers(head, 0)? } else { Vec::new() };
                 let side_outputs = (1..plan.nodes[head].outputs.len())
                     .map(|p| writers(head, p))
-                    .collect();
+                    .collect::<Result<_>>()?;
                 (
                     TaskInput::Source {
                         uid: plan.nodes[head].name.clone(),
@@ -177,7 +187,7 @@ impl TaskManager {
                 outputs.push(if port == 0 && !last {
                     Vec::new()
                 } else {
-                    writers(*node, port)
+                    writers(*node, port)?
                 });
             }
             chain.push(ChainedOperator {
@@ -202,7 +212,14 @@ impl TaskManager {
             }),
         });
         let mut config = d.state.clone();
-        config.local_dir = config.local_dir.join(format!("{}-{}", d.vertex, d.subtask));
+        config.local_dir = config.local_dir.join(format!(
+            "{}-{}-{}/{}-{}",
+            d.job,
+            d.attempt,
+            std::process::id(),
+            d.vertex,
+            d.subtask
+        ));
         Ok(SubtaskSpec {
             info,
             input,
@@ -217,6 +234,94 @@ impl TaskManager {
             checkpoints,
             restore: d.restore.clone(),
         })
+    }
+}
+
+impl TaskManager {
+    /// The sending end of a channel to subtask `key.to` of `vertex`: in memory when that
+    /// subtask runs in this process, over the network otherwise.
+    fn sender(
+        &self,
+        d: &TaskDeployment,
+        vertex: usize,
+        key: ChannelKey,
+        capacity: usize,
+    ) -> Result<freshet_engine::channel::ChannelSender> {
+        let remote = match (&self.network, d.placement.get(&(vertex, key.to))) {
+            (Some(net), Some(loc)) if loc.taskmanager != self.id => {
+                let addr = loc.data_address.clone().ok_or_else(|| {
+                    EngineError::Operator(format!(
+                        "TaskManager {} has no data address",
+                        loc.taskmanager
+                    ))
+                })?;
+                Some((net, addr))
+            }
+            _ => None,
+        };
+        match remote {
+            Some((net, addr)) => net.sender(&addr, key, capacity),
+            None => Ok(self.shuffle.sender(key, capacity)),
+        }
+    }
+
+    /// Counters of every running subtask: (job, attempt, status).
+    pub fn all_metrics(&self) -> Vec<(JobId, u32, SubtaskStatus)> {
+        self.running
+            .lock()
+            .expect("running lock")
+            .iter()
+            .map(|((j, v, s), r)| {
+                (
+                    j.clone(),
+                    r.attempt,
+                    SubtaskStatus {
+                        vertex: *v,
+                        subtask: *s,
+                        metrics: r.metrics.snapshot(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Cancels every running subtask and waits up to `timeout` for them to end.
+    pub fn cancel_all(&self, timeout: std::time::Duration) {
+        let jobs: Vec<JobId> = {
+            let running = self.running.lock().expect("running lock");
+            running.keys().map(|(j, _, _)| j.clone()).collect()
+        };
+        for j in &jobs {
+            TaskManagerGateway::cancel(self, j);
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.running.lock().expect("running lock").is_empty()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Passes a command to a running subtask of attempt `attempt` (false if it is not running
+    /// here, or belongs to another attempt).
+    pub fn command_attempt(
+        &self,
+        job: &JobId,
+        attempt: u32,
+        vertex: usize,
+        subtask: u32,
+        cmd: SubtaskCommand,
+    ) -> bool {
+        let running = self.running.lock().expect("running lock");
+        match running.get(&(job.clone(), vertex, subtask)) {
+            Some(r) if r.attempt == attempt => r.commands.send(cmd).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Number of running subtasks.
+    pub fn running(&self) -> usize {
+        self.running.lock().expect("running lock").len()
     }
 }
 
@@ -241,6 +346,7 @@ impl TaskManagerGateway for TaskManager {
         self.running.lock().expect("running lock").insert(
             task.clone(),
             Running {
+                attempt: d.attempt,
                 cancel: cancel.clone(),
                 metrics,
                 commands: commands_tx,
@@ -274,6 +380,7 @@ impl TaskManagerGateway for TaskManager {
                     Err(_) if cancel.is_cancelled() => TaskState::Cancelled,
                     Err(e) => TaskState::Failed {
                         root_cause: !matches!(e, EngineError::ChannelClosed),
+                        retryable: e.is_retryable(),
                         error: e.to_string(),
                     },
                 };
@@ -320,5 +427,26 @@ impl TaskManagerGateway for TaskManager {
                 metrics: r.metrics.snapshot(),
             })
             .collect()
+    }
+}
+
+/// Removes working directories (`<job>-<attempt>-<pid>`) left by processes that are gone, e.g.
+/// killed ones: their state lives on in checkpoints, the local copies are only clutter.
+pub fn remove_dead_working_dirs(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    // without /proc there is no telling which processes are alive
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }

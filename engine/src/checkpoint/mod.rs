@@ -45,7 +45,7 @@ pub enum SnapshotKind {
 }
 
 /// The in-band marker that separates data before a snapshot from data after it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Barrier {
     /// Checkpoint id.
     pub id: CheckpointId,
@@ -60,7 +60,7 @@ pub struct Barrier {
 }
 
 /// What the JobManager tells a running subtask.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum SubtaskCommand {
     /// Sources only: take a snapshot now and send the barrier downstream.
     Trigger(Barrier),
@@ -140,7 +140,7 @@ pub struct SubtaskAck {
 }
 
 /// What a subtask reports about checkpoints.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum SubtaskReport {
     /// The snapshot is uploaded.
     Ack(Box<SubtaskAck>),

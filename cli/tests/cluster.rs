@@ -1,0 +1,375 @@
+//! The distributed runtime as real processes on loopback: one `freshet jobmanager` and three
+//! `freshet taskmanager` processes (two slots each) run an example at parallelism 6 with
+//! 1-second checkpoints, so every keyed exchange crosses process boundaries.
+//!
+//! - A TaskManager is killed with SIGKILL mid-stream and a replacement started: the job waits
+//!   for slots, restarts from its latest checkpoint, and its committed output must equal the
+//!   expected output of the independent reference model (`examples/<name>/expected/`).
+//! - The JobManager is killed with SIGKILL mid-stream and restarted with the same
+//!   high-availability directory: it takes the leader lease, resumes the job from the job store
+//!   and its latest checkpoint, and the output must again be exactly the expected one.
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{args, check_output, freshet};
+
+/// A child process whose stderr is collected; killed when dropped.
+struct Proc {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn start(a: &[String]) -> Proc {
+        let mut child = freshet()
+            .args(a)
+            .env("FRESHET_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+        Proc { child, log }
+    }
+
+    /// Waits for a stderr line containing `what`.
+    fn wait_for(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(what)) {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no '{what}' in:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn jobmanager(address: &str, ha: &Path) -> Proc {
+    let p = Proc::start(&[
+        "jobmanager".into(),
+        "--listen".into(),
+        address.into(),
+        "--ha-dir".into(),
+        ha.display().to_string(),
+        "--lease".into(),
+        "2s".into(),
+        "--heartbeat-interval".into(),
+        "500ms".into(),
+        "--heartbeat-timeout".into(),
+        "3s".into(),
+    ]);
+    p.wait_for("JobManager listening on");
+    p
+}
+
+fn taskmanager(address: &str, id: &str, state: &Path) -> Proc {
+    let p = Proc::start(&[
+        "taskmanager".into(),
+        "--jobmanager".into(),
+        address.into(),
+        "--slots".into(),
+        "2".into(),
+        "--id".into(),
+        id.into(),
+        "--state-dir".into(),
+        state.display().to_string(),
+    ]);
+    p.wait_for("listening on");
+    p
+}
+
+/// (state, restarts) of a job, from `freshet list`; `None` while the JobManager is unreachable.
+fn job_state(address: &str, id: &str) -> Option<(String, u32)> {
+    let o = freshet()
+        .args(["list", "--jobmanager", address])
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.first() == Some(&id)).then(|| (f[2].to_string(), f[3].parse().unwrap_or(0)))
+    })
+}
+
+fn wait_until_ended(address: &str, id: &str, procs: &[&Proc]) -> (String, u32) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some((state, restarts)) = job_state(address, id)
+            && matches!(state.as_str(), "finished" | "failed" | "cancelled")
+        {
+            return (state, restarts);
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = procs.iter().map(|p| p.log()).collect();
+            panic!("job {id} did not end; logs:\n{}", logs.join("\n----\n"));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Submits example `name` at parallelism 6, paced over about `seconds`; returns the job id.
+fn submit(name: &str, address: &str, out: &Path, checkpoints: &Path, seconds: f64) -> String {
+    let mut a = args(name, 6, out, &checkpoints.display().to_string(), seconds);
+    a[0] = "submit".into();
+    a.extend(["--set".into(), "checkpointing.interval=1s".into()]);
+    a.extend(["--jobmanager".into(), address.into()]);
+    let o = freshet().args(&a).output().unwrap();
+    assert!(
+        o.status.success(),
+        "submit: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn a_taskmanager_is_killed(name: &str) {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let state = work.path().join("state");
+    let address = format!("127.0.0.1:{}", free_port());
+    let jm = jobmanager(&address, &work.path().join("ha"));
+    let tm0 = taskmanager(&address, "tm-0", &state);
+    let mut tm1 = taskmanager(&address, "tm-1", &state);
+    let tm2 = taskmanager(&address, "tm-2", &state);
+    let id = submit(name, &address, &out, &work.path().join("checkpoints"), 10.0);
+    // let it run and complete a few checkpoints, then kill a TaskManager
+    jm.wait_for("checkpoint completed");
+    std::thread::sleep(Duration::from_millis(1500));
+    tm1.kill();
+    assert_eq!(
+        job_state(&address, &id).unwrap().0,
+        "running",
+        "{name}: the job ended before the kill; slow it down"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let tm3 = taskmanager(&address, "tm-3", &state);
+    let (state_name, restarts) = wait_until_ended(&address, &id, &[&jm, &tm0, &tm2, &tm3]);
+    assert_eq!(state_name, "finished", "{name}:\n{}", jm.log());
+    assert!(restarts >= 1, "{name}: the job never restarted");
+    assert!(
+        jm.log().contains("lost"),
+        "{name}: the JobManager never noticed the lost TaskManager"
+    );
+    check_output(name, &out, &format!("{name} with a TaskManager killed"));
+}
+
+fn the_jobmanager_is_killed(name: &str) {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let state = work.path().join("state");
+    let ha = work.path().join("ha");
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut jm = jobmanager(&address, &ha);
+    let tms: Vec<Proc> = (0..3)
+        .map(|i| taskmanager(&address, &format!("tm-{i}"), &state))
+        .collect();
+    let id = submit(name, &address, &out, &work.path().join("checkpoints"), 10.0);
+    jm.wait_for("checkpoint completed");
+    std::thread::sleep(Duration::from_millis(1500));
+    jm.kill();
+    // a new JobManager on the same address and HA directory takes over
+    let jm2 = jobmanager(&address, &ha);
+    jm2.wait_for("resuming a job");
+    let mut procs: Vec<&Proc> = tms.iter().collect();
+    procs.push(&jm2);
+    let (state_name, _) = wait_until_ended(&address, &id, &procs);
+    assert_eq!(state_name, "finished", "{name}:\n{}", jm2.log());
+    assert!(
+        jm2.log().contains("leader epoch 2"),
+        "{name}: the new JobManager did not take the next epoch:\n{}",
+        jm2.log()
+    );
+    check_output(name, &out, &format!("{name} with the JobManager killed"));
+}
+
+#[test]
+fn orders_paid_survives_a_killed_taskmanager() {
+    a_taskmanager_is_killed("orders-paid");
+}
+
+#[test]
+fn revenue_survives_a_killed_taskmanager() {
+    a_taskmanager_is_killed("revenue-per-store");
+}
+
+#[test]
+fn orders_paid_survives_a_killed_jobmanager() {
+    the_jobmanager_is_killed("orders-paid");
+}
+
+#[test]
+fn revenue_survives_a_killed_jobmanager() {
+    the_jobmanager_is_killed("revenue-per-store");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Counters of a job's vertex, from `freshet status`.
+fn vertex_metrics(address: &str, id: &str, vertex: usize) -> serde_json::Value {
+    let o = freshet()
+        .args(["status", id, "--jobmanager", address])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["vertices"][vertex]["metrics"].clone()
+}
+
+/// An unbounded generator feeds a keyed operator on the other TaskManager process, whose sink
+/// takes at most 2,000 rows per second per subtask. Credit-based flow control must slow the
+/// sources to the sink's pace, with the TaskManagers' memory staying flat.
+#[test]
+fn a_slow_sink_slows_the_sources_with_flat_memory() {
+    let work = tempfile::tempdir().unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    let jm = jobmanager(&address, &work.path().join("ha"));
+    let state = work.path().join("state");
+    let tms: Vec<Proc> = (0..2)
+        .map(|i| {
+            let p = Proc::start(&[
+                "taskmanager".into(),
+                "--jobmanager".into(),
+                address.clone(),
+                "--slots".into(),
+                "1".into(),
+                "--id".into(),
+                format!("tm-{i}"),
+                "--state-dir".into(),
+                state.display().to_string(),
+            ]);
+            p.wait_for("listening on");
+            p
+        })
+        .collect();
+    let job = work.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        "version: 1
+name: backpressure
+parallelism: 2
+pipeline: {batch_size: 256, channel_capacity: 4}
+sources:
+  gen:
+    connector:
+      type: generator
+      fields: {k: \"seq % 1000\", v: seq, ts: seq}
+    event_time: ts
+    watermark: {max_out_of_orderness: 1s}
+transforms:
+  latest:
+    type: deduplicate
+    input: gen
+    key: [k]
+    keep: latest
+    order_by: v
+    ttl: 1000d
+sinks:
+  out:
+    input: latest
+    connector: {type: blackhole, rows_per_second: 2000}
+",
+    )
+    .unwrap();
+    let o = freshet()
+        .args(["submit", job.to_str().unwrap(), "--jobmanager", &address])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let sample = || {
+        let source = vertex_metrics(&address, &id, 0);
+        let rss: u64 = tms.iter().map(|t| rss_kib(t.child.id())).sum();
+        (
+            source["records_in"].as_u64().unwrap_or(0),
+            source["backpressured_ns"].as_u64().unwrap_or(0),
+            rss,
+        )
+    };
+    std::thread::sleep(Duration::from_secs(6));
+    let (in1, blocked1, rss1) = sample();
+    let t1 = Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    let (in2, blocked2, rss2) = sample();
+    let secs = t1.elapsed().as_secs_f64();
+    let rate = (in2 - in1) as f64 / secs;
+    let blocked = (blocked2 - blocked1) as f64 / 1e9 / secs / 2.0;
+    eprintln!(
+        "source rate {rate:.0} rows/s (sinks take 4000/s); sources blocked {:.0}% of the time; TaskManager memory {} MiB -> {} MiB",
+        blocked * 100.0,
+        rss1 / 1024,
+        rss2 / 1024
+    );
+    assert!(in1 > 0, "the job did not start:\n{}", jm.log());
+    assert!(
+        rate < 8000.0,
+        "the sources ran at {rate:.0} rows/s, far above what the sinks take"
+    );
+    assert!(
+        blocked > 0.5,
+        "the sources were blocked only {:.0}% of the time",
+        blocked * 100.0
+    );
+    assert!(
+        rss2 < rss1 + 64 * 1024,
+        "TaskManager memory grew from {} MiB to {} MiB",
+        rss1 / 1024,
+        rss2 / 1024
+    );
+    let o = freshet()
+        .args(["cancel", &id, "--jobmanager", &address])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -1,0 +1,651 @@
+//! The gRPC control plane on the JobManager's side: the `JobManager` service that TaskManagers
+//! and clients call, and [`RemoteTaskManager`], the gateway to a TaskManager in another process.
+//!
+//! Requests to a TaskManager (deploy, cancel, checkpoint commands) go through one queue per
+//! TaskManager and are sent in order by one task, so a checkpoint trigger never overtakes the
+//! deployment it refers to. Heartbeats go both ways: TaskManagers send theirs with live
+//! counters; the JobManager pings each TaskManager. A TaskManager is lost after
+//! `heartbeat_timeout` without a heartbeat from it, or after three pings in a row fail.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use freshet_engine::metrics::MetricsSnapshot;
+use freshet_proto::job_manager_server::{JobManager as JobManagerRpc, JobManagerServer};
+use freshet_proto::task_manager_client::TaskManagerClient;
+use freshet_proto::{self as pb, task_event};
+
+use crate::messages::SubtaskStatus;
+use crate::{
+    JobHandle, JobId, JobManager, JobState, SubmitError, SubmitOptions, TaskDeployment, TaskEvent,
+    TaskManagerGateway, TaskState,
+};
+
+/// Heartbeat settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeats {
+    /// Time between heartbeats.
+    pub interval: Duration,
+    /// A peer silent for this long is lost.
+    pub timeout: Duration,
+}
+
+impl Default for Heartbeats {
+    fn default() -> Self {
+        Heartbeats {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("serializable")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(b: &[u8], what: &str) -> Result<T, Status> {
+    serde_json::from_slice(b).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
+}
+
+/// A task event as sent on the wire.
+pub fn event_to_proto(ev: &TaskEvent) -> pb::TaskEvent {
+    let state = match &ev.state {
+        TaskState::Running => task_event::State::Running(pb::Empty {}),
+        TaskState::Finished {
+            metrics,
+            accumulators,
+        } => task_event::State::Finished(pb::TaskFinished {
+            metrics: json(metrics),
+            accumulators: accumulators.iter().cloned().collect(),
+        }),
+        TaskState::Failed {
+            error,
+            root_cause,
+            retryable,
+        } => task_event::State::Failed(pb::TaskFailed {
+            error: error.clone(),
+            root_cause: *root_cause,
+            retryable: *retryable,
+        }),
+        TaskState::Cancelled => task_event::State::Cancelled(pb::Empty {}),
+        TaskState::Checkpoint(r) => task_event::State::Checkpoint(json(r)),
+    };
+    pb::TaskEvent {
+        job: ev.job.0.clone(),
+        attempt: ev.attempt,
+        vertex: ev.vertex as u32,
+        subtask: ev.subtask,
+        state: Some(state),
+    }
+}
+
+fn event_from_proto(ev: pb::TaskEvent) -> Result<TaskEvent, Status> {
+    let state = match ev.state {
+        None => return Err(Status::invalid_argument("task event without a state")),
+        Some(task_event::State::Running(_)) => TaskState::Running,
+        Some(task_event::State::Finished(f)) => TaskState::Finished {
+            metrics: from_json(&f.metrics, "metrics")?,
+            accumulators: f.accumulators.into_iter().collect(),
+        },
+        Some(task_event::State::Failed(f)) => TaskState::Failed {
+            error: f.error,
+            root_cause: f.root_cause,
+            retryable: f.retryable,
+        },
+        Some(task_event::State::Cancelled(_)) => TaskState::Cancelled,
+        Some(task_event::State::Checkpoint(c)) => {
+            TaskState::Checkpoint(from_json(&c, "checkpoint report")?)
+        }
+    };
+    Ok(TaskEvent {
+        job: JobId(ev.job),
+        attempt: ev.attempt,
+        vertex: ev.vertex as usize,
+        subtask: ev.subtask,
+        state,
+    })
+}
+
+/// A deployment as sent on the wire.
+pub fn deployment_to_proto(d: &TaskDeployment, epoch: u64) -> pb::DeployRequest {
+    let mut placement: Vec<_> = d
+        .placement
+        .iter()
+        .map(|((v, i), l)| pb::SubtaskLocation {
+            vertex: *v as u32,
+            subtask: *i,
+            taskmanager_id: l.taskmanager.clone(),
+            data_address: l.data_address.clone().unwrap_or_default(),
+        })
+        .collect();
+    placement.sort_by_key(|l| (l.vertex, l.subtask));
+    pb::DeployRequest {
+        leader_epoch: epoch,
+        job: d.job.0.clone(),
+        attempt: d.attempt,
+        spec: json(&*d.spec),
+        base_dir: d.base_dir.to_string_lossy().into_owned(),
+        vertex: d.vertex as u32,
+        subtask: d.subtask,
+        checkpoint_storage: d
+            .checkpoints
+            .as_ref()
+            .map(|c| c.storage.url().to_string())
+            .unwrap_or_default(),
+        restore: d
+            .restore
+            .as_ref()
+            .map(|r| r.location.clone())
+            .unwrap_or_default(),
+        restore_shared: d.restore.as_ref().is_some_and(|r| r.shared_with_job),
+        placement,
+        state_dir: d.state.local_dir.to_string_lossy().into_owned(),
+    }
+}
+
+enum Op {
+    Deploy(Box<pb::DeployRequest>),
+    Cancel(pb::CancelJobRequest),
+    Command(pb::CommandRequest),
+}
+
+/// A TaskManager in another process, reached over gRPC.
+pub struct RemoteTaskManager {
+    id: String,
+    slots: u32,
+    data_address: String,
+    epoch: u64,
+    ops: mpsc::UnboundedSender<Op>,
+    last_heartbeat: Mutex<Instant>,
+    failed_pings: AtomicU32,
+    heartbeats: Heartbeats,
+    lost: Mutex<Option<String>>,
+    metrics: Mutex<Vec<(JobId, u32, SubtaskStatus)>>,
+    attempts: Mutex<HashMap<JobId, u32>>,
+}
+
+impl RemoteTaskManager {
+    /// A gateway to the TaskManager registered with `req`; requests are sent from tasks on
+    /// `runtime`. Deployment failures are reported on `events`.
+    pub fn start(
+        req: &pb::RegisterTaskManagerRequest,
+        epoch: u64,
+        heartbeats: Heartbeats,
+        runtime: &tokio::runtime::Handle,
+        events: crossbeam_channel::Sender<TaskEvent>,
+    ) -> Arc<RemoteTaskManager> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Op>();
+        let tm = Arc::new(RemoteTaskManager {
+            id: req.taskmanager_id.clone(),
+            slots: req.slots,
+            data_address: req.data_address.clone(),
+            epoch,
+            ops: tx,
+            last_heartbeat: Mutex::new(Instant::now()),
+            failed_pings: AtomicU32::new(0),
+            heartbeats,
+            lost: Mutex::new(None),
+            metrics: Mutex::new(Vec::new()),
+            attempts: Mutex::new(HashMap::new()),
+        });
+        let endpoint = format!("http://{}", req.control_address);
+        let channel = tonic::transport::Endpoint::from_shared(endpoint)
+            .expect("a valid address")
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let client = TaskManagerClient::new(channel);
+        let weak = Arc::downgrade(&tm);
+        let mut c = client.clone();
+        runtime.spawn(async move {
+            while let Some(op) = rx.recv().await {
+                match op {
+                    Op::Deploy(d) => {
+                        let (job, attempt, vertex, subtask) =
+                            (JobId(d.job.clone()), d.attempt, d.vertex as usize, d.subtask);
+                        if let Err(s) = c.deploy(*d).await {
+                            let _ = events.send(TaskEvent {
+                                job,
+                                attempt,
+                                vertex,
+                                subtask,
+                                state: TaskState::Failed {
+                                    error: format!("deploying: {}", s.message()),
+                                    root_cause: true,
+                                    retryable: true,
+                                },
+                            });
+                        }
+                    }
+                    Op::Cancel(r) => {
+                        if let Err(s) = c.cancel_job(r).await {
+                            debug!(error = %s.message(), "cancel request failed");
+                        }
+                    }
+                    Op::Command(r) => {
+                        if let Err(s) = c.command(r).await {
+                            debug!(error = %s.message(), "command request failed");
+                        }
+                    }
+                }
+            }
+        });
+        let mut c = client;
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(heartbeats.interval).await;
+                let Some(tm) = weak.upgrade() else { return };
+                if tm.lost.lock().expect("lost lock").is_some() {
+                    return;
+                }
+                let ping = c
+                    .job_manager_heartbeat(pb::JobManagerHeartbeatRequest {
+                        leader_epoch: tm.epoch,
+                    })
+                    .await;
+                match ping {
+                    Ok(r) if r.get_ref().known => {
+                        tm.failed_pings.store(0, Ordering::Relaxed);
+                    }
+                    Ok(_) => tm.mark_lost("it no longer knows this JobManager".into()),
+                    Err(s) => {
+                        let n = tm.failed_pings.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n >= 3 {
+                            tm.mark_lost(format!("unreachable: {}", s.message()));
+                        }
+                    }
+                }
+            }
+        });
+        tm
+    }
+
+    fn mark_lost(&self, why: String) {
+        let mut lost = self.lost.lock().expect("lost lock");
+        if lost.is_none() {
+            *lost = Some(why);
+        }
+    }
+
+    /// Records a heartbeat with the TaskManager's live counters.
+    pub fn heartbeat(&self, metrics: Vec<(JobId, u32, SubtaskStatus)>) {
+        *self.last_heartbeat.lock().expect("heartbeat lock") = Instant::now();
+        *self.metrics.lock().expect("metrics lock") = metrics;
+    }
+
+    fn send(&self, op: Op) {
+        let _ = self.ops.send(op);
+    }
+}
+
+impl TaskManagerGateway for RemoteTaskManager {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    fn deploy(&self, d: TaskDeployment) -> Result<(), String> {
+        self.attempts
+            .lock()
+            .expect("attempts lock")
+            .insert(d.job.clone(), d.attempt);
+        self.send(Op::Deploy(Box::new(deployment_to_proto(&d, self.epoch))));
+        Ok(())
+    }
+
+    fn cancel(&self, job: &JobId) {
+        self.send(Op::Cancel(pb::CancelJobRequest {
+            leader_epoch: self.epoch,
+            job: job.0.clone(),
+        }));
+    }
+
+    fn command(
+        &self,
+        job: &JobId,
+        vertex: usize,
+        subtask: u32,
+        cmd: freshet_engine::checkpoint::SubtaskCommand,
+    ) -> bool {
+        let attempt = self
+            .attempts
+            .lock()
+            .expect("attempts lock")
+            .get(job)
+            .copied()
+            .unwrap_or(0);
+        self.send(Op::Command(pb::CommandRequest {
+            leader_epoch: self.epoch,
+            job: job.0.clone(),
+            attempt,
+            vertex: vertex as u32,
+            subtask,
+            command: json(&cmd),
+        }));
+        true
+    }
+
+    fn metrics(&self, job: &JobId) -> Vec<SubtaskStatus> {
+        let attempt = self.attempts.lock().expect("attempts lock").get(job).copied();
+        self.metrics
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .filter(|(j, a, _)| j == job && Some(*a) == attempt)
+            .map(|(_, _, s)| s.clone())
+            .collect()
+    }
+
+    fn data_address(&self) -> Option<String> {
+        Some(self.data_address.clone())
+    }
+
+    fn lost(&self) -> Option<String> {
+        if let Some(why) = self.lost.lock().expect("lost lock").clone() {
+            return Some(why);
+        }
+        let silent = self.last_heartbeat.lock().expect("heartbeat lock").elapsed();
+        (silent > self.heartbeats.timeout).then(|| {
+            format!(
+                "no heartbeat for {:.1}s (timeout {:.1}s)",
+                silent.as_secs_f64(),
+                self.heartbeats.timeout.as_secs_f64()
+            )
+        })
+    }
+}
+
+/// The JobManager service.
+pub struct JobManagerService {
+    jm: JobManager,
+    heartbeats: Heartbeats,
+    runtime: tokio::runtime::Handle,
+    remotes: Mutex<HashMap<String, Arc<RemoteTaskManager>>>,
+}
+
+impl JobManagerService {
+    /// Serves `jm` on `listen`; returns the bound address. The server runs on `runtime`.
+    pub fn serve(
+        jm: JobManager,
+        listen: &str,
+        heartbeats: Heartbeats,
+        runtime: &tokio::runtime::Handle,
+    ) -> std::io::Result<SocketAddr> {
+        let listener = runtime.block_on(tokio::net::TcpListener::bind(listen))?;
+        let addr = listener.local_addr()?;
+        let service = JobManagerService {
+            jm,
+            heartbeats,
+            runtime: runtime.clone(),
+            remotes: Mutex::new(HashMap::new()),
+        };
+        let incoming = tokio_stream_listener(listener);
+        runtime.spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(JobManagerServer::new(service))
+                .serve_with_incoming(incoming)
+                .await
+            {
+                warn!(error = %e, "JobManager service stopped");
+            }
+        });
+        Ok(addr)
+    }
+
+    fn job(&self, job: &str) -> Result<JobHandle, Status> {
+        self.jm
+            .job(job)
+            .ok_or_else(|| Status::not_found(format!("no job {job}")))
+    }
+}
+
+/// Accepted connections of a listener as a stream, for tonic.
+pub fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((r, l))
+    })
+}
+
+/// A job as clients see it.
+pub fn job_info(j: &JobHandle) -> pb::JobInfo {
+    let s = j.status();
+    let metrics = j.metrics();
+    let vertices = j
+        .plan()
+        .vertices
+        .iter()
+        .enumerate()
+        .map(|(v, vx)| {
+            let mut sum = MetricsSnapshot {
+                watermark: i64::MAX,
+                ..Default::default()
+            };
+            let mut any = false;
+            for ((_, _), m) in metrics.range((v, 0)..=(v, u32::MAX)) {
+                any = true;
+                sum.records_in += m.records_in;
+                sum.records_out += m.records_out;
+                sum.records_written += m.records_written;
+                sum.late_records += m.late_records;
+                sum.dead_letters += m.dead_letters;
+                sum.backpressured_ns += m.backpressured_ns;
+                sum.watermark = sum.watermark.min(m.watermark);
+            }
+            if !any {
+                sum.watermark = i64::MIN;
+            }
+            pb::VertexInfo {
+                name: vx.name.clone(),
+                parallelism: vx.parallelism,
+                metrics: json(&sum),
+            }
+        })
+        .collect();
+    let message = match &s.state {
+        JobState::Failed(e) => Some(e.clone()),
+        _ => s.message.clone(),
+    };
+    pb::JobInfo {
+        id: j.id.0.clone(),
+        name: j.plan().spec.name.clone(),
+        state: s.state.name().into(),
+        message: message.unwrap_or_default(),
+        attempt: s.attempt,
+        restarts: s.restarts,
+        duration_seconds: s.duration.as_secs_f64(),
+        restored_from: j.restored_from().unwrap_or_default(),
+        vertices,
+        accumulators: s.accumulators.into_iter().collect(),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+}
+
+#[tonic::async_trait]
+impl JobManagerRpc for JobManagerService {
+    async fn register_task_manager(
+        &self,
+        request: Request<pb::RegisterTaskManagerRequest>,
+    ) -> Result<Response<pb::RegisterTaskManagerResponse>, Status> {
+        let req = request.into_inner();
+        if req.slots == 0 {
+            return Err(Status::invalid_argument("a TaskManager must offer at least one slot"));
+        }
+        info!(taskmanager = %req.taskmanager_id, slots = req.slots, control = %req.control_address, data = %req.data_address, "TaskManager registering");
+        let tm = RemoteTaskManager::start(
+            &req,
+            self.jm.epoch(),
+            self.heartbeats,
+            &self.runtime,
+            self.jm.event_sender(),
+        );
+        self.remotes
+            .lock()
+            .expect("remotes lock")
+            .insert(req.taskmanager_id.clone(), tm.clone());
+        let jm = self.jm.clone();
+        blocking(move || {
+            jm.register(tm);
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(pb::RegisterTaskManagerResponse {
+            leader_epoch: self.jm.epoch(),
+            heartbeat_interval_ms: self.heartbeats.interval.as_millis() as u64,
+            heartbeat_timeout_ms: self.heartbeats.timeout.as_millis() as u64,
+        }))
+    }
+
+    async fn task_manager_heartbeat(
+        &self,
+        request: Request<pb::TaskManagerHeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let tm = self
+            .remotes
+            .lock()
+            .expect("remotes lock")
+            .get(&req.taskmanager_id)
+            .cloned();
+        let Some(tm) = tm.filter(|t| t.lost().is_none()) else {
+            return Ok(Response::new(pb::HeartbeatResponse { known: false }));
+        };
+        let mut metrics = Vec::with_capacity(req.metrics.len());
+        for m in req.metrics {
+            metrics.push((
+                JobId(m.job),
+                m.attempt,
+                SubtaskStatus {
+                    vertex: m.vertex as usize,
+                    subtask: m.subtask,
+                    metrics: from_json(&m.metrics, "metrics")?,
+                },
+            ));
+        }
+        tm.heartbeat(metrics);
+        Ok(Response::new(pb::HeartbeatResponse { known: true }))
+    }
+
+    async fn report_tasks(
+        &self,
+        request: Request<pb::ReportTasksRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let events = self.jm.event_sender();
+        for ev in request.into_inner().events {
+            let _ = events.send(event_from_proto(ev)?);
+        }
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let req = request.into_inner();
+        let jm = self.jm.clone();
+        blocking(move || {
+            let spec = freshet_job::parse_job(&req.definition, "job", &req.overrides)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let options = SubmitOptions {
+                restore: (!req.restore.is_empty()).then_some(req.restore),
+                ignore_checkpoints: req.fresh,
+                allow_non_restored_state: req.allow_non_restored_state,
+            };
+            let base = if req.base_dir.is_empty() {
+                PathBuf::from(".")
+            } else {
+                PathBuf::from(req.base_dir)
+            };
+            match jm.submit_with(spec, base, options) {
+                Ok(j) => Ok(job_info(&j)),
+                Err(SubmitError::Invalid(p)) => Err(Status::invalid_argument(p.to_string())),
+                Err(SubmitError::State(e)) => Err(Status::failed_precondition(e)),
+            }
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn list_jobs(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<pb::JobList>, Status> {
+        let jm = self.jm.clone();
+        blocking(move || {
+            Ok(pb::JobList {
+                jobs: jm.jobs().iter().map(job_info).collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn get_job(&self, request: Request<pb::JobRef>) -> Result<Response<pb::JobInfo>, Status> {
+        let j = self.job(&request.into_inner().job)?;
+        blocking(move || Ok(job_info(&j))).await.map(Response::new)
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::JobRef>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let j = self.job(&request.into_inner().job)?;
+        blocking(move || {
+            j.cancel();
+            j.wait_timeout(Duration::from_secs(30));
+            Ok(job_info(&j))
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn trigger_savepoint(
+        &self,
+        request: Request<pb::SavepointRequest>,
+    ) -> Result<Response<pb::SavepointResponse>, Status> {
+        let req = request.into_inner();
+        let j = self.job(&req.job)?;
+        blocking(move || {
+            let dir = (!req.directory.is_empty()).then_some(req.directory);
+            j.savepoint(dir.as_deref(), req.stop)
+                .map(|location| pb::SavepointResponse { location })
+                .map_err(Status::failed_precondition)
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn list_checkpoints(
+        &self,
+        request: Request<pb::JobRef>,
+    ) -> Result<Response<pb::CheckpointList>, Status> {
+        let j = self.job(&request.into_inner().job)?;
+        blocking(move || {
+            Ok(pb::CheckpointList {
+                checkpoints: j.checkpoints().iter().map(json).collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+}

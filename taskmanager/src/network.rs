@@ -1,0 +1,657 @@
+//! The data plane between TaskManagers: channels to subtasks in other processes, over
+//! long-lived TCP connections with credit-based flow control.
+//!
+//! A TaskManager keeps one outgoing connection per peer TaskManager; every channel from a
+//! subtask here to a subtask there is multiplexed on it. Frames are
+//! `[length u32][kind u8][channel u32][payload]`:
+//!
+//! - `OPEN` (sender → receiver): names a channel ([`ChannelKey`]) and its capacity. The receiver
+//!   creates (or finds) the channel's local end and grants `capacity` credits.
+//! - `DATA` (sender → receiver): one element (a batch as Arrow IPC, or a watermark, barrier,
+//!   end-of-input...). A sender spends one credit per element and never sends without one, so
+//!   the receiver's bounded channel always has room: the connection's reader never blocks, and a
+//!   slow consumer holds back only its own channel, not the others sharing the connection.
+//! - `CREDIT` (receiver → sender): the consuming subtask took elements; that many more may come.
+//! - `CLOSE` (sender → receiver): the sending end went away without end-of-input (failure or
+//!   cancellation); the consumer sees the channel closed.
+//!
+//! Elements keep their order because one channel's frames travel on one TCP stream. A broken
+//! connection closes every channel on it, which fails the subtasks at both ends, and the
+//! JobManager's restart strategy takes over.
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::StreamWriter;
+use freshet_engine::channel::{ChannelSender, CreditReturn, Outbound};
+use freshet_engine::{Element, EngineError, Watermark};
+use freshet_jobmanager::JobId;
+
+use crate::shuffle::{ChannelKey, LocalShuffle};
+
+const OPEN: u8 = 1;
+const DATA: u8 = 2;
+const CREDIT: u8 = 3;
+const CLOSE: u8 = 4;
+
+/// Largest frame accepted (a batch bigger than this is a protocol error).
+const MAX_FRAME: usize = 256 << 20;
+
+/// The data plane of one TaskManager.
+pub struct Network {
+    address: SocketAddr,
+    shuffle: Arc<LocalShuffle>,
+    outgoing: Mutex<HashMap<String, Arc<Connection>>>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Network({})", self.address)
+    }
+}
+
+impl Network {
+    /// Listens on `listen` (`host:port`, port 0 for any) for connections from peers, delivering
+    /// what arrives into `shuffle`.
+    pub fn start(listen: &str, shuffle: Arc<LocalShuffle>) -> io::Result<Arc<Network>> {
+        let listener = TcpListener::bind(listen)?;
+        let address = listener.local_addr()?;
+        let net = Arc::new(Network {
+            address,
+            shuffle,
+            outgoing: Mutex::new(HashMap::new()),
+        });
+        let weak = Arc::downgrade(&net);
+        std::thread::Builder::new()
+            .name("data-accept".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Some(net) = weak.upgrade() else { return };
+                    match stream {
+                        Ok(s) => {
+                            let shuffle = net.shuffle.clone();
+                            let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                            let _ = std::thread::Builder::new()
+                                .name("data-in".into())
+                                .spawn(move || {
+                                    if let Err(e) = serve_incoming(s, shuffle) {
+                                        debug!(%peer, error = %e, "data connection ended");
+                                    }
+                                });
+                        }
+                        Err(e) => warn!(error = %e, "accepting a data connection"),
+                    }
+                }
+            })?;
+        info!(%address, "data plane listening");
+        Ok(net)
+    }
+
+    /// Where peers connect.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The sending end of channel `key` to the TaskManager whose data plane listens at `peer`.
+    pub fn sender(
+        &self,
+        peer: &str,
+        key: ChannelKey,
+        capacity: usize,
+    ) -> freshet_engine::Result<ChannelSender> {
+        let conn = self.connection(peer)?;
+        let out = conn.open(&key, capacity as u32)?;
+        Ok(ChannelSender::remote(out))
+    }
+
+    fn connection(&self, peer: &str) -> freshet_engine::Result<Arc<Connection>> {
+        let mut map = self.outgoing.lock().expect("outgoing lock");
+        if let Some(c) = map.get(peer)
+            && !c.dead.load(Ordering::Acquire)
+        {
+            return Ok(c.clone());
+        }
+        let context = || format!("connecting to the data plane of TaskManager {peer}");
+        let stream = connect(peer).map_err(|e| EngineError::io(context(), e))?;
+        let c = Connection::start(stream, peer.to_string()).map_err(|e| EngineError::io(context(), e))?;
+        map.insert(peer.to_string(), c.clone());
+        Ok(c)
+    }
+}
+
+fn connect(peer: &str) -> io::Result<TcpStream> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpStream::connect(peer) {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Writes frames queued by any thread to a socket, flushing when the queue runs dry.
+fn spawn_writer(stream: TcpStream, frames: Receiver<Vec<u8>>, dead: Arc<AtomicBool>, on_dead: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("data-out".into())
+        .spawn(move || {
+            let mut w = BufWriter::with_capacity(256 << 10, stream);
+            let result = (|| -> io::Result<()> {
+                while let Ok(frame) = frames.recv() {
+                    w.write_all(&frame)?;
+                    if frames.is_empty() {
+                        w.flush()?;
+                    }
+                }
+                w.flush()
+            })();
+            if let Err(e) = result {
+                debug!(error = %e, "data connection write failed");
+            }
+            dead.store(true, Ordering::Release);
+            let _ = w.get_ref().shutdown(std::net::Shutdown::Both);
+            on_dead();
+        })?;
+    Ok(())
+}
+
+fn frame(kind: u8, channel: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(9 + payload.len());
+    f.extend_from_slice(&((5 + payload.len()) as u32).to_le_bytes());
+    f.push(kind);
+    f.extend_from_slice(&channel.to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads one frame: (kind, channel, payload). `None` at a clean end of stream.
+fn read_frame(r: &mut impl Read) -> io::Result<Option<(u8, u32, Vec<u8>)>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if !(5..=MAX_FRAME).contains(&len) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad frame length {len}"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf)?;
+    let kind = buf[0];
+    let channel = u32::from_le_bytes(buf[1..5].try_into().expect("4 bytes"));
+    buf.drain(..5);
+    Ok(Some((kind, channel, buf)))
+}
+
+/// An outgoing connection and the credits of its channels.
+struct Connection {
+    peer: String,
+    frames: Sender<Vec<u8>>,
+    channels: Mutex<HashMap<u32, Arc<Credits>>>,
+    next: AtomicU32,
+    dead: Arc<AtomicBool>,
+}
+
+impl Connection {
+    fn start(stream: TcpStream, peer: String) -> io::Result<Arc<Connection>> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let dead = Arc::new(AtomicBool::new(false));
+        let conn = Arc::new(Connection {
+            peer,
+            frames: tx,
+            channels: Mutex::new(HashMap::new()),
+            next: AtomicU32::new(0),
+            dead: dead.clone(),
+        });
+        let reader = stream.try_clone()?;
+        let weak = Arc::downgrade(&conn);
+        spawn_writer(stream, rx, dead, move || {
+            if let Some(c) = weak.upgrade() {
+                c.close_all();
+            }
+        })?;
+        let weak = Arc::downgrade(&conn);
+        std::thread::Builder::new()
+            .name("data-credit".into())
+            .spawn(move || {
+                let mut r = BufReader::new(reader);
+                let result = (|| -> io::Result<()> {
+                    while let Some((kind, channel, payload)) = read_frame(&mut r)? {
+                        let Some(conn) = weak.upgrade() else {
+                            return Ok(());
+                        };
+                        if kind != CREDIT || payload.len() != 4 {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!("unexpected frame kind {kind} from a receiver"),
+                            ));
+                        }
+                        let n = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
+                        let credits = conn.channels.lock().expect("channels lock").get(&channel).cloned();
+                        if let Some(c) = credits {
+                            c.grant(n);
+                        }
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = &result {
+                    debug!(error = %e, "data connection read failed");
+                }
+                if let Some(conn) = weak.upgrade() {
+                    conn.dead.store(true, Ordering::Release);
+                    conn.close_all();
+                }
+            })?;
+        Ok(conn)
+    }
+
+    fn open(self: &Arc<Self>, key: &ChannelKey, capacity: u32) -> freshet_engine::Result<Arc<dyn Outbound>> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let credits = Arc::new(Credits::default());
+        self.channels
+            .lock()
+            .expect("channels lock")
+            .insert(id, credits.clone());
+        let wire = WireKey {
+            job: key.job.0.clone(),
+            attempt: key.attempt,
+            edge: key.edge as u32,
+            from: key.from,
+            to: key.to,
+            capacity,
+        };
+        let payload = postcard::to_stdvec(&wire).map_err(|e| EngineError::Operator(e.to_string()))?;
+        self.send(frame(OPEN, id, &payload))?;
+        if self.dead.load(Ordering::Acquire) {
+            credits.close();
+        }
+        Ok(Arc::new(RemoteSender {
+            channel: id,
+            credits,
+            conn: self.clone(),
+            ended: AtomicBool::new(false),
+        }))
+    }
+
+    fn send(&self, frame: Vec<u8>) -> freshet_engine::Result<()> {
+        self.frames
+            .send(frame)
+            .map_err(|_| EngineError::ChannelClosed)
+    }
+
+    fn close_all(&self) {
+        for c in self.channels.lock().expect("channels lock").values() {
+            c.close();
+        }
+    }
+}
+
+/// The credit a sender holds on one channel.
+#[derive(Default)]
+struct Credits {
+    available: Mutex<(u32, bool)>,
+    changed: Condvar,
+}
+
+impl Credits {
+    fn grant(&self, n: u32) {
+        self.available.lock().expect("credits lock").0 += n;
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        self.available.lock().expect("credits lock").1 = true;
+        self.changed.notify_all();
+    }
+}
+
+/// The sending end of one remote channel.
+struct RemoteSender {
+    channel: u32,
+    credits: Arc<Credits>,
+    conn: Arc<Connection>,
+    ended: AtomicBool,
+}
+
+impl std::fmt::Debug for RemoteSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RemoteSender({} #{})", self.conn.peer, self.channel)
+    }
+}
+
+impl Outbound for RemoteSender {
+    fn send_timeout(&self, e: Element, timeout: Duration) -> freshet_engine::Result<Option<Element>> {
+        {
+            let mut guard = self.credits.available.lock().expect("credits lock");
+            if guard.0 == 0 && !guard.1 && !timeout.is_zero() {
+                guard = self
+                    .credits
+                    .changed
+                    .wait_timeout_while(guard, timeout, |(n, closed)| *n == 0 && !*closed)
+                    .expect("credits lock")
+                    .0;
+            }
+            if guard.1 {
+                return Err(EngineError::ChannelClosed);
+            }
+            if guard.0 == 0 {
+                return Ok(Some(e));
+            }
+            guard.0 -= 1;
+        }
+        if matches!(e, Element::EndOfInput) {
+            self.ended.store(true, Ordering::Relaxed);
+        }
+        let payload = encode(&e)?;
+        self.conn.send(frame(DATA, self.channel, &payload))?;
+        Ok(None)
+    }
+}
+
+impl Drop for RemoteSender {
+    fn drop(&mut self) {
+        if !self.ended.load(Ordering::Relaxed) {
+            let _ = self.conn.send(frame(CLOSE, self.channel, &[]));
+        }
+        self.conn
+            .channels
+            .lock()
+            .expect("channels lock")
+            .remove(&self.channel);
+    }
+}
+
+/// A channel named on the wire.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireKey {
+    job: String,
+    attempt: u32,
+    edge: u32,
+    from: u32,
+    to: u32,
+    capacity: u32,
+}
+
+/// Returns credits for one channel of an incoming connection, half its capacity at a time.
+#[derive(Debug)]
+struct Grant {
+    channel: u32,
+    pending: AtomicU32,
+    batch: u32,
+    frames: Sender<Vec<u8>>,
+}
+
+impl CreditReturn for Grant {
+    fn taken(&self) {
+        let p = self.pending.fetch_add(1, Ordering::Relaxed) + 1;
+        if p >= self.batch {
+            let n = self.pending.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                let _ = self
+                    .frames
+                    .send(frame(CREDIT, self.channel, &n.to_le_bytes()));
+            }
+        }
+    }
+}
+
+/// Serves one incoming connection: opens channels, delivers their elements, closes them.
+fn serve_incoming(stream: TcpStream, shuffle: Arc<LocalShuffle>) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    spawn_writer(stream.try_clone()?, rx, Arc::new(AtomicBool::new(false)), || {})?;
+    let mut r = BufReader::with_capacity(256 << 10, stream);
+    let mut open: HashMap<u32, ChannelSender> = HashMap::new();
+    while let Some((kind, channel, payload)) = read_frame(&mut r)? {
+        match kind {
+            OPEN => {
+                let w: WireKey = postcard::from_bytes(&payload)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let key = ChannelKey {
+                    job: JobId(w.job),
+                    attempt: w.attempt,
+                    edge: w.edge as usize,
+                    from: w.from,
+                    to: w.to,
+                };
+                let capacity = w.capacity.max(1);
+                let Some((sender, slot)) = shuffle.inbound(key.clone(), capacity as usize) else {
+                    warn!(?key, "a channel was opened twice; ignoring the second open");
+                    continue;
+                };
+                slot.attach(Arc::new(Grant {
+                    channel,
+                    pending: AtomicU32::new(0),
+                    batch: capacity.div_ceil(2),
+                    frames: tx.clone(),
+                }));
+                open.insert(channel, sender);
+                let _ = tx.send(frame(CREDIT, channel, &capacity.to_le_bytes()));
+            }
+            DATA => {
+                let e = decode(&payload)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let end = matches!(e, Element::EndOfInput);
+                let Some(sender) = open.get(&channel) else {
+                    continue;
+                };
+                // the sender spent a credit, so there is room; a consumer that already went
+                // away (failed, cancelled) makes the element moot
+                match sender.offer(e) {
+                    Ok(None) => {}
+                    Ok(Some(e)) => {
+                        warn!(channel, "a sender exceeded its credit; blocking the connection");
+                        let _ = sender.send(e);
+                    }
+                    Err(_) => {
+                        open.remove(&channel);
+                    }
+                }
+                if end {
+                    open.remove(&channel);
+                }
+            }
+            CLOSE => {
+                open.remove(&channel);
+            }
+            k => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected frame kind {k} from a sender"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+const TAG_BATCH: u8 = 0;
+const TAG_WATERMARK: u8 = 1;
+const TAG_IDLE: u8 = 2;
+const TAG_END: u8 = 3;
+const TAG_BARRIER: u8 = 4;
+const TAG_SUSPEND: u8 = 5;
+
+/// Encodes an element: a tag byte, then a batch as an Arrow IPC stream, a watermark as eight
+/// bytes, a barrier with postcard.
+fn encode(e: &Element) -> freshet_engine::Result<Vec<u8>> {
+    let err = |e: String| EngineError::Operator(format!("encoding an element: {e}"));
+    Ok(match e {
+        Element::Batch(b) => {
+            let mut out = vec![TAG_BATCH];
+            let mut w = StreamWriter::try_new(&mut out, &b.schema()).map_err(|e| err(e.to_string()))?;
+            w.write(b).map_err(|e| err(e.to_string()))?;
+            w.finish().map_err(|e| err(e.to_string()))?;
+            drop(w);
+            out
+        }
+        Element::Watermark(w) => {
+            let mut out = vec![TAG_WATERMARK];
+            out.extend_from_slice(&w.0.to_le_bytes());
+            out
+        }
+        Element::Idle => vec![TAG_IDLE],
+        Element::EndOfInput => vec![TAG_END],
+        Element::Barrier(b) => {
+            let mut out = vec![TAG_BARRIER];
+            out.extend(postcard::to_stdvec(b).map_err(|e| err(e.to_string()))?);
+            out
+        }
+        Element::Suspend => vec![TAG_SUSPEND],
+    })
+}
+
+fn decode(bytes: &[u8]) -> Result<Element, String> {
+    let (tag, rest) = bytes.split_first().ok_or("empty element")?;
+    Ok(match *tag {
+        TAG_BATCH => {
+            let mut r = StreamReader::try_new(rest, None).map_err(|e| e.to_string())?;
+            let batch = r.next().ok_or("a batch frame without a batch")?;
+            Element::Batch(batch.map_err(|e| e.to_string())?)
+        }
+        TAG_WATERMARK => Element::Watermark(Watermark(i64::from_le_bytes(
+            rest.try_into().map_err(|_| "bad watermark")?,
+        ))),
+        TAG_IDLE => Element::Idle,
+        TAG_END => Element::EndOfInput,
+        TAG_BARRIER => Element::Barrier(postcard::from_bytes(rest).map_err(|e| e.to_string())?),
+        TAG_SUSPEND => Element::Suspend,
+        t => return Err(format!("unknown element tag {t}")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+    use freshet_engine::channel::CancelToken;
+    use freshet_engine::checkpoint::{Barrier, SnapshotKind};
+    use freshet_engine::metrics::SubtaskMetrics;
+
+    fn key(to: u32) -> ChannelKey {
+        ChannelKey {
+            job: JobId("j".into()),
+            attempt: 0,
+            edge: 0,
+            from: 0,
+            to,
+        }
+    }
+
+    fn batch(n: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new("__time", DataType::Int64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec![format!("k{n}")])),
+                Arc::new(Int64Array::from(vec![n])),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn elements_survive_the_wire() {
+        for e in [
+            Element::Batch(batch(7)),
+            Element::Watermark(Watermark(-3)),
+            Element::Idle,
+            Element::EndOfInput,
+            Element::Suspend,
+            Element::Barrier(Barrier {
+                id: 4,
+                kind: SnapshotKind::Savepoint,
+                target: Some("s3://b/x".into()),
+                stop: true,
+            }),
+        ] {
+            let back = decode(&encode(&e).unwrap()).unwrap();
+            assert_eq!(format!("{e:?}"), format!("{back:?}"));
+        }
+        assert!(decode(&[9]).is_err());
+        assert!(decode(&[]).is_err());
+    }
+
+    #[test]
+    fn a_remote_channel_keeps_order_and_sends_only_with_credit() {
+        let a = Network::start("127.0.0.1:0", Arc::new(LocalShuffle::new())).unwrap();
+        let b_shuffle = Arc::new(LocalShuffle::new());
+        let b = Network::start("127.0.0.1:0", b_shuffle.clone()).unwrap();
+        let capacity = 4;
+        let mut tx = a
+            .sender(&b.address().to_string(), key(1), capacity)
+            .unwrap();
+        let metrics = Arc::new(SubtaskMetrics::default());
+        tx.bind(CancelToken::new(), metrics.clone());
+        let rx = b_shuffle.receiver(key(1), capacity);
+        let producer = std::thread::spawn(move || {
+            for i in 0..20 {
+                tx.send(Element::Batch(batch(i))).unwrap();
+                tx.send(Element::Watermark(Watermark(i))).unwrap();
+            }
+            tx.send(Element::EndOfInput).unwrap();
+        });
+        // nothing is read for a while: the producer stops after `capacity` elements
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(rx.len(), capacity, "the sender ran past its credit");
+        assert!(metrics.snapshot().backpressured_ns > 100_000_000);
+        let mut got = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(5)).unwrap() {
+                Some(Element::EndOfInput) => break,
+                Some(Element::Batch(b)) => got.push(
+                    b.column(1)
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .unwrap()
+                        .value(0),
+                ),
+                Some(Element::Watermark(w)) => assert_eq!(Some(&w.0), got.last()),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        producer.join().unwrap();
+        assert_eq!(got, (0..20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_sender_that_goes_away_closes_the_channel() {
+        let a = Network::start("127.0.0.1:0", Arc::new(LocalShuffle::new())).unwrap();
+        let b_shuffle = Arc::new(LocalShuffle::new());
+        let b = Network::start("127.0.0.1:0", b_shuffle.clone()).unwrap();
+        let tx = a.sender(&b.address().to_string(), key(2), 2).unwrap();
+        let rx = b_shuffle.receiver(key(2), 2);
+        tx.send(Element::Idle).unwrap();
+        drop(tx);
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(Some(Element::Idle))
+        ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Err(EngineError::ChannelClosed) => break,
+                Ok(None) if Instant::now() < deadline => continue,
+                other => panic!("expected the channel to close, got {other:?}"),
+            }
+        }
+    }
+}
