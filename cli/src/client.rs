@@ -58,8 +58,8 @@ pub fn submit_job(
     overrides: &[String],
     options: &freshet_jobmanager::SubmitOptions,
 ) -> Result<pb::JobInfo> {
-    let definition = std::fs::read_to_string(job)
-        .with_context(|| format!("reading {}", job.display()))?;
+    let definition =
+        std::fs::read_to_string(job).with_context(|| format!("reading {}", job.display()))?;
     // relative paths in the job resolve against its directory, on the cluster's machines
     let dir = job.parent().filter(|p| !p.as_os_str().is_empty());
     let base = std::fs::canonicalize(dir.unwrap_or(Path::new(".")))?;
@@ -71,7 +71,10 @@ pub fn submit_job(
         fresh: options.ignore_checkpoints,
         allow_non_restored_state: options.allow_non_restored_state,
     };
-    call(jobmanager, |mut c| async move { c.submit_job(request).await })
+    call(
+        jobmanager,
+        |mut c| async move { c.submit_job(request).await },
+    )
 }
 
 pub fn savepoint(jobmanager: &str, job: &str, dir: Option<String>) -> Result<i32> {
@@ -139,7 +142,9 @@ pub fn status(jobmanager: &str, job: &str) -> Result<i32> {
 }
 
 pub fn list(jobmanager: &str) -> Result<i32> {
-    let jobs = call(jobmanager, |mut c| async move { c.list_jobs(pb::Empty {}).await })?;
+    let jobs = call(jobmanager, |mut c| async move {
+        c.list_jobs(pb::Empty {}).await
+    })?;
     println!(
         "{:<32} {:<24} {:<10} {:>8} {:>10}",
         "id", "name", "state", "restarts", "duration"

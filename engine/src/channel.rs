@@ -10,8 +10,8 @@
 //! ordinary bounded channel fed by the network, which returns a credit through its
 //! [`CreditReturn`] each time the consuming subtask takes an element.
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::metrics::SubtaskMetrics;

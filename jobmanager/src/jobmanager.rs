@@ -389,7 +389,11 @@ impl JobManager {
                 .iter()
                 .position(|t| t.id() == tm.id())
                 .map(|i| tms.remove(i));
-            info!(taskmanager = tm.id(), slots = tm.slots(), "TaskManager registered");
+            info!(
+                taskmanager = tm.id(),
+                slots = tm.slots(),
+                "TaskManager registered"
+            );
             tms.push(tm.clone());
             old
         };
@@ -403,9 +407,7 @@ impl JobManager {
     pub fn unregister(&self, id: &str, reason: &str) {
         let old = {
             let mut tms = self.inner.taskmanagers.lock().expect("taskmanagers lock");
-            tms.iter()
-                .position(|t| t.id() == id)
-                .map(|i| tms.remove(i))
+            tms.iter().position(|t| t.id() == id).map(|i| tms.remove(i))
         };
         if let Some(old) = old {
             lose_taskmanager(&self.inner, &old, reason);
@@ -479,7 +481,9 @@ impl JobManager {
                 record.spec,
                 PathBuf::from(&record.base_dir),
                 record.options,
-                Some(record.first_generation),
+                // attempts continue after the previous JobManager's, so nothing of theirs
+                // (channels, reports) is mistaken for the new attempt's
+                Some((record.first_generation, record.attempt + 1)),
             ) {
                 Ok(_) => n += 1,
                 Err(e) => {
@@ -514,8 +518,9 @@ impl JobManager {
         spec: JobSpec,
         base_dir: PathBuf,
         options: SubmitOptions,
-        first_generation: Option<u64>,
+        resume: Option<(u64, u32)>,
     ) -> Result<JobHandle, SubmitError> {
+        let first_generation = resume.map(|r| r.0);
         let plan = Arc::new(plan(&spec, &base_dir).map_err(SubmitError::Invalid)?);
         // check the snapshot to restore now: a bad one is the submitter's problem
         if first_generation.is_none()
@@ -538,7 +543,7 @@ impl JobManager {
                     message: None,
                     started: Instant::now(),
                     duration: Duration::ZERO,
-                    attempt: 0,
+                    attempt: resume.map(|r| r.1).unwrap_or(0),
                     restarts: 0,
                     finished: BTreeMap::new(),
                     accumulators: BTreeMap::new(),
@@ -559,6 +564,7 @@ impl JobManager {
                 base_dir: base_dir.to_string_lossy().into_owned(),
                 options,
                 first_generation: first_generation.unwrap_or(0),
+                attempt: 0,
                 ended: false,
                 outcome: None,
             };
@@ -583,10 +589,7 @@ impl JobManager {
 /// Starts the next attempt of a waiting job if its time has come and the slots are free.
 fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
     let mut rt = entry.rt();
-    if rt.attempt.is_some()
-        || rt.status.state.is_terminal()
-        || Instant::now() < rt.next_start
-    {
+    if rt.attempt.is_some() || rt.status.state.is_terminal() || Instant::now() < rt.next_start {
         return;
     }
     if rt.cancel_requested {
@@ -663,11 +666,11 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
     };
     if rt.first_generation.is_none() {
         rt.first_generation = startup.checkpoints.as_ref().map(|c| c.1);
-        if let (Some(store), Some(g)) = (&inner.store, rt.first_generation)
-            && let Err(e) = store.set_first_generation(&entry.id.0, g)
-        {
-            warn!(error = %e, "cannot record the job's first generation");
-        }
+    }
+    if let Some(store) = &inner.store
+        && let Err(e) = store.started(&entry.id.0, number, rt.first_generation.unwrap_or(0))
+    {
+        warn!(error = %e, "cannot record the job's attempt in the job store");
     }
     rt.restored_from = startup.restore.as_ref().map(|r| r.location.clone());
     let placement: Arc<Placement> = Arc::new(
@@ -687,51 +690,60 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
             })
             .collect(),
     );
-    let by_id: HashMap<String, Arc<dyn TaskManagerGateway>> =
-        tms.iter().map(|t| (t.id().to_string(), t.clone())).collect();
+    let by_id: HashMap<String, Arc<dyn TaskManagerGateway>> = tms
+        .iter()
+        .map(|t| (t.id().to_string(), t.clone()))
+        .collect();
     let spec = plan.spec.clone();
-    let coordinator = startup.checkpoints.as_ref().map(|(setup, generation, existing, last_id)| {
-        let c = spec.checkpointing.clone().expect("checkpointing section");
-        let settings = CoordinatorSettings {
-            spec: c,
-            job: spec.name.clone(),
-            max_parallelism: spec.max_parallelism,
-            subtasks: plan
-                .vertices
-                .iter()
-                .enumerate()
-                .flat_map(|(v, vx)| {
-                    let source = matches!(plan.nodes[vx.nodes[0]].kind, NodeKind::Source { .. });
-                    (0..vx.parallelism).map(move |i| (v, i, source))
-                })
-                .collect(),
-            s3: setup.s3.clone(),
-        };
-        let job = entry.id.clone();
-        let placement = placement.clone();
-        let by_id = by_id.clone();
-        let send = Arc::new(move |v: usize, i: u32, cmd: SubtaskCommand| {
-            if let Some(tm) = placement.get(&(v, i)).and_then(|l| by_id.get(&l.taskmanager)) {
-                tm.command(&job, v, i, cmd);
-            }
+    let coordinator = startup
+        .checkpoints
+        .as_ref()
+        .map(|(setup, generation, existing, last_id)| {
+            let c = spec.checkpointing.clone().expect("checkpointing section");
+            let settings = CoordinatorSettings {
+                spec: c,
+                job: spec.name.clone(),
+                max_parallelism: spec.max_parallelism,
+                subtasks: plan
+                    .vertices
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(v, vx)| {
+                        let source =
+                            matches!(plan.nodes[vx.nodes[0]].kind, NodeKind::Source { .. });
+                        (0..vx.parallelism).map(move |i| (v, i, source))
+                    })
+                    .collect(),
+                s3: setup.s3.clone(),
+            };
+            let job = entry.id.clone();
+            let placement = placement.clone();
+            let by_id = by_id.clone();
+            let send = Arc::new(move |v: usize, i: u32, cmd: SubtaskCommand| {
+                if let Some(tm) = placement
+                    .get(&(v, i))
+                    .and_then(|l| by_id.get(&l.taskmanager))
+                {
+                    tm.command(&job, v, i, cmd);
+                }
+            });
+            let weak = Arc::downgrade(inner);
+            let job = entry.id.clone();
+            let on_fatal = Arc::new(move |msg: String| {
+                if let Some(inner) = weak.upgrade() {
+                    fail_job(&inner, &job, msg);
+                }
+            });
+            Coordinator::new(
+                settings,
+                setup.storage.clone(),
+                *generation,
+                existing,
+                *last_id,
+                send,
+                on_fatal,
+            )
         });
-        let weak = Arc::downgrade(inner);
-        let job = entry.id.clone();
-        let on_fatal = Arc::new(move |msg: String| {
-            if let Some(inner) = weak.upgrade() {
-                fail_job(&inner, &job, msg);
-            }
-        });
-        Coordinator::new(
-            settings,
-            setup.storage.clone(),
-            *generation,
-            existing,
-            *last_id,
-            send,
-            on_fatal,
-        )
-    });
     let spec_state = &spec.state;
     let state_root = spec_state
         .local_dir
@@ -859,7 +871,13 @@ fn schedule_loop(inner: std::sync::Weak<Inner>) {
                 }
             }
         }
-        let jobs: Vec<_> = inner.jobs.lock().expect("jobs lock").values().cloned().collect();
+        let jobs: Vec<_> = inner
+            .jobs
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .cloned()
+            .collect();
         for entry in jobs {
             try_start(&inner, &entry);
         }
@@ -878,7 +896,13 @@ fn schedule_loop(inner: std::sync::Weak<Inner>) {
 /// A TaskManager is gone: every subtask it ran counts as failed.
 fn lose_taskmanager(inner: &Inner, tm: &Arc<dyn TaskManagerGateway>, reason: &str) {
     warn!(taskmanager = tm.id(), reason, "TaskManager lost");
-    let jobs: Vec<_> = inner.jobs.lock().expect("jobs lock").values().cloned().collect();
+    let jobs: Vec<_> = inner
+        .jobs
+        .lock()
+        .expect("jobs lock")
+        .values()
+        .cloned()
+        .collect();
     for entry in jobs {
         let rt = entry.rt();
         let Some(a) = &rt.attempt else { continue };
@@ -1027,7 +1051,9 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
                 }
                 _ => {
                     let msg = if retryable && entry.restart.attempts() > 0 {
-                        format!("{msg} (after {restarts} restart(s), the most the restart strategy allows)")
+                        format!(
+                            "{msg} (after {restarts} restart(s), the most the restart strategy allows)"
+                        )
                     } else {
                         msg
                     };
@@ -1041,7 +1067,12 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
 /// What an attempt starts with: its checkpoint storage (with the attempt's generation, the
 /// retained checkpoints and the last id used) and the snapshot to restore.
 struct Startup {
-    checkpoints: Option<(CheckpointSetup, u64, Vec<freshet_engine::checkpoint::CheckpointMetadata>, u64)>,
+    checkpoints: Option<(
+        CheckpointSetup,
+        u64,
+        Vec<freshet_engine::checkpoint::CheckpointMetadata>,
+        u64,
+    )>,
     restore: Option<Arc<RestoreSource>>,
 }
 
@@ -1143,13 +1174,17 @@ fn prepare_state(
             Start::OwnLatest { since, .. } => *since,
             _ => 0,
         };
-        latest = existing.iter().rev().find(|m| m.generation >= since).map(|m| {
-            format!(
-                "{}/{}",
-                storage.url(),
-                freshet_engine::checkpoint::checkpoint_dir(m.id)
-            )
-        });
+        latest = existing
+            .iter()
+            .rev()
+            .find(|m| m.generation >= since)
+            .map(|m| {
+                format!(
+                    "{}/{}",
+                    storage.url(),
+                    freshet_engine::checkpoint::checkpoint_dir(m.id)
+                )
+            });
         checkpoints = Some((
             CheckpointSetup {
                 storage,

@@ -59,7 +59,10 @@ pub fn acquire(storage: Storage, holder: &str, lease: Duration) -> Result<Leader
                 Some((e, r, since)) if *e == newest && *r == renewal => since.elapsed() >= lease,
                 _ => {
                     if observed.as_ref().is_none_or(|o| o.0 != newest) && newest > 0 {
-                        info!(epoch = newest, "another JobManager holds the lease; watching it");
+                        info!(
+                            epoch = newest,
+                            "another JobManager holds the lease; watching it"
+                        );
                     }
                     observed = Some((newest, renewal, Instant::now()));
                     false
@@ -68,7 +71,10 @@ pub fn acquire(storage: Storage, holder: &str, lease: Duration) -> Result<Leader
         if expired {
             let epoch = newest + 1;
             let created = storage
-                .put_if_absent(&format!("leader/epoch-{epoch:010}"), holder.to_string().into())
+                .put_if_absent(
+                    &format!("leader/epoch-{epoch:010}"),
+                    holder.to_string().into(),
+                )
                 .map_err(|e| e.to_string())?;
             if created {
                 let me = Leadership {
@@ -155,7 +161,10 @@ mod tests {
         let s2 = storage.clone();
         let candidate = std::thread::spawn(move || acquire(s2, "b", lease).unwrap());
         std::thread::sleep(lease * 3);
-        assert!(!candidate.is_finished(), "took over a lease that was renewed");
+        assert!(
+            !candidate.is_finished(),
+            "took over a lease that was renewed"
+        );
         // a newer leader appears (epoch 2): the first steps down at its next renewal
         storage
             .put_if_absent("leader/epoch-0000000002", "c".into())

@@ -206,8 +206,12 @@ impl RemoteTaskManager {
             while let Some(op) = rx.recv().await {
                 match op {
                     Op::Deploy(d) => {
-                        let (job, attempt, vertex, subtask) =
-                            (JobId(d.job.clone()), d.attempt, d.vertex as usize, d.subtask);
+                        let (job, attempt, vertex, subtask) = (
+                            JobId(d.job.clone()),
+                            d.attempt,
+                            d.vertex as usize,
+                            d.subtask,
+                        );
                         if let Err(s) = c.deploy(*d).await {
                             let _ = events.send(TaskEvent {
                                 job,
@@ -334,7 +338,12 @@ impl TaskManagerGateway for RemoteTaskManager {
     }
 
     fn metrics(&self, job: &JobId) -> Vec<SubtaskStatus> {
-        let attempt = self.attempts.lock().expect("attempts lock").get(job).copied();
+        let attempt = self
+            .attempts
+            .lock()
+            .expect("attempts lock")
+            .get(job)
+            .copied();
         self.metrics
             .lock()
             .expect("metrics lock")
@@ -352,7 +361,11 @@ impl TaskManagerGateway for RemoteTaskManager {
         if let Some(why) = self.lost.lock().expect("lost lock").clone() {
             return Some(why);
         }
-        let silent = self.last_heartbeat.lock().expect("heartbeat lock").elapsed();
+        let silent = self
+            .last_heartbeat
+            .lock()
+            .expect("heartbeat lock")
+            .elapsed();
         (silent > self.heartbeats.timeout).then(|| {
             format!(
                 "no heartbeat for {:.1}s (timeout {:.1}s)",
@@ -489,7 +502,9 @@ impl JobManagerRpc for JobManagerService {
     ) -> Result<Response<pb::RegisterTaskManagerResponse>, Status> {
         let req = request.into_inner();
         if req.slots == 0 {
-            return Err(Status::invalid_argument("a TaskManager must offer at least one slot"));
+            return Err(Status::invalid_argument(
+                "a TaskManager must offer at least one slot",
+            ));
         }
         info!(taskmanager = %req.taskmanager_id, slots = req.slots, control = %req.control_address, data = %req.data_address, "TaskManager registering");
         let tm = RemoteTaskManager::start(
@@ -586,10 +601,7 @@ impl JobManagerRpc for JobManagerService {
         .map(Response::new)
     }
 
-    async fn list_jobs(
-        &self,
-        _: Request<pb::Empty>,
-    ) -> Result<Response<pb::JobList>, Status> {
+    async fn list_jobs(&self, _: Request<pb::Empty>) -> Result<Response<pb::JobList>, Status> {
         let jm = self.jm.clone();
         blocking(move || {
             Ok(pb::JobList {

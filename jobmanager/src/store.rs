@@ -26,6 +26,9 @@ pub struct JobRecord {
     pub options: SubmitOptions,
     /// Generation of its first attempt (0 before it started, or without checkpoints).
     pub first_generation: u64,
+    /// Its latest attempt (a JobManager that resumes the job continues after it).
+    #[serde(default)]
+    pub attempt: u32,
     /// Whether it ended (finished, failed, cancelled).
     pub ended: bool,
     /// How it ended.
@@ -58,7 +61,11 @@ impl JobStore {
 
     /// Reads a record.
     pub fn get(&self, id: &str) -> Result<Option<JobRecord>, String> {
-        match self.storage.get(&Self::path(id)).map_err(|e| e.to_string())? {
+        match self
+            .storage
+            .get(&Self::path(id))
+            .map_err(|e| e.to_string())?
+        {
             None => Ok(None),
             Some(b) => serde_json::from_slice(&b)
                 .map(Some)
@@ -70,11 +77,7 @@ impl JobStore {
     pub fn list(&self) -> Result<Vec<JobRecord>, String> {
         let mut out = Vec::new();
         for p in self.storage.list("jobs").map_err(|e| e.to_string())? {
-            let Some(id) = p
-                .rsplit('/')
-                .next()
-                .and_then(|n| n.strip_suffix(".json"))
-            else {
+            let Some(id) = p.rsplit('/').next().and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
             if let Some(r) = self.get(id)? {
@@ -100,8 +103,11 @@ impl JobStore {
         })
     }
 
-    /// Records the generation of a job's first attempt.
-    pub fn set_first_generation(&self, id: &str, generation: u64) -> Result<(), String> {
-        self.update(id, |r| r.first_generation = generation)
+    /// Records that attempt `attempt` started, and the generation of the first one.
+    pub fn started(&self, id: &str, attempt: u32, first_generation: u64) -> Result<(), String> {
+        self.update(id, |r| {
+            r.attempt = attempt;
+            r.first_generation = first_generation;
+        })
     }
 }

@@ -77,13 +77,13 @@ impl Network {
                         Ok(s) => {
                             let shuffle = net.shuffle.clone();
                             let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                            let _ = std::thread::Builder::new()
-                                .name("data-in".into())
-                                .spawn(move || {
+                            let _ = std::thread::Builder::new().name("data-in".into()).spawn(
+                                move || {
                                     if let Err(e) = serve_incoming(s, shuffle) {
                                         debug!(%peer, error = %e, "data connection ended");
                                     }
-                                });
+                                },
+                            );
                         }
                         Err(e) => warn!(error = %e, "accepting a data connection"),
                     }
@@ -119,7 +119,8 @@ impl Network {
         }
         let context = || format!("connecting to the data plane of TaskManager {peer}");
         let stream = connect(peer).map_err(|e| EngineError::io(context(), e))?;
-        let c = Connection::start(stream, peer.to_string()).map_err(|e| EngineError::io(context(), e))?;
+        let c = Connection::start(stream, peer.to_string())
+            .map_err(|e| EngineError::io(context(), e))?;
         map.insert(peer.to_string(), c.clone());
         Ok(c)
     }
@@ -140,7 +141,12 @@ fn connect(peer: &str) -> io::Result<TcpStream> {
 }
 
 /// Writes frames queued by any thread to a socket, flushing when the queue runs dry.
-fn spawn_writer(stream: TcpStream, frames: Receiver<Vec<u8>>, dead: Arc<AtomicBool>, on_dead: impl FnOnce() + Send + 'static) -> io::Result<()> {
+fn spawn_writer(
+    stream: TcpStream,
+    frames: Receiver<Vec<u8>>,
+    dead: Arc<AtomicBool>,
+    on_dead: impl FnOnce() + Send + 'static,
+) -> io::Result<()> {
     std::thread::Builder::new()
         .name("data-out".into())
         .spawn(move || {
@@ -240,7 +246,12 @@ impl Connection {
                             ));
                         }
                         let n = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
-                        let credits = conn.channels.lock().expect("channels lock").get(&channel).cloned();
+                        let credits = conn
+                            .channels
+                            .lock()
+                            .expect("channels lock")
+                            .get(&channel)
+                            .cloned();
                         if let Some(c) = credits {
                             c.grant(n);
                         }
@@ -258,7 +269,11 @@ impl Connection {
         Ok(conn)
     }
 
-    fn open(self: &Arc<Self>, key: &ChannelKey, capacity: u32) -> freshet_engine::Result<Arc<dyn Outbound>> {
+    fn open(
+        self: &Arc<Self>,
+        key: &ChannelKey,
+        capacity: u32,
+    ) -> freshet_engine::Result<Arc<dyn Outbound>> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let credits = Arc::new(Credits::default());
         self.channels
@@ -273,7 +288,8 @@ impl Connection {
             to: key.to,
             capacity,
         };
-        let payload = postcard::to_stdvec(&wire).map_err(|e| EngineError::Operator(e.to_string()))?;
+        let payload =
+            postcard::to_stdvec(&wire).map_err(|e| EngineError::Operator(e.to_string()))?;
         self.send(frame(OPEN, id, &payload))?;
         if self.dead.load(Ordering::Acquire) {
             credits.close();
@@ -333,7 +349,11 @@ impl std::fmt::Debug for RemoteSender {
 }
 
 impl Outbound for RemoteSender {
-    fn send_timeout(&self, e: Element, timeout: Duration) -> freshet_engine::Result<Option<Element>> {
+    fn send_timeout(
+        &self,
+        e: Element,
+        timeout: Duration,
+    ) -> freshet_engine::Result<Option<Element>> {
         {
             let mut guard = self.credits.available.lock().expect("credits lock");
             if guard.0 == 0 && !guard.1 && !timeout.is_zero() {
@@ -412,7 +432,12 @@ impl CreditReturn for Grant {
 fn serve_incoming(stream: TcpStream, shuffle: Arc<LocalShuffle>) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let (tx, rx) = crossbeam_channel::unbounded();
-    spawn_writer(stream.try_clone()?, rx, Arc::new(AtomicBool::new(false)), || {})?;
+    spawn_writer(
+        stream.try_clone()?,
+        rx,
+        Arc::new(AtomicBool::new(false)),
+        || {},
+    )?;
     let mut r = BufReader::with_capacity(256 << 10, stream);
     let mut open: HashMap<u32, ChannelSender> = HashMap::new();
     while let Some((kind, channel, payload)) = read_frame(&mut r)? {
@@ -453,7 +478,10 @@ fn serve_incoming(stream: TcpStream, shuffle: Arc<LocalShuffle>) -> io::Result<(
                 match sender.offer(e) {
                     Ok(None) => {}
                     Ok(Some(e)) => {
-                        warn!(channel, "a sender exceeded its credit; blocking the connection");
+                        warn!(
+                            channel,
+                            "a sender exceeded its credit; blocking the connection"
+                        );
                         let _ = sender.send(e);
                     }
                     Err(_) => {
@@ -492,7 +520,8 @@ fn encode(e: &Element) -> freshet_engine::Result<Vec<u8>> {
     Ok(match e {
         Element::Batch(b) => {
             let mut out = vec![TAG_BATCH];
-            let mut w = StreamWriter::try_new(&mut out, &b.schema()).map_err(|e| err(e.to_string()))?;
+            let mut w =
+                StreamWriter::try_new(&mut out, &b.schema()).map_err(|e| err(e.to_string()))?;
             w.write(b).map_err(|e| err(e.to_string()))?;
             w.finish().map_err(|e| err(e.to_string()))?;
             drop(w);

@@ -65,7 +65,10 @@ impl Service {
         if epoch > current {
             self.epoch.store(epoch, Ordering::Release);
             if current != 0 {
-                warn!(epoch, "a new JobManager leads; cancelling subtasks of the old one");
+                warn!(
+                    epoch,
+                    "a new JobManager leads; cancelling subtasks of the old one"
+                );
                 self.tm.cancel_all(Duration::ZERO);
             }
         }
@@ -90,7 +93,12 @@ impl Service {
             None
         } else {
             let key = (r.job.clone(), r.attempt);
-            let cached = self.restores.lock().expect("restores lock").get(&key).cloned();
+            let cached = self
+                .restores
+                .lock()
+                .expect("restores lock")
+                .get(&key)
+                .cloned();
             Some(match cached {
                 Some(c) => c,
                 None => {
@@ -113,8 +121,7 @@ impl Service {
                     (l.vertex as usize, l.subtask),
                     SubtaskLocation {
                         taskmanager: l.taskmanager_id.clone(),
-                        data_address: (!l.data_address.is_empty())
-                            .then(|| l.data_address.clone()),
+                        data_address: (!l.data_address.is_empty()).then(|| l.data_address.clone()),
                     },
                 )
             })
@@ -219,6 +226,8 @@ pub fn run(config: TaskManagerConfig) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("tm-rpc")
         .build()?;
+    // clients made here spawn their connection tasks on this runtime
+    let _guard = runtime.enter();
     if let Some(dir) = &config.state_dir {
         remove_dead_working_dirs(dir);
     }
