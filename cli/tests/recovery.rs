@@ -28,7 +28,7 @@ fn kill_and_restart(name: &str, parallelism: u32, s3: Option<&S3Server>, rng: &m
     let command = || {
         let mut c = freshet();
         c.args(&a)
-            .args(["--http", "off"])
+            .args(["--listen", "off"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         with_s3(&mut c, s3);

@@ -24,7 +24,7 @@ impl Running {
     fn start(args: &[String]) -> Running {
         let mut child = freshet()
             .args(args)
-            .args(["--http", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -39,14 +39,14 @@ impl Running {
         Running { child, lines }
     }
 
-    /// The API address it printed.
+    /// The control-plane address it printed.
     fn api(&self) -> String {
         loop {
             let line = self
                 .lines
                 .recv_timeout(Duration::from_secs(20))
-                .expect("the run prints its API address");
-            if let Some(addr) = line.strip_prefix("JobManager API on ") {
+                .expect("the run prints its address");
+            if let Some(addr) = line.strip_prefix("JobManager listening on ") {
                 return addr.to_string();
             }
         }
@@ -125,7 +125,7 @@ fn savepoint_is_relocatable_and_rescales() {
         let mut a = args(name, parallelism, &copy, &chk.display().to_string(), 0.01);
         a.push("--restore".into());
         a.push(moved.display().to_string());
-        let o = freshet().args(&a).args(["--http", "off"]).output().unwrap();
+        let o = freshet().args(&a).args(["--listen", "off"]).output().unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "restore at {parallelism}: {stderr}");
         assert!(stderr.contains("restoring from"), "{stderr}");
@@ -168,7 +168,7 @@ fn changed_graph_is_refused_unless_state_may_be_dropped() {
     a[1] = job.display().to_string();
     a.push("--restore".into());
     a.push(savepoint.clone());
-    let o = freshet().args(&a).args(["--http", "off"]).output().unwrap();
+    let o = freshet().args(&a).args(["--listen", "off"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(
@@ -177,7 +177,7 @@ fn changed_graph_is_refused_unless_state_may_be_dropped() {
     );
     let o = freshet()
         .args(&a)
-        .args(["--http", "off", "--allow-non-restored-state"])
+        .args(["--listen", "off", "--allow-non-restored-state"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -290,7 +290,7 @@ pub fn plan_sink(
             checksums,
             rows_per_second,
         } => {
-            if rows_per_second.is_some_and(|r| !(r > 0.0)) {
+            if rows_per_second.is_some_and(|r| r.is_nan() || r <= 0.0) {
                 return Err(problem("rows_per_second", "must be positive".into()));
             }
             let rate = *rows_per_second;
