@@ -411,3 +411,64 @@ fn a_sink_that_cannot_write_fails_the_job_and_names_the_file() {
         "{stderr}"
     );
 }
+
+/// A job whose sink cannot create its file, with restart strategy `restart` (YAML).
+fn failing_job(dir: &Path, restart: &str) -> PathBuf {
+    std::fs::write(dir.join("in.jsonl"), "{\"a\": 1}\n").unwrap();
+    let job = dir.join("job.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            "version: 1
+name: restarts
+checkpointing: {{interval: 100ms, dir: {}}}
+{restart}
+sources:
+  s:
+    connector: {{type: file, path: in.jsonl, format: jsonl}}
+    schema: {{a: int}}
+sinks:
+  out:
+    input: s
+    connector: {{type: file, path: /proc/freshet-no-such-dir/out.jsonl}}
+",
+            dir.join("checkpoints").display()
+        ),
+    )
+    .unwrap();
+    job
+}
+
+#[test]
+fn failures_are_restarted_as_the_strategy_says_then_fail_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |restart: &str| {
+        let o = freshet()
+            .arg("run")
+            .arg(failing_job(dir.path(), restart))
+            .args(["--listen", "off"])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    // exponential backoff: two restarts, the second wait twice the first
+    let stderr = run(
+        "restart: {strategy: exponential-backoff, attempts: 2, initial_delay: 100ms, max_delay: 1s}",
+    );
+    assert!(stderr.contains("restart=1 of=2 delay=100ms"), "{stderr}");
+    assert!(stderr.contains("restart=2 of=2 delay=200ms"), "{stderr}");
+    assert!(!stderr.contains("restart=3"), "{stderr}");
+    assert!(
+        stderr.contains("/proc/freshet-no-such-dir") && stderr.contains("after 2 restart(s)"),
+        "{stderr}"
+    );
+    // fixed delay
+    let stderr = run("restart: {strategy: fixed-delay, attempts: 1, delay: 50ms}");
+    assert!(stderr.contains("restart=1 of=1 delay=50ms"), "{stderr}");
+    assert!(stderr.contains("after 1 restart(s)"), "{stderr}");
+    // none: the first failure fails the job
+    let stderr = run("restart: {strategy: none}");
+    assert!(!stderr.contains("restart=1"), "{stderr}");
+    assert!(stderr.contains("job failed:"), "{stderr}");
+}

@@ -203,6 +203,10 @@ fn a_taskmanager_is_killed(name: &str) {
         jm.log().contains("TaskManager lost"),
         "{name}: the JobManager never noticed the lost TaskManager"
     );
+    assert!(
+        jm.log().contains("waiting for 6 free slots"),
+        "{name}: the job did not wait for the replacement's slots"
+    );
     assert_restored_from_checkpoint(&jm, name);
     check_output(name, &out, &format!("{name} with a TaskManager killed"));
 }

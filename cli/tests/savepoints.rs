@@ -125,7 +125,11 @@ fn savepoint_is_relocatable_and_rescales() {
         let mut a = args(name, parallelism, &copy, &chk.display().to_string(), 0.01);
         a.push("--restore".into());
         a.push(moved.display().to_string());
-        let o = freshet().args(&a).args(["--listen", "off"]).output().unwrap();
+        let o = freshet()
+            .args(&a)
+            .args(["--listen", "off"])
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "restore at {parallelism}: {stderr}");
         assert!(stderr.contains("restoring from"), "{stderr}");
@@ -168,7 +172,11 @@ fn changed_graph_is_refused_unless_state_may_be_dropped() {
     a[1] = job.display().to_string();
     a.push("--restore".into());
     a.push(savepoint.clone());
-    let o = freshet().args(&a).args(["--listen", "off"]).output().unwrap();
+    let o = freshet()
+        .args(&a)
+        .args(["--listen", "off"])
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(

@@ -1035,7 +1035,7 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
                         restart = restarts + 1,
                         of = attempts,
                         delay = ?delay,
-                        "attempt failed; restarting from the latest checkpoint"
+                        "attempt failed; restarting"
                     );
                     rt.status.state = JobState::Restarting;
                     rt.status.message = Some(format!(
