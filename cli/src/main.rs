@@ -37,18 +37,8 @@ enum Command {
         /// exchanging data over the network (the distributed path, on one machine).
         #[arg(long)]
         processes: bool,
-        /// Start from this checkpoint (`.../chk-N`) or savepoint directory. Without it, a job
-        /// with checkpointing resumes from the latest completed checkpoint in its checkpoint
-        /// directory.
-        #[arg(long, value_name = "PATH")]
-        restore: Option<String>,
-        /// Start with empty state even if completed checkpoints exist.
-        #[arg(long, conflicts_with = "restore")]
-        fresh: bool,
-        /// Restore even if the snapshot has state of operators the job no longer has (that
-        /// state is dropped).
-        #[arg(long)]
-        allow_non_restored_state: bool,
+        #[command(flatten)]
+        start: StartArgs,
         /// Address of the JobManager's control plane (`freshet savepoint`, `stop`,
         /// `checkpoints`, `list` talk to it); `off` to serve none.
         #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
@@ -71,15 +61,8 @@ enum Command {
         /// Default parallelism.
         #[arg(long)]
         parallelism: Option<u32>,
-        /// Start from this checkpoint or savepoint.
-        #[arg(long, value_name = "PATH")]
-        restore: Option<String>,
-        /// Start with empty state even if completed checkpoints exist.
-        #[arg(long, conflicts_with = "restore")]
-        fresh: bool,
-        /// Restore even if the snapshot has state of operators the job no longer has.
-        #[arg(long)]
-        allow_non_restored_state: bool,
+        #[command(flatten)]
+        start: StartArgs,
         /// Follow the job until it ends; exit with its outcome.
         #[arg(long)]
         wait: bool,
@@ -171,6 +154,33 @@ enum Command {
     },
 }
 
+/// Where a job starts from.
+#[derive(clap::Args)]
+struct StartArgs {
+    /// Start from this checkpoint (`.../chk-N`) or savepoint directory. Without it, a job
+    /// with checkpointing resumes from the latest completed checkpoint in its checkpoint
+    /// directory.
+    #[arg(long, value_name = "PATH")]
+    restore: Option<String>,
+    /// Start with empty state even if completed checkpoints exist.
+    #[arg(long, conflicts_with = "restore")]
+    fresh: bool,
+    /// Restore even if the snapshot has state of operators the job no longer has (that
+    /// state is dropped).
+    #[arg(long)]
+    allow_non_restored_state: bool,
+}
+
+impl StartArgs {
+    fn options(self) -> freshet_jobmanager::SubmitOptions {
+        freshet_jobmanager::SubmitOptions {
+            restore: self.restore,
+            ignore_checkpoints: self.fresh,
+            allow_non_restored_state: self.allow_non_restored_state,
+        }
+    }
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -206,17 +216,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
             parallelism,
             taskmanagers,
             processes,
-            restore,
-            fresh,
-            allow_non_restored_state,
+            start,
             listen,
             http,
         } => {
-            let options = freshet_jobmanager::SubmitOptions {
-                restore,
-                ignore_checkpoints: fresh,
-                allow_non_restored_state,
-            };
+            let options = start.options();
             let overrides = overrides(set, parallelism);
             if processes {
                 cluster::run_processes(&job, &overrides, taskmanagers, options)
@@ -230,20 +234,14 @@ fn dispatch(cli: Cli) -> Result<i32> {
             job,
             set,
             parallelism,
-            restore,
-            fresh,
-            allow_non_restored_state,
+            start,
             wait,
             jobmanager,
         } => cluster::submit(
             &jobmanager,
             &job,
             &overrides(set, parallelism),
-            freshet_jobmanager::SubmitOptions {
-                restore,
-                ignore_checkpoints: fresh,
-                allow_non_restored_state,
-            },
+            start.options(),
             wait,
         ),
         Command::Cancel { job, jobmanager } => client::cancel(&jobmanager, &job),

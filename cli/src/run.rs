@@ -192,18 +192,11 @@ pub fn exit_code(state: &str, error: &str, interrupted: bool) -> i32 {
 /// Sums counters per vertex.
 fn per_vertex(job: &JobHandle) -> BTreeMap<usize, MetricsSnapshot> {
     let mut out: BTreeMap<usize, MetricsSnapshot> = BTreeMap::new();
-    for ((v, _), m) in job.metrics() {
-        let e = out.entry(v).or_insert(MetricsSnapshot {
-            watermark: i64::MAX,
-            ..Default::default()
-        });
-        e.records_in += m.records_in;
-        e.records_out += m.records_out;
-        e.records_written += m.records_written;
-        e.late_records += m.late_records;
-        e.dead_letters += m.dead_letters;
-        e.backpressured_ns += m.backpressured_ns;
-        e.watermark = e.watermark.min(m.watermark);
+    let metrics = job.metrics();
+    let vertices: std::collections::BTreeSet<usize> = metrics.keys().map(|(v, _)| *v).collect();
+    for v in vertices {
+        let m = MetricsSnapshot::sum(metrics.range((v, 0)..=(v, u32::MAX)).map(|(_, m)| m));
+        out.insert(v, m);
     }
     out
 }

@@ -72,3 +72,29 @@ pub struct MetricsSnapshot {
     /// See [`SubtaskMetrics::watermark`].
     pub watermark: i64,
 }
+
+impl MetricsSnapshot {
+    /// The counters of several subtasks added up, and their lowest watermark (`i64::MIN` when
+    /// there are none).
+    pub fn sum<'a>(all: impl IntoIterator<Item = &'a MetricsSnapshot>) -> MetricsSnapshot {
+        let mut out = MetricsSnapshot {
+            watermark: i64::MAX,
+            ..Default::default()
+        };
+        let mut any = false;
+        for m in all {
+            any = true;
+            out.records_in += m.records_in;
+            out.records_out += m.records_out;
+            out.records_written += m.records_written;
+            out.late_records += m.late_records;
+            out.dead_letters += m.dead_letters;
+            out.backpressured_ns += m.backpressured_ns;
+            out.watermark = out.watermark.min(m.watermark);
+        }
+        if !any {
+            out.watermark = i64::MIN;
+        }
+        out
+    }
+}

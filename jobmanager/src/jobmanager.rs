@@ -332,6 +332,15 @@ impl Inner {
         self.wake.1.notify_all();
     }
 
+    fn jobs(&self) -> Vec<Arc<JobEntry>> {
+        self.jobs
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn taskmanagers(&self) -> Vec<Arc<dyn TaskManagerGateway>> {
         self.taskmanagers.lock().expect("taskmanagers lock").clone()
     }
@@ -871,13 +880,7 @@ fn schedule_loop(inner: std::sync::Weak<Inner>) {
                 }
             }
         }
-        let jobs: Vec<_> = inner
-            .jobs
-            .lock()
-            .expect("jobs lock")
-            .values()
-            .cloned()
-            .collect();
+        let jobs = inner.jobs();
         for entry in jobs {
             try_start(&inner, &entry);
         }
@@ -896,13 +899,7 @@ fn schedule_loop(inner: std::sync::Weak<Inner>) {
 /// A TaskManager is gone: every subtask it ran counts as failed.
 fn lose_taskmanager(inner: &Inner, tm: &Arc<dyn TaskManagerGateway>, reason: &str) {
     warn!(taskmanager = tm.id(), reason, "TaskManager lost");
-    let jobs: Vec<_> = inner
-        .jobs
-        .lock()
-        .expect("jobs lock")
-        .values()
-        .cloned()
-        .collect();
+    let jobs = inner.jobs();
     for entry in jobs {
         let rt = entry.rt();
         let Some(a) = &rt.attempt else { continue };
@@ -972,7 +969,21 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
             .map(|v| v.name.clone())
             .unwrap_or_default();
         let task = format!("{name}#{}", ev.subtask);
-        match ev.state {
+        let mut state = ev.state;
+        if matches!(state, TaskState::Cancelled)
+            && !rt.cancel_requested
+            && rt.attempt.as_ref().is_some_and(|a| a.failure.is_none())
+        {
+            // nobody here asked for it: its TaskManager gave up on this JobManager (missed
+            // heartbeats); the subtask's work is lost, as if it had failed
+            state = TaskState::Failed {
+                error: "cancelled by its TaskManager, which lost contact with the JobManager"
+                    .into(),
+                root_cause: true,
+                retryable: true,
+            };
+        }
+        match state {
             TaskState::Running | TaskState::Checkpoint(_) | TaskState::Cancelled => {}
             TaskState::Finished {
                 metrics,

@@ -443,24 +443,7 @@ pub fn job_info(j: &JobHandle) -> pb::JobInfo {
         .iter()
         .enumerate()
         .map(|(v, vx)| {
-            let mut sum = MetricsSnapshot {
-                watermark: i64::MAX,
-                ..Default::default()
-            };
-            let mut any = false;
-            for ((_, _), m) in metrics.range((v, 0)..=(v, u32::MAX)) {
-                any = true;
-                sum.records_in += m.records_in;
-                sum.records_out += m.records_out;
-                sum.records_written += m.records_written;
-                sum.late_records += m.late_records;
-                sum.dead_letters += m.dead_letters;
-                sum.backpressured_ns += m.backpressured_ns;
-                sum.watermark = sum.watermark.min(m.watermark);
-            }
-            if !any {
-                sum.watermark = i64::MIN;
-            }
+            let sum = MetricsSnapshot::sum(metrics.range((v, 0)..=(v, u32::MAX)).map(|(_, m)| m));
             pb::VertexInfo {
                 name: vx.name.clone(),
                 parallelism: vx.parallelism,
