@@ -10,68 +10,10 @@
 //!   and its latest checkpoint, and the output must again be exactly the expected one.
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{args, check_output, freshet};
-
-/// A child process whose stderr is collected; killed when dropped.
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn start(a: &[String]) -> Proc {
-        let mut child = freshet()
-            .args(a)
-            .env("FRESHET_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let l = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
-            }
-        });
-        Proc { child, log }
-    }
-
-    /// Waits for a stderr line containing `what`.
-    fn wait_for(&self, what: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(what)) {
-                return l.clone();
-            }
-            assert!(Instant::now() < deadline, "no '{what}' in:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{Proc, args, check_output, freshet};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -345,7 +287,7 @@ sinks:
     let sample = || {
         let source = vertex_metrics(&address, &id, 0);
         let sink = vertex_metrics(&address, &id, 1);
-        let rss: u64 = tms.iter().map(|t| rss_kib(t.child.id())).sum();
+        let rss: u64 = tms.iter().map(|t| rss_kib(t.pid())).sum();
         (
             source["records_in"].as_u64().unwrap_or(0),
             source["backpressured_ns"].as_u64().unwrap_or(0),

@@ -1,4 +1,4 @@
-//! Savepoints through the CLI and the JobManager's HTTP API: a job runs at parallelism 2, is
+//! Savepoints through the CLI and the JobManager's control plane: a job runs at parallelism 2, is
 //! stopped with a savepoint (`freshet stop --savepoint`), the savepoint directory is moved
 //! elsewhere, and the job is restored from the moved copy at parallelism 1 and at 3 (key groups
 //! redistributed). Each restored run's final output must equal the expected output computed by
@@ -6,64 +6,20 @@
 //! unmatched state.
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
+use std::process::Output;
 use std::time::Duration;
 
-use common::{args, check_output, freshet};
+use common::{Proc, args, check_output, freshet};
 
-/// A `freshet run` in the background whose stderr is read line by line.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn start(args: &[String]) -> Running {
-        let mut child = freshet()
-            .args(args)
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Running { child, lines }
-    }
-
-    /// The control-plane address it printed.
-    fn api(&self) -> String {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(20))
-                .expect("the run prints its address");
-            if let Some(addr) = line.strip_prefix("JobManager listening on ") {
-                return addr.to_string();
-            }
-        }
-    }
-
-    fn wait(mut self) -> (bool, String) {
-        let ok = self.child.wait().unwrap().success();
-        let rest: Vec<String> = self.lines.try_iter().collect();
-        (ok, rest.join("\n"))
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Runs `freshet` with `a` and `extra` to the end, without a control plane.
+fn run_to_end(a: &[String], extra: &[&str]) -> Output {
+    freshet()
+        .args(a)
+        .args(["--listen", "off"])
+        .args(extra)
+        .output()
+        .unwrap()
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -85,8 +41,15 @@ fn stop_with_savepoint(name: &str, work: &Path) -> (String, PathBuf) {
     let out = work.join("out");
     std::fs::create_dir_all(&out).unwrap();
     let chk = work.join("checkpoints").display().to_string();
-    let run = Running::start(&args(name, 2, &out, &chk, 4.0));
-    let api = run.api();
+    let mut a = args(name, 2, &out, &chk, 4.0);
+    a.extend(["--listen".into(), "127.0.0.1:0".into()]);
+    let mut run = Proc::start(&a);
+    let api = run
+        .wait_for("JobManager listening on ")
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .to_string();
     std::thread::sleep(Duration::from_millis(1200));
     let o = freshet()
         .args(["stop", name, "--savepoint", "--dir"])
@@ -125,11 +88,7 @@ fn savepoint_is_relocatable_and_rescales() {
         let mut a = args(name, parallelism, &copy, &chk.display().to_string(), 0.01);
         a.push("--restore".into());
         a.push(moved.display().to_string());
-        let o = freshet()
-            .args(&a)
-            .args(["--listen", "off"])
-            .output()
-            .unwrap();
+        let o = run_to_end(&a, &[]);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "restore at {parallelism}: {stderr}");
         assert!(stderr.contains("restoring from"), "{stderr}");
@@ -172,21 +131,13 @@ fn changed_graph_is_refused_unless_state_may_be_dropped() {
     a[1] = job.display().to_string();
     a.push("--restore".into());
     a.push(savepoint.clone());
-    let o = freshet()
-        .args(&a)
-        .args(["--listen", "off"])
-        .output()
-        .unwrap();
+    let o = run_to_end(&a, &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("'revenue'") && stderr.contains("--allow-non-restored-state"),
         "{stderr}"
     );
-    let o = freshet()
-        .args(&a)
-        .args(["--listen", "off", "--allow-non-restored-state"])
-        .output()
-        .unwrap();
+    let o = run_to_end(&a, &["--allow-non-restored-state"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

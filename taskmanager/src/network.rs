@@ -170,17 +170,45 @@ fn spawn_writer(
     Ok(())
 }
 
-fn frame(kind: u8, channel: u32, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(9 + payload.len());
-    f.extend_from_slice(&((5 + payload.len()) as u32).to_le_bytes());
+/// A frame whose payload `write` appends in place (no copy of a batch's bytes).
+fn frame_with<E>(
+    kind: u8,
+    channel: u32,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<Vec<u8>, E> {
+    let mut f = Vec::with_capacity(64);
+    f.extend_from_slice(&[0u8; 4]);
     f.push(kind);
     f.extend_from_slice(&channel.to_le_bytes());
-    f.extend_from_slice(payload);
-    f
+    write(&mut f)?;
+    let len = (f.len() - 4) as u32;
+    f[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(f)
 }
 
-/// Reads one frame: (kind, channel, payload). `None` at a clean end of stream.
-fn read_frame(r: &mut impl Read) -> io::Result<Option<(u8, u32, Vec<u8>)>> {
+fn frame(kind: u8, channel: u32, payload: &[u8]) -> Vec<u8> {
+    frame_with(kind, channel, |f| {
+        f.extend_from_slice(payload);
+        Ok::<_, std::convert::Infallible>(())
+    })
+    .unwrap_or_else(|e| match e {})
+}
+
+/// One frame as read: its kind, channel and the bytes after the header.
+struct Frame {
+    kind: u8,
+    channel: u32,
+    bytes: Vec<u8>,
+}
+
+impl Frame {
+    fn payload(&self) -> &[u8] {
+        &self.bytes[5..]
+    }
+}
+
+/// Reads one frame. `None` at a clean end of stream.
+fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len) {
         Ok(()) => {}
@@ -194,12 +222,13 @@ fn read_frame(r: &mut impl Read) -> io::Result<Option<(u8, u32, Vec<u8>)>> {
             format!("bad frame length {len}"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf)?;
-    let kind = buf[0];
-    let channel = u32::from_le_bytes(buf[1..5].try_into().expect("4 bytes"));
-    buf.drain(..5);
-    Ok(Some((kind, channel, buf)))
+    let mut bytes = vec![0u8; len];
+    r.read_exact(&mut bytes)?;
+    Ok(Some(Frame {
+        kind: bytes[0],
+        channel: u32::from_le_bytes(bytes[1..5].try_into().expect("4 bytes")),
+        bytes,
+    }))
 }
 
 /// An outgoing connection and the credits of its channels.
@@ -235,7 +264,8 @@ impl Connection {
             .spawn(move || {
                 let mut r = BufReader::new(reader);
                 let result = (|| -> io::Result<()> {
-                    while let Some((kind, channel, payload)) = read_frame(&mut r)? {
+                    while let Some(f) = read_frame(&mut r)? {
+                        let (kind, channel, payload) = (f.kind, f.channel, f.payload());
                         let Some(conn) = weak.upgrade() else {
                             return Ok(());
                         };
@@ -375,8 +405,8 @@ impl Outbound for RemoteSender {
         if matches!(e, Element::EndOfInput) {
             self.ended.store(true, Ordering::Relaxed);
         }
-        let payload = encode(&e)?;
-        self.conn.send(frame(DATA, self.channel, &payload))?;
+        self.conn
+            .send(frame_with(DATA, self.channel, |f| encode(&e, f))?)?;
         Ok(None)
     }
 }
@@ -440,10 +470,11 @@ fn serve_incoming(stream: TcpStream, shuffle: Arc<LocalShuffle>) -> io::Result<(
     )?;
     let mut r = BufReader::with_capacity(256 << 10, stream);
     let mut open: HashMap<u32, ChannelSender> = HashMap::new();
-    while let Some((kind, channel, payload)) = read_frame(&mut r)? {
+    while let Some(f) = read_frame(&mut r)? {
+        let (kind, channel, payload) = (f.kind, f.channel, f.payload());
         match kind {
             OPEN => {
-                let w: WireKey = postcard::from_bytes(&payload)
+                let w: WireKey = postcard::from_bytes(payload)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
                 let key = ChannelKey {
                     job: JobId(w.job),
@@ -467,7 +498,7 @@ fn serve_incoming(stream: TcpStream, shuffle: Arc<LocalShuffle>) -> io::Result<(
                 let _ = tx.send(frame(CREDIT, channel, &capacity.to_le_bytes()));
             }
             DATA => {
-                let e = decode(&payload)
+                let e = decode(payload)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
                 let end = matches!(e, Element::EndOfInput);
                 let Some(sender) = open.get(&channel) else {
@@ -513,34 +544,31 @@ const TAG_END: u8 = 3;
 const TAG_BARRIER: u8 = 4;
 const TAG_SUSPEND: u8 = 5;
 
-/// Encodes an element: a tag byte, then a batch as an Arrow IPC stream, a watermark as eight
-/// bytes, a barrier with postcard.
-fn encode(e: &Element) -> freshet_engine::Result<Vec<u8>> {
+/// Appends an element to `out`: a tag byte, then a batch as an Arrow IPC stream, a watermark
+/// as eight bytes, a barrier with postcard.
+fn encode(e: &Element, out: &mut Vec<u8>) -> freshet_engine::Result<()> {
     let err = |e: String| EngineError::Operator(format!("encoding an element: {e}"));
-    Ok(match e {
+    match e {
         Element::Batch(b) => {
-            let mut out = vec![TAG_BATCH];
+            out.push(TAG_BATCH);
             let mut w =
-                StreamWriter::try_new(&mut out, &b.schema()).map_err(|e| err(e.to_string()))?;
+                StreamWriter::try_new(&mut *out, &b.schema()).map_err(|e| err(e.to_string()))?;
             w.write(b).map_err(|e| err(e.to_string()))?;
             w.finish().map_err(|e| err(e.to_string()))?;
-            drop(w);
-            out
         }
         Element::Watermark(w) => {
-            let mut out = vec![TAG_WATERMARK];
+            out.push(TAG_WATERMARK);
             out.extend_from_slice(&w.0.to_le_bytes());
-            out
         }
-        Element::Idle => vec![TAG_IDLE],
-        Element::EndOfInput => vec![TAG_END],
+        Element::Idle => out.push(TAG_IDLE),
+        Element::EndOfInput => out.push(TAG_END),
         Element::Barrier(b) => {
-            let mut out = vec![TAG_BARRIER];
+            out.push(TAG_BARRIER);
             out.extend(postcard::to_stdvec(b).map_err(|e| err(e.to_string()))?);
-            out
         }
-        Element::Suspend => vec![TAG_SUSPEND],
-    })
+        Element::Suspend => out.push(TAG_SUSPEND),
+    }
+    Ok(())
 }
 
 fn decode(bytes: &[u8]) -> Result<Element, String> {
@@ -612,7 +640,9 @@ mod tests {
                 stop: true,
             }),
         ] {
-            let back = decode(&encode(&e).unwrap()).unwrap();
+            let mut bytes = Vec::new();
+            encode(&e, &mut bytes).unwrap();
+            let back = decode(&bytes).unwrap();
             assert_eq!(format!("{e:?}"), format!("{back:?}"));
         }
         assert!(decode(&[9]).is_err());

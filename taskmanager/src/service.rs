@@ -390,3 +390,38 @@ fn forward_events(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_of_an_older_leader_epoch_are_refused() {
+        let (events, _rx) = crossbeam_channel::unbounded();
+        let tm = Arc::new(TaskManager::new(
+            "tm",
+            1,
+            Arc::new(LocalShuffle::new()),
+            None,
+            events,
+        ));
+        let service = Service {
+            tm,
+            epoch: Arc::new(AtomicU64::new(0)),
+            state_dir: None,
+            restores: Mutex::new(HashMap::new()),
+        };
+        assert!(service.fence(5).is_ok());
+        assert!(service.fence(5).is_ok());
+        let refused = service.fence(4).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            refused.message().contains("epoch 4"),
+            "{}",
+            refused.message()
+        );
+        // a newer leader takes over; the previous one is refused from now on
+        assert!(service.fence(6).is_ok());
+        assert!(service.fence(5).is_err());
+    }
+}

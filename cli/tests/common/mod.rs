@@ -1,14 +1,87 @@
-//! Helpers of the recovery and savepoint tests: the `freshet` binary, example arguments, output
-//! checks, a moto S3 server, a seeded random source.
+//! Helpers of the recovery, savepoint and cluster tests: the `freshet` binary, a background
+//! process whose stderr is collected, example arguments, output checks, a moto S3 server, a
+//! seeded random source.
 #![allow(dead_code)]
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use freshet_tests::{comparable, read_rows, repo};
 
 pub fn freshet() -> Command {
     Command::new(env!("CARGO_BIN_EXE_freshet"))
+}
+
+/// A child process whose stderr is collected; killed when dropped.
+pub struct Proc {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn start(a: &[String]) -> Proc {
+        let mut child = freshet()
+            .args(a)
+            .env("FRESHET_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+        Proc { child, log }
+    }
+
+    /// Waits for a stderr line containing `what`.
+    pub fn wait_for(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(what)) {
+                return l.clone();
+            }
+            assert!(Instant::now() < deadline, "no '{what}' in:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Proc {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for it to exit: whether it succeeded, and its stderr.
+    pub fn wait(&mut self) -> (bool, String) {
+        let ok = self.child.wait().unwrap().success();
+        // the reader thread drains the rest of stderr once the process is gone
+        std::thread::sleep(Duration::from_millis(100));
+        (ok, self.log())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A small deterministic random source, seeded from the clock; the seed is printed so a failure
