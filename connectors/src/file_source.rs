@@ -212,6 +212,37 @@ impl FileSource {
         Ok(())
     }
 
+    /// Where reading of each of this subtask's files stands. A file not reached yet keeps the
+    /// position it was restored with: a snapshot taken before the first poll after a restore
+    /// must not send the source back to the start of its files.
+    fn positions_now(&self) -> Vec<FilePosition> {
+        let mut positions = Vec::new();
+        for (i, path) in self.files.iter().enumerate() {
+            let file = self.name_of(path);
+            let position = match &self.open {
+                Some(o) if o.path == *path => FilePosition {
+                    file,
+                    // a partial line was not emitted: it is read again after a restore
+                    offset: o.consumed - o.partial.len() as u64,
+                    line: o.line_no,
+                    done: false,
+                },
+                _ if i < self.next_file => FilePosition {
+                    file,
+                    offset: 0,
+                    line: 0,
+                    done: true,
+                },
+                _ => match self.resume.get(&file) {
+                    Some(restored) => restored.clone(),
+                    None => continue,
+                },
+            };
+            positions.push(position);
+        }
+        positions
+    }
+
     fn split_csv(&self, line: &str) -> std::result::Result<Vec<String>, String> {
         let mut r = self.csv.from_reader(line.as_bytes());
         let mut rec = csv::StringRecord::new();
@@ -412,28 +443,102 @@ impl Source for FileSource {
     }
 
     fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
-        let mut positions = Vec::new();
-        for (i, path) in self.files.iter().enumerate().take(self.next_file) {
-            let file = self.name_of(path);
-            positions.push(match &self.open {
-                Some(o) if o.path == *path => FilePosition {
-                    file,
-                    // a partial line was not emitted: it is read again after a restore
-                    offset: o.consumed - o.partial.len() as u64,
-                    line: o.line_no,
-                    done: false,
-                },
-                _ => FilePosition {
-                    file,
-                    offset: 0,
-                    line: 0,
-                    done: i < self.next_file,
-                },
-            });
-        }
+        let positions = self.positions_now();
         let data = serde_json::to_vec(&positions)
             .map_err(|e| EngineError::State(format!("file source positions: {e}")))?;
         snap.put(POSITIONS, data);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(dir: &Path, files: &[(&str, &str)], index: u32, parallelism: u32) -> FileSource {
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let fields = vec![("n".to_string(), FieldType::Int)];
+        let decoded = crate::decode::schema_of(&fields);
+        let config = FileSourceConfig {
+            name: "numbers".into(),
+            path: dir.to_path_buf(),
+            display_path: "numbers".into(),
+            format: FileFormat::Jsonl,
+            follow: false,
+            header: false,
+            delimiter: b',',
+            fields,
+            event_time: EventTime::compile(None, &decoded).unwrap(),
+            batch_size: 16,
+            rows_per_second: None,
+        };
+        FileSource::new(config, index, parallelism).unwrap()
+    }
+
+    fn position(file: &str, offset: u64, line: u64, done: bool) -> FilePosition {
+        FilePosition {
+            file: file.into(),
+            offset,
+            line,
+            done,
+        }
+    }
+
+    fn summary(p: &[FilePosition]) -> Vec<(String, u64, u64, bool)> {
+        p.iter()
+            .map(|p| (p.file.clone(), p.offset, p.line, p.done))
+            .collect()
+    }
+
+    /// A snapshot taken after a restore but before the source read anything keeps the restored
+    /// positions (it once recorded none, so a restore from it read every file again).
+    #[test]
+    fn restored_positions_survive_a_snapshot_before_the_first_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n";
+        let mut s = source(dir.path(), &[("a.jsonl", text), ("b.jsonl", text)], 0, 1);
+        for p in [
+            position("numbers/a.jsonl", 0, 0, true),
+            position("numbers/b.jsonl", 8, 1, false),
+        ] {
+            s.resume.insert(p.file.clone(), p);
+        }
+        assert_eq!(
+            summary(&s.positions_now()),
+            vec![
+                ("numbers/a.jsonl".into(), 0, 0, true),
+                ("numbers/b.jsonl".into(), 8, 1, false)
+            ]
+        );
+        // reaching b (a is skipped as done) continues from its restored position
+        assert!(s.open_next().unwrap());
+        assert_eq!(
+            summary(&s.positions_now()),
+            vec![
+                ("numbers/a.jsonl".into(), 0, 0, true),
+                ("numbers/b.jsonl".into(), 8, 1, false)
+            ]
+        );
+    }
+
+    /// A subtask records only its own files, also after a restore that holds the positions of
+    /// every former subtask (a rescale).
+    #[test]
+    fn a_subtask_records_only_its_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "{\"n\":1}\n";
+        let mut s = source(dir.path(), &[("a.jsonl", text), ("b.jsonl", text)], 1, 2);
+        for p in [
+            position("numbers/a.jsonl", 8, 1, false),
+            position("numbers/b.jsonl", 0, 0, true),
+        ] {
+            s.resume.insert(p.file.clone(), p);
+        }
+        assert_eq!(
+            summary(&s.positions_now()),
+            vec![("numbers/b.jsonl".into(), 0, 0, true)]
+        );
     }
 }
