@@ -42,6 +42,9 @@ pub struct JobManagerArgs {
     /// A TaskManager silent for this long is lost and its subtasks restarted elsewhere.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     heartbeat_timeout: Duration,
+    /// Where `/healthz` and `/readyz` are served (ready once leading and serving); `off`.
+    #[arg(long, default_value = "off")]
+    health: String,
 }
 
 /// `freshet taskmanager`.
@@ -68,6 +71,9 @@ pub struct TaskManagerArgs {
     /// Root of the subtasks' working directories (RocksDB), overriding `state.local_dir`.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Where `/healthz` and `/readyz` are served (ready once serving); `off`.
+    #[arg(long, default_value = "off")]
+    health: String,
 }
 
 fn unix_millis() -> u64 {
@@ -83,6 +89,7 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
         .enable_all()
         .thread_name("jm-rpc")
         .build()?;
+    let ready = crate::health::serve(&args.health, "jobmanager")?;
     let (epoch, store) = match &args.ha_dir {
         Some(dir) => {
             let storage = Storage::open(dir, &std::env::current_dir()?, &S3Options::default())
@@ -117,6 +124,7 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
     if resumed > 0 {
         eprintln!("resuming {resumed} job(s)");
     }
+    ready.set(true);
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc::set_handler(move || {
         let _ = tx.send(());
@@ -127,6 +135,8 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
 }
 
 pub fn taskmanager(args: TaskManagerArgs) -> Result<i32> {
+    // ready once started: whether it registered is the JobManager's to judge
+    crate::health::serve(&args.health, "taskmanager")?.set(true);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "taskmanager".into());

@@ -3,6 +3,8 @@
 mod bench;
 mod client;
 mod cluster;
+mod health;
+mod operator;
 mod run;
 
 use anyhow::Result;
@@ -147,6 +149,11 @@ enum Command {
     },
     /// Print the JSON Schema of job files.
     Schema,
+    /// Print the StreamJob CustomResourceDefinition (YAML) for `kubectl apply -f -`.
+    Crd,
+    /// Run the Kubernetes operator: reconciles StreamJob resources (in a cluster, or with the
+    /// kubeconfig of this machine).
+    Operator(operator::OperatorArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -269,6 +276,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&freshet_job::schema())?);
             Ok(0)
         }
+        Command::Crd => {
+            print!("{}", freshet_crds::crd_yaml());
+            Ok(0)
+        }
+        Command::Operator(args) => operator::run(args),
         Command::Bench { which } => bench::run(which),
     }
 }

@@ -660,3 +660,24 @@ impl Coordinator {
         }
     }
 }
+
+/// Deletes the savepoint at `location`. Refused unless its metadata says it is a savepoint, so
+/// a mistyped path never deletes a checkpoint (which the job owns) or anything else.
+pub fn dispose_savepoint(location: &str, s3: &S3Options) -> Result<(), String> {
+    let dir = Storage::open(location, std::path::Path::new("."), s3).map_err(|e| e.to_string())?;
+    let bytes = dir
+        .get(METADATA)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{location}: no {METADATA}; not a savepoint"))?;
+    let metadata: CheckpointMetadata =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{location}/{METADATA}: {e}"))?;
+    if metadata.kind != SnapshotKind::Savepoint {
+        return Err(format!(
+            "{location} is a checkpoint of job {}, not a savepoint; the job deletes its checkpoints itself",
+            metadata.job
+        ));
+    }
+    // the metadata goes first: a savepoint half deleted is no longer mistaken for a complete one
+    dir.delete(METADATA).map_err(|e| e.to_string())?;
+    dir.delete_dir("").map_err(|e| e.to_string())
+}

@@ -159,6 +159,9 @@ struct Runtime {
     /// own (restarts resume from them).
     first_generation: Option<u64>,
     restored_from: Option<String>,
+    /// Checkpoint history of the last attempt that ended (kept so that a stopped job still
+    /// shows the savepoint it stopped with).
+    last_history: Vec<CheckpointStats>,
     /// The waiting message last logged, so it is logged once.
     logged_wait: Option<String>,
 }
@@ -255,9 +258,13 @@ impl JobHandle {
             .and_then(|a| a.coordinator.clone())
     }
 
-    /// The checkpoint history of the current attempt (empty when the job takes no checkpoints).
+    /// The checkpoint history of the current attempt, or of the last one once the job ended
+    /// (empty when the job takes no checkpoints).
     pub fn checkpoints(&self) -> Vec<CheckpointStats> {
-        self.coordinator().map(|c| c.history()).unwrap_or_default()
+        match self.coordinator() {
+            Some(c) => c.history(),
+            None => self.entry.rt().last_history.clone(),
+        }
     }
 
     /// The checkpoint or savepoint the current attempt started from.
@@ -562,6 +569,7 @@ impl JobManager {
                 cancel_requested: false,
                 first_generation,
                 restored_from: None,
+                last_history: Vec::new(),
                 logged_wait: None,
             }),
             changed: Condvar::new(),
@@ -1027,6 +1035,7 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
         let a = rt.attempt.take().expect("attempt");
         if let Some(c) = &a.coordinator {
             c.stop();
+            rt.last_history = c.history();
         }
         jm.allocations
             .lock()

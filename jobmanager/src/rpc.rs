@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+use freshet_engine::checkpoint::S3Options;
 use freshet_engine::metrics::MetricsSnapshot;
 use freshet_proto::job_manager_server::{JobManager as JobManagerRpc, JobManagerServer};
 use freshet_proto::task_manager_client::TaskManagerClient;
@@ -624,6 +625,20 @@ impl JobManagerRpc for JobManagerService {
             let dir = (!req.directory.is_empty()).then_some(req.directory);
             j.savepoint(dir.as_deref(), req.stop)
                 .map(|location| pb::SavepointResponse { location })
+                .map_err(Status::failed_precondition)
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn dispose_savepoint(
+        &self,
+        request: Request<pb::DisposeSavepointRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let location = request.into_inner().location;
+        blocking(move || {
+            crate::checkpoints::dispose_savepoint(&location, &S3Options::default())
+                .map(|()| pb::Empty {})
                 .map_err(Status::failed_precondition)
         })
         .await

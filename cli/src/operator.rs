@@ -1,0 +1,61 @@
+//! `freshet operator`: the Kubernetes operator as a process, with leader election and health
+//! endpoints.
+use anyhow::{Context, Result};
+use std::time::Duration;
+
+/// `freshet operator`.
+#[derive(clap::Args, Debug)]
+pub struct OperatorArgs {
+    /// Watch StreamJobs in this namespace only (default: every namespace).
+    #[arg(long, env = "FRESHET_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Namespace of the leader lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader lease.
+    #[arg(long, default_value = "freshet-operator")]
+    lease_name: String,
+    /// This replica's identity in the lease (default: the pod name, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// A leader that has not renewed the lease for this long is replaced.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// Where `/healthz` and `/readyz` are served; `off`.
+    #[arg(long, default_value = "off")]
+    health: String,
+}
+
+pub fn run(args: OperatorArgs) -> Result<i32> {
+    let ready = crate::health::serve(&args.health, "operator")?;
+    let identity = args.identity.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "operator".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+        // a standby replica is ready too: it serves as soon as it takes the lease
+        ready.set(true);
+        freshet_operator::run(
+            client,
+            freshet_operator::Settings {
+                namespace: args.namespace,
+                lease_namespace: args.lease_namespace,
+                lease_name: args.lease_name,
+                identity,
+                lease_duration: args.lease_duration,
+            },
+        )
+        .await
+        .map_err(anyhow::Error::from)
+    })?;
+    Ok(0)
+}

@@ -1,0 +1,637 @@
+//! Reconcile flows of the Kubernetes operator. The Kubernetes API is an in-memory fake
+//! (kube-fake-client): no API server can run on these machines, and nothing runs the pods the
+//! operator's Deployments describe. A real JobManager and TaskManager pair, started here as
+//! processes on loopback, stands in for those pods, and the operator talks to it over its gRPC
+//! control plane as it would to the JobManager Service. Checkpoints and savepoints go to a local
+//! directory.
+mod common;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::Proc;
+use freshet_crds::{
+    ChangePhase, Lifecycle, SavepointState, SavepointTrigger, StreamJob, StreamJobStatus,
+};
+use freshet_operator::{Context, reconcile};
+
+const NS: &str = "streaming";
+
+/// A JobManager and a TaskManager with 4 slots, as processes.
+struct Pods {
+    _jm: Proc,
+    _tm: Proc,
+    address: String,
+}
+
+fn pods() -> Pods {
+    let jm = Proc::start(&["jobmanager".into(), "--listen".into(), "127.0.0.1:0".into()]);
+    let line = jm.wait_for("JobManager listening on ");
+    let address = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let tm = Proc::start(&[
+        "taskmanager".into(),
+        "--jobmanager".into(),
+        address.clone(),
+        "--slots".into(),
+        "4".into(),
+        "--id".into(),
+        "taskmanager-0".into(),
+    ]);
+    tm.wait_for("listening on");
+    Pods {
+        _jm: jm,
+        _tm: tm,
+        address,
+    }
+}
+
+/// One operator instance: a context over the fake API, reaching the test's JobManager.
+fn operator(client: &Client, address: &str) -> Arc<Context> {
+    let address = address.to_string();
+    Arc::new(Context {
+        client: client.clone(),
+        jobmanager: Arc::new(move |_| address.clone()),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "freshet-operator".into(),
+                instance: Some("test".into()),
+            },
+        ),
+        poll: Duration::from_millis(200),
+        retry: Duration::from_millis(200),
+    })
+}
+
+async fn fake_api() -> Client {
+    kube_fake_client::ClientBuilder::new()
+        .with_resource::<StreamJob>()
+        .with_status_subresource::<StreamJob>()
+        .build()
+        .await
+        .unwrap()
+}
+
+/// A StreamJob with an unbounded keyed job (generator → keep latest per key → file).
+fn stream_job(name: &str, storage: &std::path::Path, out: &std::path::Path) -> Value {
+    json!({
+        "apiVersion": "freshet.dev/v1alpha1",
+        "kind": "StreamJob",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "image": "freshet:test",
+            "parallelism": 1,
+            "taskManagers": {"slots": 4},
+            "checkpointing": {"interval": "500ms", "storage": storage.display().to_string()},
+            "job": {
+                "version": 1,
+                "name": name,
+                // a generator cannot change parallelism; the keyed operator after it does
+                "sources": {"gen": {
+                    "parallelism": 1,
+                    "connector": {"type": "generator", "rows_per_second": 400,
+                                  "fields": {"k": "seq % 16", "v": "seq", "ts": "seq"}},
+                    "event_time": "ts",
+                    "watermark": {"max_out_of_orderness": "1s"}
+                }},
+                "transforms": {"latest": {
+                    "type": "deduplicate", "input": "gen", "key": ["k"],
+                    "keep": "latest", "order_by": "v", "ttl": "1000d"
+                }},
+                "sinks": {"out": {"input": "latest",
+                                  "connector": {"type": "file", "path": out.display().to_string()}}}
+            }
+        }
+    })
+}
+
+struct Harness {
+    client: Client,
+    api: Api<StreamJob>,
+    ctx: Arc<Context>,
+    name: String,
+    address: String,
+}
+
+impl Harness {
+    async fn create(client: &Client, address: &str, sj: Value) -> Harness {
+        let api: Api<StreamJob> = Api::namespaced(client.clone(), NS);
+        let sj: StreamJob = serde_json::from_value(sj).unwrap();
+        let name = sj.name_any();
+        api.create(&PostParams::default(), &sj).await.unwrap();
+        Harness {
+            client: client.clone(),
+            api,
+            ctx: operator(client, address),
+            name,
+            address: address.into(),
+        }
+    }
+
+    async fn get(&self) -> StreamJob {
+        self.api.get(&self.name).await.unwrap()
+    }
+
+    fn status(sj: &StreamJob) -> StreamJobStatus {
+        sj.status.clone().unwrap_or_default()
+    }
+
+    /// One reconcile pass, as the controller would run it.
+    async fn step(&self) {
+        let sj = self.get().await;
+        if let Err(e) = reconcile(Arc::new(sj), self.ctx.clone()).await {
+            eprintln!("reconcile error (retried): {e}");
+        }
+    }
+
+    /// Reconciles until `done` holds for the StreamJob (at most 90 s).
+    async fn until(&self, what: &str, done: impl Fn(&StreamJob) -> bool) -> StreamJob {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            self.step().await;
+            let sj = self.get().await;
+            if done(&sj) {
+                return sj;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not reached; status: {}",
+                serde_json::to_string_pretty(&sj.status).unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Reconciles until the job runs the spec's generation on the JobManager.
+    async fn until_running(&self, what: &str) -> StreamJob {
+        self.until(what, |sj| {
+            let s = Self::status(sj);
+            s.lifecycle == Some(Lifecycle::Running)
+                && s.job_state.as_deref() == Some("running")
+                && s.change.is_none()
+                && s.deployed.as_ref().map(|d| d.generation) == sj.metadata.generation
+        })
+        .await
+    }
+
+    async fn patch_spec(&self, spec: Value) {
+        self.api
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "spec": spec })),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The job as its JobManager reports it.
+    async fn job(&self, id: &str) -> freshet_proto::JobInfo {
+        let jm = freshet_operator::jm::JobManager::connect(&self.address)
+            .await
+            .unwrap();
+        jm.job(id).await.unwrap().unwrap()
+    }
+
+    async fn deployment(&self, suffix: &str) -> Deployment {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), NS);
+        api.get(&format!("{}-{suffix}", self.name)).await.unwrap()
+    }
+}
+
+fn replicas(d: &Deployment) -> i32 {
+    d.spec.as_ref().unwrap().replicas.unwrap()
+}
+
+fn has_metadata(path: &str) -> bool {
+    std::path::Path::new(path).join("_metadata").exists()
+}
+
+/// Create, savepoint on request, upgrade with a savepoint, rescale, suspend and resume,
+/// last-state and stateless restarts, and the owner references that make delete clean up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_of_a_stream_job() {
+    let pods = pods();
+    let dir = tempfile::tempdir().unwrap();
+    let client = fake_api().await;
+    let h = Harness::create(
+        &client,
+        &pods.address,
+        stream_job(
+            "clicks",
+            &dir.path().join("state"),
+            &dir.path().join("out.jsonl"),
+        ),
+    )
+    .await;
+
+    // create: objects applied, job submitted, running
+    let sj = h.until_running("first deployment").await;
+    let st = Harness::status(&sj);
+    let deployed = st.deployed.clone().unwrap();
+    assert_eq!(deployed.started_with, "initial");
+    assert_eq!(deployed.restored_from, None);
+    assert_eq!(st.parallelism, Some(1));
+    let uid = sj.uid().unwrap();
+    let jm = h.deployment("jobmanager").await;
+    let tm = h.deployment("taskmanager").await;
+    assert_eq!((replicas(&jm), replicas(&tm)), (1, 1));
+    let cm: ConfigMap = Api::namespaced(client.clone(), NS)
+        .get("clicks-job")
+        .await
+        .unwrap();
+    let svc: Service = Api::namespaced(client.clone(), NS)
+        .get("clicks-jobmanager")
+        .await
+        .unwrap();
+    for owners in [
+        jm.owner_references(),
+        tm.owner_references(),
+        cm.owner_references(),
+        svc.owner_references(),
+    ] {
+        // deleting the StreamJob deletes them (the API server's garbage collector does this;
+        // the fake API has none, so the references are what is checked)
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].uid, uid);
+        assert_eq!(owners[0].controller, Some(true));
+    }
+    assert!(cm.data.unwrap()["job.yaml"].contains("name: clicks"));
+    let jm_args = jm.spec.unwrap().template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(
+        jm_args.iter().any(|a| a.ends_with("/ha/streaming/clicks")),
+        "{jm_args:?}"
+    );
+    let first_job = st.job_id.clone().unwrap();
+
+    // savepoint on request
+    h.patch_spec(json!({"savepointTriggerNonce": 1})).await;
+    let sj = h
+        .until("manual savepoint", |sj| {
+            Harness::status(sj).savepoint_trigger_nonce == Some(1)
+        })
+        .await;
+    let manual = Harness::status(&sj).savepoints.last().cloned().unwrap();
+    assert_eq!(manual.trigger, SavepointTrigger::Manual);
+    assert_eq!(manual.state, SavepointState::Completed);
+    assert_eq!(manual.nonce, Some(1));
+    assert!(has_metadata(manual.path.as_deref().unwrap()));
+    assert_eq!(
+        Harness::status(&sj).job_id.as_deref(),
+        Some(first_job.as_str())
+    );
+
+    // upgrade (a changed job definition) in savepoint mode
+    h.patch_spec(json!({"job": {"sources": {"gen": {"connector": {"rows_per_second": 500}}}}}))
+        .await;
+    let sj = h.until_running("upgrade").await;
+    let st = Harness::status(&sj);
+    let upgrade = st
+        .savepoints
+        .iter()
+        .rfind(|s| s.trigger == SavepointTrigger::Upgrade)
+        .cloned()
+        .unwrap();
+    assert_eq!(upgrade.state, SavepointState::Completed);
+    let deployed = st.deployed.clone().unwrap();
+    assert_eq!(deployed.started_with, "savepoint");
+    assert_eq!(deployed.restored_from, upgrade.path);
+    assert_ne!(st.job_id.as_deref(), Some(first_job.as_str()));
+    assert_eq!(
+        h.job(&first_job).await.state,
+        "finished",
+        "the old job stopped"
+    );
+    let second = h.job(st.job_id.as_deref().unwrap()).await;
+    assert_eq!(second.state, "running");
+    assert_eq!(Some(second.restored_from.clone()), upgrade.path);
+
+    // rescale (what `kubectl scale` changes): savepoint, redeploy at the new parallelism
+    h.patch_spec(json!({"parallelism": 3, "taskManagers": {"slots": 2}}))
+        .await;
+    let sj = h.until_running("rescale").await;
+    let st = Harness::status(&sj);
+    assert_eq!(st.parallelism, Some(3));
+    let rescaled = h.job(st.job_id.as_deref().unwrap()).await;
+    // the keyed operator and the sink now run 3 subtasks, restored from state taken at 1
+    let parallelism = |name: &str| {
+        rescaled
+            .vertices
+            .iter()
+            .find(|v| v.name == name)
+            .map(|v| v.parallelism)
+    };
+    assert_eq!(
+        (parallelism("gen"), parallelism("latest")),
+        (Some(1), Some(3))
+    );
+    let sp = st.savepoints.last().unwrap();
+    assert_eq!(sp.trigger, SavepointTrigger::Upgrade);
+    assert_eq!(Some(rescaled.restored_from.clone()), sp.path);
+    assert_eq!(
+        replicas(&h.deployment("taskmanager").await),
+        2,
+        "3 slots of 2"
+    );
+
+    // suspend: stop with a savepoint, pods scaled to zero
+    h.patch_spec(json!({"state": "suspended"})).await;
+    let sj = h
+        .until("suspend", |sj| {
+            Harness::status(sj).lifecycle == Some(Lifecycle::Suspended)
+        })
+        .await;
+    let st = Harness::status(&sj);
+    assert_eq!(h.job(&rescaled.id).await.state, "finished");
+    assert_eq!(replicas(&h.deployment("jobmanager").await), 0);
+    assert_eq!(replicas(&h.deployment("taskmanager").await), 0);
+    let suspend = st.savepoints.last().cloned().unwrap();
+    assert_eq!(suspend.trigger, SavepointTrigger::Suspend);
+    assert!(st.deployed.is_none());
+
+    // resume: from the suspend savepoint
+    h.patch_spec(json!({"state": "running"})).await;
+    let sj = h.until_running("resume").await;
+    let st = Harness::status(&sj);
+    assert_eq!(st.deployed.as_ref().unwrap().restored_from, suspend.path);
+    assert_eq!(replicas(&h.deployment("taskmanager").await), 2);
+
+    // restart in last-state mode: cancelled, restored from the latest checkpoint
+    tokio::time::sleep(Duration::from_secs(2)).await; // let it complete a checkpoint
+    h.patch_spec(json!({"upgradeMode": "last-state", "restartNonce": 1}))
+        .await;
+    let sj = h.until_running("last-state restart").await;
+    let d = Harness::status(&sj).deployed.unwrap();
+    assert_eq!(d.started_with, "last-state");
+    let from = d.restored_from.unwrap_or_default();
+    assert!(from.contains("/chk-"), "restored from {from:?}");
+
+    // restart in stateless mode: empty state
+    h.patch_spec(json!({"upgradeMode": "stateless", "restartNonce": 2}))
+        .await;
+    let sj = h.until_running("stateless restart").await;
+    let d = Harness::status(&sj).deployed.unwrap();
+    assert_eq!(d.started_with, "stateless");
+    assert_eq!(d.restored_from, None);
+}
+
+/// A savepoint that fails halts the upgrade: the old job keeps running, the condition says
+/// why, nothing is retried until the spec changes again, and nothing starts from empty state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_savepoint_halts_the_upgrade() {
+    let pods = pods();
+    let dir = tempfile::tempdir().unwrap();
+    // savepoints cannot be written under a regular file
+    let blocker = dir.path().join("not-a-directory");
+    std::fs::write(&blocker, "x").unwrap();
+    let mut sj = stream_job(
+        "orders",
+        &dir.path().join("state"),
+        &dir.path().join("out.jsonl"),
+    );
+    sj["spec"]["savepoints"] =
+        json!({"directory": blocker.join("savepoints").display().to_string()});
+    let client = fake_api().await;
+    let h = Harness::create(&client, &pods.address, sj).await;
+    let sj = h.until_running("first deployment").await;
+    let before = Harness::status(&sj);
+    let job = before.job_id.clone().unwrap();
+
+    h.patch_spec(json!({"parallelism": 2})).await;
+    let sj = h
+        .until("halted upgrade", |sj| {
+            Harness::status(sj)
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "UpgradeHalted" && c.status == "True")
+        })
+        .await;
+    let st = Harness::status(&sj);
+    let c = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "UpgradeHalted")
+        .unwrap();
+    assert_eq!(c.reason, "SavepointFailed");
+    assert!(
+        c.message.contains("keeps running generation 1"),
+        "{}",
+        c.message
+    );
+    assert!(st.change.is_none());
+    assert_eq!(st.deployed.as_ref().unwrap().generation, 1);
+    let failed = st.savepoints.last().unwrap();
+    assert_eq!(
+        (failed.trigger, failed.state),
+        (SavepointTrigger::Upgrade, SavepointState::Failed)
+    );
+    // more passes change nothing: the same job keeps running
+    for _ in 0..5 {
+        h.step().await;
+    }
+    let st = Harness::status(&h.get().await);
+    assert_eq!(st.job_id.as_deref(), Some(job.as_str()));
+    assert_eq!(h.job(&job).await.state, "running");
+    assert_eq!(
+        st.savepoints.len(),
+        1,
+        "no retry while the spec is unchanged"
+    );
+    assert_eq!(st.lifecycle, Some(Lifecycle::Running));
+
+    // fixing the savepoint directory (a new generation) lets the upgrade through
+    h.patch_spec(
+        json!({"savepoints": {"directory": dir.path().join("savepoints").display().to_string()}}),
+    )
+    .await;
+    let sj = h.until_running("upgrade after the fix").await;
+    let st = Harness::status(&sj);
+    assert_eq!(st.parallelism, Some(2));
+    assert_eq!(st.deployed.unwrap().started_with, "savepoint");
+    assert!(!st.conditions.iter().any(|c| c.type_ == "UpgradeHalted"));
+}
+
+/// An operator that stops in the middle of an upgrade (here: while the JobManager takes the
+/// stop-with-savepoint) is replaced by a new one, which finishes the upgrade from the status
+/// and the job's savepoint history, without a second savepoint or an empty start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_restart_mid_upgrade_resumes_it() {
+    let pods = pods();
+    let dir = tempfile::tempdir().unwrap();
+    let client = fake_api().await;
+    let h = Harness::create(
+        &client,
+        &pods.address,
+        stream_job(
+            "payments",
+            &dir.path().join("state"),
+            &dir.path().join("out.jsonl"),
+        ),
+    )
+    .await;
+    let sj = h.until_running("first deployment").await;
+    let old_job = Harness::status(&sj).job_id.unwrap();
+
+    h.patch_spec(json!({"parallelism": 2})).await;
+    // the first operator starts the upgrade and is stopped once the JobManager is taking the
+    // savepoint
+    let first = {
+        let sj = h.get().await;
+        let ctx = h.ctx.clone();
+        tokio::spawn(async move { reconcile(Arc::new(sj), ctx).await })
+    };
+    let jm = freshet_operator::jm::JobManager::connect(&pods.address)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let snaps = jm.snapshots(&old_job).await.unwrap();
+        if snaps.iter().any(|s| s.kind == "savepoint") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no savepoint started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.abort();
+    let _ = first.await;
+    let st = Harness::status(&h.get().await);
+    let change = st
+        .change
+        .clone()
+        .expect("the change is recorded before its first step");
+    assert_eq!(change.phase, ChangePhase::Stopping);
+
+    // a new operator instance carries on
+    let second = Harness {
+        client: client.clone(),
+        api: h.api.clone(),
+        ctx: operator(&client, &pods.address),
+        name: h.name.clone(),
+        address: pods.address.clone(),
+    };
+    let sj = second.until_running("upgrade by the second operator").await;
+    let st = Harness::status(&sj);
+    let savepoints: Vec<_> = st
+        .savepoints
+        .iter()
+        .filter(|s| s.trigger == SavepointTrigger::Upgrade)
+        .collect();
+    assert_eq!(savepoints.len(), 1, "one savepoint: {savepoints:?}");
+    assert_eq!(savepoints[0].state, SavepointState::Completed);
+    let d = st.deployed.unwrap();
+    assert_eq!(d.restored_from, savepoints[0].path);
+    assert_eq!(d.parallelism, 2);
+    assert_eq!(h.job(&old_job).await.state, "finished");
+}
+
+/// A job definition the engine refuses is reported on the resource, naming the problem, and
+/// nothing is deployed; on a running job, such a change leaves the job running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_job_is_reported_and_deploys_nothing() {
+    let pods = pods();
+    let dir = tempfile::tempdir().unwrap();
+    let client = fake_api().await;
+    let mut bad = stream_job(
+        "bad",
+        &dir.path().join("state"),
+        &dir.path().join("out.jsonl"),
+    );
+    bad["spec"]["job"]["sinks"]["out"]["input"] = json!("nowhere");
+    let h = Harness::create(&client, &pods.address, bad).await;
+    let sj = h
+        .until("invalid spec reported", |sj| {
+            Harness::status(sj).lifecycle == Some(Lifecycle::Failed)
+        })
+        .await;
+    let st = Harness::status(&sj);
+    let c = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SpecValid")
+        .unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    assert!(c.message.contains("nowhere"), "{}", c.message);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    assert!(
+        deployments
+            .get_opt("bad-jobmanager")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // fixed: deployed; then broken again: the running job is left alone
+    h.patch_spec(json!({"job": {"sinks": {"out": {"input": "latest"}}}}))
+        .await;
+    let sj = h.until_running("fixed").await;
+    let job = Harness::status(&sj).job_id.unwrap();
+    h.patch_spec(json!({"job": {"sinks": {"out": {"input": "nowhere"}}}}))
+        .await;
+    let sj = h
+        .until("invalid change reported", |sj| {
+            Harness::status(sj)
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "SpecValid" && c.status == "False")
+        })
+        .await;
+    let st = Harness::status(&sj);
+    assert_eq!(st.job_id.as_deref(), Some(job.as_str()));
+    assert!(st.change.is_none());
+    assert_eq!(h.job(&job).await.state, "running");
+}
+
+/// Two operator replicas: one leads, the other waits; when the leader stops renewing, the
+/// other takes over, and the old leader learns it lost.
+#[tokio::test]
+async fn only_one_operator_replica_leads() {
+    use freshet_operator::leader::Elector;
+    use k8s_openapi::api::coordination::v1::Lease;
+    let client = fake_api().await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "freshet-system");
+    let lease = Duration::from_secs(1);
+    let mut a = Elector::new(leases.clone(), "freshet-operator", "a", lease);
+    let mut b = Elector::new(leases.clone(), "freshet-operator", "b", lease);
+    assert!(a.try_lead().await.unwrap());
+    assert!(!b.try_lead().await.unwrap());
+    // a renews: b still waits, however long
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(a.try_lead().await.unwrap());
+        assert!(!b.try_lead().await.unwrap());
+    }
+    // a stops renewing: b takes the lease once it saw no renewal for a whole lease
+    let started = Instant::now();
+    while !b.try_lead().await.unwrap() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "b never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() >= lease, "taken before the lease lapsed");
+    assert!(!a.try_lead().await.unwrap(), "a must see it lost");
+    let l = leases.get("freshet-operator").await.unwrap();
+    let spec = l.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("b"));
+    assert_eq!(spec.lease_transitions, Some(1));
+}

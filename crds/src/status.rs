@@ -1,0 +1,214 @@
+//! What the operator reports in a `StreamJob`'s status. Every step of a change is recorded here
+//! before it is taken, so an operator that restarts at any point continues from the status.
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::UpgradeMode;
+
+/// The observed state of a `StreamJob`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamJobStatus {
+    /// Where the operator is with the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
+    /// State of the job on its JobManager (`created`, `running`, `restarting`, `finished`,
+    /// `failed`, `cancelled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_state: Option<String>,
+    /// Id of the job on its JobManager.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// The `metadata.generation` of the spec the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Parallelism of the deployed job (the scale subresource reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<i32>,
+    /// Label selector of the job's TaskManager pods (the scale subresource reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// What runs now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployed: Option<Deployed>,
+    /// A change in progress (upgrade, rescale, restart, suspend, resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<Change>,
+    /// The newest completed checkpoint of the running job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint: Option<CheckpointRecord>,
+    /// The newest completed savepoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_savepoint: Option<SavepointRecord>,
+    /// Savepoints taken, oldest first (completed and failed), trimmed by
+    /// `spec.savepoints.maxCount` and `maxAge`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub savepoints: Vec<SavepointRecord>,
+    /// The `spec.savepointTriggerNonce` last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub savepoint_trigger_nonce: Option<i64>,
+    /// When the last periodic savepoint was attempted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_periodic_savepoint: Option<Time>,
+    /// `Ready`, `Reconciling`, `UpgradeHalted`, `SpecValid`, `JobFailed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Where the operator is with a job.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Lifecycle {
+    /// Seen, nothing deployed yet.
+    Created,
+    /// Pods and job being deployed.
+    Deploying,
+    /// The job runs.
+    Running,
+    /// A change is being carried out.
+    Upgrading,
+    /// Stopped on request.
+    Suspended,
+    /// The job ended by itself (its sources are bounded).
+    Finished,
+    /// The job failed, or the spec cannot be deployed.
+    Failed,
+}
+
+impl Lifecycle {
+    /// The name the status shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Lifecycle::Created => "created",
+            Lifecycle::Deploying => "deploying",
+            Lifecycle::Running => "running",
+            Lifecycle::Upgrading => "upgrading",
+            Lifecycle::Suspended => "suspended",
+            Lifecycle::Finished => "finished",
+            Lifecycle::Failed => "failed",
+        }
+    }
+}
+
+/// What runs now.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Deployed {
+    /// `metadata.generation` of the spec deployed.
+    pub generation: i64,
+    /// Hash of the spec fields whose change needs a restart.
+    pub spec_hash: String,
+    /// Parallelism deployed.
+    pub parallelism: i32,
+    /// `spec.restartNonce` deployed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_nonce: Option<i64>,
+    /// How the job was started: `initial` (first deployment), `savepoint`, `last-state` or
+    /// `stateless` (the mode actually used).
+    pub started_with: String,
+    /// The snapshot it restored, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
+    /// When it was submitted.
+    pub time: Time,
+}
+
+/// A change in progress. It is written before its first step, and each step updates it, so
+/// the operator resumes it after a restart.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Change {
+    /// What is changing.
+    pub kind: ChangeKind,
+    /// `metadata.generation` being carried out.
+    pub generation: i64,
+    /// Hash of the target spec.
+    pub spec_hash: String,
+    /// The upgrade mode used.
+    pub mode: UpgradeMode,
+    /// The current step.
+    pub phase: ChangePhase,
+    /// The savepoint the old job stopped with (savepoint mode), once taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub savepoint: Option<String>,
+    /// When it started.
+    pub started: Time,
+}
+
+/// What a change does.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChangeKind {
+    /// New spec (also a rescale, and a changed `restartNonce`).
+    Upgrade,
+    /// `state: suspended`.
+    Suspend,
+}
+
+/// Step of a change.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChangePhase {
+    /// The old job is being stopped (with a savepoint in savepoint mode).
+    Stopping,
+    /// The new job is being deployed.
+    Deploying,
+}
+
+/// A completed checkpoint.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointRecord {
+    /// Checkpoint id.
+    pub id: i64,
+    /// Where it is stored.
+    pub path: String,
+    /// When it was triggered.
+    pub time: Time,
+}
+
+/// A savepoint the operator took or tried to take.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SavepointRecord {
+    /// Why it was taken.
+    pub trigger: SavepointTrigger,
+    /// `completed` or `failed`.
+    pub state: SavepointState,
+    /// Where it is stored (completed only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// When it completed or failed.
+    pub time: Time,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The `spec.savepointTriggerNonce` of a manual savepoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<i64>,
+}
+
+/// Why a savepoint was taken.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SavepointTrigger {
+    /// `spec.savepointTriggerNonce` changed.
+    Manual,
+    /// `spec.savepoints.interval`.
+    Periodic,
+    /// Before an upgrade, rescale or restart in savepoint mode.
+    Upgrade,
+    /// Before a suspend in savepoint mode.
+    Suspend,
+}
+
+/// Outcome of a savepoint.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SavepointState {
+    /// Stored.
+    Completed,
+    /// Not taken.
+    Failed,
+}

@@ -1,0 +1,154 @@
+//! The operator's client of a job's JobManager (its gRPC control plane): submit, query, cancel,
+//! savepoints and their disposal.
+use serde::Deserialize;
+use std::time::Duration;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use freshet_proto as pb;
+use freshet_proto::job_manager_client::JobManagerClient;
+
+use crate::Error;
+
+/// A connection to one JobManager.
+#[derive(Clone)]
+pub struct JobManager {
+    addr: String,
+    client: JobManagerClient<Channel>,
+}
+
+/// A checkpoint or savepoint as the JobManager lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Snapshot {
+    /// Id.
+    pub id: u64,
+    /// `checkpoint` or `savepoint`.
+    pub kind: String,
+    /// `in_progress`, `completed` or `failed`.
+    pub status: String,
+    /// Trigger time, milliseconds since the epoch.
+    pub trigger_time_ms: i64,
+    /// Where it is stored (completed only).
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+impl Snapshot {
+    /// A completed one of `kind`.
+    pub fn completed(&self, kind: &str) -> bool {
+        self.kind == kind && self.status == "completed" && self.path.is_some()
+    }
+}
+
+/// States in which a job will not run again by itself.
+pub fn is_terminal(state: &str) -> bool {
+    matches!(state, "finished" | "failed" | "cancelled")
+}
+
+impl JobManager {
+    /// Connects to the JobManager at `addr` (`host:port`).
+    pub async fn connect(addr: &str) -> Result<JobManager, Error> {
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Error::JobManager(format!("cannot reach the JobManager at {addr}: {e}"))
+        };
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| unreachable(&e))?
+            .connect_timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .map_err(|e| unreachable(&e))?;
+        Ok(JobManager {
+            addr: addr.to_string(),
+            client: JobManagerClient::new(channel).max_decoding_message_size(64 << 20),
+        })
+    }
+
+    fn fail(&self, what: &str, s: tonic::Status) -> Error {
+        Error::JobManager(format!("{what} at {}: {}", self.addr, s.message()))
+    }
+
+    /// Every job the JobManager knows.
+    pub async fn jobs(&self) -> Result<Vec<pb::JobInfo>, Error> {
+        let mut c = self.client.clone();
+        c.list_jobs(pb::Empty {})
+            .await
+            .map(|r| r.into_inner().jobs)
+            .map_err(|s| self.fail("listing jobs", s))
+    }
+
+    /// Job `id`, or `None` if the JobManager does not know it.
+    pub async fn job(&self, id: &str) -> Result<Option<pb::JobInfo>, Error> {
+        let mut c = self.client.clone();
+        match c.get_job(pb::JobRef { job: id.into() }).await {
+            Ok(r) => Ok(Some(r.into_inner())),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(self.fail("reading the job", s)),
+        }
+    }
+
+    /// Submits a job. A refused definition is a spec error (it names the field).
+    pub async fn submit(&self, req: pb::SubmitJobRequest) -> Result<pb::JobInfo, Error> {
+        let mut c = self.client.clone();
+        match c.submit_job(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) if s.code() == Code::InvalidArgument => Err(Error::Spec(s.message().into())),
+            Err(s) => Err(self.fail("submitting the job", s)),
+        }
+    }
+
+    /// Cancels job `id` (waits up to 30 s for it to end).
+    pub async fn cancel(&self, id: &str) -> Result<pb::JobInfo, Error> {
+        let mut c = self.client.clone();
+        c.cancel_job(pb::JobRef { job: id.into() })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.fail("cancelling the job", s))
+    }
+
+    /// Takes a savepoint of job `id` into `directory` (stopping the job after it if `stop`);
+    /// returns where it is. Waits until it completes or fails.
+    pub async fn savepoint(&self, id: &str, directory: &str, stop: bool) -> Result<String, Error> {
+        let mut c = self.client.clone();
+        c.trigger_savepoint(pb::SavepointRequest {
+            job: id.into(),
+            directory: directory.into(),
+            stop,
+        })
+        .await
+        .map(|r| r.into_inner().location)
+        .map_err(|s| Error::Savepoint(s.message().to_string()))
+    }
+
+    /// The checkpoints and savepoints of job `id`, oldest first.
+    pub async fn snapshots(&self, id: &str) -> Result<Vec<Snapshot>, Error> {
+        let mut c = self.client.clone();
+        let list = c
+            .list_checkpoints(pb::JobRef { job: id.into() })
+            .await
+            .map_err(|s| self.fail("listing checkpoints", s))?
+            .into_inner();
+        let mut out: Vec<Snapshot> = list
+            .checkpoints
+            .iter()
+            .filter_map(|b| serde_json::from_slice(b).ok())
+            .collect();
+        out.sort_by_key(|s| s.id);
+        Ok(out)
+    }
+
+    /// Deletes the savepoint at `location`.
+    pub async fn dispose(&self, location: &str) -> Result<(), Error> {
+        let mut c = self.client.clone();
+        c.dispose_savepoint(pb::DisposeSavepointRequest {
+            location: location.into(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| self.fail("deleting a savepoint", s))
+    }
+}

@@ -1,0 +1,155 @@
+//! The Kubernetes operator: reconciles `StreamJob` resources into a JobManager, TaskManagers
+//! and a running job, and carries the job safely over changes (see [`reconcile`]).
+//!
+//! - [`settings`]: what a spec means for the job (storage locations, overrides, hash).
+//! - [`resources`]: the Deployments, Service and ConfigMap a StreamJob runs as.
+//! - [`podtemplate`]: merging the user's pod template with the generated pods.
+//! - [`jm`]: the client of a job's JobManager.
+//! - [`reconcile`]: the reconcile steps (deploy, upgrade, rescale, savepoints, suspend).
+//! - [`report`]: status patches, conditions and events.
+//! - [`leader`]: leader election between operator replicas.
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+use freshet_crds::StreamJob;
+
+pub mod jm;
+pub mod leader;
+pub mod podtemplate;
+pub mod reconcile;
+pub mod report;
+pub mod resources;
+pub mod settings;
+
+pub use reconcile::{error_policy, reconcile};
+
+/// Why a reconcile step could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec cannot be deployed as it is.
+    #[error("{0}")]
+    Spec(String),
+    /// The JobManager could not be reached or refused a request.
+    #[error("{0}")]
+    JobManager(String),
+    /// A savepoint failed.
+    #[error("savepoint failed: {0}")]
+    Savepoint(String),
+    /// This replica is no longer the leader.
+    #[error("leadership lost: {0}")]
+    Leadership(String),
+    /// The Kubernetes API refused a request.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// How to reach a job's JobManager (`host:port`). In a cluster: its Service.
+    pub jobmanager: Arc<dyn Fn(&StreamJob) -> String + Send + Sync>,
+    /// Publishes events.
+    pub recorder: Recorder,
+    /// Time between checks of a running job.
+    pub poll: Duration,
+    /// Time before the next try when a step must wait (pods starting, job stopping) or failed.
+    pub retry: Duration,
+}
+
+impl Context {
+    /// A context reaching JobManagers through their Services.
+    pub fn new(client: Client, identity: &str) -> Context {
+        let reporter = Reporter {
+            controller: "freshet-operator".into(),
+            instance: Some(identity.into()),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            jobmanager: Arc::new(|sj: &StreamJob| {
+                let names = resources::Names::of(&sj.name_any());
+                format!(
+                    "{}.{}.svc:{}",
+                    names.jobmanager,
+                    sj.namespace().unwrap_or_else(|| "default".into()),
+                    resources::RPC_PORT
+                )
+            }),
+            poll: Duration::from_secs(10),
+            retry: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Operator settings.
+pub struct Settings {
+    /// Watch StreamJobs of this namespace only; all namespaces if `None`.
+    pub namespace: Option<String>,
+    /// Namespace of the leader lease.
+    pub lease_namespace: String,
+    /// Name of the leader lease.
+    pub lease_name: String,
+    /// This replica's identity (its pod name).
+    pub identity: String,
+    /// Lease duration.
+    pub lease_duration: Duration,
+}
+
+/// Runs the operator: waits for the leader lease, then reconciles StreamJobs until leadership
+/// is lost (an error: the process exits and its replacement becomes a candidate again).
+pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &settings.lease_namespace);
+    let mut elector = leader::Elector::new(
+        leases,
+        &settings.lease_name,
+        &settings.identity,
+        settings.lease_duration,
+    );
+    info!(identity = %settings.identity, lease = %settings.lease_name, "waiting for the leader lease");
+    elector.acquire().await;
+    info!("leading; reconciling StreamJobs");
+    let (jobs, deployments): (Api<StreamJob>, Api<Deployment>) = match &settings.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let ctx = Arc::new(Context::new(client, &settings.identity));
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let why = elector.keep().await;
+        let _ = lost_tx.send(why);
+    });
+    let lost = Arc::new(std::sync::Mutex::new(None));
+    let lost_store = lost.clone();
+    Controller::new(jobs, watcher::Config::default())
+        .owns(deployments, watcher::Config::default())
+        .graceful_shutdown_on(async move {
+            let why = lost_rx
+                .await
+                .unwrap_or_else(|_| "lease keeper stopped".into());
+            warn!(%why, "lost leadership; stopping");
+            *lost_store.lock().expect("lost lock") = Some(why);
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "controller");
+            }
+        })
+        .await;
+    match lost.lock().expect("lost lock").take() {
+        Some(why) => Err(Error::Leadership(why)),
+        None => Ok(()),
+    }
+}

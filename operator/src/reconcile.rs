@@ -1,0 +1,798 @@
+//! Reconciling one StreamJob: deploy it, carry it over spec changes, take savepoints, report.
+//!
+//! Each pass reads the status, takes at most one step that changes anything, records the step
+//! in the status, and asks to be called again. A change (upgrade, rescale, restart, suspend)
+//! is written to `status.change` before its first step and updated after each, so an operator
+//! that stops at any point continues it from the status:
+//!
+//! 1. `stopping`: savepoint mode stops the job with a savepoint (if that fails and the job is
+//!    still running, the change halts with the `UpgradeHalted` condition and the job keeps
+//!    running the old spec); last-state and stateless cancel it. An operator that restarted
+//!    while the stop ran finds the job ended and its savepoint in the job's history.
+//! 2. `deploying`: the objects are applied for the new spec and the job is submitted, restoring
+//!    the savepoint, the latest checkpoint (last-state), or nothing (stateless). A job already
+//!    running on the JobManager under the same name is adopted instead of submitted twice.
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use std::sync::Arc;
+use tracing::{Instrument, info, info_span, warn};
+
+use freshet_crds::{
+    Change, ChangeKind, ChangePhase, CheckpointRecord, Deployed, DesiredState, Lifecycle,
+    SavepointRecord, SavepointState, SavepointTrigger, StreamJob, UpgradeMode,
+};
+use freshet_proto as pb;
+
+use crate::jm::{JobManager, is_terminal};
+use crate::report::{MANAGER, StatusWriter, event, millis, now};
+use crate::resources::{Objects, objects, taskmanager_selector};
+use crate::settings::{JobSettings, spec_hash};
+use crate::{Context, Error};
+
+/// Reconciles one StreamJob.
+pub async fn reconcile(sj: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = info_span!(
+        "reconcile",
+        namespace = %sj.namespace().unwrap_or_default(),
+        name = %sj.name_any(),
+        generation = sj.metadata.generation.unwrap_or(0)
+    );
+    async move {
+        let ns = sj.namespace().unwrap_or_else(|| "default".into());
+        let api: Api<StreamJob> = Api::namespaced(ctx.client.clone(), &ns);
+        let mut r = Reconciler {
+            sj: &sj,
+            ctx: &ctx,
+            generation: sj.metadata.generation.unwrap_or(0),
+            w: StatusWriter::new(api, &sj),
+        };
+        r.run().await
+    }
+    .instrument(span)
+    .await
+}
+
+/// Where a new job starts.
+enum Restore {
+    /// From this savepoint or checkpoint.
+    Path(String),
+    /// From the latest completed checkpoint of the job's checkpoint directory.
+    Latest,
+    /// With empty state.
+    Fresh,
+}
+
+struct Reconciler<'a> {
+    sj: &'a StreamJob,
+    ctx: &'a Context,
+    generation: i64,
+    w: StatusWriter,
+}
+
+impl Reconciler<'_> {
+    async fn run(&mut self) -> Result<Action, Error> {
+        self.w.status.selector = Some(taskmanager_selector(&self.sj.name_any()));
+        if self.w.status.lifecycle.is_none() {
+            self.w.status.lifecycle = Some(Lifecycle::Created);
+            self.w.save().await?;
+            self.event(false, "Created", "StreamJob accepted".into())
+                .await;
+        }
+        let settings = match JobSettings::of(self.sj) {
+            Ok(s) => {
+                self.w
+                    .condition("SpecValid", true, "Valid", "", self.generation);
+                s
+            }
+            Err(e) => return self.invalid(e).await,
+        };
+        if let Some(change) = self.w.status.change.clone() {
+            return self.continue_change(change, &settings).await;
+        }
+        let deployed = self.w.status.deployed.clone();
+        match (self.sj.spec.state, deployed) {
+            (DesiredState::Suspended, None) => {
+                self.apply(&settings, false).await?;
+                self.w.status.lifecycle = Some(Lifecycle::Suspended);
+                self.w.status.observed_generation = Some(self.generation);
+                self.w.save().await?;
+                Ok(Action::await_change())
+            }
+            (DesiredState::Suspended, Some(_)) => {
+                self.start_change(ChangeKind::Suspend, &settings).await
+            }
+            (DesiredState::Running, None) => self.deploy_first(&settings).await,
+            (DesiredState::Running, Some(d)) => {
+                let wanted = spec_hash(&self.sj.spec);
+                let differs =
+                    d.spec_hash != wanted || d.restart_nonce != self.sj.spec.restart_nonce;
+                if differs && !self.halted() {
+                    return self.start_change(ChangeKind::Upgrade, &settings).await;
+                }
+                self.observe(&settings).await
+            }
+        }
+    }
+
+    async fn event(&self, warning: bool, reason: &str, note: String) {
+        event(&self.ctx.recorder, self.sj, warning, reason, note).await
+    }
+
+    async fn jobmanager(&self) -> Result<JobManager, Error> {
+        JobManager::connect(&(self.ctx.jobmanager)(self.sj)).await
+    }
+
+    /// True if a change to this generation halted (it is retried once the spec changes again).
+    fn halted(&self) -> bool {
+        self.w
+            .get_condition("UpgradeHalted")
+            .is_some_and(|c| c.status == "True" && c.observed_generation == Some(self.generation))
+    }
+
+    /// The spec cannot be deployed: say why. A deployed job keeps running.
+    async fn invalid(&mut self, e: Error) -> Result<Action, Error> {
+        let message = e.to_string();
+        let changed = self
+            .w
+            .get_condition("SpecValid")
+            .is_none_or(|c| c.status != "False" || c.message != message);
+        self.w
+            .condition("SpecValid", false, "InvalidSpec", &message, self.generation);
+        if self.w.status.deployed.is_none() {
+            self.w.status.lifecycle = Some(Lifecycle::Failed);
+        }
+        self.w.status.observed_generation = Some(self.generation);
+        self.w.save().await?;
+        if changed {
+            self.event(true, "InvalidSpec", message).await;
+        }
+        Ok(Action::await_change())
+    }
+
+    /// Applies the StreamJob's objects (server-side apply, so repeating it changes nothing).
+    async fn apply(&self, settings: &JobSettings, running: bool) -> Result<(), Error> {
+        let Objects {
+            config,
+            service,
+            jobmanager,
+            taskmanager,
+        } = objects(self.sj, settings, running)?;
+        let ns = self.sj.namespace().unwrap_or_else(|| "default".into());
+        let client = &self.ctx.client;
+        let pp = PatchParams::apply(MANAGER).force();
+        macro_rules! apply {
+            ($obj:expr, $ty:ty) => {{
+                let api: Api<$ty> = Api::namespaced(client.clone(), &ns);
+                let name = $obj.name_any();
+                api.patch(&name, &pp, &Patch::Apply(&$obj)).await?;
+            }};
+        }
+        apply!(config, k8s_openapi::api::core::v1::ConfigMap);
+        apply!(service, k8s_openapi::api::core::v1::Service);
+        apply!(jobmanager, k8s_openapi::api::apps::v1::Deployment);
+        apply!(taskmanager, k8s_openapi::api::apps::v1::Deployment);
+        Ok(())
+    }
+
+    /// Nothing is deployed and the job should run: its first deployment, or a resume after a
+    /// suspend.
+    async fn deploy_first(&mut self, settings: &JobSettings) -> Result<Action, Error> {
+        let resumed = self.w.status.lifecycle == Some(Lifecycle::Suspended);
+        let (restore, started_with) = if resumed {
+            match self.sj.spec.upgrade_mode {
+                UpgradeMode::Savepoint => match &self.w.status.last_savepoint {
+                    Some(sp) if sp.path.is_some() => {
+                        (Restore::Path(sp.path.clone().unwrap()), "savepoint")
+                    }
+                    _ => {
+                        let e = Error::Savepoint(
+                            "cannot resume in savepoint mode: no completed savepoint is recorded; set upgradeMode: last-state or stateless, or initialSavepointPath".into(),
+                        );
+                        return self.invalid(e).await;
+                    }
+                },
+                UpgradeMode::LastState => (Restore::Latest, "last-state"),
+                UpgradeMode::Stateless => (Restore::Fresh, "stateless"),
+            }
+        } else {
+            match &self.sj.spec.initial_savepoint_path {
+                Some(p) => (Restore::Path(p.clone()), "initial"),
+                None => (Restore::Fresh, "initial"),
+            }
+        };
+        if !resumed && self.w.status.savepoint_trigger_nonce.is_none() {
+            // a nonce present at creation is a starting value, not a request
+            self.w.status.savepoint_trigger_nonce = self.sj.spec.savepoint_trigger_nonce;
+        }
+        self.deploy(settings, restore, started_with).await
+    }
+
+    /// Applies the objects for the current spec and submits the job (or adopts it, if this
+    /// StreamJob's JobManager already runs it).
+    async fn deploy(
+        &mut self,
+        settings: &JobSettings,
+        restore: Restore,
+        started_with: &str,
+    ) -> Result<Action, Error> {
+        if self.w.status.lifecycle != Some(Lifecycle::Upgrading) {
+            self.w.status.lifecycle = Some(Lifecycle::Deploying);
+        }
+        self.w.save().await?;
+        self.apply(settings, true).await?;
+        let jm = match self.jobmanager().await {
+            Ok(jm) => jm,
+            Err(e) => {
+                // the JobManager pod is still starting
+                self.w.condition(
+                    "Ready",
+                    false,
+                    "JobManagerStarting",
+                    e.to_string(),
+                    self.generation,
+                );
+                self.w.save().await?;
+                return Ok(Action::requeue(self.ctx.retry));
+            }
+        };
+        let name = job_name(settings);
+        // the job this deployment submitted before the operator restarted (an old job being
+        // replaced has ended by now, so it is not mistaken for it)
+        let adopted = jm
+            .jobs()
+            .await?
+            .into_iter()
+            .rfind(|j| j.name == name && !is_terminal(&j.state));
+        let (path, fresh) = match &restore {
+            Restore::Path(p) => (p.clone(), false),
+            Restore::Latest => (String::new(), false),
+            Restore::Fresh => (String::new(), true),
+        };
+        let info = match adopted {
+            Some(j) => {
+                info!(job = %j.id, "adopting the job the JobManager already runs");
+                j
+            }
+            None => {
+                let submitted = jm
+                    .submit(pb::SubmitJobRequest {
+                        definition: settings.definition.clone(),
+                        overrides: settings.overrides.clone(),
+                        base_dir: crate::resources::JOB_DIR.into(),
+                        restore: path.clone(),
+                        fresh,
+                        allow_non_restored_state: self.sj.spec.allow_non_restored_state,
+                    })
+                    .await;
+                match submitted {
+                    Ok(j) => j,
+                    Err(Error::Spec(m)) => return self.invalid(Error::Spec(m)).await,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let restored_from = (!info.restored_from.is_empty() && info.restored_from != "-")
+            .then(|| info.restored_from.clone())
+            .or_else(|| (!path.is_empty()).then_some(path));
+        self.w.status.deployed = Some(Deployed {
+            generation: self.generation,
+            spec_hash: spec_hash(&self.sj.spec),
+            parallelism: self.sj.spec.parallelism,
+            restart_nonce: self.sj.spec.restart_nonce,
+            started_with: started_with.into(),
+            restored_from: restored_from.clone(),
+            time: now(),
+        });
+        self.w.status.job_id = Some(info.id.clone());
+        self.w.status.job_state = Some(info.state.clone());
+        self.w.status.parallelism = Some(self.sj.spec.parallelism);
+        self.w.status.change = None;
+        self.w.status.lifecycle = Some(Lifecycle::Deploying);
+        self.w.status.observed_generation = Some(self.generation);
+        self.w.clear_condition("UpgradeHalted");
+        self.w.condition(
+            "Reconciling",
+            false,
+            "Deployed",
+            format!("job {} submitted ({started_with})", info.id),
+            self.generation,
+        );
+        self.w.save().await?;
+        let from = restored_from.unwrap_or_else(|| "empty state".into());
+        self.event(
+            false,
+            "JobSubmitted",
+            format!(
+                "job {} at parallelism {} from {from} ({started_with})",
+                info.id, self.sj.spec.parallelism
+            ),
+        )
+        .await;
+        Ok(Action::requeue(self.ctx.retry))
+    }
+
+    /// Records a change and takes its first step.
+    async fn start_change(
+        &mut self,
+        kind: ChangeKind,
+        settings: &JobSettings,
+    ) -> Result<Action, Error> {
+        let mode = self.sj.spec.upgrade_mode;
+        let change = Change {
+            kind,
+            generation: self.generation,
+            spec_hash: spec_hash(&self.sj.spec),
+            mode,
+            phase: ChangePhase::Stopping,
+            savepoint: None,
+            started: now(),
+        };
+        let what = match kind {
+            ChangeKind::Upgrade => "upgrade",
+            ChangeKind::Suspend => "suspend",
+        };
+        self.w.status.change = Some(change.clone());
+        self.w.status.lifecycle = Some(Lifecycle::Upgrading);
+        self.w.condition(
+            "Reconciling",
+            true,
+            "ChangeStarted",
+            format!(
+                "{what} to generation {} in {} mode",
+                self.generation,
+                mode.name()
+            ),
+            self.generation,
+        );
+        self.w.save().await?;
+        self.event(
+            false,
+            "ChangeStarted",
+            format!(
+                "{what} to generation {} in {} mode",
+                self.generation,
+                mode.name()
+            ),
+        )
+        .await;
+        self.continue_change(change, settings).await
+    }
+
+    /// Takes the next step of the change in progress.
+    async fn continue_change(
+        &mut self,
+        mut change: Change,
+        settings: &JobSettings,
+    ) -> Result<Action, Error> {
+        if change.phase == ChangePhase::Stopping {
+            match self.stop(&mut change).await? {
+                Stop::Done => {
+                    change.phase = ChangePhase::Deploying;
+                    self.w.status.change = Some(change.clone());
+                    self.w.save().await?;
+                }
+                Stop::Wait => return Ok(Action::requeue(self.ctx.retry)),
+                Stop::Halted => return Ok(Action::requeue(self.ctx.poll)),
+            }
+        }
+        match change.kind {
+            ChangeKind::Suspend => {
+                self.apply(settings, false).await?;
+                self.w.status.deployed = None;
+                self.w.status.change = None;
+                self.w.status.lifecycle = Some(Lifecycle::Suspended);
+                self.w.status.observed_generation = Some(self.generation);
+                self.w.condition(
+                    "Ready",
+                    false,
+                    "Suspended",
+                    "suspended on request",
+                    self.generation,
+                );
+                self.w.condition(
+                    "Reconciling",
+                    false,
+                    "Suspended",
+                    "pods scaled to zero",
+                    self.generation,
+                );
+                self.w.save().await?;
+                self.event(
+                    false,
+                    "Suspended",
+                    "job stopped, pods scaled to zero".into(),
+                )
+                .await;
+                Ok(Action::await_change())
+            }
+            ChangeKind::Upgrade => {
+                let restore = match change.mode {
+                    UpgradeMode::Savepoint => {
+                        Restore::Path(change.savepoint.clone().expect("stopped with a savepoint"))
+                    }
+                    UpgradeMode::LastState => Restore::Latest,
+                    UpgradeMode::Stateless => Restore::Fresh,
+                };
+                self.deploy(settings, restore, change.mode.name()).await
+            }
+        }
+    }
+
+    /// Stops the deployed job as the change's mode says.
+    async fn stop(&mut self, change: &mut Change) -> Result<Stop, Error> {
+        let Some(id) = self.w.status.job_id.clone() else {
+            return Ok(Stop::Done);
+        };
+        let jm = self.jobmanager().await?;
+        let state = jm.job(&id).await?.map(|j| j.state);
+        let running = state.as_deref().is_some_and(|s| !is_terminal(s));
+        let trigger = match change.kind {
+            ChangeKind::Upgrade => SavepointTrigger::Upgrade,
+            ChangeKind::Suspend => SavepointTrigger::Suspend,
+        };
+        match change.mode {
+            // the job stops once its savepoint completed: the next job waits until it ended,
+            // so the two never compete for slots
+            UpgradeMode::Savepoint if change.savepoint.is_some() => {
+                Ok(if running { Stop::Wait } else { Stop::Done })
+            }
+            UpgradeMode::Savepoint => {
+                let since = millis(&change.started) - 1000;
+                let snapshots = jm.snapshots(&id).await.unwrap_or_default();
+                if running
+                    && snapshots.iter().any(|s| {
+                        s.kind == "savepoint"
+                            && s.status == "in_progress"
+                            && s.trigger_time_ms >= since
+                    })
+                {
+                    // an earlier pass (an operator that since restarted) is stopping the job
+                    // with a savepoint: wait for it rather than ask for a second one
+                    return Ok(Stop::Wait);
+                }
+                let mut failure = None;
+                if running {
+                    info!(job = %id, "stopping with a savepoint");
+                    let settings = JobSettings::of(self.sj)?;
+                    match jm.savepoint(&id, &settings.savepoints, true).await {
+                        Ok(path) => {
+                            self.savepoint_taken(change, trigger, path).await?;
+                            return Ok(Stop::Wait);
+                        }
+                        Err(Error::Savepoint(m)) => failure = Some(m),
+                        Err(e) => return Err(e),
+                    }
+                    let still = jm.job(&id).await?.map(|j| j.state);
+                    if still.as_deref().is_some_and(|s| !is_terminal(s)) {
+                        let m = failure.unwrap_or_default();
+                        return self.halt(change, trigger, m).await;
+                    }
+                }
+                // the job ended: a stop-with-savepoint of this change may have completed while
+                // the operator was not watching (it restarted during the call)
+                let found = jm
+                    .snapshots(&id)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .rev()
+                    .find(|s| s.completed("savepoint") && s.trigger_time_ms >= since)
+                    .and_then(|s| s.path);
+                match found {
+                    Some(path) => {
+                        self.savepoint_taken(change, trigger, path).await?;
+                        Ok(Stop::Done)
+                    }
+                    None => {
+                        let state = state.unwrap_or_else(|| "unknown to the JobManager".into());
+                        let m = failure.unwrap_or_else(|| {
+                            format!(
+                                "the job is {state}, so no savepoint can be taken; set upgradeMode: last-state to start from its latest checkpoint, or stateless to start empty"
+                            )
+                        });
+                        self.halt(change, trigger, m).await
+                    }
+                }
+            }
+            UpgradeMode::LastState | UpgradeMode::Stateless => {
+                if running {
+                    info!(job = %id, "cancelling");
+                    let after = jm.cancel(&id).await?;
+                    if !is_terminal(&after.state) {
+                        return Ok(Stop::Wait);
+                    }
+                }
+                Ok(Stop::Done)
+            }
+        }
+    }
+
+    async fn savepoint_taken(
+        &mut self,
+        change: &mut Change,
+        trigger: SavepointTrigger,
+        path: String,
+    ) -> Result<(), Error> {
+        change.savepoint = Some(path.clone());
+        self.w.status.change = Some(change.clone());
+        self.record_savepoint(trigger, Ok(path.clone()), None);
+        self.w.save().await?;
+        self.event(
+            false,
+            "SavepointCompleted",
+            format!("{path} (stopped the job)"),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// The change cannot go on: it is dropped, and the job keeps running the deployed spec.
+    async fn halt(
+        &mut self,
+        change: &Change,
+        trigger: SavepointTrigger,
+        message: String,
+    ) -> Result<Stop, Error> {
+        let message = format!(
+            "stop-with-savepoint failed, so generation {} is not deployed and the job keeps running generation {}: {message}",
+            change.generation,
+            self.w.status.deployed.as_ref().map_or(0, |d| d.generation)
+        );
+        warn!(%message, "change halted");
+        self.record_savepoint(trigger, Err(message.clone()), None);
+        self.w.status.change = None;
+        self.w.status.lifecycle = Some(Lifecycle::Running);
+        self.w.condition(
+            "UpgradeHalted",
+            true,
+            "SavepointFailed",
+            &message,
+            change.generation,
+        );
+        self.w.condition(
+            "Reconciling",
+            false,
+            "ChangeHalted",
+            "see UpgradeHalted",
+            self.generation,
+        );
+        self.w.save().await?;
+        self.event(true, "UpgradeHalted", message).await;
+        Ok(Stop::Halted)
+    }
+
+    /// Adds a savepoint to the history.
+    fn record_savepoint(
+        &mut self,
+        trigger: SavepointTrigger,
+        outcome: Result<String, String>,
+        nonce: Option<i64>,
+    ) {
+        let (state, path, message) = match outcome {
+            Ok(p) => (SavepointState::Completed, Some(p), None),
+            Err(m) => (SavepointState::Failed, None, Some(m)),
+        };
+        let record = SavepointRecord {
+            trigger,
+            state,
+            path,
+            time: now(),
+            message,
+            nonce,
+        };
+        if state == SavepointState::Completed {
+            self.w.status.last_savepoint = Some(record.clone());
+        }
+        self.w.status.savepoints.push(record);
+    }
+
+    /// The job runs the current spec: report its state and checkpoints, take requested and
+    /// periodic savepoints, trim the savepoint history.
+    async fn observe(&mut self, settings: &JobSettings) -> Result<Action, Error> {
+        let Some(id) = self.w.status.job_id.clone() else {
+            return self.deploy_first(settings).await;
+        };
+        if !self.halted() {
+            self.w.status.observed_generation = Some(self.generation);
+        }
+        let jm = match self.jobmanager().await {
+            Ok(jm) => jm,
+            Err(e) => {
+                self.w.condition(
+                    "Ready",
+                    false,
+                    "JobManagerUnreachable",
+                    e.to_string(),
+                    self.generation,
+                );
+                self.w.save().await?;
+                return Ok(Action::requeue(self.ctx.retry));
+            }
+        };
+        let Some(job) = jm.job(&id).await? else {
+            self.w.status.job_state = Some("unknown".into());
+            self.w.condition(
+                "Ready",
+                false,
+                "JobUnknown",
+                format!("the JobManager does not know job {id}"),
+                self.generation,
+            );
+            self.w.save().await?;
+            return Ok(Action::requeue(self.ctx.poll));
+        };
+        let previous = self.w.status.job_state.replace(job.state.clone());
+        if let Some(c) = jm
+            .snapshots(&id)
+            .await?
+            .into_iter()
+            .rev()
+            .find(|s| s.completed("checkpoint"))
+        {
+            self.w.status.last_checkpoint = Some(CheckpointRecord {
+                id: c.id as i64,
+                path: c.path.unwrap_or_default(),
+                time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::from_millisecond(c.trigger_time_ms)
+                        .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now()),
+                ),
+            });
+        }
+        let (lifecycle, ready, reason) = match job.state.as_str() {
+            "running" => (Lifecycle::Running, true, "Running"),
+            "failed" => (Lifecycle::Failed, false, "JobFailed"),
+            "finished" => (Lifecycle::Finished, false, "JobFinished"),
+            "cancelled" => (Lifecycle::Failed, false, "JobCancelled"),
+            _ => (Lifecycle::Deploying, false, "JobStarting"),
+        };
+        self.w.status.lifecycle = Some(lifecycle);
+        let message = if job.message.is_empty() {
+            format!("job {id} is {}", job.state)
+        } else {
+            format!("job {id} is {}: {}", job.state, job.message)
+        };
+        self.w
+            .condition("Ready", ready, reason, &message, self.generation);
+        self.w.save().await?;
+        if previous.as_deref() != Some(job.state.as_str()) {
+            self.event(job.state == "failed", reason, message).await;
+        }
+        if job.state == "running" {
+            self.requested_savepoints(&jm, &id, settings).await?;
+        }
+        self.trim_history(&jm).await?;
+        Ok(Action::requeue(self.ctx.poll))
+    }
+
+    /// A changed `savepointTriggerNonce`, or a due periodic savepoint.
+    async fn requested_savepoints(
+        &mut self,
+        jm: &JobManager,
+        id: &str,
+        settings: &JobSettings,
+    ) -> Result<(), Error> {
+        let nonce = self.sj.spec.savepoint_trigger_nonce;
+        if nonce.is_some() && nonce != self.w.status.savepoint_trigger_nonce {
+            let outcome = jm.savepoint(id, &settings.savepoints, false).await;
+            self.savepoint_outcome(SavepointTrigger::Manual, outcome, nonce)
+                .await?;
+            self.w.status.savepoint_trigger_nonce = nonce;
+            self.w.save().await?;
+        }
+        if let Some(interval) = &self.sj.spec.savepoints.interval {
+            let every = crate::settings::millis(interval, "spec.savepoints.interval")? as i64;
+            let last = self
+                .w
+                .status
+                .last_periodic_savepoint
+                .as_ref()
+                .map(millis)
+                .or_else(|| self.w.status.deployed.as_ref().map(|d| millis(&d.time)))
+                .unwrap_or(0);
+            if millis(&now()) - last >= every {
+                // recorded first: an operator that stops during the savepoint does not take
+                // it again at once
+                self.w.status.last_periodic_savepoint = Some(now());
+                self.w.save().await?;
+                let outcome = jm.savepoint(id, &settings.savepoints, false).await;
+                self.savepoint_outcome(SavepointTrigger::Periodic, outcome, None)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn savepoint_outcome(
+        &mut self,
+        trigger: SavepointTrigger,
+        outcome: Result<String, Error>,
+        nonce: Option<i64>,
+    ) -> Result<(), Error> {
+        let (warning, reason, note, outcome) = match outcome {
+            Ok(p) => (false, "SavepointCompleted", p.clone(), Ok(p)),
+            Err(Error::Savepoint(m)) => (true, "SavepointFailed", m.clone(), Err(m)),
+            Err(e) => return Err(e),
+        };
+        self.record_savepoint(trigger, outcome, nonce);
+        self.w.save().await?;
+        self.event(warning, reason, note).await;
+        Ok(())
+    }
+
+    /// Keeps at most `maxCount` savepoints (failed attempts count) and none older than `maxAge`,
+    /// except the newest completed one; deletes the savepoints it drops.
+    async fn trim_history(&mut self, jm: &JobManager) -> Result<(), Error> {
+        let policy = &self.sj.spec.savepoints;
+        let max_count = policy.max_count.unwrap_or(10).max(1) as usize;
+        let max_age = match &policy.max_age {
+            Some(a) => Some(crate::settings::millis(a, "spec.savepoints.maxAge")? as i64),
+            None => None,
+        };
+        let newest = self
+            .w
+            .status
+            .last_savepoint
+            .as_ref()
+            .and_then(|s| s.path.clone());
+        let now_ms = millis(&now());
+        let total = self.w.status.savepoints.len();
+        let mut keep = Vec::with_capacity(total);
+        let mut dropped = Vec::new();
+        for (i, s) in std::mem::take(&mut self.w.status.savepoints)
+            .into_iter()
+            .enumerate()
+        {
+            let too_many = total - i > max_count;
+            let too_old = max_age.is_some_and(|a| now_ms - millis(&s.time) > a);
+            let protected = s.path.is_some() && s.path == newest;
+            if (too_many || too_old) && !protected {
+                dropped.push(s);
+            } else {
+                keep.push(s);
+            }
+        }
+        for s in &dropped {
+            if let Some(p) = &s.path
+                && let Err(e) = jm.dispose(p).await
+            {
+                warn!(path = %p, error = %e, "cannot delete a savepoint dropped from the history");
+            }
+        }
+        self.w.status.savepoints = keep;
+        if !dropped.is_empty() {
+            self.w.save().await?;
+            let n = dropped.iter().filter(|s| s.path.is_some()).count();
+            self.event(
+                false,
+                "SavepointsDeleted",
+                format!("{n} savepoint(s) dropped from the history and deleted"),
+            )
+            .await;
+        }
+        Ok(())
+    }
+}
+
+/// Outcome of a stop step.
+enum Stop {
+    /// Stopped; go on to deploy.
+    Done,
+    /// Not yet; call again.
+    Wait,
+    /// The change halted.
+    Halted,
+}
+
+/// The job's name in its definition.
+fn job_name(settings: &JobSettings) -> String {
+    freshet_job::parse_job(&settings.definition, "spec.job", &settings.overrides)
+        .map(|j| j.name)
+        .unwrap_or_default()
+}
+
+/// How long to wait before retrying after an error.
+pub fn error_policy(sj: Arc<StreamJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(name = %sj.name_any(), %error, "reconcile failed");
+    Action::requeue(ctx.retry)
+}

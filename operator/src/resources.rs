@@ -1,0 +1,268 @@
+//! The Kubernetes objects a `StreamJob` runs as: a ConfigMap with the job definition, the
+//! JobManager Deployment and its Service, and the TaskManager Deployment. Each is owned by the
+//! StreamJob, so deleting the StreamJob deletes them.
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+use freshet_crds::StreamJob;
+
+use crate::settings::JobSettings;
+use crate::{Error, podtemplate};
+
+/// Port of the JobManager's control plane (gRPC).
+pub const RPC_PORT: u16 = 6123;
+/// Port of the TaskManager service.
+pub const TASKMANAGER_PORT: u16 = 6124;
+/// Port of the data plane between TaskManagers.
+pub const DATA_PORT: u16 = 6125;
+/// Port of the health endpoints (`/healthz`, `/readyz`).
+pub const HEALTH_PORT: u16 = 8080;
+/// Where pods keep RocksDB working directories.
+pub const STATE_DIR: &str = "/var/lib/freshet";
+/// Where the job definition is mounted.
+pub const JOB_DIR: &str = "/etc/freshet";
+
+/// Names of a StreamJob's objects.
+pub struct Names {
+    /// The StreamJob.
+    pub job: String,
+    /// JobManager Deployment and Service.
+    pub jobmanager: String,
+    /// TaskManager Deployment.
+    pub taskmanager: String,
+    /// ConfigMap with the job definition.
+    pub config: String,
+}
+
+impl Names {
+    /// Names for StreamJob `name`.
+    pub fn of(name: &str) -> Names {
+        Names {
+            job: name.to_string(),
+            jobmanager: format!("{name}-jobmanager"),
+            taskmanager: format!("{name}-taskmanager"),
+            config: format!("{name}-job"),
+        }
+    }
+}
+
+/// Labels of a component's pods.
+pub fn labels(job: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "freshet".into()),
+        ("app.kubernetes.io/instance".into(), job.into()),
+        ("app.kubernetes.io/component".into(), component.into()),
+        (
+            "app.kubernetes.io/managed-by".into(),
+            "freshet-operator".into(),
+        ),
+    ])
+}
+
+/// The label selector of the TaskManager pods (for the scale subresource).
+pub fn taskmanager_selector(job: &str) -> String {
+    format!("app.kubernetes.io/instance={job},app.kubernetes.io/component=taskmanager")
+}
+
+/// Every object of a StreamJob.
+pub struct Objects {
+    /// Job definition.
+    pub config: ConfigMap,
+    /// JobManager Service.
+    pub service: Service,
+    /// JobManager Deployment.
+    pub jobmanager: Deployment,
+    /// TaskManager Deployment.
+    pub taskmanager: Deployment,
+}
+
+/// The objects of `sj` with settings `s`; `running` false scales both Deployments to zero.
+pub fn objects(sj: &StreamJob, s: &JobSettings, running: bool) -> Result<Objects, Error> {
+    let names = Names::of(&sj.name_any());
+    let owner = sj
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::Spec("the StreamJob has no uid yet".into()))?;
+    let ns = sj.namespace();
+    let meta = |name: &str, component: &str| {
+        json!({
+            "name": name,
+            "namespace": ns,
+            "labels": labels(&names.job, component),
+            "ownerReferences": [owner],
+        })
+    };
+    let config: ConfigMap = from_json(json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta(&names.config, "job"),
+        "data": {"job.yaml": s.definition},
+    }))?;
+    let service: Service = from_json(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(&names.jobmanager, "jobmanager"),
+        "spec": {
+            "selector": labels(&names.job, "jobmanager"),
+            "ports": [
+                {"name": "rpc", "port": RPC_PORT, "targetPort": RPC_PORT},
+                {"name": "health", "port": HEALTH_PORT, "targetPort": HEALTH_PORT},
+            ],
+        },
+    }))?;
+    let jm_args = vec![
+        "jobmanager".to_string(),
+        "--listen".into(),
+        format!("0.0.0.0:{RPC_PORT}"),
+        "--ha-dir".into(),
+        s.ha_dir.clone(),
+        "--health".into(),
+        format!("0.0.0.0:{HEALTH_PORT}"),
+    ];
+    let jobmanager = deployment(
+        sj,
+        "jobmanager",
+        if running { 1 } else { 0 },
+        jm_args,
+        json!([{"name": "rpc", "containerPort": RPC_PORT}]),
+        sj.spec.job_manager.resources.as_ref(),
+        &meta(&names.jobmanager, "jobmanager"),
+    )?;
+    let tm_args = vec![
+        "taskmanager".to_string(),
+        "--jobmanager".into(),
+        format!("{}:{RPC_PORT}", names.jobmanager),
+        "--slots".into(),
+        sj.spec.task_managers.slots.to_string(),
+        "--listen".into(),
+        format!("0.0.0.0:{TASKMANAGER_PORT}"),
+        "--data-listen".into(),
+        format!("0.0.0.0:{DATA_PORT}"),
+        "--advertise-host".into(),
+        "$(POD_IP)".into(),
+        "--id".into(),
+        "$(POD_NAME)".into(),
+        "--state-dir".into(),
+        STATE_DIR.into(),
+        "--health".into(),
+        format!("0.0.0.0:{HEALTH_PORT}"),
+    ];
+    let taskmanager = deployment(
+        sj,
+        "taskmanager",
+        if running { s.taskmanagers } else { 0 },
+        tm_args,
+        json!([
+            {"name": "rpc", "containerPort": TASKMANAGER_PORT},
+            {"name": "data", "containerPort": DATA_PORT},
+        ]),
+        sj.spec.task_managers.resources.as_ref(),
+        &meta(&names.taskmanager, "taskmanager"),
+    )?;
+    Ok(Objects {
+        config,
+        service,
+        jobmanager,
+        taskmanager,
+    })
+}
+
+/// A Deployment of one component: the generated pod merged over the user's pod template.
+#[allow(clippy::too_many_arguments)]
+fn deployment(
+    sj: &StreamJob,
+    component: &str,
+    replicas: i32,
+    args: Vec<String>,
+    ports: Value,
+    resources: Option<&k8s_openapi::api::core::v1::ResourceRequirements>,
+    meta: &Value,
+) -> Result<Deployment, Error> {
+    let spec = &sj.spec;
+    let mut env = vec![
+        json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+    ];
+    if let Some(s3) = &spec.checkpointing.s3 {
+        if let Some(e) = &s3.endpoint {
+            env.push(json!({"name": "AWS_ENDPOINT_URL", "value": e}));
+        }
+        if let Some(r) = &s3.region {
+            env.push(json!({"name": "AWS_REGION", "value": r}));
+        }
+        if let Some(secret) = &s3.credentials_secret {
+            for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+                env.push(json!({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}));
+            }
+        }
+    }
+    let probe = |path: &str, delay: u32| {
+        json!({
+            "httpGet": {"path": path, "port": HEALTH_PORT},
+            "initialDelaySeconds": delay,
+            "periodSeconds": 5,
+            "failureThreshold": 6,
+        })
+    };
+    let mut container = json!({
+        "name": component,
+        "image": spec.image,
+        "args": args,
+        "env": env,
+        "ports": ports,
+        "livenessProbe": probe("/healthz", 10),
+        "readinessProbe": probe("/readyz", 2),
+        "volumeMounts": [
+            {"name": "state", "mountPath": STATE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "job", "mountPath": JOB_DIR, "readOnly": true},
+        ],
+        "securityContext": {
+            "runAsNonRoot": true,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    });
+    if let Some(p) = spec.image_pull_policy {
+        container["imagePullPolicy"] = p.name().into();
+    }
+    if let Some(r) = resources {
+        container["resources"] = serde_json::to_value(r).map_err(|e| Error::Spec(e.to_string()))?;
+    }
+    let labels = meta["labels"].clone();
+    let ours = json!({
+        "metadata": {"labels": labels},
+        "spec": {
+            "containers": [container],
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 10001, "fsGroup": 10001},
+            "terminationGracePeriodSeconds": 30,
+            "volumes": [
+                {"name": "state", "emptyDir": {}},
+                {"name": "tmp", "emptyDir": {}},
+                {"name": "job", "configMap": {"name": Names::of(&sj.name_any()).config}},
+            ],
+        },
+    });
+    let mut template = spec.pod_template.clone().unwrap_or_else(|| json!({}));
+    podtemplate::merge(&mut template, ours);
+    from_json(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            // a new pod may only start once the old one is gone: two JobManagers, or two
+            // TaskManagers of the same job generation, should not overlap
+            "strategy": {"type": "Recreate"},
+            "template": template,
+        },
+    }))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, Error> {
+    serde_json::from_value(v).map_err(|e| Error::Spec(format!("generated object: {e}")))
+}

@@ -1,0 +1,184 @@
+//! What a `StreamJob` spec means for the job: where its checkpoints, savepoints and
+//! high-availability records go, the overrides submitted with its definition, how many
+//! TaskManagers it needs, and the hash of the fields whose change needs a restart.
+use freshet_crds::{StreamJob, StreamJobSpec};
+use kube::ResourceExt;
+
+use crate::Error;
+
+/// The job-level settings derived from a spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSettings {
+    /// The job definition as YAML (what the ConfigMap holds and the JobManager is sent).
+    pub definition: String,
+    /// `--set`-style overrides applied to the definition.
+    pub overrides: Vec<String>,
+    /// Checkpoint directory.
+    pub checkpoints: String,
+    /// Savepoint directory.
+    pub savepoints: String,
+    /// The JobManager's high-availability directory.
+    pub ha_dir: String,
+    /// TaskManager pods.
+    pub taskmanagers: i32,
+}
+
+impl JobSettings {
+    /// Settings of `sj`; an invalid job definition is refused with the field named.
+    pub fn of(sj: &StreamJob) -> Result<JobSettings, Error> {
+        let spec = &sj.spec;
+        let definition =
+            serde_yaml::to_string(&spec.job).map_err(|e| Error::Spec(format!("spec.job: {e}")))?;
+        let storage = spec.checkpointing.storage.trim_end_matches('/');
+        let ns = sj.namespace().unwrap_or_else(|| "default".into());
+        let name = sj.name_any();
+        let checkpoints = format!("{storage}/checkpoints/{ns}/{name}");
+        let savepoints = spec
+            .savepoints
+            .directory
+            .as_deref()
+            .map(|d| d.trim_end_matches('/').to_string())
+            .unwrap_or_else(|| format!("{storage}/savepoints/{ns}/{name}"));
+        let ha_dir = format!("{storage}/ha/{ns}/{name}");
+        let mut overrides = vec![
+            format!("parallelism={}", spec.parallelism),
+            format!(
+                "checkpointing.interval={}ms",
+                millis(&spec.checkpointing.interval, "spec.checkpointing.interval")?
+            ),
+            format!("checkpointing.dir={checkpoints}"),
+            format!("checkpointing.savepoint_dir={savepoints}"),
+        ];
+        if let Some(r) = spec.checkpointing.retain {
+            overrides.push(format!("checkpointing.retain={r}"));
+        }
+        if let Some(s3) = &spec.checkpointing.s3 {
+            if let Some(e) = &s3.endpoint {
+                overrides.push(format!("checkpointing.s3.endpoint={e}"));
+            }
+            if let Some(r) = &s3.region {
+                overrides.push(format!("checkpointing.s3.region={r}"));
+            }
+        }
+        // the definition with the overrides must be a valid job: checked here, so a bad spec
+        // is reported on the resource before anything is stopped or deployed
+        freshet_job::parse_job(&definition, "spec.job", &overrides)
+            .map_err(|e| Error::Spec(e.to_string()))?;
+        let slots = spec.task_managers.slots.max(1);
+        let taskmanagers = spec
+            .task_managers
+            .replicas
+            .unwrap_or((spec.parallelism + slots - 1) / slots)
+            .max(1);
+        Ok(JobSettings {
+            definition,
+            overrides,
+            checkpoints,
+            savepoints,
+            ha_dir,
+            taskmanagers,
+        })
+    }
+}
+
+/// Milliseconds of a duration written as in Kubernetes (`10s`, `1m30s`, `500ms`).
+pub fn millis(text: &str, field: &str) -> Result<u64, Error> {
+    let d: kube::core::Duration = text
+        .parse()
+        .map_err(|e| Error::Spec(format!("{field}: {text:?} is not a duration: {e}")))?;
+    if d.is_negative() {
+        return Err(Error::Spec(format!(
+            "{field}: {text:?} must not be negative"
+        )));
+    }
+    let d: std::time::Duration = d.into();
+    Ok(d.as_millis() as u64)
+}
+
+/// Hash of the spec fields whose change needs the job restarted: everything but the savepoint
+/// policy, the nonces and the desired state.
+pub fn spec_hash(spec: &StreamJobSpec) -> String {
+    let mut s = spec.clone();
+    s.savepoint_trigger_nonce = None;
+    s.restart_nonce = None;
+    s.state = Default::default();
+    s.initial_savepoint_path = None;
+    s.savepoints.interval = None;
+    s.savepoints.max_count = None;
+    s.savepoints.max_age = None;
+    let json = serde_json::to_vec(&s).expect("a spec serialises");
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(parallelism: i32) -> StreamJob {
+        let mut sj: StreamJob = serde_yaml::from_str(&format!(
+            r#"
+apiVersion: freshet.dev/v1alpha1
+kind: StreamJob
+metadata: {{name: orders, namespace: shop}}
+spec:
+  image: freshet:1
+  parallelism: {parallelism}
+  taskManagers: {{slots: 2}}
+  checkpointing: {{storage: "s3://state/prod/", interval: 1m30s, s3: {{endpoint: "http://minio:9000"}}}}
+  job:
+    version: 1
+    name: orders
+    sources:
+      numbers: {{connector: {{type: generator, count: 10, fields: {{n: seq}}}}}}
+    sinks:
+      out: {{input: numbers, connector: {{type: blackhole}}}}
+"#
+        ))
+        .unwrap();
+        sj.metadata.generation = Some(1);
+        sj
+    }
+
+    #[test]
+    fn settings_place_state_per_namespace_and_name() {
+        let s = JobSettings::of(&job(3)).unwrap();
+        assert_eq!(s.checkpoints, "s3://state/prod/checkpoints/shop/orders");
+        assert_eq!(s.savepoints, "s3://state/prod/savepoints/shop/orders");
+        assert_eq!(s.ha_dir, "s3://state/prod/ha/shop/orders");
+        assert_eq!(
+            s.taskmanagers, 2,
+            "3 subtasks need 2 TaskManagers of 2 slots"
+        );
+        assert!(
+            s.overrides
+                .contains(&"checkpointing.interval=90000ms".to_string())
+        );
+        assert!(s.overrides.contains(&"parallelism=3".to_string()));
+        assert!(
+            s.overrides
+                .contains(&"checkpointing.s3.endpoint=http://minio:9000".to_string())
+        );
+    }
+
+    #[test]
+    fn an_invalid_job_is_refused_naming_the_field() {
+        let mut sj = job(1);
+        sj.spec.job["sinks"]["out"]["input"] = "nowhere".into();
+        let e = JobSettings::of(&sj).unwrap_err().to_string();
+        assert!(e.contains("nowhere"), "{e}");
+    }
+
+    #[test]
+    fn only_changes_that_need_a_restart_change_the_hash() {
+        let a = job(2);
+        let mut b = a.clone();
+        b.spec.savepoint_trigger_nonce = Some(7);
+        b.spec.savepoints.max_count = Some(3);
+        assert_eq!(spec_hash(&a.spec), spec_hash(&b.spec));
+        b.spec.parallelism = 4;
+        assert_ne!(spec_hash(&a.spec), spec_hash(&b.spec));
+        let mut c = a.clone();
+        c.spec.image = "freshet:2".into();
+        assert_ne!(spec_hash(&a.spec), spec_hash(&c.spec));
+    }
+}
