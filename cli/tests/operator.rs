@@ -216,6 +216,14 @@ fn replicas(d: &Deployment) -> i32 {
     d.spec.as_ref().unwrap().replicas.unwrap()
 }
 
+/// Savepoints stored under the test's savepoint directory (with their metadata).
+fn stored(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join("state/savepoints/streaming/sessions"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().join("_metadata").exists())
+        .count()
+}
+
 fn has_metadata(path: &str) -> bool {
     std::path::Path::new(path).join("_metadata").exists()
 }
@@ -634,4 +642,184 @@ async fn only_one_operator_replica_leads() {
     let spec = l.spec.unwrap();
     assert_eq!(spec.holder_identity.as_deref(), Some("b"));
     assert_eq!(spec.lease_transitions, Some(1));
+}
+
+/// Savepoints on a schedule, and the history kept to `maxCount` and `maxAge`: savepoints
+/// dropped from it are deleted from storage, the newest completed one never is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_savepoints_and_history_cleanup() {
+    let pods = pods();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sj = stream_job(
+        "sessions",
+        &dir.path().join("state"),
+        &dir.path().join("out.jsonl"),
+    );
+    sj["spec"]["savepoints"] = json!({"interval": "1h", "maxCount": 2});
+    let client = fake_api().await;
+    let h = Harness::create(&client, &pods.address, sj).await;
+    h.until_running("first deployment").await;
+
+    // three requested savepoints: the history keeps the newest two
+    let mut first = None;
+    for nonce in 1..=3 {
+        h.patch_spec(json!({"savepointTriggerNonce": nonce})).await;
+        let sj = h
+            .until("manual savepoint", |sj| {
+                Harness::status(sj).savepoint_trigger_nonce == Some(nonce)
+            })
+            .await;
+        first = first.or(Harness::status(&sj).last_savepoint.and_then(|s| s.path));
+    }
+    let first = first.unwrap();
+    assert!(
+        !std::path::Path::new(&first).exists(),
+        "{first} was not deleted"
+    );
+    let st = Harness::status(&h.get().await);
+    let paths: Vec<String> = st
+        .savepoints
+        .iter()
+        .filter_map(|s| s.path.clone())
+        .collect();
+    assert_eq!(paths.len(), 2, "{:?}", st.savepoints);
+    assert!(paths.iter().all(|p| has_metadata(p)));
+    assert_eq!(stored(dir.path()), 2, "the dropped savepoint was deleted");
+    assert_eq!(
+        st.last_savepoint.as_ref().unwrap().path.as_ref(),
+        paths.last()
+    );
+
+    // an hour passes (the status says the last periodic savepoint was two hours ago)
+    let two_hours_ago = k8s_openapi::jiff::Timestamp::now() - std::time::Duration::from_secs(7200);
+    h.api
+        .patch_status(
+            &h.name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"lastPeriodicSavepoint": two_hours_ago.to_string()}})),
+        )
+        .await
+        .unwrap();
+    let sj = h
+        .until("periodic savepoint", |sj| {
+            Harness::status(sj)
+                .savepoints
+                .iter()
+                .any(|s| s.trigger == SavepointTrigger::Periodic)
+        })
+        .await;
+    let st = Harness::status(&sj);
+    assert_eq!(st.savepoints.len(), 2);
+    assert_eq!(
+        st.savepoints.last().unwrap().trigger,
+        SavepointTrigger::Periodic
+    );
+    // and not again at once
+    for _ in 0..3 {
+        h.step().await;
+    }
+    let again = Harness::status(&h.get().await);
+    assert_eq!(again.savepoints, st.savepoints);
+
+    // maxAge: everything older goes, except the newest completed savepoint
+    h.patch_spec(json!({"savepoints": {"maxAge": "1s"}})).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sj = h
+        .until("history trimmed by age", |sj| {
+            Harness::status(sj).savepoints.len() == 1
+        })
+        .await;
+    let st = Harness::status(&sj);
+    let kept = st.savepoints[0].path.clone().unwrap();
+    assert_eq!(
+        Some(&kept),
+        st.last_savepoint.as_ref().unwrap().path.as_ref()
+    );
+    assert!(has_metadata(&kept));
+    assert_eq!(stored(dir.path()), 1);
+
+    // each step was announced with an event
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+    let reasons: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for r in [
+        "Created",
+        "JobSubmitted",
+        "SavepointCompleted",
+        "SavepointsDeleted",
+    ] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no {r} event in {reasons:?}"
+        );
+    }
+}
+
+/// `GET path` on `addr`: the status code and body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        code,
+        text.split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The probes' endpoints: the JobManager and the TaskManager answer `/healthz` and `/readyz`.
+#[test]
+fn processes_serve_health_endpoints() {
+    let jm_health = free_port();
+    let jm = Proc::start(&[
+        "jobmanager".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--health".into(),
+        jm_health.clone(),
+    ]);
+    let line = jm.wait_for("JobManager listening on ");
+    let address = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let tm_health = free_port();
+    let tm = Proc::start(&[
+        "taskmanager".into(),
+        "--jobmanager".into(),
+        address.into(),
+        "--health".into(),
+        tm_health.clone(),
+    ]);
+    tm.wait_for("listening on");
+    for (addr, who) in [(&jm_health, "jobmanager"), (&tm_health, "taskmanager")] {
+        let (code, body) = http_get(addr, "/healthz");
+        assert_eq!((code, body.trim()), (200, format!("{who} alive").as_str()));
+        let (code, body) = http_get(addr, "/readyz");
+        assert_eq!((code, body.trim()), (200, format!("{who} ready").as_str()));
+        assert_eq!(http_get(addr, "/nothing").0, 404);
+    }
 }

@@ -4,17 +4,13 @@
 //! Schema validator over the CRD's openAPIV3Schema, CEL rules through a CEL evaluator of the
 //! Kubernetes dialect; both are what an API server applies, evaluated in-process because no
 //! API server can run here.
+mod common;
+
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use common::{problems, repo};
 use freshet_crds::crd_yaml;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// Where the CRD is checked in: beside the types, and in the Helm chart.
 fn copies() -> Vec<PathBuf> {
@@ -40,26 +36,6 @@ fn checked_in_crd_matches_the_types() {
             path.display()
         );
     }
-}
-
-fn schema() -> Value {
-    let crd: Value = serde_yaml::from_str(&crd_yaml()).unwrap();
-    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
-}
-
-/// What the API server would say about `object`: schema errors, then CEL rule failures.
-fn problems(object: &Value) -> Vec<String> {
-    let schema = schema();
-    let object = kube::core::cel::apply_defaults(&schema, object);
-    let validator = jsonschema::validator_for(&schema).unwrap();
-    let mut out: Vec<String> = validator
-        .iter_errors(&object)
-        .map(|e| format!("{}: {e}", e.instance_path()))
-        .collect();
-    if let Err(errors) = kube::core::cel::Validator::new().validate(&schema, &object, None) {
-        out.extend(errors.as_slice().iter().map(|e| e.to_string()));
-    }
-    out
 }
 
 fn example(name: &str) -> Value {

@@ -679,5 +679,10 @@ pub fn dispose_savepoint(location: &str, s3: &S3Options) -> Result<(), String> {
     }
     // the metadata goes first: a savepoint half deleted is no longer mistaken for a complete one
     dir.delete(METADATA).map_err(|e| e.to_string())?;
-    dir.delete_dir("").map_err(|e| e.to_string())
+    dir.delete_dir("").map_err(|e| e.to_string())?;
+    if !location.contains("://") {
+        // a local directory keeps its (now empty) subdirectories after the files went
+        let _ = std::fs::remove_dir_all(location);
+    }
+    Ok(())
 }
