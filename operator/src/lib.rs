@@ -132,8 +132,10 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
     });
     let lost = Arc::new(std::sync::Mutex::new(None));
     let lost_store = lost.clone();
+    // only the Deployments the operator made (a change to one wakes its StreamJob)
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=freshet-operator");
     Controller::new(jobs, watcher::Config::default())
-        .owns(deployments, watcher::Config::default())
+        .owns(deployments, owned)
         .graceful_shutdown_on(async move {
             let why = lost_rx
                 .await
