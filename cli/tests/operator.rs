@@ -118,6 +118,25 @@ fn stream_job(name: &str, storage: &std::path::Path, out: &std::path::Path) -> V
     })
 }
 
+/// The pods, a scratch directory, the fake API and a harness over a new StreamJob `name`
+/// (its spec adjusted by `edit`).
+async fn setup(
+    name: &str,
+    edit: impl FnOnce(&mut Value, &std::path::Path),
+) -> (Pods, tempfile::TempDir, Harness) {
+    let pods = pods();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sj = stream_job(
+        name,
+        &dir.path().join("state"),
+        &dir.path().join("out.jsonl"),
+    );
+    edit(&mut sj, dir.path());
+    let client = fake_api().await;
+    let h = Harness::create(&client, &pods.address, sj).await;
+    (pods, dir, h)
+}
+
 struct Harness {
     client: Client,
     api: Api<StreamJob>,
@@ -232,19 +251,8 @@ fn has_metadata(path: &str) -> bool {
 /// last-state and stateless restarts, and the owner references that make delete clean up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_of_a_stream_job() {
-    let pods = pods();
-    let dir = tempfile::tempdir().unwrap();
-    let client = fake_api().await;
-    let h = Harness::create(
-        &client,
-        &pods.address,
-        stream_job(
-            "clicks",
-            &dir.path().join("state"),
-            &dir.path().join("out.jsonl"),
-        ),
-    )
-    .await;
+    let (_pods, _dir, h) = setup("clicks", |_, _| {}).await;
+    let client = h.client.clone();
 
     // create: objects applied, job submitted, running
     let sj = h.until_running("first deployment").await;
@@ -403,20 +411,14 @@ async fn lifecycle_of_a_stream_job() {
 /// why, nothing is retried until the spec changes again, and nothing starts from empty state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_savepoint_halts_the_upgrade() {
-    let pods = pods();
-    let dir = tempfile::tempdir().unwrap();
     // savepoints cannot be written under a regular file
-    let blocker = dir.path().join("not-a-directory");
-    std::fs::write(&blocker, "x").unwrap();
-    let mut sj = stream_job(
-        "orders",
-        &dir.path().join("state"),
-        &dir.path().join("out.jsonl"),
-    );
-    sj["spec"]["savepoints"] =
-        json!({"directory": blocker.join("savepoints").display().to_string()});
-    let client = fake_api().await;
-    let h = Harness::create(&client, &pods.address, sj).await;
+    let (_pods, dir, h) = setup("orders", |sj, dir| {
+        let blocker = dir.join("not-a-directory");
+        std::fs::write(&blocker, "x").unwrap();
+        sj["spec"]["savepoints"] =
+            json!({"directory": blocker.join("savepoints").display().to_string()});
+    })
+    .await;
     let sj = h.until_running("first deployment").await;
     let before = Harness::status(&sj);
     let job = before.job_id.clone().unwrap();
@@ -480,19 +482,8 @@ async fn a_failed_savepoint_halts_the_upgrade() {
 /// and the job's savepoint history, without a second savepoint or an empty start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_restart_mid_upgrade_resumes_it() {
-    let pods = pods();
-    let dir = tempfile::tempdir().unwrap();
-    let client = fake_api().await;
-    let h = Harness::create(
-        &client,
-        &pods.address,
-        stream_job(
-            "payments",
-            &dir.path().join("state"),
-            &dir.path().join("out.jsonl"),
-        ),
-    )
-    .await;
+    let (pods, _dir, h) = setup("payments", |_, _| {}).await;
+    let client = h.client.clone();
     let sj = h.until_running("first deployment").await;
     let old_job = Harness::status(&sj).job_id.unwrap();
 
@@ -552,16 +543,11 @@ async fn an_operator_restart_mid_upgrade_resumes_it() {
 /// nothing is deployed; on a running job, such a change leaves the job running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_job_is_reported_and_deploys_nothing() {
-    let pods = pods();
-    let dir = tempfile::tempdir().unwrap();
-    let client = fake_api().await;
-    let mut bad = stream_job(
-        "bad",
-        &dir.path().join("state"),
-        &dir.path().join("out.jsonl"),
-    );
-    bad["spec"]["job"]["sinks"]["out"]["input"] = json!("nowhere");
-    let h = Harness::create(&client, &pods.address, bad).await;
+    let (_pods, _dir, h) = setup("bad", |sj, _| {
+        sj["spec"]["job"]["sinks"]["out"]["input"] = json!("nowhere");
+    })
+    .await;
+    let client = h.client.clone();
     let sj = h
         .until("invalid spec reported", |sj| {
             Harness::status(sj).lifecycle == Some(Lifecycle::Failed)
@@ -648,16 +634,11 @@ async fn only_one_operator_replica_leads() {
 /// dropped from it are deleted from storage, the newest completed one never is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn periodic_savepoints_and_history_cleanup() {
-    let pods = pods();
-    let dir = tempfile::tempdir().unwrap();
-    let mut sj = stream_job(
-        "sessions",
-        &dir.path().join("state"),
-        &dir.path().join("out.jsonl"),
-    );
-    sj["spec"]["savepoints"] = json!({"interval": "1h", "maxCount": 2});
-    let client = fake_api().await;
-    let h = Harness::create(&client, &pods.address, sj).await;
+    let (_pods, dir, h) = setup("sessions", |sj, _| {
+        sj["spec"]["savepoints"] = json!({"interval": "1h", "maxCount": 2});
+    })
+    .await;
+    let client = h.client.clone();
     h.until_running("first deployment").await;
 
     // three requested savepoints: the history keeps the newest two

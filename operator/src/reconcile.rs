@@ -123,6 +123,20 @@ impl Reconciler<'_> {
         JobManager::connect(&(self.ctx.jobmanager)(self.sj)).await
     }
 
+    /// The JobManager, or `None` after recording in `Ready` (with `reason`) that it cannot be
+    /// reached.
+    async fn reach_jobmanager(&mut self, reason: &str) -> Result<Option<JobManager>, Error> {
+        match self.jobmanager().await {
+            Ok(jm) => Ok(Some(jm)),
+            Err(e) => {
+                self.w
+                    .condition("Ready", false, reason, e.to_string(), self.generation);
+                self.w.save().await?;
+                Ok(None)
+            }
+        }
+    }
+
     /// True if a change to this generation halted (it is retried once the spec changes again).
     fn halted(&self) -> bool {
         self.w
@@ -221,20 +235,9 @@ impl Reconciler<'_> {
         }
         self.w.save().await?;
         self.apply(settings, true).await?;
-        let jm = match self.jobmanager().await {
-            Ok(jm) => jm,
-            Err(e) => {
-                // the JobManager pod is still starting
-                self.w.condition(
-                    "Ready",
-                    false,
-                    "JobManagerStarting",
-                    e.to_string(),
-                    self.generation,
-                );
-                self.w.save().await?;
-                return Ok(Action::requeue(self.ctx.retry));
-            }
+        // the JobManager pod may still be starting
+        let Some(jm) = self.reach_jobmanager("JobManagerStarting").await? else {
+            return Ok(Action::requeue(self.ctx.retry));
         };
         let name = job_name(settings);
         // the job this deployment submitted before the operator restarted (an old job being
@@ -596,19 +599,8 @@ impl Reconciler<'_> {
         if !self.halted() {
             self.w.status.observed_generation = Some(self.generation);
         }
-        let jm = match self.jobmanager().await {
-            Ok(jm) => jm,
-            Err(e) => {
-                self.w.condition(
-                    "Ready",
-                    false,
-                    "JobManagerUnreachable",
-                    e.to_string(),
-                    self.generation,
-                );
-                self.w.save().await?;
-                return Ok(Action::requeue(self.ctx.retry));
-            }
+        let Some(jm) = self.reach_jobmanager("JobManagerUnreachable").await? else {
+            return Ok(Action::requeue(self.ctx.retry));
         };
         let Some(job) = jm.job(&id).await? else {
             self.w.status.job_state = Some("unknown".into());
