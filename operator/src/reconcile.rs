@@ -239,14 +239,14 @@ impl Reconciler<'_> {
         let Some(jm) = self.reach_jobmanager("JobManagerStarting").await? else {
             return Ok(Action::requeue(self.ctx.retry));
         };
-        let name = job_name(settings);
+        let name = &settings.name;
         // the job this deployment submitted before the operator restarted (an old job being
         // replaced has ended by now, so it is not mistaken for it)
         let adopted = jm
             .jobs()
             .await?
             .into_iter()
-            .rfind(|j| j.name == name && !is_terminal(&j.state));
+            .rfind(|j| j.name == *name && !is_terminal(&j.state));
         let (path, fresh) = match &restore {
             Restore::Path(p) => (p.clone(), false),
             Restore::Latest => (String::new(), false),
@@ -369,7 +369,7 @@ impl Reconciler<'_> {
         settings: &JobSettings,
     ) -> Result<Action, Error> {
         if change.phase == ChangePhase::Stopping {
-            match self.stop(&mut change).await? {
+            match self.stop(&mut change, settings).await? {
                 Stop::Done => {
                     change.phase = ChangePhase::Deploying;
                     self.w.status.change = Some(change.clone());
@@ -423,7 +423,7 @@ impl Reconciler<'_> {
     }
 
     /// Stops the deployed job as the change's mode says.
-    async fn stop(&mut self, change: &mut Change) -> Result<Stop, Error> {
+    async fn stop(&mut self, change: &mut Change, settings: &JobSettings) -> Result<Stop, Error> {
         let Some(id) = self.w.status.job_id.clone() else {
             return Ok(Stop::Done);
         };
@@ -457,7 +457,6 @@ impl Reconciler<'_> {
                 let mut failure = None;
                 if running {
                     info!(job = %id, "stopping with a savepoint");
-                    let settings = JobSettings::of(self.sj)?;
                     match jm.savepoint(&id, &settings.savepoints, true).await {
                         Ok(path) => {
                             self.savepoint_taken(change, trigger, path).await?;
@@ -774,13 +773,6 @@ enum Stop {
     Wait,
     /// The change halted.
     Halted,
-}
-
-/// The job's name in its definition.
-fn job_name(settings: &JobSettings) -> String {
-    freshet_job::parse_job(&settings.definition, "spec.job", &settings.overrides)
-        .map(|j| j.name)
-        .unwrap_or_default()
 }
 
 /// How long to wait before retrying after an error.

@@ -9,6 +9,8 @@ use crate::Error;
 /// The job-level settings derived from a spec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSettings {
+    /// The job's name (in its definition).
+    pub name: String,
     /// The job definition as YAML (what the ConfigMap holds and the JobManager is sent).
     pub definition: String,
     /// `--set`-style overrides applied to the definition.
@@ -62,7 +64,7 @@ impl JobSettings {
         }
         // the definition with the overrides must be a valid job: checked here, so a bad spec
         // is reported on the resource before anything is stopped or deployed
-        freshet_job::parse_job(&definition, "spec.job", &overrides)
+        let job = freshet_job::parse_job(&definition, "spec.job", &overrides)
             .map_err(|e| Error::Spec(e.to_string()))?;
         let slots = spec.task_managers.slots.max(1);
         let taskmanagers = spec
@@ -71,6 +73,7 @@ impl JobSettings {
             .unwrap_or((spec.parallelism + slots - 1) / slots)
             .max(1);
         Ok(JobSettings {
+            name: job.name,
             definition,
             overrides,
             checkpoints,
