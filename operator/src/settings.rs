@@ -163,6 +163,18 @@ spec:
         );
     }
 
+    /// The StreamJobs shipped in deploy/examples hold jobs the engine accepts.
+    #[test]
+    fn example_stream_jobs_hold_valid_jobs() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        for name in ["clicks-per-user.yaml", "revenue-per-store.yaml"] {
+            let text = std::fs::read_to_string(dir.join(name)).unwrap();
+            let sj: StreamJob = serde_yaml::from_str(&text).unwrap();
+            let s = JobSettings::of(&sj).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(s.name, sj.metadata.name.unwrap());
+        }
+    }
+
     #[test]
     fn an_invalid_job_is_refused_naming_the_field() {
         let mut sj = job(1);
