@@ -312,6 +312,15 @@ async fn lifecycle_of_a_stream_job() {
         Harness::status(&sj).job_id.as_deref(),
         Some(first_job.as_str())
     );
+    // a controller cache that has not seen the new status yet does not repeat the savepoint
+    let mut stale = sj.clone();
+    stale.status.as_mut().unwrap().savepoint_trigger_nonce = None;
+    stale.status.as_mut().unwrap().savepoints.clear();
+    reconcile(Arc::new(stale), h.ctx.clone()).await.unwrap();
+    assert_eq!(
+        Harness::status(&h.get().await).savepoints,
+        vec![manual.clone()]
+    );
 
     // upgrade (a changed job definition) in savepoint mode
     h.patch_spec(json!({"job": {"sources": {"gen": {"connector": {"rows_per_second": 500}}}}}))

@@ -1,6 +1,7 @@
 //! Reconciling one StreamJob: deploy it, carry it over spec changes, take savepoints, report.
 //!
-//! Each pass reads the status, takes at most one step that changes anything, records the step
+//! Each pass reads the StreamJob from the API server (the controller's cache may lag behind
+//! the operator's own last write), takes at most one step that changes anything, records the step
 //! in the status, and asks to be called again. A change (upgrade, rescale, restart, suspend)
 //! is written to `status.change` before its first step and updated after each, so an operator
 //! that stops at any point continues it from the status:
@@ -41,6 +42,11 @@ pub async fn reconcile(sj: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, 
     async move {
         let ns = sj.namespace().unwrap_or_else(|| "default".into());
         let api: Api<StreamJob> = Api::namespaced(ctx.client.clone(), &ns);
+        // the controller's cache may not have seen the status this operator wrote last: the
+        // steps are decided on the object as the API server has it now
+        let Some(sj) = api.get_opt(&sj.name_any()).await? else {
+            return Ok(Action::await_change());
+        };
         let mut r = Reconciler {
             sj: &sj,
             ctx: &ctx,
