@@ -243,6 +243,19 @@ fn stored(dir: &std::path::Path) -> usize {
         .count()
 }
 
+/// Condition `kind` of a status, if set.
+fn condition(
+    st: &StreamJobStatus,
+    kind: &str,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    st.conditions.iter().find(|c| c.type_ == kind).cloned()
+}
+
+/// True if condition `kind` has `status` ("True" / "False").
+fn condition_is(sj: &StreamJob, kind: &str, status: &str) -> bool {
+    condition(&Harness::status(sj), kind).is_some_and(|c| c.status == status)
+}
+
 fn has_metadata(path: &str) -> bool {
     std::path::Path::new(path).join("_metadata").exists()
 }
@@ -435,18 +448,11 @@ async fn a_failed_savepoint_halts_the_upgrade() {
     h.patch_spec(json!({"parallelism": 2})).await;
     let sj = h
         .until("halted upgrade", |sj| {
-            Harness::status(sj)
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "UpgradeHalted" && c.status == "True")
+            condition_is(sj, "UpgradeHalted", "True")
         })
         .await;
     let st = Harness::status(&sj);
-    let c = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "UpgradeHalted")
-        .unwrap();
+    let c = condition(&st, "UpgradeHalted").unwrap();
     assert_eq!(c.reason, "SavepointFailed");
     assert!(
         c.message.contains("keeps running generation 1"),
@@ -482,8 +488,8 @@ async fn a_failed_savepoint_halts_the_upgrade() {
     let sj = h.until_running("upgrade after the fix").await;
     let st = Harness::status(&sj);
     assert_eq!(st.parallelism, Some(2));
-    assert_eq!(st.deployed.unwrap().started_with, "savepoint");
-    assert!(!st.conditions.iter().any(|c| c.type_ == "UpgradeHalted"));
+    assert_eq!(st.deployed.as_ref().unwrap().started_with, "savepoint");
+    assert!(condition(&st, "UpgradeHalted").is_none());
 }
 
 /// An operator that stops in the middle of an upgrade (here: while the JobManager takes the
@@ -563,11 +569,7 @@ async fn an_invalid_job_is_reported_and_deploys_nothing() {
         })
         .await;
     let st = Harness::status(&sj);
-    let c = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "SpecValid")
-        .unwrap();
+    let c = condition(&st, "SpecValid").unwrap();
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
         ("False", "InvalidSpec")
@@ -591,10 +593,7 @@ async fn an_invalid_job_is_reported_and_deploys_nothing() {
         .await;
     let sj = h
         .until("invalid change reported", |sj| {
-            Harness::status(sj)
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "SpecValid" && c.status == "False")
+            condition_is(sj, "SpecValid", "False")
         })
         .await;
     let st = Harness::status(&sj);
