@@ -3,8 +3,13 @@
 //! A channel is named by (job, attempt, edge, producing subtask, consuming subtask). Whichever
 //! side asks first creates it; each side takes its own end once. Within one process both ends are
 //! a bounded in-memory channel; a channel from another process is the same, with its sending end
-//! held by the [`network`](crate::network) (see [`LocalShuffle::inbound`]). Channels of different attempts never mix, so a restarted job
-//! cannot read a previous attempt's data.
+//! held by the [`network`](crate::network) (see [`LocalShuffle::inbound`]). Channels of different
+//! attempts never mix, so a restarted job cannot read a previous attempt's data.
+//!
+//! An attempt is *retired* here when it is cancelled or a newer attempt of its job arrives: its
+//! half-taken channels are dropped, and a channel of a retired attempt that a late peer or a late
+//! deployment asks for is made on the spot and never stored, so a cluster that restarts jobs
+//! many times does not accumulate channels nobody will take.
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -37,7 +42,24 @@ struct Pair {
 /// The channels of every subtask in this process.
 #[derive(Default)]
 pub struct LocalShuffle {
-    channels: Mutex<HashMap<ChannelKey, Pair>>,
+    inner: Mutex<Channels>,
+}
+
+#[derive(Default)]
+struct Channels {
+    open: HashMap<ChannelKey, Pair>,
+    /// Per job, the newest retired attempt: it and every older one are gone for good.
+    retired: HashMap<JobId, u32>,
+}
+
+fn new_pair(capacity: usize) -> Pair {
+    let (tx, rx) = bounded(capacity);
+    Pair {
+        tx: Some(tx),
+        slot: Some(rx.credit_slot()),
+        rx: Some(rx),
+        taken: 0,
+    }
 }
 
 impl LocalShuffle {
@@ -62,20 +84,23 @@ impl LocalShuffle {
         capacity: usize,
         pick: impl FnOnce(&mut Pair) -> Option<T>,
     ) -> Option<T> {
-        let mut map = self.channels.lock().expect("shuffle lock");
-        let pair = map.entry(key.clone()).or_insert_with(|| {
-            let (tx, rx) = bounded(capacity);
-            Pair {
-                tx: Some(tx),
-                slot: Some(rx.credit_slot()),
-                rx: Some(rx),
-                taken: 0,
-            }
-        });
+        let mut inner = self.inner.lock().expect("shuffle lock");
+        if inner
+            .retired
+            .get(&key.job)
+            .is_some_and(|r| key.attempt <= *r)
+        {
+            // nobody will take the other end: a channel of its own, dropped with its holder
+            return pick(&mut new_pair(capacity));
+        }
+        let pair = inner
+            .open
+            .entry(key.clone())
+            .or_insert_with(|| new_pair(capacity));
         let end = pick(pair)?;
         pair.taken += 1;
         if pair.taken == 2 {
-            map.remove(&key);
+            inner.open.remove(&key);
         }
         Some(end)
     }
@@ -97,11 +122,72 @@ impl LocalShuffle {
         self.try_take(key, capacity, |p| Some((p.tx.take()?, p.slot.clone()?)))
     }
 
-    /// Forgets the channels of a job attempt whose other end will never be taken.
-    pub fn release(&self, job: &JobId) {
-        self.channels
-            .lock()
-            .expect("shuffle lock")
-            .retain(|k, _| &k.job != job);
+    /// Retires `attempt` of `job` and every older attempt: forgets their channels whose other
+    /// end will never be taken, and keeps none of theirs asked for later.
+    pub fn retire(&self, job: &JobId, attempt: u32) {
+        let mut inner = self.inner.lock().expect("shuffle lock");
+        let r = inner.retired.entry(job.clone()).or_insert(attempt);
+        *r = (*r).max(attempt);
+        inner
+            .open
+            .retain(|k, _| &k.job != job || k.attempt > attempt);
+    }
+
+    /// Channels with one end taken and the other still to come.
+    pub fn pending(&self) -> usize {
+        self.inner.lock().expect("shuffle lock").open.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use freshet_engine::Element;
+
+    fn key(attempt: u32, to: u32) -> ChannelKey {
+        ChannelKey {
+            job: JobId("j".into()),
+            attempt,
+            edge: 0,
+            from: 0,
+            to,
+        }
+    }
+
+    #[test]
+    fn both_ends_taken_leave_nothing_behind() {
+        let s = LocalShuffle::new();
+        let tx = s.sender(key(0, 0), 2);
+        assert_eq!(s.pending(), 1);
+        let rx = s.receiver(key(0, 0), 2);
+        assert_eq!(s.pending(), 0);
+        tx.send(Element::Idle).unwrap();
+        assert!(matches!(
+            rx.recv_timeout(std::time::Duration::ZERO),
+            Ok(Some(Element::Idle))
+        ));
+    }
+
+    #[test]
+    fn a_retired_attempt_keeps_no_channels() {
+        let s = LocalShuffle::new();
+        let _half = s.sender(key(1, 0), 2);
+        let _newer = s.sender(key(2, 0), 2);
+        assert_eq!(s.pending(), 2);
+        s.retire(&JobId("j".into()), 1);
+        // the newer attempt's channel stays, the retired one's is gone
+        assert_eq!(s.pending(), 1);
+        // a late peer opening a channel of a retired attempt leaves nothing behind
+        assert!(s.inbound(key(1, 3), 2).is_some());
+        assert!(s.inbound(key(0, 3), 2).is_some());
+        let _late = s.receiver(key(1, 4), 2);
+        assert_eq!(s.pending(), 1);
+        // retiring an older attempt later does not bring the retired ones back
+        s.retire(&JobId("j".into()), 0);
+        let _again = s.sender(key(1, 5), 2);
+        assert_eq!(s.pending(), 1);
+        // the newer attempt still connects
+        let _rx = s.receiver(key(2, 0), 2);
+        assert_eq!(s.pending(), 0);
     }
 }

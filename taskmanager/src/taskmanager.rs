@@ -22,6 +22,9 @@ use crate::shuffle::{ChannelKey, LocalShuffle};
 /// A running subtask: (job, vertex, subtask).
 type TaskKey = (JobId, usize, u32);
 
+/// The plan of each job attempt with subtasks here.
+type Plans = Arc<Mutex<HashMap<(JobId, u32), Arc<JobPlan>>>>;
+
 struct Running {
     attempt: u32,
     cancel: CancelToken,
@@ -36,7 +39,7 @@ pub struct TaskManager {
     shuffle: Arc<LocalShuffle>,
     network: Option<Arc<Network>>,
     events: Sender<TaskEvent>,
-    plans: Mutex<HashMap<(JobId, u32), Arc<JobPlan>>>,
+    plans: Plans,
     running: Arc<Mutex<HashMap<TaskKey, Running>>>,
 }
 
@@ -57,7 +60,7 @@ impl TaskManager {
             shuffle,
             network,
             events,
-            plans: Mutex::new(HashMap::new()),
+            plans: Arc::new(Mutex::new(HashMap::new())),
             running: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -70,6 +73,10 @@ impl TaskManager {
         let p = Arc::new(plan(&d.spec, &d.base_dir).map_err(|p| p.to_string())?);
         // a new attempt: clear working directories that killed processes left behind
         remove_dead_working_dirs(&d.state.local_dir);
+        // older attempts of the job will never run here again
+        if let Some(older) = d.attempt.checked_sub(1) {
+            self.shuffle.retire(&d.job, older);
+        }
         plans.retain(|(j, _), _| *j != d.job);
         plans.insert((d.job.clone(), d.attempt), p.clone());
         Ok(p)
@@ -354,6 +361,7 @@ impl TaskManagerGateway for TaskManager {
         );
         let events = self.events.clone();
         let running = self.running.clone();
+        let plans = Arc::downgrade(&self.plans);
         let thread_name = format!("{}#{}", plan.vertices[d.vertex].name, d.subtask);
         let span = info_span!("task", taskmanager = %self.id, job = %d.job, task = %thread_name);
         std::thread::Builder::new()
@@ -385,7 +393,20 @@ impl TaskManagerGateway for TaskManager {
                     },
                 };
                 debug!(?state, "subtask ended");
-                running.lock().expect("running lock").remove(&task);
+                let job_done = {
+                    let mut running = running.lock().expect("running lock");
+                    running.remove(&task);
+                    !running.keys().any(|(j, _, _)| *j == d.job)
+                };
+                if job_done {
+                    // nothing of the job runs here: its plan is rebuilt if it comes back
+                    if let Some(plans) = plans.upgrade() {
+                        plans
+                            .lock()
+                            .expect("plans lock")
+                            .remove(&(d.job.clone(), d.attempt));
+                    }
+                }
                 let _ = events.send(TaskEvent {
                     job: d.job,
                     attempt: d.attempt,
@@ -399,12 +420,26 @@ impl TaskManagerGateway for TaskManager {
     }
 
     fn cancel(&self, job: &JobId) {
+        // the newest attempt deployed here: deployments reach a TaskManager before the cancel
+        // that follows them, so every attempt up to this one is over
+        let mut newest = None;
         for ((j, _, _), r) in self.running.lock().expect("running lock").iter() {
             if j == job {
                 r.cancel.cancel();
+                newest = newest.max(Some(r.attempt));
             }
         }
-        self.shuffle.release(job);
+        let planned = self
+            .plans
+            .lock()
+            .expect("plans lock")
+            .keys()
+            .filter(|(j, _)| j == job)
+            .map(|(_, a)| *a)
+            .max();
+        if let Some(attempt) = newest.max(planned) {
+            self.shuffle.retire(job, attempt);
+        }
     }
 
     fn command(&self, job: &JobId, vertex: usize, subtask: u32, cmd: SubtaskCommand) -> bool {
