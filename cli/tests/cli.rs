@@ -456,8 +456,8 @@ fn failures_are_restarted_as_the_strategy_says_then_fail_the_job() {
     let stderr = run(
         "restart: {strategy: exponential-backoff, attempts: 2, initial_delay: 100ms, max_delay: 1s}",
     );
-    assert!(stderr.contains("restart=1 of=2 delay=100ms"), "{stderr}");
-    assert!(stderr.contains("restart=2 of=2 delay=200ms"), "{stderr}");
+    assert!(stderr.contains("restart=1 of 2 delay=100ms"), "{stderr}");
+    assert!(stderr.contains("restart=2 of 2 delay=200ms"), "{stderr}");
     assert!(!stderr.contains("restart=3"), "{stderr}");
     assert!(
         stderr.contains("/proc/freshet-no-such-dir") && stderr.contains("after 2 restart(s)"),
@@ -465,8 +465,20 @@ fn failures_are_restarted_as_the_strategy_says_then_fail_the_job() {
     );
     // fixed delay
     let stderr = run("restart: {strategy: fixed-delay, attempts: 1, delay: 50ms}");
-    assert!(stderr.contains("restart=1 of=1 delay=50ms"), "{stderr}");
+    assert!(stderr.contains("restart=1 of 1 delay=50ms"), "{stderr}");
     assert!(stderr.contains("after 1 restart(s)"), "{stderr}");
+    // failure rate: two failures within the minute are restarted, the third fails the job
+    let stderr =
+        run("restart: {strategy: failure-rate, max_failures: 2, interval: 1m, delay: 20ms}");
+    assert!(
+        stderr.contains("restart=failure 2 of at most 2 within 1m delay=20ms"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("restart=failure 3"), "{stderr}");
+    assert!(
+        stderr.contains("more than 2 failure(s) within 1m, the most the restart strategy allows"),
+        "{stderr}"
+    );
     // none: the first failure fails the job
     let stderr = run("restart: {strategy: none}");
     assert!(!stderr.contains("restart=1"), "{stderr}");

@@ -146,7 +146,7 @@ fn default_sp_dir() -> String {
 pub enum RestartSpec {
     /// Fail the job at the first failure.
     None,
-    /// Restart after a fixed delay, at most `attempts` times.
+    /// Restart after a fixed delay, at most `attempts` times over the job's life.
     FixedDelay {
         /// Most restarts over the job's life.
         attempts: u32,
@@ -155,8 +155,10 @@ pub enum RestartSpec {
         delay: DurationSpec,
     },
     /// Restart after a delay that grows by `multiplier` with each restart, up to `max_delay`.
+    /// An attempt that ran `reset_after` before failing starts the count (and the delay) over,
+    /// so a long-running job is not failed by a few failures months apart.
     ExponentialBackoff {
-        /// Most restarts over the job's life.
+        /// Most restarts in a row (without an attempt that ran `reset_after`).
         attempts: u32,
         /// Wait before the first restart.
         #[serde(default = "default_restart_delay")]
@@ -167,45 +169,137 @@ pub enum RestartSpec {
         /// Growth of the wait per restart.
         #[serde(default = "default_multiplier")]
         multiplier: f64,
+        /// An attempt that ran this long before failing resets the count and the delay.
+        #[serde(default = "default_reset_after")]
+        reset_after: DurationSpec,
     },
+    /// Restart after `delay` unless more than `max_failures` failures happened within the
+    /// last `interval`.
+    FailureRate {
+        /// Most failures within `interval` that are still restarted.
+        max_failures: u32,
+        /// The window failures are counted in.
+        interval: DurationSpec,
+        /// Wait before each restart.
+        #[serde(default = "default_restart_delay")]
+        delay: DurationSpec,
+    },
+}
+
+/// What a job's restart strategy remembers of its failures.
+#[derive(Debug, Clone, Default)]
+pub struct RestartHistory {
+    /// Restarts counted against the strategy's `attempts` (since the last reset).
+    counted: u32,
+    /// When the failures within the failure-rate interval happened.
+    failures: std::collections::VecDeque<std::time::Instant>,
 }
 
 impl RestartSpec {
     /// The strategy a job uses when it names none.
     pub fn default_for(checkpointing: bool) -> RestartSpec {
         if checkpointing {
-            RestartSpec::FixedDelay {
-                attempts: 3,
-                delay: default_restart_delay(),
+            RestartSpec::ExponentialBackoff {
+                attempts: 10,
+                initial_delay: default_restart_delay(),
+                max_delay: default_max_restart_delay(),
+                multiplier: default_multiplier(),
+                reset_after: default_reset_after(),
             }
         } else {
             RestartSpec::None
         }
     }
 
-    /// The wait before restart number `n` (0-based), or `None` when no restart is left.
-    pub fn delay(&self, n: u32) -> Option<std::time::Duration> {
-        match self {
+    /// Records a failure at `now` of an attempt that had run for `ran_for`, and returns the wait
+    /// before the restart, or `None` when the strategy allows no more restarts.
+    pub fn next_restart(
+        &self,
+        history: &mut RestartHistory,
+        now: std::time::Instant,
+        ran_for: std::time::Duration,
+    ) -> Option<std::time::Duration> {
+        let delay = match self {
             RestartSpec::None => None,
-            RestartSpec::FixedDelay { attempts, delay } => (n < *attempts).then_some(delay.0),
+            RestartSpec::FixedDelay { attempts, delay } => {
+                (history.counted < *attempts).then_some(delay.0)
+            }
             RestartSpec::ExponentialBackoff {
                 attempts,
                 initial_delay,
                 max_delay,
                 multiplier,
-            } => (n < *attempts).then(|| {
-                let d = initial_delay.0.as_secs_f64() * multiplier.max(1.0).powi(n as i32);
-                std::time::Duration::from_secs_f64(d.min(max_delay.0.as_secs_f64()))
-            }),
+                reset_after,
+            } => {
+                if ran_for >= reset_after.0 {
+                    history.counted = 0;
+                }
+                (history.counted < *attempts).then(|| {
+                    let d = initial_delay.0.as_secs_f64()
+                        * multiplier.max(1.0).powi(history.counted as i32);
+                    std::time::Duration::from_secs_f64(d.min(max_delay.0.as_secs_f64()))
+                })
+            }
+            RestartSpec::FailureRate {
+                max_failures,
+                interval,
+                delay,
+            } => {
+                history.failures.push_back(now);
+                while history
+                    .failures
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > interval.0)
+                {
+                    history.failures.pop_front();
+                }
+                (history.failures.len() <= *max_failures as usize).then_some(delay.0)
+            }
+        };
+        if delay.is_some() {
+            history.counted += 1;
+        }
+        delay
+    }
+
+    /// The restart number `history` has reached, as the strategy counts it (`n of m`).
+    pub fn progress(&self, history: &RestartHistory) -> String {
+        match self {
+            RestartSpec::None => "no restarts".into(),
+            RestartSpec::FixedDelay { attempts, .. }
+            | RestartSpec::ExponentialBackoff { attempts, .. } => {
+                format!("{} of {attempts}", history.counted)
+            }
+            RestartSpec::FailureRate {
+                max_failures,
+                interval,
+                ..
+            } => format!(
+                "failure {} of at most {max_failures} within {}",
+                history.failures.len(),
+                humantime::format_duration(interval.0)
+            ),
         }
     }
 
-    /// Most restarts.
-    pub fn attempts(&self) -> u32 {
+    /// Why no restart is left, for the job's failure message.
+    pub fn exhausted(&self, history: &RestartHistory) -> Option<String> {
         match self {
-            RestartSpec::None => 0,
-            RestartSpec::FixedDelay { attempts, .. }
-            | RestartSpec::ExponentialBackoff { attempts, .. } => *attempts,
+            RestartSpec::None => None,
+            RestartSpec::FixedDelay { .. } | RestartSpec::ExponentialBackoff { .. } => {
+                Some(format!(
+                    "after {} restart(s), the most the restart strategy allows",
+                    history.counted
+                ))
+            }
+            RestartSpec::FailureRate {
+                max_failures,
+                interval,
+                ..
+            } => Some(format!(
+                "more than {max_failures} failure(s) within {}, the most the restart strategy allows",
+                humantime::format_duration(interval.0)
+            )),
         }
     }
 }
@@ -218,6 +312,9 @@ fn default_max_restart_delay() -> DurationSpec {
 }
 fn default_multiplier() -> f64 {
     2.0
+}
+fn default_reset_after() -> DurationSpec {
+    DurationSpec(std::time::Duration::from_secs(600))
 }
 
 /// S3 connection settings.
@@ -733,5 +830,100 @@ impl TransformSpec {
             TransformSpec::IntervalJoin(_) => "interval_join",
             TransformSpec::Pattern(_) => "pattern",
         }
+    }
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn secs(s: u64) -> DurationSpec {
+        DurationSpec(Duration::from_secs(s))
+    }
+
+    #[test]
+    fn fixed_delay_counts_over_the_jobs_life() {
+        let spec = RestartSpec::FixedDelay {
+            attempts: 2,
+            delay: secs(3),
+        };
+        let mut h = RestartHistory::default();
+        let now = Instant::now();
+        // however long each attempt ran
+        assert_eq!(
+            spec.next_restart(&mut h, now, secs(9999).0),
+            Some(secs(3).0)
+        );
+        assert_eq!(
+            spec.next_restart(&mut h, now, secs(9999).0),
+            Some(secs(3).0)
+        );
+        assert_eq!(spec.next_restart(&mut h, now, secs(9999).0), None);
+        assert_eq!(spec.progress(&h), "2 of 2");
+    }
+
+    #[test]
+    fn exponential_backoff_grows_and_resets_after_a_stable_attempt() {
+        let spec = RestartSpec::ExponentialBackoff {
+            attempts: 3,
+            initial_delay: secs(1),
+            max_delay: secs(3),
+            multiplier: 2.0,
+            reset_after: secs(60),
+        };
+        let mut h = RestartHistory::default();
+        let now = Instant::now();
+        let quick = Duration::from_secs(5);
+        assert_eq!(spec.next_restart(&mut h, now, quick), Some(secs(1).0));
+        assert_eq!(spec.next_restart(&mut h, now, quick), Some(secs(2).0));
+        // capped at max_delay
+        assert_eq!(spec.next_restart(&mut h, now, quick), Some(secs(3).0));
+        assert_eq!(spec.next_restart(&mut h, now, quick), None);
+        // an attempt that ran a minute starts over, delay included
+        let mut h = RestartHistory::default();
+        for _ in 0..3 {
+            spec.next_restart(&mut h, now, quick).unwrap();
+        }
+        assert_eq!(spec.next_restart(&mut h, now, secs(60).0), Some(secs(1).0));
+        assert_eq!(spec.progress(&h), "1 of 3");
+    }
+
+    #[test]
+    fn failure_rate_counts_failures_within_the_interval() {
+        let spec = RestartSpec::FailureRate {
+            max_failures: 2,
+            interval: secs(60),
+            delay: secs(1),
+        };
+        let mut h = RestartHistory::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let ran = Duration::ZERO;
+        assert!(spec.next_restart(&mut h, at(0), ran).is_some());
+        assert!(spec.next_restart(&mut h, at(30), ran).is_some());
+        // a third failure within a minute of the first: no more
+        assert!(spec.next_restart(&mut h, at(50), ran).is_none());
+        let mut h = RestartHistory::default();
+        assert!(spec.next_restart(&mut h, at(0), ran).is_some());
+        assert!(spec.next_restart(&mut h, at(30), ran).is_some());
+        // the first has left the window by now
+        assert!(spec.next_restart(&mut h, at(61), ran).is_some());
+        assert!(spec.next_restart(&mut h, at(200), ran).is_some());
+        assert!(
+            spec.exhausted(&h)
+                .unwrap()
+                .contains("more than 2 failure(s) within 1m")
+        );
+    }
+
+    #[test]
+    fn none_never_restarts() {
+        let mut h = RestartHistory::default();
+        assert_eq!(
+            RestartSpec::None.next_restart(&mut h, Instant::now(), Duration::ZERO),
+            None
+        );
+        assert!(RestartSpec::None.exhausted(&h).is_none());
     }
 }

@@ -3,7 +3,8 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::{
-    JOB_FORMAT_VERSION, JobSpec, Problem, Problems, SinkConnector, TransformSpec, WindowSpec,
+    JOB_FORMAT_VERSION, JobSpec, Problem, Problems, RestartSpec, SinkConnector, TransformSpec,
+    WindowSpec,
 };
 
 /// Side outputs each kind of node has, by name, with their port numbers.
@@ -84,6 +85,34 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
         if c.dir.trim().is_empty() {
             p.push(Problem::new("checkpointing.dir", "must not be empty"));
         }
+    }
+    match &job.restart {
+        Some(RestartSpec::ExponentialBackoff {
+            multiplier,
+            initial_delay,
+            max_delay,
+            ..
+        }) => {
+            if !(multiplier.is_finite() && *multiplier >= 1.0) {
+                p.push(
+                    Problem::new(
+                        "restart.multiplier",
+                        format!("{multiplier} is not a growth"),
+                    )
+                    .hint("use a number of at least 1, e.g. 2"),
+                );
+            }
+            if max_delay.0 < initial_delay.0 {
+                p.push(Problem::new(
+                    "restart.max_delay",
+                    "must not be shorter than restart.initial_delay",
+                ));
+            }
+        }
+        Some(RestartSpec::FailureRate { interval, .. }) if interval.0.is_zero() => {
+            p.push(Problem::new("restart.interval", "must be more than 0"));
+        }
+        _ => {}
     }
     if job.state.cache_keys == 0 {
         p.push(Problem::new("state.cache_keys", "must be at least 1"));
@@ -409,5 +438,37 @@ sinks:
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }
+    }
+
+    #[test]
+    fn refuses_restart_settings_that_make_no_sense() {
+        let job = |restart: &str| {
+            format!(
+                "version: 1\nname: r\nrestart: {restart}\nsources:\n  s: {{connector: {{type: generator, fields: {{a: seq}}}}}}\nsinks:\n  o: {{input: s, connector: {{type: blackhole}}}}\n"
+            )
+        };
+        let err = |restart: &str| {
+            parse_job(&job(restart), "job.yaml", &[])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err("{strategy: exponential-backoff, attempts: 3, multiplier: 0.5}")
+                .contains("restart.multiplier")
+        );
+        assert!(
+            err("{strategy: exponential-backoff, attempts: 3, initial_delay: 2m, max_delay: 1m}")
+                .contains("restart.max_delay")
+        );
+        assert!(
+            err("{strategy: failure-rate, max_failures: 3, interval: 0s}")
+                .contains("restart.interval")
+        );
+        parse_job(
+            &job("{strategy: failure-rate, max_failures: 3, interval: 5m, delay: 2s}"),
+            "job.yaml",
+            &[],
+        )
+        .unwrap();
     }
 }

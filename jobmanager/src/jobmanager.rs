@@ -27,7 +27,7 @@ use tracing::{info, info_span, warn};
 use freshet_engine::checkpoint::{RestoreSource, S3Options, Storage, SubtaskCommand};
 use freshet_engine::metrics::MetricsSnapshot;
 use freshet_engine::state::StateConfig;
-use freshet_job::{JobSpec, Problems, RestartSpec};
+use freshet_job::{JobSpec, Problems, RestartHistory, RestartSpec};
 
 use crate::checkpoints::{
     CheckpointStats, Coordinator, CoordinatorSettings, acquire_generation, completed_checkpoints,
@@ -147,6 +147,8 @@ struct Attempt {
     failure: Option<(String, bool, bool)>,
     /// TaskManagers it runs on.
     taskmanagers: Vec<Arc<dyn TaskManagerGateway>>,
+    /// When it was deployed.
+    started: Instant,
 }
 
 struct Runtime {
@@ -164,6 +166,8 @@ struct Runtime {
     last_history: Vec<CheckpointStats>,
     /// The waiting message last logged, so it is logged once.
     logged_wait: Option<String>,
+    /// What the restart strategy remembers of the failures so far.
+    restart_history: RestartHistory,
 }
 
 struct JobEntry {
@@ -571,6 +575,7 @@ impl JobManager {
                 restored_from: None,
                 last_history: Vec::new(),
                 logged_wait: None,
+                restart_history: RestartHistory::default(),
             }),
             changed: Condvar::new(),
         });
@@ -792,6 +797,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         ended: HashSet::new(),
         failure: None,
         taskmanagers: used_tms,
+        started: Instant::now(),
     });
     rt.status.state = JobState::Running;
     rt.status.message = None;
@@ -1042,44 +1048,48 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
             .expect("allocations lock")
             .remove(&entry.id);
         jm.wake();
-        let restarts = rt.status.restarts;
         match a.failure {
             _ if rt.cancel_requested => end_job(&jm, &entry, &mut rt, JobState::Cancelled),
             None => end_job(&jm, &entry, &mut rt, JobState::Finished),
-            Some((msg, _, retryable)) => match entry.restart.delay(restarts) {
-                Some(delay) if retryable => {
-                    let attempts = entry.restart.attempts();
-                    warn!(
-                        job = %ev.job,
-                        error = %msg,
-                        restart = restarts + 1,
-                        of = attempts,
-                        delay = ?delay,
-                        "attempt failed; restarting"
-                    );
-                    rt.status.state = JobState::Restarting;
-                    rt.status.message = Some(format!(
-                        "restart {} of {attempts} after: {msg}",
-                        restarts + 1
-                    ));
-                    rt.status.restarts += 1;
-                    rt.status.attempt += 1;
-                    rt.next_start = Instant::now() + delay;
-                    entry.changed.notify_all();
-                    drop(rt);
-                    jm.wake();
+            Some((msg, _, retryable)) => {
+                let delay = if retryable {
+                    let rt = &mut *rt;
+                    entry.restart.next_restart(
+                        &mut rt.restart_history,
+                        Instant::now(),
+                        a.started.elapsed(),
+                    )
+                } else {
+                    None
+                };
+                match delay {
+                    Some(delay) => {
+                        let progress = entry.restart.progress(&rt.restart_history);
+                        warn!(
+                            job = %ev.job,
+                            error = %msg,
+                            restart = %progress,
+                            delay = ?delay,
+                            "attempt failed; restarting"
+                        );
+                        rt.status.state = JobState::Restarting;
+                        rt.status.message = Some(format!("restart {progress} after: {msg}"));
+                        rt.status.restarts += 1;
+                        rt.status.attempt += 1;
+                        rt.next_start = Instant::now() + delay;
+                        entry.changed.notify_all();
+                        drop(rt);
+                        jm.wake();
+                    }
+                    None => {
+                        let msg = match entry.restart.exhausted(&rt.restart_history) {
+                            Some(why) if retryable => format!("{msg} ({why})"),
+                            _ => msg,
+                        };
+                        end_job(&jm, &entry, &mut rt, JobState::Failed(msg))
+                    }
                 }
-                _ => {
-                    let msg = if retryable && entry.restart.attempts() > 0 {
-                        format!(
-                            "{msg} (after {restarts} restart(s), the most the restart strategy allows)"
-                        )
-                    } else {
-                        msg
-                    };
-                    end_job(&jm, &entry, &mut rt, JobState::Failed(msg))
-                }
-            },
+            }
         }
     }
 }
