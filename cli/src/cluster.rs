@@ -74,6 +74,10 @@ pub struct TaskManagerArgs {
     /// Where `/healthz` and `/readyz` are served (ready once serving); `off`.
     #[arg(long, default_value = "off")]
     health: String,
+    /// Cancelled subtasks still running after this long (stuck in a call cancellation cannot
+    /// interrupt) make the TaskManager exit, so that their jobs can restart elsewhere.
+    #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
+    cancellation_timeout: Duration,
 }
 
 fn unix_millis() -> u64 {
@@ -150,6 +154,7 @@ pub fn taskmanager(args: TaskManagerArgs) -> Result<i32> {
         data_listen: args.data_listen,
         advertise_host: args.advertise_host,
         state_dir: args.state_dir,
+        cancellation_timeout: args.cancellation_timeout,
     };
     freshet_taskmanager::service::run(config)?;
     Ok(0)

@@ -8,6 +8,8 @@
 //! - The JobManager is killed with SIGKILL mid-stream and restarted with the same
 //!   high-availability directory: it takes the leader lease, resumes the job from the job store
 //!   and its latest checkpoint, and the output must again be exactly the expected one.
+//! - A subtask stuck where cancellation cannot reach it makes its TaskManager exit after the
+//!   cancellation timeout, so the job does not hang in cancellation.
 mod common;
 
 use std::path::Path;
@@ -354,4 +356,78 @@ fn run_with_processes_gives_the_expected_output() {
     );
     assert!(stderr.contains("job orders-paid-0 in"), "{stderr}");
     check_output("orders-paid", &out, "orders-paid with --processes");
+}
+
+/// A sink blocked opening a FIFO nobody reads cannot see its cancellation. After the
+/// TaskManager's cancellation timeout, the TaskManager exits (code 70) naming the subtask, the
+/// JobManager counts it lost, and the cancelled job ends instead of hanging.
+#[test]
+fn a_subtask_that_ignores_cancellation_makes_its_taskmanager_exit() {
+    let work = tempfile::tempdir().unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    let jm = jobmanager(&address, &work.path().join("ha"));
+    let mut tm = Proc::start(&[
+        "taskmanager".into(),
+        "--jobmanager".into(),
+        address.clone(),
+        "--slots".into(),
+        "1".into(),
+        "--id".into(),
+        "tm-stuck".into(),
+        "--state-dir".into(),
+        work.path().join("state").display().to_string(),
+        "--cancellation-timeout".into(),
+        "2s".into(),
+    ]);
+    tm.wait_for("listening on");
+    let fifo = work.path().join("never-read");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let job = work.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            "version: 1
+name: stuck
+sources:
+  gen:
+    connector: {{type: generator, rows_per_second: 100, fields: {{a: seq}}}}
+sinks:
+  out: {{input: gen, connector: {{type: file, path: {}}}}}
+",
+            fifo.display()
+        ),
+    )
+    .unwrap();
+    let o = freshet()
+        .args(["submit", job.to_str().unwrap(), "--jobmanager", &address])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    jm.wait_for("deploying");
+    // give the sink time to block in open()
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(job_state(&address, &id).unwrap().0, "running");
+    let cancelled = Instant::now();
+    let o = freshet()
+        .args(["cancel", &id, "--jobmanager", &address])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let code = tm.exit_within(Duration::from_secs(30));
+    assert_eq!(code, Some(70), "TaskManager log:\n{}", tm.log());
+    let waited = cancelled.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2),
+        "exited {waited:?} after the cancel, before the timeout:\n{}",
+        tm.log()
+    );
+    let log = tm.log();
+    assert!(
+        log.contains("subtask 0 of job") && log.contains("did not stop within 2s"),
+        "{log}"
+    );
+    let (state, _) = wait_until_ended(&address, &id, &[&jm]);
+    assert_eq!(state, "cancelled", "{}", jm.log());
 }

@@ -45,6 +45,8 @@ pub struct TaskManagerConfig {
     pub advertise_host: Option<String>,
     /// Root of subtask working directories, overriding the jobs' `state.local_dir`.
     pub state_dir: Option<PathBuf>,
+    /// Cancelled subtasks still running after this long make the process exit.
+    pub cancellation_timeout: Duration,
 }
 
 struct Service {
@@ -236,13 +238,16 @@ pub fn run(config: TaskManagerConfig) -> anyhow::Result<()> {
     let network = Network::start(&config.data_listen, shuffle.clone())
         .with_context(|| format!("data plane on {}", config.data_listen))?;
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<TaskEvent>();
-    let tm = Arc::new(TaskManager::new(
-        config.id.clone(),
-        config.slots,
-        shuffle,
-        Some(network.clone()),
-        events_tx,
-    ));
+    let tm = Arc::new(
+        TaskManager::new(
+            config.id.clone(),
+            config.slots,
+            shuffle,
+            Some(network.clone()),
+            events_tx,
+        )
+        .with_cancellation_timeout(config.cancellation_timeout, None),
+    );
     let epoch = Arc::new(AtomicU64::new(0));
     let service = Arc::new(Service {
         tm: tm.clone(),

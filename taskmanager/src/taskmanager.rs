@@ -1,5 +1,12 @@
 //! The TaskManager: offers slots, runs the subtasks deployed to it (one thread each), wires their
 //! channels, and reports their state to the JobManager.
+//!
+//! A cancelled subtask stops at its next element or wait; one stuck where cancellation cannot
+//! reach it (a blocking call into an external system) would hold its attempt open forever, and
+//! with it the job's restart. A watchdog started by each cancellation gives the subtasks
+//! [`DEFAULT_CANCELLATION_TIMEOUT`] (or what [`TaskManager::with_cancellation_timeout`] sets) and
+//! then declares the TaskManager broken: by default the process exits, its subtasks count as
+//! lost, and the job restarts elsewhere (a supervisor such as Kubernetes restarts the process).
 use crossbeam_channel::Sender;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,6 +32,20 @@ type TaskKey = (JobId, usize, u32);
 /// The plan of each job attempt with subtasks here.
 type Plans = Arc<Mutex<HashMap<(JobId, u32), Arc<JobPlan>>>>;
 
+/// How long cancelled subtasks get to end before the TaskManager gives up on them.
+pub const DEFAULT_CANCELLATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// Called with a description of the subtasks that ignored cancellation for too long.
+pub type OnStuck = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// The default answer to stuck subtasks: this process cannot be trusted to run more work, so it
+/// exits (code 70); its subtasks count as lost and their jobs restart elsewhere.
+fn exit_on_stuck(what: &str) {
+    tracing::error!(stuck = what, "subtasks ignored cancellation; exiting");
+    eprintln!("{what}; the TaskManager exits so that their jobs can restart elsewhere");
+    std::process::exit(70);
+}
+
 struct Running {
     attempt: u32,
     cancel: CancelToken,
@@ -41,6 +62,8 @@ pub struct TaskManager {
     events: Sender<TaskEvent>,
     plans: Plans,
     running: Arc<Mutex<HashMap<TaskKey, Running>>>,
+    cancellation_timeout: std::time::Duration,
+    on_stuck: OnStuck,
 }
 
 impl TaskManager {
@@ -62,6 +85,68 @@ impl TaskManager {
             events,
             plans: Arc::new(Mutex::new(HashMap::new())),
             running: Arc::new(Mutex::new(HashMap::new())),
+            cancellation_timeout: DEFAULT_CANCELLATION_TIMEOUT,
+            on_stuck: Arc::new(exit_on_stuck),
+        }
+    }
+
+    /// Gives cancelled subtasks `timeout` to end; `on_stuck` is told about those that do not.
+    pub fn with_cancellation_timeout(
+        mut self,
+        timeout: std::time::Duration,
+        on_stuck: Option<OnStuck>,
+    ) -> Self {
+        self.cancellation_timeout = timeout;
+        if let Some(f) = on_stuck {
+            self.on_stuck = f;
+        }
+        self
+    }
+
+    /// Watches subtasks just cancelled: those still running (the same attempt) after the
+    /// cancellation timeout are reported to `on_stuck`.
+    fn watch_cancelled(&self, cancelled: Vec<(TaskKey, u32)>) {
+        if cancelled.is_empty() {
+            return;
+        }
+        let running = Arc::downgrade(&self.running);
+        let timeout = self.cancellation_timeout;
+        let on_stuck = self.on_stuck.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cancel-watch".into())
+            .spawn(move || {
+                let deadline = std::time::Instant::now() + timeout;
+                loop {
+                    let Some(running) = running.upgrade() else {
+                        return;
+                    };
+                    let stuck: Vec<String> = {
+                        let running = running.lock().expect("running lock");
+                        cancelled
+                            .iter()
+                            .filter(|(k, a)| running.get(k).is_some_and(|r| r.attempt == *a))
+                            .map(|((job, v, i), a)| {
+                                format!("vertex {v} subtask {i} of job {job} (attempt {a})")
+                            })
+                            .collect()
+                    };
+                    if stuck.is_empty() {
+                        return;
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        (on_stuck)(&format!(
+                            "{} did not stop within {} of being cancelled",
+                            stuck.join(", "),
+                            humantime::format_duration(timeout)
+                        ));
+                        return;
+                    }
+                    drop(running);
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot watch cancelled subtasks");
         }
     }
 
@@ -395,7 +480,10 @@ impl TaskManagerGateway for TaskManager {
                 debug!(?state, "subtask ended");
                 let job_done = {
                     let mut running = running.lock().expect("running lock");
-                    running.remove(&task);
+                    // (a newer attempt may have taken the slot if this one was given up on)
+                    if running.get(&task).is_some_and(|r| r.attempt == d.attempt) {
+                        running.remove(&task);
+                    }
                     !running.keys().any(|(j, _, _)| *j == d.job)
                 };
                 if job_done {
@@ -423,12 +511,15 @@ impl TaskManagerGateway for TaskManager {
         // the newest attempt deployed here: deployments reach a TaskManager before the cancel
         // that follows them, so every attempt up to this one is over
         let mut newest = None;
-        for ((j, _, _), r) in self.running.lock().expect("running lock").iter() {
-            if j == job {
+        let mut cancelled = Vec::new();
+        for (k, r) in self.running.lock().expect("running lock").iter() {
+            if &k.0 == job {
                 r.cancel.cancel();
                 newest = newest.max(Some(r.attempt));
+                cancelled.push((k.clone(), r.attempt));
             }
         }
+        self.watch_cancelled(cancelled);
         let planned = self
             .plans
             .lock()

@@ -68,6 +68,20 @@ impl Proc {
         self.child.id()
     }
 
+    /// Waits up to `timeout` for it to exit on its own: its exit code (`None` if it is still
+    /// running, or was killed by a signal).
+    pub fn exit_within(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// Waits for it to exit: whether it succeeded, and its stderr.
     pub fn wait(&mut self) -> (bool, String) {
         let ok = self.child.wait().unwrap().success();
