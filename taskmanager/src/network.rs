@@ -8,7 +8,9 @@
 //! - `OPEN` (sender → receiver): names a channel ([`ChannelKey`]) and its capacity. The receiver
 //!   creates (or finds) the channel's local end and grants `capacity` credits.
 //! - `DATA` (sender → receiver): one element (a batch as Arrow IPC, or a watermark, barrier,
-//!   end-of-input...). A sender spends one credit per element and never sends without one, so
+//!   end-of-input...). A channel's batches form one Arrow IPC stream: its schema (and each
+//!   dictionary) travels once, with the first batch that needs it, and the receiver keeps the
+//!   stream's decoder per channel. A sender spends one credit per element and never sends without one, so
 //!   the receiver's bounded channel always has room: the connection's reader never blocks, and a
 //!   slow consumer holds back only its own channel, not the others sharing the connection.
 //! - `CREDIT` (receiver → sender): the consuming subtask took elements; that many more may come.
@@ -27,8 +29,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
-use arrow::ipc::reader::StreamReader;
+use arrow::buffer::Buffer;
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::StreamDecoder;
 use arrow::ipc::writer::StreamWriter;
+use arrow::record_batch::RecordBatch;
 use freshet_engine::channel::{ChannelSender, CreditReturn, Outbound};
 use freshet_engine::{Element, EngineError, Watermark};
 use freshet_jobmanager::JobId;
@@ -329,6 +334,7 @@ impl Connection {
             credits,
             conn: self.clone(),
             ended: AtomicBool::new(false),
+            encoder: Mutex::new(Encoder::default()),
         }))
     }
 
@@ -370,6 +376,7 @@ struct RemoteSender {
     credits: Arc<Credits>,
     conn: Arc<Connection>,
     ended: AtomicBool,
+    encoder: Mutex<Encoder>,
 }
 
 impl std::fmt::Debug for RemoteSender {
@@ -405,8 +412,9 @@ impl Outbound for RemoteSender {
         if matches!(e, Element::EndOfInput) {
             self.ended.store(true, Ordering::Relaxed);
         }
+        let mut encoder = self.encoder.lock().expect("encoder lock");
         self.conn
-            .send(frame_with(DATA, self.channel, |f| encode(&e, f))?)?;
+            .send(frame_with(DATA, self.channel, |f| encoder.encode(&e, f))?)?;
         Ok(None)
     }
 }
@@ -469,7 +477,7 @@ fn serve_incoming(stream: TcpStream, shuffle: Arc<LocalShuffle>) -> io::Result<(
         || {},
     )?;
     let mut r = BufReader::with_capacity(256 << 10, stream);
-    let mut open: HashMap<u32, ChannelSender> = HashMap::new();
+    let mut open: HashMap<u32, (ChannelSender, Decoder)> = HashMap::new();
     while let Some(f) = read_frame(&mut r)? {
         let (kind, channel, payload) = (f.kind, f.channel, f.payload());
         match kind {
@@ -494,16 +502,17 @@ fn serve_incoming(stream: TcpStream, shuffle: Arc<LocalShuffle>) -> io::Result<(
                     batch: capacity.div_ceil(2),
                     frames: tx.clone(),
                 }));
-                open.insert(channel, sender);
+                open.insert(channel, (sender, Decoder::default()));
                 let _ = tx.send(frame(CREDIT, channel, &capacity.to_le_bytes()));
             }
             DATA => {
-                let e = decode(payload)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let end = matches!(e, Element::EndOfInput);
-                let Some(sender) = open.get(&channel) else {
+                let Some((sender, decoder)) = open.get_mut(&channel) else {
                     continue;
                 };
+                let e = decoder
+                    .decode(f.bytes, 5)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let end = matches!(e, Element::EndOfInput);
                 // the sender spent a credit, so there is room; a consumer that already went
                 // away (failed, cancelled) makes the element moot
                 match sender.offer(e) {
@@ -543,51 +552,107 @@ const TAG_IDLE: u8 = 2;
 const TAG_END: u8 = 3;
 const TAG_BARRIER: u8 = 4;
 const TAG_SUSPEND: u8 = 5;
+/// A batch that starts a new Arrow IPC stream (its schema comes first).
+const TAG_BATCH_NEW_STREAM: u8 = 6;
 
-/// Appends an element to `out`: a tag byte, then a batch as an Arrow IPC stream, a watermark
-/// as eight bytes, a barrier with postcard.
-fn encode(e: &Element, out: &mut Vec<u8>) -> freshet_engine::Result<()> {
-    let err = |e: String| EngineError::Operator(format!("encoding an element: {e}"));
-    match e {
-        Element::Batch(b) => {
-            out.push(TAG_BATCH);
-            let mut w =
-                StreamWriter::try_new(&mut *out, &b.schema()).map_err(|e| err(e.to_string()))?;
-            w.write(b).map_err(|e| err(e.to_string()))?;
-            w.finish().map_err(|e| err(e.to_string()))?;
-        }
-        Element::Watermark(w) => {
-            out.push(TAG_WATERMARK);
-            out.extend_from_slice(&w.0.to_le_bytes());
-        }
-        Element::Idle => out.push(TAG_IDLE),
-        Element::EndOfInput => out.push(TAG_END),
-        Element::Barrier(b) => {
-            out.push(TAG_BARRIER);
-            out.extend(postcard::to_stdvec(b).map_err(|e| err(e.to_string()))?);
-        }
-        Element::Suspend => out.push(TAG_SUSPEND),
-    }
-    Ok(())
+/// The sending side of one channel's element encoding: the channel's Arrow IPC stream.
+#[derive(Default)]
+struct Encoder {
+    stream: Option<(SchemaRef, StreamWriter<Vec<u8>>)>,
 }
 
-fn decode(bytes: &[u8]) -> Result<Element, String> {
-    let (tag, rest) = bytes.split_first().ok_or("empty element")?;
-    Ok(match *tag {
-        TAG_BATCH => {
-            let mut r = StreamReader::try_new(rest, None).map_err(|e| e.to_string())?;
-            let batch = r.next().ok_or("a batch frame without a batch")?;
-            Element::Batch(batch.map_err(|e| e.to_string())?)
+impl Encoder {
+    /// Appends `e` to `out`: a tag byte, then a batch as the next message(s) of the channel's
+    /// Arrow IPC stream (a new stream, schema first, when the schema changed), a watermark as
+    /// eight bytes, a barrier with postcard.
+    fn encode(&mut self, e: &Element, out: &mut Vec<u8>) -> freshet_engine::Result<()> {
+        let err = |e: String| EngineError::Operator(format!("encoding an element: {e}"));
+        match e {
+            Element::Batch(b) => {
+                let same = self
+                    .stream
+                    .as_ref()
+                    .is_some_and(|(s, _)| Arc::ptr_eq(s, &b.schema()) || **s == *b.schema());
+                // the writer appends straight to the frame: it is swapped in and out
+                let mut buf = std::mem::take(out);
+                if same {
+                    buf.push(TAG_BATCH);
+                    let (_, w) = self.stream.as_mut().expect("checked");
+                    std::mem::swap(w.get_mut(), &mut buf);
+                } else {
+                    buf.push(TAG_BATCH_NEW_STREAM);
+                    let w =
+                        StreamWriter::try_new(buf, &b.schema()).map_err(|e| err(e.to_string()))?;
+                    self.stream = Some((b.schema(), w));
+                }
+                let (_, w) = self.stream.as_mut().expect("set");
+                let written = w.write(b);
+                *out = std::mem::take(w.get_mut());
+                if let Err(e) = written {
+                    // the stream's state is unknown now: the next batch starts a new one
+                    self.stream = None;
+                    return Err(err(e.to_string()));
+                }
+            }
+            Element::Watermark(w) => {
+                out.push(TAG_WATERMARK);
+                out.extend_from_slice(&w.0.to_le_bytes());
+            }
+            Element::Idle => out.push(TAG_IDLE),
+            Element::EndOfInput => out.push(TAG_END),
+            Element::Barrier(b) => {
+                out.push(TAG_BARRIER);
+                out.extend(postcard::to_stdvec(b).map_err(|e| err(e.to_string()))?);
+            }
+            Element::Suspend => out.push(TAG_SUSPEND),
         }
-        TAG_WATERMARK => Element::Watermark(Watermark(i64::from_le_bytes(
-            rest.try_into().map_err(|_| "bad watermark")?,
-        ))),
-        TAG_IDLE => Element::Idle,
-        TAG_END => Element::EndOfInput,
-        TAG_BARRIER => Element::Barrier(postcard::from_bytes(rest).map_err(|e| e.to_string())?),
-        TAG_SUSPEND => Element::Suspend,
-        t => return Err(format!("unknown element tag {t}")),
-    })
+        Ok(())
+    }
+}
+
+/// The receiving side of one channel's element encoding: the channel's Arrow IPC stream.
+#[derive(Default)]
+struct Decoder {
+    stream: StreamDecoder,
+}
+
+impl Decoder {
+    /// Decodes the element in `bytes[start..]`. The bytes are taken so a batch's buffers can
+    /// point into them without a copy.
+    fn decode(&mut self, bytes: Vec<u8>, start: usize) -> Result<Element, String> {
+        let (tag, rest) = bytes
+            .get(start..)
+            .and_then(|b| b.split_first())
+            .ok_or("empty element")?;
+        Ok(match *tag {
+            TAG_BATCH | TAG_BATCH_NEW_STREAM => {
+                if *tag == TAG_BATCH_NEW_STREAM {
+                    self.stream = StreamDecoder::new();
+                } else if self.stream.schema().is_none() {
+                    return Err("a batch before its stream's schema".into());
+                }
+                let mut buf = Buffer::from_vec(bytes);
+                buf.advance(start + 1);
+                let mut batch: Option<RecordBatch> = None;
+                while !buf.is_empty() {
+                    if let Some(b) = self.stream.decode(&mut buf).map_err(|e| e.to_string())?
+                        && batch.replace(b).is_some()
+                    {
+                        return Err("two batches in one element".into());
+                    }
+                }
+                Element::Batch(batch.ok_or("a batch element without a batch")?)
+            }
+            TAG_WATERMARK => Element::Watermark(Watermark(i64::from_le_bytes(
+                rest.try_into().map_err(|_| "bad watermark")?,
+            ))),
+            TAG_IDLE => Element::Idle,
+            TAG_END => Element::EndOfInput,
+            TAG_BARRIER => Element::Barrier(postcard::from_bytes(rest).map_err(|e| e.to_string())?),
+            TAG_SUSPEND => Element::Suspend,
+            t => return Err(format!("unknown element tag {t}")),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -625,11 +690,21 @@ mod tests {
         .unwrap()
     }
 
+    /// Encodes `e` as the next element of a channel, and decodes it at the other end.
+    fn round_trip(enc: &mut Encoder, dec: &mut Decoder, e: &Element) -> (Element, usize) {
+        let mut bytes = vec![0u8; 5];
+        enc.encode(e, &mut bytes).unwrap();
+        let len = bytes.len();
+        (dec.decode(bytes, 5).unwrap(), len)
+    }
+
     #[test]
     fn elements_survive_the_wire() {
+        let (mut enc, mut dec) = (Encoder::default(), Decoder::default());
         for e in [
             Element::Batch(batch(7)),
             Element::Watermark(Watermark(-3)),
+            Element::Batch(batch(8)),
             Element::Idle,
             Element::EndOfInput,
             Element::Suspend,
@@ -640,13 +715,44 @@ mod tests {
                 stop: true,
             }),
         ] {
-            let mut bytes = Vec::new();
-            encode(&e, &mut bytes).unwrap();
-            let back = decode(&bytes).unwrap();
+            let (back, _) = round_trip(&mut enc, &mut dec, &e);
             assert_eq!(format!("{e:?}"), format!("{back:?}"));
         }
-        assert!(decode(&[9]).is_err());
-        assert!(decode(&[]).is_err());
+        assert!(dec.decode(vec![9], 0).is_err());
+        assert!(dec.decode(vec![], 0).is_err());
+    }
+
+    #[test]
+    fn a_channel_sends_its_schema_once_and_again_when_it_changes() {
+        let (mut enc, mut dec) = (Encoder::default(), Decoder::default());
+        let (_, first) = round_trip(&mut enc, &mut dec, &Element::Batch(batch(1)));
+        let (back, next) = round_trip(&mut enc, &mut dec, &Element::Batch(batch(2)));
+        assert!(
+            next < first,
+            "the second batch repeated the schema ({next} vs {first} bytes)"
+        );
+        assert_eq!(
+            format!("{back:?}"),
+            format!("{:?}", Element::Batch(batch(2)))
+        );
+        // another schema on the same channel starts a new stream
+        let other = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)])),
+            vec![Arc::new(Int64Array::from(vec![Some(5), None]))],
+        )
+        .unwrap();
+        let (back, _) = round_trip(&mut enc, &mut dec, &Element::Batch(other.clone()));
+        assert_eq!(format!("{back:?}"), format!("{:?}", Element::Batch(other)));
+        let (back, _) = round_trip(&mut enc, &mut dec, &Element::Batch(batch(3)));
+        assert_eq!(
+            format!("{back:?}"),
+            format!("{:?}", Element::Batch(batch(3)))
+        );
+        // a receiver that missed the stream's start refuses its batches
+        let mut late = Decoder::default();
+        let mut bytes = vec![0u8; 5];
+        enc.encode(&Element::Batch(batch(4)), &mut bytes).unwrap();
+        assert!(late.decode(bytes, 5).is_err());
     }
 
     #[test]
