@@ -8,6 +8,8 @@
 //! - The JobManager is killed with SIGKILL mid-stream and restarted with the same
 //!   high-availability directory: it takes the leader lease, resumes the job from the job store
 //!   and its latest checkpoint, and the output must again be exactly the expected one.
+//! - A job that never started before its JobManager died starts on the next one as it was
+//!   submitted (`--fresh`), not from checkpoints its directory already held.
 //! - A subtask stuck where cancellation cannot reach it makes its TaskManager exit after the
 //!   cancellation timeout, so the job does not hang in cancellation.
 mod common;
@@ -430,4 +432,51 @@ sinks:
     );
     let (state, _) = wait_until_ended(&address, &id, &[&jm]);
     assert_eq!(state, "cancelled", "{}", jm.log());
+}
+
+/// A job submitted with `--fresh` waits for slots when its JobManager is killed. The next
+/// JobManager resumes it, and it must still start fresh, although its checkpoint directory holds
+/// completed checkpoints of an earlier run.
+#[test]
+fn a_resumed_job_that_never_started_starts_as_submitted() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let chk = work.path().join("checkpoints");
+    let mut a = args("orders-paid", 1, &out, &chk.display().to_string(), 0.5);
+    // an earlier run leaves completed checkpoints behind
+    let o = freshet()
+        .args(&a)
+        .args(["--listen", "off"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        std::fs::read_dir(chk.join("orders-paid"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("chk-")),
+        "the first run left no checkpoint"
+    );
+    let address = format!("127.0.0.1:{}", free_port());
+    let ha = work.path().join("ha");
+    let mut jm = jobmanager(&address, &ha);
+    a[0] = "submit".into();
+    a.extend(["--fresh", "--jobmanager", &address].map(String::from));
+    let o = freshet().args(&a).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    // no TaskManager yet: the job waits, and its JobManager dies
+    jm.wait_for("waiting for 1 free slots");
+    jm.kill();
+    let jm = jobmanager(&address, &ha);
+    jm.wait_for("resuming");
+    let _tm = taskmanager(&address, "tm-0", &work.path().join("state"));
+    let (state, _) = wait_until_ended(&address, &id, &[&jm]);
+    assert_eq!(state, "finished", "{}", jm.log());
+    let deploying = jm.wait_for("deploying");
+    assert!(
+        deploying.contains("restored_from=\"-\""),
+        "the resumed job did not start fresh: {deploying}"
+    );
 }

@@ -17,6 +17,8 @@
 //!   subtasks count as failed.
 //! - **Durability.** With a [`JobStore`], every job's definition and outcome is kept in object
 //!   storage, so a JobManager that takes over (see [`crate::leader`]) resumes the running jobs.
+//! - **Retention.** Ended jobs stay listed (with their counters and checkpoint history) until
+//!   [`RETAINED_ENDED_JOBS`] newer ones have ended, so a long-running JobManager does not grow.
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -38,6 +40,9 @@ use crate::messages::{
 };
 use crate::plan::{JobPlan, NodeKind, plan};
 use crate::store::{JobRecord, JobStore};
+
+/// Ended jobs a JobManager keeps listing; older ones are forgotten (their job store records stay).
+pub const RETAINED_ENDED_JOBS: usize = 100;
 
 /// Why a job could not be submitted.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +173,8 @@ struct Runtime {
     logged_wait: Option<String>,
     /// What the restart strategy remembers of the failures so far.
     restart_history: RestartHistory,
+    /// When it ended.
+    ended_at: Option<Instant>,
 }
 
 struct JobEntry {
@@ -329,6 +336,8 @@ struct Inner {
     epoch: u64,
     taskmanagers: Mutex<Vec<Arc<dyn TaskManagerGateway>>>,
     jobs: Mutex<HashMap<JobId, Arc<JobEntry>>>,
+    /// Per job name, the number the next job id tries first.
+    next_ids: Mutex<HashMap<String, u64>>,
     store: Option<JobStore>,
     events: Sender<TaskEvent>,
     /// Slots each job's running attempt holds, per TaskManager id.
@@ -373,6 +382,7 @@ impl JobManager {
             epoch,
             taskmanagers: Mutex::new(Vec::new()),
             jobs: Mutex::new(HashMap::new()),
+            next_ids: Mutex::new(HashMap::new()),
             store,
             events: tx,
             allocations: Mutex::new(HashMap::new()),
@@ -502,8 +512,14 @@ impl JobManager {
                 PathBuf::from(&record.base_dir),
                 record.options,
                 // attempts continue after the previous JobManager's, so nothing of theirs
-                // (channels, reports) is mistaken for the new attempt's
-                Some((record.first_generation, record.attempt + 1)),
+                // (channels, reports) is mistaken for the new attempt's. Generations start
+                // at 1: a 0 means the job never started (or takes no checkpoints), so it
+                // starts as it was submitted (`--fresh`, `--restore`) rather than from
+                // whatever its checkpoint directory holds.
+                Some((
+                    (record.first_generation > 0).then_some(record.first_generation),
+                    record.attempt + 1,
+                )),
             ) {
                 Ok(_) => n += 1,
                 Err(e) => {
@@ -521,15 +537,19 @@ impl JobManager {
             .inner
             .store
             .as_ref()
-            .and_then(|s| s.list().ok())
+            .and_then(|s| s.ids().ok())
             .unwrap_or_default()
             .into_iter()
-            .map(|r| r.id)
             .collect();
-        (0u64..)
-            .map(|n| JobId(format!("{name}-{n}")))
-            .find(|id| !jobs.contains_key(id) && !stored.contains(&id.0))
-            .expect("a free id")
+        // numbers only grow, so the id of a job that was forgotten is never given again
+        let mut next = self.inner.next_ids.lock().expect("ids lock");
+        let first = next.get(name).copied().unwrap_or(0);
+        let (n, id) = (first..)
+            .map(|n| (n, JobId(format!("{name}-{n}"))))
+            .find(|(_, id)| !jobs.contains_key(id) && !stored.contains(&id.0))
+            .expect("a free id");
+        next.insert(name.to_string(), n + 1);
+        id
     }
 
     fn add(
@@ -538,12 +558,12 @@ impl JobManager {
         spec: JobSpec,
         base_dir: PathBuf,
         options: SubmitOptions,
-        resume: Option<(u64, u32)>,
+        resume: Option<(Option<u64>, u32)>,
     ) -> Result<JobHandle, SubmitError> {
-        let first_generation = resume.map(|r| r.0);
+        let first_generation = resume.and_then(|r| r.0);
         let plan = Arc::new(plan(&spec, &base_dir).map_err(SubmitError::Invalid)?);
         // check the snapshot to restore now: a bad one is the submitter's problem
-        if first_generation.is_none()
+        if resume.is_none()
             && let Some(r) = &options.restore
         {
             load_restore(&plan, r, &options)?;
@@ -576,6 +596,7 @@ impl JobManager {
                 last_history: Vec::new(),
                 logged_wait: None,
                 restart_history: RestartHistory::default(),
+                ended_at: None,
             }),
             changed: Condvar::new(),
         });
@@ -664,14 +685,16 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         }
     }
     let number = rt.status.attempt;
-    let start = match (number, rt.first_generation) {
-        (0, None) => match (&entry.options.restore, entry.options.ignore_checkpoints) {
+    // the first attempt to take checkpoints fixes the job's first generation; until then the
+    // job starts as it was submitted
+    let start = match rt.first_generation {
+        None => match (&entry.options.restore, entry.options.ignore_checkpoints) {
             (Some(l), _) => Start::From(l.clone()),
             (None, false) => Start::Latest,
             (None, true) => Start::Fresh,
         },
-        (_, since) => Start::OwnLatest {
-            since: since.unwrap_or(0),
+        Some(since) => Start::OwnLatest {
+            since,
             or: rt.restored_from.clone().or(entry.options.restore.clone()),
         },
     };
@@ -874,7 +897,27 @@ fn end_job(inner: &Inner, entry: &JobEntry, rt: &mut Runtime, state: JobState) {
     }
     rt.status.state = state;
     rt.status.message = None;
+    rt.ended_at = Some(Instant::now());
     entry.changed.notify_all();
+    inner.wake();
+}
+
+/// Forgets the oldest ended jobs beyond [`RETAINED_ENDED_JOBS`].
+fn forget_old_jobs(inner: &Inner) {
+    let mut ended: Vec<(Instant, JobId)> = inner
+        .jobs()
+        .iter()
+        .filter_map(|e| e.rt().ended_at.map(|t| (t, e.id.clone())))
+        .collect();
+    if ended.len() <= RETAINED_ENDED_JOBS {
+        return;
+    }
+    ended.sort();
+    let forget = ended.len() - RETAINED_ENDED_JOBS;
+    let mut jobs = inner.jobs.lock().expect("jobs lock");
+    for (_, id) in ended.into_iter().take(forget) {
+        jobs.remove(&id);
+    }
 }
 
 /// The scheduler: starts waiting jobs, notices lost TaskManagers.
@@ -898,6 +941,7 @@ fn schedule_loop(inner: std::sync::Weak<Inner>) {
         for entry in jobs {
             try_start(&inner, &entry);
         }
+        forget_old_jobs(&inner);
         let (lock, cv) = &inner.wake;
         let mut woken = lock.lock().expect("wake lock");
         if !*woken {
@@ -1252,4 +1296,50 @@ fn prepare_state(
         checkpoints,
         restore,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str) -> JobSpec {
+        freshet_job::parse_job(
+            &format!(
+                "version: 1\nname: {name}\nsources:\n  s: {{connector: {{type: generator, fields: {{a: seq}}}}}}\nsinks:\n  o: {{input: s, connector: {{type: blackhole}}}}\n"
+            ),
+            "job.yaml",
+            &[],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn only_the_newest_ended_jobs_are_kept() {
+        // no TaskManagers: every job waits for slots until it is cancelled
+        let jm = JobManager::new(0, None);
+        let waiting = jm.submit(job("waiting"), std::env::temp_dir()).unwrap();
+        let total = RETAINED_ENDED_JOBS + 3;
+        let mut ids = Vec::new();
+        for _ in 0..total {
+            let h = jm.submit(job("short"), std::env::temp_dir()).unwrap();
+            h.cancel();
+            assert_eq!(h.status().state, JobState::Cancelled);
+            ids.push(h.id.clone());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while jm.jobs().len() > RETAINED_ENDED_JOBS + 1 {
+            assert!(
+                Instant::now() < deadline,
+                "{} jobs still listed",
+                jm.jobs().len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // the three that ended first are forgotten; the waiting job and the rest stay
+        for (n, id) in ids.iter().enumerate() {
+            assert_eq!(jm.job(&id.0).is_some(), n >= 3, "job {id}");
+        }
+        assert!(jm.job(&waiting.id.0).is_some());
+        assert_eq!(jm.jobs().len(), RETAINED_ENDED_JOBS + 1);
+    }
 }

@@ -498,10 +498,12 @@ impl JobManagerRpc for JobManagerService {
             &self.runtime,
             self.jm.event_sender(),
         );
-        self.remotes
-            .lock()
-            .expect("remotes lock")
-            .insert(req.taskmanager_id.clone(), tm.clone());
+        {
+            // TaskManagers come and go (a new pod is a new id): forget the lost ones
+            let mut remotes = self.remotes.lock().expect("remotes lock");
+            remotes.retain(|_, t| t.lost().is_none());
+            remotes.insert(req.taskmanager_id.clone(), tm.clone());
+        }
         let jm = self.jm.clone();
         blocking(move || {
             jm.register(tm);

@@ -73,14 +73,23 @@ impl JobStore {
         }
     }
 
+    /// The ids of every record (listed, not read).
+    pub fn ids(&self) -> Result<Vec<String>, String> {
+        Ok(self
+            .storage
+            .list("jobs")
+            .map_err(|e| e.to_string())?
+            .iter()
+            .filter_map(|p| p.rsplit('/').next()?.strip_suffix(".json"))
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Every record.
     pub fn list(&self) -> Result<Vec<JobRecord>, String> {
         let mut out = Vec::new();
-        for p in self.storage.list("jobs").map_err(|e| e.to_string())? {
-            let Some(id) = p.rsplit('/').next().and_then(|n| n.strip_suffix(".json")) else {
-                continue;
-            };
-            if let Some(r) = self.get(id)? {
+        for id in self.ids()? {
+            if let Some(r) = self.get(&id)? {
                 out.push(r);
             }
         }
