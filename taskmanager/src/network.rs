@@ -116,14 +116,22 @@ impl Network {
     }
 
     fn connection(&self, peer: &str) -> freshet_engine::Result<Arc<Connection>> {
-        let mut map = self.outgoing.lock().expect("outgoing lock");
-        if let Some(c) = map.get(peer)
-            && !c.dead.load(Ordering::Acquire)
-        {
-            return Ok(c.clone());
+        let live = |map: &HashMap<String, Arc<Connection>>| {
+            map.get(peer)
+                .filter(|c| !c.dead.load(Ordering::Acquire))
+                .cloned()
+        };
+        if let Some(c) = live(&self.outgoing.lock().expect("outgoing lock")) {
+            return Ok(c);
         }
+        // connect without the lock: an unreachable peer must not hold up channels to others
         let context = || format!("connecting to the data plane of TaskManager {peer}");
         let stream = connect(peer).map_err(|e| EngineError::io(context(), e))?;
+        let mut map = self.outgoing.lock().expect("outgoing lock");
+        if let Some(c) = live(&map) {
+            // another subtask connected meanwhile; this stream is dropped unused
+            return Ok(c);
+        }
         let c = Connection::start(stream, peer.to_string())
             .map_err(|e| EngineError::io(context(), e))?;
         map.insert(peer.to_string(), c.clone());
@@ -796,6 +804,35 @@ mod tests {
         assert_eq!(got, (0..20).collect::<Vec<_>>());
         // the wait for credit counts as backpressure
         assert!(metrics.snapshot().backpressured_ns > 200_000_000);
+    }
+
+    #[test]
+    fn an_unreachable_peer_does_not_hold_up_channels_to_others() {
+        let a = Network::start("127.0.0.1:0", Arc::new(LocalShuffle::new())).unwrap();
+        let b_shuffle = Arc::new(LocalShuffle::new());
+        let b = Network::start("127.0.0.1:0", b_shuffle.clone()).unwrap();
+        // a port nobody listens on: connecting retries for a while
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let a2 = a.clone();
+        std::thread::spawn(move || a2.sender(&dead, key(5), 2));
+        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        let tx = a.sender(&b.address().to_string(), key(6), 2).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "waited {:?} behind the unreachable peer",
+            started.elapsed()
+        );
+        let rx = b_shuffle.receiver(key(6), 2);
+        tx.send(Element::Idle).unwrap();
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(Some(Element::Idle))
+        ));
     }
 
     #[test]
