@@ -29,8 +29,9 @@ use crate::shuffle::{ChannelKey, LocalShuffle};
 /// A running subtask: (job, vertex, subtask).
 type TaskKey = (JobId, usize, u32);
 
-/// The plan of each job attempt with subtasks here.
-type Plans = Arc<Mutex<HashMap<(JobId, u32), Arc<JobPlan>>>>;
+/// Per job, the newest attempt deployed here and its plan (dropped while nothing of the job
+/// runs here, rebuilt if more of it comes).
+type Plans = Arc<Mutex<HashMap<JobId, (u32, Option<Arc<JobPlan>>)>>>;
 
 /// How long cancelled subtasks get to end before the TaskManager gives up on them.
 pub const DEFAULT_CANCELLATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
@@ -152,18 +153,23 @@ impl TaskManager {
 
     fn plan_for(&self, d: &TaskDeployment) -> std::result::Result<Arc<JobPlan>, String> {
         let mut plans = self.plans.lock().expect("plans lock");
-        if let Some(p) = plans.get(&(d.job.clone(), d.attempt)) {
+        let known = plans.get(&d.job);
+        if let Some((a, Some(p))) = known
+            && *a == d.attempt
+        {
             return Ok(p.clone());
         }
+        let new_attempt = known.is_none_or(|(a, _)| *a != d.attempt);
         let p = Arc::new(plan(&d.spec, &d.base_dir).map_err(|p| p.to_string())?);
-        // a new attempt: clear working directories that killed processes left behind
-        remove_dead_working_dirs(&d.state.local_dir);
-        // older attempts of the job will never run here again
-        if let Some(older) = d.attempt.checked_sub(1) {
-            self.shuffle.retire(&d.job, older);
+        if new_attempt {
+            // clear working directories that killed processes left behind
+            remove_dead_working_dirs(&d.state.local_dir);
+            // older attempts of the job will never run here again
+            if let Some(older) = d.attempt.checked_sub(1) {
+                self.shuffle.retire(&d.job, older);
+            }
         }
-        plans.retain(|(j, _), _| *j != d.job);
-        plans.insert((d.job.clone(), d.attempt), p.clone());
+        plans.insert(d.job.clone(), (d.attempt, Some(p.clone())));
         Ok(p)
     }
 
@@ -486,13 +492,12 @@ impl TaskManagerGateway for TaskManager {
                     }
                     !running.keys().any(|(j, _, _)| *j == d.job)
                 };
-                if job_done {
-                    // nothing of the job runs here: its plan is rebuilt if it comes back
-                    if let Some(plans) = plans.upgrade() {
-                        plans
-                            .lock()
-                            .expect("plans lock")
-                            .remove(&(d.job.clone(), d.attempt));
+                if job_done && let Some(plans) = plans.upgrade() {
+                    // nothing of the job runs here: its plan is rebuilt if more of it comes
+                    if let Some((a, plan)) = plans.lock().expect("plans lock").get_mut(&d.job)
+                        && *a == d.attempt
+                    {
+                        *plan = None;
                     }
                 }
                 let _ = events.send(TaskEvent {
@@ -520,14 +525,7 @@ impl TaskManagerGateway for TaskManager {
             }
         }
         self.watch_cancelled(cancelled);
-        let planned = self
-            .plans
-            .lock()
-            .expect("plans lock")
-            .keys()
-            .filter(|(j, _)| j == job)
-            .map(|(_, a)| *a)
-            .max();
+        let planned = self.plans.lock().expect("plans lock").get(job).map(|e| e.0);
         if let Some(attempt) = newest.max(planned) {
             self.shuffle.retire(job, attempt);
         }
