@@ -111,7 +111,12 @@ fn submit(name: &str, address: &str, out: &Path, checkpoints: &Path, seconds: f6
     a[0] = "submit".into();
     a.extend(["--set".into(), "checkpointing.interval=1s".into()]);
     a.extend(["--jobmanager".into(), address.into()]);
-    let o = freshet().args(&a).output().unwrap();
+    run_submit(&a)
+}
+
+/// Runs `freshet submit ...` (`a` starts with `submit`); returns the job id it prints.
+fn run_submit<S: AsRef<std::ffi::OsStr>>(a: &[S]) -> String {
+    let o = freshet().args(a).output().unwrap();
     assert!(
         o.status.success(),
         "submit: {}",
@@ -282,12 +287,7 @@ sinks:
 ",
     )
     .unwrap();
-    let o = freshet()
-        .args(["submit", job.to_str().unwrap(), "--jobmanager", &address])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let id = run_submit(&["submit", job.to_str().unwrap(), "--jobmanager", &address]);
     let sample = || {
         let source = vertex_metrics(&address, &id, 0);
         let sink = vertex_metrics(&address, &id, 1);
@@ -401,12 +401,7 @@ sinks:
         ),
     )
     .unwrap();
-    let o = freshet()
-        .args(["submit", job.to_str().unwrap(), "--jobmanager", &address])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let id = run_submit(&["submit", job.to_str().unwrap(), "--jobmanager", &address]);
     jm.wait_for("deploying");
     // give the sink time to block in open()
     std::thread::sleep(Duration::from_millis(500));
@@ -463,9 +458,7 @@ fn a_resumed_job_that_never_started_starts_as_submitted() {
     let mut jm = jobmanager(&address, &ha);
     a[0] = "submit".into();
     a.extend(["--fresh", "--jobmanager", &address].map(String::from));
-    let o = freshet().args(&a).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let id = run_submit(&a);
     // no TaskManager yet: the job waits, and its JobManager dies
     jm.wait_for("waiting for 1 free slots");
     jm.kill();
