@@ -10,9 +10,10 @@
 //! - `DATA` (sender → receiver): one element (a batch as Arrow IPC, or a watermark, barrier,
 //!   end-of-input...). A channel's batches form one Arrow IPC stream: its schema (and each
 //!   dictionary) travels once, with the first batch that needs it, and the receiver keeps the
-//!   stream's decoder per channel. A sender spends one credit per element and never sends without one, so
-//!   the receiver's bounded channel always has room: the connection's reader never blocks, and a
-//!   slow consumer holds back only its own channel, not the others sharing the connection.
+//!   stream's decoder per channel. A sender spends one credit per element and never sends
+//!   without one, so the receiver's bounded channel always has room: the connection's reader
+//!   never blocks, and a slow consumer holds back only its own channel, not the others sharing
+//!   the connection.
 //! - `CREDIT` (receiver → sender): the consuming subtask took elements; that many more may come.
 //! - `CLOSE` (sender → receiver): the sending end went away without end-of-input (failure or
 //!   cancellation); the consumer sees the channel closed.
