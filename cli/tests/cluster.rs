@@ -46,17 +46,24 @@ fn jobmanager(address: &str, ha: &Path) -> Proc {
 }
 
 fn taskmanager(address: &str, id: &str, state: &Path) -> Proc {
-    let p = Proc::start(&[
+    taskmanager_with(address, id, state, 2, &[])
+}
+
+/// A TaskManager process with `slots` slots and `extra` arguments, once it listens.
+fn taskmanager_with(address: &str, id: &str, state: &Path, slots: u32, extra: &[&str]) -> Proc {
+    let mut a: Vec<String> = vec![
         "taskmanager".into(),
         "--jobmanager".into(),
         address.into(),
         "--slots".into(),
-        "2".into(),
+        slots.to_string(),
         "--id".into(),
         id.into(),
         "--state-dir".into(),
         state.display().to_string(),
-    ]);
+    ];
+    a.extend(extra.iter().map(|x| x.to_string()));
+    let p = Proc::start(&a);
     p.wait_for("listening on");
     p
 }
@@ -242,21 +249,7 @@ fn a_slow_sink_slows_the_sources_with_flat_memory() {
     let jm = jobmanager(&address, &work.path().join("ha"));
     let state = work.path().join("state");
     let tms: Vec<Proc> = (0..2)
-        .map(|i| {
-            let p = Proc::start(&[
-                "taskmanager".into(),
-                "--jobmanager".into(),
-                address.clone(),
-                "--slots".into(),
-                "1".into(),
-                "--id".into(),
-                format!("tm-{i}"),
-                "--state-dir".into(),
-                state.display().to_string(),
-            ]);
-            p.wait_for("listening on");
-            p
-        })
+        .map(|i| taskmanager_with(&address, &format!("tm-{i}"), &state, 1, &[]))
         .collect();
     let job = work.path().join("job.yaml");
     std::fs::write(
@@ -368,20 +361,13 @@ fn a_subtask_that_ignores_cancellation_makes_its_taskmanager_exit() {
     let work = tempfile::tempdir().unwrap();
     let address = format!("127.0.0.1:{}", free_port());
     let jm = jobmanager(&address, &work.path().join("ha"));
-    let mut tm = Proc::start(&[
-        "taskmanager".into(),
-        "--jobmanager".into(),
-        address.clone(),
-        "--slots".into(),
-        "1".into(),
-        "--id".into(),
-        "tm-stuck".into(),
-        "--state-dir".into(),
-        work.path().join("state").display().to_string(),
-        "--cancellation-timeout".into(),
-        "2s".into(),
-    ]);
-    tm.wait_for("listening on");
+    let mut tm = taskmanager_with(
+        &address,
+        "tm-stuck",
+        &work.path().join("state"),
+        1,
+        &["--cancellation-timeout", "2s"],
+    );
     let fifo = work.path().join("never-read");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
