@@ -484,3 +484,63 @@ fn failures_are_restarted_as_the_strategy_says_then_fail_the_job() {
     assert!(!stderr.contains("restart=1"), "{stderr}");
     assert!(stderr.contains("job failed:"), "{stderr}");
 }
+
+#[test]
+fn invalid_utf8_goes_to_the_dead_letter_output_with_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = example("unique-visitors");
+    let job = dir.path().join("job.yaml");
+    std::fs::copy(&src, &job).unwrap();
+    let mut clicks = std::fs::read(src.with_file_name("clicks.jsonl")).unwrap();
+    let lines = clicks.iter().filter(|b| **b == b'\n').count();
+    // a line of random bytes, and a string value holding the bytes ff fe
+    clicks.extend_from_slice(&[0x9f, 0x00, 0xc3, 0x28, 0xff, b'{', 0xfe, b'\n']);
+    clicks.extend_from_slice(b"{\"event_id\": \"e99\", \"event_time\": \"2024-05-01T10:20:00Z\", \"page_id\": \"h\xff\xfe\", \"user_id\": \"u1\"}\n");
+    std::fs::write(dir.path().join("clicks.jsonl"), clicks).unwrap();
+    let o = freshet().arg("run").arg(&job).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let dead = std::fs::read_to_string(dir.path().join("out/dead-letter.jsonl")).unwrap();
+    for line in [lines + 1, lines + 2] {
+        let row = dead
+            .lines()
+            .find(|l| l.contains(&format!("clicks.jsonl:{line}\"")))
+            .unwrap_or_else(|| panic!("no dead letter for line {line}:\n{dead}"));
+        assert!(row.contains("not valid UTF-8"), "{row}");
+    }
+    // everything else is as it always was
+    let expected = src.with_file_name("expected");
+    for file in ["unique-visitors.jsonl", "late-clicks.jsonl"] {
+        let (e, a) = freshet_tests::comparable(
+            freshet_tests::read_rows(&expected.join(file)),
+            freshet_tests::read_rows(&dir.path().join("out").join(file)),
+        );
+        assert_eq!(a, e, "{file}");
+    }
+}
+
+#[test]
+fn a_failed_source_is_reported_as_the_cause_not_its_consumers() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.yaml");
+    // the unique-visitors job, reading /proc/self/mem: an I/O error from its first read
+    let text = std::fs::read_to_string(example("unique-visitors"))
+        .unwrap()
+        .replace("path: clicks.jsonl", "path: /proc/self/mem");
+    std::fs::write(&job, text).unwrap();
+    // the source's consumers fail the moment it stops; run a few times to meet that race
+    for _ in 0..5 {
+        let o = freshet().arg("run").arg(&job).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        let failure = stderr
+            .lines()
+            .find(|l| l.contains("job failed"))
+            .unwrap_or_else(|| panic!("no failure reported:\n{stderr}"));
+        assert!(
+            failure.starts_with("job failed: clicks")
+                && failure.contains("#0: reading /proc/self/mem"),
+            "the reported failure is not the source's: {failure}"
+        );
+    }
+}

@@ -12,6 +12,10 @@
 //!   submitted (`--fresh`), not from checkpoints its directory already held.
 //! - A subtask stuck where cancellation cannot reach it makes its TaskManager exit after the
 //!   cancellation timeout, so the job does not hang in cancellation.
+//! - Cancelling a job that waits for slots through the HTTP API leaves the JobManager serving
+//!   and scheduling.
+//! - S3 credentials given as references reach the processes that use them, and a planted
+//!   secret appears in no log, job store file, state file or client output.
 mod common;
 
 use std::path::Path;
@@ -457,5 +461,208 @@ fn a_resumed_job_that_never_started_starts_as_submitted() {
     assert!(
         deploying.contains("restored_from=\"-\""),
         "the resumed job did not start fresh: {deploying}"
+    );
+}
+
+/// Sends one HTTP/1.1 request and returns the status line and body.
+fn http(address: &str, method: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text.lines().next().unwrap_or_default().to_string();
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or_default();
+    (status, body.to_string())
+}
+
+#[test]
+fn an_http_cancel_of_a_waiting_job_leaves_the_jobmanager_working() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    let http_address = format!("127.0.0.1:{}", free_port());
+    let jm = Proc::start(&[
+        "jobmanager".into(),
+        "--listen".into(),
+        address.clone(),
+        "--http".into(),
+        http_address.clone(),
+        "--ha-dir".into(),
+        work.path().join("ha").display().to_string(),
+    ]);
+    jm.wait_for("JobManager listening on");
+    let chk = work.path().join("checkpoints").display().to_string();
+    let mut a = args("orders-paid", 1, &out, &chk, 0.5);
+    a[0] = "submit".into();
+    a.extend(["--jobmanager".into(), address.clone()]);
+    // no TaskManager: the job waits for a slot when it is cancelled over HTTP
+    let first = run_submit(&a);
+    jm.wait_for("waiting for 1 free slots");
+    let (status, body) = http(&http_address, "POST", &format!("/jobs/{first}/cancel"));
+    assert!(status.contains("200"), "{status}: {body}\n{}", jm.log());
+    assert_eq!(
+        job_state(&address, &first).map(|s| s.0).as_deref(),
+        Some("cancelled"),
+        "{}",
+        jm.log()
+    );
+    // the JobManager still lists, schedules and runs jobs
+    let (status, body) = http(&http_address, "GET", "/jobs");
+    assert!(
+        status.contains("200") && body.contains(&first),
+        "{status}: {body}"
+    );
+    let second = run_submit(&a);
+    let _tm = taskmanager(&address, "tm-0", &work.path().join("state"));
+    let (state, _) = wait_until_ended(&address, &second, &[&jm]);
+    assert_eq!(state, "finished", "{}", jm.log());
+    check_output("orders-paid", &out, "after an HTTP cancel");
+    assert!(!jm.log().contains("panicked"), "{}", jm.log());
+}
+
+/// Every file under `dir`, read as text (lossily).
+fn files_text(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                out.push((
+                    p.display().to_string(),
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// S3 credentials are given to a job as references (`env:NAME`): the JobManager and the
+/// TaskManager each read them from their own environment, checkpoints go to a real S3 server,
+/// and the planted secret appears in no log, no file of the job store, no checkpoint file and
+/// no status a client sees. A literal secret in a job is refused without being repeated.
+#[test]
+fn secrets_are_referenced_never_stored_logged_or_shown() {
+    const SECRET: &str = "planted-s3-secret-7f3a9c";
+    const KEY: &str = "planted-s3-key-id-51d0";
+    let s3 = common::S3Server::start();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let ha = work.path().join("ha");
+    let address = format!("127.0.0.1:{}", free_port());
+    let env = [
+        ("FRESHET_TEST_S3_KEY", KEY),
+        ("FRESHET_TEST_S3_SECRET", SECRET),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ];
+    let jm = Proc::start_env(
+        &[
+            "jobmanager".into(),
+            "--listen".into(),
+            address.clone(),
+            "--ha-dir".into(),
+            ha.display().to_string(),
+        ],
+        &env,
+    );
+    jm.wait_for("JobManager listening on");
+    let tm = Proc::start_env(
+        &[
+            "taskmanager".into(),
+            "--jobmanager".into(),
+            address.clone(),
+            "--slots".into(),
+            "2".into(),
+            "--id".into(),
+            "tm-0".into(),
+            "--state-dir".into(),
+            work.path().join("state").display().to_string(),
+        ],
+        &env,
+    );
+    tm.wait_for("listening on");
+    let mut a = args("orders-paid", 2, &out, "s3://freshet/secrets", 1.0);
+    a[0] = "submit".into();
+    for set in [
+        format!("checkpointing.s3.endpoint={}", s3.endpoint),
+        "checkpointing.s3.region=us-east-1".into(),
+        "checkpointing.s3.access_key_id=env:FRESHET_TEST_S3_KEY".into(),
+        "checkpointing.s3.secret_access_key=env:FRESHET_TEST_S3_SECRET".into(),
+    ] {
+        a.extend(["--set".into(), set]);
+    }
+    a.extend(["--jobmanager".into(), address.clone()]);
+    let id = run_submit(&a);
+    let (state, _) = wait_until_ended(&address, &id, &[&jm, &tm]);
+    assert_eq!(state, "finished", "{}\n----\n{}", jm.log(), tm.log());
+    check_output("orders-paid", &out, "with referenced S3 credentials");
+    let checkpoints = freshet()
+        .args(["checkpoints", &id, "--jobmanager", &address])
+        .output()
+        .unwrap();
+    assert!(checkpoints.status.success());
+    let shown = String::from_utf8_lossy(&checkpoints.stdout).into_owned();
+    assert!(shown.contains("s3://freshet/secrets"), "{shown}");
+    let status = freshet()
+        .args(["status", &id, "--jobmanager", &address])
+        .output()
+        .unwrap();
+    let mut seen = vec![
+        ("JobManager log".to_string(), jm.log()),
+        ("TaskManager log".to_string(), tm.log()),
+        ("freshet checkpoints".to_string(), shown),
+        (
+            "freshet status".to_string(),
+            String::from_utf8_lossy(&status.stdout).into_owned()
+                + &String::from_utf8_lossy(&status.stderr),
+        ),
+    ];
+    let store = files_text(&ha);
+    assert!(
+        store
+            .iter()
+            .any(|(_, t)| t.contains("env:FRESHET_TEST_S3_SECRET")),
+        "the job store does not hold the job's reference: {:?}",
+        store.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    seen.extend(store);
+    seen.extend(files_text(&work.path().join("state")));
+    for (what, text) in &seen {
+        for planted in [SECRET, KEY] {
+            assert!(!text.contains(planted), "{what} contains a planted secret");
+        }
+    }
+
+    // a literal secret is refused, and the refusal does not repeat it
+    let job = common::repo().join("examples/orders-paid/job.yaml");
+    let o = freshet()
+        .arg("validate")
+        .arg(&job)
+        .args([
+            "--set",
+            &format!("checkpointing.s3.secret_access_key={SECRET}"),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("checkpointing.s3.secret_access_key"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(SECRET),
+        "the refusal repeats the secret: {stderr}"
     );
 }

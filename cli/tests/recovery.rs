@@ -156,3 +156,125 @@ fn dedup_into_a_table_survives_kills() {
 fn interval_join_survives_kills() {
     cases("orders-paid");
 }
+
+/// The completed checkpoints under `root`, oldest first, with their metadata.
+fn completed(root: &std::path::Path) -> Vec<(String, serde_json::Value)> {
+    let mut out: Vec<_> = std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("chk-") && root.join(n).join("_metadata").exists())
+        .map(|n| {
+            let m =
+                serde_json::from_slice(&std::fs::read(root.join(&n).join("_metadata")).unwrap())
+                    .unwrap();
+            (n, m)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn referenced_files(m: &serde_json::Value) -> Vec<String> {
+    let mut files = Vec::new();
+    for snaps in m["operators"].as_object().unwrap().values() {
+        for snap in snaps.as_array().unwrap() {
+            for f in snap["files"].as_array().unwrap() {
+                files.push(f["path"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    files
+}
+
+/// A file of the newest checkpoint is emptied after a kill (as a failing disk or a bad copy
+/// would leave it). An explicit restore of that checkpoint is refused with the file named and
+/// a usable checkpoint proposed; a plain restart verifies the checkpoint, reports it, restores
+/// from the one before it, and the output is still exactly the expected one.
+#[test]
+fn a_damaged_checkpoint_gives_way_to_the_one_before_it() {
+    let name = "orders-paid";
+    let mut rng = Rng::new();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let checkpoints = work.path().join("checkpoints");
+    let root = checkpoints.join(name);
+    let mut a = args(name, 1, &out, &checkpoints.display().to_string(), 4.0);
+    a.extend(["--set".into(), "checkpointing.retain=5".into()]);
+    let command = || {
+        let mut c = freshet();
+        c.args(&a).args(["--listen", "off"]);
+        c
+    };
+    // run until at least two checkpoints hold keyed state, then kill
+    let mut child = command()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        std::thread::sleep(Duration::from_millis(200 + rng.below(200)));
+        let done = std::fs::read_dir(&root).is_ok()
+            && completed(&root)
+                .iter()
+                .filter(|(_, m)| referenced_files(m).iter().any(|f| f.ends_with(".sst")))
+                .count()
+                >= 2;
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no two checkpoints with state"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the job ended too soon"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let all = completed(&root);
+    let (newest, m) = all.last().unwrap();
+    let (older, older_m) = &all[all.len() - 2];
+    // an SST only the newest references, else its own MANIFEST
+    let older_files = referenced_files(older_m);
+    let files = referenced_files(m);
+    let victim = files
+        .iter()
+        .find(|f| f.ends_with(".sst") && !older_files.contains(f))
+        .or_else(|| files.iter().find(|f| f.starts_with(newest.as_str())))
+        .unwrap()
+        .clone();
+    eprintln!("emptying {victim} of {newest}; {older} is the one before it");
+    std::fs::write(root.join(&victim), b"").unwrap();
+
+    let o = command()
+        .args(["--restore", &root.join(newest).display().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "a damaged checkpoint was restored:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&victim) && stderr.contains("recorded") && stderr.contains(older.as_str()),
+        "the refusal does not name the file and a usable checkpoint:\n{stderr}"
+    );
+
+    let o = command().output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot be restored") && stderr.contains(&victim),
+        "the damaged checkpoint was not reported:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("restoring from {}", root.join(older).display())),
+        "not restored from {older}:\n{stderr}"
+    );
+    check_output(name, &out, "after skipping a damaged checkpoint");
+}

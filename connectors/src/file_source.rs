@@ -78,7 +78,9 @@ struct OpenFile {
     /// Bytes read from the file so far.
     consumed: u64,
     line_no: u64,
-    partial: String,
+    /// The start of a line whose newline has not been read yet (raw bytes: a line is checked
+    /// for UTF-8 only once it is whole).
+    partial: Vec<u8>,
     /// CSV: position of each declared field in a record.
     columns: Option<Vec<Option<usize>>>,
 }
@@ -173,7 +175,7 @@ impl FileSource {
                 reader: BufReader::with_capacity(1 << 16, f),
                 consumed: 0,
                 line_no: 0,
-                partial: String::new(),
+                partial: Vec::new(),
                 columns: None,
             });
             if let Some(r) = resume.filter(|r| r.offset > 0) {
@@ -196,12 +198,12 @@ impl FileSource {
             )));
         }
         if matches!(self.config.format, FileFormat::Csv) && self.config.header {
-            let mut first = String::new();
+            let mut first = Vec::new();
             let open = self.open.as_mut().expect("just opened");
             open.reader
-                .read_line(&mut first)
+                .read_until(b'\n', &mut first)
                 .map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
-            self.decode_line(&first, 1)?;
+            self.decode_bytes(&first, 1)?;
         }
         let open = self.open.as_mut().expect("just opened");
         open.reader
@@ -254,6 +256,39 @@ impl FileSource {
     }
 
     /// Decodes one complete line.
+    /// Decodes one whole line as read from the file. A line that is not valid UTF-8 goes to the
+    /// dead-letter output with its position (the invalid bytes shown as U+FFFD).
+    fn decode_bytes(&mut self, line: &[u8], line_no: u64) -> Result<()> {
+        match std::str::from_utf8(line) {
+            Ok(text) => self.decode_line(text, line_no),
+            Err(e) => {
+                let text = String::from_utf8_lossy(line);
+                let text = text.trim_end_matches(['\n', '\r']).to_string();
+                self.dead_letter(
+                    line_no,
+                    format!("not valid UTF-8 (at byte {})", e.valid_up_to() + 1),
+                    text,
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn dead_letter(&mut self, line_no: u64, reason: String, text: String) {
+        let name = self
+            .open
+            .as_ref()
+            .map(|o| o.name.clone())
+            .unwrap_or_default();
+        self.dead.push(
+            &self.config.name,
+            Some(format!("{name}:{line_no}")),
+            reason,
+            Some(text),
+            0,
+        );
+    }
+
     fn decode_line(&mut self, line: &str, line_no: u64) -> Result<()> {
         let text = line.trim_end_matches(['\n', '\r']);
         if text.trim().is_empty() {
@@ -309,20 +344,7 @@ impl FileSource {
         };
         match result {
             Ok(()) => self.positions.push(line_no),
-            Err(reason) => {
-                let name = self
-                    .open
-                    .as_ref()
-                    .map(|o| o.name.clone())
-                    .unwrap_or_default();
-                self.dead.push(
-                    &self.config.name,
-                    Some(format!("{name}:{line_no}")),
-                    reason,
-                    Some(text.to_string()),
-                    0,
-                );
-            }
+            Err(reason) => self.dead_letter(line_no, reason, text.to_string()),
         }
         Ok(())
     }
@@ -376,14 +398,14 @@ impl Source for FileSource {
             }
             limit = limit.min((allowed - read) as usize);
         }
-        let mut line = String::new();
+        let mut line = Vec::new();
         let mut lines = 0;
         while self.decoder.rows() < self.config.batch_size && lines < limit {
             line.clear();
             let open = self.open.as_mut().expect("opened above");
             let n = open
                 .reader
-                .read_line(&mut line)
+                .read_until(b'\n', &mut line)
                 .map_err(|e| EngineError::io(format!("reading {}", open.path.display()), e))?;
             open.consumed += n as u64;
             if n == 0 {
@@ -397,7 +419,7 @@ impl Source for FileSource {
                     let text = std::mem::take(&mut open.partial);
                     open.line_no += 1;
                     let no = open.line_no;
-                    self.decode_line(&text, no)?;
+                    self.decode_bytes(&text, no)?;
                 }
                 self.flush(out)?;
                 self.open = None;
@@ -407,21 +429,21 @@ impl Source for FileSource {
                     SourceStatus::Finished
                 });
             }
-            if !line.ends_with('\n') {
+            if line.last() != Some(&b'\n') {
                 // incomplete: keep it until the rest arrives or the file ends
-                open.partial.push_str(&line);
+                open.partial.extend_from_slice(&line);
                 continue;
             }
             let full = if open.partial.is_empty() {
                 std::mem::take(&mut line)
             } else {
                 let mut p = std::mem::take(&mut open.partial);
-                p.push_str(&line);
+                p.extend_from_slice(&line);
                 p
             };
             open.line_no += 1;
             let no = open.line_no;
-            self.decode_line(&full, no)?;
+            self.decode_bytes(&full, no)?;
             lines += 1;
             if let Some((_, read)) = self.paced.as_mut() {
                 *read += 1;

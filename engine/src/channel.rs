@@ -199,7 +199,7 @@ impl ChannelReceiver {
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                Err(EngineError::ChannelClosed)
+                Err(EngineError::UpstreamClosed)
             }
         }
     }

@@ -22,6 +22,10 @@ pub enum EngineError {
     /// A downstream subtask went away (it failed or the job is being cancelled).
     #[error("downstream channel closed")]
     ChannelClosed,
+    /// An upstream subtask went away without finishing its output (it failed or the job is
+    /// being cancelled): a consequence of that subtask's failure, never a cause of its own.
+    #[error("an upstream subtask stopped without finishing its output")]
+    UpstreamClosed,
     /// The job was cancelled while this subtask was running.
     #[error("cancelled")]
     Cancelled,
@@ -31,9 +35,26 @@ pub enum EngineError {
     /// Keyed state or a snapshot could not be read or written.
     #[error("state: {0}")]
     State(String),
+    /// The keyed-state store (RocksDB) failed: a disk error or a damaged working file, which a
+    /// restart on a fresh working directory may get past, or a misuse, which it cannot.
+    #[error("state store: {message}")]
+    StateStore {
+        /// What was being done, and the store's message.
+        message: String,
+        /// Whether a restart may help.
+        retryable: bool,
+    },
     /// Object storage (checkpoints, savepoints) failed.
     #[error("object storage: {0}")]
     Storage(String),
+    /// A file of a checkpoint or savepoint is missing or not what the snapshot recorded.
+    #[error("{location} is corrupt: {what}")]
+    Corrupt {
+        /// The object.
+        location: String,
+        /// How it differs from what was recorded.
+        what: String,
+    },
 }
 
 impl EngineError {
@@ -45,12 +66,29 @@ impl EngineError {
         }
     }
 
+    /// True when this subtask failed only because a peer went away: the peer's own error is the
+    /// one to report.
+    pub fn is_consequence(&self) -> bool {
+        matches!(
+            self,
+            EngineError::ChannelClosed | EngineError::UpstreamClosed
+        )
+    }
+
     /// True when restarting the task may succeed (external systems), false for deterministic
     /// failures that would repeat (type errors, invalid operator configuration).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            EngineError::Io { .. } | EngineError::ChannelClosed | EngineError::Storage(_)
-        )
+        match self {
+            EngineError::Io { .. }
+            | EngineError::ChannelClosed
+            | EngineError::UpstreamClosed
+            | EngineError::Storage(_) => true,
+            EngineError::StateStore { retryable, .. } => *retryable,
+            EngineError::Arrow(_)
+            | EngineError::Cancelled
+            | EngineError::Operator(_)
+            | EngineError::State(_)
+            | EngineError::Corrupt { .. } => false,
+        }
     }
 }

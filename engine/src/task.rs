@@ -849,7 +849,7 @@ fn run_channels(
         let ch = index[op.index()];
         let element = op
             .recv(&inputs[ch].0.rx)
-            .map_err(|_| EngineError::ChannelClosed)?;
+            .map_err(|_| EngineError::UpstreamClosed)?;
         inputs[ch].0.taken();
         match element {
             Element::Batch(batch) => {

@@ -43,7 +43,7 @@ impl JsonSchema for DurationSpec {
         schemars::json_schema!({
             "type": "string",
             "description": "A duration such as 500ms, 10s, 5m, 1h 30m.",
-            "pattern": "^\\s*[0-9]+\\s*[a-zµ]+(\\s*[0-9]+\\s*[a-zµ]+)*\\s*$"
+            "format": "duration"
         })
     }
 }
@@ -87,7 +87,8 @@ impl JsonSchema for SignedDurationSpec {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "type": "string",
-            "description": "A duration that may be negative, such as -5m, 0s, 30m."
+            "description": "A duration that may be negative, such as -5m, 0s, 30m.",
+            "format": "signed-duration"
         })
     }
 }

@@ -18,12 +18,15 @@
 pub mod duration;
 pub mod load;
 pub mod problem;
+pub mod secret;
 pub mod spec;
+pub mod structure;
 pub mod validate;
 
 pub use duration::{DurationSpec, SignedDurationSpec};
 pub use load::{LoadError, apply_override, load_job, parse_job};
 pub use problem::{Problem, Problems};
+pub use secret::SecretRef;
 pub use spec::*;
 
 /// The JSON Schema of the job document.

@@ -1,4 +1,5 @@
-//! Reading a job file: YAML, then `--set` overrides, then typed fields, then validation.
+//! Reading a job file: YAML, then `--set` overrides, then the structure against the job's JSON
+//! Schema (every problem at once), then typed fields, then validation.
 //!
 //! Overrides are applied to the YAML tree before it is typed, so `--set` can change any field
 //! (`--set sources.clicks.connector.path=/data/clicks.jsonl`, `--set parallelism=4`). The value is
@@ -69,6 +70,16 @@ pub fn parse_job(text: &str, origin: &str, overrides: &[String]) -> Result<JobSp
     })?;
     for arg in overrides {
         apply_override(&mut tree, arg)?;
+    }
+    // every structural problem at once, each with its full path; what typing finds after that
+    // is what the schema cannot say
+    let json = serde_json::to_value(&tree).map_err(|e| LoadError::Syntax {
+        path: origin.to_string(),
+        message: e.to_string(),
+    })?;
+    let problems = crate::structure::check(&json);
+    if !problems.is_empty() {
+        return Err(LoadError::Invalid(problems));
     }
     let spec: JobSpec = serde_path_to_error::deserialize(tree).map_err(|e| {
         let path = e.path().to_string();
@@ -214,6 +225,51 @@ sinks:
         let bad = JOB.replace("schema: {a: int}", "schema: {a: int}\n    shema: {}");
         let err = parse_job(&bad, "job.yaml", &[]).unwrap_err().to_string();
         assert!(err.contains("sources.s") && err.contains("shema"), "{err}");
+    }
+
+    #[test]
+    fn every_structural_problem_is_listed_with_its_full_path() {
+        let bad = r#"
+version: 1
+name: t
+sources:
+  s:
+    connector: {type: file, path: in.jsonl, format: xml}
+    schema: {a: int}
+    watermark: {max_out_of_orderness: soon}
+transforms:
+  w:
+    type: window
+    input: s
+    key_by: [a]
+    window: {type: tumbling, size: five minutes}
+    aggregates: [count(*) AS n]
+  j: {type: join, input: s}
+sinks:
+  out:
+    connector: {type: file, path: out.jsonl}
+    colour: blue
+"#;
+        let Err(LoadError::Invalid(problems)) = parse_job(bad, "job.yaml", &[]) else {
+            panic!("not refused with problems");
+        };
+        let got: Vec<String> = problems
+            .0
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect();
+        let want = [
+            "sources.s.connector.format: 'xml' is not one of",
+            "sources.s.watermark.max_out_of_orderness: 'soon' is not a duration",
+            "transforms.w.window.size: 'five minutes' is not a duration",
+            "transforms.j.type: 'join' is not one of",
+            "sinks.out.input: missing",
+            "sinks.out.colour: unknown field",
+        ];
+        for w in want {
+            assert!(got.iter().any(|g| g.starts_with(w)), "no '{w}' in {got:#?}");
+        }
+        assert_eq!(got.len(), want.len(), "{got:#?}");
     }
 
     #[test]

@@ -327,12 +327,13 @@ pub struct S3Spec {
     /// Region; `AWS_REGION`.
     #[serde(default)]
     pub region: Option<String>,
-    /// Access key id; `AWS_ACCESS_KEY_ID`.
+    /// Where the access key id is (`env:NAME` or `file:/path`); default `AWS_ACCESS_KEY_ID`.
     #[serde(default)]
-    pub access_key_id: Option<String>,
-    /// Secret access key; `AWS_SECRET_ACCESS_KEY` (prefer the variable to writing it here).
+    pub access_key_id: Option<crate::SecretRef>,
+    /// Where the secret access key is (`env:NAME` or `file:/path`); default
+    /// `AWS_SECRET_ACCESS_KEY`. The key itself is never written into a job.
     #[serde(default)]
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<crate::SecretRef>,
 }
 
 /// Keyed-state settings. Every stateful operator subtask has its own RocksDB instance; the

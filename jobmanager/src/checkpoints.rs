@@ -14,9 +14,10 @@
 //! directory is deleted; shared files that no retained checkpoint references are deleted when no
 //! checkpoint is in progress (a listing of `shared/` against the retained metadata), which also
 //! removes files uploaded for abandoned checkpoints.
+use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{info, info_span, warn};
 
@@ -150,13 +151,16 @@ pub fn completed_checkpoints(storage: &Storage) -> Result<Vec<CheckpointMetadata
         if !dir.starts_with("chk-") || dir.contains('/') {
             continue;
         }
-        let bytes = storage
-            .get(&path)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("{path} vanished"))?;
-        let m: CheckpointMetadata =
-            serde_json::from_slice(&bytes).map_err(|e| format!("{}/{path}: {e}", storage.url()))?;
-        out.push(m);
+        let Some(bytes) = storage.get(&path).map_err(|e| e.to_string())? else {
+            continue; // deleted since the listing
+        };
+        match serde_json::from_slice::<CheckpointMetadata>(&bytes) {
+            Ok(m) => out.push(m),
+            // a damaged metadata file makes that checkpoint unusable, not the job
+            Err(e) => {
+                warn!(location = %format!("{}/{path}", storage.url()), error = %e, "checkpoint metadata cannot be read; the checkpoint is skipped")
+            }
+        }
     }
     out.sort_by_key(|m| m.id);
     Ok(out)
@@ -242,7 +246,7 @@ impl Coordinator {
 
     /// Stops triggering (the job ended).
     pub fn stop(&self) {
-        let mut s = self.state.lock().expect("coordinator lock");
+        let mut s = self.state.lock();
         if s.stopped {
             return;
         }
@@ -279,12 +283,12 @@ impl Coordinator {
 
     /// A fatal condition the job must fail with (the run was fenced by a newer one).
     pub fn fatal(&self) -> Option<String> {
-        self.state.lock().expect("coordinator lock").fatal.clone()
+        self.state.lock().fatal.clone()
     }
 
     /// The checkpoint history, newest last.
     pub fn history(&self) -> Vec<CheckpointStats> {
-        let s = self.state.lock().expect("coordinator lock");
+        let s = self.state.lock();
         let mut out: Vec<CheckpointStats> = s.history.iter().cloned().collect();
         for p in s.pending.values() {
             out.push(self.stats(p, CheckpointStatus::InProgress, None, None));
@@ -295,12 +299,12 @@ impl Coordinator {
 
     /// Path of the latest completed checkpoint of this run.
     pub fn latest(&self) -> Option<String> {
-        self.state.lock().expect("coordinator lock").latest.clone()
+        self.state.lock().latest.clone()
     }
 
     fn run(self: Arc<Self>) {
         let interval = self.settings.spec.interval.0;
-        let mut s = self.state.lock().expect("coordinator lock");
+        let mut s = self.state.lock();
         loop {
             if s.stopped {
                 return;
@@ -342,7 +346,7 @@ impl Coordinator {
             let wait = interval
                 .saturating_sub(now.duration_since(s.last_trigger))
                 .clamp(Duration::from_millis(5), Duration::from_millis(100));
-            s = self.wake.wait_timeout(s, wait).expect("coordinator lock").0;
+            self.wake.wait_for(&mut s, wait);
         }
     }
 
@@ -393,7 +397,7 @@ impl Coordinator {
         target: String,
         stop: bool,
     ) -> Result<crossbeam_channel::Receiver<Result<String, String>>, String> {
-        let mut s = self.state.lock().expect("coordinator lock");
+        let mut s = self.state.lock();
         if s.stopped {
             return Err("the job is not running".into());
         }
@@ -418,7 +422,7 @@ impl Coordinator {
 
     /// Handles a subtask's report.
     pub fn report(&self, vertex: usize, subtask: u32, report: SubtaskReport) {
-        let mut s = self.state.lock().expect("coordinator lock");
+        let mut s = self.state.lock();
         if s.stopped {
             return;
         }

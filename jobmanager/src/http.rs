@@ -157,12 +157,14 @@ async fn stop(
 }
 
 async fn cancel(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
-    match jm.job(&job) {
-        Some(j) => {
-            j.cancel();
-            Json(json!({ "cancelled": j.id.0 })).into_response()
-        }
-        None => not_found(&job),
+    let Some(j) = jm.job(&job) else {
+        return not_found(&job);
+    };
+    // cancelling may write the job store and reach TaskManagers: blocking work
+    let id = j.id.0.clone();
+    match tokio::task::spawn_blocking(move || j.cancel()).await {
+        Ok(()) => Json(json!({ "cancelled": id })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

@@ -20,9 +20,10 @@
 //! - **Retention.** Ended jobs stay listed (with their counters and checkpoint history) until
 //!   [`RETAINED_ENDED_JOBS`] newer ones have ended, so a long-running JobManager does not grow.
 use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, info_span, warn};
 
@@ -188,7 +189,7 @@ struct JobEntry {
 
 impl JobEntry {
     fn rt(&self) -> MutexGuard<'_, Runtime> {
-        self.rt.lock().expect("job lock")
+        self.rt.lock()
     }
 }
 
@@ -218,24 +219,20 @@ impl JobHandle {
 
     /// Waits until the job ended, or the timeout passes.
     pub fn wait_timeout(&self, timeout: Duration) -> JobStatus {
-        let guard = self.entry.rt();
-        let (guard, _) = self
-            .entry
+        let mut guard = self.entry.rt();
+        self.entry
             .changed
-            .wait_timeout_while(guard, timeout, |r| !r.status.state.is_terminal())
-            .expect("job lock");
+            .wait_while_for(&mut guard, |r| !r.status.state.is_terminal(), timeout);
         drop(guard);
         self.status()
     }
 
     /// Waits until the job ended.
     pub fn wait(&self) -> JobStatus {
-        let guard = self.entry.rt();
-        let guard = self
-            .entry
+        let mut guard = self.entry.rt();
+        self.entry
             .changed
-            .wait_while(guard, |r| !r.status.state.is_terminal())
-            .expect("job lock");
+            .wait_while(&mut guard, |r| !r.status.state.is_terminal());
         drop(guard);
         self.status()
     }
@@ -299,7 +296,7 @@ impl JobHandle {
         };
         let dir = dir.unwrap_or(&cp.savepoint_dir);
         let base = &self.entry.plan.base_dir;
-        let parent = Storage::open(dir, base, &s3_options(spec)).map_err(|e| e.to_string())?;
+        let parent = Storage::open(dir, base, &s3_options(spec)?).map_err(|e| e.to_string())?;
         let name = format!(
             "savepoint-{}-{}",
             spec.name,
@@ -348,21 +345,16 @@ struct Inner {
 
 impl Inner {
     fn wake(&self) {
-        *self.wake.0.lock().expect("wake lock") = true;
+        *self.wake.0.lock() = true;
         self.wake.1.notify_all();
     }
 
     fn jobs(&self) -> Vec<Arc<JobEntry>> {
-        self.jobs
-            .lock()
-            .expect("jobs lock")
-            .values()
-            .cloned()
-            .collect()
+        self.jobs.lock().values().cloned().collect()
     }
 
     fn taskmanagers(&self) -> Vec<Arc<dyn TaskManagerGateway>> {
-        self.taskmanagers.lock().expect("taskmanagers lock").clone()
+        self.taskmanagers.lock().clone()
     }
 }
 
@@ -414,7 +406,7 @@ impl JobManager {
     /// Adds a TaskManager (replacing one with the same id, whose subtasks are then lost).
     pub fn register(&self, tm: Arc<dyn TaskManagerGateway>) {
         let old = {
-            let mut tms = self.inner.taskmanagers.lock().expect("taskmanagers lock");
+            let mut tms = self.inner.taskmanagers.lock();
             let old = tms
                 .iter()
                 .position(|t| t.id() == tm.id())
@@ -436,7 +428,7 @@ impl JobManager {
     /// Removes a TaskManager; its subtasks count as failed with `reason`.
     pub fn unregister(&self, id: &str, reason: &str) {
         let old = {
-            let mut tms = self.inner.taskmanagers.lock().expect("taskmanagers lock");
+            let mut tms = self.inner.taskmanagers.lock();
             tms.iter().position(|t| t.id() == id).map(|i| tms.remove(i))
         };
         if let Some(old) = old {
@@ -451,7 +443,7 @@ impl JobManager {
 
     /// Every job this JobManager knows, oldest first.
     pub fn jobs(&self) -> Vec<JobHandle> {
-        let jobs = self.inner.jobs.lock().expect("jobs lock");
+        let jobs = self.inner.jobs.lock();
         let mut out: Vec<JobHandle> = jobs
             .values()
             .map(|entry| JobHandle {
@@ -532,7 +524,7 @@ impl JobManager {
     }
 
     fn new_id(&self, name: &str) -> JobId {
-        let jobs = self.inner.jobs.lock().expect("jobs lock");
+        let jobs = self.inner.jobs.lock();
         let stored: HashSet<String> = self
             .inner
             .store
@@ -542,7 +534,7 @@ impl JobManager {
             .into_iter()
             .collect();
         // numbers only grow, so the id of a job that was forgotten is never given again
-        let mut next = self.inner.next_ids.lock().expect("ids lock");
+        let mut next = self.inner.next_ids.lock();
         let first = next.get(name).copied().unwrap_or(0);
         let (n, id) = (first..)
             .map(|n| (n, JobId(format!("{name}-{n}"))))
@@ -566,7 +558,7 @@ impl JobManager {
         if resume.is_none()
             && let Some(r) = &options.restore
         {
-            load_restore(&plan, r, &options)?;
+            load_named(&plan, r, &options)?;
         }
         let restart = spec
             .restart
@@ -613,11 +605,7 @@ impl JobManager {
             };
             store.put(&record).map_err(SubmitError::State)?;
         }
-        self.inner
-            .jobs
-            .lock()
-            .expect("jobs lock")
-            .insert(id.clone(), entry.clone());
+        self.inner.jobs.lock().insert(id.clone(), entry.clone());
         info!(job = %id, slots = plan.slots_needed(), "job accepted");
         // deploy now if the slots are there, so `submit` returns a running job when it can
         try_start(&self.inner, &entry);
@@ -648,7 +636,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         .filter(|t| t.lost().is_none())
         .collect();
     let mut used: HashMap<String, usize> = HashMap::new();
-    for (job, slots) in inner.allocations.lock().expect("allocations lock").iter() {
+    for (job, slots) in inner.allocations.lock().iter() {
         if *job != entry.id {
             for (tm, n) in slots {
                 *used.entry(tm.clone()).or_default() += n;
@@ -810,7 +798,6 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
     inner
         .allocations
         .lock()
-        .expect("allocations lock")
         .insert(entry.id.clone(), slots_per_taskmanager(&placement));
     rt.attempt = Some(Attempt {
         number,
@@ -914,7 +901,7 @@ fn forget_old_jobs(inner: &Inner) {
     }
     ended.sort();
     let forget = ended.len() - RETAINED_ENDED_JOBS;
-    let mut jobs = inner.jobs.lock().expect("jobs lock");
+    let mut jobs = inner.jobs.lock();
     for (_, id) in ended.into_iter().take(forget) {
         jobs.remove(&id);
     }
@@ -927,7 +914,7 @@ fn schedule_loop(inner: std::sync::Weak<Inner>) {
         for tm in inner.taskmanagers() {
             if let Some(reason) = tm.lost() {
                 let removed = {
-                    let mut tms = inner.taskmanagers.lock().expect("taskmanagers lock");
+                    let mut tms = inner.taskmanagers.lock();
                     let before = tms.len();
                     tms.retain(|t| !Arc::ptr_eq(t, &tm));
                     before != tms.len()
@@ -943,12 +930,9 @@ fn schedule_loop(inner: std::sync::Weak<Inner>) {
         }
         forget_old_jobs(&inner);
         let (lock, cv) = &inner.wake;
-        let mut woken = lock.lock().expect("wake lock");
+        let mut woken = lock.lock();
         if !*woken {
-            woken = cv
-                .wait_timeout(woken, Duration::from_millis(200))
-                .expect("wake lock")
-                .0;
+            cv.wait_for(&mut woken, Duration::from_millis(200));
         }
         *woken = false;
     }
@@ -982,7 +966,7 @@ fn lose_taskmanager(inner: &Inner, tm: &Arc<dyn TaskManagerGateway>, reason: &st
 /// Fails a running attempt with `msg` (a condition outside any subtask, such as being fenced),
 /// without restarting.
 fn fail_job(inner: &Arc<Inner>, job: &JobId, msg: String) {
-    let Some(entry) = inner.jobs.lock().expect("jobs lock").get(job).cloned() else {
+    let Some(entry) = inner.jobs.lock().get(job).cloned() else {
         return;
     };
     let tms = {
@@ -1000,7 +984,7 @@ fn fail_job(inner: &Arc<Inner>, job: &JobId, msg: String) {
 
 fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
     for ev in rx {
-        let Some(entry) = jm.jobs.lock().expect("jobs lock").get(&ev.job).cloned() else {
+        let Some(entry) = jm.jobs.lock().get(&ev.job).cloned() else {
             continue;
         };
         let mut rt = entry.rt();
@@ -1087,10 +1071,7 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
             c.stop();
             rt.last_history = c.history();
         }
-        jm.allocations
-            .lock()
-            .expect("allocations lock")
-            .remove(&entry.id);
+        jm.allocations.lock().remove(&entry.id);
         jm.wake();
         match a.failure {
             _ if rt.cancel_requested => end_job(&jm, &entry, &mut rt, JobState::Cancelled),
@@ -1150,19 +1131,109 @@ struct Startup {
     restore: Option<Arc<RestoreSource>>,
 }
 
-/// The S3 settings of a job's checkpointing section.
-pub fn s3_options(spec: &JobSpec) -> S3Options {
+/// The S3 settings of a job's checkpointing section, with the credentials it refers to read
+/// in this process (the job holds only where they are). The error names the reference.
+pub fn s3_options(spec: &JobSpec) -> Result<S3Options, String> {
     let s3 = spec
         .checkpointing
         .as_ref()
         .map(|c| c.s3.clone())
         .unwrap_or_default();
-    S3Options {
+    let resolve = |field: &str, r: Option<freshet_job::SecretRef>| {
+        r.map(|r| r.resolve())
+            .transpose()
+            .map_err(|e| format!("checkpointing.s3.{field}: {e}"))
+    };
+    Ok(S3Options {
         endpoint: s3.endpoint,
         region: s3.region,
-        access_key_id: s3.access_key_id,
-        secret_access_key: s3.secret_access_key,
+        access_key_id: resolve("access_key_id", s3.access_key_id)?,
+        secret_access_key: resolve("secret_access_key", s3.secret_access_key)?,
+    })
+}
+
+/// Why a snapshot was not restored.
+enum Unusable {
+    /// Its files are missing or damaged: an older one may do.
+    Damaged(String),
+    /// The job cannot take it (another job's state, an unreadable location): said to the user.
+    Refused(SubmitError),
+}
+
+/// Loads a snapshot to restore, checks that the job can take its state and that every file it
+/// references is stored with the recorded size.
+fn load_verified(
+    plan: &JobPlan,
+    location: &str,
+    options: &SubmitOptions,
+) -> Result<RestoreSource, Unusable> {
+    let r = load_restore(plan, location, options)?;
+    freshet_engine::checkpoint::verify(&r.metadata, &r.root).map_err(Unusable::Damaged)?;
+    Ok(r)
+}
+
+/// Loads the snapshot a user named. One that is damaged is refused, naming the job's newest
+/// checkpoint that can be restored instead, if it has one.
+fn load_named(
+    plan: &JobPlan,
+    location: &str,
+    options: &SubmitOptions,
+) -> Result<RestoreSource, SubmitError> {
+    let why = match load_verified(plan, location, options) {
+        Ok(r) => return Ok(r),
+        Err(Unusable::Refused(e)) => return Err(e),
+        Err(Unusable::Damaged(why)) => why,
+    };
+    let spec = &plan.spec;
+    let usable = spec
+        .checkpointing
+        .as_ref()
+        .and_then(|c| Storage::open(&c.dir, &plan.base_dir, &s3_options(spec).ok()?).ok())
+        .map(|s| s.child(&spec.name))
+        .and_then(|storage| {
+            let existing = completed_checkpoints(&storage).ok()?;
+            existing.iter().rev().find_map(|m| {
+                let c = format!(
+                    "{}/{}",
+                    storage.url(),
+                    freshet_engine::checkpoint::checkpoint_dir(m.id)
+                );
+                (c != location && load_verified(plan, &c, options).is_ok()).then_some(c)
+            })
+        });
+    Err(SubmitError::State(format!(
+        "{location} cannot be restored: {why}{}",
+        usable
+            .map(|c| format!("; the job's checkpoint {c} can be (--restore {c})"))
+            .unwrap_or_default()
+    )))
+}
+
+/// The first of `candidates` (newest first) that can be restored; damaged ones are reported and
+/// skipped. An error when every candidate is damaged.
+fn first_usable(
+    plan: &JobPlan,
+    candidates: &[String],
+    options: &SubmitOptions,
+) -> Result<Option<RestoreSource>, SubmitError> {
+    let mut damaged = Vec::new();
+    for location in candidates {
+        match load_verified(plan, location, options) {
+            Ok(r) => return Ok(Some(r)),
+            Err(Unusable::Refused(e)) => return Err(e),
+            Err(Unusable::Damaged(why)) => {
+                warn!(%location, problem = %why, "checkpoint cannot be restored; trying the one before it");
+                damaged.push(format!("{location}: {why}"));
+            }
+        }
     }
+    if damaged.is_empty() {
+        return Ok(None);
+    }
+    Err(SubmitError::State(format!(
+        "no checkpoint of the job can be restored: {}; start it without state (--fresh) or from a savepoint (--restore PATH)",
+        damaged.join("; ")
+    )))
 }
 
 /// Loads a snapshot to restore and checks that the job can take its state.
@@ -1170,10 +1241,16 @@ fn load_restore(
     plan: &JobPlan,
     location: &str,
     options: &SubmitOptions,
-) -> Result<RestoreSource, SubmitError> {
+) -> Result<RestoreSource, Unusable> {
     let spec = &plan.spec;
-    let r = RestoreSource::load(location, &plan.base_dir, &s3_options(spec))
-        .map_err(|e| SubmitError::State(format!("restoring {location}: {e}")))?;
+    let s3 = s3_options(spec).map_err(|e| Unusable::Refused(SubmitError::State(e)))?;
+    let r = RestoreSource::load(location, &plan.base_dir, &s3).map_err(|e| {
+        let msg = format!("restoring {location}: {e}");
+        match e {
+            freshet_engine::EngineError::Corrupt { .. } => Unusable::Damaged(msg),
+            _ => Unusable::Refused(SubmitError::State(msg)),
+        }
+    })?;
     if r.metadata.job != spec.name {
         warn!(snapshot_job = %r.metadata.job, job = %spec.name, "restoring a snapshot of another job");
     }
@@ -1191,14 +1268,14 @@ fn load_restore(
         .map(|(uid, _)| uid)
         .collect();
     if !unmatched.is_empty() && !options.allow_non_restored_state {
-        return Err(SubmitError::State(format!(
+        return Err(Unusable::Refused(SubmitError::State(format!(
             "{location} has state of operator(s) {} that the job no longer has; rename them back, or allow dropping that state (--allow-non-restored-state)",
             unmatched
                 .iter()
                 .map(|u| format!("'{u}'"))
                 .collect::<Vec<_>>()
                 .join(", ")
-        )));
+        ))));
     }
     Ok(r)
 }
@@ -1209,9 +1286,10 @@ fn prepare_state(
     allow_non_restored_state: bool,
 ) -> Result<Startup, SubmitError> {
     let spec = &plan.spec;
-    let s3 = s3_options(spec);
+    let s3 = s3_options(spec).map_err(SubmitError::State)?;
     let mut checkpoints = None;
-    let mut latest = None;
+    // the job's own completed checkpoints to start from, newest first
+    let mut own: Vec<String> = Vec::new();
     if let Some(c) = &spec.checkpointing {
         let storage = Storage::open(&c.dir, &plan.base_dir, &s3)
             .map_err(|e| SubmitError::State(format!("checkpointing.dir: {e}")))?
@@ -1248,17 +1326,18 @@ fn prepare_state(
             Start::OwnLatest { since, .. } => *since,
             _ => 0,
         };
-        latest = existing
+        own = existing
             .iter()
             .rev()
-            .find(|m| m.generation >= since)
+            .filter(|m| m.generation >= since)
             .map(|m| {
                 format!(
                     "{}/{}",
                     storage.url(),
                     freshet_engine::checkpoint::checkpoint_dir(m.id)
                 )
-            });
+            })
+            .collect();
         checkpoints = Some((
             CheckpointSetup {
                 storage,
@@ -1269,29 +1348,30 @@ fn prepare_state(
             last_id,
         ));
     }
-    let location = match start {
-        Start::From(l) => Some(l.clone()),
-        Start::Latest => latest,
-        Start::Fresh => None,
-        Start::OwnLatest { or, .. } => latest.or(or.clone()),
+    let options = SubmitOptions {
+        allow_non_restored_state,
+        ..Default::default()
     };
-    let restore = match location {
-        None => None,
-        Some(l) => {
-            let options = SubmitOptions {
-                allow_non_restored_state,
-                ..Default::default()
-            };
-            let mut r = load_restore(plan, &l, &options)?;
-            if let Some((setup, _, _, last_id)) = checkpoints.as_mut() {
-                r.shared_with_job = r.metadata.kind
-                    == freshet_engine::checkpoint::SnapshotKind::Checkpoint
-                    && r.root.url() == setup.storage.url();
-                *last_id = (*last_id).max(r.metadata.id);
-            }
-            Some(Arc::new(r))
+    // newest first; a checkpoint that fails verification gives way to the next older one, but
+    // a location the user named is used or refused
+    let restore = match start {
+        Start::Fresh => None,
+        Start::From(l) => Some(load_named(plan, l, &options)?),
+        Start::Latest => first_usable(plan, &own, &options)?,
+        Start::OwnLatest { or, .. } => {
+            own.extend(or.iter().cloned());
+            first_usable(plan, &own, &options)?
         }
     };
+    let restore = restore.map(|mut r| {
+        if let Some((setup, _, _, last_id)) = checkpoints.as_mut() {
+            r.shared_with_job = r.metadata.kind
+                == freshet_engine::checkpoint::SnapshotKind::Checkpoint
+                && r.root.url() == setup.storage.url();
+            *last_id = (*last_id).max(r.metadata.id);
+        }
+        Arc::new(r)
+    });
     Ok(Startup {
         checkpoints,
         restore,

@@ -6,11 +6,12 @@
 //! deployment it refers to. Heartbeats go both ways: TaskManagers send theirs with live
 //! counters; the JobManager pings each TaskManager. A TaskManager is lost after
 //! `heartbeat_timeout` without a heartbeat from it, or after three pings in a row fail.
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
@@ -245,7 +246,7 @@ impl RemoteTaskManager {
             loop {
                 tokio::time::sleep(heartbeats.interval).await;
                 let Some(tm) = weak.upgrade() else { return };
-                if tm.lost.lock().expect("lost lock").is_some() {
+                if tm.lost.lock().is_some() {
                     return;
                 }
                 let ping = c
@@ -271,7 +272,7 @@ impl RemoteTaskManager {
     }
 
     fn mark_lost(&self, why: String) {
-        let mut lost = self.lost.lock().expect("lost lock");
+        let mut lost = self.lost.lock();
         if lost.is_none() {
             *lost = Some(why);
         }
@@ -279,8 +280,8 @@ impl RemoteTaskManager {
 
     /// Records a heartbeat with the TaskManager's live counters.
     pub fn heartbeat(&self, metrics: Vec<(JobId, u32, SubtaskStatus)>) {
-        *self.last_heartbeat.lock().expect("heartbeat lock") = Instant::now();
-        *self.metrics.lock().expect("metrics lock") = metrics;
+        *self.last_heartbeat.lock() = Instant::now();
+        *self.metrics.lock() = metrics;
     }
 
     fn send(&self, op: Op) {
@@ -298,10 +299,7 @@ impl TaskManagerGateway for RemoteTaskManager {
     }
 
     fn deploy(&self, d: TaskDeployment) -> Result<(), String> {
-        self.attempts
-            .lock()
-            .expect("attempts lock")
-            .insert(d.job.clone(), d.attempt);
+        self.attempts.lock().insert(d.job.clone(), d.attempt);
         self.send(Op::Deploy(Box::new(deployment_to_proto(&d, self.epoch))));
         Ok(())
     }
@@ -320,13 +318,7 @@ impl TaskManagerGateway for RemoteTaskManager {
         subtask: u32,
         cmd: freshet_engine::checkpoint::SubtaskCommand,
     ) -> bool {
-        let attempt = self
-            .attempts
-            .lock()
-            .expect("attempts lock")
-            .get(job)
-            .copied()
-            .unwrap_or(0);
+        let attempt = self.attempts.lock().get(job).copied().unwrap_or(0);
         self.send(Op::Command(pb::CommandRequest {
             leader_epoch: self.epoch,
             job: job.0.clone(),
@@ -339,15 +331,9 @@ impl TaskManagerGateway for RemoteTaskManager {
     }
 
     fn metrics(&self, job: &JobId) -> Vec<SubtaskStatus> {
-        let attempt = self
-            .attempts
-            .lock()
-            .expect("attempts lock")
-            .get(job)
-            .copied();
+        let attempt = self.attempts.lock().get(job).copied();
         self.metrics
             .lock()
-            .expect("metrics lock")
             .iter()
             .filter(|(j, a, _)| j == job && Some(*a) == attempt)
             .map(|(_, _, s)| s.clone())
@@ -359,14 +345,10 @@ impl TaskManagerGateway for RemoteTaskManager {
     }
 
     fn lost(&self) -> Option<String> {
-        if let Some(why) = self.lost.lock().expect("lost lock").clone() {
+        if let Some(why) = self.lost.lock().clone() {
             return Some(why);
         }
-        let silent = self
-            .last_heartbeat
-            .lock()
-            .expect("heartbeat lock")
-            .elapsed();
+        let silent = self.last_heartbeat.lock().elapsed();
         (silent > self.heartbeats.timeout).then(|| {
             format!(
                 "no heartbeat for {:.1}s (timeout {:.1}s)",
@@ -500,7 +482,7 @@ impl JobManagerRpc for JobManagerService {
         );
         {
             // TaskManagers come and go (a new pod is a new id): forget the lost ones
-            let mut remotes = self.remotes.lock().expect("remotes lock");
+            let mut remotes = self.remotes.lock();
             remotes.retain(|_, t| t.lost().is_none());
             remotes.insert(req.taskmanager_id.clone(), tm.clone());
         }
@@ -522,12 +504,7 @@ impl JobManagerRpc for JobManagerService {
         request: Request<pb::TaskManagerHeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.into_inner();
-        let tm = self
-            .remotes
-            .lock()
-            .expect("remotes lock")
-            .get(&req.taskmanager_id)
-            .cloned();
+        let tm = self.remotes.lock().get(&req.taskmanager_id).cloned();
         let Some(tm) = tm.filter(|t| t.lost().is_none()) else {
             return Ok(Response::new(pb::HeartbeatResponse { known: false }));
         };

@@ -136,20 +136,20 @@ impl Operator for DedupOperator {
             let key = self.keys.row(row);
             let pass = match self.plan.keep {
                 DedupKeep::First => {
-                    let fresh = !self.seen.contains_key(key, rw);
+                    let fresh = !self.seen.contains_key(key, rw)?;
                     if fresh {
-                        self.seen.update(key, 0, t, rw, || None, |_| ());
+                        self.seen.update(key, 0, t, rw, || None, |_| ())?;
                     }
                     fresh
                 }
                 DedupKeep::Latest => {
                     let v = order.as_ref().and_then(|o| o.get(row));
-                    let newer = match self.seen.get(key, 0, rw) {
+                    let newer = match self.seen.get(key, 0, rw)? {
                         None => true,
                         Some(prev) => v > *prev,
                     };
                     if newer {
-                        self.seen.update(key, 0, t, rw, || None, |s| *s = v);
+                        self.seen.update(key, 0, t, rw, || None, |s| *s = v)?;
                     }
                     newer
                 }
@@ -178,7 +178,7 @@ impl Operator for DedupOperator {
         _: &OperatorContext<'_>,
         _: &mut dyn Output,
     ) -> Result<()> {
-        self.seen.expire(wm);
+        self.seen.expire(wm)?;
         Ok(())
     }
 }

@@ -319,7 +319,8 @@ impl Operator for JoinOperator {
             }
             live[row] = true;
             let (lo, hi) = self.partner_range(side, t);
-            for (pt, rows) in self.buffers[other].range(self.keys.row(row), lo..=hi, Watermark::MIN)
+            for (pt, rows) in
+                self.buffers[other].range(self.keys.row(row), lo..=hi, Watermark::MIN)?
             {
                 for (idx, b) in rows.iter().enumerate() {
                     pair_rows.push(row as u32);
@@ -374,7 +375,7 @@ impl Operator for JoinOperator {
                 } else {
                     candidate_rows[row] = true;
                 }
-                if let Some((_, rows)) = self.buffers[other].range_mut(key, pt..=pt).next() {
+                if let Some((_, rows)) = self.buffers[other].range_mut(key, pt..=pt)?.next() {
                     if ok {
                         rows[pidx].matched = true;
                     } else {
@@ -401,7 +402,7 @@ impl Operator for JoinOperator {
                 candidate: candidate_rows[row],
             };
             let key = self.keys.row(row);
-            self.buffers[side].update(key, t, t, Watermark::MIN, Vec::new, |v| v.push(b));
+            self.buffers[side].update(key, t, t, Watermark::MIN, Vec::new, |v| v.push(b))?;
             let expiry = self.expiry(side, t);
             self.cleanup[side].register(expiry, key);
         }
@@ -424,7 +425,7 @@ impl Operator for JoinOperator {
                     t + self.plan.lower
                 };
                 for key in keys {
-                    for (rt, rows) in self.buffers[side].drain_range(&key, ..=row_time) {
+                    for (rt, rows) in self.buffers[side].drain_range(&key, ..=row_time)? {
                         for b in rows.into_iter().filter(|b| !b.matched) {
                             let reason = if b.candidate {
                                 "rows in the interval did not satisfy the join condition"

@@ -148,7 +148,7 @@ impl Operator for PatternOperator {
             }
             let key = self.keys.row(row);
             self.pending
-                .update(key, t, t, Watermark::MIN, || 0, |n| *n += 1);
+                .update(key, t, t, Watermark::MIN, || 0, |n| *n += 1)?;
             self.timers.register(t, key);
         }
         if !late.is_empty() {
@@ -177,22 +177,24 @@ impl Operator for PatternOperator {
         keys.dedup();
         let (mut mkeys, mut starts, mut ends) = (Vec::new(), Vec::new(), Vec::new());
         for key in keys {
-            let ready = self.pending.drain_range(&key, ..=wm.0);
+            let ready = self.pending.drain_range(&key, ..=wm.0)?;
             for (t, n) in ready {
                 for _ in 0..n {
                     let (count, within) = (self.plan.count, self.plan.within);
                     // records are evaluated in event-time order, so the run's TTL is judged at `t`
-                    let hit = self.runs.update(&key, 0, t, Watermark(t), Vec::new, |run| {
-                        run.retain(|&s| s > t - within);
-                        run.push(t);
-                        if run.len() >= count {
-                            let start = run[0];
-                            run.clear();
-                            Some(start)
-                        } else {
-                            None
-                        }
-                    });
+                    let hit = self
+                        .runs
+                        .update(&key, 0, t, Watermark(t), Vec::new, |run| {
+                            run.retain(|&s| s > t - within);
+                            run.push(t);
+                            if run.len() >= count {
+                                let start = run[0];
+                                run.clear();
+                                Some(start)
+                            } else {
+                                None
+                            }
+                        })?;
                     if let Some(start) = hit {
                         mkeys.push(key.clone());
                         starts.push(start);
@@ -201,7 +203,7 @@ impl Operator for PatternOperator {
                 }
             }
         }
-        self.runs.expire(wm);
+        self.runs.expire(wm)?;
         if mkeys.is_empty() {
             return Ok(());
         }

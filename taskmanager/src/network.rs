@@ -22,11 +22,12 @@
 //! connection closes every channel on it, which fails the subtasks at both ends, and the
 //! JobManager's restart strategy takes over.
 use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -122,13 +123,13 @@ impl Network {
                 .filter(|c| !c.dead.load(Ordering::Acquire))
                 .cloned()
         };
-        if let Some(c) = live(&self.outgoing.lock().expect("outgoing lock")) {
+        if let Some(c) = live(&self.outgoing.lock()) {
             return Ok(c);
         }
         // connect without the lock: an unreachable peer must not hold up channels to others
         let context = || format!("connecting to the data plane of TaskManager {peer}");
         let stream = connect(peer).map_err(|e| EngineError::io(context(), e))?;
-        let mut map = self.outgoing.lock().expect("outgoing lock");
+        let mut map = self.outgoing.lock();
         if let Some(c) = live(&map) {
             // another subtask connected meanwhile; this stream is dropped unused
             return Ok(c);
@@ -290,12 +291,7 @@ impl Connection {
                             ));
                         }
                         let n = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes"));
-                        let credits = conn
-                            .channels
-                            .lock()
-                            .expect("channels lock")
-                            .get(&channel)
-                            .cloned();
+                        let credits = conn.channels.lock().get(&channel).cloned();
                         if let Some(c) = credits {
                             c.grant(n);
                         }
@@ -320,10 +316,7 @@ impl Connection {
     ) -> freshet_engine::Result<Arc<dyn Outbound>> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let credits = Arc::new(Credits::default());
-        self.channels
-            .lock()
-            .expect("channels lock")
-            .insert(id, credits.clone());
+        self.channels.lock().insert(id, credits.clone());
         let wire = WireKey {
             job: key.job.0.clone(),
             attempt: key.attempt,
@@ -354,7 +347,7 @@ impl Connection {
     }
 
     fn close_all(&self) {
-        for c in self.channels.lock().expect("channels lock").values() {
+        for c in self.channels.lock().values() {
             c.close();
         }
     }
@@ -369,12 +362,12 @@ struct Credits {
 
 impl Credits {
     fn grant(&self, n: u32) {
-        self.available.lock().expect("credits lock").0 += n;
+        self.available.lock().0 += n;
         self.changed.notify_all();
     }
 
     fn close(&self) {
-        self.available.lock().expect("credits lock").1 = true;
+        self.available.lock().1 = true;
         self.changed.notify_all();
     }
 }
@@ -401,14 +394,13 @@ impl Outbound for RemoteSender {
         timeout: Duration,
     ) -> freshet_engine::Result<Option<Element>> {
         {
-            let mut guard = self.credits.available.lock().expect("credits lock");
+            let mut guard = self.credits.available.lock();
             if guard.0 == 0 && !guard.1 && !timeout.is_zero() {
-                guard = self
-                    .credits
-                    .changed
-                    .wait_timeout_while(guard, timeout, |(n, closed)| *n == 0 && !*closed)
-                    .expect("credits lock")
-                    .0;
+                self.credits.changed.wait_while_for(
+                    &mut guard,
+                    |(n, closed)| *n == 0 && !*closed,
+                    timeout,
+                );
             }
             if guard.1 {
                 return Err(EngineError::ChannelClosed);
@@ -421,7 +413,7 @@ impl Outbound for RemoteSender {
         if matches!(e, Element::EndOfInput) {
             self.ended.store(true, Ordering::Relaxed);
         }
-        let mut encoder = self.encoder.lock().expect("encoder lock");
+        let mut encoder = self.encoder.lock();
         self.conn
             .send(frame_with(DATA, self.channel, |f| encoder.encode(&e, f))?)?;
         Ok(None)
@@ -433,11 +425,7 @@ impl Drop for RemoteSender {
         if !self.ended.load(Ordering::Relaxed) {
             let _ = self.conn.send(frame(CLOSE, self.channel, &[]));
         }
-        self.conn
-            .channels
-            .lock()
-            .expect("channels lock")
-            .remove(&self.channel);
+        self.conn.channels.lock().remove(&self.channel);
     }
 }
 
@@ -852,7 +840,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
-                Err(EngineError::ChannelClosed) => break,
+                Err(EngineError::UpstreamClosed) => break,
                 Ok(None) if Instant::now() < deadline => continue,
                 other => panic!("expected the channel to close, got {other:?}"),
             }

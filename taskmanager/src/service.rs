@@ -6,13 +6,14 @@
 //! JobManager forgot this TaskManager, or with a new leader) first cancels every subtask still
 //! running here: they belong to attempts the JobManager has given up on.
 use anyhow::Context as _;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use freshet_engine::checkpoint::{RestoreSource, Storage, SubtaskCommand};
 use freshet_engine::state::StateConfig;
@@ -81,7 +82,7 @@ impl Service {
         let spec: JobSpec =
             serde_json::from_slice(&r.spec).map_err(|e| format!("job definition: {e}"))?;
         let base_dir = PathBuf::from(&r.base_dir);
-        let s3 = s3_options(&spec);
+        let s3 = s3_options(&spec)?;
         let checkpoints = if r.checkpoint_storage.is_empty() {
             None
         } else {
@@ -95,12 +96,7 @@ impl Service {
             None
         } else {
             let key = (r.job.clone(), r.attempt);
-            let cached = self
-                .restores
-                .lock()
-                .expect("restores lock")
-                .get(&key)
-                .cloned();
+            let cached = self.restores.lock().get(&key).cloned();
             Some(match cached {
                 Some(c) => c,
                 None => {
@@ -108,7 +104,7 @@ impl Service {
                         .map_err(|e| format!("restoring {}: {e}", r.restore))?;
                     source.shared_with_job = r.restore_shared;
                     let source = Arc::new(source);
-                    let mut restores = self.restores.lock().expect("restores lock");
+                    let mut restores = self.restores.lock();
                     restores.retain(|(j, _), _| *j != r.job);
                     restores.insert(key, source.clone());
                     source
@@ -384,21 +380,44 @@ fn forward_events(
             taskmanager_id: id.to_string(),
             events: batch,
         };
-        for attempt in 0..5 {
+        // a report is never given up on while the JobManager may still take it: a lost
+        // "finished" or "failed" would leave its attempt open for good
+        let mut attempt: u32 = 0;
+        loop {
             match runtime.block_on(client.report_tasks(request.clone())) {
                 Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    error!(error = %s.message(), "the JobManager refused a report; it is dropped");
+                    break;
+                }
                 Err(s) => {
-                    warn!(error = %s.message(), attempt, "reporting to the JobManager failed");
-                    std::thread::sleep(Duration::from_millis(200 << attempt));
+                    if attempt < 5 || attempt.is_multiple_of(30) {
+                        warn!(error = %s.message(), attempt, "reporting to the JobManager failed; retrying");
+                    }
+                    std::thread::sleep(report_backoff(attempt));
+                    attempt = attempt.saturating_add(1);
                 }
             }
         }
     }
 }
 
+/// The wait before retry `attempt` of a report: 200 ms doubling, at most 5 s.
+fn report_backoff(attempt: u32) -> Duration {
+    Duration::from_millis(200u64 << attempt.min(5)).min(Duration::from_secs(5))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_retries_back_off_to_five_seconds_and_stay_there() {
+        assert_eq!(report_backoff(0), Duration::from_millis(200));
+        assert_eq!(report_backoff(3), Duration::from_millis(1600));
+        assert_eq!(report_backoff(5), Duration::from_secs(5));
+        assert_eq!(report_backoff(1000), Duration::from_secs(5));
+    }
 
     #[test]
     fn requests_of_an_older_leader_epoch_are_refused() {

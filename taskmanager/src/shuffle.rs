@@ -10,8 +10,8 @@
 //! half-taken channels are dropped, and a channel of a retired attempt that a late peer or a late
 //! deployment asks for is made on the spot and never stored, so a cluster that restarts jobs
 //! many times does not accumulate channels nobody will take.
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use freshet_engine::channel::{ChannelReceiver, ChannelSender, CreditSlot, bounded};
 use freshet_jobmanager::JobId;
@@ -84,7 +84,7 @@ impl LocalShuffle {
         capacity: usize,
         pick: impl FnOnce(&mut Pair) -> Option<T>,
     ) -> Option<T> {
-        let mut inner = self.inner.lock().expect("shuffle lock");
+        let mut inner = self.inner.lock();
         if inner
             .retired
             .get(&key.job)
@@ -125,7 +125,7 @@ impl LocalShuffle {
     /// Retires `attempt` of `job` and every older attempt: forgets their channels whose other
     /// end will never be taken, and keeps none of theirs asked for later.
     pub fn retire(&self, job: &JobId, attempt: u32) {
-        let mut inner = self.inner.lock().expect("shuffle lock");
+        let mut inner = self.inner.lock();
         let r = inner.retired.entry(job.clone()).or_insert(attempt);
         *r = (*r).max(attempt);
         inner
@@ -135,7 +135,7 @@ impl LocalShuffle {
 
     /// Channels with one end taken and the other still to come.
     pub fn pending(&self) -> usize {
-        self.inner.lock().expect("shuffle lock").open.len()
+        self.inner.lock().open.len()
     }
 }
 

@@ -8,8 +8,9 @@
 //! then declares the TaskManager broken: by default the process exits, its subtasks count as
 //! lost, and the job restarts elsewhere (a supervisor such as Kubernetes restarts the process).
 use crossbeam_channel::Sender;
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tracing::{debug, info_span};
 
 use freshet_engine::channel::CancelToken;
@@ -122,7 +123,7 @@ impl TaskManager {
                         return;
                     };
                     let stuck: Vec<String> = {
-                        let running = running.lock().expect("running lock");
+                        let running = running.lock();
                         cancelled
                             .iter()
                             .filter(|(k, a)| running.get(k).is_some_and(|r| r.attempt == *a))
@@ -152,7 +153,7 @@ impl TaskManager {
     }
 
     fn plan_for(&self, d: &TaskDeployment) -> std::result::Result<Arc<JobPlan>, String> {
-        let mut plans = self.plans.lock().expect("plans lock");
+        let mut plans = self.plans.lock();
         let known = plans.get(&d.job);
         if let Some((a, Some(p))) = known
             && *a == d.attempt
@@ -367,7 +368,6 @@ impl TaskManager {
     pub fn all_metrics(&self) -> Vec<(JobId, u32, SubtaskStatus)> {
         self.running
             .lock()
-            .expect("running lock")
             .iter()
             .map(|((j, v, s), r)| {
                 (
@@ -386,16 +386,14 @@ impl TaskManager {
     /// Cancels every running subtask and waits up to `timeout` for them to end.
     pub fn cancel_all(&self, timeout: std::time::Duration) {
         let jobs: Vec<JobId> = {
-            let running = self.running.lock().expect("running lock");
+            let running = self.running.lock();
             running.keys().map(|(j, _, _)| j.clone()).collect()
         };
         for j in &jobs {
             TaskManagerGateway::cancel(self, j);
         }
         let deadline = std::time::Instant::now() + timeout;
-        while !self.running.lock().expect("running lock").is_empty()
-            && std::time::Instant::now() < deadline
-        {
+        while !self.running.lock().is_empty() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
@@ -410,7 +408,7 @@ impl TaskManager {
         subtask: u32,
         cmd: SubtaskCommand,
     ) -> bool {
-        let running = self.running.lock().expect("running lock");
+        let running = self.running.lock();
         match running.get(&(job.clone(), vertex, subtask)) {
             Some(r) if r.attempt == attempt => r.commands.send(cmd).is_ok(),
             _ => false,
@@ -419,7 +417,7 @@ impl TaskManager {
 
     /// Number of running subtasks.
     pub fn running(&self) -> usize {
-        self.running.lock().expect("running lock").len()
+        self.running.lock().len()
     }
 }
 
@@ -441,7 +439,7 @@ impl TaskManagerGateway for TaskManager {
             .build(&d, &plan, cancel.clone(), metrics.clone(), commands)
             .map_err(|e| e.to_string())?;
         let task = (d.job.clone(), d.vertex, d.subtask);
-        self.running.lock().expect("running lock").insert(
+        self.running.lock().insert(
             task.clone(),
             Running {
                 attempt: d.attempt,
@@ -476,16 +474,19 @@ impl TaskManagerGateway for TaskManager {
                         accumulators: r.accumulators,
                     },
                     Err(EngineError::Cancelled) => TaskState::Cancelled,
-                    Err(_) if cancel.is_cancelled() => TaskState::Cancelled,
+                    // a peer gone because of the cancellation; an error of this subtask's own
+                    // stays a failure even when the cancellation (which it may have caused:
+                    // its consumers fail as soon as it stops) came before this line
+                    Err(e) if e.is_consequence() && cancel.is_cancelled() => TaskState::Cancelled,
                     Err(e) => TaskState::Failed {
-                        root_cause: !matches!(e, EngineError::ChannelClosed),
+                        root_cause: !e.is_consequence(),
                         retryable: e.is_retryable(),
                         error: e.to_string(),
                     },
                 };
                 debug!(?state, "subtask ended");
                 let job_done = {
-                    let mut running = running.lock().expect("running lock");
+                    let mut running = running.lock();
                     // (a newer attempt may have taken the slot if this one was given up on)
                     if running.get(&task).is_some_and(|r| r.attempt == d.attempt) {
                         running.remove(&task);
@@ -494,7 +495,7 @@ impl TaskManagerGateway for TaskManager {
                 };
                 if job_done && let Some(plans) = plans.upgrade() {
                     // nothing of the job runs here: its plan is rebuilt if more of it comes
-                    if let Some((a, plan)) = plans.lock().expect("plans lock").get_mut(&d.job)
+                    if let Some((a, plan)) = plans.lock().get_mut(&d.job)
                         && *a == d.attempt
                     {
                         *plan = None;
@@ -517,7 +518,7 @@ impl TaskManagerGateway for TaskManager {
         // that follows them, so every attempt up to this one is over
         let mut newest = None;
         let mut cancelled = Vec::new();
-        for (k, r) in self.running.lock().expect("running lock").iter() {
+        for (k, r) in self.running.lock().iter() {
             if &k.0 == job {
                 r.cancel.cancel();
                 newest = newest.max(Some(r.attempt));
@@ -525,14 +526,14 @@ impl TaskManagerGateway for TaskManager {
             }
         }
         self.watch_cancelled(cancelled);
-        let planned = self.plans.lock().expect("plans lock").get(job).map(|e| e.0);
+        let planned = self.plans.lock().get(job).map(|e| e.0);
         if let Some(attempt) = newest.max(planned) {
             self.shuffle.retire(job, attempt);
         }
     }
 
     fn command(&self, job: &JobId, vertex: usize, subtask: u32, cmd: SubtaskCommand) -> bool {
-        let running = self.running.lock().expect("running lock");
+        let running = self.running.lock();
         match running.get(&(job.clone(), vertex, subtask)) {
             Some(r) => r.commands.send(cmd).is_ok(),
             None => false,
@@ -542,7 +543,6 @@ impl TaskManagerGateway for TaskManager {
     fn metrics(&self, job: &JobId) -> Vec<SubtaskStatus> {
         self.running
             .lock()
-            .expect("running lock")
             .iter()
             .filter(|((j, _, _), _)| j == job)
             .map(|((_, v, s), r)| SubtaskStatus {

@@ -22,8 +22,14 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(a: &[String]) -> Proc {
+        Proc::start_env(a, &[])
+    }
+
+    /// Starts `freshet` with `a` and the environment variables `env` added.
+    pub fn start_env(a: &[String], env: &[(&str, &str)]) -> Proc {
         let mut child = freshet()
             .args(a)
+            .envs(env.iter().copied())
             .env("FRESHET_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -17,10 +17,12 @@ use crate::KeyGroupRange;
 pub mod restore;
 pub mod storage;
 pub mod upload;
+pub mod verify;
 
 pub use restore::{RestoreSource, StateContext};
 pub use storage::{S3Options, Storage};
 pub use upload::{CheckpointHooks, LocalState, SnapshotContext};
+pub use verify::verify;
 
 /// Checkpoint ids increase by one per trigger, across restores of the same job.
 pub type CheckpointId = u64;
@@ -86,6 +88,15 @@ pub struct FileRef {
     pub path: String,
     /// Size in bytes.
     pub size: u64,
+    /// XXH3-64 of the file's bytes, as 16 hex digits (absent in metadata written before
+    /// checksums were recorded). Checked when the file is downloaded for a restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+}
+
+/// The checksum recorded for a snapshot file: XXH3-64 of its bytes, as 16 hex digits.
+pub fn checksum(data: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(data))
 }
 
 /// A named piece of non-keyed operator state (a source position, pending sink commits). Small
@@ -100,6 +111,9 @@ pub struct NamedState {
     /// Where the bytes are stored, relative to the root, when they are not inline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// Size and [`checksum`] of the stored bytes, when they are not inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<(u64, String)>,
 }
 
 /// Non-keyed state larger than this is stored in a file instead of inline in the metadata.

@@ -62,12 +62,15 @@ impl RestoreSource {
         for snap in metadata.operators.values_mut().flatten() {
             for n in snap.state.iter_mut() {
                 if let Some(path) = n.path.take() {
-                    n.data = root
-                        .get(&path)?
-                        .ok_or_else(|| {
-                            EngineError::Storage(format!("{}/{path} is missing", root.url()))
-                        })?
-                        .to_vec();
+                    n.data = match n.stored.take() {
+                        Some((size, sum)) => root.get_verified(&path, size, Some(&sum))?.to_vec(),
+                        None => root
+                            .get(&path)?
+                            .ok_or_else(|| {
+                                EngineError::Storage(format!("{}/{path} is missing", root.url()))
+                            })?
+                            .to_vec(),
+                    };
                 }
             }
         }
@@ -171,7 +174,7 @@ impl<'a> StateContext<'a> {
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
                 for f in &old.files {
-                    r.root.get_file(&f.path, &dir.join(&f.name))?;
+                    r.root.get_file(f, &dir.join(&f.name))?;
                 }
                 parts.push((dir, old.key_groups));
             }

@@ -21,8 +21,9 @@ use std::sync::{Arc, OnceLock};
 
 use crate::{EngineError, Result};
 
-/// S3 settings given in a job (each overrides the matching `AWS_*` variable).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// S3 settings given in a job (each overrides the matching `AWS_*` variable). Its `Debug`
+/// output leaves the credentials out.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct S3Options {
     /// Endpoint URL of an S3-compatible server, e.g. `http://127.0.0.1:9000`.
     pub endpoint: Option<String>,
@@ -34,6 +35,18 @@ pub struct S3Options {
     pub secret_access_key: Option<String>,
 }
 
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let given = |v: &Option<String>| if v.is_some() { "(given)" } else { "(none)" };
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &given(&self.access_key_id))
+            .field("secret_access_key", &given(&self.secret_access_key))
+            .finish()
+    }
+}
+
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
@@ -43,6 +56,24 @@ fn runtime() -> &'static tokio::runtime::Runtime {
             .enable_all()
             .build()
             .expect("starting the storage runtime")
+    })
+}
+
+/// Runs `fut` on the storage runtime and waits for it. A thread that is itself driving an async
+/// runtime (an HTTP or gRPC handler) cannot wait with `block_on` (tokio refuses with a panic), so
+/// from such a thread the wait happens on a short-lived thread of its own.
+fn block_on<F>(fut: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return runtime().block_on(fut);
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| runtime().block_on(fut))
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }
 
@@ -157,8 +188,7 @@ impl Storage {
     /// Writes `data` at `rel`, replacing what was there.
     pub fn put(&self, rel: &str, data: Bytes) -> Result<()> {
         let p = self.path(rel);
-        runtime()
-            .block_on(self.store.put(&p, PutPayload::from(data)))
+        block_on(self.store.put(&p, PutPayload::from(data)))
             .map_err(|e| err(format!("writing {}/{rel}", self.url), e))?;
         Ok(())
     }
@@ -170,61 +200,93 @@ impl Storage {
             mode: PutMode::Create,
             ..Default::default()
         };
-        match runtime().block_on(self.store.put_opts(&p, PutPayload::from(data), opts)) {
+        match block_on(self.store.put_opts(&p, PutPayload::from(data), opts)) {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(err(format!("writing {}/{rel}", self.url), e)),
         }
     }
 
-    /// Uploads the local file `file` to `rel`.
-    pub fn put_file(&self, rel: &str, file: &Path) -> Result<u64> {
+    /// Uploads the local file `file` to `rel`; returns its size and
+    /// [`checksum`](super::checksum).
+    pub fn put_file(&self, rel: &str, file: &Path) -> Result<(u64, String)> {
         let data = std::fs::read(file)
             .map_err(|e| EngineError::io(format!("reading {}", file.display()), e))?;
         let n = data.len() as u64;
+        let sum = super::checksum(&data);
         self.put(rel, Bytes::from(data))?;
-        Ok(n)
+        Ok((n, sum))
     }
 
     /// Reads `rel`; `None` if it does not exist.
     pub fn get(&self, rel: &str) -> Result<Option<Bytes>> {
         let p = self.path(rel);
-        runtime()
-            .block_on(async {
-                match self.store.get(&p).await {
-                    Ok(r) => r.bytes().await.map(Some),
-                    Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
-            .map_err(|e| err(format!("reading {}/{rel}", self.url), e))
+        block_on(async {
+            match self.store.get(&p).await {
+                Ok(r) => r.bytes().await.map(Some),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .map_err(|e| err(format!("reading {}/{rel}", self.url), e))
     }
 
-    /// Downloads `rel` into the local file `file`.
-    pub fn get_file(&self, rel: &str, file: &Path) -> Result<()> {
+    /// Reads `rel`, which must exist and, where they are given, have the recorded size and
+    /// [`checksum`](super::checksum): a snapshot file that does not is corrupt
+    /// ([`EngineError::Corrupt`]), and retrying cannot help.
+    pub fn get_verified(&self, rel: &str, size: u64, sum: Option<&str>) -> Result<Bytes> {
+        let corrupt = |what: String| EngineError::Corrupt {
+            location: format!("{}/{rel}", self.url),
+            what,
+        };
         let data = self
             .get(rel)?
-            .ok_or_else(|| EngineError::Storage(format!("{}/{rel} does not exist", self.url)))?;
+            .ok_or_else(|| corrupt("it does not exist".into()))?;
+        if data.len() as u64 != size {
+            return Err(corrupt(format!(
+                "it has {} bytes, the snapshot recorded {size}",
+                data.len()
+            )));
+        }
+        if let Some(expected) = sum {
+            let actual = super::checksum(&data);
+            if actual != expected {
+                return Err(corrupt(format!(
+                    "its checksum is {actual}, the snapshot recorded {expected}"
+                )));
+            }
+        }
+        Ok(data)
+    }
+
+    /// Downloads the snapshot file `f` into the local file `file`, verifying it
+    /// ([`Storage::get_verified`]).
+    pub fn get_file(&self, f: &super::FileRef, file: &Path) -> Result<()> {
+        let data = self.get_verified(&f.path, f.size, f.checksum.as_deref())?;
         std::fs::write(file, &data)
             .map_err(|e| EngineError::io(format!("writing {}", file.display()), e))
     }
 
     /// Every object under `rel`, as paths relative to this view.
     pub fn list(&self, rel: &str) -> Result<Vec<String>> {
+        Ok(self.list_sized(rel)?.into_iter().map(|(p, _)| p).collect())
+    }
+
+    /// Every object under `rel` with its size, as paths relative to this view, sorted.
+    pub fn list_sized(&self, rel: &str) -> Result<Vec<(String, u64)>> {
         let p = self.path(rel);
-        let items: Vec<_> = runtime()
-            .block_on(self.store.list(Some(&p)).try_collect())
+        let items: Vec<_> = block_on(self.store.list(Some(&p)).try_collect())
             .map_err(|e| err(format!("listing {}/{rel}", self.url), e))?;
         let base = if self.prefix.is_empty() {
             String::new()
         } else {
             format!("{}/", self.prefix)
         };
-        let mut out: Vec<String> = items
+        let mut out: Vec<(String, u64)> = items
             .into_iter()
             .map(|m| {
                 let s = m.location.to_string();
-                s.strip_prefix(&base).unwrap_or(&s).to_string()
+                (s.strip_prefix(&base).unwrap_or(&s).to_string(), m.size)
             })
             .collect();
         out.sort();
@@ -234,7 +296,7 @@ impl Storage {
     /// Deletes `rel`; deleting what does not exist is not an error.
     pub fn delete(&self, rel: &str) -> Result<()> {
         let p = self.path(rel);
-        match runtime().block_on(self.store.delete(&p)) {
+        match block_on(self.store.delete(&p)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(err(format!("deleting {}/{rel}", self.url), e)),
         }

@@ -9,9 +9,10 @@
 //! of a RocksDB directory (`MANIFEST-*`, `CURRENT`, `OPTIONS-*`) go to the checkpoint's own
 //! directory. **Savepoints** upload every file into the savepoint directory, so a savepoint
 //! never references anything outside itself.
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 use tracing::{debug, info_span, warn};
 
@@ -77,6 +78,7 @@ impl<'a> SnapshotContext<'a> {
             name: name.into(),
             data,
             path: None,
+            stored: None,
         });
     }
 
@@ -88,7 +90,7 @@ impl<'a> SnapshotContext<'a> {
 #[derive(Debug, Clone)]
 struct Stored {
     path: String,
-    size: u64,
+    checksum: Option<String>,
     /// The checkpoint it was last uploaded for.
     checkpoint: CheckpointId,
     /// True once a checkpoint referencing it completed.
@@ -159,7 +161,7 @@ impl OperatorState {
                     f.name,
                     Stored {
                         path: f.path,
-                        size: f.size,
+                        checksum: f.checksum,
                         checkpoint: 0,
                         confirmed: true,
                     },
@@ -207,7 +209,7 @@ impl OperatorState {
 
     /// A checkpoint completed: files uploaded for it or before are stored for good.
     pub(crate) fn complete(&self, id: CheckpointId) {
-        for s in self.stored.lock().expect("stored lock").values_mut() {
+        for s in self.stored.lock().values_mut() {
             if s.checkpoint <= id {
                 s.confirmed = true;
             }
@@ -218,7 +220,6 @@ impl OperatorState {
     pub(crate) fn abort(&self, id: CheckpointId) {
         self.stored
             .lock()
-            .expect("stored lock")
             .retain(|_, s| s.confirmed || s.checkpoint != id);
     }
 }
@@ -324,44 +325,47 @@ fn upload_all(
                 .as_ref()
                 .expect("files come from a directory")
                 .join(name);
-            let path = if let Some(sp) = &savepoint {
+            let (path, checksum) = if let Some(sp) = &savepoint {
                 let path = format!("{seg}/{}/{name}", info.index);
-                uploaded += sp.put_file(&path, &local)?;
-                path
+                let (n, sum) = sp.put_file(&path, &local)?;
+                uploaded += n;
+                (path, Some(sum))
             } else if name.ends_with(".sst") {
                 let known = t
                     .stored
                     .lock()
-                    .expect("stored lock")
                     .get(name)
                     .filter(|s| s.confirmed)
-                    .map(|s| (s.path.clone(), s.size));
+                    .map(|s| (s.path.clone(), s.checksum.clone()));
                 match known {
-                    Some((path, _)) => path,
+                    Some(k) => k,
                     None => {
                         let path = format!("shared/{seg}/{}-{name}", t.instance);
-                        uploaded += hooks.storage.put_file(&path, &local)?;
-                        t.stored.lock().expect("stored lock").insert(
+                        let (n, sum) = hooks.storage.put_file(&path, &local)?;
+                        uploaded += n;
+                        t.stored.lock().insert(
                             name.clone(),
                             Stored {
                                 path: path.clone(),
-                                size: *size,
+                                checksum: Some(sum.clone()),
                                 checkpoint: barrier.id,
                                 confirmed: false,
                             },
                         );
-                        path
+                        (path, Some(sum))
                     }
                 }
             } else {
                 let path = format!("{}/{seg}/{}/{name}", checkpoint_dir(barrier.id), info.index);
-                uploaded += hooks.storage.put_file(&path, &local)?;
-                path
+                let (n, sum) = hooks.storage.put_file(&path, &local)?;
+                uploaded += n;
+                (path, Some(sum))
             };
             files.push(FileRef {
                 name: name.clone(),
                 path,
                 size: *size,
+                checksum,
             });
         }
         let mut state = Vec::with_capacity(t.state.len());
@@ -381,6 +385,7 @@ fn upload_all(
                     ),
                 ),
             };
+            let stored = (n.data.len() as u64, super::checksum(&n.data));
             store.put(&path, bytes::Bytes::from(n.data.clone()))?;
             full += n.data.len() as u64;
             uploaded += n.data.len() as u64;
@@ -388,6 +393,7 @@ fn upload_all(
                 name: n.name.clone(),
                 data: Vec::new(),
                 path: Some(path),
+                stored: Some(stored),
             });
         }
         operators.insert(
@@ -445,11 +451,13 @@ mod tests {
                 name: "small".into(),
                 data: vec![1, 2, 3],
                 path: None,
+                stored: None,
             },
             NamedState {
                 name: "big".into(),
                 data: big.clone(),
                 path: None,
+                stored: None,
             },
         ];
         let op = OperatorState::new("sink:t".into(), None, &info, Vec::new());

@@ -49,7 +49,17 @@ impl Default for StateConfig {
 }
 
 fn db_err(context: impl std::fmt::Display, e: rocksdb::Error) -> EngineError {
-    EngineError::State(format!("{context}: {e}"))
+    use rocksdb::ErrorKind;
+    // I/O errors, a damaged working file, a busy or timed-out call: the restarted subtask opens
+    // a fresh working directory from the checkpoint; a misuse would happen again
+    let retryable = !matches!(
+        e.kind(),
+        ErrorKind::InvalidArgument | ErrorKind::NotSupported
+    );
+    EngineError::StateStore {
+        message: format!("{context}: {e}"),
+        retryable,
+    }
 }
 
 fn io_err(context: impl std::fmt::Display, e: std::io::Error) -> EngineError {

@@ -217,26 +217,23 @@ impl<V: StateValue> KeyedTable<V> {
 
     /// Brings `key` into the cache if RocksDB may hold a row the cache lacks. Free (no lookup)
     /// while the cache holds the whole table.
-    fn load(&mut self, key: &[u8]) {
+    fn load(&mut self, key: &[u8]) -> Result<()> {
         let Some(b) = self.backing.as_ref() else {
-            return;
+            return Ok(());
         };
         if b.complete || self.keys.contains_key(key) {
-            return;
+            return Ok(());
         }
         let kg = key_group(hash_key(key), b.backend.max_parallelism());
-        let row = match b.backend.get(&backend::row_key(kg, b.table, key)) {
-            Ok(Some(row)) => row,
-            Ok(None) => return,
-            Err(e) => panic!("{}: {e}", self.name),
+        let Some(row) = b.backend.get(&backend::row_key(kg, b.table, key))? else {
+            return Ok(());
         };
-        let slot = match decode_row::<V>(&row) {
-            Ok(s) => s,
-            Err(e) => panic!("{}: {e}", self.name),
-        };
-        self.evict_if_full();
+        let slot =
+            decode_row::<V>(&row).map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
+        self.evict_if_full()?;
         self.entries += slot.values.len();
         self.keys.insert(key.into(), slot);
+        Ok(())
     }
 
     fn mark_dirty(backing: &mut Option<Backing>, slot: &mut Slot<V>, key: &[u8]) {
@@ -249,21 +246,22 @@ impl<V: StateValue> KeyedTable<V> {
     }
 
     /// The value at (key, ns), unless absent or expired as of `clock`.
-    pub fn get(&mut self, key: &[u8], ns: i64, clock: Watermark) -> Option<&V> {
-        self.load(key);
-        let slot = self.keys.get(key)?;
-        if Self::expired_at(self.ttl, slot, clock) {
-            return None;
-        }
-        slot.values.get(ns)
+    pub fn get(&mut self, key: &[u8], ns: i64, clock: Watermark) -> Result<Option<&V>> {
+        self.load(key)?;
+        Ok(self
+            .keys
+            .get(key)
+            .filter(|slot| !Self::expired_at(self.ttl, slot, clock))
+            .and_then(|slot| slot.values.get(ns)))
     }
 
     /// Whether the key has any live value as of `clock`.
-    pub fn contains_key(&mut self, key: &[u8], clock: Watermark) -> bool {
-        self.load(key);
-        self.keys
+    pub fn contains_key(&mut self, key: &[u8], clock: Watermark) -> Result<bool> {
+        self.load(key)?;
+        Ok(self
+            .keys
             .get(key)
-            .is_some_and(|s| !Self::expired_at(self.ttl, s, clock) && !s.values.is_empty())
+            .is_some_and(|s| !Self::expired_at(self.ttl, s, clock) && !s.values.is_empty()))
     }
 
     /// Applies `f` to the value at (key, ns), creating it with `init` if absent; touches the key
@@ -276,9 +274,9 @@ impl<V: StateValue> KeyedTable<V> {
         clock: Watermark,
         init: impl FnOnce() -> V,
         f: impl FnOnce(&mut V) -> R,
-    ) -> R {
+    ) -> Result<R> {
         let ttl = self.ttl;
-        self.load(key);
+        self.load(key)?;
         // one lookup finds the key or makes room for it
         let (slot, fresh) = match self.keys.entry_ref(key) {
             hashbrown::hash_map::EntryRef::Occupied(e) => (e.into_mut(), false),
@@ -314,10 +312,10 @@ impl<V: StateValue> KeyedTable<V> {
         let r = f(v);
         if fresh {
             // after the write, so eviction (which flushes first) cannot lose it
-            self.evict_if_full();
+            self.evict_if_full()?;
         }
-        self.bound_dirty();
-        r
+        self.bound_dirty()?;
+        Ok(r)
     }
 
     /// Drops a key from memory once it holds nothing. If RocksDB holds a row for it, the empty
@@ -338,28 +336,30 @@ impl<V: StateValue> KeyedTable<V> {
     }
 
     /// Removes the value at (key, ns); drops the key when it has no values left.
-    pub fn remove(&mut self, key: &[u8], ns: i64) -> Option<V> {
-        self.load(key);
-        let slot = self.keys.get_mut(key)?;
+    pub fn remove(&mut self, key: &[u8], ns: i64) -> Result<Option<V>> {
+        self.load(key)?;
+        let Some(slot) = self.keys.get_mut(key) else {
+            return Ok(None);
+        };
         let v = slot.values.remove(ns);
         if v.is_some() {
             self.entries -= 1;
             Self::mark_dirty(&mut self.backing, slot, key);
         }
         self.drop_if_empty(key);
-        self.bound_dirty();
-        v
+        self.bound_dirty()?;
+        Ok(v)
     }
 
     /// Removes every value of a key.
-    pub fn remove_key(&mut self, key: &[u8]) {
-        self.load(key);
+    pub fn remove_key(&mut self, key: &[u8]) -> Result<()> {
+        self.load(key)?;
         if let Some(slot) = self.keys.get_mut(key) {
             self.entries -= slot.values.len();
             slot.values.clear();
             self.drop_if_empty(key);
         }
-        self.bound_dirty();
+        self.bound_dirty()
     }
 
     /// The live values of a key with namespaces in `range`, in namespace order.
@@ -368,19 +368,19 @@ impl<V: StateValue> KeyedTable<V> {
         key: &[u8],
         range: impl RangeBounds<i64>,
         clock: Watermark,
-    ) -> impl Iterator<Item = (i64, &'a V)> + 'a {
-        self.load(key);
+    ) -> Result<impl Iterator<Item = (i64, &'a V)> + 'a> {
+        self.load(key)?;
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
         let ttl = self.ttl;
         let slot = self
             .keys
             .get(key)
             .filter(|s| !Self::expired_at(ttl, s, clock));
-        slot.into_iter().flat_map(move |s| {
+        Ok(slot.into_iter().flat_map(move |s| {
             s.values.0[s.values.bounds(bounds)]
                 .iter()
                 .map(|(k, v)| (*k, v))
-        })
+        }))
     }
 
     /// Mutable access to the values of a key with namespaces in `range`.
@@ -388,23 +388,27 @@ impl<V: StateValue> KeyedTable<V> {
         &'a mut self,
         key: &[u8],
         range: impl RangeBounds<i64>,
-    ) -> impl Iterator<Item = (i64, &'a mut V)> + 'a {
-        self.load(key);
+    ) -> Result<impl Iterator<Item = (i64, &'a mut V)> + 'a> {
+        self.load(key)?;
         if let Some(s) = self.keys.get_mut(key) {
             Self::mark_dirty(&mut self.backing, s, key);
         }
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
-        self.keys.get_mut(key).into_iter().flat_map(move |s| {
+        Ok(self.keys.get_mut(key).into_iter().flat_map(move |s| {
             let r = s.values.bounds(bounds);
             s.values.0[r].iter_mut().map(|(k, v)| (*k, v))
-        })
+        }))
     }
 
     /// Removes and returns the values of a key with namespaces in `range`.
-    pub fn drain_range(&mut self, key: &[u8], range: impl RangeBounds<i64>) -> Vec<(i64, V)> {
-        self.load(key);
+    pub fn drain_range(
+        &mut self,
+        key: &[u8],
+        range: impl RangeBounds<i64>,
+    ) -> Result<Vec<(i64, V)>> {
+        self.load(key)?;
         let Some(slot) = self.keys.get_mut(key) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let r = slot
             .values
@@ -415,19 +419,19 @@ impl<V: StateValue> KeyedTable<V> {
             Self::mark_dirty(&mut self.backing, slot, key);
         }
         self.drop_if_empty(key);
-        self.bound_dirty();
-        out
+        self.bound_dirty()?;
+        Ok(out)
     }
 
     /// Deletes keys whose TTL passed as of `clock`; returns how many keys were deleted, with the
     /// values they held (operators that must report expiring state, such as unmatched join rows,
     /// use them; others drop them).
-    pub fn expire(&mut self, clock: Watermark) -> Vec<Expired<V>> {
+    pub fn expire(&mut self, clock: Watermark) -> Result<Vec<Expired<V>>> {
         if let Some(b) = &self.backing {
             b.backend.advance_clock(clock.0);
         }
         let Some(ttl) = self.ttl else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let mut expired = Vec::new();
         while let Some(Reverse((deadline, _))) = self.deadlines.peek() {
@@ -435,7 +439,7 @@ impl<V: StateValue> KeyedTable<V> {
                 break;
             }
             let Reverse((_, key)) = self.deadlines.pop().expect("peeked");
-            self.load(&key);
+            self.load(&key)?;
             let Some(slot) = self.keys.get_mut(&key) else {
                 continue;
             };
@@ -453,8 +457,8 @@ impl<V: StateValue> KeyedTable<V> {
                 self.deadlines.push(Reverse((due, key)));
             }
         }
-        self.bound_dirty();
-        expired
+        self.bound_dirty()?;
+        Ok(expired)
     }
 
     /// Writes every dirty key to the backend (called before a snapshot and when evicting).
@@ -500,27 +504,23 @@ impl<V: StateValue> KeyedTable<V> {
 
     /// Keeps the list of dirty keys bounded: once it holds twice the cache size, writes them
     /// (a job without checkpoints still spills to RocksDB, and memory stays bounded).
-    fn bound_dirty(&mut self) {
-        if let Some(b) = &self.backing
-            && b.dirty.len() > 2 * b.backend.cache_keys()
-            && let Err(e) = self.flush()
-        {
-            panic!("{e}");
+    fn bound_dirty(&mut self) -> Result<()> {
+        match &self.backing {
+            Some(b) if b.dirty.len() > 2 * b.backend.cache_keys() => self.flush(),
+            _ => Ok(()),
         }
     }
 
     /// When a new key filled the cache: writes dirty keys, then drops a quarter of the cache.
-    fn evict_if_full(&mut self) {
+    fn evict_if_full(&mut self) -> Result<()> {
         let Some(b) = self.backing.as_ref() else {
-            return;
+            return Ok(());
         };
         let cap = b.backend.cache_keys();
         if self.keys.len() < cap {
-            return;
+            return Ok(());
         }
-        if let Err(e) = self.flush() {
-            panic!("{e}");
-        }
+        self.flush()?;
         let mut drop_n = self.keys.len() - cap * 3 / 4;
         let mut dropped_entries = 0;
         self.keys.retain(|_, s| {
@@ -536,6 +536,7 @@ impl<V: StateValue> KeyedTable<V> {
         if let Some(b) = self.backing.as_mut() {
             b.complete = false;
         }
+        Ok(())
     }
 
     /// Every key in memory with its values, in no particular order (tests and diagnostics).
@@ -684,40 +685,46 @@ mod tests {
     #[test]
     fn ttl_hides_then_deletes_and_touch_extends() {
         let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(100)));
-        t.update(b"a", 0, 1000, Watermark::MIN, || 0, |v| *v += 1);
-        t.update(b"b", 0, 1000, Watermark::MIN, || 0, |v| *v += 1);
+        t.update(b"a", 0, 1000, Watermark::MIN, || 0, |v| *v += 1)
+            .unwrap();
+        t.update(b"b", 0, 1000, Watermark::MIN, || 0, |v| *v += 1)
+            .unwrap();
         // b is touched again later: its deadline moves
-        t.update(b"b", 0, 1050, Watermark(1000), || 0, |v| *v += 1);
-        assert_eq!(t.get(b"a", 0, Watermark(1099)), Some(&1));
+        t.update(b"b", 0, 1050, Watermark(1000), || 0, |v| *v += 1)
+            .unwrap();
+        assert_eq!(t.get(b"a", 0, Watermark(1099)).unwrap(), Some(&1));
         assert_eq!(
-            t.get(b"a", 0, Watermark(1100)),
+            t.get(b"a", 0, Watermark(1100)).unwrap(),
             None,
             "expired at touched + ttl"
         );
-        let gone = t.expire(Watermark(1100));
+        let gone = t.expire(Watermark(1100)).unwrap();
         assert_eq!(gone.len(), 1);
         assert_eq!(&*gone[0].0, b"a");
-        assert_eq!(t.get(b"b", 0, Watermark(1100)), Some(&2));
-        assert_eq!(t.expire(Watermark(1149)).len(), 0);
-        assert_eq!(t.expire(Watermark(1150)).len(), 1);
+        assert_eq!(t.get(b"b", 0, Watermark(1100)).unwrap(), Some(&2));
+        assert_eq!(t.expire(Watermark(1149)).unwrap().len(), 0);
+        assert_eq!(t.expire(Watermark(1150)).unwrap().len(), 1);
         assert!(t.is_empty());
     }
 
     #[test]
     fn expired_key_starts_over_on_update() {
         let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(10)));
-        t.update(b"k", 0, 0, Watermark::MIN, || 0, |v| *v += 5);
-        let v = t.update(
-            b"k",
-            0,
-            20,
-            Watermark(15),
-            || 0,
-            |v| {
-                *v += 1;
-                *v
-            },
-        );
+        t.update(b"k", 0, 0, Watermark::MIN, || 0, |v| *v += 5)
+            .unwrap();
+        let v = t
+            .update(
+                b"k",
+                0,
+                20,
+                Watermark(15),
+                || 0,
+                |v| {
+                    *v += 1;
+                    *v
+                },
+            )
+            .unwrap();
         assert_eq!(v, 1);
         assert_eq!(t.len(), 1);
     }
@@ -726,16 +733,18 @@ mod tests {
     fn namespaces_range_and_drain() {
         let mut t: KeyedTable<String> = KeyedTable::new("t", None);
         for ns in [30, 10, 20] {
-            t.update(b"k", ns, 0, Watermark::MIN, || "x".into(), |_| ());
+            t.update(b"k", ns, 0, Watermark::MIN, || "x".into(), |_| ())
+                .unwrap();
         }
         let got: Vec<i64> = t
             .range(b"k", 10..30, Watermark::MIN)
+            .unwrap()
             .map(|(ns, _)| ns)
             .collect();
         assert_eq!(got, vec![10, 20]);
-        assert_eq!(t.drain_range(b"k", ..=20).len(), 2);
+        assert_eq!(t.drain_range(b"k", ..=20).unwrap().len(), 2);
         assert_eq!(t.len(), 1);
-        t.remove(b"k", 30);
+        t.remove(b"k", 30).unwrap();
         assert_eq!(t.key_count(), 0);
     }
 
@@ -780,7 +789,8 @@ mod tests {
             for ns in 0..3 {
                 t.update(&key(i), ns, 0, Watermark::MIN, Vec::new, |v| {
                     v.push(i as i64)
-                });
+                })
+                .unwrap();
             }
         }
         assert!(
@@ -791,6 +801,7 @@ mod tests {
         for i in 0..100u32 {
             let got: Vec<(i64, Vec<i64>)> = t
                 .range(&key(i), .., Watermark::MIN)
+                .unwrap()
                 .map(|(ns, v)| (ns, v.clone()))
                 .collect();
             assert_eq!(
@@ -800,18 +811,20 @@ mod tests {
         }
         // removals reach RocksDB too; a key removed and written again before the flush starts
         // empty rather than with its old row
-        t.remove_key(&key(7));
-        assert!(t.get(&key(7), 0, Watermark::MIN).is_none());
-        t.remove_key(&key(9));
-        t.update(&key(9), 5, 0, Watermark::MIN, Vec::new, |v| v.push(-1));
+        t.remove_key(&key(7)).unwrap();
+        assert!(t.get(&key(7), 0, Watermark::MIN).unwrap().is_none());
+        t.remove_key(&key(9)).unwrap();
+        t.update(&key(9), 5, 0, Watermark::MIN, Vec::new, |v| v.push(-1))
+            .unwrap();
         let nine: Vec<i64> = t
             .range(&key(9), .., Watermark::MIN)
+            .unwrap()
             .map(|(ns, _)| ns)
             .collect();
         assert_eq!(nine, vec![5], "no namespace of the removed row comes back");
         t.flush().unwrap();
-        assert!(t.get(&key(7), 0, Watermark::MIN).is_none());
-        assert_eq!(t.get(&key(8), 2, Watermark::MIN), Some(&vec![8]));
+        assert!(t.get(&key(7), 0, Watermark::MIN).unwrap().is_none());
+        assert_eq!(t.get(&key(8), 2, Watermark::MIN).unwrap(), Some(&vec![8]));
     }
 
     #[test]
@@ -830,8 +843,9 @@ mod tests {
         let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
         t.attach(&backend).unwrap();
         for i in 0..500u32 {
-            t.update(&key(i), 0, 0, Watermark::MIN, || 0, |v| *v += 1);
-            t.remove_key(&key(i));
+            t.update(&key(i), 0, 0, Watermark::MIN, || 0, |v| *v += 1)
+                .unwrap();
+            t.remove_key(&key(i)).unwrap();
         }
         assert_eq!(
             t.keys.len(),
@@ -860,7 +874,8 @@ mod tests {
             for i in 0..200u32 {
                 let k = key(i);
                 if range.contains(KeyedTable::<u64>::key_groups_of(&k, 128)) {
-                    t.update(&k, 0, 0, Watermark::MIN, || 0, |v| *v = i as u64);
+                    t.update(&k, 0, 0, Watermark::MIN, || 0, |v| *v = i as u64)
+                        .unwrap();
                     timers.register(i as i64, &k);
                     timers_expected += 1;
                 }
@@ -904,7 +919,7 @@ mod tests {
             for i in 0..200u32 {
                 let k = key(i);
                 let mine = range.contains(KeyedTable::<u64>::key_groups_of(&k, 128));
-                let got = t.get(&k, 0, Watermark::MIN).copied();
+                let got = t.get(&k, 0, Watermark::MIN).unwrap().copied();
                 assert_eq!(got, mine.then_some(i as u64), "key {i} in subtask {sub}");
                 seen += mine as u32;
             }
@@ -923,8 +938,10 @@ mod tests {
             Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
         let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(100)));
         t.attach(&backend).unwrap();
-        t.update(b"a", 0, 1000, Watermark::MIN, || 1, |_| ());
-        t.update(b"b", 0, 1050, Watermark::MIN, || 2, |_| ());
+        t.update(b"a", 0, 1000, Watermark::MIN, || 1, |_| ())
+            .unwrap();
+        t.update(b"b", 0, 1050, Watermark::MIN, || 2, |_| ())
+            .unwrap();
         t.flush().unwrap();
         let snap = dir.path().join("snap");
         backend.checkpoint(&snap).unwrap();
@@ -940,10 +957,14 @@ mod tests {
         );
         let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(100)));
         t.attach(&restored).unwrap();
-        assert_eq!(t.get(b"a", 0, Watermark(1099)), Some(&1));
-        assert_eq!(t.get(b"a", 0, Watermark(1100)), None, "expired on read");
-        let gone = t.expire(Watermark(1100));
+        assert_eq!(t.get(b"a", 0, Watermark(1099)).unwrap(), Some(&1));
+        assert_eq!(
+            t.get(b"a", 0, Watermark(1100)).unwrap(),
+            None,
+            "expired on read"
+        );
+        let gone = t.expire(Watermark(1100)).unwrap();
         assert_eq!(gone.len(), 1, "restored deadlines fire");
-        assert_eq!(t.get(b"b", 0, Watermark(1100)), Some(&2));
+        assert_eq!(t.get(b"b", 0, Watermark(1100)).unwrap(), Some(&2));
     }
 }

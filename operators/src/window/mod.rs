@@ -214,29 +214,29 @@ impl WindowOperator {
     }
 
     /// The merged accumulators of window `[start, end)` for `key` (sliced windows).
-    fn window_accs(&mut self, key: &[u8], start: i64, end: i64) -> Option<Accs> {
+    fn window_accs(&mut self, key: &[u8], start: i64, end: i64) -> Result<Option<Accs>> {
         let mut out: Option<Accs> = None;
         let aggs = &self.plan.aggs;
         let parts = self
             .slices
-            .range(key, start..end, Watermark::MIN)
+            .range(key, start..end, Watermark::MIN)?
             .flat_map(|(_, parts)| parts.iter());
         for (_, accs) in parts.filter(|(first_end, _)| *first_end <= end) {
             merge_into(aggs, &mut out, accs);
         }
-        out
+        Ok(out)
     }
 
     /// Fires window `[end - size, end)` of `key`. Without lateness, the window's first slice is
     /// covered by no later window, so it is taken out of state instead of copied.
-    fn fire_sliced(&mut self, key: &[u8], size: i64, slide: i64, end: i64) -> Option<Accs> {
+    fn fire_sliced(&mut self, key: &[u8], size: i64, slide: i64, end: i64) -> Result<Option<Accs>> {
         let start = end - size;
         if self.plan.lateness > 0 {
             return self.window_accs(key, start, end);
         }
-        let first = self.slices.remove(key, start);
+        let first = self.slices.remove(key, start)?;
         let mut out = if size > slide {
-            self.window_accs(key, start + slide, end)
+            self.window_accs(key, start + slide, end)?
         } else {
             None
         };
@@ -250,7 +250,7 @@ impl WindowOperator {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     fn emit_rows(&self, rows: Vec<Fired>, out: &mut dyn Output) -> Result<()> {
@@ -330,7 +330,7 @@ impl WindowOperator {
                         }
                     };
                     aggregate::update(aggs, &mut parts[i].1, inputs, readers, row);
-                });
+                })?;
             let mut end = first_end;
             while end <= last_end {
                 if w >= end - 1 {
@@ -349,17 +349,17 @@ impl WindowOperator {
         }
         let mut updated: Vec<(StateKey, i64)> = updated.into_iter().collect();
         updated.sort_unstable();
-        let fired = updated
-            .into_iter()
-            .filter_map(|(key, end)| {
-                self.window_accs(&key, end - size, end).map(|accs| Fired {
+        let mut fired = Vec::with_capacity(updated.len());
+        for (key, end) in updated {
+            if let Some(accs) = self.window_accs(&key, end - size, end)? {
+                fired.push(Fired {
                     key,
                     start: end - size,
                     end,
                     accs,
-                })
-            })
-            .collect();
+                });
+            }
+        }
         Ok((late, fired))
     }
 
@@ -387,7 +387,7 @@ impl WindowOperator {
             // Sessions this record touches: start < t + gap and end > t.
             let touching: Vec<i64> = self
                 .sessions
-                .range(&key, ..t + gap, Watermark::MIN)
+                .range(&key, ..t + gap, Watermark::MIN)?
                 .filter(|(_, s)| s.end > t)
                 .map(|(start, _)| start)
                 .collect();
@@ -398,7 +398,7 @@ impl WindowOperator {
             };
             aggregate::update(&self.plan.aggs, &mut session.accs, inputs, readers, row);
             for s in touching {
-                let old = self.sessions.remove(&key, s).expect("listed above");
+                let old = self.sessions.remove(&key, s)?.expect("listed above");
                 start = start.min(s);
                 session.end = session.end.max(old.end);
                 for ((d, a), b) in self
@@ -413,7 +413,7 @@ impl WindowOperator {
             }
             let end = session.end;
             self.sessions
-                .update(&key, start, t, Watermark::MIN, || session, |_| ());
+                .update(&key, start, t, Watermark::MIN, || session, |_| ())?;
             if w >= end - 1 {
                 updated.push((key.clone(), start));
             } else {
@@ -424,18 +424,18 @@ impl WindowOperator {
         }
         updated.sort_unstable();
         updated.dedup();
-        let fired = updated
-            .into_iter()
-            .filter_map(|(key, start)| {
-                let s = self.sessions.get(&key, start, Watermark::MIN)?.clone();
-                Some(Fired {
+        let mut fired = Vec::with_capacity(updated.len());
+        for (key, start) in updated {
+            if let Some(s) = self.sessions.get(&key, start, Watermark::MIN)? {
+                let s = s.clone();
+                fired.push(Fired {
                     key,
                     start,
                     end: s.end,
                     accs: s.accs,
-                })
-            })
-            .collect();
+                });
+            }
+        }
         Ok((late, fired))
     }
 }
@@ -501,7 +501,7 @@ impl Operator for WindowOperator {
             for key in keys {
                 match self.plan.kind {
                     WindowKind::Sliced { size, slide } => {
-                        if let Some(accs) = self.fire_sliced(&key, size, slide, end) {
+                        if let Some(accs) = self.fire_sliced(&key, size, slide, end)? {
                             rows.push(Fired {
                                 key,
                                 start: end - size,
@@ -514,7 +514,7 @@ impl Operator for WindowOperator {
                         // the session that ends here, if it was not merged into a longer one
                         let hit = self
                             .sessions
-                            .range(&key, .., Watermark::MIN)
+                            .range(&key, .., Watermark::MIN)?
                             .find(|(_, s)| s.end == end)
                             .map(|(st, s)| (st, s.accs.clone()));
                         if let Some((start, accs)) = hit {
@@ -537,17 +537,17 @@ impl Operator for WindowOperator {
                     WindowKind::Sliced { size, .. } => {
                         // slices whose last window's lateness bound is t: start <= t + 1 - lateness - size
                         let last_start = (t + 1).saturating_sub(lateness) - size;
-                        self.slices.drain_range(&key, ..=last_start);
+                        self.slices.drain_range(&key, ..=last_start)?;
                     }
                     WindowKind::Session { .. } => {
                         let done: Vec<i64> = self
                             .sessions
-                            .range(&key, .., Watermark::MIN)
+                            .range(&key, .., Watermark::MIN)?
                             .filter(|(_, s)| (s.end - 1).saturating_add(lateness) <= t)
                             .map(|(st, _)| st)
                             .collect();
                         for st in done {
-                            self.sessions.remove(&key, st);
+                            self.sessions.remove(&key, st)?;
                         }
                     }
                 }
