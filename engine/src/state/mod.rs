@@ -776,6 +776,50 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_state_read_is_a_retryable_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let db = dir.path().join("db");
+        let backend =
+            Arc::new(KeyedBackend::open(&db, &config(dir.path(), 10), range, 128).unwrap());
+        let mut t: KeyedTable<Vec<i64>> = KeyedTable::new("t", None);
+        t.attach(&backend).unwrap();
+        for i in 0..200u32 {
+            t.update(&key(i), 0, 0, Watermark::MIN, Vec::new, |v| {
+                v.push(i as i64)
+            })
+            .unwrap();
+        }
+        t.flush().unwrap();
+        // the rows reach SST files, which a failing disk then garbles under RocksDB
+        backend.checkpoint(&dir.path().join("snap")).unwrap();
+        let mut garbled = 0;
+        for e in std::fs::read_dir(&db).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "sst") {
+                let len = std::fs::metadata(&p).unwrap().len() as usize;
+                let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+                std::io::Write::write_all(&mut f, &vec![0xa5; len]).unwrap();
+                garbled += 1;
+            }
+        }
+        assert!(garbled > 0, "no SST file was written");
+        let failed = (0..200u32)
+            .filter_map(|i| t.get(&key(i), 0, Watermark::MIN).err())
+            .collect::<Vec<_>>();
+        assert!(
+            !failed.is_empty(),
+            "every read succeeded from garbled files"
+        );
+        for e in &failed {
+            assert!(
+                matches!(e, EngineError::StateStore { .. }) && e.is_retryable(),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
     fn rocksdb_table_evicts_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
         let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
