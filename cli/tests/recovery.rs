@@ -187,6 +187,111 @@ fn referenced_files(m: &serde_json::Value) -> Vec<String> {
     files
 }
 
+/// A job killed once two of its checkpoints hold keyed state, with a file that only the newest
+/// checkpoint references picked out for damage.
+struct Killed {
+    work: tempfile::TempDir,
+    a: Vec<String>,
+    root: std::path::PathBuf,
+    newest: String,
+    older: String,
+    victim: String,
+}
+
+impl Killed {
+    fn new(name: &str) -> Killed {
+        let mut rng = Rng::new();
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let checkpoints = work.path().join("checkpoints");
+        let root = checkpoints.join(name);
+        let mut a = args(name, 1, &out, &checkpoints.display().to_string(), 4.0);
+        a.extend(["--set".into(), "checkpointing.retain=5".into()]);
+        a.extend(["--listen".into(), "off".into()]);
+        let mut child = freshet()
+            .args(&a)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            std::thread::sleep(Duration::from_millis(200 + rng.below(200)));
+            let done = std::fs::read_dir(&root).is_ok()
+                && completed(&root)
+                    .iter()
+                    .filter(|(_, m)| referenced_files(m).iter().any(|f| f.ends_with(".sst")))
+                    .count()
+                    >= 2;
+            if done {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no two checkpoints with state"
+            );
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the job ended too soon"
+            );
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let all = completed(&root);
+        let (newest, m) = all.last().unwrap().clone();
+        let (older, older_m) = all[all.len() - 2].clone();
+        // an SST only the newest references, else its own MANIFEST
+        let older_files = referenced_files(&older_m);
+        let files = referenced_files(&m);
+        let victim = files
+            .iter()
+            .find(|f| f.ends_with(".sst") && !older_files.contains(f))
+            .or_else(|| files.iter().find(|f| f.starts_with(newest.as_str())))
+            .unwrap()
+            .clone();
+        eprintln!("damaging {victim} of {newest}; {older} is the one before it");
+        Killed {
+            work,
+            a,
+            root,
+            newest,
+            older,
+            victim,
+        }
+    }
+
+    fn command(&self) -> std::process::Command {
+        let mut c = freshet();
+        c.args(&self.a);
+        c
+    }
+
+    /// Runs the job again: it must restore from the checkpoint before the damaged one and
+    /// finish with exactly the expected output. Returns its stderr.
+    fn recovers(&self, name: &str) -> String {
+        let o = self.command().env("FRESHET_LOG", "info").output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{stderr}");
+        // the first attempt says "restoring from", a restart says where it was deployed from
+        let older = self.root.join(&self.older).display().to_string();
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(&older)
+                    && (l.contains("restoring from") || l.contains("deploying"))),
+            "not restored from {}:\n{stderr}",
+            self.older
+        );
+        check_output(
+            name,
+            &self.work.path().join("out"),
+            "after a damaged checkpoint",
+        );
+        stderr
+    }
+}
+
 /// A file of the newest checkpoint is emptied after a kill (as a failing disk or a bad copy
 /// would leave it). An explicit restore of that checkpoint is refused with the file named and
 /// a usable checkpoint proposed; a plain restart verifies the checkpoint, reports it, restores
@@ -194,65 +299,11 @@ fn referenced_files(m: &serde_json::Value) -> Vec<String> {
 #[test]
 fn a_damaged_checkpoint_gives_way_to_the_one_before_it() {
     let name = "orders-paid";
-    let mut rng = Rng::new();
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let checkpoints = work.path().join("checkpoints");
-    let root = checkpoints.join(name);
-    let mut a = args(name, 1, &out, &checkpoints.display().to_string(), 4.0);
-    a.extend(["--set".into(), "checkpointing.retain=5".into()]);
-    let command = || {
-        let mut c = freshet();
-        c.args(&a).args(["--listen", "off"]);
-        c
-    };
-    // run until at least two checkpoints hold keyed state, then kill
-    let mut child = command()
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        std::thread::sleep(Duration::from_millis(200 + rng.below(200)));
-        let done = std::fs::read_dir(&root).is_ok()
-            && completed(&root)
-                .iter()
-                .filter(|(_, m)| referenced_files(m).iter().any(|f| f.ends_with(".sst")))
-                .count()
-                >= 2;
-        if done {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no two checkpoints with state"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the job ended too soon"
-        );
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let all = completed(&root);
-    let (newest, m) = all.last().unwrap();
-    let (older, older_m) = &all[all.len() - 2];
-    // an SST only the newest references, else its own MANIFEST
-    let older_files = referenced_files(older_m);
-    let files = referenced_files(m);
-    let victim = files
-        .iter()
-        .find(|f| f.ends_with(".sst") && !older_files.contains(f))
-        .or_else(|| files.iter().find(|f| f.starts_with(newest.as_str())))
-        .unwrap()
-        .clone();
-    eprintln!("emptying {victim} of {newest}; {older} is the one before it");
-    std::fs::write(root.join(&victim), b"").unwrap();
-
-    let o = command()
-        .args(["--restore", &root.join(newest).display().to_string()])
+    let k = Killed::new(name);
+    std::fs::write(k.root.join(&k.victim), b"").unwrap();
+    let o = k
+        .command()
+        .args(["--restore", &k.root.join(&k.newest).display().to_string()])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -261,20 +312,31 @@ fn a_damaged_checkpoint_gives_way_to_the_one_before_it() {
         "a damaged checkpoint was restored:\n{stderr}"
     );
     assert!(
-        stderr.contains(&victim) && stderr.contains("recorded") && stderr.contains(older.as_str()),
+        stderr.contains(&k.victim) && stderr.contains("recorded") && stderr.contains(&k.older),
         "the refusal does not name the file and a usable checkpoint:\n{stderr}"
     );
-
-    let o = command().output().unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let stderr = k.recovers(name);
     assert!(
-        stderr.contains("cannot be restored") && stderr.contains(&victim),
+        stderr.contains("cannot be restored") && stderr.contains(&k.victim),
         "the damaged checkpoint was not reported:\n{stderr}"
     );
+}
+
+/// One byte of a file of the newest checkpoint is changed (its size stays): the checksum finds
+/// it while the file is downloaded, the attempt fails, and the restart uses the checkpoint
+/// before it; the output is exactly the expected one.
+#[test]
+fn a_changed_byte_is_found_on_restore_and_the_one_before_is_used() {
+    let name = "orders-paid";
+    let k = Killed::new(name);
+    let path = k.root.join(&k.victim);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&path, bytes).unwrap();
+    let stderr = k.recovers(name);
     assert!(
-        stderr.contains(&format!("restoring from {}", root.join(older).display())),
-        "not restored from {older}:\n{stderr}"
+        stderr.contains("is corrupt: its checksum") && stderr.contains("restarts will not use it"),
+        "the damaged file was not reported:\n{stderr}"
     );
-    check_output(name, &out, "after skipping a damaged checkpoint");
 }

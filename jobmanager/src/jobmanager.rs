@@ -151,6 +151,8 @@ struct Attempt {
     ended: HashSet<(usize, u32)>,
     /// First failure: message, root cause, retryable.
     failure: Option<(String, bool, bool)>,
+    /// A subtask found the restored snapshot damaged.
+    damaged_snapshot: bool,
     /// TaskManagers it runs on.
     taskmanagers: Vec<Arc<dyn TaskManagerGateway>>,
     /// When it was deployed.
@@ -167,6 +169,8 @@ struct Runtime {
     /// own (restarts resume from them).
     first_generation: Option<u64>,
     restored_from: Option<String>,
+    /// Snapshots an attempt found damaged while restoring them; no restart uses them again.
+    damaged: HashSet<String>,
     /// Checkpoint history of the last attempt that ended (kept so that a stopped job still
     /// shows the savepoint it stopped with).
     last_history: Vec<CheckpointStats>,
@@ -585,6 +589,7 @@ impl JobManager {
                 cancel_requested: false,
                 first_generation,
                 restored_from: None,
+                damaged: HashSet::new(),
                 last_history: Vec::new(),
                 logged_wait: None,
                 restart_history: RestartHistory::default(),
@@ -688,7 +693,12 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
     };
     let span = info_span!("job", job = %entry.id, attempt = number);
     let _enter = span.enter();
-    let startup = match prepare_state(plan, &start, entry.options.allow_non_restored_state) {
+    let startup = match prepare_state(
+        plan,
+        &start,
+        entry.options.allow_non_restored_state,
+        &rt.damaged,
+    ) {
         Ok(s) => s,
         Err(e) => {
             let msg = format!("preparing state: {e}");
@@ -806,6 +816,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         total: plan.subtask_count() as usize,
         ended: HashSet::new(),
         failure: None,
+        damaged_snapshot: false,
         taskmanagers: used_tms,
         started: Instant::now(),
     });
@@ -848,6 +859,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
                         error: format!("deploying on TaskManager {}: {error}", tm.id()),
                         root_cause: true,
                         retryable: true,
+                        damaged_snapshot: false,
                     },
                 });
             }
@@ -956,6 +968,7 @@ fn lose_taskmanager(inner: &Inner, tm: &Arc<dyn TaskManagerGateway>, reason: &st
                         error: format!("TaskManager {} lost: {reason}", tm.id()),
                         root_cause: true,
                         retryable: true,
+                        damaged_snapshot: false,
                     },
                 });
             }
@@ -1023,6 +1036,7 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
                     .into(),
                 root_cause: true,
                 retryable: true,
+                damaged_snapshot: false,
             };
         }
         match state {
@@ -1041,8 +1055,10 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
                 error,
                 root_cause,
                 retryable,
+                damaged_snapshot,
             } => {
                 let a = rt.attempt.as_mut().expect("attempt");
+                a.damaged_snapshot |= damaged_snapshot;
                 let first = a.failure.is_none();
                 // a subtask that failed because its consumer went away reports a consequence;
                 // the consumer's own error, when it arrives, is the one to report
@@ -1076,7 +1092,15 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
         match a.failure {
             _ if rt.cancel_requested => end_job(&jm, &entry, &mut rt, JobState::Cancelled),
             None => end_job(&jm, &entry, &mut rt, JobState::Finished),
-            Some((msg, _, retryable)) => {
+            Some((msg, _, mut retryable)) => {
+                if a.damaged_snapshot
+                    && let Some(location) = rt.restored_from.clone()
+                {
+                    // an older checkpoint may do
+                    warn!(%location, "the restored snapshot is damaged; restarts will not use it");
+                    rt.damaged.insert(location);
+                    retryable = true;
+                }
                 let delay = if retryable {
                     let rt = &mut *rt;
                     entry.restart.next_restart(
@@ -1214,10 +1238,17 @@ fn load_named(
 fn first_usable(
     plan: &JobPlan,
     candidates: &[String],
+    known_damaged: &HashSet<String>,
     options: &SubmitOptions,
 ) -> Result<Option<RestoreSource>, SubmitError> {
     let mut damaged = Vec::new();
     for location in candidates {
+        if known_damaged.contains(location) {
+            damaged.push(format!(
+                "{location}: a file was found damaged while restoring it"
+            ));
+            continue;
+        }
         match load_verified(plan, location, options) {
             Ok(r) => return Ok(Some(r)),
             Err(Unusable::Refused(e)) => return Err(e),
@@ -1284,12 +1315,15 @@ fn prepare_state(
     plan: &JobPlan,
     start: &Start,
     allow_non_restored_state: bool,
+    damaged: &HashSet<String>,
 ) -> Result<Startup, SubmitError> {
     let spec = &plan.spec;
     let s3 = s3_options(spec).map_err(SubmitError::State)?;
     let mut checkpoints = None;
     // the job's own completed checkpoints to start from, newest first
     let mut own: Vec<String> = Vec::new();
+    // every completed checkpoint of the job, newest first
+    let mut all: Vec<String> = Vec::new();
     if let Some(c) = &spec.checkpointing {
         let storage = Storage::open(&c.dir, &plan.base_dir, &s3)
             .map_err(|e| SubmitError::State(format!("checkpointing.dir: {e}")))?
@@ -1326,18 +1360,17 @@ fn prepare_state(
             Start::OwnLatest { since, .. } => *since,
             _ => 0,
         };
-        own = existing
-            .iter()
-            .rev()
-            .filter(|m| m.generation >= since)
-            .map(|m| {
-                format!(
-                    "{}/{}",
-                    storage.url(),
-                    freshet_engine::checkpoint::checkpoint_dir(m.id)
-                )
-            })
-            .collect();
+        for m in existing.iter().rev() {
+            let location = format!(
+                "{}/{}",
+                storage.url(),
+                freshet_engine::checkpoint::checkpoint_dir(m.id)
+            );
+            if m.generation >= since {
+                own.push(location.clone());
+            }
+            all.push(location);
+        }
         checkpoints = Some((
             CheckpointSetup {
                 storage,
@@ -1356,11 +1389,22 @@ fn prepare_state(
     // a location the user named is used or refused
     let restore = match start {
         Start::Fresh => None,
+        Start::From(l) if damaged.contains(l) => {
+            return Err(SubmitError::State(format!(
+                "{l} cannot be restored: a file of it was found damaged while restoring it"
+            )));
+        }
         Start::From(l) => Some(load_named(plan, l, &options)?),
-        Start::Latest => first_usable(plan, &own, &options)?,
+        Start::Latest => first_usable(plan, &own, damaged, &options)?,
         Start::OwnLatest { or, .. } => {
             own.extend(or.iter().cloned());
-            first_usable(plan, &own, &options)?
+            // what the job first restored is damaged: the checkpoints before it may do
+            if let Some(or) = or.as_ref().filter(|or| damaged.contains(*or))
+                && let Some(at) = all.iter().position(|c| c == or)
+            {
+                own.extend(all[at + 1..].iter().cloned());
+            }
+            first_usable(plan, &own, damaged, &options)?
         }
     };
     let restore = restore.map(|mut r| {

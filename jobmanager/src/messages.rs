@@ -91,6 +91,8 @@ pub enum TaskState {
         root_cause: bool,
         /// Whether a restart may succeed (false for failures that would repeat).
         retryable: bool,
+        /// The snapshot this attempt restored is damaged: restarts must not use it.
+        damaged_snapshot: bool,
     },
     /// Stopped because the job was cancelled.
     Cancelled,

@@ -70,10 +70,12 @@ pub fn event_to_proto(ev: &TaskEvent) -> pb::TaskEvent {
             error,
             root_cause,
             retryable,
+            damaged_snapshot,
         } => task_event::State::Failed(pb::TaskFailed {
             error: error.clone(),
             root_cause: *root_cause,
             retryable: *retryable,
+            damaged_snapshot: *damaged_snapshot,
         }),
         TaskState::Cancelled => task_event::State::Cancelled(pb::Empty {}),
         TaskState::Checkpoint(r) => task_event::State::Checkpoint(json(r)),
@@ -99,6 +101,7 @@ fn event_from_proto(ev: pb::TaskEvent) -> Result<TaskEvent, Status> {
             error: f.error,
             root_cause: f.root_cause,
             retryable: f.retryable,
+            damaged_snapshot: f.damaged_snapshot,
         },
         Some(task_event::State::Cancelled(_)) => TaskState::Cancelled,
         Some(task_event::State::Checkpoint(c)) => {
@@ -224,6 +227,7 @@ impl RemoteTaskManager {
                                     error: format!("deploying: {}", s.message()),
                                     root_cause: true,
                                     retryable: true,
+                                    damaged_snapshot: false,
                                 },
                             });
                         }

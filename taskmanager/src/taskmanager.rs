@@ -481,6 +481,7 @@ impl TaskManagerGateway for TaskManager {
                     Err(e) => TaskState::Failed {
                         root_cause: !e.is_consequence(),
                         retryable: e.is_retryable(),
+                        damaged_snapshot: matches!(e, EngineError::Corrupt { .. }),
                         error: e.to_string(),
                     },
                 };
