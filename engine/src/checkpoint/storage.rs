@@ -233,7 +233,7 @@ impl Storage {
 
     /// Reads `rel`, which must exist and, where they are given, have the recorded size and
     /// [`checksum`](super::checksum): a snapshot file that does not is corrupt
-    /// ([`EngineError::Corrupt`]), and retrying cannot help.
+    /// ([`EngineError::Corrupt`]); reading it again cannot help, an older snapshot may.
     pub fn get_verified(&self, rel: &str, size: u64, sum: Option<&str>) -> Result<Bytes> {
         let corrupt = |what: String| EngineError::Corrupt {
             location: format!("{}/{rel}", self.url),
