@@ -84,15 +84,14 @@ mod tests {
         }
     }
 
+    fn local(dir: &Path) -> Storage {
+        Storage::open(dir.to_str().unwrap(), Path::new("."), &Default::default()).unwrap()
+    }
+
     #[test]
     fn missing_and_resized_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let root = Storage::open(
-            dir.path().to_str().unwrap(),
-            Path::new("."),
-            &Default::default(),
-        )
-        .unwrap();
+        let root = local(dir.path());
         root.put("shared/op/a.sst", vec![1u8; 10].into()).unwrap();
         root.put("shared/op/b.sst", vec![1u8; 10].into()).unwrap();
         root.put("chk-0000000002/op/0/MANIFEST-1", vec![1u8; 3].into())
@@ -117,12 +116,7 @@ mod tests {
     #[test]
     fn a_changed_byte_is_found_when_the_file_is_read() {
         let dir = tempfile::tempdir().unwrap();
-        let root = Storage::open(
-            dir.path().to_str().unwrap(),
-            Path::new("."),
-            &Default::default(),
-        )
-        .unwrap();
+        let root = local(dir.path());
         let data = b"sst bytes".to_vec();
         let sum = crate::checkpoint::checksum(&data);
         root.put("shared/x.sst", data.clone().into()).unwrap();
