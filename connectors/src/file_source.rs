@@ -255,12 +255,26 @@ impl FileSource {
         }
     }
 
-    /// Decodes one complete line.
     /// Decodes one whole line as read from the file. A line that is not valid UTF-8 goes to the
-    /// dead-letter output with its position (the invalid bytes shown as U+FFFD).
+    /// dead-letter output with its position (the invalid bytes shown as U+FFFD); a CSV header
+    /// that is not fails the source, since no later line could be read right without it.
     fn decode_bytes(&mut self, line: &[u8], line_no: u64) -> Result<()> {
         match std::str::from_utf8(line) {
             Ok(text) => self.decode_line(text, line_no),
+            Err(_)
+                if matches!(self.config.format, FileFormat::Csv)
+                    && self.config.header
+                    && self.open.as_ref().is_some_and(|o| o.columns.is_none()) =>
+            {
+                let path = self
+                    .open
+                    .as_ref()
+                    .map(|o| o.path.display().to_string())
+                    .unwrap_or_default();
+                Err(EngineError::Operator(format!(
+                    "{path}: header: the line is not valid UTF-8"
+                )))
+            }
             Err(e) => {
                 let text = String::from_utf8_lossy(line);
                 let text = text.trim_end_matches(['\n', '\r']).to_string();
@@ -289,6 +303,7 @@ impl FileSource {
         );
     }
 
+    /// Decodes one complete line.
     fn decode_line(&mut self, line: &str, line_no: u64) -> Result<()> {
         let text = line.trim_end_matches(['\n', '\r']);
         if text.trim().is_empty() {
@@ -543,6 +558,26 @@ mod tests {
                 ("numbers/b.jsonl".into(), 8, 1, false)
             ]
         );
+    }
+
+    /// A line that is not UTF-8 is dead-lettered; a CSV header that is not fails the source
+    /// (taking the next line as the header would misread every record).
+    #[test]
+    fn invalid_utf8_is_dead_lettered_but_a_bad_csv_header_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = source(dir.path(), &[("a.jsonl", "{\"n\":1}\n")], 0, 1);
+        assert!(s.open_next().unwrap());
+        s.decode_bytes(b"{\"n\": \"\xff\xfe\"}\n", 2).unwrap();
+        assert!(!s.dead.is_empty(), "the line was not dead-lettered");
+        assert_eq!(s.decoder.rows(), 0);
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = source(dir.path(), &[("b.csv", "n\n1\n")], 0, 1);
+        s.config.format = FileFormat::Csv;
+        s.config.header = true;
+        assert!(s.open_next().unwrap());
+        let err = s.decode_bytes(b"\xffn\n", 1).unwrap_err().to_string();
+        assert!(err.contains("header") && err.contains("UTF-8"), "{err}");
     }
 
     /// A subtask records only its own files, also after a restore that holds the positions of
