@@ -1,6 +1,6 @@
 //! Helpers of the recovery, savepoint and cluster tests: the `freshet` binary, a background
 //! process whose stderr is collected, example arguments, output checks, a moto S3 server, a
-//! seeded random source.
+//! seeded random source, and a cluster of JobManager and TaskManager processes on loopback.
 #![allow(dead_code)]
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -261,4 +261,119 @@ pub fn with_s3(c: &mut Command, s3: Option<&S3Server>) {
             .env("AWS_REGION", "us-east-1")
             .env("AWS_EC2_METADATA_DISABLED", "true");
     }
+}
+
+// ---- a cluster of processes on loopback ----
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn jobmanager(address: &str, ha: &Path) -> Proc {
+    let p = Proc::start(&[
+        "jobmanager".into(),
+        "--listen".into(),
+        address.into(),
+        "--ha-dir".into(),
+        ha.display().to_string(),
+        "--lease".into(),
+        "2s".into(),
+        "--heartbeat-interval".into(),
+        "500ms".into(),
+        "--heartbeat-timeout".into(),
+        "3s".into(),
+    ]);
+    p.wait_for("JobManager listening on");
+    p
+}
+
+pub fn taskmanager(address: &str, id: &str, state: &Path) -> Proc {
+    taskmanager_with(address, id, state, 2, &[])
+}
+
+/// A TaskManager process with `slots` slots and `extra` arguments, once it listens.
+pub fn taskmanager_with(address: &str, id: &str, state: &Path, slots: u32, extra: &[&str]) -> Proc {
+    let mut a: Vec<String> = vec![
+        "taskmanager".into(),
+        "--jobmanager".into(),
+        address.into(),
+        "--slots".into(),
+        slots.to_string(),
+        "--id".into(),
+        id.into(),
+        "--state-dir".into(),
+        state.display().to_string(),
+    ];
+    a.extend(extra.iter().map(|x| x.to_string()));
+    let p = Proc::start(&a);
+    p.wait_for("listening on");
+    p
+}
+
+/// (state, restarts) of a job, from `freshet list`; `None` while the JobManager is unreachable.
+pub fn job_state(address: &str, id: &str) -> Option<(String, u32)> {
+    let o = freshet()
+        .args(["list", "--jobmanager", address])
+        .output()
+        .unwrap();
+    if !o.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.first() == Some(&id)).then(|| (f[2].to_string(), f[3].parse().unwrap_or(0)))
+    })
+}
+
+pub fn wait_until_ended(address: &str, id: &str, procs: &[&Proc]) -> (String, u32) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some((state, restarts)) = job_state(address, id)
+            && matches!(state.as_str(), "finished" | "failed" | "cancelled")
+        {
+            return (state, restarts);
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = procs.iter().map(|p| p.log()).collect();
+            panic!("job {id} did not end; logs:\n{}", logs.join("\n----\n"));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Asserts that the JobManager deployed attempt `attempt` (or later) from a checkpoint.
+pub fn assert_restored_from_checkpoint(jm: &Proc, context: &str) {
+    let log = jm.log();
+    let restored = log
+        .lines()
+        .filter(|l| l.contains("deploying") && !l.contains("attempt=0"))
+        .find(|l| l.contains("restored_from=") && l.contains("chk-"));
+    assert!(
+        restored.is_some(),
+        "{context}: the job was not redeployed from a checkpoint:\n{log}"
+    );
+}
+
+/// Submits example `name` at parallelism 6, paced over about `seconds`; returns the job id.
+pub fn submit(name: &str, address: &str, out: &Path, checkpoints: &Path, seconds: f64) -> String {
+    let mut a = args(name, 6, out, &checkpoints.display().to_string(), seconds);
+    a[0] = "submit".into();
+    a.extend(["--set".into(), "checkpointing.interval=1s".into()]);
+    a.extend(["--jobmanager".into(), address.into()]);
+    run_submit(&a)
+}
+
+/// Runs `freshet submit ...` (`a` starts with `submit`); returns the job id it prints.
+pub fn run_submit<S: AsRef<std::ffi::OsStr>>(a: &[S]) -> String {
+    let o = freshet().args(a).output().unwrap();
+    assert!(
+        o.status.success(),
+        "submit: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }

@@ -1,0 +1,95 @@
+//! Chaos: one JobManager (with a high-availability directory) and three TaskManagers run the
+//! windowed revenue example with 1-second checkpoints while processes are SIGKILLed at random
+//! every few seconds, 30 times or more: TaskManagers (replaced at once by a new process) and
+//! the JobManager (restarted on the same address and directory, taking over the lease). Once
+//! the kills stop the job must finish, and its committed output must equal the expected output
+//! of the independent reference model. The seed is printed (`FRESHET_TEST_SEED` replays it).
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    Proc, Rng, args, check_output, free_port, job_state, jobmanager, run_submit, taskmanager,
+    wait_until_ended,
+};
+
+const KILLS: u32 = 30;
+
+#[test]
+fn a_windowed_job_survives_thirty_random_kills() {
+    let name = "revenue-per-store";
+    let mut rng = Rng::new();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let state = work.path().join("state");
+    let ha = work.path().join("ha");
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut jm = jobmanager(&address, &ha);
+    let mut tms: Vec<Proc> = (0..3)
+        .map(|i| taskmanager(&address, &format!("tm-{i}"), &state))
+        .collect();
+    let mut next_tm = tms.len();
+    // the input takes 60 s to read undisturbed; restarts come often and quickly
+    let id = submit_with_restarts(name, &address, &out, &work, 60.0);
+    jm.wait_for("checkpoint completed");
+    let mut kills = (0, 0); // (TaskManagers, JobManagers)
+    let started = Instant::now();
+    while kills.0 + kills.1 < KILLS {
+        std::thread::sleep(Duration::from_millis(1500 + rng.below(1500)));
+        assert!(
+            job_state(&address, &id).is_none_or(|(s, _)| s != "finished"),
+            "the job finished after {} kills; give it more input",
+            kills.0 + kills.1
+        );
+        if rng.below(5) == 0 {
+            jm.kill();
+            jm = jobmanager(&address, &ha);
+            kills.1 += 1;
+        } else {
+            let victim = rng.below(tms.len() as u64) as usize;
+            tms[victim].kill();
+            tms[victim] = taskmanager(&address, &format!("tm-{next_tm}"), &state);
+            next_tm += 1;
+            kills.0 += 1;
+        }
+    }
+    eprintln!(
+        "{} TaskManager and {} JobManager kills in {:?}",
+        kills.0,
+        kills.1,
+        started.elapsed()
+    );
+    let mut procs: Vec<&Proc> = tms.iter().collect();
+    procs.push(&jm);
+    let (state_name, _) = wait_until_ended(&address, &id, &procs);
+    assert_eq!(state_name, "finished", "{}", jm.log());
+    check_output(name, &out, &format!("{name} after {KILLS} random kills"));
+}
+
+/// Submits `name` at parallelism 4 (so a job that lost a TaskManager still fits while its
+/// replacement starts) with a restart strategy that allows the chaos.
+fn submit_with_restarts(
+    name: &str,
+    address: &str,
+    out: &std::path::Path,
+    work: &tempfile::TempDir,
+    seconds: f64,
+) -> String {
+    let mut a = args(
+        name,
+        4,
+        out,
+        &work.path().join("checkpoints").display().to_string(),
+        seconds,
+    );
+    a[0] = "submit".into();
+    for set in [
+        "checkpointing.interval=1s",
+        "restart={strategy: fixed-delay, attempts: 10000, delay: 200ms}",
+    ] {
+        a.extend(["--set".into(), set.into()]);
+    }
+    a.extend(["--jobmanager".into(), address.into()]);
+    run_submit(&a)
+}
