@@ -12,6 +12,8 @@
 //!   submitted (`--fresh`), not from checkpoints its directory already held.
 //! - A subtask stuck where cancellation cannot reach it makes its TaskManager exit after the
 //!   cancellation timeout, so the job does not hang in cancellation.
+//! - A TaskManager frozen with SIGSTOP past the heartbeat timeout, resumed after the job
+//!   restarted elsewhere, does not disturb the restarted job or its checkpoints.
 //! - Cancelling a job that waits for slots through the HTTP API leaves the JobManager serving
 //!   and scheduling.
 //! - S3 credentials given as references reach the processes that use them, and a planted
@@ -555,4 +557,82 @@ fn secrets_are_referenced_never_stored_logged_or_shown() {
         !stderr.contains(SECRET),
         "the refusal repeats the secret: {stderr}"
     );
+}
+
+fn signal(p: &Proc, sig: i32) {
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped
+    let rc = unsafe { libc::kill(p.pid() as i32, sig) };
+    assert_eq!(rc, 0, "kill({}, {sig})", p.pid());
+}
+
+/// A TaskManager is frozen with SIGSTOP past the heartbeat timeout: the JobManager declares it
+/// lost and restarts the job on the other two. Once the restarted attempt has completed a
+/// checkpoint, the frozen TaskManager is resumed with its subtasks of the old attempt still in
+/// their threads; then another TaskManager is SIGKILLed, so the job restores again, from
+/// checkpoints taken while the zombie was awake. The output must still be exactly the expected
+/// one, and no checkpoint may be found damaged.
+#[test]
+fn a_frozen_taskmanager_that_wakes_up_does_not_corrupt_the_restarted_job() {
+    let name = "revenue-per-store";
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let state = work.path().join("state");
+    let address = format!("127.0.0.1:{}", free_port());
+    let jm = jobmanager(&address, &work.path().join("ha"));
+    let mut tms: Vec<Proc> = (0..3)
+        .map(|i| taskmanager(&address, &format!("tm-{i}"), &state))
+        .collect();
+    let mut a = args(
+        name,
+        4,
+        &out,
+        &work.path().join("checkpoints").display().to_string(),
+        20.0,
+    );
+    a[0] = "submit".into();
+    a.extend(["--set".into(), "checkpointing.interval=500ms".into()]);
+    a.extend(["--jobmanager".into(), address.clone()]);
+    let id = run_submit(&a);
+    jm.wait_for("checkpoint completed");
+    std::thread::sleep(Duration::from_millis(1000));
+    // freeze a TaskManager that runs part of the job (with p=4 on 3x2 slots, all do)
+    signal(&tms[1], libc::SIGSTOP);
+    jm.wait_for("TaskManager lost");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !jm
+        .log()
+        .lines()
+        .any(|l| l.contains("deploying") && l.contains("attempt=1"))
+    {
+        assert!(Instant::now() < deadline, "no restart:\n{}", jm.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let completed_before = jm.log().matches("checkpoint completed").count();
+    while jm.log().matches("checkpoint completed").count() < completed_before + 2 {
+        assert!(Instant::now() < deadline, "no checkpoint after the restart");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    signal(&tms[1], libc::SIGCONT);
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(
+        job_state(&address, &id).unwrap().0,
+        "running",
+        "the job ended before the second failure; slow it down"
+    );
+    tms[0].kill();
+    tms.push(taskmanager(&address, "tm-3", &state));
+    let procs: Vec<&Proc> = tms.iter().chain([&jm]).collect();
+    let (state_name, restarts) = wait_until_ended(&address, &id, &procs);
+    assert_eq!(state_name, "finished", "{}", jm.log());
+    assert!(restarts >= 2, "{restarts} restart(s)");
+    let logs: String = procs.iter().map(|p| p.log()).collect::<Vec<_>>().join("\n");
+    assert!(!logs.contains("is corrupt"), "{logs}");
+    // the frozen one woke up to find itself forgotten, and dropped the old attempt
+    assert!(
+        tms[1].log().contains("cancelling subtasks before registering again"),
+        "{}",
+        tms[1].log()
+    );
+    check_output(name, &out, "after a frozen TaskManager woke up");
 }
