@@ -630,7 +630,9 @@ fn a_frozen_taskmanager_that_wakes_up_does_not_corrupt_the_restarted_job() {
     assert!(!logs.contains("is corrupt"), "{logs}");
     // the frozen one woke up to find itself forgotten, and dropped the old attempt
     assert!(
-        tms[1].log().contains("cancelling subtasks before registering again"),
+        tms[1]
+            .log()
+            .contains("cancelling subtasks before registering again"),
         "{}",
         tms[1].log()
     );

@@ -4,6 +4,10 @@
 //! output computed independently by `examples/reference.py` (`examples/<name>/expected/`): no
 //! record lost, none duplicated. Each case runs with checkpoints in a local directory and in a
 //! real S3-compatible server (moto, installed by `.ci/run`, started here on loopback).
+//!
+//! Also here: checkpoints damaged after the fact (an emptied file, one changed byte) give way
+//! to the one before them, and an object store that refuses every request for a while, then
+//! answers slowly, neither fails the job nor loses data (a proxy in front of moto).
 mod common;
 
 use std::process::Stdio;
@@ -339,4 +343,133 @@ fn a_changed_byte_is_found_on_restore_and_the_one_before_is_used() {
         stderr.contains("is corrupt: its checksum") && stderr.contains("restarts will not use it"),
         "the damaged file was not reported:\n{stderr}"
     );
+}
+
+/// A TCP proxy in front of the S3 server that can refuse every request with `503 Service
+/// Unavailable` or delay every connection, to stand for an object store that fails or slows.
+struct FlakyProxy {
+    endpoint: String,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    /// Requests answered with 503.
+    refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+const PASS: u8 = 0;
+const FAIL: u8 = 1;
+const SLOW: u8 = 2;
+
+impl FlakyProxy {
+    fn start(upstream: &str) -> FlakyProxy {
+        use std::sync::atomic::Ordering;
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let mode = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(PASS));
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (m, r) = (mode.clone(), refused.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let upstream = upstream.clone();
+                let mode = m.load(Ordering::Relaxed);
+                let refused = r.clone();
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let mut client = client;
+                    if mode == FAIL {
+                        let mut buf = [0u8; 4096];
+                        let _ = client.read(&mut buf);
+                        let _ = client.write_all(
+                            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        );
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    if mode == SLOW {
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                    let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                        return;
+                    };
+                    let (mut c2, mut s2) =
+                        (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    let up = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c2, &mut s2);
+                        let _ = s2.shutdown(std::net::Shutdown::Write);
+                    });
+                    let (mut server, mut client) = (server, client);
+                    let _ = std::io::copy(&mut server, &mut client);
+                    let _ = client.shutdown(std::net::Shutdown::Write);
+                    let _ = up.join();
+                });
+            }
+        });
+        FlakyProxy {
+            endpoint,
+            mode,
+            refused,
+        }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Checkpoints go to S3 through a proxy that refuses every request for 3 s, then delays every
+/// connection for 2 s: the job keeps running through it (uploads are retried, a checkpoint that
+/// cannot complete is abandoned, never half-used). It is then killed and restarted, and its
+/// output is exactly the expected one.
+#[test]
+fn a_failing_then_slow_object_store_neither_fails_the_job_nor_loses_data() {
+    let name = "orders-paid";
+    let s3 = S3Server::start();
+    let proxy = FlakyProxy::start(&s3.endpoint);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let a = args(name, 2, &out, "s3://freshet/flaky", 10.0);
+    let command = || {
+        let mut c = freshet();
+        c.args(&a)
+            .args(["--listen", "off"])
+            .args(["--set", "checkpointing.interval=300ms"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        with_s3(&mut c, Some(&s3));
+        c.env("AWS_ENDPOINT_URL", &proxy.endpoint);
+        c
+    };
+    let mut child = command().spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    proxy.set(FAIL);
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.set(SLOW);
+    std::thread::sleep(Duration::from_secs(2));
+    proxy.set(PASS);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the job ended during or right after the outage: {}",
+        {
+            let o = child.wait_with_output().unwrap();
+            String::from_utf8_lossy(&o.stderr).into_owned()
+        }
+    );
+    child.kill().unwrap();
+    let o = child.wait_with_output().unwrap();
+    let first = String::from_utf8_lossy(&o.stderr).into_owned();
+    let refused = proxy.refused.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        refused > 0,
+        "the job sent nothing to the store during the outage"
+    );
+    eprintln!("{refused} object store requests were refused");
+    let o = command().output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{first}\n----\n{stderr}");
+    assert!(
+        stderr.contains("restoring from s3://freshet/flaky"),
+        "the second run did not restore:\n{stderr}"
+    );
+    check_output(name, &out, "after an object store outage");
 }
