@@ -7,7 +7,8 @@
 //!
 //! Also here: checkpoints damaged after the fact (an emptied file, one changed byte) give way
 //! to the one before them, and an object store that refuses every request for a while, then
-//! answers slowly, neither fails the job nor loses data (a proxy in front of moto).
+//! answers slowly, neither fails the job nor loses data (a proxy in front of moto); a full
+//! state disk fails attempts until space returns, then the job recovers.
 mod common;
 
 use std::process::Stdio;
@@ -472,4 +473,96 @@ fn a_failing_then_slow_object_store_neither_fails_the_job_nor_loses_data() {
         "the second run did not restore:\n{stderr}"
     );
     check_output(name, &out, "after an object store outage");
+}
+
+/// A small tmpfs mounted for one test (the tests run as root, as `.ci/run` does), unmounted
+/// when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let o = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "mounting a tmpfs needs root: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+
+    /// Writes a file until the disk is full.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The state directory's disk fills up while the job runs: RocksDB fails with "no space", the
+/// failure goes to the restart strategy (not a panic, not a final failure), restarts fail while
+/// the disk stays full, and once space is freed the job recovers from its checkpoint and its
+/// output is exactly the expected one.
+#[test]
+fn a_full_state_disk_fails_attempts_until_space_returns_then_the_job_recovers() {
+    let name = "revenue-per-store";
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let disk = SmallDisk::mount(&work.path().join("state"), "32m");
+    let checkpoints = work.path().join("checkpoints").display().to_string();
+    let mut a = args(name, 2, &out, &checkpoints, 8.0);
+    for set in [
+        format!("state.local_dir={}", disk.0.display()),
+        "checkpointing.interval=300ms".into(),
+        "restart={strategy: fixed-delay, attempts: 1000, delay: 300ms}".into(),
+    ] {
+        a.extend(["--set".into(), set]);
+    }
+    let mut child = freshet()
+        .args(&a)
+        .args(["--listen", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    let filler = disk.fill();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the job ended while the disk was full"
+    );
+    std::fs::remove_file(filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("No space left on device") && stderr.contains("restarting"),
+        "the full disk was not met (or not restarted from):\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    check_output(name, &out, "after the state disk was full");
 }

@@ -370,8 +370,11 @@ impl Chain {
     }
 }
 
-/// Runs the snapshot of a subtask at `barrier` and starts its upload; a failure declines the
-/// checkpoint instead of failing the subtask.
+/// Runs the snapshot of a subtask at `barrier` and starts its upload. A failure of the upload
+/// declines the checkpoint (object storage may be back for the next one); a failure of the
+/// synchronous part (an operator's snapshot, RocksDB's flush or hard links: a full or failing
+/// disk) declines it and fails the subtask, since its local state can no longer be trusted, so
+/// the restart strategy starts it over on a fresh working directory.
 fn checkpoint(
     chain: &mut Chain,
     hooks: &CheckpointHooks,
@@ -402,10 +405,13 @@ fn checkpoint(
                 sync_ms: started.elapsed().as_millis() as u64,
             },
         ),
-        Err(e) => (hooks.report)(SubtaskReport::Decline {
-            checkpoint: barrier.id,
-            reason: format!("{}#{}: {e}", chain.info.vertex, chain.info.index),
-        }),
+        Err(e) => {
+            (hooks.report)(SubtaskReport::Decline {
+                checkpoint: barrier.id,
+                reason: format!("{}#{}: {e}", chain.info.vertex, chain.info.index),
+            });
+            return Err(e);
+        }
     }
     chain.broadcast_all(&Element::Barrier(barrier.clone()))
 }
