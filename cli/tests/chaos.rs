@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Proc, Rng, args, check_output, free_port, job_state, jobmanager, run_submit, taskmanager,
+    Cluster, Rng, args, check_output, job_state, jobmanager, run_submit, taskmanager,
     wait_until_ended,
 };
 
@@ -19,37 +19,28 @@ const KILLS: u32 = 30;
 fn a_windowed_job_survives_thirty_random_kills() {
     let name = "revenue-per-store";
     let mut rng = Rng::new();
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let state = work.path().join("state");
-    let ha = work.path().join("ha");
-    let address = format!("127.0.0.1:{}", free_port());
-    let mut jm = jobmanager(&address, &ha);
-    let mut tms: Vec<Proc> = (0..3)
-        .map(|i| taskmanager(&address, &format!("tm-{i}"), &state))
-        .collect();
-    let mut next_tm = tms.len();
+    let mut c = Cluster::start(3);
+    let mut next_tm = c.tms.len();
     // the input takes 60 s to read undisturbed; restarts come often and quickly
-    let id = submit_with_restarts(name, &address, &out, &work, 60.0);
-    jm.wait_for("checkpoint completed");
+    let id = submit_with_restarts(name, &c, 60.0);
+    c.jm.wait_for("checkpoint completed");
     let mut kills = (0, 0); // (TaskManagers, JobManagers)
     let started = Instant::now();
     while kills.0 + kills.1 < KILLS {
         std::thread::sleep(Duration::from_millis(1500 + rng.below(1500)));
         assert!(
-            job_state(&address, &id).is_none_or(|(s, _)| s != "finished"),
+            job_state(&c.address, &id).is_none_or(|(s, _)| s != "finished"),
             "the job finished after {} kills; give it more input",
             kills.0 + kills.1
         );
         if rng.below(5) == 0 {
-            jm.kill();
-            jm = jobmanager(&address, &ha);
+            c.jm.kill();
+            c.jm = jobmanager(&c.address, &c.ha);
             kills.1 += 1;
         } else {
-            let victim = rng.below(tms.len() as u64) as usize;
-            tms[victim].kill();
-            tms[victim] = taskmanager(&address, &format!("tm-{next_tm}"), &state);
+            let victim = rng.below(c.tms.len() as u64) as usize;
+            c.tms[victim].kill();
+            c.tms[victim] = taskmanager(&c.address, &format!("tm-{next_tm}"), &c.state);
             next_tm += 1;
             kills.0 += 1;
         }
@@ -60,27 +51,19 @@ fn a_windowed_job_survives_thirty_random_kills() {
         kills.1,
         started.elapsed()
     );
-    let mut procs: Vec<&Proc> = tms.iter().collect();
-    procs.push(&jm);
-    let (state_name, _) = wait_until_ended(&address, &id, &procs);
-    assert_eq!(state_name, "finished", "{}", jm.log());
-    check_output(name, &out, &format!("{name} after {KILLS} random kills"));
+    let (state_name, _) = wait_until_ended(&c.address, &id, &c.procs());
+    assert_eq!(state_name, "finished", "{}", c.jm.log());
+    check_output(name, &c.out, &format!("{name} after {KILLS} random kills"));
 }
 
 /// Submits `name` at parallelism 4 (so a job that lost a TaskManager still fits while its
 /// replacement starts) with a restart strategy that allows the chaos.
-fn submit_with_restarts(
-    name: &str,
-    address: &str,
-    out: &std::path::Path,
-    work: &tempfile::TempDir,
-    seconds: f64,
-) -> String {
+fn submit_with_restarts(name: &str, c: &Cluster, seconds: f64) -> String {
     let mut a = args(
         name,
         4,
-        out,
-        &work.path().join("checkpoints").display().to_string(),
+        &c.out,
+        &c.checkpoints().display().to_string(),
         seconds,
     );
     a[0] = "submit".into();
@@ -90,6 +73,6 @@ fn submit_with_restarts(
     ] {
         a.extend(["--set".into(), set.into()]);
     }
-    a.extend(["--jobmanager".into(), address.into()]);
+    a.extend(["--jobmanager".into(), c.address.clone()]);
     run_submit(&a)
 }

@@ -24,73 +24,54 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    Proc, args, assert_restored_from_checkpoint, check_output, free_port, freshet, job_state,
-    jobmanager, run_submit, submit, taskmanager, taskmanager_with, wait_until_ended,
+    Cluster, Proc, args, assert_restored_from_checkpoint, check_output, free_port, freshet,
+    job_state, jobmanager, run_submit, submit, taskmanager, taskmanager_with, wait_until_ended,
 };
 
 fn a_taskmanager_is_killed(name: &str) {
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let state = work.path().join("state");
-    let address = format!("127.0.0.1:{}", free_port());
-    let jm = jobmanager(&address, &work.path().join("ha"));
-    let tm0 = taskmanager(&address, "tm-0", &state);
-    let mut tm1 = taskmanager(&address, "tm-1", &state);
-    let tm2 = taskmanager(&address, "tm-2", &state);
-    let id = submit(name, &address, &out, &work.path().join("checkpoints"), 10.0);
+    let mut c = Cluster::start(3);
+    let id = submit(name, &c.address, &c.out, &c.checkpoints(), 10.0);
     // let it run and complete a few checkpoints, then kill a TaskManager
-    jm.wait_for("checkpoint completed");
+    c.jm.wait_for("checkpoint completed");
     std::thread::sleep(Duration::from_millis(1500));
-    tm1.kill();
+    c.tms[1].kill();
     assert_eq!(
-        job_state(&address, &id).unwrap().0,
+        job_state(&c.address, &id).unwrap().0,
         "running",
         "{name}: the job ended before the kill; slow it down"
     );
     // the restart finds 4 free slots and waits for the replacement
-    jm.wait_for("waiting for 6 free slots");
-    let tm3 = taskmanager(&address, "tm-3", &state);
-    let (state_name, restarts) = wait_until_ended(&address, &id, &[&jm, &tm0, &tm2, &tm3]);
-    assert_eq!(state_name, "finished", "{name}:\n{}", jm.log());
+    c.jm.wait_for("waiting for 6 free slots");
+    c.tms[1] = taskmanager(&c.address, "tm-3", &c.state);
+    let (state_name, restarts) = wait_until_ended(&c.address, &id, &c.procs());
+    assert_eq!(state_name, "finished", "{name}:\n{}", c.jm.log());
     assert!(restarts >= 1, "{name}: the job never restarted");
     assert!(
-        jm.log().contains("TaskManager lost"),
+        c.jm.log().contains("TaskManager lost"),
         "{name}: the JobManager never noticed the lost TaskManager"
     );
-    assert_restored_from_checkpoint(&jm, name);
-    check_output(name, &out, &format!("{name} with a TaskManager killed"));
+    assert_restored_from_checkpoint(&c.jm, name);
+    check_output(name, &c.out, &format!("{name} with a TaskManager killed"));
 }
 
 fn the_jobmanager_is_killed(name: &str) {
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let state = work.path().join("state");
-    let ha = work.path().join("ha");
-    let address = format!("127.0.0.1:{}", free_port());
-    let mut jm = jobmanager(&address, &ha);
-    let tms: Vec<Proc> = (0..3)
-        .map(|i| taskmanager(&address, &format!("tm-{i}"), &state))
-        .collect();
-    let id = submit(name, &address, &out, &work.path().join("checkpoints"), 10.0);
-    jm.wait_for("checkpoint completed");
+    let mut c = Cluster::start(3);
+    let id = submit(name, &c.address, &c.out, &c.checkpoints(), 10.0);
+    c.jm.wait_for("checkpoint completed");
     std::thread::sleep(Duration::from_millis(1500));
-    jm.kill();
+    c.jm.kill();
     // a new JobManager on the same address and HA directory takes over
-    let jm2 = jobmanager(&address, &ha);
-    jm2.wait_for("resuming a job");
-    let mut procs: Vec<&Proc> = tms.iter().collect();
-    procs.push(&jm2);
-    let (state_name, _) = wait_until_ended(&address, &id, &procs);
-    assert_eq!(state_name, "finished", "{name}:\n{}", jm2.log());
-    assert_restored_from_checkpoint(&jm2, name);
+    c.jm = jobmanager(&c.address, &c.ha);
+    c.jm.wait_for("resuming a job");
+    let (state_name, _) = wait_until_ended(&c.address, &id, &c.procs());
+    assert_eq!(state_name, "finished", "{name}:\n{}", c.jm.log());
+    assert_restored_from_checkpoint(&c.jm, name);
     assert!(
-        jm2.log().contains("leader epoch 2"),
+        c.jm.log().contains("leader epoch 2"),
         "{name}: the new JobManager did not take the next epoch:\n{}",
-        jm2.log()
+        c.jm.log()
     );
-    check_output(name, &out, &format!("{name} with the JobManager killed"));
+    check_output(name, &c.out, &format!("{name} with the JobManager killed"));
 }
 
 #[test]
@@ -574,67 +555,60 @@ fn signal(p: &Proc, sig: i32) {
 #[test]
 fn a_frozen_taskmanager_that_wakes_up_does_not_corrupt_the_restarted_job() {
     let name = "revenue-per-store";
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let state = work.path().join("state");
-    let address = format!("127.0.0.1:{}", free_port());
-    let jm = jobmanager(&address, &work.path().join("ha"));
-    let mut tms: Vec<Proc> = (0..3)
-        .map(|i| taskmanager(&address, &format!("tm-{i}"), &state))
-        .collect();
+    let mut c = Cluster::start(3);
     let mut a = args(
         name,
         4,
-        &out,
-        &work.path().join("checkpoints").display().to_string(),
+        &c.out,
+        &c.checkpoints().display().to_string(),
         20.0,
     );
     a[0] = "submit".into();
     a.extend(["--set".into(), "checkpointing.interval=500ms".into()]);
-    a.extend(["--jobmanager".into(), address.clone()]);
+    a.extend(["--jobmanager".into(), c.address.clone()]);
     let id = run_submit(&a);
-    jm.wait_for("checkpoint completed");
+    c.jm.wait_for("checkpoint completed");
     std::thread::sleep(Duration::from_millis(1000));
     // freeze a TaskManager that runs part of the job (with p=4 on 3x2 slots, all do)
-    signal(&tms[1], libc::SIGSTOP);
-    jm.wait_for("TaskManager lost");
+    signal(&c.tms[1], libc::SIGSTOP);
+    c.jm.wait_for("TaskManager lost");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !jm
+    while !c
+        .jm
         .log()
         .lines()
         .any(|l| l.contains("deploying") && l.contains("attempt=1"))
     {
-        assert!(Instant::now() < deadline, "no restart:\n{}", jm.log());
+        assert!(Instant::now() < deadline, "no restart:\n{}", c.jm.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    let completed_before = jm.log().matches("checkpoint completed").count();
-    while jm.log().matches("checkpoint completed").count() < completed_before + 2 {
+    let completed_before = c.jm.log().matches("checkpoint completed").count();
+    while c.jm.log().matches("checkpoint completed").count() < completed_before + 2 {
         assert!(Instant::now() < deadline, "no checkpoint after the restart");
         std::thread::sleep(Duration::from_millis(100));
     }
-    signal(&tms[1], libc::SIGCONT);
+    signal(&c.tms[1], libc::SIGCONT);
     std::thread::sleep(Duration::from_millis(2000));
     assert_eq!(
-        job_state(&address, &id).unwrap().0,
+        job_state(&c.address, &id).unwrap().0,
         "running",
         "the job ended before the second failure; slow it down"
     );
-    tms[0].kill();
-    tms.push(taskmanager(&address, "tm-3", &state));
-    let procs: Vec<&Proc> = tms.iter().chain([&jm]).collect();
-    let (state_name, restarts) = wait_until_ended(&address, &id, &procs);
-    assert_eq!(state_name, "finished", "{}", jm.log());
+    c.tms[0].kill();
+    c.tms.push(taskmanager(&c.address, "tm-3", &c.state));
+    let procs = c.procs();
+    let (state_name, restarts) = wait_until_ended(&c.address, &id, &procs);
+    assert_eq!(state_name, "finished", "{}", c.jm.log());
     assert!(restarts >= 2, "{restarts} restart(s)");
     let logs: String = procs.iter().map(|p| p.log()).collect::<Vec<_>>().join("\n");
     assert!(!logs.contains("is corrupt"), "{logs}");
     // the frozen one woke up to find itself forgotten, and dropped the old attempt
     assert!(
-        tms[1]
+        c.tms[1]
             .log()
             .contains("cancelling subtasks before registering again"),
         "{}",
-        tms[1].log()
+        c.tms[1].log()
     );
-    check_output(name, &out, "after a frozen TaskManager woke up");
+    check_output(name, &c.out, "after a frozen TaskManager woke up");
 }

@@ -377,3 +377,49 @@ pub fn run_submit<S: AsRef<std::ffi::OsStr>>(a: &[S]) -> String {
     );
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
+
+/// A JobManager (with a high-availability directory) and TaskManagers of two slots each, in a
+/// temporary directory that also holds the job's output (`out`) and the TaskManagers' state.
+pub struct Cluster {
+    pub work: tempfile::TempDir,
+    pub out: std::path::PathBuf,
+    pub state: std::path::PathBuf,
+    pub ha: std::path::PathBuf,
+    pub address: String,
+    pub jm: Proc,
+    pub tms: Vec<Proc>,
+}
+
+impl Cluster {
+    pub fn start(taskmanagers: usize) -> Cluster {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let state = work.path().join("state");
+        let ha = work.path().join("ha");
+        let address = format!("127.0.0.1:{}", free_port());
+        let jm = jobmanager(&address, &ha);
+        let tms = (0..taskmanagers)
+            .map(|i| taskmanager(&address, &format!("tm-{i}"), &state))
+            .collect();
+        Cluster {
+            work,
+            out,
+            state,
+            ha,
+            address,
+            jm,
+            tms,
+        }
+    }
+
+    /// Where the job's checkpoints go.
+    pub fn checkpoints(&self) -> std::path::PathBuf {
+        self.work.path().join("checkpoints")
+    }
+
+    /// Every process, for logs.
+    pub fn procs(&self) -> Vec<&Proc> {
+        self.tms.iter().chain([&self.jm]).collect()
+    }
+}
