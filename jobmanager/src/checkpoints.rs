@@ -114,6 +114,8 @@ struct State {
     last_completion: Option<Instant>,
     sources_finished: BTreeSet<(usize, u32)>,
     finishing: bool,
+    /// The final checkpoint failed and is taken again once the interval has passed.
+    retry_final: bool,
     stopped: bool,
     gc_needed: bool,
     /// Set when the coordinator must stop the job (fenced by a newer run).
@@ -226,6 +228,7 @@ impl Coordinator {
                 last_completion: None,
                 sources_finished: BTreeSet::new(),
                 finishing: false,
+                retry_final: false,
                 stopped: false,
                 gc_needed: true,
                 fatal: None,
@@ -329,6 +332,10 @@ impl Coordinator {
                 .values()
                 .filter(|p| p.barrier.kind == SnapshotKind::Checkpoint)
                 .count();
+            if s.retry_final && now.duration_since(s.last_trigger) >= interval {
+                s.retry_final = false;
+                self.trigger(&mut s, SnapshotKind::Checkpoint, None, false, true, None);
+            }
             if !s.finishing
                 && now.duration_since(s.last_trigger) >= interval
                 && periodic < self.settings.spec.max_concurrent as usize
@@ -511,8 +518,10 @@ impl Coordinator {
             let _ = w.send(Err(reason));
         }
         if p.final_checkpoint {
-            // the input has ended; the job can only finish through a final checkpoint
-            self.trigger(s, SnapshotKind::Checkpoint, None, false, true, None);
+            // the input has ended; the job can only finish through a final checkpoint, taken
+            // again after the interval (not at once: a failure that comes back at once would
+            // otherwise trigger checkpoints as fast as they fail)
+            s.retry_final = true;
         }
     }
 
