@@ -59,7 +59,7 @@ fn validator() -> &'static Validator {
 pub fn check(doc: &Value) -> Problems {
     let mut problems = Problems::default();
     for e in validator().iter_errors(doc) {
-        explain(doc, &e, &mut problems);
+        explain(&e, &mut problems);
     }
     problems
 }
@@ -112,7 +112,7 @@ fn shown(v: &Value) -> String {
     }
 }
 
-fn explain(doc: &Value, e: &ValidationError<'_>, out: &mut Problems) {
+fn explain(e: &ValidationError<'_>, out: &mut Problems) {
     let path = dotted(e.instance_path());
     let value = e.instance();
     let msg = match e.kind() {
@@ -134,7 +134,7 @@ fn explain(doc: &Value, e: &ValidationError<'_>, out: &mut Problems) {
             return;
         }
         ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => {
-            return explain_choice(doc, e.instance_path(), value, context, out);
+            return explain_choice(e.instance_path(), value, context, out);
         }
         ValidationErrorKind::Type { kind } => {
             let want = match kind {
@@ -195,7 +195,6 @@ fn wrong_shape(at: &Location, e: &ValidationError<'_>) -> bool {
 }
 
 fn explain_choice(
-    doc: &Value,
     at: &Location,
     value: &Value,
     branches: &[Vec<ValidationError<'static>>],
@@ -207,7 +206,7 @@ fn explain_choice(
         .collect();
     if let Some(best) = fitting.iter().min_by_key(|errs| errs.len()) {
         for e in best.iter() {
-            explain(doc, e, out);
+            explain(e, out);
         }
         return;
     }
