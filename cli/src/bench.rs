@@ -159,6 +159,7 @@ fn bench_shuffle(events: u64, rounds: u32) -> Result<i32> {
     let job = dir.path().join("shuffle.yaml");
     std::fs::write(&job, &text)?;
     let (_children, address) = crate::cluster::start_processes(2, 1)?;
+    let address = crate::client::Target::plain(&address);
     let mut local = Vec::new();
     let mut remote = Vec::new();
     for round in 0..rounds {

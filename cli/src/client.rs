@@ -8,7 +8,14 @@ use std::time::Duration;
 
 use freshet_proto as pb;
 use freshet_proto::job_manager_client::JobManagerClient;
+use freshet_security::ClientToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+pub use crate::security::Target;
+
+/// A client of the JobManager's control plane, sending the bearer token if there is one.
+pub type Client = JobManagerClient<InterceptedService<Channel, ClientToken>>;
 
 /// Where `freshet run` and `freshet jobmanager` listen unless told otherwise.
 pub const DEFAULT_JOBMANAGER: &str = "127.0.0.1:6123";
@@ -20,14 +27,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Connects to the JobManager at `addr` and makes one call.
-pub fn call<T, F, Fut>(addr: &str, f: F) -> Result<T>
+pub fn call<T, F, Fut>(target: &Target, f: F) -> Result<T>
 where
-    F: FnOnce(JobManagerClient<Channel>) -> Fut,
+    F: FnOnce(Client) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let rt = runtime()?;
     rt.block_on(async {
-        let client = connect(addr).await?;
+        let client = connect(target).await?;
         match f(client).await {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => bail!("{}", s.message()),
@@ -35,25 +42,24 @@ where
     })
 }
 
-/// A client of the JobManager at `addr` (`host:port`).
-pub async fn connect(addr: &str) -> Result<JobManagerClient<Channel>> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .with_context(|| format!("bad JobManager address {addr}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
+/// A client of the JobManager `target` names.
+pub async fn connect(target: &Target) -> Result<Client> {
+    let addr = &target.jobmanager;
+    let dialer = target.dialer()?;
+    let endpoint = dialer
+        .endpoint(addr)?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = dialer
+        .connect(endpoint)
         .await
         .with_context(|| format!("cannot reach the JobManager at {addr}"))?;
-    Ok(JobManagerClient::new(channel).max_decoding_message_size(64 << 20))
+    Ok(JobManagerClient::with_interceptor(channel, target.token()?)
+        .max_decoding_message_size(64 << 20))
 }
 
 /// Submits a job file; returns the accepted job.
 pub fn submit_job(
-    jobmanager: &str,
+    jobmanager: &Target,
     job: &Path,
     overrides: &[String],
     options: &freshet_jobmanager::SubmitOptions,
@@ -77,11 +83,16 @@ pub fn submit_job(
     )
 }
 
-pub fn savepoint(jobmanager: &str, job: &str, dir: Option<String>) -> Result<i32> {
+pub fn savepoint(jobmanager: &Target, job: &str, dir: Option<String>) -> Result<i32> {
     stop_or_savepoint(jobmanager, job, dir, false)
 }
 
-fn stop_or_savepoint(jobmanager: &str, job: &str, dir: Option<String>, stop: bool) -> Result<i32> {
+fn stop_or_savepoint(
+    jobmanager: &Target,
+    job: &str,
+    dir: Option<String>,
+    stop: bool,
+) -> Result<i32> {
     let r = call(jobmanager, |mut c| async move {
         c.trigger_savepoint(pb::SavepointRequest {
             job: job.into(),
@@ -94,7 +105,7 @@ fn stop_or_savepoint(jobmanager: &str, job: &str, dir: Option<String>, stop: boo
     Ok(0)
 }
 
-pub fn stop(jobmanager: &str, job: &str, savepoint: bool, dir: Option<String>) -> Result<i32> {
+pub fn stop(jobmanager: &Target, job: &str, savepoint: bool, dir: Option<String>) -> Result<i32> {
     if savepoint {
         stop_or_savepoint(jobmanager, job, dir, true)
     } else {
@@ -102,7 +113,7 @@ pub fn stop(jobmanager: &str, job: &str, savepoint: bool, dir: Option<String>) -
     }
 }
 
-pub fn cancel(jobmanager: &str, job: &str) -> Result<i32> {
+pub fn cancel(jobmanager: &Target, job: &str) -> Result<i32> {
     let j = call(jobmanager, |mut c| async move {
         c.cancel_job(pb::JobRef { job: job.into() }).await
     })?;
@@ -110,7 +121,7 @@ pub fn cancel(jobmanager: &str, job: &str) -> Result<i32> {
     Ok(0)
 }
 
-pub fn status(jobmanager: &str, job: &str) -> Result<i32> {
+pub fn status(jobmanager: &Target, job: &str) -> Result<i32> {
     let j = call(jobmanager, |mut c| async move {
         c.get_job(pb::JobRef { job: job.into() }).await
     })?;
@@ -141,7 +152,7 @@ pub fn status(jobmanager: &str, job: &str) -> Result<i32> {
     Ok(0)
 }
 
-pub fn list(jobmanager: &str) -> Result<i32> {
+pub fn list(jobmanager: &Target) -> Result<i32> {
     let jobs = call(jobmanager, |mut c| async move {
         c.list_jobs(pb::Empty {}).await
     })?;
@@ -167,7 +178,7 @@ fn size(bytes: u64) -> String {
     }
 }
 
-pub fn checkpoints(jobmanager: &str, job: &str) -> Result<i32> {
+pub fn checkpoints(jobmanager: &Target, job: &str) -> Result<i32> {
     let list = call(jobmanager, |mut c| async move {
         c.list_checkpoints(pb::JobRef { job: job.into() }).await
     })?;

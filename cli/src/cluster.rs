@@ -45,6 +45,8 @@ pub struct JobManagerArgs {
     /// Where `/healthz` and `/readyz` are served (ready once leading and serving); `off`.
     #[arg(long, default_value = "off")]
     health: String,
+    #[command(flatten)]
+    security: crate::security::ServerArgs,
 }
 
 /// `freshet taskmanager`.
@@ -78,6 +80,8 @@ pub struct TaskManagerArgs {
     /// interrupt) make the TaskManager exit, so that their jobs can restart elsewhere.
     #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
     cancellation_timeout: Duration,
+    #[command(flatten)]
+    tls: crate::security::TlsArgs,
 }
 
 fn unix_millis() -> u64 {
@@ -88,6 +92,7 @@ fn unix_millis() -> u64 {
 }
 
 pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
+    let security = args.security.security()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -117,12 +122,24 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
         interval: args.heartbeat_interval,
         timeout: args.heartbeat_timeout,
     };
-    let addr = JobManagerService::serve(jm.clone(), &args.listen, heartbeats, runtime.handle())
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let addr = JobManagerService::serve(
+        jm.clone(),
+        &args.listen,
+        heartbeats,
+        runtime.handle(),
+        &security,
+    )
+    .with_context(|| format!("listening on {}", args.listen))?;
     eprintln!("JobManager listening on {addr} (leader epoch {epoch})");
     if args.http != "off" {
-        let http = freshet_jobmanager::http::serve(jm.clone(), &args.http)?;
-        eprintln!("JobManager HTTP API on http://{http}");
+        let http = freshet_jobmanager::http::serve(jm.clone(), &args.http, &security)
+            .with_context(|| format!("--http {}", args.http))?;
+        let scheme = if security.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        eprintln!("JobManager HTTP API on {scheme}://{http}");
     }
     let resumed = jm.resume_stored().map_err(anyhow::Error::msg)?;
     if resumed > 0 {
@@ -155,6 +172,7 @@ pub fn taskmanager(args: TaskManagerArgs) -> Result<i32> {
         advertise_host: args.advertise_host,
         state_dir: args.state_dir,
         cancellation_timeout: args.cancellation_timeout,
+        security: args.tls.taskmanager()?,
     };
     freshet_taskmanager::service::run(config)?;
     Ok(0)
@@ -177,7 +195,7 @@ fn is_terminal(state: &str) -> bool {
 }
 
 /// Follows a job until it ends; prints its summary and returns the exit code.
-fn follow(jobmanager: &str, id: &str, interrupted: &AtomicBool) -> Result<i32> {
+fn follow(jobmanager: &client::Target, id: &str, interrupted: &AtomicBool) -> Result<i32> {
     let mut last_message = String::new();
     let info = loop {
         let info = client::call(jobmanager, |mut c| async move {
@@ -211,7 +229,7 @@ fn follow(jobmanager: &str, id: &str, interrupted: &AtomicBool) -> Result<i32> {
 }
 
 pub fn submit(
-    jobmanager: &str,
+    jobmanager: &client::Target,
     job: &Path,
     overrides: &[String],
     options: SubmitOptions,
@@ -317,7 +335,7 @@ pub fn start_processes(taskmanagers: u32, slots: u32) -> Result<(Children, Strin
 }
 
 /// Waits until a job ended; returns its final state.
-pub fn wait_for_end(jobmanager: &str, id: &str) -> Result<pb::JobInfo> {
+pub fn wait_for_end(jobmanager: &client::Target, id: &str) -> Result<pb::JobInfo> {
     loop {
         let info = client::call(jobmanager, |mut c| async move {
             c.get_job(pb::JobRef { job: id.into() }).await
@@ -340,6 +358,7 @@ pub fn run_processes(
     };
     let slots = plan.slots_needed().div_ceil(taskmanagers.max(1));
     let (children, address) = start_processes(taskmanagers, slots)?;
+    let address = client::Target::plain(&address);
     let info = client::submit_job(&address, job, overrides, &options)?;
     if !info.restored_from.is_empty() {
         eprintln!("restoring from {}", info.restored_from);

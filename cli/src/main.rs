@@ -6,6 +6,7 @@ mod cluster;
 mod health;
 mod operator;
 mod run;
+mod security;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -68,25 +69,22 @@ enum Command {
         /// Follow the job until it ends; exit with its outcome.
         #[arg(long)]
         wait: bool,
-        /// The JobManager.
-        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
-        jobmanager: String,
+        #[command(flatten)]
+        jobmanager: client::Target,
     },
     /// Print a job's state and counters per vertex as JSON.
     Status {
         /// Job id or name.
         job: String,
-        /// The JobManager.
-        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
-        jobmanager: String,
+        #[command(flatten)]
+        jobmanager: client::Target,
     },
     /// Cancel a running job without a savepoint.
     Cancel {
         /// Job id or name.
         job: String,
-        /// The JobManager.
-        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
-        jobmanager: String,
+        #[command(flatten)]
+        jobmanager: client::Target,
     },
     /// Take a savepoint of a running job; prints its location.
     Savepoint {
@@ -96,9 +94,8 @@ enum Command {
         /// `checkpointing.savepoint_dir`).
         #[arg(long)]
         dir: Option<String>,
-        /// The JobManager.
-        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
-        jobmanager: String,
+        #[command(flatten)]
+        jobmanager: client::Target,
     },
     /// Stop a running job: with `--savepoint`, after taking one (prints its location).
     Stop {
@@ -110,23 +107,20 @@ enum Command {
         /// Directory to create the savepoint in.
         #[arg(long, requires = "savepoint")]
         dir: Option<String>,
-        /// The JobManager.
-        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
-        jobmanager: String,
+        #[command(flatten)]
+        jobmanager: client::Target,
     },
     /// Show a job's checkpoints and savepoints: id, status, timing, full and uploaded size.
     Checkpoints {
         /// Job id or name.
         job: String,
-        /// The JobManager.
-        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
-        jobmanager: String,
+        #[command(flatten)]
+        jobmanager: client::Target,
     },
     /// List the jobs of a JobManager.
     List {
-        /// The JobManager.
-        #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
-        jobmanager: String,
+        #[command(flatten)]
+        jobmanager: client::Target,
     },
     /// Check a job file (format, references, expressions, types) without running it.
     Validate {
@@ -147,6 +141,9 @@ enum Command {
         #[arg(long)]
         parallelism: Option<u32>,
     },
+    /// Make a CA, a certificate for a cluster's JobManager and TaskManagers, and a bearer
+    /// token (for clusters outside Kubernetes; the operator makes its own).
+    Certs(security::CertsArgs),
     /// Print the JSON Schema of job files.
     Schema,
     /// Print the StreamJob CustomResourceDefinition (YAML) for `kubectl apply -f -`.
@@ -281,6 +278,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Operator(args) => operator::run(args),
+        Command::Certs(args) => security::certs(args),
         Command::Bench { which } => bench::run(which),
     }
 }

@@ -98,6 +98,7 @@ pub fn run(
             listen,
             Default::default(),
             runtime.handle(),
+            &Default::default(),
         ) {
             Ok(addr) => eprintln!("JobManager listening on {addr}"),
             Err(e) => eprintln!(
@@ -106,7 +107,7 @@ pub fn run(
         }
     }
     if http != "off" {
-        match freshet_jobmanager::http::serve(jm.clone(), http) {
+        match freshet_jobmanager::http::serve(jm.clone(), http, &Default::default()) {
             Ok(addr) => eprintln!("JobManager API on http://{addr}"),
             Err(e) => eprintln!(
                 "warning: JobManager API not started on {http}: {e} (pick another address with --http)"

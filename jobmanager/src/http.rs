@@ -10,7 +10,8 @@
 //! | POST | `/jobs/{job}/cancel` | cancel without a savepoint |
 //!
 //! `{job}` is a job id or the name of a job (the newest with that name). Errors are
-//! `{"error": "..."}` with a 4xx/5xx status.
+//! `{"error": "..."}` with a 4xx/5xx status; `401` when a bearer token is required and
+//! missing or wrong.
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -19,6 +20,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::net::SocketAddr;
+
+use freshet_security::net::{ClientAuth, Incoming, ServerStream};
+use freshet_security::{Guard, Security};
 
 use crate::checkpoints::CheckpointStats;
 use crate::{JobHandle, JobManager, JobState};
@@ -180,25 +184,86 @@ pub fn router(jm: JobManager) -> Router {
         .with_state(jm)
 }
 
-/// Serves the API on `addr` from a thread of its own; returns the bound address.
-pub fn serve(jm: JobManager, addr: &str) -> std::io::Result<SocketAddr> {
+/// Serves the API on `addr` from a thread of its own; returns the bound address. With
+/// tokens configured every request needs `Authorization: Bearer <token>`; with TLS, the API
+/// is served over TLS and tokens are required (a browser or `curl` has no cluster certificate).
+pub fn serve(jm: JobManager, addr: &str, security: &Security) -> std::io::Result<SocketAddr> {
+    if security.tls.is_some() && security.tokens.is_none() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "an HTTP API with TLS needs bearer tokens (--auth-token-file) to tell who calls",
+        ));
+    }
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
+    let security = security.clone();
+    let app = router(jm).layer(axum::middleware::from_fn_with_state(
+        security.guard(),
+        authorize,
+    ));
     std::thread::Builder::new()
         .name("jobmanager-http".into())
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
+            let served = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .expect("starting the HTTP runtime");
-            rt.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("listener for tokio");
-                if let Err(e) = axum::serve(listener, router(jm)).await {
-                    tracing::warn!(error = %e, "the HTTP API stopped");
-                }
-            });
+                .and_then(|rt| {
+                    rt.block_on(async move {
+                        let listener = tokio::net::TcpListener::from_std(listener)?;
+                        let incoming = security.incoming(listener, ClientAuth::Optional)?;
+                        axum::serve(Accepted(incoming), app).await
+                    })
+                });
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "the HTTP API stopped");
+            }
         })?;
     Ok(local)
+}
+
+/// Refuses a request without a token the guard accepts.
+async fn authorize(
+    State(guard): State<Guard>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match guard.bearer(header) {
+        Ok(()) => next.run(request).await,
+        Err(why) => {
+            let mut r = error(StatusCode::UNAUTHORIZED, why);
+            r.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+    }
+}
+
+/// The connections the API serves (through TLS when configured).
+struct Accepted(Incoming);
+
+impl axum::serve::Listener for Accepted {
+    type Io = ServerStream;
+    type Addr = Option<SocketAddr>;
+
+    async fn accept(&mut self) -> (ServerStream, Option<SocketAddr>) {
+        match self.0.next().await {
+            Some(s) => {
+                let addr = s.peer().addr;
+                (s, addr)
+            }
+            // the accepting task ended with the runtime: nothing more will come
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        Ok(Some(self.0.local_addr()))
+    }
 }

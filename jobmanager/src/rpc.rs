@@ -22,6 +22,8 @@ use freshet_engine::metrics::MetricsSnapshot;
 use freshet_proto::job_manager_server::{JobManager as JobManagerRpc, JobManagerServer};
 use freshet_proto::task_manager_client::TaskManagerClient;
 use freshet_proto::{self as pb, task_event};
+use freshet_security::net::ClientAuth;
+use freshet_security::{Guard, Security};
 
 use crate::messages::SubtaskStatus;
 use crate::{
@@ -184,6 +186,7 @@ impl RemoteTaskManager {
         heartbeats: Heartbeats,
         runtime: &tokio::runtime::Handle,
         events: crossbeam_channel::Sender<TaskEvent>,
+        dialer: &freshet_security::net::Dialer,
     ) -> Arc<RemoteTaskManager> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Op>();
         let tm = Arc::new(RemoteTaskManager {
@@ -199,11 +202,11 @@ impl RemoteTaskManager {
             metrics: Mutex::new(Vec::new()),
             attempts: Mutex::new(HashMap::new()),
         });
-        let endpoint = format!("http://{}", req.control_address);
-        let channel = tonic::transport::Endpoint::from_shared(endpoint)
-            .expect("a valid address")
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
+        // a bad address fails every deployment to it with the reason, like an unreachable one
+        let endpoint = dialer.endpoint(&req.control_address).unwrap_or_else(|_| {
+            tonic::transport::Endpoint::from_static("http://invalid.invalid:1")
+        });
+        let channel = dialer.connect_lazy(endpoint.connect_timeout(Duration::from_secs(5)));
         let client = TaskManagerClient::new(channel);
         let weak = Arc::downgrade(&tm);
         let mut c = client.clone();
@@ -369,29 +372,39 @@ pub struct JobManagerService {
     heartbeats: Heartbeats,
     runtime: tokio::runtime::Handle,
     remotes: Mutex<HashMap<String, Arc<RemoteTaskManager>>>,
+    security: Security,
+    guard: Guard,
 }
 
 impl JobManagerService {
     /// Serves `jm` on `listen`; returns the bound address. The server runs on `runtime`.
+    /// With TLS, TaskManagers must present a certificate of the cluster's CA, and clients
+    /// such a certificate or one of the `security` tokens.
     pub fn serve(
         jm: JobManager,
         listen: &str,
         heartbeats: Heartbeats,
         runtime: &tokio::runtime::Handle,
+        security: &Security,
     ) -> std::io::Result<SocketAddr> {
         let listener = runtime.block_on(tokio::net::TcpListener::bind(listen))?;
-        let addr = listener.local_addr()?;
+        let incoming = {
+            let _entered = runtime.enter();
+            security.incoming(listener, ClientAuth::Optional)?
+        };
+        let addr = incoming.local_addr();
         let service = JobManagerService {
             jm,
             heartbeats,
             runtime: runtime.clone(),
             remotes: Mutex::new(HashMap::new()),
+            guard: security.guard(),
+            security: security.clone(),
         };
-        let incoming = tokio_stream_listener(listener);
         runtime.spawn(async move {
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(JobManagerServer::new(service))
-                .serve_with_incoming(incoming)
+                .serve_with_incoming(incoming.into_stream())
                 .await
             {
                 warn!(error = %e, "JobManager service stopped");
@@ -405,19 +418,6 @@ impl JobManagerService {
             .job(job)
             .ok_or_else(|| Status::not_found(format!("no job {job}")))
     }
-}
-
-/// Accepted connections of a listener as a stream, for tonic.
-pub fn tokio_stream_listener(
-    listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures::stream::unfold(listener, |l| async move {
-        let r = l.accept().await.map(|(s, _)| {
-            let _ = s.set_nodelay(true);
-            s
-        });
-        Some((r, l))
-    })
 }
 
 /// A job as clients see it.
@@ -470,6 +470,7 @@ impl JobManagerRpc for JobManagerService {
         &self,
         request: Request<pb::RegisterTaskManagerRequest>,
     ) -> Result<Response<pb::RegisterTaskManagerResponse>, Status> {
+        self.guard.internal(&request)?;
         let req = request.into_inner();
         if req.slots == 0 {
             return Err(Status::invalid_argument(
@@ -483,6 +484,7 @@ impl JobManagerRpc for JobManagerService {
             self.heartbeats,
             &self.runtime,
             self.jm.event_sender(),
+            &self.security.internal_dialer(),
         );
         {
             // TaskManagers come and go (a new pod is a new id): forget the lost ones
@@ -507,6 +509,7 @@ impl JobManagerRpc for JobManagerService {
         &self,
         request: Request<pb::TaskManagerHeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.guard.internal(&request)?;
         let req = request.into_inner();
         let tm = self.remotes.lock().get(&req.taskmanager_id).cloned();
         let Some(tm) = tm.filter(|t| t.lost().is_none()) else {
@@ -532,6 +535,7 @@ impl JobManagerRpc for JobManagerService {
         &self,
         request: Request<pb::ReportTasksRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.guard.internal(&request)?;
         let events = self.jm.event_sender();
         for ev in request.into_inner().events {
             let _ = events.send(event_from_proto(ev)?);
@@ -543,6 +547,7 @@ impl JobManagerRpc for JobManagerService {
         &self,
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
+        self.guard.client(&request)?;
         let req = request.into_inner();
         let jm = self.jm.clone();
         blocking(move || {
@@ -568,7 +573,11 @@ impl JobManagerRpc for JobManagerService {
         .map(Response::new)
     }
 
-    async fn list_jobs(&self, _: Request<pb::Empty>) -> Result<Response<pb::JobList>, Status> {
+    async fn list_jobs(
+        &self,
+        request: Request<pb::Empty>,
+    ) -> Result<Response<pb::JobList>, Status> {
+        self.guard.client(&request)?;
         let jm = self.jm.clone();
         blocking(move || {
             Ok(pb::JobList {
@@ -580,6 +589,7 @@ impl JobManagerRpc for JobManagerService {
     }
 
     async fn get_job(&self, request: Request<pb::JobRef>) -> Result<Response<pb::JobInfo>, Status> {
+        self.guard.client(&request)?;
         let j = self.job(&request.into_inner().job)?;
         blocking(move || Ok(job_info(&j))).await.map(Response::new)
     }
@@ -588,6 +598,7 @@ impl JobManagerRpc for JobManagerService {
         &self,
         request: Request<pb::JobRef>,
     ) -> Result<Response<pb::JobInfo>, Status> {
+        self.guard.client(&request)?;
         let j = self.job(&request.into_inner().job)?;
         blocking(move || {
             j.cancel();
@@ -602,6 +613,7 @@ impl JobManagerRpc for JobManagerService {
         &self,
         request: Request<pb::SavepointRequest>,
     ) -> Result<Response<pb::SavepointResponse>, Status> {
+        self.guard.client(&request)?;
         let req = request.into_inner();
         let j = self.job(&req.job)?;
         blocking(move || {
@@ -618,6 +630,7 @@ impl JobManagerRpc for JobManagerService {
         &self,
         request: Request<pb::DisposeSavepointRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
+        self.guard.client(&request)?;
         let location = request.into_inner().location;
         blocking(move || {
             crate::checkpoints::dispose_savepoint(&location, &S3Options::default())
@@ -632,6 +645,7 @@ impl JobManagerRpc for JobManagerService {
         &self,
         request: Request<pb::JobRef>,
     ) -> Result<Response<pb::CheckpointList>, Status> {
+        self.guard.client(&request)?;
         let j = self.job(&request.into_inner().job)?;
         blocking(move || {
             Ok(pb::CheckpointList {

@@ -39,6 +39,8 @@ use arrow::record_batch::RecordBatch;
 use freshet_engine::channel::{ChannelSender, CreditReturn, Outbound};
 use freshet_engine::{Element, EngineError, Watermark};
 use freshet_jobmanager::JobId;
+use freshet_security::Tls;
+use freshet_security::blocking::Duplex;
 
 use crate::shuffle::{ChannelKey, LocalShuffle};
 
@@ -55,6 +57,7 @@ pub struct Network {
     address: SocketAddr,
     shuffle: Arc<LocalShuffle>,
     outgoing: Mutex<HashMap<String, Arc<Connection>>>,
+    tls: Option<Arc<Tls>>,
 }
 
 impl std::fmt::Debug for Network {
@@ -66,13 +69,19 @@ impl std::fmt::Debug for Network {
 impl Network {
     /// Listens on `listen` (`host:port`, port 0 for any) for connections from peers, delivering
     /// what arrives into `shuffle`.
-    pub fn start(listen: &str, shuffle: Arc<LocalShuffle>) -> io::Result<Arc<Network>> {
+    /// With `tls`, both ends of every connection must show a certificate of the cluster's CA.
+    pub fn start(
+        listen: &str,
+        shuffle: Arc<LocalShuffle>,
+        tls: Option<Arc<Tls>>,
+    ) -> io::Result<Arc<Network>> {
         let listener = TcpListener::bind(listen)?;
         let address = listener.local_addr()?;
         let net = Arc::new(Network {
             address,
             shuffle,
             outgoing: Mutex::new(HashMap::new()),
+            tls,
         });
         let weak = Arc::downgrade(&net);
         std::thread::Builder::new()
@@ -83,11 +92,24 @@ impl Network {
                     match stream {
                         Ok(s) => {
                             let shuffle = net.shuffle.clone();
+                            let tls = net.tls.clone();
                             let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                             let _ = std::thread::Builder::new().name("data-in".into()).spawn(
                                 move || {
-                                    if let Err(e) = serve_incoming(s, shuffle) {
-                                        debug!(%peer, error = %e, "data connection ended");
+                                    let _ = s.set_nodelay(true);
+                                    let duplex = match &tls {
+                                        Some(tls) => Duplex::server(s, tls),
+                                        None => Duplex::plain(s),
+                                    };
+                                    match duplex {
+                                        Err(e) => {
+                                            warn!(%peer, error = %e, "refused a data connection")
+                                        }
+                                        Ok(d) => {
+                                            if let Err(e) = serve_incoming(d, shuffle) {
+                                                debug!(%peer, error = %e, "data connection ended");
+                                            }
+                                        }
                                     }
                                 },
                             );
@@ -128,7 +150,12 @@ impl Network {
         }
         // connect without the lock: an unreachable peer must not hold up channels to others
         let context = || format!("connecting to the data plane of TaskManager {peer}");
-        let stream = connect(peer).map_err(|e| EngineError::io(context(), e))?;
+        let stream = connect(peer)
+            .and_then(|s| match &self.tls {
+                Some(tls) => Duplex::client(s, tls),
+                None => Duplex::plain(s),
+            })
+            .map_err(|e| EngineError::io(context(), e))?;
         let mut map = self.outgoing.lock();
         if let Some(c) = live(&map) {
             // another subtask connected meanwhile; this stream is dropped unused
@@ -157,7 +184,8 @@ fn connect(peer: &str) -> io::Result<TcpStream> {
 
 /// Writes frames queued by any thread to a socket, flushing when the queue runs dry.
 fn spawn_writer(
-    stream: TcpStream,
+    writer: Box<dyn Write + Send>,
+    socket: TcpStream,
     frames: Receiver<Vec<u8>>,
     dead: Arc<AtomicBool>,
     on_dead: impl FnOnce() + Send + 'static,
@@ -165,7 +193,7 @@ fn spawn_writer(
     std::thread::Builder::new()
         .name("data-out".into())
         .spawn(move || {
-            let mut w = BufWriter::with_capacity(256 << 10, stream);
+            let mut w = BufWriter::with_capacity(256 << 10, writer);
             let result = (|| -> io::Result<()> {
                 while let Ok(frame) = frames.recv() {
                     w.write_all(&frame)?;
@@ -179,7 +207,7 @@ fn spawn_writer(
                 debug!(error = %e, "data connection write failed");
             }
             dead.store(true, Ordering::Release);
-            let _ = w.get_ref().shutdown(std::net::Shutdown::Both);
+            let _ = socket.shutdown(std::net::Shutdown::Both);
             on_dead();
         })?;
     Ok(())
@@ -256,7 +284,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn start(stream: TcpStream, peer: String) -> io::Result<Arc<Connection>> {
+    fn start(stream: Duplex, peer: String) -> io::Result<Arc<Connection>> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let dead = Arc::new(AtomicBool::new(false));
         let conn = Arc::new(Connection {
@@ -266,9 +294,13 @@ impl Connection {
             next: AtomicU32::new(0),
             dead: dead.clone(),
         });
-        let reader = stream.try_clone()?;
+        let Duplex {
+            reader,
+            writer,
+            socket,
+        } = stream;
         let weak = Arc::downgrade(&conn);
-        spawn_writer(stream, rx, dead, move || {
+        spawn_writer(writer, socket, rx, dead, move || {
             if let Some(c) = weak.upgrade() {
                 c.close_all();
             }
@@ -464,16 +496,16 @@ impl CreditReturn for Grant {
 }
 
 /// Serves one incoming connection: opens channels, delivers their elements, closes them.
-fn serve_incoming(stream: TcpStream, shuffle: Arc<LocalShuffle>) -> io::Result<()> {
-    stream.set_nodelay(true)?;
+fn serve_incoming(stream: Duplex, shuffle: Arc<LocalShuffle>) -> io::Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded();
     spawn_writer(
-        stream.try_clone()?,
+        stream.writer,
+        stream.socket,
         rx,
         Arc::new(AtomicBool::new(false)),
         || {},
     )?;
-    let mut r = BufReader::with_capacity(256 << 10, stream);
+    let mut r = BufReader::with_capacity(256 << 10, stream.reader);
     let mut open: HashMap<u32, (ChannelSender, Decoder)> = HashMap::new();
     while let Some(f) = read_frame(&mut r)? {
         let (kind, channel, payload) = (f.kind, f.channel, f.payload());
@@ -752,11 +784,62 @@ mod tests {
         assert!(late.decode(bytes, 5).is_err());
     }
 
+    /// TLS material of a new cluster CA, in `dir`.
+    fn tls(dir: &std::path::Path) -> Arc<Tls> {
+        let files = freshet_security::certs::generate(&[], 1)
+            .unwrap()
+            .write(dir)
+            .unwrap();
+        Tls::from_files(files).unwrap()
+    }
+
     #[test]
     fn a_remote_channel_keeps_order_and_sends_only_with_credit() {
-        let a = Network::start("127.0.0.1:0", Arc::new(LocalShuffle::new())).unwrap();
+        keeps_order_and_credit(None);
+    }
+
+    #[test]
+    fn a_remote_channel_over_mutual_tls_keeps_order_and_sends_only_with_credit() {
+        let dir = tempfile::tempdir().unwrap();
+        keeps_order_and_credit(Some(tls(dir.path())));
+    }
+
+    #[test]
+    fn a_peer_of_another_cluster_ca_cannot_open_a_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Network::start(
+            "127.0.0.1:0",
+            Arc::new(LocalShuffle::new()),
+            Some(tls(&dir.path().join("a"))),
+        )
+        .unwrap();
         let b_shuffle = Arc::new(LocalShuffle::new());
-        let b = Network::start("127.0.0.1:0", b_shuffle.clone()).unwrap();
+        let b = Network::start(
+            "127.0.0.1:0",
+            b_shuffle.clone(),
+            Some(tls(&dir.path().join("b"))),
+        )
+        .unwrap();
+        let plain = Network::start("127.0.0.1:0", Arc::new(LocalShuffle::new()), None).unwrap();
+        let err = a
+            .sender(&b.address().to_string(), key(1), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TLS handshake"), "{err}");
+        // a peer without TLS gets its connection closed: nothing reaches the receiver
+        let tx = plain.sender(&b.address().to_string(), key(2), 2).unwrap();
+        std::thread::spawn(move || tx.send(Element::Idle));
+        let rx = b_shuffle.receiver(key(2), 2);
+        assert!(!matches!(
+            rx.recv_timeout(Duration::from_millis(500)),
+            Ok(Some(_))
+        ));
+    }
+
+    fn keeps_order_and_credit(tls: Option<Arc<Tls>>) {
+        let a = Network::start("127.0.0.1:0", Arc::new(LocalShuffle::new()), tls.clone()).unwrap();
+        let b_shuffle = Arc::new(LocalShuffle::new());
+        let b = Network::start("127.0.0.1:0", b_shuffle.clone(), tls).unwrap();
         let capacity = 4;
         let mut tx = a
             .sender(&b.address().to_string(), key(1), capacity)
@@ -797,9 +880,9 @@ mod tests {
 
     #[test]
     fn an_unreachable_peer_does_not_hold_up_channels_to_others() {
-        let a = Network::start("127.0.0.1:0", Arc::new(LocalShuffle::new())).unwrap();
+        let a = Network::start("127.0.0.1:0", Arc::new(LocalShuffle::new()), None).unwrap();
         let b_shuffle = Arc::new(LocalShuffle::new());
-        let b = Network::start("127.0.0.1:0", b_shuffle.clone()).unwrap();
+        let b = Network::start("127.0.0.1:0", b_shuffle.clone(), None).unwrap();
         // a port nobody listens on: connecting retries for a while
         let dead = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -826,9 +909,9 @@ mod tests {
 
     #[test]
     fn a_sender_that_goes_away_closes_the_channel() {
-        let a = Network::start("127.0.0.1:0", Arc::new(LocalShuffle::new())).unwrap();
+        let a = Network::start("127.0.0.1:0", Arc::new(LocalShuffle::new()), None).unwrap();
         let b_shuffle = Arc::new(LocalShuffle::new());
-        let b = Network::start("127.0.0.1:0", b_shuffle.clone()).unwrap();
+        let b = Network::start("127.0.0.1:0", b_shuffle.clone(), None).unwrap();
         let tx = a.sender(&b.address().to_string(), key(2), 2).unwrap();
         let rx = b_shuffle.receiver(key(2), 2);
         tx.send(Element::Idle).unwrap();

@@ -19,11 +19,13 @@ use freshet_engine::checkpoint::{RestoreSource, Storage, SubtaskCommand};
 use freshet_engine::state::StateConfig;
 use freshet_job::JobSpec;
 use freshet_jobmanager::messages::{CheckpointSetup, SubtaskLocation};
-use freshet_jobmanager::rpc::{event_to_proto, tokio_stream_listener};
+use freshet_jobmanager::rpc::event_to_proto;
 use freshet_jobmanager::{JobId, TaskDeployment, TaskEvent, TaskManagerGateway, s3_options};
 use freshet_proto as pb;
 use freshet_proto::job_manager_client::JobManagerClient;
 use freshet_proto::task_manager_server::{TaskManager as TaskManagerRpc, TaskManagerServer};
+use freshet_security::Security;
+use freshet_security::net::ClientAuth;
 
 use crate::network::Network;
 use crate::shuffle::LocalShuffle;
@@ -48,6 +50,9 @@ pub struct TaskManagerConfig {
     pub state_dir: Option<PathBuf>,
     /// Cancelled subtasks still running after this long make the process exit.
     pub cancellation_timeout: Duration,
+    /// TLS for the service, the data plane and the calls to the JobManager: with it, only
+    /// processes with a certificate of the cluster's CA may connect.
+    pub security: Security,
 }
 
 struct Service {
@@ -231,8 +236,12 @@ pub fn run(config: TaskManagerConfig) -> anyhow::Result<()> {
     }
     remove_dead_working_dirs(&std::env::temp_dir().join("freshet-state"));
     let shuffle = Arc::new(LocalShuffle::new());
-    let network = Network::start(&config.data_listen, shuffle.clone())
-        .with_context(|| format!("data plane on {}", config.data_listen))?;
+    let network = Network::start(
+        &config.data_listen,
+        shuffle.clone(),
+        config.security.tls.clone(),
+    )
+    .with_context(|| format!("data plane on {}", config.data_listen))?;
     let (events_tx, events_rx) = crossbeam_channel::unbounded::<TaskEvent>();
     let tm = Arc::new(
         TaskManager::new(
@@ -254,11 +263,13 @@ pub fn run(config: TaskManagerConfig) -> anyhow::Result<()> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(&config.listen))
         .with_context(|| format!("TaskManager service on {}", config.listen))?;
-    let control = listener.local_addr()?;
+    // only the JobManager calls this service: with TLS it must show the cluster's certificate
+    let incoming = config.security.incoming(listener, ClientAuth::Required)?;
+    let control = incoming.local_addr();
     runtime.spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(TaskManagerServer::new(Rpc(service)))
-            .serve_with_incoming(tokio_stream_listener(listener))
+            .serve_with_incoming(incoming.into_stream())
             .await
         {
             warn!(error = %e, "TaskManager service stopped");
@@ -275,12 +286,13 @@ pub fn run(config: TaskManagerConfig) -> anyhow::Result<()> {
         "TaskManager {} listening on {} (data {})",
         config.id, register.control_address, register.data_address
     );
-    let endpoint = format!("http://{}", config.jobmanager);
-    let channel = tonic::transport::Endpoint::from_shared(endpoint)
+    let dialer = config.security.internal_dialer();
+    let endpoint = dialer
+        .endpoint(&config.jobmanager)
         .context("JobManager address")?
         .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(30))
-        .connect_lazy();
+        .timeout(Duration::from_secs(30));
+    let channel = dialer.connect_lazy(endpoint);
     let client = JobManagerClient::new(channel);
     {
         let mut client = client.clone();
