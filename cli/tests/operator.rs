@@ -31,7 +31,14 @@ struct Pods {
 }
 
 fn pods() -> Pods {
-    let jm = Proc::start(&["jobmanager".into(), "--listen".into(), "127.0.0.1:0".into()]);
+    pods_with("127.0.0.1:0", &[], &[])
+}
+
+/// The pods on `listen`, with `jm_extra` and `tm_extra` arguments.
+fn pods_with(listen: &str, jm_extra: &[String], tm_extra: &[String]) -> Pods {
+    let mut a = vec!["jobmanager".into(), "--listen".into(), listen.into()];
+    a.extend_from_slice(jm_extra);
+    let jm = Proc::start(&a);
     let line = jm.wait_for("JobManager listening on ");
     let address = line
         .split("listening on ")
@@ -41,7 +48,7 @@ fn pods() -> Pods {
         .next()
         .unwrap()
         .to_string();
-    let tm = Proc::start(&[
+    let mut a = vec![
         "taskmanager".into(),
         "--jobmanager".into(),
         address.clone(),
@@ -49,7 +56,9 @@ fn pods() -> Pods {
         "4".into(),
         "--id".into(),
         "taskmanager-0".into(),
-    ]);
+    ];
+    a.extend_from_slice(tm_extra);
+    let tm = Proc::start(&a);
     tm.wait_for("listening on");
     Pods {
         _jm: jm,
@@ -94,6 +103,9 @@ fn stream_job(name: &str, storage: &std::path::Path, out: &std::path::Path) -> V
         "spec": {
             "image": "freshet:test",
             "parallelism": 1,
+            // the JobManager and TaskManager processes here run without TLS; the test of
+            // security turns it back on
+            "security": {"enabled": false},
             "taskManagers": {"slots": 4},
             "checkpointing": {"interval": "500ms", "storage": storage.display().to_string()},
             "job": {
@@ -143,6 +155,8 @@ struct Harness {
     ctx: Arc<Context>,
     name: String,
     address: String,
+    /// How the test reaches the JobManager itself.
+    access: freshet_operator::jm::Access,
 }
 
 impl Harness {
@@ -157,6 +171,7 @@ impl Harness {
             ctx: operator(client, address),
             name,
             address: address.into(),
+            access: Default::default(),
         }
     }
 
@@ -219,7 +234,7 @@ impl Harness {
 
     /// The job as its JobManager reports it.
     async fn job(&self, id: &str) -> freshet_proto::JobInfo {
-        let jm = freshet_operator::jm::JobManager::connect(&self.address)
+        let jm = freshet_operator::jm::JobManager::connect(&self.address, &self.access)
             .await
             .unwrap();
         jm.job(id).await.unwrap().unwrap()
@@ -258,6 +273,149 @@ fn condition_is(sj: &StreamJob, kind: &str, status: &str) -> bool {
 
 fn has_metadata(path: &str) -> bool {
     std::path::Path::new(path).join("_metadata").exists()
+}
+
+/// Security is on unless turned off: the operator makes a CA, a certificate and a token as
+/// Secrets owned by the StreamJob, mounts them into the pods with the flags that use them, and
+/// reaches the JobManager with them (the pods here are processes given the Secrets' files),
+/// through a first deployment and an upgrade with a savepoint. A Secret the spec names must
+/// exist; the operator waits for it and never makes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_is_on_by_default_with_secrets_the_operator_makes() {
+    use k8s_openapi::api::core::v1::Secret;
+    let dir = tempfile::tempdir().unwrap();
+    let client = fake_api().await;
+    let address = format!("127.0.0.1:{}", common::free_port());
+    let mut sj = stream_job(
+        "secure",
+        &dir.path().join("state"),
+        &dir.path().join("out.jsonl"),
+    );
+    sj["spec"].as_object_mut().unwrap().remove("security");
+    let mut h = Harness::create(&client, &address, sj).await;
+    // the first pass makes the Secrets and the Deployments; no JobManager answers yet
+    h.step().await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let tls = secrets.get("secure-tls").await.unwrap();
+    let token = secrets.get("secure-token").await.unwrap();
+    let uid = h.get().await.uid().unwrap();
+    for s in [&tls, &token] {
+        assert_eq!(s.owner_references()[0].uid, uid);
+    }
+    assert_eq!(tls.type_.as_deref(), Some("kubernetes.io/tls"));
+    let files = dir.path().join("tls");
+    std::fs::create_dir_all(&files).unwrap();
+    for (secret, key) in [
+        (&tls, "ca.crt"),
+        (&tls, "tls.crt"),
+        (&tls, "tls.key"),
+        (&token, "token"),
+    ] {
+        let bytes = &secret.data.as_ref().unwrap()[key].0;
+        std::fs::write(files.join(key), bytes).unwrap();
+    }
+    let token_text = std::fs::read_to_string(files.join("token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(token_text.len() >= 32);
+    let args_of = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .args
+            .clone()
+            .unwrap()
+            .join(" ")
+    };
+    let jm_args = args_of(&h.deployment("jobmanager").await);
+    let tm_args = args_of(&h.deployment("taskmanager").await);
+    assert!(
+        jm_args.contains("--tls-cert /etc/freshet-tls/tls.crt")
+            && jm_args.contains("--auth-token-file /etc/freshet-token/token"),
+        "{jm_args}"
+    );
+    assert!(
+        tm_args.contains("--tls-ca /etc/freshet-tls/ca.crt") && !tm_args.contains("token"),
+        "{tm_args}"
+    );
+    let tm_pod = h
+        .deployment("taskmanager")
+        .await
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    let volumes = serde_json::to_string(&tm_pod.volumes).unwrap();
+    assert!(
+        volumes.contains("secure-tls") && !volumes.contains("secure-token"),
+        "{volumes}"
+    );
+
+    // the pods, as processes with the Secrets' files
+    let f = |n: &str| files.join(n).display().to_string();
+    let tls_args = vec![
+        "--tls-cert".into(),
+        f("tls.crt"),
+        "--tls-key".into(),
+        f("tls.key"),
+        "--tls-ca".into(),
+        f("ca.crt"),
+    ];
+    let mut jm_extra = tls_args.clone();
+    jm_extra.extend(["--auth-token-file".into(), f("token")]);
+    let _pods = pods_with(&address, &jm_extra, &tls_args);
+    h.access = freshet_operator::jm::Access {
+        dialer: freshet_security::net::Dialer::new(
+            Some(
+                freshet_security::Tls::from_pem(
+                    &std::fs::read(files.join("ca.crt")).unwrap(),
+                    None,
+                )
+                .unwrap(),
+            ),
+            Some(freshet_security::INTERNAL_NAME.into()),
+        ),
+        token: freshet_security::ClientToken::new(Some(&token_text)).unwrap(),
+    };
+    let sj = h.until_running("first deployment over TLS").await;
+    let first = Harness::status(&sj).job_id.unwrap();
+    assert_eq!(h.job(&first).await.state, "running");
+    // without the token the JobManager refuses
+    let plain = freshet_operator::jm::JobManager::connect(&address, &Default::default()).await;
+    assert!(plain.is_err() || plain.unwrap().jobs().await.is_err());
+
+    // an upgrade (savepoint, stop, redeploy) over the same channel; the Secrets stay as made
+    h.patch_spec(json!({"parallelism": 2})).await;
+    let sj = h
+        .until("upgraded over TLS", |sj| {
+            let s = Harness::status(sj);
+            s.lifecycle == Some(Lifecycle::Running)
+                && s.deployed.as_ref().map(|d| d.parallelism) == Some(2)
+                && s.deployed.as_ref().map(|d| d.started_with.as_str()) == Some("savepoint")
+        })
+        .await;
+    assert_eq!(secrets.get("secure-tls").await.unwrap().data, tls.data);
+    let status = serde_json::to_string(&sj.status).unwrap();
+    assert!(!status.contains(&token_text), "the token is in the status");
+
+    // a Secret the spec names is waited for, never made
+    h.patch_spec(json!({"security": {"tlsSecret": "issued-by-cert-manager"}}))
+        .await;
+    h.step().await;
+    assert!(
+        secrets
+            .get_opt("issued-by-cert-manager")
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 /// Create, savepoint on request, upgrade with a savepoint, rescale, suspend and resume,
@@ -510,7 +668,7 @@ async fn an_operator_restart_mid_upgrade_resumes_it() {
         let ctx = h.ctx.clone();
         tokio::spawn(async move { reconcile(Arc::new(sj), ctx).await })
     };
-    let jm = freshet_operator::jm::JobManager::connect(&pods.address)
+    let jm = freshet_operator::jm::JobManager::connect(&pods.address, &Default::default())
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -538,6 +696,7 @@ async fn an_operator_restart_mid_upgrade_resumes_it() {
         ctx: operator(&client, &pods.address),
         name: h.name.clone(),
         address: pods.address.clone(),
+        access: Default::default(),
     };
     let sj = second.until_running("upgrade by the second operator").await;
     let st = Harness::status(&sj);

@@ -118,6 +118,10 @@ pub struct StreamJobSpec {
     /// `running` or `suspended` (the job is stopped as `upgradeMode` says; pods are removed).
     #[serde(default)]
     pub state: DesiredState,
+    /// TLS and authentication: on by default, with certificates and a token the operator
+    /// makes unless Secrets are named.
+    #[serde(default)]
+    pub security: SecuritySpec,
     /// A pod template merged into the JobManager and TaskManager pods (labels, annotations,
     /// tolerations, node selectors, extra containers or volumes; containers merge by name).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -202,3 +202,37 @@ pub fn pod_template(_: &mut SchemaGenerator) -> Schema {
         "x-kubernetes-preserve-unknown-fields": true
     })
 }
+
+/// TLS and authentication of the job's pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecuritySpec {
+    /// Mutual TLS between the JobManager and TaskManagers (control and data plane), TLS and
+    /// a bearer token for clients of the JobManager. On unless set to `false`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// A `kubernetes.io/tls` Secret with `tls.crt`, `tls.key` and `ca.crt`, as cert-manager
+    /// writes them; the certificate must be valid for the DNS name `freshet-internal`, for
+    /// server and client use. Without it the operator makes `<name>-tls`, with a CA of the
+    /// job's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret: Option<String>,
+    /// A Secret whose key `token` holds the bearer tokens clients must send (one per line).
+    /// Without it the operator makes `<name>-token` with a random one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<String>,
+}
+
+impl Default for SecuritySpec {
+    fn default() -> Self {
+        SecuritySpec {
+            enabled: true,
+            tls_secret: None,
+            token_secret: None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}

@@ -3,10 +3,13 @@
 use serde::Deserialize;
 use std::time::Duration;
 use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use freshet_proto as pb;
 use freshet_proto::job_manager_client::JobManagerClient;
+use freshet_security::ClientToken;
+use freshet_security::net::Dialer;
 
 use crate::Error;
 
@@ -14,7 +17,17 @@ use crate::Error;
 #[derive(Clone)]
 pub struct JobManager {
     addr: String,
-    client: JobManagerClient<Channel>,
+    client: JobManagerClient<InterceptedService<Channel, ClientToken>>,
+}
+
+/// How the operator reaches a job's JobManager: through TLS with the job's CA and with its
+/// bearer token, or (security off) plainly.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// Makes the connection.
+    pub dialer: Dialer,
+    /// Sent with every call.
+    pub token: ClientToken,
 }
 
 /// A checkpoint or savepoint as the JobManager lists it.
@@ -40,6 +53,17 @@ impl Snapshot {
     }
 }
 
+/// An error and its causes, `: `-separated (a transport error alone says little).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
 /// States in which a job will not run again by itself.
 pub fn is_terminal(state: &str) -> bool {
     matches!(state, "finished" | "failed" | "cancelled")
@@ -47,24 +71,24 @@ pub fn is_terminal(state: &str) -> bool {
 
 impl JobManager {
     /// Connects to the JobManager at `addr` (`host:port`).
-    pub async fn connect(addr: &str) -> Result<JobManager, Error> {
-        let url = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
+    pub async fn connect(addr: &str, access: &Access) -> Result<JobManager, Error> {
         let unreachable = |e: &dyn std::fmt::Display| {
             Error::JobManager(format!("cannot reach the JobManager at {addr}: {e}"))
         };
-        let channel = tonic::transport::Endpoint::from_shared(url)
+        let endpoint = access
+            .dialer
+            .endpoint(addr)
             .map_err(|e| unreachable(&e))?
-            .connect_timeout(Duration::from_secs(3))
-            .connect()
+            .connect_timeout(Duration::from_secs(3));
+        let channel = access
+            .dialer
+            .connect(endpoint)
             .await
-            .map_err(|e| unreachable(&e))?;
+            .map_err(|e| unreachable(&with_causes(&e)))?;
         Ok(JobManager {
             addr: addr.to_string(),
-            client: JobManagerClient::new(channel).max_decoding_message_size(64 << 20),
+            client: JobManagerClient::with_interceptor(channel, access.token.clone())
+                .max_decoding_message_size(64 << 20),
         })
     }
 

@@ -43,6 +43,9 @@ pub enum Error {
     /// A savepoint failed.
     #[error("savepoint failed: {0}")]
     Savepoint(String),
+    /// Something the spec names does not exist (yet): a Secret cert-manager has not issued.
+    #[error("{0}")]
+    Missing(String),
     /// This replica is no longer the leader.
     #[error("leadership lost: {0}")]
     Leadership(String),

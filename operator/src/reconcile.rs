@@ -13,8 +13,9 @@
 //! 2. `deploying`: the objects are applied for the new spec and the job is submitted, restoring
 //!    the savepoint, the latest checkpoint (last-state), or nothing (stateless). A job already
 //!    running on the JobManager under the same name is adopted instead of submitted twice.
+use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use std::sync::Arc;
 use tracing::{Instrument, info, info_span, warn};
@@ -25,9 +26,11 @@ use freshet_crds::{
 };
 use freshet_proto as pb;
 
-use crate::jm::{JobManager, is_terminal};
+use crate::jm::{Access, JobManager, is_terminal};
 use crate::report::{MANAGER, StatusWriter, event, millis, now};
-use crate::resources::{Objects, objects, taskmanager_selector};
+use crate::resources::{
+    Objects, TOKEN_KEY, objects, security_secrets, taskmanager_selector, tls_secret, token_secret,
+};
 use crate::settings::{JobSettings, spec_hash};
 use crate::{Context, Error};
 
@@ -126,7 +129,91 @@ impl Reconciler<'_> {
     }
 
     async fn jobmanager(&self) -> Result<JobManager, Error> {
-        JobManager::connect(&(self.ctx.jobmanager)(self.sj)).await
+        let access = self.access().await?;
+        JobManager::connect(&(self.ctx.jobmanager)(self.sj), &access).await
+    }
+
+    /// How to reach the JobManager: with the CA and token from the job's Secrets, read each
+    /// time (they may have been rotated), or plainly when security is off.
+    async fn access(&self) -> Result<Access, Error> {
+        let Some(secrets) = security_secrets(self.sj) else {
+            return Ok(Access::default());
+        };
+        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace());
+        let value = |secret: Option<Secret>, name: &str, key: &str| {
+            secret
+                .and_then(|s| s.data)
+                .and_then(|mut d| d.remove(key))
+                .map(|b| b.0)
+                .ok_or_else(|| Error::Missing(format!("Secret {name} has no key {key}")))
+        };
+        let ca = value(
+            api.get_opt(&secrets.tls).await?,
+            &secrets.tls,
+            freshet_security::certs::CA_FILE,
+        )?;
+        let token = value(
+            api.get_opt(&secrets.token).await?,
+            &secrets.token,
+            TOKEN_KEY,
+        )?;
+        let bad = |e: freshet_security::Error| Error::Spec(format!("security Secrets: {e}"));
+        let tls = freshet_security::Tls::from_pem(&ca, None).map_err(bad)?;
+        let token = String::from_utf8_lossy(&token);
+        let first = token
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'));
+        Ok(Access {
+            dialer: freshet_security::net::Dialer::new(
+                Some(tls),
+                Some(freshet_security::INTERNAL_NAME.into()),
+            ),
+            token: freshet_security::ClientToken::new(first).map_err(bad)?,
+        })
+    }
+
+    fn namespace(&self) -> String {
+        self.sj.namespace().unwrap_or_else(|| "default".into())
+    }
+
+    /// Makes the TLS and token Secrets the operator owns when they do not exist; a Secret the
+    /// spec names must exist (it may still be being issued: the step is retried).
+    async fn ensure_secrets(&self) -> Result<(), Error> {
+        let Some(secrets) = security_secrets(self.sj) else {
+            return Ok(());
+        };
+        let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace());
+        for (name, generated, field, make) in [
+            (
+                &secrets.tls,
+                secrets.tls_generated,
+                "tlsSecret",
+                tls_secret as fn(&StreamJob) -> Result<Secret, Error>,
+            ),
+            (
+                &secrets.token,
+                secrets.token_generated,
+                "tokenSecret",
+                token_secret,
+            ),
+        ] {
+            if api.get_opt(name).await?.is_some() {
+                continue;
+            }
+            if !generated {
+                return Err(Error::Missing(format!(
+                    "Secret {name} (spec.security.{field}) does not exist"
+                )));
+            }
+            match api.create(&PostParams::default(), &make(self.sj)?).await {
+                Ok(_) => info!(secret = %name, "created"),
+                // another replica or an earlier pass made it meanwhile
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     /// The JobManager, or `None` after recording in `Ready` (with `reason`) that it cannot be
@@ -178,7 +265,8 @@ impl Reconciler<'_> {
             jobmanager,
             taskmanager,
         } = objects(self.sj, settings, running)?;
-        let ns = self.sj.namespace().unwrap_or_else(|| "default".into());
+        self.ensure_secrets().await?;
+        let ns = self.namespace();
         let client = &self.ctx.client;
         let pp = PatchParams::apply(MANAGER).force();
         macro_rules! apply {

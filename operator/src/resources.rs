@@ -2,7 +2,7 @@
 //! JobManager Deployment and its Service, and the TaskManager Deployment. Each is owned by the
 //! StreamJob, so deleting the StreamJob deletes them.
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -24,6 +24,12 @@ pub const HEALTH_PORT: u16 = 8080;
 pub const STATE_DIR: &str = "/var/lib/freshet";
 /// Where the job definition is mounted.
 pub const JOB_DIR: &str = "/etc/freshet";
+/// Where the TLS Secret (`tls.crt`, `tls.key`, `ca.crt`) is mounted.
+pub const TLS_DIR: &str = "/etc/freshet-tls";
+/// Where the token Secret (`token`) is mounted, in the JobManager only.
+pub const TOKEN_DIR: &str = "/etc/freshet-token";
+/// The key of a token Secret.
+pub const TOKEN_KEY: &str = "token";
 
 /// Names of a StreamJob's objects.
 pub struct Names {
@@ -35,6 +41,10 @@ pub struct Names {
     pub taskmanager: String,
     /// ConfigMap with the job definition.
     pub config: String,
+    /// The TLS Secret the operator makes when the spec names none.
+    pub tls: String,
+    /// The token Secret the operator makes when the spec names none.
+    pub token: String,
 }
 
 impl Names {
@@ -45,8 +55,101 @@ impl Names {
             jobmanager: format!("{name}-jobmanager"),
             taskmanager: format!("{name}-taskmanager"),
             config: format!("{name}-job"),
+            tls: format!("{name}-tls"),
+            token: format!("{name}-token"),
         }
     }
+}
+
+/// The Secrets of a StreamJob's security, and whether the operator makes them.
+pub struct SecuritySecrets {
+    /// `kubernetes.io/tls` Secret with `ca.crt`.
+    pub tls: String,
+    /// Made by the operator (not named in the spec).
+    pub tls_generated: bool,
+    /// Secret with the key `token`.
+    pub token: String,
+    /// Made by the operator.
+    pub token_generated: bool,
+}
+
+/// The Secrets `sj` runs with; `None` when its security is off.
+pub fn security_secrets(sj: &StreamJob) -> Option<SecuritySecrets> {
+    let s = &sj.spec.security;
+    if !s.enabled {
+        return None;
+    }
+    let names = Names::of(&sj.name_any());
+    Some(SecuritySecrets {
+        tls: s.tls_secret.clone().unwrap_or(names.tls),
+        tls_generated: s.tls_secret.is_none(),
+        token: s.token_secret.clone().unwrap_or(names.token),
+        token_generated: s.token_secret.is_none(),
+    })
+}
+
+/// A new TLS Secret for `sj`: a CA of its own and a certificate for `freshet-internal` and the
+/// JobManager Service's names, owned by the StreamJob.
+pub fn tls_secret(sj: &StreamJob) -> Result<Secret, Error> {
+    let names = Names::of(&sj.name_any());
+    let ns = sj.namespace().unwrap_or_else(|| "default".into());
+    let jm = &names.jobmanager;
+    let dns = vec![
+        jm.clone(),
+        format!("{jm}.{ns}"),
+        format!("{jm}.{ns}.svc"),
+        format!("{jm}.{ns}.svc.cluster.local"),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ];
+    let g =
+        freshet_security::certs::generate(&dns, 3650).map_err(|e| Error::Spec(e.to_string()))?;
+    let data = [
+        (freshet_security::certs::CA_FILE, g.ca),
+        (freshet_security::certs::CERT_FILE, g.cert),
+        (freshet_security::certs::KEY_FILE, g.key),
+    ];
+    owned_secret(sj, &names.tls, "kubernetes.io/tls", data)
+}
+
+/// A new token Secret for `sj` with a random token, owned by the StreamJob.
+pub fn token_secret(sj: &StreamJob) -> Result<Secret, Error> {
+    let names = Names::of(&sj.name_any());
+    let token = freshet_security::certs::token().map_err(|e| Error::Spec(e.to_string()))?;
+    owned_secret(
+        sj,
+        &names.token,
+        "Opaque",
+        [(TOKEN_KEY, format!("{token}\n"))],
+    )
+}
+
+fn owned_secret<const N: usize>(
+    sj: &StreamJob,
+    name: &str,
+    kind: &str,
+    data: [(&str, String); N],
+) -> Result<Secret, Error> {
+    let owner = sj
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::Spec("the StreamJob has no uid yet".into()))?;
+    let mut secret: Secret = from_json(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": sj.namespace(),
+            "labels": labels(&sj.name_any(), "security"),
+            "ownerReferences": [owner],
+        },
+        "type": kind,
+    }))?;
+    secret.data = Some(
+        data.into_iter()
+            .map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.into_bytes())))
+            .collect(),
+    );
+    Ok(secret)
 }
 
 /// Labels of a component's pods.
@@ -112,7 +215,20 @@ pub fn objects(sj: &StreamJob, s: &JobSettings, running: bool) -> Result<Objects
             ],
         },
     }))?;
-    let jm_args = vec![
+    let secrets = security_secrets(sj);
+    let tls_args = |args: &mut Vec<String>| {
+        if secrets.is_some() {
+            for (flag, file) in [
+                ("--tls-cert", freshet_security::certs::CERT_FILE),
+                ("--tls-key", freshet_security::certs::KEY_FILE),
+                ("--tls-ca", freshet_security::certs::CA_FILE),
+            ] {
+                args.push(flag.into());
+                args.push(format!("{TLS_DIR}/{file}"));
+            }
+        }
+    };
+    let mut jm_args = vec![
         "jobmanager".to_string(),
         "--listen".into(),
         format!("0.0.0.0:{RPC_PORT}"),
@@ -121,6 +237,19 @@ pub fn objects(sj: &StreamJob, s: &JobSettings, running: bool) -> Result<Objects
         "--health".into(),
         format!("0.0.0.0:{HEALTH_PORT}"),
     ];
+    tls_args(&mut jm_args);
+    // (volume, Secret, mount path) of each component
+    let mut jm_secrets = Vec::new();
+    let mut tm_secrets = Vec::new();
+    if let Some(sec) = &secrets {
+        jm_args.extend([
+            "--auth-token-file".into(),
+            format!("{TOKEN_DIR}/{TOKEN_KEY}"),
+        ]);
+        jm_secrets.push(("tls", sec.tls.clone(), TLS_DIR));
+        jm_secrets.push(("token", sec.token.clone(), TOKEN_DIR));
+        tm_secrets.push(("tls", sec.tls.clone(), TLS_DIR));
+    }
     let jobmanager = deployment(
         sj,
         "jobmanager",
@@ -129,8 +258,9 @@ pub fn objects(sj: &StreamJob, s: &JobSettings, running: bool) -> Result<Objects
         json!([{"name": "rpc", "containerPort": RPC_PORT}]),
         sj.spec.job_manager.resources.as_ref(),
         &meta(&names.jobmanager, "jobmanager"),
+        &jm_secrets,
     )?;
-    let tm_args = vec![
+    let mut tm_args = vec![
         "taskmanager".to_string(),
         "--jobmanager".into(),
         format!("{}:{RPC_PORT}", names.jobmanager),
@@ -149,6 +279,7 @@ pub fn objects(sj: &StreamJob, s: &JobSettings, running: bool) -> Result<Objects
         "--health".into(),
         format!("0.0.0.0:{HEALTH_PORT}"),
     ];
+    tls_args(&mut tm_args);
     let taskmanager = deployment(
         sj,
         "taskmanager",
@@ -160,6 +291,7 @@ pub fn objects(sj: &StreamJob, s: &JobSettings, running: bool) -> Result<Objects
         ]),
         sj.spec.task_managers.resources.as_ref(),
         &meta(&names.taskmanager, "taskmanager"),
+        &tm_secrets,
     )?;
     Ok(Objects {
         config,
@@ -179,6 +311,7 @@ fn deployment(
     ports: Value,
     resources: Option<&k8s_openapi::api::core::v1::ResourceRequirements>,
     meta: &Value,
+    secrets: &[(&str, String, &str)],
 ) -> Result<Deployment, Error> {
     let spec = &sj.spec;
     let mut env = vec![
@@ -226,6 +359,20 @@ fn deployment(
             "capabilities": {"drop": ["ALL"]},
         },
     });
+    let mut volumes = vec![
+        json!({"name": "state", "emptyDir": {}}),
+        json!({"name": "tmp", "emptyDir": {}}),
+        json!({"name": "job", "configMap": {"name": Names::of(&sj.name_any()).config}}),
+    ];
+    for (volume, secret, path) in secrets {
+        container["volumeMounts"]
+            .as_array_mut()
+            .expect("a list")
+            .push(json!({"name": volume, "mountPath": path, "readOnly": true}));
+        // readable by the pod's user only (fsGroup); the files follow a Secret's updates
+        volumes
+            .push(json!({"name": volume, "secret": {"secretName": secret, "defaultMode": 0o440}}));
+    }
     if let Some(p) = spec.image_pull_policy {
         container["imagePullPolicy"] = p.name().into();
     }
@@ -239,11 +386,7 @@ fn deployment(
             "containers": [container],
             "securityContext": {"runAsNonRoot": true, "runAsUser": 10001, "fsGroup": 10001},
             "terminationGracePeriodSeconds": 30,
-            "volumes": [
-                {"name": "state", "emptyDir": {}},
-                {"name": "tmp", "emptyDir": {}},
-                {"name": "job", "configMap": {"name": Names::of(&sj.name_any()).config}},
-            ],
+            "volumes": volumes,
         },
     });
     let mut template = spec.pod_template.clone().unwrap_or_else(|| json!({}));
