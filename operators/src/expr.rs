@@ -239,7 +239,12 @@ impl Expr {
     /// Evaluates a predicate; nulls count as false.
     pub fn evaluate_predicate(&self, batch: &RecordBatch) -> Result<BooleanArray, EngineError> {
         let a = self.evaluate(batch)?;
-        let b = a.as_boolean();
+        let b = a.as_boolean_opt().ok_or_else(|| {
+            EngineError::Operator(format!(
+                "a condition must be boolean, not {}",
+                type_name(a.data_type())
+            ))
+        })?;
         Ok(match b.nulls() {
             Some(nulls) if nulls.null_count() > 0 => {
                 BooleanArray::new(b.values() & nulls.inner(), None)

@@ -1,0 +1,1 @@
+substring(s, 2, 3)

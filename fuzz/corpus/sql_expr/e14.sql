@@ -1,0 +1,1 @@
+t + INTERVAL '1' HOUR

@@ -1,0 +1,1 @@
+i BETWEEN -1 AND 1

@@ -1,0 +1,1 @@
+(i IS NULL) OR (f IS NOT NULL)

@@ -1,0 +1,1 @@
+length(s) = char_length(s)

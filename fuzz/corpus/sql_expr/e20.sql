@@ -1,0 +1,1 @@
+CAST(t AS BIGINT)

@@ -1,0 +1,1 @@
+CAST(s AS BIGINT) + i
