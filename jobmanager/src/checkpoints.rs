@@ -121,7 +121,14 @@ struct State {
     /// Set when the coordinator must stop the job (fenced by a newer run).
     fatal: Option<String>,
     latest: Option<String>,
+    /// The newest checkpoints that failed: subtasks still uploading for one when it failed
+    /// write into its directory afterwards, so the directory is deleted again when their late
+    /// acknowledgement arrives and at every collection.
+    abandoned: VecDeque<CheckpointId>,
 }
+
+/// Failed checkpoints whose directories are swept again.
+const ABANDONED: usize = 32;
 
 /// The coordinator. Call [`Coordinator::start`]; reports go to [`Coordinator::report`].
 pub struct Coordinator {
@@ -233,6 +240,7 @@ impl Coordinator {
                 gc_needed: true,
                 fatal: None,
                 latest: None,
+                abandoned: VecDeque::new(),
             }),
             wake: Condvar::new(),
         })
@@ -260,13 +268,12 @@ impl Coordinator {
         if s.fatal.is_none() {
             for p in pending.values() {
                 if p.barrier.kind == SnapshotKind::Checkpoint {
-                    let _ = self.storage.delete_dir(&checkpoint_dir(p.barrier.id));
+                    s.abandoned.push_back(p.barrier.id);
                 }
             }
             if s.gc_needed || !pending.is_empty() {
                 s.gc_needed = false;
-                let live = Self::live_files(&s);
-                self.collect_garbage(&live);
+                self.collect_garbage(&s);
             }
         }
         for (_, p) in pending {
@@ -345,9 +352,8 @@ impl Coordinator {
             }
             if s.pending.is_empty() && s.gc_needed {
                 s.gc_needed = false;
-                let live = Self::live_files(&s);
                 // under the lock: no checkpoint may start (and upload) while files are deleted
-                self.collect_garbage(&live);
+                self.collect_garbage(&s);
                 continue;
             }
             let wait = interval
@@ -437,6 +443,12 @@ impl Coordinator {
             SubtaskReport::Ack(ack) => {
                 let id = ack.checkpoint;
                 let Some(p) = s.pending.get_mut(&id) else {
+                    if s.abandoned.contains(&id) {
+                        // uploaded for a checkpoint that failed meanwhile: its private files
+                        // go now, its shared ones with the next collection
+                        let _ = self.storage.delete_dir(&checkpoint_dir(id));
+                        s.gc_needed = true;
+                    }
                     return;
                 };
                 p.acks.insert((vertex, subtask), *ack);
@@ -504,6 +516,10 @@ impl Coordinator {
         match p.barrier.kind {
             SnapshotKind::Checkpoint => {
                 let _ = self.storage.delete_dir(&checkpoint_dir(id));
+                s.abandoned.push_back(id);
+                if s.abandoned.len() > ABANDONED {
+                    s.abandoned.pop_front();
+                }
             }
             SnapshotKind::Savepoint => {
                 if let Some(t) = &p.barrier.target
@@ -649,8 +665,13 @@ impl Coordinator {
         })
     }
 
-    /// Deletes shared files no retained checkpoint references.
-    fn collect_garbage(&self, live: &HashSet<String>) {
+    /// Deletes shared files no retained checkpoint references, and what late uploads left in
+    /// the directories of failed checkpoints. Only while no checkpoint is in progress.
+    fn collect_garbage(&self, s: &State) {
+        for id in &s.abandoned {
+            let _ = self.storage.delete_dir(&checkpoint_dir(*id));
+        }
+        let live = Self::live_files(s);
         let files = match self.storage.list("shared") {
             Ok(f) => f,
             Err(e) => {
@@ -698,4 +719,101 @@ pub fn dispose_savepoint(location: &str, s3: &S3Options) -> Result<(), String> {
         let _ = std::fs::remove_dir_all(location);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use freshet_engine::KeyGroupRange;
+    use freshet_engine::checkpoint::{FileRef, OperatorSnapshot};
+
+    fn ack(id: CheckpointId, subtask: u32, files: &[&str]) -> SubtaskReport {
+        let snapshot = OperatorSnapshot {
+            subtask,
+            parallelism: 2,
+            key_groups: KeyGroupRange { start: 0, end: 127 },
+            files: files
+                .iter()
+                .map(|p| FileRef {
+                    name: p.rsplit('/').next().unwrap().into(),
+                    path: p.to_string(),
+                    size: 1,
+                    checksum: None,
+                })
+                .collect(),
+            state: Vec::new(),
+        };
+        SubtaskReport::Ack(Box::new(SubtaskAck {
+            checkpoint: id,
+            operators: BTreeMap::from([("op".to_string(), snapshot)]),
+            full_bytes: 1,
+            uploaded_bytes: 1,
+            alignment_ms: 0,
+            sync_ms: 0,
+            async_ms: 0,
+        }))
+    }
+
+    /// A subtask still uploading when its checkpoint failed leaves nothing behind: the late
+    /// acknowledgement deletes the checkpoint's directory again, and the next collection the
+    /// shared files no retained checkpoint references.
+    #[test]
+    fn files_uploaded_for_a_failed_checkpoint_are_deleted_when_they_arrive_late() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(
+            &dir.path().display().to_string(),
+            dir.path(),
+            &S3Options::default(),
+        )
+        .unwrap();
+        let spec: CheckpointingSpec = serde_json::from_str(r#"{"interval": "1h"}"#).unwrap();
+        let c = Coordinator::new(
+            CoordinatorSettings {
+                spec,
+                job: "j".into(),
+                max_parallelism: 128,
+                subtasks: vec![(0, 0, true), (0, 1, true)],
+                s3: S3Options::default(),
+            },
+            storage.clone(),
+            1,
+            &[],
+            0,
+            Arc::new(|_, _, _| {}),
+            Arc::new(|_| {}),
+        );
+        let id = {
+            let mut s = c.state.lock();
+            c.trigger(&mut s, SnapshotKind::Checkpoint, None, false, false, None)
+        };
+        let private = format!("{}/op/1/MANIFEST-000005", checkpoint_dir(id));
+        let shared = "shared/op/1-000009.sst";
+        c.report(0, 0, ack(id, 0, &[]));
+        c.report(
+            0,
+            1,
+            SubtaskReport::Decline {
+                checkpoint: id,
+                reason: "test".into(),
+            },
+        );
+        // subtask 1 finishes its upload after the failure
+        storage.put(&private, "m".into()).unwrap();
+        storage.put(shared, "s".into()).unwrap();
+        c.report(0, 1, ack(id, 1, &[&private, shared]));
+        assert_eq!(
+            storage.get(&private).unwrap(),
+            None,
+            "the late private file stayed"
+        );
+        let s = c.state.lock();
+        assert!(s.gc_needed && s.pending.is_empty());
+        c.collect_garbage(&s);
+        assert_eq!(
+            storage.get(shared).unwrap(),
+            None,
+            "the late shared file stayed"
+        );
+        assert!(storage.list(&checkpoint_dir(id)).unwrap().is_empty());
+    }
 }
