@@ -458,6 +458,32 @@ impl TableSink {
     }
 }
 
+/// Deletes every staged table of `path` (`<stem>.<checkpoint>.staged` beside it).
+fn remove_staged(path: &Path) {
+    let (Some(dir), Some(stem)) = (path.parent(), path.file_stem()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{}.", stem.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let staged = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".staged"))
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
+        if staged && let Err(e) = std::fs::remove_file(e.path()) {
+            tracing::warn!(file = %name, error = %e, "cannot delete a stale staged table");
+        }
+    }
+}
+
 impl Operator for TableSink {
     fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
         if !state.checkpointing() {
@@ -477,7 +503,10 @@ impl Operator for TableSink {
         }
         self.staged = Some(staged);
         // the restored checkpoint completed: finish its pending rename
-        self.commit(u64::MAX)
+        self.commit(u64::MAX)?;
+        // tables staged for checkpoints after the restored one never complete
+        remove_staged(&self.path);
+        Ok(())
     }
 
     fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
@@ -707,5 +736,34 @@ pub fn check_checksum(e: &Expr) -> std::result::Result<(), String> {
             "a checksum must be BIGINT, got {}; CAST it",
             freshet_operators::expr::type_name(e.data_type())
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_staged_tables_are_deleted_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = dir.path().join("revenue.jsonl");
+        let keep = [
+            "revenue.jsonl",
+            "revenue.x.staged",
+            "revenue.7.staging",
+            "other.7.staged",
+            "revenue..staged",
+        ];
+        let gone = ["revenue.7.staged", "revenue.123456.staged"];
+        for f in keep.iter().chain(&gone) {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        remove_staged(&table);
+        for f in keep {
+            assert!(dir.path().join(f).exists(), "{f} was deleted");
+        }
+        for f in gone {
+            assert!(!dir.path().join(f).exists(), "{f} stayed");
+        }
     }
 }
