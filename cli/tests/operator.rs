@@ -359,17 +359,12 @@ async fn security_is_on_by_default_with_secrets_the_operator_makes() {
     );
 
     // the pods, as processes with the Secrets' files
-    let f = |n: &str| files.join(n).display().to_string();
-    let tls_args = vec![
-        "--tls-cert".into(),
-        f("tls.crt"),
-        "--tls-key".into(),
-        f("tls.key"),
-        "--tls-ca".into(),
-        f("ca.crt"),
-    ];
+    let tls_args = common::tls_args(&files);
     let mut jm_extra = tls_args.clone();
-    jm_extra.extend(["--auth-token-file".into(), f("token")]);
+    jm_extra.extend([
+        "--auth-token-file".into(),
+        files.join("token").display().to_string(),
+    ]);
     let _pods = pods_with(&address, &jm_extra, &tls_args);
     h.access = freshet_operator::jm::Access {
         dialer: freshet_security::net::Dialer::new(

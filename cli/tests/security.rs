@@ -21,18 +21,6 @@ fn certs(dir: &Path) {
     }
 }
 
-fn tls_args(dir: &Path) -> Vec<String> {
-    let f = |n: &str| dir.join(n).display().to_string();
-    vec![
-        "--tls-cert".into(),
-        f("tls.crt"),
-        "--tls-key".into(),
-        f("tls.key"),
-        "--tls-ca".into(),
-        f("ca.crt"),
-    ]
-}
-
 /// `freshet list` against `address` with `extra` client arguments.
 fn list(address: &str, extra: &[String]) -> Output {
     freshet()

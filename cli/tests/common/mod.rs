@@ -423,3 +423,16 @@ impl Cluster {
         self.tms.iter().chain([&self.jm]).collect()
     }
 }
+
+/// The TLS flags of a process given the `ca.crt`, `tls.crt` and `tls.key` in `dir`.
+pub fn tls_args(dir: &Path) -> Vec<String> {
+    let f = |n: &str| dir.join(n).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        f("tls.crt"),
+        "--tls-key".into(),
+        f("tls.key"),
+        "--tls-ca".into(),
+        f("ca.crt"),
+    ]
+}
