@@ -669,6 +669,56 @@ pub fn decode_stream(mut bytes: &[u8]) -> io::Result<usize> {
     Ok(frames)
 }
 
+/// Checks the framing of Arrow IPC stream messages, and that every buffer a batch names lies
+/// inside its message's body (the IPC reader would panic on one that does not).
+fn check_ipc(mut b: &[u8]) -> Result<(), String> {
+    use arrow::ipc::{MessageHeader, root_as_message};
+    fn int(b: &[u8]) -> Result<i32, String> {
+        b.get(..4)
+            .map(|x| i32::from_le_bytes(x.try_into().expect("4 bytes")))
+            .ok_or_else(|| "a truncated Arrow IPC message".to_string())
+    }
+    while !b.is_empty() {
+        let mut len = int(b)?;
+        b = &b[4..];
+        if len == -1 {
+            // the continuation marker, then the length
+            len = int(b)?;
+            b = &b[4..];
+        }
+        if len == 0 {
+            return Ok(()); // end of stream
+        }
+        let len = usize::try_from(len).map_err(|_| "a negative Arrow IPC length")?;
+        let meta = b.get(..len).ok_or("a truncated Arrow IPC message")?;
+        b = &b[len..];
+        let message =
+            root_as_message(meta).map_err(|e| format!("a malformed Arrow IPC message: {e}"))?;
+        let body = usize::try_from(message.bodyLength())
+            .ok()
+            .filter(|n| *n <= b.len())
+            .ok_or("an Arrow IPC body longer than its frame")?;
+        let batch = match message.header_type() {
+            MessageHeader::RecordBatch => message.header_as_record_batch(),
+            MessageHeader::DictionaryBatch => {
+                message.header_as_dictionary_batch().and_then(|d| d.data())
+            }
+            _ => None,
+        };
+        for buffer in batch.and_then(|r| r.buffers()).into_iter().flatten() {
+            let end = buffer.offset().checked_add(buffer.length());
+            let inside = buffer.offset() >= 0
+                && buffer.length() >= 0
+                && end.is_some_and(|e| e as u64 <= body as u64);
+            if !inside {
+                return Err("an Arrow IPC buffer outside its message's body".into());
+            }
+        }
+        b = &b[body..];
+    }
+    Ok(())
+}
+
 /// The receiving side of one channel's element encoding: the channel's Arrow IPC stream.
 #[derive(Default)]
 struct Decoder {
@@ -690,17 +740,31 @@ impl Decoder {
                 } else if self.stream.schema().is_none() {
                     return Err("a batch before its stream's schema".into());
                 }
+                check_ipc(rest)?;
                 let mut buf = Buffer::from_vec(bytes);
                 buf.advance(start + 1);
-                let mut batch: Option<RecordBatch> = None;
-                while !buf.is_empty() {
-                    if let Some(b) = self.stream.decode(&mut buf).map_err(|e| e.to_string())?
-                        && batch.replace(b).is_some()
-                    {
-                        return Err("two batches in one element".into());
+                let stream = &mut self.stream;
+                // the IPC reader panics on some malformed messages (a buffer offset past the
+                // body) instead of returning an error: such a message fails the connection
+                // like any other malformed one, not the process
+                let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let mut batch: Option<RecordBatch> = None;
+                    while !buf.is_empty() {
+                        if let Some(b) = stream.decode(&mut buf).map_err(|e| e.to_string())?
+                            && batch.replace(b).is_some()
+                        {
+                            return Err("two batches in one element".to_string());
+                        }
+                    }
+                    batch.ok_or_else(|| "a batch element without a batch".to_string())
+                }));
+                match decoded {
+                    Ok(batch) => Element::Batch(batch?),
+                    Err(_) => {
+                        self.stream = StreamDecoder::new();
+                        return Err("a malformed Arrow IPC message".into());
                     }
                 }
-                Element::Batch(batch.ok_or("a batch element without a batch")?)
             }
             TAG_WATERMARK => Element::Watermark(Watermark(i64::from_le_bytes(
                 rest.try_into().map_err(|_| "bad watermark")?,
