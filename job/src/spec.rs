@@ -110,6 +110,11 @@ pub struct CheckpointingSpec {
     /// Completed checkpoints kept; older ones are deleted with the files only they use.
     #[serde(default = "default_retain")]
     pub retain: u32,
+    /// Checkpoints that may fail in a row (declined, timed out, or not written); one more fails
+    /// the attempt, and the restart strategy starts it again from the latest completed
+    /// checkpoint. Savepoints do not count.
+    #[serde(default = "default_tolerable_failures")]
+    pub tolerable_failures: u32,
     /// Where checkpoints go: a directory (relative to the job file) or `s3://bucket/prefix`.
     /// The job's checkpoints live in `<dir>/<job name>/`.
     #[serde(default = "default_cp_dir")]
@@ -129,6 +134,9 @@ fn default_one() -> u32 {
     1
 }
 fn default_retain() -> u32 {
+    3
+}
+fn default_tolerable_failures() -> u32 {
     3
 }
 fn default_cp_dir() -> String {

@@ -30,6 +30,10 @@ use freshet_job::CheckpointingSpec;
 /// Sends a command to subtask (vertex, index).
 pub type CommandSender = Arc<dyn Fn(usize, u32, SubtaskCommand) + Send + Sync>;
 
+/// Fails the running attempt with a reason; the flag says whether the restart strategy may
+/// start it again (too many failed checkpoints) or not (fenced by a newer run).
+pub type FailAttempt = Arc<dyn Fn(String, bool) + Send + Sync>;
+
 /// Status of a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -120,6 +124,8 @@ struct State {
     gc_needed: bool,
     /// Set when the coordinator must stop the job (fenced by a newer run).
     fatal: Option<String>,
+    /// Checkpoints failed since the last one that completed.
+    failed_in_a_row: u32,
     latest: Option<String>,
     /// The newest checkpoints that failed: subtasks still uploading for one when it failed
     /// write into its directory afterwards, so the directory is deleted again when their late
@@ -136,7 +142,7 @@ pub struct Coordinator {
     storage: Storage,
     generation: u64,
     send: CommandSender,
-    on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+    fail_attempt: FailAttempt,
     state: Mutex<State>,
     wake: Condvar,
 }
@@ -211,7 +217,7 @@ impl Coordinator {
         existing: &[CheckpointMetadata],
         last_id: CheckpointId,
         send: CommandSender,
-        on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+        fail_attempt: FailAttempt,
     ) -> Arc<Self> {
         let retained = existing
             .iter()
@@ -225,7 +231,7 @@ impl Coordinator {
             storage,
             generation,
             send,
-            on_fatal,
+            fail_attempt,
             state: Mutex::new(State {
                 next_id: last_id + 1,
                 pending: BTreeMap::new(),
@@ -239,6 +245,7 @@ impl Coordinator {
                 stopped: false,
                 gc_needed: true,
                 fatal: None,
+                failed_in_a_row: 0,
                 latest: None,
                 abandoned: VecDeque::new(),
             }),
@@ -520,6 +527,21 @@ impl Coordinator {
                 if s.abandoned.len() > ABANDONED {
                     s.abandoned.pop_front();
                 }
+                s.failed_in_a_row += 1;
+                let tolerable = self.settings.spec.tolerable_failures;
+                if s.failed_in_a_row == tolerable + 1 && s.fatal.is_none() {
+                    // nothing is committed while checkpoints fail: a restart from the latest
+                    // completed checkpoint starts the uploads (and their connections) afresh,
+                    // and the restart strategy bounds how long that goes on
+                    self.fail_attempt(
+                        format!(
+                            "{} checkpoints failed in a row (checkpointing.tolerable_failures \
+                             is {tolerable}); the last: {reason}",
+                            s.failed_in_a_row
+                        ),
+                        true,
+                    );
+                }
             }
             SnapshotKind::Savepoint => {
                 if let Some(t) = &p.barrier.target
@@ -588,6 +610,7 @@ impl Coordinator {
         self.record(s, stats);
         s.last_completion = Some(Instant::now());
         if p.barrier.kind == SnapshotKind::Checkpoint {
+            s.failed_in_a_row = 0;
             s.latest = Some(path.clone());
             s.retained.push_back(Retained {
                 id,
@@ -616,6 +639,13 @@ impl Coordinator {
         }
     }
 
+    /// Fails the attempt, on another thread: failing it stops this coordinator, which takes
+    /// the state lock the caller holds.
+    fn fail_attempt(&self, reason: String, retryable: bool) {
+        let fail = self.fail_attempt.clone();
+        std::thread::spawn(move || fail(reason, retryable));
+    }
+
     /// Writes the metadata with a conditional put, after checking no newer run took over.
     fn write_metadata(
         &self,
@@ -632,10 +662,7 @@ impl Coordinator {
             );
             s.fatal = Some(msg.clone());
             s.stopped = true;
-            // not under the lock: failing the job stops this coordinator
-            let on_fatal = self.on_fatal.clone();
-            let m = msg.clone();
-            std::thread::spawn(move || on_fatal(m));
+            self.fail_attempt(msg.clone(), false);
             return Err(msg);
         }
         let body = serde_json::to_vec_pretty(m).map_err(|e| e.to_string())?;
@@ -754,6 +781,102 @@ mod tests {
         }))
     }
 
+    /// A coordinator of two source subtasks with the checkpointing settings `spec` (JSON).
+    fn coordinator(storage: &Storage, spec: &str, fail: FailAttempt) -> Arc<Coordinator> {
+        Coordinator::new(
+            CoordinatorSettings {
+                spec: serde_json::from_str(spec).unwrap(),
+                job: "j".into(),
+                max_parallelism: 128,
+                subtasks: vec![(0, 0, true), (0, 1, true)],
+                s3: S3Options::default(),
+            },
+            storage.clone(),
+            1,
+            &[],
+            0,
+            Arc::new(|_, _, _| {}),
+            fail,
+        )
+    }
+
+    fn trigger(c: &Coordinator, kind: SnapshotKind) -> CheckpointId {
+        let mut s = c.state.lock();
+        let target =
+            (kind == SnapshotKind::Savepoint).then(|| c.storage.child("savepoint").url().into());
+        c.trigger(&mut s, kind, target, false, false, None)
+    }
+
+    fn decline(c: &Coordinator, id: CheckpointId) {
+        let reason = format!("upload {id} refused");
+        c.report(
+            0,
+            1,
+            SubtaskReport::Decline {
+                checkpoint: id,
+                reason,
+            },
+        );
+    }
+
+    /// Checkpoints failing one after another fail the attempt (for the restart strategy) once
+    /// there are more than `tolerable_failures` of them in a row; a completed checkpoint starts
+    /// the count over, and failed savepoints do not count.
+    #[test]
+    fn too_many_failed_checkpoints_in_a_row_fail_the_attempt_for_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(
+            &dir.path().display().to_string(),
+            dir.path(),
+            &S3Options::default(),
+        )
+        .unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let fail: FailAttempt = Arc::new(move |msg, retryable| tx.send((msg, retryable)).unwrap());
+        let c = coordinator(
+            &storage,
+            r#"{"interval": "1h", "tolerable_failures": 2}"#,
+            fail,
+        );
+        let quiet = |what: &str| {
+            let got = rx.recv_timeout(Duration::from_millis(200));
+            assert!(got.is_err(), "{what}: the attempt was failed: {got:?}");
+        };
+        for _ in 0..2 {
+            let id = trigger(&c, SnapshotKind::Checkpoint);
+            decline(&c, id);
+        }
+        quiet("two failures in a row");
+        let id = trigger(&c, SnapshotKind::Checkpoint);
+        c.report(0, 0, ack(id, 0, &[]));
+        c.report(0, 1, ack(id, 1, &[]));
+        assert_eq!(
+            c.latest()
+                .as_deref()
+                .map(|l| l.ends_with(&checkpoint_dir(id))),
+            Some(true)
+        );
+        for _ in 0..2 {
+            let id = trigger(&c, SnapshotKind::Checkpoint);
+            decline(&c, id);
+            let id = trigger(&c, SnapshotKind::Savepoint);
+            decline(&c, id);
+        }
+        quiet("two failures after a completed checkpoint, and failed savepoints");
+        let id = trigger(&c, SnapshotKind::Checkpoint);
+        decline(&c, id);
+        let (msg, retryable) = rx.recv_timeout(Duration::from_secs(5)).expect("not failed");
+        assert!(retryable, "{msg}");
+        assert!(
+            msg.contains("3 checkpoints failed in a row")
+                && msg.contains(&format!("upload {id} refused")),
+            "{msg}"
+        );
+        let id = trigger(&c, SnapshotKind::Checkpoint);
+        decline(&c, id);
+        quiet("a fourth failure (the attempt is failed once)");
+    }
+
     /// A subtask still uploading when its checkpoint failed leaves nothing behind: the late
     /// acknowledgement deletes the checkpoint's directory again, and the next collection the
     /// shared files no retained checkpoint references.
@@ -766,26 +889,8 @@ mod tests {
             &S3Options::default(),
         )
         .unwrap();
-        let spec: CheckpointingSpec = serde_json::from_str(r#"{"interval": "1h"}"#).unwrap();
-        let c = Coordinator::new(
-            CoordinatorSettings {
-                spec,
-                job: "j".into(),
-                max_parallelism: 128,
-                subtasks: vec![(0, 0, true), (0, 1, true)],
-                s3: S3Options::default(),
-            },
-            storage.clone(),
-            1,
-            &[],
-            0,
-            Arc::new(|_, _, _| {}),
-            Arc::new(|_| {}),
-        );
-        let id = {
-            let mut s = c.state.lock();
-            c.trigger(&mut s, SnapshotKind::Checkpoint, None, false, false, None)
-        };
+        let c = coordinator(&storage, r#"{"interval": "1h"}"#, Arc::new(|_, _| {}));
+        let id = trigger(&c, SnapshotKind::Checkpoint);
         let private = format!("{}/op/1/MANIFEST-000005", checkpoint_dir(id));
         let shared = "shared/op/1-000009.sst";
         c.report(0, 0, ack(id, 0, &[]));

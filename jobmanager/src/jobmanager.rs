@@ -772,9 +772,9 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
             });
             let weak = Arc::downgrade(inner);
             let job = entry.id.clone();
-            let on_fatal = Arc::new(move |msg: String| {
+            let fail = Arc::new(move |msg: String, retryable: bool| {
                 if let Some(inner) = weak.upgrade() {
-                    fail_job(&inner, &job, msg);
+                    fail_attempt(&inner, &job, msg, retryable);
                 }
             });
             Coordinator::new(
@@ -784,7 +784,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
                 existing,
                 *last_id,
                 send,
-                on_fatal,
+                fail,
             )
         });
     let spec_state = &spec.state;
@@ -976,17 +976,18 @@ fn lose_taskmanager(inner: &Inner, tm: &Arc<dyn TaskManagerGateway>, reason: &st
     }
 }
 
-/// Fails a running attempt with `msg` (a condition outside any subtask, such as being fenced),
-/// without restarting.
-fn fail_job(inner: &Arc<Inner>, job: &JobId, msg: String) {
+/// Fails a running attempt with `msg`, a condition outside any subtask: fenced by a newer run
+/// (not `retryable`: the job ends), or too many failed checkpoints (the restart strategy decides).
+fn fail_attempt(inner: &Arc<Inner>, job: &JobId, msg: String, retryable: bool) {
     let Some(entry) = inner.jobs.lock().get(job).cloned() else {
         return;
     };
     let tms = {
         let mut rt = entry.rt();
         let Some(a) = rt.attempt.as_mut() else { return };
-        if a.failure.as_ref().is_none_or(|f| f.2) {
-            a.failure = Some((msg, true, false));
+        if a.failure.is_none() || (!retryable && a.failure.as_ref().is_some_and(|f| f.2)) {
+            warn!(job = %job, error = %msg, "failing the attempt");
+            a.failure = Some((msg, true, retryable));
         }
         a.taskmanagers.clone()
     };
@@ -1064,9 +1065,13 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
                 // the consumer's own error, when it arrives, is the one to report
                 if first || (root_cause && !a.failure.as_ref().is_some_and(|f| f.1)) {
                     a.failure = Some((format!("{task}: {error}"), root_cause, retryable));
+                    if !first {
+                        warn!(job = %ev.job, %task, %error, "the attempt's root cause");
+                    }
                 }
                 if first {
-                    warn!(job = %ev.job, %task, %error, "subtask failed; cancelling the attempt");
+                    let consequence = !root_cause;
+                    warn!(job = %ev.job, %task, %error, consequence, "subtask failed; cancelling the attempt");
                     let tms = a.taskmanagers.clone();
                     drop(rt);
                     for tm in tms {
