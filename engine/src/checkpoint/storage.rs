@@ -129,6 +129,9 @@ impl Storage {
             if let Some(k) = &s3.secret_access_key {
                 b = b.with_secret_access_key(k);
             }
+            // the HTTP client's TLS takes the process's crypto provider: ring, as everywhere
+            // else (an error only says one is installed already)
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let store = b.build().map_err(|e| err(location, e))?;
             return Ok(Storage {
                 store: Arc::new(store),
