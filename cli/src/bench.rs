@@ -5,6 +5,10 @@
 //! `freshet bench checkpoints`: what checkpoints cost. Nexmark q5 with checkpoints every second
 //! against the same run without, alternating, with the ratio; then a job with large keyed state
 //! whose keys change slowly, printing each checkpoint's full and uploaded (incremental) size.
+//!
+//! `freshet bench state`: keyed state far larger than the in-memory caches. A deduplication and
+//! a keyed window over growing numbers of distinct keys, each run a `freshet run` process of its
+//! own, printing events per second, the ratio to the smallest key count and the peak RSS.
 use anyhow::{Result, bail};
 use clap::Subcommand;
 use std::time::Instant;
@@ -61,6 +65,19 @@ pub enum BenchCommand {
         /// Runs of each variant (alternating).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+    },
+    /// Large keyed state: deduplication (keep first) and a keyed window that stays open, over
+    /// `events_per_key` events for each of `keys` distinct keys, default state settings.
+    State {
+        /// Distinct key counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [200_000u64, 1_000_000, 2_000_000])]
+        keys: Vec<u64>,
+        /// Events per key.
+        #[arg(long, default_value_t = 2)]
+        events_per_key: u64,
+        /// Jobs: dedup, window or both.
+        #[arg(long, value_delimiter = ',', default_values_t = ["dedup".to_string(), "window".to_string()])]
+        jobs: Vec<String>,
     },
 }
 
@@ -150,7 +167,92 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             keys,
         } => bench_checkpoints(events, rounds, keys),
         BenchCommand::Shuffle { events, rounds } => bench_shuffle(events, rounds),
+        BenchCommand::State {
+            keys,
+            events_per_key,
+            jobs,
+        } => bench_state(&keys, events_per_key, &jobs),
     }
+}
+
+/// A job over `keys` distinct keys, each seen `per_key` times, spread over the whole input.
+fn state_job(kind: &str, keys: u64, per_key: u64) -> Result<String> {
+    let transform = match kind {
+        "dedup" => "    type: deduplicate\n    key: [k]\n    keep: first\n    ttl: 1000d\n",
+        "window" => {
+            "    type: window\n    key_by: [k]\n    window: {type: tumbling, size: 1000d}\n    aggregates: [\"count(*) AS n\"]\n"
+        }
+        other => bail!("unknown state benchmark job {other}; use dedup or window"),
+    };
+    // a multiplier coprime with the key count visits every key once per round, in an order
+    // that defeats any locality
+    let step = (7919..).find(|m| gcd(*m, keys) == 1).unwrap_or(1);
+    Ok(format!(
+        "version: 1\nname: state-{kind}\nsources:\n  events:\n    connector:\n      type: generator\n      count: {count}\n      fields: {{k: \"(seq * {step}) % {keys}\", ts: \"1714557600000 + seq\"}}\n    event_time: ts\ntransforms:\n  q:\n    input: events\n{transform}sinks:\n  out: {{input: q, connector: {{type: blackhole}}}}\n",
+        count = keys * per_key,
+    ))
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Runs `freshet run JOB` as a child process; its wall time and peak RSS (bytes).
+fn run_child(job: &std::path::Path) -> Result<(f64, u64)> {
+    use std::io::Read;
+    let t0 = Instant::now();
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("run")
+        .arg(job)
+        .args(["--listen", "off"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    // wait4 rather than Child::wait: it returns the child's own resource usage
+    let mut status = 0;
+    // SAFETY: wait4 only writes into the two values we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let wall = t0.elapsed().as_secs_f64();
+    let stderr = reader.join().unwrap_or_default();
+    if pid < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{} failed: {stderr}", job.display());
+    }
+    Ok((wall, usage.ru_maxrss as u64 * 1024))
+}
+
+fn bench_state(keys: &[u64], per_key: u64, jobs: &[String]) -> Result<i32> {
+    let dir = tempfile::tempdir()?;
+    let mut keys = keys.to_vec();
+    keys.sort_unstable();
+    println!(
+        "| job | distinct keys | events | wall s | events/s | vs {} keys | peak RSS MB |",
+        keys[0]
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for kind in jobs {
+        let mut first = None;
+        for &k in &keys {
+            let path = dir.path().join(format!("{kind}-{k}.yaml"));
+            std::fs::write(&path, state_job(kind, k, per_key)?)?;
+            let (wall, rss) = run_child(&path)?;
+            let eps = (k * per_key) as f64 / wall;
+            let base = *first.get_or_insert(eps);
+            println!(
+                "| {kind} | {k} | {} | {wall:.2} | {eps:.0} | {:.2} | {} |",
+                k * per_key,
+                eps / base,
+                rss >> 20
+            );
+        }
+    }
+    Ok(0)
 }
 
 fn bench_shuffle(events: u64, rounds: u32) -> Result<i32> {
@@ -311,4 +413,25 @@ fn bench_checkpoints(events: u64, rounds: u32, keys: u64) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The state benchmark's jobs are valid jobs whose key expression visits every key.
+    #[test]
+    fn state_benchmark_jobs_are_valid() {
+        for kind in ["dedup", "window"] {
+            let text = state_job(kind, 1_000_000, 2).unwrap();
+            parse_job(&text, "state.yaml", &[]).unwrap_or_else(|e| panic!("{kind}: {e}\n{text}"));
+        }
+        assert!(state_job("join", 10, 2).is_err());
+        // 7919 * 3 keys share a factor with 7919 and with 7920: 7921 (89²) is the multiplier
+        assert!(
+            state_job("dedup", 7919 * 3, 2)
+                .unwrap()
+                .contains("(seq * 7921) %")
+        );
+    }
 }
