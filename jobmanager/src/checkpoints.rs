@@ -781,6 +781,14 @@ mod tests {
         }))
     }
 
+    /// Checkpoint storage in a new temporary directory (deleted when the guard drops).
+    fn local_storage() -> (tempfile::TempDir, Storage) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().display().to_string();
+        let storage = Storage::open(&path, dir.path(), &S3Options::default()).unwrap();
+        (dir, storage)
+    }
+
     /// A coordinator of two source subtasks with the checkpointing settings `spec` (JSON).
     fn coordinator(storage: &Storage, spec: &str, fail: FailAttempt) -> Arc<Coordinator> {
         Coordinator::new(
@@ -824,13 +832,7 @@ mod tests {
     /// the count over, and failed savepoints do not count.
     #[test]
     fn too_many_failed_checkpoints_in_a_row_fail_the_attempt_for_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(
-            &dir.path().display().to_string(),
-            dir.path(),
-            &S3Options::default(),
-        )
-        .unwrap();
+        let (_dir, storage) = local_storage();
         let (tx, rx) = crossbeam_channel::unbounded();
         let fail: FailAttempt = Arc::new(move |msg, retryable| tx.send((msg, retryable)).unwrap());
         let c = coordinator(
@@ -882,13 +884,7 @@ mod tests {
     /// shared files no retained checkpoint references.
     #[test]
     fn files_uploaded_for_a_failed_checkpoint_are_deleted_when_they_arrive_late() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(
-            &dir.path().display().to_string(),
-            dir.path(),
-            &S3Options::default(),
-        )
-        .unwrap();
+        let (_dir, storage) = local_storage();
         let c = coordinator(&storage, r#"{"interval": "1h"}"#, Arc::new(|_, _| {}));
         let id = trigger(&c, SnapshotKind::Checkpoint);
         let private = format!("{}/op/1/MANIFEST-000005", checkpoint_dir(id));
