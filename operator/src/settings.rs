@@ -42,15 +42,21 @@ impl JobSettings {
             .map(|d| d.trim_end_matches('/').to_string())
             .unwrap_or_else(|| format!("{storage}/savepoints/{ns}/{name}"));
         let ha_dir = format!("{storage}/ha/{ns}/{name}");
+        // every problem of the spec and of its job is reported at once
+        let mut problems = Vec::new();
         let mut overrides = vec![
             format!("parallelism={}", spec.parallelism),
-            format!(
-                "checkpointing.interval={}ms",
-                millis(&spec.checkpointing.interval, "spec.checkpointing.interval")?
-            ),
             format!("checkpointing.dir={checkpoints}"),
             format!("checkpointing.savepoint_dir={savepoints}"),
         ];
+        match millis(&spec.checkpointing.interval, "spec.checkpointing.interval") {
+            Ok(ms) => overrides.push(format!("checkpointing.interval={ms}ms")),
+            Err(e) => {
+                problems.push(e.to_string());
+                // a stand-in, so the job is checked as it would run (never deployed: refused)
+                overrides.push("checkpointing.interval=1s".into());
+            }
+        }
         if let Some(r) = spec.checkpointing.retain {
             overrides.push(format!("checkpointing.retain={r}"));
         }
@@ -65,7 +71,12 @@ impl JobSettings {
         // the definition with the overrides must be a valid job: checked here, so a bad spec
         // is reported on the resource before anything is stopped or deployed
         let job = freshet_job::parse_job(&definition, "spec.job", &overrides)
-            .map_err(|e| Error::Spec(e.to_string()))?;
+            .map_err(|e| problems.push(e.to_string()))
+            .ok();
+        let job = match job {
+            Some(job) if problems.is_empty() => job,
+            _ => return Err(Error::Spec(problems.join("\n"))),
+        };
         let slots = spec.task_managers.slots.max(1);
         let taskmanagers = spec
             .task_managers
@@ -181,6 +192,19 @@ spec:
         sj.spec.job["sinks"]["out"]["input"] = "nowhere".into();
         let e = JobSettings::of(&sj).unwrap_err().to_string();
         assert!(e.contains("nowhere"), "{e}");
+    }
+
+    /// A bad spec field and a bad job are reported together, not one per attempt.
+    #[test]
+    fn problems_of_the_spec_and_of_its_job_come_together() {
+        let mut sj = job(1);
+        sj.spec.job["sinks"]["out"]["input"] = "nowhere".into();
+        sj.spec.checkpointing.interval = "soon".into();
+        let e = JobSettings::of(&sj).unwrap_err().to_string();
+        assert!(
+            e.contains("spec.checkpointing.interval") && e.contains("nowhere"),
+            "{e}"
+        );
     }
 
     #[test]
