@@ -7,8 +7,9 @@
 //!
 //! Also here: checkpoints damaged after the fact (an emptied file, one changed byte) give way
 //! to the one before them, and an object store that refuses every request for a while, then
-//! answers slowly, neither fails the job nor loses data (a proxy in front of moto); a full
-//! state disk fails attempts until space returns, then the job recovers.
+//! answers slowly, neither fails the job nor loses data (a proxy in front of moto); checkpoints
+//! failing in a row restart the job; a full state disk fails attempts until space returns, then
+//! the job recovers.
 mod common;
 
 use std::process::Stdio;
@@ -473,6 +474,48 @@ fn a_failing_then_slow_object_store_neither_fails_the_job_nor_loses_data() {
         "the second run did not restore:\n{stderr}"
     );
     check_output(name, &out, "after an object store outage");
+}
+
+/// Checkpoints that keep failing (the object store refuses every request for 15 s, and a
+/// checkpoint times out after 1 s) fail the attempt once more than `tolerable_failures` fail in
+/// a row; the restart strategy starts it again, and once the store answers the job restores
+/// and finishes with exactly the expected output.
+#[test]
+fn checkpoints_failing_in_a_row_restart_the_job_which_then_finishes_exactly() {
+    let name = "orders-paid";
+    let s3 = S3Server::start();
+    let proxy = FlakyProxy::start(&s3.endpoint);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let a = args(name, 2, &out, "s3://freshet/failing", 10.0);
+    let mut c = freshet();
+    c.args(&a)
+        .args(["--listen", "off"])
+        .args(["--set", "checkpointing.interval=300ms"])
+        .args(["--set", "checkpointing.timeout=1s"])
+        .args(["--set", "checkpointing.tolerable_failures=1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    with_s3(&mut c, Some(&s3));
+    c.env("AWS_ENDPOINT_URL", &proxy.endpoint);
+    let child = c.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    proxy.set(FAIL);
+    std::thread::sleep(Duration::from_secs(15));
+    proxy.set(PASS);
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("2 checkpoints failed in a row (checkpointing.tolerable_failures is 1)"),
+        "the attempt was not failed for its failing checkpoints:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("attempt failed; restarting"),
+        "the job was not restarted:\n{stderr}"
+    );
+    check_output(name, &out, "after checkpoints failed in a row");
 }
 
 /// A small tmpfs mounted for one test (the tests run as root, as `.ci/run` does), unmounted
