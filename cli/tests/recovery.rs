@@ -476,7 +476,7 @@ fn a_failing_then_slow_object_store_neither_fails_the_job_nor_loses_data() {
     check_output(name, &out, "after an object store outage");
 }
 
-/// Checkpoints that keep failing (the object store refuses every request for 15 s, and a
+/// Checkpoints that keep failing (the object store refuses every request for 8 s, and a
 /// checkpoint times out after 1 s) fail the attempt once more than `tolerable_failures` fail in
 /// a row; the restart strategy starts it again, and once the store answers the job restores
 /// and finishes with exactly the expected output.
@@ -502,7 +502,7 @@ fn checkpoints_failing_in_a_row_restart_the_job_which_then_finishes_exactly() {
     let child = c.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     proxy.set(FAIL);
-    std::thread::sleep(Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(8));
     proxy.set(PASS);
     let o = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);

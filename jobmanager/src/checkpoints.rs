@@ -11,9 +11,10 @@
 //! - `shared/...`: RocksDB SST files, referenced by any number of checkpoints.
 //!
 //! **Retention.** The newest `retain` completed checkpoints are kept. When one falls out, its
-//! directory is deleted; shared files that no retained checkpoint references are deleted when no
-//! checkpoint is in progress (a listing of `shared/` against the retained metadata), which also
-//! removes files uploaded for abandoned checkpoints.
+//! directory is deleted (on a thread of its own, like every directory delete, so an object
+//! store that refuses requests does not hold up the coordinator); shared files that no retained
+//! checkpoint references are deleted when no checkpoint is in progress (a listing of `shared/`
+//! against the retained metadata), which also removes files uploaded for abandoned checkpoints.
 use parking_lot::{Condvar, Mutex};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
@@ -136,6 +137,55 @@ struct State {
 /// Failed checkpoints whose directories are swept again.
 const ABANDONED: usize = 32;
 
+/// Deletes checkpoint directories on a thread of its own: while the object store refuses
+/// requests every delete is retried for seconds, which must not hold up triggering and timing
+/// out checkpoints. The directories are never read again, so when they go does not matter,
+/// except at the job's end, which waits for them ([`Deletes::wait`]).
+struct Deletes {
+    queue: crossbeam_channel::Sender<String>,
+    /// Directories queued and not yet deleted.
+    outstanding: Arc<(Mutex<usize>, Condvar)>,
+}
+
+impl Deletes {
+    fn start(storage: Storage) -> Deletes {
+        let (queue, rx) = crossbeam_channel::unbounded::<String>();
+        let outstanding = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let counter = outstanding.clone();
+        std::thread::Builder::new()
+            .name("checkpoint-deletes".into())
+            .spawn(move || {
+                // ends when the coordinator (the only sender) is dropped
+                for dir in rx {
+                    if let Err(e) = storage.delete_dir(&dir) {
+                        warn!(%dir, error = %e, "cannot delete a checkpoint directory");
+                    }
+                    let mut n = counter.0.lock();
+                    *n -= 1;
+                    if *n == 0 {
+                        counter.1.notify_all();
+                    }
+                }
+            })
+            .expect("starting the checkpoint deleter");
+        Deletes { queue, outstanding }
+    }
+
+    fn push(&self, dir: String) {
+        *self.outstanding.0.lock() += 1;
+        // the receiver lives as long as this sender
+        let _ = self.queue.send(dir);
+    }
+
+    /// Waits until every queued directory is deleted (or its deletion failed).
+    fn wait(&self) {
+        let mut n = self.outstanding.0.lock();
+        while *n > 0 {
+            self.outstanding.1.wait(&mut n);
+        }
+    }
+}
+
 /// The coordinator. Call [`Coordinator::start`]; reports go to [`Coordinator::report`].
 pub struct Coordinator {
     settings: CoordinatorSettings,
@@ -143,6 +193,7 @@ pub struct Coordinator {
     generation: u64,
     send: CommandSender,
     fail_attempt: FailAttempt,
+    deletes: Deletes,
     state: Mutex<State>,
     wake: Condvar,
 }
@@ -228,6 +279,7 @@ impl Coordinator {
             .collect();
         Arc::new(Coordinator {
             settings,
+            deletes: Deletes::start(storage.clone()),
             storage,
             generation,
             send,
@@ -289,6 +341,9 @@ impl Coordinator {
             }
         }
         self.wake.notify_all();
+        drop(s);
+        // a job that ended leaves only its retained checkpoints behind
+        self.deletes.wait();
     }
 
     fn live_files(s: &State) -> HashSet<String> {
@@ -453,7 +508,7 @@ impl Coordinator {
                     if s.abandoned.contains(&id) {
                         // uploaded for a checkpoint that failed meanwhile: its private files
                         // go now, its shared ones with the next collection
-                        let _ = self.storage.delete_dir(&checkpoint_dir(id));
+                        self.deletes.push(checkpoint_dir(id));
                         s.gc_needed = true;
                     }
                     return;
@@ -522,7 +577,7 @@ impl Coordinator {
         self.record(s, stats);
         match p.barrier.kind {
             SnapshotKind::Checkpoint => {
-                let _ = self.storage.delete_dir(&checkpoint_dir(id));
+                self.deletes.push(checkpoint_dir(id));
                 s.abandoned.push_back(id);
                 if s.abandoned.len() > ABANDONED {
                     s.abandoned.pop_front();
@@ -618,9 +673,7 @@ impl Coordinator {
             });
             while s.retained.len() > self.settings.spec.retain as usize {
                 let old = s.retained.pop_front().expect("non-empty");
-                if let Err(e) = self.storage.delete_dir(&checkpoint_dir(old.id)) {
-                    warn!(checkpoint = old.id, error = %e, "cannot delete a subsumed checkpoint");
-                }
+                self.deletes.push(checkpoint_dir(old.id));
                 s.gc_needed = true;
             }
         }
@@ -696,7 +749,7 @@ impl Coordinator {
     /// the directories of failed checkpoints. Only while no checkpoint is in progress.
     fn collect_garbage(&self, s: &State) {
         for id in &s.abandoned {
-            let _ = self.storage.delete_dir(&checkpoint_dir(*id));
+            self.deletes.push(checkpoint_dir(*id));
         }
         let live = Self::live_files(s);
         let files = match self.storage.list("shared") {
@@ -902,6 +955,7 @@ mod tests {
         storage.put(&private, "m".into()).unwrap();
         storage.put(shared, "s".into()).unwrap();
         c.report(0, 1, ack(id, 1, &[&private, shared]));
+        c.deletes.wait();
         assert_eq!(
             storage.get(&private).unwrap(),
             None,
@@ -910,6 +964,7 @@ mod tests {
         let s = c.state.lock();
         assert!(s.gc_needed && s.pending.is_empty());
         c.collect_garbage(&s);
+        c.deletes.wait();
         assert_eq!(
             storage.get(shared).unwrap(),
             None,
