@@ -417,30 +417,61 @@ impl FlakyProxy {
     }
 }
 
+/// orders-paid at parallelism 2 (about 10 s of input), checkpointing every 300 ms into a moto
+/// S3 server reached through a [`FlakyProxy`].
+struct ProxiedRun {
+    s3: S3Server,
+    proxy: FlakyProxy,
+    out: std::path::PathBuf,
+    args: Vec<String>,
+    _work: tempfile::TempDir,
+}
+
+impl ProxiedRun {
+    const NAME: &str = "orders-paid";
+
+    /// Checkpoints go to `s3://freshet/<prefix>`.
+    fn new(prefix: &str) -> ProxiedRun {
+        let s3 = S3Server::start();
+        let proxy = FlakyProxy::start(&s3.endpoint);
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let args = args(Self::NAME, 2, &out, &format!("s3://freshet/{prefix}"), 10.0);
+        ProxiedRun {
+            s3,
+            proxy,
+            out,
+            args,
+            _work: work,
+        }
+    }
+
+    /// A run of the job with further `--set` overrides; its stderr is piped.
+    fn command(&self, sets: &[&str]) -> std::process::Command {
+        let mut c = freshet();
+        c.args(&self.args)
+            .args(["--listen", "off"])
+            .args(["--set", "checkpointing.interval=300ms"]);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        c.stdout(Stdio::null()).stderr(Stdio::piped());
+        with_s3(&mut c, Some(&self.s3));
+        c.env("AWS_ENDPOINT_URL", &self.proxy.endpoint);
+        c
+    }
+}
+
 /// Checkpoints go to S3 through a proxy that refuses every request for 3 s, then delays every
 /// connection for 2 s: the job keeps running through it (uploads are retried, a checkpoint that
 /// cannot complete is abandoned, never half-used). It is then killed and restarted, and its
 /// output is exactly the expected one.
 #[test]
 fn a_failing_then_slow_object_store_neither_fails_the_job_nor_loses_data() {
-    let name = "orders-paid";
-    let s3 = S3Server::start();
-    let proxy = FlakyProxy::start(&s3.endpoint);
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let a = args(name, 2, &out, "s3://freshet/flaky", 10.0);
-    let command = || {
-        let mut c = freshet();
-        c.args(&a)
-            .args(["--listen", "off"])
-            .args(["--set", "checkpointing.interval=300ms"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        with_s3(&mut c, Some(&s3));
-        c.env("AWS_ENDPOINT_URL", &proxy.endpoint);
-        c
-    };
+    let run = ProxiedRun::new("flaky");
+    let (name, proxy, out) = (ProxiedRun::NAME, &run.proxy, &run.out);
+    let command = || run.command(&[]);
     let mut child = command().spawn().unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     proxy.set(FAIL);
@@ -473,7 +504,7 @@ fn a_failing_then_slow_object_store_neither_fails_the_job_nor_loses_data() {
         stderr.contains("restoring from s3://freshet/flaky"),
         "the second run did not restore:\n{stderr}"
     );
-    check_output(name, &out, "after an object store outage");
+    check_output(name, out, "after an object store outage");
 }
 
 /// Checkpoints that keep failing (the object store refuses every request for 8 s, and a
@@ -482,24 +513,15 @@ fn a_failing_then_slow_object_store_neither_fails_the_job_nor_loses_data() {
 /// and finishes with exactly the expected output.
 #[test]
 fn checkpoints_failing_in_a_row_restart_the_job_which_then_finishes_exactly() {
-    let name = "orders-paid";
-    let s3 = S3Server::start();
-    let proxy = FlakyProxy::start(&s3.endpoint);
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let a = args(name, 2, &out, "s3://freshet/failing", 10.0);
-    let mut c = freshet();
-    c.args(&a)
-        .args(["--listen", "off"])
-        .args(["--set", "checkpointing.interval=300ms"])
-        .args(["--set", "checkpointing.timeout=1s"])
-        .args(["--set", "checkpointing.tolerable_failures=1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    with_s3(&mut c, Some(&s3));
-    c.env("AWS_ENDPOINT_URL", &proxy.endpoint);
-    let child = c.spawn().unwrap();
+    let run = ProxiedRun::new("failing");
+    let proxy = &run.proxy;
+    let child = run
+        .command(&[
+            "checkpointing.timeout=1s",
+            "checkpointing.tolerable_failures=1",
+        ])
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     proxy.set(FAIL);
     std::thread::sleep(Duration::from_secs(8));
@@ -515,7 +537,11 @@ fn checkpoints_failing_in_a_row_restart_the_job_which_then_finishes_exactly() {
         stderr.contains("attempt failed; restarting"),
         "the job was not restarted:\n{stderr}"
     );
-    check_output(name, &out, "after checkpoints failed in a row");
+    check_output(
+        ProxiedRun::NAME,
+        &run.out,
+        "after checkpoints failed in a row",
+    );
 }
 
 /// A small tmpfs mounted for one test (the tests run as root, as `.ci/run` does), unmounted
