@@ -670,7 +670,8 @@ pub fn decode_stream(mut bytes: &[u8]) -> io::Result<usize> {
 }
 
 /// Checks the framing of Arrow IPC stream messages, and that every buffer a batch names lies
-/// inside its message's body (the IPC reader would panic on one that does not).
+/// inside its message's body at an 8-byte aligned offset, as the format requires (the IPC
+/// reader panics on either).
 fn check_ipc(mut b: &[u8]) -> Result<(), String> {
     use arrow::ipc::{MessageHeader, root_as_message};
     fn int(b: &[u8]) -> Result<i32, String> {
@@ -712,6 +713,9 @@ fn check_ipc(mut b: &[u8]) -> Result<(), String> {
                 && end.is_some_and(|e| e as u64 <= body as u64);
             if !inside {
                 return Err("an Arrow IPC buffer outside its message's body".into());
+            }
+            if buffer.offset() % 8 != 0 {
+                return Err("an Arrow IPC buffer not aligned to 8 bytes".into());
             }
         }
         b = &b[body..];
