@@ -228,6 +228,9 @@ fn run_child(job: &std::path::Path) -> Result<(f64, u64)> {
 }
 
 fn bench_state(keys: &[u64], per_key: u64, jobs: &[String]) -> Result<i32> {
+    if keys.is_empty() || keys.contains(&0) || per_key == 0 {
+        bail!("--keys needs one or more key counts above 0, and --events-per-key at least 1");
+    }
     let dir = tempfile::tempdir()?;
     let mut keys = keys.to_vec();
     keys.sort_unstable();
@@ -427,6 +430,7 @@ mod tests {
             parse_job(&text, "state.yaml", &[]).unwrap_or_else(|e| panic!("{kind}: {e}\n{text}"));
         }
         assert!(state_job("join", 10, 2).is_err());
+        assert!(bench_state(&[0], 2, &["dedup".into()]).is_err());
         // 7919 * 3 keys share a factor with 7919 and with 7920: 7921 (89²) is the multiplier
         assert!(
             state_job("dedup", 7919 * 3, 2)
