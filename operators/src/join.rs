@@ -22,6 +22,7 @@ use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
+use freshet_engine::state::timers::FIRE_BATCH;
 use freshet_engine::state::{KeyedTable, Timers};
 use freshet_engine::time::format_millis;
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
@@ -176,7 +177,7 @@ impl JoinPlan {
                 KeyedTable::new("join-left", None),
                 KeyedTable::new("join-right", None),
             ],
-            cleanup: [Timers::new(), Timers::new()],
+            cleanup: [Timers::new("cleanup-left"), Timers::new("cleanup-right")],
             keys: EncodedKeys::default(),
         }
     }
@@ -269,8 +270,9 @@ impl Operator for JoinOperator {
         for b in self.buffers.iter_mut() {
             snap.flush(b)?;
         }
-        snap.save_timers("cleanup-left", &self.cleanup[0])?;
-        snap.save_timers("cleanup-right", &self.cleanup[1])
+        let [left, right] = &mut self.cleanup;
+        snap.flush_timers(left)?;
+        snap.flush_timers(right)
     }
 
     fn process_batch(
@@ -404,7 +406,7 @@ impl Operator for JoinOperator {
             let key = self.keys.row(row);
             self.buffers[side].update(key, t, t, Watermark::MIN, Vec::new, |v| v.push(b))?;
             let expiry = self.expiry(side, t);
-            self.cleanup[side].register(expiry, key);
+            self.cleanup[side].register(expiry, key)?;
         }
         Ok(())
     }
@@ -415,16 +417,20 @@ impl Operator for JoinOperator {
         ctx: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()> {
-        let mut unmatched = DeadLetters::default();
         for side in 0..2 {
-            for (t, keys) in self.cleanup[side].due(wm) {
-                // rows of this side whose expiry is t: time = t - upper (left) or t + lower (right)
-                let row_time = if side == 0 {
-                    t - self.plan.upper
-                } else {
-                    t + self.plan.lower
-                };
-                for key in keys {
+            loop {
+                let due = self.cleanup[side].due(wm, FIRE_BATCH)?;
+                if due.is_empty() {
+                    break;
+                }
+                let mut unmatched = DeadLetters::default();
+                for (t, key) in due {
+                    // rows of this side whose expiry is t: time = t - upper (left) or t + lower (right)
+                    let row_time = if side == 0 {
+                        t - self.plan.upper
+                    } else {
+                        t + self.plan.lower
+                    };
                     for (rt, rows) in self.buffers[side].drain_range(&key, ..=row_time)? {
                         for b in rows.into_iter().filter(|b| !b.matched) {
                             let reason = if b.candidate {
@@ -437,11 +443,11 @@ impl Operator for JoinOperator {
                         }
                     }
                 }
+                if !unmatched.is_empty() {
+                    SubtaskMetrics::add(&ctx.metrics.dead_letters, unmatched.len() as u64);
+                    out.emit(UNMATCHED_PORT, unmatched.take_batch());
+                }
             }
-        }
-        if !unmatched.is_empty() {
-            SubtaskMetrics::add(&ctx.metrics.dead_letters, unmatched.len() as u64);
-            out.emit(UNMATCHED_PORT, unmatched.take_batch());
         }
         Ok(())
     }

@@ -22,6 +22,7 @@ use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
+use freshet_engine::state::timers::FIRE_BATCH;
 use freshet_engine::state::{KeyedTable, StateKey, Timers};
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
 
@@ -89,7 +90,7 @@ impl PatternPlan {
                 "pattern-runs",
                 Some(Duration::from_millis(self.ttl.max(0) as u64)),
             ),
-            timers: Timers::new(),
+            timers: Timers::new("evaluate"),
             keys: EncodedKeys::default(),
         }
     }
@@ -117,7 +118,7 @@ impl Operator for PatternOperator {
     fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
         snap.flush(&mut self.pending)?;
         snap.flush(&mut self.runs)?;
-        snap.save_timers("evaluate", &self.timers)
+        snap.flush_timers(&mut self.timers)
     }
 
     fn process_batch(
@@ -149,7 +150,7 @@ impl Operator for PatternOperator {
             let key = self.keys.row(row);
             self.pending
                 .update(key, t, t, Watermark::MIN, || 0, |n| *n += 1)?;
-            self.timers.register(t, key);
+            self.timers.register(t, key)?;
         }
         if !late.is_empty() {
             SubtaskMetrics::add(&ctx.metrics.late_records, late.len() as u64);
@@ -167,38 +168,43 @@ impl Operator for PatternOperator {
         _: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()> {
-        let mut keys: Vec<StateKey> = self
-            .timers
-            .due(wm)
-            .into_iter()
-            .flat_map(|(_, k)| k)
-            .collect();
-        keys.sort_unstable();
-        keys.dedup();
         let (mut mkeys, mut starts, mut ends) = (Vec::new(), Vec::new(), Vec::new());
-        for key in keys {
-            let ready = self.pending.drain_range(&key, ..=wm.0)?;
-            for (t, n) in ready {
-                for _ in 0..n {
-                    let (count, within) = (self.plan.count, self.plan.within);
-                    // records are evaluated in event-time order, so the run's TTL is judged at `t`
-                    let hit = self
-                        .runs
-                        .update(&key, 0, t, Watermark(t), Vec::new, |run| {
-                            run.retain(|&s| s > t - within);
-                            run.push(t);
-                            if run.len() >= count {
-                                let start = run[0];
-                                run.clear();
-                                Some(start)
-                            } else {
-                                None
-                            }
-                        })?;
-                    if let Some(start) = hit {
-                        mkeys.push(key.clone());
-                        starts.push(start);
-                        ends.push(t);
+        loop {
+            let mut keys: Vec<StateKey> = self
+                .timers
+                .due(wm, FIRE_BATCH)?
+                .into_iter()
+                .map(|(_, k)| k)
+                .collect();
+            if keys.is_empty() {
+                break;
+            }
+            keys.sort_unstable();
+            keys.dedup();
+            for key in keys {
+                let ready = self.pending.drain_range(&key, ..=wm.0)?;
+                for (t, n) in ready {
+                    for _ in 0..n {
+                        let (count, within) = (self.plan.count, self.plan.within);
+                        // records are evaluated in event-time order, so the run's TTL is judged at `t`
+                        let hit = self
+                            .runs
+                            .update(&key, 0, t, Watermark(t), Vec::new, |run| {
+                                run.retain(|&s| s > t - within);
+                                run.push(t);
+                                if run.len() >= count {
+                                    let start = run[0];
+                                    run.clear();
+                                    Some(start)
+                                } else {
+                                    None
+                                }
+                            })?;
+                        if let Some(start) = hit {
+                            mkeys.push(key.clone());
+                            starts.push(start);
+                            ends.push(t);
+                        }
                     }
                 }
             }

@@ -204,10 +204,13 @@ impl<'a> StateContext<'a> {
         table.attach(&b)
     }
 
-    /// The timers saved as `name` (empty when not restored).
+    /// The operator's timer queue `name`, kept in its backend (holding the restored timers, if
+    /// any).
     pub fn timers(&mut self, name: &str) -> Result<Timers> {
         let b = self.keyed()?;
-        Timers::restore(name, &b)
+        let mut timers = Timers::new(name);
+        timers.attach(&b)?;
+        Ok(timers)
     }
 
     /// The pieces of non-keyed state saved as `name` by every former subtask, with the former

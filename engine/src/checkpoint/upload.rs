@@ -61,14 +61,16 @@ impl<'a> SnapshotContext<'a> {
         table.flush()
     }
 
-    /// Saves timers under `name`.
-    pub fn save_timers(&mut self, name: &str, timers: &Timers) -> Result<()> {
-        match self.backend {
-            Some(b) => timers.save(name, b),
-            None => Err(EngineError::State(format!(
-                "timers {name} saved by an operator without keyed state; attach a table first"
-            ))),
+    /// Writes the timers registered since the last write into the backend, so the snapshot
+    /// includes them.
+    pub fn flush_timers(&mut self, timers: &mut Timers) -> Result<()> {
+        if self.backend.is_none() {
+            return Err(EngineError::State(format!(
+                "timers {} saved by an operator without keyed state; attach a table first",
+                timers.name()
+            )));
         }
+        timers.flush()
     }
 
     /// Stores a piece of non-keyed state. On restore every subtask sees the pieces of every

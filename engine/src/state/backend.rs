@@ -7,6 +7,12 @@
 //! followed by the table's values; the deadline (`touched + ttl`, or `i64::MAX`) lets a
 //! compaction filter drop expired rows without knowing the table's value type.
 //!
+//! Rows that belong to no single key group start with `0xffff`, above every key group (a job has
+//! at most 32768): timers, ordered by time across key groups
+//! (`[ff ff 01][table][time][encoded key]`, see [`super::timers`]), and the layout marker
+//! (`[ff ff 00]format`), which says which [`FORMAT`] wrote the instance so that a newer version
+//! can read what an older one checkpointed.
+//!
 //! Writes skip the write-ahead log: durability comes from checkpoints, which flush the memtables
 //! and link the SST files ([`KeyedBackend::checkpoint`]). Memory is bounded by the configured block
 //! cache and write buffers.
@@ -22,6 +28,61 @@ use crate::{EngineError, KeyGroup, KeyGroupRange, Result};
 
 /// Bytes before the table values in a row.
 pub(crate) const HEADER: usize = 16;
+
+/// The layout this version writes. 0: timers kept per key group under `timers/<name>` and
+/// rewritten whole at every snapshot (no marker row). 1: timers ordered by time outside the key
+/// groups and written as they change.
+pub const FORMAT: u32 = 1;
+
+/// First bytes of the rows outside key groups.
+const OUTSIDE: [u8; 2] = [0xff, 0xff];
+const META: u8 = 0;
+const TIMERS: u8 = 1;
+
+fn format_key() -> Vec<u8> {
+    [&OUTSIDE[..], &[META], b"format"].concat()
+}
+
+/// The first row key of timer table `table`.
+pub(crate) fn timer_prefix(table: [u8; 4]) -> Vec<u8> {
+    [&OUTSIDE[..], &[TIMERS], &table].concat()
+}
+
+/// Order-preserving encoding of an event time (two's complement with the sign flipped).
+pub(crate) fn time_bytes(t: i64) -> [u8; 8] {
+    ((t as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub(crate) fn time_from_bytes(b: [u8; 8]) -> i64 {
+    (u64::from_be_bytes(b) ^ (1 << 63)) as i64
+}
+
+/// The row key of the timer at `t` for `key` in timer table `table`.
+pub(crate) fn timer_key(table: [u8; 4], t: i64, key: &[u8]) -> Vec<u8> {
+    let mut k = timer_prefix(table);
+    k.extend_from_slice(&time_bytes(t));
+    k.extend_from_slice(key);
+    k
+}
+
+/// The time and encoded key of a timer row key.
+pub(crate) fn decode_timer_key(row: &[u8]) -> Option<(i64, &[u8])> {
+    let rest = row.get(TIMER_PREFIX_LEN..)?;
+    let t = time_from_bytes(rest.get(..8)?.try_into().ok()?);
+    Some((t, &rest[8..]))
+}
+
+const TIMER_PREFIX_LEN: usize = 7;
+
+/// The smallest row key above every timer of `table` at or before `t`.
+pub(crate) fn timer_upper(table: [u8; 4], t: i64) -> Vec<u8> {
+    let mut k = timer_prefix(table);
+    match t.checked_add(1) {
+        Some(next) => k.extend_from_slice(&time_bytes(next)),
+        None => increment(&mut k),
+    }
+    k
+}
 
 /// Keyed-state settings, per stateful operator subtask.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +157,8 @@ pub struct KeyedBackend {
     clock: Arc<AtomicI64>,
     /// Whether the instance may hold rows no in-memory cache has seen (restored state).
     restored: bool,
+    /// The layout of the rows it was restored from ([`FORMAT`] when it started empty).
+    format: u32,
 }
 
 impl std::fmt::Debug for KeyedBackend {
@@ -165,7 +228,33 @@ impl KeyedBackend {
             std::fs::remove_dir_all(dir)
                 .map_err(|e| io_err(format!("clearing {}", dir.display()), e))?;
         }
-        Self::open_existing(dir, config, range, max_parallelism, false)
+        let backend = Self::open_existing(dir, config, range, max_parallelism, false)?;
+        backend.mark_format()?;
+        Ok(backend)
+    }
+
+    /// Records that rows are written in this version's layout from now on.
+    fn mark_format(&self) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put(format_key(), FORMAT.to_be_bytes());
+        self.write(batch)
+    }
+
+    /// The layout marker of an instance: `0` for instances written before the marker existed.
+    fn read_format(db: &DB) -> Result<u32> {
+        let raw = db
+            .get(format_key())
+            .map_err(|e| db_err("reading the state layout", e))?;
+        match raw {
+            None => Ok(0),
+            Some(v) => match <[u8; 4]>::try_from(v.as_slice()) {
+                Ok(b) => Ok(u32::from_be_bytes(b)),
+                Err(_) => Err(EngineError::StateStore {
+                    message: format!("state layout marker of {} bytes", v.len()),
+                    retryable: false,
+                }),
+            },
+        }
     }
 
     fn open_existing(
@@ -180,6 +269,17 @@ impl KeyedBackend {
         let clock = Arc::new(AtomicI64::new(i64::MIN));
         let db = DB::open(&options(config, clock.clone()), dir)
             .map_err(|e| db_err(format!("opening state in {}", dir.display()), e))?;
+        let format = if restored {
+            Self::read_format(&db)?
+        } else {
+            FORMAT
+        };
+        if format > FORMAT {
+            return Err(EngineError::State(format!(
+                "the state in {} was written in layout {format}, newer than this version reads ({FORMAT}); restore it with the version that wrote it",
+                dir.display()
+            )));
+        }
         Ok(KeyedBackend {
             db: Some(db),
             dir: dir.to_path_buf(),
@@ -188,6 +288,7 @@ impl KeyedBackend {
             cache_keys: config.cache_keys.max(1),
             clock,
             restored,
+            format,
         })
     }
 
@@ -215,29 +316,40 @@ impl KeyedBackend {
             }
             std::fs::rename(only, dir)
                 .map_err(|e| io_err(format!("moving {} into place", only.display()), e))?;
-            return Self::open_existing(dir, config, range, max_parallelism, true);
+            let backend = Self::open_existing(dir, config, range, max_parallelism, true)?;
+            backend.mark_format()?;
+            return Ok(backend);
         }
-        let backend = Self::open_existing(dir, config, range, max_parallelism, true)?;
+        let mut backend = Self::open_existing(dir, config, range, max_parallelism, true)?;
+        let mut format = FORMAT;
         for (part, r) in parts {
             if r.intersects(&range) {
-                backend.import(&part, config)?;
+                format = format.min(backend.import(&part, config)?);
             }
             std::fs::remove_dir_all(&part)
                 .map_err(|e| io_err(format!("removing {}", part.display()), e))?;
         }
+        backend.format = format;
+        backend.mark_format()?;
         Ok(backend)
     }
 
-    /// Copies the rows of this instance's key groups out of the snapshot in `part`.
-    fn import(&self, part: &Path, config: &StateConfig) -> Result<()> {
+    /// Copies the rows of this instance's key groups out of the snapshot in `part`, and the
+    /// timers of keys in them; returns the snapshot's layout.
+    fn import(&self, part: &Path, config: &StateConfig) -> Result<u32> {
         let clock = Arc::new(AtomicI64::new(i64::MIN));
         let src = DB::open_for_read_only(&options(config, clock), part, false)
             .map_err(|e| db_err(format!("reading snapshot {}", part.display()), e))?;
+        let format = Self::read_format(&src)?;
+        if format > FORMAT {
+            return Err(EngineError::State(format!(
+                "snapshot {} was written in layout {format}, newer than this version reads ({FORMAT})",
+                part.display()
+            )));
+        }
         let lo = kg_prefix(self.range.start);
         let mut ro = ReadOptions::default();
-        if self.range.end + 1 < 1 << 16 {
-            ro.set_iterate_upper_bound(kg_prefix(self.range.end + 1).to_vec());
-        }
+        ro.set_iterate_upper_bound(kg_prefix(self.range.end + 1).to_vec());
         let mut batch = WriteBatch::default();
         for item in src.iterator_opt(IteratorMode::From(&lo, Direction::Forward), ro) {
             let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
@@ -246,7 +358,25 @@ impl KeyedBackend {
                 self.write(std::mem::take(&mut batch))?;
             }
         }
-        self.write(batch)
+        // timers are ordered by time, not by key group: each one's key says where it goes
+        let timers = [&OUTSIDE[..], &[TIMERS]].concat();
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound([&OUTSIDE[..], &[TIMERS + 1]].concat());
+        for item in src.iterator_opt(IteratorMode::From(&timers, Direction::Forward), ro) {
+            let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
+            let Some((_, key)) = decode_timer_key(&k) else {
+                continue;
+            };
+            let kg = crate::keys::key_group(crate::keys::hash_key(key), self.max_parallelism);
+            if self.range.contains(kg) {
+                batch.put(&k, &v);
+                if batch.len() >= 4096 {
+                    self.write(std::mem::take(&mut batch))?;
+                }
+            }
+        }
+        self.write(batch)?;
+        Ok(format)
     }
 
     /// The key groups this instance owns.
@@ -267,6 +397,11 @@ impl KeyedBackend {
     /// True when the instance was filled from a snapshot.
     pub fn restored(&self) -> bool {
         self.restored
+    }
+
+    /// The layout the instance's restored rows were written in ([`FORMAT`] for new state).
+    pub fn format(&self) -> u32 {
+        self.format
     }
 
     /// Advances the compaction filter's clock (the operator's watermark).
@@ -311,6 +446,33 @@ impl KeyedBackend {
         Ok(out)
     }
 
+    /// The keys of up to `limit` rows from `from` (inclusive) to `upper` (exclusive), in order.
+    pub(crate) fn scan_keys(
+        &self,
+        from: &[u8],
+        upper: Vec<u8>,
+        limit: usize,
+    ) -> Result<Vec<Box<[u8]>>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(upper);
+        let mut out = Vec::new();
+        for item in self
+            .db()
+            .iterator_opt(IteratorMode::From(from, Direction::Forward), ro)
+            .take(limit)
+        {
+            out.push(item.map_err(|e| db_err("reading state", e))?.0);
+        }
+        Ok(out)
+    }
+
+    /// Deletes the rows from `from` (inclusive) to `to` (exclusive) with one range tombstone.
+    pub(crate) fn delete_range(&self, from: &[u8], to: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range(from, to);
+        self.write(batch)
+    }
+
     /// Deletes every row of `table`.
     pub(crate) fn clear_table(&self, table: [u8; 4]) -> Result<()> {
         let mut batch = WriteBatch::default();
@@ -350,6 +512,18 @@ impl KeyedBackend {
     /// Directory of the instance.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Compacts every row now (tests: runs the compaction filter).
+    #[cfg(test)]
+    pub(crate) fn compact(&self) {
+        self.db().compact_range(None::<&[u8]>, None::<&[u8]>);
+    }
+
+    /// Removes the layout marker, as layout 0 had none (tests).
+    #[cfg(test)]
+    pub(crate) fn forget_format(&self) {
+        self.db().delete(format_key()).expect("delete");
     }
 }
 

@@ -16,16 +16,18 @@
 //! **TTL.** A table may have an event-time time-to-live: every [`update`](KeyedTable::update)
 //! touches the key with the event time of the record that caused it, and once the watermark
 //! reaches `touched + ttl` the whole key is expired. Expired keys are invisible to reads
-//! immediately ([`get`](KeyedTable::get) checks), and are deleted by [`expire`](KeyedTable::expire),
-//! which operators call when the watermark advances; the cost is amortised (a key is looked at
-//! again only when its previous deadline passes). Rows RocksDB holds carry their deadline, and its
-//! compaction drops expired ones even if nothing reads them again.
-use hashbrown::{HashMap, HashSet};
+//! immediately ([`get`](KeyedTable::get) checks). Operators pass the watermark to
+//! [`expire`](KeyedTable::expire). In an attached table that is all expiry costs: rows carry
+//! their deadline, RocksDB's compaction drops expired ones, and a flush deletes rather than
+//! writes a dirty key that expired, so nothing in memory grows with the number of keys and a
+//! restore reads nothing up front. A table in memory keeps a heap of deadlines and deletes
+//! expired keys when `expire` is called.
+use hashbrown::HashMap;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use smallvec::SmallVec;
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BinaryHeap;
 use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::sync::Arc;
@@ -35,15 +37,14 @@ use crate::keys::{hash_key, key_group};
 use crate::{EngineError, KeyGroup, Result, Watermark};
 
 pub mod backend;
+pub mod timers;
 
 pub use backend::{KeyedBackend, StateConfig};
+pub use timers::Timers;
 
 /// What a table can hold: anything serde can write and read back.
 pub trait StateValue: Serialize + DeserializeOwned + Send + 'static {}
 impl<T: Serialize + DeserializeOwned + Send + 'static> StateValue for T {}
-
-/// A key deleted by TTL, with the values it held.
-pub type Expired<V> = (StateKey, Vec<(i64, V)>);
 
 /// An encoded key as state stores it: keys of up to 24 bytes (any one or two numbers, short
 /// strings) are kept inline, without a heap allocation or a pointer to follow.
@@ -59,7 +60,10 @@ pub struct KeyedTable<V> {
     name: String,
     ttl: Option<i64>,
     keys: HashMap<StateKey, Slot<V>, Fixed>,
+    /// TTL deadlines of a table in memory (attached tables keep them in their rows).
     deadlines: BinaryHeap<Reverse<(i64, StateKey)>>,
+    /// The latest watermark passed to [`KeyedTable::expire`].
+    clock: Watermark,
     entries: usize,
     backing: Option<Backing>,
 }
@@ -154,14 +158,14 @@ impl<V: StateValue> KeyedTable<V> {
             ttl: ttl.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
             keys: HashMap::with_hasher(Fixed::default()),
             deadlines: BinaryHeap::new(),
+            clock: Watermark::MIN,
             entries: 0,
             backing: None,
         }
     }
 
     /// Moves the table into `backend`: from now on RocksDB holds it and memory caches it. If the
-    /// backend was restored from a snapshot, the table's rows are there; TTL deadlines of restored
-    /// keys are re-registered.
+    /// backend was restored from a snapshot, the table's rows are there, deadlines included.
     pub fn attach(&mut self, backend: &Arc<KeyedBackend>) -> Result<()> {
         let table = backend::table_id(&self.name);
         let mut backing = Backing {
@@ -175,15 +179,7 @@ impl<V: StateValue> KeyedTable<V> {
             slot.dirty = true;
             backing.dirty.push(k.clone());
         }
-        if backend.restored()
-            && let Some(ttl) = self.ttl
-        {
-            for (key, value) in backend.scan(table)? {
-                let touched = decode_touched(&value);
-                self.deadlines
-                    .push(Reverse((touched.saturating_add(ttl), key.into())));
-            }
-        }
+        self.deadlines.clear();
         self.backing = Some(backing);
         Ok(())
     }
@@ -292,7 +288,9 @@ impl<V: StateValue> KeyedTable<V> {
         };
         if fresh || slot.values.is_empty() {
             slot.touched = now;
-            if let Some(ttl) = ttl {
+            if let Some(ttl) = ttl
+                && self.backing.is_none()
+            {
                 self.deadlines
                     .push(Reverse((now.saturating_add(ttl), key.into())));
             }
@@ -423,17 +421,19 @@ impl<V: StateValue> KeyedTable<V> {
         Ok(out)
     }
 
-    /// Deletes keys whose TTL passed as of `clock`; returns how many keys were deleted, with the
-    /// values they held (operators that must report expiring state, such as unmatched join rows,
-    /// use them; others drop them).
-    pub fn expire(&mut self, clock: Watermark) -> Result<Vec<Expired<V>>> {
+    /// Advances the table's TTL clock to `clock`. A table in memory deletes the keys whose TTL
+    /// passed and returns how many; an attached table leaves that to reads, flushes and
+    /// RocksDB's compaction (see the module's doc) and returns 0.
+    pub fn expire(&mut self, clock: Watermark) -> Result<usize> {
+        self.clock = self.clock.max(clock);
         if let Some(b) = &self.backing {
             b.backend.advance_clock(clock.0);
+            return Ok(0);
         }
         let Some(ttl) = self.ttl else {
-            return Ok(Vec::new());
+            return Ok(0);
         };
-        let mut expired = Vec::new();
+        let mut expired = 0;
         while let Some(Reverse((deadline, _))) = self.deadlines.peek() {
             if *deadline > clock.0 {
                 break;
@@ -449,10 +449,9 @@ impl<V: StateValue> KeyedTable<V> {
             let due = slot.touched.saturating_add(ttl);
             if due <= clock.0 {
                 self.entries -= slot.values.len();
-                let values = std::mem::replace(&mut slot.values, Namespaces::new());
-                Self::mark_dirty(&mut self.backing, slot, &key);
+                slot.values.clear();
                 self.drop_if_empty(&key);
-                expired.push((key, values.0.into_vec()));
+                expired += 1;
             } else {
                 self.deadlines.push(Reverse((due, key)));
             }
@@ -469,7 +468,7 @@ impl<V: StateValue> KeyedTable<V> {
         };
         let mut batch = rocksdb::WriteBatch::default();
         let mp = b.backend.max_parallelism();
-        let ttl = self.ttl;
+        let (ttl, clock) = (self.ttl, self.clock);
         let mut buf = Vec::new();
         let mut tombstones = Vec::new();
         for key in b.dirty.drain(..) {
@@ -478,7 +477,8 @@ impl<V: StateValue> KeyedTable<V> {
             match self.keys.get_mut(&key) {
                 Some(slot) if slot.dirty => {
                     slot.dirty = false;
-                    if slot.values.is_empty() {
+                    if slot.values.is_empty() || Self::expired_at(ttl, slot, clock) {
+                        self.entries -= slot.values.len();
                         batch.delete(&row);
                         tombstones.push(key);
                     } else {
@@ -555,7 +555,8 @@ impl<V: StateValue> KeyedTable<V> {
 
 fn decode_touched(row: &[u8]) -> i64 {
     row.get(8..16)
-        .map(|b| i64::from_be_bytes(b.try_into().expect("8 bytes")))
+        .and_then(|b| b.try_into().ok())
+        .map(i64::from_be_bytes)
         .unwrap_or(i64::MIN)
 }
 
@@ -586,98 +587,6 @@ fn decode_row<V: StateValue>(row: &[u8]) -> std::result::Result<Slot<V>, String>
     })
 }
 
-/// Event-time timers per (time, key): "call me back for this key when the watermark reaches t".
-///
-/// Registering the same (time, key) twice keeps one timer. Timers due at the same time fire in key
-/// order, so a rerun, or a run restored from a snapshot, fires them alike. Timers are kept in
-/// memory and written to the operator's backend at every snapshot ([`Timers::save`]), by key group.
-#[derive(Debug, Default)]
-pub struct Timers {
-    by_time: BTreeMap<i64, HashSet<StateKey, Fixed>>,
-}
-
-impl Timers {
-    /// No timers.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Registers a timer for `key` at event time `t`.
-    pub fn register(&mut self, t: i64, key: &[u8]) {
-        let set = self.by_time.entry(t).or_default();
-        if !set.contains(key) {
-            set.insert(key.into());
-        }
-    }
-
-    /// Removes and returns, in time order, every timer at or before `wm`.
-    pub fn due(&mut self, wm: Watermark) -> Vec<(i64, Vec<StateKey>)> {
-        let mut out = Vec::new();
-        while let Some(entry) = self.by_time.first_entry() {
-            if *entry.key() > wm.0 {
-                break;
-            }
-            let (t, keys) = entry.remove_entry();
-            // sorted, so the order does not depend on how the timers were registered (a restored
-            // operator registers them in key-group order)
-            let mut keys: Vec<StateKey> = keys.into_iter().collect();
-            keys.sort_unstable();
-            out.push((t, keys));
-        }
-        out
-    }
-
-    /// Writes every pending timer into `backend` as table `timers/<name>`, replacing what an
-    /// earlier snapshot wrote there (called before a snapshot).
-    pub fn save(&self, name: &str, backend: &KeyedBackend) -> Result<()> {
-        let table = backend::table_id(&format!("timers/{name}"));
-        backend.clear_table(table)?;
-        let mut batch = rocksdb::WriteBatch::default();
-        let mp = backend.max_parallelism();
-        let header = [i64::MAX.to_be_bytes(), i64::MIN.to_be_bytes()].concat();
-        for (t, keys) in &self.by_time {
-            for key in keys {
-                let mut k = ((*t as u64) ^ (1 << 63)).to_be_bytes().to_vec();
-                k.extend_from_slice(key);
-                batch.put(
-                    backend::row_key(key_group(hash_key(key), mp), table, &k),
-                    &header,
-                );
-            }
-        }
-        backend.write(batch)
-    }
-
-    /// The timers saved as `name` in a restored `backend`, for its key groups.
-    pub fn restore(name: &str, backend: &KeyedBackend) -> Result<Timers> {
-        let mut timers = Timers::new();
-        if !backend.restored() {
-            return Ok(timers);
-        }
-        let table = backend::table_id(&format!("timers/{name}"));
-        for (k, _) in backend.scan(table)? {
-            if k.len() < 8 {
-                return Err(EngineError::State(format!(
-                    "timer row of {name} is too short"
-                )));
-            }
-            let t = (u64::from_be_bytes(k[..8].try_into().expect("8 bytes")) ^ (1 << 63)) as i64;
-            timers.register(t, &k[8..]);
-        }
-        Ok(timers)
-    }
-
-    /// Number of pending timers.
-    pub fn len(&self) -> usize {
-        self.by_time.values().map(|s| s.len()).sum()
-    }
-
-    /// True if no timer is pending.
-    pub fn is_empty(&self) -> bool {
-        self.by_time.is_empty()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -698,12 +607,11 @@ mod tests {
             None,
             "expired at touched + ttl"
         );
-        let gone = t.expire(Watermark(1100)).unwrap();
-        assert_eq!(gone.len(), 1);
-        assert_eq!(&*gone[0].0, b"a");
+        assert_eq!(t.expire(Watermark(1100)).unwrap(), 1);
+        assert_eq!(t.key_count(), 1, "a is gone from memory");
         assert_eq!(t.get(b"b", 0, Watermark(1100)).unwrap(), Some(&2));
-        assert_eq!(t.expire(Watermark(1149)).unwrap().len(), 0);
-        assert_eq!(t.expire(Watermark(1150)).unwrap().len(), 1);
+        assert_eq!(t.expire(Watermark(1149)).unwrap(), 0);
+        assert_eq!(t.expire(Watermark(1150)).unwrap(), 1);
         assert!(t.is_empty());
     }
 
@@ -746,20 +654,6 @@ mod tests {
         assert_eq!(t.len(), 1);
         t.remove(b"k", 30).unwrap();
         assert_eq!(t.key_count(), 0);
-    }
-
-    #[test]
-    fn timers_fire_in_order_once() {
-        let mut timers = Timers::new();
-        timers.register(20, b"b");
-        timers.register(10, b"a");
-        timers.register(10, b"a");
-        assert_eq!(timers.len(), 2);
-        let due = timers.due(Watermark(15));
-        assert_eq!(due.len(), 1);
-        assert_eq!(due[0].1.len(), 1);
-        assert_eq!(timers.due(Watermark(25))[0].0, 20);
-        assert!(timers.is_empty());
     }
 
     fn config(dir: &std::path::Path, cache_keys: usize) -> StateConfig {
@@ -914,18 +808,19 @@ mod tests {
             );
             let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
             t.attach(&backend).unwrap();
-            let mut timers = Timers::new();
+            let mut timers = Timers::new("fire");
+            timers.attach(&backend).unwrap();
             for i in 0..200u32 {
                 let k = key(i);
                 if range.contains(KeyedTable::<u64>::key_groups_of(&k, 128)) {
                     t.update(&k, 0, 0, Watermark::MIN, || 0, |v| *v = i as u64)
                         .unwrap();
-                    timers.register(i as i64, &k);
+                    timers.register(i as i64, &k).unwrap();
                     timers_expected += 1;
                 }
             }
             t.flush().unwrap();
-            timers.save("fire", &backend).unwrap();
+            timers.flush().unwrap();
             let snap = dir.path().join(format!("snap{sub}"));
             backend.checkpoint(&snap).unwrap();
             parts.push((snap, range));
@@ -967,7 +862,15 @@ mod tests {
                 assert_eq!(got, mine.then_some(i as u64), "key {i} in subtask {sub}");
                 seen += mine as u32;
             }
-            timers_seen += Timers::restore("fire", &backend).unwrap().len();
+            let mut timers = Timers::new("fire");
+            timers.attach(&backend).unwrap();
+            for (_, k) in timers.due(Watermark(i64::MAX), 1000).unwrap() {
+                assert!(
+                    range.contains(KeyedTable::<u64>::key_groups_of(&k, 128)),
+                    "a timer of another subtask's key was restored in subtask {sub}"
+                );
+                timers_seen += 1;
+            }
         }
         assert_eq!(seen, 200);
         assert_eq!(timers_seen, timers_expected);
@@ -1007,8 +910,107 @@ mod tests {
             None,
             "expired on read"
         );
-        let gone = t.expire(Watermark(1100)).unwrap();
-        assert_eq!(gone.len(), 1, "restored deadlines fire");
         assert_eq!(t.get(b"b", 0, Watermark(1100)).unwrap(), Some(&2));
+        // a dirty key that expired is deleted by the flush, not written; a clean one is dropped
+        // by RocksDB's compaction once the watermark passes its deadline
+        t.update(b"b", 1, 1060, Watermark(1100), || 3, |_| ())
+            .unwrap();
+        t.expire(Watermark(1160)).unwrap();
+        t.flush().unwrap();
+        restored.compact();
+        assert!(
+            restored.scan(backend::table_id("t")).unwrap().is_empty(),
+            "expired rows stay on disk"
+        );
+        assert_eq!(t.get(b"b", 1, Watermark(1100)).unwrap(), None);
+    }
+
+    /// State checkpointed in layout 0, which had no layout marker and kept timers per key group
+    /// in a table of their own, is read by this version: its timers fire, and a snapshot taken
+    /// afterwards is in the current layout.
+    #[test]
+    fn state_of_layout_0_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1000);
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let old = KeyedBackend::open(&dir.path().join("old"), &cfg, range, 128).unwrap();
+        old.forget_format();
+        // the rows layout 0 wrote: values as today; timers under `timers/<name>` by key group,
+        // `[time][key]`, with an empty header
+        let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
+        let old = Arc::new(old);
+        t.attach(&old).unwrap();
+        let timers = backend::table_id("timers/fire");
+        let mut batch = rocksdb::WriteBatch::default();
+        for i in 0..50u32 {
+            t.update(&key(i), 0, 0, Watermark::MIN, || 0, |v| *v = i as u64)
+                .unwrap();
+            let mut row = backend::time_bytes(i as i64 * 10).to_vec();
+            row.extend_from_slice(&key(i));
+            let kg = KeyedTable::<u64>::key_groups_of(&key(i), 128);
+            let header = [i64::MAX.to_be_bytes(), i64::MIN.to_be_bytes()].concat();
+            batch.put(backend::row_key(kg, timers, &row), header);
+        }
+        t.flush().unwrap();
+        old.write(batch).unwrap();
+        let snap = dir.path().join("snap");
+        old.checkpoint(&snap).unwrap();
+        for (name, parts) in [
+            ("whole", vec![(snap.clone(), range)]),
+            ("halves", {
+                // the same snapshot read as two parts: the path of a rescale
+                let half = dir.path().join("snap-copy");
+                std::fs::create_dir_all(&half).unwrap();
+                for f in std::fs::read_dir(&snap).unwrap() {
+                    let f = f.unwrap();
+                    std::fs::copy(f.path(), half.join(f.file_name())).unwrap();
+                }
+                let second = dir.path().join("snap-copy2");
+                std::fs::create_dir_all(&second).unwrap();
+                for f in std::fs::read_dir(&snap).unwrap() {
+                    let f = f.unwrap();
+                    std::fs::copy(f.path(), second.join(f.file_name())).unwrap();
+                }
+                vec![
+                    (half, range),
+                    (second, crate::KeyGroupRange::for_subtask(128, 2, 0)),
+                ]
+            }),
+        ] {
+            let restored = Arc::new(
+                KeyedBackend::restore(&dir.path().join(name), &cfg, range, 128, parts).unwrap(),
+            );
+            assert_eq!(restored.format(), 0, "{name}");
+            let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
+            t.attach(&restored).unwrap();
+            for i in 0..50u32 {
+                assert_eq!(
+                    t.get(&key(i), 0, Watermark::MIN).unwrap(),
+                    Some(&(i as u64))
+                );
+            }
+            let mut fire = Timers::new("fire");
+            fire.attach(&restored).unwrap();
+            let got = fire.due(Watermark(i64::MAX), 1000).unwrap();
+            let want: Vec<_> = (0..50u32)
+                .map(|i| (i as i64 * 10, StateKey::from(key(i).as_slice())))
+                .collect();
+            assert_eq!(got, want, "{name}");
+            assert!(
+                restored.scan(timers).unwrap().is_empty(),
+                "the old timer rows are gone"
+            );
+            let again = dir.path().join(format!("{name}-snap"));
+            restored.checkpoint(&again).unwrap();
+            let next = KeyedBackend::restore(
+                &dir.path().join(format!("{name}-next")),
+                &cfg,
+                range,
+                128,
+                vec![(again, range)],
+            )
+            .unwrap();
+            assert_eq!(next.format(), backend::FORMAT, "{name}");
+        }
     }
 }

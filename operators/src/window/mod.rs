@@ -32,6 +32,7 @@ use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
+use freshet_engine::state::timers::FIRE_BATCH;
 use freshet_engine::state::{KeyedTable, StateKey, Timers};
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
 use smallvec::SmallVec;
@@ -152,8 +153,8 @@ impl WindowPlan {
             plan: self.clone(),
             slices: KeyedTable::new("window-slices", None),
             sessions: KeyedTable::new("window-sessions", None),
-            fire: Timers::new(),
-            cleanup: Timers::new(),
+            fire: Timers::new("fire"),
+            cleanup: Timers::new("cleanup"),
             keys: EncodedKeys::default(),
         }
     }
@@ -337,14 +338,14 @@ impl WindowOperator {
                     // the window already fired: emit it again with this record
                     updated.insert((key.into(), end));
                 } else if created {
-                    self.fire.register(end - 1, key);
+                    self.fire.register(end - 1, key)?;
                 }
                 end += slide;
             }
             // without lateness a slice is released when its last window fires
             if created && lateness > 0 {
                 self.cleanup
-                    .register((last_end - 1).saturating_add(lateness), key);
+                    .register((last_end - 1).saturating_add(lateness), key)?;
             }
         }
         let mut updated: Vec<(StateKey, i64)> = updated.into_iter().collect();
@@ -417,10 +418,10 @@ impl WindowOperator {
             if w >= end - 1 {
                 updated.push((key.clone(), start));
             } else {
-                self.fire.register(end - 1, &key);
+                self.fire.register(end - 1, &key)?;
             }
             self.cleanup
-                .register((end - 1).saturating_add(lateness), &key);
+                .register((end - 1).saturating_add(lateness), &key)?;
         }
         updated.sort_unstable();
         updated.dedup();
@@ -452,8 +453,8 @@ impl Operator for WindowOperator {
     fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
         snap.flush(&mut self.slices)?;
         snap.flush(&mut self.sessions)?;
-        snap.save_timers("fire", &self.fire)?;
-        snap.save_timers("cleanup", &self.cleanup)
+        snap.flush_timers(&mut self.fire)?;
+        snap.flush_timers(&mut self.cleanup)
     }
 
     fn process_batch(
@@ -495,10 +496,14 @@ impl Operator for WindowOperator {
         _: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()> {
-        let mut rows = Vec::new();
-        for (t, keys) in self.fire.due(wm) {
-            let end = t + 1;
-            for key in keys {
+        loop {
+            let due = self.fire.due(wm, FIRE_BATCH)?;
+            if due.is_empty() {
+                break;
+            }
+            let mut rows = Vec::with_capacity(due.len());
+            for (t, key) in due {
+                let end = t + 1;
                 match self.plan.kind {
                     WindowKind::Sliced { size, slide } => {
                         if let Some(accs) = self.fire_sliced(&key, size, slide, end)? {
@@ -528,11 +533,15 @@ impl Operator for WindowOperator {
                     }
                 }
             }
+            self.emit_rows(rows, out)?;
         }
-        self.emit_rows(rows, out)?;
         let lateness = self.plan.lateness;
-        for (t, keys) in self.cleanup.due(wm) {
-            for key in keys {
+        loop {
+            let due = self.cleanup.due(wm, FIRE_BATCH)?;
+            if due.is_empty() {
+                break;
+            }
+            for (t, key) in due {
                 match self.plan.kind {
                     WindowKind::Sliced { size, .. } => {
                         // slices whose last window's lateness bound is t: start <= t + 1 - lateness - size

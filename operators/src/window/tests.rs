@@ -128,7 +128,7 @@ fn sliding_windows_merge_slices_and_clean_up() {
         );
     }
     assert!(
-        h.op.slices.is_empty() && h.op.fire.is_empty() && h.op.cleanup.is_empty(),
+        h.op.slices.is_empty() && h.op.fire.in_memory() == 0 && h.op.cleanup.in_memory() == 0,
         "all state released"
     );
 }
