@@ -78,6 +78,16 @@ pub enum BenchCommand {
         /// Jobs: dedup, window or both.
         #[arg(long, value_delimiter = ',', default_values_t = ["dedup".to_string(), "window".to_string()])]
         jobs: Vec<String>,
+        /// `state.memory_mb` of the jobs (default: the job format's default).
+        #[arg(long)]
+        memory_mb: Option<usize>,
+        /// Another freshet binary to run the same jobs with, alternating, for a ratio measured
+        /// in the same run (e.g. a build of an earlier version).
+        #[arg(long)]
+        against: Option<std::path::PathBuf>,
+        /// Seconds after which a run is stopped and reported as not finished.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
     },
 }
 
@@ -171,12 +181,22 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             keys,
             events_per_key,
             jobs,
-        } => bench_state(&keys, events_per_key, &jobs),
+            memory_mb,
+            against,
+            timeout,
+        } => bench_state(&StateBench {
+            keys,
+            per_key: events_per_key,
+            jobs,
+            memory_mb,
+            against,
+            timeout: std::time::Duration::from_secs(timeout),
+        }),
     }
 }
 
 /// A job over `keys` distinct keys, each seen `per_key` times, spread over the whole input.
-fn state_job(kind: &str, keys: u64, per_key: u64) -> Result<String> {
+fn state_job(kind: &str, keys: u64, per_key: u64, memory_mb: Option<usize>) -> Result<String> {
     let transform = match kind {
         "dedup" => "    type: deduplicate\n    key: [k]\n    keep: first\n    ttl: 1000d\n",
         "window" => {
@@ -187,8 +207,11 @@ fn state_job(kind: &str, keys: u64, per_key: u64) -> Result<String> {
     // a multiplier coprime with the key count visits every key once per round, in an order
     // that defeats any locality
     let step = (7919..).find(|m| gcd(*m, keys) == 1).unwrap_or(1);
+    let state = memory_mb
+        .map(|m| format!("state: {{memory_mb: {m}}}\n"))
+        .unwrap_or_default();
     Ok(format!(
-        "version: 1\nname: state-{kind}\nsources:\n  events:\n    connector:\n      type: generator\n      count: {count}\n      fields: {{k: \"(seq * {step}) % {keys}\", ts: \"1714557600000 + seq\"}}\n    event_time: ts\ntransforms:\n  q:\n    input: events\n{transform}sinks:\n  out: {{input: q, connector: {{type: blackhole}}}}\n",
+        "version: 1\nname: state-{kind}\n{state}sources:\n  events:\n    connector:\n      type: generator\n      count: {count}\n      fields: {{k: \"(seq * {step}) % {keys}\", ts: \"1714557600000 + seq\"}}\n    event_time: ts\ntransforms:\n  q:\n    input: events\n{transform}sinks:\n  out: {{input: q, connector: {{type: blackhole}}}}\n",
         count = keys * per_key,
     ))
 }
@@ -197,11 +220,22 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// Runs `freshet run JOB` as a child process; its wall time and peak RSS (bytes).
-fn run_child(job: &std::path::Path) -> Result<(f64, u64)> {
+/// How a child run ended: wall seconds and peak RSS (bytes), or stopped at the timeout.
+enum ChildRun {
+    Done { wall: f64, rss: u64 },
+    TimedOut,
+}
+
+/// Runs `BINARY run JOB` as a child process; its wall time and peak RSS, unless it runs past
+/// `timeout`.
+fn run_child(
+    binary: &std::path::Path,
+    job: &std::path::Path,
+    timeout: std::time::Duration,
+) -> Result<ChildRun> {
     use std::io::Read;
     let t0 = Instant::now();
-    let mut child = std::process::Command::new(std::env::current_exe()?)
+    let mut child = std::process::Command::new(binary)
         .arg("run")
         .arg(job)
         .args(["--listen", "off"])
@@ -214,45 +248,115 @@ fn run_child(job: &std::path::Path) -> Result<(f64, u64)> {
         let _ = stderr.read_to_string(&mut text);
         text
     });
+    let pid = child.id() as libc::pid_t;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let late = stopped.recv_timeout(timeout).is_err();
+        if late {
+            // SAFETY: signals our own child, which has not been reaped yet (wait4 below is
+            // still waiting for it)
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        late
+    });
     // wait4 rather than Child::wait: it returns the child's own resource usage
     let mut status = 0;
     // SAFETY: wait4 only writes into the two values we pass.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     let wall = t0.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    let timed_out = watchdog.join().unwrap_or(false);
     let stderr = reader.join().unwrap_or_default();
-    if pid < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+    if timed_out {
+        return Ok(ChildRun::TimedOut);
+    }
+    if waited < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         bail!("{} failed: {stderr}", job.display());
     }
-    Ok((wall, usage.ru_maxrss as u64 * 1024))
+    Ok(ChildRun::Done {
+        wall,
+        rss: usage.ru_maxrss as u64 * 1024,
+    })
 }
 
-fn bench_state(keys: &[u64], per_key: u64, jobs: &[String]) -> Result<i32> {
-    if keys.is_empty() || keys.contains(&0) || per_key == 0 {
+/// What `freshet bench state` runs.
+struct StateBench {
+    keys: Vec<u64>,
+    per_key: u64,
+    jobs: Vec<String>,
+    memory_mb: Option<usize>,
+    against: Option<std::path::PathBuf>,
+    timeout: std::time::Duration,
+}
+
+/// A table cell of one child run: events/s and peak RSS, or how long it ran without finishing.
+fn cells(run: &ChildRun, events: u64, timeout: std::time::Duration) -> (String, String, String) {
+    match run {
+        ChildRun::Done { wall, rss } => (
+            format!("{wall:.2}"),
+            format!("{:.0}", events as f64 / wall),
+            format!("{}", rss >> 20),
+        ),
+        ChildRun::TimedOut => (format!("> {}", timeout.as_secs()), "-".into(), "-".into()),
+    }
+}
+
+fn bench_state(b: &StateBench) -> Result<i32> {
+    if b.keys.is_empty() || b.keys.contains(&0) || b.per_key == 0 {
         bail!("--keys needs one or more key counts above 0, and --events-per-key at least 1");
     }
+    let this = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
-    let mut keys = keys.to_vec();
+    let mut keys = b.keys.clone();
     keys.sort_unstable();
-    println!(
-        "| job | distinct keys | events | wall s | events/s | vs {} keys | peak RSS MB |",
-        keys[0]
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    for kind in jobs {
+    let budget = b.memory_mb.map_or("default".to_string(), |m| m.to_string());
+    println!("state.memory_mb: {budget}; events per key: {}", b.per_key);
+    if b.against.is_some() {
+        println!(
+            "| job | distinct keys | events | wall s | events/s | peak RSS MB | other: wall s | other: events/s | other: peak RSS MB | speed vs other |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    } else {
+        println!(
+            "| job | distinct keys | events | wall s | events/s | vs {} keys | peak RSS MB |",
+            keys[0]
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+    }
+    for kind in &b.jobs {
         let mut first = None;
         for &k in &keys {
+            let events = k * b.per_key;
             let path = dir.path().join(format!("{kind}-{k}.yaml"));
-            std::fs::write(&path, state_job(kind, k, per_key)?)?;
-            let (wall, rss) = run_child(&path)?;
-            let eps = (k * per_key) as f64 / wall;
-            let base = *first.get_or_insert(eps);
-            println!(
-                "| {kind} | {k} | {} | {wall:.2} | {eps:.0} | {:.2} | {} |",
-                k * per_key,
-                eps / base,
-                rss >> 20
-            );
+            std::fs::write(&path, state_job(kind, k, b.per_key, b.memory_mb)?)?;
+            let run = run_child(&this, &path, b.timeout)?;
+            let (wall, eps, rss) = cells(&run, events, b.timeout);
+            if let Some(other) = &b.against {
+                let theirs = run_child(other, &path, b.timeout)?;
+                let (owall, oeps, orss) = cells(&theirs, events, b.timeout);
+                let ratio = match (&run, &theirs) {
+                    (ChildRun::Done { wall: a, .. }, ChildRun::Done { wall: o, .. }) => {
+                        format!("{:.2}", o / a)
+                    }
+                    (ChildRun::Done { wall: a, .. }, ChildRun::TimedOut) => {
+                        format!("> {:.1}", b.timeout.as_secs_f64() / a)
+                    }
+                    _ => "-".into(),
+                };
+                println!(
+                    "| {kind} | {k} | {events} | {wall} | {eps} | {rss} | {owall} | {oeps} | {orss} | {ratio} |"
+                );
+            } else {
+                let vs = match &run {
+                    ChildRun::Done { wall, .. } => {
+                        let rate = events as f64 / wall;
+                        format!("{:.2}", rate / *first.get_or_insert(rate))
+                    }
+                    ChildRun::TimedOut => "-".into(),
+                };
+                println!("| {kind} | {k} | {events} | {wall} | {eps} | {vs} | {rss} |");
+            }
         }
     }
     Ok(0)
@@ -426,14 +530,26 @@ mod tests {
     #[test]
     fn state_benchmark_jobs_are_valid() {
         for kind in ["dedup", "window"] {
-            let text = state_job(kind, 1_000_000, 2).unwrap();
-            parse_job(&text, "state.yaml", &[]).unwrap_or_else(|e| panic!("{kind}: {e}\n{text}"));
+            let text = state_job(kind, 1_000_000, 2, Some(64)).unwrap();
+            let job = parse_job(&text, "state.yaml", &[])
+                .unwrap_or_else(|e| panic!("{kind}: {e}\n{text}"));
+            assert_eq!(job.state.memory_mb, 64);
         }
-        assert!(state_job("join", 10, 2).is_err());
-        assert!(bench_state(&[0], 2, &["dedup".into()]).is_err());
+        assert!(state_job("join", 10, 2, None).is_err());
+        assert!(
+            bench_state(&StateBench {
+                keys: vec![0],
+                per_key: 2,
+                jobs: vec!["dedup".into()],
+                memory_mb: None,
+                against: None,
+                timeout: std::time::Duration::from_secs(1),
+            })
+            .is_err()
+        );
         // 7919 * 3 keys share a factor with 7919 and with 7920: 7921 (89²) is the multiplier
         assert!(
-            state_job("dedup", 7919 * 3, 2)
+            state_job("dedup", 7919 * 3, 2, None)
                 .unwrap()
                 .contains("(seq * 7921) %")
         );

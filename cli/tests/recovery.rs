@@ -253,7 +253,11 @@ impl Killed {
         let victim = files
             .iter()
             .find(|f| f.ends_with(".sst") && !older_files.contains(f))
-            .or_else(|| files.iter().find(|f| f.starts_with(newest.as_str())))
+            .or_else(|| {
+                files
+                    .iter()
+                    .find(|f| f.starts_with(newest.as_str()) && f.contains("/MANIFEST-"))
+            })
             .unwrap()
             .clone();
         eprintln!("damaging {victim} of {newest}; {older} is the one before it");

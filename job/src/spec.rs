@@ -345,20 +345,23 @@ pub struct S3Spec {
 }
 
 /// Keyed-state settings. Every stateful operator subtask has its own RocksDB instance; the
-/// sizes below apply to each.
+/// instances of a job in one process share one memory budget, `memory_mb` per task slot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StateSpec {
     /// Working directory of the RocksDB instances (default: the system temporary directory).
     #[serde(default)]
     pub local_dir: Option<String>,
-    /// Keys per state table cached in memory, decoded, in front of RocksDB.
-    #[serde(default = "default_cache_keys")]
-    pub cache_keys: usize,
-    /// RocksDB block cache, MiB.
-    #[serde(default = "default_block_cache")]
-    pub block_cache_mb: usize,
-    /// RocksDB write buffer (memtable), MiB; at most two exist at once.
+    /// Memory keyed state may use per task slot, MiB: half for RocksDB (block cache, index and
+    /// filter partitions and memtables, shared by the slot's instances), half for the caches of
+    /// decoded keys in front of it.
+    #[serde(default = "default_memory")]
+    pub memory_mb: usize,
+    /// An optional cap on the keys per state table kept decoded in memory, besides the byte
+    /// budget.
+    #[serde(default)]
+    pub cache_keys: Option<usize>,
+    /// Size at which a RocksDB memtable is flushed, MiB.
     #[serde(default = "default_write_buffer")]
     pub write_buffer_mb: usize,
 }
@@ -367,17 +370,14 @@ impl Default for StateSpec {
     fn default() -> Self {
         StateSpec {
             local_dir: None,
-            cache_keys: default_cache_keys(),
-            block_cache_mb: default_block_cache(),
+            memory_mb: default_memory(),
+            cache_keys: None,
             write_buffer_mb: default_write_buffer(),
         }
     }
 }
-fn default_cache_keys() -> usize {
-    200_000
-}
-fn default_block_cache() -> usize {
-    32
+fn default_memory() -> usize {
+    256
 }
 fn default_write_buffer() -> usize {
     16

@@ -114,11 +114,29 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
         }
         _ => {}
     }
-    if job.state.cache_keys == 0 {
+    if job.state.cache_keys == Some(0) {
         p.push(Problem::new("state.cache_keys", "must be at least 1"));
+    }
+    if job.state.memory_mb < 16 {
+        p.push(Problem::new(
+            "state.memory_mb",
+            format!(
+                "{} MiB is too little; keyed state needs at least 16",
+                job.state.memory_mb
+            ),
+        ));
     }
     if job.state.write_buffer_mb == 0 {
         p.push(Problem::new("state.write_buffer_mb", "must be at least 1"));
+    } else if job.state.write_buffer_mb > job.state.memory_mb / 4 {
+        p.push(Problem::new(
+            "state.write_buffer_mb",
+            format!(
+                "{} MiB is more than the memtables' share of state.memory_mb (a quarter, {} MiB)",
+                job.state.write_buffer_mb,
+                job.state.memory_mb / 4
+            ),
+        ));
     }
     if job.pipeline.batch_size == 0 {
         p.push(Problem::new("pipeline.batch_size", "must be at least 1"));

@@ -795,9 +795,11 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         .unwrap_or_else(|| std::env::temp_dir().join("freshet-state"));
     let state = StateConfig {
         local_dir: state_root,
+        memory_bytes: spec_state.memory_mb << 20,
         cache_keys: spec_state.cache_keys,
-        block_cache_bytes: spec_state.block_cache_mb << 20,
         write_buffer_bytes: spec_state.write_buffer_mb << 20,
+        memory: None,
+        slot: 0,
     };
     let mut used_tms: Vec<Arc<dyn TaskManagerGateway>> = Vec::new();
     for t in &owner {

@@ -289,7 +289,13 @@ pub fn objects(sj: &StreamJob, s: &JobSettings, running: bool) -> Result<Objects
             {"name": "rpc", "containerPort": TASKMANAGER_PORT},
             {"name": "data", "containerPort": DATA_PORT},
         ]),
-        sj.spec.task_managers.resources.as_ref(),
+        Some(
+            sj.spec
+                .task_managers
+                .resources
+                .as_ref()
+                .unwrap_or(&derived_memory(s.taskmanager_memory_mb)),
+        ),
         &meta(&names.taskmanager, "taskmanager"),
         &tm_secrets,
     )?;
@@ -299,6 +305,19 @@ pub fn objects(sj: &StreamJob, s: &JobSettings, running: bool) -> Result<Objects
         jobmanager,
         taskmanager,
     })
+}
+
+/// Resources of a TaskManager whose spec gives none: a memory request and limit of `mb` MiB.
+fn derived_memory(mb: usize) -> k8s_openapi::api::core::v1::ResourceRequirements {
+    let memory = std::collections::BTreeMap::from([(
+        "memory".to_string(),
+        k8s_openapi::apimachinery::pkg::api::resource::Quantity(format!("{mb}Mi")),
+    )]);
+    k8s_openapi::api::core::v1::ResourceRequirements {
+        requests: Some(memory.clone()),
+        limits: Some(memory),
+        ..Default::default()
+    }
 }
 
 /// A Deployment of one component: the generated pod merged over the user's pod template.

@@ -23,7 +23,14 @@ pub struct JobSettings {
     pub ha_dir: String,
     /// TaskManager pods.
     pub taskmanagers: i32,
+    /// Memory of a TaskManager container when the spec gives none, MiB: the keyed-state budget
+    /// of its slots (`state.memory_mb` each) and the process's own.
+    pub taskmanager_memory_mb: usize,
 }
+
+/// Memory of a TaskManager process besides keyed state (batches in flight, network buffers, the
+/// binary), MiB.
+pub const PROCESS_MEMORY_MB: usize = 256;
 
 impl JobSettings {
     /// Settings of `sj`; an invalid job definition is refused with the field named.
@@ -91,6 +98,7 @@ impl JobSettings {
             savepoints,
             ha_dir,
             taskmanagers,
+            taskmanager_memory_mb: slots as usize * job.state.memory_mb + PROCESS_MEMORY_MB,
         })
     }
 }
@@ -151,6 +159,36 @@ spec:
         .unwrap();
         sj.metadata.generation = Some(1);
         sj
+    }
+
+    /// Without resources in the spec, a TaskManager's memory is its slots' keyed-state budget
+    /// and the process's own; resources a user gives are kept as they are.
+    #[test]
+    fn taskmanager_memory_follows_the_state_budget() {
+        let mut sj = job(3);
+        sj.metadata.uid = Some("uid-1".into());
+        sj.spec.job["state"] = serde_json::json!({"memory_mb": 512});
+        let s = JobSettings::of(&sj).unwrap();
+        assert_eq!(s.taskmanager_memory_mb, 2 * 512 + PROCESS_MEMORY_MB);
+        let objects = crate::resources::objects(&sj, &s, true).unwrap();
+        let pod = serde_json::to_value(&objects.taskmanager).unwrap();
+        let resources = &pod["spec"]["template"]["spec"]["containers"][0]["resources"];
+        assert_eq!(resources["limits"]["memory"], "1280Mi", "{resources}");
+        assert_eq!(resources["requests"]["memory"], "1280Mi");
+        sj.spec.task_managers.resources = Some(
+            serde_json::from_value(serde_json::json!({
+                "limits": {"memory": "3Gi", "cpu": "2"}
+            }))
+            .unwrap(),
+        );
+        let objects = crate::resources::objects(&sj, &s, true).unwrap();
+        let pod = serde_json::to_value(&objects.taskmanager).unwrap();
+        let resources = &pod["spec"]["template"]["spec"]["containers"][0]["resources"];
+        assert_eq!(resources["limits"]["memory"], "3Gi");
+        assert!(
+            resources.get("requests").is_none_or(|r| r.is_null()),
+            "{resources}"
+        );
     }
 
     #[test]

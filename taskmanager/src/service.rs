@@ -134,9 +134,11 @@ impl Service {
                 .state_dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(&r.state_dir)),
+            memory_bytes: spec.state.memory_mb << 20,
             cache_keys: spec.state.cache_keys,
-            block_cache_bytes: spec.state.block_cache_mb << 20,
             write_buffer_bytes: spec.state.write_buffer_mb << 20,
+            memory: None,
+            slot: 0,
         };
         Ok(TaskDeployment {
             job: JobId(r.job),

@@ -10,7 +10,7 @@
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use tracing::{debug, info_span};
 
 use freshet_engine::channel::CancelToken;
@@ -18,6 +18,7 @@ use freshet_engine::checkpoint::{CheckpointHooks, LocalState, SubtaskCommand, Su
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::SubtaskInfo;
 use freshet_engine::partition::{EdgeWriter, Partitioning};
+use freshet_engine::state::StateMemory;
 use freshet_engine::task::{ChainedOperator, SubtaskSpec, TaskInput, run_subtask};
 use freshet_engine::{EngineError, Result};
 use freshet_jobmanager::messages::SubtaskStatus;
@@ -64,6 +65,8 @@ pub struct TaskManager {
     events: Sender<TaskEvent>,
     plans: Plans,
     running: Arc<Mutex<HashMap<TaskKey, Running>>>,
+    /// Per job, the keyed-state memory its subtasks here share (alive while one of them is).
+    memory: Mutex<HashMap<JobId, Weak<StateMemory>>>,
     cancellation_timeout: std::time::Duration,
     on_stuck: OnStuck,
 }
@@ -87,9 +90,25 @@ impl TaskManager {
             events,
             plans: Arc::new(Mutex::new(HashMap::new())),
             running: Arc::new(Mutex::new(HashMap::new())),
+            memory: Mutex::new(HashMap::new()),
             cancellation_timeout: DEFAULT_CANCELLATION_TIMEOUT,
             on_stuck: Arc::new(exit_on_stuck),
         }
+    }
+
+    /// The keyed-state memory of `job` here, made on its first subtask with `per_slot` bytes per
+    /// slot.
+    fn state_memory(&self, job: &JobId, per_slot: usize) -> Arc<StateMemory> {
+        let mut all = self.memory.lock();
+        if let Some(m) = all.get(job).and_then(Weak::upgrade)
+            && m.per_slot() == StateMemory::new_per_slot(per_slot)
+        {
+            return m;
+        }
+        all.retain(|_, m| m.strong_count() > 0);
+        let m = StateMemory::new(per_slot);
+        all.insert(job.clone(), Arc::downgrade(&m));
+        m
     }
 
     /// Gives cancelled subtasks `timeout` to end; `on_stuck` is told about those that do not.
@@ -311,6 +330,8 @@ impl TaskManager {
             }),
         });
         let mut config = d.state.clone();
+        config.memory = Some(self.state_memory(&d.job, config.memory_bytes));
+        config.slot = d.subtask;
         config.local_dir = config.local_dir.join(format!(
             "{}-{}-{}/{}-{}",
             d.job,

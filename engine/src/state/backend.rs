@@ -14,16 +14,18 @@
 //! can read what an older one checkpointed.
 //!
 //! Writes skip the write-ahead log: durability comes from checkpoints, which flush the memtables
-//! and link the SST files ([`KeyedBackend::checkpoint`]). Memory is bounded by the configured block
-//! cache and write buffers.
+//! and link the SST files ([`KeyedBackend::checkpoint`]). Memory is bounded by the job's
+//! [`StateMemory`], whose block cache and write-buffer manager every instance of the job in the
+//! process shares.
 use rocksdb::{
-    BlockBasedIndexType, BlockBasedOptions, Cache, DB, Direction, IteratorMode, Options,
-    ReadOptions, WriteBatch, WriteOptions, checkpoint::Checkpoint, compaction_filter::Decision,
+    BlockBasedIndexType, BlockBasedOptions, DB, Direction, IteratorMode, Options, ReadOptions,
+    WriteBatch, WriteOptions, checkpoint::Checkpoint, compaction_filter::Decision,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
+use super::memory::{Lease, StateMemory};
 use crate::{EngineError, KeyGroup, KeyGroupRange, Result};
 
 /// Bytes before the table values in a row.
@@ -84,27 +86,33 @@ pub(crate) fn timer_upper(table: [u8; 4], t: i64) -> Vec<u8> {
     k
 }
 
-/// Keyed-state settings, per stateful operator subtask.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Keyed-state settings of a subtask.
+#[derive(Debug, Clone)]
 pub struct StateConfig {
     /// Where RocksDB instances live while a job runs.
     pub local_dir: PathBuf,
-    /// Keys per table kept in memory, decoded, in front of RocksDB. Beyond this, clean keys are
-    /// evicted (after writing dirty ones); a larger cache trades memory for fewer RocksDB reads.
-    pub cache_keys: usize,
-    /// RocksDB block cache, bytes.
-    pub block_cache_bytes: usize,
-    /// RocksDB write buffer (memtable) size, bytes; at most two are kept.
+    /// Bytes keyed state may use per task slot (see [`StateMemory`]).
+    pub memory_bytes: usize,
+    /// An optional cap on the keys per table kept decoded in memory, besides the byte budget.
+    pub cache_keys: Option<usize>,
+    /// Size at which one RocksDB memtable is flushed, bytes.
     pub write_buffer_bytes: usize,
+    /// The job's memory in this process, shared by its instances (the TaskManager sets it); an
+    /// instance without one has a budget of its own.
+    pub memory: Option<Arc<StateMemory>>,
+    /// The task slot the subtask runs in (its index: slot k runs subtask k of every operator).
+    pub slot: u32,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
             local_dir: std::env::temp_dir().join("freshet-state"),
-            cache_keys: 200_000,
-            block_cache_bytes: 32 << 20,
+            memory_bytes: 256 << 20,
+            cache_keys: None,
             write_buffer_bytes: 16 << 20,
+            memory: None,
+            slot: 0,
         }
     }
 }
@@ -153,6 +161,8 @@ pub struct KeyedBackend {
     range: KeyGroupRange,
     max_parallelism: u32,
     cache_keys: usize,
+    memory: Arc<StateMemory>,
+    _lease: Lease,
     /// Event-time clock of the compaction filter: rows whose deadline is at or before it go.
     clock: Arc<AtomicI64>,
     /// Whether the instance may hold rows no in-memory cache has seen (restored state).
@@ -170,10 +180,11 @@ impl std::fmt::Debug for KeyedBackend {
     }
 }
 
-fn options(config: &StateConfig, clock: Arc<AtomicI64>) -> Options {
+fn options(config: &StateConfig, memory: &StateMemory, clock: Arc<AtomicI64>) -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.set_write_buffer_size(config.write_buffer_bytes);
+    opts.set_write_buffer_manager(memory.write_buffers());
     opts.set_max_write_buffer_number(2);
     opts.set_max_open_files(256);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
@@ -185,7 +196,7 @@ fn options(config: &StateConfig, clock: Arc<AtomicI64>) -> Options {
     opts.set_memtable_prefix_bloom_ratio(0.1);
     opts.set_memtable_whole_key_filtering(true);
     let mut table = BlockBasedOptions::default();
-    table.set_block_cache(&Cache::new_lru_cache(config.block_cache_bytes));
+    table.set_block_cache(memory.cache());
     table.set_bloom_filter(10.0, false);
     // Index and filter blocks live in the block cache, so memory stays within it. They are
     // partitioned: a file's whole filter is about a byte and a quarter per key, and once the
@@ -267,7 +278,12 @@ impl KeyedBackend {
         std::fs::create_dir_all(dir)
             .map_err(|e| io_err(format!("creating {}", dir.display()), e))?;
         let clock = Arc::new(AtomicI64::new(i64::MIN));
-        let db = DB::open(&options(config, clock.clone()), dir)
+        let memory = config
+            .memory
+            .clone()
+            .unwrap_or_else(|| StateMemory::new(config.memory_bytes));
+        let lease = memory.lease(config.slot);
+        let db = DB::open(&options(config, &memory, clock.clone()), dir)
             .map_err(|e| db_err(format!("opening state in {}", dir.display()), e))?;
         let format = if restored {
             Self::read_format(&db)?
@@ -285,7 +301,9 @@ impl KeyedBackend {
             dir: dir.to_path_buf(),
             range,
             max_parallelism,
-            cache_keys: config.cache_keys.max(1),
+            cache_keys: config.cache_keys.unwrap_or(usize::MAX).max(1),
+            memory,
+            _lease: lease,
             clock,
             restored,
             format,
@@ -338,7 +356,7 @@ impl KeyedBackend {
     /// timers of keys in them; returns the snapshot's layout.
     fn import(&self, part: &Path, config: &StateConfig) -> Result<u32> {
         let clock = Arc::new(AtomicI64::new(i64::MIN));
-        let src = DB::open_for_read_only(&options(config, clock), part, false)
+        let src = DB::open_for_read_only(&options(config, &self.memory, clock), part, false)
             .map_err(|e| db_err(format!("reading snapshot {}", part.display()), e))?;
         let format = Self::read_format(&src)?;
         if format > FORMAT {
@@ -389,9 +407,14 @@ impl KeyedBackend {
         self.max_parallelism
     }
 
-    /// Keys per table to keep in memory.
+    /// The cap on keys per table kept in memory (`usize::MAX` without one).
     pub fn cache_keys(&self) -> usize {
         self.cache_keys
+    }
+
+    /// The memory budget the instance shares.
+    pub fn memory(&self) -> &Arc<StateMemory> {
+        &self.memory
     }
 
     /// True when the instance was filled from a snapshot.

@@ -13,6 +13,13 @@
 //! must evict and at every checkpoint ([`KeyedTable::flush`]). One row holds all namespaces of a
 //! key, so a key costs at most one RocksDB read however many namespaces an operator touches.
 //!
+//! **Cache.** Each cached key is charged an estimate of its bytes (the entry, a long key, and
+//! twice its last encoded size, or the table's average before it was first written) against the
+//! job's [`StateMemory`]. When the table must give memory back it writes its dirty keys and
+//! evicts clean ones with the CLOCK policy: a key read or written since the last sweep gets a
+//! second chance, and a key loaded or created but not touched again goes first, so a scan of
+//! one-off keys does not flush the working set.
+//!
 //! **TTL.** A table may have an event-time time-to-live: every [`update`](KeyedTable::update)
 //! touches the key with the event time of the record that caused it, and once the watermark
 //! reaches `touched + ttl` the whole key is expired. Expired keys are invisible to reads
@@ -37,9 +44,11 @@ use crate::keys::{hash_key, key_group};
 use crate::{EngineError, KeyGroup, Result, Watermark};
 
 pub mod backend;
+pub mod memory;
 pub mod timers;
 
 pub use backend::{KeyedBackend, StateConfig};
+pub use memory::StateMemory;
 pub use timers::Timers;
 
 /// What a table can hold: anything serde can write and read back.
@@ -65,7 +74,34 @@ pub struct KeyedTable<V> {
     /// The latest watermark passed to [`KeyedTable::expire`].
     clock: Watermark,
     entries: usize,
+    /// Estimated bytes of the keys in memory.
+    bytes: usize,
+    /// Running average of the encoded size of a key's values, charged for keys not yet written.
+    avg_payload: usize,
+    /// Updates since the last size sample.
+    since_sample: u32,
+    /// Keys read back from RocksDB into the cache.
+    loads: u64,
+    /// Scratch space of size samples.
+    scratch: Vec<u8>,
     backing: Option<Backing>,
+}
+
+/// Dirty keys after which a table writes them even if nothing asks it to (a job without
+/// checkpoints still spills to RocksDB).
+const DIRTY_LIMIT: usize = 1 << 18;
+
+/// Every this many updates, the updated key's values are encoded to correct its charge and the
+/// table's average (the charges of keys changed in place would otherwise stay as estimated).
+const SAMPLE_EVERY: u32 = 32;
+
+/// The estimated bytes of a cached key whose values encode to `payload` bytes.
+fn charge_of<V>(key: &[u8], payload: usize) -> u32 {
+    // the map's entry with its control byte and spare capacity; keys over 24 bytes are on the
+    // heap; decoded values take about twice their encoding
+    let entry = std::mem::size_of::<(StateKey, Slot<V>)>() * 8 / 7 + 1;
+    let heap_key = if key.len() > 24 { key.len() } else { 0 };
+    (entry + heap_key + 2 * payload).min(u32::MAX as usize) as u32
 }
 
 /// Where an attached table's rows live, and what the cache owes them.
@@ -87,6 +123,10 @@ struct Slot<V> {
     dirty: bool,
     /// RocksDB holds a row for the key (it was read from there or written there).
     persisted: bool,
+    /// Read or written since the last eviction sweep (CLOCK's reference bit).
+    referenced: bool,
+    /// Estimated bytes, as counted in the table's total.
+    charge: u32,
 }
 /// The values of one key, sorted by namespace. A key has few namespaces (a window's slices, a
 /// join's timestamps within its interval), so a sorted vector beats a tree: one allocation,
@@ -160,6 +200,11 @@ impl<V: StateValue> KeyedTable<V> {
             deadlines: BinaryHeap::new(),
             clock: Watermark::MIN,
             entries: 0,
+            bytes: 0,
+            avg_payload: 16,
+            since_sample: 0,
+            loads: 0,
+            scratch: Vec::new(),
             backing: None,
         }
     }
@@ -180,6 +225,8 @@ impl<V: StateValue> KeyedTable<V> {
             backing.dirty.push(k.clone());
         }
         self.deadlines.clear();
+        backend.memory().add_table();
+        backend.memory().charge(0, self.bytes);
         self.backing = Some(backing);
         Ok(())
     }
@@ -217,19 +264,59 @@ impl<V: StateValue> KeyedTable<V> {
         let Some(b) = self.backing.as_ref() else {
             return Ok(());
         };
-        if b.complete || self.keys.contains_key(key) {
+        if let Some(slot) = self.keys.get_mut(key) {
+            slot.referenced = true;
+            return Ok(());
+        }
+        if b.complete {
             return Ok(());
         }
         let kg = key_group(hash_key(key), b.backend.max_parallelism());
         let Some(row) = b.backend.get(&backend::row_key(kg, b.table, key))? else {
             return Ok(());
         };
-        let slot =
+        let mut slot =
             decode_row::<V>(&row).map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
         self.evict_if_full()?;
+        self.loads += 1;
+        slot.charge = charge_of::<V>(key, row.len() - backend::HEADER);
+        self.account(0, slot.charge as usize);
         self.entries += slot.values.len();
         self.keys.insert(key.into(), slot);
         Ok(())
+    }
+
+    /// Encodes the values of a cached key to correct its charge and the table's average.
+    fn sample(&mut self, key: &[u8]) -> Result<()> {
+        let Some(slot) = self.keys.get_mut(key) else {
+            return Ok(());
+        };
+        self.scratch.clear();
+        let encoded =
+            postcard::to_extend(slot.values.0.as_slice(), std::mem::take(&mut self.scratch))
+                .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
+        let old = slot.charge as usize;
+        slot.charge = charge_of::<V>(key, encoded.len());
+        let new = slot.charge as usize;
+        self.avg_payload = (self.avg_payload * 7 + encoded.len()) / 8;
+        self.scratch = encoded;
+        self.account(old, new);
+        Ok(())
+    }
+
+    /// Moves the table's byte count (and the job's, once attached) from `old` to `new`.
+    fn account(&mut self, old: usize, new: usize) {
+        self.bytes = (self.bytes + new).saturating_sub(old);
+        if let Some(b) = &self.backing {
+            b.backend.memory().charge(old, new);
+        }
+    }
+
+    /// Removes a key from memory with its charge.
+    fn forget(&mut self, key: &[u8]) {
+        if let Some(slot) = self.keys.remove(key) {
+            self.account(slot.charge as usize, 0);
+        }
     }
 
     fn mark_dirty(backing: &mut Option<Backing>, slot: &mut Slot<V>, key: &[u8]) {
@@ -274,6 +361,7 @@ impl<V: StateValue> KeyedTable<V> {
         let ttl = self.ttl;
         self.load(key)?;
         // one lookup finds the key or makes room for it
+        let charge = charge_of::<V>(key, self.avg_payload);
         let (slot, fresh) = match self.keys.entry_ref(key) {
             hashbrown::hash_map::EntryRef::Occupied(e) => (e.into_mut(), false),
             hashbrown::hash_map::EntryRef::Vacant(e) => (
@@ -282,6 +370,8 @@ impl<V: StateValue> KeyedTable<V> {
                     values: Namespaces::new(),
                     dirty: false,
                     persisted: false,
+                    referenced: false,
+                    charge,
                 }),
                 true,
             ),
@@ -309,6 +399,14 @@ impl<V: StateValue> KeyedTable<V> {
         }
         let r = f(v);
         if fresh {
+            self.account(0, charge as usize);
+        }
+        self.since_sample += 1;
+        if self.since_sample >= SAMPLE_EVERY {
+            self.since_sample = 0;
+            self.sample(key)?;
+        }
+        if fresh {
             // after the write, so eviction (which flushes first) cannot lose it
             self.evict_if_full()?;
         }
@@ -329,7 +427,7 @@ impl<V: StateValue> KeyedTable<V> {
         if slot.persisted {
             Self::mark_dirty(&mut self.backing, slot, key);
         } else {
-            self.keys.remove(key);
+            self.forget(key);
         }
     }
 
@@ -471,6 +569,8 @@ impl<V: StateValue> KeyedTable<V> {
         let (ttl, clock) = (self.ttl, self.clock);
         let mut buf = Vec::new();
         let mut tombstones = Vec::new();
+        let (mut old_bytes, mut new_bytes) = (0, 0);
+        let (mut payloads, mut written) = (0, 0);
         for key in b.dirty.drain(..) {
             let kg = key_group(hash_key(&key), mp);
             let row = backend::row_key(kg, b.table, &key);
@@ -487,6 +587,12 @@ impl<V: StateValue> KeyedTable<V> {
                         encode_row(slot, ttl, &mut buf)
                             .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
                         batch.put(&row, &buf);
+                        let payload = buf.len() - backend::HEADER;
+                        old_bytes += slot.charge as usize;
+                        slot.charge = charge_of::<V>(&key, payload);
+                        new_bytes += slot.charge as usize;
+                        payloads += payload;
+                        written += 1;
                     }
                 }
                 // clean: written by an earlier entry of the dirty list
@@ -496,47 +602,77 @@ impl<V: StateValue> KeyedTable<V> {
             }
         }
         b.backend.write(batch)?;
+        self.account(old_bytes, new_bytes);
+        if let Some(avg) = payloads.checked_div(written) {
+            self.avg_payload = (self.avg_payload * 3 + avg) / 4;
+        }
         for key in tombstones {
-            self.keys.remove(&key);
+            self.forget(&key);
         }
         Ok(())
     }
 
-    /// Keeps the list of dirty keys bounded: once it holds twice the cache size, writes them
-    /// (a job without checkpoints still spills to RocksDB, and memory stays bounded).
+    /// Keeps the list of dirty keys bounded (a job without checkpoints still spills to RocksDB,
+    /// and memory stays bounded).
     fn bound_dirty(&mut self) -> Result<()> {
         match &self.backing {
-            Some(b) if b.dirty.len() > 2 * b.backend.cache_keys() => self.flush(),
+            Some(b) if b.dirty.len() > DIRTY_LIMIT => self.flush(),
             _ => Ok(()),
         }
     }
 
-    /// When a new key filled the cache: writes dirty keys, then drops a quarter of the cache.
+    /// When a new key made the cache too large (by the job's memory or the table's key cap):
+    /// writes dirty keys, then evicts a quarter of the cache by CLOCK (see the module's doc).
     fn evict_if_full(&mut self) -> Result<()> {
         let Some(b) = self.backing.as_ref() else {
             return Ok(());
         };
         let cap = b.backend.cache_keys();
-        if self.keys.len() < cap {
+        let over_keys = self.keys.len() >= cap;
+        if !over_keys && !b.backend.memory().must_evict(self.bytes) {
             return Ok(());
         }
         self.flush()?;
-        let mut drop_n = self.keys.len() - cap * 3 / 4;
-        let mut dropped_entries = 0;
-        self.keys.retain(|_, s| {
-            if drop_n > 0 && !s.dirty {
-                drop_n -= 1;
-                dropped_entries += s.values.len();
+        let want_keys = if over_keys {
+            self.keys.len() - cap * 3 / 4
+        } else {
+            0
+        };
+        let want_bytes = self.bytes / 4;
+        let (mut keys, mut bytes, mut entries) = (0, 0, 0);
+        for _sweep in 0..2 {
+            self.keys.retain(|_, s| {
+                if (keys >= want_keys && bytes >= want_bytes) || s.dirty {
+                    return true;
+                }
+                if std::mem::take(&mut s.referenced) {
+                    return true;
+                }
+                keys += 1;
+                bytes += s.charge as usize;
+                entries += s.values.len();
                 false
-            } else {
-                true
+            });
+            if keys >= want_keys && bytes >= want_bytes {
+                break;
             }
-        });
-        self.entries -= dropped_entries;
+        }
+        self.entries -= entries;
+        self.account(bytes, 0);
         if let Some(b) = self.backing.as_mut() {
             b.complete = false;
         }
         Ok(())
+    }
+
+    /// Estimated bytes of the keys in memory.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Keys read back from RocksDB into the cache so far (cache misses that found a row).
+    pub fn loads(&self) -> u64 {
+        self.loads
     }
 
     /// Every key in memory with its values, in no particular order (tests and diagnostics).
@@ -550,6 +686,14 @@ impl<V: StateValue> KeyedTable<V> {
     /// The key group a key of this table belongs to.
     pub fn key_groups_of(key: &[u8], max_parallelism: u32) -> KeyGroup {
         key_group(hash_key(key), max_parallelism)
+    }
+}
+
+impl<V> Drop for KeyedTable<V> {
+    fn drop(&mut self) {
+        if let Some(b) = &self.backing {
+            b.backend.memory().remove_table(self.bytes);
+        }
     }
 }
 
@@ -584,6 +728,8 @@ fn decode_row<V: StateValue>(row: &[u8]) -> std::result::Result<Slot<V>, String>
         values: Namespaces(values.into()),
         dirty: false,
         persisted: true,
+        referenced: false,
+        charge: 0,
     })
 }
 
@@ -659,9 +805,9 @@ mod tests {
     fn config(dir: &std::path::Path, cache_keys: usize) -> StateConfig {
         StateConfig {
             local_dir: dir.to_path_buf(),
-            cache_keys,
-            block_cache_bytes: 1 << 20,
+            cache_keys: Some(cache_keys),
             write_buffer_bytes: 1 << 20,
+            ..StateConfig::default()
         }
     }
 
@@ -765,6 +911,69 @@ mod tests {
         assert_eq!(t.get(&key(8), 2, Watermark::MIN).unwrap(), Some(&vec![8]));
     }
 
+    /// The decoded-key cache stays within the job's byte budget however many keys pass through
+    /// it, every value reads back, and keys in use survive a stream of keys seen once.
+    #[test]
+    fn the_cache_holds_its_byte_budget_and_keeps_what_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = StateMemory::new(16 << 20);
+        let cfg = StateConfig {
+            local_dir: dir.path().to_path_buf(),
+            memory: Some(memory.clone()),
+            ..StateConfig::default()
+        };
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend =
+            Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
+        let budget = memory.decoded_budget();
+        assert_eq!(budget, 8 << 20);
+        let mut t: KeyedTable<Vec<u64>> = KeyedTable::new("t", None);
+        t.attach(&backend).unwrap();
+        let value = |i: u32| {
+            (0..100)
+                .map(|j| u64::MAX - (i as u64) * 7 - j)
+                .collect::<Vec<_>>()
+        };
+        let hot = |i: u32| format!("hot-{i}").into_bytes();
+        for i in 0..500 {
+            t.update(&hot(i), 0, 0, Watermark::MIN, || value(i), |_| ())
+                .unwrap();
+        }
+        let mut peak = 0;
+        for i in 0..40_000u32 {
+            t.update(&key(i), 0, 0, Watermark::MIN, || value(i), |_| ())
+                .unwrap();
+            if i % 16 == 0 {
+                for h in 0..500 {
+                    assert_eq!(t.get(&hot(h), 0, Watermark::MIN).unwrap(), Some(&value(h)));
+                }
+            }
+            peak = peak.max(memory.decoded());
+        }
+        // one key's charge of slack: the check runs after a new key is in
+        assert!(
+            peak <= budget + 4096,
+            "peak {peak} over the budget {budget}"
+        );
+        assert!(
+            t.key_count() < 10_000,
+            "the cache kept {} keys of about 2 KB",
+            t.key_count()
+        );
+        // some 40 sweeps each evicted a quarter of the cache: keys read between sweeps got a
+        // second chance, so the keys in use were (almost) never read back
+        assert!(
+            t.loads() < 500,
+            "keys in use were read back from RocksDB {} times",
+            t.loads()
+        );
+        for i in (0..40_000u32).step_by(97) {
+            assert_eq!(t.get(&key(i), 0, Watermark::MIN).unwrap(), Some(&value(i)));
+        }
+        drop(t);
+        assert_eq!(memory.decoded(), 0, "a dropped table gives its bytes back");
+    }
+
     #[test]
     fn keys_rocksdb_never_saw_leave_no_tombstones() {
         let dir = tempfile::tempdir().unwrap();
@@ -797,7 +1006,8 @@ mod tests {
     #[test]
     fn snapshots_restore_by_key_group_at_another_parallelism() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = config(dir.path(), 1000);
+        // a cache of 10 keys: the state is far larger, before and after the rescale
+        let cfg = config(dir.path(), 10);
         // two subtasks write their halves and snapshot them
         let mut parts = Vec::new();
         let mut timers_expected = 0;

@@ -207,9 +207,7 @@ mod tests {
     fn backend(dir: &std::path::Path, name: &str) -> Arc<KeyedBackend> {
         let cfg = StateConfig {
             local_dir: dir.to_path_buf(),
-            cache_keys: 1000,
-            block_cache_bytes: 1 << 20,
-            write_buffer_bytes: 1 << 20,
+            ..StateConfig::default()
         };
         let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
         Arc::new(KeyedBackend::open(&dir.join(name), &cfg, range, 128).unwrap())
@@ -301,9 +299,7 @@ mod tests {
         b.checkpoint(&snap).unwrap();
         let cfg = StateConfig {
             local_dir: dir.path().to_path_buf(),
-            cache_keys: 1000,
-            block_cache_bytes: 1 << 20,
-            write_buffer_bytes: 1 << 20,
+            ..StateConfig::default()
         };
         let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
         let restored = Arc::new(

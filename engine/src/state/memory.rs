@@ -1,0 +1,216 @@
+//! The memory keyed state may use: a budget per task slot, shared by every state instance of a
+//! job in one process.
+//!
+//! **The memory model.** `state.memory_mb` (M) is what keyed state may use in one task slot,
+//! whatever the number of stateful operators the slot runs. Half of it is RocksDB's: one LRU
+//! block cache per job and process holds data blocks, index and filter partitions, and the
+//! memtables, which a write-buffer manager charges to it and flushes once they reach half of it.
+//! The other half is the decoded-key caches in front of RocksDB, counted in bytes. A process that
+//! runs keyed state for `s` slots of a job therefore holds at most `s × M` of it; the rest of a
+//! process (network buffers, batches in flight, the binary) comes on top. The cache grows and
+//! shrinks as slots open and close state.
+//!
+//! The decoded-key caches share their half by need: a table evicts when its own bytes pass the
+//! whole half, or when the tables together pass it and the table holds more than a quarter of an
+//! equal share ([`StateMemory::must_evict`]), so a large table yields to a small one.
+use parking_lot::Mutex;
+use rocksdb::{Cache, WriteBufferManager};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The keyed-state memory of one job in one process.
+pub struct StateMemory {
+    per_slot: usize,
+    cache: Cache,
+    write_buffers: WriteBufferManager,
+    /// Open state instances per slot.
+    slots: Mutex<HashMap<u32, usize>>,
+    slot_count: AtomicUsize,
+    decoded: AtomicUsize,
+    tables: AtomicUsize,
+}
+
+impl std::fmt::Debug for StateMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMemory")
+            .field("per_slot", &self.per_slot)
+            .field("slots", &self.slot_count.load(Ordering::Relaxed))
+            .field("decoded", &self.decoded.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// A slot's claim on the budget, held by each state instance; the last one of a slot gives the
+/// slot's share back.
+#[derive(Debug)]
+pub struct Lease {
+    memory: Arc<StateMemory>,
+    slot: u32,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut slots = self.memory.slots.lock();
+        if let Some(n) = slots.get_mut(&self.slot) {
+            *n -= 1;
+            if *n == 0 {
+                slots.remove(&self.slot);
+            }
+        }
+        self.memory.resize(slots.len());
+    }
+}
+
+impl StateMemory {
+    /// The bytes per slot a budget asked for `per_slot` has (there is a floor).
+    pub fn new_per_slot(per_slot: usize) -> usize {
+        per_slot.max(8 << 20)
+    }
+
+    /// A budget of `per_slot` bytes per slot, with no slot open yet.
+    pub fn new(per_slot: usize) -> Arc<Self> {
+        let per_slot = Self::new_per_slot(per_slot);
+        let cache = Cache::new_lru_cache(per_slot / 2);
+        let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
+            per_slot / 4,
+            false,
+            cache.clone(),
+        );
+        Arc::new(StateMemory {
+            per_slot,
+            cache,
+            write_buffers,
+            slots: Mutex::new(HashMap::new()),
+            slot_count: AtomicUsize::new(0),
+            decoded: AtomicUsize::new(0),
+            tables: AtomicUsize::new(0),
+        })
+    }
+
+    /// Claims slot `slot`'s share for one state instance.
+    pub fn lease(self: &Arc<Self>, slot: u32) -> Lease {
+        let mut slots = self.slots.lock();
+        *slots.entry(slot).or_default() += 1;
+        self.resize(slots.len());
+        Lease {
+            memory: self.clone(),
+            slot,
+        }
+    }
+
+    fn resize(&self, slots: usize) {
+        let slots = slots.max(1);
+        self.slot_count.store(slots, Ordering::Relaxed);
+        let rocksdb = slots * self.per_slot / 2;
+        self.cache.clone().set_capacity(rocksdb);
+        self.write_buffers.set_buffer_size(rocksdb / 2);
+    }
+
+    /// The block cache every instance of the job in this process shares.
+    pub(crate) fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// The write-buffer manager every instance of the job in this process shares.
+    pub(crate) fn write_buffers(&self) -> &WriteBufferManager {
+        &self.write_buffers
+    }
+
+    /// Bytes per slot.
+    pub fn per_slot(&self) -> usize {
+        self.per_slot
+    }
+
+    /// Bytes the decoded-key caches may hold together.
+    pub fn decoded_budget(&self) -> usize {
+        self.slot_count.load(Ordering::Relaxed).max(1) * self.per_slot / 2
+    }
+
+    /// Bytes the decoded-key caches hold (estimated).
+    pub fn decoded(&self) -> usize {
+        self.decoded.load(Ordering::Relaxed)
+    }
+
+    /// Bytes RocksDB's block cache holds, memtables included.
+    pub fn rocksdb(&self) -> usize {
+        self.cache.get_usage()
+    }
+
+    pub(crate) fn add_table(&self) {
+        self.tables.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn remove_table(&self, bytes: usize) {
+        self.tables.fetch_sub(1, Ordering::Relaxed);
+        self.charge(bytes, 0);
+    }
+
+    pub(crate) fn charge(&self, old: usize, new: usize) {
+        if new >= old {
+            self.decoded.fetch_add(new - old, Ordering::Relaxed);
+        } else {
+            // never below zero, even if a table's estimate went wrong
+            let less = old - new;
+            let _ = self
+                .decoded
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                    Some(d.saturating_sub(less))
+                });
+        }
+    }
+
+    /// Whether a table holding `own` bytes must evict.
+    pub(crate) fn must_evict(&self, own: usize) -> bool {
+        let budget = self.decoded_budget();
+        if own > budget {
+            return true;
+        }
+        let share = budget / self.tables.load(Ordering::Relaxed).max(1);
+        self.decoded() > budget && own > share / 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_follows_the_slots_that_hold_state() {
+        let m = StateMemory::new(64 << 20);
+        let a = m.lease(0);
+        let b = m.lease(0);
+        assert_eq!(
+            m.decoded_budget(),
+            32 << 20,
+            "one slot, however many instances"
+        );
+        let c = m.lease(3);
+        assert_eq!(m.decoded_budget(), 64 << 20);
+        drop(c);
+        drop(a);
+        assert_eq!(m.decoded_budget(), 32 << 20);
+        drop(b);
+    }
+
+    #[test]
+    fn a_large_table_yields_to_a_small_one() {
+        let m = StateMemory::new(64 << 20);
+        let _l = m.lease(0);
+        m.add_table();
+        m.add_table();
+        m.charge(0, 30 << 20); // the large table
+        m.charge(0, 1 << 20); // the small one
+        assert!(!m.must_evict(30 << 20), "within the budget together");
+        m.charge(1 << 20, 3 << 20);
+        assert!(
+            m.must_evict(30 << 20),
+            "over together: the large one evicts"
+        );
+        assert!(
+            !m.must_evict(3 << 20),
+            "the small one keeps growing up to a quarter of its share"
+        );
+        assert!(m.must_evict(33 << 20), "alone above the budget");
+    }
+}
