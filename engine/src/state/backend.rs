@@ -311,52 +311,71 @@ impl KeyedBackend {
     }
 
     /// An instance in `dir` for the key groups `range`, filled from earlier snapshots: `parts`
-    /// are directories holding a downloaded snapshot each, with the key groups it covered. A
-    /// single part covering exactly `range` becomes the instance as it is; otherwise the rows of
-    /// `range` are copied out of every part. The parts are removed.
+    /// are directories holding a downloaded snapshot each, with the key groups it covered. The
+    /// part that covers most of `range` becomes the instance as it is; the rows of key groups
+    /// outside `range` are dropped with range deletes (so a rescale costs no copy of the rows it
+    /// keeps), and the rows of `range` in the other parts are written into SST files and
+    /// ingested. Timers of foreign keys that stay behind are dropped when they come due. The
+    /// parts are removed.
     pub fn restore(
         dir: &Path,
         config: &StateConfig,
         range: KeyGroupRange,
         max_parallelism: u32,
-        parts: Vec<(PathBuf, KeyGroupRange)>,
+        mut parts: Vec<(PathBuf, KeyGroupRange)>,
     ) -> Result<Self> {
         if dir.exists() {
             std::fs::remove_dir_all(dir)
                 .map_err(|e| io_err(format!("clearing {}", dir.display()), e))?;
         }
-        if let [(only, r)] = parts.as_slice()
-            && *r == range
-        {
-            if let Some(parent) = dir.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| io_err(format!("creating {}", parent.display()), e))?;
+        let overlap =
+            |r: &KeyGroupRange| (r.end.min(range.end) + 1).saturating_sub(r.start.max(range.start));
+        let best = (0..parts.len())
+            .filter(|i| overlap(&parts[*i].1) > 0)
+            .max_by_key(|i| overlap(&parts[*i].1));
+        let Some(best) = best else {
+            for (part, _) in parts {
+                remove_part(&part)?;
             }
-            std::fs::rename(only, dir)
-                .map_err(|e| io_err(format!("moving {} into place", only.display()), e))?;
             let backend = Self::open_existing(dir, config, range, max_parallelism, true)?;
             backend.mark_format()?;
             return Ok(backend);
+        };
+        let (base, base_range) = parts.remove(best);
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| io_err(format!("creating {}", parent.display()), e))?;
         }
+        std::fs::rename(&base, dir)
+            .map_err(|e| io_err(format!("moving {} into place", base.display()), e))?;
         let mut backend = Self::open_existing(dir, config, range, max_parallelism, true)?;
-        let mut format = FORMAT;
-        for (part, r) in parts {
+        let mut batch = WriteBatch::default();
+        if base_range.start < range.start {
+            batch.delete_range(kg_prefix(0), kg_prefix(range.start));
+        }
+        if base_range.end > range.end {
+            batch.delete_range(kg_prefix(range.end + 1), OUTSIDE);
+        }
+        backend.write(batch)?;
+        let mut format = backend.format;
+        for (i, (part, r)) in parts.into_iter().enumerate() {
             if r.intersects(&range) {
-                format = format.min(backend.import(&part, config)?);
+                let sst = dir.with_extension(format!("ingest-{i}.sst"));
+                format = format.min(backend.import(&part, &sst, config)?);
             }
-            std::fs::remove_dir_all(&part)
-                .map_err(|e| io_err(format!("removing {}", part.display()), e))?;
+            remove_part(&part)?;
         }
         backend.format = format;
         backend.mark_format()?;
         Ok(backend)
     }
 
-    /// Copies the rows of this instance's key groups out of the snapshot in `part`, and the
-    /// timers of keys in them; returns the snapshot's layout.
-    fn import(&self, part: &Path, config: &StateConfig) -> Result<u32> {
+    /// Writes the rows of this instance's key groups in the snapshot in `part`, and the timers
+    /// of keys in them, into the SST file `sst` and ingests it; returns the snapshot's layout.
+    fn import(&self, part: &Path, sst: &Path, config: &StateConfig) -> Result<u32> {
         let clock = Arc::new(AtomicI64::new(i64::MIN));
-        let src = DB::open_for_read_only(&options(config, &self.memory, clock), part, false)
+        let opts = options(config, &self.memory, clock);
+        let src = DB::open_for_read_only(&opts, part, false)
             .map_err(|e| db_err(format!("reading snapshot {}", part.display()), e))?;
         let format = Self::read_format(&src)?;
         if format > FORMAT {
@@ -365,36 +384,59 @@ impl KeyedBackend {
                 part.display()
             )));
         }
+        let writer = rocksdb::SstFileWriter::create(&opts);
+        writer
+            .open(sst)
+            .map_err(|e| db_err(format!("creating {}", sst.display()), e))?;
+        let mut writer = writer;
+        let mut rows = 0u64;
+        let mut put = |k: &[u8], v: &[u8]| -> Result<()> {
+            rows += 1;
+            writer
+                .put(k, v)
+                .map_err(|e| db_err(format!("writing {}", sst.display()), e))
+        };
+        // rows in key order: the key groups of `range`, then the timers of their keys (timers
+        // are ordered by time, not by key group: each one's key says where it goes)
         let lo = kg_prefix(self.range.start);
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(kg_prefix(self.range.end + 1).to_vec());
-        let mut batch = WriteBatch::default();
         for item in src.iterator_opt(IteratorMode::From(&lo, Direction::Forward), ro) {
             let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
-            batch.put(&k, &v);
-            if batch.len() >= 4096 {
-                self.write(std::mem::take(&mut batch))?;
-            }
+            put(&k, &v)?;
         }
-        // timers are ordered by time, not by key group: each one's key says where it goes
         let timers = [&OUTSIDE[..], &[TIMERS]].concat();
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound([&OUTSIDE[..], &[TIMERS + 1]].concat());
         for item in src.iterator_opt(IteratorMode::From(&timers, Direction::Forward), ro) {
             let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
-            let Some((_, key)) = decode_timer_key(&k) else {
-                continue;
-            };
-            let kg = crate::keys::key_group(crate::keys::hash_key(key), self.max_parallelism);
-            if self.range.contains(kg) {
-                batch.put(&k, &v);
-                if batch.len() >= 4096 {
-                    self.write(std::mem::take(&mut batch))?;
-                }
+            if decode_timer_key(&k).is_some_and(|(_, key)| self.owns(key)) {
+                put(&k, &v)?;
             }
         }
-        self.write(batch)?;
+        if rows == 0 {
+            drop(writer);
+            let _ = std::fs::remove_file(sst);
+            return Ok(format);
+        }
+        writer
+            .finish()
+            .map_err(|e| db_err(format!("writing {}", sst.display()), e))?;
+        let mut ingest = rocksdb::IngestExternalFileOptions::default();
+        ingest.set_move_files(true);
+        self.db()
+            .ingest_external_file_opts(&ingest, vec![sst])
+            .map_err(|e| db_err(format!("ingesting {}", sst.display()), e))?;
+        let _ = std::fs::remove_file(sst);
         Ok(format)
+    }
+
+    /// Whether an encoded key belongs to this instance's key groups.
+    pub(crate) fn owns(&self, key: &[u8]) -> bool {
+        self.range.contains(crate::keys::key_group(
+            crate::keys::hash_key(key),
+            self.max_parallelism,
+        ))
     }
 
     /// The key groups this instance owns.
@@ -548,6 +590,10 @@ impl KeyedBackend {
     pub(crate) fn forget_format(&self) {
         self.db().delete(format_key()).expect("delete");
     }
+}
+
+fn remove_part(part: &Path) -> Result<()> {
+    std::fs::remove_dir_all(part).map_err(|e| io_err(format!("removing {}", part.display()), e))
 }
 
 /// The smallest byte string greater than every string starting with `prefix`.

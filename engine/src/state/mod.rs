@@ -1053,6 +1053,23 @@ mod tests {
                     (c, *r)
                 })
                 .collect();
+            let best = copies
+                .iter()
+                .max_by_key(|(_, r)| {
+                    (r.end.min(range.end) + 1).saturating_sub(r.start.max(range.start))
+                })
+                .map(|(p, _)| p.clone())
+                .unwrap();
+            let ssts = |d: &std::path::Path| -> Vec<String> {
+                let mut v: Vec<String> = std::fs::read_dir(d)
+                    .unwrap()
+                    .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".sst"))
+                    .collect();
+                v.sort();
+                v
+            };
+            let base_files = ssts(&best);
             let backend = Arc::new(
                 KeyedBackend::restore(
                     &dir.path().join(format!("new{sub}")),
@@ -1062,6 +1079,11 @@ mod tests {
                     copies,
                 )
                 .unwrap(),
+            );
+            let now = ssts(backend.dir());
+            assert!(
+                base_files.iter().all(|f| now.contains(f)),
+                "the part covering most of subtask {sub}'s key groups was not taken as it is: {base_files:?} vs {now:?}"
             );
             let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
             t.attach(&backend).unwrap();

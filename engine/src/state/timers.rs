@@ -128,7 +128,17 @@ impl Timers {
     /// Removes and returns, in (time, key) order, up to `limit` timers at or before `wm`; call
     /// again until it returns none.
     pub fn due(&mut self, wm: Watermark, limit: usize) -> Result<Vec<(i64, StateKey)>> {
-        let limit = limit.max(1);
+        loop {
+            let (out, more) = self.take_due(wm, limit.max(1))?;
+            if !out.is_empty() || !more {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// One pass of [`Timers::due`]; also says whether it skipped timers of keys the backend no
+    /// longer owns (left behind by a rescale) and more may be due.
+    fn take_due(&mut self, wm: Watermark, limit: usize) -> Result<(Vec<(i64, StateKey)>, bool)> {
         // timers in the backend, one more than needed to learn whether more are due
         let mut stored = Vec::new();
         if let Some(b) = self.backing.as_ref().filter(|b| b.earliest <= wm.0) {
@@ -139,7 +149,7 @@ impl Timers {
                 let (t, key) = backend::decode_timer_key(&k).ok_or_else(|| {
                     EngineError::State(format!("timer row of {} is too short", self.name))
                 })?;
-                stored.push((t, StateKey::from(key)));
+                stored.push((t, StateKey::from(key), b.backend.owns(key)));
             }
         }
         let exhausted = stored.len() <= limit;
@@ -150,32 +160,47 @@ impl Timers {
         let mut stored_iter = stored.into_iter().peekable();
         let mut mem = self.pending.range((Bound::Unbounded, hi)).peekable();
         let mut out: Vec<(i64, StateKey)> = Vec::new();
+        // the last timer taken from either side, handed out or skipped
+        let mut last: Option<(i64, StateKey)> = None;
+        let mut skipped = false;
         while out.len() < limit {
-            let next = match (stored_iter.peek(), mem.peek()) {
+            let from_store = match (stored_iter.peek(), mem.peek()) {
                 (None, None) => break,
-                (Some(_), None) => stored_iter.next(),
-                (None, Some(_)) => mem.next().cloned(),
-                (Some(s), Some(m)) => match s.cmp(*m) {
-                    std::cmp::Ordering::Less => stored_iter.next(),
-                    std::cmp::Ordering::Greater => mem.next().cloned(),
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((t, k, _)), Some((mt, mk))) => match (t, k).cmp(&(mt, mk)) {
+                    std::cmp::Ordering::Less => true,
+                    std::cmp::Ordering::Greater => false,
                     std::cmp::Ordering::Equal => {
                         mem.next();
-                        stored_iter.next()
+                        true
                     }
                 },
             };
-            out.extend(next);
+            let (next, own) = if from_store {
+                let (t, k, own) = stored_iter.next().expect("peeked");
+                ((t, k), own)
+            } else {
+                (mem.next().expect("peeked").clone(), true)
+            };
+            last = Some(next.clone());
+            if own {
+                out.push(next);
+            } else {
+                skipped = true;
+            }
         }
-        let Some(last) = out.last() else {
+        let next_stored = stored_iter.peek().map(|(t, _, _)| *t);
+        let more = skipped && (next_stored.is_some() || !exhausted);
+        let Some(last) = last else {
             if let Some(b) = self.backing.as_mut() {
                 b.earliest = b.earliest.max(wm.0.saturating_add(1));
             }
-            return Ok(out);
+            return Ok((out, false));
         };
-        // what remains due in the backend starts at the first row not handed out
-        let next_stored = stored_iter.peek().map(|(t, _)| *t);
-        let mut rest = self.pending.split_off(last);
-        rest.remove(last);
+        // what remains due in the backend starts at the first row not taken
+        let mut rest = self.pending.split_off(&last);
+        rest.remove(&last);
         self.pending = rest;
         if let Some(b) = self.backing.as_mut() {
             let mut upto = backend::timer_key(b.table, last.0, &last.1);
@@ -190,7 +215,7 @@ impl Timers {
                 None => b.earliest,
             };
         }
-        Ok(out)
+        Ok((out, more))
     }
 
     /// Timers held in memory (not yet written to the backend).
