@@ -102,6 +102,14 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// After [`Operator::on_watermark`] returned: whether it held back more output for the same
+    /// watermark (so that one call emits a bounded amount, however many timers came due). The
+    /// runtime passes on what the call emitted and calls `on_watermark` again with the same
+    /// watermark until this is false.
+    fn has_more_output(&self) -> bool {
+        false
+    }
+
     /// Every input finished: flush what is left. Called once.
     fn on_end_of_input(&mut self, _ctx: &OperatorContext<'_>, _out: &mut dyn Output) -> Result<()> {
         Ok(())

@@ -300,7 +300,14 @@ impl Chain {
                 .try_for_each(|w| w.broadcast(&Element::Watermark(wm)));
         }
         self.watermarks[i] = wm;
-        self.call(i, wm, |op, ctx, out| op.on_watermark(wm, ctx, out))?;
+        // what one call emits goes downstream before the next call, so output that many timers
+        // make due is never held whole
+        loop {
+            self.call(i, wm, |op, ctx, out| op.on_watermark(wm, ctx, out))?;
+            if !self.ops[i].operator.has_more_output() {
+                break;
+            }
+        }
         self.broadcast_side(i, &Element::Watermark(wm))?;
         self.push_watermark(i + 1, wm)
     }

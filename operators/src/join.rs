@@ -179,6 +179,7 @@ impl JoinPlan {
             ],
             cleanup: [Timers::new("cleanup-left"), Timers::new("cleanup-right")],
             keys: EncodedKeys::default(),
+            more: false,
         }
     }
 }
@@ -198,6 +199,8 @@ pub struct JoinOperator {
     buffers: [KeyedTable<Vec<Buffered>>; 2],
     cleanup: [Timers; 2],
     keys: EncodedKeys,
+    /// The last `on_watermark` expired a full batch of rows and may have more.
+    more: bool,
 }
 
 impl JoinOperator {
@@ -255,6 +258,10 @@ impl JoinOperator {
 }
 
 impl Operator for JoinOperator {
+    fn has_more_output(&self) -> bool {
+        self.more
+    }
+
     fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
         for b in self.buffers.iter_mut() {
             state.attach(b)?;
@@ -417,12 +424,12 @@ impl Operator for JoinOperator {
         ctx: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()> {
+        // one batch of expiries per side and call (see `has_more_output`)
+        self.more = false;
         for side in 0..2 {
-            loop {
+            {
                 let due = self.cleanup[side].due(wm, FIRE_BATCH)?;
-                if due.is_empty() {
-                    break;
-                }
+                self.more |= due.len() == FIRE_BATCH;
                 let mut unmatched = DeadLetters::default();
                 for (t, key) in due {
                     // rows of this side whose expiry is t: time = t - upper (left) or t + lower (right)

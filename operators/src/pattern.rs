@@ -92,6 +92,7 @@ impl PatternPlan {
             ),
             timers: Timers::new("evaluate"),
             keys: EncodedKeys::default(),
+            more: false,
         }
     }
 }
@@ -105,9 +106,15 @@ pub struct PatternOperator {
     runs: KeyedTable<Vec<i64>>,
     timers: Timers,
     keys: EncodedKeys,
+    /// The last `on_watermark` evaluated a full batch of keys and may have more.
+    more: bool,
 }
 
 impl Operator for PatternOperator {
+    fn has_more_output(&self) -> bool {
+        self.more
+    }
+
     fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
         state.attach(&mut self.pending)?;
         state.attach(&mut self.runs)?;
@@ -169,16 +176,15 @@ impl Operator for PatternOperator {
         out: &mut dyn Output,
     ) -> Result<()> {
         let (mut mkeys, mut starts, mut ends) = (Vec::new(), Vec::new(), Vec::new());
-        loop {
+        // one batch of keys per call (see `has_more_output`)
+        {
             let mut keys: Vec<StateKey> = self
                 .timers
                 .due(wm, FIRE_BATCH)?
                 .into_iter()
                 .map(|(_, k)| k)
                 .collect();
-            if keys.is_empty() {
-                break;
-            }
+            self.more = keys.len() == FIRE_BATCH;
             keys.sort_unstable();
             keys.dedup();
             for key in keys {

@@ -65,7 +65,13 @@ impl<O: Operator> Harness<O> {
             current_watermark: self.wm,
             metrics: &self.metrics,
         };
-        self.op.on_watermark(self.wm, &ctx, &mut self.out).unwrap();
+        // as the runtime does: again while the operator held output back
+        loop {
+            self.op.on_watermark(self.wm, &ctx, &mut self.out).unwrap();
+            if !self.op.has_more_output() {
+                break;
+            }
+        }
     }
 
     /// Everything emitted on `port` so far, as JSON lines, and clears it.

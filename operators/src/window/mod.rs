@@ -155,6 +155,7 @@ impl WindowPlan {
             sessions: KeyedTable::new("window-sessions", None),
             fire: Timers::new("fire"),
             cleanup: Timers::new("cleanup"),
+            more: false,
             keys: EncodedKeys::default(),
         }
     }
@@ -181,6 +182,8 @@ pub struct WindowOperator {
     fire: Timers,
     cleanup: Timers,
     keys: EncodedKeys,
+    /// The last `on_watermark` fired a full batch of windows and may have more.
+    more: bool,
 }
 
 /// What a batch gives the window, computed once per batch: event times, aggregate arguments.
@@ -442,6 +445,10 @@ impl WindowOperator {
 }
 
 impl Operator for WindowOperator {
+    fn has_more_output(&self) -> bool {
+        self.more
+    }
+
     fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
         state.attach(&mut self.slices)?;
         state.attach(&mut self.sessions)?;
@@ -496,11 +503,11 @@ impl Operator for WindowOperator {
         _: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()> {
-        loop {
-            let due = self.fire.due(wm, FIRE_BATCH)?;
-            if due.is_empty() {
-                break;
-            }
+        // one batch of windows per call (see `has_more_output`); slices are cleaned up once
+        // every window due has fired
+        let due = self.fire.due(wm, FIRE_BATCH)?;
+        self.more = due.len() == FIRE_BATCH;
+        {
             let mut rows = Vec::with_capacity(due.len());
             for (t, key) in due {
                 let end = t + 1;
@@ -534,6 +541,9 @@ impl Operator for WindowOperator {
                 }
             }
             self.emit_rows(rows, out)?;
+        }
+        if self.more {
+            return Ok(());
         }
         let lateness = self.plan.lateness;
         loop {

@@ -223,3 +223,44 @@ fn sliding_record_too_late_for_early_windows_counts_only_for_later_ones() {
     let expect = [("00:01", 1), ("00:02", 2), ("00:03", 2)].map(|(e, n)| (e.to_string(), n));
     assert_eq!(ends, expect, "{out:?}");
 }
+
+/// Windows that fire on one watermark leave a call at most a batch at a time: the operator says
+/// it has more, and every window still fires once, in (end, key) order.
+#[test]
+fn many_windows_firing_at_once_are_emitted_a_batch_per_call() {
+    let (mut h, s) = harness(
+        WindowKind::Sliced {
+            size: 5 * MIN,
+            slide: 5 * MIN,
+        },
+        0,
+        &["count(*) AS n"],
+    );
+    let n = 2 * FIRE_BATCH + 100;
+    let keys: Vec<String> = (0..n).map(|i| format!("k{i:05}")).collect();
+    let input: Vec<(&str, &str, i64)> = keys.iter().map(|k| (k.as_str(), "x", 0)).collect();
+    h.push(0, rows(&s, &input));
+    let ctx = OperatorContext {
+        subtask: &h.info,
+        record_watermark: Watermark(i64::MAX),
+        current_watermark: Watermark(i64::MAX),
+        metrics: &h.metrics,
+    };
+    let mut calls = 0;
+    let mut out = crate::testing::Sink::default();
+    loop {
+        let before = out.0.len();
+        h.op.on_watermark(Watermark(i64::MAX), &ctx, &mut out)
+            .unwrap();
+        calls += 1;
+        let emitted: usize = out.0[before..].iter().map(|(_, b)| b.num_rows()).sum();
+        assert!(emitted <= FIRE_BATCH, "one call emitted {emitted} rows");
+        if !h.op.has_more_output() {
+            break;
+        }
+    }
+    assert_eq!(calls, 3);
+    let total: usize = out.0.iter().map(|(_, b)| b.num_rows()).sum();
+    assert_eq!(total, n);
+    assert!(h.op.slices.is_empty(), "the fired slices were released");
+}
