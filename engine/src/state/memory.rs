@@ -6,9 +6,9 @@
 //! block cache per job and process holds data blocks, index and filter partitions, and the
 //! memtables, which a write-buffer manager charges to it and flushes once they reach half of it.
 //! The other half is the decoded-key caches in front of RocksDB, counted in bytes. A process that
-//! runs keyed state for `s` slots of a job therefore holds at most `s × M` of it; the rest of a
-//! process (network buffers, batches in flight, the binary) comes on top. The cache grows and
-//! shrinks as slots open and close state.
+//! runs keyed state for `s` slots of a job therefore holds about `s × M` of it (the decoded
+//! caches are estimates); the rest of a process (network buffers, batches in flight, the binary)
+//! comes on top. The cache grows and shrinks as slots open and close state.
 //!
 //! The decoded-key caches share their half by need: a table evicts when its own bytes pass the
 //! whole half, or when the tables together pass it and the table holds more than a quarter of an
