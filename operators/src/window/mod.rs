@@ -212,6 +212,84 @@ fn merge_into(aggs: &[AggDef], out: &mut Option<Accs>, accs: &[Acc]) {
     }
 }
 
+/// The rows of a batch grouped by (key, slice, first window), groups in order of first
+/// appearance and rows in batch order within a group.
+struct SliceGroups {
+    /// Per group: its first row, slice start and first window end.
+    heads: Vec<(u32, i64, i64)>,
+    /// Row numbers, grouped: group `g` is `order[offsets[g]..offsets[g + 1]]`.
+    order: Vec<u32>,
+    offsets: Vec<u32>,
+}
+
+type GroupKey<'k> = (&'k [u8], i64, i64);
+
+/// Group keys are equal: times first, and the key bytes without a call for empty or short keys.
+#[inline]
+fn same(a: GroupKey<'_>, b: GroupKey<'_>) -> bool {
+    a.1 == b.1
+        && a.2 == b.2
+        && a.0.len() == b.0.len()
+        && (a.0.len() <= 16 && a.0.iter().zip(b.0).all(|(x, y)| x == y) || a.0 == b.0)
+}
+
+impl SliceGroups {
+    /// Groups rows `0..n` by what `tag` says of each (`None`: the row is left out). Each distinct
+    /// key is hashed once per run of rows that share it.
+    fn of<'k>(n: usize, mut tag: impl FnMut(usize) -> Option<GroupKey<'k>>) -> SliceGroups {
+        const NONE: u32 = u32::MAX;
+        let mut index: hashbrown::HashMap<GroupKey<'k>, u32, foldhash::fast::FixedState> =
+            hashbrown::HashMap::default();
+        let mut heads = Vec::new();
+        let mut group_of = Vec::with_capacity(n);
+        let mut counts: Vec<u32> = Vec::new();
+        let mut last: Option<(GroupKey<'k>, u32)> = None;
+        for row in 0..n {
+            let Some(k) = tag(row) else {
+                group_of.push(NONE);
+                continue;
+            };
+            let g = match last {
+                Some((prev, g)) if same(prev, k) => g,
+                _ => *index.entry(k).or_insert_with(|| {
+                    heads.push((row as u32, k.1, k.2));
+                    counts.push(0);
+                    (heads.len() - 1) as u32
+                }),
+            };
+            last = Some((k, g));
+            counts[g as usize] += 1;
+            group_of.push(g);
+        }
+        // counting sort of the rows by group, stable
+        let mut offsets = Vec::with_capacity(counts.len() + 1);
+        let mut at = 0u32;
+        offsets.push(0);
+        for c in &counts {
+            at += c;
+            offsets.push(at);
+        }
+        let mut next: Vec<u32> = offsets[..counts.len()].to_vec();
+        let mut order = vec![0u32; at as usize];
+        for (row, &g) in group_of.iter().enumerate() {
+            if g != NONE {
+                order[next[g as usize] as usize] = row as u32;
+                next[g as usize] += 1;
+            }
+        }
+        SliceGroups {
+            heads,
+            order,
+            offsets,
+        }
+    }
+
+    /// The rows of group `g`, in batch order.
+    fn rows(&self, g: usize) -> &[u32] {
+        &self.order[self.offsets[g] as usize..self.offsets[g + 1] as usize]
+    }
+}
+
 impl WindowOperator {
     fn new_accs(&self) -> Accs {
         self.plan.aggs.iter().map(AggDef::new_acc).collect()
@@ -288,6 +366,9 @@ impl WindowOperator {
         Ok(())
     }
 
+    /// Sliced windows, a batch at a time: rows are grouped by (key, slice, first window), each
+    /// group is added to its slice with one state access, and aggregates run as loops over the
+    /// group's rows (in their order, so results do not depend on how input is batched).
     fn process_sliced(
         &mut self,
         size: i64,
@@ -302,28 +383,40 @@ impl WindowOperator {
             inputs,
             readers,
         } = rows;
-        let mut late = Vec::new();
-        let mut updated: HashSet<(StateKey, i64)> = HashSet::new();
         let aggs = &self.plan.aggs;
-        for (row, &t) in times.iter().enumerate() {
+        let keys = &self.keys;
+        let mut late = Vec::new();
+        let groups = SliceGroups::of(times.len(), |row| {
+            let t = times[row];
             let slice = t - t.rem_euclid(slide);
             let last_end = slice + size;
             if rw >= (last_end - 1).saturating_add(lateness) {
                 late.push(row as u32);
-                continue;
+                return None;
             }
             if !inputs.any_selected(row) && !aggs.is_empty() {
-                continue;
+                return None;
             }
             // the first window of this slice the record is not too late for
             let mut first_end = slice + slide;
             while rw >= (first_end - 1).saturating_add(lateness) {
                 first_end += slide;
             }
-            let key = self.keys.row(row);
+            Some((keys.row(row), slice, first_end))
+        });
+        let mut updated: HashSet<(StateKey, i64)> = HashSet::new();
+        for (g, &(first, slice, first_end)) in groups.heads.iter().enumerate() {
+            let members = groups.rows(g);
+            let key = keys.row(first as usize);
+            let touched = times[*members.last().expect("a group has rows") as usize];
             let mut created = false;
-            self.slices
-                .update(key, slice, t, Watermark::MIN, SmallVec::new, |parts| {
+            self.slices.update(
+                key,
+                slice,
+                touched,
+                Watermark::MIN,
+                SmallVec::new,
+                |parts| {
                     let i = match parts.binary_search_by_key(&first_end, |(e, _)| *e) {
                         Ok(i) => i,
                         Err(i) => {
@@ -333,12 +426,14 @@ impl WindowOperator {
                             i
                         }
                     };
-                    aggregate::update(aggs, &mut parts[i].1, inputs, readers, row);
-                })?;
+                    aggregate::update_rows(aggs, &mut parts[i].1, inputs, readers, members);
+                },
+            )?;
+            let last_end = slice + size;
             let mut end = first_end;
             while end <= last_end {
                 if w >= end - 1 {
-                    // the window already fired: emit it again with this record
+                    // the window already fired: emit it again with these records
                     updated.insert((key.into(), end));
                 } else if created {
                     self.fire.register(end - 1, key)?;
