@@ -228,6 +228,10 @@ impl KeyEncoder {
     /// Encodes the key of every row. `columns` must match the types given at construction.
     pub fn encode(&self, columns: &[ArrayRef], rows: usize, out: &mut EncodedKeys) -> Result<()> {
         out.data.clear();
+        // keep a real allocation behind empty keys: comparing an empty slice whose pointer is
+        // dangling makes glibc's masked-load memcmp take a fault-suppression assist, which cost a
+        // non-keyed window three quarters of its time
+        out.data.reserve(1);
         out.offsets.clear();
         out.offsets.reserve(rows + 1);
         out.offsets.push(0);

@@ -224,15 +224,6 @@ struct SliceGroups {
 
 type GroupKey<'k> = (&'k [u8], i64, i64);
 
-/// Group keys are equal: times first, and the key bytes without a call for empty or short keys.
-#[inline]
-fn same(a: GroupKey<'_>, b: GroupKey<'_>) -> bool {
-    a.1 == b.1
-        && a.2 == b.2
-        && a.0.len() == b.0.len()
-        && (a.0.len() <= 16 && a.0.iter().zip(b.0).all(|(x, y)| x == y) || a.0 == b.0)
-}
-
 impl SliceGroups {
     /// Groups rows `0..n` by what `tag` says of each (`None`: the row is left out). Each distinct
     /// key is hashed once per run of rows that share it.
@@ -250,7 +241,7 @@ impl SliceGroups {
                 continue;
             };
             let g = match last {
-                Some((prev, g)) if same(prev, k) => g,
+                Some((prev, g)) if prev == k => g,
                 _ => *index.entry(k).or_insert_with(|| {
                     heads.push((row as u32, k.1, k.2));
                     counts.push(0);
