@@ -89,6 +89,21 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Recovery: builds keyed state of `keys` distinct keys with a payload each (a
+    /// deduplication keeping the latest payload, parallelism 2, checkpoints into a local
+    /// directory), then starts the job again from its last checkpoint at the same parallelism and
+    /// rescaled to 3, timing each start to the end of the (already consumed) input.
+    Recovery {
+        /// Distinct key counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1_000_000u64])]
+        keys: Vec<u64>,
+        /// Approximate bytes of each key's payload.
+        #[arg(long, default_value_t = 300)]
+        payload_bytes: usize,
+        /// Seconds after which a run is stopped and reported as not finished.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
 }
 
 /// The job definition of a Nexmark query.
@@ -177,6 +192,15 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             keys,
         } => bench_checkpoints(events, rounds, keys),
         BenchCommand::Shuffle { events, rounds } => bench_shuffle(events, rounds),
+        BenchCommand::Recovery {
+            keys,
+            payload_bytes,
+            timeout,
+        } => bench_recovery(
+            &keys,
+            payload_bytes,
+            std::time::Duration::from_secs(timeout),
+        ),
         BenchCommand::State {
             keys,
             events_per_key,
@@ -231,6 +255,7 @@ enum ChildRun {
 fn run_child(
     binary: &std::path::Path,
     job: &std::path::Path,
+    args: &[&str],
     timeout: std::time::Duration,
 ) -> Result<ChildRun> {
     use std::io::Read;
@@ -239,6 +264,7 @@ fn run_child(
         .arg("run")
         .arg(job)
         .args(["--listen", "off"])
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
@@ -330,10 +356,10 @@ fn bench_state(b: &StateBench) -> Result<i32> {
             let events = k * b.per_key;
             let path = dir.path().join(format!("{kind}-{k}.yaml"));
             std::fs::write(&path, state_job(kind, k, b.per_key, b.memory_mb)?)?;
-            let run = run_child(&this, &path, b.timeout)?;
+            let run = run_child(&this, &path, &[], b.timeout)?;
             let (wall, eps, rss) = cells(&run, events, b.timeout);
             if let Some(other) = &b.against {
-                let theirs = run_child(other, &path, b.timeout)?;
+                let theirs = run_child(other, &path, &[], b.timeout)?;
                 let (owall, oeps, orss) = cells(&theirs, events, b.timeout);
                 let ratio = match (&run, &theirs) {
                     (ChildRun::Done { wall: a, .. }, ChildRun::Done { wall: o, .. }) => {
@@ -358,6 +384,83 @@ fn bench_state(b: &StateBench) -> Result<i32> {
                 println!("| {kind} | {k} | {events} | {wall} | {eps} | {vs} | {rss} |");
             }
         }
+    }
+    Ok(0)
+}
+
+/// The recovery benchmark's job: `keys` keys, each written once with a payload of about
+/// `payload` bytes of digits (which compress little), kept by a deduplication that never clears
+/// them; the source stays at parallelism 2 whatever the job's, so the state can be rescaled.
+fn recovery_job(keys: u64, payload: usize, checkpoints: &std::path::Path) -> String {
+    let step = (7919..).find(|m| gcd(*m, keys) == 1).unwrap_or(1);
+    // each term is a pseudo-random number of up to ten digits
+    let terms: Vec<String> = (0..payload.div_ceil(10).max(1))
+        .map(|i| {
+            let m = 2_654_435_761u64 + 2 * i as u64;
+            format!("CAST((seq * {m} + {i}) % 9999999967 AS VARCHAR)")
+        })
+        .collect();
+    format!(
+        "version: 1\nname: recovery\nparallelism: 2\nsources:\n  events:\n    parallelism: 2\n    connector:\n      type: generator\n      count: {keys}\n      fields:\n        k: \"(seq * {step}) % {keys}\"\n        p: \"concat({})\"\n        ts: \"1714557600000 + seq\"\n    event_time: ts\ntransforms:\n  latest:\n    type: deduplicate\n    input: events\n    key: [k]\n    keep: latest\n    order_by: p\nsinks:\n  out: {{input: latest, connector: {{type: blackhole}}}}\ncheckpointing:\n  interval: 60s\n  dir: {}\n",
+        terms.join(", "),
+        checkpoints.display()
+    )
+}
+
+/// Bytes of the files the newest completed checkpoint under `dir` is made of (what a restore
+/// reads).
+fn checkpoint_state_bytes(dir: &std::path::Path) -> Result<u64> {
+    let mut newest: Option<(u64, std::path::PathBuf)> = None;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(n) = name
+            .strip_prefix("chk-")
+            .and_then(|n| n.parse::<u64>().ok())
+            && e.path().join(freshet_engine::checkpoint::METADATA).exists()
+            && newest.as_ref().is_none_or(|(m, _)| n > *m)
+        {
+            newest = Some((n, e.path()));
+        }
+    }
+    let Some((_, chk)) = newest else {
+        bail!("no completed checkpoint in {}", dir.display());
+    };
+    let metadata: freshet_engine::checkpoint::CheckpointMetadata = serde_json::from_slice(
+        &std::fs::read(chk.join(freshet_engine::checkpoint::METADATA))?,
+    )?;
+    Ok(metadata.files().map(|f| f.size).sum())
+}
+
+fn bench_recovery(keys: &[u64], payload: usize, timeout: std::time::Duration) -> Result<i32> {
+    if keys.is_empty() || keys.contains(&0) {
+        bail!("--keys needs one or more key counts above 0");
+    }
+    let this = std::env::current_exe()?;
+    println!(
+        "| distinct keys | state in the checkpoint MB | build s | restart p=2 s | rescale 2 -> 3 s |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for &k in keys {
+        let dir = tempfile::tempdir()?;
+        let checkpoints = dir.path().join("checkpoints");
+        let path = dir.path().join("recovery.yaml");
+        std::fs::write(&path, recovery_job(k, payload, &checkpoints))?;
+        let time = |args: &[&str]| -> Result<String> {
+            Ok(match run_child(&this, &path, args, timeout)? {
+                ChildRun::Done { wall, .. } => format!("{wall:.2}"),
+                ChildRun::TimedOut => format!("> {}", timeout.as_secs()),
+            })
+        };
+        let build = time(&[])?;
+        let bytes = checkpoint_state_bytes(&checkpoints.join("recovery"))?;
+        // both runs resume from the newest completed checkpoint and find the input consumed
+        let restart = time(&[])?;
+        let rescale = time(&["--parallelism", "3"])?;
+        println!(
+            "| {k} | {:.0} | {build} | {restart} | {rescale} |",
+            bytes as f64 / 1e6
+        );
     }
     Ok(0)
 }
@@ -527,6 +630,15 @@ mod tests {
     use super::*;
 
     /// The state benchmark's jobs are valid jobs whose key expression visits every key.
+    #[test]
+    fn recovery_benchmark_job_is_valid() {
+        let text = recovery_job(1000, 95, std::path::Path::new("/tmp/c"));
+        let job = parse_job(&text, "recovery.yaml", &[]).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(job.parallelism, 2);
+        assert_eq!(text.matches("CAST(").count(), 10);
+        assert!(bench_recovery(&[0], 10, std::time::Duration::from_secs(1)).is_err());
+    }
+
     #[test]
     fn state_benchmark_jobs_are_valid() {
         for kind in ["dedup", "window"] {
