@@ -66,6 +66,19 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// Parallel efficiency: Nexmark queries at parallelism 1 and 2 in one process, alternating,
+    /// with the medians of events per CPU-second and their ratio.
+    Parallel {
+        /// Queries, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = ["q5".to_string(), "qw".to_string()])]
+        queries: Vec<String>,
+        /// Bids per run.
+        #[arg(long, default_value_t = 20_000_000)]
+        events: u64,
+        /// Runs of each parallelism (alternating).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
     /// Large keyed state: deduplication (keep first) and a keyed window that stays open, over
     /// `events_per_key` events for each of `keys` distinct keys, default state settings.
     State {
@@ -192,6 +205,11 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             keys,
         } => bench_checkpoints(events, rounds, keys),
         BenchCommand::Shuffle { events, rounds } => bench_shuffle(events, rounds),
+        BenchCommand::Parallel {
+            queries,
+            events,
+            rounds,
+        } => bench_parallel(&queries, events, rounds),
         BenchCommand::Recovery {
             keys,
             payload_bytes,
@@ -504,6 +522,45 @@ fn bench_shuffle(events: u64, rounds: u32) -> Result<i32> {
     Ok(0)
 }
 
+fn bench_parallel(queries: &[String], events: u64, rounds: u32) -> Result<i32> {
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    println!(
+        "| query | events | p=1 events per CPU-s | p=2 events per CPU-s | p=2 / p=1 | p=1 events/s | p=2 events/s | same result |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    for q in queries {
+        let jobs = [
+            nexmark_job(q, events, 1, 42)?,
+            nexmark_job(q, events, 2, 42)?,
+        ];
+        let (mut cpu, mut wall) = ([vec![], vec![]], [vec![], vec![]]);
+        let mut same = true;
+        for round in 0..rounds {
+            let mut results = [(0, 0, 0); 2];
+            // which goes first alternates too, so a drift over the session favours neither
+            let order = if round % 2 == 0 { [1usize, 2] } else { [2, 1] };
+            for p in order {
+                let r = run_nexmark(q, &jobs[p - 1], events, p as u32)?;
+                cpu[p - 1].push(r.events as f64 / r.cpu.max(1e-9));
+                wall[p - 1].push(r.events as f64 / r.wall);
+                results[p - 1] = (r.rows, r.sum1, r.sum2);
+            }
+            same &= results[0] == results[1];
+        }
+        let c1 = median(&mut cpu[0]);
+        let c2 = median(&mut cpu[1]);
+        println!(
+            "| {q} | {events} | {c1:.0} | {c2:.0} | {:.2} | {:.0} | {:.0} | {same} |",
+            c2 / c1,
+            median(&mut wall[0]),
+            median(&mut wall[1]),
+        );
+    }
+    Ok(0)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -637,6 +694,7 @@ mod tests {
         assert_eq!(job.parallelism, 2);
         assert_eq!(text.matches("CAST(").count(), 10);
         assert!(bench_recovery(&[0], 10, std::time::Duration::from_secs(1)).is_err());
+        assert!(bench_parallel(&["q5".into()], 1000, 0).is_err());
     }
 
     #[test]
