@@ -280,11 +280,13 @@ fn download_all(root: &Storage, files: &[(&FileRef, PathBuf)]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
-    /// Every file arrives intact whatever order the workers take them in, and one damaged file
-    /// fails the restore with the reason instead of leaving a partial copy unnoticed.
+    /// Every file arrives intact whatever order the workers take them in; from a local directory
+    /// SST files are hard links to the snapshot's and other files copies; a damaged file fails
+    /// the restore with the reason, before anything is linked.
     #[test]
-    fn downloads_run_in_parallel_and_a_damaged_file_fails_them() {
+    fn downloads_run_in_parallel_link_sst_files_and_a_damaged_file_fails_them() {
         let dir = tempfile::tempdir().unwrap();
         let root = Storage::open(
             dir.path().to_str().unwrap(),
@@ -297,8 +299,14 @@ mod tests {
             let data = vec![i; 1000 + i as usize];
             root.put(&format!("shared/f{i}"), data.clone().into())
                 .unwrap();
+            // SST files and others (MANIFEST, OPTIONS) alike
+            let name = if i % 3 == 0 {
+                format!("MANIFEST-{i:06}")
+            } else {
+                format!("{i:06}.sst")
+            };
             refs.push(FileRef {
-                name: format!("{i:06}.sst"),
+                name,
                 path: format!("shared/f{i}"),
                 size: data.len() as u64,
                 checksum: Some(super::super::checksum(&data)),
@@ -309,14 +317,23 @@ mod tests {
         let files: Vec<(&FileRef, PathBuf)> = refs.iter().map(|f| (f, out.join(&f.name))).collect();
         download_all(&root, &files).unwrap();
         for (i, f) in refs.iter().enumerate() {
-            assert_eq!(
-                std::fs::read(out.join(&f.name)).unwrap(),
-                vec![i as u8; 1000 + i]
-            );
+            let local = out.join(&f.name);
+            assert_eq!(std::fs::read(&local).unwrap(), vec![i as u8; 1000 + i]);
+            let shared = std::fs::metadata(&local).unwrap().ino()
+                == std::fs::metadata(dir.path().join(&f.path)).unwrap().ino();
+            assert_eq!(shared, f.name.ends_with(".sst"), "{}", f.name);
         }
-        root.put("shared/f7", vec![0xff; 1007].into()).unwrap();
-        let e = download_all(&root, &files).unwrap_err();
-        assert!(matches!(e, EngineError::Corrupt { .. }), "{e:?}");
-        assert!(e.to_string().contains("shared/f7"), "{e}");
+        // a damaged SST file is refused before it is linked, and so is a damaged copy
+        for (bad, len) in [(7, 1007), (6, 1006)] {
+            std::fs::remove_dir_all(&out).unwrap();
+            std::fs::create_dir_all(&out).unwrap();
+            let path = format!("shared/f{bad}");
+            let good = std::fs::read(dir.path().join(&path)).unwrap();
+            root.put(&path, vec![0xff; len].into()).unwrap();
+            let e = download_all(&root, &files).unwrap_err();
+            assert!(matches!(e, EngineError::Corrupt { .. }), "{e:?}");
+            assert!(e.to_string().contains(&path), "{e}");
+            root.put(&path, good.into()).unwrap();
+        }
     }
 }

@@ -77,6 +77,24 @@ where
     })
 }
 
+/// The length and checksum ([`super::checksum`]) of a local file, read in pieces.
+fn checksum_file(path: &Path) -> std::io::Result<(u64, String)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok((len, format!("{:016x}", hasher.digest())))
+}
+
 fn err(context: impl std::fmt::Display, e: impl std::fmt::Display) -> EngineError {
     EngineError::Storage(format!("{context}: {e}"))
 }
@@ -87,6 +105,8 @@ pub struct Storage {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     url: String,
+    /// The directory the store keeps its objects in, when it is a local one.
+    local_root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -137,6 +157,7 @@ impl Storage {
                 store: Arc::new(store),
                 prefix: prefix.trim_matches('/').to_string(),
                 url: location.trim_end_matches('/').to_string(),
+                local_root: None,
             });
         }
         let path = location.strip_prefix("file://").unwrap_or(location);
@@ -157,6 +178,7 @@ impl Storage {
             store: Arc::new(store),
             prefix: String::new(),
             url: dir.display().to_string(),
+            local_root: Some(dir),
         })
     }
 
@@ -167,6 +189,7 @@ impl Storage {
             store: self.store.clone(),
             prefix: self.join(dir),
             url: format!("{}/{dir}", self.url),
+            local_root: self.local_root.clone(),
         }
     }
 
@@ -238,33 +261,59 @@ impl Storage {
     /// [`checksum`](super::checksum): a snapshot file that does not is corrupt
     /// ([`EngineError::Corrupt`]); reading it again cannot help, an older snapshot may.
     pub fn get_verified(&self, rel: &str, size: u64, sum: Option<&str>) -> Result<Bytes> {
+        let data = self.get(rel)?.ok_or_else(|| EngineError::Corrupt {
+            location: format!("{}/{rel}", self.url),
+            what: "it does not exist".into(),
+        })?;
+        self.verify(
+            rel,
+            data.len() as u64,
+            size,
+            sum.map(|s| (s, super::checksum(&data))),
+        )?;
+        Ok(data)
+    }
+
+    /// Checks an object's size and, when the snapshot recorded one, its checksum (`(recorded,
+    /// actual)`).
+    fn verify(&self, rel: &str, len: u64, size: u64, sums: Option<(&str, String)>) -> Result<()> {
         let corrupt = |what: String| EngineError::Corrupt {
             location: format!("{}/{rel}", self.url),
             what,
         };
-        let data = self
-            .get(rel)?
-            .ok_or_else(|| corrupt("it does not exist".into()))?;
-        if data.len() as u64 != size {
+        if len != size {
             return Err(corrupt(format!(
-                "it has {} bytes, the snapshot recorded {size}",
-                data.len()
+                "it has {len} bytes, the snapshot recorded {size}"
             )));
         }
-        if let Some(expected) = sum {
-            let actual = super::checksum(&data);
-            if actual != expected {
-                return Err(corrupt(format!(
-                    "its checksum is {actual}, the snapshot recorded {expected}"
-                )));
-            }
+        if let Some((expected, actual)) = sums
+            && actual != expected
+        {
+            return Err(corrupt(format!(
+                "its checksum is {actual}, the snapshot recorded {expected}"
+            )));
         }
-        Ok(data)
+        Ok(())
     }
 
     /// Downloads the snapshot file `f` into the local file `file`, verifying it
-    /// ([`Storage::get_verified`]).
+    /// ([`Storage::get_verified`]). From a local directory an SST file is verified where it is
+    /// and hard-linked instead of copied: SST files never change once written, so a snapshot and
+    /// the instance restored from it can share them. Where no link can be made (another file
+    /// system), the file is copied.
     pub fn get_file(&self, f: &super::FileRef, file: &Path) -> Result<()> {
+        if f.name.ends_with(".sst")
+            && let Some(root) = &self.local_root
+        {
+            let src = root.join(self.join(&f.path));
+            if let Ok((len, sum)) = checksum_file(&src) {
+                let sums = f.checksum.as_deref().map(|s| (s, sum));
+                self.verify(&f.path, len, f.size, sums)?;
+                if std::fs::hard_link(&src, file).is_ok() {
+                    return Ok(());
+                }
+            }
+        }
         let data = self.get_verified(&f.path, f.size, f.checksum.as_deref())?;
         std::fs::write(file, &data)
             .map_err(|e| EngineError::io(format!("writing {}", file.display()), e))
