@@ -399,7 +399,9 @@ impl WindowOperator {
         for (g, &(first, slice, first_end)) in groups.heads.iter().enumerate() {
             let members = groups.rows(g);
             let key = keys.row(first as usize);
-            let touched = times[*members.last().expect("a group has rows") as usize];
+            // as the rows one by one would have touched it: with the latest of their times
+            let touched = members.iter().map(|r| times[*r as usize]).max();
+            let touched = touched.expect("a group has rows");
             let mut created = false;
             self.slices.update(
                 key,
