@@ -323,6 +323,20 @@ mod tests {
                 == std::fs::metadata(dir.path().join(&f.path)).unwrap().ino();
             assert_eq!(shared, f.name.ends_with(".sst"), "{}", f.name);
         }
+        // on another file system (where the machine has one) nothing can be linked: copies
+        if let Ok(other) = tempfile::tempdir_in("/dev/shm")
+            && std::fs::metadata(other.path()).unwrap().dev()
+                != std::fs::metadata(dir.path()).unwrap().dev()
+        {
+            let files: Vec<(&FileRef, PathBuf)> = refs
+                .iter()
+                .map(|f| (f, other.path().join(&f.name)))
+                .collect();
+            download_all(&root, &files).unwrap();
+            for (i, (_, local)) in files.iter().enumerate() {
+                assert_eq!(std::fs::read(local).unwrap(), vec![i as u8; 1000 + i]);
+            }
+        }
         // a damaged SST file is refused before it is linked, and so is a damaged copy
         for (bad, len) in [(7, 1007), (6, 1006)] {
             std::fs::remove_dir_all(&out).unwrap();
