@@ -101,6 +101,10 @@ pub enum BenchCommand {
         /// Seconds after which a run is stopped and reported as not finished.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Take checkpoints at this interval (e.g. `10s`) into a local directory, and add their
+        /// count, durations and sizes to the table.
+        #[arg(long)]
+        checkpoint_interval: Option<String>,
     },
     /// Recovery: builds keyed state of `keys` distinct keys with a payload each (a
     /// deduplication keeping the latest payload, parallelism 2, checkpoints into a local
@@ -226,6 +230,7 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             memory_mb,
             against,
             timeout,
+            checkpoint_interval,
         } => bench_state(&StateBench {
             keys,
             per_key: events_per_key,
@@ -233,6 +238,7 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             memory_mb,
             against,
             timeout: std::time::Duration::from_secs(timeout),
+            checkpoint_interval,
         }),
     }
 }
@@ -264,7 +270,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 
 /// How a child run ended: wall seconds and peak RSS (bytes), or stopped at the timeout.
 enum ChildRun {
-    Done { wall: f64, rss: u64 },
+    Done { wall: f64, rss: u64, log: String },
     TimedOut,
 }
 
@@ -283,6 +289,8 @@ fn run_child(
         .arg(job)
         .args(["--listen", "off"])
         .args(args)
+        // the JobManager logs each completed checkpoint's duration and sizes at info
+        .env("FRESHET_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
@@ -321,6 +329,7 @@ fn run_child(
     Ok(ChildRun::Done {
         wall,
         rss: usage.ru_maxrss as u64 * 1024,
+        log: stderr,
     })
 }
 
@@ -332,12 +341,13 @@ struct StateBench {
     memory_mb: Option<usize>,
     against: Option<std::path::PathBuf>,
     timeout: std::time::Duration,
+    checkpoint_interval: Option<String>,
 }
 
 /// A table cell of one child run: events/s and peak RSS, or how long it ran without finishing.
 fn cells(run: &ChildRun, events: u64, timeout: std::time::Duration) -> (String, String, String) {
     match run {
-        ChildRun::Done { wall, rss } => (
+        ChildRun::Done { wall, rss, .. } => (
             format!("{wall:.2}"),
             format!("{:.0}", events as f64 / wall),
             format!("{}", rss >> 20),
@@ -368,16 +378,33 @@ fn bench_state(b: &StateBench) -> Result<i32> {
         );
         println!("|---|---:|---:|---:|---:|---:|---:|");
     }
+    let mut checkpoint_rows = Vec::new();
+    // each run its own job file and checkpoint directory, so no run resumes from another's
+    let job_file = |kind: &str, k: u64, who: &str| -> Result<std::path::PathBuf> {
+        let mut text = state_job(kind, k, b.per_key, b.memory_mb)?;
+        if let Some(i) = &b.checkpoint_interval {
+            text.push_str(&checkpointing(
+                i,
+                &dir.path().join(format!("ck-{kind}-{k}-{who}")),
+            ));
+        }
+        let path = dir.path().join(format!("{kind}-{k}-{who}.yaml"));
+        std::fs::write(&path, text)?;
+        Ok(path)
+    };
     for kind in &b.jobs {
         let mut first = None;
         for &k in &keys {
             let events = k * b.per_key;
-            let path = dir.path().join(format!("{kind}-{k}.yaml"));
-            std::fs::write(&path, state_job(kind, k, b.per_key, b.memory_mb)?)?;
-            let run = run_child(&this, &path, &[], b.timeout)?;
+            let run = run_child(&this, &job_file(kind, k, "this")?, &[], b.timeout)?;
+            if let ChildRun::Done { log, .. } = &run
+                && b.checkpoint_interval.is_some()
+            {
+                checkpoint_rows.push(format!("| {kind} | {k} | {} |", checkpoint_cells(log)));
+            }
             let (wall, eps, rss) = cells(&run, events, b.timeout);
             if let Some(other) = &b.against {
-                let theirs = run_child(other, &path, &[], b.timeout)?;
+                let theirs = run_child(other, &job_file(kind, k, "other")?, &[], b.timeout)?;
                 let (owall, oeps, orss) = cells(&theirs, events, b.timeout);
                 let ratio = match (&run, &theirs) {
                     (ChildRun::Done { wall: a, .. }, ChildRun::Done { wall: o, .. }) => {
@@ -403,7 +430,51 @@ fn bench_state(b: &StateBench) -> Result<i32> {
             }
         }
     }
+    if let Some(i) = &b.checkpoint_interval {
+        println!("\nCheckpoints every {i} (this build):\n");
+        println!(
+            "| job | distinct keys | checkpoints | duration median ms | duration max ms | uploaded median MB | uploaded max MB | last full MB |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        for row in checkpoint_rows {
+            println!("{row}");
+        }
+    }
     Ok(0)
+}
+
+/// Table cells from the "checkpoint completed" lines of a run's log: how many, the median and
+/// largest duration and upload, and the full size of the last.
+fn checkpoint_cells(log: &str) -> String {
+    let field = |line: &str, name: &str| -> Option<f64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+    };
+    let (mut durations, mut uploads, mut last_full) = (Vec::new(), Vec::new(), 0.0);
+    for line in log.lines().filter(|l| l.contains("checkpoint completed")) {
+        if let (Some(d), Some(u), Some(f)) = (
+            field(line, "duration_ms"),
+            field(line, "uploaded_bytes"),
+            field(line, "full_bytes"),
+        ) {
+            durations.push(d);
+            uploads.push(u / 1e6);
+            last_full = f / 1e6;
+        }
+    }
+    if durations.is_empty() {
+        return "0 | - | - | - | - | -".into();
+    }
+    let max = |v: &[f64]| v.iter().cloned().fold(f64::MIN, f64::max);
+    format!(
+        "{} | {:.0} | {:.0} | {:.1} | {:.1} | {last_full:.1}",
+        durations.len(),
+        median(&mut durations.clone()),
+        max(&durations),
+        median(&mut uploads.clone()),
+        max(&uploads),
+    )
 }
 
 /// The recovery benchmark's job: `keys` keys, each written once with a payload of about
@@ -698,6 +769,16 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_lines_of_a_log_make_table_cells() {
+        let log = "2026-12-02T01:00:00Z  INFO freshet_jobmanager::checkpoints: checkpoint completed kind=Checkpoint duration_ms=120 full_bytes=5000000 uploaded_bytes=2000000 path=/c/chk-1\n\
+                   2026-12-02T01:00:10Z  INFO other line duration_ms=9999\n\
+                   2026-12-02T01:00:10Z  INFO freshet_jobmanager::checkpoints: checkpoint completed kind=Checkpoint duration_ms=300 full_bytes=9000000 uploaded_bytes=4000000 path=/c/chk-2\n\
+                   2026-12-02T01:00:20Z  INFO freshet_jobmanager::checkpoints: checkpoint completed kind=Checkpoint duration_ms=200 full_bytes=9500000 uploaded_bytes=500000 path=/c/chk-3\n";
+        assert_eq!(checkpoint_cells(log), "3 | 200 | 300 | 2.0 | 4.0 | 9.5");
+        assert_eq!(checkpoint_cells("nothing"), "0 | - | - | - | - | -");
+    }
+
+    #[test]
     fn state_benchmark_jobs_are_valid() {
         for kind in ["dedup", "window"] {
             let text = state_job(kind, 1_000_000, 2, Some(64)).unwrap();
@@ -714,6 +795,7 @@ mod tests {
                 memory_mb: None,
                 against: None,
                 timeout: std::time::Duration::from_secs(1),
+                checkpoint_interval: None,
             })
             .is_err()
         );
