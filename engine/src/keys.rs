@@ -544,6 +544,24 @@ mod tests {
         );
     }
 
+    /// Rows of a key with no columns are empty slices into a real allocation: an empty slice
+    /// with a dangling pointer made every comparison of such keys take a slow path in glibc's
+    /// `memcmp` (a masked load from an unmapped page).
+    #[test]
+    fn empty_keys_point_into_an_allocation() {
+        let mut out = EncodedKeys::default();
+        KeyEncoder::new(&[])
+            .unwrap()
+            .encode(&[], 3, &mut out)
+            .unwrap();
+        assert_eq!(out.len(), 3);
+        let dangling = std::ptr::NonNull::<u8>::dangling().as_ptr() as usize;
+        for i in 0..3 {
+            assert!(out.row(i).is_empty());
+            assert_ne!(out.row(i).as_ptr() as usize, dangling);
+        }
+    }
+
     #[test]
     fn hash_is_stable() {
         // Persisted state and routing depend on this value never changing.
