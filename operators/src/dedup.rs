@@ -81,7 +81,7 @@ impl DedupPlan {
     pub fn instantiate(&self) -> DedupOperator {
         DedupOperator {
             plan: self.clone(),
-            seen: KeyedTable::new("dedup", self.ttl),
+            seen: KeyedTable::one_value("dedup", self.ttl),
             keys: EncodedKeys::default(),
         }
     }

@@ -86,7 +86,7 @@ impl PatternPlan {
         PatternOperator {
             plan: self.clone(),
             pending: KeyedTable::new("pattern-pending", None),
-            runs: KeyedTable::new(
+            runs: KeyedTable::one_value(
                 "pattern-runs",
                 Some(Duration::from_millis(self.ttl.max(0) as u64)),
             ),

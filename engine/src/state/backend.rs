@@ -1,11 +1,16 @@
 //! The RocksDB instance that holds the keyed state of one operator in one subtask.
 //!
-//! Every table of the operator shares the instance. A row's key is
-//! `[key group: u16 BE][table: u32 BE][encoded key]`, so the rows of a key-group range are one
-//! contiguous key range: a snapshot taken at one parallelism can be cut into the ranges of
-//! another. A row's value starts with a 16-byte header, `[deadline: i64 BE][touched: i64 BE]`,
-//! followed by the table's values; the deadline (`touched + ttl`, or `i64::MAX`) lets a
-//! compaction filter drop expired rows without knowing the table's value type.
+//! Every table of the operator shares the instance. A value's row key is
+//! `[key group: u16 BE][table: u32 BE][key length: LEB128][encoded key][namespace: 8 bytes]`,
+//! one row per (key, namespace): an update rewrites the values it changed, not everything the
+//! key holds. The rows of a key group range are one contiguous key range, so a snapshot taken at
+//! one parallelism can be cut into the ranges of another; the rows of one key are contiguous
+//! too, and everything but the namespace is the row's prefix, so reading a key is one prefix
+//! seek that a prefix bloom filter answers without I/O when the key is new. A row's value is
+//! `[deadline: i64 BE][touched: i64 BE][value version: u8]` followed by the value: the deadline
+//! (`touched + ttl`, or `i64::MAX`) lets a compaction filter drop expired rows without knowing
+//! the table's value type, and the version says which encoding of the value type wrote it (see
+//! [`super::KeyedTable::versioned`]).
 //!
 //! Rows that belong to no single key group start with `0xffff`, above every key group (a job has
 //! at most 32768): timers, ordered by time across key groups
@@ -18,23 +23,29 @@
 //! [`StateMemory`], whose block cache and write-buffer manager every instance of the job in the
 //! process shares.
 use rocksdb::{
-    BlockBasedIndexType, BlockBasedOptions, DB, Direction, IteratorMode, Options, ReadOptions,
-    WriteBatch, WriteOptions, checkpoint::Checkpoint, compaction_filter::Decision,
+    BlockBasedIndexType, BlockBasedOptions, DB, DBRawIteratorWithThreadMode, Direction,
+    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, checkpoint::Checkpoint,
+    compaction_filter::Decision,
 };
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::memory::{Lease, StateMemory};
 use crate::{EngineError, KeyGroup, KeyGroupRange, Result};
 
-/// Bytes before the table values in a row.
-pub(crate) const HEADER: usize = 16;
+/// Bytes before the value in a row: deadline, touched, value version.
+pub(crate) const HEADER: usize = 17;
+
+/// Bytes before the values in a row of layouts 0 and 1: deadline, touched.
+pub(crate) const LEGACY_HEADER: usize = 16;
 
 /// The layout this version writes. 0: timers kept per key group under `timers/<name>` and
 /// rewritten whole at every snapshot (no marker row). 1: timers ordered by time outside the key
-/// groups and written as they change.
-pub const FORMAT: u32 = 1;
+/// groups and written as they change. 2: one row per (key, namespace) under the table's
+/// [`value_table_id`], values versioned; layouts 0 and 1 kept all namespaces of a key in one
+/// row, `[key group][table_id][encoded key]`, with a [`LEGACY_HEADER`].
+pub const FORMAT: u32 = 2;
 
 /// First bytes of the rows outside key groups.
 const OUTSIDE: [u8; 2] = [0xff, 0xff];
@@ -135,18 +146,66 @@ fn io_err(context: impl std::fmt::Display, e: std::io::Error) -> EngineError {
     EngineError::io(context.to_string(), e)
 }
 
-/// The id of a table inside its operator's instance: a hash of its name.
+/// The id of a timer queue, or of a table's rows in layouts 0 and 1: a hash of its name.
 pub(crate) fn table_id(name: &str) -> [u8; 4] {
     (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) as u32).to_be_bytes()
 }
 
-/// The RocksDB key of `key` in table `table`.
-pub(crate) fn row_key(kg: KeyGroup, table: [u8; 4], key: &[u8]) -> Vec<u8> {
+/// The id of a table's value rows since layout 2: another hash of its name, so that rows of
+/// the old layout awaiting migration never share a key range with rows of the new one.
+pub(crate) fn value_table_id(name: &str) -> [u8; 4] {
+    (xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), 2) as u32).to_be_bytes()
+}
+
+/// The row key of `key` in a table of layout 0 or 1 (all namespaces in one row; tests write
+/// such state).
+#[cfg(test)]
+pub(crate) fn legacy_row_key(kg: KeyGroup, table: [u8; 4], key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(6 + key.len());
     k.extend_from_slice(&(kg.0 as u16).to_be_bytes());
     k.extend_from_slice(&table);
     k.extend_from_slice(key);
     k
+}
+
+/// The prefix every row of `key` in `table` starts with: the row key without its namespace.
+pub(crate) fn key_prefix(kg: KeyGroup, table: [u8; 4], key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(6 + 5 + key.len() + 8);
+    k.extend_from_slice(&(kg.0 as u16).to_be_bytes());
+    k.extend_from_slice(&table);
+    let mut len = key.len();
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            k.push(byte);
+            break;
+        }
+        k.push(byte | 0x80);
+    }
+    k.extend_from_slice(key);
+    k
+}
+
+/// The row key of (`key`, `ns`) in `table`.
+pub(crate) fn row_key(kg: KeyGroup, table: [u8; 4], key: &[u8], ns: i64) -> Vec<u8> {
+    let mut k = key_prefix(kg, table, key);
+    k.extend_from_slice(&time_bytes(ns));
+    k
+}
+
+/// Smallest row key of layout 2: key group, table, a length byte, no key, the namespace.
+const MIN_ROW: usize = 2 + 4 + 1 + 8;
+
+/// The prefix extractor's domain: rows in key groups (timers and the marker are outside it).
+fn is_row(row: &[u8]) -> bool {
+    row.len() >= MIN_ROW && row[..2] != OUTSIDE
+}
+
+/// The prefix extractor: a row key without its namespace (the rows of one key, which the
+/// length prefix of the key keeps contiguous).
+fn row_prefix(row: &[u8]) -> &[u8] {
+    &row[..row.len().saturating_sub(8)]
 }
 
 fn kg_prefix(kg: u32) -> [u8; 2] {
@@ -169,6 +228,10 @@ pub struct KeyedBackend {
     restored: bool,
     /// The layout of the rows it was restored from ([`FORMAT`] when it started empty).
     format: u32,
+    /// The iterator key reads seek with, kept between reads (making one costs more than the
+    /// seek) and dropped by every write, so that a read sees all writes before it. It borrows
+    /// `db`, and is dropped before it (see `Drop`).
+    reader: Mutex<Option<DBRawIteratorWithThreadMode<'static, DB>>>,
 }
 
 impl std::fmt::Debug for KeyedBackend {
@@ -189,15 +252,22 @@ fn options(config: &StateConfig, memory: &StateMemory, clock: Arc<AtomicI64>) ->
     opts.set_max_open_files(256);
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.set_max_background_jobs(1);
-    // Most lookups are for keys the memtables do not hold (new keys, keys already flushed): a
-    // whole-key bloom filter on each memtable (a tenth of its size) answers those without a
-    // walk down its skip list, which was the largest cost of a lookup once state outgrew the
-    // decoded-key cache.
+    // Most reads are for keys the state does not hold (new keys) or holds only in SST files:
+    // bloom filters answer those without a walk down a memtable's skip list or a data block's
+    // read. They hold the rows' prefixes (a key without its namespace, see `row_prefix`), which
+    // serve both a point lookup of a one-value table and the prefix seek of the others: a
+    // memtable's filter takes a tenth of its size, an SST file's 10 bits per prefix.
+    opts.set_prefix_extractor(rocksdb::SliceTransform::create(
+        "freshet.key",
+        row_prefix,
+        Some(is_row),
+    ));
     opts.set_memtable_prefix_bloom_ratio(0.1);
-    opts.set_memtable_whole_key_filtering(true);
+    opts.set_memtable_whole_key_filtering(false);
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(memory.cache());
     table.set_bloom_filter(10.0, false);
+    table.set_whole_key_filtering(false);
     // Index and filter blocks live in the block cache, so memory stays within it. They are
     // partitioned: a file's whole filter is about a byte and a quarter per key, and once the
     // state outgrew the cache every lookup read and checksummed the full filter of each file
@@ -307,6 +377,7 @@ impl KeyedBackend {
             clock,
             restored,
             format,
+            reader: Mutex::new(None),
         })
     }
 
@@ -400,6 +471,7 @@ impl KeyedBackend {
         // are ordered by time, not by key group: each one's key says where it goes)
         let lo = kg_prefix(self.range.start);
         let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
         ro.set_iterate_upper_bound(kg_prefix(self.range.end + 1).to_vec());
         for item in src.iterator_opt(IteratorMode::From(&lo, Direction::Forward), ro) {
             let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
@@ -407,6 +479,7 @@ impl KeyedBackend {
         }
         let timers = [&OUTSIDE[..], &[TIMERS]].concat();
         let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
         ro.set_iterate_upper_bound([&OUTSIDE[..], &[TIMERS + 1]].concat());
         for item in src.iterator_opt(IteratorMode::From(&timers, Direction::Forward), ro) {
             let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
@@ -474,14 +547,24 @@ impl KeyedBackend {
         self.clock.fetch_max(wm, Ordering::Relaxed);
     }
 
-    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.db().get(key).map_err(|e| db_err("reading state", e))
+    /// Calls `f` with the value of row `row`, if the instance holds it.
+    pub(crate) fn get<R>(
+        &self,
+        row: &[u8],
+        f: impl FnOnce(&[u8]) -> Result<R>,
+    ) -> Result<Option<R>> {
+        match self.db().get_pinned(row) {
+            Ok(Some(v)) => f(&v).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(db_err("reading state", e)),
+        }
     }
 
     pub(crate) fn write(&self, batch: WriteBatch) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
+        self.drop_reader();
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
         self.db()
@@ -489,26 +572,95 @@ impl KeyedBackend {
             .map_err(|e| db_err("writing state", e))
     }
 
-    /// Rows of `table` in the owned key groups, as (encoded key, value).
+    /// Rows of `table` in the owned key groups, as (row key after the table id, value).
+    #[cfg(test)]
     pub(crate) fn scan(&self, table: [u8; 4]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
+        self.for_each_in_table(table, |k, v| {
+            out.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every row of `table` in the owned key groups, in key order, as (row key
+    /// after the table id, value).
+    pub(crate) fn for_each_in_table(
+        &self,
+        table: [u8; 4],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
         for kg in self.range.start..=self.range.end {
             let mut prefix = kg_prefix(kg).to_vec();
             prefix.extend_from_slice(&table);
             let mut ro = ReadOptions::default();
-            ro.set_prefix_same_as_start(false);
+            ro.set_total_order_seek(true);
             let mut upper = prefix.clone();
             increment(&mut upper);
             ro.set_iterate_upper_bound(upper);
-            for item in self
-                .db()
-                .iterator_opt(IteratorMode::From(&prefix, Direction::Forward), ro)
-            {
-                let (k, v) = item.map_err(|e| db_err("reading state", e))?;
-                out.push((k[6..].to_vec(), v.to_vec()));
+            let mut it = self.db().raw_iterator_opt(ro);
+            it.seek(&prefix);
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                f(&k[6..], v)?;
+                it.next();
             }
+            it.status().map_err(|e| db_err("reading state", e))?;
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Calls `f` with the namespace and value of every row of one key, in namespace order;
+    /// `prefix` is the key's [`key_prefix`].
+    pub(crate) fn read_key(
+        &self,
+        prefix: &[u8],
+        mut f: impl FnMut(i64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let it = reader.get_or_insert_with(|| {
+            let mut ro = ReadOptions::default();
+            ro.set_prefix_same_as_start(true);
+            let it = self.db().raw_iterator_opt(ro);
+            // SAFETY: the iterator borrows `self.db`, which outlives it: `Drop` drops the
+            // iterator first, and `db` is never replaced while the instance is open.
+            unsafe {
+                std::mem::transmute::<
+                    DBRawIteratorWithThreadMode<'_, DB>,
+                    DBRawIteratorWithThreadMode<'static, DB>,
+                >(it)
+            }
+        });
+        let mut first = prefix.to_vec();
+        first.extend_from_slice(&time_bytes(i64::MIN));
+        it.seek(&first);
+        let mut result = Ok(());
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            let Some(ns) = k
+                .get(prefix.len()..)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(time_from_bytes)
+            else {
+                result = Err(EngineError::StateStore {
+                    message: format!("a state row key of {} bytes under a key's prefix", k.len()),
+                    retryable: false,
+                });
+                break;
+            };
+            if let Err(e) = f(ns, v) {
+                result = Err(e);
+                break;
+            }
+            it.next();
+        }
+        if let Err(e) = it.status() {
+            // a fresh iterator next time
+            *reader = None;
+            return Err(db_err("reading state", e));
+        }
+        result
     }
 
     /// The keys of up to `limit` rows from `from` (inclusive) to `upper` (exclusive), in order.
@@ -519,6 +671,7 @@ impl KeyedBackend {
         limit: usize,
     ) -> Result<Vec<Box<[u8]>>> {
         let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
         ro.set_iterate_upper_bound(upper);
         let mut out = Vec::new();
         for item in self
@@ -554,6 +707,8 @@ impl KeyedBackend {
     /// Flushes the memtables and links a consistent copy of the instance into `into` (which
     /// must not exist). Returns the files of the copy with their sizes.
     pub fn checkpoint(&self, into: &Path) -> Result<Vec<(String, u64)>> {
+        // an idle iterator would keep files the flush and compactions replace
+        self.drop_reader();
         self.db().flush().map_err(|e| db_err("flushing state", e))?;
         Checkpoint::new(self.db())
             .and_then(|c| c.create_checkpoint(into))
@@ -574,6 +729,10 @@ impl KeyedBackend {
         Ok(files)
     }
 
+    fn drop_reader(&self) {
+        *self.reader.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// Directory of the instance.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -589,6 +748,14 @@ impl KeyedBackend {
     #[cfg(test)]
     pub(crate) fn forget_format(&self) {
         self.db().delete(format_key()).expect("delete");
+    }
+
+    /// Marks the instance as written in layout `format` (tests of older layouts).
+    #[cfg(test)]
+    pub(crate) fn set_format(&self, format: u32) {
+        self.db()
+            .put(format_key(), format.to_be_bytes())
+            .expect("put");
     }
 }
 
@@ -609,6 +776,7 @@ fn increment(prefix: &mut Vec<u8>) {
 
 impl Drop for KeyedBackend {
     fn drop(&mut self) {
+        self.drop_reader();
         // the instance is a working copy (snapshots live in object storage): close, then remove
         drop(self.db.take());
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -8,10 +8,19 @@
 //!
 //! **Storage.** A table starts in memory. Once an operator [attaches](KeyedTable::attach) it to
 //! its [`KeyedBackend`] (every operator run by the runtime does, in `open`), RocksDB holds the
-//! table and memory holds a bounded write-back cache of decoded keys in front of it: reads that
-//! miss the cache load the key's row, writes mark it dirty, dirty rows are written when the cache
-//! must evict and at every checkpoint ([`KeyedTable::flush`]). One row holds all namespaces of a
-//! key, so a key costs at most one RocksDB read however many namespaces an operator touches.
+//! table and memory holds a bounded write-back cache of decoded keys in front of it: a read that
+//! misses the cache loads the key's rows (one prefix seek), writes mark the values they change
+//! dirty, and dirty values are written, one row per (key, namespace), when the cache must evict
+//! and at every checkpoint ([`KeyedTable::flush`]). A window that adds to one slice rewrites that
+//! slice's row, and a join that buffers one more timestamp writes one row, whatever else the key
+//! holds.
+//!
+//! **Versions.** Each row records the version of its value's encoding. An operator whose value
+//! type changes declares the new version and how to read the older ones
+//! ([`KeyedTable::versioned`]); rows are upgraded as they are read and written back in the new
+//! encoding when next changed. State of the layouts before one row per namespace
+//! ([`backend::FORMAT`] 0 and 1) is rewritten into the current layout when a table attaches to
+//! an instance restored from it.
 //!
 //! **Cache.** Each cached key is charged an estimate of its bytes (the entry, a long key, and
 //! twice its last encoded size, or the table's average before it was first written) against the
@@ -27,8 +36,9 @@
 //! [`expire`](KeyedTable::expire). In an attached table that is all expiry costs: rows carry
 //! their deadline, RocksDB's compaction drops expired ones, and a flush deletes rather than
 //! writes a dirty key that expired, so nothing in memory grows with the number of keys and a
-//! restore reads nothing up front. A table in memory keeps a heap of deadlines and deletes
-//! expired keys when `expire` is called.
+//! restore reads nothing up front. Touching a key rewrites all its rows, so they share one
+//! deadline. A table in memory keeps a heap of deadlines and deletes expired keys when `expire`
+//! is called.
 use hashbrown::HashMap;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -55,6 +65,10 @@ pub use timers::Timers;
 pub trait StateValue: Serialize + DeserializeOwned + Send + 'static {}
 impl<T: Serialize + DeserializeOwned + Send + 'static> StateValue for T {}
 
+/// Reads a value written in an older encoding of a table's value type: called with the version
+/// a row was written in (below the table's) and the row's value bytes.
+pub type Upgrade<V> = fn(version: u8, bytes: &[u8]) -> std::result::Result<V, String>;
+
 /// An encoded key as state stores it: keys of up to 24 bytes (any one or two numbers, short
 /// strings) are kept inline, without a heap allocation or a pointer to follow.
 pub type StateKey = SmallVec<[u8; 24]>;
@@ -68,20 +82,29 @@ type Fixed = foldhash::fast::FixedState;
 pub struct KeyedTable<V> {
     name: String,
     ttl: Option<i64>,
+    /// The encoding version of the values this table writes, and how it reads older ones.
+    version: u8,
+    upgrade: Option<Upgrade<V>>,
+    /// Holds one value per key, at namespace 0: a read is a point lookup, not a prefix seek.
+    one_value: bool,
     keys: HashMap<StateKey, Slot<V>, Fixed>,
     /// TTL deadlines of a table in memory (attached tables keep them in their rows).
     deadlines: BinaryHeap<Reverse<(i64, StateKey)>>,
     /// The latest watermark passed to [`KeyedTable::expire`].
     clock: Watermark,
     entries: usize,
-    /// Estimated bytes of the keys in memory.
+    /// Estimated bytes of the keys in memory, the map's table included.
     bytes: usize,
+    /// The part of `bytes` that is the map's table.
+    map_charge: usize,
     /// Running average of the encoded size of a key's values, charged for keys not yet written.
     avg_payload: usize,
     /// Updates since the last size sample.
     since_sample: u32,
     /// Keys read back from RocksDB into the cache.
     loads: u64,
+    /// Rows written to RocksDB.
+    rows_written: u64,
     /// Scratch space of size samples.
     scratch: Vec<u8>,
     backing: Option<Backing>,
@@ -95,13 +118,33 @@ const DIRTY_LIMIT: usize = 1 << 18;
 /// table's average (the charges of keys changed in place would otherwise stay as estimated).
 const SAMPLE_EVERY: u32 = 32;
 
-/// The estimated bytes of a cached key whose values encode to `payload` bytes.
-fn charge_of<V>(key: &[u8], payload: usize) -> u32 {
-    // the map's entry with its control byte and spare capacity; keys over 24 bytes are on the
-    // heap; decoded values take about twice their encoding
-    let entry = std::mem::size_of::<(StateKey, Slot<V>)>() * 8 / 7 + 1;
+/// Rows a migration from an older layout writes per batch.
+const MIGRATE_BATCH: usize = 4096;
+
+/// The payload of a key whose `n` values encode to `encoded` bytes: besides the values, a key
+/// with more than one keeps its entries on the heap (counted at half, as the payload is counted
+/// twice).
+fn payload_of<V>(encoded: usize, n: usize) -> usize {
+    encoded
+        + if n > 1 {
+            n * std::mem::size_of::<Entry<V>>() / 2
+        } else {
+            0
+        }
+}
+
+/// The estimated bytes a cached key holds outside the map's table, whose payload
+/// ([`payload_of`]) is `payload` bytes: keys over 24 bytes are on the heap, and decoded values
+/// take about twice their encoding. The table itself is charged by its allocation.
+fn charge_of(key: &[u8], payload: usize) -> u32 {
     let heap_key = if key.len() > 24 { key.len() } else { 0 };
-    (entry + heap_key + 2 * payload).min(u32::MAX as usize) as u32
+    (heap_key + 2 * payload).min(u32::MAX as usize) as u32
+}
+
+/// The keys a map table of `bytes` bytes holds when full (an eighth of its buckets stay free;
+/// each bucket is an entry and a control byte).
+fn full_capacity<V>(bytes: usize) -> usize {
+    bytes / (std::mem::size_of::<(StateKey, Slot<V>)>() + 1) * 7 / 8
 }
 
 /// Where an attached table's rows live, and what the cache owes them.
@@ -111,28 +154,50 @@ struct Backing {
     table: [u8; 4],
     /// Keys written or removed since the last flush (a key may appear more than once).
     dirty: Vec<StateKey>,
+    /// Rows RocksDB holds whose values were removed since the last flush.
+    gone: Vec<(StateKey, i64)>,
     /// True while the cache holds every key of the table (nothing evicted, nothing restored):
     /// a miss then needs no RocksDB read.
     complete: bool,
+}
+
+impl Backing {
+    fn row(&self, key: &[u8], ns: i64) -> Vec<u8> {
+        let kg = key_group(hash_key(key), self.backend.max_parallelism());
+        backend::row_key(kg, self.table, key, ns)
+    }
 }
 
 #[derive(Debug)]
 struct Slot<V> {
     touched: i64,
     values: Namespaces<V>,
+    /// The key is in the dirty list.
     dirty: bool,
-    /// RocksDB holds a row for the key (it was read from there or written there).
+    /// RocksDB holds (or may hold) a row of the key.
     persisted: bool,
     /// Read or written since the last eviction sweep (CLOCK's reference bit).
     referenced: bool,
     /// Estimated bytes, as counted in the table's total.
     charge: u32,
 }
+
+/// One (namespace, value) of a key, and what RocksDB knows of it.
+#[derive(Debug)]
+struct Entry<V> {
+    ns: i64,
+    value: V,
+    /// Changed since the last flush.
+    dirty: bool,
+    /// RocksDB holds a row for it.
+    persisted: bool,
+}
+
 /// The values of one key, sorted by namespace. A key has few namespaces (a window's slices, a
 /// join's timestamps within its interval), so a sorted vector beats a tree: one allocation,
 /// binary search, contiguous range scans.
 #[derive(Debug)]
-struct Namespaces<V>(SmallVec<[(i64, V); 1]>);
+struct Namespaces<V>(SmallVec<[Entry<V>; 1]>);
 
 impl<V> Namespaces<V> {
     fn new() -> Self {
@@ -147,42 +212,46 @@ impl<V> Namespaces<V> {
         self.0.is_empty()
     }
 
-    fn clear(&mut self) {
-        self.0.clear();
-    }
-
     fn find(&self, ns: i64) -> Result<usize, usize> {
-        self.0.binary_search_by_key(&ns, |(k, _)| *k)
+        self.0.binary_search_by_key(&ns, |e| e.ns)
     }
 
     fn get(&self, ns: i64) -> Option<&V> {
-        self.find(ns).ok().map(|i| &self.0[i].1)
+        self.find(ns).ok().map(|i| &self.0[i].value)
     }
 
-    /// The value at `ns`, inserted with `init` if absent; and whether it was inserted.
-    fn get_or_insert(&mut self, ns: i64, init: impl FnOnce() -> V) -> (&mut V, bool) {
+    /// The entry at `ns`, inserted with `init` if absent; and whether it was inserted.
+    fn get_or_insert(&mut self, ns: i64, init: impl FnOnce() -> V) -> (&mut Entry<V>, bool) {
         match self.find(ns) {
-            Ok(i) => (&mut self.0[i].1, false),
+            Ok(i) => (&mut self.0[i], false),
             Err(i) => {
-                self.0.insert(i, (ns, init()));
-                (&mut self.0[i].1, true)
+                self.0.insert(
+                    i,
+                    Entry {
+                        ns,
+                        value: init(),
+                        dirty: false,
+                        persisted: false,
+                    },
+                );
+                (&mut self.0[i], true)
             }
         }
     }
 
-    fn remove(&mut self, ns: i64) -> Option<V> {
-        self.find(ns).ok().map(|i| self.0.remove(i).1)
+    fn remove(&mut self, ns: i64) -> Option<Entry<V>> {
+        self.find(ns).ok().map(|i| self.0.remove(i))
     }
 
     fn bounds(&self, (lo, hi): (Bound<i64>, Bound<i64>)) -> std::ops::Range<usize> {
         let start = match lo {
-            Bound::Included(x) => self.0.partition_point(|(k, _)| *k < x),
-            Bound::Excluded(x) => self.0.partition_point(|(k, _)| *k <= x),
+            Bound::Included(x) => self.0.partition_point(|e| e.ns < x),
+            Bound::Excluded(x) => self.0.partition_point(|e| e.ns <= x),
             Bound::Unbounded => 0,
         };
         let end = match hi {
-            Bound::Included(x) => self.0.partition_point(|(k, _)| *k <= x),
-            Bound::Excluded(x) => self.0.partition_point(|(k, _)| *k < x),
+            Bound::Included(x) => self.0.partition_point(|e| e.ns <= x),
+            Bound::Excluded(x) => self.0.partition_point(|e| e.ns < x),
             Bound::Unbounded => self.0.len(),
         };
         start..end.max(start)
@@ -191,37 +260,68 @@ impl<V> Namespaces<V> {
 
 impl<V: StateValue> KeyedTable<V> {
     /// A table called `name` (used in errors and metrics) with an optional TTL, in memory until
-    /// [attached](Self::attach).
+    /// [attached](Self::attach). Its values are of encoding version 0.
     pub fn new(name: impl Into<String>, ttl: Option<Duration>) -> Self {
         KeyedTable {
             name: name.into(),
             ttl: ttl.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
+            version: 0,
+            upgrade: None,
+            one_value: false,
             keys: HashMap::with_hasher(Fixed::default()),
             deadlines: BinaryHeap::new(),
             clock: Watermark::MIN,
             entries: 0,
             bytes: 0,
+            map_charge: 0,
             avg_payload: 16,
             since_sample: 0,
             loads: 0,
+            rows_written: 0,
             scratch: Vec::new(),
             backing: None,
         }
     }
 
+    /// A table holding one value per key, at namespace 0 (value state: a deduplication's last
+    /// record, a pattern's run): reading a key from RocksDB is one point lookup rather than a
+    /// seek over the key's rows. Writing another namespace is an error.
+    pub fn one_value(name: impl Into<String>, ttl: Option<Duration>) -> Self {
+        let mut table = Self::new(name, ttl);
+        table.one_value = true;
+        table
+    }
+
+    /// Declares that this table's values are written in encoding `version`, and reads rows of
+    /// older versions with `upgrade` (a changed aggregate, a field added to a value type). Rows
+    /// of a newer version than `version` are refused with an error that names both.
+    pub fn versioned(mut self, version: u8, upgrade: Upgrade<V>) -> Self {
+        self.version = version;
+        self.upgrade = Some(upgrade);
+        self
+    }
+
     /// Moves the table into `backend`: from now on RocksDB holds it and memory caches it. If the
-    /// backend was restored from a snapshot, the table's rows are there, deadlines included.
+    /// backend was restored from a snapshot, the table's rows are there, deadlines included; rows
+    /// of a layout before [`backend::FORMAT`] 2 are rewritten into the current one first.
     pub fn attach(&mut self, backend: &Arc<KeyedBackend>) -> Result<()> {
-        let table = backend::table_id(&self.name);
+        let table = backend::value_table_id(&self.name);
+        if backend.restored() && backend.format() < 2 {
+            self.migrate(backend, table)?;
+        }
         let mut backing = Backing {
             backend: backend.clone(),
             table,
             dirty: Vec::new(),
+            gone: Vec::new(),
             complete: !backend.restored(),
         };
         // whatever was in memory before attaching goes to the backend at the next flush
         for (k, slot) in self.keys.iter_mut() {
             slot.dirty = true;
+            for e in slot.values.0.iter_mut() {
+                e.dirty = true;
+            }
             backing.dirty.push(k.clone());
         }
         self.deadlines.clear();
@@ -229,6 +329,46 @@ impl<V: StateValue> KeyedTable<V> {
         backend.memory().charge(0, self.bytes);
         self.backing = Some(backing);
         Ok(())
+    }
+
+    /// Rewrites the table's rows of layouts 0 and 1 (all namespaces of a key in one row, under
+    /// [`backend::table_id`]) as one row per namespace under `table`, then deletes them. The
+    /// values are decoded as this version's type at encoding version 0 (encoding versions
+    /// begin with layout 2).
+    fn migrate(&self, backend: &KeyedBackend, table: [u8; 4]) -> Result<()> {
+        let legacy = backend::table_id(&self.name);
+        let mp = backend.max_parallelism();
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut buf = Vec::new();
+        backend.for_each_in_table(legacy, |key, row| {
+            let (Some(header), Some(body)) = (
+                row.get(..backend::LEGACY_HEADER),
+                row.get(backend::LEGACY_HEADER..),
+            ) else {
+                return Err(self.error("a state row of layout 1 shorter than its header"));
+            };
+            let values: Vec<(i64, V)> = postcard::from_bytes(body)
+                .map_err(|e| self.error(format!("decoding a state row of layout 1: {e}")))?;
+            let kg = key_group(hash_key(key), mp);
+            for (ns, value) in values {
+                buf.clear();
+                buf.extend_from_slice(header);
+                buf.push(0);
+                buf = postcard::to_extend(&value, std::mem::take(&mut buf))
+                    .map_err(|e| self.error(e))?;
+                batch.put(backend::row_key(kg, table, key, ns), &buf);
+            }
+            if batch.len() >= MIGRATE_BATCH {
+                backend.write(std::mem::take(&mut batch))?;
+            }
+            Ok(())
+        })?;
+        backend.write(batch)?;
+        backend.clear_table(legacy)
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> EngineError {
+        EngineError::State(format!("{}: {e}", self.name))
     }
 
     /// The table's name.
@@ -258,7 +398,7 @@ impl<V: StateValue> KeyedTable<V> {
         }
     }
 
-    /// Brings `key` into the cache if RocksDB may hold a row the cache lacks. Free (no lookup)
+    /// Brings `key` into the cache if RocksDB may hold rows the cache lacks. Free (no lookup)
     /// while the cache holds the whole table.
     fn load(&mut self, key: &[u8]) -> Result<()> {
         let Some(b) = self.backing.as_ref() else {
@@ -272,34 +412,108 @@ impl<V: StateValue> KeyedTable<V> {
             return Ok(());
         }
         let kg = key_group(hash_key(key), b.backend.max_parallelism());
-        let Some(row) = b.backend.get(&backend::row_key(kg, b.table, key))? else {
+        let mut loaded: Option<Slot<V>> = None;
+        let mut payload = 0;
+        let mut add = |ns: i64, row: &[u8]| -> Result<()> {
+            let (touched, value) = self.decode(row)?;
+            payload += row.len() - backend::HEADER;
+            let slot = loaded.get_or_insert_with(|| Slot {
+                touched,
+                values: Namespaces::new(),
+                dirty: false,
+                persisted: true,
+                referenced: false,
+                charge: 0,
+            });
+            slot.touched = slot.touched.max(touched);
+            // rows come in namespace order
+            slot.values.0.push(Entry {
+                ns,
+                value,
+                dirty: false,
+                persisted: true,
+            });
+            Ok(())
+        };
+        let mut row = backend::key_prefix(kg, b.table, key);
+        if self.one_value {
+            row.extend_from_slice(&backend::time_bytes(0));
+            b.backend.get(&row, |v| add(0, v))?;
+        } else {
+            b.backend.read_key(&row, add)?;
+        }
+        let Some(mut slot) = loaded else {
             return Ok(());
         };
-        let mut slot =
-            decode_row::<V>(&row).map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
         self.evict_if_full()?;
         self.loads += 1;
-        slot.charge = charge_of::<V>(key, row.len() - backend::HEADER);
+        slot.charge = charge_of(key, payload_of::<V>(payload, slot.values.len()));
         self.account(0, slot.charge as usize);
         self.entries += slot.values.len();
         self.keys.insert(key.into(), slot);
+        self.charge_map();
         Ok(())
+    }
+
+    /// The touched time and value of a row, upgraded from an older encoding if need be.
+    fn decode(&self, row: &[u8]) -> Result<(i64, V)> {
+        let (Some(touched), Some(&version), Some(body)) = (
+            row.get(8..16),
+            row.get(backend::HEADER - 1),
+            row.get(backend::HEADER..),
+        ) else {
+            return Err(self.error("a state row shorter than its header"));
+        };
+        let touched = i64::from_be_bytes(touched.try_into().expect("8 bytes"));
+        let value = if version == self.version {
+            postcard::from_bytes(body).map_err(|e| self.error(format!("decoding a value: {e}")))?
+        } else if version > self.version {
+            return Err(self.error(format!(
+                "a value of encoding version {version} was written by a newer version of the operator than this one, which reads up to version {}",
+                self.version
+            )));
+        } else {
+            match self.upgrade {
+                Some(upgrade) => upgrade(version, body).map_err(|e| {
+                    self.error(format!(
+                        "reading a value of encoding version {version}: {e}"
+                    ))
+                })?,
+                None => {
+                    return Err(self.error(format!(
+                        "a value of encoding version {version}, and no way to read it"
+                    )));
+                }
+            }
+        };
+        Ok((touched, value))
+    }
+
+    /// The encoded size of a key's values.
+    fn payload(&mut self, key: &[u8]) -> Result<Option<usize>> {
+        let Some(slot) = self.keys.get(key) else {
+            return Ok(None);
+        };
+        let mut total = 0;
+        for e in slot.values.0.iter() {
+            self.scratch.clear();
+            self.scratch = postcard::to_extend(&e.value, std::mem::take(&mut self.scratch))
+                .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
+            total += self.scratch.len();
+        }
+        Ok(Some(payload_of::<V>(total, slot.values.len())))
     }
 
     /// Encodes the values of a cached key to correct its charge and the table's average.
     fn sample(&mut self, key: &[u8]) -> Result<()> {
-        let Some(slot) = self.keys.get_mut(key) else {
+        let Some(payload) = self.payload(key)? else {
             return Ok(());
         };
-        self.scratch.clear();
-        let encoded =
-            postcard::to_extend(slot.values.0.as_slice(), std::mem::take(&mut self.scratch))
-                .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
+        let slot = self.keys.get_mut(key).expect("sized above");
         let old = slot.charge as usize;
-        slot.charge = charge_of::<V>(key, encoded.len());
+        slot.charge = charge_of(key, payload);
         let new = slot.charge as usize;
-        self.avg_payload = (self.avg_payload * 7 + encoded.len()) / 8;
-        self.scratch = encoded;
+        self.avg_payload = (self.avg_payload * 7 + payload) / 8;
         self.account(old, new);
         Ok(())
     }
@@ -309,6 +523,16 @@ impl<V: StateValue> KeyedTable<V> {
         self.bytes = (self.bytes + new).saturating_sub(old);
         if let Some(b) = &self.backing {
             b.backend.memory().charge(old, new);
+        }
+    }
+
+    /// Brings the charge of the map's table up to date with its capacity (it grows as keys
+    /// arrive, and keeps its size when they are evicted).
+    fn charge_map(&mut self) {
+        let now = self.keys.allocation_size();
+        if now != self.map_charge {
+            let old = std::mem::replace(&mut self.map_charge, now);
+            self.account(old, now);
         }
     }
 
@@ -326,6 +550,27 @@ impl<V: StateValue> KeyedTable<V> {
             slot.dirty = true;
             b.dirty.push(key.into());
         }
+    }
+
+    /// Records that a removed entry's row, if RocksDB holds one, must be deleted.
+    fn note_gone(backing: &mut Option<Backing>, key: &[u8], e: &Entry<V>) {
+        if let Some(b) = backing
+            && e.persisted
+        {
+            b.gone.push((key.into(), e.ns));
+        }
+    }
+
+    /// Removes every value of a cached key.
+    fn clear_slot(backing: &mut Option<Backing>, slot: &mut Slot<V>, key: &[u8]) -> usize {
+        let n = slot.values.len();
+        for e in slot.values.0.drain(..) {
+            Self::note_gone(backing, key, &e);
+        }
+        if n > 0 {
+            Self::mark_dirty(backing, slot, key);
+        }
+        n
     }
 
     /// The value at (key, ns), unless absent or expired as of `clock`.
@@ -359,9 +604,21 @@ impl<V: StateValue> KeyedTable<V> {
         f: impl FnOnce(&mut V) -> R,
     ) -> Result<R> {
         let ttl = self.ttl;
+        if self.one_value && ns != 0 {
+            return Err(self.error(format!(
+                "holds one value per key, at namespace 0; namespace {ns} was written"
+            )));
+        }
         self.load(key)?;
+        if self.backing.is_some()
+            && self.keys.len() >= self.keys.capacity()
+            && !self.keys.contains_key(key)
+        {
+            // a new key would grow the map's table: make room first if the budget says so
+            self.evict_if_full()?;
+        }
         // one lookup finds the key or makes room for it
-        let charge = charge_of::<V>(key, self.avg_payload);
+        let charge = charge_of(key, self.avg_payload);
         let (slot, fresh) = match self.keys.entry_ref(key) {
             hashbrown::hash_map::EntryRef::Occupied(e) => (e.into_mut(), false),
             hashbrown::hash_map::EntryRef::Vacant(e) => (
@@ -388,18 +645,25 @@ impl<V: StateValue> KeyedTable<V> {
         if let Some(ttl) = ttl
             && clock.0 >= slot.touched.saturating_add(ttl)
         {
-            self.entries -= slot.values.len();
-            slot.values.clear();
+            self.entries -= Self::clear_slot(&mut self.backing, slot, key);
+        }
+        if ttl.is_some() && now > slot.touched {
+            // every row of a key carries the key's deadline
+            for e in slot.values.0.iter_mut() {
+                e.dirty = true;
+            }
         }
         slot.touched = slot.touched.max(now);
         Self::mark_dirty(&mut self.backing, slot, key);
-        let (v, inserted) = slot.values.get_or_insert(ns, init);
+        let (e, inserted) = slot.values.get_or_insert(ns, init);
         if inserted {
             self.entries += 1;
         }
-        let r = f(v);
+        e.dirty = true;
+        let r = f(&mut e.value);
         if fresh {
             self.account(0, charge as usize);
+            self.charge_map();
         }
         self.since_sample += 1;
         if self.since_sample >= SAMPLE_EVERY {
@@ -414,9 +678,9 @@ impl<V: StateValue> KeyedTable<V> {
         Ok(r)
     }
 
-    /// Drops a key from memory once it holds nothing. If RocksDB holds a row for it, the empty
-    /// slot stays as a tombstone until the next flush deletes the row, so a read in between does
-    /// not load the old row back.
+    /// Drops a key from memory once it holds nothing. If RocksDB holds rows of it, the empty
+    /// slot stays as a tombstone until the next flush deletes them, so a read in between does
+    /// not load them back.
     fn drop_if_empty(&mut self, key: &[u8]) {
         let Some(slot) = self.keys.get_mut(key) else {
             return;
@@ -437,22 +701,22 @@ impl<V: StateValue> KeyedTable<V> {
         let Some(slot) = self.keys.get_mut(key) else {
             return Ok(None);
         };
-        let v = slot.values.remove(ns);
-        if v.is_some() {
+        let e = slot.values.remove(ns);
+        if let Some(e) = &e {
             self.entries -= 1;
+            Self::note_gone(&mut self.backing, key, e);
             Self::mark_dirty(&mut self.backing, slot, key);
         }
         self.drop_if_empty(key);
         self.bound_dirty()?;
-        Ok(v)
+        Ok(e.map(|e| e.value))
     }
 
     /// Removes every value of a key.
     pub fn remove_key(&mut self, key: &[u8]) -> Result<()> {
         self.load(key)?;
         if let Some(slot) = self.keys.get_mut(key) {
-            self.entries -= slot.values.len();
-            slot.values.clear();
+            self.entries -= Self::clear_slot(&mut self.backing, slot, key);
             self.drop_if_empty(key);
         }
         self.bound_dirty()
@@ -475,25 +739,34 @@ impl<V: StateValue> KeyedTable<V> {
         Ok(slot.into_iter().flat_map(move |s| {
             s.values.0[s.values.bounds(bounds)]
                 .iter()
-                .map(|(k, v)| (*k, v))
+                .map(|e| (e.ns, &e.value))
         }))
     }
 
-    /// Mutable access to the values of a key with namespaces in `range`.
+    /// Mutable access to the values of a key with namespaces in `range` (each is rewritten at
+    /// the next flush).
     pub fn range_mut<'a>(
         &'a mut self,
         key: &[u8],
         range: impl RangeBounds<i64>,
     ) -> Result<impl Iterator<Item = (i64, &'a mut V)> + 'a> {
         self.load(key)?;
-        if let Some(s) = self.keys.get_mut(key) {
-            Self::mark_dirty(&mut self.backing, s, key);
-        }
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
-        Ok(self.keys.get_mut(key).into_iter().flat_map(move |s| {
+        let slot = self.keys.get_mut(key);
+        if let Some(s) = slot {
             let r = s.values.bounds(bounds);
-            s.values.0[r].iter_mut().map(|(k, v)| (*k, v))
-        }))
+            if !r.is_empty() {
+                Self::mark_dirty(&mut self.backing, s, key);
+            }
+            Ok(Some(s.values.0[r].iter_mut().map(|e| {
+                e.dirty = true;
+                (e.ns, &mut e.value)
+            }))
+            .into_iter()
+            .flatten())
+        } else {
+            Ok(None.into_iter().flatten())
+        }
     }
 
     /// Removes and returns the values of a key with namespaces in `range`.
@@ -509,7 +782,11 @@ impl<V: StateValue> KeyedTable<V> {
         let r = slot
             .values
             .bounds((range.start_bound().cloned(), range.end_bound().cloned()));
-        let out: Vec<(i64, V)> = slot.values.0.drain(r).collect();
+        let mut out = Vec::with_capacity(r.len());
+        for e in slot.values.0.drain(r) {
+            Self::note_gone(&mut self.backing, key, &e);
+            out.push((e.ns, e.value));
+        }
         if !out.is_empty() {
             self.entries -= out.len();
             Self::mark_dirty(&mut self.backing, slot, key);
@@ -537,7 +814,6 @@ impl<V: StateValue> KeyedTable<V> {
                 break;
             }
             let Reverse((_, key)) = self.deadlines.pop().expect("peeked");
-            self.load(&key)?;
             let Some(slot) = self.keys.get_mut(&key) else {
                 continue;
             };
@@ -546,59 +822,83 @@ impl<V: StateValue> KeyedTable<V> {
             }
             let due = slot.touched.saturating_add(ttl);
             if due <= clock.0 {
-                self.entries -= slot.values.len();
-                slot.values.clear();
+                self.entries -= Self::clear_slot(&mut self.backing, slot, &key);
                 self.drop_if_empty(&key);
                 expired += 1;
             } else {
                 self.deadlines.push(Reverse((due, key)));
             }
         }
-        self.bound_dirty()?;
         Ok(expired)
     }
 
-    /// Writes every dirty key to the backend (called before a snapshot and when evicting).
-    /// A table in memory has nothing to write.
+    /// Writes every changed value to the backend and deletes the rows of removed ones (called
+    /// before a snapshot and when evicting). A table in memory has nothing to write.
     pub fn flush(&mut self) -> Result<()> {
         let Some(b) = self.backing.as_mut() else {
             return Ok(());
         };
         let mut batch = rocksdb::WriteBatch::default();
-        let mp = b.backend.max_parallelism();
-        let (ttl, clock) = (self.ttl, self.clock);
+        let (ttl, clock, version) = (self.ttl, self.clock, self.version);
+        // deletes first: a namespace removed and written again is written below
+        for (key, ns) in std::mem::take(&mut b.gone) {
+            batch.delete(b.row(&key, ns));
+        }
         let mut buf = Vec::new();
         let mut tombstones = Vec::new();
         let (mut old_bytes, mut new_bytes) = (0, 0);
         let (mut payloads, mut written) = (0, 0);
-        for key in b.dirty.drain(..) {
-            let kg = key_group(hash_key(&key), mp);
-            let row = backend::row_key(kg, b.table, &key);
-            match self.keys.get_mut(&key) {
-                Some(slot) if slot.dirty => {
-                    slot.dirty = false;
-                    if slot.values.is_empty() || Self::expired_at(ttl, slot, clock) {
-                        self.entries -= slot.values.len();
-                        batch.delete(&row);
-                        tombstones.push(key);
-                    } else {
-                        slot.persisted = true;
-                        buf.clear();
-                        encode_row(slot, ttl, &mut buf)
-                            .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
-                        batch.put(&row, &buf);
-                        let payload = buf.len() - backend::HEADER;
-                        old_bytes += slot.charge as usize;
-                        slot.charge = charge_of::<V>(&key, payload);
-                        new_bytes += slot.charge as usize;
-                        payloads += payload;
-                        written += 1;
-                    }
-                }
-                // clean: written by an earlier entry of the dirty list
-                Some(_) => {}
+        for key in std::mem::take(&mut b.dirty) {
+            let Some(slot) = self.keys.get_mut(&key) else {
                 // created and removed since the last flush: RocksDB never had it
-                None => {}
+                continue;
+            };
+            if !slot.dirty {
+                // clean: written by an earlier entry of the dirty list
+                continue;
+            }
+            slot.dirty = false;
+            if slot.values.is_empty() || Self::expired_at(ttl, slot, clock) {
+                for e in slot.values.0.iter().filter(|e| e.persisted) {
+                    batch.delete(b.row(&key, e.ns));
+                }
+                self.entries -= slot.values.len();
+                tombstones.push(key);
+                continue;
+            }
+            slot.persisted = true;
+            let kg = key_group(hash_key(&key), b.backend.max_parallelism());
+            let mut row = backend::key_prefix(kg, b.table, &key);
+            let prefix = row.len();
+            let deadline = ttl.map_or(i64::MAX, |t| slot.touched.saturating_add(t));
+            let (mut payload, mut all) = (0, true);
+            for e in slot.values.0.iter_mut() {
+                if !e.dirty {
+                    all = false;
+                    continue;
+                }
+                e.dirty = false;
+                e.persisted = true;
+                buf.clear();
+                buf.extend_from_slice(&deadline.to_be_bytes());
+                buf.extend_from_slice(&slot.touched.to_be_bytes());
+                buf.push(version);
+                buf = postcard::to_extend(&e.value, std::mem::take(&mut buf))
+                    .map_err(|err| EngineError::State(format!("{}: {err}", self.name)))?;
+                row.truncate(prefix);
+                row.extend_from_slice(&backend::time_bytes(e.ns));
+                batch.put(&row, &buf);
+                self.rows_written += 1;
+                payload += buf.len() - backend::HEADER;
+            }
+            if all {
+                // every value was encoded: the key's charge is now exact
+                let payload = payload_of::<V>(payload, slot.values.len());
+                old_bytes += slot.charge as usize;
+                slot.charge = charge_of(&key, payload);
+                new_bytes += slot.charge as usize;
+                payloads += payload;
+                written += 1;
             }
         }
         b.backend.write(batch)?;
@@ -616,7 +916,7 @@ impl<V: StateValue> KeyedTable<V> {
     /// and memory stays bounded).
     fn bound_dirty(&mut self) -> Result<()> {
         match &self.backing {
-            Some(b) if b.dirty.len() > DIRTY_LIMIT => self.flush(),
+            Some(b) if b.dirty.len() + b.gone.len() > DIRTY_LIMIT => self.flush(),
             _ => Ok(()),
         }
     }
@@ -629,16 +929,30 @@ impl<V: StateValue> KeyedTable<V> {
         };
         let cap = b.backend.cache_keys();
         let over_keys = self.keys.len() >= cap;
-        if !over_keys && !b.backend.memory().must_evict(self.bytes) {
+        // With no free bucket left, the next new key makes the table rehash: in place while it
+        // is at most half full (evicted keys leave buckets that are only reclaimed then), else
+        // into a table twice the size.
+        let half = full_capacity::<V>(self.map_charge) / 2;
+        let doubles = self.keys.len() >= self.keys.capacity() && self.keys.len() > half;
+        let projected = if doubles {
+            self.bytes + self.map_charge
+        } else {
+            self.bytes
+        };
+        if !over_keys && !b.backend.memory().must_evict(projected) {
             return Ok(());
         }
         self.flush()?;
-        let want_keys = if over_keys {
+        let mut want_keys = if over_keys {
             self.keys.len() - cap * 3 / 4
         } else {
             0
         };
-        let want_bytes = self.bytes / 4;
+        if doubles {
+            // down to half, so the rehash stays in place
+            want_keys = want_keys.max(self.keys.len() - half);
+        }
+        let want_bytes = (self.bytes - self.map_charge) / 4;
         let (mut keys, mut bytes, mut entries) = (0, 0, 0);
         for _sweep in 0..2 {
             self.keys.retain(|_, s| {
@@ -675,12 +989,17 @@ impl<V: StateValue> KeyedTable<V> {
         self.loads
     }
 
-    /// Every key in memory with its values, in no particular order (tests and diagnostics).
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[(i64, V)])> {
+    /// Rows written to RocksDB so far (one per changed (key, namespace) per flush).
+    pub fn rows_written(&self) -> u64 {
+        self.rows_written
+    }
+
+    /// Every (key, namespace, value) in memory, keys in no particular order (tests and
+    /// diagnostics).
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], i64, &V)> {
         self.keys
             .iter()
-            .filter(|(_, s)| !s.values.is_empty())
-            .map(|(k, s)| (k.as_ref(), s.values.0.as_slice()))
+            .flat_map(|(k, s)| s.values.0.iter().map(move |e| (k.as_ref(), e.ns, &e.value)))
     }
 
     /// The key group a key of this table belongs to.
@@ -695,42 +1014,6 @@ impl<V> Drop for KeyedTable<V> {
             b.backend.memory().remove_table(self.bytes);
         }
     }
-}
-
-fn decode_touched(row: &[u8]) -> i64 {
-    row.get(8..16)
-        .and_then(|b| b.try_into().ok())
-        .map(i64::from_be_bytes)
-        .unwrap_or(i64::MIN)
-}
-
-fn encode_row<V: StateValue>(
-    slot: &Slot<V>,
-    ttl: Option<i64>,
-    out: &mut Vec<u8>,
-) -> std::result::Result<(), postcard::Error> {
-    let deadline = ttl.map_or(i64::MAX, |t| slot.touched.saturating_add(t));
-    out.extend_from_slice(&deadline.to_be_bytes());
-    out.extend_from_slice(&slot.touched.to_be_bytes());
-    let bytes = postcard::to_extend(slot.values.0.as_slice(), std::mem::take(out))?;
-    *out = bytes;
-    Ok(())
-}
-
-fn decode_row<V: StateValue>(row: &[u8]) -> std::result::Result<Slot<V>, String> {
-    if row.len() < backend::HEADER {
-        return Err("state row shorter than its header".into());
-    }
-    let values: Vec<(i64, V)> = postcard::from_bytes(&row[backend::HEADER..])
-        .map_err(|e| format!("decoding a state row: {e}"))?;
-    Ok(Slot {
-        touched: decode_touched(row),
-        values: Namespaces(values.into()),
-        dirty: false,
-        persisted: true,
-        referenced: false,
-        charge: 0,
-    })
 }
 
 #[cfg(test)]
@@ -813,6 +1096,13 @@ mod tests {
 
     fn key(i: u32) -> Vec<u8> {
         format!("key-{i}").into_bytes()
+    }
+
+    /// A row as layouts 0 and 1 wrote it: deadline, touched, then every namespace of the key.
+    fn legacy_row<V: StateValue>(touched: i64, values: &[(i64, V)]) -> Vec<u8> {
+        let mut row = i64::MAX.to_be_bytes().to_vec();
+        row.extend_from_slice(&touched.to_be_bytes());
+        postcard::to_extend(values, row).unwrap()
     }
 
     #[test]
@@ -911,6 +1201,257 @@ mod tests {
         assert_eq!(t.get(&key(8), 2, Watermark::MIN).unwrap(), Some(&vec![8]));
     }
 
+    /// Each (key, namespace) is a row of its own: changing one namespace of a key that holds many
+    /// rewrites one row, removing one deletes one row, and keys whose encodings are prefixes of
+    /// each other keep their rows apart.
+    #[test]
+    fn one_row_per_namespace_and_a_flush_writes_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend = Arc::new(
+            KeyedBackend::open(&dir.path().join("db"), &config(dir.path(), 1), range, 128).unwrap(),
+        );
+        let mut t: KeyedTable<String> = KeyedTable::new("t", None);
+        t.attach(&backend).unwrap();
+        let id = backend::value_table_id("t");
+        // "k" is a prefix of the others' encodings, and "k\0" of the last
+        let keys: [&[u8]; 3] = [b"k", b"k\0", b"k\0\0\0\0\0\0\0\0"];
+        for (i, k) in keys.iter().enumerate() {
+            for ns in 0..100 {
+                t.update(k, ns, 0, Watermark::MIN, || format!("{i}/{ns}"), |_| ())
+                    .unwrap();
+            }
+        }
+        t.flush().unwrap();
+        assert_eq!(
+            backend.scan(id).unwrap().len(),
+            300,
+            "one row per namespace"
+        );
+        let written = t.rows_written();
+        assert_eq!(written, 300);
+        // a cache of one key: every key below is read back from RocksDB
+        t.update(keys[0], 42, 0, Watermark::MIN, String::new, |v| v.push('!'))
+            .unwrap();
+        t.remove(keys[1], 7).unwrap();
+        t.flush().unwrap();
+        assert_eq!(
+            t.rows_written() - written,
+            1,
+            "one changed namespace, one row"
+        );
+        assert_eq!(
+            backend.scan(id).unwrap().len(),
+            299,
+            "the removed namespace's row is gone"
+        );
+        for (i, k) in keys.iter().enumerate() {
+            let got: Vec<(i64, String)> = t
+                .range(k, .., Watermark::MIN)
+                .unwrap()
+                .map(|(ns, v)| (ns, v.clone()))
+                .collect();
+            let want: Vec<(i64, String)> = (0..100)
+                .filter(|ns| !(i == 1 && *ns == 7))
+                .map(|ns| {
+                    let bang = if i == 0 && ns == 42 { "!" } else { "" };
+                    (ns, format!("{i}/{ns}{bang}"))
+                })
+                .collect();
+            assert_eq!(got, want, "key {i}");
+        }
+        assert!(t.loads() >= 3, "the keys were read back: {}", t.loads());
+        // a namespace removed and written again before the flush is written, not deleted
+        t.remove(keys[2], 3).unwrap();
+        t.update(keys[2], 3, 0, Watermark::MIN, || "again".into(), |_| ())
+            .unwrap();
+        t.remove_key(keys[0]).unwrap();
+        t.flush().unwrap();
+        assert_eq!(backend.scan(id).unwrap().len(), 199);
+        assert_eq!(t.range(keys[0], .., Watermark::MIN).unwrap().count(), 0);
+        assert_eq!(
+            t.get(keys[2], 3, Watermark::MIN)
+                .unwrap()
+                .map(String::as_str),
+            Some("again")
+        );
+    }
+
+    /// A value type that changed: version 0 stored a count, version 1 a count and a label.
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Labelled {
+        count: u32,
+        label: String,
+    }
+
+    fn upgrade_count(version: u8, bytes: &[u8]) -> std::result::Result<Labelled, String> {
+        match version {
+            0 => {
+                let count: u32 = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
+                Ok(Labelled {
+                    count,
+                    label: "from version 0".into(),
+                })
+            }
+            v => Err(format!("no reader for version {v}")),
+        }
+    }
+
+    /// Rows record the encoding version of their value: a table of a newer version upgrades older
+    /// rows as it reads them and writes them back in its own encoding, and an older table refuses
+    /// rows of a newer version instead of misreading them.
+    #[test]
+    fn values_of_an_older_encoding_are_upgraded_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1000);
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend =
+            Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
+        let mut old: KeyedTable<u32> = KeyedTable::new("t", None);
+        old.attach(&backend).unwrap();
+        for i in 0..20u32 {
+            old.update(&key(i), 0, 0, Watermark::MIN, || i, |_| ())
+                .unwrap();
+        }
+        old.flush().unwrap();
+        drop(old);
+        let snap = dir.path().join("snap");
+        backend.checkpoint(&snap).unwrap();
+        let restore = |name: &str, from: &std::path::Path| {
+            let copy = dir.path().join(format!("{name}-copy"));
+            std::fs::create_dir_all(&copy).unwrap();
+            for f in std::fs::read_dir(from).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), copy.join(f.file_name())).unwrap();
+            }
+            Arc::new(
+                KeyedBackend::restore(
+                    &dir.path().join(name),
+                    &cfg,
+                    range,
+                    128,
+                    vec![(copy, range)],
+                )
+                .unwrap(),
+            )
+        };
+        let restored = restore("new", &snap);
+        let mut new: KeyedTable<Labelled> = KeyedTable::new("t", None).versioned(1, upgrade_count);
+        new.attach(&restored).unwrap();
+        for i in 0..20u32 {
+            let want = Labelled {
+                count: i,
+                label: "from version 0".into(),
+            };
+            assert_eq!(new.get(&key(i), 0, Watermark::MIN).unwrap(), Some(&want));
+        }
+        new.update(
+            &key(3),
+            0,
+            0,
+            Watermark::MIN,
+            || unreachable!(),
+            |v| v.label = "rewritten".into(),
+        )
+        .unwrap();
+        new.flush().unwrap();
+        let versions: Vec<u8> = restored
+            .scan(backend::value_table_id("t"))
+            .unwrap()
+            .iter()
+            .map(|(_, v)| v[backend::HEADER - 1])
+            .collect();
+        assert_eq!(
+            versions.iter().filter(|v| **v == 1).count(),
+            1,
+            "{versions:?}"
+        );
+        let again = dir.path().join("again");
+        restored.checkpoint(&again).unwrap();
+        drop(new);
+        // the version that wrote only counts reads the state back and meets a version-1 row
+        let back = restore("back", &again);
+        let mut old: KeyedTable<u32> = KeyedTable::new("t", None);
+        old.attach(&back).unwrap();
+        assert_eq!(old.get(&key(4), 0, Watermark::MIN).unwrap(), Some(&4));
+        let err = old.get(&key(3), 0, Watermark::MIN).unwrap_err();
+        assert!(
+            err.to_string().contains("encoding version 1")
+                && err.to_string().contains("newer version"),
+            "{err}"
+        );
+        assert!(!err.is_retryable(), "{err:?}");
+    }
+
+    /// State checkpointed in layout 1 (all namespaces of a key in one row) is rewritten into one
+    /// row per namespace when a table attaches, both when the snapshot becomes the instance and
+    /// when its rows are imported for a rescale; TTL deadlines come along.
+    #[test]
+    fn state_of_layout_1_is_rewritten_one_row_per_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1000);
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let old = KeyedBackend::open(&dir.path().join("old"), &cfg, range, 128).unwrap();
+        old.set_format(1);
+        let mut batch = rocksdb::WriteBatch::default();
+        for i in 0..50u32 {
+            let kg = KeyedTable::<u64>::key_groups_of(&key(i), 128);
+            let values: Vec<(i64, u64)> = (0..3).map(|ns| (ns * 10, (i as u64) << ns)).collect();
+            batch.put(
+                backend::legacy_row_key(kg, backend::table_id("t"), &key(i)),
+                legacy_row(1000 + i as i64, &values),
+            );
+        }
+        old.write(batch).unwrap();
+        let snap = dir.path().join("snap");
+        old.checkpoint(&snap).unwrap();
+        for (name, parts) in [
+            ("whole", vec![(snap.clone(), range)]),
+            ("rescaled", {
+                let a = dir.path().join("part-a");
+                let b = dir.path().join("part-b");
+                for p in [&a, &b] {
+                    std::fs::create_dir_all(p).unwrap();
+                    for f in std::fs::read_dir(&snap).unwrap() {
+                        let f = f.unwrap();
+                        std::fs::copy(f.path(), p.join(f.file_name())).unwrap();
+                    }
+                }
+                vec![
+                    (a, crate::KeyGroupRange::for_subtask(128, 2, 0)),
+                    (b, range),
+                ]
+            }),
+        ] {
+            let restored = Arc::new(
+                KeyedBackend::restore(&dir.path().join(name), &cfg, range, 128, parts).unwrap(),
+            );
+            assert_eq!(restored.format(), 1, "{name}");
+            let mut t: KeyedTable<u64> = KeyedTable::new("t", Some(Duration::from_millis(100)));
+            t.attach(&restored).unwrap();
+            assert!(
+                restored.scan(backend::table_id("t")).unwrap().is_empty(),
+                "{name}: rows of layout 1 stay behind"
+            );
+            assert_eq!(
+                restored.scan(backend::value_table_id("t")).unwrap().len(),
+                150
+            );
+            for i in 0..50u32 {
+                let got: Vec<(i64, u64)> = t
+                    .range(&key(i), .., Watermark(1099))
+                    .unwrap()
+                    .map(|(ns, v)| (ns, *v))
+                    .collect();
+                let want: Vec<(i64, u64)> = (0..3).map(|ns| (ns * 10, (i as u64) << ns)).collect();
+                assert_eq!(got, want, "{name}: key {i}");
+            }
+            // touched at 1000 + i with a TTL of 100: key 0 expired at 1100, key 49 lives on
+            assert_eq!(t.get(&key(0), 0, Watermark(1100)).unwrap(), None);
+            assert_eq!(t.get(&key(49), 0, Watermark(1100)).unwrap(), Some(&49));
+        }
+    }
+
     /// The decoded-key cache stays within the job's byte budget however many keys pass through
     /// it, every value reads back, and keys in use survive a stream of keys seen once.
     #[test]
@@ -974,6 +1515,49 @@ mod tests {
         assert_eq!(memory.decoded(), 0, "a dropped table gives its bytes back");
     }
 
+    /// With small values the map's table is most of the cache: it is charged by its capacity,
+    /// which grows in powers of two and does not shrink when keys are evicted, so a table does
+    /// not double past the budget.
+    #[test]
+    fn the_map_table_is_charged_by_its_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = StateMemory::new(16 << 20);
+        let cfg = StateConfig {
+            local_dir: dir.path().to_path_buf(),
+            memory: Some(memory.clone()),
+            ..StateConfig::default()
+        };
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend =
+            Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
+        let budget = memory.decoded_budget();
+        let mut t: KeyedTable<u64> = KeyedTable::one_value("t", None);
+        t.attach(&backend).unwrap();
+        let mut peak = 0;
+        for i in 0..300_000u32 {
+            t.update(&key(i), 0, 0, Watermark::MIN, || i as u64, |_| ())
+                .unwrap();
+            peak = peak.max(memory.decoded());
+        }
+        let table = t.keys.allocation_size();
+        assert!(table <= budget, "the table takes {table} of {budget} bytes");
+        assert!(
+            peak <= budget + 4096,
+            "peak {peak} over the budget {budget}"
+        );
+        assert!(t.key_count() > 10_000, "{} keys cached", t.key_count());
+        for i in (0..300_000u32).step_by(101) {
+            assert_eq!(
+                t.get(&key(i), 0, Watermark::MIN).unwrap(),
+                Some(&(i as u64))
+            );
+        }
+        let err = t
+            .update(&key(1), 1, 0, Watermark::MIN, || 0, |_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("one value per key"), "{err}");
+    }
+
     #[test]
     fn keys_rocksdb_never_saw_leave_no_tombstones() {
         let dir = tempfile::tempdir().unwrap();
@@ -1000,7 +1584,12 @@ mod tests {
             "transient keys leave nothing behind in memory"
         );
         t.flush().unwrap();
-        assert!(backend.scan(backend::table_id("t")).unwrap().is_empty());
+        assert!(
+            backend
+                .scan(backend::value_table_id("t"))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -1151,7 +1740,10 @@ mod tests {
         t.flush().unwrap();
         restored.compact();
         assert!(
-            restored.scan(backend::table_id("t")).unwrap().is_empty(),
+            restored
+                .scan(backend::value_table_id("t"))
+                .unwrap()
+                .is_empty(),
             "expired rows stay on disk"
         );
         assert_eq!(t.get(b"b", 1, Watermark(1100)).unwrap(), None);
@@ -1167,23 +1759,22 @@ mod tests {
         let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
         let old = KeyedBackend::open(&dir.path().join("old"), &cfg, range, 128).unwrap();
         old.forget_format();
-        // the rows layout 0 wrote: values as today; timers under `timers/<name>` by key group,
-        // `[time][key]`, with an empty header
-        let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
+        // the rows layout 0 wrote: values as in layout 1; timers under `timers/<name>` by key
+        // group, `[time][key]`, with an empty header
         let old = Arc::new(old);
-        t.attach(&old).unwrap();
         let timers = backend::table_id("timers/fire");
         let mut batch = rocksdb::WriteBatch::default();
         for i in 0..50u32 {
-            t.update(&key(i), 0, 0, Watermark::MIN, || 0, |v| *v = i as u64)
-                .unwrap();
+            let kg = KeyedTable::<u64>::key_groups_of(&key(i), 128);
+            batch.put(
+                backend::legacy_row_key(kg, backend::table_id("t"), &key(i)),
+                legacy_row(i64::MIN, &[(0, i as u64)]),
+            );
             let mut row = backend::time_bytes(i as i64 * 10).to_vec();
             row.extend_from_slice(&key(i));
-            let kg = KeyedTable::<u64>::key_groups_of(&key(i), 128);
             let header = [i64::MAX.to_be_bytes(), i64::MIN.to_be_bytes()].concat();
-            batch.put(backend::row_key(kg, timers, &row), header);
+            batch.put(backend::legacy_row_key(kg, timers, &row), header);
         }
-        t.flush().unwrap();
         old.write(batch).unwrap();
         let snap = dir.path().join("snap");
         old.checkpoint(&snap).unwrap();

@@ -68,16 +68,17 @@ impl Timers {
     pub fn attach(&mut self, backend: &Arc<KeyedBackend>) -> Result<()> {
         let table = backend::table_id(&format!("timers/{}", self.name));
         if backend.restored() && backend.format() == 0 {
-            for (k, _) in backend.scan(table)? {
+            let (name, pending) = (&self.name, &mut self.pending);
+            backend.for_each_in_table(table, |k, _| {
                 let (Some(t), Some(key)) = (k.get(..8), k.get(8..)) else {
                     return Err(EngineError::State(format!(
-                        "timer row of {} is too short",
-                        self.name
+                        "timer row of {name} is too short"
                     )));
                 };
                 let t = backend::time_from_bytes(t.try_into().expect("8 bytes"));
-                self.pending.insert((t, key.into()));
-            }
+                pending.insert((t, key.into()));
+                Ok(())
+            })?;
             backend.clear_table(table)?;
         }
         self.backing = Some(Backing {
