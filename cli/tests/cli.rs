@@ -544,3 +544,79 @@ fn a_failed_source_is_reported_as_the_cause_not_its_consumers() {
         );
     }
 }
+
+/// With checkpoints, the windows the end of input fires are committed a checkpoint at a time: a
+/// checkpoint triggered while they fire goes between two batches of them instead of waiting for
+/// all of them, so the committed table (replaced whole by each commit) grows in steps while the
+/// job runs. Every window is committed exactly once in the end.
+#[test]
+fn checkpoints_go_between_batches_of_windows_the_end_of_input_fires() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = 100_000;
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            r#"
+version: 1
+name: many-windows
+sources:
+  events:
+    connector: {{type: generator, count: {events}, fields: {{k: "(seq * 7919) % {keys}", ts: "1714557600000 + seq"}}}}
+    event_time: ts
+transforms:
+  w: {{type: window, input: events, key_by: [k], window: {{type: tumbling, size: 1000d}}, aggregates: ["count(*) AS n"]}}
+sinks:
+  out: {{input: w, connector: {{type: table, path: out.jsonl}}}}
+"#,
+            events = 2 * keys
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let mut child = freshet()
+        .arg("run")
+        .arg(&job)
+        .args(["--listen", "off", "--set", "checkpointing.interval=100ms"])
+        .arg("--set")
+        .arg(format!(
+            "checkpointing.dir={}",
+            dir.path().join("checkpoints").display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut sizes = std::collections::BTreeSet::new();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the job did not finish");
+        if let Ok(m) = std::fs::metadata(&out) {
+            sizes.insert(m.len());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert!(status.success(), "{status}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let total = text.len() as u64;
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), keys, "one row per window");
+    assert!(lines.iter().all(|l| l.contains(r#""n":2"#)), "{}", lines[0]);
+    let mut seen = std::collections::HashSet::new();
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(seen.insert(v["k"].as_i64().unwrap()), "{l} twice");
+    }
+    let between: Vec<u64> = sizes
+        .iter()
+        .copied()
+        .filter(|s| *s > 0 && *s < total)
+        .collect();
+    assert!(
+        !between.is_empty(),
+        "the output went from nothing to all {total} bytes at once: no checkpoint completed while the windows fired"
+    );
+}

@@ -216,6 +216,12 @@ struct Chain {
     head_outputs: Vec<EdgeWriter>,
     info: SubtaskInfo,
     metrics: Arc<SubtaskMetrics>,
+    /// An operator that held back output for a watermark ([`Operator::has_more_output`]): the
+    /// watermark reached it but not the operators after it. Between two of its calls the
+    /// subtask answers commands and may take a checkpoint (the timers still due are in the
+    /// operator's state, so a restore fires them again); it takes no new input until the
+    /// operator is done.
+    firing: Option<(usize, Watermark)>,
 }
 
 impl Chain {
@@ -300,16 +306,42 @@ impl Chain {
                 .try_for_each(|w| w.broadcast(&Element::Watermark(wm)));
         }
         self.watermarks[i] = wm;
-        // what one call emits goes downstream before the next call, so output that many timers
-        // make due is never held whole
-        loop {
-            self.call(i, wm, |op, ctx, out| op.on_watermark(wm, ctx, out))?;
-            if !self.ops[i].operator.has_more_output() {
-                break;
-            }
+        self.fire(i, wm)
+    }
+
+    /// One call of operator `i`'s `on_watermark`: what it emits goes downstream at once, so
+    /// output that many timers make due is never held whole. The watermark moves on once the
+    /// operator holds nothing back; until then the chain is [busy](Self::busy).
+    fn fire(&mut self, i: usize, wm: Watermark) -> Result<()> {
+        self.call(i, wm, |op, ctx, out| op.on_watermark(wm, ctx, out))?;
+        if self.ops[i].operator.has_more_output() {
+            self.firing = Some((i, wm));
+            return Ok(());
         }
         self.broadcast_side(i, &Element::Watermark(wm))?;
         self.push_watermark(i + 1, wm)
+    }
+
+    /// An operator holds back output for the last watermark: call [`Chain::resume`] before
+    /// giving the chain more input.
+    fn busy(&self) -> bool {
+        self.firing.is_some()
+    }
+
+    /// Continues the pending output of a watermark by one call.
+    fn resume(&mut self) -> Result<()> {
+        match self.firing.take() {
+            Some((i, wm)) => self.fire(i, wm),
+            None => Ok(()),
+        }
+    }
+
+    /// Completes the pending output of a watermark.
+    fn finish_firing(&mut self) -> Result<()> {
+        while self.busy() {
+            self.resume()?;
+        }
+        Ok(())
     }
 
     fn broadcast_side(&mut self, i: usize, e: &Element) -> Result<()> {
@@ -322,6 +354,14 @@ impl Chain {
     }
 
     fn broadcast_all(&mut self, e: &Element) -> Result<()> {
+        match e {
+            // a barrier may go between two calls of a firing operator
+            Element::Barrier(_) => {}
+            // stopping: what is still due stays in the state the savepoint took
+            Element::Suspend => self.firing = None,
+            // an idle or finished channel must not be followed by more output
+            _ => self.finish_firing()?,
+        }
         for i in 0..self.ops.len() {
             self.broadcast_side(i, e)?;
         }
@@ -332,6 +372,7 @@ impl Chain {
 
     /// Tells every operator that input is quiet.
     fn idle(&mut self) -> Result<()> {
+        self.finish_firing()?;
         for i in 0..self.ops.len() {
             self.call(i, self.watermarks[i], |op, ctx, out| op.on_idle(ctx, out))?;
         }
@@ -339,6 +380,7 @@ impl Chain {
     }
 
     fn end_of_input(&mut self) -> Result<()> {
+        self.finish_firing()?;
         for i in 0..self.ops.len() {
             self.call(i, self.watermarks[i], |op, ctx, out| {
                 op.on_end_of_input(ctx, out)
@@ -518,6 +560,7 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
         head_outputs: Vec::new(),
         info,
         metrics: metrics.clone(),
+        firing: None,
     };
     let ctl = Control {
         commands,
@@ -709,6 +752,12 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
             }
             continue;
         }
+        // timers a watermark made due fire a batch per turn, so a trigger is answered between
+        // two batches; the source is polled again once they are done
+        if chain.busy() {
+            chain.resume()?;
+            continue;
+        }
         let mut out = Collected::default();
         let status = {
             let ctx = OperatorContext {
@@ -730,6 +779,9 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
                 // already advanced the generator past the whole batch)
                 let mut before = head.generator.emitted();
                 for (piece, wm) in head.generator.split(&batch) {
+                    // the source's position is past the whole batch, so its pieces go in whole
+                    // before a checkpoint: only the last watermark's output may be pending
+                    chain.finish_firing()?;
                     chain.push_batch(0, 0, piece, before)?;
                     if let Some(wm) = wm {
                         before = wm;
@@ -755,6 +807,8 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
         }
         match status {
             SourceStatus::Ready => {}
+            // output still pending comes first
+            SourceStatus::Pending(_) if chain.busy() => {}
             SourceStatus::Pending(wait) => {
                 if let Some(timeout) = head.config.idle_timeout
                     && !idle
@@ -781,42 +835,84 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
             SourceStatus::Finished => break SourceNext::Continue,
         }
     };
+    let mut ended = ended;
+    if matches!(ended, SourceNext::Continue) {
+        // the input ended: what its last watermark made due, then what the end makes due, each
+        // fired between commands (a checkpoint triggered meanwhile does not wait for it)
+        ended = fire_pending(&mut head, chain, ctl)?;
+        if matches!(ended, SourceNext::Continue) {
+            chain
+                .metrics
+                .watermark
+                .store(i64::MAX, std::sync::atomic::Ordering::Relaxed);
+            chain.push_watermark(0, Watermark::MAX)?;
+            head.broadcast_side(&Element::Watermark(Watermark::MAX))?;
+            ended = fire_pending(&mut head, chain, ctl)?;
+        }
+    }
     if matches!(ended, SourceNext::Suspend) {
         chain.broadcast_all(&Element::Suspend)?;
         return head.broadcast_side(&Element::Suspend);
     }
-    if !matches!(ended, SourceNext::Finish) {
-        chain
-            .metrics
-            .watermark
-            .store(i64::MAX, std::sync::atomic::Ordering::Relaxed);
-        chain.push_watermark(0, Watermark::MAX)?;
-        head.broadcast_side(&Element::Watermark(Watermark::MAX))?;
-        if let Some(hooks) = &ctl.hooks {
-            // with checkpoints, the input ends only after a final checkpoint covers all output
-            (hooks.report)(SubtaskReport::SourceFinished);
-            loop {
-                if ctl.cancel.is_cancelled() {
-                    return Err(EngineError::Cancelled);
-                }
-                let cmd = match ctl.commands.recv_timeout(Duration::from_millis(100)) {
-                    Ok(cmd) => cmd,
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                    Err(_) => return Err(EngineError::Cancelled),
-                };
-                match source_command(cmd, &mut head, chain, ctl)? {
-                    SourceNext::Continue | SourceNext::Hold => {}
-                    SourceNext::Finish => break,
-                    SourceNext::Suspend => {
-                        chain.broadcast_all(&Element::Suspend)?;
-                        return head.broadcast_side(&Element::Suspend);
-                    }
+    if !matches!(ended, SourceNext::Finish)
+        && let Some(hooks) = &ctl.hooks
+    {
+        // with checkpoints, the input ends only after a final checkpoint covers all output
+        (hooks.report)(SubtaskReport::SourceFinished);
+        loop {
+            if ctl.cancel.is_cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            let cmd = match ctl.commands.recv_timeout(Duration::from_millis(100)) {
+                Ok(cmd) => cmd,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(_) => return Err(EngineError::Cancelled),
+            };
+            match source_command(cmd, &mut head, chain, ctl)? {
+                SourceNext::Continue | SourceNext::Hold => {}
+                SourceNext::Finish => break,
+                SourceNext::Suspend => {
+                    chain.broadcast_all(&Element::Suspend)?;
+                    return head.broadcast_side(&Element::Suspend);
                 }
             }
         }
     }
     chain.end_of_input()?;
     head.broadcast_side(&Element::EndOfInput)
+}
+
+/// Completes the output a watermark made due at a source subtask, a batch per turn, answering
+/// commands between turns (a stop-with-savepoint holds it until the job suspends or carries
+/// on). Returns `Finish` or `Suspend` if a command ended the source, else `Continue`.
+fn fire_pending(head: &mut SourceHead, chain: &mut Chain, ctl: &Control) -> Result<SourceNext> {
+    let mut holding = false;
+    while chain.busy() || holding {
+        if ctl.cancel.is_cancelled() {
+            return Err(EngineError::Cancelled);
+        }
+        let next = if holding {
+            match ctl.commands.recv_timeout(Duration::from_millis(100)) {
+                Ok(cmd) => Some(cmd),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(_) => return Err(EngineError::Cancelled),
+            }
+        } else {
+            ctl.commands.try_recv().ok()
+        };
+        match next {
+            Some(cmd) => {
+                let aborted = matches!(cmd, SubtaskCommand::Abort(_));
+                match source_command(cmd, head, chain, ctl)? {
+                    SourceNext::Continue => holding &= !aborted,
+                    SourceNext::Hold => holding = true,
+                    end @ (SourceNext::Finish | SourceNext::Suspend) => return Ok(end),
+                }
+            }
+            None => chain.resume()?,
+        }
+    }
+    Ok(SourceNext::Continue)
 }
 
 fn run_channels(
@@ -835,6 +931,15 @@ fn run_channels(
     while remaining > 0 {
         if ctl.cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
+        }
+        if chain.busy() {
+            // output a watermark made due, a batch per turn: commands are answered between
+            // two batches, input waits (a barrier behind the watermark waits with it)
+            while let Ok(cmd) = ctl.commands.try_recv() {
+                chain.command(&cmd)?;
+            }
+            chain.resume()?;
+            continue;
         }
         let mut sel = Select::new();
         let mut index = Vec::with_capacity(remaining);
@@ -944,6 +1049,143 @@ mod tests {
             false,
         )]));
         RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(times.to_vec()))]).unwrap()
+    }
+
+    /// Emits one row per `on_watermark` call, `steps` calls per watermark.
+    struct Firer {
+        steps: usize,
+        left: usize,
+    }
+
+    impl Operator for Firer {
+        fn process_batch(
+            &mut self,
+            _: usize,
+            batch: RecordBatch,
+            _: &OperatorContext<'_>,
+            out: &mut dyn Output,
+        ) -> Result<()> {
+            out.emit(MAIN_PORT, batch);
+            Ok(())
+        }
+
+        fn on_watermark(
+            &mut self,
+            wm: Watermark,
+            _: &OperatorContext<'_>,
+            out: &mut dyn Output,
+        ) -> Result<()> {
+            if self.left == 0 {
+                self.left = self.steps;
+            }
+            self.left -= 1;
+            out.emit(MAIN_PORT, batch(&[wm.0]));
+            Ok(())
+        }
+
+        fn has_more_output(&self) -> bool {
+            self.left > 0
+        }
+    }
+
+    /// Writes down what reaches it.
+    struct Recorder(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl Operator for Recorder {
+        fn process_batch(
+            &mut self,
+            _: usize,
+            batch: RecordBatch,
+            _: &OperatorContext<'_>,
+            _: &mut dyn Output,
+        ) -> Result<()> {
+            let t = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap();
+            self.0.lock().unwrap().push(format!("row {}", t.value(0)));
+            Ok(())
+        }
+
+        fn on_watermark(
+            &mut self,
+            wm: Watermark,
+            _: &OperatorContext<'_>,
+            _: &mut dyn Output,
+        ) -> Result<()> {
+            self.0.lock().unwrap().push(format!("watermark {}", wm.0));
+            Ok(())
+        }
+
+        fn on_end_of_input(&mut self, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
+            self.0.lock().unwrap().push("end".into());
+            Ok(())
+        }
+    }
+
+    fn firing_chain(steps: usize) -> (Chain, Arc<std::sync::Mutex<Vec<String>>>) {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let op = |name: &str, operator: Box<dyn Operator>| ChainedOperator {
+            name: name.into(),
+            operator,
+            outputs: vec![Vec::new()],
+        };
+        let chain = Chain {
+            ops: vec![
+                op("fire", Box::new(Firer { steps, left: 0 })),
+                op("record", Box::new(Recorder(log.clone()))),
+            ],
+            states: Vec::new(),
+            watermarks: vec![Watermark::MIN; 2],
+            head_outputs: Vec::new(),
+            info: SubtaskInfo {
+                job: "j".into(),
+                vertex: "v".into(),
+                index: 0,
+                parallelism: 1,
+                max_parallelism: 128,
+            },
+            metrics: Arc::new(SubtaskMetrics::default()),
+            firing: None,
+        };
+        (chain, log)
+    }
+
+    /// A watermark whose output takes several calls leaves the chain busy after each call, with
+    /// that call's output already downstream and the watermark not yet: the subtask can answer
+    /// a checkpoint trigger in between. Input and the end of input wait for the rest; a stop
+    /// drops it (it stays in the savepoint's state).
+    #[test]
+    fn output_a_watermark_makes_due_goes_out_a_call_at_a_time() {
+        let (mut chain, log) = firing_chain(3);
+        chain.push_watermark(0, Watermark(10)).unwrap();
+        assert!(chain.busy());
+        assert_eq!(*log.lock().unwrap(), ["row 10"]);
+        chain.resume().unwrap();
+        assert!(chain.busy());
+        assert_eq!(*log.lock().unwrap(), ["row 10", "row 10"]);
+        chain.resume().unwrap();
+        assert!(!chain.busy(), "the third call held nothing back");
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["row 10", "row 10", "row 10", "watermark 10"]
+        );
+
+        log.lock().unwrap().clear();
+        chain.push_watermark(0, Watermark(20)).unwrap();
+        chain.end_of_input().unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["row 20", "row 20", "row 20", "watermark 20", "end"],
+            "the end of input follows all output"
+        );
+
+        let (mut chain, log) = firing_chain(3);
+        chain.push_watermark(0, Watermark(30)).unwrap();
+        chain.broadcast_all(&Element::Suspend).unwrap();
+        assert!(!chain.busy());
+        assert_eq!(*log.lock().unwrap(), ["row 30"], "a stop ends the output");
     }
 
     fn pieces(g: &mut WatermarkGenerator, times: &[i64]) -> Vec<(usize, Option<i64>)> {
