@@ -548,9 +548,16 @@ fn a_failed_source_is_reported_as_the_cause_not_its_consumers() {
 /// With checkpoints, the windows the end of input fires are committed a checkpoint at a time: a
 /// checkpoint triggered while they fire goes between two batches of them instead of waiting for
 /// all of them, so the committed table (replaced whole by each commit) grows in steps while the
-/// job runs. Every window is committed exactly once in the end.
+/// job runs. Every window is committed exactly once in the end. At parallelism 1 the window runs
+/// in the source's subtask; at 2 it reads the source's output from channels.
 #[test]
 fn checkpoints_go_between_batches_of_windows_the_end_of_input_fires() {
+    for parallelism in [1, 2] {
+        windows_fire_between_checkpoints(parallelism);
+    }
+}
+
+fn windows_fire_between_checkpoints(parallelism: u32) {
     let dir = tempfile::tempdir().unwrap();
     let keys = 100_000;
     let job = dir.path().join("job.yaml");
@@ -560,6 +567,7 @@ fn checkpoints_go_between_batches_of_windows_the_end_of_input_fires() {
             r#"
 version: 1
 name: many-windows
+parallelism: {parallelism}
 sources:
   events:
     connector: {{type: generator, count: {events}, fields: {{k: "(seq * 7919) % {keys}", ts: "1714557600000 + seq"}}}}
@@ -567,7 +575,7 @@ sources:
 transforms:
   w: {{type: window, input: events, key_by: [k], window: {{type: tumbling, size: 1000d}}, aggregates: ["count(*) AS n"]}}
 sinks:
-  out: {{input: w, connector: {{type: table, path: out.jsonl}}}}
+  out: {{input: w, parallelism: 1, connector: {{type: table, path: out.jsonl}}}}
 "#,
             events = 2 * keys
         ),
@@ -593,17 +601,20 @@ sinks:
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "the job did not finish");
+        assert!(
+            Instant::now() < deadline,
+            "p={parallelism}: the job did not finish"
+        );
         if let Ok(m) = std::fs::metadata(&out) {
             sizes.insert(m.len());
         }
         std::thread::sleep(Duration::from_millis(2));
     };
-    assert!(status.success(), "{status}");
+    assert!(status.success(), "p={parallelism}: {status}");
     let text = std::fs::read_to_string(&out).unwrap();
     let total = text.len() as u64;
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), keys, "one row per window");
+    assert_eq!(lines.len(), keys, "p={parallelism}: one row per window");
     assert!(lines.iter().all(|l| l.contains(r#""n":2"#)), "{}", lines[0]);
     let mut seen = std::collections::HashSet::new();
     for l in &lines {
@@ -617,6 +628,6 @@ sinks:
         .collect();
     assert!(
         !between.is_empty(),
-        "the output went from nothing to all {total} bytes at once: no checkpoint completed while the windows fired"
+        "p={parallelism}: the output went from nothing to all {total} bytes at once: no checkpoint completed while the windows fired"
     );
 }

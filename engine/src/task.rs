@@ -452,6 +452,7 @@ fn checkpoint(
             SyncTimes {
                 alignment_ms,
                 sync_ms: started.elapsed().as_millis() as u64,
+                output_pending: chain.busy(),
             },
         ),
         Err(e) => {
@@ -915,46 +916,143 @@ fn fire_pending(head: &mut SourceHead, chain: &mut Chain, ctl: &Control) -> Resu
     Ok(SourceNext::Continue)
 }
 
+/// What a subtask reading channels knows of them.
+struct Channels {
+    tracker: WatermarkTracker,
+    open: Vec<bool>,
+    remaining: usize,
+    /// Barrier alignment: channels that delivered the pending barrier are not read until it
+    /// arrived on every open channel.
+    blocked: Vec<bool>,
+    aligning: Option<(Barrier, Instant)>,
+    /// An element read while output of a watermark was pending, which must wait for it: its
+    /// channel is not read again until it is handled.
+    held: Vec<Option<Element>>,
+    suspended: bool,
+}
+
+impl Channels {
+    fn readable(&self, ch: usize) -> bool {
+        self.open[ch] && !self.blocked[ch] && self.held[ch].is_none()
+    }
+
+    /// Handles one element that arrived on channel `ch` of `inputs`.
+    fn handle(
+        &mut self,
+        ch: usize,
+        input: usize,
+        element: Element,
+        chain: &mut Chain,
+        ctl: &Control,
+    ) -> Result<()> {
+        match element {
+            Element::Batch(batch) => {
+                self.tracker.mark_active(ch);
+                SubtaskMetrics::add(&chain.metrics.records_in, batch.num_rows() as u64);
+                chain.push_batch(0, input, batch, self.tracker.channel(ch))?;
+            }
+            Element::Watermark(wm) => {
+                if let Some(new) = self.tracker.update(ch, wm) {
+                    chain
+                        .metrics
+                        .watermark
+                        .store(new.0, std::sync::atomic::Ordering::Relaxed);
+                    chain.push_watermark(0, new)?;
+                }
+            }
+            Element::Idle => {
+                if let Some(new) = self.tracker.mark_idle(ch) {
+                    chain.push_watermark(0, new)?;
+                }
+                // with every input idle this subtask is idle too: say so downstream, or it
+                // would hold back its consumers' watermarks in turn
+                if self.tracker.all_idle() {
+                    chain.broadcast_all(&Element::Idle)?;
+                }
+            }
+            Element::Barrier(barrier) => {
+                self.blocked[ch] = true;
+                if self.aligning.is_none() {
+                    self.aligning = Some((barrier, Instant::now()));
+                }
+            }
+            Element::EndOfInput | Element::Suspend => {
+                self.suspended |= matches!(element, Element::Suspend);
+                self.open[ch] = false;
+                self.remaining -= 1;
+                if let Some(new) = self.tracker.finish(ch) {
+                    chain
+                        .metrics
+                        .watermark
+                        .store(new.0, std::sync::atomic::Ordering::Relaxed);
+                    chain.push_watermark(0, new)?;
+                }
+            }
+        }
+        if self.aligning.is_some() && (0..self.open.len()).all(|c| !self.open[c] || self.blocked[c])
+        {
+            let (barrier, since) = self.aligning.take().expect("aligning");
+            if let Some(hooks) = &ctl.hooks {
+                let alignment_ms = since.elapsed().as_millis() as u64;
+                checkpoint(chain, hooks, &ctl.local.dir, &barrier, None, alignment_ms)?;
+            }
+            self.blocked.iter_mut().for_each(|b| *b = false);
+        }
+        Ok(())
+    }
+}
+
 fn run_channels(
     inputs: Vec<(ChannelReceiver, usize)>,
     chain: &mut Chain,
     ctl: &Control,
 ) -> Result<()> {
-    let mut tracker = WatermarkTracker::new(inputs.len());
-    let mut open: Vec<bool> = vec![true; inputs.len()];
-    let mut remaining = inputs.len();
-    // barrier alignment: channels that delivered the pending barrier are not read until it
-    // arrived on every open channel
-    let mut blocked: Vec<bool> = vec![false; inputs.len()];
-    let mut aligning: Option<(Barrier, Instant)> = None;
-    let mut suspended = false;
-    while remaining > 0 {
+    let n = inputs.len();
+    let mut c = Channels {
+        tracker: WatermarkTracker::new(n),
+        open: vec![true; n],
+        remaining: n,
+        blocked: vec![false; n],
+        aligning: None,
+        held: (0..n).map(|_| None).collect(),
+        suspended: false,
+    };
+    while c.remaining > 0 {
         if ctl.cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
-        if chain.busy() {
-            // output a watermark made due, a batch per turn: commands are answered between
-            // two batches, input waits (a barrier behind the watermark waits with it)
-            while let Ok(cmd) = ctl.commands.try_recv() {
-                chain.command(&cmd)?;
-            }
-            chain.resume()?;
+        let busy = chain.busy();
+        if !busy && let Some(ch) = c.held.iter().position(Option::is_some) {
+            let element = c.held[ch].take().expect("held");
+            c.handle(ch, inputs[ch].1, element, chain, ctl)?;
             continue;
         }
         let mut sel = Select::new();
-        let mut index = Vec::with_capacity(remaining);
+        let mut index = Vec::with_capacity(c.remaining);
         for (ch, (rx, _)) in inputs.iter().enumerate() {
-            if open[ch] && !blocked[ch] {
+            if c.readable(ch) {
                 sel.recv(&rx.rx);
                 index.push(ch);
             }
         }
         let commands = sel.recv(&ctl.commands);
-        let op = match sel.select_timeout(Duration::from_millis(100)) {
-            Ok(op) => op,
-            Err(_) => {
-                chain.idle()?;
-                continue;
+        // While output a watermark made due is pending (a batch of it per turn), only commands
+        // and barriers that may go ahead of it are taken; anything else read is held back.
+        let op = if busy {
+            match sel.try_select() {
+                Ok(op) => op,
+                Err(_) => {
+                    chain.resume()?;
+                    continue;
+                }
+            }
+        } else {
+            match sel.select_timeout(Duration::from_millis(100)) {
+                Ok(op) => op,
+                Err(_) => {
+                    chain.idle()?;
+                    continue;
+                }
             }
         };
         if op.index() == commands {
@@ -969,60 +1067,15 @@ fn run_channels(
             .recv(&inputs[ch].0.rx)
             .map_err(|_| EngineError::UpstreamClosed)?;
         inputs[ch].0.taken();
-        match element {
-            Element::Batch(batch) => {
-                tracker.mark_active(ch);
-                SubtaskMetrics::add(&chain.metrics.records_in, batch.num_rows() as u64);
-                chain.push_batch(0, inputs[ch].1, batch, tracker.channel(ch))?;
-            }
-            Element::Watermark(wm) => {
-                if let Some(new) = tracker.update(ch, wm) {
-                    chain
-                        .metrics
-                        .watermark
-                        .store(new.0, std::sync::atomic::Ordering::Relaxed);
-                    chain.push_watermark(0, new)?;
-                }
-            }
-            Element::Idle => {
-                if let Some(new) = tracker.mark_idle(ch) {
-                    chain.push_watermark(0, new)?;
-                }
-                // with every input idle this subtask is idle too: say so downstream, or it
-                // would hold back its consumers' watermarks in turn
-                if tracker.all_idle() {
-                    chain.broadcast_all(&Element::Idle)?;
-                }
-            }
-            Element::Barrier(barrier) => {
-                blocked[ch] = true;
-                if aligning.is_none() {
-                    aligning = Some((barrier, Instant::now()));
-                }
-            }
-            Element::EndOfInput | Element::Suspend => {
-                suspended |= matches!(element, Element::Suspend);
-                open[ch] = false;
-                remaining -= 1;
-                if let Some(new) = tracker.finish(ch) {
-                    chain
-                        .metrics
-                        .watermark
-                        .store(new.0, std::sync::atomic::Ordering::Relaxed);
-                    chain.push_watermark(0, new)?;
-                }
-            }
+        let overtakes = matches!(&element, Element::Barrier(b) if b.may_overtake_firing());
+        if busy && !overtakes {
+            c.held[ch] = Some(element);
+            chain.resume()?;
+            continue;
         }
-        if aligning.is_some() && (0..inputs.len()).all(|c| !open[c] || blocked[c]) {
-            let (barrier, since) = aligning.take().expect("aligning");
-            if let Some(hooks) = &ctl.hooks {
-                let alignment_ms = since.elapsed().as_millis() as u64;
-                checkpoint(chain, hooks, &ctl.local.dir, &barrier, None, alignment_ms)?;
-            }
-            blocked.iter_mut().for_each(|b| *b = false);
-        }
+        c.handle(ch, inputs[ch].1, element, chain, ctl)?;
     }
-    if suspended {
+    if c.suspended {
         // a stop-with-savepoint: pending commits arrive as commands before the sources suspend
         while let Ok(cmd) = ctl.commands.try_recv() {
             chain.command(&cmd)?;

@@ -61,6 +61,16 @@ pub struct Barrier {
     pub stop: bool,
 }
 
+impl Barrier {
+    /// Whether the barrier may be taken between two batches of output a watermark made due,
+    /// the rest following it: yes unless it stops the job (nothing may follow its barrier).
+    /// The timers still due are in the snapshot, and a restore fires them; a final checkpoint
+    /// taken so is followed by another ([`SubtaskAck::output_pending`]).
+    pub fn may_overtake_firing(&self) -> bool {
+        !self.stop
+    }
+}
+
 /// What the JobManager tells a running subtask.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum SubtaskCommand {
@@ -151,6 +161,10 @@ pub struct SubtaskAck {
     pub sync_ms: u64,
     /// Asynchronous part (upload), milliseconds.
     pub async_ms: u64,
+    /// The snapshot was taken while output a watermark made due was still pending, which
+    /// follows the barrier: a final checkpoint acknowledged so does not cover all output.
+    #[serde(default)]
+    pub output_pending: bool,
 }
 
 /// What a subtask reports about checkpoints.

@@ -239,6 +239,8 @@ pub(crate) fn bookkeep(ops: &[OperatorState], cmd: &SubtaskCommand) {
 pub(crate) struct SyncTimes {
     pub alignment_ms: u64,
     pub sync_ms: u64,
+    /// Output a watermark made due was still pending at the snapshot.
+    pub output_pending: bool,
 }
 
 /// The asynchronous part: uploads on a thread of its own and reports.
@@ -271,6 +273,7 @@ pub(crate) fn upload(
                         alignment_ms: times.alignment_ms,
                         sync_ms: times.sync_ms,
                         async_ms: started.elapsed().as_millis() as u64,
+                        output_pending: times.output_pending,
                     }))
                 }
                 Err(e) => {
