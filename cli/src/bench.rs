@@ -121,6 +121,24 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
+    /// End-to-end latency: from when each row was due at a rate-limited generator to when it
+    /// reached the sink (p50, p99, p99.9, max), at half the rate the same job sustains
+    /// unthrottled (measured first), without checkpoints and with a checkpoint every second.
+    Latency {
+        /// Jobs, comma-separated: `pass` (generator to sink) and `dedup` (keep the latest row
+        /// of each of 100 000 keys: keyed state, behind a shuffle at parallelism 2).
+        #[arg(long, value_delimiter = ',', default_values_t = ["pass".to_string(), "dedup".to_string()])]
+        jobs: Vec<String>,
+        /// Rows per second (default: half of what the job sustains unthrottled).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Seconds each measured run lasts.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Parallelism of the source and the dedup (the sink has one subtask).
+        #[arg(long, default_value_t = 1)]
+        parallelism: u32,
+    },
 }
 
 /// The job definition of a Nexmark query.
@@ -223,6 +241,12 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             payload_bytes,
             std::time::Duration::from_secs(timeout),
         ),
+        BenchCommand::Latency {
+            jobs,
+            rate,
+            seconds,
+            parallelism,
+        } => bench_latency(&jobs, rate, seconds, parallelism),
         BenchCommand::State {
             keys,
             events_per_key,
@@ -241,6 +265,127 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             checkpoint_interval,
         }),
     }
+}
+
+/// A latency job: `count` rows, at most `rate` per second, through `kind`, into a blackhole
+/// recording each row's latency from its ingestion time.
+fn latency_job(kind: &str, count: u64, rate: Option<f64>, parallelism: u32) -> Result<String> {
+    let (input, transform) = match kind {
+        "pass" => ("events", String::new()),
+        "dedup" => (
+            "q",
+            "transforms:\n  q: {type: deduplicate, input: events, key: [k], keep: latest, order_by: v}\n"
+                .to_string(),
+        ),
+        other => bail!("unknown latency benchmark job {other}; use pass or dedup"),
+    };
+    let rate = rate
+        .map(|r| format!("      rows_per_second: {r}\n"))
+        .unwrap_or_default();
+    Ok(format!(
+        "version: 1\nname: latency-{kind}\nparallelism: {parallelism}\nsources:\n  events:\n    connector:\n      type: generator\n      count: {count}\n{rate}      fields: {{k: \"seq % 100000\", v: \"seq\", ts: \"1714557600000 + seq / 1000\"}}\n      ingestion_time: t_in\n    event_time: ts\n{transform}sinks:\n  out: {{input: {input}, parallelism: 1, connector: {{type: blackhole, latency_of: t_in}}}}\n"
+    ))
+}
+
+/// Percentiles of a latency histogram given as (bucket bound in microseconds, rows), in order
+/// of bounds: the bound of the bucket holding each percentile's row.
+fn percentiles(buckets: &[(u64, u64)], ps: &[f64]) -> Vec<u64> {
+    let total: u64 = buckets.iter().map(|(_, n)| n).sum();
+    ps.iter()
+        .map(|p| {
+            let want = ((total as f64) * p).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (bound, n) in buckets {
+                seen += n;
+                if seen >= want {
+                    return *bound;
+                }
+            }
+            buckets.last().map_or(0, |(b, _)| *b)
+        })
+        .collect()
+}
+
+fn bench_latency(
+    jobs: &[String],
+    rate: Option<f64>,
+    seconds: u64,
+    parallelism: u32,
+) -> Result<i32> {
+    println!(
+        "| job | p | checkpoints | rows/s | rows | p50 ms | p99 ms | p99.9 ms | max ms |\n|---|---:|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for kind in jobs {
+        let rate = match rate {
+            Some(r) => r,
+            None => {
+                // what the job sustains unthrottled, over a few seconds' worth of rows
+                let events = 5_000_000;
+                let text = latency_job(kind, events, None, parallelism)?;
+                let m = run_latency(kind, &text)?;
+                (m.rows as f64 / m.wall / 2.0).round()
+            }
+        };
+        let count = (rate * seconds as f64) as u64;
+        for interval in [None, Some("1s")] {
+            let dir = tempfile::tempdir()?;
+            let mut text = latency_job(kind, count, Some(rate), parallelism)?;
+            if let Some(i) = interval {
+                text.push_str(&checkpointing(i, dir.path()));
+            }
+            let m = run_latency(kind, &text)?;
+            let ps = percentiles(&m.buckets, &[0.5, 0.99, 0.999, 1.0]);
+            let ms = |us: u64| us as f64 / 1000.0;
+            println!(
+                "| {kind} | {parallelism} | {} | {rate:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                interval.unwrap_or("none"),
+                m.rows,
+                ms(ps[0]),
+                ms(ps[1]),
+                ms(ps[2]),
+                ms(ps[3])
+            );
+        }
+    }
+    println!(
+        "\nLatency is from when a row was due at the generator to when it reached the sink; each figure is the upper bound of its histogram bucket (at most an eighth above the true value)."
+    );
+    Ok(0)
+}
+
+/// A latency run: rows at the sink, wall seconds, and the latency histogram.
+struct LatencyRun {
+    rows: u64,
+    wall: f64,
+    buckets: Vec<(u64, u64)>,
+}
+
+fn run_latency(kind: &str, text: &str) -> Result<LatencyRun> {
+    let spec =
+        parse_job(text, &format!("latency-{kind}"), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let parallelism = spec.parallelism;
+    let jm = local_cluster(1, parallelism);
+    let t0 = Instant::now();
+    let job = jm.submit(spec, std::env::current_dir()?)?;
+    let status = job.wait();
+    let wall = t0.elapsed().as_secs_f64();
+    if let JobState::Failed(e) = &status.state {
+        bail!("benchmark job failed: {e}");
+    }
+    let mut buckets: Vec<(u64, u64)> = status
+        .accumulators
+        .iter()
+        .filter_map(|(k, v)| {
+            let bound = k.strip_prefix("out.latency_us.le_")?.parse().ok()?;
+            Some((bound, *v as u64))
+        })
+        .collect();
+    buckets.sort();
+    Ok(LatencyRun {
+        rows: status.accumulators.get("out.rows").copied().unwrap_or(0) as u64,
+        wall,
+        buckets,
+    })
 }
 
 /// A job over `keys` distinct keys, each seen `per_key` times, spread over the whole input.

@@ -631,3 +631,37 @@ sinks:
         "p={parallelism}: the output went from nothing to all {total} bytes at once: no checkpoint completed while the windows fired"
     );
 }
+
+/// `freshet bench latency` runs a rate-limited generator into a sink that records latencies,
+/// and prints percentiles of every row that arrived.
+#[test]
+fn bench_latency_counts_every_row_and_orders_its_percentiles() {
+    let o = freshet()
+        .args([
+            "bench",
+            "latency",
+            "--jobs",
+            "dedup",
+            "--rate",
+            "2000",
+            "--seconds",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| l.starts_with("| dedup"))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    for r in rows {
+        // | job | p | checkpoints | rows/s | rows | p50 | p99 | p99.9 | max |
+        assert_eq!(r[5], "2000", "{text}");
+        let ms: Vec<f64> = r[6..10].iter().map(|v| v.parse().unwrap()).collect();
+        assert!(ms.windows(2).all(|w| w[0] <= w[1]), "{text}");
+        assert!(ms[3] > 0.0 && ms[3] < 10_000.0, "{text}");
+    }
+}

@@ -28,6 +28,8 @@ pub struct GeneratorConfig {
     pub count: Option<u64>,
     /// Total rows per second (all subtasks).
     pub rows_per_second: Option<f64>,
+    /// Whether the rows carry their ingestion time as a last column (see [`ingestion_times`]).
+    pub ingestion_time: bool,
     /// Event time.
     pub event_time: EventTime,
     /// Largest batch.
@@ -43,6 +45,8 @@ pub struct GeneratorSource {
     /// Rows produced before this run started (restored), not counted against the rate limit.
     resumed_at: u64,
     started: Option<Instant>,
+    /// Wall-clock time of `started`, microseconds since the Unix epoch.
+    started_us: i64,
 }
 
 /// Name of a sequence source's position in snapshots.
@@ -82,6 +86,7 @@ impl GeneratorSource {
             produced: 0,
             resumed_at: 0,
             started: None,
+            started_us: 0,
         }
     }
 
@@ -98,7 +103,13 @@ impl Source for GeneratorSource {
         _: &OperatorContext<'_>,
         out: &mut dyn SourceOutput,
     ) -> Result<SourceStatus> {
-        let started = *self.started.get_or_insert_with(Instant::now);
+        let started = match self.started {
+            Some(s) => s,
+            None => {
+                self.started_us = now_us();
+                *self.started.insert(Instant::now())
+            }
+        };
         let mut n = self.config.batch_size as u64;
         if let Some(total) = self.my_total() {
             if self.produced >= total {
@@ -122,12 +133,20 @@ impl Source for GeneratorSource {
             (self.produced..self.produced + n).map(|k| (k * self.parallelism + self.index) as i64),
         ));
         let input = RecordBatch::try_new(seq_schema(), vec![seq])?;
-        let cols: Vec<ArrayRef> = self
+        let mut cols: Vec<ArrayRef> = self
             .config
             .fields
             .iter()
             .map(|(_, e)| e.evaluate(&input))
             .collect::<Result<_>>()?;
+        if self.config.ingestion_time {
+            let mine = self
+                .config
+                .rows_per_second
+                .map(|r| r / self.parallelism as f64);
+            let first = self.produced - self.resumed_at;
+            cols.push(Arc::new(ingestion_times(self.started_us, mine, first, n)));
+        }
         let (batch, _) = self.config.event_time.apply(cols, n as usize)?;
         out.emit(batch);
         self.produced += n;
@@ -145,5 +164,43 @@ impl Source for GeneratorSource {
     fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
         snap.put(POSITION, self.produced.to_be_bytes().to_vec());
         Ok(())
+    }
+}
+
+/// Microseconds since the Unix epoch, now.
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// When `n` rows from the `first`-th (counted from the start of this run) entered the job, in
+/// microseconds since the Unix epoch: with a rate, the time each was due (a row polled late was
+/// still waiting at the source); without one, now.
+fn ingestion_times(started_us: i64, rate: Option<f64>, first: u64, n: u64) -> Int64Array {
+    match rate {
+        Some(r) => Int64Array::from_iter_values(
+            (first..first + n).map(|i| started_us + ((i + 1) as f64 / r * 1e6) as i64),
+        ),
+        None => {
+            let now = now_us();
+            Int64Array::from_iter_values((0..n).map(|_| now))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With a rate, a row entered the job when it was due: the n-th row of a run n / rate
+    /// seconds after the run started, whenever it was polled.
+    #[test]
+    fn ingestion_times_are_when_rows_were_due() {
+        let t = ingestion_times(1_000_000, Some(1000.0), 10, 3);
+        assert_eq!(t.values().to_vec(), vec![1_011_000, 1_012_000, 1_013_000]);
+        let before = now_us();
+        let t = ingestion_times(0, None, 0, 2);
+        assert!(t.values().iter().all(|v| *v >= before && *v <= now_us()));
     }
 }

@@ -140,6 +140,7 @@ pub fn plan_source(
             count,
             rows_per_second,
             fields: exprs,
+            ingestion_time,
         } => {
             if !spec.schema.is_empty() {
                 return Err(problem(
@@ -162,18 +163,31 @@ pub fn plan_source(
                         .map_err(|e| problem(&format!("connector.fields.{n}"), e.message))?,
                 ));
             }
-            let decoded = Arc::new(arrow::datatypes::Schema::new(
-                compiled
-                    .iter()
-                    .map(|(n, e)| arrow::datatypes::Field::new(n, e.data_type().clone(), true))
-                    .collect::<Vec<_>>(),
-            ));
+            let mut columns: Vec<_> = compiled
+                .iter()
+                .map(|(n, e)| arrow::datatypes::Field::new(n, e.data_type().clone(), true))
+                .collect();
+            if let Some(name) = ingestion_time {
+                if exprs.contains_key(name) {
+                    return Err(problem(
+                        "connector.ingestion_time",
+                        format!("{name} is also one of the fields"),
+                    ));
+                }
+                columns.push(arrow::datatypes::Field::new(
+                    name,
+                    arrow::datatypes::DataType::Int64,
+                    false,
+                ));
+            }
+            let decoded = Arc::new(arrow::datatypes::Schema::new(columns));
             let event_time = event_time::EventTime::compile(spec.event_time.as_deref(), &decoded)
                 .map_err(|e| problem("event_time", e.message))?;
             let config = generator::GeneratorConfig {
                 fields: compiled,
                 count: *count,
                 rows_per_second: *rows_per_second,
+                ingestion_time: ingestion_time.is_some(),
                 event_time: event_time.clone(),
                 batch_size,
             };
@@ -289,6 +303,7 @@ pub fn plan_sink(
         SinkConnector::Blackhole {
             checksums,
             rows_per_second,
+            latency_of,
         } => {
             if rows_per_second.is_some_and(|r| r.is_nan() || r <= 0.0) {
                 return Err(problem("rows_per_second", "must be positive".into()));
@@ -301,12 +316,27 @@ pub fn plan_sink(
                 sinks::check_checksum(&e).map_err(|m| problem(&format!("checksums[{i}]"), m))?;
                 compiled.push((c.clone(), e));
             }
+            let latency = match latency_of {
+                Some(l) => {
+                    let e =
+                        Expr::compile(l, input).map_err(|e| problem("latency_of", e.message))?;
+                    if e.data_type() != &arrow::datatypes::DataType::Int64 {
+                        return Err(problem(
+                            "latency_of",
+                            "must be BIGINT (microseconds since the Unix epoch)".into(),
+                        ));
+                    }
+                    Some(e)
+                }
+                None => None,
+            };
             let name = name.to_string();
             Arc::new(move |_| {
                 Box::new(sinks::BlackholeSink::new(
                     name.clone(),
                     compiled.clone(),
                     rate,
+                    latency.clone(),
                 ))
             })
         }

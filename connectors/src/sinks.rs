@@ -639,11 +639,19 @@ pub struct BlackholeSink {
     sums: Vec<i64>,
     /// Rows per second it takes at most, and the pacing clock.
     pace: Option<(f64, std::time::Instant, u64)>,
+    /// The ingestion time rows are measured against, and the histogram of their latencies.
+    latency: Option<(Expr, Latencies)>,
 }
 
 impl BlackholeSink {
-    /// A blackhole reporting as `name`, taking at most `rows_per_second` if given.
-    pub fn new(name: String, checksums: Vec<(String, Expr)>, rows_per_second: Option<f64>) -> Self {
+    /// A blackhole reporting as `name`, taking at most `rows_per_second` if given, and
+    /// recording each row's latency from `latency_of` (microseconds since the Unix epoch).
+    pub fn new(
+        name: String,
+        checksums: Vec<(String, Expr)>,
+        rows_per_second: Option<f64>,
+        latency_of: Option<Expr>,
+    ) -> Self {
         let n = checksums.len();
         BlackholeSink {
             name,
@@ -651,8 +659,64 @@ impl BlackholeSink {
             rows: 0,
             sums: vec![0; n],
             pace: rows_per_second.map(|r| (r, std::time::Instant::now(), 0)),
+            latency: latency_of.map(|e| (e, Latencies::default())),
         }
     }
+}
+
+/// A histogram of latencies in microseconds: eight buckets per power of two (each bound at most
+/// an eighth above the values in it), so histograms of several subtasks add up bucket by bucket.
+#[derive(Debug, Default)]
+pub struct Latencies {
+    counts: Vec<u64>,
+}
+
+impl Latencies {
+    /// The bucket of `us` microseconds (negative values, from clocks apart, count as 0).
+    fn bucket(us: i64) -> usize {
+        let v = us.max(0) as u64 + 1;
+        let octave = 63 - v.leading_zeros() as usize;
+        if octave < 3 {
+            return v as usize - 1;
+        }
+        let sub = ((v >> (octave - 3)) & 7) as usize;
+        octave * 8 + sub - 16
+    }
+
+    /// The largest latency in bucket `b`, microseconds.
+    pub fn upper_bound(b: usize) -> u64 {
+        if b < 8 {
+            return b as u64;
+        }
+        let octave = (b + 16) / 8;
+        let sub = ((b + 16) % 8) as u64;
+        ((8 + sub + 1) << (octave - 3)) - 2
+    }
+
+    /// Records one latency.
+    pub fn record(&mut self, us: i64) {
+        let b = Self::bucket(us);
+        if b >= self.counts.len() {
+            self.counts.resize(b + 1, 0);
+        }
+        self.counts[b] += 1;
+    }
+
+    /// (upper bound in microseconds, rows) of every non-empty bucket, in order.
+    pub fn buckets(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(b, c)| (Self::upper_bound(b), *c))
+    }
+}
+
+/// Microseconds since the Unix epoch, now.
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 impl Operator for BlackholeSink {
@@ -673,6 +737,13 @@ impl Operator for BlackholeSink {
         }
         SubtaskMetrics::add(&ctx.metrics.records_written, batch.num_rows() as u64);
         self.rows += batch.num_rows() as i64;
+        if let Some((e, hist)) = &mut self.latency {
+            let now = now_us();
+            let a = e.evaluate(&batch)?;
+            for t in a.as_primitive::<Int64Type>().iter().flatten() {
+                hist.record(now.saturating_sub(t));
+            }
+        }
         for ((_, e), sum) in self.checksums.iter().zip(self.sums.iter_mut()) {
             let a = e.evaluate(&batch)?;
             let v = a.as_primitive::<Int64Type>();
@@ -723,6 +794,11 @@ impl Operator for BlackholeSink {
         for (i, s) in self.sums.iter().enumerate() {
             out.push((format!("{}.sum{}", self.name, i + 1), *s));
         }
+        if let Some((_, hist)) = &self.latency {
+            for (bound, rows) in hist.buckets() {
+                out.push((format!("{}.latency_us.le_{bound}", self.name), rows as i64));
+            }
+        }
         out
     }
 }
@@ -742,6 +818,27 @@ pub fn check_checksum(e: &Expr) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every latency falls in a bucket whose bound is at least it and at most an eighth above
+    /// it, and buckets are in order of their bounds.
+    #[test]
+    fn latency_buckets_bound_their_values_within_an_eighth() {
+        let mut last = None;
+        for us in (0..5000i64).chain((12..40).map(|s| (1i64 << s) + 12345)) {
+            let b = Latencies::bucket(us);
+            let bound = Latencies::upper_bound(b);
+            assert!(bound >= us as u64, "{us} in bucket {b} bounded by {bound}");
+            assert!(
+                bound as f64 <= us as f64 * 1.125 + 1.0,
+                "{us} in bucket {b} bounded by {bound}"
+            );
+            if let Some((lb, lbound)) = last {
+                assert!(b >= lb && (b > lb || bound == lbound));
+            }
+            last = Some((b, bound));
+        }
+        assert_eq!(Latencies::bucket(-5), 0, "clock skew counts as no latency");
+    }
 
     #[test]
     fn stale_staged_tables_are_deleted_and_nothing_else() {

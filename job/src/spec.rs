@@ -484,6 +484,11 @@ pub enum SourceConnector {
         rows_per_second: Option<f64>,
         /// Output fields: name -> SQL expression over `seq` (BIGINT, 0-based).
         fields: IndexMap<String, String>,
+        /// Adds a BIGINT column of this name holding when each row was due (with
+        /// `rows_per_second`) or made, in microseconds since the Unix epoch: the time it entered
+        /// the job, which a blackhole sink's `latency_of` measures against.
+        #[serde(default)]
+        ingestion_time: Option<String>,
     },
     /// The Nexmark bid stream (deterministic from the seed).
     Nexmark {
@@ -782,6 +787,11 @@ pub enum SinkConnector {
         /// backpressure); unlimited if unset.
         #[serde(default)]
         rows_per_second: Option<f64>,
+        /// SQL expression (BIGINT, microseconds since the Unix epoch, e.g. a generator's
+        /// `ingestion_time` column): the time from it to a row's arrival is recorded per row and
+        /// reported as a histogram, `<sink>.latency_us.le_<bound>` = rows at most that late.
+        #[serde(default)]
+        latency_of: Option<String>,
     },
 }
 
