@@ -734,15 +734,10 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
             return Err(EngineError::Cancelled);
         }
         // commands first: a trigger is answered between two polls
-        let next = if holding {
-            match ctl.commands.recv_timeout(Duration::from_millis(100)) {
-                Ok(cmd) => Some(cmd),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                Err(_) => return Err(EngineError::Cancelled),
-            }
-        } else {
-            ctl.commands.try_recv().ok()
-        };
+        let next = next_command(ctl, holding)?;
+        if holding && next.is_none() {
+            continue;
+        }
         if let Some(cmd) = next {
             let aborted = matches!(cmd, SubtaskCommand::Abort(_));
             match source_command(cmd, &mut head, chain, ctl)? {
@@ -883,6 +878,19 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
     head.broadcast_side(&Element::EndOfInput)
 }
 
+/// The next command for a source: waits up to 100 ms for one while `holding` (a
+/// stop-with-savepoint holds it), else takes one only if it was already sent.
+fn next_command(ctl: &Control, holding: bool) -> Result<Option<SubtaskCommand>> {
+    if !holding {
+        return Ok(ctl.commands.try_recv().ok());
+    }
+    match ctl.commands.recv_timeout(Duration::from_millis(100)) {
+        Ok(cmd) => Ok(Some(cmd)),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+        Err(_) => Err(EngineError::Cancelled),
+    }
+}
+
 /// Completes the output a watermark made due at a source subtask, a batch per turn, answering
 /// commands between turns (a stop-with-savepoint holds it until the job suspends or carries
 /// on). Returns `Finish` or `Suspend` if a command ended the source, else `Continue`.
@@ -892,16 +900,8 @@ fn fire_pending(head: &mut SourceHead, chain: &mut Chain, ctl: &Control) -> Resu
         if ctl.cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
-        let next = if holding {
-            match ctl.commands.recv_timeout(Duration::from_millis(100)) {
-                Ok(cmd) => Some(cmd),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-                Err(_) => return Err(EngineError::Cancelled),
-            }
-        } else {
-            ctl.commands.try_recv().ok()
-        };
-        match next {
+        match next_command(ctl, holding)? {
+            None if holding => {}
             Some(cmd) => {
                 let aborted = matches!(cmd, SubtaskCommand::Abort(_));
                 match source_command(cmd, head, chain, ctl)? {

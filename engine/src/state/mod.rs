@@ -1452,20 +1452,25 @@ mod tests {
         }
     }
 
+    /// An instance with a budget of its own of 16 MB (8 MB of it for decoded keys).
+    fn budgeted(dir: &std::path::Path) -> (Arc<StateMemory>, Arc<KeyedBackend>) {
+        let memory = StateMemory::new(16 << 20);
+        let cfg = StateConfig {
+            local_dir: dir.to_path_buf(),
+            memory: Some(memory.clone()),
+            ..StateConfig::default()
+        };
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend = Arc::new(KeyedBackend::open(&dir.join("db"), &cfg, range, 128).unwrap());
+        (memory, backend)
+    }
+
     /// The decoded-key cache stays within the job's byte budget however many keys pass through
     /// it, every value reads back, and keys in use survive a stream of keys seen once.
     #[test]
     fn the_cache_holds_its_byte_budget_and_keeps_what_is_used() {
         let dir = tempfile::tempdir().unwrap();
-        let memory = StateMemory::new(16 << 20);
-        let cfg = StateConfig {
-            local_dir: dir.path().to_path_buf(),
-            memory: Some(memory.clone()),
-            ..StateConfig::default()
-        };
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend =
-            Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
+        let (memory, backend) = budgeted(dir.path());
         let budget = memory.decoded_budget();
         assert_eq!(budget, 8 << 20);
         let mut t: KeyedTable<Vec<u64>> = KeyedTable::new("t", None);
@@ -1521,15 +1526,7 @@ mod tests {
     #[test]
     fn the_map_table_is_charged_by_its_capacity() {
         let dir = tempfile::tempdir().unwrap();
-        let memory = StateMemory::new(16 << 20);
-        let cfg = StateConfig {
-            local_dir: dir.path().to_path_buf(),
-            memory: Some(memory.clone()),
-            ..StateConfig::default()
-        };
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend =
-            Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
+        let (memory, backend) = budgeted(dir.path());
         let budget = memory.decoded_budget();
         let mut t: KeyedTable<u64> = KeyedTable::one_value("t", None);
         t.attach(&backend).unwrap();
