@@ -9,7 +9,8 @@
 //! **Storage.** A table starts in memory. Once an operator [attaches](KeyedTable::attach) it to
 //! its [`KeyedBackend`] (every operator run by the runtime does, in `open`), RocksDB holds the
 //! table and memory holds a bounded write-back cache of decoded keys in front of it: a read that
-//! misses the cache loads the key's rows (one prefix seek), writes mark the values they change
+//! misses the cache loads the key's rows (one prefix seek; one point lookup for a table of one
+//! value per key, [`KeyedTable::one_value`]), writes mark the values they change
 //! dirty, and dirty values are written, one row per (key, namespace), when the cache must evict
 //! and at every checkpoint ([`KeyedTable::flush`]). A window that adds to one slice rewrites that
 //! slice's row, and a join that buffers one more timestamp writes one row, whatever else the key
@@ -22,9 +23,10 @@
 //! ([`backend::FORMAT`] 0 and 1) is rewritten into the current layout when a table attaches to
 //! an instance restored from it.
 //!
-//! **Cache.** Each cached key is charged an estimate of its bytes (the entry, a long key, and
-//! twice its last encoded size, or the table's average before it was first written) against the
-//! job's [`StateMemory`]. When the table must give memory back it writes its dirty keys and
+//! **Cache.** The cache's hash table is charged by its allocation (which doubles as it grows
+//! and does not shrink), and each cached key an estimate of what it holds besides (a long key,
+//! and twice its last encoded size, or the table's average before it was first written), against
+//! the job's [`StateMemory`]; a table that would double past the budget evicts down to half. When the table must give memory back it writes its dirty keys and
 //! evicts clean ones with the CLOCK policy: a key read or written since the last sweep gets a
 //! second chance, and a key loaded or created but not touched again goes first, so a scan of
 //! one-off keys does not flush the working set.
