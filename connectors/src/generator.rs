@@ -167,8 +167,9 @@ impl Source for GeneratorSource {
     }
 }
 
-/// Microseconds since the Unix epoch, now.
-fn now_us() -> i64 {
+/// Microseconds since the Unix epoch, now: the clock of ingestion times and of the latencies
+/// sinks measure against them.
+pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)

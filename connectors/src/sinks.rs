@@ -712,13 +712,6 @@ impl Latencies {
     }
 }
 
-/// Microseconds since the Unix epoch, now.
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
-}
-
 impl Operator for BlackholeSink {
     fn process_batch(
         &mut self,
@@ -738,7 +731,7 @@ impl Operator for BlackholeSink {
         SubtaskMetrics::add(&ctx.metrics.records_written, batch.num_rows() as u64);
         self.rows += batch.num_rows() as i64;
         if let Some((e, hist)) = &mut self.latency {
-            let now = now_us();
+            let now = crate::generator::now_us();
             let a = e.evaluate(&batch)?;
             for t in a.as_primitive::<Int64Type>().iter().flatten() {
                 hist.record(now.saturating_sub(t));
