@@ -421,9 +421,10 @@ impl Chain {
 
 /// Runs the snapshot of a subtask at `barrier` and starts its upload. A failure of the upload
 /// declines the checkpoint (object storage may be back for the next one); a failure of the
-/// synchronous part (an operator's snapshot, RocksDB's flush or hard links: a full or failing
-/// disk) declines it and fails the subtask, since its local state can no longer be trusted, so
-/// the restart strategy starts it over on a fresh working directory.
+/// synchronous part (an operator's snapshot: a full or failing disk) declines it and fails the
+/// subtask, since its local state can no longer be trusted, so the restart strategy starts it
+/// over on a fresh working directory. RocksDB's flush and hard links run on the upload thread;
+/// if they fail, the checkpoint is declined and the subtask's next write to that state fails.
 fn checkpoint(
     chain: &mut Chain,
     hooks: &CheckpointHooks,

@@ -21,6 +21,7 @@ use super::{
     SnapshotKind, Storage, SubtaskAck, SubtaskCommand, SubtaskReport, checkpoint_dir,
 };
 use crate::operator::SubtaskInfo;
+use crate::state::backend::PendingSnapshot;
 use crate::state::{KeyedBackend, KeyedTable, StateConfig, StateValue, Timers};
 use crate::{EngineError, KeyGroupRange, Result};
 
@@ -43,7 +44,12 @@ pub struct SnapshotContext<'a> {
 }
 
 impl<'a> SnapshotContext<'a> {
+    /// The context of one operator's snapshot: until its [`OperatorState::take`], what the
+    /// operator writes into its keyed state is kept for the snapshot's upload thread to write.
     pub(crate) fn new(id: CheckpointId, backend: Option<&'a Arc<KeyedBackend>>) -> Self {
+        if let Some(b) = backend {
+            b.defer_writes();
+        }
         SnapshotContext {
             id,
             backend,
@@ -113,6 +119,8 @@ pub struct OperatorState {
 /// A snapshot whose synchronous part is done.
 pub(crate) struct Taken {
     uid: String,
+    /// The RocksDB instance's snapshot, linked into `dir` by the upload thread.
+    pending: Option<PendingSnapshot>,
     dir: Option<PathBuf>,
     files: Vec<(String, u64)>,
     key_groups: KeyGroupRange,
@@ -178,7 +186,8 @@ impl OperatorState {
         }
     }
 
-    /// The synchronous part: links the backend's files into a local directory.
+    /// The synchronous part: the operator's non-keyed state, and the point its keyed state is
+    /// snapshotted at (the upload thread links its files, see [`Taken::link`]).
     pub(crate) fn take(
         &self,
         id: CheckpointId,
@@ -186,22 +195,18 @@ impl OperatorState {
         state: Vec<NamedState>,
         local_dir: &Path,
     ) -> Result<Taken> {
-        let (dir, files) = match &self.backend {
-            Some(b) => {
-                let dir = local_dir.join(format!("snapshot-{id}-{}", segment(&self.uid)));
-                if dir.exists() {
-                    std::fs::remove_dir_all(&dir)
-                        .map_err(|e| EngineError::io(format!("clearing {}", dir.display()), e))?;
-                }
-                let files = b.checkpoint(&dir)?;
-                (Some(dir), files)
-            }
-            None => (None, Vec::new()),
+        let (pending, dir) = match &self.backend {
+            Some(b) => (
+                Some(b.begin_snapshot()?),
+                Some(local_dir.join(format!("snapshot-{id}-{}", segment(&self.uid)))),
+            ),
+            None => (None, None),
         };
         Ok(Taken {
             uid: self.uid.clone(),
+            pending,
             dir,
-            files,
+            files: Vec::new(),
             key_groups: info.key_groups(),
             state,
             instance: self.instance.clone(),
@@ -223,6 +228,23 @@ impl OperatorState {
         self.stored
             .lock()
             .retain(|_, s| s.confirmed || s.checkpoint != id);
+    }
+}
+
+impl Taken {
+    /// Flushes the keyed state's memtables and links its files into the snapshot's local
+    /// directory. Runs on the upload thread; until it is done the subtask's writes to that
+    /// state wait, and if it fails they fail (see [`PendingSnapshot::take`]).
+    fn link(&mut self) -> Result<()> {
+        let (Some(pending), Some(dir)) = (self.pending.take(), &self.dir) else {
+            return Ok(());
+        };
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .map_err(|e| EngineError::io(format!("clearing {}", dir.display()), e))?;
+        }
+        self.files = pending.take(dir)?;
+        Ok(())
     }
 }
 
@@ -248,7 +270,7 @@ pub(crate) fn upload(
     hooks: &CheckpointHooks,
     barrier: &Barrier,
     info: &SubtaskInfo,
-    taken: Vec<Taken>,
+    mut taken: Vec<Taken>,
     times: SyncTimes,
 ) {
     let hooks = hooks.clone();
@@ -262,7 +284,8 @@ pub(crate) fn upload(
         .spawn(move || {
             let _enter = span.enter();
             let started = Instant::now();
-            let report = match upload_all(&hooks, &barrier, &info, &taken) {
+            let linked = taken.iter_mut().try_for_each(Taken::link);
+            let report = match linked.and_then(|()| upload_all(&hooks, &barrier, &info, &taken)) {
                 Ok((operators, full, uploaded)) => {
                     debug!(full, uploaded, "snapshot uploaded");
                     SubtaskReport::Ack(Box::new(SubtaskAck {

@@ -19,7 +19,12 @@
 //! can read what an older one checkpointed.
 //!
 //! Writes skip the write-ahead log: durability comes from checkpoints, which flush the memtables
-//! and link the SST files ([`KeyedBackend::checkpoint`]). Memory is bounded by the job's
+//! and link the SST files. Only encoding the changed values runs on the subtask's thread: the
+//! rows a snapshot writes are kept aside ([`KeyedBackend::defer_writes`]), and another thread
+//! writes them, flushes and links ([`KeyedBackend::begin_snapshot`]). Until the rows are written
+//! the subtask's RocksDB reads wait, and until the files are linked its writes wait, so the
+//! snapshot holds exactly the state at its barrier while the subtask goes on processing from its
+//! decoded caches. Memory is bounded by the job's
 //! [`StateMemory`], whose block cache and write-buffer manager every instance of the job in the
 //! process shares.
 use rocksdb::{
@@ -28,8 +33,8 @@ use rocksdb::{
     compaction_filter::Decision,
 };
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::memory::{Lease, StateMemory};
 use crate::{EngineError, KeyGroup, KeyGroupRange, Result};
@@ -232,6 +237,64 @@ pub struct KeyedBackend {
     /// seek) and dropped by every write, so that a read sees all writes before it. It borrows
     /// `db`, and is dropped before it (see `Drop`).
     reader: Mutex<Option<DBRawIteratorWithThreadMode<'static, DB>>>,
+    /// Where a snapshot begun on this instance stands (see the module's doc).
+    snapshot: Mutex<SnapshotGate>,
+    snapshot_done: Condvar,
+    /// Whether a read must take the gate's lock: `SnapshotGate::unwritten`, or a failed
+    /// snapshot. Read without the lock by every read.
+    unwritten: AtomicBool,
+}
+
+#[derive(Default)]
+struct SnapshotGate {
+    /// Writes are kept in `deferred` (a snapshot's synchronous part is running).
+    deferring: bool,
+    deferred: Vec<WriteBatch>,
+    /// A begun snapshot's rows are not written yet: reads wait.
+    unwritten: bool,
+    /// A begun snapshot is not linked yet: writes wait.
+    running: bool,
+    /// Why a snapshot failed: the instance can no longer be trusted, and every later read and
+    /// write fails with this, so the subtask restarts from its last checkpoint.
+    failed: Option<String>,
+}
+
+/// A snapshot begun on the subtask's thread and taken on another (see
+/// [`KeyedBackend::begin_snapshot`]). Reads of the instance wait until its rows are written,
+/// and writes until it is taken or dropped.
+pub struct PendingSnapshot {
+    backend: Arc<KeyedBackend>,
+    rows: Vec<WriteBatch>,
+}
+
+impl PendingSnapshot {
+    /// Writes the snapshot's rows, flushes the memtables and links a consistent copy of the
+    /// instance into `into` (which must not exist); returns its files with their sizes. A
+    /// failure also fails every later read and write of the instance.
+    pub fn take(mut self, into: &Path) -> Result<Vec<(String, u64)>> {
+        let b = self.backend.clone();
+        let result = std::mem::take(&mut self.rows)
+            .into_iter()
+            .try_for_each(|batch| b.write_now(batch))
+            .and_then(|()| {
+                b.drop_reader();
+                b.rows_written();
+                b.link_snapshot(into)
+            });
+        if let Err(e) = &result {
+            b.gate().failed = Some(e.to_string());
+        }
+        result
+    }
+}
+
+impl Drop for PendingSnapshot {
+    fn drop(&mut self) {
+        let mut gate = self.backend.gate();
+        gate.running = false;
+        drop(gate);
+        self.backend.rows_written();
+    }
 }
 
 impl std::fmt::Debug for KeyedBackend {
@@ -378,6 +441,9 @@ impl KeyedBackend {
             restored,
             format,
             reader: Mutex::new(None),
+            snapshot: Mutex::new(SnapshotGate::default()),
+            snapshot_done: Condvar::new(),
+            unwritten: AtomicBool::new(false),
         })
     }
 
@@ -553,6 +619,7 @@ impl KeyedBackend {
         row: &[u8],
         f: impl FnOnce(&[u8]) -> Result<R>,
     ) -> Result<Option<R>> {
+        self.wait_for_rows()?;
         match self.db().get_pinned(row) {
             Ok(Some(v)) => f(&v).map(Some),
             Ok(None) => Ok(None),
@@ -560,10 +627,22 @@ impl KeyedBackend {
         }
     }
 
+    /// Writes `batch`, or keeps it for the snapshot being taken (see [`Self::defer_writes`]).
     pub(crate) fn write(&self, batch: WriteBatch) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
+        let mut gate = self.gate();
+        if gate.deferring {
+            gate.deferred.push(batch);
+            return Ok(());
+        }
+        // held while writing: no snapshot begins halfway through a batch
+        let _gate = self.wait_for_snapshot(gate)?;
+        self.write_now(batch)
+    }
+
+    fn write_now(&self, batch: WriteBatch) -> Result<()> {
         self.drop_reader();
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
@@ -590,6 +669,7 @@ impl KeyedBackend {
         table: [u8; 4],
         mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
     ) -> Result<()> {
+        self.wait_for_rows()?;
         for kg in self.range.start..=self.range.end {
             let mut prefix = kg_prefix(kg).to_vec();
             prefix.extend_from_slice(&table);
@@ -616,6 +696,7 @@ impl KeyedBackend {
         prefix: &[u8],
         mut f: impl FnMut(i64, &[u8]) -> Result<()>,
     ) -> Result<()> {
+        self.wait_for_rows()?;
         let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         let it = reader.get_or_insert_with(|| {
             let mut ro = ReadOptions::default();
@@ -670,6 +751,7 @@ impl KeyedBackend {
         upper: Vec<u8>,
         limit: usize,
     ) -> Result<Vec<Box<[u8]>>> {
+        self.wait_for_rows()?;
         let mut ro = ReadOptions::default();
         ro.set_total_order_seek(true);
         ro.set_iterate_upper_bound(upper);
@@ -704,11 +786,102 @@ impl KeyedBackend {
         self.write(batch)
     }
 
-    /// Flushes the memtables and links a consistent copy of the instance into `into` (which
-    /// must not exist). Returns the files of the copy with their sizes.
-    pub fn checkpoint(&self, into: &Path) -> Result<Vec<(String, u64)>> {
+    fn gate(&self) -> std::sync::MutexGuard<'_, SnapshotGate> {
+        self.snapshot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until no snapshot is being taken; fails if one failed.
+    fn wait_for_snapshot<'a>(
+        &'a self,
+        mut gate: std::sync::MutexGuard<'a, SnapshotGate>,
+    ) -> Result<std::sync::MutexGuard<'a, SnapshotGate>> {
+        while gate.running {
+            gate = self
+                .snapshot_done
+                .wait(gate)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        self.check_failed(&gate)?;
+        Ok(gate)
+    }
+
+    fn check_failed(&self, gate: &SnapshotGate) -> Result<()> {
+        match &gate.failed {
+            Some(why) => Err(EngineError::StateStore {
+                message: format!(
+                    "a snapshot of the state in {} failed: {why}",
+                    self.dir.display()
+                ),
+                retryable: true,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the rows of a begun snapshot are written (a read must see them).
+    fn wait_for_rows(&self) -> Result<()> {
+        if !self.unwritten.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut gate = self.gate();
+        while gate.unwritten {
+            gate = self
+                .snapshot_done
+                .wait(gate)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        self.check_failed(&gate)
+    }
+
+    /// A begun snapshot's rows are written (or it was dropped): reads go on, unless a snapshot
+    /// failed, which every read then reports.
+    fn rows_written(&self) {
+        let mut gate = self.gate();
+        gate.unwritten = false;
+        self.unwritten
+            .store(gate.failed.is_some(), Ordering::Release);
+        drop(gate);
+        self.snapshot_done.notify_all();
+    }
+
+    /// Starts the synchronous part of a snapshot: writes from here on (the rows the operator's
+    /// snapshot flushes) are kept for [`Self::begin_snapshot`], which ends it, instead of going
+    /// into RocksDB on the subtask's thread.
+    pub fn defer_writes(&self) {
+        self.gate().deferring = true;
+    }
+
+    /// Begins a snapshot of the instance at this point: the rows written since
+    /// [`Self::defer_writes`], on top of what RocksDB holds. Another thread takes it
+    /// ([`PendingSnapshot::take`]): writing those rows, flushing the memtables and linking the
+    /// files take tens of milliseconds the subtask spends processing instead. Until the rows
+    /// are written its reads wait, and until the snapshot is taken or dropped its writes wait.
+    pub fn begin_snapshot(self: &Arc<Self>) -> Result<PendingSnapshot> {
+        let mut gate = self.gate();
+        gate.deferring = false;
+        let rows = std::mem::take(&mut gate.deferred);
+        let mut gate = self.wait_for_snapshot(gate)?;
+        gate.running = true;
+        gate.unwritten = true;
+        self.unwritten.store(true, Ordering::Release);
+        drop(gate);
         // an idle iterator would keep files the flush and compactions replace
         self.drop_reader();
+        Ok(PendingSnapshot {
+            backend: self.clone(),
+            rows,
+        })
+    }
+
+    /// Flushes the memtables and links a consistent copy of the instance into `into` (which
+    /// must not exist), on this thread. Returns the files of the copy with their sizes.
+    pub fn checkpoint(&self, into: &Path) -> Result<Vec<(String, u64)>> {
+        drop(self.wait_for_snapshot(self.gate())?);
+        self.drop_reader();
+        self.link_snapshot(into)
+    }
+
+    fn link_snapshot(&self, into: &Path) -> Result<Vec<(String, u64)>> {
         self.db().flush().map_err(|e| db_err("flushing state", e))?;
         Checkpoint::new(self.db())
             .and_then(|c| c.create_checkpoint(into))
