@@ -13,6 +13,7 @@ use anyhow::{Result, bail};
 use clap::Subcommand;
 use std::time::Instant;
 
+use freshet_connectors::nexmark::BIDDERS;
 use freshet_job::parse_job;
 use freshet_jobmanager::JobState;
 use freshet_jobmanager::checkpoints::CheckpointStatus;
@@ -36,6 +37,10 @@ pub enum BenchCommand {
         /// Generator seed.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// Distinct bidders (qw's keys): 100 000 in the shared benchmark, e.g. 10 000 000 for
+        /// its large-state variant.
+        #[arg(long, default_value_t = BIDDERS)]
+        bidders: u64,
         /// Print the job definition instead of running it.
         #[arg(long)]
         print_job: bool,
@@ -143,6 +148,17 @@ pub enum BenchCommand {
 
 /// The job definition of a Nexmark query.
 pub fn nexmark_job(query: &str, events: u64, parallelism: u32, seed: u64) -> Result<String> {
+    nexmark_job_with(query, events, parallelism, seed, BIDDERS)
+}
+
+/// The job definition of a Nexmark query over a stream of `bidders` distinct bidders.
+pub fn nexmark_job_with(
+    query: &str,
+    events: u64,
+    parallelism: u32,
+    seed: u64,
+    bidders: u64,
+) -> Result<String> {
     let (transform, checksums) = match query {
         "q0" => ("", "[price, auction]"),
         "q1" => (
@@ -169,7 +185,7 @@ pub fn nexmark_job(query: &str, events: u64, parallelism: u32, seed: u64) -> Res
     };
     let input = if transform.is_empty() { "bids" } else { "q" };
     Ok(format!(
-        "version: 1\nname: nexmark-{query}\nparallelism: {parallelism}\nsources:\n  bids:\n    connector: {{type: nexmark, events: {events}, seed: {seed}}}\n    \
+        "version: 1\nname: nexmark-{query}\nparallelism: {parallelism}\nsources:\n  bids:\n    connector: {{type: nexmark, events: {events}, seed: {seed}, bidders: {bidders}}}\n    \
          watermark: {{max_out_of_orderness: 1s, interval: 200ms}}\n{}sinks:\n  out:\n    input: {input}\n    connector: {{type: blackhole, checksums: {checksums}}}\n",
         if transform.is_empty() {
             String::new()
@@ -194,10 +210,11 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             events,
             parallelism,
             seed,
+            bidders,
             print_job,
             checkpoint_interval,
         } => {
-            let mut text = nexmark_job(&query, events, parallelism, seed)?;
+            let mut text = nexmark_job_with(&query, events, parallelism, seed, bidders)?;
             if print_job {
                 print!("{text}");
                 return Ok(0);

@@ -207,6 +207,7 @@ pub fn plan_source(
             events,
             seed,
             events_per_ms,
+            bidders,
         } => {
             if !spec.schema.is_empty()
                 || spec.event_time.as_deref().is_some_and(|e| e != "date_time")
@@ -216,7 +217,13 @@ pub fn plan_source(
                     "the Nexmark source has a fixed schema with event time date_time".into(),
                 ));
             }
-            let (events, seed, epm) = (*events, *seed, *events_per_ms);
+            if *bidders == 0 {
+                return Err(problem(
+                    "connector.bidders",
+                    "a Nexmark stream needs at least one bidder".into(),
+                ));
+            }
+            let (events, seed, epm, bidders) = (*events, *seed, *events_per_ms, *bidders);
             (
                 nexmark::schema(),
                 true,
@@ -225,6 +232,7 @@ pub fn plan_source(
                         events,
                         seed,
                         epm,
+                        bidders,
                         info.index,
                         info.parallelism,
                         batch_size,

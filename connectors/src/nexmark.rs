@@ -2,6 +2,10 @@
 //! function of (seed, i, events per ms) using SplitMix64, so any engine can reproduce the same
 //! stream, row counts and checksums.
 //!
+//! The number of distinct bidders is a parameter: 100 000 in the shared benchmark, more for a
+//! large-state variant of the per-bidder queries (the shared generator with that constant
+//! changed).
+//!
 //! Subtask `s` of `p` emits bids `i = s, s + p, s + 2p, ...` (the total is rounded down to a
 //! multiple of `p`), so event time advances together on every subtask. Columns: `auction`,
 //! `bidder`, `price` (BIGINT), `channel`, `url`, `extra` (dictionary-encoded strings: there are 4,
@@ -45,9 +49,12 @@ pub struct Bid {
     pub date_time: i64,
 }
 
-/// Bid number `i` of the stream.
+/// Distinct bidders of the shared benchmark.
+pub const BIDDERS: u64 = 100_000;
+
+/// Bid number `i` of the stream, with `bidders` distinct bidders (at least 1).
 #[inline]
-pub fn bid(seed: u64, i: u64, events_per_ms: u64) -> Bid {
+pub fn bid(seed: u64, i: u64, events_per_ms: u64, bidders: u64) -> Bid {
     let a = mix64(seed.wrapping_add((2 * i + 1).wrapping_mul(GAMMA))) >> 1;
     let b = mix64(seed.wrapping_add((2 * i + 2).wrapping_mul(GAMMA))) >> 1;
     let auction = if a & 1 == 0 {
@@ -57,7 +64,7 @@ pub fn bid(seed: u64, i: u64, events_per_ms: u64) -> Bid {
     };
     Bid {
         auction: auction as i64,
-        bidder: (1000 + ((b >> 8) % 100_000)) as i64,
+        bidder: (1000 + ((b >> 8) % bidders.max(1))) as i64,
         price: (1 + ((b >> 32) % 10_000)) as i64,
         channel: (b & 3) as u8,
         extra: ((b >> 2) & 7) as u8,
@@ -107,6 +114,7 @@ fn dictionaries() -> &'static Dictionaries {
 pub struct NexmarkSource {
     seed: u64,
     events_per_ms: u64,
+    bidders: u64,
     index: u64,
     parallelism: u64,
     per_subtask: u64,
@@ -115,11 +123,12 @@ pub struct NexmarkSource {
 }
 
 impl NexmarkSource {
-    /// Subtask `index` of `parallelism` of a stream of `events` bids.
+    /// Subtask `index` of `parallelism` of a stream of `events` bids by `bidders` bidders.
     pub fn new(
         events: u64,
         seed: u64,
         events_per_ms: u64,
+        bidders: u64,
         index: u32,
         parallelism: u32,
         batch_size: usize,
@@ -128,6 +137,7 @@ impl NexmarkSource {
         NexmarkSource {
             seed,
             events_per_ms: events_per_ms.max(1),
+            bidders: bidders.max(1),
             index: index as u64,
             parallelism: p,
             per_subtask: events / p,
@@ -177,6 +187,7 @@ impl Source for NexmarkSource {
                 self.seed,
                 k * self.parallelism + self.index,
                 self.events_per_ms,
+                self.bidders,
             );
             auction.push(b.auction);
             bidder.push(b.bidder);
@@ -217,7 +228,7 @@ mod tests {
     #[test]
     fn matches_the_reference_generator() {
         // bid 0 and 1 as published with the reference benchmark
-        let b0 = bid(42, 0, 100);
+        let b0 = bid(42, 0, 100, BIDDERS);
         assert_eq!(
             (
                 b0.auction,
@@ -229,7 +240,7 @@ mod tests {
             ),
             (1053, 86336, 4954, 1, 0, 1_699_999_999_926)
         );
-        let b1 = bid(42, 1, 100);
+        let b1 = bid(42, 1, 100, BIDDERS);
         assert_eq!(
             (
                 b1.auction,
@@ -241,5 +252,32 @@ mod tests {
             ),
             (1964, 42905, 3936, 2, 16, 1_699_999_999_718)
         );
+    }
+
+    /// With more bidders, each bid keeps everything but its bidder, whose id agrees with the
+    /// shared stream's modulo 100 000 (which divides 10 000 000) and spreads over the larger
+    /// range.
+    #[test]
+    fn more_bidders_change_only_the_bidder() {
+        let n = 10_000_000;
+        let mut beyond = 0;
+        for i in 0..10_000 {
+            let (small, large) = (bid(42, i, 100, BIDDERS), bid(42, i, 100, n));
+            assert_eq!(
+                (small.bidder - 1000) as u64,
+                (large.bidder - 1000) as u64 % BIDDERS,
+                "bid {i}"
+            );
+            assert!((1000..1000 + n as i64).contains(&large.bidder));
+            beyond += usize::from(large.bidder >= 1000 + BIDDERS as i64);
+            assert_eq!(
+                Bid {
+                    bidder: small.bidder,
+                    ..large
+                },
+                small
+            );
+        }
+        assert!(beyond > 9_000, "{beyond} of 10 000 bidders above 100 000");
     }
 }

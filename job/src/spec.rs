@@ -500,7 +500,14 @@ pub enum SourceConnector {
         /// Events per millisecond of event time.
         #[serde(default = "default_epm")]
         events_per_ms: u64,
+        /// Distinct bidders (100 000 in the shared benchmark; more for a large-state variant).
+        #[serde(default = "default_bidders")]
+        bidders: u64,
     },
+}
+
+fn default_bidders() -> u64 {
+    100_000
 }
 
 fn default_seed() -> u64 {

@@ -648,4 +648,17 @@ sinks:
         );
         assert!(err.contains("sinks.out.connector.key"), "{err}");
     }
+
+    #[test]
+    fn a_nexmark_stream_without_bidders_is_refused() {
+        let text = "version: 1\nname: t\nsources:\n  bids:\n    connector: {type: nexmark, events: 10, bidders: 0}\nsinks:\n  out: {input: bids, connector: {type: blackhole}}\n";
+        let j = freshet_job::parse_job(text, "t.yaml", &[]).unwrap();
+        let err = plan(&j, Path::new("/")).err().unwrap().to_string();
+        assert!(
+            err.contains(
+                "sources.bids.connector.bidders: a Nexmark stream needs at least one bidder"
+            ),
+            "{err}"
+        );
+    }
 }

@@ -1365,6 +1365,20 @@ mod tests {
         );
     }
 
+    /// An empty instance in `dir` with a table of one `u64` per key attached.
+    fn one_value_table(
+        dir: &std::path::Path,
+        cache_keys: usize,
+    ) -> (Arc<KeyedBackend>, KeyedTable<u64>) {
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend = Arc::new(
+            KeyedBackend::open(&dir.join("db"), &config(dir, cache_keys), range, 128).unwrap(),
+        );
+        let mut t = KeyedTable::one_value("t", None);
+        t.attach(&backend).unwrap();
+        (backend, t)
+    }
+
     /// Values of a restored snapshot of `snap` (taken of an instance over `range`), by key.
     fn snapshot_values(
         dir: &std::path::Path,
@@ -1394,18 +1408,7 @@ mod tests {
     #[test]
     fn a_snapshot_taken_off_the_subtask_thread_holds_the_state_at_its_barrier() {
         let dir = tempfile::tempdir().unwrap();
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend = Arc::new(
-            KeyedBackend::open(
-                &dir.path().join("db"),
-                &config(dir.path(), 100_000),
-                range,
-                128,
-            )
-            .unwrap(),
-        );
-        let mut t: KeyedTable<u64> = KeyedTable::one_value("t", None);
-        t.attach(&backend).unwrap();
+        let (backend, mut t) = one_value_table(dir.path(), 100_000);
         let id = backend::value_table_id("t");
         let n = 2000u32;
         let set = |t: &mut KeyedTable<u64>, v: u64| {
@@ -1466,13 +1469,7 @@ mod tests {
     #[test]
     fn a_failed_snapshot_fails_the_instance_with_a_retryable_error() {
         let dir = tempfile::tempdir().unwrap();
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend = Arc::new(
-            KeyedBackend::open(&dir.path().join("db"), &config(dir.path(), 100), range, 128)
-                .unwrap(),
-        );
-        let mut t: KeyedTable<u64> = KeyedTable::one_value("t", None);
-        t.attach(&backend).unwrap();
+        let (backend, mut t) = one_value_table(dir.path(), 100);
         t.update(b"a", 0, 0, Watermark::MIN, || 1, |_| ()).unwrap();
         backend.defer_writes();
         t.flush().unwrap();
@@ -1494,18 +1491,7 @@ mod tests {
     #[test]
     fn a_flush_of_many_or_few_dirty_keys_writes_exactly_them() {
         let dir = tempfile::tempdir().unwrap();
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend = Arc::new(
-            KeyedBackend::open(
-                &dir.path().join("db"),
-                &config(dir.path(), 100_000),
-                range,
-                128,
-            )
-            .unwrap(),
-        );
-        let mut t: KeyedTable<u64> = KeyedTable::one_value("t", None);
-        t.attach(&backend).unwrap();
+        let (backend, mut t) = one_value_table(dir.path(), 100_000);
         let n = 5000u32;
         for i in 0..n {
             t.update(&key(i), 0, 0, Watermark::MIN, || i as u64, |_| ())
