@@ -423,8 +423,9 @@ impl Chain {
 /// declines the checkpoint (object storage may be back for the next one); a failure of the
 /// synchronous part (an operator's snapshot: a full or failing disk) declines it and fails the
 /// subtask, since its local state can no longer be trusted, so the restart strategy starts it
-/// over on a fresh working directory. RocksDB's flush and hard links run on the upload thread;
-/// if they fail, the checkpoint is declined and the subtask's next write to that state fails.
+/// over on a fresh working directory. Writing the snapshot's rows into RocksDB, its flush and
+/// hard links run on the upload thread; if they fail, the checkpoint is declined and the
+/// subtask's next access to that state (or its next checkpoint) fails it.
 fn checkpoint(
     chain: &mut Chain,
     hooks: &CheckpointHooks,

@@ -232,9 +232,10 @@ impl OperatorState {
 }
 
 impl Taken {
-    /// Flushes the keyed state's memtables and links its files into the snapshot's local
-    /// directory. Runs on the upload thread; until it is done the subtask's writes to that
-    /// state wait, and if it fails they fail (see [`PendingSnapshot::take`]).
+    /// Writes the snapshot's rows into the keyed state, flushes its memtables and links its
+    /// files into the snapshot's local directory. Runs on the upload thread; until it is done
+    /// the subtask's writes to that state wait, and if it fails they fail (see
+    /// [`PendingSnapshot::take`]).
     fn link(&mut self) -> Result<()> {
         let (Some(pending), Some(dir)) = (self.pending.take(), &self.dir) else {
             return Ok(());
