@@ -874,8 +874,10 @@ impl KeyedBackend {
     }
 
     /// Flushes the memtables and links a consistent copy of the instance into `into` (which
-    /// must not exist), on this thread. Returns the files of the copy with their sizes.
-    pub fn checkpoint(&self, into: &Path) -> Result<Vec<(String, u64)>> {
+    /// must not exist), on this thread. Returns the files of the copy with their sizes (tests;
+    /// the runtime snapshots through [`Self::begin_snapshot`]).
+    #[cfg(test)]
+    pub(crate) fn checkpoint(&self, into: &Path) -> Result<Vec<(String, u64)>> {
         drop(self.wait_for_snapshot(self.gate())?);
         self.drop_reader();
         self.link_snapshot(into)
