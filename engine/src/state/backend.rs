@@ -851,6 +851,12 @@ impl KeyedBackend {
         self.gate().deferring = true;
     }
 
+    /// Write batches kept for the snapshot being taken (tests).
+    #[cfg(test)]
+    pub(crate) fn deferred_batches(&self) -> usize {
+        self.gate().deferred.len()
+    }
+
     /// Begins a snapshot of the instance at this point: the rows written since
     /// [`Self::defer_writes`], on top of what RocksDB holds. Another thread takes it
     /// ([`PendingSnapshot::take`]): writing those rows, flushing the memtables and linking the

@@ -1410,7 +1410,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (backend, mut t) = one_value_table(dir.path(), 100_000);
         let id = backend::value_table_id("t");
-        let n = 2000u32;
+        // more than one batch of rows (`FLUSH_BATCH_BYTES`), so the kept rows are several batches
+        let n = 40_000u32;
         let set = |t: &mut KeyedTable<u64>, v: u64| {
             for i in 0..n {
                 t.update(&key(i), 0, 0, Watermark::MIN, || v, |x| *x = v)
@@ -1431,6 +1432,10 @@ mod tests {
         backend.defer_writes();
         t.flush().unwrap();
         assert!(stored(&backend).iter().all(|v| *v == 1), "not written yet");
+        assert!(
+            backend.deferred_batches() > 1,
+            "rows kept in several batches"
+        );
         let pending = backend.begin_snapshot().unwrap();
         let snap = dir.path().join("snap");
         let taker = {
@@ -1492,7 +1497,8 @@ mod tests {
     fn a_flush_of_many_or_few_dirty_keys_writes_exactly_them() {
         let dir = tempfile::tempdir().unwrap();
         let (backend, mut t) = one_value_table(dir.path(), 100_000);
-        let n = 5000u32;
+        // the first flush writes more than one batch (`FLUSH_BATCH_BYTES`)
+        let n = 40_000u32;
         for i in 0..n {
             t.update(&key(i), 0, 0, Watermark::MIN, || i as u64, |_| ())
                 .unwrap();
