@@ -10,7 +10,9 @@
 //! its [`KeyedBackend`] (every operator run by the runtime does, in `open`), RocksDB holds the
 //! table and memory holds a bounded write-back cache of decoded keys in front of it: a read that
 //! misses the cache loads the key's rows (one prefix seek; one point lookup for a table of one
-//! value per key, [`KeyedTable::one_value`]), writes mark the values they change
+//! value per key, [`KeyedTable::one_value`]) if RocksDB may hold any in the namespaces asked
+//! for, which per-namespace filters of the evicted keys decide (`spilled`): a key new to a
+//! window slice costs no read even after the slice outgrew the cache. Writes mark the values they change
 //! dirty, and dirty values are written, one row per (key, namespace), when the cache must evict
 //! and at every checkpoint ([`KeyedTable::flush`]). A window that adds to one slice rewrites that
 //! slice's row, and a join that buffers one more timestamp writes one row, whatever else the key
@@ -54,9 +56,11 @@ use std::time::Duration;
 
 use crate::keys::{hash_key, key_group};
 use crate::{EngineError, KeyGroup, Result, Watermark};
+use spilled::{ALL, NsRange, Spilled};
 
 pub mod backend;
 pub mod memory;
+mod spilled;
 pub mod timers;
 
 pub use backend::{KeyedBackend, StateConfig};
@@ -99,12 +103,16 @@ pub struct KeyedTable<V> {
     bytes: usize,
     /// The part of `bytes` that is the map's table.
     map_charge: usize,
+    /// The part of `bytes` that is the spill filters.
+    spill_charge: usize,
     /// Running average of the encoded size of a key's values, charged for keys not yet written.
     avg_payload: usize,
     /// Updates since the last size sample.
     since_sample: u32,
     /// Keys read back from RocksDB into the cache.
     loads: u64,
+    /// Cache misses that read RocksDB (whether or not they found rows).
+    reads: u64,
     /// Rows written to RocksDB.
     rows_written: u64,
     /// Scratch space of size samples.
@@ -119,6 +127,15 @@ const DIRTY_LIMIT: usize = 1 << 18;
 /// Every this many updates, the updated key's values are encoded to correct its charge and the
 /// table's average (the charges of keys changed in place would otherwise stay as estimated).
 const SAMPLE_EVERY: u32 = 32;
+
+/// The spill filters of one table take at most the decoded caches' budget over this (past it, a
+/// namespace's misses always read RocksDB; see [`spilled`]).
+const FILTER_SHARE: usize = 4;
+
+/// The namespace `ns` alone.
+fn at(ns: i64) -> NsRange {
+    (Bound::Included(ns), Bound::Included(ns))
+}
 
 /// Rows a migration from an older layout writes per batch.
 const MIGRATE_BATCH: usize = 4096;
@@ -251,10 +268,9 @@ struct Backing {
     /// Keys written or removed since the last flush (a key may appear more than once).
     dirty: Vec<StateKey>,
     /// Rows RocksDB holds whose values were removed since the last flush.
-    gone: Vec<(StateKey, i64)>,
-    /// True while the cache holds every key of the table (nothing evicted, nothing restored):
-    /// a miss then needs no RocksDB read.
-    complete: bool,
+    gone: hashbrown::HashSet<(StateKey, i64), Fixed>,
+    /// What RocksDB holds that the cache lacks: whether a miss must read RocksDB.
+    spilled: Spilled,
 }
 
 impl Backing {
@@ -272,6 +288,9 @@ struct Slot<V> {
     dirty: bool,
     /// RocksDB holds (or may hold) a row of the key.
     persisted: bool,
+    /// Created without reading RocksDB, which may hold rows of the key in namespaces the slot
+    /// lacks (see [`KeyedTable::load`]).
+    partial: bool,
     /// Read or written since the last eviction sweep (CLOCK's reference bit).
     referenced: bool,
     /// Estimated bytes, as counted in the table's total.
@@ -370,9 +389,11 @@ impl<V: StateValue> KeyedTable<V> {
             entries: 0,
             bytes: 0,
             map_charge: 0,
+            spill_charge: 0,
             avg_payload: 16,
             since_sample: 0,
             loads: 0,
+            reads: 0,
             rows_written: 0,
             scratch: Vec::new(),
             backing: None,
@@ -409,8 +430,11 @@ impl<V: StateValue> KeyedTable<V> {
             backend: backend.clone(),
             table,
             dirty: Vec::new(),
-            gone: Vec::new(),
-            complete: !backend.restored(),
+            gone: Default::default(),
+            spilled: Spilled::new(
+                backend.restored(),
+                backend.memory().decoded_budget() / FILTER_SHARE,
+            ),
         };
         // whatever was in memory before attaching goes to the backend at the next flush
         for (k, slot) in self.keys.iter_mut() {
@@ -494,53 +518,81 @@ impl<V: StateValue> KeyedTable<V> {
         }
     }
 
-    /// Brings `key` into the cache if RocksDB may hold rows the cache lacks. Free (no lookup)
-    /// while the cache holds the whole table.
-    fn load(&mut self, key: &[u8]) -> Result<()> {
+    /// Makes the cache hold whatever RocksDB has of `key` in the namespaces `range`: reads the
+    /// key's rows only if RocksDB may hold rows there that the cache lacks ([`Spilled`]), which
+    /// it cannot while nothing was evicted or restored. A key absent from the cache afterwards
+    /// has no rows in `range`; a cached key that RocksDB may hold more of elsewhere is
+    /// *partial*, and reads its other rows when a later access reaches them. A table with a TTL
+    /// reads all of a key's rows at once, so that touching the key rewrites them all.
+    fn load(&mut self, key: &[u8], range: NsRange) -> Result<()> {
         let Some(b) = self.backing.as_ref() else {
             return Ok(());
         };
-        if let Some(slot) = self.keys.get_mut(key) {
-            slot.referenced = true;
+        if b.spilled.is_empty() {
+            if let Some(slot) = self.keys.get_mut(key) {
+                slot.referenced = true;
+            }
             return Ok(());
         }
-        if b.complete {
+        let range = if self.ttl.is_some() { ALL } else { range };
+        let hash = hash_key(key);
+        let cached = match self.keys.get_mut(key) {
+            Some(slot) => {
+                slot.referenced = true;
+                if !slot.partial {
+                    return Ok(());
+                }
+                true
+            }
+            None => false,
+        };
+        if !b.spilled.may_hold(hash, range) {
             return Ok(());
         }
-        let kg = key_group(hash_key(key), b.backend.max_parallelism());
-        let mut loaded: Option<Slot<V>> = None;
-        let mut payload = 0;
+        self.reads += 1;
+        let kg = key_group(hash, b.backend.max_parallelism());
+        let mut rows: Vec<(i64, i64, V, usize)> = Vec::new();
         let mut add = |ns: i64, row: &[u8]| -> Result<()> {
             let (touched, value) = self.decode(row)?;
-            payload += row.len() - backend::HEADER;
-            let slot = loaded.get_or_insert_with(|| Slot {
-                touched,
-                values: Namespaces::new(),
-                dirty: false,
-                persisted: true,
-                referenced: false,
-                charge: 0,
-            });
+            rows.push((ns, touched, value, row.len() - backend::HEADER));
+            Ok(())
+        };
+        let mut prefix = backend::key_prefix(kg, b.table, key);
+        if self.one_value {
+            prefix.extend_from_slice(&backend::time_bytes(0));
+            b.backend.get(&prefix, |v| add(0, v))?;
+        } else {
+            b.backend.read_key(&prefix, add)?;
+        }
+        if cached {
+            self.fill(key, rows);
+            return Ok(());
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut slot = Slot {
+            touched: i64::MIN,
+            values: Namespaces::new(),
+            dirty: false,
+            persisted: true,
+            partial: false,
+            referenced: false,
+            charge: 0,
+        };
+        let mut payload = 0;
+        // rows come in namespace order
+        for (ns, touched, value, size) in rows {
             slot.touched = slot.touched.max(touched);
-            // rows come in namespace order
+            payload += size;
             slot.values.0.push(Entry {
                 ns,
                 value,
                 dirty: false,
                 persisted: true,
             });
-            Ok(())
-        };
-        let mut row = backend::key_prefix(kg, b.table, key);
-        if self.one_value {
-            row.extend_from_slice(&backend::time_bytes(0));
-            b.backend.get(&row, |v| add(0, v))?;
-        } else {
-            b.backend.read_key(&row, add)?;
         }
-        let Some(mut slot) = loaded else {
-            return Ok(());
-        };
+        self.read_back(&slot.values);
         self.evict_if_full()?;
         self.loads += 1;
         slot.charge = charge_of(key, payload_of::<V>(payload, slot.values.len()));
@@ -549,6 +601,70 @@ impl<V: StateValue> KeyedTable<V> {
         self.keys.insert(key.into(), slot);
         self.charge_map();
         Ok(())
+    }
+
+    /// Adds to a partial key the rows RocksDB holds of it that the slot lacks (its own values
+    /// are newer; rows it removed since the last flush stay removed); the key is whole after.
+    fn fill(&mut self, key: &[u8], rows: Vec<(i64, i64, V, usize)>) {
+        let b = self.backing.as_mut().expect("only attached tables fill");
+        let slot = self.keys.get_mut(key).expect("filled keys are cached");
+        slot.partial = false;
+        let mut added = Namespaces::new();
+        let mut payload = 0;
+        for (ns, touched, value, size) in rows {
+            if slot.values.find(ns).is_ok() || b.gone.contains(&(StateKey::from(key), ns)) {
+                continue;
+            }
+            slot.touched = slot.touched.max(touched);
+            payload += size;
+            added.0.push(Entry {
+                ns,
+                value,
+                dirty: false,
+                persisted: true,
+            });
+        }
+        if added.is_empty() {
+            return;
+        }
+        let n = added.len();
+        for e in added.0.iter() {
+            b.spilled.read_back(e.ns);
+        }
+        for e in added.0 {
+            let i = slot.values.find(e.ns).expect_err("skipped above");
+            slot.values.0.insert(i, e);
+        }
+        slot.persisted = true;
+        let old = slot.charge;
+        slot.charge = old.saturating_add(charge_of(&[], payload_of::<V>(payload, n)));
+        let new = slot.charge;
+        self.entries += n;
+        self.loads += 1;
+        self.account(old as usize, new as usize);
+        self.charge_spilled();
+    }
+
+    /// Takes rows read back into the cache off what RocksDB holds beyond it.
+    fn read_back(&mut self, values: &Namespaces<V>) {
+        if let Some(b) = self.backing.as_mut() {
+            for e in values.0.iter() {
+                b.spilled.read_back(e.ns);
+            }
+        }
+        self.charge_spilled();
+    }
+
+    /// Brings the charge of the spill filters up to date.
+    fn charge_spilled(&mut self) {
+        let Some(b) = self.backing.as_ref() else {
+            return;
+        };
+        let now = b.spilled.bytes();
+        if now != self.spill_charge {
+            let old = std::mem::replace(&mut self.spill_charge, now);
+            self.account(old, now);
+        }
     }
 
     /// The touched time and value of a row, upgraded from an older encoding if need be.
@@ -653,7 +769,7 @@ impl<V: StateValue> KeyedTable<V> {
         if let Some(b) = backing
             && e.persisted
         {
-            b.gone.push((key.into(), e.ns));
+            b.gone.insert((key.into(), e.ns));
         }
     }
 
@@ -671,7 +787,7 @@ impl<V: StateValue> KeyedTable<V> {
 
     /// The value at (key, ns), unless absent or expired as of `clock`.
     pub fn get(&mut self, key: &[u8], ns: i64, clock: Watermark) -> Result<Option<&V>> {
-        self.load(key)?;
+        self.load(key, at(ns))?;
         Ok(self
             .keys
             .get(key)
@@ -681,7 +797,7 @@ impl<V: StateValue> KeyedTable<V> {
 
     /// Whether the key has any live value as of `clock`.
     pub fn contains_key(&mut self, key: &[u8], clock: Watermark) -> Result<bool> {
-        self.load(key)?;
+        self.load(key, ALL)?;
         Ok(self
             .keys
             .get(key)
@@ -705,7 +821,7 @@ impl<V: StateValue> KeyedTable<V> {
                 "holds one value per key, at namespace 0; namespace {ns} was written"
             )));
         }
-        self.load(key)?;
+        self.load(key, at(ns))?;
         if self.backing.is_some()
             && self.keys.len() >= self.keys.capacity()
             && !self.keys.contains_key(key)
@@ -715,6 +831,7 @@ impl<V: StateValue> KeyedTable<V> {
         }
         // one lookup finds the key or makes room for it
         let charge = charge_of(key, self.avg_payload);
+        let spilled = self.backing.as_ref().map(|b| &b.spilled);
         let (slot, fresh) = match self.keys.entry_ref(key) {
             hashbrown::hash_map::EntryRef::Occupied(e) => (e.into_mut(), false),
             hashbrown::hash_map::EntryRef::Vacant(e) => (
@@ -723,6 +840,9 @@ impl<V: StateValue> KeyedTable<V> {
                     values: Namespaces::new(),
                     dirty: false,
                     persisted: false,
+                    // `load` found nothing at `ns`; RocksDB may hold the key elsewhere
+                    partial: spilled
+                        .is_some_and(|s| !s.is_empty() && s.may_hold(hash_key(key), ALL)),
                     referenced: false,
                     charge,
                 }),
@@ -793,7 +913,7 @@ impl<V: StateValue> KeyedTable<V> {
 
     /// Removes the value at (key, ns); drops the key when it has no values left.
     pub fn remove(&mut self, key: &[u8], ns: i64) -> Result<Option<V>> {
-        self.load(key)?;
+        self.load(key, at(ns))?;
         let Some(slot) = self.keys.get_mut(key) else {
             return Ok(None);
         };
@@ -810,7 +930,7 @@ impl<V: StateValue> KeyedTable<V> {
 
     /// Removes every value of a key.
     pub fn remove_key(&mut self, key: &[u8]) -> Result<()> {
-        self.load(key)?;
+        self.load(key, ALL)?;
         if let Some(slot) = self.keys.get_mut(key) {
             self.entries -= Self::clear_slot(&mut self.backing, slot, key);
             self.drop_if_empty(key);
@@ -825,8 +945,8 @@ impl<V: StateValue> KeyedTable<V> {
         range: impl RangeBounds<i64>,
         clock: Watermark,
     ) -> Result<impl Iterator<Item = (i64, &'a V)> + 'a> {
-        self.load(key)?;
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.load(key, bounds)?;
         let ttl = self.ttl;
         let slot = self
             .keys
@@ -846,8 +966,8 @@ impl<V: StateValue> KeyedTable<V> {
         key: &[u8],
         range: impl RangeBounds<i64>,
     ) -> Result<impl Iterator<Item = (i64, &'a mut V)> + 'a> {
-        self.load(key)?;
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.load(key, bounds)?;
         let slot = self.keys.get_mut(key);
         if let Some(s) = slot {
             let r = s.values.bounds(bounds);
@@ -871,13 +991,12 @@ impl<V: StateValue> KeyedTable<V> {
         key: &[u8],
         range: impl RangeBounds<i64>,
     ) -> Result<Vec<(i64, V)>> {
-        self.load(key)?;
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.load(key, bounds)?;
         let Some(slot) = self.keys.get_mut(key) else {
             return Ok(Vec::new());
         };
-        let r = slot
-            .values
-            .bounds((range.start_bound().cloned(), range.end_bound().cloned()));
+        let r = slot.values.bounds(bounds);
         let mut out = Vec::with_capacity(r.len());
         for e in slot.values.0.drain(r) {
             Self::note_gone(&mut self.backing, key, &e);
@@ -1040,10 +1159,11 @@ impl<V: StateValue> KeyedTable<V> {
             // down to half, so the rehash stays in place
             want_keys = want_keys.max(self.keys.len() - half);
         }
-        let want_bytes = (self.bytes - self.map_charge) / 4;
+        let want_bytes = (self.bytes - self.map_charge - self.spill_charge) / 4;
         let (mut keys, mut bytes, mut entries) = (0, 0, 0);
+        let spilled = &mut self.backing.as_mut().expect("checked above").spilled;
         for _sweep in 0..2 {
-            self.keys.retain(|_, s| {
+            self.keys.retain(|k, s| {
                 if (keys >= want_keys && bytes >= want_bytes) || s.dirty {
                     return true;
                 }
@@ -1053,6 +1173,11 @@ impl<V: StateValue> KeyedTable<V> {
                 keys += 1;
                 bytes += s.charge as usize;
                 entries += s.values.len();
+                // a clean key's values all have their rows (the flush above wrote them)
+                let hash = hash_key(k);
+                for e in s.values.0.iter() {
+                    spilled.evicted(hash, e.ns);
+                }
                 false
             });
             if keys >= want_keys && bytes >= want_bytes {
@@ -1061,9 +1186,7 @@ impl<V: StateValue> KeyedTable<V> {
         }
         self.entries -= entries;
         self.account(bytes, 0);
-        if let Some(b) = self.backing.as_mut() {
-            b.complete = false;
-        }
+        self.charge_spilled();
         Ok(())
     }
 
@@ -1075,6 +1198,12 @@ impl<V: StateValue> KeyedTable<V> {
     /// Keys read back from RocksDB into the cache so far (cache misses that found a row).
     pub fn loads(&self) -> u64 {
         self.loads
+    }
+
+    /// Cache misses that read RocksDB so far, whether or not they found rows (a miss that
+    /// RocksDB cannot answer is not read; see [`spilled`]).
+    pub fn reads(&self) -> u64 {
+        self.reads
     }
 
     /// Rows written to RocksDB so far (one per changed (key, namespace) per flush).
@@ -1287,6 +1416,167 @@ mod tests {
         t.flush().unwrap();
         assert!(t.get(&key(7), 0, Watermark::MIN).unwrap().is_none());
         assert_eq!(t.get(&key(8), 2, Watermark::MIN).unwrap(), Some(&vec![8]));
+    }
+
+    /// A cache miss reads RocksDB only where evicted rows may be: keys new to a namespace cost
+    /// no read once they are past what was evicted, a key evicted in one namespace and written
+    /// in another still shows both, a row removed before the flush does not come back when the
+    /// rest of its key is read, and a namespace whose rows were all read back is forgotten.
+    #[test]
+    fn misses_read_rocksdb_only_where_evicted_rows_may_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend = Arc::new(
+            KeyedBackend::open(
+                &dir.path().join("db"),
+                &config(dir.path(), 1000),
+                range,
+                128,
+            )
+            .unwrap(),
+        );
+        let mut t: KeyedTable<i64> = KeyedTable::new("t", None);
+        t.attach(&backend).unwrap();
+        let n = 5000u32;
+        for i in 0..n {
+            t.update(&key(i), 1, 0, Watermark::MIN, || 0, |v| *v = i as i64)
+                .unwrap();
+        }
+        // each key is new: a read is a false positive of the filter of evicted keys (1%)
+        assert!(t.reads() < n as u64 / 50, "{} reads", t.reads());
+        assert!(t.keys.len() <= 1000, "keys were evicted: {}", t.keys.len());
+        // keys new to the table, in a namespace nothing was evicted from yet
+        for i in n..2 * n {
+            t.update(&key(i), 2, 0, Watermark::MIN, || 0, |v| *v = i as i64)
+                .unwrap();
+        }
+        // a miss reads only when a filter says the key may have been evicted: about 1%;
+        // reading every miss would be 5000
+        let reads = t.reads();
+        assert!(reads < n as u64 / 25, "{reads} reads");
+        // the first keys again, in the second namespace: each must still show its first row
+        for i in 0..n {
+            t.update(&key(i), 2, 0, Watermark::MIN, || 0, |v| *v = -(i as i64))
+                .unwrap();
+        }
+        assert!(t.reads() > reads, "evicted keys were read");
+        for i in (0..2 * n).step_by(7) {
+            let got: Vec<(i64, i64)> = t
+                .range(&key(i), .., Watermark::MIN)
+                .unwrap()
+                .map(|(ns, v)| (ns, *v))
+                .collect();
+            let want = if i < n {
+                vec![(1, i as i64), (2, -(i as i64))]
+            } else {
+                vec![(2, i as i64)]
+            };
+            assert_eq!(got, want, "key {i}");
+        }
+        // a key evicted with rows at 1 and 2, then written at 3 without reading RocksDB: its
+        // row at 3 is written and removed, and reading the whole key must not bring it back
+        let k = (0..n)
+            .map(key)
+            .find(|k| !t.keys.contains_key(&k[..]))
+            .expect("most keys were evicted");
+        let reads = t.reads();
+        t.update(&k, 3, 0, Watermark::MIN, || 0, |v| *v = 33)
+            .unwrap();
+        assert_eq!(t.reads(), reads, "nothing was evicted at 3");
+        assert!(t.keys.get(&k[..]).unwrap().partial);
+        t.flush().unwrap();
+        assert_eq!(t.remove(&k, 3).unwrap(), Some(33));
+        let got: Vec<i64> = t
+            .range(&k, .., Watermark::MIN)
+            .unwrap()
+            .map(|(ns, _)| ns)
+            .collect();
+        assert_eq!(got, vec![1, 2], "the removed row stays removed");
+        assert_eq!(t.reads(), reads + 1);
+        // every row at 1 read back and removed: namespace 1 is forgotten
+        for i in 0..n {
+            t.drain_range(&key(i), ..=1).unwrap();
+        }
+        let spilled = &t.backing.as_ref().unwrap().spilled;
+        assert!(
+            (0..1000).all(|i| !spilled.may_hold(hash_key(&key(i)), at(1))),
+            "namespace 1 is still counted"
+        );
+    }
+
+    /// A tiny cache in front of RocksDB answers every read as a map holding everything would,
+    /// through evictions, partial keys, removals and flushes in random order.
+    #[test]
+    fn a_cache_too_small_for_its_keys_answers_as_a_map_would() {
+        use std::collections::BTreeMap;
+        let dir = tempfile::tempdir().unwrap();
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend = Arc::new(
+            KeyedBackend::open(&dir.path().join("db"), &config(dir.path(), 16), range, 128)
+                .unwrap(),
+        );
+        let mut t: KeyedTable<i64> = KeyedTable::new("t", None);
+        t.attach(&backend).unwrap();
+        let mut model: BTreeMap<u32, BTreeMap<i64, i64>> = BTreeMap::new();
+        // a fixed xorshift, so a failure repeats
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        for step in 0..40_000u32 {
+            let k = next(200) as u32;
+            let ns = next(8) as i64;
+            let kb = key(k);
+            match next(10) {
+                0..=4 => {
+                    let v = step as i64;
+                    t.update(&kb, ns, 0, Watermark::MIN, || 0, |x| *x += v)
+                        .unwrap();
+                    *model.entry(k).or_default().entry(ns).or_default() += v;
+                }
+                5 => {
+                    let got = t.remove(&kb, ns).unwrap();
+                    let want = model.get_mut(&k).and_then(|m| m.remove(&ns));
+                    assert_eq!(got, want, "step {step}: remove {k} {ns}");
+                }
+                6 => {
+                    let got: Vec<(i64, i64)> = t.drain_range(&kb, ..ns).unwrap();
+                    let m = model.entry(k).or_default();
+                    let keep = m.split_off(&ns);
+                    let want: Vec<(i64, i64)> = std::mem::replace(m, keep).into_iter().collect();
+                    assert_eq!(got, want, "step {step}: drain {k} ..{ns}");
+                }
+                7 => t.flush().unwrap(),
+                8 if next(20) == 0 => {
+                    t.remove_key(&kb).unwrap();
+                    model.remove(&k);
+                }
+                _ => {
+                    let got: Vec<(i64, i64)> = t
+                        .range(&kb, ns.., Watermark::MIN)
+                        .unwrap()
+                        .map(|(n, v)| (n, *v))
+                        .collect();
+                    let want: Vec<(i64, i64)> = model
+                        .get(&k)
+                        .map(|m| m.range(ns..).map(|(n, v)| (*n, *v)).collect())
+                        .unwrap_or_default();
+                    assert_eq!(got, want, "step {step}: range {k} {ns}..");
+                }
+            }
+        }
+        assert!(t.reads() > 0 && t.keys.len() <= 16 + 1);
+        for (k, m) in &model {
+            let got: Vec<(i64, i64)> = t
+                .range(&key(*k), .., Watermark::MIN)
+                .unwrap()
+                .map(|(n, v)| (n, *v))
+                .collect();
+            assert_eq!(got, m.iter().map(|(n, v)| (*n, *v)).collect::<Vec<_>>());
+        }
     }
 
     /// Each (key, namespace) is a row of its own: changing one namespace of a key that holds many

@@ -1,0 +1,235 @@
+//! What RocksDB holds of a table that its decoded-key cache does not, so that a cache miss can
+//! skip RocksDB when RocksDB cannot have the rows asked for.
+//!
+//! Every row the cache evicts is counted under its namespace, and its key goes into that
+//! namespace's Bloom filter; every row read back is taken off the count, and a namespace whose
+//! rows have all been read back (a window slice that fired, say) is forgotten with its filter.
+//! A miss for a key and a range of namespaces must read RocksDB only when a counted namespace in
+//! the range has a filter that may hold the key. So a window whose open slice outgrows the cache
+//! reads RocksDB for the keys it evicted from that slice (and about one in a hundred others),
+//! not for every key new to the slice.
+//!
+//! Rows this process did not evict (a restored snapshot) are not counted: their namespaces are
+//! *unknown*, and a miss there always reads RocksDB. So are namespaces given up on: a filter
+//! that outgrows its share of memory, or more namespaces than are worth a filter each (a join
+//! buffering per millisecond), which fold into the unknown range.
+use growable_bloom_filter::GrowableBloom;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+/// A range of namespaces.
+pub(crate) type NsRange = (Bound<i64>, Bound<i64>);
+
+/// Every namespace.
+pub(crate) const ALL: NsRange = (Bound::Unbounded, Bound::Unbounded);
+
+/// Namespaces counted one by one; past this the lower half folds into the unknown range.
+const MAX_NAMESPACES: usize = 256;
+
+/// False-positive rate of the filters (a false positive costs one RocksDB read).
+const FILTER_ERROR: f64 = 0.01;
+
+/// Keys a new filter is sized for; it grows by doubling.
+const FILTER_START: usize = 4096;
+
+/// Bytes a filter holds per key of its capacity: at 1% a partitioned filter takes 7 slices of
+/// 1.44 bits per key, 1.3 bytes, and each doubling tightens the rate, which costs a little more.
+const FILTER_BYTES_PER_KEY: usize = 2;
+
+/// The evicted rows of one namespace.
+#[derive(Debug)]
+struct Namespace {
+    /// Rows evicted and not read back since.
+    rows: u64,
+    /// Their keys' hashes; `None` once the filter outgrew its share (any key may have a row).
+    keys: Option<GrowableBloom>,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub(crate) struct Spilled {
+    /// Namespaces `lo..=hi` in which RocksDB may hold rows of any key.
+    unknown: Option<(i64, i64)>,
+    by_ns: BTreeMap<i64, Namespace>,
+    /// Estimated bytes of the filters.
+    bytes: usize,
+    /// The most one filter may take.
+    filter_cap: usize,
+}
+
+fn filter_bytes(f: &GrowableBloom) -> usize {
+    f.capacity() * FILTER_BYTES_PER_KEY
+}
+
+fn overlaps((lo, hi): (i64, i64), (start, end): NsRange) -> bool {
+    let after_start = match start {
+        Bound::Included(s) => hi >= s,
+        Bound::Excluded(s) => hi > s,
+        Bound::Unbounded => true,
+    };
+    let before_end = match end {
+        Bound::Included(e) => lo <= e,
+        Bound::Excluded(e) => lo < e,
+        Bound::Unbounded => true,
+    };
+    after_start && before_end
+}
+
+impl Spilled {
+    /// Nothing spilled yet; with `restored`, RocksDB may hold rows of every namespace. One
+    /// filter takes at most `filter_cap` bytes.
+    pub(crate) fn new(restored: bool, filter_cap: usize) -> Self {
+        Spilled {
+            unknown: restored.then_some((i64::MIN, i64::MAX)),
+            by_ns: BTreeMap::new(),
+            bytes: 0,
+            filter_cap,
+        }
+    }
+
+    /// True while RocksDB holds nothing the cache lacks: no miss needs a read.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.unknown.is_none() && self.by_ns.is_empty()
+    }
+
+    /// Estimated bytes of the filters.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether RocksDB may hold a row of the key with `hash` in `range` that the cache lacks.
+    pub(crate) fn may_hold(&self, hash: u64, range: NsRange) -> bool {
+        if self.unknown.is_some_and(|u| overlaps(u, range)) {
+            return true;
+        }
+        self.by_ns
+            .range(range)
+            .any(|(_, n)| n.keys.as_ref().is_none_or(|f| f.contains(hash)))
+    }
+
+    /// Counts a row of the key with `hash` at `ns` that the cache evicted.
+    pub(crate) fn evicted(&mut self, hash: u64, ns: i64) {
+        if self
+            .unknown
+            .is_some_and(|u| overlaps(u, (Bound::Included(ns), Bound::Included(ns))))
+        {
+            return;
+        }
+        let n = self.by_ns.entry(ns).or_insert_with(|| Namespace {
+            rows: 0,
+            keys: Some(GrowableBloom::new(FILTER_ERROR, FILTER_START)),
+        });
+        n.rows += 1;
+        if let Some(f) = &mut n.keys {
+            let before = filter_bytes(f);
+            f.insert(hash);
+            let after = filter_bytes(f);
+            self.bytes = self.bytes + after - before;
+            if after > self.filter_cap {
+                self.bytes -= after;
+                n.keys = None;
+            }
+        }
+        if self.by_ns.len() > MAX_NAMESPACES {
+            self.fold_lower_half();
+        }
+    }
+
+    /// Takes a row at `ns` read back into the cache off the count.
+    pub(crate) fn read_back(&mut self, ns: i64) {
+        if let Some(n) = self.by_ns.get_mut(&ns) {
+            n.rows -= 1;
+            if n.rows == 0 {
+                let n = self.by_ns.remove(&ns).expect("found above");
+                self.bytes -= n.keys.as_ref().map_or(0, filter_bytes);
+            }
+        }
+    }
+
+    /// Gives up counting the lower half of the namespaces: they join the unknown range.
+    fn fold_lower_half(&mut self) {
+        let keep = self.by_ns.len() / 2;
+        let split = *self
+            .by_ns
+            .keys()
+            .nth(self.by_ns.len() - keep)
+            .expect("over the limit");
+        let upper = self.by_ns.split_off(&split);
+        let lower = std::mem::replace(&mut self.by_ns, upper);
+        let lo = *lower.keys().next().expect("not empty");
+        let hi = *lower.keys().next_back().expect("not empty");
+        self.bytes -= lower
+            .values()
+            .map(|n| n.keys.as_ref().map_or(0, filter_bytes))
+            .sum::<usize>();
+        self.unknown = Some(match self.unknown {
+            Some((a, b)) => (a.min(lo), b.max(hi)),
+            None => (lo, hi),
+        });
+        // counted namespaces inside the widened range are unknown now too
+        if let Some((a, b)) = self.unknown {
+            let inside: Vec<i64> = self.by_ns.range(a..=b).map(|(ns, _)| *ns).collect();
+            for ns in inside {
+                let n = self.by_ns.remove(&ns).expect("listed");
+                self.bytes -= n.keys.as_ref().map_or(0, filter_bytes);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ns: i64) -> NsRange {
+        (Bound::Included(ns), Bound::Included(ns))
+    }
+
+    #[test]
+    fn a_namespace_is_forgotten_once_its_rows_are_read_back() {
+        let mut s = Spilled::new(false, 1 << 20);
+        assert!(s.is_empty() && !s.may_hold(1, ALL));
+        s.evicted(1, 10);
+        s.evicted(2, 10);
+        s.evicted(1, 20);
+        assert!(s.may_hold(1, at(10)) && s.may_hold(2, at(10)) && s.may_hold(1, at(20)));
+        assert!(!s.may_hold(1, at(15)), "no row of any key at 15");
+        assert!(!s.may_hold(1, (Bound::Excluded(10), Bound::Excluded(20))));
+        assert!(s.may_hold(2, (Bound::Included(0), Bound::Excluded(20))));
+        // a filter has no false negatives, and few false positives
+        let fp = (1000..11_000u64).filter(|h| s.may_hold(*h, at(10))).count();
+        assert!(fp < 400, "{fp} false positives of 10 000");
+        assert!(s.bytes() > 0);
+        s.read_back(10);
+        assert!(s.may_hold(2, at(10)), "one row of 10 is still out");
+        s.read_back(10);
+        s.read_back(20);
+        assert!(s.is_empty() && s.bytes() == 0 && !s.may_hold(1, ALL));
+    }
+
+    #[test]
+    fn a_restored_table_may_hold_anything_until_told_otherwise() {
+        let mut s = Spilled::new(true, 1 << 20);
+        assert!(!s.is_empty() && s.may_hold(7, at(3)));
+        s.evicted(7, 3);
+        s.read_back(3);
+        assert!(s.may_hold(7, at(3)), "uncounted rows may remain");
+    }
+
+    #[test]
+    fn a_filter_past_its_share_holds_every_key_and_many_namespaces_fold() {
+        let mut s = Spilled::new(false, 64 << 10);
+        for h in 0..100_000u64 {
+            s.evicted(h, 5);
+        }
+        assert!(s.may_hold(u64::MAX, at(5)), "the filter was given up");
+        assert!(s.bytes() == 0, "{}", s.bytes());
+        let mut t = Spilled::new(false, 1 << 20);
+        for ns in 0..(MAX_NAMESPACES as i64 + 1) {
+            t.evicted(ns as u64, ns);
+        }
+        assert!(t.may_hold(u64::MAX, at(0)), "folded into the unknown range");
+        assert!(!t.may_hold(u64::MAX, at(MAX_NAMESPACES as i64 + 5)));
+        assert!(t.by_ns.len() <= MAX_NAMESPACES / 2 + 1);
+    }
+}
