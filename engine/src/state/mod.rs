@@ -1322,6 +1322,35 @@ mod tests {
         postcard::to_extend(values, row).unwrap()
     }
 
+    /// An empty instance in `dir` whose decoded caches hold at most `cache_keys` keys per
+    /// table.
+    fn capped_backend(dir: &std::path::Path, cache_keys: usize) -> Arc<KeyedBackend> {
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        Arc::new(KeyedBackend::open(&dir.join("db"), &config(dir, cache_keys), range, 128).unwrap())
+    }
+
+    /// An empty instance in `dir` with a table attached.
+    fn attached<V: StateValue>(
+        dir: &std::path::Path,
+        cache_keys: usize,
+    ) -> (Arc<KeyedBackend>, KeyedTable<V>) {
+        let backend = capped_backend(dir, cache_keys);
+        let mut t = KeyedTable::new("t", None);
+        t.attach(&backend).unwrap();
+        (backend, t)
+    }
+
+    /// An empty instance in `dir` with a table of one `u64` per key attached.
+    fn one_value_table(
+        dir: &std::path::Path,
+        cache_keys: usize,
+    ) -> (Arc<KeyedBackend>, KeyedTable<u64>) {
+        let backend = capped_backend(dir, cache_keys);
+        let mut t = KeyedTable::one_value("t", None);
+        t.attach(&backend).unwrap();
+        (backend, t)
+    }
+
     #[test]
     fn a_failing_state_read_is_a_retryable_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
@@ -1369,13 +1398,7 @@ mod tests {
     #[test]
     fn rocksdb_table_evicts_and_reads_back() {
         let dir = tempfile::tempdir().unwrap();
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend = Arc::new(
-            KeyedBackend::open(&dir.path().join("db"), &config(dir.path(), 10), range, 128)
-                .unwrap(),
-        );
-        let mut t: KeyedTable<Vec<i64>> = KeyedTable::new("t", None);
-        t.attach(&backend).unwrap();
+        let (_backend, mut t) = attached::<Vec<i64>>(dir.path(), 10);
         for i in 0..100u32 {
             for ns in 0..3 {
                 t.update(&key(i), ns, 0, Watermark::MIN, Vec::new, |v| {
@@ -1425,18 +1448,7 @@ mod tests {
     #[test]
     fn misses_read_rocksdb_only_where_evicted_rows_may_be() {
         let dir = tempfile::tempdir().unwrap();
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend = Arc::new(
-            KeyedBackend::open(
-                &dir.path().join("db"),
-                &config(dir.path(), 1000),
-                range,
-                128,
-            )
-            .unwrap(),
-        );
-        let mut t: KeyedTable<i64> = KeyedTable::new("t", None);
-        t.attach(&backend).unwrap();
+        let (_backend, mut t) = attached::<i64>(dir.path(), 1000);
         let n = 5000u32;
         for i in 0..n {
             t.update(&key(i), 1, 0, Watermark::MIN, || 0, |v| *v = i as i64)
@@ -1459,7 +1471,12 @@ mod tests {
             t.update(&key(i), 2, 0, Watermark::MIN, || 0, |v| *v = -(i as i64))
                 .unwrap();
         }
-        assert!(t.reads() > reads, "evicted keys were read");
+        // nor does writing at 2 a key evicted with a row at 1: the slot is partial
+        assert!(
+            t.reads() - reads < n as u64 / 25,
+            "{} reads",
+            t.reads() - reads
+        );
         for i in (0..2 * n).step_by(7) {
             let got: Vec<(i64, i64)> = t
                 .range(&key(i), .., Watermark::MIN)
@@ -1510,13 +1527,7 @@ mod tests {
     fn a_cache_too_small_for_its_keys_answers_as_a_map_would() {
         use std::collections::BTreeMap;
         let dir = tempfile::tempdir().unwrap();
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend = Arc::new(
-            KeyedBackend::open(&dir.path().join("db"), &config(dir.path(), 16), range, 128)
-                .unwrap(),
-        );
-        let mut t: KeyedTable<i64> = KeyedTable::new("t", None);
-        t.attach(&backend).unwrap();
+        let (_backend, mut t) = attached::<i64>(dir.path(), 16);
         let mut model: BTreeMap<u32, BTreeMap<i64, i64>> = BTreeMap::new();
         // a fixed xorshift, so a failure repeats
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -1585,12 +1596,7 @@ mod tests {
     #[test]
     fn one_row_per_namespace_and_a_flush_writes_what_changed() {
         let dir = tempfile::tempdir().unwrap();
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend = Arc::new(
-            KeyedBackend::open(&dir.path().join("db"), &config(dir.path(), 1), range, 128).unwrap(),
-        );
-        let mut t: KeyedTable<String> = KeyedTable::new("t", None);
-        t.attach(&backend).unwrap();
+        let (backend, mut t) = attached::<String>(dir.path(), 1);
         let id = backend::value_table_id("t");
         // "k" is a prefix of the others' encodings, and "k\0" of the last
         let keys: [&[u8]; 3] = [b"k", b"k\0", b"k\0\0\0\0\0\0\0\0"];
@@ -1653,20 +1659,6 @@ mod tests {
                 .map(String::as_str),
             Some("again")
         );
-    }
-
-    /// An empty instance in `dir` with a table of one `u64` per key attached.
-    fn one_value_table(
-        dir: &std::path::Path,
-        cache_keys: usize,
-    ) -> (Arc<KeyedBackend>, KeyedTable<u64>) {
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend = Arc::new(
-            KeyedBackend::open(&dir.join("db"), &config(dir, cache_keys), range, 128).unwrap(),
-        );
-        let mut t = KeyedTable::one_value("t", None);
-        t.attach(&backend).unwrap();
-        (backend, t)
     }
 
     /// Values of a restored snapshot of `snap` (taken of an instance over `range`), by key.
@@ -2109,18 +2101,7 @@ mod tests {
     #[test]
     fn keys_rocksdb_never_saw_leave_no_tombstones() {
         let dir = tempfile::tempdir().unwrap();
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend = Arc::new(
-            KeyedBackend::open(
-                &dir.path().join("db"),
-                &config(dir.path(), 1000),
-                range,
-                128,
-            )
-            .unwrap(),
-        );
-        let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
-        t.attach(&backend).unwrap();
+        let (backend, mut t) = attached::<u64>(dir.path(), 1000);
         for i in 0..500u32 {
             t.update(&key(i), 0, 0, Watermark::MIN, || 0, |v| *v += 1)
                 .unwrap();

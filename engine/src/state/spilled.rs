@@ -13,7 +13,7 @@
 //! *unknown*, and a miss there always reads RocksDB. So are namespaces given up on: a filter
 //! that outgrows its share of memory, or more namespaces than are worth a filter each (a join
 //! buffering per millisecond), which fold into the unknown range.
-use growable_bloom_filter::GrowableBloom;
+use growable_bloom_filter::{GrowableBloom, GrowableBloomBuilder};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
@@ -24,13 +24,15 @@ pub(crate) type NsRange = (Bound<i64>, Bound<i64>);
 pub(crate) const ALL: NsRange = (Bound::Unbounded, Bound::Unbounded);
 
 /// Namespaces counted one by one; past this the lower half folds into the unknown range.
-const MAX_NAMESPACES: usize = 256;
+const MAX_NAMESPACES: usize = 64;
 
 /// False-positive rate of the filters (a false positive costs one RocksDB read).
 const FILTER_ERROR: f64 = 0.01;
 
-/// Keys a new filter is sized for; it grows by doubling.
-const FILTER_START: usize = 4096;
+/// Keys a new filter is sized for. It grows by adding a filter four times the size of the last,
+/// and a lookup probes each: few and large rather than many small ones.
+const FILTER_START: usize = 1 << 14;
+const FILTER_GROWTH: usize = 4;
 
 /// Bytes a filter holds per key of its capacity: at 1% a partitioned filter takes 7 slices of
 /// 1.44 bits per key, 1.3 bytes, and each doubling tightens the rate, which costs a little more.
@@ -117,7 +119,13 @@ impl Spilled {
         }
         let n = self.by_ns.entry(ns).or_insert_with(|| Namespace {
             rows: 0,
-            keys: Some(GrowableBloom::new(FILTER_ERROR, FILTER_START)),
+            keys: Some(
+                GrowableBloomBuilder::new()
+                    .estimated_insertions(FILTER_START)
+                    .desired_error_ratio(FILTER_ERROR)
+                    .growth_factor(FILTER_GROWTH)
+                    .build(),
+            ),
         });
         n.rows += 1;
         if let Some(f) = &mut n.keys {
