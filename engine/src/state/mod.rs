@@ -523,16 +523,17 @@ impl<V: StateValue> KeyedTable<V> {
     /// it cannot while nothing was evicted or restored. A key absent from the cache afterwards
     /// has no rows in `range`; a cached key that RocksDB may hold more of elsewhere is
     /// *partial*, and reads its other rows when a later access reaches them. A table with a TTL
-    /// reads all of a key's rows at once, so that touching the key rewrites them all.
-    fn load(&mut self, key: &[u8], range: NsRange) -> Result<()> {
+    /// reads all of a key's rows at once, so that touching the key rewrites them all. Returns
+    /// whether RocksDB was read: the cache then holds all of the key.
+    fn load(&mut self, key: &[u8], range: NsRange) -> Result<bool> {
         let Some(b) = self.backing.as_ref() else {
-            return Ok(());
+            return Ok(false);
         };
         if b.spilled.is_empty() {
             if let Some(slot) = self.keys.get_mut(key) {
                 slot.referenced = true;
             }
-            return Ok(());
+            return Ok(false);
         }
         let range = if self.ttl.is_some() { ALL } else { range };
         let hash = hash_key(key);
@@ -540,14 +541,14 @@ impl<V: StateValue> KeyedTable<V> {
             Some(slot) => {
                 slot.referenced = true;
                 if !slot.partial {
-                    return Ok(());
+                    return Ok(false);
                 }
                 true
             }
             None => false,
         };
         if !b.spilled.may_hold(hash, range) {
-            return Ok(());
+            return Ok(false);
         }
         self.reads += 1;
         let kg = key_group(hash, b.backend.max_parallelism());
@@ -566,10 +567,10 @@ impl<V: StateValue> KeyedTable<V> {
         }
         if cached {
             self.fill(key, rows);
-            return Ok(());
+            return Ok(true);
         }
         if rows.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let mut slot = Slot {
             touched: i64::MIN,
@@ -600,7 +601,7 @@ impl<V: StateValue> KeyedTable<V> {
         self.entries += slot.values.len();
         self.keys.insert(key.into(), slot);
         self.charge_map();
-        Ok(())
+        Ok(true)
     }
 
     /// Adds to a partial key the rows RocksDB holds of it that the slot lacks (its own values
@@ -821,7 +822,7 @@ impl<V: StateValue> KeyedTable<V> {
                 "holds one value per key, at namespace 0; namespace {ns} was written"
             )));
         }
-        self.load(key, at(ns))?;
+        let whole = self.load(key, at(ns))?;
         if self.backing.is_some()
             && self.keys.len() >= self.keys.capacity()
             && !self.keys.contains_key(key)
@@ -840,9 +841,10 @@ impl<V: StateValue> KeyedTable<V> {
                     values: Namespaces::new(),
                     dirty: false,
                     persisted: false,
-                    // `load` found nothing at `ns`; RocksDB may hold the key elsewhere
-                    partial: spilled
-                        .is_some_and(|s| !s.is_empty() && s.may_hold(hash_key(key), ALL)),
+                    // `load` found nothing at `ns`; unless it read the whole key, RocksDB
+                    // may hold the key elsewhere
+                    partial: !whole
+                        && spilled.is_some_and(|s| !s.is_empty() && s.may_hold(hash_key(key), ALL)),
                     referenced: false,
                     charge,
                 }),
@@ -2224,6 +2226,54 @@ mod tests {
         }
         assert_eq!(seen, 200);
         assert_eq!(timers_seen, timers_expected);
+    }
+
+    /// After a restore every namespace may hold rows, so a miss reads RocksDB; a key that read
+    /// found absent is whole, and needs no second read when it is used again.
+    #[test]
+    fn a_restored_table_reads_each_missing_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1000);
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let (backend, mut t) = attached::<u32>(dir.path(), 1000);
+        t.update(b"old", 3, 0, Watermark::MIN, || 1, |_| ())
+            .unwrap();
+        t.flush().unwrap();
+        let snap = dir.path().join("snap");
+        backend.checkpoint(&snap).unwrap();
+        let restored = Arc::new(
+            KeyedBackend::restore(
+                &dir.path().join("db2"),
+                &cfg,
+                range,
+                128,
+                vec![(snap, range)],
+            )
+            .unwrap(),
+        );
+        let mut t: KeyedTable<u32> = KeyedTable::new("t", None);
+        t.attach(&restored).unwrap();
+        t.update(b"new", 5, 0, Watermark::MIN, || 7, |_| ())
+            .unwrap();
+        assert_eq!(t.reads(), 1, "the restored rows may hold the key");
+        t.update(b"new", 6, 0, Watermark::MIN, || 8, |_| ())
+            .unwrap();
+        let new: Vec<i64> = t
+            .range(b"new", .., Watermark::MIN)
+            .unwrap()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(new, vec![5, 6]);
+        assert_eq!(t.reads(), 1, "the key was read whole once");
+        t.update(b"old", 4, 0, Watermark::MIN, || 2, |_| ())
+            .unwrap();
+        let old: Vec<i64> = t
+            .range(b"old", .., Watermark::MIN)
+            .unwrap()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(old, vec![3, 4]);
+        assert_eq!(t.reads(), 2);
     }
 
     #[test]
