@@ -35,7 +35,7 @@ const FILTER_START: usize = 1 << 14;
 const FILTER_GROWTH: usize = 4;
 
 /// Bytes a filter holds per key of its capacity: at 1% a partitioned filter takes 7 slices of
-/// 1.44 bits per key, 1.3 bytes, and each doubling tightens the rate, which costs a little more.
+/// 1.44 bits per key, 1.3 bytes, and each growth tightens the rate, which costs a little more.
 const FILTER_BYTES_PER_KEY: usize = 2;
 
 /// The evicted rows of one namespace.
