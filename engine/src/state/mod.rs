@@ -2228,29 +2228,31 @@ mod tests {
         assert_eq!(timers_seen, timers_expected);
     }
 
+    /// Snapshots an instance of all key groups in `dir` and restores it into another.
+    fn snapshot_and_restore(
+        backend: &KeyedBackend,
+        dir: &std::path::Path,
+        cfg: &StateConfig,
+    ) -> Arc<KeyedBackend> {
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let snap = dir.join("snap");
+        backend.checkpoint(&snap).unwrap();
+        Arc::new(
+            KeyedBackend::restore(&dir.join("db2"), cfg, range, 128, vec![(snap, range)]).unwrap(),
+        )
+    }
+
     /// After a restore every namespace may hold rows, so a miss reads RocksDB; a key that read
     /// found absent is whole, and needs no second read when it is used again.
     #[test]
     fn a_restored_table_reads_each_missing_key_once() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path(), 1000);
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
         let (backend, mut t) = attached::<u32>(dir.path(), 1000);
         t.update(b"old", 3, 0, Watermark::MIN, || 1, |_| ())
             .unwrap();
         t.flush().unwrap();
-        let snap = dir.path().join("snap");
-        backend.checkpoint(&snap).unwrap();
-        let restored = Arc::new(
-            KeyedBackend::restore(
-                &dir.path().join("db2"),
-                &cfg,
-                range,
-                128,
-                vec![(snap, range)],
-            )
-            .unwrap(),
-        );
+        let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
         let mut t: KeyedTable<u32> = KeyedTable::new("t", None);
         t.attach(&restored).unwrap();
         t.update(b"new", 5, 0, Watermark::MIN, || 7, |_| ())
@@ -2290,18 +2292,7 @@ mod tests {
         t.update(b"b", 0, 1050, Watermark::MIN, || 2, |_| ())
             .unwrap();
         t.flush().unwrap();
-        let snap = dir.path().join("snap");
-        backend.checkpoint(&snap).unwrap();
-        let restored = Arc::new(
-            KeyedBackend::restore(
-                &dir.path().join("db2"),
-                &cfg,
-                range,
-                128,
-                vec![(snap, range)],
-            )
-            .unwrap(),
-        );
+        let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
         let mut t: KeyedTable<u32> = KeyedTable::new("t", Some(Duration::from_millis(100)));
         t.attach(&restored).unwrap();
         assert_eq!(t.get(b"a", 0, Watermark(1099)).unwrap(), Some(&1));
