@@ -1432,11 +1432,7 @@ mod tests {
         t.remove_key(&key(9)).unwrap();
         t.update(&key(9), 5, 0, Watermark::MIN, Vec::new, |v| v.push(-1))
             .unwrap();
-        let nine: Vec<i64> = t
-            .range(&key(9), .., Watermark::MIN)
-            .unwrap()
-            .map(|(ns, _)| ns)
-            .collect();
+        let nine = namespaces(&mut t, &key(9));
         assert_eq!(nine, vec![5], "no namespace of the removed row comes back");
         t.flush().unwrap();
         assert!(t.get(&key(7), 0, Watermark::MIN).unwrap().is_none());
@@ -1505,11 +1501,7 @@ mod tests {
         assert!(t.keys.get(&k[..]).unwrap().partial);
         t.flush().unwrap();
         assert_eq!(t.remove(&k, 3).unwrap(), Some(33));
-        let got: Vec<i64> = t
-            .range(&k, .., Watermark::MIN)
-            .unwrap()
-            .map(|(ns, _)| ns)
-            .collect();
+        let got = namespaces(&mut t, &k);
         assert_eq!(got, vec![1, 2], "the removed row stays removed");
         assert_eq!(t.reads(), reads + 1);
         // every row at 1 read back and removed: namespace 1 is forgotten
@@ -2228,6 +2220,14 @@ mod tests {
         assert_eq!(timers_seen, timers_expected);
     }
 
+    /// The namespaces a table holds of `key`, in order.
+    fn namespaces<V: StateValue>(t: &mut KeyedTable<V>, key: &[u8]) -> Vec<i64> {
+        t.range(key, .., Watermark::MIN)
+            .unwrap()
+            .map(|(ns, _)| ns)
+            .collect()
+    }
+
     /// Snapshots an instance of all key groups in `dir` and restores it into another.
     fn snapshot_and_restore(
         backend: &KeyedBackend,
@@ -2260,20 +2260,12 @@ mod tests {
         assert_eq!(t.reads(), 1, "the restored rows may hold the key");
         t.update(b"new", 6, 0, Watermark::MIN, || 8, |_| ())
             .unwrap();
-        let new: Vec<i64> = t
-            .range(b"new", .., Watermark::MIN)
-            .unwrap()
-            .map(|(n, _)| n)
-            .collect();
+        let new = namespaces(&mut t, b"new");
         assert_eq!(new, vec![5, 6]);
         assert_eq!(t.reads(), 1, "the key was read whole once");
         t.update(b"old", 4, 0, Watermark::MIN, || 2, |_| ())
             .unwrap();
-        let old: Vec<i64> = t
-            .range(b"old", .., Watermark::MIN)
-            .unwrap()
-            .map(|(n, _)| n)
-            .collect();
+        let old = namespaces(&mut t, b"old");
         assert_eq!(old, vec![3, 4]);
         assert_eq!(t.reads(), 2);
     }
