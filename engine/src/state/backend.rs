@@ -16,7 +16,11 @@
 //! at most 32768): timers, ordered by time across key groups
 //! (`[ff ff 01][table][time][encoded key]`, see [`super::timers`]), and the layout marker
 //! (`[ff ff 00]format`), which says which [`FORMAT`] wrote the instance so that a newer version
-//! can read what an older one checkpointed.
+//! can read what an older one checkpointed. Each table also records the lowest and highest
+//! namespace it ever wrote (`[ff ff 00]ns:[table]`), and the marker `[ff ff 00]ns-ranges` says
+//! that every table of the instance did so since it started empty: a table restored from it
+//! knows that RocksDB holds none of its rows outside that range (a window slice opened after
+//! the snapshot), so a miss there needs no read.
 //!
 //! Writes skip the write-ahead log: durability comes from checkpoints, which flush the memtables
 //! and link the SST files. Only encoding the changed values runs on the subtask's thread: the
@@ -59,6 +63,47 @@ const TIMERS: u8 = 1;
 
 fn format_key() -> Vec<u8> {
     [&OUTSIDE[..], &[META], b"format"].concat()
+}
+
+/// Present when every table of the instance recorded its namespace range from the start.
+fn ranges_marker() -> Vec<u8> {
+    [&OUTSIDE[..], &[META], b"ns-ranges"].concat()
+}
+
+/// First bytes of the rows that hold a table's namespace range.
+fn range_rows() -> Vec<u8> {
+    [&OUTSIDE[..], &[META], b"ns:"].concat()
+}
+
+/// The row that holds the lowest and highest namespace `table` ever wrote.
+pub(crate) fn range_row(table: [u8; 4]) -> Vec<u8> {
+    [&range_rows()[..], &table].concat()
+}
+
+/// The value of a [`range_row`].
+pub(crate) fn range_value((lo, hi): (i64, i64)) -> [u8; 16] {
+    let mut v = [0; 16];
+    v[..8].copy_from_slice(&lo.to_be_bytes());
+    v[8..].copy_from_slice(&hi.to_be_bytes());
+    v
+}
+
+fn decode_range(v: &[u8]) -> Result<(i64, i64)> {
+    match <[u8; 16]>::try_from(v) {
+        Ok(b) => Ok((
+            i64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
+            i64::from_be_bytes(b[8..].try_into().expect("8 bytes")),
+        )),
+        Err(_) => Err(EngineError::StateStore {
+            message: format!("a namespace range of {} bytes", v.len()),
+            retryable: false,
+        }),
+    }
+}
+
+/// The smallest range holding `a` (if any) and `b`.
+pub(crate) fn union(a: Option<(i64, i64)>, b: (i64, i64)) -> (i64, i64) {
+    a.map_or(b, |(lo, hi)| (lo.min(b.0), hi.max(b.1)))
 }
 
 /// The first row key of timer table `table`.
@@ -233,6 +278,9 @@ pub struct KeyedBackend {
     restored: bool,
     /// The layout of the rows it was restored from ([`FORMAT`] when it started empty).
     format: u32,
+    /// Every table recorded the namespaces it wrote since the instance started empty (the
+    /// [`ranges_marker`]).
+    ranges: bool,
     /// The iterator key reads seek with, kept between reads (making one costs more than the
     /// seek) and dropped by every write, so that a read sees all writes before it. It borrows
     /// `db`, and is dropped before it (see `Drop`).
@@ -372,8 +420,9 @@ impl KeyedBackend {
             std::fs::remove_dir_all(dir)
                 .map_err(|e| io_err(format!("clearing {}", dir.display()), e))?;
         }
-        let backend = Self::open_existing(dir, config, range, max_parallelism, false)?;
+        let mut backend = Self::open_existing(dir, config, range, max_parallelism, false)?;
         backend.mark_format()?;
+        backend.mark_ranges(true)?;
         Ok(backend)
     }
 
@@ -382,6 +431,24 @@ impl KeyedBackend {
         let mut batch = WriteBatch::default();
         batch.put(format_key(), FORMAT.to_be_bytes());
         self.write(batch)
+    }
+
+    /// Sets or clears the [`ranges_marker`].
+    fn mark_ranges(&mut self, ranges: bool) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        if ranges {
+            batch.put(ranges_marker(), []);
+        } else {
+            batch.delete(ranges_marker());
+        }
+        self.ranges = ranges;
+        self.write(batch)
+    }
+
+    fn read_ranges_marker(db: &DB) -> Result<bool> {
+        db.get_pinned(ranges_marker())
+            .map(|v| v.is_some())
+            .map_err(|e| db_err("reading the namespace range marker", e))
     }
 
     /// The layout marker of an instance: `0` for instances written before the marker existed.
@@ -423,6 +490,7 @@ impl KeyedBackend {
         } else {
             FORMAT
         };
+        let ranges = restored && Self::read_ranges_marker(&db)?;
         if format > FORMAT {
             return Err(EngineError::State(format!(
                 "the state in {} was written in layout {format}, newer than this version reads ({FORMAT}); restore it with the version that wrote it",
@@ -440,6 +508,7 @@ impl KeyedBackend {
             clock,
             restored,
             format,
+            ranges,
             reader: Mutex::new(None),
             snapshot: Mutex::new(SnapshotGate::default()),
             snapshot_done: Condvar::new(),
@@ -474,8 +543,9 @@ impl KeyedBackend {
             for (part, _) in parts {
                 remove_part(&part)?;
             }
-            let backend = Self::open_existing(dir, config, range, max_parallelism, true)?;
+            let mut backend = Self::open_existing(dir, config, range, max_parallelism, true)?;
             backend.mark_format()?;
+            backend.mark_ranges(true)?;
             return Ok(backend);
         };
         let (base, base_range) = parts.remove(best);
@@ -495,21 +565,27 @@ impl KeyedBackend {
         }
         backend.write(batch)?;
         let mut format = backend.format;
+        let mut ranges = backend.ranges;
         for (i, (part, r)) in parts.into_iter().enumerate() {
             if r.intersects(&range) {
                 let sst = dir.with_extension(format!("ingest-{i}.sst"));
-                format = format.min(backend.import(&part, &sst, config)?);
+                let (f, rs) = backend.import(&part, &sst, config)?;
+                format = format.min(f);
+                ranges &= rs;
             }
             remove_part(&part)?;
         }
         backend.format = format;
         backend.mark_format()?;
+        backend.mark_ranges(ranges)?;
         Ok(backend)
     }
 
     /// Writes the rows of this instance's key groups in the snapshot in `part`, and the timers
-    /// of keys in them, into the SST file `sst` and ingests it; returns the snapshot's layout.
-    fn import(&self, part: &Path, sst: &Path, config: &StateConfig) -> Result<u32> {
+    /// of keys in them, into the SST file `sst` and ingests it, and widens each table's
+    /// namespace range by the snapshot's; returns the snapshot's layout and whether it had the
+    /// [`ranges_marker`].
+    fn import(&self, part: &Path, sst: &Path, config: &StateConfig) -> Result<(u32, bool)> {
         let clock = Arc::new(AtomicI64::new(i64::MIN));
         let opts = options(config, &self.memory, clock);
         let src = DB::open_for_read_only(&opts, part, false)
@@ -553,10 +629,12 @@ impl KeyedBackend {
                 put(&k, &v)?;
             }
         }
+        let ranges = Self::read_ranges_marker(&src)?;
+        self.widen_ranges(&src)?;
         if rows == 0 {
             drop(writer);
             let _ = std::fs::remove_file(sst);
-            return Ok(format);
+            return Ok((format, ranges));
         }
         writer
             .finish()
@@ -567,7 +645,25 @@ impl KeyedBackend {
             .ingest_external_file_opts(&ingest, vec![sst])
             .map_err(|e| db_err(format!("ingesting {}", sst.display()), e))?;
         let _ = std::fs::remove_file(sst);
-        Ok(format)
+        Ok((format, ranges))
+    }
+
+    /// Widens this instance's namespace range of each table by the one `src` recorded.
+    fn widen_ranges(&self, src: &DB) -> Result<()> {
+        let prefix = range_rows();
+        let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
+        let mut upper = prefix.clone();
+        *upper.last_mut().expect("not empty") += 1;
+        ro.set_iterate_upper_bound(upper);
+        let mut batch = WriteBatch::default();
+        for item in src.iterator_opt(IteratorMode::From(&prefix, Direction::Forward), ro) {
+            let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
+            let theirs = decode_range(&v)?;
+            let ours = self.get(&k, decode_range)?;
+            batch.put(&k, range_value(union(ours, theirs)));
+        }
+        self.write(batch)
     }
 
     /// Whether an encoded key belongs to this instance's key groups.
@@ -606,6 +702,16 @@ impl KeyedBackend {
     /// The layout the instance's restored rows were written in ([`FORMAT`] for new state).
     pub fn format(&self) -> u32 {
         self.format
+    }
+
+    /// The lowest and highest namespace of `table` the instance may hold rows of: `None` if
+    /// it holds none, every namespace if the instance cannot tell (restored from a snapshot
+    /// taken before tables recorded their ranges).
+    pub(crate) fn namespace_range(&self, table: [u8; 4]) -> Result<Option<(i64, i64)>> {
+        if !self.ranges {
+            return Ok(Some((i64::MIN, i64::MAX)));
+        }
+        self.get(&range_row(table), decode_range)
     }
 
     /// Advances the compaction filter's clock (the operator's watermark).
@@ -929,6 +1035,16 @@ impl KeyedBackend {
     #[cfg(test)]
     pub(crate) fn forget_format(&self) {
         self.db().delete(format_key()).expect("delete");
+    }
+
+    /// Removes the namespace range marker, as a snapshot of an older version lacks it (tests).
+    #[cfg(test)]
+    pub(crate) fn forget_ranges(&self) {
+        let mut upper = range_rows();
+        *upper.last_mut().expect("not empty") += 1;
+        self.db().delete(ranges_marker()).expect("delete");
+        self.delete_range(&range_rows(), &upper)
+            .expect("delete range");
     }
 
     /// Marks the instance as written in layout `format` (tests of older layouts).

@@ -12,8 +12,10 @@
 //! misses the cache loads the key's rows (one prefix seek; one point lookup for a table of one
 //! value per key, [`KeyedTable::one_value`]) if RocksDB may hold any in the namespaces asked
 //! for, which per-namespace filters of the evicted keys decide (`spilled`): a key new to a
-//! window slice costs no read even after the slice outgrew the cache. Writes mark the values they change
-//! dirty, and dirty values are written, one row per (key, namespace), when the cache must evict
+//! window slice costs no read even after the slice outgrew the cache. After a restore, misses
+//! read in the namespaces the table wrote before the snapshot (the instance records each
+//! table's lowest and highest, [`backend::range_row`]), and not past them. Writes mark the
+//! values they change dirty, and dirty values are written, one row per (key, namespace), when the cache must evict
 //! and at every checkpoint ([`KeyedTable::flush`]). A window that adds to one slice rewrites that
 //! slice's row, and a join that buffers one more timestamp writes one row, whatever else the key
 //! holds.
@@ -173,6 +175,8 @@ struct RowWriter {
     clock: Watermark,
     version: u8,
     buf: Vec<u8>,
+    /// The table's recorded namespace range ([`Backing::written`]), widened as rows go out.
+    ns_range: Option<(i64, i64)>,
     /// Keys whose rows were all deleted, to forget once the batch is written.
     tombstones: Vec<StateKey>,
     removed_entries: usize,
@@ -234,6 +238,16 @@ impl RowWriter {
                 .map_err(|err| EngineError::State(format!("{table_name}: {err}")))?;
             row.truncate(prefix);
             row.extend_from_slice(&backend::time_bytes(e.ns));
+            if !self
+                .ns_range
+                .is_some_and(|(lo, hi)| lo <= e.ns && e.ns <= hi)
+            {
+                // in the row's batch, so no snapshot holds the row without the range
+                let r = backend::union(self.ns_range, (e.ns, e.ns));
+                self.ns_range = Some(r);
+                self.batch
+                    .put(backend::range_row(self.table), backend::range_value(r));
+            }
             self.batch.put(&row, &*buf);
             self.rows += 1;
             payload += buf.len() - backend::HEADER;
@@ -271,6 +285,10 @@ struct Backing {
     gone: hashbrown::HashSet<(StateKey, i64), Fixed>,
     /// What RocksDB holds that the cache lacks: whether a miss must read RocksDB.
     spilled: Spilled,
+    /// The lowest and highest namespace of the rows RocksDB may hold, as recorded in the
+    /// instance (see [`backend::range_row`]): a table restored from it knows the snapshot holds
+    /// no row outside.
+    written: Option<(i64, i64)>,
 }
 
 impl Backing {
@@ -426,15 +444,19 @@ impl<V: StateValue> KeyedTable<V> {
         if backend.restored() && backend.format() < 2 {
             self.migrate(backend, table)?;
         }
+        // restored rows lie in the namespaces the table recorded before the snapshot
+        let written = if backend.restored() {
+            backend.namespace_range(table)?
+        } else {
+            None
+        };
         let mut backing = Backing {
             backend: backend.clone(),
             table,
             dirty: Vec::new(),
             gone: Default::default(),
-            spilled: Spilled::new(
-                backend.restored(),
-                backend.memory().decoded_budget() / FILTER_SHARE,
-            ),
+            spilled: Spilled::new(written, backend.memory().decoded_budget() / FILTER_SHARE),
+            written,
         };
         // whatever was in memory before attaching goes to the backend at the next flush
         for (k, slot) in self.keys.iter_mut() {
@@ -460,6 +482,7 @@ impl<V: StateValue> KeyedTable<V> {
         let mp = backend.max_parallelism();
         let mut batch = rocksdb::WriteBatch::default();
         let mut buf = Vec::new();
+        let mut written = backend.namespace_range(table)?;
         backend.for_each_in_table(legacy, |key, row| {
             let (Some(header), Some(body)) = (
                 row.get(..backend::LEGACY_HEADER),
@@ -477,12 +500,16 @@ impl<V: StateValue> KeyedTable<V> {
                 buf = postcard::to_extend(&value, std::mem::take(&mut buf))
                     .map_err(|e| self.error(e))?;
                 batch.put(backend::row_key(kg, table, key, ns), &buf);
+                written = Some(backend::union(written, (ns, ns)));
             }
             if batch.len() >= MIGRATE_BATCH {
                 backend.write(std::mem::take(&mut batch))?;
             }
             Ok(())
         })?;
+        if let Some(r) = written {
+            batch.put(backend::range_row(table), backend::range_value(r));
+        }
         backend.write(batch)?;
         backend.clear_table(legacy)
     }
@@ -1063,6 +1090,7 @@ impl<V: StateValue> KeyedTable<V> {
             clock: self.clock,
             version: self.version,
             buf: Vec::new(),
+            ns_range: b.written,
             tombstones: Vec::new(),
             removed_entries: 0,
             rows: 0,
@@ -1109,6 +1137,7 @@ impl<V: StateValue> KeyedTable<V> {
             }
         }
         b.backend.write(w.batch)?;
+        b.written = w.ns_range;
         self.rows_written += w.rows;
         self.entries -= w.removed_entries;
         self.account(w.old_bytes, w.new_bytes);
@@ -2242,32 +2271,116 @@ mod tests {
         )
     }
 
-    /// After a restore every namespace may hold rows, so a miss reads RocksDB; a key that read
-    /// found absent is whole, and needs no second read when it is used again.
+    /// After a restore the namespaces the table wrote before its snapshot may hold rows of any
+    /// key, so a miss there reads RocksDB, and a miss in a namespace it never wrote does not; a
+    /// key that a read found absent is whole, and needs no second read when it is used again.
     #[test]
-    fn a_restored_table_reads_each_missing_key_once() {
+    fn a_restored_table_reads_each_missing_key_once_and_only_where_it_wrote() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path(), 1000);
         let (backend, mut t) = attached::<u32>(dir.path(), 1000);
         t.update(b"old", 3, 0, Watermark::MIN, || 1, |_| ())
             .unwrap();
+        t.update(b"older", 5, 0, Watermark::MIN, || 2, |_| ())
+            .unwrap();
         t.flush().unwrap();
         let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
         let mut t: KeyedTable<u32> = KeyedTable::new("t", None);
         t.attach(&restored).unwrap();
-        t.update(b"new", 5, 0, Watermark::MIN, || 7, |_| ())
+        t.update(b"new", 7, 0, Watermark::MIN, || 7, |_| ())
             .unwrap();
-        assert_eq!(t.reads(), 1, "the restored rows may hold the key");
-        t.update(b"new", 6, 0, Watermark::MIN, || 8, |_| ())
+        t.update(b"new", 8, 0, Watermark::MIN, || 8, |_| ())
             .unwrap();
-        let new = namespaces(&mut t, b"new");
-        assert_eq!(new, vec![5, 6]);
+        assert_eq!(t.reads(), 0, "nothing restored lies past namespace 5");
+        t.update(b"mid", 4, 0, Watermark::MIN, || 4, |_| ())
+            .unwrap();
+        assert_eq!(t.reads(), 1, "namespace 4 lies between restored rows");
+        assert_eq!(namespaces(&mut t, b"mid"), vec![4]);
         assert_eq!(t.reads(), 1, "the key was read whole once");
-        t.update(b"old", 4, 0, Watermark::MIN, || 2, |_| ())
+        assert_eq!(namespaces(&mut t, b"new"), vec![7, 8]);
+        assert_eq!(
+            t.reads(),
+            2,
+            "a key created without a read reads the rest once"
+        );
+        t.update(b"old", 9, 0, Watermark::MIN, || 9, |_| ())
             .unwrap();
-        let old = namespaces(&mut t, b"old");
-        assert_eq!(old, vec![3, 4]);
         assert_eq!(t.reads(), 2);
+        assert_eq!(namespaces(&mut t, b"old"), vec![3, 9]);
+        assert_eq!(t.reads(), 3);
+        // the range grew with the rows written since, and a second restore knows it
+        t.flush().unwrap();
+        let again = tempfile::tempdir().unwrap();
+        let restored = snapshot_and_restore(&restored, again.path(), &cfg);
+        let mut t: KeyedTable<u32> = KeyedTable::new("t", None);
+        t.attach(&restored).unwrap();
+        assert_eq!(t.get(b"new", 8, Watermark::MIN).unwrap(), Some(&8));
+        assert_eq!(t.get(b"older", 5, Watermark::MIN).unwrap(), Some(&2));
+        assert_eq!(t.reads(), 2);
+        t.update(b"newer", 10, 0, Watermark::MIN, || 10, |_| ())
+            .unwrap();
+        assert_eq!(t.reads(), 2, "namespace 10 was never written");
+    }
+
+    /// A rescale restores one snapshot as it is and imports the others' rows: each table's
+    /// namespace range is the union of theirs, whichever snapshot is the base; a snapshot
+    /// that recorded no ranges (an older version's) makes every namespace unknown.
+    #[test]
+    fn a_rescaled_table_finds_the_rows_of_every_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 100_000);
+        let keys: Vec<Vec<u8>> = (0..400u32).map(key).collect();
+        // two instances over halves of the key groups, writing far apart namespaces
+        let mut snaps = Vec::new();
+        for (i, ns) in [(0, 1i64), (1, 1000)] {
+            let range = crate::KeyGroupRange::for_subtask(128, 2, i);
+            let db = dir.path().join(format!("half-{i}"));
+            let backend = Arc::new(KeyedBackend::open(&db, &cfg, range, 128).unwrap());
+            let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
+            t.attach(&backend).unwrap();
+            for k in keys.iter().filter(|k| backend.owns(k)) {
+                t.update(k, ns, 0, Watermark::MIN, || ns as u64, |_| ())
+                    .unwrap();
+            }
+            t.flush().unwrap();
+            snaps.push((backend, range, ns));
+        }
+        let all = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        for (case, (first, second, forget)) in
+            [(0, 1, false), (1, 0, false), (0, 1, true), (1, 0, true)]
+                .into_iter()
+                .enumerate()
+        {
+            if forget {
+                snaps[first].0.forget_ranges();
+            }
+            let mut parts = Vec::new();
+            for i in [first, second] {
+                let snap = dir.path().join(format!("snap-{case}-{i}"));
+                snaps[i].0.checkpoint(&snap).unwrap();
+                parts.push((snap, snaps[i].1));
+            }
+            let restored = Arc::new(
+                KeyedBackend::restore(&dir.path().join(format!("r-{case}")), &cfg, all, 128, parts)
+                    .unwrap(),
+            );
+            let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
+            t.attach(&restored).unwrap();
+            for (backend, _, ns) in &snaps {
+                for k in keys.iter().filter(|k| backend.owns(k)) {
+                    assert_eq!(
+                        t.get(k, *ns, Watermark::MIN).unwrap(),
+                        Some(&(*ns as u64)),
+                        "case {case}, namespace {ns}"
+                    );
+                }
+            }
+            let reads = t.reads();
+            t.update(b"fresh", 2000, 0, Watermark::MIN, || 0, |_| ())
+                .unwrap();
+            let expect = if forget { reads + 1 } else { reads };
+            assert_eq!(t.reads(), expect, "case {case}: a namespace past both");
+        }
     }
 
     #[test]

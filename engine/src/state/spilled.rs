@@ -9,8 +9,9 @@
 //! reads RocksDB for the keys it evicted from that slice (and about one in a hundred others),
 //! not for every key new to the slice.
 //!
-//! Rows this process did not evict (a restored snapshot) are not counted: their namespaces are
-//! *unknown*, and a miss there always reads RocksDB. So are namespaces given up on: a filter
+//! Rows this process did not evict (a restored snapshot) are not counted: the namespaces the
+//! restored table wrote before its snapshot are *unknown*, and a miss there always reads
+//! RocksDB. So are namespaces given up on: a filter
 //! that outgrows its share of memory, or more namespaces than are worth a filter each (a join
 //! buffering per millisecond), which fold into the unknown range.
 use growable_bloom_filter::{GrowableBloom, GrowableBloomBuilder};
@@ -78,11 +79,11 @@ fn overlaps((lo, hi): (i64, i64), (start, end): NsRange) -> bool {
 }
 
 impl Spilled {
-    /// Nothing spilled yet; with `restored`, RocksDB may hold rows of every namespace. One
-    /// filter takes at most `filter_cap` bytes.
-    pub(crate) fn new(restored: bool, filter_cap: usize) -> Self {
+    /// Nothing spilled yet; RocksDB may hold rows of any key in the namespaces `unknown` (a
+    /// restored table's). One filter takes at most `filter_cap` bytes.
+    pub(crate) fn new(unknown: Option<(i64, i64)>, filter_cap: usize) -> Self {
         Spilled {
-            unknown: restored.then_some((i64::MIN, i64::MAX)),
+            unknown,
             by_ns: BTreeMap::new(),
             bytes: 0,
             filter_cap,
@@ -195,7 +196,7 @@ mod tests {
 
     #[test]
     fn a_namespace_is_forgotten_once_its_rows_are_read_back() {
-        let mut s = Spilled::new(false, 1 << 20);
+        let mut s = Spilled::new(None, 1 << 20);
         assert!(s.is_empty() && !s.may_hold(1, ALL));
         s.evicted(1, 10);
         s.evicted(2, 10);
@@ -217,7 +218,7 @@ mod tests {
 
     #[test]
     fn a_restored_table_may_hold_anything_until_told_otherwise() {
-        let mut s = Spilled::new(true, 1 << 20);
+        let mut s = Spilled::new(Some((i64::MIN, i64::MAX)), 1 << 20);
         assert!(!s.is_empty() && s.may_hold(7, at(3)));
         s.evicted(7, 3);
         s.read_back(3);
@@ -226,13 +227,13 @@ mod tests {
 
     #[test]
     fn a_filter_past_its_share_holds_every_key_and_many_namespaces_fold() {
-        let mut s = Spilled::new(false, 64 << 10);
+        let mut s = Spilled::new(None, 64 << 10);
         for h in 0..100_000u64 {
             s.evicted(h, 5);
         }
         assert!(s.may_hold(u64::MAX, at(5)), "the filter was given up");
         assert!(s.bytes() == 0, "{}", s.bytes());
-        let mut t = Spilled::new(false, 1 << 20);
+        let mut t = Spilled::new(None, 1 << 20);
         for ns in 0..(MAX_NAMESPACES as i64 + 1) {
             t.evicted(ns as u64, ns);
         }
