@@ -549,9 +549,11 @@ impl<V: StateValue> KeyedTable<V> {
     /// key's rows only if RocksDB may hold rows there that the cache lacks ([`Spilled`]), which
     /// it cannot while nothing was evicted or restored. A key absent from the cache afterwards
     /// has no rows in `range`; a cached key that RocksDB may hold more of elsewhere is
-    /// *partial*, and reads its other rows when a later access reaches them. A table with a TTL
-    /// reads all of a key's rows at once, so that touching the key rewrites them all. Returns
-    /// whether RocksDB was read: the cache then holds all of the key.
+    /// *partial*, and reads its other rows when a later access reaches them. One namespace is
+    /// read with a point lookup, which leaves the key partial; a wider range reads all of the
+    /// key's rows with one seek. A table with a TTL reads all of a key's rows at once, so that
+    /// touching the key rewrites them all. Returns whether RocksDB was read whole: the cache
+    /// then holds all of the key.
     fn load(&mut self, key: &[u8], range: NsRange) -> Result<bool> {
         let Some(b) = self.backing.as_ref() else {
             return Ok(false);
@@ -585,26 +587,36 @@ impl<V: StateValue> KeyedTable<V> {
             rows.push((ns, touched, value, row.len() - backend::HEADER));
             Ok(())
         };
+        // one namespace asked for (a window's slice as it fires): a point lookup, which stops
+        // at the first file that has the row, instead of a seek in every level
+        let point = match range {
+            (Bound::Included(a), Bound::Included(b)) if a == b && !self.one_value => Some(a),
+            _ => None,
+        };
         let mut prefix = backend::key_prefix(kg, b.table, key);
         if self.one_value {
             prefix.extend_from_slice(&backend::time_bytes(0));
             b.backend.get(&prefix, |v| add(0, v))?;
+        } else if let Some(ns) = point {
+            prefix.extend_from_slice(&backend::time_bytes(ns));
+            b.backend.get(&prefix, |v| add(ns, v))?;
         } else {
             b.backend.read_key(&prefix, add)?;
         }
+        let whole = point.is_none();
         if cached {
-            self.fill(key, rows);
-            return Ok(true);
+            self.fill(key, rows, whole);
+            return Ok(whole);
         }
         if rows.is_empty() {
-            return Ok(true);
+            return Ok(whole);
         }
         let mut slot = Slot {
             touched: i64::MIN,
             values: Namespaces::new(),
             dirty: false,
             persisted: true,
-            partial: false,
+            partial: !whole,
             referenced: false,
             charge: 0,
         };
@@ -632,11 +644,14 @@ impl<V: StateValue> KeyedTable<V> {
     }
 
     /// Adds to a partial key the rows RocksDB holds of it that the slot lacks (its own values
-    /// are newer; rows it removed since the last flush stay removed); the key is whole after.
-    fn fill(&mut self, key: &[u8], rows: Vec<(i64, i64, V, usize)>) {
+    /// are newer; rows it removed since the last flush stay removed); the key is whole after
+    /// if `rows` are all it has.
+    fn fill(&mut self, key: &[u8], rows: Vec<(i64, i64, V, usize)>, whole: bool) {
         let b = self.backing.as_mut().expect("only attached tables fill");
         let slot = self.keys.get_mut(key).expect("filled keys are cached");
-        slot.partial = false;
+        if whole {
+            slot.partial = false;
+        }
         let mut added = Namespaces::new();
         let mut payload = 0;
         for (ns, touched, value, size) in rows {
@@ -2294,20 +2309,26 @@ mod tests {
         assert_eq!(t.reads(), 0, "nothing restored lies past namespace 5");
         t.update(b"mid", 4, 0, Watermark::MIN, || 4, |_| ())
             .unwrap();
-        assert_eq!(t.reads(), 1, "namespace 4 lies between restored rows");
+        assert_eq!(
+            t.reads(),
+            1,
+            "namespace 4 lies between restored rows: a point lookup"
+        );
         assert_eq!(namespaces(&mut t, b"mid"), vec![4]);
-        assert_eq!(t.reads(), 1, "the key was read whole once");
+        assert_eq!(t.reads(), 2, "all namespaces: the rest of the key");
+        assert_eq!(namespaces(&mut t, b"mid"), vec![4]);
+        assert_eq!(t.reads(), 2, "the key was read whole once");
         assert_eq!(namespaces(&mut t, b"new"), vec![7, 8]);
         assert_eq!(
             t.reads(),
-            2,
+            3,
             "a key created without a read reads the rest once"
         );
         t.update(b"old", 9, 0, Watermark::MIN, || 9, |_| ())
             .unwrap();
-        assert_eq!(t.reads(), 2);
-        assert_eq!(namespaces(&mut t, b"old"), vec![3, 9]);
         assert_eq!(t.reads(), 3);
+        assert_eq!(namespaces(&mut t, b"old"), vec![3, 9]);
+        assert_eq!(t.reads(), 4);
         // the range grew with the rows written since, and a second restore knows it
         t.flush().unwrap();
         let again = tempfile::tempdir().unwrap();
