@@ -392,8 +392,9 @@ fn options(config: &StateConfig, memory: &StateMemory, clock: Arc<AtomicI64>) ->
     table.set_pin_top_level_index_and_filter(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     opts.set_block_based_table_factory(&table);
-    opts.set_compaction_filter("freshet-ttl", move |_level, _key, value: &[u8]| {
-        if value.len() >= 8 {
+    opts.set_compaction_filter("freshet-ttl", move |_level, key: &[u8], value: &[u8]| {
+        // only rows in key groups carry a deadline: timers and the instance's records do not
+        if is_row(key) && value.len() >= 8 {
             let deadline = i64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
             if deadline <= clock.load(Ordering::Relaxed) {
                 return Decision::Remove;

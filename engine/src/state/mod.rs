@@ -2343,6 +2343,27 @@ mod tests {
         assert_eq!(t.reads(), 2, "namespace 10 was never written");
     }
 
+    /// The compaction filter drops rows whose deadline passed; the instance's records outside
+    /// the key groups carry none, so a compaction keeps them whatever the clock.
+    #[test]
+    fn a_compaction_keeps_the_namespace_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1000);
+        let backend = capped_backend(dir.path(), 1000);
+        let mut t: KeyedTable<u32> = KeyedTable::one_value("t", Some(Duration::from_secs(3600)));
+        t.attach(&backend).unwrap();
+        t.update(b"seen", 0, 1000, Watermark::MIN, || 1, |_| ())
+            .unwrap();
+        t.flush().unwrap();
+        // past the range row's first bytes (namespace 0), long before the row's deadline
+        backend.advance_clock(2000);
+        backend.compact();
+        let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
+        let mut t: KeyedTable<u32> = KeyedTable::one_value("t", Some(Duration::from_secs(3600)));
+        t.attach(&restored).unwrap();
+        assert!(t.contains_key(b"seen", Watermark(2000)).unwrap());
+    }
+
     /// A rescale restores one snapshot as it is and imports the others' rows: each table's
     /// namespace range is the union of theirs, whichever snapshot is the base; a snapshot
     /// that recorded no ranges (an older version's) makes every namespace unknown.
