@@ -15,8 +15,8 @@
 //! window slice costs no read even after the slice outgrew the cache. After a restore, misses
 //! read in the namespaces the table wrote before the snapshot (the instance records each
 //! table's lowest and highest, [`backend::range_row`]), and not past them. Writes mark the
-//! values they change dirty, and dirty values are written, one row per (key, namespace), when the cache must evict
-//! and at every checkpoint ([`KeyedTable::flush`]). A window that adds to one slice rewrites that
+//! values they change dirty, and dirty values are written, one row per (key, namespace), when
+//! the cache must evict and at every checkpoint ([`KeyedTable::flush`]). A window that adds to one slice rewrites that
 //! slice's row, and a join that buffers one more timestamp writes one row, whatever else the key
 //! holds.
 //!
