@@ -569,7 +569,11 @@ impl<V: StateValue> KeyedTable<V> {
         let cached = match self.keys.get_mut(key) {
             Some(slot) => {
                 slot.referenced = true;
-                if !slot.partial {
+                // a value the slot holds is newer than its row: one namespace it holds needs
+                // no read
+                let holds_it = matches!(range, (Bound::Included(a), Bound::Included(b))
+                    if a == b && slot.values.find(a).is_ok());
+                if !slot.partial || holds_it {
                     return Ok(false);
                 }
                 true
@@ -2314,6 +2318,8 @@ mod tests {
             1,
             "namespace 4 lies between restored rows: a point lookup"
         );
+        assert_eq!(t.get(b"mid", 4, Watermark::MIN).unwrap(), Some(&4));
+        assert_eq!(t.reads(), 1, "the slot holds namespace 4");
         assert_eq!(namespaces(&mut t, b"mid"), vec![4]);
         assert_eq!(t.reads(), 2, "all namespaces: the rest of the key");
         assert_eq!(namespaces(&mut t, b"mid"), vec![4]);
