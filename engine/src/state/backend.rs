@@ -13,8 +13,9 @@
 //! [`super::KeyedTable::versioned`]).
 //!
 //! Rows that belong to no single key group start with `0xffff`, above every key group (a job has
-//! at most 32768): timers, ordered by time across key groups
-//! (`[ff ff 01][table][time][encoded key]`, see [`super::timers`]), and the layout marker
+//! at most 32768): timers, ordered by time across key groups and within a time as their keys'
+//! rows are (`[ff ff 02][table][time][key group][key length][encoded key]`, see
+//! [`super::timers`]), and the layout marker
 //! (`[ff ff 00]format`), which says which [`FORMAT`] wrote the instance so that a newer version
 //! can read what an older one checkpointed. Each table also records the lowest and highest
 //! namespace it ever wrote (`[ff ff 00]ns:[table]`), and the marker `[ff ff 00]ns-ranges` says
@@ -53,13 +54,17 @@ pub(crate) const LEGACY_HEADER: usize = 16;
 /// rewritten whole at every snapshot (no marker row). 1: timers ordered by time outside the key
 /// groups and written as they change. 2: one row per (key, namespace) under the table's
 /// [`value_table_id`], values versioned; layouts 0 and 1 kept all namespaces of a key in one
-/// row, `[key group][table_id][encoded key]`, with a [`LEGACY_HEADER`].
-pub const FORMAT: u32 = 2;
+/// row, `[key group][table_id][encoded key]`, with a [`LEGACY_HEADER`]. 3: timers due at the
+/// same time ordered as their keys' rows (by [`timer_order`]) under `[ff ff 02]`; layouts 1
+/// and 2 kept them in key order under `[ff ff 01]`.
+pub const FORMAT: u32 = 3;
 
 /// First bytes of the rows outside key groups.
 const OUTSIDE: [u8; 2] = [0xff, 0xff];
 const META: u8 = 0;
-const TIMERS: u8 = 1;
+/// Timers of layouts 1 and 2.
+const LEGACY_TIMERS: u8 = 1;
+const TIMERS: u8 = 2;
 
 fn format_key() -> Vec<u8> {
     [&OUTSIDE[..], &[META], b"format"].concat()
@@ -120,19 +125,27 @@ pub(crate) fn time_from_bytes(b: [u8; 8]) -> i64 {
     (u64::from_be_bytes(b) ^ (1 << 63)) as i64
 }
 
-/// The row key of the timer at `t` for `key` in timer table `table`.
-pub(crate) fn timer_key(table: [u8; 4], t: i64, key: &[u8]) -> Vec<u8> {
+/// The row key of the timer at `t` for the key whose [`timer_order`] is `order`, in timer
+/// table `table`.
+pub(crate) fn timer_key(table: [u8; 4], t: i64, order: &[u8]) -> Vec<u8> {
     let mut k = timer_prefix(table);
     k.extend_from_slice(&time_bytes(t));
-    k.extend_from_slice(key);
+    k.extend_from_slice(order);
     k
 }
 
-/// The time and encoded key of a timer row key.
+/// The time and the rest of a timer row key: the key's [`timer_order`], or in layouts 1 and 2
+/// the encoded key itself.
 pub(crate) fn decode_timer_key(row: &[u8]) -> Option<(i64, &[u8])> {
     let rest = row.get(TIMER_PREFIX_LEN..)?;
     let t = time_from_bytes(rest.get(..8)?.try_into().ok()?);
     Some((t, &rest[8..]))
+}
+
+/// The first row key of timer table `table` in layouts 1 and 2 (`[time][encoded key]`, in
+/// (time, key) order).
+pub(crate) fn legacy_timer_prefix(table: [u8; 4]) -> Vec<u8> {
+    [&OUTSIDE[..], &[LEGACY_TIMERS], &table].concat()
 }
 
 const TIMER_PREFIX_LEN: usize = 7;
@@ -223,18 +236,46 @@ pub(crate) fn key_prefix(kg: KeyGroup, table: [u8; 4], key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(6 + 5 + key.len() + 8);
     k.extend_from_slice(&(kg.0 as u16).to_be_bytes());
     k.extend_from_slice(&table);
+    push_key(&mut k, key);
+    k
+}
+
+/// Appends `key` as row keys hold it: its length (LEB128), then its bytes.
+fn push_key(k: &mut impl Extend<u8>, key: &[u8]) {
     let mut len = key.len();
     loop {
         let byte = (len & 0x7f) as u8;
         len >>= 7;
         if len == 0 {
-            k.push(byte);
+            k.extend([byte]);
             break;
         }
-        k.push(byte | 0x80);
+        k.extend([byte | 0x80]);
     }
-    k.extend_from_slice(key);
+    k.extend(key.iter().copied());
+}
+
+/// `key` as timers order it: `[key group: u16 BE][key length: LEB128][encoded key]`, the order
+/// of the key's rows in every table, so the keys due at one time come in the order their rows
+/// are stored (see [`super::timers`]).
+pub(crate) fn timer_order(kg: KeyGroup, key: &[u8]) -> super::StateKey {
+    let mut k = super::StateKey::new();
+    k.extend((kg.0 as u16).to_be_bytes());
+    push_key(&mut k, key);
     k
+}
+
+/// The encoded key of a [`timer_order`].
+pub(crate) fn key_of_order(order: &[u8]) -> Option<&[u8]> {
+    let mut len = 0usize;
+    for (i, b) in order.get(2..)?.iter().enumerate().take(5) {
+        len |= ((b & 0x7f) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            let key = order.get(2 + i + 1..)?;
+            return (key.len() == len).then_some(key);
+        }
+    }
+    None
 }
 
 /// The row key of (`key`, `ns`) in `table`.
@@ -620,13 +661,18 @@ impl KeyedBackend {
             let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
             put(&k, &v)?;
         }
-        let timers = [&OUTSIDE[..], &[TIMERS]].concat();
+        // timers of both layouts (an older snapshot's are moved when their queue attaches)
+        let timers = [&OUTSIDE[..], &[LEGACY_TIMERS]].concat();
         let mut ro = ReadOptions::default();
         ro.set_total_order_seek(true);
         ro.set_iterate_upper_bound([&OUTSIDE[..], &[TIMERS + 1]].concat());
         for item in src.iterator_opt(IteratorMode::From(&timers, Direction::Forward), ro) {
             let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
-            if decode_timer_key(&k).is_some_and(|(_, key)| self.owns(key)) {
+            let key = decode_timer_key(&k).and_then(|(_, rest)| match k[2] {
+                LEGACY_TIMERS => Some(rest),
+                _ => key_of_order(rest),
+            });
+            if key.is_some_and(|key| self.owns(key)) {
                 put(&k, &v)?;
             }
         }
@@ -732,6 +778,51 @@ impl KeyedBackend {
             Ok(None) => Ok(None),
             Err(e) => Err(db_err("reading state", e)),
         }
+    }
+
+    /// Calls `f(i, value)` for each of `rows` (sorted) the instance holds, `i` being the row's
+    /// index. One iterator steps from one row to the next where they lie a few rows apart and
+    /// seeks where they do not, so rows asked for in the order they are stored cost a step
+    /// each rather than a lookup in every level.
+    pub(crate) fn get_sorted(
+        &self,
+        rows: &[Vec<u8>],
+        mut f: impl FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        /// Steps tried before a seek.
+        const STEPS: usize = 16;
+        let Some(last) = rows.last() else {
+            return Ok(());
+        };
+        debug_assert!(rows.is_sorted());
+        self.wait_for_rows()?;
+        let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
+        let mut upper = last.clone();
+        upper.push(0);
+        ro.set_iterate_upper_bound(upper);
+        let mut it = self.db().raw_iterator_opt(ro);
+        for (i, row) in rows.iter().enumerate() {
+            let row = row.as_slice();
+            if i == 0 {
+                it.seek(row);
+            } else {
+                // the iterator is at the first row at or after the one asked for before (or
+                // past the last row asked for: none of the rest exists)
+                let mut steps = 0;
+                while steps < STEPS && it.key().is_some_and(|k| k < row) {
+                    it.next();
+                    steps += 1;
+                }
+                if it.key().is_some_and(|k| k < row) {
+                    it.seek(row);
+                }
+            }
+            if it.key() == Some(row) {
+                f(i, it.value().unwrap_or_default())?;
+            }
+        }
+        it.status().map_err(|e| db_err("reading state", e))
     }
 
     /// Writes `batch`, or keeps it for the snapshot being taken (see [`Self::defer_writes`]).
@@ -1062,6 +1153,13 @@ fn remove_part(part: &Path) -> Result<()> {
 }
 
 /// The smallest byte string greater than every string starting with `prefix`.
+/// The smallest key above every key that starts with `prefix`.
+pub(crate) fn prefix_upper(prefix: &[u8]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    increment(&mut k);
+    k
+}
+
 fn increment(prefix: &mut Vec<u8>) {
     while let Some(last) = prefix.last_mut() {
         if *last < 0xff {

@@ -1,23 +1,28 @@
 //! Event-time timers: "call me back for this key when the watermark reaches t".
 //!
-//! A [`Timers`] queue is ordered by *(time, key)*: timers due at the same time fire in key order,
-//! so a rerun, or a run restored from a snapshot, fires them alike, and registering the same
-//! (time, key) twice keeps one timer.
+//! A [`Timers`] queue is ordered by time, and timers due at the same time by their keys'
+//! [`timer_order`](backend::timer_order) (key group, then key), which is the order the keys'
+//! rows are stored in: so a rerun, or a run restored from a snapshot, fires them alike,
+//! registering the same (time, key) twice keeps one timer, and an operator that reads the state
+//! of the keys it fires reads it front to back ([`super::KeyedTable::prefetch`]).
 //!
 //! **Storage.** Once [attached](Timers::attach) to its operator's [`KeyedBackend`], the queue
-//! lives in RocksDB, one empty row per timer under `[ff ff 01][table][time][key]` (time-ordered
-//! across key groups), and memory holds only the registrations since the last write, at most
-//! [`SPILL_AT`] of them. Memory therefore does not grow with the number of keys or windows, a
-//! checkpoint writes only the timers registered since the previous one, and a restore reads
-//! nothing up front. Timers that fired are deleted with one range tombstone per call of
+//! lives in RocksDB, one empty row per timer under `[ff ff 02][table][time][key order]`
+//! (time-ordered across key groups), and memory holds only the registrations since the last
+//! write, at most [`SPILL_AT`] of them. Memory therefore does not grow with the number of keys or
+//! windows, a checkpoint writes only the timers registered since the previous one, and a restore
+//! reads nothing up front. Timers that fired are deleted with one range tombstone per call of
 //! [`due`](Timers::due), and reads start at a cursor past them, so a queue that is consumed from
-//! its head does not make RocksDB step over deleted rows.
+//! its head does not make RocksDB step over deleted rows. A snapshot of layout 1 or 2 kept
+//! timers in (time, key) order under `[ff ff 01]`; they move to this layout when their queue
+//! attaches.
 use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::sync::Arc;
 
 use super::StateKey;
 use super::backend::{self, KeyedBackend};
+use crate::keys::{hash_key, key_group};
 use crate::{EngineError, Result, Watermark};
 
 /// Registrations kept in memory before they are written to RocksDB.
@@ -31,8 +36,11 @@ pub const FIRE_BATCH: usize = 4096;
 #[derive(Debug)]
 pub struct Timers {
     name: String,
-    /// Timers not yet written to the backend (all of them while detached).
+    /// Timers not yet written to the backend (all of them while detached), by time and key
+    /// order.
     pending: BTreeSet<(i64, StateKey)>,
+    /// The job's number of key groups, which the key order starts with (detached: one).
+    max_parallelism: u32,
     backing: Option<Backing>,
 }
 
@@ -53,6 +61,7 @@ impl Timers {
         Timers {
             name: name.into(),
             pending: BTreeSet::new(),
+            max_parallelism: 1,
             backing: None,
         }
     }
@@ -63,12 +72,20 @@ impl Timers {
     }
 
     /// Moves the queue into `backend`. If the backend was restored from a snapshot, its timers
-    /// are there; a snapshot of layout 0 kept them per key group, and they are moved into the
-    /// time-ordered layout here.
+    /// are there; a snapshot of layout 0 kept them per key group, and one of layouts 1 and 2 in
+    /// (time, key) order: they are moved into this layout here.
     pub fn attach(&mut self, backend: &Arc<KeyedBackend>) -> Result<()> {
         let table = backend::table_id(&format!("timers/{}", self.name));
+        self.max_parallelism = backend.max_parallelism();
+        // registrations while detached, ordered again by the backend's key groups
+        let detached = std::mem::take(&mut self.pending);
+        for (t, order) in detached {
+            let key = backend::key_of_order(&order).expect("made by `order`");
+            self.pending.insert((t, self.order(key)));
+        }
         if backend.restored() && backend.format() == 0 {
             let (name, pending) = (&self.name, &mut self.pending);
+            let mp = self.max_parallelism;
             backend.for_each_in_table(table, |k, _| {
                 let (Some(t), Some(key)) = (k.get(..8), k.get(8..)) else {
                     return Err(EngineError::State(format!(
@@ -76,10 +93,13 @@ impl Timers {
                     )));
                 };
                 let t = backend::time_from_bytes(t.try_into().expect("8 bytes"));
-                pending.insert((t, key.into()));
+                pending.insert((t, order_in(mp, key)));
                 Ok(())
             })?;
             backend.clear_table(table)?;
+        }
+        if backend.restored() && backend.format() < 3 {
+            self.move_legacy(backend, table)?;
         }
         self.backing = Some(Backing {
             backend: backend.clone(),
@@ -94,9 +114,45 @@ impl Timers {
         self.flush()
     }
 
+    /// Rewrites the timers of a restored snapshot of layout 1 or 2 (in (time, key) order) in
+    /// this layout, a chunk at a time, and deletes them.
+    fn move_legacy(&self, backend: &KeyedBackend, table: [u8; 4]) -> Result<()> {
+        const CHUNK: usize = 1 << 16;
+        let from = backend::legacy_timer_prefix(table);
+        let upper = backend::prefix_upper(&from);
+        let mut cursor = from.clone();
+        loop {
+            let rows = backend.scan_keys(&cursor, upper.clone(), CHUNK)?;
+            let Some(last) = rows.last() else {
+                break;
+            };
+            let mut batch = rocksdb::WriteBatch::default();
+            for row in &rows {
+                let (t, key) = backend::decode_timer_key(row).ok_or_else(|| {
+                    EngineError::State(format!("timer row of {} is too short", self.name))
+                })?;
+                if backend.owns(key) {
+                    batch.put(backend::timer_key(table, t, &self.order(key)), []);
+                }
+            }
+            cursor = last.to_vec();
+            cursor.push(0);
+            backend.write(batch)?;
+            if rows.len() < CHUNK {
+                break;
+            }
+        }
+        backend.delete_range(&from, &upper)
+    }
+
+    /// `key`'s place among the timers due at one time.
+    fn order(&self, key: &[u8]) -> StateKey {
+        order_in(self.max_parallelism, key)
+    }
+
     /// Registers a timer for `key` at event time `t`.
     pub fn register(&mut self, t: i64, key: &[u8]) -> Result<()> {
-        self.pending.insert((t, key.into()));
+        self.pending.insert((t, self.order(key)));
         if self.backing.is_some() && self.pending.len() >= SPILL_AT {
             self.flush()?;
         }
@@ -114,8 +170,8 @@ impl Timers {
         };
         b.earliest = b.earliest.min(*first);
         let mut batch = rocksdb::WriteBatch::default();
-        for (i, (t, key)) in std::mem::take(&mut self.pending).into_iter().enumerate() {
-            let row = backend::timer_key(b.table, t, &key);
+        for (i, (t, order)) in std::mem::take(&mut self.pending).into_iter().enumerate() {
+            let row = backend::timer_key(b.table, t, &order);
             // a timer registered behind the cursor (for a time that already passed) moves it
             // back; everything between was deleted, so nothing else reappears
             if i == 0 && row < b.cursor {
@@ -126,8 +182,8 @@ impl Timers {
         b.backend.write(batch)
     }
 
-    /// Removes and returns, in (time, key) order, up to `limit` timers at or before `wm`; call
-    /// again until it returns none.
+    /// Removes and returns, in (time, key order) order, up to `limit` timers at or before `wm`;
+    /// call again until it returns none.
     pub fn due(&mut self, wm: Watermark, limit: usize) -> Result<Vec<(i64, StateKey)>> {
         loop {
             let (out, more) = self.take_due(wm, limit.max(1))?;
@@ -147,10 +203,12 @@ impl Timers {
                 b.backend
                     .scan_keys(&b.cursor, backend::timer_upper(b.table, wm.0), limit + 1)?;
             for k in rows {
-                let (t, key) = backend::decode_timer_key(&k).ok_or_else(|| {
-                    EngineError::State(format!("timer row of {} is too short", self.name))
-                })?;
-                stored.push((t, StateKey::from(key), b.backend.owns(key)));
+                let (t, key, order) = backend::decode_timer_key(&k)
+                    .and_then(|(t, order)| Some((t, backend::key_of_order(order)?, order)))
+                    .ok_or_else(|| {
+                        EngineError::State(format!("timer row of {} is malformed", self.name))
+                    })?;
+                stored.push((t, StateKey::from(order), b.backend.owns(key)));
             }
         }
         let exhausted = stored.len() <= limit;
@@ -197,7 +255,7 @@ impl Timers {
             if let Some(b) = self.backing.as_mut() {
                 b.earliest = b.earliest.max(wm.0.saturating_add(1));
             }
-            return Ok((out, false));
+            return Ok((keys_of(out), false));
         };
         // what remains due in the backend starts at the first row not taken
         let mut rest = self.pending.split_off(&last);
@@ -216,13 +274,29 @@ impl Timers {
                 None => b.earliest,
             };
         }
-        Ok((out, more))
+        Ok((keys_of(out), more))
     }
 
     /// Timers held in memory (not yet written to the backend).
     pub fn in_memory(&self) -> usize {
         self.pending.len()
     }
+}
+
+/// `key`'s [`backend::timer_order`] in a job of `max_parallelism` key groups.
+fn order_in(max_parallelism: u32, key: &[u8]) -> StateKey {
+    backend::timer_order(key_group(hash_key(key), max_parallelism), key)
+}
+
+/// Timers as (time, key order) with the orders replaced by their keys.
+fn keys_of(timers: Vec<(i64, StateKey)>) -> Vec<(i64, StateKey)> {
+    timers
+        .into_iter()
+        .map(|(t, order)| {
+            let key = backend::key_of_order(&order).expect("checked when read or made");
+            (t, StateKey::from(key))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -288,7 +362,8 @@ mod tests {
                 .register(t, format!("k{}", i % 977).as_bytes())
                 .unwrap();
         }
-        expected.sort();
+        // by time, then as the keys' rows are stored
+        expected.sort_by_key(|(t, k)| (*t, order_in(128, k)));
         expected.dedup();
         let mut got = all_due(&mut timers, 2499, 1000);
         // a timer for a time that already passed still fires, at the next watermark
@@ -346,5 +421,94 @@ mod tests {
             .map(|i| (i, StateKey::from(format!("k{i}").as_bytes())))
             .collect();
         assert_eq!(got, want);
+    }
+
+    /// Timers due at one time come in the order their keys' rows are stored: by key group, then
+    /// by key length and bytes.
+    #[test]
+    fn timers_due_together_come_in_the_order_of_their_keys_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(dir.path(), "db");
+        let mut timers = Timers::new("fire");
+        timers.attach(&b).unwrap();
+        let keys: Vec<Vec<u8>> = (0..500u32)
+            .map(|i| format!("{}", i * 37).into_bytes())
+            .collect();
+        for k in &keys {
+            timers.register(7, k).unwrap();
+        }
+        timers.flush().unwrap();
+        for k in keys.iter().take(50) {
+            // some in RocksDB, some in memory, merged
+            timers.register(7, k).unwrap();
+            timers.register(8, k).unwrap();
+        }
+        let got = all_due(&mut timers, 7, 64);
+        let rows: Vec<Vec<u8>> = got
+            .iter()
+            .map(|(_, k)| {
+                let kg = crate::keys::key_group(hash_key(k), 128);
+                backend::key_prefix(kg, backend::value_table_id("slices"), k)
+            })
+            .collect();
+        assert_eq!(got.len(), keys.len());
+        assert!(rows.windows(2).all(|w| w[0] < w[1]), "not in row order");
+        assert_eq!(all_due(&mut timers, 8, 64).len(), 50);
+    }
+
+    /// Timers a snapshot of layout 2 kept in (time, key) order move to this layout when their
+    /// queue attaches, keys of other key groups left out, and fire as if registered now.
+    #[test]
+    fn timers_of_layout_2_are_moved_on_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = backend(dir.path(), "old");
+        old.set_format(2);
+        let table = backend::table_id("timers/fire");
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut all = Vec::new();
+        for i in 0..3000i64 {
+            let (t, key) = (i % 70, format!("key-{i}").into_bytes());
+            let mut row = backend::legacy_timer_prefix(table);
+            row.extend_from_slice(&backend::time_bytes(t));
+            row.extend_from_slice(&key);
+            batch.put(row, []);
+            all.push((t, key));
+        }
+        old.write(batch).unwrap();
+        let snap = dir.path().join("snap");
+        old.checkpoint(&snap).unwrap();
+        let cfg = StateConfig {
+            local_dir: dir.path().to_path_buf(),
+            ..StateConfig::default()
+        };
+        // the second half of the key groups, as a rescale to 2 gives it
+        let half = crate::KeyGroupRange::for_subtask(128, 2, 1);
+        let whole = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let restored = Arc::new(
+            KeyedBackend::restore(
+                &dir.path().join("new"),
+                &cfg,
+                half,
+                128,
+                vec![(snap, whole)],
+            )
+            .unwrap(),
+        );
+        assert_eq!(restored.format(), 2);
+        let mut timers = Timers::new("fire");
+        timers.attach(&restored).unwrap();
+        let legacy = backend::legacy_timer_prefix(table);
+        let left = restored
+            .scan_keys(&legacy, backend::prefix_upper(&legacy), 10)
+            .unwrap();
+        assert!(left.is_empty(), "timers of layout 2 stay behind");
+        let mut want: Vec<(i64, StateKey)> = all
+            .iter()
+            .filter(|(_, k)| restored.owns(k))
+            .map(|(t, k)| (*t, StateKey::from(k.as_slice())))
+            .collect();
+        assert!(want.len() > 1000 && want.len() < 2000);
+        want.sort_by_key(|(t, k)| (*t, order_in(128, k)));
+        assert_eq!(all_due(&mut timers, i64::MAX, 500), want);
     }
 }
