@@ -313,6 +313,23 @@ mod tests {
         Arc::new(KeyedBackend::open(&dir.join(name), &cfg, range, 128).unwrap())
     }
 
+    /// Snapshots `b` (which owns every key group) and restores the snapshot for `range`.
+    fn restored(
+        dir: &std::path::Path,
+        b: &KeyedBackend,
+        range: crate::KeyGroupRange,
+    ) -> Arc<KeyedBackend> {
+        let snap = dir.join("snap");
+        b.checkpoint(&snap).unwrap();
+        let cfg = StateConfig {
+            local_dir: dir.to_path_buf(),
+            ..StateConfig::default()
+        };
+        let whole = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let into = dir.join("restored");
+        Arc::new(KeyedBackend::restore(&into, &cfg, range, 128, vec![(snap, whole)]).unwrap())
+    }
+
     fn all_due(timers: &mut Timers, wm: i64, limit: usize) -> Vec<(i64, StateKey)> {
         let mut out = Vec::new();
         loop {
@@ -396,23 +413,7 @@ mod tests {
         }
         assert_eq!(all_due(&mut timers, 499, 64).len(), 500);
         timers.flush().unwrap();
-        let snap = dir.path().join("snap");
-        b.checkpoint(&snap).unwrap();
-        let cfg = StateConfig {
-            local_dir: dir.path().to_path_buf(),
-            ..StateConfig::default()
-        };
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let restored = Arc::new(
-            KeyedBackend::restore(
-                &dir.path().join("db2"),
-                &cfg,
-                range,
-                128,
-                vec![(snap, range)],
-            )
-            .unwrap(),
-        );
+        let restored = restored(dir.path(), &b, crate::KeyGroupRange::for_subtask(128, 1, 0));
         let mut timers = Timers::new("fire");
         timers.attach(&restored).unwrap();
         assert_eq!(timers.in_memory(), 0);
@@ -475,24 +476,11 @@ mod tests {
             all.push((t, key));
         }
         old.write(batch).unwrap();
-        let snap = dir.path().join("snap");
-        old.checkpoint(&snap).unwrap();
-        let cfg = StateConfig {
-            local_dir: dir.path().to_path_buf(),
-            ..StateConfig::default()
-        };
         // the second half of the key groups, as a rescale to 2 gives it
-        let half = crate::KeyGroupRange::for_subtask(128, 2, 1);
-        let whole = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let restored = Arc::new(
-            KeyedBackend::restore(
-                &dir.path().join("new"),
-                &cfg,
-                half,
-                128,
-                vec![(snap, whole)],
-            )
-            .unwrap(),
+        let restored = restored(
+            dir.path(),
+            &old,
+            crate::KeyGroupRange::for_subtask(128, 2, 1),
         );
         assert_eq!(restored.format(), 2);
         let mut timers = Timers::new("fire");
