@@ -1152,7 +1152,6 @@ fn remove_part(part: &Path) -> Result<()> {
     std::fs::remove_dir_all(part).map_err(|e| io_err(format!("removing {}", part.display()), e))
 }
 
-/// The smallest byte string greater than every string starting with `prefix`.
 /// The smallest key above every key that starts with `prefix`.
 pub(crate) fn prefix_upper(prefix: &[u8]) -> Vec<u8> {
     let mut k = prefix.to_vec();
@@ -1160,6 +1159,7 @@ pub(crate) fn prefix_upper(prefix: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The smallest byte string greater than every string starting with `prefix`.
 fn increment(prefix: &mut Vec<u8>) {
     while let Some(last) = prefix.last_mut() {
         if *last < 0xff {
