@@ -186,6 +186,7 @@ impl StartArgs {
 }
 
 fn main() {
+    freshet_security::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FRESHET_LOG")

@@ -21,6 +21,11 @@ pub struct OperatorArgs {
     /// A leader that has not renewed the lease for this long is replaced.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
+    /// Where the operator reaches a job's JobManager; `{name}` and `{namespace}` stand for the
+    /// StreamJob's. The default is its Service, as seen from inside the cluster; an operator
+    /// running elsewhere (a developer's machine, with a port-forward) names another address.
+    #[arg(long, env = "FRESHET_JOBMANAGER_ADDRESS", default_value = freshet_operator::IN_CLUSTER_JOBMANAGER)]
+    jobmanager_address: String,
     /// Where `/healthz` and `/readyz` are served; `off`.
     #[arg(long, default_value = "off")]
     health: String,
@@ -52,6 +57,7 @@ pub fn run(args: OperatorArgs) -> Result<i32> {
                 lease_name: args.lease_name,
                 identity,
                 lease_duration: args.lease_duration,
+                jobmanager_address: args.jobmanager_address,
             },
         )
         .await

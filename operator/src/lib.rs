@@ -69,24 +69,18 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context reaching JobManagers through their Services.
-    pub fn new(client: Client, identity: &str) -> Context {
+    /// A context reaching JobManagers at the addresses `template` gives (see
+    /// [`Settings::jobmanager_address`]).
+    pub fn new(client: Client, identity: &str, template: &str) -> Context {
         let reporter = Reporter {
             controller: "freshet-operator".into(),
             instance: Some(identity.into()),
         };
+        let template = template.to_string();
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            jobmanager: Arc::new(|sj: &StreamJob| {
-                let names = resources::Names::of(&sj.name_any());
-                format!(
-                    "{}.{}.svc:{}",
-                    names.jobmanager,
-                    sj.namespace().unwrap_or_else(|| "default".into()),
-                    resources::RPC_PORT
-                )
-            }),
+            jobmanager: Arc::new(move |sj: &StreamJob| jobmanager_address(&template, sj)),
             poll: Duration::from_secs(10),
             retry: Duration::from_secs(5),
         }
@@ -105,6 +99,20 @@ pub struct Settings {
     pub identity: String,
     /// Lease duration.
     pub lease_duration: Duration,
+    /// Where a job's JobManager is reached: `{name}` and `{namespace}` stand for the
+    /// StreamJob's (default [`IN_CLUSTER_JOBMANAGER`]).
+    pub jobmanager_address: String,
+}
+
+/// The JobManager Service of a StreamJob, as an operator inside the cluster reaches it.
+pub const IN_CLUSTER_JOBMANAGER: &str = "{name}-jobmanager.{namespace}.svc:6123";
+
+/// `template` with the StreamJob's name and namespace filled in.
+pub fn jobmanager_address(template: &str, sj: &StreamJob) -> String {
+    template.replace("{name}", &sj.name_any()).replace(
+        "{namespace}",
+        &sj.namespace().unwrap_or_else(|| "default".into()),
+    )
 }
 
 /// Runs the operator: waits for the leader lease, then reconciles StreamJobs until leadership
@@ -127,7 +135,11 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let ctx = Arc::new(Context::new(client, &settings.identity));
+    let ctx = Arc::new(Context::new(
+        client,
+        &settings.identity,
+        &settings.jobmanager_address,
+    ));
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();
     tokio::spawn(async move {
         let why = elector.keep().await;

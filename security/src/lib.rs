@@ -28,6 +28,15 @@ pub struct Error(pub String);
 /// The result of this crate's fallible calls.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Makes ring the process's default crypto provider, for TLS clients built without an explicit
+/// one (the Kubernetes client, the S3 client). Call it first thing in `main`: when a build links
+/// a second provider (a dependency's default features can add aws-lc-rs), rustls cannot choose
+/// one by itself and the first TLS connection panics. Calling it again does nothing.
+pub fn install_crypto_provider() {
+    // an error only says a provider is installed already
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A process's security settings: its TLS material (none: plain TCP) and the bearer tokens it
 /// accepts (none: clients need a certificate under TLS, nothing without).
 #[derive(Clone, Debug, Default)]

@@ -1,0 +1,581 @@
+//! The chart, the CRD and the operator against a real Kubernetes control plane
+//! ([`controlplane`]): what a user does with `helm` and `kubectl`, and what the API server,
+//! the controller-manager and the scheduler make of it.
+//!
+//! Real: etcd, kube-apiserver (authentication by client certificates and service-account
+//! tokens, RBAC, the CRD's schema and CEL rules), kube-controller-manager, kube-scheduler,
+//! `helm`, `kubectl`, and the operator as a `freshet operator` process authenticated as the
+//! chart's ServiceAccount. Standing in: no node runs Pods (they stay Pending), so a JobManager
+//! and a TaskManager process started on loopback play the job's pods, and the operator is told
+//! their address with `--jobmanager-address`.
+#[path = "../common/mod.rs"]
+mod common;
+mod controlplane;
+
+use serde_json::{Value, json};
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{Proc, repo};
+use controlplane::{ControlPlane, shared};
+
+/// The namespace and release of the chart every test shares.
+const SYSTEM: &str = "freshet-system";
+/// The chart's ServiceAccount for release `freshet`.
+const OPERATOR_SA: &str = "freshet-operator";
+
+/// The control plane with the chart installed once (release `freshet` in [`SYSTEM`]).
+fn cluster() -> &'static ControlPlane {
+    static CHART: OnceLock<()> = OnceLock::new();
+    let cp = shared();
+    CHART.get_or_init(|| {
+        cp.helm_ok(&[
+            "install",
+            "freshet",
+            &repo().join("helm/freshet-operator").display().to_string(),
+            "--namespace",
+            SYSTEM,
+            "--create-namespace",
+            "--set",
+            "image.repository=localhost/freshet",
+            "--set",
+            "image.tag=test",
+            "--wait=false",
+        ]);
+        // the CRD is served once established
+        cp.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/streamjobs.freshet.dev",
+            "--timeout=60s",
+        ]);
+    });
+    cp
+}
+
+/// A new namespace for one test.
+fn namespace(cp: &ControlPlane, name: &str) -> String {
+    cp.kubectl_ok(&["create", "namespace", name]);
+    name.to_string()
+}
+
+/// Polls `kubectl ARGS` until its output satisfies `done` (at most `secs` seconds).
+fn until(cp: &ControlPlane, secs: u64, args: &[&str], done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let out = cp.kubectl(args);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && done(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kubectl {} never satisfied the condition; last output:\n{text}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// `kubectl apply -f -` of `doc`: the command's output (stdout and stderr) and whether it
+/// succeeded.
+fn apply(cp: &ControlPlane, doc: &Value) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(controlplane::kubectl_binary())
+        .arg("--kubeconfig")
+        .arg(&cp.kubeconfig)
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(doc.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn example(name: &str) -> Value {
+    let text = std::fs::read_to_string(repo().join("deploy/examples").join(name)).unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+/// Merges `patch` into `target` as a JSON merge patch does.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+#[test]
+fn the_api_server_refuses_bad_specs_naming_the_field() {
+    let cp = cluster();
+    let ns = namespace(cp, "refusals");
+    // the examples as shipped are accepted
+    for name in [
+        "s3-credentials.yaml",
+        "clicks-per-user.yaml",
+        "revenue-per-store.yaml",
+    ] {
+        let mut doc = example(name);
+        doc["metadata"]["namespace"] = json!(ns);
+        let (ok, out) = apply(cp, &doc);
+        assert!(ok, "{name} refused: {out}");
+    }
+    let columns = cp.kubectl_ok(&["-n", &ns, "get", "streamjobs"]);
+    let header: Vec<&str> = columns.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "LIFECYCLE",
+            "JOB",
+            "PARALLELISM",
+            "LAST",
+            "SAVEPOINT",
+            "AGE"
+        ]
+    );
+    assert!(columns.contains("clicks-per-user"), "{columns}");
+
+    let cases = [
+        (
+            "parallelism 0",
+            json!({"parallelism": 0}),
+            "spec.parallelism",
+        ),
+        ("no image", json!({"image": ""}), "spec.image"),
+        (
+            "too few slots",
+            json!({"parallelism": 8, "taskManagers": {"replicas": 2, "slots": 2}}),
+            "spec.taskManagers.replicas",
+        ),
+        (
+            "zero slots",
+            json!({"taskManagers": {"slots": 0}}),
+            "spec.taskManagers.slots",
+        ),
+        (
+            "interval too short",
+            json!({"checkpointing": {"interval": "10ms", "storage": "s3://b/p"}}),
+            "spec.checkpointing.interval",
+        ),
+        (
+            "relative storage",
+            json!({"checkpointing": {"storage": "bucket/prefix"}}),
+            "spec.checkpointing.storage",
+        ),
+        (
+            "savepoint history of 0",
+            json!({"savepoints": {"maxCount": 0}}),
+            "spec.savepoints.maxCount",
+        ),
+        (
+            "unknown upgrade mode",
+            json!({"upgradeMode": "rolling"}),
+            "spec.upgradeMode",
+        ),
+        ("unknown state", json!({"state": "paused"}), "spec.state"),
+        (
+            "parallelism as text",
+            json!({"parallelism": "four"}),
+            "spec.parallelism",
+        ),
+        (
+            "a job without sinks",
+            json!({"job": {"sinks": null}}),
+            "spec.job.sinks",
+        ),
+    ];
+    for (i, (what, patch, field)) in cases.iter().enumerate() {
+        let mut doc = example("clicks-per-user.yaml");
+        doc["metadata"]["namespace"] = json!(ns);
+        doc["metadata"]["name"] = json!(format!("bad-{i}"));
+        merge(&mut doc["spec"], patch);
+        let (ok, out) = apply(cp, &doc);
+        assert!(!ok, "{what}: the API server accepted it:\n{out}");
+        assert!(
+            out.contains(field),
+            "{what}: the refusal does not name {field}:\n{out}"
+        );
+    }
+    // nothing refused was stored
+    let names = cp.kubectl_ok(&["-n", &ns, "get", "streamjobs", "-o", "name"]);
+    assert!(!names.contains("bad-"), "{names}");
+}
+
+/// A JobManager and a TaskManager (4 slots) on loopback, standing in for a job's pods: the
+/// processes and the JobManager's address.
+fn pods() -> (Proc, Proc, String) {
+    let jm = Proc::start(&["jobmanager".into(), "--listen".into(), "127.0.0.1:0".into()]);
+    let line = jm.wait_for("JobManager listening on ");
+    let address = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let tm = Proc::start(&[
+        "taskmanager".into(),
+        "--jobmanager".into(),
+        address.clone(),
+        "--slots".into(),
+        "4".into(),
+        "--id".into(),
+        "taskmanager-0".into(),
+    ]);
+    tm.wait_for("listening on");
+    (jm, tm, address)
+}
+
+/// `freshet operator` authenticated with a token of the chart's ServiceAccount (as its pod
+/// would be), reaching JobManagers at `jobmanager`.
+fn operator(cp: &ControlPlane, dir: &Path, identity: &str, jobmanager: &str) -> Proc {
+    let token = cp.kubectl_ok(&[
+        "-n",
+        SYSTEM,
+        "create",
+        "token",
+        OPERATOR_SA,
+        "--duration=2h",
+    ]);
+    let kubeconfig = dir.join(format!("{identity}.kubeconfig"));
+    controlplane::kubeconfig(
+        &kubeconfig,
+        &cp.server,
+        &cp.ca,
+        &format!("    token: {}", token.trim()),
+    );
+    let op = Proc::start_env(
+        &[
+            "operator".into(),
+            "--lease-namespace".into(),
+            SYSTEM.into(),
+            "--identity".into(),
+            identity.into(),
+            "--jobmanager-address".into(),
+            jobmanager.into(),
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    op.wait_for("leading; reconciling StreamJobs");
+    op
+}
+
+/// A StreamJob running an unbounded keyed job (generator → keep latest per key → file), with
+/// security off (the stand-in pods run without TLS).
+fn stream_job(ns: &str, name: &str, dir: &Path) -> Value {
+    json!({
+        "apiVersion": "freshet.dev/v1alpha1",
+        "kind": "StreamJob",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "image": "localhost/freshet:test",
+            "parallelism": 1,
+            "security": {"enabled": false},
+            "taskManagers": {"slots": 4},
+            "checkpointing": {"interval": "500ms", "storage": dir.join("state").display().to_string()},
+            "job": {
+                "version": 1,
+                "name": name,
+                "sources": {"gen": {
+                    "parallelism": 1,
+                    "connector": {"type": "generator", "rows_per_second": 400,
+                                  "fields": {"k": "seq % 16", "v": "seq", "ts": "seq"}},
+                    "event_time": "ts",
+                    "watermark": {"max_out_of_orderness": "1s"}
+                }},
+                "transforms": {"latest": {
+                    "type": "deduplicate", "input": "gen", "key": ["k"],
+                    "keep": "latest", "order_by": "v", "ttl": "1000d"
+                }},
+                "sinks": {"out": {"input": "latest",
+                    "connector": {"type": "file", "path": dir.join("out.jsonl").display().to_string()}}}
+            }
+        }
+    })
+}
+
+fn jsonpath(cp: &ControlPlane, ns: &str, what: &str, path: &str) -> String {
+    cp.kubectl_ok(&["-n", ns, "get", what, "-o", &format!("jsonpath={path}")])
+}
+
+#[test]
+fn the_operator_runs_a_job_with_the_charts_identity() {
+    let cp = cluster();
+    let ns = namespace(cp, "jobs");
+    let dir = tempfile::tempdir().unwrap();
+    let (_jm, _tm, address) = pods();
+    let op = operator(cp, dir.path(), "operator-0", &address);
+    let (ok, out) = apply(cp, &stream_job(&ns, "counts", dir.path()));
+    assert!(ok, "{out}");
+    let job = "streamjob/counts";
+    until(
+        cp,
+        90,
+        &["-n", &ns, "get", job, "-o", "jsonpath={.status.lifecycle}"],
+        |l| l == "running",
+    );
+    let row = cp.kubectl_ok(&["-n", &ns, "get", "streamjobs", "--no-headers"]);
+    assert!(
+        row.starts_with("counts") && row.contains("running"),
+        "{row}"
+    );
+
+    // what the operator made is owned by the StreamJob; the controller-manager rolled the
+    // Deployments out into ReplicaSets and Pods, which stay Pending without nodes
+    let uid = jsonpath(cp, &ns, job, "{.metadata.uid}");
+    let made: Value = serde_json::from_str(&cp.kubectl_ok(&[
+        "-n",
+        &ns,
+        "get",
+        "deployments,services,configmaps",
+        "-l",
+        "app.kubernetes.io/managed-by=freshet-operator",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let items = made["items"].as_array().unwrap();
+    let kinds: Vec<&str> = items.iter().map(|i| i["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "Deployment").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&"Service") && kinds.contains(&"ConfigMap"),
+        "{kinds:?}"
+    );
+    for i in items {
+        let owner = &i["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["uid"], json!(uid), "{i}");
+        assert_eq!(owner["controller"], json!(true), "{i}");
+    }
+    until(
+        cp,
+        60,
+        &[
+            "-n",
+            &ns,
+            "get",
+            "pods",
+            "-o",
+            "jsonpath={.items[*].status.phase}",
+        ],
+        |p| p.split_whitespace().count() >= 2 && p.split_whitespace().all(|p| p == "Pending"),
+    );
+
+    // a savepoint on request
+    cp.kubectl_ok(&[
+        "-n",
+        &ns,
+        "patch",
+        job,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"savepointTriggerNonce":1}}"#,
+    ]);
+    let path = until(
+        cp,
+        90,
+        &[
+            "-n",
+            &ns,
+            "get",
+            job,
+            "-o",
+            "jsonpath={.status.lastSavepoint.path}",
+        ],
+        |p| !p.is_empty(),
+    );
+    assert!(Path::new(&path).exists(), "savepoint {path} is not on disk");
+    let described = cp.kubectl_ok(&["-n", &ns, "describe", job]);
+    for what in ["Conditions:", "Ready", "JobSubmitted", "SavepointCompleted"] {
+        assert!(described.contains(what), "no {what} in:\n{described}");
+    }
+
+    // deleting the StreamJob deletes what it owns (the controller-manager's garbage collector)
+    cp.kubectl_ok(&["-n", &ns, "delete", job, "--wait=true"]);
+    let all = ["deployments,replicasets,pods,services", "configmaps"];
+    for (kinds, label) in all
+        .iter()
+        .zip(["", "app.kubernetes.io/managed-by=freshet-operator"])
+    {
+        until(
+            cp,
+            60,
+            &["-n", &ns, "get", kinds, "-l", label, "-o", "name"],
+            |names| names.trim().is_empty(),
+        );
+    }
+    drop(op);
+}
+
+/// `kubectl auth can-i VERB RESOURCE` as `user` (in `ns`, or cluster-wide); `RESOURCE/SUB`
+/// names a subresource.
+fn can_i(cp: &ControlPlane, user: &str, verb: &str, resource: &str, ns: Option<&str>) -> bool {
+    let mut args = vec!["auth", "can-i", verb, "--as", user];
+    match resource.split_once('/') {
+        Some((resource, sub)) => args.extend([resource, "--subresource", sub]),
+        None => args.push(resource),
+    }
+    match ns {
+        Some(ns) => args.extend(["-n", ns]),
+        None => args.push("--all-namespaces"),
+    }
+    let out = cp.kubectl(&args);
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        answer == "yes" || answer == "no",
+        "kubectl {}: {answer}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    answer == "yes"
+}
+
+#[test]
+fn the_charts_rbac_is_what_the_operator_needs_and_no_more() {
+    let cp = cluster();
+    let sa = format!("system:serviceaccount:{SYSTEM}:{OPERATOR_SA}");
+    let needed = [
+        ("list", "streamjobs.freshet.dev", None),
+        ("watch", "streamjobs.freshet.dev", None),
+        ("patch", "streamjobs.freshet.dev/status", None),
+        ("create", "deployments.apps", None),
+        ("patch", "deployments.apps", None),
+        ("delete", "deployments.apps", None),
+        ("watch", "deployments.apps", None),
+        ("create", "services", None),
+        ("patch", "configmaps", None),
+        ("get", "secrets", None),
+        ("create", "secrets", None),
+        ("create", "events.events.k8s.io", None),
+        ("get", "leases.coordination.k8s.io", Some(SYSTEM)),
+        ("update", "leases.coordination.k8s.io", Some(SYSTEM)),
+    ];
+    for (verb, resource, ns) in needed {
+        assert!(
+            can_i(cp, &sa, verb, resource, ns),
+            "the operator cannot {verb} {resource}"
+        );
+    }
+    let not_needed = [
+        // Secrets are read one by one, by name: never listed or watched, never changed
+        ("list", "secrets", None),
+        ("watch", "secrets", None),
+        ("update", "secrets", None),
+        ("delete", "secrets", None),
+        // the spec belongs to the user: the operator writes status only
+        ("patch", "streamjobs.freshet.dev", None),
+        ("update", "streamjobs.freshet.dev", None),
+        ("delete", "streamjobs.freshet.dev", None),
+        ("create", "pods", None),
+        ("create", "rolebindings.rbac.authorization.k8s.io", None),
+        ("update", "leases.coordination.k8s.io", Some("default")),
+    ];
+    for (verb, resource, ns) in not_needed {
+        assert!(
+            !can_i(cp, &sa, verb, resource, ns),
+            "the operator may {verb} {resource}, which it does not need"
+        );
+    }
+}
+
+#[test]
+fn helm_installs_upgrades_and_uninstalls_a_namespaced_release() {
+    let cp = cluster();
+    let ns = namespace(cp, "team-a");
+    let chart = repo().join("helm/freshet-operator").display().to_string();
+    let values = [
+        "--set",
+        "image.repository=localhost/freshet",
+        "--set",
+        "image.tag=test",
+        "--set",
+        "watchNamespace=team-a",
+    ];
+    let mut args = vec!["install", "scoped", &chart, "--namespace", &ns];
+    args.extend(values);
+    cp.helm_ok(&args);
+    let replicas =
+        |cp: &ControlPlane| jsonpath(cp, &ns, "deployment/scoped-operator", "{.spec.replicas}");
+    assert_eq!(replicas(cp), "1");
+    // watchNamespace makes the rules a Role in that namespace, not a ClusterRole
+    cp.kubectl_ok(&[
+        "-n",
+        &ns,
+        "get",
+        "role/scoped-operator",
+        "rolebinding/scoped-operator",
+    ]);
+    assert!(
+        !cp.kubectl(&["get", "clusterrole/scoped-operator"])
+            .status
+            .success()
+    );
+    let sa = format!("system:serviceaccount:{ns}:scoped-operator");
+    assert!(can_i(cp, &sa, "watch", "streamjobs.freshet.dev", Some(&ns)));
+    assert!(!can_i(
+        cp,
+        &sa,
+        "watch",
+        "streamjobs.freshet.dev",
+        Some("default")
+    ));
+
+    let mut args = vec![
+        "upgrade",
+        "scoped",
+        &chart,
+        "--namespace",
+        &ns,
+        "--set",
+        "replicas=2",
+    ];
+    args.extend(values);
+    cp.helm_ok(&args);
+    assert_eq!(replicas(cp), "2");
+
+    cp.helm_ok(&["uninstall", "scoped", "--namespace", &ns, "--wait"]);
+    let left = cp.kubectl_ok(&[
+        "-n",
+        &ns,
+        "get",
+        "deployments,serviceaccounts,roles,rolebindings",
+        "-l",
+        "app.kubernetes.io/instance=scoped",
+        "-o",
+        "name",
+    ]);
+    assert!(left.trim().is_empty(), "left after uninstall: {left}");
+    // the CRD stays (Helm never deletes what it installed from crds/), so StreamJobs survive
+    cp.kubectl_ok(&["get", "crd/streamjobs.freshet.dev"]);
+}
