@@ -254,8 +254,24 @@ fn pods() -> (Proc, Proc, String) {
 }
 
 /// `freshet operator` authenticated with a token of the chart's ServiceAccount (as its pod
-/// would be), reaching JobManagers at `jobmanager`.
-fn operator(cp: &ControlPlane, dir: &Path, identity: &str, jobmanager: &str) -> Proc {
+/// would be), reaching JobManagers at `jobmanager`. Tests run side by side, so each operator
+/// watches its test's namespace `ns` and elects its leader with a lease of its own.
+fn operator(cp: &ControlPlane, dir: &Path, identity: &str, ns: &str, jobmanager: &str) -> Proc {
+    let op = operator_process(cp, dir, identity, ns, jobmanager, &[]);
+    op.wait_for("leading; reconciling StreamJobs");
+    op
+}
+
+/// `freshet operator` as [`operator`] starts it, with `extra` arguments, not waiting for it to
+/// lead.
+fn operator_process(
+    cp: &ControlPlane,
+    dir: &Path,
+    identity: &str,
+    ns: &str,
+    jobmanager: &str,
+    extra: &[&str],
+) -> Proc {
     let token = cp.kubectl_ok(&[
         "-n",
         SYSTEM,
@@ -271,20 +287,21 @@ fn operator(cp: &ControlPlane, dir: &Path, identity: &str, jobmanager: &str) -> 
         &cp.ca,
         &format!("    token: {}", token.trim()),
     );
-    let op = Proc::start_env(
-        &[
-            "operator".into(),
-            "--lease-namespace".into(),
-            SYSTEM.into(),
-            "--identity".into(),
-            identity.into(),
-            "--jobmanager-address".into(),
-            jobmanager.into(),
-        ],
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-    );
-    op.wait_for("leading; reconciling StreamJobs");
-    op
+    let mut args: Vec<String> = vec![
+        "operator".into(),
+        "--namespace".into(),
+        ns.into(),
+        "--lease-namespace".into(),
+        SYSTEM.into(),
+        "--lease-name".into(),
+        format!("freshet-operator-{ns}"),
+        "--identity".into(),
+        identity.into(),
+        "--jobmanager-address".into(),
+        jobmanager.into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Proc::start_env(&args, &[("KUBECONFIG", kubeconfig.to_str().unwrap())])
 }
 
 /// A StreamJob running an unbounded keyed job (generator → keep latest per key → file), with
@@ -331,7 +348,7 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
     let ns = namespace(cp, "jobs");
     let dir = tempfile::tempdir().unwrap();
     let (_jm, _tm, address) = pods();
-    let op = operator(cp, dir.path(), "operator-0", &address);
+    let op = operator(cp, dir.path(), "operator-0", &ns, &address);
     let (ok, out) = apply(cp, &stream_job(&ns, "counts", dir.path()));
     assert!(ok, "{out}");
     let job = "streamjob/counts";
@@ -578,4 +595,258 @@ fn helm_installs_upgrades_and_uninstalls_a_namespaced_release() {
     assert!(left.trim().is_empty(), "left after uninstall: {left}");
     // the CRD stays (Helm never deletes what it installed from crds/), so StreamJobs survive
     cp.kubectl_ok(&["get", "crd/streamjobs.freshet.dev"]);
+}
+
+/// The StreamJob as JSON.
+fn get(cp: &ControlPlane, ns: &str, name: &str) -> Value {
+    serde_json::from_str(&cp.kubectl_ok(&["-n", ns, "get", "streamjob", name, "-o", "json"]))
+        .unwrap()
+}
+
+/// Waits until the operator has carried out the StreamJob's current spec and the job runs (at
+/// most 120 s): its status.
+fn until_running(cp: &ControlPlane, ns: &str, name: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let sj = get(cp, ns, name);
+        let st = &sj["status"];
+        if st["lifecycle"] == "running"
+            && st["jobState"] == "running"
+            && st.get("change").is_none()
+            && st["deployed"]["generation"] == sj["metadata"]["generation"]
+        {
+            return st.clone();
+        }
+        assert!(Instant::now() < deadline, "not running: {st:#}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn patch(cp: &ControlPlane, ns: &str, name: &str, spec: Value) {
+    cp.kubectl_ok(&[
+        "-n",
+        ns,
+        "patch",
+        "streamjob",
+        name,
+        "--type",
+        "merge",
+        "-p",
+        &json!({ "spec": spec }).to_string(),
+    ]);
+}
+
+#[test]
+fn upgrade_rescale_suspend_and_resume_with_kubectl() {
+    let cp = cluster();
+    let ns = namespace(cp, "lifecycle");
+    let dir = tempfile::tempdir().unwrap();
+    let (_jm, _tm, address) = pods();
+    let _op = operator(cp, dir.path(), "operator-0", &ns, &address);
+    let (ok, out) = apply(cp, &stream_job(&ns, "clicks", dir.path()));
+    assert!(ok, "{out}");
+    let st = until_running(cp, &ns, "clicks");
+    assert_eq!(st["deployed"]["startedWith"], "initial");
+    let first = st["jobId"].clone();
+    let replicas = |what: &str| {
+        jsonpath(
+            cp,
+            &ns,
+            &format!("deployment/clicks-{what}"),
+            "{.spec.replicas}",
+        )
+    };
+
+    // an upgrade: the job changed, so it stops with a savepoint and the new spec starts from it
+    patch(
+        cp,
+        &ns,
+        "clicks",
+        json!({"job": {"sources": {"gen": {"connector": {"rows_per_second": 500}}}}}),
+    );
+    let st = until_running(cp, &ns, "clicks");
+    assert_eq!(st["deployed"]["startedWith"], "savepoint", "{st:#}");
+    let upgrade = st["savepoints"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(upgrade["trigger"], "upgrade", "{st:#}");
+    assert_eq!(st["deployed"]["restoredFrom"], upgrade["path"]);
+    assert_ne!(st["jobId"], first);
+
+    // a rescale through the scale subresource, as `kubectl scale` does it
+    cp.kubectl_ok(&[
+        "-n",
+        &ns,
+        "patch",
+        "streamjob",
+        "clicks",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"taskManagers":{"slots":2}}}"#,
+    ]);
+    until_running(cp, &ns, "clicks");
+    cp.kubectl_ok(&["-n", &ns, "scale", "streamjob", "clicks", "--replicas", "3"]);
+    let st = until_running(cp, &ns, "clicks");
+    assert_eq!(st["parallelism"], 3, "{st:#}");
+    assert_eq!(st["deployed"]["parallelism"], 3, "{st:#}");
+    assert_eq!(st["deployed"]["startedWith"], "savepoint");
+    assert_eq!(replicas("taskmanager"), "2", "3 slots of 2");
+    // the scale subresource reports it back
+    let scale: Value = serde_json::from_str(&cp.kubectl_ok(&[
+        "get",
+        "--raw",
+        &format!("/apis/freshet.dev/v1alpha1/namespaces/{ns}/streamjobs/clicks/scale"),
+    ]))
+    .unwrap();
+    assert_eq!(scale["spec"]["replicas"], 3, "{scale}");
+    assert_eq!(scale["status"]["replicas"], 3, "{scale}");
+
+    // suspend: a savepoint, then no pods
+    patch(cp, &ns, "clicks", json!({"state": "suspended"}));
+    until(
+        cp,
+        120,
+        &[
+            "-n",
+            &ns,
+            "get",
+            "streamjob/clicks",
+            "-o",
+            "jsonpath={.status.lifecycle}",
+        ],
+        |l| l == "suspended",
+    );
+    assert_eq!(
+        (replicas("jobmanager"), replicas("taskmanager")),
+        ("0".into(), "0".into())
+    );
+    let st = get(cp, &ns, "clicks")["status"].clone();
+    let suspend = st["savepoints"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(suspend["trigger"], "suspend", "{st:#}");
+
+    // resume from the suspend savepoint
+    patch(cp, &ns, "clicks", json!({"state": "running"}));
+    let st = until_running(cp, &ns, "clicks");
+    assert_eq!(st["deployed"]["restoredFrom"], suspend["path"], "{st:#}");
+    assert_eq!(replicas("taskmanager"), "2");
+
+    // restarts in the other upgrade modes
+    std::thread::sleep(Duration::from_secs(2)); // a checkpoint completes meanwhile
+    patch(
+        cp,
+        &ns,
+        "clicks",
+        json!({"upgradeMode": "last-state", "restartNonce": 1}),
+    );
+    let st = until_running(cp, &ns, "clicks");
+    assert_eq!(st["deployed"]["startedWith"], "last-state", "{st:#}");
+    assert!(
+        st["deployed"]["restoredFrom"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/chk-"),
+        "{st:#}"
+    );
+    patch(
+        cp,
+        &ns,
+        "clicks",
+        json!({"upgradeMode": "stateless", "restartNonce": 2}),
+    );
+    let st = until_running(cp, &ns, "clicks");
+    assert_eq!(st["deployed"]["startedWith"], "stateless", "{st:#}");
+    assert!(st["deployed"].get("restoredFrom").is_none(), "{st:#}");
+}
+
+/// The jobs on the JobManager at `address` in `state` (`freshet list`).
+fn jobs_in(address: &str, state: &str) -> usize {
+    let out = common::freshet()
+        .args(["list", "--jobmanager", address])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(2) == Some(state))
+        .count()
+}
+
+/// Two operator replicas share a lease; the leader is killed (SIGKILL) in the middle of an
+/// upgrade; the standby takes the lease once it expires and finishes the upgrade, and the job
+/// runs once.
+#[test]
+fn a_standby_operator_finishes_the_upgrade_its_killed_leader_began() {
+    let cp = cluster();
+    let ns = namespace(cp, "failover");
+    let dir = tempfile::tempdir().unwrap();
+    let (_jm, _tm, address) = pods();
+    let lease = ["--lease-duration", "4s"];
+    let mut a = operator_process(cp, dir.path(), "operator-a", &ns, &address, &lease);
+    a.wait_for("leading; reconciling StreamJobs");
+    let b = operator_process(cp, dir.path(), "operator-b", &ns, &address, &lease);
+    b.wait_for("waiting for the leader lease");
+    let (ok, out) = apply(cp, &stream_job(&ns, "orders", dir.path()));
+    assert!(ok, "{out}");
+    let st = until_running(cp, &ns, "orders");
+    let first = st["jobId"].as_str().unwrap().to_string();
+    let holder = |cp: &ControlPlane| {
+        jsonpath(
+            cp,
+            SYSTEM,
+            &format!("lease/freshet-operator-{ns}"),
+            "{.spec.holderIdentity}",
+        )
+    };
+    assert_eq!(holder(cp), "operator-a");
+    assert!(
+        !b.log().contains("leading;"),
+        "both replicas lead:\n{}",
+        b.log()
+    );
+
+    patch(
+        cp,
+        &ns,
+        "orders",
+        json!({"job": {"sources": {"gen": {"connector": {"rows_per_second": 300}}}}}),
+    );
+    until(
+        cp,
+        60,
+        &[
+            "-n",
+            &ns,
+            "get",
+            "streamjob/orders",
+            "-o",
+            "jsonpath={.status.change.phase}",
+        ],
+        |p| !p.is_empty(),
+    );
+    a.kill();
+    let killed = Instant::now();
+    b.wait_for("leading; reconciling StreamJobs");
+    let takeover = killed.elapsed();
+    // the lease expires 4 s after the last renewal; the standby checks every second or so
+    assert!(
+        takeover < Duration::from_secs(8),
+        "took over after {takeover:?}"
+    );
+    assert_eq!(holder(cp), "operator-b");
+
+    let st = until_running(cp, &ns, "orders");
+    assert_eq!(st["deployed"]["startedWith"], "savepoint", "{st:#}");
+    assert_ne!(st["jobId"].as_str(), Some(first.as_str()));
+    let upgrades = st["savepoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["trigger"] == "upgrade")
+        .count();
+    assert_eq!(upgrades, 1, "{st:#}");
+    assert_eq!(jobs_in(&address, "running"), 1, "one job runs");
 }
