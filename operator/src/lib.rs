@@ -49,6 +49,10 @@ pub enum Error {
     /// This replica is no longer the leader.
     #[error("leadership lost: {0}")]
     Leadership(String),
+    /// The StreamJob changed since this reconcile read it; its status was not written. Retried
+    /// at once from a fresh read.
+    #[error("StreamJob {0} changed since it was read; reconciling it again")]
+    Stale(String),
     /// The Kubernetes API refused a request.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),

@@ -18,6 +18,7 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::{Instrument, info, info_span, warn};
 
 use freshet_crds::{
@@ -871,6 +872,11 @@ enum Stop {
 
 /// How long to wait before retrying after an error.
 pub fn error_policy(sj: Arc<StreamJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::Stale(_) = error {
+        // the watch brings the newer StreamJob; a short pause lets it reach the cache
+        info!(name = %sj.name_any(), %error);
+        return Action::requeue(Duration::from_millis(200));
+    }
     warn!(name = %sj.name_any(), %error, "reconcile failed");
     Action::requeue(ctx.retry)
 }

@@ -27,9 +27,16 @@ pub fn millis(t: &Time) -> i64 {
 }
 
 /// The status of one StreamJob as the operator works on it, and what was last written.
+///
+/// Each write carries the resource version the writer last saw, so the API server refuses it
+/// (409 Conflict, [`Error::Stale`]) when anyone changed the StreamJob since: a reconcile working
+/// from an outdated copy (a controller cache that lags, a replica that lost its lease) cannot
+/// overwrite a newer status. The reconcile is then run again from a fresh read.
 pub struct StatusWriter {
     api: Api<StreamJob>,
     name: String,
+    /// `metadata.resourceVersion` of the StreamJob as last read or written.
+    version: Option<String>,
     written: Value,
     /// The working copy.
     pub status: StreamJobStatus,
@@ -42,6 +49,7 @@ impl StatusWriter {
         StatusWriter {
             api,
             name: sj.name_any(),
+            version: sj.resource_version(),
             written: serde_json::to_value(&status).expect("a status serialises"),
             status,
         }
@@ -53,10 +61,19 @@ impl StatusWriter {
         if now == self.written {
             return Ok(());
         }
-        let patch = serde_json::json!({ "status": merge_patch(&self.written, &now) });
-        self.api
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": self.version },
+            "status": merge_patch(&self.written, &now),
+        });
+        let updated = self
+            .api
             .patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+            .await
+            .map_err(|e| match e {
+                kube::Error::Api(s) if s.code == 409 => Error::Stale(self.name.clone()),
+                e => Error::Kube(e),
+            })?;
+        self.version = updated.resource_version();
         self.written = now;
         Ok(())
     }

@@ -26,7 +26,24 @@ pub struct ControlPlane {
     pub ca: PathBuf,
     /// An admin kubeconfig (group `system:masters`).
     pub kubeconfig: PathBuf,
-    procs: Mutex<Vec<(String, Child)>>,
+    /// The running components: name, binary and arguments (to restart it), process.
+    procs: Mutex<Vec<Component>>,
+}
+
+struct Component {
+    name: String,
+    binary: PathBuf,
+    args: Vec<String>,
+    child: Child,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for c in self.procs.get_mut().unwrap().iter_mut() {
+            let _ = c.child.kill();
+            let _ = c.child.wait();
+        }
+    }
 }
 
 /// The control plane shared by the tests of this binary (each test works in namespaces of its
@@ -145,7 +162,10 @@ pub fn kubeconfig(path: &Path, server: &str, ca: &Path, user: &str) {
 }
 
 impl ControlPlane {
-    fn start() -> Result<ControlPlane, String> {
+    /// A control plane of its own, stopped when dropped; for tests that disturb it (such as
+    /// restarting the API server). Must be dropped on the thread that started it or later:
+    /// its processes die with that thread.
+    pub fn start() -> Result<ControlPlane, String> {
         let bin = binaries();
         let dir = tempfile::Builder::new()
             .prefix("freshet-k8s-")
@@ -278,8 +298,22 @@ impl ControlPlane {
     }
 
     fn spawn(&self, binary: &Path, name: &str, args: &[String]) {
+        let child = self.launch(binary, name, args);
+        self.procs.lock().unwrap().push(Component {
+            name: name.into(),
+            binary: binary.into(),
+            args: args.to_vec(),
+            child,
+        });
+    }
+
+    fn launch(&self, binary: &Path, name: &str, args: &[String]) -> Child {
         use std::os::unix::process::CommandExt;
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))
+            .unwrap();
         let mut cmd = Command::new(binary);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -292,10 +326,25 @@ impl ControlPlane {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-        self.procs.lock().unwrap().push((name.into(), child));
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()))
+    }
+
+    /// Kills component `name` (SIGKILL), starts it again with the same arguments, and waits
+    /// until the API server answers again.
+    pub fn restart(&self, name: &str) {
+        {
+            let mut procs = self.procs.lock().unwrap();
+            let c = procs
+                .iter_mut()
+                .find(|c| c.name == name)
+                .unwrap_or_else(|| panic!("no component {name}"));
+            c.child.kill().unwrap();
+            c.child.wait().unwrap();
+            c.child = self.launch(&c.binary, &c.name, &c.args);
+        }
+        self.wait_ready(&["get", "--raw", "/readyz"], Duration::from_secs(120))
+            .unwrap();
     }
 
     /// The last lines of a component's log.
@@ -313,11 +362,12 @@ impl ControlPlane {
             if out.status.success() {
                 return Ok(());
             }
-            for (name, child) in self.procs.lock().unwrap().iter_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
+            for c in self.procs.lock().unwrap().iter_mut() {
+                if let Ok(Some(status)) = c.child.try_wait() {
                     return Err(format!(
-                        "{name} exited ({status}):\n{}",
-                        self.log_tail(name)
+                        "{} exited ({status}):\n{}",
+                        c.name,
+                        self.log_tail(&c.name)
                     ));
                 }
             }

@@ -13,7 +13,7 @@ mod common;
 mod controlplane;
 
 use serde_json::{Value, json};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -257,21 +257,19 @@ fn pods() -> (Proc, Proc, String) {
 /// would be), reaching JobManagers at `jobmanager`. Tests run side by side, so each operator
 /// watches its test's namespace `ns` and elects its leader with a lease of its own.
 fn operator(cp: &ControlPlane, dir: &Path, identity: &str, ns: &str, jobmanager: &str) -> Proc {
-    let op = operator_process(cp, dir, identity, ns, jobmanager, &[]);
+    let op = operator_process(
+        &sa_kubeconfig(cp, dir, identity),
+        identity,
+        ns,
+        jobmanager,
+        &[],
+    );
     op.wait_for("leading; reconciling StreamJobs");
     op
 }
 
-/// `freshet operator` as [`operator`] starts it, with `extra` arguments, not waiting for it to
-/// lead.
-fn operator_process(
-    cp: &ControlPlane,
-    dir: &Path,
-    identity: &str,
-    ns: &str,
-    jobmanager: &str,
-    extra: &[&str],
-) -> Proc {
+/// A kubeconfig with a new token of the chart's ServiceAccount.
+fn sa_kubeconfig(cp: &ControlPlane, dir: &Path, identity: &str) -> PathBuf {
     let token = cp.kubectl_ok(&[
         "-n",
         SYSTEM,
@@ -287,6 +285,18 @@ fn operator_process(
         &cp.ca,
         &format!("    token: {}", token.trim()),
     );
+    kubeconfig
+}
+
+/// `freshet operator` with `kubeconfig`, as [`operator`] starts it, with `extra` arguments;
+/// not waiting for it to lead.
+fn operator_process(
+    kubeconfig: &Path,
+    identity: &str,
+    ns: &str,
+    jobmanager: &str,
+    extra: &[&str],
+) -> Proc {
     let mut args: Vec<String> = vec![
         "operator".into(),
         "--namespace".into(),
@@ -785,9 +795,10 @@ fn a_standby_operator_finishes_the_upgrade_its_killed_leader_began() {
     let dir = tempfile::tempdir().unwrap();
     let (_jm, _tm, address) = pods();
     let lease = ["--lease-duration", "4s"];
-    let mut a = operator_process(cp, dir.path(), "operator-a", &ns, &address, &lease);
+    let kubeconfig = sa_kubeconfig(cp, dir.path(), "operators");
+    let mut a = operator_process(&kubeconfig, "operator-a", &ns, &address, &lease);
     a.wait_for("leading; reconciling StreamJobs");
-    let b = operator_process(cp, dir.path(), "operator-b", &ns, &address, &lease);
+    let b = operator_process(&kubeconfig, "operator-b", &ns, &address, &lease);
     b.wait_for("waiting for the leader lease");
     let (ok, out) = apply(cp, &stream_job(&ns, "orders", dir.path()));
     assert!(ok, "{out}");
@@ -849,4 +860,98 @@ fn a_standby_operator_finishes_the_upgrade_its_killed_leader_began() {
         .count();
     assert_eq!(upgrades, 1, "{st:#}");
     assert_eq!(jobs_in(&address, "running"), 1, "one job runs");
+}
+
+/// The operator's watches and its lease outlive a restart of the API server (killed, started
+/// again on the same etcd): a savepoint requested afterwards is taken. A control plane of its
+/// own, with the CRD and no chart; the operator runs as the admin.
+#[test]
+fn the_operator_outlives_an_api_server_restart() {
+    let cp = ControlPlane::start().unwrap();
+    let crd = repo().join("helm/freshet-operator/crds/streamjob.yaml");
+    cp.kubectl_ok(&["apply", "-f", crd.to_str().unwrap()]);
+    cp.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/streamjobs.freshet.dev",
+    ]);
+    cp.kubectl_ok(&["create", "namespace", SYSTEM]);
+    let ns = namespace(&cp, "restarts");
+    let dir = tempfile::tempdir().unwrap();
+    let (_jm, _tm, address) = pods();
+    let mut op = operator_process(&cp.kubeconfig, "operator-0", &ns, &address, &[]);
+    op.wait_for("leading; reconciling StreamJobs");
+    let (ok, out) = apply(&cp, &stream_job(&ns, "visits", dir.path()));
+    assert!(ok, "{out}");
+    until_running(&cp, &ns, "visits");
+
+    let down = Instant::now();
+    cp.restart("kube-apiserver");
+    eprintln!("the API server answered again after {:?}", down.elapsed());
+    patch(&cp, &ns, "visits", json!({"savepointTriggerNonce": 7}));
+    until(
+        &cp,
+        90,
+        &[
+            "-n",
+            &ns,
+            "get",
+            "streamjob/visits",
+            "-o",
+            "jsonpath={.status.savepointTriggerNonce}",
+        ],
+        |n| n == "7",
+    );
+    assert_eq!(
+        op.exit_within(Duration::ZERO),
+        None,
+        "the operator exited:\n{}",
+        op.log()
+    );
+}
+
+/// A kube client with the admin's kubeconfig.
+async fn admin_client(cp: &ControlPlane) -> kube::Client {
+    freshet_security::install_crypto_provider();
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&cp.kubeconfig).unwrap(),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
+/// Two writers start from the same read of a StreamJob; the first writes its status; the
+/// second, now stale, is refused by the API server instead of overwriting it.
+#[test]
+fn a_stale_status_write_is_refused() {
+    use freshet_crds::{Lifecycle, StreamJob};
+    use freshet_operator::report::StatusWriter;
+    let cp = cluster();
+    let ns = namespace(cp, "stale");
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = apply(cp, &stream_job(&ns, "stale", dir.path()));
+    assert!(ok, "{out}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let api: kube::Api<StreamJob> = kube::Api::namespaced(admin_client(cp).await, &ns);
+        let read = api.get("stale").await.unwrap();
+        let mut fresh = StatusWriter::new(api.clone(), &read);
+        let mut stale = StatusWriter::new(api.clone(), &read);
+        fresh.status.lifecycle = Some(Lifecycle::Running);
+        fresh.save().await.unwrap();
+        // the same writer goes on from what it wrote
+        fresh.status.job_state = Some("running".into());
+        fresh.save().await.unwrap();
+        stale.status.lifecycle = Some(Lifecycle::Failed);
+        let refused = stale.save().await;
+        assert!(
+            matches!(refused, Err(freshet_operator::Error::Stale(_))),
+            "{refused:?}"
+        );
+        let st = api.get("stale").await.unwrap().status.unwrap();
+        assert_eq!(st.lifecycle, Some(Lifecycle::Running));
+        assert_eq!(st.job_state.as_deref(), Some("running"));
+    });
 }
