@@ -1,9 +1,10 @@
-//! Reconcile flows of the Kubernetes operator. The Kubernetes API is an in-memory fake
-//! (kube-fake-client): no API server can run on these machines, and nothing runs the pods the
-//! operator's Deployments describe. A real JobManager and TaskManager pair, started here as
-//! processes on loopback, stands in for those pods, and the operator talks to it over its gRPC
-//! control plane as it would to the JobManager Service. Checkpoints and savepoints go to a local
-//! directory.
+//! Reconcile flows of the Kubernetes operator, one reconcile at a time. The Kubernetes API is
+//! an in-memory fake (kube-fake-client), which lets a test step reconciles and hand one a stale
+//! copy; `cli/tests/k8s` runs the operator process against a real API server. Nothing runs the
+//! pods the operator's Deployments describe: a real JobManager and TaskManager pair, started
+//! here as processes on loopback, stands in for them, and the operator talks to it over its
+//! gRPC control plane as it would to the JobManager Service. Checkpoints and savepoints go to a
+//! local directory.
 mod common;
 
 use k8s_openapi::api::apps::v1::Deployment;
