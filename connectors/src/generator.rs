@@ -162,7 +162,7 @@ impl Source for GeneratorSource {
     }
 
     fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
-        snap.put(POSITION, self.produced.to_be_bytes().to_vec());
+        snap.put_fixed(POSITION, self.produced.to_be_bytes().to_vec());
         Ok(())
     }
 }

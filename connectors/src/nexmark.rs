@@ -159,7 +159,7 @@ impl Source for NexmarkSource {
         &mut self,
         snap: &mut freshet_engine::checkpoint::SnapshotContext<'_>,
     ) -> Result<()> {
-        snap.put(crate::generator::POSITION, self.next.to_be_bytes().to_vec());
+        snap.put_fixed(crate::generator::POSITION, self.next.to_be_bytes().to_vec());
         Ok(())
     }
 

@@ -22,12 +22,14 @@
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, info_span, warn};
 
-use freshet_engine::checkpoint::{RestoreSource, S3Options, Storage, SubtaskCommand};
+use freshet_engine::checkpoint::{
+    RestoreSource, S3Options, Storage, SubtaskCommand, fixed_parallelism_conflict,
+};
 use freshet_engine::metrics::MetricsSnapshot;
 use freshet_engine::state::StateConfig;
 use freshet_job::{JobSpec, Problems, RestartHistory, RestartSpec};
@@ -488,6 +490,22 @@ impl JobManager {
     ) -> Result<JobHandle, SubmitError> {
         let id = self.new_id(&spec.name);
         self.add(id, spec, base_dir, options, None)
+    }
+
+    /// What [`JobManager::submit_with`] checks before it accepts a job, without submitting it:
+    /// the plan, and whether the snapshot to restore (if any) fits it (operators matched by
+    /// name, key groups, state bound to a parallelism). The dry run of an upgrade.
+    pub fn check(
+        &self,
+        spec: &JobSpec,
+        base_dir: &Path,
+        options: &SubmitOptions,
+    ) -> Result<(), SubmitError> {
+        let plan = plan(spec, base_dir).map_err(SubmitError::Invalid)?;
+        if let Some(r) = &options.restore {
+            load_named(&plan, r, options)?;
+        }
+        Ok(())
     }
 
     /// Resumes the unfinished jobs of the job store (after this JobManager took over).
@@ -1313,6 +1331,32 @@ fn load_restore(
                 .map(|u| format!("'{u}'"))
                 .collect::<Vec<_>>()
                 .join(", ")
+        ))));
+    }
+    // state bound to the parallelism it was taken at, and keyed state split into another
+    // number of key groups, cannot be restored: refused now, before anything is deployed
+    for node in &plan.nodes {
+        if let Some(why) = r
+            .metadata
+            .operators
+            .get(&node.name)
+            .and_then(|snaps| fixed_parallelism_conflict(&node.name, snaps, node.parallelism))
+        {
+            return Err(Unusable::Refused(SubmitError::State(format!(
+                "{location} cannot be restored: {why}"
+            ))));
+        }
+    }
+    let keyed = r
+        .metadata
+        .operators
+        .values()
+        .flatten()
+        .any(|s| !s.files.is_empty());
+    if keyed && r.metadata.max_parallelism != spec.max_parallelism {
+        return Err(Unusable::Refused(SubmitError::State(format!(
+            "{location} was taken with max_parallelism {} but the job has {}; keyed state cannot be redistributed across a different number of key groups",
+            r.metadata.max_parallelism, spec.max_parallelism
         ))));
     }
     Ok(r)

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use freshet_engine::checkpoint::S3Options;
 use freshet_engine::metrics::MetricsSnapshot;
+use freshet_job::JobSpec;
 use freshet_proto::job_manager_server::{JobManager as JobManagerRpc, JobManagerServer};
 use freshet_proto::task_manager_client::TaskManagerClient;
 use freshet_proto::{self as pb, task_event};
@@ -420,6 +421,33 @@ impl JobManagerService {
     }
 }
 
+/// The job, base directory and options of a submission.
+#[allow(clippy::result_large_err)]
+fn submission(req: pb::SubmitJobRequest) -> Result<(JobSpec, PathBuf, SubmitOptions), Status> {
+    let spec = freshet_job::parse_job(&req.definition, "job", &req.overrides)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let options = SubmitOptions {
+        restore: (!req.restore.is_empty()).then_some(req.restore),
+        ignore_checkpoints: req.fresh,
+        allow_non_restored_state: req.allow_non_restored_state,
+    };
+    let base = if req.base_dir.is_empty() {
+        PathBuf::from(".")
+    } else {
+        PathBuf::from(req.base_dir)
+    };
+    Ok((spec, base, options))
+}
+
+/// A refused submission as a gRPC status: a bad job is the caller's input, a snapshot that
+/// does not fit is a precondition.
+fn submit_status(e: SubmitError) -> Status {
+    match e {
+        SubmitError::Invalid(p) => Status::invalid_argument(p.to_string()),
+        SubmitError::State(e) => Status::failed_precondition(e),
+    }
+}
+
 /// A job as clients see it.
 pub fn job_info(j: &JobHandle) -> pb::JobInfo {
     let s = j.status();
@@ -551,23 +579,27 @@ impl JobManagerRpc for JobManagerService {
         let req = request.into_inner();
         let jm = self.jm.clone();
         blocking(move || {
-            let spec = freshet_job::parse_job(&req.definition, "job", &req.overrides)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let options = SubmitOptions {
-                restore: (!req.restore.is_empty()).then_some(req.restore),
-                ignore_checkpoints: req.fresh,
-                allow_non_restored_state: req.allow_non_restored_state,
-            };
-            let base = if req.base_dir.is_empty() {
-                PathBuf::from(".")
-            } else {
-                PathBuf::from(req.base_dir)
-            };
-            match jm.submit_with(spec, base, options) {
-                Ok(j) => Ok(job_info(&j)),
-                Err(SubmitError::Invalid(p)) => Err(Status::invalid_argument(p.to_string())),
-                Err(SubmitError::State(e)) => Err(Status::failed_precondition(e)),
-            }
+            let (spec, base, options) = submission(req)?;
+            jm.submit_with(spec, base, options)
+                .map(|j| job_info(&j))
+                .map_err(submit_status)
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn check_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        self.guard.client(&request)?;
+        let req = request.into_inner();
+        let jm = self.jm.clone();
+        blocking(move || {
+            let (spec, base, options) = submission(req)?;
+            jm.check(&spec, &base, &options)
+                .map(|()| pb::Empty {})
+                .map_err(submit_status)
         })
         .await
         .map(Response::new)

@@ -125,6 +125,21 @@ impl JobManager {
         }
     }
 
+    /// Asks the JobManager whether it would accept `req`, without submitting it: `Ok(None)` if
+    /// so, `Ok(Some(reason))` if it refuses the job or the snapshot to restore, an error if it
+    /// could not be asked. A JobManager too old to know the call accepts everything.
+    pub async fn check(&self, req: pb::SubmitJobRequest) -> Result<Option<String>, Error> {
+        let mut c = self.client.clone();
+        match c.check_job(req).await {
+            Ok(_) => Ok(None),
+            Err(s) if matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition) => {
+                Ok(Some(s.message().to_string()))
+            }
+            Err(s) if s.code() == Code::Unimplemented => Ok(None),
+            Err(s) => Err(self.fail("checking the job", s)),
+        }
+    }
+
     /// Cancels job `id` (waits up to 30 s for it to end).
     pub async fn cancel(&self, id: &str) -> Result<pb::JobInfo, Error> {
         let mut c = self.client.clone();

@@ -417,6 +417,11 @@ impl Reconciler<'_> {
         settings: &JobSettings,
     ) -> Result<Action, Error> {
         let mode = self.sj.spec.upgrade_mode;
+        if kind == ChangeKind::Upgrade
+            && let Some(why) = self.restore_refused(settings).await?
+        {
+            return self.refuse_change(why, settings).await;
+        }
         let change = Change {
             kind,
             generation: self.generation,
@@ -455,6 +460,68 @@ impl Reconciler<'_> {
         )
         .await;
         self.continue_change(change, settings).await
+    }
+
+    /// Why the JobManager would refuse the new spec together with the state of the running job,
+    /// asked before that job is stopped. The job's latest completed checkpoint or savepoint
+    /// stands in for the savepoint the stop would take (same operators, same parallelism);
+    /// without one, only the new plan is checked.
+    async fn restore_refused(&self, settings: &JobSettings) -> Result<Option<String>, Error> {
+        let Some(id) = self.w.status.job_id.clone() else {
+            return Ok(None);
+        };
+        let jm = self.jobmanager().await?;
+        let restore = match self.sj.spec.upgrade_mode {
+            UpgradeMode::Stateless => None,
+            UpgradeMode::Savepoint | UpgradeMode::LastState => jm
+                .snapshots(&id)
+                .await?
+                .into_iter()
+                .rev()
+                .find(|s| s.completed("checkpoint") || s.completed("savepoint"))
+                .and_then(|s| s.path),
+        };
+        jm.check(pb::SubmitJobRequest {
+            definition: settings.definition.clone(),
+            overrides: settings.overrides.clone(),
+            base_dir: crate::resources::JOB_DIR.into(),
+            restore: restore.unwrap_or_default(),
+            fresh: false,
+            allow_non_restored_state: self.sj.spec.allow_non_restored_state,
+        })
+        .await
+    }
+
+    /// The new spec cannot take over the running job's state: the change is not started, the
+    /// job keeps running, and `UpgradeHalted` says why until the spec changes again.
+    async fn refuse_change(
+        &mut self,
+        why: String,
+        settings: &JobSettings,
+    ) -> Result<Action, Error> {
+        let message = format!(
+            "generation {} cannot restore the state of the running job, so it is not deployed and the job keeps running generation {}: {why}",
+            self.generation,
+            self.w.status.deployed.as_ref().map_or(0, |d| d.generation)
+        );
+        warn!(%message, "change refused before stopping the job");
+        self.w.condition(
+            "UpgradeHalted",
+            true,
+            "RestoreCheckFailed",
+            &message,
+            self.generation,
+        );
+        self.w.condition(
+            "Reconciling",
+            false,
+            "ChangeHalted",
+            "see UpgradeHalted",
+            self.generation,
+        );
+        self.w.save().await?;
+        self.event(true, "UpgradeHalted", message).await;
+        self.observe(settings).await
     }
 
     /// Takes the next step of the change in progress.

@@ -955,3 +955,93 @@ fn a_stale_status_write_is_refused() {
         assert_eq!(st.job_state.as_deref(), Some("running"));
     });
 }
+
+/// A rescale the running job's state cannot take (a generator's position is bound to the
+/// parallelism it ran at) is refused before the job is stopped: the job keeps running, the
+/// `UpgradeHalted` condition and an event say why, and fixing the spec lets the rescale
+/// through.
+#[test]
+fn a_rescale_that_cannot_restore_is_refused_before_stopping_the_job() {
+    let cp = cluster();
+    let ns = namespace(cp, "dry-run");
+    let dir = tempfile::tempdir().unwrap();
+    let (_jm, _tm, address) = pods();
+    let _op = operator(cp, dir.path(), "operator-0", &ns, &address);
+    let mut sj = stream_job(&ns, "sales", dir.path());
+    // the generator follows the job's parallelism
+    sj["spec"]["job"]["sources"]["gen"]
+        .as_object_mut()
+        .unwrap()
+        .remove("parallelism");
+    let (ok, out) = apply(cp, &sj);
+    assert!(ok, "{out}");
+    let st = until_running(cp, &ns, "sales");
+    let job = st["jobId"].clone();
+    let job_path = "streamjob/sales";
+    until(
+        cp,
+        60,
+        &[
+            "-n",
+            &ns,
+            "get",
+            job_path,
+            "-o",
+            "jsonpath={.status.lastCheckpoint.path}",
+        ],
+        |p| !p.is_empty(),
+    );
+
+    cp.kubectl_ok(&["-n", &ns, "scale", job_path, "--replicas", "2"]);
+    let reason = until(
+        cp,
+        60,
+        &[
+            "-n",
+            &ns,
+            "get",
+            job_path,
+            "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="UpgradeHalted")].reason}"#,
+        ],
+        |r| !r.is_empty(),
+    );
+    assert_eq!(reason, "RestoreCheckFailed");
+    let sj = get(cp, &ns, "sales");
+    let st = &sj["status"];
+    let halted = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "UpgradeHalted")
+        .unwrap();
+    let message = halted["message"].as_str().unwrap();
+    assert!(
+        message.contains("'gen' ran at parallelism 1") && message.contains("parallelism: 1"),
+        "{message}"
+    );
+    // nothing was stopped: the same job runs, and no savepoint was taken for the rescale
+    assert_eq!(st["jobId"], job);
+    assert_eq!(st["lifecycle"], "running");
+    assert!(st.get("change").is_none(), "{st:#}");
+    assert!(
+        st.get("savepoints")
+            .is_none_or(|s| s.as_array().unwrap().is_empty()),
+        "{st:#}"
+    );
+    assert_eq!(jobs_in(&address, "running"), 1);
+    let described = cp.kubectl_ok(&["-n", &ns, "describe", job_path]);
+    assert!(described.contains("UpgradeHalted"), "{described}");
+
+    // a generator with a fixed parallelism lets the keyed part rescale
+    patch(
+        cp,
+        &ns,
+        "sales",
+        json!({"job": {"sources": {"gen": {"parallelism": 1}}}}),
+    );
+    let st = until_running(cp, &ns, "sales");
+    assert_eq!(st["deployed"]["parallelism"], 2, "{st:#}");
+    assert_eq!(st["deployed"]["startedWith"], "savepoint", "{st:#}");
+    assert_ne!(st["jobId"], job);
+}

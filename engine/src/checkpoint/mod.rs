@@ -124,6 +124,29 @@ pub struct NamedState {
     /// Size and [`checksum`] of the stored bytes, when they are not inline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored: Option<(u64, String)>,
+    /// Only the subtask with the same index at the same parallelism can restore it (a
+    /// generator's position in its share of a sequence): the snapshot restores at the
+    /// parallelism it was taken at, or not at all.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fixed_parallelism: bool,
+}
+
+/// Why the state of operator `uid` in `snapshots` cannot be restored at `parallelism`, if it
+/// cannot: a piece of it is bound to the parallelism it was taken at.
+pub fn fixed_parallelism_conflict(
+    uid: &str,
+    snapshots: &[OperatorSnapshot],
+    parallelism: u32,
+) -> Option<String> {
+    snapshots.iter().find_map(|s| {
+        let piece = s.state.iter().find(|n| n.fixed_parallelism)?;
+        (s.parallelism != parallelism).then(|| {
+            format!(
+                "'{uid}' ran at parallelism {} when the snapshot was taken, and its state '{}' can only be restored at that parallelism, not at {parallelism}; give '{uid}' a fixed `parallelism: {}` in the job",
+                s.parallelism, piece.name, s.parallelism
+            )
+        })
+    })
 }
 
 /// Non-keyed state larger than this is stored in a file instead of inline in the metadata.

@@ -82,11 +82,23 @@ impl<'a> SnapshotContext<'a> {
     /// Stores a piece of non-keyed state. On restore every subtask sees the pieces of every
     /// former subtask, so it can pick the ones it is now responsible for.
     pub fn put(&mut self, name: impl Into<String>, data: Vec<u8>) {
+        self.push(name.into(), data, false);
+    }
+
+    /// Stores a piece of non-keyed state that only this subtask index at this parallelism can
+    /// restore. The JobManager refuses to restore the snapshot at another parallelism (see
+    /// [`super::fixed_parallelism_conflict`]), before anything is deployed.
+    pub fn put_fixed(&mut self, name: impl Into<String>, data: Vec<u8>) {
+        self.push(name.into(), data, true);
+    }
+
+    fn push(&mut self, name: String, data: Vec<u8>, fixed_parallelism: bool) {
         self.state.push(NamedState {
-            name: name.into(),
+            name,
             data,
             path: None,
             stored: None,
+            fixed_parallelism,
         });
     }
 
@@ -423,6 +435,7 @@ fn upload_all(
                 data: Vec::new(),
                 path: Some(path),
                 stored: Some(stored),
+                fixed_parallelism: n.fixed_parallelism,
             });
         }
         operators.insert(
@@ -481,12 +494,14 @@ mod tests {
                 data: vec![1, 2, 3],
                 path: None,
                 stored: None,
+                fixed_parallelism: false,
             },
             NamedState {
                 name: "big".into(),
                 data: big.clone(),
                 path: None,
                 stored: None,
+                fixed_parallelism: true,
             },
         ];
         let op = OperatorState::new("sink:t".into(), None, &info, Vec::new());
@@ -517,6 +532,24 @@ mod tests {
             .unwrap();
         let restored =
             RestoreSource::load(chk.url(), Path::new("."), &S3Options::default()).unwrap();
-        assert_eq!(restored.operator("sink:t")[0].state[1].data, big);
+        let pieces = &restored.operator("sink:t")[0].state;
+        assert_eq!(pieces[1].data, big);
+        // a piece bound to its parallelism stays marked, inline or in a file of its own
+        assert_eq!(
+            (pieces[0].fixed_parallelism, pieces[1].fixed_parallelism),
+            (false, true)
+        );
+        let conflict =
+            crate::checkpoint::fixed_parallelism_conflict("sink:t", restored.operator("sink:t"), 2);
+        assert!(
+            conflict
+                .as_deref()
+                .is_some_and(|m| m.contains("parallelism 1") && m.contains("'big'")),
+            "{conflict:?}"
+        );
+        assert_eq!(
+            crate::checkpoint::fixed_parallelism_conflict("sink:t", restored.operator("sink:t"), 1),
+            None
+        );
     }
 }
