@@ -156,8 +156,8 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
 }
 
 pub fn taskmanager(args: TaskManagerArgs) -> Result<i32> {
-    // ready once started: whether it registered is the JobManager's to judge
-    crate::health::serve(&args.health, "taskmanager")?.set(true);
+    // ready while registered with the JobManager: its slots can be used
+    let ready = crate::health::serve(&args.health, "taskmanager")?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "taskmanager".into());
@@ -173,6 +173,7 @@ pub fn taskmanager(args: TaskManagerArgs) -> Result<i32> {
         state_dir: args.state_dir,
         cancellation_timeout: args.cancellation_timeout,
         security: args.tls.taskmanager()?,
+        registered: ready.flag(),
     };
     freshet_taskmanager::service::run(config)?;
     Ok(0)

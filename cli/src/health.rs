@@ -12,6 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Readiness(Arc<AtomicBool>);
 
 impl Readiness {
+    /// The flag itself, for a component that sets it as its state changes.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+
     /// Marks the component ready (or not).
     pub fn set(&self, ready: bool) {
         self.0.store(ready, Ordering::SeqCst);
@@ -51,7 +56,7 @@ pub fn serve(listen: &str, component: &'static str) -> Result<Readiness> {
                                 } else {
                                     (
                                         StatusCode::SERVICE_UNAVAILABLE,
-                                        format!("{component} starting\n"),
+                                        format!("{component} not ready\n"),
                                     )
                                 }
                             }

@@ -931,34 +931,40 @@ fn free_port() -> String {
     l.local_addr().unwrap().to_string()
 }
 
-/// The probes' endpoints: the JobManager and the TaskManager answer `/healthz` and `/readyz`.
+/// The probes' endpoints: the JobManager and the TaskManager answer `/healthz` and `/readyz`;
+/// a TaskManager is ready only while it is registered with the JobManager.
 #[test]
 fn processes_serve_health_endpoints() {
-    let jm_health = free_port();
-    let jm = Proc::start(&[
-        "jobmanager".into(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--health".into(),
-        jm_health.clone(),
-    ]);
-    let line = jm.wait_for("JobManager listening on ");
-    let address = line
-        .split("listening on ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
+    let jm_listen = free_port();
     let tm_health = free_port();
+    // the TaskManager first, with no JobManager to register with: alive, not ready
     let tm = Proc::start(&[
         "taskmanager".into(),
         "--jobmanager".into(),
-        address.into(),
+        jm_listen.clone(),
         "--health".into(),
         tm_health.clone(),
     ]);
     tm.wait_for("listening on");
+    let (code, body) = http_get(&tm_health, "/healthz");
+    assert_eq!((code, body.trim()), (200, "taskmanager alive"));
+    let (code, body) = http_get(&tm_health, "/readyz");
+    assert_eq!((code, body.trim()), (503, "taskmanager not ready"));
+
+    let jm_health = free_port();
+    let mut jm = Proc::start(&[
+        "jobmanager".into(),
+        "--listen".into(),
+        jm_listen.clone(),
+        "--health".into(),
+        jm_health.clone(),
+        "--heartbeat-interval".into(),
+        "200ms".into(),
+        "--heartbeat-timeout".into(),
+        "1s".into(),
+    ]);
+    jm.wait_for("JobManager listening on ");
+    tm.wait_for("registered with the JobManager");
     for (addr, who) in [(&jm_health, "jobmanager"), (&tm_health, "taskmanager")] {
         let (code, body) = http_get(addr, "/healthz");
         assert_eq!((code, body.trim()), (200, format!("{who} alive").as_str()));
@@ -966,4 +972,10 @@ fn processes_serve_health_endpoints() {
         assert_eq!((code, body.trim()), (200, format!("{who} ready").as_str()));
         assert_eq!(http_get(addr, "/nothing").0, 404);
     }
+
+    // the JobManager gone: not ready again once the TaskManager notices
+    jm.kill();
+    tm.wait_for("JobManager lost");
+    let (code, _) = http_get(&tm_health, "/readyz");
+    assert_eq!(code, 503);
 }

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
@@ -53,6 +53,9 @@ pub struct TaskManagerConfig {
     /// TLS for the service, the data plane and the calls to the JobManager: with it, only
     /// processes with a certificate of the cluster's CA may connect.
     pub security: Security,
+    /// Set while the TaskManager is registered with the JobManager (its readiness: slots the
+    /// JobManager can use).
+    pub registered: Arc<AtomicBool>,
 }
 
 struct Service {
@@ -332,6 +335,7 @@ pub fn run(config: TaskManagerConfig) -> anyhow::Result<()> {
                 "registered with a JobManager of an older epoch"
             );
         }
+        config.registered.store(true, Ordering::Release);
         info!(
             jobmanager = %config.jobmanager,
             epoch = resp.leader_epoch,
@@ -362,10 +366,12 @@ pub fn run(config: TaskManagerConfig) -> anyhow::Result<()> {
             match beat {
                 Ok(r) if r.get_ref().known => last_ok = Instant::now(),
                 Ok(_) => {
+                    config.registered.store(false, Ordering::Release);
                     warn!("the JobManager no longer knows this TaskManager; registering again");
                     break;
                 }
                 Err(s) if last_ok.elapsed() > timeout => {
+                    config.registered.store(false, Ordering::Release);
                     warn!(error = %s.message(), "JobManager lost; registering again");
                     break;
                 }
