@@ -118,6 +118,10 @@ pub struct StreamJobSpec {
     /// `running` or `suspended` (the job is stopped as `upgradeMode` says; pods are removed).
     #[serde(default)]
     pub state: DesiredState,
+    /// What deleting the StreamJob does to a running job: `savepoint` (the default) stops it
+    /// with a final savepoint before the StreamJob goes; `none` deletes it without one.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
     /// TLS and authentication: on by default, with certificates and a token the operator
     /// makes unless Secrets are named.
     #[serde(default)]

@@ -144,6 +144,18 @@ impl UpgradeMode {
     }
 }
 
+/// What deleting a StreamJob does to its running job.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeletionPolicy {
+    /// Stop the job with a savepoint first; the StreamJob stays (with a warning event) while
+    /// the savepoint fails, until it succeeds or the policy is set to `none`.
+    #[default]
+    Savepoint,
+    /// Delete without a final savepoint (the latest savepoints and checkpoints stay stored).
+    None,
+}
+
 /// Whether the job should run.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]

@@ -201,6 +201,8 @@ pub enum SavepointTrigger {
     Upgrade,
     /// Before a suspend in savepoint mode.
     Suspend,
+    /// Before the StreamJob is deleted (`deletionPolicy: savepoint`).
+    Delete,
 }
 
 /// Outcome of a savepoint.

@@ -22,8 +22,8 @@ use std::time::Duration;
 use tracing::{Instrument, info, info_span, warn};
 
 use freshet_crds::{
-    Change, ChangeKind, ChangePhase, CheckpointRecord, Deployed, DesiredState, Lifecycle,
-    SavepointRecord, SavepointState, SavepointTrigger, StreamJob, UpgradeMode,
+    Change, ChangeKind, ChangePhase, CheckpointRecord, DeletionPolicy, Deployed, DesiredState,
+    Lifecycle, SavepointRecord, SavepointState, SavepointTrigger, StreamJob, UpgradeMode,
 };
 use freshet_proto as pb;
 
@@ -48,19 +48,68 @@ pub async fn reconcile(sj: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, 
         let api: Api<StreamJob> = Api::namespaced(ctx.client.clone(), &ns);
         // the controller's cache may not have seen the status this operator wrote last: the
         // steps are decided on the object as the API server has it now
-        let Some(sj) = api.get_opt(&sj.name_any()).await? else {
+        let Some(mut sj) = api.get_opt(&sj.name_any()).await? else {
             return Ok(Action::await_change());
         };
+        let ours = sj.finalizers().iter().any(|f| f == FINALIZER);
+        if sj.metadata.deletion_timestamp.is_none() && !ours {
+            sj = set_finalizer(&api, &sj, true).await?;
+        }
         let mut r = Reconciler {
             sj: &sj,
             ctx: &ctx,
             generation: sj.metadata.generation.unwrap_or(0),
-            w: StatusWriter::new(api, &sj),
+            w: StatusWriter::new(api.clone(), &sj),
         };
+        if sj.metadata.deletion_timestamp.is_some() {
+            if !ours {
+                return Ok(Action::await_change());
+            }
+            if !r.delete().await? {
+                // a failed final savepoint is not retried at once: it would likely fail again
+                return Ok(Action::requeue(FINAL_SAVEPOINT_RETRY));
+            }
+            set_finalizer(&api, &sj, false).await?;
+            return Ok(Action::await_change());
+        }
         r.run().await
     }
     .instrument(span)
     .await
+}
+
+/// The operator's finalizer: a StreamJob being deleted stays until its job was stopped as
+/// `deletionPolicy` says.
+pub const FINALIZER: &str = "freshet.dev/final-savepoint";
+
+/// Time before a failed final savepoint is tried again.
+const FINAL_SAVEPOINT_RETRY: Duration = Duration::from_secs(30);
+
+/// Adds (`on`) or removes the operator's finalizer: a merge patch carrying the resource version
+/// read, so it cannot undo a change made meanwhile (refused with [`Error::Stale`]).
+async fn set_finalizer(api: &Api<StreamJob>, sj: &StreamJob, on: bool) -> Result<StreamJob, Error> {
+    let mut finalizers: Vec<String> = sj
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    if on {
+        finalizers.push(FINALIZER.into());
+    }
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": sj.resource_version(), "finalizers": finalizers}
+    });
+    api.patch(
+        &sj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(|e| match e {
+        kube::Error::Api(s) if s.code == 409 => Error::Stale(sj.name_any()),
+        e => Error::Kube(e),
+    })
 }
 
 /// Where a new job starts.
@@ -81,6 +130,70 @@ struct Reconciler<'a> {
 }
 
 impl Reconciler<'_> {
+    /// The StreamJob is being deleted: stops its running job as `deletionPolicy` says. True when
+    /// the StreamJob may go; false (a failed final savepoint) or an error keeps the finalizer,
+    /// and so the StreamJob, and a later pass tries again.
+    async fn delete(&mut self) -> Result<bool, Error> {
+        let running = match (&self.w.status.job_id, &self.w.status.deployed) {
+            (Some(id), Some(_)) => {
+                let jm = self.jobmanager().await?;
+                let state = jm.job(id).await?.map(|j| j.state);
+                state
+                    .is_some_and(|s| !is_terminal(&s))
+                    .then(|| (id.clone(), jm))
+            }
+            _ => None,
+        };
+        let kept = || {
+            self.w
+                .status
+                .last_savepoint
+                .as_ref()
+                .and_then(|s| s.path.clone())
+                .map(|p| format!("the latest savepoint is {p}"))
+                .unwrap_or_else(|| "there is no savepoint".into())
+        };
+        let Some((id, jm)) = running else {
+            let note = format!("no job was running; {}", kept());
+            self.event(false, "Deleted", note).await;
+            return Ok(true);
+        };
+        if self.sj.spec.deletion_policy == DeletionPolicy::None {
+            let note = format!(
+                "deletionPolicy none: job {id} left without a final savepoint; {}",
+                kept()
+            );
+            self.event(false, "Deleted", note).await;
+            return Ok(true);
+        }
+        let directory = JobSettings::of(self.sj)?.savepoints;
+        info!(job = %id, "stopping with a final savepoint before the StreamJob is deleted");
+        match jm.savepoint(&id, &directory, true).await {
+            Ok(path) => {
+                self.record_savepoint(SavepointTrigger::Delete, Ok(path.clone()), None);
+                self.w.save().await?;
+                self.event(
+                    false,
+                    "FinalSavepoint",
+                    format!("{path} (stopped job {id} before the StreamJob was deleted)"),
+                )
+                .await;
+                Ok(true)
+            }
+            Err(Error::Savepoint(m)) => {
+                let message = format!(
+                    "the final savepoint failed, so the StreamJob is kept and its job {id} keeps running; it is tried again, or set deletionPolicy: none to delete without one: {m}"
+                );
+                self.record_savepoint(SavepointTrigger::Delete, Err(message.clone()), None);
+                self.w.save().await?;
+                warn!(%message);
+                self.event(true, "FinalSavepointFailed", message).await;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn run(&mut self) -> Result<Action, Error> {
         self.w.status.selector = Some(taskmanager_selector(&self.sj.name_any()));
         if self.w.status.lifecycle.is_none() {

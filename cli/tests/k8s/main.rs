@@ -448,8 +448,30 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
         assert!(described.contains(what), "no {what} in:\n{described}");
     }
 
-    // deleting the StreamJob deletes what it owns (the controller-manager's garbage collector)
-    cp.kubectl_ok(&["-n", &ns, "delete", job, "--wait=true"]);
+    // deleting the StreamJob stops its job with a final savepoint first (the operator's
+    // finalizer), then the garbage collector deletes what it owned
+    assert_eq!(
+        jsonpath(cp, &ns, job, "{.metadata.finalizers}"),
+        r#"["freshet.dev/final-savepoint"]"#
+    );
+    let running = jsonpath(cp, &ns, job, "{.status.jobId}");
+    cp.kubectl_ok(&["-n", &ns, "delete", job, "--wait=true", "--timeout=90s"]);
+    let events = cp.kubectl_ok(&[
+        "-n",
+        &ns,
+        "get",
+        "events",
+        "--field-selector",
+        "reason=FinalSavepoint",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ]);
+    let final_savepoint = events.split(' ').next().unwrap_or_default().to_string();
+    assert!(
+        !final_savepoint.is_empty() && Path::new(&final_savepoint).exists(),
+        "no final savepoint on disk: {events:?}"
+    );
+    assert_eq!(jobs_in(&address, "running"), 0, "job {running} still runs");
     let all = ["deployments,replicasets,pods,services", "configmaps"];
     for (kinds, label) in all
         .iter()
@@ -496,6 +518,8 @@ fn the_charts_rbac_is_what_the_operator_needs_and_no_more() {
         ("list", "streamjobs.freshet.dev", None),
         ("watch", "streamjobs.freshet.dev", None),
         ("patch", "streamjobs.freshet.dev/status", None),
+        // its finalizer (the spec-admission policy keeps the spec out of reach)
+        ("patch", "streamjobs.freshet.dev", None),
         ("create", "deployments.apps", None),
         ("patch", "deployments.apps", None),
         ("delete", "deployments.apps", None),
@@ -520,8 +544,7 @@ fn the_charts_rbac_is_what_the_operator_needs_and_no_more() {
         ("watch", "secrets", None),
         ("update", "secrets", None),
         ("delete", "secrets", None),
-        // the spec belongs to the user: the operator writes status only
-        ("patch", "streamjobs.freshet.dev", None),
+        // the StreamJob belongs to the user
         ("update", "streamjobs.freshet.dev", None),
         ("delete", "streamjobs.freshet.dev", None),
         ("create", "pods", None),
@@ -534,6 +557,55 @@ fn the_charts_rbac_is_what_the_operator_needs_and_no_more() {
             "the operator may {verb} {resource}, which it does not need"
         );
     }
+
+    // RBAC lets it patch StreamJobs (for its finalizer); the chart's admission policy keeps
+    // their spec out of its reach
+    let ns = namespace(cp, "spec-policy");
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = apply(cp, &stream_job(&ns, "owned", dir.path()));
+    assert!(ok, "{out}");
+    let as_operator = |patch: &str| {
+        cp.kubectl(&[
+            "-n",
+            &ns,
+            "patch",
+            "streamjob",
+            "owned",
+            "--as",
+            &sa,
+            "--type",
+            "merge",
+            "-p",
+            patch,
+        ])
+    };
+    let refused = as_operator(r#"{"spec":{"parallelism":2}}"#);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("never its spec"), "{why}");
+    assert_eq!(
+        jsonpath(cp, &ns, "streamjob/owned", "{.spec.parallelism}"),
+        "1"
+    );
+    let allowed = as_operator(r#"{"metadata":{"finalizers":["freshet.dev/final-savepoint"]}}"#);
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    // the user may still change the spec
+    patch(cp, &ns, "owned", json!({"parallelism": 2}));
+    cp.kubectl_ok(&[
+        "-n",
+        &ns,
+        "patch",
+        "streamjob",
+        "owned",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
 }
 
 #[test]
@@ -1044,4 +1116,75 @@ fn a_rescale_that_cannot_restore_is_refused_before_stopping_the_job() {
     assert_eq!(st["deployed"]["parallelism"], 2, "{st:#}");
     assert_eq!(st["deployed"]["startedWith"], "savepoint", "{st:#}");
     assert_ne!(st["jobId"], job);
+}
+
+/// A final savepoint that fails keeps the StreamJob (and its running job) and says why;
+/// `deletionPolicy: none` then lets it go without one.
+#[test]
+fn a_failed_final_savepoint_keeps_the_stream_job_until_the_policy_says_otherwise() {
+    let cp = cluster();
+    let ns = namespace(cp, "deletion");
+    let dir = tempfile::tempdir().unwrap();
+    let (_jm, _tm, address) = pods();
+    let _op = operator(cp, dir.path(), "operator-0", &ns, &address);
+    // savepoints cannot be written under a regular file
+    std::fs::write(dir.path().join("blocker"), b"").unwrap();
+    let mut sj = stream_job(&ns, "keep", dir.path());
+    sj["spec"]["savepoints"] =
+        json!({"directory": dir.path().join("blocker/savepoints").display().to_string()});
+    let (ok, out) = apply(cp, &sj);
+    assert!(ok, "{out}");
+    until_running(cp, &ns, "keep");
+    cp.kubectl_ok(&["-n", &ns, "delete", "streamjob/keep", "--wait=false"]);
+    until(
+        cp,
+        60,
+        &[
+            "-n",
+            &ns,
+            "get",
+            "events",
+            "--field-selector",
+            "reason=FinalSavepointFailed",
+            "-o",
+            "name",
+        ],
+        |names| !names.trim().is_empty(),
+    );
+    // still there, being deleted, and its job still runs
+    let sj = get(cp, &ns, "keep");
+    assert!(sj["metadata"]["deletionTimestamp"].is_string(), "{sj:#}");
+    assert_eq!(jobs_in(&address, "running"), 1);
+    let failed = sj["status"]["savepoints"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (failed["trigger"].as_str(), failed["state"].as_str()),
+        (Some("delete"), Some("failed")),
+        "{failed}"
+    );
+
+    patch(cp, &ns, "keep", json!({"deletionPolicy": "none"}));
+    cp.kubectl_ok(&[
+        "-n",
+        &ns,
+        "wait",
+        "--for=delete",
+        "streamjob/keep",
+        "--timeout=90s",
+    ]);
+    let note = cp.kubectl_ok(&[
+        "-n",
+        &ns,
+        "get",
+        "events",
+        "--field-selector",
+        "reason=Deleted",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ]);
+    assert!(note.contains("deletionPolicy none"), "{note}");
 }
