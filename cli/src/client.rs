@@ -98,6 +98,8 @@ fn stop_or_savepoint(
             job: job.into(),
             directory: dir.unwrap_or_default(),
             stop,
+            // the command prints where the savepoint is once it completed
+            detach: false,
         })
         .await
     })?;

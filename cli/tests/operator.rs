@@ -463,8 +463,20 @@ async fn lifecycle_of_a_stream_job() {
     );
     let first_job = st.job_id.clone().unwrap();
 
-    // savepoint on request
+    // savepoint on request: one pass triggers it and records it as in progress without
+    // waiting for it; a later pass records its outcome
     h.patch_spec(json!({"savepointTriggerNonce": 1})).await;
+    h.step().await;
+    let st = Harness::status(&h.get().await);
+    let pending = st
+        .savepoint_in_progress
+        .clone()
+        .expect("a savepoint in progress");
+    assert_eq!(
+        (pending.trigger, pending.nonce, pending.job_id.as_str()),
+        (SavepointTrigger::Manual, Some(1), first_job.as_str())
+    );
+    assert!(st.savepoints.is_empty() && st.savepoint_trigger_nonce.is_none());
     let sj = h
         .until("manual savepoint", |sj| {
             Harness::status(sj).savepoint_trigger_nonce == Some(1)

@@ -51,6 +51,10 @@ pub struct StreamJobStatus {
     /// When the last periodic savepoint was attempted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_periodic_savepoint: Option<Time>,
+    /// A requested or periodic savepoint the JobManager is taking: the operator triggers it
+    /// and looks for its outcome on later passes, never waiting for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub savepoint_in_progress: Option<PendingSavepoint>,
     /// `Ready`, `Reconciling`, `UpgradeHalted`, `SpecValid`, `JobFailed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -164,6 +168,23 @@ pub struct CheckpointRecord {
     pub id: i64,
     /// Where it is stored.
     pub path: String,
+    /// When it was triggered.
+    pub time: Time,
+}
+
+/// A savepoint triggered and not yet completed or failed.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingSavepoint {
+    /// Its id among the job's checkpoints and savepoints.
+    pub id: u64,
+    /// The job it is of.
+    pub job_id: String,
+    /// Why it was taken.
+    pub trigger: SavepointTrigger,
+    /// `spec.savepointTriggerNonce` it answers (manual savepoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<i64>,
     /// When it was triggered.
     pub time: Time,
 }

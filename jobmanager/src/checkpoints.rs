@@ -76,6 +76,9 @@ pub struct CheckpointStats {
     pub path: Option<String>,
     /// Why it failed.
     pub failure: Option<String>,
+    /// A stop-with-savepoint: the job stops once it completes.
+    #[serde(default)]
+    pub stop: bool,
 }
 
 /// Settings of a coordinator.
@@ -465,13 +468,19 @@ impl Coordinator {
         id
     }
 
-    /// Triggers a savepoint into `target`; with `stop`, the job stops once it completes. The
-    /// returned channel yields the savepoint's path or why it failed.
+    /// Triggers a savepoint into `target`; with `stop`, the job stops once it completes. Returns
+    /// its id, and a channel that yields the savepoint's path or why it failed.
     pub fn savepoint(
         &self,
         target: String,
         stop: bool,
-    ) -> Result<crossbeam_channel::Receiver<Result<String, String>>, String> {
+    ) -> Result<
+        (
+            CheckpointId,
+            crossbeam_channel::Receiver<Result<String, String>>,
+        ),
+        String,
+    > {
         let mut s = self.state.lock();
         if s.stopped {
             return Err("the job is not running".into());
@@ -483,7 +492,7 @@ impl Coordinator {
             return Err("a stop-with-savepoint is already in progress".into());
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.trigger(
+        let id = self.trigger(
             &mut s,
             SnapshotKind::Savepoint,
             Some(target),
@@ -492,7 +501,7 @@ impl Coordinator {
             Some(tx),
         );
         self.wake.notify_all();
-        Ok(rx)
+        Ok((id, rx))
     }
 
     /// Handles a subtask's report.
@@ -555,6 +564,7 @@ impl Coordinator {
             expected: self.settings.subtasks.len(),
             path,
             failure,
+            stop: p.barrier.stop,
         }
     }
 

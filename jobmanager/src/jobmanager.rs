@@ -290,6 +290,27 @@ impl JobHandle {
     /// `checkpointing.savepoint_dir`); with `stop`, the job stops once it completes. Waits for the
     /// outcome and returns the savepoint's location.
     pub fn savepoint(&self, dir: Option<&str>, stop: bool) -> Result<String, String> {
+        let (_, _, rx) = self.trigger_savepoint(dir, stop)?;
+        rx.recv()
+            .unwrap_or_else(|_| Err("the job ended before the savepoint completed".into()))
+    }
+
+    /// Triggers a savepoint into a new directory under `dir` (the job's savepoint directory if
+    /// `None`) without waiting for it: its id, its location once completed, and a channel that
+    /// yields the outcome. Its progress is also in [`JobHandle::checkpoints`].
+    #[allow(clippy::type_complexity)]
+    pub fn trigger_savepoint(
+        &self,
+        dir: Option<&str>,
+        stop: bool,
+    ) -> Result<
+        (
+            u64,
+            String,
+            crossbeam_channel::Receiver<Result<String, String>>,
+        ),
+        String,
+    > {
         let spec = &self.entry.plan.spec;
         let Some(cp) = &spec.checkpointing else {
             return Err("the job has no checkpointing section; savepoints need one".into());
@@ -309,9 +330,8 @@ impl JobHandle {
             chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ")
         );
         let target = parent.child(&name).url().to_string();
-        let rx = c.savepoint(target, stop)?;
-        rx.recv()
-            .unwrap_or_else(|_| Err("the job ended before the savepoint completed".into()))
+        let (id, rx) = c.savepoint(target.clone(), stop)?;
+        Ok((id, target, rx))
     }
 
     /// Live counters of every running subtask, plus final counters of finished ones.

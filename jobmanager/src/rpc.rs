@@ -650,9 +650,16 @@ impl JobManagerRpc for JobManagerService {
         let j = self.job(&req.job)?;
         blocking(move || {
             let dir = (!req.directory.is_empty()).then_some(req.directory);
-            j.savepoint(dir.as_deref(), req.stop)
-                .map(|location| pb::SavepointResponse { location })
-                .map_err(Status::failed_precondition)
+            let (id, mut location, outcome) = j
+                .trigger_savepoint(dir.as_deref(), req.stop)
+                .map_err(Status::failed_precondition)?;
+            if !req.detach {
+                location = outcome
+                    .recv()
+                    .unwrap_or_else(|_| Err("the job ended before the savepoint completed".into()))
+                    .map_err(Status::failed_precondition)?;
+            }
+            Ok(pb::SavepointResponse { location, id })
         })
         .await
         .map(Response::new)

@@ -44,6 +44,12 @@ pub struct Snapshot {
     /// Where it is stored (completed only).
     #[serde(default)]
     pub path: Option<String>,
+    /// Why it failed (failed only).
+    #[serde(default)]
+    pub failure: Option<String>,
+    /// A stop-with-savepoint.
+    #[serde(default)]
+    pub stop: bool,
 }
 
 impl Snapshot {
@@ -149,18 +155,28 @@ impl JobManager {
             .map_err(|s| self.fail("cancelling the job", s))
     }
 
-    /// Takes a savepoint of job `id` into `directory` (stopping the job after it if `stop`);
-    /// returns where it is. Waits until it completes or fails.
-    pub async fn savepoint(&self, id: &str, directory: &str, stop: bool) -> Result<String, Error> {
+    /// Triggers a savepoint of job `id` into `directory` (stopping the job after it if `stop`)
+    /// and returns its id at once; its outcome shows in [`JobManager::snapshots`]. A refusal
+    /// (the job is not running, a stop is already in progress) is [`Error::Savepoint`].
+    pub async fn trigger_savepoint(
+        &self,
+        id: &str,
+        directory: &str,
+        stop: bool,
+    ) -> Result<u64, Error> {
         let mut c = self.client.clone();
         c.trigger_savepoint(pb::SavepointRequest {
             job: id.into(),
             directory: directory.into(),
             stop,
+            detach: true,
         })
         .await
-        .map(|r| r.into_inner().location)
-        .map_err(|s| Error::Savepoint(s.message().to_string()))
+        .map(|r| r.into_inner().id)
+        .map_err(|s| match s.code() {
+            Code::FailedPrecondition | Code::NotFound => Error::Savepoint(s.message().to_string()),
+            _ => self.fail("triggering a savepoint", s),
+        })
     }
 
     /// The checkpoints and savepoints of job `id`, oldest first.

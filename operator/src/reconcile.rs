@@ -23,7 +23,8 @@ use tracing::{Instrument, info, info_span, warn};
 
 use freshet_crds::{
     Change, ChangeKind, ChangePhase, CheckpointRecord, DeletionPolicy, Deployed, DesiredState,
-    Lifecycle, SavepointRecord, SavepointState, SavepointTrigger, StreamJob, UpgradeMode,
+    Lifecycle, PendingSavepoint, SavepointRecord, SavepointState, SavepointTrigger, StreamJob,
+    UpgradeMode,
 };
 use freshet_proto as pb;
 
@@ -53,7 +54,7 @@ pub async fn reconcile(sj: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, 
         };
         let ours = sj.finalizers().iter().any(|f| f == FINALIZER);
         if sj.metadata.deletion_timestamp.is_none() && !ours {
-            sj = set_finalizer(&api, &sj, true).await?;
+            sj = set_finalizer(&api, &sj, sj.resource_version(), true).await?;
         }
         let mut r = Reconciler {
             sj: &sj,
@@ -65,12 +66,16 @@ pub async fn reconcile(sj: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, 
             if !ours {
                 return Ok(Action::await_change());
             }
-            if !r.delete().await? {
-                // a failed final savepoint is not retried at once: it would likely fail again
-                return Ok(Action::requeue(FINAL_SAVEPOINT_RETRY));
-            }
-            set_finalizer(&api, &sj, false).await?;
-            return Ok(Action::await_change());
+            return match r.delete().await? {
+                Deletion::Done => {
+                    // after this pass's status writes, whose version it carries
+                    set_finalizer(&api, &sj, r.w.version(), false).await?;
+                    Ok(Action::await_change())
+                }
+                Deletion::Waiting => Ok(Action::requeue(ctx.retry)),
+                // not tried again at once: it would likely fail again
+                Deletion::Failed => Ok(Action::requeue(FINAL_SAVEPOINT_RETRY)),
+            };
         }
         r.run().await
     }
@@ -85,9 +90,15 @@ pub const FINALIZER: &str = "freshet.dev/final-savepoint";
 /// Time before a failed final savepoint is tried again.
 const FINAL_SAVEPOINT_RETRY: Duration = Duration::from_secs(30);
 
-/// Adds (`on`) or removes the operator's finalizer: a merge patch carrying the resource version
-/// read, so it cannot undo a change made meanwhile (refused with [`Error::Stale`]).
-async fn set_finalizer(api: &Api<StreamJob>, sj: &StreamJob, on: bool) -> Result<StreamJob, Error> {
+/// Adds (`on`) or removes the operator's finalizer: a merge patch carrying `version`, the
+/// resource version last seen, so it cannot undo a change made meanwhile (refused with
+/// [`Error::Stale`]).
+async fn set_finalizer(
+    api: &Api<StreamJob>,
+    sj: &StreamJob,
+    version: Option<String>,
+    on: bool,
+) -> Result<StreamJob, Error> {
     let mut finalizers: Vec<String> = sj
         .finalizers()
         .iter()
@@ -98,7 +109,7 @@ async fn set_finalizer(api: &Api<StreamJob>, sj: &StreamJob, on: bool) -> Result
         finalizers.push(FINALIZER.into());
     }
     let patch = serde_json::json!({
-        "metadata": {"resourceVersion": sj.resource_version(), "finalizers": finalizers}
+        "metadata": {"resourceVersion": version, "finalizers": finalizers}
     });
     api.patch(
         &sj.name_any(),
@@ -110,6 +121,16 @@ async fn set_finalizer(api: &Api<StreamJob>, sj: &StreamJob, on: bool) -> Result
         kube::Error::Api(s) if s.code == 409 => Error::Stale(sj.name_any()),
         e => Error::Kube(e),
     })
+}
+
+/// Where the deletion of a StreamJob stands.
+enum Deletion {
+    /// The job was stopped as `deletionPolicy` says (or none ran): the StreamJob may go.
+    Done,
+    /// The final savepoint is being taken.
+    Waiting,
+    /// The final savepoint failed; it is tried again later.
+    Failed,
 }
 
 /// Where a new job starts.
@@ -130,65 +151,110 @@ struct Reconciler<'a> {
 }
 
 impl Reconciler<'_> {
-    /// The StreamJob is being deleted: stops its running job as `deletionPolicy` says. True when
-    /// the StreamJob may go; false (a failed final savepoint) or an error keeps the finalizer,
-    /// and so the StreamJob, and a later pass tries again.
-    async fn delete(&mut self) -> Result<bool, Error> {
-        let running = match (&self.w.status.job_id, &self.w.status.deployed) {
-            (Some(id), Some(_)) => {
-                let jm = self.jobmanager().await?;
-                let state = jm.job(id).await?.map(|j| j.state);
-                state
-                    .is_some_and(|s| !is_terminal(&s))
-                    .then(|| (id.clone(), jm))
-            }
-            _ => None,
-        };
-        let kept = || {
-            self.w
-                .status
+    /// The StreamJob is being deleted: stops its running job as `deletionPolicy` says. Anything
+    /// but [`Deletion::Done`], or an error, keeps the finalizer (and so the StreamJob), and a
+    /// later pass goes on.
+    async fn delete(&mut self) -> Result<Deletion, Error> {
+        let kept = |w: &StatusWriter| {
+            w.status
                 .last_savepoint
                 .as_ref()
                 .and_then(|s| s.path.clone())
                 .map(|p| format!("the latest savepoint is {p}"))
                 .unwrap_or_else(|| "there is no savepoint".into())
         };
-        let Some((id, jm)) = running else {
-            let note = format!("no job was running; {}", kept());
+        let (Some(id), Some(_)) = (self.w.status.job_id.clone(), &self.w.status.deployed) else {
+            let note = format!("no job was deployed; {}", kept(&self.w));
             self.event(false, "Deleted", note).await;
-            return Ok(true);
+            return Ok(Deletion::Done);
         };
+        let jm = self.jobmanager().await?;
+        let running = jm.job(&id).await?.is_some_and(|j| !is_terminal(&j.state));
         if self.sj.spec.deletion_policy == DeletionPolicy::None {
             let note = format!(
-                "deletionPolicy none: job {id} left without a final savepoint; {}",
-                kept()
+                "deletionPolicy none: job {id} {} without a final savepoint; {}",
+                if running { "left running" } else { "ended" },
+                kept(&self.w)
             );
             self.event(false, "Deleted", note).await;
-            return Ok(true);
+            return Ok(Deletion::Done);
+        }
+        // the final stop-with-savepoint, if one was triggered since the deletion began:
+        // looked for on every pass, never waited for
+        let since = self
+            .sj
+            .metadata
+            .deletion_timestamp
+            .as_ref()
+            .map_or(0, millis)
+            - 1000;
+        let mine = jm
+            .snapshots(&id)
+            .await?
+            .into_iter()
+            .rev()
+            .find(|s| s.kind == "savepoint" && s.stop && s.trigger_time_ms >= since);
+        let failure = match mine {
+            Some(s) if s.status == "in_progress" => return Ok(Deletion::Waiting),
+            Some(s) if s.completed("savepoint") => {
+                let path = s.path.unwrap_or_default();
+                // recorded once (a pass whose finalizer removal failed comes here again)
+                let recorded = self.w.status.savepoints.iter().any(|r| {
+                    r.trigger == SavepointTrigger::Delete && r.path.as_deref() == Some(&path)
+                });
+                if !recorded {
+                    self.record_savepoint(SavepointTrigger::Delete, Ok(path.clone()), None);
+                    self.w.save().await?;
+                    self.event(
+                        false,
+                        "FinalSavepoint",
+                        format!("{path} (stopped job {id} before the StreamJob was deleted)"),
+                    )
+                    .await;
+                }
+                return Ok(Deletion::Done);
+            }
+            Some(s)
+                if self.w.status.savepoints.iter().any(|r| {
+                    r.trigger == SavepointTrigger::Delete
+                        && r.state == SavepointState::Failed
+                        && millis(&r.time) >= s.trigger_time_ms
+                }) =>
+            {
+                // this failure is recorded: try again
+                None
+            }
+            Some(s) => Some(s.failure.unwrap_or_else(|| "the savepoint failed".into())),
+            None => None,
+        };
+        if failure.is_none() && !running {
+            let note = format!("job {id} was not running; {}", kept(&self.w));
+            self.event(false, "Deleted", note).await;
+            return Ok(Deletion::Done);
+        }
+        if let Some(m) = failure {
+            let message = format!(
+                "the final savepoint failed, so the StreamJob is kept and its job {id} keeps running; it is tried again, or set deletionPolicy: none to delete without one: {m}"
+            );
+            warn!(%message);
+            self.record_savepoint(SavepointTrigger::Delete, Err(message.clone()), None);
+            self.w.save().await?;
+            self.event(true, "FinalSavepointFailed", message).await;
+            return Ok(Deletion::Failed);
         }
         let directory = JobSettings::of(self.sj)?.savepoints;
         info!(job = %id, "stopping with a final savepoint before the StreamJob is deleted");
-        match jm.savepoint(&id, &directory, true).await {
-            Ok(path) => {
-                self.record_savepoint(SavepointTrigger::Delete, Ok(path.clone()), None);
-                self.w.save().await?;
-                self.event(
-                    false,
-                    "FinalSavepoint",
-                    format!("{path} (stopped job {id} before the StreamJob was deleted)"),
-                )
-                .await;
-                Ok(true)
-            }
+        match jm.trigger_savepoint(&id, &directory, true).await {
+            Ok(_) => Ok(Deletion::Waiting),
             Err(Error::Savepoint(m)) => {
                 let message = format!(
-                    "the final savepoint failed, so the StreamJob is kept and its job {id} keeps running; it is tried again, or set deletionPolicy: none to delete without one: {m}"
+                    "the final savepoint was refused, so the StreamJob is kept and its job {id} keeps running; it is tried again, or set deletionPolicy: none to delete without one: {m}"
                 );
+                warn!(%message);
                 self.record_savepoint(SavepointTrigger::Delete, Err(message.clone()), None);
                 self.w.save().await?;
-                warn!(%message);
                 self.event(true, "FinalSavepointFailed", message).await;
-                Ok(false)
+                Ok(Deletion::Failed)
             }
             Err(e) => Err(e),
         }
@@ -716,58 +782,40 @@ impl Reconciler<'_> {
                 Ok(if running { Stop::Wait } else { Stop::Done })
             }
             UpgradeMode::Savepoint => {
+                // the stop-with-savepoint of this change, if one was triggered: it is looked
+                // for on every pass, never waited for (an operator restarted meanwhile finds
+                // it the same way)
                 let since = millis(&change.started) - 1000;
-                let snapshots = jm.snapshots(&id).await.unwrap_or_default();
-                if running
-                    && snapshots.iter().any(|s| {
-                        s.kind == "savepoint"
-                            && s.status == "in_progress"
-                            && s.trigger_time_ms >= since
-                    })
-                {
-                    // an earlier pass (an operator that since restarted) is stopping the job
-                    // with a savepoint: wait for it rather than ask for a second one
-                    return Ok(Stop::Wait);
-                }
-                let mut failure = None;
-                if running {
-                    info!(job = %id, "stopping with a savepoint");
-                    match jm.savepoint(&id, &settings.savepoints, true).await {
-                        Ok(path) => {
-                            self.savepoint_taken(change, trigger, path).await?;
-                            return Ok(Stop::Wait);
-                        }
-                        Err(Error::Savepoint(m)) => failure = Some(m),
-                        Err(e) => return Err(e),
-                    }
-                    let still = jm.job(&id).await?.map(|j| j.state);
-                    if still.as_deref().is_some_and(|s| !is_terminal(s)) {
-                        let m = failure.unwrap_or_default();
-                        return self.halt(change, trigger, m).await;
-                    }
-                }
-                // the job ended: a stop-with-savepoint of this change may have completed while
-                // the operator was not watching (it restarted during the call)
-                let found = jm
+                let mine = jm
                     .snapshots(&id)
-                    .await
-                    .unwrap_or_default()
+                    .await?
                     .into_iter()
                     .rev()
-                    .find(|s| s.completed("savepoint") && s.trigger_time_ms >= since)
-                    .and_then(|s| s.path);
-                match found {
-                    Some(path) => {
+                    .find(|s| s.kind == "savepoint" && s.stop && s.trigger_time_ms >= since);
+                match mine {
+                    Some(s) if s.status == "in_progress" => Ok(Stop::Wait),
+                    Some(s) if s.completed("savepoint") => {
+                        let path = s.path.unwrap_or_default();
                         self.savepoint_taken(change, trigger, path).await?;
-                        Ok(Stop::Done)
+                        Ok(if running { Stop::Wait } else { Stop::Done })
+                    }
+                    Some(s) => {
+                        let m = s.failure.unwrap_or_else(|| "the savepoint failed".into());
+                        self.halt(change, trigger, m).await
+                    }
+                    None if running => {
+                        info!(job = %id, "stopping with a savepoint");
+                        match jm.trigger_savepoint(&id, &settings.savepoints, true).await {
+                            Ok(_) => Ok(Stop::Wait),
+                            Err(Error::Savepoint(m)) => self.halt(change, trigger, m).await,
+                            Err(e) => Err(e),
+                        }
                     }
                     None => {
                         let state = state.unwrap_or_else(|| "unknown to the JobManager".into());
-                        let m = failure.unwrap_or_else(|| {
-                            format!(
-                                "the job is {state}, so no savepoint can be taken; set upgradeMode: last-state to start from its latest checkpoint, or stateless to start empty"
-                            )
-                        });
+                        let m = format!(
+                            "the job is {state}, so no savepoint can be taken; set upgradeMode: last-state to start from its latest checkpoint, or stateless to start empty"
+                        );
                         self.halt(change, trigger, m).await
                     }
                 }
@@ -924,27 +972,58 @@ impl Reconciler<'_> {
         if previous.as_deref() != Some(job.state.as_str()) {
             self.event(job.state == "failed", reason, message).await;
         }
-        if job.state == "running" {
-            self.requested_savepoints(&jm, &id, settings).await?;
+        let mut waiting = false;
+        if job.state == "running" || self.w.status.savepoint_in_progress.is_some() {
+            waiting = self.requested_savepoints(&jm, &id, settings).await?;
         }
         self.trim_history(&jm).await?;
-        Ok(Action::requeue(self.ctx.poll))
+        // a savepoint in progress is looked at again sooner
+        Ok(Action::requeue(if waiting {
+            self.ctx.retry
+        } else {
+            self.ctx.poll
+        }))
     }
 
-    /// A changed `savepointTriggerNonce`, or a due periodic savepoint.
+    /// A changed `savepointTriggerNonce`, or a due periodic savepoint: triggered, recorded as in
+    /// progress, and its outcome looked for on later passes (one at a time). True while one
+    /// is in progress.
     async fn requested_savepoints(
         &mut self,
         jm: &JobManager,
         id: &str,
         settings: &JobSettings,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
+        if let Some(p) = self.w.status.savepoint_in_progress.clone() {
+            // of the job it was taken of, which an upgrade may have replaced meanwhile
+            let found = match jm.snapshots(&p.job_id).await {
+                Ok(list) => list.into_iter().find(|s| s.id == p.id),
+                Err(_) if p.job_id != id => None,
+                Err(e) => return Err(e),
+            };
+            let outcome = match found {
+                Some(s) if s.status == "in_progress" => return Ok(true),
+                Some(s) if s.completed("savepoint") => Ok(s.path.unwrap_or_default()),
+                Some(s) => Err(Error::Savepoint(
+                    s.failure.unwrap_or_else(|| "the savepoint failed".into()),
+                )),
+                None => Err(Error::Savepoint(format!(
+                    "the JobManager no longer knows savepoint {} of job {} (the job restarted or was replaced)",
+                    p.id, p.job_id
+                ))),
+            };
+            self.w.status.savepoint_in_progress = None;
+            if p.trigger == SavepointTrigger::Manual {
+                self.w.status.savepoint_trigger_nonce = p.nonce;
+            }
+            self.savepoint_outcome(p.trigger, outcome, p.nonce).await?;
+            return Ok(false);
+        }
         let nonce = self.sj.spec.savepoint_trigger_nonce;
         if nonce.is_some() && nonce != self.w.status.savepoint_trigger_nonce {
-            let outcome = jm.savepoint(id, &settings.savepoints, false).await;
-            self.savepoint_outcome(SavepointTrigger::Manual, outcome, nonce)
-                .await?;
-            self.w.status.savepoint_trigger_nonce = nonce;
-            self.w.save().await?;
+            return self
+                .start_savepoint(jm, id, settings, SavepointTrigger::Manual, nonce)
+                .await;
         }
         if let Some(interval) = &self.sj.spec.savepoints.interval {
             let every = crate::settings::millis(interval, "spec.savepoints.interval")? as i64;
@@ -957,16 +1036,47 @@ impl Reconciler<'_> {
                 .or_else(|| self.w.status.deployed.as_ref().map(|d| millis(&d.time)))
                 .unwrap_or(0);
             if millis(&now()) - last >= every {
-                // recorded first: an operator that stops during the savepoint does not take
-                // it again at once
                 self.w.status.last_periodic_savepoint = Some(now());
-                self.w.save().await?;
-                let outcome = jm.savepoint(id, &settings.savepoints, false).await;
-                self.savepoint_outcome(SavepointTrigger::Periodic, outcome, None)
-                    .await?;
+                return self
+                    .start_savepoint(jm, id, settings, SavepointTrigger::Periodic, None)
+                    .await;
             }
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// Triggers a savepoint and records it as in progress (before any other pass could trigger
+    /// it again); a refusal is recorded as a failed savepoint.
+    async fn start_savepoint(
+        &mut self,
+        jm: &JobManager,
+        id: &str,
+        settings: &JobSettings,
+        trigger: SavepointTrigger,
+        nonce: Option<i64>,
+    ) -> Result<bool, Error> {
+        match jm.trigger_savepoint(id, &settings.savepoints, false).await {
+            Ok(savepoint) => {
+                self.w.status.savepoint_in_progress = Some(PendingSavepoint {
+                    id: savepoint,
+                    job_id: id.into(),
+                    trigger,
+                    nonce,
+                    time: now(),
+                });
+                self.w.save().await?;
+                Ok(true)
+            }
+            Err(Error::Savepoint(m)) => {
+                if trigger == SavepointTrigger::Manual {
+                    self.w.status.savepoint_trigger_nonce = nonce;
+                }
+                self.savepoint_outcome(trigger, Err(Error::Savepoint(m)), nonce)
+                    .await?;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn savepoint_outcome(

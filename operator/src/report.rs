@@ -55,6 +55,12 @@ impl StatusWriter {
         }
     }
 
+    /// `metadata.resourceVersion` of the StreamJob as last read or written by this writer:
+    /// another write of the same pass carries it as its precondition.
+    pub fn version(&self) -> Option<String> {
+        self.version.clone()
+    }
+
     /// Writes the working copy if it changed.
     pub async fn save(&mut self) -> Result<(), Error> {
         let now = serde_json::to_value(&self.status).expect("a status serialises");

@@ -455,7 +455,13 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
         r#"["freshet.dev/final-savepoint"]"#
     );
     let running = jsonpath(cp, &ns, job, "{.status.jobId}");
-    cp.kubectl_ok(&["-n", &ns, "delete", job, "--wait=true", "--timeout=90s"]);
+    let deleted = cp.kubectl(&["-n", &ns, "delete", job, "--wait=true", "--timeout=90s"]);
+    assert!(
+        deleted.status.success(),
+        "{}\noperator:\n{}",
+        String::from_utf8_lossy(&deleted.stderr),
+        op.log()
+    );
     let events = cp.kubectl_ok(&[
         "-n",
         &ns,
