@@ -58,6 +58,38 @@ pub enum Error {
     Kube(#[from] kube::Error),
 }
 
+impl Error {
+    /// Whether the same step, tried again later, can succeed without anyone changing the
+    /// StreamJob: yes for an unreachable JobManager, a Secret not issued yet, a failed
+    /// savepoint, a stale read and the API server's own trouble (5xx, 429, transport errors);
+    /// no for a spec that cannot be deployed, a request the API server refuses as sent (other
+    /// 4xx, such as a permission RBAC does not grant) and lost leadership.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Error::JobManager(_) | Error::Savepoint(_) | Error::Missing(_) | Error::Stale(_) => {
+                true
+            }
+            Error::Spec(_) | Error::Leadership(_) => false,
+            Error::Kube(kube::Error::Api(s)) => s.code == 409 || s.code == 429 || s.code >= 500,
+            Error::Kube(_) => true,
+        }
+    }
+}
+
+/// Time before a StreamJob whose reconcile failed `failures` times in a row is tried again:
+/// `base` doubled with each failure, at most [`MAX_BACKOFF`]; an error that retrying cannot
+/// fix waits the longest at once (something outside the StreamJob, such as RBAC, may change).
+pub fn backoff(base: Duration, failures: u32, retryable: bool) -> Duration {
+    if !retryable {
+        return MAX_BACKOFF;
+    }
+    base.saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
+}
+
+/// The longest pause between two tries of a failing reconcile.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
 /// What every reconcile shares.
 pub struct Context {
     /// The Kubernetes client.
@@ -70,6 +102,8 @@ pub struct Context {
     pub poll: Duration,
     /// Time before the next try when a step must wait (pods starting, job stopping) or failed.
     pub retry: Duration,
+    /// Reconciles failed in a row, per StreamJob (`namespace/name`), for the backoff.
+    pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl Context {
@@ -87,6 +121,7 @@ impl Context {
             jobmanager: Arc::new(move |sj: &StreamJob| jobmanager_address(&template, sj)),
             poll: Duration::from_secs(10),
             retry: Duration::from_secs(5),
+            failures: Default::default(),
         }
     }
 }
@@ -172,5 +207,49 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
     match lost.lock().expect("lost lock").take() {
         Some(why) => Err(Error::Leadership(why)),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> Error {
+        Error::Kube(kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            ..Default::default()
+        })))
+    }
+
+    #[test]
+    fn errors_say_whether_retrying_helps() {
+        for e in [
+            Error::JobManager("unreachable".into()),
+            Error::Missing("Secret".into()),
+            Error::Stale("j".into()),
+            api_error(500),
+            api_error(503),
+            api_error(429),
+            api_error(409),
+        ] {
+            assert!(e.retryable(), "{e:?}");
+        }
+        for e in [
+            Error::Spec("spec.parallelism".into()),
+            Error::Leadership("lost".into()),
+            api_error(403),
+            api_error(422),
+        ] {
+            assert!(!e.retryable(), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn failing_reconciles_back_off_exponentially_up_to_a_bound() {
+        let base = Duration::from_secs(5);
+        let delays: Vec<u64> = (1..=8).map(|n| backoff(base, n, true).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(backoff(base, u32::MAX, true), MAX_BACKOFF);
+        assert_eq!(backoff(base, 1, false), MAX_BACKOFF);
     }
 }

@@ -19,7 +19,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use freshet_crds::{
     Change, ChangeKind, ChangePhase, CheckpointRecord, DeletionPolicy, Deployed, DesiredState,
@@ -77,7 +77,12 @@ pub async fn reconcile(sj: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, 
                 Deletion::Failed => Ok(Action::requeue(FINAL_SAVEPOINT_RETRY)),
             };
         }
-        r.run().await
+        let action = r.run().await?;
+        ctx.failures
+            .lock()
+            .expect("failures lock")
+            .remove(&object_key(&sj));
+        Ok(action)
     }
     .instrument(span)
     .await
@@ -1167,6 +1172,22 @@ pub fn error_policy(sj: Arc<StreamJob>, error: &Error, ctx: Arc<Context>) -> Act
         info!(name = %sj.name_any(), %error);
         return Action::requeue(Duration::from_millis(200));
     }
-    warn!(name = %sj.name_any(), %error, "reconcile failed");
-    Action::requeue(ctx.retry)
+    let failures = {
+        let mut all = ctx.failures.lock().expect("failures lock");
+        let n = all.entry(object_key(&sj)).or_default();
+        *n += 1;
+        *n
+    };
+    let retryable = error.retryable();
+    let delay = crate::backoff(ctx.retry, failures, retryable);
+    if retryable {
+        warn!(name = %sj.name_any(), %error, failures, retry_in = ?delay, "reconcile failed");
+    } else {
+        error!(name = %sj.name_any(), %error, failures, retry_in = ?delay, "reconcile failed; retrying alone will not fix it");
+    }
+    Action::requeue(delay)
+}
+
+fn object_key(sj: &StreamJob) -> String {
+    format!("{}/{}", sj.namespace().unwrap_or_default(), sj.name_any())
 }
