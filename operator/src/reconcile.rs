@@ -689,13 +689,22 @@ impl Reconciler<'_> {
             self.w.status.deployed.as_ref().map_or(0, |d| d.generation)
         );
         warn!(%message, "change refused before stopping the job");
-        self.w.condition(
-            "UpgradeHalted",
-            true,
-            "RestoreCheckFailed",
-            &message,
-            self.generation,
-        );
+        self.halted_because("RestoreCheckFailed", message, self.generation)
+            .await?;
+        self.observe(settings).await
+    }
+
+    /// Records that the change to `generation` halted: the `UpgradeHalted` condition (which
+    /// keeps it from being tried again until the spec changes), `Reconciling` false, and an
+    /// event.
+    async fn halted_because(
+        &mut self,
+        reason: &str,
+        message: String,
+        generation: i64,
+    ) -> Result<(), Error> {
+        self.w
+            .condition("UpgradeHalted", true, reason, &message, generation);
         self.w.condition(
             "Reconciling",
             false,
@@ -705,7 +714,7 @@ impl Reconciler<'_> {
         );
         self.w.save().await?;
         self.event(true, "UpgradeHalted", message).await;
-        self.observe(settings).await
+        Ok(())
     }
 
     /// Takes the next step of the change in progress.
@@ -873,22 +882,8 @@ impl Reconciler<'_> {
         self.record_savepoint(trigger, Err(message.clone()), None);
         self.w.status.change = None;
         self.w.status.lifecycle = Some(Lifecycle::Running);
-        self.w.condition(
-            "UpgradeHalted",
-            true,
-            "SavepointFailed",
-            &message,
-            change.generation,
-        );
-        self.w.condition(
-            "Reconciling",
-            false,
-            "ChangeHalted",
-            "see UpgradeHalted",
-            self.generation,
-        );
-        self.w.save().await?;
-        self.event(true, "UpgradeHalted", message).await;
+        self.halted_because("SavepointFailed", message, change.generation)
+            .await?;
         Ok(Stop::Halted)
     }
 

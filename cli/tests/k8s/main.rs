@@ -348,6 +348,36 @@ fn stream_job(ns: &str, name: &str, dir: &Path) -> Value {
     })
 }
 
+/// One test's StreamJob on the shared control plane: its namespace, a scratch directory, the
+/// stand-in pods, an operator watching the namespace, and the StreamJob `name` applied (its
+/// manifest changed by `edit` first).
+struct Setup {
+    ns: String,
+    address: String,
+    op: Proc,
+    _pods: (Proc, Proc),
+    _dir: tempfile::TempDir,
+}
+
+fn setup(ns: &str, name: &str, edit: impl FnOnce(&mut Value, &Path)) -> Setup {
+    let cp = cluster();
+    let ns = namespace(cp, ns);
+    let dir = tempfile::tempdir().unwrap();
+    let (jm, tm, address) = pods();
+    let op = operator(cp, dir.path(), "operator-0", &ns, &address);
+    let mut sj = stream_job(&ns, name, dir.path());
+    edit(&mut sj, dir.path());
+    let (ok, out) = apply(cp, &sj);
+    assert!(ok, "{out}");
+    Setup {
+        ns,
+        address,
+        op,
+        _pods: (jm, tm),
+        _dir: dir,
+    }
+}
+
 fn jsonpath(cp: &ControlPlane, ns: &str, what: &str, path: &str) -> String {
     cp.kubectl_ok(&["-n", ns, "get", what, "-o", &format!("jsonpath={path}")])
 }
@@ -355,20 +385,17 @@ fn jsonpath(cp: &ControlPlane, ns: &str, what: &str, path: &str) -> String {
 #[test]
 fn the_operator_runs_a_job_with_the_charts_identity() {
     let cp = cluster();
-    let ns = namespace(cp, "jobs");
-    let dir = tempfile::tempdir().unwrap();
-    let (_jm, _tm, address) = pods();
-    let op = operator(cp, dir.path(), "operator-0", &ns, &address);
-    let (ok, out) = apply(cp, &stream_job(&ns, "counts", dir.path()));
-    assert!(ok, "{out}");
+    // bound whole: its processes stop when it is dropped
+    let t = setup("jobs", "counts", |_, _| {});
+    let (ns, address, op) = (&t.ns, &t.address, &t.op);
     let job = "streamjob/counts";
     until(
         cp,
         90,
-        &["-n", &ns, "get", job, "-o", "jsonpath={.status.lifecycle}"],
+        &["-n", ns, "get", job, "-o", "jsonpath={.status.lifecycle}"],
         |l| l == "running",
     );
-    let row = cp.kubectl_ok(&["-n", &ns, "get", "streamjobs", "--no-headers"]);
+    let row = cp.kubectl_ok(&["-n", ns, "get", "streamjobs", "--no-headers"]);
     assert!(
         row.starts_with("counts") && row.contains("running"),
         "{row}"
@@ -376,10 +403,10 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
 
     // what the operator made is owned by the StreamJob; the controller-manager rolled the
     // Deployments out into ReplicaSets and Pods, which stay Pending without nodes
-    let uid = jsonpath(cp, &ns, job, "{.metadata.uid}");
+    let uid = jsonpath(cp, ns, job, "{.metadata.uid}");
     let made: Value = serde_json::from_str(&cp.kubectl_ok(&[
         "-n",
-        &ns,
+        ns,
         "get",
         "deployments,services,configmaps",
         "-l",
@@ -409,7 +436,7 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
         60,
         &[
             "-n",
-            &ns,
+            ns,
             "get",
             "pods",
             "-o",
@@ -421,7 +448,7 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
     // a savepoint on request
     cp.kubectl_ok(&[
         "-n",
-        &ns,
+        ns,
         "patch",
         job,
         "--type",
@@ -434,7 +461,7 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
         90,
         &[
             "-n",
-            &ns,
+            ns,
             "get",
             job,
             "-o",
@@ -443,7 +470,7 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
         |p| !p.is_empty(),
     );
     assert!(Path::new(&path).exists(), "savepoint {path} is not on disk");
-    let described = cp.kubectl_ok(&["-n", &ns, "describe", job]);
+    let described = cp.kubectl_ok(&["-n", ns, "describe", job]);
     for what in ["Conditions:", "Ready", "JobSubmitted", "SavepointCompleted"] {
         assert!(described.contains(what), "no {what} in:\n{described}");
     }
@@ -451,11 +478,11 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
     // deleting the StreamJob stops its job with a final savepoint first (the operator's
     // finalizer), then the garbage collector deletes what it owned
     assert_eq!(
-        jsonpath(cp, &ns, job, "{.metadata.finalizers}"),
+        jsonpath(cp, ns, job, "{.metadata.finalizers}"),
         r#"["freshet.dev/final-savepoint"]"#
     );
-    let running = jsonpath(cp, &ns, job, "{.status.jobId}");
-    let deleted = cp.kubectl(&["-n", &ns, "delete", job, "--wait=true", "--timeout=90s"]);
+    let running = jsonpath(cp, ns, job, "{.status.jobId}");
+    let deleted = cp.kubectl(&["-n", ns, "delete", job, "--wait=true", "--timeout=90s"]);
     assert!(
         deleted.status.success(),
         "{}\noperator:\n{}",
@@ -464,7 +491,7 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
     );
     let events = cp.kubectl_ok(&[
         "-n",
-        &ns,
+        ns,
         "get",
         "events",
         "--field-selector",
@@ -477,7 +504,7 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
         !final_savepoint.is_empty() && Path::new(&final_savepoint).exists(),
         "no final savepoint on disk: {events:?}"
     );
-    assert_eq!(jobs_in(&address, "running"), 0, "job {running} still runs");
+    assert_eq!(jobs_in(address, "running"), 0, "job {running} still runs");
     let all = ["deployments,replicasets,pods,services", "configmaps"];
     for (kinds, label) in all
         .iter()
@@ -486,11 +513,10 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
         until(
             cp,
             60,
-            &["-n", &ns, "get", kinds, "-l", label, "-o", "name"],
+            &["-n", ns, "get", kinds, "-l", label, "-o", "name"],
             |names| names.trim().is_empty(),
         );
     }
-    drop(op);
 }
 
 /// `kubectl auth can-i VERB RESOURCE` as `user` (in `ns`, or cluster-wide); `RESOURCE/SUB`
@@ -727,19 +753,15 @@ fn patch(cp: &ControlPlane, ns: &str, name: &str, spec: Value) {
 #[test]
 fn upgrade_rescale_suspend_and_resume_with_kubectl() {
     let cp = cluster();
-    let ns = namespace(cp, "lifecycle");
-    let dir = tempfile::tempdir().unwrap();
-    let (_jm, _tm, address) = pods();
-    let _op = operator(cp, dir.path(), "operator-0", &ns, &address);
-    let (ok, out) = apply(cp, &stream_job(&ns, "clicks", dir.path()));
-    assert!(ok, "{out}");
-    let st = until_running(cp, &ns, "clicks");
+    let t = setup("lifecycle", "clicks", |_, _| {});
+    let ns = &t.ns;
+    let st = until_running(cp, ns, "clicks");
     assert_eq!(st["deployed"]["startedWith"], "initial");
     let first = st["jobId"].clone();
     let replicas = |what: &str| {
         jsonpath(
             cp,
-            &ns,
+            ns,
             &format!("deployment/clicks-{what}"),
             "{.spec.replicas}",
         )
@@ -748,11 +770,11 @@ fn upgrade_rescale_suspend_and_resume_with_kubectl() {
     // an upgrade: the job changed, so it stops with a savepoint and the new spec starts from it
     patch(
         cp,
-        &ns,
+        ns,
         "clicks",
         json!({"job": {"sources": {"gen": {"connector": {"rows_per_second": 500}}}}}),
     );
-    let st = until_running(cp, &ns, "clicks");
+    let st = until_running(cp, ns, "clicks");
     assert_eq!(st["deployed"]["startedWith"], "savepoint", "{st:#}");
     let upgrade = st["savepoints"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(upgrade["trigger"], "upgrade", "{st:#}");
@@ -762,7 +784,7 @@ fn upgrade_rescale_suspend_and_resume_with_kubectl() {
     // a rescale through the scale subresource, as `kubectl scale` does it
     cp.kubectl_ok(&[
         "-n",
-        &ns,
+        ns,
         "patch",
         "streamjob",
         "clicks",
@@ -771,9 +793,9 @@ fn upgrade_rescale_suspend_and_resume_with_kubectl() {
         "-p",
         r#"{"spec":{"taskManagers":{"slots":2}}}"#,
     ]);
-    until_running(cp, &ns, "clicks");
-    cp.kubectl_ok(&["-n", &ns, "scale", "streamjob", "clicks", "--replicas", "3"]);
-    let st = until_running(cp, &ns, "clicks");
+    until_running(cp, ns, "clicks");
+    cp.kubectl_ok(&["-n", ns, "scale", "streamjob", "clicks", "--replicas", "3"]);
+    let st = until_running(cp, ns, "clicks");
     assert_eq!(st["parallelism"], 3, "{st:#}");
     assert_eq!(st["deployed"]["parallelism"], 3, "{st:#}");
     assert_eq!(st["deployed"]["startedWith"], "savepoint");
@@ -789,13 +811,13 @@ fn upgrade_rescale_suspend_and_resume_with_kubectl() {
     assert_eq!(scale["status"]["replicas"], 3, "{scale}");
 
     // suspend: a savepoint, then no pods
-    patch(cp, &ns, "clicks", json!({"state": "suspended"}));
+    patch(cp, ns, "clicks", json!({"state": "suspended"}));
     until(
         cp,
         120,
         &[
             "-n",
-            &ns,
+            ns,
             "get",
             "streamjob/clicks",
             "-o",
@@ -807,13 +829,13 @@ fn upgrade_rescale_suspend_and_resume_with_kubectl() {
         (replicas("jobmanager"), replicas("taskmanager")),
         ("0".into(), "0".into())
     );
-    let st = get(cp, &ns, "clicks")["status"].clone();
+    let st = get(cp, ns, "clicks")["status"].clone();
     let suspend = st["savepoints"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(suspend["trigger"], "suspend", "{st:#}");
 
     // resume from the suspend savepoint
-    patch(cp, &ns, "clicks", json!({"state": "running"}));
-    let st = until_running(cp, &ns, "clicks");
+    patch(cp, ns, "clicks", json!({"state": "running"}));
+    let st = until_running(cp, ns, "clicks");
     assert_eq!(st["deployed"]["restoredFrom"], suspend["path"], "{st:#}");
     assert_eq!(replicas("taskmanager"), "2");
 
@@ -821,11 +843,11 @@ fn upgrade_rescale_suspend_and_resume_with_kubectl() {
     std::thread::sleep(Duration::from_secs(2)); // a checkpoint completes meanwhile
     patch(
         cp,
-        &ns,
+        ns,
         "clicks",
         json!({"upgradeMode": "last-state", "restartNonce": 1}),
     );
-    let st = until_running(cp, &ns, "clicks");
+    let st = until_running(cp, ns, "clicks");
     assert_eq!(st["deployed"]["startedWith"], "last-state", "{st:#}");
     assert!(
         st["deployed"]["restoredFrom"]
@@ -836,11 +858,11 @@ fn upgrade_rescale_suspend_and_resume_with_kubectl() {
     );
     patch(
         cp,
-        &ns,
+        ns,
         "clicks",
         json!({"upgradeMode": "stateless", "restartNonce": 2}),
     );
-    let st = until_running(cp, &ns, "clicks");
+    let st = until_running(cp, ns, "clicks");
     assert_eq!(st["deployed"]["startedWith"], "stateless", "{st:#}");
     assert!(st["deployed"].get("restoredFrom").is_none(), "{st:#}");
 }
@@ -1041,19 +1063,15 @@ fn a_stale_status_write_is_refused() {
 #[test]
 fn a_rescale_that_cannot_restore_is_refused_before_stopping_the_job() {
     let cp = cluster();
-    let ns = namespace(cp, "dry-run");
-    let dir = tempfile::tempdir().unwrap();
-    let (_jm, _tm, address) = pods();
-    let _op = operator(cp, dir.path(), "operator-0", &ns, &address);
-    let mut sj = stream_job(&ns, "sales", dir.path());
-    // the generator follows the job's parallelism
-    sj["spec"]["job"]["sources"]["gen"]
-        .as_object_mut()
-        .unwrap()
-        .remove("parallelism");
-    let (ok, out) = apply(cp, &sj);
-    assert!(ok, "{out}");
-    let st = until_running(cp, &ns, "sales");
+    let t = setup("dry-run", "sales", |sj, _| {
+        // the generator follows the job's parallelism
+        sj["spec"]["job"]["sources"]["gen"]
+            .as_object_mut()
+            .unwrap()
+            .remove("parallelism");
+    });
+    let (ns, address) = (&t.ns, &t.address);
+    let st = until_running(cp, ns, "sales");
     let job = st["jobId"].clone();
     let job_path = "streamjob/sales";
     until(
@@ -1061,7 +1079,7 @@ fn a_rescale_that_cannot_restore_is_refused_before_stopping_the_job() {
         60,
         &[
             "-n",
-            &ns,
+            ns,
             "get",
             job_path,
             "-o",
@@ -1070,13 +1088,13 @@ fn a_rescale_that_cannot_restore_is_refused_before_stopping_the_job() {
         |p| !p.is_empty(),
     );
 
-    cp.kubectl_ok(&["-n", &ns, "scale", job_path, "--replicas", "2"]);
+    cp.kubectl_ok(&["-n", ns, "scale", job_path, "--replicas", "2"]);
     let reason = until(
         cp,
         60,
         &[
             "-n",
-            &ns,
+            ns,
             "get",
             job_path,
             "-o",
@@ -1085,7 +1103,7 @@ fn a_rescale_that_cannot_restore_is_refused_before_stopping_the_job() {
         |r| !r.is_empty(),
     );
     assert_eq!(reason, "RestoreCheckFailed");
-    let sj = get(cp, &ns, "sales");
+    let sj = get(cp, ns, "sales");
     let st = &sj["status"];
     let halted = st["conditions"]
         .as_array()
@@ -1107,18 +1125,18 @@ fn a_rescale_that_cannot_restore_is_refused_before_stopping_the_job() {
             .is_none_or(|s| s.as_array().unwrap().is_empty()),
         "{st:#}"
     );
-    assert_eq!(jobs_in(&address, "running"), 1);
-    let described = cp.kubectl_ok(&["-n", &ns, "describe", job_path]);
+    assert_eq!(jobs_in(address, "running"), 1);
+    let described = cp.kubectl_ok(&["-n", ns, "describe", job_path]);
     assert!(described.contains("UpgradeHalted"), "{described}");
 
     // a generator with a fixed parallelism lets the keyed part rescale
     patch(
         cp,
-        &ns,
+        ns,
         "sales",
         json!({"job": {"sources": {"gen": {"parallelism": 1}}}}),
     );
-    let st = until_running(cp, &ns, "sales");
+    let st = until_running(cp, ns, "sales");
     assert_eq!(st["deployed"]["parallelism"], 2, "{st:#}");
     assert_eq!(st["deployed"]["startedWith"], "savepoint", "{st:#}");
     assert_ne!(st["jobId"], job);
@@ -1129,25 +1147,21 @@ fn a_rescale_that_cannot_restore_is_refused_before_stopping_the_job() {
 #[test]
 fn a_failed_final_savepoint_keeps_the_stream_job_until_the_policy_says_otherwise() {
     let cp = cluster();
-    let ns = namespace(cp, "deletion");
-    let dir = tempfile::tempdir().unwrap();
-    let (_jm, _tm, address) = pods();
-    let _op = operator(cp, dir.path(), "operator-0", &ns, &address);
-    // savepoints cannot be written under a regular file
-    std::fs::write(dir.path().join("blocker"), b"").unwrap();
-    let mut sj = stream_job(&ns, "keep", dir.path());
-    sj["spec"]["savepoints"] =
-        json!({"directory": dir.path().join("blocker/savepoints").display().to_string()});
-    let (ok, out) = apply(cp, &sj);
-    assert!(ok, "{out}");
-    until_running(cp, &ns, "keep");
-    cp.kubectl_ok(&["-n", &ns, "delete", "streamjob/keep", "--wait=false"]);
+    let t = setup("deletion", "keep", |sj, dir| {
+        // savepoints cannot be written under a regular file
+        std::fs::write(dir.join("blocker"), b"").unwrap();
+        let blocked = dir.join("blocker/savepoints").display().to_string();
+        sj["spec"]["savepoints"] = json!({ "directory": blocked });
+    });
+    let (ns, address) = (&t.ns, &t.address);
+    until_running(cp, ns, "keep");
+    cp.kubectl_ok(&["-n", ns, "delete", "streamjob/keep", "--wait=false"]);
     until(
         cp,
         60,
         &[
             "-n",
-            &ns,
+            ns,
             "get",
             "events",
             "--field-selector",
@@ -1158,9 +1172,9 @@ fn a_failed_final_savepoint_keeps_the_stream_job_until_the_policy_says_otherwise
         |names| !names.trim().is_empty(),
     );
     // still there, being deleted, and its job still runs
-    let sj = get(cp, &ns, "keep");
+    let sj = get(cp, ns, "keep");
     assert!(sj["metadata"]["deletionTimestamp"].is_string(), "{sj:#}");
-    assert_eq!(jobs_in(&address, "running"), 1);
+    assert_eq!(jobs_in(address, "running"), 1);
     let failed = sj["status"]["savepoints"]
         .as_array()
         .unwrap()
@@ -1173,10 +1187,10 @@ fn a_failed_final_savepoint_keeps_the_stream_job_until_the_policy_says_otherwise
         "{failed}"
     );
 
-    patch(cp, &ns, "keep", json!({"deletionPolicy": "none"}));
+    patch(cp, ns, "keep", json!({"deletionPolicy": "none"}));
     cp.kubectl_ok(&[
         "-n",
-        &ns,
+        ns,
         "wait",
         "--for=delete",
         "streamjob/keep",
@@ -1184,7 +1198,7 @@ fn a_failed_final_savepoint_keeps_the_stream_job_until_the_policy_says_otherwise
     ]);
     let note = cp.kubectl_ok(&[
         "-n",
-        &ns,
+        ns,
         "get",
         "events",
         "--field-selector",
