@@ -70,6 +70,10 @@ pub async fn reconcile(sj: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, 
                 Deletion::Done => {
                     // after this pass's status writes, whose version it carries
                     set_finalizer(&api, &sj, r.w.version(), false).await?;
+                    ctx.failures
+                        .lock()
+                        .expect("failures lock")
+                        .remove(&object_key(&sj));
                     Ok(Action::await_change())
                 }
                 Deletion::Waiting => Ok(Action::requeue(ctx.retry)),
@@ -826,6 +830,20 @@ impl Reconciler<'_> {
                         }
                     }
                     None => {
+                        // a JobManager of a version before detached savepoints waited for the
+                        // savepoint and does not mark it as a stop: any savepoint completed
+                        // since the change began is the one the job stopped with
+                        if let Some(path) = jm
+                            .snapshots(&id)
+                            .await?
+                            .into_iter()
+                            .rev()
+                            .find(|s| s.completed("savepoint") && s.trigger_time_ms >= since)
+                            .and_then(|s| s.path)
+                        {
+                            self.savepoint_taken(change, trigger, path).await?;
+                            return Ok(Stop::Done);
+                        }
                         let state = state.unwrap_or_else(|| "unknown to the JobManager".into());
                         let m = format!(
                             "the job is {state}, so no savepoint can be taken; set upgradeMode: last-state to start from its latest checkpoint, or stateless to start empty"
@@ -1036,7 +1054,10 @@ impl Reconciler<'_> {
                 .or_else(|| self.w.status.deployed.as_ref().map(|d| millis(&d.time)))
                 .unwrap_or(0);
             if millis(&now()) - last >= every {
+                // recorded first: an operator that stops before recording the savepoint in
+                // progress does not take another at once
                 self.w.status.last_periodic_savepoint = Some(now());
+                self.w.save().await?;
                 return self
                     .start_savepoint(jm, id, settings, SavepointTrigger::Periodic, None)
                     .await;

@@ -43,6 +43,7 @@ impl Drop for ControlPlane {
             let _ = c.child.kill();
             let _ = c.child.wait();
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -167,9 +168,11 @@ impl ControlPlane {
     /// its processes die with that thread.
     pub fn start() -> Result<ControlPlane, String> {
         let bin = binaries();
+        // under the target directory: etcd preallocates its write-ahead log, and the shared
+        // control plane is never dropped, so its files go with `target/` rather than /tmp
         let dir = tempfile::Builder::new()
-            .prefix("freshet-k8s-")
-            .tempdir()
+            .prefix("k8s-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .unwrap()
             .keep();
         let certs = Certs::new();
