@@ -2,8 +2,8 @@
 //! stopped with a savepoint (`freshet stop --savepoint`), the savepoint directory is moved
 //! elsewhere, and the job is restored from the moved copy at parallelism 1 and at 3 (key groups
 //! redistributed). Each restored run's final output must equal the expected output computed by
-//! `examples/reference.py`. A job whose graph changed is refused unless told to drop the
-//! unmatched state.
+//! `examples/reference.py`; at another `max_parallelism` it is refused. A job whose graph
+//! changed is refused unless told to drop the unmatched state.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -98,6 +98,23 @@ fn savepoint_is_relocatable_and_rescales() {
             &format!("{name} stopped at parallelism 2, restored at {parallelism}"),
         );
     }
+    // keyed state split into another number of key groups is refused before anything runs
+    let chk = work.path().join("chk-mp");
+    let mut a = args(name, 2, &out, &chk.display().to_string(), 0.01);
+    a.extend([
+        "--restore".into(),
+        moved.display().to_string(),
+        "--set".into(),
+        "max_parallelism=64".into(),
+    ]);
+    let o = run_to_end(&a, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("max_parallelism 128 but the job has 64")
+            && !stderr.contains("restoring from"),
+        "{stderr}"
+    );
 }
 
 #[test]
