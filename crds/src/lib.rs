@@ -122,6 +122,10 @@ pub struct StreamJobSpec {
     /// with a final savepoint before the StreamJob goes; `none` deletes it without one.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// What happens when the job of an upgrade does not prove itself: by default the operator
+    /// rolls back to the last spec whose job did, from the state the upgrade started with.
+    #[serde(default)]
+    pub rollback: RollbackSpec,
     /// TLS and authentication: on by default, with certificates and a token the operator
     /// makes unless Secrets are named.
     #[serde(default)]

@@ -156,6 +156,39 @@ pub enum DeletionPolicy {
     None,
 }
 
+/// Rolling back an upgrade whose job does not prove itself. A new deployment is on probation
+/// until its job completes a checkpoint (or finishes). If, on probation, the job fails,
+/// restarts more than `maxRestarts` times, or `timeout` passes, the operator cancels it and
+/// deploys the last spec whose job proved itself, restoring the savepoint or checkpoint the
+/// upgrade restored; the new spec is not tried again until it changes.
+#[derive(kube::KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RollbackSpec {
+    /// Roll back a failed upgrade (true by default); when false, the failed job is reported
+    /// and left as it is.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How long a new deployment has to prove itself (a duration, `5m` by default). Allow for
+    /// the pods to start, the state to be restored and one checkpoint interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("duration(self) > duration('0s')").message("spec.rollback.timeout must be a positive duration, such as 5m"))]
+    pub timeout: Option<String>,
+    /// Restarts of the new job on probation that count as failing (3 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self >= 0").message("spec.rollback.maxRestarts must not be negative"))]
+    pub max_restarts: Option<i32>,
+}
+
+impl Default for RollbackSpec {
+    fn default() -> Self {
+        RollbackSpec {
+            enabled: true,
+            timeout: None,
+            max_restarts: None,
+        }
+    }
+}
+
 /// Whether the job should run.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]

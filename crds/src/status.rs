@@ -55,6 +55,14 @@ pub struct StreamJobStatus {
     /// and looks for its outcome on later passes, never waiting for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub savepoint_in_progress: Option<PendingSavepoint>,
+    /// The spec of the last deployment whose job proved itself (completed a checkpoint, or
+    /// finished): what a failed upgrade rolls back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<StableSpec>,
+    /// What the change that halted (`UpgradeHalted`) was for: a hash of its spec but
+    /// `savepointTriggerNonce`. It is not tried again until the spec changes otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halted_target: Option<String>,
     /// `Ready`, `Reconciling`, `UpgradeHalted`, `SpecValid`, `JobFailed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -116,6 +124,23 @@ pub struct Deployed {
     pub restored_from: Option<String>,
     /// When it was submitted.
     pub time: Time,
+    /// The spec deployed, as JSON (it becomes `stable` once its job proves itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<String>,
+    /// When its job proved itself (completed a checkpoint, or finished); until then
+    /// the deployment is on probation and a failing upgrade is rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Time>,
+}
+
+/// A spec whose job proved itself.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StableSpec {
+    /// Its `metadata.generation`.
+    pub generation: i64,
+    /// The spec, as JSON.
+    pub spec: String,
 }
 
 /// A change in progress. It is written before its first step, and each step updates it, so
@@ -133,7 +158,8 @@ pub struct Change {
     pub mode: UpgradeMode,
     /// The current step.
     pub phase: ChangePhase,
-    /// The savepoint the old job stopped with (savepoint mode), once taken.
+    /// The savepoint the old job stopped with (savepoint mode), once taken; for a rollback,
+    /// the snapshot the failed upgrade restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub savepoint: Option<String>,
     /// When it started.
@@ -148,6 +174,8 @@ pub enum ChangeKind {
     Upgrade,
     /// `state: suspended`.
     Suspend,
+    /// Back to the stable spec after an upgrade whose job did not prove itself.
+    Rollback,
 }
 
 /// Step of a change.

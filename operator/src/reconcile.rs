@@ -13,6 +13,12 @@
 //! 2. `deploying`: the objects are applied for the new spec and the job is submitted, restoring
 //!    the savepoint, the latest checkpoint (last-state), or nothing (stateless). A job already
 //!    running on the JobManager under the same name is adopted instead of submitted twice.
+//!
+//! A deployment is then on probation until its job completes a checkpoint; its spec becomes
+//! the stable one. A job on probation that fails, restarts too often or overruns
+//! `spec.rollback.timeout` is rolled back: a `rollback` change cancels it and deploys the stable
+//! spec from the snapshot the failed deployment restored, and `UpgradeHalted` keeps the failed
+//! spec from being tried again until it changes.
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -23,8 +29,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use freshet_crds::{
     Change, ChangeKind, ChangePhase, CheckpointRecord, DeletionPolicy, Deployed, DesiredState,
-    Lifecycle, PendingSavepoint, SavepointRecord, SavepointState, SavepointTrigger, StreamJob,
-    UpgradeMode,
+    Lifecycle, PendingSavepoint, SavepointRecord, SavepointState, SavepointTrigger, StableSpec,
+    StreamJob, StreamJobSpec, UpgradeMode,
 };
 use freshet_proto as pb;
 
@@ -33,7 +39,7 @@ use crate::report::{MANAGER, StatusWriter, event, millis, now};
 use crate::resources::{
     Objects, TOKEN_KEY, objects, security_secrets, taskmanager_selector, tls_secret, token_secret,
 };
-use crate::settings::{JobSettings, spec_hash};
+use crate::settings::{JobSettings, change_target, spec_hash};
 use crate::{Context, Error};
 
 /// Reconciles one StreamJob.
@@ -291,7 +297,7 @@ impl Reconciler<'_> {
         let deployed = self.w.status.deployed.clone();
         match (self.sj.spec.state, deployed) {
             (DesiredState::Suspended, None) => {
-                self.apply(&settings, false).await?;
+                self.apply(self.sj, &settings, false).await?;
                 self.w.status.lifecycle = Some(Lifecycle::Suspended);
                 self.w.status.observed_generation = Some(self.generation);
                 self.w.save().await?;
@@ -368,8 +374,8 @@ impl Reconciler<'_> {
 
     /// Makes the TLS and token Secrets the operator owns when they do not exist; a Secret the
     /// spec names must exist (it may still be being issued: the step is retried).
-    async fn ensure_secrets(&self) -> Result<(), Error> {
-        let Some(secrets) = security_secrets(self.sj) else {
+    async fn ensure_secrets(&self, sj: &StreamJob) -> Result<(), Error> {
+        let Some(secrets) = security_secrets(sj) else {
             return Ok(());
         };
         let api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.namespace());
@@ -395,7 +401,7 @@ impl Reconciler<'_> {
                     "Secret {name} (spec.security.{field}) does not exist"
                 )));
             }
-            match api.create(&PostParams::default(), &make(self.sj)?).await {
+            match api.create(&PostParams::default(), &make(sj)?).await {
                 Ok(_) => info!(secret = %name, "created"),
                 // another replica or an earlier pass made it meanwhile
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -419,11 +425,17 @@ impl Reconciler<'_> {
         }
     }
 
-    /// True if a change to this generation halted (it is retried once the spec changes again).
+    /// True if a change to the current spec halted (it is retried once the spec changes in any
+    /// field but `savepointTriggerNonce`).
     fn halted(&self) -> bool {
-        self.w
-            .get_condition("UpgradeHalted")
-            .is_some_and(|c| c.status == "True" && c.observed_generation == Some(self.generation))
+        self.w.get_condition("UpgradeHalted").is_some_and(|c| {
+            c.status == "True"
+                && match &self.w.status.halted_target {
+                    Some(t) => *t == change_target(&self.sj.spec),
+                    // recorded by an operator that halted changes per generation
+                    None => c.observed_generation == Some(self.generation),
+                }
+        })
     }
 
     /// The spec cannot be deployed: say why. A deployed job keeps running.
@@ -446,15 +458,21 @@ impl Reconciler<'_> {
         Ok(Action::await_change())
     }
 
-    /// Applies the StreamJob's objects (server-side apply, so repeating it changes nothing).
-    async fn apply(&self, settings: &JobSettings, running: bool) -> Result<(), Error> {
+    /// Applies the objects of `sj` (this StreamJob, or it with the stable spec for a rollback;
+    /// server-side apply, so repeating it changes nothing).
+    async fn apply(
+        &self,
+        sj: &StreamJob,
+        settings: &JobSettings,
+        running: bool,
+    ) -> Result<(), Error> {
         let Objects {
             config,
             service,
             jobmanager,
             taskmanager,
-        } = objects(self.sj, settings, running)?;
-        self.ensure_secrets().await?;
+        } = objects(sj, settings, running)?;
+        self.ensure_secrets(sj).await?;
         let ns = self.namespace();
         let client = &self.ctx.client;
         let pp = PatchParams::apply(MANAGER).force();
@@ -502,13 +520,15 @@ impl Reconciler<'_> {
             // a nonce present at creation is a starting value, not a request
             self.w.status.savepoint_trigger_nonce = self.sj.spec.savepoint_trigger_nonce;
         }
-        self.deploy(settings, restore, started_with).await
+        self.deploy(self.sj, settings, restore, started_with).await
     }
 
-    /// Applies the objects for the current spec and submits the job (or adopts it, if this
-    /// StreamJob's JobManager already runs it).
+    /// Applies the objects of `target` (this StreamJob, or it with the stable spec for a
+    /// rollback) and submits its job (or adopts it, if this StreamJob's JobManager already
+    /// runs it).
     async fn deploy(
         &mut self,
+        target: &StreamJob,
         settings: &JobSettings,
         restore: Restore,
         started_with: &str,
@@ -517,7 +537,7 @@ impl Reconciler<'_> {
             self.w.status.lifecycle = Some(Lifecycle::Deploying);
         }
         self.w.save().await?;
-        self.apply(settings, true).await?;
+        self.apply(target, settings, true).await?;
         // the JobManager pod may still be starting
         let Some(jm) = self.reach_jobmanager("JobManagerStarting").await? else {
             return Ok(Action::requeue(self.ctx.retry));
@@ -548,7 +568,7 @@ impl Reconciler<'_> {
                         base_dir: crate::resources::JOB_DIR.into(),
                         restore: path.clone(),
                         fresh,
-                        allow_non_restored_state: self.sj.spec.allow_non_restored_state,
+                        allow_non_restored_state: target.spec.allow_non_restored_state,
                     })
                     .await;
                 match submitted {
@@ -561,22 +581,33 @@ impl Reconciler<'_> {
         let restored_from = (!info.restored_from.is_empty() && info.restored_from != "-")
             .then(|| info.restored_from.clone())
             .or_else(|| (!path.is_empty()).then_some(path));
+        let rollback = started_with == ROLLBACK;
+        let generation = match (&self.w.status.stable, rollback) {
+            (Some(stable), true) => stable.generation,
+            _ => self.generation,
+        };
         self.w.status.deployed = Some(Deployed {
-            generation: self.generation,
-            spec_hash: spec_hash(&self.sj.spec),
-            parallelism: self.sj.spec.parallelism,
-            restart_nonce: self.sj.spec.restart_nonce,
+            generation,
+            spec_hash: spec_hash(&target.spec),
+            parallelism: target.spec.parallelism,
+            restart_nonce: target.spec.restart_nonce,
             started_with: started_with.into(),
             restored_from: restored_from.clone(),
             time: now(),
+            spec: serde_json::to_string(&target.spec).ok(),
+            verified: None,
         });
         self.w.status.job_id = Some(info.id.clone());
         self.w.status.job_state = Some(info.state.clone());
-        self.w.status.parallelism = Some(self.sj.spec.parallelism);
+        self.w.status.parallelism = Some(target.spec.parallelism);
         self.w.status.change = None;
         self.w.status.lifecycle = Some(Lifecycle::Deploying);
         self.w.status.observed_generation = Some(self.generation);
-        self.w.clear_condition("UpgradeHalted");
+        if !rollback {
+            // what halted before does not stand in the way of what was just deployed
+            self.w.clear_condition("UpgradeHalted");
+            self.w.status.halted_target = None;
+        }
         self.w.condition(
             "Reconciling",
             false,
@@ -591,10 +622,18 @@ impl Reconciler<'_> {
             "JobSubmitted",
             format!(
                 "job {} at parallelism {} from {from} ({started_with})",
-                info.id, self.sj.spec.parallelism
+                info.id, target.spec.parallelism
             ),
         )
         .await;
+        if rollback {
+            self.event(
+                true,
+                "RolledBack",
+                format!("generation {generation} runs again, from {from}"),
+            )
+            .await;
+        }
         Ok(Action::requeue(self.ctx.retry))
     }
 
@@ -622,6 +661,7 @@ impl Reconciler<'_> {
         let what = match kind {
             ChangeKind::Upgrade => "upgrade",
             ChangeKind::Suspend => "suspend",
+            ChangeKind::Rollback => "rollback",
         };
         self.w.status.change = Some(change.clone());
         self.w.status.lifecycle = Some(Lifecycle::Upgrading);
@@ -693,22 +733,25 @@ impl Reconciler<'_> {
             self.w.status.deployed.as_ref().map_or(0, |d| d.generation)
         );
         warn!(%message, "change refused before stopping the job");
-        self.halted_because("RestoreCheckFailed", message, self.generation)
+        let target = change_target(&self.sj.spec);
+        self.halted_because("RestoreCheckFailed", message, self.generation, target)
             .await?;
         self.observe(settings).await
     }
 
-    /// Records that the change to `generation` halted: the `UpgradeHalted` condition (which
-    /// keeps it from being tried again until the spec changes), `Reconciling` false, and an
-    /// event.
+    /// Records that the change to `generation` (whose [`change_target`] is `target`) halted:
+    /// the `UpgradeHalted` condition and `haltedTarget` (which keep it from being tried again
+    /// until the spec changes), `Reconciling` false, and an event.
     async fn halted_because(
         &mut self,
         reason: &str,
         message: String,
         generation: i64,
+        target: String,
     ) -> Result<(), Error> {
         self.w
             .condition("UpgradeHalted", true, reason, &message, generation);
+        self.w.status.halted_target = Some(target);
         self.w.condition(
             "Reconciling",
             false,
@@ -740,7 +783,7 @@ impl Reconciler<'_> {
         }
         match change.kind {
             ChangeKind::Suspend => {
-                self.apply(settings, false).await?;
+                self.apply(self.sj, settings, false).await?;
                 self.w.status.deployed = None;
                 self.w.status.change = None;
                 self.w.status.lifecycle = Some(Lifecycle::Suspended);
@@ -776,9 +819,36 @@ impl Reconciler<'_> {
                     UpgradeMode::LastState => Restore::Latest,
                     UpgradeMode::Stateless => Restore::Fresh,
                 };
-                self.deploy(settings, restore, change.mode.name()).await
+                self.deploy(self.sj, settings, restore, change.mode.name())
+                    .await
+            }
+            ChangeKind::Rollback => {
+                let Some(stable) = self.stable_job()? else {
+                    return Err(Error::Spec(
+                        "a rollback is under way but status.stable holds no spec to roll back to"
+                            .into(),
+                    ));
+                };
+                let settings = JobSettings::of(&stable)?;
+                let restore = match &change.savepoint {
+                    Some(p) => Restore::Path(p.clone()),
+                    None => Restore::Fresh,
+                };
+                self.deploy(&stable, &settings, restore, ROLLBACK).await
             }
         }
+    }
+
+    /// This StreamJob with its stable spec, if one is recorded.
+    fn stable_job(&self) -> Result<Option<StreamJob>, Error> {
+        let Some(stable) = &self.w.status.stable else {
+            return Ok(None);
+        };
+        let spec: StreamJobSpec = serde_json::from_str(&stable.spec)
+            .map_err(|e| Error::Spec(format!("status.stable.spec: {e}")))?;
+        let mut sj = self.sj.clone();
+        sj.spec = spec;
+        Ok(Some(sj))
     }
 
     /// Stops the deployed job as the change's mode says.
@@ -790,10 +860,16 @@ impl Reconciler<'_> {
         let state = jm.job(&id).await?.map(|j| j.state);
         let running = state.as_deref().is_some_and(|s| !is_terminal(s));
         let trigger = match change.kind {
-            ChangeKind::Upgrade => SavepointTrigger::Upgrade,
+            ChangeKind::Upgrade | ChangeKind::Rollback => SavepointTrigger::Upgrade,
             ChangeKind::Suspend => SavepointTrigger::Suspend,
         };
-        match change.mode {
+        // a rollback cancels the job that failed to prove itself: its state is the snapshot it
+        // restored, and it may not be able to take a savepoint at all
+        let mode = match change.kind {
+            ChangeKind::Rollback => UpgradeMode::Stateless,
+            _ => change.mode,
+        };
+        match mode {
             // the job stops once its savepoint completed: the next job waits until it ended,
             // so the two never compete for slots
             UpgradeMode::Savepoint if change.savepoint.is_some() => {
@@ -900,7 +976,8 @@ impl Reconciler<'_> {
         self.record_savepoint(trigger, Err(message.clone()), None);
         self.w.status.change = None;
         self.w.status.lifecycle = Some(Lifecycle::Running);
-        self.halted_because("SavepointFailed", message, change.generation)
+        let target = change_target(&self.sj.spec);
+        self.halted_because("SavepointFailed", message, change.generation, target)
             .await?;
         Ok(Stop::Halted)
     }
@@ -955,6 +1032,7 @@ impl Reconciler<'_> {
             return Ok(Action::requeue(self.ctx.poll));
         };
         let previous = self.w.status.job_state.replace(job.state.clone());
+        let mut checkpointed = None;
         if let Some(c) = jm
             .snapshots(&id)
             .await?
@@ -962,6 +1040,7 @@ impl Reconciler<'_> {
             .rev()
             .find(|s| s.completed("checkpoint"))
         {
+            checkpointed = Some(c.trigger_time_ms);
             self.w.status.last_checkpoint = Some(CheckpointRecord {
                 id: c.id as i64,
                 path: c.path.unwrap_or_default(),
@@ -990,6 +1069,9 @@ impl Reconciler<'_> {
         if previous.as_deref() != Some(job.state.as_str()) {
             self.event(job.state == "failed", reason, message).await;
         }
+        if let Some(action) = self.probation(&job, checkpointed, settings).await? {
+            return Ok(action);
+        }
         let mut waiting = false;
         if job.state == "running" || self.w.status.savepoint_in_progress.is_some() {
             waiting = self.requested_savepoints(&jm, &id, settings).await?;
@@ -1001,6 +1083,97 @@ impl Reconciler<'_> {
         } else {
             self.ctx.poll
         }))
+    }
+
+    /// Ends the probation of the deployed spec once its job proves itself (completes a
+    /// checkpoint after it was submitted, or finishes): its spec becomes the stable one. A job
+    /// on probation that fails, restarts more than allowed or overruns the timeout is rolled
+    /// back to the stable spec, if there is one to go back to and `spec.rollback` allows it.
+    async fn probation(
+        &mut self,
+        job: &pb::JobInfo,
+        checkpointed: Option<i64>,
+        settings: &JobSettings,
+    ) -> Result<Option<Action>, Error> {
+        let Some(mut d) = self.w.status.deployed.clone() else {
+            return Ok(None);
+        };
+        if d.verified.is_some() {
+            return Ok(None);
+        }
+        let verdict =
+            probation_verdict(job, checkpointed, millis(&d.time), millis(&now()), settings);
+        // a deployment recorded before specs were kept with it: the current spec, if it is
+        // the one deployed
+        let spec = d.spec.clone().or_else(|| {
+            (d.spec_hash == spec_hash(&self.sj.spec))
+                .then(|| serde_json::to_string(&self.sj.spec).ok())
+                .flatten()
+        });
+        let why = match verdict {
+            Verdict::Waiting => return Ok(None),
+            Verdict::Proved => {
+                d.verified = Some(now());
+                if let Some(spec) = spec {
+                    self.w.status.stable = Some(StableSpec {
+                        generation: d.generation,
+                        spec,
+                    });
+                }
+                self.w.status.deployed = Some(d);
+                self.w.save().await?;
+                return Ok(None);
+            }
+            Verdict::Failing(why) => why,
+        };
+        let Some(stable) = self.w.status.stable.clone() else {
+            return Ok(None);
+        };
+        if !self.sj.spec.rollback.enabled || spec.as_ref() == Some(&stable.spec) {
+            // nothing else to go back to: the failing job is reported as it is
+            return Ok(None);
+        }
+        self.start_rollback(d, stable, why, settings)
+            .await
+            .map(Some)
+    }
+
+    /// Records a rollback of the deployment `d`, which failed its probation because of `why`,
+    /// and takes its first step.
+    async fn start_rollback(
+        &mut self,
+        d: Deployed,
+        stable: StableSpec,
+        why: String,
+        settings: &JobSettings,
+    ) -> Result<Action, Error> {
+        let from = d.restored_from.as_deref().unwrap_or("empty state");
+        let message = format!(
+            "generation {} did not prove itself: {why}; rolled back to generation {} from {from}",
+            d.generation, stable.generation
+        );
+        warn!(%message, "rolling back");
+        let to = self
+            .stable_job()?
+            .map(|sj| spec_hash(&sj.spec))
+            .unwrap_or_default();
+        let change = Change {
+            kind: ChangeKind::Rollback,
+            generation: stable.generation,
+            spec_hash: to,
+            mode: self.sj.spec.upgrade_mode,
+            phase: ChangePhase::Stopping,
+            savepoint: d.restored_from.clone(),
+            started: now(),
+        };
+        self.w.status.change = Some(change.clone());
+        self.w.status.lifecycle = Some(Lifecycle::Upgrading);
+        let failed: Option<StreamJobSpec> =
+            d.spec.as_deref().and_then(|s| serde_json::from_str(s).ok());
+        let target = change_target(failed.as_ref().unwrap_or(&self.sj.spec));
+        self.halted_because("RolledBack", message, d.generation, target)
+            .await?;
+        self.continue_change(change, settings).await
     }
 
     /// A changed `savepointTriggerNonce`, or a due periodic savepoint: triggered, recorded as in
@@ -1171,6 +1344,56 @@ impl Reconciler<'_> {
     }
 }
 
+/// Where a deployment on probation stands.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// Its job completed a checkpoint after it was submitted, or finished.
+    Proved,
+    /// Not yet proved, not failing.
+    Waiting,
+    /// Its job failed, restarted too often or overran the timeout: why.
+    Failing(String),
+}
+
+/// The verdict on a deployment submitted at `submitted` (ms) whose job is `job` and whose
+/// newest completed checkpoint was triggered at `checkpointed`, at `now`.
+fn probation_verdict(
+    job: &pb::JobInfo,
+    checkpointed: Option<i64>,
+    submitted: i64,
+    now: i64,
+    settings: &JobSettings,
+) -> Verdict {
+    // a completed checkpoint ends the probation even if the job failed since: what it
+    // committed with that checkpoint must not be redone from an older snapshot
+    if job.state == "finished" || checkpointed.is_some_and(|t| t >= submitted) {
+        return Verdict::Proved;
+    }
+    let state = if job.message.is_empty() {
+        job.state.clone()
+    } else {
+        format!("{}: {}", job.state, job.message)
+    };
+    Verdict::Failing(if job.state == "failed" {
+        format!("its job failed ({})", job.message)
+    } else if job.restarts > settings.max_restarts {
+        format!(
+            "its job restarted {} times (spec.rollback.maxRestarts is {}; it is {state})",
+            job.restarts, settings.max_restarts
+        )
+    } else if now - submitted > settings.probation_ms {
+        format!(
+            "its job did not complete a checkpoint within {} s (spec.rollback.timeout; it is {state})",
+            settings.probation_ms / 1000
+        )
+    } else {
+        return Verdict::Waiting;
+    })
+}
+
+/// `startedWith` of a deployment made by a rollback.
+const ROLLBACK: &str = "rollback";
+
 /// Outcome of a stop step.
 enum Stop {
     /// Stopped; go on to deploy.
@@ -1206,4 +1429,78 @@ pub fn error_policy(sj: Arc<StreamJob>, error: &Error, ctx: Arc<Context>) -> Act
 
 fn object_key(sj: &StreamJob) -> String {
     format!("{}/{}", sj.namespace().unwrap_or_default(), sj.name_any())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> JobSettings {
+        JobSettings {
+            name: "j".into(),
+            definition: String::new(),
+            overrides: vec![],
+            checkpoints: String::new(),
+            savepoints: String::new(),
+            ha_dir: String::new(),
+            taskmanagers: 1,
+            taskmanager_memory_mb: 512,
+            probation_ms: 60_000,
+            max_restarts: 2,
+        }
+    }
+
+    fn job(state: &str, restarts: u32, message: &str) -> pb::JobInfo {
+        pb::JobInfo {
+            state: state.into(),
+            restarts,
+            message: message.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_deployment_proves_itself_with_a_checkpoint_after_it_was_submitted() {
+        let s = settings();
+        let verdict =
+            |j: &pb::JobInfo, checkpointed, now| probation_verdict(j, checkpointed, 1_000, now, &s);
+        let running = job("running", 0, "");
+        // the checkpoint it restored (older than the deployment) proves nothing
+        assert_eq!(verdict(&running, Some(500), 2_000), Verdict::Waiting);
+        assert_eq!(verdict(&running, Some(1_500), 2_000), Verdict::Proved);
+        assert_eq!(
+            verdict(&job("finished", 0, ""), None, 2_000),
+            Verdict::Proved
+        );
+        // failed after a completed checkpoint: proved (a rollback would redo what it committed)
+        assert_eq!(
+            verdict(&job("failed", 0, "boom"), Some(1_500), 2_000),
+            Verdict::Proved
+        );
+    }
+
+    #[test]
+    fn a_deployment_fails_its_probation_by_failing_restarting_or_waiting_too_long() {
+        let s = settings();
+        let verdict = |j: &pb::JobInfo, now| probation_verdict(j, None, 1_000, now, &s);
+        let failing = |v: Verdict, what: &str| match v {
+            Verdict::Failing(why) => assert!(why.contains(what), "{why}"),
+            v => panic!("{v:?}, not failing with {what}"),
+        };
+        failing(
+            verdict(&job("failed", 0, "no such table"), 2_000),
+            "failed (no such table)",
+        );
+        assert_eq!(verdict(&job("restarting", 2, ""), 2_000), Verdict::Waiting);
+        failing(
+            verdict(&job("restarting", 3, "bad record"), 2_000),
+            "restarted 3 times (spec.rollback.maxRestarts is 2; it is restarting: bad record)",
+        );
+        let waiting = job("created", 0, "waiting for 8 free slots");
+        assert_eq!(verdict(&waiting, 61_000), Verdict::Waiting);
+        failing(
+            verdict(&waiting, 61_001),
+            "within 60 s (spec.rollback.timeout; it is created: waiting for 8 free slots)",
+        );
+    }
 }

@@ -26,6 +26,10 @@ pub struct JobSettings {
     /// Memory of a TaskManager container when the spec gives none, MiB: the keyed-state budget
     /// of its slots (`state.memory_mb` each) and the process's own.
     pub taskmanager_memory_mb: usize,
+    /// How long a new deployment has to prove itself before it is rolled back, ms.
+    pub probation_ms: i64,
+    /// Restarts of a job on probation that count as failing.
+    pub max_restarts: u32,
 }
 
 /// Memory of a TaskManager process besides keyed state (batches in flight, network buffers, the
@@ -75,6 +79,9 @@ impl JobSettings {
                 overrides.push(format!("checkpointing.s3.region={r}"));
             }
         }
+        let (probation_ms, max_restarts) = probation(spec)
+            .map_err(|e| problems.push(e.to_string()))
+            .unwrap_or_default();
         // the definition with the overrides must be a valid job: checked here, so a bad spec
         // is reported on the resource before anything is stopped or deployed
         let job = freshet_job::parse_job(&definition, "spec.job", &overrides)
@@ -99,6 +106,8 @@ impl JobSettings {
             ha_dir,
             taskmanagers,
             taskmanager_memory_mb: slots as usize * job.state.memory_mb + PROCESS_MEMORY_MB,
+            probation_ms,
+            max_restarts,
         })
     }
 }
@@ -118,18 +127,44 @@ pub fn millis(text: &str, field: &str) -> Result<u64, Error> {
 }
 
 /// Hash of the spec fields whose change needs the job restarted: everything but the savepoint
-/// settings, the nonces, the initial savepoint and the desired state.
+/// settings, the nonces, the initial savepoint, the desired state and what deleting or a failed
+/// upgrade does.
 pub fn spec_hash(spec: &StreamJobSpec) -> String {
     let mut s = spec.clone();
     s.savepoint_trigger_nonce = None;
     s.restart_nonce = None;
     s.state = Default::default();
     s.initial_savepoint_path = None;
+    s.deletion_policy = Default::default();
+    s.rollback = Default::default();
     // the operator names the savepoint directory in every request, so the policy never
     // needs the job restarted
     s.savepoints = Default::default();
     let json = serde_json::to_vec(&s).expect("a spec serialises");
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&json))
+}
+
+/// What a change that halted was for: the hash of its whole spec but `savepointTriggerNonce`.
+/// It is not tried again until the spec changes otherwise (a fixed savepoint directory, a longer
+/// rollback timeout, a new `restartNonce`, anything that needs a restart).
+pub fn change_target(spec: &StreamJobSpec) -> String {
+    let mut s = spec.clone();
+    s.savepoint_trigger_nonce = None;
+    let json = serde_json::to_vec(&s).expect("a spec serialises");
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&json))
+}
+
+/// The rollback settings of a spec: how long a new deployment has to prove itself, in
+/// milliseconds, and how many restarts on probation count as failing.
+fn probation(spec: &StreamJobSpec) -> Result<(i64, u32), Error> {
+    let timeout = match &spec.rollback.timeout {
+        Some(t) => millis(t, "spec.rollback.timeout")? as i64,
+        None => 5 * 60 * 1000,
+    };
+    Ok((
+        timeout,
+        spec.rollback.max_restarts.unwrap_or(3).max(0) as u32,
+    ))
 }
 
 #[cfg(test)]

@@ -489,20 +489,15 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
         String::from_utf8_lossy(&deleted.stderr),
         op.log()
     );
-    let events = cp.kubectl_ok(&[
-        "-n",
-        ns,
-        "get",
-        "events",
-        "--field-selector",
-        "reason=FinalSavepoint",
-        "-o",
-        "jsonpath={.items[*].message}",
-    ]);
-    let final_savepoint = events.split(' ').next().unwrap_or_default().to_string();
+    let final_events = events(cp, ns, "FinalSavepoint");
+    let final_savepoint = final_events
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     assert!(
         !final_savepoint.is_empty() && Path::new(&final_savepoint).exists(),
-        "no final savepoint on disk: {events:?}"
+        "no final savepoint on disk: {final_events:?}"
     );
     assert_eq!(jobs_in(address, "running"), 0, "job {running} still runs");
     let all = ["deployments,replicasets,pods,services", "configmaps"];
@@ -1196,15 +1191,143 @@ fn a_failed_final_savepoint_keeps_the_stream_job_until_the_policy_says_otherwise
         "streamjob/keep",
         "--timeout=90s",
     ]);
-    let note = cp.kubectl_ok(&[
+    let note = events(cp, ns, "Deleted");
+    assert!(note.contains("deletionPolicy none"), "{note}");
+}
+
+/// Waits until `done` holds for the StreamJob's status (at most `secs`): the status.
+fn until_status(
+    cp: &ControlPlane,
+    ns: &str,
+    name: &str,
+    secs: u64,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let st = get(cp, ns, name)["status"].clone();
+        if done(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "not reached: {st:#}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The messages of the StreamJob events with `reason` in `ns`.
+fn events(cp: &ControlPlane, ns: &str, reason: &str) -> String {
+    cp.kubectl_ok(&[
         "-n",
         ns,
         "get",
         "events",
         "--field-selector",
-        "reason=Deleted",
+        &format!("reason={reason}"),
         "-o",
         "jsonpath={.items[*].message}",
-    ]);
-    assert!(note.contains("deletionPolicy none"), "{note}");
+    ])
+}
+
+/// Real: the control plane, kubectl, the operator with the chart's identity, a JobManager and a
+/// TaskManager process (4 slots) standing in for the pods. An upgrade to parallelism 8 cannot
+/// get its slots, as when new TaskManager pods never start: its job waits, never proving
+/// itself, and the operator rolls back to the spec that ran before, from the upgrade's
+/// savepoint; the failed spec is not tried again until it changes.
+#[test]
+fn an_upgrade_whose_job_does_not_prove_itself_is_rolled_back() {
+    let cp = cluster();
+    let t = setup("rollback", "views", |sj, _| {
+        sj["spec"]["rollback"] = json!({"timeout": "15s"});
+    });
+    let (ns, address) = (&t.ns, &t.address);
+    until_running(cp, ns, "views");
+    // the first deployment proves itself with a checkpoint: its spec is the stable one
+    let st = until_status(cp, ns, "views", 60, |st| {
+        st["deployed"]["verified"].is_string() && st["stable"]["generation"] == 1
+    });
+    let first = st["jobId"].clone();
+
+    patch(
+        cp,
+        ns,
+        "views",
+        json!({"parallelism": 8, "taskManagers": {"slots": 8}}),
+    );
+    let st = until_status(cp, ns, "views", 120, |st| {
+        st["deployed"]["startedWith"] == "rollback" && st["jobState"] == "running"
+    });
+    let upgrade = st["savepoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|s| s["trigger"] == "upgrade")
+        .unwrap()
+        .clone();
+    assert_eq!(upgrade["state"], "completed", "{st:#}");
+    // generation 1 runs again, from the savepoint the upgrade stopped the old job with
+    assert_eq!(st["deployed"]["generation"], 1, "{st:#}");
+    assert_eq!(st["deployed"]["parallelism"], 1, "{st:#}");
+    assert_eq!(st["parallelism"], 1, "{st:#}");
+    assert_eq!(st["deployed"]["restoredFrom"], upgrade["path"], "{st:#}");
+    assert_ne!(st["jobId"], first);
+    assert!(st.get("change").is_none(), "{st:#}");
+    let halted = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "UpgradeHalted")
+        .unwrap()
+        .clone();
+    assert_eq!(halted["reason"], "RolledBack", "{halted}");
+    let message = halted["message"].as_str().unwrap();
+    assert!(
+        message.contains("generation 2 did not prove itself")
+            && message.contains("did not complete a checkpoint within 15 s")
+            && message.contains("waiting for 8 free slots"),
+        "{message}"
+    );
+    // the job of the failed upgrade was cancelled; only the rolled-back one runs
+    assert_eq!(jobs_in(address, "running"), 1);
+    assert_eq!(jobs_in(address, "cancelled"), 1);
+    assert_eq!(
+        jsonpath(cp, ns, "deployment/views-taskmanager", "{.spec.replicas}"),
+        "1"
+    );
+    let rolled = events(cp, ns, "RolledBack");
+    assert!(rolled.contains("generation 1 runs again"), "{rolled:?}");
+    let described = cp.kubectl_ok(&["-n", ns, "describe", "streamjob/views"]);
+    assert!(described.contains("RolledBack"), "{described}");
+
+    // a savepoint requested now does not retry the failed spec (it changes the generation,
+    // not what would be deployed)
+    let job = st["jobId"].clone();
+    patch(cp, ns, "views", json!({"savepointTriggerNonce": 7}));
+    let st = until_status(cp, ns, "views", 60, |st| st["savepointTriggerNonce"] == 7);
+    let manual = st["savepoints"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (manual["trigger"].as_str(), manual["state"].as_str()),
+        (Some("manual"), Some("completed")),
+        "{st:#}"
+    );
+    assert_eq!(st["jobId"], job, "{st:#}");
+    assert_eq!(st["deployed"]["generation"], 1, "{st:#}");
+
+    // a spec that fits is deployed from the rolled-back job, and the halt is cleared
+    patch(
+        cp,
+        ns,
+        "views",
+        json!({"parallelism": 4, "taskManagers": {"slots": 4}}),
+    );
+    let st = until_running(cp, ns, "views");
+    assert_eq!(st["deployed"]["parallelism"], 4, "{st:#}");
+    assert_eq!(st["deployed"]["startedWith"], "savepoint", "{st:#}");
+    assert!(
+        !st["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "UpgradeHalted"),
+        "{st:#}"
+    );
 }
