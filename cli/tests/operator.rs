@@ -126,7 +126,11 @@ fn stream_job(name: &str, storage: &std::path::Path, out: &std::path::Path) -> V
                     "keep": "latest", "order_by": "v", "ttl": "1000d"
                 }},
                 "sinks": {"out": {"input": "latest",
-                                  "connector": {"type": "file", "path": out.display().to_string()}}}
+                                  "connector": {"type": "file", "path": out.display().to_string()}}},
+                // not the default under the pods' working directory, which for these
+                // stand-in processes would be the host's /var/lib/freshet
+                "dead_letter": {"type": "file",
+                                "path": out.with_file_name("dead-letter.jsonl").display().to_string()}
             }
         }
     })

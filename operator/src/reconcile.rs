@@ -565,7 +565,7 @@ impl Reconciler<'_> {
                     .submit(pb::SubmitJobRequest {
                         definition: settings.definition.clone(),
                         overrides: settings.overrides.clone(),
-                        base_dir: crate::resources::JOB_DIR.into(),
+                        base_dir: crate::resources::STATE_DIR.into(),
                         restore: path.clone(),
                         fresh,
                         allow_non_restored_state: target.spec.allow_non_restored_state,
@@ -712,7 +712,7 @@ impl Reconciler<'_> {
         jm.check(pb::SubmitJobRequest {
             definition: settings.definition.clone(),
             overrides: settings.overrides.clone(),
-            base_dir: crate::resources::JOB_DIR.into(),
+            base_dir: crate::resources::STATE_DIR.into(),
             restore: restore.unwrap_or_default(),
             fresh: false,
             allow_non_restored_state: self.sj.spec.allow_non_restored_state,

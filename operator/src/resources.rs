@@ -20,7 +20,10 @@ pub const TASKMANAGER_PORT: u16 = 6124;
 pub const DATA_PORT: u16 = 6125;
 /// Port of the health endpoints (`/healthz`, `/readyz`).
 pub const HEALTH_PORT: u16 = 8080;
-/// Where pods keep RocksDB working directories.
+/// Where pods keep RocksDB working directories; also the directory relative paths in the job
+/// definition (and its default dead-letter file) resolve against: the pods' working directory
+/// and, with `/tmp`, the only one they may write (the job definition's own directory is a
+/// read-only ConfigMap mount).
 pub const STATE_DIR: &str = "/var/lib/freshet";
 /// Where the job definition is mounted.
 pub const JOB_DIR: &str = "/etc/freshet";

@@ -4,8 +4,10 @@
 //! accounts) and kube-scheduler, all on loopback. `testenv/build.sh` builds the binaries from
 //! the Go module proxy at pinned versions, or finds them in its cache.
 //!
-//! Stand-ins: there is no kubelet and no node, so Pods are API objects that stay Pending; the
-//! processes they describe are started by the tests themselves, on loopback.
+//! Stand-ins: there is no kubelet. KWOK (also built by `testenv/build.sh`) keeps one fake node,
+//! [`FAKE_NODE`], alive: the scheduler binds pods to it and KWOK reports them running and
+//! ready, but no container runs for them. The processes they describe are started by the tests
+//! themselves, on loopback, as plain processes or as containers of the Freshet image.
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -89,6 +91,124 @@ fn binaries() -> PathBuf {
         .expect("running testenv/build.sh");
     assert!(out.status.success(), "testenv/build.sh failed");
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// The node KWOK keeps: pods are scheduled onto it and reported running.
+pub const FAKE_NODE: &str = "kwok-node-0";
+
+/// What KWOK does to the objects it manages: a node becomes ready, a pod bound to the node
+/// starts running with every container ready, a pod being deleted goes.
+const KWOK_STAGES: &str = r#"
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: node-ready
+spec:
+  resourceRef: {apiGroup: v1, kind: Node}
+  selector:
+    matchExpressions:
+    - key: '.status.conditions.[] | select( .type == "Ready" ) | .status'
+      operator: NotIn
+      values: ["True"]
+  next:
+    statusTemplate: |
+      conditions:
+      - type: Ready
+        status: "True"
+        reason: KubeletReady
+        message: kept by kwok
+        lastHeartbeatTime: {{ Now | Quote }}
+        lastTransitionTime: {{ Now | Quote }}
+      phase: Running
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: pod-running
+spec:
+  resourceRef: {apiGroup: v1, kind: Pod}
+  selector:
+    matchExpressions:
+    - key: .metadata.deletionTimestamp
+      operator: DoesNotExist
+    - key: .status.phase
+      operator: In
+      values: [Pending]
+  next:
+    statusTemplate: |
+      conditions:
+      - type: Initialized
+        status: "True"
+        lastTransitionTime: {{ Now | Quote }}
+      - type: ContainersReady
+        status: "True"
+        lastTransitionTime: {{ Now | Quote }}
+      - type: Ready
+        status: "True"
+        lastTransitionTime: {{ Now | Quote }}
+      containerStatuses:
+      {{ range .spec.containers }}
+      - name: {{ .name | Quote }}
+        image: {{ .image | Quote }}
+        ready: true
+        started: true
+        restartCount: 0
+        state:
+          running:
+            startedAt: {{ Now | Quote }}
+      {{ end }}
+      phase: Running
+      startTime: {{ Now | Quote }}
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: pod-deleted
+spec:
+  resourceRef: {apiGroup: v1, kind: Pod}
+  selector:
+    matchExpressions:
+    - key: .metadata.deletionTimestamp
+      operator: Exists
+  next:
+    delete: true
+"#;
+
+/// The KWOK version `testenv/kwok/go.mod` pins (`testenv/build.sh` names the binary with it).
+fn kwok_version() -> String {
+    let pins = std::fs::read_to_string(repo().join("testenv/kwok/go.mod")).unwrap();
+    pins.lines()
+        .find_map(|l| l.trim().strip_prefix("sigs.k8s.io/kwok "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("testenv/kwok/go.mod pins sigs.k8s.io/kwok")
+        .to_string()
+}
+
+/// A Node for KWOK to manage (its annotation), with room for every test's pods.
+fn fake_node(name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok"
+            }
+        },
+        "status": {
+            "allocatable": {"cpu": "64", "memory": "512Gi", "pods": "250"},
+            "capacity": {"cpu": "64", "memory": "512Gi", "pods": "250"},
+            "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
+                         "kubeletVersion": "fake", "kubeProxyVersion": "fake",
+                         "bootID": "", "machineID": "", "systemUUID": "", "osImage": "",
+                         "kernelVersion": "", "containerRuntimeVersion": ""},
+            "phase": "Running"
+        }
+    })
 }
 
 /// `kubectl`: `FRESHET_KUBECTL`, `target/tools/bin/kubectl` (installed by `.ci/run`), or the
@@ -295,6 +415,38 @@ impl ControlPlane {
         // the service-account controller has run when `default` exists in a namespace
         cp.wait_ready(
             &["-n", "default", "get", "serviceaccount", "default"],
+            Duration::from_secs(60),
+        )?;
+        // KWOK keeps the fake node alive (its lease renewed) and plays the kubelet for the
+        // pods bound to it: they are marked running and ready (no container runs)
+        let stages = cp.dir.join("kwok.yaml");
+        write(&stages, KWOK_STAGES);
+        cp.spawn(
+            &bin.join(format!("kwok-{}", kwok_version())),
+            "kwok",
+            &[
+                format!("--kubeconfig={}", kubeconfig.display()),
+                format!("--config={}", stages.display()),
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+                "--node-lease-duration-seconds=40".into(),
+                "--cidr=10.244.0.1/24".into(),
+                "--node-ip=10.244.0.1".into(),
+                format!("--server-address=127.0.0.1:{}", free_port()),
+            ],
+        );
+        let node = cp.dir.join("node.json");
+        write(&node, &fake_node(FAKE_NODE).to_string());
+        cp.wait_ready(
+            &["apply", "-f", node.to_str().unwrap()],
+            Duration::from_secs(30),
+        )?;
+        cp.wait_ready(
+            &[
+                "wait",
+                "--for=condition=Ready",
+                &format!("node/{FAKE_NODE}"),
+                "--timeout=5s",
+            ],
             Duration::from_secs(60),
         )?;
         Ok(cp)

@@ -5,12 +5,15 @@
 //! Real: etcd, kube-apiserver (authentication by client certificates and service-account
 //! tokens, RBAC, the CRD's schema and CEL rules), kube-controller-manager, kube-scheduler,
 //! `helm`, `kubectl`, and the operator as a `freshet operator` process authenticated as the
-//! chart's ServiceAccount. Standing in: no node runs Pods (they stay Pending), so a JobManager
-//! and a TaskManager process started on loopback play the job's pods, and the operator is told
-//! their address with `--jobmanager-address`.
+//! chart's ServiceAccount. Standing in: no kubelet runs containers; KWOK keeps a fake node
+//! to which pods are bound and reports them running. A JobManager and a TaskManager started by
+//! the test on loopback play the job's pods (as processes, or as containers of the image built
+//! from `deploy/Dockerfile` with podman), and the operator is told their address with
+//! `--jobmanager-address`.
 #[path = "../common/mod.rs"]
 mod common;
 mod controlplane;
+mod image;
 
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -342,7 +345,10 @@ fn stream_job(ns: &str, name: &str, dir: &Path) -> Value {
                     "keep": "latest", "order_by": "v", "ttl": "1000d"
                 }},
                 "sinks": {"out": {"input": "latest",
-                    "connector": {"type": "file", "path": dir.join("out.jsonl").display().to_string()}}}
+                    "connector": {"type": "file", "path": dir.join("out.jsonl").display().to_string()}}},
+                // not the default under the pods' working directory, which for these
+                // stand-in processes would be the host's /var/lib/freshet
+                "dead_letter": {"type": "file", "path": dir.join("dead-letter.jsonl").display().to_string()}
             }
         }
     })
@@ -402,7 +408,7 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
     );
 
     // what the operator made is owned by the StreamJob; the controller-manager rolled the
-    // Deployments out into ReplicaSets and Pods, which stay Pending without nodes
+    // Deployments out into ReplicaSets and Pods
     let uid = jsonpath(cp, ns, job, "{.metadata.uid}");
     let made: Value = serde_json::from_str(&cp.kubectl_ok(&[
         "-n",
@@ -431,6 +437,8 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
         assert_eq!(owner["uid"], json!(uid), "{i}");
         assert_eq!(owner["controller"], json!(true), "{i}");
     }
+    // the scheduler binds the pods to KWOK's node, which reports them running; the
+    // Deployments become available
     until(
         cp,
         60,
@@ -440,10 +448,24 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
             "get",
             "pods",
             "-o",
-            "jsonpath={.items[*].status.phase}",
+            "jsonpath={range .items[*]}{.spec.nodeName}/{.status.phase} {end}",
         ],
-        |p| p.split_whitespace().count() >= 2 && p.split_whitespace().all(|p| p == "Pending"),
+        |p| {
+            p.split_whitespace().count() >= 2
+                && p.split_whitespace()
+                    .all(|p| p == format!("{}/Running", controlplane::FAKE_NODE))
+        },
     );
+    for d in ["counts-jobmanager", "counts-taskmanager"] {
+        cp.kubectl_ok(&[
+            "-n",
+            ns,
+            "wait",
+            "--for=condition=Available",
+            &format!("deployment/{d}"),
+            "--timeout=60s",
+        ]);
+    }
 
     // a savepoint on request
     cp.kubectl_ok(&[
@@ -1330,4 +1352,153 @@ fn an_upgrade_whose_job_does_not_prove_itself_is_rolled_back() {
             .any(|c| c["type"] == "UpgradeHalted"),
         "{st:#}"
     );
+}
+
+/// The newest completed checkpoint id in the StreamJob's status (0 before the first).
+fn checkpoint_id(cp: &ControlPlane, ns: &str, name: &str) -> i64 {
+    get(cp, ns, name)["status"]["lastCheckpoint"]["id"]
+        .as_i64()
+        .unwrap_or(0)
+}
+
+/// Real: the control plane, kubectl, the operator with the chart's identity, podman with runc,
+/// and the image built from `deploy/Dockerfile` (the binary of this build on a debootstrapped
+/// Debian bookworm, see [`image`]); the JobManager (with its high-availability directory) and
+/// the TaskManager run as containers of it. Standing in: KWOK's node holds the job's pods
+/// (reported running; their containers are the test's), and the test restarts a killed
+/// container as a kubelet would. A TaskManager container killed with `podman kill` mid-stream:
+/// the job restarts from its latest checkpoint once the container is back; the JobManager
+/// container killed: it resumes the same job from its high-availability directory.
+#[test]
+fn the_image_runs_the_job_in_containers_that_survive_podman_kill() {
+    let cp = cluster();
+    let ns = namespace(cp, "image");
+    let dir = tempfile::tempdir().unwrap();
+    // the containers run as the image's user (10001): the job's storage must be theirs to write
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let address = format!("127.0.0.1:{}", common::free_port());
+    let ha = dir.path().join("ha");
+    let suffix = std::process::id();
+    let jm = image::Container::run(
+        &format!("freshet-jm-{suffix}"),
+        dir.path(),
+        &[
+            "jobmanager",
+            "--listen",
+            &address,
+            "--ha-dir",
+            ha.to_str().unwrap(),
+            "--lease",
+            "2s",
+            "--heartbeat-interval",
+            "500ms",
+            "--heartbeat-timeout",
+            "3s",
+        ],
+    );
+    jm.wait_for("JobManager listening on");
+    let tm = image::Container::run(
+        &format!("freshet-tm-{suffix}"),
+        dir.path(),
+        &[
+            "taskmanager",
+            "--jobmanager",
+            &address,
+            "--slots",
+            "4",
+            "--id",
+            "taskmanager-0",
+        ],
+    );
+    tm.wait_for("listening on");
+    let _op = operator(cp, dir.path(), "operator-0", &ns, &address);
+    let mut sj = stream_job(&ns, "orders", dir.path());
+    sj["spec"]["image"] = json!(image::freshet_image());
+    // the default dead-letter file, under the containers' working directory (a read-only
+    // directory there once failed the job)
+    sj["spec"]["job"]
+        .as_object_mut()
+        .unwrap()
+        .remove("dead_letter");
+    let (ok, out) = apply(cp, &sj);
+    assert!(ok, "{out}");
+    let st = until_running(cp, &ns, "orders");
+    let job = st["jobId"].as_str().unwrap().to_string();
+    // the pods name the image and run on KWOK's node
+    let pods = cp.kubectl_ok(&[
+        "-n",
+        &ns,
+        "get",
+        "pods",
+        "-o",
+        "jsonpath={range .items[*]}{.spec.nodeName}/{.spec.containers[0].image} {end}",
+    ]);
+    let expected = format!("{}/{}", controlplane::FAKE_NODE, image::freshet_image());
+    assert!(
+        pods.split_whitespace().count() == 2 && pods.split_whitespace().all(|p| p == expected),
+        "{pods}"
+    );
+    until_status(cp, &ns, "orders", 60, |st| {
+        st["lastCheckpoint"]["id"].as_i64().is_some()
+    });
+
+    // the TaskManager container killed: the job loses its slots and waits
+    tm.kill();
+    assert_eq!(tm.status(), "exited");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::job_state(&address, &job).is_some_and(|(s, _)| s == "running") {
+        assert!(Instant::now() < deadline, "the job never noticed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let before = checkpoint_id(cp, &ns, "orders");
+    // back: the same job runs again from its latest checkpoint and goes on checkpointing
+    tm.start();
+    let st = until_status(cp, &ns, "orders", 120, |st| {
+        st["jobState"] == "running" && st["lastCheckpoint"]["id"].as_i64() > Some(before)
+    });
+    assert_eq!(st["jobId"], json!(job));
+    let (state, restarts) = common::job_state(&address, &job).unwrap();
+    assert_eq!(state, "running");
+    assert!(restarts >= 1, "restarts: {restarts}");
+    let redeployed = jm.logs();
+    assert!(
+        redeployed
+            .lines()
+            .any(|l| l.contains("deploying") && !l.contains("attempt=0") && l.contains("chk-")),
+        "the job was not redeployed from a checkpoint:\n{redeployed}"
+    );
+
+    // the JobManager container killed and started again: it resumes the job it had
+    jm.kill();
+    let before = checkpoint_id(cp, &ns, "orders");
+    jm.start();
+    let st = until_status(cp, &ns, "orders", 120, |st| {
+        st["jobState"] == "running" && st["lastCheckpoint"]["id"].as_i64() > Some(before)
+    });
+    assert_eq!(st["jobId"], json!(job), "{st:#}");
+
+    // what the job wrote through it all: the latest value of each of the 16 keys
+    let out = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap_or_default();
+    let keys: std::collections::BTreeSet<i64> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["k"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(keys, (0..16).collect(), "{out}");
+    // KWOK's node stayed ready all along
+    let ready = cp.kubectl_ok(&[
+        "get",
+        "node",
+        controlplane::FAKE_NODE,
+        "-o",
+        r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
+    ]);
+    assert_eq!(ready, "True");
 }
