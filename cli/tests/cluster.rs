@@ -18,6 +18,8 @@
 //!   and scheduling.
 //! - S3 credentials given as references reach the processes that use them, and a planted
 //!   secret appears in no log, job store file, state file or client output.
+//! - The probes' endpoints: `/healthz` and `/readyz` of both processes, a TaskManager ready
+//!   only while registered with its JobManager.
 mod common;
 
 use std::path::Path;
@@ -610,4 +612,79 @@ fn a_frozen_taskmanager_that_wakes_up_does_not_corrupt_the_restarted_job() {
         c.tms[1].log()
     );
     check_output(name, &c.out, "after a frozen TaskManager woke up");
+}
+
+/// `GET path` on `addr`: the status code and body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        code,
+        text.split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+fn free_address() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The probes' endpoints: the JobManager and the TaskManager answer `/healthz` and `/readyz`;
+/// a TaskManager is ready only while it is registered with the JobManager.
+#[test]
+fn processes_serve_health_endpoints() {
+    let jm_listen = free_address();
+    let tm_health = free_address();
+    // the TaskManager first, with no JobManager to register with: alive, not ready
+    let tm = Proc::start(&[
+        "taskmanager".into(),
+        "--jobmanager".into(),
+        jm_listen.clone(),
+        "--health".into(),
+        tm_health.clone(),
+    ]);
+    tm.wait_for("listening on");
+    let (code, body) = http_get(&tm_health, "/healthz");
+    assert_eq!((code, body.trim()), (200, "taskmanager alive"));
+    let (code, body) = http_get(&tm_health, "/readyz");
+    assert_eq!((code, body.trim()), (503, "taskmanager not ready"));
+
+    let jm_health = free_address();
+    let mut jm = Proc::start(&[
+        "jobmanager".into(),
+        "--listen".into(),
+        jm_listen.clone(),
+        "--health".into(),
+        jm_health.clone(),
+        "--heartbeat-interval".into(),
+        "200ms".into(),
+        "--heartbeat-timeout".into(),
+        "1s".into(),
+    ]);
+    jm.wait_for("JobManager listening on ");
+    tm.wait_for("registered with the JobManager");
+    for (addr, who) in [(&jm_health, "jobmanager"), (&tm_health, "taskmanager")] {
+        let (code, body) = http_get(addr, "/healthz");
+        assert_eq!((code, body.trim()), (200, format!("{who} alive").as_str()));
+        let (code, body) = http_get(addr, "/readyz");
+        assert_eq!((code, body.trim()), (200, format!("{who} ready").as_str()));
+        assert_eq!(http_get(addr, "/nothing").0, 404);
+    }
+
+    // the JobManager gone: not ready again once the TaskManager notices
+    jm.kill();
+    tm.wait_for("JobManager lost");
+    let (code, _) = http_get(&tm_health, "/readyz");
+    assert_eq!(code, 503);
 }

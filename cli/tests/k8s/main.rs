@@ -14,6 +14,7 @@
 mod common;
 mod controlplane;
 mod image;
+mod reconcile;
 
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};

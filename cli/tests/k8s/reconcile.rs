@@ -1,12 +1,11 @@
-//! Reconcile flows of the Kubernetes operator, one reconcile at a time. The Kubernetes API is
-//! an in-memory fake (kube-fake-client), which lets a test step reconciles and hand one a stale
-//! copy; `cli/tests/k8s` runs the operator process against a real API server. Nothing runs the
-//! pods the operator's Deployments describe: a real JobManager and TaskManager pair, started
-//! here as processes on loopback, stands in for them, and the operator talks to it over its
-//! gRPC control plane as it would to the JobManager Service. Checkpoints and savepoints go to a
-//! local directory.
-mod common;
-
+//! Reconcile flows of the Kubernetes operator, one reconcile at a time: the test calls
+//! `freshet_operator::reconcile` itself, so it can step passes and hand one a stale copy, while
+//! the Kubernetes API is the real one ([`crate::controlplane`]; each test in a namespace of its
+//! own, with the admin's credentials; `main.rs` runs the operator as a process with the
+//! chart's identity instead). Nothing runs the pods the operator's Deployments describe: a real
+//! JobManager and TaskManager pair, started here as processes on loopback, stands in for them,
+//! and the operator talks to it over its gRPC control plane as it would to the JobManager
+//! Service. Checkpoints and savepoints go to a local directory.
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -16,13 +15,11 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Proc;
+use crate::common::{self, Proc};
 use freshet_crds::{
     ChangePhase, Lifecycle, SavepointState, SavepointTrigger, StreamJob, StreamJobStatus,
 };
 use freshet_operator::{Context, reconcile};
-
-const NS: &str = "streaming";
 
 /// A JobManager and a TaskManager with 4 slots, as processes.
 struct Pods {
@@ -68,7 +65,7 @@ fn pods_with(listen: &str, jm_extra: &[String], tm_extra: &[String]) -> Pods {
     }
 }
 
-/// One operator instance: a context over the fake API, reaching the test's JobManager.
+/// One operator instance: a context over `client`, reaching the test's JobManager.
 fn operator(client: &Client, address: &str) -> Arc<Context> {
     let address = address.to_string();
     Arc::new(Context {
@@ -87,21 +84,19 @@ fn operator(client: &Client, address: &str) -> Arc<Context> {
     })
 }
 
-async fn fake_api() -> Client {
-    kube_fake_client::ClientBuilder::new()
-        .with_resource::<StreamJob>()
-        .with_status_subresource::<StreamJob>()
-        .build()
-        .await
-        .unwrap()
+/// A client of the shared control plane (as its admin) and a new namespace `ns` for one test.
+async fn real_api(ns: &str) -> (Client, String) {
+    let cp = crate::cluster();
+    let ns = crate::namespace(cp, ns);
+    (crate::admin_client(cp).await, ns)
 }
 
 /// A StreamJob with an unbounded keyed job (generator → keep latest per key → file).
-fn stream_job(name: &str, storage: &std::path::Path, out: &std::path::Path) -> Value {
+fn stream_job(ns: &str, name: &str, storage: &std::path::Path, out: &std::path::Path) -> Value {
     json!({
         "apiVersion": "freshet.dev/v1alpha1",
         "kind": "StreamJob",
-        "metadata": {"name": name, "namespace": NS},
+        "metadata": {"name": name, "namespace": ns},
         "spec": {
             "image": "freshet:test",
             "parallelism": 1,
@@ -136,27 +131,29 @@ fn stream_job(name: &str, storage: &std::path::Path, out: &std::path::Path) -> V
     })
 }
 
-/// The pods, a scratch directory, the fake API and a harness over a new StreamJob `name`
-/// (its spec adjusted by `edit`).
+/// The pods, a scratch directory, and a harness over a new StreamJob `name` (its spec adjusted
+/// by `edit`) in a namespace of its own.
 async fn setup(
     name: &str,
     edit: impl FnOnce(&mut Value, &std::path::Path),
 ) -> (Pods, tempfile::TempDir, Harness) {
     let pods = pods();
     let dir = tempfile::tempdir().unwrap();
+    let (client, ns) = real_api(&format!("step-{name}")).await;
     let mut sj = stream_job(
+        &ns,
         name,
         &dir.path().join("state"),
         &dir.path().join("out.jsonl"),
     );
     edit(&mut sj, dir.path());
-    let client = fake_api().await;
-    let h = Harness::create(&client, &pods.address, sj).await;
+    let h = Harness::create(&client, &ns, &pods.address, sj).await;
     (pods, dir, h)
 }
 
 struct Harness {
     client: Client,
+    ns: String,
     api: Api<StreamJob>,
     ctx: Arc<Context>,
     name: String,
@@ -166,13 +163,14 @@ struct Harness {
 }
 
 impl Harness {
-    async fn create(client: &Client, address: &str, sj: Value) -> Harness {
-        let api: Api<StreamJob> = Api::namespaced(client.clone(), NS);
+    async fn create(client: &Client, ns: &str, address: &str, sj: Value) -> Harness {
+        let api: Api<StreamJob> = Api::namespaced(client.clone(), ns);
         let sj: StreamJob = serde_json::from_value(sj).unwrap();
         let name = sj.name_any();
         api.create(&PostParams::default(), &sj).await.unwrap();
         Harness {
             client: client.clone(),
+            ns: ns.into(),
             api,
             ctx: operator(client, address),
             name,
@@ -247,7 +245,7 @@ impl Harness {
     }
 
     async fn deployment(&self, suffix: &str) -> Deployment {
-        let api: Api<Deployment> = Api::namespaced(self.client.clone(), NS);
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.ns);
         api.get(&format!("{}-{suffix}", self.name)).await.unwrap()
     }
 }
@@ -256,9 +254,9 @@ fn replicas(d: &Deployment) -> i32 {
     d.spec.as_ref().unwrap().replicas.unwrap()
 }
 
-/// Savepoints stored under the test's savepoint directory (with their metadata).
-fn stored(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir.join("state/savepoints/streaming/sessions"))
+/// Savepoints of StreamJob `ns/name` stored under the test's directory (with their metadata).
+fn stored(dir: &std::path::Path, ns: &str, name: &str) -> usize {
+    std::fs::read_dir(dir.join(format!("state/savepoints/{ns}/{name}")))
         .unwrap()
         .filter(|e| e.as_ref().unwrap().path().join("_metadata").exists())
         .count()
@@ -290,18 +288,19 @@ fn has_metadata(path: &str) -> bool {
 async fn security_is_on_by_default_with_secrets_the_operator_makes() {
     use k8s_openapi::api::core::v1::Secret;
     let dir = tempfile::tempdir().unwrap();
-    let client = fake_api().await;
+    let (client, ns) = real_api("step-secure").await;
     let address = format!("127.0.0.1:{}", common::free_port());
     let mut sj = stream_job(
+        &ns,
         "secure",
         &dir.path().join("state"),
         &dir.path().join("out.jsonl"),
     );
     sj["spec"].as_object_mut().unwrap().remove("security");
-    let mut h = Harness::create(&client, &address, sj).await;
+    let mut h = Harness::create(&client, &ns, &address, sj).await;
     // the first pass makes the Secrets and the Deployments; no JobManager answers yet
     h.step().await;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let tls = secrets.get("secure-tls").await.unwrap();
     let token = secrets.get("secure-token").await.unwrap();
     let uid = h.get().await.uid().unwrap();
@@ -437,11 +436,11 @@ async fn lifecycle_of_a_stream_job() {
     let jm = h.deployment("jobmanager").await;
     let tm = h.deployment("taskmanager").await;
     assert_eq!((replicas(&jm), replicas(&tm)), (1, 1));
-    let cm: ConfigMap = Api::namespaced(client.clone(), NS)
+    let cm: ConfigMap = Api::namespaced(client.clone(), &h.ns)
         .get("clicks-job")
         .await
         .unwrap();
-    let svc: Service = Api::namespaced(client.clone(), NS)
+    let svc: Service = Api::namespaced(client.clone(), &h.ns)
         .get("clicks-jobmanager")
         .await
         .unwrap();
@@ -451,8 +450,8 @@ async fn lifecycle_of_a_stream_job() {
         cm.owner_references(),
         svc.owner_references(),
     ] {
-        // deleting the StreamJob deletes them (the API server's garbage collector does this;
-        // the fake API has none, so the references are what is checked)
+        // deleting the StreamJob deletes them: the controller-manager's garbage collector
+        // follows these references (see the delete in `main.rs`)
         assert_eq!(owners.len(), 1);
         assert_eq!(owners[0].uid, uid);
         assert_eq!(owners[0].controller, Some(true));
@@ -463,7 +462,9 @@ async fn lifecycle_of_a_stream_job() {
         .clone()
         .unwrap();
     assert!(
-        jm_args.iter().any(|a| a.ends_with("/ha/streaming/clicks")),
+        jm_args
+            .iter()
+            .any(|a| a.ends_with(&format!("/ha/{}/clicks", h.ns))),
         "{jm_args:?}"
     );
     let first_job = st.job_id.clone().unwrap();
@@ -625,8 +626,7 @@ async fn a_failed_savepoint_halts_the_upgrade() {
     let st = Harness::status(&sj);
     let c = condition(&st, "UpgradeHalted").unwrap();
     assert_eq!(c.reason, "SavepointFailed");
-    // the deployed generation as recorded (the fake API bumps generations on metadata patches,
-    // such as the operator's finalizer, which an API server does not)
+    // the deployed generation as recorded
     let deployed = before.deployed.as_ref().unwrap().generation;
     assert!(
         c.message
@@ -709,6 +709,7 @@ async fn an_operator_restart_mid_upgrade_resumes_it() {
     // a new operator instance carries on
     let second = Harness {
         client: client.clone(),
+        ns: h.ns.clone(),
         api: h.api.clone(),
         ctx: operator(&client, &pods.address),
         name: h.name.clone(),
@@ -751,7 +752,7 @@ async fn an_invalid_job_is_reported_and_deploys_nothing() {
         ("False", "InvalidSpec")
     );
     assert!(c.message.contains("nowhere"), "{}", c.message);
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &h.ns);
     assert!(
         deployments
             .get_opt("bad-jobmanager")
@@ -784,8 +785,8 @@ async fn an_invalid_job_is_reported_and_deploys_nothing() {
 async fn only_one_operator_replica_leads() {
     use freshet_operator::leader::Elector;
     use k8s_openapi::api::coordination::v1::Lease;
-    let client = fake_api().await;
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "freshet-system");
+    let (client, ns) = real_api("step-leases").await;
+    let leases: Api<Lease> = Api::namespaced(client, &ns);
     let lease = Duration::from_secs(1);
     let mut a = Elector::new(leases.clone(), "freshet-operator", "a", lease);
     let mut b = Elector::new(leases.clone(), "freshet-operator", "b", lease);
@@ -849,7 +850,11 @@ async fn periodic_savepoints_and_history_cleanup() {
         .collect();
     assert_eq!(paths.len(), 2, "{:?}", st.savepoints);
     assert!(paths.iter().all(|p| has_metadata(p)));
-    assert_eq!(stored(dir.path()), 2, "the dropped savepoint was deleted");
+    assert_eq!(
+        stored(dir.path(), &h.ns, "sessions"),
+        2,
+        "the dropped savepoint was deleted"
+    );
     assert_eq!(
         st.last_savepoint.as_ref().unwrap().path.as_ref(),
         paths.last()
@@ -901,10 +906,10 @@ async fn periodic_savepoints_and_history_cleanup() {
         st.last_savepoint.as_ref().unwrap().path.as_ref()
     );
     assert!(has_metadata(&kept));
-    assert_eq!(stored(dir.path()), 1);
+    assert_eq!(stored(dir.path(), &h.ns, "sessions"), 1);
 
     // each step was announced with an event
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), NS);
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &h.ns);
     let reasons: Vec<String> = events
         .list(&Default::default())
         .await
@@ -924,79 +929,4 @@ async fn periodic_savepoints_and_history_cleanup() {
             "no {r} event in {reasons:?}"
         );
     }
-}
-
-/// `GET path` on `addr`: the status code and body.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
-        code,
-        text.split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default()
-            .to_string(),
-    )
-}
-
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// The probes' endpoints: the JobManager and the TaskManager answer `/healthz` and `/readyz`;
-/// a TaskManager is ready only while it is registered with the JobManager.
-#[test]
-fn processes_serve_health_endpoints() {
-    let jm_listen = free_port();
-    let tm_health = free_port();
-    // the TaskManager first, with no JobManager to register with: alive, not ready
-    let tm = Proc::start(&[
-        "taskmanager".into(),
-        "--jobmanager".into(),
-        jm_listen.clone(),
-        "--health".into(),
-        tm_health.clone(),
-    ]);
-    tm.wait_for("listening on");
-    let (code, body) = http_get(&tm_health, "/healthz");
-    assert_eq!((code, body.trim()), (200, "taskmanager alive"));
-    let (code, body) = http_get(&tm_health, "/readyz");
-    assert_eq!((code, body.trim()), (503, "taskmanager not ready"));
-
-    let jm_health = free_port();
-    let mut jm = Proc::start(&[
-        "jobmanager".into(),
-        "--listen".into(),
-        jm_listen.clone(),
-        "--health".into(),
-        jm_health.clone(),
-        "--heartbeat-interval".into(),
-        "200ms".into(),
-        "--heartbeat-timeout".into(),
-        "1s".into(),
-    ]);
-    jm.wait_for("JobManager listening on ");
-    tm.wait_for("registered with the JobManager");
-    for (addr, who) in [(&jm_health, "jobmanager"), (&tm_health, "taskmanager")] {
-        let (code, body) = http_get(addr, "/healthz");
-        assert_eq!((code, body.trim()), (200, format!("{who} alive").as_str()));
-        let (code, body) = http_get(addr, "/readyz");
-        assert_eq!((code, body.trim()), (200, format!("{who} ready").as_str()));
-        assert_eq!(http_get(addr, "/nothing").0, 404);
-    }
-
-    // the JobManager gone: not ready again once the TaskManager notices
-    jm.kill();
-    tm.wait_for("JobManager lost");
-    let (code, _) = http_get(&tm_health, "/readyz");
-    assert_eq!(code, 503);
 }
