@@ -98,7 +98,7 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
         .enable_all()
         .thread_name("jm-rpc")
         .build()?;
-    let ready = crate::health::serve(&args.health, "jobmanager")?;
+    let ready = crate::health::serve(&args.health, "jobmanager", None)?;
     let (epoch, store) = match &args.ha_dir {
         Some(dir) => {
             let storage = Storage::open(dir, &std::env::current_dir()?, &S3Options::default())
@@ -157,7 +157,7 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
 
 pub fn taskmanager(args: TaskManagerArgs) -> Result<i32> {
     // ready while registered with the JobManager: its slots can be used
-    let ready = crate::health::serve(&args.health, "taskmanager")?;
+    let ready = crate::health::serve(&args.health, "taskmanager", None)?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "taskmanager".into());

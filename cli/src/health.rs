@@ -1,5 +1,6 @@
 //! Health endpoints for probes: `GET /healthz` answers 200 while the process serves, `GET
-//! /readyz` answers 200 once the component is ready (503 before), with a one-line reason.
+//! /readyz` answers 200 once the component is ready (503 before), with a one-line reason; and,
+//! for a component that has them, `GET /metrics` in the Prometheus text format.
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::http::StatusCode;
@@ -23,8 +24,16 @@ impl Readiness {
     }
 }
 
-/// Serves the endpoints on `listen` from a thread of their own (`off`: none).
-pub fn serve(listen: &str, component: &'static str) -> Result<Readiness> {
+/// Renders a component's metrics in the Prometheus text format.
+pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves the endpoints on `listen` from a thread of their own (`off`: none), `/metrics` too
+/// if `metrics` is given.
+pub fn serve(
+    listen: &str,
+    component: &'static str,
+    metrics: Option<MetricsText>,
+) -> Result<Readiness> {
     let ready = Readiness::default();
     if listen == "off" {
         return Ok(ready);
@@ -62,6 +71,24 @@ pub fn serve(listen: &str, component: &'static str) -> Result<Readiness> {
                             }
                         }),
                     );
+                let app = match metrics {
+                    Some(text) => app.route(
+                        "/metrics",
+                        get(move || {
+                            let body = text();
+                            async move {
+                                (
+                                    [(
+                                        axum::http::header::CONTENT_TYPE,
+                                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                    )],
+                                    body,
+                                )
+                            }
+                        }),
+                    ),
+                    None => app,
+                };
                 let listener = tokio::net::TcpListener::from_std(listener)
                     .expect("a tokio listener for the health endpoints");
                 if let Err(e) = axum::serve(listener, app).await {

@@ -26,13 +26,20 @@ pub struct OperatorArgs {
     /// running elsewhere (a developer's machine, with a port-forward) names another address.
     #[arg(long, env = "FRESHET_JOBMANAGER_ADDRESS", default_value = freshet_operator::IN_CLUSTER_JOBMANAGER)]
     jobmanager_address: String,
-    /// Where `/healthz` and `/readyz` are served; `off`.
+    /// Where `/healthz`, `/readyz` and `/metrics` (reconciles, their duration and failures, by
+    /// StreamJob) are served; `off`.
     #[arg(long, default_value = "off")]
     health: String,
 }
 
 pub fn run(args: OperatorArgs) -> Result<i32> {
-    let ready = crate::health::serve(&args.health, "operator")?;
+    let metrics = std::sync::Arc::new(freshet_operator::metrics::Metrics::default());
+    let text = metrics.clone();
+    let ready = crate::health::serve(
+        &args.health,
+        "operator",
+        Some(std::sync::Arc::new(move || text.encode())),
+    )?;
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -58,6 +65,7 @@ pub fn run(args: OperatorArgs) -> Result<i32> {
                 identity,
                 lease_duration: args.lease_duration,
                 jobmanager_address: args.jobmanager_address,
+                metrics,
             },
         )
         .await

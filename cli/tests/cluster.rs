@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     Cluster, Proc, args, assert_restored_from_checkpoint, check_output, free_port, freshet,
-    job_state, jobmanager, run_submit, submit, taskmanager, taskmanager_with, wait_until_ended,
+    http_get, job_state, jobmanager, run_submit, submit, taskmanager, taskmanager_with,
+    wait_until_ended,
 };
 
 fn a_taskmanager_is_killed(name: &str) {
@@ -612,27 +613,6 @@ fn a_frozen_taskmanager_that_wakes_up_does_not_corrupt_the_restarted_job() {
         c.tms[1].log()
     );
     check_output(name, &c.out, "after a frozen TaskManager woke up");
-}
-
-/// `GET path` on `addr`: the status code and body.
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
-        code,
-        text.split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default()
-            .to_string(),
-    )
 }
 
 fn free_address() -> String {

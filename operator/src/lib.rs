@@ -23,6 +23,7 @@ use freshet_crds::StreamJob;
 
 pub mod jm;
 pub mod leader;
+pub mod metrics;
 pub mod podtemplate;
 pub mod reconcile;
 pub mod report;
@@ -104,6 +105,8 @@ pub struct Context {
     pub retry: Duration,
     /// Reconciles failed in a row, per StreamJob (`namespace/name`), for the backoff.
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// Reconciles, their duration and failures, by StreamJob.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Context {
@@ -122,6 +125,7 @@ impl Context {
             poll: Duration::from_secs(10),
             retry: Duration::from_secs(5),
             failures: Default::default(),
+            metrics: Default::default(),
         }
     }
 }
@@ -141,6 +145,8 @@ pub struct Settings {
     /// Where a job's JobManager is reached: `{name}` and `{namespace}` stand for the
     /// StreamJob's (default [`IN_CLUSTER_JOBMANAGER`]).
     pub jobmanager_address: String,
+    /// Where reconciles are counted (the caller serves them).
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// The JobManager Service of a StreamJob, as an operator inside the cluster reaches it.
@@ -174,11 +180,10 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let ctx = Arc::new(Context::new(
-        client,
-        &settings.identity,
-        &settings.jobmanager_address,
-    ));
+    let ctx = Arc::new(Context {
+        metrics: settings.metrics.clone(),
+        ..Context::new(client, &settings.identity, &settings.jobmanager_address)
+    });
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();
     tokio::spawn(async move {
         let why = elector.keep().await;

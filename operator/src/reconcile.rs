@@ -42,60 +42,85 @@ use crate::resources::{
 use crate::settings::{JobSettings, change_target, spec_hash};
 use crate::{Context, Error};
 
-/// Reconciles one StreamJob.
+/// Reconciles one StreamJob, in a span of its own, and counts the pass in the metrics.
 pub async fn reconcile(sj: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let (ns, name) = (sj.namespace().unwrap_or_default(), sj.name_any());
     let span = info_span!(
         "reconcile",
-        namespace = %sj.namespace().unwrap_or_default(),
-        name = %sj.name_any(),
+        namespace = %ns,
+        name = %name,
         generation = sj.metadata.generation.unwrap_or(0)
     );
-    async move {
-        let ns = sj.namespace().unwrap_or_else(|| "default".into());
-        let api: Api<StreamJob> = Api::namespaced(ctx.client.clone(), &ns);
-        // the controller's cache may not have seen the status this operator wrote last: the
-        // steps are decided on the object as the API server has it now
-        let Some(mut sj) = api.get_opt(&sj.name_any()).await? else {
-            return Ok(Action::await_change());
-        };
-        let ours = sj.finalizers().iter().any(|f| f == FINALIZER);
-        if sj.metadata.deletion_timestamp.is_none() && !ours {
-            sj = set_finalizer(&api, &sj, sj.resource_version(), true).await?;
+    let started = std::time::Instant::now();
+    let outcome = pass(&sj, &ctx).instrument(span).await;
+    ctx.metrics.record(
+        &ns,
+        &name,
+        started.elapsed(),
+        outcome.as_ref().err().map(Error::retryable),
+    );
+    match outcome {
+        Ok(Pass::Next(action)) => {
+            ctx.failures
+                .lock()
+                .expect("failures lock")
+                .remove(&object_key(&sj));
+            Ok(action)
         }
-        let mut r = Reconciler {
-            sj: &sj,
-            ctx: &ctx,
-            generation: sj.metadata.generation.unwrap_or(0),
-            w: StatusWriter::new(api.clone(), &sj),
-        };
-        if sj.metadata.deletion_timestamp.is_some() {
-            if !ours {
-                return Ok(Action::await_change());
-            }
-            return match r.delete().await? {
-                Deletion::Done => {
-                    // after this pass's status writes, whose version it carries
-                    set_finalizer(&api, &sj, r.w.version(), false).await?;
-                    ctx.failures
-                        .lock()
-                        .expect("failures lock")
-                        .remove(&object_key(&sj));
-                    Ok(Action::await_change())
-                }
-                Deletion::Waiting => Ok(Action::requeue(ctx.retry)),
-                // not tried again at once: it would likely fail again
-                Deletion::Failed => Ok(Action::requeue(FINAL_SAVEPOINT_RETRY)),
-            };
+        Ok(Pass::Gone) => {
+            ctx.failures
+                .lock()
+                .expect("failures lock")
+                .remove(&object_key(&sj));
+            ctx.metrics.forget(&ns, &name);
+            Ok(Action::await_change())
         }
-        let action = r.run().await?;
-        ctx.failures
-            .lock()
-            .expect("failures lock")
-            .remove(&object_key(&sj));
-        Ok(action)
+        Err(e) => Err(e),
     }
-    .instrument(span)
-    .await
+}
+
+/// What a pass left to do.
+enum Pass {
+    /// The StreamJob stays: when to look at it again.
+    Next(Action),
+    /// The StreamJob is gone (or goes once the API server sees its finalizers removed).
+    Gone,
+}
+
+async fn pass(sj: &StreamJob, ctx: &Context) -> Result<Pass, Error> {
+    let ns = sj.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<StreamJob> = Api::namespaced(ctx.client.clone(), &ns);
+    // the controller's cache may not have seen the status this operator wrote last: the
+    // steps are decided on the object as the API server has it now
+    let Some(mut sj) = api.get_opt(&sj.name_any()).await? else {
+        return Ok(Pass::Gone);
+    };
+    let ours = sj.finalizers().iter().any(|f| f == FINALIZER);
+    if sj.metadata.deletion_timestamp.is_none() && !ours {
+        sj = set_finalizer(&api, &sj, sj.resource_version(), true).await?;
+    }
+    let mut r = Reconciler {
+        sj: &sj,
+        ctx,
+        generation: sj.metadata.generation.unwrap_or(0),
+        w: StatusWriter::new(api.clone(), &sj),
+    };
+    if sj.metadata.deletion_timestamp.is_some() {
+        if !ours {
+            return Ok(Pass::Gone);
+        }
+        return match r.delete().await? {
+            Deletion::Done => {
+                // after this pass's status writes, whose version it carries
+                set_finalizer(&api, &sj, r.w.version(), false).await?;
+                Ok(Pass::Gone)
+            }
+            Deletion::Waiting => Ok(Pass::Next(Action::requeue(ctx.retry))),
+            // not tried again at once: it would likely fail again
+            Deletion::Failed => Ok(Pass::Next(Action::requeue(FINAL_SAVEPOINT_RETRY))),
+        };
+    }
+    r.run().await.map(Pass::Next)
 }
 
 /// The operator's finalizer: a StreamJob being deleted stays until its job was stopped as

@@ -997,7 +997,14 @@ fn the_operator_outlives_an_api_server_restart() {
     let ns = namespace(&cp, "restarts");
     let dir = tempfile::tempdir().unwrap();
     let (_jm, _tm, address) = pods();
-    let mut op = operator_process(&cp.kubeconfig, "operator-0", &ns, &address, &[]);
+    let health = format!("127.0.0.1:{}", common::free_port());
+    let mut op = operator_process(
+        &cp.kubeconfig,
+        "operator-0",
+        &ns,
+        &address,
+        &["--health", &health],
+    );
     op.wait_for("leading; reconciling StreamJobs");
     let (ok, out) = apply(&cp, &stream_job(&ns, "visits", dir.path()));
     assert!(ok, "{out}");
@@ -1026,6 +1033,39 @@ fn the_operator_outlives_an_api_server_restart() {
         "the operator exited:\n{}",
         op.log()
     );
+
+    // its metrics: reconciles and their duration by StreamJob, and a StreamJob whose TLS
+    // Secret is not issued yet failing in a way retrying can fix
+    let mut waiting = stream_job(&ns, "waiting", dir.path());
+    waiting["spec"]["security"] = json!({"tlsSecret": "not-issued-yet"});
+    let (ok, out) = apply(&cp, &waiting);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (failed, counted) = (
+        format!(
+            r#"freshet_operator_reconcile_failures_total{{namespace="{ns}",name="waiting",retryable="true"}}"#
+        ),
+        format!(
+            r#"freshet_operator_reconcile_duration_seconds_count{{namespace="{ns}",name="visits"}}"#
+        ),
+    );
+    loop {
+        let (code, text) = common::http_get(&health, "/metrics");
+        assert_eq!(code, 200, "{text}");
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        if value(&failed).is_some_and(|n| n >= 1.0) && value(&counted).is_some_and(|n| n >= 2.0) {
+            let reconciles =
+                format!(r#"freshet_operator_reconciles_total{{namespace="{ns}",name="visits"}}"#);
+            assert!(value(&reconciles).is_some_and(|n| n >= 2.0), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// A kube client with the admin's kubeconfig.

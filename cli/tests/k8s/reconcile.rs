@@ -81,6 +81,7 @@ fn operator(client: &Client, address: &str) -> Arc<Context> {
         poll: Duration::from_millis(200),
         retry: Duration::from_millis(200),
         failures: Default::default(),
+        metrics: Default::default(),
     })
 }
 
