@@ -164,6 +164,9 @@ pub struct Change {
     pub savepoint: Option<String>,
     /// When it started.
     pub started: Time,
+    /// When its new deployment began (after the old job stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploying: Option<Time>,
 }
 
 /// What a change does.

@@ -75,6 +75,10 @@ pub fn is_terminal(state: &str) -> bool {
     matches!(state, "finished" | "failed" | "cancelled")
 }
 
+/// The longest the operator waits for an answer of a JobManager (savepoints are triggered,
+/// not waited for, so no call needs long).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl JobManager {
     /// Connects to the JobManager at `addr` (`host:port`).
     pub async fn connect(addr: &str, access: &Access) -> Result<JobManager, Error> {
@@ -85,7 +89,10 @@ impl JobManager {
             .dialer
             .endpoint(addr)
             .map_err(|e| unreachable(&e))?
-            .connect_timeout(Duration::from_secs(3));
+            .connect_timeout(Duration::from_secs(3))
+            // a JobManager that accepts connections but does not answer (frozen, partitioned
+            // mid-call) fails the pass, which is tried again, instead of holding it forever
+            .timeout(REQUEST_TIMEOUT);
         let channel = access
             .dialer
             .connect(endpoint)

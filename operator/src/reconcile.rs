@@ -18,7 +18,8 @@
 //! the stable one. A job on probation that fails, restarts too often or overruns
 //! `spec.rollback.timeout` is rolled back: a `rollback` change cancels it and deploys the stable
 //! spec from the snapshot the failed deployment restored, and `UpgradeHalted` keeps the failed
-//! spec from being tried again until it changes.
+//! spec from being tried again until it changes. An upgrade that could not even submit its job
+//! within that timeout (its JobManager never answered) is rolled back the same way.
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -682,6 +683,7 @@ impl Reconciler<'_> {
             phase: ChangePhase::Stopping,
             savepoint: None,
             started: now(),
+            deploying: None,
         };
         let what = match kind {
             ChangeKind::Upgrade => "upgrade",
@@ -799,6 +801,7 @@ impl Reconciler<'_> {
             match self.stop(&mut change, settings).await? {
                 Stop::Done => {
                     change.phase = ChangePhase::Deploying;
+                    change.deploying = Some(now());
                     self.w.status.change = Some(change.clone());
                     self.w.save().await?;
                 }
@@ -837,6 +840,9 @@ impl Reconciler<'_> {
                 Ok(Action::await_change())
             }
             ChangeKind::Upgrade => {
+                if let Some(action) = self.deploy_overdue(&change, settings).await? {
+                    return Ok(action);
+                }
                 let restore = match change.mode {
                     UpgradeMode::Savepoint => {
                         Restore::Path(change.savepoint.clone().expect("stopped with a savepoint"))
@@ -855,9 +861,10 @@ impl Reconciler<'_> {
                     ));
                 };
                 let settings = JobSettings::of(&stable)?;
-                let restore = match &change.savepoint {
-                    Some(p) => Restore::Path(p.clone()),
-                    None => Restore::Fresh,
+                let restore = match (&change.savepoint, change.mode) {
+                    (Some(p), _) => Restore::Path(p.clone()),
+                    (None, UpgradeMode::LastState) => Restore::Latest,
+                    (None, _) => Restore::Fresh,
                 };
                 self.deploy(&stable, &settings, restore, ROLLBACK).await
             }
@@ -1151,31 +1158,57 @@ impl Reconciler<'_> {
             }
             Verdict::Failing(why) => why,
         };
-        let Some(stable) = self.w.status.stable.clone() else {
-            return Ok(None);
-        };
-        if !self.sj.spec.rollback.enabled || spec.as_ref() == Some(&stable.spec) {
+        let Some(stable) = self.rollback_to(spec.as_ref()) else {
             // nothing else to go back to: the failing job is reported as it is
             return Ok(None);
-        }
-        self.start_rollback(d, stable, why, settings)
-            .await
-            .map(Some)
+        };
+        let failed_spec = spec
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_else(|| self.sj.spec.clone());
+        // what it restored, or nothing if it started empty
+        let mode = match d.restored_from {
+            Some(_) => self.sj.spec.upgrade_mode,
+            None => UpgradeMode::Stateless,
+        };
+        self.start_rollback(
+            (d.generation, failed_spec),
+            stable,
+            d.restored_from.clone(),
+            mode,
+            why,
+        )
+        .await
+        .map(Some)
     }
 
-    /// Records a rollback of the deployment `d`, which failed its probation because of `why`,
-    /// and takes its first step.
+    /// The stable spec to roll a failed deployment of `failed` (a spec as JSON, if known) back
+    /// to: none if `spec.rollback` is off, no spec proved itself yet, or it is the failed one.
+    fn rollback_to(&self, failed: Option<&String>) -> Option<StableSpec> {
+        let stable = self.w.status.stable.clone()?;
+        (self.sj.spec.rollback.enabled && failed != Some(&stable.spec)).then_some(stable)
+    }
+
+    /// Records a rollback of `failed` (generation and spec) to `stable`, because of `why`; the
+    /// next pass takes its first step. The stable spec restores `restore` (the snapshot the failed
+    /// deployment restored or was to restore); with none, the latest checkpoint in last-state
+    /// `mode`, else empty state.
     async fn start_rollback(
         &mut self,
-        d: Deployed,
+        failed: (i64, StreamJobSpec),
         stable: StableSpec,
+        restore: Option<String>,
+        mode: UpgradeMode,
         why: String,
-        settings: &JobSettings,
     ) -> Result<Action, Error> {
-        let from = d.restored_from.as_deref().unwrap_or("empty state");
+        let from = match (&restore, mode) {
+            (Some(p), _) => p.clone(),
+            (None, UpgradeMode::LastState) => "its latest checkpoint".into(),
+            (None, _) => "empty state".into(),
+        };
         let message = format!(
             "generation {} did not prove itself: {why}; rolled back to generation {} from {from}",
-            d.generation, stable.generation
+            failed.0, stable.generation
         );
         warn!(%message, "rolling back");
         let to = self
@@ -1186,19 +1219,52 @@ impl Reconciler<'_> {
             kind: ChangeKind::Rollback,
             generation: stable.generation,
             spec_hash: to,
-            mode: self.sj.spec.upgrade_mode,
+            mode,
             phase: ChangePhase::Stopping,
-            savepoint: d.restored_from.clone(),
+            savepoint: restore,
             started: now(),
+            deploying: None,
         };
         self.w.status.change = Some(change.clone());
         self.w.status.lifecycle = Some(Lifecycle::Upgrading);
-        let failed: Option<StreamJobSpec> =
-            d.spec.as_deref().and_then(|s| serde_json::from_str(s).ok());
-        let target = change_target(failed.as_ref().unwrap_or(&self.sj.spec));
-        self.halted_because("RolledBack", message, d.generation, target)
+        let target = change_target(&failed.1);
+        self.halted_because("RolledBack", message, failed.0, target)
             .await?;
-        self.continue_change(change, settings).await
+        // the next pass takes its first step
+        Ok(Action::requeue(self.ctx.retry))
+    }
+
+    /// An upgrade whose new deployment has not had its job submitted within
+    /// `spec.rollback.timeout` (its JobManager pod never answered, or refused the job) is
+    /// rolled back from the snapshot it was to restore.
+    async fn deploy_overdue(
+        &mut self,
+        change: &Change,
+        settings: &JobSettings,
+    ) -> Result<Option<Action>, Error> {
+        let since = millis(change.deploying.as_ref().unwrap_or(&change.started));
+        if millis(&now()) - since <= settings.probation_ms {
+            return Ok(None);
+        }
+        let current = serde_json::to_string(&self.sj.spec).ok();
+        let Some(stable) = self.rollback_to(current.as_ref()) else {
+            return Ok(None);
+        };
+        let reason = self
+            .w
+            .get_condition("Ready")
+            .filter(|c| c.status == "False")
+            .map(|c| c.message.clone())
+            .unwrap_or_else(|| "the JobManager did not take the job".into());
+        let why = format!(
+            "its job was not submitted within {} s (spec.rollback.timeout): {reason}",
+            settings.probation_ms / 1000
+        );
+        let failed = (change.generation, self.sj.spec.clone());
+        let (restore, mode) = (change.savepoint.clone(), change.mode);
+        self.start_rollback(failed, stable, restore, mode, why)
+            .await
+            .map(Some)
     }
 
     /// A changed `savepointTriggerNonce`, or a due periodic savepoint: triggered, recorded as in

@@ -1040,32 +1040,77 @@ fn the_operator_outlives_an_api_server_restart() {
     waiting["spec"]["security"] = json!({"tlsSecret": "not-issued-yet"});
     let (ok, out) = apply(&cp, &waiting);
     assert!(ok, "{out}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (failed, counted) = (
-        format!(
-            r#"freshet_operator_reconcile_failures_total{{namespace="{ns}",name="waiting",retryable="true"}}"#
-        ),
-        format!(
-            r#"freshet_operator_reconcile_duration_seconds_count{{namespace="{ns}",name="visits"}}"#
-        ),
+    let failed = format!(
+        r#"freshet_operator_reconcile_failures_total{{namespace="{ns}",name="waiting",retryable="true"}}"#
     );
+    let counted = format!(
+        r#"freshet_operator_reconcile_duration_seconds_count{{namespace="{ns}",name="visits"}}"#
+    );
+    let reconciles =
+        format!(r#"freshet_operator_reconciles_total{{namespace="{ns}",name="visits"}}"#);
+    until_metrics(&health, 60, |m| {
+        m(&failed).is_some_and(|n| n >= 1.0)
+            && m(&counted).is_some_and(|n| n >= 2.0)
+            && m(&reconciles).is_some_and(|n| n >= 2.0)
+    });
+}
+
+/// Polls the operator's `/metrics` at `health` until `done` holds (at most `secs`); `done` reads
+/// a series' value by its name and labels.
+fn until_metrics(health: &str, secs: u64, done: impl Fn(&dyn Fn(&str) -> Option<f64>) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        let (code, text) = common::http_get(&health, "/metrics");
+        let (code, text) = common::http_get(health, "/metrics");
         assert_eq!(code, 200, "{text}");
         let value = |series: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(series))
                 .and_then(|v| v.trim().parse::<f64>().ok())
         };
-        if value(&failed).is_some_and(|n| n >= 1.0) && value(&counted).is_some_and(|n| n >= 2.0) {
-            let reconciles =
-                format!(r#"freshet_operator_reconciles_total{{namespace="{ns}",name="visits"}}"#);
-            assert!(value(&reconciles).is_some_and(|n| n >= 2.0), "{text}");
-            break;
+        if done(&value) {
+            return;
         }
         assert!(Instant::now() < deadline, "{text}");
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Real: the control plane, kubectl, the operator process (admin credentials), a JobManager and
+/// a TaskManager process standing in for the pods. The JobManager frozen with SIGSTOP (it
+/// accepts connections but never answers): the operator's passes fail, counted as retryable,
+/// instead of waiting forever; once it is resumed, the operator serves the StreamJob again.
+#[test]
+fn a_frozen_jobmanager_fails_passes_instead_of_holding_them() {
+    let cp = cluster();
+    let ns = namespace(cp, "frozen");
+    let dir = tempfile::tempdir().unwrap();
+    let (jm, _tm, address) = pods();
+    let health = format!("127.0.0.1:{}", common::free_port());
+    let _op = operator_process(
+        &cp.kubeconfig,
+        "operator-0",
+        &ns,
+        &address,
+        &["--health", &health],
+    );
+    let (ok, out) = apply(cp, &stream_job(&ns, "ticks", dir.path()));
+    assert!(ok, "{out}");
+    until_running(cp, &ns, "ticks");
+
+    let pid = jm.pid() as i32;
+    // SAFETY: signals a child process of this test
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let failed = format!(
+        r#"freshet_operator_reconcile_failures_total{{namespace="{ns}",name="ticks",retryable="true"}}"#
+    );
+    until_metrics(&health, 120, |m| m(&failed).is_some_and(|n| n >= 1.0));
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+
+    patch(cp, &ns, "ticks", json!({"savepointTriggerNonce": 3}));
+    let st = until_status(cp, &ns, "ticks", 120, |st| st["savepointTriggerNonce"] == 3);
+    let last = st["savepoints"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["state"], "completed", "{st:#}");
+    assert_eq!(st["jobState"], "running", "{st:#}");
 }
 
 /// A kube client with the admin's kubeconfig.

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::{self, Proc};
 use freshet_crds::{
-    ChangePhase, Lifecycle, SavepointState, SavepointTrigger, StreamJob, StreamJobStatus,
+    ChangeKind, ChangePhase, Lifecycle, SavepointState, SavepointTrigger, StreamJob,
+    StreamJobStatus,
 };
 use freshet_operator::{Context, reconcile};
 
@@ -930,4 +931,121 @@ async fn periodic_savepoints_and_history_cleanup() {
             "no {r} event in {reasons:?}"
         );
     }
+}
+
+/// An upgrade whose new deployment never gets its job submitted (its JobManager never answers,
+/// as when the new image cannot be pulled and the old pod is already gone) is rolled back once
+/// `spec.rollback.timeout` has passed: the stable spec runs again from the savepoint the
+/// upgrade stopped the old job with. The stuck deployment is what an operator leaves while it
+/// waits for the new JobManager: the old job stopped with a savepoint (taken here through the
+/// JobManager, as the stop step takes it) and `status.change` in phase `deploying` for a
+/// minute, written as that operator would have; a pass reaching no JobManager then starts the
+/// rollback, and passes reaching the JobManager again carry it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_whose_jobmanager_never_answers_is_rolled_back() {
+    let (pods, dir, h) = setup("stuck", |sj, _| {
+        sj["spec"]["rollback"] = json!({"timeout": "2s"});
+    })
+    .await;
+    h.until_running("first deployment").await;
+    let sj = h
+        .until("first deployment proved", |sj| {
+            Harness::status(sj).stable.is_some()
+        })
+        .await;
+    let old_job = Harness::status(&sj).job_id.unwrap();
+
+    // the old job stopped with a savepoint
+    let jm = freshet_operator::jm::JobManager::connect(&pods.address, &Default::default())
+        .await
+        .unwrap();
+    let savepoints = dir.path().join("stop-savepoints");
+    let id = jm
+        .trigger_savepoint(&old_job, savepoints.to_str().unwrap(), true)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let path = loop {
+        let snaps = jm.snapshots(&old_job).await.unwrap();
+        if let Some(s) = snaps
+            .iter()
+            .find(|s| s.id == id && s.completed("savepoint"))
+        {
+            break s.path.clone().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no savepoint: {snaps:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // the new spec, and the change waiting for its JobManager since a minute ago
+    h.patch_spec(json!({"job": {"sources": {"gen": {"connector": {"rows_per_second": 300}}}}}))
+        .await;
+    let generation = h.get().await.metadata.generation.unwrap();
+    let a_minute_ago =
+        (k8s_openapi::jiff::Timestamp::now() - std::time::Duration::from_secs(60)).to_string();
+    h.api
+        .patch_status(
+            &h.name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {
+                "lifecycle": "upgrading",
+                "change": {
+                    "kind": "upgrade", "generation": generation, "specHash": "-",
+                    "mode": "savepoint", "phase": "deploying", "savepoint": path,
+                    "started": a_minute_ago, "deploying": a_minute_ago
+                }
+            }})),
+        )
+        .await
+        .unwrap();
+
+    // a pass that reaches no JobManager starts the rollback
+    let unreachable = Harness {
+        client: h.client.clone(),
+        ns: h.ns.clone(),
+        api: h.api.clone(),
+        ctx: operator(&h.client, "127.0.0.1:1"),
+        name: h.name.clone(),
+        address: "127.0.0.1:1".into(),
+        access: Default::default(),
+    };
+    unreachable.step().await;
+    let st = Harness::status(&unreachable.get().await);
+    let change = st.change.clone().expect("a rollback under way");
+    assert_eq!(
+        (change.kind, change.savepoint.as_deref()),
+        (ChangeKind::Rollback, Some(path.as_str()))
+    );
+    let halted = condition(&st, "UpgradeHalted").unwrap();
+    assert_eq!(halted.reason, "RolledBack");
+    assert!(
+        halted.message.contains(&format!(
+            "generation {generation} did not prove itself: its job was not submitted within 2 s"
+        )),
+        "{}",
+        halted.message
+    );
+
+    // the JobManager back: the stable spec runs from the upgrade's savepoint
+    let sj = h
+        .until("rolled back", |sj| {
+            let s = Harness::status(sj);
+            s.change.is_none()
+                && s.job_state.as_deref() == Some("running")
+                && s.deployed.as_ref().map(|d| d.started_with.as_str()) == Some("rollback")
+        })
+        .await;
+    let st = Harness::status(&sj);
+    let deployed = st.deployed.clone().unwrap();
+    assert_eq!(deployed.generation, 1);
+    assert_eq!(deployed.restored_from.as_deref(), Some(path.as_str()));
+    let job = st.job_id.clone().unwrap();
+    assert_ne!(job, old_job);
+    assert_eq!(h.job(&job).await.restored_from, path);
+    // and the failed spec is not tried again while it stays as it is
+    for _ in 0..5 {
+        h.step().await;
+    }
+    let st = Harness::status(&h.get().await);
+    assert_eq!(st.job_id.as_deref(), Some(job.as_str()));
+    assert!(st.change.is_none());
 }
