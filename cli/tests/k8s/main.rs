@@ -318,8 +318,9 @@ fn operator_process(
     Proc::start_env(&args, &[("KUBECONFIG", kubeconfig.to_str().unwrap())])
 }
 
-/// A StreamJob running an unbounded keyed job (generator → keep latest per key → file), with
-/// security off (the stand-in pods run without TLS).
+/// A StreamJob running an unbounded keyed job (generator at a fixed parallelism of 1 → keep
+/// latest per key → file), with security off (the stand-in pods run without TLS), its
+/// checkpoints and savepoints under `dir/state` and its output in `dir/out.jsonl`.
 fn stream_job(ns: &str, name: &str, dir: &Path) -> Value {
     json!({
         "apiVersion": "freshet.dev/v1alpha1",

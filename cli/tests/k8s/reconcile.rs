@@ -93,46 +93,6 @@ async fn real_api(ns: &str) -> (Client, String) {
     (crate::admin_client(cp).await, ns)
 }
 
-/// A StreamJob with an unbounded keyed job (generator → keep latest per key → file).
-fn stream_job(ns: &str, name: &str, storage: &std::path::Path, out: &std::path::Path) -> Value {
-    json!({
-        "apiVersion": "freshet.dev/v1alpha1",
-        "kind": "StreamJob",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "image": "freshet:test",
-            "parallelism": 1,
-            // the JobManager and TaskManager processes here run without TLS; the test of
-            // security turns it back on
-            "security": {"enabled": false},
-            "taskManagers": {"slots": 4},
-            "checkpointing": {"interval": "500ms", "storage": storage.display().to_string()},
-            "job": {
-                "version": 1,
-                "name": name,
-                // a generator cannot change parallelism; the keyed operator after it does
-                "sources": {"gen": {
-                    "parallelism": 1,
-                    "connector": {"type": "generator", "rows_per_second": 400,
-                                  "fields": {"k": "seq % 16", "v": "seq", "ts": "seq"}},
-                    "event_time": "ts",
-                    "watermark": {"max_out_of_orderness": "1s"}
-                }},
-                "transforms": {"latest": {
-                    "type": "deduplicate", "input": "gen", "key": ["k"],
-                    "keep": "latest", "order_by": "v", "ttl": "1000d"
-                }},
-                "sinks": {"out": {"input": "latest",
-                                  "connector": {"type": "file", "path": out.display().to_string()}}},
-                // not the default under the pods' working directory, which for these
-                // stand-in processes would be the host's /var/lib/freshet
-                "dead_letter": {"type": "file",
-                                "path": out.with_file_name("dead-letter.jsonl").display().to_string()}
-            }
-        }
-    })
-}
-
 /// The pods, a scratch directory, and a harness over a new StreamJob `name` (its spec adjusted
 /// by `edit`) in a namespace of its own.
 async fn setup(
@@ -142,12 +102,7 @@ async fn setup(
     let pods = pods();
     let dir = tempfile::tempdir().unwrap();
     let (client, ns) = real_api(&format!("step-{name}")).await;
-    let mut sj = stream_job(
-        &ns,
-        name,
-        &dir.path().join("state"),
-        &dir.path().join("out.jsonl"),
-    );
+    let mut sj = crate::stream_job(&ns, name, dir.path());
     edit(&mut sj, dir.path());
     let h = Harness::create(&client, &ns, &pods.address, sj).await;
     (pods, dir, h)
@@ -292,12 +247,7 @@ async fn security_is_on_by_default_with_secrets_the_operator_makes() {
     let dir = tempfile::tempdir().unwrap();
     let (client, ns) = real_api("step-secure").await;
     let address = format!("127.0.0.1:{}", common::free_port());
-    let mut sj = stream_job(
-        &ns,
-        "secure",
-        &dir.path().join("state"),
-        &dir.path().join("out.jsonl"),
-    );
+    let mut sj = crate::stream_job(&ns, "secure", dir.path());
     sj["spec"].as_object_mut().unwrap().remove("security");
     let mut h = Harness::create(&client, &ns, &address, sj).await;
     // the first pass makes the Secrets and the Deployments; no JobManager answers yet
