@@ -885,6 +885,9 @@ impl Reconciler<'_> {
 
     /// Stops the deployed job as the change's mode says.
     async fn stop(&mut self, change: &mut Change, settings: &JobSettings) -> Result<Stop, Error> {
+        if change.kind == ChangeKind::Rollback {
+            return self.cancel_failed(settings).await;
+        }
         let Some(id) = self.w.status.job_id.clone() else {
             return Ok(Stop::Done);
         };
@@ -895,13 +898,7 @@ impl Reconciler<'_> {
             ChangeKind::Upgrade | ChangeKind::Rollback => SavepointTrigger::Upgrade,
             ChangeKind::Suspend => SavepointTrigger::Suspend,
         };
-        // a rollback cancels the job that failed to prove itself: its state is the snapshot it
-        // restored, and it may not be able to take a savepoint at all
-        let mode = match change.kind {
-            ChangeKind::Rollback => UpgradeMode::Stateless,
-            _ => change.mode,
-        };
-        match mode {
+        match change.mode {
             // the job stops once its savepoint completed: the next job waits until it ended,
             // so the two never compete for slots
             UpgradeMode::Savepoint if change.savepoint.is_some() => {
@@ -971,6 +968,22 @@ impl Reconciler<'_> {
                 Ok(Stop::Done)
             }
         }
+    }
+
+    /// The stop step of a rollback: cancels every job of the failed spec's name the JobManager
+    /// still runs (its state is the snapshot it restored, and it may not be able to take a
+    /// savepoint at all). That includes one submitted by an operator that stopped before
+    /// recording it, which the status does not name.
+    async fn cancel_failed(&mut self, settings: &JobSettings) -> Result<Stop, Error> {
+        let jm = self.jobmanager().await?;
+        let mut ended = true;
+        for j in jm.jobs().await? {
+            if j.name == settings.name && !is_terminal(&j.state) {
+                info!(job = %j.id, "cancelling the job of the failed deployment");
+                ended &= is_terminal(&jm.cancel(&j.id).await?.state);
+            }
+        }
+        Ok(if ended { Stop::Done } else { Stop::Wait })
     }
 
     async fn savepoint_taken(

@@ -287,11 +287,32 @@ spec:
         b.spec.savepoint_trigger_nonce = Some(7);
         b.spec.savepoints.max_count = Some(3);
         b.spec.savepoints.directory = Some("s3://elsewhere/savepoints".into());
+        // what deleting or a failed upgrade does is no reason to restart the job
+        b.spec.deletion_policy = freshet_crds::DeletionPolicy::None;
+        b.spec.rollback.timeout = Some("10m".into());
         assert_eq!(spec_hash(&a.spec), spec_hash(&b.spec));
         b.spec.parallelism = 4;
         assert_ne!(spec_hash(&a.spec), spec_hash(&b.spec));
         let mut c = a.clone();
         c.spec.image = "freshet:2".into();
         assert_ne!(spec_hash(&a.spec), spec_hash(&c.spec));
+    }
+
+    #[test]
+    fn a_halted_change_waits_for_any_edit_but_a_savepoint_request() {
+        let a = job(2);
+        let mut b = a.clone();
+        b.spec.savepoint_trigger_nonce = Some(7);
+        assert_eq!(change_target(&a.spec), change_target(&b.spec));
+        // a fixed savepoint directory, a longer rollback timeout, a new restartNonce: tried again
+        for edit in [
+            |s: &mut StreamJobSpec| s.savepoints.directory = Some("/mnt/savepoints".into()),
+            |s: &mut StreamJobSpec| s.rollback.timeout = Some("30m".into()),
+            |s: &mut StreamJobSpec| s.restart_nonce = Some(1),
+        ] {
+            let mut c = a.clone();
+            edit(&mut c.spec);
+            assert_ne!(change_target(&a.spec), change_target(&c.spec));
+        }
     }
 }
