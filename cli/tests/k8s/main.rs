@@ -234,7 +234,14 @@ fn the_api_server_refuses_bad_specs_naming_the_field() {
 /// A JobManager and a TaskManager (4 slots) on loopback, standing in for a job's pods: the
 /// processes and the JobManager's address.
 fn pods() -> (Proc, Proc, String) {
-    let jm = Proc::start(&["jobmanager".into(), "--listen".into(), "127.0.0.1:0".into()]);
+    pods_with("127.0.0.1:0", &[], &[])
+}
+
+/// [`pods`] with the JobManager on `listen`, with `jm_extra` and `tm_extra` arguments.
+fn pods_with(listen: &str, jm_extra: &[String], tm_extra: &[String]) -> (Proc, Proc, String) {
+    let mut a = vec!["jobmanager".into(), "--listen".into(), listen.into()];
+    a.extend_from_slice(jm_extra);
+    let jm = Proc::start(&a);
     let line = jm.wait_for("JobManager listening on ");
     let address = line
         .split("listening on ")
@@ -244,7 +251,7 @@ fn pods() -> (Proc, Proc, String) {
         .next()
         .unwrap()
         .to_string();
-    let tm = Proc::start(&[
+    let mut a = vec![
         "taskmanager".into(),
         "--jobmanager".into(),
         address.clone(),
@@ -252,7 +259,9 @@ fn pods() -> (Proc, Proc, String) {
         "4".into(),
         "--id".into(),
         "taskmanager-0".into(),
-    ]);
+    ];
+    a.extend_from_slice(tm_extra);
+    let tm = Proc::start(&a);
     tm.wait_for("listening on");
     (jm, tm, address)
 }
@@ -1535,7 +1544,12 @@ fn the_image_runs_the_job_in_containers_that_survive_podman_kill() {
 
     // the TaskManager container killed: the job loses its slots and waits
     tm.kill();
-    assert_eq!(tm.status(), "exited");
+    // podman reports the kill a moment after it returns
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tm.status() != "exited" {
+        assert!(Instant::now() < deadline, "still {}", tm.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     while common::job_state(&address, &job).is_some_and(|(s, _)| s == "running") {
         assert!(Instant::now() < deadline, "the job never noticed");

@@ -35,30 +35,7 @@ fn pods() -> Pods {
 
 /// The pods on `listen`, with `jm_extra` and `tm_extra` arguments.
 fn pods_with(listen: &str, jm_extra: &[String], tm_extra: &[String]) -> Pods {
-    let mut a = vec!["jobmanager".into(), "--listen".into(), listen.into()];
-    a.extend_from_slice(jm_extra);
-    let jm = Proc::start(&a);
-    let line = jm.wait_for("JobManager listening on ");
-    let address = line
-        .split("listening on ")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    let mut a = vec![
-        "taskmanager".into(),
-        "--jobmanager".into(),
-        address.clone(),
-        "--slots".into(),
-        "4".into(),
-        "--id".into(),
-        "taskmanager-0".into(),
-    ];
-    a.extend_from_slice(tm_extra);
-    let tm = Proc::start(&a);
-    tm.wait_for("listening on");
+    let (jm, tm, address) = crate::pods_with(listen, jm_extra, tm_extra);
     Pods {
         _jm: jm,
         _tm: tm,
