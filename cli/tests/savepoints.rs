@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use common::{Proc, args, check_output, freshet};
+use common::{Proc, args, check_output, copy_dir, freshet};
 
 /// Runs `freshet` with `a` and `extra` to the end, without a control plane.
 fn run_to_end(a: &[String], extra: &[&str]) -> Output {
@@ -20,19 +20,6 @@ fn run_to_end(a: &[String], extra: &[&str]) -> Output {
         .args(extra)
         .output()
         .unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
 }
 
 /// Runs the example at parallelism 2 until stopped with a savepoint; returns the savepoint's

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::common::repo;
+use crate::common::{copy_dir, repo};
 
 /// Limits every container gets: the defaults podman asks for are above what this sandbox may
 /// grant (runc then fails with "error setting rlimits").
@@ -87,19 +87,6 @@ pub fn freshet_image() -> &'static str {
         let _ = podman(&["image", "prune", "-f"]);
         image
     })
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// A container of the image, removed when dropped.
