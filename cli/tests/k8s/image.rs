@@ -1,9 +1,10 @@
 //! Freshet's container image, built from `deploy/Dockerfile` with podman, and containers of it.
 //!
 //! The image is built with `BINARY=prebuilt`: the `freshet` binary of this build (its debug
-//! information stripped) goes into the image as it is, on a Debian bookworm base that
-//! `testenv/base-image.sh` makes with debootstrap (no registry is reachable here). Containers run
-//! with runc on the host's network, as processes of a pod would reach each other on loopback.
+//! information stripped) and the RocksDB library it links go into the image as they are, on a
+//! Debian bookworm base that `testenv/base-image.sh` makes with debootstrap (no registry is
+//! reachable here). Containers run with runc on the host's network, as processes of a pod would
+//! reach each other on loopback.
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -64,6 +65,17 @@ pub fn freshet_image() -> &'static str {
             .expect("running objcopy");
         assert!(stripped.success(), "objcopy --strip-debug failed");
         copy_dir(&repo().join("examples"), &context.path().join("examples"));
+        // the prebuilt RocksDB the binary links, where its run path finds it (target/rocksdb,
+        // see scripts/rocksdb-env); empty when this build compiled RocksDB in
+        let rocksdb = Path::new(env!("CARGO_BIN_EXE_freshet"))
+            .parent()
+            .and_then(Path::parent)
+            .map(|target| target.join("rocksdb"))
+            .filter(|dir| dir.join("librocksdb.so").exists());
+        match rocksdb {
+            Some(dir) => copy_dir(&dir, &context.path().join("rocksdb")),
+            None => std::fs::create_dir(context.path().join("rocksdb")).unwrap(),
+        }
         let image = "localhost/freshet:test".to_string();
         let dockerfile = repo().join("deploy/Dockerfile");
         let mut args = vec!["build"];

@@ -424,12 +424,12 @@ fn options(config: &StateConfig, memory: &StateMemory, clock: Arc<AtomicI64>) ->
     // partitioned: a file's whole filter is about a byte and a quarter per key, and once the
     // state outgrew the cache every lookup read and checksummed the full filter of each file
     // it probed; a lookup now reads one small partition, found through a top-level index that
-    // stays pinned, and partitions compete with data blocks at high priority.
+    // stays pinned, and partitions compete with data blocks at high priority (RocksDB's
+    // default for cached index and filter blocks).
     table.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
     table.set_partition_filters(true);
     table.set_metadata_block_size(4096);
     table.set_cache_index_and_filter_blocks(true);
-    table.set_cache_index_and_filter_blocks_with_high_priority(true);
     table.set_pin_top_level_index_and_filter(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     opts.set_block_based_table_factory(&table);
