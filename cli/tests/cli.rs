@@ -665,3 +665,76 @@ fn bench_latency_counts_every_row_and_orders_its_percentiles() {
         assert!(ms[3] > 0.0 && ms[3] < 10_000.0, "{text}");
     }
 }
+
+/// Runs `scripts/rocksdb-env` with `target` as the target directory and the environment
+/// variables `vars` set; returns its status, stdout and stderr.
+fn rocksdb_env(target: &Path, vars: &[(&str, &Path)]) -> (bool, String, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/rocksdb-env");
+    let o = Command::new("bash")
+        .arg(script)
+        .env("CARGO_TARGET_DIR", target)
+        .envs(vars.iter().copied())
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (o.status.success(), text(&o.stdout), text(&o.stderr))
+}
+
+/// The RocksDB version the bindings in Cargo.lock bundle has a pinned prebuilt library: bumping
+/// the bindings without pinning the new jar would silently bring back the long source build.
+#[test]
+fn the_bindings_rocksdb_comes_prebuilt_with_its_c_api() {
+    let target = tempfile::tempdir().unwrap();
+    let dir = target.path().join("rocksdb");
+    // more than once: a check of the C library once failed now and then (a broken pipe under
+    // pipefail), and a build then silently compiled RocksDB
+    for _ in 0..20 {
+        let (ok, out, err) = rocksdb_env(target.path(), &[]);
+        assert!(ok, "{err}");
+        assert_eq!(
+            out.trim(),
+            format!(
+                "unset ROCKSDB_STATIC; export ROCKSDB_LIB_DIR='{}'",
+                dir.display()
+            ),
+            "{err}"
+        );
+    }
+    let symbols = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(dir.join("librocksdb.so"))
+        .output()
+        .unwrap();
+    let symbols = String::from_utf8_lossy(&symbols.stdout);
+    for f in ["rocksdb_open", "rocksdb_write", "rocksdb_checkpoint_create"] {
+        assert!(
+            symbols.lines().any(|l| l.ends_with(&format!(" T {f}"))),
+            "{f} missing from the prebuilt library"
+        );
+    }
+}
+
+/// Without a way to fetch the library (here: no curl, an empty download cache), the script
+/// prints nothing, so the build compiles RocksDB from source, and says why.
+#[test]
+fn without_a_prebuilt_rocksdb_the_build_falls_back_to_source() {
+    let target = tempfile::tempdir().unwrap();
+    let bin = tempfile::tempdir().unwrap();
+    for dir in ["/usr/bin", "/bin"] {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let link = bin.path().join(e.file_name());
+            if e.file_name() != "curl" && !link.exists() {
+                std::os::unix::fs::symlink(e.path(), link).unwrap();
+            }
+        }
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let (ok, out, err) = rocksdb_env(
+        target.path(),
+        &[("PATH", bin.path()), ("XDG_CACHE_HOME", cache.path())],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, "", "{err}");
+    assert!(err.contains("compiled from source"), "{err}");
+    assert!(!target.path().join("rocksdb/librocksdb.so").exists());
+}
