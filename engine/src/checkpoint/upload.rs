@@ -22,7 +22,7 @@ use super::{
 };
 use crate::operator::SubtaskInfo;
 use crate::state::backend::PendingSnapshot;
-use crate::state::{KeyedBackend, KeyedTable, StateConfig, StateValue, Timers};
+use crate::state::{KeyedBackend, KeyedTable, PaneTable, StateConfig, StateValue, Timers};
 use crate::{EngineError, KeyGroupRange, Result};
 
 /// Where a subtask's snapshots go and how it talks to the checkpoint coordinator.
@@ -64,6 +64,14 @@ impl<'a> SnapshotContext<'a> {
 
     /// Writes a keyed table's pending changes into the backend, so the snapshot includes them.
     pub fn flush<V: StateValue>(&mut self, table: &mut KeyedTable<V>) -> Result<()> {
+        table.flush()
+    }
+
+    /// Writes a pane table's changed values into the backend, so the snapshot includes them.
+    pub fn flush_panes<V>(&mut self, table: &mut PaneTable<V>) -> Result<()>
+    where
+        V: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + 'static,
+    {
         table.flush()
     }
 

@@ -15,13 +15,16 @@
 //! Rows that belong to no single key group start with `0xffff`, above every key group (a job has
 //! at most 32768): timers, ordered by time across key groups and within a time as their keys'
 //! rows are (`[ff ff 02][table][time][key group][key length][encoded key]`, see
-//! [`super::timers`]), and the layout marker
+//! [`super::timers`]), pane rows, ordered by namespace and then as their keys' rows are
+//! (`[ff ff 03][table][namespace][key group][key length][encoded key][generation]`, see
+//! [`super::panes`]), and the layout marker
 //! (`[ff ff 00]format`), which says which [`FORMAT`] wrote the instance so that a newer version
 //! can read what an older one checkpointed. Each table also records the lowest and highest
 //! namespace it ever wrote (`[ff ff 00]ns:[table]`), and the marker `[ff ff 00]ns-ranges` says
 //! that every table of the instance did so since it started empty: a table restored from it
 //! knows that RocksDB holds none of its rows outside that range (a window slice opened after
-//! the snapshot), so a miss there needs no read.
+//! the snapshot), so a miss there needs no read. Each pane table records the next spill
+//! generation it has not used (`[ff ff 00]gen:[table]`; a rescale takes the highest).
 //!
 //! Writes skip the write-ahead log: durability comes from checkpoints, which flush the memtables
 //! and link the SST files. Only encoding the changed values runs on the subtask's thread: the
@@ -56,8 +59,10 @@ pub(crate) const LEGACY_HEADER: usize = 16;
 /// [`value_table_id`], values versioned; layouts 0 and 1 kept all namespaces of a key in one
 /// row, `[key group][table_id][encoded key]`, with a [`LEGACY_HEADER`]. 3: timers due at the
 /// same time ordered as their keys' rows (by [`timer_order`]) under `[ff ff 02]`; layouts 1
-/// and 2 kept them in key order under `[ff ff 01]`.
-pub const FORMAT: u32 = 3;
+/// and 2 kept them in key order under `[ff ff 01]`. 4: pane tables ([`super::panes`]) under
+/// `[ff ff 03]`, which sliced windows keep their state in instead of a keyed table and timers
+/// (a window moves the state of an older layout when it opens).
+pub const FORMAT: u32 = 4;
 
 /// First bytes of the rows outside key groups.
 const OUTSIDE: [u8; 2] = [0xff, 0xff];
@@ -65,6 +70,7 @@ const META: u8 = 0;
 /// Timers of layouts 1 and 2.
 const LEGACY_TIMERS: u8 = 1;
 const TIMERS: u8 = 2;
+const PANES: u8 = 3;
 
 fn format_key() -> Vec<u8> {
     [&OUTSIDE[..], &[META], b"format"].concat()
@@ -106,9 +112,69 @@ fn decode_range(v: &[u8]) -> Result<(i64, i64)> {
     }
 }
 
+fn decode_generation(v: &[u8]) -> Result<u32> {
+    <[u8; 4]>::try_from(v)
+        .map(u32::from_be_bytes)
+        .map_err(|_| EngineError::StateStore {
+            message: format!("a pane generation of {} bytes", v.len()),
+            retryable: false,
+        })
+}
+
+impl KeyedBackend {
+    /// The next unused spill generation of pane table `table`, 0 if it never wrote one.
+    pub(crate) fn next_generation(&self, table: [u8; 4]) -> Result<u32> {
+        Ok(self
+            .get(&generation_row(table), decode_generation)?
+            .unwrap_or(0))
+    }
+}
+
 /// The smallest range holding `a` (if any) and `b`.
 pub(crate) fn union(a: Option<(i64, i64)>, b: (i64, i64)) -> (i64, i64) {
     a.map_or(b, |(lo, hi)| (lo.min(b.0), hi.max(b.1)))
+}
+
+/// First bytes of the rows that hold a pane table's next unused spill generation.
+fn generation_rows() -> Vec<u8> {
+    [&OUTSIDE[..], &[META], b"gen:"].concat()
+}
+
+/// The row that holds the next unused spill generation of pane table `table`.
+pub(crate) fn generation_row(table: [u8; 4]) -> Vec<u8> {
+    [&generation_rows()[..], &table].concat()
+}
+
+/// The first row key of pane table `table` (see [`super::panes`]).
+pub(crate) fn pane_prefix(table: [u8; 4]) -> Vec<u8> {
+    [&OUTSIDE[..], &[PANES], &table].concat()
+}
+
+/// The first row key of namespace `ns` of pane table `table`.
+pub(crate) fn pane_ns_prefix(table: [u8; 4], ns: i64) -> Vec<u8> {
+    let mut k = pane_prefix(table);
+    k.extend_from_slice(&time_bytes(ns));
+    k
+}
+
+/// Bytes of a pane row key before the key's [`timer_order`].
+const PANE_NS_PREFIX_LEN: usize = 7 + 8;
+
+/// The row key of a pane row: `[ff ff 03][table][ns][key order][generation: u32 BE]`.
+pub(crate) fn pane_row(table: [u8; 4], ns: i64, order: &[u8], generation: u32) -> Vec<u8> {
+    let mut k = pane_ns_prefix(table, ns);
+    k.extend_from_slice(order);
+    k.extend_from_slice(&generation.to_be_bytes());
+    k
+}
+
+/// The namespace, key order and generation of a pane row key.
+pub(crate) fn decode_pane_row(row: &[u8]) -> Option<(i64, &[u8], u32)> {
+    let ns = time_from_bytes(row.get(7..PANE_NS_PREFIX_LEN)?.try_into().ok()?);
+    let rest = row.get(PANE_NS_PREFIX_LEN..)?;
+    let split = rest.len().checked_sub(4)?;
+    let generation = u32::from_be_bytes(rest[split..].try_into().ok()?);
+    Some((ns, &rest[..split], generation))
 }
 
 /// The first row key of timer table `table`.
@@ -661,23 +727,33 @@ impl KeyedBackend {
             let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
             put(&k, &v)?;
         }
-        // timers of both layouts (an older snapshot's are moved when their queue attaches)
+        // timers of both layouts (an older snapshot's are moved when their queue attaches),
+        // then pane rows, whose key order says their key group
         let timers = [&OUTSIDE[..], &[LEGACY_TIMERS]].concat();
         let mut ro = ReadOptions::default();
         ro.set_total_order_seek(true);
-        ro.set_iterate_upper_bound([&OUTSIDE[..], &[TIMERS + 1]].concat());
+        ro.set_iterate_upper_bound([&OUTSIDE[..], &[PANES + 1]].concat());
         for item in src.iterator_opt(IteratorMode::From(&timers, Direction::Forward), ro) {
             let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
-            let key = decode_timer_key(&k).and_then(|(_, rest)| match k[2] {
-                LEGACY_TIMERS => Some(rest),
-                _ => key_of_order(rest),
-            });
-            if key.is_some_and(|key| self.owns(key)) {
+            let owned = match k[2] {
+                PANES => decode_pane_row(&k)
+                    .and_then(|(_, order, _)| order.get(..2))
+                    .is_some_and(|kg| {
+                        self.range
+                            .contains(KeyGroup(u16::from_be_bytes([kg[0], kg[1]]) as u32))
+                    }),
+                LEGACY_TIMERS => decode_timer_key(&k).is_some_and(|(_, key)| self.owns(key)),
+                _ => decode_timer_key(&k)
+                    .and_then(|(_, rest)| key_of_order(rest))
+                    .is_some_and(|key| self.owns(key)),
+            };
+            if owned {
                 put(&k, &v)?;
             }
         }
         let ranges = Self::read_ranges_marker(&src)?;
         self.widen_ranges(&src)?;
+        self.widen_generations(&src)?;
         if rows == 0 {
             drop(writer);
             let _ = std::fs::remove_file(sst);
@@ -711,6 +787,118 @@ impl KeyedBackend {
             batch.put(&k, range_value(union(ours, theirs)));
         }
         self.write(batch)
+    }
+
+    /// Raises this instance's next spill generation of each pane table to the one `src`
+    /// recorded, so that no generation written in either is used again.
+    fn widen_generations(&self, src: &DB) -> Result<()> {
+        let prefix = generation_rows();
+        let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
+        ro.set_iterate_upper_bound(prefix_upper(&prefix));
+        let mut batch = WriteBatch::default();
+        for item in src.iterator_opt(IteratorMode::From(&prefix, Direction::Forward), ro) {
+            let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
+            let theirs = decode_generation(&v)?;
+            let ours = self.get(&k, decode_generation)?.unwrap_or(0);
+            batch.put(&k, ours.max(theirs).to_be_bytes());
+        }
+        self.write(batch)
+    }
+
+    /// The distinct namespaces of pane table `table` that hold rows of this instance's key
+    /// groups, ascending.
+    pub(crate) fn pane_namespaces(&self, table: [u8; 4]) -> Result<Vec<i64>> {
+        self.wait_for_rows()?;
+        let prefix = pane_prefix(table);
+        let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
+        ro.set_iterate_upper_bound(prefix_upper(&prefix));
+        let mut it = self.db().raw_iterator_opt(ro);
+        let mut out = Vec::new();
+        it.seek(&prefix);
+        while let Some(k) = it.key() {
+            let Some((ns, _, _)) = decode_pane_row(k) else {
+                return Err(EngineError::StateStore {
+                    message: format!("a pane row key of {} bytes", k.len()),
+                    retryable: false,
+                });
+            };
+            // the first row of this instance's key groups in the namespace, if any
+            let ns_prefix = pane_ns_prefix(table, ns);
+            let mut first = ns_prefix.clone();
+            first.extend_from_slice(&kg_prefix(self.range.start));
+            if k < first.as_slice() {
+                it.seek(&first);
+                continue;
+            }
+            let mut upper = ns_prefix.clone();
+            upper.extend_from_slice(&kg_prefix(self.range.end + 1));
+            if k < upper.as_slice() {
+                out.push(ns);
+            }
+            match ns.checked_add(1) {
+                Some(next) => it.seek(pane_ns_prefix(table, next)),
+                None => break,
+            }
+        }
+        it.status().map_err(|e| db_err("reading state", e))?;
+        Ok(out)
+    }
+
+    /// Calls `f(order, generation, value)` for the rows of namespace `ns` of pane table `table`
+    /// in this instance's key groups, in row order, from key order `from` (`(order, true)`: at
+    /// it; `(order, false)`: after it; `None`: the first); stops before the row of the
+    /// `limit + 1`th distinct key.
+    pub(crate) fn read_pane(
+        &self,
+        table: [u8; 4],
+        ns: i64,
+        from: Option<(&[u8], bool)>,
+        limit: usize,
+        mut f: impl FnMut(&[u8], u32, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.wait_for_rows()?;
+        let prefix = pane_ns_prefix(table, ns);
+        let mut start = prefix.clone();
+        start.extend_from_slice(&kg_prefix(self.range.start));
+        if let Some((order, inclusive)) = from {
+            let mut at = prefix.clone();
+            at.extend_from_slice(order);
+            if !inclusive {
+                // past every generation of `order` (no key order is a prefix of another)
+                at.extend_from_slice(&[0xff; 5]);
+            }
+            start = start.max(at);
+        }
+        let mut upper = prefix.clone();
+        upper.extend_from_slice(&kg_prefix(self.range.end + 1));
+        let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
+        ro.set_iterate_upper_bound(upper);
+        let mut it = self.db().raw_iterator_opt(ro);
+        it.seek(&start);
+        let mut keys = 0usize;
+        let mut last: Vec<u8> = Vec::new();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let Some((_, order, generation)) = decode_pane_row(k) else {
+                return Err(EngineError::StateStore {
+                    message: format!("a pane row key of {} bytes", k.len()),
+                    retryable: false,
+                });
+            };
+            if keys == 0 || order != last.as_slice() {
+                if keys == limit {
+                    break;
+                }
+                keys += 1;
+                last.clear();
+                last.extend_from_slice(order);
+            }
+            f(order, generation, v)?;
+            it.next();
+        }
+        it.status().map_err(|e| db_err("reading state", e))
     }
 
     /// Whether an encoded key belongs to this instance's key groups.
@@ -778,51 +966,6 @@ impl KeyedBackend {
             Ok(None) => Ok(None),
             Err(e) => Err(db_err("reading state", e)),
         }
-    }
-
-    /// Calls `f(i, value)` for each of `rows` (sorted) the instance holds, `i` being the row's
-    /// index. One iterator steps from one row to the next where they lie a few rows apart and
-    /// seeks where they do not, so rows asked for in the order they are stored cost a step
-    /// each rather than a lookup in every level.
-    pub(crate) fn get_sorted(
-        &self,
-        rows: &[Vec<u8>],
-        mut f: impl FnMut(usize, &[u8]) -> Result<()>,
-    ) -> Result<()> {
-        /// Steps tried before a seek.
-        const STEPS: usize = 16;
-        let Some(last) = rows.last() else {
-            return Ok(());
-        };
-        debug_assert!(rows.is_sorted());
-        self.wait_for_rows()?;
-        let mut ro = ReadOptions::default();
-        ro.set_total_order_seek(true);
-        let mut upper = last.clone();
-        upper.push(0);
-        ro.set_iterate_upper_bound(upper);
-        let mut it = self.db().raw_iterator_opt(ro);
-        for (i, row) in rows.iter().enumerate() {
-            let row = row.as_slice();
-            if i == 0 {
-                it.seek(row);
-            } else {
-                // the iterator is at the first row at or after the one asked for before (or
-                // past the last row asked for: none of the rest exists)
-                let mut steps = 0;
-                while steps < STEPS && it.key().is_some_and(|k| k < row) {
-                    it.next();
-                    steps += 1;
-                }
-                if it.key().is_some_and(|k| k < row) {
-                    it.seek(row);
-                }
-            }
-            if it.key() == Some(row) {
-                f(i, it.value().unwrap_or_default())?;
-            }
-        }
-        it.status().map_err(|e| db_err("reading state", e))
     }
 
     /// Writes `batch`, or keeps it for the snapshot being taken (see [`Self::defer_writes`]).

@@ -20,6 +20,10 @@
 //! slice's row, and a join that buffers one more timestamp writes one row, whatever else the key
 //! holds.
 //!
+//! State whose namespaces every key shares and that comes due a namespace at a time (the slices
+//! of tumbling and sliding windows) lives in a [`PaneTable`] instead: one hash table per
+//! namespace, read in key order and dropped whole (see [`panes`]).
+//!
 //! **Versions.** Each row records the version of its value's encoding. An operator whose value
 //! type changes declares the new version and how to read the older ones
 //! ([`KeyedTable::versioned`]); rows are upgraded as they are read and written back in the new
@@ -62,11 +66,13 @@ use spilled::{ALL, NsRange, Spilled};
 
 pub mod backend;
 pub mod memory;
+pub mod panes;
 mod spilled;
 pub mod timers;
 
 pub use backend::{KeyedBackend, StateConfig};
 pub use memory::StateMemory;
+pub use panes::PaneTable;
 pub use timers::Timers;
 
 /// What a table can hold: anything serde can write and read back.
@@ -610,13 +616,6 @@ impl<V: StateValue> KeyedTable<V> {
         !b.spilled.is_empty() && b.spilled.may_hold(hash, range)
     }
 
-    /// Whether the row at (`key`, `ns`) was removed since the last flush.
-    fn removed(&self, key: &[u8], ns: i64) -> bool {
-        self.backing
-            .as_ref()
-            .is_some_and(|b| !b.gone.is_empty() && b.gone.contains(&(StateKey::from(key), ns)))
-    }
-
     /// Puts rows read from RocksDB of `key` into the cache: adds them to a cached key, or
     /// caches the key with them (partial unless they are `whole`, all RocksDB holds of it).
     fn take_rows(
@@ -661,60 +660,6 @@ impl<V: StateValue> KeyedTable<V> {
         self.entries += slot.values.len();
         self.keys.insert(key.into(), slot);
         self.charge_map();
-        Ok(())
-    }
-
-    /// Reads into the cache the rows in namespace `ns` of those of `keys` it may lack there:
-    /// what [`Self::get`] of each would read, in one pass over RocksDB. Keys given in the
-    /// order their rows are stored (as [`Timers`] hand out the keys due at one time) cost a step
-    /// each instead of a lookup; any order gives the same state.
-    pub fn prefetch<'k>(
-        &mut self,
-        keys: impl IntoIterator<Item = &'k [u8]>,
-        ns: i64,
-    ) -> Result<()> {
-        // a TTL table reads all of a key's rows at once (see `load`)
-        if self.ttl.is_some() || self.one_value {
-            return Ok(());
-        }
-        let Some((backend, table)) = self.backing.as_ref().map(|b| (b.backend.clone(), b.table))
-        else {
-            return Ok(());
-        };
-        let mut wanted: Vec<(Vec<u8>, &'k [u8])> = Vec::new();
-        for key in keys {
-            let hash = hash_key(key);
-            if self.must_read(key, hash, at(ns)) && !self.removed(key, ns) {
-                let kg = key_group(hash, backend.max_parallelism());
-                wanted.push((backend::row_key(kg, table, key, ns), key));
-            }
-        }
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        if !wanted.is_sorted_by(|a, b| a.0 < b.0) {
-            wanted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            wanted.dedup_by(|a, b| a.0 == b.0);
-        }
-        // everything is read before the cache changes: what it evicts meanwhile is written,
-        // which the iterator would not see (rows removed since the last flush were left out
-        // above: a flush meanwhile forgets them)
-        let (rows, keys): (Vec<Vec<u8>>, Vec<&[u8]>) = wanted.into_iter().unzip();
-        let mut found: Vec<Option<(i64, V, usize)>> = (0..rows.len()).map(|_| None).collect();
-        backend.get_sorted(&rows, |i, row| {
-            let (touched, value) = self.decode(row)?;
-            found[i] = Some((touched, value, row.len() - backend::HEADER));
-            Ok(())
-        })?;
-        self.reads += rows.len() as u64;
-        for (key, row) in keys.into_iter().zip(found) {
-            let rows = row.map(|(touched, value, size)| vec![(ns, touched, value, size)]);
-            self.take_rows(key, rows.unwrap_or_default(), false)?;
-            // about to be used: the next eviction sweep passes it over
-            if let Some(slot) = self.keys.get_mut(key) {
-                slot.referenced = true;
-            }
-        }
         Ok(())
     }
 
@@ -1340,6 +1285,35 @@ impl<V: StateValue> KeyedTable<V> {
             .flat_map(|(k, s)| s.values.0.iter().map(move |e| (k.as_ref(), e.ns, &e.value)))
     }
 
+    /// Takes every (key, namespace, value) out of an attached table that has read nothing into
+    /// memory yet, leaving it empty: for an operator that moves restored state into another
+    /// kind of table when it opens.
+    pub fn take_all(&mut self) -> Result<Vec<(StateKey, i64, V)>> {
+        let Some(b) = &self.backing else {
+            return Err(self.error("take_all before attach"));
+        };
+        if !self.keys.is_empty() {
+            return Err(self.error("take_all after values were read into memory"));
+        }
+        let mut rows: Vec<(StateKey, i64, Vec<u8>)> = Vec::new();
+        b.backend.for_each_in_table(b.table, |k, v| {
+            let split = k.len().checked_sub(8);
+            let ns = split.and_then(|s| k[s..].try_into().ok().map(backend::time_from_bytes));
+            let key = split.and_then(|s| {
+                backend::key_of_order(&[&[0, 0][..], &k[..s]].concat()).map(StateKey::from_slice)
+            });
+            let (Some(ns), Some(key)) = (ns, key) else {
+                return Err(self.error(format!("a row key of {} bytes", k.len())));
+            };
+            rows.push((key, ns, v.to_vec()));
+            Ok(())
+        })?;
+        b.backend.clear_table(b.table)?;
+        rows.into_iter()
+            .map(|(key, ns, v)| Ok((key, ns, self.decode(&v)?.1)))
+            .collect()
+    }
+
     /// The key group a key of this table belongs to.
     pub fn key_groups_of(key: &[u8], max_parallelism: u32) -> KeyGroup {
         key_group(hash_key(key), max_parallelism)
@@ -1632,130 +1606,6 @@ mod tests {
             (0..1000).all(|i| !spilled.may_hold(hash_key(&key(i)), at(1))),
             "namespace 1 is still counted"
         );
-    }
-
-    /// A sorted read steps or seeks to each row asked for and finds exactly the rows a point
-    /// lookup finds: rows in the memtable and in files, deleted rows, rows far apart and near.
-    #[test]
-    fn a_sorted_read_finds_what_point_lookups_find() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend = capped_backend(dir.path(), 100);
-        let table = backend::value_table_id("t");
-        let row = |i: u32| {
-            let k = key(i);
-            let kg = KeyedTable::<u64>::key_groups_of(&k, 128);
-            backend::row_key(kg, table, &k, (i % 3) as i64)
-        };
-        for (round, pick) in [|i: u32| i.is_multiple_of(2), |i: u32| i % 5 == 1]
-            .iter()
-            .enumerate()
-        {
-            let mut batch = rocksdb::WriteBatch::default();
-            for i in (0..20_000).filter(|i| pick(*i)) {
-                batch.put(row(i), format!("{round}:{i}"));
-            }
-            backend.write(batch).unwrap();
-            if round == 0 {
-                backend.compact();
-            }
-        }
-        let mut batch = rocksdb::WriteBatch::default();
-        for i in (0..20_000).filter(|i: &u32| i.is_multiple_of(7)) {
-            batch.delete(row(i));
-        }
-        backend.write(batch).unwrap();
-        // runs of neighbours (steps) and lone rows far apart (seeks)
-        let mut rows: Vec<Vec<u8>> = (0..20_000)
-            .filter(|i| i % 1000 < 40 || i % 997 == 0)
-            .map(row)
-            .collect();
-        rows.sort();
-        rows.dedup();
-        let mut got = vec![None; rows.len()];
-        backend
-            .get_sorted(&rows, |i, v| {
-                got[i] = Some(v.to_vec());
-                Ok(())
-            })
-            .unwrap();
-        let want: Vec<Option<Vec<u8>>> = rows
-            .iter()
-            .map(|r| backend.get(r, |v| Ok(v.to_vec())).unwrap())
-            .collect();
-        assert!(want.iter().filter(|w| w.is_some()).count() > rows.len() / 3);
-        assert!(want.iter().filter(|w| w.is_none()).count() > rows.len() / 5);
-        assert!(got == want, "a sorted read differs from point lookups");
-    }
-
-    /// A prefetch reads into the cache what getting each key would read, once, whatever the
-    /// order of the keys: afterwards a get of a key it found reads nothing, and every key
-    /// answers as before (rows removed or rewritten since the last flush included).
-    #[test]
-    fn a_prefetch_reads_what_gets_would_and_once() {
-        let n = 4000u32;
-        // what each key holds at namespace 1
-        let want = |i: u32| -> Option<i64> {
-            if i >= n {
-                None
-            } else if i.is_multiple_of(13) {
-                Some(-1)
-            } else if i.is_multiple_of(11) {
-                None
-            } else {
-                Some(i as i64)
-            }
-        };
-        for reversed in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let (_backend, mut t) = attached::<i64>(dir.path(), 2000);
-            for i in 0..n {
-                for ns in [1, 2] {
-                    t.update(&key(i), ns, 0, Watermark::MIN, || 0, |v| *v = i as i64 * ns)
-                        .unwrap();
-                }
-            }
-            t.flush().unwrap();
-            for i in (0..n).step_by(11) {
-                t.remove(&key(i), 1).unwrap();
-            }
-            for i in (0..n).step_by(13) {
-                t.update(&key(i), 1, 0, Watermark::MIN, || 0, |v| *v = -1)
-                    .unwrap();
-            }
-            // the keys as timers hand them out (in the order of their rows), with keys never
-            // written among them
-            let mut keys: Vec<u32> = (0..n + 300).collect();
-            keys.sort_by_key(|i| {
-                backend::timer_order(KeyedTable::<i64>::key_groups_of(&key(*i), 128), &key(*i))
-            });
-            if reversed {
-                keys.reverse();
-            }
-            let keys = &keys[..600];
-            let encoded: Vec<Vec<u8>> = keys.iter().map(|i| key(*i)).collect();
-            let reads = t.reads();
-            t.prefetch(encoded.iter().map(|k| k.as_slice()), 1).unwrap();
-            assert!(
-                t.reads() - reads > 100,
-                "evicted keys were read: {}",
-                t.reads() - reads
-            );
-            for &i in keys {
-                let reads = t.reads();
-                let got = t.get(&key(i), 1, Watermark::MIN).unwrap().copied();
-                assert_eq!(got, want(i), "key {i}, reversed: {reversed}");
-                if got.is_some() {
-                    assert_eq!(t.reads(), reads, "key {i} was read again");
-                }
-            }
-            for i in (0..n + 300).step_by(7) {
-                assert_eq!(
-                    namespaces(&mut t, &key(i)).contains(&1),
-                    want(i).is_some(),
-                    "key {i}"
-                );
-            }
-        }
     }
 
     /// A tiny cache in front of RocksDB answers every read as a map holding everything would,

@@ -3,8 +3,7 @@
 //! A [`Timers`] queue is ordered by time, and timers due at the same time by their keys'
 //! [`timer_order`](backend::timer_order) (key group, then key), which is the order the keys'
 //! rows are stored in: so a rerun, or a run restored from a snapshot, fires them alike,
-//! registering the same (time, key) twice keeps one timer, and an operator that reads the state
-//! of the keys it fires reads it front to back ([`super::KeyedTable::prefetch`]).
+//! and registering the same (time, key) twice keeps one timer.
 //!
 //! **Storage.** Once [attached](Timers::attach) to its operator's [`KeyedBackend`], the queue
 //! lives in RocksDB, one empty row per timer under `[ff ff 02][table][time][key order]`

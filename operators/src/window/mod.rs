@@ -1,23 +1,29 @@
 //! Event-time windows per key: tumbling, sliding and session, with allowed lateness.
 //!
-//! **State.** Tumbling and sliding windows keep one accumulator set per *(key, slice)*, where a
-//! slice is one `slide` of event time (tumbling: slide = size). A window is the merge of the
-//! `size / slide` slices it covers, computed when it fires; so a record updates one slice, not
-//! every window it belongs to. A record that is too late for the earliest windows of its slice
-//! but not for the later ones is kept apart in the slice, tagged with the first window it counts
-//! for, so it never reaches a window it was too late for, whatever the order of arrival. Session windows keep one accumulator set per *(key, session)*,
-//! merging sessions a record bridges. State lives in the keyed-state interface.
+//! **State.** Tumbling and sliding windows keep one accumulator set per *(slice, key)* in a
+//! [`PaneTable`], where a slice is one `slide` of event time (tumbling: slide = size). A window
+//! is the merge of the `size / slide` slices it covers, computed when it fires; so a record
+//! updates one slice, not every window it belongs to. A record that is too late for the earliest
+//! windows of its slice but not for the later ones is kept apart in the slice, tagged with the
+//! first window it counts for, so it never reaches a window it was too late for, whatever the
+//! order of arrival. Session windows keep one accumulator set per *(key, session)* in a keyed
+//! table, merging sessions a record bridges, with a timer per session end.
 //!
 //! **Firing.** A window `[start, end)` fires when the watermark reaches `end - 1`; its row is
-//! `key columns, window_start, window_end, aggregates`, with event time `end - 1`.
+//! `key columns, window_start, window_end, aggregates`, with event time `end - 1`. Sliced
+//! windows fire in order of their end, each for every key of the slices it covers, in the order
+//! of the keys' rows, [`FIRE_BATCH`] keys per call. A snapshot records how far the subtask fired
+//! (mid-window: up to which key), and a restore at any parallelism applies each former subtask's
+//! mark to the key groups it owned, so no window fires twice for a key, or not at all.
 //!
 //! **Lateness.** A record that arrives after its window fired but before the watermark reaches
 //! `end - 1 + allowed_lateness` updates the window, and the window's row is emitted again with
 //! the new values: rows are upserts keyed by *(key, window_start, window_end)*. A record too late
 //! for every window it belongs to goes to the `late` side output (port 1) and is counted. Whether a
-//! record is late is judged against the watermark of the input it arrived on.
+//! record is late is judged against the watermark of the input it arrived on (after a restore,
+//! at least the one its key group had fired up to).
 //!
-//! **Cleanup.** A slice is deleted when the watermark passes the lateness bound of the last
+//! **Cleanup.** A slice is dropped when the watermark passes the lateness bound of the last
 //! window that covers it; a session when it passes its own. Nothing else is kept.
 pub mod aggregate;
 
@@ -32,9 +38,10 @@ use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
+use freshet_engine::state::panes::{Partials, key_group_of_order, key_of_order, key_order};
 use freshet_engine::state::timers::FIRE_BATCH;
-use freshet_engine::state::{KeyedTable, StateKey, Timers};
-use freshet_engine::{Result, TIME_COLUMN, Watermark};
+use freshet_engine::state::{KeyedBackend, KeyedTable, PaneTable, StateKey, Timers};
+use freshet_engine::{KeyGroupRange, Result, TIME_COLUMN, Watermark};
 use smallvec::SmallVec;
 
 use crate::expr::{Expr, ExprError, timestamp_type};
@@ -151,7 +158,12 @@ impl WindowPlan {
     pub fn instantiate(&self) -> WindowOperator {
         WindowOperator {
             plan: self.clone(),
-            slices: KeyedTable::new("window-slices", None),
+            panes: PaneTable::new("window-slices"),
+            fired_through: i64::MIN,
+            floors: None,
+            firing: None,
+            max_parallelism: 1,
+            key_groups: KeyGroupRange { start: 0, end: 0 },
             sessions: KeyedTable::new("window-sessions", None),
             fire: Timers::new("fire"),
             cleanup: Timers::new("cleanup"),
@@ -175,9 +187,21 @@ struct Session {
 /// The window operator of one subtask. See the module documentation.
 pub struct WindowOperator {
     plan: WindowPlan,
-    /// Per (key, slice start): accumulators tagged with the end of the first window they count
+    /// Per (slice start, key): accumulators tagged with the end of the first window they count
     /// for (one entry unless late records arrived), sorted by that end.
-    slices: KeyedTable<SliceParts>,
+    panes: PaneTable<SliceParts>,
+    /// Sliced windows: the end of the last window fired (every earlier one fired too).
+    fired_through: i64,
+    /// After a restore: the end of the last window fired per key group, as the subtask that
+    /// owned the key group before recorded it (see [`Floors`]).
+    floors: Option<Floors>,
+    /// The window being fired, in chunks of [`FIRE_BATCH`] keys: its end, and the order of the
+    /// last key fired.
+    firing: Option<(i64, Option<StateKey>)>,
+    /// The job's number of key groups, and the ones this subtask owns.
+    max_parallelism: u32,
+    key_groups: KeyGroupRange,
+    /// Session windows (sliced windows keep no per-key timers).
     sessions: KeyedTable<Session>,
     fire: Timers,
     cleanup: Timers,
@@ -199,6 +223,46 @@ struct Fired {
     start: i64,
     end: i64,
     accs: Accs,
+}
+
+/// Name of the operator state recording how far each subtask fired its sliced windows.
+const FIRED: &str = "window-fired";
+
+/// How far a subtask had fired its windows when a snapshot was taken: the end of the last
+/// window fired, and the window it was firing, up to the key order it reached.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct FiredMark {
+    key_groups: (u32, u32),
+    fired_through: i64,
+    firing: Option<(i64, Option<Vec<u8>>)>,
+}
+
+/// After a restore: the marks of the former subtasks whose key groups this one now owns, so a
+/// key fires no window its former subtask fired, and misses none, at any change of
+/// parallelism.
+#[derive(Debug)]
+struct Floors {
+    marks: Vec<FiredMark>,
+    /// The highest end fired: once the subtask has fired it, the floors are done.
+    max: i64,
+}
+
+impl Floors {
+    /// The end of the last window fired for the key whose row order is `order`.
+    fn fired(&self, order: &[u8]) -> i64 {
+        let kg = key_group_of_order(order);
+        let Some(m) = self
+            .marks
+            .iter()
+            .find(|m| m.key_groups.0 <= kg && kg <= m.key_groups.1)
+        else {
+            return i64::MIN;
+        };
+        match &m.firing {
+            Some((end, cursor)) if cursor.as_deref().is_some_and(|c| order <= c) => *end,
+            _ => m.fired_through,
+        }
+    }
 }
 
 fn merge_into(aggs: &[AggDef], out: &mut Option<Accs>, accs: &[Acc]) {
@@ -282,48 +346,204 @@ impl SliceGroups {
 }
 
 impl WindowOperator {
-    fn new_accs(&self) -> Accs {
-        self.plan.aggs.iter().map(AggDef::new_acc).collect()
+    /// How far this subtask fired, as its snapshot records it.
+    fn mark(&self) -> FiredMark {
+        FiredMark {
+            key_groups: (self.key_groups.start, self.key_groups.end),
+            fired_through: self.fired_through,
+            firing: self
+                .firing
+                .as_ref()
+                .map(|(end, at)| (*end, at.as_ref().map(|o| o.to_vec()))),
+        }
     }
 
-    /// The merged accumulators of window `[start, end)` for `key` (sliced windows).
-    fn window_accs(&mut self, key: &[u8], start: i64, end: i64) -> Result<Option<Accs>> {
-        let mut out: Option<Accs> = None;
-        let aggs = &self.plan.aggs;
-        let parts = self
-            .slices
-            .range(key, start..end, Watermark::MIN)?
-            .flat_map(|(_, parts)| parts.iter());
-        for (_, accs) in parts.filter(|(first_end, _)| *first_end <= end) {
-            merge_into(aggs, &mut out, accs);
-        }
-        Ok(out)
-    }
-
-    /// Fires window `[end - size, end)` of `key`. Without lateness, the window's first slice is
-    /// covered by no later window, so it is taken out of state instead of copied.
-    fn fire_sliced(&mut self, key: &[u8], size: i64, slide: i64, end: i64) -> Result<Option<Accs>> {
-        let start = end - size;
-        if self.plan.lateness > 0 {
-            return self.window_accs(key, start, end);
-        }
-        let first = self.slices.remove(key, start)?;
-        let mut out = if size > slide {
-            self.window_accs(key, start + slide, end)?
-        } else {
-            None
+    /// Takes the marks of the former subtasks that owned this subtask's key groups.
+    fn restore_marks(&mut self, marks: Vec<FiredMark>) {
+        let mine = self.key_groups;
+        let marks: Vec<FiredMark> = marks
+            .into_iter()
+            .filter(|m| m.key_groups.0 <= mine.end && mine.start <= m.key_groups.1)
+            .collect();
+        let Some(lowest) = marks.iter().map(|m| m.fired_through).min() else {
+            return;
         };
-        for (_, accs) in first.into_iter().flatten() {
-            match &mut out {
-                None => out = Some(accs),
-                Some(o) => {
-                    for ((d, a), b) in self.plan.aggs.iter().zip(o.iter_mut()).zip(&accs) {
-                        aggregate::merge(d, a, b);
+        let max = marks
+            .iter()
+            .map(|m| match &m.firing {
+                Some((end, _)) => (*end).max(m.fired_through),
+                None => m.fired_through,
+            })
+            .max()
+            .unwrap_or(i64::MIN);
+        // windows after the lowest mark fire again, each key's only if its group had not
+        self.fired_through = lowest;
+        self.floors = Some(Floors { marks, max });
+    }
+
+    /// Moves the state of a snapshot taken before sliced windows kept panes (one keyed row per
+    /// (key, slice) and a timer per (key, window)) into the pane table. Windows before the
+    /// earliest pending timer had fired for every key; in a snapshot taken while a batch of that
+    /// window fired, the keys without a timer left had fired it too.
+    fn move_from_keyed_layout(
+        &mut self,
+        backend: &Arc<KeyedBackend>,
+        size: i64,
+        slide: i64,
+    ) -> Result<()> {
+        let mut slices: KeyedTable<SliceParts> = KeyedTable::new("window-slices", None);
+        slices.attach(backend)?;
+        let mut rows = slices.take_all()?;
+        let mut pending: Vec<(i64, StateKey)> = Vec::new();
+        for name in ["fire", "cleanup"] {
+            let mut timers = Timers::new(name);
+            timers.attach(backend)?;
+            loop {
+                let due = timers.due(Watermark(i64::MAX), FIRE_BATCH)?;
+                if due.is_empty() {
+                    break;
+                }
+                if name == "fire" {
+                    pending.extend(due);
+                }
+            }
+        }
+        self.fired_through = match pending.first() {
+            Some((t, _)) => t + 1 - slide,
+            None => rows
+                .iter()
+                .map(|(_, ns, _)| ns + size)
+                .max()
+                .unwrap_or(i64::MIN),
+        };
+        if let Some(&(t, _)) = pending.first()
+            && self.plan.lateness == 0
+        {
+            let end = t + 1;
+            let waiting: HashSet<&[u8]> = pending
+                .iter()
+                .filter(|(at, _)| *at == t)
+                .map(|(_, k)| k.as_slice())
+                .collect();
+            for (key, ns, parts) in rows.iter_mut() {
+                if *ns >= end - size && *ns < end && !waiting.contains(key.as_slice()) {
+                    for (first_end, _) in parts.iter_mut() {
+                        *first_end = (*first_end).max(end + slide);
                     }
                 }
             }
         }
-        Ok(out)
+        self.panes
+            .import(rows.into_iter().map(|(key, ns, parts)| (ns, key, parts)))
+    }
+
+    fn new_accs(&self) -> Accs {
+        self.plan.aggs.iter().map(AggDef::new_acc).collect()
+    }
+
+    /// Merges the slices' partial accumulators that count for the window ending at `end`.
+    fn merge_parts<'p>(
+        aggs: &[AggDef],
+        end: i64,
+        partials: impl IntoIterator<Item = &'p SliceParts>,
+    ) -> Option<Accs> {
+        let mut out: Option<Accs> = None;
+        for parts in partials {
+            for (_, accs) in parts.iter().filter(|(first_end, _)| *first_end <= end) {
+                merge_into(aggs, &mut out, accs);
+            }
+        }
+        out
+    }
+
+    /// The merged accumulators of window `[start, end)` for `key` (sliced windows).
+    fn window_accs(&mut self, key: &[u8], start: i64, end: i64) -> Result<Option<Accs>> {
+        let slices = self.panes.get(key, start..end)?;
+        Ok(Self::merge_parts(
+            &self.plan.aggs,
+            end,
+            slices.iter().flat_map(|(_, p)| p.iter()),
+        ))
+    }
+
+    /// The end of the last window fired for the key whose row order is `order`: the subtask's,
+    /// or after a restore what the key's former subtask had fired, if more.
+    fn fired_for(&self, order: &[u8]) -> i64 {
+        match &self.floors {
+            Some(f) => self.fired_through.max(f.fired(order)),
+            None => self.fired_through,
+        }
+    }
+
+    /// The next chunk of the window being fired, or of the next window due at `wm`: rows of up
+    /// to `limit` keys, and whether a window was due.
+    fn fire_sliced(
+        &mut self,
+        size: i64,
+        slide: i64,
+        wm: Watermark,
+        limit: usize,
+    ) -> Result<(Vec<Fired>, bool)> {
+        if self.firing.is_none() {
+            // the first window after the last fired that a slice holds values for
+            let from = self.fired_through.saturating_sub(size).saturating_add(1);
+            let Some(first) = self.panes.first_namespace_from(from) else {
+                return Ok((Vec::new(), false));
+            };
+            let end = first
+                .saturating_add(slide)
+                .max(self.fired_through.saturating_add(slide));
+            if wm.0 < end - 1 {
+                return Ok((Vec::new(), false));
+            }
+            self.firing = Some((end, None));
+        }
+        let (end, after) = self.firing.take().expect("set above");
+        let start = end - size;
+        // every slice of the window, read a chunk of keys at a time in row order
+        let mut slices: Vec<Vec<(StateKey, Partials<SliceParts>)>> = Vec::new();
+        for ns in self.panes.namespaces() {
+            if ns >= start && ns < end {
+                slices.push(self.panes.read(ns, after.as_deref(), limit)?);
+            }
+        }
+        // the `limit` smallest key orders of all slices
+        let mut orders: Vec<&StateKey> = slices.iter().flatten().map(|(o, _)| o).collect();
+        orders.sort_unstable();
+        orders.dedup();
+        orders.truncate(limit);
+        let full = orders.len() == limit;
+        let last = orders.last().map(|o| (*o).clone());
+        let mut cursors = vec![0usize; slices.len()];
+        let mut rows = Vec::with_capacity(orders.len());
+        for order in orders {
+            let mut partials: SmallVec<[&SliceParts; 4]> = SmallVec::new();
+            for (slice, at) in slices.iter().zip(cursors.iter_mut()) {
+                if let Some((o, p)) = slice.get(*at)
+                    && o == order
+                {
+                    partials.extend(p.iter());
+                    *at += 1;
+                }
+            }
+            if self.floors.is_some() && self.fired_for(order) >= end {
+                continue;
+            }
+            if let Some(accs) = Self::merge_parts(&self.plan.aggs, end, partials) {
+                rows.push(Fired {
+                    key: StateKey::from_slice(key_of_order(order)),
+                    start,
+                    end,
+                    accs,
+                });
+            }
+        }
+        if full {
+            self.firing = Some((end, last));
+        } else {
+            self.fired_through = end;
+        }
+        Ok((rows, true))
     }
 
     fn emit_rows(&self, rows: Vec<Fired>, out: &mut dyn Output) -> Result<()> {
@@ -368,12 +588,20 @@ impl WindowOperator {
         ctx: &OperatorContext<'_>,
     ) -> Result<(Vec<u32>, Vec<Fired>)> {
         let lateness = self.plan.lateness;
-        let (rw, w) = (ctx.record_watermark.0, ctx.current_watermark.0);
+        let rw = ctx.record_watermark.0;
         let Rows {
             times,
             inputs,
             readers,
         } = rows;
+        // after a restore, a key group counts as far as its former subtask had fired
+        let floors = self.floors.as_ref().filter(|f| f.max > self.fired_through);
+        let mp = self.max_parallelism;
+        let fired_through = self.fired_through;
+        let fired_for = |key: &[u8]| match floors {
+            Some(f) => fired_through.max(f.fired(&key_order(key, mp))),
+            None => fired_through,
+        };
         let aggs = &self.plan.aggs;
         let keys = &self.keys;
         let mut late = Vec::new();
@@ -381,6 +609,12 @@ impl WindowOperator {
             let t = times[row];
             let slice = t - t.rem_euclid(slide);
             let last_end = slice + size;
+            // the watermark the record is judged against: its input's, or after a restore the
+            // one its key group had reached (it fired up to that window)
+            let rw = match floors {
+                Some(_) => rw.max(fired_for(keys.row(row)).saturating_sub(1)),
+                None => rw,
+            };
             if rw >= (last_end - 1).saturating_add(lateness) {
                 late.push(row as u32);
                 return None;
@@ -399,44 +633,22 @@ impl WindowOperator {
         for (g, &(first, slice, first_end)) in groups.heads.iter().enumerate() {
             let members = groups.rows(g);
             let key = keys.row(first as usize);
-            // as the rows one by one would have touched it: with the latest of their times
-            let touched = members.iter().map(|r| times[*r as usize]).max();
-            let touched = touched.expect("a group has rows");
-            let mut created = false;
-            self.slices.update(
-                key,
-                slice,
-                touched,
-                Watermark::MIN,
-                SmallVec::new,
-                |parts| {
-                    let i = match parts.binary_search_by_key(&first_end, |(e, _)| *e) {
-                        Ok(i) => i,
-                        Err(i) => {
-                            created = true;
-                            parts
-                                .insert(i, (first_end, aggs.iter().map(AggDef::new_acc).collect()));
-                            i
-                        }
-                    };
-                    aggregate::update_rows(aggs, &mut parts[i].1, inputs, readers, members);
-                },
-            )?;
-            let last_end = slice + size;
+            self.panes.update(key, slice, SmallVec::new, |parts| {
+                let i = match parts.binary_search_by_key(&first_end, |(e, _)| *e) {
+                    Ok(i) => i,
+                    Err(i) => {
+                        parts.insert(i, (first_end, aggs.iter().map(AggDef::new_acc).collect()));
+                        i
+                    }
+                };
+                aggregate::update_rows(aggs, &mut parts[i].1, inputs, readers, members);
+            })?;
+            // windows that already fired are emitted again with these records
+            let fired = fired_for(key);
             let mut end = first_end;
-            while end <= last_end {
-                if w >= end - 1 {
-                    // the window already fired: emit it again with these records
-                    updated.insert((key.into(), end));
-                } else if created {
-                    self.fire.register(end - 1, key)?;
-                }
+            while end <= slice + size && end <= fired {
+                updated.insert((key.into(), end));
                 end += slide;
-            }
-            // without lateness a slice is released when its last window fires
-            if created && lateness > 0 {
-                self.cleanup
-                    .register((last_end - 1).saturating_add(lateness), key)?;
             }
         }
         let mut updated: Vec<(StateKey, i64)> = updated.into_iter().collect();
@@ -538,18 +750,56 @@ impl Operator for WindowOperator {
     }
 
     fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
-        state.attach(&mut self.slices)?;
-        state.attach(&mut self.sessions)?;
-        self.fire = state.timers("fire")?;
-        self.cleanup = state.timers("cleanup")?;
+        self.max_parallelism = state.subtask().max_parallelism;
+        self.key_groups = state.subtask().key_groups();
+        match self.plan.kind {
+            WindowKind::Sliced { size, slide } => {
+                let backend = state.keyed()?;
+                self.panes.attach(&backend)?;
+                let marks: Vec<FiredMark> = state
+                    .operator_state(FIRED)
+                    .into_iter()
+                    .map(|(_, _, data)| {
+                        postcard::from_bytes::<FiredMark>(data).map_err(|e| {
+                            freshet_engine::EngineError::State(format!(
+                                "reading how far the window fired: {e}"
+                            ))
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                if state.is_restored() && marks.is_empty() {
+                    self.move_from_keyed_layout(&backend, size, slide)?;
+                } else {
+                    self.restore_marks(marks);
+                }
+            }
+            WindowKind::Session { .. } => {
+                state.attach(&mut self.sessions)?;
+                self.fire = state.timers("fire")?;
+                self.cleanup = state.timers("cleanup")?;
+            }
+        }
         Ok(())
     }
 
     fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
-        snap.flush(&mut self.slices)?;
-        snap.flush(&mut self.sessions)?;
-        snap.flush_timers(&mut self.fire)?;
-        snap.flush_timers(&mut self.cleanup)
+        match self.plan.kind {
+            WindowKind::Sliced { .. } => {
+                snap.flush_panes(&mut self.panes)?;
+                let data = postcard::to_allocvec(&self.mark()).map_err(|e| {
+                    freshet_engine::EngineError::State(format!(
+                        "writing how far the window fired: {e}"
+                    ))
+                })?;
+                snap.put(FIRED, data);
+                Ok(())
+            }
+            WindowKind::Session { .. } => {
+                snap.flush(&mut self.sessions)?;
+                snap.flush_timers(&mut self.fire)?;
+                snap.flush_timers(&mut self.cleanup)
+            }
+        }
     }
 
     fn process_batch(
@@ -591,56 +841,63 @@ impl Operator for WindowOperator {
         _: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()> {
-        // one batch of windows per call (see `has_more_output`); slices are cleaned up once
-        // every window due has fired
-        let due = self.fire.due(wm, FIRE_BATCH)?;
-        self.more = due.len() == FIRE_BATCH;
-        if let WindowKind::Sliced { size, .. } = self.plan.kind
-            && self.plan.lateness == 0
-        {
-            // the first slice of each window is taken out as it fires: read the slices of the
-            // keys due at one time together, in the order timers give them (their rows' order)
-            for run in due.chunk_by(|a, b| a.0 == b.0) {
-                let start = run[0].0 + 1 - size;
-                self.slices
-                    .prefetch(run.iter().map(|(_, k)| k.as_slice()), start)?;
-            }
-        }
-        {
-            let mut rows = Vec::with_capacity(due.len());
-            for (t, key) in due {
-                let end = t + 1;
-                match self.plan.kind {
-                    WindowKind::Sliced { size, slide } => {
-                        if let Some(accs) = self.fire_sliced(&key, size, slide, end)? {
-                            rows.push(Fired {
-                                key,
-                                start: end - size,
-                                end,
-                                accs,
-                            });
-                        }
-                    }
-                    WindowKind::Session { .. } => {
-                        // the session that ends here, if it was not merged into a longer one
-                        let hit = self
-                            .sessions
-                            .range(&key, .., Watermark::MIN)?
-                            .find(|(_, s)| s.end == end)
-                            .map(|(st, s)| (st, s.accs.clone()));
-                        if let Some((start, accs)) = hit {
-                            rows.push(Fired {
-                                key,
-                                start,
-                                end,
-                                accs,
-                            });
-                        }
-                    }
+        if let WindowKind::Sliced { size, slide } = self.plan.kind {
+            // a batch of rows per call (see `has_more_output`); slices are dropped once every
+            // window over them is done
+            let mut rows = Vec::new();
+            self.more = false;
+            loop {
+                let limit = FIRE_BATCH - rows.len();
+                let (chunk, progressed) = self.fire_sliced(size, slide, wm, limit)?;
+                rows.extend(chunk);
+                if !progressed {
+                    break;
+                }
+                if rows.len() >= FIRE_BATCH {
+                    self.more = true;
+                    break;
                 }
             }
             self.emit_rows(rows, out)?;
+            if !self.more {
+                if self
+                    .floors
+                    .as_ref()
+                    .is_some_and(|f| f.max <= self.fired_through)
+                {
+                    self.floors = None;
+                }
+                let last =
+                    wm.0.saturating_sub(self.plan.lateness)
+                        .saturating_add(1)
+                        .saturating_sub(size);
+                self.panes.drop_through(last)?;
+            }
+            return Ok(());
         }
+        // sessions: one batch of windows per call; sessions are cleaned up once every window
+        // due has fired
+        let due = self.fire.due(wm, FIRE_BATCH)?;
+        self.more = due.len() == FIRE_BATCH;
+        let mut rows = Vec::with_capacity(due.len());
+        for (t, key) in due {
+            let end = t + 1;
+            // the session that ends here, if it was not merged into a longer one
+            let hit = self
+                .sessions
+                .range(&key, .., Watermark::MIN)?
+                .find(|(_, s)| s.end == end)
+                .map(|(st, s)| (st, s.accs.clone()));
+            if let Some((start, accs)) = hit {
+                rows.push(Fired {
+                    key,
+                    start,
+                    end,
+                    accs,
+                });
+            }
+        }
+        self.emit_rows(rows, out)?;
         if self.more {
             return Ok(());
         }
@@ -651,23 +908,14 @@ impl Operator for WindowOperator {
                 break;
             }
             for (t, key) in due {
-                match self.plan.kind {
-                    WindowKind::Sliced { size, .. } => {
-                        // slices whose last window's lateness bound is t: start <= t + 1 - lateness - size
-                        let last_start = (t + 1).saturating_sub(lateness) - size;
-                        self.slices.drain_range(&key, ..=last_start)?;
-                    }
-                    WindowKind::Session { .. } => {
-                        let done: Vec<i64> = self
-                            .sessions
-                            .range(&key, .., Watermark::MIN)?
-                            .filter(|(_, s)| (s.end - 1).saturating_add(lateness) <= t)
-                            .map(|(st, _)| st)
-                            .collect();
-                        for st in done {
-                            self.sessions.remove(&key, st)?;
-                        }
-                    }
+                let done: Vec<i64> = self
+                    .sessions
+                    .range(&key, .., Watermark::MIN)?
+                    .filter(|(_, s)| (s.end - 1).saturating_add(lateness) <= t)
+                    .map(|(st, _)| st)
+                    .collect();
+                for st in done {
+                    self.sessions.remove(&key, st)?;
                 }
             }
         }

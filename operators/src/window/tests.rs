@@ -1,6 +1,7 @@
 use super::*;
 use crate::testing::{Harness, batch, schema};
 use arrow::array::StringArray;
+use freshet_engine::KeyGroupRange;
 
 const MIN: i64 = 60_000;
 
@@ -128,7 +129,9 @@ fn sliding_windows_merge_slices_and_clean_up() {
         );
     }
     assert!(
-        h.op.slices.is_empty() && h.op.fire.in_memory() == 0 && h.op.cleanup.in_memory() == 0,
+        h.op.panes.namespaces().is_empty()
+            && h.op.fire.in_memory() == 0
+            && h.op.cleanup.in_memory() == 0,
         "all state released"
     );
 }
@@ -262,7 +265,10 @@ fn many_windows_firing_at_once_are_emitted_a_batch_per_call() {
     assert_eq!(calls, 3);
     let total: usize = out.0.iter().map(|(_, b)| b.num_rows()).sum();
     assert_eq!(total, n);
-    assert!(h.op.slices.is_empty(), "the fired slices were released");
+    assert!(
+        h.op.panes.namespaces().is_empty(),
+        "the fired slices were released"
+    );
 }
 
 /// Rows are added a group at a time; the result must not depend on how input is batched. The same
@@ -335,4 +341,204 @@ fn results_do_not_depend_on_batching() {
     );
     assert_eq!(late_b, late_s);
     assert_eq!(batched, single);
+}
+
+/// An operator over `backend` (restored or empty) for key groups `range` of 128.
+fn attached(
+    kind: WindowKind,
+    lateness: i64,
+    backend: &Arc<KeyedBackend>,
+    range: KeyGroupRange,
+) -> (Harness<WindowOperator>, SchemaRef) {
+    let (mut h, s) = harness(kind, lateness, &["count(*) AS n"]);
+    h.op.max_parallelism = 128;
+    h.op.key_groups = range;
+    h.op.panes.attach(backend).unwrap();
+    (h, s)
+}
+
+fn state_config(dir: &std::path::Path) -> freshet_engine::state::StateConfig {
+    freshet_engine::state::StateConfig {
+        local_dir: dir.to_path_buf(),
+        ..Default::default()
+    }
+}
+
+/// Snapshots `backend` into `dir/name` and restores it for `range`.
+fn snapshot_and_restore(
+    backend: &Arc<KeyedBackend>,
+    dir: &std::path::Path,
+    name: &str,
+    from: KeyGroupRange,
+    range: KeyGroupRange,
+) -> Arc<KeyedBackend> {
+    let snap = dir.join(format!("snap-{name}"));
+    backend.begin_snapshot().unwrap().take(&snap).unwrap();
+    let copy = dir.join(format!("copy-{name}"));
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in std::fs::read_dir(&snap).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), copy.join(f.file_name())).unwrap();
+    }
+    Arc::new(
+        KeyedBackend::restore(
+            &dir.join(format!("db-{name}")),
+            &state_config(dir),
+            range,
+            128,
+            vec![(copy, from)],
+        )
+        .unwrap(),
+    )
+}
+
+/// A snapshot taken while a window fired, a batch of keys at a time, restored at parallelism
+/// 2: every (key, window) row comes out exactly once across the run before and the two after.
+#[test]
+fn a_snapshot_taken_while_a_window_fires_restores_without_repeats_or_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = KeyGroupRange::for_subtask(128, 1, 0);
+    let backend = Arc::new(
+        KeyedBackend::open(&dir.path().join("db"), &state_config(dir.path()), all, 128).unwrap(),
+    );
+    let kind = WindowKind::Sliced {
+        size: 10 * MIN,
+        slide: 5 * MIN,
+    };
+    let (mut h, s) = attached(kind, 0, &backend, all);
+    let n = FIRE_BATCH + 500;
+    let keys: Vec<String> = (0..n).map(|i| format!("k{i:05}")).collect();
+    // every key in slices 0 and 5 (minutes): windows ending at 5, 10 and 15
+    for t in [0, 5 * MIN] {
+        let input: Vec<(&str, &str, i64)> = keys.iter().map(|k| (k.as_str(), "x", t)).collect();
+        h.push(0, rows(&s, &input));
+    }
+    // window 5 fires whole, window 10 its first FIRE_BATCH keys only
+    let ctx = OperatorContext {
+        subtask: &h.info,
+        record_watermark: Watermark(10 * MIN),
+        current_watermark: Watermark(10 * MIN),
+        metrics: &h.metrics,
+    };
+    let mut before = crate::testing::Sink::default();
+    for _ in 0..2 {
+        h.op.on_watermark(Watermark(10 * MIN), &ctx, &mut before)
+            .unwrap();
+        assert!(h.op.has_more_output());
+    }
+    h.op.panes.flush().unwrap();
+    let mark = h.op.mark();
+    assert!(
+        mark.firing.is_some(),
+        "the snapshot is taken halfway through a window"
+    );
+    let mut seen: std::collections::HashMap<(String, String), i64> = Default::default();
+    let mut record = |out: &crate::testing::Sink| {
+        for (port, b) in &out.0 {
+            assert_eq!(*port, 0);
+            let mut buf = Vec::new();
+            crate::json::write_rows(b, &mut buf).unwrap();
+            for line in String::from_utf8(buf).unwrap().lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let key = (v["k"].to_string(), v["window_end"].to_string());
+                let count = v["n"].as_i64().unwrap();
+                assert!(
+                    seen.insert(key.clone(), count).is_none(),
+                    "{key:?} emitted twice"
+                );
+            }
+        }
+    };
+    record(&before);
+    for sub in 0..2 {
+        let range = KeyGroupRange::for_subtask(128, 2, sub);
+        let restored = snapshot_and_restore(&backend, dir.path(), &format!("p2-{sub}"), all, range);
+        let (mut r, _) = attached(kind, 0, &restored, range);
+        r.op.restore_marks(vec![mark.clone()]);
+        r.watermark(i64::MAX);
+        record(&r.out);
+    }
+    // each key: window 5 counts slice 0, window 10 both slices, window 15 slice 5
+    assert_eq!(seen.len(), 3 * n, "every (key, window) once");
+    assert!(
+        seen.iter()
+            .all(|((_, end), c)| *c == if end.contains("00:10:00") { 2 } else { 1 })
+    );
+}
+
+/// State of the layout before panes (a keyed row per (key, slice), a timer per (key, window)),
+/// snapshotted while window 10 fired (key a had fired it and lost its first slice; b and c had
+/// not): the window moves it into panes and fires what was pending, and nothing twice.
+#[test]
+fn state_of_the_keyed_layout_is_moved_into_panes() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = KeyGroupRange::for_subtask(128, 1, 0);
+    let old = Arc::new(
+        KeyedBackend::open(&dir.path().join("old"), &state_config(dir.path()), all, 128).unwrap(),
+    );
+    let count = |n: i64| -> SliceParts {
+        let mut accs = Accs::new();
+        accs.push(aggregate::Acc::Count(n));
+        smallvec::smallvec![(0, accs)]
+    };
+    let enc = |k: &str| {
+        let mut keys = EncodedKeys::default();
+        let s = schema(vec![Field::new("k", DataType::Utf8, true)]);
+        let b = batch(&s, vec![Arc::new(StringArray::from(vec![k]))], &[0]);
+        KeyColumns::resolve(&s, &["k".to_string()])
+            .unwrap()
+            .encode(&b, &mut keys)
+            .unwrap();
+        keys.row(0).to_vec()
+    };
+    let (a, b, c) = (enc("a"), enc("b"), enc("c"));
+    let m = MIN;
+    let mut slices: KeyedTable<SliceParts> = KeyedTable::new("window-slices", None);
+    slices.attach(&old).unwrap();
+    let mut fire = Timers::new("fire");
+    fire.attach(&old).unwrap();
+    for (key, slice, n) in [(&a, 5 * m, 1), (&b, 5 * m, 3), (&c, 0, 4)] {
+        slices
+            .update(
+                key,
+                slice,
+                0,
+                Watermark::MIN,
+                || count(0),
+                |p| *p = count(n),
+            )
+            .unwrap();
+    }
+    for (key, end) in [(&a, 15 * m), (&b, 10 * m), (&b, 15 * m), (&c, 10 * m)] {
+        fire.register(end - 1, key).unwrap();
+    }
+    slices.flush().unwrap();
+    fire.flush().unwrap();
+    let restored = snapshot_and_restore(&old, dir.path(), "old", all, all);
+    let kind = WindowKind::Sliced {
+        size: 10 * m,
+        slide: 5 * m,
+    };
+    let (mut h, _) = attached(kind, 0, &restored, all);
+    h.op.move_from_keyed_layout(&restored, 10 * m, 5 * m)
+        .unwrap();
+    h.watermark(i64::MAX);
+    let mut got: Vec<String> = h
+        .take(0)
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{} {} {}", v["k"], v["window_end"], v["n"])
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            r#""a" "1970-01-01T00:15:00.000Z" 1"#,
+            r#""b" "1970-01-01T00:10:00.000Z" 3"#,
+            r#""b" "1970-01-01T00:15:00.000Z" 3"#,
+            r#""c" "1970-01-01T00:10:00.000Z" 4"#,
+        ]
+    );
 }

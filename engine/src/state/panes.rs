@@ -1,0 +1,720 @@
+//! Pane state: values per (namespace, key) that are read, fired and dropped a namespace at a
+//! time — the slices of tumbling and sliding windows.
+//!
+//! A [`PaneTable<V>`] keeps one hash table per namespace (a *pane*) in memory, so a record
+//! updates its key's value with one probe into a table as large as one pane, and nothing per
+//! key outlives its pane: no timer, no TTL. A pane is read whole, in the order of its keys'
+//! rows (key group, then key), when the windows over it fire, and dropped with one range
+//! delete when the last of them is done.
+//!
+//! **RocksDB.** Once attached, a table writes the values changed since the last write at every
+//! checkpoint ([`PaneTable::flush`]), as rows
+//! `[ff ff 03][table][namespace][key group][key length][key][generation]` outside the key
+//! groups (like timers: a namespace's rows are one range across key groups, and a restore
+//! keeps the rows of its own key groups, see [`super::backend`]). Values are never read back
+//! to be updated: when the panes outgrow their share of the job's memory, the table writes
+//! them and empties memory, and later updates start new *partial* values under the next
+//! generation. A key's value in a pane is the merge of its partials: its rows of older
+//! generations, and its value in memory (or, if memory has none, its row of the current
+//! generation). So a write never needs a read, and readers merge ([`PaneTable::read`] returns
+//! every partial). The next unused generation is recorded in the instance and survives
+//! restores and rescales, so restored partials are never overwritten.
+use hashbrown::HashMap;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use smallvec::SmallVec;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use super::StateKey;
+use super::backend::{self, KeyedBackend};
+use crate::keys::{hash_key, key_group};
+use crate::{EngineError, Result};
+
+/// The hasher of pane tables: fixed, so runs over the same input behave alike.
+type Fixed = foldhash::fast::FixedState;
+
+/// The partial values of one key in one namespace, oldest first.
+pub type Partials<V> = SmallVec<[V; 1]>;
+
+/// A key's rows in one namespace of RocksDB: (generation, value), in generation order.
+type Written<V> = SmallVec<[(u32, V); 1]>;
+
+/// Values per (namespace, key), held a namespace at a time. See the module documentation.
+#[derive(Debug)]
+pub struct PaneTable<V> {
+    name: String,
+    panes: BTreeMap<i64, Pane<V>>,
+    /// The job's number of key groups (detached: one).
+    max_parallelism: u32,
+    /// Estimated bytes of the panes in memory.
+    bytes: usize,
+    backing: Option<Backing>,
+}
+
+#[derive(Debug)]
+struct Backing {
+    backend: Arc<KeyedBackend>,
+    table: [u8; 4],
+    /// Namespaces RocksDB may hold rows of.
+    on_disk: BTreeSet<i64>,
+    /// The generation that values in memory are written under.
+    generation: u32,
+}
+
+#[derive(Debug)]
+struct Pane<V> {
+    values: HashMap<StateKey, Cell<V>, Fixed>,
+    /// The pane's keys' row orders, sorted; kept between reads until a key is added.
+    sorted: Option<Vec<StateKey>>,
+}
+
+#[derive(Debug)]
+struct Cell<V> {
+    value: V,
+    /// Changed since it was last written.
+    dirty: bool,
+}
+
+impl<V> Pane<V> {
+    fn with_capacity(n: usize) -> Self {
+        Pane {
+            values: HashMap::with_capacity_and_hasher(n, Fixed::default()),
+            sorted: None,
+        }
+    }
+}
+
+impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
+    /// A table called `name` (unique within its operator), in memory until attached.
+    pub fn new(name: impl Into<String>) -> Self {
+        PaneTable {
+            name: name.into(),
+            panes: BTreeMap::new(),
+            max_parallelism: 1,
+            bytes: 0,
+            backing: None,
+        }
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Moves the table into `backend`; a restored backend holds its rows. Values in memory are
+    /// written at the next flush.
+    pub fn attach(&mut self, backend: &Arc<KeyedBackend>) -> Result<()> {
+        let table = backend::value_table_id(&format!("panes/{}", self.name));
+        let (on_disk, generation) = if backend.restored() {
+            (
+                backend.pane_namespaces(table)?.into_iter().collect(),
+                backend.next_generation(table)?,
+            )
+        } else {
+            (BTreeSet::new(), 0)
+        };
+        self.max_parallelism = backend.max_parallelism();
+        for pane in self.panes.values_mut() {
+            pane.sorted = None;
+            for cell in pane.values.values_mut() {
+                cell.dirty = true;
+            }
+        }
+        backend.memory().add_table();
+        backend.memory().charge(0, self.bytes);
+        self.backing = Some(Backing {
+            backend: backend.clone(),
+            table,
+            on_disk,
+            generation,
+        });
+        Ok(())
+    }
+
+    /// The key order of `key`: its key group, its length and itself, as its rows are sorted.
+    fn order(&self, key: &[u8]) -> StateKey {
+        key_order(key, self.max_parallelism)
+    }
+
+    /// Applies `f` to the value of `key` in namespace `ns`, creating it with `init` if memory
+    /// has none (a new partial, if RocksDB holds older ones).
+    pub fn update<R>(
+        &mut self,
+        key: &[u8],
+        ns: i64,
+        init: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> Result<R> {
+        let mut grew = false;
+        if !self.panes.contains_key(&ns) {
+            // a new slice holds about as many keys as the one before: sized once, not grown
+            let like = self
+                .panes
+                .values()
+                .map(|p| p.values.len())
+                .max()
+                .unwrap_or(0);
+            let pane = Pane::with_capacity(like);
+            let size = pane.values.allocation_size();
+            self.panes.insert(ns, pane);
+            self.charge(0, size);
+            grew = size > 0;
+        }
+        let pane = self.panes.get_mut(&ns).expect("inserted above");
+        if let Some(cell) = pane.values.get_mut(key) {
+            cell.dirty = true;
+            return Ok(f(&mut cell.value));
+        }
+        let before = pane.values.allocation_size();
+        let mut value = init();
+        let r = f(&mut value);
+        pane.values.insert(key.into(), Cell { value, dirty: true });
+        pane.sorted = None;
+        let after = pane.values.allocation_size();
+        if after != before {
+            self.charge(before, after);
+            grew = true;
+        }
+        if grew {
+            self.spill_if_full()?;
+        }
+        Ok(r)
+    }
+
+    fn charge(&mut self, old: usize, new: usize) {
+        self.bytes = (self.bytes + new).saturating_sub(old);
+        if let Some(b) = &self.backing {
+            b.backend.memory().charge(old, new);
+        }
+    }
+
+    /// Writes every pane and empties memory when the panes passed their share of the job's
+    /// memory; later updates start partials of the next generation.
+    fn spill_if_full(&mut self) -> Result<()> {
+        let Some(b) = &self.backing else {
+            return Ok(());
+        };
+        if !b.backend.memory().must_evict(self.bytes) {
+            return Ok(());
+        }
+        self.spill()
+    }
+
+    /// Writes every pane and empties memory; later updates start partials of the next
+    /// generation.
+    fn spill(&mut self) -> Result<()> {
+        self.flush()?;
+        let b = self.backing.as_mut().expect("checked above");
+        b.generation = b.generation.checked_add(1).ok_or_else(|| {
+            EngineError::State(format!("{}: spill generations exhausted", self.name))
+        })?;
+        self.panes.clear();
+        let bytes = std::mem::take(&mut self.bytes);
+        b.backend.memory().charge(bytes, 0);
+        // the new generation is recorded before anything is written under it
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(
+            backend::generation_row(b.table),
+            (b.generation + 1).to_be_bytes(),
+        );
+        b.backend.write(batch)
+    }
+
+    /// Writes the values changed since the last write (called before a snapshot). A detached
+    /// table keeps them.
+    pub fn flush(&mut self) -> Result<()> {
+        let Some(b) = self.backing.as_mut() else {
+            return Ok(());
+        };
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut buf = Vec::new();
+        let mp = self.max_parallelism;
+        for (&ns, pane) in self.panes.iter_mut() {
+            let mut dirty: Vec<(StateKey, &mut Cell<V>)> = pane
+                .values
+                .iter_mut()
+                .filter(|(_, c)| c.dirty)
+                .map(|(k, c)| (backend::timer_order(key_group(hash_key(k), mp), k), c))
+                .collect();
+            if dirty.is_empty() {
+                continue;
+            }
+            // in row order: RocksDB's memtable inserts ascending keys cheaply
+            dirty.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (order, cell) in dirty {
+                buf.clear();
+                buf.push(0u8);
+                buf = postcard::to_extend(&cell.value, std::mem::take(&mut buf))
+                    .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
+                batch.put(backend::pane_row(b.table, ns, &order, b.generation), &buf);
+                cell.dirty = false;
+            }
+            b.on_disk.insert(ns);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        batch.put(
+            backend::generation_row(b.table),
+            (b.generation + 1).to_be_bytes(),
+        );
+        b.backend.write(batch)
+    }
+
+    /// The namespaces that hold values, ascending.
+    pub fn namespaces(&self) -> Vec<i64> {
+        let mut out: Vec<i64> = self.panes.keys().copied().collect();
+        if let Some(b) = &self.backing {
+            out.extend(b.on_disk.iter().copied());
+            out.sort_unstable();
+            out.dedup();
+        }
+        out
+    }
+
+    /// The smallest namespace at or above `from` that holds values.
+    pub fn first_namespace_from(&self, from: i64) -> Option<i64> {
+        let mem = self.panes.range(from..).next().map(|(ns, _)| *ns);
+        let disk = self
+            .backing
+            .as_ref()
+            .and_then(|b| b.on_disk.range(from..).next().copied());
+        match (mem, disk) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The keys with values in namespace `ns`, in row order, from the first after the key whose
+    /// order is `after` (see [`PaneTable::order_of`]), at most `limit` of them: each with its
+    /// order, the key and its partial values.
+    pub fn read(
+        &mut self,
+        ns: i64,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(StateKey, Partials<V>)>> {
+        // memory: the pane's keys in row order, sorted once per change of its key set
+        let mp = self.max_parallelism;
+        let mut mem: Vec<(StateKey, &Cell<V>)> = Vec::new();
+        if let Some(pane) = self.panes.get_mut(&ns) {
+            let sorted = pane.sorted.get_or_insert_with(|| {
+                let mut v: Vec<StateKey> = pane
+                    .values
+                    .keys()
+                    .map(|k| backend::timer_order(key_group(hash_key(k), mp), k))
+                    .collect();
+                v.sort_unstable();
+                v
+            });
+            let from = after.map_or(0, |a| sorted.partition_point(|o| o.as_slice() <= a));
+            for order in sorted[from..].iter().take(limit) {
+                let key = backend::key_of_order(order).expect("made by timer_order");
+                let cell = pane.values.get(key).expect("sorted lists the pane's keys");
+                mem.push((order.clone(), cell));
+            }
+        }
+        // RocksDB: each key's rows, in generation order
+        let mut disk: Vec<(StateKey, Written<V>)> = Vec::new();
+        if let Some(b) = &self.backing
+            && b.on_disk.contains(&ns)
+        {
+            let mut rows: Vec<(StateKey, u32, Vec<u8>)> = Vec::new();
+            let from = after.map(|a| (a, false));
+            b.backend
+                .read_pane(b.table, ns, from, limit, |order, g, v| {
+                    rows.push((order.into(), g, v.to_vec()));
+                    Ok(())
+                })?;
+            for (order, g, v) in rows {
+                let value = decode(&self.name, &v)?;
+                match disk.last_mut() {
+                    Some((o, partials)) if *o == order => partials.push((g, value)),
+                    _ => disk.push((order, SmallVec::from_elem((g, value), 1))),
+                }
+            }
+        }
+        let generation = self.backing.as_ref().map_or(0, |b| b.generation);
+        // merge the two ordered lists, taking the `limit` first keys
+        let mut out = Vec::with_capacity(limit.min(mem.len() + disk.len()));
+        let (mut mi, mut di) = (mem.into_iter().peekable(), disk.into_iter().peekable());
+        while out.len() < limit {
+            let (m, d) = match (mi.peek(), di.peek()) {
+                (None, None) => break,
+                (Some(_), None) => (mi.next(), None),
+                (None, Some(_)) => (None, di.next()),
+                (Some((a, _)), Some((b, _))) => match a.cmp(b) {
+                    std::cmp::Ordering::Less => (mi.next(), None),
+                    std::cmp::Ordering::Greater => (None, di.next()),
+                    std::cmp::Ordering::Equal => (mi.next(), di.next()),
+                },
+            };
+            let order = match (&m, &d) {
+                (Some((o, _)), _) | (None, Some((o, _))) => o.clone(),
+                (None, None) => unreachable!("one side was taken"),
+            };
+            let cell = m.map(|(_, c)| c);
+            let rows = d.map(|(_, rows)| rows).unwrap_or_default();
+            out.push((order, partials_of(rows, cell, generation)));
+        }
+        Ok(out)
+    }
+
+    /// The partial values of `key` in each namespace of `range` that holds any, in namespace
+    /// order.
+    pub fn get(
+        &mut self,
+        key: &[u8],
+        range: std::ops::Range<i64>,
+    ) -> Result<Vec<(i64, Partials<V>)>> {
+        let order = self.order(key);
+        let generation = self.backing.as_ref().map_or(0, |b| b.generation);
+        let mut out = Vec::new();
+        let namespaces: Vec<i64> = self
+            .namespaces()
+            .into_iter()
+            .filter(|ns| range.contains(ns))
+            .collect();
+        for ns in namespaces {
+            let cell = self.panes.get(&ns).and_then(|p| p.values.get(key));
+            let mut disk: Written<V> = SmallVec::new();
+            if let Some(b) = &self.backing
+                && b.on_disk.contains(&ns)
+            {
+                let mut rows: Vec<(u32, Vec<u8>)> = Vec::new();
+                b.backend
+                    .read_pane(b.table, ns, Some((&order, true)), 1, |o, g, v| {
+                        if o == order.as_slice() {
+                            rows.push((g, v.to_vec()));
+                        }
+                        Ok(())
+                    })?;
+                for (g, v) in rows {
+                    disk.push((g, decode(&self.name, &v)?));
+                }
+            }
+            let partials = partials_of(disk, cell, generation);
+            if !partials.is_empty() {
+                out.push((ns, partials));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops every namespace up to `last` (inclusive) from memory and RocksDB.
+    pub fn drop_through(&mut self, last: i64) -> Result<()> {
+        let keep = match last.checked_add(1) {
+            Some(next) => self.panes.split_off(&next),
+            None => BTreeMap::new(),
+        };
+        let gone = std::mem::replace(&mut self.panes, keep);
+        let freed: usize = gone.values().map(|p| p.values.allocation_size()).sum();
+        if freed > 0 {
+            self.charge(freed, 0);
+        }
+        if let Some(b) = self.backing.as_mut()
+            && b.on_disk.first().is_some_and(|first| *first <= last)
+        {
+            let first = *b.on_disk.first().expect("checked");
+            b.on_disk = match last.checked_add(1) {
+                Some(next) => b.on_disk.split_off(&next),
+                None => BTreeSet::new(),
+            };
+            let from = backend::pane_ns_prefix(b.table, first);
+            let to = match last.checked_add(1) {
+                Some(next) => backend::pane_ns_prefix(b.table, next),
+                None => backend::prefix_upper(&backend::pane_prefix(b.table)),
+            };
+            b.backend.delete_range(&from, &to)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of the panes in memory (an estimate: their hash tables).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Writes values straight into RocksDB under generation 0 (moving state of an older layout
+    /// into this table), as (namespace, key, value).
+    pub fn import(&mut self, rows: impl IntoIterator<Item = (i64, StateKey, V)>) -> Result<()> {
+        let b = self
+            .backing
+            .as_mut()
+            .ok_or_else(|| EngineError::State(format!("{}: import before attach", self.name)))?;
+        let mut sorted: Vec<(i64, StateKey, V)> = rows.into_iter().collect();
+        let mp = self.max_parallelism;
+        for r in sorted.iter_mut() {
+            r.1 = backend::timer_order(key_group(hash_key(&r.1), mp), &r.1);
+        }
+        sorted.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let mut batch = rocksdb::WriteBatch::default();
+        for (ns, order, value) in sorted {
+            let mut buf = vec![0u8];
+            buf = postcard::to_extend(&value, buf)
+                .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
+            batch.put(backend::pane_row(b.table, ns, &order, 0), &buf);
+            b.on_disk.insert(ns);
+        }
+        if b.generation == 0 {
+            b.generation = 1;
+        }
+        batch.put(
+            backend::generation_row(b.table),
+            (b.generation + 1).to_be_bytes(),
+        );
+        b.backend.write(batch)
+    }
+}
+
+/// A pane row's value: its encoding version (0), then the value.
+fn decode<V: DeserializeOwned>(name: &str, row: &[u8]) -> Result<V> {
+    let error = |e: String| EngineError::State(format!("{name}: {e}"));
+    match row.split_first() {
+        Some((0, body)) => {
+            postcard::from_bytes(body).map_err(|e| error(format!("decoding a value: {e}")))
+        }
+        Some((v, _)) => Err(error(format!(
+            "a value of encoding version {v} was written by a newer version than this one, which reads version 0"
+        ))),
+        None => Err(error("an empty pane row".into())),
+    }
+}
+
+/// A key's partials: its rows in RocksDB (in generation order) and its value in memory, which
+/// stands for its row of the current generation (a copy of it, or older).
+fn partials_of<V: Clone>(rows: Written<V>, cell: Option<&Cell<V>>, generation: u32) -> Partials<V> {
+    let mut out: Partials<V> = rows
+        .into_iter()
+        .filter(|(g, _)| cell.is_none() || *g != generation)
+        .map(|(_, v)| v)
+        .collect();
+    if let Some(c) = cell {
+        out.push(c.value.clone());
+    }
+    out
+}
+
+/// The row order of `key` in a job of `max_parallelism` key groups: its key group, its length
+/// and itself. Pane rows and timers are sorted by it.
+pub fn key_order(key: &[u8], max_parallelism: u32) -> StateKey {
+    backend::timer_order(key_group(hash_key(key), max_parallelism), key)
+}
+
+/// The key group of a key order (its first two bytes).
+pub fn key_group_of_order(order: &[u8]) -> u32 {
+    match order {
+        [a, b, ..] => u16::from_be_bytes([*a, *b]) as u32,
+        _ => 0,
+    }
+}
+
+/// The encoded key of a key order.
+pub fn key_of_order(order: &[u8]) -> &[u8] {
+    backend::key_of_order(order).unwrap_or_default()
+}
+
+impl<V> Drop for PaneTable<V> {
+    fn drop(&mut self) {
+        if let Some(b) = &self.backing {
+            b.backend.memory().remove_table(self.bytes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KeyGroupRange;
+    use crate::state::StateConfig;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    type Model = BTreeMap<(i64, Vec<u8>), u64>;
+
+    fn config(dir: &Path) -> StateConfig {
+        StateConfig {
+            local_dir: dir.to_path_buf(),
+            write_buffer_bytes: 1 << 20,
+            ..StateConfig::default()
+        }
+    }
+
+    fn open(dir: &Path, name: &str, range: KeyGroupRange) -> Arc<KeyedBackend> {
+        Arc::new(KeyedBackend::open(&dir.join(name), &config(dir), range, 128).unwrap())
+    }
+
+    fn key(i: u64) -> Vec<u8> {
+        format!("key-{i}").into_bytes()
+    }
+
+    /// Random updates of sums: memory, flushes (whose rows memory then overwrites) and spills
+    /// (after which keys start new partials) interleaved.
+    fn fill(
+        t: &mut PaneTable<u64>,
+        model: &mut Model,
+        seed: u64,
+        rounds: usize,
+        owned: impl Fn(&[u8]) -> bool,
+    ) {
+        let mut x = seed;
+        for round in 0..rounds {
+            for _ in 0..2000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let k = key(x % 700);
+                if !owned(&k) {
+                    continue;
+                }
+                let ns = ((x >> 20) % 4) as i64 * 1000 - 1000;
+                let add = (x >> 40) % 100;
+                t.update(&k, ns, || 0, |v| *v += add).unwrap();
+                *model.entry((ns, k)).or_default() += add;
+            }
+            match round % 3 {
+                0 => t.spill().unwrap(),
+                1 => t.flush().unwrap(),
+                _ => {}
+            }
+        }
+    }
+
+    /// What the table says each (namespace, key) sums to, reading every namespace a few keys at
+    /// a time, and checking the order of keys.
+    fn read_all(t: &mut PaneTable<u64>, chunk: usize) -> Model {
+        let mut out = Model::new();
+        for ns in t.namespaces() {
+            let mut after: Option<StateKey> = None;
+            loop {
+                let got = t.read(ns, after.as_deref(), chunk).unwrap();
+                assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "keys in row order");
+                if let (Some(a), Some(first)) = (&after, got.first()) {
+                    assert!(
+                        first.0 > *a,
+                        "a chunk starts after the last key of the one before"
+                    );
+                }
+                for (order, partials) in &got {
+                    let k = key_of_order(order).to_vec();
+                    let prev = out.insert((ns, k), partials.iter().sum());
+                    assert!(prev.is_none(), "a key read twice");
+                }
+                if got.len() < chunk {
+                    break;
+                }
+                after = got.last().map(|(o, _)| o.clone());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn panes_merge_memory_flushed_and_spilled_partials() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = open(dir.path(), "db", KeyGroupRange::for_subtask(128, 1, 0));
+        let mut t: PaneTable<u64> = PaneTable::new("w");
+        t.attach(&backend).unwrap();
+        let mut model = Model::new();
+        fill(&mut t, &mut model, 7, 8, |_| true);
+        assert_eq!(read_all(&mut t, 37), model);
+        assert_eq!(read_all(&mut t, 100_000), model);
+        // one key's values in a range of namespaces, through memory and RocksDB
+        for i in [0, 5, 699] {
+            let k = key(i);
+            let got: Vec<(i64, u64)> = t
+                .get(&k, -1000..2000)
+                .unwrap()
+                .into_iter()
+                .map(|(ns, p)| (ns, p.iter().sum()))
+                .collect();
+            let want: Vec<(i64, u64)> = model
+                .iter()
+                .filter(|((ns, kk), _)| *kk == k && (-1000..2000).contains(ns))
+                .map(|((ns, _), v)| (*ns, *v))
+                .collect();
+            assert_eq!(got, want, "key {i}");
+        }
+        // dropping namespaces removes them from memory and RocksDB
+        t.drop_through(0).unwrap();
+        model.retain(|(ns, _), _| *ns > 0);
+        assert_eq!(t.namespaces(), vec![1000, 2000]);
+        assert_eq!(read_all(&mut t, 50), model);
+        t.flush().unwrap();
+        let snap = dir.path().join("snap");
+        backend.checkpoint(&snap).unwrap();
+        let restored = Arc::new(
+            KeyedBackend::restore(
+                &dir.path().join("db2"),
+                &config(dir.path()),
+                KeyGroupRange::for_subtask(128, 1, 0),
+                128,
+                vec![(snap, KeyGroupRange::for_subtask(128, 1, 0))],
+            )
+            .unwrap(),
+        );
+        let mut r: PaneTable<u64> = PaneTable::new("w");
+        r.attach(&restored).unwrap();
+        assert_eq!(r.namespaces(), vec![1000, 2000]);
+        assert_eq!(read_all(&mut r, 64), model);
+    }
+
+    /// Two subtasks' panes restored by three: each key exactly once, in the subtask that owns
+    /// its key group, and later writes never overwrite a restored partial.
+    #[test]
+    fn panes_restore_at_another_parallelism() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = Model::new();
+        let mut parts = Vec::new();
+        for sub in 0..2u32 {
+            let range = KeyGroupRange::for_subtask(128, 2, sub);
+            let backend = open(dir.path(), &format!("db{sub}"), range);
+            let mut t: PaneTable<u64> = PaneTable::new("w");
+            t.attach(&backend).unwrap();
+            let owned = |k: &[u8]| range.contains(key_group(hash_key(k), 128));
+            fill(&mut t, &mut model, 11 + sub as u64, 5 + sub as usize, owned);
+            t.flush().unwrap();
+            let snap = dir.path().join(format!("snap{sub}"));
+            backend.checkpoint(&snap).unwrap();
+            parts.push((snap, range));
+        }
+        let mut seen = Model::new();
+        for sub in 0..3u32 {
+            let range = KeyGroupRange::for_subtask(128, 3, sub);
+            let copies: Vec<_> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, (p, r))| {
+                    let c = dir.path().join(format!("copy{sub}-{i}"));
+                    std::fs::create_dir_all(&c).unwrap();
+                    for f in std::fs::read_dir(p).unwrap() {
+                        let f = f.unwrap();
+                        std::fs::copy(f.path(), c.join(f.file_name())).unwrap();
+                    }
+                    (c, *r)
+                })
+                .collect();
+            let backend = Arc::new(
+                KeyedBackend::restore(
+                    &dir.path().join(format!("new{sub}")),
+                    &config(dir.path()),
+                    range,
+                    128,
+                    copies,
+                )
+                .unwrap(),
+            );
+            let mut t: PaneTable<u64> = PaneTable::new("w");
+            t.attach(&backend).unwrap();
+            // more partials on top of the restored ones, written and spilled
+            let owned = |k: &[u8]| range.contains(key_group(hash_key(k), 128));
+            fill(&mut t, &mut model, 101 + sub as u64, 3, owned);
+            for (k, v) in read_all(&mut t, 29) {
+                assert!(owned(&k.1), "subtask {sub} read a key it does not own");
+                assert!(seen.insert(k, v).is_none(), "a key restored twice");
+            }
+        }
+        assert_eq!(seen, model);
+    }
+}
