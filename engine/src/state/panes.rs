@@ -40,6 +40,9 @@ pub type Partials<V> = SmallVec<[V; 1]>;
 /// A key's rows in one namespace of RocksDB: (generation, value), in generation order.
 type Written<V> = SmallVec<[(u32, V); 1]>;
 
+/// Bytes of rows written to RocksDB in one batch.
+const WRITE_BATCH_BYTES: usize = 1 << 20;
+
 /// Values per (namespace, key), held a namespace at a time. See the module documentation.
 #[derive(Debug)]
 pub struct PaneTable<V> {
@@ -148,13 +151,22 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
     ) -> Result<R> {
         let mut grew = false;
         if !self.panes.contains_key(&ns) {
-            // a new slice holds about as many keys as the one before: sized once, not grown
-            let like = self
+            // a new slice holds about as many keys as the one before: sized once, not grown,
+            // unless that size alone would pass the memory share
+            let mut like = self
                 .panes
                 .values()
                 .map(|p| p.values.len())
                 .max()
                 .unwrap_or(0);
+            let estimate = like.saturating_mul(size_of::<(StateKey, Cell<V>)>() + 1) / 7 * 8;
+            if let Some(b) = &self.backing
+                && b.backend
+                    .memory()
+                    .must_evict(self.bytes.saturating_add(estimate))
+            {
+                like = 0;
+            }
             let pane = Pane::with_capacity(like);
             let size = pane.values.allocation_size();
             self.panes.insert(ns, pane);
@@ -216,7 +228,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
         let mut batch = rocksdb::WriteBatch::default();
         batch.put(
             backend::generation_row(b.table),
-            (b.generation + 1).to_be_bytes(),
+            b.generation.saturating_add(1).to_be_bytes(),
         );
         b.backend.write(batch)
     }
@@ -227,7 +239,14 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
         let Some(b) = self.backing.as_mut() else {
             return Ok(());
         };
+        // the next unused generation goes first, with the rows (a spill's are written in
+        // batches of about a megabyte)
         let mut batch = rocksdb::WriteBatch::default();
+        batch.put(
+            backend::generation_row(b.table),
+            b.generation.saturating_add(1).to_be_bytes(),
+        );
+        let mut rows = 0usize;
         let mut buf = Vec::new();
         let mp = self.max_parallelism;
         for (&ns, pane) in self.panes.iter_mut() {
@@ -249,16 +268,16 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
                     .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
                 batch.put(backend::pane_row(b.table, ns, &order, b.generation), &buf);
                 cell.dirty = false;
+                rows += 1;
+                if batch.size_in_bytes() >= WRITE_BATCH_BYTES {
+                    b.backend.write(std::mem::take(&mut batch))?;
+                }
             }
             b.on_disk.insert(ns);
         }
-        if batch.is_empty() {
+        if rows == 0 {
             return Ok(());
         }
-        batch.put(
-            backend::generation_row(b.table),
-            (b.generation + 1).to_be_bytes(),
-        );
         b.backend.write(batch)
     }
 
@@ -287,8 +306,8 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
     }
 
     /// The keys with values in namespace `ns`, in row order, from the first after the key whose
-    /// order is `after` (see [`PaneTable::order_of`]), at most `limit` of them: each with its
-    /// order, the key and its partial values.
+    /// order is `after` (see [`key_order`]), at most `limit` of them: each with its order and
+    /// its partial values.
     pub fn read(
         &mut self,
         ns: i64,
@@ -436,8 +455,9 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
         self.bytes
     }
 
-    /// Writes values straight into RocksDB under generation 0 (moving state of an older layout
-    /// into this table), as (namespace, key, value).
+    /// Writes values straight into RocksDB (moving state of an older layout into this table
+    /// when it opens, before any update), as (namespace, key, value): under a generation of
+    /// their own, so they are partials like any other.
     pub fn import(&mut self, rows: impl IntoIterator<Item = (i64, StateKey, V)>) -> Result<()> {
         let b = self
             .backing
@@ -449,21 +469,23 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
             r.1 = backend::timer_order(key_group(hash_key(&r.1), mp), &r.1);
         }
         sorted.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let generation = b.generation;
+        b.generation = generation.saturating_add(1);
         let mut batch = rocksdb::WriteBatch::default();
+        batch.put(
+            backend::generation_row(b.table),
+            b.generation.saturating_add(1).to_be_bytes(),
+        );
         for (ns, order, value) in sorted {
             let mut buf = vec![0u8];
             buf = postcard::to_extend(&value, buf)
                 .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
-            batch.put(backend::pane_row(b.table, ns, &order, 0), &buf);
+            batch.put(backend::pane_row(b.table, ns, &order, generation), &buf);
             b.on_disk.insert(ns);
+            if batch.size_in_bytes() >= WRITE_BATCH_BYTES {
+                b.backend.write(std::mem::take(&mut batch))?;
+            }
         }
-        if b.generation == 0 {
-            b.generation = 1;
-        }
-        batch.put(
-            backend::generation_row(b.table),
-            (b.generation + 1).to_be_bytes(),
-        );
         b.backend.write(batch)
     }
 }
