@@ -413,7 +413,7 @@ fn a_snapshot_taken_while_a_window_fires_restores_without_repeats_or_gaps() {
         let input: Vec<(&str, &str, i64)> = keys.iter().map(|k| (k.as_str(), "x", t)).collect();
         h.push(0, rows(&s, &input));
     }
-    // window 5 fires whole, window 10 its first FIRE_BATCH keys only
+    // two calls: window 5 whole (4 096 rows, then 500), then window 10 for its first 3 596 keys
     let ctx = OperatorContext {
         subtask: &h.info,
         record_watermark: Watermark(10 * MIN),
