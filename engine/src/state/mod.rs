@@ -1329,7 +1329,7 @@ impl<V> Drop for KeyedTable<V> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -1408,6 +1408,28 @@ mod tests {
 
     fn key(i: u32) -> Vec<u8> {
         format!("key-{i}").into_bytes()
+    }
+
+    /// Copies of snapshot directories (a restore consumes the parts it is given), named
+    /// `<name>-<i>` in `dir`.
+    pub(crate) fn copy_parts(
+        parts: &[(std::path::PathBuf, crate::KeyGroupRange)],
+        dir: &std::path::Path,
+        name: &str,
+    ) -> Vec<(std::path::PathBuf, crate::KeyGroupRange)> {
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, (p, r))| {
+                let c = dir.join(format!("{name}-{i}"));
+                std::fs::create_dir_all(&c).unwrap();
+                for f in std::fs::read_dir(p).unwrap() {
+                    let f = f.unwrap();
+                    std::fs::copy(f.path(), c.join(f.file_name())).unwrap();
+                }
+                (c, *r)
+            })
+            .collect()
     }
 
     /// A row as layouts 0 and 1 wrote it: deadline, touched, then every namespace of the key.
@@ -2245,19 +2267,7 @@ mod tests {
         let mut timers_seen = 0;
         for sub in 0..3 {
             let range = crate::KeyGroupRange::for_subtask(128, 3, sub);
-            let copies: Vec<_> = parts
-                .iter()
-                .enumerate()
-                .map(|(i, (p, r))| {
-                    let c = dir.path().join(format!("copy{sub}-{i}"));
-                    std::fs::create_dir_all(&c).unwrap();
-                    for f in std::fs::read_dir(p).unwrap() {
-                        let f = f.unwrap();
-                        std::fs::copy(f.path(), c.join(f.file_name())).unwrap();
-                    }
-                    (c, *r)
-                })
-                .collect();
+            let copies = copy_parts(&parts, dir.path(), &format!("copy{sub}"));
             let best = copies
                 .iter()
                 .max_by_key(|(_, r)| {

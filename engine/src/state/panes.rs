@@ -704,19 +704,7 @@ mod tests {
         let mut seen = Model::new();
         for sub in 0..3u32 {
             let range = KeyGroupRange::for_subtask(128, 3, sub);
-            let copies: Vec<_> = parts
-                .iter()
-                .enumerate()
-                .map(|(i, (p, r))| {
-                    let c = dir.path().join(format!("copy{sub}-{i}"));
-                    std::fs::create_dir_all(&c).unwrap();
-                    for f in std::fs::read_dir(p).unwrap() {
-                        let f = f.unwrap();
-                        std::fs::copy(f.path(), c.join(f.file_name())).unwrap();
-                    }
-                    (c, *r)
-                })
-                .collect();
+            let copies = crate::state::tests::copy_parts(&parts, dir.path(), &format!("copy{sub}"));
             let backend = Arc::new(
                 KeyedBackend::restore(
                     &dir.path().join(format!("new{sub}")),
