@@ -364,6 +364,11 @@ fn state_config(dir: &std::path::Path) -> freshet_engine::state::StateConfig {
     }
 }
 
+/// An empty keyed-state instance in `dir/name` for key groups `range` of 128.
+fn empty_backend(dir: &std::path::Path, name: &str, range: KeyGroupRange) -> Arc<KeyedBackend> {
+    Arc::new(KeyedBackend::open(&dir.join(name), &state_config(dir), range, 128).unwrap())
+}
+
 /// Snapshots `backend` into `dir/name` and restores it for `range`.
 fn snapshot_and_restore(
     backend: &Arc<KeyedBackend>,
@@ -398,9 +403,7 @@ fn snapshot_and_restore(
 fn a_snapshot_taken_while_a_window_fires_restores_without_repeats_or_gaps() {
     let dir = tempfile::tempdir().unwrap();
     let all = KeyGroupRange::for_subtask(128, 1, 0);
-    let backend = Arc::new(
-        KeyedBackend::open(&dir.path().join("db"), &state_config(dir.path()), all, 128).unwrap(),
-    );
+    let backend = empty_backend(dir.path(), "db", all);
     let kind = WindowKind::Sliced {
         size: 10 * MIN,
         slide: 5 * MIN,
@@ -473,9 +476,7 @@ fn a_snapshot_taken_while_a_window_fires_restores_without_repeats_or_gaps() {
 fn state_of_the_keyed_layout_is_moved_into_panes() {
     let dir = tempfile::tempdir().unwrap();
     let all = KeyGroupRange::for_subtask(128, 1, 0);
-    let old = Arc::new(
-        KeyedBackend::open(&dir.path().join("old"), &state_config(dir.path()), all, 128).unwrap(),
-    );
+    let old = empty_backend(dir.path(), "old", all);
     let count = |n: i64| -> SliceParts {
         let mut accs = Accs::new();
         accs.push(aggregate::Acc::Count(n));
