@@ -22,7 +22,9 @@ use super::{
 };
 use crate::operator::SubtaskInfo;
 use crate::state::backend::PendingSnapshot;
-use crate::state::{KeyedBackend, KeyedTable, PaneTable, StateConfig, StateValue, Timers};
+use crate::state::{
+    KeyedBackend, KeyedTable, PaneColumns, PaneTable, StateConfig, StateValue, Timers,
+};
 use crate::{EngineError, KeyGroupRange, Result};
 
 /// Where a subtask's snapshots go and how it talks to the checkpoint coordinator.
@@ -68,10 +70,7 @@ impl<'a> SnapshotContext<'a> {
     }
 
     /// Writes a pane table's changed values into the backend, so the snapshot includes them.
-    pub fn flush_panes<V>(&mut self, table: &mut PaneTable<V>) -> Result<()>
-    where
-        V: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + 'static,
-    {
+    pub fn flush_panes<C: PaneColumns>(&mut self, table: &mut PaneTable<C>) -> Result<()> {
         table.flush()
     }
 

@@ -72,7 +72,7 @@ pub mod timers;
 
 pub use backend::{KeyedBackend, StateConfig};
 pub use memory::StateMemory;
-pub use panes::PaneTable;
+pub use panes::{PaneColumns, PaneTable};
 pub use timers::Timers;
 
 /// What a table can hold: anything serde can write and read back.

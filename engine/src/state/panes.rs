@@ -1,14 +1,19 @@
 //! Pane state: values per (namespace, key) that are read, fired and dropped a namespace at a
 //! time — the slices of tumbling and sliding windows.
 //!
-//! A [`PaneTable<V>`] keeps one hash table per namespace (a *pane*) in memory, so a record
-//! updates its key's value with one probe into a table as large as one pane, and nothing per
-//! key outlives its pane: no timer, no TTL. A pane is read whole, in the order of its keys'
-//! rows (key group, then key), when the windows over it fire, and dropped with one range
-//! delete when the last of them is done.
+//! A [`PaneTable`] keeps one *pane* per namespace in memory: a compact hash index from key to
+//! row number (4 bytes a slot), the keys in one buffer, and the values in columns the owner
+//! defines ([`PaneColumns`]: a count is an `i64` in an array, not an object per key). An
+//! update locates the rows of a batch's keys and hands the owner the columns and the row
+//! numbers at once, so aggregates run as loops over arrays, and the memory a record touches is
+//! a few bytes per key rather than an entry per key. Nothing per key outlives its pane: no
+//! timer, no TTL. A pane is read whole, in the order of its keys' rows (key group, then key),
+//! when the windows over it fire, and dropped with one range delete when the last of them is
+//! done.
 //!
-//! **RocksDB.** Once attached, a table writes the values changed since the last write at every
-//! checkpoint ([`PaneTable::flush`]), as rows
+//! **RocksDB.** Once attached, a table writes the rows changed since the last write at every
+//! checkpoint ([`PaneTable::flush`]), each as the value its columns give for that row
+//! ([`PaneColumns::value`]), under
 //! `[ff ff 03][table][namespace][key group][key length][key][generation]` outside the key
 //! groups (like timers: a namespace's rows are one range across key groups, and a restore
 //! keeps the rows of its own key groups, see [`super::backend`]). Values are never read back
@@ -19,11 +24,12 @@
 //! generation). So a write never needs a read, and readers merge ([`PaneTable::read`] returns
 //! every partial). The next unused generation is recorded in the instance and survives
 //! restores and rescales, so restored partials are never overwritten.
-use hashbrown::HashMap;
+use hashbrown::HashTable;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use smallvec::SmallVec;
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use super::StateKey;
@@ -31,7 +37,7 @@ use super::backend::{self, KeyedBackend};
 use crate::keys::{hash_key, key_group};
 use crate::{EngineError, Result};
 
-/// The hasher of pane tables: fixed, so runs over the same input behave alike.
+/// The hasher of pane indexes: fixed, so runs over the same input behave alike.
 type Fixed = foldhash::fast::FixedState;
 
 /// The partial values of one key in one namespace, oldest first.
@@ -43,16 +49,36 @@ type Written<V> = SmallVec<[(u32, V); 1]>;
 /// Bytes of rows written to RocksDB in one batch.
 const WRITE_BATCH_BYTES: usize = 1 << 20;
 
+/// The values of one pane, as columns indexed by row number (a key's row is fixed while the
+/// pane is in memory). The owner updates them through [`PaneTable::update`]; the table asks
+/// for a row's value when it writes or reads it.
+pub trait PaneColumns: Clone + Send + 'static {
+    /// One row's value as written to RocksDB and returned by reads.
+    type Value: Serialize + DeserializeOwned + Clone + Send + 'static;
+    /// Makes rows `0..rows` exist, new ones empty (rows only grow while a pane lives).
+    fn resize(&mut self, rows: usize);
+    /// Room for `rows` rows in all, without reallocating.
+    fn reserve(&mut self, rows: usize);
+    /// The value of row `row` of the pane of namespace `ns`.
+    fn value(&self, ns: i64, row: u32) -> Self::Value;
+    /// Bytes the columns hold on the heap.
+    fn bytes(&self) -> usize;
+}
+
 /// Values per (namespace, key), held a namespace at a time. See the module documentation.
 #[derive(Debug)]
-pub struct PaneTable<V> {
+pub struct PaneTable<C: PaneColumns> {
     name: String,
-    panes: BTreeMap<i64, Pane<V>>,
+    /// The columns of a new pane.
+    empty: C,
+    panes: BTreeMap<i64, Pane<C>>,
     /// The job's number of key groups (detached: one).
     max_parallelism: u32,
     /// Estimated bytes of the panes in memory.
     bytes: usize,
     backing: Option<Backing>,
+    /// Row numbers of the keys of one update, reused.
+    rows: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -65,38 +91,188 @@ struct Backing {
     generation: u32,
 }
 
-#[derive(Debug)]
-struct Pane<V> {
-    values: HashMap<StateKey, Cell<V>, Fixed>,
-    /// The pane's keys' row orders, sorted; kept between reads until a key is added.
-    sorted: Option<Vec<StateKey>>,
+/// Keys up to this long are kept in their index slot, so finding one touches only the slot.
+const INLINE: usize = 11;
+
+/// An index slot: a row and, if short, its key (zero-padded), else [`LONG`].
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    row: u32,
+    len: u8,
+    key: [u8; INLINE],
 }
 
-#[derive(Debug)]
-struct Cell<V> {
-    value: V,
-    /// Changed since it was last written.
-    dirty: bool,
-}
+/// The `len` of a slot whose key is longer than [`INLINE`].
+const LONG: u8 = u8::MAX;
 
-impl<V> Pane<V> {
-    fn with_capacity(n: usize) -> Self {
-        Pane {
-            values: HashMap::with_capacity_and_hasher(n, Fixed::default()),
-            sorted: None,
+impl Slot {
+    /// The slot `key` would have in `row`.
+    fn of(key: &[u8], row: u32) -> Slot {
+        let mut slot = Slot {
+            row,
+            len: LONG,
+            key: [0; INLINE],
+        };
+        if key.len() <= INLINE {
+            slot.len = key.len() as u8;
+            slot.key[..key.len()].copy_from_slice(key);
         }
+        slot
     }
 }
 
-impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
-    /// A table called `name` (unique within its operator), in memory until attached.
-    pub fn new(name: impl Into<String>) -> Self {
+/// One namespace in memory: the keys' rows and the values' columns.
+#[derive(Debug)]
+struct Pane<C> {
+    /// Rows, found by the key's hash; short keys inline.
+    index: HashTable<Slot>,
+    /// Per row: its key's hash, and the end of its key in `keys`.
+    hashes: Vec<u64>,
+    ends: Vec<u32>,
+    keys: Vec<u8>,
+    /// One bit per row: changed since last written.
+    dirty: Vec<u64>,
+    columns: C,
+    /// The pane's keys' row orders with their rows, sorted; kept until a key is added.
+    sorted: Option<Vec<(StateKey, u32)>>,
+}
+
+impl<C: PaneColumns> Pane<C> {
+    fn new(mut columns: C, rows: usize) -> Self {
+        columns.reserve(rows);
+        Pane {
+            index: HashTable::with_capacity(rows),
+            hashes: Vec::with_capacity(rows),
+            ends: Vec::with_capacity(rows),
+            keys: Vec::with_capacity(rows * 8),
+            dirty: Vec::with_capacity(rows.div_ceil(64)),
+            columns,
+            sorted: None,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn key(&self, row: u32) -> &[u8] {
+        key_at(&self.keys, &self.ends, row)
+    }
+
+    /// The row of `key`, if the pane has one.
+    fn find(&self, key: &[u8]) -> Option<u32> {
+        let hash = Fixed::default().hash_one(key);
+        let probe = Slot::of(key, 0);
+        self.index
+            .find(hash, |s| self.matches(s, &probe, key, hash))
+            .map(|s| s.row)
+    }
+
+    /// Whether slot `s` holds `key` (whose own slot is `probe`).
+    #[inline]
+    fn matches(&self, s: &Slot, probe: &Slot, key: &[u8], hash: u64) -> bool {
+        slot_matches(s, probe, key, hash, &self.hashes, &self.keys, &self.ends)
+    }
+
+    /// The row of `key`, added if new.
+    fn locate(&mut self, key: &[u8]) -> Result<u32> {
+        let hash = Fixed::default().hash_one(key);
+        let probe = Slot::of(key, 0);
+        let (hashes, keys, ends) = (&self.hashes, &self.keys, &self.ends);
+        let entry = self.index.entry(
+            hash,
+            |s| slot_matches(s, &probe, key, hash, hashes, keys, ends),
+            |s| hashes[s.row as usize],
+        );
+        match entry {
+            hashbrown::hash_table::Entry::Occupied(e) => Ok(e.get().row),
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                let row = self.ends.len() as u32;
+                let end = u32::try_from(self.keys.len() + key.len()).map_err(|_| {
+                    EngineError::State("a pane's keys passed 4 GiB in memory".into())
+                })?;
+                v.insert(Slot { row, ..probe });
+                self.keys.extend_from_slice(key);
+                self.ends.push(end);
+                self.hashes.push(hash);
+                if self.dirty.len() * 64 < self.ends.len() {
+                    self.dirty.push(0);
+                }
+                self.sorted = None;
+                Ok(row)
+            }
+        }
+    }
+
+    fn mark(&mut self, row: u32) {
+        self.dirty[row as usize / 64] |= 1 << (row % 64);
+    }
+
+    /// Rows changed since last written.
+    fn dirty_rows(&self) -> impl Iterator<Item = u32> + '_ {
+        self.dirty.iter().enumerate().flat_map(|(w, bits)| {
+            let mut bits = *bits;
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let b = bits.trailing_zeros();
+                    bits &= bits - 1;
+                    w as u32 * 64 + b
+                })
+            })
+        })
+    }
+
+    /// Bytes held on the heap.
+    fn bytes(&self) -> usize {
+        self.index.allocation_size()
+            + self.hashes.capacity() * 8
+            + self.ends.capacity() * 4
+            + self.keys.capacity()
+            + self.dirty.capacity() * 8
+            + self.columns.bytes()
+            + self
+                .sorted
+                .as_ref()
+                .map_or(0, |s| s.capacity() * size_of::<(StateKey, u32)>())
+    }
+}
+
+/// Whether slot `s` holds `key`, whose own slot is `probe`: short keys compare inline, long
+/// ones by hash, then bytes.
+#[inline]
+fn slot_matches(
+    s: &Slot,
+    probe: &Slot,
+    key: &[u8],
+    hash: u64,
+    hashes: &[u64],
+    keys: &[u8],
+    ends: &[u32],
+) -> bool {
+    if probe.len != LONG {
+        return s.len == probe.len && s.key == probe.key;
+    }
+    s.len == LONG && hashes[s.row as usize] == hash && key_at(keys, ends, s.row) == key
+}
+
+fn key_at<'k>(keys: &'k [u8], ends: &[u32], row: u32) -> &'k [u8] {
+    let row = row as usize;
+    let start = if row == 0 { 0 } else { ends[row - 1] as usize };
+    &keys[start..ends[row] as usize]
+}
+
+impl<C: PaneColumns> PaneTable<C> {
+    /// A table called `name` (unique within its operator) whose panes start as `empty`, in
+    /// memory until attached.
+    pub fn new(name: impl Into<String>, empty: C) -> Self {
         PaneTable {
             name: name.into(),
+            empty,
             panes: BTreeMap::new(),
             max_parallelism: 1,
             bytes: 0,
             backing: None,
+            rows: Vec::new(),
         }
     }
 
@@ -120,10 +296,11 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
         self.max_parallelism = backend.max_parallelism();
         for pane in self.panes.values_mut() {
             pane.sorted = None;
-            for cell in pane.values.values_mut() {
-                cell.dirty = true;
+            for row in 0..pane.len() as u32 {
+                pane.mark(row);
             }
         }
+        self.bytes = self.panes.values().map(Pane::bytes).sum();
         backend.memory().add_table();
         backend.memory().charge(0, self.bytes);
         self.backing = Some(Backing {
@@ -140,26 +317,21 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
         key_order(key, self.max_parallelism)
     }
 
-    /// Applies `f` to the value of `key` in namespace `ns`, creating it with `init` if memory
-    /// has none (a new partial, if RocksDB holds older ones).
-    pub fn update<R>(
+    /// Updates the values of `keys` in namespace `ns`: finds each key's row (adding the keys
+    /// memory has no row for: a new partial, if RocksDB holds older ones), then calls `f` once
+    /// with the pane's columns and the rows, in the order of `keys` (a key given twice gets its
+    /// row twice).
+    pub fn update<'k>(
         &mut self,
-        key: &[u8],
         ns: i64,
-        init: impl FnOnce() -> V,
-        f: impl FnOnce(&mut V) -> R,
-    ) -> Result<R> {
-        let mut grew = false;
+        keys: impl IntoIterator<Item = &'k [u8]>,
+        f: impl FnOnce(&mut C, &[u32]),
+    ) -> Result<()> {
         if !self.panes.contains_key(&ns) {
             // a new slice holds about as many keys as the one before: sized once, not grown,
             // unless that size alone would pass the memory share
-            let mut like = self
-                .panes
-                .values()
-                .map(|p| p.values.len())
-                .max()
-                .unwrap_or(0);
-            let estimate = like.saturating_mul(size_of::<(StateKey, Cell<V>)>() + 1) / 7 * 8;
+            let mut like = self.panes.values().map(Pane::len).max().unwrap_or(0);
+            let estimate = self.panes.values().map(Pane::bytes).max().unwrap_or(0);
             if let Some(b) = &self.backing
                 && b.backend
                     .memory()
@@ -167,31 +339,40 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
             {
                 like = 0;
             }
-            let pane = Pane::with_capacity(like);
-            let size = pane.values.allocation_size();
+            let pane = Pane::new(self.empty.clone(), like);
+            let size = pane.bytes();
             self.panes.insert(ns, pane);
             self.charge(0, size);
-            grew = size > 0;
         }
         let pane = self.panes.get_mut(&ns).expect("inserted above");
-        if let Some(cell) = pane.values.get_mut(key) {
-            cell.dirty = true;
-            return Ok(f(&mut cell.value));
+        let before = pane.bytes();
+        let mut rows = std::mem::take(&mut self.rows);
+        rows.clear();
+        // a run of the same key is located once
+        let mut last: Option<(&[u8], u32)> = None;
+        for key in keys {
+            let row = match last {
+                Some((k, row)) if k == key => row,
+                _ => {
+                    let row = pane.locate(key)?;
+                    pane.mark(row);
+                    row
+                }
+            };
+            last = Some((key, row));
+            rows.push(row);
         }
-        let before = pane.values.allocation_size();
-        let mut value = init();
-        let r = f(&mut value);
-        pane.values.insert(key.into(), Cell { value, dirty: true });
-        pane.sorted = None;
-        let after = pane.values.allocation_size();
+        pane.columns.resize(pane.len());
+        f(&mut pane.columns, &rows);
+        self.rows = rows;
+        let after = pane.bytes();
         if after != before {
             self.charge(before, after);
-            grew = true;
         }
-        if grew {
+        if after > before {
             self.spill_if_full()?;
         }
-        Ok(r)
+        Ok(())
     }
 
     fn charge(&mut self, old: usize, new: usize) {
@@ -250,29 +431,27 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
         let mut buf = Vec::new();
         let mp = self.max_parallelism;
         for (&ns, pane) in self.panes.iter_mut() {
-            let mut dirty: Vec<(StateKey, &mut Cell<V>)> = pane
-                .values
-                .iter_mut()
-                .filter(|(_, c)| c.dirty)
-                .map(|(k, c)| (backend::timer_order(key_group(hash_key(k), mp), k), c))
+            let mut dirty: Vec<(StateKey, u32)> = pane
+                .dirty_rows()
+                .map(|r| (key_order(pane.key(r), mp), r))
                 .collect();
             if dirty.is_empty() {
                 continue;
             }
             // in row order: RocksDB's memtable inserts ascending keys cheaply
             dirty.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            for (order, cell) in dirty {
+            for (order, row) in dirty {
                 buf.clear();
                 buf.push(0u8);
-                buf = postcard::to_extend(&cell.value, std::mem::take(&mut buf))
+                buf = postcard::to_extend(&pane.columns.value(ns, row), std::mem::take(&mut buf))
                     .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
                 batch.put(backend::pane_row(b.table, ns, &order, b.generation), &buf);
-                cell.dirty = false;
                 rows += 1;
                 if batch.size_in_bytes() >= WRITE_BATCH_BYTES {
                     b.backend.write(std::mem::take(&mut batch))?;
                 }
             }
+            pane.dirty.iter_mut().for_each(|w| *w = 0);
             b.on_disk.insert(ns);
         }
         if rows == 0 {
@@ -313,29 +492,26 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
         ns: i64,
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(StateKey, Partials<V>)>> {
+    ) -> Result<Vec<(StateKey, Partials<C::Value>)>> {
         // memory: the pane's keys in row order, sorted once per change of its key set
         let mp = self.max_parallelism;
-        let mut mem: Vec<(StateKey, &Cell<V>)> = Vec::new();
+        let mut mem: Vec<(StateKey, C::Value)> = Vec::new();
         if let Some(pane) = self.panes.get_mut(&ns) {
-            let sorted = pane.sorted.get_or_insert_with(|| {
-                let mut v: Vec<StateKey> = pane
-                    .values
-                    .keys()
-                    .map(|k| backend::timer_order(key_group(hash_key(k), mp), k))
+            if pane.sorted.is_none() {
+                let mut v: Vec<(StateKey, u32)> = (0..pane.len() as u32)
+                    .map(|r| (key_order(pane.key(r), mp), r))
                     .collect();
                 v.sort_unstable();
-                v
-            });
-            let from = after.map_or(0, |a| sorted.partition_point(|o| o.as_slice() <= a));
-            for order in sorted[from..].iter().take(limit) {
-                let key = backend::key_of_order(order).expect("made by timer_order");
-                let cell = pane.values.get(key).expect("sorted lists the pane's keys");
-                mem.push((order.clone(), cell));
+                pane.sorted = Some(v);
+            }
+            let sorted = pane.sorted.as_deref().expect("sorted above");
+            let from = after.map_or(0, |a| sorted.partition_point(|(o, _)| o.as_slice() <= a));
+            for (order, row) in sorted[from..].iter().take(limit) {
+                mem.push((order.clone(), pane.columns.value(ns, *row)));
             }
         }
         // RocksDB: each key's rows, in generation order
-        let mut disk: Vec<(StateKey, Written<V>)> = Vec::new();
+        let mut disk: Vec<(StateKey, Written<C::Value>)> = Vec::new();
         if let Some(b) = &self.backing
             && b.on_disk.contains(&ns)
         {
@@ -369,13 +545,12 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
                     std::cmp::Ordering::Equal => (mi.next(), di.next()),
                 },
             };
-            let order = match (&m, &d) {
-                (Some((o, _)), _) | (None, Some((o, _))) => o.clone(),
-                (None, None) => unreachable!("one side was taken"),
+            let (order, value) = match m {
+                Some((o, v)) => (o, Some(v)),
+                None => (d.as_ref().expect("one side was taken").0.clone(), None),
             };
-            let cell = m.map(|(_, c)| c);
             let rows = d.map(|(_, rows)| rows).unwrap_or_default();
-            out.push((order, partials_of(rows, cell, generation)));
+            out.push((order, partials_of(rows, value, generation)));
         }
         Ok(out)
     }
@@ -386,7 +561,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
         &mut self,
         key: &[u8],
         range: std::ops::Range<i64>,
-    ) -> Result<Vec<(i64, Partials<V>)>> {
+    ) -> Result<Vec<(i64, Partials<C::Value>)>> {
         let order = self.order(key);
         let generation = self.backing.as_ref().map_or(0, |b| b.generation);
         let mut out = Vec::new();
@@ -396,8 +571,11 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
             .filter(|ns| range.contains(ns))
             .collect();
         for ns in namespaces {
-            let cell = self.panes.get(&ns).and_then(|p| p.values.get(key));
-            let mut disk: Written<V> = SmallVec::new();
+            let value = self
+                .panes
+                .get(&ns)
+                .and_then(|p| p.find(key).map(|r| p.columns.value(ns, r)));
+            let mut disk: Written<C::Value> = SmallVec::new();
             if let Some(b) = &self.backing
                 && b.on_disk.contains(&ns)
             {
@@ -413,7 +591,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
                     disk.push((g, decode(&self.name, &v)?));
                 }
             }
-            let partials = partials_of(disk, cell, generation);
+            let partials = partials_of(disk, value, generation);
             if !partials.is_empty() {
                 out.push((ns, partials));
             }
@@ -428,7 +606,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
             None => BTreeMap::new(),
         };
         let gone = std::mem::replace(&mut self.panes, keep);
-        let freed: usize = gone.values().map(|p| p.values.allocation_size()).sum();
+        let freed: usize = gone.values().map(Pane::bytes).sum();
         if freed > 0 {
             self.charge(freed, 0);
         }
@@ -450,7 +628,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
         Ok(())
     }
 
-    /// Bytes of the panes in memory (an estimate: their hash tables).
+    /// Bytes of the panes in memory (an estimate: their indexes, keys and columns).
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -458,12 +636,15 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + 'static> PaneTable<V> {
     /// Writes values straight into RocksDB (moving state of an older layout into this table
     /// when it opens, before any update), as (namespace, key, value): under a generation of
     /// their own, so they are partials like any other.
-    pub fn import(&mut self, rows: impl IntoIterator<Item = (i64, StateKey, V)>) -> Result<()> {
+    pub fn import(
+        &mut self,
+        rows: impl IntoIterator<Item = (i64, StateKey, C::Value)>,
+    ) -> Result<()> {
         let b = self
             .backing
             .as_mut()
             .ok_or_else(|| EngineError::State(format!("{}: import before attach", self.name)))?;
-        let mut sorted: Vec<(i64, StateKey, V)> = rows.into_iter().collect();
+        let mut sorted: Vec<(i64, StateKey, C::Value)> = rows.into_iter().collect();
         let mp = self.max_parallelism;
         for r in sorted.iter_mut() {
             r.1 = backend::timer_order(key_group(hash_key(&r.1), mp), &r.1);
@@ -506,15 +687,13 @@ fn decode<V: DeserializeOwned>(name: &str, row: &[u8]) -> Result<V> {
 
 /// A key's partials: its rows in RocksDB (in generation order) and its value in memory, which
 /// stands for its row of the current generation (a copy of it, or older).
-fn partials_of<V: Clone>(rows: Written<V>, cell: Option<&Cell<V>>, generation: u32) -> Partials<V> {
+fn partials_of<V>(rows: Written<V>, value: Option<V>, generation: u32) -> Partials<V> {
     let mut out: Partials<V> = rows
         .into_iter()
-        .filter(|(g, _)| cell.is_none() || *g != generation)
+        .filter(|(g, _)| value.is_none() || *g != generation)
         .map(|(_, v)| v)
         .collect();
-    if let Some(c) = cell {
-        out.push(c.value.clone());
-    }
+    out.extend(value);
     out
 }
 
@@ -537,7 +716,7 @@ pub fn key_of_order(order: &[u8]) -> &[u8] {
     backend::key_of_order(order).unwrap_or_default()
 }
 
-impl<V> Drop for PaneTable<V> {
+impl<C: PaneColumns> Drop for PaneTable<C> {
     fn drop(&mut self) {
         if let Some(b) = &self.backing {
             b.backend.memory().remove_table(self.bytes);
@@ -555,6 +734,26 @@ mod tests {
 
     type Model = BTreeMap<(i64, Vec<u8>), u64>;
 
+    /// One sum per row.
+    #[derive(Debug, Clone, Default)]
+    struct Sums(Vec<u64>);
+
+    impl PaneColumns for Sums {
+        type Value = u64;
+        fn resize(&mut self, rows: usize) {
+            self.0.resize(rows, 0);
+        }
+        fn reserve(&mut self, rows: usize) {
+            self.0.reserve(rows.saturating_sub(self.0.len()));
+        }
+        fn value(&self, _: i64, row: u32) -> u64 {
+            self.0[row as usize]
+        }
+        fn bytes(&self) -> usize {
+            self.0.capacity() * 8
+        }
+    }
+
     fn config(dir: &Path) -> StateConfig {
         StateConfig {
             local_dir: dir.to_path_buf(),
@@ -567,14 +766,18 @@ mod tests {
         Arc::new(KeyedBackend::open(&dir.join(name), &config(dir), range, 128).unwrap())
     }
 
+    /// Keys short enough to sit in their index slot, and every third one too long for it.
     fn key(i: u64) -> Vec<u8> {
-        format!("key-{i}").into_bytes()
+        match i % 3 {
+            0 => format!("a-longer-key-of-more-than-eleven-bytes-{i}").into_bytes(),
+            _ => format!("key-{i}").into_bytes(),
+        }
     }
 
     /// Random updates of sums: memory, flushes (whose rows memory then overwrites) and spills
     /// (after which keys start new partials) interleaved.
     fn fill(
-        t: &mut PaneTable<u64>,
+        t: &mut PaneTable<Sums>,
         model: &mut Model,
         seed: u64,
         rounds: usize,
@@ -592,7 +795,13 @@ mod tests {
                 }
                 let ns = ((x >> 20) % 4) as i64 * 1000 - 1000;
                 let add = (x >> 40) % 100;
-                t.update(&k, ns, || 0, |v| *v += add).unwrap();
+                // the key twice in one update: both reach its row
+                let half = add / 2;
+                t.update(ns, [k.as_slice(), k.as_slice()], |c, rows| {
+                    c.0[rows[0] as usize] += half;
+                    c.0[rows[1] as usize] += add - half;
+                })
+                .unwrap();
                 *model.entry((ns, k)).or_default() += add;
             }
             match round % 3 {
@@ -605,7 +814,7 @@ mod tests {
 
     /// What the table says each (namespace, key) sums to, reading every namespace a few keys at
     /// a time, and checking the order of keys.
-    fn read_all(t: &mut PaneTable<u64>, chunk: usize) -> Model {
+    fn read_all(t: &mut PaneTable<Sums>, chunk: usize) -> Model {
         let mut out = Model::new();
         for ns in t.namespaces() {
             let mut after: Option<StateKey> = None;
@@ -636,7 +845,7 @@ mod tests {
     fn panes_merge_memory_flushed_and_spilled_partials() {
         let dir = tempfile::tempdir().unwrap();
         let backend = open(dir.path(), "db", KeyGroupRange::for_subtask(128, 1, 0));
-        let mut t: PaneTable<u64> = PaneTable::new("w");
+        let mut t: PaneTable<Sums> = PaneTable::new("w", Sums::default());
         t.attach(&backend).unwrap();
         let mut model = Model::new();
         fill(&mut t, &mut model, 7, 8, |_| true);
@@ -676,7 +885,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let mut r: PaneTable<u64> = PaneTable::new("w");
+        let mut r: PaneTable<Sums> = PaneTable::new("w", Sums::default());
         r.attach(&restored).unwrap();
         assert_eq!(r.namespaces(), vec![1000, 2000]);
         assert_eq!(read_all(&mut r, 64), model);
@@ -692,7 +901,7 @@ mod tests {
         for sub in 0..2u32 {
             let range = KeyGroupRange::for_subtask(128, 2, sub);
             let backend = open(dir.path(), &format!("db{sub}"), range);
-            let mut t: PaneTable<u64> = PaneTable::new("w");
+            let mut t: PaneTable<Sums> = PaneTable::new("w", Sums::default());
             t.attach(&backend).unwrap();
             let owned = |k: &[u8]| range.contains(key_group(hash_key(k), 128));
             fill(&mut t, &mut model, 11 + sub as u64, 5 + sub as usize, owned);
@@ -715,7 +924,7 @@ mod tests {
                 )
                 .unwrap(),
             );
-            let mut t: PaneTable<u64> = PaneTable::new("w");
+            let mut t: PaneTable<Sums> = PaneTable::new("w", Sums::default());
             t.attach(&backend).unwrap();
             // more partials on top of the restored ones, written and spilled
             let owned = |k: &[u8]| range.contains(key_group(hash_key(k), 128));

@@ -324,96 +324,236 @@ fn update_one(
     }
 }
 
-/// Adds `rows`, in this order, to the accumulators `accs`: the same result as calling [`update`]
-/// for each row, with the choice of aggregate and column type made once per call and counts,
-/// sums, averages, minima and maxima of numbers computed by plain loops over the column's values.
-pub fn update_rows(
-    defs: &[AggDef],
-    accs: &mut [Acc],
+/// The accumulators of one aggregate for many keys, one per row: counts, sums and averages as
+/// plain arrays of numbers (8 or 16 bytes a key, updated by loops over the batch), the others as
+/// [`Acc`]s.
+#[derive(Debug, Clone)]
+pub enum AccColumn {
+    /// Counts.
+    Count(Vec<i64>),
+    /// Integer sums and whether any value was added.
+    SumInt(Vec<i64>, Vec<bool>),
+    /// Float sums and whether any value was added.
+    SumFloat(Vec<f64>, Vec<bool>),
+    /// Sums and counts of averages.
+    Avg(Vec<f64>, Vec<i64>),
+    /// Any accumulator, with the empty one new rows start from.
+    Any(Vec<Acc>, Acc),
+}
+
+impl AccColumn {
+    /// An empty column for aggregate `def`.
+    pub fn new(def: &AggDef) -> AccColumn {
+        match def.new_acc() {
+            Acc::Count(_) => AccColumn::Count(Vec::new()),
+            Acc::SumInt(..) => AccColumn::SumInt(Vec::new(), Vec::new()),
+            Acc::SumFloat(..) => AccColumn::SumFloat(Vec::new(), Vec::new()),
+            Acc::Avg(..) => AccColumn::Avg(Vec::new(), Vec::new()),
+            empty => AccColumn::Any(Vec::new(), empty),
+        }
+    }
+
+    /// Makes rows `0..rows` exist, new ones empty.
+    pub fn resize(&mut self, rows: usize) {
+        match self {
+            AccColumn::Count(c) => c.resize(rows, 0),
+            AccColumn::SumInt(s, a) => {
+                s.resize(rows, 0);
+                a.resize(rows, false);
+            }
+            AccColumn::SumFloat(s, a) => {
+                s.resize(rows, 0.0);
+                a.resize(rows, false);
+            }
+            AccColumn::Avg(s, n) => {
+                s.resize(rows, 0.0);
+                n.resize(rows, 0);
+            }
+            AccColumn::Any(v, empty) => v.resize(rows, empty.clone()),
+        }
+    }
+
+    /// Room for `rows` rows in all.
+    pub fn reserve(&mut self, rows: usize) {
+        fn room<T>(v: &mut Vec<T>, rows: usize) {
+            v.reserve(rows.saturating_sub(v.len()));
+        }
+        match self {
+            AccColumn::Count(c) => room(c, rows),
+            AccColumn::SumInt(s, a) => {
+                room(s, rows);
+                room(a, rows);
+            }
+            AccColumn::SumFloat(s, a) => {
+                room(s, rows);
+                room(a, rows);
+            }
+            AccColumn::Avg(s, n) => {
+                room(s, rows);
+                room(n, rows);
+            }
+            AccColumn::Any(v, _) => room(v, rows),
+        }
+    }
+
+    /// The accumulator of row `row`.
+    pub fn get(&self, row: u32) -> Acc {
+        let r = row as usize;
+        match self {
+            AccColumn::Count(c) => Acc::Count(c[r]),
+            AccColumn::SumInt(s, a) => Acc::SumInt(s[r], a[r]),
+            AccColumn::SumFloat(s, a) => Acc::SumFloat(s[r], a[r]),
+            AccColumn::Avg(s, n) => Acc::Avg(s[r], n[r]),
+            AccColumn::Any(v, _) => v[r].clone(),
+        }
+    }
+
+    /// Replaces the accumulator of row `row` (of this column's kind).
+    fn set(&mut self, row: u32, acc: Acc) {
+        let r = row as usize;
+        match (self, acc) {
+            (AccColumn::Count(c), Acc::Count(n)) => c[r] = n,
+            (AccColumn::SumInt(s, a), Acc::SumInt(x, y)) => (s[r], a[r]) = (x, y),
+            (AccColumn::SumFloat(s, a), Acc::SumFloat(x, y)) => (s[r], a[r]) = (x, y),
+            (AccColumn::Avg(s, n), Acc::Avg(x, y)) => (s[r], n[r]) = (x, y),
+            (AccColumn::Any(v, _), acc) => v[r] = acc,
+            _ => {}
+        }
+    }
+
+    /// Bytes of the arrays (not what `Any` accumulators hold behind pointers).
+    pub fn bytes(&self) -> usize {
+        match self {
+            AccColumn::Count(c) => c.capacity() * 8,
+            AccColumn::SumInt(s, a) => s.capacity() * 8 + a.capacity(),
+            AccColumn::SumFloat(s, a) => s.capacity() * 8 + a.capacity(),
+            AccColumn::Avg(s, n) => (s.capacity() + n.capacity()) * 8,
+            AccColumn::Any(v, _) => v.capacity() * size_of::<Acc>(),
+        }
+    }
+}
+
+/// Adds batch rows `rows[j]` to row `slots[j]` of column `col` of aggregate `i`, for every `j`
+/// in order: the same result as [`update`] row by row into each slot's accumulator, with the
+/// choice of aggregate and column type made once per call and counts, sums and averages of
+/// numbers computed by plain loops.
+pub fn update_column(
+    d: &AggDef,
+    col: &mut AccColumn,
+    i: usize,
     inputs: &AggInputs,
     readers: &[Option<ColumnReader<'_>>],
     rows: &[u32],
+    slots: &[u32],
 ) {
-    for (i, (d, acc)) in defs.iter().zip(accs.iter_mut()).enumerate() {
-        let filter = inputs.filters[i].as_ref();
-        let nulls = readers[i].as_ref().and_then(|r| match r {
-            ColumnReader::Int(a, _) | ColumnReader::Float(a, _) => a.nulls(),
-            _ => None,
-        });
-        // the rows this aggregate counts: selected by its filter and not null
-        let counted = |r: &&u32| {
-            let r = **r as usize;
-            filter.is_none_or(|f| f.value(r)) && nulls.as_ref().is_none_or(|n| n.is_valid(r))
-        };
-        match (acc, &readers[i]) {
-            (Acc::Count(n), None) => {
-                *n += match filter {
-                    None => rows.len(),
-                    Some(f) => rows.iter().filter(|r| f.value(**r as usize)).count(),
-                } as i64;
+    let filter = inputs.filters[i].as_ref();
+    let nulls = readers[i].as_ref().and_then(|r| match r {
+        ColumnReader::Int(a, _) | ColumnReader::Float(a, _) => a.nulls(),
+        _ => None,
+    });
+    // the rows this aggregate counts, with their slots: selected by its filter and not null
+    let counted = rows.iter().zip(slots).filter(|(r, _)| {
+        let r = **r as usize;
+        filter.is_none_or(|f| f.value(r)) && nulls.as_ref().is_none_or(|n| n.is_valid(r))
+    });
+    match (col, &readers[i]) {
+        (AccColumn::Count(c), None) if filter.is_none() => {
+            for s in slots {
+                c[*s as usize] += 1;
             }
-            (Acc::Count(n), Some(ColumnReader::Int(..) | ColumnReader::Float(..))) => {
-                *n += rows.iter().filter(counted).count() as i64;
+        }
+        (AccColumn::Count(c), None | Some(ColumnReader::Int(..) | ColumnReader::Float(..))) => {
+            for (_, s) in counted {
+                c[*s as usize] += 1;
             }
-            (Acc::SumInt(s, any), Some(ColumnReader::Int(_, v))) => {
-                for r in rows.iter().filter(counted) {
-                    *s = s.wrapping_add(v[*r as usize]);
-                    *any = true;
-                }
+        }
+        (AccColumn::SumInt(sum, any), Some(ColumnReader::Int(_, v))) => {
+            for (r, s) in counted {
+                let s = *s as usize;
+                sum[s] = sum[s].wrapping_add(v[*r as usize]);
+                any[s] = true;
             }
-            (Acc::SumFloat(s, any), Some(ColumnReader::Float(_, v))) => {
-                for r in rows.iter().filter(counted) {
-                    *s += v[*r as usize];
-                    *any = true;
-                }
+        }
+        (AccColumn::SumFloat(sum, any), Some(ColumnReader::Float(_, v))) => {
+            for (r, s) in counted {
+                sum[*s as usize] += v[*r as usize];
+                any[*s as usize] = true;
             }
-            (Acc::Avg(s, n), Some(ColumnReader::Int(_, v))) => {
-                for r in rows.iter().filter(counted) {
-                    *s += v[*r as usize] as f64;
-                    *n += 1;
-                }
+        }
+        (AccColumn::Avg(sum, n), Some(ColumnReader::Int(_, v))) => {
+            for (r, s) in counted {
+                sum[*s as usize] += v[*r as usize] as f64;
+                n[*s as usize] += 1;
             }
-            (Acc::Avg(s, n), Some(ColumnReader::Float(_, v))) => {
-                for r in rows.iter().filter(counted) {
-                    *s += v[*r as usize];
-                    *n += 1;
-                }
+        }
+        (AccColumn::Avg(sum, n), Some(ColumnReader::Float(_, v))) => {
+            for (r, s) in counted {
+                sum[*s as usize] += v[*r as usize];
+                n[*s as usize] += 1;
             }
-            (acc @ (Acc::Min(_) | Acc::Max(_)), Some(ColumnReader::Int(_, v))) => {
-                let values = rows.iter().filter(counted).map(|r| v[*r as usize]);
-                let best = match acc {
-                    Acc::Min(_) => values.min(),
-                    _ => values.max(),
-                };
-                if let Some(b) = best {
-                    keep_extreme(acc, Scalar::Int(b));
-                }
+        }
+        (AccColumn::Any(accs, _), Some(ColumnReader::Int(_, v)))
+            if matches!(d.kind, AggKind::Min | AggKind::Max) =>
+        {
+            let values = counted.map(|(r, s)| (*s, v[*r as usize]));
+            keep_extremes(accs, d.kind, values, Scalar::Int, i64::cmp);
+        }
+        (AccColumn::Any(accs, _), Some(ColumnReader::Float(_, v)))
+            if matches!(d.kind, AggKind::Min | AggKind::Max) =>
+        {
+            let values = counted.map(|(r, s)| (*s, v[*r as usize]));
+            keep_extremes(accs, d.kind, values, Scalar::Float, f64::total_cmp);
+        }
+        (AccColumn::Any(accs, _), _) => {
+            for (r, s) in rows.iter().zip(slots) {
+                update_one(d, &mut accs[*s as usize], i, inputs, readers, *r as usize);
             }
-            (acc @ (Acc::Min(_) | Acc::Max(_)), Some(ColumnReader::Float(_, v))) => {
-                let values = rows.iter().filter(counted).map(|r| v[*r as usize]);
-                let best = match acc {
-                    Acc::Min(_) => values.min_by(f64::total_cmp),
-                    _ => values.max_by(f64::total_cmp),
-                };
-                if let Some(b) = best {
-                    keep_extreme(acc, Scalar::Float(b));
-                }
-            }
-            (acc, _) => {
-                for r in rows {
-                    update_one(d, acc, i, inputs, readers, *r as usize);
-                }
+        }
+        (col, _) => {
+            for (r, s) in rows.iter().zip(slots) {
+                let mut acc = col.get(*s);
+                update_one(d, &mut acc, i, inputs, readers, *r as usize);
+                col.set(*s, acc);
             }
         }
     }
 }
 
-/// Puts `v` into a `Min` or `Max` accumulator if it beats what is there.
-fn keep_extreme(acc: &mut Acc, v: Scalar) {
-    match acc {
-        Acc::Min(m) if m.as_ref().is_none_or(|m| v < *m) => *m = Some(v),
-        Acc::Max(m) if m.as_ref().is_none_or(|m| v > *m) => *m = Some(v),
+/// Puts the smallest (`Min`) or largest (`Max`) of each run of values for the same slot into
+/// that slot's accumulator, if it beats what is there: one comparison of scalars per run.
+fn keep_extremes<T: Copy>(
+    accs: &mut [Acc],
+    kind: AggKind,
+    values: impl Iterator<Item = (u32, T)>,
+    scalar: impl Fn(T) -> Scalar,
+    cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
+) {
+    let wanted = match kind {
+        AggKind::Min => std::cmp::Ordering::Less,
+        _ => std::cmp::Ordering::Greater,
+    };
+    let mut keep = |slot: u32, v: T| match &mut accs[slot as usize] {
+        Acc::Min(m) if m.as_ref().is_none_or(|m| scalar(v) < *m) => *m = Some(scalar(v)),
+        Acc::Max(m) if m.as_ref().is_none_or(|m| scalar(v) > *m) => *m = Some(scalar(v)),
         _ => {}
+    };
+    let mut run: Option<(u32, T)> = None;
+    for (slot, v) in values {
+        match &mut run {
+            Some((s, best)) if *s == slot => {
+                if cmp(&v, best) == wanted {
+                    *best = v;
+                }
+            }
+            _ => {
+                if let Some((s, best)) = run.replace((slot, v)) {
+                    keep(s, best);
+                }
+            }
+        }
+    }
+    if let Some((s, best)) = run {
+        keep(s, best);
     }
 }
 
@@ -569,10 +709,11 @@ mod tests {
         }
     }
 
-    /// `update_rows` over a group of rows gives exactly what `update` row by row gives, for every
-    /// aggregate, over nulls, filters, NaN, signed zeros and floats whose sum depends on order.
+    /// `update_column` over rows spread across a few keys gives exactly what `update` row by row
+    /// into each key's accumulators gives, for every aggregate, over nulls, filters, NaN, signed
+    /// zeros and floats whose sum depends on order.
     #[test]
-    fn a_group_of_rows_updates_like_its_rows_one_by_one() {
+    fn a_column_updates_like_each_keys_rows_one_by_one() {
         use arrow::array::Float64Array;
         let n = 300;
         let mut seed = 7u64;
@@ -634,20 +775,32 @@ mod tests {
             .collect();
         let inputs = AggInputs::evaluate(&defs, &b).unwrap();
         let readers = inputs.readers().unwrap();
+        const KEYS: u32 = 4;
+        let mut cols: Vec<AccColumn> = defs.iter().map(AccColumn::new).collect();
+        cols.iter_mut().for_each(|c| c.resize(KEYS as usize));
+        let mut one: Vec<Vec<Acc>> = (0..KEYS)
+            .map(|_| defs.iter().map(AggDef::new_acc).collect())
+            .collect();
         for _ in 0..50 {
-            // a random subset of rows in batch order, added to accumulators that already hold some
+            // a random subset of rows in batch order, each for a random key
             let rows: Vec<u32> = (0..n as u32).filter(|_| next() % 3 == 0).collect();
-            let start: Vec<u32> = (0..n as u32).filter(|_| next() % 9 == 0).collect();
-            let mut one: Vec<Acc> = defs.iter().map(AggDef::new_acc).collect();
-            update_rows(&defs, &mut one, &inputs, &readers, &start);
-            let mut grouped = one.clone();
-            for r in &rows {
-                update(&defs, &mut one, &inputs, &readers, *r as usize);
+            let slots: Vec<u32> = rows.iter().map(|_| (next() % KEYS as u64) as u32).collect();
+            for (r, s) in rows.iter().zip(&slots) {
+                update(&defs, &mut one[*s as usize], &inputs, &readers, *r as usize);
             }
-            update_rows(&defs, &mut grouped, &inputs, &readers, &rows);
-            for ((t, a), b) in texts.iter().zip(&one).zip(&grouped) {
-                // compare bit for bit: f64 equality would miss -0.0 against 0.0 and fail on NaN
-                assert_eq!(format!("{a:?}"), format!("{b:?}"), "{t}");
+            for (i, (d, c)) in defs.iter().zip(cols.iter_mut()).enumerate() {
+                update_column(d, c, i, &inputs, &readers, &rows, &slots);
+            }
+            for (k, accs) in one.iter().enumerate() {
+                for ((t, a), c) in texts.iter().zip(accs).zip(&cols) {
+                    match (a, c.get(k as u32)) {
+                        // sets iterate in no fixed order
+                        (Acc::Distinct(x), Acc::Distinct(y)) => assert_eq!(*x, y, "{t}"),
+                        // the rest bit for bit: f64 equality would miss -0.0 against 0.0 and
+                        // fail on NaN
+                        (a, b) => assert_eq!(format!("{a:?}"), format!("{b:?}"), "{t}"),
+                    }
+                }
             }
         }
     }

@@ -26,6 +26,7 @@
 //! **Cleanup.** A slice is dropped when the watermark passes the lateness bound of the last
 //! window that covers it; a session when it passes its own. Nothing else is kept.
 pub mod aggregate;
+mod slices;
 
 use arrow::array::{ArrayRef, AsArray, Int64Array, TimestampMillisecondArray, UInt32Array};
 use arrow::compute::{filter_record_batch, take_record_batch};
@@ -46,6 +47,7 @@ use smallvec::SmallVec;
 
 use crate::expr::{Expr, ExprError, timestamp_type};
 use aggregate::{Acc, Accs, AggDef, AggInputs};
+use slices::{BatchInputs, SliceColumns, SliceParts};
 
 /// Side output port of records too late for every window.
 pub const LATE_PORT: usize = 1;
@@ -158,7 +160,16 @@ impl WindowPlan {
     pub fn instantiate(&self) -> WindowOperator {
         WindowOperator {
             plan: self.clone(),
-            panes: PaneTable::new("window-slices"),
+            panes: PaneTable::new(
+                "window-slices",
+                SliceColumns::new(
+                    &self.aggs,
+                    match self.kind {
+                        WindowKind::Sliced { slide, .. } => slide,
+                        WindowKind::Session { .. } => 1,
+                    },
+                ),
+            ),
             fired_through: i64::MIN,
             floors: None,
             firing: None,
@@ -173,10 +184,6 @@ impl WindowPlan {
     }
 }
 
-/// The accumulators of one (key, slice), tagged with the end of the first window they count for;
-/// one entry unless records arrived too late for some of the slice's windows.
-type SliceParts = SmallVec<[(i64, Accs); 1]>;
-
 /// Accumulators of one session.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Session {
@@ -189,7 +196,7 @@ pub struct WindowOperator {
     plan: WindowPlan,
     /// Per (slice start, key): accumulators tagged with the end of the first window they count
     /// for (one entry unless late records arrived), sorted by that end.
-    panes: PaneTable<SliceParts>,
+    panes: PaneTable<SliceColumns>,
     /// Sliced windows: the end of the last window fired (every earlier one fired too).
     fired_through: i64,
     /// After a restore: the end of the last window fired per key group, as the subtask that
@@ -273,75 +280,6 @@ fn merge_into(aggs: &[AggDef], out: &mut Option<Accs>, accs: &[Acc]) {
                 aggregate::merge(d, a, b);
             }
         }
-    }
-}
-
-/// The rows of a batch grouped by (key, slice, first window), groups in order of first
-/// appearance and rows in batch order within a group.
-struct SliceGroups {
-    /// Per group: its first row, slice start and first window end.
-    heads: Vec<(u32, i64, i64)>,
-    /// Row numbers, grouped: group `g` is `order[offsets[g]..offsets[g + 1]]`.
-    order: Vec<u32>,
-    offsets: Vec<u32>,
-}
-
-type GroupKey<'k> = (&'k [u8], i64, i64);
-
-impl SliceGroups {
-    /// Groups rows `0..n` by what `tag` says of each (`None`: the row is left out). Each distinct
-    /// key is hashed once per run of rows that share it.
-    fn of<'k>(n: usize, mut tag: impl FnMut(usize) -> Option<GroupKey<'k>>) -> SliceGroups {
-        const NONE: u32 = u32::MAX;
-        let mut index: hashbrown::HashMap<GroupKey<'k>, u32, foldhash::fast::FixedState> =
-            hashbrown::HashMap::default();
-        let mut heads = Vec::new();
-        let mut group_of = Vec::with_capacity(n);
-        let mut counts: Vec<u32> = Vec::new();
-        let mut last: Option<(GroupKey<'k>, u32)> = None;
-        for row in 0..n {
-            let Some(k) = tag(row) else {
-                group_of.push(NONE);
-                continue;
-            };
-            let g = match last {
-                Some((prev, g)) if prev == k => g,
-                _ => *index.entry(k).or_insert_with(|| {
-                    heads.push((row as u32, k.1, k.2));
-                    counts.push(0);
-                    (heads.len() - 1) as u32
-                }),
-            };
-            last = Some((k, g));
-            counts[g as usize] += 1;
-            group_of.push(g);
-        }
-        // counting sort of the rows by group, stable
-        let mut offsets = Vec::with_capacity(counts.len() + 1);
-        let mut at = 0u32;
-        offsets.push(0);
-        for c in &counts {
-            at += c;
-            offsets.push(at);
-        }
-        let mut next: Vec<u32> = offsets[..counts.len()].to_vec();
-        let mut order = vec![0u32; at as usize];
-        for (row, &g) in group_of.iter().enumerate() {
-            if g != NONE {
-                order[next[g as usize] as usize] = row as u32;
-                next[g as usize] += 1;
-            }
-        }
-        SliceGroups {
-            heads,
-            order,
-            offsets,
-        }
-    }
-
-    /// The rows of group `g`, in batch order.
-    fn rows(&self, g: usize) -> &[u32] {
-        &self.order[self.offsets[g] as usize..self.offsets[g + 1] as usize]
     }
 }
 
@@ -602,12 +540,18 @@ impl WindowOperator {
             Some(f) => fired_through.max(f.fired(&key_order(key, mp))),
             None => fired_through,
         };
-        let aggs = &self.plan.aggs;
         let keys = &self.keys;
         let mut late = Vec::new();
-        let groups = SliceGroups::of(times.len(), |row| {
-            let t = times[row];
-            let slice = t - t.rem_euclid(slide);
+        // the rows of each (slice, first window they count for), in batch order: a batch
+        // usually spans one or two slices
+        let mut groups: Vec<((i64, i64), Vec<u32>)> = Vec::new();
+        let mut at = 0usize;
+        let mut slice = i64::MIN;
+        for (row, &t) in times.iter().enumerate() {
+            // rows of a batch mostly fall into the slice of the row before
+            if t < slice || t.checked_sub(slice).is_none_or(|d| d >= slide) {
+                slice = t - t.rem_euclid(slide);
+            }
             let last_end = slice + size;
             // the watermark the record is judged against: its input's, or after a restore the
             // one its key group had reached (it fired up to that window)
@@ -617,38 +561,50 @@ impl WindowOperator {
             };
             if rw >= (last_end - 1).saturating_add(lateness) {
                 late.push(row as u32);
-                return None;
+                continue;
             }
-            if !inputs.any_selected(row) && !aggs.is_empty() {
-                return None;
+            if !inputs.any_selected(row) && !self.plan.aggs.is_empty() {
+                continue;
             }
             // the first window of this slice the record is not too late for
             let mut first_end = slice + slide;
             while rw >= (first_end - 1).saturating_add(lateness) {
                 first_end += slide;
             }
-            Some((keys.row(row), slice, first_end))
-        });
-        let mut updated: HashSet<(StateKey, i64)> = HashSet::new();
-        for (g, &(first, slice, first_end)) in groups.heads.iter().enumerate() {
-            let members = groups.rows(g);
-            let key = keys.row(first as usize);
-            self.panes.update(key, slice, SmallVec::new, |parts| {
-                let i = match parts.binary_search_by_key(&first_end, |(e, _)| *e) {
-                    Ok(i) => i,
-                    Err(i) => {
-                        parts.insert(i, (first_end, aggs.iter().map(AggDef::new_acc).collect()));
-                        i
+            let tag = (slice, first_end);
+            if groups.get(at).is_none_or(|(g, _)| *g != tag) {
+                at = match groups.iter().position(|(g, _)| *g == tag) {
+                    Some(i) => i,
+                    None => {
+                        groups.push((tag, Vec::new()));
+                        groups.len() - 1
                     }
                 };
-                aggregate::update_rows(aggs, &mut parts[i].1, inputs, readers, members);
-            })?;
-            // windows that already fired are emitted again with these records
-            let fired = fired_for(key);
-            let mut end = first_end;
-            while end <= slice + size && end <= fired {
-                updated.insert((key.into(), end));
-                end += slide;
+            }
+            groups[at].1.push(row as u32);
+        }
+        let batch = BatchInputs { inputs, readers };
+        // windows that already fired are emitted again with these records
+        let fired_max = floors.map_or(fired_through, |f| f.max.max(fired_through));
+        let mut updated: HashSet<(StateKey, i64)> = HashSet::new();
+        for ((slice, first_end), rows) in &groups {
+            let (slice, first_end) = (*slice, *first_end);
+            self.panes.update(
+                slice,
+                rows.iter().map(|r| keys.row(*r as usize)),
+                |columns, slots| columns.add(slice, first_end, &batch, rows, slots),
+            )?;
+            if first_end > fired_max {
+                continue;
+            }
+            for r in rows {
+                let key = keys.row(*r as usize);
+                let fired = fired_for(key);
+                let mut end = first_end;
+                while end <= slice + size && end <= fired {
+                    updated.insert((key.into(), end));
+                    end += slide;
+                }
             }
         }
         let mut updated: Vec<(StateKey, i64)> = updated.into_iter().collect();
