@@ -352,7 +352,12 @@ impl<C: PaneColumns> PaneTable<C> {
         let mut last: Option<(&[u8], u32)> = None;
         for key in keys {
             let row = match last {
-                Some((k, row)) if k == key => row,
+                // (the keys of a non-keyed window are one empty slice: no byte compare)
+                Some((k, row))
+                    if k.len() == key.len() && (k.as_ptr() == key.as_ptr() || k == key) =>
+                {
+                    row
+                }
                 _ => {
                     let row = pane.locate(key)?;
                     pane.mark(row);

@@ -451,15 +451,15 @@ pub fn update_column(
         ColumnReader::Int(a, _) | ColumnReader::Float(a, _) => a.nulls(),
         _ => None,
     });
-    // the rows this aggregate counts, with their slots: selected by its filter and not null
-    let counted = rows.iter().zip(slots).filter(|(r, _)| {
-        let r = **r as usize;
+    let counts = |r: usize| {
         filter.is_none_or(|f| f.value(r)) && nulls.as_ref().is_none_or(|n| n.is_valid(r))
-    });
+    };
+    // the rows this aggregate counts, with their slots: selected by its filter and not null
+    let counted = rows.iter().zip(slots).filter(|(r, _)| counts(**r as usize));
     match (col, &readers[i]) {
         (AccColumn::Count(c), None) if filter.is_none() => {
-            for s in slots {
-                c[*s as usize] += 1;
+            for (s, run) in runs(slots) {
+                c[s as usize] += run.len() as i64;
             }
         }
         (AccColumn::Count(c), None | Some(ColumnReader::Int(..) | ColumnReader::Float(..))) => {
@@ -495,14 +495,36 @@ pub fn update_column(
         (AccColumn::Any(accs, _), Some(ColumnReader::Int(_, v)))
             if matches!(d.kind, AggKind::Min | AggKind::Max) =>
         {
-            let values = counted.map(|(r, s)| (*s, v[*r as usize]));
-            keep_extremes(accs, d.kind, values, Scalar::Int, i64::cmp);
+            for (s, run) in runs(slots) {
+                let values = rows[run]
+                    .iter()
+                    .filter(|r| counts(**r as usize))
+                    .map(|r| v[*r as usize]);
+                let best = match d.kind {
+                    AggKind::Min => values.min(),
+                    _ => values.max(),
+                };
+                if let Some(b) = best {
+                    keep_extreme(&mut accs[s as usize], Scalar::Int(b));
+                }
+            }
         }
         (AccColumn::Any(accs, _), Some(ColumnReader::Float(_, v)))
             if matches!(d.kind, AggKind::Min | AggKind::Max) =>
         {
-            let values = counted.map(|(r, s)| (*s, v[*r as usize]));
-            keep_extremes(accs, d.kind, values, Scalar::Float, f64::total_cmp);
+            for (s, run) in runs(slots) {
+                let values = rows[run]
+                    .iter()
+                    .filter(|r| counts(**r as usize))
+                    .map(|r| v[*r as usize]);
+                let best = match d.kind {
+                    AggKind::Min => values.min_by(f64::total_cmp),
+                    _ => values.max_by(f64::total_cmp),
+                };
+                if let Some(b) = best {
+                    keep_extreme(&mut accs[s as usize], Scalar::Float(b));
+                }
+            }
         }
         (AccColumn::Any(accs, _), _) => {
             for (r, s) in rows.iter().zip(slots) {
@@ -519,42 +541,26 @@ pub fn update_column(
     }
 }
 
-/// Puts the smallest (`Min`) or largest (`Max`) of each run of values for the same slot into
-/// that slot's accumulator, if it beats what is there: one comparison of scalars per run.
-fn keep_extremes<T: Copy>(
-    accs: &mut [Acc],
-    kind: AggKind,
-    values: impl Iterator<Item = (u32, T)>,
-    scalar: impl Fn(T) -> Scalar,
-    cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
-) {
-    let wanted = match kind {
-        AggKind::Min => std::cmp::Ordering::Less,
-        _ => std::cmp::Ordering::Greater,
-    };
-    let mut keep = |slot: u32, v: T| match &mut accs[slot as usize] {
-        Acc::Min(m) if m.as_ref().is_none_or(|m| scalar(v) < *m) => *m = Some(scalar(v)),
-        Acc::Max(m) if m.as_ref().is_none_or(|m| scalar(v) > *m) => *m = Some(scalar(v)),
+/// Puts `v` into a `Min` or `Max` accumulator if it beats what is there.
+fn keep_extreme(acc: &mut Acc, v: Scalar) {
+    match acc {
+        Acc::Min(m) if m.as_ref().is_none_or(|m| v < *m) => *m = Some(v),
+        Acc::Max(m) if m.as_ref().is_none_or(|m| v > *m) => *m = Some(v),
         _ => {}
-    };
-    let mut run: Option<(u32, T)> = None;
-    for (slot, v) in values {
-        match &mut run {
-            Some((s, best)) if *s == slot => {
-                if cmp(&v, best) == wanted {
-                    *best = v;
-                }
-            }
-            _ => {
-                if let Some((s, best)) = run.replace((slot, v)) {
-                    keep(s, best);
-                }
-            }
+    }
+}
+
+/// The runs of equal slots: each slot with the range of positions it holds in a row.
+fn runs(slots: &[u32]) -> impl Iterator<Item = (u32, std::ops::Range<usize>)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let s = *slots.get(at)?;
+        let start = at;
+        while slots.get(at) == Some(&s) {
+            at += 1;
         }
-    }
-    if let Some((s, best)) = run {
-        keep(s, best);
-    }
+        Some((s, start..at))
+    })
 }
 
 fn push_top(top: &mut Vec<Scalar>, v: Scalar, n: usize) {

@@ -445,10 +445,12 @@ impl WindowOperator {
                 slices.push(self.panes.read(ns, after.as_deref(), limit)?);
             }
         }
-        // the `limit` smallest key orders of all slices
+        // the `limit` smallest key orders of all slices (one slice's are sorted and distinct)
         let mut orders: Vec<&StateKey> = slices.iter().flatten().map(|(o, _)| o).collect();
-        orders.sort_unstable();
-        orders.dedup();
+        if slices.len() > 1 {
+            orders.sort_unstable();
+            orders.dedup();
+        }
         orders.truncate(limit);
         let full = orders.len() == limit;
         let last = orders.last().map(|o| (*o).clone());
