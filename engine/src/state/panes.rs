@@ -896,6 +896,40 @@ mod tests {
         assert_eq!(read_all(&mut r, 64), model);
     }
 
+    /// A flush of more rows than one write batch holds (about 1 MB) writes every row, and the
+    /// next unused generation with them.
+    #[test]
+    fn a_flush_larger_than_a_write_batch_writes_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = open(dir.path(), "db", KeyGroupRange::for_subtask(128, 1, 0));
+        let mut t: PaneTable<Sums> = PaneTable::new("w", Sums::default());
+        t.attach(&backend).unwrap();
+        let keys: Vec<Vec<u8>> = (0..30_000u64)
+            .map(|i| format!("{i:060}").into_bytes())
+            .collect();
+        t.update(7, keys.iter().map(|k| k.as_slice()), |c, rows| {
+            for (j, r) in rows.iter().enumerate() {
+                c.0[*r as usize] += j as u64 + 1;
+            }
+        })
+        .unwrap();
+        // written in several batches, then dropped from memory: reads come from RocksDB
+        t.spill().unwrap();
+        assert_eq!(t.bytes(), 0);
+        let want: Model = keys
+            .iter()
+            .enumerate()
+            .map(|(j, k)| ((7, k.clone()), j as u64 + 1))
+            .collect();
+        assert_eq!(read_all(&mut t, 10_000), want);
+        assert_eq!(
+            backend
+                .next_generation(t.backing.as_ref().unwrap().table)
+                .unwrap(),
+            2
+        );
+    }
+
     /// Two subtasks' panes restored by three: each key exactly once, in the subtask that owns
     /// its key group, and later writes never overwrite a restored partial.
     #[test]

@@ -216,6 +216,27 @@ pub enum Acc {
     TopN(Vec<Scalar>),
 }
 
+impl Acc {
+    /// Bytes the accumulator holds behind pointers, estimated in constant time: a set by its
+    /// capacity (not the text of the strings in it), a list and a string by their length.
+    pub fn heap_bytes(&self) -> usize {
+        let text = |s: &Scalar| match s {
+            Scalar::Str(s) => s.len(),
+            _ => 0,
+        };
+        match self {
+            Acc::Distinct(set) => {
+                size_of::<HashSet<Scalar>>() + set.capacity() * (size_of::<Scalar>() + 1)
+            }
+            Acc::Min(Some(s)) | Acc::Max(Some(s)) => text(s),
+            Acc::TopN(top) => {
+                top.capacity() * size_of::<Scalar>() + top.iter().map(text).sum::<usize>()
+            }
+            _ => 0,
+        }
+    }
+}
+
 /// The per-batch inputs of every aggregate: evaluated argument columns and filter masks.
 pub struct AggInputs {
     args: Vec<Option<ArrayRef>>,
@@ -337,8 +358,16 @@ pub enum AccColumn {
     SumFloat(Vec<f64>, Vec<bool>),
     /// Sums and counts of averages.
     Avg(Vec<f64>, Vec<i64>),
-    /// Any accumulator, with the empty one new rows start from.
-    Any(Vec<Acc>, Acc),
+    /// Any accumulator, with the empty one new rows start from and the bytes the accumulators
+    /// hold behind pointers (see [`Acc::heap_bytes`]).
+    Any {
+        /// Per row.
+        accs: Vec<Acc>,
+        /// What a new row starts as.
+        empty: Acc,
+        /// Bytes behind pointers, all rows.
+        heap: usize,
+    },
 }
 
 impl AccColumn {
@@ -349,7 +378,11 @@ impl AccColumn {
             Acc::SumInt(..) => AccColumn::SumInt(Vec::new(), Vec::new()),
             Acc::SumFloat(..) => AccColumn::SumFloat(Vec::new(), Vec::new()),
             Acc::Avg(..) => AccColumn::Avg(Vec::new(), Vec::new()),
-            empty => AccColumn::Any(Vec::new(), empty),
+            empty => AccColumn::Any {
+                accs: Vec::new(),
+                heap: 0,
+                empty,
+            },
         }
     }
 
@@ -369,7 +402,10 @@ impl AccColumn {
                 s.resize(rows, 0.0);
                 n.resize(rows, 0);
             }
-            AccColumn::Any(v, empty) => v.resize(rows, empty.clone()),
+            AccColumn::Any { accs, empty, heap } => {
+                *heap += rows.saturating_sub(accs.len()) * empty.heap_bytes();
+                accs.resize(rows, empty.clone());
+            }
         }
     }
 
@@ -392,7 +428,7 @@ impl AccColumn {
                 room(s, rows);
                 room(n, rows);
             }
-            AccColumn::Any(v, _) => room(v, rows),
+            AccColumn::Any { accs, .. } => room(accs, rows),
         }
     }
 
@@ -404,7 +440,7 @@ impl AccColumn {
             AccColumn::SumInt(s, a) => Acc::SumInt(s[r], a[r]),
             AccColumn::SumFloat(s, a) => Acc::SumFloat(s[r], a[r]),
             AccColumn::Avg(s, n) => Acc::Avg(s[r], n[r]),
-            AccColumn::Any(v, _) => v[r].clone(),
+            AccColumn::Any { accs, .. } => accs[r].clone(),
         }
     }
 
@@ -416,7 +452,10 @@ impl AccColumn {
             (AccColumn::SumInt(s, a), Acc::SumInt(x, y)) => (s[r], a[r]) = (x, y),
             (AccColumn::SumFloat(s, a), Acc::SumFloat(x, y)) => (s[r], a[r]) = (x, y),
             (AccColumn::Avg(s, n), Acc::Avg(x, y)) => (s[r], n[r]) = (x, y),
-            (AccColumn::Any(v, _), acc) => v[r] = acc,
+            (AccColumn::Any { accs, heap, .. }, acc) => {
+                *heap = (*heap + acc.heap_bytes()).saturating_sub(accs[r].heap_bytes());
+                accs[r] = acc;
+            }
             _ => {}
         }
     }
@@ -428,7 +467,7 @@ impl AccColumn {
             AccColumn::SumInt(s, a) => s.capacity() * 8 + a.capacity(),
             AccColumn::SumFloat(s, a) => s.capacity() * 8 + a.capacity(),
             AccColumn::Avg(s, n) => (s.capacity() + n.capacity()) * 8,
-            AccColumn::Any(v, _) => v.capacity() * size_of::<Acc>(),
+            AccColumn::Any { accs, heap, .. } => accs.capacity() * size_of::<Acc>() + heap,
         }
     }
 }
@@ -492,7 +531,7 @@ pub fn update_column(
                 n[*s as usize] += 1;
             }
         }
-        (AccColumn::Any(accs, _), Some(ColumnReader::Int(_, v)))
+        (AccColumn::Any { accs, .. }, Some(ColumnReader::Int(_, v)))
             if matches!(d.kind, AggKind::Min | AggKind::Max) =>
         {
             for (s, run) in runs(slots) {
@@ -509,7 +548,7 @@ pub fn update_column(
                 }
             }
         }
-        (AccColumn::Any(accs, _), Some(ColumnReader::Float(_, v)))
+        (AccColumn::Any { accs, .. }, Some(ColumnReader::Float(_, v)))
             if matches!(d.kind, AggKind::Min | AggKind::Max) =>
         {
             for (s, run) in runs(slots) {
@@ -526,9 +565,12 @@ pub fn update_column(
                 }
             }
         }
-        (AccColumn::Any(accs, _), _) => {
+        (AccColumn::Any { accs, heap, .. }, _) => {
             for (r, s) in rows.iter().zip(slots) {
-                update_one(d, &mut accs[*s as usize], i, inputs, readers, *r as usize);
+                let acc = &mut accs[*s as usize];
+                let before = acc.heap_bytes();
+                update_one(d, acc, i, inputs, readers, *r as usize);
+                *heap = (*heap + acc.heap_bytes()).saturating_sub(before);
             }
         }
         (col, _) => {
@@ -796,6 +838,14 @@ mod tests {
             }
             for (i, (d, c)) in defs.iter().zip(cols.iter_mut()).enumerate() {
                 update_column(d, c, i, &inputs, &readers, &rows, &slots);
+            }
+            // what the columns charge for memory behind pointers is what their accumulators hold
+            for (t, c) in texts.iter().zip(&cols) {
+                if let AccColumn::Any { accs, heap, .. } = c {
+                    let held: usize = accs.iter().map(Acc::heap_bytes).sum();
+                    assert_eq!(*heap, held, "{t}");
+                    assert!(c.bytes() >= held, "{t}");
+                }
             }
             for (k, accs) in one.iter().enumerate() {
                 for ((t, a), c) in texts.iter().zip(accs).zip(&cols) {
