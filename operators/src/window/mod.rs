@@ -445,18 +445,22 @@ impl WindowOperator {
                 slices.push(self.panes.read(ns, after.as_deref(), limit)?);
             }
         }
-        // the `limit` smallest key orders of all slices (one slice's are sorted and distinct)
-        let mut orders: Vec<&StateKey> = slices.iter().flatten().map(|(o, _)| o).collect();
-        if slices.len() > 1 {
-            orders.sort_unstable();
-            orders.dedup();
-        }
-        orders.truncate(limit);
-        let full = orders.len() == limit;
-        let last = orders.last().map(|o| (*o).clone());
+        // the `limit` smallest key orders of all slices, merged from the slices' sorted chunks:
+        // each is at most the last key of any chunk that was cut at `limit`, so no key of a
+        // slice is skipped
         let mut cursors = vec![0usize; slices.len()];
-        let mut rows = Vec::with_capacity(orders.len());
-        for order in orders {
+        let mut rows = Vec::with_capacity(limit);
+        let mut taken = 0;
+        let mut last: Option<&StateKey> = None;
+        while taken < limit {
+            let Some(order) = slices
+                .iter()
+                .zip(&cursors)
+                .filter_map(|(slice, at)| slice.get(*at).map(|(o, _)| o))
+                .min()
+            else {
+                break;
+            };
             let mut partials: SmallVec<[&SliceParts; 4]> = SmallVec::new();
             for (slice, at) in slices.iter().zip(cursors.iter_mut()) {
                 if let Some((o, p)) = slice.get(*at)
@@ -466,6 +470,8 @@ impl WindowOperator {
                     *at += 1;
                 }
             }
+            taken += 1;
+            last = Some(order);
             if self.floors.is_some() && self.fired_for(order) >= end {
                 continue;
             }
@@ -478,6 +484,8 @@ impl WindowOperator {
                 });
             }
         }
+        let full = taken == limit;
+        let last = last.cloned();
         if full {
             self.firing = Some((end, last));
         } else {

@@ -2,6 +2,7 @@ use super::*;
 use crate::testing::{Harness, batch, schema};
 use arrow::array::StringArray;
 use freshet_engine::KeyGroupRange;
+use std::collections::BTreeMap;
 
 const MIN: i64 = 60_000;
 
@@ -269,6 +270,76 @@ fn many_windows_firing_at_once_are_emitted_a_batch_per_call() {
         h.op.panes.namespaces().is_empty(),
         "the fired slices were released"
     );
+}
+
+/// Sliding windows over slices that hold different sets of keys, more keys than one call fires:
+/// the slices' chunks are merged in key order, and every (key, window) is emitted exactly once
+/// with its count.
+#[test]
+fn sliding_windows_fire_every_key_of_their_slices_once_in_chunks() {
+    let (mut h, s) = harness(
+        WindowKind::Sliced {
+            size: 3 * MIN,
+            slide: MIN,
+        },
+        0,
+        &["count(*) AS n"],
+    );
+    let n = 2 * FIRE_BATCH + 300;
+    let keys: Vec<String> = (0..n).map(|i| format!("k{i:05}")).collect();
+    // key i has 1 + i % 4 records in slice i % 3, and one more in slice 2 if i is even
+    let mut input: Vec<(&str, &str, i64)> = Vec::new();
+    let mut want: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for (i, k) in keys.iter().enumerate() {
+        let mut slices = vec![(i % 3) as i64; 1 + i % 4];
+        if i % 2 == 0 {
+            slices.push(2);
+        }
+        for slice in slices {
+            input.push((k.as_str(), "x", slice * MIN + 7));
+            for end in slice + 1..=slice + 3 {
+                *want.entry((k.clone(), end * MIN)).or_default() += 1;
+            }
+        }
+    }
+    h.push(0, rows(&s, &input));
+    let ctx = OperatorContext {
+        subtask: &h.info,
+        record_watermark: Watermark(i64::MAX),
+        current_watermark: Watermark(i64::MAX),
+        metrics: &h.metrics,
+    };
+    let mut out = crate::testing::Sink::default();
+    loop {
+        let before = out.0.len();
+        h.op.on_watermark(Watermark(i64::MAX), &ctx, &mut out)
+            .unwrap();
+        let emitted: usize = out.0[before..].iter().map(|(_, b)| b.num_rows()).sum();
+        assert!(emitted <= FIRE_BATCH, "one call emitted {emitted} rows");
+        if !h.op.has_more_output() {
+            break;
+        }
+    }
+    let mut got: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for (_, b) in &out.0 {
+        let k = b.column_by_name("k").unwrap().as_string::<i32>();
+        let end = b
+            .column_by_name("window_end")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        let c = b.column_by_name("n").unwrap().as_primitive::<Int64Type>();
+        for r in 0..b.num_rows() {
+            let prev = got.insert((k.value(r).to_string(), end.value(r)), c.value(r));
+            assert!(
+                prev.is_none(),
+                "{} window {} twice",
+                k.value(r),
+                end.value(r)
+            );
+        }
+    }
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want);
 }
 
 /// Rows are added a group at a time; the result must not depend on how input is batched. The same
