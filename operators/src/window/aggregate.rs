@@ -534,36 +534,32 @@ pub fn update_column(
         (AccColumn::Any { accs, .. }, Some(ColumnReader::Int(_, v)))
             if matches!(d.kind, AggKind::Min | AggKind::Max) =>
         {
-            for (s, run) in runs(slots) {
-                let values = rows[run]
-                    .iter()
-                    .filter(|r| counts(**r as usize))
-                    .map(|r| v[*r as usize]);
-                let best = match d.kind {
-                    AggKind::Min => values.min(),
-                    _ => values.max(),
-                };
-                if let Some(b) = best {
-                    keep_extreme(&mut accs[s as usize], Scalar::Int(b));
-                }
-            }
+            let value = |r: usize| v[r];
+            extremes_per_run(
+                accs,
+                d.kind,
+                rows,
+                slots,
+                counts,
+                value,
+                i64::cmp,
+                Scalar::Int,
+            );
         }
         (AccColumn::Any { accs, .. }, Some(ColumnReader::Float(_, v)))
             if matches!(d.kind, AggKind::Min | AggKind::Max) =>
         {
-            for (s, run) in runs(slots) {
-                let values = rows[run]
-                    .iter()
-                    .filter(|r| counts(**r as usize))
-                    .map(|r| v[*r as usize]);
-                let best = match d.kind {
-                    AggKind::Min => values.min_by(f64::total_cmp),
-                    _ => values.max_by(f64::total_cmp),
-                };
-                if let Some(b) = best {
-                    keep_extreme(&mut accs[s as usize], Scalar::Float(b));
-                }
-            }
+            let value = |r: usize| v[r];
+            extremes_per_run(
+                accs,
+                d.kind,
+                rows,
+                slots,
+                counts,
+                value,
+                f64::total_cmp,
+                Scalar::Float,
+            );
         }
         (AccColumn::Any { accs, heap, .. }, _) => {
             for (r, s) in rows.iter().zip(slots) {
@@ -589,6 +585,35 @@ fn keep_extreme(acc: &mut Acc, v: Scalar) {
         Acc::Min(m) if m.as_ref().is_none_or(|m| v < *m) => *m = Some(v),
         Acc::Max(m) if m.as_ref().is_none_or(|m| v > *m) => *m = Some(v),
         _ => {}
+    }
+}
+
+/// For each run of equal slots, puts the smallest (`Min`) or largest (`Max`) value of the run's
+/// rows that `counts` into that slot's accumulator, if it beats what is there.
+#[allow(clippy::too_many_arguments)]
+fn extremes_per_run<T>(
+    accs: &mut [Acc],
+    kind: AggKind,
+    rows: &[u32],
+    slots: &[u32],
+    counts: impl Fn(usize) -> bool,
+    value: impl Fn(usize) -> T,
+    cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
+    scalar: impl Fn(T) -> Scalar,
+) {
+    for (s, run) in runs(slots) {
+        let values = rows[run]
+            .iter()
+            .map(|r| *r as usize)
+            .filter(|r| counts(*r))
+            .map(&value);
+        let best = match kind {
+            AggKind::Min => values.min_by(&cmp),
+            _ => values.max_by(&cmp),
+        };
+        if let Some(b) = best {
+            keep_extreme(&mut accs[s as usize], scalar(b));
+        }
     }
 }
 

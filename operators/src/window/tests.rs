@@ -230,20 +230,9 @@ fn sliding_record_too_late_for_early_windows_counts_only_for_later_ones() {
 
 /// Windows that fire on one watermark leave a call at most a batch at a time: the operator says
 /// it has more, and every window still fires once, in (end, key) order.
-#[test]
-fn many_windows_firing_at_once_are_emitted_a_batch_per_call() {
-    let (mut h, s) = harness(
-        WindowKind::Sliced {
-            size: 5 * MIN,
-            slide: 5 * MIN,
-        },
-        0,
-        &["count(*) AS n"],
-    );
-    let n = 2 * FIRE_BATCH + 100;
-    let keys: Vec<String> = (0..n).map(|i| format!("k{i:05}")).collect();
-    let input: Vec<(&str, &str, i64)> = keys.iter().map(|k| (k.as_str(), "x", 0)).collect();
-    h.push(0, rows(&s, &input));
+/// Fires every window, one `on_watermark` call at a time as long as the operator has more, and
+/// checks that no call emits more than [`FIRE_BATCH`] rows: the number of calls and the rows.
+fn fire_all(h: &mut Harness<WindowOperator>) -> (usize, crate::testing::Sink) {
     let ctx = OperatorContext {
         subtask: &h.info,
         record_watermark: Watermark(i64::MAX),
@@ -260,9 +249,26 @@ fn many_windows_firing_at_once_are_emitted_a_batch_per_call() {
         let emitted: usize = out.0[before..].iter().map(|(_, b)| b.num_rows()).sum();
         assert!(emitted <= FIRE_BATCH, "one call emitted {emitted} rows");
         if !h.op.has_more_output() {
-            break;
+            return (calls, out);
         }
     }
+}
+
+#[test]
+fn many_windows_firing_at_once_are_emitted_a_batch_per_call() {
+    let (mut h, s) = harness(
+        WindowKind::Sliced {
+            size: 5 * MIN,
+            slide: 5 * MIN,
+        },
+        0,
+        &["count(*) AS n"],
+    );
+    let n = 2 * FIRE_BATCH + 100;
+    let keys: Vec<String> = (0..n).map(|i| format!("k{i:05}")).collect();
+    let input: Vec<(&str, &str, i64)> = keys.iter().map(|k| (k.as_str(), "x", 0)).collect();
+    h.push(0, rows(&s, &input));
+    let (calls, out) = fire_all(&mut h);
     assert_eq!(calls, 3);
     let total: usize = out.0.iter().map(|(_, b)| b.num_rows()).sum();
     assert_eq!(total, n);
@@ -303,23 +309,7 @@ fn sliding_windows_fire_every_key_of_their_slices_once_in_chunks() {
         }
     }
     h.push(0, rows(&s, &input));
-    let ctx = OperatorContext {
-        subtask: &h.info,
-        record_watermark: Watermark(i64::MAX),
-        current_watermark: Watermark(i64::MAX),
-        metrics: &h.metrics,
-    };
-    let mut out = crate::testing::Sink::default();
-    loop {
-        let before = out.0.len();
-        h.op.on_watermark(Watermark(i64::MAX), &ctx, &mut out)
-            .unwrap();
-        let emitted: usize = out.0[before..].iter().map(|(_, b)| b.num_rows()).sum();
-        assert!(emitted <= FIRE_BATCH, "one call emitted {emitted} rows");
-        if !h.op.has_more_output() {
-            break;
-        }
-    }
+    let (_, out) = fire_all(&mut h);
     let mut got: BTreeMap<(String, i64), i64> = BTreeMap::new();
     for (_, b) in &out.0 {
         let k = b.column_by_name("k").unwrap().as_string::<i32>();
