@@ -555,6 +555,7 @@ impl WindowOperator {
         // the rows of each (slice, first window they count for), in batch order: a batch
         // usually spans one or two slices
         let mut groups: Vec<((i64, i64), Vec<u32>)> = Vec::new();
+        let mut index: hashbrown::HashMap<(i64, i64), usize> = hashbrown::HashMap::new();
         let mut at = 0usize;
         let mut slice = i64::MIN;
         for (row, &t) in times.iter().enumerate() {
@@ -582,14 +583,12 @@ impl WindowOperator {
                 first_end += slide;
             }
             let tag = (slice, first_end);
+            // looked up only when the tag changes (a batch spread over many slices stays linear)
             if groups.get(at).is_none_or(|(g, _)| *g != tag) {
-                at = match groups.iter().position(|(g, _)| *g == tag) {
-                    Some(i) => i,
-                    None => {
-                        groups.push((tag, Vec::new()));
-                        groups.len() - 1
-                    }
-                };
+                at = *index.entry(tag).or_insert_with(|| {
+                    groups.push((tag, Vec::new()));
+                    groups.len() - 1
+                });
             }
             groups[at].1.push(row as u32);
         }
