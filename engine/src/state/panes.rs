@@ -5,9 +5,9 @@
 //! row number (16-byte slots, short keys inline), the keys in one buffer, and the values in
 //! columns the owner defines ([`PaneColumns`]: a count is an `i64` in an array, not an object
 //! per key). An update locates the rows of a batch's keys and hands the owner the columns and
-//! the row numbers at once, so aggregates run as loops over arrays, and the memory a record touches is
-//! a few bytes per key rather than an entry per key. Nothing per key outlives its pane: no
-//! timer, no TTL. A pane is read whole, in the order of its keys' rows (key group, then key),
+//! the row numbers at once, so aggregates run as loops over arrays, and the memory a record
+//! touches is a few bytes per key rather than an entry per key. Nothing per key outlives its
+//! pane: no timer, no TTL. A pane is read whole, in the order of its keys' rows (key group, then key),
 //! when the windows over it fire, and dropped with one range delete when the last of them is
 //! done.
 //!
