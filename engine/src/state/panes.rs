@@ -7,9 +7,9 @@
 //! per key). An update locates the rows of a batch's keys and hands the owner the columns and
 //! the row numbers at once, so aggregates run as loops over arrays, and the memory a record
 //! touches is a few bytes per key rather than an entry per key. Nothing per key outlives its
-//! pane: no timer, no TTL. A pane is read whole, in the order of its keys' rows (key group, then key),
-//! when the windows over it fire, and dropped with one range delete when the last of them is
-//! done.
+//! pane: no timer, no TTL. A pane is read whole, in the order of its keys' rows (key group,
+//! then key), when the windows over it fire, and dropped with one range delete when the last
+//! of them is done.
 //!
 //! **RocksDB.** Once attached, a table writes the rows changed since the last write at every
 //! checkpoint ([`PaneTable::flush`]), each as the value its columns give for that row
