@@ -15,16 +15,18 @@
 //! Rows that belong to no single key group start with `0xffff`, above every key group (a job has
 //! at most 32768): timers, ordered by time across key groups and within a time as their keys'
 //! rows are (`[ff ff 02][table][time][key group][key length][encoded key]`, see
-//! [`super::timers`]), pane rows, ordered by namespace and then as their keys' rows are
-//! (`[ff ff 03][table][namespace][key group][key length][encoded key][generation]`, see
-//! [`super::panes`]), and the layout marker
+//! [`super::timers`]), pane rows, ordered by spill generation, then namespace, then as their
+//! keys' rows are (`[ff ff 04][table][generation][namespace][key group][key length][encoded
+//! key]`, see [`super::panes`]), and the layout marker
 //! (`[ff ff 00]format`), which says which [`FORMAT`] wrote the instance so that a newer version
 //! can read what an older one checkpointed. Each table also records the lowest and highest
 //! namespace it ever wrote (`[ff ff 00]ns:[table]`), and the marker `[ff ff 00]ns-ranges` says
 //! that every table of the instance did so since it started empty: a table restored from it
 //! knows that RocksDB holds none of its rows outside that range (a window slice opened after
-//! the snapshot), so a miss there needs no read. Each pane table records the next spill
-//! generation it has not used (`[ff ff 00]gen:[table]`; a rescale takes the highest).
+//! the snapshot), so a miss there needs no read. A pane table's next spill generation is the
+//! one after its newest row's (layout 4 recorded it in `[ff ff 00]gen:[table]`, which is no
+//! longer read: a row outside the pane range in every memtable would make each flushed file
+//! overlap the older generations).
 //!
 //! Writes skip the write-ahead log: durability comes from checkpoints, which flush the memtables
 //! and link the SST files. Only encoding the changed values runs on the subtask's thread: the
@@ -61,8 +63,11 @@ pub(crate) const LEGACY_HEADER: usize = 16;
 /// same time ordered as their keys' rows (by [`timer_order`]) under `[ff ff 02]`; layouts 1
 /// and 2 kept them in key order under `[ff ff 01]`. 4: pane tables ([`super::panes`]) under
 /// `[ff ff 03]`, which sliced windows keep their state in instead of a keyed table and timers
-/// (a window moves the state of an older layout when it opens).
-pub const FORMAT: u32 = 4;
+/// (a window moves the state of an older layout when it opens). 5: pane rows ordered by
+/// generation first, under `[ff ff 04]`, so each spill is a key range of its own that
+/// compaction never merges with another; layout 4 kept them ordered by namespace and key with
+/// the generation last (a pane table moves them when it attaches).
+pub const FORMAT: u32 = 5;
 
 /// First bytes of the rows outside key groups.
 const OUTSIDE: [u8; 2] = [0xff, 0xff];
@@ -70,7 +75,9 @@ const META: u8 = 0;
 /// Timers of layouts 1 and 2.
 const LEGACY_TIMERS: u8 = 1;
 const TIMERS: u8 = 2;
-const PANES: u8 = 3;
+/// Pane rows of layout 4.
+const LEGACY_PANES: u8 = 3;
+const PANES: u8 = 4;
 
 fn format_key() -> Vec<u8> {
     [&OUTSIDE[..], &[META], b"format"].concat()
@@ -112,21 +119,33 @@ fn decode_range(v: &[u8]) -> Result<(i64, i64)> {
     }
 }
 
-fn decode_generation(v: &[u8]) -> Result<u32> {
-    <[u8; 4]>::try_from(v)
-        .map(u32::from_be_bytes)
-        .map_err(|_| EngineError::StateStore {
-            message: format!("a pane generation of {} bytes", v.len()),
-            retryable: false,
-        })
+fn bad_pane_row(k: &[u8]) -> EngineError {
+    EngineError::StateStore {
+        message: format!("a pane row key of {} bytes", k.len()),
+        retryable: false,
+    }
 }
 
 impl KeyedBackend {
-    /// The next unused spill generation of pane table `table`, 0 if it never wrote one.
+    /// The generation after the newest one pane table `table` has rows in, 0 if it has none:
+    /// its last row says it, as generations come first in pane rows.
     pub(crate) fn next_generation(&self, table: [u8; 4]) -> Result<u32> {
-        Ok(self
-            .get(&generation_row(table), decode_generation)?
-            .unwrap_or(0))
+        self.wait_for_rows()?;
+        let prefix = pane_prefix(table);
+        let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
+        ro.set_iterate_lower_bound(prefix.clone());
+        let mut it = self.db().raw_iterator_opt(ro);
+        it.seek_for_prev(prefix_upper(&prefix));
+        let next = match it.key() {
+            Some(k) => {
+                let (generation, _, _) = decode_pane_row(k).ok_or_else(|| bad_pane_row(k))?;
+                generation.saturating_add(1)
+            }
+            None => 0,
+        };
+        it.status().map_err(|e| db_err("reading state", e))?;
+        Ok(next)
     }
 }
 
@@ -135,46 +154,55 @@ pub(crate) fn union(a: Option<(i64, i64)>, b: (i64, i64)) -> (i64, i64) {
     a.map_or(b, |(lo, hi)| (lo.min(b.0), hi.max(b.1)))
 }
 
-/// First bytes of the rows that hold a pane table's next unused spill generation.
-fn generation_rows() -> Vec<u8> {
-    [&OUTSIDE[..], &[META], b"gen:"].concat()
-}
-
-/// The row that holds the next unused spill generation of pane table `table`.
-pub(crate) fn generation_row(table: [u8; 4]) -> Vec<u8> {
-    [&generation_rows()[..], &table].concat()
-}
-
 /// The first row key of pane table `table` (see [`super::panes`]).
 pub(crate) fn pane_prefix(table: [u8; 4]) -> Vec<u8> {
     [&OUTSIDE[..], &[PANES], &table].concat()
 }
 
-/// The first row key of namespace `ns` of pane table `table`.
-pub(crate) fn pane_ns_prefix(table: [u8; 4], ns: i64) -> Vec<u8> {
+/// The first row key of generation `generation` of pane table `table`.
+pub(crate) fn pane_generation_prefix(table: [u8; 4], generation: u32) -> Vec<u8> {
     let mut k = pane_prefix(table);
+    k.extend_from_slice(&generation.to_be_bytes());
+    k
+}
+
+/// The first row key of namespace `ns` in generation `generation` of pane table `table`.
+pub(crate) fn pane_ns_prefix(table: [u8; 4], generation: u32, ns: i64) -> Vec<u8> {
+    let mut k = pane_generation_prefix(table, generation);
     k.extend_from_slice(&time_bytes(ns));
     k
 }
 
 /// Bytes of a pane row key before the key's [`timer_order`].
-const PANE_NS_PREFIX_LEN: usize = 7 + 8;
+const PANE_NS_PREFIX_LEN: usize = 7 + 4 + 8;
 
-/// The row key of a pane row: `[ff ff 03][table][ns][key order][generation: u32 BE]`.
-pub(crate) fn pane_row(table: [u8; 4], ns: i64, order: &[u8], generation: u32) -> Vec<u8> {
-    let mut k = pane_ns_prefix(table, ns);
+/// The row key of a pane row: `[ff ff 04][table][generation: u32 BE][ns][key order]`.
+pub(crate) fn pane_row(table: [u8; 4], generation: u32, ns: i64, order: &[u8]) -> Vec<u8> {
+    let mut k = pane_ns_prefix(table, generation, ns);
     k.extend_from_slice(order);
-    k.extend_from_slice(&generation.to_be_bytes());
     k
 }
 
-/// The namespace, key order and generation of a pane row key.
-pub(crate) fn decode_pane_row(row: &[u8]) -> Option<(i64, &[u8], u32)> {
-    let ns = time_from_bytes(row.get(7..PANE_NS_PREFIX_LEN)?.try_into().ok()?);
-    let rest = row.get(PANE_NS_PREFIX_LEN..)?;
+/// The generation, namespace and key order of a pane row key.
+pub(crate) fn decode_pane_row(row: &[u8]) -> Option<(u32, i64, &[u8])> {
+    let generation = u32::from_be_bytes(row.get(7..11)?.try_into().ok()?);
+    let ns = time_from_bytes(row.get(11..PANE_NS_PREFIX_LEN)?.try_into().ok()?);
+    Some((generation, ns, row.get(PANE_NS_PREFIX_LEN..)?))
+}
+
+/// The first row key of pane table `table` in layout 4:
+/// `[ff ff 03][table][ns][key order][generation: u32 BE]`.
+fn legacy_pane_prefix(table: [u8; 4]) -> Vec<u8> {
+    [&OUTSIDE[..], &[LEGACY_PANES], &table].concat()
+}
+
+/// The generation, namespace and key order of a pane row key of layout 4.
+fn decode_legacy_pane_row(row: &[u8]) -> Option<(u32, i64, &[u8])> {
+    let ns = time_from_bytes(row.get(7..15)?.try_into().ok()?);
+    let rest = row.get(15..)?;
     let split = rest.len().checked_sub(4)?;
     let generation = u32::from_be_bytes(rest[split..].try_into().ok()?);
-    Some((ns, &rest[..split], generation))
+    Some((generation, ns, &rest[..split]))
 }
 
 /// The first row key of timer table `table`.
@@ -733,15 +761,17 @@ impl KeyedBackend {
         let mut ro = ReadOptions::default();
         ro.set_total_order_seek(true);
         ro.set_iterate_upper_bound([&OUTSIDE[..], &[PANES + 1]].concat());
+        let owns_order = |order: Option<&[u8]>| {
+            order.and_then(|o| o.get(..2)).is_some_and(|kg| {
+                self.range
+                    .contains(KeyGroup(u16::from_be_bytes([kg[0], kg[1]]) as u32))
+            })
+        };
         for item in src.iterator_opt(IteratorMode::From(&timers, Direction::Forward), ro) {
             let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
             let owned = match k[2] {
-                PANES => decode_pane_row(&k)
-                    .and_then(|(_, order, _)| order.get(..2))
-                    .is_some_and(|kg| {
-                        self.range
-                            .contains(KeyGroup(u16::from_be_bytes([kg[0], kg[1]]) as u32))
-                    }),
+                PANES => owns_order(decode_pane_row(&k).map(|(_, _, order)| order)),
+                LEGACY_PANES => owns_order(decode_legacy_pane_row(&k).map(|(_, _, order)| order)),
                 LEGACY_TIMERS => decode_timer_key(&k).is_some_and(|(_, key)| self.owns(key)),
                 _ => decode_timer_key(&k)
                     .and_then(|(_, rest)| key_of_order(rest))
@@ -753,7 +783,6 @@ impl KeyedBackend {
         }
         let ranges = Self::read_ranges_marker(&src)?;
         self.widen_ranges(&src)?;
-        self.widen_generations(&src)?;
         if rows == 0 {
             drop(writer);
             let _ = std::fs::remove_file(sst);
@@ -789,26 +818,9 @@ impl KeyedBackend {
         self.write(batch)
     }
 
-    /// Raises this instance's next spill generation of each pane table to the one `src`
-    /// recorded, so that no generation written in either is used again.
-    fn widen_generations(&self, src: &DB) -> Result<()> {
-        let prefix = generation_rows();
-        let mut ro = ReadOptions::default();
-        ro.set_total_order_seek(true);
-        ro.set_iterate_upper_bound(prefix_upper(&prefix));
-        let mut batch = WriteBatch::default();
-        for item in src.iterator_opt(IteratorMode::From(&prefix, Direction::Forward), ro) {
-            let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
-            let theirs = decode_generation(&v)?;
-            let ours = self.get(&k, decode_generation)?.unwrap_or(0);
-            batch.put(&k, ours.max(theirs).to_be_bytes());
-        }
-        self.write(batch)
-    }
-
-    /// The distinct namespaces of pane table `table` that hold rows of this instance's key
-    /// groups, ascending.
-    pub(crate) fn pane_namespaces(&self, table: [u8; 4]) -> Result<Vec<i64>> {
+    /// The distinct (generation, namespace) pairs of pane table `table` that hold rows of this
+    /// instance's key groups, ascending.
+    pub(crate) fn pane_parts(&self, table: [u8; 4]) -> Result<Vec<(u32, i64)>> {
         self.wait_for_rows()?;
         let prefix = pane_prefix(table);
         let mut ro = ReadOptions::default();
@@ -818,28 +830,26 @@ impl KeyedBackend {
         let mut out = Vec::new();
         it.seek(&prefix);
         while let Some(k) = it.key() {
-            let Some((ns, _, _)) = decode_pane_row(k) else {
-                return Err(EngineError::StateStore {
-                    message: format!("a pane row key of {} bytes", k.len()),
-                    retryable: false,
-                });
+            let Some((generation, ns, _)) = decode_pane_row(k) else {
+                return Err(bad_pane_row(k));
             };
-            // the first row of this instance's key groups in the namespace, if any
-            let ns_prefix = pane_ns_prefix(table, ns);
+            // the first row of this instance's key groups in the part, if any
+            let ns_prefix = pane_ns_prefix(table, generation, ns);
             let mut first = ns_prefix.clone();
             first.extend_from_slice(&kg_prefix(self.range.start));
             if k < first.as_slice() {
                 it.seek(&first);
                 continue;
             }
-            let mut upper = ns_prefix.clone();
+            let mut upper = ns_prefix;
             upper.extend_from_slice(&kg_prefix(self.range.end + 1));
             if k < upper.as_slice() {
-                out.push(ns);
+                out.push((generation, ns));
             }
-            match ns.checked_add(1) {
-                Some(next) => it.seek(pane_ns_prefix(table, next)),
-                None => break,
+            match (ns.checked_add(1), generation.checked_add(1)) {
+                (Some(next), _) => it.seek(pane_ns_prefix(table, generation, next)),
+                (None, Some(next)) => it.seek(pane_generation_prefix(table, next)),
+                (None, None) => break,
             }
         }
         it.status().map_err(|e| db_err("reading state", e))?;
@@ -847,46 +857,61 @@ impl KeyedBackend {
     }
 
     /// Calls `f(order, generation, value)` for the rows of namespace `ns` of pane table `table`
-    /// in this instance's key groups, in row order, from key order `from` (`(order, true)`: at
-    /// it; `(order, false)`: after it; `None`: the first); stops before the row of the
-    /// `limit + 1`th distinct key.
+    /// in `generations` (ascending) and this instance's key groups, in key order and, for one
+    /// key, in generation order (a merge of one iterator per generation), from key order `from`
+    /// (`(order, true)`: at it; `(order, false)`: after it; `None`: the first); stops before
+    /// the rows of the `limit + 1`th distinct key.
     pub(crate) fn read_pane(
         &self,
         table: [u8; 4],
         ns: i64,
+        generations: &[u32],
         from: Option<(&[u8], bool)>,
         limit: usize,
         mut f: impl FnMut(&[u8], u32, &[u8]) -> Result<()>,
     ) -> Result<()> {
         self.wait_for_rows()?;
-        let prefix = pane_ns_prefix(table, ns);
-        let mut start = prefix.clone();
-        start.extend_from_slice(&kg_prefix(self.range.start));
-        if let Some((order, inclusive)) = from {
-            let mut at = prefix.clone();
-            at.extend_from_slice(order);
-            if !inclusive {
-                // past every generation of `order` (no key order is a prefix of another)
-                at.extend_from_slice(&[0xff; 5]);
+        let mut its = Vec::with_capacity(generations.len());
+        for &generation in generations {
+            let prefix = pane_ns_prefix(table, generation, ns);
+            let mut start = prefix.clone();
+            start.extend_from_slice(&kg_prefix(self.range.start));
+            if let Some((order, inclusive)) = from {
+                let mut at = prefix.clone();
+                at.extend_from_slice(order);
+                if !inclusive {
+                    // past `order` (no key order is a prefix of another)
+                    at.push(0xff);
+                }
+                start = start.max(at);
             }
-            start = start.max(at);
+            let mut upper = prefix;
+            upper.extend_from_slice(&kg_prefix(self.range.end + 1));
+            let mut ro = ReadOptions::default();
+            ro.set_total_order_seek(true);
+            ro.set_iterate_upper_bound(upper);
+            let mut it = self.db().raw_iterator_opt(ro);
+            it.seek(&start);
+            its.push((generation, it));
         }
-        let mut upper = prefix.clone();
-        upper.extend_from_slice(&kg_prefix(self.range.end + 1));
-        let mut ro = ReadOptions::default();
-        ro.set_total_order_seek(true);
-        ro.set_iterate_upper_bound(upper);
-        let mut it = self.db().raw_iterator_opt(ro);
-        it.seek(&start);
         let mut keys = 0usize;
         let mut last: Vec<u8> = Vec::new();
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let Some((_, order, generation)) = decode_pane_row(k) else {
-                return Err(EngineError::StateStore {
-                    message: format!("a pane row key of {} bytes", k.len()),
-                    retryable: false,
-                });
+        loop {
+            // the smallest key order among the iterators, the oldest generation first
+            let mut min: Option<(usize, &[u8])> = None;
+            for (i, (_, it)) in its.iter().enumerate() {
+                let Some(k) = it.key() else { continue };
+                let order = k.get(PANE_NS_PREFIX_LEN..).ok_or_else(|| bad_pane_row(k))?;
+                if min.is_none_or(|(_, o)| order < o) {
+                    min = Some((i, order));
+                }
+            }
+            let Some((m, _)) = min else { break };
+            let (generation, it) = &mut its[m];
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
             };
+            let order = &k[PANE_NS_PREFIX_LEN..];
             if keys == 0 || order != last.as_slice() {
                 if keys == limit {
                     break;
@@ -895,10 +920,44 @@ impl KeyedBackend {
                 last.clear();
                 last.extend_from_slice(order);
             }
-            f(order, generation, v)?;
+            f(order, *generation, v)?;
             it.next();
         }
-        it.status().map_err(|e| db_err("reading state", e))
+        for (_, it) in &its {
+            it.status().map_err(|e| db_err("reading state", e))?;
+        }
+        Ok(())
+    }
+
+    /// Moves the rows pane table `table` has in layout 4 (see [`FORMAT`]) to this layout,
+    /// keeping their generations; returns how many it moved.
+    pub(crate) fn move_legacy_panes(&self, table: [u8; 4]) -> Result<u64> {
+        self.wait_for_rows()?;
+        let prefix = legacy_pane_prefix(table);
+        let upper = prefix_upper(&prefix);
+        let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
+        ro.set_iterate_upper_bound(upper.clone());
+        let mut batch = WriteBatch::default();
+        let mut moved = 0u64;
+        for item in self
+            .db()
+            .iterator_opt(IteratorMode::From(&prefix, Direction::Forward), ro)
+        {
+            let (k, v) = item.map_err(|e| db_err("reading state", e))?;
+            let (generation, ns, order) =
+                decode_legacy_pane_row(&k).ok_or_else(|| bad_pane_row(&k))?;
+            batch.put(pane_row(table, generation, ns, order), &v);
+            moved += 1;
+            if batch.size_in_bytes() >= 1 << 20 {
+                self.write(std::mem::take(&mut batch))?;
+            }
+        }
+        if moved > 0 {
+            batch.delete_range(&prefix, &upper);
+            self.write(batch)?;
+        }
+        Ok(moved)
     }
 
     /// Whether an encoded key belongs to this instance's key groups.
@@ -1280,6 +1339,34 @@ impl KeyedBackend {
         self.db().delete(ranges_marker()).expect("delete");
         self.delete_range(&range_rows(), &upper)
             .expect("delete range");
+    }
+
+    /// Rewrites the rows of pane table `table` in layout 4, as a version of that layout wrote
+    /// them (tests); returns how many.
+    #[cfg(test)]
+    pub(crate) fn write_panes_in_layout_4(&self, table: [u8; 4]) -> u64 {
+        let prefix = pane_prefix(table);
+        let mut batch = WriteBatch::default();
+        let mut rows = 0;
+        let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
+        ro.set_iterate_upper_bound(prefix_upper(&prefix));
+        for item in self
+            .db()
+            .iterator_opt(IteratorMode::From(&prefix, Direction::Forward), ro)
+        {
+            let (k, v) = item.expect("read");
+            let (generation, ns, order) = decode_pane_row(&k).expect("a pane row");
+            let mut old = legacy_pane_prefix(table);
+            old.extend_from_slice(&time_bytes(ns));
+            old.extend_from_slice(order);
+            old.extend_from_slice(&generation.to_be_bytes());
+            batch.put(old, v);
+            rows += 1;
+        }
+        batch.delete_range(&prefix, &prefix_upper(&prefix));
+        self.write(batch).expect("write");
+        rows
     }
 
     /// Marks the instance as written in layout `format` (tests of older layouts).

@@ -14,21 +14,26 @@
 //! **RocksDB.** Once attached, a table writes the rows changed since the last write at every
 //! checkpoint ([`PaneTable::flush`]), each as the value its columns give for that row
 //! ([`PaneColumns::value`]), under
-//! `[ff ff 03][table][namespace][key group][key length][key][generation]` outside the key
-//! groups (like timers: a namespace's rows are one range across key groups, and a restore
-//! keeps the rows of its own key groups, see [`super::backend`]). Values are never read back
+//! `[ff ff 04][table][generation][namespace][key group][key length][key]` outside the key
+//! groups (like timers: a restore keeps the rows of its own key groups, see
+//! [`super::backend`]). Values are never read back
 //! to be updated: when the panes outgrow their share of the job's memory, the table writes
 //! them and empties memory, and later updates start new *partial* values under the next
 //! generation. A key's value in a pane is the merge of its partials: its rows of older
 //! generations, and its value in memory (or, if memory has none, its row of the current
 //! generation). So a write never needs a read, and readers merge ([`PaneTable::read`] returns
-//! every partial). The next unused generation is recorded in the instance and survives
-//! restores and rescales, so restored partials are never overwritten.
+//! every partial, merging one ordered read per generation). A restored table goes on with the
+//! generation after the newest one its rows are in, so restored partials are never
+//! overwritten. With the generation first in the row key, everything a table writes between
+//! two spills is one key range of its own: RocksDB's compactions move the files of a finished
+//! generation down without merging them with another generation's, so spilled state is not
+//! rewritten again and again as it grows. A dropped namespace is one range delete per
+//! generation that holds it.
 use hashbrown::HashTable;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use smallvec::SmallVec;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
@@ -45,6 +50,9 @@ pub type Partials<V> = SmallVec<[V; 1]>;
 
 /// A key's rows in one namespace of RocksDB: (generation, value), in generation order.
 type Written<V> = SmallVec<[(u32, V); 1]>;
+
+/// The generations one namespace has rows in, ascending.
+type Generations = SmallVec<[u32; 4]>;
 
 /// Bytes of rows written to RocksDB in one batch.
 const WRITE_BATCH_BYTES: usize = 1 << 20;
@@ -85,8 +93,8 @@ pub struct PaneTable<C: PaneColumns> {
 struct Backing {
     backend: Arc<KeyedBackend>,
     table: [u8; 4],
-    /// Namespaces RocksDB may hold rows of.
-    on_disk: BTreeSet<i64>,
+    /// The namespaces RocksDB may hold rows of, each with the generations it may hold them in.
+    on_disk: BTreeMap<i64, Generations>,
     /// The generation that values in memory are written under.
     generation: u32,
 }
@@ -300,14 +308,17 @@ impl<C: PaneColumns> PaneTable<C> {
     /// written at the next flush.
     pub fn attach(&mut self, backend: &Arc<KeyedBackend>) -> Result<()> {
         let table = backend::value_table_id(&format!("panes/{}", self.name));
-        let (on_disk, generation) = if backend.restored() {
-            (
-                backend.pane_namespaces(table)?.into_iter().collect(),
-                backend.next_generation(table)?,
-            )
-        } else {
-            (BTreeSet::new(), 0)
-        };
+        let mut on_disk: BTreeMap<i64, Generations> = BTreeMap::new();
+        let mut generation = 0;
+        if backend.restored() {
+            if backend.format() < 5 {
+                backend.move_legacy_panes(table)?;
+            }
+            for (g, ns) in backend.pane_parts(table)? {
+                add_generation(on_disk.entry(ns).or_default(), g);
+            }
+            generation = backend.next_generation(table)?;
+        }
         self.max_parallelism = backend.max_parallelism();
         for pane in self.panes.values_mut() {
             pane.sorted = None;
@@ -425,13 +436,7 @@ impl<C: PaneColumns> PaneTable<C> {
         self.panes.clear();
         let bytes = std::mem::take(&mut self.bytes);
         b.backend.memory().charge(bytes, 0);
-        // the new generation is recorded before anything is written under it
-        let mut batch = rocksdb::WriteBatch::default();
-        batch.put(
-            backend::generation_row(b.table),
-            b.generation.saturating_add(1).to_be_bytes(),
-        );
-        b.backend.write(batch)
+        Ok(())
     }
 
     /// Writes the values changed since the last write (called before a snapshot). A detached
@@ -440,13 +445,8 @@ impl<C: PaneColumns> PaneTable<C> {
         let Some(b) = self.backing.as_mut() else {
             return Ok(());
         };
-        // the next unused generation goes first, with the rows (a spill's are written in
-        // batches of about a megabyte)
+        // in batches of about a megabyte
         let mut batch = rocksdb::WriteBatch::default();
-        batch.put(
-            backend::generation_row(b.table),
-            b.generation.saturating_add(1).to_be_bytes(),
-        );
         let mut rows = 0usize;
         let mut buf = Vec::new();
         let mp = self.max_parallelism;
@@ -465,14 +465,14 @@ impl<C: PaneColumns> PaneTable<C> {
                 buf.push(0u8);
                 buf = postcard::to_extend(&pane.columns.value(ns, row), std::mem::take(&mut buf))
                     .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
-                batch.put(backend::pane_row(b.table, ns, &order, b.generation), &buf);
+                batch.put(backend::pane_row(b.table, b.generation, ns, &order), &buf);
                 rows += 1;
                 if batch.size_in_bytes() >= WRITE_BATCH_BYTES {
                     b.backend.write(std::mem::take(&mut batch))?;
                 }
             }
             pane.dirty.iter_mut().for_each(|w| *w = 0);
-            b.on_disk.insert(ns);
+            add_generation(b.on_disk.entry(ns).or_default(), b.generation);
         }
         if rows == 0 {
             return Ok(());
@@ -484,7 +484,7 @@ impl<C: PaneColumns> PaneTable<C> {
     pub fn namespaces(&self) -> Vec<i64> {
         let mut out: Vec<i64> = self.panes.keys().copied().collect();
         if let Some(b) = &self.backing {
-            out.extend(b.on_disk.iter().copied());
+            out.extend(b.on_disk.keys().copied());
             out.sort_unstable();
             out.dedup();
         }
@@ -497,7 +497,7 @@ impl<C: PaneColumns> PaneTable<C> {
         let disk = self
             .backing
             .as_ref()
-            .and_then(|b| b.on_disk.range(from..).next().copied());
+            .and_then(|b| b.on_disk.range(from..).next().map(|(ns, _)| *ns));
         match (mem, disk) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -533,12 +533,12 @@ impl<C: PaneColumns> PaneTable<C> {
         // RocksDB: each key's rows, in generation order
         let mut disk: Vec<(StateKey, Written<C::Value>)> = Vec::new();
         if let Some(b) = &self.backing
-            && b.on_disk.contains(&ns)
+            && let Some(generations) = b.on_disk.get(&ns)
         {
             let mut rows: Vec<(StateKey, u32, Vec<u8>)> = Vec::new();
             let from = after.map(|a| (a, false));
             b.backend
-                .read_pane(b.table, ns, from, limit, |order, g, v| {
+                .read_pane(b.table, ns, generations, from, limit, |order, g, v| {
                     rows.push((order.into(), g, v.to_vec()));
                     Ok(())
                 })?;
@@ -597,16 +597,22 @@ impl<C: PaneColumns> PaneTable<C> {
                 .and_then(|p| p.find(key).map(|r| p.columns.value(ns, r)));
             let mut disk: Written<C::Value> = SmallVec::new();
             if let Some(b) = &self.backing
-                && b.on_disk.contains(&ns)
+                && let Some(generations) = b.on_disk.get(&ns)
             {
                 let mut rows: Vec<(u32, Vec<u8>)> = Vec::new();
-                b.backend
-                    .read_pane(b.table, ns, Some((&order, true)), 1, |o, g, v| {
+                b.backend.read_pane(
+                    b.table,
+                    ns,
+                    generations,
+                    Some((&order, true)),
+                    1,
+                    |o, g, v| {
                         if o == order.as_slice() {
                             rows.push((g, v.to_vec()));
                         }
                         Ok(())
-                    })?;
+                    },
+                )?;
                 for (g, v) in rows {
                     disk.push((g, decode(&self.name, &v)?));
                 }
@@ -631,19 +637,33 @@ impl<C: PaneColumns> PaneTable<C> {
             self.charge(freed, 0);
         }
         if let Some(b) = self.backing.as_mut()
-            && b.on_disk.first().is_some_and(|first| *first <= last)
+            && b.on_disk
+                .first_key_value()
+                .is_some_and(|(first, _)| *first <= last)
         {
-            let first = *b.on_disk.first().expect("checked");
-            b.on_disk = match last.checked_add(1) {
+            let keep = match last.checked_add(1) {
                 Some(next) => b.on_disk.split_off(&next),
-                None => BTreeSet::new(),
+                None => BTreeMap::new(),
             };
-            let from = backend::pane_ns_prefix(b.table, first);
-            let to = match last.checked_add(1) {
-                Some(next) => backend::pane_ns_prefix(b.table, next),
-                None => backend::prefix_upper(&backend::pane_prefix(b.table)),
-            };
-            b.backend.delete_range(&from, &to)?;
+            let gone = std::mem::replace(&mut b.on_disk, keep);
+            // one range per generation: from the first dropped namespace it holds to the
+            // namespace after `last`
+            let mut firsts: BTreeMap<u32, i64> = BTreeMap::new();
+            for (ns, generations) in gone {
+                for g in generations {
+                    firsts.entry(g).or_insert(ns);
+                }
+            }
+            let mut batch = rocksdb::WriteBatch::default();
+            for (g, first) in firsts {
+                let from = backend::pane_ns_prefix(b.table, g, first);
+                let to = match last.checked_add(1) {
+                    Some(next) => backend::pane_ns_prefix(b.table, g, next),
+                    None => backend::prefix_upper(&backend::pane_generation_prefix(b.table, g)),
+                };
+                batch.delete_range(&from, &to);
+            }
+            b.backend.write(batch)?;
         }
         Ok(())
     }
@@ -673,21 +693,24 @@ impl<C: PaneColumns> PaneTable<C> {
         let generation = b.generation;
         b.generation = generation.saturating_add(1);
         let mut batch = rocksdb::WriteBatch::default();
-        batch.put(
-            backend::generation_row(b.table),
-            b.generation.saturating_add(1).to_be_bytes(),
-        );
         for (ns, order, value) in sorted {
             let mut buf = vec![0u8];
             buf = postcard::to_extend(&value, buf)
                 .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
-            batch.put(backend::pane_row(b.table, ns, &order, generation), &buf);
-            b.on_disk.insert(ns);
+            batch.put(backend::pane_row(b.table, generation, ns, &order), &buf);
+            add_generation(b.on_disk.entry(ns).or_default(), generation);
             if batch.size_in_bytes() >= WRITE_BATCH_BYTES {
                 b.backend.write(std::mem::take(&mut batch))?;
             }
         }
         b.backend.write(batch)
+    }
+}
+
+/// Adds `g` to `gens` (ascending, no repeats).
+fn add_generation(gens: &mut Generations, g: u32) {
+    if let Err(at) = gens.binary_search(&g) {
+        gens.insert(at, g);
     }
 }
 
@@ -913,8 +936,8 @@ mod tests {
         assert_eq!(read_all(&mut r, 64), model);
     }
 
-    /// A flush of more rows than one write batch holds (about 1 MB) writes every row, and the
-    /// next unused generation with them.
+    /// A flush of more rows than one write batch holds (about 1 MB) writes every row, all in
+    /// the generation the spill closed (a restore would go on with the next one).
     #[test]
     fn a_flush_larger_than_a_write_batch_writes_every_row() {
         let dir = tempfile::tempdir().unwrap();
@@ -943,8 +966,63 @@ mod tests {
             backend
                 .next_generation(t.backing.as_ref().unwrap().table)
                 .unwrap(),
-            2
+            1
         );
+    }
+
+    /// Panes checkpointed in layout 4 (the generation last in a row's key) are moved to this
+    /// layout when the table attaches, restored whole and by three subtasks, and read the same;
+    /// later writes never overwrite a moved partial.
+    #[test]
+    fn panes_of_layout_4_are_moved_when_the_table_attaches() {
+        let dir = tempfile::tempdir().unwrap();
+        let range = KeyGroupRange::for_subtask(128, 1, 0);
+        let backend = open(dir.path(), "db", range);
+        let mut t: PaneTable<Sums> = PaneTable::new("w", Sums::default());
+        t.attach(&backend).unwrap();
+        let mut model = Model::new();
+        fill(&mut t, &mut model, 5, 6, |_| true);
+        t.flush().unwrap();
+        let table = t.backing.as_ref().unwrap().table;
+        assert!(backend.write_panes_in_layout_4(table) > 1000);
+        backend.set_format(4);
+        let snap = dir.path().join("snap");
+        backend.checkpoint(&snap).unwrap();
+        let parts = vec![(snap, range)];
+        for subtasks in [1u32, 3] {
+            let mut seen = Model::new();
+            let mut want = model.clone();
+            for sub in 0..subtasks {
+                let range = KeyGroupRange::for_subtask(128, subtasks, sub);
+                let name = format!("new{subtasks}-{sub}");
+                let copies = crate::state::tests::copy_parts(&parts, dir.path(), &name);
+                let restored = Arc::new(
+                    KeyedBackend::restore(
+                        &dir.path().join(&name),
+                        &config(dir.path()),
+                        range,
+                        128,
+                        copies,
+                    )
+                    .unwrap(),
+                );
+                assert_eq!(restored.format(), 4);
+                let mut r: PaneTable<Sums> = PaneTable::new("w", Sums::default());
+                r.attach(&restored).unwrap();
+                assert_eq!(
+                    restored.move_legacy_panes(table).unwrap(),
+                    0,
+                    "moved at attach"
+                );
+                let owned = |k: &[u8]| range.contains(key_group(hash_key(k), 128));
+                fill(&mut r, &mut want, 31 + sub as u64, 4, owned);
+                for (k, v) in read_all(&mut r, 41) {
+                    assert!(owned(&k.1), "subtask {sub} read a key it does not own");
+                    assert!(seen.insert(k, v).is_none(), "a key restored twice");
+                }
+            }
+            assert_eq!(seen, want, "{subtasks} subtasks");
+        }
     }
 
     /// Two subtasks' panes restored by three: each key exactly once, in the subtask that owns
