@@ -15,10 +15,10 @@
 //! Rows that belong to no single key group start with `0xffff`, above every key group (a job has
 //! at most 32768): timers, ordered by time across key groups and within a time as their keys'
 //! rows are (`[ff ff 02][table][time][key group][key length][encoded key]`, see
-//! [`super::timers`]), pane rows, ordered by spill generation, then namespace, then as their
-//! keys' rows are (`[ff ff 04][table][generation][namespace][key group][key length][encoded
-//! key]`, see [`super::panes`]), and the layout marker
-//! (`[ff ff 00]format`), which says which [`FORMAT`] wrote the instance so that a newer version
+//! [`super::timers`]), pane rows, ordered by spill generation, then namespace, then kind (a
+//! single value or a block of values), then as their keys' rows are (`[ff ff 04][table]
+//! [generation][namespace][kind][key group][key length][encoded key]`, see [`super::panes`]),
+//! and the layout marker (`[ff ff 00]format`), which says which [`FORMAT`] wrote the instance so that a newer version
 //! can read what an older one checkpointed. Each table also records the lowest and highest
 //! namespace it ever wrote (`[ff ff 00]ns:[table]`), and the marker `[ff ff 00]ns-ranges` says
 //! that every table of the instance did so since it started empty: a table restored from it
@@ -65,8 +65,9 @@ pub(crate) const LEGACY_HEADER: usize = 16;
 /// `[ff ff 03]`, which sliced windows keep their state in instead of a keyed table and timers
 /// (a window moves the state of an older layout when it opens). 5: pane rows ordered by
 /// generation first, under `[ff ff 04]`, so each spill is a key range of its own that
-/// compaction never merges with another; layout 4 kept them ordered by namespace and key with
-/// the generation last (a pane table moves them when it attaches).
+/// compaction never merges with another, and spills written as blocks of values; layout 4
+/// kept them ordered by namespace and key with the generation last (a pane table moves them
+/// when it attaches).
 pub const FORMAT: u32 = 5;
 
 /// First bytes of the rows outside key groups.
@@ -139,7 +140,7 @@ impl KeyedBackend {
         it.seek_for_prev(prefix_upper(&prefix));
         let next = match it.key() {
             Some(k) => {
-                let (generation, _, _) = decode_pane_row(k).ok_or_else(|| bad_pane_row(k))?;
+                let (generation, ..) = decode_pane_row(k).ok_or_else(|| bad_pane_row(k))?;
                 generation.saturating_add(1)
             }
             None => 0,
@@ -173,21 +174,40 @@ pub(crate) fn pane_ns_prefix(table: [u8; 4], generation: u32, ns: i64) -> Vec<u8
     k
 }
 
-/// Bytes of a pane row key before the key's [`timer_order`].
-const PANE_NS_PREFIX_LEN: usize = 7 + 4 + 8;
+/// What a pane row holds: one key's value ([`PANE_VALUE`], written by checkpoints) or a block
+/// of keys' values ([`PANE_BLOCK`], written by spills, see [`super::pane_blocks`]).
+pub(crate) const PANE_VALUE: u8 = 0;
+pub(crate) const PANE_BLOCK: u8 = 1;
 
-/// The row key of a pane row: `[ff ff 04][table][generation: u32 BE][ns][key order]`.
-pub(crate) fn pane_row(table: [u8; 4], generation: u32, ns: i64, order: &[u8]) -> Vec<u8> {
+/// The first row key of the rows of kind `kind` of namespace `ns` in generation `generation`.
+fn pane_kind_prefix(table: [u8; 4], generation: u32, ns: i64, kind: u8) -> Vec<u8> {
     let mut k = pane_ns_prefix(table, generation, ns);
+    k.push(kind);
+    k
+}
+
+/// Bytes of a pane row key before the key's [`timer_order`].
+const PANE_ORDER_AT: usize = 7 + 4 + 8 + 1;
+
+/// The row key of a pane row: `[ff ff 04][table][generation: u32 BE][ns][kind][key order]`
+/// (a block's key order is its first key's).
+pub(crate) fn pane_row(
+    table: [u8; 4],
+    generation: u32,
+    ns: i64,
+    kind: u8,
+    order: &[u8],
+) -> Vec<u8> {
+    let mut k = pane_kind_prefix(table, generation, ns, kind);
     k.extend_from_slice(order);
     k
 }
 
-/// The generation, namespace and key order of a pane row key.
-pub(crate) fn decode_pane_row(row: &[u8]) -> Option<(u32, i64, &[u8])> {
+/// The generation, namespace, kind and key order of a pane row key.
+pub(crate) fn decode_pane_row(row: &[u8]) -> Option<(u32, i64, u8, &[u8])> {
     let generation = u32::from_be_bytes(row.get(7..11)?.try_into().ok()?);
-    let ns = time_from_bytes(row.get(11..PANE_NS_PREFIX_LEN)?.try_into().ok()?);
-    Some((generation, ns, row.get(PANE_NS_PREFIX_LEN..)?))
+    let ns = time_from_bytes(row.get(11..19)?.try_into().ok()?);
+    Some((generation, ns, *row.get(19)?, row.get(PANE_ORDER_AT..)?))
 }
 
 /// The first row key of pane table `table` in layout 4:
@@ -353,9 +373,25 @@ fn push_key(k: &mut impl Extend<u8>, key: &[u8]) {
 /// of the key's rows in every table, so the keys due at one time come in the order their rows
 /// are stored (see [`super::timers`]).
 pub(crate) fn timer_order(kg: KeyGroup, key: &[u8]) -> super::StateKey {
-    let mut k = super::StateKey::new();
-    k.extend((kg.0 as u16).to_be_bytes());
-    push_key(&mut k, key);
+    let mut head = [0u8; 7];
+    head[..2].copy_from_slice(&(kg.0 as u16).to_be_bytes());
+    let mut n = 2;
+    let mut len = key.len();
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            head[n] = byte;
+            n += 1;
+            break;
+        }
+        head[n] = byte | 0x80;
+        n += 1;
+    }
+    // copied as slices: this runs for every key a window fires or spills
+    let mut k = super::StateKey::with_capacity(n + key.len());
+    k.extend_from_slice(&head[..n]);
+    k.extend_from_slice(key);
     k
 }
 
@@ -770,7 +806,7 @@ impl KeyedBackend {
         for item in src.iterator_opt(IteratorMode::From(&timers, Direction::Forward), ro) {
             let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
             let owned = match k[2] {
-                PANES => owns_order(decode_pane_row(&k).map(|(_, _, order)| order)),
+                PANES => owns_order(decode_pane_row(&k).map(|(_, _, _, order)| order)),
                 LEGACY_PANES => owns_order(decode_legacy_pane_row(&k).map(|(_, _, order)| order)),
                 LEGACY_TIMERS => decode_timer_key(&k).is_some_and(|(_, key)| self.owns(key)),
                 _ => decode_timer_key(&k)
@@ -830,21 +866,17 @@ impl KeyedBackend {
         let mut out = Vec::new();
         it.seek(&prefix);
         while let Some(k) = it.key() {
-            let Some((generation, ns, _)) = decode_pane_row(k) else {
+            let Some((generation, ns, ..)) = decode_pane_row(k) else {
                 return Err(bad_pane_row(k));
             };
-            // the first row of this instance's key groups in the part, if any
-            let ns_prefix = pane_ns_prefix(table, generation, ns);
-            let mut first = ns_prefix.clone();
-            first.extend_from_slice(&kg_prefix(self.range.start));
-            if k < first.as_slice() {
+            // a row of this instance's key groups, of either kind
+            for kind in [PANE_VALUE, PANE_BLOCK] {
+                let (first, upper) = self.pane_kind_bounds(table, generation, ns, kind);
                 it.seek(&first);
-                continue;
-            }
-            let mut upper = ns_prefix;
-            upper.extend_from_slice(&kg_prefix(self.range.end + 1));
-            if k < upper.as_slice() {
-                out.push((generation, ns));
+                if it.key().is_some_and(|k| k < upper.as_slice()) {
+                    out.push((generation, ns));
+                    break;
+                }
             }
             match (ns.checked_add(1), generation.checked_add(1)) {
                 (Some(next), _) => it.seek(pane_ns_prefix(table, generation, next)),
@@ -856,11 +888,28 @@ impl KeyedBackend {
         Ok(out)
     }
 
-    /// Calls `f(order, generation, value)` for the rows of namespace `ns` of pane table `table`
-    /// in `generations` (ascending) and this instance's key groups, in key order and, for one
-    /// key, in generation order (a merge of one iterator per generation), from key order `from`
-    /// (`(order, true)`: at it; `(order, false)`: after it; `None`: the first); stops before
-    /// the rows of the `limit + 1`th distinct key.
+    /// The first row key of the rows of `kind` of (`generation`, `ns`) in this instance's key
+    /// groups, and the row key above them.
+    fn pane_kind_bounds(
+        &self,
+        table: [u8; 4],
+        generation: u32,
+        ns: i64,
+        kind: u8,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let prefix = pane_kind_prefix(table, generation, ns, kind);
+        let mut first = prefix.clone();
+        first.extend_from_slice(&kg_prefix(self.range.start));
+        let mut upper = prefix;
+        upper.extend_from_slice(&kg_prefix(self.range.end + 1));
+        (first, upper)
+    }
+
+    /// Calls `f(order, generation, value)` for the values of namespace `ns` of pane table
+    /// `table` in `generations` (ascending) and this instance's key groups, in key order and,
+    /// for one key, in generation order (a merge of an ordered read of each generation's
+    /// values and blocks), from key order `from` (`(order, true)`: at it; `(order, false)`:
+    /// after it; `None`: the first); stops before the values of the `limit + 1`th distinct key.
     pub(crate) fn read_pane(
         &self,
         table: [u8; 4],
@@ -871,47 +920,61 @@ impl KeyedBackend {
         mut f: impl FnMut(&[u8], u32, &[u8]) -> Result<()>,
     ) -> Result<()> {
         self.wait_for_rows()?;
-        let mut its = Vec::with_capacity(generations.len());
+        let mut cursors = Vec::with_capacity(generations.len() * 2);
         for &generation in generations {
-            let prefix = pane_ns_prefix(table, generation, ns);
-            let mut start = prefix.clone();
-            start.extend_from_slice(&kg_prefix(self.range.start));
-            if let Some((order, inclusive)) = from {
-                let mut at = prefix.clone();
-                at.extend_from_slice(order);
-                if !inclusive {
-                    // past `order` (no key order is a prefix of another)
-                    at.push(0xff);
+            for kind in [PANE_VALUE, PANE_BLOCK] {
+                let (first, upper) = self.pane_kind_bounds(table, generation, ns, kind);
+                let mut ro = ReadOptions::default();
+                ro.set_total_order_seek(true);
+                ro.set_iterate_lower_bound(first.clone());
+                ro.set_iterate_upper_bound(upper);
+                let mut it = self.db().raw_iterator_opt(ro);
+                match from {
+                    // a block holding `order` starts at or before it
+                    Some((order, _)) => {
+                        let mut at = pane_kind_prefix(table, generation, ns, kind);
+                        at.extend_from_slice(order);
+                        if kind == PANE_BLOCK {
+                            it.seek_for_prev(&at);
+                            if !it.valid() {
+                                it.seek(&first);
+                            }
+                        } else {
+                            it.seek(&at);
+                        }
+                    }
+                    None => it.seek(&first),
                 }
-                start = start.max(at);
+                let mut c = PaneCursor::new(it, generation, kind == PANE_BLOCK)?;
+                if let Some((order, inclusive)) = from {
+                    while c
+                        .current()
+                        .is_some_and(|(o, _)| o < order || (!inclusive && o == order))
+                    {
+                        c.advance()?;
+                    }
+                }
+                match c.current() {
+                    Some(_) => cursors.push(c),
+                    None => c.finish()?,
+                }
             }
-            let mut upper = prefix;
-            upper.extend_from_slice(&kg_prefix(self.range.end + 1));
-            let mut ro = ReadOptions::default();
-            ro.set_total_order_seek(true);
-            ro.set_iterate_upper_bound(upper);
-            let mut it = self.db().raw_iterator_opt(ro);
-            it.seek(&start);
-            its.push((generation, it));
         }
         let mut keys = 0usize;
         let mut last: Vec<u8> = Vec::new();
         loop {
-            // the smallest key order among the iterators, the oldest generation first
+            // the smallest key order among the cursors, the oldest generation first
             let mut min: Option<(usize, &[u8])> = None;
-            for (i, (_, it)) in its.iter().enumerate() {
-                let Some(k) = it.key() else { continue };
-                let order = k.get(PANE_NS_PREFIX_LEN..).ok_or_else(|| bad_pane_row(k))?;
-                if min.is_none_or(|(_, o)| order < o) {
+            for (i, c) in cursors.iter().enumerate() {
+                if let Some((order, _)) = c.current()
+                    && min.is_none_or(|(_, o)| order < o)
+                {
                     min = Some((i, order));
                 }
             }
             let Some((m, _)) = min else { break };
-            let (generation, it) = &mut its[m];
-            let (Some(k), Some(v)) = (it.key(), it.value()) else {
-                break;
-            };
-            let order = &k[PANE_NS_PREFIX_LEN..];
+            let c = &mut cursors[m];
+            let (order, value) = c.current().expect("the smallest");
             if keys == 0 || order != last.as_slice() {
                 if keys == limit {
                     break;
@@ -920,11 +983,14 @@ impl KeyedBackend {
                 last.clear();
                 last.extend_from_slice(order);
             }
-            f(order, *generation, v)?;
-            it.next();
+            f(order, c.generation, value)?;
+            c.advance()?;
+            if c.current().is_none() {
+                cursors.remove(m).finish()?;
+            }
         }
-        for (_, it) in &its {
-            it.status().map_err(|e| db_err("reading state", e))?;
+        for c in cursors {
+            c.finish()?;
         }
         Ok(())
     }
@@ -947,7 +1013,7 @@ impl KeyedBackend {
             let (k, v) = item.map_err(|e| db_err("reading state", e))?;
             let (generation, ns, order) =
                 decode_legacy_pane_row(&k).ok_or_else(|| bad_pane_row(&k))?;
-            batch.put(pane_row(table, generation, ns, order), &v);
+            batch.put(pane_row(table, generation, ns, PANE_VALUE, order), &v);
             moved += 1;
             if batch.size_in_bytes() >= 1 << 20 {
                 self.write(std::mem::take(&mut batch))?;
@@ -1356,13 +1422,22 @@ impl KeyedBackend {
             .iterator_opt(IteratorMode::From(&prefix, Direction::Forward), ro)
         {
             let (k, v) = item.expect("read");
-            let (generation, ns, order) = decode_pane_row(&k).expect("a pane row");
-            let mut old = legacy_pane_prefix(table);
-            old.extend_from_slice(&time_bytes(ns));
-            old.extend_from_slice(order);
-            old.extend_from_slice(&generation.to_be_bytes());
-            batch.put(old, v);
-            rows += 1;
+            let (generation, ns, kind, order) = decode_pane_row(&k).expect("a pane row");
+            let mut put = |order: &[u8], v: &[u8]| {
+                let mut old = legacy_pane_prefix(table);
+                old.extend_from_slice(&time_bytes(ns));
+                old.extend_from_slice(order);
+                old.extend_from_slice(&generation.to_be_bytes());
+                batch.put(old, v);
+                rows += 1;
+            };
+            if kind == PANE_BLOCK {
+                for (o, e) in super::pane_blocks::entries(&v).expect("a block") {
+                    put(&v[o], &v[e]);
+                }
+            } else {
+                put(order, &v);
+            }
         }
         batch.delete_range(&prefix, &prefix_upper(&prefix));
         self.write(batch).expect("write");
@@ -1406,5 +1481,75 @@ impl Drop for KeyedBackend {
         // the instance is a working copy (snapshots live in object storage): close, then remove
         drop(self.db.take());
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An ordered read of one generation's pane values of one kind: rows of single values, or
+/// blocks, each read whole and walked entry by entry.
+struct PaneCursor<'a> {
+    it: DBRawIteratorWithThreadMode<'a, DB>,
+    generation: u32,
+    /// For blocks: the current block and where its entries lie; `at` is the current entry.
+    block: Option<(Vec<u8>, super::pane_blocks::Entries)>,
+    at: usize,
+}
+
+impl<'a> PaneCursor<'a> {
+    /// A cursor at the row `it` is at.
+    fn new(it: DBRawIteratorWithThreadMode<'a, DB>, generation: u32, blocks: bool) -> Result<Self> {
+        let mut c = PaneCursor {
+            it,
+            generation,
+            block: blocks.then(|| (Vec::new(), Vec::new())),
+            at: 0,
+        };
+        c.load()?;
+        Ok(c)
+    }
+
+    /// Reads the block the iterator is at, skipping empty ones.
+    fn load(&mut self) -> Result<()> {
+        let Some((buf, entries)) = self.block.as_mut() else {
+            return Ok(());
+        };
+        self.at = 0;
+        entries.clear();
+        while let Some(v) = self.it.value() {
+            buf.clear();
+            buf.extend_from_slice(v);
+            *entries = super::pane_blocks::entries(buf)?;
+            if !entries.is_empty() {
+                break;
+            }
+            self.it.next();
+        }
+        Ok(())
+    }
+
+    /// The current (key order, value), if any.
+    fn current(&self) -> Option<(&[u8], &[u8])> {
+        match &self.block {
+            Some((buf, entries)) => entries
+                .get(self.at)
+                .map(|(o, v)| (&buf[o.clone()], &buf[v.clone()])),
+            None => Some((self.it.key()?.get(PANE_ORDER_AT..)?, self.it.value()?)),
+        }
+    }
+
+    fn advance(&mut self) -> Result<()> {
+        match &self.block {
+            Some((_, entries)) if self.at + 1 < entries.len() => self.at += 1,
+            Some(_) => {
+                self.it.next();
+                self.load()?;
+            }
+            None => self.it.next(),
+        }
+        Ok(())
+    }
+
+    /// Whether the read ended without an error.
+    fn finish(self) -> Result<()> {
+        self.it.status().map_err(|e| db_err("reading state", e))
     }
 }

@@ -66,6 +66,7 @@ use spilled::{ALL, NsRange, Spilled};
 
 pub mod backend;
 pub mod memory;
+mod pane_blocks;
 pub mod panes;
 mod spilled;
 pub mod timers;

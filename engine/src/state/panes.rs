@@ -14,21 +14,24 @@
 //! **RocksDB.** Once attached, a table writes the rows changed since the last write at every
 //! checkpoint ([`PaneTable::flush`]), each as the value its columns give for that row
 //! ([`PaneColumns::value`]), under
-//! `[ff ff 04][table][generation][namespace][key group][key length][key]` outside the key
+//! `[ff ff 04][table][generation][namespace][0][key group][key length][key]` outside the key
 //! groups (like timers: a restore keeps the rows of its own key groups, see
-//! [`super::backend`]). Values are never read back
-//! to be updated: when the panes outgrow their share of the job's memory, the table writes
-//! them and empties memory, and later updates start new *partial* values under the next
-//! generation. A key's value in a pane is the merge of its partials: its rows of older
-//! generations, and its value in memory (or, if memory has none, its row of the current
-//! generation). So a write never needs a read, and readers merge ([`PaneTable::read`] returns
-//! every partial, merging one ordered read per generation). A restored table goes on with the
-//! generation after the newest one its rows are in, so restored partials are never
-//! overwritten. With the generation first in the row key, everything a table writes between
-//! two spills is one key range of its own: RocksDB's compactions move the files of a finished
-//! generation down without merging them with another generation's, so spilled state is not
-//! rewritten again and again as it grows. A dropped namespace is one range delete per
-//! generation that holds it.
+//! [`super::backend`]). Values are never read back to be updated: when the panes outgrow their
+//! share of the job's memory, the table *spills*: it writes every pane in key order as blocks
+//! of up to 512 values (`[..][namespace][1][first key's order]`, see [`super::pane_blocks`]),
+//! deletes the single values checkpoints wrote of that generation, empties memory, and later
+//! updates start new *partial* values under the next generation. A key's value in a pane is the
+//! merge of its partials: its values of older generations, and its value in memory (or, if
+//! memory has none, its row of the current generation). So a write never needs a read, and
+//! readers merge ([`PaneTable::read`] returns every partial, merging one ordered read per
+//! generation). A restored table goes on with the generation after the newest one its rows are
+//! in, so restored partials are never overwritten.
+//!
+//! With the generation first in the row key, everything a table writes between two spills is
+//! one key range of its own: RocksDB's compactions move the files of a finished generation down
+//! without merging them with another generation's, so spilled state is not rewritten as it
+//! grows; and with blocks, a spill and a read cost a RocksDB row per block, not per key. A
+//! dropped namespace is one range delete per generation that holds it.
 use hashbrown::HashTable;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -39,8 +42,9 @@ use std::sync::Arc;
 
 use super::StateKey;
 use super::backend::{self, KeyedBackend};
+use super::pane_blocks;
 use crate::keys::{hash_key, key_group};
-use crate::{EngineError, Result};
+use crate::{EngineError, KeyGroup, Result};
 
 /// The hasher of pane indexes: fixed, so runs over the same input behave alike.
 type Fixed = foldhash::fast::FixedState;
@@ -149,23 +153,28 @@ impl Slot {
 struct Pane<C> {
     /// Rows, found by the key's hash; short keys inline.
     index: HashTable<Slot>,
-    /// Per row: its key's hash, and the end of its key in `keys`.
+    /// Per row: its key's hash, its key group, and the end of its key in `keys`.
     hashes: Vec<u64>,
+    groups: Vec<u16>,
     ends: Vec<u32>,
+    /// The job's number of key groups.
+    max_parallelism: u32,
     keys: Vec<u8>,
     /// One bit per row: changed since last written.
     dirty: Vec<u64>,
     columns: C,
-    /// The pane's keys' row orders with their rows, sorted; kept until a key is added.
-    sorted: Option<Vec<(StateKey, u32)>>,
+    /// The pane's rows in row order (see [`Pane::in_row_order`]); kept until a key is added.
+    sorted: Option<Vec<u32>>,
 }
 
 impl<C: PaneColumns> Pane<C> {
-    fn new(mut columns: C, rows: usize) -> Self {
+    fn new(mut columns: C, rows: usize, max_parallelism: u32) -> Self {
         columns.reserve(rows);
         Pane {
             index: HashTable::with_capacity(rows),
             hashes: Vec::with_capacity(rows),
+            groups: Vec::with_capacity(rows),
+            max_parallelism,
             ends: Vec::with_capacity(rows),
             keys: Vec::with_capacity(rows * 8),
             dirty: Vec::with_capacity(rows.div_ceil(64)),
@@ -180,6 +189,19 @@ impl<C: PaneColumns> Pane<C> {
 
     fn key(&self, row: u32) -> &[u8] {
         key_at(&self.keys, &self.ends, row)
+    }
+
+    /// The [`key_order`] of row `row`'s key.
+    fn order(&self, row: u32) -> StateKey {
+        backend::timer_order(KeyGroup(self.groups[row as usize] as u32), self.key(row))
+    }
+
+    /// Moves the pane to a job of `max_parallelism` key groups.
+    fn regroup(&mut self, max_parallelism: u32) {
+        self.max_parallelism = max_parallelism;
+        for row in 0..self.len() {
+            self.groups[row] = key_group(hash_key(self.key(row as u32)), max_parallelism).0 as u16;
+        }
     }
 
     /// The row of `key`, if the pane has one.
@@ -218,6 +240,8 @@ impl<C: PaneColumns> Pane<C> {
                 self.keys.extend_from_slice(key);
                 self.ends.push(end);
                 self.hashes.push(hash);
+                self.groups
+                    .push(key_group(hash_key(key), self.max_parallelism).0 as u16);
                 if self.dirty.len() * 64 < self.ends.len() {
                     self.dirty.push(0);
                 }
@@ -245,18 +269,43 @@ impl<C: PaneColumns> Pane<C> {
         })
     }
 
+    /// `rows` sorted in row order: by their keys' [`key_order`]s. Sorted first by the first 16
+    /// bytes of the order as two integers (key group, length, then the key), so that only keys
+    /// alike in all of those are compared, by their bytes alone (their key groups and lengths
+    /// are equal).
+    fn in_row_order(&self, rows: impl Iterator<Item = u32>) -> Vec<u32> {
+        let mut by_prefix: Vec<(u64, u64, u32)> = rows
+            .map(|r| {
+                let order = self.order(r);
+                let mut prefix = [0u8; 16];
+                let n = order.len().min(16);
+                prefix[..n].copy_from_slice(&order[..n]);
+                let (hi, lo) = prefix.split_at(8);
+                (
+                    u64::from_be_bytes(hi.try_into().expect("8 bytes")),
+                    u64::from_be_bytes(lo.try_into().expect("8 bytes")),
+                    r,
+                )
+            })
+            .collect();
+        by_prefix.sort_unstable_by(|a, b| {
+            (a.0, a.1)
+                .cmp(&(b.0, b.1))
+                .then_with(|| self.key(a.2).cmp(self.key(b.2)))
+        });
+        by_prefix.into_iter().map(|(_, _, r)| r).collect()
+    }
+
     /// Bytes held on the heap.
     fn bytes(&self) -> usize {
         self.index.allocation_size()
             + self.hashes.capacity() * 8
+            + self.groups.capacity() * 2
             + self.ends.capacity() * 4
             + self.keys.capacity()
             + self.dirty.capacity() * 8
             + self.columns.bytes()
-            + self
-                .sorted
-                .as_ref()
-                .map_or(0, |s| s.capacity() * size_of::<(StateKey, u32)>())
+            + self.sorted.as_ref().map_or(0, |s| s.capacity() * 4)
     }
 }
 
@@ -321,6 +370,7 @@ impl<C: PaneColumns> PaneTable<C> {
         }
         self.max_parallelism = backend.max_parallelism();
         for pane in self.panes.values_mut() {
+            pane.regroup(self.max_parallelism);
             pane.sorted = None;
             for row in 0..pane.len() as u32 {
                 pane.mark(row);
@@ -365,7 +415,7 @@ impl<C: PaneColumns> PaneTable<C> {
             {
                 like = 0;
             }
-            let pane = Pane::new(self.empty.clone(), like);
+            let pane = Pane::new(self.empty.clone(), like, self.max_parallelism);
             let size = pane.bytes();
             self.panes.insert(ns, pane);
             self.charge(0, size);
@@ -426,10 +476,57 @@ impl<C: PaneColumns> PaneTable<C> {
     }
 
     /// Writes every pane and empties memory; later updates start partials of the next
-    /// generation.
+    /// generation. A pane is written as blocks of values in key order (what checkpoints
+    /// wrote of it one value per row is deleted first), so writing it and reading it back cost
+    /// a row per block rather than per key.
     fn spill(&mut self) -> Result<()> {
-        self.flush()?;
-        let b = self.backing.as_mut().expect("checked above");
+        let Some(b) = self.backing.as_mut() else {
+            return Ok(());
+        };
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut block = pane_blocks::BlockWriter::default();
+        let mut value = Vec::new();
+        for (&ns, pane) in self.panes.iter_mut() {
+            if pane.len() == 0 {
+                continue;
+            }
+            let generations = b.on_disk.entry(ns).or_default();
+            if generations.contains(&b.generation) {
+                let values = backend::pane_row(b.table, b.generation, ns, backend::PANE_VALUE, &[]);
+                let blocks = backend::pane_row(b.table, b.generation, ns, backend::PANE_BLOCK, &[]);
+                batch.delete_range(&values, &blocks);
+            }
+            add_generation(generations, b.generation);
+            let sorted = match pane.sorted.take() {
+                Some(sorted) => sorted,
+                None => pane.in_row_order(0..pane.len() as u32),
+            };
+            let put = |batch: &mut rocksdb::WriteBatch, block: &mut pane_blocks::BlockWriter| {
+                if let Some((first, bytes)) = block.take() {
+                    batch.put(
+                        backend::pane_row(b.table, b.generation, ns, backend::PANE_BLOCK, first),
+                        bytes,
+                    );
+                }
+            };
+            for row in sorted {
+                let order = pane.order(row);
+                if block.must_close_before(&order) {
+                    put(&mut batch, &mut block);
+                    if batch.size_in_bytes() >= WRITE_BATCH_BYTES {
+                        b.backend.write(std::mem::take(&mut batch))?;
+                    }
+                }
+                value.clear();
+                value.push(0u8);
+                value =
+                    postcard::to_extend(&pane.columns.value(ns, row), std::mem::take(&mut value))
+                        .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
+                block.push(&order, &value);
+            }
+            put(&mut batch, &mut block);
+        }
+        b.backend.write(batch)?;
         b.generation = b.generation.checked_add(1).ok_or_else(|| {
             EngineError::State(format!("{}: spill generations exhausted", self.name))
         })?;
@@ -449,23 +546,22 @@ impl<C: PaneColumns> PaneTable<C> {
         let mut batch = rocksdb::WriteBatch::default();
         let mut rows = 0usize;
         let mut buf = Vec::new();
-        let mp = self.max_parallelism;
         for (&ns, pane) in self.panes.iter_mut() {
-            let mut dirty: Vec<(StateKey, u32)> = pane
-                .dirty_rows()
-                .map(|r| (key_order(pane.key(r), mp), r))
-                .collect();
+            // in row order: RocksDB's memtable inserts ascending keys cheaply
+            let dirty = pane.in_row_order(pane.dirty_rows());
             if dirty.is_empty() {
                 continue;
             }
-            // in row order: RocksDB's memtable inserts ascending keys cheaply
-            dirty.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            for (order, row) in dirty {
+            for row in dirty {
+                let order = pane.order(row);
                 buf.clear();
                 buf.push(0u8);
                 buf = postcard::to_extend(&pane.columns.value(ns, row), std::mem::take(&mut buf))
                     .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
-                batch.put(backend::pane_row(b.table, b.generation, ns, &order), &buf);
+                batch.put(
+                    backend::pane_row(b.table, b.generation, ns, backend::PANE_VALUE, &order),
+                    &buf,
+                );
                 rows += 1;
                 if batch.size_in_bytes() >= WRITE_BATCH_BYTES {
                     b.backend.write(std::mem::take(&mut batch))?;
@@ -514,20 +610,17 @@ impl<C: PaneColumns> PaneTable<C> {
         limit: usize,
     ) -> Result<Vec<(StateKey, Partials<C::Value>)>> {
         // memory: the pane's keys in row order, sorted once per change of its key set
-        let mp = self.max_parallelism;
         let mut mem: Vec<(StateKey, C::Value)> = Vec::new();
         if let Some(pane) = self.panes.get_mut(&ns) {
             if pane.sorted.is_none() {
-                let mut v: Vec<(StateKey, u32)> = (0..pane.len() as u32)
-                    .map(|r| (key_order(pane.key(r), mp), r))
-                    .collect();
-                v.sort_unstable();
-                pane.sorted = Some(v);
+                pane.sorted = Some(pane.in_row_order(0..pane.len() as u32));
             }
             let sorted = pane.sorted.as_deref().expect("sorted above");
-            let from = after.map_or(0, |a| sorted.partition_point(|(o, _)| o.as_slice() <= a));
-            for (order, row) in sorted[from..].iter().take(limit) {
-                mem.push((order.clone(), pane.columns.value(ns, *row)));
+            let from = after.map_or(0, |a| {
+                sorted.partition_point(|r| pane.order(*r).as_slice() <= a)
+            });
+            for row in sorted[from..].iter().take(limit) {
+                mem.push((pane.order(*row), pane.columns.value(ns, *row)));
             }
         }
         // RocksDB: each key's rows, in generation order
@@ -535,20 +628,17 @@ impl<C: PaneColumns> PaneTable<C> {
         if let Some(b) = &self.backing
             && let Some(generations) = b.on_disk.get(&ns)
         {
-            let mut rows: Vec<(StateKey, u32, Vec<u8>)> = Vec::new();
             let from = after.map(|a| (a, false));
+            let name = &self.name;
             b.backend
                 .read_pane(b.table, ns, generations, from, limit, |order, g, v| {
-                    rows.push((order.into(), g, v.to_vec()));
+                    let value = decode(name, v)?;
+                    match disk.last_mut() {
+                        Some((o, partials)) if o.as_slice() == order => partials.push((g, value)),
+                        _ => disk.push((order.into(), SmallVec::from_elem((g, value), 1))),
+                    }
                     Ok(())
                 })?;
-            for (order, g, v) in rows {
-                let value = decode(&self.name, &v)?;
-                match disk.last_mut() {
-                    Some((o, partials)) if *o == order => partials.push((g, value)),
-                    _ => disk.push((order, SmallVec::from_elem((g, value), 1))),
-                }
-            }
         }
         let generation = self.backing.as_ref().map_or(0, |b| b.generation);
         // merge the two ordered lists, taking the `limit` first keys
@@ -697,7 +787,10 @@ impl<C: PaneColumns> PaneTable<C> {
             let mut buf = vec![0u8];
             buf = postcard::to_extend(&value, buf)
                 .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
-            batch.put(backend::pane_row(b.table, generation, ns, &order), &buf);
+            batch.put(
+                backend::pane_row(b.table, generation, ns, backend::PANE_VALUE, &order),
+                &buf,
+            );
             add_generation(b.on_disk.entry(ns).or_default(), generation);
             if batch.size_in_bytes() >= WRITE_BATCH_BYTES {
                 b.backend.write(std::mem::take(&mut batch))?;
@@ -816,6 +909,26 @@ mod tests {
             0 => format!("a-longer-key-of-more-than-eleven-bytes-{i}").into_bytes(),
             1 => format!("key-{i}").into_bytes(),
             _ => format!("key-2-{i:05}").into_bytes(),
+        }
+    }
+
+    /// A key order is the key group (big-endian), the key's length (LEB128) and the key, for
+    /// lengths of one, two and three LEB128 bytes, and it gives its key back.
+    #[test]
+    fn key_orders_hold_group_length_and_key() {
+        for len in [0usize, 1, 11, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let key: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let order = backend::timer_order(KeyGroup(0x1234), &key);
+            let mut want = vec![0x12, 0x34];
+            let mut n = len;
+            while n >= 0x80 {
+                want.push((n & 0x7f) as u8 | 0x80);
+                n >>= 7;
+            }
+            want.push(n as u8);
+            want.extend_from_slice(&key);
+            assert_eq!(order.as_slice(), want.as_slice(), "length {len}");
+            assert_eq!(key_of_order(&order), key.as_slice());
         }
     }
 
