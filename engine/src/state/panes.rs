@@ -623,8 +623,11 @@ impl<C: PaneColumns> PaneTable<C> {
                 mem.push((pane.order(*row), pane.columns.value(ns, *row)));
             }
         }
-        // RocksDB: each key's rows, in generation order
-        let mut disk: Vec<(StateKey, Written<C::Value>)> = Vec::new();
+        // merged with RocksDB's partials of each key (in generation order) as they are read:
+        // the first `limit` keys of the two
+        let generation = self.backing.as_ref().map_or(0, |b| b.generation);
+        let mut out: Vec<(StateKey, Partials<C::Value>)> = Vec::new();
+        let mut mem = mem.into_iter().peekable();
         if let Some(b) = &self.backing
             && let Some(generations) = b.on_disk.get(&ns)
         {
@@ -632,36 +635,24 @@ impl<C: PaneColumns> PaneTable<C> {
             let name = &self.name;
             b.backend
                 .read_pane(b.table, ns, generations, from, limit, |order, g, v| {
+                    take_memory(&mut out, &mut mem, Some(order), limit);
+                    let last = out.last().is_some_and(|(o, _)| o.as_slice() == order);
+                    if out.len() >= limit && !last {
+                        return Ok(());
+                    }
+                    // memory's value stands for the key's row of the current generation
+                    if g == generation && mem.peek().is_some_and(|(o, _)| o.as_slice() == order) {
+                        return Ok(());
+                    }
                     let value = decode(name, v)?;
-                    match disk.last_mut() {
-                        Some((o, partials)) if o.as_slice() == order => partials.push((g, value)),
-                        _ => disk.push((order.into(), SmallVec::from_elem((g, value), 1))),
+                    match out.last_mut() {
+                        Some((_, partials)) if last => partials.push(value),
+                        _ => out.push((order.into(), std::iter::once(value).collect())),
                     }
                     Ok(())
                 })?;
         }
-        let generation = self.backing.as_ref().map_or(0, |b| b.generation);
-        // merge the two ordered lists, taking the `limit` first keys
-        let mut out = Vec::with_capacity(limit.min(mem.len() + disk.len()));
-        let (mut mi, mut di) = (mem.into_iter().peekable(), disk.into_iter().peekable());
-        while out.len() < limit {
-            let (m, d) = match (mi.peek(), di.peek()) {
-                (None, None) => break,
-                (Some(_), None) => (mi.next(), None),
-                (None, Some(_)) => (None, di.next()),
-                (Some((a, _)), Some((b, _))) => match a.cmp(b) {
-                    std::cmp::Ordering::Less => (mi.next(), None),
-                    std::cmp::Ordering::Greater => (None, di.next()),
-                    std::cmp::Ordering::Equal => (mi.next(), di.next()),
-                },
-            };
-            let (order, value) = match m {
-                Some((o, v)) => (o, Some(v)),
-                None => (d.as_ref().expect("one side was taken").0.clone(), None),
-            };
-            let rows = d.map(|(_, rows)| rows).unwrap_or_default();
-            out.push((order, partials_of(rows, value, generation)));
-        }
+        take_memory(&mut out, &mut mem, None, limit);
         Ok(out)
     }
 
@@ -797,6 +788,30 @@ impl<C: PaneColumns> PaneTable<C> {
             }
         }
         b.backend.write(batch)
+    }
+}
+
+/// Moves memory's values of the keys before `before` (all, with `None`) into `out`, a list of
+/// keys and partials in key order, up to `limit` keys: a key `out` ends with gets the value as
+/// its last partial.
+fn take_memory<V>(
+    out: &mut Vec<(StateKey, Partials<V>)>,
+    mem: &mut std::iter::Peekable<std::vec::IntoIter<(StateKey, V)>>,
+    before: Option<&[u8]>,
+    limit: usize,
+) {
+    while let Some((order, _)) = mem.peek()
+        && before.is_none_or(|b| order.as_slice() < b)
+    {
+        let last = out.last().is_some_and(|(o, _)| o == order);
+        if !last && out.len() >= limit {
+            return;
+        }
+        let (order, value) = mem.next().expect("peeked");
+        match out.last_mut() {
+            Some((_, partials)) if last => partials.push(value),
+            _ => out.push((order, std::iter::once(value).collect())),
+        }
     }
 }
 
