@@ -373,26 +373,38 @@ fn push_key(k: &mut impl Extend<u8>, key: &[u8]) {
 /// of the key's rows in every table, so the keys due at one time come in the order their rows
 /// are stored (see [`super::timers`]).
 pub(crate) fn timer_order(kg: KeyGroup, key: &[u8]) -> super::StateKey {
-    let mut head = [0u8; 7];
+    let (head, n) = order_head(kg, key.len());
+    // built in one buffer and moved in when it fits inline: this runs for every key a window
+    // fires or spills
+    let mut inline = [0u8; 24];
+    if n + key.len() <= inline.len() {
+        inline[..n].copy_from_slice(&head[..n]);
+        inline[n..n + key.len()].copy_from_slice(key);
+        return super::StateKey::from_buf_and_len(inline, n + key.len());
+    }
+    let mut k = Vec::with_capacity(n + key.len());
+    k.extend_from_slice(&head[..n]);
+    k.extend_from_slice(key);
+    super::StateKey::from_vec(k)
+}
+
+/// The bytes of a [`timer_order`] before the key: the key group and the key's length
+/// (LEB128), and how many of them there are.
+pub(crate) fn order_head(kg: KeyGroup, len: usize) -> ([u8; 12], usize) {
+    let mut head = [0u8; 12];
     head[..2].copy_from_slice(&(kg.0 as u16).to_be_bytes());
     let mut n = 2;
-    let mut len = key.len();
+    let mut len = len;
     loop {
         let byte = (len & 0x7f) as u8;
         len >>= 7;
         if len == 0 {
             head[n] = byte;
-            n += 1;
-            break;
+            return (head, n + 1);
         }
         head[n] = byte | 0x80;
         n += 1;
     }
-    // copied as slices: this runs for every key a window fires or spills
-    let mut k = super::StateKey::with_capacity(n + key.len());
-    k.extend_from_slice(&head[..n]);
-    k.extend_from_slice(key);
-    k
 }
 
 /// The encoded key of a [`timer_order`].

@@ -276,10 +276,13 @@ impl<C: PaneColumns> Pane<C> {
     fn in_row_order(&self, rows: impl Iterator<Item = u32>) -> Vec<u32> {
         let mut by_prefix: Vec<(u64, u64, u32)> = rows
             .map(|r| {
-                let order = self.order(r);
+                let key = self.key(r);
+                let (head, n) =
+                    backend::order_head(KeyGroup(self.groups[r as usize] as u32), key.len());
                 let mut prefix = [0u8; 16];
-                let n = order.len().min(16);
-                prefix[..n].copy_from_slice(&order[..n]);
+                prefix[..n].copy_from_slice(&head[..n]);
+                let k = key.len().min(16 - n);
+                prefix[n..n + k].copy_from_slice(&key[..k]);
                 let (hi, lo) = prefix.split_at(8);
                 (
                     u64::from_be_bytes(hi.try_into().expect("8 bytes")),
