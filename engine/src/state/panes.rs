@@ -153,8 +153,7 @@ impl Slot {
 struct Pane<C> {
     /// Rows, found by the key's hash; short keys inline.
     index: HashTable<Slot>,
-    /// Per row: its key's hash, its key group, and the end of its key in `keys`.
-    hashes: Vec<u64>,
+    /// Per row: its key group, and the end of its key in `keys`.
     groups: Vec<u16>,
     ends: Vec<u32>,
     /// The job's number of key groups.
@@ -172,7 +171,6 @@ impl<C: PaneColumns> Pane<C> {
         columns.reserve(rows);
         Pane {
             index: HashTable::with_capacity(rows),
-            hashes: Vec::with_capacity(rows),
             groups: Vec::with_capacity(rows),
             max_parallelism,
             ends: Vec::with_capacity(rows),
@@ -206,28 +204,24 @@ impl<C: PaneColumns> Pane<C> {
 
     /// The row of `key`, if the pane has one.
     fn find(&self, key: &[u8]) -> Option<u32> {
-        let hash = Fixed::default().hash_one(key);
         let probe = Slot::of(key, 0);
+        let (keys, ends) = (&self.keys, &self.ends);
         self.index
-            .find(hash, |s| self.matches(s, &probe, key, hash))
+            .find(slot_hash(&probe, || key), |s| {
+                slot_matches(s, &probe, key, keys, ends)
+            })
             .map(|s| s.row)
-    }
-
-    /// Whether slot `s` holds `key` (whose own slot is `probe`).
-    #[inline]
-    fn matches(&self, s: &Slot, probe: &Slot, key: &[u8], hash: u64) -> bool {
-        slot_matches(s, probe, key, hash, &self.hashes, &self.keys, &self.ends)
     }
 
     /// The row of `key`, added if new.
     fn locate(&mut self, key: &[u8]) -> Result<u32> {
-        let hash = Fixed::default().hash_one(key);
         let probe = Slot::of(key, 0);
-        let (hashes, keys, ends) = (&self.hashes, &self.keys, &self.ends);
+        let (keys, ends) = (&self.keys, &self.ends);
         let entry = self.index.entry(
-            hash,
-            |s| slot_matches(s, &probe, key, hash, hashes, keys, ends),
-            |s| hashes[s.row as usize],
+            slot_hash(&probe, || key),
+            |s| slot_matches(s, &probe, key, keys, ends),
+            // growing rehashes short keys from their slots alone
+            |s| slot_hash(s, || key_at(keys, ends, s.row)),
         );
         match entry {
             hashbrown::hash_table::Entry::Occupied(e) => Ok(e.get().row),
@@ -239,7 +233,6 @@ impl<C: PaneColumns> Pane<C> {
                 v.insert(Slot { row, ..probe });
                 self.keys.extend_from_slice(key);
                 self.ends.push(end);
-                self.hashes.push(hash);
                 self.groups
                     .push(key_group(hash_key(key), self.max_parallelism).0 as u16);
                 if self.dirty.len() * 64 < self.ends.len() {
@@ -302,7 +295,6 @@ impl<C: PaneColumns> Pane<C> {
     /// Bytes held on the heap.
     fn bytes(&self) -> usize {
         self.index.allocation_size()
-            + self.hashes.capacity() * 8
             + self.groups.capacity() * 2
             + self.ends.capacity() * 4
             + self.keys.capacity()
@@ -312,22 +304,25 @@ impl<C: PaneColumns> Pane<C> {
     }
 }
 
-/// Whether slot `s` holds `key`, whose own slot is `probe`: short keys compare inline, long
-/// ones by hash, then bytes.
+/// The index hash of the key of slot `s` (`key()`, for a long one): a short key's from its two
+/// packed words, so growing the index reads nothing but the slots; a long key's from its bytes.
 #[inline]
-fn slot_matches(
-    s: &Slot,
-    probe: &Slot,
-    key: &[u8],
-    hash: u64,
-    hashes: &[u64],
-    keys: &[u8],
-    ends: &[u32],
-) -> bool {
+fn slot_hash<'k>(s: &Slot, key: impl FnOnce() -> &'k [u8]) -> u64 {
+    if s.hi != LONG {
+        Fixed::default().hash_one((s.lo, s.hi))
+    } else {
+        Fixed::default().hash_one(key())
+    }
+}
+
+/// Whether slot `s` holds `key`, whose own slot is `probe`: short keys compare inline, long
+/// ones by their bytes.
+#[inline]
+fn slot_matches(s: &Slot, probe: &Slot, key: &[u8], keys: &[u8], ends: &[u32]) -> bool {
     if probe.hi != LONG {
         return s.lo == probe.lo && s.hi == probe.hi;
     }
-    s.hi == LONG && hashes[s.row as usize] == hash && key_at(keys, ends, s.row) == key
+    s.hi == LONG && key_at(keys, ends, s.row) == key
 }
 
 fn key_at<'k>(keys: &'k [u8], ends: &[u32], row: u32) -> &'k [u8] {
