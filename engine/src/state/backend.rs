@@ -356,17 +356,26 @@ pub(crate) fn key_prefix(kg: KeyGroup, table: [u8; 4], key: &[u8]) -> Vec<u8> {
 
 /// Appends `key` as row keys hold it: its length (LEB128), then its bytes.
 fn push_key(k: &mut impl Extend<u8>, key: &[u8]) {
-    let mut len = key.len();
-    loop {
-        let byte = (len & 0x7f) as u8;
-        len >>= 7;
-        if len == 0 {
-            k.extend([byte]);
-            break;
-        }
-        k.extend([byte | 0x80]);
-    }
+    let (len, n) = leb128(key.len());
+    k.extend(len[..n].iter().copied());
     k.extend(key.iter().copied());
+}
+
+/// `n` as LEB128 (seven bits a byte, low first, the top bit set on all but the last), and how
+/// many bytes that takes.
+pub(crate) fn leb128(mut n: usize) -> ([u8; 10], usize) {
+    let mut out = [0u8; 10];
+    let mut i = 0;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out[i] = byte;
+            return (out, i + 1);
+        }
+        out[i] = byte | 0x80;
+        i += 1;
+    }
 }
 
 /// `key` as timers order it: `[key group: u16 BE][key length: LEB128][encoded key]`, the order
@@ -393,18 +402,9 @@ pub(crate) fn timer_order(kg: KeyGroup, key: &[u8]) -> super::StateKey {
 pub(crate) fn order_head(kg: KeyGroup, len: usize) -> ([u8; 12], usize) {
     let mut head = [0u8; 12];
     head[..2].copy_from_slice(&(kg.0 as u16).to_be_bytes());
-    let mut n = 2;
-    let mut len = len;
-    loop {
-        let byte = (len & 0x7f) as u8;
-        len >>= 7;
-        if len == 0 {
-            head[n] = byte;
-            return (head, n + 1);
-        }
-        head[n] = byte | 0x80;
-        n += 1;
-    }
+    let (len, n) = leb128(len);
+    head[2..2 + n].copy_from_slice(&len[..n]);
+    (head, 2 + n)
 }
 
 /// The encoded key of a [`timer_order`].

@@ -61,16 +61,8 @@ impl BlockWriter {
 }
 
 fn push_framed(buf: &mut Vec<u8>, bytes: &[u8]) {
-    let mut len = bytes.len();
-    loop {
-        let byte = (len & 0x7f) as u8;
-        len >>= 7;
-        if len == 0 {
-            buf.push(byte);
-            break;
-        }
-        buf.push(byte | 0x80);
-    }
+    let (len, n) = super::backend::leb128(bytes.len());
+    buf.extend_from_slice(&len[..n]);
     buf.extend_from_slice(bytes);
 }
 
