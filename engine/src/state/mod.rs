@@ -65,6 +65,7 @@ use crate::{EngineError, KeyGroup, Result, Watermark};
 use spilled::{ALL, NsRange, Spilled};
 
 pub mod backend;
+mod bloom;
 pub mod memory;
 mod pane_blocks;
 pub mod panes;

@@ -14,7 +14,7 @@
 //! RocksDB. So are namespaces given up on: a filter
 //! that outgrows its share of memory, or more namespaces than are worth a filter each (a join
 //! buffering per millisecond), which fold into the unknown range.
-use growable_bloom_filter::{GrowableBloom, GrowableBloomBuilder};
+use super::bloom::GrowingBloom;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
@@ -27,17 +27,9 @@ pub(crate) const ALL: NsRange = (Bound::Unbounded, Bound::Unbounded);
 /// Namespaces counted one by one; past this the lower half folds into the unknown range.
 const MAX_NAMESPACES: usize = 64;
 
-/// False-positive rate of the filters (a false positive costs one RocksDB read).
-const FILTER_ERROR: f64 = 0.01;
-
 /// Keys a new filter is sized for. It grows by adding a filter four times the size of the last,
 /// and a lookup probes each: few and large rather than many small ones.
 const FILTER_START: usize = 1 << 14;
-const FILTER_GROWTH: usize = 4;
-
-/// Bytes a filter holds per key of its capacity: at 1% a partitioned filter takes 7 slices of
-/// 1.44 bits per key, 1.3 bytes, and each growth tightens the rate, which costs a little more.
-const FILTER_BYTES_PER_KEY: usize = 2;
 
 /// The evicted rows of one namespace.
 #[derive(Debug)]
@@ -45,7 +37,7 @@ struct Namespace {
     /// Rows evicted and not read back since.
     rows: u64,
     /// Their keys' hashes; `None` once the filter outgrew its share (any key may have a row).
-    keys: Option<GrowableBloom>,
+    keys: Option<GrowingBloom>,
 }
 
 /// See the module documentation.
@@ -60,8 +52,8 @@ pub(crate) struct Spilled {
     filter_cap: usize,
 }
 
-fn filter_bytes(f: &GrowableBloom) -> usize {
-    f.capacity() * FILTER_BYTES_PER_KEY
+fn filter_bytes(f: &GrowingBloom) -> usize {
+    f.bytes()
 }
 
 fn overlaps((lo, hi): (i64, i64), (start, end): NsRange) -> bool {
@@ -118,16 +110,17 @@ impl Spilled {
         {
             return;
         }
-        let n = self.by_ns.entry(ns).or_insert_with(|| Namespace {
-            rows: 0,
-            keys: Some(
-                GrowableBloomBuilder::new()
-                    .estimated_insertions(FILTER_START)
-                    .desired_error_ratio(FILTER_ERROR)
-                    .growth_factor(FILTER_GROWTH)
-                    .build(),
-            ),
-        });
+        let n = match self.by_ns.entry(ns) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let f = GrowingBloom::new(FILTER_START);
+                self.bytes += filter_bytes(&f);
+                e.insert(Namespace {
+                    rows: 0,
+                    keys: Some(f),
+                })
+            }
+        };
         n.rows += 1;
         if let Some(f) = &mut n.keys {
             let before = filter_bytes(f);
