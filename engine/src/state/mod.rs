@@ -2119,6 +2119,38 @@ pub(crate) mod tests {
         (memory, backend)
     }
 
+    /// The write-buffer manager reserves the memtables' memory in the job's block cache, so
+    /// RocksDB's half of the budget covers rows written but not yet flushed to a file.
+    #[test]
+    fn memtables_are_charged_to_the_block_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let (memory, backend) = budgeted(dir.path());
+        let before = memory.rocksdb();
+        let mut t: KeyedTable<Vec<u64>> = KeyedTable::new("t", None);
+        t.attach(&backend).unwrap();
+        // about 1 KB of value per key (each u64 near the maximum takes 10 bytes), 2 MB in all:
+        // under the 4 MB the manager lets memtables reach before it flushes them
+        for i in 0..2_000u32 {
+            t.update(
+                &key(i),
+                0,
+                0,
+                Watermark::MIN,
+                || vec![u64::MAX - i as u64; 100],
+                |_| (),
+            )
+            .unwrap();
+        }
+        t.flush().unwrap();
+        let after = memory.rocksdb();
+        assert!(
+            after >= before + (2 << 20) - (256 << 10),
+            "the cache held {before} bytes before 2 MB were written and {after} after"
+        );
+        // RocksDB's half of the 16 MB budget, with room for the memtable being filled
+        assert!(after <= 10 << 20, "{after}");
+    }
+
     /// The decoded-key cache stays within the job's byte budget however many keys pass through
     /// it, every value reads back, and keys in use survive a stream of keys seen once.
     #[test]
