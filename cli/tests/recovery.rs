@@ -42,9 +42,15 @@ fn kill_and_restart(name: &str, parallelism: u32, s3: Option<&S3Server>, rng: &m
     };
     let mut kills = 0;
     let mut restored = 0;
-    for _ in 0..3 {
+    // three kills, and up to three more (each later) until a killed run has restored: on a
+    // loaded machine a run can be killed before its first checkpoint completes
+    for attempt in 0..6u64 {
+        if attempt >= 3 && restored > 0 {
+            break;
+        }
         let mut child = command().spawn().unwrap();
-        let after = Duration::from_millis(300 + rng.below(1500));
+        let later = attempt.saturating_sub(2) * 1000;
+        let after = Duration::from_millis(300 + later + rng.below(1500));
         std::thread::sleep(after);
         if child.try_wait().unwrap().is_some() {
             // it finished before the kill: the remaining runs restore and finish at once
