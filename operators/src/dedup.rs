@@ -6,7 +6,9 @@
 //!   earlier record of its key (newer versions of a row, e.g. by LSN); stale or repeated versions
 //!   are dropped. The output is an upsert stream keyed by the dedup key.
 //!
-//! **State:** per key, the largest `order_by` value seen (`latest`) or a marker (`first`).
+//! **State:** per key, the largest `order_by` value seen (`latest`) or a marker (`first`). A
+//! batch's keys that state holds only in RocksDB are read ahead with one batched lookup before
+//! its rows are checked one by one.
 //! **Cleared:** with a `ttl`, once the watermark passes the key's last accepted record's event
 //! time plus the TTL; without one, never. A record already older than the TTL horizon when it
 //! arrives (`event time + ttl <= watermark`) cannot be checked reliably and goes to the `late`
@@ -111,6 +113,10 @@ impl Operator for DedupOperator {
         out: &mut dyn Output,
     ) -> Result<()> {
         self.plan.keys.encode(&batch, &mut self.keys)?;
+        // one batched read of the keys the cache lacks, instead of one per row
+        let keys = &self.keys;
+        self.seen
+            .prefetch((0..keys.len()).map(|row| keys.row(row)))?;
         let order = self
             .plan
             .order_by
@@ -135,13 +141,7 @@ impl Operator for DedupOperator {
             }
             let key = self.keys.row(row);
             let pass = match self.plan.keep {
-                DedupKeep::First => {
-                    let fresh = !self.seen.contains_key(key, rw)?;
-                    if fresh {
-                        self.seen.update(key, 0, t, rw, || None, |_| ())?;
-                    }
-                    fresh
-                }
+                DedupKeep::First => self.seen.insert_if_absent(key, t, rw, || None)?,
                 DedupKeep::Latest => {
                     let v = order.as_ref().and_then(|o| o.get(row));
                     let newer = match self.seen.get(key, 0, rw)? {

@@ -38,9 +38,9 @@
 //! [`StateMemory`], whose block cache and write-buffer manager every instance of the job in the
 //! process shares.
 use rocksdb::{
-    BlockBasedIndexType, BlockBasedOptions, DB, DBRawIteratorWithThreadMode, Direction,
-    IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, checkpoint::Checkpoint,
-    compaction_filter::Decision,
+    BlockBasedIndexType, BlockBasedOptions, ColumnFamilyDescriptor, DB,
+    DBRawIteratorWithThreadMode, DEFAULT_COLUMN_FAMILY_NAME, Direction, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions, checkpoint::Checkpoint, compaction_filter::Decision,
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -420,10 +420,18 @@ pub(crate) fn key_of_order(order: &[u8]) -> Option<&[u8]> {
     None
 }
 
+/// Appends the [`row_key`] of (`key`, `ns`) to `buf`.
+pub(crate) fn push_row_key(buf: &mut Vec<u8>, kg: KeyGroup, table: [u8; 4], key: &[u8], ns: i64) {
+    buf.extend_from_slice(&(kg.0 as u16).to_be_bytes());
+    buf.extend_from_slice(&table);
+    push_key(buf, key);
+    buf.extend_from_slice(&time_bytes(ns));
+}
+
 /// The row key of (`key`, `ns`) in `table`.
 pub(crate) fn row_key(kg: KeyGroup, table: [u8; 4], key: &[u8], ns: i64) -> Vec<u8> {
-    let mut k = key_prefix(kg, table, key);
-    k.extend_from_slice(&time_bytes(ns));
+    let mut k = Vec::with_capacity(6 + 5 + key.len() + 8);
+    push_row_key(&mut k, kg, table, key, ns);
     k
 }
 
@@ -667,7 +675,10 @@ impl KeyedBackend {
             .clone()
             .unwrap_or_else(|| StateMemory::new(config.memory_bytes));
         let lease = memory.lease(config.slot);
-        let db = DB::open(&options(config, &memory, clock.clone()), dir)
+        // opened with its one column family named, so that batched lookups have its handle
+        let opts = options(config, &memory, clock.clone());
+        let default = ColumnFamilyDescriptor::new(DEFAULT_COLUMN_FAMILY_NAME, opts.clone());
+        let db = DB::open_cf_descriptors(&opts, dir, [default])
             .map_err(|e| db_err(format!("opening state in {}", dir.display()), e))?;
         let format = if restored {
             Self::read_format(&db)?
@@ -1103,6 +1114,33 @@ impl KeyedBackend {
             Ok(None) => Ok(None),
             Err(e) => Err(db_err("reading state", e)),
         }
+    }
+
+    /// Calls `f` with the index and value of each of `rows` (sorted) that the instance holds,
+    /// read with one batched lookup: RocksDB probes each file's filter and index once for all
+    /// the rows it may hold, instead of once per row.
+    pub(crate) fn multi_get(
+        &self,
+        rows: &[&[u8]],
+        mut f: impl FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.wait_for_rows()?;
+        let db = self.db();
+        let cf =
+            db.cf_handle(DEFAULT_COLUMN_FAMILY_NAME)
+                .ok_or_else(|| EngineError::StateStore {
+                    message: "state instance opened without its column family".into(),
+                    retryable: false,
+                })?;
+        let values = db.batched_multi_get_cf(cf, rows, true);
+        for (i, v) in values.into_iter().enumerate() {
+            match v {
+                Ok(Some(v)) => f(i, &v)?,
+                Ok(None) => {}
+                Err(e) => return Err(db_err("reading state", e)),
+            }
+        }
+        Ok(())
     }
 
     /// Writes `batch`, or keeps it for the snapshot being taken (see [`Self::defer_writes`]).

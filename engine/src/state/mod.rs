@@ -14,7 +14,9 @@
 //! for, which per-namespace filters of the evicted keys decide (`spilled`): a key new to a
 //! window slice costs no read even after the slice outgrew the cache. After a restore, misses
 //! read in the namespaces the table wrote before the snapshot (the instance records each
-//! table's lowest and highest, [`backend::range_row`]), and not past them. Writes mark the
+//! table's lowest and highest, [`backend::range_row`]), and not past them. A one-value table can
+//! read a whole batch's keys ahead with one batched lookup ([`KeyedTable::prefetch`]), which
+//! also remembers the keys RocksDB lacks, so the accesses that follow read nothing. Writes mark the
 //! values they change dirty, and dirty values are written, one row per (key, namespace), when
 //! the cache must evict and at every checkpoint ([`KeyedTable::flush`]). A window that adds to one slice rewrites that
 //! slice's row, and a join that buffers one more timestamp writes one row, whatever else the key
@@ -85,6 +87,10 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> StateValue for T {}
 /// a row was written in (below the table's) and the row's value bytes.
 pub type Upgrade<V> = fn(version: u8, bytes: &[u8]) -> std::result::Result<V, String>;
 
+/// Rows of one key read from RocksDB: (namespace, touched, value, encoded size), in namespace
+/// order; most reads find one.
+type Rows<V> = SmallVec<[(i64, i64, V, usize); 1]>;
+
 /// An encoded key as state stores it: keys of up to 24 bytes (any one or two numbers, short
 /// strings) are kept inline, without a heap allocation or a pointer to follow.
 pub type StateKey = SmallVec<[u8; 24]>;
@@ -127,6 +133,9 @@ pub struct KeyedTable<V> {
     rows_written: u64,
     /// Scratch space of size samples.
     scratch: Vec<u8>,
+    /// Keys the last [`KeyedTable::prefetch`] found in neither the cache nor RocksDB and that
+    /// have not been created since: a miss on one of them reads nothing.
+    absent: hashbrown::HashSet<StateKey, Fixed>,
     backing: Option<Backing>,
 }
 
@@ -422,6 +431,7 @@ impl<V: StateValue> KeyedTable<V> {
             reads: 0,
             rows_written: 0,
             scratch: Vec::new(),
+            absent: Default::default(),
             backing: None,
         }
     }
@@ -475,6 +485,7 @@ impl<V: StateValue> KeyedTable<V> {
             backing.dirty.push(k.clone());
         }
         self.deadlines.clear();
+        self.absent.clear();
         backend.memory().add_table();
         backend.memory().charge(0, self.bytes);
         self.backing = Some(backing);
@@ -571,7 +582,7 @@ impl<V: StateValue> KeyedTable<V> {
         let b = self.backing.as_ref().expect("only attached tables read");
         self.reads += 1;
         let kg = key_group(hash, b.backend.max_parallelism());
-        let mut rows: Vec<(i64, i64, V, usize)> = Vec::new();
+        let mut rows: Rows<V> = SmallVec::new();
         let mut add = |ns: i64, row: &[u8]| -> Result<()> {
             let (touched, value) = self.decode(row)?;
             rows.push((ns, touched, value, row.len() - backend::HEADER));
@@ -615,17 +626,14 @@ impl<V: StateValue> KeyedTable<V> {
                 return false;
             }
         }
-        !b.spilled.is_empty() && b.spilled.may_hold(hash, range)
+        !b.spilled.is_empty()
+            && b.spilled.may_hold(hash, range)
+            && (self.absent.is_empty() || !self.absent.contains(key))
     }
 
     /// Puts rows read from RocksDB of `key` into the cache: adds them to a cached key, or
     /// caches the key with them (partial unless they are `whole`, all RocksDB holds of it).
-    fn take_rows(
-        &mut self,
-        key: &[u8],
-        rows: Vec<(i64, i64, V, usize)>,
-        whole: bool,
-    ) -> Result<()> {
+    fn take_rows(&mut self, key: &[u8], rows: Rows<V>, whole: bool) -> Result<()> {
         if self.keys.contains_key(key) {
             self.fill(key, rows, whole);
             return Ok(());
@@ -668,7 +676,7 @@ impl<V: StateValue> KeyedTable<V> {
     /// Adds to a partial key the rows RocksDB holds of it that the slot lacks (its own values
     /// are newer; rows it removed since the last flush stay removed); the key is whole after
     /// if `rows` are all it has.
-    fn fill(&mut self, key: &[u8], rows: Vec<(i64, i64, V, usize)>, whole: bool) {
+    fn fill(&mut self, key: &[u8], rows: Rows<V>, whole: bool) {
         let b = self.backing.as_mut().expect("only attached tables fill");
         let slot = self.keys.get_mut(key).expect("filled keys are cached");
         if whole {
@@ -869,6 +877,85 @@ impl<V: StateValue> KeyedTable<V> {
             .is_some_and(|s| !Self::expired_at(self.ttl, s, clock) && !s.values.is_empty()))
     }
 
+    /// Reads ahead, with one batched RocksDB lookup, every key of `keys` (a batch's) that the
+    /// accesses to come would otherwise read one at a time: keys the cache lacks, or holds
+    /// partially, and RocksDB may hold. Keys found are cached (and count as used, so that
+    /// making room for the next ones does not evict them first); keys RocksDB does not hold
+    /// are remembered until the next prefetch, so that reading them costs nothing either. Only
+    /// a [one-value](Self::one_value) table reads ahead; other tables read per access.
+    pub fn prefetch<'k>(&mut self, keys: impl IntoIterator<Item = &'k [u8]>) -> Result<()> {
+        self.absent.clear();
+        if !self.one_value {
+            return Ok(());
+        }
+        // nothing evicted or restored: no key can be read
+        let Some(b) = self.backing.as_ref().filter(|b| !b.spilled.is_empty()) else {
+            return Ok(());
+        };
+        let (backend, table) = (b.backend.clone(), b.table);
+        let mp = backend.max_parallelism();
+        // the row keys, one after another in `buf`, and each row's (sort prefix, end, key)
+        let mut buf: Vec<u8> = Vec::new();
+        let mut wanted: Vec<(u128, usize, &[u8])> = Vec::new();
+        for key in keys {
+            let hash = hash_key(key);
+            if self.must_read(key, hash, ALL) {
+                let start = buf.len();
+                backend::push_row_key(&mut buf, key_group(hash, mp), table, key, 0);
+                let mut prefix = [0u8; 16];
+                let row = &buf[start..];
+                let n = row.len().min(16);
+                prefix[..n].copy_from_slice(&row[..n]);
+                wanted.push((u128::from_be_bytes(prefix), buf.len(), key));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let row_of = |i: usize| {
+            let start = if i == 0 { 0 } else { wanted[i - 1].1 };
+            &buf[start..wanted[i].1]
+        };
+        // in row order, each key once: RocksDB walks its files' indexes forward
+        let mut order: Vec<u32> = (0..wanted.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| {
+            let (a, b) = (a as usize, b as usize);
+            wanted[a]
+                .0
+                .cmp(&wanted[b].0)
+                .then_with(|| row_of(a).cmp(row_of(b)))
+        });
+        order.dedup_by(|a, b| row_of(*a as usize) == row_of(*b as usize));
+        let rows: Vec<&[u8]> = order.iter().map(|&i| row_of(i as usize)).collect();
+        let keys: Vec<&[u8]> = order.iter().map(|&i| wanted[i as usize].2).collect();
+        self.reads += rows.len() as u64;
+        let mut found: Vec<(usize, i64, V, usize)> = Vec::new();
+        backend.multi_get(&rows, |i, row| {
+            let (touched, value) = self.decode(row)?;
+            found.push((i, touched, value, row.len() - backend::HEADER));
+            Ok(())
+        })?;
+        let mut found = found.into_iter().peekable();
+        for (i, key) in keys.into_iter().enumerate() {
+            match found.next_if(|f| f.0 == i) {
+                Some((_, touched, value, size)) => {
+                    self.take_rows(key, smallvec::smallvec![(0, touched, value, size)], true)?;
+                    if let Some(slot) = self.keys.get_mut(key) {
+                        slot.referenced = true;
+                    }
+                }
+                // a partial key: RocksDB holds nothing the cache lacks
+                None if self.keys.contains_key(key) => {
+                    self.take_rows(key, SmallVec::new(), true)?
+                }
+                None => {
+                    self.absent.insert(key.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Applies `f` to the value at (key, ns), creating it with `init` if absent; touches the key
     /// at event time `now` for TTL. A key that had expired as of `clock` starts over empty.
     pub fn update<R>(
@@ -880,13 +967,52 @@ impl<V: StateValue> KeyedTable<V> {
         init: impl FnOnce() -> V,
         f: impl FnOnce(&mut V) -> R,
     ) -> Result<R> {
-        let ttl = self.ttl;
         if self.one_value && ns != 0 {
             return Err(self.error(format!(
                 "holds one value per key, at namespace 0; namespace {ns} was written"
             )));
         }
         let whole = self.load(key, at(ns))?;
+        self.update_loaded(key, ns, now, clock, whole, init, f)
+    }
+
+    /// Whether `key` has no live value as of `clock`; if so, creates its value at namespace 0
+    /// with `init`, touched at event time `now` (a deduplication's first sight of a key). One
+    /// access, where [`Self::contains_key`] and then [`Self::update`] would look the key up
+    /// twice.
+    pub fn insert_if_absent(
+        &mut self,
+        key: &[u8],
+        now: i64,
+        clock: Watermark,
+        init: impl FnOnce() -> V,
+    ) -> Result<bool> {
+        let whole = self.load(key, ALL)?;
+        let live = self
+            .keys
+            .get(key)
+            .is_some_and(|s| !Self::expired_at(self.ttl, s, clock) && !s.values.is_empty());
+        if live {
+            return Ok(false);
+        }
+        self.update_loaded(key, 0, now, clock, whole, init, |_| ())?;
+        Ok(true)
+    }
+
+    /// [`Self::update`] once [`Self::load`] made the cache hold what RocksDB has of the key at
+    /// `ns` (`whole`: all of the key).
+    #[allow(clippy::too_many_arguments)]
+    fn update_loaded<R>(
+        &mut self,
+        key: &[u8],
+        ns: i64,
+        now: i64,
+        clock: Watermark,
+        whole: bool,
+        init: impl FnOnce() -> V,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> Result<R> {
+        let ttl = self.ttl;
         if self.backing.is_some()
             && self.keys.len() >= self.keys.capacity()
             && !self.keys.contains_key(key)
@@ -894,6 +1020,8 @@ impl<V: StateValue> KeyedTable<V> {
             // a new key would grow the map's table: make room first if the budget says so
             self.evict_if_full()?;
         }
+        // a key created from here on is no longer absent (only new keys are listed there)
+        let known_absent = !self.absent.is_empty() && self.absent.remove(key);
         // one lookup finds the key or makes room for it
         let charge = charge_of(key, self.avg_payload);
         let spilled = self.backing.as_ref().map(|b| &b.spilled);
@@ -905,9 +1033,12 @@ impl<V: StateValue> KeyedTable<V> {
                     values: Namespaces::new(),
                     dirty: false,
                     persisted: false,
-                    // `load` found nothing at `ns`; unless it read the whole key, RocksDB
-                    // may hold the key elsewhere
+                    // `load` found nothing at `ns`; unless it read the whole key, or a prefetch
+                    // found none of it, RocksDB may hold the key elsewhere (a one-value key has
+                    // nowhere else)
                     partial: !whole
+                        && !known_absent
+                        && !self.one_value
                         && spilled.is_some_and(|s| !s.is_empty() && s.may_hold(hash_key(key), ALL)),
                     referenced: false,
                     charge,
@@ -1699,6 +1830,96 @@ pub(crate) mod tests {
                 .collect();
             assert_eq!(got, m.iter().map(|(n, v)| (*n, *v)).collect::<Vec<_>>());
         }
+    }
+
+    /// Reading a batch's keys ahead answers as reading each key when asked would, through
+    /// evictions, removals and flushes in random order: in particular a key read ahead as
+    /// absent, then created and evicted within the same batch, is found again.
+    #[test]
+    fn a_batch_read_ahead_answers_as_reads_one_at_a_time() {
+        use std::collections::BTreeMap;
+        let dir = tempfile::tempdir().unwrap();
+        let (_backend, mut t) = one_value_table(dir.path(), 24);
+        let mut model: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        let mut absent_seen = 0;
+        for round in 0..2_000u64 {
+            let batch: Vec<u32> = (0..40).map(|_| next(300) as u32).collect();
+            let keys: Vec<Vec<u8>> = batch.iter().map(|&k| key(k)).collect();
+            t.prefetch(keys.iter().map(|k| &k[..])).unwrap();
+            absent_seen += t.absent.len();
+            for (&k, kb) in batch.iter().zip(&keys) {
+                match next(20) {
+                    0..=9 => {
+                        let v = round * 100 + next(100);
+                        t.update(kb, 0, 0, Watermark::MIN, || 0, |x| *x = v)
+                            .unwrap();
+                        model.insert(k, v);
+                    }
+                    10 => {
+                        t.remove_key(kb).unwrap();
+                        model.remove(&k);
+                    }
+                    11 => t.flush().unwrap(),
+                    12..=14 => {
+                        let fresh = t.insert_if_absent(kb, 0, Watermark::MIN, || 7).unwrap();
+                        assert_eq!(fresh, !model.contains_key(&k), "round {round}: key {k}");
+                        model.entry(k).or_insert(7);
+                    }
+                    _ => {
+                        let got = t.get(kb, 0, Watermark::MIN).unwrap().copied();
+                        assert_eq!(got, model.get(&k).copied(), "round {round}: key {k}");
+                    }
+                }
+            }
+        }
+        assert!(
+            absent_seen > 1000,
+            "keys read ahead as absent: {absent_seen}"
+        );
+        for (k, v) in &model {
+            assert_eq!(t.get(&key(*k), 0, Watermark::MIN).unwrap(), Some(v));
+        }
+    }
+
+    /// After a batch is read ahead, asking for its keys reads nothing more: the keys RocksDB
+    /// held are cached, and the ones it lacks are known to be absent.
+    #[test]
+    fn keys_read_ahead_cost_no_read_when_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_backend, mut t) = one_value_table(dir.path(), 1000);
+        for i in 0..5000 {
+            t.update(&key(i), 0, 0, Watermark::MIN, || 0, |v| *v = i as u64)
+                .unwrap();
+        }
+        // keys removed after they were evicted: the filters of evicted keys still let them
+        // through
+        for i in 0..200 {
+            t.remove_key(&key(i)).unwrap();
+        }
+        t.flush().unwrap();
+        // evicted keys, removed ones, and keys never written
+        let batch: Vec<Vec<u8>> = (0..400).chain(10_000..30_000).map(key).collect();
+        let reads = t.reads();
+        t.prefetch(batch.iter().map(|k| &k[..])).unwrap();
+        let read_ahead = t.reads() - reads;
+        assert!(read_ahead > 100, "{read_ahead} keys read ahead");
+        assert!(!t.absent.is_empty(), "no key was read ahead as absent");
+        for (i, k) in (0..400).chain(10_000..30_000).zip(&batch) {
+            let want = (200..5000).contains(&i).then_some(i as u64);
+            assert_eq!(
+                t.get(k, 0, Watermark::MIN).unwrap().copied(),
+                want,
+                "key {i}"
+            );
+        }
+        assert_eq!(t.reads() - reads, read_ahead, "asking read again");
     }
 
     /// Each (key, namespace) is a row of its own: changing one namespace of a key that holds many
