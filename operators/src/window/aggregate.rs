@@ -201,7 +201,7 @@ pub enum Acc {
     Count(i64),
     /// Distinct values seen (boxed, so the common accumulators stay small: a window's state
     /// holds them inline, and smaller entries mean fewer cache misses per record).
-    Distinct(Box<HashSet<Scalar>>),
+    Distinct(Box<DistinctSet>),
     /// Integer sum (wrapping) and whether any value was added.
     SumInt(i64, bool),
     /// Float sum and whether any value was added.
@@ -216,21 +216,72 @@ pub enum Acc {
     TopN(Vec<Scalar>),
 }
 
+/// The distinct values of a `count(DISTINCT ...)`, and the bytes of the text among them. It is
+/// stored as the set alone (the text's size is counted again as it is read back).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DistinctSet {
+    values: HashSet<Scalar>,
+    text: usize,
+}
+
+impl DistinctSet {
+    fn insert(&mut self, v: Scalar) {
+        let text = text_len(&v);
+        if self.values.insert(v) {
+            self.text += text;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.values.len()
+    }
+}
+
+impl FromIterator<Scalar> for DistinctSet {
+    fn from_iter<I: IntoIterator<Item = Scalar>>(values: I) -> Self {
+        let mut set = DistinctSet::default();
+        for v in values {
+            set.insert(v);
+        }
+        set
+    }
+}
+
+impl serde::Serialize for DistinctSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.values.serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DistinctSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let values = HashSet::<Scalar>::deserialize(d)?;
+        let text = values.iter().map(text_len).sum();
+        Ok(DistinctSet { values, text })
+    }
+}
+
+/// Bytes of a value's text (none for the other types, which hold nothing behind a pointer).
+fn text_len(v: &Scalar) -> usize {
+    match v {
+        Scalar::Str(s) => s.len(),
+        _ => 0,
+    }
+}
+
 impl Acc {
     /// Bytes the accumulator holds behind pointers, estimated in constant time: a set by its
-    /// capacity (not the text of the strings in it), a list and a string by their length.
+    /// capacity and the text in it, a list and a string by their length.
     pub fn heap_bytes(&self) -> usize {
-        let text = |s: &Scalar| match s {
-            Scalar::Str(s) => s.len(),
-            _ => 0,
-        };
         match self {
             Acc::Distinct(set) => {
-                size_of::<HashSet<Scalar>>() + set.capacity() * (size_of::<Scalar>() + 1)
+                size_of::<DistinctSet>()
+                    + set.values.capacity() * (size_of::<Scalar>() + 1)
+                    + set.text
             }
-            Acc::Min(Some(s)) | Acc::Max(Some(s)) => text(s),
+            Acc::Min(Some(s)) | Acc::Max(Some(s)) => text_len(s),
             Acc::TopN(top) => {
-                top.capacity() * size_of::<Scalar>() + top.iter().map(text).sum::<usize>()
+                top.capacity() * size_of::<Scalar>() + top.iter().map(text_len).sum::<usize>()
             }
             _ => 0,
         }
@@ -642,7 +693,11 @@ fn push_top(top: &mut Vec<Scalar>, v: Scalar, n: usize) {
 pub fn merge(def: &AggDef, acc: &mut Acc, other: &Acc) {
     match (acc, other) {
         (Acc::Count(a), Acc::Count(b)) => *a += b,
-        (Acc::Distinct(a), Acc::Distinct(b)) => a.extend(b.iter().cloned()),
+        (Acc::Distinct(a), Acc::Distinct(b)) => {
+            for v in &b.values {
+                a.insert(v.clone());
+            }
+        }
         (Acc::SumInt(a, x), Acc::SumInt(b, y)) => {
             *a = a.wrapping_add(*b);
             *x |= *y;
@@ -714,6 +769,38 @@ mod tests {
     use arrow::array::{AsArray, Int64Array, StringArray};
     use arrow::datatypes::Int64Type;
     use std::sync::Arc;
+
+    /// A distinct set of strings is charged for their text (once per distinct string), is
+    /// encoded as the set alone, and is charged the same once read back.
+    #[test]
+    fn a_distinct_set_is_charged_for_its_text() {
+        let strings = |width: usize| -> Acc {
+            let set: DistinctSet = (0..200)
+                .map(|i| Scalar::Str(format!("{:0>width$}", i % 100).into()))
+                .collect();
+            Acc::Distinct(Box::new(set))
+        };
+        let (short, long) = (strings(3), strings(1000));
+        assert!(
+            long.heap_bytes() >= short.heap_bytes() + 100 * 997,
+            "{} against {}",
+            long.heap_bytes(),
+            short.heap_bytes()
+        );
+        let Acc::Distinct(set) = &long else {
+            unreachable!()
+        };
+        assert_eq!(set.len(), 100);
+        assert_eq!(set.text, 100 * 1000, "each distinct string counted once");
+        let encoded = postcard::to_allocvec(&**set).unwrap();
+        assert_eq!(encoded, postcard::to_allocvec(&set.values).unwrap());
+        let back: Acc = postcard::from_bytes(&postcard::to_allocvec(&long).unwrap()).unwrap();
+        assert_eq!(back, long);
+        let Acc::Distinct(read) = &back else {
+            unreachable!()
+        };
+        assert_eq!(read.text, set.text);
+    }
 
     fn input() -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
