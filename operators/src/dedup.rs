@@ -7,8 +7,8 @@
 //!   are dropped. The output is an upsert stream keyed by the dedup key.
 //!
 //! **State:** per key, the largest `order_by` value seen (`latest`) or a marker (`first`). A
-//! batch's keys that state holds only in RocksDB are read ahead with one batched lookup before
-//! its rows are checked one by one.
+//! batch's rows whose keys state holds only in RocksDB are checked after the others, once one
+//! batched lookup has read all of those keys.
 //! **Cleared:** with a `ttl`, once the watermark passes the key's last accepted record's event
 //! time plus the TTL; without one, never. A record already older than the TTL horizon when it
 //! arrives (`event time + ttl <= watermark`) cannot be checked reliably and goes to the `late`
@@ -113,10 +113,6 @@ impl Operator for DedupOperator {
         out: &mut dyn Output,
     ) -> Result<()> {
         self.plan.keys.encode(&batch, &mut self.keys)?;
-        // one batched read of the keys the cache lacks, instead of one per row
-        let keys = &self.keys;
-        self.seen
-            .prefetch((0..keys.len()).map(|row| keys.row(row)))?;
         let order = self
             .plan
             .order_by
@@ -131,30 +127,49 @@ impl Operator for DedupOperator {
             .clone();
         let rw = ctx.record_watermark;
         let ttl = self.plan.ttl.map(|t| t.as_millis() as i64);
-        let mut keep = Vec::with_capacity(batch.num_rows());
-        let mut late = Vec::new();
-        for (row, &t) in times.iter().enumerate() {
-            if ttl.is_some_and(|ttl| rw.0 >= t.saturating_add(ttl)) {
-                late.push(row as u32);
-                keep.push(false);
-                continue;
-            }
-            let key = self.keys.row(row);
-            let pass = match self.plan.keep {
-                DedupKeep::First => self.seen.insert_if_absent(key, t, rw, || None)?,
+        let (keys, seen, keep_by) = (&self.keys, &mut self.seen, self.plan.keep);
+        let check = |seen: &mut KeyedTable<Option<Scalar>>, row: usize| -> Result<bool> {
+            let (key, t) = (keys.row(row), times[row]);
+            Ok(match keep_by {
+                DedupKeep::First => seen.insert_if_absent(key, t, rw, || None)?,
                 DedupKeep::Latest => {
                     let v = order.as_ref().and_then(|o| o.get(row));
-                    let newer = match self.seen.get(key, 0, rw)? {
+                    let newer = match seen.get(key, 0, rw)? {
                         None => true,
                         Some(prev) => v > *prev,
                     };
                     if newer {
-                        self.seen.update(key, 0, t, rw, || None, |s| *s = v)?;
+                        seen.update(key, 0, t, rw, || None, |s| *s = v)?;
                     }
                     newer
                 }
-            };
-            keep.push(pass);
+            })
+        };
+        let mut keep = vec![false; batch.num_rows()];
+        let mut late = Vec::new();
+        // Rows whose key state holds only in RocksDB wait, with every later row of the same key
+        // (so each key's rows are still checked in order), for one batched read of all their
+        // keys; the other rows are checked at once.
+        let mut waiting: Vec<usize> = Vec::new();
+        let mut waiting_keys: hashbrown::HashSet<&[u8]> = hashbrown::HashSet::new();
+        for (row, &t) in times.iter().enumerate() {
+            if ttl.is_some_and(|ttl| rw.0 >= t.saturating_add(ttl)) {
+                late.push(row as u32);
+                continue;
+            }
+            let key = keys.row(row);
+            if (!waiting_keys.is_empty() && waiting_keys.contains(key)) || seen.needs_read(key) {
+                waiting_keys.insert(key);
+                waiting.push(row);
+                continue;
+            }
+            keep[row] = check(seen, row)?;
+        }
+        if !waiting.is_empty() {
+            seen.prefetch(waiting_keys.iter().copied())?;
+            for row in waiting {
+                keep[row] = check(seen, row)?;
+            }
         }
         if !late.is_empty() {
             SubtaskMetrics::add(&ctx.metrics.late_records, late.len() as u64);
@@ -245,6 +260,70 @@ mod tests {
             vec![r#"{"id":"z","v":6}"#],
             "10 + ttl <= watermark: too old to check"
         );
+    }
+
+    /// With a cache far smaller than its keys, so that most rows wait for a batched read of
+    /// RocksDB, dedup passes exactly the rows a plain map computes: for `first` each key's
+    /// first row, for `latest` each row newer than every earlier row of its key, in order.
+    #[test]
+    fn rows_waiting_for_rocksdb_are_checked_in_order_per_key() {
+        use freshet_engine::KeyGroupRange;
+        use freshet_engine::state::{KeyedBackend, StateConfig};
+        use std::collections::HashMap;
+        let s = s();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        // batches of 64 rows over 2 000 keys, each key often repeated within a batch
+        let batches: Vec<Vec<(String, i64)>> = (0..300)
+            .map(|_| {
+                let hot = next(2000);
+                (0..64)
+                    .map(|_| {
+                        let k = if next(4) == 0 { hot } else { next(2000) };
+                        (format!("k{k}"), next(1000) as i64)
+                    })
+                    .collect()
+            })
+            .collect();
+        for keep in [DedupKeep::First, DedupKeep::Latest] {
+            let order_by = (keep == DedupKeep::Latest).then_some("v");
+            let plan = DedupPlan::compile(&s, &["id".into()], keep, order_by, None).unwrap();
+            let mut h = Harness::new(plan.instantiate());
+            let dir = tempfile::tempdir().unwrap();
+            let config = StateConfig {
+                local_dir: dir.path().to_path_buf(),
+                cache_keys: Some(50),
+                ..Default::default()
+            };
+            let range = KeyGroupRange::for_subtask(128, 1, 0);
+            let backend =
+                Arc::new(KeyedBackend::open(&dir.path().join("db"), &config, range, 128).unwrap());
+            h.op.seen.attach(&backend).unwrap();
+            let mut model: HashMap<String, i64> = HashMap::new();
+            let mut want = Vec::new();
+            for b in &batches {
+                for (k, v) in b {
+                    let pass = match (keep, model.get(k)) {
+                        (_, None) => true,
+                        (DedupKeep::First, Some(_)) => false,
+                        (DedupKeep::Latest, Some(prev)) => v > prev,
+                    };
+                    if pass {
+                        model.insert(k.clone(), *v);
+                        want.push(format!(r#"{{"id":"{k}","v":{v}}}"#));
+                    }
+                }
+                let rows: Vec<(&str, i64, i64)> = b.iter().map(|(k, v)| (&k[..], *v, 0)).collect();
+                h.push(0, input(&s, &rows));
+            }
+            assert!(h.op.seen.reads() > 1000, "{} reads", h.op.seen.reads());
+            assert_eq!(h.take(0), want, "{keep:?}");
+        }
     }
 
     #[test]

@@ -327,9 +327,22 @@ struct Slot<V> {
     /// lacks (see [`KeyedTable::load`]).
     partial: bool,
     /// Read or written since the last eviction sweep (CLOCK's reference bit).
-    referenced: bool,
+    used: Use,
     /// Estimated bytes, as counted in the table's total.
     charge: u32,
+}
+
+/// What the eviction sweep (CLOCK) knows of a cached key's use since the last sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// Not used since the last sweep, or loaded and used once: evicted first, so that keys
+    /// seen once do not push out the ones seen again.
+    Idle,
+    /// Used since the last sweep: kept for one more.
+    Used,
+    /// Read ahead ([`KeyedTable::prefetch`]) for an access still to come, which is then its
+    /// first use, as if that access had loaded it.
+    ReadAhead,
 }
 
 /// One (namespace, value) of a key, and what RocksDB knows of it.
@@ -611,13 +624,16 @@ impl<V: StateValue> KeyedTable<V> {
 
     /// Whether [`Self::load`] of `key` (hashed to `hash`) in `range` must read RocksDB: only if
     /// the cache lacks the key or holds it partially, and RocksDB may hold its rows there. Marks
-    /// a cached key referenced.
+    /// a cached key used.
     fn must_read(&mut self, key: &[u8], hash: u64, range: NsRange) -> bool {
         let Some(b) = self.backing.as_ref() else {
             return false;
         };
         if let Some(slot) = self.keys.get_mut(key) {
-            slot.referenced = true;
+            slot.used = match slot.used {
+                Use::ReadAhead => Use::Idle,
+                _ => Use::Used,
+            };
             // a value the slot holds is newer than its row: one namespace it holds needs no
             // read
             let holds_it = matches!(range, (Bound::Included(a), Bound::Included(b))
@@ -647,7 +663,7 @@ impl<V: StateValue> KeyedTable<V> {
             dirty: false,
             persisted: true,
             partial: !whole,
-            referenced: false,
+            used: Use::Idle,
             charge: 0,
         };
         let mut payload = 0;
@@ -877,10 +893,16 @@ impl<V: StateValue> KeyedTable<V> {
             .is_some_and(|s| !Self::expired_at(self.ttl, s, clock) && !s.values.is_empty()))
     }
 
+    /// Whether an access to `key` would read RocksDB: the cache lacks all or part of it and
+    /// RocksDB may hold it. These are the keys [`Self::prefetch`] reads.
+    pub fn needs_read(&mut self, key: &[u8]) -> bool {
+        self.must_read(key, hash_key(key), ALL)
+    }
+
     /// Reads ahead, with one batched RocksDB lookup, every key of `keys` (a batch's) that the
     /// accesses to come would otherwise read one at a time: keys the cache lacks, or holds
-    /// partially, and RocksDB may hold. Keys found are cached (and count as used, so that
-    /// making room for the next ones does not evict them first); keys RocksDB does not hold
+    /// partially, and RocksDB may hold. Keys found are cached, and the access that follows
+    /// is their first use, as if it had loaded them; keys RocksDB does not hold
     /// are remembered until the next prefetch, so that reading them costs nothing either. Only
     /// a [one-value](Self::one_value) table reads ahead; other tables read per access.
     pub fn prefetch<'k>(&mut self, keys: impl IntoIterator<Item = &'k [u8]>) -> Result<()> {
@@ -941,7 +963,7 @@ impl<V: StateValue> KeyedTable<V> {
                 Some((_, touched, value, size)) => {
                     self.take_rows(key, smallvec::smallvec![(0, touched, value, size)], true)?;
                     if let Some(slot) = self.keys.get_mut(key) {
-                        slot.referenced = true;
+                        slot.used = Use::ReadAhead;
                     }
                 }
                 // a partial key: RocksDB holds nothing the cache lacks
@@ -1040,7 +1062,7 @@ impl<V: StateValue> KeyedTable<V> {
                         && !known_absent
                         && !self.one_value
                         && spilled.is_some_and(|s| !s.is_empty() && s.may_hold(hash_key(key), ALL)),
-                    referenced: false,
+                    used: Use::Idle,
                     charge,
                 }),
                 true,
@@ -1366,7 +1388,8 @@ impl<V: StateValue> KeyedTable<V> {
                 if (keys >= want_keys && bytes >= want_bytes) || s.dirty {
                     return true;
                 }
-                if std::mem::take(&mut s.referenced) {
+                if s.used == Use::Used {
+                    s.used = Use::Idle;
                     return true;
                 }
                 keys += 1;
