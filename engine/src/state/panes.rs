@@ -607,7 +607,28 @@ impl<C: PaneColumns> PaneTable<C> {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(StateKey, Partials<C::Value>)>> {
-        // memory: the pane's keys in row order, sorted once per change of its key set
+        let mut out = Vec::new();
+        self.read_into(ns, after, limit, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::read`] into `out`, which is cleared first: a caller that reads chunk after chunk
+    /// reuses one buffer rather than allocating (and faulting in) a new one each time.
+    pub fn read_into(
+        &mut self,
+        ns: i64,
+        after: Option<&[u8]>,
+        limit: usize,
+        out: &mut Vec<(StateKey, Partials<C::Value>)>,
+    ) -> Result<()> {
+        out.clear();
+        let on_disk = self
+            .backing
+            .as_ref()
+            .and_then(|b| b.on_disk.get(&ns))
+            .is_some();
+        // memory: the pane's keys in row order, sorted once per change of its key set; straight
+        // into `out` unless RocksDB holds partials of the namespace to merge them with
         let mut mem: Vec<(StateKey, C::Value)> = Vec::new();
         if let Some(pane) = self.panes.get_mut(&ns) {
             if pane.sorted.is_none() {
@@ -617,14 +638,20 @@ impl<C: PaneColumns> PaneTable<C> {
             let from = after.map_or(0, |a| {
                 sorted.partition_point(|r| pane.order(*r).as_slice() <= a)
             });
-            for row in sorted[from..].iter().take(limit) {
-                mem.push((pane.order(*row), pane.columns.value(ns, *row)));
+            let rows = sorted[from..].iter().take(limit);
+            if on_disk {
+                mem.extend(rows.map(|row| (pane.order(*row), pane.columns.value(ns, *row))));
+            } else {
+                out.extend(rows.map(|row| {
+                    let value = pane.columns.value(ns, *row);
+                    (pane.order(*row), std::iter::once(value).collect())
+                }));
+                return Ok(());
             }
         }
         // merged with RocksDB's partials of each key (in generation order) as they are read:
         // the first `limit` keys of the two
         let generation = self.backing.as_ref().map_or(0, |b| b.generation);
-        let mut out: Vec<(StateKey, Partials<C::Value>)> = Vec::new();
         let mut mem = mem.into_iter().peekable();
         if let Some(b) = &self.backing
             && let Some(generations) = b.on_disk.get(&ns)
@@ -633,7 +660,7 @@ impl<C: PaneColumns> PaneTable<C> {
             let name = &self.name;
             b.backend
                 .read_pane(b.table, ns, generations, from, limit, |order, g, v| {
-                    take_memory(&mut out, &mut mem, Some(order), limit);
+                    take_memory(out, &mut mem, Some(order), limit);
                     let last = out.last().is_some_and(|(o, _)| o.as_slice() == order);
                     if out.len() >= limit && !last {
                         return Ok(());
@@ -650,8 +677,8 @@ impl<C: PaneColumns> PaneTable<C> {
                     Ok(())
                 })?;
         }
-        take_memory(&mut out, &mut mem, None, limit);
-        Ok(out)
+        take_memory(out, &mut mem, None, limit);
+        Ok(())
     }
 
     /// The partial values of `key` in each namespace of `range` that holds any, in namespace

@@ -179,6 +179,7 @@ impl WindowPlan {
             fire: Timers::new("fire"),
             cleanup: Timers::new("cleanup"),
             more: false,
+            chunks: Vec::new(),
             keys: EncodedKeys::default(),
         }
     }
@@ -215,6 +216,9 @@ pub struct WindowOperator {
     keys: EncodedKeys,
     /// The last `on_watermark` fired a full batch of windows and may have more.
     more: bool,
+    /// One chunk of each slice of the window being fired, read into buffers kept from one
+    /// chunk to the next.
+    chunks: Vec<Vec<(StateKey, Partials<SliceParts>)>>,
 }
 
 /// What a batch gives the window, computed once per batch: event times, aggregate arguments.
@@ -439,21 +443,28 @@ impl WindowOperator {
         let (end, after) = self.firing.take().expect("set above");
         let start = end - size;
         // every slice of the window, read a chunk of keys at a time in row order
-        let mut slices: Vec<Vec<(StateKey, Partials<SliceParts>)>> = Vec::new();
+        let mut slices = std::mem::take(&mut self.chunks);
+        let mut n = 0;
         for ns in self.panes.namespaces() {
             if ns >= start && ns < end {
-                slices.push(self.panes.read(ns, after.as_deref(), limit)?);
+                if slices.len() == n {
+                    slices.push(Vec::new());
+                }
+                self.panes
+                    .read_into(ns, after.as_deref(), limit, &mut slices[n])?;
+                n += 1;
             }
         }
+        let slices_read = &slices[..n];
         // the `limit` smallest key orders of all slices, merged from the slices' sorted chunks:
         // each is at most the last key of any chunk that was cut at `limit`, so no key of a
         // slice is skipped
-        let mut cursors = vec![0usize; slices.len()];
+        let mut cursors = vec![0usize; n];
         let mut rows = Vec::with_capacity(limit);
         let mut taken = 0;
         let mut last: Option<&StateKey> = None;
         while taken < limit {
-            let Some(order) = slices
+            let Some(order) = slices_read
                 .iter()
                 .zip(&cursors)
                 .filter_map(|(slice, at)| slice.get(*at).map(|(o, _)| o))
@@ -462,7 +473,7 @@ impl WindowOperator {
                 break;
             };
             let mut partials: SmallVec<[&SliceParts; 4]> = SmallVec::new();
-            for (slice, at) in slices.iter().zip(cursors.iter_mut()) {
+            for (slice, at) in slices_read.iter().zip(cursors.iter_mut()) {
                 if let Some((o, p)) = slice.get(*at)
                     && o == order
                 {
@@ -486,6 +497,7 @@ impl WindowOperator {
         }
         let full = taken == limit;
         let last = last.cloned();
+        self.chunks = slices;
         if full {
             self.firing = Some((end, last));
         } else {
