@@ -16,10 +16,11 @@ use arrow::array::{ArrayRef, AsArray, BooleanArray, Int64Array, UInt32Array};
 use arrow::compute::{filter_record_batch, take};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use smallvec::SmallVec;
 use std::sync::Arc;
 
 use freshet_engine::checkpoint::{SnapshotContext, StateContext};
-use freshet_engine::keys::{EncodedKeys, KeyColumns};
+use freshet_engine::keys::{EncodedKeys, KeyColumns, hash_key};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::timers::FIRE_BATCH;
@@ -193,6 +194,78 @@ struct Buffered {
     candidate: bool,
 }
 
+/// A candidate pair of a batch row and a buffered row of the other side.
+struct Pair {
+    /// The batch row.
+    row: u32,
+    /// The batch row's key, as an index into the batch's [`KeyGroups`].
+    group: u32,
+    /// The buffered row: its time and index among the rows buffered at that time.
+    partner: (i64, u32),
+    /// The buffered row's `matched` and `candidate` flags when it was probed.
+    flags: (bool, bool),
+    /// Where the buffered row's values are in the per-column lists of the probe.
+    values: u32,
+}
+
+/// The rows of a batch grouped by key, hashed once: each group's rows in batch order, the
+/// groups in the order of their first rows.
+struct KeyGroups {
+    /// The rows, group after group.
+    rows: Vec<u32>,
+    /// Where each group's rows end in `rows`.
+    ends: Vec<u32>,
+}
+
+impl KeyGroups {
+    fn of(keys: &EncodedKeys, rows: impl Iterator<Item = usize>) -> KeyGroups {
+        let mut index: hashbrown::HashTable<u32> = hashbrown::HashTable::new();
+        // per row, its group; per group, its first row and size
+        let mut group_of: Vec<(u32, u32)> = Vec::new();
+        let mut firsts: Vec<(u32, u32)> = Vec::new();
+        for row in rows {
+            let key = keys.row(row);
+            let hash = hash_key(key);
+            let g = *index
+                .entry(
+                    hash,
+                    |g| keys.row(firsts[*g as usize].0 as usize) == key,
+                    |g| hash_key(keys.row(firsts[*g as usize].0 as usize)),
+                )
+                .or_insert_with(|| {
+                    firsts.push((row as u32, 0));
+                    firsts.len() as u32 - 1
+                })
+                .get();
+            firsts[g as usize].1 += 1;
+            group_of.push((row as u32, g));
+        }
+        let mut ends = Vec::with_capacity(firsts.len());
+        let mut end = 0;
+        for (_, size) in &firsts {
+            end += size;
+            ends.push(end);
+        }
+        // each group's rows in batch order: fill from each group's start
+        let mut next: Vec<u32> = ends.iter().zip(&firsts).map(|(e, (_, n))| e - n).collect();
+        let mut out = vec![0u32; group_of.len()];
+        for (row, g) in group_of {
+            out[next[g as usize] as usize] = row;
+            next[g as usize] += 1;
+        }
+        KeyGroups { rows: out, ends }
+    }
+
+    fn rows(&self, g: usize) -> &[u32] {
+        let start = if g == 0 { 0 } else { self.ends[g - 1] as usize };
+        &self.rows[start..self.ends[g] as usize]
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u32]> {
+        (0..self.ends.len()).map(|g| self.rows(g))
+    }
+}
+
 /// The join operator of one subtask.
 pub struct JoinOperator {
     plan: JoinPlan,
@@ -308,10 +381,7 @@ impl Operator for JoinOperator {
             data.iter().map(ColumnReader::new).collect::<Result<_>>()?;
         let rw = ctx.record_watermark.0;
 
-        // 1. Probe the other side's buffer for candidate pairs.
-        let mut pair_rows: Vec<u32> = Vec::new();
-        let mut pair_partners: Vec<(i64, usize)> = Vec::new();
-        let mut pair_values: Vec<Vec<Option<Scalar>>> = Vec::new();
+        // rows at or behind the watermark cannot be joined reliably
         let mut late = DeadLetters::default();
         let mut live = vec![false; n];
         for (row, &t) in times.iter().enumerate() {
@@ -324,18 +394,8 @@ impl Operator for JoinOperator {
                     "arrived behind the watermark; too late to join".into(),
                     &mut late,
                 );
-                continue;
-            }
-            live[row] = true;
-            let (lo, hi) = self.partner_range(side, t);
-            for (pt, rows) in
-                self.buffers[other].range(self.keys.row(row), lo..=hi, Watermark::MIN)?
-            {
-                for (idx, b) in rows.iter().enumerate() {
-                    pair_rows.push(row as u32);
-                    pair_partners.push((pt, idx));
-                    pair_values.push(b.values.clone());
-                }
+            } else {
+                live[row] = true;
             }
         }
         if !late.is_empty() {
@@ -343,11 +403,49 @@ impl Operator for JoinOperator {
             out.emit(LATE_PORT, late.take_batch());
         }
 
+        // 1. Probe the other side's buffer once per distinct key of the batch, over the union of
+        //    its rows' intervals, for candidate pairs: (row, partner time, partner index,
+        //    partner's flags), the partner's values kept per column.
+        let groups = KeyGroups::of(&self.keys, (0..n).filter(|r| live[*r]));
+        let other_columns = self.plan.sides[other].columns.len();
+        let mut pairs: Vec<Pair> = Vec::new();
+        let mut theirs: Vec<Vec<Option<Scalar>>> = vec![Vec::new(); other_columns];
+        for (g, rows) in groups.iter().enumerate() {
+            let key = self.keys.row(rows[0] as usize);
+            let ranges: SmallVec<[(i64, i64); 4]> = rows
+                .iter()
+                .map(|r| self.partner_range(side, times[*r as usize]))
+                .collect();
+            let lo = ranges.iter().map(|r| r.0).min().expect("a group has rows");
+            let hi = ranges.iter().map(|r| r.1).max().expect("a group has rows");
+            for (pt, buffered) in self.buffers[other].range(key, lo..=hi, Watermark::MIN)? {
+                for (&row, &(rlo, rhi)) in rows.iter().zip(&ranges) {
+                    if pt < rlo || pt > rhi {
+                        continue;
+                    }
+                    for (idx, b) in buffered.iter().enumerate() {
+                        pairs.push(Pair {
+                            row,
+                            group: g as u32,
+                            partner: (pt, idx as u32),
+                            flags: (b.matched, b.candidate),
+                            values: pairs.len() as u32,
+                        });
+                        for (column, v) in theirs.iter_mut().zip(&b.values) {
+                            column.push(v.clone());
+                        }
+                    }
+                }
+            }
+        }
+        // in the order of the batch's rows, as if each row had probed by itself
+        pairs.sort_by_key(|p| p.row);
+
         // 2. Evaluate the condition over all candidate pairs at once and emit the matches.
         let mut matched_rows = vec![false; n];
         let mut candidate_rows = vec![false; n];
-        if !pair_rows.is_empty() {
-            let idx = UInt32Array::from(pair_rows.clone());
+        if !pairs.is_empty() {
+            let idx = UInt32Array::from_iter_values(pairs.iter().map(|p| p.row));
             let mine: Vec<ArrayRef> = data
                 .iter()
                 .map(|c| take(c.as_ref(), &idx, None))
@@ -355,45 +453,66 @@ impl Operator for JoinOperator {
             let theirs: Vec<ArrayRef> = self.plan.sides[other]
                 .columns
                 .iter()
-                .enumerate()
-                .map(|(j, (_, dt, _))| build_column(dt, pair_values.iter().map(|v| v[j].as_ref())))
+                .zip(&theirs)
+                .map(|((_, dt, _), column)| {
+                    build_column(dt, pairs.iter().map(|p| column[p.values as usize].as_ref()))
+                })
                 .collect::<Result<_>>()?;
             let mut cols = if side == 0 {
                 [mine, theirs].concat()
             } else {
                 [theirs, mine].concat()
             };
-            let time: Vec<i64> = pair_rows
-                .iter()
-                .zip(&pair_partners)
-                .map(|(r, (pt, _))| times[*r as usize].max(*pt))
-                .collect();
-            cols.push(Arc::new(Int64Array::from(time)));
-            let pairs = RecordBatch::try_new(self.plan.pair_schema.clone(), cols)?;
+            cols.push(Arc::new(Int64Array::from_iter_values(
+                pairs.iter().map(|p| times[p.row as usize].max(p.partner.0)),
+            )));
+            let joined = RecordBatch::try_new(self.plan.pair_schema.clone(), cols)?;
             let mask = match &self.plan.predicate {
-                Some(p) => p.evaluate_predicate(&pairs)?,
-                None => BooleanArray::from(vec![true; pairs.num_rows()]),
+                Some(p) => p.evaluate_predicate(&joined)?,
+                None => BooleanArray::from(vec![true; joined.num_rows()]),
             };
-            for (i, ok) in mask.iter().enumerate() {
-                let row = pair_rows[i] as usize;
-                let (pt, pidx) = pair_partners[i];
-                let key = self.keys.row(row);
+            // the partners whose flags change, per key: each key's buffer is changed with one
+            // access, and only the partners that change are rewritten
+            let mut changes: Vec<(u32, i64, u32, bool)> = Vec::new();
+            for (p, ok) in pairs.iter().zip(mask.iter()) {
                 let ok = ok.unwrap_or(false);
                 if ok {
-                    matched_rows[row] = true;
+                    matched_rows[p.row as usize] = true;
                 } else {
-                    candidate_rows[row] = true;
+                    candidate_rows[p.row as usize] = true;
                 }
-                if let Some((_, rows)) = self.buffers[other].range_mut(key, pt..=pt)?.next() {
-                    if ok {
-                        rows[pidx].matched = true;
-                    } else {
-                        rows[pidx].candidate = true;
-                    }
+                if (ok && !p.flags.0) || (!ok && !p.flags.1) {
+                    changes.push((p.group, p.partner.0, p.partner.1, ok));
                 }
             }
+            changes.sort_unstable();
+            for same_key in changes.chunk_by(|a, b| a.0 == b.0) {
+                let key = self
+                    .keys
+                    .row(groups.rows(same_key[0].0 as usize)[0] as usize);
+                let (lo, hi) = (same_key[0].1, same_key[same_key.len() - 1].1);
+                let mut next = same_key.iter().peekable();
+                self.buffers[other].modify(key, lo..=hi, |pt, buffered| {
+                    let mut changed = false;
+                    while let Some(&&(_, t, idx, ok)) = next.peek() {
+                        if t > pt {
+                            break;
+                        }
+                        next.next();
+                        if t < pt {
+                            continue;
+                        }
+                        if let Some(b) = buffered.get_mut(idx as usize) {
+                            let flag = if ok { &mut b.matched } else { &mut b.candidate };
+                            changed |= !*flag;
+                            *flag = true;
+                        }
+                    }
+                    changed
+                })?;
+            }
             if mask.true_count() > 0 {
-                let hits = filter_record_batch(&pairs, &mask)?;
+                let hits = filter_record_batch(&joined, &mask)?;
                 let time = hits.column(hits.num_columns() - 1).clone();
                 out.emit(MAIN_PORT, self.plan.projection.apply(&hits, time)?);
             }
@@ -538,6 +657,195 @@ mod tests {
         assert!(
             h.op.buffers[0].is_empty() && h.op.buffers[1].is_empty(),
             "state is bounded by the interval"
+        );
+    }
+    #[test]
+    fn batches_join_as_a_nested_loop_over_all_rows_would() {
+        use freshet_engine::KeyGroupRange;
+        use freshet_engine::state::{KeyedBackend, StateConfig};
+        let side_schema = || {
+            schema(vec![
+                Field::new("id", DataType::Utf8, true),
+                Field::new("amount", DataType::Int64, true),
+                Field::new("seq", DataType::Int64, true),
+            ])
+        };
+        let (orders, payments) = (side_schema(), side_schema());
+        let (lower, upper) = (-5, 10);
+        let plan = JoinPlan::compile(JoinConfig {
+            name: "j".into(),
+            left_name: "o".into(),
+            right_name: "p".into(),
+            left: &orders,
+            right: &payments,
+            left_key: &["id".into()],
+            right_key: &["id".into()],
+            lower,
+            upper,
+            predicate: Some("o.amount = p.amount"),
+            select: &["o.seq AS l".into(), "p.seq AS r".into()],
+        })
+        .unwrap();
+        let mut h = Harness::new(plan.instantiate());
+        // both buffers and their timers in RocksDB behind a cache of 8 keys, so most accesses
+        // read keys back
+        let dir = tempfile::tempdir().unwrap();
+        let config = StateConfig {
+            local_dir: dir.path().to_path_buf(),
+            cache_keys: Some(8),
+            ..Default::default()
+        };
+        let range = KeyGroupRange::for_subtask(128, 1, 0);
+        let backend =
+            Arc::new(KeyedBackend::open(&dir.path().join("db"), &config, range, 128).unwrap());
+        for b in h.op.buffers.iter_mut() {
+            b.attach(&backend).unwrap();
+        }
+        for t in h.op.cleanup.iter_mut() {
+            t.attach(&backend).unwrap();
+        }
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        // the model: every row buffered, per side (id, amount, time, seq), with its flags
+        struct Row {
+            id: String,
+            amount: i64,
+            t: i64,
+            seq: i64,
+            matched: bool,
+            candidate: bool,
+        }
+        let mut rows: [Vec<Row>; 2] = [Vec::new(), Vec::new()];
+        let mut want = Vec::new();
+        let mut late = 0;
+        let mut wm = 0i64;
+        let mut seq = 0i64;
+        for _ in 0..400 {
+            let side = next(2) as usize;
+            let hot = next(40);
+            let batch_rows: Vec<(String, i64, i64, i64)> = (0..16)
+                .map(|_| {
+                    let k = if next(3) == 0 { hot } else { next(40) };
+                    let t = if next(16) == 0 {
+                        wm - next(5) as i64
+                    } else {
+                        wm + 1 + next(30) as i64
+                    };
+                    seq += 1;
+                    (format!("k{k}"), next(3) as i64, t, seq)
+                })
+                .collect();
+            for (id, amount, t, seq) in &batch_rows {
+                if *t <= wm {
+                    late += 1;
+                    continue;
+                }
+                let (lo, hi) = if side == 0 {
+                    (t + lower, t + upper)
+                } else {
+                    (t - upper, t - lower)
+                };
+                let (mine, theirs) = if side == 0 {
+                    let (a, b) = rows.split_at_mut(1);
+                    (&mut a[0], &mut b[0])
+                } else {
+                    let (a, b) = rows.split_at_mut(1);
+                    (&mut b[0], &mut a[0])
+                };
+                let mut partners: Vec<&mut Row> = theirs
+                    .iter_mut()
+                    .filter(|p| &p.id == id && p.t >= lo && p.t <= hi)
+                    .collect();
+                // partners in time order, then in the order they arrived
+                partners.sort_by_key(|p| (p.t, p.seq));
+                let (mut matched, mut candidate) = (false, false);
+                for p in partners {
+                    if p.amount == *amount {
+                        let (l, r) = if side == 0 {
+                            (*seq, p.seq)
+                        } else {
+                            (p.seq, *seq)
+                        };
+                        want.push(format!(r#"{{"l":{l},"r":{r}}}"#));
+                        p.matched = true;
+                        matched = true;
+                    } else {
+                        p.candidate = true;
+                        candidate = true;
+                    }
+                }
+                mine.push(Row {
+                    id: id.clone(),
+                    amount: *amount,
+                    t: *t,
+                    seq: *seq,
+                    matched,
+                    candidate,
+                });
+            }
+            let s = if side == 0 { &orders } else { &payments };
+            let b = batch(
+                s,
+                vec![
+                    Arc::new(StringArray::from(
+                        batch_rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+                    )),
+                    Arc::new(Int64Array::from(
+                        batch_rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                    )),
+                    Arc::new(Int64Array::from(
+                        batch_rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+                    )),
+                ],
+                &batch_rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            );
+            h.push(side, b);
+            if next(2) == 0 {
+                wm += next(15) as i64;
+                h.watermark(wm);
+            }
+        }
+        assert_eq!(h.take(0), want);
+        assert!(want.len() > 500, "{} matches", want.len());
+        assert_eq!(h.take(2).len(), late);
+        // every row expires: the ones that never matched are dead letters, with the reason
+        h.watermark(i64::MAX / 2);
+        let mut got: Vec<(String, String)> = h
+            .take(1)
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["reason"].as_str().unwrap().to_string(),
+                    v["record"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let mut expected: Vec<(String, String)> = rows
+            .iter()
+            .flatten()
+            .filter(|r| !r.matched)
+            .map(|r| {
+                let reason = if r.candidate {
+                    "rows in the interval did not satisfy the join condition"
+                } else {
+                    "no matching row within the interval"
+                };
+                let record = serde_json::json!({"id": r.id, "amount": r.amount, "seq": r.seq});
+                (reason.to_string(), record.to_string())
+            })
+            .collect();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected);
+        assert!(
+            h.op.buffers.iter().map(|b| b.reads()).sum::<u64>() > 500,
+            "the buffers were read back from RocksDB"
         );
     }
 }

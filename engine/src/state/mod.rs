@@ -1178,30 +1178,32 @@ impl<V: StateValue> KeyedTable<V> {
         }))
     }
 
-    /// Mutable access to the values of a key with namespaces in `range` (each is rewritten at
-    /// the next flush).
-    pub fn range_mut<'a>(
-        &'a mut self,
+    /// Changes values of a key with namespaces in `range`, with one access to the key: `f` is
+    /// called with each one, in namespace order, and says whether it changed it; only the values
+    /// it changed are rewritten at the next flush.
+    pub fn modify(
+        &mut self,
         key: &[u8],
         range: impl RangeBounds<i64>,
-    ) -> Result<impl Iterator<Item = (i64, &'a mut V)> + 'a> {
+        mut f: impl FnMut(i64, &mut V) -> bool,
+    ) -> Result<()> {
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
         self.load(key, bounds)?;
-        let slot = self.keys.get_mut(key);
-        if let Some(s) = slot {
-            let r = s.values.bounds(bounds);
-            if !r.is_empty() {
-                Self::mark_dirty(&mut self.backing, s, key);
-            }
-            Ok(Some(s.values.0[r].iter_mut().map(|e| {
+        let Some(slot) = self.keys.get_mut(key) else {
+            return Ok(());
+        };
+        let r = slot.values.bounds(bounds);
+        let mut changed = false;
+        for e in slot.values.0[r].iter_mut() {
+            if f(e.ns, &mut e.value) {
                 e.dirty = true;
-                (e.ns, &mut e.value)
-            }))
-            .into_iter()
-            .flatten())
-        } else {
-            Ok(None.into_iter().flatten())
+                changed = true;
+            }
         }
+        if changed {
+            Self::mark_dirty(&mut self.backing, slot, key);
+        }
+        self.bound_dirty()
     }
 
     /// Removes and returns the values of a key with namespaces in `range`.
@@ -1370,15 +1372,16 @@ impl<V: StateValue> KeyedTable<V> {
         if !over_keys && !b.backend.memory().must_evict(projected) {
             return Ok(());
         }
+        // (the flush forgets keys whose rows it deleted, so the cache may already be smaller)
         self.flush()?;
         let mut want_keys = if over_keys {
-            self.keys.len() - cap * 3 / 4
+            self.keys.len().saturating_sub(cap * 3 / 4)
         } else {
             0
         };
         if doubles {
             // down to half, so the rehash stays in place
-            want_keys = want_keys.max(self.keys.len() - half);
+            want_keys = want_keys.max(self.keys.len().saturating_sub(half));
         }
         let want_bytes = (self.bytes - self.map_charge - self.spill_charge) / 4;
         let (mut keys, mut bytes, mut entries) = (0, 0, 0);
