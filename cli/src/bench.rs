@@ -93,7 +93,8 @@ pub enum BenchCommand {
         /// Events per key.
         #[arg(long, default_value_t = 2)]
         events_per_key: u64,
-        /// Jobs: dedup, window or both.
+        /// Jobs, comma-separated: dedup, window, join (an interval join of orders and payments,
+        /// one of each per key).
         #[arg(long, value_delimiter = ',', default_values_t = ["dedup".to_string(), "window".to_string()])]
         jobs: Vec<String>,
         /// `state.memory_mb` of the jobs (default: the job format's default).
@@ -405,14 +406,22 @@ fn run_latency(kind: &str, text: &str) -> Result<LatencyRun> {
     })
 }
 
-/// A job over `keys` distinct keys, each seen `per_key` times, spread over the whole input.
+/// A job over `keys` distinct keys, each seen `per_key` times, spread over the whole input. The
+/// join reads `per_key / 2` orders and as many payments per key from two sources (a key's
+/// payment half a second of event time after its order, within a 5 s interval), so its state
+/// is bounded by the interval, not by the key count.
 fn state_job(kind: &str, keys: u64, per_key: u64, memory_mb: Option<usize>) -> Result<String> {
     let transform = match kind {
-        "dedup" => "    type: deduplicate\n    key: [k]\n    keep: first\n    ttl: 1000d\n",
-        "window" => {
-            "    type: window\n    key_by: [k]\n    window: {type: tumbling, size: 1000d}\n    aggregates: [\"count(*) AS n\"]\n"
+        "dedup" => {
+            "    type: deduplicate\n    input: events\n    key: [k]\n    keep: first\n    ttl: 1000d\n"
         }
-        other => bail!("unknown state benchmark job {other}; use dedup or window"),
+        "window" => {
+            "    type: window\n    input: events\n    key_by: [k]\n    window: {type: tumbling, size: 1000d}\n    aggregates: [\"count(*) AS n\"]\n"
+        }
+        "join" => {
+            "    type: interval_join\n    left: orders\n    right: payments\n    left_key: [k]\n    right_key: [k]\n    lower_bound: 0s\n    upper_bound: 5s\n    where: \"orders.amount = payments.amount\"\n    select: [orders.k, orders.amount, \"payments.ts AS paid_at\"]\n"
+        }
+        other => bail!("unknown state benchmark job {other}; use dedup, window or join"),
     };
     // a multiplier coprime with the key count visits every key once per round, in an order
     // that defeats any locality
@@ -420,9 +429,26 @@ fn state_job(kind: &str, keys: u64, per_key: u64, memory_mb: Option<usize>) -> R
     let state = memory_mb
         .map(|m| format!("state: {{memory_mb: {m}}}\n"))
         .unwrap_or_default();
+    let source = |name: &str, count: u64, delay: u64, amount: &str| {
+        format!(
+            "  {name}:\n    connector:\n      type: generator\n      count: {count}\n      fields: {{k: \"(seq * {step}) % {keys}\", {amount}ts: \"1714557600000 + seq + {delay}\"}}\n    event_time: ts\n"
+        )
+    };
+    let (sources, sinks) = if kind == "join" {
+        let count = (keys * per_key).div_ceil(2);
+        (
+            format!(
+                "{}{}",
+                source("orders", count, 0, "amount: \"seq % 100\", "),
+                source("payments", count, 500, "amount: \"seq % 100\", ")
+            ),
+            "  unmatched: {input: q.unmatched, connector: {type: blackhole}}\n",
+        )
+    } else {
+        (source("events", keys * per_key, 0, ""), "")
+    };
     Ok(format!(
-        "version: 1\nname: state-{kind}\n{state}sources:\n  events:\n    connector:\n      type: generator\n      count: {count}\n      fields: {{k: \"(seq * {step}) % {keys}\", ts: \"1714557600000 + seq\"}}\n    event_time: ts\ntransforms:\n  q:\n    input: events\n{transform}sinks:\n  out: {{input: q, connector: {{type: blackhole}}}}\n",
-        count = keys * per_key,
+        "version: 1\nname: state-{kind}\n{state}sources:\n{sources}transforms:\n  q:\n{transform}sinks:\n  out: {{input: q, connector: {{type: blackhole}}}}\n{sinks}",
     ))
 }
 
@@ -942,13 +968,13 @@ mod tests {
 
     #[test]
     fn state_benchmark_jobs_are_valid() {
-        for kind in ["dedup", "window"] {
+        for kind in ["dedup", "window", "join"] {
             let text = state_job(kind, 1_000_000, 2, Some(64)).unwrap();
             let job = parse_job(&text, "state.yaml", &[])
                 .unwrap_or_else(|e| panic!("{kind}: {e}\n{text}"));
             assert_eq!(job.state.memory_mb, 64);
         }
-        assert!(state_job("join", 10, 2, None).is_err());
+        assert!(state_job("sort", 10, 2, None).is_err());
         assert!(
             bench_state(&StateBench {
                 keys: vec![0],
