@@ -267,17 +267,9 @@ mod tests {
     /// first row, for `latest` each row newer than every earlier row of its key, in order.
     #[test]
     fn rows_waiting_for_rocksdb_are_checked_in_order_per_key() {
-        use freshet_engine::KeyGroupRange;
-        use freshet_engine::state::{KeyedBackend, StateConfig};
         use std::collections::HashMap;
         let s = s();
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move |m: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % m
-        };
+        let mut next = crate::testing::random(0x9e37_79b9_7f4a_7c15);
         // batches of 64 rows over 2 000 keys, each key often repeated within a batch
         let batches: Vec<Vec<(String, i64)>> = (0..300)
             .map(|_| {
@@ -295,14 +287,7 @@ mod tests {
             let plan = DedupPlan::compile(&s, &["id".into()], keep, order_by, None).unwrap();
             let mut h = Harness::new(plan.instantiate());
             let dir = tempfile::tempdir().unwrap();
-            let config = StateConfig {
-                local_dir: dir.path().to_path_buf(),
-                cache_keys: Some(50),
-                ..Default::default()
-            };
-            let range = KeyGroupRange::for_subtask(128, 1, 0);
-            let backend =
-                Arc::new(KeyedBackend::open(&dir.path().join("db"), &config, range, 128).unwrap());
+            let backend = crate::testing::capped_backend(dir.path(), 50);
             h.op.seen.attach(&backend).unwrap();
             let mut model: HashMap<String, i64> = HashMap::new();
             let mut want = Vec::new();

@@ -659,10 +659,9 @@ mod tests {
             "state is bounded by the interval"
         );
     }
+
     #[test]
     fn batches_join_as_a_nested_loop_over_all_rows_would() {
-        use freshet_engine::KeyGroupRange;
-        use freshet_engine::state::{KeyedBackend, StateConfig};
         let side_schema = || {
             schema(vec![
                 Field::new("id", DataType::Utf8, true),
@@ -690,27 +689,14 @@ mod tests {
         // both buffers and their timers in RocksDB behind a cache of 8 keys, so most accesses
         // read keys back
         let dir = tempfile::tempdir().unwrap();
-        let config = StateConfig {
-            local_dir: dir.path().to_path_buf(),
-            cache_keys: Some(8),
-            ..Default::default()
-        };
-        let range = KeyGroupRange::for_subtask(128, 1, 0);
-        let backend =
-            Arc::new(KeyedBackend::open(&dir.path().join("db"), &config, range, 128).unwrap());
+        let backend = crate::testing::capped_backend(dir.path(), 8);
         for b in h.op.buffers.iter_mut() {
             b.attach(&backend).unwrap();
         }
         for t in h.op.cleanup.iter_mut() {
             t.attach(&backend).unwrap();
         }
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move |m: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % m
-        };
+        let mut next = crate::testing::random(0x2545_f491_4f6c_dd1d);
         // the model: every row buffered, per side (id, amount, time, seq), with its flags
         struct Row {
             id: String,

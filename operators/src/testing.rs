@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{Operator, OperatorContext, Output, SubtaskInfo};
+use freshet_engine::state::{KeyedBackend, StateConfig};
 use freshet_engine::{TIME_COLUMN, Watermark};
 
 /// Collected output of an operator.
@@ -107,4 +108,27 @@ pub fn schema(fields: Vec<Field>) -> SchemaRef {
 pub fn batch(schema: &SchemaRef, mut columns: Vec<ArrayRef>, times: &[i64]) -> RecordBatch {
     columns.push(Arc::new(Int64Array::from(times.to_vec())));
     RecordBatch::try_new(schema.clone(), columns).unwrap()
+}
+
+/// Pseudo-random numbers below `m` (xorshift), the same sequence for the same seed.
+pub fn random(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut x = seed;
+    move |m| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % m
+    }
+}
+
+/// A RocksDB instance in `dir` owning every key group, whose tables cache at most `cache_keys`
+/// keys each, so that tests read state back.
+pub fn capped_backend(dir: &std::path::Path, cache_keys: usize) -> Arc<KeyedBackend> {
+    let config = StateConfig {
+        local_dir: dir.to_path_buf(),
+        cache_keys: Some(cache_keys),
+        ..Default::default()
+    };
+    let range = freshet_engine::KeyGroupRange::for_subtask(128, 1, 0);
+    Arc::new(KeyedBackend::open(&dir.join("db"), &config, range, 128).unwrap())
 }
