@@ -10,11 +10,12 @@
 //! (time-ordered across key groups), and memory holds only the registrations since the last
 //! write, at most [`SPILL_AT`] of them. Memory therefore does not grow with the number of keys or
 //! windows, a checkpoint writes only the timers registered since the previous one, and a restore
-//! reads nothing up front. Timers that fired are deleted with one range tombstone per call of
-//! [`due`](Timers::due), and reads start at a cursor past them, so a queue that is consumed from
-//! its head does not make RocksDB step over deleted rows. A snapshot of layout 1 or 2 kept
-//! timers in (time, key) order under `[ff ff 01]`; they move to this layout when their queue
-//! attaches.
+//! reads nothing up front. Reads start at a cursor past the timers that fired, so a queue that
+//! is consumed from its head does not make RocksDB step over their rows, which are deleted with
+//! one range delete per [`DELETE_EVERY`] fired timers and at every flush: a range tombstone per
+//! firing would be sorted again by every read of the queue until RocksDB flushes its memtable.
+//! A snapshot of layout 1 or 2 kept timers in (time, key) order under `[ff ff 01]`; they move
+//! to this layout when their queue attaches.
 use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -26,6 +27,9 @@ use crate::{EngineError, Result, Watermark};
 
 /// Registrations kept in memory before they are written to RocksDB.
 pub const SPILL_AT: usize = 1 << 16;
+
+/// Fired timers after which their rows are deleted from the backend (see `Backing::deleted`).
+const DELETE_EVERY: usize = 1 << 16;
 
 /// How many due timers operators take at a time, so that firing a watermark that makes millions
 /// due (the end of a bounded input) holds one batch of them, not all, in memory.
@@ -47,8 +51,16 @@ pub struct Timers {
 struct Backing {
     backend: Arc<KeyedBackend>,
     table: [u8; 4],
-    /// The backend holds no timer row below this key: everything before it fired.
+    /// Every timer row below this key fired: reads start here.
     cursor: Vec<u8>,
+    /// The backend holds no timer row below this key. Rows between it and `cursor` fired and
+    /// are deleted with one range delete once [`DELETE_EVERY`] of them accumulate, or at the
+    /// next [`Timers::flush`] (so no snapshot holds them): a range tombstone per firing would
+    /// make every later read of the queue sort through all of them until RocksDB's memtable
+    /// is flushed.
+    deleted: Vec<u8>,
+    /// Timers fired since the last range delete.
+    undeleted: usize,
     /// The backend holds no timer earlier than this (a lower bound; `i64::MAX` when empty), so a
     /// watermark before it needs no read.
     earliest: i64,
@@ -104,6 +116,8 @@ impl Timers {
             backend: backend.clone(),
             table,
             cursor: backend::timer_prefix(table),
+            deleted: backend::timer_prefix(table),
+            undeleted: 0,
             earliest: if backend.restored() {
                 i64::MIN
             } else {
@@ -164,19 +178,29 @@ impl Timers {
         let Some(b) = self.backing.as_mut() else {
             return Ok(());
         };
-        let Some((first, _)) = self.pending.first() else {
-            return Ok(());
-        };
-        b.earliest = b.earliest.min(*first);
         let mut batch = rocksdb::WriteBatch::default();
+        // the rows of fired timers go first (a row written below is written after their
+        // delete, so it stays)
+        if b.deleted < b.cursor {
+            batch.delete_range(&b.deleted, &b.cursor);
+            b.deleted = b.cursor.clone();
+            b.undeleted = 0;
+        }
+        if let Some((first, _)) = self.pending.first() {
+            b.earliest = b.earliest.min(*first);
+        }
         for (i, (t, order)) in std::mem::take(&mut self.pending).into_iter().enumerate() {
             let row = backend::timer_key(b.table, t, &order);
             // a timer registered behind the cursor (for a time that already passed) moves it
             // back; everything between was deleted, so nothing else reappears
             if i == 0 && row < b.cursor {
                 b.cursor = row.clone();
+                b.deleted = row.clone();
             }
             batch.put(&row, []);
+        }
+        if batch.is_empty() {
+            return Ok(());
         }
         b.backend.write(batch)
     }
@@ -264,8 +288,13 @@ impl Timers {
             let mut upto = backend::timer_key(b.table, last.0, &last.1);
             upto.push(0);
             if upto > b.cursor {
-                b.backend.delete_range(&b.cursor, &upto)?;
                 b.cursor = upto;
+                b.undeleted += out.len().max(1);
+                if b.undeleted >= DELETE_EVERY {
+                    b.backend.delete_range(&b.deleted, &b.cursor)?;
+                    b.deleted = b.cursor.clone();
+                    b.undeleted = 0;
+                }
             }
             b.earliest = match next_stored {
                 Some(t) => t,
@@ -352,6 +381,35 @@ mod tests {
         assert_eq!(due, vec![(10, StateKey::from(&b"a"[..]))]);
         assert_eq!(timers.due(Watermark(25), 100).unwrap()[0].0, 20);
         assert!(timers.due(Watermark(i64::MAX), 100).unwrap().is_empty());
+    }
+
+    /// Fired timers' rows are deleted lazily, but never make it into a snapshot: a restore fires
+    /// only what had not fired.
+    #[test]
+    fn a_snapshot_holds_no_fired_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(dir.path(), "db");
+        let mut timers = Timers::new("fire");
+        timers.attach(&b).unwrap();
+        for i in 0..1000i64 {
+            timers.register(i, format!("k{i}").as_bytes()).unwrap();
+        }
+        timers.flush().unwrap();
+        // fired in small steps, each well below the count that deletes rows at once
+        for wm in (0..600).step_by(7) {
+            all_due(&mut timers, wm, 5);
+        }
+        assert_eq!(all_due(&mut timers, 599, 64).len(), 600 - 596);
+        timers.flush().unwrap();
+        let whole = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let restored = restored(dir.path(), &b, whole);
+        let mut again = Timers::new("fire");
+        again.attach(&restored).unwrap();
+        let due = all_due(&mut again, i64::MAX, 100);
+        let want: Vec<(i64, StateKey)> = (600..1000i64)
+            .map(|i| (i, StateKey::from(format!("k{i}").as_bytes())))
+            .collect();
+        assert_eq!(due, want);
     }
 
     /// Memory holds at most [`SPILL_AT`] registrations however many timers wait; they fire in
