@@ -384,7 +384,8 @@ mod tests {
     }
 
     /// Fired timers' rows are deleted lazily, but never make it into a snapshot: a restore fires
-    /// only what had not fired.
+    /// only what had not fired. (Unlike `timers_survive_a_snapshot_with_nothing_loaded`, the
+    /// timers are in RocksDB before they fire, so their rows are there to delete.)
     #[test]
     fn a_snapshot_holds_no_fired_timer() {
         let dir = tempfile::tempdir().unwrap();
