@@ -23,7 +23,7 @@
 //! updates start new *partial* values under the next generation. A key's value in a pane is the
 //! merge of its partials: its values of older generations, and its value in memory (or, if
 //! memory has none, its row of the current generation). So a write never needs a read, and
-//! readers merge ([`PaneTable::read`] returns every partial, merging one ordered read per
+//! readers merge ([`PaneTable::read_into`] returns every partial, merging one ordered read per
 //! generation). A restored table goes on with the generation after the newest one its rows are
 //! in, so restored partials are never overwritten.
 //!
@@ -600,20 +600,8 @@ impl<C: PaneColumns> PaneTable<C> {
 
     /// The keys with values in namespace `ns`, in row order, from the first after the key whose
     /// order is `after` (see [`key_order`]), at most `limit` of them: each with its order and
-    /// its partial values.
-    pub fn read(
-        &mut self,
-        ns: i64,
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(StateKey, Partials<C::Value>)>> {
-        let mut out = Vec::new();
-        self.read_into(ns, after, limit, &mut out)?;
-        Ok(out)
-    }
-
-    /// [`Self::read`] into `out`, which is cleared first: a caller that reads chunk after chunk
-    /// reuses one buffer rather than allocating (and faulting in) a new one each time.
+    /// its partial values, into `out`, which is cleared first (a caller that reads chunk after
+    /// chunk reuses one buffer rather than allocating, and faulting in, a new one each time).
     pub fn read_into(
         &mut self,
         ns: i64,
@@ -1017,7 +1005,8 @@ mod tests {
         for ns in t.namespaces() {
             let mut after: Option<StateKey> = None;
             loop {
-                let got = t.read(ns, after.as_deref(), chunk).unwrap();
+                let mut got = Vec::new();
+                t.read_into(ns, after.as_deref(), chunk, &mut got).unwrap();
                 assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "keys in row order");
                 if let (Some(a), Some(first)) = (&after, got.first()) {
                     assert!(
