@@ -98,7 +98,11 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
         .enable_all()
         .thread_name("jm-rpc")
         .build()?;
-    let ready = crate::health::serve(&args.health, "jobmanager", None)?;
+    let ready = crate::health::serve(
+        &args.health,
+        "jobmanager",
+        Some(crate::health::MetricsText::telemetry()),
+    )?;
     let (epoch, store) = match &args.ha_dir {
         Some(dir) => {
             let storage = Storage::open(dir, &std::env::current_dir()?, &S3Options::default())
@@ -132,8 +136,13 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
     .with_context(|| format!("listening on {}", args.listen))?;
     eprintln!("JobManager listening on {addr} (leader epoch {epoch})");
     if args.http != "off" {
-        let http = freshet_jobmanager::http::serve(jm.clone(), &args.http, &security)
-            .with_context(|| format!("--http {}", args.http))?;
+        let http = freshet_jobmanager::http::serve(
+            jm.clone(),
+            &args.http,
+            &security,
+            Some(crate::telemetry().prometheus_renderer()),
+        )
+        .with_context(|| format!("--http {}", args.http))?;
         let scheme = if security.tls.is_some() {
             "https"
         } else {
@@ -157,7 +166,11 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
 
 pub fn taskmanager(args: TaskManagerArgs) -> Result<i32> {
     // ready while registered with the JobManager: its slots can be used
-    let ready = crate::health::serve(&args.health, "taskmanager", None)?;
+    let ready = crate::health::serve(
+        &args.health,
+        "taskmanager",
+        Some(crate::health::MetricsText::telemetry()),
+    )?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "taskmanager".into());

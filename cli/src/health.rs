@@ -24,8 +24,22 @@ impl Readiness {
     }
 }
 
-/// Renders a component's metrics in the Prometheus text format.
-pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
+/// Renders a component's metrics, and the content type of what it renders.
+#[derive(Clone)]
+pub struct MetricsText {
+    pub render: Arc<dyn Fn() -> String + Send + Sync>,
+    pub content_type: &'static str,
+}
+
+impl MetricsText {
+    /// The process's OpenTelemetry metrics, in the Prometheus text format.
+    pub fn telemetry() -> MetricsText {
+        MetricsText {
+            render: crate::telemetry().prometheus_renderer(),
+            content_type: freshet_jobmanager::http::PROMETHEUS_TEXT,
+        }
+    }
+}
 
 /// Serves the endpoints on `listen` from a thread of their own (`off`: none), `/metrics` too
 /// if `metrics` is given.
@@ -75,13 +89,10 @@ pub fn serve(
                     Some(text) => app.route(
                         "/metrics",
                         get(move || {
-                            let body = text();
+                            let body = (text.render)();
                             async move {
                                 (
-                                    [(
-                                        axum::http::header::CONTENT_TYPE,
-                                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                    )],
+                                    [(axum::http::header::CONTENT_TYPE, text.content_type)],
                                     body,
                                 )
                             }

@@ -185,23 +185,44 @@ impl StartArgs {
     }
 }
 
+static TELEMETRY: std::sync::OnceLock<freshet_telemetry::Telemetry> = std::sync::OnceLock::new();
+
+/// This process's telemetry (started first thing in `main`).
+pub fn telemetry() -> &'static freshet_telemetry::Telemetry {
+    TELEMETRY.get().expect("telemetry is started in main")
+}
+
+/// The service name a command's telemetry reports as.
+fn service(command: &Command) -> &'static str {
+    match command {
+        Command::Run { .. } => "freshet",
+        Command::Jobmanager(_) => "freshet-jobmanager",
+        Command::Taskmanager(_) => "freshet-taskmanager",
+        Command::Operator(_) => "freshet-operator",
+        _ => "freshet-cli",
+    }
+}
+
 fn main() {
     freshet_security::install_crypto_provider();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FRESHET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let code = match dispatch(Cli::parse()) {
+    let cli = Cli::parse();
+    match freshet_telemetry::init(service(&cli.command)) {
+        Ok(t) => {
+            let _ = TELEMETRY.set(t);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    }
+    let code = match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             2
         }
     };
+    telemetry().shutdown();
     std::process::exit(code);
 }
 

@@ -38,7 +38,10 @@ pub fn run(args: OperatorArgs) -> Result<i32> {
     let ready = crate::health::serve(
         &args.health,
         "operator",
-        Some(std::sync::Arc::new(move || text.encode())),
+        Some(crate::health::MetricsText {
+            render: std::sync::Arc::new(move || text.encode()),
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }),
     )?;
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

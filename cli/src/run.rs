@@ -107,7 +107,12 @@ pub fn run(
         }
     }
     if http != "off" {
-        match freshet_jobmanager::http::serve(jm.clone(), http, &Default::default()) {
+        match freshet_jobmanager::http::serve(
+            jm.clone(),
+            http,
+            &Default::default(),
+            Some(crate::telemetry().prometheus_renderer()),
+        ) {
             Ok(addr) => eprintln!("JobManager API on http://{addr}"),
             Err(e) => eprintln!(
                 "warning: JobManager API not started on {http}: {e} (pick another address with --http)"

@@ -19,7 +19,7 @@
 //! - S3 credentials given as references reach the processes that use them, and a planted
 //!   secret appears in no log, job store file, state file or client output.
 //! - The probes' endpoints: `/healthz` and `/readyz` of both processes, a TaskManager ready
-//!   only while registered with its JobManager.
+//!   only while registered with its JobManager, and their `/metrics`.
 mod common;
 
 use std::path::Path;
@@ -660,7 +660,17 @@ fn processes_serve_health_endpoints() {
         let (code, body) = http_get(addr, "/readyz");
         assert_eq!((code, body.trim()), (200, format!("{who} ready").as_str()));
         assert_eq!(http_get(addr, "/nothing").0, 404);
+        // their metrics, for Prometheus
+        let (code, body) = http_get(addr, "/metrics");
+        assert_eq!(code, 200);
+        assert!(body.contains("process_cpu_time_seconds_total "), "{body}");
+        assert!(
+            body.contains(&format!("service_name=\"freshet-{who}\"")),
+            "{body}"
+        );
     }
+    let (_, body) = http_get(&tm_health, "/metrics");
+    assert!(body.contains("freshet_taskmanager_slots{"), "{body}");
 
     // the JobManager gone: not ready again once the TaskManager notices
     jm.kill();

@@ -1,8 +1,14 @@
-//! Per-subtask counters, updated once per batch and read by the JobManager for progress and status.
+//! Per-subtask counters, updated once per batch and read by the JobManager for progress and
+//! status and by the TaskManager's metric exporters.
+use arrow::record_batch::RecordBatch;
+use parking_lot::Mutex;
+use std::sync::Weak;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::state::KeyedBackend;
 
 /// Live counters of one subtask. Cheap to share (`Arc`), updated with relaxed atomics.
-#[derive(Debug)]
 pub struct SubtaskMetrics {
     /// Records received from input channels (or produced by the source).
     pub records_in: AtomicU64,
@@ -16,8 +22,40 @@ pub struct SubtaskMetrics {
     pub dead_letters: AtomicU64,
     /// Nanoseconds spent blocked because a downstream channel was full.
     pub backpressured_ns: AtomicU64,
-    /// The subtask's current combined input watermark (ms; `i64::MIN` before the first).
+    /// Nanoseconds spent waiting for input (or, in a source, for its input to have more).
+    pub idle_ns: AtomicU64,
+    /// The subtask's current combined input watermark (ms; `i64::MIN` before the first). A
+    /// source's is the watermark it emitted.
     pub watermark: AtomicI64,
+    /// The watermark the subtask last sent on its main output (ms; `i64::MIN` before the first).
+    pub output_watermark: AtomicI64,
+    /// Bytes of the Arrow arrays of the records received (see [`batch_bytes`]).
+    pub bytes_in: AtomicU64,
+    /// Bytes of the Arrow arrays of the records sent on the main output.
+    pub bytes_out: AtomicU64,
+    /// Nanoseconds from the subtask's start until its operators were open and their state
+    /// restored (0 until then).
+    pub open_ns: AtomicU64,
+    /// When the subtask started: busy time is the time since, less idle and backpressured time.
+    started: Instant,
+    /// The keyed-state instances of the subtask's operators, for state size.
+    state: Mutex<Vec<Weak<KeyedBackend>>>,
+}
+
+impl std::fmt::Debug for SubtaskMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.snapshot().fmt(f)
+    }
+}
+
+/// The bytes of a batch's arrays (the part of their buffers the batch covers; a slice of a larger
+/// batch counts only its rows). Costs a walk over the columns, not the rows.
+pub fn batch_bytes(batch: &RecordBatch) -> u64 {
+    batch
+        .columns()
+        .iter()
+        .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0) as u64)
+        .sum()
 }
 
 impl Default for SubtaskMetrics {
@@ -29,7 +67,14 @@ impl Default for SubtaskMetrics {
             late_records: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
             backpressured_ns: AtomicU64::new(0),
+            idle_ns: AtomicU64::new(0),
             watermark: AtomicI64::new(i64::MIN),
+            output_watermark: AtomicI64::new(i64::MIN),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            open_ns: AtomicU64::new(0),
+            started: Instant::now(),
+            state: Mutex::new(Vec::new()),
         }
     }
 }
@@ -40,18 +85,82 @@ impl SubtaskMetrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Counts a batch received: its records and bytes.
+    pub fn received(&self, batch: &RecordBatch) {
+        Self::add(&self.records_in, batch.num_rows() as u64);
+        Self::add(&self.bytes_in, batch_bytes(batch));
+    }
+
+    /// Counts a batch sent on the main output: its records and bytes.
+    pub fn sent(&self, batch: &RecordBatch) {
+        Self::add(&self.records_out, batch.num_rows() as u64);
+        Self::add(&self.bytes_out, batch_bytes(batch));
+    }
+
+    /// Records that the subtask's operators are open (its state restored).
+    pub fn opened(&self) {
+        let ns = self.started.elapsed().as_nanos().max(1) as u64;
+        self.open_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Adds the time since `since` to the idle time.
+    pub fn idled(&self, since: Instant) {
+        Self::add(&self.idle_ns, since.elapsed().as_nanos() as u64);
+    }
+
+    /// Counts a keyed-state instance of the subtask in its state size (while it is open).
+    pub fn track_state(&self, backend: &std::sync::Arc<KeyedBackend>) {
+        let mut all = self.state.lock();
+        all.retain(|b| b.strong_count() > 0);
+        all.push(std::sync::Arc::downgrade(backend));
+    }
+
+    /// The subtask's keyed state: estimated RocksDB rows, and bytes of its files on disk. Asks
+    /// RocksDB, so it is read when metrics are collected, not per batch.
+    pub fn state_size(&self) -> StateSize {
+        let all: Vec<_> = self.state.lock().iter().filter_map(Weak::upgrade).collect();
+        let mut size = StateSize::default();
+        for b in all {
+            let s = b.size();
+            size.rows += s.rows;
+            size.disk_bytes += s.disk_bytes;
+            size.memtable_bytes += s.memtable_bytes;
+        }
+        size
+    }
+
     /// A consistent-enough copy of the counters.
     pub fn snapshot(&self) -> MetricsSnapshot {
+        let idle_ns = self.idle_ns.load(Ordering::Relaxed);
+        let backpressured_ns = self.backpressured_ns.load(Ordering::Relaxed);
+        let elapsed = self.started.elapsed().as_nanos() as u64;
         MetricsSnapshot {
             records_in: self.records_in.load(Ordering::Relaxed),
             records_out: self.records_out.load(Ordering::Relaxed),
             records_written: self.records_written.load(Ordering::Relaxed),
             late_records: self.late_records.load(Ordering::Relaxed),
             dead_letters: self.dead_letters.load(Ordering::Relaxed),
-            backpressured_ns: self.backpressured_ns.load(Ordering::Relaxed),
+            backpressured_ns,
+            idle_ns,
+            busy_ns: elapsed.saturating_sub(idle_ns + backpressured_ns),
             watermark: self.watermark.load(Ordering::Relaxed),
+            output_watermark: self.output_watermark.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            open_ns: self.open_ns.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Size of a subtask's keyed state, as RocksDB estimates it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateSize {
+    /// Rows (one per key and namespace, and per timer), estimated.
+    pub rows: u64,
+    /// Bytes of the live SST files.
+    pub disk_bytes: u64,
+    /// Bytes of the memtables.
+    pub memtable_bytes: u64,
 }
 
 /// A copy of [`SubtaskMetrics`] at one moment.
@@ -71,6 +180,28 @@ pub struct MetricsSnapshot {
     pub backpressured_ns: u64,
     /// See [`SubtaskMetrics::watermark`].
     pub watermark: i64,
+    /// See [`SubtaskMetrics::idle_ns`].
+    #[serde(default)]
+    pub idle_ns: u64,
+    /// Nanoseconds the subtask has run, less its idle and backpressured time.
+    #[serde(default)]
+    pub busy_ns: u64,
+    /// See [`SubtaskMetrics::output_watermark`].
+    #[serde(default = "no_watermark")]
+    pub output_watermark: i64,
+    /// See [`SubtaskMetrics::bytes_in`].
+    #[serde(default)]
+    pub bytes_in: u64,
+    /// See [`SubtaskMetrics::bytes_out`].
+    #[serde(default)]
+    pub bytes_out: u64,
+    /// See [`SubtaskMetrics::open_ns`].
+    #[serde(default)]
+    pub open_ns: u64,
+}
+
+fn no_watermark() -> i64 {
+    i64::MIN
 }
 
 impl MetricsSnapshot {
@@ -79,6 +210,7 @@ impl MetricsSnapshot {
     pub fn sum<'a>(all: impl IntoIterator<Item = &'a MetricsSnapshot>) -> MetricsSnapshot {
         let mut out = MetricsSnapshot {
             watermark: i64::MAX,
+            output_watermark: i64::MAX,
             ..Default::default()
         };
         let mut any = false;
@@ -90,10 +222,17 @@ impl MetricsSnapshot {
             out.late_records += m.late_records;
             out.dead_letters += m.dead_letters;
             out.backpressured_ns += m.backpressured_ns;
+            out.idle_ns += m.idle_ns;
+            out.busy_ns += m.busy_ns;
+            out.bytes_in += m.bytes_in;
+            out.bytes_out += m.bytes_out;
+            out.open_ns = out.open_ns.max(m.open_ns);
             out.watermark = out.watermark.min(m.watermark);
+            out.output_watermark = out.output_watermark.min(m.output_watermark);
         }
         if !any {
             out.watermark = i64::MIN;
+            out.output_watermark = i64::MIN;
         }
         out
     }

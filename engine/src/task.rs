@@ -241,7 +241,7 @@ impl Chain {
         record_wm: Watermark,
     ) -> Result<()> {
         if i == self.ops.len() {
-            SubtaskMetrics::add(&self.metrics.records_out, batch.num_rows() as u64);
+            self.metrics.sent(&batch);
             for w in self.main_writers().iter_mut() {
                 w.send_batch(batch.clone())?;
             }
@@ -300,6 +300,9 @@ impl Chain {
 
     fn push_watermark(&mut self, i: usize, wm: Watermark) -> Result<()> {
         if i == self.ops.len() {
+            self.metrics
+                .output_watermark
+                .store(wm.0, std::sync::atomic::Ordering::Relaxed);
             return self
                 .main_writers()
                 .iter_mut()
@@ -492,11 +495,15 @@ fn open_state(
     local: &LocalState,
     restore: Option<&RestoreSource>,
     checkpointing: bool,
+    metrics: &SubtaskMetrics,
     open: impl FnOnce(&mut StateContext<'_>) -> Result<()>,
 ) -> Result<OperatorState> {
     let mut ctx = StateContext::new(info, uid, &local.config, &local.dir, restore, checkpointing);
     open(&mut ctx)?;
     let (backend, seeded) = ctx.finish();
+    if let Some(b) = &backend {
+        metrics.track_state(b);
+    }
     Ok(OperatorState::new(uid.to_string(), backend, info, seeded))
 }
 
@@ -550,6 +557,7 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
             &local,
             restore,
             checkpointing,
+            &metrics,
             |ctx| {
                 watermarks.push(restored_operator_watermark(ctx));
                 op.operator.open(ctx)
@@ -596,11 +604,13 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
                 &ctl.local,
                 restore,
                 checkpointing,
+                &metrics,
                 |ctx| {
                     restore_watermark(ctx, &mut generator)?;
                     source.open(ctx)
                 },
             )?;
+            metrics.opened();
             let head = SourceHead {
                 source,
                 state,
@@ -610,7 +620,10 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
             };
             run_source(head, &mut chain, &ctl)?;
         }
-        TaskInput::Channels(inputs) => run_channels(inputs, &mut chain, &ctl)?,
+        TaskInput::Channels(inputs) => {
+            metrics.opened();
+            run_channels(inputs, &mut chain, &ctl)?
+        }
     }
     debug!(elapsed = ?started.elapsed(), "subtask finished");
     let accumulators = chain
@@ -772,7 +785,7 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
         }
         for (port, batch) in out.0 {
             if port == MAIN_PORT {
-                SubtaskMetrics::add(&chain.metrics.records_in, batch.num_rows() as u64);
+                chain.metrics.received(&batch);
                 // every record is judged against the watermark emitted before it (`split` has
                 // already advanced the generator past the whole batch)
                 let mut before = head.generator.emitted();
@@ -818,10 +831,12 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
                 }
                 chain.idle()?;
                 // wake early for a command
-                if let Ok(cmd) = ctl
+                let waiting = Instant::now();
+                let cmd = ctl
                     .commands
-                    .recv_timeout(wait.min(Duration::from_millis(100)))
-                {
+                    .recv_timeout(wait.min(Duration::from_millis(100)));
+                chain.metrics.idled(waiting);
+                if let Ok(cmd) = cmd {
                     match source_command(cmd, &mut head, chain, ctl)? {
                         SourceNext::Continue => {}
                         SourceNext::Hold => holding = true,
@@ -950,7 +965,7 @@ impl Channels {
         match element {
             Element::Batch(batch) => {
                 self.tracker.mark_active(ch);
-                SubtaskMetrics::add(&chain.metrics.records_in, batch.num_rows() as u64);
+                chain.metrics.received(&batch);
                 chain.push_batch(0, input, batch, self.tracker.channel(ch))?;
             }
             Element::Watermark(wm) => {
@@ -1049,7 +1064,10 @@ fn run_channels(
                 }
             }
         } else {
-            match sel.select_timeout(Duration::from_millis(100)) {
+            let waiting = Instant::now();
+            let op = sel.select_timeout(Duration::from_millis(100));
+            chain.metrics.idled(waiting);
+            match op {
                 Ok(op) => op,
                 Err(_) => {
                     chain.idle()?;

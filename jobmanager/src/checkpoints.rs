@@ -94,6 +94,45 @@ pub struct CoordinatorSettings {
     pub subtasks: Vec<(usize, u32, bool)>,
     /// S3 settings for savepoint targets.
     pub s3: S3Options,
+    /// Counts kept across the job's attempts.
+    pub totals: Arc<CheckpointTotals>,
+}
+
+/// What a job's checkpoints add up to over all its attempts (each attempt has a coordinator of
+/// its own; these outlive them), for its metrics.
+#[derive(Debug, Default)]
+pub struct CheckpointTotals {
+    inner: Mutex<Totals>,
+}
+
+/// A copy of [`CheckpointTotals`].
+#[derive(Debug, Default, Clone)]
+pub struct Totals {
+    /// Checkpoints and savepoints completed.
+    pub completed: u64,
+    /// Checkpoints and savepoints that failed.
+    pub failed: u64,
+    /// The newest completed one, and when it completed.
+    pub last: Option<(CheckpointStats, Instant)>,
+}
+
+impl CheckpointTotals {
+    /// The counts so far.
+    pub fn get(&self) -> Totals {
+        self.inner.lock().clone()
+    }
+
+    fn count(&self, stats: &CheckpointStats) {
+        let mut t = self.inner.lock();
+        match stats.status {
+            CheckpointStatus::Completed => {
+                t.completed += 1;
+                t.last = Some((stats.clone(), Instant::now()));
+            }
+            CheckpointStatus::Failed => t.failed += 1,
+            CheckpointStatus::InProgress => {}
+        }
+    }
 }
 
 /// A waiter for a savepoint's outcome: its path or the failure.
@@ -569,6 +608,7 @@ impl Coordinator {
     }
 
     fn record(&self, s: &mut State, stats: CheckpointStats) {
+        self.settings.totals.count(&stats);
         s.history.push_back(stats);
         while s.history.len() > HISTORY {
             s.history.pop_front();
@@ -868,6 +908,7 @@ mod tests {
                 max_parallelism: 128,
                 subtasks: vec![(0, 0, true), (0, 1, true)],
                 s3: S3Options::default(),
+                totals: Default::default(),
             },
             storage.clone(),
             1,

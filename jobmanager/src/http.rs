@@ -8,6 +8,7 @@
 //! | POST | `/jobs/{job}/savepoints` | take a savepoint (`{"dir": ...}` optional); waits, returns `{"path"}` |
 //! | POST | `/jobs/{job}/stop` | stop with a savepoint; returns `{"path"}` |
 //! | POST | `/jobs/{job}/cancel` | cancel without a savepoint |
+//! | GET | `/metrics` | the process's metrics in the Prometheus text format |
 //!
 //! `{job}` is a job id or the name of a job (the newest with that name). Errors are
 //! `{"error": "..."}` with a 4xx/5xx status; `401` when a bearer token is required and
@@ -172,9 +173,25 @@ async fn cancel(State(jm): State<JobManager>, Path(job): Path<String>) -> Respon
     }
 }
 
-/// The API's routes.
-pub fn router(jm: JobManager) -> Router {
-    Router::new()
+/// The content type of the Prometheus text format.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Renders the process's metrics in the Prometheus text format.
+pub type MetricsText = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+
+/// The API's routes, `/metrics` too when `metrics` is given.
+pub fn router(jm: JobManager, metrics: Option<MetricsText>) -> Router {
+    let routes = match metrics {
+        Some(render) => Router::new().route(
+            "/metrics",
+            get(move || {
+                let body = render();
+                async move { ([(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)], body) }
+            }),
+        ),
+        None => Router::new(),
+    };
+    routes
         .route("/jobs", get(list))
         .route("/jobs/{job}", get(job))
         .route("/jobs/{job}/checkpoints", get(checkpoints))
@@ -187,7 +204,12 @@ pub fn router(jm: JobManager) -> Router {
 /// Serves the API on `addr` from a thread of its own; returns the bound address. With
 /// tokens configured every request needs `Authorization: Bearer <token>`; with TLS, the API
 /// is served over TLS and tokens are required (a browser or `curl` has no cluster certificate).
-pub fn serve(jm: JobManager, addr: &str, security: &Security) -> std::io::Result<SocketAddr> {
+pub fn serve(
+    jm: JobManager,
+    addr: &str,
+    security: &Security,
+    metrics: Option<MetricsText>,
+) -> std::io::Result<SocketAddr> {
     if security.tls.is_some() && security.tokens.is_none() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -198,7 +220,7 @@ pub fn serve(jm: JobManager, addr: &str, security: &Security) -> std::io::Result
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
     let security = security.clone();
-    let app = router(jm).layer(axum::middleware::from_fn_with_state(
+    let app = router(jm, metrics).layer(axum::middleware::from_fn_with_state(
         security.guard(),
         authorize,
     ));

@@ -35,7 +35,8 @@ use freshet_engine::state::StateConfig;
 use freshet_job::{JobSpec, Problems, RestartHistory, RestartSpec};
 
 use crate::checkpoints::{
-    CheckpointStats, Coordinator, CoordinatorSettings, acquire_generation, completed_checkpoints,
+    CheckpointStats, CheckpointTotals, Coordinator, CoordinatorSettings, Totals,
+    acquire_generation, completed_checkpoints,
 };
 use crate::messages::{
     CheckpointSetup, JobId, Placement, SubtaskLocation, TaskDeployment, TaskEvent,
@@ -191,6 +192,8 @@ struct JobEntry {
     restart: RestartSpec,
     rt: Mutex<Runtime>,
     changed: Condvar,
+    /// Checkpoint counts over all attempts.
+    totals: Arc<CheckpointTotals>,
 }
 
 impl JobEntry {
@@ -279,6 +282,11 @@ impl JobHandle {
             Some(c) => c.history(),
             None => self.entry.rt().last_history.clone(),
         }
+    }
+
+    /// Checkpoint counts over all the job's attempts.
+    pub fn checkpoint_totals(&self) -> Totals {
+        self.entry.totals.get()
     }
 
     /// The checkpoint or savepoint the current attempt started from.
@@ -416,6 +424,15 @@ impl JobManager {
             .name("jobmanager-scheduler".into())
             .spawn(move || schedule_loop(weak))
             .expect("spawning the JobManager scheduler");
+        let weak = Arc::downgrade(&inner);
+        crate::metrics::register(
+            &opentelemetry::global::meter("freshet"),
+            Arc::new(move || {
+                weak.upgrade()
+                    .map(|inner| JobManager { inner }.jobs())
+                    .unwrap_or_default()
+            }),
+        );
         JobManager { inner }
     }
 
@@ -611,6 +628,7 @@ impl JobManager {
             plan: plan.clone(),
             options: options.clone(),
             restart,
+            totals: Default::default(),
             rt: Mutex::new(Runtime {
                 status: JobStatus {
                     state: JobState::Created,
@@ -796,6 +814,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
                     })
                     .collect(),
                 s3: setup.s3.clone(),
+                totals: entry.totals.clone(),
             };
             let job = entry.id.clone();
             let placement = placement.clone();

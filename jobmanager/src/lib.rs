@@ -9,6 +9,7 @@
 //! - [`checkpoints`]: the checkpoint coordinator: triggers, acknowledgements, metadata,
 //!   retention and cleanup of checkpoint storage.
 //! - [`http`]: the JSON API (jobs, checkpoints, savepoints, stop) for dashboards and probes.
+//! - `metrics`: the JobManager's OpenTelemetry instruments (job state, restarts, checkpoints).
 //! - [`rpc`]: the gRPC control plane: the JobManager service TaskManagers and clients call, and
 //!   the gateway to TaskManagers in other processes.
 //! - [`store`]: jobs kept in object storage, so another JobManager can resume them.
@@ -20,6 +21,7 @@ pub mod http;
 pub mod jobmanager;
 pub mod leader;
 pub mod messages;
+mod metrics;
 pub mod plan;
 pub mod rpc;
 pub mod store;

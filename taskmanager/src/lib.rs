@@ -5,12 +5,14 @@
 //! - [`shuffle`]: channels between subtasks, named by edge and subtask pair.
 //! - [`network`]: channels to subtasks in other TaskManager processes, over TCP with
 //!   credit-based flow control.
+//! - `metrics`: the TaskManager's OpenTelemetry instruments (subtask counters, state size).
 //! - [`service`]: the TaskManager process: its gRPC service, registration and heartbeats.
 //! - [`local`]: a JobManager with TaskManagers in one process (the local mode of `freshet run`),
 //!   using exactly the same JobManager and TaskManager code as a cluster.
 #![warn(missing_docs)]
 
 pub mod local;
+mod metrics;
 pub mod network;
 pub mod service;
 pub mod shuffle;

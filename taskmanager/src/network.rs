@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
@@ -182,6 +182,19 @@ fn connect(peer: &str) -> io::Result<TcpStream> {
     }
 }
 
+/// Bytes the data plane of this process wrote to peers, frame headers included.
+static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+/// Bytes the data plane of this process read from peers, frame headers included.
+static BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes this process's data plane has sent and received so far (TLS overhead not counted).
+pub fn bytes_transferred() -> (u64, u64) {
+    (
+        BYTES_SENT.load(Ordering::Relaxed),
+        BYTES_RECEIVED.load(Ordering::Relaxed),
+    )
+}
+
 /// Writes frames queued by any thread to a socket, flushing when the queue runs dry.
 fn spawn_writer(
     writer: Box<dyn Write + Send>,
@@ -197,6 +210,7 @@ fn spawn_writer(
             let result = (|| -> io::Result<()> {
                 while let Ok(frame) = frames.recv() {
                     w.write_all(&frame)?;
+                    BYTES_SENT.fetch_add(frame.len() as u64, Ordering::Relaxed);
                     if frames.is_empty() {
                         w.flush()?;
                     }
@@ -268,6 +282,7 @@ fn read_frame(r: &mut impl Read) -> io::Result<Option<Frame>> {
     // grown as the bytes arrive, so a length field alone reserves no memory
     let mut bytes = Vec::with_capacity(len.min(64 << 10));
     r.take(len as u64).read_to_end(&mut bytes)?;
+    BYTES_RECEIVED.fetch_add(4 + bytes.len() as u64, Ordering::Relaxed);
     if bytes.len() < len {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }

@@ -29,11 +29,17 @@ use crate::network::Network;
 use crate::shuffle::{ChannelKey, LocalShuffle};
 
 /// A running subtask: (job, vertex, subtask).
-type TaskKey = (JobId, usize, u32);
+pub(crate) type TaskKey = (JobId, usize, u32);
 
 /// Per job, the newest attempt deployed here and its plan (dropped while nothing of the job
 /// runs here, rebuilt if more of it comes).
-type Plans = Arc<Mutex<HashMap<JobId, (u32, Option<Arc<JobPlan>>)>>>;
+pub(crate) type Plans = Arc<PlanMap>;
+
+/// Per job, the newest attempt deployed here and its plan.
+pub(crate) type PlanMap = Mutex<HashMap<JobId, (u32, Option<Arc<JobPlan>>)>>;
+
+/// Per job, the keyed-state memory its subtasks here share.
+pub(crate) type Memories = Mutex<HashMap<JobId, Weak<StateMemory>>>;
 
 /// How long cancelled subtasks get to end before the TaskManager gives up on them.
 pub const DEFAULT_CANCELLATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
@@ -49,10 +55,10 @@ fn exit_on_stuck(what: &str) {
     std::process::exit(70);
 }
 
-struct Running {
+pub(crate) struct Running {
     attempt: u32,
     cancel: CancelToken,
-    metrics: Arc<SubtaskMetrics>,
+    pub(crate) metrics: Arc<SubtaskMetrics>,
     commands: crossbeam_channel::Sender<SubtaskCommand>,
 }
 
@@ -66,7 +72,7 @@ pub struct TaskManager {
     plans: Plans,
     running: Arc<Mutex<HashMap<TaskKey, Running>>>,
     /// Per job, the keyed-state memory its subtasks here share (alive while one of them is).
-    memory: Mutex<HashMap<JobId, Weak<StateMemory>>>,
+    memory: Arc<Memories>,
     cancellation_timeout: std::time::Duration,
     on_stuck: OnStuck,
 }
@@ -82,15 +88,29 @@ impl TaskManager {
         network: Option<Arc<Network>>,
         events: Sender<TaskEvent>,
     ) -> Self {
+        let id = id.into();
+        let plans: Plans = Arc::new(Mutex::new(HashMap::new()));
+        let running = Arc::new(Mutex::new(HashMap::new()));
+        let memory = Arc::new(Mutex::new(HashMap::new()));
+        crate::metrics::register(
+            &opentelemetry::global::meter("freshet"),
+            crate::metrics::Observed {
+                id: id.clone(),
+                slots,
+                running: Arc::downgrade(&running),
+                plans: Arc::downgrade(&plans),
+                memory: Arc::downgrade(&memory),
+            },
+        );
         TaskManager {
-            id: id.into(),
+            id,
             slots,
             shuffle,
             network,
             events,
-            plans: Arc::new(Mutex::new(HashMap::new())),
-            running: Arc::new(Mutex::new(HashMap::new())),
-            memory: Mutex::new(HashMap::new()),
+            plans,
+            running,
+            memory,
             cancellation_timeout: DEFAULT_CANCELLATION_TIMEOUT,
             on_stuck: Arc::new(exit_on_stuck),
         }

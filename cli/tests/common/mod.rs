@@ -471,3 +471,120 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A real OTLP collector on loopback: rotel (from PyPI, installed by `.ci/run`), receiving OTLP
+/// over gRPC and HTTP and logging every metric and span it receives in detail.
+pub struct Collector {
+    child: Child,
+    /// `host:port` of its OTLP/gRPC receiver.
+    pub grpc: String,
+    /// `host:port` of its OTLP/HTTP receiver.
+    pub http: String,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Collector {
+    pub fn start() -> Collector {
+        let o = Command::new("python3")
+            .args([
+                "-c",
+                "import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))",
+            ])
+            .output()
+            .expect("python3");
+        assert!(
+            o.status.success(),
+            "the rotel collector is not installed (python3 -m pip install rotel): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let agent = String::from_utf8(o.stdout).unwrap().trim().to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("received.log");
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let http = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(&agent)
+            .args([
+                "start",
+                "--otlp-grpc-endpoint",
+                &grpc,
+                "--otlp-http-endpoint",
+                &http,
+                "--exporter",
+                "blackhole",
+                "--debug-log",
+                "metrics",
+                "--debug-log",
+                "traces",
+                "--debug-log-verbosity",
+                "detailed",
+                "--log-file",
+                &dir.path().join("rotel.log").display().to_string(),
+                "--pid-file",
+                &dir.path().join("rotel.pid").display().to_string(),
+            ])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {agent}: {e}"));
+        let c = Collector {
+            child,
+            grpc,
+            http,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while [&c.grpc, &c.http]
+            .iter()
+            .any(|a| std::net::TcpStream::connect(a.as_str()).is_err())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "rotel never listened:\n{}",
+                c.received()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    /// Everything it logged of what it received.
+    pub fn received(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until what it received satisfies `done`; returns it.
+    pub fn wait_until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = self.received();
+            if done(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the collector never received {what}; it got:\n{}",
+                &text[text.len().saturating_sub(20_000)..]
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends SIGINT to a process (what Ctrl-C does).
+pub fn interrupt(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -INT {pid}");
+}

@@ -1057,6 +1057,17 @@ impl KeyedBackend {
         ))
     }
 
+    /// The instance's size as RocksDB estimates it (properties read without taking its locks).
+    pub fn size(&self) -> crate::metrics::StateSize {
+        let db = self.db();
+        let int = |name: &str| db.property_int_value(name).ok().flatten().unwrap_or(0);
+        crate::metrics::StateSize {
+            rows: int("rocksdb.estimate-num-keys"),
+            disk_bytes: int("rocksdb.live-sst-files-size"),
+            memtable_bytes: int("rocksdb.cur-size-all-mem-tables"),
+        }
+    }
+
     /// The key groups this instance owns.
     pub fn range(&self) -> KeyGroupRange {
         self.range

@@ -1,0 +1,279 @@
+//! Metrics and logs of a running job, checked against a real OTLP collector (rotel) and the
+//! job's own `/metrics` endpoint.
+//!
+//! - `freshet run` with `OTEL_EXPORTER_OTLP_ENDPOINT` exports every metric of the table in
+//!   `docs/observability.md` to the collector, over gRPC and over HTTP, with the job's
+//!   attributes, and serves each of them in the Prometheus text format at `/metrics` on its
+//!   `--http` address, with values that follow the job (records read, checkpoints completed,
+//!   keyed state on disk). A second run restores from the first run's checkpoint and reports
+//!   how long the restore took.
+//! - Logs can be JSON lines.
+//! - Settings the exporters do not support stop the process at start, naming the variable.
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{Collector, Proc, free_port, freshet, http_get, interrupt, repo};
+
+/// The metric table of `docs/observability.md`: (OTLP name, Prometheus name).
+fn documented() -> Vec<(String, String)> {
+    let doc = std::fs::read_to_string(repo().join("docs/observability.md")).unwrap();
+    let rows: Vec<(String, String)> = doc
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let name = |c: &str| {
+                c.strip_prefix('`')
+                    .and_then(|c| c.strip_suffix('`'))
+                    .map(str::to_string)
+            };
+            match cells.as_slice() {
+                ["", otlp, prom, kind, ..] if matches!(*kind, "counter" | "gauge") => {
+                    Some((name(otlp)?, name(prom)?))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    assert!(rows.len() > 30, "the metric table has {} rows", rows.len());
+    rows
+}
+
+/// The samples of a Prometheus text body: (name, labels) → value.
+fn samples(text: &str) -> BTreeMap<(String, String), f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            Some(((name.to_string(), labels.to_string()), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of `name` over the series whose labels contain every one of `with`.
+fn total(s: &BTreeMap<(String, String), f64>, name: &str, with: &[&str]) -> f64 {
+    s.iter()
+        .filter(|((n, labels), _)| n == name && with.iter().all(|w| labels.contains(w)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn job_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("job.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "version: 1
+name: counting
+parallelism: 2
+checkpointing: {{interval: 500ms, dir: {}}}
+sources:
+  gen:
+    connector: {{type: generator, rows_per_second: 20000, fields: {{k: \"seq % 1000\", v: seq, ts: seq}}}}
+    event_time: ts
+    watermark: {{max_out_of_orderness: 1s}}
+transforms:
+  latest:
+    type: deduplicate
+    input: gen
+    key: [k]
+    keep: latest
+    order_by: v
+    ttl: 1000d
+sinks:
+  out:
+    input: latest
+    connector: {{type: blackhole}}
+",
+            dir.join("checkpoints").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Runs the job until `/metrics` shows records and a completed checkpoint; returns the process,
+/// its HTTP address and the last `/metrics` body.
+fn run_until_checkpointed(job: &std::path::Path, env: &[(&str, &str)]) -> (Proc, String, String) {
+    let http = format!("127.0.0.1:{}", free_port());
+    let p = Proc::start_env(
+        &[
+            "run".into(),
+            job.display().to_string(),
+            "--http".into(),
+            http.clone(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ],
+        env,
+    );
+    p.wait_for("JobManager API on");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) = http_get(&http, "/metrics");
+        assert_eq!(code, 200, "{body}");
+        let s = samples(&body);
+        if total(&s, "freshet_job_checkpoints_completed_total", &[]) >= 2.0
+            && total(&s, "freshet_task_records_in_total", &["vertex=\"gen\""]) > 0.0
+        {
+            return (p, http, body);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint in /metrics:\n{body}\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits for a process to exit after Ctrl-C (its telemetry flushed on the way out).
+fn stop(mut p: Proc) -> String {
+    interrupt(p.pid());
+    assert!(
+        p.exit_within(Duration::from_secs(30)).is_some(),
+        "no exit after Ctrl-C:\n{}",
+        p.log()
+    );
+    p.log()
+}
+
+#[test]
+fn a_running_job_exports_its_metrics_over_otlp_and_serves_them_for_prometheus() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(dir.path());
+    let table = documented();
+
+    // first run: OTLP over gRPC
+    let collector = Collector::start();
+    let grpc = format!("http://{}", collector.grpc);
+    let (p, http, body) = run_until_checkpointed(
+        &job,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", grpc.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+        ],
+    );
+    let s = samples(&body);
+    // every documented metric is served (the restore time only once a run restored)
+    for (_, prom) in &table {
+        if prom == "freshet_job_restore_time_seconds" {
+            assert!(
+                !body.contains(prom.as_str()),
+                "a fresh run restored nothing:\n{body}"
+            );
+            continue;
+        }
+        assert!(
+            s.keys().any(|(n, _)| n == prom),
+            "{prom} is documented but not served:\n{body}"
+        );
+    }
+    // the values follow the job
+    let source = ["job=\"counting\"", "vertex=\"gen\""];
+    assert!(total(&s, "freshet_task_records_in_total", &source) > 0.0);
+    assert!(total(&s, "freshet_task_input_bytes_total", &source) > 0.0);
+    assert!(total(&s, "freshet_task_input_watermark_milliseconds", &source) > 0.0);
+    let dedup = ["vertex=\"latest -> sink:out\"", "subtask=\"1\""];
+    assert!(total(&s, "freshet_task_records_written_total", &dedup) > 0.0);
+    assert!(
+        total(&s, "freshet_task_state_disk_bytes", &dedup) > 0.0,
+        "{body}"
+    );
+    assert!(total(&s, "freshet_task_state_rows", &dedup) > 0.0, "{body}");
+    assert_eq!(
+        total(
+            &s,
+            "freshet_job_state",
+            &["state=\"running\"", "job_id=\"counting-0\""]
+        ),
+        1.0
+    );
+    assert!(total(&s, "freshet_job_checkpoint_size_bytes", &[]) > 0.0);
+    assert!(total(&s, "process_cpu_time_seconds_total", &[]) > 0.0);
+    assert!(
+        total(
+            &s,
+            "freshet_taskmanager_slots",
+            &["taskmanager=\"taskmanager-0\""]
+        ) >= 1.0
+    );
+    // counters only grow
+    let later = samples(&http_get(&http, "/metrics").1);
+    assert!(
+        total(&later, "freshet_task_records_in_total", &source)
+            >= total(&s, "freshet_task_records_in_total", &source)
+    );
+
+    // the collector received the same metrics, with the job's attributes
+    let received = collector.wait_until("every metric over gRPC", |text| {
+        table
+            .iter()
+            .filter(|(otlp, _)| otlp != "freshet.job.restore_time")
+            .all(|(otlp, _)| text.contains(&format!("Name: {otlp}\n")))
+    });
+    assert!(
+        received.contains("service.name: Str(freshet)"),
+        "{received}"
+    );
+    assert!(received.contains("-> job: Str(counting)"), "{received}");
+    assert!(received.contains("-> vertex: Str(gen)"), "{received}");
+    stop(p);
+
+    // second run: OTLP over HTTP, restoring from the first run's last checkpoint, logs as JSON
+    let collector = Collector::start();
+    let endpoint = format!("http://{}", collector.http);
+    let (p, http, body) = run_until_checkpointed(
+        &job,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+            ("FRESHET_LOG_FORMAT", "json"),
+        ],
+    );
+    assert!(p.log().contains("restoring from"), "{}", p.log());
+    let restore = total(&samples(&body), "freshet_job_restore_time_seconds", &[]);
+    assert!(
+        restore > 0.0 && restore < 60.0,
+        "restore time {restore}:\n{body}"
+    );
+    collector.wait_until("the restore time over HTTP", |text| {
+        text.contains("Name: freshet.job.restore_time\n")
+            && text.contains("Name: freshet.task.records_in\n")
+    });
+    drop(http);
+    let log = stop(p);
+    let json: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        json.iter()
+            .any(|v| v["level"] == "INFO" && v["fields"]["message"].is_string()),
+        "no JSON log line in:\n{log}"
+    );
+}
+
+#[test]
+fn unsupported_telemetry_settings_are_refused_at_start() {
+    let o = freshet()
+        .args(["validate", "examples/revenue-per-store/job.yaml"])
+        .current_dir(repo())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && err.contains("http/json"),
+        "{err}"
+    );
+}
