@@ -7,6 +7,11 @@
 //!   `--http` address, with values that follow the job (records read, checkpoints completed,
 //!   keyed state on disk). A second run restores from the first run's checkpoint and reports
 //!   how long the restore took.
+//! - A JobManager and a TaskManager process export traces: each checkpoint is one trace, rooted
+//!   at the JobManager's `checkpoint` span, with every subtask's alignment, synchronous and
+//!   asynchronous parts recorded by the TaskManager process under it (the context travels with
+//!   the trigger over gRPC and with the barrier); the deployment is a trace of its own with each
+//!   subtask's opening (its restore) under it.
 //! - Logs can be JSON lines.
 //! - Settings the exporters do not support stop the process at start, naming the variable.
 mod common;
@@ -14,7 +19,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Collector, Proc, free_port, freshet, http_get, interrupt, repo};
+use common::{Collector, Proc, free_port, freshet, http_get, interrupt, repo, run_submit};
 
 /// The metric table of `docs/observability.md`: (OTLP name, Prometheus name).
 fn documented() -> Vec<(String, String)> {
@@ -276,4 +281,161 @@ fn unsupported_telemetry_settings_are_refused_at_start() {
         err.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && err.contains("http/json"),
         "{err}"
     );
+}
+
+/// A span as the collector logged it.
+#[derive(Debug, Clone)]
+struct Span {
+    service: String,
+    trace: String,
+    parent: String,
+    id: String,
+    name: String,
+}
+
+/// The spans in the collector's log, with the service that sent each.
+fn spans(log: &str) -> Vec<Span> {
+    let mut out = Vec::new();
+    let mut service = String::new();
+    let mut current: Option<Span> = None;
+    let field = |l: &str| l.split_once(':').map(|(_, v)| v.trim().to_string());
+    for l in log.lines() {
+        let t = l.trim();
+        if let Some(s) = t.strip_prefix("-> service.name: Str(") {
+            service = s.trim_end_matches(')').to_string();
+        } else if t.starts_with("Span #") {
+            out.extend(current.take());
+            current = Some(Span {
+                service: service.clone(),
+                trace: String::new(),
+                parent: String::new(),
+                id: String::new(),
+                name: String::new(),
+            });
+        } else if let Some(s) = current.as_mut() {
+            if t.starts_with("Trace ID") {
+                s.trace = field(t).unwrap_or_default();
+            } else if t.starts_with("Parent ID") {
+                s.parent = field(t).unwrap_or_default();
+            } else if t.starts_with("ID ") {
+                s.id = field(t).unwrap_or_default();
+            } else if t.starts_with("Name ") && s.name.is_empty() {
+                s.name = field(t).unwrap_or_default();
+            }
+        }
+    }
+    out.extend(current);
+    out
+}
+
+/// The children a `parent` span of `service` has in another process: (their names, the
+/// services that sent them).
+fn children(all: &[Span], parent: &Span) -> Vec<(String, String)> {
+    all.iter()
+        .filter(|s| s.trace == parent.trace && s.parent == parent.id)
+        .map(|s| (s.name.clone(), s.service.clone()))
+        .collect()
+}
+
+#[test]
+fn a_checkpoint_is_one_trace_across_the_jobmanager_and_taskmanager_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_file(dir.path());
+    let collector = Collector::start();
+    let endpoint = format!("http://{}", collector.grpc);
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_METRICS_EXPORTER", "none"),
+    ];
+    let address = format!("127.0.0.1:{}", free_port());
+    let jm = Proc::start_env(
+        &["jobmanager".into(), "--listen".into(), address.clone()],
+        &env,
+    );
+    jm.wait_for("JobManager listening on");
+    let tm = Proc::start_env(
+        &[
+            "taskmanager".into(),
+            "--jobmanager".into(),
+            address.clone(),
+            "--slots".into(),
+            "2".into(),
+            "--id".into(),
+            "tm-traced".into(),
+            "--state-dir".into(),
+            dir.path().join("state").display().to_string(),
+        ],
+        &env,
+    );
+    tm.wait_for("registered with the JobManager");
+    run_submit(&["submit", job.to_str().unwrap(), "--jobmanager", &address]);
+    // the batch span processor exports every few seconds: wait for a checkpoint whose subtask
+    // spans arrived from the TaskManager
+    let subtasks = 7; // gen, latest -> sink:out and latest.late at parallelism 2, and the dead-letter sink
+    let (checkpoint, all) = {
+        let mut found = None;
+        collector.wait_until("a checkpoint trace with the TaskManager's spans", |text| {
+            let all = spans(text);
+            let complete = all.iter().find(|c| {
+                c.name == "checkpoint"
+                    && c.service == "freshet-jobmanager"
+                    && c.parent.is_empty()
+                    && children(&all, c)
+                        .iter()
+                        .filter(|(n, s)| n == "checkpoint.async" && s == "freshet-taskmanager")
+                        .count()
+                        == subtasks
+            });
+            found = complete.map(|c| (c.clone(), all.clone()));
+            found.is_some()
+        });
+        found.unwrap()
+    };
+    let under = children(&all, &checkpoint);
+    let count = |name: &str, service: &str| {
+        under
+            .iter()
+            .filter(|(n, s)| n == name && s == service)
+            .count()
+    };
+    assert_eq!(
+        count("checkpoint.sync", "freshet-taskmanager"),
+        subtasks,
+        "{under:?}"
+    );
+    // subtasks with inputs align; the two sources do not
+    assert_eq!(
+        count("checkpoint.alignment", "freshet-taskmanager"),
+        subtasks - 2,
+        "{under:?}"
+    );
+    assert_eq!(
+        count("checkpoint.metadata", "freshet-jobmanager"),
+        1,
+        "{under:?}"
+    );
+    // one trace per checkpoint
+    let traces: std::collections::BTreeSet<_> = all
+        .iter()
+        .filter(|s| s.name == "checkpoint")
+        .map(|s| s.trace.clone())
+        .collect();
+    assert_eq!(
+        traces.len(),
+        all.iter().filter(|s| s.name == "checkpoint").count()
+    );
+    // the deployment: one trace, each subtask's opening under it
+    let deploy = all
+        .iter()
+        .find(|s| s.name == "job.deploy" && s.service == "freshet-jobmanager")
+        .unwrap_or_else(|| panic!("no deployment span in {all:?}"));
+    let opened = children(&all, deploy)
+        .iter()
+        .filter(|(n, s)| n == "subtask.open" && s == "freshet-taskmanager")
+        .count();
+    assert_eq!(opened, subtasks);
+    // spans that only give logs their context are not exported
+    assert!(!all.iter().any(|s| s.name == "subtask" || s.name == "task"));
+    drop((jm, tm));
 }

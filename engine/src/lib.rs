@@ -15,6 +15,8 @@
 //!   operators use, held in RocksDB behind a write-back cache.
 //! - [`checkpoint`]: barriers, snapshots, their upload to object storage and restore.
 //! - [`task`]: the subtask runner: input gate, operator chain and output writers on one thread.
+//! - [`metrics`]: a subtask's counters, bumped once per batch; [`trace`]: the trace context
+//!   barriers and deployments carry, so a subtask's spans join the JobManager's traces.
 //!
 //! What it does not own: the job description format (`freshet-job`), concrete operators
 //! (`freshet-operators`), connectors (`freshet-connectors`), planning and scheduling
@@ -32,6 +34,7 @@ pub mod partition;
 pub mod state;
 pub mod task;
 pub mod time;
+pub mod trace;
 
 pub use element::Element;
 pub use error::{EngineError, Result};

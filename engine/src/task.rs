@@ -183,6 +183,8 @@ pub struct SubtaskSpec {
     pub checkpoints: Option<CheckpointHooks>,
     /// The checkpoint or savepoint the job starts from.
     pub restore: Option<Arc<RestoreSource>>,
+    /// The `traceparent` of the JobManager's span of the deployment (see [`crate::trace`]).
+    pub trace: Option<String>,
 }
 
 /// Collects an operator's output during one call.
@@ -438,6 +440,14 @@ fn checkpoint(
     alignment_ms: u64,
 ) -> Result<()> {
     let started = Instant::now();
+    let span = tracing::info_span!(
+        "checkpoint.sync",
+        checkpoint = barrier.id,
+        vertex = %chain.info.vertex,
+        subtask = chain.info.index,
+    );
+    crate::trace::follow(&span, barrier.trace.as_deref());
+    let entered = span.enter();
     let mut taken = Vec::new();
     let result = (|| {
         if let Some((source, st, generator)) = head {
@@ -448,6 +458,7 @@ fn checkpoint(
         }
         chain.snapshot(barrier.id, local, taken)
     })();
+    drop(entered);
     match result {
         Ok(taken) => upload(
             hooks,
@@ -518,7 +529,7 @@ pub struct SubtaskResult {
 
 /// Runs a subtask to completion on the calling thread.
 pub fn run_subtask(spec: SubtaskSpec) -> Result<SubtaskResult> {
-    let span = info_span!("subtask", job = %spec.info.job, vertex = %spec.info.vertex, index = spec.info.index);
+    let span = info_span!(target: "freshet::context", "subtask", job = %spec.info.job, vertex = %spec.info.vertex, index = spec.info.index);
     let _enter = span.enter();
     let local_dir = spec.local.dir.clone();
     let result = run_subtask_inner(spec);
@@ -538,7 +549,17 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
         commands,
         checkpoints,
         restore,
+        trace,
     } = spec;
+    // opening the operators is where state is restored: the span ends once they are open
+    let opening = tracing::info_span!(
+        "subtask.open",
+        vertex = %info.vertex,
+        subtask = info.index,
+        restored_from = restore.as_ref().map(|r| r.location.as_str()),
+    );
+    crate::trace::follow(&opening, trace.as_deref());
+    let mut opening = Some(opening);
     for op in chain.iter_mut() {
         for w in op.outputs.iter_mut().flatten() {
             for t in w.targets_mut() {
@@ -611,6 +632,7 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
                 },
             )?;
             metrics.opened();
+            drop(opening.take());
             let head = SourceHead {
                 source,
                 state,
@@ -622,6 +644,7 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
         }
         TaskInput::Channels(inputs) => {
             metrics.opened();
+            drop(opening.take());
             run_channels(inputs, &mut chain, &ctl)?
         }
     }
@@ -941,7 +964,7 @@ struct Channels {
     /// Barrier alignment: channels that delivered the pending barrier are not read until it
     /// arrived on every open channel.
     blocked: Vec<bool>,
-    aligning: Option<(Barrier, Instant)>,
+    aligning: Option<(Barrier, Instant, tracing::Span)>,
     /// An element read while output of a watermark was pending, which must wait for it: its
     /// channel is not read again until it is handled.
     held: Vec<Option<Element>>,
@@ -990,7 +1013,14 @@ impl Channels {
             Element::Barrier(barrier) => {
                 self.blocked[ch] = true;
                 if self.aligning.is_none() {
-                    self.aligning = Some((barrier, Instant::now()));
+                    let span = tracing::info_span!(
+                        "checkpoint.alignment",
+                        checkpoint = barrier.id,
+                        vertex = %chain.info.vertex,
+                        subtask = chain.info.index,
+                    );
+                    crate::trace::follow(&span, barrier.trace.as_deref());
+                    self.aligning = Some((barrier, Instant::now(), span));
                 }
             }
             Element::EndOfInput | Element::Suspend => {
@@ -1008,7 +1038,8 @@ impl Channels {
         }
         if self.aligning.is_some() && (0..self.open.len()).all(|c| !self.open[c] || self.blocked[c])
         {
-            let (barrier, since) = self.aligning.take().expect("aligning");
+            let (barrier, since, span) = self.aligning.take().expect("aligning");
+            drop(span);
             if let Some(hooks) = &ctl.hooks {
                 let alignment_ms = since.elapsed().as_millis() as u64;
                 checkpoint(chain, hooks, &ctl.local.dir, &barrier, None, alignment_ms)?;

@@ -145,6 +145,8 @@ struct Pending {
     acks: BTreeMap<(usize, u32), SubtaskAck>,
     final_checkpoint: bool,
     waiter: Option<Waiter>,
+    /// The checkpoint's span, ended when it completes or fails.
+    span: tracing::Span,
 }
 
 struct Retained {
@@ -480,13 +482,25 @@ impl Coordinator {
         let id = s.next_id;
         s.next_id += 1;
         s.last_trigger = Instant::now();
+        // the checkpoint's trace: this span lasts until it completes or fails, and subtasks record
+        // theirs under it, wherever they run, through the barrier
+        let span = info_span!(
+            parent: None,
+            "checkpoint",
+            job = %self.settings.job,
+            checkpoint = id,
+            kind = ?kind,
+            otel.status_code = tracing::field::Empty,
+            failure = tracing::field::Empty,
+        );
         let barrier = Barrier {
             id,
             kind,
             target,
             stop,
+            trace: freshet_engine::trace::traceparent(&span),
         };
-        let _span = info_span!("checkpoint", job = %self.settings.job, checkpoint = id).entered();
+        let _entered = span.enter();
         tracing::debug!(?kind, stop, final_checkpoint, "triggering");
         s.pending.insert(
             id,
@@ -497,6 +511,7 @@ impl Coordinator {
                 acks: BTreeMap::new(),
                 final_checkpoint,
                 waiter,
+                span: span.clone(),
             },
         );
         for (v, i, source) in &self.settings.subtasks {
@@ -619,6 +634,9 @@ impl Coordinator {
         let Some(p) = s.pending.remove(&id) else {
             return;
         };
+        p.span.record("otel.status_code", "error");
+        p.span.record("failure", reason.as_str());
+        let _entered = p.span.enter();
         warn!(job = %self.settings.job, checkpoint = id, %reason, "checkpoint failed");
         for (v, i, _) in &self.settings.subtasks {
             (self.send)(*v, *i, SubtaskCommand::Abort(id));
@@ -670,7 +688,8 @@ impl Coordinator {
 
     fn complete(&self, s: &mut State, id: CheckpointId) {
         let p = s.pending.remove(&id).expect("pending");
-        let _span = info_span!("checkpoint", job = %self.settings.job, checkpoint = id).entered();
+        let span = p.span.clone();
+        let _entered = span.enter();
         let mut operators: BTreeMap<String, Vec<_>> = BTreeMap::new();
         for ack in p.acks.values() {
             for (uid, snap) in &ack.operators {
@@ -690,7 +709,8 @@ impl Coordinator {
             max_parallelism: self.settings.max_parallelism,
             operators,
         };
-        let written = self.write_metadata(s, &p, &metadata);
+        let written =
+            info_span!("checkpoint.metadata").in_scope(|| self.write_metadata(s, &p, &metadata));
         let path = match written {
             Ok(path) => path,
             Err(reason) => {

@@ -747,7 +747,16 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
             or: rt.restored_from.clone().or(entry.options.restore.clone()),
         },
     };
-    let span = info_span!("job", job = %entry.id, attempt = number);
+    // the deployment's trace (the first, or a restart's recovery): the subtasks record how long
+    // opening and restoring their state took under it
+    let span = info_span!(
+        parent: None,
+        "job.deploy",
+        job = %entry.id,
+        attempt = number,
+        restart = rt.status.restarts > 0,
+        restored_from = tracing::field::Empty,
+    );
     let _enter = span.enter();
     let startup = match prepare_state(
         plan,
@@ -772,6 +781,9 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         warn!(error = %e, "cannot record the job's attempt in the job store");
     }
     rt.restored_from = startup.restore.as_ref().map(|r| r.location.clone());
+    if let Some(from) = &rt.restored_from {
+        span.record("restored_from", from.as_str());
+    }
     let placement: Arc<Placement> = Arc::new(
         plan.vertices
             .iter()
@@ -893,6 +905,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         "deploying"
     );
     drop(rt);
+    let trace = freshet_engine::trace::traceparent(&span);
     for (v, vertex) in plan.vertices.iter().enumerate() {
         for i in 0..vertex.parallelism {
             let tm = &tms[owner[i as usize]];
@@ -907,6 +920,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
                 checkpoints: startup.checkpoints.as_ref().map(|c| c.0.clone()),
                 restore: startup.restore.clone(),
                 placement: placement.clone(),
+                trace: trace.clone(),
             };
             if let Err(error) = tm.deploy(d) {
                 let _ = inner.events.send(TaskEvent {

@@ -47,6 +47,8 @@ pub struct TaskDeployment {
     pub restore: Option<Arc<RestoreSource>>,
     /// Where every subtask of the attempt runs.
     pub placement: Arc<Placement>,
+    /// The `traceparent` of the JobManager's span of this deployment.
+    pub trace: Option<String>,
 }
 
 /// Where a subtask runs.

@@ -154,6 +154,7 @@ pub fn deployment_to_proto(d: &TaskDeployment, epoch: u64) -> pb::DeployRequest 
         restore_shared: d.restore.as_ref().is_some_and(|r| r.shared_with_job),
         placement,
         state_dir: d.state.local_dir.to_string_lossy().into_owned(),
+        trace: d.trace.clone().unwrap_or_default(),
     }
 }
 

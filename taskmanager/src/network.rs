@@ -855,6 +855,7 @@ mod tests {
                 kind: SnapshotKind::Savepoint,
                 target: Some("s3://b/x".into()),
                 stop: true,
+                trace: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
             }),
         ] {
             let (back, _) = round_trip(&mut enc, &mut dec, &e);
@@ -885,6 +886,7 @@ mod tests {
                 kind: SnapshotKind::Checkpoint,
                 target: None,
                 stop: false,
+                trace: None,
             }),
             Element::EndOfInput,
         ] {

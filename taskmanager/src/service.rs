@@ -154,6 +154,7 @@ impl Service {
             checkpoints,
             restore,
             placement: Arc::new(placement),
+            trace: (!r.trace.is_empty()).then_some(r.trace),
         })
     }
 }

@@ -373,6 +373,7 @@ impl TaskManager {
             commands,
             checkpoints,
             restore: d.restore.clone(),
+            trace: d.trace.clone(),
         })
     }
 }
@@ -493,7 +494,7 @@ impl TaskManagerGateway for TaskManager {
         let running = self.running.clone();
         let plans = Arc::downgrade(&self.plans);
         let thread_name = format!("{}#{}", plan.vertices[d.vertex].name, d.subtask);
-        let span = info_span!("task", taskmanager = %self.id, job = %d.job, task = %thread_name);
+        let span = info_span!(target: "freshet::context", "task", taskmanager = %self.id, job = %d.job, task = %thread_name);
         std::thread::Builder::new()
             .name(thread_name.chars().take(15).collect())
             .spawn(move || {

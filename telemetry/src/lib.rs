@@ -16,7 +16,7 @@
 //! | `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES` | override or add resource attributes |
 //! | `FRESHET_LOG` | log filter (`warn` by default; `info`, `freshet_engine=debug`, ...) |
 //! | `FRESHET_LOG_FORMAT` | `json` for one JSON object per line, with the trace and span ids |
-//! | `FRESHET_TRACE` | which spans become traces (`info` by default) |
+//! | `FRESHET_TRACE` | which spans become traces (`info` by default; spans with the target `freshet::context`, which only give log lines their context, never do) |
 mod process;
 
 use opentelemetry::KeyValue;
@@ -226,10 +226,13 @@ fn install_subscriber(settings: &Settings, tracer: Option<&SdkTracerProvider>) {
         .add_directive("tonic=off".parse().expect("a directive"))
         .add_directive("tower=off".parse().expect("a directive"))
         .add_directive("reqwest=off".parse().expect("a directive"))
-        .add_directive("opentelemetry=off".parse().expect("a directive"));
+        .add_directive("opentelemetry=off".parse().expect("a directive"))
+        // spans that only give log lines their context (a subtask's whole life) are no traces
+        .add_directive("freshet::context=off".parse().expect("a directive"));
     let otel = tracer.map(|t| {
         tracing_opentelemetry::layer()
             .with_tracer(t.tracer("freshet"))
+            .with_tracked_inactivity(false)
             .with_filter(spans)
     });
     let _ = tracing_subscriber::registry()

@@ -555,7 +555,7 @@ impl Collector {
     }
 
     /// Waits until what it received satisfies `done`; returns it.
-    pub fn wait_until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+    pub fn wait_until(&self, what: &str, mut done: impl FnMut(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let text = self.received();

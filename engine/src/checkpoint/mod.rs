@@ -59,6 +59,9 @@ pub struct Barrier {
     /// Stop-with-savepoint: sources emit nothing after this barrier and wait for
     /// [`SubtaskCommand::Suspend`] (or [`SubtaskCommand::Abort`], to carry on).
     pub stop: bool,
+    /// The `traceparent` of the JobManager's span of this checkpoint (see [`crate::trace`]).
+    #[serde(default)]
+    pub trace: Option<String>,
 }
 
 impl Barrier {

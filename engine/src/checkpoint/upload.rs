@@ -298,7 +298,14 @@ pub(crate) fn upload(
     let id = barrier.id;
     let barrier = barrier.clone();
     let info = info.clone();
-    let span = info_span!("checkpoint-upload", checkpoint = barrier.id, vertex = %info.vertex, subtask = info.index);
+    let span = info_span!(
+        "checkpoint.async",
+        checkpoint = barrier.id,
+        vertex = %info.vertex,
+        subtask = info.index,
+        otel.status_code = tracing::field::Empty,
+    );
+    crate::trace::follow(&span, barrier.trace.as_deref());
     let spawned = std::thread::Builder::new()
         .name(format!("upload-{}", info.index))
         .spawn(move || {
@@ -320,6 +327,7 @@ pub(crate) fn upload(
                     }))
                 }
                 Err(e) => {
+                    tracing::Span::current().record("otel.status_code", "error");
                     warn!(error = %e, "snapshot upload failed");
                     SubtaskReport::Decline {
                         checkpoint: barrier.id,
@@ -518,6 +526,7 @@ mod tests {
             kind: SnapshotKind::Checkpoint,
             target: None,
             stop: false,
+            trace: None,
         };
         let (operators, full, uploaded) = upload_all(&hooks, &barrier, &info, &[taken]).unwrap();
         assert_eq!((full, uploaded), (big.len() as u64, big.len() as u64));
