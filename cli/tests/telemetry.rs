@@ -181,7 +181,7 @@ fn a_running_job_exports_its_metrics_over_otlp_and_serves_them_for_prometheus() 
         );
     }
     // the values follow the job
-    let source = ["job=\"counting\"", "vertex=\"gen\""];
+    let source = ["job_name=\"counting\"", "vertex=\"gen\""];
     assert!(total(&s, "freshet_task_records_in_total", &source) > 0.0);
     assert!(total(&s, "freshet_task_input_bytes_total", &source) > 0.0);
     assert!(total(&s, "freshet_task_input_watermark_milliseconds", &source) > 0.0);
@@ -227,7 +227,10 @@ fn a_running_job_exports_its_metrics_over_otlp_and_serves_them_for_prometheus() 
         received.contains("service.name: Str(freshet)"),
         "{received}"
     );
-    assert!(received.contains("-> job: Str(counting)"), "{received}");
+    assert!(
+        received.contains("-> job_name: Str(counting)"),
+        "{received}"
+    );
     assert!(received.contains("-> vertex: Str(gen)"), "{received}");
     stop(p);
 

@@ -1,4 +1,5 @@
-//! The JobManager's metrics, through the OpenTelemetry API: per job (attributes `job`, `job_id`)
+//! The JobManager's metrics, through the OpenTelemetry API: per job (attributes `job_name`, `job_id`; not `job`, which
+//! Prometheus gives every series of a scrape target)
 //! its state, uptime, restarts, restore time and checkpoints. Observed when a reader collects.
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Meter;
@@ -12,7 +13,7 @@ pub(crate) type Jobs = Arc<dyn Fn() -> Vec<JobHandle> + Send + Sync>;
 
 fn attributes(j: &JobHandle) -> Vec<KeyValue> {
     vec![
-        KeyValue::new("job", j.plan().spec.name.clone()),
+        KeyValue::new("job_name", j.plan().spec.name.clone()),
         KeyValue::new("job_id", j.id.0.clone()),
     ]
 }

@@ -1,5 +1,5 @@
 //! The TaskManager's metrics, through the OpenTelemetry API: every running subtask's counters
-//! (attributes `job`, `job_id`, `vertex`, `subtask`, `taskmanager`), its keyed state's size, and
+//! (attributes `job_name`, `job_id`, `vertex`, `subtask`, `taskmanager`), its keyed state's size, and
 //! the TaskManager's slots, state memory and data-plane bytes. All are observed when a reader
 //! collects, from the counters the subtasks bump once per batch.
 use opentelemetry::KeyValue;
@@ -52,7 +52,7 @@ impl Observed {
                     .map_or_else(|| v.to_string(), |x| x.name.clone());
                 Subtask {
                     attributes: vec![
-                        KeyValue::new("job", job_name),
+                        KeyValue::new("job_name", job_name),
                         KeyValue::new("job_id", job.0.clone()),
                         KeyValue::new("vertex", vertex),
                         KeyValue::new("subtask", i64::from(*s)),
