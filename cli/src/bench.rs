@@ -19,6 +19,8 @@ use freshet_jobmanager::JobState;
 use freshet_jobmanager::checkpoints::CheckpointStatus;
 use freshet_taskmanager::local::local_cluster;
 
+mod telemetry;
+
 /// Benchmarks.
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -126,6 +128,27 @@ pub enum BenchCommand {
         /// Seconds after which a run is stopped and reported as not finished.
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
+    },
+    /// What telemetry costs: Nexmark queries with 1-second checkpoints as `freshet run` child
+    /// processes, alternately without telemetry and exporting metrics (every second) and traces
+    /// over OTLP while `/metrics` is scraped every second.
+    Telemetry {
+        /// Queries, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = ["q0".to_string(), "q5".to_string()])]
+        queries: Vec<String>,
+        /// Bids per run.
+        #[arg(long, default_value_t = 20_000_000)]
+        events: u64,
+        /// Runs of each variant (alternating).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// The collector to export to (default: a rotel agent started for the run, from
+        /// `pip install rotel`).
+        #[arg(long)]
+        otlp_endpoint: Option<String>,
+        /// `http/protobuf` or `grpc`.
+        #[arg(long, default_value = "http/protobuf")]
+        otlp_protocol: String,
     },
     /// End-to-end latency: from when each row was due at a rate-limited generator to when it
     /// reached the sink (p50, p99, p99.9, max), at half the rate the same job sustains
@@ -265,6 +288,13 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             seconds,
             parallelism,
         } => bench_latency(&jobs, rate, seconds, parallelism),
+        BenchCommand::Telemetry {
+            queries,
+            events,
+            rounds,
+            otlp_endpoint,
+            otlp_protocol,
+        } => telemetry::bench_telemetry(&queries, events, rounds, otlp_endpoint, &otlp_protocol),
         BenchCommand::State {
             keys,
             events_per_key,
@@ -456,18 +486,25 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// How a child run ended: wall seconds and peak RSS (bytes), or stopped at the timeout.
+/// How a child run ended: wall seconds, CPU seconds and peak RSS (bytes), or stopped at the
+/// timeout.
 enum ChildRun {
-    Done { wall: f64, rss: u64, log: String },
+    Done {
+        wall: f64,
+        cpu: f64,
+        rss: u64,
+        log: String,
+    },
     TimedOut,
 }
 
-/// Runs `BINARY run JOB` as a child process; its wall time and peak RSS, unless it runs past
-/// `timeout`.
+/// Runs `BINARY run JOB` as a child process (with `env` added to its environment); its wall
+/// time, CPU time and peak RSS, unless it runs past `timeout`.
 fn run_child(
     binary: &std::path::Path,
     job: &std::path::Path,
     args: &[&str],
+    env: &[(&str, &str)],
     timeout: std::time::Duration,
 ) -> Result<ChildRun> {
     use std::io::Read;
@@ -479,6 +516,7 @@ fn run_child(
         .args(args)
         // the JobManager logs each completed checkpoint's duration and sizes at info
         .env("FRESHET_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
@@ -514,8 +552,10 @@ fn run_child(
     if waited < 0 || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         bail!("{} failed: {stderr}", job.display());
     }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Ok(ChildRun::Done {
         wall,
+        cpu: secs(usage.ru_utime) + secs(usage.ru_stime),
         rss: usage.ru_maxrss as u64 * 1024,
         log: stderr,
     })
@@ -584,7 +624,7 @@ fn bench_state(b: &StateBench) -> Result<i32> {
         let mut first = None;
         for &k in &keys {
             let events = k * b.per_key;
-            let run = run_child(&this, &job_file(kind, k, "this")?, &[], b.timeout)?;
+            let run = run_child(&this, &job_file(kind, k, "this")?, &[], &[], b.timeout)?;
             if let ChildRun::Done { log, .. } = &run
                 && b.checkpoint_interval.is_some()
             {
@@ -592,7 +632,7 @@ fn bench_state(b: &StateBench) -> Result<i32> {
             }
             let (wall, eps, rss) = cells(&run, events, b.timeout);
             if let Some(other) = &b.against {
-                let theirs = run_child(other, &job_file(kind, k, "other")?, &[], b.timeout)?;
+                let theirs = run_child(other, &job_file(kind, k, "other")?, &[], &[], b.timeout)?;
                 let (owall, oeps, orss) = cells(&theirs, events, b.timeout);
                 let ratio = match (&run, &theirs) {
                     (ChildRun::Done { wall: a, .. }, ChildRun::Done { wall: o, .. }) => {
@@ -724,7 +764,7 @@ fn bench_recovery(keys: &[u64], payload: usize, timeout: std::time::Duration) ->
         let path = dir.path().join("recovery.yaml");
         std::fs::write(&path, recovery_job(k, payload, &checkpoints))?;
         let time = |args: &[&str]| -> Result<String> {
-            Ok(match run_child(&this, &path, args, timeout)? {
+            Ok(match run_child(&this, &path, args, &[], timeout)? {
                 ChildRun::Done { wall, .. } => format!("{wall:.2}"),
                 ChildRun::TimedOut => format!("> {}", timeout.as_secs()),
             })

@@ -30,6 +30,13 @@ pub struct OperatorArgs {
     /// StreamJob) are served; `off`.
     #[arg(long, default_value = "off")]
     health: String,
+    /// The OTLP collector StreamJobs export metrics and traces to when their spec names none
+    /// (the operator exports its own there too, as `OTEL_EXPORTER_OTLP_ENDPOINT` says).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Its protocol: `grpc` or `http/protobuf`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_parser = ["grpc", "http/protobuf"])]
+    otlp_protocol: Option<String>,
 }
 
 pub fn run(args: OperatorArgs) -> Result<i32> {
@@ -69,6 +76,17 @@ pub fn run(args: OperatorArgs) -> Result<i32> {
                 lease_duration: args.lease_duration,
                 jobmanager_address: args.jobmanager_address,
                 metrics,
+                otlp: args
+                    .otlp_endpoint
+                    .filter(|e| !e.trim().is_empty())
+                    .map(|endpoint| freshet_operator::resources::Otlp {
+                        endpoint,
+                        protocol: match args.otlp_protocol.as_deref() {
+                            Some("grpc") => Some(freshet_crds::OtlpProtocol::Grpc),
+                            Some(_) => Some(freshet_crds::OtlpProtocol::HttpProtobuf),
+                            None => None,
+                        },
+                    }),
             },
         )
         .await

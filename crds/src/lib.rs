@@ -130,6 +130,9 @@ pub struct StreamJobSpec {
     /// makes unless Secrets are named.
     #[serde(default)]
     pub security: SecuritySpec,
+    /// Where the job's pods send metrics and traces, and whether Prometheus scrapes them.
+    #[serde(default)]
+    pub observability: ObservabilitySpec,
     /// A pod template merged into the JobManager and TaskManager pods (labels, annotations,
     /// tolerations, node selectors, extra containers or volumes; containers merge by name).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -248,6 +248,45 @@ pub fn pod_template(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
+/// Telemetry of the job's pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservabilitySpec {
+    /// The OTLP collector the JobManager and TaskManagers export metrics and traces to
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT`), e.g. `http://otel-collector.monitoring:4317`. Without
+    /// it, the operator's own (its `--otlp-endpoint`) if it has one; `none` exports nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// The OTLP protocol: `grpc` or `http/protobuf` (with the endpoint, else the operator's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_protocol: Option<OtlpProtocol>,
+    /// Annotate the pods for Prometheus (`prometheus.io/scrape`, `prometheus.io/port`,
+    /// `prometheus.io/path`: `/metrics` on the health port). On unless set to `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus_scrape: Option<bool>,
+}
+
+/// An OTLP transport.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP over gRPC (port 4317 by convention).
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// OTLP over HTTP with protobuf bodies (port 4318 by convention).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    /// Its name, as `OTEL_EXPORTER_OTLP_PROTOCOL` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
 /// TLS and authentication of the job's pods.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]

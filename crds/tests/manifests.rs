@@ -124,6 +124,55 @@ fn rendered_manifests_validate() {
     assert!(kinds.iter().any(|k| k == "StreamJob"));
 }
 
+/// The chart points the operator (and through it every StreamJob without a collector of its
+/// own) at an OTLP collector, and annotates its pod for Prometheus.
+#[test]
+fn the_chart_wires_telemetry() {
+    let operator = |yaml: &str| {
+        documents(yaml)
+            .into_iter()
+            .find(|d| d["kind"] == "Deployment")
+            .unwrap()
+    };
+    let d = operator(&render(&[]));
+    let pod = &d["spec"]["template"];
+    assert_eq!(
+        pod["metadata"]["annotations"]["prometheus.io/scrape"],
+        "true"
+    );
+    assert_eq!(pod["metadata"]["annotations"]["prometheus.io/port"], "8080");
+    let env = pod["spec"]["containers"][0]["env"].to_string();
+    assert!(!env.contains("OTEL_EXPORTER_OTLP"), "{env}");
+    let yaml = render(&[
+        "observability.otlpEndpoint=http://collector.monitoring:4317",
+        "observability.otlpProtocol=grpc",
+        "observability.prometheusScrape=false",
+        "podAnnotations.team=streams",
+    ]);
+    validate(&yaml, "observability values");
+    let d = operator(&yaml);
+    let pod = &d["spec"]["template"];
+    let env = &pod["spec"]["containers"][0]["env"];
+    let value = |name: &str| {
+        env.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(
+        value("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        Some("http://collector.monitoring:4317".into())
+    );
+    assert_eq!(value("OTEL_EXPORTER_OTLP_PROTOCOL"), Some("grpc".into()));
+    let annotations = &pod["metadata"]["annotations"];
+    assert!(
+        annotations.get("prometheus.io/scrape").is_none(),
+        "{annotations}"
+    );
+    assert_eq!(annotations["team"], "streams");
+}
+
 #[test]
 fn plain_manifests_are_the_rendered_chart() {
     let rendered = format!(

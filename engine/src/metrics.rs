@@ -54,8 +54,75 @@ pub fn batch_bytes(batch: &RecordBatch) -> u64 {
     batch
         .columns()
         .iter()
-        .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0) as u64)
+        .map(|c| array_bytes(c.as_ref()))
         .sum()
+}
+
+/// What `ArrayData::get_slice_memory_size` says, without building the `ArrayData` for the
+/// column types batches mostly hold (fixed-width and strings).
+fn array_bytes(a: &dyn arrow::array::Array) -> u64 {
+    use arrow::array::AsArray;
+    use arrow::datatypes::DataType;
+    let nulls = a.nulls().map_or(0, |n| n.len().div_ceil(8));
+    let values = match a.data_type() {
+        DataType::Boolean => a.len().div_ceil(8),
+        DataType::Utf8 => {
+            let o = a.as_string::<i32>().value_offsets();
+            o.len() * 4 + (o[o.len() - 1] - o[0]) as usize
+        }
+        DataType::LargeUtf8 => {
+            let o = a.as_string::<i64>().value_offsets();
+            o.len() * 8 + (o[o.len() - 1] - o[0]) as usize
+        }
+        t => match t.primitive_width() {
+            Some(width) => a.len() * width,
+            None => {
+                return a.to_data().get_slice_memory_size().map_or(0, |n| n as u64);
+            }
+        },
+    };
+    (nulls + values) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{ArrayRef, BooleanArray, Int64Array, ListArray, StringArray};
+    use arrow::datatypes::Int32Type;
+    use std::sync::Arc;
+
+    #[test]
+    fn batch_bytes_are_what_arrow_counts_for_the_slice() {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(vec![
+                Some(1),
+                None,
+                Some(3),
+                Some(4),
+                None,
+            ])),
+            Arc::new(StringArray::from(vec!["a", "bcd", "", "efgh", "ij"])),
+            Arc::new(BooleanArray::from(vec![true, false, true, true, false])),
+            Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(vec![
+                Some(vec![Some(1)]),
+                None,
+                Some(vec![Some(2), Some(3)]),
+                Some(vec![]),
+                Some(vec![Some(4)]),
+            ])),
+        ];
+        let batch =
+            RecordBatch::try_from_iter(["i", "s", "b", "l"].into_iter().zip(columns)).unwrap();
+        for (offset, len) in [(0, 5), (1, 3), (2, 0), (4, 1)] {
+            let slice = batch.slice(offset, len);
+            let expected: usize = slice
+                .columns()
+                .iter()
+                .map(|c| c.to_data().get_slice_memory_size().unwrap())
+                .sum();
+            assert_eq!(batch_bytes(&slice), expected as u64, "{offset}+{len}");
+        }
+    }
 }
 
 impl Default for SubtaskMetrics {

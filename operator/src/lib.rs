@@ -107,6 +107,8 @@ pub struct Context {
     pub failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// Reconciles, their duration and failures, by StreamJob.
     pub metrics: Arc<metrics::Metrics>,
+    /// Where jobs export telemetry when their spec does not say.
+    pub otlp: Option<resources::Otlp>,
 }
 
 impl Context {
@@ -126,6 +128,7 @@ impl Context {
             retry: Duration::from_secs(5),
             failures: Default::default(),
             metrics: Default::default(),
+            otlp: None,
         }
     }
 }
@@ -147,6 +150,8 @@ pub struct Settings {
     pub jobmanager_address: String,
     /// Where reconciles are counted (the caller serves them).
     pub metrics: Arc<metrics::Metrics>,
+    /// The OTLP collector jobs export to when their spec names none.
+    pub otlp: Option<resources::Otlp>,
 }
 
 /// The JobManager Service of a StreamJob, as an operator inside the cluster reaches it.
@@ -182,6 +187,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
     };
     let ctx = Arc::new(Context {
         metrics: settings.metrics.clone(),
+        otlp: settings.otlp.clone(),
         ..Context::new(client, &settings.identity, &settings.jobmanager_address)
     });
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<String>();

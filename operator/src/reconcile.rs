@@ -497,7 +497,7 @@ impl Reconciler<'_> {
             service,
             jobmanager,
             taskmanager,
-        } = objects(sj, settings, running)?;
+        } = objects(sj, settings, running, self.ctx.otlp.as_ref())?;
         self.ensure_secrets(sj).await?;
         let ns = self.namespace();
         let client = &self.ctx.client;

@@ -7,7 +7,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
-use freshet_crds::StreamJob;
+use freshet_crds::{OtlpProtocol, StreamJob};
 
 use crate::settings::JobSettings;
 use crate::{Error, podtemplate};
@@ -186,7 +186,40 @@ pub struct Objects {
 }
 
 /// The objects of `sj` with settings `s`; `running` false scales both Deployments to zero.
-pub fn objects(sj: &StreamJob, s: &JobSettings, running: bool) -> Result<Objects, Error> {
+/// An OTLP collector: its endpoint and protocol (`None`: the exporters' default,
+/// `http/protobuf`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Otlp {
+    pub endpoint: String,
+    pub protocol: Option<OtlpProtocol>,
+}
+
+/// Where `sj`'s pods export telemetry: its spec's collector, else the operator's `default`;
+/// none when the spec says `none`.
+fn otlp_of(sj: &StreamJob, default: Option<&Otlp>) -> Option<Otlp> {
+    let o = &sj.spec.observability;
+    match o.otlp_endpoint.as_deref().map(str::trim) {
+        Some("none") => None,
+        Some(endpoint) => Some(Otlp {
+            endpoint: endpoint.to_string(),
+            protocol: o.otlp_protocol,
+        }),
+        None => default.map(|d| Otlp {
+            endpoint: d.endpoint.clone(),
+            protocol: o.otlp_protocol.or(d.protocol),
+        }),
+    }
+}
+
+/// The objects `sj` runs as; its pods export telemetry to `otlp` unless its spec names a
+/// collector (or `none`).
+pub fn objects(
+    sj: &StreamJob,
+    s: &JobSettings,
+    running: bool,
+    otlp: Option<&Otlp>,
+) -> Result<Objects, Error> {
+    let otlp = otlp_of(sj, otlp);
     let names = Names::of(&sj.name_any());
     let owner = sj
         .controller_owner_ref(&())
@@ -258,10 +291,14 @@ pub fn objects(sj: &StreamJob, s: &JobSettings, running: bool) -> Result<Objects
         "jobmanager",
         if running { 1 } else { 0 },
         jm_args,
-        json!([{"name": "rpc", "containerPort": RPC_PORT}]),
+        json!([
+            {"name": "rpc", "containerPort": RPC_PORT},
+            {"name": "health", "containerPort": HEALTH_PORT},
+        ]),
         sj.spec.job_manager.resources.as_ref(),
         &meta(&names.jobmanager, "jobmanager"),
         &jm_secrets,
+        otlp.as_ref(),
     )?;
     let mut tm_args = vec![
         "taskmanager".to_string(),
@@ -291,6 +328,7 @@ pub fn objects(sj: &StreamJob, s: &JobSettings, running: bool) -> Result<Objects
         json!([
             {"name": "rpc", "containerPort": TASKMANAGER_PORT},
             {"name": "data", "containerPort": DATA_PORT},
+            {"name": "health", "containerPort": HEALTH_PORT},
         ]),
         Some(
             sj.spec
@@ -301,6 +339,7 @@ pub fn objects(sj: &StreamJob, s: &JobSettings, running: bool) -> Result<Objects
         ),
         &meta(&names.taskmanager, "taskmanager"),
         &tm_secrets,
+        otlp.as_ref(),
     )?;
     Ok(Objects {
         config,
@@ -334,12 +373,28 @@ fn deployment(
     resources: Option<&k8s_openapi::api::core::v1::ResourceRequirements>,
     meta: &Value,
     secrets: &[(&str, String, &str)],
+    otlp: Option<&Otlp>,
 ) -> Result<Deployment, Error> {
     let spec = &sj.spec;
     let mut env = vec![
         json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
         json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
     ];
+    if let Some(o) = otlp {
+        env.push(json!({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": o.endpoint}));
+        if let Some(p) = o.protocol {
+            env.push(json!({"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": p.name()}));
+        }
+        // POD_NAME is defined above, so the kubelet expands it
+        env.push(json!({
+            "name": "OTEL_RESOURCE_ATTRIBUTES",
+            "value": format!(
+                "k8s.namespace.name={},k8s.pod.name=$(POD_NAME),freshet.stream_job={}",
+                sj.namespace().unwrap_or_else(|| "default".into()),
+                sj.name_any()
+            ),
+        }));
+    }
     if let Some(s3) = &spec.checkpointing.s3 {
         if let Some(e) = &s3.endpoint {
             env.push(json!({"name": "AWS_ENDPOINT_URL", "value": e}));
@@ -402,8 +457,17 @@ fn deployment(
         container["resources"] = serde_json::to_value(r).map_err(|e| Error::Spec(e.to_string()))?;
     }
     let labels = meta["labels"].clone();
+    let annotations = if spec.observability.prometheus_scrape != Some(false) {
+        json!({
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": HEALTH_PORT.to_string(),
+            "prometheus.io/path": "/metrics",
+        })
+    } else {
+        json!({})
+    };
     let ours = json!({
-        "metadata": {"labels": labels},
+        "metadata": {"labels": labels, "annotations": annotations},
         "spec": {
             "containers": [container],
             "securityContext": {"runAsNonRoot": true, "runAsUser": 10001, "fsGroup": 10001},

@@ -205,7 +205,7 @@ spec:
         sj.spec.job["state"] = serde_json::json!({"memory_mb": 512});
         let s = JobSettings::of(&sj).unwrap();
         assert_eq!(s.taskmanager_memory_mb, 2 * 512 + PROCESS_MEMORY_MB);
-        let objects = crate::resources::objects(&sj, &s, true).unwrap();
+        let objects = crate::resources::objects(&sj, &s, true, None).unwrap();
         let pod = serde_json::to_value(&objects.taskmanager).unwrap();
         let resources = &pod["spec"]["template"]["spec"]["containers"][0]["resources"];
         assert_eq!(resources["limits"]["memory"], "1280Mi", "{resources}");
@@ -216,7 +216,7 @@ spec:
             }))
             .unwrap(),
         );
-        let objects = crate::resources::objects(&sj, &s, true).unwrap();
+        let objects = crate::resources::objects(&sj, &s, true, None).unwrap();
         let pod = serde_json::to_value(&objects.taskmanager).unwrap();
         let resources = &pod["spec"]["template"]["spec"]["containers"][0]["resources"];
         assert_eq!(resources["limits"]["memory"], "3Gi");
@@ -224,6 +224,82 @@ spec:
             resources.get("requests").is_none_or(|r| r.is_null()),
             "{resources}"
         );
+    }
+
+    /// The pods export telemetry to the spec's collector, else the operator's, never with
+    /// `none`; they are annotated for Prometheus unless the spec says not to.
+    #[test]
+    fn pods_export_telemetry_where_the_spec_or_the_operator_says() {
+        use crate::resources::{Otlp, objects};
+        use freshet_crds::OtlpProtocol;
+        let mut sj = job(3);
+        sj.metadata.uid = Some("uid-1".into());
+        let s = JobSettings::of(&sj).unwrap();
+        let env_of = |o: &crate::resources::Objects| {
+            let mut out = Vec::new();
+            for d in [&o.jobmanager, &o.taskmanager] {
+                let pod = serde_json::to_value(d).unwrap();
+                let env = pod["spec"]["template"]["spec"]["containers"][0]["env"].clone();
+                let get = |name: &str| {
+                    env.as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|e| e["name"] == name)
+                        .map(|e| e["value"].as_str().unwrap().to_string())
+                };
+                out.push((
+                    get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+                    get("OTEL_EXPORTER_OTLP_PROTOCOL"),
+                    get("OTEL_RESOURCE_ATTRIBUTES"),
+                    pod["spec"]["template"]["metadata"]["annotations"].clone(),
+                ));
+            }
+            out
+        };
+        // nothing configured: no export, scraping annotations
+        for (endpoint, _, _, annotations) in env_of(&objects(&sj, &s, true, None).unwrap()) {
+            assert_eq!(endpoint, None);
+            assert_eq!(annotations["prometheus.io/scrape"], "true");
+            assert_eq!(annotations["prometheus.io/port"], "8080");
+            assert_eq!(annotations["prometheus.io/path"], "/metrics");
+        }
+        // the operator's collector
+        let operator = Otlp {
+            endpoint: "http://collector.monitoring:4317".into(),
+            protocol: Some(OtlpProtocol::Grpc),
+        };
+        for (endpoint, protocol, attributes, _) in
+            env_of(&objects(&sj, &s, true, Some(&operator)).unwrap())
+        {
+            assert_eq!(
+                endpoint.as_deref(),
+                Some("http://collector.monitoring:4317")
+            );
+            assert_eq!(protocol.as_deref(), Some("grpc"));
+            assert_eq!(
+                attributes.as_deref(),
+                Some("k8s.namespace.name=shop,k8s.pod.name=$(POD_NAME),freshet.stream_job=orders")
+            );
+        }
+        // the spec's own collector wins, with its protocol
+        sj.spec.observability.otlp_endpoint = Some("http://mine:4318".into());
+        sj.spec.observability.otlp_protocol = Some(OtlpProtocol::HttpProtobuf);
+        sj.spec.observability.prometheus_scrape = Some(false);
+        for (endpoint, protocol, _, annotations) in
+            env_of(&objects(&sj, &s, true, Some(&operator)).unwrap())
+        {
+            assert_eq!(endpoint.as_deref(), Some("http://mine:4318"));
+            assert_eq!(protocol.as_deref(), Some("http/protobuf"));
+            assert!(
+                annotations.get("prometheus.io/scrape").is_none(),
+                "{annotations}"
+            );
+        }
+        // `none` turns the operator's default off
+        sj.spec.observability.otlp_endpoint = Some("none".into());
+        for (endpoint, ..) in env_of(&objects(&sj, &s, true, Some(&operator)).unwrap()) {
+            assert_eq!(endpoint, None);
+        }
     }
 
     #[test]

@@ -60,6 +60,7 @@ fn operator(client: &Client, address: &str) -> Arc<Context> {
         retry: Duration::from_millis(200),
         failures: Default::default(),
         metrics: Default::default(),
+        otlp: None,
     })
 }
 
