@@ -77,6 +77,8 @@ pub fn submit_job(
         fresh: options.ignore_checkpoints,
         allow_non_restored_state: options.allow_non_restored_state,
     };
+    // the JobManager's deployment joins this span's trace (the context goes with the call)
+    let _span = tracing::info_span!("job.submit", job = %job.display()).entered();
     call(
         jobmanager,
         |mut c| async move { c.submit_job(request).await },
@@ -93,6 +95,8 @@ fn stop_or_savepoint(
     dir: Option<String>,
     stop: bool,
 ) -> Result<i32> {
+    // the JobManager's savepoint joins this span's trace
+    let _span = tracing::info_span!("savepoint.request", job, stop).entered();
     let r = call(jobmanager, |mut c| async move {
         c.trigger_savepoint(pb::SavepointRequest {
             job: job.into(),

@@ -181,6 +181,7 @@ impl StartArgs {
             restore: self.restore,
             ignore_checkpoints: self.fresh,
             allow_non_restored_state: self.allow_non_restored_state,
+            trace: None,
         }
     }
 }

@@ -11,7 +11,8 @@
 //!   at the JobManager's `checkpoint` span, with every subtask's alignment, synchronous and
 //!   asynchronous parts recorded by the TaskManager process under it (the context travels with
 //!   the trigger over gRPC and with the barrier); the deployment is a trace of its own with each
-//!   subtask's opening (its restore) under it.
+//!   subtask's opening (its restore) under it, and under the `freshet submit` that asked for it
+//!   (the context travels in the gRPC call's metadata).
 //! - Logs can be JSON lines.
 //! - Settings the exporters do not support stop the process at start, naming the variable.
 mod common;
@@ -19,7 +20,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Collector, Proc, free_port, freshet, http_get, interrupt, repo, run_submit};
+use common::{Collector, Proc, free_port, freshet, http_get, interrupt, repo};
 
 /// The metric table of `docs/observability.md`: (OTLP name, Prometheus name).
 fn documented() -> Vec<(String, String)> {
@@ -372,7 +373,13 @@ fn a_checkpoint_is_one_trace_across_the_jobmanager_and_taskmanager_processes() {
         &env,
     );
     tm.wait_for("registered with the JobManager");
-    run_submit(&["submit", job.to_str().unwrap(), "--jobmanager", &address]);
+    // the client's submission is traced too: the deployment joins its trace over gRPC
+    let o = freshet()
+        .args(["submit", job.to_str().unwrap(), "--jobmanager", &address])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // the batch span processor exports every few seconds: wait for a checkpoint whose subtask
     // spans arrived from the TaskManager
     let subtasks = 7; // gen, latest -> sink:out and latest.late at parallelism 2, and the dead-letter sink
@@ -438,6 +445,15 @@ fn a_checkpoint_is_one_trace_across_the_jobmanager_and_taskmanager_processes() {
         .filter(|(n, s)| n == "subtask.open" && s == "freshet-taskmanager")
         .count();
     assert_eq!(opened, subtasks);
+    let submit = all
+        .iter()
+        .find(|s| s.name == "job.submit" && s.service == "freshet-cli")
+        .unwrap_or_else(|| panic!("no submission span in {all:?}"));
+    assert_eq!(
+        (&deploy.trace, &deploy.parent),
+        (&submit.trace, &submit.id),
+        "the deployment is not under the submission"
+    );
     // spans that only give logs their context are not exported
     assert!(!all.iter().any(|s| s.name == "subtask" || s.name == "task"));
     drop((jm, tm));

@@ -131,6 +131,11 @@ pub struct Deployed {
     /// the deployment is on probation and a failing upgrade is rolled back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<Time>,
+    /// Id of the trace of the reconcile pass that deployed it: the JobManager's deployment and each
+    /// subtask's restore are in it (OpenTelemetry; empty without a collector), to find it in
+    /// the tracing backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// A spec whose job proved itself.
@@ -218,6 +223,11 @@ pub struct PendingSavepoint {
     pub nonce: Option<i64>,
     /// When it was triggered.
     pub time: Time,
+    /// Id of the trace of the savepoint: the operator's request, the JobManager's savepoint and every
+    /// subtask's part (OpenTelemetry; empty without a collector), to find it in
+    /// the tracing backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// A savepoint the operator took or tried to take.
@@ -239,6 +249,11 @@ pub struct SavepointRecord {
     /// The `spec.savepointTriggerNonce` of a manual savepoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<i64>,
+    /// Id of the trace of the savepoint: the operator's request, the JobManager's savepoint and every
+    /// subtask's part (OpenTelemetry; empty without a collector), to find it in
+    /// the tracing backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// Why a savepoint was taken.

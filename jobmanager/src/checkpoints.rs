@@ -447,14 +447,30 @@ impl Coordinator {
                 .count();
             if s.retry_final && now.duration_since(s.last_trigger) >= interval {
                 s.retry_final = false;
-                self.trigger(&mut s, SnapshotKind::Checkpoint, None, false, true, None);
+                self.trigger(
+                    &mut s,
+                    SnapshotKind::Checkpoint,
+                    None,
+                    false,
+                    true,
+                    None,
+                    None,
+                );
             }
             if !s.finishing
                 && now.duration_since(s.last_trigger) >= interval
                 && periodic < self.settings.spec.max_concurrent as usize
                 && !paused
             {
-                self.trigger(&mut s, SnapshotKind::Checkpoint, None, false, false, None);
+                self.trigger(
+                    &mut s,
+                    SnapshotKind::Checkpoint,
+                    None,
+                    false,
+                    false,
+                    None,
+                    None,
+                );
             }
             if s.pending.is_empty() && s.gc_needed {
                 s.gc_needed = false;
@@ -469,7 +485,9 @@ impl Coordinator {
         }
     }
 
-    /// Triggers a checkpoint or savepoint at every source subtask.
+    /// Triggers a checkpoint or savepoint at every source subtask; its span is a child of
+    /// `parent` (a `traceparent`) if given.
+    #[allow(clippy::too_many_arguments)]
     fn trigger(
         &self,
         s: &mut State,
@@ -478,6 +496,7 @@ impl Coordinator {
         stop: bool,
         final_checkpoint: bool,
         waiter: Option<Waiter>,
+        parent: Option<&str>,
     ) -> CheckpointId {
         let id = s.next_id;
         s.next_id += 1;
@@ -493,6 +512,8 @@ impl Coordinator {
             otel.status_code = tracing::field::Empty,
             failure = tracing::field::Empty,
         );
+        // a savepoint someone asked for joins the asker's trace
+        freshet_engine::trace::follow(&span, parent);
         let barrier = Barrier {
             id,
             kind,
@@ -528,6 +549,7 @@ impl Coordinator {
         &self,
         target: String,
         stop: bool,
+        parent: Option<&str>,
     ) -> Result<
         (
             CheckpointId,
@@ -553,6 +575,7 @@ impl Coordinator {
             stop,
             false,
             Some(tx),
+            parent,
         );
         self.wake.notify_all();
         Ok((id, rx))
@@ -590,7 +613,15 @@ impl Coordinator {
                 if s.sources_finished.len() == sources && !s.finishing {
                     s.finishing = true;
                     info!(job = %self.settings.job, "every source finished; taking the final checkpoint");
-                    self.trigger(&mut s, SnapshotKind::Checkpoint, None, false, true, None);
+                    self.trigger(
+                        &mut s,
+                        SnapshotKind::Checkpoint,
+                        None,
+                        false,
+                        true,
+                        None,
+                        None,
+                    );
                 }
             }
         }
@@ -943,7 +974,7 @@ mod tests {
         let mut s = c.state.lock();
         let target =
             (kind == SnapshotKind::Savepoint).then(|| c.storage.child("savepoint").url().into());
-        c.trigger(&mut s, kind, target, false, false, None)
+        c.trigger(&mut s, kind, target, false, false, None, None)
     }
 
     fn decline(c: &Coordinator, id: CheckpointId) {

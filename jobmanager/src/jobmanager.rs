@@ -130,6 +130,9 @@ pub struct SubmitOptions {
     /// Allow restoring a snapshot with state of operators the job no longer has (that state is
     /// dropped).
     pub allow_non_restored_state: bool,
+    /// The `traceparent` of the submission: the first deployment joins that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// Where an attempt starts from.
@@ -298,7 +301,7 @@ impl JobHandle {
     /// `checkpointing.savepoint_dir`); with `stop`, the job stops once it completes. Waits for the
     /// outcome and returns the savepoint's location.
     pub fn savepoint(&self, dir: Option<&str>, stop: bool) -> Result<String, String> {
-        let (_, _, rx) = self.trigger_savepoint(dir, stop)?;
+        let (_, _, rx) = self.trigger_savepoint(dir, stop, None)?;
         rx.recv()
             .unwrap_or_else(|_| Err("the job ended before the savepoint completed".into()))
     }
@@ -311,6 +314,7 @@ impl JobHandle {
         &self,
         dir: Option<&str>,
         stop: bool,
+        trace: Option<&str>,
     ) -> Result<
         (
             u64,
@@ -338,7 +342,7 @@ impl JobHandle {
             chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ")
         );
         let target = parent.child(&name).url().to_string();
-        let (id, rx) = c.savepoint(target.clone(), stop)?;
+        let (id, rx) = c.savepoint(target.clone(), stop, trace)?;
         Ok((id, target, rx))
     }
 
@@ -757,6 +761,9 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         restart = rt.status.restarts > 0,
         restored_from = tracing::field::Empty,
     );
+    if rt.status.restarts == 0 {
+        freshet_engine::trace::follow(&span, entry.options.trace.as_deref());
+    }
     let _enter = span.enter();
     let startup = match prepare_state(
         plan,

@@ -431,6 +431,7 @@ fn submission(req: pb::SubmitJobRequest) -> Result<(JobSpec, PathBuf, SubmitOpti
         restore: (!req.restore.is_empty()).then_some(req.restore),
         ignore_checkpoints: req.fresh,
         allow_non_restored_state: req.allow_non_restored_state,
+        trace: None,
     };
     let base = if req.base_dir.is_empty() {
         PathBuf::from(".")
@@ -577,10 +578,12 @@ impl JobManagerRpc for JobManagerService {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
         self.guard.client(&request)?;
+        let trace = freshet_security::traceparent(&request);
         let req = request.into_inner();
         let jm = self.jm.clone();
         blocking(move || {
-            let (spec, base, options) = submission(req)?;
+            let (spec, base, mut options) = submission(req)?;
+            options.trace = trace;
             jm.submit_with(spec, base, options)
                 .map(|j| job_info(&j))
                 .map_err(submit_status)
@@ -647,12 +650,13 @@ impl JobManagerRpc for JobManagerService {
         request: Request<pb::SavepointRequest>,
     ) -> Result<Response<pb::SavepointResponse>, Status> {
         self.guard.client(&request)?;
+        let trace = freshet_security::traceparent(&request);
         let req = request.into_inner();
         let j = self.job(&req.job)?;
         blocking(move || {
             let dir = (!req.directory.is_empty()).then_some(req.directory);
             let (id, mut location, outcome) = j
-                .trigger_savepoint(dir.as_deref(), req.stop)
+                .trigger_savepoint(dir.as_deref(), req.stop, trace.as_deref())
                 .map_err(Status::failed_precondition)?;
             if !req.detach {
                 location = outcome

@@ -43,6 +43,24 @@ use crate::resources::{
 use crate::settings::{JobSettings, change_target, spec_hash};
 use crate::{Context, Error};
 
+/// The trace id of the current reconcile pass, when it is recorded in a trace.
+fn trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    let span = cx.span();
+    let c = span.span_context();
+    c.is_valid().then(|| c.trace_id().to_string())
+}
+
+/// An event's note with the trace it belongs to.
+fn with_trace(note: String, trace: Option<&str>) -> String {
+    match trace {
+        Some(t) => format!("{note} (trace {t})"),
+        None => note,
+    }
+}
+
 /// Reconciles one StreamJob, in a span of its own, and counts the pass in the metrics.
 pub async fn reconcile(sj: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, Error> {
     let (ns, name) = (sj.namespace().unwrap_or_default(), sj.name_any());
@@ -244,7 +262,12 @@ impl Reconciler<'_> {
                     r.trigger == SavepointTrigger::Delete && r.path.as_deref() == Some(&path)
                 });
                 if !recorded {
-                    self.record_savepoint(SavepointTrigger::Delete, Ok(path.clone()), None);
+                    self.record_savepoint(
+                        SavepointTrigger::Delete,
+                        Ok(path.clone()),
+                        None,
+                        trace_id(),
+                    );
                     self.w.save().await?;
                     self.event(
                         false,
@@ -278,7 +301,12 @@ impl Reconciler<'_> {
                 "the final savepoint failed, so the StreamJob is kept and its job {id} keeps running; it is tried again, or set deletionPolicy: none to delete without one: {m}"
             );
             warn!(%message);
-            self.record_savepoint(SavepointTrigger::Delete, Err(message.clone()), None);
+            self.record_savepoint(
+                SavepointTrigger::Delete,
+                Err(message.clone()),
+                None,
+                trace_id(),
+            );
             self.w.save().await?;
             self.event(true, "FinalSavepointFailed", message).await;
             return Ok(Deletion::Failed);
@@ -292,7 +320,12 @@ impl Reconciler<'_> {
                     "the final savepoint was refused, so the StreamJob is kept and its job {id} keeps running; it is tried again, or set deletionPolicy: none to delete without one: {m}"
                 );
                 warn!(%message);
-                self.record_savepoint(SavepointTrigger::Delete, Err(message.clone()), None);
+                self.record_savepoint(
+                    SavepointTrigger::Delete,
+                    Err(message.clone()),
+                    None,
+                    trace_id(),
+                );
                 self.w.save().await?;
                 self.event(true, "FinalSavepointFailed", message).await;
                 Ok(Deletion::Failed)
@@ -622,6 +655,7 @@ impl Reconciler<'_> {
             time: now(),
             spec: serde_json::to_string(&target.spec).ok(),
             verified: None,
+            trace_id: trace_id(),
         });
         self.w.status.job_id = Some(info.id.clone());
         self.w.status.job_state = Some(info.state.clone());
@@ -646,9 +680,12 @@ impl Reconciler<'_> {
         self.event(
             false,
             "JobSubmitted",
-            format!(
-                "job {} at parallelism {} from {from} ({started_with})",
-                info.id, target.spec.parallelism
+            with_trace(
+                format!(
+                    "job {} at parallelism {} from {from} ({started_with})",
+                    info.id, target.spec.parallelism
+                ),
+                trace_id().as_deref(),
             ),
         )
         .await;
@@ -994,12 +1031,12 @@ impl Reconciler<'_> {
     ) -> Result<(), Error> {
         change.savepoint = Some(path.clone());
         self.w.status.change = Some(change.clone());
-        self.record_savepoint(trigger, Ok(path.clone()), None);
+        self.record_savepoint(trigger, Ok(path.clone()), None, trace_id());
         self.w.save().await?;
         self.event(
             false,
             "SavepointCompleted",
-            format!("{path} (stopped the job)"),
+            with_trace(format!("{path} (stopped the job)"), trace_id().as_deref()),
         )
         .await;
         Ok(())
@@ -1018,7 +1055,7 @@ impl Reconciler<'_> {
             self.w.status.deployed.as_ref().map_or(0, |d| d.generation)
         );
         warn!(%message, "change halted");
-        self.record_savepoint(trigger, Err(message.clone()), None);
+        self.record_savepoint(trigger, Err(message.clone()), None, trace_id());
         self.w.status.change = None;
         self.w.status.lifecycle = Some(Lifecycle::Running);
         let target = change_target(&self.sj.spec);
@@ -1033,6 +1070,7 @@ impl Reconciler<'_> {
         trigger: SavepointTrigger,
         outcome: Result<String, String>,
         nonce: Option<i64>,
+        trace_id: Option<String>,
     ) {
         let (state, path, message) = match outcome {
             Ok(p) => (SavepointState::Completed, Some(p), None),
@@ -1045,6 +1083,7 @@ impl Reconciler<'_> {
             time: now(),
             message,
             nonce,
+            trace_id,
         };
         if state == SavepointState::Completed {
             self.w.status.last_savepoint = Some(record.clone());
@@ -1311,7 +1350,8 @@ impl Reconciler<'_> {
             if p.trigger == SavepointTrigger::Manual {
                 self.w.status.savepoint_trigger_nonce = p.nonce;
             }
-            self.savepoint_outcome(p.trigger, outcome, p.nonce).await?;
+            self.savepoint_outcome(p.trigger, outcome, p.nonce, p.trace_id)
+                .await?;
             return Ok(false);
         }
         let nonce = self.sj.spec.savepoint_trigger_nonce;
@@ -1361,6 +1401,7 @@ impl Reconciler<'_> {
                     trigger,
                     nonce,
                     time: now(),
+                    trace_id: trace_id(),
                 });
                 self.w.save().await?;
                 Ok(true)
@@ -1369,7 +1410,7 @@ impl Reconciler<'_> {
                 if trigger == SavepointTrigger::Manual {
                     self.w.status.savepoint_trigger_nonce = nonce;
                 }
-                self.savepoint_outcome(trigger, Err(Error::Savepoint(m)), nonce)
+                self.savepoint_outcome(trigger, Err(Error::Savepoint(m)), nonce, trace_id())
                     .await?;
                 Ok(false)
             }
@@ -1382,13 +1423,15 @@ impl Reconciler<'_> {
         trigger: SavepointTrigger,
         outcome: Result<String, Error>,
         nonce: Option<i64>,
+        trace: Option<String>,
     ) -> Result<(), Error> {
         let (warning, reason, note, outcome) = match outcome {
             Ok(p) => (false, "SavepointCompleted", p.clone(), Ok(p)),
             Err(Error::Savepoint(m)) => (true, "SavepointFailed", m.clone(), Err(m)),
             Err(e) => return Err(e),
         };
-        self.record_savepoint(trigger, outcome, nonce);
+        let note = with_trace(note, trace.as_deref());
+        self.record_savepoint(trigger, outcome, nonce, trace);
         self.w.save().await?;
         self.event(warning, reason, note).await;
         Ok(())

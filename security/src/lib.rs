@@ -17,7 +17,7 @@ mod tls;
 mod token;
 
 pub use tls::{INTERNAL_NAME, Tls, TlsFiles};
-pub use token::{ClientToken, Guard, Peer, Tokens, read_token};
+pub use token::{ClientToken, Guard, Peer, Tokens, read_token, traceparent};
 
 /// A security setting that cannot work as given (a missing or unreadable file, a certificate
 /// that does not parse): fixing the configuration is the only remedy, retrying is not.

@@ -222,6 +222,8 @@ impl ClientToken {
 }
 
 impl tonic::service::Interceptor for ClientToken {
+    /// Adds the token, and the trace context of the calling span (W3C `traceparent`), so the
+    /// server's spans join the caller's trace.
     fn call(
         &mut self,
         mut req: tonic::Request<()>,
@@ -231,8 +233,34 @@ impl tonic::service::Interceptor for ClientToken {
             v.set_sensitive(true);
             req.metadata_mut().insert("authorization", v);
         }
+        if let Some(tp) = current_traceparent()
+            && let Ok(v) = tp.parse()
+        {
+            req.metadata_mut().insert("traceparent", v);
+        }
         Ok(req)
     }
+}
+
+/// The `traceparent` of the current span, when it is recorded in a trace.
+fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    carrier.remove("traceparent")
+}
+
+/// The `traceparent` a request carries, if any.
+pub fn traceparent<T>(req: &tonic::Request<T>) -> Option<String> {
+    req.metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 #[cfg(test)]
