@@ -78,7 +78,13 @@ pub fn submit_job(
         allow_non_restored_state: options.allow_non_restored_state,
     };
     // the JobManager's deployment joins this span's trace (the context goes with the call)
-    let _span = tracing::info_span!("job.submit", job = %job.display()).entered();
+    let span = tracing::info_span!(
+        "job.submit",
+        trace_id = tracing::field::Empty,
+        job = %job.display()
+    );
+    freshet_engine::trace::follow(&span, None);
+    let _span = span.entered();
     call(
         jobmanager,
         |mut c| async move { c.submit_job(request).await },
@@ -96,7 +102,14 @@ fn stop_or_savepoint(
     stop: bool,
 ) -> Result<i32> {
     // the JobManager's savepoint joins this span's trace
-    let _span = tracing::info_span!("savepoint.request", job, stop).entered();
+    let span = tracing::info_span!(
+        "savepoint.request",
+        trace_id = tracing::field::Empty,
+        job,
+        stop
+    );
+    freshet_engine::trace::follow(&span, None);
+    let _span = span.entered();
     let r = call(jobmanager, |mut c| async move {
         c.trigger_savepoint(pb::SavepointRequest {
             job: job.into(),

@@ -13,7 +13,7 @@
 //!   the trigger over gRPC and with the barrier); the deployment is a trace of its own with each
 //!   subtask's opening (its restore) under it, and under the `freshet submit` that asked for it
 //!   (the context travels in the gRPC call's metadata).
-//! - Logs can be JSON lines.
+//! - Logs can be JSON lines; a line logged inside a traced span carries the trace id.
 //! - Settings the exporters do not support stop the process at start, naming the variable.
 mod common;
 
@@ -267,6 +267,17 @@ fn a_running_job_exports_its_metrics_over_otlp_and_serves_them_for_prometheus() 
         json.iter()
             .any(|v| v["level"] == "INFO" && v["fields"]["message"].is_string()),
         "no JSON log line in:\n{log}"
+    );
+    // a line logged inside a traced span names its trace
+    let traced = json.iter().find(|v| {
+        v["fields"]["message"] == "checkpoint completed"
+            && v["span"]["trace_id"]
+                .as_str()
+                .is_some_and(|t| t.len() == 32 && t.chars().all(|c| c.is_ascii_hexdigit()))
+    });
+    assert!(
+        traced.is_some(),
+        "no checkpoint log line with a trace id in:\n{log}"
     );
 }
 

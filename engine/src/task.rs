@@ -442,6 +442,7 @@ fn checkpoint(
     let started = Instant::now();
     let span = tracing::info_span!(
         "checkpoint.sync",
+        trace_id = tracing::field::Empty,
         checkpoint = barrier.id,
         vertex = %chain.info.vertex,
         subtask = chain.info.index,
@@ -554,6 +555,7 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
     // opening the operators is where state is restored: the span ends once they are open
     let opening = tracing::info_span!(
         "subtask.open",
+        trace_id = tracing::field::Empty,
         vertex = %info.vertex,
         subtask = info.index,
         restored_from = restore.as_ref().map(|r| r.location.as_str()),
@@ -1015,6 +1017,7 @@ impl Channels {
                 if self.aligning.is_none() {
                     let span = tracing::info_span!(
                         "checkpoint.alignment",
+                        trace_id = tracing::field::Empty,
                         checkpoint = barrier.id,
                         vertex = %chain.info.vertex,
                         subtask = chain.info.index,

@@ -17,15 +17,22 @@ pub fn traceparent(span: &tracing::Span) -> Option<String> {
     carrier.remove("traceparent")
 }
 
-/// Makes `span` (just created, not yet entered) a child of the span `traceparent` names;
-/// nothing happens without one, or with one that does not parse.
+/// Makes `span` (just created, not yet entered) a child of the span `traceparent` names
+/// (nothing happens without one, or with one that does not parse), and records its trace id
+/// in its `trace_id` field, if it declares one, so that log lines written inside it (JSON logs
+/// list their spans' fields) name the trace.
 pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
-    let Some(tp) = traceparent else {
-        return;
-    };
-    let carrier = HashMap::from([("traceparent".to_string(), tp.to_string())]);
-    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
-    let _ = span.set_parent(cx);
+    if let Some(tp) = traceparent {
+        let carrier = HashMap::from([("traceparent".to_string(), tp.to_string())]);
+        let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+        let _ = span.set_parent(cx);
+    }
+    use opentelemetry::trace::TraceContextExt;
+    let cx = span.context();
+    let id = cx.span().span_context().trace_id();
+    if id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", id.to_string());
+    }
 }
 
 #[cfg(test)]

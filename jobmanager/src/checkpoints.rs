@@ -506,6 +506,7 @@ impl Coordinator {
         let span = info_span!(
             parent: None,
             "checkpoint",
+            trace_id = tracing::field::Empty,
             job = %self.settings.job,
             checkpoint = id,
             kind = ?kind,

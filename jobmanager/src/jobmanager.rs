@@ -756,14 +756,18 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
     let span = info_span!(
         parent: None,
         "job.deploy",
+        trace_id = tracing::field::Empty,
         job = %entry.id,
         attempt = number,
         restart = rt.status.restarts > 0,
         restored_from = tracing::field::Empty,
     );
-    if rt.status.restarts == 0 {
-        freshet_engine::trace::follow(&span, entry.options.trace.as_deref());
-    }
+    let submitted = entry
+        .options
+        .trace
+        .as_deref()
+        .filter(|_| rt.status.restarts == 0);
+    freshet_engine::trace::follow(&span, submitted);
     let _enter = span.enter();
     let startup = match prepare_state(
         plan,

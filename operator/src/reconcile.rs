@@ -66,10 +66,14 @@ pub async fn reconcile(sj: Arc<StreamJob>, ctx: Arc<Context>) -> Result<Action, 
     let (ns, name) = (sj.namespace().unwrap_or_default(), sj.name_any());
     let span = info_span!(
         "reconcile",
+        trace_id = tracing::field::Empty,
         namespace = %ns,
         name = %name,
         generation = sj.metadata.generation.unwrap_or(0)
     );
+    if let Some(id) = span.in_scope(trace_id) {
+        span.record("trace_id", id);
+    }
     let started = std::time::Instant::now();
     let outcome = pass(&sj, &ctx).instrument(span).await;
     ctx.metrics.record(

@@ -300,6 +300,7 @@ pub(crate) fn upload(
     let info = info.clone();
     let span = info_span!(
         "checkpoint.async",
+        trace_id = tracing::field::Empty,
         checkpoint = barrier.id,
         vertex = %info.vertex,
         subtask = info.index,
