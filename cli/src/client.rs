@@ -164,6 +164,7 @@ pub fn status(jobmanager: &Target, job: &str) -> Result<i32> {
         "restarts": j.restarts,
         "duration_seconds": j.duration_seconds,
         "restored_from": j.restored_from,
+        "trace_id": j.trace_id,
         "vertices": vertices,
         "accumulators": j.accumulators,
     });

@@ -12,7 +12,8 @@
 //!   asynchronous parts recorded by the TaskManager process under it (the context travels with
 //!   the trigger over gRPC and with the barrier); the deployment is a trace of its own with each
 //!   subtask's opening (its restore) under it, and under the `freshet submit` that asked for it
-//!   (the context travels in the gRPC call's metadata).
+//!   (the context travels in the gRPC call's metadata). After the TaskManager is killed, the
+//!   restart's deployment is a trace of its own, which `freshet status` names.
 //! - Logs can be JSON lines; a line logged inside a traced span carries the trace id.
 //! - Settings the exporters do not support stop the process at start, naming the variable.
 mod common;
@@ -467,5 +468,62 @@ fn a_checkpoint_is_one_trace_across_the_jobmanager_and_taskmanager_processes() {
     );
     // spans that only give logs their context are not exported
     assert!(!all.iter().any(|s| s.name == "subtask" || s.name == "task"));
+
+    // a recovery: the TaskManager dies, a new one comes, the job restarts from its latest
+    // checkpoint; the restarted attempt's deployment is a trace of its own, which the job's
+    // status names
+    let id = "counting-0";
+    let mut tm = tm;
+    tm.kill();
+    let tm = Proc::start_env(
+        &[
+            "taskmanager".into(),
+            "--jobmanager".into(),
+            address.clone(),
+            "--slots".into(),
+            "2".into(),
+            "--id".into(),
+            "tm-traced-2".into(),
+            "--state-dir".into(),
+            dir.path().join("state").display().to_string(),
+        ],
+        &env,
+    );
+    tm.wait_for("registered with the JobManager");
+    let status = || -> serde_json::Value {
+        let o = freshet()
+            .args(["status", id, "--jobmanager", &address])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&o.stdout).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let recovered = loop {
+        let s = status();
+        if s["restarts"].as_u64() >= Some(1) && s["state"] == "running" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no restart: {s}\n{}", jm.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let trace = recovered["trace_id"].as_str().unwrap().to_string();
+    assert!(
+        !recovered["restored_from"].as_str().unwrap_or("").is_empty(),
+        "{recovered}"
+    );
+    collector.wait_until("the recovery's trace", |text| {
+        let all = spans(text);
+        let Some(deploy) = all
+            .iter()
+            .find(|s| s.name == "job.deploy" && s.trace == trace && s.parent.is_empty())
+        else {
+            return false;
+        };
+        children(&all, deploy)
+            .iter()
+            .filter(|(n, s)| n == "subtask.open" && s == "freshet-taskmanager")
+            .count()
+            == subtasks
+    });
     drop((jm, tm));
 }

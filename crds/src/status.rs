@@ -66,6 +66,27 @@ pub struct StreamJobStatus {
     /// `Ready`, `Reconciling`, `UpgradeHalted`, `SpecValid`, `JobFailed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The job's last restart after a failure, as the operator saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recovery: Option<RecoveryRecord>,
+}
+
+/// A restart of the job by its JobManager (after a failure), from its latest checkpoint.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryRecord {
+    /// The job (a later deployment is another job).
+    pub job_id: String,
+    /// The job's restarts so far.
+    pub restarts: u32,
+    /// The snapshot the restarted attempt restored, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
+    /// When the operator saw it.
+    pub time: Time,
+    /// Id of the trace of the restarted attempt's deployment, with each subtask's restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
 }
 
 /// Where the operator is with a job.

@@ -17,6 +17,14 @@ pub fn traceparent(span: &tracing::Span) -> Option<String> {
     carrier.remove("traceparent")
 }
 
+/// The trace id of `span`, when it is recorded in a trace.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = span.context();
+    let id = cx.span().span_context().trace_id();
+    (id != opentelemetry::trace::TraceId::INVALID).then(|| id.to_string())
+}
+
 /// Makes `span` (just created, not yet entered) a child of the span `traceparent` names
 /// (nothing happens without one, or with one that does not parse), and records its trace id
 /// in its `trace_id` field, if it declares one, so that log lines written inside it (JSON logs
@@ -27,11 +35,8 @@ pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
         let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
         let _ = span.set_parent(cx);
     }
-    use opentelemetry::trace::TraceContextExt;
-    let cx = span.context();
-    let id = cx.span().span_context().trace_id();
-    if id != opentelemetry::trace::TraceId::INVALID {
-        span.record("trace_id", id.to_string());
+    if let Some(id) = trace_id(span) {
+        span.record("trace_id", id);
     }
 }
 

@@ -175,6 +175,8 @@ struct Runtime {
     /// own (restarts resume from them).
     first_generation: Option<u64>,
     restored_from: Option<String>,
+    /// The trace id of the current attempt's deployment.
+    trace_id: Option<String>,
     /// Snapshots an attempt found damaged while restoring them; no restart uses them again.
     damaged: HashSet<String>,
     /// Checkpoint history of the last attempt that ended (kept so that a stopped job still
@@ -290,6 +292,11 @@ impl JobHandle {
     /// Checkpoint counts over all the job's attempts.
     pub fn checkpoint_totals(&self) -> Totals {
         self.entry.totals.get()
+    }
+
+    /// The trace id of the current attempt's deployment (`None` without tracing).
+    pub fn trace_id(&self) -> Option<String> {
+        self.entry.rt().trace_id.clone()
     }
 
     /// The checkpoint or savepoint the current attempt started from.
@@ -649,6 +656,7 @@ impl JobManager {
                 cancel_requested: false,
                 first_generation,
                 restored_from: None,
+                trace_id: None,
                 damaged: HashSet::new(),
                 last_history: Vec::new(),
                 logged_wait: None,
@@ -768,6 +776,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         .as_deref()
         .filter(|_| rt.status.restarts == 0);
     freshet_engine::trace::follow(&span, submitted);
+    rt.trace_id = freshet_engine::trace::trace_id(&span);
     let _enter = span.enter();
     let startup = match prepare_state(
         plan,

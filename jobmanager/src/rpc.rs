@@ -483,6 +483,7 @@ pub fn job_info(j: &JobHandle) -> pb::JobInfo {
         restored_from: j.restored_from().unwrap_or_default(),
         vertices,
         accumulators: s.accumulators.into_iter().collect(),
+        trace_id: j.trace_id().unwrap_or_default(),
     }
 }
 

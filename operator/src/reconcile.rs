@@ -30,8 +30,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use freshet_crds::{
     Change, ChangeKind, ChangePhase, CheckpointRecord, DeletionPolicy, Deployed, DesiredState,
-    Lifecycle, PendingSavepoint, SavepointRecord, SavepointState, SavepointTrigger, StableSpec,
-    StreamJob, StreamJobSpec, UpgradeMode,
+    Lifecycle, PendingSavepoint, RecoveryRecord, SavepointRecord, SavepointState, SavepointTrigger,
+    StableSpec, StreamJob, StreamJobSpec, UpgradeMode,
 };
 use freshet_proto as pb;
 
@@ -1120,6 +1120,38 @@ impl Reconciler<'_> {
             return Ok(Action::requeue(self.ctx.poll));
         };
         let previous = self.w.status.job_state.replace(job.state.clone());
+        let recovered = self
+            .w
+            .status
+            .last_recovery
+            .as_ref()
+            .filter(|r| r.job_id == id)
+            .map_or(0, |r| r.restarts);
+        if job.restarts > recovered && job.state == "running" {
+            let trace = (!job.trace_id.is_empty()).then(|| job.trace_id.clone());
+            let from = (!job.restored_from.is_empty() && job.restored_from != "-")
+                .then(|| job.restored_from.clone());
+            self.w.status.last_recovery = Some(RecoveryRecord {
+                job_id: id.clone(),
+                restarts: job.restarts,
+                restored_from: from.clone(),
+                time: now(),
+                trace_id: trace.clone(),
+            });
+            self.event(
+                true,
+                "JobRecovered",
+                with_trace(
+                    format!(
+                        "job {id} restarted (restart {}) from {}",
+                        job.restarts,
+                        from.as_deref().unwrap_or("empty state")
+                    ),
+                    trace.as_deref(),
+                ),
+            )
+            .await;
+        }
         let mut checkpointed = None;
         if let Some(c) = jm
             .snapshots(&id)
