@@ -98,11 +98,7 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
         .enable_all()
         .thread_name("jm-rpc")
         .build()?;
-    let ready = crate::health::serve(
-        &args.health,
-        "jobmanager",
-        Some(crate::health::MetricsText::telemetry()),
-    )?;
+    let ready = crate::health::serve(&args.health, "jobmanager")?;
     let (epoch, store) = match &args.ha_dir {
         Some(dir) => {
             let storage = Storage::open(dir, &std::env::current_dir()?, &S3Options::default())
@@ -166,11 +162,7 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
 
 pub fn taskmanager(args: TaskManagerArgs) -> Result<i32> {
     // ready while registered with the JobManager: its slots can be used
-    let ready = crate::health::serve(
-        &args.health,
-        "taskmanager",
-        Some(crate::health::MetricsText::telemetry()),
-    )?;
+    let ready = crate::health::serve(&args.health, "taskmanager")?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "taskmanager".into());

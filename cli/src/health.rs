@@ -1,6 +1,6 @@
 //! Health endpoints for probes: `GET /healthz` answers 200 while the process serves, `GET
-//! /readyz` answers 200 once the component is ready (503 before), with a one-line reason; and,
-//! for a component that has them, `GET /metrics` in the Prometheus text format.
+//! /readyz` answers 200 once the component is ready (503 before), with a one-line reason; and
+//! `GET /metrics`, the process's metrics in the Prometheus text format.
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::http::StatusCode;
@@ -24,30 +24,8 @@ impl Readiness {
     }
 }
 
-/// Renders a component's metrics, and the content type of what it renders.
-#[derive(Clone)]
-pub struct MetricsText {
-    pub render: Arc<dyn Fn() -> String + Send + Sync>,
-    pub content_type: &'static str,
-}
-
-impl MetricsText {
-    /// The process's OpenTelemetry metrics, in the Prometheus text format.
-    pub fn telemetry() -> MetricsText {
-        MetricsText {
-            render: crate::telemetry().prometheus_renderer(),
-            content_type: freshet_jobmanager::http::PROMETHEUS_TEXT,
-        }
-    }
-}
-
-/// Serves the endpoints on `listen` from a thread of their own (`off`: none), `/metrics` too
-/// if `metrics` is given.
-pub fn serve(
-    listen: &str,
-    component: &'static str,
-    metrics: Option<MetricsText>,
-) -> Result<Readiness> {
+/// Serves the endpoints on `listen` from a thread of their own (`off`: none).
+pub fn serve(listen: &str, component: &'static str) -> Result<Readiness> {
     let ready = Readiness::default();
     if listen == "off" {
         return Ok(ready);
@@ -84,22 +62,22 @@ pub fn serve(
                                 }
                             }
                         }),
-                    );
-                let app = match metrics {
-                    Some(text) => app.route(
+                    )
+                    .route(
                         "/metrics",
                         get(move || {
-                            let body = (text.render)();
+                            let body = crate::telemetry().prometheus_text();
                             async move {
                                 (
-                                    [(axum::http::header::CONTENT_TYPE, text.content_type)],
+                                    [(
+                                        axum::http::header::CONTENT_TYPE,
+                                        freshet_jobmanager::http::PROMETHEUS_TEXT,
+                                    )],
                                     body,
                                 )
                             }
                         }),
-                    ),
-                    None => app,
-                };
+                    );
                 let listener = tokio::net::TcpListener::from_std(listener)
                     .expect("a tokio listener for the health endpoints");
                 if let Err(e) = axum::serve(listener, app).await {

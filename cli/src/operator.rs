@@ -41,15 +41,7 @@ pub struct OperatorArgs {
 
 pub fn run(args: OperatorArgs) -> Result<i32> {
     let metrics = std::sync::Arc::new(freshet_operator::metrics::Metrics::default());
-    let text = metrics.clone();
-    let ready = crate::health::serve(
-        &args.health,
-        "operator",
-        Some(crate::health::MetricsText {
-            render: std::sync::Arc::new(move || text.encode()),
-            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        }),
-    )?;
+    let ready = crate::health::serve(&args.health, "operator")?;
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())

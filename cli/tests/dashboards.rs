@@ -284,9 +284,10 @@ fn every_dashboard_and_alert_query_finds_the_metrics_of_a_running_job() {
         assert!(Instant::now() < deadline, "{jm_text}\n{tm_text}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let operator = freshet_operator::metrics::Metrics::default();
+    let local = freshet_telemetry::LocalMetrics::new();
+    let operator = freshet_operator::metrics::Metrics::new(&local.meter());
     operator.record("ns", "job", Duration::from_millis(10), Some(true));
-    names.extend(served(&operator.encode()));
+    names.extend(served(&local.prometheus_text()));
     let dashboards = dashboard_queries();
     let rules = rule_queries();
     for (where_, expr) in dashboards

@@ -151,11 +151,7 @@ pub fn init(service: &str) -> Result<Telemetry, Error> {
     let _entered = runtime.as_ref().map(|rt| rt.enter());
 
     let registry = prometheus::Registry::new();
-    let prometheus = opentelemetry_prometheus::exporter()
-        .with_registry(registry.clone())
-        .scope_info_enabled(false)
-        .build()
-        .map_err(|e| Error::Settings(format!("the Prometheus reader: {e}")))?;
+    let prometheus = prometheus_reader(&registry)?;
     let mut meters = SdkMeterProvider::builder()
         .with_resource(resource.clone())
         .with_reader(prometheus);
@@ -247,16 +243,66 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+fn prometheus_reader(
+    registry: &prometheus::Registry,
+) -> Result<opentelemetry_prometheus::PrometheusExporter, Error> {
+    opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .scope_info_enabled(false)
+        .build()
+        .map_err(|e| Error::Settings(format!("the Prometheus reader: {e}")))
+}
+
+fn encode(registry: &prometheus::Registry) -> String {
+    use prometheus::Encoder;
+    let mut out = Vec::new();
+    let families = registry.gather();
+    if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
+        tracing::warn!(error = %e, "encoding metrics");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Metrics recorded into a provider of their own, not the process's: what a test reads back
+/// in the Prometheus text format to see what a component records.
+pub struct LocalMetrics {
+    provider: SdkMeterProvider,
+    registry: prometheus::Registry,
+}
+
+impl LocalMetrics {
+    /// An empty provider with a Prometheus reader.
+    pub fn new() -> LocalMetrics {
+        let registry = prometheus::Registry::new();
+        let reader = prometheus_reader(&registry).expect("a Prometheus reader on a new registry");
+        LocalMetrics {
+            provider: SdkMeterProvider::builder().with_reader(reader).build(),
+            registry,
+        }
+    }
+
+    /// A meter of the provider.
+    pub fn meter(&self) -> opentelemetry::metrics::Meter {
+        use opentelemetry::metrics::MeterProvider;
+        self.provider.meter("freshet")
+    }
+
+    /// What the provider's instruments hold, in the Prometheus text format.
+    pub fn prometheus_text(&self) -> String {
+        encode(&self.registry)
+    }
+}
+
+impl Default for LocalMetrics {
+    fn default() -> Self {
+        LocalMetrics::new()
+    }
+}
+
 impl Telemetry {
     /// Every metric of the process in the Prometheus text format (what `/metrics` serves).
     pub fn prometheus_text(&self) -> String {
-        use prometheus::Encoder;
-        let mut out = Vec::new();
-        let families = self.inner.registry.gather();
-        if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
-            tracing::warn!(error = %e, "encoding metrics");
-        }
-        String::from_utf8(out).unwrap_or_default()
+        encode(&self.inner.registry)
     }
 
     /// A function rendering [`Telemetry::prometheus_text`], for HTTP servers that take one.

@@ -1051,13 +1051,13 @@ fn the_operator_outlives_an_api_server_restart() {
     let (ok, out) = apply(&cp, &waiting);
     assert!(ok, "{out}");
     let failed = format!(
-        r#"freshet_operator_reconcile_failures_total{{namespace="{ns}",name="waiting",retryable="true"}}"#
+        r#"freshet_operator_reconcile_failures_total{{name="waiting",namespace="{ns}",retryable="true"}}"#
     );
     let counted = format!(
-        r#"freshet_operator_reconcile_duration_seconds_count{{namespace="{ns}",name="visits"}}"#
+        r#"freshet_operator_reconcile_duration_seconds_count{{name="visits",namespace="{ns}"}}"#
     );
     let reconciles =
-        format!(r#"freshet_operator_reconciles_total{{namespace="{ns}",name="visits"}}"#);
+        format!(r#"freshet_operator_reconciles_total{{name="visits",namespace="{ns}"}}"#);
     until_metrics(&health, 60, |m| {
         m(&failed).is_some_and(|n| n >= 1.0)
             && m(&counted).is_some_and(|n| n >= 2.0)
@@ -1111,7 +1111,7 @@ fn a_frozen_jobmanager_fails_passes_instead_of_holding_them() {
     // SAFETY: signals a child process of this test
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let failed = format!(
-        r#"freshet_operator_reconcile_failures_total{{namespace="{ns}",name="ticks",retryable="true"}}"#
+        r#"freshet_operator_reconcile_failures_total{{name="ticks",namespace="{ns}",retryable="true"}}"#
     );
     until_metrics(&health, 120, |m| m(&failed).is_some_and(|n| n >= 1.0));
     unsafe { libc::kill(pid, libc::SIGCONT) };
