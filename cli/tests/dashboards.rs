@@ -11,11 +11,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Proc, free_port, freshet, http_get, repo, run_submit};
+use common::{Proc, dedup_job, free_port, freshet, http_get, repo, run_submit};
 
 /// Every query of the dashboards: (dashboard file, panel title, expression).
 fn dashboard_queries() -> Vec<(String, String, String)> {
@@ -188,45 +188,10 @@ impl Drop for Prometheus {
     }
 }
 
-fn job_file(dir: &Path) -> PathBuf {
-    let path = dir.join("job.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "version: 1
-name: watched
-parallelism: 2
-checkpointing: {{interval: 500ms, dir: {}, savepoint_dir: {}}}
-sources:
-  gen:
-    connector: {{type: generator, rows_per_second: 5000, fields: {{k: \"seq % 100\", v: seq, ts: seq}}}}
-    event_time: ts
-    watermark: {{max_out_of_orderness: 1s}}
-transforms:
-  latest:
-    type: deduplicate
-    input: gen
-    key: [k]
-    keep: latest
-    order_by: v
-    ttl: 1000d
-sinks:
-  out:
-    input: latest
-    connector: {{type: blackhole}}
-",
-            dir.join("checkpoints").display(),
-            dir.join("savepoints").display(),
-        ),
-    )
-    .unwrap();
-    path
-}
-
 #[test]
 fn every_dashboard_and_alert_query_finds_the_metrics_of_a_running_job() {
     let dir = tempfile::tempdir().unwrap();
-    let job = job_file(dir.path());
+    let job = dedup_job(dir.path(), "watched", 5000, 100);
     let address = format!("127.0.0.1:{}", free_port());
     let jm_health = format!("127.0.0.1:{}", free_port());
     let tm_health = format!("127.0.0.1:{}", free_port());

@@ -21,7 +21,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Collector, Proc, free_port, freshet, http_get, interrupt, repo};
+use common::{Collector, Proc, dedup_job, free_port, freshet, http_get, interrupt, repo};
 
 /// The metric table of `docs/observability.md`: (OTLP name, Prometheus name), without the
 /// operator's (its unit test and the Kubernetes tests read those back).
@@ -74,40 +74,6 @@ fn total(s: &BTreeMap<(String, String), f64>, name: &str, with: &[&str]) -> f64 
         .sum()
 }
 
-fn job_file(dir: &std::path::Path) -> std::path::PathBuf {
-    let path = dir.join("job.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "version: 1
-name: counting
-parallelism: 2
-checkpointing: {{interval: 500ms, dir: {}}}
-sources:
-  gen:
-    connector: {{type: generator, rows_per_second: 20000, fields: {{k: \"seq % 1000\", v: seq, ts: seq}}}}
-    event_time: ts
-    watermark: {{max_out_of_orderness: 1s}}
-transforms:
-  latest:
-    type: deduplicate
-    input: gen
-    key: [k]
-    keep: latest
-    order_by: v
-    ttl: 1000d
-sinks:
-  out:
-    input: latest
-    connector: {{type: blackhole}}
-",
-            dir.join("checkpoints").display()
-        ),
-    )
-    .unwrap();
-    path
-}
-
 /// Runs the job until `/metrics` shows records and a completed checkpoint; returns the process,
 /// its HTTP address and the last `/metrics` body.
 fn run_until_checkpointed(job: &std::path::Path, env: &[(&str, &str)]) -> (Proc, String, String) {
@@ -157,7 +123,7 @@ fn stop(mut p: Proc) -> String {
 #[test]
 fn a_running_job_exports_its_metrics_over_otlp_and_serves_them_for_prometheus() {
     let dir = tempfile::tempdir().unwrap();
-    let job = job_file(dir.path());
+    let job = dedup_job(dir.path(), "counting", 20000, 1000);
     let table = documented();
 
     // first run: OTLP over gRPC
@@ -360,7 +326,7 @@ fn children(all: &[Span], parent: &Span) -> Vec<(String, String)> {
 #[test]
 fn a_checkpoint_is_one_trace_across_the_jobmanager_and_taskmanager_processes() {
     let dir = tempfile::tempdir().unwrap();
-    let job = job_file(dir.path());
+    let job = dedup_job(dir.path(), "counting", 20000, 1000);
     let collector = Collector::start();
     let endpoint = format!("http://{}", collector.grpc);
     let env = [

@@ -84,47 +84,6 @@ fn array_bytes(a: &dyn arrow::array::Array) -> u64 {
     (nulls + values) as u64
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use arrow::array::{ArrayRef, BooleanArray, Int64Array, ListArray, StringArray};
-    use arrow::datatypes::Int32Type;
-    use std::sync::Arc;
-
-    #[test]
-    fn batch_bytes_are_what_arrow_counts_for_the_slice() {
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from(vec![
-                Some(1),
-                None,
-                Some(3),
-                Some(4),
-                None,
-            ])),
-            Arc::new(StringArray::from(vec!["a", "bcd", "", "efgh", "ij"])),
-            Arc::new(BooleanArray::from(vec![true, false, true, true, false])),
-            Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(vec![
-                Some(vec![Some(1)]),
-                None,
-                Some(vec![Some(2), Some(3)]),
-                Some(vec![]),
-                Some(vec![Some(4)]),
-            ])),
-        ];
-        let batch =
-            RecordBatch::try_from_iter(["i", "s", "b", "l"].into_iter().zip(columns)).unwrap();
-        for (offset, len) in [(0, 5), (1, 3), (2, 0), (4, 1)] {
-            let slice = batch.slice(offset, len);
-            let expected: usize = slice
-                .columns()
-                .iter()
-                .map(|c| c.to_data().get_slice_memory_size().unwrap())
-                .sum();
-            assert_eq!(batch_bytes(&slice), expected as u64, "{offset}+{len}");
-        }
-    }
-}
-
 impl Default for SubtaskMetrics {
     fn default() -> Self {
         SubtaskMetrics {
@@ -191,7 +150,6 @@ impl SubtaskMetrics {
             let s = b.size();
             size.rows += s.rows;
             size.disk_bytes += s.disk_bytes;
-            size.memtable_bytes += s.memtable_bytes;
         }
         size
     }
@@ -226,8 +184,6 @@ pub struct StateSize {
     pub rows: u64,
     /// Bytes of the live SST files.
     pub disk_bytes: u64,
-    /// Bytes of the memtables.
-    pub memtable_bytes: u64,
 }
 
 /// A copy of [`SubtaskMetrics`] at one moment.
@@ -302,5 +258,46 @@ impl MetricsSnapshot {
             out.output_watermark = i64::MIN;
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{ArrayRef, BooleanArray, Int64Array, ListArray, StringArray};
+    use arrow::datatypes::Int32Type;
+    use std::sync::Arc;
+
+    #[test]
+    fn batch_bytes_are_what_arrow_counts_for_the_slice() {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(vec![
+                Some(1),
+                None,
+                Some(3),
+                Some(4),
+                None,
+            ])),
+            Arc::new(StringArray::from(vec!["a", "bcd", "", "efgh", "ij"])),
+            Arc::new(BooleanArray::from(vec![true, false, true, true, false])),
+            Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(vec![
+                Some(vec![Some(1)]),
+                None,
+                Some(vec![Some(2), Some(3)]),
+                Some(vec![]),
+                Some(vec![Some(4)]),
+            ])),
+        ];
+        let batch =
+            RecordBatch::try_from_iter(["i", "s", "b", "l"].into_iter().zip(columns)).unwrap();
+        for (offset, len) in [(0, 5), (1, 3), (2, 0), (4, 1)] {
+            let slice = batch.slice(offset, len);
+            let expected: usize = slice
+                .columns()
+                .iter()
+                .map(|c| c.to_data().get_slice_memory_size().unwrap())
+                .sum();
+            assert_eq!(batch_bytes(&slice), expected as u64, "{offset}+{len}");
+        }
     }
 }

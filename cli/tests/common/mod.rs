@@ -588,3 +588,41 @@ pub fn interrupt(pid: u32) {
         .success();
     assert!(ok, "kill -INT {pid}");
 }
+
+/// A job file in `dir`: an unbounded generator of `rows_per_second` rows over `keys` keys into a
+/// keyed deduplication (keyed state) and a blackhole, parallelism 2, checkpoints every 500 ms
+/// and savepoints under `dir`.
+pub fn dedup_job(dir: &Path, name: &str, rows_per_second: u32, keys: u32) -> std::path::PathBuf {
+    let path = dir.join("job.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "version: 1
+name: {name}
+parallelism: 2
+checkpointing: {{interval: 500ms, dir: {}, savepoint_dir: {}}}
+sources:
+  gen:
+    connector: {{type: generator, rows_per_second: {rows_per_second}, fields: {{k: \"seq % {keys}\", v: seq, ts: seq}}}}
+    event_time: ts
+    watermark: {{max_out_of_orderness: 1s}}
+transforms:
+  latest:
+    type: deduplicate
+    input: gen
+    key: [k]
+    keep: latest
+    order_by: v
+    ttl: 1000d
+sinks:
+  out:
+    input: latest
+    connector: {{type: blackhole}}
+",
+            dir.join("checkpoints").display(),
+            dir.join("savepoints").display(),
+        ),
+    )
+    .unwrap();
+    path
+}

@@ -1064,7 +1064,6 @@ impl KeyedBackend {
         crate::metrics::StateSize {
             rows: int("rocksdb.estimate-num-keys"),
             disk_bytes: int("rocksdb.live-sst-files-size"),
-            memtable_bytes: int("rocksdb.cur-size-all-mem-tables"),
         }
     }
 
