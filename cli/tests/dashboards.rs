@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Proc, dedup_job, free_port, freshet, http_get, repo, run_submit};
+use common::{Proc, dedup_job, free_port, freshet, http_get, repo, run_submit, taskmanager_with};
 
 /// Every query of the dashboards: (dashboard file, panel title, expression).
 fn dashboard_queries() -> Vec<(String, String, String)> {
@@ -203,19 +203,13 @@ fn every_dashboard_and_alert_query_finds_the_metrics_of_a_running_job() {
         jm_health.clone(),
     ]);
     jm.wait_for("JobManager listening on");
-    let tm = Proc::start(&[
-        "taskmanager".into(),
-        "--jobmanager".into(),
-        address.clone(),
-        "--slots".into(),
-        "2".into(),
-        "--id".into(),
-        "tm-scraped".into(),
-        "--health".into(),
-        tm_health.clone(),
-        "--state-dir".into(),
-        dir.path().join("state").display().to_string(),
-    ]);
+    let tm = taskmanager_with(
+        &address,
+        "tm-scraped",
+        &dir.path().join("state"),
+        2,
+        &["--health", &tm_health],
+    );
     tm.wait_for("registered with the JobManager");
     // run, stop with a savepoint, and run again from it: the second attempt restored
     let id = run_submit(&["submit", job.to_str().unwrap(), "--jobmanager", &address]);

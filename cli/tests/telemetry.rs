@@ -21,7 +21,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Collector, Proc, dedup_job, free_port, freshet, http_get, interrupt, repo};
+use common::{
+    Collector, Proc, dedup_job, free_port, freshet, http_get, interrupt, repo, taskmanager_env,
+};
 
 /// The metric table of `docs/observability.md`: (OTLP name, Prometheus name), without the
 /// operator's (its unit test and the Kubernetes tests read those back).
@@ -340,18 +342,12 @@ fn a_checkpoint_is_one_trace_across_the_jobmanager_and_taskmanager_processes() {
         &env,
     );
     jm.wait_for("JobManager listening on");
-    let tm = Proc::start_env(
-        &[
-            "taskmanager".into(),
-            "--jobmanager".into(),
-            address.clone(),
-            "--slots".into(),
-            "2".into(),
-            "--id".into(),
-            "tm-traced".into(),
-            "--state-dir".into(),
-            dir.path().join("state").display().to_string(),
-        ],
+    let tm = taskmanager_env(
+        &address,
+        "tm-traced",
+        &dir.path().join("state"),
+        2,
+        &[],
         &env,
     );
     tm.wait_for("registered with the JobManager");
@@ -445,18 +441,12 @@ fn a_checkpoint_is_one_trace_across_the_jobmanager_and_taskmanager_processes() {
     let id = "counting-0";
     let mut tm = tm;
     tm.kill();
-    let tm = Proc::start_env(
-        &[
-            "taskmanager".into(),
-            "--jobmanager".into(),
-            address.clone(),
-            "--slots".into(),
-            "2".into(),
-            "--id".into(),
-            "tm-traced-2".into(),
-            "--state-dir".into(),
-            dir.path().join("state").display().to_string(),
-        ],
+    let tm = taskmanager_env(
+        &address,
+        "tm-traced-2",
+        &dir.path().join("state"),
+        2,
+        &[],
         &env,
     );
     tm.wait_for("registered with the JobManager");

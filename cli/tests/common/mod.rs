@@ -297,6 +297,18 @@ pub fn taskmanager(address: &str, id: &str, state: &Path) -> Proc {
 
 /// A TaskManager process with `slots` slots and `extra` arguments, once it listens.
 pub fn taskmanager_with(address: &str, id: &str, state: &Path, slots: u32, extra: &[&str]) -> Proc {
+    taskmanager_env(address, id, state, slots, extra, &[])
+}
+
+/// [`taskmanager_with`], with the environment variables `env` added.
+pub fn taskmanager_env(
+    address: &str,
+    id: &str,
+    state: &Path,
+    slots: u32,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let mut a: Vec<String> = vec![
         "taskmanager".into(),
         "--jobmanager".into(),
@@ -309,7 +321,7 @@ pub fn taskmanager_with(address: &str, id: &str, state: &Path, slots: u32, extra
         state.display().to_string(),
     ];
     a.extend(extra.iter().map(|x| x.to_string()));
-    let p = Proc::start(&a);
+    let p = Proc::start_env(&a, env);
     p.wait_for("listening on");
     p
 }
