@@ -6,6 +6,8 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
+use freshet_engine::metrics::MetricsSnapshot;
+use freshet_jobmanager::checkpoints::CheckpointStats;
 use freshet_proto as pb;
 use freshet_proto::job_manager_client::JobManagerClient;
 use freshet_security::ClientToken;
@@ -151,7 +153,7 @@ pub fn status(jobmanager: &Target, job: &str) -> Result<i32> {
             serde_json::json!({
                 "name": v.name,
                 "parallelism": v.parallelism,
-                "metrics": serde_json::from_slice::<Value>(&v.metrics).unwrap_or(Value::Null),
+                "metrics": serde_json::from_slice::<MetricsSnapshot>(&v.metrics).ok(),
             })
         })
         .collect();
@@ -207,24 +209,25 @@ pub fn checkpoints(jobmanager: &Target, job: &str) -> Result<i32> {
         "id", "kind", "status", "triggered", "duration", "aligned", "full", "uploaded"
     );
     for raw in list.checkpoints {
-        let c: Value = serde_json::from_slice(&raw)?;
-        let at = c["trigger_time_ms"].as_i64().unwrap_or(0);
-        let when = chrono::DateTime::from_timestamp_millis(at)
+        let c: CheckpointStats = serde_json::from_slice(&raw)?;
+        let when = chrono::DateTime::from_timestamp_millis(c.trigger_time_ms)
             .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
             .unwrap_or_default();
+        let kind = serde_json::to_value(c.kind)?;
+        let status = serde_json::to_value(c.status)?;
         println!(
             "{:>6} {:<10} {:<11} {:<24} {:>7}ms {:>7}ms {:>10} {:>10}  {}",
-            c["id"].as_u64().unwrap_or(0),
-            c["kind"].as_str().unwrap_or_default(),
-            c["status"].as_str().unwrap_or_default(),
+            c.id,
+            kind.as_str().unwrap_or_default(),
+            status.as_str().unwrap_or_default(),
             when,
-            c["duration_ms"].as_u64().unwrap_or(0),
-            c["alignment_ms"].as_u64().unwrap_or(0),
-            size(c["full_bytes"].as_u64().unwrap_or(0)),
-            size(c["uploaded_bytes"].as_u64().unwrap_or(0)),
-            c["path"]
-                .as_str()
-                .or(c["failure"].as_str())
+            c.duration_ms,
+            c.alignment_ms,
+            size(c.full_bytes),
+            size(c.uploaded_bytes),
+            c.path
+                .as_deref()
+                .or(c.failure.as_deref())
                 .unwrap_or_default()
         );
     }

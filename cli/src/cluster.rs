@@ -144,7 +144,7 @@ pub fn jobmanager(args: JobManagerArgs) -> Result<i32> {
         } else {
             "http"
         };
-        eprintln!("JobManager HTTP API on {scheme}://{http}");
+        eprintln!("Web UI and API on {scheme}://{http}/");
     }
     let resumed = jm.resume_stored().map_err(anyhow::Error::msg)?;
     if resumed > 0 {

@@ -113,7 +113,7 @@ pub fn run(
             &Default::default(),
             Some(crate::telemetry().prometheus_renderer()),
         ) {
-            Ok(addr) => eprintln!("JobManager API on http://{addr}"),
+            Ok(addr) => eprintln!("Web UI and API on http://{addr}/"),
             Err(e) => eprintln!(
                 "warning: JobManager API not started on {http}: {e} (pick another address with --http)"
             ),

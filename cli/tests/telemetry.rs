@@ -91,7 +91,7 @@ fn run_until_checkpointed(job: &std::path::Path, env: &[(&str, &str)]) -> (Proc,
         ],
         env,
     );
-    p.wait_for("JobManager API on");
+    p.wait_for("Web UI and API on");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (code, body) = http_get(&http, "/metrics");

@@ -187,7 +187,17 @@ pub struct StateSize {
 }
 
 /// A copy of [`SubtaskMetrics`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 pub struct MetricsSnapshot {
     /// See [`SubtaskMetrics::records_in`].
     pub records_in: u64,

@@ -16,7 +16,7 @@
 //! checkpoint references are deleted when no checkpoint is in progress (a listing of `shared/`
 //! against the retained metadata), which also removes files uploaded for abandoned checkpoints.
 use parking_lot::{Condvar, Mutex};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -36,7 +36,7 @@ pub type CommandSender = Arc<dyn Fn(usize, u32, SubtaskCommand) + Send + Sync>;
 pub type FailAttempt = Arc<dyn Fn(String, bool) + Send + Sync>;
 
 /// Status of a checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckpointStatus {
     /// Waiting for acknowledgements.
@@ -48,7 +48,7 @@ pub enum CheckpointStatus {
 }
 
 /// What is known about one checkpoint or savepoint.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CheckpointStats {
     /// Id.
     pub id: CheckpointId,

@@ -1,127 +1,77 @@
-//! The JobManager's HTTP API (JSON).
+//! The JobManager's HTTP API (JSON) and the web UI on top of it.
 //!
-//! | method | path | what |
+//! | method | path | reply |
 //! |---|---|---|
-//! | GET | `/jobs` | every job: id, name, state, duration |
-//! | GET | `/jobs/{job}` | one job: state, vertices with counters, accumulators, restore source |
-//! | GET | `/jobs/{job}/checkpoints` | checkpoint and savepoint history, newest last |
-//! | POST | `/jobs/{job}/savepoints` | take a savepoint (`{"dir": ...}` optional); waits, returns `{"path"}` |
-//! | POST | `/jobs/{job}/stop` | stop with a savepoint; returns `{"path"}` |
+//! | GET | `/` | the web UI (assets under `/ui/`, embedded in the binary) |
+//! | GET | `/openapi.json` | the OpenAPI document of this API |
+//! | GET | `/jobs` | [`JobOverview`] of every job |
+//! | GET | `/jobs/{job}` | [`JobDetails`]: graph, counters and rates per vertex and subtask |
+//! | GET | `/jobs/{job}/checkpoints` | [`CheckpointHistory`], newest last |
+//! | GET | `/jobs/{job}/exceptions` | [`JobException`]s of failed attempts, newest last |
+//! | POST | `/jobs/{job}/savepoints` | take a savepoint ([`SavepointRequest`] optional); waits |
+//! | POST | `/jobs/{job}/stop` | stop with a savepoint; waits |
 //! | POST | `/jobs/{job}/cancel` | cancel without a savepoint |
+//! | GET | `/taskmanagers` | [`TaskManagerView`] of every TaskManager and its slots |
 //! | GET | `/metrics` | the process's metrics in the Prometheus text format |
 //!
 //! `{job}` is a job id or the name of a job (the newest with that name). Errors are
-//! `{"error": "..."}` with a 4xx/5xx status; `401` when a bearer token is required and
-//! missing or wrong.
+//! [`ApiError`]s with a 4xx/5xx status; `401` when a bearer token is required and missing or
+//! wrong. The UI, its assets and the OpenAPI document hold no job data and need no token.
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use schemars::generate::SchemaGenerator;
+use schemars::{JsonSchema, Schema};
+use serde_json::{Value, json};
 use std::net::SocketAddr;
 
 use freshet_security::net::{ClientAuth, Incoming, ServerStream};
 use freshet_security::{Guard, Security};
 
-use crate::checkpoints::CheckpointStats;
+pub use crate::api::SavepointRequest;
+use crate::api::{
+    ApiError, Cancelled, CheckpointHistory, JobDetails, JobException, JobOverview, SavepointDone,
+    TaskManagerView,
+};
 use crate::{JobHandle, JobManager, JobState};
 
-fn state_name(s: &JobState) -> (&'static str, Option<String>) {
-    match s {
-        JobState::Failed(e) => ("failed", Some(e.clone())),
-        s => (s.name(), None),
-    }
-}
-
-#[derive(Serialize)]
-struct JobSummary {
-    id: String,
-    name: String,
-    state: &'static str,
-    duration_ms: u64,
-}
-
-fn summary(j: &JobHandle) -> JobSummary {
-    let s = j.status();
-    JobSummary {
-        id: j.id.0.clone(),
-        name: j.plan().spec.name.clone(),
-        state: state_name(&s.state).0,
-        duration_ms: s.duration.as_millis() as u64,
-    }
-}
-
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": msg.into() }))).into_response()
+    (status, Json(ApiError { error: msg.into() })).into_response()
 }
 
 fn not_found(job: &str) -> Response {
     error(StatusCode::NOT_FOUND, format!("no job {job}"))
 }
 
-async fn list(State(jm): State<JobManager>) -> Json<Vec<JobSummary>> {
-    Json(jm.jobs().iter().map(summary).collect())
-}
-
-async fn job(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
-    let Some(j) = jm.job(&job) else {
-        return not_found(&job);
-    };
-    let status = j.status();
-    let metrics = j.metrics();
-    let vertices: Vec<_> = j
-        .plan()
-        .vertices
-        .iter()
-        .enumerate()
-        .map(|(v, vx)| {
-            let subtasks: Vec<_> = metrics
-                .iter()
-                .filter(|((mv, _), _)| *mv == v)
-                .map(|((_, i), m)| json!({ "subtask": i, "metrics": m }))
-                .collect();
-            json!({ "name": vx.name, "parallelism": vx.parallelism, "subtasks": subtasks })
-        })
-        .collect();
-    let (state, failure) = state_name(&status.state);
-    Json(json!({
-        "id": j.id.0,
-        "name": j.plan().spec.name,
-        "state": state,
-        "failure": failure,
-        "duration_ms": status.duration.as_millis() as u64,
-        "restored_from": j.restored_from(),
-        "vertices": vertices,
-        "accumulators": status.accumulators,
-    }))
-    .into_response()
-}
-
-#[derive(Serialize)]
-struct Checkpoints {
-    job: String,
-    history: Vec<CheckpointStats>,
-}
-
-async fn checkpoints(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
-    match jm.job(&job) {
-        Some(j) => Json(Checkpoints {
-            job: j.id.0.clone(),
-            history: j.checkpoints(),
-        })
-        .into_response(),
-        None => not_found(&job),
+fn with_job(jm: &JobManager, job: &str, f: impl FnOnce(JobHandle) -> Response) -> Response {
+    match jm.job(job) {
+        Some(j) => f(j),
+        None => not_found(job),
     }
 }
 
-/// Body of a savepoint or stop request.
-#[derive(Debug, Default, Deserialize)]
-pub struct SavepointRequest {
-    /// Directory to create the savepoint in (default: the job's `checkpointing.savepoint_dir`).
-    #[serde(default)]
-    pub dir: Option<String>,
+async fn list(State(jm): State<JobManager>) -> Json<Vec<JobOverview>> {
+    Json(jm.jobs().iter().map(JobOverview::of).collect())
+}
+
+async fn job(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
+    with_job(&jm, &job, |j| Json(JobDetails::of(&j)).into_response())
+}
+
+async fn checkpoints(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
+    with_job(&jm, &job, |j| {
+        Json(CheckpointHistory::of(&j)).into_response()
+    })
+}
+
+async fn exceptions(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
+    with_job(&jm, &job, |j| Json(j.exceptions()).into_response())
+}
+
+async fn taskmanagers(State(jm): State<JobManager>) -> Json<Vec<TaskManagerView>> {
+    Json(TaskManagerView::all(&jm))
 }
 
 async fn take_savepoint(
@@ -139,7 +89,7 @@ async fn take_savepoint(
     let dir = body.and_then(|b| b.0.dir);
     let result = tokio::task::spawn_blocking(move || j.savepoint(dir.as_deref(), stop)).await;
     match result {
-        Ok(Ok(path)) => Json(json!({ "path": path })).into_response(),
+        Ok(Ok(path)) => Json(SavepointDone { path }).into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
@@ -168,9 +118,169 @@ async fn cancel(State(jm): State<JobManager>, Path(job): Path<String>) -> Respon
     // cancelling may write the job store and reach TaskManagers: blocking work
     let id = j.id.0.clone();
     match tokio::task::spawn_blocking(move || j.cancel()).await {
-        Ok(()) => Json(json!({ "cancelled": id })).into_response(),
+        Ok(()) => Json(Cancelled { cancelled: id }).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// One operation of the API, as the OpenAPI document describes it.
+struct Operation {
+    method: &'static str,
+    path: &'static str,
+    summary: &'static str,
+    body: Option<fn(&mut SchemaGenerator) -> Schema>,
+    reply: fn(&mut SchemaGenerator) -> Schema,
+    /// Error statuses besides 401.
+    errors: &'static [(u16, &'static str)],
+}
+
+fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
+    g.subschema_for::<T>()
+}
+
+const NO_JOB: (u16, &str) = (404, "no such job");
+
+/// Every JSON operation of the API (the UI and `/metrics` are not JSON).
+const OPERATIONS: &[Operation] = &[
+    Operation {
+        method: "get",
+        path: "/jobs",
+        summary: "Every job, oldest first",
+        body: None,
+        reply: schema::<Vec<JobOverview>>,
+        errors: &[],
+    },
+    Operation {
+        method: "get",
+        path: "/jobs/{job}",
+        summary: "A job's graph with counters and rates per vertex and subtask",
+        body: None,
+        reply: schema::<JobDetails>,
+        errors: &[NO_JOB],
+    },
+    Operation {
+        method: "get",
+        path: "/jobs/{job}/checkpoints",
+        summary: "A job's checkpoint and savepoint history, newest last",
+        body: None,
+        reply: schema::<CheckpointHistory>,
+        errors: &[NO_JOB],
+    },
+    Operation {
+        method: "get",
+        path: "/jobs/{job}/exceptions",
+        summary: "The failed attempts of a job, newest last",
+        body: None,
+        reply: schema::<Vec<JobException>>,
+        errors: &[NO_JOB],
+    },
+    Operation {
+        method: "post",
+        path: "/jobs/{job}/savepoints",
+        summary: "Takes a savepoint and waits for it",
+        body: Some(schema::<SavepointRequest>),
+        reply: schema::<SavepointDone>,
+        errors: &[
+            NO_JOB,
+            (409, "the job is not running"),
+            (500, "the savepoint failed"),
+        ],
+    },
+    Operation {
+        method: "post",
+        path: "/jobs/{job}/stop",
+        summary: "Stops a job with a savepoint and waits for it",
+        body: Some(schema::<SavepointRequest>),
+        reply: schema::<SavepointDone>,
+        errors: &[
+            NO_JOB,
+            (409, "the job is not running"),
+            (500, "the savepoint failed"),
+        ],
+    },
+    Operation {
+        method: "post",
+        path: "/jobs/{job}/cancel",
+        summary: "Cancels a job without a savepoint",
+        body: None,
+        reply: schema::<Cancelled>,
+        errors: &[NO_JOB],
+    },
+    Operation {
+        method: "get",
+        path: "/taskmanagers",
+        summary: "Every TaskManager and its slots",
+        body: None,
+        reply: schema::<Vec<TaskManagerView>>,
+        errors: &[],
+    },
+];
+
+/// The OpenAPI (3.0) document of the JSON API.
+pub fn openapi() -> Value {
+    let mut g = schemars::generate::SchemaSettings::openapi3().into_generator();
+    let inline = |g: &mut SchemaGenerator, f: fn(&mut SchemaGenerator) -> Schema| {
+        let mut s = f(g);
+        for t in g.transforms_mut() {
+            t.transform(&mut s);
+        }
+        s.to_value()
+    };
+    let error = inline(&mut g, schema::<ApiError>);
+    let json_content = |s: Value| json!({ "application/json": { "schema": s } });
+    let mut paths = serde_json::Map::new();
+    for op in OPERATIONS {
+        let mut responses = serde_json::Map::new();
+        responses.insert(
+            "200".into(),
+            json!({ "description": "OK", "content": json_content(inline(&mut g, op.reply)) }),
+        );
+        for (status, why) in op.errors.iter().chain(&[(401, "a bearer token is needed")]) {
+            responses.insert(
+                status.to_string(),
+                json!({ "description": why, "content": json_content(error.clone()) }),
+            );
+        }
+        let mut operation = json!({
+            "summary": op.summary,
+            "responses": responses,
+            "security": [{ "bearer": [] }],
+        });
+        if op.path.contains("{job}") {
+            operation["parameters"] = json!([{
+                "name": "job",
+                "in": "path",
+                "required": true,
+                "description": "A job id, or a job name (the newest job with that name)",
+                "schema": { "type": "string" },
+            }]);
+        }
+        if let Some(body) = op.body {
+            operation["requestBody"] =
+                json!({ "required": false, "content": json_content(inline(&mut g, body)) });
+        }
+        let item = paths.entry(op.path).or_insert_with(|| json!({}));
+        item[op.method] = operation;
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Freshet JobManager API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Jobs, their graphs and counters, checkpoints, savepoints and TaskManagers.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": g.take_definitions(true),
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Needed when the JobManager is started with --auth-token-file",
+                },
+            },
+        },
+    })
 }
 
 /// The content type of the Prometheus text format.
@@ -186,15 +296,20 @@ pub fn router(jm: JobManager, metrics: Option<MetricsText>) -> Router {
             "/metrics",
             get(move || {
                 let body = render();
-                async move { ([(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)], body) }
+                async move { ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], body) }
             }),
         ),
         None => Router::new(),
     };
+    let openapi = openapi();
     routes
+        .route("/openapi.json", get(move || async move { Json(openapi) }))
+        .merge(crate::ui::routes())
         .route("/jobs", get(list))
         .route("/jobs/{job}", get(job))
         .route("/jobs/{job}/checkpoints", get(checkpoints))
+        .route("/jobs/{job}/exceptions", get(exceptions))
+        .route("/taskmanagers", get(taskmanagers))
         .route("/jobs/{job}/savepoints", post(savepoint))
         .route("/jobs/{job}/stop", post(stop))
         .route("/jobs/{job}/cancel", post(cancel))
@@ -250,16 +365,19 @@ async fn authorize(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    if crate::ui::is_public(request.uri().path()) {
+        return next.run(request).await;
+    }
     let header = request
         .headers()
-        .get(axum::http::header::AUTHORIZATION)
+        .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     match guard.bearer(header) {
         Ok(()) => next.run(request).await,
         Err(why) => {
             let mut r = error(StatusCode::UNAUTHORIZED, why);
             r.headers_mut().insert(
-                axum::http::header::WWW_AUTHENTICATE,
+                header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),
             );
             r

@@ -21,7 +21,7 @@
 //!   [`RETAINED_ENDED_JOBS`] newer ones have ended, so a long-running JobManager does not grow.
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +34,7 @@ use freshet_engine::metrics::MetricsSnapshot;
 use freshet_engine::state::StateConfig;
 use freshet_job::{JobSpec, Problems, RestartHistory, RestartSpec};
 
+use crate::api::{JobException, RateWindow, Rates, TaskManagerView};
 use crate::checkpoints::{
     CheckpointStats, CheckpointTotals, Coordinator, CoordinatorSettings, Totals,
     acquire_generation, completed_checkpoints,
@@ -188,7 +189,15 @@ struct Runtime {
     restart_history: RestartHistory,
     /// When it ended.
     ended_at: Option<Instant>,
+    /// The failed attempts, newest last (at most [`RETAINED_EXCEPTIONS`]).
+    exceptions: VecDeque<JobException>,
 }
+
+/// Lost TaskManagers the JobManager keeps listing.
+pub const RETAINED_LOST_TASKMANAGERS: usize = 16;
+
+/// Failed attempts a job keeps in its exception history.
+pub const RETAINED_EXCEPTIONS: usize = 32;
 
 struct JobEntry {
     id: JobId,
@@ -199,6 +208,8 @@ struct JobEntry {
     changed: Condvar,
     /// Checkpoint counts over all attempts.
     totals: Arc<CheckpointTotals>,
+    /// Recent counter samples, for rates.
+    samples: Mutex<RateWindow>,
 }
 
 impl JobEntry {
@@ -353,6 +364,32 @@ impl JobHandle {
         Ok((id, target, rx))
     }
 
+    /// The attempts that failed, newest last.
+    pub fn exceptions(&self) -> Vec<JobException> {
+        self.entry.rt().exceptions.iter().cloned().collect()
+    }
+
+    /// Where the current attempt's subtasks run (`None` between attempts).
+    pub fn placement(&self) -> Option<Arc<Placement>> {
+        self.entry
+            .rt()
+            .attempt
+            .as_ref()
+            .map(|a| a.placement.clone())
+    }
+
+    /// Counters of every subtask with their rates over the last seconds (see [`RateWindow`]).
+    pub fn metrics_with_rates(&self) -> (BTreeMap<(usize, u32), MetricsSnapshot>, Option<Rates>) {
+        let metrics = self.metrics();
+        let attempt = self.entry.rt().status.attempt;
+        let rates = self
+            .entry
+            .samples
+            .lock()
+            .sample(Instant::now(), attempt, &metrics);
+        (metrics, rates)
+    }
+
     /// Live counters of every running subtask, plus final counters of finished ones.
     pub fn metrics(&self) -> BTreeMap<(usize, u32), MetricsSnapshot> {
         let (mut out, tms) = {
@@ -384,6 +421,8 @@ struct Inner {
     events: Sender<TaskEvent>,
     /// Slots each job's running attempt holds, per TaskManager id.
     allocations: Mutex<HashMap<JobId, HashMap<String, usize>>>,
+    /// TaskManagers lost lately, newest last (at most [`RETAINED_LOST_TASKMANAGERS`]).
+    lost: Mutex<VecDeque<TaskManagerView>>,
     /// Wakes the scheduler (a TaskManager registered, a job is waiting).
     wake: (Mutex<bool>, Condvar),
 }
@@ -423,6 +462,7 @@ impl JobManager {
             store,
             events: tx,
             allocations: Mutex::new(HashMap::new()),
+            lost: Mutex::new(VecDeque::new()),
             wake: (Mutex::new(false), Condvar::new()),
         });
         let dispatcher = inner.clone();
@@ -490,9 +530,25 @@ impl JobManager {
         }
     }
 
+    /// The TaskManagers lost lately, newest last.
+    pub fn lost_taskmanagers(&self) -> Vec<TaskManagerView> {
+        self.inner.lost.lock().iter().cloned().collect()
+    }
+
     /// The registered TaskManagers.
     pub fn taskmanagers(&self) -> Vec<Arc<dyn TaskManagerGateway>> {
         self.inner.taskmanagers()
+    }
+
+    /// Slots in use per TaskManager id: by which job, how many.
+    pub fn slots_in_use(&self) -> HashMap<String, Vec<(JobId, usize)>> {
+        let mut out: HashMap<String, Vec<(JobId, usize)>> = HashMap::new();
+        for (job, slots) in self.inner.allocations.lock().iter() {
+            for (tm, n) in slots {
+                out.entry(tm.clone()).or_default().push((job.clone(), *n));
+            }
+        }
+        out
     }
 
     /// Every job this JobManager knows, oldest first.
@@ -662,7 +718,9 @@ impl JobManager {
                 logged_wait: None,
                 restart_history: RestartHistory::default(),
                 ended_at: None,
+                exceptions: VecDeque::new(),
             }),
+            samples: Default::default(),
             changed: Condvar::new(),
         });
         if let Some(store) = &self.inner.store {
@@ -1046,6 +1104,21 @@ fn schedule_loop(inner: std::sync::Weak<Inner>) {
 /// A TaskManager is gone: every subtask it ran counts as failed.
 fn lose_taskmanager(inner: &Inner, tm: &Arc<dyn TaskManagerGateway>, reason: &str) {
     warn!(taskmanager = tm.id(), reason, "TaskManager lost");
+    {
+        let mut lost = inner.lost.lock();
+        if lost.len() == RETAINED_LOST_TASKMANAGERS {
+            lost.pop_front();
+        }
+        lost.push_back(TaskManagerView {
+            id: tm.id().to_string(),
+            slots: tm.slots(),
+            slots_used: 0,
+            jobs: BTreeMap::new(),
+            data_address: tm.data_address(),
+            lost: Some(reason.to_string()),
+            lost_at_ms: Some(chrono::Utc::now().timestamp_millis()),
+        });
+    }
     let jobs = inner.jobs();
     for entry in jobs {
         let rt = entry.rt();
@@ -1209,6 +1282,16 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
                 } else {
                     None
                 };
+                let exceptions = &mut rt.exceptions;
+                if exceptions.len() == RETAINED_EXCEPTIONS {
+                    exceptions.pop_front();
+                }
+                exceptions.push_back(JobException {
+                    time_ms: chrono::Utc::now().timestamp_millis(),
+                    attempt: a.number,
+                    error: msg.clone(),
+                    restart_delay_ms: delay.map(|d| d.as_millis() as u64),
+                });
                 match delay {
                     Some(delay) => {
                         let progress = entry.restart.progress(&rt.restart_history);

@@ -8,14 +8,18 @@
 //! - [`jobmanager`]: submission, slot-sharing scheduling, job status and cancellation.
 //! - [`checkpoints`]: the checkpoint coordinator: triggers, acknowledgements, metadata,
 //!   retention and cleanup of checkpoint storage.
-//! - [`http`]: the JSON API (jobs, checkpoints, savepoints, stop) for dashboards and probes.
+//! - [`api`]: the typed views of jobs, vertices, checkpoints, exceptions and TaskManagers the
+//!   HTTP API and the gRPC control plane return, and the rates derived from counter samples.
+//! - [`http`]: the HTTP API (JSON, with an OpenAPI document) and the web UI on top of it.
 //! - `metrics`: the JobManager's OpenTelemetry instruments (job state, restarts, checkpoints).
+//! - [`ui`]: the web UI's embedded assets.
 //! - [`rpc`]: the gRPC control plane: the JobManager service TaskManagers and clients call, and
 //!   the gateway to TaskManagers in other processes.
 //! - [`store`]: jobs kept in object storage, so another JobManager can resume them.
 //! - [`leader`]: leader election with a fencing epoch between JobManagers.
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod checkpoints;
 pub mod http;
 pub mod jobmanager;
@@ -25,6 +29,7 @@ mod metrics;
 pub mod plan;
 pub mod rpc;
 pub mod store;
+pub mod ui;
 
 pub use jobmanager::{
     JobHandle, JobManager, JobState, JobStatus, SubmitError, SubmitOptions, s3_options,

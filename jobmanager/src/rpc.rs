@@ -18,7 +18,6 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use freshet_engine::checkpoint::S3Options;
-use freshet_engine::metrics::MetricsSnapshot;
 use freshet_job::JobSpec;
 use freshet_proto::job_manager_server::{JobManager as JobManagerRpc, JobManagerServer};
 use freshet_proto::task_manager_client::TaskManagerClient;
@@ -26,9 +25,10 @@ use freshet_proto::{self as pb, task_event};
 use freshet_security::net::ClientAuth;
 use freshet_security::{Guard, Security};
 
+use crate::api::JobDetails;
 use crate::messages::SubtaskStatus;
 use crate::{
-    JobHandle, JobId, JobManager, JobState, SubmitError, SubmitOptions, TaskDeployment, TaskEvent,
+    JobHandle, JobId, JobManager, SubmitError, SubmitOptions, TaskDeployment, TaskEvent,
     TaskManagerGateway, TaskState,
 };
 
@@ -450,40 +450,33 @@ fn submit_status(e: SubmitError) -> Status {
     }
 }
 
-/// A job as clients see it.
+/// A job as clients see it: the HTTP API's [`JobDetails`] in protocol form.
 pub fn job_info(j: &JobHandle) -> pb::JobInfo {
-    let s = j.status();
-    let metrics = j.metrics();
-    let vertices = j
-        .plan()
-        .vertices
-        .iter()
-        .enumerate()
-        .map(|(v, vx)| {
-            let sum = MetricsSnapshot::sum(metrics.range((v, 0)..=(v, u32::MAX)).map(|(_, m)| m));
-            pb::VertexInfo {
-                name: vx.name.clone(),
-                parallelism: vx.parallelism,
-                metrics: json(&sum),
-            }
-        })
-        .collect();
-    let message = match &s.state {
-        JobState::Failed(e) => Some(e.clone()),
-        _ => s.message.clone(),
-    };
-    pb::JobInfo {
-        id: j.id.0.clone(),
-        name: j.plan().spec.name.clone(),
-        state: s.state.name().into(),
-        message: message.unwrap_or_default(),
-        attempt: s.attempt,
-        restarts: s.restarts,
-        duration_seconds: s.duration.as_secs_f64(),
-        restored_from: j.restored_from().unwrap_or_default(),
+    let JobDetails {
+        overview: o,
         vertices,
-        accumulators: s.accumulators.into_iter().collect(),
-        trace_id: j.trace_id().unwrap_or_default(),
+        accumulators,
+        ..
+    } = JobDetails::of(j);
+    pb::JobInfo {
+        id: o.id,
+        name: o.name,
+        state: o.state,
+        message: o.message.unwrap_or_default(),
+        attempt: o.attempt,
+        restarts: o.restarts,
+        duration_seconds: o.duration_ms as f64 / 1000.0,
+        restored_from: o.restored_from.unwrap_or_default(),
+        vertices: vertices
+            .iter()
+            .map(|v| pb::VertexInfo {
+                name: v.name.clone(),
+                parallelism: v.parallelism,
+                metrics: json(&v.metrics),
+            })
+            .collect(),
+        accumulators: accumulators.into_iter().collect(),
+        trace_id: o.trace_id.unwrap_or_default(),
     }
 }
 

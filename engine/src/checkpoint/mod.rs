@@ -36,7 +36,7 @@ pub fn checkpoint_dir(id: CheckpointId) -> String {
 }
 
 /// Checkpoint or savepoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotKind {
     /// Periodic, owned by the job: incremental, shares files with other checkpoints, deleted
