@@ -25,7 +25,7 @@ pub struct JobManagerArgs {
     /// Where the control plane listens (TaskManagers and clients).
     #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
     listen: String,
-    /// Where the HTTP API (JSON) listens; `off` for none.
+    /// Where the web UI and the HTTP API (JSON, with `/metrics`) listen; `off` for none.
     #[arg(long, default_value = "off")]
     http: String,
     /// High-availability directory (a local directory or `s3://bucket/prefix`): jobs are kept

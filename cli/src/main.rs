@@ -46,8 +46,8 @@ enum Command {
         /// `checkpoints`, `list` talk to it); `off` to serve none.
         #[arg(long, default_value = client::DEFAULT_JOBMANAGER)]
         listen: String,
-        /// Address of the JobManager's HTTP API (JSON, for dashboards); `off` for none.
-        #[arg(long, default_value = "off")]
+        /// Address of the web UI and the HTTP API (JSON, with `/metrics`); `off` for none.
+        #[arg(long, default_value = "127.0.0.1:8081")]
         http: String,
     },
     /// Run a JobManager: accepts jobs and TaskManagers, schedules, checkpoints, restarts.

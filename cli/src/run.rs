@@ -115,7 +115,7 @@ pub fn run(
         ) {
             Ok(addr) => eprintln!("Web UI and API on http://{addr}/"),
             Err(e) => eprintln!(
-                "warning: JobManager API not started on {http}: {e} (pick another address with --http)"
+                "warning: web UI and API not started on {http}: {e} (pick another address with --http, or --http off)"
             ),
         }
     }

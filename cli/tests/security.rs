@@ -214,6 +214,20 @@ fn a_cluster_with_tls_and_tokens_runs_jobs_and_refuses_strangers() {
     assert_eq!(code, "401", "{body}");
     let (code, _) = curl(&url, &tls.join("ca.crt"), Some("not-the-token"));
     assert_eq!(code, "401");
+    // the web UI's page, assets and the OpenAPI document hold no job data: no token needed;
+    // everything the page reads does need it
+    for path in ["/", "/ui/app.js", "/ui/style.css", "/openapi.json"] {
+        let (code, body) = curl(&format!("https://{http}{path}"), &tls.join("ca.crt"), None);
+        assert_eq!(code, "200", "{path}: {body}");
+    }
+    for path in [
+        format!("/jobs/{id}"),
+        "/taskmanagers".into(),
+        format!("/jobs/{id}/exceptions"),
+    ] {
+        let (code, body) = curl(&format!("https://{http}{path}"), &tls.join("ca.crt"), None);
+        assert_eq!(code, "401", "{path}: {body}");
+    }
 
     // new certificates and a new token, swapped in under the running processes
     let next = work.path().join("next");

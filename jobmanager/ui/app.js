@@ -166,7 +166,9 @@ function vertexBox(v, x, y, w, h, now) {
     el("text", { x: 10, y: 58, class: "times" },
       "busy " + percent(r && r.busy) + "  backpressured " + percent(r && r.backpressured) + "  idle " + percent(r && r.idle)),
     el("text", { x: 10, y: 76, class: "watermark" },
-      "watermark " + watermark(wm) + (wm > NO_WATERMARK && wm < END_WATERMARK ? "  lag " + watermarkLag(wm, now) : "")));
+      "watermark " + (wm > NO_WATERMARK && wm < END_WATERMARK
+        ? time(wm).slice(11) + "  lag " + watermarkLag(wm, now)
+        : watermark(wm))));
 }
 
 // Vertices in columns by their longest distance from a source; edges as curves.
@@ -175,7 +177,7 @@ function graph(job) {
   for (let pass = 0; pass < job.vertices.length; pass++) {
     for (const e of job.edges) depth[e.to] = Math.max(depth[e.to], depth[e.from] + 1);
   }
-  const W = 270, H = 88, GX = 64, GY = 24, PAD = 12;
+  const W = 290, H = 88, GX = 120, GY = 24, PAD = 12;
   const rows = {};
   const pos = job.vertices.map((v) => {
     const d = depth[v.index];

@@ -18,6 +18,8 @@ pub const RPC_PORT: u16 = 6123;
 pub const TASKMANAGER_PORT: u16 = 6124;
 /// Port of the data plane between TaskManagers.
 pub const DATA_PORT: u16 = 6125;
+/// Port of the JobManager's web UI and HTTP API.
+pub const WEB_PORT: u16 = 8081;
 /// Port of the health endpoints (`/healthz`, `/readyz`).
 pub const HEALTH_PORT: u16 = 8080;
 /// Where pods keep RocksDB working directories; also the directory relative paths in the job
@@ -185,7 +187,6 @@ pub struct Objects {
     pub taskmanager: Deployment,
 }
 
-/// The objects of `sj` with settings `s`; `running` false scales both Deployments to zero.
 /// An OTLP collector: its endpoint and protocol (`None`: the exporters' default,
 /// `http/protobuf`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,8 +212,8 @@ fn otlp_of(sj: &StreamJob, default: Option<&Otlp>) -> Option<Otlp> {
     }
 }
 
-/// The objects `sj` runs as; its pods export telemetry to `otlp` unless its spec names a
-/// collector (or `none`).
+/// The objects `sj` runs as with settings `s` (`running` false scales both Deployments to
+/// zero); its pods export telemetry to `otlp` unless its spec names a collector (or `none`).
 pub fn objects(
     sj: &StreamJob,
     s: &JobSettings,
@@ -247,6 +248,7 @@ pub fn objects(
             "selector": labels(&names.job, "jobmanager"),
             "ports": [
                 {"name": "rpc", "port": RPC_PORT, "targetPort": RPC_PORT},
+                {"name": "http", "port": WEB_PORT, "targetPort": WEB_PORT},
                 {"name": "health", "port": HEALTH_PORT, "targetPort": HEALTH_PORT},
             ],
         },
@@ -272,6 +274,8 @@ pub fn objects(
         s.ha_dir.clone(),
         "--health".into(),
         format!("0.0.0.0:{HEALTH_PORT}"),
+        "--http".into(),
+        format!("0.0.0.0:{WEB_PORT}"),
     ];
     tls_args(&mut jm_args);
     // (volume, Secret, mount path) of each component
@@ -293,6 +297,7 @@ pub fn objects(
         jm_args,
         json!([
             {"name": "rpc", "containerPort": RPC_PORT},
+            {"name": "http", "containerPort": WEB_PORT},
             {"name": "health", "containerPort": HEALTH_PORT},
         ]),
         sj.spec.job_manager.resources.as_ref(),

@@ -226,6 +226,44 @@ spec:
         );
     }
 
+    /// The JobManager serves its web UI and HTTP API on a named port of its Service, so
+    /// `kubectl port-forward svc/<job>-jobmanager 8081` reaches it.
+    #[test]
+    fn the_jobmanager_serves_the_web_ui_through_its_service() {
+        use crate::resources::{WEB_PORT, objects};
+        let mut sj = job(3);
+        sj.metadata.uid = Some("uid-1".into());
+        let s = JobSettings::of(&sj).unwrap();
+        let o = objects(&sj, &s, true, None).unwrap();
+        let pod = serde_json::to_value(&o.jobmanager).unwrap();
+        let container = &pod["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let at = args.iter().position(|a| *a == "--http").expect("--http");
+        assert_eq!(args[at + 1], format!("0.0.0.0:{WEB_PORT}"));
+        assert!(
+            container["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "http" && p["containerPort"] == WEB_PORT),
+            "{container}"
+        );
+        let service = serde_json::to_value(&o.service).unwrap();
+        assert!(
+            service["spec"]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "http" && p["port"] == WEB_PORT),
+            "{service}"
+        );
+    }
+
     /// The pods export telemetry to the spec's collector, else the operator's, never with
     /// `none`; they are annotated for Prometheus unless the spec says not to.
     #[test]
