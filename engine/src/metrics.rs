@@ -150,6 +150,8 @@ impl SubtaskMetrics {
             let s = b.size();
             size.rows += s.rows;
             size.disk_bytes += s.disk_bytes;
+            size.cache_lookups += s.cache_lookups;
+            size.cache_misses += s.cache_misses;
         }
         size
     }
@@ -184,6 +186,10 @@ pub struct StateSize {
     pub rows: u64,
     /// Bytes of the live SST files.
     pub disk_bytes: u64,
+    /// Accesses of the state caches in front of RocksDB.
+    pub cache_lookups: u64,
+    /// Accesses that missed the cache and read RocksDB (a batch read ahead counts each key).
+    pub cache_misses: u64,
 }
 
 /// A copy of [`SubtaskMetrics`] at one moment.

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use freshet_engine::metrics::{MetricsSnapshot, SubtaskMetrics};
+use freshet_engine::metrics::{MetricsSnapshot, StateSize, SubtaskMetrics};
 use freshet_engine::state::StateMemory;
 use freshet_jobmanager::JobId;
 
@@ -119,6 +119,30 @@ fn gauge(
             for s in o.subtasks() {
                 if let Some(v) = value(&s) {
                     obs.observe(v, &s.attributes);
+                }
+            }
+        })
+        .build();
+}
+
+/// A counter of each subtask with keyed state in RocksDB, from its state's counters.
+fn state_counter(
+    meter: &Meter,
+    observed: &Arc<Observed>,
+    name: &'static str,
+    description: &'static str,
+    value: fn(&StateSize) -> u64,
+) {
+    let o = observed.clone();
+    meter
+        .u64_observable_counter(name)
+        .with_unit("{access}")
+        .with_description(description)
+        .with_callback(move |obs| {
+            for s in o.subtasks() {
+                let size = s.metrics.state_size();
+                if size != StateSize::default() {
+                    obs.observe(value(&size), &s.attributes);
                 }
             }
         })
@@ -261,6 +285,20 @@ pub(crate) fn register(meter: &Meter, observed: Observed) {
             let size = s.metrics.state_size();
             (size != Default::default()).then_some(size.disk_bytes as i64)
         },
+    );
+    state_counter(
+        meter,
+        &o,
+        "freshet.task.state.cache.lookups",
+        "Accesses of a subtask's keyed-state caches in front of RocksDB",
+        |size| size.cache_lookups,
+    );
+    state_counter(
+        meter,
+        &o,
+        "freshet.task.state.cache.misses",
+        "Accesses of a subtask's keyed-state caches that read RocksDB",
+        |size| size.cache_misses,
     );
     let tm = [KeyValue::new("taskmanager", o.id.clone())];
     let (t, obs) = (tm.clone(), o.clone());

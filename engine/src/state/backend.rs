@@ -43,7 +43,7 @@ use rocksdb::{
     ReadOptions, WriteBatch, WriteOptions, checkpoint::Checkpoint, compaction_filter::Decision,
 };
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::memory::{Lease, StateMemory};
@@ -482,6 +482,10 @@ pub struct KeyedBackend {
     /// Whether a read must take the gate's lock: `SnapshotGate::unwritten`, or a failed
     /// snapshot. Read without the lock by every read.
     unwritten: AtomicBool,
+    /// Accesses of its tables' caches, and those that read RocksDB (added up by the tables
+    /// every few thousand accesses and when they flush).
+    cache_lookups: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 #[derive(Default)]
@@ -708,6 +712,8 @@ impl KeyedBackend {
             snapshot: Mutex::new(SnapshotGate::default()),
             snapshot_done: Condvar::new(),
             unwritten: AtomicBool::new(false),
+            cache_lookups: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
         })
     }
 
@@ -1064,7 +1070,15 @@ impl KeyedBackend {
         crate::metrics::StateSize {
             rows: int("rocksdb.estimate-num-keys"),
             disk_bytes: int("rocksdb.live-sst-files-size"),
+            cache_lookups: self.cache_lookups.load(Ordering::Relaxed),
+            cache_misses: self.cache_misses.load(Ordering::Relaxed),
         }
+    }
+
+    /// Adds accesses of a table's cache, and those of them that read RocksDB.
+    pub fn count_cache(&self, lookups: u64, misses: u64) {
+        self.cache_lookups.fetch_add(lookups, Ordering::Relaxed);
+        self.cache_misses.fetch_add(misses, Ordering::Relaxed);
     }
 
     /// The key groups this instance owns.

@@ -129,6 +129,10 @@ pub struct KeyedTable<V> {
     loads: u64,
     /// Cache misses that read RocksDB (whether or not they found rows).
     reads: u64,
+    /// Accesses (each looks in the cache, and reads RocksDB on a miss).
+    lookups: u64,
+    /// The `lookups` and `reads` already added to the backend's counters.
+    published: (u64, u64),
     /// Rows written to RocksDB.
     rows_written: u64,
     /// Scratch space of size samples.
@@ -138,6 +142,10 @@ pub struct KeyedTable<V> {
     absent: hashbrown::HashSet<StateKey, Fixed>,
     backing: Option<Backing>,
 }
+
+/// Accesses after which a table adds its cache counters to its backend's (the metrics read
+/// those), so that counting costs no shared write per access.
+const PUBLISH_EVERY: u64 = 4096;
 
 /// Dirty keys after which a table writes them even if nothing asks it to (a job without
 /// checkpoints still spills to RocksDB).
@@ -442,6 +450,8 @@ impl<V: StateValue> KeyedTable<V> {
             since_sample: 0,
             loads: 0,
             reads: 0,
+            lookups: 0,
+            published: (0, 0),
             rows_written: 0,
             scratch: Vec::new(),
             absent: Default::default(),
@@ -587,6 +597,10 @@ impl<V: StateValue> KeyedTable<V> {
     /// touching the key rewrites them all. Returns whether RocksDB was read whole: the cache
     /// then holds all of the key.
     fn load(&mut self, key: &[u8], range: NsRange) -> Result<bool> {
+        self.lookups += 1;
+        if self.lookups % PUBLISH_EVERY == 0 {
+            self.publish_counts();
+        }
         let range = if self.ttl.is_some() { ALL } else { range };
         let hash = hash_key(key);
         if !self.must_read(key, hash, range) {
@@ -1271,6 +1285,7 @@ impl<V: StateValue> KeyedTable<V> {
     /// Writes every changed value to the backend and deletes the rows of removed ones (called
     /// before a snapshot and when evicting). A table in memory has nothing to write.
     pub fn flush(&mut self) -> Result<()> {
+        self.publish_counts();
         let Some(b) = self.backing.as_mut() else {
             return Ok(());
         };
@@ -1430,6 +1445,23 @@ impl<V: StateValue> KeyedTable<V> {
     /// Estimated bytes of the keys in memory.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Adds the accesses and RocksDB reads since the last call to the backend's counters, which
+    /// the subtask's metrics read.
+    fn publish_counts(&mut self) {
+        if let Some(b) = &self.backing {
+            b.backend.count_cache(
+                self.lookups - self.published.0,
+                self.reads - self.published.1,
+            );
+            self.published = (self.lookups, self.reads);
+        }
+    }
+
+    /// Accesses so far (each looks in the cache, and reads RocksDB on a miss).
+    pub fn lookups(&self) -> u64 {
+        self.lookups
     }
 
     /// Keys read back from RocksDB into the cache so far (cache misses that found a row).
@@ -1750,6 +1782,38 @@ pub(crate) mod tests {
     /// no read once they are past what was evicted, a key evicted in one namespace and written
     /// in another still shows both, a row removed before the flush does not come back when the
     /// rest of its key is read, and a namespace whose rows were all read back is forgotten.
+    /// The backend's cache counters (what the subtask's metrics report) add up every table
+    /// access and every RocksDB read, once the table flushed.
+    #[test]
+    fn cache_lookups_and_misses_reach_the_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, mut t) = attached::<i64>(dir.path(), 1000);
+        let n = 5000u32;
+        for round in 0..2 {
+            for i in 0..n {
+                t.update(&key(i), 1, 0, Watermark::MIN, || 0, |v| *v += round)
+                    .unwrap();
+            }
+        }
+        t.flush().unwrap();
+        let size = backend.size();
+        assert_eq!(size.cache_lookups, t.lookups());
+        assert_eq!(size.cache_lookups, 2 * n as u64);
+        assert_eq!(size.cache_misses, t.reads());
+        // the second round found most keys evicted by the first: they were read back
+        assert!(t.reads() > n as u64 / 2, "{} reads", t.reads());
+        // between flushes the counts reach the backend every few thousand accesses
+        for i in 0..PUBLISH_EVERY as u32 {
+            t.get(&key(i % 100), 1, Watermark::MIN).unwrap();
+        }
+        let published = backend.size().cache_lookups;
+        assert!(
+            published > size.cache_lookups && published + PUBLISH_EVERY > t.lookups(),
+            "{published} of {} lookups published",
+            t.lookups()
+        );
+    }
+
     #[test]
     fn misses_read_rocksdb_only_where_evicted_rows_may_be() {
         let dir = tempfile::tempdir().unwrap();
