@@ -598,7 +598,7 @@ impl<V: StateValue> KeyedTable<V> {
     /// then holds all of the key.
     fn load(&mut self, key: &[u8], range: NsRange) -> Result<bool> {
         self.lookups += 1;
-        if self.lookups % PUBLISH_EVERY == 0 {
+        if self.lookups.is_multiple_of(PUBLISH_EVERY) {
             self.publish_counts();
         }
         let range = if self.ttl.is_some() { ALL } else { range };
