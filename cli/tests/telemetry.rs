@@ -337,8 +337,15 @@ fn a_checkpoint_is_one_trace_across_the_jobmanager_and_taskmanager_processes() {
         ("OTEL_METRICS_EXPORTER", "none"),
     ];
     let address = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
     let jm = Proc::start_env(
-        &["jobmanager".into(), "--listen".into(), address.clone()],
+        &[
+            "jobmanager".into(),
+            "--listen".into(),
+            address.clone(),
+            "--http".into(),
+            http.clone(),
+        ],
         &env,
     );
     jm.wait_for("JobManager listening on");
@@ -484,6 +491,32 @@ fn a_checkpoint_is_one_trace_across_the_jobmanager_and_taskmanager_processes() {
             .filter(|(n, s)| n == "subtask.open" && s == "freshet-taskmanager")
             .count()
             == subtasks
+    });
+
+    // a savepoint asked for over HTTP with a trace context: its checkpoint trace is the
+    // caller's
+    let (caller_trace, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let reply = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&http).unwrap();
+        write!(
+            s,
+            "POST /jobs/{id}/savepoints HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             traceparent: 00-{caller_trace}-{caller_span}-01\r\nContent-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    };
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    collector.wait_until("the savepoint under the caller's trace", |text| {
+        spans(text).iter().any(|s| {
+            s.name == "checkpoint"
+                && s.service == "freshet-jobmanager"
+                && s.trace == caller_trace
+                && s.parent == caller_span
+        })
     });
     drop((jm, tm));
 }

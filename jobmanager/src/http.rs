@@ -14,11 +14,12 @@
 //! | GET | `/taskmanagers` | [`TaskManagerView`] of every TaskManager and its slots |
 //! | GET | `/metrics` | the process's metrics in the Prometheus text format |
 //!
-//! `{job}` is a job id or the name of a job (the newest with that name). Errors are
+//! A savepoint or stop request with a W3C `traceparent` header gets its checkpoint trace under
+//! the caller's. `{job}` is a job id or the name of a job (the newest with that name). Errors are
 //! [`ApiError`]s with a 4xx/5xx status; `401` when a bearer token is required and missing or
 //! wrong. The UI, its assets and the OpenAPI document hold no job data and need no token.
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -77,6 +78,7 @@ async fn taskmanagers(State(jm): State<JobManager>) -> Json<Vec<TaskManagerView>
 async fn take_savepoint(
     jm: JobManager,
     job: String,
+    headers: HeaderMap,
     body: Option<Json<SavepointRequest>>,
     stop: bool,
 ) -> Response {
@@ -87,7 +89,14 @@ async fn take_savepoint(
         return error(StatusCode::CONFLICT, format!("job {} is not running", j.id));
     }
     let dir = body.and_then(|b| b.0.dir);
-    let result = tokio::task::spawn_blocking(move || j.savepoint(dir.as_deref(), stop)).await;
+    // a caller that sends its trace context gets the savepoint's trace under its own
+    let trace = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let result =
+        tokio::task::spawn_blocking(move || j.savepoint(dir.as_deref(), stop, trace.as_deref()))
+            .await;
     match result {
         Ok(Ok(path)) => Json(SavepointDone { path }).into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
@@ -98,17 +107,19 @@ async fn take_savepoint(
 async fn savepoint(
     State(jm): State<JobManager>,
     Path(job): Path<String>,
+    headers: HeaderMap,
     body: Option<Json<SavepointRequest>>,
 ) -> Response {
-    take_savepoint(jm, job, body, false).await
+    take_savepoint(jm, job, headers, body, false).await
 }
 
 async fn stop(
     State(jm): State<JobManager>,
     Path(job): Path<String>,
+    headers: HeaderMap,
     body: Option<Json<SavepointRequest>>,
 ) -> Response {
-    take_savepoint(jm, job, body, true).await
+    take_savepoint(jm, job, headers, body, true).await
 }
 
 async fn cancel(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {

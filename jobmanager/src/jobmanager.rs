@@ -316,10 +316,16 @@ impl JobHandle {
     }
 
     /// Triggers a savepoint into a new directory under `dir` (default: the job's
-    /// `checkpointing.savepoint_dir`); with `stop`, the job stops once it completes. Waits for the
-    /// outcome and returns the savepoint's location.
-    pub fn savepoint(&self, dir: Option<&str>, stop: bool) -> Result<String, String> {
-        let (_, _, rx) = self.trigger_savepoint(dir, stop, None)?;
+    /// `checkpointing.savepoint_dir`); with `stop`, the job stops once it completes. Its trace is
+    /// a child of the caller's `trace` (a W3C `traceparent`) when given. Waits for the outcome
+    /// and returns the savepoint's location.
+    pub fn savepoint(
+        &self,
+        dir: Option<&str>,
+        stop: bool,
+        trace: Option<&str>,
+    ) -> Result<String, String> {
+        let (_, _, rx) = self.trigger_savepoint(dir, stop, trace)?;
         rx.recv()
             .unwrap_or_else(|_| Err("the job ended before the savepoint completed".into()))
     }
