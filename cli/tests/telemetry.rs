@@ -22,7 +22,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{
-    Collector, Proc, dedup_job, free_port, freshet, http_get, interrupt, repo, taskmanager_env,
+    Collector, Proc, children, dedup_job, free_port, freshet, http_get, interrupt, repo, spans,
+    taskmanager_env,
 };
 
 /// The metric table of `docs/observability.md`: (OTLP name, Prometheus name), without the
@@ -269,60 +270,6 @@ fn unsupported_telemetry_settings_are_refused_at_start() {
         err.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && err.contains("http/json"),
         "{err}"
     );
-}
-
-/// A span as the collector logged it.
-#[derive(Debug, Clone)]
-struct Span {
-    service: String,
-    trace: String,
-    parent: String,
-    id: String,
-    name: String,
-}
-
-/// The spans in the collector's log, with the service that sent each.
-fn spans(log: &str) -> Vec<Span> {
-    let mut out = Vec::new();
-    let mut service = String::new();
-    let mut current: Option<Span> = None;
-    let field = |l: &str| l.split_once(':').map(|(_, v)| v.trim().to_string());
-    for l in log.lines() {
-        let t = l.trim();
-        if let Some(s) = t.strip_prefix("-> service.name: Str(") {
-            service = s.trim_end_matches(')').to_string();
-        } else if t.starts_with("Span #") {
-            out.extend(current.take());
-            current = Some(Span {
-                service: service.clone(),
-                trace: String::new(),
-                parent: String::new(),
-                id: String::new(),
-                name: String::new(),
-            });
-        } else if let Some(s) = current.as_mut() {
-            if t.starts_with("Trace ID") {
-                s.trace = field(t).unwrap_or_default();
-            } else if t.starts_with("Parent ID") {
-                s.parent = field(t).unwrap_or_default();
-            } else if t.starts_with("ID ") {
-                s.id = field(t).unwrap_or_default();
-            } else if t.starts_with("Name ") && s.name.is_empty() {
-                s.name = field(t).unwrap_or_default();
-            }
-        }
-    }
-    out.extend(current);
-    out
-}
-
-/// The children a `parent` span of `service` has in another process: (their names, the
-/// services that sent them).
-fn children(all: &[Span], parent: &Span) -> Vec<(String, String)> {
-    all.iter()
-        .filter(|s| s.trace == parent.trace && s.parent == parent.id)
-        .map(|s| (s.name.clone(), s.service.clone()))
-        .collect()
 }
 
 #[test]

@@ -638,3 +638,57 @@ sinks:
     .unwrap();
     path
 }
+
+/// A span as the collector logged it.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub service: String,
+    pub trace: String,
+    pub parent: String,
+    pub id: String,
+    pub name: String,
+}
+
+/// The spans in the collector's log, with the service that sent each.
+pub fn spans(log: &str) -> Vec<Span> {
+    let mut out = Vec::new();
+    let mut service = String::new();
+    let mut current: Option<Span> = None;
+    let field = |l: &str| l.split_once(':').map(|(_, v)| v.trim().to_string());
+    for l in log.lines() {
+        let t = l.trim();
+        if let Some(s) = t.strip_prefix("-> service.name: Str(") {
+            service = s.trim_end_matches(')').to_string();
+        } else if t.starts_with("Span #") {
+            out.extend(current.take());
+            current = Some(Span {
+                service: service.clone(),
+                trace: String::new(),
+                parent: String::new(),
+                id: String::new(),
+                name: String::new(),
+            });
+        } else if let Some(s) = current.as_mut() {
+            if t.starts_with("Trace ID") {
+                s.trace = field(t).unwrap_or_default();
+            } else if t.starts_with("Parent ID") {
+                s.parent = field(t).unwrap_or_default();
+            } else if t.starts_with("ID ") {
+                s.id = field(t).unwrap_or_default();
+            } else if t.starts_with("Name ") && s.name.is_empty() {
+                s.name = field(t).unwrap_or_default();
+            }
+        }
+    }
+    out.extend(current);
+    out
+}
+
+/// The children a `parent` span of `service` has in another process: (their names, the
+/// services that sent them).
+pub fn children(all: &[Span], parent: &Span) -> Vec<(String, String)> {
+    all.iter()
+        .filter(|s| s.trace == parent.trace && s.parent == parent.id)
+        .map(|s| (s.name.clone(), s.service.clone()))
+        .collect()
+}

@@ -310,6 +310,18 @@ fn operator_process(
     jobmanager: &str,
     extra: &[&str],
 ) -> Proc {
+    operator_process_env(kubeconfig, identity, ns, jobmanager, extra, &[])
+}
+
+/// [`operator_process`] with the environment variables `env` added.
+fn operator_process_env(
+    kubeconfig: &Path,
+    identity: &str,
+    ns: &str,
+    jobmanager: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let mut args: Vec<String> = vec![
         "operator".into(),
         "--namespace".into(),
@@ -324,7 +336,9 @@ fn operator_process(
         jobmanager.into(),
     ];
     args.extend(extra.iter().map(|a| a.to_string()));
-    Proc::start_env(&args, &[("KUBECONFIG", kubeconfig.to_str().unwrap())])
+    let mut env = env.to_vec();
+    env.push(("KUBECONFIG", kubeconfig.to_str().unwrap()));
+    Proc::start_env(&args, &env)
 }
 
 /// A StreamJob running an unbounded keyed job (generator at a fixed parallelism of 1 → keep
@@ -545,6 +559,183 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
             |names| names.trim().is_empty(),
         );
     }
+}
+
+/// Real: the control plane, the operator with the chart's identity, a JobManager and a
+/// TaskManager process, and an OTLP collector (rotel) all three export traces to. A user goes
+/// from the StreamJob to the traces: its status names the trace of the job's deployment and of
+/// a savepoint it asked for, `kubectl describe` shows them in the events, and the collector
+/// holds those traces with the JobManager's spans in them (and the operator's reconciles).
+#[test]
+fn the_stream_job_status_and_events_lead_to_the_traces() {
+    let cp = cluster();
+    let ns = namespace(cp, "traced");
+    let dir = tempfile::tempdir().unwrap();
+    let collector = common::Collector::start();
+    let endpoint = format!("http://{}", collector.grpc);
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_METRICS_EXPORTER", "none"),
+    ];
+    let jm = Proc::start_env(
+        &[
+            "jobmanager".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", common::free_port()),
+        ],
+        &env,
+    );
+    let line = jm.wait_for("JobManager listening on ");
+    let address = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let mut tm = common::taskmanager_env(
+        &address,
+        "taskmanager-0",
+        &dir.path().join("tm"),
+        4,
+        &[],
+        &env,
+    );
+    let op = operator_process_env(
+        &sa_kubeconfig(cp, dir.path(), "operator-traced"),
+        "operator-traced",
+        &ns,
+        &address,
+        &[],
+        &env,
+    );
+    op.wait_for("leading; reconciling StreamJobs");
+    let (ok, out) = apply(cp, &stream_job(&ns, "traced", dir.path()));
+    assert!(ok, "{out}");
+    let job = "streamjob/traced";
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let deployed = loop {
+        let t = jsonpath(cp, &ns, job, "{.status.deployed.traceId}");
+        if !t.is_empty() {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no deployment trace id in the status: {}\noperator:\n{}",
+            jsonpath(cp, &ns, job, "{.status}"),
+            op.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    // the deployment's trace: the JobManager's deployment span with each subtask's restore
+    collector.wait_until("the deployment's trace", |text| {
+        let all = common::spans(text);
+        all.iter().any(|s| {
+            s.name == "job.deploy"
+                && s.service == "freshet-jobmanager"
+                && s.trace == deployed
+                && common::children(&all, s)
+                    .iter()
+                    .any(|(n, svc)| n == "subtask.open" && svc == "freshet-taskmanager")
+        })
+    });
+    // a savepoint on request: its record in the status names its trace, which holds the
+    // JobManager's checkpoint with the TaskManager's parts
+    cp.kubectl_ok(&[
+        "-n",
+        &ns,
+        "patch",
+        job,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"savepointTriggerNonce":1}}"#,
+    ]);
+    let savepoint = until(
+        cp,
+        90,
+        &[
+            "-n",
+            &ns,
+            "get",
+            job,
+            "-o",
+            "jsonpath={.status.lastSavepoint.traceId}",
+        ],
+        |t| !t.is_empty(),
+    );
+    assert_ne!(savepoint, deployed);
+    collector.wait_until("the savepoint's trace", |text| {
+        let all = common::spans(text);
+        all.iter().any(|s| {
+            s.name == "checkpoint"
+                && s.service == "freshet-jobmanager"
+                && s.trace == savepoint
+                && common::children(&all, s)
+                    .iter()
+                    .any(|(n, svc)| n == "checkpoint.sync" && svc == "freshet-taskmanager")
+        })
+    });
+    // the events a user reads with kubectl describe carry the same ids
+    let described = cp.kubectl_ok(&["-n", &ns, "describe", job]);
+    for (event, trace) in [
+        ("JobSubmitted", &deployed),
+        ("SavepointCompleted", &savepoint),
+    ] {
+        assert!(
+            described
+                .lines()
+                .any(|l| l.contains(event) && l.contains(&format!("(trace {trace})"))),
+            "no {event} event with trace {trace} in:\n{described}"
+        );
+    }
+    // a TaskManager dies and another takes its place: the job restarts from its latest
+    // checkpoint, and the status's last recovery names the restarted deployment's trace
+    tm.kill();
+    let _tm = common::taskmanager_env(
+        &address,
+        "taskmanager-1",
+        &dir.path().join("tm"),
+        4,
+        &[],
+        &env,
+    );
+    let recovered = until(
+        cp,
+        120,
+        &[
+            "-n",
+            &ns,
+            "get",
+            job,
+            "-o",
+            "jsonpath={.status.lastRecovery.traceId}",
+        ],
+        |t| !t.is_empty(),
+    );
+    assert_ne!(recovered, deployed);
+    collector.wait_until("the recovery's trace", |text| {
+        let all = common::spans(text);
+        all.iter().any(|s| {
+            s.name == "job.deploy"
+                && s.trace == recovered
+                && common::children(&all, s)
+                    .iter()
+                    .any(|(n, svc)| n == "subtask.open" && svc == "freshet-taskmanager")
+        })
+    });
+    let recovery_events = events(cp, &ns, "JobRecovered");
+    assert!(
+        recovery_events.contains(&format!("(trace {recovered})")),
+        "{recovery_events}"
+    );
+    // the operator's reconciles are traced too
+    collector.wait_until("the operator's reconcile spans", |text| {
+        common::spans(text)
+            .iter()
+            .any(|s| s.name == "reconcile" && s.service == "freshet-operator")
+    });
+    drop(op);
 }
 
 /// `kubectl auth can-i VERB RESOURCE` as `user` (in `ns`, or cluster-wide); `RESOURCE/SUB`
