@@ -150,6 +150,11 @@ fn schema<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
 }
 
 const NO_JOB: (u16, &str) = (404, "no such job");
+const SAVEPOINT_ERRORS: &[(u16, &str)] = &[
+    NO_JOB,
+    (409, "the job is not running"),
+    (500, "the savepoint failed"),
+];
 
 /// Every JSON operation of the API (the UI and `/metrics` are not JSON).
 const OPERATIONS: &[Operation] = &[
@@ -191,11 +196,7 @@ const OPERATIONS: &[Operation] = &[
         summary: "Takes a savepoint and waits for it",
         body: Some(schema::<SavepointRequest>),
         reply: schema::<SavepointDone>,
-        errors: &[
-            NO_JOB,
-            (409, "the job is not running"),
-            (500, "the savepoint failed"),
-        ],
+        errors: SAVEPOINT_ERRORS,
     },
     Operation {
         method: "post",
@@ -203,11 +204,7 @@ const OPERATIONS: &[Operation] = &[
         summary: "Stops a job with a savepoint and waits for it",
         body: Some(schema::<SavepointRequest>),
         reply: schema::<SavepointDone>,
-        errors: &[
-            NO_JOB,
-            (409, "the job is not running"),
-            (500, "the savepoint failed"),
-        ],
+        errors: SAVEPOINT_ERRORS,
     },
     Operation {
         method: "post",

@@ -561,6 +561,30 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
     }
 }
 
+/// The trace id at `path` of the StreamJob's status, once it is there.
+fn status_trace(cp: &ControlPlane, ns: &str, job: &str, path: &str, secs: u64) -> String {
+    let jsonpath = format!("jsonpath={{{path}}}");
+    until(cp, secs, &["-n", ns, "get", job, "-o", &jsonpath], |t| {
+        !t.is_empty()
+    })
+}
+
+/// Waits until the collector holds a span `name` of the JobManager in trace `trace`, with a
+/// `child` span under it from a TaskManager.
+fn holds_trace(collector: &common::Collector, what: &str, name: &str, trace: &str, child: &str) {
+    collector.wait_until(what, |text| {
+        let all = common::spans(text);
+        all.iter().any(|s| {
+            s.name == name
+                && s.service == "freshet-jobmanager"
+                && s.trace == trace
+                && common::children(&all, s)
+                    .iter()
+                    .any(|(n, svc)| n == child && svc == "freshet-taskmanager")
+        })
+    });
+}
+
 /// Real: the control plane, the operator with the chart's identity, a JobManager and a
 /// TaskManager process, and an OTLP collector (rotel) all three export traces to. A user goes
 /// from the StreamJob to the traces: its status names the trace of the job's deployment and of
@@ -613,32 +637,15 @@ fn the_stream_job_status_and_events_lead_to_the_traces() {
     let (ok, out) = apply(cp, &stream_job(&ns, "traced", dir.path()));
     assert!(ok, "{out}");
     let job = "streamjob/traced";
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let deployed = loop {
-        let t = jsonpath(cp, &ns, job, "{.status.deployed.traceId}");
-        if !t.is_empty() {
-            break t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no deployment trace id in the status: {}\noperator:\n{}",
-            jsonpath(cp, &ns, job, "{.status}"),
-            op.log()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    };
+    let deployed = status_trace(cp, &ns, job, ".status.deployed.traceId", 90);
     // the deployment's trace: the JobManager's deployment span with each subtask's restore
-    collector.wait_until("the deployment's trace", |text| {
-        let all = common::spans(text);
-        all.iter().any(|s| {
-            s.name == "job.deploy"
-                && s.service == "freshet-jobmanager"
-                && s.trace == deployed
-                && common::children(&all, s)
-                    .iter()
-                    .any(|(n, svc)| n == "subtask.open" && svc == "freshet-taskmanager")
-        })
-    });
+    holds_trace(
+        &collector,
+        "the deployment's trace",
+        "job.deploy",
+        &deployed,
+        "subtask.open",
+    );
     // a savepoint on request: its record in the status names its trace, which holds the
     // JobManager's checkpoint with the TaskManager's parts
     cp.kubectl_ok(&[
@@ -651,31 +658,15 @@ fn the_stream_job_status_and_events_lead_to_the_traces() {
         "-p",
         r#"{"spec":{"savepointTriggerNonce":1}}"#,
     ]);
-    let savepoint = until(
-        cp,
-        90,
-        &[
-            "-n",
-            &ns,
-            "get",
-            job,
-            "-o",
-            "jsonpath={.status.lastSavepoint.traceId}",
-        ],
-        |t| !t.is_empty(),
-    );
+    let savepoint = status_trace(cp, &ns, job, ".status.lastSavepoint.traceId", 90);
     assert_ne!(savepoint, deployed);
-    collector.wait_until("the savepoint's trace", |text| {
-        let all = common::spans(text);
-        all.iter().any(|s| {
-            s.name == "checkpoint"
-                && s.service == "freshet-jobmanager"
-                && s.trace == savepoint
-                && common::children(&all, s)
-                    .iter()
-                    .any(|(n, svc)| n == "checkpoint.sync" && svc == "freshet-taskmanager")
-        })
-    });
+    holds_trace(
+        &collector,
+        "the savepoint's trace",
+        "checkpoint",
+        &savepoint,
+        "checkpoint.sync",
+    );
     // the events a user reads with kubectl describe carry the same ids
     let described = cp.kubectl_ok(&["-n", &ns, "describe", job]);
     for (event, trace) in [
@@ -700,30 +691,15 @@ fn the_stream_job_status_and_events_lead_to_the_traces() {
         &[],
         &env,
     );
-    let recovered = until(
-        cp,
-        120,
-        &[
-            "-n",
-            &ns,
-            "get",
-            job,
-            "-o",
-            "jsonpath={.status.lastRecovery.traceId}",
-        ],
-        |t| !t.is_empty(),
-    );
+    let recovered = status_trace(cp, &ns, job, ".status.lastRecovery.traceId", 120);
     assert_ne!(recovered, deployed);
-    collector.wait_until("the recovery's trace", |text| {
-        let all = common::spans(text);
-        all.iter().any(|s| {
-            s.name == "job.deploy"
-                && s.trace == recovered
-                && common::children(&all, s)
-                    .iter()
-                    .any(|(n, svc)| n == "subtask.open" && svc == "freshet-taskmanager")
-        })
-    });
+    holds_trace(
+        &collector,
+        "the recovery's trace",
+        "job.deploy",
+        &recovered,
+        "subtask.open",
+    );
     let recovery_events = events(cp, &ns, "JobRecovered");
     assert!(
         recovery_events.contains(&format!("(trace {recovered})")),
