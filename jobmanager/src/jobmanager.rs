@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, info_span, warn};
 
 use freshet_engine::checkpoint::{
-    RestoreSource, S3Options, Storage, SubtaskCommand, fixed_parallelism_conflict,
+    RestoreSource, Storage, SubtaskCommand, fixed_parallelism_conflict,
 };
 use freshet_engine::metrics::MetricsSnapshot;
 use freshet_engine::state::StateConfig;
@@ -39,12 +39,12 @@ use crate::checkpoints::{
     CheckpointStats, CheckpointTotals, Coordinator, CoordinatorSettings, Totals,
     acquire_generation, completed_checkpoints,
 };
-use crate::messages::{
-    CheckpointSetup, JobId, Placement, SubtaskLocation, TaskDeployment, TaskEvent,
-    TaskManagerGateway, TaskState,
-};
 use crate::plan::{JobPlan, NodeKind, plan};
 use crate::store::{JobRecord, JobStore};
+use freshet_control::{
+    CheckpointSetup, JobId, Placement, SubtaskLocation, TaskDeployment, TaskEvent,
+    TaskManagerGateway, TaskState, s3_options,
+};
 
 /// Ended jobs a JobManager keeps listing; older ones are forgotten (their job store records stay).
 pub const RETAINED_ENDED_JOBS: usize = 100;
@@ -1340,27 +1340,6 @@ struct Startup {
         u64,
     )>,
     restore: Option<Arc<RestoreSource>>,
-}
-
-/// The S3 settings of a job's checkpointing section, with the credentials it refers to read
-/// in this process (the job holds only where they are). The error names the reference.
-pub fn s3_options(spec: &JobSpec) -> Result<S3Options, String> {
-    let s3 = spec
-        .checkpointing
-        .as_ref()
-        .map(|c| c.s3.clone())
-        .unwrap_or_default();
-    let resolve = |field: &str, r: Option<freshet_job::SecretRef>| {
-        r.map(|r| r.resolve())
-            .transpose()
-            .map_err(|e| format!("checkpointing.s3.{field}: {e}"))
-    };
-    Ok(S3Options {
-        endpoint: s3.endpoint,
-        region: s3.region,
-        access_key_id: resolve("access_key_id", s3.access_key_id)?,
-        secret_access_key: resolve("secret_access_key", s3.secret_access_key)?,
-    })
 }
 
 /// Why a snapshot was not restored.

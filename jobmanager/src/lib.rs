@@ -3,8 +3,8 @@
 //!
 //! - [`plan`]: job definition → logical graph → chains (vertices) and edges. TaskManagers run the
 //!   same planning, so a deployment only names a vertex and a subtask.
-//! - [`messages`]: what the JobManager and TaskManagers say to each other, and the
-//!   [`TaskManagerGateway`](messages::TaskManagerGateway) a TaskManager is reached through.
+//! - `freshet_control` (re-exported as [`messages`]): what the JobManager and TaskManagers say
+//!   to each other, and the [`TaskManagerGateway`] a TaskManager is reached through.
 //! - [`jobmanager`]: submission, slot-sharing scheduling, job status and cancellation.
 //! - [`checkpoints`]: the checkpoint coordinator: triggers, acknowledgements, metadata,
 //!   retention and cleanup of checkpoint storage.
@@ -24,15 +24,15 @@ pub mod checkpoints;
 pub mod http;
 pub mod jobmanager;
 pub mod leader;
-pub mod messages;
 mod metrics;
 pub mod plan;
 pub mod rpc;
 pub mod store;
 pub mod ui;
 
-pub use jobmanager::{
-    JobHandle, JobManager, JobState, JobStatus, SubmitError, SubmitOptions, s3_options,
+pub use freshet_control::messages;
+pub use freshet_control::{
+    JobId, TaskDeployment, TaskEvent, TaskManagerGateway, TaskState, s3_options,
 };
-pub use messages::{JobId, TaskDeployment, TaskEvent, TaskManagerGateway, TaskState};
+pub use jobmanager::{JobHandle, JobManager, JobState, JobStatus, SubmitError, SubmitOptions};
 pub use plan::{JobPlan, plan};

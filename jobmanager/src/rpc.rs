@@ -19,18 +19,19 @@ use tracing::{debug, info, warn};
 
 use freshet_engine::checkpoint::S3Options;
 use freshet_job::JobSpec;
+use freshet_proto as pb;
 use freshet_proto::job_manager_server::{JobManager as JobManagerRpc, JobManagerServer};
 use freshet_proto::task_manager_client::TaskManagerClient;
-use freshet_proto::{self as pb, task_event};
 use freshet_security::net::ClientAuth;
 use freshet_security::{Guard, Security};
 
 use crate::api::JobDetails;
-use crate::messages::SubtaskStatus;
 use crate::{
     JobHandle, JobId, JobManager, SubmitError, SubmitOptions, TaskDeployment, TaskEvent,
     TaskManagerGateway, TaskState,
 };
+use freshet_control::SubtaskStatus;
+use freshet_control::wire::{deployment_to_proto, event_from_proto, from_json, json};
 
 /// Heartbeat settings.
 #[derive(Debug, Clone, Copy)]
@@ -47,114 +48,6 @@ impl Default for Heartbeats {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(10),
         }
-    }
-}
-
-fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("serializable")
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(b: &[u8], what: &str) -> Result<T, Status> {
-    serde_json::from_slice(b).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
-}
-
-/// A task event as sent on the wire.
-pub fn event_to_proto(ev: &TaskEvent) -> pb::TaskEvent {
-    let state = match &ev.state {
-        TaskState::Running => task_event::State::Running(pb::Empty {}),
-        TaskState::Finished {
-            metrics,
-            accumulators,
-        } => task_event::State::Finished(pb::TaskFinished {
-            metrics: json(metrics),
-            accumulators: accumulators.iter().cloned().collect(),
-        }),
-        TaskState::Failed {
-            error,
-            root_cause,
-            retryable,
-            damaged_snapshot,
-        } => task_event::State::Failed(pb::TaskFailed {
-            error: error.clone(),
-            root_cause: *root_cause,
-            retryable: *retryable,
-            damaged_snapshot: *damaged_snapshot,
-        }),
-        TaskState::Cancelled => task_event::State::Cancelled(pb::Empty {}),
-        TaskState::Checkpoint(r) => task_event::State::Checkpoint(json(r)),
-    };
-    pb::TaskEvent {
-        job: ev.job.0.clone(),
-        attempt: ev.attempt,
-        vertex: ev.vertex as u32,
-        subtask: ev.subtask,
-        state: Some(state),
-    }
-}
-
-fn event_from_proto(ev: pb::TaskEvent) -> Result<TaskEvent, Status> {
-    let state = match ev.state {
-        None => return Err(Status::invalid_argument("task event without a state")),
-        Some(task_event::State::Running(_)) => TaskState::Running,
-        Some(task_event::State::Finished(f)) => TaskState::Finished {
-            metrics: from_json(&f.metrics, "metrics")?,
-            accumulators: f.accumulators.into_iter().collect(),
-        },
-        Some(task_event::State::Failed(f)) => TaskState::Failed {
-            error: f.error,
-            root_cause: f.root_cause,
-            retryable: f.retryable,
-            damaged_snapshot: f.damaged_snapshot,
-        },
-        Some(task_event::State::Cancelled(_)) => TaskState::Cancelled,
-        Some(task_event::State::Checkpoint(c)) => {
-            TaskState::Checkpoint(from_json(&c, "checkpoint report")?)
-        }
-    };
-    Ok(TaskEvent {
-        job: JobId(ev.job),
-        attempt: ev.attempt,
-        vertex: ev.vertex as usize,
-        subtask: ev.subtask,
-        state,
-    })
-}
-
-/// A deployment as sent on the wire.
-pub fn deployment_to_proto(d: &TaskDeployment, epoch: u64) -> pb::DeployRequest {
-    let mut placement: Vec<_> = d
-        .placement
-        .iter()
-        .map(|((v, i), l)| pb::SubtaskLocation {
-            vertex: *v as u32,
-            subtask: *i,
-            taskmanager_id: l.taskmanager.clone(),
-            data_address: l.data_address.clone().unwrap_or_default(),
-        })
-        .collect();
-    placement.sort_by_key(|l| (l.vertex, l.subtask));
-    pb::DeployRequest {
-        leader_epoch: epoch,
-        job: d.job.0.clone(),
-        attempt: d.attempt,
-        spec: json(&*d.spec),
-        base_dir: d.base_dir.to_string_lossy().into_owned(),
-        vertex: d.vertex as u32,
-        subtask: d.subtask,
-        checkpoint_storage: d
-            .checkpoints
-            .as_ref()
-            .map(|c| c.storage.url().to_string())
-            .unwrap_or_default(),
-        restore: d
-            .restore
-            .as_ref()
-            .map(|r| r.location.clone())
-            .unwrap_or_default(),
-        restore_shared: d.restore.as_ref().is_some_and(|r| r.shared_with_job),
-        placement,
-        state_dir: d.state.local_dir.to_string_lossy().into_owned(),
-        trace: d.trace.clone().unwrap_or_default(),
     }
 }
 
@@ -547,7 +440,7 @@ impl JobManagerRpc for JobManagerService {
                 SubtaskStatus {
                     vertex: m.vertex as usize,
                     subtask: m.subtask,
-                    metrics: from_json(&m.metrics, "metrics")?,
+                    metrics: from_json(&m.metrics, "metrics").map_err(Status::invalid_argument)?,
                 },
             ));
         }
@@ -562,7 +455,7 @@ impl JobManagerRpc for JobManagerService {
         self.guard.internal(&request)?;
         let events = self.jm.event_sender();
         for ev in request.into_inner().events {
-            let _ = events.send(event_from_proto(ev)?);
+            let _ = events.send(event_from_proto(ev).map_err(Status::invalid_argument)?);
         }
         Ok(Response::new(pb::Empty {}))
     }

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use freshet_control::JobId;
 use freshet_engine::metrics::{MetricsSnapshot, StateSize, SubtaskMetrics};
 use freshet_engine::state::StateMemory;
-use freshet_jobmanager::JobId;
 
 use crate::taskmanager::{Memories, PlanMap, Running, TaskKey};
 

@@ -36,9 +36,9 @@ use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::StreamDecoder;
 use arrow::ipc::writer::StreamWriter;
 use arrow::record_batch::RecordBatch;
+use freshet_control::JobId;
 use freshet_engine::channel::{ChannelSender, CreditReturn, Outbound};
 use freshet_engine::{Element, EngineError, Watermark};
-use freshet_jobmanager::JobId;
 use freshet_security::Tls;
 use freshet_security::blocking::Duplex;
 

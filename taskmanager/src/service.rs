@@ -15,12 +15,14 @@ use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 use tracing::{error, info, warn};
 
+use freshet_control::wire::event_to_proto;
+use freshet_control::{
+    CheckpointSetup, JobId, SubtaskLocation, TaskDeployment, TaskEvent, TaskManagerGateway,
+    s3_options,
+};
 use freshet_engine::checkpoint::{RestoreSource, Storage, SubtaskCommand};
 use freshet_engine::state::StateConfig;
 use freshet_job::JobSpec;
-use freshet_jobmanager::messages::{CheckpointSetup, SubtaskLocation};
-use freshet_jobmanager::rpc::event_to_proto;
-use freshet_jobmanager::{JobId, TaskDeployment, TaskEvent, TaskManagerGateway, s3_options};
 use freshet_proto as pb;
 use freshet_proto::job_manager_client::JobManagerClient;
 use freshet_proto::task_manager_server::{TaskManager as TaskManagerRpc, TaskManagerServer};

@@ -13,8 +13,8 @@
 use parking_lot::Mutex;
 use std::collections::HashMap;
 
+use freshet_control::JobId;
 use freshet_engine::channel::{ChannelReceiver, ChannelSender, CreditSlot, bounded};
-use freshet_jobmanager::JobId;
 
 /// The name of one channel.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -13,6 +13,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use tracing::{debug, info_span};
 
+use freshet_control::{
+    JobId, SubtaskStatus, TaskDeployment, TaskEvent, TaskManagerGateway, TaskState,
+};
 use freshet_engine::channel::CancelToken;
 use freshet_engine::checkpoint::{CheckpointHooks, LocalState, SubtaskCommand, SubtaskReport};
 use freshet_engine::metrics::SubtaskMetrics;
@@ -21,9 +24,8 @@ use freshet_engine::partition::{EdgeWriter, Partitioning};
 use freshet_engine::state::StateMemory;
 use freshet_engine::task::{ChainedOperator, SubtaskSpec, TaskInput, run_subtask};
 use freshet_engine::{EngineError, Result};
-use freshet_jobmanager::messages::SubtaskStatus;
+use freshet_jobmanager::plan;
 use freshet_jobmanager::plan::{JobPlan, NodeKind};
-use freshet_jobmanager::{JobId, TaskDeployment, TaskEvent, TaskManagerGateway, TaskState, plan};
 
 use crate::network::Network;
 use crate::shuffle::{ChannelKey, LocalShuffle};
