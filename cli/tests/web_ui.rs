@@ -400,7 +400,12 @@ fn the_web_ui_shows_a_running_job_and_triggers_a_savepoint_and_a_cancel() {
         partitioning.as_str().unwrap().contains("hash(user,page)"),
         "{partitioning}"
     );
-    // the source's output rate is close to the generator's 1000 rows per second
+    // the source's output rate, over a window of seconds, is close to the generator's 1000
+    // rows per second
+    b.wait_until(
+        "rates over a window of seconds",
+        "Number(document.querySelector('#rates-window')?.dataset.ms) >= 3000",
+    );
     let rate = b.wait_until(
         "a non-zero output rate at the source",
         "(() => { const t = document.querySelector('#graph g.vertex[data-vertex=\"0\"] .rate-out')?.textContent || ''; const n = parseFloat(t); return n > 0 ? t : null; })()",

@@ -296,11 +296,13 @@ async function jobPage(id) {
     el("dt", null, "restored from"), el("dd", { class: "mono" }, job.restored_from || "nothing"),
     el("dt", null, "trace"), el("dd", { class: "mono" }, job.trace_id || "–"),
     job.message ? [el("dt", null, "message"), el("dd", { class: "message" }, job.message)] : []);
+  const window_ms = Math.max(0, ...job.vertices.map((v) => v.rates ? v.rates.window_ms : 0));
   return [
     el("h1", null, job.name, " ", stateBadge(job.state)),
     actionButtons(job),
     facts,
-    section("Graph", el("p", { class: "muted" }, "Rates over the last " + duration(Math.max(0, ...job.vertices.map((v) => v.rates ? v.rates.window_ms : 0))) + "; click a vertex for its subtasks."),
+    section("Graph", el("p", { class: "muted", id: "rates-window", "data-ms": window_ms },
+      "Rates over the last " + duration(window_ms) + "; click a vertex for its subtasks."),
       el("div", { class: "graph" }, graph(job))),
     section("Vertices", vertexTable(job)),
     section("Checkpoints", checkpointTable(checkpoints)),
