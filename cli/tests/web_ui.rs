@@ -7,8 +7,8 @@
 //!   other one, and its exceptions list shows the lost TaskManager.
 //! - "Trigger savepoint" on the page takes a savepoint that appears, completed, in the page's
 //!   checkpoint history and exists on disk; "Cancel job" (confirmed) cancels the job.
-//! - The OpenAPI document lists every JSON route, and each GET answer carries the properties its
-//!   schema requires.
+//! - The OpenAPI document is valid OpenAPI 3.0 (openapi-spec-validator, from PyPI), lists every
+//!   JSON route, and each GET answer carries the properties its schema requires.
 //!
 //! Screenshots of the pages are written to `target/web-ui/`.
 mod common;
@@ -438,8 +438,24 @@ fn the_web_ui_shows_a_running_job_and_triggers_a_savepoint_and_a_cancel() {
     assert_eq!(subtasks, 2);
     b.screenshot(&shots.join("job.png"));
 
-    // the OpenAPI document covers every JSON route; GET answers carry what the schemas require
+    // the OpenAPI document is valid (checked by openapi-spec-validator from PyPI), covers every
+    // JSON route, and GET answers carry what its schemas require
     let doc = get_json(&http, "/openapi.json");
+    let doc_file = work.path().join("openapi.json");
+    std::fs::write(&doc_file, doc.to_string()).unwrap();
+    let checked = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys; from openapi_spec_validator import validate; validate(json.load(open(sys.argv[1])))",
+        ])
+        .arg(&doc_file)
+        .output()
+        .expect("python3");
+    assert!(
+        checked.status.success(),
+        "the OpenAPI document is not valid (python3 -m pip install openapi-spec-validator): {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
     let paths = doc["paths"].as_object().unwrap();
     for route in [
         "/jobs",
@@ -546,5 +562,53 @@ fn the_web_ui_shows_a_running_job_and_triggers_a_savepoint_and_a_cancel() {
         job_state(&address, &id).map(|s| s.0).as_deref(),
         Some("cancelled")
     );
+    // a cancelled job keeps the counters its subtasks stopped with
+    let cancelled = get_json(&http, &format!("/jobs/{id}"));
+    assert!(
+        cancelled["vertices"][0]["metrics"]["records_out"].as_u64() > Some(0),
+        "{cancelled}"
+    );
     assert!(!jm.log().contains("panicked"), "{}", jm.log());
+}
+
+/// `freshet run` stopped with Ctrl-C prints the counters its subtasks stopped with, not zeros.
+#[test]
+fn a_run_stopped_with_ctrl_c_reports_what_it_did() {
+    let work = tempfile::tempdir().unwrap();
+    let job = clicks_job(work.path());
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut p = Proc::start(&[
+        "run".into(),
+        job.display().to_string(),
+        "--listen".into(),
+        "off".into(),
+        "--http".into(),
+        http.clone(),
+    ]);
+    p.wait_for("Web UI and API on");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = http_get(&http, "/jobs/clicks-per-page");
+        let j: Value = serde_json::from_str(&body).unwrap_or_default();
+        if j["vertices"][0]["metrics"]["records_out"].as_u64() >= Some(1000) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    interrupt(p.pid());
+    let (_, log) = p.wait();
+    assert!(log.contains("stopped by Ctrl-C"), "{log}");
+    // the source's line of the summary: name, parallelism, records in, records out, ...
+    let line = log
+        .lines()
+        .find(|l| l.trim_start().starts_with("clicks "))
+        .unwrap_or_else(|| panic!("no summary line of the source in:\n{log}"));
+    let counts: Vec<u64> = line
+        .split_whitespace()
+        .skip(2)
+        .take(2)
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(counts.iter().all(|n| *n >= 1000), "{line}");
 }

@@ -97,7 +97,10 @@ pub enum TaskState {
         damaged_snapshot: bool,
     },
     /// Stopped because the job was cancelled.
-    Cancelled,
+    Cancelled {
+        /// Its counters when it stopped (`None` from a TaskManager that does not send them).
+        metrics: Option<MetricsSnapshot>,
+    },
     /// Not a change of state: a report about a checkpoint (acknowledgement, decline, or a
     /// source that reached the end of its input).
     Checkpoint(SubtaskReport),

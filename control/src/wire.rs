@@ -35,7 +35,12 @@ pub fn event_to_proto(ev: &TaskEvent) -> pb::TaskEvent {
             retryable: *retryable,
             damaged_snapshot: *damaged_snapshot,
         }),
-        TaskState::Cancelled => task_event::State::Cancelled(pb::Empty {}),
+        TaskState::Cancelled { metrics: None } => task_event::State::Cancelled(pb::Empty {}),
+        TaskState::Cancelled {
+            metrics: Some(metrics),
+        } => task_event::State::CancelledWithCounters(pb::TaskCancelled {
+            metrics: json(metrics),
+        }),
         TaskState::Checkpoint(r) => task_event::State::Checkpoint(json(r)),
     };
     pb::TaskEvent {
@@ -62,7 +67,10 @@ pub fn event_from_proto(ev: pb::TaskEvent) -> Result<TaskEvent, String> {
             retryable: f.retryable,
             damaged_snapshot: f.damaged_snapshot,
         },
-        Some(task_event::State::Cancelled(_)) => TaskState::Cancelled,
+        Some(task_event::State::Cancelled(_)) => TaskState::Cancelled { metrics: None },
+        Some(task_event::State::CancelledWithCounters(c)) => TaskState::Cancelled {
+            metrics: Some(from_json(&c.metrics, "metrics")?),
+        },
         Some(task_event::State::Checkpoint(c)) => {
             TaskState::Checkpoint(from_json(&c, "checkpoint report")?)
         }
@@ -138,7 +146,13 @@ mod tests {
                 retryable: true,
                 damaged_snapshot: false,
             },
-            TaskState::Cancelled,
+            TaskState::Cancelled { metrics: None },
+            TaskState::Cancelled {
+                metrics: Some(MetricsSnapshot {
+                    records_out: 9,
+                    ..Default::default()
+                }),
+            },
         ];
         for state in states {
             let ev = TaskEvent {

@@ -114,7 +114,8 @@ pub struct JobStatus {
     pub attempt: u32,
     /// Restarts so far.
     pub restarts: u32,
-    /// Final counters of finished subtasks of the current attempt per (vertex, subtask).
+    /// Final counters of the current attempt's subtasks that finished or were cancelled, per
+    /// (vertex, subtask).
     pub finished: BTreeMap<(usize, u32), MetricsSnapshot>,
     /// Accumulators summed over the current attempt's subtasks (wrapping).
     pub accumulators: BTreeMap<String, i64>,
@@ -1198,7 +1199,7 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
             .unwrap_or_default();
         let task = format!("{name}#{}", ev.subtask);
         let mut state = ev.state;
-        if matches!(state, TaskState::Cancelled)
+        if matches!(state, TaskState::Cancelled { .. })
             && !rt.cancel_requested
             && rt.attempt.as_ref().is_some_and(|a| a.failure.is_none())
         {
@@ -1213,7 +1214,12 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
             };
         }
         match state {
-            TaskState::Running | TaskState::Checkpoint(_) | TaskState::Cancelled => {}
+            TaskState::Running | TaskState::Checkpoint(_) => {}
+            TaskState::Cancelled { metrics } => {
+                if let Some(m) = metrics {
+                    rt.status.finished.insert((ev.vertex, ev.subtask), m);
+                }
+            }
             TaskState::Finished {
                 metrics,
                 accumulators,

@@ -483,6 +483,8 @@ impl TaskManagerGateway for TaskManager {
             .build(&d, &plan, cancel.clone(), metrics.clone(), commands)
             .map_err(|e| e.to_string())?;
         let task = (d.job.clone(), d.vertex, d.subtask);
+        // a cancelled subtask reports the counters it stopped with
+        let counters = metrics.clone();
         self.running.lock().insert(
             task.clone(),
             Running {
@@ -517,11 +519,15 @@ impl TaskManagerGateway for TaskManager {
                         metrics: r.metrics,
                         accumulators: r.accumulators,
                     },
-                    Err(EngineError::Cancelled) => TaskState::Cancelled,
+                    Err(EngineError::Cancelled) => TaskState::Cancelled {
+                        metrics: Some(counters.snapshot()),
+                    },
                     // a peer gone because of the cancellation; an error of this subtask's own
                     // stays a failure even when the cancellation (which it may have caused:
                     // its consumers fail as soon as it stops) came before this line
-                    Err(e) if e.is_consequence() && cancel.is_cancelled() => TaskState::Cancelled,
+                    Err(e) if e.is_consequence() && cancel.is_cancelled() => TaskState::Cancelled {
+                        metrics: Some(counters.snapshot()),
+                    },
                     Err(e) => TaskState::Failed {
                         root_cause: !e.is_consequence(),
                         retryable: e.is_retryable(),

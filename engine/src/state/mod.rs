@@ -1778,10 +1778,6 @@ pub(crate) mod tests {
         assert_eq!(t.get(&key(8), 2, Watermark::MIN).unwrap(), Some(&vec![8]));
     }
 
-    /// A cache miss reads RocksDB only where evicted rows may be: keys new to a namespace cost
-    /// no read once they are past what was evicted, a key evicted in one namespace and written
-    /// in another still shows both, a row removed before the flush does not come back when the
-    /// rest of its key is read, and a namespace whose rows were all read back is forgotten.
     /// The backend's cache counters (what the subtask's metrics report) add up every table
     /// access and every RocksDB read, once the table flushed.
     #[test]
@@ -1814,6 +1810,10 @@ pub(crate) mod tests {
         );
     }
 
+    /// A cache miss reads RocksDB only where evicted rows may be: keys new to a namespace cost
+    /// no read once they are past what was evicted, a key evicted in one namespace and written
+    /// in another still shows both, a row removed before the flush does not come back when the
+    /// rest of its key is read, and a namespace whose rows were all read back is forgotten.
     #[test]
     fn misses_read_rocksdb_only_where_evicted_rows_may_be() {
         let dir = tempfile::tempdir().unwrap();
