@@ -493,16 +493,7 @@ fn the_operator_runs_a_job_with_the_charts_identity() {
     }
 
     // a savepoint on request
-    cp.kubectl_ok(&[
-        "-n",
-        ns,
-        "patch",
-        job,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"savepointTriggerNonce":1}}"#,
-    ]);
+    patch(cp, ns, "counts", json!({"savepointTriggerNonce": 1}));
     let path = until(
         cp,
         90,
@@ -648,16 +639,7 @@ fn the_stream_job_status_and_events_lead_to_the_traces() {
     );
     // a savepoint on request: its record in the status names its trace, which holds the
     // JobManager's checkpoint with the TaskManager's parts
-    cp.kubectl_ok(&[
-        "-n",
-        &ns,
-        "patch",
-        job,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"savepointTriggerNonce":1}}"#,
-    ]);
+    patch(cp, &ns, "traced", json!({"savepointTriggerNonce": 1}));
     let savepoint = status_trace(cp, &ns, job, ".status.lastSavepoint.traceId", 90);
     assert_ne!(savepoint, deployed);
     holds_trace(
