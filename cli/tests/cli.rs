@@ -387,6 +387,45 @@ sinks:
     assert_eq!(job_run.interrupt(), Some(130));
 }
 
+/// A job that fails for good still reports what its failed subtask did before it failed: a
+/// sink writing to a full stdout fails on its first batch, and the summary shows that batch.
+#[test]
+fn a_failed_job_reports_the_counters_its_subtasks_failed_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        r#"version: 1
+name: to-full
+restart: {strategy: none}
+sources:
+  gen:
+    connector: {type: generator, count: 100000, fields: {k: "seq % 10", v: seq}}
+sinks:
+  out:
+    input: gen
+    connector: {type: stdout}
+"#,
+    )
+    .unwrap();
+    let o = freshet()
+        .arg("run")
+        .arg(&job)
+        .args(["--listen", "off", "--http", "off"])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.trim_start().starts_with("gen -> sink:out"))
+        .unwrap_or_else(|| panic!("no summary line of the failed vertex in:\n{stderr}"));
+    let records_in: u64 = line.split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert!(records_in > 0, "{line}");
+}
+
 #[test]
 fn a_sink_that_cannot_write_fails_the_job_and_names_the_file() {
     let o = freshet()

@@ -95,6 +95,8 @@ pub enum TaskState {
         retryable: bool,
         /// The snapshot this attempt restored is damaged: restarts must not use it.
         damaged_snapshot: bool,
+        /// Its counters when it failed (`None` when the subtask is gone without a report).
+        metrics: Option<MetricsSnapshot>,
     },
     /// Stopped because the job was cancelled.
     Cancelled {
@@ -104,6 +106,20 @@ pub enum TaskState {
     /// Not a change of state: a report about a checkpoint (acknowledgement, decline, or a
     /// source that reached the end of its input).
     Checkpoint(SubtaskReport),
+}
+
+impl TaskState {
+    /// A failure outside the subtask (its TaskManager lost, unreachable, or refusing the
+    /// deployment): the root cause, retryable, without counters.
+    pub fn lost(error: String) -> TaskState {
+        TaskState::Failed {
+            error,
+            root_cause: true,
+            retryable: true,
+            damaged_snapshot: false,
+            metrics: None,
+        }
+    }
 }
 
 /// A TaskManager's report about one subtask.

@@ -29,11 +29,13 @@ pub fn event_to_proto(ev: &TaskEvent) -> pb::TaskEvent {
             root_cause,
             retryable,
             damaged_snapshot,
+            metrics,
         } => task_event::State::Failed(pb::TaskFailed {
             error: error.clone(),
             root_cause: *root_cause,
             retryable: *retryable,
             damaged_snapshot: *damaged_snapshot,
+            metrics: metrics.as_ref().map(json).unwrap_or_default(),
         }),
         TaskState::Cancelled { metrics: None } => task_event::State::Cancelled(pb::Empty {}),
         TaskState::Cancelled {
@@ -62,6 +64,11 @@ pub fn event_from_proto(ev: pb::TaskEvent) -> Result<TaskEvent, String> {
             accumulators: f.accumulators.into_iter().collect(),
         },
         Some(task_event::State::Failed(f)) => TaskState::Failed {
+            metrics: if f.metrics.is_empty() {
+                None
+            } else {
+                Some(from_json(&f.metrics, "metrics")?)
+            },
             error: f.error,
             root_cause: f.root_cause,
             retryable: f.retryable,
@@ -145,7 +152,12 @@ mod tests {
                 root_cause: true,
                 retryable: true,
                 damaged_snapshot: false,
+                metrics: Some(MetricsSnapshot {
+                    records_in: 5,
+                    ..Default::default()
+                }),
             },
+            TaskState::lost("TaskManager tm-1 lost".into()),
             TaskState::Cancelled { metrics: None },
             TaskState::Cancelled {
                 metrics: Some(MetricsSnapshot {

@@ -114,8 +114,8 @@ pub struct JobStatus {
     pub attempt: u32,
     /// Restarts so far.
     pub restarts: u32,
-    /// Final counters of the current attempt's subtasks that finished or were cancelled, per
-    /// (vertex, subtask).
+    /// Final counters of the current attempt's subtasks that ended (finished, cancelled or
+    /// failed, when they reported them), per (vertex, subtask).
     pub finished: BTreeMap<(usize, u32), MetricsSnapshot>,
     /// Accumulators summed over the current attempt's subtasks (wrapping).
     pub accumulators: BTreeMap<String, i64>,
@@ -1013,12 +1013,10 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
                     attempt: number,
                     vertex: v,
                     subtask: i,
-                    state: TaskState::Failed {
-                        error: format!("deploying on TaskManager {}: {error}", tm.id()),
-                        root_cause: true,
-                        retryable: true,
-                        damaged_snapshot: false,
-                    },
+                    state: TaskState::lost(format!(
+                        "deploying on TaskManager {}: {error}",
+                        tm.id()
+                    )),
                 });
             }
         }
@@ -1137,12 +1135,7 @@ fn lose_taskmanager(inner: &Inner, tm: &Arc<dyn TaskManagerGateway>, reason: &st
                     attempt: a.number,
                     vertex: *v,
                     subtask: *i,
-                    state: TaskState::Failed {
-                        error: format!("TaskManager {} lost: {reason}", tm.id()),
-                        root_cause: true,
-                        retryable: true,
-                        damaged_snapshot: false,
-                    },
+                    state: TaskState::lost(format!("TaskManager {} lost: {reason}", tm.id())),
                 });
             }
         }
@@ -1199,7 +1192,7 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
             .unwrap_or_default();
         let task = format!("{name}#{}", ev.subtask);
         let mut state = ev.state;
-        if matches!(state, TaskState::Cancelled { .. })
+        if let TaskState::Cancelled { metrics } = &state
             && !rt.cancel_requested
             && rt.attempt.as_ref().is_some_and(|a| a.failure.is_none())
         {
@@ -1211,6 +1204,7 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
                 root_cause: true,
                 retryable: true,
                 damaged_snapshot: false,
+                metrics: *metrics,
             };
         }
         match state {
@@ -1235,7 +1229,11 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
                 root_cause,
                 retryable,
                 damaged_snapshot,
+                metrics,
             } => {
+                if let Some(m) = metrics {
+                    rt.status.finished.insert((ev.vertex, ev.subtask), m);
+                }
                 let a = rt.attempt.as_mut().expect("attempt");
                 a.damaged_snapshot |= damaged_snapshot;
                 let first = a.failure.is_none();

@@ -121,12 +121,7 @@ impl RemoteTaskManager {
                                 attempt,
                                 vertex,
                                 subtask,
-                                state: TaskState::Failed {
-                                    error: format!("deploying: {}", s.message()),
-                                    root_cause: true,
-                                    retryable: true,
-                                    damaged_snapshot: false,
-                                },
+                                state: TaskState::lost(format!("deploying: {}", s.message())),
                             });
                         }
                     }

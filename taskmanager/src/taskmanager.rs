@@ -483,7 +483,7 @@ impl TaskManagerGateway for TaskManager {
             .build(&d, &plan, cancel.clone(), metrics.clone(), commands)
             .map_err(|e| e.to_string())?;
         let task = (d.job.clone(), d.vertex, d.subtask);
-        // a cancelled subtask reports the counters it stopped with
+        // a cancelled or failed subtask reports the counters it stopped with
         let counters = metrics.clone();
         self.running.lock().insert(
             task.clone(),
@@ -533,6 +533,7 @@ impl TaskManagerGateway for TaskManager {
                         retryable: e.is_retryable(),
                         damaged_snapshot: matches!(e, EngineError::Corrupt { .. }),
                         error: e.to_string(),
+                        metrics: Some(counters.snapshot()),
                     },
                 };
                 debug!(?state, "subtask ended");
