@@ -429,6 +429,16 @@ fn the_web_ui_shows_a_running_job_and_triggers_a_savepoint_and_a_cancel() {
         "a completed checkpoint in the history",
         "document.querySelector('#checkpoints tr[data-kind=\"checkpoint\"][data-status=\"completed\"]')",
     );
+    // the definition as submitted
+    let definition = b.wait_until(
+        "the job's definition",
+        "document.querySelector('#definition pre')?.textContent",
+    );
+    let definition: Value = serde_json::from_str(definition.as_str().unwrap()).unwrap();
+    assert_eq!(
+        definition["transforms"]["per_page"]["type"], "window",
+        "{definition}"
+    );
     // a vertex's subtasks, with the TaskManager each runs on
     b.click("#graph g.vertex[data-vertex=\"1\"]");
     let subtasks = b.wait_until(
@@ -462,6 +472,7 @@ fn the_web_ui_shows_a_running_job_and_triggers_a_savepoint_and_a_cancel() {
         "/jobs/{job}",
         "/jobs/{job}/checkpoints",
         "/jobs/{job}/exceptions",
+        "/jobs/{job}/definition",
         "/jobs/{job}/savepoints",
         "/jobs/{job}/stop",
         "/jobs/{job}/cancel",

@@ -8,6 +8,7 @@
 //! | GET | `/jobs/{job}` | [`JobDetails`]: graph, counters and rates per vertex and subtask |
 //! | GET | `/jobs/{job}/checkpoints` | [`CheckpointHistory`], newest last |
 //! | GET | `/jobs/{job}/exceptions` | [`JobException`]s of failed attempts, newest last |
+//! | GET | `/jobs/{job}/definition` | the job's definition as it was submitted ([`JobSpec`]) |
 //! | POST | `/jobs/{job}/savepoints` | take a savepoint ([`SavepointRequest`] optional); waits |
 //! | POST | `/jobs/{job}/stop` | stop with a savepoint; waits |
 //! | POST | `/jobs/{job}/cancel` | cancel without a savepoint |
@@ -37,6 +38,7 @@ use crate::api::{
     TaskManagerView,
 };
 use crate::{JobHandle, JobManager, JobState};
+use freshet_job::JobSpec;
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ApiError { error: msg.into() })).into_response()
@@ -69,6 +71,11 @@ async fn checkpoints(State(jm): State<JobManager>, Path(job): Path<String>) -> R
 
 async fn exceptions(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
     with_job(&jm, &job, |j| Json(j.exceptions()).into_response())
+}
+
+async fn definition(State(jm): State<JobManager>, Path(job): Path<String>) -> Response {
+    // a definition names where its secrets are, never their values
+    with_job(&jm, &job, |j| Json(&*j.plan().spec).into_response())
 }
 
 async fn taskmanagers(State(jm): State<JobManager>) -> Json<Vec<TaskManagerView>> {
@@ -188,6 +195,14 @@ const OPERATIONS: &[Operation] = &[
         summary: "The failed attempts of a job, newest last",
         body: None,
         reply: schema::<Vec<JobException>>,
+        errors: &[NO_JOB],
+    },
+    Operation {
+        method: "get",
+        path: "/jobs/{job}/definition",
+        summary: "The job's definition as it was submitted (secrets appear as references)",
+        body: None,
+        reply: schema::<JobSpec>,
         errors: &[NO_JOB],
     },
     Operation {
@@ -317,6 +332,7 @@ pub fn router(jm: JobManager, metrics: Option<MetricsText>) -> Router {
         .route("/jobs/{job}", get(job))
         .route("/jobs/{job}/checkpoints", get(checkpoints))
         .route("/jobs/{job}/exceptions", get(exceptions))
+        .route("/jobs/{job}/definition", get(definition))
         .route("/taskmanagers", get(taskmanagers))
         .route("/jobs/{job}/savepoints", post(savepoint))
         .route("/jobs/{job}/stop", post(stop))

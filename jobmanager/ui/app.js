@@ -9,6 +9,7 @@ let timer = null;
 let busy = false; // a savepoint, stop or cancel request is in flight
 let generation = 0; // renders started; an older one finishing late is dropped
 let selectedVertex = null;
+let definitionOpen = false; // kept across refreshes
 
 // ---- API --------------------------------------------------------------------------------
 
@@ -287,7 +288,8 @@ function actionButtons(job) {
 
 async function jobPage(id) {
   const base = "/jobs/" + encodeURIComponent(id);
-  const [job, checkpoints, exceptions] = await Promise.all([api(base), api(base + "/checkpoints"), api(base + "/exceptions")]);
+  const [job, checkpoints, exceptions, definition] = await Promise.all(
+    [api(base), api(base + "/checkpoints"), api(base + "/exceptions"), api(base + "/definition")]);
   const facts = el("dl", { class: "facts" },
     el("dt", null, "id"), el("dd", { class: "mono" }, job.id),
     el("dt", null, "state"), el("dd", { id: "job-state" }, stateBadge(job.state)),
@@ -307,6 +309,10 @@ async function jobPage(id) {
     section("Vertices", vertexTable(job)),
     section("Checkpoints", checkpointTable(checkpoints)),
     section("Exceptions", exceptionList(exceptions)),
+    section("Definition", el("details", { id: "definition", open: definitionOpen || null,
+      ontoggle: (e) => { definitionOpen = e.target.open; } },
+      el("summary", null, "the job as submitted"),
+      el("pre", { class: "mono" }, JSON.stringify(definition, null, 2)))),
   ];
 }
 
