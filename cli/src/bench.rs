@@ -15,9 +15,8 @@ use std::time::Instant;
 
 use freshet_connectors::nexmark::BIDDERS;
 use freshet_job::parse_job;
-use freshet_jobmanager::JobState;
 use freshet_jobmanager::checkpoints::CheckpointStatus;
-use freshet_taskmanager::local::local_cluster;
+use freshet_jobmanager::{JobManager, JobState};
 
 mod telemetry;
 
@@ -412,7 +411,9 @@ fn run_latency(kind: &str, text: &str) -> Result<LatencyRun> {
     let spec =
         parse_job(text, &format!("latency-{kind}"), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
     let parallelism = spec.parallelism;
-    let jm = local_cluster(1, parallelism);
+    let jm = JobManager::with_local_taskmanagers(|events| {
+        freshet_taskmanager::local::taskmanagers(1, parallelism, events)
+    });
     let t0 = Instant::now();
     let job = jm.submit(spec, std::env::current_dir()?)?;
     let status = job.wait();
@@ -886,7 +887,9 @@ fn run_nexmark(query: &str, text: &str, events: u64, parallelism: u32) -> Result
     let spec =
         parse_job(text, &format!("nexmark-{query}"), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
     let events = events - events % parallelism as u64;
-    let jm = local_cluster(1, parallelism);
+    let jm = JobManager::with_local_taskmanagers(|events| {
+        freshet_taskmanager::local::taskmanagers(1, parallelism, events)
+    });
     let (cpu0, t0) = (cpu_seconds(), Instant::now());
     let job = jm.submit(spec, std::env::current_dir()?)?;
     let status = job.wait();
@@ -959,7 +962,9 @@ fn bench_checkpoints(events: u64, rounds: u32, keys: u64) -> Result<i32> {
         rate = total / 8,
     );
     let spec = parse_job(&text, "large-state", &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let jm = local_cluster(1, 1);
+    let jm = JobManager::with_local_taskmanagers(|events| {
+        freshet_taskmanager::local::taskmanagers(1, 1, events)
+    });
     let job = jm.submit(spec, std::env::current_dir()?)?;
     let status = job.wait();
     if let JobState::Failed(e) = &status.state {

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use freshet_engine::metrics::MetricsSnapshot;
 use freshet_engine::time::format_millis;
 use freshet_job::{JobSpec, LoadError, load_job};
-use freshet_jobmanager::plan::NodeKind;
-use freshet_jobmanager::{JobHandle, JobPlan, JobState, SubmitError, SubmitOptions, plan};
-use freshet_taskmanager::local::local_cluster;
+use freshet_jobmanager::JobManager;
+use freshet_jobmanager::{JobHandle, JobState, SubmitError, SubmitOptions};
+use freshet_plan::{Plan, plan};
 
 /// Loads a job file, printing every problem. `None` when the job is refused.
 fn load(path: &Path, overrides: &[String]) -> Option<(JobSpec, PathBuf)> {
@@ -38,7 +38,7 @@ fn base_dir(job: &Path) -> PathBuf {
     }
 }
 
-pub fn planned(path: &Path, overrides: &[String]) -> Option<(JobSpec, PathBuf, JobPlan)> {
+pub fn planned(path: &Path, overrides: &[String]) -> Option<(JobSpec, PathBuf, Plan)> {
     let (spec, base) = load(path, overrides)?;
     match plan(&spec, &base) {
         Ok(p) => Some((spec, base, p)),
@@ -86,7 +86,9 @@ pub fn run(
         return Ok(1);
     };
     let slots = plan.slots_needed().div_ceil(taskmanagers.max(1));
-    let jm = local_cluster(taskmanagers, slots);
+    let jm = JobManager::with_local_taskmanagers(|events| {
+        freshet_taskmanager::local::taskmanagers(taskmanagers, slots, events)
+    });
     // the control plane, so `freshet savepoint`, `stop` and `list` reach this job
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -207,13 +209,6 @@ fn per_vertex(job: &JobHandle) -> BTreeMap<usize, MetricsSnapshot> {
     out
 }
 
-fn is_source(plan: &JobPlan, v: usize) -> bool {
-    matches!(
-        plan.nodes[plan.vertices[v].nodes[0]].kind,
-        NodeKind::Source { .. }
-    )
-}
-
 struct Progress {
     last: Instant,
     last_in: u64,
@@ -234,7 +229,7 @@ impl Progress {
         let m = per_vertex(job);
         let input: u64 = m
             .iter()
-            .filter(|(v, _)| is_source(plan, **v))
+            .filter(|(v, _)| plan.is_source(**v))
             .map(|(_, s)| s.records_in)
             .sum();
         let output: u64 = m.values().map(|s| s.records_written).sum();

@@ -33,6 +33,9 @@ pub struct FileSourceConfig {
     pub name: String,
     /// The file or directory.
     pub path: PathBuf,
+    /// The files to read, in order (the source's splits): subtask `i` of `p` reads files `i`,
+    /// `i + p`, ….
+    pub files: Vec<PathBuf>,
     /// The path as written in the job (positions in dead letters use it, so they do not depend
     /// on where the job runs).
     pub display_path: String,
@@ -118,9 +121,10 @@ const POSITIONS: &str = "files";
 impl FileSource {
     /// The subtask `index` of `parallelism`.
     pub fn new(config: FileSourceConfig, index: u32, parallelism: u32) -> Result<Self> {
-        let all = list_files(&config.path)?;
-        let files = all
-            .into_iter()
+        let files = config
+            .files
+            .iter()
+            .cloned()
             .enumerate()
             .filter(|(i, _)| *i as u32 % parallelism == index)
             .map(|(_, f)| f)
@@ -501,6 +505,7 @@ mod tests {
         let config = FileSourceConfig {
             name: "numbers".into(),
             path: dir.to_path_buf(),
+            files: list_files(dir).unwrap(),
             display_path: "numbers".into(),
             format: FileFormat::Jsonl,
             follow: false,

@@ -40,6 +40,9 @@ pub struct SourcePlan {
     /// The most subtasks that can have work (a file source has one split per file); more would
     /// only idle.
     pub max_parallelism: Option<u32>,
+    /// The splits found when planning (a file source's files), to be assigned to subtasks;
+    /// `None` for sources whose subtasks split the work by their index alone.
+    pub splits: Option<Vec<PathBuf>>,
     /// Creates a subtask's source.
     pub factory: SourceFactory,
 }
@@ -60,12 +63,14 @@ pub fn resolve(base: &Path, path: &str) -> PathBuf {
     }
 }
 
-/// Checks a source and prepares its factory.
+/// Checks a source and prepares its factory. `splits` are the splits a plan assigned (the files
+/// listed when it was made); without them the source finds its splits now.
 pub fn plan_source(
     name: &str,
     spec: &SourceSpec,
     base: &Path,
     batch_size: usize,
+    splits: Option<&[PathBuf]>,
 ) -> Result<SourcePlan, Problems> {
     let path = format!("sources.{name}");
     let problem =
@@ -78,6 +83,7 @@ pub fn plan_source(
     let fields: Vec<(String, freshet_job::FieldType)> =
         spec.schema.iter().map(|(k, v)| (k.clone(), *v)).collect();
     let mut max_parallelism = None;
+    let mut found = None;
     let (schema, bounded, factory): (SchemaRef, bool, SourceFactory) = match &spec.connector {
         SourceConnector::File {
             path: file,
@@ -87,8 +93,12 @@ pub fn plan_source(
             csv,
         } => {
             let full = resolve(base, file);
-            match file_source::list_files(&full) {
-                Ok(files) if !files.is_empty() => max_parallelism = Some(files.len() as u32),
+            let listed = match splits {
+                Some(files) => Ok(files.to_vec()),
+                None => file_source::list_files(&full),
+            };
+            let files = match listed {
+                Ok(files) if !files.is_empty() => files,
                 Ok(_) => {
                     return Err(problem(
                         "connector.path",
@@ -101,7 +111,9 @@ pub fn plan_source(
                         format!("{} does not exist", full.display()),
                     ));
                 }
-            }
+            };
+            max_parallelism = Some(files.len() as u32);
+            found = Some(files.clone());
             let decoded = decode::schema_of(&fields);
             let event_time = event_time::EventTime::compile(spec.event_time.as_deref(), &decoded)
                 .map_err(|e| problem("event_time", e.message))?;
@@ -114,6 +126,7 @@ pub fn plan_source(
             let config = file_source::FileSourceConfig {
                 name: name.to_string(),
                 path: full,
+                files,
                 display_path: file.clone(),
                 format: *format,
                 follow: *follow,
@@ -246,6 +259,7 @@ pub fn plan_source(
         watermarks,
         bounded,
         max_parallelism,
+        splits: found,
         factory,
     })
 }

@@ -1,7 +1,6 @@
 //! The messages between the JobManager and TaskManagers. In one process they travel over
 //! channels; between processes the same messages travel over the control-plane RPC.
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use freshet_engine::checkpoint::{
@@ -9,7 +8,7 @@ use freshet_engine::checkpoint::{
 };
 use freshet_engine::metrics::MetricsSnapshot;
 use freshet_engine::state::StateConfig;
-use freshet_job::JobSpec;
+use freshet_plan::Plan;
 
 /// Identifies a submitted job.
 #[derive(
@@ -30,10 +29,8 @@ pub struct TaskDeployment {
     pub job: JobId,
     /// Execution attempt (restarts increment it; channels of different attempts never mix).
     pub attempt: u32,
-    /// The job definition (TaskManagers plan it themselves; planning is deterministic).
-    pub spec: Arc<JobSpec>,
-    /// Directory relative paths in the definition are resolved against.
-    pub base_dir: PathBuf,
+    /// The attempt's physical plan, as the JobManager made it.
+    pub plan: Arc<Plan>,
     /// Vertex index in the plan.
     pub vertex: usize,
     /// Subtask index.

@@ -108,8 +108,7 @@ pub fn deployment_to_proto(d: &TaskDeployment, epoch: u64) -> pb::DeployRequest 
         leader_epoch: epoch,
         job: d.job.0.clone(),
         attempt: d.attempt,
-        spec: json(&*d.spec),
-        base_dir: d.base_dir.to_string_lossy().into_owned(),
+        plan: d.plan.to_json(),
         vertex: d.vertex as u32,
         subtask: d.subtask,
         checkpoint_storage: d

@@ -32,7 +32,7 @@ use crate::time::WatermarkTracker;
 use crate::{Element, EngineError, Result, Watermark};
 
 /// How a source turns record timestamps into watermarks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WatermarkConfig {
     /// Bounded out-of-orderness: watermark = max timestamp seen - bound - 1 ms.
     pub max_out_of_orderness: Duration,

@@ -39,12 +39,12 @@ use crate::checkpoints::{
     CheckpointStats, CheckpointTotals, Coordinator, CoordinatorSettings, Totals,
     acquire_generation, completed_checkpoints,
 };
-use crate::plan::{JobPlan, NodeKind, plan};
 use crate::store::{JobRecord, JobStore};
 use freshet_control::{
     CheckpointSetup, JobId, Placement, SubtaskLocation, TaskDeployment, TaskEvent,
     TaskManagerGateway, TaskState, s3_options,
 };
+use freshet_plan::{Plan, plan};
 
 /// Ended jobs a JobManager keeps listing; older ones are forgotten (their job store records stay).
 pub const RETAINED_ENDED_JOBS: usize = 100;
@@ -202,7 +202,7 @@ pub const RETAINED_EXCEPTIONS: usize = 32;
 
 struct JobEntry {
     id: JobId,
-    plan: Arc<JobPlan>,
+    plan: Arc<Plan>,
     options: SubmitOptions,
     restart: RestartSpec,
     rt: Mutex<Runtime>,
@@ -230,7 +230,7 @@ pub struct JobHandle {
 
 impl JobHandle {
     /// The planned graph.
-    pub fn plan(&self) -> &JobPlan {
+    pub fn plan(&self) -> &Plan {
         &self.entry.plan
     }
 
@@ -492,6 +492,18 @@ impl JobManager {
             }),
         );
         JobManager { inner }
+    }
+
+    /// A JobManager with TaskManagers in its own process (the local mode): `start` makes them,
+    /// given the channel they report on.
+    pub fn with_local_taskmanagers(
+        start: impl FnOnce(Sender<TaskEvent>) -> Vec<Arc<dyn TaskManagerGateway>>,
+    ) -> Self {
+        let jm = JobManager::new(0, None);
+        for tm in start(jm.event_sender()) {
+            jm.register(tm);
+        }
+        jm
     }
 
     /// The leader epoch.
@@ -905,8 +917,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
                     .iter()
                     .enumerate()
                     .flat_map(|(v, vx)| {
-                        let source =
-                            matches!(plan.nodes[vx.nodes[0]].kind, NodeKind::Source { .. });
+                        let source = plan.is_source(v);
                         (0..vx.parallelism).map(move |i| (v, i, source))
                     })
                     .collect(),
@@ -997,8 +1008,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
             let d = TaskDeployment {
                 job: entry.id.clone(),
                 attempt: number,
-                spec: spec.clone(),
-                base_dir: plan.base_dir.clone(),
+                plan: plan.clone(),
                 vertex: v,
                 subtask: i,
                 state: state.clone(),
@@ -1357,7 +1367,7 @@ enum Unusable {
 /// Loads a snapshot to restore, checks that the job can take its state and that every file it
 /// references is stored with the recorded size.
 fn load_verified(
-    plan: &JobPlan,
+    plan: &Plan,
     location: &str,
     options: &SubmitOptions,
 ) -> Result<RestoreSource, Unusable> {
@@ -1369,7 +1379,7 @@ fn load_verified(
 /// Loads the snapshot a user named. One that is damaged is refused, naming the job's newest
 /// checkpoint that can be restored instead, if it has one.
 fn load_named(
-    plan: &JobPlan,
+    plan: &Plan,
     location: &str,
     options: &SubmitOptions,
 ) -> Result<RestoreSource, SubmitError> {
@@ -1406,7 +1416,7 @@ fn load_named(
 /// The first of `candidates` (newest first) that can be restored; damaged ones are reported and
 /// skipped. An error when every candidate is damaged.
 fn first_usable(
-    plan: &JobPlan,
+    plan: &Plan,
     candidates: &[String],
     known_damaged: &HashSet<String>,
     options: &SubmitOptions,
@@ -1439,7 +1449,7 @@ fn first_usable(
 
 /// Loads a snapshot to restore and checks that the job can take its state.
 fn load_restore(
-    plan: &JobPlan,
+    plan: &Plan,
     location: &str,
     options: &SubmitOptions,
 ) -> Result<RestoreSource, Unusable> {
@@ -1508,7 +1518,7 @@ fn load_restore(
 }
 
 fn prepare_state(
-    plan: &JobPlan,
+    plan: &Plan,
     start: &Start,
     allow_non_restored_state: bool,
     damaged: &HashSet<String>,

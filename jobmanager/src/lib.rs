@@ -1,8 +1,8 @@
 //! The JobManager: plans jobs into parallel subtasks, schedules them into TaskManager slots and
 //! follows them to completion.
 //!
-//! - [`plan`]: job definition → logical graph → chains (vertices) and edges. TaskManagers run the
-//!   same planning, so a deployment only names a vertex and a subtask.
+//! - `freshet_plan`: job definition → the physical plan (vertices, edges, recipes) the
+//!   JobManager makes once per submission and ships in every deployment.
 //! - `freshet_control` (re-exported as [`messages`]): what the JobManager and TaskManagers say
 //!   to each other, and the [`TaskManagerGateway`] a TaskManager is reached through.
 //! - [`jobmanager`]: submission, slot-sharing scheduling, job status and cancellation.
@@ -25,7 +25,6 @@ pub mod http;
 pub mod jobmanager;
 pub mod leader;
 mod metrics;
-pub mod plan;
 pub mod rpc;
 pub mod store;
 pub mod ui;
@@ -35,4 +34,3 @@ pub use freshet_control::{
     JobId, TaskDeployment, TaskEvent, TaskManagerGateway, TaskState, s3_options,
 };
 pub use jobmanager::{JobHandle, JobManager, JobState, JobStatus, SubmitError, SubmitOptions};
-pub use plan::{JobPlan, plan};

@@ -39,7 +39,7 @@ use freshet_job::{DedupKeep, Problem, Problems, TransformSpec, WindowSpec};
 pub type OperatorFactory = Arc<dyn Fn(&SubtaskInfo) -> Box<dyn Operator> + Send + Sync>;
 
 /// How a transform wants an input partitioned.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum InputKeying {
     /// Any partitioning (forward when possible).
     Any,

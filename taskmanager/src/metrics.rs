@@ -36,10 +36,10 @@ impl Observed {
         let (Some(running), Some(plans)) = (self.running.upgrade(), self.plans.upgrade()) else {
             return Vec::new();
         };
-        let names: HashMap<JobId, Arc<freshet_jobmanager::JobPlan>> = plans
+        let names: HashMap<JobId, Arc<freshet_plan::Plan>> = plans
             .lock()
             .iter()
-            .filter_map(|(j, (_, p))| p.clone().map(|p| (j.clone(), p)))
+            .filter_map(|(j, e)| e.plan.clone().map(|p| (j.clone(), p)))
             .collect();
         running
             .lock()

@@ -22,7 +22,7 @@ use freshet_control::{
 };
 use freshet_engine::checkpoint::{RestoreSource, Storage, SubtaskCommand};
 use freshet_engine::state::StateConfig;
-use freshet_job::JobSpec;
+use freshet_plan::Plan;
 use freshet_proto as pb;
 use freshet_proto::job_manager_client::JobManagerClient;
 use freshet_proto::task_manager_server::{TaskManager as TaskManagerRpc, TaskManagerServer};
@@ -89,15 +89,14 @@ impl Service {
     }
 
     fn deployment(&self, r: pb::DeployRequest) -> Result<TaskDeployment, String> {
-        let spec: JobSpec =
-            serde_json::from_slice(&r.spec).map_err(|e| format!("job definition: {e}"))?;
-        let base_dir = PathBuf::from(&r.base_dir);
-        let s3 = s3_options(&spec)?;
+        let plan = Arc::new(Plan::from_json(&r.plan)?);
+        let (spec, base_dir) = (&plan.spec, &plan.base_dir);
+        let s3 = s3_options(spec)?;
         let checkpoints = if r.checkpoint_storage.is_empty() {
             None
         } else {
             Some(CheckpointSetup {
-                storage: Storage::open(&r.checkpoint_storage, &base_dir, &s3)
+                storage: Storage::open(&r.checkpoint_storage, base_dir, &s3)
                     .map_err(|e| format!("checkpoint storage: {e}"))?,
                 s3: s3.clone(),
             })
@@ -110,7 +109,7 @@ impl Service {
             Some(match cached {
                 Some(c) => c,
                 None => {
-                    let mut source = RestoreSource::load(&r.restore, &base_dir, &s3)
+                    let mut source = RestoreSource::load(&r.restore, base_dir, &s3)
                         .map_err(|e| format!("restoring {}: {e}", r.restore))?;
                     source.shared_with_job = r.restore_shared;
                     let source = Arc::new(source);
@@ -146,10 +145,9 @@ impl Service {
             slot: 0,
         };
         Ok(TaskDeployment {
+            plan,
             job: JobId(r.job),
             attempt: r.attempt,
-            spec: Arc::new(spec),
-            base_dir,
             vertex: r.vertex as usize,
             subtask: r.subtask,
             state,

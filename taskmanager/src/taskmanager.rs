@@ -24,8 +24,7 @@ use freshet_engine::partition::{EdgeWriter, Partitioning};
 use freshet_engine::state::StateMemory;
 use freshet_engine::task::{ChainedOperator, SubtaskSpec, TaskInput, run_subtask};
 use freshet_engine::{EngineError, Result};
-use freshet_jobmanager::plan;
-use freshet_jobmanager::plan::{JobPlan, NodeKind};
+use freshet_plan::{Factory, NodeKind, Plan, instantiate};
 
 use crate::network::Network;
 use crate::shuffle::{ChannelKey, LocalShuffle};
@@ -33,12 +32,20 @@ use crate::shuffle::{ChannelKey, LocalShuffle};
 /// A running subtask: (job, vertex, subtask).
 pub(crate) type TaskKey = (JobId, usize, u32);
 
-/// Per job, the newest attempt deployed here and its plan (dropped while nothing of the job
-/// runs here, rebuilt if more of it comes).
+/// Per job, the newest attempt deployed here and its plan.
 pub(crate) type Plans = Arc<PlanMap>;
 
 /// Per job, the newest attempt deployed here and its plan.
-pub(crate) type PlanMap = Mutex<HashMap<JobId, (u32, Option<Arc<JobPlan>>)>>;
+pub(crate) type PlanMap = Mutex<HashMap<JobId, AttemptPlan>>;
+
+/// The newest attempt of a job deployed here.
+pub(crate) struct AttemptPlan {
+    pub(crate) attempt: u32,
+    /// Its plan, and the factories built from it per vertex: one set per vertex and attempt,
+    /// shared by the vertex's subtasks here (both dropped while nothing of the job runs here).
+    pub(crate) plan: Option<Arc<Plan>>,
+    factories: HashMap<usize, Arc<Vec<Factory>>>,
+}
 
 /// Per job, the keyed-state memory its subtasks here share.
 pub(crate) type Memories = Mutex<HashMap<JobId, Weak<StateMemory>>>;
@@ -193,17 +200,12 @@ impl TaskManager {
         }
     }
 
-    fn plan_for(&self, d: &TaskDeployment) -> std::result::Result<Arc<JobPlan>, String> {
+    /// The factories of the deployment's vertex, built from its plan on the first of the
+    /// vertex's subtasks deployed here.
+    fn factories_for(&self, d: &TaskDeployment) -> std::result::Result<Arc<Vec<Factory>>, String> {
         let mut plans = self.plans.lock();
-        let known = plans.get(&d.job);
-        if let Some((a, Some(p))) = known
-            && *a == d.attempt
-        {
-            return Ok(p.clone());
-        }
-        let new_attempt = known.is_none_or(|(a, _)| *a != d.attempt);
-        let p = Arc::new(plan(&d.spec, &d.base_dir).map_err(|p| p.to_string())?);
-        if new_attempt {
+        let fresh = plans.get(&d.job).is_none_or(|e| e.attempt != d.attempt);
+        if fresh {
             // clear working directories that killed processes left behind
             remove_dead_working_dirs(&d.state.local_dir);
             // older attempts of the job will never run here again
@@ -211,19 +213,36 @@ impl TaskManager {
                 self.shuffle.retire(&d.job, older);
             }
         }
-        plans.insert(d.job.clone(), (d.attempt, Some(p.clone())));
-        Ok(p)
+        let e = plans.entry(d.job.clone()).or_insert_with(|| AttemptPlan {
+            attempt: d.attempt,
+            plan: None,
+            factories: HashMap::new(),
+        });
+        if fresh || e.plan.is_none() {
+            *e = AttemptPlan {
+                attempt: d.attempt,
+                plan: Some(d.plan.clone()),
+                factories: HashMap::new(),
+            };
+        }
+        if let Some(f) = e.factories.get(&d.vertex) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(instantiate(&d.plan, d.vertex)?);
+        e.factories.insert(d.vertex, f.clone());
+        Ok(f)
     }
 
     /// Builds the runnable subtask of a deployment.
     fn build(
         &self,
         d: &TaskDeployment,
-        plan: &JobPlan,
+        factories: &[Factory],
         cancel: CancelToken,
         metrics: Arc<SubtaskMetrics>,
         commands: crossbeam_channel::Receiver<SubtaskCommand>,
     ) -> Result<SubtaskSpec> {
+        let plan = &*d.plan;
         let vertex = &plan.vertices[d.vertex];
         let capacity = plan.spec.pipeline.channel_capacity;
         let info = SubtaskInfo {
@@ -261,12 +280,8 @@ impl TaskManager {
                 .collect::<Result<Vec<_>>>()
         };
         let head = vertex.nodes[0];
-        let (input, rest) = match &plan.nodes[head].kind {
-            NodeKind::Source {
-                factory,
-                watermarks,
-                ..
-            } => {
+        let (input, rest) = match (&plan.nodes[head].kind, factories.first()) {
+            (NodeKind::Source { watermarks, .. }, Some(Factory::Source(factory))) => {
                 let source = factory(&info)?;
                 let only = vertex.nodes.len() == 1;
                 let main_outputs = if only { writers(head, 0)? } else { Vec::new() };
@@ -284,7 +299,7 @@ impl TaskManager {
                     &vertex.nodes[1..],
                 )
             }
-            NodeKind::Operator { .. } => {
+            _ => {
                 let mut inputs = Vec::new();
                 for (ei, e) in plan
                     .edges
@@ -313,9 +328,10 @@ impl TaskManager {
             }
         };
         let mut chain = Vec::new();
-        for (k, node) in rest.iter().enumerate() {
+        let chained = &factories[vertex.nodes.len() - rest.len()..];
+        for (k, (node, factory)) in rest.iter().zip(chained).enumerate() {
             let n = &plan.nodes[*node];
-            let NodeKind::Operator { factory } = &n.kind else {
+            let Factory::Operator(factory) = factory else {
                 return Err(EngineError::Operator(format!(
                     "source {} cannot be chained",
                     n.name
@@ -475,12 +491,12 @@ impl TaskManagerGateway for TaskManager {
     }
 
     fn deploy(&self, d: TaskDeployment) -> std::result::Result<(), String> {
-        let plan = self.plan_for(&d)?;
+        let factories = self.factories_for(&d)?;
         let cancel = CancelToken::new();
         let metrics = Arc::new(SubtaskMetrics::default());
         let (commands_tx, commands) = crossbeam_channel::unbounded();
         let spec = self
-            .build(&d, &plan, cancel.clone(), metrics.clone(), commands)
+            .build(&d, &factories, cancel.clone(), metrics.clone(), commands)
             .map_err(|e| e.to_string())?;
         let task = (d.job.clone(), d.vertex, d.subtask);
         // a cancelled or failed subtask reports the counters it stopped with
@@ -497,7 +513,7 @@ impl TaskManagerGateway for TaskManager {
         let events = self.events.clone();
         let running = self.running.clone();
         let plans = Arc::downgrade(&self.plans);
-        let thread_name = format!("{}#{}", plan.vertices[d.vertex].name, d.subtask);
+        let thread_name = format!("{}#{}", d.plan.vertices[d.vertex].name, d.subtask);
         let span = info_span!(target: "freshet::context", "task", taskmanager = %self.id, job = %d.job, task = %thread_name);
         std::thread::Builder::new()
             .name(thread_name.chars().take(15).collect())
@@ -546,11 +562,12 @@ impl TaskManagerGateway for TaskManager {
                     !running.keys().any(|(j, _, _)| *j == d.job)
                 };
                 if job_done && let Some(plans) = plans.upgrade() {
-                    // nothing of the job runs here: its plan is rebuilt if more of it comes
-                    if let Some((a, plan)) = plans.lock().get_mut(&d.job)
-                        && *a == d.attempt
+                    // nothing of the job runs here: its plan is taken again if more of it comes
+                    if let Some(e) = plans.lock().get_mut(&d.job)
+                        && e.attempt == d.attempt
                     {
-                        *plan = None;
+                        e.plan = None;
+                        e.factories.clear();
                     }
                 }
                 let _ = events.send(TaskEvent {
@@ -578,7 +595,7 @@ impl TaskManagerGateway for TaskManager {
             }
         }
         self.watch_cancelled(cancelled);
-        let planned = self.plans.lock().get(job).map(|e| e.0);
+        let planned = self.plans.lock().get(job).map(|e| e.attempt);
         if let Some(attempt) = newest.max(planned) {
             self.shuffle.retire(job, attempt);
         }

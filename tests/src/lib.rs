@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use freshet_job::{SinkConnector, load_job};
-use freshet_jobmanager::{JobState, plan};
-use freshet_taskmanager::local::local_cluster;
+use freshet_jobmanager::JobManager;
+use freshet_jobmanager::JobState;
+use freshet_plan::plan;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -39,7 +40,9 @@ pub fn run_example(name: &str, parallelism: u32, out: &Path) -> freshet_jobmanag
     ));
     let spec = load_job(&job, &overrides).expect("overrides apply");
     let slots = plan(&spec, &dir).expect("example plans").slots_needed();
-    let jm = local_cluster(1, slots);
+    let jm = JobManager::with_local_taskmanagers(|events| {
+        freshet_taskmanager::local::taskmanagers(1, slots, events)
+    });
     let handle = jm.submit(spec, dir).expect("submits");
     let status = handle.wait_timeout(Duration::from_secs(120));
     assert_eq!(

@@ -11,115 +11,21 @@
 //!    forward edge, the producer's main output feeds only it, and it has one input. Each chain is
 //!    a **vertex** with one subtask per parallel instance.
 //!
-//! Planning is deterministic: the JobManager and every TaskManager plan the same definition into
-//! the same graph, so a deployment only has to name a vertex and a subtask.
+//! Only the JobManager plans. The splits a source has at planning time (a file source's files)
+//! are recorded in its recipe, so every TaskManager reads the files the JobManager saw.
 use arrow::datatypes::SchemaRef;
 use std::collections::HashMap;
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use freshet_connectors::{SourceFactory, SourcePlan, dead_letter_sink, plan_sink, plan_source};
+use freshet_connectors::{SourcePlan, dead_letter_sink, plan_sink, plan_source};
 use freshet_engine::partition::Partitioning;
-use freshet_engine::task::WatermarkConfig;
 use freshet_job::validate::{side_outputs_of, side_outputs_of_source};
 use freshet_job::{JobSpec, Problem, Problems, TransformSpec};
-use freshet_operators::{InputKeying, OperatorFactory, dead_letter, plan_transform};
+use freshet_operators::{InputKeying, dead_letter, plan_transform};
 
-/// Index of a node in the logical graph.
-pub type NodeId = usize;
-
-/// What a node does.
-#[derive(Clone)]
-pub enum NodeKind {
-    /// Reads input.
-    Source {
-        /// Creates a subtask's source.
-        factory: SourceFactory,
-        /// Watermark generation.
-        watermarks: WatermarkConfig,
-        /// Whether it ends by itself.
-        bounded: bool,
-    },
-    /// Transforms or writes.
-    Operator {
-        /// Creates a subtask's operator.
-        factory: OperatorFactory,
-    },
-}
-
-/// One input of a node.
-#[derive(Debug, Clone)]
-pub struct NodeInput {
-    /// Producer.
-    pub node: NodeId,
-    /// Producer's output port.
-    pub port: usize,
-    /// How the input must be partitioned.
-    pub keying: InputKeying,
-}
-
-/// A node of the logical graph.
-#[derive(Clone)]
-pub struct Node {
-    /// Display name: `clicks`, `visitors`, `sink:late_clicks`.
-    pub name: String,
-    /// What it does.
-    pub kind: NodeKind,
-    /// Parallelism.
-    pub parallelism: u32,
-    /// Inputs, in logical input order.
-    pub inputs: Vec<NodeInput>,
-    /// Output schemas per port.
-    pub outputs: Vec<SchemaRef>,
-    /// Names of the output ports.
-    pub port_names: Vec<&'static str>,
-    /// Whether this node is a sink.
-    pub is_sink: bool,
-}
-
-/// A connection between two vertices.
-#[derive(Debug, Clone)]
-pub struct Edge {
-    /// Producer node and port.
-    pub from: (NodeId, usize),
-    /// Consumer node (the head of its vertex) and its logical input.
-    pub to: (NodeId, usize),
-    /// Producer vertex.
-    pub from_vertex: usize,
-    /// Consumer vertex.
-    pub to_vertex: usize,
-    /// How batches are spread.
-    pub partitioning: Partitioning,
-}
-
-/// A chain of nodes run by one thread per subtask.
-#[derive(Debug, Clone)]
-pub struct Vertex {
-    /// Name (the chained node names).
-    pub name: String,
-    /// Nodes in chain order.
-    pub nodes: Vec<NodeId>,
-    /// Parallelism.
-    pub parallelism: u32,
-}
-
-/// A planned job: nodes, vertices and the edges between vertices.
-#[derive(Clone)]
-pub struct JobPlan {
-    /// The definition it came from.
-    pub spec: Arc<JobSpec>,
-    /// Directory relative paths are resolved against.
-    pub base_dir: PathBuf,
-    /// Logical nodes.
-    pub nodes: Vec<Node>,
-    /// Vertices (chains).
-    pub vertices: Vec<Vertex>,
-    /// Edges between vertices.
-    pub edges: Vec<Edge>,
-    /// Vertex of each node.
-    pub vertex_of: Vec<usize>,
-}
+use crate::graph::{Edge, Node, NodeId, NodeInput, NodeKind, Plan, Vertex};
+use crate::recipe::Recipe;
 
 struct Builder<'a> {
     job: &'a JobSpec,
@@ -159,7 +65,7 @@ impl Builder<'_> {
 }
 
 /// Plans a validated job definition. Every problem found is reported.
-pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
+pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<Plan, Problems> {
     let mut b = Builder {
         job,
         base: base_dir,
@@ -170,13 +76,14 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
     };
 
     for (name, s) in &job.sources {
-        match plan_source(name, s, base_dir, job.pipeline.batch_size) {
+        match plan_source(name, s, base_dir, job.pipeline.batch_size, None) {
             Ok(SourcePlan {
                 outputs,
                 watermarks,
                 bounded,
                 max_parallelism,
-                factory,
+                splits,
+                factory: _,
             }) => {
                 // a subtask without a split would only idle (and hold back nothing useful)
                 let parallelism = s
@@ -186,14 +93,18 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
                 let id = b.add(Node {
                     name: name.clone(),
                     kind: NodeKind::Source {
-                        factory,
                         watermarks,
                         bounded,
+                    },
+                    recipe: Recipe::Source {
+                        name: name.clone(),
+                        spec: s.clone(),
+                        splits,
                     },
                     parallelism,
                     inputs: Vec::new(),
                     outputs,
-                    port_names: vec!["main", "dead_letter"],
+                    port_names: vec!["main".into(), "dead_letter".into()],
                     is_sink: false,
                 });
                 b.by_stream.insert(name.clone(), id);
@@ -241,12 +152,14 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
                     } else {
                         t.parallelism().unwrap_or(job.parallelism)
                     };
-                    let mut ports = vec!["main"];
-                    ports.extend(side_outputs_of(t).iter().map(|s| s.0));
+                    let mut ports = vec!["main".to_string()];
+                    ports.extend(side_outputs_of(t).iter().map(|s| s.0.to_string()));
                     let id = b.add(Node {
                         name: name.clone(),
-                        kind: NodeKind::Operator {
-                            factory: tp.factory,
+                        kind: NodeKind::Operator,
+                        recipe: Recipe::Transform {
+                            name: name.clone(),
+                            spec: t.clone(),
                         },
                         parallelism,
                         inputs: inputs
@@ -297,7 +210,7 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
             upsert.as_deref(),
             base_dir,
         ) {
-            Ok(sp) => {
+            Ok(_) => {
                 let parallelism = if s.connector.is_single_writer() {
                     1
                 } else {
@@ -305,8 +218,11 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<JobPlan, Problems> {
                 };
                 b.add(Node {
                     name: format!("sink:{name}"),
-                    kind: NodeKind::Operator {
-                        factory: sp.factory,
+                    kind: NodeKind::Operator,
+                    recipe: Recipe::Sink {
+                        name: name.clone(),
+                        connector: s.connector.clone(),
+                        upsert_key: upsert,
                     },
                     parallelism,
                     inputs: vec![NodeInput {
@@ -347,7 +263,8 @@ fn route_unread_side_outputs(b: &mut Builder<'_>) -> Result<(), Problems> {
     if unread.is_empty() {
         return Ok(());
     }
-    let sink = dead_letter_sink(b.job.dead_letter.as_ref(), b.base)?;
+    // checked here, built by the TaskManager that runs it
+    dead_letter_sink(b.job.dead_letter.as_ref(), b.base)?;
     let dl_schema = dead_letter::schema();
     let mut feeds = Vec::new();
     for (id, port) in unread {
@@ -355,19 +272,12 @@ fn route_unread_side_outputs(b: &mut Builder<'_>) -> Result<(), Problems> {
         if n.outputs[port] == dl_schema {
             feeds.push((id, port));
         } else {
-            let (origin, reason) = (
-                n.name.clone(),
-                format!("{} output not routed by the job", n.port_names[port]),
-            );
             let adapter = Node {
                 name: format!("{}.{}", n.name, n.port_names[port]),
-                kind: NodeKind::Operator {
-                    factory: Arc::new(move |_| {
-                        Box::new(dead_letter::ToDeadLetter::new(
-                            origin.clone(),
-                            reason.clone(),
-                        ))
-                    }),
+                kind: NodeKind::Operator,
+                recipe: Recipe::ToDeadLetter {
+                    origin: n.name.clone(),
+                    reason: format!("{} output not routed by the job", n.port_names[port]),
                 },
                 parallelism: n.parallelism,
                 inputs: vec![NodeInput {
@@ -376,7 +286,7 @@ fn route_unread_side_outputs(b: &mut Builder<'_>) -> Result<(), Problems> {
                     keying: InputKeying::Any,
                 }],
                 outputs: vec![dl_schema.clone()],
-                port_names: vec!["main"],
+                port_names: vec!["main".into()],
                 is_sink: false,
             };
             let a = b.add(adapter);
@@ -385,8 +295,9 @@ fn route_unread_side_outputs(b: &mut Builder<'_>) -> Result<(), Problems> {
     }
     b.nodes.push(Node {
         name: "sink:dead_letter".into(),
-        kind: NodeKind::Operator {
-            factory: sink.factory,
+        kind: NodeKind::Operator,
+        recipe: Recipe::DeadLetterSink {
+            connector: b.job.dead_letter.clone(),
         },
         parallelism: 1,
         inputs: feeds
@@ -422,7 +333,7 @@ fn partitioning(job: &JobSpec, from: &Node, to: &Node, keying: &InputKeying) -> 
     }
 }
 
-fn chain(job: &JobSpec, base: &Path, nodes: Vec<Node>) -> JobPlan {
+fn chain(job: &JobSpec, base: &Path, nodes: Vec<Node>) -> Plan {
     let n = nodes.len();
     let mut consumers: HashMap<(NodeId, usize), Vec<NodeId>> = HashMap::new();
     for (id, node) in nodes.iter().enumerate() {
@@ -487,89 +398,13 @@ fn chain(job: &JobSpec, base: &Path, nodes: Vec<Node>) -> JobPlan {
             });
         }
     }
-    JobPlan {
+    Plan {
         spec: Arc::new(job.clone()),
         base_dir: base.to_path_buf(),
         nodes,
         vertices,
         edges,
         vertex_of,
-    }
-}
-
-impl JobPlan {
-    /// Total number of subtasks.
-    pub fn subtask_count(&self) -> u32 {
-        self.vertices.iter().map(|v| v.parallelism).sum()
-    }
-
-    /// Slots needed with slot sharing (one subtask of every vertex per slot).
-    pub fn slots_needed(&self) -> u32 {
-        self.vertices
-            .iter()
-            .map(|v| v.parallelism)
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// A human-readable description of the planned graph.
-    pub fn explain(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "job {} (max parallelism {}, {} vertices, {} subtasks, {} slots)",
-            self.spec.name,
-            self.spec.max_parallelism,
-            self.vertices.len(),
-            self.subtask_count(),
-            self.slots_needed()
-        );
-        for (vi, v) in self.vertices.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "\nvertex {vi}: {} [parallelism {}]",
-                v.name, v.parallelism
-            );
-            for (k, m) in v.nodes.iter().enumerate() {
-                let node = &self.nodes[*m];
-                let role = match (&node.kind, node.is_sink) {
-                    (NodeKind::Source { .. }, _) => "source",
-                    (_, true) => "sink",
-                    _ => "operator",
-                };
-                let chained = if k == 0 { "" } else { "  (chained)" };
-                let _ = writeln!(s, "  {role} {}{chained}", node.name);
-                for (p, schema) in node.outputs.iter().enumerate() {
-                    let cols: Vec<String> = schema
-                        .fields()
-                        .iter()
-                        .filter(|f| f.name() != freshet_engine::TIME_COLUMN)
-                        .map(|f| {
-                            format!(
-                                "{}: {}",
-                                f.name(),
-                                freshet_operators::expr::type_name(f.data_type()).to_lowercase()
-                            )
-                        })
-                        .collect();
-                    let _ = writeln!(s, "    {} -> ({})", node.port_names[p], cols.join(", "));
-                }
-            }
-            for e in self.edges.iter().filter(|e| e.to_vertex == vi) {
-                let from = &self.nodes[e.from.0];
-                let port = if e.from.1 == 0 {
-                    String::new()
-                } else {
-                    format!(".{}", from.port_names[e.from.1])
-                };
-                let _ = writeln!(
-                    s,
-                    "  <- {}{port} [{}] from vertex {}",
-                    from.name, e.partitioning, e.from_vertex
-                );
-            }
-        }
-        s
     }
 }
 
