@@ -13,8 +13,8 @@ use anyhow::{Result, bail};
 use clap::Subcommand;
 use std::time::Instant;
 
+use freshet_connectors::job_format;
 use freshet_connectors::nexmark::BIDDERS;
-use freshet_job::parse_job;
 use freshet_jobmanager::checkpoints::CheckpointStatus;
 use freshet_jobmanager::{JobManager, JobState};
 
@@ -408,8 +408,9 @@ struct LatencyRun {
 }
 
 fn run_latency(kind: &str, text: &str) -> Result<LatencyRun> {
-    let spec =
-        parse_job(text, &format!("latency-{kind}"), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec = job_format()
+        .parse(text, &format!("latency-{kind}"), &[])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let parallelism = spec.parallelism;
     let jm = JobManager::with_local_taskmanagers(|events| {
         freshet_taskmanager::local::taskmanagers(1, parallelism, events)
@@ -884,8 +885,9 @@ struct Measured {
 }
 
 fn run_nexmark(query: &str, text: &str, events: u64, parallelism: u32) -> Result<Measured> {
-    let spec =
-        parse_job(text, &format!("nexmark-{query}"), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec = job_format()
+        .parse(text, &format!("nexmark-{query}"), &[])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let events = events - events % parallelism as u64;
     let jm = JobManager::with_local_taskmanagers(|events| {
         freshet_taskmanager::local::taskmanagers(1, parallelism, events)
@@ -961,7 +963,9 @@ fn bench_checkpoints(events: u64, rounds: u32, keys: u64) -> Result<i32> {
         checkpointing("1s", dir.path()),
         rate = total / 8,
     );
-    let spec = parse_job(&text, "large-state", &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec = job_format()
+        .parse(&text, "large-state", &[])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let jm = JobManager::with_local_taskmanagers(|events| {
         freshet_taskmanager::local::taskmanagers(1, 1, events)
     });
@@ -994,7 +998,9 @@ mod tests {
     #[test]
     fn recovery_benchmark_job_is_valid() {
         let text = recovery_job(1000, 95, std::path::Path::new("/tmp/c"));
-        let job = parse_job(&text, "recovery.yaml", &[]).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let job = job_format()
+            .parse(&text, "recovery.yaml", &[])
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(job.parallelism, 2);
         assert_eq!(text.matches("CAST(").count(), 10);
         assert!(bench_recovery(&[0], 10, std::time::Duration::from_secs(1)).is_err());
@@ -1015,7 +1021,8 @@ mod tests {
     fn state_benchmark_jobs_are_valid() {
         for kind in ["dedup", "window", "join"] {
             let text = state_job(kind, 1_000_000, 2, Some(64)).unwrap();
-            let job = parse_job(&text, "state.yaml", &[])
+            let job = job_format()
+                .parse(&text, "state.yaml", &[])
                 .unwrap_or_else(|e| panic!("{kind}: {e}\n{text}"));
             assert_eq!(job.state.memory_mb, 64);
         }

@@ -293,7 +293,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
             parallelism,
         } => run::explain(&job, &overrides(set, parallelism)),
         Command::Schema => {
-            println!("{}", serde_json::to_string_pretty(&freshet_job::schema())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&freshet_connectors::job_format().schema())?
+            );
             Ok(0)
         }
         Command::Crd => {

@@ -7,16 +7,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use freshet_connectors::job_format;
 use freshet_engine::metrics::MetricsSnapshot;
 use freshet_engine::time::format_millis;
-use freshet_job::{JobSpec, LoadError, load_job};
+use freshet_job::{JobSpec, LoadError};
 use freshet_jobmanager::JobManager;
 use freshet_jobmanager::{JobHandle, JobState, SubmitError, SubmitOptions};
 use freshet_plan::{Plan, plan};
 
 /// Loads a job file, printing every problem. `None` when the job is refused.
 fn load(path: &Path, overrides: &[String]) -> Option<(JobSpec, PathBuf)> {
-    match load_job(path, overrides) {
+    match job_format().load(path, overrides) {
         Ok(spec) => Some((spec, base_dir(path))),
         Err(LoadError::Invalid(problems)) => {
             eprint!("{}: {problems}", path.display());

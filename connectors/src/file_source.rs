@@ -20,11 +20,162 @@ use std::time::Duration;
 use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::operator::{OperatorContext, Source, SourceOutput, SourceStatus};
 use freshet_engine::{EngineError, Result};
-use freshet_job::{FieldType, FileFormat};
+use freshet_job::{FieldType, Problem, Problems};
 use freshet_operators::dead_letter::DeadLetters;
 
 use crate::decode::RowDecoder;
 use crate::event_time::EventTime;
+use crate::registry::{SourceConnector, SourceContext};
+use crate::{SourcePlan, resolve};
+
+/// File record formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FileFormat {
+    /// One JSON object per line.
+    Jsonl,
+    /// Comma-separated values.
+    Csv,
+}
+
+/// CSV options.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CsvOptions {
+    /// The first line names the columns (matched to the schema by name).
+    #[serde(default = "default_true")]
+    pub header: bool,
+    /// Field delimiter, one character.
+    #[serde(default = "default_delimiter")]
+    pub delimiter: char,
+}
+
+impl Default for CsvOptions {
+    fn default() -> Self {
+        CsvOptions {
+            header: true,
+            delimiter: ',',
+        }
+    }
+}
+fn default_true() -> bool {
+    true
+}
+fn default_delimiter() -> char {
+    ','
+}
+
+/// Files of JSON Lines or CSV. Bounded, or followed as they grow.
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    /// File path; relative paths are resolved against the job file's directory. A directory
+    /// reads every file in it, in name order, each as one split.
+    pub path: String,
+    /// Record format.
+    pub format: FileFormat,
+    /// Keep reading as the file grows instead of stopping at its end.
+    #[serde(default)]
+    pub follow: bool,
+    /// CSV options.
+    #[serde(default)]
+    pub csv: CsvOptions,
+    /// Upper bound on records read per second by each subtask (unlimited if unset): replay
+    /// recorded input at a controlled pace.
+    #[serde(default)]
+    pub rows_per_second: Option<f64>,
+}
+
+/// The `file` source connector.
+pub struct FileConnector;
+
+impl SourceConnector for FileConnector {
+    type Config = FileSettings;
+
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    fn plan(
+        &self,
+        ctx: &SourceContext<'_>,
+        c: FileSettings,
+    ) -> std::result::Result<SourcePlan, Problems> {
+        if ctx.spec.schema.is_empty() {
+            return Err(Problems(vec![
+                Problem::new(
+                    format!("sources.{}.schema", ctx.name),
+                    "a file source needs a schema",
+                )
+                .hint("list the fields, e.g. schema: {id: string, ts: timestamp}"),
+            ]));
+        }
+        let full = resolve(ctx.base, &c.path);
+        let listed = match ctx.splits {
+            Some(files) => Ok(files.to_vec()),
+            None => list_files(&full),
+        };
+        let files = match listed {
+            Ok(files) if !files.is_empty() => files,
+            Ok(_) => {
+                return Err(ctx.problem(
+                    "connector.path",
+                    format!("{} contains no files", full.display()),
+                ));
+            }
+            Err(_) => {
+                return Err(ctx.problem(
+                    "connector.path",
+                    format!("{} does not exist", full.display()),
+                ));
+            }
+        };
+        if !c.csv.delimiter.is_ascii() {
+            return Err(ctx.problem(
+                "connector.csv.delimiter",
+                "must be a single ASCII character",
+            ));
+        }
+        let fields: Vec<(String, FieldType)> = ctx
+            .spec
+            .schema
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let decoded = crate::decode::schema_of(&fields);
+        let event_time = EventTime::compile(ctx.spec.event_time.as_deref(), &decoded)
+            .map_err(|e| ctx.problem("event_time", e.message))?;
+        let config = FileSourceConfig {
+            name: ctx.name.to_string(),
+            path: full,
+            files: files.clone(),
+            display_path: c.path.clone(),
+            format: c.format,
+            follow: c.follow,
+            header: c.csv.header,
+            delimiter: c.csv.delimiter as u8,
+            fields,
+            event_time: event_time.clone(),
+            batch_size: ctx.batch_size,
+            rows_per_second: c.rows_per_second,
+        };
+        let mut plan = SourcePlan::new(
+            ctx,
+            event_time.output_schema(),
+            !c.follow,
+            std::sync::Arc::new(move |info: &freshet_engine::operator::SubtaskInfo| {
+                Ok(Box::new(FileSource::new(
+                    config.clone(),
+                    info.index,
+                    info.parallelism,
+                )?) as Box<dyn Source>)
+            }),
+        );
+        plan.max_parallelism = Some(files.len() as u32);
+        plan.splits = Some(files);
+        Ok(plan)
+    }
+}
 
 /// Settings shared by the subtasks of one file source.
 #[derive(Clone)]

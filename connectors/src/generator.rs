@@ -8,11 +8,108 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use freshet_engine::checkpoint::{SnapshotContext, StateContext};
-use freshet_engine::operator::{OperatorContext, Source, SourceOutput, SourceStatus};
+use freshet_engine::operator::{OperatorContext, Source, SourceOutput, SourceStatus, SubtaskInfo};
 use freshet_engine::{EngineError, Result};
 
+use crate::SourcePlan;
 use crate::event_time::EventTime;
+use crate::registry::{SourceConnector, SourceContext};
+use freshet_job::Problems;
 use freshet_operators::expr::Expr;
+use indexmap::IndexMap;
+
+/// Rows computed from a sequence number `seq` by SQL expressions, optionally rate-limited.
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratorSettings {
+    /// Rows to produce (unbounded if unset).
+    #[serde(default)]
+    pub count: Option<u64>,
+    /// Upper bound on rows per second across all subtasks (unlimited if unset).
+    #[serde(default)]
+    pub rows_per_second: Option<f64>,
+    /// Output fields: name -> SQL expression over `seq` (BIGINT, 0-based).
+    pub fields: IndexMap<String, String>,
+    /// Adds a BIGINT column of this name holding when each row was due (with
+    /// `rows_per_second`) or made, in microseconds since the Unix epoch: the time it entered
+    /// the job, which a blackhole sink's `latency_of` measures against.
+    #[serde(default)]
+    pub ingestion_time: Option<String>,
+}
+
+/// The `generator` source connector.
+pub struct GeneratorConnector;
+
+impl SourceConnector for GeneratorConnector {
+    type Config = GeneratorSettings;
+
+    fn kind(&self) -> &'static str {
+        "generator"
+    }
+
+    fn plan(
+        &self,
+        ctx: &SourceContext<'_>,
+        c: GeneratorSettings,
+    ) -> std::result::Result<SourcePlan, Problems> {
+        if !ctx.spec.schema.is_empty() {
+            return Err(ctx.problem(
+                "schema",
+                "a generator's schema comes from its fields; remove schema",
+            ));
+        }
+        if c.rows_per_second
+            .is_some_and(|r| r <= 0.0 || !r.is_finite())
+        {
+            return Err(ctx.problem("connector.rows_per_second", "must be a positive number"));
+        }
+        let seq = seq_schema();
+        let mut compiled = Vec::new();
+        for (n, e) in &c.fields {
+            compiled.push((
+                n.clone(),
+                Expr::compile(e, &seq)
+                    .map_err(|e| ctx.problem(&format!("connector.fields.{n}"), e.message))?,
+            ));
+        }
+        let mut columns: Vec<_> = compiled
+            .iter()
+            .map(|(n, e)| Field::new(n, e.data_type().clone(), true))
+            .collect();
+        if let Some(name) = &c.ingestion_time {
+            if c.fields.contains_key(name) {
+                return Err(ctx.problem(
+                    "connector.ingestion_time",
+                    format!("{name} is also one of the fields"),
+                ));
+            }
+            columns.push(Field::new(name, DataType::Int64, false));
+        }
+        let decoded = Arc::new(Schema::new(columns));
+        let event_time = EventTime::compile(ctx.spec.event_time.as_deref(), &decoded)
+            .map_err(|e| ctx.problem("event_time", e.message))?;
+        let config = GeneratorConfig {
+            fields: compiled,
+            count: c.count,
+            rows_per_second: c.rows_per_second,
+            ingestion_time: c.ingestion_time.is_some(),
+            event_time: event_time.clone(),
+            batch_size: ctx.batch_size,
+        };
+        Ok(SourcePlan::new(
+            ctx,
+            event_time.output_schema(),
+            c.count.is_some(),
+            Arc::new(move |info: &SubtaskInfo| {
+                Ok(Box::new(GeneratorSource::new(
+                    config.clone(),
+                    info.index,
+                    info.parallelism,
+                )) as Box<dyn Source>)
+            }),
+        ))
+    }
+}
 
 /// The schema generator expressions are compiled against.
 pub fn seq_schema() -> SchemaRef {

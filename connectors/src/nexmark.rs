@@ -21,6 +21,91 @@ use freshet_engine::operator::{OperatorContext, Source, SourceOutput, SourceStat
 use freshet_engine::{Result, TIME_COLUMN};
 use freshet_operators::expr::timestamp_type;
 
+use crate::SourcePlan;
+use crate::registry::{SourceConnector, SourceContext};
+use freshet_engine::operator::SubtaskInfo;
+use freshet_job::Problems;
+
+/// The Nexmark bid stream (deterministic from the seed).
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NexmarkSettings {
+    /// Number of bids.
+    pub events: u64,
+    /// Generator seed.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Events per millisecond of event time.
+    #[serde(default = "default_epm")]
+    pub events_per_ms: u64,
+    /// Distinct bidders (100 000 in the shared benchmark; more for a large-state variant).
+    #[serde(default = "default_bidders")]
+    pub bidders: u64,
+}
+
+fn default_bidders() -> u64 {
+    100_000
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_epm() -> u64 {
+    100
+}
+
+/// The `nexmark` source connector.
+pub struct NexmarkConnector;
+
+impl SourceConnector for NexmarkConnector {
+    type Config = NexmarkSettings;
+
+    fn kind(&self) -> &'static str {
+        "nexmark"
+    }
+
+    fn plan(
+        &self,
+        ctx: &SourceContext<'_>,
+        c: NexmarkSettings,
+    ) -> std::result::Result<SourcePlan, Problems> {
+        if !ctx.spec.schema.is_empty()
+            || ctx
+                .spec
+                .event_time
+                .as_deref()
+                .is_some_and(|e| e != "date_time")
+        {
+            return Err(ctx.problem(
+                "event_time",
+                "the Nexmark source has a fixed schema with event time date_time",
+            ));
+        }
+        if c.bidders == 0 {
+            return Err(ctx.problem(
+                "connector.bidders",
+                "a Nexmark stream needs at least one bidder",
+            ));
+        }
+        let batch_size = ctx.batch_size;
+        Ok(SourcePlan::new(
+            ctx,
+            schema(),
+            true,
+            Arc::new(move |info: &SubtaskInfo| {
+                Ok(Box::new(NexmarkSource::new(
+                    c.events,
+                    c.seed,
+                    c.events_per_ms,
+                    c.bidders,
+                    info.index,
+                    info.parallelism,
+                    batch_size,
+                )) as Box<dyn Source>)
+            }),
+        ))
+    }
+}
+
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 const BASE_TIME_MS: i64 = 1_700_000_000_000;
 const CHANNELS: [&str; 4] = ["Google", "Facebook", "Baidu", "Apple"];

@@ -23,6 +23,210 @@ use freshet_operators::expr::Expr;
 use freshet_operators::json;
 use freshet_operators::values::{ColumnReader, Scalar};
 
+use crate::SinkPlan;
+use crate::registry::{SinkConnector, SinkContext};
+use crate::resolve;
+use freshet_job::{Problem, Problems};
+use std::sync::Arc;
+
+/// Appends every row to a JSON Lines file (a changelog, for upsert streams).
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkSettings {
+    /// Output path (relative: to the job file's directory).
+    pub path: String,
+}
+
+/// The `file` sink connector.
+pub struct FileSinkConnector;
+
+impl SinkConnector for FileSinkConnector {
+    type Config = FileSinkSettings;
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+    fn single_writer(&self) -> bool {
+        true
+    }
+    fn plan(
+        &self,
+        ctx: &SinkContext<'_>,
+        c: FileSinkSettings,
+    ) -> std::result::Result<SinkPlan, Problems> {
+        let full = resolve(ctx.base, &c.path);
+        Ok(SinkPlan {
+            factory: Arc::new(move |_| Box::new(FileSink::new(full.clone(), true))),
+        })
+    }
+}
+
+/// A file-backed table: rows are upserted (and deleted) by key; the file holds the current
+/// table as JSON Lines, sorted by key, replaced atomically.
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TableSettings {
+    /// Output path.
+    pub path: String,
+    /// Key columns (default: the stream's upsert key, e.g. window key + window bounds).
+    #[serde(default)]
+    pub key: Option<Vec<String>>,
+    /// SQL predicate: rows for which it is true delete their key instead of upserting it.
+    #[serde(default)]
+    pub delete_when: Option<String>,
+}
+
+/// The `table` sink connector.
+pub struct TableConnector;
+
+impl SinkConnector for TableConnector {
+    type Config = TableSettings;
+    fn kind(&self) -> &'static str {
+        "table"
+    }
+    fn single_writer(&self) -> bool {
+        true
+    }
+    fn plan(
+        &self,
+        ctx: &SinkContext<'_>,
+        c: TableSettings,
+    ) -> std::result::Result<SinkPlan, Problems> {
+        let key: Vec<String> = match (c.key, ctx.upsert_key) {
+            (Some(k), _) if k.is_empty() => {
+                return Err(ctx.problem("key", "needs at least one key column"));
+            }
+            (Some(k), _) => k,
+            (None, Some(k)) => k.to_vec(),
+            (None, None) => {
+                return Err(Problems(vec![
+                    Problem::new(
+                        format!("{}.key", ctx.path),
+                        "the input is not an upsert stream, so the table needs a key",
+                    )
+                    .hint("add key: [column, ...]"),
+                ]));
+            }
+        };
+        let mut cols = Vec::new();
+        for (i, k) in key.iter().enumerate() {
+            cols.push(
+                ctx.input.index_of(k).map_err(|_| {
+                    ctx.problem(&format!("key[{i}]"), format!("unknown column '{k}'"))
+                })?,
+            );
+        }
+        let delete = c
+            .delete_when
+            .as_deref()
+            .map(|d| Expr::compile(d, ctx.input))
+            .transpose()
+            .map_err(|e| ctx.problem("delete_when", e.message))?;
+        let full = resolve(ctx.base, &c.path);
+        Ok(SinkPlan {
+            factory: Arc::new(move |_| {
+                Box::new(TableSink::new(full.clone(), cols.clone(), delete.clone()))
+            }),
+        })
+    }
+}
+
+/// Prints rows as JSON Lines on standard output.
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StdoutSettings {}
+
+/// The `stdout` sink connector.
+pub struct StdoutConnector;
+
+impl SinkConnector for StdoutConnector {
+    type Config = StdoutSettings;
+    fn kind(&self) -> &'static str {
+        "stdout"
+    }
+    fn single_writer(&self) -> bool {
+        true
+    }
+    fn plan(
+        &self,
+        _: &SinkContext<'_>,
+        _: StdoutSettings,
+    ) -> std::result::Result<SinkPlan, Problems> {
+        Ok(SinkPlan {
+            factory: Arc::new(|_| Box::new(StdoutSink)),
+        })
+    }
+}
+
+/// Discards rows, counting them and summing the given SQL expressions (wrapping 64-bit).
+#[derive(Debug, Clone, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BlackholeSettings {
+    /// Expressions whose wrapping sums are reported (checksums).
+    #[serde(default)]
+    pub checksums: Vec<String>,
+    /// Most rows per second each subtask takes (a slow destination, for testing
+    /// backpressure); unlimited if unset.
+    #[serde(default)]
+    pub rows_per_second: Option<f64>,
+    /// SQL expression (BIGINT, microseconds since the Unix epoch, e.g. a generator's
+    /// `ingestion_time` column): the time from it to a row's arrival is recorded per row and
+    /// reported as a histogram, `<sink>.latency_us.le_<bound>` = rows at most that late.
+    #[serde(default)]
+    pub latency_of: Option<String>,
+}
+
+/// The `blackhole` sink connector.
+pub struct BlackholeConnector;
+
+impl SinkConnector for BlackholeConnector {
+    type Config = BlackholeSettings;
+    fn kind(&self) -> &'static str {
+        "blackhole"
+    }
+    fn plan(
+        &self,
+        ctx: &SinkContext<'_>,
+        c: BlackholeSettings,
+    ) -> std::result::Result<SinkPlan, Problems> {
+        if c.rows_per_second.is_some_and(|r| r.is_nan() || r <= 0.0) {
+            return Err(ctx.problem("rows_per_second", "must be positive"));
+        }
+        let rate = c.rows_per_second;
+        let mut compiled = Vec::new();
+        for (i, sum) in c.checksums.iter().enumerate() {
+            let e = Expr::compile(sum, ctx.input)
+                .map_err(|e| ctx.problem(&format!("checksums[{i}]"), e.message))?;
+            check_checksum(&e).map_err(|m| ctx.problem(&format!("checksums[{i}]"), m))?;
+            compiled.push((sum.clone(), e));
+        }
+        let latency = match &c.latency_of {
+            Some(l) => {
+                let e = Expr::compile(l, ctx.input)
+                    .map_err(|e| ctx.problem("latency_of", e.message))?;
+                if e.data_type() != &DataType::Int64 {
+                    return Err(ctx.problem(
+                        "latency_of",
+                        "must be BIGINT (microseconds since the Unix epoch)",
+                    ));
+                }
+                Some(e)
+            }
+            None => None,
+        };
+        let name = ctx.name.to_string();
+        Ok(SinkPlan {
+            factory: Arc::new(move |_| {
+                Box::new(BlackholeSink::new(
+                    name.clone(),
+                    compiled.clone(),
+                    rate,
+                    latency.clone(),
+                ))
+            }),
+        })
+    }
+}
+
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 fn create(path: &Path) -> Result<File> {

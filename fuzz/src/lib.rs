@@ -95,7 +95,7 @@ pub fn job_file(data: &[u8]) {
         .lines()
         .map(str::to_string)
         .collect();
-    let _ = freshet_job::parse_job(&text, "fuzz.yaml", &overrides);
+    let _ = freshet_connectors::job_format().parse(&text, "fuzz.yaml", &overrides);
 }
 
 fn batch() -> RecordBatch {

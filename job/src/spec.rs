@@ -8,6 +8,7 @@ use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::connector::{SinkConnectorSpec, SourceConnectorSpec};
 use crate::{DurationSpec, SignedDurationSpec};
 
 /// The only version of the job format this release reads.
@@ -55,7 +56,7 @@ pub struct JobSpec {
     /// rows) when the job does not route a `dead_letter` output itself. Defaults to the JSON
     /// Lines file `dead-letter.jsonl` beside the job file, created on the first such record.
     #[serde(default)]
-    pub dead_letter: Option<SinkConnector>,
+    pub dead_letter: Option<SinkConnectorSpec>,
 }
 
 fn default_parallelism() -> u32 {
@@ -388,7 +389,7 @@ fn default_write_buffer() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct SourceSpec {
     /// Where the records come from.
-    pub connector: SourceConnector,
+    pub connector: SourceConnectorSpec,
     /// Fields of each record and their types, in order (file sources; the generators have a
     /// fixed or declared schema).
     #[serde(default)]
@@ -450,108 +451,6 @@ impl Default for WatermarkSpec {
 }
 fn default_wm_interval() -> DurationSpec {
     DurationSpec(std::time::Duration::from_millis(200))
-}
-
-/// A source connector.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SourceConnector {
-    /// Files of JSON Lines or CSV. Bounded, or followed as they grow.
-    File {
-        /// File path; relative paths are resolved against the job file's directory. A directory
-        /// reads every file in it, in name order, each as one split.
-        path: String,
-        /// Record format.
-        format: FileFormat,
-        /// Keep reading as the file grows instead of stopping at its end.
-        #[serde(default)]
-        follow: bool,
-        /// CSV options.
-        #[serde(default)]
-        csv: CsvOptions,
-        /// Upper bound on records read per second by each subtask (unlimited if unset): replay
-        /// recorded input at a controlled pace.
-        #[serde(default)]
-        rows_per_second: Option<f64>,
-    },
-    /// Rows computed from a sequence number `seq` by SQL expressions, optionally rate-limited.
-    Generator {
-        /// Rows to produce (unbounded if unset).
-        #[serde(default)]
-        count: Option<u64>,
-        /// Upper bound on rows per second across all subtasks (unlimited if unset).
-        #[serde(default)]
-        rows_per_second: Option<f64>,
-        /// Output fields: name -> SQL expression over `seq` (BIGINT, 0-based).
-        fields: IndexMap<String, String>,
-        /// Adds a BIGINT column of this name holding when each row was due (with
-        /// `rows_per_second`) or made, in microseconds since the Unix epoch: the time it entered
-        /// the job, which a blackhole sink's `latency_of` measures against.
-        #[serde(default)]
-        ingestion_time: Option<String>,
-    },
-    /// The Nexmark bid stream (deterministic from the seed).
-    Nexmark {
-        /// Number of bids.
-        events: u64,
-        /// Generator seed.
-        #[serde(default = "default_seed")]
-        seed: u64,
-        /// Events per millisecond of event time.
-        #[serde(default = "default_epm")]
-        events_per_ms: u64,
-        /// Distinct bidders (100 000 in the shared benchmark; more for a large-state variant).
-        #[serde(default = "default_bidders")]
-        bidders: u64,
-    },
-}
-
-fn default_bidders() -> u64 {
-    100_000
-}
-
-fn default_seed() -> u64 {
-    42
-}
-fn default_epm() -> u64 {
-    100
-}
-
-/// File record formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum FileFormat {
-    /// One JSON object per line.
-    Jsonl,
-    /// Comma-separated values.
-    Csv,
-}
-
-/// CSV options.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CsvOptions {
-    /// The first line names the columns (matched to the schema by name).
-    #[serde(default = "default_true")]
-    pub header: bool,
-    /// Field delimiter, one character.
-    #[serde(default = "default_delimiter")]
-    pub delimiter: char,
-}
-
-impl Default for CsvOptions {
-    fn default() -> Self {
-        CsvOptions {
-            header: true,
-            delimiter: ',',
-        }
-    }
-}
-fn default_true() -> bool {
-    true
-}
-fn default_delimiter() -> char {
-    ','
 }
 
 /// A named transform.
@@ -756,60 +655,10 @@ pub struct SinkSpec {
     /// The stream to write: a source or transform name, or `<name>.<side output>`.
     pub input: String,
     /// Where it goes.
-    pub connector: SinkConnector,
+    pub connector: SinkConnectorSpec,
     /// Parallelism (defaults to 1 for file, table and stdout sinks, else the job's).
     #[serde(default)]
     pub parallelism: Option<u32>,
-}
-
-/// A sink connector.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SinkConnector {
-    /// Appends every row to a JSON Lines file (a changelog, for upsert streams).
-    File {
-        /// Output path (relative: to the job file's directory).
-        path: String,
-    },
-    /// A file-backed table: rows are upserted (and deleted) by key; the file holds the current
-    /// table as JSON Lines, sorted by key, replaced atomically.
-    Table {
-        /// Output path.
-        path: String,
-        /// Key columns (default: the stream's upsert key, e.g. window key + window bounds).
-        #[serde(default)]
-        key: Option<Vec<String>>,
-        /// SQL predicate: rows for which it is true delete their key instead of upserting it.
-        #[serde(default)]
-        delete_when: Option<String>,
-    },
-    /// Prints rows as JSON Lines on standard output.
-    Stdout,
-    /// Discards rows, counting them and summing the given SQL expressions (wrapping 64-bit).
-    Blackhole {
-        /// Expressions whose wrapping sums are reported (checksums).
-        #[serde(default)]
-        checksums: Vec<String>,
-        /// Most rows per second each subtask takes (a slow destination, for testing
-        /// backpressure); unlimited if unset.
-        #[serde(default)]
-        rows_per_second: Option<f64>,
-        /// SQL expression (BIGINT, microseconds since the Unix epoch, e.g. a generator's
-        /// `ingestion_time` column): the time from it to a row's arrival is recorded per row and
-        /// reported as a histogram, `<sink>.latency_us.le_<bound>` = rows at most that late.
-        #[serde(default)]
-        latency_of: Option<String>,
-    },
-}
-
-impl SinkConnector {
-    /// Whether this sink writes one ordered destination and so defaults to parallelism 1.
-    pub fn is_single_writer(&self) -> bool {
-        matches!(
-            self,
-            SinkConnector::File { .. } | SinkConnector::Table { .. } | SinkConnector::Stdout
-        )
-    }
 }
 
 impl TransformSpec {

@@ -10,7 +10,6 @@ use jsonschema::error::{TypeKind, ValidationErrorKind};
 use jsonschema::paths::{Location, LocationSegment};
 use jsonschema::{ValidationError, Validator};
 use serde_json::Value;
-use std::sync::OnceLock;
 
 use crate::{Problem, Problems};
 
@@ -43,22 +42,21 @@ const FORMATS: &[Format] = &[
     ),
 ];
 
-fn validator() -> &'static Validator {
-    static V: OnceLock<Validator> = OnceLock::new();
-    V.get_or_init(|| {
-        let schema = serde_json::to_value(crate::schema()).expect("the job schema is JSON");
-        let mut options = jsonschema::options().should_validate_formats(true);
-        for (name, check, _, _) in FORMATS {
-            options = options.with_format(*name, check);
-        }
-        options.build(&schema).expect("the job schema compiles")
-    })
+/// Compiles a job's JSON Schema into the validator [`check`] uses.
+pub fn validator(schema: &Value) -> Result<Validator, String> {
+    let mut options = jsonschema::options().should_validate_formats(true);
+    for (name, check, _, _) in FORMATS {
+        options = options.with_format(*name, check);
+    }
+    options
+        .build(schema)
+        .map_err(|e| format!("the job schema does not compile: {e}"))
 }
 
 /// Every structural problem of `doc` (a job document as JSON), or none.
-pub fn check(doc: &Value) -> Problems {
+pub fn check(validator: &Validator, doc: &Value) -> Problems {
     let mut problems = Problems::default();
-    for e in validator().iter_errors(doc) {
+    for e in validator.iter_errors(doc) {
         explain(&e, &mut problems);
     }
     problems
@@ -251,11 +249,14 @@ mod tests {
 
     fn problems(yaml: &str) -> Vec<String> {
         let doc: Value = serde_yaml::from_str(yaml).unwrap();
-        check(&doc)
-            .0
-            .iter()
-            .map(|p| format!("{}: {}", p.path, p.message))
-            .collect()
+        check(
+            &validator(crate::JobFormat::generic().schema()).unwrap(),
+            &doc,
+        )
+        .0
+        .iter()
+        .map(|p| format!("{}: {}", p.path, p.message))
+        .collect()
     }
 
     #[test]

@@ -3,8 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::{
-    JOB_FORMAT_VERSION, JobSpec, Problem, Problems, RestartSpec, SinkConnector, TransformSpec,
-    WindowSpec,
+    JOB_FORMAT_VERSION, JobSpec, Problem, Problems, RestartSpec, TransformSpec, WindowSpec,
 };
 
 /// Side outputs each kind of node has, by name, with their port numbers.
@@ -228,17 +227,6 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
     };
     for (name, s) in &job.sources {
         check_par(&mut p, format!("sources.{name}.parallelism"), s.parallelism);
-        if let crate::SourceConnector::File { .. } = s.connector
-            && s.schema.is_empty()
-        {
-            p.push(
-                Problem::new(
-                    format!("sources.{name}.schema"),
-                    "a file source needs a schema",
-                )
-                .hint("list the fields, e.g. schema: {id: string, ts: timestamp}"),
-            );
-        }
     }
     for (name, t) in &job.transforms {
         for (field, input) in t.inputs() {
@@ -362,23 +350,6 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
     for (name, s) in &job.sinks {
         check_ref(&mut p, format!("sinks.{name}.input"), &s.input);
         check_par(&mut p, format!("sinks.{name}.parallelism"), s.parallelism);
-        if s.connector.is_single_writer() && s.parallelism.is_some_and(|n| n > 1) {
-            p.push(
-                Problem::new(
-                    format!("sinks.{name}.parallelism"),
-                    "this sink writes one file and runs at parallelism 1",
-                )
-                .hint("remove parallelism"),
-            );
-        }
-        if let SinkConnector::Table { key: Some(k), .. } = &s.connector
-            && k.is_empty()
-        {
-            p.push(Problem::new(
-                format!("sinks.{name}.connector.key"),
-                "needs at least one key column",
-            ));
-        }
     }
     // Cycles among transforms.
     let mut state: HashMap<&str, u8> = HashMap::new();
@@ -447,7 +418,6 @@ sinks:
         for needle in [
             "version",
             "name",
-            "sources.s.schema",
             "transforms.w.input: unknown stream 'nope'",
             "transforms.w.window.slide",
             "transforms.w.aggregates",

@@ -1633,7 +1633,7 @@ mod tests {
     use super::*;
 
     fn job(name: &str) -> JobSpec {
-        freshet_job::parse_job(
+        freshet_connectors::job_format().parse(
             &format!(
                 "version: 1\nname: {name}\nsources:\n  s: {{connector: {{type: generator, fields: {{a: seq}}}}}}\nsinks:\n  o: {{input: s, connector: {{type: blackhole}}}}\n"
             ),

@@ -313,7 +313,8 @@ impl JobManagerService {
 /// The job, base directory and options of a submission.
 #[allow(clippy::result_large_err)]
 fn submission(req: pb::SubmitJobRequest) -> Result<(JobSpec, PathBuf, SubmitOptions), Status> {
-    let spec = freshet_job::parse_job(&req.definition, "job", &req.overrides)
+    let spec = freshet_connectors::job_format()
+        .parse(&req.definition, "job", &req.overrides)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let options = SubmitOptions {
         restore: (!req.restore.is_empty()).then_some(req.restore),

@@ -84,7 +84,8 @@ impl JobSettings {
             .unwrap_or_default();
         // the definition with the overrides must be a valid job: checked here, so a bad spec
         // is reported on the resource before anything is stopped or deployed
-        let job = freshet_job::parse_job(&definition, "spec.job", &overrides)
+        let job = freshet_connectors::job_format()
+            .parse(&definition, "spec.job", &overrides)
             .map_err(|e| problems.push(e.to_string()))
             .ok();
         let job = match job {

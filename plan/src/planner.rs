@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use freshet_connectors::{SourcePlan, dead_letter_sink, plan_sink, plan_source};
+use freshet_connectors::{SourcePlan, dead_letter_sink, plan_sink, plan_source, registry};
 use freshet_engine::partition::Partitioning;
 use freshet_job::validate::{side_outputs_of, side_outputs_of_source};
 use freshet_job::{JobSpec, Problem, Problems, TransformSpec};
@@ -211,7 +211,17 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<Plan, Problems> {
             base_dir,
         ) {
             Ok(_) => {
-                let parallelism = if s.connector.is_single_writer() {
+                let single = registry().single_writer(&s.connector.kind);
+                if single && s.parallelism.is_some_and(|n| n > 1) {
+                    b.problems.push(
+                        Problem::new(
+                            format!("sinks.{name}.parallelism"),
+                            "this sink writes one destination in order and runs at parallelism 1",
+                        )
+                        .hint("remove parallelism"),
+                    );
+                }
+                let parallelism = if single {
                     1
                 } else {
                     s.parallelism.unwrap_or(job.parallelism)
@@ -221,7 +231,7 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<Plan, Problems> {
                     kind: NodeKind::Operator,
                     recipe: Recipe::Sink {
                         name: name.clone(),
-                        connector: s.connector.clone(),
+                        connector: s.connector.0.clone(),
                         upsert_key: upsert,
                     },
                     parallelism,
@@ -264,7 +274,7 @@ fn route_unread_side_outputs(b: &mut Builder<'_>) -> Result<(), Problems> {
         return Ok(());
     }
     // checked here, built by the TaskManager that runs it
-    dead_letter_sink(b.job.dead_letter.as_ref(), b.base)?;
+    dead_letter_sink(b.job.dead_letter.as_deref(), b.base)?;
     let dl_schema = dead_letter::schema();
     let mut feeds = Vec::new();
     for (id, port) in unread {
@@ -297,7 +307,7 @@ fn route_unread_side_outputs(b: &mut Builder<'_>) -> Result<(), Problems> {
         name: "sink:dead_letter".into(),
         kind: NodeKind::Operator,
         recipe: Recipe::DeadLetterSink {
-            connector: b.job.dead_letter.clone(),
+            connector: b.job.dead_letter.as_ref().map(|c| c.0.clone()),
         },
         parallelism: 1,
         inputs: feeds
@@ -430,7 +440,9 @@ sources:
 "#,
             path.display()
         );
-        freshet_job::parse_job(&text, "t.yaml", &[]).unwrap()
+        freshet_connectors::job_format()
+            .parse(&text, "t.yaml", &[])
+            .unwrap()
     }
 
     #[test]
@@ -487,7 +499,9 @@ sinks:
     #[test]
     fn a_nexmark_stream_without_bidders_is_refused() {
         let text = "version: 1\nname: t\nsources:\n  bids:\n    connector: {type: nexmark, events: 10, bidders: 0}\nsinks:\n  out: {input: bids, connector: {type: blackhole}}\n";
-        let j = freshet_job::parse_job(text, "t.yaml", &[]).unwrap();
+        let j = freshet_connectors::job_format()
+            .parse(text, "t.yaml", &[])
+            .unwrap();
         let err = plan(&j, Path::new("/")).err().unwrap().to_string();
         assert!(
             err.contains(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use freshet_connectors::{SourceFactory, dead_letter_sink, plan_sink, plan_source};
-use freshet_job::{Problems, SinkConnector, SourceSpec, TransformSpec};
+use freshet_job::{ConnectorSpec, Problems, SourceSpec, TransformSpec};
 use freshet_operators::{OperatorFactory, dead_letter, plan_transform};
 
 use crate::graph::Plan;
@@ -38,7 +38,7 @@ pub enum Recipe {
         /// Its name in the definition.
         name: String,
         /// Its connector.
-        connector: SinkConnector,
+        connector: ConnectorSpec,
         /// The columns identifying a row when the input is an upsert stream.
         upsert_key: Option<Vec<String>>,
     },
@@ -52,7 +52,7 @@ pub enum Recipe {
     /// The job's dead-letter sink.
     DeadLetterSink {
         /// The job's `dead_letter` connector (`None`: the default file beside the job).
-        connector: Option<SinkConnector>,
+        connector: Option<ConnectorSpec>,
     },
 }
 
@@ -203,7 +203,9 @@ sources:
 "#,
             dir.display()
         );
-        freshet_job::parse_job(&text, "t.yaml", &[]).unwrap()
+        freshet_connectors::job_format()
+            .parse(&text, "t.yaml", &[])
+            .unwrap()
     }
 
     const GRAPH: &str = r#"

@@ -4,7 +4,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use freshet_job::{SinkConnector, load_job};
+use freshet_connectors::job_format;
 use freshet_jobmanager::JobManager;
 use freshet_jobmanager::JobState;
 use freshet_plan::plan;
@@ -22,10 +22,12 @@ pub fn repo() -> PathBuf {
 pub fn run_example(name: &str, parallelism: u32, out: &Path) -> freshet_jobmanager::JobStatus {
     let dir = repo().join("examples").join(name);
     let job = dir.join("job.yaml");
-    let spec = load_job(&job, &[]).expect("example job loads");
+    let spec = job_format().load(&job, &[]).expect("example job loads");
     let mut overrides = vec![format!("parallelism={parallelism}")];
     for (sink, s) in &spec.sinks {
-        if let SinkConnector::File { path } | SinkConnector::Table { path, .. } = &s.connector {
+        if let ("file" | "table", Some(path)) =
+            (s.connector.kind.as_str(), s.connector.text("path"))
+        {
             let file = Path::new(path).file_name().expect("file name");
             overrides.push(format!(
                 "sinks.{sink}.connector.path={}",
@@ -38,7 +40,9 @@ pub fn run_example(name: &str, parallelism: u32, out: &Path) -> freshet_jobmanag
         "dead_letter.path={}",
         out.join("unrouted.jsonl").display()
     ));
-    let spec = load_job(&job, &overrides).expect("overrides apply");
+    let spec = job_format()
+        .load(&job, &overrides)
+        .expect("overrides apply");
     let slots = plan(&spec, &dir).expect("example plans").slots_needed();
     let jm = JobManager::with_local_taskmanagers(|events| {
         freshet_taskmanager::local::taskmanagers(1, slots, events)

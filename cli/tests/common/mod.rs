@@ -190,7 +190,7 @@ pub fn args(
 ) -> Vec<String> {
     let dir = repo().join("examples").join(name);
     let job = dir.join("job.yaml");
-    let spec = freshet_job::load_job(&job, &[]).unwrap();
+    let spec = freshet_connectors::job_format().load(&job, &[]).unwrap();
     let mut a = vec![
         "run".to_string(),
         job.display().to_string(),
@@ -202,8 +202,8 @@ pub fn args(
         a.push(s);
     };
     for (sink, s) in &spec.sinks {
-        if let freshet_job::SinkConnector::File { path }
-        | freshet_job::SinkConnector::Table { path, .. } = &s.connector
+        if let ("file" | "table", Some(path)) =
+            (s.connector.kind.as_str(), s.connector.text("path"))
         {
             let file = Path::new(path).file_name().unwrap();
             set(format!(
@@ -213,7 +213,7 @@ pub fn args(
         }
     }
     for (source, s) in &spec.sources {
-        if let freshet_job::SourceConnector::File { path, .. } = &s.connector {
+        if let ("file", Some(path)) = (s.connector.kind.as_str(), s.connector.text("path")) {
             let lines = std::fs::read_to_string(dir.join(path))
                 .unwrap()
                 .lines()
