@@ -137,12 +137,16 @@ impl Browser {
     /// Waits until `expression` is truthy in the page; returns its value.
     fn wait_until(&mut self, what: &str, expression: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(90);
+        // (while the page loads, what the expression reads may not exist yet)
+        let guarded = format!(
+            "(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"
+        );
         loop {
-            let v = self.eval(expression);
+            let v = self.eval(&guarded);
             if !(v.is_null() || v == false || v == "" || v == 0) {
                 return v;
             }
-            let page = self.eval("document.getElementById('main').innerText");
+            let page = self.eval("document.getElementById('main')?.innerText ?? ''");
             assert!(
                 Instant::now() < deadline,
                 "the page never showed {what}; it shows:\n{}",

@@ -253,6 +253,9 @@ pub struct FileSource {
     resume: HashMap<String, FilePosition>,
     /// Rate limit: when reading started and records read since.
     paced: Option<(std::time::Instant, u64)>,
+    /// Files read to their end (or found done in the restored positions) that the runtime has
+    /// not been told of yet.
+    ended: Vec<String>,
 }
 
 /// Where reading of one file stands.
@@ -295,6 +298,7 @@ impl FileSource {
             csv,
             resume: HashMap::new(),
             paced: None,
+            ended: Vec::new(),
         })
     }
 
@@ -320,6 +324,7 @@ impl FileSource {
             let name = self.name_of(&path);
             let resume = self.resume.get(&name).cloned();
             if resume.as_ref().is_some_and(|r| r.done) {
+                self.ended.push(name);
                 continue;
             }
             let f = File::open(&path)
@@ -539,17 +544,26 @@ impl FileSource {
                     0,
                 );
             }
-            out.emit(batch);
+            out.emit_split(&name, batch);
         }
         self.positions.clear();
         if !self.dead.is_empty() {
             out.emit_side(1, self.dead.take_batch());
+        }
+        for name in self.ended.drain(..) {
+            out.split_finished(&name);
         }
         Ok(())
     }
 }
 
 impl Source for FileSource {
+    /// Every file is a split, named as positions name it (so a restore at another parallelism
+    /// finds each file's watermark).
+    fn splits(&self) -> Vec<String> {
+        self.files.iter().map(|f| self.name_of(f)).collect()
+    }
+
     fn poll(
         &mut self,
         _: &OperatorContext<'_>,
@@ -590,6 +604,9 @@ impl Source for FileSource {
                     open.line_no += 1;
                     let no = open.line_no;
                     self.decode_bytes(&text, no)?;
+                }
+                if let Some(open) = &self.open {
+                    self.ended.push(open.name.clone());
                 }
                 self.flush(out)?;
                 self.open = None;

@@ -31,6 +31,7 @@ pub mod keys;
 pub mod metrics;
 pub mod operator;
 pub mod partition;
+pub mod splits;
 pub mod state;
 pub mod task;
 pub mod time;

@@ -154,14 +154,29 @@ pub enum SourceStatus {
 
 /// Where a source puts what it read.
 pub trait SourceOutput {
-    /// Emits records on the main output; the batch must carry the time column.
-    fn emit(&mut self, batch: RecordBatch);
+    /// Emits records on the main output; the batch must carry the time column. A source that
+    /// reads several splits says which with [`SourceOutput::emit_split`].
+    fn emit(&mut self, batch: RecordBatch) {
+        self.emit_split(crate::splits::WHOLE, batch)
+    }
+    /// Emits records of split `split` (as named by [`Source::splits`]) on the main output:
+    /// they are judged against that split's watermark.
+    fn emit_split(&mut self, split: &str, batch: RecordBatch);
+    /// Split `split` is read to its end: it no longer holds the watermark back.
+    fn split_finished(&mut self, _split: &str) {}
     /// Emits records on a side output (dead letters).
     fn emit_side(&mut self, port: usize, batch: RecordBatch);
 }
 
-/// A source subtask. It owns its share of the input (its split), decided when it is created.
+/// A source subtask. It owns its share of the input (its splits), decided when it is created.
+/// Each split has its own watermarks (see [`crate::splits`]).
 pub trait Source: Send {
+    /// The splits this subtask reads, named as it emits them; every one holds the subtask's
+    /// watermark back until it is finished. None: the subtask reads one split.
+    fn splits(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Reads the next chunk of input into `out`.
     fn poll(
         &mut self,

@@ -28,6 +28,7 @@ use crate::operator::{
     MAIN_PORT, Operator, OperatorContext, Output, Source, SourceOutput, SourceStatus, SubtaskInfo,
 };
 use crate::partition::EdgeWriter;
+use crate::splits::SplitWatermarks;
 use crate::time::WatermarkTracker;
 use crate::{Element, EngineError, Result, Watermark};
 
@@ -199,12 +200,32 @@ impl Output for Collected {
     }
 }
 
-impl SourceOutput for Collected {
-    fn emit(&mut self, batch: RecordBatch) {
-        Output::emit(self, MAIN_PORT, batch)
+/// What a source emitted in one poll, in order.
+#[derive(Default)]
+struct SourceCollected(Vec<SourceItem>);
+
+enum SourceItem {
+    /// Records of a split on the main output.
+    Main(String, RecordBatch),
+    /// Records on a side output.
+    Side(usize, RecordBatch),
+    /// A split read to its end.
+    Finished(String),
+}
+
+impl SourceOutput for SourceCollected {
+    fn emit_split(&mut self, split: &str, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
+            self.0.push(SourceItem::Main(split.to_string(), batch));
+        }
+    }
+    fn split_finished(&mut self, split: &str) {
+        self.0.push(SourceItem::Finished(split.to_string()));
     }
     fn emit_side(&mut self, port: usize, batch: RecordBatch) {
-        Output::emit(self, port, batch)
+        if batch.num_rows() > 0 {
+            self.0.push(SourceItem::Side(port, batch));
+        }
     }
 }
 
@@ -436,7 +457,7 @@ fn checkpoint(
     hooks: &CheckpointHooks,
     local: &Path,
     barrier: &Barrier,
-    head: Option<(&mut dyn Source, &OperatorState, &WatermarkGenerator)>,
+    head: Option<(&mut dyn Source, &OperatorState, &SplitWatermarks)>,
     alignment_ms: u64,
 ) -> Result<()> {
     let started = Instant::now();
@@ -454,7 +475,7 @@ fn checkpoint(
         if let Some((source, st, generator)) = head {
             let mut snap = SnapshotContext::new(barrier.id, st.backend.as_ref());
             source.snapshot(&mut snap)?;
-            snap.put(WATERMARK_STATE, generator.save());
+            snap.put(SPLIT_WATERMARKS, generator.save());
             taken.push(st.take(barrier.id, &chain.info, snap.into_state(), local)?);
         }
         chain.snapshot(barrier.id, local, taken)
@@ -483,8 +504,12 @@ fn checkpoint(
     chain.broadcast_all(&Element::Barrier(barrier.clone()))
 }
 
-/// Name of the source's watermark state.
+/// Name of the source's watermark state in snapshots of the earlier format (one generator per
+/// subtask); still read.
 const WATERMARK_STATE: &str = "watermark";
+
+/// Name of the source's per-split watermark state.
+const SPLIT_WATERMARKS: &str = "split-watermarks";
 
 /// Name of a chained operator's watermark in its state.
 const OPERATOR_WATERMARK: &str = "operator-watermark";
@@ -620,7 +645,13 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
                 }
             }
             chain.head_outputs = main_outputs;
-            let mut generator = WatermarkGenerator::new(&watermarks);
+            let mut generator = SplitWatermarks::new(watermarks);
+            let declared = source.splits();
+            if declared.is_empty() {
+                generator.declare([crate::splits::WHOLE]);
+            } else {
+                generator.declare(declared.iter().map(String::as_str));
+            }
             let state = open_state(
                 &chain.info,
                 &uid,
@@ -639,7 +670,6 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
                 source,
                 state,
                 generator,
-                config: watermarks,
                 side_outputs,
             };
             run_source(head, &mut chain, &ctl)?;
@@ -662,29 +692,15 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
     })
 }
 
-/// A restored source starts from the watermark it had emitted: its own former subtask's, or
-/// with a different parallelism the smallest of all (never ahead of any restored split).
-fn restore_watermark(ctx: &StateContext<'_>, generator: &mut WatermarkGenerator) -> Result<()> {
-    let saved = ctx.operator_state(WATERMARK_STATE);
-    let me = ctx.subtask();
-    let own = saved
-        .iter()
-        .find(|(i, p, _)| *i == me.index && *p == me.parallelism);
-    if let Some((_, _, data)) = own {
-        return generator.restore(data);
-    }
-    let mut lowest: Option<WatermarkGenerator> = None;
-    for (_, _, data) in saved {
-        let mut g = generator.clone();
-        g.restore(data)?;
-        if lowest.as_ref().is_none_or(|l| g.emitted < l.emitted) {
-            lowest = Some(g);
-        }
-    }
-    if let Some(l) = lowest {
-        *generator = l;
-    }
-    Ok(())
+/// A restored source gives each of its splits its own saved watermark position, and starts
+/// from the smallest watermark its former subtasks had emitted (never ahead of a split).
+fn restore_watermark(ctx: &StateContext<'_>, splits: &mut SplitWatermarks) -> Result<()> {
+    let saved = ctx.operator_state(SPLIT_WATERMARKS);
+    let legacy = ctx.operator_state(WATERMARK_STATE);
+    splits.restore(
+        saved.iter().map(|(_, _, d)| *d),
+        legacy.iter().map(|(_, _, d)| *d),
+    )
 }
 
 /// How a subtask hears from the JobManager, and where its snapshots go.
@@ -695,12 +711,11 @@ struct Control {
     cancel: CancelToken,
 }
 
-/// A source subtask's head: the source with its state record and watermark generator.
+/// A source subtask's head: the source with its state record and its splits' watermarks.
 struct SourceHead {
     source: Box<dyn Source>,
     state: OperatorState,
-    generator: WatermarkGenerator,
-    config: WatermarkConfig,
+    generator: SplitWatermarks,
     side_outputs: Vec<Vec<EdgeWriter>>,
 }
 
@@ -759,8 +774,17 @@ fn source_command(
     }
 }
 
+/// Sends a source subtask's new watermark down its chain and side outputs.
+fn emit_source_watermark(head: &mut SourceHead, chain: &mut Chain, wm: Watermark) -> Result<()> {
+    chain
+        .metrics
+        .watermark
+        .store(wm.0, std::sync::atomic::Ordering::Relaxed);
+    chain.push_watermark(0, wm)?;
+    head.broadcast_side(&Element::Watermark(wm))
+}
+
 fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<()> {
-    let mut last_data = Instant::now();
     let mut idle = false;
     let restored = head.generator.emitted();
     if restored != Watermark::MIN {
@@ -794,7 +818,7 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
             chain.resume()?;
             continue;
         }
-        let mut out = Collected::default();
+        let mut out = SourceCollected::default();
         let status = {
             let ctx = OperatorContext {
                 subtask: &chain.info,
@@ -804,40 +828,44 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
             };
             head.source.poll(&ctx, &mut out)?
         };
-        if !out.0.is_empty() {
-            last_data = Instant::now();
+        if out.0.iter().any(|i| !matches!(i, SourceItem::Finished(_))) {
             idle = false;
         }
-        for (port, batch) in out.0 {
-            if port == MAIN_PORT {
-                chain.metrics.received(&batch);
-                // every record is judged against the watermark emitted before it (`split` has
-                // already advanced the generator past the whole batch)
-                let mut before = head.generator.emitted();
-                for (piece, wm) in head.generator.split(&batch) {
-                    // the source's position is past the whole batch, so its pieces go in whole
-                    // before a checkpoint: only the last watermark's output may be pending
-                    chain.finish_firing()?;
-                    chain.push_batch(0, 0, piece, before)?;
-                    if let Some(wm) = wm {
-                        before = wm;
-                        chain
-                            .metrics
-                            .watermark
-                            .store(wm.0, std::sync::atomic::Ordering::Relaxed);
-                        chain.push_watermark(0, wm)?;
+        for item in out.0 {
+            match item {
+                SourceItem::Main(split, batch) => {
+                    chain.metrics.received(&batch);
+                    // every record is judged against its split's watermark emitted before it;
+                    // the subtask's watermark (the minimum over its splits) goes out after the
+                    // piece that advanced it
+                    for (piece, judge, wm) in head.generator.cut(&split, &batch) {
+                        // the source's position is past the whole batch, so its pieces go in
+                        // whole before a checkpoint: only the last watermark's output may be
+                        // pending
+                        chain.finish_firing()?;
+                        chain.push_batch(0, 0, piece, judge)?;
+                        if let Some(wm) = wm {
+                            emit_source_watermark(&mut head, chain, wm)?;
+                        }
                     }
                 }
-            } else {
-                let Some(writers) = head.side_outputs.get_mut(port - 1) else {
-                    return Err(EngineError::Operator(format!(
-                        "source emitted on unknown port {port}"
-                    )));
-                };
-                // a source's side outputs carry input it could not read
-                SubtaskMetrics::add(&chain.metrics.dead_letters, batch.num_rows() as u64);
-                for w in writers.iter_mut() {
-                    w.send_batch(batch.clone())?;
+                SourceItem::Finished(split) => {
+                    if let Some(wm) = head.generator.finish(&split) {
+                        chain.finish_firing()?;
+                        emit_source_watermark(&mut head, chain, wm)?;
+                    }
+                }
+                SourceItem::Side(port, batch) => {
+                    let Some(writers) = head.side_outputs.get_mut(port - 1) else {
+                        return Err(EngineError::Operator(format!(
+                            "source emitted on unknown port {port}"
+                        )));
+                    };
+                    // a source's side outputs carry input it could not read
+                    SubtaskMetrics::add(&chain.metrics.dead_letters, batch.num_rows() as u64);
+                    for w in writers.iter_mut() {
+                        w.send_batch(batch.clone())?;
+                    }
                 }
             }
         }
@@ -846,10 +874,13 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
             // output still pending comes first
             SourceStatus::Pending(_) if chain.busy() => {}
             SourceStatus::Pending(wait) => {
-                if let Some(timeout) = head.config.idle_timeout
-                    && !idle
-                    && last_data.elapsed() >= timeout
-                {
+                // splits without data for the idle timeout stop holding the watermark back;
+                // with all of them idle, so is the subtask
+                let (advanced, all_idle) = head.generator.idle_check();
+                if let Some(wm) = advanced {
+                    emit_source_watermark(&mut head, chain, wm)?;
+                }
+                if all_idle && !idle {
                     idle = true;
                     chain.broadcast_all(&Element::Idle)?;
                     head.broadcast_side(&Element::Idle)?;

@@ -280,7 +280,7 @@ sinks:
 
     struct Rows(usize);
     impl SourceOutput for Rows {
-        fn emit(&mut self, batch: RecordBatch) {
+        fn emit_split(&mut self, _: &str, batch: RecordBatch) {
             self.0 += batch.num_rows();
         }
         fn emit_side(&mut self, _: usize, _: RecordBatch) {}
