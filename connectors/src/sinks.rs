@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use freshet_engine::checkpoint::{SnapshotContext, StateContext};
+use freshet_engine::commit::PendingCommits;
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{Operator, OperatorContext, Output};
 use freshet_engine::{EngineError, Result, Watermark};
@@ -266,28 +267,39 @@ struct Staging {
     next_part: u64,
     /// The part being written: file name and bytes so far.
     current: Option<(String, u64)>,
-    /// Closed parts, oldest first.
-    pending: Vec<StagedPart>,
+    /// Closed parts awaiting their checkpoints: the sink's commit data.
+    commits: PendingCommits<StagedPart>,
     /// Length of the file with every commit so far applied.
     committed_len: u64,
 }
 
-/// A closed part awaiting its checkpoint's completion.
+/// A closed part awaiting its checkpoint's completion (the commit data of a checkpoint).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct StagedPart {
+    file: String,
+    len: u64,
+}
+
+/// Where the commit data goes in the snapshot.
+const SINK_COMMITS: &str = "file-sink-commits";
+/// The file's committed length in the snapshot (8 bytes, big-endian).
+const SINK_LENGTH: &str = "file-sink-length";
+
+/// The snapshot of a file sink in the earlier format (one record, read on restore).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct LegacyFileSinkState {
+    committed_len: u64,
+    pending: Vec<LegacyPart>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct LegacyPart {
     checkpoint: u64,
     file: String,
     len: u64,
 }
 
-/// The snapshot of a file sink.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct FileSinkState {
-    committed_len: u64,
-    pending: Vec<StagedPart>,
-}
-
-const SINK_STATE: &str = "file-sink";
+const LEGACY_SINK_STATE: &str = "file-sink";
 
 fn io(context: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> EngineError {
     move |e| EngineError::io(context.to_string(), e)
@@ -333,10 +345,10 @@ impl FileSink {
         Ok(())
     }
 
-    /// Closes the part being written (durably) and queues it for checkpoint `id`.
-    fn close_part(&mut self, id: u64) -> Result<()> {
+    /// Closes the part being written (durably); returns it, if one was open.
+    fn close_part(&mut self) -> Result<Option<StagedPart>> {
         let Some(w) = self.writer.take() else {
-            return Ok(());
+            return Ok(None);
         };
         let st = self.staging.as_mut().expect("two-phase");
         let (name, len) = st.current.take().expect("a part is open");
@@ -344,19 +356,12 @@ impl FileSink {
             .into_inner()
             .map_err(|e| EngineError::io(format!("writing {name}"), e.into_error()))?;
         file.sync_data().map_err(io(format!("syncing {name}")))?;
-        st.pending.push(StagedPart {
-            checkpoint: id,
-            file: name,
-            len,
-        });
-        Ok(())
+        Ok(Some(StagedPart { file: name, len }))
     }
 
-    /// Appends the parts of checkpoints up to `id` to the file, oldest first.
-    fn commit(&mut self, id: u64) -> Result<()> {
+    /// Appends `parts` to the file, in order (each at most once).
+    fn commit(&mut self, parts: Vec<StagedPart>) -> Result<()> {
         let st = self.staging.as_mut().expect("two-phase");
-        let ready = st.pending.iter().take_while(|p| p.checkpoint <= id).count();
-        let parts: Vec<StagedPart> = st.pending.drain(..ready).collect();
         for part in parts {
             append_part(&self.path, &st.dir, &part, st.committed_len)?;
             st.committed_len += part.len;
@@ -422,36 +427,51 @@ impl Operator for FileSink {
             .join(format!(".{file}.staging"));
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         let subtask = state.subtask().index;
-        let restored: Option<FileSinkState> = state
-            .operator_state(SINK_STATE)
-            .into_iter()
-            .find(|(i, _, _)| *i == subtask)
-            .map(|(_, _, data)| {
-                postcard::from_bytes(data)
-                    .map_err(|e| EngineError::State(format!("file sink state: {e}")))
+        let (commits, mut restored) = PendingCommits::open(state, SINK_COMMITS)?;
+        let own = |name| {
+            state
+                .operator_state(name)
+                .into_iter()
+                .find(|(i, _, _)| *i == subtask)
+                .map(|(_, _, data)| data)
+        };
+        let mut restored_len = own(SINK_LENGTH)
+            .map(|d| {
+                <[u8; 8]>::try_from(d)
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| EngineError::State("file sink length: not 8 bytes".into()))
             })
             .transpose()?;
+        if let Some(data) = own(LEGACY_SINK_STATE) {
+            let legacy: LegacyFileSinkState = postcard::from_bytes(data)
+                .map_err(|e| EngineError::State(format!("file sink state: {e}")))?;
+            restored_len = Some(legacy.committed_len);
+            restored.extend(legacy.pending.into_iter().map(|p| StagedPart {
+                file: p.file,
+                len: p.len,
+            }));
+        }
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let mut st = Staging {
+        self.staging = Some(Staging {
             dir: dir.clone(),
             subtask,
             run: format!("{:x}{started:x}", std::process::id()),
             next_part: 0,
             current: None,
-            pending: Vec::new(),
-            committed_len: 0,
-        };
-        match restored {
-            Some(r) => {
+            commits,
+            committed_len: restored_len.unwrap_or(0),
+        });
+        match restored_len {
+            Some(committed_len) => {
                 // the restored checkpoint completed: finish its commits, then cut off the rest
-                st.committed_len = r.committed_len;
-                for part in &r.pending {
-                    append_part(&self.path, &dir, part, st.committed_len)?;
-                    st.committed_len += part.len;
-                }
+                self.commit(restored)?;
+                let committed_len = self
+                    .staging
+                    .as_ref()
+                    .map_or(committed_len, |st| st.committed_len);
                 if self.path.exists() {
                     let f = std::fs::OpenOptions::new()
                         .write(true)
@@ -461,14 +481,13 @@ impl Operator for FileSink {
                         .metadata()
                         .map_err(io(format!("reading {}", self.path.display())))?
                         .len();
-                    if len < st.committed_len {
+                    if len < committed_len {
                         return Err(EngineError::State(format!(
-                            "{} is {len} bytes, shorter than the {} committed bytes; the file was changed outside the job",
+                            "{} is {len} bytes, shorter than the {committed_len} committed bytes; the file was changed outside the job",
                             self.path.display(),
-                            st.committed_len
                         )));
                     }
-                    f.set_len(st.committed_len)
+                    f.set_len(committed_len)
                         .map_err(io(format!("truncating {}", self.path.display())))?;
                 }
             }
@@ -488,7 +507,6 @@ impl Operator for FileSink {
                     .map_err(io(format!("removing {}", entry.path().display())))?;
             }
         }
-        self.staging = Some(st);
         Ok(())
     }
 
@@ -535,22 +553,17 @@ impl Operator for FileSink {
         if self.staging.is_none() {
             return Ok(());
         }
-        self.close_part(snap.id())?;
-        let st = self.staging.as_ref().expect("two-phase");
-        let state = FileSinkState {
-            committed_len: st.committed_len,
-            pending: st.pending.clone(),
-        };
-        snap.put(
-            SINK_STATE,
-            postcard::to_allocvec(&state).map_err(|e| EngineError::State(e.to_string()))?,
-        );
+        let closed = self.close_part()?;
+        let st = self.staging.as_mut().expect("two-phase");
+        st.commits.snapshot(snap, closed)?;
+        snap.put(SINK_LENGTH, st.committed_len.to_be_bytes().to_vec());
         Ok(())
     }
 
     fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
-        if self.staging.is_some() {
-            self.commit(id)?;
+        if let Some(st) = self.staging.as_mut() {
+            let parts = st.commits.complete(id);
+            self.commit(parts)?;
         }
         Ok(())
     }
@@ -559,8 +572,11 @@ impl Operator for FileSink {
         if self.staging.is_some() {
             // with checkpoints, the input ends only after the final checkpoint completed, so
             // whatever is staged is covered by it
-            self.close_part(u64::MAX)?;
-            self.commit(u64::MAX)?;
+            let closed = self.close_part()?;
+            let st = self.staging.as_mut().expect("two-phase");
+            let mut parts = st.commits.complete(u64::MAX);
+            parts.extend(closed);
+            self.commit(parts)?;
             if self.create_if_empty && !self.path.exists() {
                 create(&self.path)?;
             }
@@ -591,12 +607,12 @@ pub struct TableSink {
     rows: BTreeMap<Vec<Option<Scalar>>, String>,
     dirty: bool,
     last_write: Instant,
-    /// Two-phase: staged tables (file names beside the table) awaiting their checkpoint,
-    /// oldest first; `None` without checkpoints.
-    staged: Option<Vec<(u64, String)>>,
+    /// Two-phase: staged tables (file names beside the table) awaiting their checkpoint (the
+    /// sink's commit data); `None` without checkpoints.
+    staged: Option<PendingCommits<String>>,
 }
 
-/// The snapshot of a table sink.
+/// The snapshot of a table sink: its rows (and, in the earlier format, its staged tables).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct TableSinkState {
     rows: Vec<(Vec<Option<Scalar>>, String)>,
@@ -604,6 +620,8 @@ struct TableSinkState {
 }
 
 const TABLE_STATE: &str = "table-sink";
+/// Where the commit data goes in the snapshot.
+const TABLE_COMMITS: &str = "table-sink-commits";
 
 impl TableSink {
     /// A table at `path` keyed by the given input columns.
@@ -629,14 +647,12 @@ impl TableSink {
         Ok(())
     }
 
-    /// Commits the newest staged table of checkpoints up to `id`; older ones are superseded.
-    fn commit(&mut self, id: u64) -> Result<()> {
-        let staged = self.staged.as_mut().expect("two-phase");
-        let ready = staged.iter().take_while(|(c, _)| *c <= id).count();
-        let done: Vec<(u64, String)> = staged.drain(..ready).collect();
+    /// Commits staged tables, oldest first: the newest replaces the table, older ones are
+    /// superseded. Committing again what was committed finds nothing to rename.
+    fn commit(&mut self, staged: Vec<String>) -> Result<()> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        if let Some((_, newest)) = done.last() {
-            for (_, older) in &done[..done.len() - 1] {
+        if let Some((newest, older)) = staged.split_last() {
+            for older in older {
                 let _ = std::fs::remove_file(dir.join(older));
             }
             let newest = dir.join(newest);
@@ -694,7 +710,7 @@ impl Operator for TableSink {
             return Ok(());
         }
         let me = state.subtask().index;
-        let mut staged = Vec::new();
+        let (commits, mut restored) = PendingCommits::open(state, TABLE_COMMITS)?;
         if let Some((_, _, data)) = state
             .operator_state(TABLE_STATE)
             .into_iter()
@@ -703,47 +719,49 @@ impl Operator for TableSink {
             let r: TableSinkState = postcard::from_bytes(data)
                 .map_err(|e| EngineError::State(format!("table sink state: {e}")))?;
             self.rows = r.rows.into_iter().collect();
-            staged = r.staged;
+            // (staged tables recorded here are of the earlier format)
+            restored.splice(0..0, r.staged.into_iter().map(|(_, f)| f));
         }
-        self.staged = Some(staged);
+        self.staged = Some(commits);
         // the restored checkpoint completed: finish its pending rename
-        self.commit(u64::MAX)?;
+        self.commit(restored)?;
         // tables staged for checkpoints after the restored one never complete
         remove_staged(&self.path);
         Ok(())
     }
 
     fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
-        let Some(staged) = self.staged.as_ref() else {
+        if self.staged.is_none() {
             return Ok(());
-        };
+        }
         let file = self.path.with_extension(format!("{}.staged", snap.id()));
         self.write_to(&file)?;
-        let mut staged = staged.clone();
         let name = file
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
-        staged.push((snap.id(), name));
         let state = TableSinkState {
             rows: self
                 .rows
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            staged: staged.clone(),
+            staged: Vec::new(),
         };
         snap.put(
             TABLE_STATE,
             postcard::to_allocvec(&state).map_err(|e| EngineError::State(e.to_string()))?,
         );
-        self.staged = Some(staged);
+        if let Some(commits) = self.staged.as_mut() {
+            commits.snapshot(snap, Some(name))?;
+        }
         Ok(())
     }
 
     fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
-        if self.staged.is_some() {
-            self.commit(id)?;
+        if let Some(commits) = self.staged.as_mut() {
+            let ready = commits.complete(id);
+            self.commit(ready)?;
         }
         Ok(())
     }
@@ -806,8 +824,9 @@ impl Operator for TableSink {
 
     fn on_end_of_input(&mut self, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
         // with checkpoints, the input ends only after the final checkpoint completed
-        if self.staged.is_some() {
-            self.commit(u64::MAX)?;
+        if let Some(commits) = self.staged.as_mut() {
+            let ready = commits.complete(u64::MAX);
+            self.commit(ready)?;
         }
         self.write()
     }

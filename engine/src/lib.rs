@@ -25,6 +25,7 @@
 
 pub mod channel;
 pub mod checkpoint;
+pub mod commit;
 pub mod element;
 pub mod error;
 pub mod keys;
