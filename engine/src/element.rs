@@ -14,6 +14,10 @@ pub enum Element {
     Batch(RecordBatch),
     /// The sender's watermark advanced.
     Watermark(Watermark),
+    /// The next batch on this channel is judged against this watermark instead of the
+    /// channel's: its source subtask reads several splits, and the batch's split is ahead of
+    /// the subtask's watermark (the minimum of its splits), see `crate::splits`.
+    Judge(Watermark),
     /// The sender has had no data for its idle timeout: do not let it hold back watermarks
     /// until it sends again.
     Idle,

@@ -15,7 +15,7 @@ use arrow::record_batch::RecordBatch;
 
 use crate::channel::ChannelSender;
 use crate::keys::{EncodedKeys, KeyColumns, key_group, subtask_for_key_group};
-use crate::{Element, EngineError, Result};
+use crate::{Element, EngineError, Result, Watermark};
 
 /// How an edge distributes batches over its target subtasks.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -80,19 +80,35 @@ impl EdgeWriter {
 
     /// Sends a batch according to the edge's partitioning.
     pub fn send_batch(&mut self, batch: RecordBatch) -> Result<()> {
+        self.send_judged(batch, None)
+    }
+
+    /// Sends a batch whose records are judged against `judge` (ahead of the watermark this
+    /// writer sent last): each target gets [`Element::Judge`] right before its part.
+    pub fn send_batch_judged(&mut self, batch: RecordBatch, judge: Watermark) -> Result<()> {
+        self.send_judged(batch, Some(judge))
+    }
+
+    fn send_judged(&mut self, batch: RecordBatch, judge: Option<Watermark>) -> Result<()> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
+        let send = |t: &ChannelSender, b: RecordBatch| -> Result<()> {
+            if let Some(j) = judge {
+                t.send(Element::Judge(j))?;
+            }
+            t.send(Element::Batch(b))
+        };
         match &self.partitioning {
-            Partitioning::Forward => self.targets[0].send(Element::Batch(batch)),
+            Partitioning::Forward => send(&self.targets[0], batch),
             Partitioning::Rebalance => {
                 let t = self.next % self.targets.len();
                 self.next = self.next.wrapping_add(1);
-                self.targets[t].send(Element::Batch(batch))
+                send(&self.targets[t], batch)
             }
             Partitioning::Broadcast => {
                 for t in &self.targets {
-                    t.send(Element::Batch(batch.clone()))?;
+                    send(t, batch.clone())?;
                 }
                 Ok(())
             }
@@ -102,7 +118,7 @@ impl EdgeWriter {
             } => {
                 let max_parallelism = *max_parallelism;
                 if self.targets.len() == 1 {
-                    return self.targets[0].send(Element::Batch(batch));
+                    return send(&self.targets[0], batch);
                 }
                 if self.hash.is_none() {
                     self.hash = Some(HashState::new(key_columns, &batch, self.targets.len())?);
@@ -131,7 +147,7 @@ impl EdgeWriter {
                     } else {
                         take_record_batch(&batch, &UInt32Array::from(rows.clone()))?
                     };
-                    self.targets[t].send(Element::Batch(part))?;
+                    send(&self.targets[t], part)?;
                 }
                 Ok(())
             }

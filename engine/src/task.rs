@@ -245,6 +245,8 @@ struct Chain {
     /// operator's state, so a restore fires them again); it takes no new input until the
     /// operator is done.
     firing: Option<(usize, Watermark)>,
+    /// The last watermark sent on the main output.
+    sent_watermark: Watermark,
 }
 
 impl Chain {
@@ -265,8 +267,15 @@ impl Chain {
     ) -> Result<()> {
         if i == self.ops.len() {
             self.metrics.sent(&batch);
+            // records judged against a watermark ahead of the one sent downstream (a split's,
+            // at a source reading several) carry it across the channel
+            let ahead = record_wm > self.sent_watermark;
             for w in self.main_writers().iter_mut() {
-                w.send_batch(batch.clone())?;
+                if ahead {
+                    w.send_batch_judged(batch.clone(), record_wm)?;
+                } else {
+                    w.send_batch(batch.clone())?;
+                }
             }
             return Ok(());
         }
@@ -293,17 +302,20 @@ impl Chain {
             };
             f(self.ops[i].operator.as_mut(), &ctx, &mut out)?;
         }
-        self.route(i, out)
+        self.route(i, out, record_wm)
     }
 
-    fn route(&mut self, i: usize, out: Collected) -> Result<()> {
+    /// Routes what operator `i` emitted; main output goes on judged against the watermark its
+    /// input was (or, if higher, the next operator's).
+    fn route(&mut self, i: usize, out: Collected, record_wm: Watermark) -> Result<()> {
         for (port, batch) in out.0 {
             if port == MAIN_PORT {
                 let wm = self
                     .watermarks
                     .get(i + 1)
                     .copied()
-                    .unwrap_or(Watermark::MIN);
+                    .unwrap_or(Watermark::MIN)
+                    .max(record_wm);
                 self.push_batch(i + 1, 0, batch, wm)?;
             } else {
                 let op = &mut self.ops[i];
@@ -323,6 +335,7 @@ impl Chain {
 
     fn push_watermark(&mut self, i: usize, wm: Watermark) -> Result<()> {
         if i == self.ops.len() {
+            self.sent_watermark = wm;
             self.metrics
                 .output_watermark
                 .store(wm.0, std::sync::atomic::Ordering::Relaxed);
@@ -620,6 +633,7 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
         info,
         metrics: metrics.clone(),
         firing: None,
+        sent_watermark: Watermark::MIN,
     };
     let ctl = Control {
         commands,
@@ -1001,6 +1015,9 @@ struct Channels {
     /// An element read while output of a watermark was pending, which must wait for it: its
     /// channel is not read again until it is handled.
     held: Vec<Option<Element>>,
+    /// Per channel, the watermark the next batch is judged against when its sender said
+    /// ([`Element::Judge`]).
+    judged: Vec<Option<Watermark>>,
     suspended: bool,
 }
 
@@ -1022,8 +1039,11 @@ impl Channels {
             Element::Batch(batch) => {
                 self.tracker.mark_active(ch);
                 chain.metrics.received(&batch);
-                chain.push_batch(0, input, batch, self.tracker.channel(ch))?;
+                let channel = self.tracker.channel(ch);
+                let judge = self.judged[ch].take().map_or(channel, |j| j.max(channel));
+                chain.push_batch(0, input, batch, judge)?;
             }
+            Element::Judge(wm) => self.judged[ch] = Some(wm),
             Element::Watermark(wm) => {
                 if let Some(new) = self.tracker.update(ch, wm) {
                     chain
@@ -1097,6 +1117,7 @@ fn run_channels(
         blocked: vec![false; n],
         aligning: None,
         held: (0..n).map(|_| None).collect(),
+        judged: vec![None; n],
         suspended: false,
     };
     while c.remaining > 0 {
@@ -1286,6 +1307,7 @@ mod tests {
             },
             metrics: Arc::new(SubtaskMetrics::default()),
             firing: None,
+            sent_watermark: Watermark::MIN,
         };
         (chain, log)
     }

@@ -602,6 +602,7 @@ const TAG_BARRIER: u8 = 4;
 const TAG_SUSPEND: u8 = 5;
 /// A batch that starts a new Arrow IPC stream (its schema comes first).
 const TAG_BATCH_NEW_STREAM: u8 = 6;
+const TAG_JUDGE: u8 = 7;
 
 /// The sending side of one channel's element encoding: the channel's Arrow IPC stream.
 #[derive(Default)]
@@ -644,6 +645,10 @@ impl Encoder {
             }
             Element::Watermark(w) => {
                 out.push(TAG_WATERMARK);
+                out.extend_from_slice(&w.0.to_le_bytes());
+            }
+            Element::Judge(w) => {
+                out.push(TAG_JUDGE);
                 out.extend_from_slice(&w.0.to_le_bytes());
             }
             Element::Idle => out.push(TAG_IDLE),
@@ -788,6 +793,9 @@ impl Decoder {
             TAG_WATERMARK => Element::Watermark(Watermark(i64::from_le_bytes(
                 rest.try_into().map_err(|_| "bad watermark")?,
             ))),
+            TAG_JUDGE => Element::Judge(Watermark(i64::from_le_bytes(
+                rest.try_into().map_err(|_| "bad judge watermark")?,
+            ))),
             TAG_IDLE => Element::Idle,
             TAG_END => Element::EndOfInput,
             TAG_BARRIER => Element::Barrier(postcard::from_bytes(rest).map_err(|e| e.to_string())?),
@@ -846,6 +854,7 @@ mod tests {
         for e in [
             Element::Batch(batch(7)),
             Element::Watermark(Watermark(-3)),
+            Element::Judge(Watermark(42)),
             Element::Batch(batch(8)),
             Element::Idle,
             Element::EndOfInput,

@@ -84,6 +84,8 @@ pub struct TaskManager {
     memory: Arc<Memories>,
     cancellation_timeout: std::time::Duration,
     on_stuck: OnStuck,
+    /// Tells this TaskManager's working directories from those of others in the process.
+    instance: u64,
 }
 
 impl TaskManager {
@@ -122,6 +124,10 @@ impl TaskManager {
             memory,
             cancellation_timeout: DEFAULT_CANCELLATION_TIMEOUT,
             on_stuck: Arc::new(exit_on_stuck),
+            instance: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
         }
     }
 
@@ -370,10 +376,14 @@ impl TaskManager {
         let mut config = d.state.clone();
         config.memory = Some(self.state_memory(&d.job, config.memory_bytes));
         config.slot = d.subtask;
+        // unique per TaskManager instance (several can share a process and a job id: local
+        // clusters in one test process); the process id comes last, for the clean-up of
+        // directories that dead processes left
         config.local_dir = config.local_dir.join(format!(
-            "{}-{}-{}/{}-{}",
+            "{}-{}-{}-{}/{}-{}",
             d.job,
             d.attempt,
+            self.instance,
             std::process::id(),
             d.vertex,
             d.subtask

@@ -29,13 +29,14 @@ sinks:
   late: {input: counts.late, connector: {type: file, path: late.jsonl}}
 "#;
 
-/// Runs the job over `dir/in` at `parallelism`; returns (window start, user) → count, and the
-/// number of late records.
-fn run(dir: &Path, parallelism: u32) -> (BTreeMap<(String, String), i64>, usize) {
-    let out = dir.join(format!("p{parallelism}"));
+/// Runs the job over `dir/in` with the source at `parallelism` and the window at `window`;
+/// returns (window start, user) → count, and the number of late records.
+fn run(dir: &Path, parallelism: u32, window: u32) -> (BTreeMap<(String, String), i64>, usize) {
+    let out = dir.join(format!("p{parallelism}-{window}"));
     std::fs::create_dir_all(&out).unwrap();
     let overrides = [
         format!("parallelism={parallelism}"),
+        format!("transforms.counts.parallelism={window}"),
         format!(
             "sinks.out.connector.path={}",
             out.join("out.jsonl").display()
@@ -47,7 +48,7 @@ fn run(dir: &Path, parallelism: u32) -> (BTreeMap<(String, String), i64>, usize)
     ];
     let spec = job_format().parse(JOB, "splits.yaml", &overrides).unwrap();
     let jm = JobManager::with_local_taskmanagers(|events| {
-        freshet_taskmanager::local::taskmanagers(1, parallelism, events)
+        freshet_taskmanager::local::taskmanagers(1, parallelism.max(window), events)
     });
     let handle = jm.submit(spec, dir.to_path_buf()).unwrap();
     let status = handle.wait_timeout(Duration::from_secs(60));
@@ -97,9 +98,50 @@ fn a_file_read_after_another_is_judged_by_its_own_watermark() {
         }
         std::fs::write(input.join(file), text).unwrap();
     }
-    for parallelism in [1, 2] {
-        let (counts, late) = run(dir.path(), parallelism);
-        assert_eq!(late, 0, "late records at parallelism {parallelism}");
-        assert_eq!(counts, expected, "parallelism {parallelism}");
+    for (parallelism, window) in [(2, 2), (1, 1), (1, 2)] {
+        let (counts, late) = run(dir.path(), parallelism, window);
+        assert_eq!(
+            late, 0,
+            "late records at parallelism {parallelism}/{window}"
+        );
+        assert_eq!(counts, expected, "parallelism {parallelism}/{window}");
+    }
+}
+
+/// Lateness within a split is judged against that split's watermark also after a shuffle: a
+/// record out of order in its own file is late at every parallelism, including when one subtask
+/// reads both files (its channel's watermark, the minimum of its files, is lower).
+#[test]
+fn a_record_late_in_its_own_file_is_late_at_every_parallelism() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    // ann's file jumps to 10:05 and then goes back to 10:01: late for its own file
+    let ann = ["10:00:05", "10:05:05", "10:01:10", "10:06:00"];
+    let bob = ["10:00:20", "10:03:00", "10:07:00"];
+    let mut expected: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for (file, user, times) in [("a.jsonl", "ann", &ann[..]), ("b.jsonl", "bob", &bob[..])] {
+        let mut text = String::new();
+        for t in times {
+            text.push_str(&format!(
+                "{{\"user\":\"{user}\",\"ts\":\"2026-01-01T{t}Z\"}}\n"
+            ));
+            if *t != "10:01:10" {
+                let minute = &t[..5];
+                *expected
+                    .entry((format!("2026-01-01T{minute}:00.000Z"), user.to_string()))
+                    .or_default() += 1;
+            }
+        }
+        std::fs::write(input.join(file), text).unwrap();
+    }
+    // (1, 2): one source subtask reads both files and shuffles to two window subtasks
+    for (parallelism, window) in [(2, 2), (1, 1), (1, 2)] {
+        let (counts, late) = run(dir.path(), parallelism, window);
+        assert_eq!(
+            late, 1,
+            "late records at parallelism {parallelism}/{window}"
+        );
+        assert_eq!(counts, expected, "parallelism {parallelism}/{window}");
     }
 }
