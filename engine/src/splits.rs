@@ -176,41 +176,61 @@ impl SplitWatermarks {
         serde_json::to_vec(&saved).expect("plain data")
     }
 
-    /// Restores from the snapshots of the former subtasks (any parallelism): each declared split
-    /// gets its own saved generator; the emitted watermark is the smallest any former subtask
-    /// had, so it is never ahead of a restored split. `legacy` are states of the earlier
-    /// format (one generator per subtask): every declared split starts from the lowest of them.
+    /// Restores from the snapshots of the former subtasks, given as (index, parallelism,
+    /// state). A split takes its own former subtask's position when this subtask had the same
+    /// index at the same parallelism, else the lowest any former subtask saved for it (a split
+    /// read by one subtask is saved by that one only; the implicit split of a source that does
+    /// not name its splits is in every one). The emitted watermark follows the same rule, so it
+    /// is never ahead of a restored split. `legacy` are states of the earlier format (one
+    /// generator per subtask), restored into every declared split by the same rule.
     pub fn restore<'a>(
         &mut self,
-        saved: impl IntoIterator<Item = &'a [u8]>,
-        legacy: impl IntoIterator<Item = &'a [u8]>,
+        me: (u32, u32),
+        saved: impl IntoIterator<Item = (u32, u32, &'a [u8])>,
+        legacy: impl IntoIterator<Item = (u32, u32, &'a [u8])>,
     ) -> Result<()> {
-        let mut emitted: Option<Watermark> = None;
-        for data in saved {
+        // per split: (own, generator) candidates
+        let mut found: BTreeMap<String, Vec<(bool, WatermarkGenerator)>> = BTreeMap::new();
+        let mut emitted: Vec<(bool, Watermark)> = Vec::new();
+        for (index, parallelism, data) in saved {
+            let own = (index, parallelism) == me;
             let s: Saved = serde_json::from_slice(data)
                 .map_err(|e| EngineError::State(format!("split watermarks: {e}")))?;
-            emitted = Some(emitted.map_or(Watermark(s.emitted), |e| e.min(Watermark(s.emitted))));
+            emitted.push((own, Watermark(s.emitted)));
             for (id, g) in s.splits {
-                if let Some(split) = self.splits.get_mut(&id) {
-                    split.generator.restore(&g)?;
+                if self.splits.contains_key(&id) {
+                    let mut generator = WatermarkGenerator::new(&self.config);
+                    generator.restore(&g)?;
+                    found.entry(id).or_default().push((own, generator));
                 }
             }
         }
-        let mut lowest: Option<WatermarkGenerator> = None;
-        for data in legacy {
-            let mut g = WatermarkGenerator::new(&self.config);
-            g.restore(data)?;
-            if lowest.as_ref().is_none_or(|l| g.emitted() < l.emitted()) {
-                lowest = Some(g);
+        for (index, parallelism, data) in legacy {
+            let own = (index, parallelism) == me;
+            let mut generator = WatermarkGenerator::new(&self.config);
+            generator.restore(data)?;
+            emitted.push((own, generator.emitted()));
+            for id in self.splits.keys() {
+                found
+                    .entry(id.clone())
+                    .or_default()
+                    .push((own, generator.clone()));
             }
         }
-        if let Some(g) = lowest {
-            emitted = Some(emitted.map_or(g.emitted(), |e| e.min(g.emitted())));
-            for split in self.splits.values_mut() {
-                split.generator = g.clone();
+        let pick = |c: Vec<(bool, WatermarkGenerator)>| -> Option<WatermarkGenerator> {
+            let own = c.iter().position(|(o, _)| *o);
+            match own {
+                Some(i) => c.into_iter().nth(i).map(|(_, g)| g),
+                None => c.into_iter().map(|(_, g)| g).min_by_key(|g| g.emitted()),
+            }
+        };
+        for (id, candidates) in found {
+            if let (Some(split), Some(g)) = (self.splits.get_mut(&id), pick(candidates)) {
+                split.generator = g;
             }
         }
-        if let Some(e) = emitted {
+        let own = emitted.iter().find(|(o, _)| *o).map(|(_, w)| *w);
+        if let Some(e) = own.or_else(|| emitted.iter().map(|(_, w)| *w).min()) {
             self.emitted = e;
         }
         Ok(())
@@ -220,18 +240,7 @@ impl SplitWatermarks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::Int64Array;
-    use arrow::datatypes::{DataType, Field, Schema};
-    use std::sync::Arc;
-
-    fn batch(times: &[i64]) -> RecordBatch {
-        let schema = Arc::new(Schema::new(vec![Field::new(
-            crate::TIME_COLUMN,
-            DataType::Int64,
-            false,
-        )]));
-        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(times.to_vec()))]).unwrap()
-    }
+    use crate::task::tests::batch;
 
     fn config(idle: Option<Duration>) -> WatermarkConfig {
         WatermarkConfig {
@@ -319,7 +328,8 @@ mod tests {
         let (s1, s2) = (one.save(), two.save());
         let mut both = SplitWatermarks::new(config(None));
         both.declare(["a", "b"]);
-        both.restore([s1.as_slice(), s2.as_slice()], []).unwrap();
+        both.restore((0, 1), [(0, 2, s1.as_slice()), (1, 2, s2.as_slice())], [])
+            .unwrap();
         assert_eq!(both.of("a"), Watermark(99));
         assert_eq!(both.of("b"), Watermark(39));
         assert_eq!(both.emitted(), Watermark(39));
@@ -331,11 +341,47 @@ mod tests {
         legacy.split(&batch(&[7]));
         let mut w = SplitWatermarks::new(config(None));
         w.declare(["x", "y"]);
-        w.restore([], [legacy.save().as_slice()]).unwrap();
+        w.restore((0, 1), [], [(0, 1, legacy.save().as_slice())])
+            .unwrap();
         assert_eq!(
             (w.of("x"), w.of("y"), w.emitted()),
             (Watermark(6), Watermark(6), Watermark(6))
         );
-        assert!(w.restore([b"nonsense".as_slice()], []).is_err());
+        assert!(
+            w.restore((0, 1), [(0, 1, b"nonsense".as_slice())], [])
+                .is_err()
+        );
+
+        // the implicit split of a source that names none is in every former subtask: at the
+        // same parallelism a subtask takes its own, else the lowest
+        let whole = |t: i64| {
+            let mut w = SplitWatermarks::new(config(None));
+            w.declare([WHOLE]);
+            cut(&mut w, WHOLE, &[t]);
+            w.save()
+        };
+        let (a, b) = (whole(100), whole(50));
+        let saved = || [(0, 2, a.as_slice()), (1, 2, b.as_slice())];
+        let mut mine = SplitWatermarks::new(config(None));
+        mine.declare([WHOLE]);
+        mine.restore((0, 2), saved(), []).unwrap();
+        assert_eq!(
+            (mine.of(WHOLE), mine.emitted()),
+            (Watermark(99), Watermark(99))
+        );
+        let mut other = SplitWatermarks::new(config(None));
+        other.declare([WHOLE]);
+        other.restore((1, 2), saved(), []).unwrap();
+        assert_eq!(
+            (other.of(WHOLE), other.emitted()),
+            (Watermark(49), Watermark(49))
+        );
+        let mut rescaled = SplitWatermarks::new(config(None));
+        rescaled.declare([WHOLE]);
+        rescaled.restore((0, 3), saved(), []).unwrap();
+        assert_eq!(
+            (rescaled.of(WHOLE), rescaled.emitted()),
+            (Watermark(49), Watermark(49))
+        );
     }
 }

@@ -706,14 +706,15 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
     })
 }
 
-/// A restored source gives each of its splits its own saved watermark position, and starts
-/// from the smallest watermark its former subtasks had emitted (never ahead of a split).
+/// A restored source gives each of its splits its saved watermark position and starts from
+/// the watermark it had emitted: its own former subtask's, or with a different parallelism the
+/// smallest of all (never ahead of any restored split).
 fn restore_watermark(ctx: &StateContext<'_>, splits: &mut SplitWatermarks) -> Result<()> {
-    let saved = ctx.operator_state(SPLIT_WATERMARKS);
-    let legacy = ctx.operator_state(WATERMARK_STATE);
+    let me = ctx.subtask();
     splits.restore(
-        saved.iter().map(|(_, _, d)| *d),
-        legacy.iter().map(|(_, _, d)| *d),
+        (me.index, me.parallelism),
+        ctx.operator_state(SPLIT_WATERMARKS),
+        ctx.operator_state(WATERMARK_STATE),
     )
 }
 
@@ -1196,12 +1197,13 @@ fn run_channels(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use arrow::array::Int64Array;
     use arrow::datatypes::{DataType, Field, Schema};
 
-    fn batch(times: &[i64]) -> RecordBatch {
+    /// A batch of the time column alone.
+    pub(crate) fn batch(times: &[i64]) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![Field::new(
             crate::TIME_COLUMN,
             DataType::Int64,

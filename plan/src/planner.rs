@@ -419,18 +419,16 @@ fn chain(job: &JobSpec, base: &Path, nodes: Vec<Node>) -> Plan {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn job(extra: &str) -> JobSpec {
-        let dir = std::env::temp_dir();
-        let path = dir.join("freshet-plan-test.jsonl");
-        std::fs::write(&path, "").unwrap();
+    /// A job at parallelism `parallelism` whose file source `s` reads `path`, with `extra`.
+    pub(crate) fn job_at(path: &Path, parallelism: u32, extra: &str) -> JobSpec {
         let text = format!(
             r#"
 version: 1
 name: t
-parallelism: 4
+parallelism: {parallelism}
 sources:
   s:
     connector: {{type: file, path: {}, format: jsonl}}
@@ -443,6 +441,12 @@ sources:
         freshet_connectors::job_format()
             .parse(&text, "t.yaml", &[])
             .unwrap()
+    }
+
+    fn job(extra: &str) -> JobSpec {
+        let path = std::env::temp_dir().join("freshet-plan-test.jsonl");
+        std::fs::write(&path, "").unwrap();
+        job_at(&path, 4, extra)
     }
 
     #[test]

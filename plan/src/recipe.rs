@@ -189,23 +189,7 @@ mod tests {
     use freshet_engine::operator::{OperatorContext, SourceOutput, SourceStatus, SubtaskInfo};
 
     fn job(dir: &Path, extra: &str) -> freshet_job::JobSpec {
-        let text = format!(
-            r#"
-version: 1
-name: t
-parallelism: 2
-sources:
-  s:
-    connector: {{type: file, path: {}, format: jsonl}}
-    schema: {{k: string, v: int, ts: timestamp}}
-    event_time: ts
-{extra}
-"#,
-            dir.display()
-        );
-        freshet_connectors::job_format()
-            .parse(&text, "t.yaml", &[])
-            .unwrap()
+        crate::planner::tests::job_at(dir, 2, extra)
     }
 
     const GRAPH: &str = r#"
