@@ -219,18 +219,17 @@ impl TaskManager {
                 self.shuffle.retire(&d.job, older);
             }
         }
-        let e = plans.entry(d.job.clone()).or_insert_with(|| AttemptPlan {
+        let attempt = || AttemptPlan {
             attempt: d.attempt,
             plan: None,
             factories: HashMap::new(),
-        });
-        if fresh || e.plan.is_none() {
-            *e = AttemptPlan {
-                attempt: d.attempt,
-                plan: Some(d.plan.clone()),
-                factories: HashMap::new(),
-            };
+        };
+        let e = plans.entry(d.job.clone()).or_insert_with(attempt);
+        if fresh {
+            *e = attempt();
         }
+        // (the factories were dropped with the plan)
+        e.plan.get_or_insert_with(|| d.plan.clone());
         if let Some(f) = e.factories.get(&d.vertex) {
             return Ok(f.clone());
         }
@@ -305,7 +304,7 @@ impl TaskManager {
                     &vertex.nodes[1..],
                 )
             }
-            _ => {
+            (NodeKind::Operator, Some(Factory::Operator(_))) => {
                 let mut inputs = Vec::new();
                 for (ei, e) in plan
                     .edges
@@ -331,6 +330,12 @@ impl TaskManager {
                     }
                 }
                 (TaskInput::Channels(inputs), &vertex.nodes[..])
+            }
+            _ => {
+                return Err(EngineError::Operator(format!(
+                    "{}: the plan's node and the recipe built for it disagree",
+                    plan.nodes[head].name
+                )));
             }
         };
         let mut chain = Vec::new();
