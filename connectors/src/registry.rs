@@ -320,7 +320,7 @@ sinks:
             "sources.s.connector.folow: unknown field",
             "sources.s.watermark.max_out_of_orderness: 'soon' is not a duration",
             "sources.g.connector.type: 'generater' is not one of: 'file', 'generator', 'nexmark'",
-            "sinks.out.connector.checksums: expected array",
+            "sinks.out.connector.checksums: expected a list, found a string",
         ];
         for w in want {
             assert!(got.iter().any(|g| g.starts_with(w)), "no '{w}' in {got:#?}");

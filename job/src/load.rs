@@ -262,6 +262,7 @@ sinks:
         let bad = r#"
 version: 1
 name: t
+max_parallelism: many
 sources:
   s:
     connector: {type: file, path: in.jsonl, format: xml}
@@ -292,6 +293,7 @@ sinks:
         // (the connector's own fields are the connector's to check: the generic format takes
         // any; see the registry's tests for them)
         let want = [
+            "max_parallelism: expected an integer, found a string",
             "sources.s.colour: unknown field",
             "sources.s.watermark.max_out_of_orderness: 'soon' is not a duration",
             "transforms.w.window.size: 'five minutes' is not a duration",

@@ -135,13 +135,22 @@ fn explain(e: &ValidationError<'_>, out: &mut Problems) {
             return explain_choice(e.instance_path(), value, context, out);
         }
         ValidationErrorKind::Type { kind } => {
+            // in the words `json_type` uses for what was found
+            let word = |t: &dyn std::fmt::Display| match t.to_string().as_str() {
+                "array" => "a list".to_string(),
+                "object" => "a mapping".to_string(),
+                "string" => "a string".to_string(),
+                "integer" => "an integer".to_string(),
+                "number" => "a number".to_string(),
+                "boolean" => "a boolean".to_string(),
+                "null" => "nothing (null)".to_string(),
+                other => other.to_string(),
+            };
             let want = match kind {
-                TypeKind::Single(t) => t.to_string(),
-                TypeKind::Multiple(ts) => ts
-                    .iter()
-                    .map(|t| t.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" or "),
+                TypeKind::Single(t) => word(t),
+                TypeKind::Multiple(ts) => {
+                    ts.iter().map(|t| word(&t)).collect::<Vec<_>>().join(" or ")
+                }
             };
             format!("expected {want}, found {}", json_type(value))
         }
