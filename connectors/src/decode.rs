@@ -111,6 +111,15 @@ impl RowDecoder {
         let serde_json::Value::Object(obj) = v else {
             return Err("a JSON object was expected".into());
         };
+        self.push_object(&obj)
+    }
+
+    /// Decodes one record given as a JSON object. On error nothing is added and the reason is
+    /// returned.
+    pub fn push_object(
+        &mut self,
+        obj: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), String> {
         self.row.clear();
         for (name, t) in &self.fields {
             let Some(v) = obj.get(name) else {

@@ -112,7 +112,7 @@ impl SourceConnector for FileConnector {
         }
         let full = resolve(ctx.base, &c.path);
         let listed = match ctx.splits {
-            Some(files) => Ok(files.to_vec()),
+            Some(files) => Ok(files.iter().map(PathBuf::from).collect()),
             None => list_files(&full),
         };
         let files = match listed {
@@ -172,7 +172,19 @@ impl SourceConnector for FileConnector {
             }),
         );
         plan.max_parallelism = Some(files.len() as u32);
-        plan.splits = Some(files);
+        let mut names = Vec::with_capacity(files.len());
+        for f in files {
+            match f.into_os_string().into_string() {
+                Ok(name) => names.push(name),
+                Err(name) => {
+                    return Err(ctx.problem(
+                        "connector.path",
+                        format!("{} is not a UTF-8 file name", name.display()),
+                    ));
+                }
+            }
+        }
+        plan.splits = Some(names);
         Ok(plan)
     }
 }

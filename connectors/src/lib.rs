@@ -15,6 +15,7 @@ pub mod decode;
 pub mod event_time;
 pub mod file_source;
 pub mod generator;
+pub mod kafka;
 pub mod nexmark;
 pub mod registry;
 pub mod sinks;
@@ -45,9 +46,10 @@ pub struct SourcePlan {
     /// The most subtasks that can have work (a file source has one split per file); more would
     /// only idle.
     pub max_parallelism: Option<u32>,
-    /// The splits found when planning (a file source's files), to be assigned to subtasks;
-    /// `None` for sources whose subtasks split the work by their index alone.
-    pub splits: Option<Vec<PathBuf>>,
+    /// The splits found when planning (a file source's files, a Kafka source's partitions),
+    /// to be assigned to subtasks; `None` for sources whose subtasks split the work by their
+    /// index alone.
+    pub splits: Option<Vec<String>>,
     /// Creates a subtask's source.
     pub factory: SourceFactory,
 }
@@ -101,7 +103,7 @@ pub fn plan_source(
     spec: &SourceSpec,
     base: &Path,
     batch_size: usize,
-    splits: Option<&[PathBuf]>,
+    splits: Option<&[String]>,
 ) -> Result<SourcePlan, Problems> {
     registry().plan_source(&SourceContext {
         name,

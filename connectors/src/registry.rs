@@ -9,7 +9,7 @@
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use arrow::datatypes::SchemaRef;
@@ -29,8 +29,9 @@ pub struct SourceContext<'a> {
     pub base: &'a Path,
     /// Largest batch to emit.
     pub batch_size: usize,
-    /// The splits a plan assigned (files listed when it was made); `None` when planning.
-    pub splits: Option<&'a [PathBuf]>,
+    /// The splits a plan assigned (files listed, partitions found when it was made); `None`
+    /// when planning.
+    pub splits: Option<&'a [String]>,
 }
 
 impl SourceContext<'_> {
@@ -191,10 +192,12 @@ impl Registry {
         r.add_source(crate::file_source::FileConnector);
         r.add_source(crate::generator::GeneratorConnector);
         r.add_source(crate::nexmark::NexmarkConnector);
+        r.add_source(crate::kafka::source::KafkaSourceConnector);
         r.add_sink(crate::sinks::FileSinkConnector);
         r.add_sink(crate::sinks::TableConnector);
         r.add_sink(crate::sinks::StdoutConnector);
         r.add_sink(crate::sinks::BlackholeConnector);
+        r.add_sink(crate::kafka::sink::KafkaSinkConnector);
         r
     }
 

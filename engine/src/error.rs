@@ -47,6 +47,15 @@ pub enum EngineError {
     /// Object storage (checkpoints, savepoints) failed.
     #[error("object storage: {0}")]
     Storage(String),
+    /// An external system a connector talks to (a Kafka broker) failed or refused.
+    #[error("{message}")]
+    External {
+        /// What was being done, with whom, and the system's message.
+        message: String,
+        /// Whether a restart may help (an unreachable broker) or not (a missing topic, a
+        /// refused authorization).
+        retryable: bool,
+    },
     /// A file of a checkpoint or savepoint is missing or not what the snapshot recorded.
     #[error("{location} is corrupt: {what}")]
     Corrupt {
@@ -83,7 +92,9 @@ impl EngineError {
             | EngineError::ChannelClosed
             | EngineError::UpstreamClosed
             | EngineError::Storage(_) => true,
-            EngineError::StateStore { retryable, .. } => *retryable,
+            EngineError::StateStore { retryable, .. } | EngineError::External { retryable, .. } => {
+                *retryable
+            }
             EngineError::Arrow(_)
             | EngineError::Cancelled
             | EngineError::Operator(_)

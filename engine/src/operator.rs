@@ -164,6 +164,9 @@ pub trait SourceOutput {
     fn emit_split(&mut self, split: &str, batch: RecordBatch);
     /// Split `split` is read to its end: it no longer holds the watermark back.
     fn split_finished(&mut self, _split: &str) {}
+    /// Split `split` was found while running (a new partition): it holds the watermark back
+    /// from now on, until it has data and its own watermark advances.
+    fn split_added(&mut self, _split: &str) {}
     /// Emits records on a side output (dead letters).
     fn emit_side(&mut self, port: usize, batch: RecordBatch);
 }
@@ -192,6 +195,12 @@ pub trait Source: Send {
 
     /// Save the read position: everything emitted so far is before the barrier.
     fn snapshot(&mut self, _snap: &mut SnapshotContext<'_>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Checkpoint `id` completed: its read positions are durable (a Kafka source reports them
+    /// to its consumer group). Not a place for work a restore depends on.
+    fn checkpoint_complete(&mut self, _id: CheckpointId) -> Result<()> {
         Ok(())
     }
 }

@@ -143,8 +143,12 @@ impl SplitWatermarks {
     }
 
     /// Marks splits without data for the idle timeout idle. Returns the watermark to emit if
-    /// that advanced it, and whether every split is idle now.
+    /// that advanced it, and whether every split is idle now. A subtask without any split (a
+    /// Kafka subtask with no partition yet) is idle, with or without a timeout.
     pub fn idle_check(&mut self) -> (Option<Watermark>, bool) {
+        if self.splits.is_empty() {
+            return (None, true);
+        }
         let Some(timeout) = self.config.idle_timeout else {
             return (None, false);
         };
@@ -154,7 +158,7 @@ impl SplitWatermarks {
                 s.idle = true;
             }
         }
-        let all = !self.splits.is_empty() && self.splits.values().all(|s| s.idle);
+        let all = self.splits.values().all(|s| s.idle);
         (self.advance(), all)
     }
 

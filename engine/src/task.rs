@@ -211,6 +211,8 @@ enum SourceItem {
     Side(usize, RecordBatch),
     /// A split read to its end.
     Finished(String),
+    /// A split found while running.
+    Added(String),
 }
 
 impl SourceOutput for SourceCollected {
@@ -221,6 +223,9 @@ impl SourceOutput for SourceCollected {
     }
     fn split_finished(&mut self, split: &str) {
         self.0.push(SourceItem::Finished(split.to_string()));
+    }
+    fn split_added(&mut self, split: &str) {
+        self.0.push(SourceItem::Added(split.to_string()));
     }
     fn emit_side(&mut self, port: usize, batch: RecordBatch) {
         if batch.num_rows() > 0 {
@@ -781,6 +786,9 @@ fn source_command(
         }
         SubtaskCommand::Complete(_) | SubtaskCommand::Abort(_) => {
             bookkeep(std::slice::from_ref(&head.state), &cmd);
+            if let SubtaskCommand::Complete(id) = &cmd {
+                head.source.checkpoint_complete(*id)?;
+            }
             chain.command(&cmd)?;
             Ok(SourceNext::Continue)
         }
@@ -843,7 +851,11 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
             };
             head.source.poll(&ctx, &mut out)?
         };
-        if out.0.iter().any(|i| !matches!(i, SourceItem::Finished(_))) {
+        if out
+            .0
+            .iter()
+            .any(|i| !matches!(i, SourceItem::Finished(_) | SourceItem::Added(_)))
+        {
             idle = false;
         }
         for item in out.0 {
@@ -864,6 +876,7 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
                         }
                     }
                 }
+                SourceItem::Added(split) => head.generator.declare([split.as_str()]),
                 SourceItem::Finished(split) => {
                     if let Some(wm) = head.generator.finish(&split) {
                         chain.finish_firing()?;

@@ -42,6 +42,25 @@ pub fn write_rows(batch: &RecordBatch, out: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
+/// Writes single rows of one batch as JSON objects (one record per row, as a Kafka value).
+pub struct RowWriter<'a> {
+    cols: Vec<(String, &'a ArrayRef, bool)>,
+}
+
+impl<'a> RowWriter<'a> {
+    /// A writer for the rows of `batch`.
+    pub fn new(batch: &'a RecordBatch) -> Self {
+        RowWriter {
+            cols: columns(batch),
+        }
+    }
+
+    /// Appends row `row` as one JSON object (no newline) to `out`.
+    pub fn write(&self, row: usize, out: &mut Vec<u8>) -> Result<()> {
+        write_row(&self.cols, row, out)
+    }
+}
+
 /// One row as a JSON object text.
 pub fn row_to_string(batch: &RecordBatch, row: usize) -> Result<String> {
     let cols = columns(batch);

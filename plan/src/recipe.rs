@@ -4,7 +4,7 @@
 //! JobManager planned, so a TaskManager of another version cannot silently run another graph.
 use arrow::datatypes::SchemaRef;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use freshet_connectors::{SourceFactory, dead_letter_sink, plan_sink, plan_source};
@@ -22,9 +22,9 @@ pub enum Recipe {
         name: String,
         /// Its definition.
         spec: SourceSpec,
-        /// The splits found when planning (a file source's files), `None` for sources whose
-        /// subtasks divide the work by their index.
-        splits: Option<Vec<PathBuf>>,
+        /// The splits found when planning (a file source's files, a Kafka source's partitions),
+        /// `None` for sources whose subtasks divide the work by their index.
+        splits: Option<Vec<String>>,
     },
     /// A transform of the definition.
     Transform {
@@ -284,7 +284,13 @@ sinks:
         let names: Vec<String> = splits
             .iter()
             .flatten()
-            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .map(|f| {
+                std::path::Path::new(f)
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         assert_eq!(names, ["a.jsonl", "b.jsonl"]);
         files(dir.path(), &["c.jsonl"]);

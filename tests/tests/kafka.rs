@@ -1,0 +1,166 @@
+//! The Kafka source and sink against a real Apache Kafka broker (a KRaft node the test starts
+//! from Maven Central jars, see `freshet_tests::kafka`).
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use freshet_connectors::job_format;
+use freshet_jobmanager::{JobManager, JobState};
+use freshet_tests::kafka::Broker;
+use freshet_tests::read_rows;
+
+/// Sales as JSON text, spread over partitions by store; every tenth sale is sent twice (the
+/// same record again, as an upstream retry would).
+fn sales(n: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let store = format!("s{}", i % 7);
+        let v = json!({
+            "event_id": format!("e{i}"),
+            "store_id": store,
+            "price": (i % 13) as f64 + 0.5,
+            "quantity": (i % 3) as i64 + 1,
+        })
+        .to_string();
+        out.push((store.clone(), v.clone()));
+        if i % 10 == 0 {
+            out.push((store, v));
+        }
+    }
+    out
+}
+
+fn produce(broker: &Broker, topic: &str, records: &[(String, String)]) {
+    let rows: Vec<(Option<&str>, &str, Option<i32>)> = records
+        .iter()
+        .map(|(k, v)| (Some(k.as_str()), v.as_str(), None))
+        .collect();
+    broker.produce(topic, &rows);
+}
+
+/// Revenue per store computed from the records, independently of the engine.
+fn expected_totals(records: &[(String, String)]) -> BTreeMap<String, f64> {
+    let mut totals = BTreeMap::new();
+    for (_, v) in records {
+        let Ok(v) = serde_json::from_str::<Value>(v) else {
+            continue;
+        };
+        let (Some(store), Some(price), Some(q)) = (
+            v["store_id"].as_str(),
+            v["price"].as_f64(),
+            v["quantity"].as_i64(),
+        ) else {
+            continue;
+        };
+        *totals.entry(store.to_string()).or_default() += price * q as f64;
+    }
+    totals
+}
+
+fn job(bootstrap: &str, delivery: &str) -> String {
+    format!(
+        r#"
+version: 1
+name: kafka-sales
+checkpointing: {{interval: 300ms}}
+sources:
+  sales:
+    connector:
+      type: kafka
+      bootstrap_servers: "{bootstrap}"
+      topics: [sales]
+      format: json
+      bounded: true
+      metadata: {{part: partition, off: offset, store_key: key}}
+    schema: {{event_id: string, store_id: string, price: float, quantity: int, part: int, off: int, store_key: string}}
+transforms:
+  priced:
+    type: project
+    input: sales
+    select: [event_id, store_id, "price * quantity AS amount", part, off, store_key]
+sinks:
+  out:
+    input: priced
+    connector:
+      type: kafka
+      bootstrap_servers: "{bootstrap}"
+      topic: amounts
+      key: [store_id]
+      headers: {{source-partition: part}}
+      delivery: {delivery}
+  bad:
+    input: sales.dead_letter
+    connector: {{type: file, path: bad.jsonl}}
+"#
+    )
+}
+
+/// Every record of a 4-partition topic is read once at parallelism 2 (a bad one goes to the
+/// dead-letter output with its topic, partition and offset), and what the exactly-once sink
+/// wrote is visible to a `read_committed` reader exactly once, keyed by store.
+#[test]
+fn a_bounded_job_reads_every_partition_and_writes_each_row_once() {
+    let broker = Broker::start();
+    broker.create_topic("sales", 4);
+    broker.create_topic("amounts", 2);
+    let mut records = sales(500);
+    records.insert(123, ("s1".into(), "{not json".into()));
+    produce(&broker, "sales", &records);
+
+    let dir = tempfile::tempdir().unwrap();
+    let spec = job_format()
+        .parse(
+            &job(&broker.bootstrap(), "exactly_once"),
+            "kafka.yaml",
+            &["parallelism=2".to_string()],
+        )
+        .unwrap();
+    let jm = JobManager::with_local_taskmanagers(|events| {
+        freshet_taskmanager::local::taskmanagers(1, 2, events)
+    });
+    let handle = jm.submit(spec, dir.path().to_path_buf()).unwrap();
+    let status = handle.wait_timeout(Duration::from_secs(120));
+    assert_eq!(status.state, JobState::Finished, "{:?}", status.message);
+
+    let out = broker.read_committed("amounts");
+    assert_eq!(
+        out.len(),
+        records.len() - 1,
+        "one row per good input record"
+    );
+    let mut totals: BTreeMap<String, f64> = BTreeMap::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (_, _, key, value) in &out {
+        let v: Value = serde_json::from_str(value).unwrap();
+        let store = v["store_id"].as_str().unwrap();
+        assert_eq!(key.as_deref(), Some(store), "the key is the store");
+        assert_eq!(
+            v["store_key"].as_str(),
+            Some(store),
+            "the source's key column"
+        );
+        *totals.entry(store.to_string()).or_default() += v["amount"].as_f64().unwrap();
+        // (partition, offset) of the input: no input record is written twice
+        assert!(
+            seen.insert((v["part"].as_i64().unwrap(), v["off"].as_i64().unwrap())),
+            "input {v} written twice"
+        );
+    }
+    let expected = expected_totals(&records);
+    assert_eq!(
+        totals.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (store, total) in &expected {
+        assert!(
+            (totals[store] - total).abs() < 1e-6,
+            "{store}: {} vs {total}",
+            totals[store]
+        );
+    }
+    let bad = read_rows(&dir.path().join("bad.jsonl"));
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    let position = bad[0]["position"].as_str().unwrap();
+    assert!(position.starts_with("sales/"), "{position}");
+    assert!(position.contains('@'), "{position}");
+}
