@@ -337,7 +337,7 @@ sinks:
             .iter()
             .map(|s| s["properties"]["type"]["const"].as_str().unwrap())
             .collect();
-        assert_eq!(kinds, ["file", "table", "stdout", "blackhole"]);
+        assert_eq!(kinds, ["file", "table", "stdout", "blackhole", "kafka"]);
         assert!(
             schema["$defs"]["FileFormat"].is_object(),
             "a connector's own definitions"

@@ -28,6 +28,7 @@ pub mod checkpoint;
 pub mod commit;
 pub mod element;
 pub mod error;
+pub mod failpoint;
 pub mod keys;
 pub mod metrics;
 pub mod operator;

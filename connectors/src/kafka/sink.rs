@@ -439,6 +439,8 @@ impl KafkaSink {
                 );
                 continue;
             }
+            // a crash here: the checkpoint completed, its records are not in Kafka yet
+            freshet_engine::failpoint::hit("kafka-sink-before-commit");
             if c.owner == self.index {
                 let p = self.producer.as_ref().expect("opened");
                 self.write_commit(p, &c)?;
@@ -446,6 +448,8 @@ impl KafkaSink {
                 let p = self.producer(Some(c.owner))?;
                 self.write_commit(&p, &c)?;
             }
+            // a crash here: the records are in Kafka, the checkpoint still lists them as pending
+            freshet_engine::failpoint::hit("kafka-sink-after-commit");
         }
         Ok(())
     }

@@ -415,6 +415,9 @@ struct Partition {
     offsets: Vec<i64>,
 }
 
+/// (topic, partition, next offset) of the partitions a snapshot saw.
+type Offsets = Vec<(String, i32, i64)>;
+
 /// One subtask of a Kafka source.
 pub struct KafkaSource {
     config: Arc<KafkaSourceConfig>,
@@ -428,7 +431,7 @@ pub struct KafkaSource {
     ended: Vec<String>,
     dead: DeadLetters,
     /// Positions of taken snapshots, for the group commit when they complete.
-    snapshots: Vec<(CheckpointId, Vec<(String, i32, i64)>)>,
+    snapshots: Vec<(CheckpointId, Offsets)>,
     next_discovery: Instant,
     /// A subtask that reads nothing says so once, so it does not hold the watermark back.
     reported_empty: bool,
