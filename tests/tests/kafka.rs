@@ -164,3 +164,156 @@ fn a_bounded_job_reads_every_partition_and_writes_each_row_once() {
     assert!(position.starts_with("sales/"), "{position}");
     assert!(position.contains('@'), "{position}");
 }
+
+/// Runs `job` (YAML) in this process until it finishes, in a fresh directory under `dir` (so
+/// it does not resume from an earlier run's checkpoints); returns the rows of `out.jsonl`.
+fn run_bounded(dir: &std::path::Path, job: &str) -> Vec<Value> {
+    let dir = tempfile::tempdir_in(dir).unwrap();
+    let dir = dir.path();
+    let spec = job_format().parse(job, "kafka.yaml", &[]).unwrap();
+    let jm = JobManager::with_local_taskmanagers(|events| {
+        freshet_taskmanager::local::taskmanagers(1, 2, events)
+    });
+    let handle = jm.submit(spec, dir.to_path_buf()).unwrap();
+    let status = handle.wait_timeout(Duration::from_secs(60));
+    assert_eq!(status.state, JobState::Finished, "{:?}", status.message);
+    let out = dir.join("out.jsonl");
+    if out.exists() {
+        read_rows(&out)
+    } else {
+        Vec::new()
+    }
+}
+
+fn reader_job(bootstrap: &str, topic: &str, connector: &str) -> String {
+    format!(
+        r#"
+version: 1
+name: reader
+parallelism: 2
+checkpointing: {{interval: 200ms}}
+sources:
+  s:
+    connector: {{type: kafka, bootstrap_servers: "{bootstrap}", topics: [{topic}], format: json,
+                 bounded: true, metadata: {{kts: timestamp}}, {connector}}}
+    schema: {{n: int, kts: timestamp}}
+sinks:
+  out: {{input: s, connector: {{type: file, path: out.jsonl}}}}
+"#
+    )
+}
+
+fn numbers(broker: &Broker, topic: &str, range: std::ops::Range<i64>) {
+    let values: Vec<String> = range.map(|n| json!({"n": n}).to_string()).collect();
+    let rows: Vec<(Option<&str>, &str, Option<i32>)> =
+        values.iter().map(|v| (None, v.as_str(), None)).collect();
+    broker.produce(topic, &rows);
+}
+
+fn ns(rows: &[Value]) -> Vec<i64> {
+    let mut n: Vec<i64> = rows.iter().map(|r| r["n"].as_i64().unwrap()).collect();
+    n.sort();
+    n
+}
+
+/// Where a fresh start begins: `timestamp` (the Kafka timestamp, also readable as a column),
+/// `latest`, and `group_offsets`, which finds the positions the previous run committed to the
+/// consumer group when its checkpoints completed.
+#[test]
+fn start_modes_and_group_offsets() {
+    let broker = Broker::start();
+    broker.create_topic("numbers", 1);
+    let dir = tempfile::tempdir().unwrap();
+    numbers(&broker, "numbers", 0..10);
+    std::thread::sleep(Duration::from_millis(100));
+    let cut = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    std::thread::sleep(Duration::from_millis(100));
+    numbers(&broker, "numbers", 10..20);
+
+    let job = |connector: &str| reader_job(&broker.bootstrap(), "numbers", connector);
+    let rows = run_bounded(
+        dir.path(),
+        &job(&format!("start: timestamp, start_timestamp: {cut}")),
+    );
+    assert_eq!(ns(&rows), (10..20).collect::<Vec<_>>());
+    for r in &rows {
+        let kts = r["kts"].as_str().unwrap();
+        assert!(
+            kts.starts_with("20"),
+            "the Kafka timestamp as a column: {kts}"
+        );
+    }
+    assert!(run_bounded(dir.path(), &job("start: latest")).is_empty());
+
+    let rows = run_bounded(dir.path(), &job("start: group_offsets, group_id: g1"));
+    assert_eq!(
+        ns(&rows),
+        (0..20).collect::<Vec<_>>(),
+        "no offsets yet: earliest"
+    );
+    numbers(&broker, "numbers", 20..25);
+    let rows = run_bounded(dir.path(), &job("start: group_offsets, group_id: g1"));
+    assert_eq!(
+        ns(&rows),
+        (20..25).collect::<Vec<_>>(),
+        "the first run's positions were committed to the group"
+    );
+}
+
+/// With a pattern, a topic created while the job runs is found and read (every partition, by
+/// exactly one subtask).
+#[test]
+fn a_topic_created_while_running_is_read() {
+    let broker = Broker::start();
+    broker.create_topic("pat-a", 1);
+    numbers(&broker, "pat-a", 0..5);
+    let dir = tempfile::tempdir().unwrap();
+    let job = format!(
+        r#"
+version: 1
+name: pattern
+parallelism: 2
+sources:
+  s:
+    connector: {{type: kafka, bootstrap_servers: "{}", topic_pattern: "pat-.*", format: json,
+                 partition_discovery: 500ms}}
+    schema: {{n: int}}
+sinks:
+  out: {{input: s, connector: {{type: file, path: out.jsonl}}}}
+"#,
+        broker.bootstrap()
+    );
+    let spec = job_format().parse(&job, "kafka.yaml", &[]).unwrap();
+    let jm = JobManager::with_local_taskmanagers(|events| {
+        freshet_taskmanager::local::taskmanagers(1, 2, events)
+    });
+    let handle = jm.submit(spec, dir.path().to_path_buf()).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let wait_for = |want: Vec<i64>| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = if out.exists() {
+                ns(&read_rows(&out))
+            } else {
+                Vec::new()
+            };
+            if got == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "got {got:?}, want {want:?}: {:?}",
+                handle.status().message
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for((0..5).collect());
+    broker.create_topic("pat-b", 3);
+    numbers(&broker, "pat-b", 5..20);
+    wait_for((0..20).collect());
+    handle.cancel();
+}

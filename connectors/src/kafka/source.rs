@@ -410,6 +410,8 @@ struct Partition {
     next: Option<i64>,
     stop: Option<i64>,
     finished: bool,
+    /// Whether the consumer is assigned the partition.
+    assigned: bool,
     decoder: RowDecoder,
     /// Offsets of the rows in `decoder`, for dead letters.
     offsets: Vec<i64>,
@@ -482,6 +484,7 @@ impl KafkaSource {
                 next: None,
                 stop: None,
                 finished: false,
+                assigned: false,
                 decoder: RowDecoder::new(self.config.fields.clone()),
                 offsets: Vec::new(),
             },
@@ -593,16 +596,25 @@ impl KafkaSource {
         Ok(())
     }
 
-    /// Assigns `splits` to the consumer at their positions.
-    fn assign(&self, consumer: &BaseConsumer, splits: &[String]) -> Result<()> {
+    /// Assigns `splits` to the consumer at their positions (bounded: those not at their stop).
+    fn assign(&mut self, consumer: &BaseConsumer, splits: &[String]) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
         for k in splits {
-            let p = &self.partitions[k];
-            if p.finished || p.stop.is_some_and(|s| p.next.unwrap_or(0) >= s) {
+            let Some(p) = self.partitions.get_mut(k) else {
+                continue;
+            };
+            if p.finished || p.assigned || p.stop.is_some_and(|s| p.next.unwrap_or(0) >= s) {
                 continue;
             }
+            p.assigned = true;
             tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(p.next.unwrap_or(0)))
-                .map_err(|e| error("assigning partitions", self.bootstrap(), &e))?;
+                .map_err(|e| {
+                    error(
+                        "assigning partitions",
+                        &self.config.settings.bootstrap_servers,
+                        &e,
+                    )
+                })?;
         }
         consumer
             .incremental_assign(&tpl)
@@ -801,7 +813,9 @@ impl KafkaSource {
             if reached {
                 p.finished = true;
                 self.ended.push(split.clone());
-                let _ = done.add_partition(&p.topic, p.partition);
+                if std::mem::take(&mut p.assigned) {
+                    done.add_partition(&p.topic, p.partition);
+                }
             }
         }
         if done.count() > 0 {
