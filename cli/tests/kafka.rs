@@ -243,8 +243,38 @@ fn kills_at_any_moment_neither_lose_nor_duplicate_output() {
         assert!(restored >= 8, "only {restored} runs restored");
     });
     produce_flush(&broker);
-    let mut last = Proc::start(&[a.clone(), vec!["--listen".into(), "off".into()]].concat());
+    let http = format!("127.0.0.1:{}", common::free_port());
+    let mut last = Proc::start(
+        &[
+            a.clone(),
+            vec![
+                "--listen".into(),
+                "off".into(),
+                "--http".into(),
+                http.clone(),
+            ],
+        ]
+        .concat(),
+    );
     check(&broker, SALES, "after 12 crashes");
+    // every partition's lag, read to the end
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = common::http_get(&http, "/metrics");
+        let lags: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("freshet_source_split_lag{"))
+            .collect();
+        let caught_up = (0..4).all(|p| {
+            lags.iter()
+                .any(|l| l.contains(&format!("split=\"sales/{p}\"")) && l.ends_with(" 0"))
+        });
+        if caught_up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lag per partition: {lags:#?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     last.kill();
 }
 

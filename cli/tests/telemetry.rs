@@ -27,7 +27,8 @@ use common::{
 };
 
 /// The metric table of `docs/observability.md`: (OTLP name, Prometheus name), without the
-/// operator's (its unit test and the Kubernetes tests read those back).
+/// operator's (its unit test and the Kubernetes tests read those back) and the Kafka source's
+/// (`cli/tests/kafka.rs` reads those).
 fn documented() -> Vec<(String, String)> {
     let doc = std::fs::read_to_string(repo().join("docs/observability.md")).unwrap();
     let rows: Vec<(String, String)> = doc
@@ -42,7 +43,8 @@ fn documented() -> Vec<(String, String)> {
             match cells.as_slice() {
                 ["", otlp, prom, kind, ..]
                     if matches!(*kind, "counter" | "gauge")
-                        && !otlp.starts_with("`freshet.operator.") =>
+                        && !otlp.starts_with("`freshet.operator.")
+                        && !otlp.starts_with("`freshet.source.") =>
                 {
                     Some((name(otlp)?, name(prom)?))
                 }

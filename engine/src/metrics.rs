@@ -40,6 +40,9 @@ pub struct SubtaskMetrics {
     started: Instant,
     /// The keyed-state instances of the subtask's operators, for state size.
     state: Mutex<Vec<Weak<KeyedBackend>>>,
+    /// A source's records behind the end of each split it reads (a Kafka partition's high
+    /// watermark, or last stable offset when reading committed records, less its position).
+    split_lag: Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
 impl std::fmt::Debug for SubtaskMetrics {
@@ -101,6 +104,7 @@ impl Default for SubtaskMetrics {
             open_ns: AtomicU64::new(0),
             started: Instant::now(),
             state: Mutex::new(Vec::new()),
+            split_lag: Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 }
@@ -127,6 +131,29 @@ impl SubtaskMetrics {
     pub fn opened(&self) {
         let ns = self.started.elapsed().as_nanos().max(1) as u64;
         self.open_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Sets how many records split `split` has beyond the source's position; `None` forgets
+    /// the split (finished, or no longer read here).
+    pub fn set_split_lag(&self, split: &str, lag: Option<i64>) {
+        let mut l = self.split_lag.lock();
+        match lag {
+            Some(n) => {
+                l.insert(split.to_string(), n.max(0));
+            }
+            None => {
+                l.remove(split);
+            }
+        }
+    }
+
+    /// Every split's lag (see [`SubtaskMetrics::set_split_lag`]).
+    pub fn split_lags(&self) -> Vec<(String, i64)> {
+        self.split_lag
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// Adds the time since `since` to the idle time.

@@ -286,6 +286,23 @@ pub(crate) fn register(meter: &Meter, observed: Observed) {
             (size != Default::default()).then_some(size.disk_bytes as i64)
         },
     );
+    let lags = o.clone();
+    meter
+        .i64_observable_gauge("freshet.source.split.lag")
+        .with_unit("{record}")
+        .with_description(
+            "Records a source split (a Kafka partition) has beyond the subtask's position",
+        )
+        .with_callback(move |obs| {
+            for s in lags.subtasks() {
+                for (split, lag) in s.metrics.split_lags() {
+                    let mut attributes = s.attributes.clone();
+                    attributes.push(KeyValue::new("split", split));
+                    obs.observe(lag, &attributes);
+                }
+            }
+        })
+        .build();
     state_counter(
         meter,
         &o,

@@ -16,8 +16,10 @@
 //! partition and offset (`orders/3@1042`); the job goes on.
 use arrow::record_batch::RecordBatch;
 use indexmap::IndexMap;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::{Headers, Message};
+use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -336,7 +338,10 @@ impl Discovery {
         self.partitions_with(&consumer)
     }
 
-    fn partitions_with(&self, consumer: &BaseConsumer) -> std::result::Result<Vec<String>, Found> {
+    fn partitions_with<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+    ) -> std::result::Result<Vec<String>, Found> {
         let metadata = consumer
             .fetch_metadata(None, REQUEST_TIMEOUT)
             .map_err(|e| {
@@ -374,6 +379,34 @@ impl Discovery {
         Ok(splits)
     }
 }
+
+/// The consumer's context: receives the client's statistics, with each partition's end offsets
+/// (high watermark and last stable offset), for the lag metric.
+#[derive(Default)]
+pub struct Ends {
+    offsets: parking_lot::Mutex<BTreeMap<(String, i32), (i64, i64)>>,
+}
+
+impl ClientContext for Ends {
+    fn stats(&self, statistics: Statistics) {
+        let mut o = self.offsets.lock();
+        for (name, topic) in statistics.topics {
+            for (p, part) in topic.partitions {
+                // partition -1 is the client's internal "unassigned" entry
+                if p >= 0 && part.hi_offset >= 0 {
+                    o.insert((name.clone(), p), (part.hi_offset, part.ls_offset));
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Ends {}
+
+type KafkaConsumer = BaseConsumer<Ends>;
+
+/// How often the client reports statistics (the lag metric's resolution).
+const STATISTICS_INTERVAL_MS: &str = "5000";
 
 /// Settings shared by the subtasks of one Kafka source.
 pub struct KafkaSourceConfig {
@@ -427,7 +460,7 @@ pub struct KafkaSource {
     parallelism: u32,
     group: String,
     client_id: String,
-    consumer: Option<BaseConsumer>,
+    consumer: Option<KafkaConsumer>,
     partitions: BTreeMap<String, Partition>,
     /// Splits read to their stop offset but not yet reported.
     ended: Vec<String>,
@@ -435,6 +468,8 @@ pub struct KafkaSource {
     /// Positions of taken snapshots, for the group commit when they complete.
     snapshots: Vec<(CheckpointId, Offsets)>,
     next_discovery: Instant,
+    /// When the lag metric was last updated.
+    lag_reported: Instant,
     /// A subtask that reads nothing says so once, so it does not hold the watermark back.
     reported_empty: bool,
 }
@@ -457,6 +492,7 @@ impl KafkaSource {
             dead: DeadLetters::default(),
             snapshots: Vec::new(),
             next_discovery: Instant::now() + config.settings.partition_discovery.0,
+            lag_reported: Instant::now(),
             reported_empty: false,
             config,
         };
@@ -496,7 +532,7 @@ impl KafkaSource {
         &self.config.settings.bootstrap_servers
     }
 
-    fn connect(&self) -> Result<BaseConsumer> {
+    fn connect(&self) -> Result<KafkaConsumer> {
         let s = &self.config.settings;
         let mut c = client_config(&s.bootstrap_servers, &s.properties);
         c.set("group.id", &self.group)
@@ -512,17 +548,18 @@ impl KafkaSource {
             )
             // a position that no longer exists (retention deleted it) restarts at the oldest
             // record still there rather than skipping to the end
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
         for (k, v) in &s.properties {
             c.set(k, v);
         }
-        c.create()
+        c.create_with_context(Ends::default())
             .map_err(|e| error("creating a consumer", self.bootstrap(), &e))
     }
 
     /// Resolves the start (and, bounded, stop) offsets of the partitions that have none, from
     /// the start mode; partitions found while running start at their beginning.
-    fn resolve(&mut self, consumer: &BaseConsumer, found_later: bool) -> Result<()> {
+    fn resolve(&mut self, consumer: &KafkaConsumer, found_later: bool) -> Result<()> {
         let bootstrap = self.config.settings.bootstrap_servers.clone();
         let todo: Vec<String> = self
             .partitions
@@ -597,7 +634,7 @@ impl KafkaSource {
     }
 
     /// Assigns `splits` to the consumer at their positions (bounded: those not at their stop).
-    fn assign(&mut self, consumer: &BaseConsumer, splits: &[String]) -> Result<()> {
+    fn assign(&mut self, consumer: &KafkaConsumer, splits: &[String]) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
         for k in splits {
             let Some(p) = self.partitions.get_mut(k) else {
@@ -788,6 +825,34 @@ impl KafkaSource {
         Ok(())
     }
 
+    /// Publishes each partition's lag (records between the position and the end the client
+    /// last reported: the last stable offset when reading committed records, else the high
+    /// watermark).
+    fn report_lag(&mut self, ctx: &OperatorContext<'_>) {
+        let Some(consumer) = &self.consumer else {
+            return;
+        };
+        if self.lag_reported.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.lag_reported = Instant::now();
+        let ends = consumer.context().offsets.lock();
+        let committed = self.config.settings.isolation_level == Isolation::ReadCommitted;
+        for (split, p) in &self.partitions {
+            let lag = if p.finished {
+                None
+            } else {
+                ends.get(&(p.topic.clone(), p.partition))
+                    .zip(p.next)
+                    .map(|((hi, ls), next)| {
+                        let end = if committed && *ls >= 0 { *ls } else { *hi };
+                        end - next
+                    })
+            };
+            ctx.metrics.set_split_lag(split, lag);
+        }
+    }
+
     /// Bounded: partitions whose position reached their stop offset are done. Returns whether
     /// every partition is.
     fn check_ends(&mut self) -> Result<bool> {
@@ -862,7 +927,7 @@ impl Source for KafkaSource {
 
     fn poll(
         &mut self,
-        _: &OperatorContext<'_>,
+        ctx: &OperatorContext<'_>,
         out: &mut dyn SourceOutput,
     ) -> Result<SourceStatus> {
         if self.consumer.is_none() {
@@ -912,6 +977,7 @@ impl Source for KafkaSource {
         if let Some(err) = failed {
             return Err(err);
         }
+        self.report_lag(ctx);
         self.flush(out)?;
         if read > 0 {
             return Ok(SourceStatus::Ready);
