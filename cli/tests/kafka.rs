@@ -278,6 +278,45 @@ fn kills_at_any_moment_neither_lose_nor_duplicate_output() {
     last.kill();
 }
 
+/// The job on a cluster of a JobManager and two TaskManager processes: a TaskManager is killed
+/// at random moments three times (a new one replaces it each time) while sales are produced;
+/// the output is exactly once.
+#[test]
+fn killed_taskmanagers_neither_lose_nor_duplicate_output() {
+    const SALES: usize = 8_000;
+    let broker = Broker::start();
+    topics(&broker);
+    let mut c = common::Cluster::start(2);
+    let mut a = run_args(&broker, c.work.path(), 2);
+    a[0] = "submit".into();
+    a.extend(["--jobmanager".into(), c.address.clone()]);
+    let id = common::run_submit(&a);
+    let mut rng = Rng::new();
+    std::thread::scope(|scope| {
+        let producing = scope.spawn(|| {
+            for chunk in 0..(SALES / 250) {
+                produce_sales(&broker, chunk * 250..(chunk + 1) * 250);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        c.jm.wait_for("checkpoint completed");
+        for kill in 0..3 {
+            std::thread::sleep(Duration::from_millis(1000 + rng.below(2500)));
+            let victim = (kill % 2) as usize;
+            c.tms[victim].kill();
+            c.tms[victim] = common::taskmanager(&c.address, &format!("tm-new-{kill}"), &c.state);
+        }
+        producing.join().unwrap();
+    });
+    produce_flush(&broker);
+    check(&broker, SALES, "TaskManagers killed three times");
+    let (state, restarts) = common::job_state(&c.address, &id).unwrap();
+    assert_eq!(state, "running", "{}", c.jm.log());
+    // a kill during a restart, or of a TaskManager without subtasks, restarts nothing
+    eprintln!("{restarts} restarts after 3 kills");
+    assert!(restarts >= 1, "the job never restarted");
+}
+
 /// A job reading the 4-partition topic at parallelism 2 is stopped with a savepoint and
 /// restored at parallelism 3: every partition's position moves to its new reader.
 #[test]
