@@ -31,7 +31,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info};
@@ -257,6 +257,10 @@ pub struct KafkaSink {
     index: u32,
     session: String,
     producer: Option<Client>,
+    /// Exactly once after a rescale: producers of former subtasks' transactional ids.
+    others: HashMap<u32, Client>,
+    /// Exactly once: consumers of the marker groups, by owner.
+    markers: HashMap<u32, BaseConsumer>,
     /// Exactly once: the records since the last barrier, and the pending checkpoints.
     buffer: Vec<Record>,
     commits: Option<PendingCommits<Commit>>,
@@ -271,6 +275,8 @@ impl KafkaSink {
             index: 0,
             session: String::new(),
             producer: None,
+            others: HashMap::new(),
+            markers: HashMap::new(),
             buffer: Vec::new(),
             commits: None,
             last_checkpoint: 0,
@@ -354,21 +360,36 @@ impl KafkaSink {
         format!("{}-{owner}", self.prefix)
     }
 
-    /// A consumer of the marker group of `owner` (its group metadata and committed offsets).
-    fn marker_consumer(&self, owner: u32) -> Result<BaseConsumer> {
-        let s = &self.config.settings;
-        let mut c = client_config(&s.bootstrap_servers, &s.properties);
-        c.set("group.id", self.marker_group(owner))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed");
-        c.create()
-            .map_err(|e| self.fail("creating the marker consumer", &e))
+    /// Makes sure there is a consumer of the marker group of `owner` (for its group metadata
+    /// and committed offsets) and, for a former subtask's id, a producer that has fenced it.
+    fn prepare(&mut self, owner: u32) -> Result<()> {
+        if owner != self.index && !self.others.contains_key(&owner) {
+            let p = self.producer(Some(owner))?;
+            self.others.insert(owner, p);
+        }
+        if !self.markers.contains_key(&owner) {
+            let s = &self.config.settings;
+            let mut c = client_config(&s.bootstrap_servers, &s.properties);
+            c.set("group.id", self.marker_group(owner))
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", "read_committed");
+            let consumer = c
+                .create()
+                .map_err(|e| self.fail("creating the marker consumer", &e))?;
+            self.markers.insert(owner, consumer);
+        }
+        Ok(())
+    }
+
+    fn marker_consumer(&self, owner: u32) -> &BaseConsumer {
+        &self.markers[&owner]
     }
 
     /// Whether `commit` is already in Kafka: its owner's marker shows its checkpoint in its
-    /// session.
+    /// session. Only asked after the owner's transactional id was fenced, so a commit of an
+    /// earlier incarnation is either complete or never will be.
     fn committed(&self, commit: &Commit) -> Result<bool> {
-        let consumer = self.marker_consumer(commit.owner)?;
+        let consumer = self.marker_consumer(commit.owner);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.config.settings.topic, 0);
         let got = consumer
@@ -389,8 +410,8 @@ impl KafkaSink {
         for r in &commit.records {
             self.send(producer, r)?;
         }
-        let marker = self.marker_consumer(commit.owner)?;
-        let group = marker
+        let group = self
+            .marker_consumer(commit.owner)
             .group_metadata()
             .ok_or_else(|| EngineError::External {
                 message: "Kafka: the marker consumer has no group metadata".into(),
@@ -431,6 +452,7 @@ impl KafkaSink {
             if c.records.is_empty() {
                 continue;
             }
+            self.prepare(c.owner)?;
             if check && self.committed(&c)? {
                 info!(
                     checkpoint = c.checkpoint,
@@ -441,13 +463,12 @@ impl KafkaSink {
             }
             // a crash here: the checkpoint completed, its records are not in Kafka yet
             freshet_engine::failpoint::hit("kafka-sink-before-commit");
-            if c.owner == self.index {
-                let p = self.producer.as_ref().expect("opened");
-                self.write_commit(p, &c)?;
+            let p = if c.owner == self.index {
+                self.producer.as_ref().expect("opened")
             } else {
-                let p = self.producer(Some(c.owner))?;
-                self.write_commit(&p, &c)?;
-            }
+                &self.others[&c.owner]
+            };
+            self.write_commit(p, &c)?;
             // a crash here: the records are in Kafka, the checkpoint still lists them as pending
             freshet_engine::failpoint::hit("kafka-sink-after-commit");
         }

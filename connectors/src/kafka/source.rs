@@ -464,6 +464,8 @@ pub struct KafkaSource {
     partitions: BTreeMap<String, Partition>,
     /// Splits read to their stop offset but not yet reported.
     ended: Vec<String>,
+    /// Restored splits the plan did not list (found while running), not yet reported.
+    announce: Vec<String>,
     dead: DeadLetters,
     /// Positions of taken snapshots, for the group commit when they complete.
     snapshots: Vec<(CheckpointId, Offsets)>,
@@ -489,6 +491,7 @@ impl KafkaSource {
             consumer: None,
             partitions: BTreeMap::new(),
             ended: Vec::new(),
+            announce: Vec::new(),
             dead: DeadLetters::default(),
             snapshots: Vec::new(),
             next_discovery: Instant::now() + config.settings.partition_discovery.0,
@@ -903,8 +906,10 @@ impl Source for KafkaSource {
                 .map_err(|e| EngineError::State(format!("Kafka source positions: {e}")))?;
             for pos in saved {
                 // a partition found while running before the checkpoint is this subtask's if
-                // the rule gives it here
-                self.take(&pos.split);
+                // the rule gives it here; the runtime learns of it at the first poll
+                if self.take(&pos.split) {
+                    self.announce.push(pos.split.clone());
+                }
                 if let Some(p) = self.partitions.get_mut(&pos.split) {
                     p.next = Some(pos.next);
                     p.stop = pos.stop;
@@ -937,6 +942,9 @@ impl Source for KafkaSource {
             let all: Vec<String> = self.partitions.keys().cloned().collect();
             self.assign(&consumer, &all)?;
             self.consumer = Some(consumer);
+        }
+        for s in self.announce.drain(..) {
+            out.split_added(&s);
         }
         if !self.reported_empty {
             self.reported_empty = true;
