@@ -419,8 +419,9 @@ fn a_broker_outage_is_survived_exactly_once() {
     run.kill();
 }
 
-/// A topic that does not exist, or brokers that cannot be reached, stop `freshet run` at once
-/// with an error naming the servers and the topic, instead of a restart loop.
+/// A topic that does not exist (read or written), or brokers that cannot be reached, stop
+/// `freshet run` at once with an error naming the servers and the topic, instead of a restart
+/// loop.
 #[test]
 fn a_missing_topic_or_unreachable_broker_is_a_clear_error() {
     let broker = Broker::start();
@@ -458,6 +459,33 @@ fn a_missing_topic_or_unreachable_broker_is_a_clear_error() {
         stderr.contains(&format!("cannot reach Kafka at {dead}")),
         "{stderr}"
     );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // a sink's topic that does not exist fails the job at once (no restarts: they cannot help)
+    broker.create_topic("sales", 1);
+    let mut c = a.clone();
+    c.extend([
+        "--set".into(),
+        "sinks.revenue.connector.topic=nowhere".into(),
+    ]);
+    let started = Instant::now();
+    let o = freshet()
+        .args(&c)
+        .args(["--listen", "off"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("topic 'nowhere' of sink 'revenue' does not exist")
+            && stderr.contains(&broker.bootstrap()),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("attempt failed; restarting"), "{stderr}");
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "took {:?}",

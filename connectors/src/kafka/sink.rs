@@ -722,3 +722,122 @@ impl Operator for KafkaSink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, Int64Array, StringArray};
+    use arrow::datatypes::{Field, Schema};
+
+    fn batch() -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("store", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+            Field::new("amount", DataType::Float64, true),
+            Field::new(freshet_engine::TIME_COLUMN, DataType::Int64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec![Some("s1"), None])),
+                Arc::new(Int64Array::from(vec![Some(3), Some(7)])),
+                Arc::new(Float64Array::from(vec![Some(1.5), None])),
+                Arc::new(Int64Array::from(vec![0, 0])),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn sink(settings: serde_json::Value) -> std::result::Result<Arc<SinkConfig>, String> {
+        let mut s = serde_json::json!({"bootstrap_servers": "b:9092", "topic": "t"});
+        s.as_object_mut()
+            .unwrap()
+            .extend(settings.as_object().unwrap().clone());
+        let settings: KafkaSinkSettings = serde_json::from_value(s).unwrap();
+        let input = batch().schema();
+        let ctx = SinkContext {
+            name: "out",
+            path: "sinks.out.connector",
+            input: &input,
+            upsert_key: None,
+            base: std::path::Path::new("/"),
+        };
+        KafkaSinkConnector
+            .plan(&ctx, settings.clone())
+            .map_err(|p| p.0[0].to_string())?;
+        // the same checks the plan made, for a configuration the test can encode with
+        let index = |c: &str| input.index_of(c).unwrap();
+        Ok(Arc::new(SinkConfig {
+            name: "out".into(),
+            key: settings.key.iter().map(|k| index(k)).collect(),
+            partition: settings.partition.as_deref().map(index),
+            headers: settings
+                .headers
+                .iter()
+                .map(|(h, c)| (h.clone(), index(c)))
+                .collect(),
+            value_column: (settings.format == ValueFormat::String).then(|| index("store")),
+            settings,
+        }))
+    }
+
+    fn text(b: &Option<Vec<u8>>) -> Option<&str> {
+        b.as_deref().map(|b| std::str::from_utf8(b).unwrap())
+    }
+
+    /// Values are JSON objects without the time column; one key column is its text, several a
+    /// JSON object; headers carry a column's text; an explicit partition column is used.
+    #[test]
+    fn rows_become_records() {
+        let s = KafkaSink::new(
+            sink(
+                serde_json::json!({"key": ["store"], "headers": {"h": "amount"},
+                                     "partition": "n"}),
+            )
+            .unwrap(),
+        );
+        let r = s.encode(&batch()).unwrap();
+        assert_eq!(text(&r[0].key), Some("s1"));
+        assert_eq!(r[1].key, None, "a null key column: no key");
+        assert_eq!(
+            std::str::from_utf8(&r[0].value).unwrap(),
+            r#"{"store":"s1","n":3,"amount":1.5}"#
+        );
+        assert_eq!(r[0].headers, vec![("h".to_string(), b"1.5".to_vec())]);
+        assert!(r[1].headers.is_empty(), "a null header column: no header");
+        assert_eq!((r[0].partition, r[1].partition), (Some(3), Some(7)));
+
+        let s = KafkaSink::new(sink(serde_json::json!({"key": ["store", "n"]})).unwrap());
+        let r = s.encode(&batch()).unwrap();
+        assert_eq!(text(&r[0].key), Some(r#"{"store":"s1","n":3}"#));
+        let s = KafkaSink::new(sink(serde_json::json!({"key": ["n"]})).unwrap());
+        assert_eq!(text(&s.encode(&batch()).unwrap()[1].key), Some("7"));
+    }
+
+    #[test]
+    fn settings_are_checked_against_the_stream() {
+        let p = sink(serde_json::json!({"key": ["nope"]})).err().unwrap();
+        assert!(
+            p.starts_with("sinks.out.connector.key[0]: 'nope' is not a column"),
+            "{p}"
+        );
+        let p = sink(serde_json::json!({"partition": "store"}))
+            .err()
+            .unwrap();
+        assert!(
+            p.starts_with("sinks.out.connector.partition: 'store' must be an int column"),
+            "{p}"
+        );
+        let p = sink(serde_json::json!({"format": "string"})).err().unwrap();
+        assert!(
+            p.starts_with("sinks.out.connector.format: format: string writes"),
+            "{p}"
+        );
+        let s =
+            sink(serde_json::json!({"format": "string", "key": ["n"], "headers": {"a": "amount"}}))
+                .unwrap();
+        let r = KafkaSink::new(s).encode(&batch()).unwrap();
+        assert_eq!(std::str::from_utf8(&r[0].value).unwrap(), "s1");
+        assert!(r[1].value.is_empty(), "a null value column: an empty value");
+    }
+}

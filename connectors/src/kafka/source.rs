@@ -1054,3 +1054,119 @@ impl Source for KafkaSource {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::registry;
+    use crate::registry::SourceContext;
+    use freshet_job::SourceSpec;
+    use std::path::Path;
+
+    /// The first problem of planning a Kafka source with `connector` settings and `schema`
+    /// (with the partitions given, so no broker is asked).
+    fn problem(connector: serde_json::Value, schema: serde_json::Value) -> String {
+        let mut c = serde_json::json!({"type": "kafka", "bootstrap_servers": "b:9092",
+                                        "format": "json"});
+        c.as_object_mut()
+            .unwrap()
+            .extend(connector.as_object().unwrap().clone());
+        let spec: SourceSpec =
+            serde_json::from_value(serde_json::json!({"connector": c, "schema": schema})).unwrap();
+        let splits = vec!["t/0".to_string()];
+        let ctx = SourceContext {
+            name: "s",
+            spec: &spec,
+            base: Path::new("/"),
+            batch_size: 8,
+            splits: Some(&splits),
+        };
+        match registry().plan_source(&ctx) {
+            Ok(_) => "planned".into(),
+            Err(p) => p.0[0].to_string(),
+        }
+    }
+
+    #[test]
+    fn settings_are_checked_against_the_schema() {
+        let n = serde_json::json!({"n": "int", "ts": "timestamp", "v": "string"});
+        assert_eq!(
+            problem(serde_json::json!({"topics": ["t"]}), n.clone()),
+            "planned"
+        );
+        let p = problem(
+            serde_json::json!({"topics": ["t"], "metadata": {"k": "key"}}),
+            n.clone(),
+        );
+        assert!(
+            p.starts_with("sources.s.connector.metadata.k: 'k' is not a field"),
+            "{p}"
+        );
+        let p = problem(
+            serde_json::json!({"topics": ["t"], "metadata": {"n": "timestamp"}}),
+            n.clone(),
+        );
+        assert!(
+            p.starts_with("sources.s.connector.metadata.n: the record's timestamp is timestamp, so 'n' must be declared timestamp, not int"),
+            "{p}"
+        );
+        assert_eq!(
+            problem(
+                serde_json::json!({"topics": ["t"], "metadata": {"ts": "timestamp"}}),
+                n.clone()
+            ),
+            "planned"
+        );
+        let p = problem(
+            serde_json::json!({"topics": ["t"], "format": "string"}),
+            n.clone(),
+        );
+        assert!(
+            p.starts_with("sources.s.connector.format: format: string reads"),
+            "{p}"
+        );
+        assert_eq!(
+            problem(
+                serde_json::json!({"topics": ["t"], "format": "string",
+                                   "metadata": {"n": "offset", "ts": "timestamp"}}),
+                n.clone()
+            ),
+            "planned"
+        );
+        let p = problem(
+            serde_json::json!({"topics": ["t"], "topic_pattern": "t.*"}),
+            n.clone(),
+        );
+        assert!(p.starts_with("sources.s.connector: name the topics"), "{p}");
+        let p = problem(serde_json::json!({}), n.clone());
+        assert!(p.starts_with("sources.s.connector: name the topics"), "{p}");
+        let p = problem(serde_json::json!({"topic_pattern": "("}), n.clone());
+        assert!(
+            p.starts_with("sources.s.connector.topic_pattern: not a regular expression"),
+            "{p}"
+        );
+        let p = problem(
+            serde_json::json!({"topics": ["t"], "start": "timestamp"}),
+            n.clone(),
+        );
+        assert!(
+            p.starts_with("sources.s.connector.start_timestamp: start: timestamp needs"),
+            "{p}"
+        );
+        assert_eq!(
+            problem(
+                serde_json::json!({"topics": ["t"], "start": "timestamp",
+                                   "start_timestamp": "2024-05-01T00:00:00Z"}),
+                n.clone()
+            ),
+            "planned"
+        );
+        let p = problem(
+            serde_json::json!({"topics": ["t"], "start_timestamp": 5}),
+            n,
+        );
+        assert!(
+            p.starts_with("sources.s.connector.start_timestamp: only used with"),
+            "{p}"
+        );
+    }
+}
