@@ -20,7 +20,7 @@ use std::time::Duration;
 use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::operator::{OperatorContext, Source, SourceOutput, SourceStatus};
 use freshet_engine::{EngineError, Result};
-use freshet_job::{FieldType, Problem, Problems};
+use freshet_job::{FieldType, Problems};
 use freshet_operators::dead_letter::DeadLetters;
 
 use crate::decode::RowDecoder;
@@ -101,15 +101,7 @@ impl SourceConnector for FileConnector {
         ctx: &SourceContext<'_>,
         c: FileSettings,
     ) -> std::result::Result<SourcePlan, Problems> {
-        if ctx.spec.schema.is_empty() {
-            return Err(Problems(vec![
-                Problem::new(
-                    format!("sources.{}.schema", ctx.name),
-                    "a file source needs a schema",
-                )
-                .hint("list the fields, e.g. schema: {id: string, ts: timestamp}"),
-            ]));
-        }
+        let fields = ctx.fields("file", "{id: string, ts: timestamp}")?;
         let full = resolve(ctx.base, &c.path);
         let listed = match ctx.splits {
             Some(files) => Ok(files.iter().map(PathBuf::from).collect()),
@@ -136,12 +128,6 @@ impl SourceConnector for FileConnector {
                 "must be a single ASCII character",
             ));
         }
-        let fields: Vec<(String, FieldType)> = ctx
-            .spec
-            .schema
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
         let decoded = crate::decode::schema_of(&fields);
         let event_time = EventTime::compile(ctx.spec.event_time.as_deref(), &decoded)
             .map_err(|e| ctx.problem("event_time", e.message))?;

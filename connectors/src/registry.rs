@@ -35,6 +35,30 @@ pub struct SourceContext<'a> {
 }
 
 impl SourceContext<'_> {
+    /// The declared fields, in order; a source of kind `kind` that reads them refuses an
+    /// empty schema, suggesting `example`.
+    pub fn fields(
+        &self,
+        kind: &str,
+        example: &str,
+    ) -> Result<Vec<(String, freshet_job::FieldType)>, Problems> {
+        if self.spec.schema.is_empty() {
+            return Err(Problems(vec![
+                Problem::new(
+                    format!("sources.{}.schema", self.name),
+                    format!("a {kind} source needs a schema"),
+                )
+                .hint(format!("list the fields, e.g. schema: {example}")),
+            ]));
+        }
+        Ok(self
+            .spec
+            .schema
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect())
+    }
+
     /// A problem with `field` of the source (`schema`, `event_time`, `connector.path`).
     pub fn problem(&self, field: &str, message: impl Into<String>) -> Problems {
         Problems(vec![Problem::new(

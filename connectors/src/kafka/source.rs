@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 use freshet_engine::checkpoint::{CheckpointId, SnapshotContext, StateContext};
 use freshet_engine::operator::{OperatorContext, Source, SourceOutput, SourceStatus, SubtaskInfo};
 use freshet_engine::{EngineError, Result};
-use freshet_job::{DurationSpec, FieldType, Problem, Problems};
+use freshet_job::{DurationSpec, FieldType, Problems};
 use freshet_operators::dead_letter::DeadLetters;
 
 use super::{REQUEST_TIMEOUT, client_config, error, owner, parse_split, split_name};
@@ -166,21 +166,7 @@ impl SourceConnector for KafkaSourceConnector {
         ctx: &SourceContext<'_>,
         c: KafkaSourceSettings,
     ) -> std::result::Result<SourcePlan, Problems> {
-        let fields: Vec<(String, FieldType)> = ctx
-            .spec
-            .schema
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        if fields.is_empty() {
-            return Err(Problems(vec![
-                Problem::new(
-                    format!("sources.{}.schema", ctx.name),
-                    "a Kafka source needs a schema",
-                )
-                .hint("list the value's fields, e.g. schema: {store: string, amount: float}"),
-            ]));
-        }
+        let fields = ctx.fields("Kafka", "{store: string, amount: float}")?;
         let mut metadata = Vec::new();
         for (column, m) in &c.metadata {
             let Some(i) = fields.iter().position(|(n, _)| n == column) else {
