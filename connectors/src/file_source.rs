@@ -131,6 +131,7 @@ impl SourceConnector for FileConnector {
         let decoded = crate::decode::schema_of(&fields);
         let event_time = EventTime::compile(ctx.spec.event_time.as_deref(), &decoded)
             .map_err(|e| ctx.problem("event_time", e.message))?;
+        let is_dir = full.is_dir();
         let config = FileSourceConfig {
             name: ctx.name.to_string(),
             path: full,
@@ -144,6 +145,7 @@ impl SourceConnector for FileConnector {
             event_time: event_time.clone(),
             batch_size: ctx.batch_size,
             rows_per_second: c.rows_per_second,
+            discovery: (c.follow && is_dir).then_some(DISCOVERY_INTERVAL),
         };
         let mut plan = SourcePlan::new(
             ctx,
@@ -204,6 +206,17 @@ pub struct FileSourceConfig {
     pub batch_size: usize,
     /// Records per second per subtask, unlimited if `None`.
     pub rows_per_second: Option<f64>,
+    /// A followed directory: how often to look for new files in it.
+    pub discovery: Option<Duration>,
+}
+
+/// How often a followed directory is listed for new files.
+pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The subtask (of `parallelism`) that reads a file found while running: by a hash of its
+/// name, which every subtask computes alike.
+fn owner_of_found(name: &str, parallelism: u32) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % u64::from(parallelism.max(1))) as u32
 }
 
 /// The files a path names, in order.
@@ -254,6 +267,14 @@ pub struct FileSource {
     /// Files read to their end (or found done in the restored positions) that the runtime has
     /// not been told of yet.
     ended: Vec<String>,
+    index: u32,
+    parallelism: u32,
+    /// A followed directory: every file seen in it (any subtask's), and when to list it next.
+    known: std::collections::HashSet<PathBuf>,
+    next_listing: std::time::Instant,
+    /// A followed directory's subtask that starts without a file says so once, so it does not
+    /// hold the watermark back.
+    reported_empty: bool,
 }
 
 /// Where reading of one file stands.
@@ -281,6 +302,7 @@ impl FileSource {
             .filter(|(i, _)| *i as u32 % parallelism == index)
             .map(|(_, f)| f)
             .collect();
+        let config_files = config.files.iter().cloned().collect();
         let mut csv = csv::ReaderBuilder::new();
         csv.has_headers(false)
             .delimiter(config.delimiter)
@@ -297,7 +319,37 @@ impl FileSource {
             resume: HashMap::new(),
             paced: None,
             ended: Vec::new(),
+            index,
+            parallelism,
+            known: config_files,
+            next_listing: std::time::Instant::now(),
+            reported_empty: false,
         })
+    }
+
+    /// A followed directory: takes the files that appeared in it since it was last listed and
+    /// that this subtask reads, and announces them to the runtime. A file is complete once a
+    /// newer one is there (the next file is opened when the current one has no more lines), as
+    /// with rotated logs.
+    fn discover(&mut self, out: &mut dyn SourceOutput) {
+        let listed = match list_files(&self.config.path) {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the followed directory failed");
+                return;
+            }
+        };
+        for path in listed {
+            if !self.known.insert(path.clone()) {
+                continue;
+            }
+            let name = self.name_of(&path);
+            if owner_of_found(&name, self.parallelism) == self.index {
+                tracing::debug!(file = %name, "new file in the followed directory");
+                out.split_added(&name);
+                self.files.push(path);
+            }
+        }
     }
 
     /// How positions and dead letters name a file.
@@ -567,6 +619,20 @@ impl Source for FileSource {
         _: &OperatorContext<'_>,
         out: &mut dyn SourceOutput,
     ) -> Result<SourceStatus> {
+        if let Some(every) = self.config.discovery {
+            if !std::mem::replace(&mut self.reported_empty, true) && self.files.is_empty() {
+                out.split_finished(freshet_engine::splits::WHOLE);
+            }
+            if std::time::Instant::now() >= self.next_listing {
+                self.next_listing = std::time::Instant::now() + every;
+                self.discover(out);
+            }
+            if self.open.is_none() && !self.open_next()? {
+                // a followed directory never ends: wait for a file
+                self.flush(out)?;
+                return Ok(SourceStatus::Pending(Duration::from_millis(100)));
+            }
+        }
         if self.open.is_none() && !self.open_next()? {
             return Ok(SourceStatus::Finished);
         }
@@ -681,8 +747,104 @@ mod tests {
             event_time: EventTime::compile(None, &decoded).unwrap(),
             batch_size: 16,
             rows_per_second: None,
+            discovery: None,
         };
         FileSource::new(config, index, parallelism).unwrap()
+    }
+
+    /// What a source emitted, as text.
+    #[derive(Default)]
+    struct Events(Vec<String>);
+
+    impl SourceOutput for Events {
+        fn emit_split(&mut self, split: &str, batch: RecordBatch) {
+            self.0.push(format!("{split}: {} rows", batch.num_rows()));
+        }
+        fn split_finished(&mut self, split: &str) {
+            self.0.push(format!("finished {split}"));
+        }
+        fn split_added(&mut self, split: &str) {
+            self.0.push(format!("added {split}"));
+        }
+        fn emit_side(&mut self, _: usize, _: RecordBatch) {}
+    }
+
+    /// Polls `s` `n` times; returns what it emitted and its last status.
+    fn polls(s: &mut FileSource, n: usize) -> (Vec<String>, SourceStatus) {
+        let info = freshet_engine::operator::SubtaskInfo {
+            job: "t".into(),
+            vertex: "numbers".into(),
+            index: s.index,
+            parallelism: s.parallelism,
+            max_parallelism: 128,
+        };
+        let metrics = std::sync::Arc::new(freshet_engine::metrics::SubtaskMetrics::default());
+        let ctx = OperatorContext {
+            subtask: &info,
+            record_watermark: freshet_engine::Watermark::MIN,
+            current_watermark: freshet_engine::Watermark::MIN,
+            metrics: &metrics,
+        };
+        let mut out = Events::default();
+        let mut status = SourceStatus::Ready;
+        for _ in 0..n {
+            status = s.poll(&ctx, &mut out).unwrap();
+        }
+        (out.0, status)
+    }
+
+    /// A followed directory: a file that appears is found, read by exactly one subtask, and
+    /// completes the file before it; a subtask without a file waits instead of finishing.
+    #[test]
+    fn a_followed_directory_reads_new_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let follow = |index| {
+            let mut s = source(
+                dir.path(),
+                &[("a.jsonl", "{\"n\":1}\n{\"n\":2}\n")],
+                index,
+                2,
+            );
+            s.config.follow = true;
+            s.config.discovery = Some(Duration::ZERO);
+            s
+        };
+        let (mut s0, mut s1) = (follow(0), follow(1));
+        let (events, status) = polls(&mut s0, 3);
+        assert_eq!(events, ["numbers/a.jsonl: 2 rows"]);
+        assert!(matches!(status, SourceStatus::Pending(_)));
+        let (events, status) = polls(&mut s1, 2);
+        assert_eq!(events, ["finished "], "no file: the implicit split is done");
+        assert!(matches!(status, SourceStatus::Pending(_)), "and it waits");
+
+        for name in ["b.jsonl", "c.jsonl", "d.jsonl"] {
+            std::fs::write(dir.path().join(name), "{\"n\":3}\n").unwrap();
+        }
+        let (e0, _) = polls(&mut s0, 6);
+        let (e1, _) = polls(&mut s1, 6);
+        for name in ["b", "c", "d"] {
+            let added = format!("added numbers/{name}.jsonl");
+            let read = format!("numbers/{name}.jsonl: 1 rows");
+            let (mine, other) = if e0.contains(&added) {
+                (&e0, &e1)
+            } else {
+                (&e1, &e0)
+            };
+            assert!(
+                mine.contains(&added) && mine.contains(&read),
+                "{e0:?} {e1:?}"
+            );
+            assert!(
+                !other.contains(&added) && !other.contains(&read),
+                "{e0:?} {e1:?}"
+            );
+        }
+        if e0.iter().any(|e| e.starts_with("added")) {
+            assert!(
+                e0.contains(&"finished numbers/a.jsonl".to_string()),
+                "{e0:?}"
+            );
+        }
     }
 
     fn position(file: &str, offset: u64, line: u64, done: bool) -> FilePosition {
