@@ -99,10 +99,23 @@ fn committed(broker: &Broker) -> Vec<((String, String), (f64, i64))> {
 /// Waits until the output has every expected window, then checks it holds each exactly once
 /// with the expected values.
 fn check(broker: &Broker, n: usize, context: &str) {
+    check_delivery(broker, n, false, context);
+}
+
+/// Waits until the output has every expected window, then checks each has the expected
+/// values; with `again`, a window may be written more than once (with the same values).
+/// Returns how many records were repeats.
+fn check_delivery(broker: &Broker, n: usize, again: bool, context: &str) -> usize {
     let want = expected(n);
     let deadline = Instant::now() + Duration::from_secs(120);
+    let distinct = |got: &[((String, String), (f64, i64))]| {
+        got.iter()
+            .map(|(k, _)| k)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
     let mut got = committed(broker);
-    while got.len() < want.len() && Instant::now() < deadline {
+    while distinct(&got) < want.len() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));
         got = committed(broker);
     }
@@ -110,9 +123,18 @@ fn check(broker: &Broker, n: usize, context: &str) {
     std::thread::sleep(Duration::from_secs(2));
     got = committed(broker);
     let mut seen = BTreeMap::new();
+    let mut repeats = 0;
     for (k, v) in got {
         if let Some(prev) = seen.insert(k.clone(), v) {
-            panic!("{context}: window {k:?} written twice ({prev:?} and {v:?})");
+            assert!(
+                again,
+                "{context}: window {k:?} written twice ({prev:?} and {v:?})"
+            );
+            assert_eq!(
+                prev, v,
+                "{context}: window {k:?} written again, differently"
+            );
+            repeats += 1;
         }
     }
     let missing: Vec<_> = want.keys().filter(|k| !seen.contains_key(*k)).collect();
@@ -132,6 +154,7 @@ fn check(broker: &Broker, n: usize, context: &str) {
             "{context}: revenue of {k:?}: {r} vs {revenue}"
         );
     }
+    repeats
 }
 
 /// `freshet run` arguments for the example against `broker`, with its files and checkpoints
@@ -275,6 +298,43 @@ fn kills_at_any_moment_neither_lose_nor_duplicate_output() {
         assert!(Instant::now() < deadline, "lag per partition: {lags:#?}");
         std::thread::sleep(Duration::from_millis(500));
     }
+    last.kill();
+}
+
+/// At least once: the same kills lose nothing; windows written again after a restart carry
+/// the same values.
+#[test]
+fn at_least_once_kills_lose_nothing() {
+    const SALES: usize = 8_000;
+    let broker = Broker::start();
+    topics(&broker);
+    let work = tempfile::tempdir().unwrap();
+    let mut a = run_args(&broker, work.path(), 2);
+    a.extend([
+        "--set".into(),
+        "sinks.revenue.connector.delivery=at_least_once".into(),
+        "--listen".into(),
+        "off".into(),
+    ]);
+    let mut rng = Rng::new();
+    std::thread::scope(|scope| {
+        let producing = scope.spawn(|| {
+            for chunk in 0..(SALES / 250) {
+                produce_sales(&broker, chunk * 250..(chunk + 1) * 250);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+        for _ in 0..4 {
+            let mut run = Proc::start(&a);
+            std::thread::sleep(Duration::from_millis(1500 + rng.below(1500)));
+            run.kill();
+        }
+        producing.join().unwrap();
+    });
+    produce_flush(&broker);
+    let mut last = Proc::start(&a);
+    let repeats = check_delivery(&broker, SALES, true, "at least once, 4 kills");
+    eprintln!("at least once: {repeats} windows written again after 4 kills");
     last.kill();
 }
 
