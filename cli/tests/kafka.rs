@@ -79,8 +79,11 @@ fn expected(n: usize) -> BTreeMap<(String, String), (f64, i64)> {
     out
 }
 
-/// The committed output: one entry per record, keyed by (store, window start).
-fn committed(broker: &Broker) -> Vec<((String, String), (f64, i64))> {
+/// A window of the output: (store, window start) and (revenue, sales).
+type Window = ((String, String), (f64, i64));
+
+/// The committed output: one entry per record.
+fn committed(broker: &Broker) -> Vec<Window> {
     broker
         .read_committed("revenue")
         .into_iter()
@@ -108,7 +111,7 @@ fn check(broker: &Broker, n: usize, context: &str) {
 fn check_delivery(broker: &Broker, n: usize, again: bool, context: &str) -> usize {
     let want = expected(n);
     let deadline = Instant::now() + Duration::from_secs(120);
-    let distinct = |got: &[((String, String), (f64, i64))]| {
+    let distinct = |got: &[Window]| {
         got.iter()
             .map(|(k, _)| k)
             .collect::<std::collections::BTreeSet<_>>()
