@@ -317,3 +317,68 @@ sinks:
     wait_for((0..20).collect());
     handle.cancel();
 }
+
+/// Bounded reading stops at the offsets the partitions had when the job started, also while
+/// records keep arriving behind them: once rows flow (so the source has resolved where to
+/// stop), more records are produced until the job finishes; none of them is read.
+#[test]
+fn bounded_reading_stops_at_the_start_offsets_while_records_arrive() {
+    let broker = Broker::start();
+    broker.create_topic("numbers", 2);
+    numbers(&broker, "numbers", 0..100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let rows = std::thread::scope(|scope| {
+        let broker = &broker;
+        let done = &done;
+        let root = dir.path().to_path_buf();
+        let producer = scope.spawn(move || {
+            // rows are flowing (the file sink stages them) once the source resolved its stops
+            let flowing = || {
+                let mut stack = vec![root.clone()];
+                while let Some(d) = stack.pop() {
+                    for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                        let p = e.path();
+                        if p.is_dir() {
+                            stack.push(p);
+                        } else if p.to_string_lossy().contains(".staging") {
+                            return true;
+                        }
+                    }
+                }
+                false
+            };
+            while !flowing() {
+                assert!(
+                    !done.load(std::sync::atomic::Ordering::Relaxed),
+                    "no rows seen"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let mut n = 1_000_000;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                numbers(broker, "numbers", n..n + 200);
+                n += 200;
+            }
+            n - 1_000_000
+        });
+        // a slow second sink paces the job, so it reads for seconds after it resolved its stop
+        let job = format!(
+            "{}  slow: {{input: s, connector: {{type: blackhole, rows_per_second: 10000}}}}\n",
+            reader_job(&broker.bootstrap(), "numbers", "start: earliest")
+        );
+        let rows = run_bounded(dir.path(), &job);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let later = producer.join().unwrap();
+        assert!(later > 0, "nothing was produced while the job ran");
+        rows
+    });
+    let n = ns(&rows);
+    let after: Vec<&i64> = n.iter().filter(|n| **n >= 1_000_000).collect();
+    assert!(
+        after.is_empty(),
+        "{} records past the stop offsets were read",
+        after.len()
+    );
+    assert_eq!(n, (0..100_000).collect::<Vec<_>>());
+}

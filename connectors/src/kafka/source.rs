@@ -684,12 +684,16 @@ impl KafkaSource {
         result
     }
 
-    /// Decodes one record into its partition's rows (or a dead letter).
-    fn decode(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
+    /// Decodes one record into its partition's rows (or a dead letter). Returns false for a
+    /// record at or past its partition's stop offset (bounded), which is left out.
+    fn decode(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> bool {
         let split = split_name(m.topic(), m.partition());
         let Some(p) = self.partitions.get_mut(&split) else {
-            return;
+            return true;
         };
+        if p.stop.is_some_and(|stop| m.offset() >= stop) {
+            return false;
+        }
         p.next = Some(m.offset() + 1);
         let position = || format!("{split}@{}", m.offset());
         let payload = m.payload().unwrap_or_default();
@@ -704,7 +708,7 @@ impl KafkaSource {
                         Some(String::from_utf8_lossy(payload).into_owned()),
                         0,
                     );
-                    return;
+                    return true;
                 }
                 Err(e) => {
                     let reason = if m.payload().is_none() {
@@ -719,7 +723,7 @@ impl KafkaSource {
                         Some(String::from_utf8_lossy(payload).into_owned()),
                         0,
                     );
-                    return;
+                    return true;
                 }
             },
             ValueFormat::String => match std::str::from_utf8(payload) {
@@ -743,7 +747,7 @@ impl KafkaSource {
                         Some(String::from_utf8_lossy(payload).into_owned()),
                         0,
                     );
-                    return;
+                    return true;
                 }
             },
         };
@@ -781,6 +785,7 @@ impl KafkaSource {
                 0,
             ),
         }
+        true
     }
 
     /// Emits what was decoded, partition by partition.
@@ -943,6 +948,8 @@ impl Source for KafkaSource {
             self.discover(out)?;
         }
         let mut read = 0;
+        // bounded: a record past a partition's stop offset was polled
+        let mut crossed = false;
         let consumer = self.consumer.take().expect("connected above");
         let mut failed = None;
         while read < self.config.batch_size {
@@ -952,7 +959,7 @@ impl Source for KafkaSource {
             match polled {
                 Ok(m) => {
                     read += 1;
-                    self.decode(&m);
+                    crossed |= !self.decode(&m);
                 }
                 Err(e) => {
                     let err = error("reading", self.bootstrap(), &e);
@@ -973,7 +980,7 @@ impl Source for KafkaSource {
         }
         self.report_lag(ctx);
         self.flush(out)?;
-        if read > 0 {
+        if read > 0 && !crossed {
             return Ok(SourceStatus::Ready);
         }
         if self
@@ -989,7 +996,11 @@ impl Source for KafkaSource {
         } else if self.config.settings.bounded {
             return Ok(SourceStatus::Finished);
         }
-        Ok(SourceStatus::Pending(Duration::from_millis(10)))
+        Ok(if read > 0 {
+            SourceStatus::Ready
+        } else {
+            SourceStatus::Pending(Duration::from_millis(10))
+        })
     }
 
     fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
