@@ -55,6 +55,14 @@ fn produce_sales(broker: &Broker, range: std::ops::Range<usize>) {
     broker.produce("sales", &refs);
 }
 
+/// Produces sales `0..n` at about a thousand a second (while a test kills things).
+fn produce_paced(broker: &Broker, n: usize) {
+    for chunk in 0..n.div_ceil(250) {
+        produce_sales(broker, chunk * 250..((chunk + 1) * 250).min(n));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// A sale per partition far in the future: every earlier window closes.
 fn produce_flush(broker: &Broker) {
     let v = json!({"event_id": "flush", "event_time": BASE + 86_400_000, "store_id": "zz",
@@ -212,13 +220,7 @@ fn kills_at_any_moment_neither_lose_nor_duplicate_output() {
     let a = run_args(&broker, work.path(), 2);
     let mut rng = Rng::new();
     std::thread::scope(|scope| {
-        let producing = scope.spawn(|| {
-            // about a thousand sales a second, for the whole kill phase
-            for chunk in 0..(SALES / 250) {
-                produce_sales(&broker, chunk * 250..(chunk + 1) * 250);
-                std::thread::sleep(Duration::from_millis(250));
-            }
-        });
+        let producing = scope.spawn(|| produce_paced(&broker, SALES));
         let mut kills = 0;
         let mut restored = 0;
         for round in 0..12 {
@@ -321,12 +323,7 @@ fn at_least_once_kills_lose_nothing() {
     ]);
     let mut rng = Rng::new();
     std::thread::scope(|scope| {
-        let producing = scope.spawn(|| {
-            for chunk in 0..(SALES / 250) {
-                produce_sales(&broker, chunk * 250..(chunk + 1) * 250);
-                std::thread::sleep(Duration::from_millis(250));
-            }
-        });
+        let producing = scope.spawn(|| produce_paced(&broker, SALES));
         for _ in 0..4 {
             let mut run = Proc::start(&a);
             std::thread::sleep(Duration::from_millis(1500 + rng.below(1500)));
@@ -356,12 +353,7 @@ fn killed_taskmanagers_neither_lose_nor_duplicate_output() {
     let id = common::run_submit(&a);
     let mut rng = Rng::new();
     std::thread::scope(|scope| {
-        let producing = scope.spawn(|| {
-            for chunk in 0..(SALES / 250) {
-                produce_sales(&broker, chunk * 250..(chunk + 1) * 250);
-                std::thread::sleep(Duration::from_millis(250));
-            }
-        });
+        let producing = scope.spawn(|| produce_paced(&broker, SALES));
         c.jm.wait_for("checkpoint completed");
         for kill in 0..3 {
             std::thread::sleep(Duration::from_millis(1000 + rng.below(2500)));
