@@ -11,6 +11,7 @@
 //! resolved against the job file's directory.
 #![warn(missing_docs)]
 
+pub mod avro;
 pub mod decode;
 pub mod event_time;
 pub mod file_source;
@@ -18,6 +19,7 @@ pub mod generator;
 pub mod kafka;
 pub mod nexmark;
 pub mod registry;
+pub mod schema_registry;
 pub mod sinks;
 
 use arrow::datatypes::SchemaRef;

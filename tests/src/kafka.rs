@@ -208,15 +208,20 @@ impl Broker {
         }
     }
 
-    /// Produces `(key, value, partition)` records (acknowledged by the broker on return).
-    pub fn produce(&self, topic: &str, records: &[(Option<&str>, &str, Option<i32>)]) {
+    /// Produces `(key, value, partition)` records (acknowledged by the broker on return); values
+    /// are text or bytes.
+    pub fn produce<V: AsRef<[u8]> + ?Sized>(
+        &self,
+        topic: &str,
+        records: &[(Option<&str>, &V, Option<i32>)],
+    ) {
         let producer: BaseProducer = self
             .config()
             .set("linger.ms", "5")
             .create()
             .expect("producer");
         for (key, value, partition) in records {
-            let mut r = BaseRecord::<str, str>::to(topic).payload(*value);
+            let mut r = BaseRecord::<str, [u8]>::to(topic).payload(value.as_ref());
             if let Some(k) = key {
                 r = r.key(*k);
             }
@@ -243,6 +248,14 @@ impl Broker {
     /// key, value), in partition and offset order. Reads up to the end each partition has
     /// when called (its last stable offset).
     pub fn read_committed(&self, topic: &str) -> Vec<(i32, i64, Option<String>, String)> {
+        self.read_committed_raw(topic)
+            .into_iter()
+            .map(|(p, o, k, v)| (p, o, k, String::from_utf8_lossy(&v).into_owned()))
+            .collect()
+    }
+
+    /// [`Broker::read_committed`] with values as bytes.
+    pub fn read_committed_raw(&self, topic: &str) -> Vec<(i32, i64, Option<String>, Vec<u8>)> {
         let consumer: BaseConsumer = self
             .config()
             .set("group.id", "freshet-test-reader")
@@ -277,7 +290,7 @@ impl Broker {
                     m.partition(),
                     m.offset(),
                     m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+                    m.payload().unwrap_or_default().to_vec(),
                 )),
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
                     ended.insert(p);

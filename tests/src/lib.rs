@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: run an example job with its outputs redirected, and compare
 //! JSON Lines outputs with expected files.
 pub mod kafka;
+pub mod schema_registry;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -47,7 +47,9 @@ use freshet_operators::json::RowWriter;
 use super::source::ValueFormat;
 use super::{REQUEST_TIMEOUT, client_config, error};
 use crate::SinkPlan;
+use crate::avro::{AvroEncoder, record_name, schema_for};
 use crate::registry::{SinkConnector, SinkContext};
+use crate::schema_registry::{RegistrySettings, SchemaRegistry};
 
 /// What the sink promises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, schemars::JsonSchema)]
@@ -75,10 +77,22 @@ pub struct KafkaSinkSettings {
     pub bootstrap_servers: String,
     /// The topic written (it must exist).
     pub topic: String,
-    /// How a row becomes the record's value: `json` (an object of all columns) or `string`
-    /// (the one string column that is not key, partition or header).
+    /// How a row becomes the record's value: `json` (an object of all columns), `string`
+    /// (the one string column that is not key, partition or header) or `avro` (a record of all
+    /// columns in the Confluent wire format, its schema registered in `schema_registry`).
     #[serde(default = "default_format")]
     pub format: ValueFormat,
+    /// With `format: avro`: the schema registry the values' schema is registered in.
+    #[serde(default)]
+    pub schema_registry: Option<RegistrySettings>,
+    /// With `format: avro`: the subject the schema is registered under; `<topic>-value` if
+    /// unset.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// With `format: avro`: the full name of the record schema; the sink's name (with
+    /// characters Avro names cannot hold as `_`) if unset.
+    #[serde(default)]
+    pub record_name: Option<String>,
     /// Columns forming the record key: one string column as its text, otherwise a JSON object
     /// of the columns. Records with equal keys go to the same partition (the partitioner is
     /// Kafka's usual murmur2, like Java clients).
@@ -177,6 +191,48 @@ impl SinkConnector for KafkaSinkConnector {
         } else {
             None
         };
+        let avro = match (c.format, &c.schema_registry) {
+            (ValueFormat::Avro, Some(r)) => {
+                let name = c
+                    .record_name
+                    .clone()
+                    .unwrap_or_else(|| record_name(ctx.name));
+                let field = if c.record_name.is_some() {
+                    "record_name"
+                } else {
+                    "format"
+                };
+                let schema = schema_for(&schema, &name).map_err(|e| ctx.problem(field, e))?;
+                Some(AvroPlan {
+                    registry: Arc::new(SchemaRegistry::new(r)),
+                    subject: c
+                        .subject
+                        .clone()
+                        .unwrap_or_else(|| format!("{}-value", c.topic)),
+                    schema,
+                })
+            }
+            (ValueFormat::Avro, None) => {
+                return Err(ctx.problem(
+                    "schema_registry",
+                    "format: avro registers the values' schema in a schema registry: give its url",
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(ctx.problem("schema_registry", "only used with format: avro"));
+            }
+            (_, None) => None,
+        };
+        if c.format != ValueFormat::Avro && (c.subject.is_some() || c.record_name.is_some()) {
+            return Err(ctx.problem(
+                if c.subject.is_some() {
+                    "subject"
+                } else {
+                    "record_name"
+                },
+                "only used with format: avro",
+            ));
+        }
         if c.transaction_timeout.0 < Duration::from_secs(1) {
             return Err(ctx.problem("transaction_timeout", "must be at least 1s"));
         }
@@ -187,6 +243,7 @@ impl SinkConnector for KafkaSinkConnector {
             partition,
             headers,
             value_column,
+            avro,
         });
         Ok(SinkPlan {
             factory: Arc::new(move |_| Box::new(KafkaSink::new(config.clone()))),
@@ -201,6 +258,14 @@ struct SinkConfig {
     partition: Option<usize>,
     headers: Vec<(String, usize)>,
     value_column: Option<usize>,
+    avro: Option<AvroPlan>,
+}
+
+/// How an `avro` sink writes: the schema derived from its input, and where it is registered.
+struct AvroPlan {
+    registry: Arc<SchemaRegistry>,
+    subject: String,
+    schema: apache_avro::Schema,
 }
 
 /// One encoded record.
@@ -265,6 +330,8 @@ pub struct KafkaSink {
     buffer: Vec<Record>,
     commits: Option<PendingCommits<Commit>>,
     last_checkpoint: u64,
+    /// With `format: avro`: the encoder of the registered schema (set on open).
+    avro: Option<AvroEncoder>,
 }
 
 impl KafkaSink {
@@ -280,6 +347,7 @@ impl KafkaSink {
             buffer: Vec::new(),
             commits: None,
             last_checkpoint: 0,
+            avro: None,
         }
     }
 
@@ -537,9 +605,14 @@ impl KafkaSink {
                 }
                 (_, None) => None,
             };
-            let value = match self.config.value_column {
-                Some(i) => text(batch.column(i), row)?.unwrap_or_default(),
-                None => {
+            let value = match (self.config.value_column, &self.avro) {
+                (Some(i), _) => text(batch.column(i), row)?.unwrap_or_default(),
+                (None, Some(enc)) => {
+                    let mut v = Vec::new();
+                    enc.write(batch, row, &mut v)?;
+                    v
+                }
+                (None, None) => {
                     let mut v = Vec::new();
                     writer.write(row, &mut v)?;
                     v
@@ -630,6 +703,19 @@ impl Operator for KafkaSink {
                  (checkpoints.interval) or choose at_least_once",
                 self.config.name
             )));
+        }
+        if let Some(a) = &self.config.avro {
+            let id =
+                a.registry
+                    .register(&a.subject, &a.schema)
+                    .map_err(|e| EngineError::External {
+                        retryable: e.retryable(),
+                        message: format!(
+                            "sink '{}': registering the values' schema under '{}': {e}",
+                            self.config.name, a.subject
+                        ),
+                    })?;
+            self.avro = Some(AvroEncoder::new(a.schema.clone(), id));
         }
         self.producer = Some(self.producer(None)?);
         if self.exactly_once() {
@@ -777,6 +863,7 @@ mod tests {
                 .map(|(h, c)| (h.clone(), index(c)))
                 .collect(),
             value_column: (settings.format == ValueFormat::String).then(|| index("store")),
+            avro: None,
             settings,
         }))
     }
@@ -839,5 +926,25 @@ mod tests {
         let r = KafkaSink::new(s).encode(&batch()).unwrap();
         assert_eq!(std::str::from_utf8(&r[0].value).unwrap(), "s1");
         assert!(r[1].value.is_empty(), "a null value column: an empty value");
+        let p = sink(serde_json::json!({"format": "avro"})).err().unwrap();
+        assert!(
+            p.starts_with("sinks.out.connector.schema_registry: format: avro registers"),
+            "{p}"
+        );
+        let p = sink(serde_json::json!({"subject": "x"})).err().unwrap();
+        assert!(
+            p.starts_with("sinks.out.connector.subject: only used with format: avro"),
+            "{p}"
+        );
+        let p = sink(serde_json::json!({"format": "avro", "record_name": "a-b",
+                                        "schema_registry": {"url": "http://r"}}))
+        .err()
+        .unwrap();
+        assert!(
+            p.starts_with("sinks.out.connector.record_name: 'a-b' is not an Avro record name"),
+            "{p}"
+        );
+        sink(serde_json::json!({"format": "avro", "schema_registry": {"url": "http://r"}}))
+            .unwrap();
     }
 }

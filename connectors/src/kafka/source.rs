@@ -35,9 +35,11 @@ use freshet_operators::dead_letter::DeadLetters;
 
 use super::{REQUEST_TIMEOUT, client_config, error, owner, parse_split, split_name};
 use crate::SourcePlan;
+use crate::avro::{AvroDecoder, DecodeError};
 use crate::decode::{RowDecoder, parse_timestamp};
 use crate::event_time::EventTime;
 use crate::registry::{SourceConnector, SourceContext};
+use crate::schema_registry::{RegistrySettings, SchemaRegistry};
 
 /// How a record's value is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
@@ -47,6 +49,9 @@ pub enum ValueFormat {
     Json,
     /// The value as UTF-8 text, into the schema's one string field that is not metadata.
     String,
+    /// Avro in the Confluent wire format, its writer schema from `schema_registry`; the
+    /// record's fields are matched to the schema's by name (the JSON rules).
+    Avro,
 }
 
 /// Where reading starts when there is no checkpoint to resume from.
@@ -123,6 +128,9 @@ pub struct KafkaSourceSettings {
     pub topic_pattern: Option<String>,
     /// How values are read.
     pub format: ValueFormat,
+    /// With `format: avro`: the schema registry holding the writers' schemas.
+    #[serde(default)]
+    pub schema_registry: Option<RegistrySettings>,
     /// Where a fresh start begins (a restore resumes where the checkpoint was).
     #[serde(default)]
     pub start: StartFrom,
@@ -202,6 +210,28 @@ impl SourceConnector for KafkaSourceConnector {
                  exactly one field besides the metadata columns, of type string",
             ));
         }
+        let avro = match (c.format, &c.schema_registry) {
+            (ValueFormat::Avro, Some(r)) => {
+                let registry = Arc::new(SchemaRegistry::new(r));
+                if ctx.splits.is_none() {
+                    // a first planning: say now when the registry cannot be reached
+                    registry
+                        .check()
+                        .map_err(|e| ctx.problem("connector.schema_registry.url", e.to_string()))?;
+                }
+                Some(registry)
+            }
+            (ValueFormat::Avro, None) => {
+                return Err(ctx.problem(
+                    "connector.schema_registry",
+                    "format: avro reads the writers' schemas from a schema registry: give its url",
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(ctx.problem("connector.schema_registry", "only used with format: avro"));
+            }
+            (_, None) => None,
+        };
         let start_ms = match (c.start, &c.start_timestamp) {
             (StartFrom::Timestamp, Some(Value::Number(n))) => n.as_i64(),
             (StartFrom::Timestamp, Some(Value::String(s))) => parse_timestamp(s),
@@ -270,6 +300,7 @@ impl SourceConnector for KafkaSourceConnector {
             batch_size: ctx.batch_size,
             start_ms,
             splits: splits.clone(),
+            avro: avro.map(AvroDecoder::new),
         });
         let mut plan = SourcePlan::new(
             ctx,
@@ -407,6 +438,9 @@ pub struct KafkaSourceConfig {
     start_ms: i64,
     /// The partitions found when the job was planned.
     splits: Vec<String>,
+    /// With `format: avro`: the decoder and its registry client (shared by the subtasks, so a
+    /// schema is fetched once per process).
+    avro: Option<AvroDecoder>,
 }
 
 /// Where a partition is read.
@@ -685,19 +719,40 @@ impl KafkaSource {
     }
 
     /// Decodes one record into its partition's rows (or a dead letter). Returns false for a
-    /// record at or past its partition's stop offset (bounded), which is left out.
-    fn decode(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> bool {
+    /// record at or past its partition's stop offset (bounded), which is left out. Fails when
+    /// the record's schema cannot be fetched from the registry: the record is not dropped,
+    /// the subtask restarts from its last checkpoint.
+    fn decode(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<bool> {
         let split = split_name(m.topic(), m.partition());
         let Some(p) = self.partitions.get_mut(&split) else {
-            return true;
+            return Ok(true);
         };
         if p.stop.is_some_and(|stop| m.offset() >= stop) {
-            return false;
+            return Ok(false);
         }
+        // a registry failure below restarts the subtask from its checkpoint: this position is
+        // then forgotten
         p.next = Some(m.offset() + 1);
         let position = || format!("{split}@{}", m.offset());
         let payload = m.payload().unwrap_or_default();
         let mut obj = match self.config.settings.format {
+            ValueFormat::Avro => {
+                let decoder = self.config.avro.as_ref().expect("planned with a registry");
+                match decoder.decode(payload) {
+                    Ok(o) => o,
+                    Err(DecodeError::Registry(e)) => return Err(e.into()),
+                    Err(DecodeError::Bad(reason)) => {
+                        self.dead.push(
+                            &self.config.name,
+                            Some(position()),
+                            reason,
+                            Some(String::from_utf8_lossy(payload).into_owned()),
+                            0,
+                        );
+                        return Ok(true);
+                    }
+                }
+            }
             ValueFormat::Json => match serde_json::from_slice::<Value>(payload) {
                 Ok(Value::Object(o)) => o,
                 Ok(_) => {
@@ -708,7 +763,7 @@ impl KafkaSource {
                         Some(String::from_utf8_lossy(payload).into_owned()),
                         0,
                     );
-                    return true;
+                    return Ok(true);
                 }
                 Err(e) => {
                     let reason = if m.payload().is_none() {
@@ -723,7 +778,7 @@ impl KafkaSource {
                         Some(String::from_utf8_lossy(payload).into_owned()),
                         0,
                     );
-                    return true;
+                    return Ok(true);
                 }
             },
             ValueFormat::String => match std::str::from_utf8(payload) {
@@ -747,7 +802,7 @@ impl KafkaSource {
                         Some(String::from_utf8_lossy(payload).into_owned()),
                         0,
                     );
-                    return true;
+                    return Ok(true);
                 }
             },
         };
@@ -785,7 +840,7 @@ impl KafkaSource {
                 0,
             ),
         }
-        true
+        Ok(true)
     }
 
     /// Emits what was decoded, partition by partition.
@@ -959,7 +1014,13 @@ impl Source for KafkaSource {
             match polled {
                 Ok(m) => {
                     read += 1;
-                    crossed |= !self.decode(&m);
+                    match self.decode(&m) {
+                        Ok(inside) => crossed |= !inside,
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
                 }
                 Err(e) => {
                     let err = error("reading", self.bootstrap(), &e);
@@ -1136,6 +1197,31 @@ mod tests {
         assert!(p.starts_with("sources.s.connector: name the topics"), "{p}");
         let p = problem(serde_json::json!({}), n.clone());
         assert!(p.starts_with("sources.s.connector: name the topics"), "{p}");
+        let p = problem(
+            serde_json::json!({"topics": ["t"], "format": "avro"}),
+            n.clone(),
+        );
+        assert!(
+            p.starts_with("sources.s.connector.schema_registry: format: avro reads"),
+            "{p}"
+        );
+        let p = problem(
+            serde_json::json!({"topics": ["t"], "schema_registry": {"url": "http://r:8081"}}),
+            n.clone(),
+        );
+        assert!(
+            p.starts_with("sources.s.connector.schema_registry: only used with format: avro"),
+            "{p}"
+        );
+        // planned again with its splits (a restore): the registry is not asked
+        assert_eq!(
+            problem(
+                serde_json::json!({"topics": ["t"], "format": "avro",
+                                   "schema_registry": {"url": "http://127.0.0.1:1"}}),
+                n.clone()
+            ),
+            "planned"
+        );
         let p = problem(serde_json::json!({"topic_pattern": "("}), n.clone());
         assert!(
             p.starts_with("sources.s.connector.topic_pattern: not a regular expression"),
