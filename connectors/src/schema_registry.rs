@@ -16,8 +16,10 @@ use std::time::Duration;
 use freshet_engine::EngineError;
 
 /// How long one request may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Attempts of a request that failed for a reason that may pass.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts of a registration or check that failed for a reason that may pass. A schema is
+/// fetched once per call: a source that cannot get one waits and asks again itself, without
+/// holding its thread (and so its checkpoints) for long.
 const ATTEMPTS: u32 = 3;
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
@@ -97,17 +99,17 @@ impl SchemaRegistry {
         &self.url
     }
 
-    /// Checks the registry answers (it lists its subjects).
+    /// Checks the registry answers (it lists its subjects), trying again a few times.
     pub fn check(&self) -> Result<(), RegistryError> {
         self.request(Method::Get, "/subjects", None).map(|_| ())
     }
 
-    /// The Avro schema registered with `id`, from the cache or the registry.
+    /// The Avro schema registered with `id`, from the cache or the registry (one attempt).
     pub fn schema(&self, id: u32) -> Result<Arc<Schema>, RegistryError> {
         if let Some(s) = self.schemas.lock().get(&id) {
             return Ok(s.clone());
         }
-        let body = self.request(Method::Get, &format!("/schemas/ids/{id}"), None)?;
+        let body = self.request_once(Method::Get, &format!("/schemas/ids/{id}"), None)?;
         let refused = |message: String| RegistryError::Refused {
             url: self.url.clone(),
             status: 200,
@@ -139,8 +141,9 @@ impl SchemaRegistry {
         Ok(schema)
     }
 
-    /// Registers `schema` under `subject` (or finds it registered) and returns its id. The
-    /// registry refuses a schema its compatibility rules for the subject do not allow.
+    /// Registers `schema` under `subject` (or finds it registered) and returns its id, trying
+    /// again a few times while the registry does not answer. The registry refuses a schema its
+    /// compatibility rules for the subject do not allow.
     pub fn register(&self, subject: &str, schema: &Schema) -> Result<u32, RegistryError> {
         let body = serde_json::json!({ "schema": schema.canonical_form() });
         let answer = self.request(

@@ -87,6 +87,26 @@ impl Registry {
         }
     }
 
+    /// Freezes the process (SIGSTOP): connections are accepted by the kernel but never
+    /// answered, the worst kind of outage for a client.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused registry run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{name}");
+    }
+
     /// The base URL of its Confluent-compatible API.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/apis/ccompat/v7", self.port)
@@ -214,6 +234,10 @@ fn decode_hex(s: &str) -> Vec<u8> {
 
 impl Drop for Registry {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -622,3 +622,97 @@ fn avro_values_through_a_schema_registry() {
         "{err}"
     );
 }
+
+/// A registry that stops answering does not lose records or restart the job: the partition
+/// whose record needs an unknown schema waits at that record (checkpoints go on), and once the
+/// registry answers again every record is read exactly once.
+#[test]
+fn the_avro_source_waits_for_an_unresponsive_registry() {
+    use freshet_tests::schema_registry::Registry;
+    let broker = Broker::start();
+    let registry = Registry::start();
+    broker.create_topic("sales-wait", 1);
+    let v1 = registry.register("sales-wait-value", SALE_V1);
+    let v2 = registry.register("sales-wait-value", SALE_V2);
+    let sale =
+        |i: i64| json!({"store": format!("s{}", i % 5), "amount": i as f64, "ts": i, "note": null});
+    let produce = |id: u32, schema: &str, range: std::ops::Range<i64>| {
+        let mut records: Vec<Value> = range.map(sale).collect();
+        if id == v2 {
+            for r in &mut records {
+                r["channel"] = json!("WEB");
+            }
+        }
+        let values = Registry::encode(id, schema, &records);
+        let rows: Vec<(Option<&str>, &[u8], Option<i32>)> =
+            values.iter().map(|v| (None, v.as_slice(), None)).collect();
+        broker.produce("sales-wait", &rows);
+    };
+    produce(v1, SALE_V1, 0..100);
+    let dir = tempfile::tempdir().unwrap();
+    let job = format!(
+        r#"
+version: 1
+name: avro-wait
+checkpointing: {{interval: 300ms}}
+sources:
+  s:
+    connector: {{type: kafka, bootstrap_servers: "{}", topics: [sales-wait], format: avro,
+                 schema_registry: {{url: "{}"}}}}
+    schema: {{store: string, amount: float, ts: int, note: string}}
+sinks:
+  out: {{input: s, connector: {{type: file, path: out.jsonl}}}}
+"#,
+        broker.bootstrap(),
+        registry.url()
+    );
+    let spec = job_format().parse(&job, "avro.yaml", &[]).unwrap();
+    let jm = JobManager::with_local_taskmanagers(|events| {
+        freshet_taskmanager::local::taskmanagers(1, 1, events)
+    });
+    let handle = jm.submit(spec, dir.path().to_path_buf()).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let read = || -> Vec<i64> {
+        if !out.exists() {
+            return Vec::new();
+        }
+        let mut ts: Vec<i64> = read_rows(&out)
+            .iter()
+            .map(|r| r["ts"].as_i64().unwrap())
+            .collect();
+        ts.sort();
+        ts
+    };
+    let wait_for = |n: i64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while read().len() < n as usize {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} rows: {:?}",
+                read().len(),
+                handle.status()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for(100);
+    // the second schema has not been fetched yet: its records need the registry
+    registry.pause();
+    produce(v2, SALE_V2, 100..200);
+    std::thread::sleep(Duration::from_secs(15));
+    let status = handle.status();
+    assert_eq!(status.state, JobState::Running, "{status:?}");
+    assert_eq!(status.restarts, 0, "{status:?}");
+    assert_eq!(
+        read(),
+        (0..100).collect::<Vec<_>>(),
+        "nothing read past the wait"
+    );
+    registry.resume();
+    wait_for(200);
+    // a few more checkpoints: nothing is written twice
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(read(), (0..200).collect::<Vec<_>>());
+    assert_eq!(handle.status().restarts, 0);
+    handle.cancel();
+}

@@ -453,6 +453,9 @@ struct Position {
     stop: Option<i64>,
 }
 
+/// The first wait after the registry could not give a record's schema.
+const STALL_BACKOFF: Duration = Duration::from_secs(1);
+
 /// Operator state of the source: every partition's [`Position`].
 const OFFSETS: &str = "kafka-offsets";
 
@@ -494,6 +497,12 @@ pub struct KafkaSource {
     lag_reported: Instant,
     /// A subtask that reads nothing says so once, so it does not hold the watermark back.
     reported_empty: bool,
+    /// A record whose schema the registry could not give: (partition, its offset, why). The
+    /// partition is sought back to it and reading waits until `stalled_until`.
+    stalled: Option<(String, i64, crate::schema_registry::RegistryError)>,
+    stalled_until: Option<Instant>,
+    /// The next wait after a stall: doubles up to 30 s while the registry stays away.
+    stall_backoff: Duration,
 }
 
 impl KafkaSource {
@@ -517,6 +526,9 @@ impl KafkaSource {
             next_discovery: Instant::now() + config.settings.partition_discovery.0,
             lag_reported: Instant::now(),
             reported_empty: false,
+            stalled: None,
+            stalled_until: None,
+            stall_backoff: STALL_BACKOFF,
             config,
         };
         for split in s.config.splits.clone() {
@@ -719,9 +731,9 @@ impl KafkaSource {
     }
 
     /// Decodes one record into its partition's rows (or a dead letter). Returns false for a
-    /// record at or past its partition's stop offset (bounded), which is left out. Fails when
-    /// the record's schema cannot be fetched from the registry: the record is not dropped,
-    /// the subtask restarts from its last checkpoint.
+    /// record at or past its partition's stop offset (bounded), which is left out. A record
+    /// whose schema the registry cannot give now is not dropped: its position stays at it and
+    /// the source stalls (see [`KafkaSource::stall`]).
     fn decode(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<bool> {
         let split = split_name(m.topic(), m.partition());
         let Some(p) = self.partitions.get_mut(&split) else {
@@ -730,8 +742,6 @@ impl KafkaSource {
         if p.stop.is_some_and(|stop| m.offset() >= stop) {
             return Ok(false);
         }
-        // a registry failure below restarts the subtask from its checkpoint: this position is
-        // then forgotten
         p.next = Some(m.offset() + 1);
         let position = || format!("{split}@{}", m.offset());
         let payload = m.payload().unwrap_or_default();
@@ -740,7 +750,11 @@ impl KafkaSource {
                 let decoder = self.config.avro.as_ref().expect("planned with a registry");
                 match decoder.decode(payload) {
                     Ok(o) => o,
-                    Err(DecodeError::Registry(e)) => return Err(e.into()),
+                    Err(DecodeError::Registry(e)) => {
+                        p.next = Some(m.offset());
+                        self.stalled = Some((split, m.offset(), e));
+                        return Ok(true);
+                    }
                     Err(DecodeError::Bad(reason)) => {
                         self.dead.push(
                             &self.config.name,
@@ -841,6 +855,35 @@ impl KafkaSource {
             ),
         }
         Ok(true)
+    }
+
+    /// After a record whose schema the registry could not give: seeks its partition back to it
+    /// (records of the partition fetched after it are dropped by the client and fetched again)
+    /// and waits before reading on, longer each time the registry is still away. Checkpoints
+    /// go on meanwhile and record the partition at that record.
+    fn stall(&mut self) -> Result<()> {
+        let Some((split, offset, e)) = self.stalled.take() else {
+            return Ok(());
+        };
+        let (topic, partition) = parse_split(&split).expect("a partition's split name");
+        if let Some(c) = &self.consumer {
+            c.seek(topic, partition, Offset::Offset(offset), REQUEST_TIMEOUT)
+                .map_err(|k| {
+                    error(
+                        &format!("seeking {split} back to {offset}"),
+                        self.bootstrap(),
+                        &k,
+                    )
+                })?;
+        }
+        warn!(
+            source = %self.config.name,
+            "{e}; {split} waits at offset {offset} for {:?}",
+            self.stall_backoff
+        );
+        self.stalled_until = Some(Instant::now() + self.stall_backoff);
+        self.stall_backoff = (self.stall_backoff * 2).min(Duration::from_secs(30));
+        Ok(())
     }
 
     /// Emits what was decoded, partition by partition.
@@ -998,6 +1041,15 @@ impl Source for KafkaSource {
                 out.split_finished(freshet_engine::splits::WHOLE);
             }
         }
+        if let Some(until) = self.stalled_until {
+            let now = Instant::now();
+            if now < until {
+                return Ok(SourceStatus::Pending(
+                    (until - now).min(Duration::from_millis(100)),
+                ));
+            }
+            self.stalled_until = None;
+        }
         if Instant::now() >= self.next_discovery && !self.config.settings.bounded {
             self.next_discovery = Instant::now() + self.config.settings.partition_discovery.0;
             self.discover(out)?;
@@ -1021,6 +1073,9 @@ impl Source for KafkaSource {
                             break;
                         }
                     }
+                    if self.stalled.is_some() {
+                        break;
+                    }
                 }
                 Err(e) => {
                     let err = error("reading", self.bootstrap(), &e);
@@ -1038,6 +1093,11 @@ impl Source for KafkaSource {
         self.consumer = Some(consumer);
         if let Some(err) = failed {
             return Err(err);
+        }
+        if self.stalled.is_some() {
+            self.stall()?;
+        } else if read > 0 {
+            self.stall_backoff = STALL_BACKOFF;
         }
         self.report_lag(ctx);
         self.flush(out)?;
