@@ -6,7 +6,9 @@
 //! `dead_letter` output with the file, line number and reason; the job goes on. In follow mode the
 //! source never finishes: at the end of the file it waits for more, and an incomplete last line
 //! is held until its newline arrives. CSV records are one per line (quoted newlines are not
-//! supported).
+//! supported). In a followed directory the source's enumerator, run by the JobManager, lists
+//! the directory every second and sends each new file to one subtask (by a hash of its name);
+//! the file before it in that subtask counts as complete, as with rotated logs.
 //!
 //! Snapshots record, per file, the byte offset and line number after the last emitted line (or
 //! that the file is done), so a restored source resumes exactly there, also at another parallelism.
@@ -26,7 +28,8 @@ use freshet_operators::dead_letter::DeadLetters;
 use crate::decode::RowDecoder;
 use crate::event_time::EventTime;
 use crate::registry::{SourceConnector, SourceContext};
-use crate::{SourcePlan, resolve};
+use crate::{SourcePlan, SplitEnumerator, resolve};
+use std::sync::Arc;
 
 /// File record formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
@@ -145,8 +148,11 @@ impl SourceConnector for FileConnector {
             event_time: event_time.clone(),
             batch_size: ctx.batch_size,
             rows_per_second: c.rows_per_second,
-            discovery: (c.follow && is_dir).then_some(DISCOVERY_INTERVAL),
+            followed_dir: c.follow && is_dir,
         };
+        let enumerator: Option<Arc<dyn SplitEnumerator>> = config
+            .followed_dir
+            .then(|| Arc::new(FileEnumerator(config.clone())) as Arc<dyn SplitEnumerator>);
         let mut plan = SourcePlan::new(
             ctx,
             event_time.output_schema(),
@@ -159,7 +165,10 @@ impl SourceConnector for FileConnector {
                 )?) as Box<dyn Source>)
             }),
         );
-        plan.max_parallelism = Some(files.len() as u32);
+        // a followed directory gets new files: any subtask may have some later
+        if !c.follow || !is_dir {
+            plan.max_parallelism = Some(files.len() as u32);
+        }
         let mut names = Vec::with_capacity(files.len());
         for f in files {
             match f.into_os_string().into_string() {
@@ -173,6 +182,7 @@ impl SourceConnector for FileConnector {
             }
         }
         plan.splits = Some(names);
+        plan.enumerator = enumerator;
         Ok(plan)
     }
 }
@@ -206,17 +216,46 @@ pub struct FileSourceConfig {
     pub batch_size: usize,
     /// Records per second per subtask, unlimited if `None`.
     pub rows_per_second: Option<f64>,
-    /// A followed directory: how often to look for new files in it.
-    pub discovery: Option<Duration>,
+    /// A followed directory: the JobManager lists it for new files and assigns them.
+    pub followed_dir: bool,
 }
 
 /// How often a followed directory is listed for new files.
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The subtask (of `parallelism`) that reads a file found while running: by a hash of its
-/// name, which every subtask computes alike.
-fn owner_of_found(name: &str, parallelism: u32) -> u32 {
-    (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % u64::from(parallelism.max(1))) as u32
+/// Lists a followed directory for the JobManager; a new file goes to a subtask by a hash of
+/// its name.
+struct FileEnumerator(FileSourceConfig);
+
+impl SplitEnumerator for FileEnumerator {
+    fn interval(&self) -> Duration {
+        DISCOVERY_INTERVAL
+    }
+
+    fn discover(&self) -> Result<Vec<String>> {
+        Ok(list_files(&self.0.path)?
+            .into_iter()
+            .filter_map(|p| p.into_os_string().into_string().ok())
+            .collect())
+    }
+
+    fn assign(&self, split: &str, parallelism: u32) -> u32 {
+        let name = name_of(&self.0, Path::new(split));
+        (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % u64::from(parallelism.max(1))) as u32
+    }
+}
+
+/// How positions and dead letters name a file of `config`'s source.
+fn name_of(config: &FileSourceConfig, path: &Path) -> String {
+    if config.path.is_dir() {
+        let file = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        format!("{}/{file}", config.display_path.trim_end_matches('/'))
+    } else {
+        config.display_path.clone()
+    }
 }
 
 /// The files a path names, in order.
@@ -267,11 +306,10 @@ pub struct FileSource {
     /// Files read to their end (or found done in the restored positions) that the runtime has
     /// not been told of yet.
     ended: Vec<String>,
-    index: u32,
-    parallelism: u32,
-    /// A followed directory: every file seen in it (any subtask's), and when to list it next.
+    /// A followed directory: the files this subtask reads or was sent.
     known: std::collections::HashSet<PathBuf>,
-    next_listing: std::time::Instant,
+    /// Files the JobManager assigned that the runtime has not been told of yet.
+    announce: Vec<String>,
     /// A followed directory's subtask that starts without a file says so once, so it does not
     /// hold the watermark back.
     reported_empty: bool,
@@ -319,50 +357,15 @@ impl FileSource {
             resume: HashMap::new(),
             paced: None,
             ended: Vec::new(),
-            index,
-            parallelism,
             known: config_files,
-            next_listing: std::time::Instant::now(),
+            announce: Vec::new(),
             reported_empty: false,
         })
     }
 
-    /// A followed directory: takes the files that appeared in it since it was last listed and
-    /// that this subtask reads, and announces them to the runtime. A file is complete once a
-    /// newer one is there (the next file is opened when the current one has no more lines), as
-    /// with rotated logs.
-    fn discover(&mut self, out: &mut dyn SourceOutput) {
-        let listed = match list_files(&self.config.path) {
-            Ok(files) => files,
-            Err(e) => {
-                tracing::warn!(error = %e, "listing the followed directory failed");
-                return;
-            }
-        };
-        for path in listed {
-            if !self.known.insert(path.clone()) {
-                continue;
-            }
-            let name = self.name_of(&path);
-            if owner_of_found(&name, self.parallelism) == self.index {
-                tracing::debug!(file = %name, "new file in the followed directory");
-                out.split_added(&name);
-                self.files.push(path);
-            }
-        }
-    }
-
     /// How positions and dead letters name a file.
     fn name_of(&self, path: &Path) -> String {
-        if self.config.path.is_dir() {
-            let file = path
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            format!("{}/{file}", self.config.display_path.trim_end_matches('/'))
-        } else {
-            self.config.display_path.clone()
-        }
+        name_of(&self.config, path)
     }
 
     fn open_next(&mut self) -> Result<bool> {
@@ -619,13 +622,12 @@ impl Source for FileSource {
         _: &OperatorContext<'_>,
         out: &mut dyn SourceOutput,
     ) -> Result<SourceStatus> {
-        if let Some(every) = self.config.discovery {
+        if self.config.followed_dir {
             if !std::mem::replace(&mut self.reported_empty, true) && self.files.is_empty() {
                 out.split_finished(freshet_engine::splits::WHOLE);
             }
-            if std::time::Instant::now() >= self.next_listing {
-                self.next_listing = std::time::Instant::now() + every;
-                self.discover(out);
+            for name in self.announce.drain(..) {
+                out.split_added(&name);
             }
             if self.open.is_none() && !self.open_next()? {
                 // a followed directory never ends: wait for a file
@@ -715,6 +717,22 @@ impl Source for FileSource {
         Ok(())
     }
 
+    /// Files the JobManager found in the followed directory. A file is complete once a newer
+    /// one is there (the next file is opened when the current one has no more lines), as with
+    /// rotated logs.
+    fn add_splits(&mut self, splits: Vec<String>) -> Result<()> {
+        for split in splits {
+            let path = PathBuf::from(split);
+            if self.known.insert(path.clone()) {
+                let name = self.name_of(&path);
+                tracing::debug!(file = %name, "new file in the followed directory");
+                self.announce.push(name);
+                self.files.push(path);
+            }
+        }
+        Ok(())
+    }
+
     fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
         let positions = self.positions_now();
         let data = serde_json::to_vec(&positions)
@@ -747,7 +765,7 @@ mod tests {
             event_time: EventTime::compile(None, &decoded).unwrap(),
             batch_size: 16,
             rows_per_second: None,
-            discovery: None,
+            followed_dir: false,
         };
         FileSource::new(config, index, parallelism).unwrap()
     }
@@ -774,8 +792,8 @@ mod tests {
         let info = freshet_engine::operator::SubtaskInfo {
             job: "t".into(),
             vertex: "numbers".into(),
-            index: s.index,
-            parallelism: s.parallelism,
+            index: 0,
+            parallelism: 1,
             max_parallelism: 128,
         };
         let metrics = std::sync::Arc::new(freshet_engine::metrics::SubtaskMetrics::default());
@@ -793,8 +811,9 @@ mod tests {
         (out.0, status)
     }
 
-    /// A followed directory: a file that appears is found, read by exactly one subtask, and
-    /// completes the file before it; a subtask without a file waits instead of finishing.
+    /// A followed directory: a file that appears is found (by the enumerator the JobManager
+    /// runs), read by exactly the subtask it is assigned to, and completes the file before it;
+    /// a subtask without a file waits instead of finishing.
     #[test]
     fn a_followed_directory_reads_new_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -806,7 +825,7 @@ mod tests {
                 2,
             );
             s.config.follow = true;
-            s.config.discovery = Some(Duration::ZERO);
+            s.config.followed_dir = true;
             s
         };
         let (mut s0, mut s1) = (follow(0), follow(1));
@@ -817,8 +836,21 @@ mod tests {
         assert_eq!(events, ["finished "], "no file: the implicit split is done");
         assert!(matches!(status, SourceStatus::Pending(_)), "and it waits");
 
+        let enumerator = FileEnumerator(s0.config.clone());
+        let planned = enumerator.discover().unwrap();
         for name in ["b.jsonl", "c.jsonl", "d.jsonl"] {
             std::fs::write(dir.path().join(name), "{\"n\":3}\n").unwrap();
+        }
+        let found = enumerator.discover().unwrap();
+        assert_eq!(found.len(), 4, "{found:?}");
+        for split in found.into_iter().filter(|s| !planned.contains(s)) {
+            let target = match enumerator.assign(&split, 2) {
+                0 => &mut s0,
+                _ => &mut s1,
+            };
+            target.add_splits(vec![split.clone()]).unwrap();
+            // sent again (a later round, another attempt): still read once
+            target.add_splits(vec![split]).unwrap();
         }
         let (e0, _) = polls(&mut s0, 6);
         let (e1, _) = polls(&mut s1, 6);

@@ -54,6 +54,24 @@ pub struct SourcePlan {
     pub splits: Option<Vec<String>>,
     /// Creates a subtask's source.
     pub factory: SourceFactory,
+    /// Finds splits while the job runs; the JobManager runs it and assigns what it finds.
+    pub enumerator: Option<Arc<dyn SplitEnumerator>>,
+}
+
+/// Finds the splits of a source while the job runs (new partitions of a Kafka topic, new files
+/// in a followed directory). The JobManager calls it every [`SplitEnumerator::interval`],
+/// assigns each split it has not seen to a subtask and sends it there
+/// ([`freshet_engine::checkpoint::SubtaskCommand::AddSplits`]), so every split has exactly one
+/// reader and the sources do not each ask the outside world.
+pub trait SplitEnumerator: Send + Sync {
+    /// How often to look.
+    fn interval(&self) -> std::time::Duration;
+    /// Every split the source has now (the known ones too). An error is logged and the next
+    /// round tries again.
+    fn discover(&self) -> Result<Vec<String>>;
+    /// The subtask (of `parallelism`) that reads `split`. A restore at any parallelism gives
+    /// restored splits to subtasks by the same rule.
+    fn assign(&self, split: &str, parallelism: u32) -> u32;
 }
 
 /// A checked sink.
@@ -93,6 +111,7 @@ impl SourcePlan {
             max_parallelism: None,
             splits: None,
             factory,
+            enumerator: None,
         }
     }
 }

@@ -203,4 +203,14 @@ pub trait Source: Send {
     fn checkpoint_complete(&mut self, _id: CheckpointId) -> Result<()> {
         Ok(())
     }
+
+    /// The JobManager assigned splits found while the job runs to this subtask: read them too
+    /// and announce them ([`SourceOutput::split_added`]) with the next poll. A split the
+    /// subtask already reads is ignored. Only sources whose plan has a split enumerator are
+    /// sent splits.
+    fn add_splits(&mut self, splits: Vec<String>) -> Result<()> {
+        Err(crate::EngineError::Operator(format!(
+            "this source reads no splits found at run time (sent {splits:?})"
+        )))
+    }
 }

@@ -794,6 +794,10 @@ fn source_command(
         }
         SubtaskCommand::Finish => Ok(SourceNext::Finish),
         SubtaskCommand::Suspend => Ok(SourceNext::Suspend),
+        SubtaskCommand::AddSplits(splits) => {
+            head.source.add_splits(splits)?;
+            Ok(SourceNext::Continue)
+        }
     }
 }
 

@@ -165,6 +165,8 @@ struct Attempt {
     taskmanagers: Vec<Arc<dyn TaskManagerGateway>>,
     /// When it was deployed.
     started: Instant,
+    /// Its subtasks deployed and not ended; dropping it ends the split enumerators' threads.
+    running: crate::splits::Running,
 }
 
 struct Runtime {
@@ -903,6 +905,17 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         .map(|t| (t.id().to_string(), t.clone()))
         .collect();
     let spec = plan.spec.clone();
+    let command: crate::splits::Send = {
+        let job = entry.id.clone();
+        let placement = placement.clone();
+        let by_id = by_id.clone();
+        Arc::new(move |v: usize, i: u32, cmd: SubtaskCommand| {
+            placement
+                .get(&(v, i))
+                .and_then(|l| by_id.get(&l.taskmanager))
+                .is_some_and(|tm| tm.command(&job, v, i, cmd))
+        })
+    };
     let coordinator = startup
         .checkpoints
         .as_ref()
@@ -924,16 +937,9 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
                 s3: setup.s3.clone(),
                 totals: entry.totals.clone(),
             };
-            let job = entry.id.clone();
-            let placement = placement.clone();
-            let by_id = by_id.clone();
+            let command = command.clone();
             let send = Arc::new(move |v: usize, i: u32, cmd: SubtaskCommand| {
-                if let Some(tm) = placement
-                    .get(&(v, i))
-                    .and_then(|l| by_id.get(&l.taskmanager))
-                {
-                    tm.command(&job, v, i, cmd);
-                }
+                command(v, i, cmd);
             });
             let weak = Arc::downgrade(inner);
             let job = entry.id.clone();
@@ -966,6 +972,11 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         memory: None,
         slot: 0,
     };
+    let running: crate::splits::Running = Arc::default();
+    match freshet_plan::split_enumerators(plan) {
+        Ok(sources) => crate::splits::start(&entry.id.0, sources, &running, command.clone()),
+        Err(e) => warn!(error = %e, "splits found while running will not be read"),
+    }
     let mut used_tms: Vec<Arc<dyn TaskManagerGateway>> = Vec::new();
     for t in &owner {
         if !used_tms.iter().any(|u| u.id() == tms[*t].id()) {
@@ -986,6 +997,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         damaged_snapshot: false,
         taskmanagers: used_tms,
         started: Instant::now(),
+        running: running.clone(),
     });
     rt.status.state = JobState::Running;
     rt.status.message = None;
@@ -1017,7 +1029,10 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
                 placement: placement.clone(),
                 trace: trace.clone(),
             };
+            // commands sent after the deployment reach the subtask (they queue behind it)
+            running.lock().insert((v, i));
             if let Err(error) = tm.deploy(d) {
+                running.lock().remove(&(v, i));
                 let _ = inner.events.send(TaskEvent {
                     job: entry.id.clone(),
                     attempt: number,
@@ -1191,7 +1206,11 @@ fn dispatch(jm: Arc<Inner>, rx: Receiver<TaskEvent>) {
             }
             continue;
         }
-        if matches!(ev.state, TaskState::Running) || !a.ended.insert((ev.vertex, ev.subtask)) {
+        if matches!(ev.state, TaskState::Running) {
+            continue;
+        }
+        a.running.lock().remove(&(ev.vertex, ev.subtask));
+        if !a.ended.insert((ev.vertex, ev.subtask)) {
             continue;
         }
         let name = entry

@@ -26,6 +26,7 @@ pub mod jobmanager;
 pub mod leader;
 mod metrics;
 pub mod rpc;
+mod splits;
 pub mod store;
 pub mod ui;
 

@@ -14,4 +14,4 @@ pub mod recipe;
 
 pub use graph::{Edge, Node, NodeId, NodeInput, NodeKind, Plan, Vertex};
 pub use planner::plan;
-pub use recipe::{Factory, Recipe, instantiate};
+pub use recipe::{Factory, Recipe, SourceSplits, instantiate, split_enumerators};

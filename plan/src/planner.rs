@@ -84,6 +84,7 @@ pub fn plan(job: &JobSpec, base_dir: &Path) -> Result<Plan, Problems> {
                 max_parallelism,
                 splits,
                 factory: _,
+                enumerator: _,
             }) => {
                 // a subtask without a split would only idle (and hold back nothing useful)
                 let parallelism = s

@@ -116,6 +116,51 @@ impl Recipe {
     }
 }
 
+/// A source vertex whose connector finds splits while the job runs.
+pub struct SourceSplits {
+    /// The vertex (a source is the head of its chain).
+    pub vertex: usize,
+    /// Its subtasks.
+    pub parallelism: u32,
+    /// The splits the plan assigned (known already).
+    pub planned: Vec<String>,
+    /// What finds the others.
+    pub enumerator: Arc<dyn freshet_connectors::SplitEnumerator>,
+}
+
+/// The split enumerators of a plan's source vertices, built from their recipes with the
+/// planned splits (so nothing outside is asked now).
+pub fn split_enumerators(plan: &Plan) -> Result<Vec<SourceSplits>, String> {
+    let mut out = Vec::new();
+    for (v, vertex) in plan.vertices.iter().enumerate() {
+        let Some(Recipe::Source { name, spec, splits }) = vertex
+            .nodes
+            .first()
+            .and_then(|id| plan.nodes.get(*id))
+            .map(|n| &n.recipe)
+        else {
+            continue;
+        };
+        let p = plan_source(
+            name,
+            spec,
+            &plan.base_dir,
+            plan.spec.pipeline.batch_size,
+            splits.as_deref(),
+        )
+        .map_err(|p| format!("building {name}: {p}"))?;
+        if let Some(enumerator) = p.enumerator {
+            out.push(SourceSplits {
+                vertex: v,
+                parallelism: vertex.parallelism,
+                planned: splits.clone().unwrap_or_default(),
+                enumerator,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Builds the factories of vertex `vertex`'s nodes, in chain order. Each node must produce the
 /// schemas the plan says it does; the error names the node and what differs.
 pub fn instantiate(plan: &Plan, vertex: usize) -> Result<Vec<Factory>, String> {

@@ -145,3 +145,68 @@ fn a_record_late_in_its_own_file_is_late_at_every_parallelism() {
         assert_eq!(counts, expected, "parallelism {parallelism}/{window}");
     }
 }
+
+/// Files written into a followed directory while the job runs are found by the JobManager and
+/// each read by exactly one of the source's subtasks: every line once, none twice, also for a
+/// file that appears while another is being read.
+#[test]
+fn new_files_in_a_followed_directory_are_assigned_and_read_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let lines = |from: i64, to: i64| -> String {
+        (from..to).map(|n| format!("{{\"n\": {n}}}\n")).collect()
+    };
+    std::fs::write(input.join("a.jsonl"), lines(0, 10)).unwrap();
+    let job = r#"
+version: 1
+name: follow
+parallelism: 3
+sources:
+  s:
+    connector: {type: file, path: in, format: jsonl, follow: true}
+    schema: {n: int}
+sinks:
+  out: {input: s, connector: {type: file, path: out.jsonl}}
+"#;
+    let spec = job_format().parse(job, "follow.yaml", &[]).unwrap();
+    let jm = JobManager::with_local_taskmanagers(|events| {
+        freshet_taskmanager::local::taskmanagers(1, 3, events)
+    });
+    let handle = jm.submit(spec, dir.path().to_path_buf()).unwrap();
+    let out = dir.path().join("out.jsonl");
+    let wait_for = |want: Vec<i64>| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut got: Vec<i64> = if out.exists() {
+                read_rows(&out)
+                    .iter()
+                    .map(|r| r["n"].as_i64().unwrap())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            got.sort();
+            if got == want {
+                return;
+            }
+            assert!(
+                got.len() <= want.len() && std::time::Instant::now() < deadline,
+                "got {got:?}, want {want:?}: {:?}",
+                handle.status()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for((0..10).collect());
+    for (i, name) in ["b", "c", "d", "e", "f", "g"].iter().enumerate() {
+        let from = 10 + 10 * i as i64;
+        std::fs::write(input.join(format!("{name}.jsonl")), lines(from, from + 10)).unwrap();
+    }
+    wait_for((0..70).collect());
+    // more rounds of listing: nothing is read again
+    std::thread::sleep(Duration::from_secs(3));
+    wait_for((0..70).collect());
+    assert_eq!(handle.status().state, JobState::Running);
+    handle.cancel();
+}

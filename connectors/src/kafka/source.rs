@@ -2,9 +2,10 @@
 //!
 //! Planning asks the brokers for the partitions, so a wrong address or a missing topic is a
 //! problem of the job, not a crash loop. Subtask `i` reads the partitions [`super::owner`] gives
-//! it, and looks for new partitions (and, with a pattern, new topics) every
-//! `partition_discovery`; a partition found while running starts at its beginning. Every
-//! partition is a split with its own watermark.
+//! it. Unbounded, the source's enumerator (run by the JobManager) looks for new partitions (and,
+//! with a pattern, new topics) every `partition_discovery` and sends each to the subtask the same
+//! rule names; a partition found while running starts at its beginning. Every partition is a
+//! split with its own watermark.
 //!
 //! Read positions live in checkpoints: a snapshot records, per partition, the offset after the
 //! last emitted record (and, bounded, where to stop), and a restored source resumes exactly
@@ -34,12 +35,12 @@ use freshet_job::{DurationSpec, FieldType, Problems};
 use freshet_operators::dead_letter::DeadLetters;
 
 use super::{REQUEST_TIMEOUT, client_config, error, owner, parse_split, split_name};
-use crate::SourcePlan;
 use crate::avro::{AvroDecoder, DecodeError};
 use crate::decode::{RowDecoder, parse_timestamp};
 use crate::event_time::EventTime;
 use crate::registry::{SourceConnector, SourceContext};
 use crate::schema_registry::{RegistrySettings, SchemaRegistry};
+use crate::{SourcePlan, SplitEnumerator};
 
 /// How a record's value is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
@@ -151,7 +152,7 @@ pub struct KafkaSourceSettings {
     /// Schema columns filled from the record instead of its value, e.g. `{ts: timestamp}`.
     #[serde(default)]
     pub metadata: IndexMap<String, Metadata>,
-    /// How often to look for new partitions and topics.
+    /// How often the JobManager looks for new partitions and topics.
     #[serde(default = "default_discovery")]
     pub partition_discovery: DurationSpec,
     /// Further librdkafka client properties (`security.protocol`, `sasl.mechanism`, ...).
@@ -293,7 +294,6 @@ impl SourceConnector for KafkaSourceConnector {
         let config = Arc::new(KafkaSourceConfig {
             name: ctx.name.to_string(),
             settings: c.clone(),
-            pattern,
             fields,
             metadata,
             event_time: event_time.clone(),
@@ -311,7 +311,45 @@ impl SourceConnector for KafkaSourceConnector {
             }),
         );
         plan.splits = Some(splits);
+        if !c.bounded {
+            plan.enumerator = Some(Arc::new(KafkaEnumerator {
+                discovery: Discovery {
+                    bootstrap: c.bootstrap_servers.clone(),
+                    topics: c.topics.clone(),
+                    pattern,
+                },
+                client: client_config(&c.bootstrap_servers, &c.properties),
+                interval: c.partition_discovery.0,
+            }));
+        }
         Ok(plan)
+    }
+}
+
+/// Finds partitions (and, with a pattern, topics) created while the job runs, for the
+/// JobManager; a partition goes to the subtask [`owner`] names.
+struct KafkaEnumerator {
+    discovery: Discovery,
+    client: rdkafka::ClientConfig,
+    interval: Duration,
+}
+
+impl SplitEnumerator for KafkaEnumerator {
+    fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    fn discover(&self) -> Result<Vec<String>> {
+        self.discovery
+            .partitions(&self.client)
+            .map_err(|e| EngineError::External {
+                message: e.to_string(),
+                retryable: true,
+            })
+    }
+
+    fn assign(&self, split: &str, parallelism: u32) -> u32 {
+        parse_split(split).map_or(0, |(topic, partition)| owner(topic, partition, parallelism))
     }
 }
 
@@ -429,7 +467,6 @@ const STATISTICS_INTERVAL_MS: &str = "5000";
 pub struct KafkaSourceConfig {
     name: String,
     settings: KafkaSourceSettings,
-    pattern: Option<regex::Regex>,
     /// Every schema field: value fields and metadata columns.
     fields: Vec<(String, FieldType)>,
     metadata: Vec<(String, Metadata)>,
@@ -487,12 +524,12 @@ pub struct KafkaSource {
     partitions: BTreeMap<String, Partition>,
     /// Splits read to their stop offset but not yet reported.
     ended: Vec<String>,
-    /// Restored splits the plan did not list (found while running), not yet reported.
+    /// Splits not yet reported to the runtime: restored ones the plan did not list, and those
+    /// the JobManager assigned while running.
     announce: Vec<String>,
     dead: DeadLetters,
     /// Positions of taken snapshots, for the group commit when they complete.
     snapshots: Vec<(CheckpointId, Offsets)>,
-    next_discovery: Instant,
     /// When the lag metric was last updated.
     lag_reported: Instant,
     /// A subtask that reads nothing says so once, so it does not hold the watermark back.
@@ -523,7 +560,6 @@ impl KafkaSource {
             announce: Vec::new(),
             dead: DeadLetters::default(),
             snapshots: Vec::new(),
-            next_discovery: Instant::now() + config.settings.partition_discovery.0,
             lag_reported: Instant::now(),
             reported_empty: false,
             stalled: None,
@@ -539,12 +575,17 @@ impl KafkaSource {
 
     /// Adds `split` if this subtask reads it; returns whether it was new.
     fn take(&mut self, split: &str) -> bool {
+        parse_split(split).is_some_and(|(topic, partition)| {
+            owner(topic, partition, self.parallelism) == self.index
+        }) && self.insert(split)
+    }
+
+    /// Adds a partition to read (its position still unresolved); false if it is read already.
+    fn insert(&mut self, split: &str) -> bool {
         let Some((topic, partition)) = parse_split(split) else {
             return false;
         };
-        if owner(topic, partition, self.parallelism) != self.index
-            || self.partitions.contains_key(split)
-        {
+        if self.partitions.contains_key(split) {
             return false;
         }
         self.partitions.insert(
@@ -691,43 +732,6 @@ impl KafkaSource {
         consumer
             .incremental_assign(&tpl)
             .map_err(|e| error("assigning partitions", self.bootstrap(), &e))
-    }
-
-    /// Looks for partitions this subtask should read that it does not yet.
-    fn discover(&mut self, out: &mut dyn SourceOutput) -> Result<()> {
-        let Some(consumer) = self.consumer.take() else {
-            return Ok(());
-        };
-        let found = Discovery {
-            bootstrap: self.bootstrap().to_string(),
-            topics: self.config.settings.topics.clone(),
-            pattern: self.config.pattern.clone(),
-        }
-        .partitions_with(&consumer);
-        let result = match found {
-            Ok(splits) => {
-                let new: Vec<String> = splits.into_iter().filter(|s| self.take(s)).collect();
-                if new.is_empty() {
-                    Ok(())
-                } else {
-                    debug!(?new, "partitions found");
-                    let r = self
-                        .resolve(&consumer, true)
-                        .and_then(|_| self.assign(&consumer, &new));
-                    for s in &new {
-                        out.split_added(s);
-                    }
-                    r
-                }
-            }
-            // a topic deleted or a broker briefly away: try again next time
-            Err(e) => {
-                warn!(error = %e, "looking for new Kafka partitions failed");
-                Ok(())
-            }
-        };
-        self.consumer = Some(consumer);
-        result
     }
 
     /// Decodes one record into its partition's rows (or a dead letter). Returns false for a
@@ -1050,10 +1054,6 @@ impl Source for KafkaSource {
             }
             self.stalled_until = None;
         }
-        if Instant::now() >= self.next_discovery && !self.config.settings.bounded {
-            self.next_discovery = Instant::now() + self.config.settings.partition_discovery.0;
-            self.discover(out)?;
-        }
         let mut read = 0;
         // bounded: a record past a partition's stop offset was polled
         let mut crossed = false;
@@ -1150,6 +1150,25 @@ impl Source for KafkaSource {
             self.snapshots.remove(0);
         }
         Ok(())
+    }
+
+    /// Partitions the JobManager found while the job runs: read from their beginning.
+    fn add_splits(&mut self, splits: Vec<String>) -> Result<()> {
+        let new: Vec<String> = splits.into_iter().filter(|s| self.insert(s)).collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        debug!(?new, "partitions assigned");
+        self.announce.extend(new.iter().cloned());
+        // not connected yet: opening resolves and assigns every partition
+        let Some(consumer) = self.consumer.take() else {
+            return Ok(());
+        };
+        let r = self
+            .resolve(&consumer, true)
+            .and_then(|_| self.assign(&consumer, &new));
+        self.consumer = Some(consumer);
+        r
     }
 
     fn checkpoint_complete(&mut self, id: CheckpointId) -> Result<()> {

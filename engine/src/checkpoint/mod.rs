@@ -89,6 +89,9 @@ pub enum SubtaskCommand {
     /// Sources only, after a stop-with-savepoint completed: stop without flushing, so the job
     /// ends exactly at the savepoint.
     Suspend,
+    /// Sources only: read these splits too. The JobManager found them while the job runs (a new
+    /// Kafka partition, a new file in a followed directory) and assigned them to this subtask.
+    AddSplits(Vec<String>),
 }
 
 /// A file of a snapshot: its name in the RocksDB directory and where it is stored, relative to
