@@ -15,10 +15,9 @@
 use apache_avro::Schema;
 use apache_avro::schema::{Name, NamesRef};
 use apache_avro::types::Value as Avro;
-use arrow::array::{Array, ArrayRef, AsArray};
+use arrow::array::{Array, AsArray};
 use arrow::datatypes::{
     DataType, Float64Type, Int32Type, Int64Type, SchemaRef, TimeUnit, TimestampMillisecondType,
-    UInt8Type,
 };
 use arrow::record_batch::RecordBatch;
 use serde_json::{Map, Value as Json};
@@ -313,22 +312,8 @@ fn value(a: &dyn Array, row: usize) -> freshet_engine::Result<Avro> {
         DataType::Timestamp(TimeUnit::Millisecond, _) => {
             Avro::TimestampMillis(a.as_primitive::<TimestampMillisecondType>().value(row))
         }
-        DataType::Dictionary(k, _) => {
-            let (key, values): (usize, ArrayRef) = match **k {
-                DataType::UInt8 => {
-                    let d = a.as_dictionary::<UInt8Type>();
-                    (d.keys().value(row) as usize, d.values().clone())
-                }
-                DataType::Int32 => {
-                    let d = a.as_dictionary::<Int32Type>();
-                    (d.keys().value(row) as usize, d.values().clone())
-                }
-                ref other => {
-                    return Err(EngineError::Operator(format!(
-                        "cannot write a dictionary keyed by {other} as Avro"
-                    )));
-                }
-            };
+        DataType::Dictionary(..) => {
+            let (key, values) = freshet_operators::json::dictionary_entry(a, row)?;
             value(values.as_ref(), key)?
         }
         DataType::List(_) => {

@@ -905,7 +905,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         .map(|t| (t.id().to_string(), t.clone()))
         .collect();
     let spec = plan.spec.clone();
-    let command: crate::splits::Send = {
+    let command: crate::splits::Deliver = {
         let job = entry.id.clone();
         let placement = placement.clone();
         let by_id = by_id.clone();

@@ -16,7 +16,7 @@ use freshet_engine::checkpoint::SubtaskCommand;
 use freshet_plan::SourceSplits;
 
 /// Sends a command to a subtask; false if it could not be delivered.
-pub type Send = Arc<dyn Fn(usize, u32, SubtaskCommand) -> bool + std::marker::Send + Sync>;
+pub type Deliver = Arc<dyn Fn(usize, u32, SubtaskCommand) -> bool + Send + Sync>;
 
 /// The deployed subtasks of an attempt that have not ended: the threads end when the attempt
 /// drops it.
@@ -24,7 +24,7 @@ pub type Running = Arc<Mutex<HashSet<(usize, u32)>>>;
 
 /// Starts one thread per source vertex in `sources`, for the attempt whose deployed subtasks
 /// `running` tracks.
-pub fn start(job: &str, sources: Vec<SourceSplits>, running: &Running, send: Send) {
+pub fn start(job: &str, sources: Vec<SourceSplits>, running: &Running, send: Deliver) {
     for s in sources {
         let running = Arc::downgrade(running);
         let send = send.clone();
@@ -38,7 +38,12 @@ pub fn start(job: &str, sources: Vec<SourceSplits>, running: &Running, send: Sen
     }
 }
 
-fn enumerate(job: &str, s: SourceSplits, running: Weak<Mutex<HashSet<(usize, u32)>>>, send: Send) {
+fn enumerate(
+    job: &str,
+    s: SourceSplits,
+    running: Weak<Mutex<HashSet<(usize, u32)>>>,
+    send: Deliver,
+) {
     let mut known: HashSet<String> = s.planned.into_iter().collect();
     loop {
         let next = Instant::now() + s.enumerator.interval();

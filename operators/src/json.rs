@@ -87,6 +87,23 @@ fn write_row(cols: &[(String, &ArrayRef, bool)], row: usize, out: &mut Vec<u8>) 
     Ok(())
 }
 
+/// Where row `row` of dictionary array `a` points: the index into its values, and the values.
+pub fn dictionary_entry(a: &dyn Array, row: usize) -> Result<(usize, ArrayRef)> {
+    match a.data_type() {
+        DataType::Dictionary(k, _) if **k == DataType::UInt8 => {
+            let d = a.as_dictionary::<UInt8Type>();
+            Ok((d.keys().value(row) as usize, d.values().clone()))
+        }
+        DataType::Dictionary(k, _) if **k == DataType::Int32 => {
+            let d = a.as_dictionary::<Int32Type>();
+            Ok((d.keys().value(row) as usize, d.values().clone()))
+        }
+        other => Err(EngineError::Operator(format!(
+            "cannot write a column of type {other}"
+        ))),
+    }
+}
+
 fn write_value(a: &dyn Array, row: usize, out: &mut Vec<u8>) -> Result<()> {
     if a.is_null(row) {
         out.extend_from_slice(b"null");
@@ -117,22 +134,8 @@ fn write_value(a: &dyn Array, row: usize, out: &mut Vec<u8>) -> Result<()> {
             let ms = a.as_primitive::<TimestampMillisecondType>().value(row);
             write!(out, "\"{}\"", format_millis(ms)).map_err(io)?;
         }
-        DataType::Dictionary(k, _) => {
-            let (key, values) = match **k {
-                DataType::UInt8 => {
-                    let d = a.as_dictionary::<UInt8Type>();
-                    (d.keys().value(row) as usize, d.values().clone())
-                }
-                DataType::Int32 => {
-                    let d = a.as_dictionary::<Int32Type>();
-                    (d.keys().value(row) as usize, d.values().clone())
-                }
-                ref other => {
-                    return Err(EngineError::Operator(format!(
-                        "cannot write dictionary keyed by {other}"
-                    )));
-                }
-            };
+        DataType::Dictionary(..) => {
+            let (key, values) = dictionary_entry(a, row)?;
             write_value(values.as_ref(), key, out)?;
         }
         DataType::List(_) => {

@@ -17,13 +17,6 @@ pub struct Registry {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 /// The directory holding the registry's runnable jar (resolved once per machine).
 fn home() -> PathBuf {
     let out = Command::new(crate::repo().join("testenv/registry.sh"))
@@ -46,7 +39,7 @@ impl Registry {
             .find(|p| p.to_string_lossy().ends_with("-runner.jar"))
             .expect("the registry's runner jar");
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
+        let port = crate::kafka::free_port();
         let log = dir.path().join("registry.log");
         let child = Command::new("java")
             .arg("-Xmx256m")

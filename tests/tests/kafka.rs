@@ -593,11 +593,7 @@ fn avro_values_through_a_schema_registry() {
     );
 
     // nothing answers at this address
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = freshet_tests::kafka::free_port();
     let spec = job_format()
         .parse(
             &avro_job(
