@@ -267,29 +267,35 @@ impl AvroEncoder {
         AvroEncoder { schema, id }
     }
 
-    /// Appends row `row` of `batch` (whose columns are the schema's, plus perhaps the
-    /// event-time column) to `out`.
-    pub fn write(
-        &self,
-        batch: &RecordBatch,
-        row: usize,
-        out: &mut Vec<u8>,
-    ) -> freshet_engine::Result<()> {
-        let fields = batch
+    /// The rows of `batch` (whose columns are the schema's, plus perhaps the event-time
+    /// column), one value each.
+    pub fn rows(&self, batch: &RecordBatch) -> freshet_engine::Result<Vec<Vec<u8>>> {
+        let failed = |e: apache_avro::Error| EngineError::Operator(format!("writing Avro: {e}"));
+        let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&self.schema)
+            .build()
+            .map_err(failed)?;
+        let columns: Vec<(&String, &dyn Array)> = batch
             .schema_ref()
             .fields()
             .iter()
             .zip(batch.columns())
             .filter(|(f, _)| f.name() != TIME_COLUMN)
-            .map(|(f, c)| Ok((f.name().clone(), nullable_value(c.as_ref(), row)?)))
-            .collect::<freshet_engine::Result<Vec<_>>>()?;
-        out.push(MAGIC);
-        out.extend_from_slice(&self.id.to_be_bytes());
-        apache_avro::writer::datum::GenericDatumWriter::builder(&self.schema)
-            .build()
-            .and_then(|w| w.write_value(out, Avro::Record(fields)))
-            .map_err(|e| EngineError::Operator(format!("writing Avro: {e}")))?;
-        Ok(())
+            .map(|(f, c)| (f.name(), c.as_ref()))
+            .collect();
+        let mut out = Vec::with_capacity(batch.num_rows());
+        for row in 0..batch.num_rows() {
+            let fields = columns
+                .iter()
+                .map(|(name, c)| Ok(((*name).clone(), nullable_value(*c, row)?)))
+                .collect::<freshet_engine::Result<Vec<_>>>()?;
+            let mut value = vec![MAGIC];
+            value.extend_from_slice(&self.id.to_be_bytes());
+            writer
+                .write_value(&mut value, Avro::Record(fields))
+                .map_err(failed)?;
+            out.push(value);
+        }
+        Ok(out)
     }
 }
 
@@ -376,9 +382,7 @@ mod tests {
         let enc = AvroEncoder::new(schema.clone(), 7);
         let names = apache_avro::schema::ResolvedSchema::new(&schema).unwrap();
         let mut rows = Vec::new();
-        for row in 0..2 {
-            let mut out = Vec::new();
-            enc.write(&b, row, &mut out).unwrap();
+        for out in enc.rows(&b).unwrap() {
             assert_eq!(out[..5], [0, 0, 0, 0, 7]);
             let v = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
                 .build()

@@ -593,6 +593,10 @@ impl KafkaSink {
         };
         let key_writer = key_batch.as_ref().map(RowWriter::new);
         let writer = RowWriter::new(batch);
+        let mut avro_values = match &self.avro {
+            Some(enc) if self.config.value_column.is_none() => Some(enc.rows(batch)?),
+            _ => None,
+        };
         let mut out = Vec::with_capacity(rows);
         for row in 0..rows {
             let key = match (self.config.key.as_slice(), &key_writer) {
@@ -605,13 +609,9 @@ impl KafkaSink {
                 }
                 (_, None) => None,
             };
-            let value = match (self.config.value_column, &self.avro) {
+            let value = match (self.config.value_column, &mut avro_values) {
                 (Some(i), _) => text(batch.column(i), row)?.unwrap_or_default(),
-                (None, Some(enc)) => {
-                    let mut v = Vec::new();
-                    enc.write(batch, row, &mut v)?;
-                    v
-                }
+                (None, Some(values)) => std::mem::take(&mut values[row]),
                 (None, None) => {
                     let mut v = Vec::new();
                     writer.write(row, &mut v)?;
