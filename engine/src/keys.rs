@@ -64,6 +64,33 @@ pub fn subtask_for_key_group(kg: KeyGroup, max_parallelism: u32, parallelism: u3
     ((kg.0 as u64 * parallelism as u64) / max_parallelism as u64) as u32
 }
 
+/// The owners of every key group at one parallelism, looked up instead of computed: routing a
+/// row costs its key group's modulo and one table read.
+#[derive(Debug, Clone)]
+pub struct KeyGroupOwners {
+    max_parallelism: u32,
+    owner: Vec<u16>,
+}
+
+impl KeyGroupOwners {
+    /// The owner of each of `max_parallelism` key groups among `parallelism` subtasks.
+    pub fn new(max_parallelism: u32, parallelism: u32) -> Self {
+        let owner = (0..max_parallelism)
+            .map(|kg| subtask_for_key_group(KeyGroup(kg), max_parallelism, parallelism) as u16)
+            .collect();
+        KeyGroupOwners {
+            max_parallelism,
+            owner,
+        }
+    }
+
+    /// The subtask owning the key group of `hash`.
+    #[inline]
+    pub fn of(&self, hash: u64) -> usize {
+        self.owner[key_group(hash, self.max_parallelism).0 as usize] as usize
+    }
+}
+
 /// Key columns of a stream, resolved against its schema once, with their encoder: what every
 /// keyed operator and the hash partitioner use to turn a batch into encoded keys.
 #[derive(Debug, Clone)]
@@ -581,6 +608,18 @@ mod tests {
                 next = r.end + 1;
             }
             assert_eq!(next, m);
+        }
+    }
+
+    #[test]
+    fn key_group_owners_agree_with_the_ranges() {
+        for (m, p) in [(128u32, 1u32), (128, 3), (7, 5), (32768, 6)] {
+            let owners = KeyGroupOwners::new(m, p);
+            for i in 0..20_000u64 {
+                let hash = hash_key(&i.to_le_bytes());
+                let owner = owners.of(hash) as u32;
+                assert!(KeyGroupRange::for_subtask(m, p, owner).contains(key_group(hash, m)));
+            }
         }
     }
 

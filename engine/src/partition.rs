@@ -14,7 +14,7 @@ use arrow::compute::take_record_batch;
 use arrow::record_batch::RecordBatch;
 
 use crate::channel::ChannelSender;
-use crate::keys::{EncodedKeys, KeyColumns, key_group, subtask_for_key_group};
+use crate::keys::{EncodedKeys, KeyColumns, KeyGroupOwners};
 use crate::{Element, EngineError, Result, Watermark};
 
 /// How an edge distributes batches over its target subtasks.
@@ -59,6 +59,7 @@ pub struct EdgeWriter {
 struct HashState {
     keys: KeyColumns,
     encoded: EncodedKeys,
+    owners: KeyGroupOwners,
     per_target: Vec<Vec<u32>>,
 }
 
@@ -121,21 +122,20 @@ impl EdgeWriter {
                     return send(&self.targets[0], batch);
                 }
                 if self.hash.is_none() {
-                    self.hash = Some(HashState::new(key_columns, &batch, self.targets.len())?);
+                    self.hash = Some(HashState::new(
+                        key_columns,
+                        &batch,
+                        max_parallelism,
+                        self.targets.len(),
+                    )?);
                 }
                 let h = self.hash.as_mut().expect("initialised above");
                 h.keys.encode(&batch, &mut h.encoded)?;
-                let parallelism = self.targets.len() as u32;
                 for v in h.per_target.iter_mut() {
                     v.clear();
                 }
                 for (row, hash) in h.encoded.hashes().enumerate() {
-                    let t = subtask_for_key_group(
-                        key_group(hash, max_parallelism),
-                        max_parallelism,
-                        parallelism,
-                    );
-                    h.per_target[t as usize].push(row as u32);
+                    h.per_target[h.owners.of(hash)].push(row as u32);
                 }
                 let n = batch.num_rows();
                 for (t, rows) in h.per_target.iter().enumerate() {
@@ -164,12 +164,18 @@ impl EdgeWriter {
 }
 
 impl HashState {
-    fn new(key_columns: &[String], batch: &RecordBatch, targets: usize) -> Result<Self> {
+    fn new(
+        key_columns: &[String],
+        batch: &RecordBatch,
+        max_parallelism: u32,
+        targets: usize,
+    ) -> Result<Self> {
         let keys = KeyColumns::resolve(&batch.schema(), key_columns)
             .map_err(|(_, m)| EngineError::Operator(m))?;
         Ok(HashState {
             keys,
             encoded: EncodedKeys::default(),
+            owners: KeyGroupOwners::new(max_parallelism, targets as u32),
             per_target: vec![Vec::new(); targets],
         })
     }
@@ -179,7 +185,7 @@ impl HashState {
 mod tests {
     use super::*;
     use crate::channel::bounded;
-    use crate::keys::{KeyEncoder, KeyGroupRange};
+    use crate::keys::{KeyEncoder, KeyGroupRange, key_group};
     use arrow::array::{AsArray, Int64Array};
     use arrow::datatypes::{DataType, Field, Int64Type, Schema};
     use std::sync::Arc;
