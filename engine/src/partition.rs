@@ -131,13 +131,14 @@ impl EdgeWriter {
                 }
                 let h = self.hash.as_mut().expect("initialised above");
                 h.keys.encode(&batch, &mut h.encoded)?;
+                let n = batch.num_rows();
                 for v in h.per_target.iter_mut() {
                     v.clear();
+                    v.reserve(n);
                 }
                 for (row, hash) in h.encoded.hashes().enumerate() {
                     h.per_target[h.owners.of(hash)].push(row as u32);
                 }
-                let n = batch.num_rows();
                 for (t, rows) in h.per_target.iter().enumerate() {
                     if rows.is_empty() {
                         continue;
