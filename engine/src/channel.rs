@@ -198,7 +198,7 @@ impl ChannelSender {
         match &self.outlet {
             Outlet::Remote(out) => out.send_timeout(e, timeout),
             Outlet::Local(tx, refill) => {
-                let deadline = Instant::now() + timeout;
+                let mut deadline = None;
                 let mut e = e;
                 loop {
                     match tx.try_send(e) {
@@ -209,10 +209,11 @@ impl ChannelSender {
                         Err(TrySendError::Full(back)) => e = back,
                     }
                     let now = Instant::now();
-                    if now >= deadline {
+                    let until = *deadline.get_or_insert(now + timeout);
+                    if now >= until {
                         return Ok(Some(e));
                     }
-                    refill.park(tx, deadline - now);
+                    refill.park(tx, until - now);
                 }
             }
         }
