@@ -50,6 +50,7 @@ pub fn bounded(capacity: usize) -> (ChannelSender, ChannelReceiver) {
     let refill = Arc::new(Refill {
         low: capacity / 2,
         waiting: AtomicUsize::new(0),
+        closed: AtomicBool::new(false),
         parked: Mutex::new(Vec::new()),
     });
     (
@@ -69,6 +70,8 @@ struct Refill {
     low: usize,
     /// Number of parked senders (read by the receiver after each take).
     waiting: AtomicUsize,
+    /// The receiver is gone.
+    closed: AtomicBool,
     parked: Mutex<Vec<Thread>>,
 }
 
@@ -85,7 +88,7 @@ impl Refill {
         // pairs with the fence in `wake`: either the receiver sees this sender waiting or this
         // sender sees the channel drained
         fence(Ordering::SeqCst);
-        if tx.len() > self.low {
+        if tx.len() > self.low && !self.closed.load(Ordering::SeqCst) {
             std::thread::park_timeout(timeout);
         }
         self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -102,6 +105,17 @@ impl Refill {
         if self.waiting.load(Ordering::SeqCst) == 0 || rx.len() > self.low {
             return;
         }
+        self.unpark_all();
+    }
+
+    /// Called when the receiver goes: parked senders wake and fail at once.
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.unpark_all();
+    }
+
+    fn unpark_all(&self) {
         for t in self
             .parked
             .lock()
@@ -208,6 +222,9 @@ impl ChannelSender {
                         }
                         Err(TrySendError::Full(back)) => e = back,
                     }
+                    if refill.closed.load(Ordering::SeqCst) {
+                        return Err(EngineError::ChannelClosed);
+                    }
                     let now = Instant::now();
                     let until = *deadline.get_or_insert(now + timeout);
                     if now >= until {
@@ -236,6 +253,12 @@ impl CreditSlot {
     /// Attaches the credit return (once).
     pub fn attach(&self, credits: Arc<dyn CreditReturn>) {
         let _ = self.0.set(credits);
+    }
+}
+
+impl Drop for ChannelReceiver {
+    fn drop(&mut self) {
+        self.refill.close();
     }
 }
 
@@ -360,6 +383,27 @@ mod tests {
                     .is_none()
             );
         }
+    }
+
+    #[test]
+    fn a_blocked_sender_fails_as_soon_as_the_receiver_goes() {
+        let (tx, rx) = bounded(2);
+        tx.send(Element::Idle).unwrap();
+        tx.send(Element::Idle).unwrap();
+        let dropper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(rx);
+        });
+        let start = Instant::now();
+        assert!(matches!(
+            tx.try_send(Element::Idle, Duration::from_secs(20)),
+            Err(EngineError::ChannelClosed)
+        ));
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the sender waited out its timeout"
+        );
+        dropper.join().unwrap();
     }
 
     #[test]
