@@ -3,7 +3,7 @@
 //! A channel holds at most `capacity` elements; a sender that finds it full blocks, which is how a
 //! slow consumer slows its producers down (backpressure) instead of growing memory. Time spent
 //! blocked is added to the sender's `backpressured_ns` metric. A blocked sender wakes up when the
-//! job is cancelled.
+//! job is cancelled, and fails at once when its receiver goes.
 //!
 //! A sender blocked on a full local channel is woken only once the channel has drained to half
 //! its capacity, so a producer faster than its consumer fills several slots per wake-up instead
