@@ -6,9 +6,11 @@
 //!   earlier record of its key (newer versions of a row, e.g. by LSN); stale or repeated versions
 //!   are dropped. The output is an upsert stream keyed by the dedup key.
 //!
-//! **State:** per key, the largest `order_by` value seen (`latest`) or a marker (`first`). A
-//! batch's rows whose keys state holds only in RocksDB are checked after the others, once one
-//! batched lookup has read all of those keys.
+//! **State:** per key, the largest `order_by` value seen (`latest`, a keyed table) or only the
+//! key and when it was last accepted (`first`, a [`KeySet`]: a 24-byte slot per key in memory).
+//! Both keep their rows in the table `dedup`, `first`'s as a `latest` row without a value, so a
+//! savepoint restores across versions. A batch's rows whose keys state holds only in RocksDB
+//! are checked after the others, once one batched lookup has read all of those keys.
 //! **Cleared:** with a `ttl`, once the watermark passes the key's last accepted record's event
 //! time plus the TTL; without one, never. A record already older than the TTL horizon when it
 //! arrives (`event time + ttl <= watermark`) cannot be checked reliably and goes to the `late`
@@ -23,7 +25,7 @@ use freshet_engine::checkpoint::{SnapshotContext, StateContext};
 use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
-use freshet_engine::state::KeyedTable;
+use freshet_engine::state::{KeySet, KeyedTable};
 use freshet_engine::{Result, Watermark};
 use freshet_job::DedupKeep;
 
@@ -81,28 +83,59 @@ impl DedupPlan {
 
     /// The operator of one subtask.
     pub fn instantiate(&self) -> DedupOperator {
+        let seen = match self.keep {
+            DedupKeep::First => Seen::First(KeySet::new(TABLE, self.ttl, 0, no_value())),
+            DedupKeep::Latest => Seen::Latest(KeyedTable::one_value(TABLE, self.ttl)),
+        };
         DedupOperator {
             plan: self.clone(),
-            seen: KeyedTable::one_value("dedup", self.ttl),
+            seen,
             keys: EncodedKeys::default(),
         }
     }
 }
 
+/// The state table of both kinds of deduplication.
+const TABLE: &str = "dedup";
+
+/// The value a `first` row holds: a `latest` row's value when it has none (encoding version 0).
+fn no_value() -> Vec<u8> {
+    postcard::to_allocvec(&None::<Scalar>).expect("a unit value encodes")
+}
+
+/// What a deduplication remembers of its keys.
+enum Seen {
+    First(KeySet),
+    Latest(KeyedTable<Option<Scalar>>),
+}
+
 /// The deduplication operator of one subtask.
 pub struct DedupOperator {
     plan: DedupPlan,
-    seen: KeyedTable<Option<Scalar>>,
+    seen: Seen,
     keys: EncodedKeys,
 }
 
 impl Operator for DedupOperator {
     fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
-        state.attach(&mut self.seen)
+        match &mut self.seen {
+            Seen::First(set) => {
+                // a keyed table of the same name moves rows of older layouts as it attaches
+                state.attach(&mut KeyedTable::<Option<Scalar>>::one_value(
+                    TABLE,
+                    self.plan.ttl,
+                ))?;
+                state.attach_set(set)
+            }
+            Seen::Latest(table) => state.attach(table),
+        }
     }
 
     fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
-        snap.flush(&mut self.seen)
+        match &mut self.seen {
+            Seen::First(set) => snap.flush_set(set),
+            Seen::Latest(table) => snap.flush(table),
+        }
     }
 
     fn process_batch(
@@ -127,24 +160,7 @@ impl Operator for DedupOperator {
             .clone();
         let rw = ctx.record_watermark;
         let ttl = self.plan.ttl.map(|t| t.as_millis() as i64);
-        let (keys, seen, keep_by) = (&self.keys, &mut self.seen, self.plan.keep);
-        let check = |seen: &mut KeyedTable<Option<Scalar>>, row: usize| -> Result<bool> {
-            let (key, t) = (keys.row(row), times[row]);
-            Ok(match keep_by {
-                DedupKeep::First => seen.insert_if_absent(key, t, rw, || None)?,
-                DedupKeep::Latest => {
-                    let v = order.as_ref().and_then(|o| o.get(row));
-                    let newer = match seen.get(key, 0, rw)? {
-                        None => true,
-                        Some(prev) => v > *prev,
-                    };
-                    if newer {
-                        seen.update(key, 0, t, rw, || None, |s| *s = v)?;
-                    }
-                    newer
-                }
-            })
-        };
+        let keys = &self.keys;
         let mut keep = vec![false; batch.num_rows()];
         let mut late = Vec::new();
         // Rows whose key state holds only in RocksDB wait, with every later row of the same key
@@ -158,17 +174,40 @@ impl Operator for DedupOperator {
                 continue;
             }
             let key = keys.row(row);
-            if (!waiting_keys.is_empty() && waiting_keys.contains(key)) || seen.needs_read(key) {
-                waiting_keys.insert(key);
-                waiting.push(row);
-                continue;
+            let checked = if !waiting_keys.is_empty() && waiting_keys.contains(key) {
+                None
+            } else {
+                match &mut self.seen {
+                    Seen::First(set) => set.try_insert(key, t, rw)?,
+                    Seen::Latest(table) => match table.needs_read(key) {
+                        true => None,
+                        false => Some(latest(table, key, order.as_ref(), row, t, rw)?),
+                    },
+                }
+            };
+            match checked {
+                Some(pass) => keep[row] = pass,
+                None => {
+                    waiting_keys.insert(key);
+                    waiting.push(row);
+                }
             }
-            keep[row] = check(seen, row)?;
         }
         if !waiting.is_empty() {
-            seen.prefetch(waiting_keys.iter().copied())?;
-            for row in waiting {
-                keep[row] = check(seen, row)?;
+            match &mut self.seen {
+                Seen::First(set) => {
+                    set.prefetch(waiting_keys.iter().copied())?;
+                    for row in waiting {
+                        keep[row] = set.insert_if_absent(keys.row(row), times[row], rw)?;
+                    }
+                }
+                Seen::Latest(table) => {
+                    table.prefetch(waiting_keys.iter().copied())?;
+                    for row in waiting {
+                        keep[row] =
+                            latest(table, keys.row(row), order.as_ref(), row, times[row], rw)?;
+                    }
+                }
             }
         }
         if !late.is_empty() {
@@ -193,9 +232,35 @@ impl Operator for DedupOperator {
         _: &OperatorContext<'_>,
         _: &mut dyn Output,
     ) -> Result<()> {
-        self.seen.expire(wm)?;
+        match &mut self.seen {
+            Seen::First(set) => set.expire(wm),
+            Seen::Latest(table) => {
+                table.expire(wm)?;
+            }
+        }
         Ok(())
     }
+}
+
+/// Checks a `latest` row: it passes if its `order_by` value is greater than the key's last
+/// one, which it then replaces.
+fn latest(
+    table: &mut KeyedTable<Option<Scalar>>,
+    key: &[u8],
+    order: Option<&ColumnReader>,
+    row: usize,
+    t: i64,
+    rw: Watermark,
+) -> Result<bool> {
+    let v = order.and_then(|o| o.get(row));
+    let newer = match table.get(key, 0, rw)? {
+        None => true,
+        Some(prev) => v > *prev,
+    };
+    if newer {
+        table.update(key, 0, t, rw, || None, |s| *s = v)?;
+    }
+    Ok(newer)
 }
 
 #[cfg(test)]
@@ -288,7 +353,11 @@ mod tests {
             let mut h = Harness::new(plan.instantiate());
             let dir = tempfile::tempdir().unwrap();
             let backend = crate::testing::capped_backend(dir.path(), 50);
-            h.op.seen.attach(&backend).unwrap();
+            match &mut h.op.seen {
+                Seen::First(set) => set.attach(&backend),
+                Seen::Latest(table) => table.attach(&backend),
+            }
+            .unwrap();
             let mut model: HashMap<String, i64> = HashMap::new();
             let mut want = Vec::new();
             for b in &batches {
@@ -306,7 +375,11 @@ mod tests {
                 let rows: Vec<(&str, i64, i64)> = b.iter().map(|(k, v)| (&k[..], *v, 0)).collect();
                 h.push(0, input(&s, &rows));
             }
-            assert!(h.op.seen.reads() > 1000, "{} reads", h.op.seen.reads());
+            let reads = match &h.op.seen {
+                Seen::First(set) => set.reads(),
+                Seen::Latest(table) => table.reads(),
+            };
+            assert!(reads > 1000, "{keep:?}: {reads} reads");
             assert_eq!(h.take(0), want, "{keep:?}");
         }
     }

@@ -13,7 +13,7 @@ use super::{
     CheckpointMetadata, FileRef, METADATA, OperatorSnapshot, S3Options, SnapshotKind, Storage,
 };
 use crate::operator::SubtaskInfo;
-use crate::state::{KeyedBackend, KeyedTable, StateConfig, StateValue, Timers};
+use crate::state::{KeySet, KeyedBackend, KeyedTable, StateConfig, StateValue, Timers};
 use crate::{EngineError, Result};
 
 /// A checkpoint or savepoint to start from.
@@ -202,6 +202,12 @@ impl<'a> StateContext<'a> {
     pub fn attach<V: StateValue>(&mut self, table: &mut KeyedTable<V>) -> Result<()> {
         let b = self.keyed()?;
         table.attach(&b)
+    }
+
+    /// Moves `set` into the operator's backend (see [`KeySet::attach`]).
+    pub fn attach_set(&mut self, set: &mut KeySet) -> Result<()> {
+        let b = self.keyed()?;
+        set.attach(&b)
     }
 
     /// The operator's timer queue `name`, kept in its backend (holding the restored timers, if

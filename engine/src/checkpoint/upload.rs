@@ -23,7 +23,7 @@ use super::{
 use crate::operator::SubtaskInfo;
 use crate::state::backend::PendingSnapshot;
 use crate::state::{
-    KeyedBackend, KeyedTable, PaneColumns, PaneTable, StateConfig, StateValue, Timers,
+    KeySet, KeyedBackend, KeyedTable, PaneColumns, PaneTable, StateConfig, StateValue, Timers,
 };
 use crate::{EngineError, KeyGroupRange, Result};
 
@@ -67,6 +67,11 @@ impl<'a> SnapshotContext<'a> {
     /// Writes a keyed table's pending changes into the backend, so the snapshot includes them.
     pub fn flush<V: StateValue>(&mut self, table: &mut KeyedTable<V>) -> Result<()> {
         table.flush()
+    }
+
+    /// Writes a key set's changed keys into the backend, so the snapshot includes them.
+    pub fn flush_set(&mut self, set: &mut KeySet) -> Result<()> {
+        set.flush()
     }
 
     /// Writes a pane table's changed values into the backend, so the snapshot includes them.

@@ -68,6 +68,8 @@ use spilled::{ALL, NsRange, Spilled};
 
 pub mod backend;
 mod bloom;
+mod key_slots;
+pub mod keyset;
 pub mod memory;
 mod pane_blocks;
 pub mod panes;
@@ -75,6 +77,7 @@ mod spilled;
 pub mod timers;
 
 pub use backend::{KeyedBackend, StateConfig};
+pub use keyset::KeySet;
 pub use memory::StateMemory;
 pub use panes::{PaneColumns, PaneTable};
 pub use timers::Timers;
@@ -1600,7 +1603,7 @@ pub(crate) mod tests {
         assert_eq!(t.key_count(), 0);
     }
 
-    fn config(dir: &std::path::Path, cache_keys: usize) -> StateConfig {
+    pub(crate) fn config(dir: &std::path::Path, cache_keys: usize) -> StateConfig {
         StateConfig {
             local_dir: dir.to_path_buf(),
             cache_keys: Some(cache_keys),
@@ -1644,7 +1647,7 @@ pub(crate) mod tests {
 
     /// An empty instance in `dir` whose decoded caches hold at most `cache_keys` keys per
     /// table.
-    fn capped_backend(dir: &std::path::Path, cache_keys: usize) -> Arc<KeyedBackend> {
+    pub(crate) fn capped_backend(dir: &std::path::Path, cache_keys: usize) -> Arc<KeyedBackend> {
         let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
         Arc::new(KeyedBackend::open(&dir.join("db"), &config(dir, cache_keys), range, 128).unwrap())
     }
@@ -2710,7 +2713,7 @@ pub(crate) mod tests {
     }
 
     /// Snapshots an instance of all key groups in `dir` and restores it into another.
-    fn snapshot_and_restore(
+    pub(crate) fn snapshot_and_restore(
         backend: &KeyedBackend,
         dir: &std::path::Path,
         cfg: &StateConfig,

@@ -1,0 +1,466 @@
+//! The index of a [`super::KeySet`]: an open-addressing table of 24-byte slots that holds short
+//! keys inline, sized to any number of slots (not only powers of two) so that it can fill the
+//! memory it is given.
+//!
+//! Probing is linear with Robin Hood placement: each slot records how far it sits from the
+//! slot its hash points at, an insert takes the place of a key nearer its own, and a lookup
+//! stops as soon as it passes a key nearer its own than the one it looks for. So a lookup of a
+//! missing key ends after about as few slots as one of a present key, even with seven in eight
+//! slots full. A removal shifts the keys after it back by one instead of leaving a tombstone.
+//! Eviction ([`Index::evict`]) takes keys spread evenly over the slots, by CLOCK.
+use std::hash::BuildHasher;
+
+use crate::{EngineError, Result};
+
+/// The hasher of key-set indexes: fixed, so that runs over the same input evict alike.
+type Fixed = foldhash::fast::FixedState;
+
+/// Keys up to this long are kept in their slot.
+pub(crate) const INLINE: usize = 11;
+
+/// The `hi` of a slot whose key is longer than [`INLINE`] (a length no short key has).
+const LONG: u32 = u32::MAX;
+
+/// Slot flag: the slot holds a key.
+pub(crate) const OCCUPIED: u8 = 1;
+/// The key changed since the last flush.
+pub(crate) const DIRTY: u8 = 2;
+/// RocksDB holds (or may hold) the key's row.
+pub(crate) const PERSISTED: u8 = 4;
+/// Used since the last eviction (CLOCK's reference bit).
+pub(crate) const USED: u8 = 8;
+/// Read ahead for an access still to come, which then counts as its first use.
+pub(crate) const READ_AHEAD: u8 = 16;
+
+/// One key: packed inline (bytes 0–7 in `lo`, 8–10 and the length in `hi`) or, if long, its
+/// index among the long keys (low half of `lo`) and the high half of its hash (high half).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Slot {
+    lo: u64,
+    hi: u32,
+    pub(crate) flags: u8,
+    /// Slots from the one the key's hash points at.
+    dist: u8,
+    pub(crate) touched: i64,
+}
+
+impl Slot {
+    /// The slot of `key` with no flags, and the high half of its hash: a short key's from its
+    /// packed words (so a resize reads nothing but the slots), a long key's from its bytes. A
+    /// long key's index is left 0 for [`LongKeys::add`].
+    #[inline]
+    pub(crate) fn of(key: &[u8], touched: i64) -> (Slot, u32) {
+        if key.len() > INLINE {
+            let hash = Fixed::default().hash_one(key);
+            let slot = Slot {
+                lo: hash & 0xffff_ffff_0000_0000,
+                hi: LONG,
+                touched,
+                ..Slot::default()
+            };
+            return (slot, (hash >> 32) as u32);
+        }
+        let (head, tail) = key.split_at(key.len().min(8));
+        let lo = match <[u8; 8]>::try_from(head) {
+            Ok(b) => u64::from_le_bytes(b),
+            Err(_) => head
+                .iter()
+                .enumerate()
+                .fold(0, |w, (i, b)| w | (*b as u64) << (8 * i)),
+        };
+        let hi = tail
+            .iter()
+            .enumerate()
+            .fold((key.len() as u32) << 24, |w, (i, b)| {
+                w | (*b as u32) << (8 * i)
+            });
+        let slot = Slot {
+            lo,
+            hi,
+            touched,
+            ..Slot::default()
+        };
+        (slot, (Fixed::default().hash_one((lo, hi)) >> 32) as u32)
+    }
+
+    /// The high half of the key's hash.
+    fn hash(&self) -> u32 {
+        match self.is_long() {
+            true => (self.lo >> 32) as u32,
+            false => (Fixed::default().hash_one((self.lo, self.hi)) >> 32) as u32,
+        }
+    }
+
+    pub(crate) fn is_long(&self) -> bool {
+        self.hi == LONG
+    }
+
+    pub(crate) fn long_index(&self) -> usize {
+        (self.lo & 0xffff_ffff) as usize
+    }
+
+    /// The key's bytes: a short key's unpacked into `buf`, a long key's from `long`.
+    pub(crate) fn key<'a>(&self, buf: &'a mut [u8; INLINE], long: &'a LongKeys) -> &'a [u8] {
+        if self.is_long() {
+            return &long.keys[self.long_index()];
+        }
+        let len = (self.hi >> 24) as usize;
+        buf[..8].copy_from_slice(&self.lo.to_le_bytes());
+        buf[8..].copy_from_slice(&self.hi.to_le_bytes()[..3]);
+        &buf[..len]
+    }
+
+    /// Whether this slot holds `key`, whose own slot is `probe`.
+    #[inline]
+    fn holds(&self, probe: &Slot, key: &[u8], long: &LongKeys) -> bool {
+        if !probe.is_long() {
+            return self.lo == probe.lo && self.hi == probe.hi;
+        }
+        self.is_long()
+            && self.lo >> 32 == probe.lo >> 32
+            && long
+                .keys
+                .get(self.long_index())
+                .is_some_and(|k| &k[..] == key)
+    }
+}
+
+/// Keys longer than [`INLINE`], by index; freed indexes are reused.
+#[derive(Debug, Default)]
+pub(crate) struct LongKeys {
+    keys: Vec<Box<[u8]>>,
+    free: Vec<u32>,
+    /// Estimated heap bytes of the keys (each with an allocation's overhead).
+    bytes: usize,
+}
+
+impl LongKeys {
+    /// Stores `key` for `slot`.
+    pub(crate) fn add(&mut self, slot: &mut Slot, key: &[u8]) -> Result<()> {
+        self.bytes += key.len() + 16;
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.keys[i as usize] = key.into();
+                i
+            }
+            None => {
+                let i = u32::try_from(self.keys.len()).map_err(|_| {
+                    EngineError::State("a key set passed 2^32 long keys in memory".into())
+                })?;
+                self.keys.push(key.into());
+                i
+            }
+        };
+        slot.lo |= i as u64;
+        Ok(())
+    }
+
+    /// Frees the key of `slot`, if long.
+    pub(crate) fn remove(&mut self, slot: &Slot) {
+        if !slot.is_long() {
+            return;
+        }
+        let i = slot.long_index();
+        let key = std::mem::take(&mut self.keys[i]);
+        self.bytes -= key.len() + 16;
+        self.free.push(i as u32);
+    }
+
+    /// The long key at index `i`.
+    pub(crate) fn key_at(&self, i: usize) -> &[u8] {
+        &self.keys[i]
+    }
+
+    /// Heap bytes held: the keys and the two vectors.
+    pub(crate) fn charge(&self) -> usize {
+        self.bytes + self.keys.capacity() * 16 + self.free.capacity() * 4
+    }
+}
+
+/// Whether [`Index::retain`] keeps a key.
+pub(crate) enum Pass {
+    Keep,
+    Evict,
+}
+
+/// What eviction makes of a key, in the order keys go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    Expired = 0,
+    Idle = 1,
+    Used = 2,
+    /// Never evicted (changed since the last flush).
+    Pinned = 3,
+}
+
+/// See the module documentation.
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    slots: Vec<Slot>,
+    len: usize,
+}
+
+/// The longest distance from its home a key may sit at (its slot records it in a byte).
+const MAX_DIST: usize = u8::MAX as usize;
+
+impl Index {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Slots, free or not.
+    pub(crate) fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Keys the index takes before it must grow or evict: seven in eight slots.
+    pub(crate) fn max_len(&self) -> usize {
+        self.slots.len() / 8 * 7
+    }
+
+    /// Bytes of the slots.
+    pub(crate) fn bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<Slot>()
+    }
+
+    fn home(&self, hash: u32) -> usize {
+        ((hash as u64 * self.slots.len() as u64) >> 32) as usize
+    }
+
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.slots.len() { 0 } else { i + 1 }
+    }
+
+    /// The position of `key` (whose slot and hash are `probe`), if the index holds it.
+    #[inline]
+    pub(crate) fn find(
+        &self,
+        key: &[u8],
+        (probe, hash): &(Slot, u32),
+        long: &LongKeys,
+    ) -> Option<usize> {
+        if self.len == 0 {
+            return None;
+        }
+        let mut i = self.home(*hash);
+        for d in 0..=MAX_DIST {
+            let s = &self.slots[i];
+            if s.flags & OCCUPIED == 0 || (s.dist as usize) < d {
+                return None;
+            }
+            if s.holds(probe, key, long) {
+                return Some(i);
+            }
+            i = self.next(i);
+        }
+        None
+    }
+
+    pub(crate) fn get_mut(&mut self, i: usize) -> &mut Slot {
+        &mut self.slots[i]
+    }
+
+    /// Adds a key the index does not hold; there must be a free slot.
+    pub(crate) fn insert(&mut self, mut slot: Slot, hash: u32) -> Result<()> {
+        debug_assert!(self.len < self.slots.len());
+        slot.flags |= OCCUPIED;
+        let mut i = self.home(hash);
+        let mut d = 0usize;
+        loop {
+            let s = &mut self.slots[i];
+            if s.flags & OCCUPIED == 0 {
+                slot.dist = d as u8;
+                *s = slot;
+                self.len += 1;
+                return Ok(());
+            }
+            if (s.dist as usize) < d {
+                slot.dist = d as u8;
+                std::mem::swap(s, &mut slot);
+                d = slot.dist as usize;
+            }
+            d += 1;
+            if d > MAX_DIST {
+                return Err(EngineError::State(
+                    "a key set's index has a run of keys longer than it can record".into(),
+                ));
+            }
+            i = self.next(i);
+        }
+    }
+
+    /// Removes the key at `i`, shifting the keys after it back; returns its slot.
+    pub(crate) fn remove(&mut self, i: usize) -> Slot {
+        let removed = self.slots[i];
+        let mut hole = i;
+        loop {
+            let j = self.next(hole);
+            let s = self.slots[j];
+            if s.flags & OCCUPIED == 0 || s.dist == 0 {
+                break;
+            }
+            self.slots[hole] = Slot {
+                dist: s.dist - 1,
+                ..s
+            };
+            hole = j;
+        }
+        self.slots[hole] = Slot::default();
+        self.len -= 1;
+        removed
+    }
+
+    /// Moves every key into an index of `slots` slots (at least the keys held, plus one).
+    pub(crate) fn resize(&mut self, slots: usize) -> Result<()> {
+        let slots = slots.max(self.len + 1).max(8);
+        let old = std::mem::replace(&mut self.slots, vec![Slot::default(); slots]);
+        self.len = 0;
+        for s in old.into_iter().filter(|s| s.flags & OCCUPIED != 0) {
+            let hash = s.hash();
+            self.insert(s, hash)?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with every key; removes those it answers [`Pass::Evict`] for. A key shifted
+    /// back across the end of the slots may be seen twice.
+    pub(crate) fn retain(&mut self, mut f: impl FnMut(&mut Slot) -> Pass) {
+        let mut i = 0;
+        while i < self.slots.len() {
+            let s = &mut self.slots[i];
+            if s.flags & OCCUPIED != 0 && matches!(f(s), Pass::Evict) {
+                // the key shifted into `i` is looked at next
+                self.remove(i);
+                continue;
+            }
+            i += 1;
+        }
+    }
+
+    /// Evicts `n` keys spread evenly over the slots (evicting a run of neighbours would leave
+    /// the other slots fuller than the index allows): expired keys first, then keys not used
+    /// since the last eviction, then used ones; every key kept loses its used mark, so a key
+    /// is spared once for each use (CLOCK). `class` says what a key is, `evicted` hears of each
+    /// key evicted. Returns the keys evicted.
+    pub(crate) fn evict(
+        &mut self,
+        n: usize,
+        class: impl Fn(&Slot) -> Class,
+        mut evicted: impl FnMut(&Slot),
+    ) -> usize {
+        let mut count = [0usize; 4];
+        for s in self.slots.iter().filter(|s| s.flags & OCCUPIED != 0) {
+            count[class(s) as usize] += 1;
+        }
+        // how many of each class go, and an error-diffusing counter to spread them
+        let mut left = n;
+        let mut take = [0usize; 4];
+        for c in [Class::Expired, Class::Idle, Class::Used] {
+            take[c as usize] = left.min(count[c as usize]);
+            left -= take[c as usize];
+        }
+        let mut acc = [0usize; 4];
+        let mut done = 0;
+        self.retain(|s| {
+            let c = class(s) as usize;
+            if c != Class::Pinned as usize && take[c] > 0 && done < n {
+                acc[c] += take[c];
+                if acc[c] >= count[c] {
+                    acc[c] -= count[c];
+                    evicted(s);
+                    done += 1;
+                    return Pass::Evict;
+                }
+            }
+            s.flags &= !USED;
+            Pass::Keep
+        });
+        done
+    }
+
+    /// Every key's slot.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Slot> {
+        self.slots.iter_mut().filter(|s| s.flags & OCCUPIED != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    /// Inserts, finds and removes (by position and by sweeps) agree with a set, through
+    /// resizes, for short and long keys and at seven in eight slots full.
+    #[test]
+    fn the_index_agrees_with_a_set() {
+        let mut index = Index::default();
+        index.resize(1000).unwrap();
+        let mut long = LongKeys::default();
+        let mut model: HashSet<Vec<u8>> = HashSet::new();
+        let key = |i: u64| -> Vec<u8> {
+            match i % 4 {
+                0 => format!("a longer key than inline {i}").into_bytes(),
+                _ => (i as u128 * 2_654_435_761).to_le_bytes()[..(i % 11 + 1) as usize].to_vec(),
+            }
+        };
+        let mut x = 1u64;
+        for round in 0..20_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let k = key(x % 3000);
+            let probe = Slot::of(&k, round as i64);
+            match (index.find(&k, &probe, &long), model.contains(&k)) {
+                (Some(i), true) => {
+                    if x.is_multiple_of(3) {
+                        let s = index.remove(i);
+                        long.remove(&s);
+                        model.remove(&k);
+                    }
+                }
+                (None, false) => {
+                    if index.len() >= index.max_len() {
+                        index.resize(index.slots() * 3 / 2).unwrap();
+                    }
+                    let (mut s, h) = probe;
+                    if s.is_long() {
+                        long.add(&mut s, &k).unwrap();
+                    }
+                    index.insert(s, h).unwrap();
+                    model.insert(k);
+                }
+                (found, held) => panic!("round {round}: found {found:?}, held {held}"),
+            }
+            if round % 5000 == 4999 {
+                let mut buf = [0u8; INLINE];
+                let before = index.len();
+                // evict a third, then check the rest are all findable
+                let mut gone = Vec::new();
+                let evicted = index.evict(
+                    before / 3,
+                    |_| Class::Idle,
+                    |s| {
+                        gone.push(s.key(&mut buf, &long).to_vec());
+                        long.remove(s);
+                    },
+                );
+                assert_eq!(evicted, before / 3);
+                for k in gone {
+                    assert!(model.remove(&k));
+                }
+            }
+            assert_eq!(index.len(), model.len());
+        }
+        for k in &model {
+            assert!(index.find(k, &Slot::of(k, 0), &long).is_some());
+        }
+        let mut buf = [0u8; INLINE];
+        let held: HashSet<Vec<u8>> = index
+            .slots
+            .iter()
+            .filter(|s| s.flags & OCCUPIED != 0)
+            .map(|s| s.key(&mut buf, &long).to_vec())
+            .collect();
+        assert_eq!(held, model);
+    }
+}

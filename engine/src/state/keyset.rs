@@ -1,0 +1,823 @@
+//! Key sets: the keys an operator has seen, each with the event time it was last touched (for a
+//! TTL) and nothing else — a `keep: first` deduplication's state.
+//!
+//! A [`KeySet`] keeps what a [`super::KeyedTable`] of one value per key would, in a fraction of
+//! its memory: a key costs one 24-byte slot of an open-addressing index ([`super::key_slots`]:
+//! short keys inline, the touched time and the cache flags beside them) where a keyed table
+//! spends an entry of more than a hundred bytes, and the index is sized to the memory it may
+//! use rather than to a power of two. So the same budget holds four to five times as many keys,
+//! and a lookup touches one or two cache lines.
+//!
+//! **RocksDB.** Rows are those of a one-value keyed table of the same name — one per key, at
+//! namespace 0, with the key's deadline and touched time in the header and a fixed value the
+//! owner gives ([`KeySet::new`]) — so state moves between the two unchanged (a savepoint of
+//! either restores into the other) and restore, rescale and expiry by compaction work as for
+//! keyed tables. As for those, a miss reads RocksDB only if the spill filters
+//! ([`super::spilled`]) say it may hold the key, a batch's misses are read with one `MultiGet`
+//! ([`KeySet::prefetch`]), and a flush writes the dirty keys in row order.
+//!
+//! **Memory.** The index is charged by its allocation, long keys by their bytes, the spill
+//! filters by theirs, against the job's [`super::StateMemory`]. The index grows (by moving into
+//! a larger one) while the budget has room for it and for the filters' share; once it cannot,
+//! a full index writes its dirty keys and evicts an eighth of them by CLOCK: expired keys
+//! first, then keys not used since the last eviction (a key read back but not used again
+//! among them), spread evenly over the slots; a key kept loses its used mark.
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::backend::{self, KeyedBackend};
+use super::key_slots::{
+    Class, DIRTY, INLINE, Index, LongKeys, PERSISTED, Pass, READ_AHEAD, Slot, USED,
+};
+use super::spilled::{ALL, Spilled};
+use super::{FILTER_SHARE, FLUSH_BATCH_BYTES, PUBLISH_EVERY, StateKey};
+use crate::keys::{hash_key, key_group};
+use crate::{EngineError, KeyGroup, Result, Watermark};
+
+/// Slots of a new index.
+const FIRST_SLOTS: usize = 1024;
+
+/// Where an attached set's rows live.
+#[derive(Debug)]
+struct Backing {
+    backend: Arc<KeyedBackend>,
+    table: [u8; 4],
+    spilled: Spilled,
+    /// The namespace range recorded for the table (only 0 is ever written).
+    written: Option<(i64, i64)>,
+    /// Keys with the [`DIRTY`] flag.
+    dirty: usize,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct KeySet {
+    name: String,
+    ttl: Option<i64>,
+    /// The value version and encoded value every row holds.
+    version: u8,
+    value: Vec<u8>,
+    index: Index,
+    long: LongKeys,
+    /// Bytes charged: the index's allocation, the long keys and the spill filters.
+    bytes: usize,
+    /// Keys the last prefetch found in neither memory nor RocksDB and not added since.
+    absent: hashbrown::HashSet<StateKey, foldhash::fast::FixedState>,
+    lookups: u64,
+    reads: u64,
+    loads: u64,
+    published: (u64, u64),
+    rows_written: u64,
+    /// The latest watermark passed to [`KeySet::expire`].
+    clock: Watermark,
+    backing: Option<Backing>,
+}
+
+impl KeySet {
+    /// An empty set called `name` (a keyed table's name: its rows are that table's), whose rows
+    /// hold `value`, encoded in value version `version`; with an optional TTL after each key's
+    /// touched time. In memory until [attached](Self::attach).
+    pub fn new(
+        name: impl Into<String>,
+        ttl: Option<Duration>,
+        version: u8,
+        value: Vec<u8>,
+    ) -> Self {
+        KeySet {
+            name: name.into(),
+            ttl: ttl.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
+            version,
+            value,
+            index: Index::default(),
+            long: LongKeys::default(),
+            bytes: 0,
+            absent: Default::default(),
+            lookups: 0,
+            reads: 0,
+            loads: 0,
+            published: (0, 0),
+            rows_written: 0,
+            clock: Watermark::MIN,
+            backing: None,
+        }
+    }
+
+    /// Moves the set into `backend`: RocksDB holds it from now on and memory caches it. Keys
+    /// added before are written at the next flush. Rows of layouts before
+    /// [`backend::FORMAT`] 2 must have been moved first (attaching a keyed table of the same
+    /// name does that).
+    pub fn attach(&mut self, backend: &Arc<KeyedBackend>) -> Result<()> {
+        if backend.restored() && backend.format() < 2 {
+            return Err(self.error(
+                "state of a layout before 2 must be moved by a keyed table before a key set attaches",
+            ));
+        }
+        let table = backend::value_table_id(&self.name);
+        let written = if backend.restored() {
+            backend.namespace_range(table)?
+        } else {
+            None
+        };
+        let mut dirty = 0;
+        for s in self.index.iter_mut() {
+            s.flags |= DIRTY;
+            dirty += 1;
+        }
+        self.absent.clear();
+        backend.memory().add_table();
+        backend.memory().charge(0, self.bytes);
+        self.backing = Some(Backing {
+            backend: backend.clone(),
+            table,
+            spilled: Spilled::new(written, backend.memory().decoded_budget() / FILTER_SHARE),
+            written,
+            dirty,
+        });
+        Ok(())
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> EngineError {
+        EngineError::State(format!("{}: {e}", self.name))
+    }
+
+    /// Keys in memory (live or expired, not yet evicted).
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// True if memory holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.index.len() == 0
+    }
+
+    /// Bytes charged to the job's memory.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Accesses so far.
+    pub fn lookups(&self) -> u64 {
+        self.lookups
+    }
+
+    /// Misses that read RocksDB so far, whether or not they found the key.
+    pub fn reads(&self) -> u64 {
+        self.reads
+    }
+
+    /// Keys read back from RocksDB into memory so far.
+    pub fn loads(&self) -> u64 {
+        self.loads
+    }
+
+    /// Rows written to RocksDB so far.
+    pub fn rows_written(&self) -> u64 {
+        self.rows_written
+    }
+
+    /// Whether `key` (not in memory) must be read from RocksDB: it may hold it, and the last
+    /// prefetch did not find it missing.
+    fn may_be_stored(&self, key: &[u8]) -> bool {
+        self.backing.as_ref().is_some_and(|b| {
+            !b.spilled.is_empty()
+                && b.spilled.may_hold(hash_key(key), ALL)
+                && (self.absent.is_empty() || !self.absent.contains(key))
+        })
+    }
+
+    /// Marks a slot used by an access.
+    fn touch_use(s: &mut Slot) {
+        s.flags = if s.flags & READ_AHEAD != 0 {
+            s.flags & !READ_AHEAD
+        } else {
+            s.flags | USED
+        };
+    }
+
+    fn count_lookup(&mut self) {
+        self.lookups += 1;
+        if self.lookups.is_multiple_of(PUBLISH_EVERY) {
+            self.publish_counts();
+        }
+    }
+
+    /// Adds `key` unless memory holds it live as of `clock`, touching it at `now`; `None` if
+    /// memory lacks it and RocksDB may hold it (then nothing changed: read it with
+    /// [`Self::prefetch`] or [`Self::insert_if_absent`]). Whether it was added otherwise.
+    pub fn try_insert(&mut self, key: &[u8], now: i64, clock: Watermark) -> Result<Option<bool>> {
+        let probe = Slot::of(key, now);
+        if let Some(i) = self.index.find(key, &probe, &self.long) {
+            let ttl = self.ttl;
+            let s = self.index.get_mut(i);
+            Self::touch_use(s);
+            let live = ttl.is_none_or(|ttl| clock.0 < s.touched.saturating_add(ttl));
+            if !live {
+                // expired: it starts over, and its row is rewritten with the new deadline
+                s.touched = now;
+                let was_dirty = s.flags & DIRTY != 0;
+                s.flags |= DIRTY;
+                if !was_dirty && let Some(b) = self.backing.as_mut() {
+                    b.dirty += 1;
+                }
+            }
+            self.count_lookup();
+            return Ok(Some(!live));
+        }
+        if self.may_be_stored(key) {
+            return Ok(None);
+        }
+        self.count_lookup();
+        self.add(key, probe, DIRTY)?;
+        Ok(Some(true))
+    }
+
+    /// Adds `key` unless it is held live as of `clock` (reading RocksDB if need be), touching
+    /// it at `now`; whether it was added.
+    pub fn insert_if_absent(&mut self, key: &[u8], now: i64, clock: Watermark) -> Result<bool> {
+        if let Some(added) = self.try_insert(key, now, clock)? {
+            return Ok(added);
+        }
+        // the key is read into memory (a read makes room before it adds), or found missing
+        self.read(&[key])?;
+        match self.try_insert(key, now, clock)? {
+            Some(added) => Ok(added),
+            None => Err(self.error("a key read from RocksDB was not kept in memory")),
+        }
+    }
+
+    /// Whether an access to `key` would read RocksDB: memory lacks it and RocksDB may hold it.
+    /// These are the keys [`Self::prefetch`] reads.
+    pub fn needs_read(&mut self, key: &[u8]) -> bool {
+        let probe = Slot::of(key, 0);
+        if let Some(i) = self.index.find(key, &probe, &self.long) {
+            Self::touch_use(self.index.get_mut(i));
+            return false;
+        }
+        self.may_be_stored(key)
+    }
+
+    /// Reads the keys of `keys` that memory lacks and RocksDB may hold with one batched
+    /// lookup: keys found are kept in memory (the access that follows is their first use), and
+    /// keys missing are remembered until the next prefetch, so the accesses that follow read
+    /// nothing.
+    pub fn prefetch<'k>(&mut self, keys: impl IntoIterator<Item = &'k [u8]>) -> Result<()> {
+        self.absent.clear();
+        let wanted: Vec<&[u8]> = keys
+            .into_iter()
+            .filter(|k| {
+                self.index.find(k, &Slot::of(k, 0), &self.long).is_none() && self.may_be_stored(k)
+            })
+            .collect();
+        self.read(&wanted)
+    }
+
+    /// Reads `keys` (none in memory) from RocksDB with one batched lookup; see
+    /// [`Self::prefetch`].
+    fn read(&mut self, keys: &[&[u8]]) -> Result<()> {
+        let Some(b) = self.backing.as_ref() else {
+            return Ok(());
+        };
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let (backend, table) = (b.backend.clone(), b.table);
+        let mp = backend.max_parallelism();
+        let mut rows = RowKeys::default();
+        for k in keys {
+            rows.push(key_group(hash_key(k), mp), table, k);
+        }
+        // in row order, each key once: RocksDB walks its files' indexes forward
+        let mut order = rows.sorted();
+        order.dedup_by(|a, b| rows.get(*a) == rows.get(*b));
+        self.reads += order.len() as u64;
+        let row_keys: Vec<&[u8]> = order.iter().map(|&i| rows.get(i)).collect();
+        let mut found: Vec<(usize, i64)> = Vec::new();
+        backend.multi_get(&row_keys, |i, row| {
+            let touched = row
+                .get(8..16)
+                .ok_or_else(|| self.error("a state row shorter than its header"))?;
+            found.push((i, i64::from_be_bytes(touched.try_into().expect("8 bytes"))));
+            Ok(())
+        })?;
+        let mut found = found.into_iter().peekable();
+        for (n, &i) in order.iter().enumerate() {
+            let key = keys[i];
+            match found.next_if(|f| f.0 == n) {
+                Some((_, touched)) => {
+                    self.add(key, Slot::of(key, touched), PERSISTED | READ_AHEAD)?;
+                    self.loads += 1;
+                    if let Some(b) = self.backing.as_mut() {
+                        b.spilled.read_back(0);
+                    }
+                }
+                None => {
+                    self.absent.insert(StateKey::from_slice(key));
+                }
+            }
+        }
+        self.charge();
+        Ok(())
+    }
+
+    /// Puts `key` (not in memory) into the index with `flags`, making room for it first.
+    fn add(&mut self, key: &[u8], (mut slot, hash): (Slot, u32), flags: u8) -> Result<()> {
+        self.make_room()?;
+        if !self.absent.is_empty() {
+            self.absent.remove(key);
+        }
+        if slot.is_long() {
+            self.long.add(&mut slot, key)?;
+        }
+        slot.flags = flags;
+        self.index.insert(slot, hash)?;
+        if flags & DIRTY != 0
+            && let Some(b) = self.backing.as_mut()
+        {
+            b.dirty += 1;
+            if b.dirty >= dirty_limit(&b.backend) {
+                self.flush()?;
+            }
+        }
+        self.charge();
+        Ok(())
+    }
+
+    /// Brings the charge up to date with the index's allocation, the long keys and the filters.
+    fn charge(&mut self) {
+        let now = self.index.bytes()
+            + self.long.charge()
+            + self.backing.as_ref().map_or(0, |b| b.spilled.bytes());
+        if now != self.bytes {
+            let old = std::mem::replace(&mut self.bytes, now);
+            if let Some(b) = &self.backing {
+                b.backend.memory().charge(old, now);
+            }
+        }
+    }
+
+    /// Makes room for one more key: grows the index while the budget allows (keeping room for
+    /// the spill filters' share), else writes the dirty keys and evicts an eighth of the keys;
+    /// shrinks the index if the job's memory asks this set to give some back.
+    fn make_room(&mut self) -> Result<()> {
+        let (len, slots) = (self.index.len(), self.index.slots());
+        let Some(b) = self.backing.as_ref() else {
+            if len + 1 > self.index.max_len() {
+                self.index.resize((slots * 2).max(FIRST_SLOTS))?;
+            }
+            return Ok(());
+        };
+        let memory = b.backend.memory().clone();
+        let cap = b.backend.cache_keys();
+        if len + 1 > cap {
+            self.flush()?;
+            self.evict((len + 1).saturating_sub(cap * 3 / 4));
+            return Ok(());
+        }
+        let slot_bytes = std::mem::size_of::<Slot>();
+        if len + 1 > self.index.max_len() {
+            let budget = memory.decoded_budget();
+            let filters = b.spilled.bytes();
+            let others = self.long.charge() + filters.max(budget / FILTER_SHARE);
+            let fit = budget.saturating_sub(others) / slot_bytes;
+            let grown = (slots * 2).max(FIRST_SLOTS).min(fit);
+            let projected = self.bytes - self.index.bytes() + grown * slot_bytes;
+            if grown > slots + slots / 8 && !memory.must_evict(projected) {
+                return self.index.resize(grown);
+            }
+            self.flush()?;
+            self.evict(len + 1 - self.index.max_len() * 7 / 8);
+            return Ok(());
+        }
+        if slots > FIRST_SLOTS && memory.must_evict(self.bytes) {
+            // other tables of the job need memory this one holds
+            self.flush()?;
+            let smaller = slots * 3 / 4;
+            self.evict(len.saturating_sub(smaller / 8 * 7 * 7 / 8));
+            self.index.resize(smaller)?;
+            self.charge();
+        }
+        Ok(())
+    }
+
+    /// Evicts `n` keys by CLOCK: expired keys and keys not used since the last eviction first
+    /// (see [`Index::evict`]); never a dirty one.
+    fn evict(&mut self, n: usize) {
+        let (ttl, clock, long) = (self.ttl, self.clock, &mut self.long);
+        let Some(b) = self.backing.as_mut() else {
+            return;
+        };
+        let spilled = &mut b.spilled;
+        self.index.evict(
+            n,
+            |s| {
+                if s.flags & DIRTY != 0 {
+                    Class::Pinned
+                } else if ttl.is_some_and(|ttl| clock.0 >= s.touched.saturating_add(ttl)) {
+                    Class::Expired
+                } else if s.flags & USED != 0 {
+                    Class::Used
+                } else {
+                    Class::Idle
+                }
+            },
+            |s| {
+                // clean: RocksDB has its row (or, expired, may drop it)
+                let mut buf = [0u8; INLINE];
+                spilled.evicted(hash_key(s.key(&mut buf, long)), 0);
+                long.remove(s);
+            },
+        );
+        self.charge();
+    }
+
+    /// Writes every changed key to the backend (called before a snapshot and when evicting);
+    /// an expired key's row is deleted instead, and the key forgotten. A set in memory has
+    /// nothing to write. One pass over the index finds the dirty keys (a lookup each would be
+    /// a cache miss), and the rows go in row-key order, which RocksDB's memtable inserts
+    /// fastest.
+    pub fn flush(&mut self) -> Result<()> {
+        self.publish_counts();
+        let Some(b) = self.backing.as_mut() else {
+            return Ok(());
+        };
+        if b.dirty == 0 {
+            return Ok(());
+        }
+        let backend = b.backend.clone();
+        let (table, mp) = (b.table, backend.max_parallelism());
+        let (ttl, clock) = (self.ttl, self.clock);
+        // per dirty key 32 bytes: its row order, touched time, long key, and whether it is
+        // live (written) or expired (deleted)
+        let mut dirty: Vec<Dirty> = Vec::with_capacity(b.dirty);
+        let mut expired_long = Vec::new();
+        let long = &self.long;
+        self.index.retain(|s| {
+            if s.flags & DIRTY == 0 {
+                return Pass::Keep;
+            }
+            s.flags &= !DIRTY;
+            let mut buf = [0u8; INLINE];
+            let key = s.key(&mut buf, long);
+            let expired = ttl.is_some_and(|ttl| clock.0 >= s.touched.saturating_add(ttl));
+            if !expired || s.flags & PERSISTED != 0 {
+                dirty.push(Dirty {
+                    order: row_order(key_group(hash_key(key), mp), key),
+                    touched: s.touched,
+                    long: if s.is_long() {
+                        s.long_index() as u32
+                    } else {
+                        u32::MAX
+                    },
+                    live: !expired,
+                });
+            }
+            if expired {
+                expired_long.push(*s);
+                return Pass::Evict;
+            }
+            s.flags |= PERSISTED;
+            Pass::Keep
+        });
+        b.dirty = 0;
+        dirty.sort_unstable_by(|a, b| {
+            a.order.cmp(&b.order).then_with(|| match (a.long, b.long) {
+                (u32::MAX, _) | (_, u32::MAX) => std::cmp::Ordering::Equal,
+                (a, b) => long.key_at(a as usize).cmp(long.key_at(b as usize)),
+            })
+        });
+        let mut batch = rocksdb::WriteBatch::default();
+        if b.written.is_none() {
+            // in the first batch, so no snapshot holds a row without the range
+            b.written = Some((0, 0));
+            batch.put(backend::range_row(table), backend::range_value((0, 0)));
+        }
+        let mut value = Vec::with_capacity(backend::HEADER + self.value.len());
+        let mut row = Vec::new();
+        for d in &dirty {
+            row.clear();
+            let kg = KeyGroup((d.order >> 112) as u16 as u32);
+            let bytes = d.order.to_be_bytes();
+            let key: &[u8] = match d.long {
+                u32::MAX => &bytes[3..3 + bytes[2] as usize],
+                i => long.key_at(i as usize),
+            };
+            backend::push_row_key(&mut row, kg, table, key, 0);
+            if !d.live {
+                batch.delete(&row);
+                continue;
+            }
+            let deadline = ttl.map_or(i64::MAX, |t| d.touched.saturating_add(t));
+            value.clear();
+            value.extend_from_slice(&deadline.to_be_bytes());
+            value.extend_from_slice(&d.touched.to_be_bytes());
+            value.push(self.version);
+            value.extend_from_slice(&self.value);
+            batch.put(&row, &value);
+            self.rows_written += 1;
+            if batch.size_in_bytes() >= FLUSH_BATCH_BYTES {
+                backend.write(std::mem::take(&mut batch))?;
+            }
+        }
+        backend.write(batch)?;
+        for s in expired_long {
+            self.long.remove(&s);
+        }
+        self.charge();
+        Ok(())
+    }
+
+    /// Records the event-time clock: keys whose TTL passed are invisible from now on; an
+    /// attached set leaves their rows to RocksDB's compaction and their slots to eviction.
+    pub fn expire(&mut self, clock: Watermark) {
+        self.clock = self.clock.max(clock);
+        if let Some(b) = &self.backing {
+            b.backend.advance_clock(clock.0);
+        }
+    }
+
+    /// Adds the accesses and RocksDB reads since the last call to the backend's counters.
+    fn publish_counts(&mut self) {
+        if let Some(b) = &self.backing {
+            b.backend.count_cache(
+                self.lookups - self.published.0,
+                self.reads - self.published.1,
+            );
+            self.published = (self.lookups, self.reads);
+        }
+    }
+}
+
+impl Drop for KeySet {
+    fn drop(&mut self) {
+        if let Some(b) = &self.backing {
+            b.backend.memory().remove_table(self.bytes);
+        }
+    }
+}
+
+/// Dirty keys after which a set writes them even if nothing asks it to: what a flush sorts
+/// takes at most an eighth of the decoded caches' budget.
+fn dirty_limit(backend: &KeyedBackend) -> usize {
+    (backend.memory().decoded_budget() / 8 / std::mem::size_of::<Dirty>()).max(4096)
+}
+
+/// A key a flush writes or deletes.
+struct Dirty {
+    /// [`row_order`] of the key.
+    order: u128,
+    touched: i64,
+    /// The key's index among the long keys, or `u32::MAX` for a short key (which `order`
+    /// holds whole).
+    long: u32,
+    live: bool,
+}
+
+/// The order of a key's row among a table's rows as an integer: key group, length (a short
+/// key's is its row's length byte), and the first [`INLINE`] bytes of the key, big-endian; it
+/// holds a short key whole. Longer keys that agree in it are ordered by their bytes.
+fn row_order(kg: KeyGroup, key: &[u8]) -> u128 {
+    let mut b = [0u8; 16];
+    b[..2].copy_from_slice(&(kg.0 as u16).to_be_bytes());
+    b[2] = key.len().min(255) as u8;
+    let n = key.len().min(INLINE);
+    b[3..3 + n].copy_from_slice(&key[..n]);
+    u128::from_be_bytes(b)
+}
+
+/// Row keys of namespace 0, one after another in one buffer, to be sorted.
+#[derive(Default)]
+struct RowKeys {
+    buf: Vec<u8>,
+    /// Per row: its first 16 bytes as an integer (to sort by), and its end in `buf`.
+    rows: Vec<(u128, usize)>,
+}
+
+impl RowKeys {
+    fn push(&mut self, kg: KeyGroup, table: [u8; 4], key: &[u8]) {
+        let start = self.buf.len();
+        backend::push_row_key(&mut self.buf, kg, table, key, 0);
+        let row = &self.buf[start..];
+        let mut prefix = [0u8; 16];
+        let n = row.len().min(16);
+        prefix[..n].copy_from_slice(&row[..n]);
+        self.rows
+            .push((u128::from_be_bytes(prefix), self.buf.len()));
+    }
+
+    fn get(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.rows[i - 1].1 };
+        &self.buf[start..self.rows[i].1]
+    }
+
+    /// The rows' indexes in row-key order.
+    fn sorted(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.rows.len()).collect();
+        order.sort_unstable_by(|&a, &b| {
+            self.rows[a]
+                .0
+                .cmp(&self.rows[b].0)
+                .then_with(|| self.get(a).cmp(self.get(b)))
+        });
+        order
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{capped_backend, config, snapshot_and_restore};
+    use crate::state::{KeyedTable, StateConfig};
+    use std::collections::HashMap;
+
+    /// Numbers below a bound from a fixed seed.
+    fn random(mut x: u64) -> impl FnMut(u64) -> u64 {
+        move |bound| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % bound
+        }
+    }
+
+    /// The row value of a one-value table of `Option<u8>` holding `None`.
+    const NONE: [u8; 1] = [0];
+
+    /// Keys of both kinds: short ones kept in their slot, long ones in the side store.
+    fn key(i: u64) -> Vec<u8> {
+        if i.is_multiple_of(3) {
+            format!("a long key, number {i}").into_bytes()
+        } else {
+            i.to_be_bytes().to_vec()
+        }
+    }
+
+    /// With at most 300 keys in memory and 4 000 in play, under a TTL and a moving clock, the
+    /// set answers as a map of every key's last accepted time does: through single reads,
+    /// batched reads ahead, flushes, evictions and expiry.
+    #[test]
+    fn a_set_far_larger_than_its_memory_agrees_with_a_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = capped_backend(dir.path(), 300);
+        let ttl = 5_000;
+        let mut set = KeySet::new("s", Some(Duration::from_millis(ttl)), 0, NONE.to_vec());
+        set.attach(&backend).unwrap();
+        let mut model: HashMap<Vec<u8>, i64> = HashMap::new();
+        let mut next = random(0x9e37_79b9_7f4a_7c15);
+        let mut clock = 0i64;
+        let (mut accepted, mut batches) = (0, 0);
+        for round in 0..400 {
+            let rows: Vec<(Vec<u8>, i64)> = (0..64)
+                .map(|_| (key(next(4000)), clock + next(1000) as i64))
+                .collect();
+            let wm = Watermark(clock);
+            let mut want = Vec::new();
+            for (k, t) in &rows {
+                let live = model
+                    .get(k)
+                    .is_some_and(|&touched| clock < touched + ttl as i64);
+                if !live {
+                    model.insert(k.clone(), *t);
+                }
+                want.push(!live);
+            }
+            let got: Vec<bool> = if round % 2 == 0 {
+                rows.iter()
+                    .map(|(k, t)| set.insert_if_absent(k, *t, wm).unwrap())
+                    .collect()
+            } else {
+                // as a deduplication does: rows whose key must be read wait for one batched
+                // read, with the later rows of their key
+                let mut got = vec![None; rows.len()];
+                let mut waiting: Vec<usize> = Vec::new();
+                let mut waiting_keys: std::collections::HashSet<&[u8]> = Default::default();
+                for (i, (k, t)) in rows.iter().enumerate() {
+                    if !waiting_keys.contains(&k[..])
+                        && let Some(added) = set.try_insert(k, *t, wm).unwrap()
+                    {
+                        got[i] = Some(added);
+                        continue;
+                    }
+                    waiting_keys.insert(k);
+                    waiting.push(i);
+                }
+                set.prefetch(waiting_keys.iter().copied()).unwrap();
+                for i in waiting {
+                    got[i] = Some(set.insert_if_absent(&rows[i].0, rows[i].1, wm).unwrap());
+                }
+                batches += 1;
+                got.into_iter().map(Option::unwrap).collect()
+            };
+            assert_eq!(got, want, "round {round}");
+            accepted += want.iter().filter(|a| **a).count();
+            clock += 100;
+            set.expire(Watermark(clock));
+            if round % 50 == 49 {
+                set.flush().unwrap();
+                backend.compact();
+            }
+            assert!(set.len() <= 300, "{} keys in memory", set.len());
+        }
+        assert!(accepted > 5_000 && batches == 200, "{accepted} accepted");
+        assert!(set.loads() > 1_000, "{} keys read back", set.loads());
+        assert!(set.reads() > set.loads(), "some reads found nothing");
+        assert!(
+            set.rows_written() > 4_000,
+            "{} rows written",
+            set.rows_written()
+        );
+    }
+
+    /// A set's rows are those of a one-value keyed table of the same name holding the set's
+    /// value: a savepoint of either restores into the other, deadlines included.
+    #[test]
+    fn a_set_and_a_one_value_table_read_each_others_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1000);
+        let ttl = Some(Duration::from_millis(100));
+        let backend = capped_backend(dir.path(), 1000);
+        let mut table: KeyedTable<Option<u8>> = KeyedTable::one_value("dedup", ttl);
+        table.attach(&backend).unwrap();
+        for (k, t) in [
+            (&b"short"[..], 1000),
+            (b"a key longer than eleven bytes", 1050),
+        ] {
+            table
+                .update(k, 0, t, Watermark::MIN, || None, |_| ())
+                .unwrap();
+        }
+        table.flush().unwrap();
+        let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
+        let mut set = KeySet::new("dedup", ttl, 0, NONE.to_vec());
+        set.attach(&restored).unwrap();
+        let wm = Watermark(1099);
+        assert!(!set.insert_if_absent(b"short", 1099, wm).unwrap(), "held");
+        assert!(
+            !set.insert_if_absent(b"a key longer than eleven bytes", 1099, wm)
+                .unwrap()
+        );
+        assert!(set.insert_if_absent(b"new", 1099, wm).unwrap());
+        // past the first key's deadline (1000 + 100) it is gone, and starts over
+        assert!(
+            set.insert_if_absent(b"short", 1120, Watermark(1100))
+                .unwrap()
+        );
+        assert_eq!(set.reads(), 3, "one read per key restored or new");
+        set.flush().unwrap();
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let cfg2 = config(dir2.path(), 1000);
+        let back = snapshot_and_restore(&restored, dir2.path(), &cfg2);
+        let mut table: KeyedTable<Option<u8>> = KeyedTable::one_value("dedup", ttl);
+        table.attach(&back).unwrap();
+        let wm = Watermark(1150);
+        assert_eq!(
+            table.get(b"short", 0, wm).unwrap(),
+            Some(&None),
+            "touched again at 1120"
+        );
+        assert_eq!(table.get(b"new", 0, wm).unwrap(), Some(&None));
+        assert_eq!(
+            table.get(b"a key longer than eleven bytes", 0, wm).unwrap(),
+            None,
+            "1050 + 100 passed"
+        );
+    }
+
+    /// Under a byte budget the set keeps its charge inside it, and holds several times the
+    /// keys a keyed table would (an entry of one of those takes over a hundred bytes).
+    #[test]
+    fn a_set_stays_inside_its_budget_and_holds_many_keys_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StateConfig {
+            memory_bytes: 32 << 20,
+            cache_keys: None,
+            ..config(dir.path(), 0)
+        };
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend =
+            Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
+        let budget = backend.memory().decoded_budget();
+        assert_eq!(budget, 16 << 20);
+        let mut set = KeySet::new("s", None, 0, NONE.to_vec());
+        set.attach(&backend).unwrap();
+        let (mut least, mut most) = (usize::MAX, 0);
+        for i in 0..1_500_000u64 {
+            let k = [&[1u8][..], &i.to_be_bytes()[..]].concat();
+            assert!(set.insert_if_absent(&k, 0, Watermark::MIN).unwrap());
+            assert!(set.bytes() <= budget, "{} bytes at key {i}", set.bytes());
+            if i > 600_000 {
+                least = least.min(set.len());
+                most = most.max(set.len());
+            }
+        }
+        // the index may take what the spill filters' share (a quarter) leaves: 12 MB, 524 288
+        // slots of 24 bytes, of which seven eighths fill before an eighth of those is evicted
+        assert!(
+            least >= 390_000 && most >= 450_000,
+            "{least}..{most} keys in memory"
+        );
+        // every key is new: a read is a false positive of the spill filters
+        assert_eq!(set.loads(), 0);
+        assert!(set.reads() < 15_000, "{} reads", set.reads());
+    }
+}
