@@ -19,7 +19,30 @@ type Fixed = foldhash::fast::FixedState;
 pub(crate) const INLINE: usize = 11;
 
 /// The `hi` of a slot whose key is longer than [`INLINE`] (a length no short key has).
-const LONG: u32 = u32::MAX;
+pub(crate) const LONG: u32 = u32::MAX;
+
+/// A key of at most [`INLINE`] bytes packed into two words, in registers (no byte copies
+/// through memory, which the loads of a comparison would then wait on): bytes 0–7 in the
+/// first, bytes 8–10 and the length in the second.
+#[inline]
+pub(crate) fn pack(key: &[u8]) -> (u64, u32) {
+    debug_assert!(key.len() <= INLINE);
+    let (head, tail) = key.split_at(key.len().min(8));
+    let lo = match <[u8; 8]>::try_from(head) {
+        Ok(b) => u64::from_le_bytes(b),
+        Err(_) => head
+            .iter()
+            .enumerate()
+            .fold(0, |w, (i, b)| w | (*b as u64) << (8 * i)),
+    };
+    let hi = tail
+        .iter()
+        .enumerate()
+        .fold((key.len() as u32) << 24, |w, (i, b)| {
+            w | (*b as u32) << (8 * i)
+        });
+    (lo, hi)
+}
 
 /// Slot flag: the slot holds a key.
 pub(crate) const OCCUPIED: u8 = 1;
@@ -60,20 +83,7 @@ impl Slot {
             };
             return (slot, (hash >> 32) as u32);
         }
-        let (head, tail) = key.split_at(key.len().min(8));
-        let lo = match <[u8; 8]>::try_from(head) {
-            Ok(b) => u64::from_le_bytes(b),
-            Err(_) => head
-                .iter()
-                .enumerate()
-                .fold(0, |w, (i, b)| w | (*b as u64) << (8 * i)),
-        };
-        let hi = tail
-            .iter()
-            .enumerate()
-            .fold((key.len() as u32) << 24, |w, (i, b)| {
-                w | (*b as u32) << (8 * i)
-            });
+        let (lo, hi) = pack(key);
         let slot = Slot {
             lo,
             hi,

@@ -42,6 +42,7 @@ use std::sync::Arc;
 
 use super::StateKey;
 use super::backend::{self, KeyedBackend};
+use super::key_slots::{INLINE, LONG, pack};
 use super::pane_blocks;
 use crate::keys::{hash_key, key_group};
 use crate::{EngineError, KeyGroup, Result};
@@ -103,9 +104,6 @@ struct Backing {
     generation: u32,
 }
 
-/// Keys up to this long are kept in their index slot, so finding one touches only the slot.
-const INLINE: usize = 11;
-
 /// An index slot: a row and, if its key is short, the key packed into two words (bytes 0–7
 /// in `lo`, bytes 8–10 and the length in `hi`); a longer key's slot has [`LONG`] for `hi`.
 #[derive(Debug, Clone, Copy)]
@@ -114,9 +112,6 @@ struct Slot {
     hi: u32,
     row: u32,
 }
-
-/// The `hi` of a slot whose key is longer than [`INLINE`] (a length no short key has).
-const LONG: u32 = u32::MAX;
 
 impl Slot {
     /// The slot `key` would have in `row`, packed in registers (no byte copies through memory,
@@ -130,20 +125,7 @@ impl Slot {
                 row,
             };
         }
-        let (head, tail) = key.split_at(key.len().min(8));
-        let lo = match <[u8; 8]>::try_from(head) {
-            Ok(b) => u64::from_le_bytes(b),
-            Err(_) => head
-                .iter()
-                .enumerate()
-                .fold(0, |w, (i, b)| w | (*b as u64) << (8 * i)),
-        };
-        let hi = tail
-            .iter()
-            .enumerate()
-            .fold((key.len() as u32) << 24, |w, (i, b)| {
-                w | (*b as u32) << (8 * i)
-            });
+        let (lo, hi) = pack(key);
         Slot { lo, hi, row }
     }
 }
