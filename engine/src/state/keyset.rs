@@ -355,8 +355,9 @@ impl KeySet {
         }
     }
 
-    /// Makes room for one more key: grows the index while the budget allows (keeping room for
-    /// the spill filters' share), else writes the dirty keys and evicts an eighth of the keys;
+    /// Makes room for one more key: grows the index while the budget allows (leaving what the
+    /// job's other tables hold, and room for the spill filters' share), else writes the dirty
+    /// keys and evicts an eighth of the keys;
     /// shrinks the index if the job's memory asks this set to give some back.
     fn make_room(&mut self) -> Result<()> {
         let (len, slots) = (self.index.len(), self.index.slots());
@@ -377,7 +378,9 @@ impl KeySet {
         if len + 1 > self.index.max_len() {
             let budget = memory.decoded_budget();
             let filters = b.spilled.bytes();
-            let others = self.long.charge() + filters.max(budget / FILTER_SHARE);
+            // what the job's other tables hold is not this set's to take
+            let tables = memory.decoded().saturating_sub(self.bytes);
+            let others = tables + self.long.charge() + filters.max(budget / FILTER_SHARE);
             let fit = budget.saturating_sub(others) / slot_bytes;
             let grown = (slots * 2).max(FIRST_SLOTS).min(fit);
             let projected = self.bytes - self.index.bytes() + grown * slot_bytes;
@@ -781,6 +784,45 @@ mod tests {
             None,
             "1050 + 100 passed"
         );
+    }
+
+    /// Two sets of one job in one process (two slots) share its budget: neither grows into
+    /// what the other holds, so together they stay inside it.
+    #[test]
+    fn two_sets_of_a_job_stay_inside_its_budget_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = crate::state::StateMemory::new(16 << 20);
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let mut sets: Vec<KeySet> = (0..2u32)
+            .map(|slot| {
+                let cfg = StateConfig {
+                    memory: Some(memory.clone()),
+                    slot,
+                    cache_keys: None,
+                    ..config(dir.path(), 0)
+                };
+                let db = dir.path().join(format!("db{slot}"));
+                let backend = Arc::new(KeyedBackend::open(&db, &cfg, range, 128).unwrap());
+                let mut set = KeySet::new("s", None, 0, NONE.to_vec());
+                set.attach(&backend).unwrap();
+                set
+            })
+            .collect();
+        let budget = memory.decoded_budget();
+        assert_eq!(budget, 16 << 20, "two slots of 8 MB each for decoded state");
+        for i in 0..600_000u64 {
+            // the first set gets three keys for each of the second's
+            let s = usize::from(i % 4 == 3);
+            let k = [&[s as u8][..], &i.to_be_bytes()[..]].concat();
+            assert!(sets[s].insert_if_absent(&k, 0, Watermark::MIN).unwrap());
+            assert!(
+                memory.decoded() <= budget,
+                "{} + {} bytes at key {i}",
+                sets[0].bytes(),
+                sets[1].bytes()
+            );
+        }
+        assert!(sets.iter().all(|s| s.len() > 50_000), "each keeps a share");
     }
 
     /// Under a byte budget the set keeps its charge inside it, and holds several times the
