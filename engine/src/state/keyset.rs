@@ -245,17 +245,6 @@ impl KeySet {
         }
     }
 
-    /// Whether an access to `key` would read RocksDB: memory lacks it and RocksDB may hold it.
-    /// These are the keys [`Self::prefetch`] reads.
-    pub fn needs_read(&mut self, key: &[u8]) -> bool {
-        let probe = Slot::of(key, 0);
-        if let Some(i) = self.index.find(key, &probe, &self.long) {
-            Self::touch_use(self.index.get_mut(i));
-            return false;
-        }
-        self.may_be_stored(key)
-    }
-
     /// Reads the keys of `keys` that memory lacks and RocksDB may hold with one batched
     /// lookup: keys found are kept in memory (the access that follows is their first use), and
     /// keys missing are remembered until the next prefetch, so the accesses that follow read
