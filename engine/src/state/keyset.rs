@@ -530,11 +530,7 @@ impl KeySet {
     /// Adds the accesses and RocksDB reads since the last call to the backend's counters.
     fn publish_counts(&mut self) {
         if let Some(b) = &self.backing {
-            b.backend.count_cache(
-                self.lookups - self.published.0,
-                self.reads - self.published.1,
-            );
-            self.published = (self.lookups, self.reads);
+            super::publish(&b.backend, (self.lookups, self.reads), &mut self.published);
         }
     }
 }

@@ -150,6 +150,13 @@ pub struct KeyedTable<V> {
 /// those), so that counting costs no shared write per access.
 const PUBLISH_EVERY: u64 = 4096;
 
+/// Adds the accesses and RocksDB reads a table counted (`counts`) since those it `published`
+/// to the backend's counters, which the subtask's metrics read.
+fn publish(backend: &KeyedBackend, counts: (u64, u64), published: &mut (u64, u64)) {
+    backend.count_cache(counts.0 - published.0, counts.1 - published.1);
+    *published = counts;
+}
+
 /// Dirty keys after which a table writes them even if nothing asks it to (a job without
 /// checkpoints still spills to RocksDB).
 const DIRTY_LIMIT: usize = 1 << 18;
@@ -1454,11 +1461,7 @@ impl<V: StateValue> KeyedTable<V> {
     /// the subtask's metrics read.
     fn publish_counts(&mut self) {
         if let Some(b) = &self.backing {
-            b.backend.count_cache(
-                self.lookups - self.published.0,
-                self.reads - self.published.1,
-            );
-            self.published = (self.lookups, self.reads);
+            publish(&b.backend, (self.lookups, self.reads), &mut self.published);
         }
     }
 
