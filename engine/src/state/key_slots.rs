@@ -204,16 +204,38 @@ pub(crate) enum Class {
 }
 
 /// See the module documentation.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Index {
     slots: Vec<Slot>,
     len: usize,
+    /// The longest distance from its home a key may sit at.
+    max_dist: usize,
 }
 
-/// The longest distance from its home a key may sit at (its slot records it in a byte).
+/// The longest distance a slot can record (in a byte).
 const MAX_DIST: usize = u8::MAX as usize;
 
+impl Default for Index {
+    fn default() -> Self {
+        Index {
+            slots: Vec::new(),
+            len: 0,
+            max_dist: MAX_DIST,
+        }
+    }
+}
+
 impl Index {
+    /// An empty index whose keys sit at most `max_dist` slots from their home (tests make it
+    /// small to refuse keys often).
+    #[cfg(test)]
+    pub(crate) fn with_max_dist(max_dist: usize) -> Self {
+        Index {
+            max_dist: max_dist.min(MAX_DIST),
+            ..Index::default()
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.len
     }
@@ -253,7 +275,7 @@ impl Index {
             return None;
         }
         let mut i = self.home(*hash);
-        for d in 0..=MAX_DIST {
+        for d in 0..=self.max_dist {
             let s = &self.slots[i];
             if s.flags & OCCUPIED == 0 || (s.dist as usize) < d {
                 return None;
@@ -270,19 +292,35 @@ impl Index {
         &mut self.slots[i]
     }
 
-    /// Adds a key the index does not hold; there must be a free slot.
-    pub(crate) fn insert(&mut self, mut slot: Slot, hash: u32) -> Result<()> {
+    /// Adds a key the index does not hold (there must be a free slot); false, changing
+    /// nothing, if it would put a key further than the index allows from its home. That
+    /// takes many keys whose hashes fall together, which input can be made of: the caller
+    /// then keeps the key elsewhere.
+    #[must_use]
+    pub(crate) fn insert(&mut self, mut slot: Slot, hash: u32) -> bool {
         debug_assert!(self.len < self.slots.len());
+        let home = self.home(hash);
+        // the keys from home to the first free slot each move at most one further
+        let mut i = home;
+        for d in 0.. {
+            let s = &self.slots[i];
+            if s.flags & OCCUPIED == 0 {
+                break;
+            }
+            if d >= self.max_dist || s.dist as usize >= self.max_dist {
+                return false;
+            }
+            i = self.next(i);
+        }
         slot.flags |= OCCUPIED;
-        let mut i = self.home(hash);
-        let mut d = 0usize;
+        let (mut i, mut d) = (home, 0usize);
         loop {
             let s = &mut self.slots[i];
             if s.flags & OCCUPIED == 0 {
                 slot.dist = d as u8;
                 *s = slot;
                 self.len += 1;
-                return Ok(());
+                return true;
             }
             if (s.dist as usize) < d {
                 slot.dist = d as u8;
@@ -290,11 +328,6 @@ impl Index {
                 d = slot.dist as usize;
             }
             d += 1;
-            if d > MAX_DIST {
-                return Err(EngineError::State(
-                    "a key set's index has a run of keys longer than it can record".into(),
-                ));
-            }
             i = self.next(i);
         }
     }
@@ -320,16 +353,21 @@ impl Index {
         removed
     }
 
-    /// Moves every key into an index of `slots` slots (at least the keys held, plus one).
-    pub(crate) fn resize(&mut self, slots: usize) -> Result<()> {
+    /// Moves every key into an index of `slots` slots (at least the keys held, plus one);
+    /// returns the keys it refused (see [`Self::insert`]).
+    #[must_use]
+    pub(crate) fn resize(&mut self, slots: usize) -> Vec<Slot> {
         let slots = slots.max(self.len + 1).max(8);
         let old = std::mem::replace(&mut self.slots, vec![Slot::default(); slots]);
         self.len = 0;
+        let mut refused = Vec::new();
         for s in old.into_iter().filter(|s| s.flags & OCCUPIED != 0) {
             let hash = s.hash();
-            self.insert(s, hash)?;
+            if !self.insert(s, hash) {
+                refused.push(s);
+            }
         }
-        Ok(())
+        refused
     }
 
     /// Calls `f` with every key; removes those it answers [`Pass::Evict`] for. A key shifted
@@ -399,12 +437,33 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
 
+    /// Keys whose hashes all fall on one slot are placed until the next would sit further
+    /// from home than the index allows; it is refused and the index is unchanged.
+    #[test]
+    fn a_key_too_far_from_home_is_refused() {
+        let mut index = Index::with_max_dist(5);
+        assert!(index.resize(64).is_empty());
+        let long = LongKeys::default();
+        let keys: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i]).collect();
+        let placed: Vec<bool> = keys
+            .iter()
+            .map(|k| index.insert(Slot::of(k, 0).0, 7))
+            .collect();
+        // distances 0 to 5 are taken; a seventh key would sit 6 from home
+        assert_eq!(placed, [true, true, true, true, true, true, false, false]);
+        assert_eq!(index.len(), 6);
+        for (k, placed) in keys.iter().zip(placed) {
+            let probe = (Slot::of(k, 0).0, 7);
+            assert_eq!(index.find(k, &probe, &long).is_some(), placed);
+        }
+    }
+
     /// Inserts, finds and removes (by position and by sweeps) agree with a set, through
     /// resizes, for short and long keys and at seven in eight slots full.
     #[test]
     fn the_index_agrees_with_a_set() {
         let mut index = Index::default();
-        index.resize(1000).unwrap();
+        assert!(index.resize(1000).is_empty());
         let mut long = LongKeys::default();
         let mut model: HashSet<Vec<u8>> = HashSet::new();
         let key = |i: u64| -> Vec<u8> {
@@ -430,13 +489,13 @@ mod tests {
                 }
                 (None, false) => {
                     if index.len() >= index.max_len() {
-                        index.resize(index.slots() * 3 / 2).unwrap();
+                        assert!(index.resize(index.slots() * 3 / 2).is_empty());
                     }
                     let (mut s, h) = probe;
                     if s.is_long() {
                         long.add(&mut s, &k).unwrap();
                     }
-                    index.insert(s, h).unwrap();
+                    assert!(index.insert(s, h));
                     model.insert(k);
                 }
                 (found, held) => panic!("round {round}: found {found:?}, held {held}"),

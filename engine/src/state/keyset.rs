@@ -68,6 +68,8 @@ pub struct KeySet {
     loads: u64,
     published: (u64, u64),
     rows_written: u64,
+    /// Keys the index refused, kept in RocksDB alone.
+    outside: u64,
     /// The latest watermark passed to [`KeySet::expire`].
     clock: Watermark,
     backing: Option<Backing>,
@@ -97,6 +99,7 @@ impl KeySet {
             loads: 0,
             published: (0, 0),
             rows_written: 0,
+            outside: 0,
             clock: Watermark::MIN,
             backing: None,
         }
@@ -238,11 +241,19 @@ impl KeySet {
             return Ok(added);
         }
         // the key is read into memory (a read makes room before it adds), or found missing
-        self.read(&[key])?;
-        match self.try_insert(key, now, clock)? {
-            Some(added) => Ok(added),
-            None => Err(self.error("a key read from RocksDB was not kept in memory")),
+        let found = self.read(&[key])?;
+        if let Some(added) = self.try_insert(key, now, clock)? {
+            return Ok(added);
         }
+        // found, but the index refused it: RocksDB alone holds it
+        let live =
+            found[0].is_some_and(|t| self.ttl.is_none_or(|ttl| clock.0 < t.saturating_add(ttl)));
+        if !live {
+            let (mut slot, _) = Slot::of(key, now);
+            slot.flags = DIRTY;
+            self.keep_outside(key, slot)?;
+        }
+        Ok(!live)
     }
 
     /// Reads the keys of `keys` that memory lacks and RocksDB may hold with one batched
@@ -257,17 +268,19 @@ impl KeySet {
                 self.index.find(k, &Slot::of(k, 0), &self.long).is_none() && self.may_be_stored(k)
             })
             .collect();
-        self.read(&wanted)
+        self.read(&wanted).map(drop)
     }
 
-    /// Reads `keys` (none in memory) from RocksDB with one batched lookup; see
-    /// [`Self::prefetch`].
-    fn read(&mut self, keys: &[&[u8]]) -> Result<()> {
+    /// Reads `keys` (none in memory) from RocksDB with one batched lookup, see
+    /// [`Self::prefetch`]; returns the touched time of each key found (of a key listed twice,
+    /// at one of its places).
+    fn read(&mut self, keys: &[&[u8]]) -> Result<Vec<Option<i64>>> {
+        let mut touched_at = vec![None; keys.len()];
         let Some(b) = self.backing.as_ref() else {
-            return Ok(());
+            return Ok(touched_at);
         };
         if keys.is_empty() {
-            return Ok(());
+            return Ok(touched_at);
         }
         let (backend, table) = (b.backend.clone(), b.table);
         let mp = backend.max_parallelism();
@@ -293,6 +306,7 @@ impl KeySet {
             let key = keys[i];
             match found.next_if(|f| f.0 == n) {
                 Some((_, touched)) => {
+                    touched_at[i] = Some(touched);
                     self.add(key, Slot::of(key, touched), PERSISTED | READ_AHEAD)?;
                     self.loads += 1;
                     if let Some(b) = self.backing.as_mut() {
@@ -305,7 +319,7 @@ impl KeySet {
             }
         }
         self.charge();
-        Ok(())
+        Ok(touched_at)
     }
 
     /// Puts `key` (not in memory) into the index with `flags`, making room for it first.
@@ -318,7 +332,10 @@ impl KeySet {
             self.long.add(&mut slot, key)?;
         }
         slot.flags = flags;
-        self.index.insert(slot, hash)?;
+        if !self.index.insert(slot, hash) {
+            self.long.remove(&slot);
+            return self.keep_outside(key, slot);
+        }
         if flags & DIRTY != 0
             && let Some(b) = self.backing.as_mut()
         {
@@ -328,6 +345,51 @@ impl KeySet {
             }
         }
         self.charge();
+        Ok(())
+    }
+
+    /// Keeps a key the index refused (see [`Index::insert`]) in RocksDB alone: its row is
+    /// written now if it changed, and the spill filters learn of it, so the next access reads
+    /// it. A set in memory has nowhere to keep it.
+    fn keep_outside(&mut self, key: &[u8], slot: Slot) -> Result<()> {
+        let Some(b) = self.backing.as_mut() else {
+            return Err(
+                self.error("too many keys whose hashes fall together for a key set in memory")
+            );
+        };
+        if slot.flags & DIRTY != 0 {
+            let mut batch = rocksdb::WriteBatch::default();
+            if b.written.is_none() {
+                b.written = Some((0, 0));
+                batch.put(backend::range_row(b.table), backend::range_value((0, 0)));
+            }
+            let kg = key_group(hash_key(key), b.backend.max_parallelism());
+            let row = backend::row_key(kg, b.table, key, 0);
+            batch.put(
+                &row,
+                row_value(self.ttl, slot.touched, self.version, &self.value),
+            );
+            b.backend.write(batch)?;
+            self.rows_written += 1;
+        }
+        b.spilled.evicted(hash_key(key), 0);
+        self.outside += 1;
+        Ok(())
+    }
+
+    /// Keeps outside the index the keys a resize refused.
+    fn keep_refused(&mut self, refused: Vec<Slot>) -> Result<()> {
+        for s in refused {
+            let mut buf = [0u8; INLINE];
+            let key = StateKey::from_slice(s.key(&mut buf, &self.long));
+            self.long.remove(&s);
+            if s.flags & DIRTY != 0
+                && let Some(b) = self.backing.as_mut()
+            {
+                b.dirty -= 1;
+            }
+            self.keep_outside(&key, s)?;
+        }
         Ok(())
     }
 
@@ -352,7 +414,8 @@ impl KeySet {
         let (len, slots) = (self.index.len(), self.index.slots());
         let Some(b) = self.backing.as_ref() else {
             if len + 1 > self.index.max_len() {
-                self.index.resize((slots * 2).max(FIRST_SLOTS))?;
+                let refused = self.index.resize((slots * 2).max(FIRST_SLOTS));
+                self.keep_refused(refused)?;
             }
             return Ok(());
         };
@@ -374,7 +437,8 @@ impl KeySet {
             let grown = (slots * 2).max(FIRST_SLOTS).min(fit);
             let projected = self.bytes - self.index.bytes() + grown * slot_bytes;
             if grown > slots + slots / 8 && !memory.must_evict(projected) {
-                return self.index.resize(grown);
+                let refused = self.index.resize(grown);
+                return self.keep_refused(refused);
             }
             self.flush()?;
             self.evict(len + 1 - self.index.max_len() * 7 / 8);
@@ -385,7 +449,8 @@ impl KeySet {
             self.flush()?;
             let smaller = slots * 3 / 4;
             self.evict(len.saturating_sub(smaller / 8 * 7 * 7 / 8));
-            self.index.resize(smaller)?;
+            let refused = self.index.resize(smaller);
+            self.keep_refused(refused)?;
             self.charge();
         }
         Ok(())
@@ -483,7 +548,6 @@ impl KeySet {
             b.written = Some((0, 0));
             batch.put(backend::range_row(table), backend::range_value((0, 0)));
         }
-        let mut value = Vec::with_capacity(backend::HEADER + self.value.len());
         let mut row = Vec::new();
         for d in &dirty {
             row.clear();
@@ -498,13 +562,7 @@ impl KeySet {
                 batch.delete(&row);
                 continue;
             }
-            let deadline = ttl.map_or(i64::MAX, |t| d.touched.saturating_add(t));
-            value.clear();
-            value.extend_from_slice(&deadline.to_be_bytes());
-            value.extend_from_slice(&d.touched.to_be_bytes());
-            value.push(self.version);
-            value.extend_from_slice(&self.value);
-            batch.put(&row, &value);
+            batch.put(&row, row_value(ttl, d.touched, self.version, &self.value));
             self.rows_written += 1;
             if batch.size_in_bytes() >= FLUSH_BATCH_BYTES {
                 backend.write(std::mem::take(&mut batch))?;
@@ -541,6 +599,17 @@ impl Drop for KeySet {
             b.backend.memory().remove_table(self.bytes);
         }
     }
+}
+
+/// A row's value: the key's deadline and touched time, then the set's value and its version.
+fn row_value(ttl: Option<i64>, touched: i64, version: u8, value: &[u8]) -> Vec<u8> {
+    let deadline = ttl.map_or(i64::MAX, |t| touched.saturating_add(t));
+    let mut row = Vec::with_capacity(backend::HEADER + value.len());
+    row.extend_from_slice(&deadline.to_be_bytes());
+    row.extend_from_slice(&touched.to_be_bytes());
+    row.push(version);
+    row.extend_from_slice(value);
+    row
 }
 
 /// Dirty keys after which a set writes them even if nothing asks it to: what a flush sorts
@@ -644,10 +713,24 @@ mod tests {
     /// batched reads ahead, flushes, evictions and expiry.
     #[test]
     fn a_set_far_larger_than_its_memory_agrees_with_a_map() {
+        far_larger_than_memory(Index::default());
+    }
+
+    /// The same with an index that refuses any key it cannot place next to its home, so that
+    /// many keys are kept in RocksDB alone (as many keys whose hashes fall together would be).
+    #[test]
+    fn keys_the_index_refuses_are_kept_in_rocksdb() {
+        let outside = far_larger_than_memory(Index::with_max_dist(1));
+        assert!(outside > 1_000, "{outside} keys refused");
+    }
+
+    /// Runs the model comparison with `index`; returns the keys it refused.
+    fn far_larger_than_memory(index: Index) -> u64 {
         let dir = tempfile::tempdir().unwrap();
         let backend = capped_backend(dir.path(), 300);
         let ttl = 5_000;
         let mut set = KeySet::new("s", Some(Duration::from_millis(ttl)), 0, NONE.to_vec());
+        set.index = index;
         set.attach(&backend).unwrap();
         let mut model: HashMap<Vec<u8>, i64> = HashMap::new();
         let mut next = random(0x9e37_79b9_7f4a_7c15);
@@ -713,6 +796,7 @@ mod tests {
             "{} rows written",
             set.rows_written()
         );
+        set.outside
     }
 
     /// A set's rows are those of a one-value keyed table of the same name holding the set's
