@@ -107,14 +107,9 @@ impl KeySet {
 
     /// Moves the set into `backend`: RocksDB holds it from now on and memory caches it. Keys
     /// added before are written at the next flush. Rows of layouts before
-    /// [`backend::FORMAT`] 2 must have been moved first (attaching a keyed table of the same
-    /// name does that).
+    /// [`backend::FORMAT`] 2 must have been moved first, by attaching a one-value keyed table
+    /// of the same name: a set does not see them.
     pub fn attach(&mut self, backend: &Arc<KeyedBackend>) -> Result<()> {
-        if backend.restored() && backend.format() < 2 {
-            return Err(self.error(
-                "state of a layout before 2 must be moved by a keyed table before a key set attaches",
-            ));
-        }
         let table = backend::value_table_id(&self.name);
         let written = if backend.restored() {
             backend.namespace_range(table)?
@@ -852,6 +847,54 @@ mod tests {
             table.get(b"a key longer than eleven bytes", 0, wm).unwrap(),
             None,
             "1050 + 100 passed"
+        );
+    }
+
+    /// Rows of layout 1 (a key's namespaces in one row), moved by a keyed table of the same
+    /// name as it attaches, are the set's keys afterwards.
+    #[test]
+    fn a_set_reads_keys_of_layout_1_once_a_keyed_table_moved_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1000);
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let old = KeyedBackend::open(&dir.path().join("old"), &cfg, range, 128).unwrap();
+        old.set_format(1);
+        let mut batch = rocksdb::WriteBatch::default();
+        for i in 0..20u64 {
+            let k = key(i);
+            let kg = key_group(hash_key(&k), 128);
+            batch.put(
+                backend::legacy_row_key(kg, backend::table_id("dedup"), &k),
+                crate::state::tests::legacy_row(1000, &[(0i64, None::<u8>)]),
+            );
+        }
+        old.write(batch).unwrap();
+        let snap = dir.path().join("snap");
+        old.checkpoint(&snap).unwrap();
+        let restored = Arc::new(
+            KeyedBackend::restore(
+                &dir.path().join("new"),
+                &cfg,
+                range,
+                128,
+                vec![(snap, range)],
+            )
+            .unwrap(),
+        );
+        KeyedTable::<Option<u8>>::one_value("dedup", None)
+            .attach(&restored)
+            .unwrap();
+        let mut set = KeySet::new("dedup", None, 0, NONE.to_vec());
+        set.attach(&restored).unwrap();
+        for i in 0..20u64 {
+            assert!(
+                !set.insert_if_absent(&key(i), 2000, Watermark::MIN).unwrap(),
+                "key {i}"
+            );
+        }
+        assert!(
+            set.insert_if_absent(&key(20), 2000, Watermark::MIN)
+                .unwrap()
         );
     }
 

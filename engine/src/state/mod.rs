@@ -1642,7 +1642,7 @@ pub(crate) mod tests {
     }
 
     /// A row as layouts 0 and 1 wrote it: deadline, touched, then every namespace of the key.
-    fn legacy_row<V: StateValue>(touched: i64, values: &[(i64, V)]) -> Vec<u8> {
+    pub(crate) fn legacy_row<V: StateValue>(touched: i64, values: &[(i64, V)]) -> Vec<u8> {
         let mut row = i64::MAX.to_be_bytes().to_vec();
         row.extend_from_slice(&touched.to_be_bytes());
         postcard::to_extend(values, row).unwrap()
