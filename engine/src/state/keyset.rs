@@ -416,6 +416,11 @@ impl KeySet {
         };
         let memory = b.backend.memory().clone();
         let cap = b.backend.cache_keys();
+        if slots == 0 {
+            // however full the budget, a set holds a few keys (24 KB)
+            let refused = self.index.resize(FIRST_SLOTS);
+            return self.keep_refused(refused);
+        }
         if len + 1 > cap {
             self.flush()?;
             self.evict((len + 1).saturating_sub(cap * 3 / 4));
@@ -896,6 +901,33 @@ mod tests {
             set.insert_if_absent(&key(20), 2000, Watermark::MIN)
                 .unwrap()
         );
+    }
+
+    /// When the job's other tables hold its whole budget, a set still keeps a few keys in
+    /// memory and the rest in RocksDB, and answers right.
+    #[test]
+    fn a_set_works_when_other_tables_hold_the_whole_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StateConfig {
+            cache_keys: None,
+            ..config(dir.path(), 0)
+        };
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend =
+            Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
+        let memory = backend.memory().clone();
+        memory.add_table();
+        memory.charge(0, memory.decoded_budget());
+        let mut set = KeySet::new("s", None, 0, NONE.to_vec());
+        set.attach(&backend).unwrap();
+        for round in 0..2 {
+            for i in 0..5_000u64 {
+                let added = set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap();
+                assert_eq!(added, round == 0, "key {i} in round {round}");
+            }
+        }
+        assert!(set.len() <= 1024, "{} keys in memory", set.len());
+        assert!(set.loads() > 1_000, "{} keys read back", set.loads());
     }
 
     /// Two sets of one job in one process (two slots) share its budget: neither grows into
