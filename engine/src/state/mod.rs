@@ -22,6 +22,9 @@
 //! slice's row, and a join that buffers one more timestamp writes one row, whatever else the key
 //! holds.
 //!
+//! Keys alone, each with its touched time (a `keep: first` deduplication's), live in a
+//! [`KeySet`] instead: 24 bytes per key in memory, and the rows of a one-value table.
+//!
 //! State whose namespaces every key shares and that comes due a namespace at a time (the slices
 //! of tumbling and sliding windows) lives in a [`PaneTable`] instead: one hash table per
 //! namespace, read in key order and dropped whole (see [`panes`]).
