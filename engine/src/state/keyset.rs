@@ -969,6 +969,48 @@ mod tests {
         assert!(sets.iter().all(|s| s.len() > 50_000), "each keeps a share");
     }
 
+    /// A set whose budget shrinks (the job's other slot closed its state) gives memory back:
+    /// its index moves into a smaller one until it fits.
+    #[test]
+    fn a_set_gives_memory_back_when_its_budget_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = crate::state::StateMemory::new(16 << 20);
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let open = |slot: u32| {
+            let cfg = StateConfig {
+                memory: Some(memory.clone()),
+                slot,
+                cache_keys: None,
+                ..config(dir.path(), 0)
+            };
+            let db = dir.path().join(format!("db{slot}"));
+            Arc::new(KeyedBackend::open(&db, &cfg, range, 128).unwrap())
+        };
+        let (a, b) = (open(0), open(1));
+        assert_eq!(memory.decoded_budget(), 16 << 20);
+        let mut set = KeySet::new("s", None, 0, NONE.to_vec());
+        set.attach(&a).unwrap();
+        let mut i = 0u64;
+        while set.bytes() <= 8 << 20 {
+            assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
+            i += 1;
+        }
+        drop(b);
+        assert_eq!(memory.decoded_budget(), 8 << 20, "one slot left");
+        for _ in 0..10 {
+            assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
+            i += 1;
+        }
+        assert!(set.bytes() <= 8 << 20, "{} bytes", set.bytes());
+        // every key is still there, in memory or in RocksDB
+        for k in (0..i).step_by(97) {
+            assert!(
+                !set.insert_if_absent(&key(k), 0, Watermark::MIN).unwrap(),
+                "key {k}"
+            );
+        }
+    }
+
     /// Under a byte budget the set keeps its charge inside it, and holds several times the
     /// keys a keyed table would (an entry of one of those takes over a hundred bytes).
     #[test]
