@@ -4,9 +4,9 @@
 //! A [`KeySet`] keeps what a [`super::KeyedTable`] of one value per key would, in a fraction of
 //! its memory: a key costs one 24-byte slot of an open-addressing index ([`super::key_slots`]:
 //! short keys inline, the touched time and the cache flags beside them) where a keyed table
-//! spends an entry of more than a hundred bytes, and the index is sized to the memory it may
-//! use rather than to a power of two. So the same budget holds four to five times as many keys,
-//! and a lookup touches one or two cache lines.
+//! spends an entry of 96 bytes on a deduplication's key, and the index is sized to the memory
+//! it may use rather than to a power of two. So the same budget holds four times as many keys
+//! or more, and a lookup touches one or two cache lines.
 //!
 //! **RocksDB.** Rows are those of a one-value keyed table of the same name — one per key, at
 //! namespace 0, with the key's deadline and touched time in the header and a fixed value the
@@ -1012,7 +1012,7 @@ mod tests {
     }
 
     /// Under a byte budget the set keeps its charge inside it, and holds several times the
-    /// keys a keyed table would (an entry of one of those takes over a hundred bytes).
+    /// keys a keyed table would (an entry of one of those takes 96 bytes for a dedup key).
     #[test]
     fn a_set_stays_inside_its_budget_and_holds_many_keys_in_it() {
         let dir = tempfile::tempdir().unwrap();
