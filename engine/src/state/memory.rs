@@ -8,9 +8,10 @@
 //! The other half is the decoded-key caches in front of RocksDB (keyed tables' maps, key sets'
 //! indexes, pane tables), counted in bytes, with the filters of the keys they evicted (2 bytes
 //! per key of capacity, which grows fourfold; a quarter of the half at most per namespace; they
-//! let a miss skip RocksDB, see `state::spilled`). A process that runs keyed state for `s` slots of a job therefore holds
-//! about `s × M` of it (the decoded caches are estimates); the rest of a process (network
-//! buffers, batches in flight, the binary) comes on top. The cache grows and shrinks as slots open and close state.
+//! let a miss skip RocksDB, see `state::spilled`). A process that runs keyed state for `s`
+//! slots of a job therefore holds about `s × M` of it (the decoded caches are estimates); the
+//! rest of a process (network buffers, batches in flight, the binary) comes on top. The cache
+//! grows and shrinks as slots open and close state.
 //!
 //! The decoded-key caches share their half by need: a table evicts when its own bytes pass the
 //! whole half, or when the tables together pass it and the table holds more than a quarter of an
