@@ -683,8 +683,22 @@ impl RowKeys {
 mod tests {
     use super::*;
     use crate::state::tests::{capped_backend, config, snapshot_and_restore};
-    use crate::state::{KeyedTable, StateConfig};
+    use crate::state::{KeyedTable, StateConfig, StateMemory};
     use std::collections::HashMap;
+
+    /// An empty instance in `dir` for task slot `slot`, sharing `memory`, with no cap on the
+    /// keys in memory.
+    fn in_slot(dir: &std::path::Path, memory: &Arc<StateMemory>, slot: u32) -> Arc<KeyedBackend> {
+        let cfg = StateConfig {
+            memory: Some(memory.clone()),
+            slot,
+            cache_keys: None,
+            ..config(dir, 0)
+        };
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let db = dir.join(format!("db{slot}"));
+        Arc::new(KeyedBackend::open(&db, &cfg, range, 128).unwrap())
+    }
 
     /// Numbers below a bound from a fixed seed.
     fn random(mut x: u64) -> impl FnMut(u64) -> u64 {
@@ -908,14 +922,8 @@ mod tests {
     #[test]
     fn a_set_works_when_other_tables_hold_the_whole_budget() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = StateConfig {
-            cache_keys: None,
-            ..config(dir.path(), 0)
-        };
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend =
-            Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
-        let memory = backend.memory().clone();
+        let memory = StateMemory::new(256 << 20);
+        let backend = in_slot(dir.path(), &memory, 0);
         memory.add_table();
         memory.charge(0, memory.decoded_budget());
         let mut set = KeySet::new("s", None, 0, NONE.to_vec());
@@ -935,18 +943,10 @@ mod tests {
     #[test]
     fn two_sets_of_a_job_stay_inside_its_budget_together() {
         let dir = tempfile::tempdir().unwrap();
-        let memory = crate::state::StateMemory::new(16 << 20);
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let memory = StateMemory::new(16 << 20);
         let mut sets: Vec<KeySet> = (0..2u32)
             .map(|slot| {
-                let cfg = StateConfig {
-                    memory: Some(memory.clone()),
-                    slot,
-                    cache_keys: None,
-                    ..config(dir.path(), 0)
-                };
-                let db = dir.path().join(format!("db{slot}"));
-                let backend = Arc::new(KeyedBackend::open(&db, &cfg, range, 128).unwrap());
+                let backend = in_slot(dir.path(), &memory, slot);
                 let mut set = KeySet::new("s", None, 0, NONE.to_vec());
                 set.attach(&backend).unwrap();
                 set
@@ -974,19 +974,11 @@ mod tests {
     #[test]
     fn a_set_gives_memory_back_when_its_budget_shrinks() {
         let dir = tempfile::tempdir().unwrap();
-        let memory = crate::state::StateMemory::new(16 << 20);
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let open = |slot: u32| {
-            let cfg = StateConfig {
-                memory: Some(memory.clone()),
-                slot,
-                cache_keys: None,
-                ..config(dir.path(), 0)
-            };
-            let db = dir.path().join(format!("db{slot}"));
-            Arc::new(KeyedBackend::open(&db, &cfg, range, 128).unwrap())
-        };
-        let (a, b) = (open(0), open(1));
+        let memory = StateMemory::new(16 << 20);
+        let (a, b) = (
+            in_slot(dir.path(), &memory, 0),
+            in_slot(dir.path(), &memory, 1),
+        );
         assert_eq!(memory.decoded_budget(), 16 << 20);
         let mut set = KeySet::new("s", None, 0, NONE.to_vec());
         set.attach(&a).unwrap();
@@ -1016,14 +1008,7 @@ mod tests {
     #[test]
     fn a_set_stays_inside_its_budget_and_holds_many_keys_in_it() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = StateConfig {
-            memory_bytes: 32 << 20,
-            cache_keys: None,
-            ..config(dir.path(), 0)
-        };
-        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let backend =
-            Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
+        let backend = in_slot(dir.path(), &StateMemory::new(32 << 20), 0);
         let budget = backend.memory().decoded_budget();
         assert_eq!(budget, 16 << 20);
         let mut set = KeySet::new("s", None, 0, NONE.to_vec());
