@@ -682,7 +682,7 @@ impl RowKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::tests::{capped_backend, config, snapshot_and_restore};
+    use crate::state::tests::{capped_backend, config, layout_1_snapshot, snapshot_and_restore};
     use crate::state::{KeyedTable, StateConfig, StateMemory};
     use std::collections::HashMap;
 
@@ -876,20 +876,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path(), 1000);
         let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let old = KeyedBackend::open(&dir.path().join("old"), &cfg, range, 128).unwrap();
-        old.set_format(1);
-        let mut batch = rocksdb::WriteBatch::default();
-        for i in 0..20u64 {
-            let k = key(i);
-            let kg = key_group(hash_key(&k), 128);
-            batch.put(
-                backend::legacy_row_key(kg, backend::table_id("dedup"), &k),
-                crate::state::tests::legacy_row(1000, &[(0i64, None::<u8>)]),
-            );
-        }
-        old.write(batch).unwrap();
-        let snap = dir.path().join("snap");
-        old.checkpoint(&snap).unwrap();
+        let rows = (0..20u64).map(|i| (key(i), 1000, vec![(0i64, None::<u8>)]));
+        let snap = layout_1_snapshot(dir.path(), "dedup", rows);
         let restored = Arc::new(
             KeyedBackend::restore(
                 &dir.path().join("new"),

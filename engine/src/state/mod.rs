@@ -1645,10 +1645,34 @@ pub(crate) mod tests {
     }
 
     /// A row as layouts 0 and 1 wrote it: deadline, touched, then every namespace of the key.
-    pub(crate) fn legacy_row<V: StateValue>(touched: i64, values: &[(i64, V)]) -> Vec<u8> {
+    fn legacy_row<V: StateValue>(touched: i64, values: &[(i64, V)]) -> Vec<u8> {
         let mut row = i64::MAX.to_be_bytes().to_vec();
         row.extend_from_slice(&touched.to_be_bytes());
         postcard::to_extend(values, row).unwrap()
+    }
+
+    /// A snapshot in `dir` of an instance of layout 1 (all key groups) whose table `table`
+    /// holds `rows`: (key, touched, every namespace's value).
+    pub(crate) fn layout_1_snapshot<V: StateValue>(
+        dir: &std::path::Path,
+        table: &str,
+        rows: impl Iterator<Item = (Vec<u8>, i64, Vec<(i64, V)>)>,
+    ) -> std::path::PathBuf {
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let old = KeyedBackend::open(&dir.join("old"), &config(dir, 1000), range, 128).unwrap();
+        old.set_format(1);
+        let mut batch = rocksdb::WriteBatch::default();
+        for (k, touched, values) in rows {
+            let kg = key_group(hash_key(&k), 128);
+            batch.put(
+                backend::legacy_row_key(kg, backend::table_id(table), &k),
+                legacy_row(touched, &values),
+            );
+        }
+        old.write(batch).unwrap();
+        let snap = dir.join("snap");
+        old.checkpoint(&snap).unwrap();
+        snap
     }
 
     /// An empty instance in `dir` whose decoded caches hold at most `cache_keys` keys per
@@ -2398,20 +2422,15 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path(), 1000);
         let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
-        let old = KeyedBackend::open(&dir.path().join("old"), &cfg, range, 128).unwrap();
-        old.set_format(1);
-        let mut batch = rocksdb::WriteBatch::default();
-        for i in 0..50u32 {
-            let kg = KeyedTable::<u64>::key_groups_of(&key(i), 128);
-            let values: Vec<(i64, u64)> = (0..3).map(|ns| (ns * 10, (i as u64) << ns)).collect();
-            batch.put(
-                backend::legacy_row_key(kg, backend::table_id("t"), &key(i)),
-                legacy_row(1000 + i as i64, &values),
-            );
-        }
-        old.write(batch).unwrap();
-        let snap = dir.path().join("snap");
-        old.checkpoint(&snap).unwrap();
+        let snap = layout_1_snapshot(
+            dir.path(),
+            "t",
+            (0..50u32).map(|i| {
+                let values: Vec<(i64, u64)> =
+                    (0..3).map(|ns| (ns * 10, (i as u64) << ns)).collect();
+                (key(i), 1000 + i as i64, values)
+            }),
+        );
         for (name, parts) in [
             ("whole", vec![(snap.clone(), range)]),
             ("rescaled", {
