@@ -7,7 +7,7 @@
 //!   are dropped. The output is an upsert stream keyed by the dedup key.
 //!
 //! **State:** per key, the largest `order_by` value seen (`latest`, a keyed table) or only the
-//! key and when it was last accepted (`first`, a [`KeySet`]: a 24-byte slot per key in memory).
+//! key and when it was last accepted (`first`, a [`KeySet`]: a 16-byte slot per key in memory).
 //! Both keep their rows in the table `dedup`, `first`'s as a `latest` row without a value, so a
 //! savepoint restores across versions. A batch's rows whose keys state holds only in RocksDB
 //! are checked after the others, once one batched lookup has read all of those keys.

@@ -1,4 +1,4 @@
-//! The index of a [`super::KeySet`]: an open-addressing table of 24-byte slots that holds short
+//! The index of a [`super::KeySet`]: an open-addressing table of 16-byte slots that holds short
 //! keys inline, sized to any number of slots (not only powers of two) so that it can fill the
 //! memory it is given.
 //!
@@ -15,34 +15,28 @@ use crate::{EngineError, Result};
 /// The hasher of key-set indexes: fixed, so that runs over the same input evict alike.
 type Fixed = foldhash::fast::FixedState;
 
-/// Keys up to this long are kept in their slot.
-pub(crate) const INLINE: usize = 11;
-
-/// The `hi` of a slot whose key is longer than [`INLINE`] (a length no short key has).
-pub(crate) const LONG: u32 = u32::MAX;
-
-/// A key of at most [`INLINE`] bytes packed into two words, in registers (no byte copies
-/// through memory, which the loads of a comparison would then wait on): bytes 0–7 in the
-/// first, bytes 8–10 and the length in the second.
+/// Up to 8 bytes as a little-endian word, in registers (no byte copies through memory, which
+/// the loads of a comparison would then wait on).
 #[inline]
-pub(crate) fn pack(key: &[u8]) -> (u64, u32) {
-    debug_assert!(key.len() <= INLINE);
-    let (head, tail) = key.split_at(key.len().min(8));
-    let lo = match <[u8; 8]>::try_from(head) {
+pub(crate) fn word(bytes: &[u8]) -> u64 {
+    debug_assert!(bytes.len() <= 8);
+    match <[u8; 8]>::try_from(bytes) {
         Ok(b) => u64::from_le_bytes(b),
-        Err(_) => head
+        Err(_) => bytes
             .iter()
             .enumerate()
             .fold(0, |w, (i, b)| w | (*b as u64) << (8 * i)),
-    };
-    let hi = tail
-        .iter()
-        .enumerate()
-        .fold((key.len() as u32) << 24, |w, (i, b)| {
-            w | (*b as u32) << (8 * i)
-        });
-    (lo, hi)
+    }
 }
+
+/// Keys up to this long are kept in a [`Slot`].
+pub(crate) const SLOT_INLINE: usize = 9;
+
+/// A short key's bytes, unpacked from its slot.
+pub(crate) type KeyBuf = [u8; SLOT_INLINE];
+
+/// The `len` of a slot whose key is longer than [`SLOT_INLINE`].
+const LONG_LEN: u8 = u8::MAX;
 
 /// Slot flag: the slot holds a key.
 pub(crate) const OCCUPIED: u8 = 1;
@@ -55,54 +49,71 @@ pub(crate) const USED: u8 = 8;
 /// Read ahead for an access still to come, which then counts as its first use.
 pub(crate) const READ_AHEAD: u8 = 16;
 
-/// One key: packed inline (bytes 0–7 in `lo`, 8–10 and the length in `hi`) or, if long, its
-/// index among the long keys (low half of `lo`) and the high half of its hash (high half).
+/// One key in 16 bytes: a short key packed inline (bytes 0–7 in `lo`, byte 8 in `b8`), or a
+/// long key's index among the long keys (low half of `lo`) and the high half of its hash (high
+/// half); the time it was last touched, in the owner's ticks; the cache flags.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Slot {
     lo: u64,
-    hi: u32,
+    pub(crate) touched: u32,
+    b8: u8,
+    /// The key's length, or [`LONG_LEN`].
+    len: u8,
     pub(crate) flags: u8,
     /// Slots from the one the key's hash points at.
     dist: u8,
-    pub(crate) touched: i64,
 }
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 16);
 
 impl Slot {
     /// The slot of `key` with no flags, and the high half of its hash: a short key's from its
-    /// packed words (so a resize reads nothing but the slots), a long key's from its bytes. A
+    /// packed bytes (so a resize reads nothing but the slots), a long key's from its bytes. A
     /// long key's index is left 0 for [`LongKeys::add`].
     #[inline]
-    pub(crate) fn of(key: &[u8], touched: i64) -> (Slot, u32) {
-        if key.len() > INLINE {
+    pub(crate) fn of(key: &[u8], touched: u32) -> (Slot, u32) {
+        if key.len() > SLOT_INLINE {
             let hash = Fixed::default().hash_one(key);
             let slot = Slot {
                 lo: hash & 0xffff_ffff_0000_0000,
-                hi: LONG,
+                len: LONG_LEN,
                 touched,
                 ..Slot::default()
             };
             return (slot, (hash >> 32) as u32);
         }
-        let (lo, hi) = pack(key);
+        let (head, tail) = key.split_at(key.len().min(8));
         let slot = Slot {
-            lo,
-            hi,
+            lo: word(head),
+            b8: tail.first().copied().unwrap_or(0),
+            len: key.len() as u8,
             touched,
             ..Slot::default()
         };
-        (slot, (Fixed::default().hash_one((lo, hi)) >> 32) as u32)
+        (slot, slot.short_hash())
+    }
+
+    /// Byte 8 and the length of a short key, as one number.
+    #[inline]
+    fn tail(&self) -> u16 {
+        self.b8 as u16 | (self.len as u16) << 8
+    }
+
+    #[inline]
+    fn short_hash(&self) -> u32 {
+        (Fixed::default().hash_one((self.lo, self.tail())) >> 32) as u32
     }
 
     /// The high half of the key's hash.
     fn hash(&self) -> u32 {
         match self.is_long() {
             true => (self.lo >> 32) as u32,
-            false => (Fixed::default().hash_one((self.lo, self.hi)) >> 32) as u32,
+            false => self.short_hash(),
         }
     }
 
     pub(crate) fn is_long(&self) -> bool {
-        self.hi == LONG
+        self.len == LONG_LEN
     }
 
     pub(crate) fn long_index(&self) -> usize {
@@ -110,21 +121,20 @@ impl Slot {
     }
 
     /// The key's bytes: a short key's unpacked into `buf`, a long key's from `long`.
-    pub(crate) fn key<'a>(&self, buf: &'a mut [u8; INLINE], long: &'a LongKeys) -> &'a [u8] {
+    pub(crate) fn key<'a>(&self, buf: &'a mut KeyBuf, long: &'a LongKeys) -> &'a [u8] {
         if self.is_long() {
             return &long.keys[self.long_index()];
         }
-        let len = (self.hi >> 24) as usize;
         buf[..8].copy_from_slice(&self.lo.to_le_bytes());
-        buf[8..].copy_from_slice(&self.hi.to_le_bytes()[..3]);
-        &buf[..len]
+        buf[8] = self.b8;
+        &buf[..self.len as usize]
     }
 
     /// Whether this slot holds `key`, whose own slot is `probe`.
     #[inline]
     fn holds(&self, probe: &Slot, key: &[u8], long: &LongKeys) -> bool {
         if !probe.is_long() {
-            return self.lo == probe.lo && self.hi == probe.hi;
+            return self.lo == probe.lo && self.tail() == probe.tail();
         }
         self.is_long()
             && self.lo >> 32 == probe.lo >> 32
@@ -135,7 +145,7 @@ impl Slot {
     }
 }
 
-/// Keys longer than [`INLINE`], by index; freed indexes are reused.
+/// Keys longer than [`SLOT_INLINE`], by index; freed indexes are reused.
 #[derive(Debug, Default)]
 pub(crate) struct LongKeys {
     keys: Vec<Box<[u8]>>,
@@ -478,7 +488,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let k = key(x % 3000);
-            let probe = Slot::of(&k, round as i64);
+            let probe = Slot::of(&k, round as u32);
             match (index.find(&k, &probe, &long), model.contains(&k)) {
                 (Some(i), true) => {
                     if x.is_multiple_of(3) {
@@ -501,7 +511,7 @@ mod tests {
                 (found, held) => panic!("round {round}: found {found:?}, held {held}"),
             }
             if round % 5000 == 4999 {
-                let mut buf = [0u8; INLINE];
+                let mut buf: KeyBuf = Default::default();
                 let before = index.len();
                 // evict a third, then check the rest are all findable
                 let mut gone = Vec::new();
@@ -523,7 +533,7 @@ mod tests {
         for k in &model {
             assert!(index.find(k, &Slot::of(k, 0), &long).is_some());
         }
-        let mut buf = [0u8; INLINE];
+        let mut buf: KeyBuf = Default::default();
         let held: HashSet<Vec<u8>> = index
             .slots
             .iter()

@@ -2,11 +2,11 @@
 //! TTL) and nothing else — a `keep: first` deduplication's state.
 //!
 //! A [`KeySet`] keeps what a [`super::KeyedTable`] of one value per key would, in a fraction of
-//! its memory: a key costs one 24-byte slot of an open-addressing index ([`super::key_slots`]:
-//! short keys inline, the touched time and the cache flags beside them) where a keyed table
-//! spends an entry of 96 bytes on a deduplication's key, and the index is sized to the memory
-//! it may use rather than to a power of two. So the same budget holds four times as many keys
-//! or more, and a lookup touches one or two cache lines.
+//! its memory: a key costs one 16-byte slot of an open-addressing index ([`super::key_slots`]:
+//! keys of up to 9 bytes inline, the touched time in 32 bits ([`TimeScale`]) and the cache
+//! flags beside them) where a keyed table spends an entry of 96 bytes on a deduplication's key,
+//! and the index is sized to the memory it may use rather than to a power of two. So the same
+//! budget holds six times as many keys or more, and a lookup touches one cache line or two.
 //!
 //! **RocksDB.** Rows are those of a one-value keyed table of the same name — one per key, at
 //! namespace 0, with the key's deadline and touched time in the header and a fixed value the
@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use super::backend::{self, KeyedBackend};
 use super::key_slots::{
-    Class, DIRTY, INLINE, Index, LongKeys, PERSISTED, Pass, READ_AHEAD, Slot, USED,
+    Class, DIRTY, Index, KeyBuf, LongKeys, PERSISTED, Pass, READ_AHEAD, SLOT_INLINE, Slot, USED,
 };
 use super::spilled::{ALL, Spilled};
 use super::{FILTER_SHARE, FLUSH_BATCH_BYTES, PUBLISH_EVERY, StateKey};
@@ -58,6 +58,8 @@ pub struct KeySet {
     version: u8,
     value: Vec<u8>,
     index: Index,
+    /// The ticks slots count touched times in.
+    scale: TimeScale,
     long: LongKeys,
     /// Bytes charged: the index's allocation, the long keys and the spill filters.
     bytes: usize,
@@ -85,9 +87,11 @@ impl KeySet {
         version: u8,
         value: Vec<u8>,
     ) -> Self {
+        let ttl = ttl.map(|d| d.as_millis().min(i64::MAX as u128) as i64);
         KeySet {
             name: name.into(),
-            ttl: ttl.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
+            ttl,
+            scale: TimeScale::new(ttl),
             version,
             value,
             index: Index::default(),
@@ -132,6 +136,26 @@ impl KeySet {
             dirty,
         });
         Ok(())
+    }
+
+    /// The tick a slot records for touched time `t` (see [`TimeScale`]); moves the scale's
+    /// epoch forward if `t` is past its end and the clock lets it.
+    fn tick(&mut self, t: i64) -> u32 {
+        if let Some(tick) = self.scale.tick(t) {
+            return tick;
+        }
+        // as far as puts `t` mid-range, but no key live as of the clock may fall before it
+        let mut to = t.saturating_sub(self.scale.unit << 31);
+        if let Some(ttl) = self.ttl {
+            to = to.min(self.clock.0.saturating_sub(ttl));
+        }
+        let shift = self.scale.advance(to);
+        if shift > 0 {
+            for s in self.index.iter_mut() {
+                s.touched = s.touched.saturating_sub(shift);
+            }
+        }
+        self.scale.tick(t).unwrap_or(u32::MAX)
     }
 
     fn error(&self, e: impl std::fmt::Display) -> EngineError {
@@ -203,15 +227,15 @@ impl KeySet {
     /// memory lacks it and RocksDB may hold it (then nothing changed: read it with
     /// [`Self::prefetch`] or [`Self::insert_if_absent`]). Whether it was added otherwise.
     pub fn try_insert(&mut self, key: &[u8], now: i64, clock: Watermark) -> Result<Option<bool>> {
-        let probe = Slot::of(key, now);
+        let probe = Slot::of(key, self.tick(now));
         if let Some(i) = self.index.find(key, &probe, &self.long) {
-            let ttl = self.ttl;
+            let (ttl, scale) = (self.ttl, self.scale);
             let s = self.index.get_mut(i);
             Self::touch_use(s);
-            let live = ttl.is_none_or(|ttl| clock.0 < s.touched.saturating_add(ttl));
+            let live = ttl.is_none_or(|ttl| clock.0 < scale.time(s.touched).saturating_add(ttl));
             if !live {
                 // expired: it starts over, and its row is rewritten with the new deadline
-                s.touched = now;
+                s.touched = probe.0.touched;
                 let was_dirty = s.flags & DIRTY != 0;
                 s.flags |= DIRTY;
                 if !was_dirty && let Some(b) = self.backing.as_mut() {
@@ -244,7 +268,7 @@ impl KeySet {
         let live =
             found[0].is_some_and(|t| self.ttl.is_none_or(|ttl| clock.0 < t.saturating_add(ttl)));
         if !live {
-            let (mut slot, _) = Slot::of(key, now);
+            let (mut slot, _) = Slot::of(key, self.tick(now));
             slot.flags = DIRTY;
             self.keep_outside(key, slot)?;
         }
@@ -302,7 +326,8 @@ impl KeySet {
             match found.next_if(|f| f.0 == n) {
                 Some((_, touched)) => {
                     touched_at[i] = Some(touched);
-                    self.add(key, Slot::of(key, touched), PERSISTED | READ_AHEAD)?;
+                    let slot = Slot::of(key, self.tick(touched));
+                    self.add(key, slot, PERSISTED | READ_AHEAD)?;
                     self.loads += 1;
                     if let Some(b) = self.backing.as_mut() {
                         b.spilled.read_back(0);
@@ -362,7 +387,12 @@ impl KeySet {
             let row = backend::row_key(kg, b.table, key, 0);
             batch.put(
                 &row,
-                row_value(self.ttl, slot.touched, self.version, &self.value),
+                row_value(
+                    self.ttl,
+                    self.scale.time(slot.touched),
+                    self.version,
+                    &self.value,
+                ),
             );
             b.backend.write(batch)?;
             self.rows_written += 1;
@@ -375,7 +405,7 @@ impl KeySet {
     /// Keeps outside the index the keys a resize refused.
     fn keep_refused(&mut self, refused: Vec<Slot>) -> Result<()> {
         for s in refused {
-            let mut buf = [0u8; INLINE];
+            let mut buf: KeyBuf = Default::default();
             let key = StateKey::from_slice(s.key(&mut buf, &self.long));
             self.long.remove(&s);
             if s.flags & DIRTY != 0
@@ -459,7 +489,7 @@ impl KeySet {
     /// Evicts `n` keys by CLOCK: expired keys and keys not used since the last eviction first
     /// (see [`Index::evict`]); never a dirty one.
     fn evict(&mut self, n: usize) {
-        let (ttl, clock, long) = (self.ttl, self.clock, &mut self.long);
+        let (ttl, clock, scale, long) = (self.ttl, self.clock, self.scale, &mut self.long);
         let Some(b) = self.backing.as_mut() else {
             return;
         };
@@ -469,7 +499,9 @@ impl KeySet {
             |s| {
                 if s.flags & DIRTY != 0 {
                     Class::Pinned
-                } else if ttl.is_some_and(|ttl| clock.0 >= s.touched.saturating_add(ttl)) {
+                } else if ttl
+                    .is_some_and(|ttl| clock.0 >= scale.time(s.touched).saturating_add(ttl))
+                {
                     Class::Expired
                 } else if s.flags & USED != 0 {
                     Class::Used
@@ -479,7 +511,7 @@ impl KeySet {
             },
             |s| {
                 // clean: RocksDB has its row (or, expired, may drop it)
-                let mut buf = [0u8; INLINE];
+                let mut buf: KeyBuf = Default::default();
                 spilled.evicted(hash_key(s.key(&mut buf, long)), 0);
                 long.remove(s);
             },
@@ -502,7 +534,7 @@ impl KeySet {
         }
         let backend = b.backend.clone();
         let (table, mp) = (b.table, backend.max_parallelism());
-        let (ttl, clock) = (self.ttl, self.clock);
+        let (ttl, clock, scale) = (self.ttl, self.clock, self.scale);
         // per dirty key 32 bytes: its row order, touched time, long key, and whether it is
         // live (written) or expired (deleted)
         let mut dirty: Vec<Dirty> = Vec::with_capacity(b.dirty);
@@ -513,13 +545,14 @@ impl KeySet {
                 return Pass::Keep;
             }
             s.flags &= !DIRTY;
-            let mut buf = [0u8; INLINE];
+            let mut buf: KeyBuf = Default::default();
             let key = s.key(&mut buf, long);
-            let expired = ttl.is_some_and(|ttl| clock.0 >= s.touched.saturating_add(ttl));
+            let touched = scale.time(s.touched);
+            let expired = ttl.is_some_and(|ttl| clock.0 >= touched.saturating_add(ttl));
             if !expired || s.flags & PERSISTED != 0 {
                 dirty.push(Dirty {
                     order: row_order(key_group(hash_key(key), mp), key),
-                    touched: s.touched,
+                    touched,
                     long: if s.is_long() {
                         s.long_index() as u32
                     } else {
@@ -601,6 +634,57 @@ impl Drop for KeySet {
     }
 }
 
+/// Touched times as a slot holds them, in 32 bits: ticks of `unit` milliseconds after `epoch`,
+/// rounded up, so a key lives at most a tick past its TTL and never less. A tick is a
+/// millisecond unless the TTL is longer than 2^28 ms (3.1 days), then 2^-28 of the TTL (322 ms
+/// for 1 000 days); 2^32 ticks span 49 days or 16 TTLs. The epoch is set 2^30 ticks before the
+/// first time seen and moves forward when a later time needs it to, as far as the clock
+/// allows: a key touched before the new epoch counts as touched at it, which must not make a
+/// key expired as of the clock live again (see [`KeySet::tick`]). A time earlier than the epoch
+/// counts as the epoch, one later than the last tick as that tick.
+#[derive(Debug, Clone, Copy)]
+struct TimeScale {
+    epoch: Option<i64>,
+    unit: i64,
+}
+
+impl TimeScale {
+    fn new(ttl: Option<i64>) -> Self {
+        let unit = ttl.map_or(1, |ttl| (ttl >> 28) + i64::from(ttl & ((1 << 28) - 1) != 0));
+        TimeScale {
+            epoch: None,
+            unit: unit.max(1),
+        }
+    }
+
+    /// The tick of time `t`, or `None` if it is past the last.
+    fn tick(&mut self, t: i64) -> Option<u32> {
+        let unit = self.unit;
+        let epoch = *self.epoch.get_or_insert(t.saturating_sub(unit << 30));
+        let d = t.saturating_sub(epoch);
+        if d <= 0 {
+            return Some(0);
+        }
+        let ticks = d / unit + i64::from(d % unit != 0);
+        u32::try_from(ticks).ok()
+    }
+
+    /// The time of a tick.
+    fn time(&self, tick: u32) -> i64 {
+        self.epoch
+            .unwrap_or(0)
+            .saturating_add(i64::from(tick) * self.unit)
+    }
+
+    /// Moves the epoch forward to at most `to`, by whole ticks; returns the ticks moved.
+    fn advance(&mut self, to: i64) -> u32 {
+        let Some(epoch) = self.epoch else { return 0 };
+        let shift = (to.saturating_sub(epoch) / self.unit).clamp(0, u32::MAX as i64);
+        self.epoch = Some(epoch + shift * self.unit);
+        shift as u32
+    }
+}
+
 /// A row's value: the key's deadline and touched time, then the set's value and its version.
 fn row_value(ttl: Option<i64>, touched: i64, version: u8, value: &[u8]) -> Vec<u8> {
     let deadline = ttl.map_or(i64::MAX, |t| touched.saturating_add(t));
@@ -618,6 +702,10 @@ fn dirty_limit(backend: &KeyedBackend) -> usize {
     (backend.memory().decoded_budget() / 8 / std::mem::size_of::<Dirty>()).max(4096)
 }
 
+/// Bytes of a key [`row_order`] holds: what fits beside the key group and the length.
+const ORDER_BYTES: usize = 13;
+const _: () = assert!(ORDER_BYTES >= SLOT_INLINE);
+
 /// A key a flush writes or deletes.
 struct Dirty {
     /// [`row_order`] of the key.
@@ -630,13 +718,13 @@ struct Dirty {
 }
 
 /// The order of a key's row among a table's rows as an integer: key group, length (a short
-/// key's is its row's length byte), and the first [`INLINE`] bytes of the key, big-endian; it
-/// holds a short key whole. Longer keys that agree in it are ordered by their bytes.
+/// key's is its row's length byte), and the first [`ORDER_BYTES`] bytes of the key, big-endian;
+/// it holds a short key whole. Longer keys that agree in it are ordered by their bytes.
 fn row_order(kg: KeyGroup, key: &[u8]) -> u128 {
     let mut b = [0u8; 16];
     b[..2].copy_from_slice(&(kg.0 as u16).to_be_bytes());
     b[2] = key.len().min(255) as u8;
-    let n = key.len().min(INLINE);
+    let n = key.len().min(ORDER_BYTES);
     b[3..3 + n].copy_from_slice(&key[..n]);
     u128::from_be_bytes(b)
 }
@@ -1011,14 +1099,72 @@ mod tests {
                 most = most.max(set.len());
             }
         }
-        // the index may take what the spill filters' share (a quarter) leaves: 12 MB, 524 288
-        // slots of 24 bytes, of which seven eighths fill before an eighth of those is evicted
+        // the index may take what the spill filters' share (a quarter) leaves: 12 MB, 786 432
+        // slots of 16 bytes, of which seven eighths fill before an eighth of those is evicted
         assert!(
-            least >= 390_000 && most >= 450_000,
+            least >= 590_000 && most >= 680_000,
             "{least}..{most} keys in memory"
         );
         // every key is new: a read is a false positive of the spill filters
         assert_eq!(set.loads(), 0);
         assert!(set.reads() < 15_000, "{} reads", set.reads());
+    }
+
+    /// Touched times fit 32 bits by counting from an epoch: with a TTL of milliseconds they
+    /// are exact, a time past the last tick moves the epoch as far as the clock allows, and a
+    /// time too far ahead of the clock counts as the last tick without shortening the life
+    /// of keys live as of the clock.
+    #[test]
+    fn touched_times_keep_their_ttl_across_the_ends_of_32_bits() {
+        let mut set = KeySet::new("s", Some(Duration::from_millis(10)), 0, NONE.to_vec());
+        let at = |set: &mut KeySet, k: &[u8], t: i64| {
+            set.expire(Watermark(t));
+            set.insert_if_absent(k, t, Watermark(t)).unwrap()
+        };
+        assert!(at(&mut set, b"a", 1_000));
+        assert!(!at(&mut set, b"a", 1_009), "live for 10 ms");
+        assert!(at(&mut set, b"a", 1_010), "then gone");
+        // 60 days on: 2^32 ms are 49.7, so the epoch moves
+        let later = 1_010 + 60 * 86_400_000;
+        assert!(at(&mut set, b"b", later));
+        assert!(at(&mut set, b"a", later), "a expired long ago");
+        assert!(!at(&mut set, b"b", later + 9));
+        assert!(at(&mut set, b"b", later + 10));
+        let c = later + 10;
+        // 100 days ahead of the clock: the epoch may not pass keys live at `c`
+        let far = c + 100 * 86_400_000;
+        assert!(set.insert_if_absent(b"far", far, Watermark(c)).unwrap());
+        assert!(!at(&mut set, b"b", c + 9), "b keeps its deadline");
+        assert!(at(&mut set, b"b", c + 10));
+        // the far key counts as touched at the last tick, 49.7 days after the epoch
+        assert!(!at(&mut set, b"far", c + 49 * 86_400_000));
+        assert!(at(&mut set, b"far", far + 10));
+    }
+
+    /// With a TTL of 1 000 days a tick is 322 ms: a key lives its whole TTL, and at most a
+    /// tick longer.
+    #[test]
+    fn a_long_ttl_rounds_touched_times_up_by_under_a_tick() {
+        let ttl = 1_000 * 86_400_000i64;
+        let mut set = KeySet::new(
+            "s",
+            Some(Duration::from_millis(ttl as u64)),
+            0,
+            NONE.to_vec(),
+        );
+        let wm = Watermark;
+        assert!(set.insert_if_absent(b"first", 5, wm(5)).unwrap());
+        for (i, t) in [100i64, 7_777, 123_456_789].into_iter().enumerate() {
+            let k = [b'k', i as u8];
+            assert!(set.insert_if_absent(&k, t, wm(t)).unwrap());
+            assert!(
+                !set.insert_if_absent(&k, t + ttl - 1, wm(t + ttl - 1))
+                    .unwrap()
+            );
+            assert!(
+                set.insert_if_absent(&k, t + ttl + 322, wm(t + ttl + 322))
+                    .unwrap()
+            );
+        }
     }
 }

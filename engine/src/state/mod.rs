@@ -23,7 +23,7 @@
 //! holds.
 //!
 //! Keys alone, each with its touched time (a `keep: first` deduplication's), live in a
-//! [`KeySet`] instead: 24 bytes per key in memory, and the rows of a one-value table.
+//! [`KeySet`] instead: 16 bytes per key in memory, and the rows of a one-value table.
 //!
 //! State whose namespaces every key shares and that comes due a namespace at a time (the slices
 //! of tumbling and sliding windows) lives in a [`PaneTable`] instead: one hash table per

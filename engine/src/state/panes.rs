@@ -42,7 +42,7 @@ use std::sync::Arc;
 
 use super::StateKey;
 use super::backend::{self, KeyedBackend};
-use super::key_slots::{INLINE, LONG, pack};
+use super::key_slots::word;
 use super::pane_blocks;
 use crate::keys::{hash_key, key_group};
 use crate::{EngineError, KeyGroup, Result};
@@ -102,6 +102,27 @@ struct Backing {
     on_disk: BTreeMap<i64, Generations>,
     /// The generation that values in memory are written under.
     generation: u32,
+}
+
+/// Keys up to this long are packed into a slot.
+const INLINE: usize = 11;
+
+/// The `hi` of a slot whose key is longer than [`INLINE`] (a length no short key has).
+const LONG: u32 = u32::MAX;
+
+/// A key of at most [`INLINE`] bytes packed into two words: bytes 0–7 in the first, bytes 8–10
+/// and the length in the second.
+#[inline]
+fn pack(key: &[u8]) -> (u64, u32) {
+    debug_assert!(key.len() <= INLINE);
+    let (head, tail) = key.split_at(key.len().min(8));
+    let hi = tail
+        .iter()
+        .enumerate()
+        .fold((key.len() as u32) << 24, |w, (i, b)| {
+            w | (*b as u32) << (8 * i)
+        });
+    (word(head), hi)
 }
 
 /// An index slot: a row and, if its key is short, the key packed into two words (bytes 0–7
