@@ -363,17 +363,106 @@ impl Index {
         removed
     }
 
-    /// Moves every key into an index of `slots` slots (at least the keys held, plus one);
+    /// Moves every key into an index of `slots` slots (at least the keys held, plus one): a
+    /// larger one in place ([`Self::grow`]), a smaller one by inserting each key into it;
     /// returns the keys it refused (see [`Self::insert`]).
     #[must_use]
     pub(crate) fn resize(&mut self, slots: usize) -> Vec<Slot> {
         let slots = slots.max(self.len + 1).max(8);
+        if slots > self.slots.len() && self.len > 0 {
+            return self.grow(slots);
+        }
         let old = std::mem::replace(&mut self.slots, vec![Slot::default(); slots]);
         self.len = 0;
         let mut refused = Vec::new();
         for s in old.into_iter().filter(|s| s.flags & OCCUPIED != 0) {
             let hash = s.hash();
             if !self.insert(s, hash) {
+                refused.push(s);
+            }
+        }
+        refused
+    }
+
+    /// Moves every key into `m` slots, more than now, in place: the allocation is extended
+    /// (a large one by remapping its pages, not copying them), so the old index and the new
+    /// are never held at once. Returns the keys refused.
+    ///
+    /// Homes grow with the hash, so keys sorted by hash stay in order, each at or after its
+    /// old home. In the old index keys sit in order of home (those with one home in any order,
+    /// which is sorted first), and a key's new position follows from the one before it. New
+    /// positions and old ones both increase along that order, so the keys that move back can
+    /// move first to last and those that move on last to first, each into a slot already
+    /// left. Keys that wrapped past the end (old or new) are set aside and inserted after.
+    fn grow(&mut self, m: usize) -> Vec<Slot> {
+        let n = self.slots.len();
+        let home = |hash: u32| ((hash as u64 * m as u64) >> 32) as usize;
+        let mut aside = Vec::new();
+        let mut refused = Vec::new();
+        for i in 0..n {
+            let s = self.slots[i];
+            if s.flags & OCCUPIED == 0 || s.dist as usize <= i {
+                break;
+            }
+            aside.push(s);
+            self.slots[i] = Slot::default();
+        }
+        self.slots.reserve_exact(m - n);
+        self.slots.resize(m, Slot::default());
+        // first to last: the new positions, and the moves back
+        let mut next = 0;
+        let mut i = 0;
+        while i < n {
+            if self.slots[i].flags & OCCUPIED == 0 {
+                i += 1;
+                continue;
+            }
+            let old_home = i - self.slots[i].dist as usize;
+            let mut end = i + 1;
+            while end < n
+                && self.slots[end].flags & OCCUPIED != 0
+                && end - self.slots[end].dist as usize == old_home
+            {
+                end += 1;
+            }
+            if end - i > 1 {
+                self.slots[i..end].sort_unstable_by_key(|s| home(s.hash()));
+            }
+            for q in i..end {
+                let mut s = self.slots[q];
+                let h = home(s.hash());
+                let p = h.max(next);
+                if p - h > self.max_dist || p >= m {
+                    self.slots[q] = Slot::default();
+                    match p >= m {
+                        true => aside.push(s),
+                        false => refused.push(s),
+                    }
+                    continue;
+                }
+                s.dist = (p - h) as u8;
+                // a key moving back moves now; one moving on waits in place for the pass back
+                self.slots[q] = Slot::default();
+                self.slots[p.min(q)] = s;
+                next = p + 1;
+            }
+            i = end;
+        }
+        // last to first: the moves on
+        for q in (0..n).rev() {
+            let s = self.slots[q];
+            if s.flags & OCCUPIED == 0 {
+                continue;
+            }
+            let p = home(s.hash()) + s.dist as usize;
+            if p > q {
+                self.slots[p] = s;
+                self.slots[q] = Slot::default();
+            }
+        }
+        self.len -= aside.len() + refused.len();
+        for s in aside {
+            if !self.insert(s, s.hash()) {
                 refused.push(s);
             }
         }
@@ -541,5 +630,73 @@ mod tests {
             .map(|s| s.key(&mut buf, &long).to_vec())
             .collect();
         assert_eq!(held, model);
+    }
+
+    /// Every key sits its recorded distance from its home, with no free slot between, in order
+    /// of home.
+    fn assert_robin_hood(index: &Index) {
+        let n = index.slots();
+        for (i, s) in index.slots.iter().enumerate() {
+            if s.flags & OCCUPIED == 0 {
+                continue;
+            }
+            let h = index.home(s.hash());
+            // homes never fall along a run: a key sits no further from home than one before
+            // it, plus one
+            let before = index.slots[(i + n - 1) % n];
+            if s.dist > 0 {
+                assert!(s.dist <= before.dist + 1, "out of order at {i}");
+            }
+            assert_eq!((h + s.dist as usize) % n, i, "slot {i} of {n}");
+            for d in 0..s.dist as usize {
+                assert!(
+                    index.slots[(h + d) % n].flags & OCCUPIED != 0,
+                    "gap before {i}"
+                );
+            }
+        }
+    }
+
+    /// Growing in place, by a slot or by five times, keeps every key findable where Robin Hood
+    /// puts it; keys it cannot place as near home as allowed come back, and only those.
+    #[test]
+    fn an_index_grown_in_place_keeps_every_key_in_place() {
+        let long = LongKeys::default();
+        for max_dist in [2, MAX_DIST] {
+            for start in [64usize, 1000, 4099] {
+                for factor in [0.0, 0.125, 0.5, 1.0, 4.0] {
+                    let mut index = Index::with_max_dist(max_dist);
+                    assert!(index.resize(start).is_empty());
+                    let mut held = Vec::new();
+                    let mut i = start as u64 * 1_000;
+                    while index.len() < index.max_len() {
+                        i += 1;
+                        let k = i.to_le_bytes();
+                        let (s, h) = Slot::of(&k, 0);
+                        if index.insert(s, h) {
+                            held.push(k);
+                        }
+                    }
+                    assert_robin_hood(&index);
+                    let grown = start + 1 + (start as f64 * factor) as usize;
+                    let refused = index.resize(grown);
+                    assert_eq!(index.slots(), grown);
+                    assert_robin_hood(&index);
+                    let mut buf: KeyBuf = Default::default();
+                    let refused: HashSet<Vec<u8>> = refused
+                        .iter()
+                        .map(|s| s.key(&mut buf, &long).to_vec())
+                        .collect();
+                    assert_eq!(index.len() + refused.len(), held.len());
+                    if max_dist == MAX_DIST {
+                        assert!(refused.is_empty());
+                    }
+                    for k in &held {
+                        let found = index.find(k, &Slot::of(k, 0), &long).is_some();
+                        assert_eq!(found, !refused.contains(&k[..]), "{start} x {factor}");
+                    }
+                }
+            }
+        }
     }
 }

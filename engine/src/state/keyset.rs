@@ -17,11 +17,11 @@
 //! ([`KeySet::prefetch`]), and a flush writes the dirty keys in row order.
 //!
 //! **Memory.** The index is charged by its allocation, long keys by their bytes, the spill
-//! filters by theirs, against the job's [`super::StateMemory`]. The index grows (by moving into
-//! a larger one) while the budget has room for it and for the filters' share; once it cannot,
-//! a full index writes its dirty keys and evicts an eighth of them by CLOCK: expired keys
-//! first, then keys not used since the last eviction (a key read back but not used again
-//! among them), spread evenly over the slots; a key kept loses its used mark.
+//! filters by theirs, against the job's [`super::StateMemory`]. The index grows (in place, see
+//! [`Index::resize`]) while the budget has room for it and for the filters' share, while they
+//! filter; once it cannot, a full index writes its dirty keys and evicts an eighth of them by
+//! CLOCK: expired keys first, then keys not used since the last eviction (a key read back but
+//! not used again among them), spread evenly over the slots; a key kept loses its used mark.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -462,7 +462,13 @@ impl KeySet {
             let filters = b.spilled.bytes();
             // what the job's other tables hold is not this set's to take
             let tables = memory.decoded().saturating_sub(self.bytes);
-            let others = tables + self.long.charge() + filters.max(budget / FILTER_SHARE);
+            // room for the filters to grow into, unless they gave up on the set's rows (or
+            // cannot filter them: a restored set's)
+            let filters = match b.spilled.unfiltered(0) {
+                true => filters,
+                false => filters.max(budget / FILTER_SHARE),
+            };
+            let others = tables + self.long.charge() + filters;
             let fit = budget.saturating_sub(others) / slot_bytes;
             let grown = (slots * 2).max(FIRST_SLOTS).min(fit);
             let projected = self.bytes - self.index.bytes() + grown * slot_bytes;

@@ -92,6 +92,14 @@ impl Spilled {
         self.bytes
     }
 
+    /// Whether rows evicted at `ns` are no longer filtered (its filter outgrew its share, or
+    /// `ns` is unknown): its filter will not take more memory.
+    pub(crate) fn unfiltered(&self, ns: i64) -> bool {
+        self.unknown
+            .is_some_and(|u| overlaps(u, (Bound::Included(ns), Bound::Included(ns))))
+            || self.by_ns.get(&ns).is_some_and(|n| n.keys.is_none())
+    }
+
     /// Whether RocksDB may hold a row of the key with `hash` in `range` that the cache lacks.
     pub(crate) fn may_hold(&self, hash: u64, range: NsRange) -> bool {
         if self.unknown.is_some_and(|u| overlaps(u, range)) {
@@ -212,7 +220,7 @@ mod tests {
     #[test]
     fn a_restored_table_may_hold_anything_until_told_otherwise() {
         let mut s = Spilled::new(Some((i64::MIN, i64::MAX)), 1 << 20);
-        assert!(!s.is_empty() && s.may_hold(7, at(3)));
+        assert!(!s.is_empty() && s.may_hold(7, at(3)) && s.unfiltered(3));
         s.evicted(7, 3);
         s.read_back(3);
         assert!(s.may_hold(7, at(3)), "uncounted rows may remain");
@@ -226,6 +234,7 @@ mod tests {
         }
         assert!(s.may_hold(u64::MAX, at(5)), "the filter was given up");
         assert!(s.bytes() == 0, "{}", s.bytes());
+        assert!(s.unfiltered(5) && !s.unfiltered(6));
         let mut t = Spilled::new(None, 1 << 20);
         for ns in 0..(MAX_NAMESPACES as i64 + 1) {
             t.evicted(ns as u64, ns);
