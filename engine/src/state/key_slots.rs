@@ -443,6 +443,7 @@ impl Index {
                 s.dist = (p - h) as u8;
                 // a key moving back moves now; one moving on waits in place for the pass back
                 self.slots[q] = Slot::default();
+                debug_assert!(p >= q || self.slots[p].flags & OCCUPIED == 0);
                 self.slots[p.min(q)] = s;
                 next = p + 1;
             }
@@ -456,6 +457,7 @@ impl Index {
             }
             let p = home(s.hash()) + s.dist as usize;
             if p > q {
+                debug_assert!(self.slots[p].flags & OCCUPIED == 0);
                 self.slots[p] = s;
                 self.slots[q] = Slot::default();
             }
