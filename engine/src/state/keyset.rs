@@ -145,7 +145,7 @@ impl KeySet {
             return tick;
         }
         // as far as puts `t` mid-range, but no key live as of the clock may fall before it
-        let mut to = t.saturating_sub(self.scale.unit << 31);
+        let mut to = t.saturating_sub(self.scale.unit.saturating_mul(1 << 31));
         if let Some(ttl) = self.ttl {
             to = to.min(self.clock.0.saturating_sub(ttl));
         }
@@ -666,27 +666,30 @@ impl TimeScale {
     /// The tick of time `t`, or `None` if it is past the last.
     fn tick(&mut self, t: i64) -> Option<u32> {
         let unit = self.unit;
-        let epoch = *self.epoch.get_or_insert(t.saturating_sub(unit << 30));
-        let d = t.saturating_sub(epoch);
+        let epoch = *self
+            .epoch
+            .get_or_insert(t.saturating_sub(unit.saturating_mul(1 << 30)));
+        // in 128 bits: the span of two times may not fit 64
+        let d = i128::from(t) - i128::from(epoch);
         if d <= 0 {
             return Some(0);
         }
-        let ticks = d / unit + i64::from(d % unit != 0);
-        u32::try_from(ticks).ok()
+        let unit = i128::from(unit);
+        u32::try_from(d / unit + i128::from(d % unit != 0)).ok()
     }
 
-    /// The time of a tick.
+    /// The time of a tick (at most the latest time there is).
     fn time(&self, tick: u32) -> i64 {
-        self.epoch
-            .unwrap_or(0)
-            .saturating_add(i64::from(tick) * self.unit)
+        let t = i128::from(self.epoch.unwrap_or(0)) + i128::from(tick) * i128::from(self.unit);
+        t.min(i128::from(i64::MAX)) as i64
     }
 
     /// Moves the epoch forward to at most `to`, by whole ticks; returns the ticks moved.
     fn advance(&mut self, to: i64) -> u32 {
         let Some(epoch) = self.epoch else { return 0 };
-        let shift = (to.saturating_sub(epoch) / self.unit).clamp(0, u32::MAX as i64);
-        self.epoch = Some(epoch + shift * self.unit);
+        let unit = i128::from(self.unit);
+        let shift = ((i128::from(to) - i128::from(epoch)) / unit).clamp(0, u32::MAX.into());
+        self.epoch = Some((i128::from(epoch) + shift * unit) as i64);
         shift as u32
     }
 }
@@ -1145,6 +1148,33 @@ mod tests {
         // the far key counts as touched at the last tick, 49.7 days after the epoch
         assert!(!at(&mut set, b"far", c + 49 * 86_400_000));
         assert!(at(&mut set, b"far", far + 10));
+    }
+
+    /// A TTL as long as a duration can be neither overflows the ticks nor expires a key
+    /// early, from the first time there is to the last.
+    #[test]
+    fn the_longest_ttl_keeps_keys() {
+        let mut set = KeySet::new("s", Some(Duration::MAX), 0, NONE.to_vec());
+        // the watermark at the end of time, `i64::MAX`, expires everything
+        let times = [i64::MIN, -5, 0, 1_714_557_600_000, i64::MAX - 1];
+        let mut scale = TimeScale::new(Some(i64::MAX));
+        for t in times {
+            let tick = scale.tick(t).unwrap();
+            assert!(scale.time(tick) >= t, "{t} rounded down");
+        }
+        for t in times {
+            assert!(
+                set.insert_if_absent(&t.to_be_bytes(), t, Watermark(t))
+                    .unwrap()
+            );
+            set.expire(Watermark(t));
+        }
+        for t in times {
+            assert!(
+                !set.insert_if_absent(&t.to_be_bytes(), t, Watermark(t))
+                    .unwrap()
+            );
+        }
     }
 
     /// With a TTL of 1 000 days a tick is 322 ms: a key lives its whole TTL, and at most a
