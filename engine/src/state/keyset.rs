@@ -669,13 +669,19 @@ impl TimeScale {
         let epoch = *self
             .epoch
             .get_or_insert(t.saturating_sub(unit.saturating_mul(1 << 30)));
-        // in 128 bits: the span of two times may not fit 64
-        let d = i128::from(t) - i128::from(epoch);
-        if d <= 0 {
-            return Some(0);
-        }
-        let unit = i128::from(unit);
-        u32::try_from(d / unit + i128::from(d % unit != 0)).ok()
+        let ticks = match t.checked_sub(epoch) {
+            Some(d) if d <= 0 => return Some(0),
+            Some(d) => i128::from(d / unit + i64::from(d % unit != 0)),
+            // in 128 bits: the span of two times may not fit 64
+            None => {
+                let (d, unit) = (i128::from(t) - i128::from(epoch), i128::from(unit));
+                if d <= 0 {
+                    return Some(0);
+                }
+                d / unit + i128::from(d % unit != 0)
+            }
+        };
+        u32::try_from(ticks).ok()
     }
 
     /// The time of a tick (at most the latest time there is).
