@@ -365,7 +365,7 @@ impl KeySet {
             }
         }
         self.charge();
-        Ok(())
+        self.give_back()
     }
 
     /// Keeps a key the index refused (see [`Index::insert`]) in RocksDB alone: its row is
@@ -480,11 +480,21 @@ impl KeySet {
             self.evict(len + 1 - self.index.max_len() * 7 / 8);
             return Ok(());
         }
-        if slots > FIRST_SLOTS && memory.must_evict(self.bytes) {
-            // other tables of the job need memory this one holds
+        self.give_back()
+    }
+
+    /// Shrinks the index while the job's memory asks this set to give some back: its other
+    /// tables grew, or this set's long keys or filters did since the index last grew.
+    fn give_back(&mut self) -> Result<()> {
+        while self.index.slots() > FIRST_SLOTS
+            && self
+                .backing
+                .as_ref()
+                .is_some_and(|b| b.backend.memory().must_evict(self.bytes))
+        {
             self.flush()?;
-            let smaller = slots * 3 / 4;
-            self.evict(len.saturating_sub(smaller / 8 * 7 * 7 / 8));
+            let smaller = self.index.slots() * 3 / 4;
+            self.evict(self.index.len().saturating_sub(smaller / 8 * 7 * 7 / 8));
             let refused = self.index.resize(smaller);
             self.keep_refused(refused)?;
             self.charge();
@@ -1123,6 +1133,53 @@ mod tests {
         // every key is new: a read is a false positive of the spill filters
         assert_eq!(set.loads(), 0);
         assert!(set.reads() < 15_000, "{} reads", set.reads());
+    }
+
+    /// Once the spill filters gave up on the set's keys (their next stage would pass their
+    /// share), the index grows into that share: the whole decoded budget.
+    #[test]
+    fn the_index_takes_the_filters_share_once_they_gave_up() {
+        let dir = tempfile::tempdir().unwrap();
+        // 4 MB decoded: the filters' share is 1 MB, which holds 336k keys (stages of 16k,
+        // 64k and 256k), and leaves the index 196 608 slots until they give up
+        let backend = in_slot(dir.path(), &StateMemory::new(8 << 20), 0);
+        let budget = backend.memory().decoded_budget();
+        assert_eq!(budget, 4 << 20);
+        let mut set = KeySet::new("s", None, 0, NONE.to_vec());
+        set.attach(&backend).unwrap();
+        let share = budget / FILTER_SHARE / std::mem::size_of::<Slot>();
+        let mut most = 0;
+        let key = |i: u64| i.to_be_bytes();
+        for i in 0..800_000u64 {
+            assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
+            assert!(set.bytes() <= budget, "{} bytes at key {i}", set.bytes());
+            most = most.max(set.index.slots());
+        }
+        assert!(set.backing.as_ref().unwrap().spilled.unfiltered(0));
+        assert!(most >= budget / 16 / 8 * 7, "{most} slots");
+        assert!(most > (budget / 16 - share) / 8 * 9, "{most} slots");
+        for k in (0..800_000).step_by(997) {
+            assert!(!set.insert_if_absent(&key(k), 0, Watermark::MIN).unwrap());
+        }
+    }
+
+    /// Long keys grow their store (and its vector doubles) while the index is not full: the
+    /// set gives memory back as soon as that takes it past its budget, not at the next grow.
+    #[test]
+    fn long_keys_never_take_a_set_past_its_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = in_slot(dir.path(), &StateMemory::new(8 << 20), 0);
+        let budget = backend.memory().decoded_budget();
+        let mut set = KeySet::new("s", None, 0, NONE.to_vec());
+        set.attach(&backend).unwrap();
+        // a third of the keys are long
+        for i in 0..300_000u64 {
+            assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
+            assert!(set.bytes() <= budget, "{} bytes at key {i}", set.bytes());
+        }
+        for k in (0..300_000).step_by(101) {
+            assert!(!set.insert_if_absent(&key(k), 0, Watermark::MIN).unwrap());
+        }
     }
 
     /// Touched times fit 32 bits by counting from an epoch: with a TTL of milliseconds they
