@@ -651,13 +651,15 @@ impl Drop for KeySet {
 }
 
 /// Touched times as a slot holds them, in 32 bits: ticks of `unit` milliseconds after `epoch`,
-/// rounded up, so a key lives at most a tick past its TTL and never less. A tick is a
-/// millisecond unless the TTL is longer than 2^28 ms (3.1 days), then 2^-28 of the TTL (322 ms
-/// for 1 000 days); 2^32 ticks span 49 days or 16 TTLs. The epoch is set 2^30 ticks before the
-/// first time seen and moves forward when a later time needs it to, as far as the clock
-/// allows: a key touched before the new epoch counts as touched at it, which must not make a
-/// key expired as of the clock live again (see [`KeySet::tick`]). A time earlier than the epoch
-/// counts as the epoch, one later than the last tick as that tick.
+/// rounded up, so a key lives at most a tick past its TTL and not less (but see the last tick
+/// below). A tick is a millisecond unless the TTL is longer than 2^28 ms (3.1 days), then
+/// 2^-28 of the TTL (322 ms for 1 000 days); 2^32 ticks span 49 days or 16 TTLs. The epoch is
+/// set 2^30 ticks before the first time seen and moves forward when a later time needs it to,
+/// as far as the clock allows: a key touched before the new epoch counts as touched at it,
+/// which must not make a key expired as of the clock live again (see [`KeySet::tick`]). A time
+/// earlier than the epoch counts as the epoch (its key lives longer); one later than the last
+/// tick counts as that tick (its key expires early: only a time 2^32 ticks ahead of the oldest
+/// key still live).
 #[derive(Debug, Clone, Copy)]
 struct TimeScale {
     epoch: Option<i64>,
