@@ -801,6 +801,13 @@ mod tests {
     use crate::state::{KeyedTable, StateConfig, StateMemory};
     use std::collections::HashMap;
 
+    /// A set without a TTL, attached to `backend`.
+    fn attached(backend: &Arc<KeyedBackend>) -> KeySet {
+        let mut set = KeySet::new("s", None, 0, NONE.to_vec());
+        set.attach(backend).unwrap();
+        set
+    }
+
     /// An empty instance in `dir` for task slot `slot`, sharing `memory`, with no cap on the
     /// keys in memory.
     fn in_slot(dir: &std::path::Path, memory: &Arc<StateMemory>, slot: u32) -> Arc<KeyedBackend> {
@@ -1029,8 +1036,7 @@ mod tests {
         let backend = in_slot(dir.path(), &memory, 0);
         memory.add_table();
         memory.charge(0, memory.decoded_budget());
-        let mut set = KeySet::new("s", None, 0, NONE.to_vec());
-        set.attach(&backend).unwrap();
+        let mut set = attached(&backend);
         for round in 0..2 {
             for i in 0..5_000u64 {
                 let added = set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap();
@@ -1048,12 +1054,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let memory = StateMemory::new(16 << 20);
         let mut sets: Vec<KeySet> = (0..2u32)
-            .map(|slot| {
-                let backend = in_slot(dir.path(), &memory, slot);
-                let mut set = KeySet::new("s", None, 0, NONE.to_vec());
-                set.attach(&backend).unwrap();
-                set
-            })
+            .map(|slot| attached(&in_slot(dir.path(), &memory, slot)))
             .collect();
         let budget = memory.decoded_budget();
         assert_eq!(budget, 16 << 20, "two slots of 8 MB each for decoded state");
@@ -1083,8 +1084,7 @@ mod tests {
             in_slot(dir.path(), &memory, 1),
         );
         assert_eq!(memory.decoded_budget(), 16 << 20);
-        let mut set = KeySet::new("s", None, 0, NONE.to_vec());
-        set.attach(&a).unwrap();
+        let mut set = attached(&a);
         let mut i = 0u64;
         while set.bytes() <= 8 << 20 {
             assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
@@ -1114,8 +1114,7 @@ mod tests {
         let backend = in_slot(dir.path(), &StateMemory::new(32 << 20), 0);
         let budget = backend.memory().decoded_budget();
         assert_eq!(budget, 16 << 20);
-        let mut set = KeySet::new("s", None, 0, NONE.to_vec());
-        set.attach(&backend).unwrap();
+        let mut set = attached(&backend);
         let (mut least, mut most) = (usize::MAX, 0);
         for i in 0..1_500_000u64 {
             let k = [&[1u8][..], &i.to_be_bytes()[..]].concat();
@@ -1147,8 +1146,7 @@ mod tests {
         let backend = in_slot(dir.path(), &StateMemory::new(8 << 20), 0);
         let budget = backend.memory().decoded_budget();
         assert_eq!(budget, 4 << 20);
-        let mut set = KeySet::new("s", None, 0, NONE.to_vec());
-        set.attach(&backend).unwrap();
+        let mut set = attached(&backend);
         let share = budget / FILTER_SHARE / std::mem::size_of::<Slot>();
         let mut most = 0;
         let key = |i: u64| i.to_be_bytes();
@@ -1172,8 +1170,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let backend = in_slot(dir.path(), &StateMemory::new(8 << 20), 0);
         let budget = backend.memory().decoded_budget();
-        let mut set = KeySet::new("s", None, 0, NONE.to_vec());
-        set.attach(&backend).unwrap();
+        let mut set = attached(&backend);
         // a third of the keys are long
         for i in 0..300_000u64 {
             assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
