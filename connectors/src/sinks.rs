@@ -335,6 +335,14 @@ impl FileSink {
         Ok(self.writer.as_mut().expect("just opened"))
     }
 
+    fn flush_if_due(&mut self) -> Result<()> {
+        if self.last_flush.elapsed() >= FLUSH_EVERY {
+            self.flush()
+        } else {
+            Ok(())
+        }
+    }
+
     fn flush(&mut self) -> Result<()> {
         let path = self.path.display().to_string();
         if let Some(w) = self.writer.as_mut() {
@@ -529,7 +537,9 @@ impl Operator for FileSink {
             *len += buf.len() as u64;
         }
         self.buf = buf;
-        Ok(())
+        // input that never pauses and carries no watermarks (the dead-letter path) is still
+        // flushed every second
+        self.flush_if_due()
     }
 
     fn on_watermark(
@@ -538,11 +548,7 @@ impl Operator for FileSink {
         _: &OperatorContext<'_>,
         _: &mut dyn Output,
     ) -> Result<()> {
-        if self.last_flush.elapsed() >= FLUSH_EVERY {
-            self.flush()
-        } else {
-            Ok(())
-        }
+        self.flush_if_due()
     }
 
     fn on_idle(&mut self, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
@@ -634,6 +640,14 @@ impl TableSink {
             dirty: true,
             last_write: Instant::now(),
             staged: None,
+        }
+    }
+
+    fn write_if_due(&mut self) -> Result<()> {
+        if self.staged.is_none() && self.dirty && self.last_write.elapsed() >= FLUSH_EVERY {
+            self.write()
+        } else {
+            Ok(())
         }
     }
 
@@ -798,7 +812,8 @@ impl Operator for TableSink {
             }
         }
         self.dirty = true;
-        Ok(())
+        // written every second also while input never pauses and carries no watermarks
+        self.write_if_due()
     }
 
     fn on_watermark(
@@ -807,11 +822,7 @@ impl Operator for TableSink {
         _: &OperatorContext<'_>,
         _: &mut dyn Output,
     ) -> Result<()> {
-        if self.staged.is_none() && self.dirty && self.last_write.elapsed() >= FLUSH_EVERY {
-            self.write()
-        } else {
-            Ok(())
-        }
+        self.write_if_due()
     }
 
     fn on_idle(&mut self, _: &OperatorContext<'_>, _: &mut dyn Output) -> Result<()> {
@@ -1078,5 +1089,60 @@ mod tests {
         for f in gone {
             assert!(!dir.path().join(f).exists(), "{f} stayed");
         }
+    }
+
+    /// A file sink whose input never pauses and carries no watermarks (as on the dead-letter
+    /// path) still makes what it wrote visible every second.
+    #[test]
+    fn a_file_sink_flushes_while_batches_keep_coming() {
+        use arrow::array::Int64Array;
+        use arrow::datatypes::{Field, Schema};
+        struct Nowhere;
+        impl Output for Nowhere {
+            fn emit(&mut self, _: usize, _: RecordBatch) {}
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let mut sink = FileSink::new(path.clone(), false);
+        let info = freshet_engine::operator::SubtaskInfo {
+            job: "t".into(),
+            vertex: "v".into(),
+            index: 0,
+            parallelism: 1,
+            max_parallelism: 128,
+        };
+        let metrics = Arc::new(SubtaskMetrics::default());
+        let ctx = OperatorContext {
+            subtask: &info,
+            record_watermark: Watermark::MIN,
+            current_watermark: Watermark::MIN,
+            metrics: &metrics,
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("v", DataType::Int64, false),
+            Field::new(freshet_engine::TIME_COLUMN, DataType::Int64, false),
+        ]));
+        let batch = |v: i64| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from(vec![v])),
+                    Arc::new(Int64Array::from(vec![0])),
+                ],
+            )
+            .unwrap()
+        };
+        sink.process_batch(0, batch(1), &ctx, &mut Nowhere).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "",
+            "buffered at first"
+        );
+        std::thread::sleep(FLUSH_EVERY + Duration::from_millis(50));
+        sink.process_batch(0, batch(2), &ctx, &mut Nowhere).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"v\":1}\n{\"v\":2}\n"
+        );
     }
 }

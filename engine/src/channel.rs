@@ -169,6 +169,11 @@ impl ChannelSender {
         Self::with(Outlet::Remote(outbound))
     }
 
+    /// Whether the receiver is in this process (elements are handed over, not encoded).
+    pub fn is_local(&self) -> bool {
+        matches!(self.outlet, Outlet::Local(..))
+    }
+
     /// Binds the sender to the sending subtask's cancel token and metrics.
     pub fn bind(&mut self, cancel: CancelToken, metrics: Arc<SubtaskMetrics>) {
         self.cancel = Some(cancel);

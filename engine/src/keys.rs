@@ -100,7 +100,7 @@ impl KeyGroupOwners {
 
 /// Key columns of a stream, resolved against its schema once, with their encoder: what every
 /// keyed operator and the hash partitioner use to turn a batch into encoded keys.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyColumns {
     indices: Vec<usize>,
     encoder: KeyEncoder,
@@ -163,17 +163,22 @@ pub fn hash_key(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
-/// Encoded keys of a batch: one byte string per row, in one buffer.
+/// Encoded keys of a batch: one byte string per row, in one buffer. Keys of one width (fixed-width
+/// key columns without strings) are found by multiplying, without an offset per row.
 #[derive(Debug, Default, Clone)]
 pub struct EncodedKeys {
     data: Vec<u8>,
+    /// Where each row's key starts, and the end; empty when the keys have one width.
     offsets: Vec<usize>,
+    /// The width of every key, when they have one (never 0).
+    width: Option<usize>,
+    rows: usize,
 }
 
 impl EncodedKeys {
     /// Number of rows.
     pub fn len(&self) -> usize {
-        self.offsets.len().saturating_sub(1)
+        self.rows
     }
 
     /// True if there are no rows.
@@ -182,15 +187,17 @@ impl EncodedKeys {
     }
 
     /// The encoded key of row `i`.
+    #[inline]
     pub fn row(&self, i: usize) -> &[u8] {
-        &self.data[self.offsets[i]..self.offsets[i + 1]]
+        match self.width {
+            Some(w) => &self.data[i * w..(i + 1) * w],
+            None => &self.data[self.offsets[i]..self.offsets[i + 1]],
+        }
     }
 
     /// The hash of every row's key.
     pub fn hashes(&self) -> impl Iterator<Item = u64> + '_ {
-        self.offsets
-            .windows(2)
-            .map(|w| hash_key(&self.data[w[0]..w[1]]))
+        (0..self.rows).map(|i| hash_key(self.row(i)))
     }
 }
 
@@ -200,7 +207,7 @@ impl EncodedKeys {
 /// timestamps 8 bytes big-endian with the sign bit flipped, for floats the IEEE bits (normalised so
 /// -0.0 == 0.0), for booleans one byte, for strings a 4-byte big-endian length and the UTF-8 bytes.
 /// Dictionary-encoded strings encode as their values, so they key like plain strings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyEncoder {
     types: Vec<KeyType>,
 }
@@ -271,8 +278,8 @@ impl KeyEncoder {
         // non-keyed window three quarters of its time
         out.data.reserve(1);
         out.offsets.clear();
-        out.offsets.reserve(rows + 1);
-        out.offsets.push(0);
+        out.width = None;
+        out.rows = rows;
         if columns.is_empty() {
             out.offsets.resize(rows + 1, 0);
             return Ok(());
@@ -293,9 +300,11 @@ impl KeyEncoder {
                 c.encode_fixed(&mut out.data, at, stride);
                 at += 9;
             }
-            out.offsets.extend((1..=rows).map(|r| r * stride));
+            out.width = Some(stride);
             return Ok(());
         }
+        out.offsets.reserve(rows + 1);
+        out.offsets.push(0);
         out.data.reserve(rows * cols.len() * 9);
         for row in 0..rows {
             for c in &cols {
@@ -698,6 +707,7 @@ mod tests {
             None,
             Some(5),
         ]));
+        let strings: ArrayRef = Arc::new(StringArray::from(vec!["", "a", "bc", "def", "g"]));
         let cases: Vec<Vec<ArrayRef>> = vec![
             vec![ints.clone()],
             vec![ints.slice(2, 3)],
@@ -705,12 +715,17 @@ mod tests {
             vec![floats.slice(1, 4), small.slice(1, 4)],
             vec![nullable.clone(), ints.clone()],
             vec![nullable.slice(1, 3)],
+            vec![strings.clone(), ints.clone()],
+            vec![ints.clone()],
+            vec![strings],
         ];
+        // one buffer for every case, as an operator keeps it: keys of one width and keys of
+        // many follow each other
+        let mut keys = EncodedKeys::default();
         for cols in cases {
             let types: Vec<DataType> = cols.iter().map(|c| c.data_type().clone()).collect();
             let enc = KeyEncoder::new(&types).unwrap();
             let rows = cols[0].len();
-            let mut keys = EncodedKeys::default();
             enc.encode(&cols, rows, &mut keys).unwrap();
             assert_eq!(keys.len(), rows, "{types:?}");
             for r in 0..rows {

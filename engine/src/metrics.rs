@@ -121,6 +121,15 @@ impl SubtaskMetrics {
         Self::add(&self.bytes_in, batch_bytes(batch));
     }
 
+    /// Counts selected rows of a shared batch received: the rows, and the batch's bytes in
+    /// proportion.
+    pub fn received_rows(&self, rows: &crate::element::Selection) {
+        let all = rows.batch.num_rows().max(1) as u64;
+        let n = rows.num_rows() as u64;
+        Self::add(&self.records_in, n);
+        Self::add(&self.bytes_in, batch_bytes(&rows.batch) * n / all);
+    }
+
     /// Counts a batch sent on the main output: its records and bytes.
     pub fn sent(&self, batch: &RecordBatch) {
         Self::add(&self.records_out, batch.num_rows() as u64);

@@ -1,7 +1,8 @@
 //! The traits operators, sources and sinks implement, and what the runtime promises them.
 //!
 //! An [`Operator`] is driven by one subtask thread. The runtime calls, in input order:
-//! [`process_batch`](Operator::process_batch) for every batch, [`on_watermark`](Operator::on_watermark)
+//! [`process_batch`](Operator::process_batch) for every batch (or
+//! [`process_selection`](Operator::process_selection) for rows of a shared one), [`on_watermark`](Operator::on_watermark)
 //! whenever the subtask's combined watermark advances (after every batch that preceded the
 //! watermark on every input), and [`on_end_of_input`](Operator::on_end_of_input) once, after every
 //! input finished. [`on_idle`](Operator::on_idle) is called when input has been quiet for a
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::checkpoint::{CheckpointId, SnapshotContext, StateContext};
+use crate::element::Selection;
 use crate::metrics::SubtaskMetrics;
 use crate::{KeyGroupRange, Result, Watermark};
 
@@ -84,6 +86,20 @@ pub trait Operator: Send {
         ctx: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()>;
+
+    /// Processes the selected rows of a batch other subtasks of this process receive the other
+    /// rows of (what a hash edge sends within a process). By default they are cut out and
+    /// passed to [`Operator::process_batch`]; a keyed operator that reads rows by index can
+    /// process them in place and reuse the keys the edge encoded.
+    fn process_selection(
+        &mut self,
+        input: usize,
+        rows: Selection,
+        ctx: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
+        self.process_batch(input, rows.into_batch()?, ctx, out)
+    }
 
     /// The combined watermark advanced to `wm`: fire timers (windows, TTL cleanup) up to it.
     fn on_watermark(

@@ -5,15 +5,20 @@
 //! - `Rebalance`: whole batches round-robin over all downstream subtasks.
 //! - `Broadcast`: every batch to every downstream subtask.
 //! - `Hash`: each row goes to the subtask owning its key's key group. Keys are encoded and hashed
-//!   for the whole batch, rows are grouped by target and cut out with Arrow's `take`; there is no
-//!   per-row channel send.
+//!   for the whole batch and rows are grouped by target; there is no per-row channel send. A
+//!   target in this process gets the shared batch, its rows' indices and the encoded keys
+//!   ([`Element::Rows`]), so nothing is copied and a keyed receiver need not encode the keys
+//!   again; a target in another process gets its rows cut out with Arrow's `take`.
 //!
-//! Watermarks, idle markers and end-of-input always go to every downstream subtask.
+//! Watermarks, idle markers and end-of-input go to every downstream subtask; an edge into the
+//! dead-letter path drops watermarks (see [`EdgeWriter::without_watermarks`]).
 use arrow::array::UInt32Array;
 use arrow::compute::take_record_batch;
 use arrow::record_batch::RecordBatch;
+use std::sync::Arc;
 
 use crate::channel::ChannelSender;
+use crate::element::Selection;
 use crate::keys::{EncodedKeys, KeyColumns, KeyGroupOwners};
 use crate::{Element, EngineError, Result, Watermark};
 
@@ -53,12 +58,13 @@ pub struct EdgeWriter {
     targets: Vec<ChannelSender>,
     next: usize,
     hash: Option<HashState>,
+    watermarks: bool,
 }
 
 #[derive(Debug)]
 struct HashState {
-    keys: KeyColumns,
-    encoded: EncodedKeys,
+    keys: Arc<KeyColumns>,
+    encoded: Arc<EncodedKeys>,
     owners: KeyGroupOwners,
     per_target: Vec<Vec<u32>>,
 }
@@ -71,7 +77,15 @@ impl EdgeWriter {
             targets,
             next: 0,
             hash: None,
+            watermarks: true,
         }
+    }
+
+    /// The same writer, dropping watermarks: for an edge whose receivers do nothing by event
+    /// time (the dead-letter path). Every other element still goes to every target.
+    pub fn without_watermarks(mut self) -> Self {
+        self.watermarks = false;
+        self
     }
 
     /// The senders of this edge (to bind them to a subtask's cancel token and metrics).
@@ -130,7 +144,12 @@ impl EdgeWriter {
                     )?);
                 }
                 let h = self.hash.as_mut().expect("initialised above");
-                h.keys.encode(&batch, &mut h.encoded)?;
+                // the receivers may still hold the last batch's keys
+                if Arc::get_mut(&mut h.encoded).is_none() {
+                    h.encoded = Arc::new(EncodedKeys::default());
+                }
+                let encoded = Arc::get_mut(&mut h.encoded).expect("not shared");
+                h.keys.encode(&batch, encoded)?;
                 let n = batch.num_rows();
                 for v in h.per_target.iter_mut() {
                     v.clear();
@@ -139,8 +158,23 @@ impl EdgeWriter {
                 for (row, hash) in h.encoded.hashes().enumerate() {
                     h.per_target[h.owners.of(hash)].push(row as u32);
                 }
-                for (t, rows) in h.per_target.iter().enumerate() {
+                for (t, rows) in h.per_target.iter_mut().enumerate() {
                     if rows.is_empty() {
+                        continue;
+                    }
+                    let target = &self.targets[t];
+                    if target.is_local() {
+                        // in this process: share the batch and its keys, no copy
+                        let rows = std::mem::replace(rows, Vec::with_capacity(n));
+                        if let Some(j) = judge {
+                            target.send(Element::Judge(j))?;
+                        }
+                        target.send(Element::Rows(Selection {
+                            batch: batch.clone(),
+                            rows,
+                            keys: h.encoded.clone(),
+                            key_columns: h.keys.clone(),
+                        }))?;
                         continue;
                     }
                     let part = if rows.len() == n {
@@ -148,7 +182,7 @@ impl EdgeWriter {
                     } else {
                         take_record_batch(&batch, &UInt32Array::from(rows.clone()))?
                     };
-                    send(&self.targets[t], part)?;
+                    send(target, part)?;
                 }
                 Ok(())
             }
@@ -157,6 +191,9 @@ impl EdgeWriter {
 
     /// Sends a control element (watermark, idle, end-of-input) to every target.
     pub fn broadcast(&mut self, e: &Element) -> Result<()> {
+        if !self.watermarks && matches!(e, Element::Watermark(_)) {
+            return Ok(());
+        }
         for t in &self.targets {
             t.send(e.clone())?;
         }
@@ -174,8 +211,8 @@ impl HashState {
         let keys = KeyColumns::resolve(&batch.schema(), key_columns)
             .map_err(|(_, m)| EngineError::Operator(m))?;
         Ok(HashState {
-            keys,
-            encoded: EncodedKeys::default(),
+            keys: Arc::new(keys),
+            encoded: Arc::default(),
             owners: KeyGroupOwners::new(max_parallelism, targets as u32),
             per_target: vec![Vec::new(); targets],
         })
@@ -185,6 +222,7 @@ impl HashState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::ChannelSender;
     use crate::channel::bounded;
     use crate::keys::{KeyEncoder, KeyGroupRange, key_group};
     use arrow::array::{AsArray, Int64Array};
@@ -218,7 +256,12 @@ mod tests {
         let mut total = 0;
         for (i, r) in rxs.iter().enumerate() {
             let range = KeyGroupRange::for_subtask(16, 3, i as u32);
-            while let Some(Element::Batch(b)) = r.recv_timeout(Duration::from_millis(10)).unwrap() {
+            while let Some(e) = r.recv_timeout(Duration::from_millis(10)).unwrap() {
+                let b = match e {
+                    Element::Batch(b) => b,
+                    Element::Rows(s) => s.into_batch().unwrap(),
+                    other => panic!("unexpected {other:?}"),
+                };
                 for v in b.column(0).as_primitive::<Int64Type>().values() {
                     let key = enc
                         .encode_row(&[Arc::new(Int64Array::from(vec![*v]))], 0)
@@ -229,5 +272,88 @@ mod tests {
             }
         }
         assert_eq!(total, 1000);
+    }
+
+    /// A channel to "another process" that keeps what it is sent.
+    #[derive(Debug, Default)]
+    struct Kept(std::sync::Mutex<Vec<Element>>);
+
+    impl crate::channel::Outbound for Kept {
+        fn send_timeout(&self, e: Element, _: Duration) -> Result<Option<Element>> {
+            self.0.lock().unwrap().push(e);
+            Ok(None)
+        }
+    }
+
+    #[test]
+    fn hash_shares_the_batch_in_process_and_cuts_it_for_the_network() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("v", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(0..500)),
+                Arc::new(Int64Array::from_iter_values((0..500).map(|v| v * 10))),
+            ],
+        )
+        .unwrap();
+        let (local, rx) = bounded(8);
+        let remote = Arc::new(Kept::default());
+        let mut w = EdgeWriter::new(
+            Partitioning::Hash {
+                key_columns: vec!["k".into()],
+                max_parallelism: 16,
+            },
+            vec![local, ChannelSender::remote(remote.clone())],
+        );
+        w.send_batch(batch.clone()).unwrap();
+        let columns = KeyColumns::resolve(&schema, &["k".into()]).unwrap();
+        let mut expected = EncodedKeys::default();
+        columns.encode(&batch, &mut expected).unwrap();
+        let owner =
+            |row: usize| KeyGroupOwners::new(16, 2).of(crate::keys::hash_key(expected.row(row)));
+        // in process: the whole batch, the rows of subtask 0, and every row's key
+        let Some(Element::Rows(sel)) = rx.recv_timeout(Duration::from_millis(10)).unwrap() else {
+            panic!("a selection was expected");
+        };
+        assert_eq!(sel.batch.num_rows(), 500);
+        let mine: Vec<u32> = (0..500u32).filter(|r| owner(*r as usize) == 0).collect();
+        assert!(!mine.is_empty() && mine.len() < 500);
+        assert_eq!(sel.rows, mine);
+        let keys = sel.keys_by(&columns).expect("keyed by the same columns");
+        assert!((0..500).all(|r| keys.row(r) == expected.row(r)));
+        let other = KeyColumns::resolve(&schema, &["v".into()]).unwrap();
+        assert!(sel.keys_by(&other).is_none());
+        // over the network: only the other rows, copied out
+        let sent = remote.0.lock().unwrap();
+        let [Element::Batch(part)] = &sent[..] else {
+            panic!("one batch was expected, got {sent:?}");
+        };
+        let values: Vec<i64> = part.column(0).as_primitive::<Int64Type>().values().to_vec();
+        let theirs: Vec<i64> = (0..500).filter(|r| owner(*r as usize) == 1).collect();
+        assert_eq!(values, theirs);
+    }
+
+    #[test]
+    fn an_edge_without_watermarks_passes_everything_else() {
+        let (tx, rx) = bounded(8);
+        let mut w = EdgeWriter::new(Partitioning::Forward, vec![tx]).without_watermarks();
+        w.broadcast(&Element::Watermark(Watermark(5))).unwrap();
+        w.broadcast(&Element::Idle).unwrap();
+        w.broadcast(&Element::EndOfInput).unwrap();
+        let got: Vec<String> = std::iter::from_fn(|| rx.recv_timeout(Duration::ZERO).unwrap())
+            .map(|e| format!("{e:?}"))
+            .collect();
+        assert_eq!(got, ["Idle", "EndOfInput"]);
+        let (tx, rx) = bounded(8);
+        EdgeWriter::new(Partitioning::Forward, vec![tx])
+            .broadcast(&Element::Watermark(Watermark(5)))
+            .unwrap();
+        assert!(matches!(
+            rx.recv_timeout(Duration::ZERO).unwrap(),
+            Some(Element::Watermark(Watermark(5)))
+        ));
     }
 }

@@ -23,6 +23,7 @@ use crate::checkpoint::{
     Barrier, CheckpointHooks, LocalState, RestoreSource, SnapshotContext, StateContext,
     SubtaskCommand, SubtaskReport,
 };
+use crate::element::Selection;
 use crate::metrics::{MetricsSnapshot, SubtaskMetrics};
 use crate::operator::{
     MAIN_PORT, Operator, OperatorContext, Output, Source, SourceOutput, SourceStatus, SubtaskInfo,
@@ -286,6 +287,22 @@ impl Chain {
         }
         self.call(i, record_wm, |op, ctx, out| {
             op.process_batch(input, batch, ctx, out)
+        })
+    }
+
+    /// Pushes selected rows of a shared batch into the chain's first operator (cut out into a
+    /// batch of their own when the chain has none).
+    fn push_selection(
+        &mut self,
+        input: usize,
+        rows: Selection,
+        record_wm: Watermark,
+    ) -> Result<()> {
+        if self.ops.is_empty() {
+            return self.push_batch(0, input, rows.into_batch()?, record_wm);
+        }
+        self.call(0, record_wm, |op, ctx, out| {
+            op.process_selection(input, rows, ctx, out)
         })
     }
 
@@ -1060,6 +1077,13 @@ impl Channels {
                 let channel = self.tracker.channel(ch);
                 let judge = self.judged[ch].take().map_or(channel, |j| j.max(channel));
                 chain.push_batch(0, input, batch, judge)?;
+            }
+            Element::Rows(rows) => {
+                self.tracker.mark_active(ch);
+                chain.metrics.received_rows(&rows);
+                let channel = self.tracker.channel(ch);
+                let judge = self.judged[ch].take().map_or(channel, |j| j.max(channel));
+                chain.push_selection(input, rows, judge)?;
             }
             Element::Judge(wm) => self.judged[ch] = Some(wm),
             Element::Watermark(wm) => {

@@ -58,6 +58,19 @@ impl<O: Operator> Harness<O> {
             .unwrap();
     }
 
+    /// Pushes rows of a shared batch, as a hash edge within a process sends them.
+    pub fn push_selection(&mut self, input: usize, rows: freshet_engine::element::Selection) {
+        let ctx = OperatorContext {
+            subtask: &self.info,
+            record_watermark: self.wm,
+            current_watermark: self.wm,
+            metrics: &self.metrics,
+        };
+        self.op
+            .process_selection(input, rows, &ctx, &mut self.out)
+            .unwrap();
+    }
+
     pub fn watermark(&mut self, wm: i64) {
         self.wm = Watermark(wm);
         let ctx = OperatorContext {

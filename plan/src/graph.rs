@@ -76,6 +76,10 @@ pub struct Edge {
     pub to_vertex: usize,
     /// How batches are spread.
     pub partitioning: Partitioning,
+    /// Whether watermarks travel on this edge. Edges into the dead-letter path (its adapters
+    /// and sink, which nothing there does by event time) carry none: a watermark costs its
+    /// receiver a wake-up, and a job makes many of them.
+    pub watermarks: bool,
 }
 
 /// A chain of nodes run by one thread per subtask.

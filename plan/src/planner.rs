@@ -406,6 +406,10 @@ fn chain(job: &JobSpec, base: &Path, nodes: Vec<Node>) -> Plan {
                 from_vertex: vertex_of[i.node],
                 to_vertex: vertex_of[id],
                 partitioning: partitioning(job, &nodes[i.node], node, &i.keying),
+                watermarks: !matches!(
+                    node.recipe,
+                    Recipe::DeadLetterSink { .. } | Recipe::ToDeadLetter { .. }
+                ),
             });
         }
     }
@@ -477,6 +481,18 @@ sinks:
         assert!(matches!(hash.partitioning, Partitioning::Hash { .. }));
         let explain = p.explain();
         assert!(explain.contains("hash(k)"), "{explain}");
+        // watermarks travel on every edge but those into the dead-letter path
+        let dead_letter_path = |e: &Edge| {
+            matches!(
+                p.nodes[e.to.0].recipe,
+                Recipe::DeadLetterSink { .. } | Recipe::ToDeadLetter { .. }
+            )
+        };
+        let (into, other): (Vec<&Edge>, Vec<&Edge>) =
+            p.edges.iter().partition(|e| dead_letter_path(e));
+        assert!(into.len() >= 2 && !other.is_empty(), "{explain}");
+        assert!(into.iter().all(|e| !e.watermarks));
+        assert!(other.iter().all(|e| e.watermarks));
     }
 
     #[test]

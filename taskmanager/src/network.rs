@@ -617,6 +617,11 @@ impl Encoder {
     fn encode(&mut self, e: &Element, out: &mut Vec<u8>) -> freshet_engine::Result<()> {
         let err = |e: String| EngineError::Operator(format!("encoding an element: {e}"));
         match e {
+            // an edge cuts rows out before they leave the process; a selection that got here
+            // anyway travels as the batch of its rows
+            Element::Rows(rows) => {
+                return self.encode(&Element::Batch(rows.clone().into_batch()?), out);
+            }
             Element::Batch(b) => {
                 let same = self
                     .stream

@@ -280,7 +280,12 @@ impl TaskManager {
                         .into_iter()
                         .map(|j| self.sender(d, e.to_vertex, key(ei, d.subtask, j), capacity))
                         .collect::<Result<Vec<_>>>()?;
-                    Ok(EdgeWriter::new(e.partitioning.clone(), targets))
+                    let writer = EdgeWriter::new(e.partitioning.clone(), targets);
+                    Ok(if e.watermarks {
+                        writer
+                    } else {
+                        writer.without_watermarks()
+                    })
                 })
                 .collect::<Result<Vec<_>>>()
         };

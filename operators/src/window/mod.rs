@@ -36,6 +36,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use freshet_engine::checkpoint::{SnapshotContext, StateContext};
+use freshet_engine::element::{Selection, selected_rows};
 use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
@@ -221,8 +222,11 @@ pub struct WindowOperator {
     chunks: Vec<Vec<(StateKey, Partials<SliceParts>)>>,
 }
 
-/// What a batch gives the window, computed once per batch: event times, aggregate arguments.
+/// What a batch gives the window, computed once per batch: event times, keys, aggregate
+/// arguments, all indexed by the batch's rows, and which of its rows to process.
 struct Rows<'a> {
+    select: Option<&'a [u32]>,
+    keys: &'a EncodedKeys,
     times: &'a [i64],
     inputs: &'a AggInputs,
     readers: &'a [Option<crate::values::ColumnReader<'a>>],
@@ -540,6 +544,54 @@ impl WindowOperator {
     /// Sliced windows, a batch at a time: rows are grouped by (key, slice, first window), each
     /// group is added to its slice with one state access, and aggregates run as loops over the
     /// group's rows (in their order, so results do not depend on how input is batched).
+    /// Adds rows of `batch` (the `select`ed ones, or all) to their windows, with their keys
+    /// as the edge encoded them or encoded here.
+    fn process_rows(
+        &mut self,
+        batch: &RecordBatch,
+        select: Option<&[u32]>,
+        encoded: Option<&EncodedKeys>,
+        ctx: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
+        // the buffer is lent out while the rows are processed
+        let mut own = std::mem::take(&mut self.keys);
+        let keys = match encoded {
+            Some(k) => k,
+            None => {
+                self.plan.keys.encode(batch, &mut own)?;
+                &own
+            }
+        };
+        let times = batch
+            .column(batch.num_columns() - 1)
+            .as_primitive::<Int64Type>()
+            .values();
+        let inputs = AggInputs::evaluate(&self.plan.aggs, batch)?;
+        let readers = inputs.readers()?;
+        let rows = Rows {
+            select,
+            keys,
+            times,
+            inputs: &inputs,
+            readers: &readers,
+        };
+        let processed = match self.plan.kind {
+            WindowKind::Sliced { size, slide } => self.process_sliced(size, slide, rows, ctx),
+            WindowKind::Session { gap } => self.process_sessions(gap, rows, ctx),
+        };
+        self.keys = own;
+        let (late, fired) = processed?;
+        if !late.is_empty() {
+            SubtaskMetrics::add(&ctx.metrics.late_records, late.len() as u64);
+            out.emit(
+                LATE_PORT,
+                take_record_batch(batch, &UInt32Array::from(late))?,
+            );
+        }
+        self.emit_rows(fired, out)
+    }
+
     fn process_sliced(
         &mut self,
         size: i64,
@@ -550,6 +602,8 @@ impl WindowOperator {
         let lateness = self.plan.lateness;
         let rw = ctx.record_watermark.0;
         let Rows {
+            select,
+            keys,
             times,
             inputs,
             readers,
@@ -562,7 +616,6 @@ impl WindowOperator {
             Some(f) => fired_through.max(f.fired(&key_order(key, mp))),
             None => fired_through,
         };
-        let keys = &self.keys;
         let mut late = Vec::new();
         // the rows of each (slice, first window they count for), in batch order: a batch
         // usually spans one or two slices
@@ -570,7 +623,8 @@ impl WindowOperator {
         let mut index: hashbrown::HashMap<(i64, i64), usize> = hashbrown::HashMap::new();
         let mut at = 0usize;
         let mut slice = i64::MIN;
-        for (row, &t) in times.iter().enumerate() {
+        for row in selected_rows(select, times.len()) {
+            let t = times[row];
             // rows of a batch mostly fall into the slice of the row before
             if t < slice || t.checked_sub(slice).is_none_or(|d| d >= slide) {
                 slice = t - t.rem_euclid(slide);
@@ -653,18 +707,21 @@ impl WindowOperator {
         let lateness = self.plan.lateness;
         let (rw, w) = (ctx.record_watermark.0, ctx.current_watermark.0);
         let Rows {
+            select,
+            keys,
             times,
             inputs,
             readers,
         } = rows;
         let mut late = Vec::new();
         let mut updated: Vec<(StateKey, i64)> = Vec::new();
-        for (row, &t) in times.iter().enumerate() {
+        for row in selected_rows(select, times.len()) {
+            let t = times[row];
             if rw >= (t + gap - 1).saturating_add(lateness) {
                 late.push(row as u32);
                 continue;
             }
-            let key: StateKey = self.keys.row(row).into();
+            let key: StateKey = keys.row(row).into();
             // Sessions this record touches: start < t + gap and end > t.
             let touching: Vec<i64> = self
                 .sessions
@@ -786,30 +843,18 @@ impl Operator for WindowOperator {
         ctx: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()> {
-        self.plan.keys.encode(&batch, &mut self.keys)?;
-        let times = batch
-            .column(batch.num_columns() - 1)
-            .as_primitive::<Int64Type>()
-            .values();
-        let inputs = AggInputs::evaluate(&self.plan.aggs, &batch)?;
-        let readers = inputs.readers()?;
-        let rows = Rows {
-            times,
-            inputs: &inputs,
-            readers: &readers,
-        };
-        let (late, fired) = match self.plan.kind {
-            WindowKind::Sliced { size, slide } => self.process_sliced(size, slide, rows, ctx)?,
-            WindowKind::Session { gap } => self.process_sessions(gap, rows, ctx)?,
-        };
-        if !late.is_empty() {
-            SubtaskMetrics::add(&ctx.metrics.late_records, late.len() as u64);
-            out.emit(
-                LATE_PORT,
-                take_record_batch(&batch, &UInt32Array::from(late))?,
-            );
-        }
-        self.emit_rows(fired, out)
+        self.process_rows(&batch, None, None, ctx, out)
+    }
+
+    fn process_selection(
+        &mut self,
+        _: usize,
+        rows: Selection,
+        ctx: &OperatorContext<'_>,
+        out: &mut dyn Output,
+    ) -> Result<()> {
+        let keys = rows.keys_by(&self.plan.keys);
+        self.process_rows(&rows.batch, Some(&rows.rows), keys, ctx, out)
     }
 
     fn on_watermark(

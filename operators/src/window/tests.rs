@@ -337,7 +337,18 @@ fn sliding_windows_fire_every_key_of_their_slices_once_in_chunks() {
 /// batches and once a record at a time, and the final upsert of every window agrees.
 #[test]
 fn results_do_not_depend_on_batching() {
-    let run = |batched: bool| {
+    /// How the test's records reach the window.
+    #[derive(Clone, Copy)]
+    enum Feed {
+        /// A batch per step.
+        Batched,
+        /// A batch per record.
+        Single,
+        /// Each step's batch in two selections of alternate rows, keyed by `k` as the edge
+        /// encoded them (true) or by another column, so the window encodes them itself.
+        Selected(bool),
+    }
+    let run = |feed: Feed| {
         let (mut h, s) = harness(
             WindowKind::Sliced {
                 size: 4 * MIN,
@@ -379,11 +390,31 @@ fn results_do_not_depend_on_batching() {
                     )
                 })
                 .collect();
-            if batched {
-                h.push(0, rows(&s, &recs));
-            } else {
-                for r in &recs {
-                    h.push(0, rows(&s, std::slice::from_ref(r)));
+            match feed {
+                Feed::Batched => h.push(0, rows(&s, &recs)),
+                Feed::Single => {
+                    for r in &recs {
+                        h.push(0, rows(&s, std::slice::from_ref(r)));
+                    }
+                }
+                Feed::Selected(same_key) => {
+                    let batch = rows(&s, &recs);
+                    let by = if same_key { "k" } else { "u" };
+                    let columns = KeyColumns::resolve(&s, &[by.into()]).unwrap();
+                    let mut keys = EncodedKeys::default();
+                    columns.encode(&batch, &mut keys).unwrap();
+                    let (keys, columns) = (Arc::new(keys), Arc::new(columns));
+                    for half in 0..2u32 {
+                        h.push_selection(
+                            0,
+                            Selection {
+                                batch: batch.clone(),
+                                rows: (half..recs.len() as u32).step_by(2).collect(),
+                                keys: keys.clone(),
+                                key_columns: columns.clone(),
+                            },
+                        );
+                    }
                 }
             }
             h.watermark(step * MIN / 2 - 2 * MIN);
@@ -393,8 +424,8 @@ fn results_do_not_depend_on_batching() {
         collect(&mut h);
         (last, late)
     };
-    let (batched, late_b) = run(true);
-    let (single, late_s) = run(false);
+    let (batched, late_b) = run(Feed::Batched);
+    let (single, late_s) = run(Feed::Single);
     assert!(batched.len() > 50, "{} windows", batched.len());
     assert!(
         late_b > 0,
@@ -402,6 +433,11 @@ fn results_do_not_depend_on_batching() {
     );
     assert_eq!(late_b, late_s);
     assert_eq!(batched, single);
+    for same_key in [true, false] {
+        let (selected, late_sel) = run(Feed::Selected(same_key));
+        assert_eq!(late_b, late_sel);
+        assert_eq!(batched, selected);
+    }
 }
 
 /// An operator over `backend` (restored or empty) for key groups `range` of 128.
