@@ -143,6 +143,23 @@ impl KeyColumns {
         &self.encoder
     }
 
+    /// The keys of every row of `batch`: `given` (what a hash edge encoded by the same columns,
+    /// see [`crate::element::Selection::keys_by`]) if there is one, else encoded into `buf`.
+    pub fn keys_of<'a>(
+        &self,
+        batch: &arrow::record_batch::RecordBatch,
+        given: Option<&'a EncodedKeys>,
+        buf: &'a mut EncodedKeys,
+    ) -> Result<&'a EncodedKeys> {
+        match given {
+            Some(keys) => Ok(keys),
+            None => {
+                self.encode(batch, buf)?;
+                Ok(buf)
+            }
+        }
+    }
+
     /// Encodes the key of every row of `batch` into `out`.
     pub fn encode(
         &self,

@@ -130,13 +130,7 @@ impl DedupOperator {
     ) -> Result<()> {
         // the buffer is lent out while the rows are checked
         let mut own = std::mem::take(&mut self.keys);
-        let keys = match encoded {
-            Some(k) => k,
-            None => {
-                self.plan.keys.encode(&batch, &mut own)?;
-                &own
-            }
-        };
+        let keys = self.plan.keys.keys_of(&batch, encoded, &mut own)?;
         let checked = self.check(&batch, select, keys, ctx);
         self.keys = own;
         let (keep, late) = checked?;

@@ -541,9 +541,6 @@ impl WindowOperator {
         Ok(())
     }
 
-    /// Sliced windows, a batch at a time: rows are grouped by (key, slice, first window), each
-    /// group is added to its slice with one state access, and aggregates run as loops over the
-    /// group's rows (in their order, so results do not depend on how input is batched).
     /// Adds rows of `batch` (the `select`ed ones, or all) to their windows, with their keys
     /// as the edge encoded them or encoded here.
     fn process_rows(
@@ -556,13 +553,7 @@ impl WindowOperator {
     ) -> Result<()> {
         // the buffer is lent out while the rows are processed
         let mut own = std::mem::take(&mut self.keys);
-        let keys = match encoded {
-            Some(k) => k,
-            None => {
-                self.plan.keys.encode(batch, &mut own)?;
-                &own
-            }
-        };
+        let keys = self.plan.keys.keys_of(batch, encoded, &mut own)?;
         let times = batch
             .column(batch.num_columns() - 1)
             .as_primitive::<Int64Type>()
@@ -592,6 +583,9 @@ impl WindowOperator {
         self.emit_rows(fired, out)
     }
 
+    /// Sliced windows, a batch at a time: rows are grouped by (key, slice, first window), each
+    /// group is added to its slice with one state access, and aggregates run as loops over the
+    /// group's rows (in their order, so results do not depend on how input is batched).
     fn process_sliced(
         &mut self,
         size: i64,
