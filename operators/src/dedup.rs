@@ -312,7 +312,6 @@ mod tests {
     use crate::testing::{Harness, batch, schema};
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field};
-    use freshet_engine::keys::hash_key;
     use std::sync::Arc;
 
     fn input(s: &SchemaRef, rows: &[(&str, i64, i64)]) -> RecordBatch {
@@ -435,25 +434,9 @@ mod tests {
                     hs[0].push(0, batch);
                     continue;
                 }
-                let columns = KeyColumns::resolve(&s, &["id".into()]).unwrap();
-                let mut keys = EncodedKeys::default();
-                columns.encode(&batch, &mut keys).unwrap();
-                let halves: [Vec<u32>; 2] = std::array::from_fn(|half| {
-                    (0..keys.len() as u32)
-                        .filter(|r| hash_key(keys.row(*r as usize)) % 2 == half as u64)
-                        .collect()
-                });
-                let (keys, columns) = (Arc::new(keys), Arc::new(columns));
-                for (h, rows) in hs.iter_mut().zip(halves) {
-                    h.push_selection(
-                        0,
-                        Selection {
-                            batch: batch.clone(),
-                            rows,
-                            keys: keys.clone(),
-                            key_columns: columns.clone(),
-                        },
-                    );
+                let parts = crate::testing::selections(&batch, "id", "id");
+                for (h, rows) in hs.iter_mut().zip(parts) {
+                    h.push_selection(0, rows);
                 }
             }
             let reads: u64 = hs

@@ -3,6 +3,8 @@ use arrow::array::{ArrayRef, Int64Array, RecordBatch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use std::sync::Arc;
 
+use freshet_engine::element::Selection;
+use freshet_engine::keys::{EncodedKeys, KeyColumns, hash_key};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{Operator, OperatorContext, Output, SubtaskInfo};
 use freshet_engine::state::{KeyedBackend, StateConfig};
@@ -59,7 +61,7 @@ impl<O: Operator> Harness<O> {
     }
 
     /// Pushes rows of a shared batch, as a hash edge within a process sends them.
-    pub fn push_selection(&mut self, input: usize, rows: freshet_engine::element::Selection) {
+    pub fn push_selection(&mut self, input: usize, rows: Selection) {
         let ctx = OperatorContext {
             subtask: &self.info,
             record_watermark: self.wm,
@@ -144,4 +146,25 @@ pub fn capped_backend(dir: &std::path::Path, cache_keys: usize) -> Arc<KeyedBack
     };
     let range = freshet_engine::KeyGroupRange::for_subtask(128, 1, 0);
     Arc::new(KeyedBackend::open(&dir.join("db"), &config, range, 128).unwrap())
+}
+
+/// `batch` as a hash edge within a process would send it to two subtasks: split by the hash of
+/// column `split_by`, each part with the batch and keys encoded by column `keyed_by`.
+pub fn selections(batch: &RecordBatch, split_by: &str, keyed_by: &str) -> [Selection; 2] {
+    let encode = |by: &str| {
+        let columns = KeyColumns::resolve(&batch.schema(), &[by.into()]).unwrap();
+        let mut keys = EncodedKeys::default();
+        columns.encode(batch, &mut keys).unwrap();
+        (Arc::new(keys), Arc::new(columns))
+    };
+    let (split, _) = encode(split_by);
+    let (keys, key_columns) = encode(keyed_by);
+    std::array::from_fn(|half| Selection {
+        batch: batch.clone(),
+        rows: (0..batch.num_rows() as u32)
+            .filter(|r| hash_key(split.row(*r as usize)) % 2 == half as u64)
+            .collect(),
+        keys: keys.clone(),
+        key_columns: key_columns.clone(),
+    })
 }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::testing::{Harness, batch, schema};
+use crate::testing::{Harness, batch, schema, selections};
 use arrow::array::StringArray;
 use freshet_engine::KeyGroupRange;
 use std::collections::BTreeMap;
@@ -396,30 +396,9 @@ fn results_do_not_depend_on_batching() {
                     }
                 }
                 Feed::Selected(same_key) => {
-                    let batch = rows(&s, &recs);
-                    let encode = |by: &str| {
-                        let columns = KeyColumns::resolve(&s, &[by.into()]).unwrap();
-                        let mut keys = EncodedKeys::default();
-                        columns.encode(&batch, &mut keys).unwrap();
-                        (Arc::new(keys), Arc::new(columns))
-                    };
-                    let (by_k, _) = encode("k");
-                    let (keys, columns) = encode(if same_key { "k" } else { "u" });
-                    for half in 0..2u64 {
-                        let rows = (0..recs.len() as u32)
-                            .filter(|r| {
-                                freshet_engine::keys::hash_key(by_k.row(*r as usize)) % 2 == half
-                            })
-                            .collect();
-                        h.push_selection(
-                            0,
-                            Selection {
-                                batch: batch.clone(),
-                                rows,
-                                keys: keys.clone(),
-                                key_columns: columns.clone(),
-                            },
-                        );
+                    let by = if same_key { "k" } else { "u" };
+                    for rows in selections(&rows(&s, &recs), "k", by) {
+                        h.push_selection(0, rows);
                     }
                 }
             }
