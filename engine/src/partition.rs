@@ -5,10 +5,11 @@
 //! - `Rebalance`: whole batches round-robin over all downstream subtasks.
 //! - `Broadcast`: every batch to every downstream subtask.
 //! - `Hash`: each row goes to the subtask owning its key's key group. Keys are encoded and hashed
-//!   for the whole batch and rows are grouped by target; there is no per-row channel send. A
-//!   target in this process gets the shared batch, its rows' indices and the encoded keys
-//!   ([`Element::Rows`]), so nothing is copied and a keyed receiver need not encode the keys
-//!   again; a target in another process gets its rows cut out with Arrow's `take`.
+//!   for the whole batch and rows are grouped by target; there is no per-row channel send. On
+//!   an edge into a window ([`EdgeWriter::sharing_batches`]) a target in this process gets the
+//!   shared batch, its rows' indices and the encoded keys ([`Element::Rows`]), so nothing is
+//!   copied and the window need not encode the keys again. Otherwise, and for targets in
+//!   another process, each target gets its rows cut out with Arrow's `take`.
 //!
 //! Watermarks, idle markers and end-of-input go to every downstream subtask; an edge into the
 //! dead-letter path drops watermarks (see [`EdgeWriter::without_watermarks`]).
@@ -59,6 +60,7 @@ pub struct EdgeWriter {
     next: usize,
     hash: Option<HashState>,
     watermarks: bool,
+    share: bool,
 }
 
 #[derive(Debug)]
@@ -78,7 +80,16 @@ impl EdgeWriter {
             next: 0,
             hash: None,
             watermarks: true,
+            share: false,
         }
+    }
+
+    /// The same writer, handing a hash edge's targets in this process the whole batch and
+    /// their rows ([`Element::Rows`]) instead of cutting the rows out: for receivers that
+    /// consume rows without passing them on (windows).
+    pub fn sharing_batches(mut self) -> Self {
+        self.share = true;
+        self
     }
 
     /// The same writer, dropping watermarks: for an edge whose receivers do nothing by event
@@ -163,7 +174,7 @@ impl EdgeWriter {
                         continue;
                     }
                     let target = &self.targets[t];
-                    if target.is_local() {
+                    if self.share && target.is_local() {
                         // in this process: share the batch and its keys, no copy
                         let rows = std::mem::replace(rows, Vec::with_capacity(n));
                         if let Some(j) = judge {
@@ -253,13 +264,17 @@ mod tests {
         );
         w.send_batch(batch).unwrap();
         let enc = KeyEncoder::new(&[DataType::Int64]).unwrap();
+        let mut selections = 0;
         let mut total = 0;
         for (i, r) in rxs.iter().enumerate() {
             let range = KeyGroupRange::for_subtask(16, 3, i as u32);
             while let Some(e) = r.recv_timeout(Duration::from_millis(10)).unwrap() {
                 let b = match e {
                     Element::Batch(b) => b,
-                    Element::Rows(s) => s.into_batch().unwrap(),
+                    Element::Rows(s) => {
+                        selections += 1;
+                        s.into_batch().unwrap()
+                    }
                     other => panic!("unexpected {other:?}"),
                 };
                 for v in b.column(0).as_primitive::<Int64Type>().values() {
@@ -272,6 +287,7 @@ mod tests {
             }
         }
         assert_eq!(total, 1000);
+        assert_eq!(selections, 0, "a writer not sharing batches cuts them out");
     }
 
     /// A channel to "another process" that keeps what it is sent.
@@ -307,7 +323,8 @@ mod tests {
                 max_parallelism: 16,
             },
             vec![local, ChannelSender::remote(remote.clone())],
-        );
+        )
+        .sharing_batches();
         w.send_batch(batch.clone()).unwrap();
         let columns = KeyColumns::resolve(&schema, &["k".into()]).unwrap();
         let mut expected = EncodedKeys::default();

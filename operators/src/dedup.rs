@@ -22,7 +22,6 @@ use arrow::record_batch::RecordBatch;
 use std::time::Duration;
 
 use freshet_engine::checkpoint::{SnapshotContext, StateContext};
-use freshet_engine::element::{Selection, selected_rows};
 use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
@@ -117,52 +116,41 @@ pub struct DedupOperator {
     keys: EncodedKeys,
 }
 
-impl DedupOperator {
-    /// Checks rows of `batch` (the `select`ed ones, or all) and emits those that pass, with
-    /// their keys as the edge encoded them or encoded here.
-    fn process_rows(
+impl Operator for DedupOperator {
+    fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
+        match &mut self.seen {
+            Seen::First(set) => {
+                // a keyed table of the same name moves rows of older layouts as it attaches
+                state.attach(&mut KeyedTable::<Option<Scalar>>::one_value(
+                    TABLE,
+                    self.plan.ttl,
+                ))?;
+                state.attach_set(set)
+            }
+            Seen::Latest(table) => state.attach(table),
+        }
+    }
+
+    fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
+        match &mut self.seen {
+            Seen::First(set) => snap.flush_set(set),
+            Seen::Latest(table) => snap.flush(table),
+        }
+    }
+
+    fn process_batch(
         &mut self,
+        _: usize,
         batch: RecordBatch,
-        select: Option<&[u32]>,
-        encoded: Option<&EncodedKeys>,
         ctx: &OperatorContext<'_>,
         out: &mut dyn Output,
     ) -> Result<()> {
-        // the buffer is lent out while the rows are checked
-        let mut own = std::mem::take(&mut self.keys);
-        let keys = self.plan.keys.keys_of(&batch, encoded, &mut own)?;
-        let checked = self.check(&batch, select, keys, ctx);
-        self.keys = own;
-        let (keep, late) = checked?;
-        if !late.is_empty() {
-            SubtaskMetrics::add(&ctx.metrics.late_records, late.len() as u64);
-            out.emit(
-                LATE_PORT,
-                take_record_batch(&batch, &UInt32Array::from(late))?,
-            );
-        }
-        let mask = BooleanArray::from(keep);
-        if mask.true_count() == batch.num_rows() {
-            out.emit(MAIN_PORT, batch);
-        } else if mask.true_count() > 0 {
-            out.emit(MAIN_PORT, filter_record_batch(&batch, &mask)?);
-        }
-        Ok(())
-    }
-
-    /// Which rows of `batch` pass (false for rows not selected), and which are late.
-    fn check(
-        &mut self,
-        batch: &RecordBatch,
-        select: Option<&[u32]>,
-        keys: &EncodedKeys,
-        ctx: &OperatorContext<'_>,
-    ) -> Result<(Vec<bool>, Vec<u32>)> {
+        self.plan.keys.encode(&batch, &mut self.keys)?;
         let order = self
             .plan
             .order_by
             .as_ref()
-            .map(|o| o.evaluate(batch))
+            .map(|o| o.evaluate(&batch))
             .transpose()?;
         let order = order.as_ref().map(ColumnReader::new).transpose()?;
         let times = batch
@@ -172,6 +160,7 @@ impl DedupOperator {
             .clone();
         let rw = ctx.record_watermark;
         let ttl = self.plan.ttl.map(|t| t.as_millis() as i64);
+        let keys = &self.keys;
         let mut keep = vec![false; batch.num_rows()];
         let mut late = Vec::new();
         // Rows whose key state holds only in RocksDB wait, with every later row of the same key
@@ -179,8 +168,7 @@ impl DedupOperator {
         // keys; the other rows are checked at once.
         let mut waiting: Vec<usize> = Vec::new();
         let mut waiting_keys: hashbrown::HashSet<&[u8]> = hashbrown::HashSet::new();
-        for row in selected_rows(select, times.len()) {
-            let t = times[row];
+        for (row, &t) in times.iter().enumerate() {
             if ttl.is_some_and(|ttl| rw.0 >= t.saturating_add(ttl)) {
                 late.push(row as u32);
                 continue;
@@ -222,51 +210,20 @@ impl DedupOperator {
                 }
             }
         }
-        Ok((keep, late))
-    }
-}
-
-impl Operator for DedupOperator {
-    fn open(&mut self, state: &mut StateContext<'_>) -> Result<()> {
-        match &mut self.seen {
-            Seen::First(set) => {
-                // a keyed table of the same name moves rows of older layouts as it attaches
-                state.attach(&mut KeyedTable::<Option<Scalar>>::one_value(
-                    TABLE,
-                    self.plan.ttl,
-                ))?;
-                state.attach_set(set)
-            }
-            Seen::Latest(table) => state.attach(table),
+        if !late.is_empty() {
+            SubtaskMetrics::add(&ctx.metrics.late_records, late.len() as u64);
+            out.emit(
+                LATE_PORT,
+                take_record_batch(&batch, &UInt32Array::from(late))?,
+            );
         }
-    }
-
-    fn snapshot(&mut self, snap: &mut SnapshotContext<'_>) -> Result<()> {
-        match &mut self.seen {
-            Seen::First(set) => snap.flush_set(set),
-            Seen::Latest(table) => snap.flush(table),
+        let mask = BooleanArray::from(keep);
+        if mask.true_count() == batch.num_rows() {
+            out.emit(MAIN_PORT, batch);
+        } else if mask.true_count() > 0 {
+            out.emit(MAIN_PORT, filter_record_batch(&batch, &mask)?);
         }
-    }
-
-    fn process_batch(
-        &mut self,
-        _: usize,
-        batch: RecordBatch,
-        ctx: &OperatorContext<'_>,
-        out: &mut dyn Output,
-    ) -> Result<()> {
-        self.process_rows(batch, None, None, ctx, out)
-    }
-
-    fn process_selection(
-        &mut self,
-        _: usize,
-        rows: Selection,
-        ctx: &OperatorContext<'_>,
-        out: &mut dyn Output,
-    ) -> Result<()> {
-        let keys = rows.keys_by(&self.plan.keys);
-        self.process_rows(rows.batch.clone(), Some(&rows.rows), keys, ctx, out)
+        Ok(())
     }
 
     fn on_watermark(
@@ -390,30 +347,17 @@ mod tests {
                     .collect()
             })
             .collect();
-        // each batch whole into one subtask, or split over two as a hash edge within a process
-        // sends it (a key's rows all to one; the shared batch, each one's rows, the keys)
-        for (keep, selected) in [
-            (DedupKeep::First, false),
-            (DedupKeep::Latest, false),
-            (DedupKeep::First, true),
-            (DedupKeep::Latest, true),
-        ] {
+        for keep in [DedupKeep::First, DedupKeep::Latest] {
             let order_by = (keep == DedupKeep::Latest).then_some("v");
             let plan = DedupPlan::compile(&s, &["id".into()], keep, order_by, None).unwrap();
+            let mut h = Harness::new(plan.instantiate());
             let dir = tempfile::tempdir().unwrap();
-            let mut hs: Vec<Harness<DedupOperator>> = (0..1 + selected as usize)
-                .map(|i| {
-                    let mut h = Harness::new(plan.instantiate());
-                    let backend =
-                        crate::testing::capped_backend(&dir.path().join(i.to_string()), 50);
-                    match &mut h.op.seen {
-                        Seen::First(set) => set.attach(&backend),
-                        Seen::Latest(table) => table.attach(&backend),
-                    }
-                    .unwrap();
-                    h
-                })
-                .collect();
+            let backend = crate::testing::capped_backend(dir.path(), 50);
+            match &mut h.op.seen {
+                Seen::First(set) => set.attach(&backend),
+                Seen::Latest(table) => table.attach(&backend),
+            }
+            .unwrap();
             let mut model: HashMap<String, i64> = HashMap::new();
             let mut want = Vec::new();
             for b in &batches {
@@ -429,31 +373,14 @@ mod tests {
                     }
                 }
                 let rows: Vec<(&str, i64, i64)> = b.iter().map(|(k, v)| (&k[..], *v, 0)).collect();
-                let batch = input(&s, &rows);
-                if !selected {
-                    hs[0].push(0, batch);
-                    continue;
-                }
-                let parts = crate::testing::selections(&batch, "id", "id");
-                for (h, rows) in hs.iter_mut().zip(parts) {
-                    h.push_selection(0, rows);
-                }
+                h.push(0, input(&s, &rows));
             }
-            let reads: u64 = hs
-                .iter()
-                .map(|h| match &h.op.seen {
-                    Seen::First(set) => set.reads(),
-                    Seen::Latest(table) => table.reads(),
-                })
-                .sum();
+            let reads = match &h.op.seen {
+                Seen::First(set) => set.reads(),
+                Seen::Latest(table) => table.reads(),
+            };
             assert!(reads > 1000, "{keep:?}: {reads} reads");
-            let mut got: Vec<String> = hs.iter_mut().flat_map(|h| h.take(0)).collect();
-            if selected {
-                // two subtasks' outputs, one after the other
-                got.sort();
-                want.sort();
-            }
-            assert_eq!(got, want, "{keep:?}, selected: {selected}");
+            assert_eq!(h.take(0), want, "{keep:?}");
         }
     }
 

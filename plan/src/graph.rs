@@ -80,6 +80,11 @@ pub struct Edge {
     /// and sink, which nothing there does by event time) carry none: a watermark costs its
     /// receiver a wake-up, and a job makes many of them.
     pub watermarks: bool,
+    /// Whether a hash edge hands subtasks in the same process the whole batch and their rows'
+    /// indices instead of cutting the rows out. Only into windows, which consume rows without
+    /// passing them on: an operator that forwards rows needs a compact copy anyway, and the
+    /// sending thread makes it in parallel with the receiver's work.
+    pub share_batches: bool,
 }
 
 /// A chain of nodes run by one thread per subtask.

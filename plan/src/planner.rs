@@ -410,6 +410,13 @@ fn chain(job: &JobSpec, base: &Path, nodes: Vec<Node>) -> Plan {
                     node.recipe,
                     Recipe::DeadLetterSink { .. } | Recipe::ToDeadLetter { .. }
                 ),
+                share_batches: matches!(
+                    node.recipe,
+                    Recipe::Transform {
+                        spec: TransformSpec::Window(_),
+                        ..
+                    }
+                ),
             });
         }
     }
@@ -493,6 +500,11 @@ sinks:
         assert!(into.len() >= 2 && !other.is_empty(), "{explain}");
         assert!(into.iter().all(|e| !e.watermarks));
         assert!(other.iter().all(|e| e.watermarks));
+        // batches are shared only into the window
+        for e in &p.edges {
+            let window = p.nodes[e.to.0].name == "w";
+            assert_eq!(e.share_batches, window, "{explain}");
+        }
     }
 
     #[test]

@@ -280,12 +280,14 @@ impl TaskManager {
                         .into_iter()
                         .map(|j| self.sender(d, e.to_vertex, key(ei, d.subtask, j), capacity))
                         .collect::<Result<Vec<_>>>()?;
-                    let writer = EdgeWriter::new(e.partitioning.clone(), targets);
-                    Ok(if e.watermarks {
-                        writer
-                    } else {
-                        writer.without_watermarks()
-                    })
+                    let mut writer = EdgeWriter::new(e.partitioning.clone(), targets);
+                    if !e.watermarks {
+                        writer = writer.without_watermarks();
+                    }
+                    if e.share_batches {
+                        writer = writer.sharing_batches();
+                    }
+                    Ok(writer)
                 })
                 .collect::<Result<Vec<_>>>()
         };
