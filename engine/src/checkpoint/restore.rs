@@ -1,8 +1,10 @@
 //! Reading a checkpoint or savepoint back: what an operator gets in `open`.
 //!
 //! Keyed state is matched by key group: a subtask downloads the RocksDB directories of the former
-//! subtasks whose key groups overlap its own and keeps only its rows (or, when one former subtask
-//! had exactly its key groups, uses that directory as it is). Non-keyed state is handed out whole:
+//! subtasks whose key groups overlap its own and keeps only its rows. The one sharing most key
+//! groups with it becomes its instance as it is (its files unchanged, so a checkpoint of the
+//! job's own references them instead of uploading them again); the rows it needs from the others
+//! are ingested. Non-keyed state is handed out whole:
 //! every subtask sees the pieces of every former subtask and picks its own (a source picks the
 //! positions of the splits it now reads).
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use super::{
 };
 use crate::operator::SubtaskInfo;
 use crate::state::{KeySet, KeyedBackend, KeyedTable, StateConfig, StateValue, Timers};
-use crate::{EngineError, Result};
+use crate::{EngineError, KeyGroupRange, Result};
 
 /// A checkpoint or savepoint to start from.
 #[derive(Debug, Clone)]
@@ -178,11 +180,13 @@ impl<'a> StateContext<'a> {
                 parts.push((dir, old.key_groups));
             }
             download_all(&r.root, &downloads)?;
-            if let [only] = olds.as_slice()
-                && only.key_groups == range
+            // the files of the snapshot that becomes the instance as it is are already
+            // stored where new checkpoints can reference them
+            let ranges: Vec<KeyGroupRange> = olds.iter().map(|s| s.key_groups).collect();
+            if let Some(base) = KeyedBackend::base_part(range, &ranges)
                 && r.shared_with_job
             {
-                self.seeded = only
+                self.seeded = olds[base]
                     .files
                     .iter()
                     .filter(|f| f.name.ends_with(".sst"))

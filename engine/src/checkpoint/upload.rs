@@ -485,7 +485,142 @@ pub struct LocalState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::{CheckpointMetadata, METADATA, RestoreSource};
+    use crate::checkpoint::{CheckpointMetadata, METADATA, RestoreSource, StateContext};
+    use crate::time::Watermark;
+
+    fn subtask(index: u32, parallelism: u32) -> SubtaskInfo {
+        SubtaskInfo {
+            job: "j".into(),
+            vertex: "v".into(),
+            index,
+            parallelism,
+            max_parallelism: 128,
+        }
+    }
+
+    /// Checkpoint `id` of one subtask of operator `op`: its snapshot, full and uploaded bytes.
+    fn checkpoint(
+        hooks: &CheckpointHooks,
+        op: &OperatorState,
+        info: &SubtaskInfo,
+        id: CheckpointId,
+        local: &Path,
+    ) -> (OperatorSnapshot, u64, u64) {
+        let mut taken = op.take(id, info, Vec::new(), local).unwrap();
+        taken.link().unwrap();
+        let barrier = Barrier {
+            id,
+            kind: SnapshotKind::Checkpoint,
+            target: None,
+            stop: false,
+            trace: None,
+        };
+        let (mut operators, full, uploaded) = upload_all(hooks, &barrier, info, &[taken]).unwrap();
+        op.complete(id);
+        (operators.remove(&op.uid).unwrap(), full, uploaded)
+    }
+
+    /// A rescaled subtask takes the former subtask sharing most key groups with it as its
+    /// instance; its next checkpoint references that snapshot's files where they are stored
+    /// and uploads only what it added (the rows imported from the other snapshots). Restored
+    /// from a snapshot outside the job's storage (a savepoint), it uploads everything.
+    #[test]
+    fn a_rescaled_subtask_uploads_only_what_its_base_snapshot_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Storage::open(
+            dir.path().join("chk").to_str().unwrap(),
+            Path::new("."),
+            &S3Options::default(),
+        )
+        .unwrap();
+        let hooks = CheckpointHooks {
+            storage: root.clone(),
+            s3: S3Options::default(),
+            report: Arc::new(|_| {}),
+        };
+        let config = crate::state::tests::config(dir.path(), 100_000);
+        let keys: Vec<Vec<u8>> = (0..20_000u32)
+            .map(|i| format!("key-{i}").into_bytes())
+            .collect();
+        let mut old = Vec::new();
+        for i in 0..2 {
+            let info = subtask(i, 2);
+            let local = dir.path().join(format!("old-{i}"));
+            let mut ctx = StateContext::new(&info, "op", &config, &local, None, true);
+            let backend = ctx.keyed().unwrap();
+            let mut t: crate::state::KeyedTable<u64> = crate::state::KeyedTable::new("t", None);
+            t.attach(&backend).unwrap();
+            for k in keys.iter().filter(|k| backend.owns(k)) {
+                t.update(k, 0, 0, Watermark::MIN, || 7, |_| ()).unwrap();
+            }
+            t.flush().unwrap();
+            let op = OperatorState::new("op".into(), Some(backend), &info, Vec::new());
+            let (snap, full, uploaded) = checkpoint(&hooks, &op, &info, 1, &local);
+            assert!(
+                full > 0 && uploaded == full,
+                "a first checkpoint uploads everything"
+            );
+            old.push(snap);
+        }
+        let metadata = CheckpointMetadata {
+            format: 1,
+            job: "j".into(),
+            generation: 1,
+            id: 1,
+            kind: SnapshotKind::Checkpoint,
+            trigger_time_ms: 0,
+            max_parallelism: 128,
+            operators: BTreeMap::from([("op".to_string(), old.clone())]),
+        };
+        let chk = root.child(&checkpoint_dir(1));
+        chk.put(METADATA, serde_json::to_vec(&metadata).unwrap().into())
+            .unwrap();
+        let mut restore =
+            RestoreSource::load(chk.url(), Path::new("."), &S3Options::default()).unwrap();
+        for shared in [true, false] {
+            restore.shared_with_job = shared;
+            // subtask 1 of 3 shares 21 key groups with former subtask 0 and 22 with former 1
+            for (i, base) in [(0u32, 0usize), (1, 1), (2, 1)] {
+                let info = subtask(i, 3);
+                let local = dir.path().join(format!("new-{shared}-{i}"));
+                let mut ctx = StateContext::new(&info, "op", &config, &local, Some(&restore), true);
+                let backend = ctx.keyed().unwrap();
+                let mut t: crate::state::KeyedTable<u64> = crate::state::KeyedTable::new("t", None);
+                t.attach(&backend).unwrap();
+                for k in keys.iter().filter(|k| backend.owns(k)) {
+                    assert_eq!(t.get(k, 0, Watermark::MIN).unwrap(), Some(&7));
+                }
+                let (backend, seeded) = ctx.finish();
+                let op = OperatorState::new("op".into(), backend, &info, seeded);
+                let (snap, full, uploaded) = checkpoint(&hooks, &op, &info, 2, &local);
+                let sst = |s: &OperatorSnapshot| -> Vec<(String, String)> {
+                    s.files
+                        .iter()
+                        .filter(|f| f.name.ends_with(".sst"))
+                        .map(|f| (f.name.clone(), f.path.clone()))
+                        .collect()
+                };
+                let referenced: Vec<_> = sst(&snap)
+                    .into_iter()
+                    .filter(|f| sst(&old[base]).contains(f))
+                    .collect();
+                let new_bytes: u64 = snap
+                    .files
+                    .iter()
+                    .filter(|f| !referenced.iter().any(|(n, _)| *n == f.name))
+                    .map(|f| f.size)
+                    .sum();
+                if shared {
+                    assert_eq!(referenced, sst(&old[base]), "subtask {i}");
+                    assert_eq!(uploaded, new_bytes, "subtask {i}");
+                    assert!(uploaded < full / 2, "subtask {i}: {uploaded} of {full}");
+                } else {
+                    assert!(referenced.is_empty(), "subtask {i}");
+                    assert_eq!(uploaded, full, "subtask {i}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn large_operator_state_goes_to_a_file_and_comes_back() {

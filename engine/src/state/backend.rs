@@ -717,6 +717,17 @@ impl KeyedBackend {
         })
     }
 
+    /// Which of the snapshots covering `parts` [`KeyedBackend::restore`] takes as the instance
+    /// for `range` as it is (its files unchanged): the one sharing most key groups with
+    /// `range`, if any does.
+    pub(crate) fn base_part(range: KeyGroupRange, parts: &[KeyGroupRange]) -> Option<usize> {
+        let overlap =
+            |r: &KeyGroupRange| (r.end.min(range.end) + 1).saturating_sub(r.start.max(range.start));
+        (0..parts.len())
+            .filter(|i| overlap(&parts[*i]) > 0)
+            .max_by_key(|i| overlap(&parts[*i]))
+    }
+
     /// An instance in `dir` for the key groups `range`, filled from earlier snapshots: `parts`
     /// are directories holding a downloaded snapshot each, with the key groups it covered. The
     /// part that covers most of `range` becomes the instance as it is; the rows of key groups
@@ -735,12 +746,8 @@ impl KeyedBackend {
             std::fs::remove_dir_all(dir)
                 .map_err(|e| io_err(format!("clearing {}", dir.display()), e))?;
         }
-        let overlap =
-            |r: &KeyGroupRange| (r.end.min(range.end) + 1).saturating_sub(r.start.max(range.start));
-        let best = (0..parts.len())
-            .filter(|i| overlap(&parts[*i].1) > 0)
-            .max_by_key(|i| overlap(&parts[*i].1));
-        let Some(best) = best else {
+        let ranges: Vec<KeyGroupRange> = parts.iter().map(|(_, r)| *r).collect();
+        let Some(best) = Self::base_part(range, &ranges) else {
             for (part, _) in parts {
                 remove_part(&part)?;
             }
