@@ -153,8 +153,10 @@ pub enum BenchCommand {
     /// reached the sink (p50, p99, p99.9, max), at half the rate the same job sustains
     /// unthrottled (measured first), without checkpoints and with a checkpoint every second.
     Latency {
-        /// Jobs, comma-separated: `pass` (generator to sink) and `dedup` (keep the latest row
-        /// of each of 100 000 keys: keyed state, behind a shuffle at parallelism 2).
+        /// Jobs, comma-separated: `pass` (generator to sink), `dedup` (keep the latest row of
+        /// each of 100 000 keys: keyed state, behind a shuffle at parallelism 2) and `window`
+        /// (a count per key of 10 000 keys in 1-second tumbling windows, each result timed
+        /// from when its window's end was due).
         #[arg(long, value_delimiter = ',', default_values_t = ["pass".to_string(), "dedup".to_string()])]
         jobs: Vec<String>,
         /// Rows per second (default: half of what the job sustains unthrottled).
@@ -315,22 +317,39 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
 }
 
 /// A latency job: `count` rows, at most `rate` per second, through `kind`, into a blackhole
-/// recording each row's latency from its ingestion time.
+/// recording each row's latency from its ingestion time. With a rate, event time advances at
+/// the pace rows are due (a millisecond of event time per millisecond of the run), so a
+/// window's end passes when its last rows are due; without one (a throughput run), a thousand
+/// rows per millisecond.
 fn latency_job(kind: &str, count: u64, rate: Option<f64>, parallelism: u32) -> Result<String> {
-    let (input, transform) = match kind {
-        "pass" => ("events", String::new()),
+    let (input, transform, keys) = match kind {
+        "pass" => ("events", String::new(), 100_000),
         "dedup" => (
             "q",
             "transforms:\n  q: {type: deduplicate, input: events, key: [k], keep: latest, order_by: v}\n"
                 .to_string(),
+            100_000,
         ),
-        other => bail!("unknown latency benchmark job {other}; use pass or dedup"),
+        // a result's ingestion time is when its window's end was due: the window's end in
+        // event time plus the offset of due time from event time (the same for every row of a
+        // subtask, but for rounding: the smallest of its rows')
+        "window" => (
+            "r",
+            "transforms:\n  q: {type: window, input: events, key_by: [k], window: {type: tumbling, size: 1s}, aggregates: [\"count(*) AS n\", \"min(t_in - ts * 1000) AS lag\"]}\n  r: {type: project, input: q, select: [k, n, \"epoch_ms(window_end) * 1000 + lag AS t_in\"]}\n"
+                .to_string(),
+            10_000,
+        ),
+        other => bail!("unknown latency benchmark job {other}; use pass, dedup or window"),
     };
-    let rate = rate
-        .map(|r| format!("      rows_per_second: {r}\n"))
-        .unwrap_or_default();
+    let (rate, ts) = match rate {
+        Some(r) => (
+            format!("      rows_per_second: {r}\n"),
+            format!("seq * 1000 / {}", (r.round() as u64).max(1)),
+        ),
+        None => (String::new(), "seq / 1000".to_string()),
+    };
     Ok(format!(
-        "version: 1\nname: latency-{kind}\nparallelism: {parallelism}\nsources:\n  events:\n    connector:\n      type: generator\n      count: {count}\n{rate}      fields: {{k: \"seq % 100000\", v: \"seq\", ts: \"1714557600000 + seq / 1000\"}}\n      ingestion_time: t_in\n    event_time: ts\n{transform}sinks:\n  out: {{input: {input}, parallelism: 1, connector: {{type: blackhole, latency_of: t_in}}}}\n"
+        "version: 1\nname: latency-{kind}\nparallelism: {parallelism}\nsources:\n  events:\n    connector:\n      type: generator\n      count: {count}\n{rate}      fields: {{k: \"seq % {keys}\", v: \"seq\", ts: \"1714557600000 + {ts}\"}}\n      ingestion_time: t_in\n    event_time: ts\n{transform}sinks:\n  out: {{input: {input}, parallelism: 1, connector: {{type: blackhole, latency_of: t_in}}}}\n"
     ))
 }
 
@@ -367,10 +386,11 @@ fn bench_latency(
             Some(r) => r,
             None => {
                 // what the job sustains unthrottled, over a few seconds' worth of rows
-                let events = 5_000_000;
+                let events = 20_000_000;
                 let text = latency_job(kind, events, None, parallelism)?;
                 let m = run_latency(kind, &text)?;
-                (m.rows as f64 / m.wall / 2.0).round()
+                // input rows: a window writes fewer than it reads
+                (events as f64 / m.wall / 2.0).round()
             }
         };
         let count = (rate * seconds as f64) as u64;
