@@ -759,6 +759,7 @@ impl Coordinator {
         info!(
             kind = ?p.barrier.kind,
             duration_ms = stats.duration_ms,
+            sync_ms = stats.sync_ms,
             full_bytes = stats.full_bytes,
             uploaded_bytes = stats.uploaded_bytes,
             %path,

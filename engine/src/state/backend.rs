@@ -348,10 +348,15 @@ pub(crate) fn legacy_row_key(kg: KeyGroup, table: [u8; 4], key: &[u8]) -> Vec<u8
 /// The prefix every row of `key` in `table` starts with: the row key without its namespace.
 pub(crate) fn key_prefix(kg: KeyGroup, table: [u8; 4], key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(6 + 5 + key.len() + 8);
-    k.extend_from_slice(&(kg.0 as u16).to_be_bytes());
-    k.extend_from_slice(&table);
-    push_key(&mut k, key);
+    push_key_prefix(&mut k, kg, table, key);
     k
+}
+
+/// Appends the [`key_prefix`] of `key` to `buf`.
+pub(crate) fn push_key_prefix(buf: &mut Vec<u8>, kg: KeyGroup, table: [u8; 4], key: &[u8]) {
+    buf.extend_from_slice(&(kg.0 as u16).to_be_bytes());
+    buf.extend_from_slice(&table);
+    push_key(buf, key);
 }
 
 /// Appends `key` as row keys hold it: its length (LEB128), then its bytes.
@@ -422,9 +427,7 @@ pub(crate) fn key_of_order(order: &[u8]) -> Option<&[u8]> {
 
 /// Appends the [`row_key`] of (`key`, `ns`) to `buf`.
 pub(crate) fn push_row_key(buf: &mut Vec<u8>, kg: KeyGroup, table: [u8; 4], key: &[u8], ns: i64) {
-    buf.extend_from_slice(&(kg.0 as u16).to_be_bytes());
-    buf.extend_from_slice(&table);
-    push_key(buf, key);
+    push_key_prefix(buf, kg, table, key);
     buf.extend_from_slice(&time_bytes(ns));
 }
 

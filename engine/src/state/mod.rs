@@ -213,6 +213,7 @@ struct RowWriter {
     clock: Watermark,
     version: u8,
     buf: Vec<u8>,
+    row: Vec<u8>,
     /// The table's recorded namespace range ([`Backing::written`]), widened as rows go out.
     ns_range: Option<(i64, i64)>,
     /// Keys whose rows were all deleted, to forget once the batch is written.
@@ -223,6 +224,27 @@ struct RowWriter {
     new_bytes: usize,
     payloads: usize,
     written: usize,
+}
+
+/// Where a key's rows go in a flush's write order (key group, key length, key): the key group,
+/// the length and the first 13 bytes of the key, or for keys of 255 bytes or more the key group
+/// alone. Keys equal in these are ordered by [`by_length`].
+fn write_order(kg: KeyGroup, key: &[u8]) -> u128 {
+    let mut head = [0u8; 16];
+    head[..2].copy_from_slice(&(kg.0 as u16).to_be_bytes());
+    if key.len() >= 255 {
+        head[2] = 255;
+    } else {
+        head[2] = key.len() as u8;
+        let n = key.len().min(13);
+        head[3..3 + n].copy_from_slice(&key[..n]);
+    }
+    u128::from_be_bytes(head)
+}
+
+/// Keys by length, then bytes.
+fn by_length(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    (a.len(), a).cmp(&(b.len(), b))
 }
 
 impl RowWriter {
@@ -241,9 +263,12 @@ impl RowWriter {
         let expired = self
             .ttl
             .is_some_and(|ttl| self.clock.0 >= slot.touched.saturating_add(ttl));
+        // the row keys are built in one buffer kept for the next key
+        let mut row = std::mem::take(&mut self.row);
+        row.clear();
+        backend::push_key_prefix(&mut row, kg, self.table, key);
+        let prefix = row.len();
         if slot.values.is_empty() || expired {
-            let mut row = backend::key_prefix(kg, self.table, key);
-            let prefix = row.len();
             for e in slot.values.0.iter().filter(|e| e.persisted) {
                 row.truncate(prefix);
                 row.extend_from_slice(&backend::time_bytes(e.ns));
@@ -251,11 +276,10 @@ impl RowWriter {
             }
             self.removed_entries += slot.values.len();
             self.tombstones.push(key.into());
+            self.row = row;
             return Ok(());
         }
         slot.persisted = true;
-        let mut row = backend::key_prefix(kg, self.table, key);
-        let prefix = row.len();
         let deadline = self
             .ttl
             .map_or(i64::MAX, |t| slot.touched.saturating_add(t));
@@ -299,6 +323,7 @@ impl RowWriter {
             self.payloads += payload;
             self.written += 1;
         }
+        self.row = row;
         if self.batch.size_in_bytes() >= FLUSH_BATCH_BYTES {
             self.backend.write(std::mem::take(&mut self.batch))?;
         }
@@ -1310,6 +1335,7 @@ impl<V: StateValue> KeyedTable<V> {
             clock: self.clock,
             version: self.version,
             buf: Vec::new(),
+            row: Vec::new(),
             ns_range: b.written,
             tombstones: Vec::new(),
             removed_entries: 0,
@@ -1327,29 +1353,35 @@ impl<V: StateValue> KeyedTable<V> {
         // run of ascending keys from where the last one went instead of searching from the top.
         // When many keys are dirty, one pass over the table finds them faster than a lookup
         // each (a lookup is a cache miss; the pass reads the table in order).
+        // The order is decided by a number made of the key group, the key's length and its
+        // first bytes, and only on a tie by the keys themselves: comparing the keys would read
+        // each one where the table holds it, a cache miss per comparison.
         let maxp = b.backend.max_parallelism();
-        let order = |(ga, a): &(KeyGroup, &[u8]), (gb, b): &(KeyGroup, &[u8])| {
-            (ga, a.len(), a).cmp(&(gb, b.len(), b))
-        };
         let listed = std::mem::take(&mut b.dirty);
         if listed.len() > self.keys.capacity() / 16 {
-            let mut dirty: Vec<(KeyGroup, &StateKey, &mut Slot<V>)> = self
+            let mut dirty: Vec<(u128, KeyGroup, &StateKey, &mut Slot<V>)> = self
                 .keys
                 .iter_mut()
                 .filter(|(_, s)| s.dirty)
-                .map(|(k, s)| (key_group(hash_key(k), maxp), k, s))
+                .map(|(k, s)| {
+                    let kg = key_group(hash_key(k), maxp);
+                    (write_order(kg, k), kg, k, s)
+                })
                 .collect();
-            dirty.sort_unstable_by(|a, b| order(&(a.0, &a.1[..]), &(b.0, &b.1[..])));
-            for (kg, key, slot) in dirty {
+            dirty.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| by_length(a.2, b.2)));
+            for (_, kg, key, slot) in dirty {
                 w.slot(kg, key, slot, &self.name)?;
             }
         } else {
-            let mut dirty: Vec<(KeyGroup, StateKey)> = listed
+            let mut dirty: Vec<(u128, KeyGroup, StateKey)> = listed
                 .into_iter()
-                .map(|k| (key_group(hash_key(&k), maxp), k))
+                .map(|k| {
+                    let kg = key_group(hash_key(&k), maxp);
+                    (write_order(kg, &k), kg, k)
+                })
                 .collect();
-            dirty.sort_unstable_by(|a, b| order(&(a.0, &a.1[..]), &(b.0, &b.1[..])));
-            for (kg, key) in dirty {
+            dirty.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| by_length(&a.2, &b.2)));
+            for (_, kg, key) in dirty {
                 // absent: created and removed since the last flush, RocksDB never had it
                 if let Some(slot) = self.keys.get_mut(&key) {
                     w.slot(kg, &key, slot, &self.name)?;
@@ -2259,6 +2291,35 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("snapshot"), "{err}");
         let err = backend.scan(backend::value_table_id("t")).unwrap_err();
         assert!(err.is_retryable(), "{err}");
+    }
+
+    /// A flush's order key sorts keys as (key group, length, bytes) does, with the keys
+    /// compared only on a tie: short keys, keys sharing their first 13 bytes, keys longer than
+    /// 255 bytes.
+    #[test]
+    fn write_order_sorts_by_key_group_length_and_bytes() {
+        let mut keys: Vec<(KeyGroup, Vec<u8>)> = Vec::new();
+        for g in [3u32, 0, 127] {
+            for len in [0usize, 1, 5, 13, 14, 20, 255, 256, 300] {
+                for last in [9u8, 0, 200] {
+                    let mut k = vec![7u8; len];
+                    if let Some(b) = k.last_mut() {
+                        *b = last;
+                    }
+                    keys.push((KeyGroup(g), k));
+                }
+            }
+        }
+        keys.push((KeyGroup(3), vec![1; 256]));
+        keys.push((KeyGroup(3), vec![9; 255]));
+        let mut expected = keys.clone();
+        expected.sort_by(|a, b| (a.0, a.1.len(), &a.1).cmp(&(b.0, b.1.len(), &b.1)));
+        keys.sort_by(|a, b| {
+            write_order(a.0, &a.1)
+                .cmp(&write_order(b.0, &b.1))
+                .then_with(|| by_length(&a.1, &b.1))
+        });
+        assert_eq!(keys, expected);
     }
 
     /// A flush finds many dirty keys with one pass over the table and few through its list;
