@@ -9,12 +9,14 @@
 //! positions of the splits it now reads).
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::upload::segment;
 use super::{
     CheckpointMetadata, FileRef, METADATA, OperatorSnapshot, S3Options, SnapshotKind, Storage,
 };
 use crate::operator::SubtaskInfo;
+use crate::state::backend::Restoring;
 use crate::state::{KeySet, KeyedBackend, KeyedTable, StateConfig, StateValue, Timers};
 use crate::{EngineError, KeyGroupRange, Result};
 
@@ -166,6 +168,8 @@ impl<'a> StateContext<'a> {
                     r.location, r.metadata.max_parallelism
                 )));
             }
+            let ranges: Vec<KeyGroupRange> = olds.iter().map(|s| s.key_groups).collect();
+            let base = KeyedBackend::base_part(range, &ranges);
             let mut parts = Vec::new();
             let mut downloads = Vec::new();
             for (i, old) in olds.iter().enumerate() {
@@ -176,14 +180,14 @@ impl<'a> StateContext<'a> {
                 }
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| EngineError::io(format!("creating {}", dir.display()), e))?;
-                downloads.extend(old.files.iter().map(|f| (f, dir.join(&f.name))));
+                downloads.extend(old.files.iter().map(|f| (i, f, dir.join(&f.name))));
                 parts.push((dir, old.key_groups));
             }
-            download_all(&r.root, &downloads)?;
+            // the base's files first: its instance opens while the others download
+            downloads.sort_by_key(|(i, _, _)| Some(*i) != base);
             // the files of the snapshot that becomes the instance as it is are already
             // stored where new checkpoints can reference them
-            let ranges: Vec<KeyGroupRange> = olds.iter().map(|s| s.key_groups).collect();
-            if let Some(base) = KeyedBackend::base_part(range, &ranges)
+            if let Some(base) = base
                 && r.shared_with_job
             {
                 self.seeded = olds[base]
@@ -193,7 +197,13 @@ impl<'a> StateContext<'a> {
                     .cloned()
                     .collect();
             }
-            KeyedBackend::restore(&self.dir, self.config, range, mp, parts)?
+            let target = Target {
+                dir: &self.dir,
+                config: self.config,
+                range,
+                max_parallelism: mp,
+            };
+            restore_while_downloading(&r.root, &target, parts, base, &downloads)?
         } else {
             KeyedBackend::open(&self.dir, self.config, range, mp)?
         };
@@ -250,22 +260,133 @@ const PARALLEL_DOWNLOADS: usize = 4;
 
 /// Downloads (and verifies) snapshot files into local paths, several at a time; the first
 /// error stops the rest.
-fn download_all(root: &Storage, files: &[(&FileRef, PathBuf)]) -> Result<()> {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failed = std::sync::atomic::AtomicBool::new(false);
+/// A directory holding a downloaded snapshot, and the key groups it covered.
+type Part = (PathBuf, KeyGroupRange);
+
+/// A file to download: the index of its part, where it is stored, and where it goes.
+type Download<'a> = (usize, &'a FileRef, PathBuf);
+
+/// Where a restore puts the instance it builds.
+struct Target<'a> {
+    dir: &'a Path,
+    config: &'a StateConfig,
+    range: KeyGroupRange,
+    max_parallelism: u32,
+}
+
+/// Restores the instance `target` from the snapshots in `parts` (directories to download into,
+/// with the key groups each covered), `base` becoming the instance as it is: downloads `files`
+/// (each with the index of its part) on threads of their own and, once a part's files are all
+/// there, opens it as the instance (the base) or imports it (the others), so the work on the
+/// parts that arrived overlaps the downloads of the rest.
+fn restore_while_downloading(
+    root: &Storage,
+    target: &Target<'_>,
+    parts: Vec<Part>,
+    base: Option<usize>,
+    files: &[Download<'_>],
+) -> Result<KeyedBackend> {
+    let left: Vec<AtomicUsize> = (0..parts.len())
+        .map(|i| AtomicUsize::new(files.iter().filter(|(p, _, _)| *p == i).count()))
+        .collect();
+    let stop = AtomicBool::new(false);
+    let (arrived, arrivals) = std::sync::mpsc::channel::<usize>();
+    std::thread::scope(|s| {
+        let downloads = std::thread::Builder::new()
+            .name("restore-download".into())
+            .spawn_scoped(s, || {
+                let arrived = arrived;
+                download_all(root, files, &stop, |part| {
+                    if left[part].fetch_sub(1, Ordering::AcqRel) == 1 {
+                        // the receiver is gone only once the restore failed
+                        let _ = arrived.send(part);
+                    }
+                })
+            })
+            .map_err(|e| EngineError::io("starting a download thread", e))?;
+        let restored = restore_arrivals(target, parts, base, &arrivals);
+        if restored.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        // a failed download explains a part that never arrived
+        downloads
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        restored
+    })
+}
+
+/// The restoring side of [`restore_while_downloading`]: takes parts as `arrivals` names them
+/// until every part arrived or the downloads ended.
+fn restore_arrivals(
+    target: &Target<'_>,
+    parts: Vec<Part>,
+    base: Option<usize>,
+    arrivals: &std::sync::mpsc::Receiver<usize>,
+) -> Result<KeyedBackend> {
+    let mut waiting: Vec<Option<Part>> = parts.into_iter().map(Some).collect();
+    let begin = |base| {
+        Restoring::begin(
+            target.dir,
+            target.config,
+            target.range,
+            target.max_parallelism,
+            base,
+        )
+    };
+    let mut restoring = match base {
+        Some(_) => None,
+        None => Some(begin(None)?),
+    };
+    let mut ready = Vec::new();
+    while waiting.iter().any(Option::is_some) {
+        let Ok(part) = arrivals.recv() else {
+            return Err(EngineError::Storage(
+                "the downloads of a snapshot ended before every file arrived".into(),
+            ));
+        };
+        ready.push(part);
+        if restoring.is_none() && base.is_some_and(|b| ready.contains(&b)) {
+            let b = base.expect("checked");
+            ready.retain(|p| *p != b);
+            restoring = Some(begin(waiting[b].take())?);
+        }
+        if let Some(r) = restoring.as_mut() {
+            for p in ready.drain(..) {
+                if let Some(part) = waiting[p].take() {
+                    r.add(part)?;
+                }
+            }
+        }
+    }
+    restoring
+        .map(Restoring::finish)
+        .unwrap_or_else(|| begin(None).and_then(Restoring::finish))
+}
+
+/// Downloads `files` (each with the index of its part), [`PARALLEL_DOWNLOADS`] at a time,
+/// calling `done` with a file's part once it is there; stops early once `stop` is set.
+fn download_all(
+    root: &Storage,
+    files: &[Download<'_>],
+    stop: &AtomicBool,
+    done: impl Fn(usize) + Sync,
+) -> Result<()> {
+    let next = AtomicUsize::new(0);
     let worker = || -> Result<()> {
         loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some((f, path)) = files.get(i) else {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some((part, f, path)) = files.get(i) else {
                 return Ok(());
             };
-            if failed.load(std::sync::atomic::Ordering::Relaxed) {
+            if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
             if let Err(e) = root.get_file(f, path) {
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                stop.store(true, Ordering::Relaxed);
                 return Err(e);
             }
+            done(*part);
         }
     };
     let workers = PARALLEL_DOWNLOADS.min(files.len());
@@ -324,8 +445,19 @@ mod tests {
         }
         let out = dir.path().join("out");
         std::fs::create_dir_all(&out).unwrap();
-        let files: Vec<(&FileRef, PathBuf)> = refs.iter().map(|f| (f, out.join(&f.name))).collect();
-        download_all(&root, &files).unwrap();
+        let files: Vec<Download> = refs
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (i % 2, f, out.join(&f.name)))
+            .collect();
+        let done: Vec<AtomicUsize> = (0..2).map(|_| AtomicUsize::new(0)).collect();
+        let stop = AtomicBool::new(false);
+        download_all(&root, &files, &stop, |part| {
+            done[part].fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+        let done: Vec<usize> = done.iter().map(|d| d.load(Ordering::Relaxed)).collect();
+        assert_eq!(done, [7, 6], "each file is reported once, with its part");
         for (i, f) in refs.iter().enumerate() {
             let local = out.join(&f.name);
             assert_eq!(std::fs::read(&local).unwrap(), vec![i as u8; 1000 + i]);
@@ -338,12 +470,12 @@ mod tests {
             && std::fs::metadata(other.path()).unwrap().dev()
                 != std::fs::metadata(dir.path()).unwrap().dev()
         {
-            let files: Vec<(&FileRef, PathBuf)> = refs
+            let files: Vec<Download> = refs
                 .iter()
-                .map(|f| (f, other.path().join(&f.name)))
+                .map(|f| (0, f, other.path().join(&f.name)))
                 .collect();
-            download_all(&root, &files).unwrap();
-            for (i, (_, local)) in files.iter().enumerate() {
+            download_all(&root, &files, &stop, |_| ()).unwrap();
+            for (i, (_, _, local)) in files.iter().enumerate() {
                 assert_eq!(std::fs::read(local).unwrap(), vec![i as u8; 1000 + i]);
             }
         }
@@ -354,10 +486,151 @@ mod tests {
             let path = format!("shared/f{bad}");
             let good = std::fs::read(dir.path().join(&path)).unwrap();
             root.put(&path, vec![0xff; len].into()).unwrap();
-            let e = download_all(&root, &files).unwrap_err();
+            let e = download_all(&root, &files, &AtomicBool::new(false), |_| ()).unwrap_err();
             assert!(matches!(e, EngineError::Corrupt { .. }), "{e:?}");
             assert!(e.to_string().contains(&path), "{e}");
             root.put(&path, good.into()).unwrap();
         }
+    }
+
+    /// A restore opens its base snapshot and imports the others in whatever order their
+    /// downloads finish, and ends with every row; a damaged file of another part fails it with
+    /// the download's reason, and downloads that end early fail it rather than leave it waiting.
+    #[test]
+    fn a_restore_takes_its_parts_as_they_arrive() {
+        use crate::state::KeyedTable;
+        use crate::time::Watermark;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::state::tests::config(dir.path(), 100_000);
+        let keys: Vec<Vec<u8>> = (0..2000u32)
+            .map(|i| format!("key-{i}").into_bytes())
+            .collect();
+        let root = Storage::open(
+            dir.path().join("root").to_str().unwrap(),
+            Path::new("."),
+            &S3Options::default(),
+        )
+        .unwrap();
+        // two snapshots of halves of the key groups, stored under p0/ and p1/
+        let mut refs: Vec<Vec<FileRef>> = Vec::new();
+        let mut ranges = Vec::new();
+        for i in 0..2 {
+            let range = KeyGroupRange::for_subtask(128, 2, i);
+            let backend = Arc::new(
+                KeyedBackend::open(&dir.path().join(format!("old-{i}")), &config, range, 128)
+                    .unwrap(),
+            );
+            let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
+            t.attach(&backend).unwrap();
+            for k in keys.iter().filter(|k| backend.owns(k)) {
+                t.update(k, 0, 0, Watermark::MIN, || i as u64 + 1, |_| ())
+                    .unwrap();
+            }
+            t.flush().unwrap();
+            let snap = dir.path().join(format!("snap-{i}"));
+            backend.checkpoint(&snap).unwrap();
+            let mut files = Vec::new();
+            for e in std::fs::read_dir(&snap).unwrap() {
+                let e = e.unwrap();
+                let name = e.file_name().to_string_lossy().to_string();
+                let data = std::fs::read(e.path()).unwrap();
+                let path = format!("p{i}/{name}");
+                root.put(&path, data.clone().into()).unwrap();
+                files.push(FileRef {
+                    name,
+                    path,
+                    size: data.len() as u64,
+                    checksum: Some(super::super::checksum(&data)),
+                });
+            }
+            refs.push(files);
+            ranges.push(range);
+        }
+        let all = KeyGroupRange::for_subtask(128, 1, 0);
+        let base = KeyedBackend::base_part(all, &ranges);
+        assert!(base.is_some());
+        let check = |backend: KeyedBackend| {
+            // the base's SST files are the instance's, linked where they are stored
+            for f in refs[base.unwrap()]
+                .iter()
+                .filter(|f| f.name.ends_with(".sst"))
+            {
+                let stored = dir.path().join("root").join(&f.path);
+                let live = backend.dir().join(&f.name);
+                assert_eq!(
+                    std::fs::metadata(&stored).unwrap().ino(),
+                    std::fs::metadata(&live).unwrap().ino(),
+                    "{}",
+                    f.name
+                );
+            }
+            let backend = Arc::new(backend);
+            let mut t: KeyedTable<u64> = KeyedTable::new("t", None);
+            t.attach(&backend).unwrap();
+            for k in &keys {
+                let i = ranges.iter().position(|r| {
+                    r.contains(crate::keys::key_group(crate::keys::hash_key(k), 128))
+                });
+                assert_eq!(
+                    t.get(k, 0, Watermark::MIN).unwrap(),
+                    Some(&(i.unwrap() as u64 + 1))
+                );
+            }
+        };
+        let target_dir = dir.path().join("restored");
+        let target = Target {
+            dir: &target_dir,
+            config: &config,
+            range: all,
+            max_parallelism: 128,
+        };
+        let fetch = |case: &str| -> (Vec<Part>, Vec<Download<'_>>) {
+            let mut parts = Vec::new();
+            let mut files = Vec::new();
+            for (i, r) in ranges.iter().enumerate() {
+                let part = dir.path().join(format!("{case}-part-{i}"));
+                let _ = std::fs::remove_dir_all(&part);
+                std::fs::create_dir_all(&part).unwrap();
+                files.extend(refs[i].iter().map(|f| (i, f, part.join(&f.name))));
+                parts.push((part, *r));
+            }
+            (parts, files)
+        };
+        // downloaded on threads of their own
+        let (parts, files) = fetch("threads");
+        check(restore_while_downloading(&root, &target, parts, base, &files).unwrap());
+        // the other part arriving before the base, and the base first
+        for (case, order) in [("other-first", [1usize, 0]), ("base-first", [0, 1])] {
+            let (parts, files) = fetch(case);
+            let stop = AtomicBool::new(false);
+            download_all(&root, &files, &stop, |_| ()).unwrap();
+            let b = base.unwrap();
+            let order = order.map(|o| if o == 0 { b } else { 1 - b });
+            let (tx, rx) = std::sync::mpsc::channel();
+            for p in order {
+                tx.send(p).unwrap();
+            }
+            check(restore_arrivals(&target, parts, base, &rx).unwrap());
+        }
+        // downloads that ended with a part missing
+        let (parts, _) = fetch("early");
+        let (tx, rx) = std::sync::mpsc::channel();
+        tx.send(base.unwrap()).unwrap();
+        drop(tx);
+        let e = restore_arrivals(&target, parts, base, &rx).err().unwrap();
+        assert!(e.to_string().contains("before every file arrived"), "{e}");
+        // a damaged file of the part that is not the base
+        let other = 1 - base.unwrap();
+        let bad = refs[other]
+            .iter()
+            .find(|f| f.name.ends_with(".sst"))
+            .unwrap();
+        root.put(&bad.path, vec![0u8; bad.size as usize].into())
+            .unwrap();
+        let (parts, files) = fetch("damaged");
+        let e = restore_while_downloading(&root, &target, parts, base, &files)
+            .err()
+            .unwrap();
+        assert!(matches!(e, EngineError::Corrupt { .. }), "{e:?}");
     }
 }

@@ -733,11 +733,8 @@ impl KeyedBackend {
 
     /// An instance in `dir` for the key groups `range`, filled from earlier snapshots: `parts`
     /// are directories holding a downloaded snapshot each, with the key groups it covered. The
-    /// part that covers most of `range` becomes the instance as it is; the rows of key groups
-    /// outside `range` are dropped with range deletes (so a rescale costs no copy of the rows it
-    /// keeps), and the rows of `range` in the other parts are written into SST files and
-    /// ingested. Timers of foreign keys that stay behind are dropped when they come due. The
-    /// parts are removed.
+    /// part that covers most of `range` ([`KeyedBackend::base_part`]) becomes the instance as it
+    /// is, and the others are imported (see [`Restoring`]). The parts are removed.
     pub fn restore(
         dir: &Path,
         config: &StateConfig,
@@ -745,51 +742,13 @@ impl KeyedBackend {
         max_parallelism: u32,
         mut parts: Vec<(PathBuf, KeyGroupRange)>,
     ) -> Result<Self> {
-        if dir.exists() {
-            std::fs::remove_dir_all(dir)
-                .map_err(|e| io_err(format!("clearing {}", dir.display()), e))?;
-        }
         let ranges: Vec<KeyGroupRange> = parts.iter().map(|(_, r)| *r).collect();
-        let Some(best) = Self::base_part(range, &ranges) else {
-            for (part, _) in parts {
-                remove_part(&part)?;
-            }
-            let mut backend = Self::open_existing(dir, config, range, max_parallelism, true)?;
-            backend.mark_format()?;
-            backend.mark_ranges(true)?;
-            return Ok(backend);
-        };
-        let (base, base_range) = parts.remove(best);
-        if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| io_err(format!("creating {}", parent.display()), e))?;
+        let base = Self::base_part(range, &ranges).map(|i| parts.remove(i));
+        let mut restoring = Restoring::begin(dir, config, range, max_parallelism, base)?;
+        for part in parts {
+            restoring.add(part)?;
         }
-        std::fs::rename(&base, dir)
-            .map_err(|e| io_err(format!("moving {} into place", base.display()), e))?;
-        let mut backend = Self::open_existing(dir, config, range, max_parallelism, true)?;
-        let mut batch = WriteBatch::default();
-        if base_range.start < range.start {
-            batch.delete_range(kg_prefix(0), kg_prefix(range.start));
-        }
-        if base_range.end > range.end {
-            batch.delete_range(kg_prefix(range.end + 1), OUTSIDE);
-        }
-        backend.write(batch)?;
-        let mut format = backend.format;
-        let mut ranges = backend.ranges;
-        for (i, (part, r)) in parts.into_iter().enumerate() {
-            if r.intersects(&range) {
-                let sst = dir.with_extension(format!("ingest-{i}.sst"));
-                let (f, rs) = backend.import(&part, &sst, config)?;
-                format = format.min(f);
-                ranges &= rs;
-            }
-            remove_part(&part)?;
-        }
-        backend.format = format;
-        backend.mark_format()?;
-        backend.mark_ranges(ranges)?;
-        Ok(backend)
+        restoring.finish()
     }
 
     /// Writes the rows of this instance's key groups in the snapshot in `part`, and the timers
@@ -1534,6 +1493,96 @@ impl KeyedBackend {
         self.db()
             .put(format_key(), format.to_be_bytes())
             .expect("put");
+    }
+}
+
+/// A restore in progress: the instance made of its base snapshot, to which the other snapshots
+/// are added one by one as they become available (so their downloads overlap the work on the
+/// ones already there).
+pub(crate) struct Restoring {
+    backend: KeyedBackend,
+    config: StateConfig,
+    /// The lowest layout of the snapshots added, and whether all of them recorded their
+    /// namespace ranges.
+    format: u32,
+    ranges: bool,
+    imported: usize,
+}
+
+impl Restoring {
+    /// Starts from `base`, a directory holding a downloaded snapshot and the key groups it
+    /// covered: it becomes the instance in `dir` as it is, and the rows of key groups outside
+    /// `range` are dropped with range deletes (so a rescale costs no copy of the rows it keeps).
+    /// Without one, the instance starts empty.
+    pub(crate) fn begin(
+        dir: &Path,
+        config: &StateConfig,
+        range: KeyGroupRange,
+        max_parallelism: u32,
+        base: Option<(PathBuf, KeyGroupRange)>,
+    ) -> Result<Self> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .map_err(|e| io_err(format!("clearing {}", dir.display()), e))?;
+        }
+        let Some((base, base_range)) = base else {
+            let backend = KeyedBackend::open_existing(dir, config, range, max_parallelism, true)?;
+            return Ok(Restoring {
+                format: backend.format,
+                ranges: true,
+                backend,
+                config: config.clone(),
+                imported: 0,
+            });
+        };
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| io_err(format!("creating {}", parent.display()), e))?;
+        }
+        std::fs::rename(&base, dir)
+            .map_err(|e| io_err(format!("moving {} into place", base.display()), e))?;
+        let backend = KeyedBackend::open_existing(dir, config, range, max_parallelism, true)?;
+        let mut batch = WriteBatch::default();
+        if base_range.start < range.start {
+            batch.delete_range(kg_prefix(0), kg_prefix(range.start));
+        }
+        if base_range.end > range.end {
+            batch.delete_range(kg_prefix(range.end + 1), OUTSIDE);
+        }
+        backend.write(batch)?;
+        Ok(Restoring {
+            format: backend.format,
+            ranges: backend.ranges,
+            backend,
+            config: config.clone(),
+            imported: 0,
+        })
+    }
+
+    /// Adds the snapshot in `part` (a directory, with the key groups it covered): the rows of
+    /// this instance's key groups, and the timers of keys in them, are written into an SST file
+    /// and ingested. Timers of foreign keys that stay behind are dropped when they come due. The
+    /// part is removed.
+    pub(crate) fn add(&mut self, (part, r): (PathBuf, KeyGroupRange)) -> Result<()> {
+        if r.intersects(&self.backend.range) {
+            let sst = self
+                .backend
+                .dir
+                .with_extension(format!("ingest-{}.sst", self.imported));
+            self.imported += 1;
+            let (f, rs) = self.backend.import(&part, &sst, &self.config)?;
+            self.format = self.format.min(f);
+            self.ranges &= rs;
+        }
+        remove_part(&part)
+    }
+
+    /// The restored instance, marked with the lowest layout of its snapshots.
+    pub(crate) fn finish(mut self) -> Result<KeyedBackend> {
+        self.backend.format = self.format;
+        self.backend.mark_format()?;
+        self.backend.mark_ranges(self.ranges)?;
+        Ok(self.backend)
     }
 }
 
