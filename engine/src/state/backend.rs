@@ -751,11 +751,19 @@ impl KeyedBackend {
         restoring.finish()
     }
 
-    /// Writes the rows of this instance's key groups in the snapshot in `part`, and the timers
-    /// of keys in them, into the SST file `sst` and ingests it, and widens each table's
-    /// namespace range by the snapshot's; returns the snapshot's layout and whether it had the
-    /// [`ranges_marker`].
-    fn import(&self, part: &Path, sst: &Path, config: &StateConfig) -> Result<(u32, bool)> {
+    /// Writes the rows of this instance's key groups in the snapshot in `part` (which covered
+    /// the key groups `covered`), and the timers of keys in them, into SST files named after
+    /// `sst` and ingests them, and widens each table's namespace range by the snapshot's;
+    /// returns the snapshot's layout and whether it had the [`ranges_marker`]. The key groups
+    /// are split into contiguous runs written on threads of their own, one per core up to
+    /// [`IMPORT_THREADS`].
+    fn import(
+        &self,
+        part: &Path,
+        covered: KeyGroupRange,
+        sst: &Path,
+        config: &StateConfig,
+    ) -> Result<(u32, bool)> {
         let clock = Arc::new(AtomicI64::new(i64::MIN));
         let opts = options(config, &self.memory, clock);
         let src = DB::open_for_read_only(&opts, part, false)
@@ -767,30 +775,91 @@ impl KeyedBackend {
                 part.display()
             )));
         }
-        let writer = rocksdb::SstFileWriter::create(&opts);
-        writer
-            .open(sst)
-            .map_err(|e| db_err(format!("creating {}", sst.display()), e))?;
-        let mut writer = writer;
-        let mut rows = 0u64;
-        let mut put = |k: &[u8], v: &[u8]| -> Result<()> {
-            rows += 1;
-            writer
-                .put(k, v)
-                .map_err(|e| db_err(format!("writing {}", sst.display()), e))
-        };
-        // rows in key order: the key groups of `range`, then the timers of their keys (timers
-        // are ordered by time, not by key group: each one's key says where it goes)
-        let lo = kg_prefix(self.range.start);
-        let mut ro = ReadOptions::default();
-        ro.set_total_order_seek(true);
-        ro.set_iterate_upper_bound(kg_prefix(self.range.end + 1).to_vec());
-        for item in src.iterator_opt(IteratorMode::From(&lo, Direction::Forward), ro) {
-            let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
-            put(&k, &v)?;
+        let file = |i: usize| sst.with_extension(format!("{i}.sst"));
+        // rows in key order: the key groups of both ranges, in runs, then the timers of their
+        // keys (timers are ordered by time, not by key group: each one's key says where it goes)
+        let (lo, hi) = (
+            self.range.start.max(covered.start),
+            self.range.end.min(covered.end),
+        );
+        let groups = (hi + 1).saturating_sub(lo) as usize;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, IMPORT_THREADS)
+            .min(groups.max(1));
+        let runs: Vec<(u32, u32)> = (0..threads)
+            .map(|t| {
+                let from = lo + (groups * t / threads) as u32;
+                let to = lo + (groups * (t + 1) / threads) as u32;
+                (from, to)
+            })
+            .filter(|(from, to)| from < to)
+            .collect();
+        let src = &src;
+        let opts = &opts;
+        let written: Vec<Result<Option<PathBuf>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = runs
+                .iter()
+                .enumerate()
+                .map(|(i, &(from, to))| {
+                    let path = file(i);
+                    s.spawn(move || {
+                        let mut ro = ReadOptions::default();
+                        ro.set_total_order_seek(true);
+                        ro.set_iterate_upper_bound(kg_prefix(to).to_vec());
+                        let rows = src
+                            .iterator_opt(
+                                IteratorMode::From(&kg_prefix(from), Direction::Forward),
+                                ro,
+                            )
+                            .map(|item| item.map_err(|e| db_err("reading snapshot", e)));
+                        write_sst(opts, &path, rows)
+                    })
+                })
+                .collect();
+            let mut results: Vec<Result<Option<PathBuf>>> = handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect();
+            results.push(self.import_timers(src, opts, &file(runs.len())));
+            results
+        });
+        let mut files = Vec::new();
+        let mut failed = None;
+        for w in written {
+            match w {
+                Ok(f) => files.extend(f),
+                Err(e) => failed = failed.or(Some(e)),
+            }
         }
-        // timers of both layouts (an older snapshot's are moved when their queue attaches),
-        // then pane rows, whose key order says their key group
+        if let Some(e) = failed {
+            for f in &files {
+                let _ = std::fs::remove_file(f);
+            }
+            return Err(e);
+        }
+        let ranges = Self::read_ranges_marker(src)?;
+        self.widen_ranges(src)?;
+        if files.is_empty() {
+            return Ok((format, ranges));
+        }
+        let mut ingest = rocksdb::IngestExternalFileOptions::default();
+        ingest.set_move_files(true);
+        let ingested = self
+            .db()
+            .ingest_external_file_opts(&ingest, files.clone())
+            .map_err(|e| db_err(format!("ingesting {}", sst.display()), e));
+        for f in &files {
+            let _ = std::fs::remove_file(f);
+        }
+        ingested?;
+        Ok((format, ranges))
+    }
+
+    /// Writes the timers of both layouts (an older snapshot's are moved when their queue
+    /// attaches) and the pane rows in `src` of keys this instance owns into the SST file `sst`;
+    /// `None` if there are none.
+    fn import_timers(&self, src: &DB, opts: &Options, sst: &Path) -> Result<Option<PathBuf>> {
         let timers = [&OUTSIDE[..], &[LEGACY_TIMERS]].concat();
         let mut ro = ReadOptions::default();
         ro.set_total_order_seek(true);
@@ -801,37 +870,25 @@ impl KeyedBackend {
                     .contains(KeyGroup(u16::from_be_bytes([kg[0], kg[1]]) as u32))
             })
         };
-        for item in src.iterator_opt(IteratorMode::From(&timers, Direction::Forward), ro) {
-            let (k, v) = item.map_err(|e| db_err("reading snapshot", e))?;
-            let owned = match k[2] {
-                PANES => owns_order(decode_pane_row(&k).map(|(_, _, _, order)| order)),
-                LEGACY_PANES => owns_order(decode_legacy_pane_row(&k).map(|(_, _, order)| order)),
-                LEGACY_TIMERS => decode_timer_key(&k).is_some_and(|(_, key)| self.owns(key)),
-                _ => decode_timer_key(&k)
-                    .and_then(|(_, rest)| key_of_order(rest))
-                    .is_some_and(|key| self.owns(key)),
-            };
-            if owned {
-                put(&k, &v)?;
-            }
-        }
-        let ranges = Self::read_ranges_marker(&src)?;
-        self.widen_ranges(&src)?;
-        if rows == 0 {
-            drop(writer);
-            let _ = std::fs::remove_file(sst);
-            return Ok((format, ranges));
-        }
-        writer
-            .finish()
-            .map_err(|e| db_err(format!("writing {}", sst.display()), e))?;
-        let mut ingest = rocksdb::IngestExternalFileOptions::default();
-        ingest.set_move_files(true);
-        self.db()
-            .ingest_external_file_opts(&ingest, vec![sst])
-            .map_err(|e| db_err(format!("ingesting {}", sst.display()), e))?;
-        let _ = std::fs::remove_file(sst);
-        Ok((format, ranges))
+        let rows = src
+            .iterator_opt(IteratorMode::From(&timers, Direction::Forward), ro)
+            .map(|item| item.map_err(|e| db_err("reading snapshot", e)))
+            .filter(|item| {
+                let Ok((k, _)) = item else {
+                    return true;
+                };
+                match k[2] {
+                    PANES => owns_order(decode_pane_row(k).map(|(_, _, _, order)| order)),
+                    LEGACY_PANES => {
+                        owns_order(decode_legacy_pane_row(k).map(|(_, _, order)| order))
+                    }
+                    LEGACY_TIMERS => decode_timer_key(k).is_some_and(|(_, key)| self.owns(key)),
+                    _ => decode_timer_key(k)
+                        .and_then(|(_, rest)| key_of_order(rest))
+                        .is_some_and(|key| self.owns(key)),
+                }
+            });
+        write_sst(opts, sst, rows)
     }
 
     /// Widens this instance's namespace range of each table by the one `src` recorded.
@@ -1570,7 +1627,7 @@ impl Restoring {
                 .dir
                 .with_extension(format!("ingest-{}.sst", self.imported));
             self.imported += 1;
-            let (f, rs) = self.backend.import(&part, &sst, &self.config)?;
+            let (f, rs) = self.backend.import(&part, r, &sst, &self.config)?;
             self.format = self.format.min(f);
             self.ranges &= rs;
         }
@@ -1584,6 +1641,44 @@ impl Restoring {
         self.backend.mark_ranges(self.ranges)?;
         Ok(self.backend)
     }
+}
+
+/// Threads an import writes SST files on at most.
+const IMPORT_THREADS: usize = 4;
+
+/// Writes `rows` (in key order) into the SST file `path`; `None`, and no file, if there are
+/// none.
+fn write_sst(
+    opts: &Options,
+    path: &Path,
+    rows: impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>>,
+) -> Result<Option<PathBuf>> {
+    let mut writer = rocksdb::SstFileWriter::create(opts);
+    writer
+        .open(path)
+        .map_err(|e| db_err(format!("creating {}", path.display()), e))?;
+    let mut any = false;
+    let written = rows.into_iter().try_for_each(|row| {
+        let (k, v) = row?;
+        any = true;
+        writer
+            .put(&k, &v)
+            .map_err(|e| db_err(format!("writing {}", path.display()), e))
+    });
+    if let Err(e) = written {
+        drop(writer);
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    if !any {
+        drop(writer);
+        let _ = std::fs::remove_file(path);
+        return Ok(None);
+    }
+    writer
+        .finish()
+        .map_err(|e| db_err(format!("writing {}", path.display()), e))?;
+    Ok(Some(path.to_path_buf()))
 }
 
 fn remove_part(part: &Path) -> Result<()> {
