@@ -253,14 +253,20 @@ fn latest(
     rw: Watermark,
 ) -> Result<bool> {
     let v = order.and_then(|o| o.get(row));
-    let newer = match table.get(key, 0, rw)? {
-        None => true,
-        Some(prev) => v > *prev,
-    };
-    if newer {
-        table.update(key, 0, t, rw, || None, |s| *s = v)?;
-    }
-    Ok(newer)
+    table.upsert(
+        key,
+        0,
+        t,
+        rw,
+        || v.clone(),
+        |prev| {
+            let newer = v > *prev;
+            if newer {
+                *prev = v.clone();
+            }
+            newer
+        },
+    )
 }
 
 #[cfg(test)]

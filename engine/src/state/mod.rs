@@ -429,6 +429,10 @@ impl<V> Namespaces<V> {
         self.find(ns).ok().map(|i| &self.0[i].value)
     }
 
+    fn get_mut(&mut self, ns: i64) -> Option<&mut V> {
+        self.find(ns).ok().map(|i| &mut self.0[i].value)
+    }
+
     /// The entry at `ns`, inserted with `init` if absent; and whether it was inserted.
     fn get_or_insert(&mut self, ns: i64, init: impl FnOnce() -> V) -> (&mut Entry<V>, bool) {
         match self.find(ns) {
@@ -1048,6 +1052,42 @@ impl<V: StateValue> KeyedTable<V> {
         }
         let whole = self.load(key, at(ns))?;
         self.update_loaded(key, ns, now, clock, whole, init, f)
+    }
+
+    /// Changes the live value of `key` at `ns` (as of `clock`) with `change`, or creates it
+    /// with `init` if there is none; returns whether it changed or created it. The key is
+    /// touched at event time `now` and its value rewritten at the next flush only if `change`
+    /// says it changed the value (a deduplication keeping the latest row leaves a key alone
+    /// for an older row). One read of the key where [`Self::get`] and then [`Self::update`]
+    /// read it twice.
+    pub fn upsert(
+        &mut self,
+        key: &[u8],
+        ns: i64,
+        now: i64,
+        clock: Watermark,
+        init: impl FnOnce() -> V,
+        change: impl FnOnce(&mut V) -> bool,
+    ) -> Result<bool> {
+        if self.one_value && ns != 0 {
+            return Err(self.error(format!(
+                "holds one value per key, at namespace 0; namespace {ns} was written"
+            )));
+        }
+        let whole = self.load(key, at(ns))?;
+        let ttl = self.ttl;
+        let changed = match self.keys.get_mut(key) {
+            Some(slot) if !Self::expired_at(ttl, slot, clock) => {
+                slot.values.get_mut(ns).map(change)
+            }
+            _ => None,
+        };
+        if changed == Some(false) {
+            return Ok(false);
+        }
+        // changed in place (marked and touched now), or created
+        self.update_loaded(key, ns, now, clock, whole, init, |_| ())?;
+        Ok(true)
     }
 
     /// Whether `key` has no live value as of `clock`; if so, creates its value at namespace 0
@@ -2951,6 +2991,54 @@ pub(crate) mod tests {
             let expect = if forget { reads + 1 } else { reads };
             assert_eq!(t.reads(), expect, "case {case}: a namespace past both");
         }
+    }
+
+    /// An upsert creates an absent value, changes a held one in place, leaves it alone (not
+    /// rewritten, not touched) when the change says it did not change it, and starts over on a
+    /// value whose TTL passed.
+    #[test]
+    fn an_upsert_rewrites_only_what_it_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1000);
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend =
+            Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
+        let mut t: KeyedTable<u32> = KeyedTable::one_value("t", Some(Duration::from_millis(100)));
+        t.attach(&backend).unwrap();
+        let newer = |v: u32| {
+            move |prev: &mut u32| {
+                let n = v > *prev;
+                if n {
+                    *prev = v;
+                }
+                n
+            }
+        };
+        let clock = Watermark::MIN;
+        assert!(t.upsert(b"a", 0, 1000, clock, || 5, newer(5)).unwrap());
+        t.flush().unwrap();
+        let written = t.rows_written();
+        // older: unchanged, so nothing to write and the TTL still counts from 1000
+        assert!(!t.upsert(b"a", 0, 1050, clock, || 3, newer(3)).unwrap());
+        t.flush().unwrap();
+        assert_eq!(t.rows_written(), written);
+        assert_eq!(t.get(b"a", 0, Watermark(1099)).unwrap(), Some(&5));
+        assert_eq!(t.get(b"a", 0, Watermark(1100)).unwrap(), None);
+        // newer: changed in place and written
+        assert!(
+            t.upsert(b"a", 0, 1060, Watermark(1099), || 7, newer(7))
+                .unwrap()
+        );
+        t.flush().unwrap();
+        assert_eq!(t.rows_written(), written + 1);
+        assert_eq!(t.get(b"a", 0, Watermark(1159)).unwrap(), Some(&7));
+        // expired: the old value is gone, so even an older row counts as new
+        assert!(
+            t.upsert(b"a", 0, 1200, Watermark(1160), || 1, newer(1))
+                .unwrap()
+        );
+        assert_eq!(t.get(b"a", 0, Watermark(1160)).unwrap(), Some(&1));
+        assert!(t.upsert(b"a", 1, 0, clock, || 1, newer(1)).is_err());
     }
 
     #[test]
