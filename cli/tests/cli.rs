@@ -672,7 +672,8 @@ sinks:
 }
 
 /// `freshet bench latency` runs a rate-limited generator into a sink that records latencies,
-/// and prints percentiles of every row that arrived.
+/// and prints percentiles of every row that arrived (for the window job, of every result: one
+/// per key of the one window the second of rows falls into).
 #[test]
 fn bench_latency_counts_every_row_and_orders_its_percentiles() {
     let o = freshet()
@@ -680,7 +681,7 @@ fn bench_latency_counts_every_row_and_orders_its_percentiles() {
             "bench",
             "latency",
             "--jobs",
-            "dedup",
+            "dedup,window",
             "--rate",
             "2000",
             "--seconds",
@@ -692,10 +693,10 @@ fn bench_latency_counts_every_row_and_orders_its_percentiles() {
     let text = String::from_utf8_lossy(&o.stdout);
     let rows: Vec<Vec<&str>> = text
         .lines()
-        .filter(|l| l.starts_with("| dedup"))
+        .filter(|l| l.starts_with("| dedup") || l.starts_with("| window"))
         .map(|l| l.split('|').map(str::trim).collect())
         .collect();
-    assert_eq!(rows.len(), 2, "{text}");
+    assert_eq!(rows.len(), 4, "{text}");
     for r in rows {
         // | job | p | checkpoints | rows/s | rows | p50 | p99 | p99.9 | max |
         assert_eq!(r[5], "2000", "{text}");

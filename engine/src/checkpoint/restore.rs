@@ -258,8 +258,6 @@ impl<'a> StateContext<'a> {
 /// Files a restore downloads at once: object stores serve one stream far slower than several.
 const PARALLEL_DOWNLOADS: usize = 4;
 
-/// Downloads (and verifies) snapshot files into local paths, several at a time; the first
-/// error stops the rest.
 /// A directory holding a downloaded snapshot, and the key groups it covered.
 type Part = (PathBuf, KeyGroupRange);
 
@@ -346,8 +344,10 @@ fn restore_arrivals(
             ));
         };
         ready.push(part);
-        if restoring.is_none() && base.is_some_and(|b| ready.contains(&b)) {
-            let b = base.expect("checked");
+        if let Some(b) = base
+            && restoring.is_none()
+            && ready.contains(&b)
+        {
             ready.retain(|p| *p != b);
             restoring = Some(begin(waiting[b].take())?);
         }
@@ -364,8 +364,9 @@ fn restore_arrivals(
         .unwrap_or_else(|| begin(None).and_then(Restoring::finish))
 }
 
-/// Downloads `files` (each with the index of its part), [`PARALLEL_DOWNLOADS`] at a time,
-/// calling `done` with a file's part once it is there; stops early once `stop` is set.
+/// Downloads (and verifies) `files` (each with the index of its part) into their local
+/// paths, [`PARALLEL_DOWNLOADS`] at a time, calling `done` with a file's part once it is there;
+/// the first error, or `stop` set, stops the rest.
 fn download_all(
     root: &Storage,
     files: &[Download<'_>],

@@ -817,11 +817,13 @@ impl KeyedBackend {
                     })
                 })
                 .collect();
+            // the timers meanwhile, on this thread
+            let timers = self.import_timers(src, opts, &file(runs.len()));
             let mut results: Vec<Result<Option<PathBuf>>> = handles
                 .into_iter()
                 .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect();
-            results.push(self.import_timers(src, opts, &file(runs.len())));
+            results.push(timers);
             results
         });
         let mut files = Vec::new();
