@@ -1034,6 +1034,16 @@ impl<V: StateValue> KeyedTable<V> {
         Ok(())
     }
 
+    /// Refuses a write at namespace `ns` to a one-value table, which holds namespace 0 only.
+    fn check_namespace(&self, ns: i64) -> Result<()> {
+        if self.one_value && ns != 0 {
+            return Err(self.error(format!(
+                "holds one value per key, at namespace 0; namespace {ns} was written"
+            )));
+        }
+        Ok(())
+    }
+
     /// Applies `f` to the value at (key, ns), creating it with `init` if absent; touches the key
     /// at event time `now` for TTL. A key that had expired as of `clock` starts over empty.
     pub fn update<R>(
@@ -1045,11 +1055,7 @@ impl<V: StateValue> KeyedTable<V> {
         init: impl FnOnce() -> V,
         f: impl FnOnce(&mut V) -> R,
     ) -> Result<R> {
-        if self.one_value && ns != 0 {
-            return Err(self.error(format!(
-                "holds one value per key, at namespace 0; namespace {ns} was written"
-            )));
-        }
+        self.check_namespace(ns)?;
         let whole = self.load(key, at(ns))?;
         self.update_loaded(key, ns, now, clock, whole, init, f)
     }
@@ -1069,11 +1075,7 @@ impl<V: StateValue> KeyedTable<V> {
         init: impl FnOnce() -> V,
         change: impl FnOnce(&mut V) -> bool,
     ) -> Result<bool> {
-        if self.one_value && ns != 0 {
-            return Err(self.error(format!(
-                "holds one value per key, at namespace 0; namespace {ns} was written"
-            )));
-        }
+        self.check_namespace(ns)?;
         let whole = self.load(key, at(ns))?;
         let ttl = self.ttl;
         let changed = match self.keys.get_mut(key) {
