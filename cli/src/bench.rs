@@ -696,11 +696,7 @@ fn bench_state(b: &StateBench) -> Result<i32> {
 /// Table cells from the "checkpoint completed" lines of a run's log: how many, the median and
 /// largest duration and upload, and the full size of the last.
 fn checkpoint_cells(log: &str) -> String {
-    let field = |line: &str, name: &str| -> Option<f64> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
-            .and_then(|v| v.parse().ok())
-    };
+    let field = log_field;
     let (mut durations, mut uploads, mut last_full) = (Vec::new(), Vec::new(), 0.0);
     for line in log.lines().filter(|l| l.contains("checkpoint completed")) {
         if let (Some(d), Some(u), Some(f)) = (
@@ -725,6 +721,22 @@ fn checkpoint_cells(log: &str) -> String {
         median(&mut uploads.clone()),
         max(&uploads),
     )
+}
+
+/// The number logged as `name=...` in a log line.
+fn log_field(line: &str, name: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Megabytes the last completed checkpoint in a JobManager's log uploaded, as a table cell.
+fn last_upload_cell(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("checkpoint completed"))
+        .filter_map(|l| log_field(l, "uploaded_bytes"))
+        .next_back()
+        .map_or("-".into(), |b| format!("{:.1}", b / 1e6))
 }
 
 /// The recovery benchmark's job: `keys` keys, each written once with a payload of about
@@ -777,27 +789,28 @@ fn bench_recovery(keys: &[u64], payload: usize, timeout: std::time::Duration) ->
     }
     let this = std::env::current_exe()?;
     println!(
-        "| distinct keys | state in the checkpoint MB | build s | restart p=2 s | rescale 2 -> 3 s |"
+        "| distinct keys | state in the checkpoint MB | build s | restart p=2 s | uploaded MB | rescale 2 -> 3 s | uploaded MB |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for &k in keys {
         let dir = tempfile::tempdir()?;
         let checkpoints = dir.path().join("checkpoints");
         let path = dir.path().join("recovery.yaml");
         std::fs::write(&path, recovery_job(k, payload, &checkpoints))?;
-        let time = |args: &[&str]| -> Result<String> {
+        // a run's time, and what its last checkpoint uploaded
+        let time = |args: &[&str]| -> Result<(String, String)> {
             Ok(match run_child(&this, &path, args, &[], timeout)? {
-                ChildRun::Done { wall, .. } => format!("{wall:.2}"),
-                ChildRun::TimedOut => format!("> {}", timeout.as_secs()),
+                ChildRun::Done { wall, log, .. } => (format!("{wall:.2}"), last_upload_cell(&log)),
+                ChildRun::TimedOut => (format!("> {}", timeout.as_secs()), "-".into()),
             })
         };
-        let build = time(&[])?;
+        let (build, _) = time(&[])?;
         let bytes = checkpoint_state_bytes(&checkpoints.join("recovery"))?;
         // both runs resume from the newest completed checkpoint and find the input consumed
-        let restart = time(&[])?;
-        let rescale = time(&["--parallelism", "3"])?;
+        let (restart, restart_up) = time(&[])?;
+        let (rescale, rescale_up) = time(&["--parallelism", "3"])?;
         println!(
-            "| {k} | {:.0} | {build} | {restart} | {rescale} |",
+            "| {k} | {:.0} | {build} | {restart} | {restart_up} | {rescale} | {rescale_up} |",
             bytes as f64 / 1e6
         );
     }
@@ -1035,6 +1048,12 @@ mod tests {
                    2026-12-02T01:00:20Z  INFO freshet_jobmanager::checkpoints: checkpoint completed kind=Checkpoint duration_ms=200 full_bytes=9500000 uploaded_bytes=500000 path=/c/chk-3\n";
         assert_eq!(checkpoint_cells(log), "3 | 200 | 300 | 2.0 | 4.0 | 9.5");
         assert_eq!(checkpoint_cells("nothing"), "0 | - | - | - | - | -");
+        assert_eq!(last_upload_cell(log), "0.5");
+        assert_eq!(
+            last_upload_cell(&log.replace("=500000 ", "=2600000 ")),
+            "2.6"
+        );
+        assert_eq!(last_upload_cell("nothing"), "-");
     }
 
     #[test]
