@@ -169,6 +169,40 @@ struct Pane<C> {
     sorted: Option<Vec<u32>>,
 }
 
+/// A row of a pane with the first 16 bytes of its key's [`key_order`], as two integers that
+/// sort as the bytes do (see [`Pane::ordered`]).
+#[derive(Debug, Clone, Copy)]
+struct Ordered {
+    hi: u64,
+    lo: u64,
+    row: u32,
+}
+
+impl Ordered {
+    /// A row whose prefix is not known: [`Ordered::order`] reads its key.
+    fn unknown(row: u32) -> Self {
+        Ordered {
+            hi: u64::MAX,
+            lo: u64::MAX,
+            row,
+        }
+    }
+
+    /// The row's key order: from the prefix when it holds all of it (a key group, a length
+    /// under 128 in one byte, and at most 13 bytes of key), else from the pane.
+    fn order<C: PaneColumns>(&self, pane: &Pane<C>) -> StateKey {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&self.hi.to_be_bytes());
+        bytes[8..].copy_from_slice(&self.lo.to_be_bytes());
+        let len = bytes[2] as usize;
+        if len < 0x80 && 3 + len <= bytes.len() {
+            StateKey::from_slice(&bytes[..3 + len])
+        } else {
+            pane.order(self.row)
+        }
+    }
+}
+
 impl<C: PaneColumns> Pane<C> {
     fn new(mut columns: C, rows: usize, max_parallelism: u32) -> Self {
         columns.reserve(rows);
@@ -270,7 +304,15 @@ impl<C: PaneColumns> Pane<C> {
     /// alike in all of those are compared, by their bytes alone (their key groups and lengths
     /// are equal).
     fn in_row_order(&self, rows: impl Iterator<Item = u32>) -> Vec<u32> {
-        let mut by_prefix: Vec<(u64, u64, u32)> = rows
+        self.ordered(rows).into_iter().map(|o| o.row).collect()
+    }
+
+    /// `rows` in row order as [`in_row_order`](Self::in_row_order) sorts them, each with the
+    /// first 16 bytes of its order. Reading the rows' keys in this order touches them at
+    /// random, a cache miss each once a pane outgrows the CPU's caches; the prefixes are read
+    /// in the rows' own order, and hold the whole order of a key of up to 13 bytes.
+    fn ordered(&self, rows: impl Iterator<Item = u32>) -> Vec<Ordered> {
+        let mut ordered: Vec<Ordered> = rows
             .map(|r| {
                 let key = self.key(r);
                 let (head, n) =
@@ -280,19 +322,19 @@ impl<C: PaneColumns> Pane<C> {
                 let k = key.len().min(16 - n);
                 prefix[n..n + k].copy_from_slice(&key[..k]);
                 let (hi, lo) = prefix.split_at(8);
-                (
-                    u64::from_be_bytes(hi.try_into().expect("8 bytes")),
-                    u64::from_be_bytes(lo.try_into().expect("8 bytes")),
-                    r,
-                )
+                Ordered {
+                    hi: u64::from_be_bytes(hi.try_into().expect("8 bytes")),
+                    lo: u64::from_be_bytes(lo.try_into().expect("8 bytes")),
+                    row: r,
+                }
             })
             .collect();
-        by_prefix.sort_unstable_by(|a, b| {
-            (a.0, a.1)
-                .cmp(&(b.0, b.1))
-                .then_with(|| self.key(a.2).cmp(self.key(b.2)))
+        ordered.sort_unstable_by(|a, b| {
+            (a.hi, a.lo)
+                .cmp(&(b.hi, b.lo))
+                .then_with(|| self.key(a.row).cmp(self.key(b.row)))
         });
-        by_prefix.into_iter().map(|(_, _, r)| r).collect()
+        ordered
     }
 
     /// Bytes held on the heap.
@@ -499,8 +541,8 @@ impl<C: PaneColumns> PaneTable<C> {
             }
             add_generation(generations, b.generation);
             let sorted = match pane.sorted.take() {
-                Some(sorted) => sorted,
-                None => pane.in_row_order(0..pane.len() as u32),
+                Some(sorted) => sorted.into_iter().map(Ordered::unknown).collect(),
+                None => pane.ordered(0..pane.len() as u32),
             };
             let put = |batch: &mut rocksdb::WriteBatch, block: &mut pane_blocks::BlockWriter| {
                 if let Some((first, bytes)) = block.take() {
@@ -511,7 +553,8 @@ impl<C: PaneColumns> PaneTable<C> {
                 }
             };
             for row in sorted {
-                let order = pane.order(row);
+                let order = row.order(pane);
+                let row = row.row;
                 if block.must_close_before(&order) {
                     put(&mut batch, &mut block);
                     if batch.size_in_bytes() >= WRITE_BATCH_BYTES {
@@ -549,12 +592,13 @@ impl<C: PaneColumns> PaneTable<C> {
         let mut buf = Vec::new();
         for (&ns, pane) in self.panes.iter_mut() {
             // in row order: RocksDB's memtable inserts ascending keys cheaply
-            let dirty = pane.in_row_order(pane.dirty_rows());
+            let dirty = pane.ordered(pane.dirty_rows());
             if dirty.is_empty() {
                 continue;
             }
             for row in dirty {
-                let order = pane.order(row);
+                let order = row.order(pane);
+                let row = row.row;
                 buf.clear();
                 buf.push(0u8);
                 buf = postcard::to_extend(&pane.columns.value(ns, row), std::mem::take(&mut buf))
@@ -961,6 +1005,37 @@ mod tests {
             assert_eq!(order.as_slice(), want.as_slice(), "length {len}");
             assert_eq!(key_of_order(&order), key.as_slice());
         }
+    }
+
+    #[test]
+    fn a_rows_order_comes_from_its_prefix_when_the_key_fits() {
+        let mut pane = Pane::new(Sums::default(), 0, 128);
+        let mut keys = Vec::new();
+        for len in [0usize, 1, 9, 12, 13, 14, 15, 127, 128, 300] {
+            for first in [0u8, 7, 200] {
+                // keys alike in their first 13 bytes, and differing further on
+                for last in [1u8, 2] {
+                    let mut key = vec![first; len];
+                    if let Some(b) = key.last_mut() {
+                        *b = last;
+                    }
+                    keys.push(key);
+                }
+            }
+        }
+        for key in &keys {
+            pane.locate(key).unwrap();
+        }
+        let ordered = pane.ordered(0..pane.len() as u32);
+        assert_eq!(ordered.len(), pane.len());
+        let orders: Vec<StateKey> = ordered.iter().map(|o| o.order(&pane)).collect();
+        for (o, order) in ordered.iter().zip(&orders) {
+            assert_eq!(*order, pane.order(o.row), "row {}", o.row);
+            assert_eq!(Ordered::unknown(o.row).order(&pane), pane.order(o.row));
+        }
+        assert!(orders.windows(2).all(|w| w[0] < w[1]), "in row order");
+        let rows: Vec<u32> = ordered.iter().map(|o| o.row).collect();
+        assert_eq!(pane.in_row_order(0..pane.len() as u32), rows);
     }
 
     /// Random updates of sums: memory, flushes (whose rows memory then overwrites) and spills
