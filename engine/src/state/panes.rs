@@ -76,7 +76,13 @@ pub trait PaneColumns: Clone + Send + 'static {
     fn value(&self, ns: i64, row: u32) -> Self::Value;
     /// Bytes the columns hold on the heap.
     fn bytes(&self) -> usize;
+    /// Starts loading what [`value`](Self::value) will read of row `row` (see
+    /// [`super::prefetch`]): loops over rows in key order call it some rows ahead.
+    fn prefetch(&self, _row: u32) {}
 }
+
+/// How many rows ahead a loop over rows in key order asks for their columns.
+const PREFETCH_AHEAD: usize = 8;
 
 /// Values per (namespace, key), held a namespace at a time. See the module documentation.
 #[derive(Debug)]
@@ -337,6 +343,28 @@ impl<C: PaneColumns> Pane<C> {
         ordered
     }
 
+    /// Starts loading what a loop over `rows` (in key order) will read of the rows some steps
+    /// after step `i` (see [`super::prefetch`]): two steps' distance apart, the key's end and
+    /// group, then the key's bytes (found from its end, loaded by then) and the columns.
+    fn prefetch_ahead(&self, rows: &[u32], i: usize) {
+        if let Some(&row) = rows.get(i + 2 * PREFETCH_AHEAD) {
+            let r = row as usize;
+            super::prefetch(&self.ends[r.saturating_sub(1)]);
+            super::prefetch(&self.ends[r]);
+            super::prefetch(&self.groups[r]);
+        }
+        if let Some(&row) = rows.get(i + PREFETCH_AHEAD) {
+            let start = match row {
+                0 => 0,
+                r => self.ends[r as usize - 1] as usize,
+            };
+            if let Some(byte) = self.keys.get(start) {
+                super::prefetch(byte);
+            }
+            self.columns.prefetch(row);
+        }
+    }
+
     /// Bytes held on the heap.
     fn bytes(&self) -> usize {
         self.index.allocation_size()
@@ -552,7 +580,10 @@ impl<C: PaneColumns> PaneTable<C> {
                     );
                 }
             };
-            for row in sorted {
+            for (i, row) in sorted.iter().enumerate() {
+                if let Some(ahead) = sorted.get(i + PREFETCH_AHEAD) {
+                    pane.columns.prefetch(ahead.row);
+                }
                 let order = row.order(pane);
                 let row = row.row;
                 if block.must_close_before(&order) {
@@ -596,7 +627,10 @@ impl<C: PaneColumns> PaneTable<C> {
             if dirty.is_empty() {
                 continue;
             }
-            for row in dirty {
+            for (i, row) in dirty.iter().enumerate() {
+                if let Some(ahead) = dirty.get(i + PREFETCH_AHEAD) {
+                    pane.columns.prefetch(ahead.row);
+                }
                 let order = row.order(pane);
                 let row = row.row;
                 buf.clear();
@@ -665,22 +699,31 @@ impl<C: PaneColumns> PaneTable<C> {
         // memory: the pane's keys in row order, sorted once per change of its key set; straight
         // into `out` unless RocksDB holds partials of the namespace to merge them with
         let mut mem: Vec<(StateKey, C::Value)> = Vec::new();
-        if let Some(pane) = self.panes.get_mut(&ns) {
-            if pane.sorted.is_none() {
-                pane.sorted = Some(pane.in_row_order(0..pane.len() as u32));
-            }
+        if let Some(pane) = self.panes.get_mut(&ns)
+            && pane.sorted.is_none()
+        {
+            let before = pane.bytes();
+            pane.sorted = Some(pane.in_row_order(0..pane.len() as u32));
+            let after = pane.bytes();
+            self.charge(before, after);
+        }
+        if let Some(pane) = self.panes.get(&ns) {
             let sorted = pane.sorted.as_deref().expect("sorted above");
             let from = after.map_or(0, |a| {
                 sorted.partition_point(|r| pane.order(*r).as_slice() <= a)
             });
-            let rows = sorted[from..].iter().take(limit);
-            if on_disk {
-                mem.extend(rows.map(|row| (pane.order(*row), pane.columns.value(ns, *row))));
-            } else {
-                out.extend(rows.map(|row| {
-                    let value = pane.columns.value(ns, *row);
-                    (pane.order(*row), std::iter::once(value).collect())
-                }));
+            let end = sorted.len().min(from.saturating_add(limit));
+            for i in from..end {
+                pane.prefetch_ahead(&sorted[..end], i);
+                let row = sorted[i];
+                let value = pane.columns.value(ns, row);
+                if on_disk {
+                    mem.push((pane.order(row), value));
+                } else {
+                    out.push((pane.order(row), std::iter::once(value).collect()));
+                }
+            }
+            if !on_disk {
                 return Ok(());
             }
         }
@@ -1104,6 +1147,45 @@ mod tests {
             }
         }
         out
+    }
+
+    /// What the table charged to the job's memory, against the bytes its panes hold now.
+    fn assert_charged(t: &PaneTable<Sums>, backend: &KeyedBackend) {
+        let held: usize = t.panes.values().map(Pane::bytes).sum();
+        assert_eq!(t.bytes(), held);
+        assert_eq!(backend.memory().decoded(), held);
+    }
+
+    #[test]
+    fn a_read_charges_its_sorted_rows_and_an_update_frees_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = open(dir.path(), "db", KeyGroupRange::for_subtask(128, 1, 0));
+        let mut t: PaneTable<Sums> = PaneTable::new("w", Sums::default());
+        t.attach(&backend).unwrap();
+        for i in 0..5000 {
+            t.update(0, [key(i).as_slice()], |c, rows| c.0[rows[0] as usize] += i)
+                .unwrap();
+        }
+        assert_charged(&t, &backend);
+        let before = t.bytes();
+        // reading sorts the pane's rows once, and keeps them until a key is added
+        let mut got = Vec::new();
+        t.read_into(0, None, 100, &mut got).unwrap();
+        assert_eq!(got.len(), 100);
+        assert!(
+            t.bytes() >= before + 5000 * 4,
+            "the sorted rows are charged"
+        );
+        assert_charged(&t, &backend);
+        t.update(0, [key(9999).as_slice()], |c, rows| {
+            c.0[rows[0] as usize] += 1
+        })
+        .unwrap();
+        assert_charged(&t, &backend);
+        t.read_into(0, None, 100, &mut got).unwrap();
+        t.drop_through(0).unwrap();
+        assert_charged(&t, &backend);
+        assert_eq!(backend.memory().decoded(), 0);
     }
 
     #[test]

@@ -495,6 +495,33 @@ impl AccColumn {
         }
     }
 
+    /// Starts loading row `row`'s accumulator (see [`freshet_engine::state::prefetch`]); of
+    /// an accumulator of any kind, what it holds behind pointers is not.
+    pub fn prefetch(&self, row: u32) {
+        fn ahead<T>(column: &[T], row: usize) {
+            if let Some(value) = column.get(row) {
+                freshet_engine::state::prefetch(value);
+            }
+        }
+        let r = row as usize;
+        match self {
+            AccColumn::Count(c) => ahead(c, r),
+            AccColumn::SumInt(s, a) => {
+                ahead(s, r);
+                ahead(a, r);
+            }
+            AccColumn::SumFloat(s, a) => {
+                ahead(s, r);
+                ahead(a, r);
+            }
+            AccColumn::Avg(s, n) => {
+                ahead(s, r);
+                ahead(n, r);
+            }
+            AccColumn::Any { accs, .. } => ahead(accs, r),
+        }
+    }
+
     /// Replaces the accumulator of row `row` (of this column's kind).
     fn set(&mut self, row: u32, acc: Acc) {
         let r = row as usize;

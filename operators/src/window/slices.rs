@@ -123,6 +123,15 @@ impl PaneColumns for SliceColumns {
         parts
     }
 
+    fn prefetch(&self, row: u32) {
+        if let Some(word) = self.present.get(row as usize / 64) {
+            freshet_engine::state::prefetch(word);
+        }
+        for c in &self.columns {
+            c.prefetch(row);
+        }
+    }
+
     fn bytes(&self) -> usize {
         let late = self.late.len() * (size_of::<((u32, i64), Accs)>() + 16);
         self.columns.iter().map(AccColumn::bytes).sum::<usize>()
