@@ -1017,21 +1017,25 @@ impl KeyedBackend {
                 }
             }
         }
+        // the live cursors' positions, ordered by (current key order, position): the smallest
+        // key first and, for one key, the oldest generation first (the cursors are in
+        // generation order). A cursor that advanced moves to its new place by a binary search,
+        // so a step costs a logarithm of the cursors' number in comparisons, not one apiece: a
+        // large window that spilled many generations merges them all.
+        let mut cursors: Vec<Option<PaneCursor>> = cursors.into_iter().map(Some).collect();
+        fn current<'c>(cursors: &'c [Option<PaneCursor<'_>>], i: usize) -> Option<&'c [u8]> {
+            cursors[i]
+                .as_ref()
+                .and_then(|c| c.current())
+                .map(|(o, _)| o)
+        }
+        let mut live: Vec<usize> = (0..cursors.len()).collect();
+        live.sort_by(|&a, &b| (current(&cursors, a), a).cmp(&(current(&cursors, b), b)));
         let mut keys = 0usize;
         let mut last: Vec<u8> = Vec::new();
-        loop {
-            // the smallest key order among the cursors, the oldest generation first
-            let mut min: Option<(usize, &[u8])> = None;
-            for (i, c) in cursors.iter().enumerate() {
-                if let Some((order, _)) = c.current()
-                    && min.is_none_or(|(_, o)| order < o)
-                {
-                    min = Some((i, order));
-                }
-            }
-            let Some((m, _)) = min else { break };
-            let c = &mut cursors[m];
-            let (order, value) = c.current().expect("the smallest");
+        while let Some(&m) = live.first() {
+            let c = cursors[m].as_mut().expect("a live cursor");
+            let (order, value) = c.current().expect("a live cursor has a row");
             if keys == 0 || order != last.as_slice() {
                 if keys == limit {
                     break;
@@ -1042,11 +1046,21 @@ impl KeyedBackend {
             }
             f(order, c.generation, value)?;
             c.advance()?;
-            if c.current().is_none() {
-                cursors.remove(m).finish()?;
+            match current(&cursors, m) {
+                None => {
+                    live.remove(0);
+                    cursors[m].take().expect("a live cursor").finish()?;
+                }
+                Some(order) => {
+                    let at = live[1..].partition_point(|&i| {
+                        (current(&cursors, i).expect("a live cursor has a row"), i) < (order, m)
+                    });
+                    live.copy_within(1..=at, 0);
+                    live[at] = m;
+                }
             }
         }
-        for c in cursors {
+        for c in cursors.into_iter().flatten() {
             c.finish()?;
         }
         Ok(())
