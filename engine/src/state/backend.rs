@@ -1021,19 +1021,45 @@ impl KeyedBackend {
         // key first and, for one key, the oldest generation first (the cursors are in
         // generation order). A cursor that advanced moves to its new place by a binary search,
         // so a step costs a logarithm of the cursors' number in comparisons, not one apiece: a
-        // large window that spilled many generations merges them all.
-        let mut cursors: Vec<Option<PaneCursor>> = cursors.into_iter().map(Some).collect();
+        // large window that spilled many generations merges them all. Each is listed with the
+        // first 16 bytes of its order as an integer, which orders most pairs without reading
+        // their cursors.
         fn current<'c>(cursors: &'c [Option<PaneCursor<'_>>], i: usize) -> Option<&'c [u8]> {
             cursors[i]
                 .as_ref()
                 .and_then(|c| c.current())
                 .map(|(o, _)| o)
         }
-        let mut live: Vec<usize> = (0..cursors.len()).collect();
-        live.sort_by(|&a, &b| (current(&cursors, a), a).cmp(&(current(&cursors, b), b)));
+        fn head(order: &[u8]) -> u128 {
+            let mut bytes = [0u8; 16];
+            let n = order.len().min(16);
+            bytes[..n].copy_from_slice(&order[..n]);
+            u128::from_be_bytes(bytes)
+        }
+        /// Whether listed cursor `(h, i)` comes before cursor `m`, whose order is `order`.
+        fn before(
+            cursors: &[Option<PaneCursor<'_>>],
+            (h, i): (u128, usize),
+            (head, order, m): (u128, &[u8], usize),
+        ) -> bool {
+            match h.cmp(&head) {
+                std::cmp::Ordering::Equal => {
+                    (current(cursors, i).expect("a live cursor has a row"), i) < (order, m)
+                }
+                o => o.is_lt(),
+            }
+        }
+        let mut cursors: Vec<Option<PaneCursor>> = cursors.into_iter().map(Some).collect();
+        let mut live: Vec<(u128, usize)> = (0..cursors.len())
+            .map(|i| (head(current(&cursors, i).unwrap_or_default()), i))
+            .collect();
+        live.sort_by(|&(ha, a), &(hb, b)| {
+            ha.cmp(&hb)
+                .then_with(|| (current(&cursors, a), a).cmp(&(current(&cursors, b), b)))
+        });
         let mut keys = 0usize;
         let mut last: Vec<u8> = Vec::new();
-        while let Some(&m) = live.first() {
+        while let Some(&(_, m)) = live.first() {
             let c = cursors[m].as_mut().expect("a live cursor");
             let (order, value) = c.current().expect("a live cursor has a row");
             if keys == 0 || order != last.as_slice() {
@@ -1052,11 +1078,10 @@ impl KeyedBackend {
                     cursors[m].take().expect("a live cursor").finish()?;
                 }
                 Some(order) => {
-                    let at = live[1..].partition_point(|&i| {
-                        (current(&cursors, i).expect("a live cursor has a row"), i) < (order, m)
-                    });
+                    let moved = (head(order), order, m);
+                    let at = live[1..].partition_point(|&l| before(&cursors, l, moved));
                     live.copy_within(1..=at, 0);
-                    live[at] = m;
+                    live[at] = (moved.0, m);
                 }
             }
         }
