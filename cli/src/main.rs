@@ -12,13 +12,6 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-/// jemalloc serves every allocation of the process, RocksDB's C++ included (the crate exports
-/// `malloc` and `free`, which the shared RocksDB library binds to): its block cache frees and
-/// allocates blocks from the subtask and compaction threads at a high rate, which leaves glibc's
-/// per-thread arenas holding memory they do not return.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 /// Freshet: event-time stream processing.
 #[derive(Parser)]
 #[command(name = "freshet", version, about)]
