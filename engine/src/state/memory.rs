@@ -11,7 +11,8 @@
 //! let a miss skip RocksDB, see `state::spilled`). A process that runs keyed state for `s`
 //! slots of a job therefore holds about `s × M` of it (the decoded caches are estimates); the
 //! rest of a process (network buffers, batches in flight, the binary) comes on top. The cache
-//! grows and shrinks as slots open and close state.
+//! grows and shrinks as slots open and close state. What the C allocator keeps free after the
+//! cache evicts is given back to the system once a second (`state::heap`).
 //!
 //! The decoded-key caches share their half by need: a table evicts when its own bytes pass the
 //! whole half, or when the tables together pass it and the table holds more than a quarter of an
@@ -74,6 +75,7 @@ impl StateMemory {
     /// A budget of `per_slot` bytes per slot, with no slot open yet.
     pub fn new(per_slot: usize) -> Arc<Self> {
         let per_slot = Self::new_per_slot(per_slot);
+        super::heap::keep_trimmed();
         // a clock cache finds a block without taking a lock or moving it in a list, which a
         // lookup in an LRU cache does: with many lookups per record once state outgrows memory,
         // that was a tenth of a deduplication's time (the entry charge is found as it runs)

@@ -71,6 +71,7 @@ use spilled::{ALL, NsRange, Spilled};
 
 pub mod backend;
 mod bloom;
+pub mod heap;
 mod key_slots;
 pub mod keyset;
 pub mod memory;
