@@ -5,18 +5,20 @@
 //! its threads. With glibc each thread's allocations come from one of several arenas, and a
 //! block freed in the middle of an arena stays resident: glibc returns only the free memory at
 //! an arena's top on its own. A deduplication at ten times its budget held about 100 MB that
-//! way, on top of its budget. So a process that runs keyed state checks glibc's free bytes once
-//! a second and, when they pass a threshold, asks glibc to return every free page
-//! (`malloc_trim`, a few milliseconds for 100 MB free). Elsewhere (other C libraries, other
-//! systems) this does nothing.
+//! way, on top of its budget. So a process that runs keyed state checks glibc's free bytes,
+//! every second at first, and when they pass a threshold asks glibc to return every free page
+//! (`malloc_trim`, a few milliseconds for 100 MB free). Checks slow down while what they
+//! release comes right back (see [`next_wait`]). Elsewhere (other C libraries, other systems)
+//! this does nothing.
 use std::sync::Once;
 use std::time::Duration;
 
 /// Free bytes in the allocator's arenas below which a check does nothing.
 const THRESHOLD: usize = 16 << 20;
 
-/// How often the trimming thread looks.
-const PERIOD: Duration = Duration::from_secs(1);
+/// The shortest and the longest wait between two checks.
+const FASTEST: Duration = Duration::from_secs(1);
+const SLOWEST: Duration = Duration::from_secs(32);
 
 /// Starts the process's trimming thread, once; later calls do nothing.
 pub(crate) fn keep_trimmed() {
@@ -28,10 +30,19 @@ pub(crate) fn keep_trimmed() {
         let spawned = std::thread::Builder::new()
             .name("freshet-heap-trim".into())
             .spawn(|| {
+                let mut wait = FASTEST;
+                // what the last trim released, and the resident bytes right after it
+                let mut last: Option<(usize, usize)> = None;
                 loop {
-                    std::thread::sleep(PERIOD);
+                    std::thread::sleep(wait);
+                    if let Some((released, after)) = last.take() {
+                        wait = next_wait(wait, released, anonymous().saturating_sub(after));
+                    }
                     if free() >= THRESHOLD {
+                        let before = anonymous();
                         trim();
+                        let after = anonymous();
+                        last = Some((before.saturating_sub(after), after));
                     }
                 }
             });
@@ -40,6 +51,44 @@ pub(crate) fn keep_trimmed() {
             tracing::warn!(error = %e, "could not start the thread that trims the heap");
         }
     });
+}
+
+/// The wait before the next check, given the one before it, the bytes the last trim released
+/// and how many of them came back since. Memory a process takes back at once (a checkpoint's
+/// buffers, each second) costs its page faults again for nothing, so the checks slow down,
+/// doubling their wait up to [`SLOWEST`]; memory that stays released brings them back to
+/// [`FASTEST`] by halves.
+fn next_wait(wait: Duration, released: usize, regrown: usize) -> Duration {
+    if released > 0 && regrown >= released / 2 {
+        (wait * 2).min(SLOWEST)
+    } else {
+        (wait / 2).max(FASTEST)
+    }
+}
+
+/// Anonymous resident bytes of the process (resident minus file-backed pages, from `statm`),
+/// 0 if unknown.
+fn anonymous() -> usize {
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let mut pages = statm.split_whitespace().skip(1).map(str::parse::<usize>);
+    match (pages.next(), pages.next()) {
+        (Some(Ok(resident)), Some(Ok(shared))) => resident.saturating_sub(shared) * page_size(),
+        _ => 0,
+    }
+}
+
+/// The page size `statm` counts in.
+fn page_size() -> usize {
+    #[cfg(unix)]
+    {
+        // SAFETY: `sysconf` only reads a system constant.
+        let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(size).unwrap_or(4096)
+    }
+    #[cfg(not(unix))]
+    4096
 }
 
 /// Bytes free in the allocator's arenas (released pages included: glibc counts a chunk free
@@ -63,4 +112,43 @@ pub fn trim() -> bool {
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_slow_down_while_released_memory_comes_back() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            next_wait(s(1), 100 << 20, 60 << 20),
+            s(2),
+            "came back: slower"
+        );
+        assert_eq!(next_wait(s(16), 100 << 20, 50 << 20), s(32));
+        assert_eq!(
+            next_wait(s(32), 100 << 20, 100 << 20),
+            s(32),
+            "no slower than that"
+        );
+        assert_eq!(
+            next_wait(s(32), 100 << 20, 10 << 20),
+            s(16),
+            "stayed away: faster"
+        );
+        assert_eq!(next_wait(s(1), 100 << 20, 0), s(1), "no faster than that");
+        assert_eq!(
+            next_wait(s(4), 0, 1 << 20),
+            s(2),
+            "nothing released: no evidence"
+        );
+    }
+
+    #[test]
+    fn the_resident_anonymous_bytes_are_read() {
+        if cfg!(target_os = "linux") {
+            assert!(anonymous() > 0);
+        }
+    }
 }
