@@ -13,7 +13,9 @@ fn anonymous() -> usize {
         .split_whitespace()
         .map(|n| n.parse().expect("a number"))
         .collect();
-    (pages[1] - pages[2]) * 4096
+    // SAFETY: `sysconf` only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    (pages[1] - pages[2]) * page
 }
 
 #[test]

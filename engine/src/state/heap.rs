@@ -4,8 +4,8 @@
 //! RocksDB allocates its cached blocks and memtables with the C library's `malloc`, from any of
 //! its threads. With glibc each thread's allocations come from one of several arenas, and a
 //! block freed in the middle of an arena stays resident: glibc returns only the free memory at
-//! an arena's top on its own. A deduplication at ten times its budget held about 100 MB that
-//! way, on top of its budget. So a process that runs keyed state checks glibc's free bytes,
+//! an arena's top on its own. A deduplication of 10M keys held about 100 MB that way, on top
+//! of its budget. So a process that runs keyed state checks glibc's free bytes,
 //! every second at first, and when they pass a threshold asks glibc to return every free page
 //! (`malloc_trim`, a few milliseconds for 100 MB free). Checks slow down while what they
 //! release comes right back (see [`next_wait`]). Elsewhere (other C libraries, other systems)

@@ -12,7 +12,8 @@
 //! slots of a job therefore holds about `s × M` of it (the decoded caches are estimates); the
 //! rest of a process (network buffers, batches in flight, the binary) comes on top. The cache
 //! grows and shrinks as slots open and close state. What the C allocator keeps free after the
-//! cache evicts is given back to the system once a second (`state::heap`).
+//! cache evicts is given back to the system by a thread that looks every 1 to 32 seconds
+//! (`state::heap`).
 //!
 //! The decoded-key caches share their half by need: a table evicts when its own bytes pass the
 //! whole half, or when the tables together pass it and the table holds more than a quarter of an
