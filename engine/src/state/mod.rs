@@ -83,7 +83,7 @@ pub mod timers;
 pub use backend::{KeyedBackend, StateConfig};
 pub use keyset::KeySet;
 pub use memory::StateMemory;
-pub use panes::{PaneColumns, PaneTable};
+pub use panes::{Merged, PaneColumns, PaneTable};
 pub use timers::Timers;
 
 /// Asks the CPU to start loading the cache line that holds `value`, for a loop that will read

@@ -23,9 +23,10 @@
 //! updates start new *partial* values under the next generation. A key's value in a pane is the
 //! merge of its partials: its values of older generations, and its value in memory (or, if
 //! memory has none, its row of the current generation). So a write never needs a read, and
-//! readers merge ([`PaneTable::read_into`] returns every partial, merging one ordered read per
-//! generation). A restored table goes on with the generation after the newest one its rows are
-//! in, so restored partials are never overwritten.
+//! readers merge ([`PaneTable::read_merged`] merges a key's partials into one row of columns as
+//! it reads them, one ordered read per generation). A restored table goes on with the
+//! generation after the newest one its rows are in, so restored partials are never
+//! overwritten.
 //!
 //! With the generation first in the row key, everything a table writes between two spills is
 //! one key range of its own: RocksDB's compactions move the files of a finished generation down
@@ -79,6 +80,90 @@ pub trait PaneColumns: Clone + Send + 'static {
     /// Starts loading what [`value`](Self::value) will read of row `row` (see
     /// [`super::prefetch`]): loops over rows in key order call it some rows ahead.
     fn prefetch(&self, _row: u32) {}
+    /// Makes the columns hold no row, keeping their room.
+    fn clear(&mut self);
+    /// Merges `value` (a partial value of the row's key in namespace `ns`) into row `row`.
+    fn merge_value(&mut self, ns: i64, row: u32, value: Self::Value);
+    /// Merges a value given as its encoding (postcard, as written) into row `row`, if the
+    /// columns read that encoding themselves (a common shape, without building the value);
+    /// `false` leaves the row as it was, to be merged through [`merge_value`](Self::merge_value).
+    fn merge_encoded(&mut self, _ns: i64, _row: u32, _encoded: &[u8]) -> bool {
+        false
+    }
+    /// Merges row `from_row` of `from` (columns of namespace `ns`) into row `row`: by default
+    /// through its [`value`](Self::value).
+    fn merge_row(&mut self, ns: i64, row: u32, from: &Self, from_row: u32) {
+        self.merge_value(ns, row, from.value(ns, from_row));
+    }
+}
+
+/// Keys of one namespace with their partial values merged, as [`PaneTable::read_merged`]
+/// reads them: the keys' orders in one buffer, and their values as rows of columns (row `i`
+/// is the `i`th key), so that reading a pane allocates nothing per key.
+#[derive(Debug, Clone)]
+pub struct Merged<C> {
+    orders: Vec<u8>,
+    ends: Vec<u32>,
+    columns: C,
+}
+
+impl<C: PaneColumns> Merged<C> {
+    /// No keys, with columns like `empty`.
+    pub fn new(mut empty: C) -> Self {
+        empty.clear();
+        Merged {
+            orders: Vec::new(),
+            ends: Vec::new(),
+            columns: empty,
+        }
+    }
+
+    /// How many keys.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether there is no key.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The [`key_order`] of the key of row `row`.
+    pub fn order(&self, row: usize) -> &[u8] {
+        key_at(&self.orders, &self.ends, row as u32)
+    }
+
+    /// The merged values, row `i` the `i`th key's.
+    pub fn columns(&self) -> &C {
+        &self.columns
+    }
+
+    fn clear(&mut self) {
+        self.orders.clear();
+        self.ends.clear();
+        self.columns.clear();
+    }
+
+    fn last_order(&self) -> Option<&[u8]> {
+        self.len().checked_sub(1).map(|r| self.order(r))
+    }
+
+    /// Adds a key after the last, with an empty row; returns its row.
+    fn push(&mut self, order: &[u8]) -> u32 {
+        let row = self.ends.len() as u32;
+        self.orders.extend_from_slice(order);
+        self.ends.push(self.orders.len() as u32);
+        self.columns.resize(self.ends.len());
+        row
+    }
+
+    /// The row of key `order`: the last one if it is that key, else a new one.
+    fn row_of(&mut self, order: &[u8]) -> u32 {
+        match self.last_order() {
+            Some(last) if last == order => self.ends.len() as u32 - 1,
+            _ => self.push(order),
+        }
+    }
 }
 
 /// How many rows ahead a loop over rows in key order asks for their columns.
@@ -680,25 +765,18 @@ impl<C: PaneColumns> PaneTable<C> {
     }
 
     /// The keys with values in namespace `ns`, in row order, from the first after the key whose
-    /// order is `after` (see [`key_order`]), at most `limit` of them: each with its order and
-    /// its partial values, into `out`, which is cleared first (a caller that reads chunk after
-    /// chunk reuses one buffer rather than allocating, and faulting in, a new one each time).
-    pub fn read_into(
+    /// order is `after` (see [`key_order`]), at most `limit` of them, each with its partial
+    /// values merged into one row of `out`'s columns (in generation order, memory's last), into
+    /// `out`, which is cleared first (a caller that reads chunk after chunk reuses one).
+    pub fn read_merged(
         &mut self,
         ns: i64,
         after: Option<&[u8]>,
         limit: usize,
-        out: &mut Vec<(StateKey, Partials<C::Value>)>,
+        out: &mut Merged<C>,
     ) -> Result<()> {
         out.clear();
-        let on_disk = self
-            .backing
-            .as_ref()
-            .and_then(|b| b.on_disk.get(&ns))
-            .is_some();
-        // memory: the pane's keys in row order, sorted once per change of its key set; straight
-        // into `out` unless RocksDB holds partials of the namespace to merge them with
-        let mut mem: Vec<(StateKey, C::Value)> = Vec::new();
+        // memory: the pane's keys in row order, sorted once per change of its key set
         if let Some(pane) = self.panes.get_mut(&ns)
             && pane.sorted.is_none()
         {
@@ -707,55 +785,52 @@ impl<C: PaneColumns> PaneTable<C> {
             let after = pane.bytes();
             self.charge(before, after);
         }
-        if let Some(pane) = self.panes.get(&ns) {
-            let sorted = pane.sorted.as_deref().expect("sorted above");
-            let from = after.map_or(0, |a| {
-                sorted.partition_point(|r| pane.order(*r).as_slice() <= a)
-            });
-            let end = sorted.len().min(from.saturating_add(limit));
-            for i in from..end {
-                pane.prefetch_ahead(&sorted[..end], i);
-                let row = sorted[i];
-                let value = pane.columns.value(ns, row);
-                if on_disk {
-                    mem.push((pane.order(row), value));
-                } else {
-                    out.push((pane.order(row), std::iter::once(value).collect()));
-                }
+        let pane = self.panes.get(&ns);
+        let rows: &[u32] = match pane {
+            Some(pane) => {
+                let sorted = pane.sorted.as_deref().expect("sorted above");
+                let from = after.map_or(0, |a| {
+                    sorted.partition_point(|r| pane.order(*r).as_slice() <= a)
+                });
+                &sorted[from..sorted.len().min(from.saturating_add(limit))]
             }
-            if !on_disk {
-                return Ok(());
-            }
-        }
+            None => &[],
+        };
+        let mut mem = MemoryRows {
+            pane,
+            rows,
+            at: 0,
+            order: None,
+        };
+        mem.load();
         // merged with RocksDB's partials of each key (in generation order) as they are read:
         // the first `limit` keys of the two
-        let generation = self.backing.as_ref().map_or(0, |b| b.generation);
-        let mut mem = mem.into_iter().peekable();
         if let Some(b) = &self.backing
             && let Some(generations) = b.on_disk.get(&ns)
         {
+            let generation = b.generation;
             let from = after.map(|a| (a, false));
             let name = &self.name;
             b.backend
                 .read_pane(b.table, ns, generations, from, limit, |order, g, v| {
-                    take_memory(out, &mut mem, Some(order), limit);
-                    let last = out.last().is_some_and(|(o, _)| o.as_slice() == order);
+                    mem.take(ns, out, Some(order), limit);
+                    let last = out.last_order() == Some(order);
                     if out.len() >= limit && !last {
                         return Ok(());
                     }
                     // memory's value stands for the key's row of the current generation
-                    if g == generation && mem.peek().is_some_and(|(o, _)| o.as_slice() == order) {
+                    if g == generation && mem.order.as_deref() == Some(order) {
                         return Ok(());
                     }
-                    let value = decode(name, v)?;
-                    match out.last_mut() {
-                        Some((_, partials)) if last => partials.push(value),
-                        _ => out.push((order.into(), std::iter::once(value).collect())),
+                    let row = out.row_of(order);
+                    if !out.columns.merge_encoded(ns, row, body(name, v)?) {
+                        let value = decode(name, v)?;
+                        out.columns.merge_value(ns, row, value);
                     }
                     Ok(())
                 })?;
         }
-        take_memory(out, &mut mem, None, limit);
+        mem.take(ns, out, None, limit);
         Ok(())
     }
 
@@ -894,26 +969,40 @@ impl<C: PaneColumns> PaneTable<C> {
     }
 }
 
-/// Moves memory's values of the keys before `before` (all, with `None`) into `out`, a list of
-/// keys and partials in key order, up to `limit` keys: a key `out` ends with gets the value as
-/// its last partial.
-fn take_memory<V>(
-    out: &mut Vec<(StateKey, Partials<V>)>,
-    mem: &mut std::iter::Peekable<std::vec::IntoIter<(StateKey, V)>>,
-    before: Option<&[u8]>,
-    limit: usize,
-) {
-    while let Some((order, _)) = mem.peek()
-        && before.is_none_or(|b| order.as_slice() < b)
-    {
-        let last = out.last().is_some_and(|(o, _)| o == order);
-        if !last && out.len() >= limit {
-            return;
-        }
-        let (order, value) = mem.next().expect("peeked");
-        match out.last_mut() {
-            Some((_, partials)) if last => partials.push(value),
-            _ => out.push((order, std::iter::once(value).collect())),
+/// A pane's rows in row order, merged into a [`Merged`] from the first: the current row's key
+/// order is kept, to be compared with RocksDB's keys.
+struct MemoryRows<'p, C> {
+    pane: Option<&'p Pane<C>>,
+    rows: &'p [u32],
+    at: usize,
+    /// The key order of `rows[at]`.
+    order: Option<StateKey>,
+}
+
+impl<C: PaneColumns> MemoryRows<'_, C> {
+    fn load(&mut self) {
+        self.order = match (self.pane, self.rows.get(self.at)) {
+            (Some(pane), Some(row)) => Some(pane.order(*row)),
+            _ => None,
+        };
+    }
+
+    /// Merges the values of the keys before `before` (all, with `None`) into `out`, up to
+    /// `limit` keys: a key `out` ends with gets the value merged into its row.
+    fn take(&mut self, ns: i64, out: &mut Merged<C>, before: Option<&[u8]>, limit: usize) {
+        let Some(pane) = self.pane else { return };
+        while let Some(order) = self.order.as_deref()
+            && before.is_none_or(|b| order < b)
+        {
+            if out.len() >= limit && out.last_order() != Some(order) {
+                return;
+            }
+            pane.prefetch_ahead(self.rows, self.at);
+            let row = out.row_of(order);
+            out.columns
+                .merge_row(ns, row, &pane.columns, self.rows[self.at]);
+            self.at += 1;
+            self.load();
         }
     }
 }
@@ -927,11 +1016,15 @@ fn add_generation(gens: &mut Generations, g: u32) {
 
 /// A pane row's value: its encoding version (0), then the value.
 fn decode<V: DeserializeOwned>(name: &str, row: &[u8]) -> Result<V> {
+    postcard::from_bytes(body(name, row)?)
+        .map_err(|e| EngineError::State(format!("{name}: decoding a value: {e}")))
+}
+
+/// The encoded value of a pane row, after its encoding version (0).
+fn body<'r>(name: &str, row: &'r [u8]) -> Result<&'r [u8]> {
     let error = |e: String| EngineError::State(format!("{name}: {e}"));
     match row.split_first() {
-        Some((0, body)) => {
-            postcard::from_bytes(body).map_err(|e| error(format!("decoding a value: {e}")))
-        }
+        Some((0, body)) => Ok(body),
         Some((v, _)) => Err(error(format!(
             "a value of encoding version {v} was written by a newer version than this one, which reads version 0"
         ))),
@@ -1005,6 +1098,12 @@ mod tests {
         }
         fn bytes(&self) -> usize {
             self.0.capacity() * 8
+        }
+        fn clear(&mut self) {
+            self.0.clear();
+        }
+        fn merge_value(&mut self, _: i64, row: u32, value: u64) {
+            self.0[row as usize] += value;
         }
     }
 
@@ -1123,27 +1222,30 @@ mod tests {
     /// a time, and checking the order of keys.
     fn read_all(t: &mut PaneTable<Sums>, chunk: usize) -> Model {
         let mut out = Model::new();
+        let mut got = Merged::new(Sums::default());
         for ns in t.namespaces() {
             let mut after: Option<StateKey> = None;
             loop {
-                let mut got = Vec::new();
-                t.read_into(ns, after.as_deref(), chunk, &mut got).unwrap();
-                assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "keys in row order");
-                if let (Some(a), Some(first)) = (&after, got.first()) {
+                t.read_merged(ns, after.as_deref(), chunk, &mut got)
+                    .unwrap();
+                let orders: Vec<&[u8]> = (0..got.len()).map(|r| got.order(r)).collect();
+                assert!(orders.windows(2).all(|w| w[0] < w[1]), "keys in row order");
+                if let (Some(a), Some(first)) = (&after, orders.first()) {
                     assert!(
-                        first.0 > *a,
+                        *first > a.as_slice(),
                         "a chunk starts after the last key of the one before"
                     );
                 }
-                for (order, partials) in &got {
+                assert_eq!(got.columns().0.len(), got.len(), "a row per key");
+                for (row, order) in orders.iter().enumerate() {
                     let k = key_of_order(order).to_vec();
-                    let prev = out.insert((ns, k), partials.iter().sum());
+                    let prev = out.insert((ns, k), got.columns().0[row]);
                     assert!(prev.is_none(), "a key read twice");
                 }
                 if got.len() < chunk {
                     break;
                 }
-                after = got.last().map(|(o, _)| o.clone());
+                after = orders.last().map(|o| StateKey::from_slice(o));
             }
         }
         out
@@ -1169,8 +1271,8 @@ mod tests {
         assert_charged(&t, &backend);
         let before = t.bytes();
         // reading sorts the pane's rows once, and keeps them until a key is added
-        let mut got = Vec::new();
-        t.read_into(0, None, 100, &mut got).unwrap();
+        let mut got = Merged::new(Sums::default());
+        t.read_merged(0, None, 100, &mut got).unwrap();
         assert_eq!(got.len(), 100);
         assert!(
             t.bytes() >= before + 5000 * 4,
@@ -1182,7 +1284,7 @@ mod tests {
         })
         .unwrap();
         assert_charged(&t, &backend);
-        t.read_into(0, None, 100, &mut got).unwrap();
+        t.read_merged(0, None, 100, &mut got).unwrap();
         t.drop_through(0).unwrap();
         assert_charged(&t, &backend);
         assert_eq!(backend.memory().decoded(), 0);

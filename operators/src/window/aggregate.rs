@@ -3,10 +3,12 @@
 //! Every accumulator is mergeable, which is what lets sliding windows keep one accumulator per
 //! slice (the slide) and combine slices when a window fires, instead of updating every
 //! overlapping window per record.
-use arrow::array::{ArrayRef, BooleanArray};
+use arrow::array::{ArrayRef, BooleanArray, Float64Array, Int64Array};
+use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use freshet_engine::Result;
 
@@ -548,6 +550,99 @@ impl AccColumn {
             AccColumn::Any { accs, heap, .. } => accs.capacity() * size_of::<Acc>() + heap,
         }
     }
+
+    /// How many rows.
+    pub fn len(&self) -> usize {
+        match self {
+            AccColumn::Count(c) => c.len(),
+            AccColumn::SumInt(s, _) => s.len(),
+            AccColumn::SumFloat(s, _) => s.len(),
+            AccColumn::Avg(s, _) => s.len(),
+            AccColumn::Any { accs, .. } => accs.len(),
+        }
+    }
+
+    /// Whether there is no row.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps the first `rows` rows, and the room of the others.
+    pub fn truncate(&mut self, rows: usize) {
+        match self {
+            AccColumn::Count(c) => c.truncate(rows),
+            AccColumn::SumInt(s, a) => {
+                s.truncate(rows);
+                a.truncate(rows);
+            }
+            AccColumn::SumFloat(s, a) => {
+                s.truncate(rows);
+                a.truncate(rows);
+            }
+            AccColumn::Avg(s, n) => {
+                s.truncate(rows);
+                n.truncate(rows);
+            }
+            AccColumn::Any { accs, heap, .. } => {
+                let gone: usize = accs.iter().skip(rows).map(Acc::heap_bytes).sum();
+                *heap = heap.saturating_sub(gone);
+                accs.truncate(rows);
+            }
+        }
+    }
+
+    /// Merges accumulator `acc` (of aggregate `def`, this column's) into row `row`, as
+    /// [`merge`] does.
+    pub fn merge_acc(&mut self, def: &AggDef, row: u32, acc: &Acc) {
+        let r = row as usize;
+        match (self, acc) {
+            (AccColumn::Count(c), Acc::Count(n)) => c[r] += n,
+            (AccColumn::SumInt(s, a), Acc::SumInt(x, y)) => {
+                s[r] = s[r].wrapping_add(*x);
+                a[r] |= y;
+            }
+            (AccColumn::SumFloat(s, a), Acc::SumFloat(x, y)) => {
+                s[r] += x;
+                a[r] |= y;
+            }
+            (AccColumn::Avg(s, n), Acc::Avg(x, y)) => {
+                s[r] += x;
+                n[r] += y;
+            }
+            (AccColumn::Any { accs, heap, .. }, acc) => {
+                let before = accs[r].heap_bytes();
+                merge(def, &mut accs[r], acc);
+                *heap = (*heap + accs[r].heap_bytes()).saturating_sub(before);
+            }
+            _ => {}
+        }
+    }
+
+    /// Merges row `from_row` of `from` (a column of the same aggregate) into row `row`.
+    pub fn merge_row(&mut self, def: &AggDef, row: u32, from: &AccColumn, from_row: u32) {
+        let (r, f) = (row as usize, from_row as usize);
+        match (self, from) {
+            (AccColumn::Count(c), AccColumn::Count(o)) => c[r] += o[f],
+            (AccColumn::SumInt(s, a), AccColumn::SumInt(os, oa)) => {
+                s[r] = s[r].wrapping_add(os[f]);
+                a[r] |= oa[f];
+            }
+            (AccColumn::SumFloat(s, a), AccColumn::SumFloat(os, oa)) => {
+                s[r] += os[f];
+                a[r] |= oa[f];
+            }
+            (AccColumn::Avg(s, n), AccColumn::Avg(os, on)) => {
+                s[r] += os[f];
+                n[r] += on[f];
+            }
+            (AccColumn::Any { accs, heap, .. }, AccColumn::Any { accs: other, .. }) => {
+                let before = accs[r].heap_bytes();
+                merge(def, &mut accs[r], &other[f]);
+                *heap = (*heap + accs[r].heap_bytes()).saturating_sub(before);
+            }
+            (col, from) => col.merge_acc(def, row, &from.get(from_row)),
+        }
+    }
 }
 
 /// Adds batch rows `rows[j]` to row `slots[j]` of column `col` of aggregate `i`, for every `j`
@@ -788,6 +883,31 @@ pub fn output_column(def: &AggDef, accs: &[&Acc]) -> Result<ArrayRef> {
             build_column(&def.output_type, values.iter().map(|v| v.as_ref()))
         }
     }
+}
+
+/// Builds the output column of aggregate `def` from a column of final accumulators, a row per
+/// output row: counts, sums and averages straight from their arrays, as [`output_column`]
+/// gives them.
+pub fn output_of_column(def: &AggDef, col: &AccColumn) -> Result<ArrayRef> {
+    let nulls = |any: &[bool]| Some(NullBuffer::from(any.to_vec())).filter(|n| n.null_count() > 0);
+    Ok(match (col, &def.output_type) {
+        (AccColumn::Count(c), DataType::Int64) => Arc::new(Int64Array::from(c.clone())),
+        (AccColumn::SumInt(s, any), DataType::Int64) => {
+            Arc::new(Int64Array::new(s.clone().into(), nulls(any)))
+        }
+        (AccColumn::SumFloat(s, any), DataType::Float64) => {
+            Arc::new(Float64Array::new(s.clone().into(), nulls(any)))
+        }
+        (AccColumn::Avg(s, n), DataType::Float64) => Arc::new(Float64Array::from_iter(
+            s.iter()
+                .zip(n)
+                .map(|(s, n)| (*n > 0).then(|| *s / *n as f64)),
+        )),
+        _ => {
+            let accs: Vec<Acc> = (0..col.len()).map(|r| col.get(r as u32)).collect();
+            output_column(def, &accs.iter().collect::<Vec<_>>())?
+        }
+    })
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@
 //! **Cleanup.** A slice is dropped when the watermark passes the lateness bound of the last
 //! window that covers it; a session when it passes its own. Nothing else is kept.
 pub mod aggregate;
+mod encoded;
 mod slices;
 
 use arrow::array::{ArrayRef, AsArray, Int64Array, TimestampMillisecondArray, UInt32Array};
@@ -40,14 +41,13 @@ use freshet_engine::element::{Selection, selected_rows};
 use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
-use freshet_engine::state::panes::{Partials, key_group_of_order, key_of_order, key_order};
+use freshet_engine::state::panes::{key_group_of_order, key_of_order, key_order};
 use freshet_engine::state::timers::FIRE_BATCH;
-use freshet_engine::state::{KeyedBackend, KeyedTable, PaneTable, StateKey, Timers};
+use freshet_engine::state::{KeyedBackend, KeyedTable, Merged, PaneTable, StateKey, Timers};
 use freshet_engine::{KeyGroupRange, Result, TIME_COLUMN, Watermark};
-use smallvec::SmallVec;
 
 use crate::expr::{Expr, ExprError, timestamp_type};
-use aggregate::{Acc, Accs, AggDef, AggInputs};
+use aggregate::{Acc, AccColumn, Accs, AggDef, AggInputs};
 use slices::{BatchInputs, SliceColumns, SliceParts};
 
 /// Side output port of records too late for every window.
@@ -217,9 +217,9 @@ pub struct WindowOperator {
     keys: EncodedKeys,
     /// The last `on_watermark` fired a full batch of windows and may have more.
     more: bool,
-    /// One chunk of each slice of the window being fired, read into buffers kept from one
-    /// chunk to the next.
-    chunks: Vec<Vec<(StateKey, Partials<SliceParts>)>>,
+    /// One chunk of each slice of the window being fired (the slice, and its keys with their
+    /// values merged), read into buffers kept from one chunk to the next.
+    chunks: Vec<(i64, Merged<SliceColumns>)>,
 }
 
 /// What a batch gives the window, computed once per batch: event times, keys, aggregate
@@ -238,6 +238,65 @@ struct Fired {
     start: i64,
     end: i64,
     accs: Accs,
+}
+
+/// Window results before they become a batch, as columns: keys (encoded, in one buffer), the
+/// windows' bounds, and an accumulator column per aggregate.
+struct Results {
+    keys: Vec<u8>,
+    key_ends: Vec<u32>,
+    starts: Vec<i64>,
+    ends: Vec<i64>,
+    accs: Vec<AccColumn>,
+}
+
+impl Results {
+    fn new(aggs: &[AggDef]) -> Self {
+        Results {
+            keys: Vec::new(),
+            key_ends: Vec::new(),
+            starts: Vec::new(),
+            ends: Vec::new(),
+            accs: aggs.iter().map(AccColumn::new).collect(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// Adds a result with empty accumulators; returns its row.
+    fn push(&mut self, key: &[u8], start: i64, end: i64) -> u32 {
+        let row = self.starts.len() as u32;
+        self.keys.extend_from_slice(key);
+        self.key_ends.push(self.keys.len() as u32);
+        self.starts.push(start);
+        self.ends.push(end);
+        for c in &mut self.accs {
+            c.resize(row as usize + 1);
+        }
+        row
+    }
+
+    /// Drops the last result.
+    fn pop(&mut self) {
+        let Some(rows) = self.starts.len().checked_sub(1) else {
+            return;
+        };
+        self.key_ends.pop();
+        self.keys
+            .truncate(self.key_ends.last().copied().unwrap_or(0) as usize);
+        self.starts.truncate(rows);
+        self.ends.truncate(rows);
+        for c in &mut self.accs {
+            c.truncate(rows);
+        }
+    }
+
+    fn key(&self, row: usize) -> &[u8] {
+        let start = row.checked_sub(1).map_or(0, |r| self.key_ends[r] as usize);
+        &self.keys[start..self.key_ends[row] as usize]
+    }
 }
 
 /// Name of the operator state recording how far each subtask fired its sliced windows.
@@ -421,116 +480,132 @@ impl WindowOperator {
         }
     }
 
-    /// The next chunk of the window being fired, or of the next window due at `wm`: rows of up
-    /// to `limit` keys, and whether a window was due.
+    /// The next chunk of the window being fired, or of the next window due at `wm`: results
+    /// of up to `limit` keys added to `results`; whether a window was due.
     fn fire_sliced(
         &mut self,
         size: i64,
         slide: i64,
         wm: Watermark,
         limit: usize,
-    ) -> Result<(Vec<Fired>, bool)> {
+        results: &mut Results,
+    ) -> Result<bool> {
         if self.firing.is_none() {
             // the first window after the last fired that a slice holds values for
             let from = self.fired_through.saturating_sub(size).saturating_add(1);
             let Some(first) = self.panes.first_namespace_from(from) else {
-                return Ok((Vec::new(), false));
+                return Ok(false);
             };
             let end = first
                 .saturating_add(slide)
                 .max(self.fired_through.saturating_add(slide));
             if wm.0 < end - 1 {
-                return Ok((Vec::new(), false));
+                return Ok(false);
             }
             self.firing = Some((end, None));
         }
         let (end, after) = self.firing.take().expect("set above");
         let start = end - size;
-        // every slice of the window, read a chunk of keys at a time in row order
+        // every slice of the window, read a chunk of keys at a time in row order, each key's
+        // partials merged
         let mut slices = std::mem::take(&mut self.chunks);
         let mut n = 0;
         for ns in self.panes.namespaces() {
             if ns >= start && ns < end {
                 if slices.len() == n {
-                    slices.push(Vec::new());
+                    let empty = SliceColumns::new(&self.plan.aggs, slide);
+                    slices.push((ns, Merged::new(empty)));
                 }
+                slices[n].0 = ns;
                 self.panes
-                    .read_into(ns, after.as_deref(), limit, &mut slices[n])?;
+                    .read_merged(ns, after.as_deref(), limit, &mut slices[n].1)?;
                 n += 1;
             }
         }
-        let slices_read = &slices[..n];
+        let read = &slices[..n];
         // the `limit` smallest key orders of all slices, merged from the slices' sorted chunks:
         // each is at most the last key of any chunk that was cut at `limit`, so no key of a
         // slice is skipped
         let mut cursors = vec![0usize; n];
-        let mut rows = Vec::with_capacity(limit);
         let mut taken = 0;
-        let mut last: Option<&StateKey> = None;
+        let mut last: Option<(usize, usize)> = None;
         while taken < limit {
-            let Some(order) = slices_read
+            let Some((m, order)) = read
                 .iter()
                 .zip(&cursors)
-                .filter_map(|(slice, at)| slice.get(*at).map(|(o, _)| o))
-                .min()
+                .enumerate()
+                .filter(|(_, ((_, chunk), at))| **at < chunk.len())
+                .map(|(i, ((_, chunk), at))| (i, chunk.order(*at)))
+                .min_by(|a, b| a.1.cmp(b.1))
             else {
                 break;
             };
-            let mut partials: SmallVec<[&SliceParts; 4]> = SmallVec::new();
-            for (slice, at) in slices_read.iter().zip(cursors.iter_mut()) {
-                if let Some((o, p)) = slice.get(*at)
-                    && o == order
-                {
-                    partials.extend(p.iter());
+            taken += 1;
+            last = Some((m, cursors[m]));
+            let fired = self.floors.is_some() && self.fired_for(order) >= end;
+            let row = (!fired).then(|| results.push(key_of_order(order), start, end));
+            let mut any = false;
+            for ((ns, chunk), at) in read.iter().zip(cursors.iter_mut()) {
+                if *at < chunk.len() && chunk.order(*at) == order {
+                    if let Some(row) = row {
+                        any |= chunk.columns().merge_into_window(
+                            *ns,
+                            *at as u32,
+                            end,
+                            &mut results.accs,
+                            row,
+                        );
+                    }
                     *at += 1;
                 }
             }
-            taken += 1;
-            last = Some(order);
-            if self.floors.is_some() && self.fired_for(order) >= end {
-                continue;
-            }
-            if let Some(accs) = Self::merge_parts(&self.plan.aggs, end, partials) {
-                rows.push(Fired {
-                    key: StateKey::from_slice(key_of_order(order)),
-                    start,
-                    end,
-                    accs,
-                });
+            if row.is_some() && !any {
+                results.pop();
             }
         }
         let full = taken == limit;
-        let last = last.cloned();
+        let last = last.map(|(m, row)| StateKey::from_slice(read[m].1.order(row)));
         self.chunks = slices;
         if full {
             self.firing = Some((end, last));
         } else {
             self.fired_through = end;
         }
-        Ok((rows, true))
+        Ok(true)
     }
 
+    /// Emits window results of sessions and of windows updated by late records.
     fn emit_rows(&self, rows: Vec<Fired>, out: &mut dyn Output) -> Result<()> {
-        if rows.is_empty() {
+        let mut results = Results::new(&self.plan.aggs);
+        for r in rows {
+            let row = results.push(&r.key, r.start, r.end);
+            for ((d, c), a) in self.plan.aggs.iter().zip(&mut results.accs).zip(&r.accs) {
+                c.merge_acc(d, row, a);
+            }
+        }
+        self.emit(&results, out)
+    }
+
+    fn emit(&self, results: &Results, out: &mut dyn Output) -> Result<()> {
+        if results.len() == 0 {
             return Ok(());
         }
         let mut cols: Vec<ArrayRef> = self
             .plan
             .keys
             .encoder()
-            .decode(rows.iter().map(|r| r.key.as_ref()))?;
-        cols.push(Arc::new(TimestampMillisecondArray::from_iter_values(
-            rows.iter().map(|r| r.start),
+            .decode((0..results.len()).map(|r| results.key(r)))?;
+        cols.push(Arc::new(TimestampMillisecondArray::from(
+            results.starts.clone(),
         )));
-        cols.push(Arc::new(TimestampMillisecondArray::from_iter_values(
-            rows.iter().map(|r| r.end),
+        cols.push(Arc::new(TimestampMillisecondArray::from(
+            results.ends.clone(),
         )));
-        for (i, d) in self.plan.aggs.iter().enumerate() {
-            let accs: Vec<&Acc> = rows.iter().map(|r| &r.accs[i]).collect();
-            cols.push(aggregate::output_column(d, &accs)?);
+        for (d, c) in self.plan.aggs.iter().zip(&results.accs) {
+            cols.push(aggregate::output_of_column(d, c)?);
         }
         cols.push(Arc::new(Int64Array::from_iter_values(
-            rows.iter().map(|r| r.end - 1),
+            results.ends.iter().map(|e| e - 1),
         )));
         let batch = RecordBatch::try_new(self.plan.output.clone(), cols)?;
         let batch = match &self.plan.having {
@@ -860,21 +935,19 @@ impl Operator for WindowOperator {
         if let WindowKind::Sliced { size, slide } = self.plan.kind {
             // a batch of rows per call (see `has_more_output`); slices are dropped once every
             // window over them is done
-            let mut rows = Vec::new();
+            let mut results = Results::new(&self.plan.aggs);
             self.more = false;
             loop {
-                let limit = FIRE_BATCH - rows.len();
-                let (chunk, progressed) = self.fire_sliced(size, slide, wm, limit)?;
-                rows.extend(chunk);
-                if !progressed {
+                let limit = FIRE_BATCH - results.len();
+                if !self.fire_sliced(size, slide, wm, limit, &mut results)? {
                     break;
                 }
-                if rows.len() >= FIRE_BATCH {
+                if results.len() >= FIRE_BATCH {
                     self.more = true;
                     break;
                 }
             }
-            self.emit_rows(rows, out)?;
+            self.emit(&results, out)?;
             if !self.more {
                 if self
                     .floors

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use freshet_engine::state::PaneColumns;
 use smallvec::SmallVec;
 
-use super::aggregate::{self, AccColumn, Accs, AggDef, AggInputs};
+use super::aggregate::{self, Acc, AccColumn, Accs, AggDef, AggInputs};
 use crate::values::ColumnReader;
 
 /// The accumulators of one (key, slice), tagged with the end of the first window they count
@@ -73,7 +73,7 @@ impl SliceColumns {
             let mut last = u32::MAX;
             for &s in slots {
                 if s != last {
-                    self.present[s as usize / 64] |= 1 << (s % 64);
+                    self.set_present(s);
                     last = s;
                 }
             }
@@ -90,6 +90,55 @@ impl SliceColumns {
 
     fn is_present(&self, row: u32) -> bool {
         self.present[row as usize / 64] & (1 << (row % 64)) != 0
+    }
+
+    fn set_present(&mut self, row: u32) {
+        self.present[row as usize / 64] |= 1 << (row % 64);
+    }
+
+    /// Merges `accs` into the late records of row `row` counting from the window ending at
+    /// `end`.
+    fn merge_late(&mut self, row: u32, end: i64, accs: &[Acc]) {
+        match self.late.get_mut(&(row, end)) {
+            Some(into) => {
+                for ((d, a), b) in self.aggs.iter().zip(into.iter_mut()).zip(accs) {
+                    aggregate::merge(d, a, b);
+                }
+            }
+            None => {
+                self.late.insert((row, end), accs.iter().cloned().collect());
+            }
+        }
+    }
+
+    /// Merges what row `row` of slice `ns` holds for the window ending at `end` into row
+    /// `out_row` of `out` (a column per aggregate); whether it held anything for it.
+    pub fn merge_into_window(
+        &self,
+        ns: i64,
+        row: u32,
+        end: i64,
+        out: &mut [AccColumn],
+        out_row: u32,
+    ) -> bool {
+        let mut any = false;
+        if self.is_present(row) && ns + self.slide <= end {
+            for ((d, o), c) in self.aggs.iter().zip(out.iter_mut()).zip(&self.columns) {
+                o.merge_row(d, out_row, c, row);
+            }
+            any = true;
+        }
+        if self.late.is_empty() {
+            return any;
+        }
+        for ((_, first_end), accs) in self.late.range((row, i64::MIN)..=(row, end)) {
+            debug_assert!(*first_end <= end);
+            for ((d, o), a) in self.aggs.iter().zip(out.iter_mut()).zip(accs) {
+                o.merge_acc(d, out_row, a);
+            }
+            any = true;
+        }
+        any
     }
 }
 
@@ -129,6 +178,45 @@ impl PaneColumns for SliceColumns {
         }
         for c in &self.columns {
             c.prefetch(row);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.columns.iter_mut().for_each(|c| c.truncate(0));
+        self.present.clear();
+        self.late.clear();
+    }
+
+    fn merge_value(&mut self, ns: i64, row: u32, value: SliceParts) {
+        for (first_end, accs) in value {
+            if first_end == ns + self.slide {
+                for ((d, c), a) in self.aggs.iter().zip(&mut self.columns).zip(&accs) {
+                    c.merge_acc(d, row, a);
+                }
+                self.set_present(row);
+            } else {
+                self.merge_late(row, first_end, &accs);
+            }
+        }
+    }
+
+    fn merge_encoded(&mut self, ns: i64, row: u32, encoded: &[u8]) -> bool {
+        if !super::encoded::merge(&mut self.columns, row, ns + self.slide, encoded) {
+            return false;
+        }
+        self.set_present(row);
+        true
+    }
+
+    fn merge_row(&mut self, _: i64, row: u32, from: &Self, from_row: u32) {
+        if from.is_present(from_row) {
+            for ((d, c), f) in self.aggs.iter().zip(&mut self.columns).zip(&from.columns) {
+                c.merge_row(d, row, f, from_row);
+            }
+            self.set_present(row);
+        }
+        for ((_, end), accs) in from.late.range((from_row, i64::MIN)..=(from_row, i64::MAX)) {
+            self.merge_late(row, *end, accs);
         }
     }
 
