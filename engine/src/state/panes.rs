@@ -183,6 +183,8 @@ pub struct PaneTable<C: PaneColumns> {
     backing: Option<Backing>,
     /// Row numbers of the keys of one update, reused.
     rows: Vec<u32>,
+    /// Calls that may have changed values (see [`PaneTable::changes`]).
+    changes: u64,
 }
 
 #[derive(Debug)]
@@ -501,6 +503,7 @@ impl<C: PaneColumns> PaneTable<C> {
             bytes: 0,
             backing: None,
             rows: Vec::new(),
+            changes: 0,
         }
     }
 
@@ -512,6 +515,7 @@ impl<C: PaneColumns> PaneTable<C> {
     /// Moves the table into `backend`; a restored backend holds its rows. Values in memory are
     /// written at the next flush.
     pub fn attach(&mut self, backend: &Arc<KeyedBackend>) -> Result<()> {
+        self.changes += 1;
         let table = backend::value_table_id(&format!("panes/{}", self.name));
         let mut on_disk: BTreeMap<i64, Generations> = BTreeMap::new();
         let mut generation = 0;
@@ -559,6 +563,7 @@ impl<C: PaneColumns> PaneTable<C> {
         keys: impl IntoIterator<Item = &'k [u8]>,
         f: impl FnOnce(&mut C, &[u32]),
     ) -> Result<()> {
+        self.changes += 1;
         if !self.panes.contains_key(&ns) {
             // a new slice holds about as many keys as the one before: sized once, not grown,
             // unless that size alone would pass the memory share
@@ -886,6 +891,7 @@ impl<C: PaneColumns> PaneTable<C> {
 
     /// Drops every namespace up to `last` (inclusive) from memory and RocksDB.
     pub fn drop_through(&mut self, last: i64) -> Result<()> {
+        self.changes += 1;
         let keep = match last.checked_add(1) {
             Some(next) => self.panes.split_off(&next),
             None => BTreeMap::new(),
@@ -932,6 +938,12 @@ impl<C: PaneColumns> PaneTable<C> {
         self.bytes
     }
 
+    /// How many calls so far may have changed the table's values: a reader that keeps what it
+    /// read ahead (firing a window a chunk at a time) may use it while this stays the same.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
     /// Writes values straight into RocksDB (moving state of an older layout into this table
     /// when it opens, before any update), as (namespace, key, value): under a generation of
     /// their own, so they are partials like any other.
@@ -939,6 +951,7 @@ impl<C: PaneColumns> PaneTable<C> {
         &mut self,
         rows: impl IntoIterator<Item = (i64, StateKey, C::Value)>,
     ) -> Result<()> {
+        self.changes += 1;
         let b = self
             .backing
             .as_mut()

@@ -12,13 +12,15 @@
 //! **Firing.** A window `[start, end)` fires when the watermark reaches `end - 1`; its row is
 //! `key columns, window_start, window_end, aggregates`, with event time `end - 1`. Sliced
 //! windows fire in order of their end, each for every key of the slices it covers, in the order
-//! of the keys' rows, [`FIRE_BATCH`] keys per call. A snapshot records how far the subtask fired
+//! of the keys' rows, [`FIRE_BATCH`] keys per call, from slices read [`READ_AHEAD`] keys ahead
+//! (read again once an update reached them). A snapshot records how far the subtask fired
 //! (mid-window: up to which key), and a restore at any parallelism applies each former subtask's
 //! mark to the key groups it owned, so no window fires twice for a key, or not at all.
 //!
-//! **Lateness.** A record that arrives after its window fired but before the watermark reaches
-//! `end - 1 + allowed_lateness` updates the window, and the window's row is emitted again with
-//! the new values: rows are upserts keyed by *(key, window_start, window_end)*. A record too late
+//! **Lateness.** A record that arrives after its window fired for its key (also while the window
+//! is still firing for later keys) but before the watermark reaches `end - 1 + allowed_lateness`
+//! updates the window, and the window's row is emitted again with the new values: rows are
+//! upserts keyed by *(key, window_start, window_end)*. A record too late
 //! for every window it belongs to goes to the `late` side output (port 1) and is counted. Whether a
 //! record is late is judged against the watermark of the input it arrived on (after a restore,
 //! at least the one its key group had fired up to).
@@ -45,6 +47,7 @@ use freshet_engine::state::panes::{key_group_of_order, key_of_order, key_order};
 use freshet_engine::state::timers::FIRE_BATCH;
 use freshet_engine::state::{KeyedBackend, KeyedTable, Merged, PaneTable, StateKey, Timers};
 use freshet_engine::{KeyGroupRange, Result, TIME_COLUMN, Watermark};
+use smallvec::SmallVec;
 
 use crate::expr::{Expr, ExprError, timestamp_type};
 use aggregate::{Acc, AccColumn, Accs, AggDef, AggInputs};
@@ -181,6 +184,8 @@ impl WindowPlan {
             cleanup: Timers::new("cleanup"),
             more: false,
             chunks: Vec::new(),
+            read_for: None,
+            read_ahead: READ_AHEAD,
             keys: EncodedKeys::default(),
         }
     }
@@ -217,9 +222,30 @@ pub struct WindowOperator {
     keys: EncodedKeys,
     /// The last `on_watermark` fired a full batch of windows and may have more.
     more: bool,
-    /// One chunk of each slice of the window being fired (the slice, and its keys with their
-    /// values merged), read into buffers kept from one chunk to the next.
-    chunks: Vec<(i64, Merged<SliceColumns>)>,
+    /// The slices of the window being fired, read ahead of what was fired, into buffers kept
+    /// from one read to the next.
+    chunks: Vec<Chunk>,
+    /// What `chunks` hold: the end of the window, and the pane table's
+    /// [`changes`](PaneTable::changes) when they were read (once it moves, they may be stale).
+    read_for: Option<(i64, u64)>,
+    /// Keys to read ahead, over all slices ([`READ_AHEAD`]; tests make it small).
+    read_ahead: usize,
+}
+
+/// Keys a window being fired reads ahead of what it fires, over all its slices: firing reads
+/// each slice's generations from the key it stopped at, and a read costs a seek per
+/// generation and a block decoded up to that key, whatever its length.
+const READ_AHEAD: usize = 1 << 16;
+
+/// The keys of one slice of the window being fired, read ahead.
+struct Chunk {
+    ns: i64,
+    /// Keys after the last fired, with their values merged.
+    keys: Merged<SliceColumns>,
+    /// The slice has keys after these.
+    cut: bool,
+    /// How many of `keys` were fired.
+    at: usize,
 }
 
 /// What a batch gives the window, computed once per batch: event times, keys, aggregate
@@ -506,72 +532,114 @@ impl WindowOperator {
         }
         let (end, after) = self.firing.take().expect("set above");
         let start = end - size;
-        // every slice of the window, read a chunk of keys at a time in row order, each key's
-        // partials merged
-        let mut slices = std::mem::take(&mut self.chunks);
-        let mut n = 0;
-        for ns in self.panes.namespaces() {
-            if ns >= start && ns < end {
-                if slices.len() == n {
-                    let empty = SliceColumns::new(&self.plan.aggs, slide);
-                    slices.push((ns, Merged::new(empty)));
-                }
-                slices[n].0 = ns;
-                self.panes
-                    .read_merged(ns, after.as_deref(), limit, &mut slices[n].1)?;
-                n += 1;
-            }
+        // every slice of the window, read ahead in row order, each key's partials merged: what
+        // an earlier call read is still good while no update reached the panes
+        let mut chunks = std::mem::take(&mut self.chunks);
+        if self.read_for != Some((end, self.panes.changes())) {
+            self.read_ahead(&mut chunks, start, end, slide, after.as_deref(), limit)?;
         }
-        let read = &slices[..n];
         // the `limit` smallest key orders of all slices, merged from the slices' sorted chunks:
-        // each is at most the last key of any chunk that was cut at `limit`, so no key of a
-        // slice is skipped
-        let mut cursors = vec![0usize; n];
+        // while each chunk cut short still has keys, the smallest head is below all it left
+        // out, so no key of a slice is skipped; else the slices are read again after the last
+        // key fired
         let mut taken = 0;
         let mut last: Option<(usize, usize)> = None;
+        let mut last_read = after;
         while taken < limit {
-            let Some((m, order)) = read
+            if chunks.iter().any(|c| c.cut && c.at == c.keys.len()) {
+                if let Some((m, row)) = last.take() {
+                    last_read = Some(StateKey::from_slice(chunks[m].keys.order(row)));
+                }
+                self.read_ahead(&mut chunks, start, end, slide, last_read.as_deref(), limit)?;
+            }
+            let Some((m, order)) = chunks
                 .iter()
-                .zip(&cursors)
                 .enumerate()
-                .filter(|(_, ((_, chunk), at))| **at < chunk.len())
-                .map(|(i, ((_, chunk), at))| (i, chunk.order(*at)))
+                .filter(|(_, c)| c.at < c.keys.len())
+                .map(|(i, c)| (i, c.keys.order(c.at)))
                 .min_by(|a, b| a.1.cmp(b.1))
             else {
                 break;
             };
             taken += 1;
-            last = Some((m, cursors[m]));
+            last = Some((m, chunks[m].at));
             let fired = self.floors.is_some() && self.fired_for(order) >= end;
             let row = (!fired).then(|| results.push(key_of_order(order), start, end));
             let mut any = false;
-            for ((ns, chunk), at) in read.iter().zip(cursors.iter_mut()) {
-                if *at < chunk.len() && chunk.order(*at) == order {
+            let mut holding: SmallVec<[usize; 8]> = SmallVec::new();
+            for (i, c) in chunks.iter().enumerate() {
+                if c.at < c.keys.len() && c.keys.order(c.at) == order {
+                    holding.push(i);
                     if let Some(row) = row {
-                        any |= chunk.columns().merge_into_window(
-                            *ns,
-                            *at as u32,
+                        any |= c.keys.columns().merge_into_window(
+                            c.ns,
+                            c.at as u32,
                             end,
                             &mut results.accs,
                             row,
                         );
                     }
-                    *at += 1;
                 }
+            }
+            for i in holding {
+                chunks[i].at += 1;
             }
             if row.is_some() && !any {
                 results.pop();
             }
         }
         let full = taken == limit;
-        let last = last.map(|(m, row)| StateKey::from_slice(read[m].1.order(row)));
-        self.chunks = slices;
+        let last = match last {
+            Some((m, row)) => Some(StateKey::from_slice(chunks[m].keys.order(row))),
+            None => last_read,
+        };
+        self.chunks = chunks;
         if full {
             self.firing = Some((end, last));
         } else {
             self.fired_through = end;
+            self.read_for = None;
         }
         Ok(true)
+    }
+
+    /// Reads the keys after `after` of every slice of window `[start, end)` into `chunks`:
+    /// [`READ_AHEAD`] keys in all, at least `limit` per slice.
+    fn read_ahead(
+        &mut self,
+        chunks: &mut Vec<Chunk>,
+        start: i64,
+        end: i64,
+        slide: i64,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<()> {
+        let slices: Vec<i64> = self
+            .panes
+            .namespaces()
+            .into_iter()
+            .filter(|ns| (start..end).contains(ns))
+            .collect();
+        let ahead = (self.read_ahead / slices.len().max(1)).max(limit);
+        chunks.truncate(slices.len());
+        for (n, ns) in slices.into_iter().enumerate() {
+            if chunks.len() == n {
+                let empty = SliceColumns::new(&self.plan.aggs, slide);
+                chunks.push(Chunk {
+                    ns,
+                    keys: Merged::new(empty),
+                    cut: false,
+                    at: 0,
+                });
+            }
+            let c = &mut chunks[n];
+            self.panes.read_merged(ns, after, ahead, &mut c.keys)?;
+            c.ns = ns;
+            c.cut = c.keys.len() == ahead;
+            c.at = 0;
+        }
+        self.read_for = Some((end, self.panes.changes()));
+        Ok(())
     }
 
     /// Emits window results of sessions and of windows updated by late records.
@@ -681,9 +749,22 @@ impl WindowOperator {
         let floors = self.floors.as_ref().filter(|f| f.max > self.fired_through);
         let mp = self.max_parallelism;
         let fired_through = self.fired_through;
-        let fired_for = |key: &[u8]| match floors {
-            Some(f) => fired_through.max(f.fired(&key_order(key, mp))),
-            None => fired_through,
+        // a window firing a chunk at a time has fired for the keys up to the last one it fired
+        let firing = match &self.firing {
+            Some((end, Some(at))) => Some((*end, at)),
+            _ => None,
+        };
+        let fired_for = |key: &[u8]| {
+            let order = (floors.is_some() || firing.is_some()).then(|| key_order(key, mp));
+            let floor = match (floors, &order) {
+                (Some(f), Some(o)) => f.fired(o),
+                _ => i64::MIN,
+            };
+            let firing = match (firing, &order) {
+                (Some((end, at)), Some(o)) if o.as_slice() <= at.as_slice() => end,
+                _ => i64::MIN,
+            };
+            fired_through.max(floor).max(firing)
         };
         let mut late = Vec::new();
         // the rows of each (slice, first window they count for), in batch order: a batch
@@ -729,7 +810,9 @@ impl WindowOperator {
         }
         let batch = BatchInputs { inputs, readers };
         // windows that already fired are emitted again with these records
-        let fired_max = floors.map_or(fired_through, |f| f.max.max(fired_through));
+        let fired_max = floors
+            .map_or(fired_through, |f| f.max.max(fired_through))
+            .max(firing.map_or(i64::MIN, |(end, _)| end));
         let mut updated: HashSet<(StateKey, i64)> = HashSet::new();
         for ((slice, first_end), rows) in &groups {
             let (slice, first_end) = (*slice, *first_end);

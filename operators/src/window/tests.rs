@@ -641,8 +641,8 @@ fn state_of_the_keyed_layout_is_moved_into_panes() {
 /// Spilling does not change results. The same out-of-order input, with records late for some
 /// windows of their slice, goes through a sliding window with lateness twice: with memory for
 /// every slice, and with the smallest budget, under which slices spill again and again (late
-/// partials among what they spill) and windows fire from many generations. Every window's last
-/// result agrees. With counts alone, spilled values are read by the reader of common shapes
+/// partials among what they spill) and windows fire from many generations, reading no further
+/// ahead than they fire. Every window's last result agrees. With counts alone, spilled values are read by the reader of common shapes
 /// (`encoded`); with a distinct count beside them, through serde.
 #[test]
 fn results_do_not_depend_on_spilling() {
@@ -654,7 +654,7 @@ fn results_do_not_depend_on_spilling() {
     let keys: Vec<String> = (0..20_000)
         .map(|i| format!("a-key-long-enough-to-be-kept-apart-{i:06}"))
         .collect();
-    let run = |aggs: &[&str], memory_bytes: usize| {
+    let run = |aggs: &[&str], memory_bytes: usize, read_ahead: usize| {
         let dir = tempfile::tempdir().unwrap();
         let all = KeyGroupRange::for_subtask(128, 1, 0);
         let config = freshet_engine::state::StateConfig {
@@ -666,6 +666,7 @@ fn results_do_not_depend_on_spilling() {
         let (mut h, s) = harness(kind, 2 * MIN, aggs);
         h.op.max_parallelism = 128;
         h.op.key_groups = all;
+        h.op.read_ahead = read_ahead;
         h.op.panes.attach(&backend).unwrap();
         let mut seed = 5u64;
         let mut next = move || {
@@ -706,8 +707,9 @@ fn results_do_not_depend_on_spilling() {
         &["count(*) AS n"][..],
         &["count(*) AS n", "count(DISTINCT u) AS d"],
     ] {
-        let (roomy, late_roomy, spilled_roomy) = run(aggs, 256 << 20);
-        let (tight, late_tight, spilled_tight) = run(aggs, 0);
+        let (roomy, late_roomy, spilled_roomy) = run(aggs, 256 << 20, READ_AHEAD);
+        // reading no further ahead than a chunk: slices are read again whenever one runs out
+        let (tight, late_tight, spilled_tight) = run(aggs, 0, 0);
         eprintln!("{aggs:?}: rows {spilled_roomy} against {spilled_tight}");
         assert!(
             spilled_roomy < 10 && spilled_tight > 100,
@@ -727,4 +729,64 @@ fn results_do_not_depend_on_spilling() {
         assert!(differ.is_empty(), "{aggs:?}: {differ:?}");
         assert_eq!(roomy.len(), tight.len(), "{aggs:?}");
     }
+}
+
+/// A window fired a chunk at a time reads its slices ahead of what it fires. A record that
+/// reaches a slice between two chunks counts for its key when the key fires, if it had not
+/// fired yet, and updates the key's window at once if it had.
+#[test]
+fn a_record_between_two_chunks_of_a_firing_window_counts_for_its_key() {
+    let kind = WindowKind::Sliced {
+        size: 10 * MIN,
+        slide: 10 * MIN,
+    };
+    let (mut h, s) = harness(kind, 30 * MIN, &["count(*) AS n"]);
+    let n = FIRE_BATCH + 1000;
+    let keys: Vec<String> = (0..n).map(|i| format!("k{i:05}")).collect();
+    let input: Vec<(&str, &str, i64)> = keys.iter().map(|k| (k.as_str(), "x", 0)).collect();
+    h.push(0, rows(&s, &input));
+    let end = 10 * MIN;
+    h.wm = Watermark(end - 1);
+    let ctx = OperatorContext {
+        subtask: &h.info,
+        record_watermark: h.wm,
+        current_watermark: h.wm,
+        metrics: &h.metrics,
+    };
+    let mut first = crate::testing::Sink::default();
+    h.op.on_watermark(h.wm, &ctx, &mut first).unwrap();
+    assert!(h.op.has_more_output(), "one chunk of the window fired");
+    let counts = |lines: Vec<String>| -> BTreeMap<String, i64> {
+        lines
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["k"].as_str().unwrap().to_string(),
+                    v["n"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    h.out = first;
+    let fired = counts(h.take(0));
+    assert_eq!(fired.len(), FIRE_BATCH);
+    let waiting = keys.iter().find(|k| !fired.contains_key(*k)).unwrap();
+    let done = keys.iter().find(|k| fired.contains_key(*k)).unwrap();
+    // within the lateness, both reach the slice
+    h.push(0, rows(&s, &[(waiting, "y", MIN), (done, "y", MIN)]));
+    assert_eq!(
+        counts(h.take(0)),
+        BTreeMap::from([(done.clone(), 2)]),
+        "the key that fired is updated at once"
+    );
+    h.watermark(end - 1);
+    let rest = counts(h.take(0));
+    assert_eq!(rest.len(), n - FIRE_BATCH);
+    assert!(
+        fired.keys().all(|k| !rest.contains_key(k)),
+        "a key fired twice"
+    );
+    assert_eq!(rest[waiting], 2, "the record between the chunks counts");
+    assert!(rest.iter().all(|(k, c)| *c == 1 || k == waiting));
 }
