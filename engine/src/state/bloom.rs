@@ -37,10 +37,14 @@ struct Stage {
 }
 
 impl Stage {
+    /// Blocks of a stage of `capacity` keys.
+    fn blocks_for(capacity: usize) -> usize {
+        (capacity * BITS_PER_KEY).div_ceil(256).max(1)
+    }
+
     fn new(capacity: usize) -> Self {
-        let blocks = (capacity * BITS_PER_KEY).div_ceil(256).max(1);
         Stage {
-            blocks: vec![[0; 8]; blocks],
+            blocks: vec![[0; 8]; Self::blocks_for(capacity)],
             capacity,
             inserted: 0,
         }
@@ -116,6 +120,15 @@ impl GrowingBloom {
         self.stages.iter().map(|s| s.capacity).sum()
     }
 
+    /// Bytes of the filter's blocks once one more hash is added (a full filter adds a stage).
+    pub(crate) fn bytes_with_one_more(&self) -> usize {
+        let last = self.stages.last().expect("at least one stage");
+        match last.inserted >= last.capacity {
+            true => self.bytes() + Stage::blocks_for(last.capacity.saturating_mul(GROWTH)) * 32,
+            false => self.bytes(),
+        }
+    }
+
     /// Bytes of the filter's blocks.
     pub(crate) fn bytes(&self) -> usize {
         self.stages.iter().map(|s| s.blocks.len() * 32).sum()
@@ -129,6 +142,22 @@ mod tests {
     /// Hashes as the state gives them: XXH3 of encoded keys.
     fn h(i: u64) -> u64 {
         crate::keys::hash_key(&i.to_be_bytes())
+    }
+
+    /// A filter's size after one more key is known before it is added, so that a filter
+    /// about to pass its share gives up without allocating a stage it will not keep.
+    #[test]
+    fn the_size_one_more_key_takes_is_known_before_it_is_added() {
+        let mut f = GrowingBloom::new(1 << 4);
+        let mut grew = 0;
+        for i in 0..50_000 {
+            let predicted = f.bytes_with_one_more();
+            let before = f.bytes();
+            f.insert(h(i));
+            assert_eq!(f.bytes(), predicted, "key {i}");
+            grew += usize::from(f.bytes() > before);
+        }
+        assert!(grew >= 5, "{grew} stages added");
     }
 
     #[test]

@@ -132,12 +132,13 @@ impl Spilled {
         n.rows += 1;
         if let Some(f) = &mut n.keys {
             let before = filter_bytes(f);
-            f.insert(hash);
-            let after = filter_bytes(f);
-            self.bytes = self.bytes + after - before;
-            if after > self.filter_cap {
-                self.bytes -= after;
+            // a filter that would outgrow its share gives up before it allocates the stage
+            if f.bytes_with_one_more() > self.filter_cap {
+                self.bytes -= before;
                 n.keys = None;
+            } else {
+                f.insert(hash);
+                self.bytes = self.bytes + filter_bytes(f) - before;
             }
         }
         if self.by_ns.len() > MAX_NAMESPACES {
