@@ -8,7 +8,7 @@
 //! The encoding is postcard's: lengths and integers as LEB128 varints (signed ones zigzagged),
 //! an enum as its variant's index then its fields, a float as 8 bytes little-endian, a bool as
 //! one byte.
-use super::aggregate::AccColumn;
+use super::aggregate::{Acc, AccColumn, AggDef};
 #[cfg(test)]
 use super::slices::SliceParts;
 
@@ -99,30 +99,28 @@ fn fits(column: &AccColumn, num: &Num) -> bool {
     )
 }
 
-/// Adds `num` to row `row` of `column` (of its kind), as merging the accumulators does.
-fn add(column: &mut AccColumn, row: usize, num: Num) {
-    match (column, num) {
-        (AccColumn::Count(c), Num::Count(n)) => c[row] += n,
-        (AccColumn::SumInt(s, a), Num::SumInt(x, y)) => {
-            s[row] = s[row].wrapping_add(x);
-            a[row] |= y;
+impl From<Num> for Acc {
+    fn from(num: Num) -> Acc {
+        match num {
+            Num::Count(n) => Acc::Count(n),
+            Num::SumInt(s, any) => Acc::SumInt(s, any),
+            Num::SumFloat(s, any) => Acc::SumFloat(s, any),
+            Num::Avg(s, n) => Acc::Avg(s, n),
         }
-        (AccColumn::SumFloat(s, a), Num::SumFloat(x, y)) => {
-            s[row] += x;
-            a[row] |= y;
-        }
-        (AccColumn::Avg(s, n), Num::Avg(x, y)) => {
-            s[row] += x;
-            n[row] += y;
-        }
-        _ => {}
     }
 }
 
 /// Merges the [`SliceParts`] encoded as `encoded` into row `row` of `columns` (one per
-/// aggregate), if it is one part tagged `first_end` (the end of the slice's first window)
-/// whose accumulators are of the columns' kinds; `false`, and nothing merged, otherwise.
-pub(super) fn merge(columns: &mut [AccColumn], row: u32, first_end: i64, encoded: &[u8]) -> bool {
+/// aggregate of `aggs`), if it is one part tagged `first_end` (the end of the slice's first
+/// window) whose accumulators are of the columns' kinds; `false`, and nothing merged,
+/// otherwise.
+pub(super) fn merge(
+    aggs: &[AggDef],
+    columns: &mut [AccColumn],
+    row: u32,
+    first_end: i64,
+    encoded: &[u8],
+) -> bool {
     let mut r = Reader {
         bytes: encoded,
         at: 0,
@@ -147,8 +145,8 @@ pub(super) fn merge(columns: &mut [AccColumn], row: u32, first_end: i64, encoded
     if read.is_none() {
         return false;
     }
-    for (column, num) in columns.iter_mut().zip(nums) {
-        add(column, row as usize, num);
+    for ((d, column), num) in aggs.iter().zip(columns.iter_mut()).zip(nums) {
+        column.merge_acc(d, row, &num.into());
     }
     true
 }
@@ -156,7 +154,6 @@ pub(super) fn merge(columns: &mut [AccColumn], row: u32, first_end: i64, encoded
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::window::aggregate::{Acc, AggDef};
     use crate::window::slices::SliceColumns;
     use arrow::datatypes::{DataType, Field, Schema};
     use freshet_engine::state::PaneColumns;

@@ -201,7 +201,7 @@ impl PaneColumns for SliceColumns {
     }
 
     fn merge_encoded(&mut self, ns: i64, row: u32, encoded: &[u8]) -> bool {
-        if !super::encoded::merge(&mut self.columns, row, ns + self.slide, encoded) {
+        if !super::encoded::merge(&self.aggs, &mut self.columns, row, ns + self.slide, encoded) {
             return false;
         }
         self.set_present(row);

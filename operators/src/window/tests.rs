@@ -31,6 +31,36 @@ fn rows(s: &SchemaRef, rows: &[(&str, &str, i64)]) -> RecordBatch {
     )
 }
 
+/// A xorshift generator: the same numbers for the same seed.
+fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
+/// The last row emitted for each (key, window) (rows are upserts), and how many records went
+/// to the late output.
+#[derive(Default)]
+struct Upserts {
+    last: BTreeMap<String, String>,
+    late: usize,
+}
+
+impl Upserts {
+    /// Takes what the operator emitted.
+    fn collect(&mut self, h: &mut Harness<WindowOperator>) {
+        for line in h.take(0) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let id = format!("{}/{}/{}", v["k"], v["window_start"], v["window_end"]);
+            self.last.insert(id, line);
+        }
+        self.late += h.take(1).len();
+    }
+}
+
 #[test]
 fn tumbling_fires_at_end_minus_one_and_record_at_end_starts_next_window() {
     let (mut h, s) = harness(
@@ -355,23 +385,9 @@ fn results_do_not_depend_on_batching() {
             2 * MIN,
             &["count(*) AS n", "count(DISTINCT u) AS d", "min(u) AS lo"],
         );
-        let mut seed = 11u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        let mut late = 0;
-        let mut last: std::collections::BTreeMap<String, String> = Default::default();
-        let mut collect = |h: &mut Harness<WindowOperator>| {
-            for line in h.take(0) {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                let id = format!("{}/{}/{}", v["k"], v["window_start"], v["window_end"]);
-                last.insert(id, line);
-            }
-            late += h.take(1).len();
-        };
+        let mut next = xorshift(11);
+        let mut seen = Upserts::default();
+        let mut collect = |h: &mut Harness<WindowOperator>| seen.collect(h);
         let keys = ["a", "b", "c", "d", "e"];
         let users = ["p", "q", "r", "s"];
         for step in 0..40i64 {
@@ -379,7 +395,7 @@ fn results_do_not_depend_on_batching() {
                 .map(|_| {
                     let r = next();
                     // mostly near the head of time, some far behind it
-                    let back = if r % 5 == 0 { 8 * MIN } else { MIN };
+                    let back = if r.is_multiple_of(5) { 8 * MIN } else { MIN };
                     let t = (step * MIN / 2 - (r >> 12) as i64 % back).max(0);
                     (
                         keys[(r >> 40) as usize % 5],
@@ -407,7 +423,7 @@ fn results_do_not_depend_on_batching() {
         }
         h.watermark(i64::MAX);
         collect(&mut h);
-        (last, late)
+        (seen.last, seen.late)
     };
     for kind in [
         WindowKind::Sliced {
@@ -668,28 +684,14 @@ fn results_do_not_depend_on_spilling() {
         h.op.key_groups = all;
         h.op.read_ahead = read_ahead;
         h.op.panes.attach(&backend).unwrap();
-        let mut seed = 5u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        let mut last: BTreeMap<String, String> = BTreeMap::new();
-        let mut late = 0;
-        let mut collect = |h: &mut Harness<WindowOperator>| {
-            for line in h.take(0) {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                let id = format!("{}/{}/{}", v["k"], v["window_start"], v["window_end"]);
-                last.insert(id, line);
-            }
-            late += h.take(1).len();
-        };
+        let mut next = xorshift(5);
+        let mut seen = Upserts::default();
+        let mut collect = |h: &mut Harness<WindowOperator>| seen.collect(h);
         for step in 0..30i64 {
             let recs: Vec<(&str, &str, i64)> = (0..6_000)
                 .map(|_| {
                     let r = next();
-                    let back = if r % 7 == 0 { 13 * MIN } else { MIN };
+                    let back = if r.is_multiple_of(7) { 13 * MIN } else { MIN };
                     let t = (step * MIN / 2 - (r >> 12) as i64 % back).max(0);
                     let key = &keys[(r >> 30) as usize % keys.len()];
                     (key.as_str(), users[(r >> 50) as usize % 4], t)
@@ -701,7 +703,7 @@ fn results_do_not_depend_on_spilling() {
         }
         h.watermark(i64::MAX);
         collect(&mut h);
-        (last, late, backend.size().rows)
+        (seen.last, seen.late, backend.size().rows)
     };
     for aggs in [
         &["count(*) AS n"][..],
