@@ -84,6 +84,12 @@ pub trait PaneColumns: Clone + Send + 'static {
     fn clear(&mut self);
     /// Merges `value` (a partial value of the row's key in namespace `ns`) into row `row`.
     fn merge_value(&mut self, ns: i64, row: u32, value: Self::Value);
+    /// Appends the encoding of row `row`'s value (postcard's, exactly as it encodes
+    /// [`value`](Self::value)'s), if the columns write it themselves (a common shape, without
+    /// building the value); `false`, with nothing appended, otherwise.
+    fn encode(&self, _ns: i64, _row: u32, _out: &mut Vec<u8>) -> bool {
+        false
+    }
     /// Merges a value given as its encoding (postcard, as written) into row `row`, if the
     /// columns read that encoding themselves (a common shape, without building the value);
     /// `false` leaves the row as it was, to be merged through [`merge_value`](Self::merge_value).
@@ -682,11 +688,7 @@ impl<C: PaneColumns> PaneTable<C> {
                         b.backend.write(std::mem::take(&mut batch))?;
                     }
                 }
-                value.clear();
-                value.push(0u8);
-                value =
-                    postcard::to_extend(&pane.columns.value(ns, row), std::mem::take(&mut value))
-                        .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
+                encode_row(&self.name, &pane.columns, ns, row, &mut value)?;
                 block.push(&order, &value);
             }
             put(&mut batch, &mut block);
@@ -723,10 +725,7 @@ impl<C: PaneColumns> PaneTable<C> {
                 }
                 let order = row.order(pane);
                 let row = row.row;
-                buf.clear();
-                buf.push(0u8);
-                buf = postcard::to_extend(&pane.columns.value(ns, row), std::mem::take(&mut buf))
-                    .map_err(|e| EngineError::State(format!("{}: {e}", self.name)))?;
+                encode_row(&self.name, &pane.columns, ns, row, &mut buf)?;
                 batch.put(
                     backend::pane_row(b.table, b.generation, ns, backend::PANE_VALUE, &order),
                     &buf,
@@ -1025,6 +1024,25 @@ fn add_generation(gens: &mut Generations, g: u32) {
     if let Err(at) = gens.binary_search(&g) {
         gens.insert(at, g);
     }
+}
+
+/// Writes row `row` of `columns` (namespace `ns`) into `out` as a pane row's value: its encoding
+/// version (0), then the value, encoded by the columns if they do it themselves.
+fn encode_row<C: PaneColumns>(
+    name: &str,
+    columns: &C,
+    ns: i64,
+    row: u32,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    out.clear();
+    out.push(0u8);
+    if columns.encode(ns, row, out) {
+        return Ok(());
+    }
+    *out = postcard::to_extend(&columns.value(ns, row), std::mem::take(out))
+        .map_err(|e| EngineError::State(format!("{name}: {e}")))?;
+    Ok(())
 }
 
 /// A pane row's value: its encoding version (0), then the value.

@@ -151,6 +151,56 @@ pub(super) fn merge(
     true
 }
 
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn push_signed(out: &mut Vec<u8>, v: i64) {
+    push_varint(out, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+/// Appends the encoding postcard gives a [`SliceParts`] of one part tagged `first_end` whose
+/// accumulators are row `row` of `columns`, if they are counts, sums and averages; `false`,
+/// with nothing appended, otherwise.
+pub(super) fn encode(columns: &[AccColumn], row: u32, first_end: i64, out: &mut Vec<u8>) -> bool {
+    let (r, start) = (row as usize, out.len());
+    push_varint(out, 1);
+    push_signed(out, first_end);
+    push_varint(out, columns.len() as u64);
+    for c in columns {
+        match c {
+            AccColumn::Count(n) => {
+                push_varint(out, COUNT);
+                push_signed(out, n[r]);
+            }
+            AccColumn::SumInt(s, any) => {
+                push_varint(out, SUM_INT);
+                push_signed(out, s[r]);
+                out.push(any[r] as u8);
+            }
+            AccColumn::SumFloat(s, any) => {
+                push_varint(out, SUM_FLOAT);
+                out.extend_from_slice(&s[r].to_le_bytes());
+                out.push(any[r] as u8);
+            }
+            AccColumn::Avg(s, n) => {
+                push_varint(out, AVG);
+                out.extend_from_slice(&s[r].to_le_bytes());
+                push_signed(out, n[r]);
+            }
+            AccColumn::Any { .. } => {
+                out.truncate(start);
+                return false;
+            }
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +278,53 @@ mod tests {
         c.resize(1);
         let read = (0..times).all(|_| c.merge_encoded(ns, 0, encoded));
         (read.then(|| bytes(c.value(ns, 0))), by_serde)
+    }
+
+    /// Rows of slice columns, encoded here when they have the common shape, encode as postcard
+    /// encodes their values; rows with late parts or other accumulators are declined.
+    #[test]
+    fn writes_the_common_shape_as_postcard_does_and_declines_the_rest() {
+        let sets = [
+            aggs(&["count(*) AS n"]),
+            aggs(&["count(*) AS n", "sum(i) AS s", "sum(f) AS t", "avg(f) AS a"]),
+            aggs(&["count(*) AS n", "min(i) AS m"]),
+        ];
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let ns = -1_714_557_600_000;
+        let (mut written, mut declined) = (0, 0);
+        for defs in &sets {
+            let mut c = SliceColumns::new(defs, 10);
+            c.resize(3000);
+            let mut late = vec![false; 3000];
+            for row in 0..3000u32 {
+                let accs = |rng: &mut Rng| defs.iter().map(|d| acc(d, rng)).collect();
+                // mostly the common shape; some rows with late parts only, some with both
+                let parts: SliceParts = match rng.next() % 4 {
+                    0 => smallvec![(ns + 20, accs(&mut rng))],
+                    1 => smallvec![(ns + 10, accs(&mut rng)), (ns + 30, accs(&mut rng))],
+                    _ => smallvec![(ns + 10, accs(&mut rng))],
+                };
+                late[row as usize] = parts.iter().any(|(end, _)| *end != ns + 10);
+                c.merge_value(ns, row, parts);
+            }
+            let common = !defs.iter().any(|d| matches!(d.new_acc(), Acc::Min(_)));
+            for row in 0..3000u32 {
+                let mut out = vec![7u8];
+                let expected = postcard::to_allocvec(&c.value(ns, row)).unwrap();
+                if c.encode(ns, row, &mut out) {
+                    assert_eq!(out[1..], expected[..], "row {row}");
+                    written += 1;
+                } else {
+                    assert_eq!(out, [7], "nothing appended when declined");
+                    declined += 1;
+                }
+                assert_eq!(out.len() > 1, common && !late[row as usize], "row {row}");
+            }
+        }
+        assert!(
+            written > 2000 && declined > 3000,
+            "{written} written, {declined} declined"
+        );
     }
 
     #[test]

@@ -200,6 +200,18 @@ impl PaneColumns for SliceColumns {
         }
     }
 
+    fn encode(&self, ns: i64, row: u32, out: &mut Vec<u8>) -> bool {
+        let late = !self.late.is_empty()
+            && self
+                .late
+                .range((row, i64::MIN)..=(row, i64::MAX))
+                .next()
+                .is_some();
+        self.is_present(row)
+            && !late
+            && super::encoded::encode(&self.columns, row, ns + self.slide, out)
+    }
+
     fn merge_encoded(&mut self, ns: i64, row: u32, encoded: &[u8]) -> bool {
         if !super::encoded::merge(&self.aggs, &mut self.columns, row, ns + self.slide, encoded) {
             return false;
