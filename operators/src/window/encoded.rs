@@ -1,9 +1,10 @@
 //! A slice's spilled value ([`SliceParts`]) merged straight from its encoding into a slice's
-//! columns. Firing a window that spilled reads a value per key and generation; the common
-//! shape, one part counting from the slice's first window whose accumulators are counts, sums
-//! and averages, is read here without building the value. Anything else (late parts, other
-//! accumulators, an encoding this reader is not sure of) is declined and decoded by serde, so
-//! an input read here reads exactly as serde would read it.
+//! columns, and written straight from them. Firing a window that spilled reads a value per key
+//! and generation, and a spill or flush writes one per key; the common shape, one part
+//! counting from the slice's first window whose accumulators are counts, sums and averages, is
+//! read and written here without building the value. Anything else (late parts, other
+//! accumulators, an encoding this reader is not sure of) is declined and left to serde, so a
+//! value read or written here is exactly what serde would read or write.
 //!
 //! The encoding is postcard's: lengths and integers as LEB128 varints (signed ones zigzagged),
 //! an enum as its variant's index then its fields, a float as 8 bytes little-endian, a bool as
