@@ -21,8 +21,10 @@ fn a_windowed_job_survives_thirty_random_kills() {
     let mut rng = Rng::new();
     let mut c = Cluster::start(3);
     let mut next_tm = c.tms.len();
-    // the input takes 60 s to read undisturbed; restarts come often and quickly
-    let id = submit_with_restarts(name, &c, 60.0);
+    // the input takes 100 s to read undisturbed (the source is paced), longer than the kills
+    // take however fast the job recovers: 30 pauses of 1.5–3 s, about 68 s and at most 90 s;
+    // restarts come often and quickly
+    let id = submit_with_restarts(name, &c, 100.0);
     c.jm.wait_for("checkpoint completed");
     let mut kills = (0, 0); // (TaskManagers, JobManagers)
     let started = Instant::now();

@@ -281,15 +281,21 @@ mod tests {
         (read.then(|| bytes(c.value(ns, 0))), by_serde)
     }
 
+    /// Counts alone; counts, sums and an average (the common shape); and a minimum, which
+    /// this module declines.
+    fn aggregate_sets() -> [Vec<AggDef>; 3] {
+        [
+            aggs(&["count(*) AS n"]),
+            aggs(&["count(*) AS n", "sum(i) AS s", "sum(f) AS t", "avg(f) AS a"]),
+            aggs(&["count(*) AS n", "min(i) AS m"]),
+        ]
+    }
+
     /// Rows of slice columns, encoded here when they have the common shape, encode as postcard
     /// encodes their values; rows with late parts or other accumulators are declined.
     #[test]
     fn writes_the_common_shape_as_postcard_does_and_declines_the_rest() {
-        let sets = [
-            aggs(&["count(*) AS n"]),
-            aggs(&["count(*) AS n", "sum(i) AS s", "sum(f) AS t", "avg(f) AS a"]),
-            aggs(&["count(*) AS n", "min(i) AS m"]),
-        ];
+        let sets = aggregate_sets();
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);
         let ns = -1_714_557_600_000;
         let (mut written, mut declined) = (0, 0);
@@ -330,11 +336,7 @@ mod tests {
 
     #[test]
     fn reads_the_common_shape_as_serde_does_and_declines_the_rest() {
-        let sets = [
-            aggs(&["count(*) AS n"]),
-            aggs(&["count(*) AS n", "sum(i) AS s", "sum(f) AS t", "avg(f) AS a"]),
-            aggs(&["count(*) AS n", "min(i) AS m"]),
-        ];
+        let sets = aggregate_sets();
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let ns = 1_714_557_600_000;
         let (mut read, mut declined) = (0, 0);
