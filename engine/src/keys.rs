@@ -138,6 +138,11 @@ impl KeyColumns {
         Ok(KeyColumns { indices, encoder })
     }
 
+    /// Whether there are no key columns: every row's key is the empty key.
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+
     /// The encoder (its key types say what decoding produces).
     pub fn encoder(&self) -> &KeyEncoder {
         &self.encoder

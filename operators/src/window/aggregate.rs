@@ -327,6 +327,12 @@ impl AggInputs {
         self.filters[i].as_ref().is_none_or(|f| f.value(row))
     }
 
+    /// Whether some aggregate counts every row (it has no filter), so that any row counts for
+    /// one: [`Self::any_selected`] for every row.
+    pub fn one_selects_all(&self) -> bool {
+        self.filters.iter().any(Option::is_none)
+    }
+
     /// Whether any aggregate counts row `row`.
     pub fn any_selected(&self, row: usize) -> bool {
         (0..self.filters.len()).any(|i| self.selected(i, row))
@@ -645,10 +651,12 @@ impl AccColumn {
     }
 }
 
-/// Adds batch rows `rows[j]` to row `slots[j]` of column `col` of aggregate `i`, for every `j`
-/// in order: the same result as [`update`] row by row into each slot's accumulator, with the
-/// choice of aggregate and column type made once per call and counts, sums and averages of
-/// numbers computed by plain loops.
+/// Adds batch rows `rows[j]` (increasing) to row `slots[j]` of column `col` of aggregate `i`,
+/// for every `j` in order: the same result as [`update`] row by row into each slot's
+/// accumulator, with the choice of aggregate and column type made once per call and counts,
+/// sums and averages of numbers computed by plain loops. Rows that all count, go to one slot
+/// and lie side by side in the batch (a non-keyed window's, or one key's) are folded as a
+/// slice of the column, in the same order.
 pub fn update_column(
     d: &AggDef,
     col: &mut AccColumn,
@@ -668,18 +676,33 @@ pub fn update_column(
     };
     // the rows this aggregate counts, with their slots: selected by its filter and not null
     let counted = rows.iter().zip(slots).filter(|(r, _)| counts(**r as usize));
+    let every = filter.is_none() && nulls.is_none_or(|n| n.null_count() == 0);
+    let one = one_slot(slots);
+    // every row counts, for one slot, and the rows are one range of the batch
+    let whole = every
+        .then(|| one.zip(as_range(rows)))
+        .flatten()
+        .map(|(s, range)| (s as usize, range));
     match (col, &readers[i]) {
-        (AccColumn::Count(c), None) if filter.is_none() => {
-            for (s, run) in runs(slots) {
-                c[s as usize] += run.len() as i64;
+        (AccColumn::Count(c), None) if filter.is_none() => match one {
+            Some(s) => c[s as usize] += slots.len() as i64,
+            None => {
+                for (s, run) in runs(slots) {
+                    c[s as usize] += run.len() as i64;
+                }
             }
-        }
+        },
         (AccColumn::Count(c), None | Some(ColumnReader::Int(..) | ColumnReader::Float(..))) => {
             for (_, s) in counted {
                 c[*s as usize] += 1;
             }
         }
         (AccColumn::SumInt(sum, any), Some(ColumnReader::Int(_, v))) => {
+            if let Some((s, range)) = whole {
+                sum[s] = v[range].iter().fold(sum[s], |a, x| a.wrapping_add(*x));
+                any[s] = true;
+                return;
+            }
             for (r, s) in counted {
                 let s = *s as usize;
                 sum[s] = sum[s].wrapping_add(v[*r as usize]);
@@ -687,18 +710,33 @@ pub fn update_column(
             }
         }
         (AccColumn::SumFloat(sum, any), Some(ColumnReader::Float(_, v))) => {
+            if let Some((s, range)) = whole {
+                sum[s] = v[range].iter().fold(sum[s], |a, x| a + x);
+                any[s] = true;
+                return;
+            }
             for (r, s) in counted {
                 sum[*s as usize] += v[*r as usize];
                 any[*s as usize] = true;
             }
         }
         (AccColumn::Avg(sum, n), Some(ColumnReader::Int(_, v))) => {
+            if let Some((s, range)) = whole {
+                n[s] += range.len() as i64;
+                sum[s] = v[range].iter().fold(sum[s], |a, x| a + *x as f64);
+                return;
+            }
             for (r, s) in counted {
                 sum[*s as usize] += v[*r as usize] as f64;
                 n[*s as usize] += 1;
             }
         }
         (AccColumn::Avg(sum, n), Some(ColumnReader::Float(_, v))) => {
+            if let Some((s, range)) = whole {
+                n[s] += range.len() as i64;
+                sum[s] = v[range].iter().fold(sum[s], |a, x| a + x);
+                return;
+            }
             for (r, s) in counted {
                 sum[*s as usize] += v[*r as usize];
                 n[*s as usize] += 1;
@@ -707,29 +745,37 @@ pub fn update_column(
         (AccColumn::Any { accs, .. }, Some(ColumnReader::Int(_, v)))
             if matches!(d.kind, AggKind::Min | AggKind::Max) =>
         {
-            let value = |r: usize| v[r];
-            extremes_per_run(
-                accs,
-                d.kind,
-                rows,
-                slots,
-                counts,
-                value,
-                i64::cmp,
-                Scalar::Int,
-            );
+            if let Some((s, range)) = whole {
+                let values = v[range].iter().copied();
+                let best = match d.kind {
+                    AggKind::Min => values.min(),
+                    _ => values.max(),
+                };
+                if let Some(b) = best {
+                    keep_extreme(&mut accs[s], Scalar::Int(b));
+                }
+                return;
+            }
+            let counts = (!every).then_some(counts);
+            extremes_per_run(accs, d.kind, rows, slots, counts, v, i64::cmp, Scalar::Int);
         }
         (AccColumn::Any { accs, .. }, Some(ColumnReader::Float(_, v)))
             if matches!(d.kind, AggKind::Min | AggKind::Max) =>
         {
-            let value = |r: usize| v[r];
+            if let Some((s, range)) = whole {
+                if let Some(b) = extreme(d.kind, v[range].iter().copied(), &f64::total_cmp) {
+                    keep_extreme(&mut accs[s], Scalar::Float(b));
+                }
+                return;
+            }
+            let counts = (!every).then_some(counts);
             extremes_per_run(
                 accs,
                 d.kind,
                 rows,
                 slots,
                 counts,
-                value,
+                v,
                 f64::total_cmp,
                 Scalar::Float,
             );
@@ -761,33 +807,63 @@ fn keep_extreme(acc: &mut Acc, v: Scalar) {
     }
 }
 
-/// For each run of equal slots, puts the smallest (`Min`) or largest (`Max`) value of the run's
-/// rows that `counts` into that slot's accumulator, if it beats what is there.
+/// For each run of equal slots, puts the smallest (`Min`) or largest (`Max`) of the run's
+/// rows' `values` that count (all of them if `counts` is `None`) into that slot's
+/// accumulator, if it beats what is there. A run whose rows all count and lie side by side is
+/// read as a slice.
 #[allow(clippy::too_many_arguments)]
-fn extremes_per_run<T>(
+fn extremes_per_run<T: Copy>(
     accs: &mut [Acc],
     kind: AggKind,
     rows: &[u32],
     slots: &[u32],
-    counts: impl Fn(usize) -> bool,
-    value: impl Fn(usize) -> T,
+    counts: Option<impl Fn(usize) -> bool>,
+    values: &[T],
     cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
     scalar: impl Fn(T) -> Scalar,
 ) {
     for (s, run) in runs(slots) {
-        let values = rows[run]
-            .iter()
-            .map(|r| *r as usize)
-            .filter(|r| counts(*r))
-            .map(&value);
-        let best = match kind {
-            AggKind::Min => values.min_by(&cmp),
-            _ => values.max_by(&cmp),
+        let rows = &rows[run];
+        let best = match (&counts, as_range(rows)) {
+            (None, Some(range)) => extreme(kind, values[range].iter().copied(), &cmp),
+            (None, None) => extreme(kind, rows.iter().map(|r| values[*r as usize]), &cmp),
+            (Some(counts), _) => extreme(
+                kind,
+                rows.iter()
+                    .map(|r| *r as usize)
+                    .filter(|r| counts(*r))
+                    .map(|r| values[r]),
+                &cmp,
+            ),
         };
         if let Some(b) = best {
             keep_extreme(&mut accs[s as usize], scalar(b));
         }
     }
+}
+
+/// The smallest (`Min`) or largest (`Max`) of `values`.
+fn extreme<T>(
+    kind: AggKind,
+    values: impl Iterator<Item = T>,
+    cmp: &impl Fn(&T, &T) -> std::cmp::Ordering,
+) -> Option<T> {
+    match kind {
+        AggKind::Min => values.min_by(cmp),
+        _ => values.max_by(cmp),
+    }
+}
+
+/// `rows` (increasing) as one range of the batch, if they are side by side.
+fn as_range(rows: &[u32]) -> Option<std::ops::Range<usize>> {
+    let (first, last) = (*rows.first()? as usize, *rows.last()? as usize);
+    (last - first + 1 == rows.len()).then_some(first..last + 1)
+}
+
+/// The slot every row goes to, if there is one.
+fn one_slot(slots: &[u32]) -> Option<u32> {
+    let s = *slots.first()?;
+    slots.iter().all(|x| *x == s).then_some(s)
 }
 
 /// The runs of equal slots: each slot with the range of positions it holds in a row.
@@ -1018,7 +1094,8 @@ mod tests {
 
     /// `update_column` over rows spread across a few keys gives exactly what `update` row by row
     /// into each key's accumulators gives, for every aggregate, over nulls, filters, NaN, signed
-    /// zeros and floats whose sum depends on order.
+    /// zeros and floats whose sum depends on order; the rows a random subset, or a range of the
+    /// batch for one key or in runs of keys (which columns without nulls fold as slices).
     #[test]
     fn a_column_updates_like_each_keys_rows_one_by_one() {
         use arrow::array::Float64Array;
@@ -1032,19 +1109,26 @@ mod tests {
         };
         let floats = [0.1, -0.0, 0.0, 1e16, -1e16, 3.25, f64::NAN, 7.0];
         let sums = [0.1, 1e16, -1e16, 3.3, -0.0, 0.7];
+        let plain = [0.1, -0.0, 0.0, 1e16, -1e16, 3.25, 7.0, 3.3, 0.7];
         let (mut ints, mut fls, mut gs, mut strs) = (vec![], vec![], vec![], vec![]);
+        let (mut whole_ints, mut whole_fls) = (vec![], vec![]);
         for _ in 0..n {
             let r = next();
             ints.push((r % 5 != 0).then_some((r >> 8) as i64 % 1000 - 500));
             fls.push((r % 7 != 0).then_some(floats[(r >> 20) as usize % floats.len()]));
             strs.push(Some(["a", "b", "c"][(r >> 30) as usize % 3]));
             gs.push((r % 11 != 0).then_some(sums[(r >> 40) as usize % sums.len()]));
+            whole_ints.push(((r >> 3) as i64).wrapping_mul(0x9e37_79b9_7f4a_7c15u64 as i64));
+            // no NaN, so that a sum in another order would show
+            whole_fls.push(Some(plain[(r >> 50) as usize % plain.len()]));
         }
         let schema = Arc::new(Schema::new(vec![
             Field::new("v", DataType::Int64, true),
             Field::new("f", DataType::Float64, true),
             Field::new("g", DataType::Float64, true),
             Field::new("u", DataType::Utf8, true),
+            Field::new("w", DataType::Int64, false),
+            Field::new("h", DataType::Float64, false),
         ]));
         let b = RecordBatch::try_new(
             schema,
@@ -1053,6 +1137,13 @@ mod tests {
                 Arc::new(Float64Array::from(fls)),
                 Arc::new(Float64Array::from(gs)),
                 Arc::new(StringArray::from(strs)),
+                Arc::new(Int64Array::from(whole_ints)),
+                Arc::new(Float64Array::from(
+                    whole_fls
+                        .into_iter()
+                        .map(Option::unwrap)
+                        .collect::<Vec<_>>(),
+                )),
             ],
         )
         .unwrap();
@@ -1075,6 +1166,15 @@ mod tests {
             "avg(f)",
             "min(u)",
             "top_n(f, 3)",
+            "sum(w)",
+            "sum(h)",
+            "avg(w)",
+            "avg(h)",
+            "min(w)",
+            "max(w)",
+            "min(h)",
+            "max(h)",
+            "count(h)",
         ];
         let defs: Vec<AggDef> = texts
             .iter()
@@ -1088,10 +1188,36 @@ mod tests {
         let mut one: Vec<Vec<Acc>> = (0..KEYS)
             .map(|_| defs.iter().map(AggDef::new_acc).collect())
             .collect();
-        for _ in 0..50 {
-            // a random subset of rows in batch order, each for a random key
-            let rows: Vec<u32> = (0..n as u32).filter(|_| next() % 3 == 0).collect();
-            let slots: Vec<u32> = rows.iter().map(|_| (next() % KEYS as u64) as u32).collect();
+        for round in 0..90 {
+            let (rows, slots): (Vec<u32>, Vec<u32>) = match round % 3 {
+                // a random subset of rows in batch order, each for a random key
+                0 => (0..n as u32)
+                    .filter_map(|r| {
+                        let x = next();
+                        (x % 3 == 0).then_some((r, ((x >> 8) % KEYS as u64) as u32))
+                    })
+                    .unzip(),
+                // a range of the batch for one key
+                1 => {
+                    let (a, len) = (next() % n as u64, next() % 64 + 1);
+                    let key = (next() % KEYS as u64) as u32;
+                    (a as u32..(a + len).min(n as u64) as u32)
+                        .map(|r| (r, key))
+                        .unzip()
+                }
+                // a range in runs of keys
+                _ => {
+                    let mut key = 0;
+                    (0..n as u32)
+                        .map(|r| {
+                            if next() % 16 == 0 {
+                                key = (next() % KEYS as u64) as u32;
+                            }
+                            (r, key)
+                        })
+                        .unzip()
+                }
+            };
             for (r, s) in rows.iter().zip(&slots) {
                 update(&defs, &mut one[*s as usize], &inputs, &readers, *r as usize);
             }

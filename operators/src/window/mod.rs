@@ -773,12 +773,34 @@ impl WindowOperator {
         let mut index: hashbrown::HashMap<(i64, i64), usize> = hashbrown::HashMap::new();
         let mut at = 0usize;
         let mut slice = i64::MIN;
-        for row in selected_rows(select, times.len()) {
+        // rows no aggregate counts are skipped (unless there are no aggregates)
+        let every = self.plan.aggs.is_empty() || inputs.one_selects_all();
+        let n = select.map_or(times.len(), <[u32]>::len);
+        let row_at = |i: usize| select.map_or(i, |s| s[i] as usize);
+        let mut i = 0;
+        while i < n {
+            let row = row_at(i);
             let t = times[row];
             // rows of a batch mostly fall into the slice of the row before
             if t < slice || t.checked_sub(slice).is_none_or(|d| d >= slide) {
                 slice = t - t.rem_euclid(slide);
             }
+            // the rows from here on in the same slice are judged alike, unless a restore left
+            // each key group its own watermark
+            let mut end = i + 1;
+            if floors.is_none() {
+                let in_slice =
+                    |t: i64| t >= slice && t.checked_sub(slice).is_some_and(|d| d < slide);
+                end += match select {
+                    Some(s) => s[end..]
+                        .iter()
+                        .take_while(|r| in_slice(times[**r as usize]))
+                        .count(),
+                    None => times[end..].iter().take_while(|t| in_slice(**t)).count(),
+                };
+            }
+            let run = i..end;
+            i = end;
             let last_end = slice + size;
             // the watermark the record is judged against: its input's, or after a restore the
             // one its key group had reached (it fired up to that window)
@@ -787,13 +809,10 @@ impl WindowOperator {
                 None => rw,
             };
             if rw >= (last_end - 1).saturating_add(lateness) {
-                late.push(row as u32);
+                late.extend(run.map(|i| row_at(i) as u32));
                 continue;
             }
-            if !inputs.any_selected(row) && !self.plan.aggs.is_empty() {
-                continue;
-            }
-            // the first window of this slice the record is not too late for
+            // the first window of this slice the records are not too late for
             let mut first_end = slice + slide;
             while rw >= (first_end - 1).saturating_add(lateness) {
                 first_end += slide;
@@ -806,7 +825,16 @@ impl WindowOperator {
                     groups.len() - 1
                 });
             }
-            groups[at].1.push(row as u32);
+            let group = &mut groups[at].1;
+            match select {
+                _ if !every => group.extend(
+                    run.map(row_at)
+                        .filter(|r| inputs.any_selected(*r))
+                        .map(|r| r as u32),
+                ),
+                Some(s) => group.extend_from_slice(&s[run]),
+                None => group.extend(run.start as u32..run.end as u32),
+            }
         }
         let batch = BatchInputs { inputs, readers };
         // windows that already fired are emitted again with these records
@@ -814,11 +842,19 @@ impl WindowOperator {
             .map_or(fired_through, |f| f.max.max(fired_through))
             .max(firing.map_or(i64::MIN, |(end, _)| end));
         let mut updated: HashSet<(StateKey, i64)> = HashSet::new();
+        let keyless = self.plan.keys.is_empty();
         for ((slice, first_end), rows) in &groups {
             let (slice, first_end) = (*slice, *first_end);
             self.panes.update(
                 slice,
-                rows.iter().map(|r| keys.row(*r as usize)),
+                // (a non-keyed window's rows all have the empty key, one slice of it)
+                rows.iter().map(|r| {
+                    if keyless {
+                        &[][..]
+                    } else {
+                        keys.row(*r as usize)
+                    }
+                }),
                 |columns, slots| columns.add(slice, first_end, &batch, rows, slots),
             )?;
             if first_end > fired_max {

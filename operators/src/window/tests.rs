@@ -792,3 +792,134 @@ fn a_record_between_two_chunks_of_a_firing_window_counts_for_its_key() {
     assert_eq!(rest[waiting], 2, "the record between the chunks counts");
     assert!(rest.iter().all(|(k, c)| *c == 1 || k == waiting));
 }
+
+/// A window without keys folds each batch's rows of a slice as one range of its columns: it
+/// gives what the records on time add up to (computed here), and the same, bit for bit, when
+/// each record comes in a batch of its own (floats whose sum depends on order included).
+#[test]
+fn a_non_keyed_window_gives_what_its_records_on_time_add_up_to() {
+    use arrow::array::{Float64Array, Int64Array};
+    let s = schema(vec![
+        Field::new("v", DataType::Int64, false),
+        Field::new("f", DataType::Float64, false),
+    ]);
+    let aggs: Vec<String> = [
+        "count(*) AS n",
+        "sum(v) AS sv",
+        "min(v) AS lo",
+        "max(v) AS hi",
+        "sum(f) AS sf",
+        "max(f) AS hf",
+        "avg(f) AS af",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let floats = [0.1, 1e16, -1e16, 3.3, -0.0, 0.7, 2.5];
+    let records: Vec<Vec<(i64, f64, i64)>> = {
+        let mut next = xorshift(5);
+        (0..30i64)
+            .map(|step| {
+                (0..40)
+                    .map(|_| {
+                        let r = next();
+                        // mostly near the head of time, a few a window or more behind it
+                        let back = if r.is_multiple_of(7) {
+                            3 * MIN
+                        } else {
+                            MIN / 2
+                        };
+                        let t = (step * MIN / 2 - (r >> 12) as i64 % back).max(0);
+                        let v = (r >> 20) as i64 % 2001 - 1000;
+                        (v, floats[(r >> 40) as usize % floats.len()], t)
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let watermark = |step: i64| step * MIN / 2 - MIN / 4;
+    let run = |single: bool| {
+        let plan = WindowPlan::compile(
+            &s,
+            &[],
+            WindowKind::Sliced {
+                size: MIN,
+                slide: MIN,
+            },
+            0,
+            &aggs,
+            None,
+        )
+        .unwrap();
+        let mut h = Harness::new(plan.instantiate());
+        let mut seen = Upserts::default();
+        for (step, recs) in records.iter().enumerate() {
+            let chunks: Vec<&[(i64, f64, i64)]> = if single {
+                recs.chunks(1).collect()
+            } else {
+                vec![recs]
+            };
+            for c in chunks {
+                let b = batch(
+                    &s,
+                    vec![
+                        Arc::new(Int64Array::from(c.iter().map(|r| r.0).collect::<Vec<_>>())),
+                        Arc::new(Float64Array::from(
+                            c.iter().map(|r| r.1).collect::<Vec<_>>(),
+                        )),
+                    ],
+                    &c.iter().map(|r| r.2).collect::<Vec<_>>(),
+                );
+                h.push(0, b);
+            }
+            h.watermark(watermark(step as i64));
+            seen.collect(&mut h);
+        }
+        h.watermark(i64::MAX);
+        seen.collect(&mut h);
+        seen
+    };
+    let (batched, single) = (run(false), run(true));
+    assert_eq!(batched.last, single.last);
+    assert_eq!(batched.late, single.late);
+    // what each window's records on time add up to: a record is late once the watermark
+    // before it reached its window's last millisecond
+    let mut expected: BTreeMap<i64, (i64, i64, i64, i64)> = BTreeMap::new();
+    let mut late = 0;
+    for (step, recs) in records.iter().enumerate() {
+        let wm = if step == 0 {
+            i64::MIN
+        } else {
+            watermark(step as i64 - 1)
+        };
+        for &(v, _, t) in recs {
+            let end = t - t.rem_euclid(MIN) + MIN;
+            if wm >= end - 1 {
+                late += 1;
+                continue;
+            }
+            let e = expected.entry(end).or_insert((0, 0, i64::MAX, i64::MIN));
+            *e = (e.0 + 1, e.1 + v, e.2.min(v), e.3.max(v));
+        }
+    }
+    assert!(
+        late > 0 && expected.len() > 10,
+        "{late} late, {} windows",
+        expected.len()
+    );
+    assert_eq!(batched.late, late);
+    let got: BTreeMap<i64, (i64, i64, i64, i64)> = batched
+        .last
+        .values()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let end = v["window_end"].as_str().unwrap();
+            let end = chrono::DateTime::parse_from_rfc3339(end)
+                .unwrap()
+                .timestamp_millis();
+            let n = |f: &str| v[f].as_i64().unwrap();
+            (end, (n("n"), n("sv"), n("lo"), n("hi")))
+        })
+        .collect();
+    assert_eq!(got, expected);
+}
