@@ -218,8 +218,11 @@ pub fn args(
                 .unwrap()
                 .lines()
                 .count();
-            let rate = (lines as f64 / seconds).max(1.0);
-            set(format!("sources.{source}.connector.rows_per_second={rate}"));
+            // (a fraction of a row a second where the input is to last longer than its rows)
+            if lines > 0 {
+                let rate = lines as f64 / seconds;
+                set(format!("sources.{source}.connector.rows_per_second={rate}"));
+            }
         }
     }
     set("dead_letter.type=file".into());
