@@ -48,6 +48,14 @@ pub enum BenchCommand {
         /// Take checkpoints at this interval (into a temporary directory), e.g. `1s`.
         #[arg(long)]
         checkpoint_interval: Option<String>,
+        /// Another freshet binary to run the same query with, alternating with this one, each
+        /// run a process of its own, for a ratio measured in the same run (e.g. a build of an
+        /// earlier version).
+        #[arg(long)]
+        against: Option<std::path::PathBuf>,
+        /// Runs of each binary with `--against` (which goes first alternates).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
     },
     /// The cost of checkpoints: q5 with and without, and incremental checkpoint sizes.
     Checkpoints {
@@ -238,11 +246,29 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             bidders,
             print_job,
             checkpoint_interval,
+            against,
+            rounds,
         } => {
             let mut text = nexmark_job_with(&query, events, parallelism, seed, bidders)?;
             if print_job {
                 print!("{text}");
                 return Ok(0);
+            }
+            if let Some(other) = against {
+                let mut args: Vec<String> = vec!["bench".into(), "nexmark".into()];
+                for (flag, value) in [
+                    ("--query", query.clone()),
+                    ("--events", events.to_string()),
+                    ("--parallelism", parallelism.to_string()),
+                    ("--seed", seed.to_string()),
+                    ("--bidders", bidders.to_string()),
+                ]
+                .into_iter()
+                .chain(checkpoint_interval.map(|i| ("--checkpoint-interval", i)))
+                {
+                    args.extend([flag.to_string(), value]);
+                }
+                return bench_nexmark_against(&other, &args, rounds);
             }
             let dir = tempfile::tempdir()?;
             if let Some(i) = &checkpoint_interval {
@@ -895,6 +921,104 @@ fn bench_parallel(queries: &[String], events: u64, rounds: u32) -> Result<i32> {
     Ok(0)
 }
 
+/// `bench nexmark --against OTHER`: this binary and `other` each run `args` (a `bench nexmark`
+/// command) `rounds` times as processes of their own, alternating which goes first; a row per
+/// round and one of medians.
+fn bench_nexmark_against(other: &std::path::Path, args: &[String], rounds: u32) -> Result<i32> {
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let this = std::env::current_exe()?;
+    println!(
+        "| round | this: events per CPU-s | other: events per CPU-s | this / other | this: events/s | other: events/s | same result |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    let (mut cpu, mut wall) = ([vec![], vec![]], [vec![], vec![]]);
+    let mut all_same = true;
+    for round in 1..=rounds {
+        let order = if round % 2 == 1 { [0, 1] } else { [1, 0] };
+        let mut got: [Option<NexmarkResult>; 2] = [None, None];
+        for i in order {
+            let binary = if i == 0 { this.as_path() } else { other };
+            got[i] = Some(nexmark_child(binary, args)?);
+        }
+        let [Some(a), Some(o)] = got else {
+            unreachable!("both ran")
+        };
+        let same = a.result == o.result;
+        all_same &= same;
+        println!(
+            "| {round} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {same} |",
+            a.per_cpu_s,
+            o.per_cpu_s,
+            a.per_cpu_s / o.per_cpu_s,
+            a.per_s,
+            o.per_s
+        );
+        for (i, r) in [a, o].into_iter().enumerate() {
+            cpu[i].push(r.per_cpu_s);
+            wall[i].push(r.per_s);
+        }
+    }
+    let (c0, c1) = (median(&mut cpu[0]), median(&mut cpu[1]));
+    println!(
+        "| median | {c0:.0} | {c1:.0} | {:.2} | {:.0} | {:.0} | {all_same} |",
+        c0 / c1,
+        median(&mut wall[0]),
+        median(&mut wall[1])
+    );
+    Ok(0)
+}
+
+/// What a `bench nexmark` run printed: events per CPU-second and per second, and its result
+/// (rows and checksums, as printed).
+#[derive(Debug, PartialEq)]
+struct NexmarkResult {
+    per_cpu_s: f64,
+    per_s: f64,
+    result: String,
+}
+
+/// Runs `binary` with `args` (a `bench nexmark` command) and reads its RESULT line.
+fn nexmark_child(binary: &std::path::Path, args: &[String]) -> Result<NexmarkResult> {
+    let out = std::process::Command::new(binary)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| anyhow::anyhow!("running {}: {e}", binary.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "{} {} failed: {}",
+            binary.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stdout
+        .lines()
+        .find_map(parse_nexmark_result)
+        .ok_or_else(|| anyhow::anyhow!("{} printed no RESULT line: {stdout}", binary.display()))
+}
+
+/// A `RESULT engine=freshet ...` line of `bench nexmark`.
+fn parse_nexmark_result(line: &str) -> Option<NexmarkResult> {
+    let rest = line.strip_prefix("RESULT engine=freshet ")?;
+    let field = |name: &str| {
+        rest.split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+    };
+    Some(NexmarkResult {
+        per_cpu_s: field("eps_per_cpu_s")?.parse().ok()?,
+        per_s: field("eps")?.parse().ok()?,
+        result: ["rows", "sum1", "sum2"]
+            .map(|f| field(f).map(|v| format!("{f}={v}")))
+            .into_iter()
+            .collect::<Option<Vec<_>>>()?
+            .join(" "),
+    })
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -1054,6 +1178,24 @@ mod tests {
             "2.6"
         );
         assert_eq!(last_upload_cell("nothing"), "-");
+    }
+
+    #[test]
+    fn a_result_line_is_read_back() {
+        let line = "RESULT engine=freshet query=q7 p=1 events=100 checkpoints=0 wall_s=0.010 eps=10000 cpu_s=0.01 eps_per_cpu_s=9000 rows=2 sum1=-5 sum2=18446744073709551";
+        assert_eq!(
+            parse_nexmark_result(line),
+            Some(NexmarkResult {
+                per_cpu_s: 9000.0,
+                per_s: 10000.0,
+                result: "rows=2 sum1=-5 sum2=18446744073709551".into(),
+            })
+        );
+        assert_eq!(parse_nexmark_result("RESULT bench=shuffle round=1"), None);
+        assert_eq!(
+            parse_nexmark_result(&line.replace(" sum2=", " sum3=")),
+            None
+        );
     }
 
     #[test]

@@ -706,6 +706,61 @@ fn bench_latency_counts_every_row_and_orders_its_percentiles() {
     }
 }
 
+/// `freshet bench nexmark --against` runs the query with this binary and another in turn, each
+/// as a process of its own, and prints a row per round and the medians; run against itself,
+/// every result is the same and the ratios are near 1.
+#[test]
+fn bench_nexmark_against_another_binary_alternates_and_compares_results() {
+    let me = env!("CARGO_BIN_EXE_freshet");
+    let o = freshet()
+        .args([
+            "bench",
+            "nexmark",
+            "--query",
+            "q7",
+            "--events",
+            "200000",
+            "--rounds",
+            "2",
+            "--against",
+            me,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| l.starts_with("| 1 ") || l.starts_with("| 2 ") || l.starts_with("| median"))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    for r in rows {
+        // | round | this per CPU-s | other per CPU-s | ratio | this/s | other/s | same |
+        let n: Vec<f64> = r[2..7].iter().map(|v| v.parse().unwrap()).collect();
+        assert!(n.iter().all(|v| *v > 0.0), "{text}");
+        assert_eq!(r[7], "true", "{text}");
+    }
+    // a binary that is not one fails the command with the reason
+    let o = freshet()
+        .args([
+            "bench",
+            "nexmark",
+            "--events",
+            "1000",
+            "--against",
+            "/nonexistent/freshet",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("/nonexistent/freshet"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// Runs `scripts/rocksdb-env` with `target` as the target directory and the environment
 /// variables `vars` set; returns its status, stdout and stderr.
 fn rocksdb_env(target: &Path, vars: &[(&str, &Path)]) -> (bool, String, String) {
