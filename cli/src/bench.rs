@@ -751,9 +751,13 @@ fn checkpoint_cells(log: &str) -> String {
 
 /// The number logged as `name=...` in a log line.
 fn log_field(line: &str, name: &str) -> Option<f64> {
+    log_text(line, name)?.parse().ok()
+}
+
+/// The text of field `name` (`name=value`) of a log or result line.
+fn log_text<'l>(line: &'l str, name: &str) -> Option<&'l str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
 }
 
 /// Megabytes the last completed checkpoint in a JobManager's log uploaded, as a table cell.
@@ -943,7 +947,7 @@ fn bench_nexmark_against(other: &std::path::Path, args: &[String], rounds: u32) 
             got[i] = Some(nexmark_child(binary, args)?);
         }
         let [Some(a), Some(o)] = got else {
-            unreachable!("both ran")
+            bail!("round {round} did not run both binaries");
         };
         let same = a.result == o.result;
         all_same &= same;
@@ -1004,10 +1008,7 @@ fn nexmark_child(binary: &std::path::Path, args: &[String]) -> Result<NexmarkRes
 /// A `RESULT engine=freshet ...` line of `bench nexmark`.
 fn parse_nexmark_result(line: &str) -> Option<NexmarkResult> {
     let rest = line.strip_prefix("RESULT engine=freshet ")?;
-    let field = |name: &str| {
-        rest.split_whitespace()
-            .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
-    };
+    let field = |name: &str| log_text(rest, name);
     Some(NexmarkResult {
         per_cpu_s: field("eps_per_cpu_s")?.parse().ok()?,
         per_s: field("eps")?.parse().ok()?,

@@ -671,6 +671,15 @@ sinks:
     );
 }
 
+/// The cells of the rows of the printed tables in `text` whose first cell is one of `first`
+/// (cell 0 is the empty text before the first `|`).
+fn table_rows<'t>(text: &'t str, first: &[&str]) -> Vec<Vec<&'t str>> {
+    text.lines()
+        .map(|l| l.split('|').map(str::trim).collect::<Vec<_>>())
+        .filter(|cells| cells.len() > 1 && first.contains(&cells[1]))
+        .collect()
+}
+
 /// `freshet bench latency` runs a rate-limited generator into a sink that records latencies,
 /// and prints percentiles of every row that arrived (for the window job, of every result: one
 /// per key of the one window the second of rows falls into).
@@ -691,11 +700,7 @@ fn bench_latency_counts_every_row_and_orders_its_percentiles() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
-    let rows: Vec<Vec<&str>> = text
-        .lines()
-        .filter(|l| l.starts_with("| dedup") || l.starts_with("| window"))
-        .map(|l| l.split('|').map(str::trim).collect())
-        .collect();
+    let rows = table_rows(&text, &["dedup", "window"]);
     assert_eq!(rows.len(), 4, "{text}");
     for r in rows {
         // | job | p | checkpoints | rows/s | rows | p50 | p99 | p99.9 | max |
@@ -729,11 +734,7 @@ fn bench_nexmark_against_another_binary_alternates_and_compares_results() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
-    let rows: Vec<Vec<&str>> = text
-        .lines()
-        .filter(|l| l.starts_with("| 1 ") || l.starts_with("| 2 ") || l.starts_with("| median"))
-        .map(|l| l.split('|').map(str::trim).collect())
-        .collect();
+    let rows = table_rows(&text, &["1", "2", "median"]);
     assert_eq!(rows.len(), 3, "{text}");
     for r in rows {
         // | round | this per CPU-s | other per CPU-s | ratio | this/s | other/s | same |
