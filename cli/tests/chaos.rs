@@ -21,12 +21,11 @@ fn a_windowed_job_survives_thirty_random_kills() {
     let mut rng = Rng::new();
     let mut c = Cluster::start(3);
     let mut next_tm = c.tms.len();
-    // the 21 rows of input take 60 s to read undisturbed, a row every 2.9 s, and each restart
-    // starts the pace again from the restored position: rows flow while the kills go on (about
-    // 3 s apart with the new process started), and the job outlasts them however fast it
-    // recovers (at a row a second it finished after about 22 kills); restarts come often and
-    // quickly
-    let id = submit_with_restarts(name, &c, 21.0 / 60.0);
+    // the input takes 60 s to read undisturbed (its 21 rows a row every 2.9 s), and each
+    // restart starts the pace again from the restored position: rows flow while the kills go
+    // on (about 3 s apart with the new process started), and the job outlasts them however
+    // fast it recovers; restarts come often and quickly
+    let id = submit_with_restarts(name, &c, 60.0);
     c.jm.wait_for("checkpoint completed");
     let mut kills = (0, 0); // (TaskManagers, JobManagers)
     let started = Instant::now();
@@ -70,17 +69,22 @@ fn a_windowed_job_survives_thirty_random_kills() {
 }
 
 /// Submits `name` at parallelism 4 (so a job that lost a TaskManager still fits while its
-/// replacement starts) with a restart strategy that allows the chaos, its source reading
-/// `rows_per_second`.
-fn submit_with_restarts(name: &str, c: &Cluster, rows_per_second: f64) -> String {
-    let mut a = args(name, 4, &c.out, &c.checkpoints().display().to_string(), 1.0);
+/// replacement starts) with a restart strategy that allows the chaos, its input paced to take
+/// `seconds`.
+fn submit_with_restarts(name: &str, c: &Cluster, seconds: f64) -> String {
+    let mut a = args(
+        name,
+        4,
+        &c.out,
+        &c.checkpoints().display().to_string(),
+        seconds,
+    );
     a[0] = "submit".into();
     for set in [
-        "checkpointing.interval=1s".to_string(),
-        "restart={strategy: fixed-delay, attempts: 10000, delay: 200ms}".to_string(),
-        format!("sources.sales.connector.rows_per_second={rows_per_second}"),
+        "checkpointing.interval=1s",
+        "restart={strategy: fixed-delay, attempts: 10000, delay: 200ms}",
     ] {
-        a.extend(["--set".into(), set]);
+        a.extend(["--set".into(), set.into()]);
     }
     a.extend(["--jobmanager".into(), c.address.clone()]);
     run_submit(&a)
