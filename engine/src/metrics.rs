@@ -62,20 +62,30 @@ pub fn batch_bytes(batch: &RecordBatch) -> u64 {
 }
 
 /// What `ArrayData::get_slice_memory_size` says, without building the `ArrayData` for the
-/// column types batches mostly hold (fixed-width and strings).
+/// column types batches mostly hold (fixed-width, strings, bytes and dictionaries of them:
+/// building it clones the types and allocates, once per batch and receiver).
 fn array_bytes(a: &dyn arrow::array::Array) -> u64 {
     use arrow::array::AsArray;
     use arrow::datatypes::DataType;
-    let nulls = a.nulls().map_or(0, |n| n.len().div_ceil(8));
+    fn offsets<O: Copy + Into<i64>>(o: &[O]) -> usize {
+        o.len() * size_of::<O>() + (o[o.len() - 1].into() - o[0].into()) as usize
+    }
+    // (arrow leaves out the bitmap of a slice without nulls)
+    let nulls = a
+        .nulls()
+        .filter(|n| n.null_count() > 0)
+        .map_or(0, |n| n.len().div_ceil(8));
     let values = match a.data_type() {
         DataType::Boolean => a.len().div_ceil(8),
-        DataType::Utf8 => {
-            let o = a.as_string::<i32>().value_offsets();
-            o.len() * 4 + (o[o.len() - 1] - o[0]) as usize
-        }
-        DataType::LargeUtf8 => {
-            let o = a.as_string::<i64>().value_offsets();
-            o.len() * 8 + (o[o.len() - 1] - o[0]) as usize
+        DataType::Utf8 => offsets(a.as_string::<i32>().value_offsets()),
+        DataType::LargeUtf8 => offsets(a.as_string::<i64>().value_offsets()),
+        DataType::Binary => offsets(a.as_binary::<i32>().value_offsets()),
+        DataType::LargeBinary => offsets(a.as_binary::<i64>().value_offsets()),
+        // the keys' buffer (with the dictionary's nulls, which are its keys') and the whole
+        // dictionary of values
+        DataType::Dictionary(..) => {
+            let d = a.as_any_dictionary();
+            return array_bytes(d.keys()) + array_bytes(d.values().as_ref());
         }
         t => match t.primitive_width() {
             Some(width) => a.len() * width,
@@ -316,8 +326,10 @@ impl MetricsSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{ArrayRef, BooleanArray, Int64Array, ListArray, StringArray};
-    use arrow::datatypes::Int32Type;
+    use arrow::array::{
+        ArrayRef, BinaryArray, BooleanArray, DictionaryArray, Int64Array, ListArray, StringArray,
+    };
+    use arrow::datatypes::{Int32Type, UInt8Type};
     use std::sync::Arc;
 
     #[test]
@@ -332,6 +344,18 @@ mod tests {
             ])),
             Arc::new(StringArray::from(vec!["a", "bcd", "", "efgh", "ij"])),
             Arc::new(BooleanArray::from(vec![true, false, true, true, false])),
+            Arc::new(BinaryArray::from_opt_vec(vec![
+                Some(b"xy".as_slice()),
+                None,
+                Some(b"z"),
+                Some(b""),
+                Some(b"uvw"),
+            ])),
+            Arc::new(
+                vec![Some("red"), Some("blue"), None, Some("red"), Some("green")]
+                    .into_iter()
+                    .collect::<DictionaryArray<UInt8Type>>(),
+            ),
             Arc::new(ListArray::from_iter_primitive::<Int32Type, _, _>(vec![
                 Some(vec![Some(1)]),
                 None,
@@ -341,15 +365,22 @@ mod tests {
             ])),
         ];
         let batch =
-            RecordBatch::try_from_iter(["i", "s", "b", "l"].into_iter().zip(columns)).unwrap();
-        for (offset, len) in [(0, 5), (1, 3), (2, 0), (4, 1)] {
+            RecordBatch::try_from_iter(["i", "s", "b", "y", "d", "l"].into_iter().zip(columns))
+                .unwrap();
+        for (offset, len) in [(0, 5), (1, 3), (2, 0), (2, 2), (4, 1)] {
             let slice = batch.slice(offset, len);
-            let expected: usize = slice
-                .columns()
-                .iter()
-                .map(|c| c.to_data().get_slice_memory_size().unwrap())
-                .sum();
-            assert_eq!(batch_bytes(&slice), expected as u64, "{offset}+{len}");
+            let mut expected = 0;
+            for (c, f) in slice.columns().iter().zip(slice.schema().fields()) {
+                let arrow = c.to_data().get_slice_memory_size().unwrap() as u64;
+                assert_eq!(
+                    array_bytes(c.as_ref()),
+                    arrow,
+                    "{} {offset}+{len}",
+                    f.name()
+                );
+                expected += arrow;
+            }
+            assert_eq!(batch_bytes(&slice), expected, "{offset}+{len}");
         }
     }
 }
