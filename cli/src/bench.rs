@@ -632,6 +632,37 @@ fn cells(run: &ChildRun, events: u64, timeout: std::time::Duration) -> (String, 
     }
 }
 
+/// RocksDB reads per event of a finished run, from the "state of" lines of its summary (keyed
+/// tables and key sets count their reads; a window's panes never read to update); `-` when
+/// the run printed none.
+fn reads_cell(run: &ChildRun, events: u64) -> String {
+    let ChildRun::Done { log, .. } = run else {
+        return "-".into();
+    };
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.trim_start().starts_with("state of "))
+        .collect();
+    if lines.is_empty() {
+        return "-".into();
+    }
+    // "state of VERTEX: N accesses, R read RocksDB (P%)"; a vertex's name may hold a colon
+    let reads: Option<u64> = lines
+        .iter()
+        .map(|l| {
+            let (_, counts) = l.rsplit_once(": ")?;
+            counts
+                .split(", ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    reads.map_or("-".into(), |r| format!("{:.3}", r as f64 / events as f64))
+}
+
 fn bench_state(b: &StateBench) -> Result<i32> {
     if b.keys.is_empty() || b.keys.contains(&0) || b.per_key == 0 {
         bail!("--keys needs one or more key counts above 0, and --events-per-key at least 1");
@@ -644,15 +675,15 @@ fn bench_state(b: &StateBench) -> Result<i32> {
     println!("state.memory_mb: {budget}; events per key: {}", b.per_key);
     if b.against.is_some() {
         println!(
-            "| job | distinct keys | events | wall s | events/s | peak RSS MB | other: wall s | other: events/s | other: peak RSS MB | speed vs other |"
+            "| job | distinct keys | events | wall s | events/s | peak RSS MB | RocksDB reads per event | other: wall s | other: events/s | other: peak RSS MB | other: RocksDB reads per event | speed vs other |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     } else {
         println!(
-            "| job | distinct keys | events | wall s | events/s | vs {} keys | peak RSS MB |",
+            "| job | distinct keys | events | wall s | events/s | vs {} keys | peak RSS MB | RocksDB reads per event |",
             keys[0]
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     }
     let mut checkpoint_rows = Vec::new();
     // each run its own job file and checkpoint directory, so no run resumes from another's
@@ -679,9 +710,11 @@ fn bench_state(b: &StateBench) -> Result<i32> {
                 checkpoint_rows.push(format!("| {kind} | {k} | {} |", checkpoint_cells(log)));
             }
             let (wall, eps, rss) = cells(&run, events, b.timeout);
+            let reads = reads_cell(&run, events);
             if let Some(other) = &b.against {
                 let theirs = run_child(other, &job_file(kind, k, "other")?, &[], &[], b.timeout)?;
                 let (owall, oeps, orss) = cells(&theirs, events, b.timeout);
+                let oreads = reads_cell(&theirs, events);
                 let ratio = match (&run, &theirs) {
                     (ChildRun::Done { wall: a, .. }, ChildRun::Done { wall: o, .. }) => {
                         format!("{:.2}", o / a)
@@ -692,7 +725,7 @@ fn bench_state(b: &StateBench) -> Result<i32> {
                     _ => "-".into(),
                 };
                 println!(
-                    "| {kind} | {k} | {events} | {wall} | {eps} | {rss} | {owall} | {oeps} | {orss} | {ratio} |"
+                    "| {kind} | {k} | {events} | {wall} | {eps} | {rss} | {reads} | {owall} | {oeps} | {orss} | {oreads} | {ratio} |"
                 );
             } else {
                 let vs = match &run {
@@ -702,7 +735,7 @@ fn bench_state(b: &StateBench) -> Result<i32> {
                     }
                     ChildRun::TimedOut => "-".into(),
                 };
-                println!("| {kind} | {k} | {events} | {wall} | {eps} | {vs} | {rss} |");
+                println!("| {kind} | {k} | {events} | {wall} | {eps} | {vs} | {rss} | {reads} |");
             }
         }
     }

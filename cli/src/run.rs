@@ -300,6 +300,16 @@ pub fn print_summary(
             s.backpressured_ns as f64 / 1e9
         );
     }
+    // how often keyed state left memory: the first thing to look at when a stateful job slows
+    // down as its keys grow
+    for v in vertices.iter().filter(|v| v.metrics.state_lookups > 0) {
+        let (lookups, reads) = (v.metrics.state_lookups, v.metrics.state_reads);
+        eprintln!(
+            "  state of {}: {lookups} accesses, {reads} read RocksDB ({:.1}%)",
+            v.name,
+            100.0 * reads as f64 / lookups as f64
+        );
+    }
     let dead: u64 = vertices.iter().map(|v| v.metrics.dead_letters).sum();
     let late: u64 = vertices.iter().map(|v| v.metrics.late_records).sum();
     if dead > 0 {

@@ -711,6 +711,46 @@ fn bench_latency_counts_every_row_and_orders_its_percentiles() {
     }
 }
 
+/// `freshet bench state` counts how often each job's keys were read back from RocksDB, from
+/// the summary its run prints: a deduplication whose keys fit the memory budget reads (next to)
+/// nothing, one with more keys than fit reads on many of its events, and a window's panes,
+/// which never read to update, have nothing to count. Also, a small budget is enough: the
+/// memtable size follows it.
+#[test]
+fn bench_state_reports_the_rocksdb_reads_of_keys_memory_does_not_hold() {
+    let o = freshet()
+        .args([
+            "bench",
+            "state",
+            "--jobs",
+            "dedup,window",
+            "--keys",
+            "100000,500000",
+            "--memory-mb",
+            "16",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    // | job | distinct keys | events | wall s | events/s | vs 100000 keys | peak RSS MB | reads |
+    let reads = |job: &str, keys: &str| {
+        let rows = table_rows(&text, &[job]);
+        let row = rows
+            .iter()
+            .find(|r| r[2] == keys)
+            .expect("a row per key count");
+        row[8].to_string()
+    };
+    let per_event = |v: String| -> f64 { v.parse().unwrap_or_else(|_| panic!("{v}: {text}")) };
+    // 100 000 keys take 1.6 MB of key set, inside the 8 MB for decoded keys
+    assert!(per_event(reads("dedup", "100000")) < 0.01, "{text}");
+    // 500 000 keys take 8 MB: the second visit of each key the set evicted reads it back
+    let over = per_event(reads("dedup", "500000"));
+    assert!(over > 0.05 && over <= 1.0, "{text}");
+    assert_eq!(reads("window", "500000"), "-", "{text}");
+}
+
 /// `freshet bench nexmark --against` runs the query with this binary and another in turn, each
 /// as a process of its own, and prints a row per round and the medians; run against itself,
 /// every result is the same and the ratios are near 1.

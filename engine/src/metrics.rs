@@ -68,7 +68,7 @@ fn array_bytes(a: &dyn arrow::array::Array) -> u64 {
     use arrow::array::AsArray;
     use arrow::datatypes::DataType;
     fn offsets<O: Copy + Into<i64>>(o: &[O]) -> usize {
-        o.len() * size_of::<O>() + (o[o.len() - 1].into() - o[0].into()) as usize
+        size_of_val(o) + (o[o.len() - 1].into() - o[0].into()) as usize
     }
     // (arrow leaves out the bitmap of a slice without nulls)
     let nulls = a
@@ -202,11 +202,23 @@ impl SubtaskMetrics {
         size
     }
 
+    /// Accesses of the subtask's state caches, and those that read RocksDB (counters only: no
+    /// question to RocksDB).
+    fn cache_counts(&self) -> (u64, u64) {
+        self.state
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|b| b.cache_counts())
+            .fold((0, 0), |(l, m), (bl, bm)| (l + bl, m + bm))
+    }
+
     /// A consistent-enough copy of the counters.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let idle_ns = self.idle_ns.load(Ordering::Relaxed);
         let backpressured_ns = self.backpressured_ns.load(Ordering::Relaxed);
         let elapsed = self.started.elapsed().as_nanos() as u64;
+        let (state_lookups, state_reads) = self.cache_counts();
         MetricsSnapshot {
             records_in: self.records_in.load(Ordering::Relaxed),
             records_out: self.records_out.load(Ordering::Relaxed),
@@ -221,6 +233,8 @@ impl SubtaskMetrics {
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             open_ns: self.open_ns.load(Ordering::Relaxed),
+            state_lookups,
+            state_reads,
         }
     }
 }
@@ -283,6 +297,14 @@ pub struct MetricsSnapshot {
     /// See [`SubtaskMetrics::open_ns`].
     #[serde(default)]
     pub open_ns: u64,
+    /// Accesses of the subtask's keyed-state caches in front of RocksDB (a table adds its
+    /// count every 4 096 accesses and whenever it writes to RocksDB).
+    #[serde(default)]
+    pub state_lookups: u64,
+    /// Of those, the accesses that read RocksDB: keys the cache did not hold (a key read ahead
+    /// for a batch counts once).
+    #[serde(default)]
+    pub state_reads: u64,
 }
 
 fn no_watermark() -> i64 {
@@ -312,6 +334,8 @@ impl MetricsSnapshot {
             out.bytes_in += m.bytes_in;
             out.bytes_out += m.bytes_out;
             out.open_ns = out.open_ns.max(m.open_ns);
+            out.state_lookups += m.state_lookups;
+            out.state_reads += m.state_reads;
             out.watermark = out.watermark.min(m.watermark);
             out.output_watermark = out.output_watermark.min(m.output_watermark);
         }

@@ -362,9 +362,19 @@ pub struct StateSpec {
     /// budget.
     #[serde(default)]
     pub cache_keys: Option<usize>,
-    /// Size at which a RocksDB memtable is flushed, MiB.
-    #[serde(default = "default_write_buffer")]
-    pub write_buffer_mb: usize,
+    /// Size at which a RocksDB memtable is flushed, MiB; by default 16, or a quarter of
+    /// `memory_mb` when that is less (see [`StateSpec::write_buffer_mb`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_buffer_mb: Option<usize>,
+}
+
+impl StateSpec {
+    /// The memtable size in effect, MiB: the one set, else 16 MiB within the memtables' share
+    /// of `memory_mb` (a quarter).
+    pub fn write_buffer_mb(&self) -> usize {
+        self.write_buffer_mb
+            .unwrap_or_else(|| (self.memory_mb / 4).clamp(1, DEFAULT_WRITE_BUFFER_MB))
+    }
 }
 
 impl Default for StateSpec {
@@ -373,16 +383,15 @@ impl Default for StateSpec {
             local_dir: None,
             memory_mb: default_memory(),
             cache_keys: None,
-            write_buffer_mb: default_write_buffer(),
+            write_buffer_mb: None,
         }
     }
 }
 fn default_memory() -> usize {
     256
 }
-fn default_write_buffer() -> usize {
-    16
-}
+/// The memtable size when the job sets none and its memory allows, MiB.
+const DEFAULT_WRITE_BUFFER_MB: usize = 16;
 
 /// A named source.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

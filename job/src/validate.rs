@@ -125,17 +125,16 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
             ),
         ));
     }
-    if job.state.write_buffer_mb == 0 {
-        p.push(Problem::new("state.write_buffer_mb", "must be at least 1"));
-    } else if job.state.write_buffer_mb > job.state.memory_mb / 4 {
-        p.push(Problem::new(
+    match job.state.write_buffer_mb {
+        Some(0) => p.push(Problem::new("state.write_buffer_mb", "must be at least 1")),
+        Some(mb) if mb > job.state.memory_mb / 4 => p.push(Problem::new(
             "state.write_buffer_mb",
             format!(
-                "{} MiB is more than the memtables' share of state.memory_mb (a quarter, {} MiB)",
-                job.state.write_buffer_mb,
+                "{mb} MiB is more than the memtables' share of state.memory_mb (a quarter, {} MiB)",
                 job.state.memory_mb / 4
             ),
-        ));
+        )),
+        _ => {}
     }
     if job.pipeline.batch_size == 0 {
         p.push(Problem::new("pipeline.batch_size", "must be at least 1"));
@@ -426,6 +425,43 @@ sinks:
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }
+    }
+
+    /// A memtable size left unset fits any memory a job may have; one set is held to its
+    /// share.
+    #[test]
+    fn the_memtable_size_fits_the_state_memory_unless_set() {
+        let job = |state: &str| {
+            format!(
+                "version: 1\nname: m\nstate: {state}\nsources:\n  s: {{connector: {{type: generator, fields: {{a: seq}}}}}}\nsinks:\n  o: {{input: s, connector: {{type: blackhole}}}}\n"
+            )
+        };
+        let mb = |state: &str| {
+            parse_job(&job(state), "job.yaml", &[])
+                .unwrap()
+                .state
+                .write_buffer_mb()
+        };
+        assert_eq!(mb("{}"), 16);
+        assert_eq!(mb("{memory_mb: 1024}"), 16);
+        assert_eq!(mb("{memory_mb: 32}"), 8);
+        assert_eq!(mb("{memory_mb: 16}"), 4);
+        assert_eq!(mb("{memory_mb: 32, write_buffer_mb: 2}"), 2);
+        let err = parse_job(
+            &job("{memory_mb: 32, write_buffer_mb: 16}"),
+            "job.yaml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("state.write_buffer_mb: 16 MiB"), "{err}");
+        let err = parse_job(&job("{write_buffer_mb: 0}"), "job.yaml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("state.write_buffer_mb: must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -968,7 +968,7 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         local_dir: state_root,
         memory_bytes: spec_state.memory_mb << 20,
         cache_keys: spec_state.cache_keys,
-        write_buffer_bytes: spec_state.write_buffer_mb << 20,
+        write_buffer_bytes: spec_state.write_buffer_mb() << 20,
         memory: None,
         slot: 0,
     };

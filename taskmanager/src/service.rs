@@ -140,7 +140,7 @@ impl Service {
                 .unwrap_or_else(|| PathBuf::from(&r.state_dir)),
             memory_bytes: spec.state.memory_mb << 20,
             cache_keys: spec.state.cache_keys,
-            write_buffer_bytes: spec.state.write_buffer_mb << 20,
+            write_buffer_bytes: spec.state.write_buffer_mb() << 20,
             memory: None,
             slot: 0,
         };

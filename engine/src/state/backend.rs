@@ -1134,12 +1134,21 @@ impl KeyedBackend {
     pub fn size(&self) -> crate::metrics::StateSize {
         let db = self.db();
         let int = |name: &str| db.property_int_value(name).ok().flatten().unwrap_or(0);
+        let (cache_lookups, cache_misses) = self.cache_counts();
         crate::metrics::StateSize {
             rows: int("rocksdb.estimate-num-keys"),
             disk_bytes: int("rocksdb.live-sst-files-size"),
-            cache_lookups: self.cache_lookups.load(Ordering::Relaxed),
-            cache_misses: self.cache_misses.load(Ordering::Relaxed),
+            cache_lookups,
+            cache_misses,
         }
+    }
+
+    /// Accesses of the tables' caches so far, and those that read RocksDB.
+    pub fn cache_counts(&self) -> (u64, u64) {
+        (
+            self.cache_lookups.load(Ordering::Relaxed),
+            self.cache_misses.load(Ordering::Relaxed),
+        )
     }
 
     /// Adds accesses of a table's cache, and those of them that read RocksDB.
