@@ -751,6 +751,40 @@ fn bench_state_reports_the_rocksdb_reads_of_keys_memory_does_not_hold() {
     assert_eq!(reads("window", "500000"), "-", "{text}");
 }
 
+/// The run summary counts every state access of a vertex, summed over its subtasks, including
+/// the last ones before its tables closed: a deduplication makes one per record.
+#[test]
+fn the_summary_counts_each_state_access_of_a_vertex() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        "version: 1\nname: d\nparallelism: 2\nsources:\n  s:\n    connector: {type: generator, count: 10001, fields: {k: \"seq % 5000\"}}\ntransforms:\n  d: {type: deduplicate, input: s, key: [k], keep: first}\nsinks:\n  o: {input: d, connector: {type: blackhole}}\n",
+    )
+    .unwrap();
+    let o = freshet()
+        .args([
+            "run",
+            job.to_str().unwrap(),
+            "--listen",
+            "off",
+            "--http",
+            "off",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("state of "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        line.ends_with(": 10001 accesses, 0 read RocksDB (0.0%)"),
+        "{stderr}"
+    );
+}
+
 /// `freshet bench nexmark --against` runs the query with this binary and another in turn, each
 /// as a process of its own, and prints a row per round and the medians; run against itself,
 /// every result is the same and the ratios are near 1.

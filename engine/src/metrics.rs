@@ -6,7 +6,7 @@ use std::sync::Weak;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Instant;
 
-use crate::state::KeyedBackend;
+use crate::state::{CacheCounts, KeyedBackend};
 
 /// Live counters of one subtask. Cheap to share (`Arc`), updated with relaxed atomics.
 pub struct SubtaskMetrics {
@@ -40,6 +40,8 @@ pub struct SubtaskMetrics {
     started: Instant,
     /// The keyed-state instances of the subtask's operators, for state size.
     state: Mutex<Vec<Weak<KeyedBackend>>>,
+    /// The cache counts of every keyed-state instance the subtask opened.
+    caches: Mutex<Vec<std::sync::Arc<CacheCounts>>>,
     /// A source's records behind the end of each split it reads (a Kafka partition's high
     /// watermark, or last stable offset when reading committed records, less its position).
     split_lag: Mutex<std::collections::BTreeMap<String, i64>>,
@@ -114,6 +116,7 @@ impl Default for SubtaskMetrics {
             open_ns: AtomicU64::new(0),
             started: Instant::now(),
             state: Mutex::new(Vec::new()),
+            caches: Mutex::new(Vec::new()),
             split_lag: Mutex::new(std::collections::BTreeMap::new()),
         }
     }
@@ -180,37 +183,41 @@ impl SubtaskMetrics {
         Self::add(&self.idle_ns, since.elapsed().as_nanos() as u64);
     }
 
-    /// Counts a keyed-state instance of the subtask in its state size (while it is open).
+    /// Counts a keyed-state instance of the subtask in its state size (while it is open), and
+    /// its cache accesses (for good).
     pub fn track_state(&self, backend: &std::sync::Arc<KeyedBackend>) {
         let mut all = self.state.lock();
         all.retain(|b| b.strong_count() > 0);
         all.push(std::sync::Arc::downgrade(backend));
+        self.caches.lock().push(backend.cache_counts());
     }
 
     /// The subtask's keyed state: estimated RocksDB rows, and bytes of its files on disk. Asks
     /// RocksDB, so it is read when metrics are collected, not per batch.
     pub fn state_size(&self) -> StateSize {
         let all: Vec<_> = self.state.lock().iter().filter_map(Weak::upgrade).collect();
-        let mut size = StateSize::default();
+        let (cache_lookups, cache_misses) = self.cache_counts();
+        let mut size = StateSize {
+            cache_lookups,
+            cache_misses,
+            ..StateSize::default()
+        };
         for b in all {
             let s = b.size();
             size.rows += s.rows;
             size.disk_bytes += s.disk_bytes;
-            size.cache_lookups += s.cache_lookups;
-            size.cache_misses += s.cache_misses;
         }
         size
     }
 
-    /// Accesses of the subtask's state caches, and those that read RocksDB (counters only: no
-    /// question to RocksDB).
+    /// Accesses of the subtask's state caches, and those that read RocksDB, over every
+    /// instance it has had (counters only: no question to RocksDB).
     fn cache_counts(&self) -> (u64, u64) {
-        self.state
+        self.caches
             .lock()
             .iter()
-            .filter_map(Weak::upgrade)
-            .map(|b| b.cache_counts())
-            .fold((0, 0), |(l, m), (bl, bm)| (l + bl, m + bm))
+            .map(|c| c.get())
+            .fold((0, 0), |(l, m), (cl, cm)| (l + cl, m + cm))
     }
 
     /// A consistent-enough copy of the counters.

@@ -486,9 +486,9 @@ pub struct KeyedBackend {
     /// snapshot. Read without the lock by every read.
     unwritten: AtomicBool,
     /// Accesses of its tables' caches, and those that read RocksDB (added up by the tables
-    /// every few thousand accesses and when they flush).
-    cache_lookups: AtomicU64,
-    cache_misses: AtomicU64,
+    /// every few thousand accesses, when they flush and when they are dropped); shared with
+    /// the subtask's metrics.
+    cache: Arc<CacheCounts>,
 }
 
 #[derive(Default)]
@@ -715,8 +715,7 @@ impl KeyedBackend {
             snapshot: Mutex::new(SnapshotGate::default()),
             snapshot_done: Condvar::new(),
             unwritten: AtomicBool::new(false),
-            cache_lookups: AtomicU64::new(0),
-            cache_misses: AtomicU64::new(0),
+            cache: Arc::default(),
         })
     }
 
@@ -1134,7 +1133,7 @@ impl KeyedBackend {
     pub fn size(&self) -> crate::metrics::StateSize {
         let db = self.db();
         let int = |name: &str| db.property_int_value(name).ok().flatten().unwrap_or(0);
-        let (cache_lookups, cache_misses) = self.cache_counts();
+        let (cache_lookups, cache_misses) = self.cache.get();
         crate::metrics::StateSize {
             rows: int("rocksdb.estimate-num-keys"),
             disk_bytes: int("rocksdb.live-sst-files-size"),
@@ -1143,18 +1142,16 @@ impl KeyedBackend {
         }
     }
 
-    /// Accesses of the tables' caches so far, and those that read RocksDB.
-    pub fn cache_counts(&self) -> (u64, u64) {
-        (
-            self.cache_lookups.load(Ordering::Relaxed),
-            self.cache_misses.load(Ordering::Relaxed),
-        )
+    /// The counts of the tables' cache accesses, which outlive the instance (a subtask's
+    /// metrics keep them: its tables add their last counts as they are dropped).
+    pub fn cache_counts(&self) -> Arc<CacheCounts> {
+        self.cache.clone()
     }
 
     /// Adds accesses of a table's cache, and those of them that read RocksDB.
     pub fn count_cache(&self, lookups: u64, misses: u64) {
-        self.cache_lookups.fetch_add(lookups, Ordering::Relaxed);
-        self.cache_misses.fetch_add(misses, Ordering::Relaxed);
+        self.cache.lookups.fetch_add(lookups, Ordering::Relaxed);
+        self.cache.misses.fetch_add(misses, Ordering::Relaxed);
     }
 
     /// The key groups this instance owns.
@@ -1750,6 +1747,23 @@ fn increment(prefix: &mut Vec<u8>) {
             return;
         }
         prefix.pop();
+    }
+}
+
+/// Accesses of an instance's table caches, and those of them that read RocksDB.
+#[derive(Debug, Default)]
+pub struct CacheCounts {
+    lookups: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl CacheCounts {
+    /// (accesses, those that read RocksDB) so far.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.lookups.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
     }
 }
 

@@ -13,7 +13,7 @@ use std::hash::BuildHasher;
 use crate::{EngineError, Result};
 
 /// The hasher of key-set indexes: fixed, so that runs over the same input evict alike.
-type Fixed = foldhash::fast::FixedState;
+type Fixed = foldhash::quality::FixedState;
 
 /// Up to 8 bytes as a little-endian word, in registers (no byte copies through memory, which
 /// the loads of a comparison would then wait on).
@@ -310,16 +310,24 @@ impl Index {
     pub(crate) fn insert(&mut self, mut slot: Slot, hash: u32) -> bool {
         debug_assert!(self.len < self.slots.len());
         let home = self.home(hash);
-        // the keys from home to the first free slot each move at most one further
-        let mut i = home;
-        for d in 0.. {
+        // a dry run of the placement below: the key, and each key it displaces in turn, must
+        // end up within the allowed distance of its home
+        let (mut i, mut d) = (home, 0usize);
+        loop {
             let s = &self.slots[i];
             if s.flags & OCCUPIED == 0 {
+                if d > self.max_dist {
+                    return false;
+                }
                 break;
             }
-            if d >= self.max_dist || s.dist as usize >= self.max_dist {
-                return false;
+            if (s.dist as usize) < d {
+                if d > self.max_dist {
+                    return false;
+                }
+                d = s.dist as usize;
             }
+            d += 1;
             i = self.next(i);
         }
         slot.flags |= OCCUPIED;
@@ -537,6 +545,42 @@ impl Index {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    /// Keys that differ in a few bytes only (integers in a row, as the key encoder writes
+    /// them: a tag, then big-endian with the sign bit flipped; and short strings with a
+    /// counter) fill an index to seven in eight slots without one refused, and sit as near
+    /// their homes as random keys would. (A hash whose high bits kept the keys' pattern put
+    /// sequential integers 56 slots from home on average, and with a stricter check refused
+    /// keys at two in three slots full.)
+    #[test]
+    fn keys_alike_but_for_a_few_bytes_spread_over_the_index() {
+        let int = |v: i64| {
+            let mut k = vec![1u8];
+            k.extend_from_slice(&((v as u64) ^ (1 << 63)).to_be_bytes());
+            k
+        };
+        let shapes: [(&str, Box<dyn Fn(i64) -> Vec<u8>>); 3] = [
+            ("integers", Box::new(int)),
+            ("integers 1000 apart", Box::new(move |v| int(v * 1000))),
+            ("strings", Box::new(|v| format!("u{v}").into_bytes())),
+        ];
+        for (name, key) in shapes {
+            let mut index = Index::default();
+            assert!(index.resize(4096).is_empty());
+            let n = index.max_len();
+            let refused = (0..n as i64)
+                .filter(|v| {
+                    let (slot, hash) = Slot::of(&key(*v), 0);
+                    !index.insert(slot, hash)
+                })
+                .count();
+            assert_eq!(refused, 0, "{name}: {refused} of {n} refused");
+            // about 3.5 slots on average from home at seven in eight full, for random homes
+            let total: usize = index.iter_mut().map(|s| s.dist as usize).sum();
+            let mean = total as f64 / n as f64;
+            assert!(mean < 6.0, "{name}: {mean:.1} slots from home on average");
+        }
+    }
 
     /// Keys whose hashes all fall on one slot are placed until the next would sit further
     /// from home than the index allows; it is refused and the index is unchanged.

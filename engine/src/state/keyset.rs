@@ -644,6 +644,8 @@ impl KeySet {
 
 impl Drop for KeySet {
     fn drop(&mut self) {
+        // the last accesses count too
+        self.publish_counts();
         if let Some(b) = &self.backing {
             b.backend.memory().remove_table(self.bytes);
         }

@@ -80,7 +80,7 @@ pub mod panes;
 mod spilled;
 pub mod timers;
 
-pub use backend::{KeyedBackend, StateConfig};
+pub use backend::{CacheCounts, KeyedBackend, StateConfig};
 pub use keyset::KeySet;
 pub use memory::StateMemory;
 pub use panes::{Merged, PaneColumns, PaneTable};
@@ -1627,6 +1627,8 @@ impl<V: StateValue> KeyedTable<V> {
 impl<V> Drop for KeyedTable<V> {
     fn drop(&mut self) {
         if let Some(b) = &self.backing {
+            // the last accesses count too
+            publish(&b.backend, (self.lookups, self.reads), &mut self.published);
             b.backend.memory().remove_table(self.bytes);
         }
     }
