@@ -554,15 +554,16 @@ mod tests {
     /// keys at two in three slots full.)
     #[test]
     fn keys_alike_but_for_a_few_bytes_spread_over_the_index() {
-        let int = |v: i64| {
+        fn int(v: i64) -> Vec<u8> {
             let mut k = vec![1u8];
             k.extend_from_slice(&((v as u64) ^ (1 << 63)).to_be_bytes());
             k
-        };
-        let shapes: [(&str, Box<dyn Fn(i64) -> Vec<u8>>); 3] = [
-            ("integers", Box::new(int)),
-            ("integers 1000 apart", Box::new(move |v| int(v * 1000))),
-            ("strings", Box::new(|v| format!("u{v}").into_bytes())),
+        }
+        type KeyOf = fn(i64) -> Vec<u8>;
+        let shapes: [(&str, KeyOf); 3] = [
+            ("integers", int),
+            ("integers 1000 apart", |v| int(v * 1000)),
+            ("strings", |v| format!("u{v}").into_bytes()),
         ];
         for (name, key) in shapes {
             let mut index = Index::default();
