@@ -305,7 +305,7 @@ pub struct MetricsSnapshot {
     #[serde(default)]
     pub open_ns: u64,
     /// Accesses of the subtask's keyed-state caches in front of RocksDB (a table adds its
-    /// count every 4 096 accesses and whenever it writes to RocksDB).
+    /// count every 4 096 accesses, whenever it writes to RocksDB and when it closes).
     #[serde(default)]
     pub state_lookups: u64,
     /// Of those, the accesses that read RocksDB: keys the cache did not hold (a key read ahead
