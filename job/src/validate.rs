@@ -427,15 +427,18 @@ sinks:
         }
     }
 
+    /// A generator into a blackhole, with `setting` (a top-level line of the job) added.
+    fn generator_job(setting: &str) -> String {
+        format!(
+            "version: 1\nname: g\n{setting}\nsources:\n  s: {{connector: {{type: generator, fields: {{a: seq}}}}}}\nsinks:\n  o: {{input: s, connector: {{type: blackhole}}}}\n"
+        )
+    }
+
     /// A memtable size left unset fits any memory a job may have; one set is held to its
     /// share.
     #[test]
     fn the_memtable_size_fits_the_state_memory_unless_set() {
-        let job = |state: &str| {
-            format!(
-                "version: 1\nname: m\nstate: {state}\nsources:\n  s: {{connector: {{type: generator, fields: {{a: seq}}}}}}\nsinks:\n  o: {{input: s, connector: {{type: blackhole}}}}\n"
-            )
-        };
+        let job = |state: &str| generator_job(&format!("state: {state}"));
         let mb = |state: &str| {
             parse_job(&job(state), "job.yaml", &[])
                 .unwrap()
@@ -466,11 +469,7 @@ sinks:
 
     #[test]
     fn refuses_restart_settings_that_make_no_sense() {
-        let job = |restart: &str| {
-            format!(
-                "version: 1\nname: r\nrestart: {restart}\nsources:\n  s: {{connector: {{type: generator, fields: {{a: seq}}}}}}\nsinks:\n  o: {{input: s, connector: {{type: blackhole}}}}\n"
-            )
-        };
+        let job = |restart: &str| generator_job(&format!("restart: {restart}"));
         let err = |restart: &str| {
             parse_job(&job(restart), "job.yaml", &[])
                 .unwrap_err()
