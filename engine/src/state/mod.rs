@@ -2013,6 +2013,46 @@ pub(crate) mod tests {
         );
     }
 
+    /// A join buffers each row under its own millisecond: a small cache evicts a row or two
+    /// of each of thousands of namespaces. A key new to the table must still not read
+    /// RocksDB (only, rarely, a filter's false positive), and an evicted one must.
+    #[test]
+    fn keys_new_to_a_table_of_many_evicted_namespaces_skip_rocksdb() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_backend, mut t) = attached::<i64>(dir.path(), 16);
+        let n = 5_000u32;
+        for i in 0..n {
+            t.update(
+                &key(i),
+                i as i64,
+                0,
+                Watermark::MIN,
+                || 0,
+                |v| *v = i as i64,
+            )
+            .unwrap();
+        }
+        let reads = t.reads();
+        for j in n..n + 1_000 {
+            let lo = j as i64 - 2_000;
+            let got = t
+                .range(&key(j), lo..=j as i64, Watermark::MIN)
+                .unwrap()
+                .count();
+            assert_eq!(got, 0);
+        }
+        let new = t.reads() - reads;
+        assert!(new <= 20, "{new} of 1 000 new keys read RocksDB");
+        let reads = t.reads();
+        let got: Vec<(i64, i64)> = t
+            .range(&key(n - 1_500), (n as i64 - 2_000).., Watermark::MIN)
+            .unwrap()
+            .map(|(ns, v)| (ns, *v))
+            .collect();
+        assert_eq!(got, vec![(n as i64 - 1_500, n as i64 - 1_500)]);
+        assert_eq!(t.reads(), reads + 1, "an evicted key is read back");
+    }
+
     /// A tiny cache in front of RocksDB answers every read as a map holding everything would,
     /// through evictions, partial keys, removals and flushes in random order.
     #[test]

@@ -1,19 +1,24 @@
 //! What RocksDB holds of a table that its decoded-key cache does not, so that a cache miss can
 //! skip RocksDB when RocksDB cannot have the rows asked for.
 //!
-//! Every row the cache evicts is counted under its namespace, and its key goes into that
-//! namespace's Bloom filter; every row read back is taken off the count, and a namespace whose
-//! rows have all been read back (a window slice that fired, say) is forgotten with its filter.
-//! A miss for a key and a range of namespaces must read RocksDB only when a counted namespace in
-//! the range has a filter that may hold the key. So a window whose open slice outgrows the cache
-//! reads RocksDB for the keys it evicted from that slice (and about one in a hundred others),
-//! not for every key new to the slice.
+//! Every row the cache evicts is counted under a *range* of namespaces holding its namespace,
+//! and its key goes into that range's Bloom filter; every row read back is taken off its range's
+//! count, and a range whose rows have all been read back (a window slice that fired, a join's
+//! rows cleared below the watermark) is forgotten with its filter. A miss for a key and a range
+//! of namespaces must read RocksDB only when a counted range overlapping it has a filter that
+//! may hold the key. So a window whose open slice outgrows the cache reads RocksDB for the keys
+//! it evicted from that slice (and about one in a hundred others), not for every key new to the
+//! slice; and a join that buffers rows per millisecond, evicting a row or two of each, reads it
+//! for the keys it evicted, not for every key new to the join.
+//!
+//! A range is one namespace until there are [`MAX_RANGES`] of them; then a row evicted at a
+//! namespace no range holds widens the nearest range to it (ranges never overlap), so a few
+//! ranges, each with its filter, cover any number of namespaces. A filter that outgrows its
+//! share of memory is given up, and any key may then have rows in its range.
 //!
 //! Rows this process did not evict (a restored snapshot) are not counted: the namespaces the
 //! restored table wrote before its snapshot are *unknown*, and a miss there always reads
-//! RocksDB. So are namespaces given up on: a filter
-//! that outgrows its share of memory, or more namespaces than are worth a filter each (a join
-//! buffering per millisecond), which fold into the unknown range.
+//! RocksDB.
 use super::bloom::GrowingBloom;
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -24,16 +29,17 @@ pub(crate) type NsRange = (Bound<i64>, Bound<i64>);
 /// Every namespace.
 pub(crate) const ALL: NsRange = (Bound::Unbounded, Bound::Unbounded);
 
-/// Namespaces counted one by one; past this the lower half folds into the unknown range.
-const MAX_NAMESPACES: usize = 64;
+/// Ranges counted, each with a filter; past this, a new namespace widens the nearest range.
+const MAX_RANGES: usize = 64;
 
 /// Keys a new filter is sized for. It grows by adding a filter four times the size of the last,
 /// and a lookup probes each: few and large rather than many small ones.
 const FILTER_START: usize = 1 << 14;
 
-/// The evicted rows of one namespace.
+/// The evicted rows of the namespaces `lo..=hi` (`lo` is its key in [`Spilled::ranges`]).
 #[derive(Debug)]
-struct Namespace {
+struct Range {
+    hi: i64,
     /// Rows evicted and not read back since.
     rows: u64,
     /// Their keys' hashes; `None` once the filter outgrew its share (any key may have a row).
@@ -45,7 +51,8 @@ struct Namespace {
 pub(crate) struct Spilled {
     /// Namespaces `lo..=hi` in which RocksDB may hold rows of any key.
     unknown: Option<(i64, i64)>,
-    by_ns: BTreeMap<i64, Namespace>,
+    /// Disjoint ranges by their first namespace.
+    ranges: BTreeMap<i64, Range>,
     /// Estimated bytes of the filters.
     bytes: usize,
     /// The most one filter may take.
@@ -70,13 +77,17 @@ fn overlaps((lo, hi): (i64, i64), (start, end): NsRange) -> bool {
     after_start && before_end
 }
 
+fn at(ns: i64) -> NsRange {
+    (Bound::Included(ns), Bound::Included(ns))
+}
+
 impl Spilled {
     /// Nothing spilled yet; RocksDB may hold rows of any key in the namespaces `unknown` (a
     /// restored table's). One filter takes at most `filter_cap` bytes.
     pub(crate) fn new(unknown: Option<(i64, i64)>, filter_cap: usize) -> Self {
         Spilled {
             unknown,
-            by_ns: BTreeMap::new(),
+            ranges: BTreeMap::new(),
             bytes: 0,
             filter_cap,
         }
@@ -84,7 +95,7 @@ impl Spilled {
 
     /// True while RocksDB holds nothing the cache lacks: no miss needs a read.
     pub(crate) fn is_empty(&self) -> bool {
-        self.unknown.is_none() && self.by_ns.is_empty()
+        self.unknown.is_none() && self.ranges.is_empty()
     }
 
     /// Estimated bytes of the filters.
@@ -92,12 +103,27 @@ impl Spilled {
         self.bytes
     }
 
+    /// The counted ranges overlapping `range`, as (first namespace, range).
+    fn overlapping(&self, range: NsRange) -> impl Iterator<Item = (&i64, &Range)> {
+        // ranges are disjoint, so their ends ascend with their starts: walk down from the last
+        // one starting inside `range` until one ends before it
+        let (start, end) = range;
+        self.ranges
+            .range((Bound::Unbounded, end))
+            .rev()
+            .take_while(move |(lo, r)| overlaps((**lo, r.hi), (start, Bound::Unbounded)))
+    }
+
+    /// The first namespace of the range holding `ns`.
+    fn holding(&self, ns: i64) -> Option<i64> {
+        self.overlapping(at(ns)).next().map(|(lo, _)| *lo)
+    }
+
     /// Whether rows evicted at `ns` are no longer filtered (its filter outgrew its share, or
     /// `ns` is unknown): its filter will not take more memory.
     pub(crate) fn unfiltered(&self, ns: i64) -> bool {
-        self.unknown
-            .is_some_and(|u| overlaps(u, (Bound::Included(ns), Bound::Included(ns))))
-            || self.by_ns.get(&ns).is_some_and(|n| n.keys.is_none())
+        self.unknown.is_some_and(|u| overlaps(u, at(ns)))
+            || self.overlapping(at(ns)).any(|(_, r)| r.keys.is_none())
     }
 
     /// Whether RocksDB may hold a row of the key with `hash` in `range` that the cache lacks.
@@ -105,85 +131,84 @@ impl Spilled {
         if self.unknown.is_some_and(|u| overlaps(u, range)) {
             return true;
         }
-        self.by_ns
-            .range(range)
-            .any(|(_, n)| n.keys.as_ref().is_none_or(|f| f.contains(hash)))
+        self.overlapping(range)
+            .any(|(_, r)| r.keys.as_ref().is_none_or(|f| f.contains(hash)))
     }
 
     /// Counts a row of the key with `hash` at `ns` that the cache evicted.
     pub(crate) fn evicted(&mut self, hash: u64, ns: i64) {
-        if self
-            .unknown
-            .is_some_and(|u| overlaps(u, (Bound::Included(ns), Bound::Included(ns))))
-        {
+        if self.unknown.is_some_and(|u| overlaps(u, at(ns))) {
             return;
         }
-        let n = match self.by_ns.entry(ns) {
-            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                let f = GrowingBloom::new(FILTER_START);
-                self.bytes += filter_bytes(&f);
-                e.insert(Namespace {
-                    rows: 0,
-                    keys: Some(f),
-                })
-            }
+        let lo = match self.holding(ns) {
+            Some(lo) => lo,
+            None => match self.widen_nearest(ns) {
+                Some(lo) => lo,
+                None => {
+                    let f = GrowingBloom::new(FILTER_START);
+                    self.bytes += filter_bytes(&f);
+                    let r = Range {
+                        hi: ns,
+                        rows: 0,
+                        keys: Some(f),
+                    };
+                    self.ranges.insert(ns, r);
+                    ns
+                }
+            },
         };
-        n.rows += 1;
-        if let Some(f) = &mut n.keys {
+        let r = self.ranges.get_mut(&lo).expect("found or made above");
+        r.rows += 1;
+        if let Some(f) = &mut r.keys {
             let before = filter_bytes(f);
             // a filter that would outgrow its share gives up before it allocates the stage
             if f.bytes_with_one_more() > self.filter_cap {
                 self.bytes -= before;
-                n.keys = None;
+                r.keys = None;
             } else {
                 f.insert(hash);
                 self.bytes = self.bytes + filter_bytes(f) - before;
             }
         }
-        if self.by_ns.len() > MAX_NAMESPACES {
-            self.fold_lower_half();
+    }
+
+    /// With [`MAX_RANGES`] ranges counted, widens the one nearest `ns` (which no range holds)
+    /// to hold it, and returns its first namespace; with fewer, `None`: `ns` gets a range.
+    fn widen_nearest(&mut self, ns: i64) -> Option<i64> {
+        if self.ranges.len() < MAX_RANGES {
+            return None;
+        }
+        let below = self
+            .ranges
+            .range(..ns)
+            .next_back()
+            .map(|(lo, r)| (*lo, r.hi));
+        let above = self.ranges.range(ns..).next().map(|(lo, _)| *lo);
+        let widen_below = match (below, above) {
+            (Some((_, hi)), Some(a)) => ns.abs_diff(hi) <= a.abs_diff(ns),
+            (below, _) => below.is_some(),
+        };
+        if widen_below {
+            let (lo, _) = below?;
+            self.ranges.get_mut(&lo)?.hi = ns;
+            Some(lo)
+        } else {
+            let r = self.ranges.remove(&above?)?;
+            self.ranges.insert(ns, r);
+            Some(ns)
         }
     }
 
     /// Takes a row at `ns` read back into the cache off the count.
     pub(crate) fn read_back(&mut self, ns: i64) {
-        if let Some(n) = self.by_ns.get_mut(&ns) {
-            n.rows -= 1;
-            if n.rows == 0 {
-                let n = self.by_ns.remove(&ns).expect("found above");
-                self.bytes -= n.keys.as_ref().map_or(0, filter_bytes);
-            }
-        }
-    }
-
-    /// Gives up counting the lower half of the namespaces: they join the unknown range.
-    fn fold_lower_half(&mut self) {
-        let keep = self.by_ns.len() / 2;
-        let split = *self
-            .by_ns
-            .keys()
-            .nth(self.by_ns.len() - keep)
-            .expect("over the limit");
-        let upper = self.by_ns.split_off(&split);
-        let lower = std::mem::replace(&mut self.by_ns, upper);
-        let lo = *lower.keys().next().expect("not empty");
-        let hi = *lower.keys().next_back().expect("not empty");
-        self.bytes -= lower
-            .values()
-            .map(|n| n.keys.as_ref().map_or(0, filter_bytes))
-            .sum::<usize>();
-        self.unknown = Some(match self.unknown {
-            Some((a, b)) => (a.min(lo), b.max(hi)),
-            None => (lo, hi),
-        });
-        // counted namespaces inside the widened range are unknown now too
-        if let Some((a, b)) = self.unknown {
-            let inside: Vec<i64> = self.by_ns.range(a..=b).map(|(ns, _)| *ns).collect();
-            for ns in inside {
-                let n = self.by_ns.remove(&ns).expect("listed");
-                self.bytes -= n.keys.as_ref().map_or(0, filter_bytes);
-            }
+        let Some(lo) = self.holding(ns) else {
+            return;
+        };
+        let r = self.ranges.get_mut(&lo).expect("found above");
+        r.rows = r.rows.saturating_sub(1);
+        if r.rows == 0 {
+            let r = self.ranges.remove(&lo).expect("found above");
+            self.bytes -= r.keys.as_ref().map_or(0, filter_bytes);
         }
     }
 }
@@ -191,10 +216,6 @@ impl Spilled {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(ns: i64) -> NsRange {
-        (Bound::Included(ns), Bound::Included(ns))
-    }
 
     #[test]
     fn a_namespace_is_forgotten_once_its_rows_are_read_back() {
@@ -228,7 +249,7 @@ mod tests {
     }
 
     #[test]
-    fn a_filter_past_its_share_holds_every_key_and_many_namespaces_fold() {
+    fn a_filter_past_its_share_holds_every_key() {
         let mut s = Spilled::new(None, 64 << 10);
         for h in 0..100_000u64 {
             s.evicted(h, 5);
@@ -236,12 +257,61 @@ mod tests {
         assert!(s.may_hold(u64::MAX, at(5)), "the filter was given up");
         assert!(s.bytes() == 0, "{}", s.bytes());
         assert!(s.unfiltered(5) && !s.unfiltered(6));
-        let mut t = Spilled::new(None, 1 << 20);
-        for ns in 0..(MAX_NAMESPACES as i64 + 1) {
-            t.evicted(ns as u64, ns);
+    }
+
+    /// A join buffers rows per millisecond: it evicts a row or two of each of many namespaces,
+    /// and reads them back as the watermark clears them. Keys it never evicted must not read
+    /// RocksDB, however many namespaces it evicted from, and ranges whose rows were all read
+    /// back are forgotten.
+    #[test]
+    fn many_namespaces_share_ranges_and_keep_filtering() {
+        let mut s = Spilled::new(None, 1 << 20);
+        let n = 10_000i64;
+        for ns in 0..n {
+            s.evicted(ns as u64, ns);
         }
-        assert!(t.may_hold(u64::MAX, at(0)), "folded into the unknown range");
-        assert!(!t.may_hold(u64::MAX, at(MAX_NAMESPACES as i64 + 5)));
-        assert!(t.by_ns.len() <= MAX_NAMESPACES / 2 + 1);
+        assert!(s.ranges.len() <= MAX_RANGES, "{} ranges", s.ranges.len());
+        assert!(s.bytes() <= MAX_RANGES * (1 << 20));
+        // ranges are disjoint and hold every namespace evicted from
+        let mut last_hi = i64::MIN;
+        for (lo, r) in &s.ranges {
+            assert!(*lo > last_hi && r.hi >= *lo, "{lo}..={}", r.hi);
+            last_hi = r.hi;
+        }
+        for ns in 0..n {
+            assert!(s.may_hold(ns as u64, at(ns)), "evicted row of {ns} missed");
+            assert!(s.may_hold(
+                ns as u64,
+                (Bound::Included(ns - 3), Bound::Excluded(ns + 2))
+            ));
+        }
+        let absent = (1_000_000..1_010_000u64)
+            .filter(|h| s.may_hold(*h, (Bound::Included(n - 5_000), Bound::Unbounded)))
+            .count();
+        assert!(
+            absent < 200,
+            "{absent} of 10 000 new keys would read RocksDB"
+        );
+        assert!(!s.may_hold(1, (Bound::Excluded(n - 1), Bound::Unbounded)));
+        assert!(!s.may_hold(1, (Bound::Unbounded, Bound::Excluded(0))));
+        // the watermark clears the older half: those rows are read back, and the ranges
+        // holding nothing else are forgotten
+        let before = s.ranges.len();
+        for ns in 0..n / 2 {
+            s.read_back(ns);
+        }
+        assert!(s.ranges.len() < before);
+        assert!(s.ranges.values().all(|r| r.hi >= n / 2));
+        for ns in n / 2..n {
+            s.read_back(ns);
+        }
+        assert!(s.is_empty() && s.bytes() == 0, "{:?}", s.ranges.len());
+        // namespaces before every range widen the first one
+        let mut t = Spilled::new(None, 1 << 20);
+        for ns in (0..1_000i64).rev() {
+            t.evicted(ns as u64, ns * 10);
+        }
+        assert!(t.ranges.len() <= MAX_RANGES);
+        assert!((0..1_000i64).all(|ns| t.may_hold(ns as u64, at(ns * 10))));
     }
 }
