@@ -639,28 +639,15 @@ fn reads_cell(run: &ChildRun, events: u64) -> String {
     let ChildRun::Done { log, .. } = run else {
         return "-".into();
     };
-    let lines: Vec<&str> = log
+    let reads: Vec<u64> = log
         .lines()
-        .filter(|l| l.trim_start().starts_with("state of "))
+        .filter_map(crate::run::state_line_reads)
         .collect();
-    if lines.is_empty() {
+    if reads.is_empty() {
         return "-".into();
     }
-    // "state of VERTEX: N accesses, R read RocksDB (P%)"; a vertex's name may hold a colon
-    let reads: Option<u64> = lines
-        .iter()
-        .map(|l| {
-            let (_, counts) = l.rsplit_once(": ")?;
-            counts
-                .split(", ")
-                .nth(1)?
-                .split(' ')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
-    reads.map_or("-".into(), |r| format!("{:.3}", r as f64 / events as f64))
+    let reads: u64 = reads.iter().sum();
+    format!("{:.3}", reads as f64 / events as f64)
 }
 
 fn bench_state(b: &StateBench) -> Result<i32> {

@@ -304,11 +304,7 @@ pub fn print_summary(
     // down as its keys grow
     for v in vertices.iter().filter(|v| v.metrics.state_lookups > 0) {
         let (lookups, reads) = (v.metrics.state_lookups, v.metrics.state_reads);
-        eprintln!(
-            "  state of {}: {lookups} accesses, {reads} read RocksDB ({:.1}%)",
-            v.name,
-            100.0 * reads as f64 / lookups as f64
-        );
+        eprintln!("  {}", state_line(&v.name, lookups, reads));
     }
     let dead: u64 = vertices.iter().map(|v| v.metrics.dead_letters).sum();
     let late: u64 = vertices.iter().map(|v| v.metrics.late_records).sum();
@@ -320,5 +316,39 @@ pub fn print_summary(
     }
     for (k, v) in accumulators {
         eprintln!("  {k} = {v}");
+    }
+}
+
+/// The summary's line for the state of vertex `name`: its accesses, and how many read RocksDB.
+pub(crate) fn state_line(name: &str, lookups: u64, reads: u64) -> String {
+    format!(
+        "state of {name}: {lookups} accesses, {reads} read RocksDB ({:.1}%)",
+        100.0 * reads as f64 / lookups.max(1) as f64
+    )
+}
+
+/// The RocksDB reads of a [`state_line`] (leading spaces allowed), or `None` for another line.
+pub(crate) fn state_line_reads(line: &str) -> Option<u64> {
+    let rest = line.trim_start().strip_prefix("state of ")?;
+    // a vertex's name may hold ": ", the counts do not
+    let (_, counts) = rest.rsplit_once(": ")?;
+    let (_, reads) = counts.split_once(" accesses, ")?;
+    reads.split(' ').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_state_line_gives_back_its_reads() {
+        let line = super::state_line("events -> q: x -> sink:out", 20_000_000, 6_762_276);
+        assert_eq!(
+            line,
+            "state of events -> q: x -> sink:out: 20000000 accesses, 6762276 read RocksDB (33.8%)"
+        );
+        assert_eq!(
+            super::state_line_reads(&format!("  {line}")),
+            Some(6_762_276)
+        );
+        assert_eq!(super::state_line_reads("  out.rows = 5"), None);
     }
 }
