@@ -4,6 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{free_port, http_get};
+
 fn freshet() -> Command {
     Command::new(env!("CARGO_BIN_EXE_freshet"))
 }
@@ -907,4 +910,89 @@ fn without_a_prebuilt_rocksdb_the_build_falls_back_to_source() {
     assert_eq!(out, "", "{err}");
     assert!(err.contains("compiled from source"), "{err}");
     assert!(!target.path().join("rocksdb/librocksdb.so").exists());
+}
+
+/// Watermark alignment: a source with no rate limit and one limited to 2 000 rows per second
+/// (2 s of event time per second), in one group with a drift of 1 s. While the slow one runs,
+/// the fast one's watermark stays within the drift of it (plus what one update period, one
+/// batch and one watermark interval add); without alignment the fast one would be done within
+/// a second, 100 s of event time ahead. Then it reads the rest: no row is lost.
+#[test]
+fn aligned_sources_stay_within_their_drift() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("job.yaml");
+    let base = 1_714_557_600_000i64;
+    std::fs::write(
+        &job,
+        format!(
+            "version: 1\nname: aligned\npipeline: {{batch_size: 256}}\nsources:\n  fast:\n    connector: {{type: generator, count: 100000, fields: {{ts: \"{base} + seq\"}}}}\n    event_time: ts\n    watermark: {{alignment: {{group: g, max_drift: 1s}}}}\n  slow:\n    connector: {{type: generator, count: 6000, rows_per_second: 2000, fields: {{ts: \"{base} + seq\"}}}}\n    event_time: ts\n    watermark: {{alignment: {{group: g, max_drift: 1s}}}}\nsinks:\n  f: {{input: fast, connector: {{type: blackhole}}}}\n  s: {{input: slow, connector: {{type: blackhole}}}}\n"
+        ),
+    )
+    .unwrap();
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut child = freshet()
+        .args([
+            "run",
+            job.to_str().unwrap(),
+            "--listen",
+            "off",
+            "--http",
+            &http,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let watermark = |v: &serde_json::Value, prefix: &str| {
+        v["vertices"]
+            .as_array()?
+            .iter()
+            .find(|x| x["name"].as_str().is_some_and(|n| n.starts_with(prefix)))?["metrics"]
+            ["watermark"]
+            .as_i64()
+    };
+    let (mut samples, mut lead, mut paused) = (0, i64::MIN, false);
+    while child.try_wait().unwrap().is_none() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let Ok(stream) = std::net::TcpStream::connect(&http) else {
+            continue;
+        };
+        drop(stream);
+        let (_, jobs) = http_get(&http, "/jobs");
+        let Some(id) = serde_json::from_str::<serde_json::Value>(&jobs)
+            .ok()
+            .and_then(|j| j[0]["id"].as_str().map(String::from))
+        else {
+            continue;
+        };
+        let (code, body) = http_get(&http, &format!("/jobs/{id}"));
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+            continue;
+        };
+        if code != 200 {
+            continue;
+        }
+        let (Some(f), Some(s)) = (watermark(&v, "fast"), watermark(&v, "slow")) else {
+            continue;
+        };
+        // while the slow source runs and both have a watermark
+        if s > i64::MIN && s < base + 5_000 && f > i64::MIN {
+            samples += 1;
+            lead = lead.max(f - s);
+        }
+        paused |= v["vertices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["metrics"]["aligned_ns"].as_u64().unwrap_or(0) > 0);
+    }
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    eprintln!("{samples} samples, the fast source led by up to {lead} ms");
+    assert!(samples >= 5, "{samples} samples\n{stderr}");
+    assert!(lead <= 2_500, "the fast source led by {lead} ms\n{stderr}");
+    assert!(paused, "no source reported time paused");
+    assert!(stderr.contains("f.rows = 100000"), "{stderr}");
+    assert!(stderr.contains("s.rows = 6000"), "{stderr}");
 }

@@ -16,6 +16,8 @@
 //!   restarted elsewhere, does not disturb the restarted job or its checkpoints.
 //! - Cancelling a job that waits for slots through the HTTP API leaves the JobManager serving
 //!   and scheduling.
+//! - Watermark alignment holds a source on one TaskManager to the drift of a slower source on
+//!   the other, through the heartbeats' counters.
 //! - S3 credentials given as references reach the processes that use them, and a planted
 //!   secret appears in no log, job store file, state file or client output.
 //! - The probes' endpoints: `/healthz` and `/readyz` of both processes, a TaskManager ready
@@ -677,4 +679,110 @@ fn processes_serve_health_endpoints() {
     tm.wait_for("JobManager lost");
     let (code, _) = http_get(&tm_health, "/readyz");
     assert_eq!(code, 503);
+}
+
+/// Watermark alignment across processes: two TaskManagers, each running one subtask of an
+/// unthrottled source and one of a source limited to 2 000 rows per second, all in one group
+/// with a drift of 2 s. The bounds come from the TaskManagers' heartbeats (every second), so a
+/// subtask on one TaskManager is held to the watermark of one on the other. The fast source must
+/// stay within the drift of the slow one (plus two heartbeats of the slow one's progress and a
+/// batch) while the slow one goes at its own pace; unaligned, it would read a million rows per
+/// second and run thousands of seconds of event time ahead.
+#[test]
+fn aligned_sources_on_two_taskmanagers_stay_within_their_drift() {
+    let work = tempfile::tempdir().unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    let jm = jobmanager(&address, &work.path().join("ha"));
+    let state = work.path().join("state");
+    let _tms: Vec<Proc> = (0..2)
+        .map(|i| taskmanager_with(&address, &format!("tm-{i}"), &state, 1, &[]))
+        .collect();
+    let job = work.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        "version: 1
+name: aligned
+parallelism: 2
+pipeline: {batch_size: 256}
+sources:
+  fast:
+    connector: {type: generator, fields: {ts: \"1714557600000 + seq\"}}
+    event_time: ts
+    watermark: {alignment: {group: g, max_drift: 2s}}
+  slow:
+    connector: {type: generator, rows_per_second: 2000, fields: {ts: \"1714557600000 + seq\"}}
+    event_time: ts
+    watermark: {alignment: {group: g, max_drift: 2s}}
+sinks:
+  f: {input: fast, connector: {type: blackhole}}
+  s: {input: slow, connector: {type: blackhole}}
+",
+    )
+    .unwrap();
+    let id = run_submit(&["submit", job.to_str().unwrap(), "--jobmanager", &address]);
+    // (watermark, records in) of the vertex whose name starts with `prefix`
+    let sample = |prefix: &str| {
+        let o = freshet()
+            .args(["status", &id, "--jobmanager", &address])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let vx = v["vertices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"].as_str().unwrap().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no vertex {prefix}: {v}"))
+            .clone();
+        (
+            vx["metrics"]["watermark"].as_i64().unwrap(),
+            vx["metrics"]["records_in"].as_u64().unwrap(),
+            vx["metrics"]["aligned_ns"].as_u64().unwrap_or(0),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sample("slow").0 == i64::MIN {
+        assert!(
+            Instant::now() < deadline,
+            "the job did not start:\n{}",
+            jm.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, fast1, _) = sample("fast");
+    let (_, slow1, _) = sample("slow");
+    let mut lead = i64::MIN;
+    let t1 = Instant::now();
+    while t1.elapsed() < Duration::from_secs(6) {
+        std::thread::sleep(Duration::from_millis(300));
+        let (f, _, _) = sample("fast");
+        let (s, _, _) = sample("slow");
+        lead = lead.max(f - s);
+    }
+    let (_, fast2, aligned) = sample("fast");
+    let (_, slow2, _) = sample("slow");
+    let secs = t1.elapsed().as_secs_f64();
+    let (fast_rate, slow_rate) = ((fast2 - fast1) as f64 / secs, (slow2 - slow1) as f64 / secs);
+    eprintln!(
+        "fast source led by up to {lead} ms at {fast_rate:.0} rows/s; slow one {slow_rate:.0} rows/s; fast paused {:.1} s",
+        aligned as f64 / 1e9
+    );
+    assert!(lead <= 7_000, "the fast source led by {lead} ms");
+    assert!(aligned > 0, "the fast source never paused");
+    // the slow source is not held back by the fast one: it reads at its own limit
+    assert!(
+        slow_rate > 1_200.0,
+        "the slow source read {slow_rate:.0} rows/s"
+    );
+    // each row is a millisecond of event time: the fast source reads about what the slow one does
+    assert!(
+        fast_rate < 5.0 * slow_rate,
+        "the fast source read {fast_rate:.0} rows/s"
+    );
+    let o = freshet()
+        .args(["cancel", &id, "--jobmanager", &address])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

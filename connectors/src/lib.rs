@@ -106,6 +106,7 @@ impl SourcePlan {
                 max_out_of_orderness: w.max_out_of_orderness.0,
                 interval: w.interval.0,
                 idle_timeout: w.idle_timeout.map(|d| d.0),
+                aligned: w.alignment.is_some(),
             },
             bounded,
             max_parallelism: None,

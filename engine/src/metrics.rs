@@ -36,6 +36,11 @@ pub struct SubtaskMetrics {
     /// Nanoseconds from the subtask's start until its operators were open and their state
     /// restored (0 until then).
     pub open_ns: AtomicU64,
+    /// A source with every split idle (see the watermark's `idle_timeout`): it holds back no
+    /// watermark, nor its alignment group.
+    pub idle: std::sync::atomic::AtomicBool,
+    /// Nanoseconds a source spent paused by watermark alignment, ahead of its group.
+    pub aligned_ns: AtomicU64,
     /// When the subtask started: busy time is the time since, less idle and backpressured time.
     started: Instant,
     /// The keyed-state instances of the subtask's operators, for state size.
@@ -114,6 +119,8 @@ impl Default for SubtaskMetrics {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             open_ns: AtomicU64::new(0),
+            idle: Default::default(),
+            aligned_ns: AtomicU64::new(0),
             started: Instant::now(),
             state: Mutex::new(Vec::new()),
             caches: Mutex::new(Vec::new()),
@@ -242,6 +249,8 @@ impl SubtaskMetrics {
             open_ns: self.open_ns.load(Ordering::Relaxed),
             state_lookups,
             state_reads,
+            idle: self.idle.load(Ordering::Relaxed),
+            aligned_ns: self.aligned_ns.load(Ordering::Relaxed),
         }
     }
 }
@@ -312,6 +321,12 @@ pub struct MetricsSnapshot {
     /// for a batch counts once).
     #[serde(default)]
     pub state_reads: u64,
+    /// See [`SubtaskMetrics::idle`] (summed: whether every subtask is idle).
+    #[serde(default)]
+    pub idle: bool,
+    /// See [`SubtaskMetrics::aligned_ns`].
+    #[serde(default)]
+    pub aligned_ns: u64,
 }
 
 fn no_watermark() -> i64 {
@@ -329,6 +344,7 @@ impl MetricsSnapshot {
         };
         let mut any = false;
         for m in all {
+            out.idle = if any { out.idle && m.idle } else { m.idle };
             any = true;
             out.records_in += m.records_in;
             out.records_out += m.records_out;
@@ -343,6 +359,7 @@ impl MetricsSnapshot {
             out.open_ns = out.open_ns.max(m.open_ns);
             out.state_lookups += m.state_lookups;
             out.state_reads += m.state_reads;
+            out.aligned_ns += m.aligned_ns;
             out.watermark = out.watermark.min(m.watermark);
             out.output_watermark = out.output_watermark.min(m.output_watermark);
         }

@@ -251,6 +251,7 @@ mod tests {
             max_out_of_orderness: Duration::ZERO,
             interval: Duration::from_millis(1),
             idle_timeout: idle,
+            aligned: false,
         }
     }
 

@@ -43,6 +43,10 @@ pub struct WatermarkConfig {
     pub interval: Duration,
     /// Mark the source idle after this long without data (unbounded sources).
     pub idle_timeout: Option<Duration>,
+    /// The source is in a watermark alignment group: after its first batch it reads on only
+    /// up to the bound the JobManager sends (`SubtaskCommand::Align`).
+    #[serde(default)]
+    pub aligned: bool,
 }
 
 impl Default for WatermarkConfig {
@@ -51,6 +55,7 @@ impl Default for WatermarkConfig {
             max_out_of_orderness: Duration::ZERO,
             interval: Duration::from_millis(200),
             idle_timeout: None,
+            aligned: false,
         }
     }
 }
@@ -681,6 +686,8 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
                 }
             }
             chain.head_outputs = main_outputs;
+            // an aligned source reads one batch, then waits for its first bound
+            let align = watermarks.aligned.then_some(i64::MIN);
             let mut generator = SplitWatermarks::new(watermarks);
             let declared = source.splits();
             if declared.is_empty() {
@@ -707,6 +714,7 @@ fn run_subtask_inner(spec: SubtaskSpec) -> Result<SubtaskResult> {
                 state,
                 generator,
                 side_outputs,
+                align,
             };
             run_source(head, &mut chain, &ctl)?;
         }
@@ -756,9 +764,18 @@ struct SourceHead {
     state: OperatorState,
     generator: SplitWatermarks,
     side_outputs: Vec<Vec<EdgeWriter>>,
+    /// The highest watermark the source may have emitted and still read on (watermark
+    /// alignment; `None`: no bound yet).
+    align: Option<i64>,
 }
 
 impl SourceHead {
+    /// Whether the source is ahead of its alignment group by more than the group's drift.
+    fn ahead(&self) -> bool {
+        self.align
+            .is_some_and(|max| self.generator.emitted().0 > max)
+    }
+
     fn broadcast_side(&mut self, e: &Element) -> Result<()> {
         for w in self.side_outputs.iter_mut().flatten() {
             w.broadcast(e)?;
@@ -817,6 +834,10 @@ fn source_command(
             head.source.add_splits(splits)?;
             Ok(SourceNext::Continue)
         }
+        SubtaskCommand::Align(max) => {
+            head.align = Some(max);
+            Ok(SourceNext::Continue)
+        }
     }
 }
 
@@ -843,9 +864,19 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
         if ctl.cancel.is_cancelled() {
             return Err(EngineError::Cancelled);
         }
-        // commands first: a trigger is answered between two polls
-        let next = next_command(ctl, holding)?;
-        if holding && next.is_none() {
+        // commands first: a trigger is answered between two polls. A source ahead of its
+        // alignment group (with nothing left to fire) only waits for commands until the
+        // JobManager raises its bound; checkpoints go on meanwhile.
+        let ahead = !holding && !chain.busy() && head.ahead();
+        let waiting = Instant::now();
+        let next = next_command(ctl, holding || ahead)?;
+        if ahead {
+            SubtaskMetrics::add(
+                &chain.metrics.aligned_ns,
+                waiting.elapsed().as_nanos() as u64,
+            );
+        }
+        if (holding || ahead) && next.is_none() {
             continue;
         }
         if let Some(cmd) = next {
@@ -880,6 +911,10 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
             .any(|i| !matches!(i, SourceItem::Finished(_) | SourceItem::Added(_)))
         {
             idle = false;
+            chain
+                .metrics
+                .idle
+                .store(false, std::sync::atomic::Ordering::Relaxed);
         }
         for item in out.0 {
             match item {
@@ -933,6 +968,10 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
                 }
                 if all_idle && !idle {
                     idle = true;
+                    chain
+                        .metrics
+                        .idle
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     chain.broadcast_all(&Element::Idle)?;
                     head.broadcast_side(&Element::Idle)?;
                 }
@@ -1406,6 +1445,7 @@ pub(crate) mod tests {
             max_out_of_orderness: Duration::from_millis(10),
             interval: Duration::from_millis(1),
             idle_timeout: None,
+            aligned: false,
         };
         let mut a = WatermarkGenerator::new(&config);
         let whole = pieces(&mut a, &[100, 105, 103, 120, 90]);
@@ -1435,6 +1475,7 @@ pub(crate) mod tests {
             max_out_of_orderness: Duration::ZERO,
             interval: Duration::from_millis(50),
             idle_timeout: None,
+            aligned: false,
         };
         let mut g = WatermarkGenerator::new(&config);
         let p = pieces(&mut g, &[0, 10, 49, 50, 99, 100]);

@@ -447,6 +447,26 @@ pub struct WatermarkSpec {
     /// downstream until it produces again. Unset: never idle.
     #[serde(default)]
     pub idle_timeout: Option<DurationSpec>,
+    /// Watermark alignment: this source stops reading while its watermark is more than
+    /// `max_drift` ahead of another source of the same group, so that a source catching up
+    /// (or simply faster) does not fill the state of joins and windows downstream with rows
+    /// waiting for the slower one. Unset: never paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alignment: Option<AlignmentSpec>,
+}
+
+/// A source's watermark alignment group (see [`WatermarkSpec::alignment`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AlignmentSpec {
+    /// Sources naming the same group are aligned with each other.
+    pub group: String,
+    /// How far (event time) a source's watermark may run ahead of the slowest other source of
+    /// its group before it pauses. The JobManager updates the bounds every 50 ms (from the
+    /// heartbeats, every second, of TaskManagers in other processes), so a group whose sources
+    /// are all faster than that moves on by at most this much per update: choose a drift well
+    /// above the event time a source reads in one update.
+    pub max_drift: DurationSpec,
 }
 
 impl Default for WatermarkSpec {
@@ -455,6 +475,7 @@ impl Default for WatermarkSpec {
             max_out_of_orderness: DurationSpec::default(),
             interval: default_wm_interval(),
             idle_timeout: None,
+            alignment: None,
         }
     }
 }

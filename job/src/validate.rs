@@ -226,6 +226,19 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
     };
     for (name, s) in &job.sources {
         check_par(&mut p, format!("sources.{name}.parallelism"), s.parallelism);
+        if let Some(a) = &s.watermark.alignment {
+            let base = format!("sources.{name}.watermark.alignment");
+            if a.group.trim().is_empty() {
+                p.push(Problem::new(format!("{base}.group"), "must not be empty"));
+            }
+            if a.max_drift.millis() == 0 {
+                p.push(
+                    Problem::new(format!("{base}.max_drift"), "must be positive").hint(
+                        "e.g. 30s: a source pauses once 30 s of event time ahead of its group",
+                    ),
+                );
+            }
+        }
     }
     for (name, t) in &job.transforms {
         for (field, input) in t.inputs() {
@@ -432,6 +445,35 @@ sinks:
         format!(
             "version: 1\nname: g\n{setting}\nsources:\n  s: {{connector: {{type: generator, fields: {{a: seq}}}}}}\nsinks:\n  o: {{input: s, connector: {{type: blackhole}}}}\n"
         )
+    }
+
+    /// A watermark alignment group needs a name and a positive drift; a valid one reaches the
+    /// source's watermark settings.
+    #[test]
+    fn an_alignment_group_needs_a_name_and_a_drift() {
+        let job = |alignment: &str| {
+            format!(
+                "version: 1\nname: g\nsources:\n  s:\n    connector: {{type: generator, fields: {{a: seq}}}}\n    watermark: {{alignment: {alignment}}}\nsinks:\n  o: {{input: s, connector: {{type: blackhole}}}}\n"
+            )
+        };
+        let spec = parse_job(&job("{group: g, max_drift: 30s}"), "job.yaml", &[]).unwrap();
+        let a = spec.sources["s"].watermark.alignment.as_ref().unwrap();
+        assert_eq!((a.group.as_str(), a.max_drift.millis()), ("g", 30_000));
+        let err = parse_job(&job("{group: \" \", max_drift: 0s}"), "job.yaml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sources.s.watermark.alignment.group: must not be empty"),
+            "{err}"
+        );
+        assert!(
+            err.contains("sources.s.watermark.alignment.max_drift: must be positive"),
+            "{err}"
+        );
+        let err = parse_job(&job("{group: g}"), "job.yaml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_drift"), "{err}");
     }
 
     /// A memtable size left unset fits any memory a job may have; one set is held to its

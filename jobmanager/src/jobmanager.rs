@@ -165,7 +165,8 @@ struct Attempt {
     taskmanagers: Vec<Arc<dyn TaskManagerGateway>>,
     /// When it was deployed.
     started: Instant,
-    /// Its subtasks deployed and not ended; dropping it ends the split enumerators' threads.
+    /// Its subtasks deployed and not ended; dropping it ends the split enumerators' threads
+    /// and the watermark aligner's.
     running: crate::splits::Running,
 }
 
@@ -982,6 +983,9 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         if !used_tms.iter().any(|u| u.id() == tms[*t].id()) {
             used_tms.push(tms[*t].clone());
         }
+    }
+    if let Some(aligner) = crate::alignment::Aligner::new(plan, command.clone()) {
+        aligner.start(entry.id.clone(), used_tms.clone(), &running);
     }
     inner
         .allocations

@@ -6,6 +6,8 @@
 //! - `freshet_control` (re-exported as [`messages`]): what the JobManager and TaskManagers say
 //!   to each other, and the [`TaskManagerGateway`] a TaskManager is reached through.
 //! - [`jobmanager`]: submission, slot-sharing scheduling, job status and cancellation.
+//! - `alignment`: watermark alignment: sources of a group pause while ahead of the slowest
+//!   other one by more than the group's drift.
 //! - [`checkpoints`]: the checkpoint coordinator: triggers, acknowledgements, metadata,
 //!   retention and cleanup of checkpoint storage.
 //! - [`api`]: the typed views of jobs, vertices, checkpoints, exceptions and TaskManagers the
@@ -19,6 +21,7 @@
 //! - [`leader`]: leader election with a fencing epoch between JobManagers.
 #![warn(missing_docs)]
 
+mod alignment;
 pub mod api;
 pub mod checkpoints;
 pub mod http;

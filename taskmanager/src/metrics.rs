@@ -240,6 +240,14 @@ pub(crate) fn register(meter: &Meter, observed: Observed) {
         "Time a subtask spent waiting for input",
         |m| secs(m.idle_ns),
     );
+    counter(
+        meter,
+        &o,
+        "freshet.task.aligned_time",
+        "s",
+        "Time a source subtask spent paused by watermark alignment, ahead of its group",
+        |m| secs(m.aligned_ns),
+    );
     gauge(
         meter,
         &o,

@@ -92,6 +92,10 @@ pub enum SubtaskCommand {
     /// Sources only: read these splits too. The JobManager found them while the job runs (a new
     /// Kafka partition, a new file in a followed directory) and assigned them to this subtask.
     AddSplits(Vec<String>),
+    /// Sources only (watermark alignment): the highest watermark the source may have emitted
+    /// and still read on; past it, it stops reading until a higher bound comes. The JobManager
+    /// sends the lowest watermark of the source's alignment group plus the group's drift.
+    Align(i64),
 }
 
 /// A file of a snapshot: its name in the RocksDB directory and where it is stored, relative to
