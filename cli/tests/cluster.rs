@@ -119,6 +119,19 @@ fn vertex_metrics(address: &str, id: &str, vertex: usize) -> serde_json::Value {
     v["vertices"][vertex]["metrics"].clone()
 }
 
+/// A JobManager (its address and process) and two TaskManagers of one slot each, state under
+/// `work`: a job at parallelism 2 runs subtasks 0 of its vertices on one and subtasks 1 on the
+/// other.
+fn two_taskmanagers(work: &Path) -> (String, Proc, Vec<Proc>) {
+    let address = format!("127.0.0.1:{}", free_port());
+    let jm = jobmanager(&address, &work.join("ha"));
+    let state = work.join("state");
+    let tms = (0..2)
+        .map(|i| taskmanager_with(&address, &format!("tm-{i}"), &state, 1, &[]))
+        .collect();
+    (address, jm, tms)
+}
+
 /// Two unbounded generator subtasks, one per TaskManager process, feed a keyed operator whose
 /// sink takes at most 2,000 rows per second. Every record has the same key, so one subtask gets
 /// them all, and the source on the other TaskManager reaches it only over the network.
@@ -127,12 +140,7 @@ fn vertex_metrics(address: &str, id: &str, vertex: usize) -> serde_json::Value {
 #[test]
 fn a_slow_sink_slows_the_sources_with_flat_memory() {
     let work = tempfile::tempdir().unwrap();
-    let address = format!("127.0.0.1:{}", free_port());
-    let jm = jobmanager(&address, &work.path().join("ha"));
-    let state = work.path().join("state");
-    let tms: Vec<Proc> = (0..2)
-        .map(|i| taskmanager_with(&address, &format!("tm-{i}"), &state, 1, &[]))
-        .collect();
+    let (address, jm, tms) = two_taskmanagers(work.path());
     let job = work.path().join("job.yaml");
     std::fs::write(
         &job,
@@ -691,12 +699,7 @@ fn processes_serve_health_endpoints() {
 #[test]
 fn aligned_sources_on_two_taskmanagers_stay_within_their_drift() {
     let work = tempfile::tempdir().unwrap();
-    let address = format!("127.0.0.1:{}", free_port());
-    let jm = jobmanager(&address, &work.path().join("ha"));
-    let state = work.path().join("state");
-    let _tms: Vec<Proc> = (0..2)
-        .map(|i| taskmanager_with(&address, &format!("tm-{i}"), &state, 1, &[]))
-        .collect();
+    let (address, jm, _tms) = two_taskmanagers(work.path());
     let job = work.path().join("job.yaml");
     std::fs::write(
         &job,

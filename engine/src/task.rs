@@ -765,7 +765,7 @@ struct SourceHead {
     generator: SplitWatermarks,
     side_outputs: Vec<Vec<EdgeWriter>>,
     /// The highest watermark the source may have emitted and still read on (watermark
-    /// alignment; `None`: no bound yet).
+    /// alignment; `None` for a source in no alignment group).
     align: Option<i64>,
 }
 
@@ -868,6 +868,10 @@ fn run_source(mut head: SourceHead, chain: &mut Chain, ctl: &Control) -> Result<
         // alignment group (with nothing left to fire) only waits for commands until the
         // JobManager raises its bound; checkpoints go on meanwhile.
         let ahead = !holding && !chain.busy() && head.ahead();
+        if ahead {
+            // input is quiet meanwhile: the chain's operators flush what they hold
+            chain.idle()?;
+        }
         let waiting = Instant::now();
         let next = next_command(ctl, holding || ahead)?;
         if ahead {

@@ -11,10 +11,10 @@
 //! its first bound arrives. A subtask bounds itself by the others alone,
 //! so the slowest one is never held back by its own watermark; members that are idle (every
 //! split past its idle timeout) or have ended hold no one back, and with no other member
-//! holding it, a member is unbounded. A member that has emitted no watermark yet holds the
-//! others at the start of event time plus the drift, as it holds back the job's watermark.
-use parking_lot::Mutex;
-use std::collections::HashMap;
+//! holding it, a member is unbounded. A member that has not reported yet, or has emitted no
+//! watermark yet, holds the others at the start of event time plus the drift, as it holds back
+//! the job's watermark.
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::warn;
@@ -31,7 +31,7 @@ use crate::splits::{Deliver, Running};
 pub const UPDATE: Duration = Duration::from_millis(50);
 
 /// One alignment group of a plan.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 struct Group {
     name: String,
     /// Milliseconds of event time a member may run ahead of the slowest other.
@@ -45,7 +45,9 @@ pub struct Aligner {
     groups: Vec<Group>,
     send: Deliver,
     /// The bound each member was last sent.
-    sent: Mutex<HashMap<(usize, u32), i64>>,
+    sent: HashMap<(usize, u32), i64>,
+    /// Members that have reported counters: one absent since has ended.
+    seen: HashSet<(usize, u32)>,
 }
 
 impl Aligner {
@@ -54,12 +56,7 @@ impl Aligner {
     pub fn new(plan: &Plan, send: Deliver) -> Option<Self> {
         let mut groups: Vec<Group> = Vec::new();
         for (v, vertex) in plan.vertices.iter().enumerate() {
-            let Some(Recipe::Source { spec, .. }) = vertex
-                .nodes
-                .first()
-                .and_then(|id| plan.nodes.get(*id))
-                .map(|n| &n.recipe)
-            else {
+            let Some(Recipe::Source { spec, .. }) = plan.head_recipe(v) else {
                 continue;
             };
             let Some(a) = &spec.watermark.alignment else {
@@ -83,14 +80,15 @@ impl Aligner {
         (!groups.is_empty()).then(|| Aligner {
             groups,
             send,
-            sent: Mutex::new(HashMap::new()),
+            sent: HashMap::new(),
+            seen: HashSet::new(),
         })
     }
 
     /// Updates the bounds every [`UPDATE`] from a thread of its own, from the counters of
     /// `job`'s subtasks on `taskmanagers`, until the attempt drops `running`.
     pub fn start(
-        self,
+        mut self,
         job: JobId,
         taskmanagers: Vec<Arc<dyn TaskManagerGateway>>,
         running: &Running,
@@ -112,28 +110,33 @@ impl Aligner {
     }
 
     /// Sends each member whose bound changed its new bound, from the subtasks' latest
-    /// counters `statuses` (those of subtasks that ended are absent).
-    pub fn update(&self, statuses: &[SubtaskStatus]) {
+    /// counters `statuses`. A member not reported yet (still starting) holds the others at the
+    /// start of event time; one reported before and absent now has ended.
+    pub fn update(&mut self, statuses: &[SubtaskStatus]) {
         let by_subtask: HashMap<(usize, u32), &SubtaskStatus> = statuses
             .iter()
             .map(|s| ((s.vertex, s.subtask), s))
             .collect();
-        let mut sent = self.sent.lock();
         for g in &self.groups {
-            let holding: Vec<((usize, u32), i64)> = g
-                .members
-                .iter()
-                .filter_map(|m| {
-                    let s = by_subtask.get(m)?;
-                    (!s.metrics.idle).then_some((*m, s.metrics.watermark))
-                })
-                .collect();
+            let mut holding: Vec<((usize, u32), i64)> = Vec::new();
+            for m in &g.members {
+                match by_subtask.get(m) {
+                    Some(s) => {
+                        self.seen.insert(*m);
+                        if !s.metrics.idle {
+                            holding.push((*m, s.metrics.watermark));
+                        }
+                    }
+                    None if !self.seen.contains(m) => holding.push((*m, i64::MIN)),
+                    None => {}
+                }
+            }
             for (member, bound) in bounds(&g.members, g.drift, &holding) {
-                if sent.get(&member) == Some(&bound) {
+                if self.sent.get(&member) == Some(&bound) {
                     continue;
                 }
                 if (self.send)(member.0, member.1, SubtaskCommand::Align(bound)) {
-                    sent.insert(member, bound);
+                    self.sent.insert(member, bound);
                 }
             }
         }
@@ -172,6 +175,81 @@ fn bounds(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use freshet_engine::metrics::MetricsSnapshot;
+
+    fn status(vertex: usize, watermark: i64, idle: bool) -> SubtaskStatus {
+        SubtaskStatus {
+            vertex,
+            subtask: 0,
+            metrics: MetricsSnapshot {
+                watermark,
+                idle,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// What the aligner of three one-subtask sources sends, round by round.
+    #[test]
+    fn bounds_follow_the_members_that_hold_the_group() {
+        let sent: Arc<parking_lot::Mutex<Vec<(usize, i64)>>> = Arc::default();
+        let log = sent.clone();
+        let mut a = Aligner {
+            groups: vec![Group {
+                name: "g".into(),
+                drift: 100,
+                members: vec![(0, 0), (1, 0), (2, 0)],
+            }],
+            send: Arc::new(move |v, _, cmd| match cmd {
+                SubtaskCommand::Align(b) => {
+                    log.lock().push((v, b));
+                    true
+                }
+                _ => false,
+            }),
+            sent: HashMap::new(),
+            seen: HashSet::new(),
+        };
+        let mut round = |statuses: &[SubtaskStatus]| {
+            a.update(statuses);
+            let mut out = std::mem::take(&mut *sent.lock());
+            out.sort();
+            out
+        };
+        // source 2 has not reported yet: it holds the others at the start of event time
+        let start = i64::MIN + 100;
+        assert_eq!(
+            round(&[status(0, 1_000, false), status(1, 2_000, false)]),
+            vec![(0, start), (1, start), (2, 1_100)]
+        );
+        // nothing changed: nothing is sent again
+        assert_eq!(
+            round(&[status(0, 1_000, false), status(1, 2_000, false)]),
+            vec![]
+        );
+        // source 2 reports; then it goes idle and holds no one back
+        assert_eq!(
+            round(&[
+                status(0, 1_000, false),
+                status(1, 2_000, false),
+                status(2, 5_000, false)
+            ]),
+            vec![(0, 2_100), (1, 1_100)]
+        );
+        assert_eq!(
+            round(&[
+                status(0, 1_500, false),
+                status(1, 2_000, false),
+                status(2, 5_000, true)
+            ]),
+            vec![(1, 1_600), (2, 1_600)]
+        );
+        // source 0 ended (reported before, absent now): the others are bounded by each other
+        assert_eq!(
+            round(&[status(1, 2_000, false), status(2, 5_000, false)]),
+            vec![(1, 5_100), (2, 2_100)]
+        );
+    }
 
     #[test]
     fn a_member_is_bounded_by_the_slowest_other_one() {

@@ -130,6 +130,12 @@ impl Plan {
             .unwrap_or(0)
     }
 
+    /// The recipe of vertex `v`'s first node (a source vertex's source).
+    pub fn head_recipe(&self, v: usize) -> Option<&Recipe> {
+        let id = *self.vertices.get(v)?.nodes.first()?;
+        self.nodes.get(id).map(|n| &n.recipe)
+    }
+
     /// Whether vertex `v` starts with a source.
     pub fn is_source(&self, v: usize) -> bool {
         self.vertices

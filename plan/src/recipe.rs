@@ -133,12 +133,7 @@ pub struct SourceSplits {
 pub fn split_enumerators(plan: &Plan) -> Result<Vec<SourceSplits>, String> {
     let mut out = Vec::new();
     for (v, vertex) in plan.vertices.iter().enumerate() {
-        let Some(Recipe::Source { name, spec, splits }) = vertex
-            .nodes
-            .first()
-            .and_then(|id| plan.nodes.get(*id))
-            .map(|n| &n.recipe)
-        else {
+        let Some(Recipe::Source { name, spec, splits }) = plan.head_recipe(v) else {
             continue;
         };
         let p = plan_source(
