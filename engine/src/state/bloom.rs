@@ -108,6 +108,25 @@ impl GrowingBloom {
         self.stages.last_mut().expect("pushed above").insert(hash);
     }
 
+    /// Adds every hash `other` holds: its stages are OR-ed into this filter's stages of the
+    /// same size (filters started at the same capacity have the same sizes, stage by stage),
+    /// and any it has beyond them are taken over.
+    pub(crate) fn merge(&mut self, other: GrowingBloom) {
+        for (i, stage) in other.stages.into_iter().enumerate() {
+            match self.stages.get_mut(i) {
+                Some(mine) if mine.blocks.len() == stage.blocks.len() => {
+                    for (a, b) in mine.blocks.iter_mut().zip(&stage.blocks) {
+                        for (x, y) in a.iter_mut().zip(b) {
+                            *x |= y;
+                        }
+                    }
+                    mine.inserted += stage.inserted;
+                }
+                _ => self.stages.push(stage),
+            }
+        }
+    }
+
     /// Whether the hash may have been added (never false for one that was).
     pub(crate) fn contains(&self, hash: u64) -> bool {
         let hash = mix(hash);
@@ -181,6 +200,31 @@ mod tests {
             "{fp} false positives of {absent}"
         );
         assert!(fp > 0, "a filter this full has some false positives");
+    }
+
+    #[test]
+    fn a_merged_filter_holds_the_keys_of_both() {
+        let mut a = GrowingBloom::new(1 << 10);
+        let mut b = GrowingBloom::new(1 << 10);
+        for i in 0..3_000 {
+            a.insert(h(i));
+        }
+        for i in 3_000..3_500 {
+            b.insert(h(i));
+        }
+        let (stages_a, stages_b) = (a.stages.len(), b.stages.len());
+        assert!(stages_a > stages_b, "{stages_a} and {stages_b} stages");
+        b.merge(a);
+        assert_eq!(
+            b.stages.len(),
+            stages_a,
+            "stage by stage, the longer's kept"
+        );
+        assert!((0..3_500).all(|i| b.contains(h(i))), "a false negative");
+        let fp = (1_000_000..1_100_000u64)
+            .filter(|i| b.contains(h(*i)))
+            .count();
+        assert!(fp < 1_000, "{fp} false positives of 100 000");
     }
 
     #[test]

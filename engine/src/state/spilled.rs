@@ -11,10 +11,13 @@
 //! slice; and a join that buffers rows per millisecond, evicting a row or two of each, reads it
 //! for the keys it evicted, not for every key new to the join.
 //!
-//! A range is one namespace until there are [`MAX_RANGES`] of them; then a row evicted at a
-//! namespace no range holds widens the nearest range to it (ranges never overlap), so a few
-//! ranges, each with its filter, cover any number of namespaces. A filter that outgrows its
-//! share of memory is given up, and any key may then have rows in its range.
+//! A range is one namespace when it starts. With [`MAX_RANGES`] of them, a row evicted at a
+//! namespace no range holds either widens a neighbouring range to hold it or first merges the
+//! two neighbouring ranges that span the fewest namespaces (counts added, filters OR-ed),
+//! whichever makes the narrower range. So a few ranges, each with its filter, cover any number
+//! of namespaces, and old ranges end where the rows still out begin: as the watermark reads
+//! their rows back, they are forgotten. A filter that outgrows its share of memory is given
+//! up, and any key may then have rows in its range.
 //!
 //! Rows this process did not evict (a restored snapshot) are not counted: the namespaces the
 //! restored table wrote before its snapshot are *unknown*, and a miss there always reads
@@ -29,7 +32,7 @@ pub(crate) type NsRange = (Bound<i64>, Bound<i64>);
 /// Every namespace.
 pub(crate) const ALL: NsRange = (Bound::Unbounded, Bound::Unbounded);
 
-/// Ranges counted, each with a filter; past this, a new namespace widens the nearest range.
+/// Ranges counted, each with a filter; past this, two neighbours are merged.
 const MAX_RANGES: usize = 64;
 
 /// Keys a new filter is sized for. It grows by adding a filter four times the size of the last,
@@ -142,7 +145,7 @@ impl Spilled {
         }
         let lo = match self.holding(ns) {
             Some(lo) => lo,
-            None => match self.widen_nearest(ns) {
+            None => match self.make_room(ns) {
                 Some(lo) => lo,
                 None => {
                     let f = GrowingBloom::new(FILTER_START);
@@ -172,31 +175,82 @@ impl Spilled {
         }
     }
 
-    /// With [`MAX_RANGES`] ranges counted, widens the one nearest `ns` (which no range holds)
-    /// to hold it, and returns its first namespace; with fewer, `None`: `ns` gets a range.
-    fn widen_nearest(&mut self, ns: i64) -> Option<i64> {
+    /// With [`MAX_RANGES`] ranges counted, makes room for `ns` (which no range holds) at the
+    /// least cost in width: either widens a neighbour of `ns` to hold it, or merges the two
+    /// neighbouring ranges that together span the fewest namespaces (their counts added, their
+    /// filters OR-ed), whichever spans fewer. Returns the first namespace of the range that
+    /// now holds `ns`; `None` when `ns` gets a range of its own (with fewer ranges counted, or
+    /// after a merge).
+    ///
+    /// Choosing the narrowest keeps ranges about as wide as the namespaces they are apart: a
+    /// join's newest range widens over the milliseconds that follow it until older ranges are
+    /// the narrower pair, which then merge. So a range ends below where rows are still evicted
+    /// and is forgotten once its rows are read back (as the watermark passes them), no filter
+    /// collects the keys of every namespace ever evicted from, and a new filter is made only
+    /// when a range starts.
+    fn make_room(&mut self, ns: i64) -> Option<i64> {
         if self.ranges.len() < MAX_RANGES {
             return None;
         }
-        let below = self
-            .ranges
-            .range(..ns)
-            .next_back()
-            .map(|(lo, r)| (*lo, r.hi));
-        let above = self.ranges.range(ns..).next().map(|(lo, _)| *lo);
-        let widen_below = match (below, above) {
-            (Some((_, hi)), Some(a)) => ns.abs_diff(hi) <= a.abs_diff(ns),
-            (below, _) => below.is_some(),
+        let below = self.ranges.range(..ns).next_back().map(|(lo, _)| *lo);
+        let above = self.ranges.range(ns..).next().map(|(lo, r)| (*lo, r.hi));
+        let widen = [
+            below.map(|lo| (ns.abs_diff(lo), lo)),
+            above.map(|(lo, hi)| (hi.abs_diff(ns), lo)),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let los: Vec<i64> = self.ranges.keys().copied().collect();
+        let pair = los
+            .windows(2)
+            .map(|w| {
+                let hi = self.ranges.get(&w[1]).map_or(w[1], |r| r.hi);
+                (hi.abs_diff(w[0]), w[0], w[1])
+            })
+            .min();
+        let merge = match (widen, pair) {
+            (Some((span, _)), Some((p, a, b))) if p < span => Some((a, b)),
+            (None, Some((_, a, b))) => Some((a, b)),
+            _ => None,
         };
-        if widen_below {
-            let (lo, _) = below?;
+        if let Some((a, b)) = merge {
+            self.merge(a, b);
+            // `ns` may lie between the two
+            return self.holding(ns);
+        }
+        let (_, lo) = widen?;
+        if lo < ns {
             self.ranges.get_mut(&lo)?.hi = ns;
             Some(lo)
         } else {
-            let r = self.ranges.remove(&above?)?;
+            let r = self.ranges.remove(&lo)?;
             self.ranges.insert(ns, r);
             Some(ns)
         }
+    }
+
+    /// Merges range `b` into its lower neighbour `a`: counts added, filters OR-ed (or given
+    /// up, past their share).
+    fn merge(&mut self, a: i64, b: i64) {
+        let Some(second) = self.ranges.remove(&b) else {
+            return;
+        };
+        let Some(first) = self.ranges.get_mut(&a) else {
+            return;
+        };
+        first.hi = second.hi;
+        first.rows += second.rows;
+        self.bytes -= first.keys.as_ref().map_or(0, filter_bytes)
+            + second.keys.as_ref().map_or(0, filter_bytes);
+        first.keys = match (first.keys.take(), second.keys) {
+            (Some(mut f), Some(g)) => {
+                f.merge(g);
+                (filter_bytes(&f) <= self.filter_cap).then_some(f)
+            }
+            _ => None,
+        };
+        self.bytes += first.keys.as_ref().map_or(0, filter_bytes);
     }
 
     /// Takes a row at `ns` read back into the cache off the count.
@@ -306,12 +360,91 @@ mod tests {
             s.read_back(ns);
         }
         assert!(s.is_empty() && s.bytes() == 0, "{:?}", s.ranges.len());
-        // namespaces before every range widen the first one
+        // namespaces in any order
         let mut t = Spilled::new(None, 1 << 20);
         for ns in (0..1_000i64).rev() {
             t.evicted(ns as u64, ns * 10);
         }
         assert!(t.ranges.len() <= MAX_RANGES);
         assert!((0..1_000i64).all(|ns| t.may_hold(ns as u64, at(ns * 10))));
+    }
+
+    /// A join under memory pressure for a long time: it keeps evicting a row of each new
+    /// millisecond, and reads each back (clearing it) 2 000 milliseconds later. The filters
+    /// must follow the rows still out, not every row ever evicted: new keys keep skipping
+    /// RocksDB, the filters' memory stays bounded, and nothing is left once all is read back.
+    #[test]
+    fn a_long_stream_of_evictions_read_back_keeps_filters_small() {
+        let cap = 64 << 10;
+        let mut s = Spilled::new(None, cap);
+        let (n, lag) = (300_000i64, 2_000i64);
+        let key = |ns: i64| ns as u64 * 0x9e37_79b9;
+        let mut most = 0;
+        for ns in 0..n {
+            s.evicted(key(ns), ns);
+            if ns >= lag {
+                s.read_back(ns - lag);
+            }
+            most = most.max(s.bytes());
+            if ns % 10_000 == 9_999 {
+                assert!(s.ranges.len() <= MAX_RANGES);
+                assert!(
+                    s.ranges.values().all(|r| r.keys.is_some()),
+                    "a filter was given up at {ns}"
+                );
+                let new = (0..2_000u64)
+                    .filter(|i| {
+                        s.may_hold(
+                            u64::MAX - i,
+                            (Bound::Included(ns - 5_000), Bound::Included(ns)),
+                        )
+                    })
+                    .count();
+                assert!(
+                    new < 40,
+                    "{new} of 2 000 new keys would read RocksDB at {ns}"
+                );
+            }
+        }
+        assert!(most <= MAX_RANGES * cap, "{most} bytes of filters");
+        assert!((n - lag..n).all(|ns| s.may_hold(key(ns), at(ns))));
+        for ns in n - lag..n {
+            s.read_back(ns);
+        }
+        assert!(s.is_empty() && s.bytes() == 0);
+    }
+
+    /// Rows that are never read back (removed by compaction once their TTL passed) keep their
+    /// ranges counted for good. The ranges of old namespaces must then grow, not the newest
+    /// one: a probe of recent namespaces keeps finding filters that know its key is new.
+    #[test]
+    fn ranges_kept_by_rows_never_read_back_stay_behind_the_new_ones() {
+        let cap = 64 << 10;
+        let mut s = Spilled::new(None, cap);
+        let n = 300_000i64;
+        let key = |ns: i64| ns as u64 * 0x9e37_79b9;
+        for ns in 0..n {
+            s.evicted(key(ns), ns);
+            // every other row is read back a while later; the rest stay out
+            if ns >= 1_000 && ns % 2 == 0 {
+                s.read_back(ns - 1_000);
+            }
+            if ns % 10_000 == 9_999 {
+                assert!(s.ranges.len() <= MAX_RANGES);
+                let new = (0..2_000u64)
+                    .filter(|i| {
+                        s.may_hold(
+                            u64::MAX - i,
+                            (Bound::Included(ns - 5_000), Bound::Included(ns)),
+                        )
+                    })
+                    .count();
+                assert!(
+                    new < 40,
+                    "{new} of 2 000 new keys would read RocksDB at {ns}"
+                );
+            }
+        }
+        assert!((0..n).all(|ns| ns % 2 == 0 && ns < n - 1_000 || s.may_hold(key(ns), at(ns))));
     }
 }
