@@ -690,12 +690,14 @@ fn processes_serve_health_endpoints() {
 }
 
 /// Watermark alignment across processes: two TaskManagers, each running one subtask of an
-/// unthrottled source and one of a source limited to 2 000 rows per second, all in one group
-/// with a drift of 2 s. The bounds come from the TaskManagers' heartbeats (every second), so a
-/// subtask on one TaskManager is held to the watermark of one on the other. The fast source must
-/// stay within the drift of the slow one (plus two heartbeats of the slow one's progress and a
-/// batch) while the slow one goes at its own pace; unaligned, it would read a million rows per
-/// second and run thousands of seconds of event time ahead.
+/// unthrottled source and one of a source limited to 2 000 rows per second (2 s of event time
+/// per second), all in one group with a drift of 4 s. The bounds come from the TaskManagers'
+/// heartbeats (every second), so a subtask on one TaskManager is held to the watermark of one
+/// on the other, and the group can move on by 4 s of event time per heartbeat, twice the slow
+/// source's pace. The fast source must stay within the drift of the slow one (plus two
+/// heartbeats of the slow one's progress and a batch) while the slow one goes at its own pace;
+/// unaligned, it would read a million rows per second and run thousands of seconds of event
+/// time ahead.
 #[test]
 fn aligned_sources_on_two_taskmanagers_stay_within_their_drift() {
     let work = tempfile::tempdir().unwrap();
@@ -711,11 +713,11 @@ sources:
   fast:
     connector: {type: generator, fields: {ts: \"1714557600000 + seq\"}}
     event_time: ts
-    watermark: {alignment: {group: g, max_drift: 2s}}
+    watermark: {alignment: {group: g, max_drift: 4s}}
   slow:
     connector: {type: generator, rows_per_second: 2000, fields: {ts: \"1714557600000 + seq\"}}
     event_time: ts
-    watermark: {alignment: {group: g, max_drift: 2s}}
+    watermark: {alignment: {group: g, max_drift: 4s}}
 sinks:
   f: {input: fast, connector: {type: blackhole}}
   s: {input: slow, connector: {type: blackhole}}
@@ -771,7 +773,7 @@ sinks:
         "fast source led by up to {lead} ms at {fast_rate:.0} rows/s; slow one {slow_rate:.0} rows/s; fast paused {:.1} s",
         aligned as f64 / 1e9
     );
-    assert!(lead <= 7_000, "the fast source led by {lead} ms");
+    assert!(lead <= 9_000, "the fast source led by {lead} ms");
     assert!(aligned > 0, "the fast source never paused");
     // the slow source is not held back by the fast one: it reads at its own limit
     assert!(
