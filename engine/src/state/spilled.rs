@@ -33,7 +33,7 @@ pub(crate) type NsRange = (Bound<i64>, Bound<i64>);
 pub(crate) const ALL: NsRange = (Bound::Unbounded, Bound::Unbounded);
 
 /// Ranges counted, each with a filter; past this, two neighbours are merged.
-const MAX_RANGES: usize = 64;
+const MAX_RANGES: usize = 32;
 
 /// Keys a new filter is sized for. It grows by adding a filter four times the size of the last,
 /// and a lookup probes each: few and large rather than many small ones.
