@@ -201,13 +201,11 @@ impl Spilled {
         .into_iter()
         .flatten()
         .min();
-        let los: Vec<i64> = self.ranges.keys().copied().collect();
-        let pair = los
-            .windows(2)
-            .map(|w| {
-                let hi = self.ranges.get(&w[1]).map_or(w[1], |r| r.hi);
-                (hi.abs_diff(w[0]), w[0], w[1])
-            })
+        let pair = self
+            .ranges
+            .iter()
+            .zip(self.ranges.iter().skip(1))
+            .map(|((a, _), (b, second))| (second.hi.abs_diff(*a), *a, *b))
             .min();
         let merge = match (widen, pair) {
             (Some((span, _)), Some((p, a, b))) if p < span => Some((a, b)),
