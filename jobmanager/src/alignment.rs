@@ -17,7 +17,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::warn;
 
 use freshet_control::messages::SubtaskStatus;
 use freshet_control::{JobId, TaskManagerGateway};
@@ -86,15 +85,17 @@ impl Aligner {
     }
 
     /// Updates the bounds every [`UPDATE`] from a thread of its own, from the counters of
-    /// `job`'s subtasks on `taskmanagers`, until the attempt drops `running`.
+    /// `job`'s subtasks on `taskmanagers`, until the attempt drops `running`. Without that
+    /// thread the aligned sources would wait after their first batch: an error here must keep
+    /// the attempt from starting.
     pub fn start(
         mut self,
         job: JobId,
         taskmanagers: Vec<Arc<dyn TaskManagerGateway>>,
         running: &Running,
-    ) {
+    ) -> std::io::Result<()> {
         let running = Arc::downgrade(running);
-        let spawned = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("watermark-alignment".into())
             .spawn(move || {
                 while running.strong_count() > 0 {
@@ -103,10 +104,8 @@ impl Aligner {
                     self.update(&statuses);
                     std::thread::sleep(UPDATE);
                 }
-            });
-        if let Err(e) = spawned {
-            warn!(error = %e, "cannot start watermark alignment: aligned sources will not read past their first batch");
-        }
+            })
+            .map(drop)
     }
 
     /// Sends each member whose bound changed its new bound, from the subtasks' latest

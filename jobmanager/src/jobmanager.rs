@@ -203,6 +203,9 @@ pub const RETAINED_LOST_TASKMANAGERS: usize = 16;
 /// Failed attempts a job keeps in its exception history.
 pub const RETAINED_EXCEPTIONS: usize = 32;
 
+/// How long a job waits to start again when its attempt's own threads could not be started.
+const HELPER_RETRY: Duration = Duration::from_secs(1);
+
 struct JobEntry {
     id: JobId,
     plan: Arc<Plan>,
@@ -973,19 +976,37 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
         memory: None,
         slot: 0,
     };
-    let running: crate::splits::Running = Arc::default();
-    match freshet_plan::split_enumerators(plan) {
-        Ok(sources) => crate::splits::start(&entry.id.0, sources, &running, command.clone()),
-        Err(e) => warn!(error = %e, "splits found while running will not be read"),
-    }
     let mut used_tms: Vec<Arc<dyn TaskManagerGateway>> = Vec::new();
     for t in &owner {
         if !used_tms.iter().any(|u| u.id() == tms[*t].id()) {
             used_tms.push(tms[*t].clone());
         }
     }
-    if let Some(aligner) = crate::alignment::Aligner::new(plan, command.clone()) {
-        aligner.start(entry.id.clone(), used_tms.clone(), &running);
+    // the attempt's own threads: split discovery and watermark alignment. Without them new
+    // splits go unread and aligned sources stop after a batch, so the attempt waits for them;
+    // threads already started end with `running`
+    let running: crate::splits::Running = Arc::default();
+    let helpers = match freshet_plan::split_enumerators(plan) {
+        Ok(sources) => crate::splits::start(&entry.id.0, sources, &running, command.clone()),
+        Err(e) => {
+            warn!(error = %e, "splits found while running will not be read");
+            Ok(())
+        }
+    }
+    .and_then(
+        |()| match crate::alignment::Aligner::new(plan, command.clone()) {
+            Some(aligner) => aligner.start(entry.id.clone(), used_tms.clone(), &running),
+            None => Ok(()),
+        },
+    );
+    if let Err(e) = helpers {
+        let msg =
+            format!("cannot start the attempt's threads ({e}); trying again in {HELPER_RETRY:?}");
+        warn!(job = %entry.id, "{msg}");
+        rt.status.message = Some(msg);
+        rt.next_start = Instant::now() + HELPER_RETRY;
+        entry.changed.notify_all();
+        return;
     }
     inner
         .allocations

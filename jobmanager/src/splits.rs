@@ -23,19 +23,22 @@ pub type Deliver = Arc<dyn Fn(usize, u32, SubtaskCommand) -> bool + Send + Sync>
 pub type Running = Arc<Mutex<HashSet<(usize, u32)>>>;
 
 /// Starts one thread per source vertex in `sources`, for the attempt whose deployed subtasks
-/// `running` tracks.
-pub fn start(job: &str, sources: Vec<SourceSplits>, running: &Running, send: Deliver) {
+/// `running` tracks. Threads started before an error end when the attempt drops `running`.
+pub fn start(
+    job: &str,
+    sources: Vec<SourceSplits>,
+    running: &Running,
+    send: Deliver,
+) -> std::io::Result<()> {
     for s in sources {
         let running = Arc::downgrade(running);
         let send = send.clone();
         let job = job.to_string();
-        let spawned = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name(format!("splits-{}", s.vertex))
-            .spawn(move || enumerate(&job, s, running, send));
-        if let Err(e) = spawned {
-            warn!(error = %e, "cannot start looking for new splits");
-        }
+            .spawn(move || enumerate(&job, s, running, send))?;
     }
+    Ok(())
 }
 
 fn enumerate(
