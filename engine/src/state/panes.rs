@@ -595,7 +595,7 @@ impl<C: PaneColumns> PaneTable<C> {
         let mut last: Option<(&[u8], u32)> = None;
         for key in keys {
             let row = match last {
-                // (the keys of a non-keyed window are one empty slice: no byte compare)
+                // (a key given again from the same place is not compared byte by byte)
                 Some((k, row))
                     if k.len() == key.len() && (k.as_ptr() == key.as_ptr() || k == key) =>
                 {

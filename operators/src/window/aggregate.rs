@@ -860,10 +860,14 @@ fn as_range(rows: &[u32]) -> Option<std::ops::Range<usize>> {
     (last - first + 1 == rows.len()).then_some(first..last + 1)
 }
 
-/// The slot every row goes to, if there is one.
-fn one_slot(slots: &[u32]) -> Option<u32> {
+/// The slot every row goes to, if there is one. (Compared a chunk at a time without stopping
+/// early, which compiles to vector compares: a non-keyed window asks this of every batch.)
+pub(crate) fn one_slot(slots: &[u32]) -> Option<u32> {
     let s = *slots.first()?;
-    slots.iter().all(|x| *x == s).then_some(s)
+    slots
+        .chunks(64)
+        .all(|c| c.iter().fold(true, |all, x| all & (*x == s)))
+        .then_some(s)
 }
 
 /// The runs of equal slots: each slot with the range of positions it holds in a row.
@@ -992,6 +996,24 @@ mod tests {
     use arrow::array::{AsArray, Int64Array, StringArray};
     use arrow::datatypes::Int64Type;
     use std::sync::Arc;
+
+    #[test]
+    fn one_slot_is_found_only_when_every_row_has_it() {
+        assert_eq!(one_slot(&[]), None);
+        for len in [1usize, 63, 64, 65, 200] {
+            let mut slots = vec![3u32; len];
+            assert_eq!(one_slot(&slots), Some(3), "{len} rows");
+            for odd in [0, len / 2, len - 1] {
+                slots[odd] = 4;
+                assert_eq!(
+                    one_slot(&slots),
+                    (len == 1).then_some(4),
+                    "{len} rows, {odd}"
+                );
+                slots[odd] = 3;
+            }
+        }
+    }
 
     /// A distinct set of strings is charged for their text (once per distinct string), is
     /// encoded as the set alone, and is charged the same once read back.

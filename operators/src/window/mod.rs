@@ -187,6 +187,7 @@ impl WindowPlan {
             read_for: None,
             read_ahead: READ_AHEAD,
             keys: EncodedKeys::default(),
+            same_slots: Vec::new(),
         }
     }
 }
@@ -230,6 +231,8 @@ pub struct WindowOperator {
     read_for: Option<(i64, u64)>,
     /// Keys to read ahead, over all slices ([`READ_AHEAD`]; tests make it small).
     read_ahead: usize,
+    /// A non-keyed window's batch: its one slot, once per row.
+    same_slots: Vec<u32>,
 }
 
 /// Keys a window being fired reads ahead of what it fires, over all its slices: firing reads
@@ -845,17 +848,29 @@ impl WindowOperator {
         let keyless = self.plan.keys.is_empty();
         for ((slice, first_end), rows) in &groups {
             let (slice, first_end) = (*slice, *first_end);
+            // a non-keyed window's rows all have the empty key: it is located once, for the
+            // first row, and its slot given to every row. (One call for both, so that the
+            // update is compiled once, with its lookups inlined.)
+            let located = if keyless {
+                &rows[..rows.len().min(1)]
+            } else {
+                rows
+            };
+            let same = &mut self.same_slots;
             self.panes.update(
                 slice,
-                // (a non-keyed window's rows all have the empty key, one slice of it)
-                rows.iter().map(|r| {
-                    if keyless {
-                        &[][..]
-                    } else {
-                        keys.row(*r as usize)
-                    }
-                }),
-                |columns, slots| columns.add(slice, first_end, &batch, rows, slots),
+                located.iter().map(|r| keys.row(*r as usize)),
+                |columns, slots| {
+                    let slots = match slots {
+                        [one] if keyless => {
+                            same.clear();
+                            same.resize(rows.len(), *one);
+                            &same[..]
+                        }
+                        _ => slots,
+                    };
+                    columns.add(slice, first_end, &batch, rows, slots)
+                },
             )?;
             if first_end > fired_max {
                 continue;

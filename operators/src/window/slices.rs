@@ -70,6 +70,10 @@ impl SliceColumns {
             for (i, (d, c)) in self.aggs.iter().zip(self.columns.iter_mut()).enumerate() {
                 aggregate::update_column(d, c, i, batch.inputs, batch.readers, rows, slots);
             }
+            if let Some(s) = aggregate::one_slot(slots) {
+                self.set_present(s);
+                return;
+            }
             let mut last = u32::MAX;
             for &s in slots {
                 if s != last {

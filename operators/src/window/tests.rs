@@ -923,3 +923,67 @@ fn a_non_keyed_window_gives_what_its_records_on_time_add_up_to() {
         .collect();
     assert_eq!(got, expected);
 }
+
+/// A non-keyed window locates its one key once per batch and gives its slot to every row: its
+/// results are those of a keyed window whose rows all have one key, and of counting directly.
+#[test]
+fn a_non_keyed_window_counts_like_a_window_of_one_key() {
+    let kind = WindowKind::Sliced {
+        size: 2 * MIN,
+        slide: MIN,
+    };
+    let s = schema(vec![
+        Field::new("k", DataType::Utf8, true),
+        Field::new("u", DataType::Utf8, true),
+    ]);
+    let aggs = [
+        "count(*) AS n".to_string(),
+        "count(DISTINCT u) AS users".into(),
+    ];
+    let harness = |keys: &[String]| {
+        let plan = WindowPlan::compile(&s, keys, kind, 0, &aggs, None).unwrap();
+        Harness::new(plan.instantiate())
+    };
+    let (mut global, mut keyed) = (harness(&[]), harness(&["k".into()]));
+    let mut next = xorshift(11);
+    // window start -> (rows, distinct users)
+    let mut expected: BTreeMap<i64, (u64, std::collections::BTreeSet<String>)> = BTreeMap::new();
+    for _ in 0..40 {
+        let n = (next() % 300) as usize;
+        let batch: Vec<(String, i64)> = (0..n)
+            .map(|_| {
+                (
+                    format!("u{}", next() % 50),
+                    (next() % (20 * MIN as u64)) as i64,
+                )
+            })
+            .collect();
+        for (u, t) in &batch {
+            let slice = t - t % MIN;
+            for start in [slice - MIN, slice] {
+                let w = expected.entry(start).or_default();
+                w.0 += 1;
+                w.1.insert(u.clone());
+            }
+        }
+        let batch: Vec<(&str, &str, i64)> =
+            batch.iter().map(|(u, t)| ("a", u.as_str(), *t)).collect();
+        global.push(0, rows(&s, &batch));
+        keyed.push(0, rows(&s, &batch));
+    }
+    let results = |h: &mut Harness<WindowOperator>| {
+        h.watermark(i64::MAX);
+        let mut last = BTreeMap::new();
+        for line in h.take(0) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let n = v["n"].as_u64().unwrap();
+            let users = v["users"].as_u64().unwrap() as usize;
+            last.insert(v["window_start"].as_str().unwrap().to_string(), (n, users));
+        }
+        last.into_values().collect::<Vec<_>>()
+    };
+    let got = results(&mut global);
+    assert_eq!(got, results(&mut keyed));
+    let expected: Vec<(u64, usize)> = expected.values().map(|(n, u)| (*n, u.len())).collect();
+    assert_eq!(got, expected);
+}
