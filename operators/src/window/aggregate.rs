@@ -861,7 +861,8 @@ fn as_range(rows: &[u32]) -> Option<std::ops::Range<usize>> {
 }
 
 /// The slot every row goes to, if there is one. (Compared a chunk at a time without stopping
-/// early, which compiles to vector compares: a non-keyed window asks this of every batch.)
+/// early inside a chunk, a loop the compiler can vectorize: a non-keyed window asks this of
+/// every batch.)
 pub(crate) fn one_slot(slots: &[u32]) -> Option<u32> {
     let s = *slots.first()?;
     slots
