@@ -746,12 +746,7 @@ pub fn update_column(
             if matches!(d.kind, AggKind::Min | AggKind::Max) =>
         {
             if let Some((s, range)) = whole {
-                let values = v[range].iter().copied();
-                let best = match d.kind {
-                    AggKind::Min => values.min(),
-                    _ => values.max(),
-                };
-                if let Some(b) = best {
+                if let Some(b) = int_extreme(d.kind, &v[range]) {
                     keep_extreme(&mut accs[s], Scalar::Int(b));
                 }
                 return;
@@ -851,6 +846,35 @@ fn extreme<T>(
     match kind {
         AggKind::Min => values.min_by(cmp),
         _ => values.max_by(cmp),
+    }
+}
+
+/// The smallest (`Min`) or largest (`Max`) of `values`: eight running extremes side by side,
+/// each compared with every eighth value, so that a compare does not wait for the one before
+/// (a single running extreme compiled to 64-bit compares emulated in baseline x86-64's vector
+/// set, about 4.5 times slower).
+fn int_extreme(kind: AggKind, values: &[i64]) -> Option<i64> {
+    fn lanes(values: &[i64], better: impl Fn(i64, i64) -> bool) -> Option<i64> {
+        let first = *values.first()?;
+        let mut lanes = [first; 8];
+        let mut chunks = values.chunks_exact(8);
+        for chunk in &mut chunks {
+            for (lane, v) in lanes.iter_mut().zip(chunk) {
+                if better(*v, *lane) {
+                    *lane = *v;
+                }
+            }
+        }
+        let tail = chunks.remainder().iter();
+        lanes
+            .iter()
+            .chain(tail)
+            .copied()
+            .reduce(|a, b| if better(b, a) { b } else { a })
+    }
+    match kind {
+        AggKind::Min => lanes(values, |v, best| v < best),
+        _ => lanes(values, |v, best| v > best),
     }
 }
 
@@ -997,6 +1021,40 @@ mod tests {
     use arrow::array::{AsArray, Int64Array, StringArray};
     use arrow::datatypes::Int64Type;
     use std::sync::Arc;
+
+    #[test]
+    fn int_extremes_are_those_of_every_value() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for len in [0usize, 1, 7, 8, 9, 16, 63, 1001] {
+            let values: Vec<i64> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as i64
+                })
+                .collect();
+            for kind in [AggKind::Min, AggKind::Max] {
+                let expected = match kind {
+                    AggKind::Min => values.iter().min(),
+                    _ => values.iter().max(),
+                };
+                assert_eq!(
+                    int_extreme(kind, &values),
+                    expected.copied(),
+                    "{len} {kind:?}"
+                );
+            }
+            // the extreme in the tail, and in the first lane
+            if len > 9 {
+                let mut v = values.clone();
+                v[len - 1] = i64::MAX;
+                v[0] = i64::MIN;
+                assert_eq!(int_extreme(AggKind::Max, &v), Some(i64::MAX));
+                assert_eq!(int_extreme(AggKind::Min, &v), Some(i64::MIN));
+            }
+        }
+    }
 
     #[test]
     fn one_slot_is_found_only_when_every_row_has_it() {
