@@ -919,6 +919,25 @@ fn without_a_prebuilt_rocksdb_the_build_falls_back_to_source() {
 /// a second, 100 s of event time ahead. Then it reads the rest: no row is lost.
 #[test]
 fn aligned_sources_stay_within_their_drift() {
+    run_aligned_sources(None);
+}
+
+/// The same job when the thread that aligns the sources cannot be started the first time: the
+/// attempt is not deployed (its aligned sources would stop after a batch), the job says why and
+/// starts once the thread can be started, aligned as before, without a restart.
+#[test]
+fn a_job_whose_alignment_thread_cannot_start_waits_for_it() {
+    let stderr = run_aligned_sources(Some("spawn-watermark-alignment@1"));
+    assert!(
+        stderr.contains("cannot start the attempt's threads"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("restart"), "{stderr}");
+}
+
+/// Runs the aligned job of [`aligned_sources_stay_within_their_drift`] with `failpoints` armed,
+/// checks its alignment and its rows, and returns its log.
+fn run_aligned_sources(failpoints: Option<&str>) -> String {
     let dir = tempfile::tempdir().unwrap();
     let job = dir.path().join("job.yaml");
     let base = 1_714_557_600_000i64;
@@ -939,6 +958,7 @@ fn aligned_sources_stay_within_their_drift() {
             "--http",
             &http,
         ])
+        .envs(failpoints.map(|f| ("FRESHET_FAILPOINTS", f)))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -995,4 +1015,5 @@ fn aligned_sources_stay_within_their_drift() {
     assert!(paused, "no source reported time paused");
     assert!(stderr.contains("f.rows = 100000"), "{stderr}");
     assert!(stderr.contains("s.rows = 6000"), "{stderr}");
+    stderr.into_owned()
 }

@@ -2,9 +2,11 @@
 //! crash at a precise moment (after a checkpoint completed and before a sink's commit reached
 //! its destination, say), which random kills hit only by luck.
 //!
-//! `FRESHET_FAILPOINTS=name@n[,name@n...]` makes the `n`-th [`hit`] of `name` in this process
-//! abort it on the spot (no unwinding, no cleanup: like SIGKILL). Without the variable a hit
-//! costs one relaxed atomic load.
+//! `FRESHET_FAILPOINTS=name@n[,name@n...]` makes the `n`-th pass of `name` in this process
+//! fail: at a [`hit`] the process aborts on the spot (no unwinding, no cleanup: like SIGKILL);
+//! at a [`fails`] the caller takes the error path it would take for a real failure of what it
+//! is about to do (a thread that cannot be started, say), which nothing else can provoke on
+//! demand. Without the variable a pass costs one relaxed atomic load.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -33,21 +35,37 @@ fn armed() -> &'static Option<Points> {
     })
 }
 
-/// Passes failpoint `name`: aborts the process if this is the hit it is armed for.
-pub fn hit(name: &str) {
+/// Counts a pass of failpoint `name`: whether it is the pass the failpoint is armed for.
+fn pass(name: &str) -> bool {
     if !ANY.load(Ordering::Relaxed) {
-        return;
+        return false;
     }
     let Some(points) = armed() else {
         ANY.store(false, Ordering::Relaxed);
-        return;
+        return false;
     };
     let mut points = points.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((at, seen)) = points.get_mut(name) {
-        *seen += 1;
-        if *seen == *at {
-            eprintln!("failpoint {name}@{at}: aborting the process");
-            std::process::abort();
-        }
+    let Some((at, seen)) = points.get_mut(name) else {
+        return false;
+    };
+    *seen += 1;
+    *seen == *at
+}
+
+/// Passes failpoint `name`: aborts the process if this is the pass it is armed for.
+pub fn hit(name: &str) {
+    if pass(name) {
+        eprintln!("failpoint {name}: aborting the process");
+        std::process::abort();
     }
+}
+
+/// Passes failpoint `name`: whether the caller must fail here, as it would if what it is about
+/// to do failed (this is the pass the failpoint is armed for).
+pub fn fails(name: &str) -> bool {
+    let fail = pass(name);
+    if fail {
+        eprintln!("failpoint {name}: failing here");
+    }
+    fail
 }

@@ -95,6 +95,9 @@ impl Aligner {
         running: &Running,
     ) -> std::io::Result<()> {
         let running = Arc::downgrade(running);
+        if freshet_engine::failpoint::fails("spawn-watermark-alignment") {
+            return Err(std::io::Error::other("failpoint spawn-watermark-alignment"));
+        }
         std::thread::Builder::new()
             .name("watermark-alignment".into())
             .spawn(move || {

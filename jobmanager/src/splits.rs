@@ -34,6 +34,9 @@ pub fn start(
         let running = Arc::downgrade(running);
         let send = send.clone();
         let job = job.to_string();
+        if freshet_engine::failpoint::fails("spawn-split-discovery") {
+            return Err(std::io::Error::other("failpoint spawn-split-discovery"));
+        }
         std::thread::Builder::new()
             .name(format!("splits-{}", s.vertex))
             .spawn(move || enumerate(&job, s, running, send))?;
