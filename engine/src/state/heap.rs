@@ -8,8 +8,9 @@
 //! of its budget. So a process that runs keyed state checks glibc's free bytes,
 //! every second at first, and when they pass a threshold asks glibc to return every free page
 //! (`malloc_trim`, a few milliseconds for 100 MB free). Checks slow down while what they
-//! release comes right back (see [`next_wait`]). Elsewhere (other C libraries, other systems)
-//! this does nothing.
+//! release comes right back (see [`next_wait`]). Blocks of a megabyte or more are given
+//! mappings of their own whatever was freed before ([`fixed_mmap_threshold`]), so they never
+//! linger in an arena. Elsewhere (other C libraries, other systems) this does nothing.
 use std::sync::Once;
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ pub(crate) fn keep_trimmed() {
         if !cfg!(all(target_os = "linux", target_env = "gnu")) {
             return;
         }
+        fixed_mmap_threshold();
         let spawned = std::thread::Builder::new()
             .name("freshet-heap-trim".into())
             .spawn(|| {
@@ -102,6 +104,25 @@ pub fn free() -> usize {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     0
 }
+
+/// Blocks of [`MMAP_THRESHOLD`] or more get a mapping of their own, returned to the system as
+/// soon as they are freed. glibc's own threshold starts at 128 KB and rises to the size of each
+/// such block freed (up to 32 MB), after which blocks that size come from the arenas and stay
+/// resident once freed: RocksDB's memtable blocks (2 MB, a new memtable at every checkpoint) and
+/// the write batches of a checkpoint did that, and with checkpoints every 250 ms the large-state
+/// qw held twice its budget (see BENCHMARKS.md). Fixing the threshold also stops it rising.
+fn fixed_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: `mallopt` only sets one of the allocator's parameters, under its lock.
+        if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD as libc::c_int) } != 1 {
+            tracing::warn!("could not fix the allocator's threshold for blocks of their own");
+        }
+    }
+}
+
+/// See [`fixed_mmap_threshold`].
+const MMAP_THRESHOLD: usize = 1 << 20;
 
 /// Returns every free page of the allocator's arenas to the system; whether any was returned.
 pub fn trim() -> bool {

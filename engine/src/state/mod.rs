@@ -218,9 +218,11 @@ fn charge_of(key: &[u8], payload: usize) -> u32 {
     (heap_key + 2 * payload).min(u32::MAX as usize) as u32
 }
 
-/// Bytes of rows a flush writes at a time: a batch that grows to tens of megabytes costs more
-/// in fresh pages than in RocksDB.
-const FLUSH_BATCH_BYTES: usize = 1 << 20;
+/// Bytes of rows a flush or a spill writes at a time: a batch that grows to tens of megabytes
+/// costs more in fresh pages than in RocksDB. A batch's buffer doubles as it grows, to twice
+/// this at most, which stays below the size at which blocks get a mapping of their own (see
+/// `heap`): a megabyte and more would be mapped and faulted in afresh for every batch.
+const FLUSH_BATCH_BYTES: usize = 256 << 10;
 
 /// What a flush writes: one table's dirty rows, a batch at a time.
 struct RowWriter {

@@ -41,10 +41,10 @@ use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use super::StateKey;
 use super::backend::{self, KeyedBackend};
 use super::key_slots::word;
 use super::pane_blocks;
+use super::{FLUSH_BATCH_BYTES, StateKey};
 use crate::keys::{hash_key, key_group};
 use crate::{EngineError, KeyGroup, Result};
 
@@ -59,9 +59,6 @@ type Written<V> = SmallVec<[(u32, V); 1]>;
 
 /// The generations one namespace has rows in, ascending.
 type Generations = SmallVec<[u32; 4]>;
-
-/// Bytes of rows written to RocksDB in one batch.
-const WRITE_BATCH_BYTES: usize = 1 << 20;
 
 /// The values of one pane, as columns indexed by row number (a key's row is fixed while the
 /// pane is in memory). The owner updates them through [`PaneTable::update`]; the table asks
@@ -191,6 +188,11 @@ pub struct PaneTable<C: PaneColumns> {
     rows: Vec<u32>,
     /// Calls that may have changed values (see [`PaneTable::changes`]).
     changes: u64,
+    /// The emptied room of the largest pane dropped last, charged as it was, for the next new
+    /// namespace: a window's next slice holds about as many keys, and taking the room again
+    /// from the allocator each window either faults in fresh pages (blocks of a megabyte or
+    /// more are mapped on their own) or leaves it free in the middle of an arena.
+    spare: Option<Pane<C>>,
 }
 
 #[derive(Debug)]
@@ -315,6 +317,27 @@ impl<C: PaneColumns> Pane<C> {
             columns,
             sorted: None,
         }
+    }
+
+    /// The pane emptied for another namespace, its room kept, with room for `rows` rows.
+    fn reuse(mut self, rows: usize, max_parallelism: u32) -> Self {
+        self.index.clear();
+        if self.index.capacity() < rows {
+            self.index = HashTable::with_capacity(rows);
+        }
+        self.groups.clear();
+        self.groups.reserve(rows);
+        self.ends.clear();
+        self.ends.reserve(rows);
+        self.keys.clear();
+        self.keys.reserve(rows * 8);
+        self.dirty.clear();
+        self.dirty.reserve(rows.div_ceil(64));
+        self.columns.clear();
+        self.columns.reserve(rows);
+        self.sorted = None;
+        self.max_parallelism = max_parallelism;
+        self
     }
 
     fn len(&self) -> usize {
@@ -510,6 +533,7 @@ impl<C: PaneColumns> PaneTable<C> {
             backing: None,
             rows: Vec::new(),
             changes: 0,
+            spare: None,
         }
     }
 
@@ -535,6 +559,7 @@ impl<C: PaneColumns> PaneTable<C> {
             generation = backend.next_generation(table)?;
         }
         self.max_parallelism = backend.max_parallelism();
+        self.spare = None;
         for pane in self.panes.values_mut() {
             pane.regroup(self.max_parallelism);
             pane.sorted = None;
@@ -575,17 +600,22 @@ impl<C: PaneColumns> PaneTable<C> {
             // unless that size alone would pass the memory share
             let mut like = self.panes.values().map(Pane::len).max().unwrap_or(0);
             let estimate = self.panes.values().map(Pane::bytes).max().unwrap_or(0);
+            // the spare's room is charged already, and becomes this pane's
+            let spare = self.spare.as_ref().map_or(0, Pane::bytes);
             if let Some(b) = &self.backing
                 && b.backend
                     .memory()
-                    .must_evict(self.bytes.saturating_add(estimate))
+                    .must_evict(self.bytes.saturating_add(estimate).saturating_sub(spare))
             {
                 like = 0;
             }
-            let pane = Pane::new(self.empty.clone(), like, self.max_parallelism);
+            let pane = match self.spare.take() {
+                Some(p) => p.reuse(like, self.max_parallelism),
+                None => Pane::new(self.empty.clone(), like, self.max_parallelism),
+            };
             let size = pane.bytes();
             self.panes.insert(ns, pane);
-            self.charge(0, size);
+            self.charge(spare, size);
         }
         let pane = self.panes.get_mut(&ns).expect("inserted above");
         let before = pane.bytes();
@@ -684,7 +714,7 @@ impl<C: PaneColumns> PaneTable<C> {
                 let row = row.row;
                 if block.must_close_before(&order) {
                     put(&mut batch, &mut block);
-                    if batch.size_in_bytes() >= WRITE_BATCH_BYTES {
+                    if batch.size_in_bytes() >= FLUSH_BATCH_BYTES {
                         b.backend.write(std::mem::take(&mut batch))?;
                     }
                 }
@@ -698,6 +728,7 @@ impl<C: PaneColumns> PaneTable<C> {
             EngineError::State(format!("{}: spill generations exhausted", self.name))
         })?;
         self.panes.clear();
+        self.spare = None;
         let bytes = std::mem::take(&mut self.bytes);
         b.backend.memory().charge(bytes, 0);
         Ok(())
@@ -709,7 +740,7 @@ impl<C: PaneColumns> PaneTable<C> {
         let Some(b) = self.backing.as_mut() else {
             return Ok(());
         };
-        // in batches of about a megabyte
+        // in batches of `FLUSH_BATCH_BYTES`
         let mut batch = rocksdb::WriteBatch::default();
         let mut rows = 0usize;
         let mut buf = Vec::new();
@@ -731,7 +762,7 @@ impl<C: PaneColumns> PaneTable<C> {
                     &buf,
                 );
                 rows += 1;
-                if batch.size_in_bytes() >= WRITE_BATCH_BYTES {
+                if batch.size_in_bytes() >= FLUSH_BATCH_BYTES {
                     b.backend.write(std::mem::take(&mut batch))?;
                 }
             }
@@ -897,8 +928,17 @@ impl<C: PaneColumns> PaneTable<C> {
         };
         let gone = std::mem::replace(&mut self.panes, keep);
         let freed: usize = gone.values().map(Pane::bytes).sum();
-        if freed > 0 {
-            self.charge(freed, 0);
+        // the largest one's room stays, for the next namespace
+        let kept = match self.spare {
+            Some(_) => 0,
+            None => {
+                let largest = gone.into_values().max_by_key(Pane::bytes);
+                self.spare = largest.map(|p| p.reuse(0, self.max_parallelism));
+                self.spare.as_ref().map_or(0, Pane::bytes)
+            }
+        };
+        if freed != kept {
+            self.charge(freed, kept);
         }
         if let Some(b) = self.backing.as_mut()
             && b.on_disk
@@ -973,7 +1013,7 @@ impl<C: PaneColumns> PaneTable<C> {
                 &buf,
             );
             add_generation(b.on_disk.entry(ns).or_default(), generation);
-            if batch.size_in_bytes() >= WRITE_BATCH_BYTES {
+            if batch.size_in_bytes() >= FLUSH_BATCH_BYTES {
                 b.backend.write(std::mem::take(&mut batch))?;
             }
         }
@@ -1284,7 +1324,7 @@ mod tests {
 
     /// What the table charged to the job's memory, against the bytes its panes hold now.
     fn assert_charged(t: &PaneTable<Sums>, backend: &KeyedBackend) {
-        let held: usize = t.panes.values().map(Pane::bytes).sum();
+        let held: usize = t.panes.values().chain(&t.spare).map(Pane::bytes).sum();
         assert_eq!(t.bytes(), held);
         assert_eq!(backend.memory().decoded(), held);
     }
@@ -1316,9 +1356,58 @@ mod tests {
         .unwrap();
         assert_charged(&t, &backend);
         t.read_merged(0, None, 100, &mut got).unwrap();
+        let full = t.bytes();
         t.drop_through(0).unwrap();
         assert_charged(&t, &backend);
-        assert_eq!(backend.memory().decoded(), 0);
+        assert!(t.panes.is_empty());
+        assert!(
+            t.bytes() < full,
+            "only the emptied room is kept, not the sorted rows: {} of {full}",
+            t.bytes()
+        );
+    }
+
+    /// A dropped pane's room serves the next namespace: it is charged while kept, charged once
+    /// when taken, and holds nothing of the namespace it served before.
+    #[test]
+    fn a_dropped_panes_room_serves_the_next_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = open(dir.path(), "db", KeyGroupRange::for_subtask(128, 1, 0));
+        let mut t: PaneTable<Sums> = PaneTable::new("w", Sums::default());
+        t.attach(&backend).unwrap();
+        for i in 0..5000 {
+            t.update(0, [key(i).as_slice()], |c, rows| {
+                c.0[rows[0] as usize] += i + 1
+            })
+            .unwrap();
+        }
+        t.drop_through(0).unwrap();
+        let kept = t.bytes();
+        assert!(kept > 5000 * 8, "the room of 5 000 rows is kept: {kept}");
+        assert_charged(&t, &backend);
+        // fewer keys than the room holds, some of them the old namespace's
+        let mut model = Model::new();
+        for i in 4900..5100u64 {
+            t.update(10, [key(i).as_slice()], |c, rows| {
+                c.0[rows[0] as usize] += 1
+            })
+            .unwrap();
+            model.insert((10, key(i)), 1);
+        }
+        assert_charged(&t, &backend);
+        assert_eq!(t.bytes(), kept, "the room was taken, not allocated again");
+        assert!(t.spare.is_none());
+        assert_eq!(read_all(&mut t, 64), model);
+        // spilled, nothing stays in memory: not the room either
+        t.drop_through(10).unwrap();
+        t.update(20, [key(1).as_slice()], |c, rows| {
+            c.0[rows[0] as usize] += 1
+        })
+        .unwrap();
+        t.spill().unwrap();
+        assert_eq!(t.bytes(), 0);
+        assert!(t.spare.is_none());
+        assert_charged(&t, &backend);
     }
 
     #[test]
@@ -1371,7 +1460,7 @@ mod tests {
         assert_eq!(read_all(&mut r, 64), model);
     }
 
-    /// A flush of more rows than one write batch holds (about 1 MB) writes every row, all in
+    /// A flush of more rows than one write batch holds (`FLUSH_BATCH_BYTES`) writes every row, all in
     /// the generation the spill closed (a restore would go on with the next one).
     #[test]
     fn a_flush_larger_than_a_write_batch_writes_every_row() {
