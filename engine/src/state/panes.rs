@@ -1329,16 +1329,24 @@ mod tests {
         assert_eq!(backend.memory().decoded(), held);
     }
 
-    #[test]
-    fn a_read_charges_its_sorted_rows_and_an_update_frees_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let backend = open(dir.path(), "db", KeyGroupRange::for_subtask(128, 1, 0));
+    /// An attached table whose namespace 0 holds 5 000 keys, key `i` with the value `i + 1`.
+    fn five_thousand_keys(dir: &Path) -> (Arc<KeyedBackend>, PaneTable<Sums>) {
+        let backend = open(dir, "db", KeyGroupRange::for_subtask(128, 1, 0));
         let mut t: PaneTable<Sums> = PaneTable::new("w", Sums::default());
         t.attach(&backend).unwrap();
         for i in 0..5000 {
-            t.update(0, [key(i).as_slice()], |c, rows| c.0[rows[0] as usize] += i)
-                .unwrap();
+            t.update(0, [key(i).as_slice()], |c, rows| {
+                c.0[rows[0] as usize] += i + 1
+            })
+            .unwrap();
         }
+        (backend, t)
+    }
+
+    #[test]
+    fn a_read_charges_its_sorted_rows_and_an_update_frees_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, mut t) = five_thousand_keys(dir.path());
         assert_charged(&t, &backend);
         let before = t.bytes();
         // reading sorts the pane's rows once, and keeps them until a key is added
@@ -1372,15 +1380,7 @@ mod tests {
     #[test]
     fn a_dropped_panes_room_serves_the_next_namespace() {
         let dir = tempfile::tempdir().unwrap();
-        let backend = open(dir.path(), "db", KeyGroupRange::for_subtask(128, 1, 0));
-        let mut t: PaneTable<Sums> = PaneTable::new("w", Sums::default());
-        t.attach(&backend).unwrap();
-        for i in 0..5000 {
-            t.update(0, [key(i).as_slice()], |c, rows| {
-                c.0[rows[0] as usize] += i + 1
-            })
-            .unwrap();
-        }
+        let (backend, mut t) = five_thousand_keys(dir.path());
         t.drop_through(0).unwrap();
         let kept = t.bytes();
         assert!(kept > 5000 * 8, "the room of 5 000 rows is kept: {kept}");
