@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, http_get};
+use common::{free_port, try_http_get};
 
 fn freshet() -> Command {
     Command::new(env!("CARGO_BIN_EXE_freshet"))
@@ -972,20 +972,21 @@ fn run_aligned_sources(failpoints: Option<&str>) -> String {
             .as_i64()
     };
     let (mut samples, mut lead, mut paused) = (0, i64::MIN, false);
+    // polled until the process exits: a request it is exiting under may fail, and is skipped
     while child.try_wait().unwrap().is_none() {
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let Ok(stream) = std::net::TcpStream::connect(&http) else {
+        let Ok((_, jobs)) = try_http_get(&http, "/jobs") else {
             continue;
         };
-        drop(stream);
-        let (_, jobs) = http_get(&http, "/jobs");
         let Some(id) = serde_json::from_str::<serde_json::Value>(&jobs)
             .ok()
             .and_then(|j| j[0]["id"].as_str().map(String::from))
         else {
             continue;
         };
-        let (code, body) = http_get(&http, &format!("/jobs/{id}"));
+        let Ok((code, body)) = try_http_get(&http, &format!("/jobs/{id}")) else {
+            continue;
+        };
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
             continue;
         };

@@ -454,23 +454,32 @@ pub fn tls_args(dir: &Path) -> Vec<String> {
 
 /// `GET path` on `addr`: the status code and body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    try_http_get(addr, path).unwrap()
+}
+
+/// `GET path` on `addr`: the status code and body, or why there is none (a server that is
+/// exiting resets the connection).
+pub fn try_http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut s = std::net::TcpStream::connect(addr)?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    )?;
     let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
+    Ok((
         code,
         text.split("\r\n\r\n")
             .nth(1)
             .unwrap_or_default()
             .to_string(),
-    )
+    ))
 }
 
 /// Copies directory `from` into `to`, recursively.
