@@ -35,27 +35,26 @@ fn armed() -> &'static Option<Points> {
     })
 }
 
-/// Counts a pass of failpoint `name`: whether it is the pass the failpoint is armed for.
-fn pass(name: &str) -> bool {
+/// Counts a pass of failpoint `name`: `Some(n)` if it is the `n`-th, the pass the failpoint is
+/// armed for.
+fn pass(name: &str) -> Option<u64> {
     if !ANY.load(Ordering::Relaxed) {
-        return false;
+        return None;
     }
     let Some(points) = armed() else {
         ANY.store(false, Ordering::Relaxed);
-        return false;
+        return None;
     };
     let mut points = points.lock().unwrap_or_else(|p| p.into_inner());
-    let Some((at, seen)) = points.get_mut(name) else {
-        return false;
-    };
+    let (at, seen) = points.get_mut(name)?;
     *seen += 1;
-    *seen == *at
+    (*seen == *at).then_some(*at)
 }
 
 /// Passes failpoint `name`: aborts the process if this is the pass it is armed for.
 pub fn hit(name: &str) {
-    if pass(name) {
-        eprintln!("failpoint {name}: aborting the process");
+    if let Some(at) = pass(name) {
+        eprintln!("failpoint {name}@{at}: aborting the process");
         std::process::abort();
     }
 }
@@ -63,9 +62,9 @@ pub fn hit(name: &str) {
 /// Passes failpoint `name`: whether the caller must fail here, as it would if what it is about
 /// to do failed (this is the pass the failpoint is armed for).
 pub fn fails(name: &str) -> bool {
-    let fail = pass(name);
-    if fail {
-        eprintln!("failpoint {name}: failing here");
+    let at = pass(name);
+    if let Some(at) = at {
+        eprintln!("failpoint {name}@{at}: failing here");
     }
-    fail
+    at.is_some()
 }
