@@ -19,7 +19,8 @@
 //! [`super::backend`]). Values are never read back to be updated: when the panes outgrow their
 //! share of the job's memory, the table *spills*: it writes every pane in key order as blocks
 //! of up to 512 values (`[..][namespace][1][first key's order]`, see [`super::pane_blocks`]),
-//! deletes the single values checkpoints wrote of that generation, empties memory, and later
+//! deletes the single values checkpoints wrote of that generation, empties memory (keeping the
+//! largest pane's room, still charged, for the next generation to fill), and later
 //! updates start new *partial* values under the next generation. A key's value in a pane is the
 //! merge of its partials: its values of older generations, and its value in memory (or, if
 //! memory has none, its row of the current generation). So a write never needs a read, and
@@ -188,8 +189,9 @@ pub struct PaneTable<C: PaneColumns> {
     rows: Vec<u32>,
     /// Calls that may have changed values (see [`PaneTable::changes`]).
     changes: u64,
-    /// The emptied room of the largest pane dropped last, charged as it was, for the next new
-    /// namespace: a window's next slice holds about as many keys, and taking the room again
+    /// The emptied room of the largest pane dropped or spilled last, charged as it was, for the
+    /// next new namespace: a window's next slice (or a slice's next generation) holds about as
+    /// many keys, and taking the room again
     /// from the allocator each window either faults in fresh pages (blocks of a megabyte or
     /// more are mapped on their own) or leaves it free in the middle of an arena.
     spare: Option<Pane<C>>,
@@ -481,6 +483,21 @@ impl<C: PaneColumns> Pane<C> {
         }
     }
 
+    /// Bytes the pane would add to take `n` more rows: its index, and its row vectors and
+    /// columns, double when full.
+    fn growth(&self, n: usize) -> usize {
+        let rows = self.len().saturating_add(n);
+        let index = self.index.allocation_size();
+        let mut more = 0;
+        if rows > self.index.capacity() {
+            more += index;
+        }
+        if rows > self.ends.capacity() {
+            more += self.bytes() - index;
+        }
+        more
+    }
+
     /// Bytes held on the heap.
     fn bytes(&self) -> usize {
         self.index.allocation_size()
@@ -596,28 +613,13 @@ impl<C: PaneColumns> PaneTable<C> {
     ) -> Result<()> {
         self.changes += 1;
         if !self.panes.contains_key(&ns) {
-            // a new slice holds about as many keys as the one before: sized once, not grown,
-            // unless that size alone would pass the memory share
-            let mut like = self.panes.values().map(Pane::len).max().unwrap_or(0);
-            let estimate = self.panes.values().map(Pane::bytes).max().unwrap_or(0);
-            // the spare's room is charged already, and becomes this pane's
-            let spare = self.spare.as_ref().map_or(0, Pane::bytes);
-            if let Some(b) = &self.backing
-                && b.backend
-                    .memory()
-                    .must_evict(self.bytes.saturating_add(estimate).saturating_sub(spare))
-            {
-                like = 0;
-            }
-            let pane = match self.spare.take() {
-                Some(p) => p.reuse(like, self.max_parallelism),
-                None => Pane::new(self.empty.clone(), like, self.max_parallelism),
-            };
-            let size = pane.bytes();
-            self.panes.insert(ns, pane);
-            self.charge(spare, size);
+            self.open(ns);
         }
-        let pane = self.panes.get_mut(&ns).expect("inserted above");
+        let keys = keys.into_iter();
+        if self.backing.is_some() {
+            self.make_room(ns, keys.size_hint().0)?;
+        }
+        let pane = self.panes.get_mut(&ns).expect("opened above");
         let before = pane.bytes();
         let mut rows = std::mem::take(&mut self.rows);
         rows.clear();
@@ -653,6 +655,51 @@ impl<C: PaneColumns> PaneTable<C> {
         Ok(())
     }
 
+    /// Spills first if namespace `ns`'s pane would have to grow past the memory share to take
+    /// `n` more keys: so a pane never takes room it would give up at once, and the next
+    /// generation starts in the room this one filled.
+    #[inline(never)]
+    fn make_room(&mut self, ns: i64, n: usize) -> Result<()> {
+        let (Some(b), Some(pane)) = (&self.backing, self.panes.get(&ns)) else {
+            return Ok(());
+        };
+        let growth = pane.growth(n);
+        if growth > 0
+            && b.backend
+                .memory()
+                .must_evict(self.bytes.saturating_add(growth))
+        {
+            self.spill()?;
+            self.open(ns);
+        }
+        Ok(())
+    }
+
+    /// Opens namespace `ns` in memory, in the spare room if there is one.
+    #[cold]
+    fn open(&mut self, ns: i64) {
+        // a new slice holds about as many keys as the one before: sized once, not grown,
+        // unless that size alone would pass the memory share
+        let mut like = self.panes.values().map(Pane::len).max().unwrap_or(0);
+        let estimate = self.panes.values().map(Pane::bytes).max().unwrap_or(0);
+        // the spare's room is charged already, and becomes this pane's
+        let spare = self.spare.as_ref().map_or(0, Pane::bytes);
+        if let Some(b) = &self.backing
+            && b.backend
+                .memory()
+                .must_evict(self.bytes.saturating_add(estimate).saturating_sub(spare))
+        {
+            like = 0;
+        }
+        let pane = match self.spare.take() {
+            Some(p) => p.reuse(like, self.max_parallelism),
+            None => Pane::new(self.empty.clone(), like, self.max_parallelism),
+        };
+        let size = pane.bytes();
+        self.panes.insert(ns, pane);
+        self.charge(spare, size);
+    }
+
     fn charge(&mut self, old: usize, new: usize) {
         self.bytes = (self.bytes + new).saturating_sub(old);
         if let Some(b) = &self.backing {
@@ -672,8 +719,8 @@ impl<C: PaneColumns> PaneTable<C> {
         self.spill()
     }
 
-    /// Writes every pane and empties memory; later updates start partials of the next
-    /// generation. A pane is written as blocks of values in key order (what checkpoints
+    /// Writes every pane and empties memory, keeping the largest pane's room; later updates
+    /// start partials of the next generation. A pane is written as blocks of values in key order (what checkpoints
     /// wrote of it one value per row is deleted first), so writing it and reading it back cost
     /// a row per block rather than per key.
     fn spill(&mut self) -> Result<()> {
@@ -727,10 +774,19 @@ impl<C: PaneColumns> PaneTable<C> {
         b.generation = b.generation.checked_add(1).ok_or_else(|| {
             EngineError::State(format!("{}: spill generations exhausted", self.name))
         })?;
-        self.panes.clear();
-        self.spare = None;
-        let bytes = std::mem::take(&mut self.bytes);
-        b.backend.memory().charge(bytes, 0);
+        let memory = b.backend.memory();
+        memory.charge(std::mem::take(&mut self.bytes), 0);
+        // the largest pane's room stays, emptied, for the next generation (which fills about
+        // as much before it spills again), unless holding it alone would have to evict
+        let largest = std::mem::take(&mut self.panes)
+            .into_values()
+            .chain(self.spare.take())
+            .max_by_key(Pane::bytes);
+        self.spare = largest
+            .filter(|p| !memory.must_evict(p.bytes()))
+            .map(|p| p.reuse(0, self.max_parallelism));
+        self.bytes = self.spare.as_ref().map_or(0, Pane::bytes);
+        memory.charge(0, self.bytes);
         Ok(())
     }
 
@@ -1398,16 +1454,67 @@ mod tests {
         assert_eq!(t.bytes(), kept, "the room was taken, not allocated again");
         assert!(t.spare.is_none());
         assert_eq!(read_all(&mut t, 64), model);
-        // spilled, nothing stays in memory: not the room either
+        // spilled, memory keeps the room, empty, for the next generation
         t.drop_through(10).unwrap();
         t.update(20, [key(1).as_slice()], |c, rows| {
             c.0[rows[0] as usize] += 1
         })
         .unwrap();
         t.spill().unwrap();
-        assert_eq!(t.bytes(), 0);
-        assert!(t.spare.is_none());
+        assert!(t.panes.is_empty());
+        assert_eq!(t.spare.as_ref().map(Pane::len), Some(0));
+        assert_eq!(t.bytes(), kept);
         assert_charged(&t, &backend);
+    }
+
+    /// A pane that would grow past the memory share spills before it grows, and the next
+    /// generation fills the room the last one filled without taking more.
+    #[test]
+    fn a_full_pane_spills_before_growing_and_keeps_its_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StateConfig {
+            memory_bytes: 8 << 20,
+            ..config(dir.path())
+        };
+        let backend = Arc::new(
+            KeyedBackend::open(
+                &dir.path().join("db"),
+                &config,
+                KeyGroupRange::for_subtask(128, 1, 0),
+                128,
+            )
+            .unwrap(),
+        );
+        let budget = backend.memory().decoded_budget();
+        let mut t: PaneTable<Sums> = PaneTable::new("w", Sums::default());
+        t.attach(&backend).unwrap();
+        let generation = |t: &PaneTable<Sums>| t.backing.as_ref().unwrap().generation;
+        let mut model = Model::new();
+        let mut room = None;
+        for batch in 0..300u64 {
+            let keys: Vec<Vec<u8>> = (batch * 1000..(batch + 1) * 1000)
+                .map(|i| format!("k{i:07}").into_bytes())
+                .collect();
+            let before = generation(&t);
+            t.update(0, keys.iter().map(Vec::as_slice), |c, rows| {
+                for (j, r) in rows.iter().enumerate() {
+                    c.0[*r as usize] += batch * 1000 + j as u64 + 1;
+                }
+            })
+            .unwrap();
+            for (j, k) in keys.into_iter().enumerate() {
+                model.insert((0, k), batch * 1000 + j as u64 + 1);
+            }
+            assert!(t.bytes() <= budget, "{} of {budget}", t.bytes());
+            assert_charged(&t, &backend);
+            match room {
+                None if generation(&t) > before => room = Some(t.bytes()),
+                Some(room) => assert_eq!(t.bytes(), room, "batch {batch}: the room is reused"),
+                None => {}
+            }
+        }
+        assert!(generation(&t) >= 3, "spilled {} times", generation(&t));
+        assert_eq!(read_all(&mut t, 50_000), model);
     }
 
     #[test]
@@ -1479,7 +1586,7 @@ mod tests {
         .unwrap();
         // written in several batches, then dropped from memory: reads come from RocksDB
         t.spill().unwrap();
-        assert_eq!(t.bytes(), 0);
+        assert!(t.panes.is_empty());
         let want: Model = keys
             .iter()
             .enumerate()
