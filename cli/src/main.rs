@@ -12,6 +12,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+/// The system allocator, with large blocks on huge pages (see the type).
+#[global_allocator]
+static ALLOCATOR: freshet_engine::state::heap::Allocator = freshet_engine::state::heap::Allocator;
+
 /// Freshet: event-time stream processing.
 #[derive(Parser)]
 #[command(name = "freshet", version, about)]

@@ -46,6 +46,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
+use super::losers::LoserTree;
 use super::memory::{Lease, StateMemory};
 use crate::{EngineError, KeyGroup, KeyGroupRange, Result};
 
@@ -1016,13 +1017,11 @@ impl KeyedBackend {
                 }
             }
         }
-        // the live cursors' positions, ordered by (current key order, position): the smallest
-        // key first and, for one key, the oldest generation first (the cursors are in
-        // generation order). A cursor that advanced moves to its new place by a binary search,
-        // so a step costs a logarithm of the cursors' number in comparisons, not one apiece: a
-        // large window that spilled many generations merges them all. Each is listed with the
-        // first 16 bytes of its order as an integer, which orders most pairs without reading
-        // their cursors.
+        // which cursor holds the next row: the smallest key first and, for one key, the oldest
+        // generation first (the cursors are in generation order). A loser tree finds it again
+        // in a logarithm of the cursors' number in comparisons after its cursor advanced, so a
+        // large window that spilled many generations merges them all. Each cursor's first 16
+        // bytes of its order, as an integer, orders most pairs without reading their rows.
         fn current<'c>(cursors: &'c [Option<PaneCursor<'_>>], i: usize) -> Option<&'c [u8]> {
             cursors[i]
                 .as_ref()
@@ -1035,31 +1034,29 @@ impl KeyedBackend {
             bytes[..n].copy_from_slice(&order[..n]);
             u128::from_be_bytes(bytes)
         }
-        /// Whether listed cursor `(h, i)` comes before cursor `m`, whose order is `order`.
-        fn before(
-            cursors: &[Option<PaneCursor<'_>>],
-            (h, i): (u128, usize),
-            (head, order, m): (u128, &[u8], usize),
-        ) -> bool {
-            match h.cmp(&head) {
-                std::cmp::Ordering::Equal => {
-                    (current(cursors, i).expect("a live cursor has a row"), i) < (order, m)
-                }
-                o => o.is_lt(),
+        /// Whether cursor `a`'s row comes before cursor `b`'s (an ended cursor's after all).
+        fn first(cursors: &[Option<PaneCursor<'_>>], heads: &[u128], a: usize, b: usize) -> bool {
+            match (cursors[a].is_some(), cursors[b].is_some()) {
+                (true, true) => match heads[a].cmp(&heads[b]) {
+                    std::cmp::Ordering::Equal => {
+                        (current(cursors, a), a) < (current(cursors, b), b)
+                    }
+                    o => o.is_lt(),
+                },
+                (live, _) => live,
             }
         }
         let mut cursors: Vec<Option<PaneCursor>> = cursors.into_iter().map(Some).collect();
-        let mut live: Vec<(u128, usize)> = (0..cursors.len())
-            .map(|i| (head(current(&cursors, i).unwrap_or_default()), i))
+        let mut heads: Vec<u128> = (0..cursors.len())
+            .map(|i| head(current(&cursors, i).unwrap_or_default()))
             .collect();
-        live.sort_by(|&(ha, a), &(hb, b)| {
-            ha.cmp(&hb)
-                .then_with(|| (current(&cursors, a), a).cmp(&(current(&cursors, b), b)))
-        });
+        let mut tree = LoserTree::new(cursors.len(), |a, b| first(&cursors, &heads, a, b));
         let mut keys = 0usize;
         let mut last: Vec<u8> = Vec::new();
-        while let Some(&(_, m)) = live.first() {
-            let c = cursors[m].as_mut().expect("a live cursor");
+        while let Some(m) = tree.winner() {
+            let Some(c) = cursors[m].as_mut() else {
+                break;
+            };
             let (order, value) = c.current().expect("a live cursor has a row");
             if keys == 0 || order != last.as_slice() {
                 if keys == limit {
@@ -1072,17 +1069,10 @@ impl KeyedBackend {
             f(order, c.generation, value)?;
             c.advance()?;
             match current(&cursors, m) {
-                None => {
-                    live.remove(0);
-                    cursors[m].take().expect("a live cursor").finish()?;
-                }
-                Some(order) => {
-                    let moved = (head(order), order, m);
-                    let at = live[1..].partition_point(|&l| before(&cursors, l, moved));
-                    live.copy_within(1..=at, 0);
-                    live[at] = (moved.0, m);
-                }
+                None => cursors[m].take().expect("a live cursor").finish()?,
+                Some(order) => heads[m] = head(order),
             }
+            tree.replay(|a, b| first(&cursors, &heads, a, b));
         }
         for c in cursors.into_iter().flatten() {
             c.finish()?;

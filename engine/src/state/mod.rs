@@ -74,6 +74,7 @@ mod bloom;
 pub mod heap;
 mod key_slots;
 pub mod keyset;
+mod losers;
 pub mod memory;
 mod pane_blocks;
 pub mod panes;
