@@ -156,38 +156,50 @@ const HUGE_PAGE: usize = 2 << 20;
 // SAFETY: every call is passed to `System` unchanged; the advice only changes how the kernel
 // backs pages inside a block it returned, never their contents.
 unsafe impl GlobalAlloc for Allocator {
+    #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract, passed on.
         let p = unsafe { System.alloc(layout) };
-        advise_huge(p, layout.size());
+        if layout.size() >= HUGE_FROM {
+            advise_huge(p, layout.size());
+        }
         p
     }
 
+    #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract, passed on.
         let p = unsafe { System.alloc_zeroed(layout) };
-        advise_huge(p, layout.size());
+        if layout.size() >= HUGE_FROM {
+            advise_huge(p, layout.size());
+        }
         p
     }
 
+    #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: the caller's contract, passed on.
         unsafe { System.dealloc(ptr, layout) }
     }
 
+    #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller's contract, passed on.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
-        advise_huge(p, new_size);
+        if new_size >= HUGE_FROM {
+            advise_huge(p, new_size);
+        }
         p
     }
 }
 
-/// Marks the whole huge pages inside the `size` bytes at `p` for huge pages, if the block is
-/// large enough. A failure (a kernel without them) leaves the block as it was.
+/// Marks the whole huge pages inside the `size` bytes at `p` for huge pages. A failure (a
+/// kernel without them) leaves the block as it was.
+#[cold]
+#[inline(never)]
 fn advise_huge(p: *mut u8, size: usize) {
     #[cfg(target_os = "linux")]
-    if size >= HUGE_FROM && !p.is_null() {
+    if !p.is_null() {
         let start = (p as usize).next_multiple_of(HUGE_PAGE);
         let end = (p as usize).saturating_add(size) / HUGE_PAGE * HUGE_PAGE;
         if end > start {
