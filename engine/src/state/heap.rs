@@ -144,14 +144,14 @@ pub fn trim() -> bool {
 /// (`madvise(MADV_HUGEPAGE)`, which kernels set to `madvise` leave to each program). State's
 /// large tables (a key set's index, a pane's index and columns, a spill's sorted rows) are read
 /// at random, and with 4 KB pages such a read nearly always misses the TLB as well as the
-/// caches: the large-state window ran 8–9% faster with 2 MB pages (BENCHMARKS.md). Smaller
-/// blocks are left alone, so a huge page never holds more than one block. Elsewhere than Linux
-/// it is the system allocator.
+/// caches: the large-state window ran 9–14% faster with 2 MB pages (BENCHMARKS.md). Smaller
+/// blocks are left alone: they share pages with other blocks, and glibc gives only blocks of
+/// 1 MB or more mappings of their own (see [`fixed_mmap_threshold`]). Elsewhere than Linux it is
+/// the system allocator.
 pub struct Allocator;
 
 /// See [`Allocator`]: a block this large holds at least one whole huge page.
 const HUGE_FROM: usize = 4 << 20;
-const HUGE_PAGE: usize = 2 << 20;
 
 // SAFETY: every call is passed to `System` unchanged; the advice only changes how the kernel
 // backs pages inside a block it returned, never their contents.
@@ -193,20 +193,24 @@ unsafe impl GlobalAlloc for Allocator {
     }
 }
 
-/// Marks the whole huge pages inside the `size` bytes at `p` for huge pages. A failure (a
-/// kernel without them) leaves the block as it was.
+/// Marks the pages of the `size` bytes at `p` for huge pages: every page the block touches, so
+/// a block with a mapping of its own is marked whole. Marking only the huge pages inside it would
+/// split the mapping in three, and the kernel's `mremap` moves only a single mapping: glibc's
+/// `realloc` of such a block then copies it into a new one, holding both for a moment, where it
+/// would have remapped its pages (a key set's index grows that way). A failure (a kernel
+/// without huge pages) leaves the block as it was.
 #[cold]
 #[inline(never)]
 fn advise_huge(p: *mut u8, size: usize) {
     #[cfg(target_os = "linux")]
     if !p.is_null() {
-        let start = (p as usize).next_multiple_of(HUGE_PAGE);
-        let end = (p as usize).saturating_add(size) / HUGE_PAGE * HUGE_PAGE;
-        if end > start {
-            // SAFETY: the range lies inside the block just allocated; the advice changes no
-            // contents and no mapping's protection.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
+        // SAFETY: `sysconf` only reads a constant of the system.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let start = (p as usize) / page * page;
+        let end = (p as usize).saturating_add(size).next_multiple_of(page);
+        // SAFETY: the pages hold the block just allocated and at most the allocator's own
+        // bookkeeping beside it; the advice changes no contents and no mapping's protection.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (p, size);
@@ -216,10 +220,11 @@ fn advise_huge(p: *mut u8, size: usize) {
 mod tests {
     use super::*;
 
-    /// The `VmFlags` of the mapping of `/proc/self/smaps` that holds address `at`.
-    fn vm_flags(at: usize) -> Option<String> {
+    /// The address range and `VmFlags` of the mapping of `/proc/self/smaps` that holds address
+    /// `at`.
+    fn mapping(at: usize) -> Option<(std::ops::Range<usize>, String)> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-        let mut inside = false;
+        let mut inside = None;
         for line in smaps.lines() {
             let range = line
                 .split_whitespace()
@@ -231,34 +236,60 @@ mod tests {
                     usize::from_str_radix(to, 16),
                 )
             {
-                inside = (from..to).contains(&at);
-            } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
-                return Some(flags.trim().to_string());
+                inside = (from..to).contains(&at).then_some(from..to);
+            } else if let Some(range) = &inside
+                && let Some(flags) = line.strip_prefix("VmFlags:")
+            {
+                return Some((range.clone(), flags.trim().to_string()));
             }
         }
         None
     }
 
     #[test]
-    fn large_blocks_are_marked_for_huge_pages_and_small_ones_are_not() {
+    fn large_blocks_are_marked_for_huge_pages_whole_and_small_ones_are_not() {
         if !cfg!(target_os = "linux") {
             return;
         }
-        let marked = |size: usize| {
-            let layout = Layout::from_size_align(size, 8).unwrap();
-            // SAFETY: a non-zero layout; the block is freed below with the same layout.
-            let p = unsafe { Allocator.alloc(layout) };
-            assert!(!p.is_null());
-            // SAFETY: `p` holds `size` bytes.
-            unsafe { std::ptr::write_bytes(p, 1, size) };
-            let inside = (p as usize).next_multiple_of(HUGE_PAGE);
-            let flags = vm_flags(inside.min(p as usize + size - 1)).expect("a mapping");
-            // SAFETY: allocated above with this layout.
-            unsafe { Allocator.dealloc(p, layout) };
-            flags.split_whitespace().any(|f| f == "hg")
+        // whether the block is marked, and whether one mapping holds all of it
+        let marked = |p: *mut u8, size: usize| {
+            let (range, flags) = mapping(p as usize).expect("a mapping");
+            let whole = range.end >= p as usize + size;
+            (flags.split_whitespace().any(|f| f == "hg"), whole)
         };
-        assert!(marked(16 << 20), "a 16 MB block is marked");
-        assert!(!marked(2 << 20), "a 2 MB block is not");
+        let small = Layout::from_size_align(2 << 20, 8).unwrap();
+        // SAFETY: a non-zero layout; freed below with the same layout.
+        let p = unsafe { Allocator.alloc(small) };
+        assert!(!p.is_null());
+        assert!(!marked(p, small.size()).0, "a 2 MB block is not marked");
+        // SAFETY: allocated above with this layout.
+        unsafe { Allocator.dealloc(p, small) };
+
+        let large = Layout::from_size_align(16 << 20, 8).unwrap();
+        // SAFETY: a non-zero layout; reallocated and freed below.
+        let p = unsafe { Allocator.alloc(large) };
+        assert!(!p.is_null());
+        // SAFETY: `p` holds `large.size()` bytes.
+        unsafe { std::ptr::write_bytes(p, 1, large.size()) };
+        assert_eq!(
+            marked(p, large.size()),
+            (true, true),
+            "a 16 MB block, whole"
+        );
+        // grown, as a key set's index grows: still one mapping, marked, contents kept
+        let grown = 40 << 20;
+        // SAFETY: `p` was allocated with `large`; the new size is non-zero.
+        let q = unsafe { Allocator.realloc(p, large, grown) };
+        assert!(!q.is_null());
+        assert_eq!(marked(q, grown), (true, true), "grown to 40 MB, whole");
+        // SAFETY: the first `large.size()` bytes were copied or remapped from `p`.
+        assert!(
+            unsafe { std::slice::from_raw_parts(q, large.size()) }
+                .iter()
+                .all(|&b| b == 1)
+        );
+        // SAFETY: `q` holds `grown` bytes with `large`'s alignment.
+        unsafe { Allocator.dealloc(q, Layout::from_size_align(grown, 8).unwrap()) };
     }
 
     #[test]
