@@ -144,7 +144,7 @@ pub fn trim() -> bool {
 /// (`madvise(MADV_HUGEPAGE)`, which kernels set to `madvise` leave to each program). State's
 /// large tables (a key set's index, a pane's index and columns, a spill's sorted rows) are read
 /// at random, and with 4 KB pages such a read nearly always misses the TLB as well as the
-/// caches: the large-state window ran 9–14% faster with 2 MB pages (BENCHMARKS.md). Smaller
+/// caches: the large-state window ran 6–9% faster with 2 MB pages (BENCHMARKS.md). Smaller
 /// blocks are left alone: they share pages with other blocks, and glibc gives only blocks of
 /// 1 MB or more mappings of their own (see [`fixed_mmap_threshold`]). Elsewhere than Linux it is
 /// the system allocator.
