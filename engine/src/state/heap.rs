@@ -154,7 +154,7 @@ pub struct Allocator;
 const HUGE_FROM: usize = 4 << 20;
 
 // SAFETY: every call is passed to `System` unchanged; the advice only changes how the kernel
-// backs pages inside a block it returned, never their contents.
+// backs the pages that hold a block it returned, never their contents.
 unsafe impl GlobalAlloc for Allocator {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {

@@ -191,9 +191,9 @@ pub struct PaneTable<C: PaneColumns> {
     changes: u64,
     /// The emptied room of the largest pane dropped or spilled last, charged as it was, for the
     /// next new namespace: a window's next slice (or a slice's next generation) holds about as
-    /// many keys, and taking the room again
-    /// from the allocator each window either faults in fresh pages (blocks of a megabyte or
-    /// more are mapped on their own) or leaves it free in the middle of an arena.
+    /// many keys, and taking the room again from the allocator each window either faults in
+    /// fresh pages (blocks of a megabyte or more are mapped on their own) or leaves it free in
+    /// the middle of an arena.
     spare: Option<Pane<C>>,
 }
 
@@ -720,9 +720,9 @@ impl<C: PaneColumns> PaneTable<C> {
     }
 
     /// Writes every pane and empties memory, keeping the largest pane's room; later updates
-    /// start partials of the next generation. A pane is written as blocks of values in key order (what checkpoints
-    /// wrote of it one value per row is deleted first), so writing it and reading it back cost
-    /// a row per block rather than per key.
+    /// start partials of the next generation. A pane is written as blocks of values in key
+    /// order (what checkpoints wrote of it one value per row is deleted first), so writing it
+    /// and reading it back cost a row per block rather than per key.
     fn spill(&mut self) -> Result<()> {
         let Some(b) = self.backing.as_mut() else {
             return Ok(());
