@@ -193,8 +193,12 @@ pub struct PaneTable<C: PaneColumns> {
     /// next new namespace: a window's next slice (or a slice's next generation) holds about as
     /// many keys, and taking the room again from the allocator each window either faults in
     /// fresh pages (blocks of a megabyte or more are mapped on their own) or leaves it free in
-    /// the middle of an arena.
+    /// the middle of an arena. A spare no namespace took between two flushes is given back at
+    /// the second, so a table whose input went quiet does not hold memory others of the slot
+    /// could use.
     spare: Option<Pane<C>>,
+    /// Whether the spare was already kept at the last flush.
+    spare_flushed: bool,
 }
 
 #[derive(Debug)]
@@ -551,6 +555,7 @@ impl<C: PaneColumns> PaneTable<C> {
             rows: Vec::new(),
             changes: 0,
             spare: None,
+            spare_flushed: false,
         }
     }
 
@@ -577,6 +582,7 @@ impl<C: PaneColumns> PaneTable<C> {
         }
         self.max_parallelism = backend.max_parallelism();
         self.spare = None;
+        self.spare_flushed = false;
         for pane in self.panes.values_mut() {
             pane.regroup(self.max_parallelism);
             pane.sorted = None;
@@ -691,6 +697,7 @@ impl<C: PaneColumns> PaneTable<C> {
         {
             like = 0;
         }
+        self.spare_flushed = false;
         let pane = match self.spare.take() {
             Some(p) => p.reuse(like, self.max_parallelism),
             None => Pane::new(self.empty.clone(), like, self.max_parallelism),
@@ -785,14 +792,21 @@ impl<C: PaneColumns> PaneTable<C> {
         self.spare = largest
             .filter(|p| !memory.must_evict(p.bytes()))
             .map(|p| p.reuse(0, self.max_parallelism));
+        self.spare_flushed = false;
         self.bytes = self.spare.as_ref().map_or(0, Pane::bytes);
         memory.charge(0, self.bytes);
         Ok(())
     }
 
     /// Writes the values changed since the last write (called before a snapshot). A detached
-    /// table keeps them.
+    /// table keeps them. A spare room kept since the last flush is given back.
     pub fn flush(&mut self) -> Result<()> {
+        if self.spare_flushed
+            && let Some(idle) = self.spare.take()
+        {
+            self.charge(idle.bytes(), 0);
+        }
+        self.spare_flushed = self.spare.is_some();
         let Some(b) = self.backing.as_mut() else {
             return Ok(());
         };
@@ -990,6 +1004,7 @@ impl<C: PaneColumns> PaneTable<C> {
             None => {
                 let largest = gone.into_values().max_by_key(Pane::bytes);
                 self.spare = largest.map(|p| p.reuse(0, self.max_parallelism));
+                self.spare_flushed = false;
                 self.spare.as_ref().map_or(0, Pane::bytes)
             }
         };
@@ -1464,6 +1479,23 @@ mod tests {
         assert!(t.panes.is_empty());
         assert_eq!(t.spare.as_ref().map(Pane::len), Some(0));
         assert_eq!(t.bytes(), kept);
+        assert_charged(&t, &backend);
+        // taken between two flushes: kept; left idle from one flush to the next: given back
+        t.flush().unwrap();
+        t.update(30, [key(2).as_slice()], |c, rows| {
+            c.0[rows[0] as usize] += 1
+        })
+        .unwrap();
+        t.drop_through(30).unwrap();
+        t.flush().unwrap();
+        assert!(
+            t.spare.is_some(),
+            "a spare taken since the last flush stays"
+        );
+        assert_eq!(t.bytes(), kept);
+        t.flush().unwrap();
+        assert!(t.spare.is_none(), "an idle spare is given back");
+        assert_eq!(t.bytes(), 0);
         assert_charged(&t, &backend);
     }
 
