@@ -682,7 +682,6 @@ impl<C: PaneColumns> PaneTable<C> {
     }
 
     /// Opens namespace `ns` in memory, in the spare room if there is one.
-    #[cold]
     fn open(&mut self, ns: i64) {
         // a new slice holds about as many keys as the one before: sized once, not grown,
         // unless that size alone would pass the memory share
