@@ -788,13 +788,16 @@ impl<C: PaneColumns> PaneTable<C> {
             .into_values()
             .chain(self.spare.take())
             .max_by_key(Pane::bytes);
-        self.spare = largest
-            .filter(|p| !memory.must_evict(p.bytes()))
-            .map(|p| p.reuse(0, self.max_parallelism));
-        self.spare_flushed = false;
-        self.bytes = self.spare.as_ref().map_or(0, Pane::bytes);
-        memory.charge(0, self.bytes);
+        let room = largest.filter(|p| !memory.must_evict(p.bytes()));
+        self.keep_room(room);
+        self.charge(0, self.spare.as_ref().map_or(0, Pane::bytes));
         Ok(())
+    }
+
+    /// Keeps `pane`'s room, emptied, as the spare (the caller charges it), kept since now.
+    fn keep_room(&mut self, pane: Option<Pane<C>>) {
+        self.spare = pane.map(|p| p.reuse(0, self.max_parallelism));
+        self.spare_flushed = false;
     }
 
     /// Writes the values changed since the last write (called before a snapshot). A detached
@@ -1001,9 +1004,7 @@ impl<C: PaneColumns> PaneTable<C> {
         let kept = match self.spare {
             Some(_) => 0,
             None => {
-                let largest = gone.into_values().max_by_key(Pane::bytes);
-                self.spare = largest.map(|p| p.reuse(0, self.max_parallelism));
-                self.spare_flushed = false;
+                self.keep_room(gone.into_values().max_by_key(Pane::bytes));
                 self.spare.as_ref().map_or(0, Pane::bytes)
             }
         };
