@@ -113,6 +113,10 @@ pub enum BenchCommand {
         /// in the same run (e.g. a build of an earlier version).
         #[arg(long)]
         against: Option<std::path::PathBuf>,
+        /// Runs of each job and key count (with `--against`, which binary goes first
+        /// alternates, and a last table gives the median ratio).
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
         /// Seconds after which a run is stopped and reported as not finished.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
@@ -328,6 +332,7 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             jobs,
             memory_mb,
             against,
+            rounds,
             timeout,
             checkpoint_interval,
         } => bench_state(&StateBench {
@@ -336,6 +341,7 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             jobs,
             memory_mb,
             against,
+            rounds,
             timeout: std::time::Duration::from_secs(timeout),
             checkpoint_interval,
         }),
@@ -623,6 +629,7 @@ struct StateBench {
     jobs: Vec<String>,
     memory_mb: Option<usize>,
     against: Option<std::path::PathBuf>,
+    rounds: u32,
     timeout: std::time::Duration,
     checkpoint_interval: Option<String>,
 }
@@ -658,8 +665,10 @@ fn reads_cell(run: &ChildRun, events: u64) -> String {
 }
 
 fn bench_state(b: &StateBench) -> Result<i32> {
-    if b.keys.is_empty() || b.keys.contains(&0) || b.per_key == 0 {
-        bail!("--keys needs one or more key counts above 0, and --events-per-key at least 1");
+    if b.keys.is_empty() || b.keys.contains(&0) || b.per_key == 0 || b.rounds == 0 {
+        bail!(
+            "--keys needs one or more key counts above 0, and --events-per-key and --rounds at least 1"
+        );
     }
     let this = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
@@ -669,9 +678,9 @@ fn bench_state(b: &StateBench) -> Result<i32> {
     println!("state.memory_mb: {budget}; events per key: {}", b.per_key);
     if b.against.is_some() {
         println!(
-            "| job | distinct keys | events | wall s | events/s | peak RSS MB | RocksDB reads per event | other: wall s | other: events/s | other: peak RSS MB | other: RocksDB reads per event | speed vs other |"
+            "| job | distinct keys | round | events | wall s | events/s | peak RSS MB | RocksDB reads per event | other: wall s | other: events/s | other: peak RSS MB | other: RocksDB reads per event | speed vs other |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     } else {
         println!(
             "| job | distinct keys | events | wall s | events/s | vs {} keys | peak RSS MB | RocksDB reads per event |",
@@ -680,6 +689,7 @@ fn bench_state(b: &StateBench) -> Result<i32> {
         println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     }
     let mut checkpoint_rows = Vec::new();
+    let mut medians: Vec<(&String, u64, Vec<f64>)> = Vec::new();
     // each run its own job file and checkpoint directory, so no run resumes from another's
     let job_file = |kind: &str, k: u64, who: &str| -> Result<std::path::PathBuf> {
         let mut text = state_job(kind, k, b.per_key, b.memory_mb)?;
@@ -695,9 +705,27 @@ fn bench_state(b: &StateBench) -> Result<i32> {
     };
     for kind in &b.jobs {
         let mut first = None;
-        for &k in &keys {
+        for (&k, round) in keys
+            .iter()
+            .flat_map(|k| std::iter::repeat(k).zip(1..=b.rounds))
+        {
             let events = k * b.per_key;
-            let run = run_child(&this, &job_file(kind, k, "this")?, &[], &[], b.timeout)?;
+            let mine = || run_child(&this, &job_file(kind, k, "this")?, &[], &[], b.timeout);
+            // with another binary, which one runs first alternates, so drift hits both alike
+            let (run, theirs) = match &b.against {
+                Some(other) => {
+                    let other =
+                        || run_child(other, &job_file(kind, k, "other")?, &[], &[], b.timeout);
+                    if round % 2 == 1 {
+                        let run = mine()?;
+                        (run, Some(other()?))
+                    } else {
+                        let theirs = other()?;
+                        (mine()?, Some(theirs))
+                    }
+                }
+                None => (mine()?, None),
+            };
             if let ChildRun::Done { log, .. } = &run
                 && b.checkpoint_interval.is_some()
             {
@@ -705,12 +733,15 @@ fn bench_state(b: &StateBench) -> Result<i32> {
             }
             let (wall, eps, rss) = cells(&run, events, b.timeout);
             let reads = reads_cell(&run, events);
-            if let Some(other) = &b.against {
-                let theirs = run_child(other, &job_file(kind, k, "other")?, &[], &[], b.timeout)?;
+            if let Some(theirs) = theirs {
                 let (owall, oeps, orss) = cells(&theirs, events, b.timeout);
                 let oreads = reads_cell(&theirs, events);
                 let ratio = match (&run, &theirs) {
                     (ChildRun::Done { wall: a, .. }, ChildRun::Done { wall: o, .. }) => {
+                        match medians.iter_mut().find(|(j, n, _)| *j == kind && *n == k) {
+                            Some((_, _, ratios)) => ratios.push(o / a),
+                            None => medians.push((kind, k, vec![o / a])),
+                        }
                         format!("{:.2}", o / a)
                     }
                     (ChildRun::Done { wall: a, .. }, ChildRun::TimedOut) => {
@@ -719,7 +750,7 @@ fn bench_state(b: &StateBench) -> Result<i32> {
                     _ => "-".into(),
                 };
                 println!(
-                    "| {kind} | {k} | {events} | {wall} | {eps} | {rss} | {reads} | {owall} | {oeps} | {orss} | {oreads} | {ratio} |"
+                    "| {kind} | {k} | {round} | {events} | {wall} | {eps} | {rss} | {reads} | {owall} | {oeps} | {orss} | {oreads} | {ratio} |"
                 );
             } else {
                 let vs = match &run {
@@ -731,6 +762,22 @@ fn bench_state(b: &StateBench) -> Result<i32> {
                 };
                 println!("| {kind} | {k} | {events} | {wall} | {eps} | {vs} | {rss} | {reads} |");
             }
+        }
+    }
+    if b.rounds > 1 && !medians.is_empty() {
+        println!("\nSpeed vs other over the rounds both finished:\n");
+        println!("| job | distinct keys | rounds | median | lowest | highest |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        for (kind, k, mut ratios) in medians {
+            let (lo, hi) = (
+                ratios.iter().cloned().fold(f64::MAX, f64::min),
+                ratios.iter().cloned().fold(f64::MIN, f64::max),
+            );
+            println!(
+                "| {kind} | {k} | {} | {:.2} | {lo:.2} | {hi:.2} |",
+                ratios.len(),
+                median(&mut ratios)
+            );
         }
     }
     if let Some(i) = &b.checkpoint_interval {
@@ -1047,9 +1094,13 @@ fn parse_nexmark_result(line: &str) -> Option<NexmarkResult> {
     })
 }
 
+/// The middle value, or the mean of the middle two.
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    match v.len() % 2 {
+        1 => v[v.len() / 2],
+        _ => (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0,
+    }
 }
 
 fn checkpointing(interval: &str, dir: &std::path::Path) -> String {
@@ -1243,6 +1294,7 @@ mod tests {
                 jobs: vec!["dedup".into()],
                 memory_mb: None,
                 against: None,
+                rounds: 1,
                 timeout: std::time::Duration::from_secs(1),
                 checkpoint_interval: None,
             })

@@ -353,16 +353,16 @@ pub struct StateSpec {
     /// Working directory of the RocksDB instances (default: the system temporary directory).
     #[serde(default)]
     pub local_dir: Option<String>,
-    /// Memory keyed state may use per task slot, MiB: half for RocksDB (block cache, index and
-    /// filter partitions and memtables, shared by the slot's instances), half for the caches of
-    /// decoded keys in front of it.
+    /// Memory keyed state may use per task slot, MiB: a quarter for RocksDB (block cache, index
+    /// and filter partitions and memtables, shared by the slot's instances), three quarters for
+    /// the caches of decoded keys in front of it.
     #[serde(default = "default_memory")]
     pub memory_mb: usize,
     /// An optional cap on the keys per state table kept decoded in memory, besides the byte
     /// budget.
     #[serde(default)]
     pub cache_keys: Option<usize>,
-    /// Size at which a RocksDB memtable is flushed, MiB; by default 16, or a quarter of
+    /// Size at which a RocksDB memtable is flushed, MiB; by default 16, or an eighth of
     /// `memory_mb` when that is less (see [`StateSpec::write_buffer_mb`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_buffer_mb: Option<usize>,
@@ -370,10 +370,10 @@ pub struct StateSpec {
 
 impl StateSpec {
     /// The memtable size in effect, MiB: the one set, else 16 MiB within the memtables' share
-    /// of `memory_mb` (a quarter).
+    /// of `memory_mb` (an eighth: half of RocksDB's quarter).
     pub fn write_buffer_mb(&self) -> usize {
         self.write_buffer_mb
-            .unwrap_or_else(|| (self.memory_mb / 4).clamp(1, DEFAULT_WRITE_BUFFER_MB))
+            .unwrap_or_else(|| (self.memory_mb / 8).clamp(1, DEFAULT_WRITE_BUFFER_MB))
     }
 }
 

@@ -127,11 +127,11 @@ pub fn validate(job: &JobSpec) -> Result<(), Problems> {
     }
     match job.state.write_buffer_mb {
         Some(0) => p.push(Problem::new("state.write_buffer_mb", "must be at least 1")),
-        Some(mb) if mb > job.state.memory_mb / 4 => p.push(Problem::new(
+        Some(mb) if mb > job.state.memory_mb / 8 => p.push(Problem::new(
             "state.write_buffer_mb",
             format!(
-                "{mb} MiB is more than the memtables' share of state.memory_mb (a quarter, {} MiB)",
-                job.state.memory_mb / 4
+                "{mb} MiB is more than the memtables' share of state.memory_mb (an eighth, {} MiB)",
+                job.state.memory_mb / 8
             ),
         )),
         _ => {}
@@ -489,17 +489,13 @@ sinks:
         };
         assert_eq!(mb("{}"), 16);
         assert_eq!(mb("{memory_mb: 1024}"), 16);
-        assert_eq!(mb("{memory_mb: 32}"), 8);
-        assert_eq!(mb("{memory_mb: 16}"), 4);
+        assert_eq!(mb("{memory_mb: 64}"), 8);
+        assert_eq!(mb("{memory_mb: 16}"), 2);
         assert_eq!(mb("{memory_mb: 32, write_buffer_mb: 2}"), 2);
-        let err = parse_job(
-            &job("{memory_mb: 32, write_buffer_mb: 16}"),
-            "job.yaml",
-            &[],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("state.write_buffer_mb: 16 MiB"), "{err}");
+        let err = parse_job(&job("{memory_mb: 32, write_buffer_mb: 8}"), "job.yaml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("state.write_buffer_mb: 8 MiB"), "{err}");
         let err = parse_job(&job("{write_buffer_mb: 0}"), "job.yaml", &[])
             .unwrap_err()
             .to_string();

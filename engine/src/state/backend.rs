@@ -985,6 +985,7 @@ impl KeyedBackend {
                 ro.set_total_order_seek(true);
                 ro.set_iterate_lower_bound(first.clone());
                 ro.set_iterate_upper_bound(upper);
+                ro.fill_cache(false);
                 let mut it = self.db().raw_iterator_opt(ro);
                 match from {
                     // a block holding `order` starts at or before it

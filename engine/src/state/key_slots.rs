@@ -201,6 +201,8 @@ impl LongKeys {
 pub(crate) enum Pass {
     Keep,
     Evict,
+    /// Stop before this key (see [`Index::retain_from`]).
+    Stop,
 }
 
 /// What eviction makes of a key, in the order keys go.
@@ -481,17 +483,34 @@ impl Index {
 
     /// Calls `f` with every key; removes those it answers [`Pass::Evict`] for. A key shifted
     /// back across the end of the slots may be seen twice.
-    pub(crate) fn retain(&mut self, mut f: impl FnMut(&mut Slot) -> Pass) {
-        let mut i = 0;
+    pub(crate) fn retain(&mut self, f: impl FnMut(&mut Slot) -> Pass) {
+        self.retain_from(0, f);
+    }
+
+    /// [`Index::retain`] from slot `from` on, until `f` answers [`Pass::Stop`] for a key:
+    /// returns that key's slot (where a later call goes on), or the number of slots.
+    pub(crate) fn retain_from(
+        &mut self,
+        from: usize,
+        mut f: impl FnMut(&mut Slot) -> Pass,
+    ) -> usize {
+        let mut i = from;
         while i < self.slots.len() {
             let s = &mut self.slots[i];
-            if s.flags & OCCUPIED != 0 && matches!(f(s), Pass::Evict) {
-                // the key shifted into `i` is looked at next
-                self.remove(i);
-                continue;
+            if s.flags & OCCUPIED != 0 {
+                match f(s) {
+                    Pass::Keep => {}
+                    // the key shifted into `i` is looked at next
+                    Pass::Evict => {
+                        self.remove(i);
+                        continue;
+                    }
+                    Pass::Stop => return i,
+                }
             }
             i += 1;
         }
+        self.slots.len()
     }
 
     /// Evicts `n` keys spread evenly over the slots (evicting a run of neighbours would leave

@@ -18,8 +18,8 @@
 //!
 //! **Memory.** The index is charged by its allocation, long keys by their bytes, the spill
 //! filters by theirs, against the job's [`super::StateMemory`]. The index grows (in place, see
-//! [`Index::resize`]) while the budget has room for it and for the filters' share, while they
-//! filter; once it cannot, a full index writes its dirty keys and evicts an eighth of them by
+//! [`Index::resize`]) while the budget has room for it, and, once the set has evicted a key and
+//! while the filters filter, for the filters' share; once it cannot, a full index writes its dirty keys and evicts an eighth of them by
 //! CLOCK: expired keys first, then keys not used since the last eviction (a key read back but
 //! not used again among them), spread evenly over the slots; a key kept loses its used mark.
 use std::sync::Arc;
@@ -360,9 +360,6 @@ impl KeySet {
             && let Some(b) = self.backing.as_mut()
         {
             b.dirty += 1;
-            if b.dirty >= dirty_limit(&b.backend) {
-                self.flush()?;
-            }
         }
         self.charge();
         self.give_back()
@@ -462,9 +459,10 @@ impl KeySet {
             let filters = b.spilled.bytes();
             // what the job's other tables hold is not this set's to take
             let tables = memory.decoded().saturating_sub(self.bytes);
-            // room for the filters to grow into, unless they gave up on the set's rows (or
-            // cannot filter them: a restored set's)
-            let filters = match b.spilled.unfiltered(0) {
+            // room for the filters to grow into once the set evicts, unless they gave up on the
+            // set's rows (or cannot filter them: a restored set's); a set that never evicts
+            // needs none, and one that does shrinks its index when the filters grow into it
+            let filters = match b.spilled.is_empty() || b.spilled.unfiltered(0) {
                 true => filters,
                 false => filters.max(budget / FILTER_SHARE),
             };
@@ -537,29 +535,51 @@ impl KeySet {
 
     /// Writes every changed key to the backend (called before a snapshot and when evicting);
     /// an expired key's row is deleted instead, and the key forgotten. A set in memory has
-    /// nothing to write. One pass over the index finds the dirty keys (a lookup each would be
-    /// a cache miss), and the rows go in row-key order, which RocksDB's memtable inserts
-    /// fastest.
+    /// nothing to write. Passes over the index find the dirty keys (a lookup each would be a
+    /// cache miss), each collecting at most [`dirty_limit`] of them from where the last
+    /// stopped, and each chunk's rows go in row-key order, which RocksDB's memtable inserts
+    /// fastest. So what a flush sorts stays bounded without writing keys before anything asks
+    /// for them.
     pub fn flush(&mut self) -> Result<()> {
         self.publish_counts();
-        let Some(b) = self.backing.as_mut() else {
+        let Some(b) = self.backing.as_ref() else {
             return Ok(());
         };
         if b.dirty == 0 {
             return Ok(());
         }
+        let limit = dirty_limit(&b.backend);
+        let mut from = 0;
+        while from < self.index.slots() {
+            from = self.flush_chunk(from, limit)?;
+        }
+        self.charge();
+        Ok(())
+    }
+
+    /// Writes up to `limit` dirty keys, looking from slot `from` on; returns the slot to go on
+    /// from (the number of slots once the pass reached the end).
+    fn flush_chunk(&mut self, from: usize, limit: usize) -> Result<usize> {
+        let Some(b) = self.backing.as_mut() else {
+            return Ok(usize::MAX);
+        };
         let backend = b.backend.clone();
         let (table, mp) = (b.table, backend.max_parallelism());
         let (ttl, clock, scale) = (self.ttl, self.clock, self.scale);
         // per dirty key 32 bytes: its row order, touched time, long key, and whether it is
         // live (written) or expired (deleted)
-        let mut dirty: Vec<Dirty> = Vec::with_capacity(b.dirty);
+        let mut dirty: Vec<Dirty> = Vec::with_capacity(b.dirty.min(limit));
         let mut expired_long = Vec::new();
+        let mut cleaned = 0;
         let long = &self.long;
-        self.index.retain(|s| {
+        let next = self.index.retain_from(from, |s| {
             if s.flags & DIRTY == 0 {
                 return Pass::Keep;
             }
+            if cleaned == limit {
+                return Pass::Stop;
+            }
+            cleaned += 1;
             s.flags &= !DIRTY;
             let mut buf: KeyBuf = Default::default();
             let key = s.key(&mut buf, long);
@@ -584,7 +604,7 @@ impl KeySet {
             s.flags |= PERSISTED;
             Pass::Keep
         });
-        b.dirty = 0;
+        b.dirty = b.dirty.saturating_sub(cleaned);
         dirty.sort_unstable_by(|a, b| {
             a.order.cmp(&b.order).then_with(|| match (a.long, b.long) {
                 (u32::MAX, _) | (_, u32::MAX) => std::cmp::Ordering::Equal,
@@ -621,8 +641,7 @@ impl KeySet {
         for s in expired_long {
             self.long.remove(&s);
         }
-        self.charge();
-        Ok(())
+        Ok(next)
     }
 
     /// Records the event-time clock: keys whose TTL passed are invisible from now on; an
@@ -725,8 +744,8 @@ fn row_value(ttl: Option<i64>, touched: i64, version: u8, value: &[u8]) -> Vec<u
     row
 }
 
-/// Dirty keys after which a set writes them even if nothing asks it to: what a flush sorts
-/// takes at most an eighth of the decoded caches' budget.
+/// Dirty keys a flush writes at a time: what it sorts takes at most an eighth of the decoded
+/// caches' budget.
 fn dirty_limit(backend: &KeyedBackend) -> usize {
     (backend.memory().decoded_budget() / 8 / std::mem::size_of::<Dirty>()).max(4096)
 }
@@ -937,6 +956,40 @@ mod tests {
         set.outside
     }
 
+    /// A set writes nothing until something asks (a flush before a snapshot, or eviction),
+    /// however many keys changed, and a flush of more changed keys than it sorts at a time
+    /// writes them all, in chunks.
+    #[test]
+    fn a_flush_writes_every_changed_key_in_chunks_and_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = StateMemory::new(8 << 20);
+        let backend = in_slot(dir.path(), &memory, 0);
+        let cfg = StateConfig {
+            memory: Some(memory.clone()),
+            ..config(dir.path(), 0)
+        };
+        let mut set = attached(&backend);
+        let n = 3 * dirty_limit(&backend) as u64 + 1_000;
+        for i in 0..n {
+            assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
+        }
+        assert_eq!(set.len() as u64, n, "all in memory");
+        assert_eq!(set.rows_written(), 0, "nothing asked for a write");
+        set.flush().unwrap();
+        assert_eq!(set.rows_written(), n);
+        set.flush().unwrap();
+        assert_eq!(set.rows_written(), n, "nothing left to write");
+        let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
+        let mut back = attached(&restored);
+        for i in 0..n {
+            assert!(
+                !back.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap(),
+                "key {i}"
+            );
+        }
+        assert!(back.insert_if_absent(&key(n), 0, Watermark::MIN).unwrap());
+    }
+
     /// A set's rows are those of a one-value keyed table of the same name holding the set's
     /// value: a savepoint of either restores into the other, deadlines included.
     #[test]
@@ -1059,7 +1112,11 @@ mod tests {
             .map(|slot| attached(&in_slot(dir.path(), &memory, slot)))
             .collect();
         let budget = memory.decoded_budget();
-        assert_eq!(budget, 16 << 20, "two slots of 8 MB each for decoded state");
+        assert_eq!(
+            budget,
+            24 << 20,
+            "two slots of 12 MB each for decoded state"
+        );
         for i in 0..600_000u64 {
             // the first set gets three keys for each of the second's
             let s = usize::from(i % 4 == 3);
@@ -1085,20 +1142,20 @@ mod tests {
             in_slot(dir.path(), &memory, 0),
             in_slot(dir.path(), &memory, 1),
         );
-        assert_eq!(memory.decoded_budget(), 16 << 20);
+        assert_eq!(memory.decoded_budget(), 24 << 20);
         let mut set = attached(&a);
         let mut i = 0u64;
-        while set.bytes() <= 8 << 20 {
+        while set.bytes() <= 12 << 20 {
             assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
             i += 1;
         }
         drop(b);
-        assert_eq!(memory.decoded_budget(), 8 << 20, "one slot left");
+        assert_eq!(memory.decoded_budget(), 12 << 20, "one slot left");
         for _ in 0..10 {
             assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
             i += 1;
         }
-        assert!(set.bytes() <= 8 << 20, "{} bytes", set.bytes());
+        assert!(set.bytes() <= 12 << 20, "{} bytes", set.bytes());
         // every key is still there, in memory or in RocksDB
         for k in (0..i).step_by(97) {
             assert!(
@@ -1115,22 +1172,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let backend = in_slot(dir.path(), &StateMemory::new(32 << 20), 0);
         let budget = backend.memory().decoded_budget();
-        assert_eq!(budget, 16 << 20);
+        assert_eq!(budget, 24 << 20);
         let mut set = attached(&backend);
-        let (mut least, mut most) = (usize::MAX, 0);
-        for i in 0..1_500_000u64 {
+        let (mut least, mut most, mut peak) = (usize::MAX, 0, 0);
+        for i in 0..2_000_000u64 {
             let k = [&[1u8][..], &i.to_be_bytes()[..]].concat();
             assert!(set.insert_if_absent(&k, 0, Watermark::MIN).unwrap());
             assert!(set.bytes() <= budget, "{} bytes at key {i}", set.bytes());
-            if i > 600_000 {
+            peak = peak.max(set.len());
+            if i > 1_500_000 {
                 least = least.min(set.len());
                 most = most.max(set.len());
             }
         }
-        // the index may take what the spill filters' share (a quarter) leaves: 12 MB, 786 432
-        // slots of 16 bytes, of which seven eighths fill before an eighth of those is evicted
+        // until it first evicts, the index takes the whole 24 MB: 1 572 864 slots of 16 bytes,
+        // 1 376 256 keys at seven eighths; the filters of the keys it then evicts take their
+        // share, and the index shrinks to three quarters (1 179 648 slots), of which seven
+        // eighths fill before an eighth of those is evicted
+        assert_eq!(peak, 1_376_256);
         assert!(
-            least >= 590_000 && most >= 680_000,
+            least >= 900_000 && most >= 1_030_000,
             "{least}..{most} keys in memory"
         );
         // every key is new: a read is a false positive of the spill filters
@@ -1138,16 +1199,42 @@ mod tests {
         assert!(set.reads() < 15_000, "{} reads", set.reads());
     }
 
+    /// Until it first evicts, a set keeps no room for the spill filters: keys that need more
+    /// than what the filters' share would leave, but fit the whole decoded budget, all stay in
+    /// memory, and a second visit of every key reads nothing from RocksDB.
+    #[test]
+    fn keys_that_fit_the_whole_budget_all_stay_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = in_slot(dir.path(), &StateMemory::new(32 << 20), 0);
+        let budget = backend.memory().decoded_budget();
+        let slots = budget / std::mem::size_of::<Slot>();
+        // more keys than seven eighths of the slots the filters' share would leave
+        let n = (slots - slots / FILTER_SHARE) as u64 / 8 * 7 + 100_000;
+        assert!(n < slots as u64 / 8 * 7, "{n} keys must fit {slots} slots");
+        let mut set = attached(&backend);
+        for round in 0..2 {
+            for i in 0..n {
+                let added = set
+                    .insert_if_absent(&i.to_be_bytes(), 0, Watermark::MIN)
+                    .unwrap();
+                assert_eq!(added, round == 0, "key {i} in round {round}");
+                assert!(set.bytes() <= budget, "{} bytes at key {i}", set.bytes());
+            }
+        }
+        assert_eq!(set.len() as u64, n, "every key in memory");
+        assert_eq!((set.reads(), set.loads()), (0, 0));
+    }
+
     /// Once the spill filters gave up on the set's keys (their next stage would pass their
     /// share), the index grows into that share: the whole decoded budget.
     #[test]
     fn the_index_takes_the_filters_share_once_they_gave_up() {
         let dir = tempfile::tempdir().unwrap();
-        // 4 MB decoded: the filters' share is 1 MB, which holds 336k keys (stages of 16k,
-        // 64k and 256k), and leaves the index 196 608 slots until they give up
+        // 6 MB decoded: the filters' share is 1.5 MB, which holds 336k keys (stages of 16k,
+        // 64k and 256k, 2 bytes each), and leaves the index 294 912 slots until they give up
         let backend = in_slot(dir.path(), &StateMemory::new(8 << 20), 0);
         let budget = backend.memory().decoded_budget();
-        assert_eq!(budget, 4 << 20);
+        assert_eq!(budget, 6 << 20);
         let mut set = attached(&backend);
         let share = budget / FILTER_SHARE / std::mem::size_of::<Slot>();
         let mut most = 0;

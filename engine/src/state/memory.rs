@@ -2,27 +2,36 @@
 //! job in one process.
 //!
 //! **The memory model.** `state.memory_mb` (M) is what keyed state may use in one task slot,
-//! whatever the number of stateful operators the slot runs. Half of it is RocksDB's: one clock
-//! block cache per job and process holds data blocks, index and filter partitions, and the
+//! whatever the number of stateful operators the slot runs. A quarter of it is RocksDB's: one
+//! clock block cache per job and process holds data blocks, index and filter partitions, and the
 //! memtables, which a write-buffer manager charges to it and flushes once they reach half of it.
-//! The other half is the decoded-key caches in front of RocksDB (keyed tables' maps, key sets'
-//! indexes, pane tables), counted in bytes, with the filters of the keys they evicted (2 bytes
-//! per key of capacity, which grows fourfold; a quarter of the half at most per namespace; they
-//! let a miss skip RocksDB, see `state::spilled`). A process that runs keyed state for `s`
-//! slots of a job therefore holds about `s × M` of it (the decoded caches are estimates); the
+//! The other three quarters are the decoded-key caches in front of RocksDB (keyed tables' maps,
+//! key sets' indexes, pane tables), counted in bytes, with the filters of the keys they evicted
+//! (2 bytes per key of capacity, which grows fourfold; a quarter of the decoded share at most per
+//! namespace; they let a miss skip RocksDB, see `state::spilled`). The split favours the decoded
+//! caches because every state access goes to them first and RocksDB's cache serves only what
+//! they miss: with three quarters, the 10M-key deduplication of `freshet bench state` holds all
+//! its keys in memory, where with half it read RocksDB for two thirds of its second visits and
+//! ran seven times slower (BENCHMARKS.md). A process that runs keyed state for
+//! `s` slots of a job therefore holds about `s × M` of it (the decoded caches are estimates); the
 //! rest of a process (network buffers, batches in flight, the binary) comes on top. The cache
 //! grows and shrinks as slots open and close state. What the C allocator keeps free after the
 //! cache evicts is given back to the system by a thread that looks every 1 to 32 seconds
 //! (`state::heap`).
 //!
-//! The decoded-key caches share their half by need: a table evicts when its own bytes pass the
-//! whole half, or when the tables together pass it and the table holds more than a quarter of an
+//! The decoded-key caches share their part by need: a table evicts when its own bytes pass the
+//! whole of it, or when the tables together pass it and the table holds more than a quarter of an
 //! equal share ([`StateMemory::must_evict`]), so a large table yields to a small one.
 use parking_lot::Mutex;
 use rocksdb::{Cache, WriteBufferManager};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// RocksDB's part of `bytes` of keyed-state memory; the decoded-key caches have the rest.
+fn rocksdb_share(bytes: usize) -> usize {
+    bytes / 4
+}
 
 /// The keyed-state memory of one job in one process.
 pub struct StateMemory {
@@ -80,9 +89,9 @@ impl StateMemory {
         // a clock cache finds a block without taking a lock or moving it in a list, which a
         // lookup in an LRU cache does: with many lookups per record once state outgrows memory,
         // that was a tenth of a deduplication's time (the entry charge is found as it runs)
-        let cache = Cache::new_hyper_clock_cache(per_slot / 2, 0);
+        let cache = Cache::new_hyper_clock_cache(rocksdb_share(per_slot), 0);
         let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
-            per_slot / 4,
+            rocksdb_share(per_slot) / 2,
             false,
             cache.clone(),
         );
@@ -111,7 +120,7 @@ impl StateMemory {
     fn resize(&self, slots: usize) {
         let slots = slots.max(1);
         self.slot_count.store(slots, Ordering::Relaxed);
-        let rocksdb = slots * self.per_slot / 2;
+        let rocksdb = rocksdb_share(slots * self.per_slot);
         self.cache.clone().set_capacity(rocksdb);
         self.write_buffers.set_buffer_size(rocksdb / 2);
     }
@@ -133,7 +142,8 @@ impl StateMemory {
 
     /// Bytes the decoded-key caches may hold together.
     pub fn decoded_budget(&self) -> usize {
-        self.slot_count.load(Ordering::Relaxed).max(1) * self.per_slot / 2
+        let all = self.slot_count.load(Ordering::Relaxed).max(1) * self.per_slot;
+        all - rocksdb_share(all)
     }
 
     /// Bytes the decoded-key caches hold (estimated).
@@ -191,14 +201,14 @@ mod tests {
         let b = m.lease(0);
         assert_eq!(
             m.decoded_budget(),
-            32 << 20,
-            "one slot, however many instances"
+            48 << 20,
+            "three quarters of one slot, however many instances"
         );
         let c = m.lease(3);
-        assert_eq!(m.decoded_budget(), 64 << 20);
+        assert_eq!(m.decoded_budget(), 96 << 20);
         drop(c);
         drop(a);
-        assert_eq!(m.decoded_budget(), 32 << 20);
+        assert_eq!(m.decoded_budget(), 48 << 20);
         drop(b);
     }
 
@@ -208,18 +218,19 @@ mod tests {
         let _l = m.lease(0);
         m.add_table();
         m.add_table();
-        m.charge(0, 30 << 20); // the large table
+        assert_eq!(m.decoded_budget(), 48 << 20);
+        m.charge(0, 45 << 20); // the large table
         m.charge(0, 1 << 20); // the small one
-        assert!(!m.must_evict(30 << 20), "within the budget together");
-        m.charge(1 << 20, 3 << 20);
+        assert!(!m.must_evict(45 << 20), "within the budget together");
+        m.charge(1 << 20, 4 << 20);
         assert!(
-            m.must_evict(30 << 20),
+            m.must_evict(45 << 20),
             "over together: the large one evicts"
         );
         assert!(
-            !m.must_evict(3 << 20),
+            !m.must_evict(4 << 20),
             "the small one keeps growing up to a quarter of its share"
         );
-        assert!(m.must_evict(33 << 20), "alone above the budget");
+        assert!(m.must_evict(49 << 20), "alone above the budget");
     }
 }

@@ -1523,7 +1523,7 @@ mod tests {
         let generation = |t: &PaneTable<Sums>| t.backing.as_ref().unwrap().generation;
         let mut model = Model::new();
         let mut room = None;
-        for batch in 0..300u64 {
+        for batch in 0..450u64 {
             let keys: Vec<Vec<u8>> = (batch * 1000..(batch + 1) * 1000)
                 .map(|i| format!("k{i:07}").into_bytes())
                 .collect();
