@@ -19,9 +19,10 @@
 //! **Memory.** The index is charged by its allocation, long keys by their bytes, the spill
 //! filters by theirs, against the job's [`super::StateMemory`]. The index grows (in place, see
 //! [`Index::resize`]) while the budget has room for it, and, once the set has evicted a key and
-//! while the filters filter, for the filters' share; once it cannot, a full index writes its dirty keys and evicts an eighth of them by
-//! CLOCK: expired keys first, then keys not used since the last eviction (a key read back but
-//! not used again among them), spread evenly over the slots; a key kept loses its used mark.
+//! while the filters filter, for the filters' share; once it cannot, a full index writes its
+//! dirty keys and evicts an eighth of them by CLOCK: expired keys first, then keys not used
+//! since the last eviction (a key read back but not used again among them), spread evenly over
+//! the slots; a key kept loses its used mark.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -360,6 +361,11 @@ impl KeySet {
             && let Some(b) = self.backing.as_mut()
         {
             b.dirty += 1;
+            // a snapshot's flush keeps the rows it writes in memory until another thread
+            // writes them (see `KeyedBackend::defer_writes`): bounded by writing them early
+            if b.dirty >= dirty_limit(&b.backend) {
+                self.flush()?;
+            }
         }
         self.charge();
         self.give_back()
@@ -537,9 +543,9 @@ impl KeySet {
     /// an expired key's row is deleted instead, and the key forgotten. A set in memory has
     /// nothing to write. Passes over the index find the dirty keys (a lookup each would be a
     /// cache miss), each collecting at most [`dirty_limit`] of them from where the last
-    /// stopped, and each chunk's rows go in row-key order, which RocksDB's memtable inserts
-    /// fastest. So what a flush sorts stays bounded without writing keys before anything asks
-    /// for them.
+    /// stopped (more may be dirty: every key of a set just attached, keys that expired and
+    /// started over), and each pass's rows go in row-key order, which RocksDB's memtable
+    /// inserts fastest.
     pub fn flush(&mut self) -> Result<()> {
         self.publish_counts();
         let Some(b) = self.backing.as_ref() else {
@@ -744,8 +750,8 @@ fn row_value(ttl: Option<i64>, touched: i64, version: u8, value: &[u8]) -> Vec<u
     row
 }
 
-/// Dirty keys a flush writes at a time: what it sorts takes at most an eighth of the decoded
-/// caches' budget.
+/// Dirty keys after which a set writes them even if nothing asks it to, and that a flush
+/// writes at a time: what it sorts takes at most an eighth of the decoded caches' budget.
 fn dirty_limit(backend: &KeyedBackend) -> usize {
     (backend.memory().decoded_budget() / 8 / std::mem::size_of::<Dirty>()).max(4096)
 }
@@ -956,11 +962,11 @@ mod tests {
         set.outside
     }
 
-    /// A set writes nothing until something asks (a flush before a snapshot, or eviction),
-    /// however many keys changed, and a flush of more changed keys than it sorts at a time
-    /// writes them all, in chunks.
+    /// Keys added before a set is attached all become changed at once; a flush writes them
+    /// all, in passes of at most what it sorts at a time. Attached, a set writes its changed
+    /// keys once that many piled up, so a snapshot's flush holds no more in memory.
     #[test]
-    fn a_flush_writes_every_changed_key_in_chunks_and_only_when_asked() {
+    fn a_flush_writes_every_changed_key_in_passes() {
         let dir = tempfile::tempdir().unwrap();
         let memory = StateMemory::new(8 << 20);
         let backend = in_slot(dir.path(), &memory, 0);
@@ -968,26 +974,37 @@ mod tests {
             memory: Some(memory.clone()),
             ..config(dir.path(), 0)
         };
-        let mut set = attached(&backend);
-        let n = 3 * dirty_limit(&backend) as u64 + 1_000;
+        let limit = dirty_limit(&backend) as u64;
+        let n = 3 * limit + 1_000;
+        let mut set = KeySet::new("s", None, 0, NONE.to_vec());
         for i in 0..n {
             assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
         }
-        assert_eq!(set.len() as u64, n, "all in memory");
-        assert_eq!(set.rows_written(), 0, "nothing asked for a write");
+        set.attach(&backend).unwrap();
+        assert_eq!(set.rows_written(), 0, "nothing asked for a write yet");
         set.flush().unwrap();
         assert_eq!(set.rows_written(), n);
         set.flush().unwrap();
         assert_eq!(set.rows_written(), n, "nothing left to write");
+        let more = n + limit + 10;
+        for i in n..more {
+            assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
+        }
+        assert!(set.rows_written() >= n + limit, "{}", set.rows_written());
+        set.flush().unwrap();
+        assert_eq!(set.rows_written(), more);
         let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
         let mut back = attached(&restored);
-        for i in 0..n {
+        for i in 0..more {
             assert!(
                 !back.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap(),
                 "key {i}"
             );
         }
-        assert!(back.insert_if_absent(&key(n), 0, Watermark::MIN).unwrap());
+        assert!(
+            back.insert_if_absent(&key(more), 0, Watermark::MIN)
+                .unwrap()
+        );
     }
 
     /// A set's rows are those of a one-value keyed table of the same name holding the set's

@@ -12,7 +12,7 @@
 //! caches because every state access goes to them first and RocksDB's cache serves only what
 //! they miss: with three quarters, the 10M-key deduplication of `freshet bench state` holds all
 //! its keys in memory, where with half it read RocksDB for two thirds of its second visits and
-//! ran seven times slower (BENCHMARKS.md). A process that runs keyed state for
+//! ran 5.5 to 7.3 times slower (BENCHMARKS.md). A process that runs keyed state for
 //! `s` slots of a job therefore holds about `s × M` of it (the decoded caches are estimates); the
 //! rest of a process (network buffers, batches in flight, the binary) comes on top. The cache
 //! grows and shrinks as slots open and close state. What the C allocator keeps free after the
