@@ -1278,6 +1278,13 @@ mod tests {
     }
 
     #[test]
+    fn a_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&mut [0.9, 1.2]), 1.05);
+    }
+
+    #[test]
     fn state_benchmark_jobs_are_valid() {
         for kind in ["dedup", "window", "join"] {
             let text = state_job(kind, 1_000_000, 2, Some(64)).unwrap();
@@ -1299,6 +1306,20 @@ mod tests {
                 checkpoint_interval: None,
             })
             .is_err()
+        );
+        assert!(
+            bench_state(&StateBench {
+                keys: vec![10],
+                per_key: 2,
+                jobs: vec!["dedup".into()],
+                memory_mb: None,
+                against: None,
+                rounds: 0,
+                timeout: std::time::Duration::from_secs(1),
+                checkpoint_interval: None,
+            })
+            .is_err(),
+            "no rounds"
         );
         // 7919 * 3 keys share a factor with 7919 and with 7920: 7921 (89²) is the multiplier
         assert!(
