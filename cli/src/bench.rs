@@ -1294,33 +1294,21 @@ mod tests {
             assert_eq!(job.state.memory_mb, 64);
         }
         assert!(state_job("sort", 10, 2, None).is_err());
-        assert!(
+        let refused = |keys: u64, rounds: u32| {
             bench_state(&StateBench {
-                keys: vec![0],
+                keys: vec![keys],
                 per_key: 2,
                 jobs: vec!["dedup".into()],
                 memory_mb: None,
                 against: None,
-                rounds: 1,
+                rounds,
                 timeout: std::time::Duration::from_secs(1),
                 checkpoint_interval: None,
             })
             .is_err()
-        );
-        assert!(
-            bench_state(&StateBench {
-                keys: vec![10],
-                per_key: 2,
-                jobs: vec!["dedup".into()],
-                memory_mb: None,
-                against: None,
-                rounds: 0,
-                timeout: std::time::Duration::from_secs(1),
-                checkpoint_interval: None,
-            })
-            .is_err(),
-            "no rounds"
-        );
+        };
+        assert!(refused(0, 1), "no keys");
+        assert!(refused(10, 0), "no rounds");
         // 7919 * 3 keys share a factor with 7919 and with 7920: 7921 (89²) is the multiplier
         assert!(
             state_job("dedup", 7919 * 3, 2, None)
