@@ -710,12 +710,17 @@ fn bench_state(b: &StateBench) -> Result<i32> {
             .flat_map(|k| std::iter::repeat(k).zip(1..=b.rounds))
         {
             let events = k * b.per_key;
-            let mine = || run_child(&this, &job_file(kind, k, "this")?, &[], &[], b.timeout);
+            let mine = || {
+                let job = job_file(kind, k, &format!("this-{round}"))?;
+                run_child(&this, &job, &[], &[], b.timeout)
+            };
             // with another binary, which one runs first alternates, so drift hits both alike
             let (run, theirs) = match &b.against {
                 Some(other) => {
-                    let other =
-                        || run_child(other, &job_file(kind, k, "other")?, &[], &[], b.timeout);
+                    let other = || {
+                        let job = job_file(kind, k, &format!("other-{round}"))?;
+                        run_child(other, &job, &[], &[], b.timeout)
+                    };
                     if round % 2 == 1 {
                         let run = mine()?;
                         (run, Some(other()?))
@@ -729,7 +734,10 @@ fn bench_state(b: &StateBench) -> Result<i32> {
             if let ChildRun::Done { log, .. } = &run
                 && b.checkpoint_interval.is_some()
             {
-                checkpoint_rows.push(format!("| {kind} | {k} | {} |", checkpoint_cells(log)));
+                checkpoint_rows.push(format!(
+                    "| {kind} | {k} | {round} | {} |",
+                    checkpoint_cells(log)
+                ));
             }
             let (wall, eps, rss) = cells(&run, events, b.timeout);
             let reads = reads_cell(&run, events);
@@ -783,9 +791,9 @@ fn bench_state(b: &StateBench) -> Result<i32> {
     if let Some(i) = &b.checkpoint_interval {
         println!("\nCheckpoints every {i} (this build):\n");
         println!(
-            "| job | distinct keys | checkpoints | duration median ms | duration max ms | uploaded median MB | uploaded max MB | last full MB |"
+            "| job | distinct keys | round | checkpoints | duration median ms | duration max ms | uploaded median MB | uploaded max MB | last full MB |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in checkpoint_rows {
             println!("{row}");
         }

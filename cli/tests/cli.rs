@@ -788,6 +788,53 @@ fn the_summary_counts_each_state_access_of_a_vertex() {
     );
 }
 
+/// `freshet bench state --checkpoint-interval` gives every run its own checkpoint directory:
+/// each round of each binary processes its input from the start, rather than resuming from
+/// an earlier round's checkpoint, finding the input consumed and touching no state.
+#[test]
+fn bench_state_rounds_with_checkpoints_each_start_from_nothing() {
+    let me = env!("CARGO_BIN_EXE_freshet");
+    let o = freshet()
+        .args([
+            "bench",
+            "state",
+            "--jobs",
+            "dedup",
+            "--keys",
+            "100000",
+            "--rounds",
+            "2",
+            "--against",
+            me,
+            "--checkpoint-interval",
+            "10s",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    // | job | distinct keys | round | events | wall s | events/s | peak RSS MB | reads per event |
+    // other: wall s | events/s | peak RSS MB | reads per event | speed vs other |
+    let rows: Vec<_> = table_rows(&text, &["dedup"])
+        .into_iter()
+        .filter(|r| r.len() == 15)
+        .collect();
+    assert_eq!(rows.len(), 2, "a row per round: {text}");
+    for r in rows {
+        // a run that touched no state has no reads to report ("-")
+        for reads in [r[8], r[12]] {
+            let per_event: f64 = reads.parse().unwrap_or_else(|_| panic!("{text}"));
+            assert!(per_event < 0.01, "{text}");
+        }
+    }
+    // and a checkpoint row per round
+    let checkpoints = table_rows(&text, &["dedup"])
+        .into_iter()
+        .filter(|r| r.len() == 11)
+        .count();
+    assert_eq!(checkpoints, 2, "{text}");
+}
+
 /// `freshet bench nexmark --against` runs the query with this binary and another in turn, each
 /// as a process of its own, and prints a row per round and the medians; run against itself,
 /// every result is the same and the ratios are near 1.

@@ -9,9 +9,11 @@
 //! to the one before them, and an object store that refuses every request for a while, then
 //! answers slowly, neither fails the job nor loses data (a proxy in front of moto); checkpoints
 //! failing in a row restart the job; a full state disk fails attempts until space returns, then
-//! the job recovers.
+//! the job recovers; a snapshot file larger than one upload part goes to S3 in parts and comes
+//! back verified.
 mod common;
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -644,4 +646,69 @@ fn a_full_state_disk_fails_attempts_until_space_returns_then_the_job_recovers() 
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
     check_output(name, &out, "after the state disk was full");
+}
+
+/// A snapshot file larger than one part goes to the S3 server in parts (never held in memory
+/// whole) and comes back byte for byte, verified as it streams in; a download whose checksum
+/// is not the recorded one is refused as corrupt and leaves no file behind.
+#[test]
+fn a_large_snapshot_file_goes_to_s3_in_parts_and_comes_back_verified() {
+    use freshet_engine::checkpoint::storage::UPLOAD_PART;
+    use freshet_engine::checkpoint::{FileRef, S3Options, Storage, checksum};
+    let s3 = S3Server::start();
+    let opts = S3Options {
+        endpoint: Some(s3.endpoint.clone()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("test".into()),
+        secret_access_key: Some("test".into()),
+    };
+    let store = Storage::open("s3://freshet/parts", Path::new("."), &opts).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("000007.sst");
+    // two and a half parts
+    let data: Vec<u8> = (0..(UPLOAD_PART * 5 / 2) as u64)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&file, &data).unwrap();
+    let (len, sum) = store.put_file("shared/op/000007.sst", &file).unwrap();
+    assert_eq!(len, data.len() as u64);
+    assert_eq!(sum, checksum(&data));
+    let listed = store.list_sized("shared").unwrap();
+    assert_eq!(listed, vec![("shared/op/000007.sst".to_string(), len)]);
+    // S3 gives an object uploaded in N parts the ETag "<md5 of the parts' md5s>-N"
+    let etag = std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import urllib.request as u; print(u.urlopen(u.Request('{}/freshet/parts/shared/op/000007.sst', method='HEAD')).headers['ETag'])",
+                s3.endpoint
+            ),
+        ])
+        .output()
+        .unwrap();
+    let etag = String::from_utf8_lossy(&etag.stdout);
+    assert!(etag.trim().trim_matches('"').ends_with("-3"), "ETag {etag}");
+    let f = FileRef {
+        name: "000007.sst".into(),
+        path: "shared/op/000007.sst".into(),
+        size: len,
+        checksum: Some(sum),
+    };
+    let back = dir.path().join("back.sst");
+    store.get_file(&f, &back).unwrap();
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the bytes came back changed"
+    );
+    let wrong = FileRef {
+        checksum: Some("0123456789abcdef".into()),
+        ..f
+    };
+    let bad = dir.path().join("bad.sst");
+    let err = store.get_file(&wrong, &bad).unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
+    assert!(
+        !bad.exists(),
+        "a file that failed its check was left behind"
+    );
 }

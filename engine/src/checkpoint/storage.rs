@@ -15,7 +15,7 @@ use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -93,6 +93,16 @@ fn checksum_file(path: &Path) -> std::io::Result<(u64, String)> {
         len += n as u64;
     }
     Ok((len, format!("{:016x}", hasher.digest())))
+}
+
+/// Bytes of a part of an upload to S3 (which wants at least 5 MiB for all parts but the last),
+/// and the size above which a file goes up in parts.
+pub const UPLOAD_PART: usize = 8 << 20;
+
+/// Why moving a file to or from the store failed: the local file, or the store.
+enum Failed {
+    Local(std::io::Error),
+    Store(object_store::Error),
 }
 
 fn err(context: impl std::fmt::Display, e: impl std::fmt::Display) -> EngineError {
@@ -234,14 +244,84 @@ impl Storage {
     }
 
     /// Uploads the local file `file` to `rel`; returns its size and
-    /// [`checksum`](super::checksum).
+    /// [`checksum`](super::checksum). The file is never held in memory whole: into a local
+    /// directory it is hard-linked (files a snapshot uploads never change once written) or,
+    /// across file systems, copied by the kernel, under a temporary name renamed into place;
+    /// to S3 a file larger than one part goes up in parts of [`UPLOAD_PART`], at most two in
+    /// flight.
     pub fn put_file(&self, rel: &str, file: &Path) -> Result<(u64, String)> {
-        let data = std::fs::read(file)
-            .map_err(|e| EngineError::io(format!("reading {}", file.display()), e))?;
-        let n = data.len() as u64;
-        let sum = super::checksum(&data);
-        self.put(rel, Bytes::from(data))?;
-        Ok((n, sum))
+        let reading = |e| EngineError::io(format!("reading {}", file.display()), e);
+        if let Some(root) = &self.local_root {
+            let (len, sum) = checksum_file(file).map_err(reading)?;
+            let dest = root.join(self.join(rel));
+            let writing = |e| EngineError::io(format!("writing {}", dest.display()), e);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(writing)?;
+            }
+            // unique to this call: two checkpoints may upload the same file at once
+            static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let tmp = dest.with_file_name(format!(
+                ".{}.{}-{}.tmp",
+                dest.file_name().unwrap_or_default().to_string_lossy(),
+                std::process::id(),
+                CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_file(&tmp);
+            if std::fs::hard_link(file, &tmp).is_err() {
+                std::fs::copy(file, &tmp).map_err(writing)?;
+            }
+            if let Err(e) = std::fs::rename(&tmp, &dest) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(writing(e));
+            }
+            return Ok((len, sum));
+        }
+        let len = std::fs::metadata(file).map_err(reading)?.len();
+        if len <= UPLOAD_PART as u64 {
+            let data = std::fs::read(file).map_err(reading)?;
+            let sum = super::checksum(&data);
+            self.put(rel, Bytes::from(data))?;
+            return Ok((len, sum));
+        }
+        let mut f = std::fs::File::open(file).map_err(reading)?;
+        block_on(self.put_parts(&self.path(rel), &mut f)).map_err(|e| match e {
+            Failed::Local(e) => reading(e),
+            Failed::Store(e) => err(format!("writing {}/{rel}", self.url), e),
+        })
+    }
+
+    /// Uploads what `f` holds to `p` in parts of [`UPLOAD_PART`]; returns its length and
+    /// [`checksum`](super::checksum). A failure abandons the parts sent.
+    async fn put_parts(
+        &self,
+        p: &ObjectPath,
+        f: &mut std::fs::File,
+    ) -> std::result::Result<(u64, String), Failed> {
+        use std::io::Read;
+        let upload = self.store.put_multipart(p).await.map_err(Failed::Store)?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART);
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut len = 0u64;
+        loop {
+            let n = match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = w.abort().await;
+                    return Err(Failed::Local(e));
+                }
+            };
+            hasher.update(&buf[..n]);
+            len += n as u64;
+            if let Err(e) = w.wait_for_capacity(2).await {
+                let _ = w.abort().await;
+                return Err(Failed::Store(e));
+            }
+            w.write(&buf[..n]);
+        }
+        w.finish().await.map_err(Failed::Store)?;
+        Ok((len, format!("{:016x}", hasher.digest())))
     }
 
     /// Reads `rel`; `None` if it does not exist.
@@ -296,8 +376,9 @@ impl Storage {
         Ok(())
     }
 
-    /// Downloads the snapshot file `f` into the local file `file`, verifying it
-    /// ([`Storage::get_verified`]). From a local directory an SST file is verified where it is
+    /// Downloads the snapshot file `f` into the local file `file` a piece at a time, verifying
+    /// it as [`Storage::get_verified`] does (a file that fails is removed). From a local
+    /// directory an SST file is verified where it is
     /// and hard-linked instead of copied: SST files never change once written, so a snapshot and
     /// the instance restored from it can share them. Where no link can be made (another file
     /// system), the file is copied by the kernel.
@@ -314,9 +395,41 @@ impl Storage {
                 }
             }
         }
-        let data = self.get_verified(&f.path, f.size, f.checksum.as_deref())?;
-        std::fs::write(file, &data)
-            .map_err(|e| EngineError::io(format!("writing {}", file.display()), e))
+        let writing = |e| EngineError::io(format!("writing {}", file.display()), e);
+        let mut out = std::fs::File::create(file).map_err(writing)?;
+        let p = self.path(&f.path);
+        let got = block_on(async {
+            use std::io::Write;
+            let mut stream = match self.store.get(&p).await {
+                Ok(r) => r.into_stream(),
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(Failed::Store(e)),
+            };
+            let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+            let mut len = 0u64;
+            while let Some(piece) = stream.try_next().await.map_err(Failed::Store)? {
+                hasher.update(&piece);
+                len += piece.len() as u64;
+                out.write_all(&piece).map_err(Failed::Local)?;
+            }
+            Ok(Some((len, format!("{:016x}", hasher.digest()))))
+        });
+        let checked = match got {
+            Ok(Some((len, sum))) => {
+                let sums = f.checksum.as_deref().map(|s| (s, sum));
+                self.verify(&f.path, len, f.size, sums)
+            }
+            Ok(None) => Err(EngineError::Corrupt {
+                location: format!("{}/{}", self.url, f.path),
+                what: "it does not exist".into(),
+            }),
+            Err(Failed::Local(e)) => Err(writing(e)),
+            Err(Failed::Store(e)) => Err(err(format!("reading {}/{}", self.url, f.path), e)),
+        };
+        if checked.is_err() {
+            let _ = std::fs::remove_file(file);
+        }
+        checked
     }
 
     /// Every object under `rel`, as paths relative to this view.
@@ -360,5 +473,55 @@ impl Storage {
             self.delete(&item)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{FileRef, checksum};
+    use std::os::unix::fs::MetadataExt;
+
+    /// Into a local directory a file goes as a hard link (no copy, nothing held in memory),
+    /// replacing what a failed attempt left there, and comes back verified.
+    #[test]
+    fn a_local_upload_links_the_file_and_a_download_verifies_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Storage::open("store", dir.path(), &S3Options::default()).unwrap();
+        let file = dir.path().join("000042.sst");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&file, &data).unwrap();
+        let dest = dir.path().join("store/shared/op/000042.sst");
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::write(&dest, b"left by an attempt that failed").unwrap();
+        let (len, sum) = store.put_file("shared/op/000042.sst", &file).unwrap();
+        assert_eq!(
+            (len, sum.as_str()),
+            (data.len() as u64, checksum(&data).as_str())
+        );
+        assert_eq!(
+            std::fs::metadata(&dest).unwrap().ino(),
+            std::fs::metadata(&file).unwrap().ino(),
+            "linked, not copied"
+        );
+        let f = FileRef {
+            name: "000042.sst".into(),
+            path: "shared/op/000042.sst".into(),
+            size: len,
+            checksum: Some(sum),
+        };
+        let back = dir.path().join("back.sst");
+        store.get_file(&f, &back).unwrap();
+        assert_eq!(std::fs::read(&back).unwrap(), data);
+        // a file whose checksum is not the recorded one is refused as corrupt
+        let wrong = FileRef {
+            checksum: Some("0000000000000000".into()),
+            ..f
+        };
+        let err = store
+            .get_file(&wrong, &dir.path().join("bad.sst"))
+            .unwrap_err();
+        assert!(matches!(err, EngineError::Corrupt { .. }), "{err}");
+        assert!(!dir.path().join("bad.sst").exists());
     }
 }

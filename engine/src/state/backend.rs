@@ -30,7 +30,8 @@
 //!
 //! Writes skip the write-ahead log: durability comes from checkpoints, which flush the memtables
 //! and link the SST files. Only encoding the changed values runs on the subtask's thread: the
-//! rows a snapshot writes are kept aside ([`KeyedBackend::defer_writes`]), and another thread
+//! rows a snapshot writes are kept aside ([`KeyedBackend::defer_writes`], up to a sixteenth of a
+//! slot's state memory; beyond it they go in on the subtask's thread), and another thread
 //! writes them, flushes and links ([`KeyedBackend::begin_snapshot`]). Until the rows are written
 //! the subtask's RocksDB reads wait, and until the files are linked its writes wait, so the
 //! snapshot holds exactly the state at its barrier while the subtask goes on processing from its
@@ -497,6 +498,8 @@ struct SnapshotGate {
     /// Writes are kept in `deferred` (a snapshot's synchronous part is running).
     deferring: bool,
     deferred: Vec<WriteBatch>,
+    /// Bytes of `deferred`.
+    deferred_bytes: usize,
     /// A begun snapshot's rows are not written yet: reads wait.
     unwritten: bool,
     /// A begun snapshot is not linked yet: writes wait.
@@ -520,24 +523,34 @@ impl PendingSnapshot {
     /// failure also fails every later read and write of the instance.
     pub fn take(mut self, into: &Path) -> Result<Vec<(String, u64)>> {
         let b = self.backend.clone();
-        let result = std::mem::take(&mut self.rows)
-            .into_iter()
-            .try_for_each(|batch| b.write_now(batch))
-            .and_then(|()| {
-                b.drop_reader();
-                b.rows_written();
-                b.link_snapshot(into)
-            });
+        let result = self.write_rows().and_then(|()| {
+            b.drop_reader();
+            b.rows_written();
+            b.link_snapshot(into)
+        });
         if let Err(e) = &result {
             b.gate().failed = Some(e.to_string());
         }
         result
     }
+
+    /// Writes the rows kept for the snapshot.
+    fn write_rows(&mut self) -> Result<()> {
+        std::mem::take(&mut self.rows)
+            .into_iter()
+            .try_for_each(|batch| self.backend.write_now(batch))
+    }
 }
 
 impl Drop for PendingSnapshot {
+    /// A snapshot dropped before it was taken (its checkpoint given up) still writes its rows:
+    /// the tables count them as written.
     fn drop(&mut self) {
+        let written = self.write_rows();
         let mut gate = self.backend.gate();
+        if let Err(e) = written {
+            gate.failed.get_or_insert_with(|| e.to_string());
+        }
         gate.running = false;
         drop(gate);
         self.backend.rows_written();
@@ -1238,12 +1251,30 @@ impl KeyedBackend {
         }
         let mut gate = self.gate();
         if gate.deferring {
-            gate.deferred.push(batch);
-            return Ok(());
+            let bytes = gate.deferred_bytes + batch.size_in_bytes();
+            if bytes <= self.deferred_limit() {
+                gate.deferred.push(batch);
+                gate.deferred_bytes = bytes;
+                return Ok(());
+            }
+            // too many to keep: what was kept and this go in now, in order, and the snapshot
+            // (what RocksDB holds plus what is kept) is the same
+            let mut gate = self.wait_for_snapshot(gate)?;
+            gate.deferred_bytes = 0;
+            for kept in std::mem::take(&mut gate.deferred) {
+                self.write_now(kept)?;
+            }
+            return self.write_now(batch);
         }
         // held while writing: no snapshot begins halfway through a batch
         let _gate = self.wait_for_snapshot(gate)?;
         self.write_now(batch)
+    }
+
+    /// Bytes of rows a snapshot's synchronous part keeps in memory at most (see
+    /// [`Self::defer_writes`]): a sixteenth of a slot's state memory.
+    pub(crate) fn deferred_limit(&self) -> usize {
+        self.memory.per_slot() / 16
     }
 
     fn write_now(&self, batch: WriteBatch) -> Result<()> {
@@ -1450,7 +1481,9 @@ impl KeyedBackend {
 
     /// Starts the synchronous part of a snapshot: writes from here on (the rows the operator's
     /// snapshot flushes) are kept for [`Self::begin_snapshot`], which ends it, instead of going
-    /// into RocksDB on the subtask's thread.
+    /// into RocksDB on the subtask's thread. Once they would pass a sixteenth of a slot's state
+    /// memory, the kept rows go in on the subtask's thread after all and the keeping starts
+    /// over, so a snapshot that writes many rows holds no more than that of them in memory.
     pub fn defer_writes(&self) {
         self.gate().deferring = true;
     }
@@ -1461,6 +1494,12 @@ impl KeyedBackend {
         self.gate().deferred.len()
     }
 
+    /// Bytes of the write batches kept for the snapshot being taken (tests).
+    #[cfg(test)]
+    pub(crate) fn deferred_bytes(&self) -> usize {
+        self.gate().deferred_bytes
+    }
+
     /// Begins a snapshot of the instance at this point: the rows written since
     /// [`Self::defer_writes`], on top of what RocksDB holds. Another thread takes it
     /// ([`PendingSnapshot::take`]): writing those rows, flushing the memtables and linking the
@@ -1469,6 +1508,7 @@ impl KeyedBackend {
     pub fn begin_snapshot(self: &Arc<Self>) -> Result<PendingSnapshot> {
         let mut gate = self.gate();
         gate.deferring = false;
+        gate.deferred_bytes = 0;
         let rows = std::mem::take(&mut gate.deferred);
         let mut gate = self.wait_for_snapshot(gate)?;
         gate.running = true;

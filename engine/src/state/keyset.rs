@@ -361,11 +361,6 @@ impl KeySet {
             && let Some(b) = self.backing.as_mut()
         {
             b.dirty += 1;
-            // a snapshot's flush keeps the rows it writes in memory until another thread
-            // writes them (see `KeyedBackend::defer_writes`): bounded by writing them early
-            if b.dirty >= dirty_limit(&b.backend) {
-                self.flush()?;
-            }
         }
         self.charge();
         self.give_back()
@@ -750,10 +745,10 @@ fn row_value(ttl: Option<i64>, touched: i64, version: u8, value: &[u8]) -> Vec<u
     row
 }
 
-/// Dirty keys after which a set writes them even if nothing asks it to, and that a flush
-/// writes at a time: what it sorts takes at most an eighth of the decoded caches' budget.
+/// Dirty keys a flush writes at a time: what it sorts takes at most a thirty-second of the decoded
+/// caches' budget.
 fn dirty_limit(backend: &KeyedBackend) -> usize {
-    (backend.memory().decoded_budget() / 8 / std::mem::size_of::<Dirty>()).max(4096)
+    (backend.memory().decoded_budget() / 32 / std::mem::size_of::<Dirty>()).max(4096)
 }
 
 /// Bytes of a key [`row_order`] holds: what fits beside the key group and the length.
@@ -963,8 +958,10 @@ mod tests {
     }
 
     /// Keys added before a set is attached all become changed at once; a flush writes them
-    /// all, in passes of at most what it sorts at a time. Attached, a set writes its changed
-    /// keys once that many piled up, so a snapshot's flush holds no more in memory.
+    /// all, in passes of at most what it sorts at a time. A set writes changed keys only when
+    /// asked (a snapshot, an eviction), and a snapshot's flush keeps at most a sixteenth of the
+    /// slot's memory of rows aside for the snapshot's thread: the rest go in on the subtask's
+    /// thread, and the snapshot holds every key either way.
     #[test]
     fn a_flush_writes_every_changed_key_in_passes() {
         let dir = tempfile::tempdir().unwrap();
@@ -982,15 +979,42 @@ mod tests {
         }
         set.attach(&backend).unwrap();
         assert_eq!(set.rows_written(), 0, "nothing asked for a write yet");
+        // a snapshot's flush: its rows are more than may be kept aside
+        backend.defer_writes();
         set.flush().unwrap();
         assert_eq!(set.rows_written(), n);
+        let kept = backend.deferred_bytes();
+        assert!(kept <= backend.deferred_limit(), "{kept} bytes kept aside");
+        assert_eq!(backend.deferred_limit(), (8 << 20) / 16);
+        let snap = dir.path().join("first");
+        backend.begin_snapshot().unwrap().take(&snap).unwrap();
+        assert_eq!(backend.deferred_bytes(), 0);
         set.flush().unwrap();
         assert_eq!(set.rows_written(), n, "nothing left to write");
         let more = n + limit + 10;
         for i in n..more {
             assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
         }
-        assert!(set.rows_written() >= n + limit, "{}", set.rows_written());
+        assert_eq!(set.rows_written(), n, "new keys wait for a flush");
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let at_snapshot = Arc::new(
+            KeyedBackend::restore(
+                &dir.path().join("db1"),
+                &cfg,
+                range,
+                128,
+                vec![(snap, range)],
+            )
+            .unwrap(),
+        );
+        let mut back = attached(&at_snapshot);
+        for i in 0..n {
+            assert!(
+                !back.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap(),
+                "key {i} in the snapshot"
+            );
+        }
+        assert!(back.insert_if_absent(&key(n), 0, Watermark::MIN).unwrap());
         set.flush().unwrap();
         assert_eq!(set.rows_written(), more);
         let restored = snapshot_and_restore(&backend, dir.path(), &cfg);

@@ -2375,6 +2375,90 @@ pub(crate) mod tests {
         );
     }
 
+    /// Rows a snapshot's flush writes past what may be kept in memory go into RocksDB on the
+    /// subtask's thread, and the snapshot still holds exactly the state at its barrier. A
+    /// snapshot dropped before it is taken (its checkpoint given up) still writes the rows it
+    /// kept, which the tables count as written.
+    #[test]
+    fn a_snapshot_past_its_memory_writes_its_rows_in_place_and_holds_its_barrier() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StateConfig {
+            memory: Some(StateMemory::new(4 << 20)),
+            ..config(dir.path(), 1_000_000)
+        };
+        let range = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let backend =
+            Arc::new(KeyedBackend::open(&dir.path().join("db"), &cfg, range, 128).unwrap());
+        let mut t: KeyedTable<u64> = KeyedTable::one_value("t", None);
+        t.attach(&backend).unwrap();
+        let id = backend::value_table_id("t");
+        let n = 60_000u32;
+        let set = |t: &mut KeyedTable<u64>, v: u64| {
+            for i in 0..n {
+                t.update(&key(i), 0, 0, Watermark::MIN, || v, |x| *x = v)
+                    .unwrap();
+            }
+        };
+        let stored = |b: &KeyedBackend| -> Vec<u64> {
+            b.scan(id)
+                .unwrap()
+                .iter()
+                .map(|(_, v)| postcard::from_bytes(&v[backend::HEADER..]).unwrap())
+                .collect()
+        };
+        set(&mut t, 1);
+        t.flush().unwrap();
+        set(&mut t, 2);
+        backend.defer_writes();
+        t.flush().unwrap();
+        assert!(backend.deferred_bytes() <= backend.deferred_limit());
+        assert!(
+            stored(&backend).contains(&2),
+            "the rows outgrew the 256 KB kept in memory"
+        );
+        let pending = backend.begin_snapshot().unwrap();
+        let snap = dir.path().join("snap");
+        let taker = {
+            let snap = snap.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                pending.take(&snap).unwrap()
+            })
+        };
+        let read = stored(&backend);
+        assert_eq!(read.len(), n as usize);
+        assert!(
+            read.iter().all(|v| *v == 2),
+            "a read saw the rows before the barrier"
+        );
+        set(&mut t, 3);
+        t.flush().unwrap();
+        taker.join().unwrap();
+        assert!(stored(&backend).iter().all(|v| *v == 3));
+        let in_snapshot = snapshot_values(dir.path(), snap, (0..n).map(key));
+        assert!(
+            in_snapshot.iter().all(|v| *v == Some(2)),
+            "the snapshot holds the barrier's values"
+        );
+        // given up before it was taken: its rows are written all the same
+        for few in [n, 1_000] {
+            for i in 0..few {
+                t.update(&key(i), 0, 0, Watermark::MIN, || 4, |x| *x = few as u64)
+                    .unwrap();
+            }
+            backend.defer_writes();
+            t.flush().unwrap();
+            assert!(backend.deferred_bytes() <= backend.deferred_limit());
+            drop(backend.begin_snapshot().unwrap());
+            let now = stored(&backend);
+            let changed = now.iter().filter(|v| **v == few as u64).count();
+            assert_eq!(changed, few as usize);
+        }
+        set(&mut t, 5);
+        t.flush().unwrap();
+        assert!(stored(&backend).iter().all(|v| *v == 5));
+    }
+
     /// A snapshot that cannot be linked fails every later read and write of its instance
     /// (which a restart replaces), rather than letting the subtask go on from state no
     /// checkpoint holds.
