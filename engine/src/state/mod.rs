@@ -2309,6 +2309,23 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Sets keys 0 to `n` of `t` to `v`.
+    fn set_all(t: &mut KeyedTable<u64>, n: u32, v: u64) {
+        for i in 0..n {
+            t.update(&key(i), 0, 0, Watermark::MIN, || v, |x| *x = v)
+                .unwrap();
+        }
+    }
+
+    /// The values RocksDB holds for table `id` of `b`, in row order.
+    fn stored_values(b: &KeyedBackend, id: [u8; 4]) -> Vec<u64> {
+        b.scan(id)
+            .unwrap()
+            .iter()
+            .map(|(_, v)| postcard::from_bytes(&v[backend::HEADER..]).unwrap())
+            .collect()
+    }
+
     /// A snapshot's rows are written, and its files linked, by another thread while the
     /// subtask goes on: the subtask's reads wait for the rows, its writes for the links, and
     /// the snapshot holds the state at its barrier, not what the subtask did meanwhile.
@@ -2319,19 +2336,8 @@ pub(crate) mod tests {
         let id = backend::value_table_id("t");
         // more than one batch of rows (`FLUSH_BATCH_BYTES`), so the kept rows are several batches
         let n = 40_000u32;
-        let set = |t: &mut KeyedTable<u64>, v: u64| {
-            for i in 0..n {
-                t.update(&key(i), 0, 0, Watermark::MIN, || v, |x| *x = v)
-                    .unwrap();
-            }
-        };
-        let stored = |b: &KeyedBackend| -> Vec<u64> {
-            b.scan(id)
-                .unwrap()
-                .iter()
-                .map(|(_, v)| postcard::from_bytes(&v[backend::HEADER..]).unwrap())
-                .collect()
-        };
+        let set = |t: &mut KeyedTable<u64>, v: u64| set_all(t, n, v);
+        let stored = |b: &KeyedBackend| stored_values(b, id);
         set(&mut t, 1);
         t.flush().unwrap();
         // the barrier: every key changes to 2, and the snapshot's flush keeps the rows aside
@@ -2393,19 +2399,8 @@ pub(crate) mod tests {
         t.attach(&backend).unwrap();
         let id = backend::value_table_id("t");
         let n = 60_000u32;
-        let set = |t: &mut KeyedTable<u64>, v: u64| {
-            for i in 0..n {
-                t.update(&key(i), 0, 0, Watermark::MIN, || v, |x| *x = v)
-                    .unwrap();
-            }
-        };
-        let stored = |b: &KeyedBackend| -> Vec<u64> {
-            b.scan(id)
-                .unwrap()
-                .iter()
-                .map(|(_, v)| postcard::from_bytes(&v[backend::HEADER..]).unwrap())
-                .collect()
-        };
+        let set = |t: &mut KeyedTable<u64>, v: u64| set_all(t, n, v);
+        let stored = |b: &KeyedBackend| stored_values(b, id);
         set(&mut t, 1);
         t.flush().unwrap();
         set(&mut t, 2);
