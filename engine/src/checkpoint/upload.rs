@@ -123,7 +123,7 @@ impl<'a> SnapshotContext<'a> {
 struct Stored {
     path: String,
     checksum: Option<String>,
-    /// The checkpoint it was last uploaded for.
+    /// The newest checkpoint that references it.
     checkpoint: CheckpointId,
     /// True once a checkpoint referencing it completed.
     confirmed: bool,
@@ -247,7 +247,8 @@ impl OperatorState {
         }
     }
 
-    /// A checkpoint was abandoned: forget files only it uploaded.
+    /// A checkpoint was abandoned: forget the files it was the newest to reference, unless a
+    /// completed checkpoint references them (the next checkpoint uploads them again).
     pub(crate) fn abort(&self, id: CheckpointId) {
         self.stored
             .lock()
@@ -393,12 +394,13 @@ fn upload_all(
                 uploaded += n;
                 (path, Some(sum))
             } else if name.ends_with(".sst") {
-                let known = t
-                    .stored
-                    .lock()
-                    .get(name)
-                    .filter(|s| s.confirmed)
-                    .map(|s| (s.path.clone(), s.checksum.clone()));
+                // uploaded before, also for a checkpoint still pending: its files stay (the
+                // JobManager collects unreferenced ones only while none is pending), and if it
+                // fails this one still references them
+                let known = t.stored.lock().get_mut(name).map(|s| {
+                    s.checkpoint = s.checkpoint.max(barrier.id);
+                    (s.path.clone(), s.checksum.clone())
+                });
                 match known {
                     Some(k) => k,
                     None => {
@@ -498,8 +500,22 @@ mod tests {
         }
     }
 
-    /// Checkpoint `id` of one subtask of operator `op`: its snapshot, full and uploaded bytes.
+    /// Checkpoint `id` of one subtask of operator `op`, completed: its snapshot, full and
+    /// uploaded bytes.
     fn checkpoint(
+        hooks: &CheckpointHooks,
+        op: &OperatorState,
+        info: &SubtaskInfo,
+        id: CheckpointId,
+        local: &Path,
+    ) -> (OperatorSnapshot, u64, u64) {
+        let taken = uncompleted(hooks, op, info, id, local);
+        op.complete(id);
+        taken
+    }
+
+    /// Checkpoint `id` of one subtask of operator `op`, uploaded but not (yet) completed.
+    fn uncompleted(
         hooks: &CheckpointHooks,
         op: &OperatorState,
         info: &SubtaskInfo,
@@ -516,8 +532,76 @@ mod tests {
             trace: None,
         };
         let (mut operators, full, uploaded) = upload_all(hooks, &barrier, info, &[taken]).unwrap();
-        op.complete(id);
         (operators.remove(&op.uid).unwrap(), full, uploaded)
+    }
+
+    /// The SST files of a snapshot, as (name, stored path), and their bytes.
+    fn sst(s: &OperatorSnapshot) -> (Vec<(String, String)>, u64) {
+        let files = s.files.iter().filter(|f| f.name.ends_with(".sst"));
+        (
+            files
+                .clone()
+                .map(|f| (f.name.clone(), f.path.clone()))
+                .collect(),
+            files.map(|f| f.size).sum(),
+        )
+    }
+
+    /// A checkpoint taken while the one before is still pending references that one's SST
+    /// files instead of uploading them again; it still does once that one failed, and a
+    /// checkpoint after both failed uploads them again.
+    #[test]
+    fn a_checkpoint_references_the_uploads_of_one_still_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Storage::open(
+            dir.path().join("chk").to_str().unwrap(),
+            Path::new("."),
+            &S3Options::default(),
+        )
+        .unwrap();
+        let hooks = CheckpointHooks {
+            storage: root,
+            s3: S3Options::default(),
+            report: Arc::new(|_| {}),
+        };
+        let config = crate::state::tests::config(dir.path(), 100_000);
+        let info = subtask(0, 1);
+        let local = dir.path().join("local");
+        let mut ctx = StateContext::new(&info, "op", &config, &local, None, true);
+        let backend = ctx.keyed().unwrap();
+        let mut t: crate::state::KeyedTable<u64> = crate::state::KeyedTable::new("t", None);
+        t.attach(&backend).unwrap();
+        for i in 0..20_000u32 {
+            t.update(
+                format!("key-{i}").as_bytes(),
+                0,
+                0,
+                Watermark::MIN,
+                || 7,
+                |_| (),
+            )
+            .unwrap();
+        }
+        t.flush().unwrap();
+        let op = OperatorState::new("op".into(), Some(backend), &info, Vec::new());
+        let (first, full, uploaded) = uncompleted(&hooks, &op, &info, 1, &local);
+        let (files, sst_bytes) = sst(&first);
+        assert!(!files.is_empty() && uploaded == full);
+        let (second, full, uploaded) = uncompleted(&hooks, &op, &info, 2, &local);
+        assert_eq!(
+            sst(&second).0,
+            files,
+            "the pending checkpoint's files are referenced"
+        );
+        assert_eq!(uploaded, full - sst_bytes);
+        op.abort(1);
+        let (third, full, uploaded) = uncompleted(&hooks, &op, &info, 3, &local);
+        assert_eq!(sst(&third).0, files, "checkpoint 2 still references them");
+        assert_eq!(uploaded, full - sst_bytes);
+        op.abort(2);
+        op.abort(3);
+        let (_, full, uploaded) = uncompleted(&hooks, &op, &info, 4, &local);
+        assert_eq!(uploaded, full, "no checkpoint left references them");
     }
 
     /// A rescaled subtask takes the former subtask sharing most key groups with it as its
@@ -593,13 +677,7 @@ mod tests {
                 let (backend, seeded) = ctx.finish();
                 let op = OperatorState::new("op".into(), backend, &info, seeded);
                 let (snap, full, uploaded) = checkpoint(&hooks, &op, &info, 2, &local);
-                let sst = |s: &OperatorSnapshot| -> Vec<(String, String)> {
-                    s.files
-                        .iter()
-                        .filter(|f| f.name.ends_with(".sst"))
-                        .map(|f| (f.name.clone(), f.path.clone()))
-                        .collect()
-                };
+                let sst = |s: &OperatorSnapshot| sst(s).0;
                 let referenced: Vec<_> = sst(&snap)
                     .into_iter()
                     .filter(|f| sst(&old[base]).contains(f))
