@@ -500,6 +500,21 @@ mod tests {
         }
     }
 
+    /// Hooks that store checkpoints under `dir/chk` and drop the reports.
+    fn local_hooks(dir: &Path) -> CheckpointHooks {
+        let root = Storage::open(
+            dir.join("chk").to_str().unwrap(),
+            Path::new("."),
+            &S3Options::default(),
+        )
+        .unwrap();
+        CheckpointHooks {
+            storage: root,
+            s3: S3Options::default(),
+            report: Arc::new(|_| {}),
+        }
+    }
+
     /// Checkpoint `id` of one subtask of operator `op`, completed: its snapshot, full and
     /// uploaded bytes.
     fn checkpoint(
@@ -553,17 +568,7 @@ mod tests {
     #[test]
     fn a_checkpoint_references_the_uploads_of_one_still_pending() {
         let dir = tempfile::tempdir().unwrap();
-        let root = Storage::open(
-            dir.path().join("chk").to_str().unwrap(),
-            Path::new("."),
-            &S3Options::default(),
-        )
-        .unwrap();
-        let hooks = CheckpointHooks {
-            storage: root,
-            s3: S3Options::default(),
-            report: Arc::new(|_| {}),
-        };
+        let hooks = local_hooks(dir.path());
         let config = crate::state::tests::config(dir.path(), 100_000);
         let info = subtask(0, 1);
         let local = dir.path().join("local");
@@ -611,17 +616,8 @@ mod tests {
     #[test]
     fn a_rescaled_subtask_uploads_only_what_its_base_snapshot_lacks() {
         let dir = tempfile::tempdir().unwrap();
-        let root = Storage::open(
-            dir.path().join("chk").to_str().unwrap(),
-            Path::new("."),
-            &S3Options::default(),
-        )
-        .unwrap();
-        let hooks = CheckpointHooks {
-            storage: root.clone(),
-            s3: S3Options::default(),
-            report: Arc::new(|_| {}),
-        };
+        let hooks = local_hooks(dir.path());
+        let root = hooks.storage.clone();
         let config = crate::state::tests::config(dir.path(), 100_000);
         let keys: Vec<Vec<u8>> = (0..20_000u32)
             .map(|i| format!("key-{i}").into_bytes())

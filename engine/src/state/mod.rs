@@ -2309,6 +2309,21 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// Begins a snapshot of `backend` and takes it into `snap` on another thread after
+    /// `delay`; the thread returns the snapshot's files.
+    fn take_later(
+        backend: &Arc<KeyedBackend>,
+        snap: &std::path::Path,
+        delay: Duration,
+    ) -> std::thread::JoinHandle<Vec<(String, u64)>> {
+        let pending = backend.begin_snapshot().unwrap();
+        let snap = snap.to_path_buf();
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            pending.take(&snap).unwrap()
+        })
+    }
+
     /// Sets keys 0 to `n` of `t` to `v`.
     fn set_all(t: &mut KeyedTable<u64>, n: u32, v: u64) {
         for i in 0..n {
@@ -2349,15 +2364,8 @@ pub(crate) mod tests {
             backend.deferred_batches() > 1,
             "rows kept in several batches"
         );
-        let pending = backend.begin_snapshot().unwrap();
         let snap = dir.path().join("snap");
-        let taker = {
-            let snap = snap.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(300));
-                pending.take(&snap).unwrap()
-            })
-        };
+        let taker = take_later(&backend, &snap, Duration::from_millis(300));
         // a read waits for the snapshot's rows
         let read = stored(&backend);
         assert_eq!(read.len(), n as usize);
@@ -2411,15 +2419,8 @@ pub(crate) mod tests {
             stored(&backend).contains(&2),
             "the rows outgrew the 256 KB kept in memory"
         );
-        let pending = backend.begin_snapshot().unwrap();
         let snap = dir.path().join("snap");
-        let taker = {
-            let snap = snap.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(200));
-                pending.take(&snap).unwrap()
-            })
-        };
+        let taker = take_later(&backend, &snap, Duration::from_millis(200));
         let read = stored(&backend);
         assert_eq!(read.len(), n as usize);
         assert!(
