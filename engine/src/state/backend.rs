@@ -8,7 +8,8 @@
 //! too, and everything but the namespace is the row's prefix, so reading a key is one prefix
 //! seek that a prefix bloom filter answers without I/O when the key is new. A row's value is
 //! `[deadline: i64 BE][touched: i64 BE][value version: u8]` followed by the value: the deadline
-//! (`touched + ttl`, or `i64::MAX`) lets a compaction filter drop expired rows without knowing
+//! (`touched + ttl`, or [`NO_DEADLINE`], kept whatever the clock) lets a compaction filter drop
+//! expired rows without knowing
 //! the table's value type, and the version says which encoding of the value type wrote it (see
 //! [`super::KeyedTable::versioned`]).
 //!
@@ -50,6 +51,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use super::losers::LoserTree;
 use super::memory::{Lease, StateMemory};
 use crate::{EngineError, KeyGroup, KeyGroupRange, Result};
+
+/// The deadline of a row without a TTL: it never expires, not even once the clock reaches the
+/// end of event time (a bounded input's last watermark).
+pub(crate) const NO_DEADLINE: i64 = i64::MAX;
 
 /// Bytes before the value in a row: deadline, touched, value version.
 pub(crate) const HEADER: usize = 17;
@@ -608,7 +613,7 @@ fn options(config: &StateConfig, memory: &StateMemory, clock: Arc<AtomicI64>) ->
         // only rows in key groups carry a deadline: timers and the instance's records do not
         if is_row(key) && value.len() >= 8 {
             let deadline = i64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
-            if deadline <= clock.load(Ordering::Relaxed) {
+            if deadline != NO_DEADLINE && deadline <= clock.load(Ordering::Relaxed) {
                 return Decision::Remove;
             }
         }

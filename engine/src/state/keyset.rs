@@ -736,7 +736,7 @@ impl TimeScale {
 
 /// A row's value: the key's deadline and touched time, then the set's value and its version.
 fn row_value(ttl: Option<i64>, touched: i64, version: u8, value: &[u8]) -> Vec<u8> {
-    let deadline = ttl.map_or(i64::MAX, |t| touched.saturating_add(t));
+    let deadline = ttl.map_or(backend::NO_DEADLINE, |t| touched.saturating_add(t));
     let mut row = Vec::with_capacity(backend::HEADER + value.len());
     row.extend_from_slice(&deadline.to_be_bytes());
     row.extend_from_slice(&touched.to_be_bytes());

@@ -303,7 +303,7 @@ impl RowWriter {
         slot.persisted = true;
         let deadline = self
             .ttl
-            .map_or(i64::MAX, |t| slot.touched.saturating_add(t));
+            .map_or(backend::NO_DEADLINE, |t| slot.touched.saturating_add(t));
         let (mut payload, mut all) = (0, true);
         for e in slot.values.0.iter_mut() {
             if !e.dirty {
@@ -3075,6 +3075,51 @@ pub(crate) mod tests {
         let mut t: KeyedTable<u32> = KeyedTable::one_value("t", Some(Duration::from_secs(3600)));
         t.attach(&restored).unwrap();
         assert!(t.contains_key(b"seen", Watermark(2000)).unwrap());
+    }
+
+    /// Rows of tables without a TTL carry the largest deadline, which means none: a
+    /// compaction keeps them when the clock reaches the end of event time, as it does once a
+    /// bounded input ends (before, such a compaction dropped every row it read, and a job
+    /// restored from the final checkpoint of a deduplication without a TTL let keys through
+    /// again). Rows with a TTL still go.
+    #[test]
+    fn a_compaction_at_the_end_of_event_time_keeps_rows_without_a_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1000);
+        let backend = capped_backend(dir.path(), 1000);
+        let mut kept: KeyedTable<u32> = KeyedTable::one_value("kept", None);
+        let mut set = KeySet::new("set", None, 0, vec![0]);
+        let mut ttl: KeyedTable<u32> = KeyedTable::one_value("ttl", Some(Duration::from_secs(1)));
+        kept.attach(&backend).unwrap();
+        set.attach(&backend).unwrap();
+        ttl.attach(&backend).unwrap();
+        for k in [&b"a"[..], b"b"] {
+            kept.update(k, 0, 1000, Watermark::MIN, || 1, |_| ())
+                .unwrap();
+            assert!(set.insert_if_absent(k, 1000, Watermark::MIN).unwrap());
+            ttl.update(k, 0, 1000, Watermark::MIN, || 1, |_| ())
+                .unwrap();
+        }
+        kept.flush().unwrap();
+        set.flush().unwrap();
+        ttl.flush().unwrap();
+        backend.advance_clock(i64::MAX);
+        backend.compact();
+        let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
+        let mut kept: KeyedTable<u32> = KeyedTable::one_value("kept", None);
+        let mut set = KeySet::new("set", None, 0, vec![0]);
+        let mut ttl: KeyedTable<u32> = KeyedTable::one_value("ttl", Some(Duration::from_secs(1)));
+        kept.attach(&restored).unwrap();
+        set.attach(&restored).unwrap();
+        ttl.attach(&restored).unwrap();
+        for k in [&b"a"[..], b"b"] {
+            assert!(kept.contains_key(k, Watermark::MIN).unwrap());
+            assert!(!set.insert_if_absent(k, 2000, Watermark::MIN).unwrap());
+            assert!(
+                !ttl.contains_key(k, Watermark::MIN).unwrap(),
+                "compacted away"
+            );
+        }
     }
 
     /// A rescale restores one snapshot as it is and imports the others' rows: each table's
