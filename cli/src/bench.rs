@@ -140,6 +140,28 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
+    /// Keyed state after a restore: a deduplication first builds state of `keys` distinct keys
+    /// (its checkpoint is taken as its input ends), then starts again from that checkpoint over
+    /// `new_per_key` times as many keys it has never seen, timed against the same run into
+    /// empty state. Keys new to a restored job should cost what they cost before it.
+    Restored {
+        /// Distinct key counts, comma-separated: the keys restored.
+        #[arg(long, value_delimiter = ',', default_values_t = [10_000_000u64])]
+        keys: Vec<u64>,
+        /// New keys after the restore per key restored.
+        #[arg(long, default_value_t = 3)]
+        new_per_key: u64,
+        /// Jobs, comma-separated: `first` (keep the first row of each key: a key set) and
+        /// `latest` (keep the latest: a table of one value per key).
+        #[arg(long, value_delimiter = ',', default_values_t = ["first".to_string(), "latest".to_string()])]
+        jobs: Vec<String>,
+        /// Runs of each job and key count (which of the two timed runs goes first alternates).
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+        /// Seconds after which a run is stopped and reported as not finished.
+        #[arg(long, default_value_t = 1800)]
+        timeout: u64,
+    },
     /// What telemetry costs: Nexmark queries with 1-second checkpoints as `freshet run` child
     /// processes, alternately without telemetry and exporting metrics (every second) and traces
     /// over OTLP while `/metrics` is scraped every second.
@@ -319,6 +341,19 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             seconds,
             parallelism,
         } => bench_latency(&jobs, rate, seconds, parallelism),
+        BenchCommand::Restored {
+            keys,
+            new_per_key,
+            jobs,
+            rounds,
+            timeout,
+        } => bench_restored(
+            &keys,
+            new_per_key,
+            &jobs,
+            rounds,
+            std::time::Duration::from_secs(timeout),
+        ),
         BenchCommand::Telemetry {
             queries,
             events,
@@ -925,6 +960,100 @@ fn bench_recovery(keys: &[u64], payload: usize, timeout: std::time::Duration) ->
             "| {k} | {:.0} | {build} | {restart} | {restart_up} | {rescale} | {rescale_up} |",
             bytes as f64 / 1e6
         );
+    }
+    Ok(0)
+}
+
+/// A deduplication (`kind`: `first` or `latest`) of `count` distinct keys from source `source`,
+/// the keys numbered from `from` and each one's number spread over a billion values with no
+/// locality, with its checkpoint (taken as the input ends) in `checkpoints`. Without a TTL: the
+/// input's end takes event time to its end, past any key's deadline.
+fn restored_job(
+    kind: &str,
+    source: &str,
+    from: u64,
+    count: u64,
+    checkpoints: &std::path::Path,
+) -> Result<String> {
+    let keep = match kind {
+        "first" => "keep: first",
+        "latest" => "keep: latest\n    order_by: ts",
+        other => bail!("unknown restored-state benchmark job {other}; use first or latest"),
+    };
+    // 1 000 000 007 is prime: distinct numbers below it stay distinct
+    if from + count >= 1_000_000_007 {
+        bail!("at most 500 000 000 keys");
+    }
+    Ok(format!(
+        "version: 1\nname: restored\nsources:\n  {source}:\n    connector:\n      type: generator\n      count: {count}\n      fields: {{k: \"(seq + {from}) * 7919 % 1000000007\", ts: \"1714557600000 + seq\"}}\n    event_time: ts\ntransforms:\n  d:\n    type: deduplicate\n    input: {source}\n    key: [k]\n    {keep}\nsinks:\n  out: {{input: d, connector: {{type: blackhole}}}}\n{}",
+        checkpointing("1h", checkpoints)
+    ))
+}
+
+fn bench_restored(
+    keys: &[u64],
+    new_per_key: u64,
+    jobs: &[String],
+    rounds: u32,
+    timeout: std::time::Duration,
+) -> Result<i32> {
+    if keys.is_empty() || keys.contains(&0) || rounds == 0 || new_per_key == 0 {
+        bail!(
+            "--keys needs one or more key counts above 0, and --rounds and --new-per-key at least 1"
+        );
+    }
+    let this = std::env::current_exe()?;
+    println!(
+        "| job | restored keys | new keys | round | build s | into empty state: wall s | events/s | restored: wall s | events/s | RocksDB reads per event | restored vs empty |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for kind in jobs {
+        for &k in keys {
+            for round in 1..=rounds {
+                let dir = tempfile::tempdir()?;
+                let job = |name: &str, text: String| -> Result<std::path::PathBuf> {
+                    let path = dir.path().join(name);
+                    std::fs::write(&path, text)?;
+                    Ok(path)
+                };
+                let restored = dir.path().join("restored");
+                let build = job("build.yaml", restored_job(kind, "events", 0, k, &restored)?)?;
+                // a new source (the old one's position is dropped) over keys never seen
+                let new = k * new_per_key;
+                let again = job("again.yaml", restored_job(kind, "more", k, new, &restored)?)?;
+                let empty = job(
+                    "empty.yaml",
+                    restored_job(kind, "more", k, new, &dir.path().join("empty"))?,
+                )?;
+                let built = run_child(&this, &build, &[], &[], timeout)?;
+                let restore =
+                    || run_child(&this, &again, &["--allow-non-restored-state"], &[], timeout);
+                let fresh = || run_child(&this, &empty, &[], &[], timeout);
+                let (after, before) = if round % 2 == 1 {
+                    let before = fresh()?;
+                    (restore()?, before)
+                } else {
+                    let after = restore()?;
+                    (after, fresh()?)
+                };
+                let build_s = match built {
+                    ChildRun::Done { wall, .. } => format!("{wall:.2}"),
+                    ChildRun::TimedOut => format!("> {}", timeout.as_secs()),
+                };
+                let (fwall, feps, _) = cells(&before, new, timeout);
+                let (rwall, reps, _) = cells(&after, new, timeout);
+                let ratio = match (&before, &after) {
+                    (ChildRun::Done { wall: f, .. }, ChildRun::Done { wall: r, .. }) => {
+                        format!("{:.2}", f / r)
+                    }
+                    _ => "-".into(),
+                };
+                println!(
+                    "| {kind} | {k} | {new} | {round} | {build_s} | {fwall} | {feps} | {rwall} | {reps} | {} | {ratio} |",
+                    reads_cell(&after, new)
+                );
+            }
+        }
     }
     Ok(0)
 }

@@ -438,6 +438,24 @@ pub(crate) fn push_row_key(buf: &mut Vec<u8>, kg: KeyGroup, table: [u8; 4], key:
     buf.extend_from_slice(&time_bytes(ns));
 }
 
+/// The encoded key and namespace of a [`row_key`] (`None` if `row` is not one).
+pub(crate) fn decode_row_key(row: &[u8]) -> Option<(&[u8], i64)> {
+    let rest = row.get(6..)?;
+    let mut len = 0usize;
+    for (i, b) in rest.iter().enumerate().take(5) {
+        len |= ((b & 0x7f) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            let tail = rest.get(i + 1..)?;
+            if tail.len() != len + 8 {
+                return None;
+            }
+            let (key, ns) = tail.split_at(len);
+            return Some((key, time_from_bytes(ns.try_into().ok()?)));
+        }
+    }
+    None
+}
+
 /// The row key of (`key`, `ns`) in `table`.
 pub(crate) fn row_key(kg: KeyGroup, table: [u8; 4], key: &[u8], ns: i64) -> Vec<u8> {
     let mut k = Vec::with_capacity(6 + 5 + key.len() + 8);
@@ -461,6 +479,28 @@ fn row_prefix(row: &[u8]) -> &[u8] {
 
 fn kg_prefix(kg: u32) -> [u8; 2] {
     (kg as u16).to_be_bytes()
+}
+
+/// Where a scan of one table's rows in the owned key groups stands
+/// ([`KeyedBackend::scan_table`]).
+#[derive(Debug)]
+pub(crate) struct TableScan {
+    table: [u8; 4],
+    /// The key group being read; `None` before the first call.
+    kg: Option<u32>,
+    /// The row to go on from in it; `None` for its first.
+    from: Option<Vec<u8>>,
+}
+
+impl TableScan {
+    /// A scan of `table` from its first row.
+    pub(crate) fn new(table: [u8; 4]) -> Self {
+        TableScan {
+            table,
+            kg: None,
+            from: None,
+        }
+    }
 }
 
 /// One operator's keyed state in one subtask.
@@ -1327,6 +1367,44 @@ impl KeyedBackend {
             it.status().map_err(|e| db_err("reading state", e))?;
         }
         Ok(())
+    }
+
+    /// Calls `f` with up to `limit` rows of the scan's table from where it stands, in key
+    /// order, as (row key, value), and moves it past them; false once it passed the last one.
+    /// Each call reads what RocksDB holds when it starts.
+    pub(crate) fn scan_table(
+        &self,
+        scan: &mut TableScan,
+        limit: usize,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<bool> {
+        self.wait_for_rows()?;
+        let mut n = 0;
+        let kg = scan.kg.get_or_insert(self.range.start);
+        while *kg <= self.range.end && n < limit {
+            let mut prefix = kg_prefix(*kg).to_vec();
+            prefix.extend_from_slice(&scan.table);
+            let mut upper = prefix.clone();
+            increment(&mut upper);
+            let mut ro = ReadOptions::default();
+            ro.set_total_order_seek(true);
+            ro.set_iterate_upper_bound(upper);
+            let mut it = self.db().raw_iterator_opt(ro);
+            it.seek(scan.from.as_deref().unwrap_or(&prefix));
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                if n == limit {
+                    scan.from = Some(k.to_vec());
+                    return Ok(true);
+                }
+                f(k, v)?;
+                n += 1;
+                it.next();
+            }
+            it.status().map_err(|e| db_err("reading state", e))?;
+            *kg += 1;
+            scan.from = None;
+        }
+        Ok(*kg <= self.range.end)
     }
 
     /// Calls `f` with the namespace and value of every row of one key, in namespace order;

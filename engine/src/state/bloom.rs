@@ -6,7 +6,8 @@
 //! filters far larger than the CPU's caches that was 9% of a deduplication's samples at 4M
 //! keys; here a check is one line per stage. The filter grows by adding a stage four times the
 //! capacity of the last, so a probe checks few stages and the total false-positive rate stays
-//! near the sum of theirs.
+//! near the sum of theirs; its owner bounds its bytes, and the stage that reaches the bound is
+//! cut to what fits.
 
 /// Bits of filter per key of capacity (two bytes): a full stage answers yes for about one key
 /// in a thousand it does not hold.
@@ -97,15 +98,27 @@ impl GrowingBloom {
         }
     }
 
-    /// Adds a key hash (adding one twice takes capacity twice).
-    pub(crate) fn insert(&mut self, hash: u64) {
-        let hash = mix(hash);
+    /// Adds a key hash (adding one twice takes capacity twice) if the filter can hold it in
+    /// `max_bytes`; false, leaving the filter as it was, if it cannot. A full filter adds a
+    /// stage [`GROWTH`] times the last one's capacity, or only what the bytes left hold if that
+    /// is less, but not less than the last one's: so a filter fills its bytes rather than
+    /// stopping a fourfold stage short of them, and it never has more than one cut stage.
+    pub(crate) fn insert_within(&mut self, hash: u64, max_bytes: usize) -> bool {
         let last = self.stages.last().expect("at least one stage");
         if last.inserted >= last.capacity {
-            let next = last.capacity.saturating_mul(GROWTH);
+            let left = max_bytes.saturating_sub(self.bytes());
+            let fits = (left / 32).saturating_mul(256) / BITS_PER_KEY;
+            let next = last.capacity.saturating_mul(GROWTH).min(fits);
+            if next < last.capacity {
+                return false;
+            }
             self.stages.push(Stage::new(next));
         }
-        self.stages.last_mut().expect("pushed above").insert(hash);
+        self.stages
+            .last_mut()
+            .expect("pushed above")
+            .insert(mix(hash));
+        true
     }
 
     /// Adds every hash `other` holds: its stages are OR-ed into this filter's stages of the
@@ -133,19 +146,16 @@ impl GrowingBloom {
         self.stages.iter().any(|s| s.contains(hash))
     }
 
+    /// Adds a key hash with no limit on the filter's bytes.
+    #[cfg(test)]
+    fn insert(&mut self, hash: u64) {
+        assert!(self.insert_within(hash, usize::MAX));
+    }
+
     /// Keys of capacity over all stages.
     #[cfg(test)]
     fn capacity(&self) -> usize {
         self.stages.iter().map(|s| s.capacity).sum()
-    }
-
-    /// Bytes of the filter's blocks once one more hash is added (a full filter adds a stage).
-    pub(crate) fn bytes_with_one_more(&self) -> usize {
-        let last = self.stages.last().expect("at least one stage");
-        match last.inserted >= last.capacity {
-            true => self.bytes() + Stage::blocks_for(last.capacity.saturating_mul(GROWTH)) * 32,
-            false => self.bytes(),
-        }
     }
 
     /// Bytes of the filter's blocks.
@@ -163,20 +173,32 @@ mod tests {
         crate::keys::hash_key(&i.to_be_bytes())
     }
 
-    /// A filter's size after one more key is known before it is added, so that a filter
-    /// about to pass its share gives up without allocating a stage it will not keep.
+    /// A filter given a number of bytes fills them, its last stage cut to what they hold,
+    /// and then refuses keys without changing; every key it took is still found.
     #[test]
-    fn the_size_one_more_key_takes_is_known_before_it_is_added() {
-        let mut f = GrowingBloom::new(1 << 4);
-        let mut grew = 0;
-        for i in 0..50_000 {
-            let predicted = f.bytes_with_one_more();
-            let before = f.bytes();
-            f.insert(h(i));
-            assert_eq!(f.bytes(), predicted, "key {i}");
-            grew += usize::from(f.bytes() > before);
+    fn a_filter_fills_its_bytes_and_then_refuses_keys() {
+        let max = 300 << 10;
+        let mut f = GrowingBloom::new(1 << 10);
+        let mut taken = 0u64;
+        while f.insert_within(h(taken), max) {
+            taken += 1;
+            assert!(f.bytes() <= max, "{} bytes after {taken} keys", f.bytes());
         }
-        assert!(grew >= 5, "{grew} stages added");
+        // 1k, 4k, 16k, 64k keys take 170 KB; a fourfold stage (512 KB) would not fit, so
+        // the last one holds what the 130 KB left hold instead of being refused outright
+        let capacities: Vec<usize> = f.stages.iter().map(|s| s.capacity).collect();
+        assert_eq!(capacities[..4], [1024, 4096, 16_384, 65_536]);
+        assert_eq!(capacities.len(), 5, "{capacities:?}");
+        assert!(capacities[4] > 65_536 && capacities[4] < 4 * 65_536);
+        assert!(f.bytes() > max - 32, "{} of {max} bytes used", f.bytes());
+        assert_eq!(taken as usize, f.capacity());
+        let bytes = f.bytes();
+        assert!(!f.insert_within(h(taken), max), "full: a key is refused");
+        assert_eq!(f.bytes(), bytes, "a refused key changes nothing");
+        assert!((0..taken).all(|i| f.contains(h(i))), "a false negative");
+        // given more room, it grows again
+        assert!(f.insert_within(h(taken), 4 * max));
+        assert_eq!(f.stages.len(), 6);
     }
 
     #[test]

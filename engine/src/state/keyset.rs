@@ -14,24 +14,29 @@
 //! either restores into the other) and restore, rescale and expiry by compaction work as for
 //! keyed tables. As for those, a miss reads RocksDB only if the spill filters
 //! ([`super::spilled`]) say it may hold the key, a batch's misses are read with one `MultiGet`
-//! ([`KeySet::prefetch`]), and a flush writes the dirty keys in row order.
+//! ([`KeySet::prefetch`]), and a flush writes the dirty keys in row order. A restored set
+//! reads its snapshot's keys into the spill filters as prefetches come, so that once it has, a
+//! key new to it reads nothing, as before the restore (see [`Spilled::learn_from`]).
 //!
 //! **Memory.** The index is charged by its allocation, long keys by their bytes, the spill
 //! filters by theirs, against the job's [`super::StateMemory`]. The index grows (in place, see
 //! [`Index::resize`]) while the budget has room for it, and, once the set has evicted a key and
-//! while the filters filter, for the filters' share; once it cannot, a full index writes its
-//! dirty keys and evicts an eighth of them by CLOCK: expired keys first, then keys not used
-//! since the last eviction (a key read back but not used again among them), spread evenly over
-//! the slots; a key kept loses its used mark.
+//! while the filters filter, for the filters' share (and gives them more as they grow, up to
+//! half the budget); once it cannot, a full index writes its dirty keys and evicts an eighth
+//! of them by CLOCK: expired keys first, then keys not used since the last eviction (a key
+//! read back but not used again among them), spread evenly over the slots; a key kept loses
+//! its used mark.
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::backend::{self, KeyedBackend};
+use super::backend::{self, KeyedBackend, TableScan};
 use super::key_slots::{
     Class, DIRTY, Index, KeyBuf, LongKeys, PERSISTED, Pass, READ_AHEAD, SLOT_INLINE, Slot, USED,
 };
 use super::spilled::{ALL, Spilled};
-use super::{FILTER_SHARE, FLUSH_BATCH_BYTES, PUBLISH_EVERY, StateKey};
+use super::{
+    FILTER_CAP, FILTER_SHARE, FLUSH_BATCH_BYTES, PUBLISH_EVERY, StateKey, WARM_PER_KEY, WARM_ROWS,
+};
 use crate::keys::{hash_key, key_group};
 use crate::{EngineError, KeyGroup, Result, Watermark};
 
@@ -48,6 +53,9 @@ struct Backing {
     written: Option<(i64, i64)>,
     /// Keys with the [`DIRTY`] flag.
     dirty: usize,
+    /// A restored set's reading of its snapshot's keys, until it has read them all (see
+    /// [`Spilled::learn_from`]).
+    scan: Option<TableScan>,
 }
 
 /// See the module documentation.
@@ -132,9 +140,10 @@ impl KeySet {
         self.backing = Some(Backing {
             backend: backend.clone(),
             table,
-            spilled: Spilled::new(written, backend.memory().decoded_budget() / FILTER_SHARE),
+            spilled: Spilled::new(written, backend.memory().decoded_budget() / FILTER_CAP),
             written,
             dirty,
+            scan: written.map(|_| TableScan::new(table)),
         });
         Ok(())
     }
@@ -281,6 +290,15 @@ impl KeySet {
     /// keys missing are remembered until the next prefetch, so the accesses that follow read
     /// nothing.
     pub fn prefetch<'k>(&mut self, keys: impl IntoIterator<Item = &'k [u8]>) -> Result<()> {
+        let keys: Vec<&[u8]> = keys.into_iter().collect();
+        if let Some(b) = self.backing.as_mut()
+            && b.scan.is_some()
+        {
+            let rows = WARM_ROWS.max(keys.len() * WARM_PER_KEY);
+            b.spilled
+                .learn_from(&b.backend, &mut b.scan, rows, &self.name)?;
+            self.charge();
+        }
         self.absent.clear();
         let wanted: Vec<&[u8]> = keys
             .into_iter()
@@ -1266,13 +1284,14 @@ mod tests {
         assert_eq!((set.reads(), set.loads()), (0, 0));
     }
 
-    /// Once the spill filters gave up on the set's keys (their next stage would pass their
-    /// share), the index grows into that share: the whole decoded budget.
+    /// Once the spill filters gave up on the set's keys (one more key would take them past
+    /// their cap), the index grows into their room: the whole decoded budget.
     #[test]
     fn the_index_takes_the_filters_share_once_they_gave_up() {
         let dir = tempfile::tempdir().unwrap();
-        // 6 MB decoded: the filters' share is 1.5 MB, which holds 336k keys (stages of 16k,
-        // 64k and 256k, 2 bytes each), and leaves the index 294 912 slots until they give up
+        // 6 MB decoded: the filters' cap is 3 MB, which holds 1 376 256 keys (stages of 16k,
+        // 64k, 256k and 1M, 2 bytes each; a fifth stage would have to hold 1M keys more), and
+        // the share kept for them leaves the index 294 912 slots until they give up
         let backend = in_slot(dir.path(), &StateMemory::new(8 << 20), 0);
         let budget = backend.memory().decoded_budget();
         assert_eq!(budget, 6 << 20);
@@ -1280,7 +1299,7 @@ mod tests {
         let share = budget / FILTER_SHARE / std::mem::size_of::<Slot>();
         let mut most = 0;
         let key = |i: u64| i.to_be_bytes();
-        for i in 0..800_000u64 {
+        for i in 0..2_000_000u64 {
             assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
             assert!(set.bytes() <= budget, "{} bytes at key {i}", set.bytes());
             most = most.max(set.index.slots());
@@ -1288,7 +1307,111 @@ mod tests {
         assert!(set.backing.as_ref().unwrap().spilled.unfiltered(0));
         assert!(most >= budget / 16 / 8 * 7, "{most} slots");
         assert!(most > (budget / 16 - share) / 8 * 9, "{most} slots");
-        for k in (0..800_000).step_by(997) {
+        for k in (0..2_000_000).step_by(997) {
+            assert!(!set.insert_if_absent(&key(k), 0, Watermark::MIN).unwrap());
+        }
+    }
+
+    /// A restored set reads its snapshot's keys into the spill filters, 16 rows per key a
+    /// prefetch asks for, so that once it has read them all a key new to it reads nothing from
+    /// RocksDB (before, every miss did, for as long as the job ran), and every key, restored
+    /// or added meanwhile (and evicted: the set holds half of them), is found.
+    #[test]
+    fn a_restored_set_reads_its_snapshot_and_new_keys_stop_reading_rocksdb() {
+        let dir = tempfile::tempdir().unwrap();
+        // 6 MB decoded: about 300k keys in memory
+        let backend = in_slot(dir.path(), &StateMemory::new(8 << 20), 0);
+        let mut set = attached(&backend);
+        let key = |i: u64| i.to_be_bytes();
+        let n = 600_000u64;
+        for i in 0..n {
+            assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
+        }
+        set.flush().unwrap();
+        let cfg = StateConfig {
+            memory: Some(StateMemory::new(8 << 20)),
+            cache_keys: None,
+            ..config(dir.path(), 0)
+        };
+        let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
+        let mut back = attached(&restored);
+        // batches of new keys, each prefetched as the operator does
+        let mut next = n;
+        let mut batch = |back: &mut KeySet| {
+            let keys: Vec<[u8; 8]> = (next..next + 1_000).map(key).collect();
+            back.prefetch(keys.iter().map(|k| &k[..])).unwrap();
+            for k in &keys {
+                assert!(back.insert_if_absent(k, 0, Watermark::MIN).unwrap());
+            }
+            next += 1_000;
+        };
+        let mut batches = 0;
+        while back.backing.as_ref().unwrap().scan.is_some() {
+            batch(&mut back);
+            batches += 1;
+            assert!(
+                batches <= 60,
+                "still reading the snapshot after {batches} batches"
+            );
+        }
+        // 16 000 rows a prefetch of 1 000 keys
+        assert!(batches >= 30, "{batches} batches for 600k rows");
+        let spilled = &back.backing.as_ref().unwrap().spilled;
+        assert!(!spilled.unfiltered(0) && !spilled.is_empty());
+        let reads = back.reads();
+        for _ in 0..100 {
+            batch(&mut back);
+        }
+        let new_reads = back.reads() - reads;
+        assert!(new_reads < 1_000, "{new_reads} reads for 100 000 new keys");
+        for i in (0..next).step_by(7) {
+            assert!(
+                !back.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap(),
+                "key {i} lost"
+            );
+        }
+    }
+
+    /// The spill filters grow past the share the set keeps aside for them, up to their cap,
+    /// and the index gives them room: the keys it evicted go on being filtered, so keys new to
+    /// the set read nothing from RocksDB, where at a cap of that share they would all have.
+    #[test]
+    fn the_filters_grow_into_the_index_rather_than_give_up() {
+        let dir = tempfile::tempdir().unwrap();
+        // 6 MB decoded: the share kept aside is 1.5 MB, 336k keys in three stages, and the
+        // fourth (1M keys, 2 MB) passes it but fits the 3 MB cap
+        let backend = in_slot(dir.path(), &StateMemory::new(8 << 20), 0);
+        let budget = backend.memory().decoded_budget();
+        let mut set = attached(&backend);
+        let key = |i: u64| i.to_be_bytes();
+        let n = 1_200_000u64;
+        for i in 0..n {
+            assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
+            assert!(set.bytes() <= budget, "{} bytes at key {i}", set.bytes());
+        }
+        let spilled = &set.backing.as_ref().unwrap().spilled;
+        assert!(!spilled.unfiltered(0), "the filters gave up");
+        assert!(
+            spilled.bytes() > budget / FILTER_SHARE,
+            "{} bytes",
+            spilled.bytes()
+        );
+        // the index gave room: it is smaller than the share would have left it
+        let left = (budget - budget / FILTER_SHARE) / std::mem::size_of::<Slot>();
+        assert!(set.index.slots() < left, "{} slots", set.index.slots());
+        assert!(
+            n as usize - set.len() > 800_000,
+            "{} keys in memory",
+            set.len()
+        );
+        // every key was new: a read is a false positive of the filters
+        assert_eq!(set.loads(), 0);
+        assert!(
+            set.reads() < n / 200,
+            "{} reads for {n} new keys",
+            set.reads()
+        );
+        for k in (0..n).step_by(101) {
             assert!(!set.insert_if_absent(&key(k), 0, Watermark::MIN).unwrap());
         }
     }

@@ -7,8 +7,8 @@
 //! memtables, which a write-buffer manager charges to it and flushes once they reach half of it.
 //! The other three quarters are the decoded-key caches in front of RocksDB (keyed tables' maps,
 //! key sets' indexes, pane tables), counted in bytes, with the filters of the keys they evicted
-//! (2 bytes per key of capacity, which grows fourfold; a quarter of the decoded share at most per
-//! namespace; they let a miss skip RocksDB, see `state::spilled`). The split favours the decoded
+//! (2 bytes per key of capacity, which grows fourfold; half of the decoded share at most per
+//! range of namespaces; they let a miss skip RocksDB, see `state::spilled`). The split favours the decoded
 //! caches because every state access goes to them first and RocksDB's cache serves only what
 //! they miss: with three quarters, the 10M-key deduplication of `freshet bench state` holds all
 //! its keys in memory, where with half it read RocksDB for two thirds of its second visits and

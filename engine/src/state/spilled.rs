@@ -21,8 +21,15 @@
 //!
 //! Rows this process did not evict (a restored snapshot) are not counted: the namespaces the
 //! restored table wrote before its snapshot are *unknown*, and a miss there always reads
-//! RocksDB.
+//! RocksDB, unless the owner reads the restored rows and tells of each that memory does not
+//! take ([`Spilled::learn`]): while it does, rows evicted in unknown namespaces are counted
+//! too and rows read back are not taken off (a count may only be too high: a row read back may
+//! be one restored and not yet told of), and once it has read them all the namespaces are
+//! known ([`Spilled::learned`]).
+use super::backend::{self, KeyedBackend, TableScan};
 use super::bloom::GrowingBloom;
+use crate::Result;
+use crate::keys::hash_key;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
@@ -60,6 +67,8 @@ pub(crate) struct Spilled {
     bytes: usize,
     /// The most one filter may take.
     filter_cap: usize,
+    /// The owner is reading the unknown namespaces' rows (see the module documentation).
+    learning: bool,
 }
 
 fn filter_bytes(f: &GrowingBloom) -> usize {
@@ -93,7 +102,85 @@ impl Spilled {
             ranges: BTreeMap::new(),
             bytes: 0,
             filter_cap,
+            learning: false,
         }
+    }
+
+    /// The owner is reading the rows of the unknown namespaces, telling of each row memory
+    /// does not take with [`Spilled::evicted`], and will call [`Spilled::learned`] once it has
+    /// read them all (the rows it evicted before this call are among those it reads).
+    pub(crate) fn learn(&mut self) {
+        self.learning = self.unknown.is_some();
+    }
+
+    /// Reads up to `limit` more rows of the restored table `table` (named `name`) where `scan`
+    /// stands and tells of each one's key, as the owner of a table whose rows memory does not
+    /// take in when it restores (a key set, a one-value table): once every row was read, the
+    /// namespaces are known and `scan` is `None`. A row that is not one of a table's, or a
+    /// filter that gave up, ends the reading with the namespaces still unknown.
+    pub(crate) fn learn_from(
+        &mut self,
+        backend: &KeyedBackend,
+        scan: &mut Option<TableScan>,
+        limit: usize,
+        name: &str,
+    ) -> Result<()> {
+        let Some(mut s) = scan.take() else {
+            return Ok(());
+        };
+        // what is evicted from now on is counted; what was before, the reading finds
+        self.learn();
+        let mut foreign = None;
+        let more = backend.scan_table(&mut s, limit, |row, _| {
+            match backend::decode_row_key(row) {
+                Some((key, ns)) if foreign.is_none() => self.evicted(hash_key(key), ns),
+                _ => foreign = Some(row.len()),
+            }
+            Ok(())
+        })?;
+        let gave_up = self.unknown.is_some_and(|(lo, hi)| {
+            self.overlapping((Bound::Included(lo), Bound::Included(hi)))
+                .any(|(_, r)| r.keys.is_none())
+        });
+        match (foreign, more) {
+            (Some(len), _) => {
+                tracing::warn!(
+                    table = name,
+                    row_bytes = len,
+                    "a restored table holds a row that is not one of its own; keys missing from memory are read from RocksDB"
+                );
+                self.stop_learning();
+            }
+            // reading on would tell the filter nothing
+            (None, _) if gave_up => self.stop_learning(),
+            (None, true) => *scan = Some(s),
+            (None, false) => self.learned(),
+        }
+        Ok(())
+    }
+
+    /// The owner has told of every restored row: no namespace is unknown any more.
+    pub(crate) fn learned(&mut self) {
+        self.unknown = None;
+        self.learning = false;
+    }
+
+    /// The owner stopped reading the restored rows before the end: the unknown namespaces stay
+    /// unknown, and what was counted in them is forgotten.
+    pub(crate) fn stop_learning(&mut self) {
+        self.learning = false;
+        let Some(u) = self.unknown else {
+            return;
+        };
+        let mut freed = 0;
+        self.ranges.retain(|lo, r| {
+            let keep = !overlaps(u, (Bound::Included(*lo), Bound::Included(r.hi)));
+            if !keep {
+                freed += r.keys.as_ref().map_or(0, filter_bytes);
+            }
+            keep
+        });
+        self.bytes -= freed;
     }
 
     /// True while RocksDB holds nothing the cache lacks: no miss needs a read.
@@ -123,9 +210,9 @@ impl Spilled {
     }
 
     /// Whether rows evicted at `ns` are no longer filtered (its filter outgrew its share, or
-    /// `ns` is unknown): its filter will not take more memory.
+    /// `ns` is unknown and the owner is not learning it): its filter will not take more memory.
     pub(crate) fn unfiltered(&self, ns: i64) -> bool {
-        self.unknown.is_some_and(|u| overlaps(u, at(ns)))
+        (!self.learning && self.unknown.is_some_and(|u| overlaps(u, at(ns))))
             || self.overlapping(at(ns)).any(|(_, r)| r.keys.is_none())
     }
 
@@ -140,7 +227,7 @@ impl Spilled {
 
     /// Counts a row of the key with `hash` at `ns` that the cache evicted.
     pub(crate) fn evicted(&mut self, hash: u64, ns: i64) {
-        if self.unknown.is_some_and(|u| overlaps(u, at(ns))) {
+        if !self.learning && self.unknown.is_some_and(|u| overlaps(u, at(ns))) {
             return;
         }
         let lo = match self.holding(ns) {
@@ -164,13 +251,12 @@ impl Spilled {
         r.rows += 1;
         if let Some(f) = &mut r.keys {
             let before = filter_bytes(f);
-            // a filter that would outgrow its share gives up before it allocates the stage
-            if f.bytes_with_one_more() > self.filter_cap {
+            // a filter that cannot hold one more key within its share gives up
+            if f.insert_within(hash, self.filter_cap) {
+                self.bytes = self.bytes + filter_bytes(f) - before;
+            } else {
                 self.bytes -= before;
                 r.keys = None;
-            } else {
-                f.insert(hash);
-                self.bytes = self.bytes + filter_bytes(f) - before;
             }
         }
     }
@@ -253,6 +339,9 @@ impl Spilled {
 
     /// Takes a row at `ns` read back into the cache off the count.
     pub(crate) fn read_back(&mut self, ns: i64) {
+        if self.learning {
+            return;
+        }
         let Some(lo) = self.holding(ns) else {
             return;
         };
@@ -298,6 +387,41 @@ mod tests {
         s.evicted(7, 3);
         s.read_back(3);
         assert!(s.may_hold(7, at(3)), "uncounted rows may remain");
+    }
+
+    /// While the owner reads a restored table's rows, evictions in its namespaces are
+    /// counted and reads back are not taken off; once it is done, a key neither restored nor
+    /// evicted skips RocksDB, and both kinds are still found.
+    #[test]
+    fn a_restored_namespace_is_known_once_its_rows_were_read() {
+        let mut s = Spilled::new(Some((0, 0)), 1 << 20);
+        s.learn();
+        s.evicted(1, 0); // evicted after the restore
+        s.read_back(0); // a restored row read back: must not cancel the eviction
+        assert!(s.may_hold(99, at(0)), "unknown until learned");
+        for h in 100..200 {
+            s.evicted(h, 0); // restored rows memory did not take
+        }
+        s.learned();
+        assert!(!s.unfiltered(0));
+        assert!(s.may_hold(1, at(0)) && (100..200).all(|h| s.may_hold(h, at(0))));
+        let fp = (1_000..11_000u64).filter(|h| s.may_hold(*h, at(0))).count();
+        assert!(fp < 100, "{fp} of 10 000 new keys would read RocksDB");
+        // without learning, evictions in unknown namespaces are not counted
+        let mut t = Spilled::new(Some((0, 0)), 1 << 20);
+        t.evicted(1, 0);
+        assert!(t.ranges.is_empty() && t.bytes() == 0);
+        // learning given up: what was counted in the unknown namespaces is forgotten, what
+        // was counted elsewhere stays, and the unknown ones may hold anything
+        t.learn();
+        t.evicted(1, 0);
+        t.evicted(2, 5);
+        assert!(t.bytes() > 0);
+        t.stop_learning();
+        assert_eq!(t.ranges.len(), 1);
+        assert!(t.may_hold(99, at(0)) && t.unfiltered(0) && !t.may_hold(99, at(5)));
+        t.evicted(3, 0);
+        assert_eq!(t.ranges.len(), 1, "not counted once learning stopped");
     }
 
     #[test]
