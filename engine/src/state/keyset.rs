@@ -34,9 +34,7 @@ use super::key_slots::{
     Class, DIRTY, Index, KeyBuf, LongKeys, PERSISTED, Pass, READ_AHEAD, SLOT_INLINE, Slot, USED,
 };
 use super::spilled::{ALL, Spilled};
-use super::{
-    FILTER_CAP, FILTER_SHARE, FLUSH_BATCH_BYTES, PUBLISH_EVERY, StateKey, WARM_PER_KEY, WARM_ROWS,
-};
+use super::{FILTER_CAP, FILTER_SHARE, FLUSH_BATCH_BYTES, PUBLISH_EVERY, StateKey};
 use crate::keys::{hash_key, key_group};
 use crate::{EngineError, KeyGroup, Result, Watermark};
 
@@ -292,11 +290,9 @@ impl KeySet {
     pub fn prefetch<'k>(&mut self, keys: impl IntoIterator<Item = &'k [u8]>) -> Result<()> {
         let keys: Vec<&[u8]> = keys.into_iter().collect();
         if let Some(b) = self.backing.as_mut()
-            && b.scan.is_some()
+            && b.spilled
+                .learn_from(&b.backend, &mut b.scan, keys.len(), &self.name)?
         {
-            let rows = WARM_ROWS.max(keys.len() * WARM_PER_KEY);
-            b.spilled
-                .learn_from(&b.backend, &mut b.scan, rows, &self.name)?;
             self.charge();
         }
         self.absent.clear();

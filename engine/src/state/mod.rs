@@ -191,14 +191,6 @@ const SAMPLE_EVERY: u32 = 32;
 /// over this (its index gives back room when they grow past it).
 const FILTER_SHARE: usize = 4;
 
-/// Rows of its snapshot a restored key set or one-value table reads per prefetch (see
-/// [`Spilled::learn_from`]): at least this many, and this many per key the prefetch was asked
-/// for. A row read costs a fraction of a microsecond and a miss that reads RocksDB a few, so
-/// the misses while the reading goes on (a sixteenth of the restored keys' number, for a
-/// stream of new keys) cost about as much as the reading.
-const WARM_ROWS: usize = 4096;
-const WARM_PER_KEY: usize = 16;
-
 /// One spill filter takes at most the decoded caches' budget over this; past it, the misses of
 /// its namespaces always read RocksDB (see [`spilled`]). A filter costs 2 bytes per evicted key
 /// where the key in memory costs 16 or more, and without it every key new to the state is a
@@ -1011,11 +1003,9 @@ impl<V: StateValue> KeyedTable<V> {
         }
         let keys: Vec<&[u8]> = keys.into_iter().collect();
         if let Some(b) = self.backing.as_mut()
-            && b.scan.is_some()
+            && b.spilled
+                .learn_from(&b.backend, &mut b.scan, keys.len(), &self.name)?
         {
-            let rows = WARM_ROWS.max(keys.len() * WARM_PER_KEY);
-            b.spilled
-                .learn_from(&b.backend, &mut b.scan, rows, &self.name)?;
             self.charge_spilled();
         }
         // nothing evicted or restored: no key can be read

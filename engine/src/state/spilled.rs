@@ -33,6 +33,14 @@ use crate::keys::hash_key;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+/// Rows of its snapshot a restored key set or one-value table reads per prefetch (see
+/// [`Spilled::learn_from`]): at least this many, and this many per key the prefetch was asked
+/// for. A row read costs a fraction of a microsecond and a miss that reads RocksDB a few, so
+/// the misses while the reading goes on (a sixteenth of the restored keys' number, for a
+/// stream of new keys) cost about as much as the reading.
+const WARM_ROWS: usize = 4096;
+const WARM_PER_KEY: usize = 16;
+
 /// A range of namespaces.
 pub(crate) type NsRange = (Bound<i64>, Bound<i64>);
 
@@ -113,21 +121,24 @@ impl Spilled {
         self.learning = self.unknown.is_some();
     }
 
-    /// Reads up to `limit` more rows of the restored table `table` (named `name`) where `scan`
-    /// stands and tells of each one's key, as the owner of a table whose rows memory does not
-    /// take in when it restores (a key set, a one-value table): once every row was read, the
-    /// namespaces are known and `scan` is `None`. A row that is not one of a table's, or a
-    /// filter that gave up, ends the reading with the namespaces still unknown.
+    /// Reads more rows of the restored table `name` from where `scan` stands, for a prefetch
+    /// of `asked` keys ([`WARM_PER_KEY`] rows each, at least [`WARM_ROWS`]), and tells of each
+    /// one's key, as the owner of a table whose rows memory does not take in when it restores
+    /// (a key set, a one-value table): once every row was read, the namespaces are known and
+    /// `scan` is `None`. A row that is not one of a table's, or a filter that gave up, ends the
+    /// reading with the namespaces still unknown. Whether it read anything (the filters' bytes
+    /// may have changed).
     pub(crate) fn learn_from(
         &mut self,
         backend: &KeyedBackend,
         scan: &mut Option<TableScan>,
-        limit: usize,
+        asked: usize,
         name: &str,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let Some(mut s) = scan.take() else {
-            return Ok(());
+            return Ok(false);
         };
+        let limit = WARM_ROWS.max(asked.saturating_mul(WARM_PER_KEY));
         // what is evicted from now on is counted; what was before, the reading finds
         self.learn();
         let mut foreign = None;
@@ -156,7 +167,7 @@ impl Spilled {
             (None, true) => *scan = Some(s),
             (None, false) => self.learned(),
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The owner has told of every restored row: no namespace is unknown any more.
