@@ -421,12 +421,17 @@ pub(crate) fn order_head(kg: KeyGroup, len: usize) -> ([u8; 12], usize) {
 
 /// The encoded key of a [`timer_order`].
 pub(crate) fn key_of_order(order: &[u8]) -> Option<&[u8]> {
+    let (len, key) = split_length(order.get(2..)?)?;
+    (key.len() == len).then_some(key)
+}
+
+/// A key's length as row keys and orders hold it (LEB128, see [`leb128`]) and the bytes after it.
+fn split_length(bytes: &[u8]) -> Option<(usize, &[u8])> {
     let mut len = 0usize;
-    for (i, b) in order.get(2..)?.iter().enumerate().take(5) {
+    for (i, b) in bytes.iter().enumerate().take(5) {
         len |= ((b & 0x7f) as usize) << (7 * i);
         if b & 0x80 == 0 {
-            let key = order.get(2 + i + 1..)?;
-            return (key.len() == len).then_some(key);
+            return Some((len, bytes.get(i + 1..)?));
         }
     }
     None
@@ -440,20 +445,12 @@ pub(crate) fn push_row_key(buf: &mut Vec<u8>, kg: KeyGroup, table: [u8; 4], key:
 
 /// The encoded key and namespace of a [`row_key`] (`None` if `row` is not one).
 pub(crate) fn decode_row_key(row: &[u8]) -> Option<(&[u8], i64)> {
-    let rest = row.get(6..)?;
-    let mut len = 0usize;
-    for (i, b) in rest.iter().enumerate().take(5) {
-        len |= ((b & 0x7f) as usize) << (7 * i);
-        if b & 0x80 == 0 {
-            let tail = rest.get(i + 1..)?;
-            if tail.len() != len + 8 {
-                return None;
-            }
-            let (key, ns) = tail.split_at(len);
-            return Some((key, time_from_bytes(ns.try_into().ok()?)));
-        }
+    let (len, tail) = split_length(row.get(6..)?)?;
+    if tail.len() != len.checked_add(8)? {
+        return None;
     }
-    None
+    let (key, ns) = tail.split_at(len);
+    Some((key, time_from_bytes(ns.try_into().ok()?)))
 }
 
 /// The row key of (`key`, `ns`) in `table`.
@@ -1349,24 +1346,8 @@ impl KeyedBackend {
         table: [u8; 4],
         mut f: impl FnMut(&[u8], &[u8]) -> Result<()>,
     ) -> Result<()> {
-        self.wait_for_rows()?;
-        for kg in self.range.start..=self.range.end {
-            let mut prefix = kg_prefix(kg).to_vec();
-            prefix.extend_from_slice(&table);
-            let mut ro = ReadOptions::default();
-            ro.set_total_order_seek(true);
-            let mut upper = prefix.clone();
-            increment(&mut upper);
-            ro.set_iterate_upper_bound(upper);
-            let mut it = self.db().raw_iterator_opt(ro);
-            it.seek(&prefix);
-            while let (Some(k), Some(v)) = (it.key(), it.value()) {
-                f(&k[6..], v)?;
-                it.next();
-            }
-            it.status().map_err(|e| db_err("reading state", e))?;
-        }
-        Ok(())
+        self.scan_table(&mut TableScan::new(table), usize::MAX, |k, v| f(&k[6..], v))
+            .map(drop)
     }
 
     /// Calls `f` with up to `limit` rows of the scan's table from where it stands, in key
@@ -1957,5 +1938,28 @@ impl<'a> PaneCursor<'a> {
     /// Whether the read ended without an error.
     fn finish(self) -> Result<()> {
         self.it.status().map_err(|e| db_err("reading state", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row key gives back its key and namespace, whatever the key's length (one and two
+    /// bytes of LEB128 length); anything cut short or longer is not a row key.
+    #[test]
+    fn a_row_key_decodes_to_its_key_and_namespace() {
+        for (key, ns) in [
+            (&b"k"[..], 0i64),
+            (&[7u8; 200][..], -5),
+            (&b""[..], i64::MAX),
+        ] {
+            let row = row_key(KeyGroup(3), [1, 2, 3, 4], key, ns);
+            assert_eq!(decode_row_key(&row), Some((key, ns)));
+            assert_eq!(decode_row_key(&row[..row.len() - 1]), None);
+            assert_eq!(decode_row_key(&[&row[..], &[0]].concat()), None);
+        }
+        assert_eq!(decode_row_key(&[0, 3, 1, 2, 3, 4, 0x80, 0x80]), None);
+        assert_eq!(decode_row_key(&[0, 3]), None);
     }
 }
