@@ -498,6 +498,16 @@ impl TableScan {
             from: None,
         }
     }
+
+    /// The table it reads.
+    pub(crate) fn table(&self) -> [u8; 4] {
+        self.table
+    }
+
+    /// True before its first read.
+    pub(crate) fn at_start(&self) -> bool {
+        self.kg.is_none()
+    }
 }
 
 /// One operator's keyed state in one subtask.
@@ -608,6 +618,9 @@ impl std::fmt::Debug for KeyedBackend {
     }
 }
 
+/// L0 files (flushed memtables) that start a compaction: RocksDB's default.
+const L0_COMPACTION_FILES: i32 = 4;
+
 fn options(config: &StateConfig, memory: &StateMemory, clock: Arc<AtomicI64>) -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
@@ -646,6 +659,17 @@ fn options(config: &StateConfig, memory: &StateMemory, clock: Arc<AtomicI64>) ->
     table.set_pin_top_level_index_and_filter(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     opts.set_block_based_table_factory(&table);
+    // Leveled compaction, the levels' sizes derived from the last one's (RocksDB's default):
+    // L0 compacts into the first level whose target reaches the base size. At RocksDB's default
+    // base (256 MB) a state of a few hundred MB has no level between L0 and the last, and as
+    // keys arrive in hash order every L0 compaction rewrote the whole state: a restored
+    // deduplication of 10M keys spent twice the subtask's CPU compacting its 10M new ones. A
+    // base of what L0 holds when it compacts puts a level of about that size under it, which
+    // spills into the last a file at a time.
+    opts.set_level_zero_file_num_compaction_trigger(L0_COMPACTION_FILES);
+    opts.set_max_bytes_for_level_base(
+        (config.write_buffer_bytes as u64).saturating_mul(L0_COMPACTION_FILES as u64),
+    );
     opts.set_compaction_filter("freshet-ttl", move |_level, key: &[u8], value: &[u8]| {
         // only rows in key groups carry a deadline: timers and the instance's records do not
         if is_row(key) && value.len() >= 8 {
@@ -1386,6 +1410,39 @@ impl KeyedBackend {
             scan.from = None;
         }
         Ok(*kg <= self.range.end)
+    }
+
+    /// About how many rows `table` holds in the owned key groups: the rows of its first
+    /// groups, read until at least `sample` rows or every group, scaled to all of them (keys
+    /// hash evenly over key groups). Exact when the table holds fewer than `sample` rows.
+    pub(crate) fn estimate_table_rows(&self, table: [u8; 4], sample: usize) -> Result<u64> {
+        let groups = u64::from(self.range.end.saturating_sub(self.range.start)) + 1;
+        let mut scan = TableScan::new(table);
+        // rows of the groups read to their end, and of the group the scan stands in
+        let (mut whole, mut current) = (0u64, (u32::MAX, 0u64));
+        loop {
+            let more = self.scan_table(&mut scan, sample, |row, _| {
+                let kg = row.get(..2).map_or(0, |g| u16::from_be_bytes([g[0], g[1]]));
+                if u32::from(kg) != current.0 {
+                    whole += current.1;
+                    current = (u32::from(kg), 0);
+                }
+                current.1 += 1;
+                Ok(())
+            })?;
+            if !more {
+                return Ok(whole + current.1);
+            }
+            // the scan stands in a group it has not read to its end
+            let at = scan.kg.unwrap_or(self.range.start);
+            if current.0 < at {
+                whole += std::mem::take(&mut current.1);
+            }
+            let read = u64::from(at - self.range.start);
+            if read > 0 && whole >= sample as u64 {
+                return Ok(whole * groups / read);
+            }
+        }
     }
 
     /// Calls `f` with the namespace and value of every row of one key, in namespace order;

@@ -80,6 +80,8 @@ impl Stage {
 #[derive(Debug)]
 pub(crate) struct GrowingBloom {
     stages: Vec<Stage>,
+    /// Keys the next stage holds, unless cut to the bytes left.
+    next: usize,
 }
 
 /// Spreads a key hash's bits: the key hash also picks the key group (its low bits), so a
@@ -93,26 +95,40 @@ fn mix(hash: u64) -> u64 {
 impl GrowingBloom {
     /// An empty filter whose first stage holds `capacity` keys.
     pub(crate) fn new(capacity: usize) -> Self {
+        Self::sized(capacity, capacity.saturating_mul(GROWTH))
+    }
+
+    /// An empty filter whose first stage holds `capacity` keys, made for about that many: if
+    /// more come, the stages added hold `then` keys, and [`GROWTH`] times more each (a filter
+    /// whose stages grew from its first would add a stage four times the size it was made for).
+    pub(crate) fn sized(capacity: usize, then: usize) -> Self {
         GrowingBloom {
             stages: vec![Stage::new(capacity.max(1))],
+            next: then.max(1),
         }
     }
 
+    /// The most keys a stage of `bytes` holds.
+    pub(crate) fn capacity_within(bytes: usize) -> usize {
+        (bytes / 32).saturating_mul(256) / BITS_PER_KEY
+    }
+
     /// Adds a key hash (adding one twice takes capacity twice) if the filter can hold it in
-    /// `max_bytes`; false, leaving the filter as it was, if it cannot. A full filter adds a
-    /// stage [`GROWTH`] times the last one's capacity, or only what the bytes left hold if that
-    /// is less, but not less than the last one's: so a filter fills its bytes rather than
-    /// stopping a fourfold stage short of them, and it never has more than one cut stage.
+    /// `max_bytes`; false, leaving the filter as it was, if it cannot. A full filter adds its
+    /// next stage ([`GROWTH`] times the one grown before it), or only what the bytes left hold
+    /// if that is less, but not less than the one grown before: so a filter fills its bytes
+    /// rather than stopping a fourfold stage short of them, and it never has more than one
+    /// cut stage.
     pub(crate) fn insert_within(&mut self, hash: u64, max_bytes: usize) -> bool {
         let last = self.stages.last().expect("at least one stage");
         if last.inserted >= last.capacity {
-            let left = max_bytes.saturating_sub(self.bytes());
-            let fits = (left / 32).saturating_mul(256) / BITS_PER_KEY;
-            let next = last.capacity.saturating_mul(GROWTH).min(fits);
-            if next < last.capacity {
+            let fits = Self::capacity_within(max_bytes.saturating_sub(self.bytes()));
+            let next = self.next.min(fits);
+            if next < (self.next / GROWTH).max(1) {
                 return false;
             }
             self.stages.push(Stage::new(next));
+            self.next = self.next.saturating_mul(GROWTH);
         }
         self.stages
             .last_mut()
@@ -138,6 +154,7 @@ impl GrowingBloom {
                 _ => self.stages.push(stage),
             }
         }
+        self.next = self.next.max(other.next);
     }
 
     /// Whether the hash may have been added (never false for one that was).
@@ -222,6 +239,29 @@ mod tests {
             "{fp} false positives of {absent}"
         );
         assert!(fp > 0, "a filter this full has some false positives");
+    }
+
+    /// A filter made for the keys it is expected to hold grows, if more come, by stages that
+    /// start small again, not by one four times its size.
+    #[test]
+    fn a_sized_filter_grows_from_small_stages() {
+        let mut f = GrowingBloom::sized(100_000, 1_024);
+        for i in 0..100_000 {
+            f.insert(h(i));
+        }
+        let full = f.bytes();
+        assert_eq!(full, 100_000 * BITS_PER_KEY / 8);
+        for i in 100_000..101_024 {
+            f.insert(h(i));
+        }
+        assert_eq!(
+            f.bytes() - full,
+            1_024 * BITS_PER_KEY / 8,
+            "one stage of 1 024 keys"
+        );
+        f.insert(h(101_024));
+        assert_eq!(f.capacity(), 100_000 + 1_024 + 4_096);
+        assert!((0..=101_024).all(|i| f.contains(h(i))));
     }
 
     #[test]

@@ -475,9 +475,11 @@ impl KeySet {
             // what the job's other tables hold is not this set's to take
             let tables = memory.decoded().saturating_sub(self.bytes);
             // room for the filters to grow into once the set evicts, unless they gave up on the
-            // set's rows (or cannot filter them: a restored set's); a set that never evicts
-            // needs none, and one that does shrinks its index when the filters grow into it
-            let filters = match b.spilled.is_empty() || b.spilled.unfiltered(0) {
+            // set's rows (or cannot filter them: a restored set's that is not reading them); a
+            // set that has not evicted needs none beyond what its filters hold (a restored
+            // set's, of the keys it read), and one that does shrinks its index when the filters
+            // grow into it
+            let filters = match !b.spilled.evicts() || b.spilled.unfiltered(0) {
                 true => filters,
                 false => filters.max(budget / FILTER_SHARE),
             };
@@ -1330,6 +1332,11 @@ mod tests {
             ..config(dir.path(), 0)
         };
         let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
+        // the rows of one key group of 128 (about 4 700), scaled; all of them, counted
+        let table = backend::value_table_id("s");
+        let estimate = restored.estimate_table_rows(table, 4096).unwrap();
+        assert!(estimate.abs_diff(n) < n / 10, "{estimate} rows estimated");
+        assert_eq!(restored.estimate_table_rows(table, 1 << 20).unwrap(), n);
         let mut back = attached(&restored);
         // batches of new keys, each prefetched as the operator does
         let mut next = n;
@@ -1354,6 +1361,13 @@ mod tests {
         assert!(batches >= 30, "{batches} batches for 600k rows");
         let spilled = &back.backing.as_ref().unwrap().spilled;
         assert!(!spilled.unfiltered(0) && !spilled.is_empty());
+        // one filter sized for the rows estimated (two bytes a key, an eighth more), not
+        // growing stages of which the last would hold a million keys (2.7 MB in all)
+        assert!(
+            spilled.bytes() < 1_600_000,
+            "{} bytes of filter for 600k keys",
+            spilled.bytes()
+        );
         let reads = back.reads();
         for _ in 0..100 {
             batch(&mut back);
@@ -1366,6 +1380,57 @@ mod tests {
                 "key {i} lost"
             );
         }
+    }
+
+    /// A restored set that has not evicted keeps no room aside for filters it may never grow
+    /// beyond what its filter of the restored keys holds: new keys fill the rest of its share,
+    /// where with a quarter kept aside it would evict. Once it evicts it keeps the quarter.
+    #[test]
+    fn a_restored_set_keeps_room_for_its_filters_only_once_it_evicts() {
+        let dir = tempfile::tempdir().unwrap();
+        // 6 MB decoded: a quarter kept aside would leave room for 246k keys, the restored
+        // keys' filter (225 kB) for 315k
+        let memory = StateMemory::new(8 << 20);
+        let backend = in_slot(dir.path(), &memory, 0);
+        let mut set = attached(&backend);
+        let key = |i: u64| i.to_be_bytes();
+        let n = 100_000u64;
+        for i in 0..n {
+            assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
+        }
+        set.flush().unwrap();
+        let cfg = StateConfig {
+            memory: Some(StateMemory::new(8 << 20)),
+            cache_keys: None,
+            ..config(dir.path(), 0)
+        };
+        let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
+        let mut back = attached(&restored);
+        let mut next = n;
+        let mut batch = |back: &mut KeySet| {
+            let keys: Vec<[u8; 8]> = (next..next + 1_000).map(key).collect();
+            back.prefetch(keys.iter().map(|k| &k[..])).unwrap();
+            for k in &keys {
+                assert!(back.insert_if_absent(k, 0, Watermark::MIN).unwrap());
+            }
+            next += 1_000;
+        };
+        for _ in 0..290 {
+            batch(&mut back);
+        }
+        let b = back.backing.as_ref().unwrap();
+        assert!(b.scan.is_none(), "the snapshot was read");
+        assert!(
+            !b.spilled.evicts(),
+            "evicted with {} keys in memory",
+            back.len()
+        );
+        assert_eq!(back.len(), 290_000);
+        for _ in 0..60 {
+            batch(&mut back);
+        }
+        assert!(back.backing.as_ref().unwrap().spilled.evicts());
+        assert!(back.len() < 300_000, "{} keys in memory", back.len());
     }
 
     /// The spill filters grow past the share the set keeps aside for them, up to their cap,
