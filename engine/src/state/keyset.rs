@@ -1310,6 +1310,37 @@ mod tests {
         }
     }
 
+    /// The keys 0..`n` of a set in an instance of 8 MB (6 MB decoded), written, snapshotted
+    /// and restored into another instance of the same budget.
+    fn restored_keys(dir: &std::path::Path, n: u64) -> Arc<KeyedBackend> {
+        let backend = in_slot(dir, &StateMemory::new(8 << 20), 0);
+        let mut set = attached(&backend);
+        for i in 0..n {
+            assert!(
+                set.insert_if_absent(&i.to_be_bytes(), 0, Watermark::MIN)
+                    .unwrap()
+            );
+        }
+        set.flush().unwrap();
+        let cfg = StateConfig {
+            memory: Some(StateMemory::new(8 << 20)),
+            cache_keys: None,
+            ..config(dir, 0)
+        };
+        snapshot_and_restore(&backend, dir, &cfg)
+    }
+
+    /// Inserts the 1 000 keys from `next` on, none of which the set holds, as a batch that is
+    /// prefetched first, as the operator does.
+    fn insert_new_keys(set: &mut KeySet, next: &mut u64) {
+        let keys: Vec<[u8; 8]> = (*next..*next + 1_000).map(u64::to_be_bytes).collect();
+        set.prefetch(keys.iter().map(|k| &k[..])).unwrap();
+        for k in &keys {
+            assert!(set.insert_if_absent(k, 0, Watermark::MIN).unwrap());
+        }
+        *next += 1_000;
+    }
+
     /// A restored set reads its snapshot's keys into the spill filters, 16 rows per key a
     /// prefetch asks for, so that once it has read them all a key new to it reads nothing from
     /// RocksDB (before, every miss did, for as long as the job ran), and every key, restored
@@ -1318,36 +1349,17 @@ mod tests {
     fn a_restored_set_reads_its_snapshot_and_new_keys_stop_reading_rocksdb() {
         let dir = tempfile::tempdir().unwrap();
         // 6 MB decoded: about 300k keys in memory
-        let backend = in_slot(dir.path(), &StateMemory::new(8 << 20), 0);
-        let mut set = attached(&backend);
-        let key = |i: u64| i.to_be_bytes();
         let n = 600_000u64;
-        for i in 0..n {
-            assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
-        }
-        set.flush().unwrap();
-        let cfg = StateConfig {
-            memory: Some(StateMemory::new(8 << 20)),
-            cache_keys: None,
-            ..config(dir.path(), 0)
-        };
-        let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
+        let restored = restored_keys(dir.path(), n);
+        let key = |i: u64| i.to_be_bytes();
         // the rows of one key group of 128 (about 4 700), scaled; all of them, counted
         let table = backend::value_table_id("s");
         let estimate = restored.estimate_table_rows(table, 4096).unwrap();
         assert!(estimate.abs_diff(n) < n / 10, "{estimate} rows estimated");
         assert_eq!(restored.estimate_table_rows(table, 1 << 20).unwrap(), n);
         let mut back = attached(&restored);
-        // batches of new keys, each prefetched as the operator does
         let mut next = n;
-        let mut batch = |back: &mut KeySet| {
-            let keys: Vec<[u8; 8]> = (next..next + 1_000).map(key).collect();
-            back.prefetch(keys.iter().map(|k| &k[..])).unwrap();
-            for k in &keys {
-                assert!(back.insert_if_absent(k, 0, Watermark::MIN).unwrap());
-            }
-            next += 1_000;
-        };
+        let mut batch = |back: &mut KeySet| insert_new_keys(back, &mut next);
         let mut batches = 0;
         while back.backing.as_ref().unwrap().scan.is_some() {
             batch(&mut back);
@@ -1390,31 +1402,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // 6 MB decoded: a quarter kept aside would leave room for 246k keys, the restored
         // keys' filter (225 kB) for 315k
-        let memory = StateMemory::new(8 << 20);
-        let backend = in_slot(dir.path(), &memory, 0);
-        let mut set = attached(&backend);
-        let key = |i: u64| i.to_be_bytes();
         let n = 100_000u64;
-        for i in 0..n {
-            assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
-        }
-        set.flush().unwrap();
-        let cfg = StateConfig {
-            memory: Some(StateMemory::new(8 << 20)),
-            cache_keys: None,
-            ..config(dir.path(), 0)
-        };
-        let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
-        let mut back = attached(&restored);
+        let mut back = attached(&restored_keys(dir.path(), n));
         let mut next = n;
-        let mut batch = |back: &mut KeySet| {
-            let keys: Vec<[u8; 8]> = (next..next + 1_000).map(key).collect();
-            back.prefetch(keys.iter().map(|k| &k[..])).unwrap();
-            for k in &keys {
-                assert!(back.insert_if_absent(k, 0, Watermark::MIN).unwrap());
-            }
-            next += 1_000;
-        };
+        let mut batch = |back: &mut KeySet| insert_new_keys(back, &mut next);
         for _ in 0..290 {
             batch(&mut back);
         }
