@@ -44,7 +44,7 @@ const WARM_PER_KEY: usize = 16;
 
 /// Rows of a restored table read to estimate how many it holds before its filter is made (see
 /// [`KeyedBackend::estimate_table_rows`]): whole key groups holding at least this many. Of 10M
-/// keys in 128 key groups that is one group, 78k rows, which gives the count within about 1%.
+/// keys in 128 key groups that is one group, about 78k rows.
 const ESTIMATE_ROWS: usize = 1 << 16;
 
 /// A range of namespaces.
