@@ -361,6 +361,9 @@ impl RowWriter {
 
 /// The keys a map table of `bytes` bytes holds when full (an eighth of its buckets stay free;
 /// each bucket is an entry and a control byte).
+/// The fewest keys a table's map gives up room down to (see [`KeyedTable::smaller_map`]).
+const MIN_MAP_CAPACITY: usize = 1 << 12;
+
 fn full_capacity<V>(bytes: usize) -> usize {
     bytes / (std::mem::size_of::<(StateKey, Slot<V>)>() + 1) * 7 / 8
 }
@@ -1539,7 +1542,13 @@ impl<V: StateValue> KeyedTable<V> {
             // down to half, so the rehash stays in place
             want_keys = want_keys.max(self.keys.len().saturating_sub(half));
         }
-        let want_bytes = (self.bytes - self.map_charge - self.spill_charge) / 4;
+        let entry_bytes = self.bytes - self.map_charge - self.spill_charge;
+        let want_bytes = entry_bytes / 4;
+        let shrink = self.smaller_map(want_keys, entry_bytes - want_bytes);
+        if let Some(capacity) = shrink {
+            // at most half full in the smaller table
+            want_keys = want_keys.max(self.keys.len().saturating_sub(capacity / 2));
+        }
         let (mut keys, mut bytes, mut entries) = (0, 0, 0);
         let spilled = &mut self.backing.as_mut().expect("checked above").spilled;
         for _sweep in 0..2 {
@@ -1567,8 +1576,35 @@ impl<V: StateValue> KeyedTable<V> {
         }
         self.entries -= entries;
         self.account(bytes, 0);
+        if let Some(capacity) = shrink {
+            self.keys.shrink_to(capacity);
+            self.charge_map();
+        }
         self.charge_spilled();
         Ok(())
+    }
+
+    /// The capacity of a smaller map's table, if the table must move into one: the map keeps
+    /// its table's size when keys are evicted, and the spill filters grow as they are, so the
+    /// two may come to leave the keys no room; evicting keys then no longer brings the cache
+    /// under its budget, and every new key would sweep the whole table. `entry_bytes` is what
+    /// the keys will be charged once this eviction is done. The table halves until the three
+    /// fit (or it is as small as [`MIN_MAP_CAPACITY`] keys).
+    fn smaller_map(&self, keep_keys: usize, entry_bytes: usize) -> Option<usize> {
+        let b = self.backing.as_ref()?;
+        let memory = b.backend.memory();
+        let (mut capacity, mut map) = (self.keys.capacity(), self.map_charge);
+        let kept = self.keys.len().saturating_sub(keep_keys).max(1);
+        let per_key = entry_bytes / kept;
+        let fits = |capacity: usize, map: usize| {
+            let keys = kept.min(capacity / 2);
+            !memory.must_evict(map + self.spill_charge + keys * per_key)
+        };
+        while capacity / 2 >= MIN_MAP_CAPACITY && !fits(capacity, map) {
+            capacity /= 2;
+            map /= 2;
+        }
+        (capacity < self.keys.capacity()).then_some(capacity)
     }
 
     /// Estimated bytes of the keys in memory.
@@ -2801,7 +2837,12 @@ pub(crate) mod tests {
 
     /// An instance with a budget of its own of 16 MB (12 MB of it for decoded keys).
     fn budgeted(dir: &std::path::Path) -> (Arc<StateMemory>, Arc<KeyedBackend>) {
-        let memory = StateMemory::new(16 << 20);
+        budgeted_with(dir, 16 << 20)
+    }
+
+    /// An instance with a budget of its own of `bytes` (three quarters for decoded keys).
+    fn budgeted_with(dir: &std::path::Path, bytes: usize) -> (Arc<StateMemory>, Arc<KeyedBackend>) {
+        let memory = StateMemory::new(bytes);
         let cfg = StateConfig {
             local_dir: dir.to_path_buf(),
             memory: Some(memory.clone()),
@@ -2932,6 +2973,57 @@ pub(crate) mod tests {
             .update(&key(1), 1, 0, Watermark::MIN, || 0, |_| ())
             .unwrap_err();
         assert!(err.to_string().contains("one value per key"), "{err}");
+    }
+
+    /// The spill filter grows as keys are evicted and the map's table keeps its size: once the
+    /// two leave the keys no room, the table moves into a smaller one (rather than evicting
+    /// every key and sweeping the whole table for each new one) and the cache keeps its budget.
+    #[test]
+    fn the_map_gives_room_back_to_a_growing_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let (memory, backend) = budgeted_with(dir.path(), 8 << 20);
+        let budget = memory.decoded_budget();
+        let mut t: KeyedTable<u64> = KeyedTable::one_value("t", None);
+        t.attach(&backend).unwrap();
+        let update = |t: &mut KeyedTable<u64>, i: u32| {
+            t.update(&i.to_be_bytes(), 0, 0, Watermark::MIN, || i as u64, |_| ())
+                .unwrap();
+        };
+        for i in 0..100_000 {
+            update(&mut t, i);
+        }
+        let largest = t.keys.allocation_size();
+        // the filter as the evictions of another 500k keys would have grown it (inserting
+        // them would take half a minute in a debug build)
+        let spilled = &mut t.backing.as_mut().unwrap().spilled;
+        for h in 0..500_000u64 {
+            spilled.evicted(crate::keys::hash_key(&h.to_le_bytes()), 0);
+        }
+        t.charge_spilled();
+        let filter = t.spill_charge;
+        assert!(
+            filter > budget / 3,
+            "the filter takes {filter} of {budget} bytes"
+        );
+        let mut peak = 0;
+        for i in 100_000..150_000 {
+            update(&mut t, i);
+            peak = peak.max(memory.decoded());
+        }
+        assert!(t.spill_charge >= filter, "the filter gave up");
+        let table = t.keys.allocation_size();
+        assert!(table < largest, "the table kept its {table} bytes");
+        assert!(
+            peak <= budget + 4096,
+            "peak {peak} over the budget {budget}"
+        );
+        assert!(t.key_count() > 1_000, "{} keys cached", t.key_count());
+        for i in (0..150_000u32).step_by(97) {
+            assert_eq!(
+                t.get(&i.to_be_bytes(), 0, Watermark::MIN).unwrap(),
+                Some(&(i as u64))
+            );
+        }
     }
 
     #[test]
