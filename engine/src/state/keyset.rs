@@ -1287,9 +1287,10 @@ mod tests {
     #[test]
     fn the_index_takes_the_filters_share_once_they_gave_up() {
         let dir = tempfile::tempdir().unwrap();
-        // 6 MB decoded: the filters' cap is 3 MB, which holds 1 376 256 keys (stages of 16k,
-        // 64k, 256k and 1M, 2 bytes each; a fifth stage would have to hold 1M keys more), and
-        // the share kept for them leaves the index 294 912 slots until they give up
+        // 6 MB decoded: the filters' cap is 3 MB, which holds 2 376 256 keys (stages of 16k,
+        // 64k, 256k and 1M, 2 bytes each; a fifth stage would have to hold 1M keys more, so the
+        // largest takes twice its capacity instead), and the share kept for them leaves the
+        // index 294 912 slots until they give up
         let backend = in_slot(dir.path(), &StateMemory::new(8 << 20), 0);
         let budget = backend.memory().decoded_budget();
         assert_eq!(budget, 6 << 20);
@@ -1297,7 +1298,7 @@ mod tests {
         let share = budget / FILTER_SHARE / std::mem::size_of::<Slot>();
         let mut most = 0;
         let key = |i: u64| i.to_be_bytes();
-        for i in 0..2_000_000u64 {
+        for i in 0..3_000_000u64 {
             assert!(set.insert_if_absent(&key(i), 0, Watermark::MIN).unwrap());
             assert!(set.bytes() <= budget, "{} bytes at key {i}", set.bytes());
             most = most.max(set.index.slots());
@@ -1305,7 +1306,7 @@ mod tests {
         assert!(set.backing.as_ref().unwrap().spilled.unfiltered(0));
         assert!(most >= budget / 16 / 8 * 7, "{most} slots");
         assert!(most > (budget / 16 - share) / 8 * 9, "{most} slots");
-        for k in (0..2_000_000).step_by(997) {
+        for k in (0..3_000_000).step_by(997) {
             assert!(!set.insert_if_absent(&key(k), 0, Watermark::MIN).unwrap());
         }
     }

@@ -524,8 +524,8 @@ mod tests {
             s.bytes()
         );
 
-        // a filter capped at 64 kB holds 32k keys
-        let mut s = Spilled::new(Some((0, 0)), 64 << 10);
+        // a filter capped at 32 kB holds 16k keys, and 32k with its stage filled twice over
+        let mut s = Spilled::new(Some((0, 0)), 32 << 10);
         learn_all(&mut s, &backend, table);
         assert!(s.unfiltered(0) && s.may_hold(1, at(0)) && s.bytes() == 0);
 
