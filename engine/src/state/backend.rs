@@ -659,6 +659,13 @@ fn options(config: &StateConfig, memory: &StateMemory, clock: Arc<AtomicI64>) ->
     table.set_pin_top_level_index_and_filter(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     opts.set_block_based_table_factory(&table);
+    // No filters in the last level, which holds nearly every row: a read of a key the state
+    // holds finds it there after probing the filters of the levels above, so the last one's
+    // filter would only cost the read a partition (and the block cache 10 bits per key: most
+    // of RocksDB's share of the default budget at 50M keys). A read of a key the state
+    // does not hold then reads the last level's index and a data block; the tables' own spill
+    // filters keep those reads to keys they cannot rule out (see `spilled`).
+    opts.set_optimize_filters_for_hits(true);
     // Leveled compaction, the levels' sizes derived from the last one's (RocksDB's default):
     // L0 compacts into the first level whose target reaches the base size. At RocksDB's default
     // base (256 MB) a state of a few hundred MB has no level between L0 and the last, and as
