@@ -634,7 +634,8 @@ fn options(config: &StateConfig, memory: &StateMemory, clock: Arc<AtomicI64>) ->
     // bloom filters answer those without a walk down a memtable's skip list or a data block's
     // read. They hold the rows' prefixes (a key without its namespace, see `row_prefix`), which
     // serve both a point lookup of a one-value table and the prefix seek of the others: a
-    // memtable's filter takes a tenth of its size, an SST file's 10 bits per prefix.
+    // memtable's filter takes a tenth of its size, an SST file's 10 bits per prefix (files of
+    // the last level have none, see below).
     opts.set_prefix_extractor(rocksdb::SliceTransform::create(
         "freshet.key",
         row_prefix,
