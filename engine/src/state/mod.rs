@@ -359,11 +359,11 @@ impl RowWriter {
     }
 }
 
-/// The keys a map table of `bytes` bytes holds when full (an eighth of its buckets stay free;
-/// each bucket is an entry and a control byte).
 /// The fewest keys a table's map gives up room down to (see [`KeyedTable::smaller_map`]).
 const MIN_MAP_CAPACITY: usize = 1 << 12;
 
+/// The keys a map table of `bytes` bytes holds when full (an eighth of its buckets stay free;
+/// each bucket is an entry and a control byte).
 fn full_capacity<V>(bytes: usize) -> usize {
     bytes / (std::mem::size_of::<(StateKey, Slot<V>)>() + 1) * 7 / 8
 }
