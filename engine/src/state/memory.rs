@@ -181,12 +181,19 @@ impl StateMemory {
 
     /// Whether a table holding `own` bytes must evict.
     pub(crate) fn must_evict(&self, own: usize) -> bool {
+        self.must_evict_at(own, own)
+    }
+
+    /// Whether a table now charged `now` bytes would have to evict if it held `then`: as
+    /// [`Self::must_evict`], with the job's total moved by the difference.
+    pub(crate) fn must_evict_at(&self, now: usize, then: usize) -> bool {
         let budget = self.decoded_budget();
-        if own > budget {
+        if then > budget {
             return true;
         }
         let share = budget / self.tables.load(Ordering::Relaxed).max(1);
-        self.decoded() > budget && own > share / 4
+        let total = (self.decoded() + then).saturating_sub(now);
+        total > budget && then > share / 4
     }
 }
 
@@ -232,5 +239,8 @@ mod tests {
             "the small one keeps growing up to a quarter of its share"
         );
         assert!(m.must_evict(49 << 20), "alone above the budget");
+        // 49 MB together: the large table would be within the budget at 44 MB, not at 44.5
+        assert!(!m.must_evict_at(45 << 20, 44 << 20));
+        assert!(m.must_evict_at(45 << 20, (44 << 20) + (512 << 10)));
     }
 }

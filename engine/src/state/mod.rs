@@ -1598,7 +1598,7 @@ impl<V: StateValue> KeyedTable<V> {
         let per_key = entry_bytes / kept;
         let fits = |capacity: usize, map: usize| {
             let keys = kept.min(capacity / 2);
-            !memory.must_evict(map + self.spill_charge + keys * per_key)
+            !memory.must_evict_at(self.bytes, map + self.spill_charge + keys * per_key)
         };
         while capacity / 2 >= MIN_MAP_CAPACITY && !fits(capacity, map) {
             capacity /= 2;
