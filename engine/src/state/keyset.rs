@@ -33,7 +33,7 @@ use super::backend::{self, KeyedBackend, TableScan};
 use super::key_slots::{
     Class, DIRTY, Index, KeyBuf, LongKeys, PERSISTED, Pass, READ_AHEAD, SLOT_INLINE, Slot, USED,
 };
-use super::spilled::{ALL, Spilled};
+use super::spilled::{ALL, Spilled, rows_for_prefetch};
 use super::{FILTER_CAP, FILTER_SHARE, FLUSH_BATCH_BYTES, PUBLISH_EVERY, StateKey};
 use crate::keys::{hash_key, key_group};
 use crate::{EngineError, KeyGroup, Result, Watermark};
@@ -290,8 +290,12 @@ impl KeySet {
     pub fn prefetch<'k>(&mut self, keys: impl IntoIterator<Item = &'k [u8]>) -> Result<()> {
         let keys: Vec<&[u8]> = keys.into_iter().collect();
         if let Some(b) = self.backing.as_mut()
-            && b.spilled
-                .learn_from(&b.backend, &mut b.scan, keys.len(), &self.name)?
+            && b.spilled.learn_from(
+                &b.backend,
+                &mut b.scan,
+                rows_for_prefetch(keys.len()),
+                &self.name,
+            )?
         {
             self.charge();
         }

@@ -42,6 +42,18 @@ use std::ops::Bound;
 const WARM_ROWS: usize = 4096;
 const WARM_PER_KEY: usize = 16;
 
+/// Rows of its snapshot a restored table reads for a prefetch of `asked` keys.
+pub(crate) fn rows_for_prefetch(asked: usize) -> usize {
+    WARM_ROWS.max(asked.saturating_mul(WARM_PER_KEY))
+}
+
+/// Rows of its snapshot a restored table reads at a miss that must read RocksDB because the
+/// namespaces asked for are unknown (a table whose operator does not prefetch: a join's
+/// buffers, session windows, pattern runs). They cost about what the miss's own read costs
+/// with the seek that starts them, so a miss costs about twice as much while the reading goes
+/// on, and nothing once it is done.
+pub(crate) const WARM_PER_MISS: usize = 64;
+
 /// Rows of a restored table read to estimate how many it holds before its filter is made (see
 /// [`KeyedBackend::estimate_table_rows`]): whole key groups holding at least this many. Of 10M
 /// keys in 128 key groups that is one group, about 78k rows.
@@ -134,24 +146,22 @@ impl Spilled {
         self.learning = self.unknown.is_some();
     }
 
-    /// Reads more rows of the restored table `name` from where `scan` stands, for a prefetch
-    /// of `asked` keys ([`WARM_PER_KEY`] rows each, at least [`WARM_ROWS`]), and tells of each
-    /// one's key, as the owner of a table whose rows memory does not take in when it restores
-    /// (a key set, a one-value table): once every row was read, the namespaces are known and
-    /// `scan` is `None`. A row that is not one of a table's, or a filter that gave up, ends the
-    /// reading with the namespaces still unknown. Whether it read anything (the filters' bytes
-    /// may have changed).
+    /// Reads up to `limit` more rows of the restored table `name` from where `scan` stands and
+    /// tells of each one's key, as the owner of a table whose rows memory does not take in
+    /// when it restores (a key set, any keyed table): once every row was read, the namespaces
+    /// are known and `scan` is `None`. A row that is not one of a table's, or a filter that
+    /// gave up, ends the reading with the namespaces still unknown. Whether it read anything
+    /// (the filters' bytes may have changed).
     pub(crate) fn learn_from(
         &mut self,
         backend: &KeyedBackend,
         scan: &mut Option<TableScan>,
-        asked: usize,
+        limit: usize,
         name: &str,
     ) -> Result<bool> {
         let Some(mut s) = scan.take() else {
             return Ok(false);
         };
-        let limit = WARM_ROWS.max(asked.saturating_mul(WARM_PER_KEY));
         if !self.learning && s.at_start() {
             // one filter of the size the rows need, not a stage four times too large
             let rows = backend.estimate_table_rows(s.table(), ESTIMATE_ROWS)?;
@@ -495,7 +505,10 @@ mod tests {
         let mut scan = Some(TableScan::new(table));
         let mut calls = 0;
         while scan.is_some() {
-            assert!(s.learn_from(backend, &mut scan, 1_000, "t").unwrap());
+            assert!(
+                s.learn_from(backend, &mut scan, rows_for_prefetch(1_000), "t")
+                    .unwrap()
+            );
             calls += 1;
         }
         calls
