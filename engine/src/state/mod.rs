@@ -572,7 +572,8 @@ impl<V: StateValue> KeyedTable<V> {
             table,
             dirty: Vec::new(),
             gone: Default::default(),
-            spilled: Spilled::new(written, backend.memory().decoded_budget() / FILTER_CAP),
+            spilled: Spilled::new(written, backend.memory().decoded_budget() / FILTER_CAP)
+                .expiring(self.ttl),
             written,
             // the table reads its snapshot's keys as batches or misses come
             // (`Spilled::learn_from`)
@@ -1398,8 +1399,10 @@ impl<V: StateValue> KeyedTable<V> {
     /// RocksDB's compaction (see the module's doc) and returns 0.
     pub fn expire(&mut self, clock: Watermark) -> Result<usize> {
         self.clock = self.clock.max(clock);
-        if let Some(b) = &self.backing {
+        if let Some(b) = &mut self.backing {
             b.backend.advance_clock(clock.0);
+            b.spilled.expire(self.clock.0);
+            self.charge_spilled();
             return Ok(0);
         }
         let Some(ttl) = self.ttl else {
@@ -1588,7 +1591,7 @@ impl<V: StateValue> KeyedTable<V> {
                 // a clean key's values all have their rows (the flush above wrote them)
                 let hash = hash_key(k);
                 for e in s.values.0.iter() {
-                    spilled.evicted(hash, e.ns);
+                    spilled.evicted(hash, e.ns, s.touched);
                 }
                 false
             });
@@ -3086,7 +3089,7 @@ pub(crate) mod tests {
         // them would take half a minute in a debug build)
         let spilled = &mut t.backing.as_mut().unwrap().spilled;
         for h in 0..500_000u64 {
-            spilled.evicted(crate::keys::hash_key(&h.to_le_bytes()), 0);
+            spilled.evicted(crate::keys::hash_key(&h.to_le_bytes()), 0, 0);
         }
         t.charge_spilled();
         let filter = t.spill_charge;

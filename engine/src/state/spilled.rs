@@ -16,8 +16,8 @@
 //! two neighbouring ranges that span the fewest namespaces (counts added, filters OR-ed),
 //! whichever makes the narrower range. So a few ranges, each with its filter, cover any number
 //! of namespaces, and old ranges end where the rows still out begin: as the watermark reads
-//! their rows back, they are forgotten. A filter that outgrows its share of memory is given
-//! up, and any key may then have rows in its range.
+//! their rows back, they are forgotten. The filters of a table share one cap: a filter that
+//! would take them past it is given up, and any key may then have rows in its range.
 //!
 //! Rows this process did not evict (a restored snapshot) are not counted: the namespaces the
 //! restored table wrote before its snapshot are *unknown*, and a miss there always reads
@@ -27,6 +27,15 @@
 //! be one restored and not yet told of), and once it has read them all the namespaces are
 //! known ([`Spilled::learned`]). The filter those rows go into is made for their estimated
 //! number and an eighth more: grown a stage at a time it could take up to four times that.
+//!
+//! A table with a TTL ([`Spilled::expiring`]) counts its rows by their *deadline* instead of
+//! their namespace (its reads ask for all of a key's namespaces anyway): each range then spans
+//! deadlines, [`EXPIRY_BUCKETS`] of them to a TTL, and once the clock passes the last deadline
+//! a range can hold ([`Spilled::expire`]), every row it counted has expired and is invisible,
+//! so it is forgotten with its filter. A deduplication with a TTL over an endless stream of
+//! new keys thus filters the keys that can still be live, not every key it ever evicted, and
+//! its filters stop growing once they span a TTL. Rows read back are not taken off its counts
+//! (a count may only be too high, and a range leaves only by expiry).
 use super::backend::{self, KeyedBackend, TableScan};
 use super::bloom::GrowingBloom;
 use crate::Result;
@@ -72,6 +81,19 @@ const MAX_RANGES: usize = 32;
 /// and a lookup probes each: few and large rather than many small ones.
 const FILTER_START: usize = 1 << 14;
 
+/// Ranges of deadlines a TTL spans, for a table with a TTL (see the module documentation): a
+/// range is forgotten at most an eighth of a TTL after its last row expired.
+const EXPIRY_BUCKETS: i64 = 8;
+
+/// How a table with a TTL counts its rows: by deadline, in buckets of `width` milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct Expiry {
+    ttl: i64,
+    width: i64,
+    /// The first bucket whose rows may be live: those before it have all expired.
+    live: i64,
+}
+
 /// The evicted rows of the namespaces `lo..=hi` (`lo` is its key in [`Spilled::ranges`]).
 #[derive(Debug)]
 struct Range {
@@ -91,7 +113,7 @@ pub(crate) struct Spilled {
     ranges: BTreeMap<i64, Range>,
     /// Estimated bytes of the filters.
     bytes: usize,
-    /// The most one filter may take.
+    /// The most the filters may take together.
     filter_cap: usize,
     /// The owner is reading the unknown namespaces' rows (see the module documentation).
     learning: bool,
@@ -100,6 +122,8 @@ pub(crate) struct Spilled {
     /// Keys the next filter made is sized for, if not [`FILTER_START`]: the restored rows'
     /// estimated number when the owner starts reading them.
     next_capacity: Option<usize>,
+    /// Rows are counted by deadline, not namespace (a table with a TTL).
+    expiry: Option<Expiry>,
 }
 
 fn filter_bytes(f: &GrowingBloom) -> usize {
@@ -126,7 +150,7 @@ fn at(ns: i64) -> NsRange {
 
 impl Spilled {
     /// Nothing spilled yet; RocksDB may hold rows of any key in the namespaces `unknown` (a
-    /// restored table's). One filter takes at most `filter_cap` bytes.
+    /// restored table's). The filters take at most `filter_cap` bytes together.
     pub(crate) fn new(unknown: Option<(i64, i64)>, filter_cap: usize) -> Self {
         Spilled {
             unknown,
@@ -136,7 +160,55 @@ impl Spilled {
             learning: false,
             evicts: false,
             next_capacity: None,
+            expiry: None,
         }
+    }
+
+    /// Counts rows by their deadline if the table has a TTL of `ttl` milliseconds (see the
+    /// module documentation): namespaces then do not matter, and a restored table's rows may
+    /// have any deadline.
+    pub(crate) fn expiring(mut self, ttl: Option<i64>) -> Self {
+        if let Some(ttl) = ttl {
+            self.expiry = Some(Expiry {
+                ttl,
+                width: (ttl / EXPIRY_BUCKETS).max(1),
+                live: i64::MIN,
+            });
+            self.unknown = self.unknown.map(|_| (i64::MIN, i64::MAX));
+        }
+        self
+    }
+
+    /// Where a row at namespace `ns` whose key was touched at `touched` is counted: its
+    /// namespace, or its deadline's bucket.
+    fn place(&self, ns: i64, touched: i64) -> i64 {
+        match self.expiry {
+            Some(e) => touched.saturating_add(e.ttl).div_euclid(e.width),
+            None => ns,
+        }
+    }
+
+    /// The event-time clock reached `clock`: with a TTL, ranges whose rows have all expired
+    /// (their last deadline is at or before it) are forgotten with their filters.
+    pub(crate) fn expire(&mut self, clock: i64) {
+        let Some(e) = &mut self.expiry else {
+            return;
+        };
+        // a bucket holds deadlines up to (b + 1) * width - 1: expired once that is <= clock
+        let live = clock.saturating_add(1).div_euclid(e.width);
+        if live <= e.live {
+            return;
+        }
+        e.live = live;
+        let mut freed = 0;
+        self.ranges.retain(|_, r| {
+            let keep = r.hi >= live;
+            if !keep {
+                freed += r.keys.as_ref().map_or(0, filter_bytes);
+            }
+            keep
+        });
+        self.bytes -= freed;
     }
 
     /// The owner is reading the rows of the unknown namespaces, telling of each row memory
@@ -171,9 +243,18 @@ impl Spilled {
         // what is evicted from now on is counted; what was before, the reading finds
         self.learn();
         let mut foreign = None;
-        let more = backend.scan_table(&mut s, limit, |row, _| {
-            match backend::decode_row_key(row) {
-                Some((key, ns)) if foreign.is_none() => self.count(hash_key(key), ns),
+        let more = backend.scan_table(&mut s, limit, |row, value| {
+            let deadline = value
+                .get(..8)
+                .map(|d| i64::from_be_bytes(d.try_into().expect("8 bytes")));
+            match (backend::decode_row_key(row), deadline) {
+                (Some((key, ns)), Some(deadline)) if foreign.is_none() => {
+                    let at = match self.expiry {
+                        Some(e) => deadline.div_euclid(e.width),
+                        None => ns,
+                    };
+                    self.count(hash_key(key), at)
+                }
                 _ => foreign = Some(row.len()),
             }
             Ok(())
@@ -256,13 +337,17 @@ impl Spilled {
 
     /// Whether rows evicted at `ns` are no longer filtered (its filter outgrew its share, or
     /// `ns` is unknown and the owner is not learning it): its filter will not take more memory.
+    /// With a TTL, namespaces do not matter: whether any filter gave up.
     pub(crate) fn unfiltered(&self, ns: i64) -> bool {
-        (!self.learning && self.unknown.is_some_and(|u| overlaps(u, at(ns))))
-            || self.overlapping(at(ns)).any(|(_, r)| r.keys.is_none())
+        let range = if self.expiry.is_some() { ALL } else { at(ns) };
+        (!self.learning && self.unknown.is_some_and(|u| overlaps(u, range)))
+            || self.overlapping(range).any(|(_, r)| r.keys.is_none())
     }
 
-    /// Whether RocksDB may hold a row of the key with `hash` in `range` that the cache lacks.
+    /// Whether RocksDB may hold a row of the key with `hash` in `range` that the cache lacks
+    /// (with a TTL, in any namespace).
     pub(crate) fn may_hold(&self, hash: u64, range: NsRange) -> bool {
+        let range = if self.expiry.is_some() { ALL } else { range };
         if self.unknown.is_some_and(|u| overlaps(u, range)) {
             return true;
         }
@@ -270,15 +355,21 @@ impl Spilled {
             .any(|(_, r)| r.keys.as_ref().is_none_or(|f| f.contains(hash)))
     }
 
-    /// Counts a row of the key with `hash` at `ns` that the cache evicted.
-    pub(crate) fn evicted(&mut self, hash: u64, ns: i64) {
+    /// Counts a row of the key with `hash` at `ns`, the key last touched at `touched`, that the
+    /// cache evicted.
+    pub(crate) fn evicted(&mut self, hash: u64, ns: i64, touched: i64) {
         self.evicts = true;
-        self.count(hash, ns);
+        self.count(hash, self.place(ns, touched));
     }
 
-    /// Counts a row of the key with `hash` at `ns` that RocksDB holds and the cache does not.
+    /// Counts a row of the key with `hash` that RocksDB holds and the cache does not, at `ns`
+    /// (a namespace, or with a TTL a deadline's bucket).
     fn count(&mut self, hash: u64, ns: i64) {
         if !self.learning && self.unknown.is_some_and(|u| overlaps(u, at(ns))) {
+            return;
+        }
+        // expired: invisible whatever RocksDB holds
+        if self.expiry.is_some_and(|e| ns < e.live) {
             return;
         }
         let lo = match self.holding(ns) {
@@ -309,7 +400,8 @@ impl Spilled {
         if let Some(f) = &mut r.keys {
             let before = filter_bytes(f);
             // a filter that cannot hold one more key within its share gives up
-            if f.insert_within(hash, self.filter_cap) {
+            // within what the other ranges' filters leave
+            if f.insert_within(hash, self.filter_cap.saturating_sub(self.bytes - before)) {
                 self.bytes = self.bytes + filter_bytes(f) - before;
             } else {
                 self.bytes -= before;
@@ -387,16 +479,17 @@ impl Spilled {
         first.keys = match (first.keys.take(), second.keys) {
             (Some(mut f), Some(g)) => {
                 f.merge(g);
-                (filter_bytes(&f) <= self.filter_cap).then_some(f)
+                (filter_bytes(&f) <= self.filter_cap.saturating_sub(self.bytes)).then_some(f)
             }
             _ => None,
         };
         self.bytes += first.keys.as_ref().map_or(0, filter_bytes);
     }
 
-    /// Takes a row at `ns` read back into the cache off the count.
+    /// Takes a row at `ns` read back into the cache off the count (not with a TTL, see the
+    /// module documentation).
     pub(crate) fn read_back(&mut self, ns: i64) {
-        if self.learning {
+        if self.learning || self.expiry.is_some() {
             return;
         }
         let Some(lo) = self.holding(ns) else {
@@ -420,9 +513,9 @@ mod tests {
     fn a_namespace_is_forgotten_once_its_rows_are_read_back() {
         let mut s = Spilled::new(None, 1 << 20);
         assert!(s.is_empty() && !s.may_hold(1, ALL));
-        s.evicted(1, 10);
-        s.evicted(2, 10);
-        s.evicted(1, 20);
+        s.evicted(1, 10, 0);
+        s.evicted(2, 10, 0);
+        s.evicted(1, 20, 0);
         assert!(s.may_hold(1, at(10)) && s.may_hold(2, at(10)) && s.may_hold(1, at(20)));
         assert!(!s.may_hold(1, at(15)), "no row of any key at 15");
         assert!(!s.may_hold(1, (Bound::Excluded(10), Bound::Excluded(20))));
@@ -442,7 +535,7 @@ mod tests {
     fn a_restored_table_may_hold_anything_until_told_otherwise() {
         let mut s = Spilled::new(Some((i64::MIN, i64::MAX)), 1 << 20);
         assert!(!s.is_empty() && s.may_hold(7, at(3)) && s.unfiltered(3));
-        s.evicted(7, 3);
+        s.evicted(7, 3, 0);
         s.read_back(3);
         assert!(s.may_hold(7, at(3)), "uncounted rows may remain");
     }
@@ -454,11 +547,11 @@ mod tests {
     fn a_restored_namespace_is_known_once_its_rows_were_read() {
         let mut s = Spilled::new(Some((0, 0)), 1 << 20);
         s.learn();
-        s.evicted(1, 0); // evicted after the restore
+        s.evicted(1, 0, 0); // evicted after the restore
         s.read_back(0); // a restored row read back: must not cancel the eviction
         assert!(s.may_hold(99, at(0)), "unknown until learned");
         for h in 100..200 {
-            s.evicted(h, 0); // restored rows memory did not take
+            s.evicted(h, 0, 0); // restored rows memory did not take
         }
         s.learned();
         assert!(!s.unfiltered(0));
@@ -467,18 +560,18 @@ mod tests {
         assert!(fp < 100, "{fp} of 10 000 new keys would read RocksDB");
         // without learning, evictions in unknown namespaces are not counted
         let mut t = Spilled::new(Some((0, 0)), 1 << 20);
-        t.evicted(1, 0);
+        t.evicted(1, 0, 0);
         assert!(t.ranges.is_empty() && t.bytes() == 0);
         // learning given up: what was counted in the unknown namespaces is forgotten, what
         // was counted elsewhere stays, and the unknown ones may hold anything
         t.learn();
-        t.evicted(1, 0);
-        t.evicted(2, 5);
+        t.evicted(1, 0, 0);
+        t.evicted(2, 5, 0);
         assert!(t.bytes() > 0);
         t.stop_learning();
         assert_eq!(t.ranges.len(), 1);
         assert!(t.may_hold(99, at(0)) && t.unfiltered(0) && !t.may_hold(99, at(5)));
-        t.evicted(3, 0);
+        t.evicted(3, 0, 0);
         assert_eq!(t.ranges.len(), 1, "not counted once learning stopped");
     }
 
@@ -549,11 +642,54 @@ mod tests {
         assert!(s.unfiltered(0) && s.may_hold(1, at(0)) && s.bytes() == 0);
     }
 
+    /// With a TTL, rows are counted by deadline whatever their namespace, a read back does not
+    /// take them off, and a range is forgotten once the clock passed every deadline it can
+    /// hold; a row evicted already expired is not counted.
+    #[test]
+    fn with_a_ttl_rows_are_counted_by_deadline_and_forgotten_once_expired() {
+        // buckets of 100 ms
+        let mut s = Spilled::new(None, 1 << 20).expiring(Some(800));
+        s.evicted(1, 5, 0); // deadline 800
+        s.evicted(2, 7, 250); // deadline 1 050
+        assert!(
+            s.may_hold(1, at(99)) && s.may_hold(2, at(0)),
+            "any namespace"
+        );
+        s.read_back(5);
+        assert!(s.may_hold(1, ALL), "a count leaves only by expiry");
+        s.expire(898);
+        assert!(s.may_hold(1, ALL), "800..=899 may still be live at 898");
+        s.expire(899);
+        assert!(!s.may_hold(1, ALL) && s.may_hold(2, ALL));
+        s.evicted(3, 0, 50); // deadline 850: expired
+        assert!(!s.may_hold(3, ALL) && s.ranges.len() == 1);
+        s.expire(1_099);
+        assert!(s.is_empty() && s.bytes() == 0);
+        // a restored table's rows may have any deadline
+        let t = Spilled::new(Some((0, 0)), 1 << 20).expiring(Some(800));
+        assert!(t.may_hold(1, at(5)) && t.unfiltered(9));
+    }
+
+    /// The filters of all ranges share the cap: one that would pass it is given up.
+    #[test]
+    fn the_filters_of_a_table_share_one_cap() {
+        let mut s = Spilled::new(None, 256 << 10);
+        for h in 0..60_000u64 {
+            s.evicted(h, 1, 0);
+        }
+        assert!(!s.unfiltered(1) && s.bytes() > 128 << 10, "{}", s.bytes());
+        for h in 0..100_000u64 {
+            s.evicted(h, 2, 0);
+        }
+        assert!(!s.unfiltered(1) && s.unfiltered(2));
+        assert!(s.bytes() <= 256 << 10, "{}", s.bytes());
+    }
+
     #[test]
     fn a_filter_past_its_share_holds_every_key() {
         let mut s = Spilled::new(None, 64 << 10);
         for h in 0..100_000u64 {
-            s.evicted(h, 5);
+            s.evicted(h, 5, 0);
         }
         assert!(s.may_hold(u64::MAX, at(5)), "the filter was given up");
         assert!(s.bytes() == 0, "{}", s.bytes());
@@ -569,7 +705,7 @@ mod tests {
         let mut s = Spilled::new(None, 1 << 20);
         let n = 10_000i64;
         for ns in 0..n {
-            s.evicted(ns as u64, ns);
+            s.evicted(ns as u64, ns, 0);
         }
         assert!(s.ranges.len() <= MAX_RANGES, "{} ranges", s.ranges.len());
         assert!(s.bytes() <= MAX_RANGES * (1 << 20));
@@ -610,7 +746,7 @@ mod tests {
         // namespaces in any order
         let mut t = Spilled::new(None, 1 << 20);
         for ns in (0..1_000i64).rev() {
-            t.evicted(ns as u64, ns * 10);
+            t.evicted(ns as u64, ns * 10, 0);
         }
         assert!(t.ranges.len() <= MAX_RANGES);
         assert!((0..1_000i64).all(|ns| t.may_hold(ns as u64, at(ns * 10))));
@@ -645,7 +781,7 @@ mod tests {
         let key = |ns: i64| ns as u64 * 0x9e37_79b9;
         let mut most = 0;
         for ns in 0..n {
-            s.evicted(key(ns), ns);
+            s.evicted(key(ns), ns, 0);
             if ns >= lag {
                 s.read_back(ns - lag);
             }
@@ -677,7 +813,7 @@ mod tests {
         let n = 300_000i64;
         let key = |ns: i64| ns as u64 * 0x9e37_79b9;
         for ns in 0..n {
-            s.evicted(key(ns), ns);
+            s.evicted(key(ns), ns, 0);
             // every other row is read back a while later; the rest stay out
             if ns >= 1_000 && ns % 2 == 0 {
                 s.read_back(ns - 1_000);
