@@ -109,6 +109,10 @@ pub enum BenchCommand {
         /// `state.memory_mb` of the jobs (default: the job format's default).
         #[arg(long)]
         memory_mb: Option<usize>,
+        /// The deduplication's TTL (the events are a millisecond of event time apart, so
+        /// `5000s` keeps the last 5M keys live).
+        #[arg(long, default_value = "1000d")]
+        ttl: String,
         /// Another freshet binary to run the same jobs with, alternating, for a ratio measured
         /// in the same run (e.g. a build of an earlier version).
         #[arg(long)]
@@ -366,6 +370,7 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             events_per_key,
             jobs,
             memory_mb,
+            ttl,
             against,
             rounds,
             timeout,
@@ -375,6 +380,7 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             per_key: events_per_key,
             jobs,
             memory_mb,
+            ttl,
             against,
             rounds,
             timeout: std::time::Duration::from_secs(timeout),
@@ -530,16 +536,22 @@ fn run_latency(kind: &str, text: &str) -> Result<LatencyRun> {
 /// payment half a second of event time after its order, within a 5 s interval), aligned with a
 /// drift of 30 s so that neither runs further ahead of the other: its state is bounded by the
 /// interval and the drift, not by the key count.
-fn state_job(kind: &str, keys: u64, per_key: u64, memory_mb: Option<usize>) -> Result<String> {
+fn state_job(
+    kind: &str,
+    keys: u64,
+    per_key: u64,
+    memory_mb: Option<usize>,
+    ttl: &str,
+) -> Result<String> {
     let transform = match kind {
-        "dedup" => {
-            "    type: deduplicate\n    input: events\n    key: [k]\n    keep: first\n    ttl: 1000d\n"
-        }
+        "dedup" => format!(
+            "    type: deduplicate\n    input: events\n    key: [k]\n    keep: first\n    ttl: {ttl}\n"
+        ),
         "window" => {
-            "    type: window\n    input: events\n    key_by: [k]\n    window: {type: tumbling, size: 1000d}\n    aggregates: [\"count(*) AS n\"]\n"
+            "    type: window\n    input: events\n    key_by: [k]\n    window: {type: tumbling, size: 1000d}\n    aggregates: [\"count(*) AS n\"]\n".into()
         }
         "join" => {
-            "    type: interval_join\n    left: orders\n    right: payments\n    left_key: [k]\n    right_key: [k]\n    lower_bound: 0s\n    upper_bound: 5s\n    where: \"orders.amount = payments.amount\"\n    select: [orders.k, orders.amount, \"payments.ts AS paid_at\"]\n"
+            "    type: interval_join\n    left: orders\n    right: payments\n    left_key: [k]\n    right_key: [k]\n    lower_bound: 0s\n    upper_bound: 5s\n    where: \"orders.amount = payments.amount\"\n    select: [orders.k, orders.amount, \"payments.ts AS paid_at\"]\n".into()
         }
         other => bail!("unknown state benchmark job {other}; use dedup, window or join"),
     };
@@ -663,6 +675,7 @@ struct StateBench {
     per_key: u64,
     jobs: Vec<String>,
     memory_mb: Option<usize>,
+    ttl: String,
     against: Option<std::path::PathBuf>,
     rounds: u32,
     timeout: std::time::Duration,
@@ -710,7 +723,10 @@ fn bench_state(b: &StateBench) -> Result<i32> {
     let mut keys = b.keys.clone();
     keys.sort_unstable();
     let budget = b.memory_mb.map_or("default".to_string(), |m| m.to_string());
-    println!("state.memory_mb: {budget}; events per key: {}", b.per_key);
+    println!(
+        "state.memory_mb: {budget}; events per key: {}; deduplication TTL: {}",
+        b.per_key, b.ttl
+    );
     if b.against.is_some() {
         println!(
             "| job | distinct keys | round | events | wall s | events/s | peak RSS MB | RocksDB reads per event | other: wall s | other: events/s | other: peak RSS MB | other: RocksDB reads per event | speed vs other |"
@@ -727,7 +743,7 @@ fn bench_state(b: &StateBench) -> Result<i32> {
     let mut medians: Vec<(&String, u64, Vec<f64>)> = Vec::new();
     // each run its own job file and checkpoint directory, so no run resumes from another's
     let job_file = |kind: &str, k: u64, who: &str| -> Result<std::path::PathBuf> {
-        let mut text = state_job(kind, k, b.per_key, b.memory_mb)?;
+        let mut text = state_job(kind, k, b.per_key, b.memory_mb, &b.ttl)?;
         if let Some(i) = &b.checkpoint_interval {
             text.push_str(&checkpointing(
                 i,
@@ -1424,19 +1440,20 @@ mod tests {
     #[test]
     fn state_benchmark_jobs_are_valid() {
         for kind in ["dedup", "window", "join"] {
-            let text = state_job(kind, 1_000_000, 2, Some(64)).unwrap();
+            let text = state_job(kind, 1_000_000, 2, Some(64), "1000d").unwrap();
             let job = job_format()
                 .parse(&text, "state.yaml", &[])
                 .unwrap_or_else(|e| panic!("{kind}: {e}\n{text}"));
             assert_eq!(job.state.memory_mb, 64);
         }
-        assert!(state_job("sort", 10, 2, None).is_err());
+        assert!(state_job("sort", 10, 2, None, "1000d").is_err());
         let refused = |keys: u64, rounds: u32| {
             bench_state(&StateBench {
                 keys: vec![keys],
                 per_key: 2,
                 jobs: vec!["dedup".into()],
                 memory_mb: None,
+                ttl: "1000d".into(),
                 against: None,
                 rounds,
                 timeout: std::time::Duration::from_secs(1),
@@ -1448,7 +1465,7 @@ mod tests {
         assert!(refused(10, 0), "no rounds");
         // 7919 * 3 keys share a factor with 7919 and with 7920: 7921 (89²) is the multiplier
         assert!(
-            state_job("dedup", 7919 * 3, 2, None)
+            state_job("dedup", 7919 * 3, 2, None, "1000d")
                 .unwrap()
                 .contains("(seq * 7921) %")
         );

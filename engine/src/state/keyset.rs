@@ -1357,7 +1357,9 @@ mod tests {
             assert!(set.insert_if_absent(&key(i), i, clock).unwrap());
         }
         let new_reads = set.reads() - reads;
-        assert!(new_reads < 100, "{new_reads} reads for 10 000 new keys");
+        // a key new to the set is looked up in the filter of each bucket of deadlines (nine
+        // here, about 0.15% false positives each)
+        assert!(new_reads < 300, "{new_reads} reads for 10 000 new keys");
         // live, evicted or not: duplicates; expired: new again
         for i in (n - ttl + 1..n).step_by(1_009) {
             assert!(!set.insert_if_absent(&key(i), n, clock).unwrap(), "key {i}");
@@ -1450,6 +1452,87 @@ mod tests {
                 "key {i} lost"
             );
         }
+    }
+
+    /// A restored set with a TTL reads its snapshot's keys into filters by deadline, each made
+    /// for an even share of the rows (not the first for all of them and the others grown from
+    /// 16k keys): new keys then skip RocksDB, live restored keys are found, and once the clock
+    /// passes the restored keys' deadlines their filters are forgotten.
+    #[test]
+    fn a_restored_set_with_a_ttl_learns_its_keys_by_deadline_and_forgets_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = 80_000i64;
+        let n = 200_000i64;
+        let backend = in_slot(dir.path(), &StateMemory::new(8 << 20), 0);
+        let new_set = || {
+            KeySet::new(
+                "s",
+                Some(Duration::from_millis(ttl as u64)),
+                0,
+                NONE.to_vec(),
+            )
+        };
+        let mut set = new_set();
+        set.attach(&backend).unwrap();
+        // touched over a TTL: deadlines in nine buckets
+        let touched = |i: i64| i * ttl / n;
+        for i in 0..n {
+            assert!(
+                set.insert_if_absent(&i.to_be_bytes(), touched(i), Watermark::MIN)
+                    .unwrap()
+            );
+        }
+        set.flush().unwrap();
+        let cfg = StateConfig {
+            memory: Some(StateMemory::new(8 << 20)),
+            cache_keys: None,
+            ..config(dir.path(), 0)
+        };
+        let restored = snapshot_and_restore(&backend, dir.path(), &cfg);
+        let mut back = new_set();
+        back.attach(&restored).unwrap();
+        let clock = Watermark(ttl);
+        back.expire(clock);
+        let mut next = n;
+        let mut batch = |back: &mut KeySet| {
+            let keys: Vec<[u8; 8]> = (next..next + 1_000).map(i64::to_be_bytes).collect();
+            back.prefetch(keys.iter().map(|k| &k[..])).unwrap();
+            for k in &keys {
+                assert!(back.insert_if_absent(k, ttl, clock).unwrap());
+            }
+            next += 1_000;
+        };
+        let mut batches = 0;
+        while back.backing.as_ref().unwrap().scan.is_some() {
+            batch(&mut back);
+            batches += 1;
+            assert!(batches <= 20, "still reading the snapshot");
+        }
+        let spilled = &back.backing.as_ref().unwrap().spilled;
+        assert!(!spilled.unfiltered(0));
+        // 225 000 keys' worth in all, two bytes each; with the first bucket's filter made for
+        // all of them (and the others grown from 16k keys) it took 0.9 MB
+        assert!(spilled.bytes() < 800_000, "{} bytes", spilled.bytes());
+        let reads = back.reads();
+        for _ in 0..10 {
+            batch(&mut back);
+        }
+        let new_reads = back.reads() - reads;
+        // about 0.1% false positives in each of ten buckets' filters
+        assert!(new_reads < 300, "{new_reads} reads for 10 000 new keys");
+        // touched at 1 ms or later: live at the clock
+        for i in (3..n).step_by(997) {
+            let k = i.to_be_bytes();
+            assert!(!back.insert_if_absent(&k, ttl, clock).unwrap(), "key {i}");
+        }
+        // past every restored deadline: their filters are gone, the keys new again
+        let clock = Watermark(2 * ttl);
+        back.expire(clock);
+        assert_eq!(back.backing.as_ref().unwrap().spilled.bytes(), 0);
+        assert!(
+            back.insert_if_absent(&7i64.to_be_bytes(), 2 * ttl, clock)
+                .unwrap()
+        );
     }
 
     /// A restored set that has not evicted keeps no room aside for filters it may never grow

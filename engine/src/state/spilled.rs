@@ -120,7 +120,8 @@ pub(crate) struct Spilled {
     /// The owner has evicted a row since it made this (rows it learned of do not count).
     evicts: bool,
     /// Keys the next filter made is sized for, if not [`FILTER_START`]: the restored rows'
-    /// estimated number when the owner starts reading them.
+    /// estimated number when the owner starts reading them (with a TTL, every filter made
+    /// while it reads them, for an even share of them).
     next_capacity: Option<usize>,
     /// Rows are counted by deadline, not namespace (a table with a TTL).
     expiry: Option<Expiry>,
@@ -237,7 +238,11 @@ impl Spilled {
         if !self.learning && s.at_start() {
             // one filter of the size the rows need, not a stage four times too large
             let rows = backend.estimate_table_rows(s.table(), ESTIMATE_ROWS)?;
-            let rows = usize::try_from(rows).unwrap_or(usize::MAX);
+            let mut rows = usize::try_from(rows).unwrap_or(usize::MAX);
+            if self.expiry.is_some() {
+                // spread over a TTL's buckets of deadlines (and the one the clock is in)
+                rows /= EXPIRY_BUCKETS as usize + 1;
+            }
             self.next_capacity = Some(rows.saturating_add(rows / 8).max(FILTER_START));
         }
         // what is evicted from now on is counted; what was before, the reading finds
@@ -284,12 +289,14 @@ impl Spilled {
     pub(crate) fn learned(&mut self) {
         self.unknown = None;
         self.learning = false;
+        self.next_capacity = None;
     }
 
     /// The owner stopped reading the restored rows before the end: the unknown namespaces stay
     /// unknown, and what was counted in them is forgotten.
     pub(crate) fn stop_learning(&mut self) {
         self.learning = false;
+        self.next_capacity = None;
         let Some(u) = self.unknown else {
             return;
         };
@@ -377,9 +384,24 @@ impl Spilled {
             None => match self.make_room(ns) {
                 Some(lo) => lo,
                 None => {
-                    let f = match self.next_capacity.take() {
+                    // with a TTL a new range is the next bucket of deadlines, which takes about
+                    // as many keys as the one before it: one stage that size, not stages
+                    // growing fourfold, the last mostly empty, in each of a TTL's buckets
+                    let restored = match self.expiry {
+                        // every bucket a restored table's rows fall in is sized alike
+                        Some(_) if self.learning => self.next_capacity,
+                        _ => self.next_capacity.take(),
+                    };
+                    let keys = restored.or_else(|| {
+                        self.expiry?;
+                        let (_, before) = self.ranges.range(..ns).next_back()?;
+                        let rows = usize::try_from(before.rows).unwrap_or(usize::MAX);
+                        Some(rows.saturating_add(rows / 8).max(FILTER_START))
+                    });
+                    let room = self.filter_cap.saturating_sub(self.bytes);
+                    let f = match keys {
                         Some(keys) => GrowingBloom::sized(
-                            keys.min(GrowingBloom::capacity_within(self.filter_cap)),
+                            keys.min(GrowingBloom::capacity_within(room)),
                             FILTER_START,
                         ),
                         None => GrowingBloom::new(FILTER_START),
@@ -668,6 +690,25 @@ mod tests {
         // a restored table's rows may have any deadline
         let t = Spilled::new(Some((0, 0)), 1 << 20).expiring(Some(800));
         assert!(t.may_hold(1, at(5)) && t.unfiltered(9));
+    }
+
+    /// With a TTL, a range that starts after another is made one stage sized for the keys the
+    /// one before it took (and an eighth more), not stages growing fourfold from 16k keys.
+    #[test]
+    fn with_a_ttl_the_next_range_is_sized_like_the_last() {
+        let mut s = Spilled::new(None, 8 << 20).expiring(Some(800));
+        for h in 0..100_000u64 {
+            s.evicted(h, 0, 0); // bucket 8
+        }
+        let first = s.bytes();
+        for h in 100_000..200_000u64 {
+            s.evicted(h, 0, 100); // bucket 9
+        }
+        let second = s.ranges[&9].keys.as_ref().map(filter_bytes).unwrap();
+        // 16k + 64k + 256k keys against 112.5k, two bytes each
+        assert!(first > 600_000, "{first}");
+        assert!((200_000..260_000).contains(&second), "{second}");
+        assert!((100_000..200_000u64).all(|h| s.may_hold(h, ALL)));
     }
 
     /// The filters of all ranges share the cap: one that would pass it is given up.
