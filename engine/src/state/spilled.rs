@@ -385,26 +385,27 @@ impl Spilled {
                 Some(lo) => lo,
                 None => {
                     // with a TTL a new range is the next bucket of deadlines, which takes about
-                    // as many keys as the one before it: one stage that size, not stages
-                    // growing fourfold, the last mostly empty, in each of a TTL's buckets
+                    // as many keys as the largest so far (the newest are still filling: an
+                    // eviction takes keys of any age in memory): one stage that size, and one
+                    // as large again if it was short, not stages growing fourfold from 16k
+                    // keys, each adding its false positives, in each of a TTL's buckets
                     let restored = match self.expiry {
                         // every bucket a restored table's rows fall in is sized alike
                         Some(_) if self.learning => self.next_capacity,
                         _ => self.next_capacity.take(),
                     };
-                    let keys = restored.or_else(|| {
+                    let bucket = || {
                         self.expiry?;
-                        let (_, before) = self.ranges.range(..ns).next_back()?;
-                        let rows = usize::try_from(before.rows).unwrap_or(usize::MAX);
+                        let rows = self.ranges.values().map(|r| r.rows).max()?;
+                        let rows = usize::try_from(rows).unwrap_or(usize::MAX);
                         Some(rows.saturating_add(rows / 8).max(FILTER_START))
-                    });
-                    let room = self.filter_cap.saturating_sub(self.bytes);
-                    let f = match keys {
-                        Some(keys) => GrowingBloom::sized(
-                            keys.min(GrowingBloom::capacity_within(room)),
-                            FILTER_START,
-                        ),
-                        None => GrowingBloom::new(FILTER_START),
+                    };
+                    let room =
+                        GrowingBloom::capacity_within(self.filter_cap.saturating_sub(self.bytes));
+                    let f = match (restored, bucket()) {
+                        (Some(keys), _) => GrowingBloom::sized(keys.min(room), FILTER_START),
+                        (None, Some(keys)) => GrowingBloom::sized(keys.min(room), keys),
+                        (None, None) => GrowingBloom::new(FILTER_START),
                     };
                     self.bytes += filter_bytes(&f);
                     let r = Range {
@@ -692,23 +693,27 @@ mod tests {
         assert!(t.may_hold(1, at(5)) && t.unfiltered(9));
     }
 
-    /// With a TTL, a range that starts after another is made one stage sized for the keys the
-    /// one before it took (and an eighth more), not stages growing fourfold from 16k keys.
+    /// With a TTL, a range that starts after others is made one stage sized for the keys the
+    /// largest of them took (and an eighth more), not stages growing fourfold from 16k keys;
+    /// if that is short, its next stage is as large again.
     #[test]
-    fn with_a_ttl_the_next_range_is_sized_like_the_last() {
+    fn with_a_ttl_the_next_range_is_sized_like_the_largest() {
         let mut s = Spilled::new(None, 8 << 20).expiring(Some(800));
         for h in 0..100_000u64 {
             s.evicted(h, 0, 0); // bucket 8
         }
         let first = s.bytes();
-        for h in 100_000..200_000u64 {
-            s.evicted(h, 0, 100); // bucket 9
+        s.evicted(100_000, 0, 100); // bucket 9, still filling
+        for h in 100_001..300_000u64 {
+            s.evicted(h, 0, 200); // bucket 10
         }
-        let second = s.ranges[&9].keys.as_ref().map(filter_bytes).unwrap();
+        let filter = |b: i64| s.ranges[&b].keys.as_ref().map(filter_bytes).unwrap();
         // 16k + 64k + 256k keys against 112.5k, two bytes each
         assert!(first > 600_000, "{first}");
-        assert!((200_000..260_000).contains(&second), "{second}");
-        assert!((100_000..200_000u64).all(|h| s.may_hold(h, ALL)));
+        assert!((200_000..260_000).contains(&filter(9)), "{}", filter(9));
+        // 200k keys: two stages of 112.5k
+        assert!((400_000..520_000).contains(&filter(10)), "{}", filter(10));
+        assert!((100_000..300_000u64).all(|h| s.may_hold(h, ALL)));
     }
 
     /// The filters of all ranges share the cap: one that would pass it is given up.
