@@ -621,6 +621,10 @@ impl std::fmt::Debug for KeyedBackend {
 /// L0 files (flushed memtables) that start a compaction: RocksDB's default.
 const L0_COMPACTION_FILES: i32 = 4;
 
+/// How long a checkpoint runs before a watchdog wakes its waits (see
+/// [`KeyedBackend::link_snapshot`]), and again after each such interval.
+const CHECKPOINT_NUDGE: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn options(config: &StateConfig, memory: &StateMemory, clock: Arc<AtomicI64>) -> Options {
     let mut opts = Options::default();
     opts.create_if_missing(true);
@@ -1550,6 +1554,18 @@ impl KeyedBackend {
         self.write(batch)
     }
 
+    /// Wakes whatever waits on RocksDB's background condition (see [`Self::link_snapshot`]) by
+    /// setting an option to the value it has.
+    fn nudge(&self) {
+        let value = L0_COMPACTION_FILES.to_string();
+        if let Err(e) = self
+            .db()
+            .set_options(&[("level0_file_num_compaction_trigger", value.as_str())])
+        {
+            tracing::debug!(error = %e, "waking a checkpoint's wait");
+        }
+    }
+
     fn gate(&self) -> std::sync::MutexGuard<'_, SnapshotGate> {
         self.snapshot.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -1664,9 +1680,25 @@ impl KeyedBackend {
 
     fn link_snapshot(&self, into: &Path) -> Result<Vec<(String, u64)>> {
         self.db().flush().map_err(|e| db_err("flushing state", e))?;
-        Checkpoint::new(self.db())
-            .and_then(|c| c.create_checkpoint(into))
-            .map_err(|e| db_err(format!("snapshotting state into {}", into.display()), e))?;
+        // RocksDB 10.4 can miss the wake-up a checkpoint waits for once obsolete files are
+        // purged (when a purge finds nothing to delete), and then waits until something else
+        // wakes it; with the subtask's writes held for the snapshot nothing may. While the
+        // checkpoint runs, a watchdog sets an option to the value it has every few seconds,
+        // which wakes such waiters and changes nothing else.
+        let (done, waiting) = std::sync::mpsc::channel::<()>();
+        let made = std::thread::scope(|s| {
+            s.spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    waiting.recv_timeout(CHECKPOINT_NUDGE)
+                {
+                    self.nudge();
+                }
+            });
+            let made = Checkpoint::new(self.db()).and_then(|c| c.create_checkpoint(into));
+            drop(done);
+            made
+        });
+        made.map_err(|e| db_err(format!("snapshotting state into {}", into.display()), e))?;
         let mut files = Vec::new();
         for entry in
             std::fs::read_dir(into).map_err(|e| io_err(format!("listing {}", into.display()), e))?
@@ -2012,6 +2044,30 @@ mod tests {
 
     /// A row key gives back its key and namespace, whatever the key's length (one and two
     /// bytes of LEB128 length); anything cut short or longer is not a row key.
+
+    /// The watchdog's nudge sets an option RocksDB accepts, to the value it has: the instance
+    /// keeps writing and snapshotting.
+    #[test]
+    fn a_nudge_leaves_the_instance_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::state::tests::capped_backend(dir.path(), 1000);
+        for _ in 0..3 {
+            backend
+                .db()
+                .set_options(&[(
+                    "level0_file_num_compaction_trigger",
+                    L0_COMPACTION_FILES.to_string().as_str(),
+                )])
+                .unwrap();
+            backend.nudge();
+        }
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(b"k", b"v");
+        backend.write(batch).unwrap();
+        let snap = dir.path().join("snap");
+        assert!(!backend.checkpoint(&snap).unwrap().is_empty());
+    }
+
     #[test]
     fn a_row_key_decodes_to_its_key_and_namespace() {
         for (key, ns) in [
