@@ -2042,9 +2042,6 @@ impl<'a> PaneCursor<'a> {
 mod tests {
     use super::*;
 
-    /// A row key gives back its key and namespace, whatever the key's length (one and two
-    /// bytes of LEB128 length); anything cut short or longer is not a row key.
-
     /// The watchdog's nudge sets an option RocksDB accepts, to the value it has: the instance
     /// keeps writing and snapshotting.
     #[test]
@@ -2068,6 +2065,8 @@ mod tests {
         assert!(!backend.checkpoint(&snap).unwrap().is_empty());
     }
 
+    /// A row key gives back its key and namespace, whatever the key's length (one and two
+    /// bytes of LEB128 length); anything cut short or longer is not a row key.
     #[test]
     fn a_row_key_decodes_to_its_key_and_namespace() {
         for (key, ns) in [
