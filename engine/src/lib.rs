@@ -9,8 +9,8 @@
 //!   end-of-input markers, always in order.
 //! - [`channel`] and [`partition`]: bounded channels between subtasks and the edge strategies that
 //!   route batches onto them (forward, rebalance, broadcast, hash by key group).
-//! - [`operator`]: the [`Operator`](operator::Operator), [`Source`](operator::Source) and
-//!   [`Sink`](operator::Sink) traits every operator implements, with their contracts.
+//! - [`operator`]: the [`Operator`](operator::Operator) and [`Source`](operator::Source) traits
+//!   every operator implements (a sink is an operator), with their contracts.
 //! - [`state`]: the keyed-state interface (value/list/map tables with event-time TTL) all stateful
 //!   operators use, held in RocksDB behind a write-back cache.
 //! - [`checkpoint`]: barriers, snapshots, their upload to object storage and restore.

@@ -502,7 +502,7 @@ mod tests {
         use crate::state::KeyedTable;
         use crate::time::Watermark;
         let dir = tempfile::tempdir().unwrap();
-        let config = crate::state::tests::config(dir.path(), 100_000);
+        let config = crate::state::table::tests::config(dir.path(), 100_000);
         let keys: Vec<Vec<u8>> = (0..2000u32)
             .map(|i| format!("key-{i}").into_bytes())
             .collect();

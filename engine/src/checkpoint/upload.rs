@@ -569,7 +569,7 @@ mod tests {
     fn a_checkpoint_references_the_uploads_of_one_still_pending() {
         let dir = tempfile::tempdir().unwrap();
         let hooks = local_hooks(dir.path());
-        let config = crate::state::tests::config(dir.path(), 100_000);
+        let config = crate::state::table::tests::config(dir.path(), 100_000);
         let info = subtask(0, 1);
         let local = dir.path().join("local");
         let mut ctx = StateContext::new(&info, "op", &config, &local, None, true);
@@ -618,7 +618,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hooks = local_hooks(dir.path());
         let root = hooks.storage.clone();
-        let config = crate::state::tests::config(dir.path(), 100_000);
+        let config = crate::state::table::tests::config(dir.path(), 100_000);
         let keys: Vec<Vec<u8>> = (0..20_000u32)
             .map(|i| format!("key-{i}").into_bytes())
             .collect();

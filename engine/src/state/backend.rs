@@ -2047,7 +2047,7 @@ mod tests {
     #[test]
     fn a_nudge_leaves_the_instance_working() {
         let dir = tempfile::tempdir().unwrap();
-        let backend = crate::state::tests::capped_backend(dir.path(), 1000);
+        let backend = crate::state::table::tests::capped_backend(dir.path(), 1000);
         for _ in 0..3 {
             backend
                 .db()

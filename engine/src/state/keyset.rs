@@ -843,7 +843,9 @@ impl RowKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::tests::{capped_backend, config, layout_1_snapshot, snapshot_and_restore};
+    use crate::state::table::tests::{
+        capped_backend, config, layout_1_snapshot, snapshot_and_restore,
+    };
     use crate::state::{KeyedTable, StateConfig, StateMemory};
     use std::collections::HashMap;
 

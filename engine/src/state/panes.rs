@@ -1658,7 +1658,7 @@ mod tests {
             for sub in 0..subtasks {
                 let range = KeyGroupRange::for_subtask(128, subtasks, sub);
                 let name = format!("new{subtasks}-{sub}");
-                let copies = crate::state::tests::copy_parts(&parts, dir.path(), &name);
+                let copies = crate::state::table::tests::copy_parts(&parts, dir.path(), &name);
                 let restored = Arc::new(
                     KeyedBackend::restore(
                         &dir.path().join(&name),
@@ -1710,7 +1710,8 @@ mod tests {
         let mut seen = Model::new();
         for sub in 0..3u32 {
             let range = KeyGroupRange::for_subtask(128, 3, sub);
-            let copies = crate::state::tests::copy_parts(&parts, dir.path(), &format!("copy{sub}"));
+            let copies =
+                crate::state::table::tests::copy_parts(&parts, dir.path(), &format!("copy{sub}"));
             let backend = Arc::new(
                 KeyedBackend::restore(
                     &dir.path().join(format!("new{sub}")),

@@ -601,7 +601,7 @@ mod tests {
     /// An instance holding `n` rows of a table at namespace 0, and, if `foreign`, a row in its
     /// last key group that is not a row key (of another layout).
     fn table_of(dir: &std::path::Path, n: u64, foreign: bool) -> (Arc<KeyedBackend>, [u8; 4]) {
-        let backend = crate::state::tests::capped_backend(dir, 1 << 20);
+        let backend = crate::state::table::tests::capped_backend(dir, 1 << 20);
         let table = backend::value_table_id("t");
         let mut batch = rocksdb::WriteBatch::default();
         for i in 0..n {
