@@ -121,8 +121,9 @@ pub enum BenchCommand {
         /// alternates, and a last table gives the median ratio).
         #[arg(long, default_value_t = 1)]
         rounds: u32,
-        /// Seconds after which a run is stopped and reported as not finished.
-        #[arg(long, default_value_t = 600)]
+        /// Seconds after which a run is stopped and reported as not finished (a 50M-key
+        /// deduplication with the default memory takes about 17 minutes on 2 cores).
+        #[arg(long, default_value_t = 3600)]
         timeout: u64,
         /// Take checkpoints at this interval (e.g. `10s`) into a local directory, and add their
         /// count, durations and sizes to the table.
@@ -842,9 +843,9 @@ fn bench_state(b: &StateBench) -> Result<i32> {
     if let Some(i) = &b.checkpoint_interval {
         println!("\nCheckpoints every {i} (this build):\n");
         println!(
-            "| job | distinct keys | round | checkpoints | duration median ms | duration max ms | uploaded median MB | uploaded max MB | last full MB |"
+            "| job | distinct keys | round | checkpoints | duration median ms | duration max ms | uploaded median MB | uploaded max MB | uploaded total MB | last full MB |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for row in checkpoint_rows {
             println!("{row}");
         }
@@ -853,7 +854,9 @@ fn bench_state(b: &StateBench) -> Result<i32> {
 }
 
 /// Table cells from the "checkpoint completed" lines of a run's log: how many, the median and
-/// largest duration and upload, and the full size of the last.
+/// largest duration and upload, all uploads together (a state that stops growing uploads
+/// nothing more, so its median upload can be 0 while its first checkpoints uploaded it all),
+/// and the full size of the last.
 fn checkpoint_cells(log: &str) -> String {
     let field = log_field;
     let (mut durations, mut uploads, mut last_full) = (Vec::new(), Vec::new(), 0.0);
@@ -869,16 +872,17 @@ fn checkpoint_cells(log: &str) -> String {
         }
     }
     if durations.is_empty() {
-        return "0 | - | - | - | - | -".into();
+        return "0 | - | - | - | - | - | -".into();
     }
     let max = |v: &[f64]| v.iter().cloned().fold(f64::MIN, f64::max);
     format!(
-        "{} | {:.0} | {:.0} | {:.1} | {:.1} | {last_full:.1}",
+        "{} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {last_full:.1}",
         durations.len(),
         median(&mut durations.clone()),
         max(&durations),
         median(&mut uploads.clone()),
         max(&uploads),
+        uploads.iter().sum::<f64>(),
     )
 }
 
@@ -1402,8 +1406,8 @@ mod tests {
                    2026-12-02T01:00:10Z  INFO other line duration_ms=9999\n\
                    2026-12-02T01:00:10Z  INFO freshet_jobmanager::checkpoints: checkpoint completed kind=Checkpoint duration_ms=300 full_bytes=9000000 uploaded_bytes=4000000 path=/c/chk-2\n\
                    2026-12-02T01:00:20Z  INFO freshet_jobmanager::checkpoints: checkpoint completed kind=Checkpoint duration_ms=200 full_bytes=9500000 uploaded_bytes=500000 path=/c/chk-3\n";
-        assert_eq!(checkpoint_cells(log), "3 | 200 | 300 | 2.0 | 4.0 | 9.5");
-        assert_eq!(checkpoint_cells("nothing"), "0 | - | - | - | - | -");
+        assert_eq!(checkpoint_cells(log), "3 | 200 | 300 | 2.0 | 4.0 | 6.5 | 9.5");
+        assert_eq!(checkpoint_cells("nothing"), "0 | - | - | - | - | - | -");
         assert_eq!(last_upload_cell(log), "0.5");
         assert_eq!(
             last_upload_cell(&log.replace("=500000 ", "=2600000 ")),
