@@ -1406,7 +1406,10 @@ mod tests {
                    2026-12-02T01:00:10Z  INFO other line duration_ms=9999\n\
                    2026-12-02T01:00:10Z  INFO freshet_jobmanager::checkpoints: checkpoint completed kind=Checkpoint duration_ms=300 full_bytes=9000000 uploaded_bytes=4000000 path=/c/chk-2\n\
                    2026-12-02T01:00:20Z  INFO freshet_jobmanager::checkpoints: checkpoint completed kind=Checkpoint duration_ms=200 full_bytes=9500000 uploaded_bytes=500000 path=/c/chk-3\n";
-        assert_eq!(checkpoint_cells(log), "3 | 200 | 300 | 2.0 | 4.0 | 6.5 | 9.5");
+        assert_eq!(
+            checkpoint_cells(log),
+            "3 | 200 | 300 | 2.0 | 4.0 | 6.5 | 9.5"
+        );
         assert_eq!(checkpoint_cells("nothing"), "0 | - | - | - | - | - | -");
         assert_eq!(last_upload_cell(log), "0.5");
         assert_eq!(

@@ -373,14 +373,17 @@ impl Index {
         removed
     }
 
-    /// Moves every key into an index of `slots` slots (at least the keys held, plus one): a
-    /// larger one in place ([`Self::grow`]), a smaller one by inserting each key into it;
-    /// returns the keys it refused (see [`Self::insert`]).
+    /// Moves every key into an index of `slots` slots (at least the keys held, plus one), in
+    /// place ([`Self::grow`], [`Self::shrink`]); returns the keys it refused (see
+    /// [`Self::insert`]).
     #[must_use]
     pub(crate) fn resize(&mut self, slots: usize) -> Vec<Slot> {
         let slots = slots.max(self.len + 1).max(8);
-        if slots > self.slots.len() && self.len > 0 {
+        if self.len > 0 && slots > self.slots.len() {
             return self.grow(slots);
+        }
+        if self.len > 0 && slots < self.slots.len() {
+            return self.shrink(slots);
         }
         let old = std::mem::replace(&mut self.slots, vec![Slot::default(); slots]);
         self.len = 0;
@@ -472,6 +475,78 @@ impl Index {
                 self.slots[q] = Slot::default();
             }
         }
+        self.len -= aside.len() + refused.len();
+        for s in aside {
+            if !self.insert(s, s.hash()) {
+                refused.push(s);
+            }
+        }
+        refused
+    }
+
+    /// Moves every key into `m` slots, fewer than now but more than the keys, in place: the
+    /// allocation is cut once the keys have moved (a large one by remapping its pages), so the
+    /// old index and the new are never held at once. A set giving memory back shrinks its
+    /// index when it is largest; a new index beside the old one took three quarters more for
+    /// a moment, over a hundred megabytes at the default budget. Returns the keys refused.
+    ///
+    /// Homes shrink with the index, so along the order of old homes (see [`Self::grow`]) the new
+    /// homes do not fall, each at or before its old home, and a key's new position follows from
+    /// the one before it: at or before its old position, so one pass first to last moves every
+    /// key into a slot already left. Keys that wrapped past the end (old or new) are set aside
+    /// and inserted after.
+    fn shrink(&mut self, m: usize) -> Vec<Slot> {
+        let n = self.slots.len();
+        debug_assert!(self.len < m && m < n);
+        let home = |hash: u32| ((hash as u64 * m as u64) >> 32) as usize;
+        let mut aside = Vec::new();
+        let mut refused = Vec::new();
+        for i in 0..n {
+            let s = self.slots[i];
+            if s.flags & OCCUPIED == 0 || s.dist as usize <= i {
+                break;
+            }
+            aside.push(s);
+            self.slots[i] = Slot::default();
+        }
+        let mut next = 0;
+        let mut i = 0;
+        while i < n {
+            if self.slots[i].flags & OCCUPIED == 0 {
+                i += 1;
+                continue;
+            }
+            let old_home = i - self.slots[i].dist as usize;
+            let mut end = i + 1;
+            while end < n
+                && self.slots[end].flags & OCCUPIED != 0
+                && end - self.slots[end].dist as usize == old_home
+            {
+                end += 1;
+            }
+            if end - i > 1 {
+                self.slots[i..end].sort_unstable_by_key(|s| home(s.hash()));
+            }
+            for q in i..end {
+                let mut s = std::mem::take(&mut self.slots[q]);
+                let h = home(s.hash());
+                let p = h.max(next);
+                if p >= m {
+                    aside.push(s);
+                } else if p - h > self.max_dist {
+                    refused.push(s);
+                } else {
+                    debug_assert!(p <= q && self.slots[p].flags & OCCUPIED == 0);
+                    s.dist = (p - h) as u8;
+                    self.slots[p] = s;
+                    next = p + 1;
+                }
+            }
+            i = end;
+        }
+        debug_assert!(self.slots[m..].iter().all(|s| s.flags & OCCUPIED == 0));
+        self.slots.truncate(m);
+        self.slots.shrink_to_fit();
         self.len -= aside.len() + refused.len();
         for s in aside {
             if !self.insert(s, s.hash()) {
@@ -760,6 +835,65 @@ mod tests {
                     for k in &held {
                         let found = index.find(k, &Slot::of(k, 0), &long).is_some();
                         assert_eq!(found, !refused.contains(&k[..]), "{start} x {factor}");
+                    }
+                }
+            }
+        }
+    }
+    /// Shrinking in place, to just above the keys held or by a slot, keeps every key findable
+    /// where Robin Hood puts it and cuts the allocation where it is; keys it cannot place
+    /// as near home as allowed come back, and only those.
+    #[test]
+    fn an_index_shrunk_in_place_keeps_every_key_in_place() {
+        let long = LongKeys::default();
+        for max_dist in [2, MAX_DIST] {
+            for start in [64usize, 1000, 4099] {
+                for full in [0.05, 0.4, 0.6, 0.875] {
+                    let mut index = Index::with_max_dist(max_dist);
+                    assert!(index.resize(start).is_empty());
+                    let mut held = Vec::new();
+                    let mut i = start as u64 * 7_000;
+                    while (index.len() as f64) < start as f64 * full {
+                        i += 1;
+                        let k = i.to_le_bytes();
+                        let (s, h) = Slot::of(&k, 0);
+                        if index.insert(s, h) {
+                            held.push(k);
+                        }
+                    }
+                    let len = index.len();
+                    for m in [start - 1, start * 3 / 4, len * 8 / 7 + 1, len + 1] {
+                        if m <= len || m >= start || m < 8 {
+                            continue;
+                        }
+                        let mut index = Index {
+                            slots: index.slots.clone(),
+                            len,
+                            max_dist,
+                        };
+                        let at = index.slots.as_ptr();
+                        let refused = index.resize(m);
+                        assert_eq!(index.slots(), m);
+                        assert_eq!(index.bytes(), m * std::mem::size_of::<Slot>());
+                        // in place: glibc cuts a block it shrinks where it is (a new index
+                        // would have been allocated while the old one was still held)
+                        if cfg!(all(target_os = "linux", target_env = "gnu")) {
+                            assert_eq!(index.slots.as_ptr(), at, "{start} to {m}");
+                        }
+                        assert_robin_hood(&index);
+                        let mut buf: KeyBuf = Default::default();
+                        let refused: HashSet<Vec<u8>> = refused
+                            .iter()
+                            .map(|s| s.key(&mut buf, &long).to_vec())
+                            .collect();
+                        assert_eq!(index.len() + refused.len(), held.len());
+                        if max_dist == MAX_DIST {
+                            assert!(refused.is_empty(), "{start} to {m}");
+                        }
+                        for k in &held {
+                            let found = index.find(k, &Slot::of(k, 0), &long).is_some();
+                            assert_eq!(found, !refused.contains(&k[..]), "{start} to {m}");
+                        }
                     }
                 }
             }
