@@ -1,11 +1,13 @@
 //! The Kubernetes operator: reconciles `StreamJob` resources into a JobManager, TaskManagers
-//! and a running job, and carries the job safely over changes (see [`reconcile`](mod@reconcile)).
+//! and a running job, and carries the job safely over changes (see
+//! [`reconcile`](mod@reconcile)).
 //!
 //! - [`settings`]: what a spec means for the job (storage locations, overrides, hash).
 //! - [`resources`]: the Deployments, Service and ConfigMap a StreamJob runs as.
 //! - [`podtemplate`]: merging the user's pod template with the generated pods.
 //! - [`jm`]: the client of a job's JobManager.
-//! - [`reconcile`](mod@reconcile): the reconcile steps (deploy, upgrade, rescale, savepoints, suspend).
+//! - [`reconcile`](mod@reconcile): the reconcile steps (deploy, upgrade, rescale, savepoints,
+//!   suspend).
 //! - [`report`]: status patches, conditions and events.
 //! - [`leader`]: leader election between operator replicas.
 use futures::StreamExt;
