@@ -595,20 +595,25 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// How a child run ended: wall seconds, CPU seconds and peak RSS (bytes), or stopped at the
-/// timeout.
+/// How a child run ended: wall seconds, CPU seconds, peak RSS and peak disk (bytes), or
+/// stopped at the timeout.
 enum ChildRun {
     Done {
         wall: f64,
         cpu: f64,
         rss: u64,
+        /// The most the child's working files (its keyed state's RocksDB instances) took on
+        /// disk, sampled every second.
+        disk: u64,
         log: String,
     },
     TimedOut,
 }
 
 /// Runs `BINARY run JOB` as a child process (with `env` added to its environment); its wall
-/// time, CPU time and peak RSS, unless it runs past `timeout`.
+/// time, CPU time, peak RSS and peak disk, unless it runs past `timeout`. The child gets a
+/// temporary directory of its own (`TMPDIR`), where its keyed state's working copies live, and
+/// that directory's size is sampled while it runs.
 fn run_child(
     binary: &std::path::Path,
     job: &std::path::Path,
@@ -618,6 +623,7 @@ fn run_child(
 ) -> Result<ChildRun> {
     use std::io::Read;
     let t0 = Instant::now();
+    let tmp = tempfile::tempdir()?;
     let mut child = std::process::Command::new(binary)
         .arg("run")
         .arg(job)
@@ -625,6 +631,7 @@ fn run_child(
         .args(args)
         // the JobManager logs each completed checkpoint's duration and sizes at info
         .env("FRESHET_LOG", "info")
+        .env("TMPDIR", tmp.path())
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -637,14 +644,22 @@ fn run_child(
     });
     let pid = child.id() as libc::pid_t;
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let watched = tmp.path().to_path_buf();
     let watchdog = std::thread::spawn(move || {
-        let late = stopped.recv_timeout(timeout).is_err();
-        if late {
-            // SAFETY: signals our own child, which has not been reaped yet (wait4 below is
-            // still waiting for it)
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        let mut disk = 0;
+        loop {
+            disk = disk.max(dir_bytes(&watched));
+            let left = timeout.saturating_sub(t0.elapsed());
+            match stopped.recv_timeout(left.min(std::time::Duration::from_secs(1))) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if left.is_zero() => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                _ => return (false, disk),
+            }
         }
-        late
+        // SAFETY: signals our own child, which has not been reaped yet (wait4 below is
+        // still waiting for it)
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        (true, disk)
     });
     // wait4 rather than Child::wait: it returns the child's own resource usage
     let mut status = 0;
@@ -653,7 +668,7 @@ fn run_child(
     let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     let wall = t0.elapsed().as_secs_f64();
     let _ = stop.send(());
-    let timed_out = watchdog.join().unwrap_or(false);
+    let (timed_out, disk) = watchdog.join().unwrap_or((false, 0));
     let stderr = reader.join().unwrap_or_default();
     if timed_out {
         return Ok(ChildRun::TimedOut);
@@ -666,8 +681,26 @@ fn run_child(
         wall,
         cpu: secs(usage.ru_utime) + secs(usage.ru_stime),
         rss: usage.ru_maxrss as u64 * 1024,
+        disk,
         log: stderr,
     })
+}
+
+/// Bytes the files under `dir` take on disk (as `du` counts them: allocated blocks); a file or
+/// directory that vanishes while it is counted counts as nothing.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.blocks() * 512),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// What `freshet bench state` runs.
@@ -683,15 +716,24 @@ struct StateBench {
     checkpoint_interval: Option<String>,
 }
 
-/// A table cell of one child run: events/s and peak RSS, or how long it ran without finishing.
-fn cells(run: &ChildRun, events: u64, timeout: std::time::Duration) -> (String, String, String) {
+/// Table cells of one child run: wall seconds, events/s, peak RSS and peak disk in MB, or how
+/// long it ran without finishing.
+fn cells(run: &ChildRun, events: u64, timeout: std::time::Duration) -> [String; 4] {
     match run {
-        ChildRun::Done { wall, rss, .. } => (
+        ChildRun::Done {
+            wall, rss, disk, ..
+        } => [
             format!("{wall:.2}"),
             format!("{:.0}", events as f64 / wall),
             format!("{}", rss >> 20),
-        ),
-        ChildRun::TimedOut => (format!("> {}", timeout.as_secs()), "-".into(), "-".into()),
+            format!("{}", disk >> 20),
+        ],
+        ChildRun::TimedOut => [
+            format!("> {}", timeout.as_secs()),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ],
     }
 }
 
@@ -730,15 +772,15 @@ fn bench_state(b: &StateBench) -> Result<i32> {
     );
     if b.against.is_some() {
         println!(
-            "| job | distinct keys | round | events | wall s | events/s | peak RSS MB | RocksDB reads per event | other: wall s | other: events/s | other: peak RSS MB | other: RocksDB reads per event | speed vs other |"
+            "| job | distinct keys | round | events | wall s | events/s | peak RSS MB | peak disk MB | RocksDB reads per event | other: wall s | other: events/s | other: peak RSS MB | other: peak disk MB | other: RocksDB reads per event | speed vs other |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     } else {
         println!(
-            "| job | distinct keys | events | wall s | events/s | vs {} keys | peak RSS MB | RocksDB reads per event |",
+            "| job | distinct keys | events | wall s | events/s | vs {} keys | peak RSS MB | peak disk MB | RocksDB reads per event |",
             keys[0]
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     }
     let mut checkpoint_rows = Vec::new();
     let mut medians: Vec<(&String, u64, Vec<f64>)> = Vec::new();
@@ -791,10 +833,10 @@ fn bench_state(b: &StateBench) -> Result<i32> {
                     checkpoint_cells(log)
                 ));
             }
-            let (wall, eps, rss) = cells(&run, events, b.timeout);
+            let [wall, eps, rss, disk] = cells(&run, events, b.timeout);
             let reads = reads_cell(&run, events);
             if let Some(theirs) = theirs {
-                let (owall, oeps, orss) = cells(&theirs, events, b.timeout);
+                let [owall, oeps, orss, odisk] = cells(&theirs, events, b.timeout);
                 let oreads = reads_cell(&theirs, events);
                 let ratio = match (&run, &theirs) {
                     (ChildRun::Done { wall: a, .. }, ChildRun::Done { wall: o, .. }) => {
@@ -810,7 +852,7 @@ fn bench_state(b: &StateBench) -> Result<i32> {
                     _ => "-".into(),
                 };
                 println!(
-                    "| {kind} | {k} | {round} | {events} | {wall} | {eps} | {rss} | {reads} | {owall} | {oeps} | {orss} | {oreads} | {ratio} |"
+                    "| {kind} | {k} | {round} | {events} | {wall} | {eps} | {rss} | {disk} | {reads} | {owall} | {oeps} | {orss} | {odisk} | {oreads} | {ratio} |"
                 );
             } else {
                 let vs = match &run {
@@ -820,7 +862,9 @@ fn bench_state(b: &StateBench) -> Result<i32> {
                     }
                     ChildRun::TimedOut => "-".into(),
                 };
-                println!("| {kind} | {k} | {events} | {wall} | {eps} | {vs} | {rss} | {reads} |");
+                println!(
+                    "| {kind} | {k} | {events} | {wall} | {eps} | {vs} | {rss} | {disk} | {reads} |"
+                );
             }
         }
     }
@@ -1060,8 +1104,8 @@ fn bench_restored(
                     ChildRun::Done { wall, .. } => format!("{wall:.2}"),
                     ChildRun::TimedOut => format!("> {}", timeout.as_secs()),
                 };
-                let (fwall, feps, _) = cells(&before, new, timeout);
-                let (rwall, reps, _) = cells(&after, new, timeout);
+                let [fwall, feps, ..] = cells(&before, new, timeout);
+                let [rwall, reps, ..] = cells(&after, new, timeout);
                 let ratio = match (&before, &after) {
                     (ChildRun::Done { wall: f, .. }, ChildRun::Done { wall: r, .. }) => {
                         format!("{:.2}", f / r)
@@ -1398,6 +1442,22 @@ mod tests {
         assert_eq!(text.matches("CAST(").count(), 10);
         assert!(bench_recovery(&[0], 10, std::time::Duration::from_secs(1)).is_err());
         assert!(bench_parallel(&["q5".into()], 1000, 0).is_err());
+    }
+
+    /// A directory's size counts the files of its subdirectories, as allocated on disk, and a
+    /// directory that is not there counts as nothing.
+    #[test]
+    fn a_directory_counts_the_files_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(dir_bytes(&dir.path().join("missing")), 0);
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("top"), vec![1u8; 100_000]).unwrap();
+        std::fs::write(dir.path().join("a/b/deep"), vec![2u8; 300_000]).unwrap();
+        let bytes = dir_bytes(dir.path());
+        // whole blocks: at least the bytes written, at most a few blocks more per file
+        assert!((400_000..400_000 + 64 * 1024).contains(&bytes), "{bytes}");
+        std::fs::remove_file(dir.path().join("a/b/deep")).unwrap();
+        assert!(dir_bytes(dir.path()) < 200_000);
     }
 
     #[test]

@@ -717,8 +717,9 @@ fn bench_latency_counts_every_row_and_orders_its_percentiles() {
 /// `freshet bench state` counts how often each job's keys were read back from RocksDB, from
 /// the summary its run prints: a deduplication whose keys fit the memory budget reads (next to)
 /// nothing, one with more keys than fit reads on many of its events, and a window's panes,
-/// which never read to update, have nothing to count. Also, a small budget is enough: the
-/// memtable size follows it.
+/// which never read to update, have nothing to count. The one that evicts keys has written
+/// them to disk, which its peak disk shows. Also, a small budget is enough: the memtable size
+/// follows it.
 #[test]
 fn bench_state_reports_the_rocksdb_reads_of_keys_memory_does_not_hold() {
     let o = freshet()
@@ -736,14 +737,21 @@ fn bench_state_reports_the_rocksdb_reads_of_keys_memory_does_not_hold() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
-    // | job | distinct keys | events | wall s | events/s | vs 100000 keys | peak RSS MB | reads |
-    let reads = |job: &str, keys: &str| {
+    // | job | distinct keys | events | wall s | events/s | vs 100000 keys | peak RSS MB |
+    // peak disk MB | reads |
+    let cell = |job: &str, keys: &str, i: usize| {
         let rows = table_rows(&text, &[job]);
         let row = rows
             .iter()
             .find(|r| r[2] == keys)
             .expect("a row per key count");
-        row[8].to_string()
+        row[i].to_string()
+    };
+    let reads = |job: &str, keys: &str| cell(job, keys, 9);
+    let disk = |job: &str, keys: &str| -> u64 {
+        cell(job, keys, 8)
+            .parse()
+            .unwrap_or_else(|_| panic!("{text}"))
     };
     let per_event = |v: String| -> f64 { v.parse().unwrap_or_else(|_| panic!("{v}: {text}")) };
     // 100 000 keys take 1.6 MB of key set, inside the 12 MB for decoded keys
@@ -752,6 +760,7 @@ fn bench_state_reports_the_rocksdb_reads_of_keys_memory_does_not_hold() {
     let over = per_event(reads("dedup", "800000"));
     assert!(over > 0.05 && over <= 1.0, "{text}");
     assert_eq!(reads("window", "800000"), "-", "{text}");
+    assert!(disk("dedup", "800000") > disk("dedup", "100000"), "{text}");
 }
 
 /// The run summary counts every state access of a vertex, summed over its subtasks, including
@@ -813,16 +822,17 @@ fn bench_state_rounds_with_checkpoints_each_start_from_nothing() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
-    // | job | distinct keys | round | events | wall s | events/s | peak RSS MB | reads per event |
-    // other: wall s | events/s | peak RSS MB | reads per event | speed vs other |
+    // | job | distinct keys | round | events | wall s | events/s | peak RSS MB | peak disk MB |
+    // reads per event | other: wall s | events/s | peak RSS MB | peak disk MB | reads per event |
+    // speed vs other |
     let rows: Vec<_> = table_rows(&text, &["dedup"])
         .into_iter()
-        .filter(|r| r.len() == 15)
+        .filter(|r| r.len() == 17)
         .collect();
     assert_eq!(rows.len(), 2, "a row per round: {text}");
     for r in rows {
         // a run that touched no state has no reads to report ("-")
-        for reads in [r[8], r[12]] {
+        for reads in [r[9], r[14]] {
             let per_event: f64 = reads.parse().unwrap_or_else(|_| panic!("{text}"));
             assert!(per_event < 0.01, "{text}");
         }
@@ -830,7 +840,7 @@ fn bench_state_rounds_with_checkpoints_each_start_from_nothing() {
     // and a checkpoint row per round
     let checkpoints = table_rows(&text, &["dedup"])
         .into_iter()
-        .filter(|r| r.len() == 11)
+        .filter(|r| r.len() == 12)
         .count();
     assert_eq!(checkpoints, 2, "{text}");
 }
