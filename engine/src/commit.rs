@@ -123,6 +123,7 @@ mod tests {
                 trigger_time_ms: 0,
                 max_parallelism: 128,
                 operators: BTreeMap::from([("sink".to_string(), snapshots)]),
+                end_of_input: false,
             },
             shared_with_job: true,
         }

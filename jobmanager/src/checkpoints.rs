@@ -740,6 +740,7 @@ impl Coordinator {
             trigger_time_ms: p.trigger_time_ms,
             max_parallelism: self.settings.max_parallelism,
             operators,
+            end_of_input: p.final_checkpoint,
         };
         let written =
             info_span!("checkpoint.metadata").in_scope(|| self.write_metadata(s, &p, &metadata));

@@ -887,6 +887,17 @@ fn try_start(inner: &Arc<Inner>, entry: &Arc<JobEntry>) {
     if let Some(from) = &rt.restored_from {
         span.record("restored_from", from.as_str());
     }
+    if let Some(r) = startup.restore.as_ref().filter(|r| r.metadata.end_of_input) {
+        // allowed (its state can still be read, and a job may only want what it kept), but
+        // rarely what a job that goes on over new input wants
+        warn!(
+            location = %r.location,
+            "restoring the checkpoint taken when the job's input ended: its event time is at \
+             the end, so every record that comes now is too late for its windows (it goes to \
+             their late outputs) and every TTL has passed; to go on where the input was, \
+             restore a savepoint or checkpoint taken before the end"
+        );
+    }
     let placement: Arc<Placement> = Arc::new(
         plan.vertices
             .iter()

@@ -236,6 +236,11 @@ pub struct CheckpointMetadata {
     pub max_parallelism: u32,
     /// Per operator id, one snapshot per subtask.
     pub operators: BTreeMap<String, Vec<OperatorSnapshot>>,
+    /// Taken after every source had read all its input: event time had reached its end, so
+    /// every window had fired for good and every TTL had passed, and a job restored from it
+    /// finds each new record late. False in metadata written before the field.
+    #[serde(default)]
+    pub end_of_input: bool,
 }
 
 impl CheckpointMetadata {

@@ -651,6 +651,7 @@ mod tests {
             trigger_time_ms: 0,
             max_parallelism: 128,
             operators: BTreeMap::from([("op".to_string(), old.clone())]),
+            end_of_input: false,
         };
         let chk = root.child(&checkpoint_dir(1));
         chk.put(METADATA, serde_json::to_vec(&metadata).unwrap().into())
@@ -757,6 +758,7 @@ mod tests {
             trigger_time_ms: 0,
             max_parallelism: 128,
             operators: operators.into_iter().map(|(k, v)| (k, vec![v])).collect(),
+            end_of_input: false,
         };
         let chk = root.child(&checkpoint_dir(7));
         chk.put(METADATA, serde_json::to_vec(&metadata).unwrap().into())
