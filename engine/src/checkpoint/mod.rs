@@ -237,8 +237,9 @@ pub struct CheckpointMetadata {
     /// Per operator id, one snapshot per subtask.
     pub operators: BTreeMap<String, Vec<OperatorSnapshot>>,
     /// Taken after every source had read all its input: event time had reached its end, so
-    /// every window had fired for good and every TTL had passed, and a job restored from it
-    /// finds each new record late. False in metadata written before the field.
+    /// every window had fired for good and every TTL had passed, and in a job restored from it
+    /// each new record is too late for its windows. False in metadata written before the
+    /// field.
     #[serde(default)]
     pub end_of_input: bool,
 }

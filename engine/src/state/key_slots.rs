@@ -397,6 +397,39 @@ impl Index {
         refused
     }
 
+    /// Takes out the keys that wrapped past the end of the slots (they sit first, further from
+    /// their homes than from slot 0), for a resize to insert once it has moved the others.
+    fn take_wrapped(&mut self) -> Vec<Slot> {
+        let mut wrapped = Vec::new();
+        for i in 0..self.slots.len() {
+            let s = self.slots[i];
+            if s.flags & OCCUPIED == 0 || s.dist as usize <= i {
+                break;
+            }
+            wrapped.push(s);
+            self.slots[i] = Slot::default();
+        }
+        wrapped
+    }
+
+    /// Sorts the run of keys from slot `i` (taken) that share its home, up to slot `n`, by
+    /// their `home` in a resized index (the order a resize places them in), and returns where
+    /// the run ends.
+    fn sorted_run(&mut self, i: usize, n: usize, home: impl Fn(u32) -> usize) -> usize {
+        let old_home = i - self.slots[i].dist as usize;
+        let mut end = i + 1;
+        while end < n
+            && self.slots[end].flags & OCCUPIED != 0
+            && end - self.slots[end].dist as usize == old_home
+        {
+            end += 1;
+        }
+        if end - i > 1 {
+            self.slots[i..end].sort_unstable_by_key(|s| home(s.hash()));
+        }
+        end
+    }
+
     /// Moves every key into `m` slots, more than now, in place: the allocation is extended
     /// (a large one by remapping its pages, not copying them), so the old index and the new
     /// are never held at once. Returns the keys refused.
@@ -410,16 +443,8 @@ impl Index {
     fn grow(&mut self, m: usize) -> Vec<Slot> {
         let n = self.slots.len();
         let home = |hash: u32| ((hash as u64 * m as u64) >> 32) as usize;
-        let mut aside = Vec::new();
+        let mut aside = self.take_wrapped();
         let mut refused = Vec::new();
-        for i in 0..n {
-            let s = self.slots[i];
-            if s.flags & OCCUPIED == 0 || s.dist as usize <= i {
-                break;
-            }
-            aside.push(s);
-            self.slots[i] = Slot::default();
-        }
         self.slots.reserve_exact(m - n);
         self.slots.resize(m, Slot::default());
         // first to last: the new positions, and the moves back
@@ -430,17 +455,7 @@ impl Index {
                 i += 1;
                 continue;
             }
-            let old_home = i - self.slots[i].dist as usize;
-            let mut end = i + 1;
-            while end < n
-                && self.slots[end].flags & OCCUPIED != 0
-                && end - self.slots[end].dist as usize == old_home
-            {
-                end += 1;
-            }
-            if end - i > 1 {
-                self.slots[i..end].sort_unstable_by_key(|s| home(s.hash()));
-            }
+            let end = self.sorted_run(i, n, home);
             for q in i..end {
                 let mut s = self.slots[q];
                 let h = home(s.hash());
@@ -499,16 +514,8 @@ impl Index {
         let n = self.slots.len();
         debug_assert!(self.len < m && m < n);
         let home = |hash: u32| ((hash as u64 * m as u64) >> 32) as usize;
-        let mut aside = Vec::new();
+        let mut aside = self.take_wrapped();
         let mut refused = Vec::new();
-        for i in 0..n {
-            let s = self.slots[i];
-            if s.flags & OCCUPIED == 0 || s.dist as usize <= i {
-                break;
-            }
-            aside.push(s);
-            self.slots[i] = Slot::default();
-        }
         let mut next = 0;
         let mut i = 0;
         while i < n {
@@ -516,17 +523,7 @@ impl Index {
                 i += 1;
                 continue;
             }
-            let old_home = i - self.slots[i].dist as usize;
-            let mut end = i + 1;
-            while end < n
-                && self.slots[end].flags & OCCUPIED != 0
-                && end - self.slots[end].dist as usize == old_home
-            {
-                end += 1;
-            }
-            if end - i > 1 {
-                self.slots[i..end].sort_unstable_by_key(|s| home(s.hash()));
-            }
+            let end = self.sorted_run(i, n, home);
             for q in i..end {
                 let mut s = std::mem::take(&mut self.slots[q]);
                 let h = home(s.hash());
