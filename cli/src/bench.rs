@@ -102,8 +102,9 @@ pub enum BenchCommand {
         /// Events per key.
         #[arg(long, default_value_t = 2)]
         events_per_key: u64,
-        /// Jobs, comma-separated: dedup, window, join (an interval join of orders and payments,
-        /// one of each per key).
+        /// Jobs, comma-separated: dedup, window, session (session windows whose gap, `--gap`,
+        /// keeps every key's session open), join (an interval join of orders and payments, one of
+        /// each per key).
         #[arg(long, value_delimiter = ',', default_values_t = ["dedup".to_string(), "window".to_string()])]
         jobs: Vec<String>,
         /// `state.memory_mb` of the jobs (default: the job format's default).
@@ -113,6 +114,11 @@ pub enum BenchCommand {
         /// `5000s` keeps the last 5M keys live).
         #[arg(long, default_value = "1000d")]
         ttl: String,
+        /// The session windows' gap (the default keeps every session open to the end of the
+        /// input, when all fire; `1000s` closes each key's session between its visits from 1M
+        /// keys on).
+        #[arg(long, default_value = "1000d")]
+        gap: String,
         /// Another freshet binary to run the same jobs with, alternating, for a ratio measured
         /// in the same run (e.g. a build of an earlier version).
         #[arg(long)]
@@ -372,6 +378,7 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             jobs,
             memory_mb,
             ttl,
+            gap,
             against,
             rounds,
             timeout,
@@ -382,6 +389,7 @@ pub fn run(cmd: BenchCommand) -> Result<i32> {
             jobs,
             memory_mb,
             ttl,
+            gap,
             against,
             rounds,
             timeout: std::time::Duration::from_secs(timeout),
@@ -532,21 +540,19 @@ fn run_latency(kind: &str, text: &str) -> Result<LatencyRun> {
     })
 }
 
-/// A job over `keys` distinct keys, each seen `per_key` times, spread over the whole input. The
-/// join reads `per_key / 2` orders and as many payments per key from two sources (a key's
+/// A job over `keys` distinct keys, each seen `b.per_key` times, spread over the whole input.
+/// The join reads `per_key / 2` orders and as many payments per key from two sources (a key's
 /// payment half a second of event time after its order, within a 5 s interval), aligned with a
 /// drift of 30 s so that neither runs further ahead of the other: its state is bounded by the
 /// interval and the drift, not by the key count.
-fn state_job(
-    kind: &str,
-    keys: u64,
-    per_key: u64,
-    memory_mb: Option<usize>,
-    ttl: &str,
-) -> Result<String> {
+fn state_job(kind: &str, keys: u64, b: &StateBench) -> Result<String> {
+    let (per_key, ttl, gap) = (b.per_key, &b.ttl, &b.gap);
     let transform = match kind {
         "dedup" => format!(
             "    type: deduplicate\n    input: events\n    key: [k]\n    keep: first\n    ttl: {ttl}\n"
+        ),
+        "session" => format!(
+            "    type: window\n    input: events\n    key_by: [k]\n    window: {{type: session, gap: {gap}}}\n    aggregates: [\"count(*) AS n\"]\n"
         ),
         "window" => {
             "    type: window\n    input: events\n    key_by: [k]\n    window: {type: tumbling, size: 1000d}\n    aggregates: [\"count(*) AS n\"]\n".into()
@@ -554,12 +560,13 @@ fn state_job(
         "join" => {
             "    type: interval_join\n    left: orders\n    right: payments\n    left_key: [k]\n    right_key: [k]\n    lower_bound: 0s\n    upper_bound: 5s\n    where: \"orders.amount = payments.amount\"\n    select: [orders.k, orders.amount, \"payments.ts AS paid_at\"]\n".into()
         }
-        other => bail!("unknown state benchmark job {other}; use dedup, window or join"),
+        other => bail!("unknown state benchmark job {other}; use dedup, window, session or join"),
     };
     // a multiplier coprime with the key count visits every key once per round, in an order
     // that defeats any locality
     let step = (7919..).find(|m| gcd(*m, keys) == 1).unwrap_or(1);
-    let state = memory_mb
+    let state = b
+        .memory_mb
         .map(|m| format!("state: {{memory_mb: {m}}}\n"))
         .unwrap_or_default();
     let source = |name: &str, count: u64, delay: u64, amount: &str| {
@@ -710,6 +717,7 @@ struct StateBench {
     jobs: Vec<String>,
     memory_mb: Option<usize>,
     ttl: String,
+    gap: String,
     against: Option<std::path::PathBuf>,
     rounds: u32,
     timeout: std::time::Duration,
@@ -767,8 +775,8 @@ fn bench_state(b: &StateBench) -> Result<i32> {
     keys.sort_unstable();
     let budget = b.memory_mb.map_or("default".to_string(), |m| m.to_string());
     println!(
-        "state.memory_mb: {budget}; events per key: {}; deduplication TTL: {}",
-        b.per_key, b.ttl
+        "state.memory_mb: {budget}; events per key: {}; deduplication TTL: {}; session gap: {}",
+        b.per_key, b.ttl, b.gap
     );
     if b.against.is_some() {
         println!(
@@ -786,7 +794,7 @@ fn bench_state(b: &StateBench) -> Result<i32> {
     let mut medians: Vec<(&String, u64, Vec<f64>)> = Vec::new();
     // each run its own job file and checkpoint directory, so no run resumes from another's
     let job_file = |kind: &str, k: u64, who: &str| -> Result<std::path::PathBuf> {
-        let mut text = state_job(kind, k, b.per_key, b.memory_mb, &b.ttl)?;
+        let mut text = state_job(kind, k, b)?;
         if let Some(i) = &b.checkpoint_interval {
             text.push_str(&checkpointing(
                 i,
@@ -1504,35 +1512,45 @@ mod tests {
         assert_eq!(median(&mut [0.9, 1.2]), 1.05);
     }
 
+    /// The state benchmark's settings with their defaults, `keys` and `rounds`.
+    fn state_bench(keys: u64, rounds: u32, memory_mb: Option<usize>) -> StateBench {
+        StateBench {
+            keys: vec![keys],
+            per_key: 2,
+            jobs: vec!["dedup".into()],
+            memory_mb,
+            ttl: "1000d".into(),
+            gap: "1000s".into(),
+            against: None,
+            rounds,
+            timeout: std::time::Duration::from_secs(1),
+            checkpoint_interval: None,
+        }
+    }
+
     #[test]
     fn state_benchmark_jobs_are_valid() {
-        for kind in ["dedup", "window", "join"] {
-            let text = state_job(kind, 1_000_000, 2, Some(64), "1000d").unwrap();
+        let b = state_bench(1_000_000, 1, Some(64));
+        for kind in ["dedup", "window", "session", "join"] {
+            let text = state_job(kind, 1_000_000, &b).unwrap();
             let job = job_format()
                 .parse(&text, "state.yaml", &[])
                 .unwrap_or_else(|e| panic!("{kind}: {e}\n{text}"));
             assert_eq!(job.state.memory_mb, 64);
         }
-        assert!(state_job("sort", 10, 2, None, "1000d").is_err());
-        let refused = |keys: u64, rounds: u32| {
-            bench_state(&StateBench {
-                keys: vec![keys],
-                per_key: 2,
-                jobs: vec!["dedup".into()],
-                memory_mb: None,
-                ttl: "1000d".into(),
-                against: None,
-                rounds,
-                timeout: std::time::Duration::from_secs(1),
-                checkpoint_interval: None,
-            })
-            .is_err()
-        };
+        assert!(
+            state_job("session", 10, &b)
+                .unwrap()
+                .contains("{type: session, gap: 1000s}")
+        );
+        assert!(state_job("sort", 10, &b).is_err());
+        let refused =
+            |keys: u64, rounds: u32| bench_state(&state_bench(keys, rounds, None)).is_err();
         assert!(refused(0, 1), "no keys");
         assert!(refused(10, 0), "no rounds");
         // 7919 * 3 keys share a factor with 7919 and with 7920: 7921 (89²) is the multiplier
         assert!(
-            state_job("dedup", 7919 * 3, 2, None, "1000d")
+            state_job("dedup", 7919 * 3, &b)
                 .unwrap()
                 .contains("(seq * 7921) %")
         );

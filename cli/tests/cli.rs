@@ -763,6 +763,25 @@ fn bench_state_reports_the_rocksdb_reads_of_keys_memory_does_not_hold() {
     assert!(disk("dedup", "800000") > disk("dedup", "100000"), "{text}");
 }
 
+/// `bench state --jobs session` runs session windows over the keys, with the gap `--gap` gives.
+#[test]
+fn bench_state_runs_session_windows_with_the_gap_given() {
+    let o = freshet()
+        .args([
+            "bench", "state", "--jobs", "session", "--keys", "20000", "--gap", "5s",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("session gap: 5s"), "{text}");
+    let rows = table_rows(&text, &["session"]);
+    assert_eq!(rows.len(), 1, "{text}");
+    assert_eq!((rows[0][2], rows[0][3]), ("20000", "40000"), "{text}");
+    let rate: f64 = rows[0][5].parse().unwrap_or_else(|_| panic!("{text}"));
+    assert!(rate > 0.0, "{text}");
+}
+
 /// The run summary counts every state access of a vertex, summed over its subtasks, including
 /// the last ones before its tables closed: a deduplication makes one per record.
 #[test]

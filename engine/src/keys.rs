@@ -221,6 +221,71 @@ impl EncodedKeys {
     pub fn hashes(&self) -> impl Iterator<Item = u64> + '_ {
         (0..self.rows).map(|i| hash_key(self.row(i)))
     }
+
+    /// The rows `rows` grouped by key, each key hashed once.
+    pub fn group_rows(&self, rows: impl Iterator<Item = usize>) -> RowsByKey {
+        RowsByKey::of(self, rows)
+    }
+}
+
+/// The rows of a batch grouped by key, hashed once: each group's rows in batch order, the
+/// groups in the order of their first rows.
+pub struct RowsByKey {
+    /// The rows, group after group.
+    rows: Vec<u32>,
+    /// Where each group's rows end in `rows`.
+    ends: Vec<u32>,
+}
+
+impl RowsByKey {
+    fn of(keys: &EncodedKeys, rows: impl Iterator<Item = usize>) -> RowsByKey {
+        let mut index: hashbrown::HashTable<u32> = hashbrown::HashTable::new();
+        // per row, its group; per group, its first row and size
+        let mut group_of: Vec<(u32, u32)> = Vec::new();
+        let mut firsts: Vec<(u32, u32)> = Vec::new();
+        for row in rows {
+            let key = keys.row(row);
+            let hash = hash_key(key);
+            let g = *index
+                .entry(
+                    hash,
+                    |g| keys.row(firsts[*g as usize].0 as usize) == key,
+                    |g| hash_key(keys.row(firsts[*g as usize].0 as usize)),
+                )
+                .or_insert_with(|| {
+                    firsts.push((row as u32, 0));
+                    firsts.len() as u32 - 1
+                })
+                .get();
+            firsts[g as usize].1 += 1;
+            group_of.push((row as u32, g));
+        }
+        let mut ends = Vec::with_capacity(firsts.len());
+        let mut end = 0;
+        for (_, size) in &firsts {
+            end += size;
+            ends.push(end);
+        }
+        // each group's rows in batch order: fill from each group's start
+        let mut next: Vec<u32> = ends.iter().zip(&firsts).map(|(e, (_, n))| e - n).collect();
+        let mut out = vec![0u32; group_of.len()];
+        for (row, g) in group_of {
+            out[next[g as usize] as usize] = row;
+            next[g as usize] += 1;
+        }
+        RowsByKey { rows: out, ends }
+    }
+
+    /// The rows of group `g`, in batch order.
+    pub fn rows(&self, g: usize) -> &[u32] {
+        let start = if g == 0 { 0 } else { self.ends[g - 1] as usize };
+        &self.rows[start..self.ends[g] as usize]
+    }
+
+    /// Each group's rows, the groups in the order of their first rows.
+    pub fn iter(&self) -> impl Iterator<Item = &[u32]> {
+        (0..self.ends.len()).map(|g| self.rows(g))
+    }
 }
 
 /// Encodes key columns into byte strings and decodes them back into columns.

@@ -20,7 +20,7 @@ use smallvec::SmallVec;
 use std::sync::Arc;
 
 use freshet_engine::checkpoint::{SnapshotContext, StateContext};
-use freshet_engine::keys::{EncodedKeys, KeyColumns, hash_key};
+use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::timers::FIRE_BATCH;
@@ -198,7 +198,7 @@ struct Buffered {
 struct Pair {
     /// The batch row.
     row: u32,
-    /// The batch row's key, as an index into the batch's [`KeyGroups`].
+    /// The batch row's key, as an index into the batch's [`RowsByKey`](freshet_engine::keys::RowsByKey).
     group: u32,
     /// The buffered row: its time and index among the rows buffered at that time.
     partner: (i64, u32),
@@ -206,64 +206,6 @@ struct Pair {
     flags: (bool, bool),
     /// Where the buffered row's values are in the per-column lists of the probe.
     values: u32,
-}
-
-/// The rows of a batch grouped by key, hashed once: each group's rows in batch order, the
-/// groups in the order of their first rows.
-struct KeyGroups {
-    /// The rows, group after group.
-    rows: Vec<u32>,
-    /// Where each group's rows end in `rows`.
-    ends: Vec<u32>,
-}
-
-impl KeyGroups {
-    fn of(keys: &EncodedKeys, rows: impl Iterator<Item = usize>) -> KeyGroups {
-        let mut index: hashbrown::HashTable<u32> = hashbrown::HashTable::new();
-        // per row, its group; per group, its first row and size
-        let mut group_of: Vec<(u32, u32)> = Vec::new();
-        let mut firsts: Vec<(u32, u32)> = Vec::new();
-        for row in rows {
-            let key = keys.row(row);
-            let hash = hash_key(key);
-            let g = *index
-                .entry(
-                    hash,
-                    |g| keys.row(firsts[*g as usize].0 as usize) == key,
-                    |g| hash_key(keys.row(firsts[*g as usize].0 as usize)),
-                )
-                .or_insert_with(|| {
-                    firsts.push((row as u32, 0));
-                    firsts.len() as u32 - 1
-                })
-                .get();
-            firsts[g as usize].1 += 1;
-            group_of.push((row as u32, g));
-        }
-        let mut ends = Vec::with_capacity(firsts.len());
-        let mut end = 0;
-        for (_, size) in &firsts {
-            end += size;
-            ends.push(end);
-        }
-        // each group's rows in batch order: fill from each group's start
-        let mut next: Vec<u32> = ends.iter().zip(&firsts).map(|(e, (_, n))| e - n).collect();
-        let mut out = vec![0u32; group_of.len()];
-        for (row, g) in group_of {
-            out[next[g as usize] as usize] = row;
-            next[g as usize] += 1;
-        }
-        KeyGroups { rows: out, ends }
-    }
-
-    fn rows(&self, g: usize) -> &[u32] {
-        let start = if g == 0 { 0 } else { self.ends[g - 1] as usize };
-        &self.rows[start..self.ends[g] as usize]
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &[u32]> {
-        (0..self.ends.len()).map(|g| self.rows(g))
-    }
 }
 
 /// The join operator of one subtask.
@@ -406,7 +348,7 @@ impl Operator for JoinOperator {
         // 1. Probe the other side's buffer once per distinct key of the batch, over the union of
         //    its rows' intervals, for candidate pairs: (row, partner time, partner index,
         //    partner's flags), the partner's values kept per column.
-        let groups = KeyGroups::of(&self.keys, (0..n).filter(|r| live[*r]));
+        let groups = self.keys.group_rows((0..n).filter(|r| live[*r]));
         let other_columns = self.plan.sides[other].columns.len();
         let mut pairs: Vec<Pair> = Vec::new();
         let mut theirs: Vec<Vec<Option<Scalar>>> = vec![Vec::new(); other_columns];

@@ -7,8 +7,9 @@
 //!
 //! **Storage.** Once [attached](Timers::attach) to its operator's [`KeyedBackend`], the queue
 //! lives in RocksDB, one empty row per timer under `[ff ff 02][table][time][key order]`
-//! (time-ordered across key groups), and memory holds only the registrations since the last
-//! write, at most [`SPILL_AT`] of them. Memory therefore does not grow with the number of keys or
+//! (time-ordered across key groups), and memory holds only the registrations and deletes since
+//! the last write, at most [`SPILL_AT`] of them (a deleted timer whose row is not yet deleted is
+//! passed over when it comes due). Memory therefore does not grow with the number of keys or
 //! windows, a checkpoint writes only the timers registered since the previous one, and a restore
 //! reads nothing up front. Reads start at a cursor past the timers that fired, so a queue that
 //! is consumed from its head does not make RocksDB step over their rows, which are deleted with
@@ -42,6 +43,9 @@ pub struct Timers {
     /// Timers not yet written to the backend (all of them while detached), by time and key
     /// order.
     pending: BTreeSet<(i64, StateKey)>,
+    /// Timers deleted that the backend may hold, by time and key order: they are not handed out,
+    /// and their rows are deleted at the next write.
+    cancelled: BTreeSet<(i64, StateKey)>,
     /// The job's number of key groups, which the key order starts with (detached: one).
     max_parallelism: u32,
     backing: Option<Backing>,
@@ -72,6 +76,7 @@ impl Timers {
         Timers {
             name: name.into(),
             pending: BTreeSet::new(),
+            cancelled: BTreeSet::new(),
             max_parallelism: 1,
             backing: None,
         }
@@ -165,8 +170,27 @@ impl Timers {
 
     /// Registers a timer for `key` at event time `t`.
     pub fn register(&mut self, t: i64, key: &[u8]) -> Result<()> {
-        self.pending.insert((t, self.order(key)));
-        if self.backing.is_some() && self.pending.len() >= SPILL_AT {
+        let timer = (t, self.order(key));
+        self.cancelled.remove(&timer);
+        self.pending.insert(timer);
+        self.flush_if_full()
+    }
+
+    /// Deletes the timer for `key` at event time `t`, if there is one (an operator whose state
+    /// for the key no longer needs it, so that it neither fires nor reads the key's state).
+    pub fn delete(&mut self, t: i64, key: &[u8]) -> Result<()> {
+        let timer = (t, self.order(key));
+        self.pending.remove(&timer);
+        if self.backing.is_some() {
+            // the backend may hold it from an earlier write
+            self.cancelled.insert(timer);
+        }
+        self.flush_if_full()
+    }
+
+    /// Writes the registrations and deletes held in memory once [`SPILL_AT`] of them accumulate.
+    fn flush_if_full(&mut self) -> Result<()> {
+        if self.backing.is_some() && self.pending.len() + self.cancelled.len() >= SPILL_AT {
             self.flush()?;
         }
         Ok(())
@@ -185,6 +209,12 @@ impl Timers {
             batch.delete_range(&b.deleted, &b.cursor);
             b.deleted = b.cursor.clone();
             b.undeleted = 0;
+        }
+        for (t, order) in std::mem::take(&mut self.cancelled) {
+            let row = backend::timer_key(b.table, t, &order);
+            if row >= b.cursor {
+                batch.delete(&row);
+            }
         }
         if let Some((first, _)) = self.pending.first() {
             b.earliest = b.earliest.min(*first);
@@ -205,19 +235,22 @@ impl Timers {
         b.backend.write(batch)
     }
 
-    /// Removes and returns, in (time, key order) order, up to `limit` timers at or before `wm`;
-    /// call again until it returns none.
+    /// Removes and returns, in (time, key order) order, up to `limit` timers at or before `wm`:
+    /// fewer only when no more are due, so an operator that got fewer has fired them all.
     pub fn due(&mut self, wm: Watermark, limit: usize) -> Result<Vec<(i64, StateKey)>> {
+        let limit = limit.max(1);
+        let mut out = Vec::new();
         loop {
-            let (out, more) = self.take_due(wm, limit.max(1))?;
-            if !out.is_empty() || !more {
+            let (chunk, more) = self.take_due(wm, limit - out.len())?;
+            out.extend(chunk);
+            if out.len() >= limit || !more {
                 return Ok(out);
             }
         }
     }
 
-    /// One pass of [`Timers::due`]; also says whether it skipped timers of keys the backend no
-    /// longer owns (left behind by a rescale) and more may be due.
+    /// One pass of [`Timers::due`]; also says whether it skipped timers (deleted ones, or of
+    /// keys the backend no longer owns, left behind by a rescale) and more may be due.
     fn take_due(&mut self, wm: Watermark, limit: usize) -> Result<(Vec<(i64, StateKey)>, bool)> {
         // timers in the backend, one more than needed to learn whether more are due
         let mut stored = Vec::new();
@@ -248,6 +281,9 @@ impl Timers {
         while out.len() < limit {
             let from_store = match (stored_iter.peek(), mem.peek()) {
                 (None, None) => break,
+                // every row read was passed over and the backend has more, which may come
+                // before what memory holds: read on first
+                (None, Some(_)) if !exhausted => break,
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
                 (Some((t, k, _)), Some((mt, mk))) => match (t, k).cmp(&(mt, mk)) {
@@ -261,7 +297,9 @@ impl Timers {
             };
             let (next, own) = if from_store {
                 let (t, k, own) = stored_iter.next().expect("peeked");
-                ((t, k), own)
+                // a deleted timer whose row is not yet deleted is passed over
+                let live = !self.cancelled.remove(&(t, k.clone()));
+                ((t, k), own && live)
             } else {
                 (mem.next().expect("peeked").clone(), true)
             };
@@ -305,9 +343,9 @@ impl Timers {
         Ok((keys_of(out), more))
     }
 
-    /// Timers held in memory (not yet written to the backend).
+    /// Timers held in memory (registrations and deletes not yet written to the backend).
     pub fn in_memory(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.cancelled.len()
     }
 }
 
@@ -362,10 +400,13 @@ mod tests {
         let mut out = Vec::new();
         loop {
             let chunk = timers.due(Watermark(wm), limit).unwrap();
-            if chunk.is_empty() {
+            let last = chunk.len() < limit;
+            out.extend(chunk);
+            // fewer than asked for means none are left (operators stop asking then)
+            if last {
+                assert!(timers.due(Watermark(wm), limit).unwrap().is_empty());
                 return out;
             }
-            out.extend(chunk);
             assert!(out.len() < 1 << 20, "timers keep firing");
         }
     }
@@ -381,6 +422,71 @@ mod tests {
         assert_eq!(due, vec![(10, StateKey::from(&b"a"[..]))]);
         assert_eq!(timers.due(Watermark(25), 100).unwrap()[0].0, 20);
         assert!(timers.due(Watermark(i64::MAX), 100).unwrap().is_empty());
+    }
+
+    /// A deleted timer never fires: registered and deleted in memory, deleted after it was
+    /// written to RocksDB (before and after the delete itself is written), registered again
+    /// after its delete, detached or attached, and across a snapshot.
+    #[test]
+    fn deleted_timers_do_not_fire() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(dir.path(), "db");
+        let key = |i: i64| format!("k{i}").into_bytes();
+        let mut detached = Timers::new("d");
+        detached.register(1, b"a").unwrap();
+        detached.register(2, b"b").unwrap();
+        detached.delete(1, b"a").unwrap();
+        detached.delete(9, b"never").unwrap();
+        assert_eq!(
+            all_due(&mut detached, 10, 4),
+            vec![(2, StateKey::from(&b"b"[..]))]
+        );
+        let mut timers = Timers::new("fire");
+        timers.attach(&b).unwrap();
+        for i in 0..100 {
+            timers.register(i, &key(i)).unwrap();
+        }
+        // 0..50 are in RocksDB; the deletes of the even ones among them are written too
+        timers.flush().unwrap();
+        for i in (0..50).step_by(2) {
+            timers.delete(i, &key(i)).unwrap();
+        }
+        timers.flush().unwrap();
+        for i in 50..100 {
+            timers.register(i + 100, &key(i)).unwrap();
+        }
+        timers.flush().unwrap();
+        // deletes held in memory: of timers in RocksDB (odd ones below 50), of ones registered
+        // since the last write (150..200), and one registered again after its delete
+        for i in (1..50).step_by(2) {
+            timers.delete(i, &key(i)).unwrap();
+        }
+        timers.delete(7, &key(7)).unwrap();
+        timers.register(7, &key(7)).unwrap();
+        for i in 50..100 {
+            timers.delete(i + 100, &key(i)).unwrap();
+        }
+        // a full chunk, although deleted timers were passed over to fill it
+        assert_eq!(timers.due(Watermark(60), 8).unwrap().len(), 8);
+        let due = all_due(&mut timers, 60, 8);
+        let want: Vec<(i64, StateKey)> = [7]
+            .into_iter()
+            .chain(50..61)
+            .map(|i| (i, StateKey::from(key(i).as_slice())))
+            .skip(8)
+            .collect();
+        assert_eq!(due, want);
+        // the rest, after a snapshot: 61..100, none of the deleted ones
+        timers.flush().unwrap();
+        let whole = crate::KeyGroupRange::for_subtask(128, 1, 0);
+        let restored = restored(dir.path(), &b, whole);
+        let mut again = Timers::new("fire");
+        again.attach(&restored).unwrap();
+        let due = all_due(&mut again, i64::MAX, 16);
+        let want: Vec<(i64, StateKey)> = (61..100)
+            .map(|i| (i, StateKey::from(key(i).as_slice())))
+            .collect();
+        assert_eq!(due, want);
     }
 
     /// Fired timers' rows are deleted lazily, but never make it into a snapshot: a restore fires
@@ -409,6 +515,31 @@ mod tests {
         let due = all_due(&mut again, i64::MAX, 100);
         let want: Vec<(i64, StateKey)> = (600..1000i64)
             .map(|i| (i, StateKey::from(format!("k{i}").as_bytes())))
+            .collect();
+        assert_eq!(due, want);
+    }
+
+    /// Timers passed over (deleted, or of key groups the backend no longer owns) do not let a
+    /// later timer held in memory go ahead of earlier ones in RocksDB behind them.
+    #[test]
+    fn timers_passed_over_keep_the_order_of_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(dir.path(), "db");
+        let mut timers = Timers::new("fire");
+        timers.attach(&b).unwrap();
+        let key = |i: i64| format!("k{i}").into_bytes();
+        for i in 0..20 {
+            timers.register(i, &key(i)).unwrap();
+        }
+        timers.flush().unwrap();
+        timers.register(100, &key(100)).unwrap();
+        for i in 0..10 {
+            timers.delete(i, &key(i)).unwrap();
+        }
+        let due = all_due(&mut timers, i64::MAX, 4);
+        let want: Vec<(i64, StateKey)> = (10..20)
+            .chain([100])
+            .map(|i| (i, StateKey::from(key(i).as_slice())))
             .collect();
         assert_eq!(due, want);
     }

@@ -7,7 +7,8 @@
 //! windows of its slice but not for the later ones is kept apart in the slice, tagged with the
 //! first window it counts for, so it never reaches a window it was too late for, whatever the
 //! order of arrival. Session windows keep one accumulator set per *(key, session)* in a keyed
-//! table, merging sessions a record bridges, with a timer per session end.
+//! table, merging sessions a record bridges, a batch's rows of a key with one read of its
+//! sessions, and one timer per session end (a merged or extended session's are deleted).
 //!
 //! **Firing.** A window `[start, end)` fires when the watermark reaches `end - 1`; its row is
 //! `key columns, window_start, window_end, aggregates`, with event time `end - 1`. Sliced
@@ -901,6 +902,12 @@ impl WindowOperator {
         Ok((late, fired))
     }
 
+    /// Session windows, a batch at a time: rows are grouped by key, each key's sessions that its
+    /// rows can touch are read once and its rows merged into them in batch order, as if they had
+    /// come one at a time; then only the sessions that changed are written, with their timers.
+    /// A session's fire and cleanup timers are deleted when a record merges it into another or
+    /// moves its end, so each session has one of each (none for cleanup without lateness: the
+    /// firing drops it).
     fn process_sessions(
         &mut self,
         gap: i64,
@@ -917,54 +924,109 @@ impl WindowOperator {
             readers,
         } = rows;
         let mut late = Vec::new();
-        let mut updated: Vec<(StateKey, i64)> = Vec::new();
-        for row in selected_rows(select, times.len()) {
+        let on_time = selected_rows(select, times.len()).filter(|&row| {
             let t = times[row];
-            if rw >= (t + gap - 1).saturating_add(lateness) {
+            let late_row = rw >= (t + gap - 1).saturating_add(lateness);
+            if late_row {
                 late.push(row as u32);
-                continue;
             }
-            let key: StateKey = keys.row(row).into();
-            // Sessions this record touches: start < t + gap and end > t.
-            let touching: Vec<i64> = self
+            !late_row
+        });
+        let groups = keys.group_rows(on_time);
+        let mut updated: Vec<(StateKey, i64)> = Vec::new();
+        for rows in groups.iter() {
+            let key = keys.row(rows[0] as usize);
+            let (lo, hi) = rows.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| {
+                let t = times[*r as usize];
+                (lo.min(t), hi.max(t))
+            });
+            // the key's sessions any of the rows touches (start < t + gap and end > t), as
+            // stored: (start, session, changed)
+            let mut list: SmallVec<[(i64, Session, bool); 2]> = self
                 .sessions
-                .range(&key, ..t + gap, Watermark::MIN)?
-                .filter(|(_, s)| s.end > t)
-                .map(|(start, _)| start)
+                .range(key, ..hi.saturating_add(gap), Watermark::MIN)?
+                .filter(|(_, s)| s.end > lo)
+                .map(|(start, s)| (start, s.clone(), false))
                 .collect();
-            let mut start = t;
-            let mut session = Session {
-                end: t + gap,
-                accs: self.new_accs(),
-            };
-            aggregate::update(&self.plan.aggs, &mut session.accs, inputs, readers, row);
-            for s in touching {
-                let old = self.sessions.remove(&key, s)?.expect("listed above");
-                start = start.min(s);
-                session.end = session.end.max(old.end);
-                for ((d, a), b) in self
-                    .plan
-                    .aggs
+            let stored: SmallVec<[(i64, i64); 2]> =
+                list.iter().map(|(start, s, _)| (*start, s.end)).collect();
+            for &row in rows {
+                let t = times[row as usize];
+                let mut start = t;
+                let mut session = Session {
+                    end: t + gap,
+                    accs: self.new_accs(),
+                };
+                aggregate::update(
+                    &self.plan.aggs,
+                    &mut session.accs,
+                    inputs,
+                    readers,
+                    row as usize,
+                );
+                // the sessions the record touches merge into its own, in start order
+                list.retain(|(s, old, _)| {
+                    let touches = *s < t + gap && old.end > t;
+                    if touches {
+                        start = start.min(*s);
+                        session.end = session.end.max(old.end);
+                        for ((d, a), b) in self
+                            .plan
+                            .aggs
+                            .iter()
+                            .zip(session.accs.iter_mut())
+                            .zip(&old.accs)
+                        {
+                            aggregate::merge(d, a, b);
+                        }
+                    }
+                    !touches
+                });
+                let at = list.partition_point(|(s, _, _)| *s < start);
+                list.insert(at, (start, session, true));
+            }
+            // stored sessions merged away or changed give up their row and timers
+            for &(start, end) in &stored {
+                let kept = list
                     .iter()
-                    .zip(session.accs.iter_mut())
-                    .zip(&old.accs)
-                {
-                    aggregate::merge(d, a, b);
+                    .find(|(s, _, _)| *s == start)
+                    .is_some_and(|(_, s, changed)| !changed || s.end == end);
+                if kept {
+                    continue;
+                }
+                self.fire.delete(end - 1, key)?;
+                if lateness > 0 {
+                    self.cleanup
+                        .delete((end - 1).saturating_add(lateness), key)?;
+                }
+                if !list.iter().any(|(s, _, _)| *s == start) {
+                    self.sessions.remove(key, start)?;
                 }
             }
-            let end = session.end;
-            self.sessions
-                .update(&key, start, t, Watermark::MIN, || session, |_| ())?;
-            if w >= end - 1 {
-                updated.push((key.clone(), start));
-            } else {
-                self.fire.register(end - 1, &key)?;
+            for (start, session, changed) in list {
+                if !changed {
+                    continue;
+                }
+                let end = session.end;
+                let new = !stored.contains(&(start, end));
+                let empty = || Session {
+                    end,
+                    accs: Accs::new(),
+                };
+                self.sessions
+                    .update(key, start, hi, Watermark::MIN, empty, |s| *s = session)?;
+                if w >= end - 1 {
+                    updated.push((key.into(), start));
+                } else if new {
+                    self.fire.register(end - 1, key)?;
+                }
+                if lateness > 0 && new {
+                    self.cleanup
+                        .register((end - 1).saturating_add(lateness), key)?;
+                }
             }
-            self.cleanup
-                .register((end - 1).saturating_add(lateness), &key)?;
         }
         updated.sort_unstable();
-        updated.dedup();
         let mut fired = Vec::with_capacity(updated.len());
         for (key, start) in updated {
             if let Some(s) = self.sessions.get(&key, start, Watermark::MIN)? {
@@ -1103,15 +1165,21 @@ impl Operator for WindowOperator {
         let due = self.fire.due(wm, FIRE_BATCH)?;
         self.more = due.len() == FIRE_BATCH;
         let mut rows = Vec::with_capacity(due.len());
+        let lateness = self.plan.lateness;
         for (t, key) in due {
             let end = t + 1;
-            // the session that ends here, if it was not merged into a longer one
+            // the session that ends here (state of an earlier version may still hold timers of
+            // sessions merged into longer ones)
             let hit = self
                 .sessions
                 .range(&key, .., Watermark::MIN)?
                 .find(|(_, s)| s.end == end)
                 .map(|(st, s)| (st, s.accs.clone()));
             if let Some((start, accs)) = hit {
+                // without lateness no record can reach the session once it fired: it goes now
+                if lateness == 0 {
+                    self.sessions.remove(&key, start)?;
+                }
                 rows.push(Fired {
                     key,
                     start,
@@ -1124,7 +1192,6 @@ impl Operator for WindowOperator {
         if self.more {
             return Ok(());
         }
-        let lateness = self.plan.lateness;
         loop {
             let due = self.cleanup.due(wm, FIRE_BATCH)?;
             if due.is_empty() {

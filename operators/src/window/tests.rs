@@ -184,6 +184,160 @@ fn sessions_merge_when_a_record_bridges_them() {
     assert!(out[1].contains(r#""k":"b""#) && out[1].contains(r#""n":1"#));
 }
 
+/// A session merged into another, or whose end moves, gives up its timer: each session waits
+/// on one fire timer, and on no cleanup timer without lateness (firing drops it), so firing
+/// reads no session that is gone. With lateness, one cleanup timer per session.
+#[test]
+fn each_session_waits_on_one_timer() {
+    for lateness in [0, MIN] {
+        let (mut h, s) = harness(
+            WindowKind::Session { gap: MIN },
+            lateness,
+            &["count(*) AS n"],
+        );
+        h.push(0, rows(&s, &[("a", "x", 0), ("a", "x", 100_000)]));
+        h.push(0, rows(&s, &[("a", "x", 50_000), ("b", "x", 0)]));
+        // b's session grows twice in one batch
+        h.push(0, rows(&s, &[("b", "x", 30_000), ("b", "x", 70_000)]));
+        assert_eq!(h.op.fire.in_memory(), 2, "lateness {lateness}");
+        let cleanups = if lateness == 0 { 0 } else { 2 };
+        assert_eq!(h.op.cleanup.in_memory(), cleanups, "lateness {lateness}");
+        h.watermark(i64::MAX);
+        let mut out = h.take(0);
+        out.sort();
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(out[0].contains(r#""window_end":"1970-01-01T00:02:40.000Z","n":3"#));
+        assert!(out[1].contains(r#""window_end":"1970-01-01T00:02:10.000Z","n":3"#));
+        assert_eq!(h.op.sessions.len(), 0, "all sessions dropped");
+    }
+}
+
+/// More sessions than one firing batch holds end at once, after a second record of each key
+/// extended its session and the timers of the first ends, already in RocksDB, were deleted:
+/// every session fires, once.
+#[test]
+fn every_session_fires_when_more_than_a_batch_end_at_once() {
+    let n = FIRE_BATCH + 1000;
+    let (mut h, s) = harness(
+        WindowKind::Session { gap: 1000 * MIN },
+        0,
+        &["count(*) AS n"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let b = crate::testing::capped_backend(dir.path(), 64);
+    h.op.sessions.attach(&b).unwrap();
+    h.op.fire.attach(&b).unwrap();
+    let keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+    for visit in 0..2 {
+        let recs: Vec<(&str, &str, i64)> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.as_str(), "x", (visit * n + i) as i64))
+            .collect();
+        h.push(0, rows(&s, &recs));
+        // the first ends' timers are written; their deletes stay in memory
+        if visit == 0 {
+            h.op.sessions.flush().unwrap();
+            h.op.fire.flush().unwrap();
+        }
+    }
+    h.watermark(i64::MAX);
+    let out = h.take(0);
+    assert_eq!(out.len(), n);
+    assert!(
+        out.iter().all(|l| l.contains(r#""n":2"#)),
+        "{:?}",
+        &out[..3]
+    );
+}
+
+/// Session windows over many keys, with state read back from RocksDB (a cache of a few keys,
+/// timers and sessions written out after every batch) and in memory, give the sessions an
+/// independent model computes: per key, its times in order, split where two are a gap or more
+/// apart. Batches hold several rows of a key, out of order within the batch; the watermark
+/// trails the input, so sessions fire and are dropped along the way, and no row is late.
+#[test]
+fn sessions_of_many_keys_match_a_model_in_memory_and_from_rocksdb() {
+    let gap = 3000;
+    let mut next = xorshift(7);
+    // batches of (key, time); the times of batch i lie in [i * 4000, i * 4000 + 6000)
+    let batches: Vec<Vec<(String, i64)>> = (0..60)
+        .map(|i| {
+            (0..40)
+                .map(|_| {
+                    let k = format!("k{}", next() % 25);
+                    (k, i * 4000 + (next() % 6000) as i64)
+                })
+                .collect()
+        })
+        .collect();
+    let mut model: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for (k, t) in batches.iter().flatten() {
+        model.entry(k.clone()).or_default().push(*t);
+    }
+    let mut want = Vec::new();
+    for (k, mut times) in model {
+        times.sort_unstable();
+        let mut start = 0;
+        for i in 1..=times.len() {
+            if i == times.len() || times[i] - times[i - 1] >= gap {
+                want.push((
+                    k.clone(),
+                    times[start],
+                    times[i - 1] + gap,
+                    (i - start) as i64,
+                ));
+                start = i;
+            }
+        }
+    }
+    want.sort();
+    let dir = tempfile::tempdir().unwrap();
+    for attached in [false, true] {
+        let (mut h, s) = harness(WindowKind::Session { gap }, 0, &["count(*) AS n"]);
+        if attached {
+            let b = crate::testing::capped_backend(dir.path(), 4);
+            h.op.sessions.attach(&b).unwrap();
+            h.op.fire.attach(&b).unwrap();
+            h.op.cleanup.attach(&b).unwrap();
+        }
+        let mut got = Vec::new();
+        let mut take = |h: &mut Harness<WindowOperator>| {
+            for line in h.take(0) {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let ms = |f: &str| {
+                    chrono::DateTime::parse_from_rfc3339(v[f].as_str().unwrap())
+                        .unwrap()
+                        .timestamp_millis()
+                };
+                got.push((
+                    v["k"].as_str().unwrap().to_string(),
+                    ms("window_start"),
+                    ms("window_end"),
+                    v["n"].as_i64().unwrap(),
+                ));
+            }
+            assert!(h.take(1).is_empty(), "no row is late");
+        };
+        for (i, b) in batches.iter().enumerate() {
+            let recs: Vec<(&str, &str, i64)> =
+                b.iter().map(|(k, t)| (k.as_str(), "x", *t)).collect();
+            h.push(0, rows(&s, &recs));
+            if attached {
+                h.op.sessions.flush().unwrap();
+                h.op.fire.flush().unwrap();
+            }
+            h.watermark((i as i64 + 1) * 4000 - 1);
+            take(&mut h);
+        }
+        h.watermark(i64::MAX);
+        take(&mut h);
+        got.sort();
+        assert_eq!(got, want, "attached: {attached}");
+        assert!(want.len() > 100, "{} sessions", want.len());
+    }
+}
+
 #[test]
 fn key_seen_once_and_empty_input() {
     let (mut h, s) = harness(
