@@ -1512,7 +1512,8 @@ mod tests {
         assert_eq!(median(&mut [0.9, 1.2]), 1.05);
     }
 
-    /// The state benchmark's settings with their defaults, `keys` and `rounds`.
+    /// The state benchmark's settings: `keys`, `rounds` and `memory_mb`, a session gap of
+    /// 1000 s, and the defaults.
     fn state_bench(keys: u64, rounds: u32, memory_mb: Option<usize>) -> StateBench {
         StateBench {
             keys: vec![keys],
