@@ -598,6 +598,67 @@ fn state_job(kind: &str, keys: u64, b: &StateBench) -> Result<String> {
     ))
 }
 
+/// The rows a [`state_job`] writes to its sink `out`, worked out from the generator's keys and
+/// times (not from running it), or `None` where the settings make it depend on more than that.
+///
+/// A key's events are exactly `keys` milliseconds of event time apart (the generator visits
+/// every key once per `keys` events), so: the deduplication keeps one row per key while its TTL
+/// outlasts a key's visits; the tumbling window holds every key in one window while the input
+/// fits in one; sessions hold a key's visits together when the gap exceeds `keys` ms and each
+/// visit alone when it falls short; the join matches an order `i` with each payment `j` of the
+/// same key and amount (`j ≡ i` modulo both `keys` and 100) paid 0 to 5 s after it (payments are
+/// stamped 500 ms after their order: `j - i` from -500 to 4 500).
+fn expected_rows(kind: &str, keys: u64, b: &StateBench) -> Option<u64> {
+    let millis = |d: &str| Some(humantime::parse_duration(d.trim()).ok()?.as_millis());
+    let events = keys * b.per_key;
+    let span = u128::from((b.per_key - 1) * keys);
+    match kind {
+        "dedup" => (millis(&b.ttl)? > span).then_some(keys),
+        "window" => {
+            const SIZE: u64 = 1000 * 86_400_000;
+            let first = 1_714_557_600_000u64;
+            (first / SIZE == (first + events - 1) / SIZE).then_some(keys)
+        }
+        "session" => match millis(&b.gap)?.cmp(&u128::from(keys)) {
+            std::cmp::Ordering::Greater => Some(keys),
+            std::cmp::Ordering::Less => Some(events),
+            std::cmp::Ordering::Equal => None,
+        },
+        "join" => {
+            let count = events.div_ceil(2) as i64;
+            let step = (keys / gcd(keys, 100) * 100) as i64;
+            let first = (-500i64).div_euclid(step) * step;
+            let matches = (first..=4500)
+                .step_by(step as usize)
+                .filter(|d| *d >= -500)
+                .map(|d| (count - d.abs()).max(0))
+                .sum::<i64>();
+            Some(matches as u64)
+        }
+        _ => None,
+    }
+}
+
+/// The rows a finished run wrote to its sink `out`, from the `out.rows` line of its summary.
+fn rows_out(run: &ChildRun) -> Option<u64> {
+    let ChildRun::Done { log, .. } = run else {
+        return None;
+    };
+    log.lines()
+        .find_map(|l| l.trim().strip_prefix("out.rows = ")?.parse().ok())
+}
+
+/// The output rows cell of a run: the count, flagged when it differs from `expected`; and
+/// whether it did.
+fn rows_cell(run: &ChildRun, expected: Option<u64>) -> (String, bool) {
+    match (rows_out(run), expected) {
+        (Some(n), Some(e)) if n != e => (format!("{n} (expected {e})"), true),
+        (Some(n), _) => (n.to_string(), false),
+        (None, _) if matches!(run, ChildRun::Done { .. }) => ("none".into(), expected.is_some()),
+        (None, _) => ("-".into(), false),
+    }
+}
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
@@ -780,17 +841,20 @@ fn bench_state(b: &StateBench) -> Result<i32> {
     );
     if b.against.is_some() {
         println!(
-            "| job | distinct keys | round | events | wall s | events/s | peak RSS MB | peak disk MB | RocksDB reads per event | other: wall s | other: events/s | other: peak RSS MB | other: peak disk MB | other: RocksDB reads per event | speed vs other |"
+            "| job | distinct keys | round | events | wall s | events/s | peak RSS MB | peak disk MB | RocksDB reads per event | other: wall s | other: events/s | other: peak RSS MB | other: peak disk MB | other: RocksDB reads per event | speed vs other | output rows | other: output rows |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!(
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
     } else {
         println!(
-            "| job | distinct keys | events | wall s | events/s | vs {} keys | peak RSS MB | peak disk MB | RocksDB reads per event |",
+            "| job | distinct keys | events | wall s | events/s | vs {} keys | peak RSS MB | peak disk MB | RocksDB reads per event | output rows |",
             keys[0]
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     }
     let mut checkpoint_rows = Vec::new();
+    let mut wrong_rows = Vec::new();
     let mut medians: Vec<(&String, u64, Vec<f64>)> = Vec::new();
     // each run its own job file and checkpoint directory, so no run resumes from another's
     let job_file = |kind: &str, k: u64, who: &str| -> Result<std::path::PathBuf> {
@@ -843,9 +907,15 @@ fn bench_state(b: &StateBench) -> Result<i32> {
             }
             let [wall, eps, rss, disk] = cells(&run, events, b.timeout);
             let reads = reads_cell(&run, events);
+            let expected = expected_rows(kind, k, b);
+            let (rows, wrong) = rows_cell(&run, expected);
+            if wrong {
+                wrong_rows.push(format!("{kind} with {k} keys: {rows}"));
+            }
             if let Some(theirs) = theirs {
                 let [owall, oeps, orss, odisk] = cells(&theirs, events, b.timeout);
                 let oreads = reads_cell(&theirs, events);
+                let (orows, _) = rows_cell(&theirs, expected);
                 let ratio = match (&run, &theirs) {
                     (ChildRun::Done { wall: a, .. }, ChildRun::Done { wall: o, .. }) => {
                         match medians.iter_mut().find(|(j, n, _)| *j == kind && *n == k) {
@@ -860,7 +930,7 @@ fn bench_state(b: &StateBench) -> Result<i32> {
                     _ => "-".into(),
                 };
                 println!(
-                    "| {kind} | {k} | {round} | {events} | {wall} | {eps} | {rss} | {disk} | {reads} | {owall} | {oeps} | {orss} | {odisk} | {oreads} | {ratio} |"
+                    "| {kind} | {k} | {round} | {events} | {wall} | {eps} | {rss} | {disk} | {reads} | {owall} | {oeps} | {orss} | {odisk} | {oreads} | {ratio} | {rows} | {orows} |"
                 );
             } else {
                 let vs = match &run {
@@ -871,7 +941,7 @@ fn bench_state(b: &StateBench) -> Result<i32> {
                     ChildRun::TimedOut => "-".into(),
                 };
                 println!(
-                    "| {kind} | {k} | {events} | {wall} | {eps} | {vs} | {rss} | {disk} | {reads} |"
+                    "| {kind} | {k} | {events} | {wall} | {eps} | {vs} | {rss} | {disk} | {reads} | {rows} |"
                 );
             }
         }
@@ -901,6 +971,13 @@ fn bench_state(b: &StateBench) -> Result<i32> {
         for row in checkpoint_rows {
             println!("{row}");
         }
+    }
+    if !wrong_rows.is_empty() {
+        eprintln!(
+            "wrong output (this build): {}; the timings above do not count",
+            wrong_rows.join("; ")
+        );
+        return Ok(1);
     }
     Ok(0)
 }
@@ -1555,5 +1632,111 @@ mod tests {
                 .unwrap()
                 .contains("(seq * 7921) %")
         );
+    }
+
+    /// Counts what each state job's sink receives by running its generator's rows through a
+    /// model of the operator: distinct keys (per window), sessions as runs of a key's sorted
+    /// times less than the gap apart, and every order and payment pair of one key and amount
+    /// with the payment 0 to 5 s after the order.
+    fn modelled_rows(kind: &str, keys: u64, b: &StateBench) -> u64 {
+        use std::collections::{HashMap, HashSet};
+        let step = (7919..).find(|m| gcd(*m, keys) == 1).unwrap();
+        let row = |seq: u64| ((seq * step) % keys, seq % 100, 1_714_557_600_000 + seq);
+        let n = keys * b.per_key;
+        match kind {
+            "dedup" => (0..n).map(|s| row(s).0).collect::<HashSet<_>>().len() as u64,
+            "window" => (0..n)
+                .map(|s| (row(s).0, row(s).2 / (1000 * 86_400_000)))
+                .collect::<HashSet<_>>()
+                .len() as u64,
+            "session" => {
+                let gap = humantime::parse_duration(&b.gap).unwrap().as_millis() as u64;
+                let mut times: HashMap<u64, Vec<u64>> = HashMap::new();
+                for s in 0..n {
+                    times.entry(row(s).0).or_default().push(row(s).2);
+                }
+                times
+                    .values_mut()
+                    .map(|t| {
+                        t.sort_unstable();
+                        1 + t.windows(2).filter(|w| w[1] - w[0] >= gap).count() as u64
+                    })
+                    .sum()
+            }
+            "join" => {
+                let count = n.div_ceil(2);
+                let mut payments: HashMap<(u64, u64), Vec<u64>> = HashMap::new();
+                for s in 0..count {
+                    let (k, amount, ts) = row(s);
+                    payments.entry((k, amount)).or_default().push(ts + 500);
+                }
+                (0..count)
+                    .map(|s| {
+                        let (k, amount, ts) = row(s);
+                        payments.get(&(k, amount)).map_or(0, |p| {
+                            p.iter().filter(|&&t| t >= ts && t <= ts + 5000).count() as u64
+                        })
+                    })
+                    .sum()
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_expected_output_of_each_state_job_matches_a_model_of_its_rows() {
+        for (keys, per_key, gap) in [
+            (7, 4, "5ms"),
+            (7, 4, "7ms"),
+            (7, 4, "8ms"),
+            (30, 400, "1s"),
+            (240, 40, "1000s"),
+            (4_600, 3, "1000d"),
+            (20_000, 2, "5s"),
+        ] {
+            let mut b = state_bench(keys, 1, None);
+            b.per_key = per_key;
+            b.gap = gap.into();
+            for kind in ["dedup", "window", "session", "join"] {
+                let model = modelled_rows(kind, keys, &b);
+                match expected_rows(kind, keys, &b) {
+                    Some(e) => assert_eq!(e, model, "{kind} over {keys} keys, gap {gap}"),
+                    // only a gap of exactly a key's spacing is left open
+                    None => assert_eq!((kind, gap), ("session", "7ms")),
+                }
+            }
+        }
+        // a TTL shorter than a key's visits, or an input longer than a window: not worked out
+        let mut b = state_bench(1000, 1, None);
+        b.ttl = "1s".into();
+        assert_eq!(expected_rows("dedup", 1000, &b), None);
+        b.per_key = 100_000_000;
+        assert_eq!(expected_rows("window", 1000, &b), None);
+    }
+
+    #[test]
+    fn a_wrong_row_count_is_flagged() {
+        let run = |rows: &str| ChildRun::Done {
+            wall: 1.0,
+            cpu: 1.0,
+            rss: 0,
+            disk: 0,
+            log: format!("job j in 1s\n  out.rows = {rows}\n  x.rows = 9\n"),
+        };
+        assert_eq!(rows_cell(&run("5"), Some(5)), ("5".into(), false));
+        assert_eq!(rows_cell(&run("5"), None), ("5".into(), false));
+        assert_eq!(
+            rows_cell(&run("4"), Some(5)),
+            ("4 (expected 5)".into(), true)
+        );
+        let silent = ChildRun::Done {
+            wall: 1.0,
+            cpu: 1.0,
+            rss: 0,
+            disk: 0,
+            log: String::new(),
+        };
+        assert_eq!(rows_cell(&silent, Some(5)), ("none".into(), true));
+        assert_eq!(rows_cell(&ChildRun::TimedOut, Some(5)), ("-".into(), false));
     }
 }

@@ -738,7 +738,7 @@ fn bench_state_reports_the_rocksdb_reads_of_keys_memory_does_not_hold() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     // | job | distinct keys | events | wall s | events/s | vs 100000 keys | peak RSS MB |
-    // peak disk MB | reads |
+    // peak disk MB | reads | output rows |
     let cell = |job: &str, keys: &str, i: usize| {
         let rows = table_rows(&text, &[job]);
         let row = rows
@@ -761,6 +761,12 @@ fn bench_state_reports_the_rocksdb_reads_of_keys_memory_does_not_hold() {
     assert!(over > 0.05 && over <= 1.0, "{text}");
     assert_eq!(reads("window", "800000"), "-", "{text}");
     assert!(disk("dedup", "800000") > disk("dedup", "100000"), "{text}");
+    // one row per key from each job, the first event of a key or its window
+    for job in ["dedup", "window"] {
+        for keys in ["100000", "800000"] {
+            assert_eq!(cell(job, keys, 10), keys, "{text}");
+        }
+    }
 }
 
 /// `bench state --jobs session` runs session windows over the keys, with the gap `--gap` gives.
@@ -780,6 +786,8 @@ fn bench_state_runs_session_windows_with_the_gap_given() {
     assert_eq!((rows[0][2], rows[0][3]), ("20000", "40000"), "{text}");
     let rate: f64 = rows[0][5].parse().unwrap_or_else(|_| panic!("{text}"));
     assert!(rate > 0.0, "{text}");
+    // a key's two events are 20 s apart, four times the gap: every event is a session of its own
+    assert_eq!(rows[0][10], "40000", "{text}");
 }
 
 /// The run summary counts every state access of a vertex, summed over its subtasks, including
@@ -843,13 +851,14 @@ fn bench_state_rounds_with_checkpoints_each_start_from_nothing() {
     let text = String::from_utf8_lossy(&o.stdout);
     // | job | distinct keys | round | events | wall s | events/s | peak RSS MB | peak disk MB |
     // reads per event | other: wall s | events/s | peak RSS MB | peak disk MB | reads per event |
-    // speed vs other |
+    // speed vs other | output rows | other: output rows |
     let rows: Vec<_> = table_rows(&text, &["dedup"])
         .into_iter()
-        .filter(|r| r.len() == 17)
+        .filter(|r| r.len() == 19)
         .collect();
     assert_eq!(rows.len(), 2, "a row per round: {text}");
     for r in rows {
+        assert_eq!((r[16], r[17]), ("100000", "100000"), "{text}");
         // a run that touched no state has no reads to report ("-")
         for reads in [r[9], r[14]] {
             let per_event: f64 = reads.parse().unwrap_or_else(|_| panic!("{text}"));
