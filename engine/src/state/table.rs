@@ -1412,24 +1412,38 @@ impl<V: StateValue> KeyedTable<V> {
 
     /// When a new key made the cache too large (by the job's memory or the table's key cap):
     /// writes dirty keys, then evicts a quarter of the cache by CLOCK (see the module's doc).
+    /// The keys a sweep evicts go into the spill filters, which may grow a stage and put the
+    /// cache over its budget again: a second sweep then gives that room back (moving the map
+    /// into a smaller table if the filters leave the keys too little), rather than the next
+    /// new key.
     fn evict_if_full(&mut self) -> Result<()> {
+        for _ in 0..2 {
+            if !self.evict_once()? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One sweep of [`Self::evict_if_full`], if the cache is too large; whether it was.
+    fn evict_once(&mut self) -> Result<bool> {
         let Some(b) = self.backing.as_ref() else {
-            return Ok(());
+            return Ok(false);
         };
         let cap = b.backend.cache_keys();
         let over_keys = self.keys.len() >= cap;
-        // With no free bucket left, the next new key makes the table rehash: in place while it
-        // is at most half full (evicted keys leave buckets that are only reclaimed then), else
-        // into a table twice the size.
+        // With no free bucket left, the next new key makes the table rehash: in place if it is
+        // then at most half full, the new key counted (evicted keys leave buckets that are only
+        // reclaimed then), else into a table twice the size.
         let half = full_capacity::<V>(self.map_charge) / 2;
-        let doubles = self.keys.len() >= self.keys.capacity() && self.keys.len() > half;
+        let doubles = self.keys.len() >= self.keys.capacity() && self.keys.len() >= half;
         let projected = if doubles {
             self.bytes + self.map_charge
         } else {
             self.bytes
         };
         if !over_keys && !b.backend.memory().must_evict(projected) {
-            return Ok(());
+            return Ok(false);
         }
         // (the flush forgets keys whose rows it deleted, so the cache may already be smaller)
         self.flush()?;
@@ -1439,8 +1453,8 @@ impl<V: StateValue> KeyedTable<V> {
             0
         };
         if doubles {
-            // down to half, so the rehash stays in place
-            want_keys = want_keys.max(self.keys.len().saturating_sub(half));
+            // below half, so the rehash with the new key stays in place
+            want_keys = want_keys.max((self.keys.len() + 1).saturating_sub(half));
         }
         let entry_bytes = self.bytes - self.map_charge - self.spill_charge;
         let want_bytes = entry_bytes / 4;
@@ -1481,7 +1495,7 @@ impl<V: StateValue> KeyedTable<V> {
             self.charge_map();
         }
         self.charge_spilled();
-        Ok(())
+        Ok(true)
     }
 
     /// The capacity of a smaller map's table, if the table must move into one: the map keeps
