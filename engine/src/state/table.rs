@@ -1417,10 +1417,9 @@ impl<V: StateValue> KeyedTable<V> {
     /// into a smaller table if the filters leave the keys too little), rather than the next
     /// new key.
     fn evict_if_full(&mut self) -> Result<()> {
-        for _ in 0..2 {
-            if !self.evict_once()? {
-                break;
-            }
+        let filters = self.spill_charge;
+        if self.evict_once()? && self.spill_charge > filters {
+            self.evict_once()?;
         }
         Ok(())
     }
