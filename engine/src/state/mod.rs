@@ -39,7 +39,8 @@
 //! **Cache.** The cache's hash table is charged by its allocation (which doubles as it grows
 //! and does not shrink), and each cached key an estimate of what it holds besides (a long key,
 //! and twice its last encoded size, or the table's average before it was first written), against
-//! the job's [`StateMemory`]; a table that would double past the budget evicts down to half. When the table must give memory back it writes its dirty keys and
+//! the job's [`StateMemory`]; a table that would double past the budget evicts to below half,
+//! so it rehashes in place. When the table must give memory back it writes its dirty keys and
 //! evicts clean ones with the CLOCK policy: a key read or written since the last sweep gets a
 //! second chance, and a key loaded or created but not touched again goes first, so a scan of
 //! one-off keys does not flush the working set.

@@ -1413,9 +1413,9 @@ impl<V: StateValue> KeyedTable<V> {
     /// When a new key made the cache too large (by the job's memory or the table's key cap):
     /// writes dirty keys, then evicts a quarter of the cache by CLOCK (see the module's doc).
     /// The keys a sweep evicts go into the spill filters, which may grow a stage and put the
-    /// cache over its budget again: a second sweep then gives that room back (moving the map
-    /// into a smaller table if the filters leave the keys too little), rather than the next
-    /// new key.
+    /// cache over its budget again: a second sweep then gives that room back if it is still
+    /// over (moving the map into a smaller table if the filters leave the keys too little),
+    /// rather than the next new key.
     fn evict_if_full(&mut self) -> Result<()> {
         let filters = self.spill_charge;
         if self.evict_once()? && self.spill_charge > filters {
