@@ -71,8 +71,8 @@ pub struct KeyedTable<V> {
     backing: Option<Backing>,
 }
 
-/// Dirty keys after which a table writes them even if nothing asks it to (a job without
-/// checkpoints still spills to RocksDB).
+/// Dirty keys and removed rows a table lists at most: past it, dirty keys are no longer listed
+/// (a flush finds them by a pass over the cache) and removed rows are written.
 const DIRTY_LIMIT: usize = 1 << 18;
 
 /// Every this many updates, the updated key's values are encoded to correct its charge and the
@@ -248,8 +248,12 @@ fn full_capacity<V>(bytes: usize) -> usize {
 struct Backing {
     backend: Arc<KeyedBackend>,
     table: [u8; 4],
-    /// Keys written or removed since the last flush (a key may appear more than once).
+    /// Keys written or removed since the last flush (a key may appear more than once), unless
+    /// `unlisted`.
     dirty: Vec<StateKey>,
+    /// More keys became dirty than [`DIRTY_LIMIT`]: the list was dropped, and the next flush
+    /// finds them by a pass over the cache.
+    unlisted: bool,
     /// Rows RocksDB holds whose values were removed since the last flush.
     gone: hashbrown::HashSet<(StateKey, i64), Fixed>,
     /// What RocksDB holds that the cache lacks: whether a miss must read RocksDB.
@@ -446,6 +450,7 @@ impl<V: StateValue> KeyedTable<V> {
             backend: backend.clone(),
             table,
             dirty: Vec::new(),
+            unlisted: false,
             gone: Default::default(),
             spilled: Spilled::new(written, backend.memory().decoded_budget() / FILTER_CAP)
                 .expiring(self.ttl),
@@ -837,7 +842,9 @@ impl<V: StateValue> KeyedTable<V> {
             && !slot.dirty
         {
             slot.dirty = true;
-            b.dirty.push(key.into());
+            if !b.unlisted {
+                b.dirty.push(key.into());
+            }
         }
     }
 
@@ -1345,7 +1352,7 @@ impl<V: StateValue> KeyedTable<V> {
         // each one where the table holds it, a cache miss per comparison.
         let maxp = b.backend.max_parallelism();
         let listed = std::mem::take(&mut b.dirty);
-        if listed.len() > self.keys.capacity() / 16 {
+        if std::mem::take(&mut b.unlisted) || listed.len() > self.keys.capacity() / 16 {
             let mut dirty: Vec<(u128, KeyGroup, &StateKey, &mut Slot<V>)> = self
                 .keys
                 .iter_mut()
@@ -1389,11 +1396,12 @@ impl<V: StateValue> KeyedTable<V> {
         Ok(())
     }
 
-    /// Keeps the list of dirty keys bounded (a job without checkpoints still spills to RocksDB,
-    /// and memory stays bounded). Keys created and dropped since the last flush (a join's rows
-    /// that expired, a session that closed) stay listed: the list drops them first, and the
-    /// table writes only if the keys still dirty are many, so state that lives briefly is not
-    /// written to RocksDB only to be deleted again.
+    /// Keeps the lists of dirty keys and removed rows bounded. Keys created and dropped since
+    /// the last flush (a join's rows that expired, a session that closed) stay listed: the list
+    /// drops them first. If many keys are still dirty, the list is dropped and the next flush
+    /// (at an eviction or a checkpoint) finds them by a pass over the cache: state that fits in
+    /// memory is not written to RocksDB only to be changed or deleted again. Removed rows
+    /// cannot be found again: past the limit they are written.
     fn bound_dirty(&mut self) -> Result<()> {
         let Some(b) = self.backing.as_mut() else {
             return Ok(());
@@ -1404,8 +1412,11 @@ impl<V: StateValue> KeyedTable<V> {
         let keys = &self.keys;
         b.dirty
             .retain(|k| keys.get(&k[..]).is_some_and(|slot| slot.dirty));
-        if b.dirty.len() + b.gone.len() > DIRTY_LIMIT / 2 {
+        if b.gone.len() > DIRTY_LIMIT / 2 {
             self.flush()?;
+        } else if b.dirty.len() > DIRTY_LIMIT / 2 {
+            b.dirty = Vec::new();
+            b.unlisted = true;
         }
         Ok(())
     }
@@ -1564,15 +1575,27 @@ impl<V: StateValue> KeyedTable<V> {
 
     /// Takes every (key, namespace, value) out of an attached table that has read nothing into
     /// memory yet, leaving it empty: for an operator that moves restored state into another
-    /// kind of table when it opens.
+    /// kind of table when it opens. See [`Self::drain_each`], which does not hold it all.
     pub fn take_all(&mut self) -> Result<Vec<(StateKey, i64, V)>> {
+        let mut rows = Vec::new();
+        self.drain_each(|key, ns, value| {
+            rows.push((key, ns, value));
+            Ok(())
+        })?;
+        Ok(rows)
+    }
+
+    /// Calls `f` with every (key, namespace, value) of an attached table that has read nothing
+    /// into memory yet, one at a time and each key's namespaces one after another, then
+    /// deletes them: restored state moved into another kind of table without holding it all
+    /// in memory.
+    pub fn drain_each(&mut self, mut f: impl FnMut(StateKey, i64, V) -> Result<()>) -> Result<()> {
         let Some(b) = &self.backing else {
-            return Err(self.error("take_all before attach"));
+            return Err(self.error("drained before attach"));
         };
         if !self.keys.is_empty() {
-            return Err(self.error("take_all after values were read into memory"));
+            return Err(self.error("drained after values were read into memory"));
         }
-        let mut rows: Vec<(StateKey, i64, Vec<u8>)> = Vec::new();
         b.backend.for_each_in_table(b.table, |k, v| {
             let split = k.len().checked_sub(8);
             let ns = split.and_then(|s| k[s..].try_into().ok().map(backend::time_from_bytes));
@@ -1582,13 +1605,9 @@ impl<V: StateValue> KeyedTable<V> {
             let (Some(ns), Some(key)) = (ns, key) else {
                 return Err(self.error(format!("a row key of {} bytes", k.len())));
             };
-            rows.push((key, ns, v.to_vec()));
-            Ok(())
+            f(key, ns, self.decode(v)?.1)
         })?;
-        b.backend.clear_table(b.table)?;
-        rows.into_iter()
-            .map(|(key, ns, v)| Ok((key, ns, self.decode(&v)?.1)))
-            .collect()
+        b.backend.clear_table(b.table)
     }
 
     /// The key group a key of this table belongs to.

@@ -6,9 +6,11 @@
 //! updates one slice, not every window it belongs to. A record that is too late for the earliest
 //! windows of its slice but not for the later ones is kept apart in the slice, tagged with the
 //! first window it counts for, so it never reaches a window it was too late for, whatever the
-//! order of arrival. Session windows keep one accumulator set per *(key, session)* in a keyed
-//! table, merging sessions a record bridges, a batch's rows of a key with one read of its
-//! sessions, and one timer per session end (a merged or extended session's are deleted).
+//! order of arrival. Session windows keep a key's open sessions (an accumulator set each) in
+//! one value of a keyed table: a batch reads the sessions of its keys that memory lacks with
+//! one batched lookup, merges each key's rows into them (merging sessions a record bridges)
+//! and writes the set back; one timer per session end (a merged or extended session's are
+//! deleted), whose firings read their keys' sessions a batch at a time too.
 //!
 //! **Firing.** A window `[start, end)` fires when the watermark reaches `end - 1`; its row is
 //! `key columns, window_start, window_end, aggregates`, with event time `end - 1`. Sliced
@@ -180,7 +182,7 @@ impl WindowPlan {
             firing: None,
             max_parallelism: 1,
             key_groups: KeyGroupRange { start: 0, end: 0 },
-            sessions: KeyedTable::new("window-sessions", None),
+            sessions: KeyedTable::one_value("window-session-sets", None),
             fire: Timers::new("fire"),
             cleanup: Timers::new("cleanup"),
             more: false,
@@ -200,6 +202,15 @@ struct Session {
     accs: Accs,
 }
 
+/// A key's open sessions as (start, session), in start order: the value of one row per key.
+/// A record must read every session it may bridge, and a key rarely has more than one open,
+/// so the set is the unit read and written (a point lookup, batched over a batch's keys).
+type Sessions = SmallVec<[(i64, Session); 1]>;
+
+/// The table of session windows' earlier layout, a row per (key, session start), moved into
+/// the current one when a snapshot of it is restored.
+const SESSION_ROWS: &str = "window-sessions";
+
 /// The window operator of one subtask. See the module documentation.
 pub struct WindowOperator {
     plan: WindowPlan,
@@ -218,7 +229,7 @@ pub struct WindowOperator {
     max_parallelism: u32,
     key_groups: KeyGroupRange,
     /// Session windows (sliced windows keep no per-key timers).
-    sessions: KeyedTable<Session>,
+    sessions: KeyedTable<Sessions>,
     fire: Timers,
     cleanup: Timers,
     keys: EncodedKeys,
@@ -933,20 +944,20 @@ impl WindowOperator {
             !late_row
         });
         let groups = keys.group_rows(on_time);
-        let mut updated: Vec<(StateKey, i64)> = Vec::new();
+        // the keys whose sessions memory lacks, read with one batched lookup
+        self.sessions
+            .prefetch(groups.iter().map(|rows| keys.row(rows[0] as usize)))?;
+        let mut fired = Vec::new();
         for rows in groups.iter() {
             let key = keys.row(rows[0] as usize);
-            let (lo, hi) = rows.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| {
-                let t = times[*r as usize];
-                (lo.min(t), hi.max(t))
-            });
-            // the key's sessions any of the rows touches (start < t + gap and end > t), as
-            // stored: (start, session, changed)
+            let hi = rows.iter().map(|r| times[*r as usize]).max().unwrap_or(0);
+            // the key's sessions as stored: (start, session, changed)
             let mut list: SmallVec<[(i64, Session, bool); 2]> = self
                 .sessions
-                .range(key, ..hi.saturating_add(gap), Watermark::MIN)?
-                .filter(|(_, s)| s.end > lo)
-                .map(|(start, s)| (start, s.clone(), false))
+                .get(key, 0, Watermark::MIN)?
+                .into_iter()
+                .flatten()
+                .map(|(start, s)| (*start, s.clone(), false))
                 .collect();
             let stored: SmallVec<[(i64, i64); 2]> =
                 list.iter().map(|(start, s, _)| (*start, s.end)).collect();
@@ -985,61 +996,126 @@ impl WindowOperator {
                 let at = list.partition_point(|(s, _, _)| *s < start);
                 list.insert(at, (start, session, true));
             }
-            // stored sessions merged away or changed give up their row and timers
+            // stored sessions merged away or whose end moved give up their timers
             for &(start, end) in &stored {
                 let kept = list
                     .iter()
-                    .find(|(s, _, _)| *s == start)
-                    .is_some_and(|(_, s, changed)| !changed || s.end == end);
-                if kept {
-                    continue;
-                }
-                self.fire.delete(end - 1, key)?;
-                if lateness > 0 {
-                    self.cleanup
-                        .delete((end - 1).saturating_add(lateness), key)?;
-                }
-                if !list.iter().any(|(s, _, _)| *s == start) {
-                    self.sessions.remove(key, start)?;
+                    .any(|(s, session, changed)| *s == start && (!changed || session.end == end));
+                if !kept {
+                    self.fire.delete(end - 1, key)?;
+                    if lateness > 0 {
+                        self.cleanup
+                            .delete((end - 1).saturating_add(lateness), key)?;
+                    }
                 }
             }
+            // the set is rewritten whole (a record always changes one of its sessions)
+            let mut set = Sessions::new();
             for (start, session, changed) in list {
-                if !changed {
-                    continue;
+                if changed {
+                    let end = session.end;
+                    let new = !stored.contains(&(start, end));
+                    if lateness > 0 && new {
+                        self.cleanup
+                            .register((end - 1).saturating_add(lateness), key)?;
+                    }
+                    if w >= end - 1 {
+                        // already due: fires now, and without lateness goes, as firing drops it
+                        fired.push(Fired {
+                            key: key.into(),
+                            start,
+                            end,
+                            accs: session.accs.clone(),
+                        });
+                        if lateness == 0 {
+                            continue;
+                        }
+                    } else if new {
+                        self.fire.register(end - 1, key)?;
+                    }
                 }
-                let end = session.end;
-                let new = !stored.contains(&(start, end));
-                let empty = || Session {
-                    end,
-                    accs: Accs::new(),
-                };
+                set.push((start, session));
+            }
+            if set.is_empty() {
+                self.sessions.remove(key, 0)?;
+            } else {
                 self.sessions
-                    .update(key, start, hi, Watermark::MIN, empty, |s| *s = session)?;
-                if w >= end - 1 {
-                    updated.push((key.into(), start));
-                } else if new {
-                    self.fire.register(end - 1, key)?;
-                }
-                if lateness > 0 && new {
-                    self.cleanup
-                        .register((end - 1).saturating_add(lateness), key)?;
-                }
+                    .update(key, 0, hi, Watermark::MIN, Sessions::new, |s| *s = set)?;
             }
         }
-        updated.sort_unstable();
-        let mut fired = Vec::with_capacity(updated.len());
-        for (key, start) in updated {
-            if let Some(s) = self.sessions.get(&key, start, Watermark::MIN)? {
-                let s = s.clone();
-                fired.push(Fired {
-                    key,
-                    start,
-                    end: s.end,
-                    accs: s.accs,
-                });
-            }
-        }
+        fired.sort_unstable_by(|a, b| (&a.key, a.start).cmp(&(&b.key, b.start)));
         Ok((late, fired))
+    }
+
+    /// Takes the session of `key` that ends at `end` out of its set if `drop`, else copies it;
+    /// the key's row goes when its last session does.
+    fn take_session(&mut self, key: &[u8], end: i64, drop: bool) -> Result<Option<(i64, Accs)>> {
+        let Some(set) = self.sessions.get(key, 0, Watermark::MIN)? else {
+            return Ok(None);
+        };
+        // state of an earlier version may still hold timers of sessions merged into longer ones
+        let Some(at) = set.iter().position(|(_, s)| s.end == end) else {
+            return Ok(None);
+        };
+        let (start, accs) = (set[at].0, set[at].1.accs.clone());
+        if drop {
+            self.drop_sessions(key, |_, s| s.end == end)?;
+        }
+        Ok(Some((start, accs)))
+    }
+
+    /// Drops the sessions of `key` that `done` picks; the key's row goes when its last does.
+    fn drop_sessions(
+        &mut self,
+        key: &[u8],
+        mut done: impl FnMut(i64, &Session) -> bool,
+    ) -> Result<()> {
+        let Some(set) = self.sessions.get(key, 0, Watermark::MIN)? else {
+            return Ok(());
+        };
+        let left = set.iter().filter(|(start, s)| !done(*start, s)).count();
+        if left == set.len() {
+            return Ok(());
+        }
+        if left == 0 {
+            self.sessions.remove(key, 0)?;
+            return Ok(());
+        }
+        self.sessions.modify(key, 0..=0, |_, set| {
+            set.retain(|(start, s)| !done(*start, s));
+            true
+        })
+    }
+
+    /// Moves session windows of the earlier layout (a row per (key, session start), restored
+    /// from a snapshot taken before sets per key) into the table of sets, a key at a time.
+    fn move_session_rows(&mut self, backend: &Arc<KeyedBackend>) -> Result<()> {
+        let mut rows: KeyedTable<Session> = KeyedTable::new(SESSION_ROWS, None);
+        rows.attach(backend)?;
+        let mut current: Option<(StateKey, Sessions)> = None;
+        let sessions = &mut self.sessions;
+        let mut put = |key: StateKey, set: Sessions| {
+            sessions.update(&key, 0, i64::MIN, Watermark::MIN, Sessions::new, |s| {
+                *s = set
+            })
+        };
+        rows.drain_each(|key, start, session| {
+            match &mut current {
+                Some((k, set)) if *k == key => set.push((start, session)),
+                _ => {
+                    if let Some((k, set)) =
+                        current.replace((key, smallvec::smallvec![(start, session)]))
+                    {
+                        put(k, set)?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        if let Some((k, set)) = current {
+            put(k, set)?;
+        }
+        Ok(())
     }
 }
 
@@ -1074,6 +1150,9 @@ impl Operator for WindowOperator {
             }
             WindowKind::Session { .. } => {
                 state.attach(&mut self.sessions)?;
+                if state.is_restored() {
+                    self.move_session_rows(&state.keyed()?)?;
+                }
                 self.fire = state.timers("fire")?;
                 self.cleanup = state.timers("cleanup")?;
             }
@@ -1166,20 +1245,12 @@ impl Operator for WindowOperator {
         self.more = due.len() == FIRE_BATCH;
         let mut rows = Vec::with_capacity(due.len());
         let lateness = self.plan.lateness;
+        self.sessions
+            .prefetch(due.iter().map(|(_, k)| k.as_slice()))?;
         for (t, key) in due {
             let end = t + 1;
-            // the session that ends here (state of an earlier version may still hold timers of
-            // sessions merged into longer ones)
-            let hit = self
-                .sessions
-                .range(&key, .., Watermark::MIN)?
-                .find(|(_, s)| s.end == end)
-                .map(|(st, s)| (st, s.accs.clone()));
-            if let Some((start, accs)) = hit {
-                // without lateness no record can reach the session once it fired: it goes now
-                if lateness == 0 {
-                    self.sessions.remove(&key, start)?;
-                }
+            // without lateness no record can reach the session once it fired: it goes now
+            if let Some((start, accs)) = self.take_session(&key, end, lateness == 0)? {
                 rows.push(Fired {
                     key,
                     start,
@@ -1197,16 +1268,10 @@ impl Operator for WindowOperator {
             if due.is_empty() {
                 break;
             }
+            self.sessions
+                .prefetch(due.iter().map(|(_, k)| k.as_slice()))?;
             for (t, key) in due {
-                let done: Vec<i64> = self
-                    .sessions
-                    .range(&key, .., Watermark::MIN)?
-                    .filter(|(_, s)| (s.end - 1).saturating_add(lateness) <= t)
-                    .map(|(st, _)| st)
-                    .collect();
-                for st in done {
-                    self.sessions.remove(&key, st)?;
-                }
+                self.drop_sessions(&key, |_, s| (s.end - 1).saturating_add(lateness) <= t)?;
             }
         }
         Ok(())

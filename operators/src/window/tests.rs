@@ -808,6 +808,91 @@ fn state_of_the_keyed_layout_is_moved_into_panes() {
     );
 }
 
+/// Session windows of the layout before sets per key (a row per (key, session start)) are
+/// moved into sets when restored: a key's two sessions and another key's one fire once each,
+/// and a record after the restore merges into the restored session it touches (whose timer
+/// moves with its end).
+#[test]
+fn sessions_of_the_row_per_session_layout_are_moved_into_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = KeyGroupRange::for_subtask(128, 1, 0);
+    let old = empty_backend(dir.path(), "old", all);
+    let enc = |k: &str| {
+        let mut keys = EncodedKeys::default();
+        let s = schema(vec![Field::new("k", DataType::Utf8, true)]);
+        let b = batch(&s, vec![Arc::new(StringArray::from(vec![k]))], &[0]);
+        KeyColumns::resolve(&s, &["k".to_string()])
+            .unwrap()
+            .encode(&b, &mut keys)
+            .unwrap();
+        keys.row(0).to_vec()
+    };
+    let (a, b) = (enc("a"), enc("b"));
+    let mut rows_table: KeyedTable<Session> = KeyedTable::new(SESSION_ROWS, None);
+    rows_table.attach(&old).unwrap();
+    let mut fire = Timers::new("fire");
+    fire.attach(&old).unwrap();
+    for (key, start, end, n) in [
+        (&a, 0, MIN, 2),
+        (&a, 200_000, 200_000 + MIN, 1),
+        (&b, 10_000, 10_000 + MIN, 4),
+    ] {
+        let mut accs = Accs::new();
+        accs.push(aggregate::Acc::Count(n));
+        rows_table
+            .update(
+                key,
+                start,
+                0,
+                Watermark::MIN,
+                || Session {
+                    end,
+                    accs: Accs::new(),
+                },
+                |s| *s = Session { end, accs },
+            )
+            .unwrap();
+        fire.register(end - 1, key).unwrap();
+    }
+    rows_table.flush().unwrap();
+    fire.flush().unwrap();
+    drop(rows_table);
+    let restored = snapshot_and_restore(&old, dir.path(), "old", all, all);
+    let (mut h, s) = harness(WindowKind::Session { gap: MIN }, 0, &["count(*) AS n"]);
+    h.op.sessions.attach(&restored).unwrap();
+    h.op.fire.attach(&restored).unwrap();
+    h.op.move_session_rows(&restored).unwrap();
+    assert_eq!(h.op.sessions.len(), 2, "one set per key");
+    h.push(0, rows(&s, &[("a", "x", 30_000)]));
+    h.watermark(i64::MAX);
+    let mut got: Vec<String> = h
+        .take(0)
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!(
+                "{} {} {} {}",
+                v["k"], v["window_start"], v["window_end"], v["n"]
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            r#""a" "1970-01-01T00:00:00.000Z" "1970-01-01T00:01:30.000Z" 3"#,
+            r#""a" "1970-01-01T00:03:20.000Z" "1970-01-01T00:04:20.000Z" 1"#,
+            r#""b" "1970-01-01T00:00:10.000Z" "1970-01-01T00:01:10.000Z" 4"#,
+        ]
+    );
+    let mut again: KeyedTable<Session> = KeyedTable::new(SESSION_ROWS, None);
+    again.attach(&restored).unwrap();
+    assert!(
+        again.take_all().unwrap().is_empty(),
+        "the old rows are deleted"
+    );
+}
+
 /// Spilling does not change results. The same out-of-order input, with records late for some
 /// windows of their slice, goes through a sliding window with lateness twice: with memory for
 /// every slice, and with the smallest budget, under which slices spill again and again (late

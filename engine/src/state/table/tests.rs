@@ -305,6 +305,43 @@ fn keys_created_and_dropped_between_flushes_are_never_written() {
     assert_eq!(live, vec![1; 100]);
 }
 
+/// More keys become dirty than the table lists, and the cache holds them all: nothing is
+/// written until a flush (an eviction or a checkpoint) asks, which then finds every dirty key
+/// by a pass over the cache, and writes nothing for keys created and removed in between; after
+/// it, dirty keys are listed again.
+#[test]
+fn keys_that_stay_in_memory_are_written_only_when_a_flush_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, mut t) = attached::<u64>(dir.path(), 1 << 24);
+    let n = DIRTY_LIMIT + 100_000;
+    let key = |i: usize| (i as u64).to_be_bytes();
+    for _ in 0..2 {
+        for i in 0..n {
+            t.update(&key(i), 0, 0, Watermark::MIN, || 0, |v| *v += 1)
+                .unwrap();
+        }
+    }
+    for i in 0..1000 {
+        assert_eq!(t.remove(&key(i), 0).unwrap(), Some(2));
+    }
+    assert_eq!(t.rows_written(), 0, "written before a flush asked");
+    t.flush().unwrap();
+    assert_eq!(t.rows_written(), (n - 1000) as u64);
+    let rows = backend.scan(backend::value_table_id("t")).unwrap();
+    assert_eq!(rows.len(), n - 1000);
+    t.flush().unwrap();
+    assert_eq!(
+        t.rows_written(),
+        (n - 1000) as u64,
+        "clean keys written again"
+    );
+    t.update(&key(5), 0, 0, Watermark::MIN, || 0, |v| *v += 1)
+        .unwrap();
+    t.flush().unwrap();
+    assert_eq!(t.rows_written(), (n - 999) as u64);
+    assert_eq!(*t.get(&key(5), 0, Watermark::MIN).unwrap().unwrap(), 1);
+}
+
 #[test]
 fn a_failing_state_read_is_a_retryable_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
