@@ -733,6 +733,18 @@ fn a_snapshot_taken_while_a_window_fires_restores_without_repeats_or_gaps() {
     );
 }
 
+/// The key column `k = k` as the window encodes it.
+fn encoded_key(k: &str) -> Vec<u8> {
+    let mut keys = EncodedKeys::default();
+    let s = schema(vec![Field::new("k", DataType::Utf8, true)]);
+    let b = batch(&s, vec![Arc::new(StringArray::from(vec![k]))], &[0]);
+    KeyColumns::resolve(&s, &["k".to_string()])
+        .unwrap()
+        .encode(&b, &mut keys)
+        .unwrap();
+    keys.row(0).to_vec()
+}
+
 /// State of the layout before panes (a keyed row per (key, slice), a timer per (key, window)),
 /// snapshotted while window 10 fired (key a had fired it and lost its first slice; b and c had
 /// not): the window moves it into panes and fires what was pending, and nothing twice.
@@ -746,17 +758,7 @@ fn state_of_the_keyed_layout_is_moved_into_panes() {
         accs.push(aggregate::Acc::Count(n));
         smallvec::smallvec![(0, accs)]
     };
-    let enc = |k: &str| {
-        let mut keys = EncodedKeys::default();
-        let s = schema(vec![Field::new("k", DataType::Utf8, true)]);
-        let b = batch(&s, vec![Arc::new(StringArray::from(vec![k]))], &[0]);
-        KeyColumns::resolve(&s, &["k".to_string()])
-            .unwrap()
-            .encode(&b, &mut keys)
-            .unwrap();
-        keys.row(0).to_vec()
-    };
-    let (a, b, c) = (enc("a"), enc("b"), enc("c"));
+    let (a, b, c) = (encoded_key("a"), encoded_key("b"), encoded_key("c"));
     let m = MIN;
     let mut slices: KeyedTable<SliceParts> = KeyedTable::new("window-slices", None);
     slices.attach(&old).unwrap();
@@ -817,17 +819,7 @@ fn sessions_of_the_row_per_session_layout_are_moved_into_sets() {
     let dir = tempfile::tempdir().unwrap();
     let all = KeyGroupRange::for_subtask(128, 1, 0);
     let old = empty_backend(dir.path(), "old", all);
-    let enc = |k: &str| {
-        let mut keys = EncodedKeys::default();
-        let s = schema(vec![Field::new("k", DataType::Utf8, true)]);
-        let b = batch(&s, vec![Arc::new(StringArray::from(vec![k]))], &[0]);
-        KeyColumns::resolve(&s, &["k".to_string()])
-            .unwrap()
-            .encode(&b, &mut keys)
-            .unwrap();
-        keys.row(0).to_vec()
-    };
-    let (a, b) = (enc("a"), enc("b"));
+    let (a, b) = (encoded_key("a"), encoded_key("b"));
     let mut rows_table: KeyedTable<Session> = KeyedTable::new(SESSION_ROWS, None);
     rows_table.attach(&old).unwrap();
     let mut fire = Timers::new("fire");
