@@ -36,11 +36,14 @@
 //! ([`backend::FORMAT`] 0 and 1) is rewritten into the current layout when a table attaches to
 //! an instance restored from it.
 //!
-//! **Cache.** The cache's hash table is charged by its allocation (which doubles as it grows
-//! and does not shrink), and each cached key an estimate of what it holds besides (a long key,
-//! and twice its last encoded size, or the table's average before it was first written), against
-//! the job's [`StateMemory`]; a table that would double past the budget evicts to below half,
-//! so it rehashes in place. When the table must give memory back it writes its dirty keys and
+//! **Cache.** The cache is sixteen hash tables chosen by the key's hash (`shards`), each
+//! charged by its allocation (which doubles as it grows and does not shrink), and each cached
+//! key an estimate of what it holds besides (a long key, and twice its last encoded size, or the
+//! table's average before it was first written), against the job's [`StateMemory`]. A shard
+//! grows only if the budget would hold the map with every shard full at that size; one that
+//! may not evicts its keys (and those of the shards nearly as full) to below half and rehashes
+//! in place, so the map grows a sixteenth at a time up to the budget instead of stopping at the
+//! last power of two below it. When the table must give memory back it writes its dirty keys and
 //! evicts clean ones with the CLOCK policy: a key read or written since the last sweep gets a
 //! second chance, and a key loaded or created but not touched again goes first, so a scan of
 //! one-off keys does not flush the working set.
@@ -68,6 +71,7 @@ mod losers;
 pub mod memory;
 mod pane_blocks;
 pub mod panes;
+mod shards;
 mod spilled;
 pub(crate) mod table;
 pub mod timers;

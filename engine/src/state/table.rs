@@ -2,7 +2,6 @@
 //! of the instance's RocksDB rows, with its memory accounting, eviction, spill filters, TTL,
 //! value versions and the rewrite of older layouts (the design is in the [module
 //! above](super)).
-use hashbrown::HashMap;
 use smallvec::SmallVec;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -11,6 +10,7 @@ use std::ops::RangeBounds;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::shards::{Fixed, SHARDS, ShardedMap};
 use super::spilled::{ALL, NsRange, Spilled, WARM_PER_MISS, rows_for_prefetch};
 use super::{
     FILTER_CAP, FLUSH_BATCH_BYTES, KeyedBackend, PUBLISH_EVERY, StateKey, StateValue, Upgrade,
@@ -23,10 +23,6 @@ use crate::{EngineError, KeyGroup, Result, Watermark};
 /// order; most reads find one.
 type Rows<V> = SmallVec<[(i64, i64, V, usize); 1]>;
 
-/// The hasher of state tables and timers: fixed, so that iteration order depends only on what was
-/// inserted, and runs over the same input visit keys in the same order.
-type Fixed = foldhash::fast::FixedState;
-
 /// Values per (key, namespace), with an optional event-time TTL per key.
 #[derive(Debug)]
 pub struct KeyedTable<V> {
@@ -37,7 +33,9 @@ pub struct KeyedTable<V> {
     upgrade: Option<Upgrade<V>>,
     /// Holds one value per key, at namespace 0: a read is a point lookup, not a prefix seek.
     one_value: bool,
-    keys: HashMap<StateKey, Slot<V>, Fixed>,
+    keys: ShardedMap<Slot<V>>,
+    /// The shard the next eviction sweep starts at (sweeps take turns).
+    sweep_from: usize,
     /// TTL deadlines of a table in memory (attached tables keep them in their rows).
     deadlines: BinaryHeap<Reverse<(i64, StateKey)>>,
     /// The latest watermark passed to [`KeyedTable::expire`].
@@ -394,7 +392,8 @@ impl<V: StateValue> KeyedTable<V> {
             version: 0,
             upgrade: None,
             one_value: false,
-            keys: HashMap::with_hasher(Fixed::default()),
+            keys: ShardedMap::default(),
+            sweep_from: 0,
             deadlines: BinaryHeap::new(),
             clock: Watermark::MIN,
             entries: 0,
@@ -672,7 +671,7 @@ impl<V: StateValue> KeyedTable<V> {
             });
         }
         self.read_back(&slot.values);
-        self.evict_if_full()?;
+        self.evict_if_full(Some(key))?;
         self.loads += 1;
         slot.charge = charge_of(key, payload_of::<V>(payload, slot.values.len()));
         self.account(0, slot.charge as usize);
@@ -1079,39 +1078,30 @@ impl<V: StateValue> KeyedTable<V> {
         f: impl FnOnce(&mut V) -> R,
     ) -> Result<R> {
         let ttl = self.ttl;
-        if self.backing.is_some()
-            && self.keys.len() >= self.keys.capacity()
-            && !self.keys.contains_key(key)
-        {
-            // a new key would grow the map's table: make room first if the budget says so
-            self.evict_if_full()?;
+        if self.backing.is_some() && self.keys.full_for(key) {
+            // a new key would grow its shard's table: make room first if the budget says so
+            self.evict_if_full(Some(key))?;
         }
         // a key created from here on is no longer absent (only new keys are listed there)
         let known_absent = !self.absent.is_empty() && self.absent.remove(key);
         // one lookup finds the key or makes room for it
         let charge = charge_of(key, self.avg_payload);
         let spilled = self.backing.as_ref().map(|b| &b.spilled);
-        let (slot, fresh) = match self.keys.entry_ref(key) {
-            hashbrown::hash_map::EntryRef::Occupied(e) => (e.into_mut(), false),
-            hashbrown::hash_map::EntryRef::Vacant(e) => (
-                e.insert(Slot {
-                    touched: now,
-                    values: Namespaces::new(),
-                    dirty: false,
-                    persisted: false,
-                    // `load` found nothing at `ns`; unless it read the whole key, or a prefetch
-                    // found none of it, RocksDB may hold the key elsewhere (a one-value key has
-                    // nowhere else)
-                    partial: !whole
-                        && !known_absent
-                        && !self.one_value
-                        && spilled.is_some_and(|s| !s.is_empty() && s.may_hold(hash_key(key), ALL)),
-                    used: Use::Idle,
-                    charge,
-                }),
-                true,
-            ),
-        };
+        let (slot, fresh) = self.keys.get_or_insert_with(key, || Slot {
+            touched: now,
+            values: Namespaces::new(),
+            dirty: false,
+            persisted: false,
+            // `load` found nothing at `ns`; unless it read the whole key, or a prefetch
+            // found none of it, RocksDB may hold the key elsewhere (a one-value key has
+            // nowhere else)
+            partial: !whole
+                && !known_absent
+                && !self.one_value
+                && spilled.is_some_and(|s| !s.is_empty() && s.may_hold(hash_key(key), ALL)),
+            used: Use::Idle,
+            charge,
+        });
         if fresh || slot.values.is_empty() {
             slot.touched = now;
             if let Some(ttl) = ttl
@@ -1151,7 +1141,7 @@ impl<V: StateValue> KeyedTable<V> {
         }
         if fresh {
             // after the write, so eviction (which flushes first) cannot lose it
-            self.evict_if_full()?;
+            self.evict_if_full(None)?;
         }
         self.bound_dirty()?;
         Ok(r)
@@ -1421,81 +1411,93 @@ impl<V: StateValue> KeyedTable<V> {
         Ok(())
     }
 
-    /// When a new key made the cache too large (by the job's memory or the table's key cap):
-    /// writes dirty keys, then evicts a quarter of the cache by CLOCK (see the module's doc).
-    /// The keys a sweep evicts go into the spill filters, which may grow a stage and put the
-    /// cache over its budget again: a second sweep then gives that room back if it is still
-    /// over (moving the map into a smaller table if the filters leave the keys too little),
-    /// rather than the next new key.
-    fn evict_if_full(&mut self) -> Result<()> {
+    /// When a new key (`key`, if it is not yet cached) made the cache too large (by the job's
+    /// memory or the table's key cap): writes dirty keys, then evicts a quarter of the cache by
+    /// CLOCK (see the module's doc); or, if only the key's shard would grow past the budget,
+    /// evicts that shard's keys below its half. The keys a sweep evicts go into the spill
+    /// filters, which may grow a stage and put the cache over its budget again: a second sweep
+    /// then gives that room back if it is still over (moving the map into a smaller table if the
+    /// filters leave the keys too little), rather than the next new key.
+    fn evict_if_full(&mut self, key: Option<&[u8]>) -> Result<()> {
         let filters = self.spill_charge;
-        if self.evict_once()? && self.spill_charge > filters {
-            self.evict_once()?;
+        if self.evict_once(key)? && self.spill_charge > filters {
+            self.evict_once(key)?;
         }
         Ok(())
     }
 
     /// One sweep of [`Self::evict_if_full`], if the cache is too large; whether it was.
-    fn evict_once(&mut self) -> Result<bool> {
+    fn evict_once(&mut self, key: Option<&[u8]>) -> Result<bool> {
         let Some(b) = self.backing.as_ref() else {
             return Ok(false);
         };
         let cap = b.backend.cache_keys();
         let over_keys = self.keys.len() >= cap;
-        // With no free bucket left, the next new key makes the table rehash: in place if it is
+        // With no free bucket left, a new key makes its shard's table rehash: in place if it is
         // then at most half full, the new key counted (evicted keys leave buckets that are only
-        // reclaimed then), else into a table twice the size.
-        let half = full_capacity::<V>(self.map_charge) / 2;
-        let doubles = self.keys.len() >= self.keys.capacity() && self.keys.len() >= half;
-        let projected = if doubles {
-            self.bytes + self.map_charge
-        } else {
-            self.bytes
-        };
-        if !over_keys && !b.backend.memory().must_evict(projected) {
+        // reclaimed then), else into a table twice the size. It may grow only if the budget
+        // holds the map with every shard full of keys: the shards fill alike, and a map grown
+        // with no room left for the keys it is made for evicts them as they come.
+        let grows = key.filter(|k| self.keys.full_for(k)).and_then(|k| {
+            let shard = self.keys.shard_of(k);
+            let map = self.keys.shard(shard);
+            let table = map.allocation_size();
+            let half = full_capacity::<V>(table) / 2;
+            (map.len() >= half).then(|| {
+                let per_key = (self.bytes - self.map_charge - self.spill_charge)
+                    .checked_div(self.keys.len())
+                    .unwrap_or(0);
+                let grown = self.map_charge + table;
+                let full = grown + full_capacity::<V>(grown) * per_key + self.spill_charge;
+                (shard, full)
+            })
+        });
+        let memory = b.backend.memory();
+        let over = over_keys || memory.must_evict(self.bytes);
+        if !over && !grows.is_some_and(|(_, full)| memory.must_evict_at(self.bytes, full)) {
             return Ok(false);
         }
         // (the flush forgets keys whose rows it deleted, so the cache may already be smaller)
         self.flush()?;
-        let mut want_keys = if over_keys {
-            self.keys.len().saturating_sub(cap * 3 / 4)
-        } else {
-            0
-        };
-        if doubles {
-            // below half, so the rehash with the new key stays in place
-            want_keys = want_keys.max((self.keys.len() + 1).saturating_sub(half));
+        let (mut bytes, mut entries) = (0, 0);
+        let mut shrink = None;
+        if over {
+            let want_keys = if over_keys {
+                self.keys.len().saturating_sub(cap * 3 / 4)
+            } else {
+                0
+            };
+            let entry_bytes = self.bytes - self.map_charge - self.spill_charge;
+            let want_bytes = entry_bytes / 4;
+            shrink = self.smaller_map(want_keys, entry_bytes - want_bytes);
+            let want_keys = match shrink {
+                // at most half full in the smaller table
+                Some(capacity) => want_keys.max(self.keys.len().saturating_sub(capacity / 2)),
+                None => want_keys,
+            };
+            let start = self.sweep_from;
+            self.sweep_from = (start + 1) % SHARDS;
+            let shards = (start..start + SHARDS).map(|i| i % SHARDS);
+            (_, bytes, entries) = self.sweep(shards, want_keys, want_bytes);
         }
-        let entry_bytes = self.bytes - self.map_charge - self.spill_charge;
-        let want_bytes = entry_bytes / 4;
-        let shrink = self.smaller_map(want_keys, entry_bytes - want_bytes);
-        if let Some(capacity) = shrink {
-            // at most half full in the smaller table
-            want_keys = want_keys.max(self.keys.len().saturating_sub(capacity / 2));
-        }
-        let (mut keys, mut bytes, mut entries) = (0, 0, 0);
-        let spilled = &mut self.backing.as_mut().expect("checked above").spilled;
-        for _sweep in 0..2 {
-            self.keys.retain(|k, s| {
-                if (keys >= want_keys && bytes >= want_bytes) || s.dirty {
-                    return true;
+        if let Some((full_shard, _)) = grows {
+            // below half, rehashed in place (the buckets of evicted keys are not free until a
+            // rehash: without one the shard would be full again a few keys later); the shards fill alike,
+            // so the others past five eighths go below half with it: they then fill in step,
+            // and the cache flushes once as they come full, not once per shard
+            for shard in 0..SHARDS {
+                let map = self.keys.shard(shard);
+                let half = full_capacity::<V>(map.allocation_size()) / 2;
+                if shard != full_shard && map.len() < half * 5 / 4 {
+                    continue;
                 }
-                if s.used == Use::Used {
-                    s.used = Use::Idle;
-                    return true;
+                // to seven sixteenths, so that the rehash leaves room for more than a few keys
+                let want = (map.len() + 1).saturating_sub(half - half / 8);
+                if want > 0 {
+                    let (_, b, e) = self.sweep([shard].into_iter(), want, 0);
+                    (bytes, entries) = (bytes + b, entries + e);
+                    self.keys.reclaim(shard, half);
                 }
-                keys += 1;
-                bytes += s.charge as usize;
-                entries += s.values.len();
-                // a clean key's values all have their rows (the flush above wrote them)
-                let hash = hash_key(k);
-                for e in s.values.0.iter() {
-                    spilled.evicted(hash, e.ns, s.touched);
-                }
-                false
-            });
-            if keys >= want_keys && bytes >= want_bytes {
-                break;
             }
         }
         self.entries -= entries;
@@ -1506,6 +1508,49 @@ impl<V: StateValue> KeyedTable<V> {
         }
         self.charge_spilled();
         Ok(true)
+    }
+
+    /// Evicts clean keys of `shards` by CLOCK (a key used since the last sweep is kept once)
+    /// until `want_keys` keys and `want_bytes` bytes went, in two passes at most; returns the
+    /// keys, bytes and entries evicted (the caller accounts for them).
+    fn sweep(
+        &mut self,
+        shards: impl Iterator<Item = usize> + Clone,
+        want_keys: usize,
+        want_bytes: usize,
+    ) -> (usize, usize, usize) {
+        let (mut keys, mut bytes, mut entries) = (0, 0, 0);
+        let spilled = &mut self
+            .backing
+            .as_mut()
+            .expect("sweeps are of attached tables")
+            .spilled;
+        for _pass in 0..2 {
+            for shard in shards.clone() {
+                self.keys.retain_in(shard, |k, s| {
+                    if (keys >= want_keys && bytes >= want_bytes) || s.dirty {
+                        return true;
+                    }
+                    if s.used == Use::Used {
+                        s.used = Use::Idle;
+                        return true;
+                    }
+                    keys += 1;
+                    bytes += s.charge as usize;
+                    entries += s.values.len();
+                    // a clean key's values all have their rows (the flush before wrote them)
+                    let hash = hash_key(k);
+                    for e in s.values.0.iter() {
+                        spilled.evicted(hash, e.ns, s.touched);
+                    }
+                    false
+                });
+            }
+            if keys >= want_keys && bytes >= want_bytes {
+                break;
+            }
+        }
+        (keys, bytes, entries)
     }
 
     /// The capacity of a smaller map's table, if the table must move into one: the map keeps

@@ -32,6 +32,7 @@
 //! window that covers it; a session when it passes its own. Nothing else is kept.
 pub mod aggregate;
 mod encoded;
+mod sessions;
 mod slices;
 
 use arrow::array::{ArrayRef, AsArray, Int64Array, TimestampMillisecondArray, UInt32Array};
@@ -54,6 +55,7 @@ use smallvec::SmallVec;
 
 use crate::expr::{Expr, ExprError, timestamp_type};
 use aggregate::{Acc, AccColumn, Accs, AggDef, AggInputs};
+use sessions::{Session, SessionSet, Sessions};
 use slices::{BatchInputs, SliceColumns, SliceParts};
 
 /// Side output port of records too late for every window.
@@ -195,18 +197,6 @@ impl WindowPlan {
     }
 }
 
-/// Accumulators of one session.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Session {
-    end: i64,
-    accs: Accs,
-}
-
-/// A key's open sessions as (start, session), in start order: the value of one row per key.
-/// A record must read every session it may bridge, and a key rarely has more than one open,
-/// so the set is the unit read and written (a point lookup, batched over a batch's keys).
-type Sessions = SmallVec<[(i64, Session); 1]>;
-
 /// The table of session windows' earlier layout, a row per (key, session start), moved into
 /// the current one when a snapshot of it is restored.
 const SESSION_ROWS: &str = "window-sessions";
@@ -229,7 +219,7 @@ pub struct WindowOperator {
     max_parallelism: u32,
     key_groups: KeyGroupRange,
     /// Session windows (sliced windows keep no per-key timers).
-    sessions: KeyedTable<Sessions>,
+    sessions: KeyedTable<SessionSet>,
     fire: Timers,
     cleanup: Timers,
     keys: EncodedKeys,
@@ -952,13 +942,15 @@ impl WindowOperator {
             let key = keys.row(rows[0] as usize);
             let hi = rows.iter().map(|r| times[*r as usize]).max().unwrap_or(0);
             // the key's sessions as stored: (start, session, changed)
-            let mut list: SmallVec<[(i64, Session, bool); 2]> = self
-                .sessions
-                .get(key, 0, Watermark::MIN)?
-                .into_iter()
-                .flatten()
-                .map(|(start, s)| (*start, s.clone(), false))
-                .collect();
+            let mut list: SmallVec<[(i64, Session, bool); 2]> =
+                match self.sessions.get(key, 0, Watermark::MIN)? {
+                    Some(set) => set
+                        .decode()?
+                        .into_iter()
+                        .map(|(s, v)| (s, v, false))
+                        .collect(),
+                    None => SmallVec::new(),
+                };
             let stored: SmallVec<[(i64, i64); 2]> =
                 list.iter().map(|(start, s, _)| (*start, s.end)).collect();
             for &row in rows {
@@ -1039,8 +1031,11 @@ impl WindowOperator {
             if set.is_empty() {
                 self.sessions.remove(key, 0)?;
             } else {
+                let set = SessionSet::encode(&set)?;
                 self.sessions
-                    .update(key, 0, hi, Watermark::MIN, Sessions::new, |s| *s = set)?;
+                    .update(key, 0, hi, Watermark::MIN, SessionSet::default, |s| {
+                        *s = set
+                    })?;
             }
         }
         fired.sort_unstable_by(|a, b| (&a.key, a.start).cmp(&(&b.key, b.start)));
@@ -1053,36 +1048,45 @@ impl WindowOperator {
         let Some(set) = self.sessions.get(key, 0, Watermark::MIN)? else {
             return Ok(None);
         };
+        let mut set = set.decode()?;
         // state of an earlier version may still hold timers of sessions merged into longer ones
         let Some(at) = set.iter().position(|(_, s)| s.end == end) else {
             return Ok(None);
         };
-        let (start, accs) = (set[at].0, set[at].1.accs.clone());
-        if drop {
-            self.drop_sessions(key, |_, s| s.end == end)?;
+        if !drop {
+            return Ok(Some((set[at].0, set[at].1.accs.clone())));
         }
-        Ok(Some((start, accs)))
+        let (start, session) = set.remove(at);
+        self.put_sessions(key, set)?;
+        Ok(Some((start, session.accs)))
     }
 
     /// Drops the sessions of `key` that `done` picks; the key's row goes when its last does.
-    fn drop_sessions(
-        &mut self,
-        key: &[u8],
-        mut done: impl FnMut(i64, &Session) -> bool,
-    ) -> Result<()> {
+    fn drop_sessions(&mut self, key: &[u8], mut done: impl FnMut(&Session) -> bool) -> Result<()> {
         let Some(set) = self.sessions.get(key, 0, Watermark::MIN)? else {
             return Ok(());
         };
-        let left = set.iter().filter(|(start, s)| !done(*start, s)).count();
-        if left == set.len() {
-            return Ok(());
+        let mut set = set.decode()?;
+        let before = set.len();
+        set.retain(|(_, s)| !done(s));
+        if set.len() < before {
+            self.put_sessions(key, set)?;
         }
-        if left == 0 {
+        Ok(())
+    }
+
+    /// Writes back the sessions a firing or a cleanup left of a stored key's set (keeping its
+    /// row's time), or removes its row if none are left.
+    fn put_sessions(&mut self, key: &[u8], set: Sessions) -> Result<()> {
+        if set.is_empty() {
             self.sessions.remove(key, 0)?;
             return Ok(());
         }
-        self.sessions.modify(key, 0..=0, |_, set| {
-            set.retain(|(start, s)| !done(*start, s));
+        let mut set = Some(SessionSet::encode(&set)?);
+        self.sessions.modify(key, 0..=0, |_, s| {
+            if let Some(set) = set.take() {
+                *s = set;
+            }
             true
         })
     }
@@ -1095,9 +1099,15 @@ impl WindowOperator {
         let mut current: Option<(StateKey, Sessions)> = None;
         let sessions = &mut self.sessions;
         let mut put = |key: StateKey, set: Sessions| {
-            sessions.update(&key, 0, i64::MIN, Watermark::MIN, Sessions::new, |s| {
-                *s = set
-            })
+            let set = SessionSet::encode(&set)?;
+            sessions.update(
+                &key,
+                0,
+                i64::MIN,
+                Watermark::MIN,
+                SessionSet::default,
+                |s| *s = set,
+            )
         };
         rows.drain_each(|key, start, session| {
             match &mut current {
@@ -1271,7 +1281,7 @@ impl Operator for WindowOperator {
             self.sessions
                 .prefetch(due.iter().map(|(_, k)| k.as_slice()))?;
             for (t, key) in due {
-                self.drop_sessions(&key, |_, s| (s.end - 1).saturating_add(lateness) <= t)?;
+                self.drop_sessions(&key, |s| (s.end - 1).saturating_add(lateness) <= t)?;
             }
         }
         Ok(())
