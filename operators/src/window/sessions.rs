@@ -3,9 +3,9 @@
 //!
 //! Decoded, a key's set is a 96-byte value (a session's accumulators inline) and its entry in
 //! the table's map 168 bytes; encoded, a set of one session of a few numeric accumulators takes
-//! about 16 bytes, held inline in a 32-byte value, and the entry 104. Memory holds about
-//! 1.6 times as many keys' sessions before it evicts, and decoding a set is a few dozen
-//! nanoseconds where reading an evicted one back is a RocksDB point read.
+//! about 16 bytes, held inline in a 32-byte value, and the entry 104. The same budget holds
+//! more keys' sessions before it evicts, and decoding a set costs far less than reading an
+//! evicted one back from RocksDB.
 use serde::de::Error as _;
 use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
