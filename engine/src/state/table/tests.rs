@@ -1990,3 +1990,44 @@ fn state_of_layout_0_is_read() {
         assert_eq!(next.format(), backend::FORMAT, "{name}");
     }
 }
+
+/// A table whose map at the next power of two would pass its budget still grows into the budget,
+/// a shard at a time: streaming four times as many small keys as fit, it holds more at once than
+/// the largest single power-of-two table within the budget could hold (seven eighths of it,
+/// before counting the keys' own charges), and the cache stays within its budget.
+#[test]
+fn the_map_grows_a_shard_at_a_time_up_to_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    // 18 MB for decoded keys: a single table of 2^18 buckets would not fit
+    let (memory, backend) = budgeted_with(dir.path(), 24 << 20);
+    let budget = memory.decoded_budget();
+    let mut t: KeyedTable<u64> = KeyedTable::one_value("t", None);
+    t.attach(&backend).unwrap();
+    let bucket = std::mem::size_of::<(StateKey, Slot<u64>)>() + 1;
+    let mut buckets = 1usize;
+    while buckets * 2 * bucket <= budget {
+        buckets *= 2;
+    }
+    let one_map = buckets * 7 / 8;
+    let (mut most, mut peak) = (0, 0);
+    for i in 0..4 * one_map as u32 {
+        t.update(&key(i), 0, 0, Watermark::MIN, || u64::from(i), |_| ())
+            .unwrap();
+        most = most.max(t.keys.len());
+        peak = peak.max(memory.decoded());
+    }
+    assert!(
+        most > one_map,
+        "held at most {most} keys; one map of {buckets} buckets holds {one_map}"
+    );
+    assert!(
+        peak <= budget + 4096,
+        "peak {peak} over the budget {budget}"
+    );
+    for i in (0..4 * one_map as u32).step_by(101) {
+        assert_eq!(
+            t.get(&key(i), 0, Watermark::MIN).unwrap(),
+            Some(&u64::from(i))
+        );
+    }
+}
