@@ -153,6 +153,42 @@ def windows(stream, key, size, slide, lateness, agg):
     return table, late
 
 
+def sessions(stream, key, gap, agg):
+    """Session windows without lateness as documented: a record merges the key's open sessions
+    that overlap [t, t + gap) into one; a session fires, and closes, once the watermark reaches
+    its end - 1; a record with t + gap - 1 at or behind the watermark is late. Returns (rows as
+    (key, start, end, aggregate), late records)."""
+    open_, rows, late, cur = {}, [], [], MIN
+
+    def fire(wm):
+        for k in sorted(open_):
+            keep = []
+            for s in open_[k]:
+                if s[1] - 1 <= wm:
+                    rows.append((k, s[0], s[1], agg(s[2])))
+                else:
+                    keep.append(s)
+            open_[k] = keep
+
+    for rec, t, wm in stream:
+        if wm > cur:
+            cur = wm
+            fire(cur)
+        if wm >= t + gap - 1:
+            late.append(rec)
+            continue
+        k = tuple(rec[c] for c in key)
+        start, end, vals, rest = t, t + gap, [rec], []
+        for s in open_.get(k, []):
+            if s[0] < t + gap and s[1] > t:
+                start, end, vals = min(start, s[0]), max(end, s[1]), s[2] + vals
+            else:
+                rest.append(s)
+        open_[k] = rest + [[start, end, vals]]
+    fire(MAX)
+    return sorted(rows), late
+
+
 def row(keys, k, start, end, **aggs):
     r = dict(zip(keys, k))
     r["window_start"], r["window_end"] = ts_format(start), ts_format(end)
@@ -192,6 +228,15 @@ def failed_logins():
     alerts = [{"user_id": k[0], "rule": "3-failed-logins-in-2m", "window_end": ts_format(e)} for (k, s, e), n in sorted(table.items()) if n >= 3]
     write(ex, "alerts.jsonl", alerts)
     write(ex, "late-logins.jsonl", [fmt(r, schema) for r in late])
+    write(ex, "dead-letter.jsonl", dead)
+
+
+def user_sessions():
+    ex, schema = "user-sessions", {"event_time": "timestamp", "user_id": "string", "page": "string"}
+    recs, dead = read(ex, "clicks.jsonl", schema, "event_time")
+    rows, late = sessions(with_watermarks(recs, MIN_), ["user_id"], 30 * MIN_, lambda v: (len(v), len({r["page"] for r in v})))
+    write(ex, "visits.jsonl", [row(["user_id"], k, s, e, clicks=n, pages=p) for k, s, e, (n, p) in rows])
+    write(ex, "late-clicks.jsonl", [fmt(r, schema) for r in late])
     write(ex, "dead-letter.jsonl", dead)
 
 
@@ -290,6 +335,6 @@ if __name__ == "__main__":
     import sys
     if len(sys.argv) == 3 and sys.argv[1] == "--out":
         OUT = sys.argv[2]
-    for f in (unique_visitors, failed_logins, cdc, revenue_per_store, rolling_revenue, orders_paid):
+    for f in (unique_visitors, failed_logins, user_sessions, cdc, revenue_per_store, rolling_revenue, orders_paid):
         f()
     print("expected outputs written")

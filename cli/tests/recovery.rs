@@ -19,8 +19,15 @@ use std::time::Duration;
 
 use common::{Rng, S3Server, args, check_output, freshet, with_s3};
 
-/// Runs the example, killing it `kills` times at random moments, then lets it finish.
-fn kill_and_restart(name: &str, parallelism: u32, s3: Option<&S3Server>, rng: &mut Rng) {
+/// Runs the example with the job fields `set` overrides, killing it several times at random
+/// moments, then lets it finish.
+fn kill_and_restart(
+    name: &str,
+    set: &[&str],
+    parallelism: u32,
+    s3: Option<&S3Server>,
+    rng: &mut Rng,
+) {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
@@ -28,7 +35,10 @@ fn kill_and_restart(name: &str, parallelism: u32, s3: Option<&S3Server>, rng: &m
         Some(_) => format!("s3://freshet/{name}-{parallelism}"),
         None => work.path().join("checkpoints").display().to_string(),
     };
-    let a = args(name, parallelism, &out, &checkpoints, 3.0);
+    let mut a = args(name, parallelism, &out, &checkpoints, 3.0);
+    for s in set {
+        a.extend(["--set".to_string(), s.to_string()]);
+    }
     let context = format!(
         "{name} at parallelism {parallelism} with {} checkpoints",
         if s3.is_some() { "S3" } else { "local" }
@@ -138,37 +148,44 @@ fn check_retention(root: &std::path::Path, context: &str) {
     }
 }
 
-fn cases(name: &str) {
+fn cases(name: &str, set: &[&str]) {
     let mut rng = Rng::new();
     for parallelism in [1, 4] {
-        kill_and_restart(name, parallelism, None, &mut rng);
+        kill_and_restart(name, set, parallelism, None, &mut rng);
     }
     let s3 = S3Server::start();
     for parallelism in [1, 4] {
-        kill_and_restart(name, parallelism, Some(&s3), &mut rng);
+        kill_and_restart(name, set, parallelism, Some(&s3), &mut rng);
     }
 }
 
 #[test]
 fn windowed_revenue_survives_kills() {
-    cases("revenue-per-store");
+    cases("revenue-per-store", &[]);
 }
 
 /// Sliding windows with a count threshold and no deduplication in front: a replayed record
 /// would be counted twice.
 #[test]
 fn sliding_windows_survive_kills() {
-    cases("failed-logins");
+    cases("failed-logins", &[]);
+}
+
+/// Session windows, with a cache of two keys so their state lives in RocksDB: at the end of
+/// the input every session fires by one pass over the table, which a kill may interrupt.
+#[test]
+fn session_windows_survive_kills() {
+    cases("user-sessions", &["state.cache_keys=2"]);
 }
 
 #[test]
 fn dedup_into_a_table_survives_kills() {
-    cases("cdc-dedup");
+    cases("cdc-dedup", &[]);
 }
 
 #[test]
 fn interval_join_survives_kills() {
-    cases("orders-paid");
+    cases("orders-paid", &[]);
 }
 
 /// The completed checkpoints under `root`, oldest first, with their metadata.

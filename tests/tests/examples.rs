@@ -62,6 +62,11 @@ fn failed_logins() {
 }
 
 #[test]
+fn user_sessions() {
+    check("user-sessions");
+}
+
+#[test]
 fn cdc_dedup() {
     check("cdc-dedup");
 }
@@ -96,6 +101,7 @@ fn expected_outputs_come_from_the_reference_model() {
     for example in [
         "unique-visitors",
         "failed-logins",
+        "user-sessions",
         "cdc-dedup",
         "revenue-per-store",
         "orders-paid",

@@ -1424,6 +1424,45 @@ impl KeyedBackend {
         Ok(*kg <= self.range.end)
     }
 
+    /// [`Self::scan_table`], then deletes the rows it read: a range tombstone per key group it
+    /// read in, none overlapping another call's, so a table taken out a batch at a time leaves
+    /// a tombstone per batch rather than one per row.
+    pub(crate) fn drain_table(
+        &self,
+        scan: &mut TableScan,
+        limit: usize,
+        f: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<bool> {
+        let (first_kg, first_row) = (scan.kg.unwrap_or(self.range.start), scan.from.clone());
+        let more = self.scan_table(scan, limit, f)?;
+        let last_kg = scan.kg.unwrap_or(self.range.start);
+        let mut batch = WriteBatch::default();
+        for kg in first_kg..=last_kg.min(self.range.end) {
+            let mut prefix = kg_prefix(kg).to_vec();
+            prefix.extend_from_slice(&scan.table);
+            let from = match &first_row {
+                Some(row) if kg == first_kg => row.clone(),
+                _ => prefix.clone(),
+            };
+            let to = if kg == last_kg {
+                // the group the scan stands in: up to the row it goes on from, if it read any
+                match &scan.from {
+                    Some(row) => row.clone(),
+                    None => continue,
+                }
+            } else {
+                let mut upper = prefix;
+                increment(&mut upper);
+                upper
+            };
+            if from < to {
+                batch.delete_range(&from, &to);
+            }
+        }
+        self.write(batch)?;
+        Ok(more)
+    }
+
     /// About how many rows `table` holds in the owned key groups: the rows of its first
     /// groups, read until at least `sample` rows or every group, scaled to all of them (keys
     /// hash evenly over key groups). Exact when the table holds fewer than `sample` rows.
@@ -1532,6 +1571,20 @@ impl KeyedBackend {
             out.push(item.map_err(|e| db_err("reading state", e))?.0);
         }
         Ok(out)
+    }
+
+    /// The last row key from `from` (inclusive) to `upper` (exclusive), if there is one.
+    pub(crate) fn last_key(&self, from: &[u8], upper: Vec<u8>) -> Result<Option<Box<[u8]>>> {
+        self.wait_for_rows()?;
+        let mut ro = ReadOptions::default();
+        ro.set_total_order_seek(true);
+        ro.set_iterate_lower_bound(from.to_vec());
+        ro.set_iterate_upper_bound(upper);
+        let mut it = self.db().raw_iterator_opt(ro);
+        it.seek_to_last();
+        let key = it.key().map(Box::from);
+        it.status().map_err(|e| db_err("reading state", e))?;
+        Ok(key)
     }
 
     /// Deletes the rows from `from` (inclusive) to `to` (exclusive) with one range tombstone.

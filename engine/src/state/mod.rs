@@ -21,6 +21,10 @@
 //! the cache must evict and at every checkpoint ([`KeyedTable::flush`]). A window that adds to one slice rewrites that
 //! slice's row, and a join that buffers one more timestamp writes one row, whatever else the key
 //! holds.
+//! An operator that is done with every key at once (session windows at the end of the input)
+//! takes the whole table out by one pass in row order instead ([`KeyedTable::drain_next`]), a
+//! batch of rows at a time, each batch deleted with one range tombstone: RocksDB reads each
+//! block once, rather than once per key read on its own.
 //!
 //! Keys alone, each with its touched time (a `keep: first` deduplication's), live in a
 //! [`KeySet`] instead: 16 bytes per key in memory, and the rows of a one-value table.
@@ -80,7 +84,7 @@ pub use backend::{CacheCounts, KeyedBackend, StateConfig};
 pub use keyset::KeySet;
 pub use memory::StateMemory;
 pub use panes::{Merged, PaneColumns, PaneTable};
-pub use table::KeyedTable;
+pub use table::{KeyedTable, TableDrain};
 pub use timers::Timers;
 
 /// Asks the CPU to start loading the cache line that holds `value`, for a loop that will read

@@ -19,6 +19,15 @@ use super::{
 use crate::keys::{hash_key, key_group};
 use crate::{EngineError, KeyGroup, Result, Watermark};
 
+/// Where a [`KeyedTable::drain_next`] pass over a table stands.
+#[derive(Debug)]
+pub struct TableDrain {
+    scan: backend::TableScan,
+    /// The last key the pass took out of the cache, with the namespaces the cache held of it:
+    /// RocksDB's rows of the others were spilled, and are read back.
+    cached: Option<(StateKey, SmallVec<[i64; 4]>)>,
+}
+
 /// Rows of one key read from RocksDB: (namespace, touched, value, encoded size), in namespace
 /// order; most reads find one.
 type Rows<V> = SmallVec<[(i64, i64, V, usize); 1]>;
@@ -1653,6 +1662,79 @@ impl<V: StateValue> KeyedTable<V> {
             f(key, ns, self.decode(v)?.1)
         })?;
         b.backend.clear_table(b.table)
+    }
+
+    /// Whether RocksDB may hold rows the cache lacks (some were evicted, or a snapshot was
+    /// restored): then a pass over the whole table ([`Self::drain_next`]) reads it with far
+    /// fewer block reads than a read per key.
+    pub fn spills(&self) -> bool {
+        self.backing.as_ref().is_some_and(|b| !b.spilled.is_empty())
+    }
+
+    /// A pass that takes every value out of an attached table, in row order
+    /// ([`Self::drain_next`]).
+    pub fn drain(&self) -> Result<TableDrain> {
+        let Some(b) = &self.backing else {
+            return Err(self.error("drained before attach"));
+        };
+        Ok(TableDrain {
+            scan: backend::TableScan::new(b.table),
+            cached: None,
+        })
+    }
+
+    /// Takes up to `limit` more rows out of the table in row order (key group, key, namespace)
+    /// and calls `f` with each one's key, namespace and value (values whose TTL passed are
+    /// skipped); false once it took the last. Each call first writes what the cache holds dirty,
+    /// so RocksDB holds the whole table, then reads the rows in order, deletes them with range
+    /// tombstones and drops their keys from the cache: between calls the table is whole and
+    /// consistent, may be snapshotted and used (a value written behind the pass stays). One
+    /// ordered pass reads each block of RocksDB once, where reading the keys one by one, in
+    /// any other order, reads a block per key.
+    pub fn drain_next(
+        &mut self,
+        drain: &mut TableDrain,
+        limit: usize,
+        mut f: impl FnMut(StateKey, i64, V) -> Result<()>,
+    ) -> Result<bool> {
+        self.flush()?;
+        let Some(backend) = self.backing.as_ref().map(|b| b.backend.clone()) else {
+            return Err(self.error("drained before attach"));
+        };
+        let mut rows: Vec<(StateKey, i64, i64, V)> = Vec::new();
+        let more = backend.drain_table(&mut drain.scan, limit, |row, value| {
+            let Some((key, ns)) = backend::decode_row_key(row) else {
+                return Err(self.error(format!("a row key of {} bytes", row.len())));
+            };
+            let (touched, value) = self.decode(value)?;
+            rows.push((StateKey::from_slice(key), ns, touched, value));
+            Ok(())
+        })?;
+        let ttl = self.ttl;
+        for (key, ns, touched, value) in rows {
+            if drain.cached.as_ref().is_none_or(|(k, _)| *k != key)
+                && let Some(slot) = self.keys.remove(&key)
+            {
+                self.entries -= slot.values.len();
+                self.account(slot.charge as usize, 0);
+                let held = slot.values.0.iter().map(|e| e.ns).collect();
+                drain.cached = Some((key.clone(), held));
+            }
+            let cached = match &drain.cached {
+                Some((k, held)) if *k == key => held.contains(&ns),
+                _ => false,
+            };
+            if !cached && let Some(b) = self.backing.as_mut() {
+                // as if read back into the cache
+                b.spilled.read_back(ns);
+            }
+            if ttl.is_some_and(|ttl| self.clock.0 >= touched.saturating_add(ttl)) {
+                continue;
+            }
+            f(key, ns, value)?;
+        }
+        self.charge_spilled();
+        Ok(more)
     }
 
     /// The key group a key of this table belongs to.

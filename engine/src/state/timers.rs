@@ -48,6 +48,9 @@ pub struct Timers {
     cancelled: BTreeSet<(i64, StateKey)>,
     /// The job's number of key groups, which the key order starts with (detached: one).
     max_parallelism: u32,
+    /// No timer is later than this (an upper bound: deletes do not lower it); `None` when the
+    /// queue is empty.
+    latest: Option<i64>,
     backing: Option<Backing>,
 }
 
@@ -78,6 +81,7 @@ impl Timers {
             pending: BTreeSet::new(),
             cancelled: BTreeSet::new(),
             max_parallelism: 1,
+            latest: None,
             backing: None,
         }
     }
@@ -117,6 +121,16 @@ impl Timers {
         if backend.restored() && backend.format() < 3 {
             self.move_legacy(backend, table)?;
         }
+        if backend.restored() {
+            let prefix = backend::timer_prefix(table);
+            if let Some(row) = backend.last_key(&prefix, backend::prefix_upper(&prefix))? {
+                let (t, _) = backend::decode_timer_key(&row).ok_or_else(|| {
+                    EngineError::State(format!("timer row of {} is malformed", self.name))
+                })?;
+                self.latest = self.latest.max(Some(t));
+            }
+        }
+        self.latest = self.latest.max(self.pending.last().map(|(t, _)| *t));
         self.backing = Some(Backing {
             backend: backend.clone(),
             table,
@@ -170,6 +184,7 @@ impl Timers {
 
     /// Registers a timer for `key` at event time `t`.
     pub fn register(&mut self, t: i64, key: &[u8]) -> Result<()> {
+        self.latest = self.latest.max(Some(t));
         let timer = (t, self.order(key));
         self.cancelled.remove(&timer);
         self.pending.insert(timer);
@@ -244,9 +259,50 @@ impl Timers {
             let (chunk, more) = self.take_due(wm, limit - out.len())?;
             out.extend(chunk);
             if out.len() >= limit || !more {
-                return Ok(out);
+                break;
             }
         }
+        if out.len() < limit && self.latest.is_some_and(|l| l <= wm.0) {
+            // every timer was due, and all were taken
+            self.latest = None;
+        }
+        Ok(out)
+    }
+
+    /// No timer of the queue is later than this (an upper bound); `None` if it holds none.
+    /// Once it is at or before the watermark, every timer is due.
+    pub fn latest(&self) -> Option<i64> {
+        self.latest
+    }
+
+    /// Deletes every timer at or before `t` without handing it out: for an operator that did
+    /// what they were for another way (read all of its state in order).
+    pub fn clear_through(&mut self, t: i64) -> Result<()> {
+        match t.checked_add(1) {
+            Some(next) => {
+                let later = (next, StateKey::new());
+                self.pending = self.pending.split_off(&later);
+                self.cancelled = self.cancelled.split_off(&later);
+            }
+            None => {
+                self.pending.clear();
+                self.cancelled.clear();
+            }
+        }
+        if let Some(b) = self.backing.as_mut() {
+            let upper = backend::timer_upper(b.table, t);
+            if upper > b.cursor {
+                b.backend.delete_range(&b.deleted, &upper)?;
+                b.cursor = upper.clone();
+                b.deleted = upper;
+                b.undeleted = 0;
+            }
+            b.earliest = b.earliest.max(t.saturating_add(1));
+        }
+        if self.latest.is_some_and(|l| l <= t) {
+            self.latest = None;
+        }
+        Ok(())
     }
 
     /// One pass of [`Timers::due`]; also says whether it skipped timers (deleted ones, or of
@@ -409,6 +465,63 @@ mod tests {
             }
             assert!(out.len() < 1 << 20, "timers keep firing");
         }
+    }
+
+    /// A queue knows no timer is later than the latest registered, after a restore too, and
+    /// forgets it once all fired; deleting the timers through a time, in RocksDB and in
+    /// memory, leaves the later ones to fire.
+    #[test]
+    fn the_latest_timer_is_known_and_the_timers_through_a_time_can_be_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(dir.path(), "a");
+        let mut t = Timers::new("t");
+        t.attach(&b).unwrap();
+        assert_eq!(t.latest(), None);
+        for (time, k) in [(30, "a"), (10, "b"), (20, "c"), (50, "d")] {
+            t.register(time, k.as_bytes()).unwrap();
+        }
+        t.flush().unwrap();
+        t.register(25, b"e").unwrap();
+        t.delete(50, b"d").unwrap();
+        assert_eq!(
+            t.latest(),
+            Some(50),
+            "an upper bound: a delete does not lower it"
+        );
+        t.flush().unwrap();
+        let mut r = Timers::new("t");
+        r.attach(&restored(
+            dir.path(),
+            &b,
+            crate::KeyGroupRange::for_subtask(128, 1, 0),
+        ))
+        .unwrap();
+        assert_eq!(r.latest(), Some(30), "read from the restored rows");
+        // 10 and 20 fire; then 25 and 30 are deleted unfired, and 40 (in memory) stays
+        assert_eq!(all_due(&mut r, 20, 1).len(), 2);
+        r.register(40, b"f").unwrap();
+        r.clear_through(30).unwrap();
+        assert_eq!(r.latest(), Some(40));
+        assert!(all_due(&mut r, 39, 8).is_empty());
+        assert_eq!(
+            all_due(&mut r, 40, 8),
+            vec![(40, StateKey::from(&b"f"[..]))]
+        );
+        assert_eq!(r.latest(), None, "every timer fired");
+        // the same in RocksDB: 60 and 70 written, 60 deleted, 70 fires
+        r.register(60, b"g").unwrap();
+        r.register(70, b"h").unwrap();
+        r.flush().unwrap();
+        r.clear_through(65).unwrap();
+        assert!(all_due(&mut r, 69, 8).is_empty());
+        assert_eq!(
+            all_due(&mut r, i64::MAX, 8),
+            vec![(70, StateKey::from(&b"h"[..]))]
+        );
+        r.register(80, b"i").unwrap();
+        r.clear_through(i64::MAX).unwrap();
+        assert_eq!(r.latest(), None);
+        assert!(all_due(&mut r, i64::MAX, 8).is_empty());
     }
 
     #[test]

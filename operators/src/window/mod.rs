@@ -49,7 +49,9 @@ use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::panes::{key_group_of_order, key_of_order, key_order};
 use freshet_engine::state::timers::FIRE_BATCH;
-use freshet_engine::state::{KeyedBackend, KeyedTable, Merged, PaneTable, StateKey, Timers};
+use freshet_engine::state::{
+    KeyedBackend, KeyedTable, Merged, PaneTable, StateKey, TableDrain, Timers,
+};
 use freshet_engine::{KeyGroupRange, Result, TIME_COLUMN, Watermark};
 use smallvec::SmallVec;
 
@@ -187,6 +189,7 @@ impl WindowPlan {
             sessions: KeyedTable::one_value("window-session-sets", None),
             fire: Timers::new("fire"),
             cleanup: Timers::new("cleanup"),
+            draining: None,
             more: false,
             chunks: Vec::new(),
             read_for: None,
@@ -222,6 +225,8 @@ pub struct WindowOperator {
     sessions: KeyedTable<SessionSet>,
     fire: Timers,
     cleanup: Timers,
+    /// Every session firing by one pass over the table ([`WindowOperator::drain_sessions`]).
+    draining: Option<TableDrain>,
     keys: EncodedKeys,
     /// The last `on_watermark` fired a full batch of windows and may have more.
     more: bool,
@@ -1091,6 +1096,65 @@ impl WindowOperator {
         })
     }
 
+    /// Fires every session by one pass over their table in row order, a batch of keys per
+    /// call, when every fire timer is due (the end of a bounded input, a watermark that jumped)
+    /// and RocksDB holds sessions memory lacks: reading the table in order reads each block
+    /// once, where firing timer by timer reads a block per key. Without lateness a session
+    /// goes once it fired and each stored one has a fire timer, so every session is due and
+    /// the timers are deleted once the pass ends; one that is not (a broken invariant) is put
+    /// back with its timer. A snapshot between calls holds the sessions not yet fired and
+    /// their timers; a restore begins the pass again over those.
+    fn drain_sessions(&mut self, wm: Watermark, out: &mut dyn Output) -> Result<()> {
+        let mut drain = match self.draining.take() {
+            Some(d) => d,
+            None => self.sessions.drain()?,
+        };
+        let (mut rows, mut later) = (Vec::new(), Vec::new());
+        let more = self
+            .sessions
+            .drain_next(&mut drain, FIRE_BATCH, |key, _, set| {
+                let mut kept = Sessions::new();
+                for (start, session) in set.decode()? {
+                    if session.end - 1 <= wm.0 {
+                        rows.push(Fired {
+                            key: key.clone(),
+                            start,
+                            end: session.end,
+                            accs: session.accs,
+                        });
+                    } else {
+                        kept.push((start, session));
+                    }
+                }
+                if !kept.is_empty() {
+                    later.push((key, kept));
+                }
+                Ok(())
+            })?;
+        for (key, set) in later {
+            for (_, session) in &set {
+                self.fire.register(session.end - 1, &key)?;
+            }
+            let set = SessionSet::encode(&set)?;
+            self.sessions.update(
+                &key,
+                0,
+                i64::MIN,
+                Watermark::MIN,
+                SessionSet::default,
+                |s| *s = set,
+            )?;
+        }
+        self.emit_rows(rows, out)?;
+        self.more = more;
+        if more {
+            self.draining = Some(drain);
+        } else {
+            self.fire.clear_through(wm.0)?;
+        }
+        Ok(())
+    }
+
     /// Moves session windows of the earlier layout (a row per (key, session start), restored
     /// from a snapshot taken before sets per key) into the table of sets, a key at a time.
     fn move_session_rows(&mut self, backend: &Arc<KeyedBackend>) -> Result<()> {
@@ -1249,12 +1313,19 @@ impl Operator for WindowOperator {
             }
             return Ok(());
         }
+        let lateness = self.plan.lateness;
+        if self.draining.is_some()
+            || (lateness == 0
+                && self.fire.latest().is_some_and(|l| l <= wm.0)
+                && self.sessions.spills())
+        {
+            return self.drain_sessions(wm, out);
+        }
         // sessions: one batch of windows per call; sessions are cleaned up once every window
         // due has fired
         let due = self.fire.due(wm, FIRE_BATCH)?;
         self.more = due.len() == FIRE_BATCH;
         let mut rows = Vec::with_capacity(due.len());
-        let lateness = self.plan.lateness;
         self.sessions
             .prefetch(due.iter().map(|(_, k)| k.as_slice()))?;
         for (t, key) in due {

@@ -733,6 +733,101 @@ fn a_snapshot_taken_while_a_window_fires_restores_without_repeats_or_gaps() {
     );
 }
 
+/// Session windows whose state spilled to RocksDB, all due at once (the end of the input), fire
+/// by one pass over their table, a batch of keys per call, reading no key on its own; a
+/// snapshot taken halfway through, restored at parallelism 2, fires the rest: every session
+/// exactly once with its count, as the run that was not interrupted fires them.
+#[test]
+fn sessions_all_due_fire_by_one_pass_and_a_snapshot_halfway_restores_without_repeats_or_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = KeyGroupRange::for_subtask(128, 1, 0);
+    let backend = crate::testing::capped_backend(dir.path(), 256);
+    let kind = WindowKind::Session { gap: MIN };
+    let open = |b: &Arc<KeyedBackend>, range: KeyGroupRange| {
+        let (mut h, s) = harness(kind, 0, &["count(*) AS n"]);
+        h.op.max_parallelism = 128;
+        h.op.key_groups = range;
+        h.op.sessions.attach(b).unwrap();
+        h.op.fire.attach(b).unwrap();
+        h.op.cleanup.attach(b).unwrap();
+        (h, s)
+    };
+    let (mut h, s) = open(&backend, all);
+    let n = 2 * FIRE_BATCH + 300;
+    let keys: Vec<String> = (0..n).map(|i| format!("k{i:05}")).collect();
+    // per key: a session of two records from 0, and one of one record from 10 minutes
+    for t in [0, MIN / 2, 10 * MIN] {
+        let input: Vec<(&str, &str, i64)> = keys.iter().map(|k| (k.as_str(), "x", t)).collect();
+        h.push(0, rows(&s, &input));
+    }
+    assert!(h.op.sessions.spills());
+    let wm = Watermark(100 * MIN);
+    let ctx = OperatorContext {
+        subtask: &h.info,
+        record_watermark: wm,
+        current_watermark: wm,
+        metrics: &h.metrics,
+    };
+    let mut before = crate::testing::Sink::default();
+    let reads = h.op.sessions.reads();
+    h.op.on_watermark(wm, &ctx, &mut before).unwrap();
+    assert!(h.op.has_more_output() && h.op.draining.is_some());
+    // what a snapshot writes
+    h.op.sessions.flush().unwrap();
+    h.op.fire.flush().unwrap();
+    type Seen = std::collections::HashMap<(String, String), i64>;
+    let record = |out: &crate::testing::Sink, seen: &mut Seen| {
+        for (port, b) in &out.0 {
+            assert_eq!(*port, 0);
+            let mut buf = Vec::new();
+            crate::json::write_rows(b, &mut buf).unwrap();
+            for line in String::from_utf8(buf).unwrap().lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let key = (v["k"].to_string(), v["window_start"].to_string());
+                let count = v["n"].as_i64().unwrap();
+                assert!(
+                    seen.insert(key.clone(), count).is_none(),
+                    "{key:?} emitted twice"
+                );
+            }
+        }
+    };
+    let mut seen = Seen::default();
+    record(&before, &mut seen);
+    assert_eq!(
+        seen.len(),
+        2 * FIRE_BATCH,
+        "a batch of keys, each with its two sessions"
+    );
+    for sub in 0..2 {
+        let range = KeyGroupRange::for_subtask(128, 2, sub);
+        let restored = snapshot_and_restore(&backend, dir.path(), &format!("s{sub}"), all, range);
+        let (mut r, _) = open(&restored, range);
+        r.watermark(wm.0);
+        assert_eq!(r.op.sessions.reads(), 0, "no key is read on its own");
+        record(&r.out, &mut seen);
+        r.out.0.clear();
+        r.watermark(i64::MAX);
+        assert!(r.take(0).is_empty(), "nothing is left to fire");
+    }
+    let expect = |seen: &Seen| {
+        assert_eq!(seen.len(), 2 * n, "every session once");
+        assert!(
+            seen.iter()
+                .all(|((_, start), c)| *c == if start.contains("00:00:00") { 2 } else { 1 })
+        );
+    };
+    expect(&seen);
+    // the run that went on without a snapshot fires the same
+    h.watermark(wm.0);
+    let mut uninterrupted = Seen::default();
+    record(&before, &mut uninterrupted);
+    record(&h.out, &mut uninterrupted);
+    expect(&uninterrupted);
+    assert_eq!(h.op.sessions.reads(), reads);
+    assert!(!h.op.sessions.spills() && h.op.fire.latest().is_none());
+}
+
 /// The key column `k = k` as the window encodes it.
 fn encoded_key(k: &str) -> Vec<u8> {
     let mut keys = EncodedKeys::default();
