@@ -24,7 +24,7 @@ use freshet_engine::keys::{EncodedKeys, KeyColumns};
 use freshet_engine::metrics::SubtaskMetrics;
 use freshet_engine::operator::{MAIN_PORT, Operator, OperatorContext, Output};
 use freshet_engine::state::timers::FIRE_BATCH;
-use freshet_engine::state::{KeyedTable, Timers};
+use freshet_engine::state::{KeyedTable, TableDrain, Timers};
 use freshet_engine::time::format_millis;
 use freshet_engine::{Result, TIME_COLUMN, Watermark};
 
@@ -179,6 +179,7 @@ impl JoinPlan {
                 KeyedTable::new("join-right", None),
             ],
             cleanup: [Timers::new("cleanup-left"), Timers::new("cleanup-right")],
+            draining: [None, None],
             keys: EncodedKeys::default(),
             more: false,
         }
@@ -213,6 +214,8 @@ pub struct JoinOperator {
     plan: JoinPlan,
     buffers: [KeyedTable<Vec<Buffered>>; 2],
     cleanup: [Timers; 2],
+    /// A side's rows expiring by one pass over its buffers ([`JoinOperator::drain_side`]).
+    draining: [Option<TableDrain>; 2],
     keys: EncodedKeys,
     /// The last `on_watermark` expired a full batch of rows and may have more.
     more: bool,
@@ -235,6 +238,46 @@ impl JoinOperator {
         } else {
             t - self.plan.lower
         }
+    }
+
+    /// Reports the rows of `side` buffered at `t` that expire unmatched.
+    fn expire_rows(&self, side: usize, t: i64, rows: Vec<Buffered>, out: &mut DeadLetters) {
+        for b in rows.into_iter().filter(|b| !b.matched) {
+            let reason = if b.candidate {
+                "rows in the interval did not satisfy the join condition"
+            } else {
+                "no matching row within the interval"
+            };
+            self.dead_letter(side, &b.values, t, reason.to_string(), out);
+        }
+    }
+
+    /// Expires every buffered row of `side` by one pass over its buffers in row order, a batch
+    /// of rows per call, when every cleanup timer of the side is due (the end of a bounded
+    /// input) and RocksDB holds rows memory lacks: reading the table in order reads each block
+    /// once, where expiring timer by timer reads a block per key. Each buffered (key, time) has
+    /// a cleanup timer, so every row is due; the timers are deleted once the pass ends. A
+    /// snapshot between calls holds the rows not yet expired, and a restore begins again over
+    /// those. Whether the side has more to expire.
+    fn drain_side(&mut self, side: usize, wm: Watermark, out: &mut DeadLetters) -> Result<bool> {
+        let mut drain = match self.draining[side].take() {
+            Some(d) => d,
+            None => self.buffers[side].drain()?,
+        };
+        let mut expired = Vec::new();
+        let more = self.buffers[side].drain_next(&mut drain, FIRE_BATCH, |_, t, rows| {
+            expired.push((t, rows));
+            Ok(())
+        })?;
+        for (t, rows) in expired {
+            self.expire_rows(side, t, rows, out);
+        }
+        if more {
+            self.draining[side] = Some(drain);
+        } else {
+            self.cleanup[side].clear_through(wm.0)?;
+        }
+        Ok(more)
     }
 
     fn dead_letter(
@@ -488,33 +531,31 @@ impl Operator for JoinOperator {
         // one batch of expiries per side and call (see `has_more_output`)
         self.more = false;
         for side in 0..2 {
+            let mut unmatched = DeadLetters::default();
+            if self.draining[side].is_some()
+                || (self.cleanup[side].latest().is_some_and(|l| l <= wm.0)
+                    && self.buffers[side].spills())
             {
+                self.more |= self.drain_side(side, wm, &mut unmatched)?;
+            } else {
                 let due = self.cleanup[side].due(wm, FIRE_BATCH)?;
                 self.more |= due.len() == FIRE_BATCH;
-                let mut unmatched = DeadLetters::default();
                 for (t, key) in due {
-                    // rows of this side whose expiry is t: time = t - upper (left) or t + lower (right)
+                    // rows of this side whose expiry is t: time = t - upper (left) or t + lower
+                    // (right)
                     let row_time = if side == 0 {
                         t - self.plan.upper
                     } else {
                         t + self.plan.lower
                     };
                     for (rt, rows) in self.buffers[side].drain_range(&key, ..=row_time)? {
-                        for b in rows.into_iter().filter(|b| !b.matched) {
-                            let reason = if b.candidate {
-                                "rows in the interval did not satisfy the join condition"
-                                    .to_string()
-                            } else {
-                                "no matching row within the interval".to_string()
-                            };
-                            self.dead_letter(side, &b.values, rt, reason, &mut unmatched);
-                        }
+                        self.expire_rows(side, rt, rows, &mut unmatched);
                     }
                 }
-                if !unmatched.is_empty() {
-                    SubtaskMetrics::add(&ctx.metrics.dead_letters, unmatched.len() as u64);
-                    out.emit(UNMATCHED_PORT, unmatched.take_batch());
-                }
+            }
+            if !unmatched.is_empty() {
+                SubtaskMetrics::add(&ctx.metrics.dead_letters, unmatched.len() as u64);
+                out.emit(UNMATCHED_PORT, unmatched.take_batch());
             }
         }
         Ok(())
@@ -741,8 +782,14 @@ mod tests {
         assert_eq!(h.take(0), want);
         assert!(want.len() > 500, "{} matches", want.len());
         assert_eq!(h.take(2).len(), late);
-        // every row expires: the ones that never matched are dead letters, with the reason
+        // every row expires: the ones that never matched are dead letters, with the reason; as
+        // every cleanup timer is due and the buffers spilled, by one pass over each side's
+        // buffers that reads no key on its own
+        assert!(h.op.buffers.iter().all(|b| b.spills()));
+        let reads: u64 = h.op.buffers.iter().map(|b| b.reads()).sum();
         h.watermark(i64::MAX / 2);
+        assert_eq!(h.op.buffers.iter().map(|b| b.reads()).sum::<u64>(), reads);
+        assert!(h.op.cleanup.iter().all(|t| t.latest().is_none()));
         let mut got: Vec<(String, String)> = h
             .take(1)
             .iter()

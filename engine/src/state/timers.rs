@@ -15,6 +15,10 @@
 //! is consumed from its head does not make RocksDB step over their rows, which are deleted with
 //! one range delete per [`DELETE_EVERY`] fired timers and at every flush: a range tombstone per
 //! firing would be sorted again by every read of the queue until RocksDB flushes its memtable.
+//! The queue keeps an upper bound of its timers' times ([`Timers::latest`]), so an operator
+//! knows when a watermark makes every timer due; one that then does what they were for by
+//! other means (reading all of its state in order) deletes them through a time with one range
+//! delete ([`Timers::clear_through`]).
 //! A snapshot of layout 1 or 2 kept timers in (time, key) order under `[ff ff 01]`; they move
 //! to this layout when their queue attaches.
 use std::collections::BTreeSet;
