@@ -661,6 +661,27 @@ fn snapshot_and_restore(
     )
 }
 
+/// Counts per (key, `bound`) of the window rows in `out` (`bound`: `window_start` or
+/// `window_end`), added to `seen`; a row seen before fails the test.
+type Seen = std::collections::HashMap<(String, String), i64>;
+
+fn record_once(out: &crate::testing::Sink, bound: &str, seen: &mut Seen) {
+    for (port, b) in &out.0 {
+        assert_eq!(*port, 0);
+        let mut buf = Vec::new();
+        crate::json::write_rows(b, &mut buf).unwrap();
+        for line in String::from_utf8(buf).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let key = (v["k"].to_string(), v[bound].to_string());
+            let count = v["n"].as_i64().unwrap();
+            assert!(
+                seen.insert(key.clone(), count).is_none(),
+                "{key:?} emitted twice"
+            );
+        }
+    }
+}
+
 /// A snapshot taken while a window fired, a batch of keys at a time, restored at parallelism
 /// 2: every (key, window) row comes out exactly once across the run before and the two after.
 #[test]
@@ -699,31 +720,15 @@ fn a_snapshot_taken_while_a_window_fires_restores_without_repeats_or_gaps() {
         mark.firing.is_some(),
         "the snapshot is taken halfway through a window"
     );
-    let mut seen: std::collections::HashMap<(String, String), i64> = Default::default();
-    let mut record = |out: &crate::testing::Sink| {
-        for (port, b) in &out.0 {
-            assert_eq!(*port, 0);
-            let mut buf = Vec::new();
-            crate::json::write_rows(b, &mut buf).unwrap();
-            for line in String::from_utf8(buf).unwrap().lines() {
-                let v: serde_json::Value = serde_json::from_str(line).unwrap();
-                let key = (v["k"].to_string(), v["window_end"].to_string());
-                let count = v["n"].as_i64().unwrap();
-                assert!(
-                    seen.insert(key.clone(), count).is_none(),
-                    "{key:?} emitted twice"
-                );
-            }
-        }
-    };
-    record(&before);
+    let mut seen = Seen::default();
+    record_once(&before, "window_end", &mut seen);
     for sub in 0..2 {
         let range = KeyGroupRange::for_subtask(128, 2, sub);
         let restored = snapshot_and_restore(&backend, dir.path(), &format!("p2-{sub}"), all, range);
         let (mut r, _) = attached(kind, 0, &restored, range);
         r.op.restore_marks(vec![mark.clone()]);
         r.watermark(i64::MAX);
-        record(&r.out);
+        record_once(&r.out, "window_end", &mut seen);
     }
     // each key: window 5 counts slice 0, window 10 both slices, window 15 slice 5
     assert_eq!(seen.len(), 3 * n, "every (key, window) once");
@@ -775,23 +780,8 @@ fn sessions_all_due_fire_by_one_pass_and_a_snapshot_halfway_restores_without_rep
     // what a snapshot writes
     h.op.sessions.flush().unwrap();
     h.op.fire.flush().unwrap();
-    type Seen = std::collections::HashMap<(String, String), i64>;
-    let record = |out: &crate::testing::Sink, seen: &mut Seen| {
-        for (port, b) in &out.0 {
-            assert_eq!(*port, 0);
-            let mut buf = Vec::new();
-            crate::json::write_rows(b, &mut buf).unwrap();
-            for line in String::from_utf8(buf).unwrap().lines() {
-                let v: serde_json::Value = serde_json::from_str(line).unwrap();
-                let key = (v["k"].to_string(), v["window_start"].to_string());
-                let count = v["n"].as_i64().unwrap();
-                assert!(
-                    seen.insert(key.clone(), count).is_none(),
-                    "{key:?} emitted twice"
-                );
-            }
-        }
-    };
+    let record =
+        |out: &crate::testing::Sink, seen: &mut Seen| record_once(out, "window_start", seen);
     let mut seen = Seen::default();
     record(&before, &mut seen);
     assert_eq!(
