@@ -256,21 +256,28 @@ impl JoinOperator {
     /// of rows per call, when every cleanup timer of the side is due (the end of a bounded
     /// input) and RocksDB holds rows memory lacks: reading the table in order reads each block
     /// once, where expiring timer by timer reads a block per key. Each buffered (key, time) has
-    /// a cleanup timer, so every row is due; the timers are deleted once the pass ends. A
-    /// snapshot between calls holds the rows not yet expired, and a restore begins again over
-    /// those. Whether the side has more to expire.
+    /// a cleanup timer, so every row is due and the timers are deleted once the pass ends; rows
+    /// that are not (a broken invariant) are put back with their timer. A snapshot between
+    /// calls holds the rows not yet expired, and a restore begins again over those. Whether the
+    /// side has more to expire.
     fn drain_side(&mut self, side: usize, wm: Watermark, out: &mut DeadLetters) -> Result<bool> {
         let mut drain = match self.draining[side].take() {
             Some(d) => d,
             None => self.buffers[side].drain()?,
         };
         let mut expired = Vec::new();
-        let more = self.buffers[side].drain_next(&mut drain, FIRE_BATCH, |_, t, rows| {
-            expired.push((t, rows));
+        let more = self.buffers[side].drain_next(&mut drain, FIRE_BATCH, |key, t, rows| {
+            expired.push((key, t, rows));
             Ok(())
         })?;
-        for (t, rows) in expired {
-            self.expire_rows(side, t, rows, out);
+        for (key, t, rows) in expired {
+            let expiry = self.expiry(side, t);
+            if expiry <= wm.0 {
+                self.expire_rows(side, t, rows, out);
+            } else {
+                self.buffers[side].update(&key, t, t, Watermark::MIN, Vec::new, |v| *v = rows)?;
+                self.cleanup[side].register(expiry, &key)?;
+            }
         }
         if more {
             self.draining[side] = Some(drain);
@@ -568,8 +575,9 @@ mod tests {
     use crate::testing::{Harness, batch, schema};
     use arrow::array::StringArray;
 
-    #[test]
-    fn matches_within_interval_condition_and_reports_unmatched() {
+    /// Orders joined with payments of the same `order_id` and amount paid within 100 ms:
+    /// (orders' schema, payments' schema, the plan).
+    fn orders_paid() -> (SchemaRef, SchemaRef, JoinPlan) {
         let orders = schema(vec![
             Field::new("order_id", DataType::Utf8, true),
             Field::new("amount", DataType::Int64, true),
@@ -592,21 +600,42 @@ mod tests {
             select: &["orders.order_id".into(), "payments.amount AS paid".into()],
         })
         .unwrap();
+        (orders, payments, plan)
+    }
+
+    /// Moves both buffers and their timers into RocksDB in `dir`, behind a cache of
+    /// `cache_keys` keys per table.
+    fn attach_capped(op: &mut JoinOperator, dir: &std::path::Path, cache_keys: usize) {
+        let backend = crate::testing::capped_backend(dir, cache_keys);
+        for b in op.buffers.iter_mut() {
+            b.attach(&backend).unwrap();
+        }
+        for t in op.cleanup.iter_mut() {
+            t.attach(&backend).unwrap();
+        }
+    }
+
+    /// A batch of (order_id, amount, time) rows of either side.
+    fn side_rows(s: &SchemaRef, rows: &[(&str, i64, i64)]) -> RecordBatch {
+        batch(
+            s,
+            vec![
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                )),
+                Arc::new(Int64Array::from(
+                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                )),
+            ],
+            &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn matches_within_interval_condition_and_reports_unmatched() {
+        let (orders, payments, plan) = orders_paid();
         let mut h = Harness::new(plan.instantiate());
-        let mk = |s: &SchemaRef, rows: &[(&str, i64, i64)]| {
-            batch(
-                s,
-                vec![
-                    Arc::new(StringArray::from(
-                        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-                    )),
-                    Arc::new(Int64Array::from(
-                        rows.iter().map(|r| r.1).collect::<Vec<_>>(),
-                    )),
-                ],
-                &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
-            )
-        };
+        let mk = side_rows;
         h.push(
             0,
             mk(
@@ -643,6 +672,53 @@ mod tests {
         );
     }
 
+    /// A row that is not due when every cleanup timer of its side is (a row whose timer was
+    /// lost: no path of the operator loses one) is put back by the pass over the buffers with
+    /// its timer, and expires once, when the watermark reaches it.
+    #[test]
+    fn a_row_not_due_when_the_buffers_are_drained_is_put_back_with_its_timer() {
+        let (orders, _, plan) = orders_paid();
+        let mut h = Harness::new(plan.instantiate());
+        let dir = tempfile::tempdir().unwrap();
+        attach_capped(&mut h.op, dir.path(), 4);
+        let ids: Vec<String> = (0..50).map(|i| format!("o{i:02}")).collect();
+        let rows: Vec<(&str, i64, i64)> = ids.iter().map(|id| (id.as_str(), 1, 0)).collect();
+        h.push(0, side_rows(&orders, &rows));
+        // zz buffered at 5000 (expiring at 5000 + 100) without its timer
+        let keys = KeyColumns::resolve(&orders, &["order_id".into()]).unwrap();
+        let mut encoded = EncodedKeys::default();
+        keys.encode(&side_rows(&orders, &[("zz", 2, 5000)]), &mut encoded)
+            .unwrap();
+        let zz = Buffered {
+            values: vec![Some(Scalar::Str("zz".into())), Some(Scalar::Int(2))],
+            matched: false,
+            candidate: false,
+        };
+        h.op.buffers[0]
+            .update(encoded.row(0), 5000, 5000, Watermark::MIN, Vec::new, |v| {
+                v.push(zz)
+            })
+            .unwrap();
+        assert!(h.op.buffers[0].spills());
+        h.watermark(1000);
+        let expired = h.take(1);
+        assert_eq!(expired.len(), 50, "every row due, and not zz");
+        assert!(expired.iter().all(|l| !l.contains("zz")));
+        assert_eq!(
+            h.op.cleanup[0].latest(),
+            Some(5100),
+            "put back with its timer"
+        );
+        h.watermark(5099);
+        assert!(h.take(1).is_empty());
+        h.watermark(5100);
+        let zz = h.take(1);
+        assert_eq!(zz.len(), 1);
+        assert!(zz[0].contains("zz"), "{zz:?}");
+        h.watermark(i64::MAX / 2);
+        assert!(h.take(1).is_empty());
+    }
+
     #[test]
     fn batches_join_as_a_nested_loop_over_all_rows_would() {
         let side_schema = || {
@@ -672,13 +748,7 @@ mod tests {
         // both buffers and their timers in RocksDB behind a cache of 8 keys, so most accesses
         // read keys back
         let dir = tempfile::tempdir().unwrap();
-        let backend = crate::testing::capped_backend(dir.path(), 8);
-        for b in h.op.buffers.iter_mut() {
-            b.attach(&backend).unwrap();
-        }
-        for t in h.op.cleanup.iter_mut() {
-            t.attach(&backend).unwrap();
-        }
+        attach_capped(&mut h.op, dir.path(), 8);
         let mut next = crate::testing::random(0x2545_f491_4f6c_dd1d);
         // the model: every row buffered, per side (id, amount, time, seq), with its flags
         struct Row {

@@ -818,6 +818,59 @@ fn sessions_all_due_fire_by_one_pass_and_a_snapshot_halfway_restores_without_rep
     assert!(!h.op.sessions.spills() && h.op.fire.latest().is_none());
 }
 
+/// A session that is not due when every fire timer is (state whose timer was lost: no path of
+/// the operator makes one) is put back by the pass over the table with a timer of its own, and
+/// fires once, when the watermark reaches it, not before.
+#[test]
+fn a_session_not_due_when_the_table_is_drained_is_put_back_with_its_timer() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = crate::testing::capped_backend(dir.path(), 16);
+    let (mut h, s) = harness(WindowKind::Session { gap: MIN }, 0, &["count(*) AS n"]);
+    h.op.sessions.attach(&backend).unwrap();
+    h.op.fire.attach(&backend).unwrap();
+    h.op.cleanup.attach(&backend).unwrap();
+    let keys: Vec<String> = (0..200).map(|i| format!("k{i:03}")).collect();
+    let input: Vec<(&str, &str, i64)> = keys.iter().map(|k| (k.as_str(), "x", 0)).collect();
+    h.push(0, rows(&s, &input));
+    let mut accs = Accs::new();
+    accs.push(aggregate::Acc::Count(7));
+    let set: Sessions = smallvec::smallvec![(
+        90 * MIN,
+        Session {
+            end: 100 * MIN,
+            accs
+        }
+    )];
+    let set = SessionSet::encode(&set).unwrap();
+    h.op.sessions
+        .update(
+            &encoded_key("z"),
+            0,
+            0,
+            Watermark::MIN,
+            SessionSet::default,
+            |s| *s = set,
+        )
+        .unwrap();
+    assert!(h.op.sessions.spills());
+    h.watermark(50 * MIN);
+    let fired = h.take(0);
+    assert_eq!(fired.len(), 200, "every session due, and not z's");
+    assert!(fired.iter().all(|l| !l.contains(r#""k":"z""#)));
+    assert_eq!(h.op.fire.latest(), Some(100 * MIN - 1));
+    h.watermark(100 * MIN - 2);
+    assert!(h.take(0).is_empty());
+    h.watermark(100 * MIN - 1);
+    let z = h.take(0);
+    assert_eq!(z.len(), 1);
+    assert!(
+        z[0].contains(r#""k":"z""#) && z[0].contains(r#""n":7"#),
+        "{z:?}"
+    );
+    h.watermark(i64::MAX);
+    assert!(h.take(0).is_empty());
+}
+
 /// The key column `k = k` as the window encodes it.
 fn encoded_key(k: &str) -> Vec<u8> {
     let mut keys = EncodedKeys::default();
