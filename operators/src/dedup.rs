@@ -272,25 +272,8 @@ fn latest(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{Harness, batch, schema};
-    use arrow::array::{Int64Array, StringArray};
+    use crate::testing::{Harness, schema, text_int_rows};
     use arrow::datatypes::{DataType, Field};
-    use std::sync::Arc;
-
-    fn input(s: &SchemaRef, rows: &[(&str, i64, i64)]) -> RecordBatch {
-        batch(
-            s,
-            vec![
-                Arc::new(StringArray::from(
-                    rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-                )),
-                Arc::new(Int64Array::from(
-                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
-                )),
-            ],
-            &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
-        )
-    }
 
     fn s() -> SchemaRef {
         schema(vec![
@@ -311,16 +294,19 @@ mod tests {
         )
         .unwrap();
         let mut h = Harness::new(plan.instantiate());
-        h.push(0, input(&s, &[("a", 1, 10), ("a", 2, 20), ("b", 3, 30)]));
+        h.push(
+            0,
+            text_int_rows(&s, &[("a", 1, 10), ("a", 2, 20), ("b", 3, 30)]),
+        );
         assert_eq!(
             h.take(0),
             vec![r#"{"id":"a","v":1}"#, r#"{"id":"b","v":3}"#]
         );
         h.watermark(109); // a remembered until 10 + 100
-        h.push(0, input(&s, &[("a", 4, 150)]));
+        h.push(0, text_int_rows(&s, &[("a", 4, 150)]));
         assert!(h.take(0).is_empty());
         h.watermark(110);
-        h.push(0, input(&s, &[("a", 5, 160), ("z", 6, 10)]));
+        h.push(0, text_int_rows(&s, &[("a", 5, 160), ("z", 6, 10)]));
         assert_eq!(
             h.take(0),
             vec![r#"{"id":"a","v":5}"#],
@@ -379,7 +365,7 @@ mod tests {
                     }
                 }
                 let rows: Vec<(&str, i64, i64)> = b.iter().map(|(k, v)| (&k[..], *v, 0)).collect();
-                h.push(0, input(&s, &rows));
+                h.push(0, text_int_rows(&s, &rows));
             }
             let reads = match &h.op.seen {
                 Seen::First(set) => set.reads(),
@@ -398,7 +384,7 @@ mod tests {
         let mut h = Harness::new(plan.instantiate());
         h.push(
             0,
-            input(
+            text_int_rows(
                 &s,
                 &[
                     ("a", 5, 0),

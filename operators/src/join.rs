@@ -572,7 +572,7 @@ impl Operator for JoinOperator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{Harness, batch, schema};
+    use crate::testing::{Harness, batch, schema, text_int_rows};
     use arrow::array::StringArray;
 
     /// Orders joined with payments of the same `order_id` and amount paid within 100 ms:
@@ -615,27 +615,11 @@ mod tests {
         }
     }
 
-    /// A batch of (order_id, amount, time) rows of either side.
-    fn side_rows(s: &SchemaRef, rows: &[(&str, i64, i64)]) -> RecordBatch {
-        batch(
-            s,
-            vec![
-                Arc::new(StringArray::from(
-                    rows.iter().map(|r| r.0).collect::<Vec<_>>(),
-                )),
-                Arc::new(Int64Array::from(
-                    rows.iter().map(|r| r.1).collect::<Vec<_>>(),
-                )),
-            ],
-            &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
-        )
-    }
-
     #[test]
     fn matches_within_interval_condition_and_reports_unmatched() {
         let (orders, payments, plan) = orders_paid();
         let mut h = Harness::new(plan.instantiate());
-        let mk = side_rows;
+        let mk = text_int_rows;
         h.push(
             0,
             mk(
@@ -683,11 +667,11 @@ mod tests {
         attach_capped(&mut h.op, dir.path(), 4);
         let ids: Vec<String> = (0..50).map(|i| format!("o{i:02}")).collect();
         let rows: Vec<(&str, i64, i64)> = ids.iter().map(|id| (id.as_str(), 1, 0)).collect();
-        h.push(0, side_rows(&orders, &rows));
+        h.push(0, text_int_rows(&orders, &rows));
         // zz buffered at 5000 (expiring at 5000 + 100) without its timer
         let keys = KeyColumns::resolve(&orders, &["order_id".into()]).unwrap();
         let mut encoded = EncodedKeys::default();
-        keys.encode(&side_rows(&orders, &[("zz", 2, 5000)]), &mut encoded)
+        keys.encode(&text_int_rows(&orders, &[("zz", 2, 5000)]), &mut encoded)
             .unwrap();
         let zz = Buffered {
             values: vec![Some(Scalar::Str("zz".into())), Some(Scalar::Int(2))],

@@ -125,6 +125,23 @@ pub fn batch(schema: &SchemaRef, mut columns: Vec<ArrayRef>, times: &[i64]) -> R
     RecordBatch::try_new(schema.clone(), columns).unwrap()
 }
 
+/// A batch of a text column and an integer column with the time column, from (text, integer,
+/// time) rows.
+pub fn text_int_rows(schema: &SchemaRef, rows: &[(&str, i64, i64)]) -> RecordBatch {
+    batch(
+        schema,
+        vec![
+            Arc::new(arrow::array::StringArray::from(
+                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            )),
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
+        ],
+        &rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+    )
+}
+
 /// Pseudo-random numbers below `m` (xorshift), the same sequence for the same seed.
 pub fn random(seed: u64) -> impl FnMut(u64) -> u64 {
     let mut x = seed;
